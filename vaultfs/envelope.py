@@ -1,0 +1,143 @@
+"""Encryption envelopes for chunks and metadata blobs (docs/format.md, "Chunk record").
+
+Chunk record (stored inside a segment, located by the index):
+
+    salt(16) ‖ commitment(32) ‖ AES-256-GCM ciphertext+tag of (compression(1) ‖ body)
+
+    key(32) ‖ nonce(12) ‖ commitment(32) =
+        HKDF-SHA256(ikm = epoch data key, salt = vault id,
+                    info = "vaultfs/v1/chunk" ‖ chunk id ‖ record salt, L = 76)
+    associated data = "VFS1" ‖ format version(1) ‖ suite id(2, BE) ‖ vault id(16) ‖ chunk id(32)
+
+The commitment is compared (constant time) before AES-GCM runs, so a record can only ever
+decrypt under the one key that produced it (AES-GCM alone is not key-committing).
+
+Metadata blob (the exported index): the same construction with the metadata key as ikm,
+info "vaultfs/v1/meta" ‖ salt, and associated data "VFS1" ‖ version ‖ suite ‖ vault id ‖ kind.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import struct
+
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .errors import IntegrityError
+from .keys import SUITE_XWING_AES256GCM, hkdf
+
+FORMAT_VERSION = 1
+MAGIC = b"VFS1"
+SALT_LEN = 16
+COMMIT_LEN = 32
+TAG_LEN = 16
+RECORD_OVERHEAD = SALT_LEN + COMMIT_LEN + TAG_LEN + 1
+
+COMP_NONE = 0
+COMP_ZSTD = 1
+ZSTD_LEVEL = 3
+
+_tls_compressors: dict[int, zstandard.ZstdCompressor] = {}
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    import threading
+
+    ident = threading.get_ident()
+    c = _tls_compressors.get(ident)
+    if c is None:
+        c = _tls_compressors[ident] = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return c
+
+
+def compress(data: bytes) -> bytes:
+    """Prefix a compression id; keep the data as it is when zstd does not make it smaller."""
+    z = _compressor().compress(data)
+    if len(z) < len(data):
+        return bytes([COMP_ZSTD]) + z
+    return bytes([COMP_NONE]) + data
+
+
+def decompress(payload: bytes) -> bytes:
+    kind = payload[0]
+    if kind == COMP_NONE:
+        return payload[1:]
+    if kind == COMP_ZSTD:
+        return zstandard.ZstdDecompressor().decompress(payload[1:])
+    raise IntegrityError(f"unknown compression id {kind}")
+
+
+def _ad(vault_id: bytes, suite: int, tail: bytes) -> bytes:
+    return MAGIC + bytes([FORMAT_VERSION]) + struct.pack(">H", suite) + vault_id + tail
+
+
+def _derive(ikm: bytes, vault_id: bytes, info: bytes) -> tuple[bytes, bytes, bytes]:
+    okm = hkdf(ikm, info, 76, salt=vault_id)
+    return okm[:32], okm[32:44], okm[44:76]
+
+
+def seal_chunk(
+    data_key: bytes,
+    vault_id: bytes,
+    chunk_id: bytes,
+    data: bytes,
+    suite: int = SUITE_XWING_AES256GCM,
+) -> bytes:
+    """Compress and encrypt one chunk into a self-contained record."""
+    salt = secrets.token_bytes(SALT_LEN)
+    key, nonce, commit = _derive(data_key, vault_id, b"chunk" + chunk_id + salt)
+    ct = AESGCM(key).encrypt(nonce, compress(data), _ad(vault_id, suite, chunk_id))
+    return salt + commit + ct
+
+
+def open_chunk(
+    data_key: bytes,
+    vault_id: bytes,
+    chunk_id: bytes,
+    record: bytes | memoryview,
+    suite: int = SUITE_XWING_AES256GCM,
+) -> bytes:
+    record = bytes(record)
+    salt, commit, ct = record[:SALT_LEN], record[SALT_LEN : SALT_LEN + COMMIT_LEN], record[48:]
+    key, nonce, expect = _derive(data_key, vault_id, b"chunk" + chunk_id + salt)
+    if not hmac.compare_digest(commit, expect):
+        raise IntegrityError("chunk key commitment mismatch (wrong key or corrupt record)")
+    try:
+        payload = AESGCM(key).decrypt(nonce, ct, _ad(vault_id, suite, chunk_id))
+    except InvalidTag:
+        raise IntegrityError("chunk failed authentication (corrupt or tampered)") from None
+    return decompress(payload)
+
+
+def seal_meta(
+    metadata_key: bytes,
+    vault_id: bytes,
+    kind: bytes,
+    data: bytes,
+    suite: int = SUITE_XWING_AES256GCM,
+) -> bytes:
+    salt = secrets.token_bytes(SALT_LEN)
+    key, nonce, commit = _derive(metadata_key, vault_id, b"meta" + kind + salt)
+    ct = AESGCM(key).encrypt(nonce, compress(data), _ad(vault_id, suite, kind))
+    return salt + commit + ct
+
+
+def open_meta(
+    metadata_key: bytes,
+    vault_id: bytes,
+    kind: bytes,
+    blob: bytes,
+    suite: int = SUITE_XWING_AES256GCM,
+) -> bytes:
+    salt, commit, ct = blob[:SALT_LEN], blob[SALT_LEN : SALT_LEN + COMMIT_LEN], blob[48:]
+    key, nonce, expect = _derive(metadata_key, vault_id, b"meta" + kind + salt)
+    if not hmac.compare_digest(commit, expect):
+        raise IntegrityError(f"{kind.decode()} blob: key commitment mismatch (wrong key?)")
+    try:
+        payload = AESGCM(key).decrypt(nonce, ct, _ad(vault_id, suite, kind))
+    except InvalidTag:
+        raise IntegrityError(f"{kind.decode()} blob failed authentication") from None
+    return decompress(payload)

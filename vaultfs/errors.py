@@ -1,0 +1,73 @@
+"""Errors a user can cause or meet, each with a sentence that says what to do and an exit code.
+
+The exit codes are part of the command-line contract (see docs/operations.md):
+
+====  ==========================================================================
+code  meaning
+====  ==========================================================================
+0     success
+1     unexpected internal error (a bug: please report it)
+2     usage error (bad flags or arguments)
+3     committed locally, but some data is not yet on at least k remotes
+10    wrong passphrase, wrong key or key material from another vault
+11    not enough healthy remotes (fewer than k)
+12    integrity failure: tampered, corrupt or rolled-back data was detected
+13    restore target exists and is not empty
+14    a remote spec was rejected (by us or by rclone)
+15    local disk full
+16    no vault here (not initialised) or a vault already exists
+17    the vault is busy (locked by another vaultfs process)
+18    input not found or not readable
+====  ==========================================================================
+"""
+
+from __future__ import annotations
+
+
+class VaultError(Exception):
+    """Base class: an error that is explained to the user, never a traceback."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class WrongKey(VaultError):
+    exit_code = 10
+
+
+class NotEnoughRemotes(VaultError):
+    exit_code = 11
+
+
+class IntegrityError(VaultError):
+    exit_code = 12
+
+
+class TargetNotEmpty(VaultError):
+    exit_code = 13
+
+
+class BadRemote(VaultError):
+    exit_code = 14
+
+
+class DiskFull(VaultError):
+    exit_code = 15
+
+
+class NoVault(VaultError):
+    exit_code = 16
+
+
+class VaultBusy(VaultError):
+    exit_code = 17
+
+
+class InputError(VaultError):
+    exit_code = 18
+
+
+EXIT_PARTIAL = 3

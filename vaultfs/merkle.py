@@ -1,0 +1,67 @@
+"""Merkle trees over shard blocks (docs/format.md, "Merkle tree").
+
+leaf  = BLAKE3(0x00 ‖ block)          node = BLAKE3(0x01 ‖ left ‖ right)
+
+An odd node at the end of a level is promoted unchanged to the next level; it is never
+paired with itself (the duplicate-last-leaf ambiguity of CVE-2012-2459). The same node rule
+builds a shard root over its blocks, a segment root over its shards' roots (in index order),
+and a vault root over all live segment roots (in segment sequence order).
+"""
+
+from __future__ import annotations
+
+import blake3
+
+BLOCK_SIZE = 64 * 1024
+EMPTY_ROOT = blake3.blake3(b"\x02vaultfs-empty").digest()
+
+
+def leaf_hash(block: bytes | memoryview) -> bytes:
+    h = blake3.blake3(b"\x00")
+    h.update(block)
+    return h.digest()
+
+
+def node_hash(left: bytes, right: bytes) -> bytes:
+    return blake3.blake3(b"\x01" + left + right).digest()
+
+
+def block_hashes(data: bytes | memoryview, block_size: int = BLOCK_SIZE) -> list[bytes]:
+    mv = memoryview(data)
+    return [leaf_hash(mv[i : i + block_size]) for i in range(0, max(len(mv), 1), block_size)]
+
+
+def root(hashes: list[bytes]) -> bytes:
+    if not hashes:
+        return EMPTY_ROOT
+    level = list(hashes)
+    while len(level) > 1:
+        nxt = [node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]
+
+
+def proof(hashes: list[bytes], index: int) -> list[tuple[bool, bytes]]:
+    """Audit path for hashes[index]: a list of (sibling_is_left, sibling_hash)."""
+    path: list[tuple[bool, bytes]] = []
+    level = list(hashes)
+    i = index
+    while len(level) > 1:
+        sib = i ^ 1
+        if sib < len(level):
+            path.append((sib < i, level[sib]))
+        nxt = [node_hash(level[j], level[j + 1]) for j in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+        i //= 2
+    return path
+
+
+def verify_proof(leaf: bytes, path: list[tuple[bool, bytes]], expected_root: bytes) -> bool:
+    h = leaf
+    for is_left, sib in path:
+        h = node_hash(sib, h) if is_left else node_hash(h, sib)
+    return h == expected_root

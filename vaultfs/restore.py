@@ -1,0 +1,484 @@
+"""Restore: rebuild files from any k remotes plus the key, with or without local state.
+
+With no local state the chain of trust is: master seed → signing public keys → the highest
+validly signed manifest on any remote → the index shards it names (BLAKE3 hashes in the
+signed body) → the index → every data shard's hash and Merkle root → the vault root signed in
+the manifest → each chunk's AEAD tag, key commitment and keyed chunk id.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import stat
+import tempfile
+import threading
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import blake3
+
+from . import envelope, manifest, merkle, segment
+from .backup import check_name
+from .errors import InputError, IntegrityError, NotEnoughRemotes, TargetNotEmpty
+from .keys import VaultKeys
+from .remotes import Remote, RemoteError
+
+BATCH_SEGMENTS = 12
+
+
+@dataclass
+class RemoteReport:
+    label: str
+    reachable: bool = True
+    error: str | None = None
+    best_seq: int | None = None
+    bad_manifests: list[str] = field(default_factory=list)
+    objects: int = 0
+
+
+@dataclass
+class RestoreResult:
+    snapshot: str
+    files: int
+    bytes: int
+    seq: int
+    remotes: list[RemoteReport]
+    repaired_reads: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+class ShardSource:
+    """Where each shard object can be fetched from: listed remotes and the local queue."""
+
+    def __init__(self, remotes: list[Remote], queue_dir: Path | None = None) -> None:
+        self.remotes = remotes
+        self.queue_dir = queue_dir
+        self.reports = {r.spec: RemoteReport(r.label) for r in remotes}
+        self.where: dict[str, list[Remote]] = defaultdict(list)
+        self.local: dict[str, Path] = {}
+        if queue_dir and queue_dir.exists():
+            for rdir in queue_dir.glob("r*"):
+                for sub in ("data", "meta"):
+                    if (rdir / sub).exists():
+                        for f in (rdir / sub).iterdir():
+                            self.local[f.name] = f
+
+    def list_all(self) -> None:
+        def one(r: Remote) -> None:
+            rep = self.reports[r.spec]
+            try:
+                names = r.list("data") + r.list("meta")
+            except RemoteError as e:
+                rep.reachable, rep.error = False, e.message
+                return
+            rep.objects = len(names)
+            for nm in names:
+                self.where[nm].append(r)
+
+        with ThreadPoolExecutor(max_workers=max(1, len(self.remotes))) as ex:
+            list(ex.map(one, self.remotes))
+
+    def available(self, name: str) -> bool:
+        return name in self.local or bool(self.where.get(name))
+
+    def fetch(self, wanted: list[tuple[str, str]], into: Path) -> dict[str, Path]:
+        """Download (kind, name) objects into ``into``; spread the load across remotes."""
+        got: dict[str, Path] = {}
+        per_remote: dict[str, tuple[Remote, dict[str, list[str]]]] = {}
+        load: dict[str, int] = defaultdict(int)
+        for kind, name in wanted:
+            if name in self.local:
+                got[name] = self.local[name]
+                continue
+            cands = self.where.get(name) or []
+            if not cands:
+                continue
+            r = min(cands, key=lambda x: load[x.spec])
+            load[r.spec] += 1
+            per_remote.setdefault(r.spec, (r, defaultdict(list)))[1][kind].append(name)
+
+        def pull(item: tuple[Remote, dict[str, list[str]]]) -> None:
+            r, kinds = item
+            d = into / f"r{abs(hash(r.spec))}"
+            d.mkdir(parents=True, exist_ok=True)
+            for kind, names in kinds.items():
+                try:
+                    r.get(kind, names, d)
+                except RemoteError as e:
+                    self.reports[r.spec].error = e.message
+                for nm in names:
+                    if (d / nm).exists():
+                        got[nm] = d / nm
+
+        with ThreadPoolExecutor(max_workers=max(1, len(per_remote))) as ex:
+            list(ex.map(pull, per_remote.values()))
+        return got
+
+    def fetch_one(self, kind: str, name: str, exclude: set[str]) -> bytes | None:
+        for r in self.where.get(name, []):
+            if r.spec in exclude:
+                continue
+            try:
+                return r.cat(kind, name)
+            except RemoteError:
+                continue
+        return None
+
+
+def _decode_verified(
+    src: ShardSource,
+    kind: str,
+    shards: list[tuple[int, str, bytes]],
+    k: int,
+    n: int,
+    size: int,
+    fetched: dict[str, Path],
+    warnings: list[str],
+) -> bytes:
+    """Decode one segment from shards whose BLAKE3 hash matches; fetch more when needed.
+
+    ``shards`` lists (idx, name, hash) for every shard of the segment.
+    """
+    good: list[bytes] = []
+    used: set[str] = set()
+    for idx, name, h in shards:
+        p = fetched.get(name)
+        if p is None:
+            continue
+        body = p.read_bytes()
+        used.add(name)
+        if segment.object_hash(body) == h:
+            good.append(body)
+            if len(good) == k:
+                break
+        else:
+            warnings.append(f"shard {name} (index {idx}) is corrupt; decoding around it")
+    for idx, name, h in shards:
+        if len(good) >= k:
+            break
+        if name in used or not src.available(name):
+            continue
+        body = (
+            src.local[name].read_bytes() if name in src.local else src.fetch_one(kind, name, set())
+        )
+        used.add(name)
+        if body is not None and segment.object_hash(body) == h:
+            good.append(body)
+        elif body is not None:
+            warnings.append(f"shard {name} (index {idx}) is corrupt; decoding around it")
+    if len(good) < k:
+        raise NotEnoughRemotes(
+            f"a {kind} segment has only {len(good)} intact shards on the given remotes, need {k}"
+        )
+    return segment.decode_segment(good, k, n, size)
+
+
+def _choose(shards: list[tuple[int, str, bytes]], src: ShardSource, k: int) -> list[str]:
+    """Pick k shards to download: available data fragments first (decoding is a copy)."""
+    avail = [s for s in shards if src.available(s[1])]
+    avail.sort(key=lambda s: (s[0] >= k, s[0]))
+    return [s[1] for s in avail[:k]]
+
+
+def find_manifest(
+    keys: VaultKeys, src: ShardSource, min_seq: int = 0
+) -> tuple[manifest.Manifest, list[str]]:
+    """The highest validly signed manifest on the given remotes; warns about stale ones."""
+    warnings: list[str] = []
+    best: manifest.Manifest | None = None
+    lock = threading.Lock()
+
+    def scan(r: Remote) -> None:
+        nonlocal best
+        rep = src.reports[r.spec]
+        try:
+            names = sorted(
+                (nm for nm in r.list("manifests") if manifest.seq_of_name(nm) is not None),
+                reverse=True,
+            )
+        except RemoteError as e:
+            rep.reachable, rep.error = False, e.message
+            return
+        for nm in names[:8]:
+            try:
+                m = manifest.decode(keys, r.cat("manifests", nm))
+            except (IntegrityError, RemoteError) as e:
+                rep.bad_manifests.append(f"{nm}: {e.message}")
+                continue
+            if m.seq != manifest.seq_of_name(nm):
+                rep.bad_manifests.append(f"{nm}: name does not match signed sequence {m.seq}")
+                continue
+            rep.best_seq = m.seq
+            with lock:
+                if best is None or m.seq > best.seq:
+                    best = m
+            return
+
+    with ThreadPoolExecutor(max_workers=max(1, len(src.remotes))) as ex:
+        list(ex.map(scan, src.remotes))
+    reps = list(src.reports.values())
+    if best is None:
+        details = "; ".join(
+            f"{r.label}: {r.error or (r.bad_manifests[0] if r.bad_manifests else 'no manifest')}"
+            for r in reps
+        )
+        if any(r.bad_manifests for r in reps):
+            raise IntegrityError(f"no validly signed manifest for this key ({details})")
+        raise NotEnoughRemotes(f"no manifest found on the given remotes ({details})")
+    if best.seq < min_seq:
+        raise IntegrityError(
+            f"rollback detected: the newest manifest on the remotes is #{best.seq}, "
+            f"but #{min_seq} was already seen"
+        )
+    for r in reps:
+        if r.reachable and r.best_seq is not None and r.best_seq < best.seq:
+            warnings.append(f"{r.label} is stale: newest manifest #{r.best_seq} < #{best.seq}")
+        for b in r.bad_manifests:
+            warnings.append(f"{r.label}: rejected manifest {b}")
+    return best, warnings
+
+
+def fetch_index(keys: VaultKeys, m: manifest.Manifest, src: ShardSource, dest: Path) -> None:
+    """Rebuild the index database named by a manifest into ``dest``."""
+    body = m.body["index"]
+    warnings: list[str] = []
+    pieces: list[bytes] = []
+    with tempfile.TemporaryDirectory(prefix="vaultfs-idx-") as tmp:
+        for seg in body["segments"]:
+            k, n = seg["k"], seg["n"]
+            shards = [(s["idx"], s["name"], bytes.fromhex(s["hash"])) for s in seg["shards"]]
+            got = src.fetch([("meta", nm) for nm in _choose(shards, src, k)], Path(tmp))
+            data = _decode_verified(
+                src, "meta", shards, k, n, m.body["segment_size"], got, warnings
+            )
+            pieces.append(data[: seg["used"]])
+    blob = b"".join(pieces)
+    if len(blob) != body["length"]:
+        raise IntegrityError("index blob length does not match the manifest")
+    raw = envelope.open_meta(keys.metadata_key, keys.vault_id, b"index", blob)
+    dest.write_bytes(raw)
+
+
+class _FdCache:
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self.fds: OrderedDict[str, int] = OrderedDict()
+
+    def get(self, path: str) -> int:
+        fd = self.fds.get(path)
+        if fd is not None:
+            self.fds.move_to_end(path)
+            return fd
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+        self.fds[path] = fd
+        if len(self.fds) > self.size:
+            _p, old = self.fds.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _safe_target(root: Path, rel: str) -> Path:
+    check_name(rel)
+    p = root / rel
+    parent = os.path.realpath(p.parent)
+    if parent != str(root) and not parent.startswith(str(root) + os.sep):
+        raise IntegrityError(f"refusing to write {rel!r}: it would land outside the target")
+    return p
+
+
+def restore_files(
+    keys: VaultKeys,
+    db: sqlite3.Connection,
+    src: ShardSource,
+    to: Path,
+    snapshot: str = "latest",
+    include: list[str] | None = None,
+    force: bool = False,
+    progress: Callable[[int], None] | None = None,
+    total_cb: Callable[[int], None] | None = None,
+) -> tuple[str, int, int, list[str]]:
+    """Write a snapshot's files under ``to``. Returns (snapshot uid, files, bytes, warnings)."""
+    if snapshot == "latest":
+        row = db.execute("SELECT id, uid FROM snapshots ORDER BY id DESC LIMIT 1").fetchone()
+    else:
+        row = db.execute(
+            "SELECT id, uid FROM snapshots WHERE uid=? OR name=? ORDER BY id DESC LIMIT 1",
+            (snapshot, snapshot),
+        ).fetchone()
+    if row is None:
+        raise InputError(f"snapshot {snapshot!r} not found (see `vaultfs snapshots`)")
+    snap_id, snap_uid = row
+    entries = db.execute(
+        "SELECT id, path, type, mode, mtime_ns, size, target FROM entries WHERE snapshot=? ORDER BY path",
+        (snap_id,),
+    ).fetchall()
+    if include:
+        inc = [i.strip("/") for i in include]
+        entries = [
+            e
+            for e in entries
+            if any(e[1] == i or e[1].startswith(i + "/") or i.startswith(e[1] + "/") for i in inc)
+        ]
+        if not entries:
+            raise InputError(f"nothing in snapshot {snap_uid} matches --include {include}")
+    for e in entries:
+        check_name(e[1])  # a manifest naming ../x or /etc/x is refused before any write
+        if e[2] not in ("f", "d", "l"):
+            raise IntegrityError(f"unknown entry type {e[2]!r} for {e[1]!r}")
+
+    to = Path(os.path.abspath(to))
+    if to.exists():
+        if not to.is_dir():
+            raise TargetNotEmpty(f"restore target {to} exists and is not a directory")
+        if any(to.iterdir()) and not force:
+            raise TargetNotEmpty(
+                f"restore target {to} is not empty; pass --force to restore into it"
+            )
+    to.mkdir(parents=True, exist_ok=True)
+    to = Path(os.path.realpath(to))
+
+    # directories, then empty files sized to their final length
+    for _id, path, typ, _mode, _mt, _size, _t in entries:
+        if typ == "d":
+            d = _safe_target(to, path)
+            if d.is_symlink():
+                raise IntegrityError(f"refusing to restore through symlink {d}")
+            d.mkdir(parents=True, exist_ok=True)
+    file_rows = [e for e in entries if e[2] == "f"]
+    for _id, path, _typ, _mode, _mt, size, _t in file_rows:
+        p = _safe_target(to, path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        _safe_target(to, path)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if force else os.O_EXCL)
+        fd = os.open(p, flags, 0o600)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+
+    # plan: segment -> [(cid, offset-in-segment, length, epoch, file path, file offset)]
+    plan: dict[int, list[tuple[bytes, int, int, str, int, int]]] = defaultdict(list)
+    total = 0
+    for eid, path, _typ, _mode, _mt, _size, _t in file_rows:
+        target = str(_safe_target(to, path))
+        pos = 0
+        for cid, seg, off, ln, plain in db.execute(
+            "SELECT c.cid, c.segment, c.offset, c.length, c.plain FROM entry_chunks x"
+            " JOIN chunks c ON c.id = x.chunk WHERE x.entry=? ORDER BY x.seq",
+            (eid,),
+        ):
+            plan[seg].append((cid, off, ln, target, pos, plain))
+            pos += plain
+        total += pos
+    if total_cb:
+        total_cb(total)
+
+    seg_rows = {
+        sid: (size, k, n, epoch)
+        for sid, size, k, n, epoch in db.execute("SELECT id, size, k, n, epoch FROM segments")
+    }
+    shard_rows: dict[int, list[tuple[int, str, bytes]]] = defaultdict(list)
+    for sid, idx, name, h in db.execute("SELECT segment, idx, name, hash FROM shards ORDER BY idx"):
+        shard_rows[sid].append((idx, name, h))
+    data_keys = {
+        e: keys.unwrap_data_key(e, w) for e, w in db.execute("SELECT epoch, wrapped FROM epochs")
+    }
+
+    warnings: list[str] = []
+    order = sorted(plan)
+    batches = [order[i : i + BATCH_SEGMENTS] for i in range(0, len(order), BATCH_SEGMENTS)]
+    fds = _FdCache()
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vaultfs-restore")
+    tmp_root = Path(tempfile.mkdtemp(prefix="vaultfs-restore-"))
+
+    def download(batch_no: int) -> tuple[Path, dict[str, Path]]:
+        d = tmp_root / f"b{batch_no}"
+        d.mkdir()
+        wanted = []
+        for sid in batches[batch_no]:
+            k = seg_rows[sid][1]
+            wanted += [("data", nm) for nm in _choose(shard_rows[sid], src, k)]
+        return d, src.fetch(wanted, d)
+
+    def open_one(item: tuple[bytes, int, int, str, int, int], seg: bytes, epoch: int) -> tuple:
+        cid, off, ln, target, pos, plain = item
+        data = envelope.open_chunk(data_keys[epoch], keys.vault_id, cid, seg[off : off + ln])
+        if len(data) != plain or blake3.blake3(data, key=keys.chunk_id_key).digest() != cid:
+            raise IntegrityError("a restored chunk does not match its id (wrong data)")
+        return target, pos, data
+
+    try:
+        nxt = pool.submit(download, 0) if batches else None
+        for bi in range(len(batches)):
+            assert nxt is not None
+            bdir, fetched = nxt.result()
+            nxt = pool.submit(download, bi + 1) if bi + 1 < len(batches) else None
+            for sid in batches[bi]:
+                size, k, n, epoch = seg_rows[sid]
+                seg = _decode_verified(src, "data", shard_rows[sid], k, n, size, fetched, warnings)
+                for target, pos, data in map(lambda it: open_one(it, seg, epoch), plan[sid]):
+                    os.pwrite(fds.get(target), data, pos)
+                    if progress:
+                        progress(len(data))
+            shutil.rmtree(bdir, ignore_errors=True)
+    finally:
+        fds.close()
+        pool.shutdown(wait=True)
+        shutil.rmtree(tmp_root, ignore_errors=True)
+
+    # symlinks, then modes and times (deepest first so parents keep their mtime)
+    for _id, path, typ, _mode, _mt, _size, target in entries:
+        if typ == "l":
+            p = _safe_target(to, path)
+            if force and p.is_symlink():
+                p.unlink()
+            os.symlink(target or "", p)
+    for _id, path, typ, mode, mtime_ns, _size, _t in sorted(
+        entries, key=lambda e: -e[1].count("/")
+    ):
+        p = _safe_target(to, path)
+        if typ != "l":
+            os.chmod(p, stat.S_IMODE(mode))
+        os.utime(p, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+    return snap_uid, len(entries), total, warnings
+
+
+def verify_index_against_manifest(db: sqlite3.Connection, m: manifest.Manifest) -> None:
+    """Recompute every data segment root from its shards and the vault root; compare."""
+    roots = []
+    shard_roots: dict[int, list[bytes]] = defaultdict(list)
+    for sid, root in db.execute("SELECT segment, root FROM shards ORDER BY segment, idx"):
+        shard_roots[sid].append(root)
+    for sid, root in db.execute("SELECT id, root FROM segments WHERE kind='data' ORDER BY id"):
+        if merkle.root(shard_roots[sid]) != root:
+            raise IntegrityError(f"segment {sid}: Merkle root does not match its shards")
+        roots.append(root)
+    if merkle.root(roots).hex() != m.body["vault_root"]:
+        raise IntegrityError("the index does not match the signed vault root in the manifest")
+
+
+def open_remote_index(
+    keys: VaultKeys, remotes: list[Remote], workdir: Path, min_seq: int = 0
+) -> tuple[sqlite3.Connection, ShardSource, manifest.Manifest, list[str]]:
+    """Disaster path: find the newest manifest, fetch and check the index it names."""
+    src = ShardSource(remotes)
+    m, warnings = find_manifest(keys, src, min_seq)
+    src.list_all()
+    reachable = [r for r in src.reports.values() if r.reachable]
+    if not reachable:
+        raise NotEnoughRemotes("none of the given remotes is reachable")
+    dbpath = workdir / "index.db"
+    fetch_index(keys, m, src, dbpath)
+    db = sqlite3.connect(dbpath)
+    verify_index_against_manifest(db, m)
+    return db, src, m, warnings

@@ -1,0 +1,127 @@
+"""Segments (fixed-size, zero-padded containers of chunk records) and shard objects.
+
+Shard object = 36-byte header ‖ liberasurecode fragment (docs/format.md, "Shard object"):
+
+    offset size field
+    0      4    magic "VFSH"
+    4      1    format version (1)
+    5      1    kind (1 = data segment, 2 = meta segment: exported index)
+    6      1    erasure algorithm id (1 = isa_l_rs_vand)
+    7      1    k
+    8      1    n
+    9      1    fragment index (0..n-1)
+    10     2    reserved, zero
+    12     4    segment size in bytes (big-endian)
+    16     16   segment uid (random; groups the n shards of one segment)
+    32     4    fragment length (big-endian)
+    36     ...  fragment (liberasurecode header of 80 bytes ‖ payload)
+"""
+
+from __future__ import annotations
+
+import secrets
+import struct
+from dataclasses import dataclass
+
+import blake3
+
+from . import erasure, merkle
+from .errors import IntegrityError
+
+SHARD_MAGIC = b"VFSH"
+SHARD_VERSION = 1
+HEADER = struct.Struct(">4sBBBBBBHI16sI")
+assert HEADER.size == 36
+KIND_DATA = 1
+KIND_META = 2
+KIND_NAMES = {KIND_DATA: "data", KIND_META: "meta"}
+
+
+@dataclass
+class Shard:
+    idx: int
+    name: str
+    body: bytes
+    hash: bytes
+    blocks: bytes
+    root: bytes
+
+
+@dataclass
+class ShardHeader:
+    kind: int
+    ec_alg: int
+    k: int
+    n: int
+    idx: int
+    segment_size: int
+    uid: bytes
+    fragment_len: int
+
+
+def new_name() -> str:
+    return secrets.token_hex(16)
+
+
+def object_hash(body: bytes | memoryview) -> bytes:
+    return blake3.blake3(body).digest()
+
+
+def build_shards(segment: bytes, uid: bytes, kind: int, k: int, n: int) -> list[Shard]:
+    """Erasure-code a padded segment and wrap each fragment as a shard object."""
+    frags = erasure.encode(segment, k, n)
+    out = []
+    for i, frag in enumerate(frags):
+        head = HEADER.pack(
+            SHARD_MAGIC, SHARD_VERSION, kind, erasure.EC_ISA_L_RS_VAND, k, n, i, 0,
+            len(segment), uid, len(frag),
+        )  # fmt: skip
+        body = head + frag
+        leaves = merkle.block_hashes(body)
+        out.append(
+            Shard(i, new_name(), body, object_hash(body), b"".join(leaves), merkle.root(leaves))
+        )
+    return out
+
+
+def parse_header(body: bytes) -> ShardHeader:
+    if len(body) < HEADER.size:
+        raise IntegrityError("shard object too short")
+    magic, ver, kind, alg, k, n, idx, _res, size, uid, flen = HEADER.unpack_from(body)
+    if magic != SHARD_MAGIC or ver != SHARD_VERSION:
+        raise IntegrityError("not a vaultfs shard object (bad magic or version)")
+    if len(body) != HEADER.size + flen:
+        raise IntegrityError("shard object length does not match its header")
+    return ShardHeader(kind, alg, k, n, idx, size, uid, flen)
+
+
+def decode_segment(bodies: list[bytes], k: int, n: int, size: int) -> bytes:
+    """Decode a segment from at least k verified shard objects."""
+    frags = [b[HEADER.size :] for b in bodies]
+    data = erasure.decode(frags, k, n)
+    if len(data) < size:
+        raise IntegrityError("decoded segment is shorter than recorded")
+    return data[:size]
+
+
+class SegmentBuilder:
+    """Accumulates records into one segment of ``size`` bytes."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.buf = bytearray()
+
+    @property
+    def used(self) -> int:
+        return len(self.buf)
+
+    def fits(self, n: int) -> bool:
+        return len(self.buf) + n <= self.size
+
+    def add(self, record: bytes) -> int:
+        off = len(self.buf)
+        self.buf += record
+        return off
+
+    def padded(self) -> bytes:
+        return bytes(self.buf) + bytes(self.size - len(self.buf))

@@ -1,0 +1,865 @@
+"""The storage engine: a vault's local state plus the write path (chunk → encrypt → segment →
+erasure code → queue → remotes) and the commit protocol.
+
+Ordering invariants (docs/design.md has the full crash-state table):
+
+1. A shard object is written to ``queue/tmp``, fsync'd, and renamed into
+   ``queue/<remote>/<data|meta>/`` *before* the index transaction that records it commits.
+2. Chunk rows are inserted in the same transaction as their segment and shards, so a chunk
+   the index knows is always backed by durable shards (queued or placed).
+3. A snapshot's entries commit only after every chunk they reference is recorded (2).
+4. A manifest is uploaded to any remote only after every segment it covers has at least k
+   shards placed; on each remote, data and meta shards go before the manifest.
+5. A queued shard becomes ``placed`` only after rclone removed it from the queue, which it
+   does only after a successful upload.
+
+The engine is a library: the CLI and the FUSE mount both call it. CPU-heavy work (hashing,
+AEAD, erasure coding) runs in a thread pool; callers on an event loop should call the
+blocking methods from a worker thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from . import envelope, manifest, merkle, segment
+from .chunker import Chunker
+from .errors import DiskFull, IntegrityError, NotEnoughRemotes, NoVault, VaultBusy
+from .index import Index
+from .keys import SUITE_XWING_AES256GCM, VaultKeys, read_keyfile, write_keyfile
+from .remotes import Remote, RemoteError
+
+DEFAULT_SEGMENT_SIZE = 4 * 1024 * 1024
+SUBDIRS = ("data", "meta")
+
+
+def default_home() -> Path:
+    env = os.environ.get("VAULTFS_HOME")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "vaultfs"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            path.unlink(missing_ok=True)
+            raise DiskFull(
+                f"local disk full while writing {path.parent}: free space and retry "
+                "(nothing acknowledged was lost)"
+            ) from None
+        raise
+
+
+def survivable_losses(placement: list[list[int]], k: int, domains: dict[int, str]) -> int:
+    """How many failure domains can be lost, worst case, with every segment still >= k shards.
+
+    ``placement`` lists, per segment, the remote id of each shard. Brute force over domain
+    subsets (the number of domains is small).
+    """
+    from itertools import combinations
+
+    doms = sorted(set(domains.values()))
+    best = 0
+    for lose in range(1, len(doms) + 1):
+        ok = True
+        for gone in combinations(doms, lose):
+            g = set(gone)
+            for shards in placement:
+                if sum(1 for r in shards if domains.get(r) not in g) < k:
+                    ok = False
+                    break
+            if not ok:
+                break
+        if not ok:
+            break
+        best = lose
+    return best
+
+
+@dataclass
+class FlushReport:
+    uploaded: int = 0
+    pending: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    under_k: int = 0
+    manifests_pending: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return not any(self.pending.values()) and self.manifests_pending == 0
+
+
+@dataclass
+class Entry:
+    path: str
+    type: str  # 'f', 'd', 'l'
+    mode: int
+    mtime_ns: int
+    size: int = 0
+    target: str | None = None
+    cids: list[bytes] = field(default_factory=list)
+
+
+class Vault:
+    """An open vault. Use :meth:`create` or :meth:`open`; close with :meth:`close`."""
+
+    def __init__(self, home: Path, keys: VaultKeys, index: Index, lock_fd: int | None) -> None:
+        self.home = home
+        self.keys = keys
+        self.index = index
+        self._lock_fd = lock_fd
+        self.k = int(index.get("k") or 0)
+        self.n = int(index.get("n") or 0)
+        self.segment_size = int(index.get("segment_size") or DEFAULT_SEGMENT_SIZE)
+        self.chunker = Chunker(keys.chunker_seed, keys.chunk_id_key)
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vaultfs-cpu")
+        self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaultfs-seal")
+        self._sealing: list[Future] = []
+        self._open = segment.SegmentBuilder(self.segment_size)
+        self._open_chunks: dict[bytes, tuple[int, int, int]] = {}  # cid -> (off, len, plain)
+        self._write_lock = threading.RLock()
+        self._seg_cache: OrderedDict[int, bytes] = OrderedDict()
+        self._seg_cache_lock = threading.Lock()
+        self._load_data_keys()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    @staticmethod
+    def _paths(home: Path) -> dict[str, Path]:
+        return {
+            "keyfile": home / "key.json",
+            "index": home / "index.db",
+            "queue": home / "queue",
+            "lock": home / "lock",
+        }
+
+    @staticmethod
+    def _take_lock(home: Path) -> int:
+        fd = os.open(home / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise VaultBusy(
+                f"the vault at {home} is in use by another vaultfs process "
+                "(a mount or a running backup); wait for it or unmount first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+    @classmethod
+    def create(
+        cls,
+        home: Path,
+        remote_specs: list[str],
+        k: int,
+        n: int,
+        passphrase: str,
+        seed: bytes | None = None,
+        segment_size: int = DEFAULT_SEGMENT_SIZE,
+    ) -> Vault:
+        from . import erasure
+        from .keys import new_seed
+
+        erasure.validate(k, n)
+        if not remote_specs:
+            raise NotEnoughRemotes("a vault needs at least one --remote")
+        if len(set(remote_specs)) != len(remote_specs):
+            raise NotEnoughRemotes("the same remote was given twice")
+        p = cls._paths(home)
+        if p["index"].exists() or p["keyfile"].exists():
+            raise NoVault(f"a vault already exists at {home}; use another --home")
+        remotes = [Remote(s) for s in remote_specs]
+        for r in remotes:
+            r.ensure()
+            existing = r.list("manifests")
+            if existing:
+                raise NoVault(
+                    f"remote {r.label} already holds a vault (manifests/ is not empty); "
+                    "give an empty location"
+                )
+        home.mkdir(parents=True, exist_ok=True)
+        lock = cls._take_lock(home)
+        keys = VaultKeys.from_seed(seed or new_seed())
+        write_keyfile(p["keyfile"], keys, passphrase)
+        index = Index(p["index"])
+        data_key = keys.new_epoch_key()
+        with index.tx() as db:
+            for key, value in {
+                "schema": 1,
+                "vault_id": keys.vault_id.hex(),
+                "k": k,
+                "n": n,
+                "segment_size": segment_size,
+                "suite": SUITE_XWING_AES256GCM,
+                "epoch": 0,
+                "created": time.time(),
+            }.items():
+                db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, str(value)))
+            for pos, spec in enumerate(remote_specs):
+                db.execute("INSERT INTO remotes(spec, position) VALUES (?, ?)", (spec, pos))
+            db.execute(
+                "INSERT INTO epochs VALUES (0, ?, ?, ?)",
+                (SUITE_XWING_AES256GCM, keys.wrap_data_key(0, data_key), time.time()),
+            )
+        for sub in ("tmp", "manifests"):
+            (p["queue"] / sub).mkdir(parents=True, exist_ok=True)
+        v = cls(home, keys, index, lock)
+        return v
+
+    @classmethod
+    def open(
+        cls,
+        home: Path,
+        passphrase: str | None = None,
+        keys: VaultKeys | None = None,
+        lock: bool = True,
+    ) -> Vault:
+        p = cls._paths(home)
+        if not p["index"].exists():
+            raise NoVault(f"no vault at {home}: run `vaultfs init` or pass --home")
+        if keys is None:
+            if passphrase is None:
+                raise NoVault("a passphrase is needed to open the vault")
+            keys = read_keyfile(p["keyfile"], passphrase)
+        lock_fd = cls._take_lock(home) if lock else None
+        index = Index(p["index"])
+        if index.get("vault_id") != keys.vault_id.hex():
+            index.close()
+            raise NoVault(f"the key does not belong to the vault at {home}")
+        v = cls(home, keys, index, lock_fd)
+        if lock:
+            v.recover()
+        return v
+
+    def close(self) -> None:
+        self._drain_sealer()
+        self.pool.shutdown(wait=True)
+        self._sealer.shutdown(wait=True)
+        self.index.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> Vault:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _load_data_keys(self) -> None:
+        for epoch, wrapped in self.index.q("SELECT epoch, wrapped FROM epochs"):
+            self.keys.data_keys[epoch] = self.keys.unwrap_data_key(epoch, wrapped)
+        self.epoch = int(self.index.get("epoch") or 0)
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.home / "queue"
+
+    def remotes(self) -> list[Remote]:
+        rows = self.index.q(
+            "SELECT id, spec FROM remotes WHERE state='active' ORDER BY position, id"
+        )
+        return [Remote(spec, rid) for rid, spec in rows]
+
+    # -- crash recovery --------------------------------------------------------------------
+    def recover(self) -> None:
+        """Bring the queue directory and the index back in line after a crash.
+
+        Queue files with no index row were written by a transaction that never committed:
+        they are removed (nothing acknowledged refers to them). Queued shards whose file is
+        gone were uploaded before the crash: they become placed (invariant 5).
+        """
+        q = self.queue_dir
+        for f in (q / "tmp").glob("*"):
+            f.unlink(missing_ok=True)
+        known = {name for (name,) in self.index.q("SELECT name FROM shards WHERE state='queued'")}
+        for rdir in q.glob("r*"):
+            for sub in SUBDIRS:
+                d = rdir / sub
+                if d.exists():
+                    for f in d.iterdir():
+                        if f.name not in known:
+                            f.unlink()
+        self._reconcile()
+        for sub in ("tmp", "manifests"):
+            (q / sub).mkdir(parents=True, exist_ok=True)
+        mans = {name for (name,) in self.index.q("SELECT name FROM manifests")}
+        for f in (q / "manifests").iterdir():
+            if f.name not in mans:
+                f.unlink()
+
+    def _reconcile(self) -> int:
+        """Mark queued shards whose queue file is gone as placed. Returns how many."""
+        rows = self.index.q(
+            "SELECT s.id, s.name, s.remote, g.kind FROM shards s "
+            "JOIN segments g ON g.id = s.segment WHERE s.state='queued'"
+        )
+        done = [
+            (sid,)
+            for sid, name, rid, kind in rows
+            if not (self.queue_dir / f"r{rid}" / kind / name).exists()
+        ]
+        if done:
+            with self.index.tx() as db:
+                db.executemany("UPDATE shards SET state='placed' WHERE id=?", done)
+        return len(done)
+
+    # -- write path ------------------------------------------------------------------------
+    def store_stream(
+        self, stream: BinaryIO, progress: Callable[[int], None] | None = None
+    ) -> tuple[list[bytes], int]:
+        """Chunk, deduplicate, encrypt and pack a stream. Returns (chunk ids, total bytes).
+
+        The chunks are durable (queued) only after :meth:`seal` or :meth:`commit`.
+        """
+        cids: list[bytes] = []
+        total = 0
+        batch: list[bytes] = []
+        batch_bytes = 0
+        for chunk in self.chunker.chunks(stream):
+            batch.append(chunk)
+            batch_bytes += len(chunk)
+            if batch_bytes >= 8 * 1024 * 1024:
+                cids += self.store_chunks(batch)
+                total += batch_bytes
+                if progress:
+                    progress(batch_bytes)
+                batch, batch_bytes = [], 0
+        if batch:
+            cids += self.store_chunks(batch)
+            total += batch_bytes
+            if progress:
+                progress(batch_bytes)
+        return cids, total
+
+    def store_chunks(self, chunks: list[bytes]) -> list[bytes]:
+        """Store a batch of chunks (deduplicated); return their ids in order."""
+        cids = list(self.pool.map(self.chunker.chunk_id, chunks, chunksize=32))
+        with self._write_lock:
+            new: dict[bytes, bytes] = {}
+            unknown = [c for c in dict.fromkeys(cids) if c not in self._open_chunks]
+            known: set[bytes] = set()
+            for i in range(0, len(unknown), 500):
+                part = unknown[i : i + 500]
+                marks = ",".join("?" * len(part))
+                known.update(
+                    r[0]
+                    for r in self.index.q(
+                        f"SELECT cid FROM chunks WHERE cid IN ({marks})", tuple(part)
+                    )
+                )
+            for cid, data in zip(cids, chunks, strict=True):
+                if cid not in known and cid not in self._open_chunks and cid not in new:
+                    new[cid] = data
+            if not new:
+                return cids
+            data_key = self.keys.data_keys[self.epoch]
+            vid = self.keys.vault_id
+            items = list(new.items())
+            records = self.pool.map(
+                lambda it: envelope.seal_chunk(data_key, vid, it[0], it[1]), items, chunksize=16
+            )
+            for (cid, data), rec in zip(items, records, strict=True):
+                if not self._open.fits(len(rec)):
+                    self._seal_open()
+                off = self._open.add(rec)
+                self._open_chunks[cid] = (off, len(rec), len(data))
+        return cids
+
+    def _seal_open(self) -> None:
+        """Hand the open segment to the sealer thread and start a new one."""
+        if not self._open.used:
+            return
+        builder, chunks = self._open, self._open_chunks
+        self._open = segment.SegmentBuilder(self.segment_size)
+        self._open_chunks = {}
+        # bounded pipeline: at most two segments being sealed at once (backpressure)
+        while len([f for f in self._sealing if not f.done()]) >= 2:
+            self._sealing[0].result()
+            self._sealing = [f for f in self._sealing if not f.done()]
+        fut = self._sealer.submit(self._write_segment, builder, chunks)
+        self._sealing.append(fut)
+        # surface errors from finished jobs early
+        for f in [f for f in self._sealing if f.done()]:
+            f.result()
+        self._sealing = [f for f in self._sealing if not f.done()]
+
+    def _drain_sealer(self) -> None:
+        futs, self._sealing = self._sealing, []
+        for f in futs:
+            f.result()
+
+    def seal(self) -> None:
+        """Make every chunk stored so far durable in the queue (padding the open segment)."""
+        with self._write_lock:
+            self._seal_open()
+            self._drain_sealer()
+
+    def _placement(self, seg_id: int, n: int) -> list[int]:
+        rids = [r.rid for r in self.remotes()]
+        if not rids:
+            raise NotEnoughRemotes("the vault has no active remotes")
+        return [rids[(i + seg_id) % len(rids)] for i in range(n)]
+
+    def _write_shards(
+        self, db_seg_id: int, uid: bytes, kind: int, padded: bytes
+    ) -> tuple[list[tuple], bytes]:
+        shards = segment.build_shards(padded, uid, kind, self.k, self.n)
+        placement = self._placement(db_seg_id, self.n)
+        tmp = self.queue_dir / "tmp"
+        rows = []
+        for sh, rid in zip(shards, placement, strict=True):
+            dest_dir = self.queue_dir / f"r{rid}" / segment.KIND_NAMES[kind]
+            dest_dir.mkdir(parents=True, exist_ok=True)
+            t = tmp / sh.name
+            _write_durable(t, sh.body)
+            os.replace(t, dest_dir / sh.name)
+            rows.append((sh.idx, sh.name, rid, len(sh.body), sh.hash, sh.blocks, sh.root))
+        for rid in set(placement):
+            _fsync_dir(self.queue_dir / f"r{rid}" / segment.KIND_NAMES[kind])
+        seg_root = merkle.root([r[6] for r in rows])
+        return rows, seg_root
+
+    def _next_segment_id(self) -> int:
+        with self._seg_id_lock:
+            row = self.index.one("SELECT max(id) FROM segments")
+            nxt = max((row[0] or 0) + 1, self._last_seg_id + 1)
+            self._last_seg_id = nxt
+            return nxt
+
+    _seg_id_lock = threading.Lock()
+    _last_seg_id = 0
+
+    def _write_segment(
+        self, builder: segment.SegmentBuilder, chunks: dict[bytes, tuple[int, int, int]]
+    ) -> int:
+        seg_id = self._next_segment_id()
+        uid = secrets.token_bytes(16)
+        rows, root = self._write_shards(seg_id, uid, segment.KIND_DATA, builder.padded())
+        with self.index.tx() as db:
+            db.execute(
+                "INSERT INTO segments(id, uid, kind, size, used, k, n, ec_alg, epoch, root, created)"
+                " VALUES (?, ?, 'data', ?, ?, ?, ?, 1, ?, ?, ?)",
+                (
+                    seg_id,
+                    uid,
+                    builder.size,
+                    builder.used,
+                    self.k,
+                    self.n,
+                    self.epoch,
+                    root,
+                    time.time(),
+                ),
+            )
+            db.executemany(
+                "INSERT INTO shards(segment, idx, name, remote, size, hash, blocks, root, state)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued')",
+                [(seg_id, *r) for r in rows],
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO chunks(cid, segment, offset, length, plain) VALUES (?, ?, ?, ?, ?)",
+                [(cid, seg_id, off, ln, pl) for cid, (off, ln, pl) in chunks.items()],
+            )
+        with self._seg_cache_lock:
+            self._seg_cache[seg_id] = builder.padded()
+            while len(self._seg_cache) > 4:
+                self._seg_cache.popitem(last=False)
+        return seg_id
+
+    # -- snapshots and commit --------------------------------------------------------------
+    def commit(self, entries: Iterable[Entry], name: str | None = None) -> tuple[str, int]:
+        """Record a snapshot of ``entries``, then export and sign the index.
+
+        Returns (snapshot uid, manifest seq). Everything is durable locally when this
+        returns; call :meth:`flush` to place it on the remotes.
+        """
+        self.seal()
+        uid = secrets.token_hex(4)
+        now = time.time()
+        with self.index.tx() as db:
+            seq = (db.execute("SELECT max(seq) FROM manifests").fetchone()[0] or 0) + 1
+            cur = db.execute(
+                "INSERT INTO snapshots(uid, name, created, seq) VALUES (?, ?, ?, ?)",
+                (uid, name, now, seq),
+            )
+            snap_id = cur.lastrowid
+            files = size = 0
+            for e in entries:
+                c = db.execute(
+                    "INSERT INTO entries(snapshot, path, type, mode, mtime_ns, size, target)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (snap_id, e.path, e.type, e.mode, e.mtime_ns, e.size, e.target),
+                )
+                if e.type == "f":
+                    ids = self._chunk_rows(db, e.cids)
+                    db.executemany(
+                        "INSERT INTO entry_chunks(entry, seq, chunk) VALUES (?, ?, ?)",
+                        [(c.lastrowid, i, cid) for i, cid in enumerate(ids)],
+                    )
+                    size += e.size
+                files += 1
+            root = self._vault_root(db)
+            db.execute(
+                "UPDATE snapshots SET root=?, files=?, bytes=? WHERE id=?",
+                (root, files, size, snap_id),
+            )
+        self._ship_index(seq, root)
+        return uid, seq
+
+    @staticmethod
+    def _chunk_rows(db, cids: list[bytes]) -> list[int]:
+        out = []
+        cache: dict[bytes, int] = {}
+        for cid in cids:
+            rid = cache.get(cid)
+            if rid is None:
+                row = db.execute("SELECT id FROM chunks WHERE cid=?", (cid,)).fetchone()
+                if row is None:
+                    raise IntegrityError("internal: a chunk of the snapshot was not stored")
+                rid = cache[cid] = row[0]
+            out.append(rid)
+        return out
+
+    @staticmethod
+    def _vault_root(db) -> bytes:
+        roots = [
+            r[0] for r in db.execute("SELECT root FROM segments WHERE kind='data' ORDER BY id")
+        ]
+        return merkle.root(roots)
+
+    def _ship_index(self, seq: int, root: bytes) -> None:
+        """Export, encrypt and erasure-code the index; queue a signed manifest naming it."""
+        blob = envelope.seal_meta(
+            self.keys.metadata_key, self.keys.vault_id, b"index", self.index.export_bytes()
+        )
+        segs = []
+        for off in range(0, len(blob), self.segment_size):
+            piece = blob[off : off + self.segment_size]
+            padded = piece + bytes(self.segment_size - len(piece))
+            seg_id = self._next_segment_id()
+            uid = secrets.token_bytes(16)
+            rows, seg_root = self._write_shards(seg_id, uid, segment.KIND_META, padded)
+            segs.append((seg_id, uid, len(piece), rows, seg_root))
+        keyring = [
+            {"epoch": e, "suite": s, "wrapped": w.hex()}
+            for e, s, w in self.index.q("SELECT epoch, suite, wrapped FROM epochs ORDER BY epoch")
+        ]
+        body = {
+            "vault_root": root.hex(),
+            "k": self.k,
+            "n": self.n,
+            "segment_size": self.segment_size,
+            "keyring": keyring,
+            "index": {
+                "length": len(blob),
+                "segments": [
+                    {
+                        "uid": uid.hex(),
+                        "used": used,
+                        "k": self.k,
+                        "n": self.n,
+                        "ec_alg": 1,
+                        "shards": [
+                            {"idx": r[0], "name": r[1], "size": r[3], "hash": r[4].hex()}
+                            for r in rows
+                        ],
+                    }
+                    for _sid, uid, used, rows, _root in segs
+                ],
+            },
+        }
+        created_ms = int(time.time() * 1000)
+        blob_m = manifest.encode(self.keys, seq, created_ms, body)
+        name = manifest.object_name(seq, secrets.token_hex(4))
+        _write_durable(self.queue_dir / "manifests" / name, blob_m)
+        _fsync_dir(self.queue_dir / "manifests")
+        with self.index.tx() as db:
+            for seg_id, uid, used, rows, seg_root in segs:
+                db.execute(
+                    "INSERT INTO segments(id, uid, kind, size, used, k, n, ec_alg, epoch, root,"
+                    " manifest, created) VALUES (?, ?, 'meta', ?, ?, ?, ?, 1, ?, ?, ?, ?)",
+                    (
+                        seg_id,
+                        uid,
+                        self.segment_size,
+                        used,
+                        self.k,
+                        self.n,
+                        self.epoch,
+                        seg_root,
+                        seq,
+                        time.time(),
+                    ),
+                )
+                db.executemany(
+                    "INSERT INTO shards(segment, idx, name, remote, size, hash, blocks, root, state)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued')",
+                    [(seg_id, *r) for r in rows],
+                )
+            db.execute("INSERT INTO manifests VALUES (?, ?, ?, ?)", (seq, name, time.time(), root))
+            db.executemany(
+                "INSERT INTO manifest_queue VALUES (?, ?)", [(seq, r.rid) for r in self.remotes()]
+            )
+
+    # -- upload queue ----------------------------------------------------------------------
+    def flush(self, progress: Callable[[str], None] | None = None) -> FlushReport:
+        """Upload everything queued. Never raises for an unreachable remote: it reports."""
+        self.seal()
+        report = FlushReport()
+        remotes = self.remotes()
+        ok: dict[int, bool] = {}
+
+        def push(r: Remote) -> None:
+            try:
+                for sub in SUBDIRS:
+                    d = self.queue_dir / f"r{r.rid}" / sub
+                    if d.exists() and any(d.iterdir()):
+                        r.move_dir(d, sub)
+                ok[r.rid] = True
+            except RemoteError as e:
+                ok[r.rid] = False
+                report.errors[r.label] = e.message
+                self._remote_state(r.rid, e.message)
+
+        threads = [threading.Thread(target=push, args=(r,)) for r in remotes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        report.uploaded = self._reconcile()
+        for r in remotes:
+            if ok.get(r.rid):
+                self._remote_state(r.rid, None)
+        report.under_k = self.segments_under_k()
+        if report.under_k == 0:
+            self._push_manifests(remotes, ok, report)
+        for r in remotes:
+            (cnt,) = self.index.one(
+                "SELECT count(*) FROM shards WHERE state='queued' AND remote=?", (r.rid,)
+            )
+            report.pending[r.label] = cnt
+        (report.manifests_pending,) = self.index.one("SELECT count(*) FROM manifest_queue")
+        return report
+
+    def _push_manifests(
+        self, remotes: list[Remote], ok: dict[int, bool], report: FlushReport
+    ) -> None:
+        rows = self.index.q(
+            "SELECT q.seq, q.remote, m.name FROM manifest_queue q JOIN manifests m ON m.seq = q.seq"
+            " ORDER BY q.seq"
+        )
+        by_id = {r.rid: r for r in remotes}
+        failed: set[int] = set()
+        for seq, rid, name in rows:
+            r = by_id.get(rid)
+            if r is None:  # remote removed since: drop the obligation
+                with self.index.tx() as db:
+                    db.execute("DELETE FROM manifest_queue WHERE seq=? AND remote=?", (seq, rid))
+                continue
+            if not ok.get(rid) or rid in failed:
+                continue
+            try:
+                r.put_file(self.queue_dir / "manifests" / name, "manifests", name)
+            except RemoteError as e:
+                failed.add(rid)
+                report.errors[r.label] = e.message
+                continue
+            with self.index.tx() as db:
+                db.execute("DELETE FROM manifest_queue WHERE seq=? AND remote=?", (seq, rid))
+        still = {s for (s,) in self.index.q("SELECT DISTINCT seq FROM manifest_queue")}
+        for seq, name in self.index.q("SELECT seq, name FROM manifests"):
+            f = self.queue_dir / "manifests" / name
+            if seq not in still and f.exists():
+                f.unlink()
+
+    def _remote_state(self, rid: int, error: str | None) -> None:
+        with self.index.tx() as db:
+            if error is None:
+                db.execute(
+                    "UPDATE remotes SET last_ok=?, last_error=NULL WHERE id=?", (time.time(), rid)
+                )
+            else:
+                db.execute("UPDATE remotes SET last_error=? WHERE id=?", (error, rid))
+
+    def segments_under_k(self) -> int:
+        (cnt,) = self.index.one(
+            "SELECT count(*) FROM segments g WHERE (SELECT count(*) FROM shards s"
+            " WHERE s.segment = g.id AND s.state='placed') < g.k"
+        )
+        return cnt
+
+    # -- status ----------------------------------------------------------------------------
+    def status(self) -> dict:
+        remotes = self.index.q(
+            "SELECT id, spec, domain, last_ok, last_error FROM remotes WHERE state='active' ORDER BY position"
+        )
+        domains = {rid: (dom or f"remote{rid}") for rid, _s, dom, _o, _e in remotes}
+        placed: dict[int, list[int]] = {}
+        planned: dict[int, list[int]] = {}
+        for seg, rid, state in self.index.q("SELECT segment, remote, state FROM shards"):
+            planned.setdefault(seg, []).append(rid)
+            if state == "placed":
+                placed.setdefault(seg, []).append(rid)
+        segs = [s for (s,) in self.index.q("SELECT id FROM segments")]
+        placed_lists = [placed.get(s, []) for s in segs]
+        planned_lists = [planned.get(s, []) for s in segs]
+        per_remote = []
+        for rid, spec, _dom, last_ok, last_err in remotes:
+            q = self.index.one(
+                "SELECT count(*), coalesce(sum(size),0) FROM shards WHERE remote=? AND state='queued'",
+                (rid,),
+            )
+            p = self.index.one(
+                "SELECT count(*), coalesce(sum(size),0) FROM shards WHERE remote=? AND state='placed'",
+                (rid,),
+            )
+            per_remote.append(
+                {
+                    "remote": Remote(spec).label,
+                    "domain": domains[rid],
+                    "placed_objects": p[0],
+                    "placed_bytes": p[1],
+                    "queued_objects": q[0],
+                    "queued_bytes": q[1],
+                    "last_ok": last_ok,
+                    "last_error": last_err,
+                }
+            )
+        under_k = self.segments_under_k() if segs else 0
+        snaps = self.index.one("SELECT count(*), max(created) FROM snapshots")
+        logical = self.index.one(
+            "SELECT coalesce(sum(plain),0), coalesce(sum(length),0) FROM chunks"
+        )
+        return {
+            "vault_id": self.keys.vault_id.hex(),
+            "fingerprint": self.keys.fingerprint(),
+            "k": self.k,
+            "n": self.n,
+            "remotes": per_remote,
+            "domains": len(set(domains.values())),
+            "segments": len(segs),
+            "segments_below_k_placed": under_k,
+            "snapshots": snaps[0],
+            "last_snapshot": snaps[1],
+            "unique_bytes": logical[0],
+            "stored_bytes": logical[1],
+            "survives_losses_design": survivable_losses(planned_lists, self.k, domains)
+            if segs
+            else self._design_losses(domains),
+            "survives_losses_now": survivable_losses(placed_lists, self.k, domains)
+            if segs and under_k == 0
+            else (0 if segs else self._design_losses(domains)),
+            "manifests_pending": self.index.one("SELECT count(*) FROM manifest_queue")[0],
+        }
+
+    def _design_losses(self, domains: dict[int, str]) -> int:
+        rids = sorted(domains)
+        if not rids:
+            return 0
+        lists = [[rids[(i + s) % len(rids)] for i in range(self.n)] for s in range(len(rids))]
+        return survivable_losses(lists, self.k, domains)
+
+    # -- read path -------------------------------------------------------------------------
+    def segment_bytes(self, seg_id: int) -> bytes:
+        """Decoded plaintext of a segment, from the local queue if still there, else remotes."""
+        with self._seg_cache_lock:
+            hit = self._seg_cache.get(seg_id)
+            if hit is not None:
+                self._seg_cache.move_to_end(seg_id)
+                return hit
+        g = self.index.one("SELECT kind, size, k, n FROM segments WHERE id=?", (seg_id,))
+        if g is None:
+            raise IntegrityError(f"segment {seg_id} is not in the index")
+        kind, size, k, n = g
+        shards = self.index.q(
+            "SELECT s.idx, s.name, s.hash, s.state, s.remote, r.spec FROM shards s"
+            " JOIN remotes r ON r.id = s.remote WHERE s.segment=? ORDER BY s.idx",
+            (seg_id,),
+        )
+        good: list[bytes] = []
+        for _idx, name, h, state, rid, spec in shards:
+            if len(good) >= k:
+                break
+            body = None
+            qf = self.queue_dir / f"r{rid}" / kind / name
+            if qf.exists():
+                body = qf.read_bytes()
+            elif state == "placed":
+                try:
+                    body = Remote(spec, rid).cat(kind, name)
+                except RemoteError:
+                    body = None
+            if body is not None and segment.object_hash(body) == h:
+                good.append(body)
+        if len(good) < k:
+            raise NotEnoughRemotes(
+                f"segment {seg_id}: only {len(good)} intact shards reachable, need {k}"
+            )
+        data = segment.decode_segment(good, k, n, size)
+        with self._seg_cache_lock:
+            self._seg_cache[seg_id] = data
+            while len(self._seg_cache) > 4:
+                self._seg_cache.popitem(last=False)
+        return data
+
+    def read_chunk(self, cid: bytes) -> bytes:
+        with self._write_lock:
+            pending = self._open_chunks.get(cid)
+            if pending is not None:
+                off, ln, _pl = pending
+                rec = bytes(self._open.buf[off : off + ln])
+                return envelope.open_chunk(
+                    self.keys.data_keys[self.epoch], self.keys.vault_id, cid, rec
+                )
+        row = self.index.one(
+            "SELECT c.segment, c.offset, c.length, g.epoch FROM chunks c JOIN segments g"
+            " ON g.id = c.segment WHERE c.cid=?",
+            (cid,),
+        )
+        if row is None:
+            raise IntegrityError("chunk not in the index")
+        seg, off, ln, epoch = row
+        data = self.segment_bytes(seg)
+        return envelope.open_chunk(
+            self.keys.data_keys[epoch], self.keys.vault_id, cid, data[off : off + ln]
+        )
+
+    def iter_file(self, entry_id: int) -> Iterator[bytes]:
+        for (cid,) in self.index.q(
+            "SELECT c.cid FROM entry_chunks e JOIN chunks c ON c.id = e.chunk WHERE e.entry=? ORDER BY e.seq",
+            (entry_id,),
+        ):
+            yield self.read_chunk(cid)
