@@ -53,27 +53,68 @@ def plan_paths(paths: list[Path]) -> list[tuple[Path, str]]:
     return out
 
 
+def _xattrs(p: Path) -> dict[str, bytes] | None:
+    try:
+        names = os.listxattr(p, follow_symlinks=False)
+    except OSError:
+        return None
+    out = {}
+    for nm in names:
+        try:
+            out[nm] = os.getxattr(p, nm, follow_symlinks=False)
+        except OSError:
+            continue
+    return out or None
+
+
 def backup_paths(
     vault: Vault, paths: list[Path], name: str | None = None, progress: Progress | None = None
 ) -> tuple[str, int, int]:
-    """Back up files and directories as one snapshot. Returns (snapshot uid, entries, bytes)."""
+    """Back up files and directories as one snapshot. Returns (snapshot uid, entries, bytes).
+
+    Keeps modes, owners, times, symlinks, extended attributes and hard links (files that
+    share an inode get one link group and are stored once).
+    """
     entries: list[Entry] = []
     total = 0
+    links: dict[tuple[int, int], Entry] = {}
     for path, top in plan_paths(paths):
         for p, rel, st in _walk(path, top):
             mode = stat.S_IMODE(st.st_mode)
+            common = {"uid": st.st_uid, "gid": st.st_gid, "xattrs": _xattrs(p)}
             if stat.S_ISDIR(st.st_mode):
-                entries.append(Entry(rel, "d", mode, st.st_mtime_ns))
+                entries.append(Entry(rel, "d", mode, st.st_mtime_ns, **common))
             elif stat.S_ISLNK(st.st_mode):
-                entries.append(Entry(rel, "l", mode, st.st_mtime_ns, target=os.readlink(p)))
+                entries.append(
+                    Entry(rel, "l", mode, st.st_mtime_ns, target=os.readlink(p), **common)
+                )
             elif stat.S_ISREG(st.st_mode):
+                first = links.get((st.st_dev, st.st_ino)) if st.st_nlink > 1 else None
+                if first is not None:
+                    entries.append(
+                        Entry(
+                            rel,
+                            "f",
+                            mode,
+                            first.mtime_ns,
+                            size=first.size,
+                            cids=first.cids,
+                            link=first.link,
+                            **common,
+                        )  # fmt: skip
+                    )
+                    continue
                 try:
                     f = open(p, "rb")  # noqa: SIM115
                 except OSError as e:
                     raise InputError(f"cannot read {p}: {e.strerror}") from None
                 with f:
                     cids, size = vault.store_stream(f, progress)
-                entries.append(Entry(rel, "f", mode, st.st_mtime_ns, size=size, cids=cids))
+                e = Entry(rel, "f", mode, st.st_mtime_ns, size=size, cids=cids, **common)
+                if st.st_nlink > 1:
+                    e.link = len(links) + 1
+                    links[(st.st_dev, st.st_ino)] = e
+                entries.append(e)
                 total += size
             # sockets, fifos and devices are skipped: they hold no data
     uid, _seq = vault.commit(entries, name=name)

@@ -94,6 +94,11 @@ CREATE TABLE IF NOT EXISTS entries (
     mtime_ns  INTEGER NOT NULL,      -- modification time, nanoseconds since the epoch
     size      INTEGER NOT NULL,      -- logical size in bytes (files)
     target    TEXT,                  -- symlink target (symlinks only)
+    uid       INTEGER,               -- owner user id (NULL: unknown, restore as the caller)
+    gid       INTEGER,               -- owner group id (NULL: unknown)
+    xattrs    TEXT,                  -- JSON object {name: hex value} of extended attributes
+    link      INTEGER,               -- hard-link group: entries of one snapshot with the same
+                                     -- non-NULL value are one inode (NULL: not hard-linked)
     UNIQUE (snapshot, path)
 );
 CREATE TABLE IF NOT EXISTS entry_chunks (

@@ -87,7 +87,9 @@ class VaultKeys:
             mlkem.MLKEM768PrivateKey.from_seed_bytes(hkdf(seed, b"kem/mlkem768", 64)),
             x25519.X25519PrivateKey.from_private_bytes(hkdf(seed, b"kem/x25519", 32)),
         )
-        gear = int.from_bytes(hkdf(seed, b"chunker", 8), "big") | 1  # 0 would disable keying
+        # pyfastcdc shifts the seed left by one in a uint64, so it must fit in 63 bits;
+        # the low bit is forced so the seed is never 0 (which would disable keying)
+        gear = (int.from_bytes(hkdf(seed, b"chunker", 8), "big") & (2**63 - 1)) | 1
         return cls(
             seed=seed,
             vault_id=hkdf(seed, b"vault-id", 16),

@@ -8,6 +8,7 @@ the manifest → each chunk's AEAD tag, key commitment and keyed chunk id.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import blake3
 
@@ -264,6 +266,22 @@ def fetch_index(keys: VaultKeys, m: manifest.Manifest, src: ShardSource, dest: P
     dest.write_bytes(raw)
 
 
+class Row(NamedTuple):
+    """One snapshot entry as stored in the index (see index.SCHEMA, table entries)."""
+
+    id: int
+    path: str
+    type: str
+    mode: int
+    mtime_ns: int
+    size: int
+    target: str | None
+    uid: int | None
+    gid: int | None
+    xattrs: str | None
+    link: int | None
+
+
 class _FdCache:
     def __init__(self, size: int = 64) -> None:
         self.size = size
@@ -318,23 +336,29 @@ def restore_files(
     if row is None:
         raise InputError(f"snapshot {snapshot!r} not found (see `vaultfs snapshots`)")
     snap_id, snap_uid = row
-    entries = db.execute(
-        "SELECT id, path, type, mode, mtime_ns, size, target FROM entries WHERE snapshot=? ORDER BY path",
-        (snap_id,),
-    ).fetchall()
+    entries = [
+        Row(*r)
+        for r in db.execute(
+            "SELECT id, path, type, mode, mtime_ns, size, target, uid, gid, xattrs, link"
+            " FROM entries WHERE snapshot=? ORDER BY path",
+            (snap_id,),
+        )
+    ]
     if include:
         inc = [i.strip("/") for i in include]
         entries = [
             e
             for e in entries
-            if any(e[1] == i or e[1].startswith(i + "/") or i.startswith(e[1] + "/") for i in inc)
+            if any(
+                e.path == i or e.path.startswith(i + "/") or i.startswith(e.path + "/") for i in inc
+            )
         ]
         if not entries:
             raise InputError(f"nothing in snapshot {snap_uid} matches --include {include}")
     for e in entries:
-        check_name(e[1])  # a manifest naming ../x or /etc/x is refused before any write
-        if e[2] not in ("f", "d", "l"):
-            raise IntegrityError(f"unknown entry type {e[2]!r} for {e[1]!r}")
+        check_name(e.path)  # a manifest naming ../x or /etc/x is refused before any write
+        if e.type not in ("f", "d", "l"):
+            raise IntegrityError(f"unknown entry type {e.type!r} for {e.path!r}")
 
     to = Path(os.path.abspath(to))
     if to.exists():
@@ -347,38 +371,51 @@ def restore_files(
     to.mkdir(parents=True, exist_ok=True)
     to = Path(os.path.realpath(to))
 
-    # directories, then empty files sized to their final length
-    for _id, path, typ, _mode, _mt, _size, _t in entries:
-        if typ == "d":
-            d = _safe_target(to, path)
+    # directories, then empty files sized to their final length; later members of a
+    # hard-link group become links to the first one and are not written again
+    for e in entries:
+        if e.type == "d":
+            d = _safe_target(to, e.path)
             if d.is_symlink():
                 raise IntegrityError(f"refusing to restore through symlink {d}")
             d.mkdir(parents=True, exist_ok=True)
-    file_rows = [e for e in entries if e[2] == "f"]
-    for _id, path, _typ, _mode, _mt, size, _t in file_rows:
-        p = _safe_target(to, path)
+    file_rows: list[Row] = []
+    link_first: dict[int, Path] = {}
+    link_later: list[tuple[Row, Path]] = []
+    for e in entries:
+        if e.type != "f":
+            continue
+        if e.link is not None and e.link in link_first:
+            link_later.append((e, link_first[e.link]))
+            continue
+        p = _safe_target(to, e.path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        _safe_target(to, path)
+        _safe_target(to, e.path)
         flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if force else os.O_EXCL)
         fd = os.open(p, flags, 0o600)
         try:
-            os.ftruncate(fd, size)
+            os.ftruncate(fd, e.size)
         finally:
             os.close(fd)
+        if e.link is not None:
+            link_first[e.link] = p
+        file_rows.append(e)
 
-    # plan: segment -> [(cid, offset-in-segment, length, epoch, file path, file offset)]
+    # plan: segment -> [(cid, offset-in-segment, length, file path, file offset, plain len)]
     plan: dict[int, list[tuple[bytes, int, int, str, int, int]]] = defaultdict(list)
     total = 0
-    for eid, path, _typ, _mode, _mt, _size, _t in file_rows:
-        target = str(_safe_target(to, path))
+    for e in file_rows:
+        target = str(_safe_target(to, e.path))
         pos = 0
         for cid, seg, off, ln, plain in db.execute(
             "SELECT c.cid, c.segment, c.offset, c.length, c.plain FROM entry_chunks x"
             " JOIN chunks c ON c.id = x.chunk WHERE x.entry=? ORDER BY x.seq",
-            (eid,),
+            (e.id,),
         ):
             plan[seg].append((cid, off, ln, target, pos, plain))
             pos += plain
+        if pos != e.size:
+            raise IntegrityError(f"{e.path}: chunk lengths add up to {pos}, not {e.size}")
         total += pos
     if total_cb:
         total_cb(total)
@@ -398,7 +435,8 @@ def restore_files(
     order = sorted(plan)
     batches = [order[i : i + BATCH_SEGMENTS] for i in range(0, len(order), BATCH_SEGMENTS)]
     fds = _FdCache()
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vaultfs-restore")
+    fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaultfs-fetch")
+    cpu = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vaultfs-restore")
     tmp_root = Path(tempfile.mkdtemp(prefix="vaultfs-restore-"))
 
     def download(batch_no: int) -> tuple[Path, dict[str, Path]]:
@@ -418,38 +456,53 @@ def restore_files(
         return target, pos, data
 
     try:
-        nxt = pool.submit(download, 0) if batches else None
+        nxt = fetcher.submit(download, 0) if batches else None
         for bi in range(len(batches)):
             assert nxt is not None
             bdir, fetched = nxt.result()
-            nxt = pool.submit(download, bi + 1) if bi + 1 < len(batches) else None
+            nxt = fetcher.submit(download, bi + 1) if bi + 1 < len(batches) else None
             for sid in batches[bi]:
                 size, k, n, epoch = seg_rows[sid]
                 seg = _decode_verified(src, "data", shard_rows[sid], k, n, size, fetched, warnings)
-                for target, pos, data in map(lambda it: open_one(it, seg, epoch), plan[sid]):
+                opened = cpu.map(lambda it, s=seg, ep=epoch: open_one(it, s, ep), plan[sid])
+                for target, pos, data in opened:
                     os.pwrite(fds.get(target), data, pos)
                     if progress:
                         progress(len(data))
             shutil.rmtree(bdir, ignore_errors=True)
     finally:
         fds.close()
-        pool.shutdown(wait=True)
+        fetcher.shutdown(wait=True)
+        cpu.shutdown(wait=True)
         shutil.rmtree(tmp_root, ignore_errors=True)
 
-    # symlinks, then modes and times (deepest first so parents keep their mtime)
-    for _id, path, typ, _mode, _mt, _size, target in entries:
-        if typ == "l":
-            p = _safe_target(to, path)
+    for e, first in link_later:
+        p = _safe_target(to, e.path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if force and os.path.lexists(p):
+            p.unlink()
+        os.link(first, p)
+    for e in entries:
+        if e.type == "l":
+            p = _safe_target(to, e.path)
             if force and p.is_symlink():
                 p.unlink()
-            os.symlink(target or "", p)
-    for _id, path, typ, mode, mtime_ns, _size, _t in sorted(
-        entries, key=lambda e: -e[1].count("/")
-    ):
-        p = _safe_target(to, path)
-        if typ != "l":
-            os.chmod(p, stat.S_IMODE(mode))
-        os.utime(p, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+            os.symlink(e.target or "", p)
+    # owners and xattrs, then modes and times (deepest first so parents keep their mtime)
+    is_root = os.geteuid() == 0
+    for e in sorted(entries, key=lambda e: -e.path.count("/")):
+        p = _safe_target(to, e.path)
+        if is_root and e.uid is not None and e.gid is not None:
+            os.chown(p, e.uid, e.gid, follow_symlinks=False)
+        if e.xattrs:
+            for name, value in json.loads(e.xattrs).items():
+                try:
+                    os.setxattr(p, name, bytes.fromhex(value), follow_symlinks=False)
+                except OSError as exc:
+                    warnings.append(f"{e.path}: could not set xattr {name}: {exc.strerror}")
+        if e.type != "l":
+            os.chmod(p, stat.S_IMODE(e.mode))
+        os.utime(p, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
     return snap_uid, len(entries), total, warnings
 
 

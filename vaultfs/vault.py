@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import secrets
 import threading
@@ -129,6 +130,10 @@ class Entry:
     size: int = 0
     target: str | None = None
     cids: list[bytes] = field(default_factory=list)
+    uid: int | None = None
+    gid: int | None = None
+    xattrs: dict[str, bytes] | None = None
+    link: int | None = None  # hard-link group within the snapshot
 
 
 class Vault:
@@ -506,6 +511,10 @@ class Vault:
         Returns (snapshot uid, manifest seq). Everything is durable locally when this
         returns; call :meth:`flush` to place it on the remotes.
         """
+        with self._write_lock:
+            return self._commit(entries, name)
+
+    def _commit(self, entries: Iterable[Entry], name: str | None) -> tuple[str, int]:
         self.seal()
         uid = secrets.token_hex(4)
         now = time.time()
@@ -518,10 +527,27 @@ class Vault:
             snap_id = cur.lastrowid
             files = size = 0
             for e in entries:
+                xattrs = (
+                    json.dumps({k: v.hex() for k, v in sorted(e.xattrs.items())})
+                    if e.xattrs
+                    else None
+                )
                 c = db.execute(
-                    "INSERT INTO entries(snapshot, path, type, mode, mtime_ns, size, target)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (snap_id, e.path, e.type, e.mode, e.mtime_ns, e.size, e.target),
+                    "INSERT INTO entries(snapshot, path, type, mode, mtime_ns, size, target,"
+                    " uid, gid, xattrs, link) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        snap_id,
+                        e.path,
+                        e.type,
+                        e.mode,
+                        e.mtime_ns,
+                        e.size,
+                        e.target,
+                        e.uid,
+                        e.gid,
+                        xattrs,
+                        e.link,
+                    ),
                 )
                 if e.type == "f":
                     ids = self._chunk_rows(db, e.cids)
