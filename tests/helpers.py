@@ -7,6 +7,7 @@ sys.path because tests/ has no __init__.py).
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import socket
 import subprocess
@@ -346,3 +347,67 @@ class PgServer:
 
     def __repr__(self) -> str:
         return f"<PgServer {self.dsn}>"
+
+
+# -- the vaultfs command line, as a user runs it --------------------------------------------
+
+PASSPHRASE = "correct horse battery staple"
+
+
+def vaultfs_env(home: Path, passphrase: str = PASSPHRASE, **extra: str) -> dict[str, str]:
+    """Environment for a vaultfs subprocess with its own home and passphrase."""
+    env = dict(os.environ)
+    env.update({"VAULTFS_HOME": str(home), "VAULTFS_PASSPHRASE": passphrase, **extra})
+    return env
+
+
+def run_cli(
+    *args: str,
+    home: Path,
+    passphrase: str = PASSPHRASE,
+    input: bytes | None = None,
+    check: int | None = 0,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run `vaultfs ARGS…`; assert the exit code is ``check`` unless it is None."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.main", *args],
+        input=input,
+        capture_output=True,
+        timeout=timeout,
+        env=env or vaultfs_env(home, passphrase),
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    if check is not None and proc.returncode != check:
+        raise AssertionError(
+            f"vaultfs {' '.join(args)} exited {proc.returncode}, expected {check}\n"
+            f"stdout:\n{proc.stdout.decode(errors='replace')}\n"
+            f"stderr:\n{proc.stderr.decode(errors='replace')}"
+        )
+    return proc
+
+
+def tree_digest(root: Path) -> dict[str, tuple]:
+    """Map each relative path under root to (type, mode, size, sha256 or link target)."""
+    import hashlib
+    import stat as st
+
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            s = p.lstat()
+            rel = str(p.relative_to(root))
+            if st.S_ISLNK(s.st_mode):
+                out[rel] = ("l", os.readlink(p))
+            elif st.S_ISDIR(s.st_mode):
+                out[rel] = ("d", st.S_IMODE(s.st_mode))
+            else:
+                out[rel] = (
+                    "f",
+                    st.S_IMODE(s.st_mode),
+                    s.st_size,
+                    hashlib.sha256(p.read_bytes()).hexdigest(),
+                )
+    return out

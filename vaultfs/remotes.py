@@ -18,6 +18,7 @@ after rclone has copied it, so a failure leaves exactly the not-yet-uploaded fil
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,6 +46,9 @@ TRANSFER_FLAGS = [
     "--timeout",
     "60s",
 ]
+
+
+_TIMESTAMP = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (ERROR|NOTICE|INFO)\s*: ?")
 
 
 class RemoteError(VaultError):
@@ -113,7 +117,10 @@ class Remote:
 
     def _check(self, proc: subprocess.CompletedProcess, what: str) -> None:
         if proc.returncode != 0:
-            err = proc.stderr.decode(errors="replace").strip().splitlines()
+            err = [
+                _TIMESTAMP.sub("", ln)
+                for ln in proc.stderr.decode(errors="replace").strip().splitlines()
+            ]
             msg = err[-1] if err else f"exit {proc.returncode}"
             low = " ".join(err).lower()
             if any(

@@ -1,0 +1,398 @@
+"""The storage engine through its library API, over real rclone and local-directory remotes.
+
+Tier 1/2 tests (style.md point 8): units of one stage with real primitives, then the whole
+write → remotes → disaster-restore path, restoring from every k-subset of a 3-of-5 vault.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from vaultfs import envelope, erasure, merkle, segment
+from vaultfs.backup import backup_paths
+from vaultfs.errors import IntegrityError, NotEnoughRemotes, VaultBusy, WrongKey
+from vaultfs.keys import VaultKeys, new_seed, read_keyfile, write_keyfile
+from vaultfs.remotes import Remote
+from vaultfs.restore import ShardSource, open_remote_index, restore_files
+from vaultfs.vault import Entry, Vault
+
+PW = "pw-for-tests"
+
+
+# -- units ------------------------------------------------------------------------------------
+
+
+def test_key_derivation_is_deterministic_and_separated():
+    seed = bytes(range(32))
+    a, b = VaultKeys.from_seed(seed), VaultKeys.from_seed(seed)
+    assert a.vault_id == b.vault_id and a.fingerprint() == b.fingerprint()
+    derived = [a.vault_id, a.chunk_id_key, a.metadata_key, a.audit_key]
+    assert len({d[:16] for d in derived}) == len(derived), "labels must give distinct keys"
+    other = VaultKeys.from_seed(bytes(32))
+    assert other.vault_id != a.vault_id
+    assert 0 < a.chunker_seed < 2**63
+
+
+def test_keyfile_roundtrip_and_wrong_passphrase(tmp_path):
+    keys = VaultKeys.from_seed(new_seed())
+    write_keyfile(tmp_path / "key.json", keys, "secret")
+    assert read_keyfile(tmp_path / "key.json", "secret").seed == keys.seed
+    with pytest.raises(WrongKey):
+        read_keyfile(tmp_path / "key.json", "not the passphrase")
+    assert oct((tmp_path / "key.json").stat().st_mode & 0o777) == "0o600"
+
+
+def test_data_key_wrap_is_hybrid_pq_and_bound_to_epoch():
+    keys = VaultKeys.from_seed(new_seed())
+    dk = keys.new_epoch_key()
+    wrapped = keys.wrap_data_key(3, dk)
+    # X-Wing encapsulation (1120 bytes) + AES-256-GCM sealed 32-byte key (48 bytes)
+    assert len(wrapped) == 1120 + 48
+    assert keys.unwrap_data_key(3, wrapped) == dk
+    with pytest.raises(WrongKey):
+        keys.unwrap_data_key(4, wrapped)
+    with pytest.raises(WrongKey):
+        VaultKeys.from_seed(new_seed()).unwrap_data_key(3, wrapped)
+
+
+def test_chunk_record_roundtrip_commitment_and_tamper():
+    keys = VaultKeys.from_seed(new_seed())
+    dk, cid = os.urandom(32), os.urandom(32)
+    text = b"belief: the vault outlives the disk\n" * 500
+    rec = envelope.seal_chunk(dk, keys.vault_id, cid, text)
+    assert len(rec) < len(text) // 4, "text is compressed before encryption"
+    assert envelope.open_chunk(dk, keys.vault_id, cid, rec) == text
+    noise = os.urandom(5000)
+    assert len(envelope.seal_chunk(dk, keys.vault_id, cid, noise)) == len(noise) + 65
+    with pytest.raises(IntegrityError, match="commitment"):
+        envelope.open_chunk(os.urandom(32), keys.vault_id, cid, rec)
+    with pytest.raises(IntegrityError):  # chunk id is bound as associated data
+        envelope.open_chunk(dk, keys.vault_id, os.urandom(32), rec)
+    bad = bytearray(rec)
+    bad[-1] ^= 1
+    with pytest.raises(IntegrityError, match="authentication"):
+        envelope.open_chunk(dk, keys.vault_id, cid, bytes(bad))
+
+
+@pytest.mark.parametrize("n", range(1, 10))
+def test_merkle_proofs_verify_for_every_leaf(n):
+    leaves = [merkle.leaf_hash(bytes([i]) * 10) for i in range(n)]
+    root = merkle.root(leaves)
+    for i in range(n):
+        assert merkle.verify_proof(leaves[i], merkle.proof(leaves, i), root)
+        assert not merkle.verify_proof(merkle.leaf_hash(b"x"), merkle.proof(leaves, i), root)
+
+
+def test_merkle_last_leaf_is_not_duplicated():
+    a, b, c = (merkle.leaf_hash(x) for x in (b"a", b"b", b"c"))
+    assert merkle.root([a, b, c]) != merkle.root([a, b, c, c])  # CVE-2012-2459
+    # a leaf can never equal an interior node over the same bytes (0x00 vs 0x01 prefix)
+    assert merkle.leaf_hash(a + b) != merkle.node_hash(a, b)
+    assert merkle.root([a]) == a
+
+
+@pytest.mark.parametrize("k,n", [(3, 5), (5, 9), (7, 15)])
+def test_erasure_profiles_decode_from_any_k(k, n):
+    seg = os.urandom(64 * 1024)
+    shards = segment.build_shards(seg, os.urandom(16), segment.KIND_DATA, k, n)
+    assert len({len(s.body) for s in shards}) == 1, "all shard objects have one size"
+    rng = random.Random(k * 100 + n)
+    subsets = list(itertools.combinations(range(n), k))
+    for subset in rng.sample(subsets, min(12, len(subsets))):
+        bodies = [shards[i].body for i in subset]
+        assert segment.decode_segment(bodies, k, n, len(seg)) == seg
+    h = segment.parse_header(shards[n - 1].body)
+    assert (h.k, h.n, h.idx, h.segment_size, h.ec_alg) == (k, n, n - 1, len(seg), 1)
+    with pytest.raises(IntegrityError):
+        erasure.decode([s.body[36:] for s in shards[: k - 1]], k, n)
+
+
+# -- the engine end to end ----------------------------------------------------------------------
+
+
+def make_vault(tmp_path: Path, nremotes: int = 5, k: int = 3, n: int = 5, seg_mib: int = 1):
+    remotes = [str(tmp_path / f"r{i}") for i in range(nremotes)]
+    v = Vault.create(tmp_path / "home", remotes, k, n, PW, segment_size=seg_mib << 20)
+    return v, remotes
+
+
+def write_tree(root: Path, seed: int = 1) -> None:
+    rng = random.Random(seed)
+    (root / "docs" / "deep").mkdir(parents=True)
+    (root / "random.bin").write_bytes(rng.randbytes(2_500_000))
+    text = "".join(
+        f"belief {i}: {rng.random():.6f} supports {rng.randint(0, 10**6)}\n" for i in range(60000)
+    )
+    (root / "docs" / "kb.sql").write_text(text)
+    (root / "docs" / "deep" / "copy.sql").write_text(text)  # deduplicates with kb.sql
+    (root / "empty").write_bytes(b"")
+    (root / "docs" / "link").symlink_to("kb.sql")
+
+
+def test_backup_dedups_and_restores_from_every_k_subset(tmp_path):
+    src = tmp_path / "src"
+    write_tree(src)
+    v, remotes = make_vault(tmp_path)
+    with v:
+        uid, count, size = backup_paths(v, [src])
+        rep = v.flush()
+        assert rep.complete and not rep.errors
+        st = v.status()
+        assert st["survives_losses_now"] == 2 and st["segments_below_k_placed"] == 0
+        unique, stored = st["unique_bytes"], st["stored_bytes"]
+        # the second copy of kb.sql was stored once, and text compressed before encryption
+        assert unique < size - (src / "docs" / "kb.sql").stat().st_size * 0.9
+        assert stored < unique
+        segs_before = v.index.one("SELECT count(*) FROM segments WHERE kind='data'")[0]
+        uid2, _, _ = backup_paths(v, [src])
+        segs_after = v.index.one("SELECT count(*) FROM segments WHERE kind='data'")[0]
+        assert segs_after == segs_before, "an unchanged tree adds no data segments"
+        assert v.flush().complete
+        keys = v.keys
+    expected = tree_digest_of(src)
+    for subset in itertools.combinations(remotes, 3):
+        out = tmp_path / ("out-" + "".join(s[-1] for s in subset))
+        with_remote_index(keys, list(subset), tmp_path, out)
+        assert tree_digest_of(out / "src") == expected, f"restore from {subset} differs"
+
+
+def tree_digest_of(root: Path) -> dict:
+    from helpers import tree_digest
+
+    return tree_digest(root)
+
+
+def with_remote_index(keys, specs, tmp_path, out, snapshot="latest", min_seq=0):
+    work = tmp_path / f"work-{out.name}"
+    work.mkdir()
+    db, src, m, warnings = open_remote_index(keys, [Remote(s) for s in specs], work, min_seq)
+    try:
+        return restore_files(keys, db, src, out, snapshot), warnings, m
+    finally:
+        db.close()
+
+
+def test_corrupt_and_missing_shards_are_decoded_around(tmp_path):
+    src = tmp_path / "src"
+    write_tree(src, seed=2)
+    v, remotes = make_vault(tmp_path)
+    with v:
+        backup_paths(v, [src])
+        assert v.flush().complete
+        keys = v.keys
+    objs = sorted((Path(remotes[0]) / "data").iterdir())
+    assert len(objs) >= 3
+    for i, obj in enumerate(objs):  # every shard on remote 0 damaged, two ways
+        body = bytearray(obj.read_bytes())
+        if i % 2:
+            obj.write_bytes(bytes(body[:100]))  # truncated
+        else:
+            body[len(body) // 2] ^= 0x40  # one bit flipped
+            obj.write_bytes(bytes(body))
+    (Path(remotes[1]) / "data" / sorted(os.listdir(Path(remotes[1]) / "data"))[0]).unlink()
+    # at most two shards of any segment are damaged: the other three decode it
+    (res, _w, _m) = with_remote_index(keys, remotes, tmp_path, tmp_path / "out")
+    assert tree_digest_of(tmp_path / "out" / "src") == tree_digest_of(src)
+    assert any("corrupt" in w for w in res[3]), res[3]
+    # too much damage on one segment: 3 of 5 shards of the same segment corrupted
+    db = sqlite3.connect(tmp_path / "home" / "index.db")
+    (seg,) = db.execute("SELECT id FROM segments WHERE kind='data' ORDER BY id LIMIT 1").fetchone()
+    rows = db.execute(
+        "SELECT s.name, r.spec FROM shards s JOIN remotes r ON r.id = s.remote WHERE s.segment=?",
+        (seg,),
+    ).fetchall()
+    db.close()
+    for name, spec in rows[:3]:
+        p = Path(spec) / "data" / name
+        if p.exists():
+            p.write_bytes(b"garbage" * 10)
+    with pytest.raises(NotEnoughRemotes, match="intact shards"):
+        with_remote_index(keys, remotes, tmp_path, tmp_path / "out2")
+
+
+def test_remotes_hold_no_plaintext_names_or_contents(tmp_path, s3_server):
+    marker = b"PLAINTEXT-MARKER-7f3a9c"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "very-secret-filename.txt").write_bytes(marker * 40000)
+    (src / "small.txt").write_bytes(marker)
+    specs = [str(tmp_path / "r0"), str(tmp_path / "r1"), s3_server.remote("bucket/v")]
+    v = Vault.create(tmp_path / "home", specs, 2, 3, PW, segment_size=1 << 20)
+    with v:
+        backup_paths(v, [src])
+        assert v.flush().complete
+    roots = [tmp_path / "r0", tmp_path / "r1", s3_server.root]
+    seen = 0
+    for root in roots:
+        for dirpath, _dirs, files in os.walk(root):
+            for f in files:
+                blob = (Path(dirpath) / f).read_bytes()
+                seen += 1
+                for needle in (marker, b"very-secret-filename", b"small.txt", marker[::-1]):
+                    assert needle not in blob, f"{needle!r} found in {dirpath}/{f}"
+                assert b"very-secret" not in f.encode()
+    assert seen >= 9
+
+
+def test_network_remotes_s3_and_sftp_round_trip(tmp_path, s3_server, sftp_server):
+    src = tmp_path / "src"
+    write_tree(src, seed=3)
+    specs = [
+        s3_server.remote("bucket1/vault"),
+        s3_server.remote("bucket2/vault"),
+        sftp_server.remote("vault"),
+        str(tmp_path / "local"),
+    ]
+    v = Vault.create(tmp_path / "home", specs, 2, 4, PW, segment_size=1 << 20)
+    with v:
+        backup_paths(v, [src])
+        assert v.flush().complete
+        keys = v.keys
+    # the network remotes alone (the local directory is gone)
+    import shutil
+
+    shutil.rmtree(tmp_path / "local")
+    with_remote_index(keys, specs[1:3], tmp_path, tmp_path / "out")
+    assert tree_digest_of(tmp_path / "out" / "src") == tree_digest_of(src)
+
+
+def test_remote_down_queues_and_catches_up(tmp_path, s3_server_factory):
+    servers = [s3_server_factory() for _ in range(3)]
+    specs = [s.remote("bkt/v") for s in servers] + [str(tmp_path / "l0"), str(tmp_path / "l1")]
+    v = Vault.create(tmp_path / "home", specs, 3, 5, PW, segment_size=1 << 20)
+    src = tmp_path / "src"
+    write_tree(src, seed=4)
+    with v:
+        servers[0].stop()
+        backup_paths(v, [src])
+        rep = v.flush()
+        assert not rep.complete and rep.under_k == 0, "k can still be placed: backup holds"
+        assert any("bkt/v" in r for r in rep.errors)
+        assert v.status()["survives_losses_now"] == 1
+        # fewer than k reachable: data stays queued, nothing is lost
+        servers[1].stop()
+        servers[2].stop()
+        (src / "new.txt").write_bytes(os.urandom(300_000))
+        backup_paths(v, [src])
+        rep = v.flush()
+        assert rep.under_k > 0 and rep.manifests_pending > 0
+        for s in servers:
+            s.start()
+        rep = v.flush()
+        assert rep.complete, rep
+        assert v.status()["survives_losses_now"] == 2
+        keys = v.keys
+    with_remote_index(keys, specs[:3], tmp_path, tmp_path / "out")
+    assert tree_digest_of(tmp_path / "out" / "src") == tree_digest_of(src)
+
+
+def test_rollback_and_tampered_manifest_detected(tmp_path):
+    src = tmp_path / "src"
+    write_tree(src, seed=5)
+    v, remotes = make_vault(tmp_path, nremotes=3, k=2, n=3)
+    with v:
+        backup_paths(v, [src])
+        v.flush()
+        keys = v.keys
+        old = {r: sorted(os.listdir(Path(r) / "manifests")) for r in remotes}
+        (src / "later.txt").write_text("written after the first snapshot\n")
+        backup_paths(v, [src])
+        v.flush()
+    # remote 0 rolled back to the first manifest: a restore warns it is stale
+    for name in os.listdir(Path(remotes[0]) / "manifests"):
+        if name not in old[remotes[0]]:
+            os.unlink(Path(remotes[0]) / "manifests" / name)
+    (_r, warnings, m) = with_remote_index(keys, remotes, tmp_path, tmp_path / "o1")
+    assert m.seq == 2 and any("stale" in w for w in warnings)
+    # every remote rolled back, but we have seen #2 before: refuse
+    for r in remotes[1:]:
+        for name in os.listdir(Path(r) / "manifests"):
+            if name not in old[r]:
+                os.unlink(Path(r) / "manifests" / name)
+    with pytest.raises(IntegrityError, match="rollback"):
+        with_remote_index(keys, remotes, tmp_path, tmp_path / "o2", min_seq=2)
+    # a tampered manifest is rejected; with no valid one left, restore refuses
+    for r in remotes:
+        for name in os.listdir(Path(r) / "manifests"):
+            p = Path(r) / "manifests" / name
+            b = bytearray(p.read_bytes())
+            b[60] ^= 1
+            p.write_bytes(bytes(b))
+    with pytest.raises(IntegrityError, match="signed manifest"):
+        with_remote_index(keys, remotes, tmp_path, tmp_path / "o3")
+    # a manifest from another vault's key is not accepted either
+    with pytest.raises(IntegrityError):
+        with_remote_index(VaultKeys.from_seed(new_seed()), remotes, tmp_path, tmp_path / "o4")
+
+
+@pytest.mark.parametrize("evil", ["../escape.txt", "/tmp/vaultfs-abs-escape.txt", "a/../../b"])
+def test_restore_refuses_paths_outside_target(tmp_path, evil):
+    v, remotes = make_vault(tmp_path, nremotes=3, k=2, n=3)
+    with v:
+        cids, size = v.store_chunks([b"evil payload"]), 12
+        v.commit([Entry(evil, "f", 0o644, 0, size=size, cids=cids)])
+        v.flush()
+        keys = v.keys
+    out = tmp_path / "target" / "inner"
+    with pytest.raises(Exception, match="invalid path|outside"):
+        with_remote_index(keys, remotes, tmp_path, out)
+    assert not (tmp_path / "target" / "escape.txt").exists()
+    assert not Path("/tmp/vaultfs-abs-escape.txt").exists()
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_second_writer_is_refused(tmp_path):
+    v, _ = make_vault(tmp_path, nremotes=2, k=1, n=2)
+    with v, pytest.raises(VaultBusy):
+        Vault.open(tmp_path / "home", PW)
+
+
+def test_crash_states_are_recovered_on_open(tmp_path):
+    """The crash-state table of docs/design.md, one row at a time."""
+    src = tmp_path / "src"
+    write_tree(src, seed=6)
+    v, remotes = make_vault(tmp_path, nremotes=3, k=2, n=3)
+    with v:
+        backup_paths(v, [src])
+        q = v.queue_dir
+        rid = v.remotes()[0].rid
+        queued = v.index.q("SELECT name FROM shards WHERE state='queued' AND remote=?", (rid,))
+    # (1) crash after writing shard files, before the index transaction: orphans removed
+    orphan = q / f"r{rid}" / "data" / ("0" * 32)
+    orphan.write_bytes(b"half a segment")
+    (q / "tmp" / "partial").write_bytes(b"torn write")
+    # (2) crash after rclone uploaded a shard, before the index marked it placed
+    name = queued[0][0]
+    moved = q / f"r{rid}" / "data" / name
+    (Path(remotes[0]) / "data").mkdir(parents=True, exist_ok=True)
+    os.replace(moved, Path(remotes[0]) / "data" / name)
+    # (3) crash after writing a manifest file but before its index row
+    (q / "manifests" / "0000000000000099-deadbeef").write_bytes(b"unsigned junk")
+    v = Vault.open(tmp_path / "home", PW)
+    with v:
+        assert not orphan.exists() and not (q / "tmp" / "partial").exists()
+        assert v.index.one("SELECT state FROM shards WHERE name=?", (name,))[0] == "placed"
+        assert not (q / "manifests" / "0000000000000099-deadbeef").exists()
+        assert v.flush().complete
+        keys = v.keys
+    with_remote_index(keys, remotes[1:], tmp_path, tmp_path / "out")
+    assert tree_digest_of(tmp_path / "out" / "src") == tree_digest_of(src)
+
+
+def test_restore_with_local_state_reads_queue_before_upload(tmp_path):
+    src = tmp_path / "src"
+    write_tree(src, seed=7)
+    v, remotes = make_vault(tmp_path, nremotes=3, k=2, n=3)
+    with v:
+        backup_paths(v, [src])  # nothing uploaded yet
+        source = ShardSource(v.remotes(), v.queue_dir)
+        source.list_all()
+        restore_files(v.keys, v.index.db, source, tmp_path / "out")
+    assert tree_digest_of(tmp_path / "out" / "src") == tree_digest_of(src)
+    assert not any((Path(r) / "data").exists() for r in remotes)
