@@ -12,8 +12,13 @@ Chunk record (stored inside a segment, located by the index):
 The commitment is compared (constant time) before AES-GCM runs, so a record can only ever
 decrypt under the one key that produced it (AES-GCM alone is not key-committing).
 
-Metadata blob (the exported index): the same construction with the metadata key as ikm,
-info "vaultfs/v1/meta" ‖ salt, and associated data "VFS1" ‖ version ‖ suite ‖ vault id ‖ kind.
+Metadata blob (the exported index, manifest bodies): the same construction with the metadata
+key as ikm, info "vaultfs/v1/meta" ‖ kind ‖ salt, and associated data
+"VFS1" ‖ version ‖ suite ‖ vault id ‖ kind (kind is b"index", or b"manifest" ‖ seq(8, BE)).
+
+``salt`` is 16 random bytes per record; the optional ``salt=`` argument of :func:`seal_chunk`
+and :func:`seal_meta` exists only so test vectors are reproducible (never pass it otherwise:
+reusing a salt for the same chunk id or kind reuses the AES-GCM key and nonce).
 """
 
 from __future__ import annotations
@@ -85,9 +90,13 @@ def seal_chunk(
     chunk_id: bytes,
     data: bytes,
     suite: int = SUITE_XWING_AES256GCM,
+    *,
+    salt: bytes | None = None,
 ) -> bytes:
-    """Compress and encrypt one chunk into a self-contained record."""
-    salt = secrets.token_bytes(SALT_LEN)
+    """Compress and encrypt one chunk into a self-contained record (random salt by default)."""
+    salt = secrets.token_bytes(SALT_LEN) if salt is None else salt
+    if len(salt) != SALT_LEN:
+        raise ValueError(f"a record salt is {SALT_LEN} bytes")
     key, nonce, commit = _derive(data_key, vault_id, b"chunk" + chunk_id + salt)
     ct = AESGCM(key).encrypt(nonce, compress(data), _ad(vault_id, suite, chunk_id))
     return salt + commit + ct
@@ -118,8 +127,13 @@ def seal_meta(
     kind: bytes,
     data: bytes,
     suite: int = SUITE_XWING_AES256GCM,
+    *,
+    salt: bytes | None = None,
 ) -> bytes:
-    salt = secrets.token_bytes(SALT_LEN)
+    """Compress and encrypt a metadata blob of the given kind (random salt by default)."""
+    salt = secrets.token_bytes(SALT_LEN) if salt is None else salt
+    if len(salt) != SALT_LEN:
+        raise ValueError(f"a record salt is {SALT_LEN} bytes")
     key, nonce, commit = _derive(metadata_key, vault_id, b"meta" + kind + salt)
     ct = AESGCM(key).encrypt(nonce, compress(data), _ad(vault_id, suite, kind))
     return salt + commit + ct

@@ -18,6 +18,7 @@ code  meaning
 16    no vault here (not initialised) or a vault already exists
 17    the vault is busy (locked by another vaultfs process)
 18    input not found or not readable
+19    a recovery share is mistyped, missing, or from another share set
 ====  ==========================================================================
 """
 
@@ -68,6 +69,12 @@ class VaultBusy(VaultError):
 
 class InputError(VaultError):
     exit_code = 18
+
+
+class ShareError(VaultError):
+    """A Shamir recovery share has a mistyped word, too few shares, or mixes share sets."""
+
+    exit_code = 19
 
 
 EXIT_PARTIAL = 3

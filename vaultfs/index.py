@@ -39,6 +39,24 @@ CREATE TABLE IF NOT EXISTS epochs (
     wrapped   BLOB NOT NULL,         -- data key sealed with HPKE to the vault's KEM key
     created   REAL NOT NULL          -- unix time the epoch began
 );
+-- Crypto suites the vault has used (vaultfs/rotation.py). Settings used with them: suite
+-- (suite id new epochs use), epoch (epoch new writes use), reencrypt_epoch (target epoch of an
+-- unfinished `vaultfs reencrypt`; absent when none runs), slhdsa_public / slhdsa_sealed (the
+-- SLH-DSA-SHA2-128s public key and its secret key sealed under HKDF "sign/slhdsa-seal", hex).
+CREATE TABLE IF NOT EXISTS suites (
+    id        INTEGER PRIMARY KEY,   -- suite id (keys.SUITES)
+    state     TEXT NOT NULL,         -- 'active': readable; 'retired': every read under it is
+                                     -- refused (set only after no data segment uses it)
+    changed   REAL NOT NULL          -- unix time of the last state change
+);
+-- Shard objects on remotes that no segment uses any more (re-encryption replaced them). They
+-- are deleted from their remote only after a manifest that no longer names them is placed.
+CREATE TABLE IF NOT EXISTS garbage (
+    name      TEXT PRIMARY KEY,      -- shard object name (32 hex digits)
+    remote    INTEGER NOT NULL,      -- remote it was placed on (remotes.id)
+    kind      TEXT NOT NULL,         -- 'data' or 'meta': the remote subdirectory
+    seq       INTEGER NOT NULL       -- first manifest seq that no longer names it
+);
 CREATE TABLE IF NOT EXISTS segments (
     id        INTEGER PRIMARY KEY,   -- segment sequence number (orders the vault Merkle root)
     uid       BLOB NOT NULL UNIQUE,  -- 16 random bytes, written in every shard header
@@ -118,6 +136,103 @@ CREATE TABLE IF NOT EXISTS manifest_queue (
     remote    INTEGER NOT NULL,      -- to this remote
     PRIMARY KEY (seq, remote)
 );
+-- Audits and repair (vaultfs/verify.py, vaultfs/repair.py, docs/operations.md).
+CREATE TABLE IF NOT EXISTS audit_tags (
+    name      TEXT PRIMARY KEY,      -- shard object name (shards.name); a row with no shard
+                                     -- is an orphan of a crashed seal (ignored, pruned)
+    piece     INTEGER NOT NULL,      -- challenge granularity in bytes (1024): each 64 KiB
+                                     -- Merkle block is split into pieces of this size
+    tags      BLOB NOT NULL          -- 8-byte keyed tag per piece, block-major: tag(b, j) =
+                                     -- BLAKE3(audit_key; label ‖ leaf(b) ‖ b ‖ j ‖ piece)[:8]
+);
+CREATE TABLE IF NOT EXISTS remote_health (
+    remote    INTEGER PRIMARY KEY REFERENCES remotes(id), -- remote described
+    state     TEXT NOT NULL,         -- 'ok', 'unreachable' (temporary: timeouts, refused,
+                                     -- 429/503; data presumed intact), 'degraded' (lost or
+                                     -- corrupt objects found, not yet repaired), 'stale'
+                                     -- (serves an older manifest: rolled back)
+    since     REAL NOT NULL,         -- unix time the remote entered this state
+    checked   REAL NOT NULL,         -- unix time of the last contact attempt (audit or scan)
+    detail    TEXT                   -- last error or finding summary, NULL when ok
+);
+CREATE TABLE IF NOT EXISTS audit_runs (
+    id        INTEGER PRIMARY KEY,   -- run number
+    remote    INTEGER NOT NULL REFERENCES remotes(id), -- remote audited
+    mode      TEXT NOT NULL,         -- 'confidence', 'sample' or 'read-all'
+    started   REAL NOT NULL,         -- unix time the run was planned
+    finished  REAL,                  -- unix time it completed; NULL = cut off by
+                                     -- --max-duration or an outage (resumed by the next verify)
+    blocks    INTEGER NOT NULL,      -- 64 KiB blocks the remote held when planned
+    planned   INTEGER NOT NULL,      -- challenges drawn (rows in audit_plan at the start)
+    checked   INTEGER NOT NULL DEFAULT 0, -- challenges answered correctly so far
+    failed    INTEGER NOT NULL DEFAULT 0, -- challenges answered wrongly or not at all
+    bytes_read INTEGER NOT NULL DEFAULT 0, -- bytes fetched from the remote by this run
+    confidence REAL                  -- confidence reached that < 1% of blocks are lost
+);
+CREATE TABLE IF NOT EXISTS audit_plan (
+    run       INTEGER NOT NULL REFERENCES audit_runs(id), -- run the challenge belongs to
+    shard     INTEGER NOT NULL,      -- shards.id challenged
+    block     INTEGER NOT NULL,      -- 64 KiB block number in the object; -1 = whole object
+    piece     INTEGER NOT NULL,      -- piece in the block; -1 = the whole block
+    PRIMARY KEY (run, shard, block, piece)
+) WITHOUT ROWID;                     -- a row is deleted once answered: what is left resumes
+CREATE TABLE IF NOT EXISTS audit_findings (
+    shard     INTEGER PRIMARY KEY,   -- shards.id found bad (its state is then 'lost')
+    remote    INTEGER NOT NULL,      -- remote it was found bad on
+    kind      TEXT NOT NULL,         -- 'missing', 'corrupt', 'stale' (another genuine object
+                                     -- of this vault served in its place) or 'removed'
+                                     -- (its remote left the vault)
+    detail    TEXT,                  -- what was seen, for the report
+    found     REAL NOT NULL          -- unix time; the row is deleted when repair rebuilds it
+);
+CREATE TABLE IF NOT EXISTS audit_foreign (
+    remote    INTEGER NOT NULL,      -- remote holding an object the index does not place there
+    sub       TEXT NOT NULL,         -- 'data' or 'meta'
+    name      TEXT NOT NULL,         -- object name; repair deletes it
+    found     REAL NOT NULL,         -- unix time first seen
+    PRIMARY KEY (remote, sub, name)
+);
+-- The live tree: what `vaultfs mount` shows (vaultfs/livetree.py, docs/mount.md). It travels
+-- with the index to the remotes. Settings used: live_next_inode (next inode number to hand
+-- out; inode numbers are never reused), live_block_size (bytes per file block, fixed at the
+-- first mount). Dirty file data lives in <home>/cache/<inode>.<block> files, which override
+-- live_blocks rows after a crash (the next mount re-uploads them).
+CREATE TABLE IF NOT EXISTS live_inodes (
+    id        INTEGER PRIMARY KEY,   -- inode number (1 = root of the mount)
+    mode      INTEGER NOT NULL,      -- st_mode: file type and permission bits
+    uid       INTEGER NOT NULL,      -- owner user id
+    gid       INTEGER NOT NULL,      -- owner group id
+    size      INTEGER NOT NULL,      -- logical size in bytes (symlinks: target length)
+    atime_ns  INTEGER NOT NULL,      -- access time, nanoseconds since the epoch
+    mtime_ns  INTEGER NOT NULL,      -- modification time, nanoseconds since the epoch
+    ctime_ns  INTEGER NOT NULL,      -- status change time, nanoseconds since the epoch
+    nlink     INTEGER NOT NULL,      -- directory entries naming it; 0 = unlinked while still
+                                     -- open (removed at the next mount)
+    rdev      INTEGER NOT NULL DEFAULT 0, -- device number (character/block special files)
+    target    BLOB                   -- symlink target bytes (symlinks only, else NULL)
+);
+CREATE TABLE IF NOT EXISTS live_dirents (
+    parent    INTEGER NOT NULL,      -- directory inode (live_inodes.id)
+    name      BLOB NOT NULL,         -- entry name as bytes (no '/', no NUL)
+    inode     INTEGER NOT NULL,      -- inode the entry names (several rows: hard links)
+    PRIMARY KEY (parent, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS live_xattrs (
+    inode     INTEGER NOT NULL,      -- inode (live_inodes.id)
+    name      BLOB NOT NULL,         -- attribute name, e.g. b'user.comment'
+    value     BLOB NOT NULL,         -- attribute value
+    PRIMARY KEY (inode, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS live_blocks (
+    inode     INTEGER NOT NULL,      -- file inode (live_inodes.id)
+    block     INTEGER NOT NULL,      -- block number b: file bytes [b*bs, (b+1)*bs)
+    chunks    BLOB NOT NULL,         -- stored content: repeated (32-byte chunk id ‖ 4-byte
+                                     -- little-endian plaintext length); every id is in
+                                     -- chunks (written only after its segment is sealed);
+                                     -- content shorter than the block is followed by zeros;
+                                     -- no row = a hole (zeros) unless a cache file exists
+    PRIMARY KEY (inode, block)
+) WITHOUT ROWID;
 """
 
 

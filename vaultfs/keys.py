@@ -4,15 +4,25 @@
       ├─ HKDF "vault-id"          → 16-byte vault id (public; names the vault)
       ├─ HKDF "kem/mlkem768"      → 64-byte ML-KEM-768 seed  ┐ X-Wing (HPKE MLKEM768-X25519)
       ├─ HKDF "kem/x25519"        → 32-byte X25519 key       ┘ key pair that wraps data keys
+      ├─ HKDF "kem/mlkem1024"     → 64-byte ML-KEM-1024 seed (suite 2, HPKE KEM 0x0042)
+      ├─ HKDF "kem/p384-hybrid/mlkem1024" → 64-byte ML-KEM-1024 seed ┐ suite 3, HPKE
+      ├─ HKDF "kem/p384-hybrid/p384"      → 64 bytes → P-384 scalar  ┘ MLKEM1024-P384 (0x0051)
       ├─ HKDF "chunk-id"          → BLAKE3 key for chunk ids (ids never leave the client)
       ├─ HKDF "chunker"           → 64-bit gear seed for content-defined chunking
       ├─ HKDF "metadata"          → AES-256 key for the index and manifest bodies
       ├─ HKDF "sign/mldsa65"      → ML-DSA-65 signing key seed ┐ composite signature on
       ├─ HKDF "sign/ed25519"      → Ed25519 signing key        ┘ manifests and the keyring
+      ├─ HKDF "sign/slhdsa-seal"  → AES-256 key sealing the (random) SLH-DSA secret key
+      ├─ HKDF "keyfile-policy"    → HMAC key authenticating the keyfile's policy (retired suites)
       └─ HKDF "audit"             → key for audit challenges (reserved)
 
-Data keys are random per epoch and stored wrapped with HPKE to the X-Wing public key
-(`keyring`), so the seed alone re-derives everything needed to unwrap them.
+Data keys are random per epoch and stored wrapped with HPKE to the public key of the epoch's
+suite (`keyring`), so the seed alone re-derives everything needed to unwrap them.
+
+SLH-DSA-SHA2-128s (FIPS 205, via `pqcrypto`, which has no seeded key generation) is the one
+key pair that is *not* derived: it is generated once, and its secret key is stored sealed under
+HKDF "sign/slhdsa-seal" in the index and in every manifest body, so seed + any k remotes still
+recover it (vaultfs/rotation.py, docs/keys.md).
 
 HKDF parameters: HKDF-SHA256, salt = b"vaultfs/v1", info = b"vaultfs/v1/" + label.
 """
@@ -20,6 +30,7 @@ HKDF parameters: HKDF-SHA256, salt = b"vaultfs/v1", info = b"vaultfs/v1/" + labe
 from __future__ import annotations
 
 import base64
+import hmac
 import json
 import os
 import secrets
@@ -30,7 +41,7 @@ from pathlib import Path
 import blake3
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, hpke
-from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa, mlkem, x25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa, mlkem, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
@@ -43,12 +54,30 @@ LABEL_PREFIX = b"vaultfs/v1/"
 
 #: Suite 1: X-Wing (HPKE KEM 0x647a, MLKEM768-X25519) + HKDF-SHA256 + AES-256-GCM.
 SUITE_XWING_AES256GCM = 1
-SUITES = {SUITE_XWING_AES256GCM: "MLKEM768-X25519/HKDF-SHA256/AES-256-GCM"}
+#: Suite 2: ML-KEM-1024 (HPKE KEM 0x0042) + HKDF-SHA384 + AES-256-GCM.
+SUITE_MLKEM1024_AES256GCM = 2
+#: Suite 3: MLKEM1024-P384 hybrid (HPKE KEM 0x0051) + HKDF-SHA384 + AES-256-GCM.
+SUITE_MLKEM1024P384_AES256GCM = 3
+SUITES = {
+    SUITE_XWING_AES256GCM: "MLKEM768-X25519/HKDF-SHA256/AES-256-GCM",
+    SUITE_MLKEM1024_AES256GCM: "MLKEM1024/HKDF-SHA384/AES-256-GCM",
+    SUITE_MLKEM1024P384_AES256GCM: "MLKEM1024-P384/HKDF-SHA384/AES-256-GCM",
+}
+#: Names accepted on the command line (`vaultfs reencrypt --suite NAME`).
+SUITE_NAMES = {
+    "xwing": SUITE_XWING_AES256GCM,
+    "mlkem1024": SUITE_MLKEM1024_AES256GCM,
+    "mlkem1024-p384": SUITE_MLKEM1024P384_AES256GCM,
+}
 
 #: Signature algorithm 1: ML-DSA-65 signature (3309 bytes) followed by Ed25519 (64 bytes).
 SIG_MLDSA65_ED25519 = 1
 MLDSA65_SIG_LEN = 3309
 ED25519_SIG_LEN = 64
+#: Signature algorithm 2: algorithm 1's composite followed by SLH-DSA-SHA2-128s (7856 bytes).
+SIG_MLDSA65_ED25519_SLHDSA = 2
+SLHDSA_SIG_LEN = 7856
+SLHDSA_PK_LEN = 32
 
 SCRYPT_N = 2**17
 SCRYPT_R = 8
@@ -60,8 +89,19 @@ def hkdf(ikm: bytes, label: bytes, length: int, salt: bytes = HKDF_SALT) -> byte
     return HKDF(hashes.SHA256(), length, salt, LABEL_PREFIX + label).derive(ikm)
 
 
-def _hpke_suite() -> hpke.Suite:
-    return hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+def _hpke_suite(suite: int = SUITE_XWING_AES256GCM) -> hpke.Suite:
+    if suite == SUITE_XWING_AES256GCM:
+        return hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+    if suite == SUITE_MLKEM1024_AES256GCM:
+        return hpke.Suite(hpke.KEM.MLKEM1024, hpke.KDF.HKDF_SHA384, hpke.AEAD.AES_256_GCM)
+    if suite == SUITE_MLKEM1024P384_AES256GCM:
+        return hpke.Suite(hpke.KEM.MLKEM1024_P384, hpke.KDF.HKDF_SHA384, hpke.AEAD.AES_256_GCM)
+    raise IntegrityError(f"unknown crypto suite id {suite}")
+
+
+def suite_name(suite: int) -> str:
+    """Human-readable name of a suite id (``"suite 9 (unknown)"`` for ids we do not know)."""
+    return f"suite {suite} ({SUITES.get(suite, 'unknown')})"
 
 
 @dataclass
@@ -78,6 +118,12 @@ class VaultKeys:
     mldsa_private: mldsa.MLDSA65PrivateKey
     ed25519_private: ed25519.Ed25519PrivateKey
     data_keys: dict[int, bytes] = field(default_factory=dict)
+    #: SLH-DSA-SHA2-128s key pair (random, stored sealed); None until loaded or generated.
+    slhdsa_public: bytes | None = None
+    slhdsa_secret: bytes | None = None
+    #: suite ids the vault has retired: data, keyrings and manifests under them are refused.
+    retired_suites: set[int] = field(default_factory=set)
+    _kem_keys: dict[int, object] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_seed(cls, seed: bytes) -> VaultKeys:
@@ -140,20 +186,116 @@ class VaultKeys:
             raise IntegrityError("signature does not verify (tampered or foreign)") from None
 
     # -- data keys (keyring) ---------------------------------------------------------------
-    def wrap_data_key(self, epoch: int, data_key: bytes) -> bytes:
-        """HPKE base-mode seal of a data key to the vault's X-Wing public key."""
-        info = b"vaultfs/v1/keyring" + self.vault_id + struct.pack(">I", epoch)
-        return _hpke_suite().encrypt(data_key, self.kem_private.public_key(), info=info)
+    def kem_key(self, suite: int = SUITE_XWING_AES256GCM):
+        """The HPKE private key of ``suite``, derived from the seed (cached)."""
+        if suite == SUITE_XWING_AES256GCM:
+            return self.kem_private
+        key = self._kem_keys.get(suite)
+        if key is not None:
+            return key
+        if suite == SUITE_MLKEM1024_AES256GCM:
+            key = mlkem.MLKEM1024PrivateKey.from_seed_bytes(hkdf(self.seed, b"kem/mlkem1024", 64))
+        elif suite == SUITE_MLKEM1024P384_AES256GCM:
+            curve = ec.SECP384R1()
+            order = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973
+            scalar = int.from_bytes(hkdf(self.seed, b"kem/p384-hybrid/p384", 64), "big")
+            key = hpke.MLKEM1024P384PrivateKey(
+                mlkem.MLKEM1024PrivateKey.from_seed_bytes(
+                    hkdf(self.seed, b"kem/p384-hybrid/mlkem1024", 64)
+                ),
+                ec.derive_private_key(scalar % (order - 1) + 1, curve),
+            )
+        else:
+            raise IntegrityError(f"unknown crypto suite id {suite}")
+        self._kem_keys[suite] = key
+        return key
 
-    def unwrap_data_key(self, epoch: int, wrapped: bytes) -> bytes:
+    def check_suite(self, suite: int) -> None:
+        """Raise IntegrityError for a suite this build does not know or the vault retired."""
+        if suite not in SUITES:
+            raise IntegrityError(f"data under unknown crypto {suite_name(suite)}: upgrade vaultfs")
+        if suite in self.retired_suites:
+            raise IntegrityError(
+                f"refusing data under retired {suite_name(suite)}: this vault was re-encrypted "
+                "and retired that suite (a stale or rolled-back copy is being served)"
+            )
+
+    def wrap_data_key(
+        self, epoch: int, data_key: bytes, suite: int = SUITE_XWING_AES256GCM
+    ) -> bytes:
+        """HPKE base-mode seal of a data key to the public key of ``suite``.
+
+        info = "vaultfs/v1/keyring" ‖ vault id ‖ epoch(4, BE); HPKE binds the suite itself.
+        """
+        info = b"vaultfs/v1/keyring" + self.vault_id + struct.pack(">I", epoch)
+        return _hpke_suite(suite).encrypt(data_key, self.kem_key(suite).public_key(), info=info)
+
+    def unwrap_data_key(
+        self, epoch: int, wrapped: bytes, suite: int = SUITE_XWING_AES256GCM
+    ) -> bytes:
+        self.check_suite(suite)
         info = b"vaultfs/v1/keyring" + self.vault_id + struct.pack(">I", epoch)
         try:
-            return _hpke_suite().decrypt(wrapped, self.kem_private, info=info)
+            return _hpke_suite(suite).decrypt(wrapped, self.kem_key(suite), info=info)
         except Exception:
             raise WrongKey(f"cannot unwrap data key of epoch {epoch}: wrong key") from None
 
+    # -- SLH-DSA (hash-based second signature) -----------------------------------------------
+    def generate_slhdsa(self) -> None:
+        """Create the vault's SLH-DSA-SHA2-128s key pair (random: pqcrypto has no seeded keygen)."""
+        from pqcrypto.sign import slh_dsa_sha2_128s
+
+        self.slhdsa_public, self.slhdsa_secret = slh_dsa_sha2_128s.keygen()
+
+    def _slhdsa_ad(self, public: bytes) -> bytes:
+        return b"vaultfs/v1/slhdsa" + self.vault_id + public
+
+    def seal_slhdsa_secret(self) -> bytes:
+        """nonce(12) ‖ AES-256-GCM(HKDF "sign/slhdsa-seal", secret key), AD binds the public key."""
+        if self.slhdsa_public is None or self.slhdsa_secret is None:
+            raise InputError("this vault has no SLH-DSA key yet: run `vaultfs keys init`")
+        nonce = secrets.token_bytes(12)
+        key = hkdf(self.seed, b"sign/slhdsa-seal", 32)
+        return nonce + AESGCM(key).encrypt(
+            nonce, self.slhdsa_secret, self._slhdsa_ad(self.slhdsa_public)
+        )
+
+    def load_slhdsa(self, public: bytes, sealed: bytes) -> None:
+        """Unseal the SLH-DSA secret key; raises WrongKey if it was sealed by another seed."""
+        key = hkdf(self.seed, b"sign/slhdsa-seal", 32)
+        try:
+            secret = AESGCM(key).decrypt(sealed[:12], sealed[12:], self._slhdsa_ad(public))
+        except InvalidTag:
+            raise WrongKey("the stored SLH-DSA key was not sealed by this vault's seed") from None
+        self.slhdsa_public, self.slhdsa_secret = public, secret
+
+    def sign_slhdsa(self, message: bytes) -> bytes:
+        from pqcrypto.sign import slh_dsa_sha2_128s
+
+        if self.slhdsa_secret is None:
+            raise InputError("this vault has no SLH-DSA key yet: run `vaultfs keys init`")
+        return slh_dsa_sha2_128s.sign(self.slhdsa_secret, message)
+
+    def policy_mac(self, policy: dict) -> str:
+        """HMAC-SHA256 (key HKDF "keyfile-policy") over the canonical JSON of a keyfile policy."""
+        raw = json.dumps(policy, separators=(",", ":"), sort_keys=True).encode()
+        return hmac.new(hkdf(self.seed, b"keyfile-policy", 32), raw, "sha256").hexdigest()
+
     def new_epoch_key(self) -> bytes:
         return secrets.token_bytes(32)
+
+
+def verify_slhdsa(public: bytes, message: bytes, signature: bytes) -> None:
+    """Raise IntegrityError unless ``signature`` is a valid SLH-DSA-SHA2-128s signature."""
+    from pqcrypto import InvalidSignatureError
+    from pqcrypto.sign import slh_dsa_sha2_128s
+
+    if len(public) != SLHDSA_PK_LEN or len(signature) != SLHDSA_SIG_LEN:
+        raise IntegrityError("SLH-DSA key or signature has the wrong length")
+    try:
+        slh_dsa_sha2_128s.verify(public, message, signature)
+    except (InvalidSignatureError, ValueError):
+        raise IntegrityError("SLH-DSA signature does not verify (tampered or foreign)") from None
 
 
 def new_seed() -> bytes:
@@ -183,8 +325,18 @@ def write_keyfile(path: Path, keys: VaultKeys, passphrase: str) -> None:
         "nonce": base64.b64encode(nonce).decode(),
         "sealed_seed": base64.b64encode(AESGCM(kek).encrypt(nonce, keys.seed, ad)).decode(),
     }
-    tmp = path.with_suffix(".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    doc.update(_policy_fields(keys))
+    _write_json_atomic(path, doc)
+
+
+def _policy_fields(keys: VaultKeys) -> dict:
+    policy = {"retired_suites": sorted(keys.retired_suites)}
+    return {"policy": policy, "policy_mac": keys.policy_mac(policy)}
+
+
+def _write_json_atomic(path: Path, doc: dict) -> None:
+    tmp = Path(path).with_suffix(".tmp")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(doc, f, indent=2)
@@ -217,7 +369,26 @@ def read_keyfile(path: Path, passphrase: str) -> VaultKeys:
     keys = VaultKeys.from_seed(seed)
     if keys.vault_id != vault_id:
         raise WrongKey(f"keyfile {path} is damaged: its seed does not match its vault id")
+    policy = doc.get("policy")
+    if policy is not None:
+        if not hmac.compare_digest(str(doc.get("policy_mac", "")), keys.policy_mac(policy)):
+            raise IntegrityError(f"keyfile {path}: its policy section was altered")
+        keys.retired_suites = {int(s) for s in policy.get("retired_suites", [])}
     return keys
+
+
+def update_keyfile_policy(path: Path, keys: VaultKeys) -> None:
+    """Rewrite only the keyfile's authenticated policy (retired suites); no passphrase needed."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return
+    except ValueError:
+        raise InputError(f"{path} is not a vaultfs keyfile") from None
+    if doc.get("vault_id") != keys.vault_id.hex():
+        raise WrongKey(f"keyfile {path} belongs to another vault")
+    doc.update(_policy_fields(keys))
+    _write_json_atomic(Path(path), doc)
 
 
 def parse_seed(text: str) -> bytes:

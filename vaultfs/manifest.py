@@ -4,14 +4,24 @@ offset size   field
 0      4      magic "VFSM"
 4      1      format version (1)
 5      2      suite id (big-endian)
-7      1      signature algorithm id (1 = ML-DSA-65 ‖ Ed25519)
+7      1      signature algorithm id (1 = ML-DSA-65 ‖ Ed25519;
+                                      2 = ML-DSA-65 ‖ Ed25519 ‖ SLH-DSA-SHA2-128s)
 8      16     vault id
 24     8      sequence number (big-endian, strictly increasing per commit)
 32     8      creation time, milliseconds since the Unix epoch
 40     4      body length L
 44     L      body: metadata envelope (envelope.seal_meta, kind "manifest" ‖ seq) of JSON
 44+L   2      signature length S
-46+L   S      composite signature over "vaultfs/v1/manifest" ‖ bytes [0, 44+L)
+46+L   S      signature over "vaultfs/v1/manifest" ‖ bytes [0, 44+L): algorithm 1 is the
+              composite ML-DSA-65 (3309) ‖ Ed25519 (64); algorithm 2 appends SLH-DSA-SHA2-128s
+              (7856) over the same message, its public key named in the body ("slhdsa_public")
+
+The suite id is the vault's current crypto suite when the manifest was written; it is bound
+into the body's AEAD associated data, and a reader that knows a suite was retired refuses
+manifests under it (a stale pre-re-encryption state). With algorithm 2 the composite is checked
+first, then the body is opened, then SLH-DSA is checked against the pinned public key (the
+caller's ``keys.slhdsa_public``) or, with no pinned key (a seed-only restore), the one the
+authenticated body names. A reader with a pinned key refuses algorithm 1 (a downgrade).
 """
 
 from __future__ import annotations
@@ -22,7 +32,15 @@ from dataclasses import dataclass
 
 from . import envelope
 from .errors import IntegrityError
-from .keys import SIG_MLDSA65_ED25519, SUITE_XWING_AES256GCM, VaultKeys
+from .keys import (
+    ED25519_SIG_LEN,
+    MLDSA65_SIG_LEN,
+    SIG_MLDSA65_ED25519,
+    SIG_MLDSA65_ED25519_SLHDSA,
+    SUITE_XWING_AES256GCM,
+    VaultKeys,
+    verify_slhdsa,
+)
 
 MAGIC = b"VFSM"
 VERSION = 1
@@ -36,6 +54,8 @@ class Manifest:
     seq: int
     created_ms: int
     body: dict
+    suite: int = SUITE_XWING_AES256GCM
+    sig_alg: int = SIG_MLDSA65_ED25519
 
 
 def object_name(seq: int, rnd: str) -> str:
@@ -51,15 +71,23 @@ def _kind(seq: int) -> bytes:
     return b"manifest" + struct.pack(">Q", seq)
 
 
-def encode(keys: VaultKeys, seq: int, created_ms: int, body: dict) -> bytes:
+def encode(
+    keys: VaultKeys, seq: int, created_ms: int, body: dict, suite: int = SUITE_XWING_AES256GCM
+) -> bytes:
+    """Seal and sign a manifest; signature algorithm 2 when the keys hold an SLH-DSA key."""
+    sig_alg = SIG_MLDSA65_ED25519
+    if keys.slhdsa_secret is not None and keys.slhdsa_public is not None:
+        sig_alg = SIG_MLDSA65_ED25519_SLHDSA
+        body = {**body, "slhdsa_public": keys.slhdsa_public.hex()}
     raw = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
-    sealed = envelope.seal_meta(keys.metadata_key, keys.vault_id, _kind(seq), raw)
+    sealed = envelope.seal_meta(keys.metadata_key, keys.vault_id, _kind(seq), raw, suite)
     head = HEAD.pack(
-        MAGIC, VERSION, SUITE_XWING_AES256GCM, SIG_MLDSA65_ED25519, keys.vault_id, seq,
-        created_ms, len(sealed),
+        MAGIC, VERSION, suite, sig_alg, keys.vault_id, seq, created_ms, len(sealed),
     )  # fmt: skip
     signed = head + sealed
     sig = keys.sign(SIGN_LABEL + signed)
+    if sig_alg == SIG_MLDSA65_ED25519_SLHDSA:
+        sig += keys.sign_slhdsa(SIGN_LABEL + signed)
     return signed + struct.pack(">H", len(sig)) + sig
 
 
@@ -70,8 +98,12 @@ def decode(keys: VaultKeys, blob: bytes) -> Manifest:
     magic, ver, suite, sig_alg, vid, seq, created, blen = HEAD.unpack_from(blob)
     if magic != MAGIC or ver != VERSION:
         raise IntegrityError("not a vaultfs manifest (bad magic or version)")
-    if sig_alg != SIG_MLDSA65_ED25519:
+    if sig_alg not in (SIG_MLDSA65_ED25519, SIG_MLDSA65_ED25519_SLHDSA):
         raise IntegrityError(f"manifest uses unknown signature algorithm {sig_alg}")
+    if sig_alg == SIG_MLDSA65_ED25519 and keys.slhdsa_public is not None:
+        raise IntegrityError(
+            "manifest lacks the SLH-DSA signature this vault requires (downgrade refused)"
+        )
     if vid != keys.vault_id:
         raise IntegrityError("manifest belongs to another vault (vault id differs)")
     end = HEAD.size + blen
@@ -81,8 +113,16 @@ def decode(keys: VaultKeys, blob: bytes) -> Manifest:
     sig = blob[end + 2 : end + 2 + slen]
     if len(blob) != end + 2 + slen:
         raise IntegrityError("manifest has trailing or missing bytes")
-    keys.verify(SIGN_LABEL + blob[:end], sig)
+    composite_len = len(sig) if sig_alg == SIG_MLDSA65_ED25519 else MLDSA65_SIG_LEN + ED25519_SIG_LEN
+    keys.verify(SIGN_LABEL + blob[:end], sig[:composite_len])
+    keys.check_suite(suite)
     raw = envelope.open_meta(
         keys.metadata_key, keys.vault_id, _kind(seq), blob[HEAD.size : end], suite
     )
-    return Manifest(seq, created, json.loads(raw))
+    body = json.loads(raw)
+    if sig_alg == SIG_MLDSA65_ED25519_SLHDSA:
+        named = bytes.fromhex(str(body.get("slhdsa_public", "")))
+        if keys.slhdsa_public is not None and named != keys.slhdsa_public:
+            raise IntegrityError("manifest names a different SLH-DSA key than the vault's")
+        verify_slhdsa(keys.slhdsa_public or named, SIGN_LABEL + blob[:end], sig[composite_len:])
+    return Manifest(seq, created, body, suite, sig_alg)

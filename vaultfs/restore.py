@@ -255,14 +255,12 @@ def fetch_index(keys: VaultKeys, m: manifest.Manifest, src: ShardSource, dest: P
             k, n = seg["k"], seg["n"]
             shards = [(s["idx"], s["name"], bytes.fromhex(s["hash"])) for s in seg["shards"]]
             got = src.fetch([("meta", nm) for nm in _choose(shards, src, k)], Path(tmp))
-            data = _decode_verified(
-                src, "meta", shards, k, n, m.body["segment_size"], got, warnings
-            )
+            data = _decode_verified(src, "meta", shards, k, n, seg["size"], got, warnings)
             pieces.append(data[: seg["used"]])
     blob = b"".join(pieces)
     if len(blob) != body["length"]:
         raise IntegrityError("index blob length does not match the manifest")
-    raw = envelope.open_meta(keys.metadata_key, keys.vault_id, b"index", blob)
+    raw = envelope.open_meta(keys.metadata_key, keys.vault_id, b"index", blob, m.suite)
     dest.write_bytes(raw)
 
 
@@ -424,11 +422,23 @@ def restore_files(
         sid: (size, k, n, epoch)
         for sid, size, k, n, epoch in db.execute("SELECT id, size, k, n, epoch FROM segments")
     }
+    try:  # suites the index itself records as retired (indexes older than re-encryption: none)
+        keys.retired_suites |= {
+            sid for (sid,) in db.execute("SELECT id FROM suites WHERE state='retired'")
+        }
+    except sqlite3.OperationalError:
+        pass
+    epoch_suites = dict(db.execute("SELECT epoch, suite FROM epochs").fetchall())
+    for sid in plan:  # refuse before writing any byte: data under a retired or unknown suite
+        keys.check_suite(epoch_suites.get(seg_rows[sid][3], 0))
     shard_rows: dict[int, list[tuple[int, str, bytes]]] = defaultdict(list)
     for sid, idx, name, h in db.execute("SELECT segment, idx, name, hash FROM shards ORDER BY idx"):
         shard_rows[sid].append((idx, name, h))
+    used_epochs = {seg_rows[sid][3] for sid in plan}
     data_keys = {
-        e: keys.unwrap_data_key(e, w) for e, w in db.execute("SELECT epoch, wrapped FROM epochs")
+        e: keys.unwrap_data_key(e, w, s)
+        for e, s, w in db.execute("SELECT epoch, suite, wrapped FROM epochs")
+        if e in used_epochs
     }
 
     warnings: list[str] = []
@@ -450,7 +460,9 @@ def restore_files(
 
     def open_one(item: tuple[bytes, int, int, str, int, int], seg: bytes, epoch: int) -> tuple:
         cid, off, ln, target, pos, plain = item
-        data = envelope.open_chunk(data_keys[epoch], keys.vault_id, cid, seg[off : off + ln])
+        data = envelope.open_chunk(
+            data_keys[epoch], keys.vault_id, cid, seg[off : off + ln], epoch_suites[epoch]
+        )
         if len(data) != plain or blake3.blake3(data, key=keys.chunk_id_key).digest() != cid:
             raise IntegrityError("a restored chunk does not match its id (wrong data)")
         return target, pos, data
@@ -526,6 +538,10 @@ def open_remote_index(
     """Disaster path: find the newest manifest, fetch and check the index it names."""
     src = ShardSource(remotes)
     m, warnings = find_manifest(keys, src, min_seq)
+    # the newest signed manifest says which suites the vault retired and names its SLH-DSA key
+    keys.retired_suites |= {int(s) for s in m.body.get("retired_suites", [])}
+    if keys.slhdsa_public is None and m.body.get("slhdsa_public"):
+        keys.slhdsa_public = bytes.fromhex(m.body["slhdsa_public"])
     src.list_all()
     reachable = [r for r in src.reports.values() if r.reachable]
     if not reachable:

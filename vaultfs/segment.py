@@ -1,4 +1,4 @@
-"""Segments (fixed-size, zero-padded containers of chunk records) and shard objects.
+"""Segments (zero-padded containers of chunk records, in a few fixed sizes) and shard objects.
 
 Shard object = 36-byte header ‖ liberasurecode fragment (docs/format.md, "Shard object"):
 
@@ -123,5 +123,25 @@ class SegmentBuilder:
         self.buf += record
         return off
 
+    def padded_size(self) -> int:
+        """The size this segment is padded to when sealed now (see :func:`size_class`)."""
+        return size_class(len(self.buf), self.size)
+
     def padded(self) -> bytes:
-        return bytes(self.buf) + bytes(self.size - len(self.buf))
+        return bytes(self.buf) + bytes(self.padded_size() - len(self.buf))
+
+
+#: Smallest padded segment: a commit of a few bytes costs at most this much (times n/k).
+MIN_SEGMENT = 256 * 1024
+
+
+def size_class(used: int, full: int) -> int:
+    """Pad to the full segment size, or — for a partly filled segment sealed at a commit — to
+    the next power of two >= MIN_SEGMENT. Remotes then see a handful of object sizes, which
+    reveal at most the order of magnitude of a small commit (docs/threat-model.md)."""
+    if used >= full:
+        return full
+    size = MIN_SEGMENT
+    while size < used:
+        size *= 2
+    return min(size, full)

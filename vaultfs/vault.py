@@ -36,7 +36,14 @@ from typing import BinaryIO
 
 from . import envelope, manifest, merkle, segment
 from .chunker import Chunker
-from .errors import DiskFull, IntegrityError, NotEnoughRemotes, NoVault, VaultBusy
+from .errors import (
+    DiskFull,
+    InputError,
+    IntegrityError,
+    NotEnoughRemotes,
+    NoVault,
+    VaultBusy,
+)
 from .index import Index
 from .keys import SUITE_XWING_AES256GCM, VaultKeys, read_keyfile, write_keyfile
 from .remotes import Remote, RemoteError
@@ -217,6 +224,7 @@ class Vault:
         home.mkdir(parents=True, exist_ok=True)
         lock = cls._take_lock(home)
         keys = VaultKeys.from_seed(seed or new_seed())
+        keys.generate_slhdsa()  # hash-based second signature (docs/keys.md)
         write_keyfile(p["keyfile"], keys, passphrase)
         index = Index(p["index"])
         data_key = keys.new_epoch_key()
@@ -230,6 +238,8 @@ class Vault:
                 "suite": SUITE_XWING_AES256GCM,
                 "epoch": 0,
                 "created": time.time(),
+                "slhdsa_public": keys.slhdsa_public.hex(),
+                "slhdsa_sealed": keys.seal_slhdsa_secret().hex(),
             }.items():
                 db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, str(value)))
             for pos, spec in enumerate(remote_specs):
@@ -284,9 +294,29 @@ class Vault:
         self.close()
 
     def _load_data_keys(self) -> None:
-        for epoch, wrapped in self.index.q("SELECT epoch, wrapped FROM epochs"):
-            self.keys.data_keys[epoch] = self.keys.unwrap_data_key(epoch, wrapped)
+        """Load key material from the index: SLH-DSA key, retired suites, epoch data keys.
+
+        Epochs under a retired suite get no data key, so nothing under them can be read.
+        """
+        pub, sealed = self.index.get("slhdsa_public"), self.index.get("slhdsa_sealed")
+        if pub and sealed:
+            self.keys.load_slhdsa(bytes.fromhex(pub), bytes.fromhex(sealed))
+        self.keys.retired_suites |= {
+            sid for (sid,) in self.index.q("SELECT id FROM suites WHERE state='retired'")
+        }
+        self.epoch_suites: dict[int, int] = {}
+        for epoch, suite, wrapped in self.index.q("SELECT epoch, suite, wrapped FROM epochs"):
+            self.epoch_suites[epoch] = suite
+            if suite not in self.keys.retired_suites:
+                self.keys.data_keys[epoch] = self.keys.unwrap_data_key(epoch, wrapped, suite)
         self.epoch = int(self.index.get("epoch") or 0)
+        self.suite = int(self.index.get("suite") or SUITE_XWING_AES256GCM)
+
+    def reload_keys(self) -> None:
+        """Re-read key epochs and suites after a rotation or re-encryption step."""
+        with self._write_lock:
+            self.keys.data_keys.clear()
+            self._load_data_keys()
 
     @property
     def queue_dir(self) -> Path:
@@ -392,9 +422,12 @@ class Vault:
                 return cids
             data_key = self.keys.data_keys[self.epoch]
             vid = self.keys.vault_id
+            suite = self.epoch_suites[self.epoch]
             items = list(new.items())
             records = self.pool.map(
-                lambda it: envelope.seal_chunk(data_key, vid, it[0], it[1]), items, chunksize=16
+                lambda it: envelope.seal_chunk(data_key, vid, it[0], it[1], suite),
+                items,
+                chunksize=16,
             )
             for (cid, data), rec in zip(items, records, strict=True):
                 if not self._open.fits(len(rec)):
@@ -480,7 +513,7 @@ class Vault:
                 (
                     seg_id,
                     uid,
-                    builder.size,
+                    builder.padded_size(),
                     builder.used,
                     self.k,
                     self.n,
@@ -589,16 +622,20 @@ class Vault:
     def _ship_index(self, seq: int, root: bytes) -> None:
         """Export, encrypt and erasure-code the index; queue a signed manifest naming it."""
         blob = envelope.seal_meta(
-            self.keys.metadata_key, self.keys.vault_id, b"index", self.index.export_bytes()
+            self.keys.metadata_key,
+            self.keys.vault_id,
+            b"index",
+            self.index.export_bytes(),
+            self.suite,
         )
         segs = []
         for off in range(0, len(blob), self.segment_size):
             piece = blob[off : off + self.segment_size]
-            padded = piece + bytes(self.segment_size - len(piece))
+            padded = piece + bytes(segment.size_class(len(piece), self.segment_size) - len(piece))
             seg_id = self._next_segment_id()
             uid = secrets.token_bytes(16)
             rows, seg_root = self._write_shards(seg_id, uid, segment.KIND_META, padded)
-            segs.append((seg_id, uid, len(piece), rows, seg_root))
+            segs.append((seg_id, uid, len(piece), rows, seg_root, len(padded)))
         keyring = [
             {"epoch": e, "suite": s, "wrapped": w.hex()}
             for e, s, w in self.index.q("SELECT epoch, suite, wrapped FROM epochs ORDER BY epoch")
@@ -615,6 +652,7 @@ class Vault:
                     {
                         "uid": uid.hex(),
                         "used": used,
+                        "size": size,
                         "k": self.k,
                         "n": self.n,
                         "ec_alg": 1,
@@ -623,24 +661,27 @@ class Vault:
                             for r in rows
                         ],
                     }
-                    for _sid, uid, used, rows, _root in segs
+                    for _sid, uid, used, rows, _root, size in segs
                 ],
             },
         }
         created_ms = int(time.time() * 1000)
-        blob_m = manifest.encode(self.keys, seq, created_ms, body)
+        if self.keys.slhdsa_public is not None:
+            body["slhdsa_sealed"] = self.index.get("slhdsa_sealed")
+        body["retired_suites"] = sorted(self.keys.retired_suites)
+        blob_m = manifest.encode(self.keys, seq, created_ms, body, self.suite)
         name = manifest.object_name(seq, secrets.token_hex(4))
         _write_durable(self.queue_dir / "manifests" / name, blob_m)
         _fsync_dir(self.queue_dir / "manifests")
         with self.index.tx() as db:
-            for seg_id, uid, used, rows, seg_root in segs:
+            for seg_id, uid, used, rows, seg_root, size in segs:
                 db.execute(
                     "INSERT INTO segments(id, uid, kind, size, used, k, n, ec_alg, epoch, root,"
                     " manifest, created) VALUES (?, ?, 'meta', ?, ?, ?, ?, 1, ?, ?, ?, ?)",
                     (
                         seg_id,
                         uid,
-                        self.segment_size,
+                        size,
                         used,
                         self.k,
                         self.n,
@@ -660,10 +701,49 @@ class Vault:
                 "INSERT INTO manifest_queue VALUES (?, ?)", [(seq, r.rid) for r in self.remotes()]
             )
 
+    def ship_index(self) -> int:
+        """Export and sign the index as a new manifest without recording a snapshot (after a
+        snapshot deletion, or to publish the mount's live tree). Returns the manifest seq;
+        durable locally when this returns, placed by :meth:`flush`."""
+        with self._write_lock:
+            self.seal()
+            with self.index.tx() as db:
+                seq = (db.execute("SELECT max(seq) FROM manifests").fetchone()[0] or 0) + 1
+                root = self._vault_root(db)
+            self._ship_index(seq, root)
+            return seq
+
+    def delete_snapshot(self, uid: str) -> int:
+        """Forget snapshot ``uid`` (its entries) and ship the index; returns the manifest seq.
+
+        Chunks are never freed here: other snapshots and the mount's live tree may use them.
+        Raises InputError when no snapshot has that id.
+        """
+        with self._write_lock:
+            with self.index.tx() as db:
+                row = db.execute("SELECT id FROM snapshots WHERE uid=?", (uid,)).fetchone()
+                if row is None:
+                    raise InputError(f"no snapshot with id {uid!r}: see `vaultfs snapshots`")
+                db.execute(
+                    "DELETE FROM entry_chunks WHERE entry IN"
+                    " (SELECT id FROM entries WHERE snapshot=?)",
+                    row,
+                )
+                db.execute("DELETE FROM entries WHERE snapshot=?", row)
+                db.execute("DELETE FROM snapshots WHERE id=?", row)
+            return self.ship_index()
+
     # -- upload queue ----------------------------------------------------------------------
-    def flush(self, progress: Callable[[str], None] | None = None) -> FlushReport:
-        """Upload everything queued. Never raises for an unreachable remote: it reports."""
-        self.seal()
+    def flush(
+        self, progress: Callable[[str], None] | None = None, seal: bool = True
+    ) -> FlushReport:
+        """Upload everything queued. Never raises for an unreachable remote: it reports.
+
+        ``seal=False`` pushes only what is already sealed, so a caller that flushes often
+        (the mount's background pusher) does not pad the open segment on every pass.
+        """
+        if seal:
+            self.seal()
         report = FlushReport()
         remotes = self.remotes()
         ok: dict[int, bool] = {}
@@ -868,7 +948,11 @@ class Vault:
                 off, ln, _pl = pending
                 rec = bytes(self._open.buf[off : off + ln])
                 return envelope.open_chunk(
-                    self.keys.data_keys[self.epoch], self.keys.vault_id, cid, rec
+                    self.keys.data_keys[self.epoch],
+                    self.keys.vault_id,
+                    cid,
+                    rec,
+                    self.epoch_suites[self.epoch],
                 )
         row = self.index.one(
             "SELECT c.segment, c.offset, c.length, g.epoch FROM chunks c JOIN segments g"
@@ -878,9 +962,11 @@ class Vault:
         if row is None:
             raise IntegrityError("chunk not in the index")
         seg, off, ln, epoch = row
+        suite = self.epoch_suites.get(epoch, 0)
+        self.keys.check_suite(suite)  # refuses retired and unknown suites
         data = self.segment_bytes(seg)
         return envelope.open_chunk(
-            self.keys.data_keys[epoch], self.keys.vault_id, cid, data[off : off + ln]
+            self.keys.data_keys[epoch], self.keys.vault_id, cid, data[off : off + ln], suite
         )
 
     def iter_file(self, entry_id: int) -> Iterator[bytes]:

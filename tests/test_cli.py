@@ -1,0 +1,173 @@
+"""The command line as a user meets it: the main job, bad input, exit codes (errors.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import PASSPHRASE, run_cli, tree_digest
+
+
+def init_vault(tmp_path: Path, n_remotes: int = 5, *extra: str) -> tuple[Path, list[str]]:
+    home = tmp_path / "home"
+    remotes = [str(tmp_path / f"remote{i}") for i in range(n_remotes)]
+    args = ["init", "--segment-mib", "1", *extra]
+    for r in remotes:
+        args += ["--remote", r]
+    run_cli(*args, home=home)
+    return home, remotes
+
+
+def test_pg_dump_stdin_backup_and_disaster_restore(tmp_path, pg_server):
+    """The main job: pg_dump | vaultfs backup --stdin; lose 2 remotes and all local state."""
+    pg_server.make_kb(1500, seed=11, dbname="kb_cli")
+    source = pg_server.table_checksums("kb_cli")
+    home, remotes = init_vault(tmp_path)
+    dump = subprocess.run(
+        [str(Path(pg_server.bin_dir) / "pg_dump"), "-Fp", pg_server.dsn_for("kb_cli")],
+        capture_output=True,
+        check=True,
+    ).stdout
+    out = run_cli(
+        "backup", "--stdin", "--stdin-filename", "dumps/kb.sql", "--json", home=home, input=dump
+    )
+    info = json.loads(out.stdout)
+    assert info["complete"] and info["bytes"] == len(dump) and info["survives_losses_now"] == 2
+    snaps = json.loads(run_cli("snapshots", "--json", home=home).stdout)
+    assert [s["id"] for s in snaps] == [info["snapshot"]]
+    listing = json.loads(run_cli("ls", "latest", "--json", home=home).stdout)
+    assert {e["path"]: e["size"] for e in listing}["dumps/kb.sql"] == len(dump)
+
+    keyfile = tmp_path / "usb-stick" / "key.json"
+    keyfile.parent.mkdir()
+    shutil.copy(home / "key.json", keyfile)
+    shutil.rmtree(home)
+    shutil.rmtree(remotes[1])
+    shutil.rmtree(remotes[3])
+    empty_home = tmp_path / "new-machine"
+    run_cli(
+        "restore", "--from", remotes[0], "--from", remotes[2], "--from", remotes[4],
+        "--to", str(tmp_path / "restored"), "--keyfile", str(keyfile), home=empty_home,
+    )  # fmt: skip
+    restored = (tmp_path / "restored" / "dumps" / "kb.sql").read_bytes()
+    assert restored == dump
+    pg_server.create_database("kb_restored")
+    pg_server.psql_file("kb_restored", tmp_path / "restored" / "dumps" / "kb.sql")
+    assert pg_server.table_checksums("kb_restored") == source
+
+
+def test_paths_backup_include_and_second_snapshot(tmp_path):
+    home, remotes = init_vault(tmp_path, 3, "-k", "2", "-n", "3")
+    src = tmp_path / "data"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "b" / "one.txt").write_text("one\n" * 1000)
+    (src / "two.bin").write_bytes(os.urandom(200_000))
+    first = json.loads(run_cli("backup", str(src), "--json", home=home).stdout)["snapshot"]
+    (src / "two.bin").write_bytes(b"changed")
+    run_cli("backup", str(src), "--name", "after-change", home=home)
+    run_cli(
+        "restore", "--from", remotes[0], "--from", remotes[2], "--snapshot", first,
+        "--include", "data/two.bin", "--to", str(tmp_path / "out"), home=home,
+    )  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "out" / "data").iterdir()) == ["two.bin"]
+    assert len((tmp_path / "out" / "data" / "two.bin").read_bytes()) == 200_000
+    run_cli("restore", "--snapshot", "after-change", "--to", str(tmp_path / "o2"), home=home)
+    assert tree_digest(tmp_path / "o2" / "data") == tree_digest(src)
+    st = json.loads(run_cli("status", "--json", home=home).stdout)
+    assert st["snapshots"] == 2 and st["k"] == 2 and st["n"] == 3
+
+
+def test_fewer_remotes_than_shards_is_honest(tmp_path):
+    home, _ = init_vault(tmp_path, 2)  # 3-of-5 over two remotes: 3 + 2 shards per segment
+    st = json.loads(run_cli("status", "--json", home=home).stdout)
+    assert st["survives_losses_design"] == 0
+    out = run_cli("init", "--remote", str(tmp_path / "x"), home=tmp_path / "h2")
+    assert "losing any one loses data" in out.stderr.decode()
+
+
+def test_bad_input_gets_clear_errors_and_exit_codes(tmp_path):
+    home, remotes = init_vault(tmp_path, 3, "-k", "2", "-n", "3")
+    src = tmp_path / "f.txt"
+    src.write_text("hello\n")
+    run_cli("backup", str(src), home=home)
+
+    def fails(code: int, needle: str, *args: str, **kw) -> None:
+        proc = run_cli(*args, home=kw.pop("h", home), check=code, **kw)
+        msg = proc.stderr.decode()
+        assert needle in msg, msg
+        assert "Traceback" not in msg
+
+    fails(10, "wrong passphrase", "status", passphrase="nope")
+    fails(16, "already exists", "init", "--remote", str(tmp_path / "other"))
+    fails(16, "no vault", "status", h=tmp_path / "nowhere")
+    fails(18, "no such file", "backup", str(tmp_path / "missing"))
+    fails(18, "not both or neither", "backup")
+    fails(14, "rejected remote", "init", "--remote", "nosuchremote:bucket", h=tmp_path / "h3")
+    fails(18, "unknown profile", "init", "--remote", "/x", "--profile", "huge", h=tmp_path / "h4")
+    fails(18, "need 1 <= k < n", "init", "--remote", "/x", "-k", "5", "-n", "3", h=tmp_path / "h5")
+    fails(18, "invalid path", "backup", "--stdin", "--stdin-filename", "../up.sql", input=b"x")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    fails(13, "not empty", "restore", "--to", str(tmp_path / "busy"))
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+    fails(11, "need 2", "restore", "--from", remotes[0], "--to", str(tmp_path / "o"))
+    fails(18, "not found", "restore", "--snapshot", "nope", "--to", str(tmp_path / "o2"))
+    other = tmp_path / "not-a-vault"
+    other.mkdir()
+    fails(11, "no manifest", "restore", "--from", str(other), "--to", str(tmp_path / "o3"))
+    bad_seed = _write(tmp_path / "seed.txt", "abc")
+    fails(18, "64 hexadecimal", "restore", "--from", remotes[0], "--to", str(tmp_path / "o4"),
+          "--seed-file", str(bad_seed))  # fmt: skip
+    wrong_seed = _write(tmp_path / "seed2.txt", "11" * 32)
+    fails(12, "signed manifest", "restore", "--from", remotes[0], "--from", remotes[1],
+          "--to", str(tmp_path / "o5"), "--seed-file", str(wrong_seed))  # fmt: skip
+
+
+def _write(p: Path, text: str) -> Path:
+    p.write_text(text)
+    return p
+
+
+def test_seed_file_restores_without_keyfile(tmp_path):
+    from vaultfs.keys import read_keyfile
+
+    home, remotes = init_vault(tmp_path, 3, "-k", "2", "-n", "3")
+    (tmp_path / "doc.txt").write_text("a belief worth keeping\n" * 100)
+    run_cli("backup", str(tmp_path / "doc.txt"), home=home)
+    seed = read_keyfile(home / "key.json", PASSPHRASE).seed
+    seed_file = _write(tmp_path / "seed.hex", seed.hex())
+    shutil.rmtree(home)
+    run_cli(
+        "restore", "--from", remotes[1], "--from", remotes[2], "--seed-file", str(seed_file),
+        "--to", str(tmp_path / "out"), home=tmp_path / "empty",
+    )  # fmt: skip
+    assert (tmp_path / "out" / "doc.txt").read_text() == "a belief worth keeping\n" * 100
+
+
+def test_full_local_disk_is_a_clear_error_and_loses_nothing(tmp_path):
+    """The vault home on a tiny tmpfs: the backup fails cleanly, earlier data stays intact."""
+    small = tmp_path / "small"
+    small.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(small)])
+    if proc.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        home = small / "home"
+        remotes = [str(tmp_path / f"r{i}") for i in range(3)]
+        run_cli("init", "-k", "2", "-n", "3", "--segment-mib", "1",
+                *sum((["--remote", r] for r in remotes), []), home=home)  # fmt: skip
+        (tmp_path / "ok.txt").write_text("kept\n")
+        run_cli("backup", str(tmp_path / "ok.txt"), home=home)
+        (tmp_path / "big.bin").write_bytes(os.urandom(30_000_000))
+        proc = run_cli("backup", "--no-upload", str(tmp_path / "big.bin"), home=home, check=15)
+        assert "disk full" in proc.stderr.decode() and "Traceback" not in proc.stderr.decode()
+        snaps = json.loads(run_cli("snapshots", "--json", home=home).stdout)
+        assert len(snaps) == 1
+        run_cli("restore", "--to", str(tmp_path / "out"), home=home)
+        assert (tmp_path / "out" / "ok.txt").read_text() == "kept\n"
+    finally:
+        subprocess.run(["umount", "-l", str(small)])
