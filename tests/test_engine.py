@@ -396,3 +396,24 @@ def test_restore_with_local_state_reads_queue_before_upload(tmp_path):
         restore_files(v.keys, v.index.db, source, tmp_path / "out")
     assert tree_digest_of(tmp_path / "out" / "src") == tree_digest_of(src)
     assert not any((Path(r) / "data").exists() for r in remotes)
+
+
+def test_old_index_copies_are_pruned_after_newer_ones_are_placed(tmp_path):
+    v, remotes = make_vault(tmp_path, nremotes=3, k=2, n=3)
+    src = tmp_path / "src"
+    src.mkdir()
+    with v:
+        for i in range(5):
+            (src / f"f{i}.txt").write_text(f"version {i}\n" * 1000)
+            backup_paths(v, [src])
+            assert v.flush().complete
+        keys = v.keys
+        meta_segments = v.index.one("SELECT count(*) FROM segments WHERE kind='meta'")[0]
+    for r in remotes:
+        assert len(os.listdir(Path(r) / "manifests")) == Vault.KEEP_INDEX_COPIES
+        assert len(os.listdir(Path(r) / "meta")) == meta_segments  # one shard each per remote
+    assert meta_segments == Vault.KEEP_INDEX_COPIES
+    (res, _w, m) = with_remote_index(keys, remotes[:2], tmp_path, tmp_path / "out")
+    assert m.seq == 5 and sorted(os.listdir(tmp_path / "out" / "src")) == [
+        f"f{i}.txt" for i in range(5)
+    ]
