@@ -456,6 +456,9 @@ def restore(
     out.print(f"restored snapshot {uid}: {files} entries, {size:,} bytes to {to} in {dt:.1f}s")
 
 
+from cli import keys  # noqa: E402,F401
+
+
 def main() -> None:
     """Console entry point: known errors become one sentence and a documented exit code."""
     import errno

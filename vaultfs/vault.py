@@ -733,6 +733,81 @@ class Vault:
                 db.execute("DELETE FROM snapshots WHERE id=?", row)
             return self.ship_index()
 
+    # -- key epochs and re-encryption (driven by vaultfs/rotation.py) ----------------------
+    def begin_epoch(self, suite: int) -> int:
+        """Seal what is open, then make a new key epoch (a fresh random data key wrapped to
+        ``suite``) the one new writes use. Returns the new epoch number."""
+        self.keys.check_suite(suite)
+        with self._write_lock:
+            self.seal()
+            data_key = self.keys.new_epoch_key()
+            with self.index.tx() as db:
+                epoch = (db.execute("SELECT max(epoch) FROM epochs").fetchone()[0] or 0) + 1
+                wrapped = self.keys.wrap_data_key(epoch, data_key, suite)
+                db.execute(
+                    "INSERT INTO epochs VALUES (?, ?, ?, ?)", (epoch, suite, wrapped, time.time())
+                )
+                for key, value in (("epoch", epoch), ("suite", suite)):
+                    db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, str(value)))
+                db.execute(
+                    "INSERT OR IGNORE INTO suites VALUES (?, 'active', ?)", (suite, time.time())
+                )
+            self.reload_keys()
+            return epoch
+
+    def replace_segment(
+        self, old_id: int, records: list[tuple[bytes, bytes, int]], epoch: int
+    ) -> int:
+        """Atomically replace data segment ``old_id`` by a new one holding ``records``
+        ((chunk id, record sealed under ``epoch``, plaintext length)); returns the new id.
+
+        The new shards are durable in the queue before the one transaction that inserts the
+        new segment, repoints its chunks, deletes the old segment's rows and lists the old
+        placed shards in ``garbage`` (deleted from remotes only once a manifest no longer
+        naming them is placed). A crash before that transaction leaves the old segment in use
+        and orphan queue files that :meth:`recover` removes.
+        """
+        with self._write_lock:
+            builder = segment.SegmentBuilder(self.segment_size)
+            where: dict[bytes, tuple[int, int, int]] = {}
+            for cid, rec, plain in records:
+                if not builder.fits(len(rec)):
+                    raise IntegrityError("internal: re-sealed records outgrow one segment")
+                where[cid] = (builder.add(rec), len(rec), plain)
+            seg_id = self._next_segment_id()
+            uid = secrets.token_bytes(16)
+            rows, root = self._write_shards(seg_id, uid, segment.KIND_DATA, builder.padded())
+            old = self.index.q("SELECT name, remote, state FROM shards WHERE segment=?", (old_id,))
+            with self.index.tx() as db:
+                next_seq = (db.execute("SELECT max(seq) FROM manifests").fetchone()[0] or 0) + 1
+                db.execute(
+                    "INSERT INTO segments(id, uid, kind, size, used, k, n, ec_alg, epoch, root,"
+                    " created) VALUES (?, ?, 'data', ?, ?, ?, ?, 1, ?, ?, ?)",
+                    (seg_id, uid, builder.padded_size(), builder.used, self.k, self.n, epoch, root,
+                     time.time()),
+                )  # fmt: skip
+                db.executemany(
+                    "INSERT INTO shards(segment, idx, name, remote, size, hash, blocks, root, state)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued')",
+                    [(seg_id, *r) for r in rows],
+                )
+                db.executemany(
+                    "UPDATE chunks SET segment=?, offset=?, length=? WHERE cid=?",
+                    [(seg_id, off, ln, cid) for cid, (off, ln, _pl) in where.items()],
+                )
+                db.execute("DELETE FROM shards WHERE segment=?", (old_id,))
+                db.execute("DELETE FROM segments WHERE id=?", (old_id,))
+                db.executemany(
+                    "INSERT OR IGNORE INTO garbage VALUES (?, ?, 'data', ?)",
+                    [(name, rid, next_seq) for name, rid, state in old if state == "placed"],
+                )
+            for name, rid, state in old:
+                if state == "queued":
+                    (self.queue_dir / f"r{rid}" / "data" / name).unlink(missing_ok=True)
+            with self._seg_cache_lock:
+                self._seg_cache.pop(old_id, None)
+            return seg_id
+
     # -- upload queue ----------------------------------------------------------------------
     def flush(
         self, progress: Callable[[str], None] | None = None, seal: bool = True

@@ -1,0 +1,496 @@
+"""Key commands: `vaultfs keys …` (split, recover, show, passwd, rotate, init, public),
+`vaultfs reencrypt --suite NAME` and `vaultfs receipt SNAPSHOT` / `vaultfs receipt verify FILE`.
+
+Exit codes are those of vaultfs/errors.py (19: a recovery share is mistyped, missing or from
+another share set; 3: re-encryption paused because remotes are behind).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+import time
+from contextlib import closing
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from cli.main import HomeOpt, JsonOpt, _home, _open, _passphrase, app, err, out
+from vaultfs import receipt as receipts
+from vaultfs import rotation, shamir
+from vaultfs.errors import InputError, NoVault, ShareError
+from vaultfs.keys import SUITES, read_keyfile, suite_name, write_keyfile
+from vaultfs.remotes import Remote
+
+keys_app = typer.Typer(
+    help="Master seed, Shamir shares, passphrase, key epochs and public keys.",
+    no_args_is_help=True,
+)
+app.add_typer(keys_app, name="keys")
+
+
+def _keyfile_doc(home: Path) -> dict | None:
+    try:
+        return json.loads((home / "key.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Create ``path`` (mode 0600) with ``text``; never overwrite an existing file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise InputError(f"{path} already exists: choose another --out-dir") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# -- split / recover ---------------------------------------------------------------------------
+@keys_app.command()
+def split(
+    shares: Annotated[int, typer.Option("--shares", help="Number of shares to make.")] = 5,
+    threshold: Annotated[
+        int, typer.Option("--threshold", help="Shares needed to recover the seed.")
+    ] = 3,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out-dir", help="Write share-I-of-N.txt files here.")
+    ] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Split the master seed into SLIP-39 word shares (any THRESHOLD of SHARES recover it)."""
+    v = _open(home, lock=False)
+    try:
+        mnemonics = shamir.split(v.keys, threshold, shares)
+        texts = [shamir.share_file_text(v.keys, m, threshold, shares) for m in mnemonics]
+        set_id = shamir.check_share(shamir.ParsedShare("new share", mnemonics[0])).identifier
+        splits = json.loads(v.index.get("shamir_splits") or "[]")
+        splits.append(
+            {"set": set_id, "threshold": threshold, "shares": shares, "created": time.time()}
+        )
+        v.index.set("shamir_splits", json.dumps(splits))
+        fp = v.keys.fingerprint()
+    finally:
+        v.close()
+    files = []
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for i, text in enumerate(texts):
+            p = out_dir / f"share-{i + 1}-of-{shares}.txt"
+            _write_private(p, text)
+            files.append(str(p))
+    if as_json:
+        out.print_json(
+            json.dumps(
+                {
+                    "fingerprint": fp,
+                    "set": set_id,
+                    "threshold": threshold,
+                    "shares": shares,
+                    "files": files,
+                    "mnemonics": [] if files else mnemonics,
+                }
+            )
+        )
+        return
+    if files:
+        out.print(f"wrote {shares} shares of vault {fp} (any {threshold} recover it):")
+        for f in files:
+            out.print(f"  {f}", highlight=False)
+        out.print("Hand each file to a different holder, then delete them from this machine.")
+    else:
+        for text in texts:
+            out.print(text, highlight=False)
+            out.print("-" * 72, highlight=False)
+    err.print(
+        "[yellow]These words ARE the vault's master seed once enough of them meet: "
+        "never store two shares together.[/]"
+    )
+
+
+def _typed_shares(expected: str | None) -> list[shamir.ParsedShare]:
+    """Prompt for shares until the set's threshold is met (each checked as it is typed)."""
+    if not sys.stdin.isatty():
+        raise ShareError(
+            "no --share-file given and no terminal to type shares into: "
+            "pass --share-file FILE for each share"
+        )
+    if expected:
+        out.print(f"Recovering vault {expected}.")
+    got: list[shamir.ParsedShare] = []
+    need = None
+    while need is None or len(got) < need:
+        for attempt in range(5):
+            text = typer.prompt(f"Share {len(got) + 1} (its words, separated by spaces)")
+            p = shamir.parse_share_text(text, f"share {len(got) + 1}")
+            try:
+                s = shamir.check_share(p)
+            except ShareError as e:
+                err.print(f"[red]{e.message}[/] (try again)", highlight=False)
+                if attempt == 4:
+                    raise
+                continue
+            need = s.member_threshold
+            got.append(p)
+            break
+    return got
+
+
+@keys_app.command()
+def recover(
+    share_file: Annotated[
+        list[Path] | None, typer.Option("--share-file", help="A share file (repeat).")
+    ] = None,
+    fingerprint: Annotated[
+        str | None, typer.Option(help="The vault fingerprint the shares must recover.")
+    ] = None,
+    keyfile_out: Annotated[
+        Path | None, typer.Option(help="Where to write the new keyfile (default HOME/key.json).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing keyfile.")] = False,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recover the master seed from shares and write a new passphrase-protected keyfile."""
+    h = _home(home)
+    expected = fingerprint
+    expected_id = None
+    doc = _keyfile_doc(h)
+    if doc and not expected:
+        expected = doc.get("fingerprint")
+    if (h / "index.db").exists():
+        with closing(sqlite3.connect(h / "index.db")) as db:
+            row = db.execute("SELECT value FROM settings WHERE key='vault_id'").fetchone()
+        expected_id = bytes.fromhex(row[0]) if row else None
+    parsed = []
+    for f in share_file or []:
+        try:
+            parsed.append(shamir.parse_share_text(f.read_text(), f.name))
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read share file {f}: {e}") from None
+    if not parsed:
+        parsed = _typed_shares(expected)
+    keys = shamir.recover(parsed, expected, expected_id)
+    dest = keyfile_out or h / "key.json"
+    if dest.exists() and not force:
+        raise InputError(f"{dest} already exists: pass --force to replace it, or --keyfile-out")
+    pw = _passphrase(confirm=True)
+    write_keyfile(dest, keys, pw)
+    if as_json:
+        out.print_json(
+            json.dumps(
+                {
+                    "fingerprint": keys.fingerprint(),
+                    "vault_id": keys.vault_id.hex(),
+                    "keyfile": str(dest),
+                }
+            )
+        )
+        return
+    out.print(f"recovered vault {keys.fingerprint()}; wrote {dest}", highlight=False)
+    out.print(
+        "Next: `vaultfs restore --from REMOTE --from REMOTE … --to DIR` (any k remotes).",
+        highlight=False,
+    )
+
+
+# -- show / passwd / rotate / init / public ----------------------------------------------------
+@keys_app.command()
+def show(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Fingerprints, suites, key epochs and where the keyring copies are."""
+    h = _home(home)
+    v = _open(home, lock=False)
+    try:
+        pub = v.keys.public_bytes()
+        info = {
+            "vault_id": v.keys.vault_id.hex(),
+            "fingerprint": v.keys.fingerprint(),
+            "public_keys": {
+                "mldsa65_sha256": _sha256(pub["mldsa65"]),
+                "ed25519": pub["ed25519"].hex(),
+                "slhdsa_sha2_128s": v.keys.slhdsa_public.hex() if v.keys.slhdsa_public else None,
+            },
+            "suites": {str(i): n for i, n in SUITES.items()},
+            **rotation.status(v),
+            "shamir_splits": json.loads(v.index.get("shamir_splits") or "[]"),
+            "keyring_copies": _keyring_copies(v, h),
+        }
+    finally:
+        v.close()
+    if as_json:
+        out.print_json(json.dumps(info))
+        return
+    out.print(f"vault {info['fingerprint']}  (id {info['vault_id']})", highlight=False)
+    out.print(f"  ML-DSA-65 public key SHA-256: {info['public_keys']['mldsa65_sha256']}")
+    out.print(f"  Ed25519 public key:           {info['public_keys']['ed25519']}")
+    slh = info["public_keys"]["slhdsa_sha2_128s"] or "none (run `vaultfs keys init`)"
+    out.print(f"  SLH-DSA-SHA2-128s public key: {slh}")
+    out.print(f"current suite: {suite_name(info['suite'])}, epoch {info['epoch']}")
+    for e in info["epochs"]:
+        flags = ("current " if e["current"] else "") + ("retired" if e["retired"] else "")
+        out.print(
+            f"  epoch {e['epoch']}: {suite_name(e['suite'])}, {e['data_segments']} data "
+            f"segment(s), since {time.strftime('%Y-%m-%d %H:%M', time.localtime(e['created']))}"
+            f" {flags}",
+            highlight=False,
+        )
+    if info["reencrypt"]:
+        out.print(
+            f"[yellow]re-encryption to epoch {info['reencrypt']['epoch']} unfinished: "
+            f"{info['reencrypt']['remaining_segments']} segment(s) left; rerun `vaultfs reencrypt`[/]"
+        )
+    for s in info["shamir_splits"]:
+        out.print(
+            f"Shamir share set {s['set']}: {s['threshold']} of {s['shares']}, made "
+            f"{time.strftime('%Y-%m-%d', time.localtime(s['created']))}",
+            highlight=False,
+        )
+    out.print("keyring copies:")
+    for c in info["keyring_copies"]:
+        out.print(f"  {c['where']}: {c['what']}", highlight=False)
+
+
+def _sha256(b: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(b).hexdigest()
+
+
+def _keyring_copies(v, home: Path) -> list[dict]:
+    copies = [
+        {"where": str(home / "key.json"), "what": "master seed, sealed under the passphrase"},
+        {"where": str(home / "index.db"), "what": "wrapped epoch keys (epochs table)"},
+    ]
+    for rid, spec in v.index.q(
+        "SELECT id, spec FROM remotes WHERE state='active' ORDER BY position"
+    ):
+        row = v.index.one(
+            "SELECT max(seq) FROM manifests WHERE seq NOT IN"
+            " (SELECT seq FROM manifest_queue WHERE remote=?)",
+            (rid,),
+        )
+        newest = row[0] if row else None
+        copies.append(
+            {
+                "where": f"{Remote(spec).label}/manifests/",
+                "what": f"wrapped epoch keys in every signed manifest (newest placed: #{newest})"
+                if newest
+                else "no manifest placed yet (run `vaultfs flush`)",
+            }
+        )
+    return copies
+
+
+@keys_app.command()
+def passwd(home: HomeOpt = None) -> None:
+    """Change the keyfile's passphrase (re-seals the seed; nothing else changes).
+
+    The current passphrase comes from $VAULTFS_PASSPHRASE or a prompt, the new one from
+    $VAULTFS_NEW_PASSPHRASE or a prompt.
+    """
+    h = _home(home)
+    kf = h / "key.json"
+    if not kf.exists():
+        raise NoVault(f"no keyfile at {kf}: run `vaultfs keys recover` or pass --home")
+    keys = read_keyfile(kf, _passphrase())
+    new = os.environ.get("VAULTFS_NEW_PASSPHRASE")
+    if new is None:
+        if not sys.stdin.isatty():
+            raise InputError("no new passphrase: set VAULTFS_NEW_PASSPHRASE or run in a terminal")
+        new = typer.prompt("New passphrase", hide_input=True, confirmation_prompt=True)
+    write_keyfile(kf, keys, new)
+    out.print(f"passphrase changed for vault {keys.fingerprint()} ({kf})", highlight=False)
+
+
+@keys_app.command()
+def rotate(
+    suite: Annotated[
+        str | None, typer.Option(help="Suite for the new epoch (default: the current one).")
+    ] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a new key epoch: new writes use a fresh data key; old data stays readable."""
+    v = _open(home)
+    try:
+        epoch = rotation.rotate(v, rotation.parse_suite(suite) if suite else None)
+        rep = v.flush()
+        info = {"epoch": epoch, "suite": v.suite, "complete": rep.complete, "errors": rep.errors}
+    finally:
+        v.close()
+    if as_json:
+        out.print_json(json.dumps(info))
+    else:
+        out.print(f"new key epoch {epoch} under {suite_name(info['suite'])}")
+        if not info["complete"]:
+            err.print("[yellow]the new keyring is not on every remote yet: run `vaultfs flush`[/]")
+
+
+@keys_app.command("init")
+def init_keys(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Complete the key material of a vault made by an older vaultfs (SLH-DSA key pair)."""
+    v = _open(home)
+    try:
+        created = False
+        if not v.index.get("slhdsa_public"):
+            v.keys.generate_slhdsa()
+            assert v.keys.slhdsa_public is not None
+            with v.index.tx() as db:
+                for key, value in (
+                    ("slhdsa_public", v.keys.slhdsa_public.hex()),
+                    ("slhdsa_sealed", v.keys.seal_slhdsa_secret().hex()),
+                ):
+                    db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value))
+                db.execute(
+                    "INSERT OR IGNORE INTO suites VALUES (?, 'active', ?)", (v.suite, time.time())
+                )
+            v.ship_index()
+            v.flush()
+            created = True
+        fp = v.keys.fingerprint()
+    finally:
+        v.close()
+    if as_json:
+        out.print_json(json.dumps({"fingerprint": fp, "slhdsa_created": created}))
+        return
+    out.print(
+        f"vault {fp}: "
+        + ("SLH-DSA key created; manifests are now signed by it" if created else "keys complete")
+    )
+    out.print("Next: `vaultfs keys split --shares 5 --threshold 3 --out-dir DIR`.")
+
+
+@keys_app.command()
+def public(
+    out_file: Annotated[Path | None, typer.Option("--out", help="Write to this file.")] = None,
+    home: HomeOpt = None,
+) -> None:
+    """Print the vault's public keys (what `vaultfs receipt verify --public-key` pins)."""
+    v = _open(home, lock=False)
+    try:
+        doc = receipts.public_document(v.keys)
+    finally:
+        v.close()
+    text = json.dumps(doc, indent=2) + "\n"
+    if out_file:
+        out_file.write_text(text)
+        out.print(f"wrote public keys of vault {doc['fingerprint']} to {out_file}")
+    else:
+        sys.stdout.write(text)
+
+
+# -- reencrypt ---------------------------------------------------------------------------------
+@app.command()
+def reencrypt(
+    suite: Annotated[
+        str, typer.Option(help="Target suite: mlkem1024, mlkem1024-p384, xwing (or its id).")
+    ],
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-encrypt every data segment under a new suite/epoch, then retire the old suite.
+
+    Interruptible (Ctrl-C, kill -9) and resumable: rerun the same command.
+    """
+    target = rotation.parse_suite(suite)
+    h = _home(home)
+    v = _open(home)
+    try:
+        if err.is_terminal and not as_json:
+            with Progress(
+                TextColumn("re-encrypting"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                console=err,
+                transient=True,
+            ) as p:
+                task = p.add_task("segments", total=None)
+                rep = rotation.reencrypt(
+                    v,
+                    target,
+                    lambda d, t: p.update(task, completed=d, total=t),
+                    keyfile=h / "key.json",
+                )
+        else:
+            rep = rotation.reencrypt(v, target, keyfile=h / "key.json")
+    finally:
+        v.close()
+    if as_json:
+        out.print_json(json.dumps(rep.__dict__))
+        return
+    out.print(
+        f"re-encrypted {rep.rewritten} segment(s) to epoch {rep.epoch} under {suite_name(rep.suite)}"
+    )
+    for s in rep.retired:
+        out.print(f"retired {suite_name(s)}: readers now refuse data under it")
+    if rep.garbage_left:
+        err.print(
+            f"[yellow]{rep.garbage_left} replaced object(s) could not be deleted from remotes "
+            "yet; rerun `vaultfs reencrypt` later to remove them[/]"
+        )
+
+
+# -- receipts ----------------------------------------------------------------------------------
+@app.command()
+def receipt(
+    what: Annotated[str, typer.Argument(help="SNAPSHOT (id, name, latest) or the word 'verify'.")],
+    file: Annotated[Path | None, typer.Argument(help="With 'verify': the receipt file.")] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help="Write the receipt here.")] = None,
+    public_key: Annotated[
+        Path | None, typer.Option(help="With 'verify': pin this public-key file.")
+    ] = None,
+    fingerprint: Annotated[
+        str | None, typer.Option(help="With 'verify': the vault fingerprint to expect.")
+    ] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """`receipt SNAPSHOT` prints a signed statement; `receipt verify FILE` checks one.
+
+    Verification needs no vault and no secret: only the receipt and, to pin who signed it,
+    --public-key FILE (from `vaultfs keys public`) or --fingerprint.
+    """
+    if what == "verify":
+        if file is None:
+            raise InputError(
+                "usage: vaultfs receipt verify FILE [--public-key F | --fingerprint FP]"
+            )
+        doc = receipts.load_json(file, "receipt")
+        pk = receipts.load_json(public_key, "public-key file") if public_key else None
+        st = receipts.verify(doc, pk, fingerprint)
+        if as_json:
+            out.print_json(json.dumps({"valid": True, "statement": st}))
+            return
+        out.print(
+            f"valid receipt: snapshot {st['snapshot']} of vault {st['fingerprint']}, root "
+            f"{st['snapshot_root']}, {st['files']} entries, {st['bytes']:,} bytes, issued "
+            f"{st['issued']}; {st['redundancy']['k']}-of-{st['redundancy']['n']}, survives "
+            f"{st['redundancy']['survives_losses_now']} remote loss(es)",
+            highlight=False,
+        )
+        if pk is None and fingerprint is None:
+            err.print(
+                "[yellow]checked against the keys inside the receipt: compare the fingerprint "
+                "with the one on your shares, or pass --public-key/--fingerprint[/]"
+            )
+        return
+    if file is not None:
+        raise InputError("`vaultfs receipt SNAPSHOT` takes one argument")
+    v = _open(home, lock=False)
+    try:
+        doc = receipts.make(v, what)
+    finally:
+        v.close()
+    text = json.dumps(doc, indent=2) + "\n"
+    if out_file:
+        out_file.write_text(text)
+        out.print(f"wrote receipt for snapshot {doc['statement']['snapshot']} to {out_file}")
+    else:
+        sys.stdout.write(text)

@@ -1,0 +1,274 @@
+"""Key epochs, rotation and re-encryption under a new crypto suite (docs/keys.md).
+
+Rotation (``rotate``) starts a new key epoch: a fresh random data key, wrapped with HPKE to the
+seed-derived public key of the chosen suite, is what new writes use; older epochs stay in the
+keyring so old data remains readable. It protects data written *after* the rotation against a
+leak of an old data key; it does nothing for data already stored, nor against a provider that
+harvested the wrapped keys and later breaks the KEM (that is what ``reencrypt`` is for).
+
+Re-encryption (``reencrypt``) moves every data segment to a new epoch under a target suite:
+
+1. A new epoch under the target suite becomes current (``settings.reencrypt_epoch`` records
+   the unfinished run; new writes already use it).
+2. Data segments of other epochs are rewritten one by one: decode, open each chunk record
+   under its old epoch, re-seal it under the new one, write the new shards to the queue, then
+   one index transaction swaps old for new (``Vault.replace_segment``). A kill -9 at any point
+   leaves either the old or the new segment in use; a rerun continues with what is left.
+   Every few segments the queue is flushed so local disk use stays bounded.
+3. The index is shipped in a new manifest and flushed to every remote.
+4. Suites no epoch with data uses any more are marked retired (``suites`` table, the keyfile's
+   authenticated policy, every later manifest body), and the index is shipped again. Readers
+   from then on refuse data, keyrings and manifests under a retired suite.
+5. The replaced shards are deleted from the remotes (``garbage`` table; retried on later runs
+   when a remote is down).
+
+Until step 4 the vault stays readable through both the old manifests (old shards are not yet
+deleted) and the local index (both epochs' keys are loaded).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import envelope
+from .errors import EXIT_PARTIAL, InputError, VaultError
+from .keys import SUITE_NAMES, SUITES, suite_name, update_keyfile_policy
+from .remotes import Remote, RemoteError
+from .vault import Vault
+
+#: Flush the queue after this many rewritten segments (bounds local disk use).
+FLUSH_EVERY = 16
+
+
+class ReencryptIncomplete(VaultError):
+    """Re-encryption finished locally, but some remotes are behind; rerun to finish."""
+
+    exit_code = EXIT_PARTIAL
+
+
+@dataclass
+class ReencryptReport:
+    suite: int
+    epoch: int
+    rewritten: int = 0
+    remaining: int = 0
+    retired: list[int] = field(default_factory=list)
+    garbage_deleted: int = 0
+    garbage_left: int = 0
+
+
+def parse_suite(name: str) -> int:
+    """A suite given on the command line: a name from keys.SUITE_NAMES or a numeric id."""
+    if name.isdigit() and int(name) in SUITES:
+        return int(name)
+    if name.lower() in SUITE_NAMES:
+        return SUITE_NAMES[name.lower()]
+    choices = ", ".join(f"{n} ({SUITES[i]})" for n, i in SUITE_NAMES.items())
+    raise InputError(f"unknown suite {name!r}: choose one of {choices}")
+
+
+def rotate(v: Vault, suite: int | None = None) -> int:
+    """Start a new key epoch (under ``suite``, default the current one) and ship the index.
+
+    Returns the new epoch. The keyring travels in the manifest, so seed + k remotes still
+    unwrap the new key. Call ``v.flush()`` to place it.
+    """
+    target = v.suite if suite is None else suite
+    if target in v.keys.retired_suites:
+        raise InputError(f"{suite_name(target)} is retired in this vault; choose another suite")
+    if v.index.get("reencrypt_epoch"):
+        raise InputError(
+            "a re-encryption is unfinished: run `vaultfs reencrypt` to finish it first"
+        )
+    epoch = v.begin_epoch(target)
+    v.ship_index()
+    return epoch
+
+
+def status(v: Vault) -> dict:
+    """Epochs, suites and re-encryption progress, for `vaultfs keys show`."""
+    epochs = []
+    for epoch, suite, created in v.index.q(
+        "SELECT epoch, suite, created FROM epochs ORDER BY epoch"
+    ):
+        (segs,) = v.index.one(
+            "SELECT count(*) FROM segments WHERE kind='data' AND epoch=?", (epoch,)
+        )
+        epochs.append(
+            {
+                "epoch": epoch,
+                "suite": suite,
+                "suite_name": SUITES.get(suite, "unknown"),
+                "created": created,
+                "data_segments": segs,
+                "current": epoch == v.epoch,
+                "retired": suite in v.keys.retired_suites,
+            }
+        )
+    target = v.index.get("reencrypt_epoch")
+    remaining = 0
+    if target:
+        (remaining,) = v.index.one(
+            "SELECT count(*) FROM segments WHERE kind='data' AND epoch<>?", (int(target),)
+        )
+    (garbage,) = v.index.one("SELECT count(*) FROM garbage")
+    return {
+        "suite": v.suite,
+        "suite_name": SUITES.get(v.suite, "unknown"),
+        "epoch": v.epoch,
+        "epochs": epochs,
+        "retired_suites": sorted(v.keys.retired_suites),
+        "reencrypt": {"epoch": int(target), "remaining_segments": remaining} if target else None,
+        "garbage_objects": garbage,
+    }
+
+
+def reencrypt(
+    v: Vault,
+    suite: int,
+    progress: Callable[[int, int], None] | None = None,
+    keyfile: object | None = None,
+) -> ReencryptReport:
+    """Re-encrypt every data segment under a new epoch of ``suite``, then retire old suites.
+
+    Resumable: a rerun (after a crash, kill -9 or Ctrl-C) continues where the last one
+    stopped. ``progress(done, total)`` is called after every segment. ``keyfile`` (a path)
+    receives the retired-suite policy. Raises ReencryptIncomplete (exit 3) when remotes are
+    behind; the rerun then finishes the job.
+    """
+    if suite in v.keys.retired_suites:
+        raise InputError(f"{suite_name(suite)} is retired in this vault; choose another suite")
+    pending = v.index.get("reencrypt_epoch")
+    if pending:
+        target = int(pending)
+        target_suite = v.epoch_suites[target]
+        if target_suite != suite:
+            raise InputError(
+                f"a re-encryption to {suite_name(target_suite)} is unfinished: finish it with "
+                f"`vaultfs reencrypt --suite {target_suite}` first"
+            )
+    else:
+        target = v.begin_epoch(suite)
+        v.index.set("reencrypt_epoch", target)
+    report = ReencryptReport(suite, target)
+    todo = [
+        sid
+        for (sid,) in v.index.q(
+            "SELECT id FROM segments WHERE kind='data' AND epoch<>? ORDER BY id", (target,)
+        )
+    ]
+    new_key = v.keys.data_keys[target]
+    vid = v.keys.vault_id
+    for i, sid in enumerate(todo):
+        row = v.index.one("SELECT epoch FROM segments WHERE id=?", (sid,))
+        old_epoch = row[0]
+        old_suite = v.epoch_suites[old_epoch]
+        old_key = v.keys.data_keys[old_epoch]
+        data = v.segment_bytes(sid)
+        chunks = v.index.q(
+            "SELECT cid, offset, length, plain FROM chunks WHERE segment=? ORDER BY offset", (sid,)
+        )
+
+        def reseal(
+            c: tuple, data: bytes = data, old_key: bytes = old_key, old_suite: int = old_suite
+        ):
+            cid, off, ln, plain = c
+            plaintext = envelope.open_chunk(old_key, vid, cid, data[off : off + ln], old_suite)
+            return cid, envelope.seal_chunk(new_key, vid, cid, plaintext, suite), plain
+
+        records = list(v.pool.map(reseal, chunks))
+        v.replace_segment(sid, records, target)
+        report.rewritten += 1
+        if progress:
+            progress(i + 1, len(todo))
+        if (i + 1) % FLUSH_EVERY == 0:
+            v.flush()
+
+    # 3. publish the index that no longer names old segments
+    v.ship_index()
+    _flush_complete(v, "the re-encrypted index")
+    # 4. retire suites that no longer protect any data
+    used = {
+        s
+        for (s,) in v.index.q(
+            "SELECT DISTINCT e.suite FROM segments g JOIN epochs e ON e.epoch = g.epoch"
+            " WHERE g.kind='data'"
+        )
+    } | {suite}
+    known = {s for (s,) in v.index.q("SELECT DISTINCT suite FROM epochs")}
+    retire = sorted(known - used - v.keys.retired_suites)
+    if retire:
+        now = time.time()
+        with v.index.tx() as db:
+            for s in retire:
+                db.execute(
+                    "INSERT INTO suites VALUES (?, 'retired', ?) ON CONFLICT(id) DO UPDATE"
+                    " SET state='retired', changed=excluded.changed",
+                    (s, now),
+                )
+        v.reload_keys()
+        if keyfile is not None:
+            update_keyfile_policy(keyfile, v.keys)  # type: ignore[arg-type]
+        v.ship_index()
+        _flush_complete(v, "the manifest that retires the old suite")
+    report.retired = retire
+    _delete_setting(v, "reencrypt_epoch")
+    # 5. delete replaced shards from the remotes
+    report.garbage_deleted, report.garbage_left = collect_garbage(v)
+    return report
+
+
+def _delete_setting(v: Vault, key: str) -> None:
+    with v.index.tx() as db:
+        db.execute("DELETE FROM settings WHERE key=?", (key,))
+
+
+def _flush_complete(v: Vault, what: str) -> None:
+    rep = v.flush()
+    if not rep.complete or rep.under_k:
+        behind = ", ".join(f"{r}: {e}" for r, e in rep.errors.items()) or "uploads pending"
+        raise ReencryptIncomplete(
+            f"re-encryption paused: {what} is not on every remote yet ({behind}); "
+            "rerun `vaultfs reencrypt` with the same --suite once the remotes are back"
+        )
+
+
+def collect_garbage(v: Vault) -> tuple[int, int]:
+    """Delete replaced shard objects from their remotes once no placed manifest needs them.
+
+    Only objects whose replacing manifest (``garbage.seq``) has left the upload queue are
+    deleted. Returns (deleted, left for a later run).
+    """
+    (pending_min,) = v.index.one("SELECT min(seq) FROM manifest_queue")
+    rows = v.index.q("SELECT name, remote, kind, seq FROM garbage")
+    remotes = {r.rid: r for r in v.remotes()}
+    by_remote: dict[tuple[int, str], list[str]] = defaultdict(list)
+    for name, rid, kind, seq in rows:
+        if pending_min is not None and seq >= pending_min:
+            continue
+        by_remote[(rid, kind)].append(name)
+    deleted = 0
+    for (rid, kind), names in by_remote.items():
+        r = remotes.get(rid)
+        if r is None:  # the remote was removed from the vault: nothing to delete there
+            spec = v.index.one("SELECT spec FROM remotes WHERE id=?", (rid,))
+            if spec is None:
+                _forget(v, names)
+                continue
+            r = Remote(spec[0], rid)
+        try:
+            r.delete(kind, names)
+        except RemoteError:
+            continue
+        _forget(v, names)
+        deleted += len(names)
+    (left,) = v.index.one("SELECT count(*) FROM garbage")
+    return deleted, left
+
+
+def _forget(v: Vault, names: list[str]) -> None:
+    with v.index.tx() as db:
+        db.executemany("DELETE FROM garbage WHERE name=?", [(n,) for n in names])
