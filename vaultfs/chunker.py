@@ -1,6 +1,7 @@
 """Keyed content-defined chunking (FastCDC 2020 via pyfastcdc) and keyed chunk ids.
 
-The gear table is XORed with a 64-bit seed derived from the master seed, so cut points (and
+The gear table is XORed with a seed derived from the master seed (63 bits, low bit set; the
+shifted table with the seed shifted left by one), so cut points (and
 hence chunk sizes) cannot be predicted from known plaintext without the key. Chunk ids are
 BLAKE3 in keyed mode under the "chunk-id" key; they are stored only in the encrypted index.
 """

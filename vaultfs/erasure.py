@@ -4,6 +4,10 @@ Erasure algorithm id 1 = liberasurecode backend ``isa_l_rs_vand`` (ISA-L, GF(2^8
 systematic Vandermonde-derived matrix). Each fragment carries liberasurecode's own
 80-byte header (index, sizes, checksum); its payload for indices < k is the plain slice of
 the segment, so the data fragments alone are the segment (see docs/format.md).
+
+Caveat: this Vandermonde code is not MDS once n - k >= 5 (ISA-L's gf_gen_rs_matrix): some
+k-subsets of fragments are singular and cannot be decoded (36 of the 6435 7-subsets for the
+"paranoid" 7/15 profile; tests/test_format_vectors.py). With n - k <= 4 every k-subset decodes.
 """
 
 from __future__ import annotations

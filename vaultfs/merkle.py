@@ -5,7 +5,8 @@ leaf  = BLAKE3(0x00 ‖ block)          node = BLAKE3(0x01 ‖ left ‖ right)
 An odd node at the end of a level is promoted unchanged to the next level; it is never
 paired with itself (the duplicate-last-leaf ambiguity of CVE-2012-2459). The same node rule
 builds a shard root over its blocks, a segment root over its shards' roots (in index order),
-and a vault root over all live segment roots (in segment sequence order).
+and a vault root over the roots of all *data* segments (in segment id order); meta segments
+(index copies) are pinned instead by their shards' BLAKE3 hashes in the signed manifest.
 """
 
 from __future__ import annotations
