@@ -71,8 +71,9 @@ def test_remote_layout_is_as_documented(vault):
     for r in remotes:
         assert sorted(p.name for p in r.iterdir()) == ["data", "manifests", "meta"]
         names = [p.name for p in (r / "manifests").iterdir()]
-        assert sorted(int(nm.split("-")[0]) for nm in names) == [1, 2]
-        assert all(len(nm) == 16 + 1 + 8 for nm in names)
+        assert all(len(nm) == 16 + 1 + 8 and nm[16] == "-" for nm in names)
+        seqs = sorted(int(nm[:16]) for nm in names)
+        assert seqs and seqs[-1] >= 2 and len(set(seqs)) == len(seqs)  # one per commit
         for sub in ("data", "meta"):
             objs = list((r / sub).iterdir())
             assert objs and all(len(p.name) == 32 for p in objs)
