@@ -357,6 +357,15 @@ def restore_files(
         check_name(e.path)  # a manifest naming ../x or /etc/x is refused before any write
         if e.type not in ("f", "d", "l"):
             raise IntegrityError(f"unknown entry type {e.type!r} for {e.path!r}")
+    try:  # suites the index itself records as retired (indexes older than re-encryption: none)
+        keys.retired_suites |= {
+            sid for (sid,) in db.execute("SELECT id FROM suites WHERE state='retired'")
+        }
+    except sqlite3.OperationalError:
+        pass
+    epoch_suites = dict(db.execute("SELECT epoch, suite FROM epochs").fetchall())
+    for (epoch,) in db.execute("SELECT DISTINCT epoch FROM segments WHERE kind='data'"):
+        keys.check_suite(epoch_suites.get(epoch, 0))  # refused before anything is written
 
     to = Path(os.path.abspath(to))
     if to.exists():
@@ -422,15 +431,6 @@ def restore_files(
         sid: (size, k, n, epoch)
         for sid, size, k, n, epoch in db.execute("SELECT id, size, k, n, epoch FROM segments")
     }
-    try:  # suites the index itself records as retired (indexes older than re-encryption: none)
-        keys.retired_suites |= {
-            sid for (sid,) in db.execute("SELECT id FROM suites WHERE state='retired'")
-        }
-    except sqlite3.OperationalError:
-        pass
-    epoch_suites = dict(db.execute("SELECT epoch, suite FROM epochs").fetchall())
-    for sid in plan:  # refuse before writing any byte: data under a retired or unknown suite
-        keys.check_suite(epoch_suites.get(seg_rows[sid][3], 0))
     shard_rows: dict[int, list[tuple[int, str, bytes]]] = defaultdict(list)
     for sid, idx, name, h in db.execute("SELECT segment, idx, name, hash FROM shards ORDER BY idx"):
         shard_rows[sid].append((idx, name, h))

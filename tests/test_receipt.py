@@ -1,0 +1,146 @@
+"""Signed receipts through the CLI, checked with only the public key; tampering fails, and a
+tampered manifest on the remotes fails verification."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vaultfs import receipt as receipts
+from vaultfs.errors import IntegrityError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(home: Path, *args: str, pw: str | None = "pw", check: bool = True):
+    e = {**os.environ, "VAULTFS_HOME": str(home)}
+    e.pop("VAULTFS_PASSPHRASE", None)
+    if pw is not None:
+        e["VAULTFS_PASSPHRASE"] = pw
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.main", *args],
+        cwd=REPO, env=e, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vaultfs {' '.join(args)} -> {proc.returncode}\n{proc.stderr}")
+    return proc
+
+
+def init_vault(tmp: Path, name: str, n_remotes: int = 3) -> tuple[Path, list[Path]]:
+    home = tmp / f"{name}-home"
+    remotes = [tmp / f"{name}-r{i}" for i in range(n_remotes)]
+    args = ["init", "-k", "2", "-n", "3"]
+    for r in remotes:
+        args += ["--remote", str(r)]
+    run(home, *args)
+    src = tmp / f"{name}-src"
+    src.mkdir()
+    (src / "kb.sql").write_text(
+        "".join(f"INSERT INTO beliefs VALUES ({i});\n" for i in range(5000))
+    )
+    run(home, "backup", "--name", "nightly", str(src))
+    return home, remotes
+
+
+def test_receipt_signed_and_checked_with_only_the_public_key(tmp_path: Path) -> None:
+    home, remotes = init_vault(tmp_path, "a")
+    snap = json.loads(run(home, "snapshots", "--json").stdout)[0]
+    rfile, pub = tmp_path / "receipt.json", tmp_path / "vault.pub.json"
+    run(home, "receipt", "nightly", "--out", str(rfile))
+    run(home, "keys", "public", "--out", str(pub))
+    doc = json.loads(rfile.read_text())
+    st = doc["statement"]
+    assert st["snapshot"] == snap["id"] and st["files"] == snap["entries"]
+    assert st["redundancy"]["k"] == 2 and st["redundancy"]["n"] == 3
+    assert st["redundancy"]["survives_losses_now"] == 1
+    assert [r["remote"] for r in st["remotes"]] == [str(r) for r in remotes]
+    assert all(r["manifest_placed"] for r in st["remotes"])
+    assert len(st["snapshot_root"]) == 64
+
+    # a verifier has no vault, no keyfile, no passphrase: only the receipt and the public key
+    nobody = tmp_path / "auditor"
+    ok = run(nobody, "receipt", "verify", str(rfile), "--public-key", str(pub), pw=None)
+    assert f"snapshot {snap['id']}" in ok.stdout and st["fingerprint"] in ok.stdout
+    fp_ok = run(
+        nobody, "receipt", "verify", str(rfile), "--fingerprint", st["fingerprint"], pw=None
+    )
+    assert "valid receipt" in fp_ok.stdout
+
+    def verify_altered(change, *extra: str) -> subprocess.CompletedProcess:
+        bad = json.loads(rfile.read_text())
+        change(bad)
+        p = tmp_path / "altered.json"
+        p.write_text(json.dumps(bad))
+        return run(nobody, "receipt", "verify", str(p), *extra, pw=None, check=False)
+
+    def flip_sig(field: str):
+        def change(d: dict) -> None:
+            raw = bytearray(base64.b64decode(d["signature"][field]))
+            raw[len(raw) // 2] ^= 1
+            d["signature"][field] = base64.b64encode(bytes(raw)).decode()
+
+        return change
+
+    cases = {
+        "more bytes claimed": lambda d: d["statement"].update(bytes=d["statement"]["bytes"] + 1),
+        "other root": lambda d: d["statement"].update(snapshot_root="00" * 32),
+        "extra remote": lambda d: d["statement"]["remotes"].append({"remote": "/x"}),
+        "ML-DSA signature": flip_sig("mldsa65"),
+        "Ed25519 signature": flip_sig("ed25519"),
+        "SLH-DSA signature": flip_sig("slhdsa"),
+    }
+    for what, change in cases.items():
+        res = verify_altered(change, "--public-key", str(pub))
+        assert res.returncode == 12, (what, res.stdout, res.stderr)
+        assert "does not verify" in res.stderr or "altered" in res.stderr, what
+
+    # pinning: another vault's public key or fingerprint is refused
+    other_home, _ = init_vault(tmp_path, "b")
+    other_pub = tmp_path / "other.pub.json"
+    run(other_home, "keys", "public", "--out", str(other_pub))
+    res = run(
+        nobody,
+        "receipt",
+        "verify",
+        str(rfile),
+        "--public-key",
+        str(other_pub),
+        pw=None,
+        check=False,
+    )
+    assert res.returncode == 12 and "other keys" in res.stderr
+    other_fp = json.loads(other_pub.read_text())["fingerprint"]
+    res = run(
+        nobody, "receipt", "verify", str(rfile), "--fingerprint", other_fp, pw=None, check=False
+    )
+    assert res.returncode == 12 and f"not by {other_fp}" in res.stderr
+    # a receipt whose embedded keys were swapped for the other vault's: signatures fail
+    swapped = json.loads(rfile.read_text())
+    swapped["public_keys"] = json.loads(other_pub.read_text())
+    with pytest.raises(IntegrityError):
+        receipts.verify(swapped)
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("not json")
+    res = run(nobody, "receipt", "verify", str(garbage), pw=None, check=False)
+    assert res.returncode == 18 and "not JSON" in res.stderr
+
+
+def test_tampered_manifest_on_the_remotes_fails_verification(tmp_path: Path) -> None:
+    home, remotes = init_vault(tmp_path, "m")
+    for r in remotes:  # flip one byte in the signed body of every copy of the manifest
+        for f in (r / "manifests").iterdir():
+            raw = bytearray(f.read_bytes())
+            raw[60] ^= 0x01
+            f.write_bytes(bytes(raw))
+    res = run(tmp_path / "empty", "restore", "--keyfile", str(home / "key.json"),
+              "--from", str(remotes[0]), "--from", str(remotes[1]),
+              "--to", str(tmp_path / "out"), check=False)  # fmt: skip
+    assert res.returncode == 12, res.stderr
+    assert "no validly signed manifest" in res.stderr and "does not verify" in res.stderr
+    assert not (tmp_path / "out").exists()
