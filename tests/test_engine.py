@@ -108,9 +108,17 @@ def test_erasure_profiles_decode_from_any_k(k, n):
         bodies = [shards[i].body for i in subset]
         assert segment.decode_segment(bodies, k, n, len(seg)) == seg
     h = segment.parse_header(shards[n - 1].body)
-    assert (h.k, h.n, h.idx, h.segment_size, h.ec_alg) == (k, n, n - 1, len(seg), 1)
+    assert (h.k, h.n, h.idx, h.segment_size) == (k, n, n - 1, len(seg))
+    assert h.ec_alg == (1 if n - k <= 4 else 2)
     with pytest.raises(IntegrityError):
-        erasure.decode([s.body[36:] for s in shards[: k - 1]], k, n)
+        erasure.decode([s.body[36:] for s in shards[: k - 1]], k, n, h.ec_alg)
+
+
+def test_paranoid_profile_decodes_from_every_one_of_its_6435_subsets():
+    seg = os.urandom(7 * 1024)
+    shards = segment.build_shards(seg, os.urandom(16), segment.KIND_DATA, 7, 15)
+    for subset in itertools.combinations(range(15), 7):
+        assert segment.decode_segment([shards[i].body for i in subset], 7, 15, len(seg)) == seg
 
 
 # -- the engine end to end ----------------------------------------------------------------------

@@ -5,9 +5,12 @@ systematic Vandermonde-derived matrix). Each fragment carries liberasurecode's o
 80-byte header (index, sizes, checksum); its payload for indices < k is the plain slice of
 the segment, so the data fragments alone are the segment (see docs/format.md).
 
-Caveat: this Vandermonde code is not MDS once n - k >= 5 (ISA-L's gf_gen_rs_matrix): some
+The Vandermonde code is not MDS once n - k >= 5 (ISA-L's gf_gen_rs_matrix): some
 k-subsets of fragments are singular and cannot be decoded (36 of the 6435 7-subsets for the
-"paranoid" 7/15 profile; tests/test_format_vectors.py). With n - k <= 4 every k-subset decodes.
+"paranoid" 7/15 profile; tests/test_format_vectors.py). So new segments with n - k >= 5 use
+erasure algorithm id 2 = ``isa_l_rs_cauchy`` (ISA-L's gf_gen_cauchy1_matrix), which decodes
+from every k-subset; with n - k <= 4 they keep id 1, where every k-subset decodes too.
+The id is written in every shard header and in the index, and readers use what it says.
 """
 
 from __future__ import annotations
@@ -19,7 +22,14 @@ from pyeclib.ec_iface import ECDriver
 from .errors import IntegrityError
 
 EC_ISA_L_RS_VAND = 1
-EC_BACKENDS = {EC_ISA_L_RS_VAND: "isa_l_rs_vand"}
+EC_ISA_L_RS_CAUCHY = 2
+EC_BACKENDS = {EC_ISA_L_RS_VAND: "isa_l_rs_vand", EC_ISA_L_RS_CAUCHY: "isa_l_rs_cauchy"}
+
+
+def choose_alg(k: int, n: int) -> int:
+    """The erasure algorithm for new segments of a k-of-n vault (see the module docstring)."""
+    return EC_ISA_L_RS_VAND if n - k <= 4 else EC_ISA_L_RS_CAUCHY
+
 
 PROFILES = {"personal": (3, 5), "federation": (5, 9), "paranoid": (7, 15)}
 
@@ -41,16 +51,21 @@ def validate(k: int, n: int) -> None:
         raise ValueError(f"need 1 <= k < n <= 32, got k={k} n={n}")
 
 
-def encode(segment: bytes, k: int, n: int) -> list[bytes]:
-    """Encode a segment into n fragments (fragment i is shard index i)."""
-    return driver(k, n).encode(segment)
+def encode(segment: bytes, k: int, n: int, alg: int | None = None) -> list[bytes]:
+    """Encode a segment into n fragments (fragment i is shard index i).
+
+    ``alg`` defaults to :func:`choose_alg`; re-encoding an existing segment (repair) must
+    pass the segment's recorded algorithm."""
+    return driver(k, n, alg or choose_alg(k, n)).encode(segment)
 
 
-def decode(fragments: list[bytes], k: int, n: int) -> bytes:
-    """Decode from at least k fragments (any indices)."""
+def decode(fragments: list[bytes], k: int, n: int, alg: int = EC_ISA_L_RS_VAND) -> bytes:
+    """Decode from at least k fragments (any indices) coded with algorithm ``alg``."""
     if len(fragments) < k:
         raise IntegrityError(f"only {len(fragments)} good shards, need {k}")
+    if alg not in EC_BACKENDS:
+        raise IntegrityError(f"unknown erasure algorithm id {alg}")
     try:
-        return driver(k, n).decode(fragments)
+        return driver(k, n, alg).decode(fragments)
     except Exception as e:  # pyeclib raises its own hierarchy
         raise IntegrityError(f"erasure decode failed: {e}") from None

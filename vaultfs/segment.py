@@ -67,13 +67,16 @@ def object_hash(body: bytes | memoryview) -> bytes:
     return blake3.blake3(body).digest()
 
 
-def build_shards(segment: bytes, uid: bytes, kind: int, k: int, n: int) -> list[Shard]:
+def build_shards(
+    segment: bytes, uid: bytes, kind: int, k: int, n: int, alg: int | None = None
+) -> list[Shard]:
     """Erasure-code a padded segment and wrap each fragment as a shard object."""
-    frags = erasure.encode(segment, k, n)
+    alg = alg or erasure.choose_alg(k, n)
+    frags = erasure.encode(segment, k, n, alg)
     out = []
     for i, frag in enumerate(frags):
         head = HEADER.pack(
-            SHARD_MAGIC, SHARD_VERSION, kind, erasure.EC_ISA_L_RS_VAND, k, n, i, 0,
+            SHARD_MAGIC, SHARD_VERSION, kind, alg, k, n, i, 0,
             len(segment), uid, len(frag),
         )  # fmt: skip
         body = head + frag
@@ -97,8 +100,11 @@ def parse_header(body: bytes) -> ShardHeader:
 
 def decode_segment(bodies: list[bytes], k: int, n: int, size: int) -> bytes:
     """Decode a segment from at least k verified shard objects."""
+    algs = {parse_header(b).ec_alg for b in bodies}
+    if len(algs) != 1:
+        raise IntegrityError("shards of one segment name different erasure algorithms")
     frags = [b[HEADER.size :] for b in bodies]
-    data = erasure.decode(frags, k, n)
+    data = erasure.decode(frags, k, n, algs.pop())
     if len(data) < size:
         raise IntegrityError("decoded segment is shorter than recorded")
     return data[:size]
@@ -128,7 +134,15 @@ class SegmentBuilder:
         return size_class(len(self.buf), self.size)
 
     def padded(self) -> bytes:
-        return bytes(self.buf) + bytes(self.padded_size() - len(self.buf))
+        """The segment with its padding. Padding is random, not zeros: with a systematic
+        linear code, zero padding would leave a zero run in every shard (parity included)
+        that tells a provider exactly how full the segment is (docs/threat-model.md)."""
+        return pad(bytes(self.buf), self.padded_size())
+
+
+def pad(data: bytes, size: int) -> bytes:
+    """``data`` followed by random bytes up to ``size`` (readers never look at padding)."""
+    return data + secrets.token_bytes(size - len(data))
 
 
 #: Smallest padded segment: a commit of a few bytes costs at most this much (times n/k).
