@@ -167,3 +167,36 @@ def test_reencrypt_killed_resumed_then_old_suite_refused(tmp_path: Path) -> None
         finally:
             db.close()
     assert not any((tmp_path / "stale-data").rglob("*.bin"))
+
+
+def test_reencrypt_pauses_while_a_remote_is_down_then_finishes(tmp_path: Path) -> None:
+    """A remote that cannot be written: exit 3, old suite not yet retired; rerun once it is
+    back: retired, and the replaced objects are deleted from every remote."""
+    remotes = [tmp_path / f"r{i}" for i in range(3)]
+    home = tmp_path / "home"
+    args = ["init", "-k", "2", "-n", "3"]
+    for r in remotes:
+        args += ["--remote", str(r)]
+    run(home, *args)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(os.urandom(400_000))
+    run(home, "backup", str(src))
+    before = set(Remote(str(remotes[0])).list("data"))
+    down = remotes[2]
+    shutil.move(down, tmp_path / "r2-away")
+    down.write_text("not a directory: every write to this remote fails")
+    paused = run(home, "reencrypt", "--suite", "mlkem1024-p384", check=False)
+    assert paused.returncode == 3, paused.stderr
+    assert "rerun `vaultfs reencrypt`" in paused.stderr
+    show = json.loads(run(home, "keys", "show", "--json").stdout)
+    assert show["retired_suites"] == [] and show["reencrypt"] is not None
+    down.unlink()
+    shutil.move(tmp_path / "r2-away", down)
+    done = run(home, "reencrypt", "--suite", "mlkem1024-p384")
+    assert "retired suite 1" in done.stdout
+    after = set(Remote(str(remotes[0])).list("data"))
+    assert after and not (after & before)  # old shards deleted, new ones placed
+    run(tmp_path / "h2", "restore", "--keyfile", str(home / "key.json"),
+        "--from", str(remotes[1]), "--from", str(remotes[2]), "--to", str(tmp_path / "out"))  # fmt: skip
+    same_tree(src, tmp_path / "out" / "src")
