@@ -113,7 +113,9 @@ def decode(keys: VaultKeys, blob: bytes) -> Manifest:
     sig = blob[end + 2 : end + 2 + slen]
     if len(blob) != end + 2 + slen:
         raise IntegrityError("manifest has trailing or missing bytes")
-    composite_len = len(sig) if sig_alg == SIG_MLDSA65_ED25519 else MLDSA65_SIG_LEN + ED25519_SIG_LEN
+    composite_len = (
+        len(sig) if sig_alg == SIG_MLDSA65_ED25519 else MLDSA65_SIG_LEN + ED25519_SIG_LEN
+    )
     keys.verify(SIGN_LABEL + blob[:end], sig[:composite_len])
     keys.check_suite(suite)
     raw = envelope.open_meta(
