@@ -455,7 +455,8 @@ def receipt(
     """`receipt SNAPSHOT` prints a signed statement; `receipt verify FILE` checks one.
 
     Verification needs no vault and no secret: only the receipt and, to pin who signed it,
-    --public-key FILE (from `vaultfs keys public`) or --fingerprint.
+    --public-key FILE (from `vaultfs keys public`) or --fingerprint. (A snapshot named
+    "verify" is addressed by its id.)
     """
     if what == "verify":
         if file is None:
