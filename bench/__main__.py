@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(harness.render_table(results))
     for name, res in results.items():
+        for m in res.metrics:
+            if m.note:
+                print(f"  {name} / {m.name}: {m.note}")
         for note in res.details.get("notes", []):
             print(f"note ({name}): {note}")
     print(f"\nresults: {out}")
