@@ -80,6 +80,8 @@ def test_reencrypt_killed_resumed_then_old_suite_refused(tmp_path: Path) -> None
     stale = [tmp_path / f"stale{i}" for i in range(3)]  # a copy of the pre-re-encryption remotes
     for r, s in zip(remotes[:3], stale, strict=True):
         shutil.copytree(r, s)
+    stale_home = tmp_path / "stale-home"  # and of the local state (an old backup of $HOME)
+    shutil.copytree(home, stale_home)
 
     # 1. start, and SIGKILL once a random number of segments (>= 1, < all) is re-encrypted
     rng = random.Random()
@@ -167,6 +169,14 @@ def test_reencrypt_killed_resumed_then_old_suite_refused(tmp_path: Path) -> None
         finally:
             db.close()
     assert not any((tmp_path / "stale-data").rglob("*.bin"))
+    # ... and an old copy of the local state, opened with today's keyfile, reads nothing
+    shutil.copy(home / "key.json", stale_home / "key.json")
+    res = run(stale_home, "restore", "--to", str(tmp_path / "stale-home-out"), check=False)
+    assert res.returncode == 12 and "retired suite 1" in res.stderr
+    with Vault.open(stale_home, "pw", lock=False) as v:
+        old_cid = v.index.one("SELECT cid FROM chunks")[0]
+        with pytest.raises(IntegrityError, match="refusing data under retired suite 1"):
+            v.read_chunk(old_cid)
 
 
 def test_reencrypt_pauses_while_a_remote_is_down_then_finishes(tmp_path: Path) -> None:
