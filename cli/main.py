@@ -456,7 +456,7 @@ def restore(
     out.print(f"restored snapshot {uid}: {files} entries, {size:,} bytes to {to} in {dt:.1f}s")
 
 
-from cli import keys  # noqa: E402,F401
+import cli.keys  # noqa: E402,F401  (registers the `keys`, `reencrypt`, `receipt` commands)
 
 
 def main() -> None:
