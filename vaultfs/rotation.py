@@ -32,9 +32,11 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 
 from . import envelope
-from .errors import EXIT_PARTIAL, InputError, VaultError
+from .errors import EXIT_PARTIAL, InputError, IntegrityError, VaultError
 from .keys import SUITE_NAMES, SUITES, suite_name, update_keyfile_policy
 from .remotes import Remote, RemoteError
 from .vault import Vault
@@ -54,7 +56,6 @@ class ReencryptReport:
     suite: int
     epoch: int
     rewritten: int = 0
-    remaining: int = 0
     retired: list[int] = field(default_factory=list)
     garbage_deleted: int = 0
     garbage_left: int = 0
@@ -130,7 +131,7 @@ def reencrypt(
     v: Vault,
     suite: int,
     progress: Callable[[int, int], None] | None = None,
-    keyfile: object | None = None,
+    keyfile: Path | None = None,
 ) -> ReencryptReport:
     """Re-encrypt every data segment under a new epoch of ``suite``, then retire old suites.
 
@@ -161,7 +162,6 @@ def reencrypt(
         )
     ]
     new_key = v.keys.data_keys[target]
-    vid = v.keys.vault_id
     for i, sid in enumerate(todo):
         row = v.index.one("SELECT epoch FROM segments WHERE id=?", (sid,))
         old_epoch = row[0]
@@ -171,14 +171,10 @@ def reencrypt(
         chunks = v.index.q(
             "SELECT cid, offset, length, plain FROM chunks WHERE segment=? ORDER BY offset", (sid,)
         )
-
-        def reseal(
-            c: tuple, data: bytes = data, old_key: bytes = old_key, old_suite: int = old_suite
-        ):
-            cid, off, ln, plain = c
-            plaintext = envelope.open_chunk(old_key, vid, cid, data[off : off + ln], old_suite)
-            return cid, envelope.seal_chunk(new_key, vid, cid, plaintext, suite), plain
-
+        reseal = partial(
+            _reseal, v, data=data, old_key=old_key, old_suite=old_suite, new_key=new_key,
+            new_suite=suite, seg=sid,
+        )  # fmt: skip
         records = list(v.pool.map(reseal, chunks))
         v.replace_segment(sid, records, target)
         report.rewritten += 1
@@ -211,7 +207,7 @@ def reencrypt(
                 )
         v.reload_keys()
         if keyfile is not None:
-            update_keyfile_policy(keyfile, v.keys)  # type: ignore[arg-type]
+            update_keyfile_policy(keyfile, v.keys)
         v.ship_index()
         _flush_complete(v, "the manifest that retires the old suite")
     report.retired = retire
@@ -219,6 +215,25 @@ def reencrypt(
     # 5. delete replaced shards from the remotes
     report.garbage_deleted, report.garbage_left = collect_garbage(v)
     return report
+
+
+def _reseal(
+    v: Vault,
+    chunk: tuple,
+    data: bytes,
+    old_key: bytes,
+    old_suite: int,
+    new_key: bytes,
+    new_suite: int,
+    seg: int,
+) -> tuple[bytes, bytes, int]:
+    """Open one record under its old epoch, check it against its chunk id, seal it anew."""
+    cid, off, ln, plain = chunk
+    vid = v.keys.vault_id
+    plaintext = envelope.open_chunk(old_key, vid, cid, data[off : off + ln], old_suite)
+    if len(plaintext) != plain or v.chunker.chunk_id(plaintext) != cid:
+        raise IntegrityError(f"segment {seg}: a chunk does not match its id; run an audit")
+    return cid, envelope.seal_chunk(new_key, vid, cid, plaintext, new_suite), plain
 
 
 def _delete_setting(v: Vault, key: str) -> None:
