@@ -81,7 +81,7 @@ def split(
         v.close()
     files = []
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         for i, text in enumerate(texts):
             p = out_dir / f"share-{i + 1}-of-{shares}.txt"
             _write_private(p, text)
