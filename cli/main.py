@@ -331,18 +331,31 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         out.print_json(json.dumps(st))
         return
     out.print(f"vault {st['fingerprint']}  {st['k']}-of-{st['n']}  snapshots: {st['snapshots']}")
-    t = Table("remote", "placed", "queued", "last error")
+    t = Table(
+        "remote", "domain", "health", "placed", "queued", "last audit",
+        "last error",
+    )  # fmt: skip
     for r in st["remotes"]:
+        audited = "never"
+        if r.get("last_audit"):
+            audited = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_audit"]))
+            if r.get("last_audit_confidence") is not None:
+                audited += f" ({r['last_audit_confidence'] * 100:.1f}%)"
         t.add_row(
             r["remote"],
+            r["domain"],
+            r.get("health", "unknown")
+            + (f", {r['lost_objects']} lost" if r.get("lost_objects") else ""),
             f"{r['placed_objects']} ({r['placed_bytes']:,} B)",
             f"{r['queued_objects']} ({r['queued_bytes']:,} B)",
+            audited,
             r["last_error"] or "",
         )
     out.print(t)
     out.print(
-        f"survives {st['survives_losses_now']} remote loss(es) now "
-        f"({st['survives_losses_design']} once the queue is empty)"
+        f"survives {st['survives_losses_now']} failure-domain loss(es) now "
+        f"({st['survives_losses_design']} once the queue is empty and every remote is healthy; "
+        f"{st['domains']} domain(s))"
     )
     if st["segments_below_k_placed"]:
         out.print(
@@ -456,6 +469,7 @@ def restore(
     out.print(f"restored snapshot {uid}: {files} entries, {size:,} bytes to {to} in {dt:.1f}s")
 
 
+import cli.audit  # noqa: E402,F401
 import cli.keys  # noqa: E402,F401  (registers the `keys`, `reencrypt`, `receipt` commands)
 
 

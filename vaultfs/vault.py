@@ -115,6 +115,28 @@ def survivable_losses(placement: list[list[int]], k: int, domains: dict[int, str
     return best
 
 
+def place(remotes: list[tuple[int, str]], seg_id: int, n: int) -> list[int]:
+    """Remote id for each of the n shards of segment ``seg_id``, spreading failure domains.
+
+    ``remotes`` lists (id, domain) of the active remotes in position order. Shard i goes to
+    domain (i + seg_id) mod D (domains ordered by their first remote's position), and within a
+    domain to its remotes in turn, so every domain holds ⌊n/D⌋ or ⌈n/D⌉ shards. With one remote
+    per domain this is the plain rule: shard i → remote at position (i + seg_id) mod R.
+    """
+    doms: dict[str, list[int]] = {}
+    for rid, dom in remotes:
+        doms.setdefault(dom, []).append(rid)
+    order = list(doms.values())
+    seen = [0] * len(order)
+    out = []
+    for i in range(n):
+        d = (i + seg_id) % len(order)
+        members = order[d]
+        out.append(members[(seen[d] + seg_id // len(order)) % len(members)])
+        seen[d] += 1
+    return out
+
+
 @dataclass
 class FlushReport:
     uploaded: int = 0
@@ -466,10 +488,13 @@ class Vault:
             self._drain_sealer()
 
     def _placement(self, seg_id: int, n: int) -> list[int]:
-        rids = [r.rid for r in self.remotes()]
-        if not rids:
+        rows = self.index.q(
+            "SELECT id, coalesce(domain, 'remote' || id) FROM remotes WHERE state='active'"
+            " ORDER BY position, id"
+        )
+        if not rows:
             raise NotEnoughRemotes("the vault has no active remotes")
-        return [rids[(i + seg_id) % len(rids)] for i in range(n)]
+        return place(rows, seg_id, n)
 
     def _write_shards(
         self, db_seg_id: int, uid: bytes, kind: int, padded: bytes
@@ -487,6 +512,9 @@ class Vault:
             rows.append((sh.idx, sh.name, rid, len(sh.body), sh.hash, sh.blocks, sh.root))
         for rid in set(placement):
             _fsync_dir(self.queue_dir / f"r{rid}" / segment.KIND_NAMES[kind])
+        from .verify import record_tags  # audit tags, computed while the bytes are at hand
+
+        record_tags(self.index, self.keys.audit_key, shards)
         seg_root = merkle.root([r[6] for r in rows])
         return rows, seg_root
 
@@ -937,8 +965,14 @@ class Vault:
                     "queued_bytes": q[1],
                     "last_ok": last_ok,
                     "last_error": last_err,
+                    **self._health(rid),
                 }
             )
+        # shards on a remote that is unreachable right now do not count as placed "now"
+        down = {
+            r for (r,) in self.index.q("SELECT remote FROM remote_health WHERE state='unreachable'")
+        }
+        placed_lists = [[r for r in lst if r not in down] for lst in placed_lists]
         under_k = self.segments_under_k() if segs else 0
         snaps = self.index.one("SELECT count(*), max(created) FROM snapshots")
         logical = self.index.one(
@@ -966,11 +1000,36 @@ class Vault:
             "manifests_pending": self.index.one("SELECT count(*) FROM manifest_queue")[0],
         }
 
+    def _health(self, rid: int) -> dict:
+        """Reachability and last audit of one remote (tables remote_health, audit_runs)."""
+        h = self.index.one(
+            "SELECT state, since, checked, detail FROM remote_health WHERE remote=?", (rid,)
+        )
+        a = self.index.one(
+            "SELECT started, finished, mode, checked, confidence FROM audit_runs WHERE remote=?"
+            " ORDER BY id DESC LIMIT 1",
+            (rid,),
+        )
+        (lost,) = self.index.one(
+            "SELECT count(*) FROM shards WHERE remote=? AND state='lost'", (rid,)
+        )
+        return {
+            "health": h[0] if h else "unknown",
+            "health_since": h[1] if h else None,
+            "health_detail": h[3] if h else None,
+            "lost_objects": lost,
+            "last_audit": (a[1] or a[0]) if a else None,
+            "last_audit_mode": a[2] if a else None,
+            "last_audit_complete": (a[1] is not None) if a else None,
+            "last_audit_checks": a[3] if a else 0,
+            "last_audit_confidence": a[4] if a else None,
+        }
+
     def _design_losses(self, domains: dict[int, str]) -> int:
-        rids = sorted(domains)
-        if not rids:
+        rows = [(rid, dom) for rid, dom in domains.items()]
+        if not rows:
             return 0
-        lists = [[rids[(i + s) % len(rids)] for i in range(self.n)] for s in range(len(rids))]
+        lists = [place(rows, s, self.n) for s in range(len(rows))]
         return survivable_losses(lists, self.k, domains)
 
     # -- read path -------------------------------------------------------------------------

@@ -1,0 +1,917 @@
+"""Challenge-response audits of every remote (`vaultfs verify`; docs/operations.md, "Verify").
+
+What one audit of one remote does, in order:
+
+1. **Manifest**: list ``manifests/`` and check the newest validly signed manifest. A remote whose
+   newest one is older than the latest manifest it was sent is *stale* (rolled back). The signed
+   vault root must equal the root the local index recomputes.
+2. **Listing**: list ``data/`` and ``meta/`` with sizes. A live shard the index places there that
+   is absent is *missing*; one of the wrong size is *corrupt* (truncated or grown); an object the
+   index does not place there is *foreign*. Listings cost a few bytes per object.
+3. **Challenges**, drawn with :mod:`secrets` when the audit is planned, so the remote cannot
+   predict them: a uniformly random 64 KiB Merkle block among all blocks the remote holds, and a
+   random 1 KiB *piece* of it, fetched with a ranged read (``Remote.cat(sub, name, off, n)``).
+   The piece is checked against its keyed tag (``audit_tags``), which binds it to the block's
+   Merkle leaf; the leaf is checked by its Merkle proof up to the shard root, the shard root up
+   to the segment root and the segment root up to the vault root signed in the latest manifest
+   (meta shards: up to their segment root, whose shard hashes the manifest signs). Provider
+   hashes (ETags, ``rclone hashsum``) are never used. A shard without tags (an index restored
+   from an old format) is challenged by whole blocks against the leaf itself.
+
+Sampling math. If a remote lost a fraction x of its blocks, m independent random block checks
+all miss the damage with probability (1−x)^m, so reaching confidence C needs
+m = ⌈ln(1−C)/ln(1−x)⌉ checks: 459 for x = 1 %, C = 99 %, whatever the remote's size. We draw
+blocks without replacement, so the exact miss probability is the hypergeometric
+Π_{i<m} (N−L−i)/(N−i) with L = ⌈xN⌉ lost of N blocks, which is never larger; when m ≥ N−L+1
+(small remotes) every block is checked and the confidence is 1. Bytes read per check are one
+piece (1 KiB), so 99 % confidence costs about 459 KiB whatever the remote holds; a piece check
+detects a lost or replaced block with certainty and a single flipped bit inside the block only if
+it falls in the piece (``--read-all`` reads everything and catches every bit).
+
+When every challenged object together is small (``WHOLE_OBJECT_BUDGET``), the audit fetches
+those objects whole in one transfer and checks every block of each instead: fewer rclone
+calls for small remotes, a stronger check, the same random choice of objects.
+
+Progress is persisted (``audit_runs``, ``audit_plan``): a run cut off by ``--max-duration`` or
+an outage keeps its remaining challenges and the next ``verify`` with the same mode resumes it.
+Findings (``audit_findings``) mark shards ``lost`` so that ``vaultfs repair`` rebuilds them.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import blake3
+
+from . import manifest, merkle, segment
+from .backends import ObjectMissing, Unreachable, open_backend
+from .errors import BadRemote, IntegrityError
+from .index import Index
+from .remotes import Remote, RemoteError
+
+if TYPE_CHECKING:
+    from .vault import Vault
+
+BLOCK = merkle.BLOCK_SIZE
+PIECE = 1024
+TAG_LEN = 8
+TAG_LABEL = b"vaultfs/v1/audit-tag"
+DEFAULT_CONFIDENCE = 0.99
+DEFAULT_LOSS = 0.01
+#: Fetch challenged objects whole when together they are at most this many bytes.
+WHOLE_OBJECT_BUDGET = 8 * 1024 * 1024
+#: Concurrent ranged reads per remote.
+RANGE_WORKERS = 4
+MODES = ("confidence", "sample", "read-all")
+
+
+# -- tags ------------------------------------------------------------------------------------
+def _tagger(audit_key: bytes):
+    return blake3.blake3(TAG_LABEL, key=audit_key)
+
+
+def piece_tag(base, leaf: bytes, block: int, piece: int, data: bytes) -> bytes:
+    """Tag of piece ``piece`` of block ``block`` (whose Merkle leaf is ``leaf``)."""
+    h = base.copy()
+    h.update(leaf + struct.pack(">IH", block, piece))
+    h.update(data)
+    return h.digest(length=TAG_LEN)
+
+
+def piece_tags(audit_key: bytes, body: bytes, leaves: bytes, piece: int = PIECE) -> bytes:
+    """All tags of a shard object, block-major (see index.SCHEMA, audit_tags)."""
+    base = _tagger(audit_key)
+    mv = memoryview(body)
+    out = bytearray()
+    for b, boff in enumerate(range(0, max(len(body), 1), BLOCK)):
+        leaf = leaves[32 * b : 32 * b + 32]
+        blk = mv[boff : boff + BLOCK]
+        for j, poff in enumerate(range(0, max(len(blk), 1), piece)):
+            out += piece_tag(base, leaf, b, j, bytes(blk[poff : poff + piece]))
+    return bytes(out)
+
+
+def record_tags(index: Index, audit_key: bytes, shards: list) -> None:
+    """Store audit tags for freshly built shard objects (``segment.Shard``: name, body, blocks).
+
+    Called on the write path before the shard rows commit; an orphan row (crash in between) is
+    harmless and pruned by :func:`prune_orphans`.
+    """
+    rows = [(s.name, PIECE, piece_tags(audit_key, s.body, s.blocks)) for s in shards]
+    with index.tx() as db:
+        db.executemany(
+            "INSERT OR REPLACE INTO audit_tags(name, piece, tags) VALUES (?, ?, ?)", rows
+        )
+
+
+def prune_orphans(index: Index) -> None:
+    """Drop audit rows whose shard is gone (crashed seals, pruned index copies)."""
+    with index.tx() as db:
+        db.execute("DELETE FROM audit_tags WHERE name NOT IN (SELECT name FROM shards)")
+        db.execute("DELETE FROM audit_findings WHERE shard NOT IN (SELECT id FROM shards)")
+        db.execute("DELETE FROM audit_plan WHERE shard NOT IN (SELECT id FROM shards)")
+
+
+# -- sampling math ---------------------------------------------------------------------------
+def checks_needed(confidence: float = DEFAULT_CONFIDENCE, loss: float = DEFAULT_LOSS) -> int:
+    """⌈ln(1−C)/ln(1−x)⌉: random checks that detect a loss of fraction x with confidence C."""
+    if not (0 < confidence < 1 and 0 < loss < 1):
+        raise ValueError("confidence and loss must be in (0, 1)")
+    return math.ceil(math.log(1 - confidence) / math.log(1 - loss))
+
+
+def confidence_reached(checked: int, blocks: int, loss: float = DEFAULT_LOSS) -> float:
+    """Probability that ``checked`` distinct random blocks out of ``blocks`` hit at least one of
+    ⌈loss·blocks⌉ lost ones (hypergeometric; 1.0 once every block could not have been missed)."""
+    if blocks <= 0:
+        return 1.0
+    lost = max(1, math.ceil(loss * blocks))
+    if checked >= blocks - lost + 1:
+        return 1.0
+    miss = 1.0
+    for i in range(checked):
+        miss *= (blocks - lost - i) / (blocks - i)
+    return 1.0 - miss
+
+
+# -- what the index says ---------------------------------------------------------------------
+class ShardRow(NamedTuple):
+    id: int
+    segment: int
+    idx: int
+    name: str
+    remote: int
+    size: int
+    hash: bytes
+    blocks: bytes
+    root: bytes
+    state: str
+    kind: str
+    seg_uid: bytes
+    seg_root: bytes
+
+    @property
+    def nblocks(self) -> int:
+        return max(1, math.ceil(self.size / BLOCK))
+
+    @property
+    def path(self) -> str:
+        return f"{self.kind}/{self.name}"
+
+
+SHARD_SQL = (
+    "SELECT s.id, s.segment, s.idx, s.name, s.remote, s.size, s.hash, s.blocks, s.root, s.state,"
+    " g.kind, g.uid, g.root FROM shards s JOIN segments g ON g.id = s.segment"
+)
+
+
+def latest_seq(index: Index) -> int:
+    return index.one("SELECT coalesce(max(seq), 0) FROM manifests")[0]
+
+
+def live_segments_sql() -> str:
+    """Segments whose redundancy matters: all data segments and the index export named by the
+    latest manifest (older index exports are superseded)."""
+    return (
+        "(g.kind = 'data' OR (g.kind = 'meta' AND g.manifest = (SELECT max(seq) FROM manifests)))"
+    )
+
+
+class Anchor:
+    """The latest manifest's signed vault root and Merkle proofs of segments up to it."""
+
+    def __init__(self, index: Index) -> None:
+        row = index.one("SELECT seq, root FROM manifests ORDER BY seq DESC LIMIT 1")
+        self.seq, self.root = (row[0], bytes(row[1])) if row else (0, merkle.EMPTY_ROOT)
+        data = index.q("SELECT id, root FROM segments WHERE kind='data' ORDER BY id")
+        self.ids = [r[0] for r in data]
+        self.roots = [bytes(r[1]) for r in data]
+        self.covered = self._covered(index)
+        self.pos = {sid: i for i, sid in enumerate(self.ids[: self.covered])}
+        self._proofs: dict[int, bool] = {}
+        self._lock = threading.Lock()
+
+    def _covered(self, index: Index) -> int:
+        if self.seq == 0:
+            return 0
+        first_meta = index.one(
+            "SELECT min(id) FROM segments WHERE kind='meta' AND manifest=?", (self.seq,)
+        )[0]
+        guess = sum(1 for i in self.ids if first_meta is None or i < first_meta)
+        for n in [guess, *range(len(self.roots), -1, -1)]:
+            if merkle.root(self.roots[:n]) == self.root:
+                return n
+        raise IntegrityError(
+            f"the local index does not match the vault root it signed in manifest #{self.seq}: "
+            "the index was altered; restore it from the remotes"
+        )
+
+    def segment_ok(self, seg_id: int, seg_root: bytes) -> bool | None:
+        """True if the segment's root proves up to the signed vault root, False if its proof
+        fails, None if the segment is newer than the latest manifest (checked to the index)."""
+        pos = self.pos.get(seg_id)
+        if pos is None:
+            return None
+        with self._lock:
+            hit = self._proofs.get(seg_id)
+        if hit is None:
+            path = merkle.proof(self.roots[: self.covered], pos)
+            hit = merkle.verify_proof(seg_root, path, self.root)
+            with self._lock:
+                self._proofs[seg_id] = hit
+        return hit
+
+
+# -- the report ------------------------------------------------------------------------------
+@dataclass
+class RemoteAudit:
+    remote: str
+    rid: int
+    domain: str
+    state: str = "ok"
+    mode: str = "confidence"
+    objects: int = 0
+    stored_bytes: int = 0
+    blocks: int = 0
+    planned: int = 0
+    checked: int = 0
+    remaining: int = 0
+    queued: int = 0
+    missing: list[str] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)
+    unreachable: bool = False
+    error: str | None = None
+    manifest_seq: int | None = None
+    expected_seq: int = 0
+    stale_manifest: bool = False
+    bytes_read: int = 0
+    confidence: float = 0.0
+    complete: bool = False
+    resumed: bool = False
+    details: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def clean(self) -> bool:
+        return not (
+            self.missing
+            or self.corrupt
+            or self.stale
+            or self.foreign
+            or self.unreachable
+            or self.stale_manifest
+        )
+
+
+@dataclass
+class AuditReport:
+    remotes: list[RemoteAudit]
+    mode: str
+    target_confidence: float
+    loss: float
+    checks_needed: int
+    seconds: float = 0.0
+    manifest_seq: int = 0
+    unsigned_segments: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return all(r.clean for r in self.remotes)
+
+    @property
+    def complete(self) -> bool:
+        return all(r.complete or r.unreachable for r in self.remotes)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["clean"] = self.clean
+        d["complete"] = self.complete
+        for r, rd in zip(self.remotes, d["remotes"], strict=True):
+            rd["clean"] = r.clean
+        return d
+
+
+# -- the audit -------------------------------------------------------------------------------
+def resolve_remotes(vault: Vault, wanted: list[str] | None) -> list[tuple[int, str, str]]:
+    """(id, spec, domain) of the active remotes to audit; ``wanted`` entries match a spec or
+    its label. Raises BadRemote for a name that is not an active remote of this vault."""
+    rows = vault.index.q(
+        "SELECT id, spec, coalesce(domain, 'remote' || id) FROM remotes WHERE state='active'"
+        " ORDER BY position, id"
+    )
+    if not wanted:
+        return [(r[0], r[1], r[2]) for r in rows]
+    out = []
+    for w in wanted:
+        hit = [r for r in rows if w in (r[1], Remote(r[1]).label)]
+        if not hit:
+            raise BadRemote(
+                f"remote {w!r} is not part of this vault: see `vaultfs remote list` for its remotes"
+            )
+        out.append((hit[0][0], hit[0][1], hit[0][2]))
+    return out
+
+
+class _Ctx:
+    def __init__(
+        self,
+        vault: Vault,
+        mode: str,
+        sample: float | None,
+        deadline: float | None,
+        confidence: float,
+        loss: float,
+        wrap: Callable[[object], object] | None,
+        whole_budget: int,
+        plan_only: bool,
+    ) -> None:
+        self.vault = vault
+        self.index = vault.index
+        self.keys = vault.keys
+        self.mode = mode
+        self.sample = sample
+        self.deadline = deadline
+        self.confidence = confidence
+        self.loss = loss
+        self.wrap = wrap
+        self.whole_budget = whole_budget
+        self.list_only = plan_only
+        self.anchor = Anchor(vault.index)
+        self.tagger = _tagger(vault.keys.audit_key)
+        self.known_uids = {
+            bytes(u): sid for sid, u in vault.index.q("SELECT id, uid FROM segments")
+        }
+        self.seg_ok: dict[int, bool] = {}
+        self.lock = threading.Lock()
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    # chain: shard root -> segment root -> signed vault root (cached per shard/segment)
+    def chain_ok(self, sh: ShardRow) -> bool:
+        with self.lock:
+            hit = self.seg_ok.get(sh.segment)
+        if hit is None:
+            roots = [
+                bytes(r[0])
+                for r in self.index.q(
+                    "SELECT root FROM shards WHERE segment=? ORDER BY idx", (sh.segment,)
+                )
+            ]
+            hit = merkle.root(roots) == sh.seg_root
+            if hit and sh.kind == "data":
+                hit = self.anchor.segment_ok(sh.segment, sh.seg_root) is not False
+            with self.lock:
+                self.seg_ok[sh.segment] = hit
+        if not hit:
+            raise IntegrityError(
+                f"segment {sh.segment}: its Merkle records in the local index do not prove up to "
+                "the signed vault root; the index was altered — restore it from the remotes"
+            )
+        leaves = [sh.blocks[i : i + 32] for i in range(0, len(sh.blocks), 32)]
+        if merkle.root(leaves) != sh.root:
+            raise IntegrityError(f"shard {sh.name}: its leaf hashes do not match its root")
+        return True
+
+    def leaf_ok(self, sh: ShardRow, block: int, data: bytes) -> bool:
+        leaves = [sh.blocks[i : i + 32] for i in range(0, len(sh.blocks), 32)]
+        leaf = merkle.leaf_hash(data)
+        return leaf == leaves[block] and merkle.verify_proof(
+            leaf, merkle.proof(leaves, block), sh.root
+        )
+
+
+def _classify_body(ctx: _Ctx, sh: ShardRow, body: bytes) -> tuple[str, str] | None:
+    """None if the object is intact, else (kind, detail) with kind 'corrupt' or 'stale'."""
+    if len(body) == sh.size and segment.object_hash(body) == sh.hash:
+        return None
+    return _why_bad(ctx, sh, body[: segment.HEADER.size], len(body))
+
+
+def _why_bad(ctx: _Ctx, sh: ShardRow, head: bytes, size: int | None) -> tuple[str, str]:
+    try:
+        h = segment.HEADER.unpack_from(head)
+        magic, ver, _kind, _alg, _k, _n, idx, _r, _size, uid, _flen = h
+    except struct.error:
+        return "corrupt", "too short to be a shard object"
+    if magic == segment.SHARD_MAGIC and ver == segment.SHARD_VERSION:
+        other = ctx.known_uids.get(bytes(uid))
+        if other is not None and (other != sh.segment or idx != sh.idx):
+            return (
+                "stale",
+                f"holds another genuine object of this vault (segment {other}, index {idx})",
+            )
+    if size is not None and size != sh.size:
+        return "corrupt", f"size {size}, expected {sh.size}"
+    return "corrupt", "content does not match its Merkle leaves"
+
+
+class _RemoteAuditor:
+    def __init__(self, ctx: _Ctx, rid: int, spec: str, domain: str) -> None:
+        self.ctx = ctx
+        self.rid = rid
+        self.b = open_backend(spec, rid, wrap=ctx.wrap)
+        self.rep = RemoteAudit(Remote(spec).label, rid, domain, mode=ctx.mode)
+        self.run_id: int | None = None
+        self.tree: dict[str, dict[str, int]] = {}
+        self.prefetched: dict[str, bytes] = {}  # manifest name -> bytes fetched with objects
+
+    # -- findings ----------------------------------------------------------------------------
+    def _finding(self, sh: ShardRow, kind: str, detail: str) -> None:
+        with self.ctx.index.tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO audit_findings(shard, remote, kind, detail, found)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (sh.id, self.rid, kind, detail, time.time()),
+            )
+            db.execute("UPDATE shards SET state='lost' WHERE id=? AND state='placed'", (sh.id,))
+            if self.run_id is not None:
+                db.execute("DELETE FROM audit_plan WHERE run=? AND shard=?", (self.run_id, sh.id))
+        self.rep.details[sh.path] = f"{kind}: {detail}"
+
+    def run(self) -> RemoteAudit:
+        (self.rep.queued,) = self.ctx.index.one(
+            "SELECT count(*) FROM shards WHERE remote=? AND state='queued'", (self.rid,)
+        )
+        try:
+            self.tree = self.b.list_tree()  # one listing: data/, meta/, manifests/ with sizes
+            shards = self._listing()
+            if not self.ctx.list_only:
+                self._challenges(shards)  # fetching whole objects prefetches the manifest too
+            self._manifests()
+        except Unreachable as e:
+            self.rep.unreachable, self.rep.error = True, e.message
+        except RemoteError as e:
+            # a failure that is neither an outage nor an answer: report as unreachable
+            self.rep.unreachable, self.rep.error = True, e.message
+        finally:
+            self.rep.bytes_read = self.b.bytes_read
+            self._finish()
+        return self.rep
+
+    # -- 1. manifests ------------------------------------------------------------------------
+    def _manifest_names(self) -> list[str]:
+        names = self.tree.get("manifests", {})
+        return sorted((nm for nm in names if manifest.seq_of_name(nm) is not None), reverse=True)
+
+    def _manifests(self) -> None:
+        idx = self.ctx.index
+        latest = self.ctx.anchor.seq
+        pending = {
+            s for (s,) in idx.q("SELECT seq FROM manifest_queue WHERE remote=?", (self.rid,))
+        }
+        delivered = [s for (s,) in idx.q("SELECT seq FROM manifests") if s not in pending]
+        self.rep.expected_seq = max(delivered, default=0)
+        best: manifest.Manifest | None = None
+        for nm in self._manifest_names()[:8]:
+            try:
+                blob = self.prefetched.pop(nm, None) or self.b.cat("manifests", nm)
+                m = manifest.decode(self.ctx.keys, blob)
+            except ObjectMissing:
+                continue
+            except IntegrityError as e:
+                self.rep.foreign.append(f"manifests/{nm}")
+                self.rep.details[f"manifests/{nm}"] = f"forged or corrupt manifest: {e.message}"
+                continue
+            if m.seq != manifest.seq_of_name(nm):
+                self.rep.foreign.append(f"manifests/{nm}")
+                self.rep.details[f"manifests/{nm}"] = "name does not match its signed sequence"
+                continue
+            best = m
+            break
+        self.rep.manifest_seq = best.seq if best else None
+        if self.rep.expected_seq and (best is None or best.seq < self.rep.expected_seq):
+            self.rep.stale_manifest = True
+            have = f"#{best.seq}" if best else "none"
+            self.rep.details["manifests/"] = (
+                f"stale: newest valid manifest {have}, expected #{self.rep.expected_seq}"
+            )
+        if best is not None and best.seq == latest:
+            if best.body.get("vault_root") != self.ctx.anchor.root.hex():
+                raise IntegrityError(
+                    f"{self.rep.remote}: the signed vault root of manifest #{latest} differs "
+                    "from the local index's: the index was altered; restore it from the remotes"
+                )
+            signed = {
+                s["name"]: s["hash"]
+                for seg in best.body["index"]["segments"]
+                for s in seg["shards"]
+            }
+            for name, h in idx.q(
+                "SELECT s.name, s.hash FROM shards s JOIN segments g ON g.id = s.segment"
+                " WHERE g.kind='meta' AND g.manifest=?",
+                (latest,),
+            ):
+                if name in signed and signed[name] != bytes(h).hex():
+                    raise IntegrityError(
+                        f"index shard {name} does not match the hash signed in manifest "
+                        f"#{latest}: the index was altered; restore it from the remotes"
+                    )
+
+    # -- 2. listing --------------------------------------------------------------------------
+    def _listing(self) -> list[ShardRow]:
+        idx = self.ctx.index
+        listed = {sub: self.tree.get(sub, {}) for sub in segment.KIND_NAMES.values()}
+        rows = [
+            ShardRow(*r)
+            for r in idx.q(SHARD_SQL + f" WHERE s.remote=? AND {live_segments_sql()}", (self.rid,))
+        ]
+        mine_all = {
+            n: st for n, st in idx.q("SELECT name, state FROM shards WHERE remote=?", (self.rid,))
+        }
+        present: list[ShardRow] = []
+        for sh in rows:
+            if sh.state != "placed":
+                continue
+            size = listed[sh.kind].get(sh.name)
+            if size is None:
+                self._finding(sh, "missing", "object absent from the listing")
+            elif size >= 0 and size != sh.size:
+                why = _why_bad(self.ctx, sh, self._head(sh), size)
+                self._finding(sh, *why)
+            else:
+                present.append(sh)
+        now = time.time()
+        foreign = [
+            (sub, nm)
+            for sub, objs in listed.items()
+            for nm in objs
+            if nm not in mine_all and not nm.startswith(".") and not nm.endswith(".partial")
+        ]
+        with idx.tx() as db:
+            db.execute("DELETE FROM audit_foreign WHERE remote=?", (self.rid,))
+            db.executemany(
+                "INSERT OR IGNORE INTO audit_foreign(remote, sub, name, found) VALUES (?, ?, ?, ?)",
+                [(self.rid, sub, nm, now) for sub, nm in foreign],
+            )
+        for sub, nm in foreign:
+            self.rep.foreign.append(f"{sub}/{nm}")
+            self.rep.details.setdefault(f"{sub}/{nm}", "foreign: not an object of this vault here")
+        self.rep.objects = len(present)
+        self.rep.stored_bytes = sum(s.size for s in present)
+        self.rep.blocks = sum(s.nblocks for s in present)
+        return present
+
+    def _head(self, sh: ShardRow) -> bytes:
+        try:
+            return self.b.cat(sh.kind, sh.name, 0, segment.HEADER.size)
+        except ObjectMissing:
+            return b""
+
+    # -- 3. challenges -----------------------------------------------------------------------
+    def _plan(self, present: list[ShardRow]) -> None:
+        idx = self.ctx.index
+        mode = self.ctx.mode
+        row = idx.one(
+            "SELECT id, mode, planned FROM audit_runs WHERE remote=? AND finished IS NULL"
+            " ORDER BY id DESC LIMIT 1",
+            (self.rid,),
+        )
+        if row is not None and row[1] == mode and self.ctx.sample is None:
+            self.run_id = row[0]
+            self.rep.resumed = True
+            return
+        if row is not None:  # a different kind of audit was asked for: close the old one
+            with idx.tx() as db:
+                db.execute("DELETE FROM audit_plan WHERE run=?", (row[0],))
+                db.execute("UPDATE audit_runs SET finished=? WHERE id=?", (time.time(), row[0]))
+        total = self.rep.blocks
+        tagged = {
+            n
+            for (n,) in idx.q(
+                "SELECT t.name FROM audit_tags t JOIN shards s ON s.name = t.name"
+                " WHERE s.remote=? AND t.piece=?",
+                (self.rid, PIECE),
+            )
+        }
+        plan: list[tuple[int, int, int]] = []
+        if mode == "read-all":
+            plan = [(sh.id, -1, -1) for sh in present]
+        else:
+            if mode == "sample":
+                m = min(total, math.ceil(total * (self.ctx.sample or 0) / 100))
+            else:
+                m = min(total, checks_needed(self.ctx.confidence, self.ctx.loss))
+            picks = sorted(secrets.SystemRandom().sample(range(total), m)) if m else []
+            it = iter(picks)
+            nxt = next(it, None)
+            base = 0
+            for sh in present:
+                while nxt is not None and nxt < base + sh.nblocks:
+                    blk = nxt - base
+                    if sh.name in tagged:
+                        blen = min(BLOCK, sh.size - blk * BLOCK)
+                        piece = secrets.randbelow(max(1, math.ceil(blen / PIECE)))
+                    else:
+                        piece = -1
+                    plan.append((sh.id, blk, piece))
+                    nxt = next(it, None)
+                base += sh.nblocks
+        with idx.tx() as db:
+            cur = db.execute(
+                "INSERT INTO audit_runs(remote, mode, started, blocks, planned)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (self.rid, mode, time.time(), total, len(plan)),
+            )
+            self.run_id = cur.lastrowid
+            db.executemany(
+                "INSERT OR IGNORE INTO audit_plan(run, shard, block, piece) VALUES (?, ?, ?, ?)",
+                [(self.run_id, *p) for p in plan],
+            )
+
+    def _challenges(self, present: list[ShardRow]) -> None:
+        self._plan(present)
+        idx = self.ctx.index
+        by_id = {sh.id: sh for sh in present}
+        rows = idx.q("SELECT shard, block, piece FROM audit_plan WHERE run=?", (self.run_id,))
+        gone = [r for r in rows if r[0] not in by_id]
+        if gone:  # shards repaired or moved since the plan was drawn
+            with idx.tx() as db:
+                db.executemany(
+                    "DELETE FROM audit_plan WHERE run=? AND shard=? AND block=? AND piece=?",
+                    [(self.run_id, *r) for r in gone],
+                )
+        rows = [r for r in rows if r[0] in by_id]
+        per_shard: dict[int, list[tuple[int, int]]] = {}
+        for sid, blk, piece in rows:
+            per_shard.setdefault(sid, []).append((blk, piece))
+        whole_cost = sum(by_id[s].size for s in per_shard)
+        whole = self.ctx.mode == "read-all" or whole_cost <= self.ctx.whole_budget
+        if whole:
+            self._whole(by_id, per_shard)
+        else:
+            self._ranged(by_id, rows)
+
+    def _done(self, shard: int, answers: list[tuple[int, int]], ok: int, bad: int) -> None:
+        with self.ctx.index.tx() as db:
+            db.executemany(
+                "DELETE FROM audit_plan WHERE run=? AND shard=? AND block=? AND piece=?",
+                [(self.run_id, shard, b, p) for b, p in answers],
+            )
+            db.execute(
+                "UPDATE audit_runs SET checked = checked + ?, failed = failed + ? WHERE id=?",
+                (ok, bad, self.run_id),
+            )
+
+    def _whole(self, by_id: dict[int, ShardRow], per_shard: dict[int, list]) -> None:
+        order = list(per_shard)
+        with tempfile.TemporaryDirectory(prefix="vaultfs-audit-") as tmp:
+            i = 0
+            while i < len(order):
+                if self.ctx.expired():
+                    return
+                batch, size = [], 0
+                while i < len(order) and (not batch or size < 64 * 1024 * 1024) and len(batch) < 64:
+                    batch.append(by_id[order[i]])
+                    size += by_id[order[i]].size
+                    i += 1
+                d = Path(tmp) / f"b{i}"
+                d.mkdir()
+                one_by_one = False
+                paths = [sh.path for sh in batch]
+                newest = self._manifest_names()[:1]
+                if i == len(batch):  # first batch: the newest manifest rides along
+                    paths += [f"manifests/{nm}" for nm in newest]
+                try:
+                    self.b.get("", paths, d)
+                except Unreachable:
+                    raise
+                except RemoteError:  # some object in the batch is unreadable: find which
+                    one_by_one = True
+                for nm in newest:
+                    if (d / "manifests" / nm).exists():
+                        self.prefetched[nm] = (d / "manifests" / nm).read_bytes()
+                for sh in batch:
+                    self.ctx.chain_ok(sh)
+                    p = d / sh.kind / sh.name
+                    answers = per_shard[sh.id]
+                    if one_by_one and not p.exists():
+                        try:
+                            p.parent.mkdir(exist_ok=True)
+                            p.write_bytes(self.b.cat(sh.kind, sh.name))
+                        except ObjectMissing:
+                            pass
+                        except Unreachable:
+                            raise
+                        except RemoteError as e:
+                            self._finding(sh, "corrupt", f"unreadable: {e.message}")
+                            self._done(sh.id, answers, 0, len(answers))
+                            continue
+                    if not p.exists():
+                        self._finding(sh, "missing", "listed, but could not be downloaded")
+                        self._done(sh.id, answers, 0, len(answers))
+                        continue
+                    bad = _classify_body(self.ctx, sh, p.read_bytes())
+                    p.unlink()
+                    if bad:
+                        self._finding(sh, *bad)
+                        self._done(sh.id, answers, 0, len(answers))
+                    else:
+                        self._done(sh.id, answers, len(answers), 0)
+
+    def _check_one(self, sh: ShardRow, blk: int, piece: int) -> tuple[str, str] | None:
+        self.ctx.chain_ok(sh)
+        boff = blk * BLOCK
+        blen = min(BLOCK, sh.size - boff)
+        if piece < 0:
+            data = self.b.cat(sh.kind, sh.name, boff, blen)
+            if len(data) == blen and self.ctx.leaf_ok(sh, blk, data):
+                return None
+        else:
+            tags = self.ctx.index.one("SELECT tags FROM audit_tags WHERE name=?", (sh.name,))
+            off = boff + piece * PIECE
+            cnt = min(PIECE, blen - piece * PIECE)
+            data = self.b.cat(sh.kind, sh.name, off, cnt)
+            leaf = sh.blocks[32 * blk : 32 * blk + 32]
+            t = (blk * (BLOCK // PIECE) + piece) * TAG_LEN
+            if (
+                tags is not None
+                and len(data) == cnt
+                and piece_tag(self.ctx.tagger, leaf, blk, piece, data) == tags[0][t : t + TAG_LEN]
+                and merkle.verify_proof(
+                    leaf,
+                    merkle.proof(
+                        [sh.blocks[i : i + 32] for i in range(0, len(sh.blocks), 32)], blk
+                    ),
+                    sh.root,
+                )
+            ):
+                return None
+        if len(data) < (cnt if piece >= 0 else blen):
+            return "corrupt", f"short read at block {blk}: got {len(data)} bytes (truncated?)"
+        kind, detail = _why_bad(self.ctx, sh, self._head(sh), None)
+        if kind == "corrupt":
+            where = f"block {blk}" + (f", piece {piece}" if piece >= 0 else "")
+            detail = f"wrong bytes at {where}"
+        return kind, detail
+
+    def _ranged(self, by_id: dict[int, ShardRow], rows: list[tuple[int, int, int]]) -> None:
+        order = list(rows)
+        secrets.SystemRandom().shuffle(order)
+        failed: set[int] = set()
+
+        def one(r: tuple[int, int, int]):
+            if self.ctx.expired() or r[0] in failed:
+                return r, "skip"
+            try:
+                return r, self._check_one(by_id[r[0]], r[1], r[2])
+            except ObjectMissing as e:
+                return r, ("missing", e.message)
+
+        with ThreadPoolExecutor(max_workers=RANGE_WORKERS) as ex:
+            for r, res in ex.map(one, order):
+                if res == "skip":
+                    continue
+                if res is None:
+                    self._done(r[0], [(r[1], r[2])], 1, 0)
+                elif r[0] not in failed:
+                    failed.add(r[0])
+                    self._done(r[0], [(r[1], r[2])], 0, 1)
+                    self._finding(by_id[r[0]], *res)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def _finish(self) -> None:
+        idx = self.ctx.index
+        rep = self.rep
+        if self.run_id is not None:
+            blocks, planned, checked, failed = idx.one(
+                "SELECT blocks, planned, checked, failed FROM audit_runs WHERE id=?", (self.run_id,)
+            )
+            (left,) = idx.one("SELECT count(*) FROM audit_plan WHERE run=?", (self.run_id,))
+            rep.planned, rep.checked, rep.remaining = planned, checked, left
+            rep.complete = left == 0
+            answered = checked + failed
+            if self.ctx.mode == "read-all":
+                rep.confidence = 1.0 if rep.complete else 0.0
+            else:
+                rep.confidence = confidence_reached(answered, blocks, self.ctx.loss)
+            with idx.tx() as db:
+                db.execute(
+                    "UPDATE audit_runs SET bytes_read = bytes_read + ?, confidence=?,"
+                    " finished=? WHERE id=?",
+                    (
+                        rep.bytes_read,
+                        rep.confidence,
+                        time.time() if left == 0 else None,
+                        self.run_id,
+                    ),
+                )
+        elif self.ctx.list_only and not rep.unreachable:
+            rep.complete = True
+        # open findings (this run's and earlier ones not yet repaired) belong in the report
+        for name, sub, kind, detail in idx.q(
+            "SELECT s.name, g.kind, f.kind, f.detail FROM audit_findings f JOIN shards s"
+            " ON s.id = f.shard JOIN segments g ON g.id = s.segment WHERE f.remote=?"
+            " AND s.state='lost'",
+            (self.rid,),
+        ):
+            path = f"{sub}/{name}"
+            bucket = {"missing": rep.missing, "stale": rep.stale}.get(kind, rep.corrupt)
+            if kind != "removed" and path not in bucket:
+                bucket.append(path)
+                rep.details.setdefault(path, f"{kind}: {detail}")
+        if rep.unreachable:
+            state = "unreachable"
+        elif rep.stale_manifest or rep.stale:
+            state = "stale"
+        elif not rep.clean:
+            state = "degraded"
+        else:
+            state = "ok"
+        rep.state = state
+        now = time.time()
+        summary = None
+        if state != "ok":
+            summary = rep.error or "; ".join(f"{k}: {v}" for k, v in list(rep.details.items())[:3])
+        with idx.tx() as db:
+            old = db.execute(
+                "SELECT state, since FROM remote_health WHERE remote=?", (self.rid,)
+            ).fetchone()
+            since = old[1] if old and old[0] == state else now
+            db.execute(
+                "INSERT OR REPLACE INTO remote_health(remote, state, since, checked, detail)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (self.rid, state, since, now, summary),
+            )
+            if rep.unreachable:
+                db.execute("UPDATE remotes SET last_error=? WHERE id=?", (rep.error, self.rid))
+            else:
+                db.execute(
+                    "UPDATE remotes SET last_ok=?, last_error=NULL WHERE id=?", (now, self.rid)
+                )
+
+
+def audit(
+    vault: Vault,
+    remotes: list[str] | None = None,
+    *,
+    mode: str = "confidence",
+    sample: float | None = None,
+    max_duration: float | None = None,
+    confidence: float = DEFAULT_CONFIDENCE,
+    loss: float = DEFAULT_LOSS,
+    wrap: Callable[[object], object] | None = None,
+    whole_budget: int = WHOLE_OBJECT_BUDGET,
+    list_only: bool = False,
+) -> AuditReport:
+    """Audit the vault's remotes in parallel (one thread each) and return the report.
+
+    ``mode``: 'confidence' (enough random checks for ``confidence`` against ``loss``),
+    'sample' (``sample`` percent of the blocks) or 'read-all'. ``list_only`` does steps 1-2
+    only (the cheap scan repair starts with). ``wrap`` inserts a layer in every remote's stack
+    (tests). Raises BadRemote for a remote that is not part of the vault and IntegrityError when
+    the local index contradicts the signed manifest; everything else is reported per remote.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown audit mode {mode!r}")
+    if mode == "sample" and not (sample and 0 < sample <= 100):
+        raise ValueError("--sample takes a percentage in (0, 100]")
+    t0 = time.monotonic()
+    targets = resolve_remotes(vault, remotes)
+    vault.seal()
+    prune_orphans(vault.index)
+    deadline = t0 + max_duration if max_duration else None
+    ctx = _Ctx(vault, mode, sample, deadline, confidence, loss, wrap, whole_budget, list_only)
+    results: list[RemoteAudit] = []
+    errors: list[BaseException] = []
+
+    def one(t: tuple[int, str, str]) -> None:
+        try:
+            results.append(_RemoteAuditor(ctx, *t).run())
+        except BaseException as e:  # re-raised below, in the caller's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(t,)) for t in targets]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+    order = {t[0]: i for i, t in enumerate(targets)}
+    results.sort(key=lambda r: order[r.rid])
+    (unsigned,) = vault.index.one(
+        "SELECT count(*) FROM segments WHERE kind='data' AND id > ?",
+        (ctx.anchor.ids[ctx.anchor.covered - 1] if ctx.anchor.covered else 0,),
+    )
+    return AuditReport(
+        results,
+        mode,
+        confidence,
+        loss,
+        checks_needed(confidence, loss),
+        time.monotonic() - t0,
+        ctx.anchor.seq,
+        unsigned,
+    )
