@@ -22,8 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from cli.main import HomeOpt, JsonOpt, _home, _open, _passphrase, app, err, out
 from vaultfs import receipt as receipts
 from vaultfs import rotation, shamir
-from vaultfs.errors import InputError, NoVault, ShareError
-from vaultfs.keys import SUITES, read_keyfile, suite_name, write_keyfile
+from vaultfs.errors import InputError, NoVault, ShareError, WrongKey
+from vaultfs.keys import SUITES, VaultKeys, parse_seed, read_keyfile, suite_name, write_keyfile
 from vaultfs.remotes import Remote
 
 keys_app = typer.Typer(
@@ -334,8 +334,41 @@ def rotate(
 
 
 @keys_app.command("init")
-def init_keys(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Complete the key material of a vault made by an older vaultfs (SLH-DSA key pair)."""
+def init_keys(
+    seed_file: Annotated[
+        Path | None,
+        typer.Option(help="Write HOME/key.json from this master seed (64 hex digits)."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing keyfile.")] = False,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Complete a vault's key material: with --seed-file, write a keyfile from the master seed
+    (a vault whose keyfile was lost); and create the SLH-DSA key pair a vault made by an older
+    vaultfs lacks. Idempotent."""
+    h = _home(home)
+    wrote = None
+    if seed_file is not None:
+        try:
+            keys = VaultKeys.from_seed(parse_seed(seed_file.read_text()))
+        except OSError as e:
+            raise InputError(f"cannot read {seed_file}: {e.strerror}") from None
+        if (h / "index.db").exists():
+            with closing(sqlite3.connect(h / "index.db")) as db:
+                row = db.execute("SELECT value FROM settings WHERE key='vault_id'").fetchone()
+            if row and row[0] != keys.vault_id.hex():
+                raise WrongKey(f"that seed belongs to vault id {keys.vault_id.hex()}, not {row[0]}")
+        kf = h / "key.json"
+        if kf.exists() and not force:
+            raise InputError(f"{kf} already exists: pass --force to replace it")
+        write_keyfile(kf, keys, _passphrase(confirm=True))
+        wrote = str(kf)
+        if not (h / "index.db").exists():  # no local vault: the keyfile is for `restore --from`
+            if as_json:
+                out.print_json(json.dumps({"fingerprint": keys.fingerprint(), "keyfile": wrote}))
+            else:
+                out.print(f"wrote {kf} for vault {keys.fingerprint()}", highlight=False)
+            return
     v = _open(home)
     try:
         created = False
@@ -358,8 +391,10 @@ def init_keys(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     finally:
         v.close()
     if as_json:
-        out.print_json(json.dumps({"fingerprint": fp, "slhdsa_created": created}))
+        out.print_json(json.dumps({"fingerprint": fp, "slhdsa_created": created, "keyfile": wrote}))
         return
+    if wrote:
+        out.print(f"wrote {wrote}", highlight=False)
     out.print(
         f"vault {fp}: "
         + ("SLH-DSA key created; manifests are now signed by it" if created else "keys complete")

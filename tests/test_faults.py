@@ -88,17 +88,12 @@ class Suite:
         self.specs = specs  # short name -> rclone spec
         self.servers = servers  # short name -> server (network remotes)
         self.rows: list[dict] = []
-        self.timings: list[tuple[str, float]] = []
         self._keys = None
         self.src = tmp / "src"
         self.src.mkdir()
 
     def cli(self, *args: str, check: int | None = 0) -> subprocess.CompletedProcess:
-        t0 = time.monotonic()
-        try:
-            return run_cli(*args, home=self.home, check=check)
-        finally:
-            self.timings.append((" ".join(args[:2]), time.monotonic() - t0))
+        return run_cli(*args, home=self.home, check=check)
 
     def label(self, name: str) -> str:
         return Remote(self.specs[name]).label
@@ -383,7 +378,6 @@ def test_fault_injection_suite(
         lines.append("  ".join(str(row[c]).ljust(w) for c, w in zip(cols, widths, strict=True)))
     with capsys.disabled():
         print("\n" + "\n".join(lines))
-        print(sorted(s.timings, key=lambda t: -t[1])[:15], sum(t for _c, t in s.timings))
     assert all(r["bytes lost"] == 0 and r["repaired"] == "yes" for r in s.rows)
     assert all(r["detected"] == r["injected"] for r in s.rows)
     assert len(s.rows) == 9

@@ -210,3 +210,20 @@ def test_keys_init_upgrades_a_vault_without_slhdsa(vault: dict) -> None:
     # seed + remotes recover the SLH-DSA secret key: it is sealed in the manifest body
     keys.load_slhdsa(bytes.fromhex(m.body["slhdsa_public"]), bytes.fromhex(m.body["slhdsa_sealed"]))
     assert len(keys.sign_slhdsa(b"x")) == 7856
+    # the seed's spelling: a vault whose keyfile is gone gets one back from the hex seed
+    seed_file = vault["tmp"] / "seed.txt"
+    seed_file.write_text(" ".join(keys.seed.hex()[i : i + 8] for i in range(0, 64, 8)) + "\n")
+    (home / "key.json").unlink()
+    assert run(home, "status", check=False).returncode != 0
+    res = json.loads(
+        run(home, "keys", "init", "--seed-file", str(seed_file), "--json", pw="pw2").stdout
+    )
+    assert res["keyfile"] == str(home / "key.json") and res["slhdsa_created"] is False
+    assert (
+        json.loads(run(home, "status", "--json", pw="pw2").stdout)["fingerprint"]
+        == keys.fingerprint()
+    )
+    other = vault["tmp"] / "other-seed.txt"
+    other.write_text("ab" * 32)
+    res = run(home, "keys", "init", "--seed-file", str(other), "--force", check=False)
+    assert res.returncode == 10 and "belongs to vault id" in res.stderr
