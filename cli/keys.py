@@ -203,12 +203,20 @@ def recover(
 
 # -- show / passwd / rotate / init / public ----------------------------------------------------
 @keys_app.command()
-def show(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+def show(
+    reveal_seed: Annotated[
+        bool,
+        typer.Option("--reveal-seed", help="Also print the master seed (64 hex digits)."),
+    ] = False,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Fingerprints, suites, key epochs and where the keyring copies are."""
     h = _home(home)
     v = _open(home, lock=False)
     try:
         pub = v.keys.public_bytes()
+        seed = v.keys.seed.hex() if reveal_seed else None
         info = {
             "vault_id": v.keys.vault_id.hex(),
             "fingerprint": v.keys.fingerprint(),
@@ -224,9 +232,18 @@ def show(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         }
     finally:
         v.close()
+    if seed:
+        info["seed"] = seed
+        err.print(
+            "[yellow]The master seed is the whole vault: write it on paper, never store it "
+            "next to the remotes' credentials. `vaultfs keys init --seed-file` and "
+            "`vaultfs restore --seed-file` take it back.[/]"
+        )
     if as_json:
         out.print_json(json.dumps(info))
         return
+    if seed:
+        out.print("master seed: " + " ".join(seed[i : i + 8] for i in range(0, 64, 8)))
     out.print(f"vault {info['fingerprint']}  (id {info['vault_id']})", highlight=False)
     out.print(f"  ML-DSA-65 public key SHA-256: {info['public_keys']['mldsa65_sha256']}")
     out.print(f"  Ed25519 public key:           {info['public_keys']['ed25519']}")

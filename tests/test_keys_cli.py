@@ -211,8 +211,11 @@ def test_keys_init_upgrades_a_vault_without_slhdsa(vault: dict) -> None:
     keys.load_slhdsa(bytes.fromhex(m.body["slhdsa_public"]), bytes.fromhex(m.body["slhdsa_sealed"]))
     assert len(keys.sign_slhdsa(b"x")) == 7856
     # the seed's spelling: a vault whose keyfile is gone gets one back from the hex seed
+    shown = run(home, "keys", "show", "--reveal-seed")
+    line = next(ln for ln in shown.stdout.splitlines() if ln.startswith("master seed: "))
+    assert line.removeprefix("master seed: ").replace(" ", "") == keys.seed.hex()
     seed_file = vault["tmp"] / "seed.txt"
-    seed_file.write_text(" ".join(keys.seed.hex()[i : i + 8] for i in range(0, 64, 8)) + "\n")
+    seed_file.write_text(line.removeprefix("master seed: ") + "\n")  # written down by hand
     (home / "key.json").unlink()
     assert run(home, "status", check=False).returncode != 0
     res = json.loads(
