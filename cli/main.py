@@ -233,6 +233,10 @@ def backup(
 @app.command()
 def flush(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Upload every queued shard and manifest; wait until done or report who is behind."""
+    from cli.mount import flush_via_mount  # a mounted vault is flushed by its daemon
+
+    if (code := flush_via_mount(home, as_json)) is not None:
+        raise typer.Exit(code)
     v = _open(home)
     try:
         code = _report_flush(v, as_json)
@@ -327,10 +331,19 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         st = v.status()
     finally:
         v.close()
+    from cli.mount import mount_status  # the running mount's cache and upload state
+
+    if (mounted := mount_status(home)) is not None:
+        st["mount"] = mounted
     if as_json:
         out.print_json(json.dumps(st))
         return
     out.print(f"vault {st['fingerprint']}  {st['k']}-of-{st['n']}  snapshots: {st['snapshots']}")
+    if mounted:
+        out.print(
+            f"mounted at {mounted['mountpoint']}: {mounted['cache_dirty_bytes']:,} of "
+            f"{mounted['cache_budget']:,} cache bytes dirty"
+        )
     t = Table(
         "remote", "domain", "health", "placed", "queued", "last audit",
         "last error",
@@ -471,6 +484,7 @@ def restore(
 
 import cli.audit  # noqa: E402,F401
 import cli.keys  # noqa: E402,F401  (registers the `keys`, `reencrypt`, `receipt` commands)
+import cli.mount  # noqa: E402,F401
 
 
 def main() -> None:
@@ -490,4 +504,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run the imported module's app: command modules (cli/mount.py, ...) register on cli.main
+    from cli.main import main as _main
+
+    _main()

@@ -20,6 +20,7 @@ blocking methods from a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -505,13 +506,22 @@ class Vault:
         rows = []
         for sh, rid in zip(shards, placement, strict=True):
             dest_dir = self.queue_dir / f"r{rid}" / segment.KIND_NAMES[kind]
-            dest_dir.mkdir(parents=True, exist_ok=True)
             t = tmp / sh.name
             _write_durable(t, sh.body)
-            os.replace(t, dest_dir / sh.name)
+            for attempt in range(5):
+                # a concurrent flush may move the whole queue directory away (rclone's
+                # server-side DirMove to a local remote): recreate it and retry
+                dest_dir.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(t, dest_dir / sh.name)
+                    break
+                except FileNotFoundError:
+                    if attempt == 4 or not t.exists():
+                        raise
             rows.append((sh.idx, sh.name, rid, len(sh.body), sh.hash, sh.blocks, sh.root))
         for rid in set(placement):
-            _fsync_dir(self.queue_dir / f"r{rid}" / segment.KIND_NAMES[kind])
+            with contextlib.suppress(FileNotFoundError):  # moved to the remote meanwhile
+                _fsync_dir(self.queue_dir / f"r{rid}" / segment.KIND_NAMES[kind])
         from .verify import record_tags  # audit tags, computed while the bytes are at hand
 
         record_tags(self.index, self.keys.audit_key, shards)
@@ -1055,9 +1065,10 @@ class Vault:
                 break
             body = None
             qf = self.queue_dir / f"r{rid}" / kind / name
-            if qf.exists():
+            with contextlib.suppress(FileNotFoundError):
                 body = qf.read_bytes()
-            elif state == "placed":
+            if body is None and state in ("placed", "queued"):
+                # 'queued' with no queue file: a concurrent flush has just uploaded it
                 try:
                     body = Remote(spec, rid).cat(kind, name)
                 except RemoteError:

@@ -1,0 +1,243 @@
+"""Commands for the mount: `vaultfs mount`, `umount`, `snapshot [--name]`, `snapshot delete`.
+
+A running mount holds the vault's lock; these commands (and `flush`/`status` in main.py)
+reach it through the control socket (vaultfs/control.py). Exit codes: vaultfs/errors.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.main import HomeOpt, JsonOpt, _home, _open, _passphrase, _report_flush, app, err, out
+from vaultfs import control
+from vaultfs.errors import EXIT_PARTIAL, InputError, VaultBusy, VaultError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1048576' → bytes (binary units)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise InputError(f"invalid size {text!r}: use bytes or a suffix like 256M or 2G")
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+def syncfs(path: Path) -> None:
+    """Flush the kernel's dirty pages of the file system at ``path`` (syncfs(2))."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syncfs(fd) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e), str(path))
+    finally:
+        os.close(fd)
+
+
+def _call(address: str, req: dict) -> dict | None:
+    return control.call(address, req, timeout=None)
+
+
+def _mounted(home: Path) -> dict | None:
+    """The running mount of this vault, or None."""
+    return _call(control.home_address(home), {"cmd": "ping"})
+
+
+def _print_report(rep: dict, as_json: bool, extra: dict | None = None) -> int:
+    code = EXIT_PARTIAL if rep["segments_below_k_placed"] else 0
+    if as_json:
+        out.print_json(json.dumps({**(extra or {}), **rep}))
+        return code
+    for r, e in rep["errors"].items():
+        err.print(f"[yellow]warning:[/] {r}: {e}")
+    if rep["segments_below_k_placed"]:
+        err.print(
+            f"[yellow]{rep['segments_below_k_placed']} segment(s) have fewer than k shards on "
+            "remotes: the data is safe in the local queue and goes out once remotes are back[/]"
+        )
+    elif not rep["complete"]:
+        behind = ", ".join(f"{r} ({c} queued)" for r, c in rep["pending"].items() if c)
+        err.print(f"[yellow]some remotes are behind: {behind or 'manifests pending'}[/]")
+    return code
+
+
+# -- hooks used by cli/main.py's flush and status ------------------------------------------
+def flush_via_mount(home: Path | None, as_json: bool) -> int | None:
+    """If the vault is mounted, flush through the daemon and return the exit code."""
+    h = _home(home)
+    if _mounted(h) is None:
+        return None
+    if (mp := _mount_info(h)) is not None:
+        syncfs(Path(mp["mountpoint"]))
+    reply = _call(control.home_address(h), {"cmd": "flush"})
+    assert reply is not None
+    return _print_report(reply["report"], as_json)
+
+
+def _mount_info(home: Path) -> dict | None:
+    try:
+        return json.loads((home / "mount.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def mount_status(home: Path | None) -> dict | None:
+    """The running mount's cache and upload state, or None if not mounted."""
+    reply = _call(control.home_address(_home(home)), {"cmd": "status"})
+    return None if reply is None else reply["mount"]
+
+
+# -- mount / umount ---------------------------------------------------------------------------
+@app.command()
+def mount(
+    mountpoint: Annotated[Path, typer.Argument(help="An empty directory.")],
+    home: HomeOpt = None,
+    foreground: Annotated[
+        bool, typer.Option("--foreground", "-f", help="Serve in this process until unmounted.")
+    ] = False,
+    cache_size: Annotated[
+        str, typer.Option("--cache-size", help="Dirty-data budget of the local cache (e.g. 512M).")
+    ] = "512M",
+    ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
+) -> None:
+    """Mount the vault's live tree at MOUNTPOINT (snapshots under .snapshots/)."""
+    from vaultfs import daemon
+
+    h = _home(home)
+    size = parse_size(cache_size)
+    mp = Path(os.path.abspath(mountpoint))
+    if foreground:
+        level = os.environ.get("VAULTFS_LOG", "INFO").upper()
+        logging.basicConfig(
+            level=getattr(logging, level, logging.INFO),
+            format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+            stream=sys.stderr,
+        )
+        code = daemon.run_foreground(h, mp, size, _passphrase(), ready_fd)
+        raise typer.Exit(code)
+    if not daemon.path_exists(mp):
+        raise InputError(f"mountpoint {mp} does not exist: create an empty directory")
+    pid = daemon.spawn(h, mp, size, _passphrase())
+    out.print(f"mounted vault {h} at {mp} (daemon pid {pid}; log {h / 'mount.log'})")
+
+
+@app.command()
+def umount(
+    mountpoint: Annotated[Path, typer.Argument(help="Where the vault is mounted.")],
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the daemon to exit after unmounting.")
+    ] = 300.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Flush the kernel and the cache, wait until shards are placed, then unmount."""
+    from vaultfs import daemon
+
+    mp = Path(os.path.abspath(mountpoint))
+    addr = control.mount_address(mp)
+    ping = _call(addr, {"cmd": "ping"})
+    if ping is None:
+        if daemon.is_dead_mount(mp):
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+            err.print(
+                f"[yellow]{mp} was a dead mount (its daemon had died); cleaned it up. "
+                "Run `vaultfs mount` to recover the cached data.[/]"
+            )
+            return
+        raise InputError(f"{mp} is not a vaultfs mount")
+    syncfs(mp)
+    reply = _call(addr, {"cmd": "umount"})
+    assert reply is not None
+    code = _print_report(reply["report"], as_json, {"mountpoint": str(mp)})
+    res = subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise VaultBusy(
+            f"cannot unmount {mp}: {res.stderr.strip() or 'busy'}; close the files and "
+            "directories open there and retry"
+        )
+    pid = int(ping["pid"])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise VaultError(f"the mount daemon (pid {pid}) did not exit within {timeout:.0f}s")
+    if not as_json:
+        out.print(f"unmounted {mp}")
+    raise typer.Exit(code)
+
+
+# -- snapshots --------------------------------------------------------------------------------
+snap_app = typer.Typer(
+    help="Take a snapshot of the mounted live tree, or delete one.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+app.add_typer(snap_app, name="snapshot")
+
+
+@snap_app.callback()
+def snapshot(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Option(help="A label (also the .snapshots/ name).")] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Snapshot the live tree of the running mount (flushing the kernel first)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if name is not None and (not name or "/" in name or name in (".", "..")):
+        raise InputError(f"invalid snapshot name {name!r}: no '/', not '.' or '..'")
+    h = _home(home)
+    info = _mounted(h)
+    if info is None:
+        raise InputError(
+            f"the vault at {h} is not mounted: `vaultfs snapshot` records the mount's live "
+            "tree; mount it first (or use `vaultfs backup PATH`)"
+        )
+    syncfs(Path(info["mountpoint"]))
+    reply = _call(control.home_address(h), {"cmd": "snapshot", "name": name})
+    assert reply is not None
+    extra = {"snapshot": reply["snapshot"], "entries": reply["entries"], "seq": reply["seq"]}
+    code = _print_report(reply["report"], as_json, extra)
+    if not as_json:
+        out.print(f"snapshot {reply['snapshot']}: {reply['entries']} entries")
+    raise typer.Exit(code)
+
+
+@snap_app.command("delete")
+def snapshot_delete(
+    snap_id: Annotated[str, typer.Argument(metavar="ID", help="Snapshot id (see `snapshots`).")],
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete a snapshot (data other snapshots or the live tree use stays)."""
+    h = _home(home)
+    reply = _call(control.home_address(h), {"cmd": "delete", "id": snap_id})
+    if reply is not None:
+        code = _print_report(reply["report"], as_json, {"deleted": snap_id})
+    else:
+        v = _open(home)
+        try:
+            v.delete_snapshot(snap_id)
+            code = _report_flush(v, as_json, {"deleted": snap_id})
+        finally:
+            v.close()
+    if not as_json:
+        out.print(f"deleted snapshot {snap_id}")
+    raise typer.Exit(code)

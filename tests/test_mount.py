@@ -1,0 +1,514 @@
+"""The mount through a real kernel FUSE mount: POSIX semantics, snapshots, durability, crash,
+cache budget, offline remotes and bad input.
+
+Every test mounts with `vaultfs mount` in a subprocess and the fixtures always unmount (and
+kill a daemon that is left), even when the test fails. Skips only where /dev/fuse is missing.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+    reason="needs /dev/fuse and fusermount3",
+)
+
+MiB = 1024 * 1024
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class Vault:
+    """A vault made with `vaultfs init` over local-directory remotes, driven by the CLI."""
+
+    def __init__(self, root: Path, remotes: list[str] | None = None, k: int = 2, n: int = 3):
+        self.root = root
+        self.home = root / "home"
+        self.remotes = remotes or [str(root / f"r{i}") for i in range(n)]
+        self.env = {
+            **os.environ,
+            "VAULTFS_HOME": str(self.home),
+            "VAULTFS_PASSPHRASE": "correct horse",
+        }
+        self.mp = root / "mnt"
+        self.mp.mkdir(parents=True)
+        args = ["init", "-k", str(k), "-n", str(n), "--segment-mib", "1"]
+        for r in self.remotes:
+            args += ["--remote", r]
+        self.cli(*args)
+
+    def cli(self, *args: str, check: bool = True, env: dict | None = None, timeout: float = 180):
+        res = subprocess.run(
+            [sys.executable, "-m", "cli.main", *args],
+            env=env or self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and res.returncode != 0:
+            raise AssertionError(
+                f"vaultfs {' '.join(args)} exited {res.returncode}:\n{res.stdout}{res.stderr}"
+            )
+        return res
+
+    def mount(self, *extra: str) -> None:
+        self.cli("mount", str(self.mp), *extra)
+
+    @property
+    def pid(self) -> int | None:
+        try:
+            return json.loads((self.home / "mount.json").read_text())["pid"]
+        except (OSError, ValueError):
+            return None
+
+    def umount(self) -> subprocess.CompletedProcess:
+        return self.cli("umount", str(self.mp))
+
+    def cleanup(self) -> None:
+        """Unmount whatever state the mount is in; never raises."""
+        pid = self.pid
+        if os.path.ismount(self.mp) or _dead(self.mp):
+            try:
+                res = self.cli("umount", str(self.mp), check=False, timeout=120)
+                ok = res.returncode in (0, 3)
+            except subprocess.TimeoutExpired:
+                ok = False
+            if not ok:
+                subprocess.run(["fusermount3", "-u", "-z", str(self.mp)], capture_output=True)
+        if pid and _pid_alive(pid):
+            deadline = time.monotonic() + 30
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+    def status(self) -> dict:
+        return json.loads(self.cli("status", "--json").stdout)
+
+
+def _dead(mp: Path) -> bool:
+    try:
+        os.listdir(mp)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def tree_digest(root: Path, skip: tuple[str, ...] = (".snapshots",)) -> dict[str, tuple]:
+    """{relative path: (type, mode, size, sha256 or link target, xattrs)} of a tree."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not (Path(dirpath) == root and d in skip))
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            st = p.lstat()
+            xa = tuple(sorted((a, os.getxattr(p, a, follow_symlinks=False)) for a in os.listxattr(p, follow_symlinks=False)))  # fmt: skip
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("l", os.readlink(p), xa)
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("d", stat.S_IMODE(st.st_mode), xa)
+            else:
+                h = hashlib.sha256(p.read_bytes()).hexdigest()
+                out[rel] = ("f", stat.S_IMODE(st.st_mode), st.st_size, h, xa)
+    return out
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> Vault:
+    """One mounted vault for the POSIX tests of this module (mounting costs an scrypt)."""
+    v = Vault(tmp_path_factory.mktemp("shared"))
+    v.mount("--cache-size", "32M")
+    try:
+        yield v
+    finally:
+        v.cleanup()
+
+
+@pytest.fixture
+def vault(tmp_path) -> Vault:
+    v = Vault(tmp_path)
+    try:
+        yield v
+    finally:
+        v.cleanup()
+
+
+# -- (1) POSIX basics -------------------------------------------------------------------------
+def test_files_random_and_append_writes_match_a_model(shared: Vault) -> None:
+    p = shared.mp / "model.bin"
+    rnd = random.Random(1)
+    model = bytearray()
+    fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        for _ in range(60):
+            off = rnd.randrange(0, 3 * MiB + 5000)
+            data = rnd.randbytes(rnd.choice([1, 100, 4096, 70000, 300000]))
+            os.pwrite(fd, data, off)
+            if off > len(model):
+                model += bytes(off - len(model))
+            model[off : off + len(data)] = data
+        assert os.fstat(fd).st_size == len(model)
+    finally:
+        os.close(fd)
+    with open(p, "ab") as f:  # O_APPEND
+        f.write(b"tail")
+    model += b"tail"
+    assert p.read_bytes() == bytes(model)
+    # ftruncate shrinking into the middle of a block, then growing: zeros appear
+    with open(p, "r+b") as f:
+        f.truncate(MiB + 123)
+        f.truncate(MiB + 1000)
+    assert p.read_bytes() == bytes(model[: MiB + 123]) + bytes(1000 - 123)
+    os.truncate(p, 0)
+    assert p.stat().st_size == 0 and p.read_bytes() == b""
+
+
+def test_rename_unlink_dirs_and_inodes(shared: Vault) -> None:
+    root = shared.mp / "ren"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    (root / "a" / "one").write_bytes(b"1")
+    (root / "b" / "two").write_bytes(b"2")
+    ino = (root / "a" / "one").stat().st_ino
+    os.rename(root / "a" / "one", root / "b" / "two")  # over an existing file, across dirs
+    assert (root / "b" / "two").read_bytes() == b"1"
+    assert (root / "b" / "two").stat().st_ino == ino
+    assert not (root / "a" / "one").exists()
+    os.rename(root / "a", root / "c")  # a directory
+    (root / "c" / "x").write_bytes(b"x")
+    with pytest.raises(OSError) as e:
+        os.rename(root / "b", root / "c")  # over a non-empty directory
+    assert e.value.errno == errno.ENOTEMPTY
+    with pytest.raises(OSError) as e:
+        os.rmdir(root / "c")
+    assert e.value.errno == errno.ENOTEMPTY
+    os.unlink(root / "c" / "x")
+    os.rename(root / "b", root / "c")  # over an empty directory
+    assert sorted(os.listdir(root)) == ["c"]
+    assert (root / "c" / "two").read_bytes() == b"1"
+    # unlink while open: data lives until the last close
+    f = open(root / "c" / "two", "r+b")  # noqa: SIM115
+    os.unlink(root / "c" / "two")
+    f.write(b"after")
+    f.seek(0)
+    assert f.read() == b"after"
+    f.close()
+    assert os.listdir(root / "c") == []
+    # inode numbers are never reused
+    (root / "n1").write_bytes(b"")
+    i1 = (root / "n1").stat().st_ino
+    os.unlink(root / "n1")
+    (root / "n2").write_bytes(b"")
+    assert (root / "n2").stat().st_ino > i1
+
+
+def test_links_metadata_xattrs_excl_statfs(shared: Vault) -> None:
+    d = shared.mp / "meta"
+    d.mkdir()
+    f = d / "f"
+    f.write_bytes(b"data")
+    os.link(f, d / "g")
+    assert (d / "g").stat().st_ino == f.stat().st_ino and f.stat().st_nlink == 2
+    os.symlink("f", d / "s")
+    assert os.readlink(d / "s") == "f" and (d / "s").read_bytes() == b"data"
+    assert stat.S_ISLNK((d / "s").lstat().st_mode)
+    os.chmod(f, 0o600)
+    os.chown(f, 1234, 5678)
+    os.utime(f, ns=(1_000_000_123, 2_000_000_456))
+    st = (d / "g").stat()
+    assert stat.S_IMODE(st.st_mode) == 0o600 and (st.st_uid, st.st_gid) == (1234, 5678)
+    assert st.st_mtime_ns == 2_000_000_456 and st.st_atime_ns == 1_000_000_123
+    os.setxattr(f, "user.comment", b"\x00binary\xff")
+    os.setxattr(f, "user.other", b"v")
+    assert os.getxattr(d / "g", "user.comment") == b"\x00binary\xff"
+    assert sorted(os.listxattr(f)) == ["user.comment", "user.other"]
+    os.removexattr(f, "user.other")
+    with pytest.raises(OSError) as e:
+        os.getxattr(f, "user.other")
+    assert e.value.errno == errno.ENODATA
+    os.unlink(f)
+    assert (d / "g").stat().st_nlink == 1 and (d / "g").read_bytes() == b"data"
+    fd = os.open(d / "excl", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    os.close(fd)
+    with pytest.raises(FileExistsError):
+        os.open(d / "excl", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    sv = os.statvfs(shared.mp)
+    local = os.statvfs(shared.home)
+    assert sv.f_namemax == 255
+    # free space is what the local disk holding the cache and queue can still take
+    assert abs(sv.f_bavail * sv.f_frsize - local.f_bavail * local.f_frsize) < 256 * MiB
+
+
+def test_large_directory_and_fsync(shared: Vault) -> None:
+    d = shared.mp / "many"
+    d.mkdir()
+    names = [f"file-{i:05d}" for i in range(1200)]
+    for name in names:
+        (d / name).write_bytes(name.encode())
+    listed = os.listdir(d)
+    assert sorted(listed) == names and len(set(listed)) == len(names)
+    inos = {e.name: e.inode() for e in os.scandir(d)}
+    assert len(set(inos.values())) == len(names)
+    assert (d / names[1111]).read_bytes() == names[1111].encode()
+    fd = os.open(d / names[0], os.O_WRONLY)
+    os.write(fd, b"synced")
+    os.fsync(fd)
+    os.close(fd)
+
+
+def test_everything_survives_umount_and_remount(shared: Vault) -> None:
+    d = shared.mp / "persist"
+    d.mkdir()
+    (d / "big").write_bytes(random.Random(5).randbytes(3 * MiB + 17))
+    (d / "small").write_bytes(b"s")
+    os.link(d / "small", d / "small-link")
+    os.symlink("big", d / "ln")
+    os.setxattr(d / "big", "user.k", b"v")
+    os.utime(d / "small", ns=(5, 7_000_000_000))
+    before = tree_digest(d)
+    entries = sorted(os.listdir(shared.mp))
+    inode = (d / "big").stat().st_ino
+    shared.umount()
+    assert not os.path.ismount(shared.mp) and os.listdir(shared.mp) == []
+    shared.mount("--cache-size", "32M")
+    assert tree_digest(d) == before
+    assert sorted(os.listdir(shared.mp)) == entries
+    assert (d / "big").stat().st_ino == inode
+    assert (d / "small").stat().st_nlink == 2 and (d / "small").stat().st_mtime_ns == 7_000_000_000
+
+
+# -- snapshots, read-only views, delete ----------------------------------------------------------
+def test_snapshot_views_are_read_only_and_point_in_time(shared: Vault) -> None:
+    d = shared.mp / "snapme"
+    d.mkdir()
+    (d / "f").write_bytes(b"version 1")
+    os.link(d / "f", d / "hl")
+    os.setxattr(d / "f", "user.tag", b"t1")
+    res = shared.cli("snapshot", "--name", "s1", "--json")
+    snap = json.loads(res.stdout)["snapshot"]
+    (d / "f").write_bytes(b"version 2, longer")
+    view = shared.mp / ".snapshots" / "s1" / "snapme"
+    assert (view / "f").read_bytes() == b"version 1"
+    assert (d / "f").read_bytes() == b"version 2, longer"
+    assert (view / "f").stat().st_ino == (view / "hl").stat().st_ino
+    assert (view / "f").stat().st_nlink == 2
+    assert os.getxattr(view / "f", "user.tag") == b"t1"
+    assert "s1" in os.listdir(shared.mp / ".snapshots")
+    for attempt in (
+        lambda: (view / "new").write_bytes(b"x"),
+        lambda: open(view / "f", "r+b"),
+        lambda: os.unlink(view / "f"),
+        lambda: os.mkdir(view / "dir"),
+        lambda: os.setxattr(view / "f", "user.x", b"1"),
+        lambda: os.chmod(view / "f", 0o777),
+        lambda: os.rename(view / "f", view / "g"),
+    ):
+        with pytest.raises(OSError) as e:
+            attempt()
+        assert e.value.errno == errno.EROFS
+    with pytest.raises(OSError):
+        os.rmdir(shared.mp / ".snapshots")
+    listed = json.loads(shared.cli("snapshots", "--json").stdout)  # works while mounted
+    assert snap in [s["id"] for s in listed]
+    shared.cli("snapshot", "delete", snap)
+    assert "s1" not in os.listdir(shared.mp / ".snapshots")
+    assert snap not in [s["id"] for s in json.loads(shared.cli("snapshots", "--json").stdout)]
+    assert (d / "f").read_bytes() == b"version 2, longer"  # the live data is untouched
+
+
+def test_sqlite_database_on_the_mount_survives_heavy_random_writes(shared: Vault) -> None:
+    path = shared.mp / "db" / "test.sqlite"
+    path.parent.mkdir()
+    rnd = random.Random(3)
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB, n INTEGER)")
+    expect: dict[int, tuple[bytes, int]] = {}
+    for _tx in range(60):
+        with db:
+            for _ in range(25):
+                i = rnd.randrange(2000)
+                if rnd.random() < 0.15 and i in expect:
+                    db.execute("DELETE FROM t WHERE id=?", (i,))
+                    del expect[i]
+                else:
+                    v, n = rnd.randbytes(rnd.randrange(10, 3000)), rnd.randrange(1 << 30)
+                    db.execute("INSERT OR REPLACE INTO t VALUES (?, ?, ?)", (i, v, n))
+                    expect[i] = (v, n)
+    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    db.close()
+    shared.cli("flush")  # through the daemon: stores, seals and places everything
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        got = {i: (bytes(v), n) for i, v, n in db.execute("SELECT id, v, n FROM t")}
+    finally:
+        db.close()
+    assert got == expect
+
+
+# -- (9) bad input -------------------------------------------------------------------------------
+def test_bad_input_gives_clear_errors(shared: Vault, tmp_path: Path) -> None:
+    res = shared.cli("mount", str(tmp_path / "missing"), check=False)
+    assert res.returncode == 18 and "does not exist" in res.stderr
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    other = Vault(tmp_path / "v2")
+    res = other.cli("mount", str(full), check=False)
+    assert res.returncode == 13 and "not empty" in res.stderr
+    res = other.cli(
+        "mount", str(other.mp), check=False, env={**other.env, "VAULTFS_PASSPHRASE": "wrong"}
+    )
+    assert res.returncode == 10 and not os.path.ismount(other.mp)
+    empty = tmp_path / "second"
+    empty.mkdir()
+    res = shared.cli("mount", str(empty), check=False)  # the shared vault is mounted already
+    assert res.returncode == 17 and "in use" in res.stderr
+    assert not os.path.ismount(empty)
+    res = shared.cli("umount", str(empty), check=False)
+    assert res.returncode == 18 and "not a vaultfs mount" in res.stderr
+    res = shared.cli("snapshot", "delete", "nosuchid", check=False)
+    assert res.returncode == 18 and "no snapshot" in res.stderr
+
+
+# -- (3) crash ----------------------------------------------------------------------------------
+def test_kill9_leaves_a_dead_mount_and_remount_recovers_fsynced_data(vault: Vault) -> None:
+    vault.mount("--cache-size", "16M")
+    rnd = random.Random(9)
+    synced = rnd.randbytes(2 * MiB + 333)
+    p = vault.mp / "synced.bin"
+    fd = os.open(p, os.O_CREAT | os.O_WRONLY, 0o640)
+    os.write(fd, synced)
+    os.fsync(fd)
+    os.close(fd)
+    (vault.mp / "dir").mkdir()
+    fd = os.open(vault.mp / "dir" / "small", os.O_CREAT | os.O_WRONLY, 0o600)
+    os.write(fd, b"small and synced")
+    os.fsync(fd)
+    # keep writing without fsync while the daemon is killed
+    stop = threading.Event()
+
+    def writer() -> None:
+        try:
+            with open(vault.mp / "unsynced", "wb") as f:
+                while not stop.is_set():
+                    f.write(b"u" * 65536)
+        except OSError:  # the daemon died under us
+            return
+
+    t = threading.Thread(target=writer)
+    t.start()
+    time.sleep(0.3)
+    os.kill(vault.pid, signal.SIGKILL)
+    stop.set()
+    t.join(10)
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    with pytest.raises(OSError) as e:
+        os.listdir(vault.mp)
+    assert e.value.errno == errno.ENOTCONN  # not an empty directory a backup would fill
+    with pytest.raises(OSError):
+        (vault.mp / "new-file").write_bytes(b"x")
+    vault.mount("--cache-size", "16M")  # cleans up the dead mount and recovers by itself
+    assert p.read_bytes() == synced
+    assert stat.S_IMODE(p.stat().st_mode) == 0o640
+    assert (vault.mp / "dir" / "small").read_bytes() == b"small and synced"
+    if (vault.mp / "unsynced").exists():  # never fsync'd: may or may not have survived
+        assert set((vault.mp / "unsynced").read_bytes()) <= {ord("u")}
+    res = vault.umount()
+    assert "unmounted" in res.stdout
+    st = vault.status()
+    assert st["segments_below_k_placed"] == 0
+    assert all(r["queued_objects"] == 0 for r in st["remotes"])
+
+
+# -- (4) cache budget ----------------------------------------------------------------------------
+def test_cache_stays_within_budget_for_a_stream_five_times_larger(vault: Vault) -> None:
+    budget = 8 * MiB
+    vault.mount("--cache-size", str(budget))
+    cache = vault.home / "cache"
+    peak = 0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            total = 0
+            for f in cache.iterdir():
+                try:
+                    total += f.stat().st_blocks * 512
+                except FileNotFoundError:
+                    pass
+            peak = max(peak, total)
+            time.sleep(0.01)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    h = hashlib.sha256()
+    rnd = random.Random(4)
+    try:
+        with open(vault.mp / "stream.bin", "wb") as f:
+            for _ in range(5 * budget // (256 * 1024)):
+                block = rnd.randbytes(256 * 1024)
+                h.update(block)
+                f.write(block)
+    finally:
+        done.set()
+        t.join()
+    assert 0 < peak <= budget
+    assert hashlib.sha256((vault.mp / "stream.bin").read_bytes()).digest() == h.digest()
+    st = json.loads(vault.cli("status", "--json").stdout)
+    assert st["mount"]["cache_budget"] == budget
+    assert st["mount"]["cache_dirty_bytes"] <= budget
+
+
+# -- (5) offline remotes -------------------------------------------------------------------------
+def test_writes_work_with_every_remote_offline_and_go_out_when_back(tmp_path, s3_server) -> None:
+    remotes = [s3_server.remote(f"bucket{i}") for i in range(3)]
+    v = Vault(tmp_path, remotes=remotes)
+    try:
+        v.mount("--cache-size", "16M")
+        s3_server.stop()
+        data = random.Random(7).randbytes(3 * MiB)
+        (v.mp / "offline.bin").write_bytes(data)
+        res = v.cli("flush", "--json", check=False)  # stores and seals; remotes refuse
+        assert res.returncode == 3, res.stdout + res.stderr
+        rep = json.loads(res.stdout)
+        assert rep["segments_below_k_placed"] > 0 and rep["errors"]
+        st = v.status()
+        assert sum(r["queued_objects"] for r in st["remotes"]) > 0
+        assert st["segments_below_k_placed"] > 0 and st["survives_losses_now"] == 0
+        assert (v.mp / "offline.bin").read_bytes() == data  # readable from the local queue
+        s3_server.start()
+        res = v.cli("flush", "--json")
+        assert json.loads(res.stdout)["complete"]
+        st = v.status()
+        assert sum(r["queued_objects"] for r in st["remotes"]) == 0
+        assert st["segments_below_k_placed"] == 0 and st["survives_losses_now"] == 1
+    finally:
+        v.cleanup()

@@ -1,0 +1,381 @@
+"""The mount's write-back cache: dirty file blocks on local disk under a hard byte budget.
+
+A block (``live_block_size`` bytes of a file, 1 MiB by default) that a write touches becomes
+*dirty*: its current content lives in ``<home>/cache/<inode>.<block>`` and counts one whole
+block against the budget until it is stored. Writers that would exceed the budget wait
+(backpressure); they never fail for lack of cache.
+
+The uploader (:meth:`BlockCache.run`) stores dirty blocks through the engine in worker
+threads: read the cache file, cut it into keyed CDC chunks, ``Vault.store_chunks`` (hash,
+compress, encrypt, pack). Once the chunks are durable in a sealed segment (the engine's
+``chunks`` table knows them) the block's chunk list goes into the live tree; after *that*
+commit the cache file is deleted and the budget released. A block written again while it
+was being stored stays dirty (a version counter tells). Blocks are stored as soon as a
+write reaches their end (sequential streams release the cache incrementally), when their
+file is closed, after ``idle`` seconds, or at once under budget pressure.
+
+Crash states: a cache file always holds the newest content of its block; at the next mount
+every cache file of a live block is dirty again (``recover``), so nothing acknowledged is
+lost. A crash between storing chunks and the live tree commit leaves unreferenced chunks
+(wasted space, never wrong data).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from .livetree import Chunks, LiveTree, Node
+from .vault import Vault
+
+log = logging.getLogger("vaultfs.cache")
+
+MIN_BUDGET_BLOCKS = 8
+
+
+@dataclass(eq=False)
+class Dirty:
+    """A dirty block. ``version`` changes on every modification; ``writers`` counts writes in
+    flight (the uploader skips a block while it is being written)."""
+
+    ino: int
+    blk: int
+    version: int = 0
+    writers: int = 0
+    uploading: bool = False
+    ready: bool = False
+    since: float = field(default_factory=time.monotonic)
+
+
+class BlockCache:
+    def __init__(
+        self, vault: Vault, tree: LiveTree, cache_dir: Path, budget: int, journal, idle=2.0
+    ) -> None:
+        self.vault = vault
+        self.tree = tree
+        self.dir = cache_dir
+        self.bs = tree.block_size
+        self.budget = max(budget, MIN_BUDGET_BLOCKS * self.bs)
+        self.journal = journal
+        self.idle = idle
+        self.dirty: dict[tuple[int, int], Dirty] = {}
+        self.used = 0  # bytes reserved: one block per dirty block
+        self.waiting = 0  # writers waiting for budget
+        self._freed = trio.Event()
+        self._kick = trio.Event()
+        self._pending: list[tuple[Dirty, int, Chunks, float]] = []
+        self.stored_blocks = 0
+        self.stored_bytes = 0
+        self.error: str | None = None
+
+    # -- paths and recovery -----------------------------------------------------------------
+    def path(self, ino: int, blk: int) -> Path:
+        return self.dir / f"{ino}.{blk}"
+
+    def recover(self) -> int:
+        """Register cache files left by a previous run as dirty (before serving requests).
+        Files of blocks that no longer exist are removed. Returns bytes recovered."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        found = 0
+        for f in self.dir.iterdir():
+            try:
+                ino_s, blk_s = f.name.split(".")
+                ino, blk = int(ino_s), int(blk_s)
+            except ValueError:
+                f.unlink()
+                continue
+            n = self.tree.get(ino)
+            if n is None or not n.is_reg or blk * self.bs >= n.size:
+                f.unlink()
+                continue
+            self.dirty[(ino, blk)] = Dirty(ino, blk, ready=True)
+            self.used += self.bs
+            found += f.stat().st_size
+        return found
+
+    # -- budget -----------------------------------------------------------------------------
+    async def reserve(self, count: int = 1) -> None:
+        """Wait until ``count`` more blocks fit in the budget, then reserve them."""
+        need = count * self.bs
+        while self.used + need > self.budget and self.used > 0:
+            self.waiting += 1
+            try:
+                self._kick.set()
+                evt = self._freed
+                await evt.wait()
+            finally:
+                self.waiting -= 1
+        self.used += need
+
+    def unreserve(self, count: int = 1) -> None:
+        self.used -= count * self.bs
+        self._freed.set()
+        self._freed = trio.Event()
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    # -- dirty bookkeeping (event loop) -----------------------------------------------------
+    def get(self, ino: int, blk: int) -> Dirty | None:
+        return self.dirty.get((ino, blk))
+
+    def add(self, ino: int, blk: int) -> Dirty:
+        """Register a new dirty block (budget already reserved)."""
+        d = Dirty(ino, blk)
+        self.dirty[(ino, blk)] = d
+        return d
+
+    def discard(self, ino: int, blk: int) -> None:
+        """Forget a dirty block (truncated away or file deleted) and delete its cache file."""
+        d = self.dirty.pop((ino, blk), None)
+        if d is not None:
+            d.version += 1
+            self.path(ino, blk).unlink(missing_ok=True)
+            self.unreserve()
+
+    def blocks_of(self, ino: int) -> list[Dirty]:
+        return [d for (i, _b), d in self.dirty.items() if i == ino]
+
+    @property
+    def dirty_bytes(self) -> int:
+        return self.used
+
+    # -- uploader ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Background task: store dirty blocks as they become ready."""
+        while True:
+            with trio.move_on_after(0.5):
+                await self._kick.wait()
+            self._kick = trio.Event()
+            try:
+                while await self.round(force=False):
+                    pass
+            except Exception as e:  # keep the mount alive; data stays dirty and is retried
+                self.error = f"{type(e).__name__}: {e}"
+                log.exception("storing dirty blocks failed")
+                await trio.sleep(2)
+
+    def _pressure(self) -> bool:
+        return self.waiting > 0 or self.used + 2 * self.bs > self.budget
+
+    def _candidates(self, force: bool) -> list[tuple[Dirty, int]]:
+        now = time.monotonic()
+        pressure = self._pressure()
+        out = []
+        for d in self.dirty.values():
+            if d.uploading or d.writers:
+                continue
+            if force or pressure or d.ready or now - d.since >= self.idle:
+                out.append(d)
+        out.sort(key=lambda d: (not d.ready, d.since))
+        batch, nbytes = [], 0
+        for d in out[:256]:
+            n = self.tree.get(d.ino)
+            nbytes += 0 if n is None else max(0, min(self.bs, n.size - d.blk * self.bs))
+            batch.append((d, d.version))
+            if nbytes >= 32 * self.bs:
+                break
+        return batch
+
+    async def round(self, force: bool, settle: bool = True) -> bool:
+        """Store one batch of blocks and (if ``settle``) move durable ones into the tree.
+        Returns True if it did work."""
+        work = self._candidates(force)
+        did = False
+        if work:
+            did = True
+            jobs = []
+            for d, ver in work:
+                n = self.tree.get(d.ino)
+                length = 0 if n is None else min(self.bs, n.size - d.blk * self.bs)
+                d.uploading = True
+                jobs.append((d, ver, length))
+            try:
+                results = await trio.to_thread.run_sync(self._store, jobs)
+            except BaseException:
+                for d, _v, _l in jobs:
+                    d.uploading = False
+                raise
+            now = time.monotonic()
+            for (d, ver, _length), chunks in zip(jobs, results, strict=True):
+                if self.dirty.get((d.ino, d.blk)) is not d or d.version != ver:
+                    d.uploading = False
+                    continue
+                if chunks is None:  # past the end of the file, or no cache file: nothing to keep
+                    d.uploading = False
+                    self.discard(d.ino, d.blk)
+                    continue
+                self._pending.append((d, ver, chunks, now))
+        if self._pending and settle:
+            did = await self._settle(force) or did
+        return did
+
+    def _store(self, jobs: list[tuple[Dirty, int, int]]) -> list[Chunks | None]:
+        """Worker thread: read cache files, chunk and store. None = nothing to store."""
+        out: list[Chunks | None] = []
+        for d, _ver, length in jobs:
+            if length <= 0:
+                out.append(None)
+                continue
+            try:
+                with open(self.path(d.ino, d.blk), "rb") as f:
+                    data = f.read(length)
+            except FileNotFoundError:
+                out.append(None)
+                continue
+            pieces = list(self.vault.chunker.chunks(io.BytesIO(data))) if data else []
+            cids = self.vault.store_chunks(pieces) if pieces else []
+            out.append([(c, len(p)) for c, p in zip(cids, pieces, strict=True)])
+            self.stored_bytes += len(data)
+        return out
+
+    async def _settle(self, force: bool) -> bool:
+        """Move pending blocks whose chunks are durable into the live tree."""
+        cids = list({c for _d, _v, chunks, _t in self._pending for c, _n in chunks})
+        durable = await trio.to_thread.run_sync(self._durable, cids)
+        oldest = min(t for *_x, t in self._pending)
+        if len(durable) < len(cids) and (
+            force or self._pressure() or time.monotonic() - oldest > self.idle
+        ):
+            await trio.to_thread.run_sync(self.vault.seal)
+            durable = await trio.to_thread.run_sync(self._durable, cids)
+            sealed = True
+        else:
+            sealed = False
+        keep = []
+        moved = False
+        for item in self._pending:
+            d, ver, chunks, _t = item
+            if not all(c in durable for c, _n in chunks):
+                if sealed:  # its segment failed to seal: store the block again
+                    d.uploading = False
+                else:
+                    keep.append(item)
+                continue
+            moved = True
+            self._finish(d, ver, chunks)
+        self._pending = keep
+        if moved:
+            self.journal.kick()
+        return moved
+
+    def _durable(self, cids: list[bytes]) -> set[bytes]:
+        out: set[bytes] = set()
+        for i in range(0, len(cids), 500):
+            part = cids[i : i + 500]
+            marks = ",".join("?" * len(part))
+            out.update(
+                r[0]
+                for r in self.vault.index.q(
+                    f"SELECT cid FROM chunks WHERE cid IN ({marks})", tuple(part)
+                )
+            )
+        return out
+
+    def _finish(self, d: Dirty, ver: int, chunks: Chunks) -> None:
+        key = (d.ino, d.blk)
+        n = self.tree.get(d.ino)
+        if self.dirty.get(key) is not d or d.version != ver or n is None or n.blocks is None:
+            d.uploading = False
+            return
+        self.tree.set_block(n, d.blk, chunks or None)
+        self.stored_blocks += 1
+
+        def done() -> None:
+            d.uploading = False
+            if self.dirty.get(key) is d and d.version == ver:
+                del self.dirty[key]
+                self.path(d.ino, d.blk).unlink(missing_ok=True)
+                self.unreserve()
+
+        self.tree.after_commit(done)
+
+    async def drain(self, ino: int | None = None) -> None:
+        """Store every dirty block (of one inode, or all) and commit the live tree.
+
+        Callers make sure no new writes arrive meanwhile (snapshot/umount freeze the mount)."""
+        for _ in range(100000):
+            if not any(ino is None or i == ino for i, _b in self.dirty):
+                break
+            while await self.round(force=True, settle=False):
+                pass  # store everything first, then seal once
+            if self._pending:
+                await self._settle(force=True)
+            await self.journal.commit()
+            if self.dirty:
+                await trio.sleep(0.01)
+        await self.journal.commit()
+
+    # -- reading and writing block content (worker threads) --------------------------------
+    def load_stored(self, chunks: Chunks, limit: int) -> bytes:
+        """The stored content of a block (first ``limit`` bytes)."""
+        out = bytearray()
+        for cid, n in chunks:
+            if len(out) >= limit:
+                break
+            out += self.vault.read_chunk(cid)
+            del n
+        return bytes(out[:limit])
+
+
+def read_range(cache: BlockCache, chunks: Chunks, start: int, size: int) -> bytes:
+    """Bytes [start, start+size) of a stored block (zeros past its stored content)."""
+    out = bytearray()
+    pos = 0
+    end = start + size
+    for cid, n in chunks:
+        if pos >= end:
+            break
+        if pos + n > start:
+            data = cache.vault.read_chunk(cid)
+            lo = max(start - pos, 0)
+            hi = min(end - pos, n)
+            out += data[lo:hi]
+        pos += n
+    if len(out) < size:
+        out += bytes(size - len(out))
+    return bytes(out)
+
+
+def write_block_file(
+    path: Path, base: bytes | None, writes: list[tuple[int, bytes]], sync: bool = False
+) -> None:
+    """Create or update a cache file: ``base`` (the block's stored content, when it becomes
+    dirty) then each (offset, data)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if base is not None:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, base, 0)
+        for off, data in writes:
+            os.pwrite(fd, data, off)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_files(paths: list[Path], dir_path: Path) -> None:
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except FileNotFoundError:
+            continue  # stored and removed meanwhile: durable in the vault
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(dir_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+__all__ = ["BlockCache", "Dirty", "Node", "read_range", "write_block_file", "fsync_files"]

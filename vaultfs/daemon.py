@@ -1,0 +1,265 @@
+"""The mount daemon: open the vault, check the mountpoint, mount, serve, shut down cleanly.
+
+`vaultfs mount` (without --foreground) starts this in a new session and waits on a pipe
+until it reports ``ok <pid>`` (mounted and serving) or ``err <exit code> <message>``.
+
+Crash handling: the daemon never uses libfuse's auto_unmount, so after ``kill -9`` the
+mountpoint answers ENOTCONN ("Transport endpoint is not connected") instead of looking like
+an empty directory. The next mount lazily unmounts such a dead mount (``fusermount3 -u -z``)
+and recovers: the engine reconciles its queue (Vault.recover), the live tree is read from
+the index and every cache file left behind becomes a dirty block again.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .errors import InputError, TargetNotEmpty, VaultBusy, VaultError
+
+log = logging.getLogger("vaultfs.daemon")
+
+DEFAULT_CACHE_SIZE = 512 * 1024 * 1024
+
+
+def is_dead_mount(mp: Path) -> bool:
+    """True if ``mp`` is a FUSE mount whose daemon is gone. Probes with opendir: the kernel
+    may answer stat from cached attributes even after the connection died."""
+    try:
+        os.listdir(mp)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def path_exists(mp: Path) -> bool:
+    """Like os.path.lexists, but a dead mount (ENOTCONN) exists."""
+    try:
+        os.lstat(mp)
+    except OSError as e:
+        return e.errno != errno.ENOENT
+    return True
+
+
+def check_mountpoint(mp: Path) -> None:
+    """Refuse a missing, non-directory, non-empty or already mounted mountpoint; clean up a
+    dead vaultfs mount (ENOTCONN) left by a crashed daemon."""
+    try:
+        if is_dead_mount(mp):
+            raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+        st = os.stat(mp)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            log.warning("%s is a dead mount (daemon crashed): unmounting it", mp)
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+            try:
+                st = os.stat(mp)
+            except OSError as e2:
+                raise InputError(
+                    f"{mp} is a dead mount that could not be cleaned up ({e2.strerror}); "
+                    f"run `fusermount3 -u -z {mp}`"
+                ) from None
+        elif e.errno == errno.ENOENT:
+            raise InputError(f"mountpoint {mp} does not exist: create an empty directory") from None
+        else:
+            raise InputError(f"cannot use mountpoint {mp}: {e.strerror}") from None
+    import stat as stat_mod
+
+    if not stat_mod.S_ISDIR(st.st_mode):
+        raise InputError(f"mountpoint {mp} is not a directory")
+    if os.path.ismount(mp):
+        raise VaultBusy(f"{mp} is already a mount point: unmount it first")
+    if os.listdir(mp):
+        raise TargetNotEmpty(
+            f"mountpoint {mp} is not empty: mount on an empty directory (nothing is hidden)"
+        )
+
+
+def run_foreground(
+    home: Path, mountpoint: Path, cache_size: int, passphrase: str, ready_fd: int | None
+) -> int:
+    """Mount and serve until unmounted. Returns the exit code."""
+    import pyfuse3
+    import trio
+
+    from . import control
+    from .fs import VaultFS
+    from .vault import Vault
+
+    def report(msg: str) -> None:
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, (msg + "\n").encode())
+                os.close(ready_fd)
+            except OSError:
+                pass
+
+    mountpoint = Path(os.path.abspath(mountpoint))
+    try:
+        if not path_exists(mountpoint):
+            raise InputError(f"mountpoint {mountpoint} does not exist: create an empty directory")
+        vault = Vault.open(home, passphrase)
+    except VaultError as e:
+        report(f"err {e.exit_code} {e.message}")
+        print(f"error: {e.message}", file=sys.stderr)
+        return e.exit_code
+    fs = None
+    server = None
+    mounted = False
+    clean = False
+    try:
+        try:
+            check_mountpoint(mountpoint)
+            fs = VaultFS(vault, home, mountpoint, cache_size)
+            info = fs.load()
+            log.info(
+                "live tree: %(inodes)d inodes; recovered %(recovered_bytes)d dirty bytes", info
+            )
+            options = set(pyfuse3.default_options)
+            options |= {"fsname=vaultfs", "subtype=vaultfs"}
+            pyfuse3.init(fs, str(mountpoint), options)
+            mounted = True
+        except VaultError as e:
+            report(f"err {e.exit_code} {e.message}")
+            print(f"error: {e.message}", file=sys.stderr)
+            return e.exit_code
+        except RuntimeError as e:
+            msg = f"mounting {mountpoint} failed: {e} (is /dev/fuse available?)"
+            report(f"err 1 {msg}")
+            print(f"error: {msg}", file=sys.stderr)
+            return 1
+
+        def dispatch(req: dict) -> dict:
+            return trio.from_thread.run(_handle, fs, req, trio_token=fs.token)
+
+        def start_control(fs_) -> None:
+            nonlocal server
+            server = control.ControlServer(
+                [control.home_address(home), control.mount_address(mountpoint)], dispatch
+            )
+
+        def ready() -> None:
+            state = {"pid": os.getpid(), "mountpoint": str(mountpoint), "started": time.time()}
+            (home / "mount.json").write_text(json.dumps(state))
+            report(f"ok {os.getpid()}")
+            log.info("mounted %s", mountpoint)
+
+        trio.run(fs.run, ready, start_control)
+        clean = True
+        return 0
+    finally:
+        if server is not None:
+            server.close()
+        if mounted:
+            pyfuse3.close(unmount=not clean)
+        (home / "mount.json").unlink(missing_ok=True)
+        vault.close()
+        log.info("daemon exiting")
+
+
+async def _handle(fs, req: dict) -> dict:
+    cmd = req.get("cmd")
+    if cmd == "ping":
+        return {"pid": os.getpid(), "mountpoint": str(fs.mountpoint)}
+    if cmd == "status":
+        import trio
+
+        st = await trio.to_thread.run_sync(fs.vault.status)
+        return {"status": st, "mount": fs.mount_status()}
+    if cmd == "flush":
+        await fs.freeze()
+        try:
+            await fs.drain()
+        finally:
+            fs.thaw()
+        rep = await fs.push(seal=True)
+        return {"report": await _report(fs, rep)}
+    if cmd == "snapshot":
+        uid, seq, count = await fs.snapshot(req.get("name"))
+        rep = await fs.push(seal=True)
+        return {"snapshot": uid, "seq": seq, "entries": count, "report": await _report(fs, rep)}
+    if cmd == "delete":
+        seq = await fs.delete_snapshot(str(req.get("id")))
+        rep = await fs.push(seal=True)
+        return {"seq": seq, "report": await _report(fs, rep)}
+    if cmd == "umount":
+        rep = await fs.prepare_umount()
+        return {"report": await _report(fs, rep)}
+    raise InputError(f"unknown control command {cmd!r}")
+
+
+async def _report(fs, rep) -> dict:
+    import trio
+
+    st = await trio.to_thread.run_sync(fs.vault.status)
+    return {
+        "uploaded": rep.uploaded,
+        "pending": rep.pending,
+        "errors": rep.errors,
+        "complete": rep.complete,
+        "segments_below_k_placed": st["segments_below_k_placed"],
+        "survives_losses_now": st["survives_losses_now"],
+        "survives_losses_design": st["survives_losses_design"],
+    }
+
+
+def spawn(
+    home: Path, mountpoint: Path, cache_size: int, passphrase: str, timeout: float = 120.0
+) -> int:
+    """Start the daemon in its own session and wait until it is mounted. Returns its pid;
+    raises the daemon's error (same message and exit code) if it could not mount."""
+    r, w = os.pipe()
+    home.mkdir(parents=True, exist_ok=True)
+    logf = open(home / "mount.log", "ab")  # noqa: SIM115
+    cmd = [sys.executable, "-m", "cli.main", "mount", "--foreground", "--home", str(home)]
+    cmd += ["--cache-size", str(cache_size), "--ready-fd", str(w), str(mountpoint)]
+    env = {**os.environ, "VAULTFS_PASSPHRASE": passphrase}
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            pass_fds=(w,),
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            start_new_session=True,
+            env=env,
+        )
+    finally:
+        os.close(w)
+        logf.close()
+    buf = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while not buf.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise VaultError(f"the mount daemon did not become ready in {timeout:.0f}s")
+            rl, _, _ = select.select([r], [], [], left)
+            if not rl:
+                continue
+            part = os.read(r, 4096)
+            if not part:
+                break
+            buf += part
+    finally:
+        os.close(r)
+    msg = buf.decode(errors="replace").strip()
+    if msg.startswith("ok "):
+        return int(msg.split()[1])
+    if msg.startswith("err "):
+        _e, code, text = msg.split(" ", 2)
+        err = VaultError(text)
+        err.exit_code = int(code)
+        proc.wait(timeout=30)
+        raise err
+    proc.wait(timeout=30)
+    raise VaultError(
+        f"the mount daemon exited (code {proc.returncode}) before mounting; see {home / 'mount.log'}"
+    )

@@ -1,0 +1,927 @@
+"""The FUSE file system (pyfuse3 + trio) over the engine: the live tree plus snapshot views.
+
+Concurrency model: every handler runs as a trio task on one thread (the FUSE loop). Handlers
+touch the in-memory live tree (livetree.py) directly and hand everything else to worker
+threads with ``trio.to_thread.run_sync``: cache-file I/O, chunk reads (decrypt, decode),
+SQLite batches (the journal) and storing blocks (the cache's uploader). Writes to one inode
+are serialised by a per-inode ``trio.Lock``. Mutating handlers pass a *gate* that a snapshot
+closes while it stores the dirty blocks and records the tree, so a snapshot is a point in
+time.
+
+Durability (docs/design.md, "Mount"): ``fsync`` returns once the file's dirty blocks are
+fsync'd in the cache directory and the live tree is committed to the index (SQLite
+synchronous=FULL): the data survives a crash of the daemon or the machine and the next
+mount stores and queues it. ``vaultfs flush``/``umount`` store everything, seal, ship the
+index and wait until the shards are placed on the remotes.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .cache import BlockCache, fsync_files, read_range, write_block_file
+from .errors import VaultError
+from .livetree import ROOT_INODE, Journal, LiveTree, Node
+from .snapview import (
+    SNAPDIR_INO,
+    SNAPDIR_NAME,
+    SNAPROOT_BASE,
+    SYNTH_BASE,
+    SnapViews,
+    SNode,
+    is_snap_ino,
+    read_snapshot_range,
+)
+from .vault import Entry, Vault
+
+log = logging.getLogger("vaultfs.fs")
+
+TIMEOUT = 60.0
+XATTR_MAX = 64 * 1024
+
+
+def _err(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+@dataclass(eq=False)
+class Handle:
+    ino: int
+    snap: bool = False
+    cmap: object = None
+
+
+class VaultFS(pyfuse3.Operations):
+    """FUSE operations. ``load()`` (sync, before mounting) reads the live tree and recovers
+    the cache; ``run()`` serves until the kernel unmounts, then stores what is dirty."""
+
+    enable_writeback_cache = True
+
+    def __init__(self, vault: Vault, home: Path, mountpoint: Path, cache_size: int) -> None:
+        super().__init__()
+        self.vault = vault
+        self.home = home
+        self.mountpoint = mountpoint
+        self.cache_size = cache_size
+        self.tree = LiveTree(vault.index)
+        self.snaps = SnapViews(vault.index)
+        self.fhs: dict[int, Handle] = {}
+        self.dirs: dict[int, list[tuple[bytes, int]]] = {}
+        self._next_fh = 1
+        self._locks: dict[int, trio.Lock] = {}
+        self._frozen = False
+        self._thaw = trio.Event()
+        self._active = 0
+        self._idle = trio.Event()
+        self._push_lock = trio.Lock()
+        self._push_wake = trio.Event()
+        self.last_push: dict = {}
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def load(self) -> dict:
+        """Read the live tree and register dirty cache files left by a crash."""
+        self.tree.load(self.uid, self.gid)
+        self.bs = self.tree.block_size
+        self.journal = Journal(self.tree)
+        self.cache = BlockCache(
+            self.vault, self.tree, self.home / "cache", self.cache_size, self.journal
+        )
+        recovered = self.cache.recover()
+        self.tree.apply_batch(self.tree.take_batch())
+        return {"inodes": len(self.tree.nodes), "recovered_bytes": recovered}
+
+    async def run(self, ready, control_start) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.journal.run)
+            nursery.start_soon(self.cache.run)
+            nursery.start_soon(self._pusher)
+            nursery.start_soon(self._signals)
+            self.token = trio.lowlevel.current_trio_token()
+            control_start(self)
+            ready()
+            await pyfuse3.main()
+            log.info("unmounted by the kernel; storing what is dirty")
+            await self.cache.drain()
+            await self._final_push()
+            nursery.cancel_scope.cancel()
+
+    async def _final_push(self) -> None:
+        """After an unmount not done by `vaultfs umount`: ship the live tree if it changed
+        and try one upload pass when the remotes were reachable lately."""
+        if self.tree.changed_since_ship:
+            await trio.to_thread.run_sync(self.vault.ship_index)
+            self.tree.changed_since_ship = False
+        if not self.last_push.get("errors"):
+            async with self._push_lock:
+                await trio.to_thread.run_sync(lambda: self.vault.flush(seal=False))
+
+    async def _signals(self) -> None:
+        import signal
+
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+            async for _sig in sigs:
+                log.info("signal received: unmounting")
+                await trio.to_thread.run_sync(self._self_unmount)
+
+    def _self_unmount(self) -> None:
+        import subprocess
+
+        mp = str(self.mountpoint)
+        if subprocess.run(["fusermount3", "-u", mp], capture_output=True).returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True)
+
+    async def _pusher(self) -> None:
+        """Background: push sealed shards to the remotes every few seconds, backing off
+        while remotes fail (the queue is persistent, nothing is lost meanwhile)."""
+        delay = 3.0
+        while True:
+            with trio.move_on_after(delay):
+                await self._push_wake.wait()
+            self._push_wake = trio.Event()
+            queued = await trio.to_thread.run_sync(self._queued_count)
+            if not queued:
+                delay = 3.0
+                continue
+            async with self._push_lock:
+                rep = await trio.to_thread.run_sync(lambda: self.vault.flush(seal=False))
+            self.last_push = {"time": time.time(), "errors": rep.errors, "pending": rep.pending}
+            delay = min(delay * 2, 60.0) if rep.errors else 3.0
+
+    def _queued_count(self) -> int:
+        row = self.vault.index.one(
+            "SELECT (SELECT count(*) FROM shards WHERE state='queued')"
+            " + (SELECT count(*) FROM manifest_queue)"
+        )
+        return row[0] if row else 0
+
+    # -- the gate that snapshots close ------------------------------------------------------
+    @asynccontextmanager
+    async def _mut(self) -> AsyncIterator[None]:
+        while self._frozen:
+            await self._thaw.wait()
+        self._active += 1
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    async def freeze(self) -> None:
+        while self._frozen:
+            await self._thaw.wait()
+        self._frozen = True
+        self._thaw = trio.Event()
+        while self._active:
+            self._idle = trio.Event()
+            await self._idle.wait()
+
+    def thaw(self) -> None:
+        self._frozen = False
+        self._thaw.set()
+
+    def _lock(self, ino: int) -> trio.Lock:
+        lk = self._locks.get(ino)
+        if lk is None:
+            lk = self._locks[ino] = trio.Lock()
+        return lk
+
+    # -- attributes -----------------------------------------------------------------------
+    def _attr(self, n: Node | SNode) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = n.ino
+        a.generation = 0
+        a.entry_timeout = TIMEOUT
+        a.attr_timeout = TIMEOUT
+        a.st_mode = n.mode
+        a.st_nlink = n.nlink
+        a.st_uid = n.uid
+        a.st_gid = n.gid
+        a.st_size = n.size
+        a.st_blksize = 128 * 1024
+        a.st_blocks = (n.size + 511) // 512
+        if isinstance(n, Node):
+            a.st_rdev = n.rdev
+            a.st_atime_ns = n.atime_ns
+            a.st_mtime_ns = n.mtime_ns
+            a.st_ctime_ns = n.ctime_ns
+        else:
+            a.st_rdev = 0
+            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = n.mtime_ns
+        return a
+
+    def _snapdir_node(self) -> SNode:
+        n = self.snaps.nodes.get(SNAPDIR_INO)
+        if n is None:
+            n = SNode(SNAPDIR_INO, stat.S_IFDIR | 0o555, time.time_ns(), uid=self.uid)
+            n.gid, n.nlink = self.gid, 2
+            self.snaps.nodes[SNAPDIR_INO] = n
+        return n
+
+    def _node(self, ino: int) -> Node:
+        n = self.tree.get(ino)
+        if n is None:
+            raise _err(errno.ENOENT)
+        return n
+
+    def _any(self, ino: int) -> Node | SNode:
+        if ino == SNAPDIR_INO:
+            return self._snapdir_node()
+        if is_snap_ino(ino):
+            n = self.snaps.nodes.get(ino)
+            if n is None:
+                raise _err(errno.ENOENT)
+            return n
+        return self._node(ino)
+
+    def _dir(self, ino: int) -> Node:
+        if is_snap_ino(ino):
+            raise _err(errno.EROFS)
+        n = self._node(ino)
+        if not n.is_dir:
+            raise _err(errno.ENOTDIR)
+        return n
+
+    async def _snap_root_loaded(self, n: SNode) -> None:
+        if SNAPROOT_BASE <= n.ino < SYNTH_BASE:
+            sid = n.ino - SNAPROOT_BASE
+            if sid not in self.snaps.loaded:
+                await trio.to_thread.run_sync(self.snaps.load_snapshot, sid, n)
+
+    async def _ensure_blocks(self, n: Node) -> None:
+        if n.blocks is None and n.is_reg:
+            blocks = await trio.to_thread.run_sync(self.tree.load_blocks, n.ino)
+            if n.blocks is None:
+                n.blocks = blocks
+
+    def _maybe_purge(self, n: Node) -> None:
+        if n.nlink <= 0 and n.lookups <= 0 and n.opens <= 0 and n.ino != ROOT_INODE:
+            for d in self.cache.blocks_of(n.ino):
+                self.cache.discard(d.ino, d.blk)
+            self._locks.pop(n.ino, None)
+            self.tree.purge(n)
+
+    # -- lookups ----------------------------------------------------------------------------
+    async def lookup(self, parent_inode, name, ctx):
+        if parent_inode == ROOT_INODE and name == SNAPDIR_NAME:
+            return self._attr(self._snapdir_node())
+        if parent_inode == SNAPDIR_INO:
+            for info in await trio.to_thread.run_sync(self.snaps.query_snapshots):
+                if info.dirname == name:
+                    return self._attr(self.snaps.root_node(info, self.uid, self.gid))
+            raise _err(errno.ENOENT)
+        if is_snap_ino(parent_inode):
+            p = self._any(parent_inode)
+            assert isinstance(p, SNode)
+            await self._snap_root_loaded(p)
+            ino = (p.children or {}).get(name)
+            if ino is None:
+                raise _err(errno.ENOENT)
+            return self._attr(self.snaps.nodes[ino])
+        p = self._node(parent_inode)
+        if p.children is None:
+            raise _err(errno.ENOTDIR)
+        ino = p.children.get(name)
+        if ino is None:
+            raise _err(errno.ENOENT)
+        n = self.tree.nodes[ino]
+        n.lookups += 1
+        return self._attr(n)
+
+    async def forget(self, inode_list):
+        for ino, count in inode_list:
+            n = self.tree.get(ino)
+            if n is not None:
+                n.lookups -= count
+                self._maybe_purge(n)
+
+    async def getattr(self, inode, ctx):
+        return self._attr(self._any(inode))
+
+    async def readlink(self, inode, ctx):
+        n = self._any(inode)
+        if n.target is None:
+            raise _err(errno.EINVAL)
+        return n.target
+
+    # -- attributes -----------------------------------------------------------------------
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        if is_snap_ino(inode):
+            raise _err(errno.EROFS)
+        async with self._mut():
+            n = self._node(inode)
+            now = time.time_ns()
+            if fields.update_size:
+                if not n.is_reg:
+                    raise _err(errno.EINVAL)
+                await self._truncate(n, attr.st_size)
+                n.mtime_ns = now
+            if fields.update_mode:
+                n.mode = stat.S_IFMT(n.mode) | stat.S_IMODE(attr.st_mode)
+            if fields.update_uid:
+                n.uid = attr.st_uid
+            if fields.update_gid:
+                n.gid = attr.st_gid
+            if fields.update_atime:
+                n.atime_ns = attr.st_atime_ns
+            if fields.update_mtime:
+                n.mtime_ns = attr.st_mtime_ns
+            n.ctime_ns = attr.st_ctime_ns if fields.update_ctime else now
+            self.tree.touch(n)
+            return self._attr(n)
+
+    async def _truncate(self, n: Node, size: int) -> None:
+        async with self._lock(n.ino):
+            await self._ensure_blocks(n)
+            assert n.blocks is not None
+            bs = self.bs
+            if size < n.size:
+                keep = (size + bs - 1) // bs  # blocks that still hold bytes
+                for d in self.cache.blocks_of(n.ino):
+                    if d.blk >= keep:
+                        self.cache.discard(d.ino, d.blk)
+                self.tree.drop_blocks_from(n, keep)
+                cut = size % bs
+                if cut:
+                    blk = size // bs
+                    await self._cut_block(n, blk, cut)
+            n.size = size
+            self.tree.touch(n)
+
+    async def _cut_block(self, n: Node, blk: int, cut: int) -> None:
+        """Make block ``blk`` end at ``cut`` bytes (its tail lies past the new size)."""
+        assert n.blocks is not None
+        d = self.cache.get(n.ino, blk)
+        chunks = n.blocks.get(blk)
+        if d is None:
+            if not chunks or sum(c for _i, c in chunks) <= cut:
+                return
+            await self.cache.reserve()
+            d = self.cache.add(n.ino, blk)
+            base = ("load", chunks, cut)
+        else:
+            base = None
+        d.writers += 1
+        d.version += 1
+        path = self.cache.path(n.ino, blk)
+        try:
+            await trio.to_thread.run_sync(self._cut_exec, path, base, cut)
+        finally:
+            d.writers -= 1
+            d.version += 1
+        self.tree.set_block(n, blk, None)
+
+    def _cut_exec(self, path: Path, base, cut: int) -> None:
+        data = None
+        if base is not None:
+            data = self.cache.load_stored(base[1], base[2])
+        write_block_file(path, data, [])
+        os.truncate(path, min(cut, os.path.getsize(path)))
+
+    # -- creating and removing -------------------------------------------------------------
+    def _check_new(self, p: Node, name: bytes) -> None:
+        if p.ino == ROOT_INODE and name == SNAPDIR_NAME:
+            raise _err(errno.EEXIST)
+        if name in (p.children or {}):
+            raise _err(errno.EEXIST)
+        if len(name) > 255:
+            raise _err(errno.ENAMETOOLONG)
+
+    def _add(self, p: Node, name: bytes, mode: int, ctx, **kw) -> Node:
+        self._check_new(p, name)
+        gid = ctx.gid
+        if p.mode & stat.S_ISGID:
+            gid = p.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        n = self.tree.new_node(mode, ctx.uid, gid, **kw)
+        self.tree.set_entry(p, name, n.ino)
+        if n.is_dir:
+            p.nlink += 1
+        p.mtime_ns = p.ctime_ns = n.ctime_ns
+        self.tree.touch(p)
+        n.lookups += 1
+        return n
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        async with self._mut():
+            p = self._dir(parent_inode)
+            n = self._add(p, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
+            n.opens += 1
+            fh = self._new_fh(Handle(n.ino))
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attr(n)
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        async with self._mut():
+            p = self._dir(parent_inode)
+            return self._attr(self._add(p, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx))
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        async with self._mut():
+            p = self._dir(parent_inode)
+            return self._attr(self._add(p, name, mode, ctx, rdev=rdev))
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        async with self._mut():
+            p = self._dir(parent_inode)
+            n = self._add(p, name, stat.S_IFLNK | 0o777, ctx, target=bytes(target))
+            n.size = len(target)
+            return self._attr(n)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        if is_snap_ino(inode):
+            raise _err(errno.EROFS)
+        async with self._mut():
+            p = self._dir(new_parent_inode)
+            n = self._node(inode)
+            if n.is_dir:
+                raise _err(errno.EPERM)
+            self._check_new(p, new_name)
+            self.tree.set_entry(p, new_name, n.ino)
+            n.nlink += 1
+            n.lookups += 1
+            n.ctime_ns = p.mtime_ns = p.ctime_ns = time.time_ns()
+            self.tree.touch(n)
+            self.tree.touch(p)
+            return self._attr(n)
+
+    def _child(self, p: Node, name: bytes) -> Node:
+        if p.ino == ROOT_INODE and name == SNAPDIR_NAME:
+            raise _err(errno.EROFS)
+        ino = (p.children or {}).get(name)
+        if ino is None:
+            raise _err(errno.ENOENT)
+        return self.tree.nodes[ino]
+
+    async def unlink(self, parent_inode, name, ctx):
+        async with self._mut():
+            p = self._dir(parent_inode)
+            n = self._child(p, name)
+            if n.is_dir:
+                raise _err(errno.EISDIR)
+            self._unlink_entry(p, name, n)
+
+    def _unlink_entry(self, p: Node, name: bytes, n: Node) -> None:
+        self.tree.set_entry(p, name, None)
+        now = time.time_ns()
+        if n.is_dir:
+            n.nlink = 0
+            p.nlink -= 1
+        else:
+            n.nlink -= 1
+        n.ctime_ns = p.mtime_ns = p.ctime_ns = now
+        self.tree.touch(n)
+        self.tree.touch(p)
+        self._maybe_purge(n)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        async with self._mut():
+            p = self._dir(parent_inode)
+            n = self._child(p, name)
+            if not n.is_dir:
+                raise _err(errno.ENOTDIR)
+            if n.children:
+                raise _err(errno.ENOTEMPTY)
+            self._unlink_entry(p, name, n)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        async with self._mut():
+            po = self._dir(parent_inode_old)
+            pn = self._dir(parent_inode_new)
+            src = self._child(po, name_old)
+            if pn.ino == ROOT_INODE and name_new == SNAPDIR_NAME:
+                raise _err(errno.EROFS)
+            dst_ino = (pn.children or {}).get(name_new)
+            dst = self.tree.nodes[dst_ino] if dst_ino is not None else None
+            now = time.time_ns()
+            if flags & pyfuse3.RENAME_EXCHANGE:
+                if dst is None:
+                    raise _err(errno.ENOENT)
+                self.tree.set_entry(po, name_old, dst.ino)
+                self.tree.set_entry(pn, name_new, src.ino)
+                if po is not pn and src.is_dir != dst.is_dir:
+                    delta = 1 if src.is_dir else -1
+                    po.nlink -= delta
+                    pn.nlink += delta
+            else:
+                if dst is not None:
+                    if flags & pyfuse3.RENAME_NOREPLACE:
+                        raise _err(errno.EEXIST)
+                    if dst is src:
+                        return
+                    if src.is_dir and not dst.is_dir:
+                        raise _err(errno.ENOTDIR)
+                    if dst.is_dir and not src.is_dir:
+                        raise _err(errno.EISDIR)
+                    if dst.is_dir and dst.children:
+                        raise _err(errno.ENOTEMPTY)
+                    self._unlink_entry(pn, name_new, dst)
+                self.tree.set_entry(po, name_old, None)
+                self.tree.set_entry(pn, name_new, src.ino)
+                if src.is_dir and po is not pn:
+                    po.nlink -= 1
+                    pn.nlink += 1
+            src.ctime_ns = po.mtime_ns = po.ctime_ns = pn.mtime_ns = pn.ctime_ns = now
+            for x in (src, po, pn):
+                self.tree.touch(x)
+
+    # -- files ------------------------------------------------------------------------------
+    def _new_fh(self, h: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.fhs[fh] = h
+        return fh
+
+    async def open(self, inode, flags, ctx):
+        if is_snap_ino(inode):
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+                raise _err(errno.EROFS)
+            n = self._any(inode)
+            if n.entry is None:  # type: ignore[union-attr]
+                raise _err(errno.EISDIR)
+            cmap = await trio.to_thread.run_sync(self.snaps.load_chunks, n)
+            return pyfuse3.FileInfo(fh=self._new_fh(Handle(inode, True, cmap)), keep_cache=True)
+        n = self._node(inode)
+        if not n.is_reg:
+            raise _err(errno.EISDIR if n.is_dir else errno.EINVAL)
+        await self._ensure_blocks(n)
+        n.opens += 1
+        return pyfuse3.FileInfo(fh=self._new_fh(Handle(inode)), keep_cache=True)
+
+    async def read(self, fh, off, size):
+        h = self.fhs[fh]
+        if h.snap:
+            n = self.snaps.nodes[h.ino]
+            size = min(size, n.size - off)
+            if size <= 0:
+                return b""
+            return await trio.to_thread.run_sync(
+                read_snapshot_range, self.vault.read_chunk, h.cmap, off, size
+            )
+        n = self._node(h.ino)
+        for _attempt in range(8):
+            size2 = min(size, n.size - off)
+            if size2 <= 0:
+                return b""
+            plan = self._read_plan(n, off, size2)
+            try:
+                return await trio.to_thread.run_sync(self._read_exec, plan)
+            except FileNotFoundError:  # the block was stored meanwhile: plan again
+                continue
+            except VaultError as e:
+                log.error("read of inode %d failed: %s", n.ino, e.message)
+                raise _err(errno.EIO) from None
+        raise _err(errno.EIO)
+
+    def _read_plan(self, n: Node, off: int, size: int) -> list[tuple]:
+        bs = self.bs
+        plan = []
+        pos = off
+        end = off + size
+        assert n.blocks is not None
+        while pos < end:
+            blk, inb = divmod(pos, bs)
+            ln = min(bs - inb, end - pos)
+            if self.cache.get(n.ino, blk) is not None:
+                plan.append(("cache", self.cache.path(n.ino, blk), inb, ln))
+            elif blk in n.blocks:
+                plan.append(("stored", n.blocks[blk], inb, ln))
+            else:
+                plan.append(("zero", None, inb, ln))
+            pos += ln
+        return plan
+
+    def _read_exec(self, plan: list[tuple]) -> bytes:
+        out = bytearray()
+        for kind, arg, inb, ln in plan:
+            if kind == "cache":
+                with open(arg, "rb") as f:
+                    data = os.pread(f.fileno(), ln, inb)
+                out += data
+                if len(data) < ln:
+                    out += bytes(ln - len(data))
+            elif kind == "stored":
+                out += read_range(self.cache, arg, inb, ln)
+            else:
+                out += bytes(ln)
+        return bytes(out)
+
+    async def write(self, fh, off, buf):
+        h = self.fhs[fh]
+        if h.snap:
+            raise _err(errno.EROFS)
+        async with self._mut():
+            n = self._node(h.ino)
+            async with self._lock(n.ino):
+                await self._write(n, off, buf)
+        return len(buf)
+
+    async def _write(self, n: Node, off: int, buf: bytes) -> None:
+        await self._ensure_blocks(n)
+        assert n.blocks is not None
+        bs = self.bs
+        end = off + len(buf)
+        first, last = off // bs, (end - 1) // bs
+        fresh = [b for b in range(first, last + 1) if self.cache.get(n.ino, b) is None]
+        if fresh:
+            await self.cache.reserve(len(fresh))
+        jobs, ds = [], []
+        for b in range(first, last + 1):
+            bstart = b * bs
+            ws, we = max(off, bstart) - bstart, min(end, bstart + bs) - bstart
+            d = self.cache.get(n.ino, b)
+            base: object = None
+            if d is None:
+                d = self.cache.add(n.ino, b)
+                existing = max(0, min(bs, n.size - bstart))
+                chunks = n.blocks.get(b)
+                if chunks and existing > 0 and not (ws == 0 and we >= existing):
+                    base = ("load", chunks, existing)
+                else:
+                    base = b""
+            d.writers += 1
+            d.version += 1
+            ds.append(d)
+            jobs.append(
+                (self.cache.path(n.ino, b), base, ws, buf[ws + bstart - off : we + bstart - off])
+            )
+        try:
+            await trio.to_thread.run_sync(self._write_exec, jobs)
+        except OSError as e:
+            log.error("cache write failed: %s", e)
+            raise _err(e.errno or errno.EIO) from None
+        except VaultError as e:
+            log.error("reading a block to update it failed: %s", e.message)
+            raise _err(errno.EIO) from None
+        finally:
+            for d in ds:
+                d.writers -= 1
+                d.version += 1
+        now = time.time_ns()
+        if end > n.size:
+            n.size = end
+        n.mtime_ns = n.ctime_ns = now
+        self.tree.touch(n)
+        full = False
+        for b, d in zip(range(first, last + 1), ds, strict=True):
+            if (b + 1) * bs <= end:
+                d.ready = full = True
+        if full:
+            self.cache.kick()
+
+    def _write_exec(self, jobs: list[tuple]) -> None:
+        for path, base, ws, piece in jobs:
+            if isinstance(base, tuple):
+                base = self.cache.load_stored(base[1], base[2])
+            write_block_file(path, base, [(ws, piece)])
+
+    async def flush(self, fh):
+        pass
+
+    async def release(self, fh):
+        h = self.fhs.pop(fh, None)
+        if h is None or h.snap:
+            return
+        n = self.tree.get(h.ino)
+        if n is None:
+            return
+        n.opens -= 1
+        if n.opens <= 0:
+            for d in self.cache.blocks_of(n.ino):
+                d.ready = True
+            self.cache.kick()
+        self._maybe_purge(n)
+
+    async def fsync(self, fh, datasync):
+        h = self.fhs.get(fh)
+        if h is None or h.snap:
+            return
+        paths = [self.cache.path(d.ino, d.blk) for d in self.cache.blocks_of(h.ino)]
+        await trio.to_thread.run_sync(fsync_files, paths, self.cache.dir)
+        await self.journal.commit()
+
+    # -- directories ------------------------------------------------------------------------
+    async def opendir(self, inode, ctx):
+        if inode == SNAPDIR_INO:
+            infos = await trio.to_thread.run_sync(self.snaps.query_snapshots)
+            items = [(i.dirname, self.snaps.root_node(i, self.uid, self.gid).ino) for i in infos]
+        elif is_snap_ino(inode):
+            n = self._any(inode)
+            if n.children is None:
+                raise _err(errno.ENOTDIR)
+            await self._snap_root_loaded(n)  # type: ignore[arg-type]
+            items = sorted(n.children.items())
+        else:
+            n = self._node(inode)
+            if n.children is None:
+                raise _err(errno.ENOTDIR)
+            items = sorted(n.children.items())
+            if inode == ROOT_INODE:
+                items.insert(0, (SNAPDIR_NAME, SNAPDIR_INO))
+        fh = self._next_fh
+        self._next_fh += 1
+        self.dirs[fh] = items
+        return fh
+
+    async def readdir(self, fh, start_id, token):
+        items = self.dirs.get(fh, [])
+        for i in range(start_id, len(items)):
+            name, ino = items[i]
+            try:
+                n = self._any(ino)
+            except pyfuse3.FUSEError:
+                continue  # removed since opendir
+            if not pyfuse3.readdir_reply(token, name, self._attr(n), i + 1):
+                break
+            if isinstance(n, Node):
+                n.lookups += 1
+
+    async def releasedir(self, fh):
+        self.dirs.pop(fh, None)
+
+    async def fsyncdir(self, fh, datasync):
+        await self.journal.commit()
+
+    # -- xattrs -----------------------------------------------------------------------------
+    async def setxattr(self, inode, name, value, ctx):
+        if is_snap_ino(inode):
+            raise _err(errno.EROFS)
+        if len(value) > XATTR_MAX:
+            raise _err(errno.E2BIG)
+        async with self._mut():
+            n = self._node(inode)
+            n.xattrs[bytes(name)] = bytes(value)
+            n.ctime_ns = time.time_ns()
+            self.tree.touch_xattrs(n)
+
+    async def getxattr(self, inode, name, ctx):
+        n = self._any(inode)
+        try:
+            return n.xattrs[name]
+        except KeyError:
+            raise _err(pyfuse3.ENOATTR) from None
+
+    async def listxattr(self, inode, ctx):
+        return list(self._any(inode).xattrs)
+
+    async def removexattr(self, inode, name, ctx):
+        if is_snap_ino(inode):
+            raise _err(errno.EROFS)
+        async with self._mut():
+            n = self._node(inode)
+            if name not in n.xattrs:
+                raise _err(pyfuse3.ENOATTR)
+            del n.xattrs[name]
+            n.ctime_ns = time.time_ns()
+            self.tree.touch_xattrs(n)
+
+    # -- statfs -----------------------------------------------------------------------------
+    async def statfs(self, ctx):
+        st = await trio.to_thread.run_sync(os.statvfs, self.home)
+        used = await trio.to_thread.run_sync(self._logical_bytes)
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        free = st.f_bavail * st.f_frsize
+        s.f_blocks = (used + free) // 4096
+        s.f_bfree = s.f_bavail = free // 4096
+        s.f_files = len(self.tree.nodes) + st.f_favail
+        s.f_ffree = s.f_favail = st.f_favail
+        s.f_namemax = 255
+        return s
+
+    def _logical_bytes(self) -> int:
+        return sum(n.size for n in list(self.tree.nodes.values()) if n.is_reg)
+
+    # -- control operations (called through control.py) -------------------------------------
+    async def drain(self) -> None:
+        await self.cache.drain()
+
+    async def push(self, seal: bool = True):
+        async with self._push_lock:
+            rep = await trio.to_thread.run_sync(lambda: self.vault.flush(seal=seal))
+        self.last_push = {"time": time.time(), "errors": rep.errors, "pending": rep.pending}
+        return rep
+
+    async def snapshot(self, name: str | None) -> tuple[str, int, int]:
+        """A point-in-time snapshot of the live tree: close the gate, store every dirty
+        block, record the tree through ``Vault.commit``, open the gate."""
+        await self.freeze()
+        try:
+            await self.cache.drain()
+            walk = self.tree.walk()
+            uid, seq = await trio.to_thread.run_sync(self._commit_tree, walk, name)
+            self.tree.changed_since_ship = False
+        finally:
+            self.thaw()
+        return uid, seq, len(walk)
+
+    def _commit_tree(self, walk: list[tuple[str, Node]], name: str | None) -> tuple[str, int]:
+        entries: list[Entry] = []
+        files: dict[int, tuple[list[bytes], int]] = {}
+        zero: dict[int, bytes] = {}
+        bs = self.bs
+        for path, n in walk:
+            xattrs = (
+                {k.decode("utf-8", "surrogateescape"): v for k, v in n.xattrs.items()}
+                if n.xattrs
+                else None
+            )
+            common = {"uid": n.uid, "gid": n.gid, "xattrs": xattrs}
+            mode = stat.S_IMODE(n.mode)
+            if n.is_dir:
+                entries.append(Entry(path, "d", mode, n.mtime_ns, **common))
+            elif stat.S_ISLNK(n.mode):
+                target = (n.target or b"").decode("utf-8", "surrogateescape")
+                entries.append(Entry(path, "l", mode, n.mtime_ns, target=target, **common))
+            elif n.is_reg:
+                if n.ino not in files:
+                    files[n.ino] = (self._file_cids(n, bs, zero), n.size)
+                cids, size = files[n.ino]
+                link = n.ino if n.nlink > 1 else None
+                entries.append(
+                    Entry(path, "f", mode, n.mtime_ns, size=size, cids=cids, link=link, **common)
+                )
+        return self.vault.commit(entries, name=name)
+
+    def _file_cids(self, n: Node, bs: int, zero: dict[int, bytes]) -> list[bytes]:
+        blocks = n.blocks if n.blocks is not None else self.tree.load_blocks(n.ino)
+        cids: list[bytes] = []
+        nblocks = (n.size + bs - 1) // bs
+        for b in range(nblocks):
+            want = min(bs, n.size - b * bs)
+            chunks = blocks.get(b) or []
+            have = sum(c for _i, c in chunks)
+            if have > want:  # a stale tail (crash between truncate and commit): re-store
+                data = self.cache.load_stored(chunks, want)
+                pieces = [data] if data else []
+                chunks = list(zip(self.vault.store_chunks(pieces), [want], strict=False))
+                have = want
+            cids += [c for c, _n in chunks]
+            if have < want:
+                gap = want - have
+                if gap not in zero:
+                    zero[gap] = self.vault.store_chunks([bytes(gap)])[0]
+                cids.append(zero[gap])
+        return cids
+
+    async def delete_snapshot(self, uid: str) -> int:
+        infos = await trio.to_thread.run_sync(self.snaps.query_snapshots)
+        info = next((i for i in infos if i.uid == uid), None)
+        seq = await trio.to_thread.run_sync(self.vault.delete_snapshot, uid)
+        if info is not None:
+            self.snaps.forget_snapshot(info.id)
+            try:
+                pyfuse3.invalidate_entry_async(SNAPDIR_INO, info.dirname)
+            except Exception:  # the kernel may not know the entry at all
+                pass
+        return seq
+
+    async def prepare_umount(self):
+        """Store everything, ship the live tree if it changed, upload; report."""
+        await self.freeze()
+        try:
+            t0 = time.monotonic()
+            await self.cache.drain()
+            t1 = time.monotonic()
+            if self.tree.changed_since_ship:
+                await trio.to_thread.run_sync(self.vault.ship_index)
+                self.tree.changed_since_ship = False
+            t2 = time.monotonic()
+            rep = await self.push(seal=True)
+            log.info(
+                "umount: stored dirty blocks in %.2fs, shipped the index in %.2fs, "
+                "uploaded in %.2fs",
+                t1 - t0,
+                t2 - t1,
+                time.monotonic() - t2,
+            )
+            return rep
+        finally:
+            self.thaw()
+
+    def mount_status(self) -> dict:
+        return {
+            "mountpoint": str(self.mountpoint),
+            "pid": os.getpid(),
+            "cache_budget": self.cache.budget,
+            "cache_dirty_bytes": self.cache.used,
+            "dirty_blocks": len(self.cache.dirty),
+            "writers_waiting": self.cache.waiting,
+            "blocks_stored": self.cache.stored_blocks,
+            "inodes": len(self.tree.nodes),
+            "uploader_error": self.cache.error,
+            "last_push": self.last_push,
+        }
