@@ -512,3 +512,118 @@ def test_writes_work_with_every_remote_offline_and_go_out_when_back(tmp_path, s3
         assert st["segments_below_k_placed"] == 0 and st["survives_losses_now"] == 1
     finally:
         v.cleanup()
+
+
+# -- (2) pg_dump straight into the mount, restore from exactly k remotes -----------------------
+@pytest.mark.pg
+def test_pg_dump_into_the_mount_then_restore_from_k_remotes(vault: Vault, pg_server, tmp_path):
+    dsn = pg_server.make_kb(2000, seed=11, dbname="mountkb")
+    source = pg_server.table_checksums("mountkb")
+    vault.mount("--cache-size", "16M")
+    dumps = vault.mp / "dumps"
+    dumps.mkdir()
+    bin_dir = pg_server.bin_dir
+    subprocess.run(
+        [str(bin_dir / "pg_dump"), "-Fp", "-f", str(dumps / "kb.sql"), "-d", dsn], check=True
+    )
+    subprocess.run(
+        [str(bin_dir / "pg_dump"), "-Fd", "-j", "2", "-f", str(dumps / "kbdir"), "-d", dsn],
+        check=True,
+    )
+    size = (dumps / "kb.sql").stat().st_size
+    snap = json.loads(vault.cli("snapshot", "--name", "pg", "--json").stdout)["snapshot"]
+    assert (vault.mp / ".snapshots" / "pg" / "dumps" / "kb.sql").stat().st_size == size
+    assert sorted(os.listdir(vault.mp / ".snapshots" / "pg" / "dumps" / "kbdir")) == sorted(
+        os.listdir(dumps / "kbdir")
+    )
+    vault.umount()
+    # disaster: no local state, one remote gone; restore from exactly k = 2 remotes
+    shutil.rmtree(vault.remotes[1])
+    empty_home = tmp_path / "empty-home"
+    env = {**vault.env, "VAULTFS_HOME": str(empty_home)}
+    out = tmp_path / "restored"
+    keyfile = vault.home / "key.json"
+    vault.cli(
+        "restore", "--from", vault.remotes[0], "--from", vault.remotes[2], "--to", str(out),
+        "--snapshot", snap, "--keyfile", str(keyfile), env=env,
+    )  # fmt: skip
+    assert (out / "dumps" / "kb.sql").stat().st_size == size
+    pg_server.create_database("mountkb_plain")
+    pg_server.psql_file("mountkb_plain", out / "dumps" / "kb.sql")
+    assert pg_server.table_checksums("mountkb_plain") == source
+    pg_server.create_database("mountkb_dir")
+    subprocess.run(
+        [str(bin_dir / "pg_restore"), "-j", "2", "-d", pg_server.dsn_for("mountkb_dir"),
+         str(out / "dumps" / "kbdir")],
+        check=True,
+    )  # fmt: skip
+    assert pg_server.table_checksums("mountkb_dir") == source
+    for db in ("mountkb", "mountkb_plain", "mountkb_dir"):
+        pg_server.drop_database(db)
+
+
+# -- (6) restic with its repository inside the mount -------------------------------------------
+def _make_tree(root: Path, seed: int) -> None:
+    rnd = random.Random(seed)
+    for i in range(12):
+        d = root / f"dir{i % 4}" / f"sub{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"rand{i}.bin").write_bytes(rnd.randbytes(rnd.randrange(1, 400_000)))
+        (d / f"text{i}.txt").write_text(f"line {i}\n" * rnd.randrange(1, 5000))
+    (root / "empty").write_bytes(b"")
+
+
+@pytest.mark.skipif(shutil.which("restic") is None, reason="restic not installed")
+def test_restic_repository_inside_the_mount(shared: Vault, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _make_tree(src, 21)
+    env = {
+        **os.environ,
+        "RESTIC_PASSWORD": "restic-pass",
+        "RESTIC_REPOSITORY": str(shared.mp / "restic-repo"),
+        "RESTIC_CACHE_DIR": str(tmp_path / "restic-cache"),
+    }
+
+    def restic(*args: str) -> None:
+        subprocess.run(["restic", "--quiet", *args], env=env, check=True, timeout=300)
+
+    restic("init")
+    restic("backup", str(src))
+    restic("check", "--read-data")
+    out = tmp_path / "out"
+    restic("restore", "latest", "--target", str(out))
+    assert tree_digest(out / src.relative_to("/")) == tree_digest(src)
+
+
+# -- (7) rsync -aHAX into the mount and through a snapshot ----------------------------------------
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync not installed")
+def test_rsync_preserves_everything_into_the_mount_and_snapshot(shared: Vault, tmp_path) -> None:
+    src = tmp_path / "src"
+    _make_tree(src, 22)
+    os.symlink("dir0/sub0/text0.txt", src / "link")
+    os.symlink("/nonexistent/target", src / "dangling")
+    os.link(src / "dir1" / "sub1" / "rand1.bin", src / "hardlink.bin")
+    os.setxattr(src / "dir0" / "sub0" / "text0.txt", "user.origin", b"rsync test")
+    os.setxattr(src / "dir1", "user.dir", b"on a directory")
+    os.chmod(src / "dir2", 0o750)
+    os.chmod(src / "empty", 0o600)
+    os.utime(src / "empty", ns=(1_500_000_000_000_000_001, 1_500_000_000_000_000_001))
+    dst = shared.mp / "rsync"
+    subprocess.run(["rsync", "-aHAX", f"{src}/", f"{dst}/"], check=True, timeout=300)
+
+    def differences(target: Path) -> str:
+        res = subprocess.run(
+            ["rsync", "-aHAXc", "--dry-run", "--itemize-changes", f"{src}/", f"{target}/"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        )
+        return res.stdout.strip()
+
+    assert differences(dst) == ""
+    assert (dst / "hardlink.bin").stat().st_ino == (
+        dst / "dir1" / "sub1" / "rand1.bin"
+    ).stat().st_ino
+    shared.cli("snapshot", "--name", "rsync-snap")
+    assert differences(shared.mp / ".snapshots" / "rsync-snap" / "rsync") == ""
