@@ -23,7 +23,7 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 
 from vaultfs import erasure
 from vaultfs.backup import backup_paths, backup_stream
@@ -233,6 +233,10 @@ def backup(
 @app.command()
 def flush(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Upload every queued shard and manifest; wait until done or report who is behind."""
+    from cli.mount import flush_via_mount  # a mounted vault is flushed by its daemon
+
+    if (code := flush_via_mount(home, as_json)) is not None:
+        raise typer.Exit(code)
     v = _open(home)
     try:
         code = _report_flush(v, as_json)
@@ -327,22 +331,44 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         st = v.status()
     finally:
         v.close()
+    from cli.mount import mount_status  # the running mount's cache and upload state
+
+    if (mounted := mount_status(home)) is not None:
+        st["mount"] = mounted
     if as_json:
         out.print_json(json.dumps(st))
         return
     out.print(f"vault {st['fingerprint']}  {st['k']}-of-{st['n']}  snapshots: {st['snapshots']}")
-    t = Table("remote", "placed", "queued", "last error")
+    if mounted:
+        out.print(
+            f"mounted at {mounted['mountpoint']}: {mounted['cache_dirty_bytes']:,} of "
+            f"{mounted['cache_budget']:,} cache bytes dirty"
+        )
+    t = Table(
+        Column("remote", overflow="fold"), "domain", "health", "placed", "queued", "last audit",
+        "last error",
+    )  # fmt: skip
     for r in st["remotes"]:
+        audited = "never"
+        if r.get("last_audit"):
+            audited = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_audit"]))
+            if r.get("last_audit_confidence") is not None:
+                audited += f" ({r['last_audit_confidence'] * 100:.1f}%)"
         t.add_row(
             r["remote"],
+            r["domain"],
+            r.get("health", "unknown")
+            + (f", {r['lost_objects']} lost" if r.get("lost_objects") else ""),
             f"{r['placed_objects']} ({r['placed_bytes']:,} B)",
             f"{r['queued_objects']} ({r['queued_bytes']:,} B)",
+            audited,
             r["last_error"] or "",
         )
     out.print(t)
     out.print(
-        f"survives {st['survives_losses_now']} remote loss(es) now "
-        f"({st['survives_losses_design']} once the queue is empty)"
+        f"survives {st['survives_losses_now']} failure-domain loss(es) now "
+        f"({st['survives_losses_design']} once the queue is empty and every remote is healthy; "
+        f"{st['domains']} domain(s))"
     )
     if st["segments_below_k_placed"]:
         out.print(
@@ -456,7 +482,9 @@ def restore(
     out.print(f"restored snapshot {uid}: {files} entries, {size:,} bytes to {to} in {dt:.1f}s")
 
 
+import cli.audit  # noqa: E402,F401
 import cli.keys  # noqa: E402,F401  (registers the `keys`, `reencrypt`, `receipt` commands)
+import cli.mount  # noqa: E402,F401
 
 
 def main() -> None:
@@ -476,4 +504,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run the imported module's app: command modules (cli/mount.py, ...) register on cli.main
+    from cli.main import main as _main
+
+    _main()

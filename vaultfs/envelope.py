@@ -26,6 +26,7 @@ from __future__ import annotations
 import hmac
 import secrets
 import struct
+import threading
 
 import zstandard
 from cryptography.exceptions import InvalidTag
@@ -43,7 +44,7 @@ RECORD_OVERHEAD = SALT_LEN + COMMIT_LEN + TAG_LEN + 1
 
 COMP_NONE = 0
 COMP_ZSTD = 1
-ZSTD_LEVEL = 3
+ZSTD_LEVEL = 1  # on 16 KiB chunks of pg_dump text: faster than 3 and compresses as well
 
 _tls_compressors: dict[int, zstandard.ZstdCompressor] = {}
 
@@ -56,6 +57,16 @@ def _compressor() -> zstandard.ZstdCompressor:
     if c is None:
         c = _tls_compressors[ident] = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
     return c
+
+
+_tls = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_tls, "decompressor", None)
+    if d is None:
+        d = _tls.decompressor = zstandard.ZstdDecompressor()
+    return d
 
 
 def compress(data: bytes) -> bytes:
@@ -71,7 +82,7 @@ def decompress(payload: bytes) -> bytes:
     if kind == COMP_NONE:
         return payload[1:]
     if kind == COMP_ZSTD:
-        return zstandard.ZstdDecompressor().decompress(payload[1:])
+        return _decompressor().decompress(payload[1:])
     raise IntegrityError(f"unknown compression id {kind}")
 
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from . import envelope, manifest, merkle, segment
+from . import envelope, erasure, manifest, merkle, segment
 from .chunker import Chunker
 from .errors import (
     DiskFull,
@@ -177,6 +177,7 @@ class Vault:
         self.k = int(index.get("k") or 0)
         self.n = int(index.get("n") or 0)
         self.segment_size = int(index.get("segment_size") or DEFAULT_SEGMENT_SIZE)
+        self.ec_alg = erasure.choose_alg(self.k, self.n) if self.k else 0  # for new segments
         self.chunker = Chunker(keys.chunker_seed, keys.chunk_id_key)
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vaultfs-cpu")
         self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaultfs-seal")
@@ -395,36 +396,69 @@ class Vault:
         return len(done)
 
     # -- write path ------------------------------------------------------------------------
+    #: Bytes of chunks handed from the chunking thread to the encrypting one at a time.
+    BATCH_BYTES = 4 * 1024 * 1024
+
     def store_stream(
         self, stream: BinaryIO, progress: Callable[[int], None] | None = None
     ) -> tuple[list[bytes], int]:
         """Chunk, deduplicate, encrypt and pack a stream. Returns (chunk ids, total bytes).
 
-        The chunks are durable (queued) only after :meth:`seal` or :meth:`commit`.
+        Reading, chunking and chunk-id hashing run on a producer thread (two batches ahead at
+        most, so memory stays bounded) while this thread deduplicates and encrypts. The
+        chunks are durable (queued) only after :meth:`seal` or :meth:`commit`.
         """
+        import queue
+
+        batches: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+
+        def produce() -> None:
+            batch: list[bytes] = []
+            size = 0
+            try:
+                for chunk in self.chunker.chunks(stream):
+                    batch.append(chunk)
+                    size += len(chunk)
+                    if size >= self.BATCH_BYTES:
+                        batches.put((batch, [self.chunker.chunk_id(c) for c in batch], size))
+                        batch, size = [], 0
+                        if stop.is_set():
+                            return
+                if batch:
+                    batches.put((batch, [self.chunker.chunk_id(c) for c in batch], size))
+                batches.put(None)
+            except BaseException as e:  # re-raised on the consuming thread
+                batches.put(e)
+
+        producer = threading.Thread(target=produce, name="vaultfs-chunker", daemon=True)
+        producer.start()
         cids: list[bytes] = []
         total = 0
-        batch: list[bytes] = []
-        batch_bytes = 0
-        for chunk in self.chunker.chunks(stream):
-            batch.append(chunk)
-            batch_bytes += len(chunk)
-            if batch_bytes >= 8 * 1024 * 1024:
-                cids += self.store_chunks(batch)
-                total += batch_bytes
+        try:
+            while (item := batches.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                chunks, ids, size = item
+                cids += self._store_hashed(chunks, ids)
+                total += size
                 if progress:
-                    progress(batch_bytes)
-                batch, batch_bytes = [], 0
-        if batch:
-            cids += self.store_chunks(batch)
-            total += batch_bytes
-            if progress:
-                progress(batch_bytes)
+                    progress(size)
+        finally:
+            stop.set()
+            while producer.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    batches.get(timeout=0.05)
+                except queue.Empty:
+                    pass
         return cids, total
 
     def store_chunks(self, chunks: list[bytes]) -> list[bytes]:
         """Store a batch of chunks (deduplicated); return their ids in order."""
         cids = list(self.pool.map(self.chunker.chunk_id, chunks, chunksize=32))
+        return self._store_hashed(chunks, cids)
+
+    def _store_hashed(self, chunks: list[bytes], cids: list[bytes]) -> list[bytes]:
         with self._write_lock:
             new: dict[bytes, bytes] = {}
             unknown = [c for c in dict.fromkeys(cids) if c not in self._open_chunks]
@@ -447,11 +481,15 @@ class Vault:
             vid = self.keys.vault_id
             suite = self.epoch_suites[self.epoch]
             items = list(new.items())
+            salts = secrets.token_bytes(envelope.SALT_LEN * len(items))  # one syscall a batch
             records = self.pool.map(
-                lambda it: envelope.seal_chunk(data_key, vid, it[0], it[1], suite),
-                items,
+                lambda i: envelope.seal_chunk(
+                    data_key, vid, items[i][0], items[i][1], suite,
+                    salt=salts[i * envelope.SALT_LEN : (i + 1) * envelope.SALT_LEN],
+                ),
+                range(len(items)),
                 chunksize=16,
-            )
+            )  # fmt: skip
             for (cid, data), rec in zip(items, records, strict=True):
                 if not self._open.fits(len(rec)):
                     self._seal_open()
@@ -543,11 +581,12 @@ class Vault:
     ) -> int:
         seg_id = self._next_segment_id()
         uid = secrets.token_bytes(16)
-        rows, root = self._write_shards(seg_id, uid, segment.KIND_DATA, builder.padded())
+        padded = builder.padded()
+        rows, root = self._write_shards(seg_id, uid, segment.KIND_DATA, padded)
         with self.index.tx() as db:
             db.execute(
                 "INSERT INTO segments(id, uid, kind, size, used, k, n, ec_alg, epoch, root, created)"
-                " VALUES (?, ?, 'data', ?, ?, ?, ?, 1, ?, ?, ?)",
+                f" VALUES (?, ?, 'data', ?, ?, ?, ?, {self.ec_alg}, ?, ?, ?)",
                 (
                     seg_id,
                     uid,
@@ -570,7 +609,7 @@ class Vault:
                 [(cid, seg_id, off, ln, pl) for cid, (off, ln, pl) in chunks.items()],
             )
         with self._seg_cache_lock:
-            self._seg_cache[seg_id] = builder.padded()
+            self._seg_cache[seg_id] = padded
             while len(self._seg_cache) > 4:
                 self._seg_cache.popitem(last=False)
         return seg_id
@@ -669,7 +708,7 @@ class Vault:
         segs = []
         for off in range(0, len(blob), self.segment_size):
             piece = blob[off : off + self.segment_size]
-            padded = piece + bytes(segment.size_class(len(piece), self.segment_size) - len(piece))
+            padded = segment.pad(piece, segment.size_class(len(piece), self.segment_size))
             seg_id = self._next_segment_id()
             uid = secrets.token_bytes(16)
             rows, seg_root = self._write_shards(seg_id, uid, segment.KIND_META, padded)
@@ -693,7 +732,7 @@ class Vault:
                         "size": size,
                         "k": self.k,
                         "n": self.n,
-                        "ec_alg": 1,
+                        "ec_alg": self.ec_alg,
                         "shards": [
                             {"idx": r[0], "name": r[1], "size": r[3], "hash": r[4].hex()}
                             for r in rows
@@ -715,7 +754,8 @@ class Vault:
             for seg_id, uid, used, rows, seg_root, size in segs:
                 db.execute(
                     "INSERT INTO segments(id, uid, kind, size, used, k, n, ec_alg, epoch, root,"
-                    " manifest, created) VALUES (?, ?, 'meta', ?, ?, ?, ?, 1, ?, ?, ?, ?)",
+                    f" manifest, created) VALUES (?, ?, 'meta', ?, ?, ?, ?, {self.ec_alg}, ?, ?, ?,"
+                    " ?)",
                     (
                         seg_id,
                         uid,
@@ -820,7 +860,7 @@ class Vault:
                 next_seq = (db.execute("SELECT max(seq) FROM manifests").fetchone()[0] or 0) + 1
                 db.execute(
                     "INSERT INTO segments(id, uid, kind, size, used, k, n, ec_alg, epoch, root,"
-                    " created) VALUES (?, ?, 'data', ?, ?, ?, ?, 1, ?, ?, ?)",
+                    f" created) VALUES (?, ?, 'data', ?, ?, ?, ?, {self.ec_alg}, ?, ?, ?)",
                     (seg_id, uid, builder.padded_size(), builder.used, self.k, self.n, epoch, root,
                      time.time()),
                 )  # fmt: skip
@@ -891,7 +931,51 @@ class Vault:
             )
             report.pending[r.label] = cnt
         (report.manifests_pending,) = self.index.one("SELECT count(*) FROM manifest_queue")
+        if report.manifests_pending == 0 and not report.errors:
+            self.prune_index_copies()
         return report
+
+    #: How many of the newest manifests (and the index copies they name) stay on the remotes.
+    KEEP_INDEX_COPIES = 3
+
+    def prune_index_copies(self, keep: int | None = None) -> int:
+        """Delete index copies (meta segments) and manifests older than the newest ``keep``.
+
+        Called only after a flush placed every manifest on every remote (invariant 6: an old
+        index copy is deleted only once newer ones are placed). Returns objects deleted;
+        a remote that fails keeps its old copies until the next successful flush.
+        """
+        keep = keep or self.KEEP_INDEX_COPIES
+        seqs = [s for (s,) in self.index.q("SELECT seq FROM manifests ORDER BY seq DESC")]
+        if len(seqs) <= keep:
+            return 0
+        cutoff = seqs[keep - 1]
+        old_shards = self.index.q(
+            "SELECT s.id, s.name, s.remote FROM shards s JOIN segments g ON g.id = s.segment"
+            " WHERE g.kind='meta' AND g.manifest < ? AND s.state='placed'",
+            (cutoff,),
+        )
+        old_mans = [
+            n for (n,) in self.index.q("SELECT name FROM manifests WHERE seq < ?", (cutoff,))
+        ]
+        deleted = 0
+        for r in self.remotes():
+            mine = [name for _sid, name, rid in old_shards if rid == r.rid]
+            try:
+                r.delete("meta", mine)
+                r.delete("manifests", old_mans)
+            except RemoteError:
+                return deleted
+            deleted += len(mine) + len(old_mans)
+        with self.index.tx() as db:
+            db.execute(
+                "DELETE FROM shards WHERE segment IN"
+                " (SELECT id FROM segments WHERE kind='meta' AND manifest < ?)",
+                (cutoff,),
+            )
+            db.execute("DELETE FROM segments WHERE kind='meta' AND manifest < ?", (cutoff,))
+            db.execute("DELETE FROM manifests WHERE seq < ?", (cutoff,))
+        return deleted
 
     def _push_manifests(
         self, remotes: list[Remote], ok: dict[int, bool], report: FlushReport
