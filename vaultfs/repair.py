@@ -554,6 +554,12 @@ def _check_new(vault: Vault, spec: str, wrap=None) -> None:
             f"remote {Remote(spec).label} already holds a vault (manifests/ is not empty); "
             "give an empty location"
         )
+    tree = b.list_tree()
+    if tree.get("data") or tree.get("meta"):
+        raise NoVault(
+            f"remote {Remote(spec).label} is not empty (it holds data/ or meta/ objects); "
+            "give an empty location"
+        )
 
 
 def add_remote(vault: Vault, spec: str, domain: str | None = None, wrap=None) -> dict:

@@ -1,0 +1,326 @@
+"""Audits, repair and remote management beyond the fault suite: sampling math, keyed piece tags,
+resumable audits, retry/backoff and error states, failure domains, tampering with the local
+index, unrecoverable segments, and the command line's bad-input contract."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+from helpers import PASSPHRASE, run_cli
+
+from vaultfs import merkle, segment
+from vaultfs import repair as repair_mod
+from vaultfs import verify as verify_mod
+from vaultfs.backends import (
+    FaultInjecting,
+    ObjectMissing,
+    RcloneBackend,
+    Retrying,
+    Unreachable,
+    classify,
+)
+from vaultfs.errors import IntegrityError
+from vaultfs.keys import VaultKeys
+from vaultfs.remotes import Remote, RemoteError
+from vaultfs.restore import open_remote_index, restore_files
+from vaultfs.vault import Entry, Vault, place, survivable_losses
+
+
+def _vault(tmp: Path, remotes: int = 5, k: int = 3, n: int = 5, mib: float = 3.0):
+    specs = [str(tmp / f"r{i}") for i in range(remotes)]
+    v = Vault.create(tmp / "home", specs, k, n, PASSPHRASE, segment_size=1 << 20)
+    data = os.urandom(int(mib * 1024 * 1024))
+    cids, total = v.store_stream(io.BytesIO(data))
+    v.commit([Entry("blob", "f", 0o644, 0, total, cids=cids)], "one")
+    rep = v.flush()
+    assert rep.complete
+    return v, specs, data
+
+
+def _restore(keys: VaultKeys, specs: list[str], work: Path) -> bytes:
+    work.mkdir()
+    db, src, _m, _w = open_remote_index(keys, [Remote(s) for s in specs], work)
+    try:
+        restore_files(keys, db, src, work / "out")
+    finally:
+        db.close()
+    return (work / "out" / "blob").read_bytes()
+
+
+# -- sampling math -----------------------------------------------------------------------------
+def test_sampling_math() -> None:
+    assert verify_mod.checks_needed(0.99, 0.01) == 459
+    assert verify_mod.checks_needed(0.95, 0.01) == math.ceil(math.log(0.05) / math.log(0.99))
+    assert verify_mod.checks_needed(0.99, 0.05) == 90
+    # hypergeometric (without replacement) is never worse than the with-replacement bound
+    for blocks in (1_000, 100_000, 10_000_000):
+        c = verify_mod.confidence_reached(459, blocks, 0.01)
+        assert c >= 1 - 0.99**459 >= 0.99
+    assert verify_mod.confidence_reached(459, 1_000, 0.01) > verify_mod.confidence_reached(
+        459, 10_000_000, 0.01
+    )
+    # checking every block that could hide the loss gives certainty; none gives nothing
+    assert verify_mod.confidence_reached(991, 1_000, 0.01) == 1.0
+    assert verify_mod.confidence_reached(0, 1_000, 0.01) == 0.0
+    assert verify_mod.confidence_reached(20, 20, 0.01) == 1.0
+    with pytest.raises(ValueError):
+        verify_mod.checks_needed(1.0, 0.01)
+
+
+def test_piece_tags_bind_bytes_and_leaf() -> None:
+    key = os.urandom(32)
+    seg = os.urandom(300_000)
+    sh = segment.build_shards(seg + bytes(-len(seg) % 3), os.urandom(16), 1, 3, 5)[0]
+    tags = verify_mod.piece_tags(key, sh.body, sh.blocks)
+    nblocks = math.ceil(len(sh.body) / merkle.BLOCK_SIZE)
+    assert len(tags) == math.ceil(len(sh.body) / verify_mod.PIECE) * verify_mod.TAG_LEN
+    base = verify_mod._tagger(key)
+    b, j = nblocks - 1, 0
+    off = b * merkle.BLOCK_SIZE + j * verify_mod.PIECE
+    piece = sh.body[off : off + verify_mod.PIECE]
+    leaf = sh.blocks[32 * b : 32 * b + 32]
+    t = (b * (merkle.BLOCK_SIZE // verify_mod.PIECE) + j) * verify_mod.TAG_LEN
+    assert verify_mod.piece_tag(base, leaf, b, j, piece) == tags[t : t + 8]
+    flipped = bytes([piece[0] ^ 1]) + piece[1:]
+    assert verify_mod.piece_tag(base, leaf, b, j, flipped) != tags[t : t + 8]
+    assert verify_mod.piece_tag(base, bytes(32), b, j, piece) != tags[t : t + 8]
+    other = verify_mod._tagger(os.urandom(32))  # another vault's audit key
+    assert verify_mod.piece_tag(other, leaf, b, j, piece) != tags[t : t + 8]
+
+
+# -- audits ------------------------------------------------------------------------------------
+def test_ranged_audit_is_cheap_and_resumes_after_cut_off(tmp_path: Path) -> None:
+    v, specs, _data = _vault(tmp_path, mib=4)
+    try:
+        # cut off before the first challenge: the plan is kept
+        first = verify_mod.audit(v, [specs[0]], max_duration=1e-9, whole_budget=0)
+        r = first.remotes[0]
+        assert not r.complete and r.remaining == r.planned > 0 and r.checked == 0
+        assert r.planned == min(r.blocks, 459)
+        (run_id, finished) = v.index.one("SELECT id, finished FROM audit_runs ORDER BY id DESC")
+        assert finished is None
+        # the next audit resumes the same run and finishes it
+        second = verify_mod.audit(v, [specs[0]], whole_budget=0)
+        r2 = second.remotes[0]
+        assert r2.resumed and r2.complete and r2.clean
+        assert r2.checked == r.planned and r2.remaining == 0
+        assert v.index.one("SELECT max(id) FROM audit_runs")[0] == run_id
+        assert r2.confidence == 1.0  # a small remote: every block was challenged
+        # ranged challenges read one 1 KiB piece each (plus the newest manifest)
+        assert r2.bytes_read <= r2.checked * verify_mod.PIECE + 64 * 1024
+        assert r2.bytes_read < r2.stored_bytes * 0.1
+        # a sample of 10% draws ⌈0.1·blocks⌉ fresh random challenges
+        third = verify_mod.audit(v, [specs[1]], mode="sample", sample=10, whole_budget=0)
+        r3 = third.remotes[0]
+        assert r3.planned == math.ceil(r3.blocks / 10) and r3.complete
+        assert 0 < r3.confidence < 1
+    finally:
+        v.close()
+
+
+def test_tampered_local_index_is_caught(tmp_path: Path) -> None:
+    v, specs, _data = _vault(tmp_path, mib=1.5)
+    try:
+        sid, blocks = v.index.one(
+            "SELECT s.id, s.blocks FROM shards s JOIN segments g ON g.id = s.segment"
+            " WHERE g.kind='data' LIMIT 1"
+        )
+        forged = bytes(32) + bytes(blocks)[32:]
+        leaves = [forged[i : i + 32] for i in range(0, len(forged), 32)]
+        with v.index.tx() as db:  # a forged leaf, with its shard root recomputed to match
+            db.execute(
+                "UPDATE shards SET blocks=?, root=? WHERE id=?", (forged, merkle.root(leaves), sid)
+            )
+        with pytest.raises(IntegrityError, match="signed vault root|index was altered"):
+            verify_mod.audit(v, mode="read-all")
+    finally:
+        v.close()
+
+
+def test_repair_never_zero_fills(tmp_path: Path) -> None:
+    v, specs, _data = _vault(tmp_path, mib=1.5)
+    try:
+        seg = v.index.one("SELECT min(id) FROM segments WHERE kind='data'")[0]
+        rows = v.index.q(
+            "SELECT s.name, r.spec FROM shards s JOIN remotes r ON r.id = s.remote"
+            " WHERE s.segment=? ORDER BY s.idx LIMIT 3",
+            (seg,),
+        )
+        for name, spec in rows:  # three of five shards gone: below k=3
+            (Path(spec) / "data" / name).unlink()
+        rep = repair_mod.repair(v)
+        assert any(f"segment {seg}" in u for u in rep.unrecoverable)
+        assert not [it for it in rep.items if it.segment == seg]
+        left = v.index.one(
+            "SELECT count(*) FROM shards WHERE segment=? AND state='placed'", (seg,)
+        )[0]
+        assert left == 2  # nothing invented, nothing dropped: the two good shards stay
+        others = [it for it in rep.items if it.segment != seg]
+        assert not others  # the other segments were healthy
+    finally:
+        v.close()
+
+
+def test_remove_remote_rebuilds_elsewhere(tmp_path: Path) -> None:
+    v, specs, data = _vault(tmp_path, remotes=6, mib=2)
+    try:
+        gone = specs[2]
+        held = v.index.one(
+            "SELECT count(*) FROM shards s JOIN remotes r ON r.id = s.remote WHERE r.spec=?",
+            (gone,),
+        )[0]
+        rep = repair_mod.remove_remote(v, gone)
+        assert rep.ok and rep.rebuilt == held > 0
+        assert not list((Path(gone) / "data").iterdir())  # its objects were deleted
+        assert verify_mod.audit(v).clean
+        assert [r["member"] for r in repair_mod.list_remotes(v) if r["remote"] == gone] == [
+            "removed"
+        ]
+        keys = v.keys
+    finally:
+        v.close()
+    assert _restore(keys, [specs[0], specs[3], specs[5]], tmp_path / "w") == data
+
+
+# -- remote failure handling ---------------------------------------------------------------------
+def test_retry_backoff_and_error_states(tmp_path: Path) -> None:
+    (tmp_path / "r" / "data").mkdir(parents=True)
+    (tmp_path / "r" / "data" / "obj").write_bytes(b"x" * 5000)
+    slept: list[float] = []
+    flaky = FaultInjecting(RcloneBackend(str(tmp_path / "r")), unavailable=2)
+    b = Retrying(flaky, attempts=3, base_delay=0.2, sleep=slept.append)
+    assert b.list_tree()["data"] == {"obj": 5000}
+    assert flaky.injected == 2 and b.retries == 2 and len(slept) == 2
+    assert 0.1 <= slept[0] <= 0.2 and 0.2 <= slept[1] <= 0.4  # exponential, jittered
+    down = Retrying(
+        FaultInjecting(RcloneBackend(str(tmp_path / "r")), unavailable=10), sleep=slept.append
+    )
+    with pytest.raises(Unreachable, match="503"):
+        down.cat("data", "obj", 0, 10)
+    assert down.retries == 2  # bounded: three attempts in all
+    slept.clear()
+    with pytest.raises(ObjectMissing):
+        b.cat("data", "absent", 0, 10)
+    assert slept == []  # an answer, not an outage: never retried
+    assert b.cat("data", "obj", 4990, 100) == b"x" * 10  # short object: short read
+    assert isinstance(classify(RemoteError("s3: 429 Too Many Requests")), Unreachable)
+    assert isinstance(classify(RemoteError("SlowDown: please reduce rate")), Unreachable)
+    assert isinstance(classify(RemoteError("503 Service Unavailable")), Unreachable)
+    assert isinstance(classify(RemoteError("dial tcp: connection refused")), Unreachable)
+    assert isinstance(classify(RemoteError("NoSuchKey: object not found")), ObjectMissing)
+    assert type(classify(RemoteError("permission denied"))) is RemoteError
+
+
+def test_placement_counts_failure_domains(tmp_path: Path) -> None:
+    remotes = [(1, "a"), (2, "b"), (3, "acme"), (4, "acme"), (5, "c")]
+    doms = dict(remotes)
+    lists = [place(remotes, s, 5) for s in range(10)]
+    for lst in lists:
+        per = {}
+        for r in lst:
+            per[doms[r]] = per.get(doms[r], 0) + 1
+        assert max(per.values()) == 2 and len(per) == 4  # every domain used, none overloaded
+    assert survivable_losses(lists, 3, doms) == 1
+    solo = [(r, f"d{r}") for r, _d in remotes]
+    assert place(solo, 7, 5) == [solo[(i + 7) % 5][0] for i in range(5)]  # the plain rule
+    # the same through the vault: two buckets at one provider count as one domain
+    v, specs, _data = _vault(tmp_path, remotes=3, mib=0.5)
+    try:
+        for i in (3, 4):
+            info = repair_mod.add_remote(v, str(tmp_path / f"r{i}"), domain="acme")
+            assert info["domain"] == "acme"
+        st = v.status()
+        assert st["domains"] == 4 and st["survives_losses_design"] == 1
+        cids, total = v.store_stream(io.BytesIO(os.urandom(900_000)))
+        v.commit([Entry("more", "f", 0o644, 0, total, cids=cids)])
+        assert v.flush().complete
+        dom = dict(v.index.q("SELECT id, coalesce(domain, 'r' || id) FROM remotes"))
+        latest = v.index.one("SELECT max(id) FROM segments WHERE kind='data'")[0]
+        acme = [
+            r
+            for (r,) in v.index.q("SELECT remote FROM shards WHERE segment=?", (latest,))
+            if dom[r] == "acme"
+        ]
+        assert len(acme) <= 2
+    finally:
+        v.close()
+
+
+# -- the command line ----------------------------------------------------------------------------
+def test_cli_contract_and_bad_input(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    specs = [str(tmp_path / f"r{i}") for i in range(4)]
+    args = ["init", "-k", "2", "-n", "4", "--segment-mib", "1"]
+    for s in specs:
+        args += ["--remote", s]
+    run_cli(*args, home=home)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.bin").write_bytes(os.urandom(700_000))
+    run_cli("backup", str(src), home=home)
+
+    # a remote that is not part of the vault: one sentence, exit 14
+    for cmd in (["verify", "--remote", str(tmp_path / "elsewhere")],
+                ["remote", "remove", str(tmp_path / "elsewhere")]):  # fmt: skip
+        p = run_cli(*cmd, home=home, check=14)
+        assert b"is not part of this vault" in p.stderr and b"Traceback" not in p.stderr
+    # the wrong key (passphrase): exit 10, for verify and repair alike
+    for cmd in (["verify"], ["repair"]):
+        p = run_cli(*cmd, home=home, passphrase="wrong", check=10)
+        assert b"wrong passphrase" in p.stderr and b"Traceback" not in p.stderr
+    # another vault's keyfile in place of ours: refused, nothing audited
+    other = tmp_path / "other"
+    run_cli("init", "--remote", str(tmp_path / "o0"), "-k", "1", "-n", "2", home=other)
+    run_cli("backup", str(src), home=other)
+    os.replace(home / "key.json", tmp_path / "ours.json")
+    os.link(other / "key.json", home / "key.json")
+    p = run_cli("verify", home=home, check=None)
+    assert p.returncode in (10, 16) and b"Traceback" not in p.stderr
+    assert b"vault" in p.stderr
+    os.unlink(home / "key.json")
+    os.replace(tmp_path / "ours.json", home / "key.json")
+    # flags that contradict each other
+    p = run_cli("verify", "--sample", "5", "--read-all", home=home, check=18)
+    assert b"not both" in p.stderr
+    run_cli("verify", "--sample", "0", home=home, check=18)
+
+    # cut off by --max-duration, then resumed; --json is data
+    p = run_cli("verify", "--max-duration", "0.000001", home=home, check=0)
+    assert b"cut off" in p.stderr
+    rep = json.loads(run_cli("verify", "--json", home=home).stdout)
+    assert rep["clean"] and rep["complete"] and all(r["resumed"] for r in rep["remotes"])
+    assert rep["checks_needed"] == 459
+
+    # damage one object; verify names it and exits 12; repair --dry-run changes nothing
+    victim = sorted((Path(specs[1]) / "data").iterdir())[0]
+    victim.unlink()
+    p = run_cli("verify", home=home, check=12)
+    assert victim.name.encode() in p.stderr and b"missing" in p.stderr
+    dry = json.loads(run_cli("repair", "--dry-run", "--json", home=home).stdout)
+    assert [it["old"] for it in dry["items"]] == [f"data/{victim.name}"] and dry["dry_run"]
+    assert not victim.exists()
+    run_cli("repair", home=home)
+    run_cli("verify", "--read-all", home=home, check=0)
+
+    # remote list / status / add with a failure domain
+    run_cli("remote", "add", str(tmp_path / "r4"), "--domain", "acme", home=home)
+    run_cli("remote", "add", str(tmp_path / "r5"), "--domain", "acme", home=home)
+    rows = json.loads(run_cli("remote", "list", "--json", home=home).stdout)
+    assert [r["domain"] for r in rows if r["remote"].endswith(("r4", "r5"))] == ["acme", "acme"]
+    assert all(r["health"] in ("ok", "unknown") for r in rows)
+    st = json.loads(run_cli("status", "--json", home=home).stdout)
+    assert st["domains"] == 5
+    assert all("health" in r and "last_audit" in r for r in st["remotes"])
+    txt = run_cli("status", home=home).stdout.decode()
+    assert "failure-domain loss" in txt and "health" in txt
+    # a replacement must be empty: a location holding another vault is refused
+    p = run_cli("remote", "replace", specs[0], str(tmp_path / "o0"), home=home, check=16)
+    assert b"already holds a vault" in p.stderr
+    with sqlite3.connect(home / "index.db") as db:
+        assert db.execute("SELECT count(*) FROM remotes WHERE state='active'").fetchone()[0] == 6
