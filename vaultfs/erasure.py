@@ -21,6 +21,9 @@ from pyeclib.ec_iface import ECDriver
 
 from .errors import IntegrityError
 
+#: liberasurecode's fragment header (fragment_header_t) in front of every fragment payload.
+FRAGMENT_HEADER = 80
+
 EC_ISA_L_RS_VAND = 1
 EC_ISA_L_RS_CAUCHY = 2
 EC_BACKENDS = {EC_ISA_L_RS_VAND: "isa_l_rs_vand", EC_ISA_L_RS_CAUCHY: "isa_l_rs_cauchy"}

@@ -501,24 +501,29 @@ def restore_files(
             assert nxt is not None
             bdir, fetched = nxt.result()
             nxt = fetcher.submit(download, bi + 1) if bi + 1 < len(batches) else None
-            for sid in batches[bi]:
+
+            def one_segment(sid: int, fetched=fetched) -> list[tuple[str, int, list[bytes]]]:
+                """Decode a segment and open its chunks; return runs of contiguous writes."""
                 size, k, n, epoch = seg_rows[sid]
                 seg = _decode_verified(src, "data", shard_rows[sid], k, n, size, fetched, warnings)
-                opened = cpu.map(lambda it, s=seg, ep=epoch: open_one(it, s, ep), plan[sid])
-                # coalesce chunks that continue each other into one pwrite
-                run_target, run_pos, run_len, run = None, 0, 0, []
-                for target, pos, data in opened:
-                    if run and (target != run_target or pos != run_pos + run_len):
-                        os.pwrite(fds.get(run_target), b"".join(run), run_pos)
-                        run = []
-                    if not run:
-                        run_target, run_pos, run_len = target, pos, 0
-                    run.append(data)
-                    run_len += len(data)
+                runs: list[tuple[str, int, list[bytes]]] = []
+                end = -1
+                for item in plan[sid]:
+                    target, pos, data = open_one(item, seg, epoch)
+                    if runs and runs[-1][0] == target and pos == end:
+                        runs[-1][2].append(data)
+                    else:
+                        runs.append((target, pos, [data]))
+                    end = pos + len(data)
+                return runs
+
+            # one task per segment on the CPU pool; this thread only writes, in order
+            for runs in cpu.map(one_segment, batches[bi]):
+                for target, pos, parts in runs:
+                    blob = b"".join(parts)
+                    os.pwrite(fds.get(target), blob, pos)
                     if progress:
-                        progress(len(data))
-                if run:
-                    os.pwrite(fds.get(run_target), b"".join(run), run_pos)
+                        progress(len(blob))
             shutil.rmtree(bdir, ignore_errors=True)
     finally:
         fds.close()

@@ -100,11 +100,18 @@ def parse_header(body: bytes) -> ShardHeader:
 
 def decode_segment(bodies: list[bytes], k: int, n: int, size: int) -> bytes:
     """Decode a segment from at least k verified shard objects."""
-    algs = {parse_header(b).ec_alg for b in bodies}
+    heads = [parse_header(b) for b in bodies]
+    algs = {h.ec_alg for h in heads}
     if len(algs) != 1:
         raise IntegrityError("shards of one segment name different erasure algorithms")
-    frags = [b[HEADER.size :] for b in bodies]
-    data = erasure.decode(frags, k, n, algs.pop())
+    by_idx = {h.idx: b for h, b in zip(heads, bodies, strict=True)}
+    if all(i in by_idx for i in range(k)):
+        # systematic code: the data fragments' payloads, in order, are the segment
+        payload = HEADER.size + erasure.FRAGMENT_HEADER
+        data = b"".join(memoryview(by_idx[i])[payload:] for i in range(k))
+    else:
+        frags = [b[HEADER.size :] for b in bodies]
+        data = erasure.decode(frags, k, n, algs.pop())
     if len(data) < size:
         raise IntegrityError("decoded segment is shorter than recorded")
     return data[:size]

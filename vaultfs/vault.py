@@ -455,8 +455,7 @@ class Vault:
 
     def store_chunks(self, chunks: list[bytes]) -> list[bytes]:
         """Store a batch of chunks (deduplicated); return their ids in order."""
-        cids = list(self.pool.map(self.chunker.chunk_id, chunks, chunksize=32))
-        return self._store_hashed(chunks, cids)
+        return self._store_hashed(chunks, [self.chunker.chunk_id(c) for c in chunks])
 
     def _store_hashed(self, chunks: list[bytes], cids: list[bytes]) -> list[bytes]:
         with self._write_lock:
@@ -482,14 +481,21 @@ class Vault:
             suite = self.epoch_suites[self.epoch]
             items = list(new.items())
             salts = secrets.token_bytes(envelope.SALT_LEN * len(items))  # one syscall a batch
-            records = self.pool.map(
-                lambda i: envelope.seal_chunk(
-                    data_key, vid, items[i][0], items[i][1], suite,
-                    salt=salts[i * envelope.SALT_LEN : (i + 1) * envelope.SALT_LEN],
-                ),
-                range(len(items)),
-                chunksize=16,
-            )  # fmt: skip
+            sl = envelope.SALT_LEN
+
+            def seal_slice(lo_hi: tuple[int, int]) -> list[bytes]:
+                lo, hi = lo_hi
+                return [
+                    envelope.seal_chunk(data_key, vid, items[i][0], items[i][1], suite,
+                                        salt=salts[i * sl : (i + 1) * sl])
+                    for i in range(lo, hi)
+                ]  # fmt: skip
+
+            # one pool task per slice: ThreadPoolExecutor.map ignores chunksize, and a Future
+            # per chunk costs more than sealing a 16 KiB chunk
+            step = max(16, len(items) // 8)
+            slices = [(lo, min(lo + step, len(items))) for lo in range(0, len(items), step)]
+            records = [r for part in self.pool.map(seal_slice, slices) for r in part]
             for (cid, data), rec in zip(items, records, strict=True):
                 if not self._open.fits(len(rec)):
                     self._seal_open()
