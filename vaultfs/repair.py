@@ -297,25 +297,26 @@ def _rebuild_segment(
     report: RepairReport,
     prefer: int | None,
     active: list[tuple[int, str, str]],
+    first: tuple[list[ShardRow], dict[int, bytes]],
 ) -> list[tuple[str, int]]:
-    """Rebuild the listed shards of one segment into the queue. Returns (old path, old remote)
-    of objects to delete once the new ones are placed."""
+    """Rebuild the listed shards of one segment into the queue. ``first`` holds the sources
+    tried already and the verified bodies they gave (fetched in one batch for many segments);
+    more sources are tried one round at a time. Returns (old path, old remote) of objects to
+    delete once the new ones are placed."""
     g = vault.index.one("SELECT kind, size, k, n, uid FROM segments WHERE id=?", (seg_id,))
     kind, size, k, n, uid = g[0], g[1], g[2], g[3], bytes(g[4])
     need = {sh.id for sh, _r in todo}
-    good: dict[int, bytes] = {}
-    tried: set[int] = set()
-    cands = fetcher.sources(seg_id, need)
-    idx_of = {sh.id: sh.idx for sh in cands}
+    tried_rows, prefetched = first
+    tried = {c.id for c in tried_rows}
+    idx_of = {c.id: c.idx for c in tried_rows}
+    good = {c.id: prefetched[c.id] for c in tried_rows if c.id in prefetched}
     while len(good) < k:
-        batch = [c for c in cands if c.id not in tried][: k - len(good)]
-        if not batch:
+        more = [c for c in fetcher.sources(seg_id, need) if c.id not in tried][: k - len(good)]
+        if not more:
             break
-        tried.update(c.id for c in batch)
-        good.update(fetcher.fetch(batch, tmp))
-        cands = [c for c in fetcher.sources(seg_id, need) if c.id not in tried] + [
-            c for c in cands if c.id in tried
-        ]
+        tried.update(c.id for c in more)
+        idx_of.update((c.id, c.idx) for c in more)
+        good.update(fetcher.fetch(more, tmp))
     if len(good) < k:
         report.unrecoverable.append(
             f"{kind} segment {seg_id}: only {len(good)} good shards reachable, need {k}"
@@ -479,13 +480,36 @@ def repair(
     fetcher = _Fetcher(vault, set(down), wrap, report)
     old_objects: list[tuple[str, int]] = []
     with tempfile.TemporaryDirectory(prefix="vaultfs-repair-") as tmp:
-        for seg_id, todo in sorted(plan.items()):
-            d = Path(tmp) / f"s{seg_id}"
+        todo_all = sorted(plan.items())
+        batches = [
+            todo_all[b : b + BATCH_SEGMENTS] for b in range(0, len(todo_all), BATCH_SEGMENTS)
+        ]
+
+        def download(bi: int):
+            # one transfer per remote for the whole batch: k sources per segment
+            d = Path(tmp) / f"b{bi}"
             d.mkdir()
-            old_objects += _rebuild_segment(vault, seg_id, todo, fetcher, d, report, prefer, active)
-            shutil.rmtree(d, ignore_errors=True)
-            if progress:
-                progress(1)
+            firsts = {
+                seg_id: fetcher.sources(seg_id, {sh.id for sh, _r in todo})[: vault.k]
+                for seg_id, todo in batches[bi]
+            }
+            return d, firsts, fetcher.fetch([c for rows in firsts.values() for c in rows], d)
+
+        # the next batch downloads while this one is decoded, re-encoded and queued
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaultfs-repair") as pre:
+            nxt = pre.submit(download, 0) if batches else None
+            for bi, batch in enumerate(batches):
+                assert nxt is not None
+                d, firsts, got = nxt.result()
+                nxt = pre.submit(download, bi + 1) if bi + 1 < len(batches) else None
+                for seg_id, todo in batch:
+                    old_objects += _rebuild_segment(
+                        vault, seg_id, todo, fetcher, d, report, prefer, active,
+                        (firsts[seg_id], got),
+                    )  # fmt: skip
+                    if progress:
+                        progress(1)
+                shutil.rmtree(d, ignore_errors=True)
     report.segments = len(plan)
     if report.rebuilt or report.retargeted_queued or plan or _any_stale(vault):
         report.manifest_seq = vault.ship_index()  # flush places data before manifests
