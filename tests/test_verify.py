@@ -189,6 +189,27 @@ def test_remove_remote_rebuilds_elsewhere(tmp_path: Path) -> None:
 
 
 # -- remote failure handling ---------------------------------------------------------------------
+def test_slow_remote_does_not_hold_up_the_others(tmp_path: Path) -> None:
+    v, specs, _data = _vault(tmp_path, mib=1.5)
+    try:
+        slow_rid = v.index.one("SELECT id FROM remotes WHERE spec=?", (specs[4],))[0]
+
+        def slow(b):
+            return FaultInjecting(b, delay=6.0) if b.rid == slow_rid else b
+
+        rep = verify_mod.audit(v, max_duration=4.0, wrap=slow)
+        by = {r.remote: r for r in rep.remotes}
+        for spec in specs[:4]:  # audited in parallel: done while the slow one still lists
+            assert by[spec].complete and by[spec].clean and by[spec].checked > 0
+        lag = by[specs[4]]
+        assert not lag.complete and lag.remaining == lag.planned > 0 and not lag.unreachable
+        assert not rep.complete
+        again = verify_mod.audit(v, [specs[4]])  # the slow remote's audit resumes later
+        assert again.remotes[0].resumed and again.remotes[0].complete and again.clean
+    finally:
+        v.close()
+
+
 def test_retry_backoff_and_error_states(tmp_path: Path) -> None:
     (tmp_path / "r" / "data").mkdir(parents=True)
     (tmp_path / "r" / "data" / "obj").write_bytes(b"x" * 5000)
