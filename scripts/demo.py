@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import filecmp
+import hashlib
 import os
 import shutil
 import subprocess
@@ -75,6 +75,29 @@ def main() -> None:
             vaultfs("backup", "--stdin", "--stdin-filename", "dumps/kb.sql", env=env, stdin=f)
         vaultfs("status", env=env)
 
+        step("Mount the vault and run pg_dump straight into it, then take a snapshot")
+        mnt = work / "mnt"
+        mnt.mkdir()
+        vaultfs("mount", str(mnt), env=env)
+        try:
+            (mnt / "dumps").mkdir()
+            t = time.perf_counter()
+            pg.pg_dump("kb", mnt / "dumps" / "kb-mounted.sql")
+            took = time.perf_counter() - t
+            size = (mnt / "dumps" / "kb-mounted.sql").stat().st_size
+            written = hashlib.sha256((mnt / "dumps" / "kb-mounted.sql").read_bytes()).hexdigest()
+            console.print(
+                f"    $ pg_dump -f {mnt}/dumps/kb-mounted.sql: {size:,} bytes in {took:.1f}s"
+            )
+            vaultfs("snapshot", "--name", "nightly", env=env)
+            console.print(f"    $ ls {mnt}/.snapshots/: {sorted(os.listdir(mnt / '.snapshots'))}")
+            console.print(
+                f"    $ ls {mnt}/.snapshots/nightly/dumps/: "
+                f"{sorted(os.listdir(mnt / '.snapshots' / 'nightly' / 'dumps'))}"
+            )
+        finally:
+            vaultfs("umount", str(mnt), env=env)
+
         step("Disaster: two providers vanish and the laptop is lost (keyfile kept offline)")
         offline_key = work / "usb-stick" / "key.json"
         offline_key.parent.mkdir()
@@ -90,15 +113,17 @@ def main() -> None:
         env2 = dict(env, VAULTFS_HOME=str(new_home))
         out = work / "restored"
         survivors = [remotes[0], remotes[2], remotes[4]]
-        args = ["restore", "--to", str(out), "--keyfile", str(offline_key)]
+        args = ["restore", "--to", str(out), "--keyfile", str(offline_key), "--snapshot", "nightly"]
         for r in survivors:
             args += ["--from", str(r)]
         vaultfs(*args, env=env2)
 
         step("Prove it")
-        restored = out / "dumps" / "kb.sql"
-        same = filecmp.cmp(dump, restored, shallow=False)
-        console.print(f"    restored dump byte-identical to the original: [bold]{same}[/]")
+        restored = out / "dumps" / "kb-mounted.sql"  # written through the mount
+        same = hashlib.sha256(restored.read_bytes()).hexdigest() == written
+        console.print(
+            f"    restored dump byte-identical to what pg_dump wrote into the mount: [bold]{same}[/]"
+        )
         pg.create_database("kb_restored")
         pg.psql_file("kb_restored", restored)
         again = pg.table_checksums("kb_restored")

@@ -7,6 +7,7 @@ kill a daemon that is left), even when the test fails. Skips only where /dev/fus
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -209,6 +210,17 @@ def test_rename_unlink_dirs_and_inodes(shared: Vault) -> None:
     os.rename(root / "b", root / "c")  # over an empty directory
     assert sorted(os.listdir(root)) == ["c"]
     assert (root / "c" / "two").read_bytes() == b"1"
+    # renameat2 flags: RENAME_NOREPLACE refuses, RENAME_EXCHANGE swaps
+    libc = ctypes.CDLL(None, use_errno=True)
+    (root / "p").write_bytes(b"P")
+    (root / "q").write_bytes(b"Q")
+    at = -100  # AT_FDCWD
+    rc = libc.renameat2(at, bytes(root / "p"), at, bytes(root / "q"), 1)
+    assert rc == -1 and ctypes.get_errno() == errno.EEXIST
+    assert libc.renameat2(at, bytes(root / "p"), at, bytes(root / "q"), 2) == 0
+    assert (root / "p").read_bytes() == b"Q" and (root / "q").read_bytes() == b"P"
+    os.unlink(root / "p")
+    os.unlink(root / "q")
     # unlink while open: data lives until the last close
     f = open(root / "c" / "two", "r+b")  # noqa: SIM115
     os.unlink(root / "c" / "two")

@@ -36,8 +36,6 @@ from .livetree import ROOT_INODE, Journal, LiveTree, Node
 from .snapview import (
     SNAPDIR_INO,
     SNAPDIR_NAME,
-    SNAPROOT_BASE,
-    SYNTH_BASE,
     SnapViews,
     SNode,
     is_snap_ino,
@@ -151,12 +149,18 @@ class VaultFS(pyfuse3.Operations):
             with trio.move_on_after(delay):
                 await self._push_wake.wait()
             self._push_wake = trio.Event()
-            queued = await trio.to_thread.run_sync(self._queued_count)
-            if not queued:
-                delay = 3.0
+            try:
+                queued = await trio.to_thread.run_sync(self._queued_count)
+                if not queued:
+                    delay = 3.0
+                    continue
+                async with self._push_lock:
+                    rep = await trio.to_thread.run_sync(lambda: self.vault.flush(seal=False))
+            except Exception as e:  # never let the uploader take the mount down
+                log.exception("background upload failed")
+                self.last_push = {"time": time.time(), "errors": {"*": str(e)}, "pending": {}}
+                delay = min(delay * 2, 60.0)
                 continue
-            async with self._push_lock:
-                rep = await trio.to_thread.run_sync(lambda: self.vault.flush(seal=False))
             self.last_push = {"time": time.time(), "errors": rep.errors, "pending": rep.pending}
             delay = min(delay * 2, 60.0) if rep.errors else 3.0
 
@@ -256,10 +260,9 @@ class VaultFS(pyfuse3.Operations):
         return n
 
     async def _snap_root_loaded(self, n: SNode) -> None:
-        if SNAPROOT_BASE <= n.ino < SYNTH_BASE:
-            sid = n.ino - SNAPROOT_BASE
-            if sid not in self.snaps.loaded:
-                await trio.to_thread.run_sync(self.snaps.load_snapshot, sid, n)
+        sid = self.snaps.snap_of_root(n.ino)
+        if sid is not None and sid not in self.snaps.loaded:
+            await trio.to_thread.run_sync(self.snaps.load_snapshot, sid, n)
 
     async def _ensure_blocks(self, n: Node) -> None:
         if n.blocks is None and n.is_reg:
@@ -821,14 +824,15 @@ class VaultFS(pyfuse3.Operations):
         await self.freeze()
         try:
             await self.cache.drain()
-            walk = self.tree.walk()
-            uid, seq = await trio.to_thread.run_sync(self._commit_tree, walk, name)
+            # the gate is closed: the tree cannot change while a thread walks it
+            uid, seq, count = await trio.to_thread.run_sync(self._commit_tree, name)
             self.tree.changed_since_ship = False
         finally:
             self.thaw()
-        return uid, seq, len(walk)
+        return uid, seq, count
 
-    def _commit_tree(self, walk: list[tuple[str, Node]], name: str | None) -> tuple[str, int]:
+    def _commit_tree(self, name: str | None) -> tuple[str, int, int]:
+        walk = self.tree.walk()
         entries: list[Entry] = []
         files: dict[int, tuple[list[bytes], int]] = {}
         zero: dict[int, bytes] = {}
@@ -854,7 +858,8 @@ class VaultFS(pyfuse3.Operations):
                 entries.append(
                     Entry(path, "f", mode, n.mtime_ns, size=size, cids=cids, link=link, **common)
                 )
-        return self.vault.commit(entries, name=name)
+        uid, seq = self.vault.commit(entries, name=name)
+        return uid, seq, len(entries)
 
     def _file_cids(self, n: Node, bs: int, zero: dict[int, bytes]) -> list[bytes]:
         blocks = n.blocks if n.blocks is not None else self.tree.load_blocks(n.ino)

@@ -15,11 +15,14 @@ touch only SQLite and the objects handed to them.
 
 from __future__ import annotations
 
+import logging
 import stat
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import trio
 
 from .index import Index
 
@@ -277,6 +280,16 @@ class LiveTree:
         self._d_next, self._after = False, []
         return b
 
+    def requeue(self, b: Batch) -> None:
+        """Mark a batch's keys dirty again after its transaction failed."""
+        self._d_nodes.update(r[0] for r in b.nodes)
+        self._d_nodes.update(b.gone)
+        self._d_dirents.update((p, n) for p, n, _i in b.dirents)
+        self._d_xattrs.update(i for i, _x in b.xattrs)
+        self._d_blocks.update((i, k) for i, k, _b in b.blocks)
+        self._d_next = self._d_next or b.next_ino is not None
+        self._after[:0] = b.after
+
     def apply_batch(self, b: Batch) -> None:
         """Write a batch in one transaction (worker thread)."""
         if not (b.nodes or b.gone or b.dirents or b.xattrs or b.blocks or b.next_ino):
@@ -344,8 +357,6 @@ class Journal:
     """
 
     def __init__(self, tree: LiveTree, interval: float = 0.5) -> None:
-        import trio
-
         self.tree = tree
         self.interval = interval
         self._wake = trio.Event()
@@ -354,21 +365,25 @@ class Journal:
         self._done_evt = trio.Event()
 
     async def run(self) -> None:
-        import trio
-
         while True:
             with trio.move_on_after(self.interval):
                 await self._wake.wait()
             self._wake = trio.Event()
-            await self._commit_once()
+            try:
+                await self._commit_once()
+            except Exception:  # e.g. a full disk: keep the state dirty and retry
+                logging.getLogger(__name__).exception("committing the live tree failed")
+                await trio.sleep(1)
 
     async def _commit_once(self) -> None:
-        import trio
-
         target = self._asked
         if self.tree.dirty:
             batch = self.tree.take_batch()
-            await trio.to_thread.run_sync(self.tree.apply_batch, batch)
+            try:
+                await trio.to_thread.run_sync(self.tree.apply_batch, batch)
+            except BaseException:
+                self.tree.requeue(batch)
+                raise
             for fn in batch.after:
                 fn()
         self._done = max(self._done, target)

@@ -3,9 +3,10 @@
 Inode numbers live above the live tree's range and cannot collide with it or each other:
 
 * ``.snapshots`` itself: ``SNAPDIR_INO`` (2**62)
-* the root of snapshot *s*: ``SNAPROOT_BASE + snapshots.id``
-* an entry: ``ENTRY_BASE + entries.id`` (entries.id is unique across all snapshots); the
-  entries of one hard-link group share the number of the group's lowest entry id
+* the root of snapshot *s*: ``SNAPROOT_BASE + snapshots.seq`` (manifest sequence numbers
+  only grow, so a deleted snapshot's numbers never come back, unlike SQLite row ids)
+* an entry: ``ENTRY_BASE + (seq << 32) + rank``, rank = the entry's position in the
+  snapshot (by entries.id); the entries of one hard-link group share the lowest rank's number
 * a directory a snapshot names only implicitly (``a/b`` without ``a``): ``SYNTH_BASE + n``
 
 A snapshot is loaded on first access (one query in a worker thread), so listing
@@ -53,6 +54,7 @@ class SNode:
 @dataclass
 class SnapInfo:
     id: int
+    seq: int
     uid: str
     name: str | None
     created: float
@@ -66,48 +68,61 @@ class SnapViews:
         self.loaded: set[int] = set()
         self._synth = 0
         self.chunk_maps: dict[int, tuple[list[int], list[tuple[bytes, int]]]] = {}
+        self.roots: dict[int, int] = {}  # root inode -> snapshots.id
+        self.members: dict[int, set[int]] = {}  # snapshots.id -> inodes loaded for it
 
     # -- listing snapshots ------------------------------------------------------------------
     def query_snapshots(self) -> list[SnapInfo]:
-        rows = self.index.q("SELECT id, uid, name, created FROM snapshots ORDER BY id")
+        rows = self.index.q("SELECT id, seq, uid, name, created FROM snapshots ORDER BY id")
         names: dict[str, int] = {}
-        for _i, _u, nm, _c in rows:
+        for _i, _s, _u, nm, _c in rows:
             if nm:
                 names[nm] = names.get(nm, 0) + 1
         out = []
-        uids = {u for _i, u, _n, _c in rows}
-        for i, u, nm, c in rows:
+        uids = {u for _i, _s, u, _n, _c in rows}
+        for i, seq, u, nm, c in rows:
             ok = nm and names[nm] == 1 and "/" not in nm and nm not in (".", "..")
             ok = ok and (nm == u or nm not in uids)
-            out.append(SnapInfo(i, u, nm, c, (nm if ok else u).encode()))
+            out.append(SnapInfo(i, seq, u, nm, c, (nm if ok else u).encode()))
         return out
 
     def root_node(self, info: SnapInfo, uid: int, gid: int) -> SNode:
-        ino = SNAPROOT_BASE + info.id
+        ino = SNAPROOT_BASE + info.seq
         n = self.nodes.get(ino)
         if n is None:
             n = SNode(ino, stat.S_IFDIR | 0o555, int(info.created * 1e9), uid=uid, gid=gid)
             n.nlink = 2
             self.nodes[ino] = n
+            self.roots[ino] = info.id
+            self.members.setdefault(info.id, set()).add(ino)
         return n
+
+    def snap_of_root(self, ino: int) -> int | None:
+        return self.roots.get(ino)
 
     # -- loading one snapshot (worker thread) ----------------------------------------------
     def load_snapshot(self, snap_id: int, root: SNode) -> None:
         if snap_id in self.loaded:
             return
+        seq = root.ino - SNAPROOT_BASE
+        base = ENTRY_BASE + (seq << 32)
+        members = self.members.setdefault(snap_id, set())
         rows = self.index.q(
             "SELECT id, path, type, mode, mtime_ns, size, target, uid, gid, xattrs, link"
             " FROM entries WHERE snapshot=? ORDER BY path",
             (snap_id,),
         )
+        rows.sort(key=lambda r: r[0])
+        rank = {r[0]: i for i, r in enumerate(rows)}
+        rows.sort(key=lambda r: r[1])
         groups: dict[int, list[int]] = {}
         for r in rows:
             if r[10] is not None:
-                groups.setdefault(r[10], []).append(r[0])
+                groups.setdefault(r[10], []).append(rank[r[0]])
         by_path: dict[str, SNode] = {"": root}
         root.children = {}
         for eid, path, typ, mode, mtime_ns, size, target, uid, gid, xattrs, link in rows:
-            ino = ENTRY_BASE + (min(groups[link]) if link is not None else eid)
+            ino = base + (min(groups[link]) if link is not None else rank[eid])
             if typ == "d":
                 fmt = stat.S_IFDIR
             elif typ == "l":
@@ -139,25 +154,27 @@ class SnapViews:
                     node.children = {}
                     node.nlink = 2
                 self.nodes[ino] = node
+                members.add(ino)
             by_path[path] = node
             parent_path, _, name = path.rpartition("/")
-            parent = self._dir(by_path, parent_path, root)
+            parent = self._dir(by_path, parent_path, root, members)
             assert parent.children is not None
             parent.children[name.encode("utf-8", "surrogateescape")] = ino
             if typ == "d":
                 parent.nlink += 1
         self.loaded.add(snap_id)
 
-    def _dir(self, by_path: dict[str, SNode], path: str, root: SNode) -> SNode:
+    def _dir(self, by_path: dict[str, SNode], path: str, root: SNode, members: set[int]) -> SNode:
         node = by_path.get(path)
         if node is not None and node.children is not None:
             return node
         parent_path, _, name = path.rpartition("/")
-        parent = self._dir(by_path, parent_path, root)
+        parent = self._dir(by_path, parent_path, root, members)
         self._synth += 1
         node = SNode(SYNTH_BASE + self._synth, stat.S_IFDIR | 0o555, root.mtime_ns)
         node.uid, node.gid, node.children, node.nlink = root.uid, root.gid, {}, 2
         self.nodes[node.ino] = node
+        members.add(node.ino)
         by_path[path] = node
         assert parent.children is not None
         parent.children[name.encode("utf-8", "surrogateescape")] = node.ino
@@ -183,7 +200,10 @@ class SnapViews:
 
     def forget_snapshot(self, snap_id: int) -> None:
         self.loaded.discard(snap_id)
-        self.nodes.pop(SNAPROOT_BASE + snap_id, None)
+        for ino in self.members.pop(snap_id, set()):
+            self.nodes.pop(ino, None)
+            self.roots.pop(ino, None)
+            self.chunk_maps.pop(ino, None)
 
 
 def read_snapshot_range(read_chunk, cmap, off: int, size: int) -> bytes:
