@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -150,14 +151,24 @@ def repair(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Show what would be rebuilt; change nothing.")
     ] = False,
+    source: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--source",
+            help="Live copy of backed-up files (repeat): heals segments no k shards can rebuild.",
+        ),
+    ] = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Rebuild every shard that is lost, corrupt, stale or on a departed remote, from k good
     shards or the local queue, and place it on a healthy remote."""
+    for p in source or []:
+        if not p.exists():
+            raise InputError(f"--source {p} does not exist")
     v = _open(home)
     try:
-        rep = repair_mod.repair(v, dry_run=dry_run)
+        rep = repair_mod.repair(v, dry_run=dry_run, sources=source)
     finally:
         v.close()
     _print_repair(rep, as_json)
@@ -185,8 +196,12 @@ def _print_repair(rep: repair_mod.RepairReport, as_json: bool) -> None:
         )
     for d in rep.deleted:
         out.print(f"{'would delete' if rep.dry_run else 'deleted'} {d}", highlight=False)
+    if rep.healed_from_source:
+        out.print(f"healed {rep.healed_from_source} chunk(s) from the --source files")
     for u in rep.unrecoverable:
         err.print(f"[red]cannot repair:[/] {u}", highlight=False)
+    for f in rep.damaged_files:
+        err.print(f"[red]damaged:[/] {f} (give its live copy with --source)", highlight=False)
     for r in rep.unreachable:
         err.print(f"[yellow]{r} is unreachable: its shards were left alone[/]", highlight=False)
     for r, e in rep.errors.items():

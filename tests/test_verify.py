@@ -143,8 +143,8 @@ def test_tampered_local_index_is_caught(tmp_path: Path) -> None:
         v.close()
 
 
-def test_repair_never_zero_fills(tmp_path: Path) -> None:
-    v, specs, _data = _vault(tmp_path, mib=1.5)
+def test_repair_never_zero_fills_and_heals_from_live_data(tmp_path: Path) -> None:
+    v, specs, data = _vault(tmp_path, mib=1.5)
     try:
         seg = v.index.one("SELECT min(id) FROM segments WHERE kind='data'")[0]
         rows = v.index.q(
@@ -163,8 +163,19 @@ def test_repair_never_zero_fills(tmp_path: Path) -> None:
         assert left == 2  # nothing invented, nothing dropped: the two good shards stay
         others = [it for it in rep.items if it.segment != seg]
         assert not others  # the other segments were healthy
+        assert rep.damaged_files and all(f.endswith(":blob") for f in rep.damaged_files)
+        # the live data still exists: heal the dead segment from it (matched by keyed id)
+        live = tmp_path / "live"
+        live.mkdir()
+        (live / "renamed.bin").write_bytes(data)
+        healed = repair_mod.repair(v, sources=[live])
+        assert healed.ok and healed.healed_from_source > 0 and not healed.damaged_files
+        assert v.index.one("SELECT count(*) FROM segments WHERE id=?", (seg,))[0] == 0
+        assert verify_mod.audit(v, mode="read-all").clean
+        keys = v.keys
     finally:
         v.close()
+    assert _restore(keys, specs[2:], tmp_path / "w") == data
 
 
 def test_remove_remote_rebuilds_elsewhere(tmp_path: Path) -> None:

@@ -9,7 +9,9 @@
 3. **Rebuild**: for each such segment fetch k shards whose BLAKE3 matches the index — from the
    local queue first, then from reachable remotes (data fragments first) — decode, re-encode and
    take the missing fragments. Fewer than k good shards means the segment is reported
-   unrecoverable; nothing is ever zero-filled or guessed.
+   unrecoverable; nothing is ever zero-filled or guessed. Given the live data (``sources``),
+   such a data segment is healed instead: its chunks are re-read from the files by keyed chunk
+   id into a new segment (:func:`_heal_from_source`).
 4. **Place**: each rebuilt object gets a fresh random name and a target remote chosen to spread
    failure domains (its old remote when that one is still a healthy member). It is written
    durably to the queue and its row updated in one transaction (invariant 1 of vault.py), then
@@ -39,7 +41,7 @@ from typing import TYPE_CHECKING
 
 from . import erasure, merkle, segment, verify
 from .backends import Unreachable, open_backend
-from .errors import BadRemote, NotEnoughRemotes, NoVault
+from .errors import BadRemote, IntegrityError, NotEnoughRemotes, NoVault
 from .remotes import Remote, RemoteError
 from .verify import SHARD_SQL, ShardRow, live_segments_sql
 
@@ -71,6 +73,9 @@ class RepairReport:
     rebuilt: int = 0
     retargeted_queued: int = 0
     unrecoverable: list[str] = field(default_factory=list)
+    unrecoverable_segments: list[int] = field(default_factory=list)
+    healed_from_source: int = 0  # chunks re-read from --source files into new segments
+    damaged_files: list[str] = field(default_factory=list)  # "snapshot:path" still unreadable
     bad_sources: list[str] = field(default_factory=list)
     bytes_fetched: int = 0
     bytes_written: int = 0
@@ -303,8 +308,8 @@ def _rebuild_segment(
     tried already and the verified bodies they gave (fetched in one batch for many segments);
     more sources are tried one round at a time. Returns (old path, old remote) of objects to
     delete once the new ones are placed."""
-    g = vault.index.one("SELECT kind, size, k, n, uid FROM segments WHERE id=?", (seg_id,))
-    kind, size, k, n, uid = g[0], g[1], g[2], g[3], bytes(g[4])
+    g = vault.index.one("SELECT kind, size, k, n, uid, ec_alg FROM segments WHERE id=?", (seg_id,))
+    kind, size, k, n, uid, alg = g[0], g[1], g[2], g[3], bytes(g[4]), g[5]
     need = {sh.id for sh, _r in todo}
     tried_rows, prefetched = first
     tried = {c.id for c in tried_rows}
@@ -321,10 +326,23 @@ def _rebuild_segment(
         report.unrecoverable.append(
             f"{kind} segment {seg_id}: only {len(good)} good shards reachable, need {k}"
         )
+        report.unrecoverable_segments.append(seg_id)
         return []
-    bodies = [good[i] for i in sorted(good, key=lambda s: idx_of[s])][:k]
-    data = segment.decode_segment(bodies, k, n, size)
-    frags = erasure.encode(data, k, n)
+    while True:
+        bodies = [good[i] for i in sorted(good, key=lambda s: idx_of[s])]
+        try:
+            data = segment.decode_segment(bodies, k, n, size)
+            break
+        except IntegrityError:  # a (Cauchy) subset that does not invert: add a shard
+            more = [c for c in fetcher.sources(seg_id, need) if c.id not in tried][:1]
+            if not more:
+                report.unrecoverable.append(f"{kind} segment {seg_id}: its shards do not decode")
+                report.unrecoverable_segments.append(seg_id)
+                return []
+            tried.update(c.id for c in more)
+            idx_of.update((c.id, c.idx) for c in more)
+            good.update(fetcher.fetch(more, tmp))
+    frags = erasure.encode(data, k, n, alg)
     holders = [
         r
         for (r,) in vault.index.q(
@@ -338,7 +356,7 @@ def _rebuild_segment(
     for sh, reason in todo:
         frag = frags[sh.idx]
         head = segment.HEADER.pack(
-            segment.SHARD_MAGIC, segment.SHARD_VERSION, KIND_CODE[kind], erasure.EC_ISA_L_RS_VAND,
+            segment.SHARD_MAGIC, segment.SHARD_VERSION, KIND_CODE[kind], alg,
             k, n, sh.idx, 0, size, uid, len(frag),
         )  # fmt: skip
         body = head + frag
@@ -404,6 +422,114 @@ def _rebuild_segment(
     return old_objects
 
 
+def _iter_files(paths: list[Path]):
+    for p in paths:
+        if p.is_file():
+            yield p
+        elif p.is_dir():
+            for dirpath, _dirs, files in os.walk(p):
+                for f in sorted(files):
+                    q = Path(dirpath) / f
+                    if q.is_file() and not q.is_symlink():
+                        yield q
+
+
+def _heal_from_source(
+    vault: Vault, report: RepairReport, sources: list[Path]
+) -> list[tuple[str, int]]:
+    """Re-home the chunks of unrecoverable data segments from the live files in ``sources``.
+
+    Every file is chunked with the vault's keyed chunker; a chunk whose keyed id belongs to a
+    dead segment is sealed again into a new segment (queued like any write) and its index row
+    moved there. A dead segment left with no chunks is dropped (its surviving shards are
+    deleted from the remotes). Files still referring to a dead segment are listed in
+    ``report.damaged_files``. Returns objects to delete.
+    """
+    from . import envelope
+
+    dead = sorted({s for s in report.unrecoverable_segments})
+    dead = [
+        s
+        for s in dead
+        if vault.index.one("SELECT kind FROM segments WHERE id=?", (s,)) == ("data",)
+    ]
+    if not dead:
+        return []
+    marks = ",".join("?" * len(dead))
+    wanted = {
+        bytes(cid): plain
+        for cid, plain in vault.index.q(
+            f"SELECT cid, plain FROM chunks WHERE segment IN ({marks})", tuple(dead)
+        )
+    }
+    found: dict[bytes, bytes] = {}
+    for path in _iter_files(sources):
+        if len(found) == len(wanted):
+            break
+        try:
+            with open(path, "rb") as f:
+                for chunk in vault.chunker.chunks(f):
+                    cid = vault.chunker.chunk_id(chunk)
+                    if cid in wanted and cid not in found and len(chunk) == wanted[cid]:
+                        found[cid] = chunk
+        except OSError as e:
+            report.errors[str(path)] = f"cannot read: {e.strerror}"
+    if found:
+        with vault._write_lock:  # the engine's writers and this one must not interleave
+            key = vault.keys.data_keys[vault.epoch]
+            builder = segment.SegmentBuilder(vault.segment_size)
+            placed: dict[bytes, tuple[int, int, int]] = {}
+
+            def seal_segment() -> None:
+                seg_id = vault._write_segment(builder, dict(placed))
+                with vault.index.tx() as db:
+                    db.executemany(
+                        "UPDATE chunks SET segment=?, offset=?, length=? WHERE cid=?",
+                        [(seg_id, off, ln, cid) for cid, (off, ln, _pl) in placed.items()],
+                    )
+
+            for cid, data in found.items():
+                rec = envelope.seal_chunk(key, vault.keys.vault_id, cid, data, vault.suite)
+                if not builder.fits(len(rec)):
+                    seal_segment()
+                    builder = segment.SegmentBuilder(vault.segment_size)
+                    placed = {}
+                placed[cid] = (builder.add(rec), len(rec), len(data))
+            if placed:
+                seal_segment()
+        report.healed_from_source += len(found)
+    old: list[tuple[str, int]] = []
+    for seg_id in dead:
+        (left,) = vault.index.one("SELECT count(*) FROM chunks WHERE segment=?", (seg_id,))
+        if left:
+            for snap, path in vault.index.q(
+                "SELECT DISTINCT s.uid, e.path FROM chunks c JOIN entry_chunks x ON x.chunk = c.id"
+                " JOIN entries e ON e.id = x.entry JOIN snapshots s ON s.id = e.snapshot"
+                " WHERE c.segment=? ORDER BY s.id, e.path",
+                (seg_id,),
+            ):
+                item = f"{snap}:{path}"
+                if item not in report.damaged_files:
+                    report.damaged_files.append(item)
+            continue
+        rows = vault.index.q(
+            "SELECT s.id, g.kind, s.name, s.remote FROM shards s JOIN segments g"
+            " ON g.id = s.segment WHERE s.segment=?",
+            (seg_id,),
+        )
+        with vault.index.tx() as db:
+            for sid, _kind, _name, _rid in rows:
+                db.execute("DELETE FROM audit_findings WHERE shard=?", (sid,))
+            db.execute("DELETE FROM shards WHERE segment=?", (seg_id,))
+            db.execute("DELETE FROM segments WHERE id=?", (seg_id,))
+        old += [(f"{kind}/{name}", rid) for _sid, kind, name, rid in rows]
+        report.unrecoverable = [
+            u for u in report.unrecoverable if not u.startswith(f"data segment {seg_id}:")
+        ]
+        report.unrecoverable_segments.remove(seg_id)
+    return old
+
+
 def repair(
     vault: Vault,
     *,
@@ -412,8 +538,13 @@ def repair(
     prefer: int | None = None,
     wrap: Callable[[object], object] | None = None,
     progress: Callable[[int], None] | None = None,
+    sources: list[Path] | None = None,
 ) -> RepairReport:
     """Rebuild every live segment below full redundancy; see the module docstring.
+
+    ``sources`` are files or directories holding the live data (the paths that were backed
+    up): a data segment that cannot be rebuilt from its shards is healed by re-reading the
+    chunks it held from them (matched by keyed chunk id, so only identical bytes qualify).
 
     ``prefer`` is a remote id that wins ties when placing rebuilt shards (`remote replace`).
     ``dry_run`` scans and plans, and changes nothing else.
@@ -511,6 +642,8 @@ def repair(
                         progress(1)
                 shutil.rmtree(d, ignore_errors=True)
     report.segments = len(plan)
+    if report.unrecoverable_segments:
+        old_objects += _heal_from_source(vault, report, sources or [])
     if report.rebuilt or report.retargeted_queued or plan or _any_stale(vault):
         report.manifest_seq = vault.ship_index()  # flush places data before manifests
     flush = vault.flush()
