@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM unwinds like Ctrl-C, so the scratch directory and running children are cleaned up
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     load_all()
     try:
         a = parse_args(argv)

@@ -123,6 +123,10 @@ def run(
     poller.start()
     try:
         _pid, status, usage = os.wait4(top, 0)
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM): do not leave the child running
+        proc.kill()
+        proc.wait()
+        raise
     finally:
         done.set()
         poller.join()
