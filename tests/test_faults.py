@@ -224,12 +224,12 @@ def test_fault_injection_suite(
     for n in order:
         args += ["--remote", specs[n]]
     s.cli(*args)
-    _make_tree(s.src, 1, 1.5)
+    _make_tree(s.src, 1, 1.2)
     s.cli("backup", str(s.src))
     assert s.verify_json(check=0)["clean"]
 
     # 1. a server killed mid-backup and restarted later -----------------------------------
-    _make_tree(s.src / "more", 2, 1.0)
+    _make_tree(s.src / "more", 2, 0.8)
     env = vaultfs_env(s.home)
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli.main", "backup", str(s.src)],
@@ -294,7 +294,7 @@ def test_fault_injection_suite(
     # 6. a remote rolled back to an older version of itself (local2) --------------------------
     saved = tmp_path / "local2-yesterday"
     shutil.copytree(tmp_path / "local2", saved)
-    _make_tree(s.src / "newer", 3, 0.6)
+    _make_tree(s.src / "newer", 3, 0.4)
     s.cli("backup", str(s.src))
     before = {p.name for p in _objects(tmp_path / "local2")}
     shutil.rmtree(tmp_path / "local2")

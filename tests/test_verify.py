@@ -96,7 +96,7 @@ def test_piece_tags_bind_bytes_and_leaf() -> None:
 
 # -- audits ------------------------------------------------------------------------------------
 def test_ranged_audit_is_cheap_and_resumes_after_cut_off(tmp_path: Path) -> None:
-    v, specs, _data = _vault(tmp_path, mib=4)
+    v, specs, _data = _vault(tmp_path, mib=2)
     try:
         # cut off before the first challenge: the plan is kept
         first = verify_mod.audit(v, [specs[0]], max_duration=1e-9, whole_budget=0)
@@ -178,8 +178,29 @@ def test_repair_never_zero_fills_and_heals_from_live_data(tmp_path: Path) -> Non
     assert _restore(keys, specs[2:], tmp_path / "w") == data
 
 
+def test_repair_goes_most_at_risk_first(tmp_path: Path) -> None:
+    v, specs, data = _vault(tmp_path, mib=1.6)
+    try:
+        segs = [s for (s,) in v.index.q("SELECT id FROM segments WHERE kind='data' ORDER BY id")]
+        assert len(segs) >= 2
+        low, high = segs[0], segs[-1]  # the older segment loses one shard, the newer two
+        for seg, count in ((low, 1), (high, 2)):
+            for name, spec in v.index.q(
+                "SELECT s.name, r.spec FROM shards s JOIN remotes r ON r.id = s.remote"
+                " WHERE s.segment=? ORDER BY s.idx LIMIT ?",
+                (seg, count),
+            ):
+                (Path(spec) / "data" / name).unlink()
+        rep = repair_mod.repair(v)
+        assert rep.ok and [it.segment for it in rep.items] == [high, high, low]
+        keys = v.keys
+    finally:
+        v.close()
+    assert _restore(keys, specs[:3], tmp_path / "w") == data
+
+
 def test_remove_remote_rebuilds_elsewhere(tmp_path: Path) -> None:
-    v, specs, data = _vault(tmp_path, remotes=6, mib=2)
+    v, specs, data = _vault(tmp_path, remotes=6, mib=1.2)
     try:
         gone = specs[2]
         held = v.index.one(
@@ -206,9 +227,9 @@ def test_slow_remote_does_not_hold_up_the_others(tmp_path: Path) -> None:
         slow_rid = v.index.one("SELECT id FROM remotes WHERE spec=?", (specs[4],))[0]
 
         def slow(b):
-            return FaultInjecting(b, delay=6.0) if b.rid == slow_rid else b
+            return FaultInjecting(b, delay=4.0) if b.rid == slow_rid else b
 
-        rep = verify_mod.audit(v, max_duration=4.0, wrap=slow)
+        rep = verify_mod.audit(v, max_duration=3.0, wrap=slow)
         by = {r.remote: r for r in rep.remotes}
         for spec in specs[:4]:  # audited in parallel: done while the slow one still lists
             assert by[spec].complete and by[spec].clean and by[spec].checked > 0

@@ -4,7 +4,8 @@
 
 1. **Scan**: a listing audit of every remote (``verify.audit(list_only=True)``) marks missing and
    wrongly sized objects ``lost``; earlier audits' findings (``audit_findings``) stand.
-2. **Plan**: a shard needs rebuilding when it is ``lost`` or sits on a remote that left the vault.
+2. **Plan**: a shard needs rebuilding when it is ``lost`` or sits on a remote that left the vault;
+   segments are repaired most-at-risk first (fewest healthy shards left).
    A shard on a remote that is only *unreachable* is not rebuilt: it is presumed intact.
 3. **Rebuild**: for each such segment fetch k shards whose BLAKE3 matches the index — from the
    local queue first, then from reachable remotes (data fragments first) — decode, re-encode and
@@ -611,7 +612,15 @@ def repair(
     fetcher = _Fetcher(vault, set(down), wrap, report)
     old_objects: list[tuple[str, int]] = []
     with tempfile.TemporaryDirectory(prefix="vaultfs-repair-") as tmp:
-        todo_all = sorted(plan.items())
+        # most at risk first: the segments with the fewest healthy shards left (Storj's order)
+        healthy = {
+            seg: cnt
+            for seg, cnt in vault.index.q(
+                "SELECT s.segment, count(*) FROM shards s JOIN remotes r ON r.id = s.remote"
+                " WHERE s.state IN ('placed', 'queued') AND r.state='active' GROUP BY s.segment"
+            )
+        }
+        todo_all = sorted(plan.items(), key=lambda it: (healthy.get(it[0], 0), it[0]))
         batches = [
             todo_all[b : b + BATCH_SEGMENTS] for b in range(0, len(todo_all), BATCH_SEGMENTS)
         ]
