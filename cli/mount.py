@@ -110,7 +110,7 @@ def mount(
     ] = False,
     cache_size: Annotated[
         str, typer.Option("--cache-size", help="Dirty-data budget of the local cache (e.g. 512M).")
-    ] = "512M",
+    ] = "1G",
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Mount the vault's live tree at MOUNTPOINT (snapshots under .snapshots/)."""
@@ -205,14 +205,14 @@ def snapshot(
         raise InputError(f"invalid snapshot name {name!r}: no '/', not '.' or '..'")
     h = _home(home)
     info = _mounted(h)
-    if info is None:
-        raise InputError(
-            f"the vault at {h} is not mounted: `vaultfs snapshot` records the mount's live "
-            "tree; mount it first (or use `vaultfs backup PATH`)"
-        )
-    syncfs(Path(info["mountpoint"]))
-    reply = _call(control.home_address(h), {"cmd": "snapshot", "name": name})
-    assert reply is not None
+    if info is None:  # not mounted: record the live tree as the index holds it
+        from vaultfs import daemon
+
+        reply = daemon.offline_snapshot(h, _passphrase(), name)
+    else:
+        syncfs(Path(info["mountpoint"]))
+        reply = _call(control.home_address(h), {"cmd": "snapshot", "name": name})
+        assert reply is not None
     extra = {"snapshot": reply["snapshot"], "entries": reply["entries"], "seq": reply["seq"]}
     code = _print_report(reply["report"], as_json, extra)
     if not as_json:

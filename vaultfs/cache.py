@@ -10,9 +10,10 @@ threads: read the cache file, cut it into keyed CDC chunks, ``Vault.store_chunks
 compress, encrypt, pack). Once the chunks are durable in a sealed segment (the engine's
 ``chunks`` table knows them) the block's chunk list goes into the live tree; after *that*
 commit the cache file is deleted and the budget released. A block written again while it
-was being stored stays dirty (a version counter tells). Blocks are stored as soon as a
-write reaches their end (sequential streams release the cache incrementally), when their
-file is closed, after ``idle`` seconds, or at once under budget pressure.
+was being stored stays dirty (a version counter tells). Below ``HIGH_WATER`` of the budget
+only blocks of closed files (``idle`` seconds after the last write, at once if complete) and
+blocks untouched for ``OPEN_IDLE`` seconds are stored; above it, every dirty block at once,
+so a stream larger than the cache releases it block by block.
 
 Crash states: a cache file always holds the newest content of its block; at the next mount
 every cache file of a live block is dirty again (``recover``), so nothing acknowledged is
@@ -31,12 +32,18 @@ from pathlib import Path
 
 import trio
 
+from .errors import VaultError
 from .livetree import Chunks, LiveTree, Node
 from .vault import Vault
 
 log = logging.getLogger("vaultfs.cache")
 
 MIN_BUDGET_BLOCKS = 8
+#: Above this fraction of the budget every dirty block is stored at once; below it, only
+#: blocks of closed files (and blocks untouched for OPEN_IDLE seconds), so a burst such as a
+#: pg_dump smaller than the cache is absorbed without competing with the writer for CPU.
+HIGH_WATER = 0.5
+OPEN_IDLE = 30.0
 
 
 @dataclass(eq=False)
@@ -51,6 +58,7 @@ class Dirty:
     uploading: bool = False
     ready: bool = False
     since: float = field(default_factory=time.monotonic)
+    touched: float = field(default_factory=time.monotonic)  # last write
 
 
 class BlockCache:
@@ -73,6 +81,7 @@ class BlockCache:
         self.stored_blocks = 0
         self.stored_bytes = 0
         self.error: str | None = None
+        self._rounds = trio.Lock()  # one store/settle round at a time (uploader vs drain)
 
     # -- paths and recovery -----------------------------------------------------------------
     def path(self, ino: int, blk: int) -> Path:
@@ -154,8 +163,9 @@ class BlockCache:
                 await self._kick.wait()
             self._kick = trio.Event()
             try:
-                while await self.round(force=False):
-                    pass
+                async with self._rounds:
+                    while await self.round(force=False):
+                        pass
             except Exception as e:  # keep the mount alive; data stays dirty and is retried
                 self.error = f"{type(e).__name__}: {e}"
                 log.exception("storing dirty blocks failed")
@@ -166,12 +176,15 @@ class BlockCache:
 
     def _candidates(self, force: bool) -> list[tuple[Dirty, int]]:
         now = time.monotonic()
-        pressure = self._pressure()
+        eager = force or self._pressure() or self.used >= self.budget * HIGH_WATER
         out = []
         for d in self.dirty.values():
             if d.uploading or d.writers:
                 continue
-            if force or pressure or d.ready or now - d.since >= self.idle:
+            n = self.tree.get(d.ino)
+            closed = n is None or n.opens <= 0
+            idle = now - d.touched
+            if eager or (closed and (d.ready or idle >= self.idle)) or idle >= OPEN_IDLE:
                 out.append(d)
         out.sort(key=lambda d: (not d.ready, d.since))
         batch, nbytes = [], 0
@@ -248,6 +261,12 @@ class BlockCache:
             sealed = True
         else:
             sealed = False
+        for d, *_rest in self._pending:  # files not opened since the mount: load block lists
+            n = self.tree.get(d.ino)
+            if n is not None and n.blocks is None:
+                blocks = await trio.to_thread.run_sync(self.tree.load_blocks, d.ino)
+                if n.blocks is None:
+                    n.blocks = blocks
         keep = []
         moved = False
         for item in self._pending:
@@ -300,15 +319,25 @@ class BlockCache:
         """Store every dirty block (of one inode, or all) and commit the live tree.
 
         Callers make sure no new writes arrive meanwhile (snapshot/umount freeze the mount)."""
+        stuck = 0
         for _ in range(100000):
-            if not any(ino is None or i == ino for i, _b in self.dirty):
+            left = sum(1 for i, _b in self.dirty if ino is None or i == ino)
+            if not left:
                 break
-            while await self.round(force=True, settle=False):
-                pass  # store everything first, then seal once
-            if self._pending:
-                await self._settle(force=True)
+            async with self._rounds:
+                while await self.round(force=True, settle=False):
+                    pass  # store everything first, then seal once
+                if self._pending:
+                    await self._settle(force=True)
             await self.journal.commit()
-            if self.dirty:
+            now_left = sum(1 for i, _b in self.dirty if ino is None or i == ino)
+            stuck = stuck + 1 if now_left >= left else 0
+            if stuck > 200:
+                raise VaultError(
+                    f"could not store {now_left} dirty block(s) ({self.error or 'no progress'}); "
+                    "they stay safe in the cache directory: see mount.log"
+                )
+            if now_left:
                 await trio.sleep(0.01)
         await self.journal.commit()
 

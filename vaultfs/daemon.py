@@ -26,7 +26,7 @@ from .errors import InputError, TargetNotEmpty, VaultBusy, VaultError
 
 log = logging.getLogger("vaultfs.daemon")
 
-DEFAULT_CACHE_SIZE = 512 * 1024 * 1024
+DEFAULT_CACHE_SIZE = 1024 * 1024 * 1024
 
 
 def is_dead_mount(mp: Path) -> bool:
@@ -263,3 +263,32 @@ def spawn(
     raise VaultError(
         f"the mount daemon exited (code {proc.returncode}) before mounting; see {home / 'mount.log'}"
     )
+
+
+def offline_snapshot(home: Path, passphrase: str, name: str | None) -> dict:
+    """`vaultfs snapshot` with no mount running: the same code path as the daemon (load the
+    live tree, store the cache files a crash left, record the tree, upload) without FUSE."""
+    import trio
+
+    from .fs import VaultFS
+    from .vault import Vault
+
+    vault = Vault.open(home, passphrase)
+    try:
+        fs = VaultFS(vault, home, home / "not-mounted", DEFAULT_CACHE_SIZE)
+        fs.load()
+
+        async def main() -> dict:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fs.journal.run)
+                nursery.start_soon(fs.cache.run)
+                uid, seq, count = await fs.snapshot(name)
+                rep = await fs.push(seal=True)
+                out = {"snapshot": uid, "seq": seq, "entries": count}
+                out["report"] = await _report(fs, rep)
+                nursery.cancel_scope.cancel()
+            return out
+
+        return trio.run(main)
+    finally:
+        vault.close()

@@ -122,7 +122,7 @@ class VaultFS(pyfuse3.Operations):
         if self.tree.changed_since_ship:
             await trio.to_thread.run_sync(self.vault.ship_index)
             self.tree.changed_since_ship = False
-        if not self.last_push.get("errors"):
+        if not self.last_push.get("errors") and await trio.to_thread.run_sync(self._queued_count):
             async with self._push_lock:
                 await trio.to_thread.run_sync(lambda: self.vault.flush(seal=False))
 
@@ -670,9 +670,11 @@ class VaultFS(pyfuse3.Operations):
             log.error("reading a block to update it failed: %s", e.message)
             raise _err(errno.EIO) from None
         finally:
+            touched = time.monotonic()
             for d in ds:
                 d.writers -= 1
                 d.version += 1
+                d.touched = touched
         now = time.time_ns()
         if end > n.size:
             n.size = end
@@ -794,7 +796,7 @@ class VaultFS(pyfuse3.Operations):
     # -- statfs -----------------------------------------------------------------------------
     async def statfs(self, ctx):
         st = await trio.to_thread.run_sync(os.statvfs, self.home)
-        used = await trio.to_thread.run_sync(self._logical_bytes)
+        used = sum(n.size for n in self.tree.nodes.values() if n.is_reg)
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
         free = st.f_bavail * st.f_frsize
@@ -804,9 +806,6 @@ class VaultFS(pyfuse3.Operations):
         s.f_ffree = s.f_favail = st.f_favail
         s.f_namemax = 255
         return s
-
-    def _logical_bytes(self) -> int:
-        return sum(n.size for n in list(self.tree.nodes.values()) if n.is_reg)
 
     # -- control operations (called through control.py) -------------------------------------
     async def drain(self) -> None:
