@@ -210,7 +210,8 @@ def _print_repair(rep: repair_mod.RepairReport, as_json: bool) -> None:
         behind = ", ".join(f"{r} ({c} queued)" for r, c in rep.pending.items())
         err.print(f"[yellow]still queued for: {behind}; run `vaultfs flush` later[/]")
     out.print(
-        f"{verb} {rep.rebuilt} shard(s) of {rep.segments} segment(s); "
+        f"{verb} {len(rep.items) if rep.dry_run else rep.rebuilt} shard(s) of "
+        f"{rep.segments} segment(s); "
         f"fetched {rep.bytes_fetched:,} B, wrote {rep.bytes_written:,} B"
         + (f"; manifest #{rep.manifest_seq}" if rep.manifest_seq else "")
         + f" ({rep.seconds:.1f}s)"

@@ -394,7 +394,8 @@ def _rebuild_segment(
             )
             db.execute("DELETE FROM audit_findings WHERE shard=?", (sh.id,))
             db.execute("DELETE FROM audit_tags WHERE name=?", (sh.name,))
-        old_objects.append((f"{kind}/{sh.name}", sh.remote))
+        if not reason.startswith("missing"):  # a missing object has nothing to delete
+            old_objects.append((f"{kind}/{sh.name}", sh.remote))
         label = Remote(fetcher.specs[tgt]).label
         report.items.append(
             RepairItem(
