@@ -180,10 +180,14 @@ class Vault:
         self.ec_alg = erasure.choose_alg(self.k, self.n) if self.k else 0  # for new segments
         self.chunker = Chunker(keys.chunker_seed, keys.chunk_id_key)
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vaultfs-cpu")
-        self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaultfs-seal")
+        self._sealer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vaultfs-seal")
         self._sealing: list[Future] = []
         self._open = segment.SegmentBuilder(self.segment_size)
         self._open_chunks: dict[bytes, tuple[int, int, int]] = {}  # cid -> (off, len, plain)
+        # chunks of segments handed to the sealer but not yet in the index:
+        # cid -> (builder, off, len); readable and deduplicated like committed ones
+        self._inflight: dict[bytes, tuple[segment.SegmentBuilder, int, int]] = {}
+        self._inflight_lock = threading.Lock()
         self._write_lock = threading.RLock()
         self._seg_cache: OrderedDict[int, bytes] = OrderedDict()
         self._seg_cache_lock = threading.Lock()
@@ -460,7 +464,12 @@ class Vault:
     def _store_hashed(self, chunks: list[bytes], cids: list[bytes]) -> list[bytes]:
         with self._write_lock:
             new: dict[bytes, bytes] = {}
-            unknown = [c for c in dict.fromkeys(cids) if c not in self._open_chunks]
+            with self._inflight_lock:
+                unknown = [
+                    c
+                    for c in dict.fromkeys(cids)
+                    if c not in self._open_chunks and c not in self._inflight
+                ]
             known: set[bytes] = set()
             for i in range(0, len(unknown), 500):
                 part = unknown[i : i + 500]
@@ -471,8 +480,14 @@ class Vault:
                         f"SELECT cid FROM chunks WHERE cid IN ({marks})", tuple(part)
                     )
                 )
+            unknown_set = set(unknown)
             for cid, data in zip(cids, chunks, strict=True):
-                if cid not in known and cid not in self._open_chunks and cid not in new:
+                if (
+                    cid not in known
+                    and cid not in self._open_chunks
+                    and cid not in new
+                    and cid in unknown_set
+                ):
                     new[cid] = data
             if not new:
                 return cids
@@ -510,8 +525,11 @@ class Vault:
         builder, chunks = self._open, self._open_chunks
         self._open = segment.SegmentBuilder(self.segment_size)
         self._open_chunks = {}
-        # bounded pipeline: at most two segments being sealed at once (backpressure)
-        while len([f for f in self._sealing if not f.done()]) >= 2:
+        with self._inflight_lock:
+            for cid, (off, ln, _pl) in chunks.items():
+                self._inflight[cid] = (builder, off, ln)
+        # bounded pipeline: at most three segments being sealed at once, on two threads
+        while len([f for f in self._sealing if not f.done()]) >= 3:
             self._sealing[0].result()
             self._sealing = [f for f in self._sealing if not f.done()]
         fut = self._sealer.submit(self._write_segment, builder, chunks)
@@ -614,6 +632,10 @@ class Vault:
                 "INSERT OR IGNORE INTO chunks(cid, segment, offset, length, plain) VALUES (?, ?, ?, ?, ?)",
                 [(cid, seg_id, off, ln, pl) for cid, (off, ln, pl) in chunks.items()],
             )
+        with self._inflight_lock:  # the index has them now
+            for cid in chunks:
+                if (got := self._inflight.get(cid)) is not None and got[0] is builder:
+                    del self._inflight[cid]
         with self._seg_cache_lock:
             self._seg_cache[seg_id] = padded
             while len(self._seg_cache) > 4:
@@ -1177,11 +1199,14 @@ class Vault:
         return data
 
     def read_chunk(self, cid: bytes) -> bytes:
-        with self._write_lock:
+        with self._write_lock, self._inflight_lock:
             pending = self._open_chunks.get(cid)
+            buf = self._open.buf
+            if pending is None and (fly := self._inflight.get(cid)) is not None:
+                pending, buf = (fly[1], fly[2], 0), fly[0].buf
             if pending is not None:
                 off, ln, _pl = pending
-                rec = bytes(self._open.buf[off : off + ln])
+                rec = bytes(buf[off : off + ln])
                 return envelope.open_chunk(
                     self.keys.data_keys[self.epoch],
                     self.keys.vault_id,
