@@ -71,6 +71,10 @@ def _print_report(rep: dict, as_json: bool, extra: dict | None = None) -> int:
     elif not rep["complete"]:
         behind = ", ".join(f"{r} ({c} queued)" for r, c in rep["pending"].items() if c)
         err.print(f"[yellow]some remotes are behind: {behind or 'manifests pending'}[/]")
+    out.print(
+        f"redundancy: survives {rep['survives_losses_now']} remote loss(es) now "
+        f"({rep['survives_losses_design']} once every shard is placed)"
+    )
     return code
 
 

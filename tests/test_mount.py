@@ -345,8 +345,12 @@ def test_snapshot_views_are_read_only_and_point_in_time(shared: Vault) -> None:
         os.rmdir(shared.mp / ".snapshots")
     listed = json.loads(shared.cli("snapshots", "--json").stdout)  # works while mounted
     assert snap in [s["id"] for s in listed]
+    shared.cli("snapshot", "--name", "s2")  # shares every unchanged chunk with s1
     shared.cli("snapshot", "delete", snap)
     assert "s1" not in os.listdir(shared.mp / ".snapshots")
+    view2 = shared.mp / ".snapshots" / "s2" / "snapme"
+    assert (view2 / "f").read_bytes() == b"version 2, longer"  # data s2 uses is not freed
+    assert (view2 / "hl").read_bytes() == b"version 2, longer"  # a hard link of f
     assert snap not in [s["id"] for s in json.loads(shared.cli("snapshots", "--json").stdout)]
     assert (d / "f").read_bytes() == b"version 2, longer"  # the live data is untouched
 
@@ -460,6 +464,21 @@ def test_kill9_leaves_a_dead_mount_and_remount_recovers_fsynced_data(vault: Vaul
     st = vault.status()
     assert st["segments_below_k_placed"] == 0
     assert all(r["queued_objects"] == 0 for r in st["remotes"])
+
+
+def test_plain_fusermount_unmount_loses_nothing(vault: Vault) -> None:
+    vault.mount("--cache-size", "16M")
+    data = random.Random(12).randbytes(3 * MiB + 5)
+    (vault.mp / "f.bin").write_bytes(data)  # acknowledged by close, never fsync'd
+    pid = vault.pid
+    subprocess.run(["fusermount3", "-u", str(vault.mp)], check=True)
+    deadline = time.monotonic() + 60
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _pid_alive(pid)  # the daemon stored the cache and exited by itself
+    assert not (vault.home / "cache").exists() or not any((vault.home / "cache").iterdir())
+    vault.mount("--cache-size", "16M")
+    assert (vault.mp / "f.bin").read_bytes() == data
 
 
 # -- (4) cache budget ----------------------------------------------------------------------------
