@@ -30,6 +30,8 @@ def step(text: str) -> None:
 def vaultfs(*args: str, env: dict[str, str], stdin=None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "cli.main", *args]
     console.print(f"  [dim]$ vaultfs {' '.join(args)}[/]")
+    # tables as wide as the demo's own terminal (output is captured, so rich would use 80)
+    env = dict(env, COLUMNS=str(max(120, shutil.get_terminal_size().columns - 4)))
     proc = subprocess.run(cmd, env=env, stdin=stdin, cwd=REPO, text=True, capture_output=True)
     for line in (proc.stdout + proc.stderr).splitlines():
         console.print(f"    {line}", highlight=False)
