@@ -1,6 +1,10 @@
 """A pyfuse3 file system that accepts writes and discards them: the ceiling any Python FUSE
 file system can reach on this machine (same pyfuse3, trio and writeback cache as vaultfs).
 
+It does not implement ``getxattr``, so the kernel stops asking for ``security.capability``
+before every ``write(2)`` (docs/mount.md, "Performance"): for large writes that costs
+nothing, for small ones it flatters the ceiling.
+
 Usage: ``python -m bench.nullfs MOUNTPOINT`` (serves until ``fusermount3 -u``).
 """
 

@@ -642,6 +642,7 @@ class VaultFS(pyfuse3.Operations):
         if fresh:
             await self.cache.reserve(len(fresh))
         jobs, ds = [], []
+        view = memoryview(buf)  # slices without copying a 1 MiB write
         for b in range(first, last + 1):
             bstart = b * bs
             ws, we = max(off, bstart) - bstart, min(end, bstart + bs) - bstart
@@ -659,7 +660,7 @@ class VaultFS(pyfuse3.Operations):
             d.version += 1
             ds.append(d)
             jobs.append(
-                (self.cache.path(n.ino, b), base, ws, buf[ws + bstart - off : we + bstart - off])
+                (self.cache.path(n.ino, b), base, ws, view[ws + bstart - off : we + bstart - off])
             )
         try:
             await trio.to_thread.run_sync(self._write_exec, jobs)
