@@ -47,13 +47,14 @@ def syncfs(path: Path) -> None:
         os.close(fd)
 
 
-def _call(address: str, req: dict) -> dict | None:
-    return control.call(address, req, timeout=None)
+def _call(address: str, req: dict, timeout: float | None = None) -> dict | None:
+    """A control request; ``timeout`` None for work that takes as long as it takes."""
+    return control.call(address, req, timeout=timeout)
 
 
 def _mounted(home: Path) -> dict | None:
     """The running mount of this vault, or None."""
-    return _call(control.home_address(home), {"cmd": "ping"})
+    return _call(control.home_address(home), {"cmd": "ping"}, timeout=30)
 
 
 def _print_report(rep: dict, as_json: bool, extra: dict | None = None) -> int:
@@ -100,7 +101,7 @@ def _mount_info(home: Path) -> dict | None:
 
 def mount_status(home: Path | None) -> dict | None:
     """The running mount's cache and upload state, or None if not mounted."""
-    reply = _call(control.home_address(_home(home)), {"cmd": "status"})
+    reply = _call(control.home_address(_home(home)), {"cmd": "status"}, timeout=60)
     return None if reply is None else reply["mount"]
 
 
@@ -151,7 +152,7 @@ def umount(
 
     mp = Path(os.path.abspath(mountpoint))
     addr = control.mount_address(mp)
-    ping = _call(addr, {"cmd": "ping"})
+    ping = _call(addr, {"cmd": "ping"}, timeout=30)
     if ping is None:
         if daemon.is_dead_mount(mp):
             subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)

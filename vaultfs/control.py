@@ -61,7 +61,13 @@ def call(address: str, request: dict, timeout: float | None = None) -> dict | No
         s.sendall(json.dumps(request).encode() + b"\n")
         buf = b""
         while not buf.endswith(b"\n"):
-            part = s.recv(65536)
+            try:
+                part = s.recv(65536)
+            except TimeoutError:
+                raise ControlError(
+                    f"the mount daemon did not answer {request.get('cmd')!r} within "
+                    f"{timeout:.0f}s (see mount.log)"
+                ) from None
             if not part:
                 raise ControlError("the mount daemon closed the connection (see mount.log)")
             buf += part
