@@ -140,7 +140,7 @@ CREATE TABLE IF NOT EXISTS manifest_queue (
 CREATE TABLE IF NOT EXISTS audit_tags (
     name      TEXT PRIMARY KEY,      -- shard object name (shards.name); a row with no shard
                                      -- is an orphan of a crashed seal (ignored, pruned)
-    piece     INTEGER NOT NULL,      -- challenge granularity in bytes (1024): each 64 KiB
+    piece     INTEGER NOT NULL,      -- challenge granularity in bytes (2048): each 64 KiB
                                      -- Merkle block is split into pieces of this size
     tags      BLOB NOT NULL          -- 8-byte keyed tag per piece, block-major: tag(b, j) =
                                      -- BLAKE3(audit_key; label ‖ leaf(b) ‖ b ‖ j ‖ piece)[:8]

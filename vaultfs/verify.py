@@ -10,7 +10,7 @@ What one audit of one remote does, in order:
    index does not place there is *foreign*. Listings cost a few bytes per object.
 3. **Challenges**, drawn with :mod:`secrets` when the audit is planned, so the remote cannot
    predict them: a uniformly random 64 KiB Merkle block among all blocks the remote holds, and a
-   random 1 KiB *piece* of it, fetched with a ranged read (``Remote.cat(sub, name, off, n)``).
+   random 2 KiB *piece* of it, fetched with a ranged read (``Remote.cat(sub, name, off, n)``).
    The piece is checked against its keyed tag (``audit_tags``), which binds it to the block's
    Merkle leaf; the leaf is checked by its Merkle proof up to the shard root, the shard root up
    to the segment root and the segment root up to the vault root signed in the latest manifest
@@ -24,7 +24,7 @@ m = ⌈ln(1−C)/ln(1−x)⌉ checks: 459 for x = 1 %, C = 99 %, whatever the re
 blocks without replacement, so the exact miss probability is the hypergeometric
 Π_{i<m} (N−L−i)/(N−i) with L = ⌈xN⌉ lost of N blocks, which is never larger; when m ≥ N−L+1
 (small remotes) every block is checked and the confidence is 1. Bytes read per check are one
-piece (1 KiB), so 99 % confidence costs about 459 KiB whatever the remote holds; a piece check
+piece (2 KiB), so 99 % confidence costs about 918 KiB whatever the remote holds; a piece check
 detects a lost or replaced block with certainty and a single flipped bit inside the block only if
 it falls in the piece (``--read-all`` reads everything and catches every bit).
 
@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from .vault import Vault
 
 BLOCK = merkle.BLOCK_SIZE
-PIECE = 1024
+PIECE = 2048  # 459 challenges read ~0.9 MiB: under 2% of a remote holding >= 46 MiB
 TAG_LEN = 8
 TAG_LABEL = b"vaultfs/v1/audit-tag"
 DEFAULT_CONFIDENCE = 0.99
@@ -80,6 +80,9 @@ def _tagger(audit_key: bytes):
     return blake3.blake3(TAG_LABEL, key=audit_key)
 
 
+_PIECE_ID = struct.Struct(">IH")
+
+
 def piece_tag(base, leaf: bytes, block: int, piece: int, data: bytes) -> bytes:
     """Tag of piece ``piece`` of block ``block`` (whose Merkle leaf is ``leaf``)."""
     h = base.copy()
@@ -89,15 +92,22 @@ def piece_tag(base, leaf: bytes, block: int, piece: int, data: bytes) -> bytes:
 
 
 def piece_tags(audit_key: bytes, body: bytes, leaves: bytes, piece: int = PIECE) -> bytes:
-    """All tags of a shard object, block-major (see index.SCHEMA, audit_tags)."""
+    """All tags of a shard object, block-major (see index.SCHEMA, audit_tags).
+
+    Same bytes as :func:`piece_tag` for every piece, inlined: this runs for every byte
+    written, so it avoids a copy and a call per piece."""
     base = _tagger(audit_key)
     mv = memoryview(body)
+    pack = _PIECE_ID.pack
     out = bytearray()
     for b, boff in enumerate(range(0, max(len(body), 1), BLOCK)):
         leaf = leaves[32 * b : 32 * b + 32]
-        blk = mv[boff : boff + BLOCK]
-        for j, poff in enumerate(range(0, max(len(blk), 1), piece)):
-            out += piece_tag(base, leaf, b, j, bytes(blk[poff : poff + piece]))
+        end = min(boff + BLOCK, len(body))
+        for j, poff in enumerate(range(boff, max(end, boff + 1), piece)):
+            h = base.copy()
+            h.update(leaf + pack(b, j))
+            h.update(mv[poff : min(poff + piece, end)])
+            out += h.digest(length=TAG_LEN)
     return bytes(out)
 
 

@@ -106,7 +106,7 @@ def audit(ctx: Context) -> SectionResult:
             ("<=", AUDIT_LIMIT * 100),
             ours=f"{median([d['bytes_read'] for k, d in res.details.items() if k.startswith('audit')]) / MB:.2f} MB read",
             peer=f"{median([d['stored'] for k, d in res.details.items() if k.startswith('audit')]) / MB:.0f} MB stored",
-            note="one 1 KiB piece per random 64 KiB block, checked by keyed tag and Merkle proof",
+            note="one 2 KiB piece per random 64 KiB block, checked by keyed tag and Merkle proof",
         )
     )
     res.metrics.append(
