@@ -661,3 +661,31 @@ def test_rsync_preserves_everything_into_the_mount_and_snapshot(shared: Vault, t
     ).stat().st_ino
     shared.cli("snapshot", "--name", "rsync-snap")
     assert differences(shared.mp / ".snapshots" / "rsync-snap" / "rsync") == ""
+
+
+# -- scripts/bench's mount section must not rot ------------------------------------------------
+@pytest.mark.pg
+@pytest.mark.slow
+def test_bench_mount_section_smoke(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo.parent / "shared" / "datasets" / "make_kb.py").exists():
+        pytest.skip("shared/datasets/make_kb.py is not beside the repo")
+    out = tmp_path / "results"
+    env = {
+        **os.environ,
+        "VAULTFS_BENCH_CACHE": str(tmp_path / "cache"),
+        "VAULTFS_BENCH_SEQ_MB": "16",
+    }
+    cmd = [sys.executable, "-m", "bench", "--beliefs", "300", "--only", "mount"]
+    cmd += ["--repeats", "1", "--out", str(out), "--workdir", str(tmp_path / "work")]
+    res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode in (0, 1), res.stderr[-3000:]  # 1: a target missed on 300 rows
+    (doc,) = [json.loads(f.read_text()) for f in out.glob("*.json")]
+    sec = doc["sections"]["mount"]
+    assert sec["error"] is None, sec["error"]
+    names = {m["name"] for m in sec["metrics"]}
+    assert "pg_dump -Fp into the mount / into a local dir (wall)" in names
+    assert "restic backup, repository in the mount / on local disk (wall)" in names
+    assert "null FUSE ceiling" in names
+    mounts = Path("/proc/mounts").read_text()
+    assert str(tmp_path) not in mounts  # the section unmounted everything it mounted
