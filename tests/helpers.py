@@ -211,12 +211,11 @@ class S3Server(RcloneServer):
         )
 
 
-class SftpServer(RcloneServer):
-    """`rclone serve sftp` with user/password auth; paths are relative to .root."""
+class _PasswordServer(RcloneServer):
+    """An rclone server with user/password auth; the remote spec carries the obscured password."""
 
-    protocol = "sftp"
-    user = SFTP_USER
-    password = SFTP_PASSWORD
+    user = ""
+    password = ""
 
     def __init__(self, workdir: Path, rclone: Path | None = None, start: bool = True):
         super().__init__(workdir, rclone, start=False)
@@ -227,9 +226,31 @@ class SftpServer(RcloneServer):
     def _serve_args(self) -> list[str]:
         return ["--user", self.user, "--pass", self.password]
 
+
+class SftpServer(_PasswordServer):
+    """`rclone serve sftp` with user/password auth; paths are relative to .root."""
+
+    protocol = "sftp"
+    user = SFTP_USER
+    password = SFTP_PASSWORD
+
     def remote(self, path: str = "") -> str:
         return (
             f":sftp,host={self.host},port={self.port},user={self.user},"
+            f"pass={self.obscured_password}:{path}"
+        )
+
+
+class WebdavServer(_PasswordServer):
+    """`rclone serve webdav` with basic auth; paths are relative to .root."""
+
+    protocol = "webdav"
+    user = "w"
+    password = "vaultfs-webdav-pass"
+
+    def remote(self, path: str = "") -> str:
+        return (
+            f":webdav,url='http://{self.host}:{self.port}',user={self.user},"
             f"pass={self.obscured_password}:{path}"
         )
 

@@ -21,7 +21,7 @@ import pytest
 from helpers import (
     PASSPHRASE,
     RcloneServer,
-    rclone_obscure,
+    WebdavServer,
     run_cli,
     tree_digest,
     vaultfs_env,
@@ -35,29 +35,6 @@ from vaultfs.restore import open_remote_index, restore_files
 from vaultfs.vault import Vault
 
 pytestmark = pytest.mark.network
-
-
-class WebdavServer(RcloneServer):
-    """`rclone serve webdav` with basic auth; paths are relative to .root."""
-
-    protocol = "webdav"
-    user = "w"
-    password = "vaultfs-webdav-pass"
-
-    def __init__(self, workdir: Path, rclone: Path | None = None, start: bool = True):
-        super().__init__(workdir, rclone, start=False)
-        self.obscured_password = rclone_obscure(self.password, self.rclone)
-        if start:
-            self.start()
-
-    def _serve_args(self) -> list[str]:
-        return ["--user", self.user, "--pass", self.password]
-
-    def remote(self, path: str = "") -> str:
-        return (
-            f":webdav,url='http://{self.host}:{self.port}',user={self.user},"
-            f"pass={self.obscured_password}:{path}"
-        )
 
 
 @pytest.fixture
