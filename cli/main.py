@@ -211,10 +211,13 @@ def backup(
         with _progress("backup") as prog:
             if stdin:
                 uid, count, size = backup_stream(
-                    v, sys.stdin.buffer, stdin_filename or "", name, _advance(prog)
-                )
+                    v, sys.stdin.buffer, stdin_filename or "", name, _advance(prog),
+                    upload=not no_upload,
+                )  # fmt: skip
             else:
-                uid, count, size = backup_paths(v, list(paths or []), name, _advance(prog))
+                uid, count, size = backup_paths(
+                    v, list(paths or []), name, _advance(prog), upload=not no_upload
+                )
         info = {"snapshot": uid, "entries": count, "bytes": size}
         if no_upload:
             code = 0

@@ -68,12 +68,17 @@ def _xattrs(p: Path) -> dict[str, bytes] | None:
 
 
 def backup_paths(
-    vault: Vault, paths: list[Path], name: str | None = None, progress: Progress | None = None
+    vault: Vault,
+    paths: list[Path],
+    name: str | None = None,
+    progress: Progress | None = None,
+    upload: bool = False,
 ) -> tuple[str, int, int]:
     """Back up files and directories as one snapshot. Returns (snapshot uid, entries, bytes).
 
     Keeps modes, owners, times, symlinks, extended attributes and hard links (files that
-    share an inode get one link group and are stored once).
+    share an inode get one link group and are stored once). ``upload`` starts placing the
+    shards on the remotes during the commit (the caller flushes next).
     """
     entries: list[Entry] = []
     total = 0
@@ -117,7 +122,7 @@ def backup_paths(
                 entries.append(e)
                 total += size
             # sockets, fifos and devices are skipped: they hold no data
-    uid, _seq = vault.commit(entries, name=name)
+    uid, _seq = vault.commit(entries, name=name, prepush=upload)
     return uid, len(entries), total
 
 
@@ -127,6 +132,7 @@ def backup_stream(
     filename: str,
     name: str | None = None,
     progress: Progress | None = None,
+    upload: bool = False,
 ) -> tuple[str, int, int]:
     import time
 
@@ -136,5 +142,5 @@ def backup_stream(
     now = time.time_ns()
     entries = [Entry("/".join(parts[:i]), "d", 0o755, now) for i in range(1, len(parts))]
     entries.append(Entry(rel, "f", 0o644, now, size=size, cids=cids))
-    uid, _seq = vault.commit(entries, name=name)
+    uid, _seq = vault.commit(entries, name=name, prepush=upload)
     return uid, len(entries), size

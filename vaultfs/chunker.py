@@ -31,5 +31,11 @@ class Chunker:
         for c in self._cdc.cut_stream(stream):
             yield bytes(c.data)
 
-    def chunk_id(self, data: bytes) -> bytes:
+    def spans(self, buf: bytes | memoryview) -> list[tuple[int, int]]:
+        """(offset, length) of the chunks of ``buf``. The last one ends at the end of ``buf``:
+        when more data follows, cut again from its offset (cut points depend only on the
+        bytes from a chunk's start, so this gives the same chunks as one long stream)."""
+        return [(c.offset, c.length) for c in self._cdc.cut_buf(buf)]
+
+    def chunk_id(self, data: bytes | memoryview) -> bytes:
         return blake3.blake3(data, key=self._id_key).digest()

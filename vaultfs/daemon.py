@@ -106,6 +106,9 @@ def run_foreground(
         if not path_exists(mountpoint):
             raise InputError(f"mountpoint {mountpoint} does not exist: create an empty directory")
         vault = Vault.open(home, passphrase)
+        # fork the sealers now: before the FUSE device is open and any thread runs, so no
+        # sealer holds /dev/fuse (a dead daemon must leave ENOTCONN) or a lock mid-call
+        vault.start_sealers()
     except VaultError as e:
         report(f"err {e.exit_code} {e.message}")
         print(f"error: {e.message}", file=sys.stderr)
@@ -275,6 +278,7 @@ def offline_snapshot(home: Path, passphrase: str, name: str | None) -> dict:
 
     vault = Vault.open(home, passphrase)
     try:
+        vault.start_sealers()  # before trio's threads (vaultfs/sealer.py, "Forking")
         fs = VaultFS(vault, home, home / "not-mounted", DEFAULT_CACHE_SIZE)
         fs.load()
 

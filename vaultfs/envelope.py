@@ -77,12 +77,12 @@ def compress(data: bytes) -> bytes:
     return bytes([COMP_NONE]) + data
 
 
-def decompress(payload: bytes) -> bytes:
+def decompress(payload: bytes | memoryview) -> bytes:
     kind = payload[0]
     if kind == COMP_NONE:
-        return payload[1:]
+        return bytes(payload[1:])
     if kind == COMP_ZSTD:
-        return _decompressor().decompress(payload[1:])
+        return _decompressor().decompress(memoryview(payload)[1:])
     raise IntegrityError(f"unknown compression id {kind}")
 
 
@@ -120,8 +120,9 @@ def open_chunk(
     record: bytes | memoryview,
     suite: int = SUITE_XWING_AES256GCM,
 ) -> bytes:
-    record = bytes(record)
-    salt, commit, ct = record[:SALT_LEN], record[SALT_LEN : SALT_LEN + COMMIT_LEN], record[48:]
+    view = memoryview(record)  # no copy of the ciphertext
+    salt, commit = bytes(view[:SALT_LEN]), bytes(view[SALT_LEN : SALT_LEN + COMMIT_LEN])
+    ct = view[SALT_LEN + COMMIT_LEN :]
     key, nonce, expect = _derive(data_key, vault_id, b"chunk" + chunk_id + salt)
     if not hmac.compare_digest(commit, expect):
         raise IntegrityError("chunk key commitment mismatch (wrong key or corrupt record)")

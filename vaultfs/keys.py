@@ -30,6 +30,7 @@ HKDF parameters: HKDF-SHA256, salt = b"vaultfs/v1", info = b"vaultfs/v1/" + labe
 from __future__ import annotations
 
 import base64
+import hashlib
 import hmac
 import json
 import os
@@ -44,7 +45,6 @@ from cryptography.hazmat.primitives import hashes, hpke
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa, mlkem, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from .errors import InputError, IntegrityError, WrongKey
 
@@ -305,15 +305,28 @@ def new_seed() -> bytes:
 # -- keyfile: the seed sealed under the passphrase ------------------------------------------
 
 
+def scrypt_kek(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    """The 32-byte key-encryption key scrypt(passphrase, salt, N, r, p) (RFC 7914).
+
+    OpenSSL's scrypt through :mod:`hashlib`: it releases the GIL, so other threads (start-up
+    imports, reading input) go on while it runs; ``maxmem`` allows the 128·r·N bytes it needs.
+    """
+    try:
+        return hashlib.scrypt(
+            passphrase.encode(), salt=salt, n=n, r=r, p=p, dklen=32,
+            maxmem=128 * r * n + (1 << 24),
+        )  # fmt: skip
+    except ValueError as e:  # parameters out of range: a damaged or foreign keyfile
+        raise InputError(f"keyfile scrypt parameters are invalid ({e})") from None
+
+
 def write_keyfile(path: Path, keys: VaultKeys, passphrase: str) -> None:
     """Seal the master seed under scrypt(passphrase) with AES-256-GCM; write atomically."""
     if not passphrase:
         raise InputError("an empty passphrase is not allowed")
     salt = secrets.token_bytes(16)
     nonce = secrets.token_bytes(12)
-    kek = Scrypt(salt=salt, length=32, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P).derive(
-        passphrase.encode()
-    )
+    kek = scrypt_kek(passphrase, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
     ad = b"vaultfs/v1/keyfile" + keys.vault_id
     doc = {
         "format": "vaultfs-keyfile",
@@ -359,9 +372,7 @@ def read_keyfile(path: Path, passphrase: str) -> VaultKeys:
         raise InputError(f"{path} is not a vaultfs keyfile") from None
     if kdf.get("name") != "scrypt":
         raise InputError(f"keyfile {path} uses an unknown KDF {kdf.get('name')!r}")
-    kek = Scrypt(salt=salt, length=32, n=kdf["n"], r=kdf["r"], p=kdf["p"]).derive(
-        passphrase.encode()
-    )
+    kek = scrypt_kek(passphrase, salt, kdf["n"], kdf["r"], kdf["p"])
     try:
         seed = AESGCM(kek).decrypt(nonce, sealed, b"vaultfs/v1/keyfile" + vault_id)
     except InvalidTag:

@@ -8,6 +8,7 @@ the manifest → each chunk's AEAD tag, key commitment and keyed chunk id.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import stat
 import tempfile
 import threading
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,9 @@ from .keys import VaultKeys
 from .remotes import Remote, RemoteError
 
 BATCH_SEGMENTS = 12
+FIRST_BATCH = 2
+#: Decoder processes for restores (0: decode on the calling thread).
+DECODERS = int(os.environ.get("VAULTFS_DECODERS", "2"))
 
 
 @dataclass
@@ -340,6 +344,101 @@ def _safe_target(root: Path, rel: str) -> Path:
     return p
 
 
+@dataclass
+class _RestoreContext:
+    """What a decoder needs; inherited by the forked decoder processes, never pickled."""
+
+    vault_id: bytes
+    chunk_id_key: bytes
+    data_keys: dict[int, bytes]
+    epoch_suites: dict[int, int]
+    src: ShardSource
+
+
+_ctx: _RestoreContext | None = None
+_fds: _FdCache | None = None
+
+
+def _decoder_init(ctx: _RestoreContext, pdeathsig: bool) -> None:
+    global _ctx, _fds
+    if pdeathsig:
+        from .sealer import _set_pdeathsig
+
+        _set_pdeathsig()
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the restoring process's
+    _ctx, _fds = ctx, _FdCache()
+
+
+def _restore_segment(job: tuple) -> tuple[int, int, list[str]]:
+    """Decoder: decode one data segment from its fetched shards, open and check every chunk,
+    write the runs into the target files. Returns (batch, bytes written, warnings)."""
+    bi, sid, size, k, n, epoch, shards, paths, items = job
+    ctx, fds = _ctx, _fds
+    assert ctx is not None and fds is not None
+    warnings: list[str] = []
+    fetched = {nm: Path(p) for nm, p in paths.items()}
+    seg = memoryview(_decode_verified(ctx.src, "data", shards, k, n, size, fetched, warnings))
+    key, suite, vid, idkey = (
+        ctx.data_keys[epoch],
+        ctx.epoch_suites[epoch],
+        ctx.vault_id,
+        ctx.chunk_id_key,
+    )
+    written = 0
+    run_target, run_pos, run_parts = None, -1, []
+    end = -1
+
+    def flush_run() -> None:
+        nonlocal written
+        if run_parts:
+            blob = run_parts[0] if len(run_parts) == 1 else b"".join(run_parts)
+            os.pwrite(fds.get(run_target), blob, run_pos)
+            written += len(blob)
+
+    for cid, off, ln, target, pos, plain in items:
+        data = envelope.open_chunk(key, vid, cid, seg[off : off + ln], suite)
+        if len(data) != plain or blake3.blake3(data, key=idkey).digest() != cid:
+            raise IntegrityError("a restored chunk does not match its id (wrong data)")
+        if target == run_target and pos == end:
+            run_parts.append(data)
+        else:
+            flush_run()
+            run_target, run_pos, run_parts = target, pos, [data]
+        end = pos + len(data)
+    flush_run()
+    return bi, written, warnings
+
+
+@contextlib.contextmanager
+def _decoders(ctx: _RestoreContext) -> Iterator[Callable]:
+    """``run(jobs)`` → results of :func:`_restore_segment`, in completion order, from
+    DECODERS forked processes (or this thread)."""
+    if DECODERS <= 0:
+        _decoder_init(ctx, False)
+        try:
+            yield lambda jobs: map(_restore_segment, jobs)
+        finally:
+            assert _fds is not None
+            _fds.close()
+        return
+    import multiprocessing
+
+    main = threading.current_thread() is threading.main_thread()
+    pool = multiprocessing.get_context("fork").Pool(
+        DECODERS, initializer=_decoder_init, initargs=(ctx, main)
+    )
+    try:
+        yield lambda jobs: pool.imap_unordered(_restore_segment, jobs)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+
+
 def restore_files(
     keys: VaultKeys,
     db: sqlite3.Connection,
@@ -471,10 +570,11 @@ def restore_files(
 
     warnings: list[str] = []
     order = sorted(plan)
-    batches = [order[i : i + BATCH_SEGMENTS] for i in range(0, len(order), BATCH_SEGMENTS)]
-    fds = _FdCache()
-    fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaultfs-fetch")
-    cpu = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vaultfs-restore")
+    # a small first batch, so decoding starts while the rest is still being fetched
+    batches = [order[:FIRST_BATCH]] + [
+        order[i : i + BATCH_SEGMENTS] for i in range(FIRST_BATCH, len(order), BATCH_SEGMENTS)
+    ]
+    batches = [b for b in batches if b]
     tmp_root = Path(tempfile.mkdtemp(prefix="vaultfs-restore-"))
 
     def download(batch_no: int) -> tuple[Path, dict[str, Path]]:
@@ -486,50 +586,36 @@ def restore_files(
             wanted += [("data", nm) for nm in _choose(shard_rows[sid], src, k)]
         return d, src.fetch(wanted, d)
 
-    def open_one(item: tuple[bytes, int, int, str, int, int], seg: bytes, epoch: int) -> tuple:
-        cid, off, ln, target, pos, plain = item
-        data = envelope.open_chunk(
-            data_keys[epoch], keys.vault_id, cid, seg[off : off + ln], epoch_suites[epoch]
-        )
-        if len(data) != plain or blake3.blake3(data, key=keys.chunk_id_key).digest() != cid:
-            raise IntegrityError("a restored chunk does not match its id (wrong data)")
-        return target, pos, data
+    ctx = _RestoreContext(keys.vault_id, keys.chunk_id_key, data_keys, epoch_suites, src)
+    left = {bi: len(b) for bi, b in enumerate(batches)}
+    dirs: dict[int, Path] = {}
+    # the decoders fork before the fetch thread starts: no child inherits a busy thread
+    with _decoders(ctx) as run, ThreadPoolExecutor(1, thread_name_prefix="vaultfs-fetch") as fx:
 
-    try:
-        nxt = fetcher.submit(download, 0) if batches else None
-        for bi in range(len(batches)):
-            assert nxt is not None
-            bdir, fetched = nxt.result()
-            nxt = fetcher.submit(download, bi + 1) if bi + 1 < len(batches) else None
+        def jobs() -> Iterator[tuple]:
+            nxt = fx.submit(download, 0) if batches else None
+            for bi in range(len(batches)):
+                assert nxt is not None
+                bdir, fetched = nxt.result()
+                dirs[bi] = bdir
+                nxt = fx.submit(download, bi + 1) if bi + 1 < len(batches) else None
+                for sid in batches[bi]:
+                    size, k, n, epoch = seg_rows[sid]
+                    paths = {
+                        nm: str(fetched[nm]) for _i, nm, _h in shard_rows[sid] if nm in fetched
+                    }
+                    yield (bi, sid, size, k, n, epoch, shard_rows[sid], paths, plan[sid])
 
-            def one_segment(sid: int, fetched=fetched) -> list[tuple[str, int, list[bytes]]]:
-                """Decode a segment and open its chunks; return runs of contiguous writes."""
-                size, k, n, epoch = seg_rows[sid]
-                seg = _decode_verified(src, "data", shard_rows[sid], k, n, size, fetched, warnings)
-                runs: list[tuple[str, int, list[bytes]]] = []
-                end = -1
-                for item in plan[sid]:
-                    target, pos, data = open_one(item, seg, epoch)
-                    if runs and runs[-1][0] == target and pos == end:
-                        runs[-1][2].append(data)
-                    else:
-                        runs.append((target, pos, [data]))
-                    end = pos + len(data)
-                return runs
-
-            # one task per segment on the CPU pool; this thread only writes, in order
-            for runs in cpu.map(one_segment, batches[bi]):
-                for target, pos, parts in runs:
-                    blob = b"".join(parts)
-                    os.pwrite(fds.get(target), blob, pos)
-                    if progress:
-                        progress(len(blob))
-            shutil.rmtree(bdir, ignore_errors=True)
-    finally:
-        fds.close()
-        fetcher.shutdown(wait=True)
-        cpu.shutdown(wait=True)
-        shutil.rmtree(tmp_root, ignore_errors=True)
+        try:
+            for bi, nbytes, warns in run(jobs()):
+                warnings += warns
+                if progress:
+                    progress(nbytes)
+                left[bi] -= 1
+                if not left[bi]:  # every segment of the batch is written: drop its shards
+                    shutil.rmtree(dirs.pop(bi), ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp_root, ignore_errors=True)
 
     for e, first in link_later:
         p = _safe_target(to, e.path)

@@ -30,8 +30,9 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import BinaryIO
 
@@ -48,6 +49,16 @@ from .errors import (
 from .index import Index
 from .keys import SUITE_XWING_AES256GCM, VaultKeys, read_keyfile, write_keyfile
 from .remotes import Remote, RemoteError
+from .sealer import (
+    SLOT_SIZE,
+    SealConfig,
+    SealerPool,
+    SegmentReport,
+    ShardFile,
+    build_shard_files,
+    write_new_file,
+)
+from .verify import PIECE as AUDIT_PIECE
 
 DEFAULT_SEGMENT_SIZE = 4 * 1024 * 1024
 SUBDIRS = ("data", "meta")
@@ -138,6 +149,20 @@ def place(remotes: list[tuple[int, str]], seg_id: int, n: int) -> list[int]:
     return out
 
 
+def _each(fn: Callable, items: list) -> None:
+    """Run ``fn(item)`` for every item at once, one thread each (remote operations are
+    rclone subprocesses: they overlap whatever the GIL does)."""
+    if len(items) <= 1:
+        for it in items:
+            fn(it)
+        return
+    threads = [threading.Thread(target=fn, args=(it,)) for it in items]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 @dataclass
 class FlushReport:
     uploaded: int = 0
@@ -179,15 +204,7 @@ class Vault:
         self.segment_size = int(index.get("segment_size") or DEFAULT_SEGMENT_SIZE)
         self.ec_alg = erasure.choose_alg(self.k, self.n) if self.k else 0  # for new segments
         self.chunker = Chunker(keys.chunker_seed, keys.chunk_id_key)
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vaultfs-cpu")
-        self._sealer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vaultfs-seal")
-        self._sealing: list[Future] = []
-        self._open = segment.SegmentBuilder(self.segment_size)
-        self._open_chunks: dict[bytes, tuple[int, int, int]] = {}  # cid -> (off, len, plain)
-        # chunks of segments handed to the sealer but not yet in the index:
-        # cid -> (builder, off, len); readable and deduplicated like committed ones
-        self._inflight: dict[bytes, tuple[segment.SegmentBuilder, int, int]] = {}
-        self._inflight_lock = threading.Lock()
+        self._sealers: SealerPool | None = None
         self._write_lock = threading.RLock()
         self._seg_cache: OrderedDict[int, bytes] = OrderedDict()
         self._seg_cache_lock = threading.Lock()
@@ -307,9 +324,16 @@ class Vault:
         return v
 
     def close(self) -> None:
-        self._drain_sealer()
-        self.pool.shutdown(wait=True)
-        self._sealer.shutdown(wait=True)
+        """Stop the sealers and close the index. Chunks stored since the last :meth:`seal`
+        (or commit) are discarded: nothing acknowledged refers to them."""
+        if self._sealers is not None:
+            self._sealers.close()
+            self._sealers = None
+        if self._prepushing is not None:
+            self._prepushing[0].join()
+            self._prepushing = None
+        if "pool" in self.__dict__:
+            self.pool.shutdown(wait=True)
         self.index.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -382,6 +406,39 @@ class Vault:
         for f in (q / "manifests").iterdir():
             if f.name not in mans:
                 f.unlink()
+        self._drop_unnamed_index_copies()
+
+    def _drop_unnamed_index_copies(self) -> None:
+        """Index copies recorded for a manifest that was never written (a crash between the
+        two transactions of :meth:`_ship_index`): delete their queue files, send placed
+        shards to ``garbage`` and forget them."""
+        segs = self.index.q(
+            "SELECT id, manifest FROM segments WHERE kind='meta'"
+            " AND manifest NOT IN (SELECT seq FROM manifests)"
+        )
+        if not segs:
+            return
+        ids = [sid for sid, _m in segs]
+        marks = ",".join("?" * len(ids))
+        shards = self.index.q(
+            f"SELECT name, remote, state FROM shards WHERE segment IN ({marks})", tuple(ids)
+        )
+        for name, rid, state in shards:
+            if state == "queued":
+                (self.queue_dir / f"r{rid}" / "meta" / name).unlink(missing_ok=True)
+        self._reconcile()  # a shard whose queue file is gone was uploaded: it is garbage now
+        placed = self.index.q(
+            f"SELECT name, remote FROM shards WHERE segment IN ({marks}) AND state='placed'",
+            tuple(ids),
+        )
+        with self.index.tx() as db:
+            nxt = (db.execute("SELECT max(seq) FROM manifests").fetchone()[0] or 0) + 1
+            db.executemany(
+                "INSERT OR IGNORE INTO garbage VALUES (?, ?, 'meta', ?)",
+                [(name, rid, nxt) for name, rid in placed],
+            )
+            db.execute(f"DELETE FROM shards WHERE segment IN ({marks})", tuple(ids))
+            db.execute(f"DELETE FROM segments WHERE id IN ({marks})", tuple(ids))
 
     def _reconcile(self) -> int:
         """Mark queued shards whose queue file is gone as placed. Returns how many."""
@@ -400,155 +457,226 @@ class Vault:
         return len(done)
 
     # -- write path ------------------------------------------------------------------------
-    #: Bytes of chunks handed from the chunking thread to the encrypting one at a time.
-    BATCH_BYTES = 4 * 1024 * 1024
+    #: Sealer processes (vaultfs/sealer.py); 0 seals inline on the calling thread.
+    SEALERS = int(os.environ.get("VAULTFS_SEALERS", "2"))
+
+    @cached_property
+    def pool(self) -> ThreadPoolExecutor:
+        """Threads for CPU work outside the write path (re-encryption re-seals records)."""
+        return ThreadPoolExecutor(max_workers=2, thread_name_prefix="vaultfs-cpu")
+
+    def start_sealers(self) -> SealerPool:
+        """Start the sealer processes now (they fork: see vaultfs/sealer.py, "Forking").
+
+        The mount calls this before its FUSE loop and threads start; otherwise the first
+        store does, on the caller's thread."""
+        with self._write_lock:
+            if self._sealers is not None and self._sealers.broken:
+                self._sealers.close()  # a sealer died: its error was raised once already
+                self._sealers = None
+            if self._sealers is None:
+                cfg = SealConfig(
+                    self.keys.vault_id,
+                    self.keys.audit_key,
+                    self.k,
+                    self.n,
+                    self.ec_alg,
+                    self.segment_size,
+                    str(self.queue_dir / "tmp"),
+                )
+                close = [self._lock_fd] if self._lock_fd is not None else []
+                pool = SealerPool(cfg, self._commit_sealed, self.SEALERS, close)
+                pool.start()
+                self._sealers = pool
+            return self._sealers
+
+    def _epoch_key(self) -> tuple[int, bytes, int]:
+        return self.epoch, self.keys.data_keys[self.epoch], self.epoch_suites[self.epoch]
 
     def store_stream(
         self, stream: BinaryIO, progress: Callable[[int], None] | None = None
     ) -> tuple[list[bytes], int]:
         """Chunk, deduplicate, encrypt and pack a stream. Returns (chunk ids, total bytes).
 
-        Reading, chunking and chunk-id hashing run on a producer thread (two batches ahead at
-        most, so memory stays bounded) while this thread deduplicates and encrypts. The
-        chunks are durable (queued) only after :meth:`seal` or :meth:`commit`.
+        This thread reads the stream into shared-memory slots, cuts keyed CDC chunks, hashes
+        their ids and drops the ones the vault has; sealer processes compress, encrypt and
+        pack the rest. The chunks are durable (queued) only after :meth:`seal` or
+        :meth:`commit`.
         """
-        import queue
-
-        batches: queue.Queue = queue.Queue(maxsize=2)
-        stop = threading.Event()
-
-        def produce() -> None:
-            batch: list[bytes] = []
-            size = 0
-            try:
-                for chunk in self.chunker.chunks(stream):
-                    batch.append(chunk)
-                    size += len(chunk)
-                    if size >= self.BATCH_BYTES:
-                        batches.put((batch, [self.chunker.chunk_id(c) for c in batch], size))
-                        batch, size = [], 0
-                        if stop.is_set():
-                            return
-                if batch:
-                    batches.put((batch, [self.chunker.chunk_id(c) for c in batch], size))
-                batches.put(None)
-            except BaseException as e:  # re-raised on the consuming thread
-                batches.put(e)
-
-        producer = threading.Thread(target=produce, name="vaultfs-chunker", daemon=True)
-        producer.start()
+        readinto = getattr(stream, "readinto", None)
         cids: list[bytes] = []
         total = 0
-        try:
-            while (item := batches.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                chunks, ids, size = item
-                cids += self._store_hashed(chunks, ids)
-                total += size
-                if progress:
-                    progress(size)
-        finally:
-            stop.set()
-            while producer.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    batches.get(timeout=0.05)
-                except queue.Empty:
-                    pass
+        with self._write_lock:
+            pool = self.start_sealers()
+            size = SLOT_SIZE
+            slot = pool.acquire()
+            fill = 0
+            try:
+                while True:
+                    buf = pool.view[slot * size : (slot + 1) * size]
+                    eof = False
+                    while fill < size:
+                        if readinto is not None:
+                            got = readinto(buf[fill:])
+                        else:
+                            data = stream.read(size - fill)
+                            got = len(data)
+                            buf[fill : fill + got] = data
+                        if not got:
+                            eof = True
+                            break
+                        fill += got
+                    spans = self.chunker.spans(buf[:fill])
+                    carry = 0
+                    if not eof and spans:
+                        carry_off, carry = spans.pop()  # the tail is cut again with what follows
+                    ids = [self.chunker.chunk_id(buf[o : o + ln]) for o, ln in spans]
+                    items = self._unknown(ids, spans)
+                    nxt = None
+                    if not eof:
+                        nxt = pool.acquire()
+                        if carry:
+                            dst = pool.view[nxt * size : nxt * size + carry]
+                            dst[:] = buf[carry_off : carry_off + carry]
+                    pool.submit(slot, *self._epoch_key(), items)
+                    del buf
+                    slot_bytes = sum(ln for _o, ln in spans)
+                    cids += ids
+                    total += slot_bytes
+                    if progress and slot_bytes:
+                        progress(slot_bytes)
+                    if nxt is None:
+                        slot = None
+                        break
+                    slot, fill = nxt, carry
+            except BaseException:
+                if slot is not None:
+                    pool.release(slot)
+                raise
         return cids, total
 
     def store_chunks(self, chunks: list[bytes]) -> list[bytes]:
         """Store a batch of chunks (deduplicated); return their ids in order."""
-        return self._store_hashed(chunks, [self.chunker.chunk_id(c) for c in chunks])
-
-    def _store_hashed(self, chunks: list[bytes], cids: list[bytes]) -> list[bytes]:
+        cids = [self.chunker.chunk_id(c) for c in chunks]
         with self._write_lock:
-            new: dict[bytes, bytes] = {}
-            with self._inflight_lock:
-                unknown = [
-                    c
-                    for c in dict.fromkeys(cids)
-                    if c not in self._open_chunks and c not in self._inflight
-                ]
-            known: set[bytes] = set()
-            for i in range(0, len(unknown), 500):
-                part = unknown[i : i + 500]
-                marks = ",".join("?" * len(part))
-                known.update(
-                    r[0]
-                    for r in self.index.q(
-                        f"SELECT cid FROM chunks WHERE cid IN ({marks})", tuple(part)
-                    )
-                )
-            unknown_set = set(unknown)
-            for cid, data in zip(cids, chunks, strict=True):
-                if (
-                    cid not in known
-                    and cid not in self._open_chunks
-                    and cid not in new
-                    and cid in unknown_set
-                ):
-                    new[cid] = data
-            if not new:
-                return cids
-            data_key = self.keys.data_keys[self.epoch]
-            vid = self.keys.vault_id
-            suite = self.epoch_suites[self.epoch]
-            items = list(new.items())
-            salts = secrets.token_bytes(envelope.SALT_LEN * len(items))  # one syscall a batch
-            sl = envelope.SALT_LEN
-
-            def seal_slice(lo_hi: tuple[int, int]) -> list[bytes]:
-                lo, hi = lo_hi
-                return [
-                    envelope.seal_chunk(data_key, vid, items[i][0], items[i][1], suite,
-                                        salt=salts[i * sl : (i + 1) * sl])
-                    for i in range(lo, hi)
-                ]  # fmt: skip
-
-            # one pool task per slice: ThreadPoolExecutor.map ignores chunksize, and a Future
-            # per chunk costs more than sealing a 16 KiB chunk
-            step = max(16, len(items) // 8)
-            slices = [(lo, min(lo + step, len(items))) for lo in range(0, len(items), step)]
-            records = [r for part in self.pool.map(seal_slice, slices) for r in part]
-            for (cid, data), rec in zip(items, records, strict=True):
-                if not self._open.fits(len(rec)):
-                    self._seal_open()
-                off = self._open.add(rec)
-                self._open_chunks[cid] = (off, len(rec), len(data))
+            pool = self.start_sealers()
+            size = SLOT_SIZE
+            spans: list[tuple[int, int]] = []
+            pos = 0
+            for c in chunks:
+                spans.append((pos, len(c)))
+                pos += len(c)
+            items_all = self._unknown(cids, spans)
+            by_off = {o: chunks[i] for i, (o, _l) in enumerate(spans)}
+            i = 0
+            while i < len(items_all):  # pack the new chunks into as few slots as they need
+                slot = pool.acquire()
+                buf = pool.view[slot * size : (slot + 1) * size]
+                items, fill = [], 0
+                while i < len(items_all) and fill + items_all[i][2] <= size:
+                    cid, off, ln = items_all[i]
+                    buf[fill : fill + ln] = by_off[off]
+                    items.append((cid, fill, ln))
+                    fill += ln
+                    i += 1
+                del buf
+                pool.submit(slot, *self._epoch_key(), items)
         return cids
 
-    def _seal_open(self) -> None:
-        """Hand the open segment to the sealer thread and start a new one."""
-        if not self._open.used:
-            return
-        builder, chunks = self._open, self._open_chunks
-        self._open = segment.SegmentBuilder(self.segment_size)
-        self._open_chunks = {}
-        with self._inflight_lock:
-            for cid, (off, ln, _pl) in chunks.items():
-                self._inflight[cid] = (builder, off, ln)
-        # bounded pipeline: at most three segments being sealed at once, on two threads
-        while len([f for f in self._sealing if not f.done()]) >= 3:
-            self._sealing[0].result()
-            self._sealing = [f for f in self._sealing if not f.done()]
-        fut = self._sealer.submit(self._write_segment, builder, chunks)
-        self._sealing.append(fut)
-        # surface errors from finished jobs early
-        for f in [f for f in self._sealing if f.done()]:
-            f.result()
-        self._sealing = [f for f in self._sealing if not f.done()]
+    def _unknown(
+        self, cids: list[bytes], spans: list[tuple[int, int]]
+    ) -> list[tuple[bytes, int, int]]:
+        """(cid, offset, length) of the chunks neither in flight nor in the index, first
+        occurrence only. In-flight chunks are checked before the index: a chunk committed
+        between the two checks is then found in the index."""
+        pool = self._sealers
+        assert pool is not None
+        seen: set[bytes] = set()
+        cand: list[int] = []
+        for i, cid in enumerate(cids):
+            if cid in seen or cid in pool.inflight:
+                continue
+            seen.add(cid)
+            cand.append(i)
+        known: set[bytes] = set()
+        for j in range(0, len(cand), 500):
+            part = tuple(cids[i] for i in cand[j : j + 500])
+            marks = ",".join("?" * len(part))
+            known.update(
+                r[0] for r in self.index.q(f"SELECT cid FROM chunks WHERE cid IN ({marks})", part)
+            )
+        return [(cids[i], *spans[i]) for i in cand if cids[i] not in known]
 
-    def _drain_sealer(self) -> None:
-        futs, self._sealing = self._sealing, []
-        for f in futs:
-            f.result()
+    def _commit_sealed(self, reports: list[SegmentReport]) -> None:
+        """Collector thread: queue the shard files of sealed segments and record them.
+
+        Invariants 1 and 2: the shard files are fsync'd (by the sealer) and renamed into the
+        queue, the queue directories fsync'd, and only then one transaction records the
+        segments with their shards, chunks and audit tags."""
+        placed: list[tuple[int, SegmentReport, list[tuple]]] = []
+        dirs: set[Path] = set()
+        for r in reports:
+            seg_id = self._next_segment_id()
+            rows = self._queue_shard_files(seg_id, segment.KIND_DATA, r.shards, dirs)
+            placed.append((seg_id, r, rows))
+        for d in dirs:
+            with contextlib.suppress(FileNotFoundError):  # moved to the remote meanwhile
+                _fsync_dir(d)
+        now = time.time()
+        with self.index.tx() as db:
+            for seg_id, r, rows in placed:
+                db.execute(
+                    "INSERT INTO segments(id, uid, kind, size, used, k, n, ec_alg, epoch, root,"
+                    f" created) VALUES (?, ?, 'data', ?, ?, ?, ?, {self.ec_alg}, ?, ?, ?)",
+                    (seg_id, r.uid, r.size, r.used, self.k, self.n, r.epoch, r.root, now),
+                )
+                db.executemany(
+                    "INSERT INTO shards(segment, idx, name, remote, size, hash, blocks, root, state)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued')",
+                    [(seg_id, *row) for row in rows],
+                )
+                db.executemany(
+                    "INSERT OR REPLACE INTO audit_tags(name, piece, tags) VALUES (?, ?, ?)",
+                    [(sh.name, AUDIT_PIECE, sh.tags) for sh in r.shards],
+                )
+                db.executemany(
+                    "INSERT OR IGNORE INTO chunks(cid, segment, offset, length, plain)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [(cid, seg_id, off, ln, pl) for cid, off, ln, pl in r.chunks],
+                )
+
+    def _queue_shard_files(
+        self, seg_id: int, kind: int, shards: list[ShardFile], dirs: set[Path]
+    ) -> list[tuple]:
+        """Rename fsync'd ``queue/tmp`` shard files to their remotes' queue directories.
+
+        Returns the shard rows (idx, name, remote, size, hash, blocks, root); adds the
+        directories to fsync to ``dirs``."""
+        placement = self._placement(seg_id, self.n)
+        tmp = self.queue_dir / "tmp"
+        rows = []
+        for sh, rid in zip(shards, placement, strict=True):
+            dest_dir = self.queue_dir / f"r{rid}" / segment.KIND_NAMES[kind]
+            t = tmp / sh.name
+            for attempt in range(5):
+                # a concurrent flush may move the whole queue directory away (rclone's
+                # server-side DirMove to a local remote): recreate it and retry
+                dest_dir.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(t, dest_dir / sh.name)
+                    break
+                except FileNotFoundError:
+                    if attempt == 4 or not t.exists():
+                        raise
+            dirs.add(dest_dir)
+            rows.append((sh.idx, sh.name, rid, sh.size, sh.hash, sh.blocks, sh.root))
+        return rows
 
     def seal(self) -> None:
-        """Make every chunk stored so far durable in the queue (padding the open segment)."""
+        """Make every chunk stored so far durable in the queue (padding open segments)."""
         with self._write_lock:
-            self._seal_open()
-            self._drain_sealer()
+            if self._sealers is not None:
+                self._sealers.seal()
 
     def _placement(self, seg_id: int, n: int) -> list[int]:
         rows = self.index.q(
@@ -562,33 +690,59 @@ class Vault:
     def _write_shards(
         self, db_seg_id: int, uid: bytes, kind: int, padded: bytes
     ) -> tuple[list[tuple], bytes]:
-        shards = segment.build_shards(padded, uid, kind, self.k, self.n)
-        placement = self._placement(db_seg_id, self.n)
+        """Erasure-code a padded segment on this thread and queue its shard objects durably
+        (for index copies and re-encrypted segments; data goes through the sealers).
+        Returns (shard rows, segment root); records the audit tags."""
+        files = build_shard_files(
+            padded, uid, kind, self.k, self.n, self.ec_alg, self.keys.audit_key
+        )
         tmp = self.queue_dir / "tmp"
-        rows = []
-        for sh, rid in zip(shards, placement, strict=True):
-            dest_dir = self.queue_dir / f"r{rid}" / segment.KIND_NAMES[kind]
-            t = tmp / sh.name
-            _write_durable(t, sh.body)
-            for attempt in range(5):
-                # a concurrent flush may move the whole queue directory away (rclone's
-                # server-side DirMove to a local remote): recreate it and retry
-                dest_dir.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.replace(t, dest_dir / sh.name)
-                    break
-                except FileNotFoundError:
-                    if attempt == 4 or not t.exists():
-                        raise
-            rows.append((sh.idx, sh.name, rid, len(sh.body), sh.hash, sh.blocks, sh.root))
-        for rid in set(placement):
+        for meta, body in files:
+            fd = write_new_file(str(tmp / meta.name), body)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        dirs: set[Path] = set()
+        shards = [m for m, _b in files]
+        rows = self._queue_shard_files(db_seg_id, kind, shards, dirs)
+        for d in dirs:
             with contextlib.suppress(FileNotFoundError):  # moved to the remote meanwhile
-                _fsync_dir(self.queue_dir / f"r{rid}" / segment.KIND_NAMES[kind])
-        from .verify import record_tags  # audit tags, computed while the bytes are at hand
+                _fsync_dir(d)
+        with self.index.tx() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO audit_tags(name, piece, tags) VALUES (?, ?, ?)",
+                [(sh.name, AUDIT_PIECE, sh.tags) for sh in shards],
+            )
+        return rows, merkle.root([r[6] for r in rows])
 
-        record_tags(self.index, self.keys.audit_key, shards)
-        seg_root = merkle.root([r[6] for r in rows])
-        return rows, seg_root
+    def _write_segment(
+        self, builder: segment.SegmentBuilder, chunks: dict[bytes, tuple[int, int, int]]
+    ) -> int:
+        """Seal ``builder`` on this thread as a new data segment of the current epoch and
+        record it with ``chunks`` (cid -> (offset, record length, plain length); rows that
+        exist already are left alone). Repair uses it; writes go through the sealers."""
+        seg_id = self._next_segment_id()
+        uid = secrets.token_bytes(16)
+        rows, root = self._write_shards(seg_id, uid, segment.KIND_DATA, builder.padded())
+        with self.index.tx() as db:
+            db.execute(
+                "INSERT INTO segments(id, uid, kind, size, used, k, n, ec_alg, epoch, root, created)"
+                f" VALUES (?, ?, 'data', ?, ?, ?, ?, {self.ec_alg}, ?, ?, ?)",
+                (seg_id, uid, builder.padded_size(), builder.used, self.k, self.n, self.epoch,
+                 root, time.time()),
+            )  # fmt: skip
+            db.executemany(
+                "INSERT INTO shards(segment, idx, name, remote, size, hash, blocks, root, state)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued')",
+                [(seg_id, *r) for r in rows],
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO chunks(cid, segment, offset, length, plain)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(cid, seg_id, off, ln, pl) for cid, (off, ln, pl) in chunks.items()],
+            )
+        return seg_id
 
     def _next_segment_id(self) -> int:
         with self._seg_id_lock:
@@ -600,59 +754,21 @@ class Vault:
     _seg_id_lock = threading.Lock()
     _last_seg_id = 0
 
-    def _write_segment(
-        self, builder: segment.SegmentBuilder, chunks: dict[bytes, tuple[int, int, int]]
-    ) -> int:
-        seg_id = self._next_segment_id()
-        uid = secrets.token_bytes(16)
-        padded = builder.padded()
-        rows, root = self._write_shards(seg_id, uid, segment.KIND_DATA, padded)
-        with self.index.tx() as db:
-            db.execute(
-                "INSERT INTO segments(id, uid, kind, size, used, k, n, ec_alg, epoch, root, created)"
-                f" VALUES (?, ?, 'data', ?, ?, ?, ?, {self.ec_alg}, ?, ?, ?)",
-                (
-                    seg_id,
-                    uid,
-                    builder.padded_size(),
-                    builder.used,
-                    self.k,
-                    self.n,
-                    self.epoch,
-                    root,
-                    time.time(),
-                ),
-            )
-            db.executemany(
-                "INSERT INTO shards(segment, idx, name, remote, size, hash, blocks, root, state)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued')",
-                [(seg_id, *r) for r in rows],
-            )
-            db.executemany(
-                "INSERT OR IGNORE INTO chunks(cid, segment, offset, length, plain) VALUES (?, ?, ?, ?, ?)",
-                [(cid, seg_id, off, ln, pl) for cid, (off, ln, pl) in chunks.items()],
-            )
-        with self._inflight_lock:  # the index has them now
-            for cid in chunks:
-                if (got := self._inflight.get(cid)) is not None and got[0] is builder:
-                    del self._inflight[cid]
-        with self._seg_cache_lock:
-            self._seg_cache[seg_id] = padded
-            while len(self._seg_cache) > 4:
-                self._seg_cache.popitem(last=False)
-        return seg_id
-
     # -- snapshots and commit --------------------------------------------------------------
-    def commit(self, entries: Iterable[Entry], name: str | None = None) -> tuple[str, int]:
+    def commit(
+        self, entries: Iterable[Entry], name: str | None = None, prepush: bool = False
+    ) -> tuple[str, int]:
         """Record a snapshot of ``entries``, then export and sign the index.
 
         Returns (snapshot uid, manifest seq). Everything is durable locally when this
-        returns; call :meth:`flush` to place it on the remotes.
+        returns; call :meth:`flush` to place it on the remotes. ``prepush`` starts moving
+        the data shards to the remotes while the index is exported and signed (for a caller
+        that flushes right after).
         """
         with self._write_lock:
-            return self._commit(entries, name)
+            return self._commit(entries, name, prepush)
 
-    def _commit(self, entries: Iterable[Entry], name: str | None) -> tuple[str, int]:
+    def _commit(self, entries: Iterable[Entry], name: str | None, prepush: bool) -> tuple[str, int]:
         self.seal()
         uid = secrets.token_hex(4)
         now = time.time()
@@ -700,22 +816,22 @@ class Vault:
                 "UPDATE snapshots SET root=?, files=?, bytes=? WHERE id=?",
                 (root, files, size, snap_id),
             )
-        self._ship_index(seq, root)
+        self._ship_index(seq, root, prepush)
         return uid, seq
 
     @staticmethod
     def _chunk_rows(db, cids: list[bytes]) -> list[int]:
-        out = []
-        cache: dict[bytes, int] = {}
-        for cid in cids:
-            rid = cache.get(cid)
-            if rid is None:
-                row = db.execute("SELECT id FROM chunks WHERE cid=?", (cid,)).fetchone()
-                if row is None:
-                    raise IntegrityError("internal: a chunk of the snapshot was not stored")
-                rid = cache[cid] = row[0]
-            out.append(rid)
-        return out
+        """The chunks-table row id of every chunk id, in order (500 ids per query)."""
+        ids: dict[bytes, int] = {}
+        uniq = list(dict.fromkeys(cids))
+        for i in range(0, len(uniq), 500):
+            part = uniq[i : i + 500]
+            marks = ",".join("?" * len(part))
+            ids.update(db.execute(f"SELECT cid, id FROM chunks WHERE cid IN ({marks})", part))
+        try:
+            return [ids[c] for c in cids]
+        except KeyError:
+            raise IntegrityError("internal: a chunk of the snapshot was not stored") from None
 
     @staticmethod
     def _vault_root(db) -> bytes:
@@ -724,8 +840,9 @@ class Vault:
         ]
         return merkle.root(roots)
 
-    def _ship_index(self, seq: int, root: bytes) -> None:
-        """Export, encrypt and erasure-code the index; queue a signed manifest naming it."""
+    def _ship_index(self, seq: int, root: bytes, prepush: bool = False) -> None:
+        """Export, encrypt and erasure-code the index; queue a signed manifest naming it.
+        ``prepush`` starts uploading every queued shard before the manifest is signed."""
         blob = envelope.seal_meta(
             self.keys.metadata_key,
             self.keys.vault_id,
@@ -770,6 +887,25 @@ class Vault:
                 ],
             },
         }
+        # the index copy is durable in the queue: record it first (a crash before its manifest
+        # is written leaves a copy no manifest names; recover() drops it), then sign the
+        # manifest while the shards already go out (prepush: rclone runs beside the signing)
+        with self.index.tx() as db:
+            for seg_id, uid, used, rows, seg_root, size in segs:
+                db.execute(
+                    "INSERT INTO segments(id, uid, kind, size, used, k, n, ec_alg, epoch, root,"
+                    f" manifest, created) VALUES (?, ?, 'meta', ?, ?, ?, ?, {self.ec_alg}, ?, ?, ?,"
+                    " ?)",
+                    (seg_id, uid, size, used, self.k, self.n, self.epoch, seg_root, seq,
+                     time.time()),
+                )  # fmt: skip
+                db.executemany(
+                    "INSERT INTO shards(segment, idx, name, remote, size, hash, blocks, root, state)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued')",
+                    [(seg_id, *r) for r in rows],
+                )
+        if prepush:
+            self.prepush()
         created_ms = int(time.time() * 1000)
         if self.keys.slhdsa_public is not None:
             body["slhdsa_sealed"] = self.index.get("slhdsa_sealed")
@@ -779,29 +915,6 @@ class Vault:
         _write_durable(self.queue_dir / "manifests" / name, blob_m)
         _fsync_dir(self.queue_dir / "manifests")
         with self.index.tx() as db:
-            for seg_id, uid, used, rows, seg_root, size in segs:
-                db.execute(
-                    "INSERT INTO segments(id, uid, kind, size, used, k, n, ec_alg, epoch, root,"
-                    f" manifest, created) VALUES (?, ?, 'meta', ?, ?, ?, ?, {self.ec_alg}, ?, ?, ?,"
-                    " ?)",
-                    (
-                        seg_id,
-                        uid,
-                        size,
-                        used,
-                        self.k,
-                        self.n,
-                        self.epoch,
-                        seg_root,
-                        seq,
-                        time.time(),
-                    ),
-                )
-                db.executemany(
-                    "INSERT INTO shards(segment, idx, name, remote, size, hash, blocks, root, state)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued')",
-                    [(seg_id, *r) for r in rows],
-                )
             db.execute("INSERT INTO manifests VALUES (?, ?, ?, ?)", (seq, name, time.time(), root))
             db.executemany(
                 "INSERT INTO manifest_queue VALUES (?, ?)", [(seq, r.rid) for r in self.remotes()]
@@ -927,25 +1040,7 @@ class Vault:
             self.seal()
         report = FlushReport()
         remotes = self.remotes()
-        ok: dict[int, bool] = {}
-
-        def push(r: Remote) -> None:
-            try:
-                for sub in SUBDIRS:
-                    d = self.queue_dir / f"r{r.rid}" / sub
-                    if d.exists() and any(d.iterdir()):
-                        r.move_dir(d, sub)
-                ok[r.rid] = True
-            except RemoteError as e:
-                ok[r.rid] = False
-                report.errors[r.label] = e.message
-                self._remote_state(r.rid, e.message)
-
-        threads = [threading.Thread(target=push, args=(r,)) for r in remotes]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        ok = self._push_shards(remotes, report)
         report.uploaded = self._reconcile()
         for r in remotes:
             if ok.get(r.rid):
@@ -962,6 +1057,62 @@ class Vault:
         if report.manifests_pending == 0 and not report.errors:
             self.prune_index_copies()
         return report
+
+    def prepush(self) -> None:
+        """Start moving the queued shards to the remotes in the background (a commit does,
+        so uploads overlap exporting and signing the index); the next :meth:`flush` waits
+        for it, and does not try again in the same flush a remote that failed it."""
+        if self._prepushing is not None:
+            return
+        errors: dict[int, str] = {}
+        t = threading.Thread(
+            target=self._push_shards, args=(self.remotes(), None, errors), name="vaultfs-prepush"
+        )
+        self._prepushing = (t, errors)
+        t.start()
+
+    _prepushing: tuple[threading.Thread, dict[int, str]] | None = None
+    _push_lock = threading.Lock()
+
+    def _push_shards(
+        self,
+        remotes: list[Remote],
+        report: FlushReport | None,
+        errors: dict[int, str] | None = None,
+    ) -> dict[int, bool]:
+        """One ``rclone move`` per remote of its queue directory (data/ and meta/ shards), all
+        remotes at once. Returns {remote id: success}; records errors in ``report`` (or, for
+        the background push, in ``errors``)."""
+        failed_before: dict[int, str] = {}
+        if report is not None and self._prepushing is not None:
+            bg, failed_before = self._prepushing
+            bg.join()
+            self._prepushing = None
+        ok: dict[int, bool] = {}
+
+        def push(r: Remote) -> None:
+            if r.rid in failed_before:  # it failed moments ago in the background push
+                ok[r.rid] = False
+                assert report is not None
+                report.errors[r.label] = failed_before[r.rid]
+                self._remote_state(r.rid, failed_before[r.rid])
+                return
+            d = self.queue_dir / f"r{r.rid}"
+            try:
+                if any(any((d / sub).iterdir()) for sub in SUBDIRS if (d / sub).is_dir()):
+                    r.move_dir(d, "")
+                ok[r.rid] = True
+            except RemoteError as e:
+                ok[r.rid] = False
+                if errors is not None:
+                    errors[r.rid] = e.message
+                if report is not None:
+                    report.errors[r.label] = e.message
+                    self._remote_state(r.rid, e.message)
+
+        with self._push_lock:
+            _each(push, remotes)
+        return ok
 
     #: How many of the newest manifests (and the index copies they name) stay on the remotes.
     KEEP_INDEX_COPIES = 3
@@ -986,15 +1137,22 @@ class Vault:
         old_mans = [
             n for (n,) in self.index.q("SELECT name FROM manifests WHERE seq < ?", (cutoff,))
         ]
-        deleted = 0
-        for r in self.remotes():
+        counts: dict[int, int] = {}
+        failed: list[int] = []
+
+        def drop(r: Remote) -> None:
             mine = [name for _sid, name, rid in old_shards if rid == r.rid]
-            try:
-                r.delete("meta", mine)
-                r.delete("manifests", old_mans)
+            try:  # one rclone call per remote
+                r.delete("", [f"meta/{n}" for n in mine] + [f"manifests/{m}" for m in old_mans])
             except RemoteError:
-                return deleted
-            deleted += len(mine) + len(old_mans)
+                failed.append(r.rid)
+                return
+            counts[r.rid] = len(mine) + len(old_mans)
+
+        _each(drop, self.remotes())
+        deleted = sum(counts.values())
+        if failed:  # that remote keeps its old copies until the next successful flush
+            return deleted
         with self.index.tx() as db:
             db.execute(
                 "DELETE FROM shards WHERE segment IN"
@@ -1008,28 +1166,35 @@ class Vault:
     def _push_manifests(
         self, remotes: list[Remote], ok: dict[int, bool], report: FlushReport
     ) -> None:
+        """Upload queued manifests, oldest first, every remote at once (invariant 4: only
+        called once every segment has k shards placed)."""
         rows = self.index.q(
             "SELECT q.seq, q.remote, m.name FROM manifest_queue q JOIN manifests m ON m.seq = q.seq"
             " ORDER BY q.seq"
         )
         by_id = {r.rid: r for r in remotes}
-        failed: set[int] = set()
+        todo: dict[int, list[tuple[int, str]]] = {}
         for seq, rid, name in rows:
-            r = by_id.get(rid)
-            if r is None:  # remote removed since: drop the obligation
+            if rid not in by_id:  # remote removed since: drop the obligation
                 with self.index.tx() as db:
                     db.execute("DELETE FROM manifest_queue WHERE seq=? AND remote=?", (seq, rid))
-                continue
-            if not ok.get(rid) or rid in failed:
-                continue
-            try:
-                r.put_file(self.queue_dir / "manifests" / name, "manifests", name)
-            except RemoteError as e:
-                failed.add(rid)
-                report.errors[r.label] = e.message
-                continue
-            with self.index.tx() as db:
-                db.execute("DELETE FROM manifest_queue WHERE seq=? AND remote=?", (seq, rid))
+            elif ok.get(rid):
+                todo.setdefault(rid, []).append((seq, name))
+        lock = threading.Lock()
+
+        def push(rid: int) -> None:
+            r = by_id[rid]
+            for seq, name in todo[rid]:
+                try:
+                    r.put_file(self.queue_dir / "manifests" / name, "manifests", name)
+                except RemoteError as e:
+                    with lock:
+                        report.errors[r.label] = e.message
+                    return
+                with self.index.tx() as db:
+                    db.execute("DELETE FROM manifest_queue WHERE seq=? AND remote=?", (seq, rid))
+
+        _each(push, list(todo))
         still = {s for (s,) in self.index.q("SELECT DISTINCT seq FROM manifest_queue")}
         for seq, name in self.index.q("SELECT seq, name FROM manifests"):
             f = self.queue_dir / "manifests" / name
@@ -1199,21 +1364,11 @@ class Vault:
         return data
 
     def read_chunk(self, cid: bytes) -> bytes:
-        with self._write_lock, self._inflight_lock:
-            pending = self._open_chunks.get(cid)
-            buf = self._open.buf
-            if pending is None and (fly := self._inflight.get(cid)) is not None:
-                pending, buf = (fly[1], fly[2], 0), fly[0].buf
-            if pending is not None:
-                off, ln, _pl = pending
-                rec = bytes(buf[off : off + ln])
-                return envelope.open_chunk(
-                    self.keys.data_keys[self.epoch],
-                    self.keys.vault_id,
-                    cid,
-                    rec,
-                    self.epoch_suites[self.epoch],
-                )
+        """A chunk's plaintext. A chunk still with a sealer is sealed first (so it reads
+        back at once, like everything stored)."""
+        pool = self._sealers
+        if pool is not None and cid in pool.inflight:
+            self.seal()
         row = self.index.one(
             "SELECT c.segment, c.offset, c.length, g.epoch FROM chunks c JOIN segments g"
             " ON g.id = c.segment WHERE c.cid=?",

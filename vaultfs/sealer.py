@@ -1,0 +1,615 @@
+"""Sealers: worker processes that turn new chunks into sealed, erasure-coded segments.
+
+Almost all the CPU work of a backup is in library calls that hold Python's GIL (AES-GCM,
+pyeclib, the per-piece audit tags, pyfastcdc) or release it only briefly (zstd on 16 KiB
+chunks), so threads keep about one core busy. The write path therefore runs that work in
+sealer *processes* forked from the vault, and the vault's own process only reads, chunks,
+hashes, deduplicates and commits.
+
+Data flow (docs/design.md, "Write path"):
+
+1. The vault process reads input into a **slot** of a shared anonymous mapping (created
+   before the fork, so every sealer sees it), cuts it with keyed CDC, hashes chunk ids and
+   drops chunks the index or an earlier job already has. A job names the slot and the new
+   chunks in it: ``(chunk id, offset, length)``. The slot is not reused until the sealer
+   answers ``done``.
+2. A sealer compresses and encrypts each chunk into *its own* open segment. A full segment
+   (or one asked to seal) is padded, erasure-coded into shard objects (Merkle leaves, audit
+   tags), and every shard object is written to ``queue/tmp/<name>``. A background thread of
+   the sealer fsyncs those files and only then reports the segment.
+3. The vault process's collector thread commits reports: it places the shards (segment id →
+   remotes), renames the tmp files into ``queue/r<id>/data/``, fsyncs those directories and
+   records segment, shards, chunks and audit tags in one transaction (invariants 1 and 2).
+
+Protocol (tuples over a duplex pipe per sealer)::
+
+    vault → sealer   ("chunks", job, epoch, data_key, suite, slot_offset, [(cid, off, len)])
+                     ("seal", token)        seal the open segment now
+                     ("stop",)
+    sealer → vault   ("done", job)          the job's slot may be reused
+                     ("segment", report)    a sealed segment, its shard files durable in tmp
+                     ("sealed", token)      every segment sealed before it has been reported
+                     ("error", kind, text)  the sealer failed (its open segment is lost)
+
+Crash states: a sealer that dies (or a vault process killed while sealers run) leaves only
+files in ``queue/tmp`` and chunks no transaction recorded; ``Vault.recover`` deletes the
+former, and nothing acknowledged referred to the latter (``Vault.seal`` had not returned).
+Sealers die with the vault process (``PR_SET_PDEATHSIG``) and never hold the vault lock.
+
+Forking: :meth:`SealerPool.start` forks. Call it while the process has no other thread doing
+library work (the mount starts its pool before the FUSE loop; the CLI's first store runs on
+the main thread), so no child inherits a lock held mid-call. ``workers=0`` runs the same
+sealer inline in the calling thread (no processes), for tests of a single stage and for
+``VAULTFS_SEALERS=0``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import multiprocessing
+import os
+import queue
+import secrets
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+
+from . import envelope, segment
+from .errors import DiskFull, VaultError
+
+#: Bytes per shared-memory slot: one job's input. Larger slots mean fewer messages; the
+#: mapping holds SLOTS of them (touched pages count in every process's RSS).
+SLOT_SIZE = 4 * 1024 * 1024
+SLOTS = 8
+
+
+@dataclass(frozen=True)
+class SealConfig:
+    """What a sealer needs besides each job's data key: fixed for the pool's lifetime."""
+
+    vault_id: bytes
+    audit_key: bytes
+    k: int
+    n: int
+    ec_alg: int
+    segment_size: int
+    tmp_dir: str
+
+
+@dataclass
+class ShardFile:
+    """A shard object written (and, once reported, fsync'd) as ``tmp_dir/<name>``."""
+
+    idx: int
+    name: str
+    size: int
+    hash: bytes
+    blocks: bytes
+    root: bytes
+    tags: bytes
+
+
+@dataclass
+class SegmentReport:
+    """A sealed data segment whose shard files are durable in the tmp directory."""
+
+    uid: bytes
+    used: int
+    size: int  # padded size that was erasure coded
+    epoch: int
+    root: bytes
+    chunks: list[tuple[bytes, int, int, int]]  # (cid, offset, record length, plain length)
+    shards: list[ShardFile] = field(default_factory=list)
+    worker: int = -1
+
+
+class SealerError(VaultError):
+    """A sealer failed; its open segment is lost and must be stored again."""
+
+
+def build_shard_files(
+    padded: bytes, uid: bytes, kind: int, k: int, n: int, alg: int, audit_key: bytes
+) -> list[tuple[ShardFile, bytes]]:
+    """Erasure-code a padded segment into shard objects with their audit tags.
+
+    Returns (metadata, object bytes) per shard, in fragment order; nothing is written."""
+    from .verify import piece_tags  # the tag construction lives with the audits that check it
+
+    out = []
+    for sh in segment.build_shards(padded, uid, kind, k, n, alg):
+        meta = ShardFile(
+            sh.idx, sh.name, len(sh.body), sh.hash, sh.blocks, sh.root,
+            piece_tags(audit_key, sh.body, sh.blocks),
+        )  # fmt: skip
+        out.append((meta, sh.body))
+    return out
+
+
+def write_new_file(path: str, data: bytes) -> int:
+    """Create ``path`` (it must not exist) holding ``data``; return the open descriptor, not
+    yet fsync'd. ENOSPC/EDQUOT become :class:`DiskFull` (the file is removed)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise _disk_error(e, path) from None
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError as e:
+        os.close(fd)
+        os.unlink(path)
+        raise _disk_error(e, path) from None
+    return fd
+
+
+def _disk_error(e: OSError, path: str) -> OSError | DiskFull:
+    import errno
+
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(
+            f"local disk full while writing {os.path.dirname(path)}: free space and retry "
+            "(nothing acknowledged was lost)"
+        )
+    return e
+
+
+class _Sealer:
+    """The sealing state machine of one worker: an open segment and a syncer.
+
+    ``send`` delivers a reply to the vault process (thread-safe). With ``background`` the
+    fsync of shard files and the report run on a thread of their own, so the next segment's
+    CPU work overlaps the disk's."""
+
+    def __init__(
+        self,
+        wid: int,
+        cfg: SealConfig,
+        shm: memoryview,
+        send: Callable[[tuple], None],
+        background: bool,
+    ) -> None:
+        self.wid = wid
+        self.cfg = cfg
+        self.shm = shm
+        self.send = send
+        self.buf = bytearray()
+        self.chunks: list[tuple[bytes, int, int, int]] = []
+        self.epoch: int | None = None
+        self._sync: queue.Queue | None = None
+        if background:
+            self._sync = queue.Queue()
+            threading.Thread(target=self._syncer, name="vaultfs-fsync", daemon=True).start()
+
+    # -- requests ------------------------------------------------------------------------
+    def on_chunks(
+        self, job: int, epoch: int, key: bytes, suite: int, base: int, items: list
+    ) -> None:
+        if self.epoch is not None and epoch != self.epoch:
+            self.seal_open()  # a segment holds records of one key epoch only
+        self.epoch = epoch
+        sl = envelope.SALT_LEN
+        salts = secrets.token_bytes(sl * len(items))  # one syscall a job
+        vid, size, shm = self.cfg.vault_id, self.cfg.segment_size, self.shm
+        for i, (cid, off, ln) in enumerate(items):
+            rec = envelope.seal_chunk(
+                key, vid, cid, shm[base + off : base + off + ln], suite,
+                salt=salts[i * sl : (i + 1) * sl],
+            )  # fmt: skip
+            if len(self.buf) + len(rec) > size:
+                self.seal_open()
+                self.epoch = epoch
+            self.chunks.append((cid, len(self.buf), len(rec), ln))
+            self.buf += rec
+        self.send(("done", job))
+
+    def on_seal(self, token: int) -> None:
+        self.seal_open()
+        self._after_reports(("sealed", token))
+
+    def seal_open(self) -> None:
+        """Erasure-code the open segment, write its shard files, hand them to the syncer."""
+        if not self.buf:
+            return
+        cfg = self.cfg
+        used = len(self.buf)
+        size = segment.size_class(used, cfg.segment_size)
+        padded = segment.pad(bytes(self.buf), size)
+        uid = secrets.token_bytes(16)
+        assert self.epoch is not None
+        files = build_shard_files(
+            padded, uid, segment.KIND_DATA, cfg.k, cfg.n, cfg.ec_alg, cfg.audit_key
+        )
+        report = SegmentReport(
+            uid, used, size, self.epoch, segment_root([m.root for m, _b in files]), self.chunks,
+            [m for m, _b in files], self.wid,
+        )  # fmt: skip
+        self.buf = bytearray()
+        self.chunks = []
+        fds: list[tuple[int, str]] = []
+        try:
+            for meta, body in files:
+                path = os.path.join(cfg.tmp_dir, meta.name)
+                fds.append((write_new_file(path, body), path))
+        except BaseException:
+            for fd, path in fds:
+                os.close(fd)
+                os.unlink(path)
+            raise
+        if self._sync is None:
+            self._sync_and_report(fds, report)
+        else:
+            self._sync.put((fds, report))
+
+    def drain(self) -> None:
+        """Wait until every handed-over segment is fsync'd and reported."""
+        if self._sync is not None:
+            done = threading.Event()
+            self._sync.put(done)
+            done.wait()
+
+    # -- the syncer ----------------------------------------------------------------------
+    def _after_reports(self, msg: tuple) -> None:
+        if self._sync is None:
+            self.send(msg)
+        else:
+            self._sync.put(msg)
+
+    def _syncer(self) -> None:
+        assert self._sync is not None
+        while True:
+            item = self._sync.get()
+            if isinstance(item, threading.Event):
+                item.set()
+            elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], SegmentReport):
+                try:
+                    self._sync_and_report(*item)
+                except Exception as e:  # reported; the segment is lost, the sealer goes on
+                    self.send(("error", type(e).__name__, _describe(e)))
+            else:
+                self.send(item)
+
+    def _sync_and_report(self, fds: list[tuple[int, str]], report: SegmentReport) -> None:
+        err: OSError | None = None
+        for fd, _path in fds:
+            try:
+                if err is None:
+                    os.fsync(fd)
+            except OSError as e:
+                err = e
+            finally:
+                os.close(fd)
+        if err is not None:
+            for _fd, path in fds:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            raise _disk_error(err, fds[0][1])
+        self.send(("segment", report))
+
+
+def segment_root(shard_roots: list[bytes]) -> bytes:
+    from . import merkle
+
+    return merkle.root(shard_roots)
+
+
+def _describe(e: BaseException) -> str:
+    return e.message if isinstance(e, VaultError) else f"{type(e).__name__}: {e}"
+
+
+def _set_pdeathsig() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux prctl)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker_main(
+    wid: int,
+    conn: Connection,
+    cfg: SealConfig,
+    shm: mmap.mmap,
+    close_fds: list[int],
+    pdeathsig: bool,
+) -> None:
+    if pdeathsig:
+        _set_pdeathsig()
+    # never hold the vault lock, the FUSE device or another pipe's vault end: they must all
+    # close when the vault process dies
+    for fd in close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the vault process's to handle
+    lock = threading.Lock()
+
+    def send(msg: tuple) -> None:
+        with lock:
+            conn.send(msg)
+
+    sealer = _Sealer(wid, cfg, memoryview(shm), send, background=True)
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            if msg[0] == "chunks":
+                sealer.on_chunks(*msg[1:])
+            elif msg[0] == "seal":
+                sealer.on_seal(msg[1])
+            elif msg[0] == "stop":
+                sealer.drain()
+                return
+        except Exception as e:
+            sealer.buf, sealer.chunks = bytearray(), []
+            send(("error", type(e).__name__, _describe(e)))
+            if msg[0] == "chunks":
+                send(("done", msg[1]))
+            elif msg[0] == "seal":
+                sealer._after_reports(("sealed", msg[1]))
+
+
+class SealerPool:
+    """N sealer processes (or one inline sealer) fed from shared-memory slots.
+
+    ``commit(reports)`` is called with sealed-segment reports, in order per sealer, from the
+    collector thread (inline: from the submitting thread); it must make them durable in the
+    index or raise. Every public method may raise the first failure since the last call
+    (:class:`SealerError`, :class:`DiskFull`) once.
+    """
+
+    def __init__(
+        self,
+        cfg: SealConfig,
+        commit: Callable[[list[SegmentReport]], None],
+        workers: int = 2,
+        close_fds: list[int] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self._commit = commit
+        self.workers = workers
+        self._close_fds = close_fds or []
+        self._shm = mmap.mmap(-1, SLOTS * SLOT_SIZE)
+        self.view = memoryview(self._shm)
+        self._cond = threading.Condition()
+        self._free = list(range(SLOTS))
+        self._jobs: dict[int, tuple[int, int, list[bytes]]] = {}  # job -> (slot, worker, cids)
+        self._outstanding = [0] * max(workers, 1)
+        self._next = 0
+        self._sealed: dict[int, set[int]] = {}  # token -> workers that answered
+        self._error: BaseException | None = None
+        #: chunk id -> sealer holding it until its segment is committed
+        self.inflight: dict[bytes, int] = {}
+        self._procs: list[multiprocessing.Process] = []
+        self._conns: list[Connection] = []
+        self._inline: _Sealer | None = None
+        self._collector: threading.Thread | None = None
+        self._closed = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.workers == 0:
+            self._inline = _Sealer(0, self.cfg, self.view, self._on_inline, background=False)
+            return
+        ctx = multiprocessing.get_context("fork")
+        # PR_SET_PDEATHSIG fires when the *thread* that forked exits: only ask for it when
+        # that thread is the main one, which lives as long as the process
+        main = threading.current_thread() is threading.main_thread()
+        for wid in range(self.workers):
+            ours, theirs = ctx.Pipe(duplex=True)
+            close = [*self._close_fds, ours.fileno(), *(c.fileno() for c in self._conns)]
+            p = ctx.Process(
+                target=_worker_main,
+                args=(wid, theirs, self.cfg, self._shm, close, main),
+                name=f"vaultfs-sealer-{wid}",
+                daemon=True,
+            )
+            p.start()
+            theirs.close()
+            self._procs.append(p)
+            self._conns.append(ours)
+        self._collector = threading.Thread(
+            target=self._collect, name="vaultfs-collector", daemon=True
+        )
+        self._collector.start()
+
+    def close(self) -> None:
+        """Stop the sealers (an unsealed open segment is discarded: seal first)."""
+        if self._closed:
+            return
+        self._closed = True
+        for c in self._conns:
+            try:
+                c.send(("stop",))
+            except OSError:
+                pass
+        for p in self._procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        if self._collector is not None:
+            self._collector.join(timeout=30)
+        for c in self._conns:
+            c.close()
+        self.view.release()
+        self._shm.close()
+
+    # -- slots and jobs -------------------------------------------------------------------
+    def acquire(self) -> int:
+        """A free slot number (waits for one); its bytes are ``view[slot*SLOT_SIZE:…]``."""
+        with self._cond:
+            while not self._free:
+                self._raise_pending()
+                self._cond.wait(timeout=1.0)
+                self._check_alive()
+            self._raise_pending()
+            return self._free.pop()
+
+    def release(self, slot: int) -> None:
+        with self._cond:
+            self._free.append(slot)
+            self._cond.notify_all()
+
+    def submit(
+        self, slot: int, epoch: int, key: bytes, suite: int, items: list[tuple[bytes, int, int]]
+    ) -> None:
+        """Seal ``items`` (chunk id, offset in the slot, length) of ``slot``; the slot comes
+        back to the free list when the sealer is done with it. Marks the ids in flight."""
+        if not items:
+            self.release(slot)
+            return
+        base = slot * SLOT_SIZE
+        with self._cond:
+            self._raise_pending()
+            w = min(range(len(self._outstanding)), key=lambda i: self._outstanding[i])
+            job = self._next
+            self._next += 1
+            self._outstanding[w] += 1
+            cids = [c for c, _o, _l in items]
+            self._jobs[job] = (slot, w, cids)
+            for c in cids:
+                self.inflight[c] = w
+        msg = ("chunks", job, epoch, key, suite, base, items)
+        if self._inline is not None:
+            self._inline.on_chunks(*msg[1:])
+        else:
+            try:
+                self._conns[w].send(msg)
+            except OSError:
+                self._check_alive()
+                raise
+
+    def seal(self) -> None:
+        """Return once every chunk submitted so far is committed (or raise why not)."""
+        if self._inline is not None:
+            self._inline.on_seal(0)
+            self._raise_pending()
+            return
+        with self._cond:
+            token = self._next
+            self._next += 1
+            self._sealed[token] = set()
+        for c in self._conns:
+            c.send(("seal", token))
+        with self._cond:
+            while len(self._sealed[token]) < len(self._conns):
+                self._cond.wait(timeout=1.0)
+                self._check_alive()
+            del self._sealed[token]
+            self._raise_pending()
+
+    def pending_error(self) -> None:
+        with self._cond:
+            self._raise_pending()
+
+    # -- replies --------------------------------------------------------------------------
+    def _on_inline(self, msg: tuple) -> None:
+        self._handle([(0, msg)])
+
+    def _collect(self) -> None:
+        conns = list(self._conns)
+        index = {id(c): i for i, c in enumerate(conns)}
+        while conns:
+            try:
+                self._collect_once(conns, index)
+            except BaseException as e:  # never let the collector die silently
+                with self._cond:
+                    self._fail(e)
+                    self._cond.notify_all()
+
+    def _collect_once(self, conns: list[Connection], index: dict[int, int]) -> None:
+        batch: list[tuple[int, tuple]] = []
+        for c in wait(conns):
+            while True:  # everything already there, in order
+                try:
+                    batch.append((index[id(c)], c.recv()))
+                except (EOFError, OSError):
+                    conns.remove(c)
+                    self._lost(index[id(c)])
+                    break
+                if not c.poll():
+                    break
+        self._handle(batch)
+
+    def _handle(self, batch: list[tuple[int, tuple]]) -> None:
+        reports = [m[1] for _w, m in batch if m[0] == "segment"]
+        if reports:
+            try:
+                self._commit(reports)
+            except BaseException as e:
+                with self._cond:
+                    self._fail(e)
+                    for r in reports:
+                        for cid, *_rest in r.chunks:
+                            self.inflight.pop(cid, None)
+            else:
+                with self._cond:
+                    for r in reports:
+                        for cid, *_rest in r.chunks:
+                            if self.inflight.get(cid) == r.worker:
+                                del self.inflight[cid]
+        with self._cond:
+            for w, m in batch:
+                kind = m[0]
+                if kind == "done":
+                    slot, jw, _cids = self._jobs.pop(m[1])
+                    self._outstanding[jw] -= 1
+                    self._free.append(slot)
+                elif kind == "sealed":
+                    self._sealed.setdefault(m[1], set()).add(w)
+                elif kind == "error":
+                    exc = DiskFull(m[2]) if m[1] == "DiskFull" else SealerError(m[2])
+                    self._fail(exc)
+                    self._forget_worker(w)
+            self._cond.notify_all()
+
+    def _fail(self, e: BaseException) -> None:
+        if self._error is None:
+            self._error = e
+
+    def _forget_worker(self, w: int) -> None:
+        """Chunks a failed sealer held are no longer in flight: a retry stores them again."""
+        for cid in [c for c, ww in self.inflight.items() if ww == w]:
+            del self.inflight[cid]
+
+    def _lost(self, w: int) -> None:
+        if self._closed:
+            return
+        with self._cond:
+            code = self._procs[w].exitcode if w < len(self._procs) else None
+            self._fail(SealerError(f"sealer process {w} died unexpectedly (exit code {code})"))
+            self._forget_worker(w)
+            for job, (slot, jw, _c) in list(self._jobs.items()):
+                if jw == w:
+                    del self._jobs[job]
+                    self._free.append(slot)
+            self._sealed_all_for(w)
+            self._cond.notify_all()
+
+    def _sealed_all_for(self, w: int) -> None:
+        for waiting in self._sealed.values():
+            waiting.add(w)
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+
+    def _check_alive(self) -> None:
+        if self._closed:
+            raise SealerError("the sealer pool is closed")
+
+    @property
+    def broken(self) -> bool:
+        """True when a sealer process is gone: the vault starts a new pool."""
+        return any(not p.is_alive() for p in self._procs)
