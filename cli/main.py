@@ -417,10 +417,19 @@ def restore(
 ) -> None:
     """Restore a snapshot; with --from it needs no local state, only the key."""
     h = _home(home)
-    keys = _keys_for_restore(h, keyfile, seed_file)
     t0 = time.perf_counter()
     warnings: list[str] = []
     with tempfile.TemporaryDirectory(prefix="vaultfs-") as work:
+        early = None
+        if from_:  # list the remotes and fetch their manifests while scrypt unlocks the key
+            early = ShardSource([Remote(s) for s in from_])
+            early.start(Path(work) / "manifests")
+        try:
+            keys = _keys_for_restore(h, keyfile, seed_file)
+        except BaseException:
+            if early is not None:
+                early.stop()  # let its rclone calls end before the work directory goes
+            raise
         if from_:
             min_seq = 0
             if (h / "index.db").exists():
@@ -431,8 +440,10 @@ def restore(
                         min_seq = local.execute(
                             "SELECT coalesce(max(seq),0) FROM manifests"
                         ).fetchone()[0]
-            remotes = [Remote(s) for s in from_]
-            db, src, m, warnings = open_remote_index(keys, remotes, Path(work), min_seq)
+            assert early is not None
+            db, src, m, warnings = open_remote_index(
+                keys, early.remotes, Path(work), min_seq, src=early
+            )
             seq = m.seq
         else:
             v = Vault.open(h, keys=keys, lock=False)

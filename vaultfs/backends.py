@@ -84,7 +84,10 @@ def classify(exc: RemoteError) -> RemoteError:
 
 
 class RcloneBackend(Remote):
-    """The engine's :class:`Remote` with network timeouts and classified errors."""
+    """The engine's :class:`Remote` with network timeouts and classified errors (one rclone
+    command per call, with :data:`NET_FLAGS`, not the shared daemon)."""
+
+    use_rcd = False
 
     def __init__(self, spec: str, rid: int | None = None, op_timeout: float = 300) -> None:
         super().__init__(spec, rid)
@@ -128,23 +131,7 @@ class RcloneBackend(Remote):
         return out
 
     def list_tree(self, subs: tuple[str, ...] = ("data", "meta", "manifests")) -> dict:
-        """{sub: {name: size}} for every object under the given folders, in one listing."""
-        proc = self._run(
-            ["lsf", "-R", "--files-only", "--format", "sp", "--separator", "\t", self.spec],
-            timeout=600,
-        )
-        if proc.returncode == 3 or (
-            proc.returncode != 0 and b"directory not found" in proc.stderr.lower()
-        ):
-            return {sub: {} for sub in subs}
-        self._call(self._check, proc, "list")
-        out: dict[str, dict[str, int]] = {sub: {} for sub in subs}
-        for ln in proc.stdout.decode().splitlines():
-            size, _, path = ln.partition("\t")
-            sub, _, name = path.partition("/")
-            if sub in out and name and "/" not in name:
-                out[sub][name] = int(size) if size.lstrip("-").isdigit() else -1
-        return out
+        return self._call(super().list_tree, subs)
 
     def move_dir(self, local_dir: Path, sub: str) -> None:
         self._call(super().move_dir, local_dir, sub)

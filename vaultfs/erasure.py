@@ -72,3 +72,20 @@ def decode(fragments: list[bytes], k: int, n: int, alg: int = EC_ISA_L_RS_VAND) 
         return driver(k, n, alg).decode(fragments)
     except Exception as e:  # pyeclib raises its own hierarchy
         raise IntegrityError(f"erasure decode failed: {e}") from None
+
+
+def reconstruct(
+    fragments: list[bytes | memoryview], missing: list[int], k: int, n: int, alg: int
+) -> list[bytes]:
+    """Rebuild the fragments with indices ``missing`` from at least k others (any indices).
+
+    Rebuilding only the missing data fragments is several times cheaper than a full
+    ``decode`` in liberasurecode, which allocates and clears buffers for every fragment."""
+    if len(fragments) < k:
+        raise IntegrityError(f"only {len(fragments)} good shards, need {k}")
+    if alg not in EC_BACKENDS:
+        raise IntegrityError(f"unknown erasure algorithm id {alg}")
+    try:
+        return driver(k, n, alg).reconstruct([bytes(f) for f in fragments], missing)
+    except Exception as e:  # pyeclib raises its own hierarchy
+        raise IntegrityError(f"erasure reconstruction failed: {e}") from None

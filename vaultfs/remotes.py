@@ -17,12 +17,18 @@ after rclone has copied it, so a failure leaves exactly the not-yet-uploaded fil
 
 from __future__ import annotations
 
+import atexit
+import http.client
+import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from .errors import BadRemote, VaultError
@@ -80,6 +86,148 @@ def join(spec: str, sub: str) -> str:
     return spec + "/" + sub
 
 
+class RcloneDaemon:
+    """One ``rclone rcd`` per vaultfs process, reached through its remote-control API.
+
+    Starting rclone costs ~40 ms of CPU each time (Go runtime, config, backend set-up); a
+    backup or restore makes one or two dozen calls, so the engine talks to one long-lived
+    rclone instead. It listens on a unix socket in a private (0700) temporary directory, so
+    no other user can reach it and no authentication is needed (``--rc-no-auth``). Transfer
+    flags are the same as for the command line (:data:`TRANSFER_FLAGS`, minus the CLI's
+    whole-operation retries, which the callers' own retry and queueing replace).
+
+    Lifetime: started on first use by a long-lived owner thread, under ``setpriv
+    --pdeathsig KILL`` when available (it dies with its owner thread, i.e. with this
+    process, even after ``kill -9``); stopped at exit. A daemon that died is started again
+    on the next call. ``VAULTFS_RCD=0`` turns it off (every call runs the rclone CLI).
+    """
+
+    _instance: RcloneDaemon | None = None
+    _guard = threading.Lock()
+
+    FLAGS = [
+        "--no-traverse",
+        "--no-check-dest",
+        "--ignore-checksum",
+        "--transfers", "4",
+        "--low-level-retries", "3",
+        "--contimeout", "10s",
+        "--timeout", "60s",
+    ]  # fmt: skip
+
+    @classmethod
+    def get(cls) -> RcloneDaemon | None:
+        if os.environ.get("VAULTFS_RCD", "1") == "0":
+            return None
+        with cls._guard:
+            d = cls._instance
+            if d is None or not d.alive():
+                if d is not None:
+                    d.stop()
+                try:
+                    d = cls._instance = cls()
+                except (OSError, VaultError):
+                    cls._instance = None
+                    return None  # fall back to the command line
+            return d
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="vaultfs-rcd-")  # mode 0700
+        self.sock = os.path.join(self.dir, "rc.sock")
+        cmd = [rclone_binary(), "rcd", "-q", f"--rc-addr=unix://{self.sock}", "--rc-no-auth"]
+        cmd += self.FLAGS
+        setpriv = shutil.which("setpriv")
+        if setpriv:
+            cmd = [setpriv, "--pdeathsig", "KILL", "--", *cmd]
+        started = threading.Event()
+        self.proc: subprocess.Popen | None = None
+        self._err: BaseException | None = None
+
+        def own() -> None:  # lives as long as the process: the death signal follows it
+            try:
+                self.proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL, close_fds=True,
+                )  # fmt: skip
+            except BaseException as e:
+                self._err = e
+                started.set()
+                return
+            started.set()
+            self.proc.wait()
+
+        threading.Thread(target=own, name="vaultfs-rcd", daemon=True).start()
+        started.wait()
+        if self._err is not None:
+            raise self._err
+        deadline = time.monotonic() + 10
+        while True:  # ready once it answers (the socket file appears before it accepts)
+            if self.proc is None or self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise VaultError("rclone rcd did not start")
+            if os.path.exists(self.sock):
+                try:
+                    self.call("rc/noop", {}, timeout=5)
+                    break
+                except RcError:
+                    pass
+            time.sleep(0.005)
+        atexit.register(self.stop)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def call(self, method: str, params: dict, timeout: float = 3600) -> dict:
+        """POST one rc call; returns its JSON result or raises :class:`RcError`."""
+        body = json.dumps(params).encode()
+        conn = _UnixHTTPConnection(self.sock, timeout)
+        try:
+            conn.request("POST", "/" + method, body, {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise RcError(f"rclone rcd unreachable: {e}", 0) from None
+        finally:
+            conn.close()
+        try:
+            out = json.loads(data or b"{}")
+        except ValueError:
+            raise RcError(f"rclone rcd answered {resp.status} with no JSON", resp.status) from None
+        if resp.status != 200:
+            raise RcError(str(out.get("error") or f"HTTP {resp.status}"), resp.status)
+        return out
+
+
+class RcError(Exception):
+    """An rc call failed: ``message`` is rclone's error text, ``status`` its HTTP status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
 class Remote:
     def __init__(self, spec: str, rid: int | None = None) -> None:
         spec = spec.strip()
@@ -129,14 +277,50 @@ class Remote:
                 raise BadRemote(f"rclone rejected remote {self.label}: {msg}")
             raise RemoteError(f"{self.label}: {what} failed: {msg}")
 
+    #: Engine remotes go through the shared rclone daemon; the audit/repair backend
+    #: (backends.RcloneBackend) keeps one rclone command per call with its own tight flags.
+    use_rcd = True
+
+    def _rcd(self) -> RcloneDaemon | None:
+        return RcloneDaemon.get() if self.use_rcd else None
+
+    def _rc(self, d: RcloneDaemon, method: str, params: dict, what: str) -> dict:
+        """One rc call with the command line's error mapping (BadRemote / RemoteError)."""
+        try:
+            return d.call(method, params)
+        except RcError as e:
+            raise self._mapped(e, what) from None
+
+    def _mapped(self, e: RcError, what: str) -> RemoteError | BadRemote:
+        low = e.message.lower()
+        if any(s in low for s in ("didn't find section", "unknown backend", "parse", "invalid")):
+            return BadRemote(f"rclone rejected remote {self.label}: {e.message}")
+        return RemoteError(f"{self.label}: {what} failed: {e.message}")
+
+    def _rc_list(self, d: RcloneDaemon, sub: str, recurse: bool) -> list[dict]:
+        """operations/list of the files under ``sub`` (empty when it does not exist)."""
+        opt = {"filesOnly": True, "noModTime": True, "noMimeType": True, "recurse": recurse}
+        try:
+            return d.call("operations/list", {"fs": self.spec, "remote": sub, "opt": opt})["list"]
+        except RcError as e:
+            if "directory not found" in e.message.lower():
+                return []
+            raise self._mapped(e, f"list {sub or 'the remote'}") from None
+
     # -- operations ------------------------------------------------------------------------
     def ensure(self) -> None:
         """Create the remote's root if needed and prove we can list it."""
+        if (d := self._rcd()) is not None:
+            self._rc(d, "operations/mkdir", {"fs": self.spec, "remote": ""}, "mkdir")
+            self._rc(d, "operations/list", {"fs": self.spec, "remote": ""}, "list")
+            return
         self._check(self._run(["mkdir", self.spec], timeout=120), "mkdir")
         self._check(self._run(["lsf", "--max-depth", "1", self.spec], timeout=120), "list")
 
     def list(self, sub: str) -> list[str]:
         """Names of the objects directly under ``sub`` (empty if it does not exist)."""
+        if (d := self._rcd()) is not None:
+            return [o["Name"] for o in self._rc_list(d, sub, False)]
         proc = self._run(["lsf", "--files-only", join(self.spec, sub)], timeout=600)
         if proc.returncode == 3 or (
             proc.returncode != 0 and b"directory not found" in proc.stderr.lower()
@@ -145,8 +329,54 @@ class Remote:
         self._check(proc, f"list {sub}")
         return [ln for ln in proc.stdout.decode().splitlines() if ln]
 
+    def list_tree(self, subs: tuple[str, ...] = ("data", "meta", "manifests")) -> dict:
+        """{sub: {name: size}} for every object under the given folders, in one listing."""
+        if (d := self._rcd()) is not None:
+            tree: dict[str, dict[str, int]] = {sub: {} for sub in subs}
+            for o in self._rc_list(d, "", True):
+                sub, _, name = o["Path"].partition("/")
+                if sub in tree and name and "/" not in name:
+                    tree[sub][name] = int(o.get("Size", -1))
+            return tree
+        proc = self._run(
+            ["lsf", "-R", "--files-only", "--format", "sp", "--separator", "\t", self.spec],
+            timeout=600,
+        )
+        if proc.returncode == 3 or (
+            proc.returncode != 0 and b"directory not found" in proc.stderr.lower()
+        ):
+            return {sub: {} for sub in subs}
+        self._check(proc, "list")
+        out: dict[str, dict[str, int]] = {sub: {} for sub in subs}
+        for ln in proc.stdout.decode().splitlines():
+            size, _, path = ln.partition("\t")
+            sub, _, name = path.partition("/")
+            if sub in out and name and "/" not in name:
+                out[sub][name] = int(size) if size.lstrip("-").isdigit() else -1
+        return out
+
+    def get_dir(self, sub: str, local_dir: Path) -> None:
+        """Download every object of ``sub`` into ``local_dir`` (nothing if it does not exist)."""
+        if (d := self._rcd()) is not None:
+            try:
+                d.call("sync/copy", {"srcFs": join(self.spec, sub), "dstFs": str(local_dir)})
+            except RcError as e:
+                if "directory not found" not in e.message.lower():
+                    raise self._mapped(e, f"download {sub}") from None
+            return
+        proc = self._run(["copy", *TRANSFER_FLAGS, join(self.spec, sub), str(local_dir)])
+        if proc.returncode == 3 or (
+            proc.returncode != 0 and b"directory not found" in proc.stderr.lower()
+        ):
+            return
+        self._check(proc, f"download {sub}")
+
     def move_dir(self, local_dir: Path, sub: str) -> None:
         """Upload every file of ``local_dir`` to ``sub`` and delete each local copy once sent."""
+        if (d := self._rcd()) is not None:
+            params = {"srcFs": str(local_dir), "dstFs": join(self.spec, sub)}
+            self._rc(d, "sync/move", params, f"upload to {sub or 'the remote'}")
+            return
         proc = self._run(["move", *TRANSFER_FLAGS, str(local_dir), join(self.spec, sub)])
         self._check(proc, f"upload to {sub}")
 
@@ -158,12 +388,33 @@ class Remote:
         self._check(proc, f"upload {sub}/{name}")
 
     def put_file(self, path: Path, sub: str, name: str) -> None:
+        if (d := self._rcd()) is not None:
+            params = {
+                "srcFs": str(Path(path).parent), "srcRemote": Path(path).name,
+                "dstFs": join(self.spec, sub), "dstRemote": name,
+            }  # fmt: skip
+            self._rc(d, "operations/copyfile", params, f"upload {sub}/{name}")
+            return
         proc = self._run(["copyto", *TRANSFER_FLAGS, str(path), join(self.spec, f"{sub}/{name}")])
         self._check(proc, f"upload {sub}/{name}")
 
     def get(self, sub: str, names: list[str], local_dir: Path) -> None:
         """Download the named objects of ``sub`` into ``local_dir`` (missing ones are skipped)."""
         if not names:
+            return
+        if (d := self._rcd()) is not None:
+            with tempfile.NamedTemporaryFile("w", prefix="vaultfs-list-") as f:
+                f.write("\n".join(names) + "\n")
+                f.flush()
+                params = {
+                    "srcFs": join(self.spec, sub), "dstFs": str(local_dir),
+                    "_filter": {"FilesFromRaw": [f.name]},
+                }  # fmt: skip
+                try:  # names that are absent are skipped: what arrived is usable
+                    d.call("sync/copy", params)
+                except RcError as e:
+                    if "not found" not in e.message.lower():
+                        raise self._mapped(e, f"download from {sub}") from None
             return
         with tempfile.NamedTemporaryFile("w", prefix="vaultfs-list-") as f:
             f.write("\n".join(names) + "\n")
@@ -194,7 +445,16 @@ class Remote:
         return proc.stdout
 
     def delete(self, sub: str, names: list[str]) -> None:
+        """Delete the named objects of ``sub``; absent ones are not an error."""
         if not names:
+            return
+        if (d := self._rcd()) is not None:
+            for nm in names:  # one object per call: a filter mistake can never widen a delete
+                try:
+                    d.call("operations/deletefile", {"fs": join(self.spec, sub), "remote": nm})
+                except RcError as e:
+                    if "not found" not in e.message.lower():
+                        raise self._mapped(e, f"delete {sub}/{nm}") from None
             return
         with tempfile.NamedTemporaryFile("w", prefix="vaultfs-list-") as f:
             f.write("\n".join(names) + "\n")

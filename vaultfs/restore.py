@@ -74,20 +74,73 @@ class ShardSource:
                         for f in (rdir / sub).iterdir():
                             self.local[f.name] = f
 
+    def start(self, manifest_dir: Path | None = None) -> None:
+        """Begin, in the background, what a restore needs from every remote before it has
+        the key: one listing of each remote and (with ``manifest_dir``) a copy of its
+        manifests. Runs beside the keyfile's scrypt; :meth:`list_all` and
+        :meth:`manifests` wait for it."""
+        self._ex = ThreadPoolExecutor(max_workers=2 * max(1, len(self.remotes)))
+        self._lists = {r.spec: self._ex.submit(self._list_one, r) for r in self.remotes}
+        if manifest_dir is not None:
+            self._mans = {
+                r.spec: self._ex.submit(self._manifests_one, r, manifest_dir / f"m{i}")
+                for i, r in enumerate(self.remotes)
+            }
+
+    _ex: ThreadPoolExecutor | None = None
+    _lists: dict = {}
+    _mans: dict = {}
+
+    def _list_one(self, r: Remote) -> dict[str, dict[str, int]] | RemoteError:
+        try:
+            return r.list_tree(("data", "meta"))
+        except RemoteError as e:
+            return e
+
+    def _manifests_one(self, r: Remote, d: Path) -> dict[str, bytes] | RemoteError:
+        """Every manifest of one remote, fetched in one transfer (all of them, not only the
+        newest few: a remote cannot hide its valid manifests behind junk objects with higher
+        sequence numbers; pruning keeps three per remote)."""
+        d.mkdir(parents=True, exist_ok=True)
+        try:
+            r.get_dir("manifests", d)
+        except RemoteError as e:
+            return e
+        return {f.name: f.read_bytes() for f in d.iterdir() if f.is_file()}
+
+    def manifests(self, r: Remote) -> dict[str, bytes]:
+        """{object name: bytes} of the manifests on ``r``; raises RemoteError."""
+        fut = self._mans.get(r.spec)
+        if fut is None:
+            with tempfile.TemporaryDirectory(prefix="vaultfs-manifests-") as tmp:
+                got = self._manifests_one(r, Path(tmp))
+        else:
+            got = fut.result()
+        if isinstance(got, RemoteError):
+            raise got
+        return got
+
+    def stop(self) -> None:
+        """Wait for the background calls of :meth:`start` (if any) and drop their results."""
+        if self._ex is not None:
+            self._ex.shutdown(wait=True, cancel_futures=True)
+
     def list_all(self) -> None:
-        def one(r: Remote) -> None:
+        """Learn which remote holds which shard object (one listing per remote)."""
+        if self._ex is None:
+            self.start()
+        for r in self.remotes:
             rep = self.reports[r.spec]
-            try:
-                names = r.list("data") + r.list("meta")
-            except RemoteError as e:
-                rep.reachable, rep.error = False, e.message
-                return
+            tree = self._lists[r.spec].result()
+            if isinstance(tree, RemoteError):
+                rep.reachable, rep.error = False, tree.message
+                continue
+            names = [nm for sub in ("data", "meta") for nm in tree[sub]]
             rep.objects = len(names)
             for nm in names:
                 self.where[nm].append(r)
-
-        with ThreadPoolExecutor(max_workers=max(1, len(self.remotes))) as ex:
-            list(ex.map(one, self.remotes))
+        if self._ex is not None:
+            self._ex.shutdown(wait=True)
 
     def available(self, name: str) -> bool:
         return name in self.local or bool(self.where.get(name))
@@ -216,29 +269,16 @@ def find_manifest(
     lock = threading.Lock()
 
     def scan(r: Remote) -> None:
-        """Fetch every manifest of one remote in one transfer; keep its newest valid one.
-
-        All of them, not only the newest few: a remote cannot hide its valid manifests
-        behind junk objects with higher sequence numbers (pruning keeps three per remote)."""
+        """Check every manifest of one remote; keep its newest valid one."""
         nonlocal best
         rep = src.reports[r.spec]
         try:
-            names = sorted(
-                (nm for nm in r.list("manifests") if manifest.seq_of_name(nm) is not None),
-                reverse=True,
-            )
-            with tempfile.TemporaryDirectory(prefix="vaultfs-manifests-") as tmp:
-                r.get("manifests", names, Path(tmp))
-                blobs = {
-                    nm: (Path(tmp) / nm).read_bytes() for nm in names if (Path(tmp) / nm).exists()
-                }
+            blobs = src.manifests(r)
         except RemoteError as e:
             rep.reachable, rep.error = False, e.message
             return
+        names = sorted((nm for nm in blobs if manifest.seq_of_name(nm) is not None), reverse=True)
         for nm in names:
-            if nm not in blobs:
-                rep.bad_manifests.append(f"{nm}: could not be read")
-                continue
             try:
                 m = manifest.decode(keys, blobs[nm])
             except IntegrityError as e:
@@ -662,10 +702,19 @@ def verify_index_against_manifest(db: sqlite3.Connection, m: manifest.Manifest) 
 
 
 def open_remote_index(
-    keys: VaultKeys, remotes: list[Remote], workdir: Path, min_seq: int = 0
+    keys: VaultKeys,
+    remotes: list[Remote],
+    workdir: Path,
+    min_seq: int = 0,
+    src: ShardSource | None = None,
 ) -> tuple[sqlite3.Connection, ShardSource, manifest.Manifest, list[str]]:
-    """Disaster path: find the newest manifest, fetch and check the index it names."""
-    src = ShardSource(remotes)
+    """Disaster path: find the newest manifest, fetch and check the index it names.
+
+    ``src`` may be a :class:`ShardSource` over ``remotes`` already started (listing and
+    manifest copies running while the key was unlocked)."""
+    if src is None:
+        src = ShardSource(remotes)
+        src.start(workdir / "manifests")
     m, warnings = find_manifest(keys, src, min_seq)
     # the newest signed manifest says which suites the vault retired and names its SLH-DSA key
     keys.retired_suites |= {int(s) for s in m.body.get("retired_suites", [])}

@@ -104,17 +104,21 @@ def decode_segment(bodies: list[bytes], k: int, n: int, size: int) -> bytes:
     algs = {h.ec_alg for h in heads}
     if len(algs) != 1:
         raise IntegrityError("shards of one segment name different erasure algorithms")
-    by_idx = {h.idx: b for h, b in zip(heads, bodies, strict=True)}
-    if all(i in by_idx for i in range(k)):
-        # systematic code: the data fragments' payloads, in order, are the segment
-        payload = HEADER.size + erasure.FRAGMENT_HEADER
-        data = b"".join(memoryview(by_idx[i])[payload:] for i in range(k))
-    else:
-        frags = [b[HEADER.size :] for b in bodies]
-        data = erasure.decode(frags, k, n, algs.pop())
+    alg = algs.pop()
+    by_idx: dict[int, bytes | memoryview] = {
+        h.idx: memoryview(b)[HEADER.size :] for h, b in zip(heads, bodies, strict=True)
+    }
+    missing = [i for i in range(k) if i not in by_idx]
+    if missing:
+        # rebuild only the missing data fragments (see erasure.reconstruct)
+        rebuilt = erasure.reconstruct(list(by_idx.values()), missing, k, n, alg)
+        by_idx.update(zip(missing, rebuilt, strict=True))
+    # systematic code: the data fragments' payloads, in order, are the segment
+    fh = erasure.FRAGMENT_HEADER
+    data = b"".join(memoryview(by_idx[i])[fh:] for i in range(k))
     if len(data) < size:
         raise IntegrityError("decoded segment is shorter than recorded")
-    return data[:size]
+    return data if len(data) == size else data[:size]
 
 
 class SegmentBuilder:
