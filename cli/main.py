@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # `python -m cli.main`: start unlocking before the heavy imports
+    from cli import early
+
+    early.start(sys.argv)
+
 import contextlib
 import json
 import os
 import sqlite3
-import sys
 import tempfile
 import time
 from collections.abc import Iterator

@@ -30,7 +30,6 @@ HKDF parameters: HKDF-SHA256, salt = b"vaultfs/v1", info = b"vaultfs/v1/" + labe
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import json
 import os
@@ -46,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa, mlkem,
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from . import kdf
 from .errors import InputError, IntegrityError, WrongKey
 
 SEED_LEN = 32
@@ -306,16 +306,10 @@ def new_seed() -> bytes:
 
 
 def scrypt_kek(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
-    """The 32-byte key-encryption key scrypt(passphrase, salt, N, r, p) (RFC 7914).
-
-    OpenSSL's scrypt through :mod:`hashlib`: it releases the GIL, so other threads (start-up
-    imports, reading input) go on while it runs; ``maxmem`` allows the 128·r·N bytes it needs.
-    """
+    """The keyfile's key-encryption key: scrypt through :mod:`vaultfs.kdf` (which may have
+    started it before the command line finished importing)."""
     try:
-        return hashlib.scrypt(
-            passphrase.encode(), salt=salt, n=n, r=r, p=p, dklen=32,
-            maxmem=128 * r * n + (1 << 24),
-        )  # fmt: skip
+        return kdf.derive(passphrase, salt, n, r, p)
     except ValueError as e:  # parameters out of range: a damaged or foreign keyfile
         raise InputError(f"keyfile scrypt parameters are invalid ({e})") from None
 

@@ -1,0 +1,75 @@
+"""The keyfile's passphrase KDF (scrypt), with an optional head start.
+
+Unlocking the keyfile costs one scrypt (N=2^17, r=8: ~0.35 s of one core) and starting the
+command line costs about as much in imports. OpenSSL's scrypt (through :mod:`hashlib`)
+releases the GIL, so the command line starts it on a thread *before* importing the rest
+(:func:`prefetch`), and :func:`derive` takes the result when the same keyfile, salt,
+parameters and passphrase are asked for. This module imports only the standard library, so
+it can run first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+
+_pending: dict[tuple, Future] = {}
+_lock = threading.Lock()
+
+
+def scrypt(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    """The 32-byte key-encryption key scrypt(passphrase, salt, N, r, p) (RFC 7914).
+
+    ``maxmem`` allows the 128·r·N bytes it needs. Raises ValueError for parameters OpenSSL
+    refuses."""
+    return hashlib.scrypt(
+        passphrase.encode(), salt=salt, n=n, r=r, p=p, dklen=32, maxmem=128 * r * n + (1 << 24)
+    )
+
+
+def _key(passphrase: str, salt: bytes, n: int, r: int, p: int) -> tuple:
+    # the passphrase itself is not kept as a dictionary key
+    return (hashlib.sha256(passphrase.encode()).digest(), salt, n, r, p)
+
+
+def derive(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    """scrypt, or the result of a matching :func:`prefetch` (waiting for it if needed)."""
+    with _lock:
+        fut = _pending.pop(_key(passphrase, salt, n, r, p), None)
+    if fut is not None:
+        try:
+            return fut.result()
+        except ValueError:
+            pass  # computed again below, to raise in this thread
+    return scrypt(passphrase, salt, n, r, p)
+
+
+def prefetch(keyfile: Path, passphrase: str) -> None:
+    """Start deriving the key-encryption key of ``keyfile`` on a daemon thread. Does nothing
+    when the file is missing or not a scrypt keyfile (the real unlock reports that)."""
+    import base64
+    import binascii
+
+    try:
+        doc = json.loads(Path(keyfile).read_text())
+        kdf = doc["kdf"]
+        if kdf.get("name") != "scrypt":
+            return
+        salt = base64.b64decode(doc["salt"])
+        params = (int(kdf["n"]), int(kdf["r"]), int(kdf["p"]))
+    except (OSError, ValueError, KeyError, TypeError, binascii.Error):
+        return
+    fut: Future = Future()
+    with _lock:
+        _pending[_key(passphrase, salt, *params)] = fut
+
+    def run() -> None:
+        try:
+            fut.set_result(scrypt(passphrase, salt, *params))
+        except BaseException as e:
+            fut.set_exception(e)
+
+    threading.Thread(target=run, name="vaultfs-scrypt", daemon=True).start()
