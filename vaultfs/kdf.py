@@ -47,9 +47,10 @@ def derive(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
     return scrypt(passphrase, salt, n, r, p)
 
 
-def prefetch(keyfile: Path, passphrase: str) -> None:
-    """Start deriving the key-encryption key of ``keyfile`` on a daemon thread. Does nothing
-    when the file is missing or not a scrypt keyfile (the real unlock reports that)."""
+def prefetch(keyfile: Path, passphrase: str) -> Future | None:
+    """Start deriving the key-encryption key of ``keyfile`` on a daemon thread; returns its
+    future. Does nothing (None) when the file is missing or not a scrypt keyfile (the real
+    unlock reports that)."""
     import base64
     import binascii
 
@@ -57,11 +58,11 @@ def prefetch(keyfile: Path, passphrase: str) -> None:
         doc = json.loads(Path(keyfile).read_text())
         kdf = doc["kdf"]
         if kdf.get("name") != "scrypt":
-            return
+            return None
         salt = base64.b64decode(doc["salt"])
         params = (int(kdf["n"]), int(kdf["r"]), int(kdf["p"]))
     except (OSError, ValueError, KeyError, TypeError, binascii.Error):
-        return
+        return None
     fut: Future = Future()
     with _lock:
         _pending[_key(passphrase, salt, *params)] = fut
@@ -73,3 +74,4 @@ def prefetch(keyfile: Path, passphrase: str) -> None:
             fut.set_exception(e)
 
     threading.Thread(target=run, name="vaultfs-scrypt", daemon=True).start()
+    return fut

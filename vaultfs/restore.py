@@ -712,6 +712,7 @@ def open_remote_index(
 
     ``src`` may be a :class:`ShardSource` over ``remotes`` already started (listing and
     manifest copies running while the key was unlocked)."""
+    workdir.mkdir(parents=True, exist_ok=True)
     if src is None:
         src = ShardSource(remotes)
         src.start(workdir / "manifests")

@@ -393,6 +393,7 @@ class SealerPool:
         self._conns: list[Connection] = []
         self._inline: _Sealer | None = None
         self._collector: threading.Thread | None = None
+        self._dead: set[int] = set()  # sealers whose pipe closed (died)
         self._closed = False
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -586,6 +587,7 @@ class SealerPool:
         if self._closed:
             return
         with self._cond:
+            self._dead.add(w)
             code = self._procs[w].exitcode if w < len(self._procs) else None
             self._fail(SealerError(f"sealer process {w} died unexpectedly (exit code {code})"))
             self._forget_worker(w)
@@ -610,6 +612,11 @@ class SealerPool:
             raise SealerError("the sealer pool is closed")
 
     @property
+    def pids(self) -> list[int]:
+        """Process ids of the sealers (none when sealing inline)."""
+        return [p.pid for p in self._procs if p.pid is not None]
+
+    @property
     def broken(self) -> bool:
         """True when a sealer process is gone: the vault starts a new pool."""
-        return any(not p.is_alive() for p in self._procs)
+        return bool(self._dead) or any(not p.is_alive() for p in self._procs)

@@ -1,0 +1,240 @@
+"""The parallel write and read paths: sealer processes, restore decoders, the shared rclone
+daemon and the keyfile's early unlock — each through the real parts, with the failures they
+must survive (a sealer killed mid-stream, the daemon killed between calls, a crash between
+recording an index copy and writing its manifest)."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+from pathlib import Path
+
+import pytest
+
+from vaultfs import kdf
+from vaultfs.backup import backup_paths, backup_stream
+from vaultfs.errors import WrongKey
+from vaultfs.keys import VaultKeys, new_seed, read_keyfile, write_keyfile
+from vaultfs.remotes import RcloneDaemon, Remote
+from vaultfs.restore import ShardSource, open_remote_index, restore_files
+from vaultfs.sealer import SLOT_SIZE, SealerError
+from vaultfs.vault import Vault
+
+PW = "pw-for-pipeline-tests"
+
+
+def make_vault(tmp_path: Path, k: int = 2, n: int = 3) -> tuple[Vault, list[str]]:
+    remotes = [str(tmp_path / f"r{i}") for i in range(n)]
+    return Vault.create(tmp_path / "home", remotes, k, n, PW, segment_size=1 << 20), remotes
+
+
+def text(seed: int, size: int) -> bytes:
+    rng = random.Random(seed)
+    lines = []
+    total = 0
+    while total < size:
+        ln = f"belief {rng.randrange(10**9)}: confidence {rng.random():.6f}\n".encode()
+        lines.append(ln)
+        total += len(ln)
+    return b"".join(lines)[:size]
+
+
+def restore_all(keys: VaultKeys, remotes: list[str], work: Path, out: Path) -> None:
+    db, src, _m, _w = open_remote_index(keys, [Remote(r) for r in remotes], work)
+    try:
+        restore_files(keys, db, src, out)
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("sealers", [0, 2])
+def test_stream_larger_than_the_slots_round_trips_with_either_transport(
+    tmp_path, monkeypatch, sealers
+):
+    """Inline sealing and sealer processes store the same stream; it spans many slots
+    (so chunks are carried across slot boundaries) and dedups against itself."""
+    monkeypatch.setattr(Vault, "SEALERS", sealers)
+    data = text(1, 3 * SLOT_SIZE + 12345)
+    data += data[: 2 * SLOT_SIZE]  # the second copy dedups
+    v, remotes = make_vault(tmp_path)
+    with v:
+        backup_stream(v, io.BytesIO(data), "kb.sql")
+        stored = v.index.one("SELECT coalesce(sum(plain), 0) FROM chunks")[0]
+        assert stored < len(data) * 0.7, "the repeated part is stored once"
+        assert v.flush().complete
+        keys = v.keys
+    restore_all(keys, remotes[:2], tmp_path / "w", tmp_path / "out")
+    assert (tmp_path / "out" / "kb.sql").read_bytes() == data
+
+
+def test_chunks_read_back_at_once_and_cut_points_match_a_plain_stream(tmp_path):
+    v, _ = make_vault(tmp_path)
+    data = text(2, SLOT_SIZE + 99_999)
+    with v:
+        cids, total = v.store_stream(io.BytesIO(data))
+        assert total == len(data)
+        pieces = [v.read_chunk(c) for c in cids]  # in flight: read_chunk seals first
+        # the same cut points as the chunker over one stream: slots change nothing
+        assert [len(p) for p in pieces] == [len(c) for c in v.chunker.chunks(io.BytesIO(data))]
+        assert b"".join(pieces) == data
+
+
+def test_a_killed_sealer_fails_the_commit_loses_nothing_and_the_vault_goes_on(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.sql").write_bytes(text(3, 3_000_000))
+    v, remotes = make_vault(tmp_path)
+    with v:
+        pool = v.start_sealers()
+        v.store_stream(io.BytesIO(text(4, 2_000_000)))
+        os.kill(pool.pids[0], signal.SIGKILL)
+        with pytest.raises(SealerError, match="died"):
+            v.seal()
+        assert pool.broken and not v.index.q("SELECT 1 FROM snapshots")
+        # a new pool is started; the chunks the dead sealer held are stored again
+        backup_paths(v, [src])
+        assert v.start_sealers() is not pool
+        assert v.flush().complete
+        keys = v.keys
+    restore_all(keys, remotes[1:], tmp_path / "w", tmp_path / "out")
+    assert (tmp_path / "out" / "src" / "a.sql").read_bytes() == (src / "a.sql").read_bytes()
+    assert not os.listdir(tmp_path / "home" / "queue" / "tmp")
+
+
+def test_sealers_never_hold_the_vault_lock_and_die_with_the_vault(tmp_path):
+    v, _ = make_vault(tmp_path)
+    pids = v.start_sealers().pids
+    lock = os.path.realpath(tmp_path / "home" / "lock")
+    for pid in pids:
+        fds = [os.path.realpath(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        assert lock not in fds
+    v.close()
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+class Crash(BaseException):
+    """Stands for the process dying at that point (nothing after it runs)."""
+
+
+def test_crash_between_index_copy_and_manifest_is_recovered(tmp_path, monkeypatch):
+    """docs/design.md, crash states: an index copy recorded, its manifest never written."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.txt").write_bytes(text(5, 400_000))
+    v, remotes = make_vault(tmp_path)
+    with v:
+        backup_paths(v, [src])
+        assert v.flush().complete
+        (src / "g.txt").write_bytes(text(6, 300_000))
+
+        def boom(*a, **kw):
+            raise Crash("the process dies before the manifest is written")
+
+        monkeypatch.setattr("vaultfs.manifest.encode", boom)
+        with pytest.raises(Crash):
+            backup_paths(v, [src], upload=True)
+        monkeypatch.undo()
+        orphans = v.index.q(
+            "SELECT id FROM segments WHERE kind='meta' AND manifest NOT IN"
+            " (SELECT seq FROM manifests)"
+        )
+        assert orphans, "the crash state under test"
+    v = Vault.open(tmp_path / "home", PW)
+    with v:
+        assert not v.index.q(
+            "SELECT id FROM segments WHERE kind='meta' AND manifest NOT IN"
+            " (SELECT seq FROM manifests)"
+        )
+        backup_paths(v, [src])
+        assert v.flush().complete
+        keys = v.keys
+    restore_all(keys, remotes[:2], tmp_path / "w", tmp_path / "out")
+    assert (tmp_path / "out" / "src" / "g.txt").read_bytes() == (src / "g.txt").read_bytes()
+
+
+def test_rclone_daemon_is_restarted_after_it_dies(tmp_path):
+    d = RcloneDaemon.get()
+    assert d is not None and d.alive()
+    r = Remote(str(tmp_path / "remote"))
+    r.ensure()
+    (tmp_path / "f").write_bytes(b"x" * 1000)
+    r.put_file(tmp_path / "f", "data", "obj")
+    d.proc.kill()
+    d.proc.wait()
+    assert r.list("data") == ["obj"]  # a new daemon answered
+    assert RcloneDaemon.get() is not d
+    r.delete("data", ["obj", "absent"])
+    assert r.list("data") == []
+    assert r.list("nothing-here") == []
+
+
+def test_rclone_daemon_reports_bad_specs_like_the_command_line(tmp_path):
+    from vaultfs.errors import BadRemote
+
+    with pytest.raises(BadRemote, match="rejected"):
+        Remote("nosuchremote:bucket").ensure()
+
+
+def test_restore_decoders_match_inline_decoding(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(5):
+        (src / f"f{i}.bin").write_bytes(random.Random(i).randbytes(700_000 + i))
+    v, remotes = make_vault(tmp_path, k=2, n=3)
+    with v:
+        backup_paths(v, [src])
+        assert v.flush().complete
+        keys = v.keys
+    for decoders in (0, 2):
+        monkeypatch.setattr("vaultfs.restore.DECODERS", decoders)
+        out = tmp_path / f"out{decoders}"
+        restore_all(keys, [remotes[0], remotes[2]], tmp_path / f"w{decoders}", out)
+        for i in range(5):
+            assert (out / "src" / f"f{i}.bin").read_bytes() == (src / f"f{i}.bin").read_bytes()
+
+
+def test_early_unlock_is_used_only_for_the_same_passphrase(tmp_path, monkeypatch):
+    keys = VaultKeys.from_seed(new_seed())
+    kf = tmp_path / "key.json"
+    write_keyfile(kf, keys, "right")
+    fut = kdf.prefetch(kf, "right")
+    wrong = kdf.prefetch(kf, "wrong")
+    assert fut is not None and wrong is not None
+    fut.result(timeout=60)
+    wrong.result(timeout=60)
+
+    def no_scrypt(*a, **kw):
+        raise AssertionError("scrypt ran again")
+
+    monkeypatch.setattr(kdf, "scrypt", no_scrypt)
+    assert read_keyfile(kf, "right").seed == keys.seed  # the head start was used
+    with pytest.raises(WrongKey):  # and for a wrong passphrase it proves nothing
+        read_keyfile(kf, "wrong")
+    with pytest.raises(AssertionError, match="ran again"):  # nothing prefetched for this one
+        read_keyfile(kf, "other")
+    assert kdf.prefetch(tmp_path / "missing.json", "x") is None
+
+
+def test_restore_lists_and_fetches_manifests_before_the_key_is_known(tmp_path):
+    v, remotes = make_vault(tmp_path)
+    with v:
+        backup_stream(v, io.BytesIO(text(7, 500_000)), "kb.sql")
+        assert v.flush().complete
+        keys = v.keys
+    src = ShardSource([Remote(r) for r in remotes])
+    src.start(tmp_path / "m")
+    got = src.manifests(src.remotes[0])
+    assert len(got) == 1 and all(blob for blob in got.values())
+    db, src2, m, warnings = open_remote_index(keys, src.remotes, tmp_path / "w", 0, src=src)
+    db.close()
+    assert src2 is src and m.seq == 1 and not warnings
