@@ -30,10 +30,13 @@ import threading
 
 import zstandard
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as chmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from .errors import IntegrityError
-from .keys import SUITE_XWING_AES256GCM, hkdf
+from .keys import LABEL_PREFIX, SUITE_XWING_AES256GCM
 
 FORMAT_VERSION = 1
 MAGIC = b"VFS1"
@@ -90,8 +93,23 @@ def _ad(vault_id: bytes, suite: int, tail: bytes) -> bytes:
     return MAGIC + bytes([FORMAT_VERSION]) + struct.pack(">H", suite) + vault_id + tail
 
 
+_prks: dict[tuple[bytes, bytes], bytes] = {}
+
+
 def _derive(ikm: bytes, vault_id: bytes, info: bytes) -> tuple[bytes, bytes, bytes]:
-    okm = hkdf(ikm, info, 76, salt=vault_id)
+    """HKDF-SHA256(ikm, salt = vault id, info = LABEL_PREFIX ‖ info, L = 76), split.
+
+    HKDF is Expand(Extract(salt, ikm), info): the Extract step (one HMAC) depends only on
+    the epoch key and the vault id, so it is done once per key and each record pays only
+    for its Expand — the same bytes as :func:`vaultfs.keys.hkdf`, at a third less cost."""
+    prk = _prks.get((ikm, vault_id))
+    if prk is None:
+        h = chmac.HMAC(vault_id, hashes.SHA256())
+        h.update(ikm)
+        prk = _prks[(ikm, vault_id)] = h.finalize()
+        if len(_prks) > 64:  # a handful of epochs; never grows without bound
+            _prks.pop(next(iter(_prks)))
+    okm = HKDFExpand(hashes.SHA256(), 76, LABEL_PREFIX + info).derive(prk)
     return okm[:32], okm[32:44], okm[44:76]
 
 

@@ -86,6 +86,7 @@ def reconstruct(
     if alg not in EC_BACKENDS:
         raise IntegrityError(f"unknown erasure algorithm id {alg}")
     try:
-        return driver(k, n, alg).reconstruct([bytes(f) for f in fragments], missing)
+        frags = [f if isinstance(f, bytes) else bytes(f) for f in fragments]  # pyeclib: bytes only
+        return driver(k, n, alg).reconstruct(frags, missing)
     except Exception as e:  # pyeclib raises its own hierarchy
         raise IntegrityError(f"erasure reconstruction failed: {e}") from None

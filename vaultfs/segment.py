@@ -87,26 +87,57 @@ def build_shards(
     return out
 
 
-def parse_header(body: bytes) -> ShardHeader:
+def parse_header(body: bytes | memoryview, fragment_len: int | None = None) -> ShardHeader:
+    """The header of a shard object (``body`` whole, or its header with ``fragment_len``
+    the length of the fragment read after it)."""
     if len(body) < HEADER.size:
         raise IntegrityError("shard object too short")
     magic, ver, kind, alg, k, n, idx, _res, size, uid, flen = HEADER.unpack_from(body)
     if magic != SHARD_MAGIC or ver != SHARD_VERSION:
         raise IntegrityError("not a vaultfs shard object (bad magic or version)")
-    if len(body) != HEADER.size + flen:
+    total = len(body) if fragment_len is None else HEADER.size + fragment_len
+    if total != HEADER.size + flen:
         raise IntegrityError("shard object length does not match its header")
     return ShardHeader(kind, alg, k, n, idx, size, uid, flen)
 
 
-def decode_segment(bodies: list[bytes], k: int, n: int, size: int) -> bytes:
+#: A shard object as bytes, or as (header, fragment) read separately (no copy to split it).
+Body = bytes | tuple[bytes, bytes]
+
+
+def split_body(body: Body) -> tuple[bytes | memoryview, bytes | memoryview]:
+    if isinstance(body, tuple):
+        return body
+    view = memoryview(body)
+    return view[: HEADER.size], view[HEADER.size :]
+
+
+def body_hash(body: Body) -> bytes:
+    """:func:`object_hash` of a shard object in either form."""
+    if isinstance(body, tuple):
+        h = blake3.blake3(body[0])
+        h.update(body[1])
+        return h.digest()
+    return object_hash(body)
+
+
+def read_body(path) -> tuple[bytes, bytes]:
+    """A shard object file as (header, fragment): the fragment is its own bytes object, so
+    the erasure decoder can take it as it is."""
+    with open(path, "rb") as f:
+        return f.read(HEADER.size), f.read()
+
+
+def decode_segment(bodies: list[Body], k: int, n: int, size: int) -> bytes:
     """Decode a segment from at least k verified shard objects."""
-    heads = [parse_header(b) for b in bodies]
+    parts = [split_body(b) for b in bodies]
+    heads = [parse_header(h, len(f)) for h, f in parts]
     algs = {h.ec_alg for h in heads}
     if len(algs) != 1:
         raise IntegrityError("shards of one segment name different erasure algorithms")
     alg = algs.pop()
     by_idx: dict[int, bytes | memoryview] = {
-        h.idx: memoryview(b)[HEADER.size :] for h, b in zip(heads, bodies, strict=True)
+        h.idx: f for h, (_hd, f) in zip(heads, parts, strict=True)
     }
     missing = [i for i in range(k) if i not in by_idx]
     if missing:
