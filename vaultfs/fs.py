@@ -30,7 +30,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from .cache import BlockCache, fsync_files, read_range, write_block_file
+from .cache import BlockCache, fsync_files, read_range, unlink_files, write_block_file
 from .errors import VaultError
 from .livetree import ROOT_INODE, Journal, LiveTree, Node
 from .snapview import (
@@ -272,10 +272,13 @@ class VaultFS(pyfuse3.Operations):
 
     def _maybe_purge(self, n: Node) -> None:
         if n.nlink <= 0 and n.lookups <= 0 and n.opens <= 0 and n.ino != ROOT_INODE:
-            for d in self.cache.blocks_of(n.ino):
-                self.cache.discard(d.ino, d.blk)
+            # cache files go once the purge is committed: a crash before that brings the
+            # file back whole (its unlink was not durable), never with holes
+            doomed = [self.cache.discard(d.ino, d.blk, unlink=False) for d in self.cache.blocks_of(n.ino)]  # fmt: skip
             self._locks.pop(n.ino, None)
             self.tree.purge(n)
+            if doomed:
+                self.tree.after_commit(lambda: unlink_files(doomed))
 
     # -- lookups ----------------------------------------------------------------------------
     async def lookup(self, parent_inode, name, ctx):
@@ -353,10 +356,20 @@ class VaultFS(pyfuse3.Operations):
             bs = self.bs
             if size < n.size:
                 keep = (size + bs - 1) // bs  # blocks that still hold bytes
-                for d in self.cache.blocks_of(n.ino):
-                    if d.blk >= keep:
-                        self.cache.discard(d.ino, d.blk)
+                doomed = [
+                    self.cache.discard(d.ino, d.blk, unlink=False)
+                    for d in self.cache.blocks_of(n.ino)
+                    if d.blk >= keep
+                ]
                 self.tree.drop_blocks_from(n, keep)
+                n.size = size
+                self.tree.touch(n)
+                if doomed:
+                    # the index still gives the old size, which these cache files back:
+                    # delete them only once the new size is committed (a crash before
+                    # that leaves the old file whole, after it the truncated one)
+                    await self.journal.commit()
+                    await trio.to_thread.run_sync(unlink_files, doomed)
                 cut = size % bs
                 if cut:
                     blk = size // bs
@@ -561,6 +574,13 @@ class VaultFS(pyfuse3.Operations):
         if not n.is_reg:
             raise _err(errno.EISDIR if n.is_dir else errno.EINVAL)
         await self._ensure_blocks(n)
+        if flags & os.O_TRUNC:
+            # libfuse negotiates FUSE_ATOMIC_O_TRUNC: the kernel truncates only its own
+            # view and leaves the file to us (before this, `echo x > f` kept f's old tail)
+            async with self._mut():
+                await self._truncate(n, 0)
+                n.mtime_ns = n.ctime_ns = time.time_ns()
+                self.tree.touch(n)
         n.opens += 1
         return pyfuse3.FileInfo(fh=self._new_fh(Handle(inode)), keep_cache=True)
 
