@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import bytes_tree_digest, make_odd_tree
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
@@ -361,6 +362,66 @@ def test_snapshot_views_are_read_only_and_point_in_time(shared: Vault) -> None:
     assert (d / "f").read_bytes() == b"version 2, longer"  # the live data is untouched
 
 
+def _downgrade_index_to_schema_1(index_db: Path) -> None:
+    """Make an index look as a vaultfs before schema 2 wrote it (no entries.parent/rdev)."""
+    db = sqlite3.connect(index_db)
+    try:
+        db.execute("DROP INDEX entries_parent")
+        db.execute("DROP INDEX entries_link")
+        db.execute("ALTER TABLE entries DROP COLUMN parent")
+        db.execute("ALTER TABLE entries DROP COLUMN rdev")
+        db.execute("PRAGMA user_version=0")
+        db.commit()
+    finally:
+        db.close()
+
+
+def test_large_snapshot_loads_one_directory_at_a_time(vault: Vault, tmp_path: Path) -> None:
+    """20,000 files in nested directories: stat of one deep file reads one entry per path
+    component, ls of one directory reads that directory (the daemon's counters say so). The
+    index is first turned back into a schema-1 file: the mount migrates it."""
+    src = tmp_path / "big"
+    for a in range(20):
+        for b in range(20):
+            d = src / f"a{a:02d}" / f"b{b:02d}"
+            d.mkdir(parents=True)
+            for c in range(50):
+                (d / f"f{c:02d}").touch()
+    deep = src / "a07" / "b13" / "f42"
+    deep.write_bytes(b"the deep one")
+    os.link(deep, src / "a07" / "b13" / "hard")
+    vault.cli("backup", "--name", "big", str(src))
+    _downgrade_index_to_schema_1(vault.home / "index.db")
+    vault.mount("--cache-size", "8M")
+
+    def views() -> dict:
+        return vault.status()["mount"]["snapshot_views"]
+
+    assert views()["entries_read"] == 0
+    top = vault.mp / ".snapshots" / "big" / "big"
+    st = os.stat(top / "a07" / "b13" / "f42")
+    assert st.st_size == 12 and st.st_nlink == 2
+    seen = views()
+    assert seen["entries_read"] <= 4 and seen["listings"] == 0  # big, a07, b13, f42
+    assert sorted(os.listdir(top / "a03" / "b04")) == [f"f{c:02d}" for c in range(50)]
+    after = views()
+    assert after["listings"] == 1
+    assert after["entries_read"] - seen["entries_read"] <= 2 + 50  # a03, b04, its 50 files
+    assert after["nodes_cached"] < 200
+    assert (top / "a07" / "b13" / "f42").read_bytes() == b"the deep one"
+    assert (top / "a07" / "b13" / "hard").stat().st_ino == st.st_ino  # one inode, stable
+    assert os.stat(top / "a07" / "b13" / "f42").st_ino == st.st_ino
+    inos = {e.inode() for e in os.scandir(top / "a03" / "b04")}
+    assert len(inos) == 50 and st.st_ino not in inos
+    assert os.stat(top / "a03").st_nlink == 2 + 20  # its subdirectories, counted in SQL
+    with pytest.raises(OSError) as e:
+        (top / "a03" / "new").write_bytes(b"x")
+    assert e.value.errno == errno.EROFS
+    final = views()
+    assert final["entries_read"] < 200 and final["listings"] == 2
+    assert sorted(os.listdir(top)) == [f"a{a:02d}" for a in range(20)]
+
+
 def test_sqlite_database_on_the_mount_survives_heavy_random_writes(shared: Vault) -> None:
     path = shared.mp / "db" / "test.sqlite"
     path.parent.mkdir()
@@ -667,6 +728,29 @@ def test_rsync_preserves_everything_into_the_mount_and_snapshot(shared: Vault, t
     ).stat().st_ino
     shared.cli("snapshot", "--name", "rsync-snap")
     assert differences(shared.mp / ".snapshots" / "rsync-snap" / "rsync") == ""
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync not installed")
+def test_odd_names_and_special_files_through_the_mount_snapshot_and_restore(
+    shared: Vault, tmp_path: Path
+) -> None:
+    """rsync -aHAX of names that are not UTF-8 (and hold newlines), a fifo, a socket, devices
+    (as root), a hard link and a non-UTF-8 xattr name; then snapshot and restore."""
+    src = tmp_path / "odd"
+    make_odd_tree(src)
+    dst = shared.mp / "odd"
+    subprocess.run(["rsync", "-aHAX", f"{src}/", f"{dst}/"], check=True, timeout=300)
+    assert bytes_tree_digest(dst) == bytes_tree_digest(src)
+    snap = json.loads(shared.cli("snapshot", "--name", "odd-snap", "--json").stdout)["snapshot"]
+    view = shared.mp / ".snapshots" / "odd-snap" / "odd"
+    assert bytes_tree_digest(view) == bytes_tree_digest(src)  # the lazy view shows them all
+    assert stat.S_ISFIFO(os.lstat(bytes(view) + b"/caf\xe9/\xff\xfe/fifo\xfe").st_mode)
+    out = tmp_path / "restored"
+    shared.cli("restore", "--snapshot", snap, "--include", "odd", "--to", str(out))
+    assert bytes_tree_digest(out / "odd") == bytes_tree_digest(src)
+    listing = shared.cli("ls", "odd-snap", "odd", "--json").stdout
+    paths = {bytes.fromhex(e["path_hex"]) for e in json.loads(listing) if "path_hex" in e}
+    assert b"odd/caf\xe9/new\nline.txt" in paths and b"odd/sock\xe9" in paths
 
 
 # -- scripts/bench's mount section must not rot ------------------------------------------------
