@@ -31,7 +31,7 @@ from rich.progress import (
 )
 from rich.table import Column, Table
 
-from vaultfs import erasure
+from vaultfs import erasure, names
 from vaultfs.backup import backup_paths, backup_stream
 from vaultfs.errors import EXIT_PARTIAL, InputError, NoVault, VaultError
 from vaultfs.keys import VaultKeys, parse_seed, read_keyfile
@@ -289,7 +289,8 @@ def ls(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List the entries of a snapshot."""
+    """List the entries of a snapshot. Names that are not UTF-8, and control characters,
+    are shown escaped (\\xNN, \\n, \\\\); --json gives them exactly (path_hex)."""
     v = _open(home, lock=False)
     try:
         if snapshot == "latest":
@@ -302,34 +303,36 @@ def ls(
         if row is None:
             raise InputError(f"snapshot {snapshot!r} not found")
         rows = v.index.q(
-            "SELECT path, type, mode, size, mtime_ns, target FROM entries WHERE snapshot=? ORDER BY path",
+            "SELECT path, type, mode, size, mtime_ns, target, rdev FROM entries WHERE snapshot=?",
             (row[0],),
         )
     finally:
         v.close()
+    rows.sort(key=lambda r: names.from_db(r[0]))  # byte order, whatever the stored form
     if path:
-        p = path.strip("/")
-        rows = [r for r in rows if r[0] == p or r[0].startswith(p + "/")]
+        p = names.raw(path.strip("/"))
+        rows = [r for r in rows if (b := names.from_db(r[0])) == p or b.startswith(p + b"/")]
     if as_json:
-        out.print_json(
-            json.dumps(
-                [
-                    {
-                        "path": r[0],
-                        "type": r[1],
-                        "mode": r[2],
-                        "size": r[3],
-                        "mtime_ns": r[4],
-                        "target": r[5],
-                    }
-                    for r in rows
-                ]
-            )
-        )
+        items = []
+        for pth, typ, mode, size, mt, target, rdev in rows:
+            item = {**names.json_fields("path", pth), "type": typ, "mode": mode, "size": size}
+            item |= {"mtime_ns": mt, **names.json_fields("target", target)}
+            if typ in ("c", "b"):
+                item["rdev"] = rdev
+            items.append(item)
+        out.print_json(json.dumps(items), ensure_ascii=True)  # lone surrogates as \udcXX
         return
-    for pth, typ, mode, size, _mt, target in rows:
-        suffix = f" -> {target}" if typ == "l" else ("/" if typ == "d" else "")
-        out.print(f"{typ} {mode:04o} {size:>14,} {pth}{suffix}", highlight=False)
+    for pth, typ, mode, size, _mt, target, rdev in rows:
+        suffix = f" -> {names.display(names.from_db(target or ''))}" if typ == "l" else ""
+        if typ == "d":
+            suffix = "/"
+        if typ in ("c", "b") and rdev is not None:
+            suffix = f" ({os.major(rdev)},{os.minor(rdev)})"
+        out.print(
+            f"{typ} {mode:04o} {size:>14,} {names.display(names.from_db(pth))}{suffix}",
+            highlight=False,
+            markup=False,
+        )
 
 
 @app.command()

@@ -437,8 +437,18 @@ def check_vault_root(db: sqlite3.Connection, m: Manifest) -> None:
         raise FormatError("index does not match the signed vault root")
 
 
-def recover_file(seed: bytes, remote_dirs: list[Path], path: str) -> bytes:
+def canonical_path(path: bytes) -> str | bytes:
+    """format.md 9.1: TEXT when the bytes are UTF-8, else a BLOB of the bytes."""
+    try:
+        return path.decode("utf-8")
+    except UnicodeDecodeError:
+        return path
+
+
+def recover_file(seed: bytes, remote_dirs: list[Path], path: str | bytes) -> bytes:
     """The bytes of ``path`` in the newest snapshot, from the seed and any k remotes."""
+    if isinstance(path, str):
+        path = path.encode("utf-8")
     keys = Keys.from_seed(seed)
     remotes = Remotes(remote_dirs)
     m = newest_manifest(keys, remotes)
@@ -455,7 +465,7 @@ def recover_file(seed: bytes, remote_dirs: list[Path], path: str) -> bytes:
             (snap,) = db.execute("SELECT id FROM snapshots ORDER BY id DESC LIMIT 1").fetchone()
             entry_id, size = db.execute(
                 "SELECT id, size FROM entries WHERE snapshot=? AND path=? AND type='f'",
-                (snap, path),
+                (snap, canonical_path(path)),
             ).fetchone()
             rows = db.execute(
                 "SELECT c.cid, c.segment, c.offset, c.length, c.plain FROM entry_chunks x"

@@ -334,3 +334,69 @@ def tree_digest(root: Path) -> dict[str, tuple]:
                     hashlib.sha256(p.read_bytes()).hexdigest(),
                 )
     return out
+
+
+# -- trees with names of any bytes and special files ------------------------------------------
+ODD_NAMES = [b"caf\xe9", b"\xff\xfe", b"new\nline", b"back\\slash", b"tab\there"]
+
+
+def make_odd_tree(root: Path) -> None:
+    """Names that are not UTF-8 (or hold newlines and backslashes), a hard link, a symlink
+    with a non-UTF-8 target, an xattr with a non-UTF-8 name, a fifo, a socket and, as
+    root, a character and a block device."""
+    import stat as st
+
+    r = bytes(root)
+    os.makedirs(r + b"/caf\xe9/\xff\xfe")
+    for name in ODD_NAMES:
+        with open(r + b"/caf\xe9/" + name + b".txt", "wb") as f:
+            f.write(b"content of " + name * 100)
+    os.link(r + b"/caf\xe9/\xff\xfe.txt", r + b"/hard\xe9")
+    os.symlink(b"caf\xe9/\xff\xfe.txt", r + b"/link\x80")
+    os.setxattr(r + b"/caf\xe9/new\nline.txt", b"user.\xff\xfe", b"\x00value")
+    os.mkfifo(r + b"/caf\xe9/\xff\xfe/fifo\xfe", 0o640)
+    os.mknod(r + b"/sock\xe9", st.S_IFSOCK | 0o600)
+    if os.geteuid() == 0:
+        os.mknod(r + b"/null\xff", st.S_IFCHR | 0o666, os.makedev(1, 3))
+        os.mknod(r + b"/blk", st.S_IFBLK | 0o600, os.makedev(7, 200))
+    # times well in the past (rsync sets a time only if it differs at its resolution)
+    paths = [r]
+    for dirpath, dirnames, filenames in os.walk(r):
+        paths += [os.path.join(dirpath, n) for n in dirnames + filenames]
+    for i, p in enumerate(sorted(paths, key=lambda p: -p.count(b"/"))):
+        t = 1_600_000_000_000_000_007 + i * 1_000_003
+        os.utime(p, ns=(t, t), follow_symlinks=False)
+
+
+def bytes_tree_digest(root: Path) -> dict[bytes, tuple]:
+    """{relative path bytes: (kind, mode, detail, mtime_ns, xattrs)} of a tree, special
+    files included (never opened), hard links as the path of the first of their group."""
+    import hashlib
+    import stat as st
+
+    out: dict[bytes, tuple] = {}
+    first: dict[int, bytes] = {}
+    base = bytes(root)
+    stack = [b""]
+    while stack:
+        rel = stack.pop()
+        for name in sorted(os.listdir(base + b"/" + rel if rel else base)):
+            r = rel + b"/" + name if rel else name
+            p = base + b"/" + r
+            s = os.lstat(p)
+            xa = tuple(sorted((a, os.getxattr(p, a, follow_symlinks=False)) for a in os.listxattr(p, follow_symlinks=False)))  # fmt: skip
+            mode = st.S_IMODE(s.st_mode)
+            if st.S_ISDIR(s.st_mode):
+                stack.append(r)
+                detail: object = None
+            elif st.S_ISLNK(s.st_mode):
+                detail, mode = os.readlink(p), 0
+            elif st.S_ISREG(s.st_mode):
+                with open(p, "rb") as f:
+                    detail = hashlib.sha256(f.read()).hexdigest()
+                if s.st_nlink > 1:
+                    detail = (detail, first.setdefault(s.st_ino, r))
+            else:
+                detail = s.st_rdev if st.S_ISCHR(s.st_mode) or st.S_ISBLK(s.st_mode) else None
+            out[r] = (st.S_IFMT(s.st_mode), mode, detail, s.st_mtime_ns, xa)
+    return out

@@ -339,7 +339,10 @@ def test_rollback_and_tampered_manifest_detected(tmp_path):
         with_remote_index(VaultKeys.from_seed(new_seed()), remotes, tmp_path, tmp_path / "o4")
 
 
-@pytest.mark.parametrize("evil", ["../escape.txt", "/tmp/vaultfs-abs-escape.txt", "a/../../b"])
+@pytest.mark.parametrize(
+    "evil",
+    ["../escape.txt", "/tmp/vaultfs-abs-escape.txt", "a/../../b", b"..\xff/../../escape.txt"],
+)
 def test_restore_refuses_paths_outside_target(tmp_path, evil):
     v, remotes = make_vault(tmp_path, nremotes=3, k=2, n=3)
     with v:

@@ -60,7 +60,10 @@ def vault(tmp_path_factory):
     src.write_bytes(file_bytes(1))
     vaultfs(home, "backup", str(src))
     src.write_bytes(file_bytes(2))  # a second snapshot: the newest manifest must win
-    vaultfs(home, "backup", str(src))
+    odd = bytes(base / "src") + b"/ledger-\xe9\xff.bin"  # a name that is not UTF-8
+    with open(odd, "wb") as f:
+        f.write(file_bytes(3))
+    vaultfs(home, "backup", str(src), os.fsdecode(odd))
     vaultfs(home, "flush")
     seed = read_keyfile(home / "key.json", PASSPHRASE).seed
     return seed, remotes
@@ -98,6 +101,7 @@ def test_stranger_recovers_from_three_remotes(vault, tmp_path, keep):
         dirs.append(tmp_path / f"r{i}")
     got = fr.recover_file(seed, dirs, "ledger.bin")
     assert got == file_bytes(2)
+    assert fr.recover_file(seed, dirs, b"ledger-\xe9\xff.bin") == file_bytes(3)  # a BLOB path
 
 
 def test_stranger_decodes_around_a_corrupt_shard_and_rejects_a_forged_manifest(vault, tmp_path):

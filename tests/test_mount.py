@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import bytes_tree_digest, make_odd_tree
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
@@ -300,6 +301,11 @@ def test_everything_survives_umount_and_remount(shared: Vault) -> None:
     os.symlink("big", d / "ln")
     os.setxattr(d / "big", "user.k", b"v")
     os.utime(d / "small", ns=(5, 7_000_000_000))
+    (d / "rewritten").write_bytes(random.Random(6).randbytes(MiB + 10))
+    shared.cli("flush")  # stored: the rewrite below replaces stored blocks
+    (d / "rewritten").write_bytes(b"short")  # open(O_TRUNC) of a stored file
+    (d / "dirty").write_bytes(b"long content, still in the cache")
+    (d / "dirty").write_bytes(b"tiny")  # open(O_TRUNC) of a file with dirty blocks
     before = tree_digest(d)
     entries = sorted(os.listdir(shared.mp))
     inode = (d / "big").stat().st_ino
@@ -310,6 +316,7 @@ def test_everything_survives_umount_and_remount(shared: Vault) -> None:
     assert sorted(os.listdir(shared.mp)) == entries
     assert (d / "big").stat().st_ino == inode
     assert (d / "small").stat().st_nlink == 2 and (d / "small").stat().st_mtime_ns == 7_000_000_000
+    assert (d / "rewritten").read_bytes() == b"short" and (d / "dirty").read_bytes() == b"tiny"
 
 
 # -- snapshots, read-only views, delete ----------------------------------------------------------
@@ -353,6 +360,66 @@ def test_snapshot_views_are_read_only_and_point_in_time(shared: Vault) -> None:
     assert (view2 / "hl").read_bytes() == b"version 2, longer"  # a hard link of f
     assert snap not in [s["id"] for s in json.loads(shared.cli("snapshots", "--json").stdout)]
     assert (d / "f").read_bytes() == b"version 2, longer"  # the live data is untouched
+
+
+def _downgrade_index_to_schema_1(index_db: Path) -> None:
+    """Make an index look as a vaultfs before schema 2 wrote it (no entries.parent/rdev)."""
+    db = sqlite3.connect(index_db)
+    try:
+        db.execute("DROP INDEX entries_parent")
+        db.execute("DROP INDEX entries_link")
+        db.execute("ALTER TABLE entries DROP COLUMN parent")
+        db.execute("ALTER TABLE entries DROP COLUMN rdev")
+        db.execute("PRAGMA user_version=0")
+        db.commit()
+    finally:
+        db.close()
+
+
+def test_large_snapshot_loads_one_directory_at_a_time(vault: Vault, tmp_path: Path) -> None:
+    """20,000 files in nested directories: stat of one deep file reads one entry per path
+    component, ls of one directory reads that directory (the daemon's counters say so). The
+    index is first turned back into a schema-1 file: the mount migrates it."""
+    src = tmp_path / "big"
+    for a in range(20):
+        for b in range(20):
+            d = src / f"a{a:02d}" / f"b{b:02d}"
+            d.mkdir(parents=True)
+            for c in range(50):
+                (d / f"f{c:02d}").touch()
+    deep = src / "a07" / "b13" / "f42"
+    deep.write_bytes(b"the deep one")
+    os.link(deep, src / "a07" / "b13" / "hard")
+    vault.cli("backup", "--name", "big", str(src))
+    _downgrade_index_to_schema_1(vault.home / "index.db")
+    vault.mount("--cache-size", "8M")
+
+    def views() -> dict:
+        return vault.status()["mount"]["snapshot_views"]
+
+    assert views()["entries_read"] == 0
+    top = vault.mp / ".snapshots" / "big" / "big"
+    st = os.stat(top / "a07" / "b13" / "f42")
+    assert st.st_size == 12 and st.st_nlink == 2
+    seen = views()
+    assert seen["entries_read"] <= 4 and seen["listings"] == 0  # big, a07, b13, f42
+    assert sorted(os.listdir(top / "a03" / "b04")) == [f"f{c:02d}" for c in range(50)]
+    after = views()
+    assert after["listings"] == 1
+    assert after["entries_read"] - seen["entries_read"] <= 2 + 50  # a03, b04, its 50 files
+    assert after["nodes_cached"] < 200
+    assert (top / "a07" / "b13" / "f42").read_bytes() == b"the deep one"
+    assert (top / "a07" / "b13" / "hard").stat().st_ino == st.st_ino  # one inode, stable
+    assert os.stat(top / "a07" / "b13" / "f42").st_ino == st.st_ino
+    inos = {e.inode() for e in os.scandir(top / "a03" / "b04")}
+    assert len(inos) == 50 and st.st_ino not in inos
+    assert os.stat(top / "a03").st_nlink == 2 + 20  # its subdirectories, counted in SQL
+    with pytest.raises(OSError) as e:
+        (top / "a03" / "new").write_bytes(b"x")
+    assert e.value.errno == errno.EROFS
+    final = views()
+    assert final["entries_read"] < 200 and final["listings"] == 2
+    assert sorted(os.listdir(top)) == [f"a{a:02d}" for a in range(20)]
 
 
 def test_sqlite_database_on_the_mount_survives_heavy_random_writes(shared: Vault) -> None:
@@ -663,6 +730,29 @@ def test_rsync_preserves_everything_into_the_mount_and_snapshot(shared: Vault, t
     assert differences(shared.mp / ".snapshots" / "rsync-snap" / "rsync") == ""
 
 
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync not installed")
+def test_odd_names_and_special_files_through_the_mount_snapshot_and_restore(
+    shared: Vault, tmp_path: Path
+) -> None:
+    """rsync -aHAX of names that are not UTF-8 (and hold newlines), a fifo, a socket, devices
+    (as root), a hard link and a non-UTF-8 xattr name; then snapshot and restore."""
+    src = tmp_path / "odd"
+    make_odd_tree(src)
+    dst = shared.mp / "odd"
+    subprocess.run(["rsync", "-aHAX", f"{src}/", f"{dst}/"], check=True, timeout=300)
+    assert bytes_tree_digest(dst) == bytes_tree_digest(src)
+    snap = json.loads(shared.cli("snapshot", "--name", "odd-snap", "--json").stdout)["snapshot"]
+    view = shared.mp / ".snapshots" / "odd-snap" / "odd"
+    assert bytes_tree_digest(view) == bytes_tree_digest(src)  # the lazy view shows them all
+    assert stat.S_ISFIFO(os.lstat(bytes(view) + b"/caf\xe9/\xff\xfe/fifo\xfe").st_mode)
+    out = tmp_path / "restored"
+    shared.cli("restore", "--snapshot", snap, "--include", "odd", "--to", str(out))
+    assert bytes_tree_digest(out / "odd") == bytes_tree_digest(src)
+    listing = shared.cli("ls", "odd-snap", "odd", "--json").stdout
+    paths = {bytes.fromhex(e["path_hex"]) for e in json.loads(listing) if "path_hex" in e}
+    assert b"odd/caf\xe9/new\nline.txt" in paths and b"odd/sock\xe9" in paths
+
+
 # -- scripts/bench's mount section must not rot ------------------------------------------------
 @pytest.mark.pg
 @pytest.mark.slow
@@ -689,3 +779,121 @@ def test_bench_mount_section_smoke(tmp_path: Path) -> None:
     assert "null FUSE ceiling" in names
     mounts = Path("/proc/mounts").read_text()
     assert str(tmp_path) not in mounts  # the section unmounted everything it mounted
+
+
+def _synced_writer(mp: Path, rnd: random.Random, synced: dict, state: dict, lock, stop) -> None:
+    """Rewrite, patch and create files through the mount, fsync'ing each change; record the
+    content once fsync has returned. ``state['flux']`` names the file being changed."""
+    try:
+        while not stop.is_set():
+            names = sorted(synced)
+            ops = ["rewrite", "patch"] + (["new"] if len(names) < 8 else [])
+            op = rnd.choice(ops if names else ["new"])
+            name = f"f{len(names):03d}.bin" if op == "new" else rnd.choice(names)
+            with lock:
+                state["flux"] = name
+            p = mp / "crash" / name
+            if op == "patch":
+                data = bytearray(synced[name])
+                off = rnd.randrange(len(data) + 1)
+                piece = rnd.randbytes(rnd.choice([1, 4096, 300_000, 1_100_000]))
+                fd = os.open(p, os.O_WRONLY)
+                try:
+                    os.pwrite(fd, piece, off)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                if off > len(data):
+                    data += bytes(off - len(data))
+                data[off : off + len(piece)] = piece
+                content = bytes(data)
+            else:
+                content = rnd.randbytes(rnd.choice([0, 1, 5000, 700_000, 1_100_000, 2_200_000]))
+                fd = os.open(p, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+                try:
+                    os.write(fd, content)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                dfd = os.open(p.parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(dfd)  # the new name is durable too
+                finally:
+                    os.close(dfd)
+            with lock:
+                synced[name] = content
+                state["flux"] = None
+                state["ops"][op] += 1
+    except OSError as e:  # the daemon was killed under us
+        state["error"] = e.errno
+
+
+def test_kill9_at_random_moments_never_loses_fsynced_bytes(vault: Vault) -> None:
+    """Seeded: several rounds of fsync'd writes, SIGKILL at a random moment (some while a
+    segment's shards are being written to the queue), remount, compare every synced byte."""
+    rnd = random.Random(20240607)
+    vault.mount("--cache-size", "8M")
+    (vault.mp / "crash").mkdir()
+    synced: dict[str, bytes] = {}
+    tmp_dir = vault.home / "queue" / "tmp"
+    kinds = []
+    ops = {"new": 0, "rewrite": 0, "patch": 0}  # fsync'd changes, over all rounds
+    for round_no in range(5):
+        state: dict = {"flux": None, "error": None, "ops": ops}
+        lock = threading.Lock()
+        stop = threading.Event()
+        wrnd = random.Random(rnd.random())
+        t = threading.Thread(
+            target=_synced_writer, args=(vault.mp, wrnd, synced, state, lock, stop)
+        )
+        t.start()
+        time.sleep(0.3)
+        kind = rnd.choice(["sealing", "random"]) if round_no else "sealing"
+        if kind == "sealing":  # wait for a shard being written into queue/tmp
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    if os.listdir(tmp_dir):
+                        break
+                except FileNotFoundError:
+                    pass
+            else:
+                kind = "sealing-missed"
+        else:
+            time.sleep(rnd.uniform(0.0, 3.0))
+        kinds.append(kind)
+        pid = vault.pid
+        with lock:  # the writer is not between a returned fsync and its record
+            os.kill(pid, signal.SIGKILL)
+            flux = state["flux"]
+        stop.set()
+        t.join(30)
+        assert not t.is_alive()
+        deadline = time.monotonic() + 10
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(OSError) as e:
+            os.listdir(vault.mp)
+        assert e.value.errno == errno.ENOTCONN  # a dead mount, not an empty directory
+        with pytest.raises(OSError):
+            (vault.mp / "written-while-dead").write_bytes(b"x")
+        vault.mount("--cache-size", "8M")  # recovers by itself: no fsck
+        for name, content in sorted(synced.items()):
+            if name == flux:
+                continue  # changed after its last fsync: any state is allowed
+            got = (vault.mp / "crash" / name).read_bytes()
+            assert len(got) == len(content), (round_no, kind, name)
+            assert got == content, (round_no, kind, name)
+        if flux in synced:  # the file being changed must still be readable
+            (vault.mp / "crash" / flux).read_bytes()
+            # its content is now whatever survived: make that the reference again
+            synced[flux] = (vault.mp / "crash" / flux).read_bytes()
+        elif flux is not None and (vault.mp / "crash" / flux).exists():
+            synced[flux] = (vault.mp / "crash" / flux).read_bytes()
+    assert len(synced) >= 3 and "sealing" in kinds, kinds
+    assert ops["rewrite"] >= 2 and ops["patch"] >= 2, ops
+    res = vault.umount()
+    assert "unmounted" in res.stdout
+    vault.mount("--cache-size", "8M")
+    for name, content in synced.items():
+        assert (vault.mp / "crash" / name).read_bytes() == content

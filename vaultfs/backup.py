@@ -9,6 +9,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from .errors import InputError
+from .names import SPECIAL_TYPES
 from .vault import Entry, Vault
 
 Progress = Callable[[int], None]
@@ -76,8 +77,9 @@ def backup_paths(
 ) -> tuple[str, int, int]:
     """Back up files and directories as one snapshot. Returns (snapshot uid, entries, bytes).
 
-    Keeps modes, owners, times, symlinks, extended attributes and hard links (files that
-    share an inode get one link group and are stored once). ``upload`` starts placing the
+    Keeps modes, owners, times, symlinks, extended attributes, hard links (files that
+    share an inode get one link group and are stored once), fifos, sockets and device
+    nodes, and names of any bytes (vaultfs/names.py). ``upload`` starts placing the
     shards on the remotes during the commit (the caller flushes next).
     """
     entries: list[Entry] = []
@@ -121,7 +123,10 @@ def backup_paths(
                     links[(st.st_dev, st.st_ino)] = e
                 entries.append(e)
                 total += size
-            # sockets, fifos and devices are skipped: they hold no data
+            elif (special := SPECIAL_TYPES.get(stat.S_IFMT(st.st_mode))) is not None:
+                # fifos, sockets and devices hold no data: kept as entries (rdev for devices)
+                rdev = st.st_rdev if special in ("c", "b") else None
+                entries.append(Entry(rel, special, mode, st.st_mtime_ns, rdev=rdev, **common))
     uid, _seq = vault.commit(entries, name=name, prepush=upload)
     return uid, len(entries), total
 

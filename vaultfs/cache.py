@@ -140,13 +140,16 @@ class BlockCache:
         self.dirty[(ino, blk)] = d
         return d
 
-    def discard(self, ino: int, blk: int) -> None:
-        """Forget a dirty block (truncated away or file deleted) and delete its cache file."""
+    def discard(self, ino: int, blk: int, unlink: bool = True) -> Path:
+        """Forget a dirty block (truncated away or file deleted) and delete its cache file;
+        with ``unlink=False`` the caller deletes it (after the index no longer needs it)."""
         d = self.dirty.pop((ino, blk), None)
         if d is not None:
             d.version += 1
-            self.path(ino, blk).unlink(missing_ok=True)
+            if unlink:
+                self.path(ino, blk).unlink(missing_ok=True)
             self.unreserve()
+        return self.path(ino, blk)
 
     def blocks_of(self, ino: int) -> list[Dirty]:
         return [d for (i, _b), d in self.dirty.items() if i == ino]
@@ -390,6 +393,11 @@ def write_block_file(
         os.close(fd)
 
 
+def unlink_files(paths: list[Path]) -> None:
+    for p in paths:
+        p.unlink(missing_ok=True)
+
+
 def fsync_files(paths: list[Path], dir_path: Path) -> None:
     for p in paths:
         try:
@@ -407,4 +415,12 @@ def fsync_files(paths: list[Path], dir_path: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["BlockCache", "Dirty", "Node", "read_range", "write_block_file", "fsync_files"]
+__all__ = [
+    "BlockCache",
+    "Dirty",
+    "Node",
+    "read_range",
+    "write_block_file",
+    "fsync_files",
+    "unlink_files",
+]

@@ -30,12 +30,14 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from .cache import BlockCache, fsync_files, read_range, write_block_file
+from .cache import BlockCache, fsync_files, read_range, unlink_files, write_block_file
 from .errors import VaultError
 from .livetree import ROOT_INODE, Journal, LiveTree, Node
+from .names import SPECIAL_TYPES
 from .snapview import (
     SNAPDIR_INO,
     SNAPDIR_NAME,
+    SNAPROOT_BASE,
     SnapViews,
     SNode,
     is_snap_ino,
@@ -72,10 +74,13 @@ class VaultFS(pyfuse3.Operations):
         self.home = home
         self.mountpoint = mountpoint
         self.cache_size = cache_size
+        self.uid = os.getuid()
+        self.gid = os.getgid()
         self.tree = LiveTree(vault.index)
-        self.snaps = SnapViews(vault.index)
+        self.snaps = SnapViews(vault.index, self.uid, self.gid)
         self.fhs: dict[int, Handle] = {}
-        self.dirs: dict[int, list[tuple[bytes, int]]] = {}
+        # open directories: (name, inode) of live entries, (name, node) of snapshot ones
+        self.dirs: dict[int, list[tuple[bytes, int | SNode]]] = {}
         self._next_fh = 1
         self._locks: dict[int, trio.Lock] = {}
         self._frozen = False
@@ -85,8 +90,6 @@ class VaultFS(pyfuse3.Operations):
         self._push_lock = trio.Lock()
         self._push_wake = trio.Event()
         self.last_push: dict = {}
-        self.uid = os.getuid()
-        self.gid = os.getgid()
 
     # -- lifecycle ------------------------------------------------------------------------
     def load(self) -> dict:
@@ -223,16 +226,16 @@ class VaultFS(pyfuse3.Operations):
             a.st_mtime_ns = n.mtime_ns
             a.st_ctime_ns = n.ctime_ns
         else:
-            a.st_rdev = 0
+            a.st_rdev = n.rdev
             a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = n.mtime_ns
         return a
 
     def _snapdir_node(self) -> SNode:
-        n = self.snaps.nodes.get(SNAPDIR_INO)
+        n = self.snaps.get(SNAPDIR_INO)
         if n is None:
             n = SNode(SNAPDIR_INO, stat.S_IFDIR | 0o555, time.time_ns(), uid=self.uid)
             n.gid, n.nlink = self.gid, 2
-            self.snaps.nodes[SNAPDIR_INO] = n
+            self.snaps.pinned[SNAPDIR_INO] = n
         return n
 
     def _node(self, ino: int) -> Node:
@@ -245,7 +248,7 @@ class VaultFS(pyfuse3.Operations):
         if ino == SNAPDIR_INO:
             return self._snapdir_node()
         if is_snap_ino(ino):
-            n = self.snaps.nodes.get(ino)
+            n = self.snaps.get(ino)
             if n is None:
                 raise _err(errno.ENOENT)
             return n
@@ -259,10 +262,17 @@ class VaultFS(pyfuse3.Operations):
             raise _err(errno.ENOTDIR)
         return n
 
-    async def _snap_root_loaded(self, n: SNode) -> None:
-        sid = self.snaps.snap_of_root(n.ino)
-        if sid is not None and sid not in self.snaps.loaded:
-            await trio.to_thread.run_sync(self.snaps.load_snapshot, sid, n)
+    async def _snap_roots(self) -> list[tuple[bytes, SNode]]:
+        """(directory name, root node) of every snapshot, for ``.snapshots``."""
+
+        def query():
+            infos = self.snaps.query_snapshots()
+            return [(i, None if self.snaps.known_root(SNAPROOT_BASE + i.seq) else self.snaps.query_root(i)) for i in infos]  # fmt: skip
+
+        return [
+            (info.dirname, self.snaps.root_node(info, loaded))
+            for info, loaded in await trio.to_thread.run_sync(query)
+        ]
 
     async def _ensure_blocks(self, n: Node) -> None:
         if n.blocks is None and n.is_reg:
@@ -272,28 +282,35 @@ class VaultFS(pyfuse3.Operations):
 
     def _maybe_purge(self, n: Node) -> None:
         if n.nlink <= 0 and n.lookups <= 0 and n.opens <= 0 and n.ino != ROOT_INODE:
-            for d in self.cache.blocks_of(n.ino):
-                self.cache.discard(d.ino, d.blk)
+            # cache files go once the purge is committed: a crash before that brings the
+            # file back whole (its unlink was not durable), never with holes
+            doomed = [self.cache.discard(d.ino, d.blk, unlink=False) for d in self.cache.blocks_of(n.ino)]  # fmt: skip
             self._locks.pop(n.ino, None)
             self.tree.purge(n)
+            if doomed:
+                self.tree.after_commit(lambda: unlink_files(doomed))
 
     # -- lookups ----------------------------------------------------------------------------
     async def lookup(self, parent_inode, name, ctx):
         if parent_inode == ROOT_INODE and name == SNAPDIR_NAME:
             return self._attr(self._snapdir_node())
         if parent_inode == SNAPDIR_INO:
-            for info in await trio.to_thread.run_sync(self.snaps.query_snapshots):
-                if info.dirname == name:
-                    return self._attr(self.snaps.root_node(info, self.uid, self.gid))
+            for dirname, root in await self._snap_roots():
+                if dirname == name:
+                    self.snaps.ref(root, lookups=1)
+                    return self._attr(root)
             raise _err(errno.ENOENT)
         if is_snap_ino(parent_inode):
             p = self._any(parent_inode)
             assert isinstance(p, SNode)
-            await self._snap_root_loaded(p)
-            ino = (p.children or {}).get(name)
-            if ino is None:
+            if not p.is_dir:
+                raise _err(errno.ENOTDIR)
+            row = await trio.to_thread.run_sync(self.snaps.query_child, p, bytes(name))
+            n = self.snaps.child_node(p, bytes(name), row)
+            if n is None:
                 raise _err(errno.ENOENT)
-            return self._attr(self.snaps.nodes[ino])
+            self.snaps.ref(n, lookups=1)
+            return self._attr(n)
         p = self._node(parent_inode)
         if p.children is None:
             raise _err(errno.ENOTDIR)
@@ -306,6 +323,9 @@ class VaultFS(pyfuse3.Operations):
 
     async def forget(self, inode_list):
         for ino, count in inode_list:
+            if is_snap_ino(ino):
+                self.snaps.unref(ino, lookups=count)
+                continue
             n = self.tree.get(ino)
             if n is not None:
                 n.lookups -= count
@@ -353,10 +373,20 @@ class VaultFS(pyfuse3.Operations):
             bs = self.bs
             if size < n.size:
                 keep = (size + bs - 1) // bs  # blocks that still hold bytes
-                for d in self.cache.blocks_of(n.ino):
-                    if d.blk >= keep:
-                        self.cache.discard(d.ino, d.blk)
+                doomed = [
+                    self.cache.discard(d.ino, d.blk, unlink=False)
+                    for d in self.cache.blocks_of(n.ino)
+                    if d.blk >= keep
+                ]
                 self.tree.drop_blocks_from(n, keep)
+                n.size = size
+                self.tree.touch(n)
+                if doomed:
+                    # the index still gives the old size, which these cache files back:
+                    # delete them only once the new size is committed (a crash before
+                    # that leaves the old file whole, after it the truncated one)
+                    await self.journal.commit()
+                    await trio.to_thread.run_sync(unlink_files, doomed)
                 cut = size % bs
                 if cut:
                     blk = size // bs
@@ -553,21 +583,33 @@ class VaultFS(pyfuse3.Operations):
             if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
                 raise _err(errno.EROFS)
             n = self._any(inode)
-            if n.entry is None:  # type: ignore[union-attr]
-                raise _err(errno.EISDIR)
-            cmap = await trio.to_thread.run_sync(self.snaps.load_chunks, n)
+            assert isinstance(n, SNode)
+            if n.entry is None:
+                raise _err(errno.EISDIR if n.is_dir else errno.EINVAL)
+            cmap = self.snaps.cached_chunks(n)
+            if cmap is None:
+                cmap = await trio.to_thread.run_sync(self.snaps.query_chunks, n)
+                self.snaps.keep_chunks(n, cmap)
+            self.snaps.ref(n, opens=1)
             return pyfuse3.FileInfo(fh=self._new_fh(Handle(inode, True, cmap)), keep_cache=True)
         n = self._node(inode)
         if not n.is_reg:
             raise _err(errno.EISDIR if n.is_dir else errno.EINVAL)
         await self._ensure_blocks(n)
+        if flags & os.O_TRUNC:
+            # libfuse negotiates FUSE_ATOMIC_O_TRUNC: the kernel truncates only its own
+            # view and leaves the file to us (before this, `echo x > f` kept f's old tail)
+            async with self._mut():
+                await self._truncate(n, 0)
+                n.mtime_ns = n.ctime_ns = time.time_ns()
+                self.tree.touch(n)
         n.opens += 1
         return pyfuse3.FileInfo(fh=self._new_fh(Handle(inode)), keep_cache=True)
 
     async def read(self, fh, off, size):
         h = self.fhs[fh]
         if h.snap:
-            n = self.snaps.nodes[h.ino]
+            n = self._any(h.ino)
             size = min(size, n.size - off)
             if size <= 0:
                 return b""
@@ -699,6 +741,8 @@ class VaultFS(pyfuse3.Operations):
 
     async def release(self, fh):
         h = self.fhs.pop(fh, None)
+        if h is not None and h.snap:
+            self.snaps.unref(h.ino, opens=1)
         if h is None or h.snap:
             return
         n = self.tree.get(h.ino)
@@ -721,20 +765,21 @@ class VaultFS(pyfuse3.Operations):
 
     # -- directories ------------------------------------------------------------------------
     async def opendir(self, inode, ctx):
+        items: list[tuple[bytes, int | SNode]]
         if inode == SNAPDIR_INO:
-            infos = await trio.to_thread.run_sync(self.snaps.query_snapshots)
-            items = [(i.dirname, self.snaps.root_node(i, self.uid, self.gid).ino) for i in infos]
+            items = list(await self._snap_roots())
         elif is_snap_ino(inode):
             n = self._any(inode)
-            if n.children is None:
+            assert isinstance(n, SNode)
+            if not n.is_dir:
                 raise _err(errno.ENOTDIR)
-            await self._snap_root_loaded(n)  # type: ignore[arg-type]
-            items = sorted(n.children.items())
+            rows = await trio.to_thread.run_sync(self.snaps.query_children, n)
+            items = list(self.snaps.listing(n, rows))
         else:
             n = self._node(inode)
             if n.children is None:
                 raise _err(errno.ENOTDIR)
-            items = sorted(n.children.items())
+            items = list(sorted(n.children.items()))
             if inode == ROOT_INODE:
                 items.insert(0, (SNAPDIR_NAME, SNAPDIR_INO))
         fh = self._next_fh
@@ -745,15 +790,20 @@ class VaultFS(pyfuse3.Operations):
     async def readdir(self, fh, start_id, token):
         items = self.dirs.get(fh, [])
         for i in range(start_id, len(items)):
-            name, ino = items[i]
-            try:
-                n = self._any(ino)
-            except pyfuse3.FUSEError:
-                continue  # removed since opendir
+            name, item = items[i]
+            if isinstance(item, SNode):
+                n: Node | SNode = item
+            else:
+                try:
+                    n = self._any(item)
+                except pyfuse3.FUSEError:
+                    continue  # removed since opendir
             if not pyfuse3.readdir_reply(token, name, self._attr(n), i + 1):
                 break
             if isinstance(n, Node):
                 n.lookups += 1
+            else:
+                self.snaps.ref(n, lookups=1)
 
     async def releasedir(self, fh):
         self.dirs.pop(fh, None)
@@ -838,17 +888,13 @@ class VaultFS(pyfuse3.Operations):
         zero: dict[int, bytes] = {}
         bs = self.bs
         for path, n in walk:
-            xattrs = (
-                {k.decode("utf-8", "surrogateescape"): v for k, v in n.xattrs.items()}
-                if n.xattrs
-                else None
-            )
-            common = {"uid": n.uid, "gid": n.gid, "xattrs": xattrs}
+            common = {"uid": n.uid, "gid": n.gid, "xattrs": dict(n.xattrs) or None}
             mode = stat.S_IMODE(n.mode)
+            special = SPECIAL_TYPES.get(stat.S_IFMT(n.mode))
             if n.is_dir:
                 entries.append(Entry(path, "d", mode, n.mtime_ns, **common))
             elif stat.S_ISLNK(n.mode):
-                target = (n.target or b"").decode("utf-8", "surrogateescape")
+                target = n.target or b""
                 entries.append(Entry(path, "l", mode, n.mtime_ns, target=target, **common))
             elif n.is_reg:
                 if n.ino not in files:
@@ -858,6 +904,9 @@ class VaultFS(pyfuse3.Operations):
                 entries.append(
                     Entry(path, "f", mode, n.mtime_ns, size=size, cids=cids, link=link, **common)
                 )
+            elif special is not None:  # fifo, device, socket: no data, rdev for devices
+                rdev = n.rdev if special in ("c", "b") else None
+                entries.append(Entry(path, special, mode, n.mtime_ns, rdev=rdev, **common))
         uid, seq = self.vault.commit(entries, name=name)
         return uid, seq, len(entries)
 
@@ -927,6 +976,7 @@ class VaultFS(pyfuse3.Operations):
             "writers_waiting": self.cache.waiting,
             "blocks_stored": self.cache.stored_blocks,
             "inodes": len(self.tree.nodes),
+            "snapshot_views": {**self.snaps.stats.as_dict(), "nodes_cached": self.snaps.cached},
             "uploader_error": self.cache.error,
             "last_push": self.last_push,
         }

@@ -16,7 +16,12 @@ import tempfile
 import threading
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+from . import names
+
+#: ``PRAGMA user_version`` of an index in the current layout. 1: the first layout (0 in the
+#: file); 2: entries.parent, entries.rdev and the entries_parent/entries_link indexes
+#: (:func:`migrate` adds them to an older file and fills ``parent``).
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (
@@ -103,22 +108,40 @@ CREATE TABLE IF NOT EXISTS snapshots (
     files     INTEGER NOT NULL DEFAULT 0, -- number of entries
     bytes     INTEGER NOT NULL DEFAULT 0  -- logical bytes of regular files
 );
+-- A snapshot's entries. Names are bytes (anything but '/' and NUL): `path` and `target` hold
+-- their canonical form (vaultfs/names.py): a TEXT value when the bytes are valid UTF-8, else
+-- a BLOB of the raw bytes, so each byte string has exactly one stored value. The entries of
+-- one snapshot are inserted by one transaction, parents before children, so their ids are
+-- consecutive (the mount's snapshot inode numbers rely on that: vaultfs/snapview.py).
 CREATE TABLE IF NOT EXISTS entries (
     id        INTEGER PRIMARY KEY,
     snapshot  INTEGER NOT NULL REFERENCES snapshots(id), -- owning snapshot
-    path      TEXT NOT NULL,         -- relative POSIX path, no '..', no leading '/'
-    type      TEXT NOT NULL,         -- 'f' file, 'd' directory, 'l' symlink
+    path      TEXT NOT NULL,         -- relative POSIX path, no '..', no leading '/' (TEXT or
+                                     -- BLOB, see above)
+    type      TEXT NOT NULL,         -- 'f' file, 'd' directory, 'l' symlink, 'p' fifo,
+                                     -- 'c' character device, 'b' block device, 's' socket
     mode      INTEGER NOT NULL,      -- permission bits (st_mode & 0o7777)
     mtime_ns  INTEGER NOT NULL,      -- modification time, nanoseconds since the epoch
-    size      INTEGER NOT NULL,      -- logical size in bytes (files)
-    target    TEXT,                  -- symlink target (symlinks only)
+    size      INTEGER NOT NULL,      -- logical size in bytes (files; 0 for other types)
+    target    TEXT,                  -- symlink target (symlinks only; TEXT or BLOB as path)
     uid       INTEGER,               -- owner user id (NULL: unknown, restore as the caller)
     gid       INTEGER,               -- owner group id (NULL: unknown)
-    xattrs    TEXT,                  -- JSON object {name: hex value} of extended attributes
+    xattrs    TEXT,                  -- extended attributes, JSON: {name: hex value} when every
+                                     -- name is UTF-8, else [[hex name, hex value], ...]
     link      INTEGER,               -- hard-link group: entries of one snapshot with the same
                                      -- non-NULL value are one inode (NULL: not hard-linked)
+    parent    INTEGER,               -- (schema 2) id of the directory entry holding this one;
+                                     -- 0 at the top of the snapshot; NULL when the snapshot
+                                     -- has no entry for its directory or the path is invalid.
+                                     -- Derived from path (readers may ignore it); lets the
+                                     -- mount list one directory without reading the rest
+    rdev      INTEGER,               -- (schema 2) device number (st_rdev) of 'c'/'b' entries
     UNIQUE (snapshot, path)
 );
+-- (schema 2) a directory's children: the mount's readdir, and its subdirectory count
+CREATE INDEX IF NOT EXISTS entries_parent ON entries(snapshot, parent, type);
+-- (schema 2) the members of a hard-link group (one inode number, nlink = their count)
+CREATE INDEX IF NOT EXISTS entries_link ON entries(snapshot, link) WHERE link IS NOT NULL;
 CREATE TABLE IF NOT EXISTS entry_chunks (
     entry     INTEGER NOT NULL REFERENCES entries(id), -- file entry
     seq       INTEGER NOT NULL,      -- position of the chunk in the file (0-based)
@@ -249,7 +272,7 @@ class Index:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(SCHEMA)
+        migrate(self.db)
 
     def close(self) -> None:
         with self.lock:
@@ -286,6 +309,50 @@ class Index:
             dst.execute("VACUUM")
             dst.close()
             return out.read_bytes()
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Create missing tables and bring an older index to SCHEMA_VERSION (idempotent).
+
+    Version 1 → 2 adds ``entries.parent`` and ``entries.rdev`` (ALTER TABLE, no rewrite),
+    creates the two entries indexes and fills ``parent`` from the paths. Every step can be
+    repeated, and ``user_version`` is set last, so a crash midway is finished at the next
+    open. Runs on every open, also on a restore's downloaded copy; a current file costs one
+    PRAGMA and the CREATE ... IF NOT EXISTS script."""
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    cols = {r[1] for r in db.execute("PRAGMA table_info(entries)")}
+    if version < 2 and cols:  # an index written by schema 1
+        for col in ("parent", "rdev"):
+            if col not in cols:
+                db.execute(f"ALTER TABLE entries ADD COLUMN {col} INTEGER")
+    db.executescript(SCHEMA)
+    if version < 2:
+        if cols:
+            _fill_parents(db)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+
+def _fill_parents(db: sqlite3.Connection) -> None:
+    """entries.parent for rows written before schema 2, one snapshot at a time."""
+    snaps = [s for (s,) in db.execute("SELECT DISTINCT snapshot FROM entries WHERE parent IS NULL")]
+    for snap in snaps:
+        rows = db.execute(
+            "SELECT id, path, type FROM entries WHERE snapshot=? ORDER BY id", (snap,)
+        ).fetchall()
+        dirs = {names.from_db(path): eid for eid, path, typ in rows if typ == "d"}
+        updates = []
+        for eid, path, _typ in rows:
+            parts = names.split_path(names.from_db(path))
+            parent = None if parts is None else (dirs.get(parts[0]) if parts[0] else 0)
+            if parent is not None:
+                updates.append((parent, eid))
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("UPDATE entries SET parent=? WHERE id=?", updates)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
 
 class _Tx:

@@ -332,16 +332,17 @@ class LiveTree:
     def get(self, ino: int) -> Node | None:
         return self.nodes.get(ino)
 
-    def walk(self) -> list[tuple[str, Node]]:
-        """Every (relative path, node) reachable from the root, parents before children."""
-        out: list[tuple[str, Node]] = []
-        stack: list[tuple[str, Node]] = [("", self.nodes[ROOT_INODE])]
+    def walk(self) -> list[tuple[bytes, Node]]:
+        """Every (relative path as bytes, node) reachable from the root, parents before
+        children."""
+        out: list[tuple[bytes, Node]] = []
+        stack: list[tuple[bytes, Node]] = [(b"", self.nodes[ROOT_INODE])]
         while stack:
             prefix, d = stack.pop()
             assert d.children is not None
             for name in sorted(d.children):
                 n = self.nodes[d.children[name]]
-                path = f"{prefix}/{name.decode('utf-8', 'surrogateescape')}".lstrip("/")
+                path = prefix + b"/" + name if prefix else name
                 out.append((path, n))
                 if n.is_dir:
                     stack.append((path, n))

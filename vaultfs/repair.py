@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 from . import erasure, merkle, segment, verify
 from .backends import Unreachable, open_backend
 from .errors import BadRemote, IntegrityError, NotEnoughRemotes, NoVault
+from .names import display, from_db
 from .remotes import Remote, RemoteError
 from .verify import SHARD_SQL, ShardRow, live_segments_sql
 
@@ -510,7 +511,7 @@ def _heal_from_source(
                 " WHERE c.segment=? ORDER BY s.id, e.path",
                 (seg_id,),
             ):
-                item = f"{snap}:{path}"
+                item = f"{snap}:{display(from_db(path))}"
                 if item not in report.damaged_files:
                     report.damaged_files.append(item)
             continue

@@ -9,7 +9,6 @@ the manifest → each chunk's AEAD tag, key commitment and keyed chunk id.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sqlite3
@@ -28,7 +27,9 @@ import blake3
 from . import envelope, manifest, merkle, segment
 from .backup import check_name
 from .errors import InputError, IntegrityError, NotEnoughRemotes, TargetNotEmpty
+from .index import migrate
 from .keys import VaultKeys
+from .names import display, fs_path, xattrs_from_db
 from .remotes import Remote, RemoteError
 
 BATCH_SEGMENTS = 12
@@ -337,7 +338,8 @@ def fetch_index(keys: VaultKeys, m: manifest.Manifest, src: ShardSource, dest: P
 
 
 class Row(NamedTuple):
-    """One snapshot entry as stored in the index (see index.SCHEMA, table entries)."""
+    """One snapshot entry as stored in the index (see index.SCHEMA, table entries); path
+    and target in file-system form (names.fs_path)."""
 
     id: int
     path: str
@@ -350,6 +352,26 @@ class Row(NamedTuple):
     gid: int | None
     xattrs: str | None
     link: int | None
+    rdev: int | None
+
+    @classmethod
+    def of(cls, r: tuple) -> Row:
+        target = None if r[6] is None else fs_path(r[6])
+        return cls(r[0], fs_path(r[1]), *r[2:6], target, *r[7:])
+
+
+SPECIAL = {"p": stat.S_IFIFO, "s": stat.S_IFSOCK, "c": stat.S_IFCHR, "b": stat.S_IFBLK}
+
+
+def _make_special(p: Path, e: Row) -> str | None:
+    """Create a fifo, socket or device node; a reason instead when it cannot be made."""
+    if e.type in ("c", "b") and os.geteuid() != 0:
+        return "device nodes are restored only as root"
+    try:
+        os.mknod(p, SPECIAL[e.type] | 0o600, e.rdev or 0)
+    except OSError as exc:
+        return exc.strerror
+    return None
 
 
 class _FdCache:
@@ -528,9 +550,9 @@ def restore_files(
         raise InputError(f"snapshot {snapshot!r} not found (see `vaultfs snapshots`)")
     snap_id, snap_uid = row
     entries = [
-        Row(*r)
+        Row.of(r)
         for r in db.execute(
-            "SELECT id, path, type, mode, mtime_ns, size, target, uid, gid, xattrs, link"
+            "SELECT id, path, type, mode, mtime_ns, size, target, uid, gid, xattrs, link, rdev"
             " FROM entries WHERE snapshot=? ORDER BY path",
             (snap_id,),
         )
@@ -548,7 +570,7 @@ def restore_files(
             raise InputError(f"nothing in snapshot {snap_uid} matches --include {include}")
     for e in entries:
         check_name(e.path)  # a manifest naming ../x or /etc/x is refused before any write
-        if e.type not in ("f", "d", "l"):
+        if e.type not in ("f", "d", "l", *SPECIAL):
             raise IntegrityError(f"unknown entry type {e.type!r} for {e.path!r}")
     try:  # suites the index itself records as retired (indexes older than re-encryption: none)
         keys.retired_suites |= {
@@ -695,18 +717,31 @@ def restore_files(
             if force and p.is_symlink():
                 p.unlink()
             os.symlink(e.target or "", p)
+    skipped: set[str] = set()
+    for e in entries:
+        if e.type in SPECIAL:
+            p = _safe_target(to, e.path)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            if force and os.path.lexists(p):
+                p.unlink()
+            if (why := _make_special(p, e)) is not None:
+                warnings.append(f"{display(e.path)}: not restored ({why})")
+                skipped.add(e.path)
     # owners and xattrs, then modes and times (deepest first so parents keep their mtime)
     is_root = os.geteuid() == 0
     for e in sorted(entries, key=lambda e: -e.path.count("/")):
+        if e.path in skipped:
+            continue
         p = _safe_target(to, e.path)
         if is_root and e.uid is not None and e.gid is not None:
             os.chown(p, e.uid, e.gid, follow_symlinks=False)
-        if e.xattrs:
-            for name, value in json.loads(e.xattrs).items():
-                try:
-                    os.setxattr(p, name, bytes.fromhex(value), follow_symlinks=False)
-                except OSError as exc:
-                    warnings.append(f"{e.path}: could not set xattr {name}: {exc.strerror}")
+        for name, value in xattrs_from_db(e.xattrs).items():
+            try:
+                os.setxattr(p, name, value, follow_symlinks=False)
+            except OSError as exc:
+                warnings.append(
+                    f"{display(e.path)}: could not set xattr {display(name)}: {exc.strerror}"
+                )
         if e.type != "l":
             os.chmod(p, stat.S_IMODE(e.mode))
         os.utime(p, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
@@ -753,6 +788,7 @@ def open_remote_index(
         raise NotEnoughRemotes("none of the given remotes is reachable")
     dbpath = workdir / "index.db"
     fetch_index(keys, m, src, dbpath)
-    db = sqlite3.connect(dbpath)
+    db = sqlite3.connect(dbpath, isolation_level=None)
+    migrate(db)  # an index written before schema 2 reads like a current one
     verify_index_against_manifest(db, m)
     return db, src, m, warnings

@@ -1,28 +1,41 @@
-"""Read-only views of snapshots under ``MOUNTPOINT/.snapshots/<name>/``.
+"""Read-only views of snapshots under ``MOUNTPOINT/.snapshots/<name>/``, loaded lazily.
 
-Inode numbers live above the live tree's range and cannot collide with it or each other:
+Nothing of a snapshot is read until the kernel asks: a lookup reads one entry (by
+``UNIQUE (snapshot, path)``), a directory listing reads that directory's children (index
+``entries_parent``), a file's chunk list is read when it is opened. Listing ``.snapshots``
+costs one small count per snapshot. So a snapshot of millions of entries opens at once and
+``stat`` of one deep file reads one row per path component.
+
+Inode numbers live above the live tree's range and never collide with it or each other:
 
 * ``.snapshots`` itself: ``SNAPDIR_INO`` (2**62)
-* the root of snapshot *s*: ``SNAPROOT_BASE + snapshots.seq`` (manifest sequence numbers
-  only grow, so a deleted snapshot's numbers never come back, unlike SQLite row ids)
-* an entry: ``ENTRY_BASE + (seq << 32) + rank``, rank = the entry's position in the
-  snapshot (by entries.id); the entries of one hard-link group share the lowest rank's number
-* a directory a snapshot names only implicitly (``a/b`` without ``a``): ``SYNTH_BASE + n``
+* the root of snapshot *s*: ``SNAPROOT_BASE + snapshots.seq`` (manifest sequence numbers only
+  grow, so a deleted snapshot's numbers never come back, unlike SQLite row ids)
+* an entry: ``ENTRY_BASE + (seq << 32) + (entries.id mod 2**32)``. A snapshot's entries are
+  inserted by one transaction, so their ids are consecutive and distinct mod 2**32 (a
+  snapshot holds fewer than 2**32 entries); the entries of one hard-link group share the
+  number of the group's lowest id (index ``entries_link``), and nlink is the group's size
+* a directory a snapshot names only implicitly (``a/b`` without ``a``, possible only in an
+  index not written by vaultfs): ``SYNTH_BASE + n``, n counting up for the life of the mount
 
-A snapshot is loaded on first access (one query in a worker thread), so listing
-``.snapshots`` costs nothing per snapshot; a file's chunk list is loaded when it is opened.
-The directory name is the snapshot's name when it has a unique one, else its id.
+Memory stays bounded: a node the kernel holds (lookup count above zero, or open) is kept;
+others go to a small LRU (``CACHE_NODES``) and are read again from the index when needed.
+An open directory holds its listing until it is released; chunk lists of recently opened
+files are kept in a small LRU too. ``stats`` counts what was read (``vaultfs status``).
 
-Contract: the methods named ``load_*``/``query_*`` run in worker threads; the rest on the loop.
+Contract: ``query_*`` methods run in worker threads, touch only SQLite and return plain rows;
+everything else runs on the event loop.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
 import stat
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from . import names
 from .index import Index
 
 SNAPDIR_INO = 1 << 62
@@ -30,10 +43,27 @@ SNAPROOT_BASE = SNAPDIR_INO + 1
 ENTRY_BASE = 1 << 61
 SYNTH_BASE = SNAPDIR_INO + (1 << 40)
 SNAPDIR_NAME = b".snapshots"
+CACHE_NODES = 4096
+CACHE_CHUNK_MAPS = 64
+
+_COLS = "id, path, type, mode, mtime_ns, size, target, uid, gid, xattrs, link, rdev"
+_FMT = {
+    "d": stat.S_IFDIR,
+    "l": stat.S_IFLNK,
+    "f": stat.S_IFREG,
+    "p": stat.S_IFIFO,
+    "c": stat.S_IFCHR,
+    "b": stat.S_IFBLK,
+    "s": stat.S_IFSOCK,
+}
 
 
 def is_snap_ino(ino: int) -> bool:
     return ino >= ENTRY_BASE
+
+
+def entry_ino(seq: int, eid: int) -> int:
+    return ENTRY_BASE + (seq << 32) + (eid & 0xFFFFFFFF)
 
 
 @dataclass(slots=True, eq=False)
@@ -47,8 +77,17 @@ class SNode:
     target: bytes | None = None
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     nlink: int = 1
+    rdev: int = 0
     entry: int | None = None  # entries.id holding the chunk list (files)
-    children: dict[bytes, int] | None = None
+    snap: int | None = None  # snapshots.id (None: .snapshots itself)
+    dir_id: int | None = None  # directories: entries.id of their children's parent (0: root)
+    path: bytes | None = None  # directories: path in the snapshot (b"" for its root)
+    lookups: int = 0  # kernel lookup count
+    opens: int = 0  # open handles
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
 
 
 @dataclass
@@ -61,149 +100,317 @@ class SnapInfo:
     dirname: bytes
 
 
+@dataclass
+class _Root:
+    """What is known about one snapshot once its root was looked up."""
+
+    info: SnapInfo
+    # directories named only implicitly, and entries whose directory has no entry:
+    # dir path -> {name: row or None for a synthetic directory}; empty for vaultfs' own
+    extra: dict[bytes, dict[bytes, tuple | None]] = field(default_factory=dict)
+    synth: dict[bytes, int] = field(default_factory=dict)  # implicit dir path -> inode
+
+
+@dataclass
+class Stats:
+    """What the views read from the index since the mount (shown by `vaultfs status`)."""
+
+    entries_read: int = 0  # rows of `entries` read
+    lookups: int = 0  # single-name queries
+    listings: int = 0  # directory listings read
+    chunk_lists: int = 0  # file chunk lists read
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **counts: int) -> None:
+        with self.lock:  # worker threads count concurrently
+            for k, v in counts.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "entries_read": self.entries_read,
+            "lookups": self.lookups,
+            "listings": self.listings,
+            "chunk_lists": self.chunk_lists,
+        }
+
+
 class SnapViews:
-    def __init__(self, index: Index) -> None:
+    def __init__(self, index: Index, uid: int, gid: int) -> None:
         self.index = index
-        self.nodes: dict[int, SNode] = {}
-        self.loaded: set[int] = set()
+        self.uid, self.gid = uid, gid
+        self.pinned: dict[int, SNode] = {}  # nodes the kernel holds (or roots)
+        self.lru: OrderedDict[int, SNode] = OrderedDict()
+        self.roots: dict[int, _Root] = {}  # snapshots.id -> root state
+        self.root_inos: dict[int, int] = {}  # root inode -> snapshots.id
+        self.chunk_maps: OrderedDict[int, tuple[list[int], list[tuple[bytes, int]]]] = OrderedDict()
         self._synth = 0
-        self.chunk_maps: dict[int, tuple[list[int], list[tuple[bytes, int]]]] = {}
-        self.roots: dict[int, int] = {}  # root inode -> snapshots.id
-        self.members: dict[int, set[int]] = {}  # snapshots.id -> inodes loaded for it
+        self.stats = Stats()
+
+    # -- nodes the kernel knows (loop) ------------------------------------------------------
+    def get(self, ino: int) -> SNode | None:
+        n = self.pinned.get(ino)
+        if n is None:
+            n = self.lru.get(ino)
+            if n is not None:
+                self.lru.move_to_end(ino)
+        return n
+
+    def intern(self, node: SNode) -> SNode:
+        """The node already known for this inode number, else ``node`` (cached)."""
+        old = self.get(node.ino)
+        if old is not None:
+            return old
+        self.lru[node.ino] = node
+        self._trim()
+        return node
+
+    def ref(self, node: SNode, lookups: int = 0, opens: int = 0) -> None:
+        """The kernel took a lookup reference or opened it: keep it until released."""
+        node.lookups += lookups
+        node.opens += opens
+        if node.ino not in self.pinned:
+            self.lru.pop(node.ino, None)
+            self.pinned[node.ino] = node
+
+    def unref(self, ino: int, lookups: int = 0, opens: int = 0) -> None:
+        n = self.pinned.get(ino)
+        if n is None:
+            return
+        n.lookups -= lookups
+        n.opens -= opens
+        if n.lookups <= 0 and n.opens <= 0 and ino not in self.root_inos and ino != SNAPDIR_INO:
+            del self.pinned[ino]
+            self.lru[ino] = n
+            self._trim()
+
+    def _trim(self) -> None:
+        while len(self.lru) > CACHE_NODES:
+            self.lru.popitem(last=False)
+
+    @property
+    def cached(self) -> int:
+        return len(self.pinned) + len(self.lru)
 
     # -- listing snapshots ------------------------------------------------------------------
     def query_snapshots(self) -> list[SnapInfo]:
         rows = self.index.q("SELECT id, seq, uid, name, created FROM snapshots ORDER BY id")
-        names: dict[str, int] = {}
+        counts: dict[str, int] = {}
         for _i, _s, _u, nm, _c in rows:
             if nm:
-                names[nm] = names.get(nm, 0) + 1
+                counts[nm] = counts.get(nm, 0) + 1
         out = []
         uids = {u for _i, _s, u, _n, _c in rows}
         for i, seq, u, nm, c in rows:
-            ok = nm and names[nm] == 1 and "/" not in nm and nm not in (".", "..")
+            ok = nm and counts[nm] == 1 and "/" not in nm and nm not in (".", "..")
             ok = ok and (nm == u or nm not in uids)
             out.append(SnapInfo(i, seq, u, nm, c, (nm if ok else u).encode()))
         return out
 
-    def root_node(self, info: SnapInfo, uid: int, gid: int) -> SNode:
+    def query_root(self, info: SnapInfo) -> tuple[int, list[tuple]]:
+        """(top-level directories, entries with no directory entry) of a snapshot."""
+        (dirs,) = self.index.one(
+            "SELECT count(*) FROM entries WHERE snapshot=? AND parent=0 AND type='d'", (info.id,)
+        )
+        orphans = self.index.q(
+            f"SELECT {_COLS} FROM entries WHERE snapshot=? AND parent IS NULL", (info.id,)
+        )
+        self.stats.add(entries_read=len(orphans))
+        return dirs, orphans
+
+    def root_node(self, info: SnapInfo, loaded: tuple[int, list[tuple]] | None) -> SNode:
+        """The root directory of a snapshot (``loaded``: query_root's answer, needed the
+        first time)."""
         ino = SNAPROOT_BASE + info.seq
-        n = self.nodes.get(ino)
-        if n is None:
-            n = SNode(ino, stat.S_IFDIR | 0o555, int(info.created * 1e9), uid=uid, gid=gid)
-            n.nlink = 2
-            self.nodes[ino] = n
-            self.roots[ino] = info.id
-            self.members.setdefault(info.id, set()).add(ino)
+        n = self.pinned.get(ino)
+        if n is not None:
+            return n
+        dirs, orphans = loaded or (0, [])  # None: deleted meanwhile, nothing to show
+        n = SNode(ino, stat.S_IFDIR | 0o555, int(info.created * 1e9), uid=self.uid, gid=self.gid)
+        n.nlink, n.snap, n.dir_id, n.path = 2 + dirs, info.id, 0, b""
+        root = _Root(info)
+        for row in orphans:
+            parts = names.split_path(names.from_db(row[1]))
+            if parts is None:
+                continue  # '../x', '/x' and the like: no directory can show it
+            head, tail = parts
+            root.extra.setdefault(head, {})[tail] = row
+            while head:  # the implicit directories up to the root
+                up, _s, nm = head.rpartition(b"/")
+                root.extra.setdefault(up, {}).setdefault(nm, None)
+                head = up
+        self.roots[info.id] = root
+        self.root_inos[ino] = info.id
+        self.pinned[ino] = n
         return n
 
-    def snap_of_root(self, ino: int) -> int | None:
-        return self.roots.get(ino)
+    def known_root(self, ino: int) -> bool:
+        return ino in self.root_inos
 
-    # -- loading one snapshot (worker thread) ----------------------------------------------
-    def load_snapshot(self, snap_id: int, root: SNode) -> None:
-        if snap_id in self.loaded:
-            return
-        seq = root.ino - SNAPROOT_BASE
-        base = ENTRY_BASE + (seq << 32)
-        members = self.members.setdefault(snap_id, set())
-        rows = self.index.q(
-            "SELECT id, path, type, mode, mtime_ns, size, target, uid, gid, xattrs, link"
-            " FROM entries WHERE snapshot=? ORDER BY path",
-            (snap_id,),
+    # -- reading directories (worker threads) -----------------------------------------------
+    def query_child(self, d: SNode, name: bytes) -> tuple | None:
+        """The entry ``name`` of directory ``d`` (one row), or None."""
+        assert d.snap is not None and d.path is not None
+        if b"/" in name or name in (b"", b".", b".."):
+            return None
+        path = d.path + b"/" + name if d.path else name
+        row = self.index.one(
+            f"SELECT {_COLS} FROM entries WHERE snapshot=? AND path=?",
+            (d.snap, names.to_db(path)),
         )
-        rows.sort(key=lambda r: r[0])
-        rank = {r[0]: i for i, r in enumerate(rows)}
-        rows.sort(key=lambda r: r[1])
-        groups: dict[int, list[int]] = {}
-        for r in rows:
-            if r[10] is not None:
-                groups.setdefault(r[10], []).append(rank[r[0]])
-        by_path: dict[str, SNode] = {"": root}
-        root.children = {}
-        for eid, path, typ, mode, mtime_ns, size, target, uid, gid, xattrs, link in rows:
-            ino = base + (min(groups[link]) if link is not None else rank[eid])
-            if typ == "d":
-                fmt = stat.S_IFDIR
-            elif typ == "l":
-                fmt = stat.S_IFLNK
-            else:
-                fmt = stat.S_IFREG
-            node = self.nodes.get(ino)
-            if node is None:
-                node = SNode(
-                    ino,
-                    fmt | (mode & 0o7777),
-                    mtime_ns,
-                    size=size,
-                    uid=root.uid if uid is None else uid,
-                    gid=root.gid if gid is None else gid,
-                    target=target.encode("utf-8", "surrogateescape") if target else None,
-                    xattrs={
-                        k.encode("utf-8", "surrogateescape"): bytes.fromhex(v)
-                        for k, v in json.loads(xattrs).items()
-                    }
-                    if xattrs
-                    else {},
-                    nlink=len(groups[link]) if link is not None else 1,
-                    entry=eid if typ == "f" else None,
+        self.stats.add(lookups=1, entries_read=int(row is not None))
+        if row is None:
+            return None
+        return self._extend(d.snap, [row])[0]
+
+    def query_children(self, d: SNode) -> list[tuple]:
+        """Every entry of directory ``d`` whose parent is recorded (one listing)."""
+        assert d.snap is not None
+        self.stats.add(listings=1)
+        if d.dir_id is None:  # an implicit directory: its children are all in _Root.extra
+            return []
+        rows = self.index.q(
+            f"SELECT {_COLS} FROM entries WHERE snapshot=? AND parent=?", (d.snap, d.dir_id)
+        )
+        self.stats.add(entries_read=len(rows))
+        return self._extend(d.snap, rows)
+
+    def _extend(self, snap: int, rows: list[tuple]) -> list[tuple]:
+        """Add (group's lowest id, group size, subdirectories) to each row."""
+        links = sorted({r[10] for r in rows if r[10] is not None})
+        groups: dict[int, tuple[int, int]] = {}
+        for i in range(0, len(links), 500):
+            part = links[i : i + 500]
+            marks = ",".join("?" * len(part))
+            for link, low, count in self.index.q(
+                f"SELECT link, min(id), count(*) FROM entries WHERE snapshot=? AND link IN ({marks})"
+                " GROUP BY link",
+                (snap, *part),
+            ):
+                groups[link] = (low, count)
+        dirs = [r[0] for r in rows if r[2] == "d"]
+        subdirs: dict[int, int] = {}
+        for i in range(0, len(dirs), 500):
+            part = dirs[i : i + 500]
+            marks = ",".join("?" * len(part))
+            subdirs.update(
+                self.index.q(
+                    f"SELECT parent, count(*) FROM entries WHERE snapshot=? AND parent IN ({marks})"
+                    " AND type='d' GROUP BY parent",
+                    (snap, *part),
                 )
-                if typ == "l" and node.target is not None:
-                    node.size = len(node.target)
-                if typ == "d":
-                    node.children = {}
-                    node.nlink = 2
-                self.nodes[ino] = node
-                members.add(ino)
-            by_path[path] = node
-            parent_path, _, name = path.rpartition("/")
-            parent = self._dir(by_path, parent_path, root, members)
-            assert parent.children is not None
-            parent.children[name.encode("utf-8", "surrogateescape")] = ino
-            if typ == "d":
-                parent.nlink += 1
-        self.loaded.add(snap_id)
+            )
+        out = []
+        for r in rows:
+            low, count = groups.get(r[10], (r[0], 1)) if r[10] is not None else (r[0], 1)
+            out.append((*r, low, count, subdirs.get(r[0], 0)))
+        return out
 
-    def _dir(self, by_path: dict[str, SNode], path: str, root: SNode, members: set[int]) -> SNode:
-        node = by_path.get(path)
-        if node is not None and node.children is not None:
-            return node
-        parent_path, _, name = path.rpartition("/")
-        parent = self._dir(by_path, parent_path, root, members)
-        self._synth += 1
-        node = SNode(SYNTH_BASE + self._synth, stat.S_IFDIR | 0o555, root.mtime_ns)
-        node.uid, node.gid, node.children, node.nlink = root.uid, root.gid, {}, 2
-        self.nodes[node.ino] = node
-        members.add(node.ino)
-        by_path[path] = node
-        assert parent.children is not None
-        parent.children[name.encode("utf-8", "surrogateescape")] = node.ino
-        return node
+    # -- building nodes (loop) ----------------------------------------------------------------
+    def child_node(self, d: SNode, name: bytes, row: tuple | None) -> SNode | None:
+        """The node of ``d/name`` from query_child's row, or an implicit one (or None)."""
+        root = self.roots.get(d.snap) if d.snap is not None else None
+        if root is None:
+            return None
+        if row is not None:
+            return self.intern(self._from_row(root, d, row))
+        extra = root.extra.get(d.path or b"", {})
+        if name not in extra:
+            return None
+        return self.intern(self._extra_node(root, d, name, extra[name]))
 
-    def load_chunks(self, node: SNode) -> tuple[list[int], list[tuple[bytes, int]]]:
-        """(start offsets, [(cid, length)]) of a snapshot file (worker thread)."""
+    def listing(self, d: SNode, rows: list[tuple]) -> list[tuple[bytes, SNode]]:
+        """(name, node) of every entry of ``d``, sorted by name (for one open directory)."""
+        root = self.roots.get(d.snap) if d.snap is not None else None
+        if root is None:
+            return []
+        out: dict[bytes, SNode] = {}
+        for row in rows:
+            parts = names.split_path(names.from_db(row[1]))
+            if parts is None or parts[0] != (d.path or b""):
+                continue  # a parent id that does not match the path: not shown
+            out[parts[1]] = self.intern(self._from_row(root, d, row))
+        for name, row in root.extra.get(d.path or b"", {}).items():
+            if name not in out:
+                out[name] = self.intern(self._extra_node(root, d, name, row))
+        return sorted(out.items())
+
+    def _extra_node(self, root: _Root, d: SNode, name: bytes, row: tuple | None) -> SNode:
+        if row is not None:  # an entry whose directory has no entry of its own
+            return self._from_row(root, d, (*row, row[0], 1, 0))
+        path = d.path + b"/" + name if d.path else name
+        ino = root.synth.get(path)
+        if ino is None:
+            self._synth += 1
+            ino = root.synth[path] = SYNTH_BASE + self._synth
+        n = SNode(ino, stat.S_IFDIR | 0o555, d.mtime_ns, uid=d.uid, gid=d.gid, nlink=2)
+        n.snap, n.path = d.snap, path  # dir_id None: no entry, so no recorded children
+        return n
+
+    def _from_row(self, root: _Root, d: SNode, row: tuple) -> SNode:
+        (eid, path, typ, mode, mtime_ns, size, target, uid, gid, xattrs, _link, rdev) = row[:12]
+        low, count, subdirs = row[12:15]
+        ino = entry_ino(root.info.seq, low)
+        old = self.get(ino)
+        if old is not None:
+            return old
+        n = SNode(
+            ino,
+            _FMT.get(typ, stat.S_IFREG) | (mode & 0o7777),
+            mtime_ns,
+            size=size if typ == "f" else 0,
+            uid=d.uid if uid is None else uid,
+            gid=d.gid if gid is None else gid,
+            target=names.from_db(target) if typ == "l" and target is not None else None,
+            xattrs=names.xattrs_from_db(xattrs),
+            nlink=count,
+            rdev=rdev or 0,
+            entry=eid if typ == "f" else None,
+            snap=root.info.id,
+        )
+        if typ == "l":
+            n.size = len(n.target or b"")
+        if typ == "d":
+            n.nlink = 2 + subdirs + sum(1 for r in root.extra.get(names.from_db(path), {}).values() if r is None)  # fmt: skip
+            n.dir_id, n.path = eid, names.from_db(path)
+        return n
+
+    # -- files --------------------------------------------------------------------------------
+    def cached_chunks(self, node: SNode):
         hit = self.chunk_maps.get(node.ino)
         if hit is not None:
-            return hit
+            self.chunk_maps.move_to_end(node.ino)
+        return hit
+
+    def query_chunks(self, node: SNode) -> tuple[list[int], list[tuple[bytes, int]]]:
+        """(start offsets, [(cid, length)]) of a snapshot file (worker thread)."""
         rows = self.index.q(
             "SELECT c.cid, c.plain FROM entry_chunks e JOIN chunks c ON c.id = e.chunk"
             " WHERE e.entry=? ORDER BY e.seq",
             (node.entry,),
         )
+        self.stats.add(chunk_lists=1)
         starts, pos = [], 0
         for _cid, n in rows:
             starts.append(pos)
             pos += n
-        out = (starts, [(bytes(c), n) for c, n in rows])
-        self.chunk_maps[node.ino] = out
-        return out
+        return starts, [(bytes(c), n) for c, n in rows]
 
+    def keep_chunks(self, node: SNode, cmap) -> None:
+        self.chunk_maps[node.ino] = cmap
+        while len(self.chunk_maps) > CACHE_CHUNK_MAPS:
+            self.chunk_maps.popitem(last=False)
+
+    # -- deleting -----------------------------------------------------------------------------
     def forget_snapshot(self, snap_id: int) -> None:
-        self.loaded.discard(snap_id)
-        for ino in self.members.pop(snap_id, set()):
-            self.nodes.pop(ino, None)
-            self.roots.pop(ino, None)
-            self.chunk_maps.pop(ino, None)
+        """A snapshot was deleted: its names disappear (nodes the kernel still holds stay
+        readable until it forgets them; chunks are never freed)."""
+        self.roots.pop(snap_id, None)
+        for ino in [i for i, s in self.root_inos.items() if s == snap_id]:
+            del self.root_inos[ino]
+            self.pinned.pop(ino, None)
+        for ino in [i for i, n in self.lru.items() if n.snap == snap_id]:
+            del self.lru[ino]
 
 
 def read_snapshot_range(read_chunk, cmap, off: int, size: int) -> bytes:

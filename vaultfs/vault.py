@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import secrets
 import threading
@@ -36,7 +35,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import BinaryIO
 
-from . import envelope, erasure, manifest, merkle, segment
+from . import envelope, erasure, manifest, merkle, names, segment
 from .chunker import Chunker
 from .errors import (
     DiskFull,
@@ -178,17 +177,18 @@ class FlushReport:
 
 @dataclass
 class Entry:
-    path: str
-    type: str  # 'f', 'd', 'l'
+    path: str | bytes  # os.fsdecode form or raw bytes (stored as names.to_db gives)
+    type: str  # 'f', 'd', 'l', 'p' fifo, 'c'/'b' device, 's' socket
     mode: int
     mtime_ns: int
     size: int = 0
-    target: str | None = None
+    target: str | bytes | None = None
     cids: list[bytes] = field(default_factory=list)
     uid: int | None = None
     gid: int | None = None
-    xattrs: dict[str, bytes] | None = None
+    xattrs: dict[str, bytes] | dict[bytes, bytes] | None = None
     link: int | None = None  # hard-link group within the snapshot
+    rdev: int | None = None  # device number of 'c'/'b' entries
 
 
 class Vault:
@@ -780,29 +780,33 @@ class Vault:
             )
             snap_id = cur.lastrowid
             files = size = 0
+            dirs: dict[bytes, int] = {}  # directory path -> entries.id (for entries.parent)
             for e in entries:
-                xattrs = (
-                    json.dumps({k: v.hex() for k, v in sorted(e.xattrs.items())})
-                    if e.xattrs
-                    else None
-                )
+                path = names.raw(e.path)
+                parts = names.split_path(path)
+                parent = None if parts is None else (dirs.get(parts[0]) if parts[0] else 0)
                 c = db.execute(
                     "INSERT INTO entries(snapshot, path, type, mode, mtime_ns, size, target,"
-                    " uid, gid, xattrs, link) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " uid, gid, xattrs, link, parent, rdev)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         snap_id,
-                        e.path,
+                        names.to_db(path),
                         e.type,
                         e.mode,
                         e.mtime_ns,
                         e.size,
-                        e.target,
+                        None if e.target is None else names.to_db(e.target),
                         e.uid,
                         e.gid,
-                        xattrs,
+                        names.xattrs_to_db(e.xattrs),
                         e.link,
+                        parent,
+                        e.rdev,
                     ),
                 )
+                if e.type == "d" and parts is not None:
+                    dirs[path] = c.lastrowid
                 if e.type == "f":
                     ids = self._chunk_rows(db, e.cids)
                     db.executemany(
