@@ -229,6 +229,34 @@ def test_repair_killed_midway_recovers(tmp_path: Path) -> None:
     assert _restore(keys, specs[1:4], tmp_path / "w") == data
 
 
+class _Crash(BaseException):
+    """Stands for the process dying at that point."""
+
+
+def test_repair_that_dies_before_publishing_is_published_by_the_next(tmp_path, monkeypatch):
+    """A repair killed after re-pointing shard rows, before shipping the index: the next
+    repair has nothing left to rebuild, but must still publish the index, or the remotes'
+    copy names the objects the first one replaced (a restore from k would come up short)."""
+    v, specs, data = _vault(tmp_path, mib=1.6)
+    keys = v.keys
+    for p in list((Path(specs[1]) / "data").iterdir()):
+        p.unlink()
+
+    def die(*a, **kw):
+        raise _Crash()
+
+    monkeypatch.setattr(Vault, "ship_index", die)
+    with pytest.raises(_Crash):
+        repair_mod.repair(v, scan=True)
+    monkeypatch.undo()
+    assert v.index.get("unshipped_since") is not None
+    rep = repair_mod.repair(v, scan=True)
+    assert rep.rebuilt == 0 and rep.manifest_seq is not None
+    assert v.index.get("unshipped_since") is None
+    v.close()
+    assert _restore(keys, specs[1:4], tmp_path / "w") == data
+
+
 def test_remove_remote_rebuilds_elsewhere(tmp_path: Path) -> None:
     v, specs, data = _vault(tmp_path, remotes=6, mib=1.2)
     try:

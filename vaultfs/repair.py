@@ -176,6 +176,7 @@ def _retarget_queued(vault: Vault, removed: set[int], prefer: int | None) -> int
             os.replace(src, dst_dir / sh.name)
         with vault.index.tx() as db:
             db.execute("UPDATE shards SET remote=? WHERE id=?", (tgt, sh.id))
+            vault.mark_unshipped(db)
         moved += 1
     return moved
 
@@ -393,6 +394,7 @@ def _rebuild_segment(
                 " WHERE id=?",
                 (name, tgt, h, leaves, root, sh.id),
             )
+            vault.mark_unshipped(db)
             db.execute("DELETE FROM audit_findings WHERE shard=?", (sh.id,))
             db.execute("DELETE FROM audit_tags WHERE name=?", (sh.name,))
         if not reason.startswith("missing"):  # a missing object has nothing to delete
@@ -525,6 +527,7 @@ def _heal_from_source(
                 db.execute("DELETE FROM audit_findings WHERE shard=?", (sid,))
             db.execute("DELETE FROM shards WHERE segment=?", (seg_id,))
             db.execute("DELETE FROM segments WHERE id=?", (seg_id,))
+            vault.mark_unshipped(db)
         old += [(f"{kind}/{name}", rid) for _sid, kind, name, rid in rows]
         report.unrecoverable = [
             u for u in report.unrecoverable if not u.startswith(f"data segment {seg_id}:")
@@ -655,7 +658,10 @@ def repair(
     report.segments = len(plan)
     if report.unrecoverable_segments:
         old_objects += _heal_from_source(vault, report, sources or [])
-    if report.rebuilt or report.retargeted_queued or plan or _any_stale(vault):
+    # also when an earlier repair changed shard rows and died before publishing them: the
+    # remotes' index copy would still name the objects that repair replaced
+    unshipped = vault.index.get("unshipped_since") is not None
+    if report.rebuilt or report.retargeted_queued or plan or unshipped or _any_stale(vault):
         report.manifest_seq = vault.ship_index()  # flush places data before manifests
     flush = vault.flush()
     report.pending = {k: v for k, v in flush.pending.items() if v}

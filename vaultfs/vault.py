@@ -920,9 +920,17 @@ class Vault:
         _fsync_dir(self.queue_dir / "manifests")
         with self.index.tx() as db:
             db.execute("INSERT INTO manifests VALUES (?, ?, ?, ?)", (seq, name, time.time(), root))
+            db.execute("DELETE FROM settings WHERE key='unshipped_since'")
             db.executemany(
                 "INSERT INTO manifest_queue VALUES (?, ?)", [(seq, r.rid) for r in self.remotes()]
             )
+
+    @staticmethod
+    def mark_unshipped(db) -> None:
+        """Inside a transaction that changes where shards are (repair): note that the index
+        copy on the remotes is out of date until the next :meth:`ship_index` (which clears
+        the mark in the transaction that records its manifest)."""
+        db.execute("INSERT OR REPLACE INTO settings VALUES ('unshipped_since', ?)", (time.time(),))
 
     def ship_index(self) -> int:
         """Export and sign the index as a new manifest without recording a snapshot (after a
