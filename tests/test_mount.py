@@ -274,6 +274,21 @@ def test_links_metadata_xattrs_excl_statfs(shared: Vault) -> None:
     assert abs(sv.f_bavail * sv.f_frsize - local.f_bavail * local.f_frsize) < 256 * MiB
 
 
+def test_open_with_o_trunc_truncates_an_existing_file(shared: Vault) -> None:
+    """libfuse negotiates atomic O_TRUNC, so the kernel truncates only its own cache and
+    leaves the file to OPEN; a snapshot shows what the daemon holds."""
+    p = shared.mp / "otrunc"
+    p.write_bytes(b"the old, longer content" * 100)
+    with open(p, "r+b") as f:
+        os.fsync(f.fileno())
+    fd = os.open(p, os.O_WRONLY | os.O_TRUNC)
+    os.write(fd, b"new")
+    os.close(fd)
+    assert p.read_bytes() == b"new"
+    shared.cli("snapshot", "--name", "after-otrunc")
+    assert (shared.mp / ".snapshots" / "after-otrunc" / "otrunc").read_bytes() == b"new"
+
+
 def test_large_directory_and_fsync(shared: Vault) -> None:
     d = shared.mp / "many"
     d.mkdir()

@@ -561,8 +561,18 @@ class VaultFS(pyfuse3.Operations):
         if not n.is_reg:
             raise _err(errno.EISDIR if n.is_dir else errno.EINVAL)
         await self._ensure_blocks(n)
+        if flags & os.O_TRUNC:
+            # libfuse negotiates atomic O_TRUNC: the kernel sends no truncating setattr
+            await self._open_truncate(n)
         n.opens += 1
         return pyfuse3.FileInfo(fh=self._new_fh(Handle(inode)), keep_cache=True)
+
+    async def _open_truncate(self, n: Node) -> None:
+        async with self._mut():
+            if n.size:
+                await self._truncate(n, 0)
+            n.mtime_ns = n.ctime_ns = time.time_ns()
+            self.tree.touch(n)
 
     async def read(self, fh, off, size):
         h = self.fhs[fh]
