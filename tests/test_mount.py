@@ -351,7 +351,10 @@ def _killpriv_outcomes(root: Path) -> list[tuple[int, bool]]:
     return out
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root (security.capability, chown) and setpriv (util-linux)",
+)
 def test_set_id_bits_and_file_capabilities_are_cleared_as_the_kernel_does(
     shared: Vault, tmp_path: Path
 ) -> None:
