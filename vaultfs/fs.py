@@ -371,9 +371,10 @@ class VaultFS(pyfuse3.Operations):
     def _kill_privs(self, n: Node, setid: bool) -> None:
         """The kernel's duty under FUSE_HANDLE_KILLPRIV_V2, for a write, truncate or chown of
         ``n``: drop ``security.capability``, and if ``setid``, S_ISUID and S_ISGID, the latter
-        only with group-exec (S_ISGID without it marks mandatory locking and stays, as the
-        kernel keeps it). Directories keep everything (chown of a directory keeps its
-        S_ISGID). In memory only, so cheap enough for the FUSE loop."""
+        only with group-exec, the rule the KILLPRIV_V2 protocol states (without group-exec
+        S_ISGID grants nothing on exec; Linux's own file systems also drop it for a writer
+        outside the file's group, which FUSE does not tell us). Directories keep everything
+        (chown keeps a directory's S_ISGID). In memory only, so cheap enough for the loop."""
         if n.is_dir:
             return
         changed = False
