@@ -2,8 +2,8 @@
 file system can reach on this machine (same pyfuse3, trio and writeback cache as vaultfs).
 
 It does not implement ``getxattr``, so the kernel stops asking for ``security.capability``
-before every ``write(2)`` (docs/mount.md, "Performance"): for large writes that costs
-nothing, for small ones it flatters the ceiling.
+before every ``write(2)`` (docs/mount.md, "Performance"); vaultfs, which keeps real extended
+attributes, gets the same by negotiating FUSE_HANDLE_KILLPRIV_V2.
 
 Usage: ``python -m bench.nullfs MOUNTPOINT`` (serves until ``fusermount3 -u``).
 """

@@ -17,6 +17,7 @@ import shutil
 import signal
 import sqlite3
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -273,6 +274,108 @@ def test_links_metadata_xattrs_excl_statfs(shared: Vault) -> None:
     assert sv.f_namemax == 255
     # free space is what the local disk holding the cache and queue can still take
     assert abs(sv.f_bavail * sv.f_frsize - local.f_bavail * local.f_frsize) < 256 * MiB
+
+
+def test_open_with_o_trunc_truncates_an_existing_file(shared: Vault) -> None:
+    """libfuse negotiates atomic O_TRUNC, so the kernel truncates only its own cache and
+    leaves the file to OPEN; a snapshot shows what the daemon holds."""
+    p = shared.mp / "otrunc"
+    p.write_bytes(b"the old, longer content" * 100)
+    with open(p, "r+b") as f:
+        os.fsync(f.fileno())
+    fd = os.open(p, os.O_WRONLY | os.O_TRUNC)
+    os.write(fd, b"new")
+    os.close(fd)
+    assert p.read_bytes() == b"new"
+    shared.cli("snapshot", "--name", "after-otrunc")
+    assert (shared.mp / ".snapshots" / "after-otrunc" / "otrunc").read_bytes() == b"new"
+
+
+def test_small_writes_cost_no_getxattr_round_trip(shared: Vault) -> None:
+    """FUSE_HANDLE_KILLPRIV_V2 (the patched pyfuse3): the kernel stops asking for
+    security.capability before every write(2), as it did for each of pg_dump's 8 KiB writes."""
+    before = shared.status()["mount"]["getxattr_requests"]
+    data = random.Random(3).randbytes(8192)
+    with open(shared.mp / "small-writes", "wb", buffering=0) as f:
+        for _ in range(2000):
+            f.write(data)
+    asked = shared.status()["mount"]["getxattr_requests"] - before
+    assert asked <= 2, f"{asked} GETXATTR requests for 2000 writes"
+    assert (shared.mp / "small-writes").read_bytes() == data * 2000
+
+
+# -- set-id bits and file capabilities (the kernel hands them to us with KILLPRIV_V2) ----------
+#: what setcap writes for cap_net_raw=ep: VFS_CAP_REVISION_2 | effective, permitted = 1 << 13
+FILE_CAPS = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)
+#: The kernel keys on CAP_FSETID. FUSE admits only the mounting user (no allow_other), so the
+#: unprivileged writer is root without CAP_FSETID (bounding and inheritable sets, so the
+#: exec'd interpreter cannot regain it).
+NO_FSETID = ["setpriv", "--bounding-set=-fsetid", "--inh-caps=-fsetid"]
+KILLPRIV_OPS = {
+    "append": "f = open(p, 'ab', buffering=0)\nfor _ in range(3): f.write(b'x' * 8192)\nf.close()",
+    "truncate": "os.truncate(p, 1)",
+    "open-trunc": "open(p, 'wb').write(b'z')",
+    "chown": "os.chown(p, 65534, -1)",
+}
+# (operation, writer has CAP_FSETID, mode, file capability) -> mode after, capability after;
+# the last column is the mount's where it differs from the kernel's own (None: it does not)
+KILLPRIV_CASES = [
+    ("append", False, 0o6777, False, 0o0777, False, None),  # world-writable set-id file
+    ("append", True, 0o6777, False, 0o6777, False, None),
+    ("append", False, 0o2766, False, 0o2766, False, None),  # S_ISGID without group-exec
+    ("append", True, 0o0755, True, 0o0755, False, None),
+    ("truncate", False, 0o6775, False, 0o0775, False, None),
+    ("truncate", True, 0o6775, True, 0o6775, False, None),
+    ("open-trunc", False, 0o6775, False, 0o0775, False, None),
+    # libfuse 3.17 does not relay FUSE_OPEN_KILL_SUIDGID: the mount clears for every caller
+    ("open-trunc", True, 0o6775, True, 0o6775, False, 0o0775),
+    ("chown", True, 0o6775, True, 0o0775, False, None),
+    ("chown", True, 0o6765, False, 0o2765, False, None),
+]
+
+
+def _killpriv_outcomes(root: Path) -> list[tuple[int, bool]]:
+    out = []
+    for i, (op, fsetid, mode, caps, *_expected) in enumerate(KILLPRIV_CASES):
+        p = root / f"case-{i}-{op}"
+        p.write_bytes(b"abc")
+        os.chmod(p, mode)
+        os.setxattr(p, "user.kept", b"yes")
+        if caps:
+            os.setxattr(p, "security.capability", FILE_CAPS)
+            assert os.getxattr(p, "security.capability") == FILE_CAPS
+        prefix = [] if fsetid else NO_FSETID
+        code = f"import os\np = {str(p)!r}\n{KILLPRIV_OPS[op]}"
+        subprocess.run([*prefix, sys.executable, "-c", code], check=True)
+        assert os.getxattr(p, "user.kept") == b"yes"
+        out.append((stat.S_IMODE(p.stat().st_mode), "security.capability" in os.listxattr(p)))
+    return out
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root (security.capability, chown) and setpriv (util-linux)",
+)
+def test_set_id_bits_and_file_capabilities_are_cleared_as_the_kernel_does(
+    shared: Vault, tmp_path: Path
+) -> None:
+    """Write, truncate and chown, with and without CAP_FSETID, on the mount and on a local
+    directory (the kernel's own rules): the same outcomes but for one documented case."""
+    local = _killpriv_outcomes(tmp_path)
+    (shared.mp / "killpriv").mkdir()
+    mounted = _killpriv_outcomes(shared.mp / "killpriv")
+    for case, got_local, got_mount in zip(KILLPRIV_CASES, local, mounted, strict=True):
+        op, fsetid, mode, caps, want_mode, want_caps, mount_mode = case
+        name = f"{op} by {'root' if fsetid else 'a writer without CAP_FSETID'} of {mode:#o}"
+        assert got_local == (want_mode, want_caps), f"local disk, {name}"
+        want_mount = (want_mode if mount_mode is None else mount_mode, want_caps)
+        assert got_mount == want_mount, f"mount, {name}"
+    # a directory keeps S_ISGID through chown
+    d = shared.mp / "killpriv" / "sgid-dir"
+    d.mkdir()
+    os.chmod(d, 0o2775)
+    os.chown(d, 65534, -1)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o2775
 
 
 def test_large_directory_and_fsync(shared: Vault) -> None:

@@ -8,6 +8,12 @@ are serialised by a per-inode ``trio.Lock``. Mutating handlers pass a *gate* tha
 closes while it stores the dirty blocks and records the tree, so a snapshot is a point in
 time.
 
+Set-id bits and file capabilities: the mount negotiates FUSE_HANDLE_KILLPRIV_V2 (through the
+pyfuse3 that scripts/bootstrap patches), so the kernel no longer asks for
+``security.capability`` before every ``write(2)``; in exchange this file system clears
+set-user-ID / set-group-ID bits and ``security.capability`` on write, truncate and chown
+(:meth:`VaultFS._kill_privs`, rules in docs/mount.md, "Semantics").
+
 Durability (docs/design.md, "Mount"): ``fsync`` returns once the file's dirty blocks are
 fsync'd in the cache directory and the live tree is committed to the index (SQLite
 synchronous=FULL): the data survives a crash of the daemon or the machine and the next
@@ -49,6 +55,9 @@ log = logging.getLogger("vaultfs.fs")
 
 TIMEOUT = 60.0
 XATTR_MAX = 64 * 1024
+CAPS_XATTR = b"security.capability"
+#: True for the pyfuse3 that scripts/bootstrap builds (it relays the kernel's kill signals).
+KILLPRIV_V2 = hasattr(pyfuse3.SetattrFields, "kill_suidgid")
 
 
 def _err(code: int) -> pyfuse3.FUSEError:
@@ -67,6 +76,8 @@ class VaultFS(pyfuse3.Operations):
     the cache; ``run()`` serves until the kernel unmounts, then stores what is dirty."""
 
     enable_writeback_cache = True
+    #: Ask the kernel for FUSE_HANDLE_KILLPRIV_V2 (read by the patched pyfuse3 only).
+    enable_killpriv_v2 = True
 
     def __init__(self, vault: Vault, home: Path, mountpoint: Path, cache_size: int) -> None:
         super().__init__()
@@ -90,6 +101,7 @@ class VaultFS(pyfuse3.Operations):
         self._push_lock = trio.Lock()
         self._push_wake = trio.Event()
         self.last_push: dict = {}
+        self.getxattr_requests = 0  # shown by `vaultfs status` (tests count them)
 
     # -- lifecycle ------------------------------------------------------------------------
     def load(self) -> dict:
@@ -102,6 +114,11 @@ class VaultFS(pyfuse3.Operations):
         )
         recovered = self.cache.recover()
         self.tree.apply_batch(self.tree.take_batch())
+        if not KILLPRIV_V2:
+            log.warning(
+                "this pyfuse3 cannot negotiate FUSE_HANDLE_KILLPRIV_V2 (scripts/bootstrap "
+                "builds one that can): every write(2) will cost a GETXATTR round trip"
+            )
         return {"inodes": len(self.tree.nodes), "recovered_bytes": recovered}
 
     async def run(self, ready, control_start) -> None:
@@ -358,6 +375,11 @@ class VaultFS(pyfuse3.Operations):
                 n.uid = attr.st_uid
             if fields.update_gid:
                 n.gid = attr.st_gid
+            kill = getattr(fields, "kill_suidgid", False)
+            if kill or fields.update_size or fields.update_uid or fields.update_gid:
+                # the kernel asks (kill) on chown, and on truncate by a caller without
+                # CAP_FSETID; a file capability goes in every case, as on Linux
+                self._kill_privs(n, kill)
             if fields.update_atime:
                 n.atime_ns = attr.st_atime_ns
             if fields.update_mtime:
@@ -365,6 +387,30 @@ class VaultFS(pyfuse3.Operations):
             n.ctime_ns = attr.st_ctime_ns if fields.update_ctime else now
             self.tree.touch(n)
             return self._attr(n)
+
+    def _kill_privs(self, n: Node, setid: bool) -> None:
+        """The kernel's duty under FUSE_HANDLE_KILLPRIV_V2, for a write, truncate or chown of
+        ``n``: drop ``security.capability``, and if ``setid``, S_ISUID and S_ISGID, the latter
+        only with group-exec, the rule the KILLPRIV_V2 protocol states (without group-exec
+        S_ISGID grants nothing on exec; Linux's own file systems also drop it for a writer
+        outside the file's group, which FUSE does not tell us). Directories keep everything
+        (chown keeps a directory's S_ISGID). In memory only, so cheap enough for the loop."""
+        if n.is_dir:
+            return
+        changed = False
+        if setid and n.mode & (stat.S_ISUID | stat.S_ISGID):
+            mode = n.mode & ~stat.S_ISUID
+            if mode & stat.S_IXGRP:
+                mode &= ~stat.S_ISGID
+            changed = mode != n.mode
+            n.mode = mode
+        if CAPS_XATTR in n.xattrs:
+            del n.xattrs[CAPS_XATTR]
+            self.tree.touch_xattrs(n)
+            changed = True
+        if changed:
+            n.ctime_ns = time.time_ns()
+            self.tree.touch(n)
 
     async def _truncate(self, n: Node, size: int) -> None:
         async with self._lock(n.ino):
@@ -599,12 +645,19 @@ class VaultFS(pyfuse3.Operations):
         if flags & os.O_TRUNC:
             # libfuse negotiates FUSE_ATOMIC_O_TRUNC: the kernel truncates only its own
             # view and leaves the file to us (before this, `echo x > f` kept f's old tail)
-            async with self._mut():
-                await self._truncate(n, 0)
-                n.mtime_ns = n.ctime_ns = time.time_ns()
-                self.tree.touch(n)
+            await self._open_truncate(n)
         n.opens += 1
         return pyfuse3.FileInfo(fh=self._new_fh(Handle(inode)), keep_cache=True)
+
+    async def _open_truncate(self, n: Node) -> None:
+        async with self._mut():
+            if n.size:
+                await self._truncate(n, 0)
+            n.mtime_ns = n.ctime_ns = time.time_ns()
+            self.tree.touch(n)
+            # libfuse 3.17 does not relay FUSE_OPEN_KILL_SUIDGID (set for callers without
+            # CAP_FSETID): clear the set-id bits for every caller, the safe side
+            self._kill_privs(n, KILLPRIV_V2)
 
     async def read(self, fh, off, size):
         h = self.fhs[fh]
@@ -664,12 +717,19 @@ class VaultFS(pyfuse3.Operations):
                 out += bytes(ln)
         return bytes(out)
 
-    async def write(self, fh, off, buf):
+    async def write(self, fh, off, buf, writepage: bool = True):
+        """``writepage`` comes from the patched pyfuse3: False for a write that bypassed the
+        page cache. The kernel sends those (writethrough) for a set-id file written by a
+        caller without CAP_FSETID, with FUSE_WRITE_KILL_SUIDGID, which libfuse 3.17 drops;
+        so such a write clears the set-id bits (O_DIRECT writes too, whoever writes).
+        Write-backs never carry the flag. Without the patched pyfuse3 the kernel does it."""
         h = self.fhs[fh]
         if h.snap:
             raise _err(errno.EROFS)
         async with self._mut():
             n = self._node(h.ino)
+            if not writepage:
+                self._kill_privs(n, True)
             async with self._lock(n.ino):
                 await self._write(n, off, buf)
         return len(buf)
@@ -824,6 +884,7 @@ class VaultFS(pyfuse3.Operations):
             self.tree.touch_xattrs(n)
 
     async def getxattr(self, inode, name, ctx):
+        self.getxattr_requests += 1
         n = self._any(inode)
         try:
             return n.xattrs[name]
@@ -978,5 +1039,6 @@ class VaultFS(pyfuse3.Operations):
             "inodes": len(self.tree.nodes),
             "snapshot_views": {**self.snaps.stats.as_dict(), "nodes_cached": self.snaps.cached},
             "uploader_error": self.cache.error,
+            "getxattr_requests": self.getxattr_requests,
             "last_push": self.last_push,
         }
