@@ -238,3 +238,20 @@ def test_restore_lists_and_fetches_manifests_before_the_key_is_known(tmp_path):
     db, src2, m, warnings = open_remote_index(keys, src.remotes, tmp_path / "w", 0, src=src)
     db.close()
     assert src2 is src and m.seq == 1 and not warnings
+
+
+def test_a_decoder_failure_stops_the_restore_with_a_clear_error(tmp_path):
+    """A segment that cannot be decoded (here: too few shards left) fails the restore from
+    the decoder process, with the engine's error, and nothing hangs."""
+    from vaultfs.errors import NotEnoughRemotes
+
+    v, remotes = make_vault(tmp_path, k=2, n=3)
+    with v:
+        backup_stream(v, io.BytesIO(random.Random(9).randbytes(6_000_000)), "blob")
+        assert v.flush().complete
+        keys = v.keys
+    victims = sorted(os.listdir(Path(remotes[0]) / "data"))[2:4]
+    for name in victims:  # two segments lose their shard on r0: r0 + r1 cannot serve them
+        (Path(remotes[0]) / "data" / name).unlink()
+    with pytest.raises(NotEnoughRemotes, match="intact shards"):
+        restore_all(keys, remotes[:2], tmp_path / "w", tmp_path / "out")

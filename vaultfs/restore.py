@@ -439,10 +439,11 @@ _fds: _FdCache | None = None
 
 def _decoder_init(ctx: _RestoreContext, pdeathsig: bool) -> None:
     global _ctx, _fds
-    if pdeathsig:
-        from .sealer import _set_pdeathsig
+    from .sealer import _set_pdeathsig, tune_malloc
 
+    if pdeathsig:
         _set_pdeathsig()
+    tune_malloc()
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the restoring process's
@@ -676,6 +677,8 @@ def restore_files(
 
     ctx = _RestoreContext(keys.vault_id, keys.chunk_id_key, data_keys, epoch_suites, src)
     left = {bi: len(b) for bi, b in enumerate(batches)}
+    written = [threading.Event() for _b in batches]  # every segment of the batch written
+    abort = threading.Event()
     dirs: dict[int, Path] = {}
     # the decoders fork before the fetch thread starts: no child inherits a busy thread
     with _decoders(ctx) as run, ThreadPoolExecutor(1, thread_name_prefix="vaultfs-fetch") as fx:
@@ -686,6 +689,10 @@ def restore_files(
                 assert nxt is not None
                 bdir, fetched = nxt.result()
                 dirs[bi] = bdir
+                # at most two batches staged: fetch the next once the one before is written
+                while bi and not written[bi - 1].wait(0.1):
+                    if abort.is_set():  # a decoder failed: stop feeding the pool
+                        return
                 nxt = fx.submit(download, bi + 1) if bi + 1 < len(batches) else None
                 for sid in batches[bi]:
                     size, k, n, epoch = seg_rows[sid]
@@ -702,6 +709,10 @@ def restore_files(
                 left[bi] -= 1
                 if not left[bi]:  # every segment of the batch is written: drop its shards
                     shutil.rmtree(dirs.pop(bi), ignore_errors=True)
+                    written[bi].set()
+        except BaseException:
+            abort.set()
+            raise
         finally:
             shutil.rmtree(tmp_root, ignore_errors=True)
 

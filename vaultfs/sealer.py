@@ -311,6 +311,24 @@ def _set_pdeathsig() -> None:
         pass
 
 
+#: glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_malloc() -> None:
+    """In a worker process: keep freed buffers for reuse instead of handing them back to the
+    kernel. Each segment allocates a few MiB-sized buffers; with glibc's defaults every one
+    is a fresh mmap, and touching it costs a page fault per 4 KiB (hundreds of thousands per
+    backup or restore, a fifth of their CPU time). The heap then stays at the worker's peak
+    (a few segments' worth)."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 128 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
 def _worker_main(
     wid: int,
     conn: Connection,
@@ -321,6 +339,7 @@ def _worker_main(
 ) -> None:
     if pdeathsig:
         _set_pdeathsig()
+    tune_malloc()
     # never hold the vault lock, the FUSE device or another pipe's vault end: they must all
     # close when the vault process dies
     for fd in close_fds:
