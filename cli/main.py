@@ -36,7 +36,7 @@ from vaultfs.backup import backup_paths, backup_stream
 from vaultfs.errors import EXIT_PARTIAL, InputError, NoVault, VaultError
 from vaultfs.keys import VaultKeys, parse_seed, read_keyfile
 from vaultfs.remotes import Remote
-from vaultfs.restore import ShardSource, open_remote_index, restore_files
+from vaultfs.restore import ShardSource, open_remote_index, restore_files, staging_dir
 from vaultfs.vault import Vault, default_home
 
 app = typer.Typer(
@@ -428,17 +428,18 @@ def restore(
     h = _home(home)
     t0 = time.perf_counter()
     warnings: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="vaultfs-") as work:
+    with contextlib.ExitStack() as stack:
+        work = stack.enter_context(tempfile.TemporaryDirectory(prefix="vaultfs-"))
         early = None
         if from_:  # list the remotes and fetch their manifests while scrypt unlocks the key
             early = ShardSource([Remote(s) for s in from_])
-            early.start(Path(work) / "manifests")
-        try:
-            keys = _keys_for_restore(h, keyfile, seed_file)
-        except BaseException:
-            if early is not None:
-                early.stop()  # let its rclone calls end before the work directory goes
-            raise
+            ahead = None
+            if not include:  # a whole snapshot: download ahead meanwhile (bounded)
+                ahead = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                    prefix="vaultfs-ahead-", dir=staging_dir())))  # fmt: skip
+            early.start(Path(work) / "manifests", read_ahead=ahead)
+            stack.callback(early.stop)  # its rclone calls end before the directories go
+        keys = _keys_for_restore(h, keyfile, seed_file)
         if from_:
             min_seq = 0
             if (h / "index.db").exists():

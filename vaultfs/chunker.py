@@ -14,7 +14,11 @@ from typing import BinaryIO
 import blake3
 from pyfastcdc import FastCDC
 
-AVG_SIZE = 16 * 1024
+AVG_SIZE = 16 * 1024  # vaults whose index has no chunk_avg setting (made before it existed)
+#: Average chunk size of new vaults (index setting ``chunk_avg``): half the per-chunk work of
+#: 16 KiB on every path, 7% better zstd ratio on pg_dump text; a 1% change of the benchmark
+#: knowledge base still adds only ~14% of the dump as new chunks (16 KiB: ~8%).
+NEW_VAULT_AVG = 32 * 1024
 MIN_SIZE = 4 * 1024
 MAX_SIZE = 64 * 1024
 

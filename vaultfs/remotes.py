@@ -186,6 +186,19 @@ class RcloneDaemon:
                 self.proc.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def stop_job(self, jobid: int, timeout: float = 30) -> None:
+        """Stop a background job (if still running) and wait until it has finished."""
+        deadline = time.monotonic() + timeout
+        try:
+            if not self.call("job/status", {"jobid": jobid}).get("finished"):
+                self.call("job/stop", {"jobid": jobid})
+            while not self.call("job/status", {"jobid": jobid}).get("finished"):
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.005)
+        except RcError:
+            return
+
     def call(self, method: str, params: dict, timeout: float = 3600) -> dict:
         """POST one rc call; returns its JSON result or raises :class:`RcError`."""
         body = json.dumps(params).encode()
@@ -370,6 +383,22 @@ class Remote:
         ):
             return
         self._check(proc, f"download {sub}")
+
+    def copy_dir_async(self, sub: str, local_dir: Path, max_bytes: int = 0) -> int | None:
+        """Start downloading every object of ``sub`` into ``local_dir`` in the background
+        (at most about ``max_bytes``; 0: no limit). Returns the rclone job id, or None when
+        there is no rclone daemon (then nothing is started). Files appear under their own
+        names only once complete. See :meth:`RcloneDaemon.stop_job`."""
+        d = self._rcd()
+        if d is None:
+            return None
+        params: dict = {"srcFs": join(self.spec, sub), "dstFs": str(local_dir), "_async": True}
+        if max_bytes:
+            params["_config"] = {"MaxTransfer": int(max_bytes), "CutoffMode": "SOFT"}
+        try:
+            return int(d.call("sync/copy", params)["jobid"])
+        except (RcError, KeyError, ValueError):
+            return None
 
     def move_dir(self, local_dir: Path, sub: str) -> None:
         """Upload every file of ``local_dir`` to ``sub`` and delete each local copy once sent."""

@@ -75,11 +75,16 @@ class ShardSource:
                         for f in (rdir / sub).iterdir():
                             self.local[f.name] = f
 
-    def start(self, manifest_dir: Path | None = None) -> None:
+    def start(self, manifest_dir: Path | None = None, read_ahead: Path | None = None) -> None:
         """Begin, in the background, what a restore needs from every remote before it has
         the key: one listing of each remote and (with ``manifest_dir``) a copy of its
         manifests. Runs beside the keyfile's scrypt; :meth:`list_all` and
-        :meth:`manifests` wait for it."""
+        :meth:`manifests` wait for it.
+
+        With ``read_ahead`` (a whole-snapshot restore) it also starts downloading the
+        remotes' ``meta/`` and ``data/`` objects there, at most :data:`READ_AHEAD_BYTES` in
+        all, until :meth:`stop_read_ahead` (called once the index says what is needed): the
+        time the key derivation takes is spent moving data a full restore needs anyway."""
         self._ex = ThreadPoolExecutor(max_workers=2 * max(1, len(self.remotes)))
         self._lists = {r.spec: self._ex.submit(self._list_one, r) for r in self.remotes}
         if manifest_dir is not None:
@@ -87,10 +92,46 @@ class ShardSource:
                 r.spec: self._ex.submit(self._manifests_one, r, manifest_dir / f"m{i}")
                 for i, r in enumerate(self.remotes)
             }
+        if read_ahead is not None:
+            self._ahead_dir = read_ahead
+            self._ahead = self._ex.submit(self._start_read_ahead, read_ahead)
 
     _ex: ThreadPoolExecutor | None = None
     _lists: dict = {}
     _mans: dict = {}
+    _ahead = None
+    _ahead_dir: Path | None = None
+    #: shard objects downloaded ahead: name -> file (deleted once used)
+    staged: dict[str, Path] = {}
+
+    def _start_read_ahead(self, d: Path) -> list[tuple[Remote, int]]:
+        ok = [r for r in self.remotes if not isinstance(self._lists[r.spec].result(), Exception)]
+        budget = read_ahead_budget() // max(1, len(ok))
+        jobs = []
+        for i, r in enumerate(ok):
+            for sub, limit in (("meta", 0), ("data", budget)):
+                jid = r.copy_dir_async(sub, d / f"a{i}" / sub, limit)
+                if jid is not None:
+                    jobs.append((r, jid))
+        return jobs
+
+    def stop_read_ahead(self) -> None:
+        """Stop downloading ahead; what arrived complete becomes :attr:`staged`."""
+        if self._ahead is None:
+            return
+        from .remotes import RcloneDaemon
+
+        jobs, self._ahead = self._ahead.result(), None
+        daemon = RcloneDaemon.get()
+        if daemon is not None:
+            for _r, jid in jobs:
+                daemon.stop_job(jid)
+        staged: dict[str, Path] = {}
+        assert self._ahead_dir is not None
+        for f in self._ahead_dir.glob("a*/*/*"):
+            if f.is_file() and len(f.name) == 32 and "." not in f.name:  # not a .partial
+                staged[f.name] = f
+        self.staged = staged
 
     def _list_one(self, r: Remote) -> dict[str, dict[str, int]] | RemoteError:
         try:
@@ -122,7 +163,12 @@ class ShardSource:
         return got
 
     def stop(self) -> None:
-        """Wait for the background calls of :meth:`start` (if any) and drop their results."""
+        """End the background work of :meth:`start`: stop the read-ahead and wait for the
+        listing and manifest calls. Safe to call more than once."""
+        try:
+            self.stop_read_ahead()
+        except Exception:  # noqa: BLE001 - only cleaning up; the caller reports its own error
+            pass
         if self._ex is not None:
             self._ex.shutdown(wait=True, cancel_futures=True)
 
@@ -154,6 +200,9 @@ class ShardSource:
         for kind, name in wanted:
             if name in self.local:
                 got[name] = self.local[name]
+                continue
+            if name in self.staged:
+                got[name] = self.staged[name]
                 continue
             cands = self.where.get(name) or []
             if not cands:
@@ -404,6 +453,29 @@ def _safe_target(root: Path, rel: str) -> Path:
     if parent != str(root) and not parent.startswith(str(root) + os.sep):
         raise IntegrityError(f"refusing to write {rel!r}: it would land outside the target")
     return p
+
+
+#: Most bytes a whole-snapshot restore downloads ahead while the key is derived.
+READ_AHEAD_BYTES = 512 << 20
+
+
+def read_ahead_budget() -> int:
+    """:data:`READ_AHEAD_BYTES`, or an eighth of the memory available if that is less (the
+    staging area is usually memory-backed /dev/shm)."""
+    avail = READ_AHEAD_BYTES
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024 // 8
+                break
+    except (OSError, ValueError):
+        pass
+    return min(READ_AHEAD_BYTES, avail)
+
+
+def staging_dir() -> str | None:
+    """Where fetched shards wait: /dev/shm when roomy, else the temporary directory."""
+    return _staging_dir()
 
 
 #: Fetched shards wait in memory-backed /dev/shm when it has this much room (two batches
@@ -680,6 +752,7 @@ def restore_files(
     written = [threading.Event() for _b in batches]  # every segment of the batch written
     abort = threading.Event()
     dirs: dict[int, Path] = {}
+    ahead: dict[int, list[Path]] = {}  # read-ahead files a batch uses, deleted with it
     # the decoders fork before the fetch thread starts: no child inherits a busy thread
     with _decoders(ctx) as run, ThreadPoolExecutor(1, thread_name_prefix="vaultfs-fetch") as fx:
 
@@ -689,6 +762,7 @@ def restore_files(
                 assert nxt is not None
                 bdir, fetched = nxt.result()
                 dirs[bi] = bdir
+                ahead[bi] = [p for nm, p in fetched.items() if src.staged.get(nm) == p]
                 # at most two batches staged: fetch the next once the one before is written
                 while bi and not written[bi - 1].wait(0.1):
                     if abort.is_set():  # a decoder failed: stop feeding the pool
@@ -709,6 +783,8 @@ def restore_files(
                 left[bi] -= 1
                 if not left[bi]:  # every segment of the batch is written: drop its shards
                     shutil.rmtree(dirs.pop(bi), ignore_errors=True)
+                    for p in ahead.pop(bi, []):
+                        p.unlink(missing_ok=True)
                     written[bi].set()
         except BaseException:
             abort.set()
@@ -789,6 +865,7 @@ def open_remote_index(
         src = ShardSource(remotes)
         src.start(workdir / "manifests")
     m, warnings = find_manifest(keys, src, min_seq)
+    src.stop_read_ahead()  # from here on the index says what to fetch
     # the newest signed manifest says which suites the vault retired and names its SLH-DSA key
     keys.retired_suites |= {int(s) for s in m.body.get("retired_suites", [])}
     if keys.slhdsa_public is None and m.body.get("slhdsa_public"):

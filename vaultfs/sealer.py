@@ -1,8 +1,8 @@
 """Sealers: worker processes that turn new chunks into sealed, erasure-coded segments.
 
 Almost all the CPU work of a backup is in library calls that hold Python's GIL (AES-GCM,
-pyeclib, the per-piece audit tags, pyfastcdc) or release it only briefly (zstd on 16 KiB
-chunks), so threads keep about one core busy. The write path therefore runs that work in
+pyeclib, the per-piece audit tags, pyfastcdc) or release it only briefly (zstd on
+32 KiB chunks), so threads keep about one core busy. The write path therefore runs that work in
 sealer *processes* forked from the vault, and the vault's own process only reads, chunks,
 hashes, deduplicates and commits.
 
@@ -327,6 +327,12 @@ def tune_malloc() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, 128 << 20)
     except (OSError, AttributeError):
         pass
+    # workers make no reference cycles worth collecting: skip the collector's passes over
+    # everything inherited from the parent
+    import gc
+
+    gc.freeze()
+    gc.disable()
 
 
 def _worker_main(

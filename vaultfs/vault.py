@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import envelope, erasure, manifest, merkle, names, segment
-from .chunker import Chunker
+from .chunker import AVG_SIZE, NEW_VAULT_AVG, Chunker
 from .errors import (
     DiskFull,
     InputError,
@@ -203,7 +203,8 @@ class Vault:
         self.n = int(index.get("n") or 0)
         self.segment_size = int(index.get("segment_size") or DEFAULT_SEGMENT_SIZE)
         self.ec_alg = erasure.choose_alg(self.k, self.n) if self.k else 0  # for new segments
-        self.chunker = Chunker(keys.chunker_seed, keys.chunk_id_key)
+        avg = int(index.get("chunk_avg") or AVG_SIZE)
+        self.chunker = Chunker(keys.chunker_seed, keys.chunk_id_key, avg)
         self._sealers: SealerPool | None = None
         self._write_lock = threading.RLock()
         self._seg_cache: OrderedDict[int, bytes] = OrderedDict()
@@ -280,6 +281,7 @@ class Vault:
                 "k": k,
                 "n": n,
                 "segment_size": segment_size,
+                "chunk_avg": NEW_VAULT_AVG,
                 "suite": SUITE_XWING_AES256GCM,
                 "epoch": 0,
                 "created": time.time(),

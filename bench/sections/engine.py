@@ -51,12 +51,16 @@ def data_path_peak(m: dict) -> int:
 
     Unlocking runs scrypt (N=2^17, r=8: a 128 MiB buffer, freed at once), which sets the
     process's overall peak; the data path's own peak is the highest sample after RSS first
-    falls by more than 64 MiB. Without such a fall the whole series counts.
+    falls by more than 64 MiB and then stops falling (a 50 ms sample can catch the buffer
+    half freed). Without such a fall the whole series counts.
     """
     series = [v for _t, v in m["rss_series"]]
     top = 0
     for i, v in enumerate(series):
         if v < top - UNLOCK_DROP:
+            # a sample can catch the buffer half freed: start after the fall has ended
+            while i + 1 < len(series) and series[i + 1] < series[i]:
+                i += 1
             return max(series[i:])
         top = max(top, v)
     return max(series, default=0)
