@@ -357,6 +357,24 @@ def _fill_parents(db: sqlite3.Connection) -> None:
             raise
 
 
+#: Ids per chunk lookup: queries always carry this many parameters (padded), so SQLite
+#: prepares one statement per query shape once instead of once per call.
+LOOKUP_BATCH = 256
+
+
+def chunk_rows(db: sqlite3.Connection, cids: list[bytes]) -> dict[bytes, int]:
+    """{chunk id: chunks-table row id} for the ids of ``cids`` that the index has."""
+    marks = ",".join("?" * LOOKUP_BATCH)
+    sql = f"SELECT cid, id FROM chunks WHERE cid IN ({marks})"
+    out: dict[bytes, int] = {}
+    for i in range(0, len(cids), LOOKUP_BATCH):
+        part = cids[i : i + LOOKUP_BATCH]
+        if len(part) < LOOKUP_BATCH:  # padding no chunk id can equal (ids are 32 bytes)
+            part = [*part, *([b""] * (LOOKUP_BATCH - len(part)))]
+        out.update(db.execute(sql, part))
+    return out
+
+
 class _Tx:
     def __init__(self, index: Index) -> None:
         self.index = index

@@ -174,6 +174,14 @@ class RcloneDaemon:
             time.sleep(0.005)
         atexit.register(self.stop)
 
+    @classmethod
+    def shutdown(cls) -> None:
+        """Stop this process's daemon, if one was started."""
+        with cls._guard:
+            d, cls._instance = cls._instance, None
+        if d is not None:
+            d.stop()
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

@@ -176,7 +176,10 @@ class _Sealer:
         self.cfg = cfg
         self.shm = shm
         self.send = send
-        self.buf = bytearray()
+        # the open segment, allocated once at full size: growing a bytearray record by record
+        # would copy it over and over (CPython grows it by an eighth at a time)
+        self.buf = bytearray(cfg.segment_size)
+        self.used = 0
         self.chunks: list[tuple[bytes, int, int, int]] = []
         self.epoch: int | None = None
         self._sync: queue.Queue | None = None
@@ -199,11 +202,14 @@ class _Sealer:
                 key, vid, cid, shm[base + off : base + off + ln], suite,
                 salt=salts[i * sl : (i + 1) * sl],
             )  # fmt: skip
-            if len(self.buf) + len(rec) > size:
+            pos = self.used
+            if pos + len(rec) > size:
                 self.seal_open()
                 self.epoch = epoch
-            self.chunks.append((cid, len(self.buf), len(rec), ln))
-            self.buf += rec
+                pos = 0
+            self.chunks.append((cid, pos, len(rec), ln))
+            self.buf[pos : pos + len(rec)] = rec
+            self.used = pos + len(rec)
         self.send(("done", job))
 
     def on_seal(self, token: int) -> None:
@@ -212,12 +218,14 @@ class _Sealer:
 
     def seal_open(self) -> None:
         """Erasure-code the open segment, write its shard files, hand them to the syncer."""
-        if not self.buf:
+        if not self.used:
             return
         cfg = self.cfg
-        used = len(self.buf)
+        used = self.used
         size = segment.size_class(used, cfg.segment_size)
-        padded = segment.pad(bytes(self.buf), size)
+        # random padding (segment.pad explains why), written in place: one copy, not two
+        self.buf[used:size] = secrets.token_bytes(size - used)
+        padded = bytes(memoryview(self.buf)[:size])
         uid = secrets.token_bytes(16)
         assert self.epoch is not None
         files = build_shard_files(
@@ -227,7 +235,7 @@ class _Sealer:
             uid, used, size, self.epoch, segment_root([m.root for m, _b in files]), self.chunks,
             [m for m, _b in files], self.wid,
         )  # fmt: skip
-        self.buf = bytearray()
+        self.used = 0
         self.chunks = []
         fds: list[tuple[int, str]] = []
         try:
@@ -375,7 +383,7 @@ def _worker_main(
                 sealer.drain()
                 return
         except Exception as e:
-            sealer.buf, sealer.chunks = bytearray(), []
+            sealer.used, sealer.chunks = 0, []
             send(("error", type(e).__name__, _describe(e)))
             if msg[0] == "chunks":
                 send(("done", msg[1]))

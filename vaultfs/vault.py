@@ -45,7 +45,7 @@ from .errors import (
     NoVault,
     VaultBusy,
 )
-from .index import Index
+from .index import Index, chunk_rows
 from .keys import SUITE_XWING_AES256GCM, VaultKeys, read_keyfile, write_keyfile
 from .remotes import Remote, RemoteError
 from .sealer import (
@@ -600,13 +600,8 @@ class Vault:
                 continue
             seen.add(cid)
             cand.append(i)
-        known: set[bytes] = set()
-        for j in range(0, len(cand), 500):
-            part = tuple(cids[i] for i in cand[j : j + 500])
-            marks = ",".join("?" * len(part))
-            known.update(
-                r[0] for r in self.index.q(f"SELECT cid FROM chunks WHERE cid IN ({marks})", part)
-            )
+        with self.index.lock:
+            known = chunk_rows(self.index.db, [cids[i] for i in cand])
         return [(cids[i], *spans[i]) for i in cand if cids[i] not in known]
 
     def _commit_sealed(self, reports: list[SegmentReport]) -> None:
@@ -827,13 +822,8 @@ class Vault:
 
     @staticmethod
     def _chunk_rows(db, cids: list[bytes]) -> list[int]:
-        """The chunks-table row id of every chunk id, in order (500 ids per query)."""
-        ids: dict[bytes, int] = {}
-        uniq = list(dict.fromkeys(cids))
-        for i in range(0, len(uniq), 500):
-            part = uniq[i : i + 500]
-            marks = ",".join("?" * len(part))
-            ids.update(db.execute(f"SELECT cid, id FROM chunks WHERE cid IN ({marks})", part))
+        """The chunks-table row id of every chunk id, in order."""
+        ids = chunk_rows(db, list(dict.fromkeys(cids)))
         try:
             return [ids[c] for c in cids]
         except KeyError:
