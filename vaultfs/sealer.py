@@ -475,8 +475,11 @@ class SealerPool:
             self._collector.join(timeout=30)
         for c in self._conns:
             c.close()
-        self.view.release()
-        self._shm.close()
+        try:
+            self.view.release()
+            self._shm.close()
+        except BufferError:  # a slice is still referenced (an exception's traceback holds it):
+            pass  # the mapping goes when the last reference does
 
     # -- slots and jobs -------------------------------------------------------------------
     def acquire(self) -> int:
