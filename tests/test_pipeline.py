@@ -255,3 +255,28 @@ def test_a_decoder_failure_stops_the_restore_with_a_clear_error(tmp_path):
         (Path(remotes[0]) / "data" / name).unlink()
     with pytest.raises(NotEnoughRemotes, match="intact shards"):
         restore_all(keys, remotes[:2], tmp_path / "w", tmp_path / "out")
+
+
+def test_a_failing_caller_mid_stream_gives_back_every_slot(tmp_path):
+    """An error in the caller's progress callback (or reading its stream) part-way through
+    must leave no slot held or handed out twice: the next stream stores and reads back."""
+    from vaultfs.sealer import SLOTS
+
+    data = text(10, 5 * SLOT_SIZE)
+    v, _ = make_vault(tmp_path)
+    with v:
+        calls = []
+
+        def progress(n: int) -> None:
+            calls.append(n)
+            if len(calls) == 2:
+                raise RuntimeError("the caller gave up")
+
+        with pytest.raises(RuntimeError, match="gave up"):
+            v.store_stream(io.BytesIO(data), progress)
+        pool = v.start_sealers()
+        v.seal()
+        assert pool.free_slots == SLOTS
+        cids, total = v.store_stream(io.BytesIO(data))
+        assert total == len(data) and b"".join(v.read_chunk(c) for c in cids) == data
+        assert pool.free_slots == SLOTS

@@ -501,13 +501,17 @@ class SealerPool:
         self, slot: int, epoch: int, key: bytes, suite: int, items: list[tuple[bytes, int, int]]
     ) -> None:
         """Seal ``items`` (chunk id, offset in the slot, length) of ``slot``; the slot comes
-        back to the free list when the sealer is done with it. Marks the ids in flight."""
+        back to the free list when the sealer is done with it (or at once, when this raises
+        a pending error). Marks the ids in flight."""
         if not items:
             self.release(slot)
             return
         base = slot * SLOT_SIZE
         with self._cond:
-            self._raise_pending()
+            if self._error is not None:  # the slot is ours again before the error goes up
+                self._free.append(slot)
+                self._cond.notify_all()
+                self._raise_pending()
             w = min(range(len(self._outstanding)), key=lambda i: self._outstanding[i])
             job = self._next
             self._next += 1
@@ -646,6 +650,12 @@ class SealerPool:
     def _check_alive(self) -> None:
         if self._closed:
             raise SealerError("the sealer pool is closed")
+
+    @property
+    def free_slots(self) -> int:
+        """Slots not held by a caller or a sealer."""
+        with self._cond:
+            return len(self._free)
 
     @property
     def pids(self) -> list[int]:

@@ -512,6 +512,7 @@ class Vault:
             pool = self.start_sealers()
             size = SLOT_SIZE
             slot = pool.acquire()
+            held = [slot]  # slots this call owns and has not handed to a sealer
             fill = 0
             try:
                 while True:
@@ -537,24 +538,25 @@ class Vault:
                     nxt = None
                     if not eof:
                         nxt = pool.acquire()
+                        held.append(nxt)
                         if carry:
                             dst = pool.view[nxt * size : nxt * size + carry]
                             dst[:] = buf[carry_off : carry_off + carry]
-                    pool.submit(slot, *self._epoch_key(), items)
+                            del dst
                     del buf
+                    held.remove(slot)
+                    pool.submit(slot, *self._epoch_key(), items)
                     slot_bytes = sum(ln for _o, ln in spans)
                     cids += ids
                     total += slot_bytes
                     if progress and slot_bytes:
                         progress(slot_bytes)
                     if nxt is None:
-                        slot = None
                         break
                     slot, fill = nxt, carry
-            except BaseException:
-                if slot is not None:
-                    pool.release(slot)
-                raise
+            finally:
+                for s in held:  # an error before they were handed over
+                    pool.release(s)
         return cids, total
 
     def store_chunks(self, chunks: list[bytes]) -> list[bytes]:
@@ -573,15 +575,19 @@ class Vault:
             i = 0
             while i < len(items_all):  # pack the new chunks into as few slots as they need
                 slot = pool.acquire()
-                buf = pool.view[slot * size : (slot + 1) * size]
-                items, fill = [], 0
-                while i < len(items_all) and fill + items_all[i][2] <= size:
-                    cid, off, ln = items_all[i]
-                    buf[fill : fill + ln] = by_off[off]
-                    items.append((cid, fill, ln))
-                    fill += ln
-                    i += 1
-                del buf
+                try:
+                    buf = pool.view[slot * size : (slot + 1) * size]
+                    items, fill = [], 0
+                    while i < len(items_all) and fill + items_all[i][2] <= size:
+                        cid, off, ln = items_all[i]
+                        buf[fill : fill + ln] = by_off[off]
+                        items.append((cid, fill, ln))
+                        fill += ln
+                        i += 1
+                    del buf
+                except BaseException:
+                    pool.release(slot)
+                    raise
                 pool.submit(slot, *self._epoch_key(), items)
         return cids
 
