@@ -110,6 +110,7 @@ def test_sealers_never_hold_the_vault_lock_and_die_with_the_vault(tmp_path):
     for pid in pids:
         fds = [os.path.realpath(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
         assert lock not in fds
+        assert len(fds) <= 4, fds  # the standard streams and its own pipe end, nothing else
     v.close()
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}") or _zombie(pid)

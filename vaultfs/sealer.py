@@ -348,19 +348,17 @@ def _worker_main(
     conn: Connection,
     cfg: SealConfig,
     shm: mmap.mmap,
-    close_fds: list[int],
     pdeathsig: bool,
 ) -> None:
     if pdeathsig:
         _set_pdeathsig()
     tune_malloc()
-    # never hold the vault lock, the FUSE device or another pipe's vault end: they must all
-    # close when the vault process dies
-    for fd in close_fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    # keep only the standard streams and our own pipe end: never the vault lock, the FUSE
+    # device, the index or another sealer's pipe, which must all close when the vault
+    # process dies (the shared mapping needs no descriptor)
+    own = conn.fileno()
+    os.closerange(3, own)
+    os.closerange(own + 1, 1 << 20)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the vault process's to handle
     lock = threading.Lock()
 
@@ -405,12 +403,10 @@ class SealerPool:
         cfg: SealConfig,
         commit: Callable[[list[SegmentReport]], None],
         workers: int = 2,
-        close_fds: list[int] | None = None,
     ) -> None:
         self.cfg = cfg
         self._commit = commit
         self.workers = workers
-        self._close_fds = close_fds or []
         self._shm = mmap.mmap(-1, SLOTS * SLOT_SIZE)
         self.view = memoryview(self._shm)
         self._cond = threading.Condition()
@@ -440,10 +436,9 @@ class SealerPool:
         main = threading.current_thread() is threading.main_thread()
         for wid in range(self.workers):
             ours, theirs = ctx.Pipe(duplex=True)
-            close = [*self._close_fds, ours.fileno(), *(c.fileno() for c in self._conns)]
             p = ctx.Process(
                 target=_worker_main,
-                args=(wid, theirs, self.cfg, self._shm, close, main),
+                args=(wid, theirs, self.cfg, self._shm, main),
                 name=f"vaultfs-sealer-{wid}",
                 daemon=True,
             )

@@ -486,8 +486,7 @@ class Vault:
                     self.segment_size,
                     str(self.queue_dir / "tmp"),
                 )
-                close = [self._lock_fd] if self._lock_fd is not None else []
-                pool = SealerPool(cfg, self._commit_sealed, self.SEALERS, close)
+                pool = SealerPool(cfg, self._commit_sealed, self.SEALERS)
                 pool.start()
                 self._sealers = pool
             return self._sealers
