@@ -18,6 +18,7 @@ import typer
 from rich.table import Column, Table
 
 from cli.main import HomeOpt, JsonOpt, _open, app, err, out
+from vaultfs import prune as prune_mod
 from vaultfs import repair as repair_mod
 from vaultfs import verify as verify_mod
 from vaultfs.errors import EXIT_PARTIAL, InputError
@@ -221,6 +222,51 @@ def _print_repair(rep: repair_mod.RepairReport, as_json: bool) -> None:
 # -- remotes -----------------------------------------------------------------------------------
 remote_app = typer.Typer(help="Add, remove, replace and list the vault's remotes.")
 app.add_typer(remote_app, name="remote")
+
+
+@app.command()
+def prune(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be freed; change nothing.")
+    ] = False,
+    repack_below: Annotated[
+        float,
+        typer.Option(
+            help="Repack a segment whose live records fill less than this share of it (0-1)."
+        ),
+    ] = prune_mod.REPACK_BELOW,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Free what no snapshot and no file of the live tree uses any more (after
+    `vaultfs snapshot delete`): drop unused segments, repack sparse ones, then delete the old
+    objects from the remotes once the new index is placed. Needs the vault unmounted."""
+    if not 0 <= repack_below <= 1:
+        raise InputError("--repack-below is a fraction between 0 and 1")
+    v = _open(home)
+    try:
+        rep = prune_mod.prune(v, repack_below=repack_below, dry_run=dry_run)
+    finally:
+        v.close()
+    if as_json:
+        out.print_json(json.dumps(rep.as_dict()))
+    else:
+        verb = "would free" if dry_run else "freed"
+        out.print(
+            f"{verb} {rep.chunks_freed} chunk(s), {rep.bytes_freed:,} bytes of data"
+            f" ({rep.stored_freed:,} bytes per copy stored): {rep.dropped} segment(s) dropped,"
+            f" {rep.repacked} repacked into {rep.written}",
+            highlight=False,
+        )
+        if not dry_run:
+            out.print(
+                f"deleted {rep.garbage_deleted} old object(s) from the remotes"
+                + (f"; {rep.garbage_left} wait for a later prune" if rep.garbage_left else ""),
+                highlight=False,
+            )
+        for r, e in rep.errors.items():
+            err.print(f"[yellow]warning:[/] {r}: {e}", highlight=False)
+    raise typer.Exit(EXIT_PARTIAL if (rep.garbage_left or rep.errors) and not dry_run else 0)
 
 
 @remote_app.command("add")

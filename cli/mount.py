@@ -231,7 +231,8 @@ def snapshot_delete(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Delete a snapshot (data other snapshots or the live tree use stays)."""
+    """Delete a snapshot (data other snapshots or the live tree use stays; `vaultfs prune`
+    frees the rest)."""
     h = _home(home)
     reply = _call(control.home_address(h), {"cmd": "delete", "id": snap_id})
     if reply is not None:
@@ -244,5 +245,5 @@ def snapshot_delete(
         finally:
             v.close()
     if not as_json:
-        out.print(f"deleted snapshot {snap_id}")
+        out.print(f"deleted snapshot {snap_id}; `vaultfs prune` (unmounted) frees its space")
     raise typer.Exit(code)

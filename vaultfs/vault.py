@@ -988,43 +988,65 @@ class Vault:
     ) -> int:
         """Atomically replace data segment ``old_id`` by a new one holding ``records``
         ((chunk id, record sealed under ``epoch``, plaintext length)); returns the new id.
+        See :meth:`rewrite_segments`."""
+        seg_id = self.rewrite_segments([old_id], records, epoch)
+        assert seg_id is not None
+        return seg_id
+
+    def rewrite_segments(
+        self, old_ids: list[int], records: list[tuple[bytes, bytes, int]], epoch: int
+    ) -> int | None:
+        """Atomically replace data segments ``old_ids`` by one new segment holding
+        ``records`` ((chunk id, record sealed under ``epoch``, plaintext length)), or by none
+        when ``records`` is empty. Returns the new segment id (None: none was needed).
 
         The new shards are durable in the queue before the one transaction that inserts the
-        new segment, repoints its chunks, deletes the old segment's rows and lists the old
-        placed shards in ``garbage`` (deleted from remotes only once a manifest no longer
-        naming them is placed). A crash before that transaction leaves the old segment in use
-        and orphan queue files that :meth:`recover` removes.
+        new segment, repoints the records' chunks, deletes every other chunk row still in an
+        old segment (chunks nothing refers to: the caller's business), deletes the old
+        segments' rows and lists their placed shards in ``garbage`` (deleted from the
+        remotes only once a manifest no longer naming them is placed). A crash before that
+        transaction leaves the old segments in use and orphan queue files that
+        :meth:`recover` removes.
         """
         with self._write_lock:
             builder = segment.SegmentBuilder(self.segment_size)
             where: dict[bytes, tuple[int, int, int]] = {}
             for cid, rec, plain in records:
                 if not builder.fits(len(rec)):
-                    raise IntegrityError("internal: re-sealed records outgrow one segment")
+                    raise IntegrityError("internal: rewritten records outgrow one segment")
                 where[cid] = (builder.add(rec), len(rec), plain)
-            seg_id = self._next_segment_id()
-            uid = secrets.token_bytes(16)
-            rows, root = self._write_shards(seg_id, uid, segment.KIND_DATA, builder.padded())
-            old = self.index.q("SELECT name, remote, state FROM shards WHERE segment=?", (old_id,))
+            seg_id = rows = root = uid = None
+            if where:
+                seg_id = self._next_segment_id()
+                uid = secrets.token_bytes(16)
+                rows, root = self._write_shards(seg_id, uid, segment.KIND_DATA, builder.padded())
+            marks = ",".join("?" * len(old_ids))
+            old = self.index.q(
+                f"SELECT name, remote, state FROM shards WHERE segment IN ({marks})",
+                tuple(old_ids),
+            )
             with self.index.tx() as db:
                 next_seq = (db.execute("SELECT max(seq) FROM manifests").fetchone()[0] or 0) + 1
-                db.execute(
-                    "INSERT INTO segments(id, uid, kind, size, used, k, n, ec_alg, epoch, root,"
-                    f" created) VALUES (?, ?, 'data', ?, ?, ?, ?, {self.ec_alg}, ?, ?, ?)",
-                    (seg_id, uid, builder.padded_size(), builder.used, self.k, self.n, epoch, root,
-                     time.time()),
-                )  # fmt: skip
-                db.executemany(
-                    "INSERT INTO shards(segment, idx, name, remote, size, hash, blocks, root, state)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued')",
-                    [(seg_id, *r) for r in rows],
-                )
-                db.executemany(
-                    "UPDATE chunks SET segment=?, offset=?, length=? WHERE cid=?",
-                    [(seg_id, off, ln, cid) for cid, (off, ln, _pl) in where.items()],
-                )
-                db.execute("DELETE FROM shards WHERE segment=?", (old_id,))
-                db.execute("DELETE FROM segments WHERE id=?", (old_id,))
+                if seg_id is not None:
+                    assert rows is not None
+                    db.execute(
+                        "INSERT INTO segments(id, uid, kind, size, used, k, n, ec_alg, epoch,"
+                        f" root, created) VALUES (?, ?, 'data', ?, ?, ?, ?, {self.ec_alg}, ?, ?, ?)",
+                        (seg_id, uid, builder.padded_size(), builder.used, self.k, self.n,
+                         epoch, root, time.time()),
+                    )  # fmt: skip
+                    db.executemany(
+                        "INSERT INTO shards(segment, idx, name, remote, size, hash, blocks, root,"
+                        " state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued')",
+                        [(seg_id, *r) for r in rows],
+                    )
+                    db.executemany(
+                        "UPDATE chunks SET segment=?, offset=?, length=? WHERE cid=?",
+                        [(seg_id, off, ln, cid) for cid, (off, ln, _pl) in where.items()],
+                    )
+                db.execute(f"DELETE FROM chunks WHERE segment IN ({marks})", tuple(old_ids))
+                db.execute(f"DELETE FROM shards WHERE segment IN ({marks})", tuple(old_ids))
+                db.execute(f"DELETE FROM segments WHERE id IN ({marks})", tuple(old_ids))
                 db.executemany(
                     "INSERT OR IGNORE INTO garbage VALUES (?, ?, 'data', ?)",
                     [(name, rid, next_seq) for name, rid, state in old if state == "placed"],
@@ -1033,7 +1055,8 @@ class Vault:
                 if state == "queued":
                     (self.queue_dir / f"r{rid}" / "data" / name).unlink(missing_ok=True)
             with self._seg_cache_lock:
-                self._seg_cache.pop(old_id, None)
+                for sid in old_ids:
+                    self._seg_cache.pop(sid, None)
             return seg_id
 
     # -- upload queue ----------------------------------------------------------------------

@@ -1,0 +1,145 @@
+"""`vaultfs prune`: what no snapshot and no live file uses is freed on the remotes, what is
+still used survives — checked by restoring from k remotes with no local state, through the
+CLI and the real rclone, and through a real mount for the live tree."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import PASSPHRASE, run_cli, tree_digest, vaultfs_env
+
+
+def remote_bytes(remotes: list[Path]) -> int:
+    return sum(f.stat().st_size for r in remotes for f in (r / "data").glob("*"))
+
+
+def make(tmp_path: Path) -> tuple[Path, list[Path]]:
+    home = tmp_path / "home"
+    remotes = [tmp_path / f"r{i}" for i in range(3)]
+    args = ["init", "-k", "2", "-n", "3", "--segment-mib", "1"]
+    for r in remotes:
+        args += ["--remote", str(r)]
+    run_cli(*args, home=home)
+    return home, remotes
+
+
+def write(p: Path, seed: int, size: int) -> None:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(random.Random(seed).randbytes(size))
+
+
+def snapshots(home: Path) -> list[dict]:
+    return json.loads(run_cli("snapshots", "--json", home=home).stdout)
+
+
+def test_prune_frees_deleted_snapshots_and_keeps_what_others_use(tmp_path):
+    home, remotes = make(tmp_path)
+    src = tmp_path / "src"
+    write(src / "kept.bin", 1, 3_000_000)  # in both snapshots
+    write(src / "only-old.bin", 2, 4_000_000)  # only in the first one
+    run_cli("backup", str(src), "--name", "old", home=home)
+    (src / "only-old.bin").unlink()
+    write(src / "new.bin", 3, 1_000_000)
+    run_cli("backup", str(src), "--name", "new", home=home)
+    before = remote_bytes(remotes)
+
+    dry = json.loads(run_cli("prune", "--dry-run", "--json", home=home).stdout)
+    assert dry["chunks_freed"] == 0, "both snapshots still use everything"
+
+    old = next(s for s in snapshots(home) if s["name"] == "old")
+    run_cli("snapshot", "delete", old["id"], home=home)
+    dry = json.loads(run_cli("prune", "--dry-run", "--json", home=home).stdout)
+    assert dry["bytes_freed"] == 4_000_000 and remote_bytes(remotes) == before
+
+    rep = json.loads(run_cli("prune", "--json", home=home).stdout)
+    assert rep["bytes_freed"] == 4_000_000 and rep["garbage_left"] == 0
+    after = remote_bytes(remotes)
+    # 4 MB of random data is 4 MB per copy, stored 3/2 times over the remotes
+    assert before - after >= 4_000_000 * 3 // 2 * 0.9
+    again = json.loads(run_cli("prune", "--json", home=home).stdout)
+    assert again["chunks_freed"] == 0 and again["manifest_seq"] is None
+
+    # a disaster restore from k remotes with no local state gives back the kept snapshot
+    shutil.copy(home / "key.json", tmp_path / "key.json")
+    shutil.rmtree(home)
+    out = tmp_path / "out"
+    run_cli(
+        "restore", "--keyfile", str(tmp_path / "key.json"), "--from", str(remotes[0]),
+        "--from", str(remotes[2]), "--to", str(out), home=tmp_path / "fresh",
+    )  # fmt: skip
+    assert tree_digest(out / "src") == tree_digest(src)
+
+
+def test_prune_repacks_sparse_segments(tmp_path):
+    """Many small files in few segments; most deleted: the survivors move to a new segment
+    and the old segments go, with the data intact."""
+    home, remotes = make(tmp_path)
+    src = tmp_path / "src"
+    for i in range(40):
+        write(src / f"f{i:02}.bin", 10 + i, 60_000)
+    run_cli("backup", str(src), "--name", "all", home=home)
+    keep = src.parent / "keep"
+    keep.mkdir()
+    for i in range(0, 40, 10):  # a tenth of the data stays, spread over the segments
+        shutil.copy(src / f"f{i:02}.bin", keep / f"f{i:02}.bin")
+    run_cli("backup", str(keep), "--name", "few", home=home)
+    run_cli("snapshot", "delete", snapshots(home)[0]["id"], home=home)
+    rep = json.loads(run_cli("prune", "--json", home=home).stdout)
+    assert rep["repacked"] >= 1 and rep["written"] >= 1
+    assert rep["bytes_freed"] == 36 * 60_000
+    run_cli("verify", "--read-all", home=home)
+    shutil.copy(home / "key.json", tmp_path / "key.json")
+    out = tmp_path / "out"
+    run_cli(
+        "restore", "--keyfile", str(tmp_path / "key.json"), "--from", str(remotes[1]),
+        "--from", str(remotes[2]), "--to", str(out), home=tmp_path / "fresh",
+    )  # fmt: skip
+    assert tree_digest(out / "keep") == tree_digest(keep)
+
+
+def test_prune_keeps_what_the_live_tree_of_the_mount_uses(tmp_path):
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        pytest.skip("needs /dev/fuse and fusermount3")
+    home, _remotes = make(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = vaultfs_env(home)
+    subprocess.run(
+        [sys.executable, "-m", "cli.main", "mount", str(mnt)], env=env, check=True, timeout=120
+    )
+    try:
+        write(mnt / "live.bin", 7, 2_500_000)
+        data = (mnt / "live.bin").read_bytes()
+        run_cli("snapshot", "--name", "s", home=home)
+        run_cli("prune", home=home, check=17)  # the mount holds the vault: refused
+    finally:
+        subprocess.run([sys.executable, "-m", "cli.main", "umount", str(mnt)], env=env, timeout=300)
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+    run_cli("snapshot", "delete", snapshots(home)[0]["id"], home=home)
+    rep = json.loads(run_cli("prune", "--json", home=home).stdout)
+    assert rep["chunks_freed"] == 0, "the live tree still uses every chunk"
+    subprocess.run(
+        [sys.executable, "-m", "cli.main", "mount", str(mnt)], env=env, check=True, timeout=120
+    )
+    try:
+        assert (mnt / "live.bin").read_bytes() == data
+    finally:
+        subprocess.run([sys.executable, "-m", "cli.main", "umount", str(mnt)], env=env, timeout=300)
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+
+
+def test_prune_bad_input(tmp_path):
+    home, _ = make(tmp_path)
+    proc = run_cli("prune", "--repack-below", "2", home=home, check=18)
+    assert b"fraction" in proc.stderr
+    proc = run_cli("prune", home=tmp_path / "nothing", check=16)
+    assert PASSPHRASE not in proc.stderr.decode()

@@ -1,0 +1,182 @@
+"""Prune: free the space of chunks that no snapshot and no file of the live tree uses.
+
+Deleting a snapshot (``vaultfs snapshot delete``) only forgets its entries: chunks are shared
+between snapshots and the mount's live tree, so nothing can be freed at that moment without
+knowing every other reference. ``vaultfs prune`` does the accounting, with the vault locked
+(so no backup or mount adds references meanwhile):
+
+1. **Live chunks**: every chunk a snapshot entry refers to (``entry_chunks``) and every chunk a
+   block of the live tree refers to (``live_blocks``). Nothing else keeps a chunk alive.
+2. **Plan**, per data segment: no live chunk → *drop* it; live records taking less than
+   ``repack_below`` of its bytes → *repack*: its live records are copied, as they are
+   (records are self-contained and already encrypted), into new full segments together with
+   those of other sparse segments of the same key epoch; otherwise *keep* it (its dead chunk
+   rows stay, so a later backup can still deduplicate against them).
+3. **Rewrite**, group by group (``Vault.rewrite_segments``): the new segment's shards are
+   durable in the queue before one transaction repoints the live chunks, deletes the dead
+   chunk rows and the old segments, and lists the old placed shards in ``garbage``.
+4. **Publish and collect**: a new index copy and manifest are shipped and placed; only then are
+   the garbage objects deleted from the remotes (``rotation.collect_garbage``, invariant 8 of
+   docs/design.md). A remote that is down keeps its garbage until a later prune.
+
+Crash states: a crash before a group's transaction leaves the old segments in use and orphan
+queue files (removed at the next open); after it, the old objects wait in ``garbage``, which
+the next prune (or re-encryption) collects once a manifest without them is placed.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from .errors import IntegrityError
+from .vault import Vault
+
+#: A segment whose live records take less than this share of its bytes is repacked.
+REPACK_BELOW = 0.5
+
+
+@dataclass
+class PruneReport:
+    dry_run: bool
+    segments: int = 0  # data segments looked at
+    dropped: int = 0  # segments with no live chunk, deleted
+    repacked: int = 0  # sparse segments whose live records moved to new segments
+    written: int = 0  # new segments those went into
+    chunks_freed: int = 0  # chunk rows deleted
+    bytes_freed: int = 0  # plaintext bytes of those chunks
+    stored_freed: int = 0  # segment bytes freed (padded, per copy of the data)
+    manifest_seq: int | None = None
+    garbage_deleted: int = 0  # objects deleted from remotes
+    garbage_left: int = 0  # objects still to delete (a remote was down, or not yet safe)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def live_chunk_ids(v: Vault) -> set[bytes]:
+    """Chunk ids some snapshot entry or live-tree block refers to."""
+    live = {
+        bytes(cid)
+        for (cid,) in v.index.q(
+            "SELECT DISTINCT c.cid FROM entry_chunks e JOIN chunks c ON c.id = e.chunk"
+        )
+    }
+    for (blob,) in v.index.q("SELECT chunks FROM live_blocks"):
+        blob = bytes(blob)
+        for off in range(0, len(blob) - 35, 36):  # 32-byte id ‖ 4-byte length, repeated
+            live.add(blob[off : off + 32])
+    return live
+
+
+def prune(
+    v: Vault,
+    repack_below: float = REPACK_BELOW,
+    dry_run: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> PruneReport:
+    """Free what nothing refers to; see the module docstring. ``v`` must be opened with the
+    lock (a writer)."""
+    from . import rotation, verify
+
+    if not 0 <= repack_below <= 1:
+        raise ValueError("repack_below is a fraction between 0 and 1")
+    report = PruneReport(dry_run)
+    v.seal()
+    live = live_chunk_ids(v)
+    segs = v.index.q("SELECT id, size, used, epoch FROM segments WHERE kind='data' ORDER BY id")
+    report.segments = len(segs)
+    rows: dict[int, list[tuple[bytes, int, int, int]]] = defaultdict(list)
+    for sid, cid, off, ln, plain in v.index.q(
+        "SELECT c.segment, c.cid, c.offset, c.length, c.plain FROM chunks c"
+        " JOIN segments g ON g.id = c.segment WHERE g.kind='data'"
+    ):
+        rows[sid].append((bytes(cid), off, ln, plain))
+
+    drop: list[int] = []
+    sparse: dict[int, list[int]] = defaultdict(list)  # epoch -> segments to repack
+    for sid, size, used, epoch in segs:
+        keep = [r for r in rows[sid] if r[0] in live]
+        dead = [r for r in rows[sid] if r[0] not in live]
+        live_bytes = sum(r[2] for r in keep)
+        if not keep:
+            drop.append(sid)
+        elif dead and live_bytes < repack_below * max(used, 1):
+            sparse[epoch].append(sid)
+        else:
+            continue
+        report.chunks_freed += len(dead)
+        report.bytes_freed += sum(r[3] for r in dead)
+        report.stored_freed += size
+    report.dropped = len(drop)
+    report.repacked = sum(len(s) for s in sparse.values())
+    groups = _groups(v, sparse, rows, live)
+    report.written = len(groups)
+    if dry_run:
+        report.stored_freed -= sum(_size_class(v, sum(g[2].values())) for g in groups)
+        return report
+    done = 0
+    total = len(drop) + len(groups)
+    if drop:
+        v.rewrite_segments(drop, [], v.epoch)
+        done += len(drop)
+        if progress:
+            progress(done, total)
+    for epoch, olds, wanted in groups:
+        records = []
+        for sid in olds:
+            data = v.segment_bytes(sid)
+            for cid, off, ln, plain in rows[sid]:
+                if cid in wanted:
+                    records.append((cid, bytes(data[off : off + ln]), plain))
+        new = v.rewrite_segments(olds, records, epoch)
+        if new is not None:
+            (new_size,) = v.index.one("SELECT size FROM segments WHERE id=?", (new,))
+            report.stored_freed -= new_size
+        done += len(olds)
+        if progress:
+            progress(done, total)
+    if drop or groups:
+        report.manifest_seq = v.ship_index()
+        rep = v.flush()
+        report.errors.update(rep.errors)
+        verify.prune_orphans(v.index)
+    report.garbage_deleted, report.garbage_left = rotation.collect_garbage(v)
+    return report
+
+
+def _groups(
+    v: Vault,
+    sparse: dict[int, list[int]],
+    rows: dict[int, list[tuple[bytes, int, int, int]]],
+    live: set[bytes],
+) -> list[tuple[int, list[int], dict[bytes, int]]]:
+    """Pack the live records of sparse segments into as few new segments as they fill:
+    (epoch, old segment ids, {live chunk id: record length}) per new segment."""
+    out = []
+    for epoch, sids in sorted(sparse.items()):
+        olds: list[int] = []
+        wanted: dict[bytes, int] = {}
+        fill = 0
+        for sid in sids:
+            mine = {cid: ln for cid, _off, ln, _pl in rows[sid] if cid in live}
+            need = sum(mine.values())
+            if need > v.segment_size:
+                raise IntegrityError(f"internal: segment {sid} holds more than a segment")
+            if olds and fill + need > v.segment_size:
+                out.append((epoch, olds, wanted))
+                olds, wanted, fill = [], {}, 0
+            olds.append(sid)
+            wanted.update(mine)
+            fill += need
+        if olds:
+            out.append((epoch, olds, wanted))
+    return out
+
+
+def _size_class(v: Vault, used: int) -> int:
+    from . import segment
+
+    return segment.size_class(used, v.segment_size)
