@@ -143,3 +143,55 @@ def test_prune_bad_input(tmp_path):
     assert b"fraction" in proc.stderr
     proc = run_cli("prune", home=tmp_path / "nothing", check=16)
     assert PASSPHRASE not in proc.stderr.decode()
+
+
+class _Crash(BaseException):
+    """Stands for the process dying at that point."""
+
+
+def test_prune_killed_between_new_segment_and_its_transaction_recovers(tmp_path, monkeypatch):
+    """A crash after the repacked segment's shards are queued, before the transaction that
+    uses them: the next open removes them, the next prune does the job, nothing is lost."""
+    import io
+
+    from vaultfs import prune as prune_mod
+    from vaultfs.backup import backup_stream
+    from vaultfs.remotes import Remote
+    from vaultfs.restore import open_remote_index, restore_files
+    from vaultfs.vault import Vault
+
+    remotes = [str(tmp_path / f"r{i}") for i in range(3)]
+    v = Vault.create(tmp_path / "home", remotes, 2, 3, PASSPHRASE, segment_size=1 << 20)
+    keep = random.Random(1).randbytes(150_000)
+    with v:
+        backup_stream(v, io.BytesIO(random.Random(2).randbytes(900_000) + keep), "a", "a")
+        backup_stream(v, io.BytesIO(keep), "b", "b")
+        v.delete_snapshot(v.index.one("SELECT uid FROM snapshots WHERE name='a'")[0])
+        assert v.flush().complete
+
+        real = v.index.tx
+
+        def crash_on_rewrite():
+            import traceback
+
+            if any(f.name == "rewrite_segments" for f in traceback.extract_stack()):
+                raise _Crash()
+            return real()
+
+        monkeypatch.setattr(v.index, "tx", crash_on_rewrite)
+        with pytest.raises(_Crash):
+            prune_mod.prune(v, repack_below=0.9)
+        monkeypatch.undo()
+    v = Vault.open(tmp_path / "home", PASSPHRASE)
+    with v:
+        rep = prune_mod.prune(v, repack_below=0.9)
+        assert 900_000 <= rep.bytes_freed < 1_050_000 and rep.garbage_left == 0
+        keys = v.keys
+    work = tmp_path / "w"
+    db, src, _m, _w = open_remote_index(keys, [Remote(r) for r in remotes[:2]], work)
+    try:
+        restore_files(keys, db, src, tmp_path / "out")
+    finally:
+        db.close()
+    assert (tmp_path / "out" / "b").read_bytes() == keep
+    assert not os.listdir(tmp_path / "home" / "queue" / "tmp")
