@@ -360,6 +360,7 @@ def _worker_main(
     os.closerange(3, own)
     os.closerange(own + 1, 1 << 20)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the vault process's to handle
+    conn.send(("ready", wid))  # the descriptors above are closed: start() may return
     lock = threading.Lock()
 
     def send(msg: tuple) -> None:
@@ -446,6 +447,14 @@ class SealerPool:
             theirs.close()
             self._procs.append(p)
             self._conns.append(ours)
+        for wid, c in enumerate(self._conns):  # each one set up before anything is sent
+            try:
+                ok = c.poll(30) and c.recv() == ("ready", wid)
+            except (EOFError, OSError):
+                ok = False
+            if not ok:
+                self.close()
+                raise SealerError(f"sealer process {wid} did not start")
         self._collector = threading.Thread(
             target=self._collect, name="vaultfs-collector", daemon=True
         )
