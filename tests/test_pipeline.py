@@ -281,3 +281,83 @@ def test_a_failing_caller_mid_stream_gives_back_every_slot(tmp_path):
         cids, total = v.store_stream(io.BytesIO(data))
         assert total == len(data) and b"".join(v.read_chunk(c) for c in cids) == data
         assert pool.free_slots == SLOTS
+
+
+@pytest.mark.parametrize(
+    ("spec", "local"),
+    [
+        ("/mnt/usb/vault", "/mnt/usb/vault"),
+        ("relative/dir", "relative/dir"),
+        ("/srv/odd:name", "/srv/odd:name"),  # a colon after a slash: still a path to rclone
+        ("b2:bucket/vault", None),
+        ("nas:", None),
+        (":s3,endpoint=http://127.0.0.1:9:bucket/v", None),
+        (":local:/tmp/x", None),
+    ],
+)
+def test_which_remotes_are_plain_directories(spec, local):
+    d = Remote(spec).local_dir
+    assert (str(d) if d is not None else None) == local
+
+
+def _remote_state(remotes: list[str]) -> dict[str, tuple[int, int, bytes]]:
+    import hashlib
+
+    out = {}
+    for r in remotes:
+        for p in sorted(Path(r).rglob("*")):
+            if p.is_file():
+                st = p.stat()
+                out[str(p)] = (st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).digest())
+    return out
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_local_remotes_are_read_in_place_or_copied_and_never_changed(
+    tmp_path, monkeypatch, in_place
+):
+    """A restore from plain directories reads their shard objects where they lie (or, with
+    VAULTFS_READ_IN_PLACE=0, copies them through rclone first); either way the restored
+    bytes are the same and not one file on a remote is changed, added or removed."""
+    monkeypatch.setattr("vaultfs.restore.READ_IN_PLACE", in_place)
+    data = random.Random(3).randbytes(3_000_000) + text(3, 2_000_000)
+    v, remotes = make_vault(tmp_path, k=2, n=3)
+    with v:
+        backup_stream(v, io.BytesIO(data), "kb.sql")
+        assert v.flush().complete
+        keys = v.keys
+    before = _remote_state(remotes)
+    db, src, _m, _w = open_remote_index(keys, [Remote(r) for r in remotes[1:]], tmp_path / "w")
+    try:
+        assert bool(src.in_place) is in_place
+        name = next(iter(src.where))
+        got = src.fetch([("data", name)], tmp_path / "probe")
+        where = got[name].resolve()
+        assert any(where.is_relative_to(Path(r).resolve()) for r in remotes) is in_place
+        restore_files(keys, db, src, tmp_path / "out")
+    finally:
+        db.close()
+    assert (tmp_path / "out" / "kb.sql").read_bytes() == data
+    assert _remote_state(remotes) == before
+
+
+def test_a_shard_gone_between_listing_and_reading_is_decoded_around(tmp_path):
+    """Another client's prune can delete an object after this restore listed it: the read in
+    place fails, rclone cannot find it either, and the segment is decoded from other shards
+    with a warning."""
+    data = random.Random(4).randbytes(2_500_000)
+    v, remotes = make_vault(tmp_path, k=2, n=3)
+    with v:
+        backup_stream(v, io.BytesIO(data), "blob")
+        assert v.flush().complete
+        keys = v.keys
+    db, src, _m, _w = open_remote_index(keys, [Remote(r) for r in remotes], tmp_path / "w")
+    try:
+        gone = sorted((Path(remotes[0]) / "data").iterdir())
+        for p in gone:  # every data shard of r0, after the listing
+            p.unlink()
+        _uid, _files, size, warnings = restore_files(keys, db, src, tmp_path / "out")
+    finally:
+        db.close()
+    assert size == len(data) and (tmp_path / "out" / "blob").read_bytes() == data
+    assert any("could not be read" in w for w in warnings), warnings

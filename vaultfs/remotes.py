@@ -263,6 +263,18 @@ class Remote:
         return f"Remote({self.label})"
 
     @property
+    def local_dir(self) -> Path | None:
+        """The directory of a plain local-path remote (``/mnt/usb/vault``, ``./r1``), where
+        rclone's local backend keeps each object as ``<dir>/<sub>/<name>``; None for every
+        other kind of remote (``name:path``, ``:backend,...:path``). Follows rclone's rule: a
+        colon makes a remote name only when no ``/`` comes before it. A restore reads shard
+        objects of such a remote in place instead of copying them (restore.ShardSource)."""
+        s = self.spec
+        if s.startswith(":") or (":" in s and "/" not in s.split(":", 1)[0]):
+            return None
+        return Path(s)
+
+    @property
     def label(self) -> str:
         """The spec with secrets elided, for messages."""
         s = self.spec

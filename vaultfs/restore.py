@@ -36,6 +36,9 @@ BATCH_SEGMENTS = 12
 FIRST_BATCH = 2
 #: Decoder processes for restores (0: decode on the calling thread).
 DECODERS = int(os.environ.get("VAULTFS_DECODERS", "2"))
+#: Read the shard objects of plain local-directory remotes where they lie instead of copying
+#: them through rclone into the staging area first (``VAULTFS_READ_IN_PLACE=0``: copy them).
+READ_IN_PLACE = os.environ.get("VAULTFS_READ_IN_PLACE", "1") != "0"
 
 
 @dataclass
@@ -60,12 +63,24 @@ class RestoreResult:
 
 
 class ShardSource:
-    """Where each shard object can be fetched from: listed remotes and the local queue."""
+    """Where each shard object can be fetched from: listed remotes and the local queue.
+
+    Objects of a plain local-directory remote (:attr:`Remote.local_dir`) are read where they
+    lie (:data:`READ_IN_PLACE`): listing, manifests and every write still go through rclone,
+    but a restore from a USB disk or NAS mount copies nothing into a staging area first. An
+    object that cannot be read in place, or whose hash is wrong, is decoded around like any
+    missing shard. Nothing here ever writes to or deletes from a remote."""
 
     def __init__(self, remotes: list[Remote], queue_dir: Path | None = None) -> None:
         self.remotes = remotes
         self.queue_dir = queue_dir
         self.reports = {r.spec: RemoteReport(r.label) for r in remotes}
+        #: spec -> directory, for the remotes read in place
+        self.in_place: dict[str, Path] = {}
+        if READ_IN_PLACE:
+            for r in remotes:
+                if (d := r.local_dir) is not None:
+                    self.in_place[r.spec] = d
         self.where: dict[str, list[Remote]] = defaultdict(list)
         self.local: dict[str, Path] = {}
         if queue_dir and queue_dir.exists():
@@ -105,7 +120,12 @@ class ShardSource:
     staged: dict[str, Path] = {}
 
     def _start_read_ahead(self, d: Path) -> list[tuple[Remote, int]]:
-        ok = [r for r in self.remotes if not isinstance(self._lists[r.spec].result(), Exception)]
+        ok = [
+            r
+            for r in self.remotes
+            if r.spec not in self.in_place  # read in place later: nothing to move ahead
+            and not isinstance(self._lists[r.spec].result(), Exception)
+        ]
         budget = read_ahead_budget() // max(1, len(ok))
         jobs = []
         for i, r in enumerate(ok):
@@ -207,6 +227,12 @@ class ShardSource:
             cands = self.where.get(name) or []
             if not cands:
                 continue
+            here = [c for c in cands if c.spec in self.in_place]
+            if here:  # read where it lies, spreading the reads over the directories
+                r = min(here, key=lambda x: load[x.spec])
+                load[r.spec] += 1
+                got[name] = self.in_place[r.spec] / kind / name
+                continue
             r = min(cands, key=lambda x: load[x.spec])
             load[r.spec] += 1
             per_remote.setdefault(r.spec, (r, defaultdict(list)))[1][kind].append(name)
@@ -259,7 +285,11 @@ def _decode_verified(
         p = fetched.get(name)
         if p is None:
             continue
-        body = segment.read_body(p)
+        try:
+            body = segment.read_body(p)
+        except OSError as e:  # gone or unreadable in place: rclone may still get it below
+            warnings.append(f"shard {name} (index {idx}) could not be read: {e.strerror}")
+            continue
         used.add(name)
         if segment.body_hash(body) == h:
             good.append(body)
