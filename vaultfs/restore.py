@@ -793,17 +793,20 @@ def restore_files(
                 bdir, fetched = nxt.result()
                 dirs[bi] = bdir
                 ahead[bi] = [p for nm, p in fetched.items() if src.staged.get(nm) == p]
-                # at most two batches staged: fetch the next once the one before is written
-                while bi and not written[bi - 1].wait(0.1):
-                    if abort.is_set():  # a decoder failed: stop feeding the pool
-                        return
-                nxt = fx.submit(download, bi + 1) if bi + 1 < len(batches) else None
+                if abort.is_set():  # a decoder failed: stop feeding the pool
+                    return
+                # queued behind the batch before, so the decoders do not run dry between them
                 for sid in batches[bi]:
                     size, k, n, epoch = seg_rows[sid]
                     paths = {
                         nm: str(fetched[nm]) for _i, nm, _h in shard_rows[sid] if nm in fetched
                     }
                     yield (bi, sid, size, k, n, epoch, shard_rows[sid], paths, plan[sid])
+                # at most two batches staged: fetch the next once the one before is written
+                while bi and not written[bi - 1].wait(0.1):
+                    if abort.is_set():
+                        return
+                nxt = fx.submit(download, bi + 1) if bi + 1 < len(batches) else None
 
         try:
             for bi, nbytes, warns in run(jobs()):
