@@ -18,6 +18,8 @@ import time
 import traceback
 from pathlib import Path
 
+import psutil
+
 from . import harness
 from .context import REPO_ROOT, Context
 from .sections import load_all
@@ -41,7 +43,7 @@ def _host() -> dict:
         "hostname": platform.node(),
         "cpus": os.cpu_count(),
         "cpu": cpu,
-        "memory_bytes": harness.psutil.virtual_memory().total,
+        "memory_bytes": psutil.virtual_memory().total,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "commit": git("rev-parse", "HEAD"),

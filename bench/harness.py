@@ -24,8 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 MB = 1_000_000  # throughput and sizes are reported in decimal megabytes
 MiB = 1024 * 1024
 #: The memory poller's period. It competes for the same cores as the command it watches, so
