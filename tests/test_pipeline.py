@@ -361,3 +361,37 @@ def test_a_shard_gone_between_listing_and_reading_is_decoded_around(tmp_path):
         db.close()
     assert size == len(data) and (tmp_path / "out" / "blob").read_bytes() == data
     assert any("could not be read" in w for w in warnings), warnings
+
+
+def test_restore_writes_are_gathered_in_calls_of_at_most_a_mebibyte(tmp_path, monkeypatch):
+    """Restored runs go out in gathered writes no larger than WRITE_MAX (larger writes into
+    the page cache cost several times more kernel time), in order, and a short write is
+    finished piece by piece."""
+    from vaultfs import restore
+
+    rng = random.Random(5)
+    parts = [rng.randbytes(rng.choice([1, 700, 32_768, 90_000])) for _ in range(120)]
+    parts.append(rng.randbytes(restore.WRITE_MAX + 5))  # one part larger than the cap
+    parts += [rng.randbytes(40_000) for _ in range(30)]
+    calls: list[int] = []
+    real = os.pwritev
+    short = {"left": 2}
+
+    def spy(fd, bufs, pos):
+        size = sum(len(b) for b in bufs)
+        calls.append(size)
+        if short["left"] and size > 10:  # the kernel may write less than asked
+            short["left"] -= 1
+            return real(fd, [bytes(memoryview(b"".join(bufs))[: size // 3])], pos)
+        return real(fd, bufs, pos)
+
+    monkeypatch.setattr(restore.os, "pwritev", spy)
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert restore.write_parts(fd, parts, 10) == sum(map(len, parts))
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"\0" * 10 + b"".join(parts)
+    assert max(calls) == restore.WRITE_MAX + 5  # the lone big part, nothing else above the cap
+    assert sorted(calls)[-2] <= restore.WRITE_MAX and len(calls) > 5

@@ -573,18 +573,7 @@ def _restore_segment(job: tuple) -> tuple[int, int, list[str]]:
 
     def flush_run() -> None:
         nonlocal written
-        fd, pos = fds.get(run_target), run_pos
-        for i in range(0, len(run_parts), 512):  # gathered writes: no joined copy
-            part = run_parts[i : i + 512]
-            want = sum(len(p) for p in part)
-            done = os.pwritev(fd, part, pos)
-            if done != want:  # short write (rare): finish it piece by piece
-                blob = b"".join(part)[done:]
-                while blob:
-                    n = os.pwrite(fd, blob, pos + done)
-                    blob, done = blob[n:], done + n
-            pos += want
-            written += want
+        written += write_parts(fds.get(run_target), run_parts, run_pos)
 
     for cid, off, ln, target, pos, plain in items:
         data = envelope.open_chunk(key, vid, cid, seg[off : off + ln], suite)
@@ -600,6 +589,33 @@ def _restore_segment(job: tuple) -> tuple[int, int, list[str]]:
     if run_parts:
         flush_run()
     return bi, written, warnings
+
+
+#: Bytes per write call. Larger writes into the page cache cost far more kernel time on the
+#: machines measured (457 MB written in 16 MiB calls: 0.8-1.6 s of system time; in 1 MiB
+#: calls: 0.1-0.25 s), so a gathered run of chunks is cut at this size.
+WRITE_MAX = 1 << 20
+
+
+def write_parts(fd: int, parts: list[bytes], pos: int) -> int:
+    """Write ``parts`` back to back at ``pos`` in gathered calls of at most :data:`WRITE_MAX`
+    bytes (and the system's limit of iovecs), with no joined copy. Returns the bytes written."""
+    start, i, n = pos, 0, len(parts)
+    while i < n:
+        j, size = i + 1, len(parts[i])
+        while j < n and j - i < 512 and size + len(parts[j]) <= WRITE_MAX:
+            size += len(parts[j])
+            j += 1
+        group = parts[i:j]
+        done = os.pwritev(fd, group, pos)
+        if done != size:  # short write (rare): finish it piece by piece
+            blob = memoryview(b"".join(group))[done:]
+            while blob:
+                k = os.pwrite(fd, blob, pos + done)
+                blob, done = blob[k:], done + k
+        pos += size
+        i = j
+    return pos - start
 
 
 @contextlib.contextmanager
