@@ -23,7 +23,15 @@ from cli.main import HomeOpt, JsonOpt, _home, _open, _passphrase, app, err, out
 from vaultfs import receipt as receipts
 from vaultfs import rotation, shamir
 from vaultfs.errors import InputError, NoVault, ShareError, WrongKey
-from vaultfs.keys import SUITES, VaultKeys, parse_seed, read_keyfile, suite_name, write_keyfile
+from vaultfs.keys import (
+    SUITES,
+    VaultKeys,
+    parse_seed,
+    read_keyfile,
+    slhdsa_field,
+    suite_name,
+    write_keyfile,
+)
 from vaultfs.remotes import Remote
 
 keys_app = typer.Typer(
@@ -217,13 +225,14 @@ def show(
     try:
         pub = v.keys.public_bytes()
         seed = v.keys.seed.hex() if reveal_seed else None
+        slh_field = slhdsa_field(v.keys.slhdsa_param)
         info = {
             "vault_id": v.keys.vault_id.hex(),
             "fingerprint": v.keys.fingerprint(),
             "public_keys": {
                 "mldsa65_sha256": _sha256(pub["mldsa65"]),
                 "ed25519": pub["ed25519"].hex(),
-                "slhdsa_sha2_128s": v.keys.slhdsa_public.hex() if v.keys.slhdsa_public else None,
+                slh_field: v.keys.slhdsa_public.hex() if v.keys.slhdsa_public else None,
             },
             "suites": {str(i): n for i, n in SUITES.items()},
             **rotation.status(v),
@@ -247,8 +256,8 @@ def show(
     out.print(f"vault {info['fingerprint']}  (id {info['vault_id']})", highlight=False)
     out.print(f"  ML-DSA-65 public key SHA-256: {info['public_keys']['mldsa65_sha256']}")
     out.print(f"  Ed25519 public key:           {info['public_keys']['ed25519']}")
-    slh = info["public_keys"]["slhdsa_sha2_128s"] or "none (run `vaultfs keys init`)"
-    out.print(f"  SLH-DSA-SHA2-128s public key: {slh}")
+    slh = info["public_keys"][slh_field] or "none (run `vaultfs keys init`)"
+    out.print(f"  SLH-DSA-{v.keys.slhdsa_param.upper()} public key: {slh}")
     out.print(f"current suite: {suite_name(info['suite'])}, epoch {info['epoch']}")
     for e in info["epochs"]:
         flags = ("current " if e["current"] else "") + ("retired" if e["retired"] else "")
@@ -396,6 +405,7 @@ def init_keys(
                 for key, value in (
                     ("slhdsa_public", v.keys.slhdsa_public.hex()),
                     ("slhdsa_sealed", v.keys.seal_slhdsa_secret().hex()),
+                    ("slhdsa_param", v.keys.slhdsa_param),
                 ):
                     db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value))
                 db.execute(

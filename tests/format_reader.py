@@ -315,7 +315,7 @@ class Manifest:
 
 
 #: signature algorithm id -> total signature length (§ Algorithm ids)
-SIG_LENGTHS = {1: 3309 + 64, 2: 3309 + 64 + 7856}
+SIG_LENGTHS = {1: 3309 + 64, 2: 3309 + 64 + 7856, 3: 3309 + 64 + 17088}
 
 
 def open_manifest(keys: Keys, blob: bytes) -> Manifest:
@@ -341,11 +341,12 @@ def open_manifest(keys: Keys, blob: bytes) -> Manifest:
     kind = b"manifest" + struct.pack(">Q", seq)
     _c, _b, raw = open_record(keys.metadata_key, vid, b"meta" + kind, kind, blob[44:end], suite)
     body = json.loads(raw)
-    if sig_alg == 2:  # SLH-DSA-SHA2-128s over the same message, key named in the body
-        from pqcrypto.sign import slh_dsa_sha2_128s
+    if sig_alg in (2, 3):  # SLH-DSA-SHA2-128s / -128f over the same message, key in the body
+        from pqcrypto.sign import slh_dsa_sha2_128f, slh_dsa_sha2_128s
 
+        slh = slh_dsa_sha2_128s if sig_alg == 2 else slh_dsa_sha2_128f
         try:  # returns None, raises on a bad signature
-            slh_dsa_sha2_128s.verify(bytes.fromhex(body["slhdsa_public"]), signed, sig[3373:])
+            slh.verify(bytes.fromhex(body["slhdsa_public"]), signed, sig[3373:])
         except Exception:
             raise FormatError("manifest SLH-DSA signature does not verify") from None
     return Manifest(seq, created, body)

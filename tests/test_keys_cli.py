@@ -15,7 +15,13 @@ import pytest
 
 from vaultfs import manifest
 from vaultfs.index import Index
-from vaultfs.keys import SIG_MLDSA65_ED25519_SLHDSA, read_keyfile
+from vaultfs.keys import (
+    SIG_MLDSA65_ED25519_SLHDSA,
+    SIG_MLDSA65_ED25519_SLHDSA128F,
+    SLHDSA_128F,
+    SLHDSA_128S,
+    read_keyfile,
+)
 from vaultfs.remotes import Remote
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,7 +173,7 @@ def test_rotate_passwd_show(vault: dict) -> None:
     assert show["epoch"] == 1 and show["suite"] == 1
     segs = {e["epoch"]: e["data_segments"] for e in show["epochs"]}
     assert segs[0] > 0 and segs[1] > 0  # old data kept under epoch 0, new data under epoch 1
-    assert show["public_keys"]["slhdsa_sha2_128s"]
+    assert show["public_keys"]["slhdsa_sha2_128f"]  # new vaults: SLH-DSA-SHA2-128f
     assert all("newest placed: #" in c["what"] for c in show["keyring_copies"][2:])
     # both epochs restore from remotes alone (the keyring travels in the manifest)
     out = tmp / "out"
@@ -195,7 +201,9 @@ def test_keys_init_upgrades_a_vault_without_slhdsa(vault: dict) -> None:
     idx = Index(home / "index.db")
     try:
         with idx.tx() as db:
-            db.execute("DELETE FROM settings WHERE key IN ('slhdsa_public', 'slhdsa_sealed')")
+            db.execute(
+                "DELETE FROM settings WHERE key IN ('slhdsa_public', 'slhdsa_sealed', 'slhdsa_param')"
+            )
     finally:
         idx.close()
     res = json.loads(run(home, "keys", "init", "--json").stdout)
@@ -206,10 +214,12 @@ def test_keys_init_upgrades_a_vault_without_slhdsa(vault: dict) -> None:
     r = Remote(str(remotes[0]))
     newest = sorted(r.list("manifests"))[-1]
     m = manifest.decode(keys, r.cat("manifests", newest))
-    assert m.sig_alg == SIG_MLDSA65_ED25519_SLHDSA and m.body["slhdsa_sealed"]
+    assert m.sig_alg == SIG_MLDSA65_ED25519_SLHDSA128F and m.body["slhdsa_sealed"]
     # seed + remotes recover the SLH-DSA secret key: it is sealed in the manifest body
-    keys.load_slhdsa(bytes.fromhex(m.body["slhdsa_public"]), bytes.fromhex(m.body["slhdsa_sealed"]))
-    assert len(keys.sign_slhdsa(b"x")) == 7856
+    keys.load_slhdsa(
+        bytes.fromhex(m.body["slhdsa_public"]), bytes.fromhex(m.body["slhdsa_sealed"]), SLHDSA_128F
+    )
+    assert len(keys.sign_slhdsa(b"x")) == 17088
     # the seed's spelling: a vault whose keyfile is gone gets one back from the hex seed
     shown = run(home, "keys", "show", "--reveal-seed")
     line = next(ln for ln in shown.stdout.splitlines() if ln.startswith("master seed: "))
@@ -230,3 +240,39 @@ def test_keys_init_upgrades_a_vault_without_slhdsa(vault: dict) -> None:
     other.write_text("ab" * 32)
     res = run(home, "keys", "init", "--seed-file", str(other), "--force", check=False)
     assert res.returncode == 10 and "belongs to vault id" in res.stderr
+
+
+def test_a_vault_with_an_older_128s_key_keeps_it(vault: dict) -> None:
+    """A vault made before SLH-DSA-SHA2-128f became the default (its key is 128s, the index
+    has no slhdsa_param) keeps signing with algorithm 2, and restores from remotes alone."""
+    home, remotes, tmp = vault["home"], vault["remotes"], vault["tmp"]
+    keys = read_keyfile(home / "key.json", "pw")
+    keys.generate_slhdsa(SLHDSA_128S)
+    assert keys.slhdsa_public is not None
+    idx = Index(home / "index.db")
+    try:
+        with idx.tx() as db:
+            for key, value in (
+                ("slhdsa_public", keys.slhdsa_public.hex()),
+                ("slhdsa_sealed", keys.seal_slhdsa_secret().hex()),
+            ):
+                db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value))
+            db.execute("DELETE FROM settings WHERE key='slhdsa_param'")
+    finally:
+        idx.close()
+    more = tmp / "more"
+    more.mkdir()
+    (more / "late.bin").write_bytes(os.urandom(200_000))
+    run(home, "backup", str(more))
+    r = Remote(str(remotes[1]))
+    newest = sorted(r.list("manifests"))[-1]
+    m = manifest.decode(read_keyfile(home / "key.json", "pw"), r.cat("manifests", newest))
+    assert m.sig_alg == SIG_MLDSA65_ED25519_SLHDSA
+    assert m.body["slhdsa_public"] == keys.slhdsa_public.hex()
+    show = json.loads(run(home, "keys", "show", "--json").stdout)
+    assert show["public_keys"]["slhdsa_sha2_128s"] == keys.slhdsa_public.hex()
+    out = tmp / "out128s"
+    run(tmp / "empty-home", "restore", "--keyfile", str(home / "key.json"),
+        "--from", str(remotes[1]), "--from", str(remotes[3]), "--from", str(remotes[4]),
+        "--to", str(out))  # fmt: skip
+    assert (out / "more" / "late.bin").read_bytes() == (more / "late.bin").read_bytes()

@@ -25,6 +25,9 @@ from vaultfs.errors import IntegrityError, WrongKey
 from vaultfs.keys import (
     SIG_MLDSA65_ED25519,
     SIG_MLDSA65_ED25519_SLHDSA,
+    SIG_MLDSA65_ED25519_SLHDSA128F,
+    SLHDSA_128F,
+    SLHDSA_128S,
     SUITES,
     VaultKeys,
     verify_slhdsa,
@@ -129,10 +132,14 @@ def test_regression_derivations_and_wraps() -> None:
             keys.unwrap_data_key(REG["epoch"], wrapped, other)
         with pytest.raises(WrongKey):  # and only for its own epoch
             keys.unwrap_data_key(REG["epoch"] + 1, wrapped, suite)
-    slh = REG["slhdsa"]
-    verify_slhdsa(*(bytes.fromhex(slh[f]) for f in ("public", "message", "signature")))
-    with pytest.raises(IntegrityError):
-        verify_slhdsa(bytes.fromhex(slh["public"]), b"other", bytes.fromhex(slh["signature"]))
+    for entry, param in (("slhdsa", SLHDSA_128S), ("slhdsa_128f", SLHDSA_128F)):
+        pub, msg, sig = (bytes.fromhex(REG[entry][f]) for f in ("public", "message", "signature"))
+        verify_slhdsa(pub, msg, sig, param)
+        with pytest.raises(IntegrityError):
+            verify_slhdsa(pub, b"other", sig, param)
+        other = SLHDSA_128F if param == SLHDSA_128S else SLHDSA_128S
+        with pytest.raises(IntegrityError):  # a signature of one parameter set is not the other's
+            verify_slhdsa(pub, msg, sig, other)
 
 
 def test_fresh_wraps_round_trip_in_every_suite() -> None:
@@ -142,13 +149,18 @@ def test_fresh_wraps_round_trip_in_every_suite() -> None:
         assert keys.unwrap_data_key(3, keys.wrap_data_key(3, dk, suite), suite) == dk
 
 
-def test_manifest_signatures_and_tampering() -> None:
-    """Algorithm 2 (composite + SLH-DSA) round-trips; any altered byte or a downgrade fails."""
+@pytest.mark.parametrize(
+    ("param", "alg"),
+    [(SLHDSA_128F, SIG_MLDSA65_ED25519_SLHDSA128F), (SLHDSA_128S, SIG_MLDSA65_ED25519_SLHDSA)],
+)
+def test_manifest_signatures_and_tampering(param: str, alg: int) -> None:
+    """Algorithms 3 and 2 (composite + SLH-DSA-SHA2-128f / -128s) round-trip; any altered
+    byte, a downgrade or the other parameter set fails."""
     keys = VaultKeys.from_seed(bytes(range(32)))
-    keys.generate_slhdsa()
+    keys.generate_slhdsa(param)
     blob = manifest.encode(keys, 5, 1_700_000_000_000, {"vault_root": "00" * 32}, 2)
     m = manifest.decode(keys, blob)
-    assert (m.seq, m.suite, m.sig_alg) == (5, 2, SIG_MLDSA65_ED25519_SLHDSA)
+    assert (m.seq, m.suite, m.sig_alg) == (5, 2, alg)
     assert m.body["slhdsa_public"] == keys.slhdsa_public.hex()
     # a seed-only reader (no pinned SLH-DSA key) learns it from the authenticated body
     fresh = VaultKeys.from_seed(keys.seed)
@@ -163,6 +175,12 @@ def test_manifest_signatures_and_tampering() -> None:
     assert manifest.decode(plain, old_style).sig_alg == SIG_MLDSA65_ED25519
     with pytest.raises(IntegrityError, match="downgrade"):
         manifest.decode(keys, old_style)
+    # a reader pinning this key under the other parameter set refuses the manifest
+    pinned = VaultKeys.from_seed(keys.seed)
+    pinned.slhdsa_public = keys.slhdsa_public
+    pinned.slhdsa_param = SLHDSA_128S if param == SLHDSA_128F else SLHDSA_128F
+    with pytest.raises(IntegrityError, match="this vault's key is"):
+        manifest.decode(pinned, blob)
     keys.retired_suites.add(2)
     with pytest.raises(IntegrityError, match="retired suite 2"):
         manifest.decode(keys, blob)

@@ -144,3 +144,33 @@ def test_tampered_manifest_on_the_remotes_fails_verification(tmp_path: Path) -> 
     assert res.returncode == 12, res.stderr
     assert "no validly signed manifest" in res.stderr and "does not verify" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_receipts_name_the_slhdsa_parameter_set_and_older_128s_keys_still_sign(
+    tmp_path: Path,
+) -> None:
+    """A receipt says which SLH-DSA parameter set signed it (the algorithm string and the
+    public key's field); one made with an older SHA2-128s key verifies as well, and claiming
+    the other parameter set fails."""
+    from vaultfs.keys import SLHDSA_128S
+    from vaultfs.vault import Vault
+
+    home, _remotes = init_vault(tmp_path, "p")
+    v = Vault.open(home, "pw")
+    try:
+        new = receipts.make(v, "latest")
+        v.keys.generate_slhdsa(SLHDSA_128S)  # as a vault made before 128f was the default
+        old = receipts.make(v, "latest")
+    finally:
+        v.close()
+    assert new["signature"]["algorithm"].endswith("SLH-DSA-SHA2-128f")
+    assert new["public_keys"]["slhdsa_sha2_128f"] and "slhdsa_sha2_128s" not in new["public_keys"]
+    assert old["signature"]["algorithm"].endswith("SLH-DSA-SHA2-128s")
+    assert old["public_keys"]["slhdsa_sha2_128s"]
+    for doc in (new, old):
+        assert receipts.verify(doc)["snapshot"] == doc["statement"]["snapshot"]
+    swapped = json.loads(json.dumps(old))
+    swapped["signature"]["algorithm"] = new["signature"]["algorithm"]
+    swapped["public_keys"]["slhdsa_sha2_128f"] = swapped["public_keys"].pop("slhdsa_sha2_128s")
+    with pytest.raises(IntegrityError):
+        receipts.verify(swapped)

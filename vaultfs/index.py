@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS epochs (
 -- Crypto suites the vault has used (vaultfs/rotation.py). Settings used with them: suite
 -- (suite id new epochs use), epoch (epoch new writes use), reencrypt_epoch (target epoch of an
 -- unfinished `vaultfs reencrypt`; absent when none runs), slhdsa_public / slhdsa_sealed (the
--- SLH-DSA-SHA2-128s public key and its secret key sealed under HKDF "sign/slhdsa-seal", hex).
+-- SLH-DSA public key and its secret key sealed under HKDF "sign/slhdsa-seal", hex),
+-- slhdsa_param (its parameter set, "sha2-128f"; absent in vaults made before: "sha2-128s").
 CREATE TABLE IF NOT EXISTS suites (
     id        INTEGER PRIMARY KEY,   -- suite id (keys.SUITES)
     state     TEXT NOT NULL,         -- 'active': readable; 'retired': every read under it is

@@ -6,14 +6,15 @@ A receipt is a JSON document (docs/keys.md, "Receipts")::
       "format": "vaultfs-receipt", "version": 1,
       "statement": {vault_id, fingerprint, snapshot, name, snapshot_created, manifest_seq,
                     snapshot_root, files, bytes, issued, suite, redundancy{...}, remotes[...]},
-      "public_keys": {vault_id, fingerprint, mldsa65, ed25519, slhdsa_sha2_128s,
-                      slhdsa_endorsement},
+      "public_keys": {vault_id, fingerprint, mldsa65, ed25519,
+                      slhdsa_sha2_128f (or slhdsa_sha2_128s), slhdsa_endorsement},
       "signature": {algorithm, mldsa65, ed25519, slhdsa}
     }
 
 Binary values are base64 (keys, signatures) or hex (ids, roots). The signed message is
 ``"vaultfs/v1/receipt" ‖ canonical JSON of "statement"`` (keys sorted, no spaces, UTF-8), signed
-by ML-DSA-65, Ed25519 and SLH-DSA-SHA2-128s; all three must verify.
+by ML-DSA-65, Ed25519 and SLH-DSA (SHA2-128f for keys made since 2026-12-01, SHA2-128s before;
+the algorithm string and the public key's field name say which); all three must verify.
 
 The public-key document (``vaultfs keys public``) is the ``public_keys`` object. Its fingerprint
 is the vault's public fingerprint, BLAKE3 over the vault id and the ML-DSA-65 and Ed25519 keys
@@ -36,14 +37,19 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa
 
 from .errors import InputError, IntegrityError
-from .keys import SUITES, VaultKeys, verify_slhdsa
+from .keys import SLHDSA_128F, SLHDSA_128S, SUITES, VaultKeys, slhdsa_field, verify_slhdsa
 from .remotes import Remote
 from .vault import Vault
 
 FORMAT = "vaultfs-receipt"
 RECEIPT_LABEL = b"vaultfs/v1/receipt"
 ENDORSE_LABEL = b"vaultfs/v1/slhdsa-endorsement"
-ALGORITHM = "ML-DSA-65+Ed25519+SLH-DSA-SHA2-128s"
+#: signature algorithm string -> SLH-DSA parameter set
+ALGORITHMS = {
+    "ML-DSA-65+Ed25519+SLH-DSA-SHA2-128s": SLHDSA_128S,
+    "ML-DSA-65+Ed25519+SLH-DSA-SHA2-128f": SLHDSA_128F,
+}
+ALGORITHM_OF = {param: name for name, param in ALGORITHMS.items()}
 
 
 def _b64(b: bytes) -> str:
@@ -80,11 +86,11 @@ def public_document(keys: VaultKeys) -> dict:
         "fingerprint": keys.fingerprint(),
         "mldsa65": _b64(pub["mldsa65"]),
         "ed25519": _b64(pub["ed25519"]),
-        "slhdsa_sha2_128s": None,
+        slhdsa_field(keys.slhdsa_param): None,
         "slhdsa_endorsement": None,
     }
     if keys.slhdsa_public is not None:
-        doc["slhdsa_sha2_128s"] = _b64(keys.slhdsa_public)
+        doc[slhdsa_field(keys.slhdsa_param)] = _b64(keys.slhdsa_public)
         doc["slhdsa_endorsement"] = _b64(
             keys.sign(ENDORSE_LABEL + keys.vault_id + keys.slhdsa_public)
         )
@@ -158,7 +164,7 @@ def make(v: Vault, snapshot: str) -> dict:
         "statement": statement,
         "public_keys": public_document(v.keys),
         "signature": {
-            "algorithm": ALGORITHM,
+            "algorithm": ALGORITHM_OF[v.keys.slhdsa_param],
             "mldsa65": _b64(composite[:-64]),
             "ed25519": _b64(composite[-64:]),
             "slhdsa": _b64(v.keys.sign_slhdsa(msg)),
@@ -196,12 +202,16 @@ def verify(receipt: dict, public_key: dict | None = None, fingerprint: str | Non
         raise IntegrityError(
             "receipt is missing fields (statement, public_keys, signature)"
         ) from None
+    param = ALGORITHMS.get(str(sig.get("algorithm")))
+    if param is None:
+        raise IntegrityError(f"unknown receipt signature algorithm {sig.get('algorithm')!r}")
+    slh = slhdsa_field(param)
     mpk = _unb64(keys.get("mldsa65"), "mldsa65")
     epk = _unb64(keys.get("ed25519"), "ed25519")
-    spk = _unb64(keys.get("slhdsa_sha2_128s"), "slhdsa_sha2_128s")
+    spk = _unb64(keys.get(slh), slh)
     fp = fingerprint_of(vault_id, mpk, epk)
     if public_key is not None:
-        for field in ("vault_id", "mldsa65", "ed25519", "slhdsa_sha2_128s"):
+        for field in ("vault_id", "mldsa65", "ed25519", slh):
             if public_key.get(field) != keys.get(field):
                 raise IntegrityError(
                     f"the receipt is signed by other keys than the given public key ({field})"
@@ -210,8 +220,6 @@ def verify(receipt: dict, public_key: dict | None = None, fingerprint: str | Non
         raise IntegrityError(f"the receipt is signed by vault {fp}, not by {fingerprint}")
     if statement.get("fingerprint") != fp or statement.get("vault_id") != vault_id.hex():
         raise IntegrityError("the receipt's statement names another vault than its keys")
-    if sig.get("algorithm") != ALGORITHM:
-        raise IntegrityError(f"unknown receipt signature algorithm {sig.get('algorithm')!r}")
     try:
         mkey = mldsa.MLDSA65PublicKey.from_public_bytes(mpk)
         ekey = ed25519.Ed25519PublicKey.from_public_bytes(epk)
@@ -227,5 +235,5 @@ def verify(receipt: dict, public_key: dict | None = None, fingerprint: str | Non
         ekey.verify(_unb64(sig.get("ed25519"), "ed25519"), msg)
     except InvalidSignature:
         raise IntegrityError("receipt signature does not verify: it was altered") from None
-    verify_slhdsa(spk, msg, _unb64(sig.get("slhdsa"), "slhdsa"))
+    verify_slhdsa(spk, msg, _unb64(sig.get("slhdsa"), "slhdsa"), param)
     return statement

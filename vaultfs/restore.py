@@ -28,7 +28,7 @@ from . import envelope, manifest, merkle, segment
 from .backup import check_name
 from .errors import InputError, IntegrityError, NotEnoughRemotes, TargetNotEmpty
 from .index import migrate
-from .keys import VaultKeys
+from .keys import SLHDSA_BY_SIG_ALG, VaultKeys
 from .names import display, fs_path, xattrs_from_db
 from .remotes import Remote, RemoteError
 
@@ -919,6 +919,7 @@ def open_remote_index(
     keys.retired_suites |= {int(s) for s in m.body.get("retired_suites", [])}
     if keys.slhdsa_public is None and m.body.get("slhdsa_public"):
         keys.slhdsa_public = bytes.fromhex(m.body["slhdsa_public"])
+        keys.slhdsa_param = SLHDSA_BY_SIG_ALG.get(m.sig_alg, keys.slhdsa_param)
     src.list_all()
     reachable = [r for r in src.reports.values() if r.reachable]
     if not reachable:

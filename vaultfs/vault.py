@@ -46,7 +46,7 @@ from .errors import (
     VaultBusy,
 )
 from .index import Index, chunk_rows
-from .keys import SUITE_XWING_AES256GCM, VaultKeys, read_keyfile, write_keyfile
+from .keys import SLHDSA_128S, SUITE_XWING_AES256GCM, VaultKeys, read_keyfile, write_keyfile
 from .remotes import Remote, RemoteError
 from .sealer import (
     SLOT_SIZE,
@@ -287,6 +287,7 @@ class Vault:
                 "created": time.time(),
                 "slhdsa_public": keys.slhdsa_public.hex(),
                 "slhdsa_sealed": keys.seal_slhdsa_secret().hex(),
+                "slhdsa_param": keys.slhdsa_param,
             }.items():
                 db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, str(value)))
             for pos, spec in enumerate(remote_specs):
@@ -354,7 +355,8 @@ class Vault:
         """
         pub, sealed = self.index.get("slhdsa_public"), self.index.get("slhdsa_sealed")
         if pub and sealed:
-            self.keys.load_slhdsa(bytes.fromhex(pub), bytes.fromhex(sealed))
+            param = self.index.get("slhdsa_param") or SLHDSA_128S  # older vaults: 128s
+            self.keys.load_slhdsa(bytes.fromhex(pub), bytes.fromhex(sealed), param)
         self.keys.retired_suites |= {
             sid for (sid,) in self.index.q("SELECT id FROM suites WHERE state='retired'")
         }
