@@ -278,6 +278,36 @@ def test_links_metadata_xattrs_excl_statfs(shared: Vault) -> None:
     assert abs(sv.f_bavail * sv.f_frsize - local.f_bavail * local.f_frsize) < 256 * MiB
 
 
+def test_names_longer_than_255_bytes_are_refused_like_a_local_disk(shared: Vault) -> None:
+    """NAME_MAX is 255 bytes: every call taking a longer name answers ENAMETOOLONG (FUSE
+    itself would pass up to 1,024 bytes); a 255-byte name works throughout."""
+    d = shared.mp / "names"
+    d.mkdir()
+    ok, long = d / ("n" * 255), d / ("n" * 256)
+    ok.write_bytes(b"x")
+    os.link(ok, d / ("l" * 255))
+    os.rename(d / ("l" * 255), d / ("m" * 255))
+    assert sorted(p.name for p in d.iterdir()) == ["m" * 255, "n" * 255]
+    calls = {
+        "create": lambda: os.open(long, os.O_CREAT | os.O_WRONLY, 0o644),
+        "stat": lambda: os.stat(long),
+        "mkdir": lambda: os.mkdir(long),
+        "rename": lambda: os.rename(ok, long),
+        "link": lambda: os.link(ok, long),
+        "symlink": lambda: os.symlink("t", long),
+        "chmod": lambda: os.chmod(long, 0o600),
+        "chown": lambda: os.chown(long, 1, 1),
+        "truncate": lambda: os.truncate(long, 0),
+        "unlink": lambda: os.unlink(long),
+        "rmdir": lambda: os.rmdir(long),
+    }
+    for what, call in calls.items():
+        with pytest.raises(OSError) as e:
+            call()
+        assert e.value.errno == errno.ENAMETOOLONG, what
+    assert ok.read_bytes() == b"x" and os.statvfs(d).f_namemax == 255
+
+
 def test_open_with_o_trunc_truncates_an_existing_file(shared: Vault) -> None:
     """libfuse negotiates atomic O_TRUNC, so the kernel truncates only its own cache and
     leaves the file to OPEN; a snapshot shows what the daemon holds."""

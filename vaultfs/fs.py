@@ -64,6 +64,18 @@ def _err(code: int) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(code)
 
 
+#: Longest name in bytes (what statfs reports): FUSE itself passes names of up to 1,024 bytes,
+#: but such a file could not be restored onto ext4 or any common file system.
+NAME_MAX = 255
+
+
+def _check_name(name: bytes) -> None:
+    """ENAMETOOLONG for a name longer than :data:`NAME_MAX`, as a local file system answers
+    every call that takes one (lookup, create, link, rename, unlink, rmdir, …)."""
+    if len(name) > NAME_MAX:
+        raise _err(errno.ENAMETOOLONG)
+
+
 @dataclass(eq=False)
 class Handle:
     ino: int
@@ -309,6 +321,7 @@ class VaultFS(pyfuse3.Operations):
 
     # -- lookups ----------------------------------------------------------------------------
     async def lookup(self, parent_inode, name, ctx):
+        _check_name(name)
         if parent_inode == ROOT_INODE and name == SNAPDIR_NAME:
             return self._attr(self._snapdir_node())
         if parent_inode == SNAPDIR_INO:
@@ -474,10 +487,9 @@ class VaultFS(pyfuse3.Operations):
     def _check_new(self, p: Node, name: bytes) -> None:
         if p.ino == ROOT_INODE and name == SNAPDIR_NAME:
             raise _err(errno.EEXIST)
+        _check_name(name)
         if name in (p.children or {}):
             raise _err(errno.EEXIST)
-        if len(name) > 255:
-            raise _err(errno.ENAMETOOLONG)
 
     def _add(self, p: Node, name: bytes, mode: int, ctx, **kw) -> Node:
         self._check_new(p, name)
@@ -538,6 +550,7 @@ class VaultFS(pyfuse3.Operations):
             return self._attr(n)
 
     def _child(self, p: Node, name: bytes) -> Node:
+        _check_name(name)
         if p.ino == ROOT_INODE and name == SNAPDIR_NAME:
             raise _err(errno.EROFS)
         ino = (p.children or {}).get(name)
@@ -581,6 +594,7 @@ class VaultFS(pyfuse3.Operations):
             po = self._dir(parent_inode_old)
             pn = self._dir(parent_inode_new)
             src = self._child(po, name_old)
+            _check_name(name_new)
             if pn.ino == ROOT_INODE and name_new == SNAPDIR_NAME:
                 raise _err(errno.EROFS)
             dst_ino = (pn.children or {}).get(name_new)
@@ -916,7 +930,7 @@ class VaultFS(pyfuse3.Operations):
         s.f_bfree = s.f_bavail = free // 4096
         s.f_files = len(self.tree.nodes) + st.f_favail
         s.f_ffree = s.f_favail = st.f_favail
-        s.f_namemax = 255
+        s.f_namemax = NAME_MAX
         return s
 
     # -- control operations (called through control.py) -------------------------------------
