@@ -1,9 +1,16 @@
 """The control socket: how `vaultfs snapshot|flush|status|umount` reach a running mount.
 
 The mount daemon holds the vault's lock, so other commands talk to it instead of opening the
-vault. It listens on two Linux abstract unix sockets, one named after the vault home and one
-after the mountpoint (so `vaultfs umount MOUNTPOINT` needs no --home). Abstract sockets leave
-no file behind after a crash; only processes of the same user are served (SO_PEERCRED).
+vault. It listens on two unix sockets, one named after the vault home and one after the
+mountpoint (so `vaultfs umount MOUNTPOINT` needs no --home).
+
+Trust runs both ways. The sockets live in a directory only the user can enter
+(:func:`run_dir`: ``$XDG_RUNTIME_DIR/vaultfs``, or ``~/.cache/vaultfs/run``; created 0700 and
+refused when another user owns it or others may write in it), so no other local user can
+bind a name first, squat it, or keep the owner from mounting. The server serves only its own
+user and root (``SO_PEERCRED`` of the client); the client talks only to a server running as
+its own user or root (``SO_PEERCRED`` of the server), so a fake daemon gets a clear error,
+never a trusted answer. A socket file left by a crashed daemon is replaced by the next one.
 
 Protocol: one JSON object per line each way. Request ``{"cmd": ...}``; reply
 ``{"ok": true, ...}`` or ``{"ok": false, "error": message, "code": exit code}``.
@@ -13,12 +20,15 @@ Commands: ``ping``, ``status``, ``flush``, ``snapshot`` (``name``), ``delete`` (
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import socket
 import socketserver
+import stat
 import struct
 import threading
 from pathlib import Path
@@ -27,13 +37,58 @@ from .errors import VaultError
 
 log = logging.getLogger("vaultfs.control")
 
+#: A reply larger than this is not a control reply (status replies are a few KiB).
+MAX_REPLY = 16 * 1024 * 1024
+
+
+class ControlError(VaultError):
+    exit_code = 1
+
+
+def _private_dir(path: Path) -> Path:
+    """``path`` created 0700 if missing; ControlError unless it is a real directory owned by
+    this user that no one else may write in."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(path)
+    except OSError as e:
+        raise ControlError(f"cannot create the control directory {path}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise ControlError(
+            f"the control directory {path} is not a directory private to this user "
+            f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):#o}); remove it or fix "
+            "its owner and mode (0700)"
+        )
+    return path
+
+
+def run_dir() -> Path:
+    """Where this user's control sockets live: ``$XDG_RUNTIME_DIR/vaultfs`` when that runtime
+    directory is this user's and private, else ``~/.cache/vaultfs/run``."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        try:
+            st = os.stat(xdg)
+            if st.st_uid == os.getuid() and not st.st_mode & 0o077:
+                return _private_dir(Path(xdg) / "vaultfs")
+        except OSError:
+            pass
+        log.warning("XDG_RUNTIME_DIR=%s is not private to this user; not using it", xdg)
+    return _private_dir(Path.home() / ".cache" / "vaultfs" / "run")
+
 
 def _name(kind: str, real: str) -> str:
-    return "\0vaultfs-" + kind + "-" + hashlib.sha256(real.encode()).hexdigest()[:32]
+    path = str(run_dir() / f"{kind}-{hashlib.sha256(real.encode()).hexdigest()[:24]}.sock")
+    if len(path.encode()) > 107:  # sun_path holds 108 bytes with the NUL
+        raise ControlError(
+            f"the control socket path {path} is longer than unix sockets allow; "
+            "set XDG_RUNTIME_DIR to a short private directory"
+        )
+    return path
 
 
 def home_address(home: Path) -> str:
-    return _name("home", os.path.realpath(os.path.abspath(home)))
+    return _name("h", os.path.realpath(os.path.abspath(home)))
 
 
 def mount_address(mountpoint: Path) -> str:
@@ -41,15 +96,21 @@ def mount_address(mountpoint: Path) -> str:
     not yet serving, and a dead mount would answer ENOTCONN."""
     absolute = os.path.abspath(mountpoint)
     parent = os.path.realpath(os.path.dirname(absolute))
-    return _name("mnt", os.path.join(parent, os.path.basename(absolute)))
+    return _name("m", os.path.join(parent, os.path.basename(absolute)))
 
 
-class ControlError(VaultError):
-    exit_code = 1
+def _peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    return struct.unpack("3i", creds)[1]
+
+
+def _trusted(uid: int) -> bool:
+    return uid == os.getuid() or uid == 0
 
 
 def call(address: str, request: dict, timeout: float | None = None) -> dict | None:
-    """Send one request; None if no daemon listens there. Raises the daemon's error."""
+    """Send one request; None if no daemon listens there. Raises the daemon's error, and
+    ControlError if whoever listens is another user (never trusts its answer)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.settimeout(5)
@@ -57,6 +118,12 @@ def call(address: str, request: dict, timeout: float | None = None) -> dict | No
             s.connect(address)
         except (ConnectionRefusedError, FileNotFoundError):
             return None
+        uid = _peer_uid(s)
+        if not _trusted(uid):
+            raise ControlError(
+                f"the control socket {address} is served by uid {uid}, not by this user: "
+                "not a vaultfs mount of yours; its answer was not read"
+            )
         s.settimeout(timeout)
         s.sendall(json.dumps(request).encode() + b"\n")
         buf = b""
@@ -71,25 +138,33 @@ def call(address: str, request: dict, timeout: float | None = None) -> dict | No
             if not part:
                 raise ControlError("the mount daemon closed the connection (see mount.log)")
             buf += part
+            if len(buf) > MAX_REPLY:
+                raise ControlError("the mount daemon's reply is too large (see mount.log)")
     finally:
         s.close()
-    reply = json.loads(buf)
+    try:
+        reply = json.loads(buf)
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise ControlError("the mount daemon sent a malformed reply (see mount.log)")
     if not reply.get("ok"):
-        err = ControlError(reply.get("error", "the mount daemon reported an error"))
-        err.exit_code = int(reply.get("code", 1))
+        err = ControlError(str(reply.get("error", "the mount daemon reported an error")))
+        code = reply.get("code", 1)
+        err.exit_code = code if isinstance(code, int) and 0 < code < 256 else 1
         raise err
     return reply
 
 
 class _Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
-        creds = self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        _pid, uid, _gid = struct.unpack("3i", creds)
-        if uid != os.getuid() and uid != 0:
+        if not _trusted(_peer_uid(self.request)):
             return
-        line = self.rfile.readline()
+        line = self.rfile.readline(65536)
         try:
             req = json.loads(line)
+            if not isinstance(req, dict):
+                raise ControlError("a control request is one JSON object")
             reply = {"ok": True, **self.server.dispatch(req)}  # type: ignore[attr-defined]
         except VaultError as e:
             reply = {"ok": False, "error": e.message, "code": e.exit_code}
@@ -101,6 +176,17 @@ class _Handler(socketserver.StreamRequestHandler):
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+
+    def server_bind(self) -> None:
+        """Bind, replacing a socket file that no daemon listens on (left by a crash)."""
+        try:
+            super().server_bind()
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or call(self.server_address, {"cmd": "ping"}, 5):
+                raise
+            os.unlink(self.server_address)
+            super().server_bind()
+        os.chmod(self.server_address, 0o600)
 
 
 class ControlServer:
@@ -124,3 +210,5 @@ class ControlServer:
         for s in self.servers:
             s.shutdown()
             s.server_close()
+            with contextlib.suppress(OSError):
+                os.unlink(s.server_address)

@@ -120,6 +120,8 @@ def run_foreground(
     try:
         try:
             check_mountpoint(mountpoint)
+            # before mounting: a control directory we cannot trust is a clean error here
+            addresses = [control.home_address(home), control.mount_address(mountpoint)]
             fs = VaultFS(vault, home, mountpoint, cache_size)
             info = fs.load()
             log.info(
@@ -144,9 +146,7 @@ def run_foreground(
 
         def start_control(fs_) -> None:
             nonlocal server
-            server = control.ControlServer(
-                [control.home_address(home), control.mount_address(mountpoint)], dispatch
-            )
+            server = control.ControlServer(addresses, dispatch)
 
         def ready() -> None:
             state = {"pid": os.getpid(), "mountpoint": str(mountpoint), "started": time.time()}
