@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import envelope, erasure, manifest, merkle, names, segment
+from .audittag import PIECE as AUDIT_PIECE
 from .chunker import AVG_SIZE, NEW_VAULT_AVG, Chunker
 from .errors import (
     DiskFull,
@@ -57,7 +58,6 @@ from .sealer import (
     build_shard_files,
     write_new_file,
 )
-from .verify import PIECE as AUDIT_PIECE
 
 DEFAULT_SEGMENT_SIZE = 4 * 1024 * 1024
 SUBDIRS = ("data", "meta")
