@@ -448,7 +448,7 @@ class _RemoteAuditor:
         for nm in self._manifest_names()[:8]:
             try:
                 blob = self.prefetched.pop(nm, None) or self.b.cat("manifests", nm)
-                m = manifest.decode(self.ctx.keys, blob)
+                m = manifest.read(self.ctx.keys, blob)
             except ObjectMissing:
                 continue
             except IntegrityError as e:
@@ -469,22 +469,18 @@ class _RemoteAuditor:
                 f"stale: newest valid manifest {have}, expected #{self.rep.expected_seq}"
             )
         if best is not None and best.seq == latest:
-            if best.body.get("vault_root") != self.ctx.anchor.root.hex():
+            if best.contents.vault_root != self.ctx.anchor.root:
                 raise IntegrityError(
                     f"{self.rep.remote}: the signed vault root of manifest #{latest} differs "
                     "from the local index's: the index was altered; restore it from the remotes"
                 )
-            signed = {
-                s["name"]: s["hash"]
-                for seg in best.body["index"]["segments"]
-                for s in seg["shards"]
-            }
+            signed = {s.name: s.hash for seg in best.contents.index_segments for s in seg.shards}
             for name, h in idx.q(
                 "SELECT s.name, s.hash FROM shards s JOIN segments g ON g.id = s.segment"
                 " WHERE g.kind='meta' AND g.manifest=?",
                 (latest,),
             ):
-                if name in signed and signed[name] != bytes(h).hex():
+                if name in signed and signed[name] != bytes(h):
                     raise IntegrityError(
                         f"index shard {name} does not match the hash signed in manifest "
                         f"#{latest}: the index was altered; restore it from the remotes"
