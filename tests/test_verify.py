@@ -118,7 +118,7 @@ def test_ranged_audit_is_cheap_and_resumes_after_cut_off(tmp_path: Path) -> None
         assert v.index.one("SELECT max(id) FROM audit_runs")[0] == run_id
         assert r2.confidence == 1.0  # a small remote: every block was challenged
         # ranged challenges read one 1 KiB piece each (plus the newest manifest)
-        assert r2.bytes_read <= r2.checked * verify_mod.PIECE + 64 * 1024
+        assert r2.bytes_read <= r2.checked * audittag.PIECE + 64 * 1024
         assert r2.bytes_read < r2.stored_bytes * 0.1
         # a sample of 10% draws ⌈0.1·blocks⌉ fresh random challenges
         third = verify_mod.audit(v, [specs[1]], mode="sample", sample=10, whole_budget=0)
