@@ -34,6 +34,7 @@ from pyfastcdc import FastCDC
 
 from vaultfs import envelope, manifest, merkle, segment
 from vaultfs.chunker import Chunker
+from vaultfs.errors import IntegrityError
 from vaultfs.keys import VaultKeys, read_keyfile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -366,6 +367,92 @@ def test_manifest_layout_signature_and_body():
     bad[30] ^= 1
     with pytest.raises(Exception, match="signature|vault id|sequence"):
         manifest.decode(keys, bytes(bad))
+
+
+def test_manifest_body_schema_reads_the_vector_body():
+    """manifest.Body reads the vector's body (an older writer's: no per-segment ``size``, no
+    ``retired_suites``) with the defaults docs/format.md 10.2 gives, and a current writer's
+    body back to the same canonical JSON."""
+    doc = VECTORS["manifest"]["body"]
+    body = manifest.Body.from_dict(doc)
+    assert body.vault_root.hex() == doc["vault_root"] and (body.k, body.n) == (3, 5)
+    assert body.keyring[0].wrapped.hex() == VECTORS["keyring"]["wrapped"]
+    (seg,) = body.index_segments
+    assert (seg.size, seg.used, seg.ec_alg, body.index_length) == (4096, 260, 1, 260)
+    assert [s.hash.hex() for s in seg.shards] == [
+        s["hash"] for s in doc["index"]["segments"][0]["shards"]
+    ]
+    assert body.retired_suites == frozenset() and body.slhdsa_public is None
+    current = json.loads(json.dumps(doc))
+    current["index"]["segments"][0]["size"] = 4096
+    current["retired_suites"] = [2]
+    canonical = json.dumps(current, separators=(",", ":"), sort_keys=True)
+    again = manifest.Body.from_dict(current).to_dict()
+    assert json.dumps(again, separators=(",", ":"), sort_keys=True) == canonical
+    current["an_extension"] = {"x": 1}  # readers ignore keys they do not know
+    assert manifest.Body.from_dict(current).to_dict() == again
+
+
+def _set(path: str, value: object):
+    """A damage function: set (or with ``...`` delete) the field at a dotted path."""
+
+    def damage(body: dict) -> None:
+        *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
+        for p in parents:
+            body = body[p]
+        if value is ...:
+            del body[last]
+        else:
+            body[last] = value
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_set("vault_root", ...), "vault_root: missing"),
+        (_set("vault_root", "zz"), "vault_root: not hex"),
+        (_set("vault_root", "00" * 31), "vault_root: expected 32 bytes, got 31"),
+        (_set("k", "3"), "k: expected a non-negative integer"),
+        (_set("n", True), "n: expected a non-negative integer"),
+        (_set("segment_size", -1), "segment_size: expected a non-negative integer"),
+        (_set("keyring", {}), "keyring: expected a list"),
+        (_set("keyring.0", 1), "keyring[0]: expected an object"),
+        (_set("keyring.0.wrapped", 5), "keyring[0].wrapped: expected a string"),
+        (_set("index", ...), "index: missing"),
+        (_set("index", []), "index: expected an object"),
+        (_set("index.length", None), "index.length: expected a non-negative integer"),
+        (_set("index.segments.0.k", 6), "index.segments[0].k: k=6, n=5 is not a k-of-n code"),
+        (_set("index.segments.0.shards.1.hash", ...), "index.segments[0].shards[1].hash: missing"),
+        (_set("index.segments.0.shards.1.name", 0), "index.segments[0].shards[1].name"),
+        (_set("retired_suites", ["1"]), "retired_suites[0]: expected a non-negative integer"),
+        (_set("slhdsa_public", "ab"), "slhdsa_public: expected 32 bytes"),
+    ],
+)
+def test_manifest_body_schema_refuses_malformed_bodies(damage, message):
+    """A malformed body is an IntegrityError naming the field, never a KeyError/TypeError."""
+    body = json.loads(json.dumps(VECTORS["manifest"]["body"]))
+    damage(body)
+    with pytest.raises(IntegrityError, match=re.escape(f"malformed manifest body: {message}")):
+        manifest.Body.from_dict(body)
+
+
+def test_a_signed_manifest_with_a_malformed_body_is_refused(monkeypatch):
+    """decode() authenticates any JSON object; read(), what restore and verify use, also
+    refuses a body that does not fit the schema. A body that is not a JSON object is refused
+    by both."""
+    keys = VaultKeys.from_seed(SEED)
+    blob = manifest.encode(keys, 7, 1_700_000_000_000, {"vault_root": "00" * 32})
+    assert manifest.decode(keys, blob).body == {"vault_root": "00" * 32}
+    with pytest.raises(IntegrityError, match="malformed manifest body: index: missing"):
+        manifest.read(keys, blob)
+    for raw, message in (("{", "not JSON"), ("[1]", "not a JSON object")):
+        monkeypatch.setattr(manifest.json, "dumps", lambda *_a, raw=raw, **_k: raw)
+        blob = manifest.encode(keys, 7, 1_700_000_000_000, {})
+        monkeypatch.undo()
+        with pytest.raises(IntegrityError, match=message):
+            manifest.decode(keys, blob)
 
 
 # --- the document carries the vectors -------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from helpers import PASSPHRASE, run_cli, vaultfs_env
 
-from vaultfs import merkle, segment
+from vaultfs import audittag, merkle, segment
 from vaultfs import repair as repair_mod
 from vaultfs import verify as verify_mod
 from vaultfs.backends import (
@@ -80,21 +80,23 @@ def test_piece_tags_bind_bytes_and_leaf() -> None:
     key = os.urandom(32)
     seg = os.urandom(300_000)
     sh = segment.build_shards(seg + bytes(-len(seg) % 3), os.urandom(16), 1, 3, 5)[0]
-    tags = verify_mod.piece_tags(key, sh.body, sh.blocks)
+    tags = audittag.piece_tags(key, sh.body, sh.blocks)
     nblocks = math.ceil(len(sh.body) / merkle.BLOCK_SIZE)
-    assert len(tags) == math.ceil(len(sh.body) / verify_mod.PIECE) * verify_mod.TAG_LEN
-    base = verify_mod._tagger(key)
+    assert len(tags) == math.ceil(len(sh.body) / audittag.PIECE) * audittag.TAG_LEN
+    base = audittag.tagger(key)
     b, j = nblocks - 1, 0
-    off = b * merkle.BLOCK_SIZE + j * verify_mod.PIECE
-    piece = sh.body[off : off + verify_mod.PIECE]
+    off = b * merkle.BLOCK_SIZE + j * audittag.PIECE
+    piece = sh.body[off : off + audittag.PIECE]
     leaf = sh.blocks[32 * b : 32 * b + 32]
-    t = (b * (merkle.BLOCK_SIZE // verify_mod.PIECE) + j) * verify_mod.TAG_LEN
-    assert verify_mod.piece_tag(base, leaf, b, j, piece) == tags[t : t + 8]
+    t = (b * (merkle.BLOCK_SIZE // audittag.PIECE) + j) * audittag.TAG_LEN
+    stored = tags[t : t + 8]
+    assert audittag.stored_tag(tags, b, j) == stored
+    assert audittag.piece_tag(base, leaf, b, j, piece) == stored
     flipped = bytes([piece[0] ^ 1]) + piece[1:]
-    assert verify_mod.piece_tag(base, leaf, b, j, flipped) != tags[t : t + 8]
-    assert verify_mod.piece_tag(base, bytes(32), b, j, piece) != tags[t : t + 8]
-    other = verify_mod._tagger(os.urandom(32))  # another vault's audit key
-    assert verify_mod.piece_tag(other, leaf, b, j, piece) != tags[t : t + 8]
+    assert audittag.piece_tag(base, leaf, b, j, flipped) != stored
+    assert audittag.piece_tag(base, bytes(32), b, j, piece) != stored
+    other = audittag.tagger(os.urandom(32))  # another vault's audit key
+    assert audittag.piece_tag(other, leaf, b, j, piece) != stored
 
 
 # -- audits ------------------------------------------------------------------------------------
@@ -116,7 +118,7 @@ def test_ranged_audit_is_cheap_and_resumes_after_cut_off(tmp_path: Path) -> None
         assert v.index.one("SELECT max(id) FROM audit_runs")[0] == run_id
         assert r2.confidence == 1.0  # a small remote: every block was challenged
         # ranged challenges read one 1 KiB piece each (plus the newest manifest)
-        assert r2.bytes_read <= r2.checked * verify_mod.PIECE + 64 * 1024
+        assert r2.bytes_read <= r2.checked * audittag.PIECE + 64 * 1024
         assert r2.bytes_read < r2.stored_bytes * 0.1
         # a sample of 10% draws ⌈0.1·blocks⌉ fresh random challenges
         third = verify_mod.audit(v, [specs[1]], mode="sample", sample=10, whole_budget=0)

@@ -25,6 +25,10 @@ checked first, then the body is opened, then SLH-DSA is checked against the pinn
 (the caller's ``keys.slhdsa_public``, of parameter set ``keys.slhdsa_param``) or, with no pinned
 key (a seed-only restore), the one the authenticated body names. A reader with a pinned key
 refuses algorithm 1 (a downgrade) and the other SLH-DSA algorithm than its key's.
+
+The body's schema is :class:`Body` (docs/format.md 10.2), the only code that knows its JSON
+keys: the vault writes one with :meth:`Body.to_dict`, and restore and verify take manifests
+from remotes with :func:`read`, which refuses a body that does not fit it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 
 from . import envelope
 from .errors import IntegrityError
@@ -53,13 +58,229 @@ assert HEAD.size == 44
 SIGN_LABEL = b"vaultfs/v1/manifest"
 
 
+@dataclass(frozen=True)
+class ShardRef:
+    """One shard object of an index copy (``index.segments[].shards[]``)."""
+
+    idx: int  # fragment index, 0 ≤ idx < n
+    name: str  # object name under meta/
+    size: int  # object length in bytes
+    hash: bytes  # BLAKE3 of the whole object (32 bytes): the signature pins the index by it
+
+
+@dataclass(frozen=True)
+class IndexSegment:
+    """One meta segment holding a slice of the encrypted index blob (``index.segments[]``)."""
+
+    uid: bytes  # segment uid (16 bytes), as in its shard headers
+    used: int  # bytes of the index blob in this segment; the rest is padding
+    size: int  # the segment size S that was erasure coded ("size"; absent in older
+    #            manifests, where it is the vault-wide segment_size)
+    k: int
+    n: int
+    ec_alg: int | None  # erasure algorithm id; absent in the earliest manifests (None)
+    shards: tuple[ShardRef, ...]
+
+
+@dataclass(frozen=True)
+class KeyringEntry:
+    """One key epoch (``keyring[]``): its data key, HPKE-wrapped to the seed's KEM keys."""
+
+    epoch: int
+    suite: int  # crypto suite id of the wrapping
+    wrapped: bytes
+
+
+@dataclass(frozen=True)
+class Body:
+    """The manifest body (docs/format.md 10.2): the only code that knows its JSON keys.
+
+    Every field is in format version 1. The writer always writes all of them but
+    ``slhdsa_public``/``slhdsa_sealed`` (present only with signature algorithm 2 or 3;
+    :func:`encode` adds ``slhdsa_public`` from the signing key). A reader takes
+    ``retired_suites`` and an index segment's ``size`` and ``ec_alg`` as optional (older
+    writers), and ignores keys it does not know.
+    """
+
+    vault_root: bytes  # Merkle root over all data segments' roots (32 bytes)
+    k: int  # the vault's code parameters
+    n: int
+    segment_size: int  # the vault's full segment size
+    keyring: tuple[KeyringEntry, ...]  # every key epoch, in epoch order
+    index_length: int  # length of the encrypted index blob ("index.length")
+    index_segments: tuple[IndexSegment, ...]  # the blob's slices, in order ("index.segments")
+    retired_suites: frozenset[int] = frozenset()  # suites whose data readers must refuse
+    slhdsa_sealed: bytes | None = None  # the SLH-DSA secret key, sealed under the seed
+    slhdsa_public: bytes | None = None  # the SLH-DSA public key that signed this manifest
+
+    def to_dict(self) -> dict:
+        """The JSON object :func:`encode` signs (canonical bytes come from ``encode``)."""
+        out: dict = {
+            "vault_root": self.vault_root.hex(),
+            "k": self.k,
+            "n": self.n,
+            "segment_size": self.segment_size,
+            "keyring": [
+                {"epoch": e.epoch, "suite": e.suite, "wrapped": e.wrapped.hex()}
+                for e in self.keyring
+            ],
+            "index": {
+                "length": self.index_length,
+                "segments": [_segment_dict(seg) for seg in self.index_segments],
+            },
+            "retired_suites": sorted(self.retired_suites),
+        }
+        if self.slhdsa_sealed is not None:
+            out["slhdsa_sealed"] = self.slhdsa_sealed.hex()
+        if self.slhdsa_public is not None:
+            out["slhdsa_public"] = self.slhdsa_public.hex()
+        return out
+
+    @classmethod
+    def from_dict(cls, obj: dict) -> Body:
+        """Read a decoded body against the schema. Raises :class:`IntegrityError` naming the
+        first field that is missing or of the wrong type (a validly signed but malformed body
+        is refused like a corrupt one)."""
+        index = _object(_get(obj, "index", ""), "index")
+        segment_size = _int(obj, "segment_size", "")
+        return cls(
+            vault_root=_hex(obj, "vault_root", "", 32),
+            k=_int(obj, "k", ""),
+            n=_int(obj, "n", ""),
+            segment_size=segment_size,
+            keyring=tuple(
+                KeyringEntry(_int(e, "epoch", w), _int(e, "suite", w), _hex(e, "wrapped", w))
+                for w, e in _objects(obj, "keyring", "")
+            ),
+            index_length=_int(index, "length", "index."),
+            index_segments=tuple(
+                _parse_segment(seg, w, segment_size)
+                for w, seg in _objects(index, "segments", "index.")
+            ),
+            retired_suites=frozenset(
+                _as_int(s, f"retired_suites[{i}]")
+                for i, s in enumerate(_list(obj, "retired_suites", "", []))
+            ),
+            slhdsa_sealed=_hex(obj, "slhdsa_sealed", "") if "slhdsa_sealed" in obj else None,
+            slhdsa_public=_hex(obj, "slhdsa_public", "", 32) if "slhdsa_public" in obj else None,
+        )
+
+
+def _segment_dict(seg: IndexSegment) -> dict:
+    out = {
+        "uid": seg.uid.hex(),
+        "used": seg.used,
+        "size": seg.size,
+        "k": seg.k,
+        "n": seg.n,
+        "shards": [
+            {"idx": s.idx, "name": s.name, "size": s.size, "hash": s.hash.hex()} for s in seg.shards
+        ],
+    }
+    if seg.ec_alg is not None:
+        out["ec_alg"] = seg.ec_alg
+    return out
+
+
+def _parse_segment(seg: dict, where: str, segment_size: int) -> IndexSegment:
+    k, n = _int(seg, "k", where), _int(seg, "n", where)
+    if not 1 <= k <= n:
+        raise _malformed(f"{where}k", f"k={k}, n={n} is not a k-of-n code")
+    return IndexSegment(
+        uid=_hex(seg, "uid", where),
+        used=_int(seg, "used", where),
+        size=_int(seg, "size", where, segment_size),
+        k=k,
+        n=n,
+        ec_alg=_int(seg, "ec_alg", where) if "ec_alg" in seg else None,
+        shards=tuple(
+            ShardRef(
+                _int(s, "idx", w), _str(s, "name", w), _int(s, "size", w), _hex(s, "hash", w, 32)
+            )
+            for w, s in _objects(seg, "shards", where)
+        ),
+    )
+
+
+# -- reading JSON fields: every failure is an IntegrityError naming the field ---------------
+_REQUIRED: object = object()
+
+
+def _malformed(where: str, why: str) -> IntegrityError:
+    return IntegrityError(f"malformed manifest body: {where}: {why}")
+
+
+def _get(obj: dict, key: str, where: str, default: object = _REQUIRED) -> object:
+    if key in obj:
+        return obj[key]
+    if default is _REQUIRED:
+        raise _malformed(where + key, "missing")
+    return default
+
+
+def _int(obj: dict, key: str, where: str, default: object = _REQUIRED) -> int:
+    return _as_int(_get(obj, key, where, default), where + key)
+
+
+def _as_int(v: object, where: str) -> int:
+    if type(v) is not int or v < 0:  # bool is an int subclass: refused too
+        raise _malformed(where, f"expected a non-negative integer, got {v!r:.40}")
+    return v
+
+
+def _str(obj: dict, key: str, where: str) -> str:
+    v = _get(obj, key, where)
+    if not isinstance(v, str):
+        raise _malformed(where + key, f"expected a string, got {v!r:.40}")
+    return v
+
+
+def _hex(obj: dict, key: str, where: str, length: int | None = None) -> bytes:
+    try:
+        v = bytes.fromhex(_str(obj, key, where))
+    except ValueError:
+        raise _malformed(where + key, "not hex") from None
+    if length is not None and len(v) != length:
+        raise _malformed(where + key, f"expected {length} bytes, got {len(v)}")
+    return v
+
+
+def _list(obj: dict, key: str, where: str, default: object = _REQUIRED) -> list:
+    v = _get(obj, key, where, default)
+    if not isinstance(v, list):
+        raise _malformed(where + key, f"expected a list, got {v!r:.40}")
+    return v
+
+
+def _object(v: object, where: str) -> dict:
+    if not isinstance(v, dict):
+        raise _malformed(where, f"expected an object, got {v!r:.40}")
+    return v
+
+
+def _objects(obj: dict, key: str, where: str) -> list[tuple[str, dict]]:
+    """The list ``obj[key]`` of JSON objects, each with the prefix naming it in errors."""
+    return [
+        (f"{where}{key}[{i}].", _object(v, f"{where}{key}[{i}]"))
+        for i, v in enumerate(_list(obj, key, where))
+    ]
+
+
 @dataclass
 class Manifest:
+    """A decoded manifest: the header fields and the authenticated body."""
+
     seq: int
     created_ms: int
-    body: dict
+    body: dict  # the signed JSON object as decoded; read it through ``contents``
     suite: int = SUITE_XWING_AES256GCM
     sig_alg: int = SIG_MLDSA65_ED25519
+
+    @cached_property
+    def contents(self) -> Body:
+        """The body read against its schema (:meth:`Body.from_dict`); raises
+        :class:`IntegrityError` on first use if it does not fit."""
+        return Body.from_dict(self.body)
 
 
 def object_name(seq: int, rnd: str) -> str:
@@ -96,8 +317,20 @@ def encode(
     return signed + struct.pack(">H", len(sig)) + sig
 
 
+def _json_object(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except ValueError as e:  # also a body that is not UTF-8
+        raise IntegrityError(f"manifest body is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise IntegrityError("manifest body is not a JSON object")
+    return body
+
+
 def decode(keys: VaultKeys, blob: bytes) -> Manifest:
-    """Verify the signature first, then decrypt. Raises IntegrityError on any mismatch."""
+    """Verify the signature first, then decrypt. Raises IntegrityError on any mismatch.
+
+    The body may be any JSON object; :func:`read` also checks it against :class:`Body`."""
     if len(blob) < HEAD.size + 2:
         raise IntegrityError("manifest too short")
     magic, ver, suite, sig_alg, vid, seq, created, blen = HEAD.unpack_from(blob)
@@ -132,12 +365,21 @@ def decode(keys: VaultKeys, blob: bytes) -> Manifest:
     raw = envelope.open_meta(
         keys.metadata_key, keys.vault_id, _kind(seq), blob[HEAD.size : end], suite
     )
-    body = json.loads(raw)
+    body = _json_object(raw)
     if param is not None:
-        named = bytes.fromhex(str(body.get("slhdsa_public", "")))
+        named = _hex(body, "slhdsa_public", "") if "slhdsa_public" in body else b""
         if keys.slhdsa_public is not None and named != keys.slhdsa_public:
             raise IntegrityError("manifest names a different SLH-DSA key than the vault's")
         verify_slhdsa(
             keys.slhdsa_public or named, SIGN_LABEL + blob[:end], sig[composite_len:], param
         )
     return Manifest(seq, created, body, suite, sig_alg)
+
+
+def read(keys: VaultKeys, blob: bytes) -> Manifest:
+    """:func:`decode` a manifest taken from a remote and read its body against the schema
+    (:attr:`Manifest.contents`), so that a malformed body is refused here like a forged
+    manifest, not where a field is first used. Raises :class:`IntegrityError`."""
+    m = decode(keys, blob)
+    m.contents  # noqa: B018  (a cached property: parsed once, here)
+    return m

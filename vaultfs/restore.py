@@ -360,7 +360,7 @@ def find_manifest(
         names = sorted((nm for nm in blobs if manifest.seq_of_name(nm) is not None), reverse=True)
         for nm in names:
             try:
-                m = manifest.decode(keys, blobs[nm])
+                m = manifest.read(keys, blobs[nm])
             except IntegrityError as e:
                 rep.bad_manifests.append(f"{nm}: {e.message}")
                 continue
@@ -399,18 +399,17 @@ def find_manifest(
 
 def fetch_index(keys: VaultKeys, m: manifest.Manifest, src: ShardSource, dest: Path) -> None:
     """Rebuild the index database named by a manifest into ``dest``."""
-    body = m.body["index"]
     warnings: list[str] = []
     pieces: list[bytes] = []
     with tempfile.TemporaryDirectory(prefix="vaultfs-idx-") as tmp:
-        for seg in body["segments"]:
-            k, n = seg["k"], seg["n"]
-            shards = [(s["idx"], s["name"], bytes.fromhex(s["hash"])) for s in seg["shards"]]
+        for seg in m.contents.index_segments:
+            k, n = seg.k, seg.n
+            shards = [(s.idx, s.name, s.hash) for s in seg.shards]
             got = src.fetch([("meta", nm) for nm in _choose(shards, src, k)], Path(tmp))
-            data = _decode_verified(src, "meta", shards, k, n, seg["size"], got, warnings)
-            pieces.append(data[: seg["used"]])
+            data = _decode_verified(src, "meta", shards, k, n, seg.size, got, warnings)
+            pieces.append(data[: seg.used])
     blob = b"".join(pieces)
-    if len(blob) != body["length"]:
+    if len(blob) != m.contents.index_length:
         raise IntegrityError("index blob length does not match the manifest")
     raw = envelope.open_meta(keys.metadata_key, keys.vault_id, b"index", blob, m.suite)
     dest.write_bytes(raw)
@@ -894,7 +893,7 @@ def verify_index_against_manifest(db: sqlite3.Connection, m: manifest.Manifest) 
         if merkle.root(shard_roots[sid]) != root:
             raise IntegrityError(f"segment {sid}: Merkle root does not match its shards")
         roots.append(root)
-    if merkle.root(roots).hex() != m.body["vault_root"]:
+    if merkle.root(roots) != m.contents.vault_root:
         raise IntegrityError("the index does not match the signed vault root in the manifest")
 
 
@@ -916,9 +915,9 @@ def open_remote_index(
     m, warnings = find_manifest(keys, src, min_seq)
     src.stop_read_ahead()  # from here on the index says what to fetch
     # the newest signed manifest says which suites the vault retired and names its SLH-DSA key
-    keys.retired_suites |= {int(s) for s in m.body.get("retired_suites", [])}
-    if keys.slhdsa_public is None and m.body.get("slhdsa_public"):
-        keys.slhdsa_public = bytes.fromhex(m.body["slhdsa_public"])
+    keys.retired_suites |= m.contents.retired_suites
+    if keys.slhdsa_public is None and m.contents.slhdsa_public:
+        keys.slhdsa_public = m.contents.slhdsa_public
         keys.slhdsa_param = SLHDSA_BY_SIG_ALG.get(m.sig_alg, keys.slhdsa_param)
     src.list_all()
     reachable = [r for r in src.reports.values() if r.reachable]

@@ -57,7 +57,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
-from . import envelope, segment
+from . import envelope, merkle, segment
+from .audittag import piece_tags
 from .errors import DiskFull, VaultError
 
 #: Bytes per shared-memory slot: one job's input. Larger slots mean fewer messages; the
@@ -116,8 +117,6 @@ def build_shard_files(
     """Erasure-code a padded segment into shard objects with their audit tags.
 
     Returns (metadata, object bytes) per shard, in fragment order; nothing is written."""
-    from .verify import piece_tags  # the tag construction lives with the audits that check it
-
     out = []
     for sh in segment.build_shards(padded, uid, kind, k, n, alg):
         meta = ShardFile(
@@ -301,8 +300,6 @@ class _Sealer:
 
 
 def segment_root(shard_roots: list[bytes]) -> bytes:
-    from . import merkle
-
     return merkle.root(shard_roots)
 
 

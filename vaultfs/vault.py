@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import envelope, erasure, manifest, merkle, names, segment
+from .audittag import PIECE as AUDIT_PIECE
 from .chunker import AVG_SIZE, NEW_VAULT_AVG, Chunker
 from .errors import (
     DiskFull,
@@ -57,7 +58,6 @@ from .sealer import (
     build_shard_files,
     write_new_file,
 )
-from .verify import PIECE as AUDIT_PIECE
 
 DEFAULT_SEGMENT_SIZE = 4 * 1024 * 1024
 SUBDIRS = ("data", "meta")
@@ -861,35 +861,6 @@ class Vault:
             uid = secrets.token_bytes(16)
             rows, seg_root = self._write_shards(seg_id, uid, segment.KIND_META, padded)
             segs.append((seg_id, uid, len(piece), rows, seg_root, len(padded)))
-        keyring = [
-            {"epoch": e, "suite": s, "wrapped": w.hex()}
-            for e, s, w in self.index.q("SELECT epoch, suite, wrapped FROM epochs ORDER BY epoch")
-        ]
-        body = {
-            "vault_root": root.hex(),
-            "k": self.k,
-            "n": self.n,
-            "segment_size": self.segment_size,
-            "keyring": keyring,
-            "index": {
-                "length": len(blob),
-                "segments": [
-                    {
-                        "uid": uid.hex(),
-                        "used": used,
-                        "size": size,
-                        "k": self.k,
-                        "n": self.n,
-                        "ec_alg": self.ec_alg,
-                        "shards": [
-                            {"idx": r[0], "name": r[1], "size": r[3], "hash": r[4].hex()}
-                            for r in rows
-                        ],
-                    }
-                    for _sid, uid, used, rows, _root, size in segs
-                ],
-            },
-        }
         # the index copy is durable in the queue: record it first (a crash before its manifest
         # is written leaves a copy no manifest names; recover() drops it), then sign the
         # manifest while the shards already go out (prepush: rclone runs beside the signing)
@@ -910,10 +881,35 @@ class Vault:
         if prepush:
             self.prepush()
         created_ms = int(time.time() * 1000)
-        if self.keys.slhdsa_public is not None:
-            body["slhdsa_sealed"] = self.index.get("slhdsa_sealed")
-        body["retired_suites"] = sorted(self.keys.retired_suites)
-        blob_m = manifest.encode(self.keys, seq, created_ms, body, self.suite)
+        sealed = self.index.get("slhdsa_sealed") if self.keys.slhdsa_public is not None else None
+        body = manifest.Body(
+            vault_root=root,
+            k=self.k,
+            n=self.n,
+            segment_size=self.segment_size,
+            keyring=tuple(
+                manifest.KeyringEntry(e, s, w)
+                for e, s, w in self.index.q(
+                    "SELECT epoch, suite, wrapped FROM epochs ORDER BY epoch"
+                )
+            ),
+            index_length=len(blob),
+            index_segments=tuple(
+                manifest.IndexSegment(
+                    uid=uid,
+                    used=used,
+                    size=size,
+                    k=self.k,
+                    n=self.n,
+                    ec_alg=self.ec_alg,
+                    shards=tuple(manifest.ShardRef(r[0], r[1], r[3], r[4]) for r in rows),
+                )
+                for _sid, uid, used, rows, _root, size in segs
+            ),
+            retired_suites=frozenset(self.keys.retired_suites),
+            slhdsa_sealed=bytes.fromhex(sealed) if sealed else None,
+        )
+        blob_m = manifest.encode(self.keys, seq, created_ms, body.to_dict(), self.suite)
         name = manifest.object_name(seq, secrets.token_hex(4))
         _write_durable(self.queue_dir / "manifests" / name, blob_m)
         _fsync_dir(self.queue_dir / "manifests")

@@ -51,9 +51,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-import blake3
-
 from . import manifest, merkle, segment
+from .audittag import PIECE, piece_tag, piece_tags, stored_tag, tagger
 from .backends import ObjectMissing, Unreachable, open_backend
 from .errors import BadRemote, IntegrityError
 from .index import Index
@@ -63,9 +62,6 @@ if TYPE_CHECKING:
     from .vault import Vault
 
 BLOCK = merkle.BLOCK_SIZE
-PIECE = 2048  # 459 challenges read ~0.9 MiB: under 2% of a remote holding >= 46 MiB
-TAG_LEN = 8
-TAG_LABEL = b"vaultfs/v1/audit-tag"
 DEFAULT_CONFIDENCE = 0.99
 DEFAULT_LOSS = 0.01
 #: Fetch challenged objects whole when together they are at most this many bytes.
@@ -76,41 +72,6 @@ MODES = ("confidence", "sample", "read-all")
 
 
 # -- tags ------------------------------------------------------------------------------------
-def _tagger(audit_key: bytes):
-    return blake3.blake3(TAG_LABEL, key=audit_key)
-
-
-_PIECE_ID = struct.Struct(">IH")
-
-
-def piece_tag(base, leaf: bytes, block: int, piece: int, data: bytes) -> bytes:
-    """Tag of piece ``piece`` of block ``block`` (whose Merkle leaf is ``leaf``)."""
-    h = base.copy()
-    h.update(leaf + struct.pack(">IH", block, piece))
-    h.update(data)
-    return h.digest(length=TAG_LEN)
-
-
-def piece_tags(audit_key: bytes, body: bytes, leaves: bytes, piece: int = PIECE) -> bytes:
-    """All tags of a shard object, block-major (see index.SCHEMA, audit_tags).
-
-    Same bytes as :func:`piece_tag` for every piece, inlined: this runs for every byte
-    written, so it avoids a copy and a call per piece."""
-    base = _tagger(audit_key)
-    mv = memoryview(body)
-    pack = _PIECE_ID.pack
-    out = bytearray()
-    for b, boff in enumerate(range(0, max(len(body), 1), BLOCK)):
-        leaf = leaves[32 * b : 32 * b + 32]
-        end = min(boff + BLOCK, len(body))
-        for j, poff in enumerate(range(boff, max(end, boff + 1), piece)):
-            h = base.copy()
-            h.update(leaf + pack(b, j))
-            h.update(mv[poff : min(poff + piece, end)])
-            out += h.digest(length=TAG_LEN)
-    return bytes(out)
-
-
 def record_tags(index: Index, audit_key: bytes, shards: list) -> None:
     """Store audit tags for freshly built shard objects (``segment.Shard``: name, body, blocks).
 
@@ -358,7 +319,7 @@ class _Ctx:
         self.whole_budget = whole_budget
         self.list_only = plan_only
         self.anchor = Anchor(vault.index)
-        self.tagger = _tagger(vault.keys.audit_key)
+        self.tagger = tagger(vault.keys.audit_key)
         self.known_uids = {
             bytes(u): sid for sid, u in vault.index.q("SELECT id, uid FROM segments")
         }
@@ -487,7 +448,7 @@ class _RemoteAuditor:
         for nm in self._manifest_names()[:8]:
             try:
                 blob = self.prefetched.pop(nm, None) or self.b.cat("manifests", nm)
-                m = manifest.decode(self.ctx.keys, blob)
+                m = manifest.read(self.ctx.keys, blob)
             except ObjectMissing:
                 continue
             except IntegrityError as e:
@@ -508,22 +469,18 @@ class _RemoteAuditor:
                 f"stale: newest valid manifest {have}, expected #{self.rep.expected_seq}"
             )
         if best is not None and best.seq == latest:
-            if best.body.get("vault_root") != self.ctx.anchor.root.hex():
+            if best.contents.vault_root != self.ctx.anchor.root:
                 raise IntegrityError(
                     f"{self.rep.remote}: the signed vault root of manifest #{latest} differs "
                     "from the local index's: the index was altered; restore it from the remotes"
                 )
-            signed = {
-                s["name"]: s["hash"]
-                for seg in best.body["index"]["segments"]
-                for s in seg["shards"]
-            }
+            signed = {s.name: s.hash for seg in best.contents.index_segments for s in seg.shards}
             for name, h in idx.q(
                 "SELECT s.name, s.hash FROM shards s JOIN segments g ON g.id = s.segment"
                 " WHERE g.kind='meta' AND g.manifest=?",
                 (latest,),
             ):
-                if name in signed and signed[name] != bytes(h).hex():
+                if name in signed and signed[name] != bytes(h):
                     raise IntegrityError(
                         f"index shard {name} does not match the hash signed in manifest "
                         f"#{latest}: the index was altered; restore it from the remotes"
@@ -744,11 +701,11 @@ class _RemoteAuditor:
             cnt = min(PIECE, blen - piece * PIECE)
             data = self.b.cat(sh.kind, sh.name, off, cnt)
             leaf = sh.blocks[32 * blk : 32 * blk + 32]
-            t = (blk * (BLOCK // PIECE) + piece) * TAG_LEN
             if (
                 tags is not None
                 and len(data) == cnt
-                and piece_tag(self.ctx.tagger, leaf, blk, piece, data) == tags[0][t : t + TAG_LEN]
+                and piece_tag(self.ctx.tagger, leaf, blk, piece, data)
+                == stored_tag(tags[0], blk, piece)
                 and merkle.verify_proof(
                     leaf,
                     merkle.proof(
