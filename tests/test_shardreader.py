@@ -21,6 +21,7 @@ from vaultfs.shardreader import (
     ShardsUnavailable,
     ShardsUndecodable,
     choose,
+    intact,
     read_segment,
 )
 from vaultfs.vault import Vault
@@ -219,3 +220,12 @@ def test_read_path_widens_when_its_first_k_shards_do_not_decode(tmp_path: Path, 
     with Vault.open(tmp_path / "home", PW) as v:
         assert b"".join(v.read_chunk(c) for c in cids) == data
     assert sizes[:2] == [K, K + 1]
+
+
+def test_intact_checks_size_then_hash_in_either_form():
+    _data, shards, _refs = make_segment()
+    s = shards[0]
+    split = (s.body[: segment.HEADER.size], s.body[segment.HEADER.size :])
+    assert intact(s.body, s.hash, len(s.body)) and intact(split, s.hash, len(s.body))
+    assert intact(s.body, s.hash) and not intact(s.body, s.hash, len(s.body) - 1)
+    assert not intact(s.body[:-1] + b"x", s.hash, len(s.body))

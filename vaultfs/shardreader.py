@@ -114,8 +114,13 @@ def choose(refs: Sequence[ShardRef], k: int) -> list[ShardRef]:
     return sorted(refs, key=lambda r: preference(r, k))[:k]
 
 
-def intact(body: segment.Body, expected_hash: bytes) -> bool:
-    """Whether a fetched object is exactly the one the index records."""
+def intact(body: segment.Body, expected_hash: bytes, expected_size: int | None = None) -> bool:
+    """Whether a fetched object is exactly the one the index records (its size first, when
+    given, so a truncated object costs no hashing)."""
+    if expected_size is not None:
+        got = len(body[0]) + len(body[1]) if isinstance(body, tuple) else len(body)
+        if got != expected_size:
+            return False
     return segment.body_hash(body) == expected_hash
 
 
