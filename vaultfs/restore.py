@@ -264,10 +264,10 @@ class ShardSource:
             list(ex.map(pull, per_remote.values()))
         return got
 
-    def fetch_one(self, kind: str, name: str, exclude: set[str]) -> bytes | None:
+    def fetch_one(self, kind: str, name: str) -> bytes | None:
+        """One object read from the first remote that listed it and can serve it; None if
+        none can."""
         for r in self.where.get(name, []):
-            if r.spec in exclude:
-                continue
             try:
                 return r.cat(kind, name)
             except RemoteError:
@@ -299,7 +299,7 @@ class _Staged:
                         f"shard {ref.name} (index {ref.idx}) could not be read: {e.strerror}"
                     )
             local = self.src.local.get(ref.name)
-            body = local.read_bytes() if local else self.src.fetch_one(self.kind, ref.name, set())
+            body = local.read_bytes() if local else self.src.fetch_one(self.kind, ref.name)
             if body is not None:
                 out[ref.name] = body
         return out
