@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,9 +42,10 @@ from typing import TYPE_CHECKING
 
 from . import erasure, merkle, segment, verify
 from .backends import Unreachable, open_backend
-from .errors import BadRemote, IntegrityError, NotEnoughRemotes, NoVault
+from .errors import BadRemote, NotEnoughRemotes, NoVault
 from .names import display, from_db
 from .remotes import Remote, RemoteError
+from .shardreader import Lie, ShardRef, ShardsUnavailable, ShardsUndecodable, choose, read_segment
 from .verify import SHARD_SQL, ShardRow, live_segments_sql
 
 if TYPE_CHECKING:
@@ -204,7 +205,8 @@ def _plan(vault: Vault) -> dict[int, list[tuple[ShardRow, str]]]:
 
 
 class _Fetcher:
-    """Fetches verified shard objects for segments, from the queue or from remotes."""
+    """Repair's shard transport: shard objects from the local queue or from the remotes'
+    backends, with the bytes counted and unreachable remotes remembered in :attr:`down`."""
 
     def __init__(self, vault: Vault, down: set[int], wrap, report: RepairReport) -> None:
         self.vault = vault
@@ -222,7 +224,9 @@ class _Fetcher:
                 b = self.backends[rid] = open_backend(self.specs[rid], rid, wrap=self.wrap)
             return b
 
-    def sources(self, seg_id: int, exclude: set[int]) -> list[ShardRow]:
+    def sources(self, seg_id: int, exclude: set[int]) -> list[ShardRef]:
+        """The shards of a segment to read it from (``ShardRef.tag``: the shard row): placed or
+        queued, on a reachable remote, not in ``exclude`` (the shards being rebuilt)."""
         rows = [
             ShardRow(*r)
             for r in self.vault.index.q(
@@ -230,24 +234,26 @@ class _Fetcher:
                 (seg_id,),
             )
         ]
-        rows = [r for r in rows if r.id not in exclude and r.remote not in self.down]
-        k = self.vault.k
-        # local queue copies first, then data fragments (decoding them is a copy)
-        rows.sort(key=lambda r: (r.state != "queued", r.idx >= k, r.idx))
-        return rows
+        return [
+            ShardRef(
+                r.idx, r.name, r.hash, Remote(self.specs[r.remote]).label, r.state == "queued", r
+            )
+            for r in rows
+            if r.id not in exclude and r.remote not in self.down
+        ]
 
-    def fetch(self, wanted: list[ShardRow], into: Path) -> dict[int, bytes]:
-        """Bodies of the wanted shards whose hash matches; others are left out."""
-        got: dict[int, bytes] = {}
+    def fetch(self, wanted: Sequence[ShardRef], into: Path) -> dict[str, bytes]:
+        """Bodies of the wanted shards, by name, unverified; those not had are left out (a
+        queued shard is read from the queue only, and none from a remote known down)."""
+        got: dict[str, bytes] = {}
         per_remote: dict[int, list[ShardRow]] = defaultdict(list)
-        for sh in wanted:
+        for ref in wanted:
+            sh: ShardRow = ref.tag
             q = self.vault.queue_dir / f"r{sh.remote}" / sh.kind / sh.name
             if sh.state == "queued" and q.exists():
-                body = q.read_bytes()
-                if segment.object_hash(body) == sh.hash:
-                    got[sh.id] = body
-                continue
-            per_remote[sh.remote].append(sh)
+                got[sh.name] = q.read_bytes()
+            elif sh.remote not in self.down:
+                per_remote[sh.remote].append(sh)
 
         def pull(item: tuple[int, list[ShardRow]]) -> None:
             rid, shards = item
@@ -273,16 +279,25 @@ class _Fetcher:
                 p.unlink()
                 with self.lock:
                     self.report.bytes_fetched += len(body)
-                if segment.object_hash(body) == s.hash:
-                    with self.lock:
-                        got[s.id] = body
-                else:
-                    with self.lock:
-                        self.report.bad_sources.append(f"{Remote(self.specs[rid]).label}:{s.path}")
-                    _mark_lost(self.vault, s, "corrupt", "found corrupt while used as a source")
+                    got[s.name] = body
 
         with ThreadPoolExecutor(max_workers=max(1, len(per_remote))) as ex:
             list(ex.map(pull, per_remote.items()))
+        return got
+
+
+class _SegmentShards:
+    """The transport for one segment's rebuild: the objects its batch fetched ahead, then the
+    fetcher, one round at a time."""
+
+    def __init__(self, fetcher: _Fetcher, ahead: dict[str, bytes], into: Path) -> None:
+        self.fetcher, self.ahead, self.into = fetcher, ahead, into
+
+    def fetch(self, refs: Sequence[ShardRef]) -> dict[str, bytes]:
+        got = {r.name: self.ahead.pop(r.name) for r in refs if r.name in self.ahead}
+        rest = [r for r in refs if r.name not in got]
+        if rest:
+            got.update(self.fetcher.fetch(rest, self.into))
         return got
 
 
@@ -296,6 +311,16 @@ def _mark_lost(vault: Vault, sh: ShardRow, kind: str, detail: str) -> None:
         db.execute("UPDATE shards SET state='lost' WHERE id=? AND state='placed'", (sh.id,))
 
 
+def _note_bad_sources(vault: Vault, fetcher: _Fetcher, lies: list[Lie]) -> None:
+    """Report and mark lost every remote copy the shard reader found corrupt."""
+    for lie in lies:
+        if lie.kind == "corrupt" and not lie.ref.local:
+            sh: ShardRow = lie.ref.tag
+            with fetcher.lock:
+                fetcher.report.bad_sources.append(f"{lie.ref.holder}:{sh.path}")
+            _mark_lost(vault, sh, "corrupt", "found corrupt while used as a source")
+
+
 def _rebuild_segment(
     vault: Vault,
     seg_id: int,
@@ -305,46 +330,25 @@ def _rebuild_segment(
     report: RepairReport,
     prefer: int | None,
     active: list[tuple[int, str, str]],
-    first: tuple[list[ShardRow], dict[int, bytes]],
+    ahead: dict[str, bytes],
 ) -> list[tuple[str, int]]:
-    """Rebuild the listed shards of one segment into the queue. ``first`` holds the sources
-    tried already and the verified bodies they gave (fetched in one batch for many segments);
-    more sources are tried one round at a time. Returns (old path, old remote) of objects to
-    delete once the new ones are placed."""
+    """Rebuild the listed shards of one segment into the queue. ``ahead`` holds shard
+    objects fetched already (in one batch for many segments, :func:`shardreader.choose` of
+    each); the shard reader fetches more as it needs them. A source found corrupt is marked
+    lost. Returns (old path, old remote) of objects to delete once the new ones are placed."""
     g = vault.index.one("SELECT kind, size, k, n, uid, ec_alg FROM segments WHERE id=?", (seg_id,))
     kind, size, k, n, uid, alg = g[0], g[1], g[2], g[3], bytes(g[4]), g[5]
-    need = {sh.id for sh, _r in todo}
-    tried_rows, prefetched = first
-    tried = {c.id for c in tried_rows}
-    idx_of = {c.id: c.idx for c in tried_rows}
-    good = {c.id: prefetched[c.id] for c in tried_rows if c.id in prefetched}
-    while len(good) < k:
-        more = [c for c in fetcher.sources(seg_id, need) if c.id not in tried][: k - len(good)]
-        if not more:
-            break
-        tried.update(c.id for c in more)
-        idx_of.update((c.id, c.idx) for c in more)
-        good.update(fetcher.fetch(more, tmp))
-    if len(good) < k:
-        report.unrecoverable.append(
-            f"{kind} segment {seg_id}: only {len(good)} good shards reachable, need {k}"
-        )
+    refs = fetcher.sources(seg_id, {sh.id for sh, _r in todo})
+    transport = _SegmentShards(fetcher, ahead, tmp)
+    try:
+        read = read_segment(refs, k, n, size, transport, f"{kind} segment {seg_id}")
+    except (ShardsUnavailable, ShardsUndecodable) as e:
+        _note_bad_sources(vault, fetcher, e.lies)
+        report.unrecoverable.append(e.message)
         report.unrecoverable_segments.append(seg_id)
         return []
-    while True:
-        bodies = [good[i] for i in sorted(good, key=lambda s: idx_of[s])]
-        try:
-            data = segment.decode_segment(bodies, k, n, size)
-            break
-        except IntegrityError:  # a (Cauchy) subset that does not invert: add a shard
-            more = [c for c in fetcher.sources(seg_id, need) if c.id not in tried][:1]
-            if not more:
-                report.unrecoverable.append(f"{kind} segment {seg_id}: its shards do not decode")
-                report.unrecoverable_segments.append(seg_id)
-                return []
-            tried.update(c.id for c in more)
-            idx_of.update((c.id, c.idx) for c in more)
-            good.update(fetcher.fetch(more, tmp))
+    _note_bad_sources(vault, fetcher, read.lies)
+    data = read.data
     frags = erasure.encode(data, k, n, alg)
     holders = [
         r
@@ -634,23 +638,23 @@ def repair(
             # one transfer per remote for the whole batch: k sources per segment
             d = Path(tmp) / f"b{bi}"
             d.mkdir()
-            firsts = {
-                seg_id: fetcher.sources(seg_id, {sh.id for sh, _r in todo})[: vault.k]
+            firsts = [
+                ref
                 for seg_id, todo in batches[bi]
-            }
-            return d, firsts, fetcher.fetch([c for rows in firsts.values() for c in rows], d)
+                for ref in choose(fetcher.sources(seg_id, {sh.id for sh, _r in todo}), vault.k)
+            ]
+            return d, fetcher.fetch(firsts, d)
 
         # the next batch downloads while this one is decoded, re-encoded and queued
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaultfs-repair") as pre:
             nxt = pre.submit(download, 0) if batches else None
             for bi, batch in enumerate(batches):
                 assert nxt is not None
-                d, firsts, got = nxt.result()
+                d, got = nxt.result()
                 nxt = pre.submit(download, bi + 1) if bi + 1 < len(batches) else None
                 for seg_id, todo in batch:
                     old_objects += _rebuild_segment(
-                        vault, seg_id, todo, fetcher, d, report, prefer, active,
-                        (firsts[seg_id], got),
+                        vault, seg_id, todo, fetcher, d, report, prefer, active, got
                     )  # fmt: skip
                     if progress:
                         progress(1)

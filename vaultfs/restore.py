@@ -16,7 +16,7 @@ import stat
 import tempfile
 import threading
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from .index import migrate
 from .keys import SLHDSA_BY_SIG_ALG, VaultKeys
 from .names import display, fs_path, xattrs_from_db
 from .remotes import Remote, RemoteError
+from .shardreader import ShardRef, choose, read_segment
 
 BATCH_SEGMENTS = 12
 FIRST_BATCH = 2
@@ -212,6 +213,15 @@ class ShardSource:
     def available(self, name: str) -> bool:
         return name in self.local or bool(self.where.get(name))
 
+    def refs(self, shards: list[tuple[int, str, bytes]]) -> list[ShardRef]:
+        """The shard reader's view of a segment's (idx, name, hash) rows: the shards this
+        source can reach, queue copies marked local. Call after :meth:`list_all`."""
+        return [
+            ShardRef(idx, name, h, local=name in self.local)
+            for idx, name, h in shards
+            if self.available(name)
+        ]
+
     def fetch(self, wanted: list[tuple[str, str]], into: Path) -> dict[str, Path]:
         """Download (kind, name) objects into ``into``; spread the load across remotes."""
         got: dict[str, Path] = {}
@@ -254,10 +264,10 @@ class ShardSource:
             list(ex.map(pull, per_remote.values()))
         return got
 
-    def fetch_one(self, kind: str, name: str, exclude: set[str]) -> bytes | None:
+    def fetch_one(self, kind: str, name: str) -> bytes | None:
+        """One object read from the first remote that listed it and can serve it; None if
+        none can."""
         for r in self.where.get(name, []):
-            if r.spec in exclude:
-                continue
             try:
                 return r.cat(kind, name)
             except RemoteError:
@@ -265,79 +275,57 @@ class ShardSource:
         return None
 
 
-def _decode_verified(
+class _Staged:
+    """The shard reader's transport for restore: shard objects staged (downloaded, read ahead,
+    or lying in place on a local remote, as :meth:`ShardSource.fetch` found them), then the
+    upload queue, then one read from any remote that listed the object. A staged object that
+    cannot be read is noted in ``warnings`` and fetched again from a remote."""
+
+    def __init__(
+        self, src: ShardSource, kind: str, staged: dict[str, Path], warnings: list[str]
+    ) -> None:
+        self.src, self.kind, self.staged, self.warnings = src, kind, staged, warnings
+
+    def fetch(self, refs: Sequence[ShardRef]) -> dict[str, segment.Body]:
+        out: dict[str, segment.Body] = {}
+        for ref in refs:
+            p = self.staged.get(ref.name)
+            if p is not None:
+                try:
+                    out[ref.name] = segment.read_body(p)
+                    continue
+                except OSError as e:  # gone or unreadable in place: rclone may still get it
+                    self.warnings.append(
+                        f"shard {ref.name} (index {ref.idx}) could not be read: {e.strerror}"
+                    )
+            local = self.src.local.get(ref.name)
+            body = local.read_bytes() if local else self.src.fetch_one(self.kind, ref.name)
+            if body is not None:
+                out[ref.name] = body
+        return out
+
+
+def _read_segment(
     src: ShardSource,
     kind: str,
-    shards: list[tuple[int, str, bytes]],
+    refs: list[ShardRef],
     k: int,
     n: int,
     size: int,
-    fetched: dict[str, Path],
+    staged: dict[str, Path],
     warnings: list[str],
+    what: str,
 ) -> bytes:
-    """Decode one segment from shards whose BLAKE3 hash matches; fetch more when needed.
-
-    ``shards`` lists (idx, name, hash) for every shard of the segment.
-    """
-    good: list[segment.Body] = []
-    used: set[str] = set()
-    for idx, name, h in shards:
-        p = fetched.get(name)
-        if p is None:
-            continue
-        try:
-            body = segment.read_body(p)
-        except OSError as e:  # gone or unreadable in place: rclone may still get it below
-            warnings.append(f"shard {name} (index {idx}) could not be read: {e.strerror}")
-            continue
-        used.add(name)
-        if segment.body_hash(body) == h:
-            good.append(body)
-            if len(good) == k:
-                break
-        else:
-            warnings.append(f"shard {name} (index {idx}) is corrupt; decoding around it")
-    for idx, name, h in shards:
-        if len(good) >= k:
-            break
-        if name in used or not src.available(name):
-            continue
-        body = (
-            src.local[name].read_bytes() if name in src.local else src.fetch_one(kind, name, set())
-        )
-        used.add(name)
-        if body is not None and segment.object_hash(body) == h:
-            good.append(body)
-        elif body is not None:
-            warnings.append(f"shard {name} (index {idx}) is corrupt; decoding around it")
-    if len(good) < k:
-        raise NotEnoughRemotes(
-            f"a {kind} segment has only {len(good)} intact shards on the given remotes, need {k}"
-        )
-    try:
-        return segment.decode_segment(good, k, n, size)
-    except IntegrityError:
-        # a singular k-subset (possible with erasure algorithm 1 when n - k >= 5): add every
-        # other intact shard we can reach and decode from the larger set
-        for _idx, name, h in shards:
-            if name in used or not src.available(name):
-                continue
-            body = (
-                src.local[name].read_bytes()
-                if name in src.local
-                else src.fetch_one(kind, name, set())
-            )
-            used.add(name)
-            if body is not None and segment.object_hash(body) == h:
-                good.append(body)
-        return segment.decode_segment(good, k, n, size)
-
-
-def _choose(shards: list[tuple[int, str, bytes]], src: ShardSource, k: int) -> list[str]:
-    """Pick k shards to download: available data fragments first (decoding is a copy)."""
-    avail = [s for s in shards if src.available(s[1])]
-    avail.sort(key=lambda s: (s[0] >= k, s[0]))
-    return [s[1] for s in avail[:k]]
+    """One segment through the shard reader, from the objects ``staged`` for it (the first
+    :func:`shardreader.choose` of ``refs``) and more from ``src`` as needed; corrupt shards
+    are added to ``warnings``."""
+    read = read_segment(refs, k, n, size, _Staged(src, kind, staged, warnings), what)
+    warnings += [
+        f"shard {lie.ref.name} (index {lie.ref.idx}) is corrupt; decoding around it"
+        for lie in read.lies
+        if lie.kind == "corrupt"
+    ]
+    return read.data
 
 
 def find_manifest(
@@ -402,11 +390,12 @@ def fetch_index(keys: VaultKeys, m: manifest.Manifest, src: ShardSource, dest: P
     warnings: list[str] = []
     pieces: list[bytes] = []
     with tempfile.TemporaryDirectory(prefix="vaultfs-idx-") as tmp:
-        for seg in m.contents.index_segments:
+        for i, seg in enumerate(m.contents.index_segments):
             k, n = seg.k, seg.n
-            shards = [(s.idx, s.name, s.hash) for s in seg.shards]
-            got = src.fetch([("meta", nm) for nm in _choose(shards, src, k)], Path(tmp))
-            data = _decode_verified(src, "meta", shards, k, n, seg.size, got, warnings)
+            refs = src.refs([(s.idx, s.name, s.hash) for s in seg.shards])
+            got = src.fetch([("meta", r.name) for r in choose(refs, k)], Path(tmp))
+            what = f"index segment {i}"
+            data = _read_segment(src, "meta", refs, k, n, seg.size, got, warnings, what)
             pieces.append(data[: seg.used])
     blob = b"".join(pieces)
     if len(blob) != m.contents.index_length:
@@ -554,12 +543,13 @@ def _decoder_init(ctx: _RestoreContext, pdeathsig: bool) -> None:
 def _restore_segment(job: tuple) -> tuple[int, int, list[str]]:
     """Decoder: decode one data segment from its fetched shards, open and check every chunk,
     write the runs into the target files. Returns (batch, bytes written, warnings)."""
-    bi, sid, size, k, n, epoch, shards, paths, items = job
+    bi, sid, size, k, n, epoch, refs, paths, items = job
     ctx, fds = _ctx, _fds
     assert ctx is not None and fds is not None
     warnings: list[str] = []
-    fetched = {nm: Path(p) for nm, p in paths.items()}
-    seg = memoryview(_decode_verified(ctx.src, "data", shards, k, n, size, fetched, warnings))
+    staged = {nm: Path(p) for nm, p in paths.items()}
+    what = f"data segment {sid}"
+    seg = memoryview(_read_segment(ctx.src, "data", refs, k, n, size, staged, warnings, what))
     key, suite, vid, idkey = (
         ctx.data_keys[epoch],
         ctx.epoch_suites[epoch],
@@ -767,6 +757,7 @@ def restore_files(
     shard_rows: dict[int, list[tuple[int, str, bytes]]] = defaultdict(list)
     for sid, idx, name, h in db.execute("SELECT segment, idx, name, hash FROM shards ORDER BY idx"):
         shard_rows[sid].append((idx, name, h))
+    refs = {sid: src.refs(shard_rows[sid]) for sid in plan}
     used_epochs = {seg_rows[sid][3] for sid in plan}
     data_keys = {
         e: keys.unwrap_data_key(e, w, s)
@@ -789,7 +780,7 @@ def restore_files(
         wanted = []
         for sid in batches[batch_no]:
             k = seg_rows[sid][1]
-            wanted += [("data", nm) for nm in _choose(shard_rows[sid], src, k)]
+            wanted += [("data", r.name) for r in choose(refs[sid], k)]
         return d, src.fetch(wanted, d)
 
     ctx = _RestoreContext(keys.vault_id, keys.chunk_id_key, data_keys, epoch_suites, src)
@@ -813,10 +804,8 @@ def restore_files(
                 # queued behind the batch before, so the decoders do not run dry between them
                 for sid in batches[bi]:
                     size, k, n, epoch = seg_rows[sid]
-                    paths = {
-                        nm: str(fetched[nm]) for _i, nm, _h in shard_rows[sid] if nm in fetched
-                    }
-                    yield (bi, sid, size, k, n, epoch, shard_rows[sid], paths, plan[sid])
+                    paths = {r.name: str(fetched[r.name]) for r in refs[sid] if r.name in fetched}
+                    yield (bi, sid, size, k, n, epoch, refs[sid], paths, plan[sid])
                 # at most two batches staged: fetch the next once the one before is written
                 while bi and not written[bi - 1].wait(0.1):
                     if abort.is_set():

@@ -23,12 +23,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -58,6 +59,9 @@ from .sealer import (
     build_shard_files,
     write_new_file,
 )
+from .shardreader import ShardRef, read_segment
+
+log = logging.getLogger("vaultfs.vault")
 
 DEFAULT_SEGMENT_SIZE = 4 * 1024 * 1024
 SUBDIRS = ("data", "meta")
@@ -1351,7 +1355,10 @@ class Vault:
 
     # -- read path -------------------------------------------------------------------------
     def segment_bytes(self, seg_id: int) -> bytes:
-        """Decoded plaintext of a segment, from the local queue if still there, else remotes."""
+        """Decoded plaintext of a segment, from the local queue if still there, else remotes,
+        through the shard reader: a corrupt or missing shard is read around (and logged with
+        the remote that holds it) while k intact shards decode. Raises NotEnoughRemotes
+        (fewer than k intact shards reachable) or IntegrityError (they do not decode)."""
         with self._seg_cache_lock:
             hit = self._seg_cache.get(seg_id)
             if hit is not None:
@@ -1361,37 +1368,26 @@ class Vault:
         if g is None:
             raise IntegrityError(f"segment {seg_id} is not in the index")
         kind, size, k, n = g
-        shards = self.index.q(
+        refs = []
+        for idx, name, h, state, rid, spec in self.index.q(
             "SELECT s.idx, s.name, s.hash, s.state, s.remote, r.spec FROM shards s"
             " JOIN remotes r ON r.id = s.remote WHERE s.segment=? ORDER BY s.idx",
             (seg_id,),
+        ):
+            local = (self.queue_dir / f"r{rid}" / kind / name).exists()
+            if local or state in ("placed", "queued"):
+                holder = "the upload queue" if local else Remote(spec).label
+                refs.append(ShardRef(idx, name, h, holder, local, (rid, spec, state)))
+        read = read_segment(
+            refs, k, n, size, _QueueOrRemote(self.queue_dir, kind), f"segment {seg_id}"
         )
-        good: list[bytes] = []
-        for _idx, name, h, state, rid, spec in shards:
-            if len(good) >= k:
-                break
-            body = None
-            qf = self.queue_dir / f"r{rid}" / kind / name
-            with contextlib.suppress(FileNotFoundError):
-                body = qf.read_bytes()
-            if body is None and state in ("placed", "queued"):
-                # 'queued' with no queue file: a concurrent flush has just uploaded it
-                try:
-                    body = Remote(spec, rid).cat(kind, name)
-                except RemoteError:
-                    body = None
-            if body is not None and segment.object_hash(body) == h:
-                good.append(body)
-        if len(good) < k:
-            raise NotEnoughRemotes(
-                f"segment {seg_id}: only {len(good)} intact shards reachable, need {k}"
-            )
-        data = segment.decode_segment(good, k, n, size)
+        for lie in read.lies:
+            log.warning("segment %d: read around %s", seg_id, lie)
         with self._seg_cache_lock:
-            self._seg_cache[seg_id] = data
+            self._seg_cache[seg_id] = read.data
             while len(self._seg_cache) > 4:
                 self._seg_cache.popitem(last=False)
-        return data
+        return read.data
 
     def read_chunk(self, cid: bytes) -> bytes:
         """A chunk's plaintext. A chunk still with a sealer is sealed first (so it reads
@@ -1415,8 +1411,33 @@ class Vault:
         )
 
     def iter_file(self, entry_id: int) -> Iterator[bytes]:
+        """The plaintext chunks of a file entry, in order (see :meth:`read_chunk`)."""
         for (cid,) in self.index.q(
             "SELECT c.cid FROM entry_chunks e JOIN chunks c ON c.id = e.chunk WHERE e.entry=? ORDER BY e.seq",
             (entry_id,),
         ):
             yield self.read_chunk(cid)
+
+
+class _QueueOrRemote:
+    """The read path's shard transport: a shard's copy in the upload queue, else one read
+    from its remote. ``ShardRef.tag`` is (remote id, spec, shard state)."""
+
+    def __init__(self, queue_dir: Path, kind: str) -> None:
+        self.queue_dir = queue_dir
+        self.kind = kind
+
+    def fetch(self, refs: Sequence[ShardRef]) -> dict[str, bytes | str]:
+        out: dict[str, bytes | str] = {}
+        for ref in refs:
+            rid, spec, state = ref.tag
+            with contextlib.suppress(FileNotFoundError):
+                out[ref.name] = (self.queue_dir / f"r{rid}" / self.kind / ref.name).read_bytes()
+                continue
+            if state in ("placed", "queued"):
+                # 'queued' with no queue file: a concurrent flush has just uploaded it
+                try:
+                    out[ref.name] = Remote(spec, rid).cat(self.kind, ref.name)
+                except RemoteError as e:
+                    out[ref.name] = e.message
+        return out

@@ -57,6 +57,7 @@ from .backends import ObjectMissing, Unreachable, open_backend
 from .errors import BadRemote, IntegrityError
 from .index import Index
 from .remotes import Remote, RemoteError
+from .shardreader import intact
 
 if TYPE_CHECKING:
     from .vault import Vault
@@ -365,7 +366,7 @@ class _Ctx:
 
 def _classify_body(ctx: _Ctx, sh: ShardRow, body: bytes) -> tuple[str, str] | None:
     """None if the object is intact, else (kind, detail) with kind 'corrupt' or 'stale'."""
-    if len(body) == sh.size and segment.object_hash(body) == sh.hash:
+    if intact(body, sh.hash, sh.size):
         return None
     return _why_bad(ctx, sh, body[: segment.HEADER.size], len(body))
 

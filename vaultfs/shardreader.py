@@ -1,0 +1,173 @@
+"""The shard reader: fetch k verified shard objects of one segment, decode, widen the set
+when a subset fails, and name the shards (and the remotes holding them) that lied.
+
+Every path that needs a segment's plaintext goes through :func:`read_segment`: the vault's read
+path (``Vault.segment_bytes``: the mount, prune, key rotation), restore (the index copy and,
+inside the decoder processes, every data segment) and repair's rebuild. Verify checks shards
+without decoding and shares only :func:`intact`.
+
+The caller says what the segment should be made of (one :class:`ShardRef` per shard it may
+fetch, with the BLAKE3 hash the index or signed manifest records) and how to fetch shard objects
+(a :class:`Transport`: restore's staging area or in-place reads, repair's backends, the vault's
+remotes and upload queue). The reader owns the order of preference, the check of every object,
+the decoding and the widening; it never writes, deletes or marks anything: the caller acts on
+the :class:`Lie` records it returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from . import segment
+from .errors import IntegrityError, NotEnoughRemotes
+
+
+@dataclass(frozen=True, slots=True)
+class ShardRef:
+    """One shard object the caller expects to be able to fetch.
+
+    ``hash`` is the BLAKE3 hash of the whole object (header and fragment) as the index or the
+    signed manifest records it: an object with that hash is exactly the object written, so it
+    proves header, fragment and (through the index's Merkle records) the segment root.
+    ``holder`` names where it is read from, for messages (a remote's label, "the upload queue");
+    ``local`` marks a copy on this machine (read first); ``tag`` is the caller's own handle
+    (repair's shard row), carried back in :class:`Lie`."""
+
+    idx: int
+    name: str
+    hash: bytes
+    holder: str = ""
+    local: bool = False
+    tag: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Lie:
+    """A shard that did not deliver what the index records: ``corrupt`` (an object came back
+    whose hash is wrong) or ``missing`` (the transport could not produce it; ``detail`` says
+    why when it knows)."""
+
+    ref: ShardRef
+    kind: Literal["corrupt", "missing"]
+    detail: str = ""
+
+    def __str__(self) -> str:
+        where = f" on {self.ref.holder}" if self.ref.holder else ""
+        why = f" ({self.detail})" if self.detail else ""
+        return f"shard {self.ref.name} (index {self.ref.idx}){where} is {self.kind}{why}"
+
+
+@dataclass
+class Decoded:
+    """A segment's plaintext and the shards found lying on the way to it."""
+
+    data: bytes
+    lies: list[Lie] = field(default_factory=list)
+
+
+class ShardsUnavailable(NotEnoughRemotes):
+    """Fewer than k shards of a segment could be fetched intact; :attr:`lies` names the ones
+    that failed, so the caller can still report them."""
+
+    def __init__(self, message: str, lies: list[Lie] | None = None) -> None:
+        super().__init__(message)
+        self.lies = lies or []
+
+    def __reduce__(self) -> tuple:  # crosses from restore's decoder processes intact
+        return type(self), (self.message, self.lies)
+
+
+class ShardsUndecodable(IntegrityError):
+    """Every intact shard within reach was tried and they still do not decode."""
+
+    def __init__(self, message: str, lies: list[Lie] | None = None) -> None:
+        super().__init__(message)
+        self.lies = lies or []
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.message, self.lies)
+
+
+class Transport(Protocol):
+    """How the reader gets shard objects: the one thing each caller supplies."""
+
+    def fetch(self, refs: Sequence[ShardRef]) -> Mapping[str, segment.Body | str]:
+        """Fetch the listed objects, unverified. Returns {name: object} for those it got
+        (either form of :data:`segment.Body`); a name mapped to a ``str`` could not be had for
+        the reason given; a name left out is missing for no stated reason. May be called
+        several times for one segment, never twice with the same shard. Raises nothing for a
+        shard it cannot fetch."""
+        ...
+
+
+def preference(ref: ShardRef, k: int) -> tuple[bool, bool, int]:
+    """Sort key: local copies first (no transfer), then data fragments (decoding them is a
+    copy), then by index."""
+    return (not ref.local, ref.idx >= k, ref.idx)
+
+
+def choose(refs: Sequence[ShardRef], k: int) -> list[ShardRef]:
+    """The k shards :func:`read_segment` fetches first, for callers that fetch them ahead in
+    bulk (restore's and repair's batches) and hand them over through their transport."""
+    return sorted(refs, key=lambda r: preference(r, k))[:k]
+
+
+def intact(body: segment.Body, expected_hash: bytes, expected_size: int | None = None) -> bool:
+    """Whether a fetched object is exactly the one the index records (its size first, when
+    given, so a truncated object costs no hashing)."""
+    if expected_size is not None:
+        got = len(body[0]) + len(body[1]) if isinstance(body, tuple) else len(body)
+        if got != expected_size:
+            return False
+    return segment.body_hash(body) == expected_hash
+
+
+def read_segment(
+    refs: Sequence[ShardRef],
+    k: int,
+    n: int,
+    size: int,
+    transport: Transport,
+    what: str,
+) -> Decoded:
+    """Decode one segment of ``size`` bytes, coded k-of-n, from the shards in ``refs``.
+
+    Fetches the k preferred shards (:func:`preference`), then, for each one missing or
+    corrupt, the next ones in order until k are intact; if those k do not decode (a singular
+    subset, possible with erasure algorithm 1), adds intact shards one at a time until they do.
+    No shard is fetched twice. ``what`` names the segment in messages ("segment 12").
+
+    Raises :class:`ShardsUnavailable` when fewer than k intact shards can be had, and
+    :class:`ShardsUndecodable` when all of them still do not decode; both carry the lies found.
+    """
+    queue = sorted(refs, key=lambda r: preference(r, k))
+    good: list[segment.Body] = []
+    lies: list[Lie] = []
+
+    def take(want: int) -> None:
+        batch, queue[:want] = queue[:want], []
+        got = transport.fetch(batch)
+        for ref in batch:
+            body = got.get(ref.name)
+            if body is None or isinstance(body, str):
+                lies.append(Lie(ref, "missing", body or ""))
+            elif intact(body, ref.hash):
+                good.append(body)
+            else:
+                lies.append(Lie(ref, "corrupt"))
+
+    while len(good) < k and queue:
+        take(k - len(good))
+    if len(good) < k:
+        raise ShardsUnavailable(f"{what}: only {len(good)} intact shards reachable, need {k}", lies)
+    while True:
+        try:
+            return Decoded(segment.decode_segment(good, k, n, size), lies)
+        except IntegrityError:
+            have = len(good)
+            while len(good) == have and queue:
+                take(1)
+            if len(good) == have:
+                raise ShardsUndecodable(f"{what}: its shards do not decode", lies) from None
