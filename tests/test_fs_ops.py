@@ -719,16 +719,20 @@ def test_budget_counts_a_block_stored_while_its_writer_waited(make_harness) -> N
         fs = d.fs
         fh, _ino = await d.create(b"f")
         await fs.write(fh, 0, bytes(MIN_BUDGET_BLOCKS * BS))  # the budget is full
-        async with trio.open_nursery() as n:
+        written = trio.Event()
+
+        async def writer() -> None:
             # touches the last dirty block and a new one: waits for room ...
-            n.start_soon(fs.write, fh, MIN_BUDGET_BLOCKS * BS - 10, b"x" * 20)
+            await fs.write(fh, MIN_BUDGET_BLOCKS * BS - 10, b"x" * 20)
+            written.set()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(writer)
             while not fs.cache.waiting:
                 await trio.sleep(0.001)
             # ... while the uploader stores every dirty block, the last one too
             n.start_soon(fs.cache.run)
-            while fs.cache.waiting:
-                await trio.sleep(0.001)
-            await trio.sleep(0.05)
+            await written.wait()
             n.cancel_scope.cancel()
         assert fs.cache.used == BS * len(fs.cache.dirty)
         await fs.release(fh)
