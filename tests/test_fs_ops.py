@@ -578,6 +578,35 @@ def test_offline_snapshot_stores_what_a_crash_left(h: Harness) -> None:
     h.run(after)
 
 
+def test_a_failed_journal_commit_is_retried_with_nothing_lost(h: Harness) -> None:
+    """A transaction that fails (a full disk) leaves its marks dirty; the journal retries
+    and fsync returns once the state is committed."""
+
+    async def body(d: Driver) -> None:
+        tree = d.fs.tree
+        apply = tree.apply_batch
+        failures = []
+
+        def flaky(batch) -> None:
+            if not failures:
+                failures.append(batch)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            apply(batch)
+
+        tree.apply_batch = flaky  # type: ignore[method-assign]
+        try:
+            await d.write_file(b"f", b"kept")
+            await d.fs.fsyncdir(ROOT_INODE, False)
+        finally:
+            tree.apply_batch = apply  # type: ignore[method-assign]
+        assert failures and not tree.dirty
+        fresh = LiveTree(d.fs.vault.index)
+        fresh.load(d.fs.uid, d.fs.gid)
+        assert b"f" in fresh.nodes[ROOT_INODE].children
+
+    h.run(body)
+
+
 def test_freeze_holds_mutations_until_thaw(h: Harness) -> None:
     async def body(d: Driver) -> None:
         fs = d.fs
