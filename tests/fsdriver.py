@@ -274,12 +274,13 @@ def _cache_problems(fs: VaultFS) -> list[str]:
 
 
 class Harness:
-    """A vault over ``nremotes`` local-directory remotes and a VaultFS on it, unmounted.
+    """A k-of-n vault over n local-directory remotes under ``root`` and, for each ``run``,
+    a VaultFS on it, unmounted.
 
     ``run(body)`` serves one life of the file system: it loads a fresh VaultFS (as a mount
-    does), awaits ``body(driver)`` and then the consistency check. ``crash()`` drops the
-    vault without storing what is dirty, as a killed daemon would; the next ``run`` recovers
-    like the next mount. ``close()`` releases the vault."""
+    does), awaits ``body(driver)``, then runs the consistency check. ``crash()`` closes the
+    vault without storing what is dirty, as a killed daemon would (the next ``run``
+    recovers like the next mount); it also releases the vault at the end of a test."""
 
     def __init__(
         self,
@@ -291,18 +292,18 @@ class Harness:
     ) -> None:
         self.root = root
         self.home = root / "home"
-        self.remotes = [str(root / f"r{i}") for i in range(n)]
         self.cache_size = cache_size
+        remotes = [str(root / f"r{i}") for i in range(n)]
         self.vault: Vault | None = Vault.create(
-            self.home, self.remotes, k, n, PASSPHRASE, segment_size=1 << 20
+            self.home, remotes, k, n, PASSPHRASE, segment_size=1 << 20
         )
         self.keys = self.vault.keys
         self.vault.index.set("live_block_size", block_size)
         self.vault.start_sealers()  # before any thread, as the daemon does
-        self.fs: VaultFS | None = None
         self.ctx = Ctx(uid=os.getuid(), gid=os.getgid())
 
     def open(self) -> Vault:
+        """The vault, opened again (with its key, no passphrase) after a crash."""
         if self.vault is None:
             self.vault = Vault.open(self.home, keys=self.keys)
             self.vault.start_sealers()
@@ -314,7 +315,7 @@ class Harness:
         """Serve a fresh VaultFS for the length of ``body``; with ``check``, the
         consistency check follows (the body's nursery tasks are gone by then). Without
         ``uploader`` the body starts ``fs.cache.run`` itself when it wants blocks stored."""
-        fs = self.fs = VaultFS(self.open(), self.home, self.root / "mnt", self.cache_size)
+        fs = VaultFS(self.open(), self.home, self.root / "mnt", self.cache_size)
         fs.load()
         return trio.run(self._serve, fs, body, check, uploader)
 
@@ -347,15 +348,11 @@ class Harness:
         return result
 
     def crash(self) -> None:
-        """Forget the VaultFS and close the vault without storing the dirty blocks: what is
-        committed to the index and written to cache files is what a killed daemon leaves."""
-        self.fs = None
+        """Close the vault without storing the dirty blocks: what is committed to the
+        index and written to cache files is what a killed daemon leaves."""
         if self.vault is not None:
             self.vault.close()
             self.vault = None
-
-    def close(self) -> None:
-        self.crash()
 
 
 def cheap_keyfile(monkeypatch: pytest.MonkeyPatch) -> None:
