@@ -5,7 +5,6 @@ Every ``Harness.run`` ends with the consistency check (fsdriver.check_consistenc
 tree in memory equals a fresh load of the index, stored blocks' chunks are in the index and
 the cache directory holds exactly the dirty blocks. tests/test_mount.py checks the same
 semantics through a real FUSE mount; this tier needs no /dev/fuse and runs in seconds.
-Two strict xfails mark bugs found in fs.py and cache.py (their reasons say which).
 """
 
 from __future__ import annotations
@@ -582,12 +581,6 @@ def test_offline_snapshot_stores_what_a_crash_left(h: Harness) -> None:
     h.run(after)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cache.py recover() keeps a cache file's bytes past the committed size (a write "
-    "that reached the cache file but not the index before a crash); growing the file "
-    "later shows them instead of zeros",
-)
 def test_a_file_grown_after_crash_recovery_reads_zeros_past_its_old_end(h: Harness) -> None:
     async def body(d: Driver) -> int:
         fh, ino = await d.create(b"f")
@@ -806,12 +799,6 @@ def test_tiny_cache_applies_backpressure_and_stays_within_budget(make_harness) -
     assert peak["used"] <= budget and peak["waited"] >= 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fs.py _write counts fresh blocks before awaiting the budget; a block that is "
-    "stored during that wait is added again without a reservation, so cache.used drifts "
-    "below the dirty blocks (and the budget is overrun)",
-)
 def test_budget_counts_a_block_stored_while_its_writer_waited(make_harness) -> None:
     h = make_harness(cache_size=0)
 

@@ -103,6 +103,11 @@ class BlockCache:
             if n is None or not n.is_reg or blk * self.bs >= n.size:
                 f.unlink()
                 continue
+            # a write may have reached the file but not the index (no fsync before the
+            # crash): bytes past the committed size must read as zeros if the file grows
+            keep = min(self.bs, n.size - blk * self.bs)
+            if f.stat().st_size > keep:
+                os.truncate(f, keep)
             self.dirty[(ino, blk)] = Dirty(ino, blk, ready=True)
             self.used += self.bs
             found += f.stat().st_size

@@ -754,9 +754,7 @@ class VaultFS(pyfuse3.Operations):
         bs = self.bs
         end = off + len(buf)
         first, last = off // bs, (end - 1) // bs
-        fresh = [b for b in range(first, last + 1) if self.cache.get(n.ino, b) is None]
-        if fresh:
-            await self.cache.reserve(len(fresh))
+        await self._reserve_fresh(n.ino, first, last)
         jobs, ds = [], []
         view = memoryview(buf)  # slices without copying a 1 MiB write
         for b in range(first, last + 1):
@@ -803,6 +801,21 @@ class VaultFS(pyfuse3.Operations):
                 d.ready = full = True
         if full:
             self.cache.kick()
+
+    async def _reserve_fresh(self, ino: int, first: int, last: int) -> None:
+        """Reserve budget for the blocks first..last that are not dirty yet. Waiting for the
+        budget lets the storer finish blocks, so a block dirty before the wait may be gone
+        after it: count again until the reservation matches (then nothing awaits before the
+        caller adds them)."""
+        reserved = 0
+        while True:
+            fresh = sum(1 for b in range(first, last + 1) if self.cache.get(ino, b) is None)
+            if fresh <= reserved:
+                break
+            await self.cache.reserve(fresh - reserved)
+            reserved = fresh
+        if reserved > fresh:
+            self.cache.unreserve(reserved - fresh)
 
     def _write_exec(self, jobs: list[tuple]) -> None:
         for path, base, ws, piece in jobs:
