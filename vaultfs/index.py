@@ -11,6 +11,7 @@ erasure-coded like data, and named by a signed manifest (see vault.py and docs/d
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import tempfile
 import threading
@@ -301,6 +302,10 @@ class Index:
         with self.lock:
             self.db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, str(value)))
 
+    def newest_manifest_seq(self) -> int:
+        """The highest manifest sequence number this index has recorded (0 before the first)."""
+        return self.one("SELECT coalesce(max(seq), 0) FROM manifests")[0]
+
     def export_bytes(self) -> bytes:
         """A consistent copy of the whole database as bytes (SQLite online backup)."""
         with tempfile.TemporaryDirectory() as d:
@@ -312,6 +317,27 @@ class Index:
             dst.execute("VACUUM")
             dst.close()
             return out.read_bytes()
+
+
+def stored_vault_id(path: Path) -> str | None:
+    """The vault id (hex) recorded in the index file at ``path``; None when there is no file
+    there (none is created) or it records no vault id."""
+    if not path.exists():
+        return None
+    with contextlib.closing(Index(path)) as index:
+        return index.get("vault_id")
+
+
+def seen_manifest_seq(path: Path, vault_id: str) -> int:
+    """The newest manifest sequence number the index file at ``path`` has recorded, if it is
+    the index of vault ``vault_id`` (hex); 0 when there is no file there (none is created)
+    or it belongs to another vault."""
+    if not path.exists():
+        return 0
+    with contextlib.closing(Index(path)) as index:
+        if index.get("vault_id") != vault_id:
+            return 0
+        return index.newest_manifest_seq()
 
 
 def migrate(db: sqlite3.Connection) -> None:
