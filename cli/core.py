@@ -148,7 +148,7 @@ def flush(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 def snapshots(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """List snapshots."""
     with open_vault(home, lock=False) as v:
-        rows = v.index.q("SELECT uid, name, created, files, bytes, seq FROM snapshots ORDER BY id")
+        rows = v.index.snapshot_rows()
     items = [
         {"id": u, "name": nm, "time": c, "entries": f, "bytes": b, "seq": s}
         for u, nm, c, f, b, s in rows
@@ -178,19 +178,9 @@ def ls(
     """List the entries of a snapshot. Names that are not UTF-8, and control characters,
     are shown escaped (\\xNN, \\n, \\\\); --json gives them exactly (path_hex)."""
     with open_vault(home, lock=False) as v:
-        if snapshot == "latest":
-            row = v.index.one("SELECT id FROM snapshots ORDER BY id DESC LIMIT 1")
-        else:
-            row = v.index.one(
-                "SELECT id FROM snapshots WHERE uid=? OR name=? ORDER BY id DESC LIMIT 1",
-                (snapshot, snapshot),
-            )
-        if row is None:
+        if (found := v.index.find_snapshot(snapshot)) is None:
             raise InputError(f"snapshot {snapshot!r} not found")
-        rows = v.index.q(
-            "SELECT path, type, mode, size, mtime_ns, target, rdev FROM entries WHERE snapshot=?",
-            (row[0],),
-        )
+        rows = v.index.entry_rows(found[0])
     rows.sort(key=lambda r: names.from_db(r[0]))  # byte order, whatever the stored form
     if path:
         p = names.raw(path.strip("/"))

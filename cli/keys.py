@@ -285,15 +285,8 @@ def _keyring_copies(v, home: Path) -> list[dict]:
         {"where": str(home / "key.json"), "what": "master seed, sealed under the passphrase"},
         {"where": str(home / "index.db"), "what": "wrapped epoch keys (epochs table)"},
     ]
-    for rid, spec in v.index.q(
-        "SELECT id, spec FROM remotes WHERE state='active' ORDER BY position"
-    ):
-        row = v.index.one(
-            "SELECT max(seq) FROM manifests WHERE seq NOT IN"
-            " (SELECT seq FROM manifest_queue WHERE remote=?)",
-            (rid,),
-        )
-        newest = row[0] if row else None
+    for rid, spec in v.index.active_remotes():
+        newest = v.index.newest_manifest_placed(rid)
         copies.append(
             {
                 "where": f"{Remote(spec).label}/manifests/",
