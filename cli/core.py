@@ -1,6 +1,7 @@
 """The everyday commands: `vaultfs init`, `backup`, `flush`, `snapshots`, `ls`, `status`.
 
-Exit codes: vaultfs/errors.py (3 when shards are still queued for a remote that is down).
+Exit codes: vaultfs/errors.py; `backup` and `flush` exit 3 when a segment has fewer than k
+shards on the remotes (the rest waits in the local queue for the next flush).
 """
 
 from __future__ import annotations
