@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 from rich.table import Column, Table
 
-from cli.main import HomeOpt, JsonOpt, _open, app, err, out
+from cli.common import HomeOpt, JsonOpt, app, err, open_vault, out
 from vaultfs import prune as prune_mod
 from vaultfs import repair as repair_mod
 from vaultfs import verify as verify_mod
@@ -72,11 +72,8 @@ def verify(
     if max_duration is not None and max_duration <= 0:
         raise InputError("--max-duration takes a positive number of seconds")
     mode = "read-all" if read_all else ("sample" if sample is not None else "confidence")
-    v = _open(home)
-    try:
+    with open_vault(home) as v:
         rep = verify_mod.audit(v, remote, mode=mode, sample=sample, max_duration=max_duration)
-    finally:
-        v.close()
     if as_json:
         out.print_json(json.dumps(rep.to_dict()))
     else:
@@ -167,11 +164,8 @@ def repair(
     for p in source or []:
         if not p.exists():
             raise InputError(f"--source {p} does not exist")
-    v = _open(home)
-    try:
+    with open_vault(home) as v:
         rep = repair_mod.repair(v, dry_run=dry_run, sources=source)
-    finally:
-        v.close()
     _print_repair(rep, as_json)
     raise typer.Exit(_repair_code(rep))
 
@@ -243,11 +237,8 @@ def prune(
     objects from the remotes once the new index is placed. Needs the vault unmounted."""
     if not 0 <= repack_below <= 1:
         raise InputError("--repack-below is a fraction between 0 and 1")
-    v = _open(home)
-    try:
+    with open_vault(home) as v:
         rep = prune_mod.prune(v, repack_below=repack_below, dry_run=dry_run)
-    finally:
-        v.close()
     if as_json:
         out.print_json(json.dumps(rep.as_dict()))
     else:
@@ -280,12 +271,9 @@ def remote_add(
     as_json: JsonOpt = False,
 ) -> None:
     """Add a remote; new data is spread over it and the latest manifest is sent to it."""
-    v = _open(home)
-    try:
+    with open_vault(home) as v:
         info = repair_mod.add_remote(v, spec, domain)
         st = v.status()
-    finally:
-        v.close()
     if as_json:
         out.print_json(json.dumps({**info, "survives_losses_design": st["survives_losses_design"]}))
         return
@@ -303,11 +291,8 @@ def remote_remove(
     as_json: JsonOpt = False,
 ) -> None:
     """Remove a remote: rebuild its shards on the others, then delete what it held."""
-    v = _open(home)
-    try:
+    with open_vault(home) as v:
         rep = repair_mod.remove_remote(v, spec)
-    finally:
-        v.close()
     _print_repair(rep, as_json)
     raise typer.Exit(_repair_code(rep))
 
@@ -323,11 +308,8 @@ def remote_replace(
     as_json: JsonOpt = False,
 ) -> None:
     """Replace a remote (a provider that shut down): rebuild its shards onto the new one."""
-    v = _open(home)
-    try:
+    with open_vault(home) as v:
         rep = repair_mod.replace_remote(v, old, new, domain)
-    finally:
-        v.close()
     _print_repair(rep, as_json)
     raise typer.Exit(_repair_code(rep))
 
@@ -335,11 +317,8 @@ def remote_replace(
 @remote_app.command("list")
 def remote_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Each remote's health, last audit and what it holds."""
-    v = _open(home, lock=False)
-    try:
+    with open_vault(home, lock=False) as v:
         rows = repair_mod.list_remotes(v)
-    finally:
-        v.close()
     if as_json:
         out.print_json(json.dumps(rows))
         return

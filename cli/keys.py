@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import sys
 import time
-from contextlib import closing
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from cli.main import HomeOpt, JsonOpt, _home, _open, _passphrase, app, err, out
+from cli.common import HomeOpt, JsonOpt, app, err, home_dir, open_vault, out, passphrase
 from vaultfs import receipt as receipts
 from vaultfs import rotation, shamir
 from vaultfs.errors import InputError, NoVault, ShareError, WrongKey
+from vaultfs.index import stored_vault_id
 from vaultfs.keys import (
     SUITES,
     VaultKeys,
@@ -74,8 +73,7 @@ def split(
     as_json: JsonOpt = False,
 ) -> None:
     """Split the master seed into SLIP-39 word shares (any THRESHOLD of SHARES recover it)."""
-    v = _open(home, lock=False)
-    try:
+    with open_vault(home, lock=False) as v:
         mnemonics = shamir.split(v.keys, threshold, shares)
         texts = [shamir.share_file_text(v.keys, m, threshold, shares) for m in mnemonics]
         set_id = shamir.check_share(shamir.ParsedShare("new share", mnemonics[0])).identifier
@@ -85,8 +83,6 @@ def split(
         )
         v.index.set("shamir_splits", json.dumps(splits))
         fp = v.keys.fingerprint()
-    finally:
-        v.close()
     files = []
     if out_dir is not None:
         out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -167,16 +163,14 @@ def recover(
     as_json: JsonOpt = False,
 ) -> None:
     """Recover the master seed from shares and write a new passphrase-protected keyfile."""
-    h = _home(home)
+    h = home_dir(home)
     expected = fingerprint
     expected_id = None
     doc = _keyfile_doc(h)
     if doc and not expected:
         expected = doc.get("fingerprint")
-    if (h / "index.db").exists():
-        with closing(sqlite3.connect(h / "index.db")) as db:
-            row = db.execute("SELECT value FROM settings WHERE key='vault_id'").fetchone()
-        expected_id = bytes.fromhex(row[0]) if row else None
+    if (stored := stored_vault_id(h / "index.db")) is not None:
+        expected_id = bytes.fromhex(stored)
     parsed = []
     for f in share_file or []:
         try:
@@ -189,7 +183,7 @@ def recover(
     dest = keyfile_out or h / "key.json"
     if dest.exists() and not force:
         raise InputError(f"{dest} already exists: pass --force to replace it, or --keyfile-out")
-    pw = _passphrase(confirm=True)
+    pw = passphrase(confirm=True)
     write_keyfile(dest, keys, pw)
     if as_json:
         out.print_json(
@@ -220,9 +214,8 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """Fingerprints, suites, key epochs and where the keyring copies are."""
-    h = _home(home)
-    v = _open(home, lock=False)
-    try:
+    h = home_dir(home)
+    with open_vault(home, lock=False) as v:
         pub = v.keys.public_bytes()
         seed = v.keys.seed.hex() if reveal_seed else None
         slh_field = slhdsa_field(v.keys.slhdsa_param)
@@ -239,8 +232,6 @@ def show(
             "shamir_splits": json.loads(v.index.get("shamir_splits") or "[]"),
             "keyring_copies": _keyring_copies(v, h),
         }
-    finally:
-        v.close()
     if seed:
         info["seed"] = seed
         err.print(
@@ -294,15 +285,8 @@ def _keyring_copies(v, home: Path) -> list[dict]:
         {"where": str(home / "key.json"), "what": "master seed, sealed under the passphrase"},
         {"where": str(home / "index.db"), "what": "wrapped epoch keys (epochs table)"},
     ]
-    for rid, spec in v.index.q(
-        "SELECT id, spec FROM remotes WHERE state='active' ORDER BY position"
-    ):
-        row = v.index.one(
-            "SELECT max(seq) FROM manifests WHERE seq NOT IN"
-            " (SELECT seq FROM manifest_queue WHERE remote=?)",
-            (rid,),
-        )
-        newest = row[0] if row else None
+    for rid, spec in v.index.active_remotes():
+        newest = v.index.newest_manifest_placed(rid)
         copies.append(
             {
                 "where": f"{Remote(spec).label}/manifests/",
@@ -321,11 +305,11 @@ def passwd(home: HomeOpt = None) -> None:
     The current passphrase comes from $VAULTFS_PASSPHRASE or a prompt, the new one from
     $VAULTFS_NEW_PASSPHRASE or a prompt.
     """
-    h = _home(home)
+    h = home_dir(home)
     kf = h / "key.json"
     if not kf.exists():
         raise NoVault(f"no keyfile at {kf}: run `vaultfs keys recover` or pass --home")
-    keys = read_keyfile(kf, _passphrase())
+    keys = read_keyfile(kf, passphrase())
     new = os.environ.get("VAULTFS_NEW_PASSPHRASE")
     if new is None:
         if not sys.stdin.isatty():
@@ -344,13 +328,10 @@ def rotate(
     as_json: JsonOpt = False,
 ) -> None:
     """Start a new key epoch: new writes use a fresh data key; old data stays readable."""
-    v = _open(home)
-    try:
+    with open_vault(home) as v:
         epoch = rotation.rotate(v, rotation.parse_suite(suite) if suite else None)
         rep = v.flush()
         info = {"epoch": epoch, "suite": v.suite, "complete": rep.complete, "errors": rep.errors}
-    finally:
-        v.close()
     if as_json:
         out.print_json(json.dumps(info))
     else:
@@ -372,22 +353,20 @@ def init_keys(
     """Complete a vault's key material: with --seed-file, write a keyfile from the master seed
     (a vault whose keyfile was lost); and create the SLH-DSA key pair a vault made by an older
     vaultfs lacks. Idempotent."""
-    h = _home(home)
+    h = home_dir(home)
     wrote = None
     if seed_file is not None:
         try:
             keys = VaultKeys.from_seed(parse_seed(seed_file.read_text()))
         except OSError as e:
             raise InputError(f"cannot read {seed_file}: {e.strerror}") from None
-        if (h / "index.db").exists():
-            with closing(sqlite3.connect(h / "index.db")) as db:
-                row = db.execute("SELECT value FROM settings WHERE key='vault_id'").fetchone()
-            if row and row[0] != keys.vault_id.hex():
-                raise WrongKey(f"that seed belongs to vault id {keys.vault_id.hex()}, not {row[0]}")
+        stored = stored_vault_id(h / "index.db")
+        if stored and stored != keys.vault_id.hex():
+            raise WrongKey(f"that seed belongs to vault id {keys.vault_id.hex()}, not {stored}")
         kf = h / "key.json"
         if kf.exists() and not force:
             raise InputError(f"{kf} already exists: pass --force to replace it")
-        write_keyfile(kf, keys, _passphrase(confirm=True))
+        write_keyfile(kf, keys, passphrase(confirm=True))
         wrote = str(kf)
         if not (h / "index.db").exists():  # no local vault: the keyfile is for `restore --from`
             if as_json:
@@ -395,28 +374,10 @@ def init_keys(
             else:
                 out.print(f"wrote {kf} for vault {keys.fingerprint()}", highlight=False)
             return
-    v = _open(home)
-    try:
-        created = False
-        if not v.index.get("slhdsa_public"):
-            v.keys.generate_slhdsa()
-            assert v.keys.slhdsa_public is not None
-            with v.index.tx() as db:
-                for key, value in (
-                    ("slhdsa_public", v.keys.slhdsa_public.hex()),
-                    ("slhdsa_sealed", v.keys.seal_slhdsa_secret().hex()),
-                    ("slhdsa_param", v.keys.slhdsa_param),
-                ):
-                    db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value))
-                db.execute(
-                    "INSERT OR IGNORE INTO suites VALUES (?, 'active', ?)", (v.suite, time.time())
-                )
-            v.ship_index()
+    with open_vault(home) as v:
+        if created := v.complete_slhdsa():
             v.flush()
-            created = True
         fp = v.keys.fingerprint()
-    finally:
-        v.close()
     if as_json:
         out.print_json(json.dumps({"fingerprint": fp, "slhdsa_created": created, "keyfile": wrote}))
         return
@@ -435,11 +396,8 @@ def public(
     home: HomeOpt = None,
 ) -> None:
     """Print the vault's public keys (what `vaultfs receipt verify --public-key` pins)."""
-    v = _open(home, lock=False)
-    try:
+    with open_vault(home, lock=False) as v:
         doc = receipts.public_document(v.keys)
-    finally:
-        v.close()
     text = json.dumps(doc, indent=2) + "\n"
     if out_file:
         out_file.write_text(text)
@@ -462,9 +420,8 @@ def reencrypt(
     Interruptible (Ctrl-C, kill -9) and resumable: rerun the same command.
     """
     target = rotation.parse_suite(suite)
-    h = _home(home)
-    v = _open(home)
-    try:
+    h = home_dir(home)
+    with open_vault(home) as v:
         if err.is_terminal and not as_json:
             with Progress(
                 TextColumn("re-encrypting"),
@@ -482,8 +439,6 @@ def reencrypt(
                 )
         else:
             rep = rotation.reencrypt(v, target, keyfile=h / "key.json")
-    finally:
-        v.close()
     if as_json:
         out.print_json(json.dumps(rep.__dict__))
         return
@@ -546,11 +501,8 @@ def receipt(
         return
     if file is not None:
         raise InputError("`vaultfs receipt SNAPSHOT` takes one argument")
-    v = _open(home, lock=False)
-    try:
+    with open_vault(home, lock=False) as v:
         doc = receipts.make(v, what)
-    finally:
-        v.close()
     text = json.dumps(doc, indent=2) + "\n"
     if out_file:
         out_file.write_text(text)

@@ -1,13 +1,11 @@
 """Commands for the mount: `vaultfs mount`, `umount`, `snapshot [--name]`, `snapshot delete`.
 
-A running mount holds the vault's lock; these commands (and `flush`/`status` in main.py)
-reach it through the control socket (vaultfs/control.py). Exit codes: vaultfs/errors.py.
+A running mount holds the vault's lock; these commands (and `flush`/`status` in core.py)
+reach it through the control socket (cli/mounted.py). Exit codes: vaultfs/errors.py.
 """
 
 from __future__ import annotations
 
-import ctypes
-import json
 import logging
 import os
 import re
@@ -19,9 +17,20 @@ from typing import Annotated
 
 import typer
 
-from cli.main import HomeOpt, JsonOpt, _home, _open, _passphrase, _report_flush, app, err, out
+from cli.common import (
+    HomeOpt,
+    JsonOpt,
+    app,
+    err,
+    home_dir,
+    open_vault,
+    out,
+    passphrase,
+    report_flush,
+)
+from cli.mounted import call, mounted, print_report, syncfs
 from vaultfs import control
-from vaultfs.errors import EXIT_PARTIAL, InputError, VaultBusy, VaultError
+from vaultfs.errors import InputError, VaultBusy, VaultError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.I)
 
@@ -33,76 +42,6 @@ def parse_size(text: str) -> int:
         raise InputError(f"invalid size {text!r}: use bytes or a suffix like 256M or 2G")
     mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
     return int(float(m.group(1)) * mult)
-
-
-def syncfs(path: Path) -> None:
-    """Flush the kernel's dirty pages of the file system at ``path`` (syncfs(2))."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.syncfs(fd) != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, os.strerror(e), str(path))
-    finally:
-        os.close(fd)
-
-
-def _call(address: str, req: dict, timeout: float | None = None) -> dict | None:
-    """A control request; ``timeout`` None for work that takes as long as it takes."""
-    return control.call(address, req, timeout=timeout)
-
-
-def _mounted(home: Path) -> dict | None:
-    """The running mount of this vault, or None."""
-    return _call(control.home_address(home), {"cmd": "ping"}, timeout=30)
-
-
-def _print_report(rep: dict, as_json: bool, extra: dict | None = None) -> int:
-    code = EXIT_PARTIAL if rep["segments_below_k_placed"] else 0
-    if as_json:
-        out.print_json(json.dumps({**(extra or {}), **rep}))
-        return code
-    for r, e in rep["errors"].items():
-        err.print(f"[yellow]warning:[/] {r}: {e}")
-    if rep["segments_below_k_placed"]:
-        err.print(
-            f"[yellow]{rep['segments_below_k_placed']} segment(s) have fewer than k shards on "
-            "remotes: the data is safe in the local queue and goes out once remotes are back[/]"
-        )
-    elif not rep["complete"]:
-        behind = ", ".join(f"{r} ({c} queued)" for r, c in rep["pending"].items() if c)
-        err.print(f"[yellow]some remotes are behind: {behind or 'manifests pending'}[/]")
-    out.print(
-        f"redundancy: survives {rep['survives_losses_now']} remote loss(es) now "
-        f"({rep['survives_losses_design']} once every shard is placed)"
-    )
-    return code
-
-
-# -- hooks used by cli/main.py's flush and status ------------------------------------------
-def flush_via_mount(home: Path | None, as_json: bool) -> int | None:
-    """If the vault is mounted, flush through the daemon and return the exit code."""
-    h = _home(home)
-    if _mounted(h) is None:
-        return None
-    if (mp := _mount_info(h)) is not None:
-        syncfs(Path(mp["mountpoint"]))
-    reply = _call(control.home_address(h), {"cmd": "flush"})
-    assert reply is not None
-    return _print_report(reply["report"], as_json)
-
-
-def _mount_info(home: Path) -> dict | None:
-    try:
-        return json.loads((home / "mount.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def mount_status(home: Path | None) -> dict | None:
-    """The running mount's cache and upload state, or None if not mounted."""
-    reply = _call(control.home_address(_home(home)), {"cmd": "status"}, timeout=60)
-    return None if reply is None else reply["mount"]
 
 
 # -- mount / umount ---------------------------------------------------------------------------
@@ -121,7 +60,7 @@ def mount(
     """Mount the vault's live tree at MOUNTPOINT (snapshots under .snapshots/)."""
     from vaultfs import daemon
 
-    h = _home(home)
+    h = home_dir(home)
     size = parse_size(cache_size)
     mp = Path(os.path.abspath(mountpoint))
     if foreground:
@@ -131,11 +70,11 @@ def mount(
             format="%(asctime)s %(name)s %(levelname)s: %(message)s",
             stream=sys.stderr,
         )
-        code = daemon.run_foreground(h, mp, size, _passphrase(), ready_fd)
+        code = daemon.run_foreground(h, mp, size, passphrase(), ready_fd)
         raise typer.Exit(code)
     if not daemon.path_exists(mp):
         raise InputError(f"mountpoint {mp} does not exist: create an empty directory")
-    pid = daemon.spawn(h, mp, size, _passphrase())
+    pid = daemon.spawn(h, mp, size, passphrase())
     out.print(f"mounted vault {h} at {mp} (daemon pid {pid}; log {h / 'mount.log'})")
 
 
@@ -152,7 +91,7 @@ def umount(
 
     mp = Path(os.path.abspath(mountpoint))
     addr = control.mount_address(mp)
-    ping = _call(addr, {"cmd": "ping"}, timeout=30)
+    ping = call(addr, {"cmd": "ping"}, timeout=30)
     if ping is None:
         if daemon.is_dead_mount(mp):
             subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
@@ -163,9 +102,9 @@ def umount(
             return
         raise InputError(f"{mp} is not a vaultfs mount")
     syncfs(mp)
-    reply = _call(addr, {"cmd": "umount"})
+    reply = call(addr, {"cmd": "umount"})
     assert reply is not None
-    code = _print_report(reply["report"], as_json, {"mountpoint": str(mp)})
+    code = print_report(reply["report"], as_json, {"mountpoint": str(mp)})
     res = subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, text=True)
     if res.returncode != 0:
         raise VaultBusy(
@@ -208,18 +147,18 @@ def snapshot(
         return
     if name is not None and (not name or "/" in name or name in (".", "..")):
         raise InputError(f"invalid snapshot name {name!r}: no '/', not '.' or '..'")
-    h = _home(home)
-    info = _mounted(h)
+    h = home_dir(home)
+    info = mounted(h)
     if info is None:  # not mounted: record the live tree as the index holds it
         from vaultfs import daemon
 
-        reply = daemon.offline_snapshot(h, _passphrase(), name)
+        reply = daemon.offline_snapshot(h, passphrase(), name)
     else:
         syncfs(Path(info["mountpoint"]))
-        reply = _call(control.home_address(h), {"cmd": "snapshot", "name": name})
+        reply = call(control.home_address(h), {"cmd": "snapshot", "name": name})
         assert reply is not None
     extra = {"snapshot": reply["snapshot"], "entries": reply["entries"], "seq": reply["seq"]}
-    code = _print_report(reply["report"], as_json, extra)
+    code = print_report(reply["report"], as_json, extra)
     if not as_json:
         out.print(f"snapshot {reply['snapshot']}: {reply['entries']} entries")
     raise typer.Exit(code)
@@ -233,17 +172,14 @@ def snapshot_delete(
 ) -> None:
     """Delete a snapshot (data other snapshots or the live tree use stays; `vaultfs prune`
     frees the rest)."""
-    h = _home(home)
-    reply = _call(control.home_address(h), {"cmd": "delete", "id": snap_id})
+    h = home_dir(home)
+    reply = call(control.home_address(h), {"cmd": "delete", "id": snap_id})
     if reply is not None:
-        code = _print_report(reply["report"], as_json, {"deleted": snap_id})
+        code = print_report(reply["report"], as_json, {"deleted": snap_id})
     else:
-        v = _open(home)
-        try:
+        with open_vault(home) as v:
             v.delete_snapshot(snap_id)
-            code = _report_flush(v, as_json, {"deleted": snap_id})
-        finally:
-            v.close()
+            code = report_flush(v, as_json, {"deleted": snap_id})
     if not as_json:
         out.print(f"deleted snapshot {snap_id}; `vaultfs prune` (unmounted) frees its space")
     raise typer.Exit(code)

@@ -11,6 +11,7 @@ erasure-coded like data, and named by a signed manifest (see vault.py and docs/d
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import tempfile
 import threading
@@ -301,6 +302,45 @@ class Index:
         with self.lock:
             self.db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, str(value)))
 
+    def newest_manifest_seq(self) -> int:
+        """The highest manifest sequence number this index has recorded (0 before the first)."""
+        return self.one("SELECT coalesce(max(seq), 0) FROM manifests")[0]
+
+    def snapshot_rows(self) -> list[tuple[str, str | None, float, int, int, int]]:
+        """Every snapshot as (uid, name, created, files, bytes, seq), oldest first."""
+        return self.q("SELECT uid, name, created, files, bytes, seq FROM snapshots ORDER BY id")
+
+    def find_snapshot(self, ref: str) -> tuple[int, str] | None:
+        """(row id, uid) of snapshot ``ref``: its uid, its name (the newest snapshot of that
+        name) or 'latest' (the newest of all); None when nothing matches."""
+        if ref == "latest":
+            return self.one("SELECT id, uid FROM snapshots ORDER BY id DESC LIMIT 1")
+        return self.one(
+            "SELECT id, uid FROM snapshots WHERE uid=? OR name=? ORDER BY id DESC LIMIT 1",
+            (ref, ref),
+        )
+
+    def entry_rows(self, snapshot: int) -> list[tuple]:
+        """(path, type, mode, size, mtime_ns, target, rdev) of every entry of the snapshot
+        with row id ``snapshot``, in no particular order (paths as stored: names.from_db)."""
+        return self.q(
+            "SELECT path, type, mode, size, mtime_ns, target, rdev FROM entries WHERE snapshot=?",
+            (snapshot,),
+        )
+
+    def active_remotes(self) -> list[tuple[int, str]]:
+        """(id, spec) of every remote in use (not removed), in placement order."""
+        return self.q("SELECT id, spec FROM remotes WHERE state='active' ORDER BY position")
+
+    def newest_manifest_placed(self, remote: int) -> int | None:
+        """The highest manifest sequence number that is on remote ``remote`` (no longer queued
+        for it); None when none is."""
+        return self.one(
+            "SELECT max(seq) FROM manifests WHERE seq NOT IN"
+            " (SELECT seq FROM manifest_queue WHERE remote=?)",
+            (remote,),
+        )[0]
+
     def export_bytes(self) -> bytes:
         """A consistent copy of the whole database as bytes (SQLite online backup)."""
         with tempfile.TemporaryDirectory() as d:
@@ -312,6 +352,27 @@ class Index:
             dst.execute("VACUUM")
             dst.close()
             return out.read_bytes()
+
+
+def stored_vault_id(path: Path) -> str | None:
+    """The vault id (hex) recorded in the index file at ``path``; None when there is no file
+    there (none is created) or it records no vault id."""
+    if not path.exists():
+        return None
+    with contextlib.closing(Index(path)) as index:
+        return index.get("vault_id")
+
+
+def seen_manifest_seq(path: Path, vault_id: str) -> int:
+    """The newest manifest sequence number the index file at ``path`` has recorded, if it is
+    the index of vault ``vault_id`` (hex); 0 when there is no file there (none is created)
+    or it belongs to another vault."""
+    if not path.exists():
+        return 0
+    with contextlib.closing(Index(path)) as index:
+        if index.get("vault_id") != vault_id:
+            return 0
+        return index.newest_manifest_seq()
 
 
 def migrate(db: sqlite3.Connection) -> None:

@@ -293,6 +293,17 @@ class VaultKeys:
             nonce, self.slhdsa_secret, self._slhdsa_ad(self.slhdsa_public)
         )
 
+    def slhdsa_settings(self) -> dict[str, str]:
+        """The index settings that store the SLH-DSA key pair: public key, secret sealed under
+        the seed (:meth:`seal_slhdsa_secret`) and parameter set; the vault reads them back
+        with :meth:`load_slhdsa`."""
+        assert self.slhdsa_public is not None
+        return {
+            "slhdsa_public": self.slhdsa_public.hex(),
+            "slhdsa_sealed": self.seal_slhdsa_secret().hex(),
+            "slhdsa_param": self.slhdsa_param,
+        }
+
     def load_slhdsa(self, public: bytes, sealed: bytes, param: str = SLHDSA_128S) -> None:
         """Unseal the SLH-DSA secret key; raises WrongKey if it was sealed by another seed."""
         _slhdsa_module(param)  # an unknown parameter set is refused before anything else

@@ -27,7 +27,7 @@ import blake3
 from . import envelope, manifest, merkle, segment
 from .backup import check_name
 from .errors import InputError, IntegrityError, NotEnoughRemotes, TargetNotEmpty
-from .index import migrate
+from .index import migrate, seen_manifest_seq
 from .keys import SLHDSA_BY_SIG_ALG, VaultKeys
 from .names import display, fs_path, xattrs_from_db
 from .remotes import Remote, RemoteError
@@ -892,12 +892,18 @@ def open_remote_index(
     workdir: Path,
     min_seq: int = 0,
     src: ShardSource | None = None,
+    home: Path | None = None,
 ) -> tuple[sqlite3.Connection, ShardSource, manifest.Manifest, list[str]]:
     """Disaster path: find the newest manifest, fetch and check the index it names.
 
-    ``src`` may be a :class:`ShardSource` over ``remotes`` already started (listing and
-    manifest copies running while the key was unlocked)."""
+    Rollback floor: a newest manifest below ``min_seq`` raises IntegrityError; with ``home``
+    (this machine's vault state directory, if it has one) the floor is also the newest
+    manifest its index recorded for this vault, so remotes rolled back to an older state are
+    refused. ``src`` may be a :class:`ShardSource` over ``remotes`` already started (listing
+    and manifest copies running while the key was unlocked)."""
     workdir.mkdir(parents=True, exist_ok=True)
+    if home is not None:
+        min_seq = max(min_seq, seen_manifest_seq(home / "index.db", keys.vault_id.hex()))
     if src is None:
         src = ShardSource(remotes)
         src.start(workdir / "manifests")

@@ -289,9 +289,7 @@ class Vault:
                 "suite": SUITE_XWING_AES256GCM,
                 "epoch": 0,
                 "created": time.time(),
-                "slhdsa_public": keys.slhdsa_public.hex(),
-                "slhdsa_sealed": keys.seal_slhdsa_secret().hex(),
-                "slhdsa_param": keys.slhdsa_param,
+                **keys.slhdsa_settings(),
             }.items():
                 db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, str(value)))
             for pos, spec in enumerate(remote_specs):
@@ -984,6 +982,22 @@ class Vault:
                 )
             self.reload_keys()
             return epoch
+
+    def complete_slhdsa(self) -> bool:
+        """Give a vault made by an older vaultfs the SLH-DSA key pair it lacks: generate it,
+        store it in the index and ship a manifest signed by it (the caller flushes).
+        Idempotent: returns False, changing nothing, when the vault already has one."""
+        if self.index.get("slhdsa_public"):
+            return False
+        self.keys.generate_slhdsa()
+        with self.index.tx() as db:
+            for key, value in self.keys.slhdsa_settings().items():
+                db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value))
+            db.execute(
+                "INSERT OR IGNORE INTO suites VALUES (?, 'active', ?)", (self.suite, time.time())
+            )
+        self.ship_index()
+        return True
 
     def replace_segment(
         self, old_id: int, records: list[tuple[bytes, bytes, int]], epoch: int

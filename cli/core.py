@@ -1,0 +1,258 @@
+"""The everyday commands: `vaultfs init`, `backup`, `flush`, `snapshots`, `ls`, `status`.
+
+Exit codes: vaultfs/errors.py; `backup` and `flush` exit 3 when a segment has fewer than k
+shards on the remotes (the rest waits in the local queue for the next flush).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Column, Table
+
+from cli.common import (
+    HomeOpt,
+    JsonOpt,
+    advance,
+    app,
+    err,
+    home_dir,
+    open_vault,
+    out,
+    passphrase,
+    progress,
+    report_flush,
+)
+from cli.mounted import flush_via_mount, mount_status
+from vaultfs import erasure, names
+from vaultfs.backup import backup_paths, backup_stream
+from vaultfs.errors import InputError
+from vaultfs.vault import Vault
+
+
+# -- init --------------------------------------------------------------------------------------
+@app.command()
+def init(
+    remote: Annotated[
+        list[str], typer.Option("--remote", "-r", help="rclone remote spec (repeat).")
+    ],
+    profile: Annotated[
+        str | None, typer.Option(help="personal (3/5), federation (5/9) or paranoid (7/15).")
+    ] = None,
+    k: Annotated[int | None, typer.Option("-k", help="Shards needed to read.")] = None,
+    n: Annotated[int | None, typer.Option("-n", help="Shards written.")] = None,
+    segment_mib: Annotated[int, typer.Option(help="Segment size in MiB.")] = 4,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a vault over one or more remotes."""
+    if profile and (k or n):
+        raise InputError("give either --profile or -k/-n, not both")
+    if k or n:
+        if not (k and n):
+            raise InputError("-k and -n go together")
+    else:
+        name = profile or "personal"
+        if name not in erasure.PROFILES:
+            raise InputError(f"unknown profile {name!r}: choose from {', '.join(erasure.PROFILES)}")
+        k, n = erasure.PROFILES[name]
+    try:
+        erasure.validate(k, n)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if not 1 <= segment_mib <= 64:
+        raise InputError("--segment-mib must be between 1 and 64")
+    h = home_dir(home)
+    pw = passphrase(confirm=True)
+    with Vault.create(h, remote, k, n, pw, segment_size=segment_mib * 1024 * 1024) as v:
+        st = v.status()
+    if as_json:
+        out.print_json(json.dumps({"home": str(h), **st}))
+        return
+    out.print(f"Created vault {st['fingerprint']} at {h}")
+    out.print(
+        f"  {k}-of-{n} over {len(remote)} remote(s); survives {st['survives_losses_design']} remote loss(es)"
+    )
+    if st["survives_losses_design"] == 0:
+        err.print("[yellow]warning: with this many remotes, losing any one loses data[/]")
+    out.print(
+        f"  Keep a copy of {h / 'key.json'} and your passphrase somewhere else: with any "
+        f"{k} remotes they restore everything."
+    )
+
+
+# -- backup ------------------------------------------------------------------------------------
+@app.command()
+def backup(
+    paths: Annotated[list[Path] | None, typer.Argument(help="Files and directories.")] = None,
+    stdin: Annotated[
+        bool, typer.Option("--stdin", help="Read one file from standard input.")
+    ] = False,
+    stdin_filename: Annotated[
+        str | None, typer.Option("--stdin-filename", help="Name of the stdin file in the snapshot.")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="A label for the snapshot.")] = None,
+    no_upload: Annotated[
+        bool, typer.Option("--no-upload", help="Commit locally; leave shards queued.")
+    ] = False,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Back up files/directories (or stdin) as a new snapshot, then upload."""
+    if stdin == bool(paths):
+        raise InputError("give PATH… or --stdin (with --stdin-filename), not both or neither")
+    if stdin and not stdin_filename:
+        raise InputError("--stdin needs --stdin-filename NAME")
+    with open_vault(home) as v:
+        t0 = time.perf_counter()
+        with progress("backup") as prog:
+            if stdin:
+                uid, count, size = backup_stream(
+                    v, sys.stdin.buffer, stdin_filename or "", name, advance(prog),
+                    upload=not no_upload,
+                )  # fmt: skip
+            else:
+                uid, count, size = backup_paths(
+                    v, list(paths or []), name, advance(prog), upload=not no_upload
+                )
+        info = {"snapshot": uid, "entries": count, "bytes": size}
+        if no_upload:
+            code = 0
+            if as_json:
+                out.print_json(json.dumps({**info, "uploaded": 0, "complete": False}))
+        else:
+            code = report_flush(v, as_json, info)
+    if not as_json:
+        dt = time.perf_counter() - t0
+        out.print(f"snapshot {uid}: {count} entries, {size:,} bytes in {dt:.1f}s")
+    raise typer.Exit(code)
+
+
+@app.command()
+def flush(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Upload every queued shard and manifest; wait until done or report who is behind."""
+    if (code := flush_via_mount(home, as_json)) is not None:  # flushed by the mount's daemon
+        raise typer.Exit(code)
+    with open_vault(home) as v:
+        code = report_flush(v, as_json)
+    raise typer.Exit(code)
+
+
+# -- listing -----------------------------------------------------------------------------------
+@app.command()
+def snapshots(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """List snapshots."""
+    with open_vault(home, lock=False) as v:
+        rows = v.index.snapshot_rows()
+    items = [
+        {"id": u, "name": nm, "time": c, "entries": f, "bytes": b, "seq": s}
+        for u, nm, c, f, b, s in rows
+    ]
+    if as_json:
+        out.print_json(json.dumps(items))
+        return
+    t = Table("id", "time", "name", "entries", "bytes")
+    for it in items:
+        t.add_row(
+            it["id"],
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(it["time"])),
+            it["name"] or "",
+            str(it["entries"]),
+            f"{it['bytes']:,}",
+        )
+    out.print(t)
+
+
+@app.command()
+def ls(
+    snapshot: Annotated[str, typer.Argument(help="Snapshot id, name or 'latest'.")],
+    path: Annotated[str | None, typer.Argument(help="Only entries under this path.")] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the entries of a snapshot. Names that are not UTF-8, and control characters,
+    are shown escaped (\\xNN, \\n, \\\\); --json gives them exactly (path_hex)."""
+    with open_vault(home, lock=False) as v:
+        if (found := v.index.find_snapshot(snapshot)) is None:
+            raise InputError(f"snapshot {snapshot!r} not found")
+        rows = v.index.entry_rows(found[0])
+    rows.sort(key=lambda r: names.from_db(r[0]))  # byte order, whatever the stored form
+    if path:
+        p = names.raw(path.strip("/"))
+        rows = [r for r in rows if (b := names.from_db(r[0])) == p or b.startswith(p + b"/")]
+    if as_json:
+        items = []
+        for pth, typ, mode, size, mt, target, rdev in rows:
+            item = {**names.json_fields("path", pth), "type": typ, "mode": mode, "size": size}
+            item |= {"mtime_ns": mt, **names.json_fields("target", target)}
+            if typ in ("c", "b"):
+                item["rdev"] = rdev
+            items.append(item)
+        out.print_json(json.dumps(items), ensure_ascii=True)  # lone surrogates as \udcXX
+        return
+    for pth, typ, mode, size, _mt, target, rdev in rows:
+        suffix = f" -> {names.display(names.from_db(target or ''))}" if typ == "l" else ""
+        if typ == "d":
+            suffix = "/"
+        if typ in ("c", "b") and rdev is not None:
+            suffix = f" ({os.major(rdev)},{os.minor(rdev)})"
+        out.print(
+            f"{typ} {mode:04o} {size:>14,} {names.display(names.from_db(pth))}{suffix}",
+            highlight=False,
+            markup=False,
+        )
+
+
+@app.command()
+def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Show remotes, queue, redundancy and how many remote losses the vault survives."""
+    with open_vault(home, lock=False) as v:
+        st = v.status()
+    if (mounted := mount_status(home)) is not None:
+        st["mount"] = mounted
+    if as_json:
+        out.print_json(json.dumps(st))
+        return
+    out.print(f"vault {st['fingerprint']}  {st['k']}-of-{st['n']}  snapshots: {st['snapshots']}")
+    if mounted:
+        out.print(
+            f"mounted at {mounted['mountpoint']}: {mounted['cache_dirty_bytes']:,} of "
+            f"{mounted['cache_budget']:,} cache bytes dirty"
+        )
+    t = Table(
+        Column("remote", overflow="fold"), "domain", "health", "placed", "queued", "last audit",
+        "last error",
+    )  # fmt: skip
+    for r in st["remotes"]:
+        audited = "never"
+        if r.get("last_audit"):
+            audited = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_audit"]))
+            if r.get("last_audit_confidence") is not None:
+                audited += f" ({r['last_audit_confidence'] * 100:.1f}%)"
+        t.add_row(
+            r["remote"],
+            r["domain"],
+            r.get("health", "unknown")
+            + (f", {r['lost_objects']} lost" if r.get("lost_objects") else ""),
+            f"{r['placed_objects']} ({r['placed_bytes']:,} B)",
+            f"{r['queued_objects']} ({r['queued_bytes']:,} B)",
+            audited,
+            r["last_error"] or "",
+        )
+    out.print(t)
+    out.print(
+        f"survives {st['survives_losses_now']} failure-domain loss(es) now "
+        f"({st['survives_losses_design']} once the queue is empty and every remote is healthy; "
+        f"{st['domains']} domain(s))"
+    )
+    if st["segments_below_k_placed"]:
+        out.print(
+            f"[yellow]{st['segments_below_k_placed']} segment(s) not yet recoverable from "
+            "remotes alone (queued locally)[/]"
+        )

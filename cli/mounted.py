@@ -1,0 +1,90 @@
+"""Reaching a running mount through its control socket (vaultfs/control.py): the hooks that
+`flush`, `status`, `umount` and `snapshot` use, and the report a mount's flush returns.
+
+A running mount holds the vault's lock, so commands that would open the vault ask its daemon
+instead. No commands are defined here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+from pathlib import Path
+
+from cli.common import err, home_dir, out
+from vaultfs import control
+from vaultfs.errors import EXIT_PARTIAL
+
+
+def syncfs(path: Path) -> None:
+    """Flush the kernel's dirty pages of the file system at ``path`` (syncfs(2))."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syncfs(fd) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e), str(path))
+    finally:
+        os.close(fd)
+
+
+def call(address: str, req: dict, timeout: float | None = None) -> dict | None:
+    """A control request; ``timeout`` None for work that takes as long as it takes."""
+    return control.call(address, req, timeout=timeout)
+
+
+def mounted(home: Path) -> dict | None:
+    """The running mount of this vault, or None."""
+    return call(control.home_address(home), {"cmd": "ping"}, timeout=30)
+
+
+def print_report(rep: dict, as_json: bool, extra: dict | None = None) -> int:
+    """Report a flush the mount's daemon did (its reply's ``report``: JSON with ``extra``
+    merged in, or warnings and the redundancy line); return EXIT_PARTIAL when a segment has
+    fewer than k shards placed, else 0."""
+    code = EXIT_PARTIAL if rep["segments_below_k_placed"] else 0
+    if as_json:
+        out.print_json(json.dumps({**(extra or {}), **rep}))
+        return code
+    for r, e in rep["errors"].items():
+        err.print(f"[yellow]warning:[/] {r}: {e}")
+    if rep["segments_below_k_placed"]:
+        err.print(
+            f"[yellow]{rep['segments_below_k_placed']} segment(s) have fewer than k shards on "
+            "remotes: the data is safe in the local queue and goes out once remotes are back[/]"
+        )
+    elif not rep["complete"]:
+        behind = ", ".join(f"{r} ({c} queued)" for r, c in rep["pending"].items() if c)
+        err.print(f"[yellow]some remotes are behind: {behind or 'manifests pending'}[/]")
+    out.print(
+        f"redundancy: survives {rep['survives_losses_now']} remote loss(es) now "
+        f"({rep['survives_losses_design']} once every shard is placed)"
+    )
+    return code
+
+
+def flush_via_mount(home: Path | None, as_json: bool) -> int | None:
+    """If the vault is mounted, flush through the daemon and return the exit code."""
+    h = home_dir(home)
+    if mounted(h) is None:
+        return None
+    if (mp := mount_info(h)) is not None:
+        syncfs(Path(mp["mountpoint"]))
+    reply = call(control.home_address(h), {"cmd": "flush"})
+    assert reply is not None
+    return print_report(reply["report"], as_json)
+
+
+def mount_info(home: Path) -> dict | None:
+    """What the running mount wrote to HOME/mount.json (its mountpoint), or None."""
+    try:
+        return json.loads((home / "mount.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def mount_status(home: Path | None) -> dict | None:
+    """The running mount's cache and upload state, or None if not mounted."""
+    reply = call(control.home_address(home_dir(home)), {"cmd": "status"}, timeout=60)
+    return None if reply is None else reply["mount"]
