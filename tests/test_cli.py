@@ -256,37 +256,3 @@ def test_full_local_disk_is_a_clear_error_and_loses_nothing(tmp_path):
         assert (tmp_path / "out" / "ok.txt").read_text() == "kept\n"
     finally:
         subprocess.run(["umount", "-l", str(small)])
-
-
-def _imports(path: Path) -> set[str]:
-    """Every module name an import statement in ``path`` names (also inside functions)."""
-    import ast
-
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-    return names
-
-
-def test_cli_imports_form_no_cycle_and_the_library_never_imports_the_cli():
-    """Command modules register on cli/common.py's app; cli/main.py imports them. A module
-    that imported one importing it back would see it half-initialised."""
-    root = Path(__file__).resolve().parent.parent
-    mods = {f"cli.{f.stem}": f for f in (root / "cli").glob("*.py") if f.stem != "__init__"}
-    graph = {m: _imports(f) & mods.keys() for m, f in mods.items()}
-    done: set[str] = set()
-
-    def visit(m: str, path: tuple[str, ...]) -> None:
-        assert m not in path, f"import cycle: {' -> '.join((*path, m))}"
-        if m not in done:
-            for dep in graph[m]:
-                visit(dep, (*path, m))
-            done.add(m)
-
-    for m in graph:
-        visit(m, ())
-    for f in (root / "vaultfs").rglob("*.py"):
-        assert not any(n == "cli" or n.startswith("cli.") for n in _imports(f)), f

@@ -154,7 +154,6 @@ def test_no_import_cycle_in_vaultfs() -> None:
     assert _cycles(sub) == []
 
 
-@pytest.mark.xfail(strict=True, reason="cli cycle is removed on branch r10-cli")
 def test_no_import_cycle_in_cli() -> None:
     assert _cycles(GRAPH) == []
 
