@@ -507,6 +507,7 @@ def restore(
 
 
 import cli.audit  # noqa: E402,F401
+import cli.graph_cmd  # noqa: E402,F401  (registers `graph`)
 import cli.keys  # noqa: E402,F401  (registers the `keys`, `reencrypt`, `receipt` commands)
 import cli.mount  # noqa: E402,F401
 
