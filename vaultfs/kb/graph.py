@@ -9,8 +9,13 @@ a malformed UUID, a belief that does not exist, an unknown edge type, a weight o
 
 Paths (:func:`find_path`) are found by a recursive CTE over ``belief_edges``: breadth first
 (Postgres evaluates a recursive CTE level by level and stops pulling rows at ``LIMIT 1``, so
-the first row that reaches the target is a shortest path), cycle-safe (a walk never revisits
-a belief it holds in its path array) and bounded (``--max-depth``, and a statement timeout).
+the first row that reaches the target is a shortest path), one row per belief per level
+(``DISTINCT ON``, keeping the lexicographically first path, so the answer is deterministic
+and a level never holds more rows than there are beliefs: the search costs at most
+max-depth × edges, never the number of paths), cycle-safe (a walk never revisits a belief
+it holds in its path array) and bounded (``--max-depth``, and a statement timeout). Why one
+row per belief suffices: a belief at distance k has a predecessor at distance k-1, and no
+path of length k-1 can already contain a belief at distance k.
 When the Apache AGE extension is installed *and* holds a graph named :data:`AGE_GRAPH`
 (vertices labelled ``Belief`` with an ``id`` property, edges labelled by edge type) the query
 goes through AGE's Cypher instead; otherwise, the normal case, the CTE is used. The result
@@ -231,10 +236,12 @@ def _path_cte(types: list[str] | None, undirected: bool) -> sql.Composed:
         "  SELECT %(src)s::uuid, 0, ARRAY[%(src)s::uuid], ARRAY[]::uuid[], ARRAY[]::text[],"
         "         ARRAY[]::real[], ARRAY[]::text[]"
         "  UNION ALL"
-        "  SELECT e.b, w.depth + 1, w.nodes || e.b, w.edges || e.id, w.types || e.edge_type,"
-        "         w.weights || e.weight, w.dirs || e.dir"
-        "  FROM walk w JOIN e ON e.a = w.node"
-        "  WHERE w.depth < %(depth)s AND w.node <> %(dst)s AND NOT e.b = ANY(w.nodes)"
+        "  SELECT * FROM ("
+        "    SELECT DISTINCT ON (e.b) e.b, w.depth + 1, w.nodes || e.b, w.edges || e.id,"
+        "           w.types || e.edge_type, w.weights || e.weight, w.dirs || e.dir"
+        "    FROM walk w JOIN e ON e.a = w.node"
+        "    WHERE w.depth < %(depth)s AND w.node <> %(dst)s AND NOT e.b = ANY(w.nodes)"
+        "    ORDER BY e.b, w.nodes, e.id) step"
         ") SELECT nodes, edges, types, weights, dirs FROM walk WHERE node = %(dst)s LIMIT 1"
     ).format(edges=edges, filt=filt)
 
