@@ -198,3 +198,20 @@ def test_cli(dbs: tuple[str, str], tmp_path: Path) -> None:
     assert "Traceback" not in bad.stderr
     down = _kb_migrate(tmp_path, *args[:1], "postgresql://x:pw9@127.0.0.1:1/x", *args[2:])
     assert down.returncode == 18 and "cannot connect" in down.stderr and "pw9" not in down.stderr
+
+
+def test_duplicate_ids_and_bare_table(dbs: tuple[str, str]) -> None:
+    """A table without metadata or created columns, whose id column is not unique."""
+    src, dst = dbs
+    with psycopg.connect(src, autocommit=True) as conn:
+        conn.execute("CREATE TABLE dups (id int, t text, e vector)")
+        conn.execute(
+            "INSERT INTO dups VALUES (1, 'one', %s), (1, 'one again', %s), (2, 'short', '[1,2]')",
+            (_vec((5, 1.0)), _vec((6, 1.0))),
+        )
+    rep = mig.migrate(mig.SourceSpec(src, "dups", "id", "t", "e"), dst, domains=["x"])
+    assert (rep.rows_read, rep.written, rep.dimension) == (3, 1, 8)
+    assert rep.skipped_by_reason == {
+        "duplicate id in the source": 1,
+        "embedding has 2 dimensions, target has 8": 1,
+    }

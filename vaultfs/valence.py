@@ -164,9 +164,8 @@ def resolve_backends(home: Path, names: list[str]) -> list[str]:
     specs: list[str] = []
     known: dict[str, str] = {}
     if (home / "index.db").exists():
-        with contextlib.closing(
-            sqlite3.connect(f"file:{home / 'index.db'}?mode=ro", uri=True)
-        ) as db:
+        uri = (home / "index.db").resolve().as_uri() + "?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
             known = {Remote(s).label: s for (s,) in db.execute("SELECT spec FROM remotes")}
     for name in names:
         if name in settings.backends:

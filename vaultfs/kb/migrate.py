@@ -14,10 +14,11 @@ Contract of :func:`migrate`:
   the stated defaults; ``created_at`` the created column, else the time of the migration.
   ``provenance`` records ``{"source_type": "pgvector_migration", "source": {"dsn" (without
   password), "table", "id_column", "row_id"}, "source_metadata": …}``.
-- **Skipped rows** (counted by reason, never silently): a null id, empty content, no
-  embedding, an embedding of another dimension than the target's, a metadata confidence that
+- **Skipped rows** (counted by reason, never silently): a null id, an id seen before in
+  the same run (the id column is not unique), empty content, no embedding, an embedding of another dimension than the target's, a metadata confidence that
   is not a number in [0, 1], and rows whose belief already exists (``already migrated``).
-- **Dimensions**: the source column's dimension must equal the target's ``beliefs.embedding``
+- **Dimensions**: the source column's dimension (declared, or for an unconstrained
+  ``vector`` the first row's in id order) must equal the target's ``beliefs.embedding``
   (InputError before anything is written); a target without the belief schema gets it, with
   the source's dimension.
 - **Writes** go in batches of :data:`BATCH`, each its own transaction (a migration that
@@ -134,8 +135,12 @@ def _source_dimension(conn: psycopg.Connection, spec: SourceSpec, typ: str, mod:
     if mod > 0:  # pgvector keeps the declared dimension as the type modifier
         return mod
     cur = conn.execute(
-        sql.SQL("SELECT vector_dims({c}) FROM {t} WHERE {c} IS NOT NULL LIMIT 1").format(
-            c=sql.Identifier(spec.embedding_col), t=_table_ident(spec.table)
+        sql.SQL(
+            "SELECT vector_dims({c}) FROM {t} WHERE {c} IS NOT NULL ORDER BY {i} LIMIT 1"
+        ).format(
+            c=sql.Identifier(spec.embedding_col),
+            t=_table_ident(spec.table),
+            i=sql.Identifier(spec.id_col),
         )
     )
     row = cur.fetchone()
@@ -302,7 +307,7 @@ def migrate(
         base = {"dsn": redact_dsn(spec.dsn), "table": spec.table, "id_column": spec.id_col}
         defaults = (confidence, list(domains or []))
         reasons: Counter[str] = Counter()
-        accepted: dict[str, _Row] = {}
+        accepted: dict[str, tuple[uuid.UUID, datetime]] = {}  # row id: (belief id, created)
         batch: list[_Row] = []
         now = datetime.now(UTC)
 
@@ -322,7 +327,10 @@ def migrate(
                 if isinstance(got, str):
                     reasons[got] += 1
                     continue
-                accepted[got.row_id] = got
+                if got.row_id in accepted:
+                    reasons["duplicate id in the source"] += 1
+                    continue
+                accepted[got.row_id] = (got.belief_id, got.created)
                 batch.append(got)
                 if len(batch) >= BATCH:
                     flush()
@@ -339,7 +347,7 @@ def _infer(
     src: psycopg.Connection,
     dst: psycopg.Connection,
     spec: SourceSpec,
-    accepted: dict[str, _Row],
+    accepted: dict[str, tuple[uuid.UUID, datetime]],
     threshold: float,
     report: MigrateReport,
     dry_run: bool,
@@ -361,11 +369,11 @@ def _infer(
         a, b = accepted.get(a_id), accepted.get(b_id)
         if a is None or b is None:
             continue
-        if a.created != b.created:
-            newer, older = (a, b) if a.created > b.created else (b, a)
-            key = (newer.belief_id, older.belief_id, "derives_from")
+        if a[1] != b[1]:
+            newer, older = (a, b) if a[1] > b[1] else (b, a)
+            key = (newer[0], older[0], "derives_from")
         else:
-            lo, hi = sorted((a.belief_id, b.belief_id))
+            lo, hi = sorted((a[0], b[0]))
             key = (lo, hi, "supports")
         pairs[key] = round(float(sim), 6)
     src.commit()
