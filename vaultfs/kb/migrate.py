@@ -15,8 +15,9 @@ Contract of :func:`migrate`:
   ``provenance`` records ``{"source_type": "pgvector_migration", "source": {"dsn" (without
   password), "table", "id_column", "row_id"}, "source_metadata": …}``.
 - **Skipped rows** (counted by reason, never silently): a null id, an id seen before in
-  the same run (the id column is not unique), empty content, no embedding, an embedding of another dimension than the target's, a metadata confidence that
-  is not a number in [0, 1], and rows whose belief already exists (``already migrated``).
+  the same run (the id column is not unique), empty content, no embedding, an embedding
+  of another dimension than the target's, a metadata confidence that is not a number in
+  [0, 1], and rows whose belief already exists (``already migrated``).
 - **Dimensions**: the source column's dimension (declared, or for an unconstrained
   ``vector`` the first row's in id order) must equal the target's ``beliefs.embedding``
   (InputError before anything is written); a target without the belief schema gets it, with
