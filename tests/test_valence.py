@@ -64,6 +64,7 @@ def _valence(home: Path, *args: str, check: int = 0, env: dict | None = None) ->
 def test_valence_verbs(tmp_path: Path, pg_server: PgServer, s3_server: S3Server) -> None:
     _valence.outputs = []  # type: ignore[attr-defined]
     home = tmp_path / "home"
+    _valence(tmp_path / "fresh", "backup", "run", check=18)  # nothing configured: says what to do
     secrets = [s3_server.access_key, s3_server.secret_key]
     src = tmp_path / "notes"
     (src / "sub").mkdir(parents=True)

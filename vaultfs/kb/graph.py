@@ -206,8 +206,9 @@ def cypher_path_query(
     return (
         f"MATCH p = (a:Belief {{id: '{uuid.UUID(str(source))}'}})-[*1..{int(max_depth)}]{arrow}"
         f"(b:Belief {{id: '{uuid.UUID(str(target))}'}}){where} "
+        "WITH p ORDER BY length(p) LIMIT 1 "
         "RETURN [n IN nodes(p) | n.id], [r IN relationships(p) | label(r)], "
-        "[r IN relationships(p) | r.weight] ORDER BY length(p) LIMIT 1"
+        "[r IN relationships(p) | r.weight]"
     )
 
 
