@@ -136,3 +136,21 @@ def test_valence_verbs(tmp_path: Path, pg_server: PgServer, s3_server: S3Server)
     assert holders <= {"index.db", "index.db-wal"}, holders
     assert Settings.load(home).backends["cloud"] == ":s3:…:valence-b"
     pg_server.drop_database("valencekb")
+
+
+def test_b2_as_written_never_shows_its_key(tmp_path: Path) -> None:
+    """The specification's line, verbatim but for the secrets: whether Backblaze is reachable
+    from here (exit 14, rejected credentials) or not (exit 11), no secret is printed and no
+    vault is left behind."""
+    args = ["backup", "config", "--add-backend", "b2", "--bucket", "my-valence-backup"]
+    args += ["--key-id", "KEYID-8c1f", "--key", "K005-SECRET-42"]
+    home = tmp_path / "home"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.valence", *args, "--home", str(home)],
+        capture_output=True, text=True, env=vaultfs_env(home), cwd=REPO_ROOT, timeout=120,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode in (11, 14), output
+    assert ":b2:…:my-valence-backup" in output and "Traceback" not in output
+    assert "KEYID-8c1f" not in output and "K005-SECRET-42" not in output
+    assert not (home / "index.db").exists() and not (home / "valence.toml").exists()

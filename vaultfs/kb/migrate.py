@@ -289,7 +289,7 @@ def migrate(
             )
         dim = _source_dimension(src, spec, *cols[spec.embedding_col])
         target_dim = _target_dimension(dst)
-        if target_dim is not None and target_dim != dim:
+        if target_dim is not None and target_dim > 0 and target_dim != dim:  # -1: any
             raise InputError(
                 f"embedding dimension mismatch: {spec.table}.{spec.embedding_col} has {dim} "
                 f"dimensions, the target's beliefs.embedding has {target_dim}; migrate into "
