@@ -105,6 +105,13 @@ def config(
     master key); its secrets are never printed."""
     h = _home(home)
     settings = settings_mod.Settings.load(h)
+    if source is not None:  # every check before the vault changes
+        settings.sources = [str(p.expanduser().resolve()) for p in source]
+        for p in settings.sources:
+            if not os.path.lexists(p):
+                raise InputError(f"{p}: no such file or directory")
+    if dsn is not None:
+        settings.dsn = settings_mod.check_dsn(dsn) if dsn else None
     added = None
     if add_backend is not None:
         kind = add_backend.lower()
@@ -123,13 +130,6 @@ def config(
         settings.backends[bname] = Remote(remote_spec).label
         if kind in ("b2", "s3", "rclone"):
             os.chmod(h, 0o700)  # the index now holds credentials: the home is the owner's only
-    if source is not None:
-        settings.sources = [str(p.expanduser().resolve()) for p in source]
-        for p in settings.sources:
-            if not os.path.lexists(p):
-                raise InputError(f"{p}: no such file or directory")
-    if dsn is not None:
-        settings.dsn = settings_mod.check_dsn(dsn) if dsn else None
     if added or source is not None or dsn is not None:
         h.mkdir(parents=True, exist_ok=True)
         settings.save(h)
@@ -146,6 +146,12 @@ def config(
     if added:
         verb = "created the vault over" if added["created"] else "added"
         out.print(f"{verb} backend {added['name']}: {added['remote']}", highlight=False)
+        if added["created"]:
+            out.print(
+                f"  vault {added['fingerprint']}: keep a copy of {h / 'key.json'} and your "
+                "passphrase elsewhere, or make recovery shares with `valence keys split`.",
+                highlight=False,
+            )
     for bname, label in settings.backends.items():
         out.print(f"backend {bname}: {label}", highlight=False)
     out.print(f"sources: {', '.join(settings.sources) or '(none)'}", highlight=False)
