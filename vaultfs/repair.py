@@ -15,7 +15,7 @@
    id into a new segment (:func:`_heal_from_source`).
 4. **Place**: each rebuilt object gets a fresh random name and a target remote chosen to spread
    failure domains (its old remote when that one is still a healthy member). It is written
-   durably to the queue and its row updated in one transaction (invariant 1 of vault.py), then
+   durably to the queue and its row updated in one transaction (invariant 1, vaultfs/vault/writer.py), then
    :meth:`Vault.flush` uploads it. ISA-L coding is deterministic, so a rebuilt object is
    byte-identical to the original and its Merkle records are unchanged; if it ever were not, the
    shard and segment records are updated and the next manifest signs the new vault root.

@@ -62,21 +62,27 @@ class Index:
 
     # -- small helpers ---------------------------------------------------------------------
     def q(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """All rows of one statement (under the lock)."""
         with self.lock:
             return self.db.execute(sql, args).fetchall()
 
     def one(self, sql: str, args: tuple = ()) -> tuple | None:
+        """The first row of one statement, or None (under the lock)."""
         with self.lock:
             return self.db.execute(sql, args).fetchone()
 
     def tx(self) -> _Tx:
+        """A write transaction (``with index.tx() as db``): BEGIN IMMEDIATE under the lock,
+        COMMIT on success, ROLLBACK on an exception."""
         return _Tx(self)
 
     def get(self, key: str, default: str | None = None) -> str | None:
+        """Settings row ``key`` as text (the vault's parameters: :class:`VaultParams`)."""
         row = self.one("SELECT value FROM settings WHERE key=?", (key,))
         return row[0] if row else default
 
     def set(self, key: str, value: object) -> None:
+        """Set settings row ``key`` to ``str(value)``, outside a transaction."""
         with self.lock:
             self.db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, str(value)))
 

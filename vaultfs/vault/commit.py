@@ -76,12 +76,14 @@ class Committer:
         self.queue = queue
         self.remotes = remotes
         self.prepush = prepush
-        # the names _ship_index uses (moved from the Vault class as it was)
+        # _ship_index moved here from the Vault class as it was: it keeps the names it used
+        # there (these two and the properties below)
         self._next_segment_id = writer.next_segment_id
         self._write_shards = writer.write_shards
 
     @property
     def k(self) -> int:
+        """Shards needed to decode a new segment."""
         return self.params.k
 
     @property

@@ -38,8 +38,11 @@ class SegmentReads:
         self._seg_cache: OrderedDict[int, bytes] = OrderedDict()
         self._seg_cache_lock = threading.Lock()
 
+    # segment_bytes, read_chunk and iter_file moved here from the Vault class as they were:
+    # they keep the names they used there (seal, queue_dir, and these two)
     @property
     def epoch_suites(self) -> dict[int, int]:
+        """Suite of every key epoch."""
         return self.epochs.epoch_suites
 
     @property
