@@ -1,5 +1,7 @@
 """The local SQLite index: the single source of truth for what the vault holds and where, and
-the only place SQL over it is written.
+the place SQL over it is written: the engine's (vaultfs/vault/), but for the read path, the
+remote list and the manifest keyring, which still pass their statements to :meth:`Index.q`,
+as do repair, verify, rotation, restore, receipt, prune and the CLI (to move here next).
 
 Every column is documented in the schema (``schema.py``). Sentinels that crash recovery reads:
 ``shards.state = 'queued'`` means the shard object is durable in the local queue directory
