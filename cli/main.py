@@ -32,10 +32,10 @@ from rich.progress import (
 from rich.table import Column, Table
 
 from vaultfs import erasure, names
+from vaultfs.backends import open_backend
 from vaultfs.backup import backup_paths, backup_stream
 from vaultfs.errors import EXIT_PARTIAL, InputError, NoVault, VaultError
 from vaultfs.keys import VaultKeys, parse_seed, read_keyfile
-from vaultfs.remotes import Remote
 from vaultfs.restore import ShardSource, open_remote_index, restore_files, staging_dir
 from vaultfs.vault import Vault, default_home
 
@@ -432,7 +432,7 @@ def restore(
         work = stack.enter_context(tempfile.TemporaryDirectory(prefix="vaultfs-"))
         early = None
         if from_:  # list the remotes and fetch their manifests while scrypt unlocks the key
-            early = ShardSource([Remote(s) for s in from_])
+            early = ShardSource([open_backend(s) for s in from_])
             ahead = None
             if not include:  # a whole snapshot: download ahead meanwhile (bounded)
                 ahead = Path(stack.enter_context(tempfile.TemporaryDirectory(

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import envelope, erasure, manifest, merkle, names, segment
+from .backends import Backend, open_backend
 from .chunker import AVG_SIZE, NEW_VAULT_AVG, Chunker
 from .errors import (
     DiskFull,
@@ -43,11 +44,12 @@ from .errors import (
     IntegrityError,
     NotEnoughRemotes,
     NoVault,
+    RemoteError,
     VaultBusy,
 )
 from .index import Index, chunk_rows
 from .keys import SLHDSA_128S, SUITE_XWING_AES256GCM, VaultKeys, read_keyfile, write_keyfile
-from .remotes import Remote, RemoteError
+from .remotes import Remote
 from .sealer import (
     SLOT_SIZE,
     SealConfig,
@@ -258,7 +260,7 @@ class Vault:
         p = cls._paths(home)
         if p["index"].exists() or p["keyfile"].exists():
             raise NoVault(f"a vault already exists at {home}; use another --home")
-        remotes = [Remote(s) for s in remote_specs]
+        remotes = [open_backend(s) for s in remote_specs]
         for r in remotes:
             r.ensure()
             existing = r.list("manifests")
@@ -378,11 +380,11 @@ class Vault:
     def queue_dir(self) -> Path:
         return self.home / "queue"
 
-    def remotes(self) -> list[Remote]:
+    def remotes(self) -> list[Backend]:
         rows = self.index.q(
             "SELECT id, spec FROM remotes WHERE state='active' ORDER BY position, id"
         )
-        return [Remote(spec, rid) for rid, spec in rows]
+        return [open_backend(spec, rid) for rid, spec in rows]
 
     # -- crash recovery --------------------------------------------------------------------
     def recover(self) -> None:
@@ -1110,7 +1112,7 @@ class Vault:
 
     def _push_shards(
         self,
-        remotes: list[Remote],
+        remotes: list[Backend],
         report: FlushReport | None,
         errors: dict[int, str] | None = None,
     ) -> dict[int, bool]:
@@ -1124,7 +1126,7 @@ class Vault:
             self._prepushing = None
         ok: dict[int, bool] = {}
 
-        def push(r: Remote) -> None:
+        def push(r: Backend) -> None:
             if r.rid in failed_before:  # it failed moments ago in the background push
                 ok[r.rid] = False
                 assert report is not None
@@ -1174,7 +1176,7 @@ class Vault:
         counts: dict[int, int] = {}
         failed: list[int] = []
 
-        def drop(r: Remote) -> None:
+        def drop(r: Backend) -> None:
             mine = [name for _sid, name, rid in old_shards if rid == r.rid]
             try:  # one rclone call per remote
                 r.delete("", [f"meta/{n}" for n in mine] + [f"manifests/{m}" for m in old_mans])
@@ -1198,7 +1200,7 @@ class Vault:
         return deleted
 
     def _push_manifests(
-        self, remotes: list[Remote], ok: dict[int, bool], report: FlushReport
+        self, remotes: list[Backend], ok: dict[int, bool], report: FlushReport
     ) -> None:
         """Upload queued manifests, oldest first, every remote at once (invariant 4: only
         called once every segment has k shards placed)."""
@@ -1381,7 +1383,7 @@ class Vault:
             if body is None and state in ("placed", "queued"):
                 # 'queued' with no queue file: a concurrent flush has just uploaded it
                 try:
-                    body = Remote(spec, rid).cat(kind, name)
+                    body = open_backend(spec, rid).cat(kind, name)
                 except RemoteError:
                     body = None
             if body is not None and segment.object_hash(body) == h:
