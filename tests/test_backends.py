@@ -321,6 +321,7 @@ def test_memory_backend_is_thread_safe() -> None:
         ("something gone", {"http_status": 404}, ObjectMissing),
         ("something gone", {"exit_code": 4}, ObjectMissing),
         ("didn't find section in config file", {}, BadRemote),
+        ("fatal error", {"earlier": "didn't find section in config file"}, BadRemote),
         ("permission denied", {}, RemoteError),
         ("permission denied", {"http_status": 500, "exit_code": 1}, RemoteError),
     ],

@@ -92,11 +92,18 @@ _TIMESTAMP = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (ERROR|NOTICE|INFO)\s*
 
 
 def classify(
-    label: str, what: str, message: str, *, http_status: int | None = None, exit_code: int = 0
+    label: str,
+    what: str,
+    message: str,
+    *,
+    http_status: int | None = None,
+    exit_code: int = 0,
+    earlier: str = "",
 ) -> RemoteError | BadRemote:
     """The one classification of an rclone failure, from the rc API (``http_status``: 0 when
     the daemon itself could not be reached, 404 for a missing object or folder) or from the
-    command (``exit_code``, 3/4 for a missing folder/file) and rclone's error ``message``.
+    command (``exit_code``, 3/4 for a missing folder/file) and rclone's error ``message``
+    (``earlier``: the command's earlier error lines, where a rejected spec may be named).
 
     In this order: a rejected spec → :class:`BadRemote`; an outage or throttling →
     :class:`Unreachable`; a missing object or folder → :class:`ObjectMissing`; anything else
@@ -104,7 +111,7 @@ def classify(
     low = message.lower()
     if http_status == 0:
         return Unreachable(f"{label}: {what} failed: {message}")
-    if any(m in low for m in BAD_SPEC_MARKERS):
+    if any(m in low or m in earlier.lower() for m in BAD_SPEC_MARKERS):
         return BadRemote(f"rclone rejected remote {label}: {message}")
     if any(m in low for m in TRANSIENT_MARKERS):
         return Unreachable(f"{label}: {what} failed: {message}")
@@ -147,8 +154,9 @@ class RcloneDaemon:
     backup or restore makes one or two dozen calls, so the engine talks to one long-lived
     rclone instead. It listens on a unix socket in a private (0700) temporary directory, so
     no other user can reach it and no authentication is needed (``--rc-no-auth``). Transfer
-    flags are the same as for the command line (:data:`TRANSFER_FLAGS`, minus the CLI's
-    whole-operation retries, which the callers' own retry and queueing replace).
+    flags are those of the command line (:data:`TRANSFER_FLAGS`) without its retries: one
+    low-level try, because the Retrying wrapper retries whole operations (a dead remote
+    then costs the same few attempts on every path) and the upload queue retries later.
 
     Lifetime: started on first use by a long-lived owner thread, under ``setpriv
     --pdeathsig KILL`` when available (it dies with its owner thread, i.e. with this
@@ -164,7 +172,7 @@ class RcloneDaemon:
         "--no-check-dest",
         "--ignore-checksum",
         "--transfers", "4",
-        "--low-level-retries", "3",
+        "--low-level-retries", "1",
         "--contimeout", "10s",
         "--timeout", "60s",
     ]  # fmt: skip
@@ -390,10 +398,9 @@ class RcloneCommand(Remote):
             for ln in proc.stderr.decode(errors="replace").strip().splitlines()
         ]
         msg = err[-1] if err else f"exit {proc.returncode}"
-        # the spec's own errors may be on an earlier line than the last one
-        if any(m in " ".join(err).lower() for m in BAD_SPEC_MARKERS):
-            return BadRemote(f"rclone rejected remote {self.label}: {msg}")
-        return classify(self.label, what, msg, exit_code=proc.returncode)
+        return classify(
+            self.label, what, msg, exit_code=proc.returncode, earlier=" ".join(err[:-1])
+        )
 
     def _check(self, proc: subprocess.CompletedProcess, what: str) -> None:
         if proc.returncode != 0:
@@ -519,7 +526,8 @@ class RcloneRc(Remote):
     """A backend that talks to the process's shared :class:`RcloneDaemon` (see
     :class:`~vaultfs.backends.Backend` for the contract). ``cat`` and ``put_bytes`` run the
     rclone command (:class:`RcloneCommand`): the rc API has neither a ranged read nor an
-    upload from memory. A daemon that died is started again on the next call."""
+    upload from memory. A daemon that died is started again on the next call; while it cannot
+    be, calls fail with :class:`Unreachable`."""
 
     def __init__(self, spec: str, rid: int | None = None) -> None:
         super().__init__(spec, rid)
