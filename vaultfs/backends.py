@@ -8,7 +8,8 @@ rotation) gets its backend from :func:`open_backend`, which stacks, in one visib
 * ``base`` is an implementation of :class:`Backend`: the shared rclone daemon
   (:class:`~vaultfs.remotes.RcloneRc`) when it runs, else one rclone command per call
   (:class:`~vaultfs.remotes.RcloneCommand`); audits and repair always take the command
-  (``fail_fast``: each command bounded to 300 s). :class:`MemoryBackend` keeps objects in memory (tests).
+  (``fail_fast``: each command bounded to 300 s). :class:`MemoryBackend` keeps its objects
+  in memory, for tests (:func:`stack` wraps it the same way).
 * ``wrap`` inserts a layer right above the base, so retries see what it does:
   :class:`FaultInjecting` (tests only) lies, fails or stalls on purpose, within a budget.
 * :class:`Retrying` retries :class:`Unreachable` and plain :class:`RemoteError` with
