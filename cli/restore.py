@@ -28,10 +28,10 @@ from cli.common import (
     passphrase,
     progress,
 )
+from vaultfs.backends import open_backend
 from vaultfs.errors import InputError, NoVault
 from vaultfs.index import manifests
 from vaultfs.keys import VaultKeys, parse_seed, read_keyfile
-from vaultfs.remotes import Remote
 from vaultfs.restore import ShardSource, open_remote_index, restore_files, staging_dir
 
 
@@ -78,7 +78,7 @@ def restore(
         work = stack.enter_context(tempfile.TemporaryDirectory(prefix="vaultfs-"))
         early = None
         if from_:  # list the remotes and fetch their manifests while scrypt unlocks the key
-            early = ShardSource([Remote(s) for s in from_])
+            early = ShardSource([open_backend(s) for s in from_])
             ahead = None
             if not include:  # a whole snapshot: download ahead meanwhile (bounded)
                 ahead = Path(stack.enter_context(tempfile.TemporaryDirectory(
