@@ -509,6 +509,9 @@ def restore(
 import cli.audit  # noqa: E402,F401
 import cli.keys  # noqa: E402,F401  (registers the `keys`, `reencrypt`, `receipt` commands)
 import cli.mount  # noqa: E402,F401
+from cli.kb_cmd import kb_app  # noqa: E402
+
+app.add_typer(kb_app, name="kb")
 
 
 def main() -> None:
