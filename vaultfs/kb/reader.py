@@ -120,18 +120,20 @@ class KbFiles:
                 out[p] = hit
             else:
                 want.append(p)
-        for p, data in self._fetch(snap, want).items():
+        for p, data in self._fetch(snap, want, _includes(m, want)).items():
             layout.check_file(m, p, data)
             self._seen[m.files[p].blake3] = out[p] = data
         return out
 
-    def _fetch(self, snap: KbSnap, paths: list[str]) -> dict[str, bytes]:
+    def _fetch(
+        self, snap: KbSnap, paths: list[str], include: list[str] | None = None
+    ) -> dict[str, bytes]:
         if not paths:
             return {}
         self._reads += 1
         to = self.work / f"read{self._reads}"
         try:
-            restore_files(self.keys, self.db, self.src, to, snap.uid, paths)
+            restore_files(self.keys, self.db, self.src, to, snap.uid, include or paths)
             return {p: (to / p).read_bytes() for p in paths}
         finally:
             shutil.rmtree(to, ignore_errors=True)
@@ -142,6 +144,19 @@ class KbFiles:
             m = KbManifest.parse(self.read(snap, [layout.MANIFEST])[layout.MANIFEST])
             self._manifests[snap.id] = m
         return m
+
+
+def _includes(m: KbManifest, paths: list[str]) -> list[str]:
+    """``paths`` as restore_files includes: a directory whose every file is wanted is named
+    once (its matching costs one comparison per entry instead of one per file)."""
+    by_dir: dict[str, list[str]] = {}
+    for p in paths:
+        by_dir.setdefault(p.rpartition("/")[0], []).append(p)
+    out = []
+    for d, ps in by_dir.items():
+        listed = sum(1 for f in m.files if f.rpartition("/")[0] == d)
+        out += [d] if len(ps) == listed and d != layout.ROOT else ps
+    return out
 
 
 @contextlib.contextmanager

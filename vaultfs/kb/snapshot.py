@@ -11,36 +11,53 @@ the database holds and the Python side only groups, hashes and stores bytes.
 from __future__ import annotations
 
 import contextlib
-import io
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import blake3
 
 from .. import merkle
-from ..errors import InputError
+from ..errors import InputError, IntegrityError
 from ..vault import Entry, Vault
 from . import layout
 from .layout import FileInfo, KbManifest
 
-SOURCES_SQL = """SELECT convert_to(json_build_object(
-  'id', id, 'uri', uri, 'title', title, 'fetched_at', fetched_at)::text, 'UTF8')
-FROM sources ORDER BY id"""
-BELIEFS_SQL = """SELECT uuid_send(id), convert_to(json_build_object(
+# Every line is rendered by Postgres (json_build_object: JSON escapes every control
+# character, so a newline separates lines safely); embedding records are built as bytea.
+SOURCES_SQL = """SELECT convert_to(coalesce(string_agg(json_build_object(
+  'id', id, 'uri', uri, 'title', title, 'fetched_at', fetched_at)::text, E'\\n' ORDER BY id), ''),
+  'UTF8') FROM sources"""
+BELIEFS_SELECT = """count(*) AS n, convert_to(string_agg(json_build_object(
   'id', id, 'content', content, 'confidence', confidence, 'domains', domains,
   'provenance', provenance, 'created_at', created_at, 'superseded_by', superseded_by)::text,
-  'UTF8'), vector_send(embedding)
-FROM beliefs ORDER BY id"""
-EDGES_OUT_SQL = """SELECT uuid_send(source_belief_id), convert_to(json_build_object(
-  'id', id, 'source_belief_id', source_belief_id, 'target_belief_id', target_belief_id,
-  'edge_type', edge_type, 'weight', weight, 'created_at', created_at,
-  'metadata', metadata)::text, 'UTF8')
-FROM belief_edges ORDER BY source_belief_id, id"""
-EDGES_IN_SQL = """SELECT uuid_send(target_belief_id), convert_to(json_build_object(
-  'id', id, 'target_belief_id', target_belief_id, 'source_belief_id', source_belief_id,
-  'edge_type', edge_type, 'weight', weight)::text, 'UTF8')
-FROM belief_edges ORDER BY target_belief_id, id"""
+  E'\\n' ORDER BY id), 'UTF8'),
+  string_agg(uuid_send(id) || int4send(coalesce(octet_length(vector_send(embedding)), -1))
+    || coalesce(vector_send(embedding), ''::bytea), ''::bytea ORDER BY id)"""
+EDGES_OUT_SELECT = """count(*) AS n, convert_to(string_agg(json_build_object(
+  'source_belief_id', source_belief_id, 'id', id, 'target_belief_id', target_belief_id,
+  'edge_type', edge_type, 'weight', weight, 'created_at', created_at, 'metadata', metadata)::text,
+  E'\\n' ORDER BY source_belief_id, id), 'UTF8')"""
+EDGES_IN_SELECT = """count(*) AS n, convert_to(string_agg(json_build_object(
+  'target_belief_id', target_belief_id, 'id', id, 'source_belief_id', source_belief_id,
+  'edge_type', edge_type, 'weight', weight)::text, E'\\n' ORDER BY target_belief_id, id), 'UTF8')"""
+
+
+def _per_bucket(select: str, table: str, key: str) -> str:
+    """One row per non-empty bucket: (bucket, rows, aggregates of ``select``), each bucket
+    read by a range condition on ``key`` (an index scan where ``key`` is indexed), so
+    Postgres hands over a bucket at a time instead of a message per row."""
+    w = layout.BUCKET_HEX
+    lo = "0" * (8 - w) + "-0000-0000-0000-000000000000"
+    hi = "f" * (8 - w) + "-ffff-ffff-ffff-ffffffffffff"
+    return f"""SELECT g.b, x.* FROM
+  (SELECT lpad(to_hex(i), {w}, '0') AS b FROM generate_series(0, {16**w - 1}) i) g
+CROSS JOIN LATERAL (SELECT {select} FROM {table}
+  WHERE {key} BETWEEN (g.b || '{lo}')::uuid AND (g.b || '{hi}')::uuid) x
+WHERE x.n > 0 ORDER BY g.b"""
+
 
 #: Called with each finished file of the layout, in a deterministic order.
 Sink = Callable[[str, bytes], None]
@@ -94,66 +111,63 @@ class _Table:
 
 
 def _export_beliefs(conn, table: _Table) -> None:
-    cur: str | None = None
-    lines: list[bytes] = []
-    recs: list[bytes] = []
-    leaves: list[bytes] = []
-
-    def flush() -> None:
-        if cur is None:
-            return
-        table.put(layout.beliefs_path(cur), b"\n".join(lines) + b"\n", len(lines), leaves)
-        table.put(layout.embeddings_path(cur), b"".join(recs), len(recs), None)
-
-    leaf = layout.belief_leaf
-    for id16, line, vec in _rows(conn, BELIEFS_SQL, ["bytea", "bytea", "bytea"]):
-        b = id16[:1].hex()
-        if b != cur:
-            flush()
-            cur, lines, recs, leaves = b, [], [], []
-        rec = layout.embedding_record(id16, vec)
-        lines.append(line)
-        recs.append(rec)
-        leaves.append(leaf(line, rec))
-        table.rows += 1
-    flush()
+    sql = _per_bucket(BELIEFS_SELECT, "beliefs", "id")
+    for b, n, text, recs in _rows(conn, sql, ["text", "int8", "bytea", "bytea"]):
+        lines = text.split(b"\n")
+        records = [rec for _id, _vec, rec in layout.iter_embeddings(recs)]
+        if len(lines) != n or len(records) != n:
+            raise IntegrityError(f"bucket {b}: {n} beliefs but {len(lines)} lines")
+        leaves = [layout.belief_leaf(x, r) for x, r in zip(lines, records, strict=True)]
+        table.rows += n
+        table.put(layout.beliefs_path(b), text + b"\n", n, leaves)
+        table.put(layout.embeddings_path(b), recs, n, None)
 
 
 def _export_grouped(
-    conn, sql: str, path: Callable[[str], str], table: _Table, with_leaves: bool
+    conn, select: str, key: str, path: Callable[[str], str], table: _Table, leaves: bool
 ) -> None:
-    """Lines grouped by the bucket of their first column (a belief id) into files."""
-    cur: str | None = None
-    lines: list[bytes] = []
+    """Edge lines grouped into files by the bucket of ``key`` (a belief id)."""
+    sql = _per_bucket(select, "belief_edges", key)
+    for b, n, text in _rows(conn, sql, ["text", "int8", "bytea"]):
+        hashes = [merkle.leaf_hash(x) for x in text.split(b"\n")] if leaves else None
+        table.rows += n
+        table.put(path(b), text + b"\n", n, hashes)
 
-    def flush() -> None:
-        if cur is not None:
-            leaves = [merkle.leaf_hash(x) for x in lines] if with_leaves else None
-            table.put(path(cur), b"\n".join(lines) + b"\n", len(lines), leaves)
 
-    for key16, line in _rows(conn, sql, ["bytea", "bytea"]):
-        b = key16[:1].hex()
-        if b != cur:
-            flush()
-            cur, lines = b, []
-        lines.append(line)
-        table.rows += 1
-    flush()
+def _begin(conn, snapshot_id: str | None = None) -> None:
+    """Start a REPEATABLE READ READ ONLY transaction (on ``snapshot_id``, a snapshot exported
+    by another one, if given) with timestamps rendered in UTC."""
+    import psycopg
+    from psycopg import sql
+
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    conn.read_only = True
+    if snapshot_id is not None:  # must be the transaction's first statement
+        conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
+    conn.execute("SET LOCAL TimeZone = 'UTC'")
 
 
 def export(dsn: str, sink: Sink) -> KbManifest:
     """Export the three tables of ``dsn`` as of one database snapshot; hand every file of
-    the layout (manifest last) to ``sink``; return the manifest.
+    the layout (manifest last) to ``sink`` (called from two threads, one at a time); return
+    the manifest.
 
+    Sources and beliefs are read on one connection, the edges on a second one that shares
+    its exported snapshot (``pg_export_snapshot``): one consistent view, two server cores.
     Raises InputError for an unreachable database or one without the belief schema."""
     import psycopg
 
     files: dict[str, FileInfo] = {}
-    conn = connect(dsn)
+    lock = threading.Lock()
+
+    def locked(path: str, data: bytes) -> None:
+        with lock:
+            sink(path, data)
+
+    conns = [connect(dsn)]
     try:
-        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        conn.read_only = True
-        conn.execute("SET LOCAL TimeZone = 'UTC'")
+        conn = conns[0]
+        _begin(conn)
         missing = [
             t
             for t in layout.TABLE_ORDER
@@ -164,33 +178,46 @@ def export(dsn: str, sink: Sink) -> KbManifest:
                 f"the database has no {', '.join(missing)} table: not a belief graph "
                 "(see docs/kb.md for the schema, or `vaultfs kb migrate`)"
             )
-        created, snap, version = conn.execute(
+        created, snap, version, snap_id = conn.execute(
             "SELECT to_json(now())#>>'{}', pg_current_snapshot()::text,"
-            " current_setting('server_version')"
+            " current_setting('server_version'), pg_export_snapshot()"
         ).fetchone()
         (dim,) = conn.execute(
             "SELECT atttypmod FROM pg_attribute"
             " WHERE attrelid = 'beliefs'::regclass AND attname = 'embedding'"
         ).fetchone()
+        conns.append(connect(dsn))
+        _begin(conns[1], snap_id)
 
-        sources = _Table(sink, files)
-        lines = [line for (line,) in _rows(conn, SOURCES_SQL, ["bytea"])]
-        sources.rows = len(lines)
-        data = b"\n".join(lines) + b"\n" if lines else b""
-        sources.put(layout.SOURCES, data, len(lines), [merkle.leaf_hash(x) for x in lines])
+        edges = _Table(locked, files)
+        derived = _Table(locked, files)  # the in-edge index: not part of any checksum
 
-        beliefs = _Table(sink, files)
-        _export_beliefs(conn, beliefs)
-        edges = _Table(sink, files)
-        _export_grouped(conn, EDGES_OUT_SQL, layout.edges_out_path, edges, True)
-        # the in-edge index is derived from the same rows: not part of any table's checksum
-        _export_grouped(conn, EDGES_IN_SQL, layout.edges_in_path, _Table(sink, files), False)
+        def export_edges() -> None:
+            _export_grouped(
+                conns[1], EDGES_OUT_SELECT, "source_belief_id", layout.edges_out_path, edges, True
+            )
+            _export_grouped(
+                conns[1], EDGES_IN_SELECT, "target_belief_id", layout.edges_in_path, derived, False
+            )
+
+        with ThreadPoolExecutor(1, thread_name_prefix="vaultfs-kb-edges") as ex:
+            edges_done = ex.submit(export_edges)
+            sources = _Table(locked, files)
+            (text,) = conn.execute(SOURCES_SQL, binary=True).fetchone()
+            lines = text.split(b"\n") if text else []
+            sources.rows = len(lines)
+            data = text + b"\n" if lines else b""
+            sources.put(layout.SOURCES, data, len(lines), [merkle.leaf_hash(x) for x in lines])
+            beliefs = _Table(locked, files)
+            _export_beliefs(conn, beliefs)
+            edges_done.result()
     except psycopg.Error as e:
         raise InputError(f"exporting the belief graph failed: {str(e).strip()}") from None
     finally:
-        with contextlib.suppress(psycopg.Error):
-            conn.rollback()
-        conn.close()
+        for c in conns:
+            with contextlib.suppress(psycopg.Error):
+                c.rollback()
+            c.close()
     tables = {"sources": sources.summary(), "beliefs": beliefs.summary()}
     tables["belief_edges"] = edges.summary()
     root = merkle.root([bytes.fromhex(tables[t]["root"]) for t in layout.TABLE_ORDER])
@@ -219,6 +246,11 @@ class SnapshotResult:
     seconds: float
 
 
+#: Files are chunked and handed to the vault in batches of about this many bytes (one
+#: ``store_chunks`` call fills whole sealer slots instead of one slot per small file).
+STORE_BATCH = 8 << 20
+
+
 def snapshot(
     vault: Vault, dsn: str, name: str | None = None, upload: bool = False
 ) -> SnapshotResult:
@@ -226,15 +258,36 @@ def snapshot(
     ``kb/``. ``upload`` starts placing shards during the commit (the caller flushes next)."""
     t0 = time.perf_counter()
     stored: list[tuple[str, list[bytes], int]] = []
+    pending: list[tuple[str, bytes]] = []
+    size = 0
+
+    def store() -> None:
+        chunks: list[bytes] = []
+        counts = []
+        for _p, data in pending:
+            spans = vault.chunker.spans(data) if data else []
+            chunks += [data[o : o + n] for o, n in spans]
+            counts.append(len(spans))
+        cids = vault.store_chunks(chunks)
+        at = 0
+        for (p, data), c in zip(pending, counts, strict=True):
+            stored.append((p, cids[at : at + c], len(data)))
+            at += c
+        pending.clear()
 
     def sink(path: str, data: bytes) -> None:
-        cids, size = vault.store_stream(io.BytesIO(data))
-        stored.append((path, cids, size))
+        nonlocal size
+        pending.append((path, data))
+        size += len(data)
+        if size >= STORE_BATCH:
+            store()
+            size = 0
 
     m = export(dsn, sink)
+    store()
     mtime = _time_ns(m.created)
     entries = [Entry(d, "d", 0o755, mtime) for d in layout.DIRS]
-    entries += [Entry(p, "f", 0o644, mtime, size=n, cids=c) for p, c, n in stored]
+    entries += [Entry(p, "f", 0o644, mtime, size=n, cids=c) for p, c, n in sorted(stored)]
     uid, seq = vault.commit(entries, name=name, prepush=upload)
     return SnapshotResult(uid, seq, m, sum(n for _p, _c, n in stored), time.perf_counter() - t0)
 
