@@ -12,15 +12,18 @@ from one snapshot to the next and CDC dedup stores it once::
     kb/edges/in/<pp>.jsonl         the same edges by target (<pp> of the target): id, ends,
                                    type and weight only; a derived index for ``kb show``
 
-A line is the row as Postgres's ``json_build_object`` writes it (keys in column order, reals
-in their shortest exact form, timestamps in UTC, jsonb as its canonical text). An embedding
+A line is the row as Postgres's ``json_build_object`` writes it (keys in column order, except
+that an edge line starts with the belief id it is grouped by; reals in their shortest exact
+form, timestamps in UTC, jsonb as its canonical text; JSON escapes control characters, so a
+line never holds a raw newline). An embedding
 record is ``id (16 bytes) ‖ length (int32 BE, -1 for NULL) ‖ pgvector's binary form``
 (``vector_send``: int16 dim, int16 0, dim × float32 BE): bit-exact, no text round trip.
 
 Merkle tree (vaultfs/merkle.py's hashes): a belief's leaf is ``leaf(line ‖ 0x0A ‖ record)``,
-an edge's ``leaf(out line)``, a source's ``leaf(line)``; a bucket's root is the root of its
-leaves in file order, a table's root the root of its bucket roots in path order, and the
-snapshot's root ``root([sources, beliefs, belief_edges])``.
+an edge's ``leaf(out line)``, a source's ``leaf(line)``; a file's root is the root of its
+leaves in file order, a table's root the root of its files' roots in path order, and the
+snapshot's root ``root([sources, beliefs, belief_edges])``. A table's checksum is BLAKE3 over
+the BLAKE3 hashes of its files in path order (:func:`table_summary`).
 """
 
 from __future__ import annotations
@@ -139,7 +142,7 @@ class KbManifest:
     created: str
     dim: int
     files: dict[str, FileInfo]
-    #: table -> {"rows", "checksum" (BLAKE3 of its files in path order), "root"}
+    #: table -> :func:`table_summary`
     tables: dict[str, dict]
     root: str
     database: dict
@@ -169,11 +172,17 @@ class KbManifest:
                 p: FileInfo(f["rows"], f["bytes"], f["blake3"], f.get("root"))
                 for p, f in body["files"].items()
             }
-            return cls(
+            m = cls(
                 body["created"], body["dim"], files, body["tables"], body["root"], body["database"]
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise IntegrityError(f"kb/manifest.json is malformed: {e}") from None
+        # the counts, checksums and roots must follow from the file list
+        tables = {t: table_summary(files, t) for t in TABLE_ORDER}
+        root = merkle.root([bytes.fromhex(tables[t]["root"]) for t in TABLE_ORDER]).hex()
+        if tables != m.tables or root != m.root:
+            raise IntegrityError("kb/manifest.json: tables or root do not match its file list")
+        return m
 
     def buckets(self, kind: str) -> list[str]:
         """The buckets that have a file of ``kind`` (beliefs, embeddings, edges/out, edges/in)."""
@@ -190,6 +199,30 @@ class KbManifest:
                 t: {"rows": v["rows"], "checksum": v["checksum"]} for t, v in self.tables.items()
             },
         }
+
+
+#: Which files make up each table (path prefixes; kb/edges/in/ is derived, in none).
+TABLE_FILES = {
+    "sources": (SOURCES,),
+    "beliefs": ("kb/beliefs/", "kb/embeddings/"),
+    "belief_edges": ("kb/edges/out/",),
+}
+
+
+def table_summary(files: dict[str, FileInfo], table: str) -> dict:
+    """A table's ``rows``, ``checksum`` (BLAKE3 over its files' BLAKE3 hashes, in path order)
+    and ``root`` (Merkle root over its files' roots, in path order)."""
+    paths = sorted(p for p in files if p.startswith(TABLE_FILES[table]))
+    digest = blake3.blake3()
+    roots = []
+    rows = 0
+    for p in paths:
+        f = files[p]
+        digest.update(bytes.fromhex(f.blake3))
+        if f.root is not None:
+            roots.append(bytes.fromhex(f.root))
+            rows += f.rows
+    return {"rows": rows, "checksum": digest.hexdigest(), "root": merkle.root(roots).hex()}
 
 
 def check_file(m: KbManifest, path: str, data: bytes) -> None:

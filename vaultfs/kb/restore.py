@@ -145,7 +145,7 @@ def _select(files: KbFiles, snap: KbSnap, m: KbManifest, sel: Selection):
     if sel.whole:
         paths = [layout.beliefs_path(b) for b in m.buckets("beliefs")]
         paths += [layout.embeddings_path(b) for b in m.buckets("embeddings")]
-        got = files.read(snap, paths + out_paths)
+        got = files.read(snap, [*paths, *out_paths, layout.SOURCES])
         lines = [x for p in paths if p.endswith(".jsonl") for x in layout.split_lines(got[p])]
         embs = [got[p] for p in paths if p.endswith(".bin")]
         edges = [x for p in out_paths for x in layout.split_lines(got[p])]
@@ -221,6 +221,7 @@ def restore(
     snap = files.find(snapshot)
     m = files.manifest(snap)
     lines, embs, keep, edges = _select(files, snap, m, sel)
+    # all the sources, whatever the selection (read with the whole graph's files: cached)
     src_lines = layout.split_lines(files.read(snap, [layout.SOURCES]).get(layout.SOURCES, b""))
     rep = RestoreReport(snap.uid)
 
@@ -244,6 +245,7 @@ def restore(
             cur.execute(_EDGE_TYPED)
             if not replace:
                 _refuse_existing(cur)
+            rebuild = _drop_indexes_if_empty(cur)
             rep.sources = _upsert(cur, "sources", _SOURCE_COLS, _SOURCE_SELECT, replace)
             rep.beliefs = _upsert(cur, "beliefs", _BELIEF_COLS, _BELIEF_SELECT, replace)
             rep.cleared_superseded_by = _clear_dangling_superseded(cur)
@@ -251,6 +253,8 @@ def restore(
             rep.edges = _upsert(
                 cur, "belief_edges", _EDGE_COLS, f"SELECT {_EDGE_COLS} FROM kb_edges", replace
             )
+            for stmt in rebuild:
+                cur.execute(stmt)
             cur.execute(
                 "SELECT count(*) FROM belief_edges e WHERE NOT EXISTS"
                 " (SELECT 1 FROM beliefs b WHERE b.id = e.source_belief_id) OR NOT EXISTS"
@@ -302,6 +306,43 @@ def _refuse_existing(cur) -> None:
             f"the database already holds rows with the same ids ({', '.join(clashes)}); "
             "pass --replace to overwrite them, or restore into an empty database"
         )
+
+
+def _drop_indexes_if_empty(cur) -> list:
+    """If the three tables are empty (a fresh database), drop their foreign keys and
+    non-unique indexes and return the statements that make them again after the load: one
+    bulk build and one validating join each, as pg_restore does, instead of a check and an
+    index update per row. Primary keys and unique indexes stay (conflicts need them)."""
+    from psycopg import sql
+
+    cur.execute(
+        "SELECT EXISTS (SELECT 1 FROM sources) OR EXISTS (SELECT 1 FROM beliefs)"
+        " OR EXISTS (SELECT 1 FROM belief_edges)"
+    )
+    if cur.fetchone()[0]:
+        return []
+    tables = "('sources'::regclass, 'beliefs'::regclass, 'belief_edges'::regclass)"
+    cur.execute(
+        "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint"
+        f" WHERE contype = 'f' AND conrelid IN {tables} ORDER BY conname"
+    )
+    fks = cur.fetchall()
+    cur.execute(
+        "SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index"
+        f" WHERE indrelid IN {tables} AND NOT indisunique ORDER BY 1"
+    )
+    idx = cur.fetchall()
+    again = []
+    for table, name, definition in fks:
+        t, c = sql.SQL(table), sql.Identifier(name)
+        cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(t, c))
+        again.append(
+            sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(t, c, sql.SQL(definition))
+        )
+    for name, definition in idx:
+        cur.execute(sql.SQL("DROP INDEX {}").format(sql.SQL(name)))
+        again.append(sql.SQL(definition))
+    return again
 
 
 def _upsert(cur, table: str, cols: str, select: str, replace: bool) -> int:

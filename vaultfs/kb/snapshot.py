@@ -17,8 +17,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import blake3
-
 from .. import merkle
 from ..errors import InputError, IntegrityError
 from ..vault import Entry, Vault
@@ -45,18 +43,26 @@ EDGES_IN_SELECT = """count(*) AS n, convert_to(string_agg(json_build_object(
   'edge_type', edge_type, 'weight', weight)::text, E'\\n' ORDER BY target_belief_id, id), 'UTF8')"""
 
 
-def _per_bucket(select: str, table: str, key: str) -> str:
-    """One row per non-empty bucket: (bucket, rows, aggregates of ``select``), each bucket
-    read by a range condition on ``key`` (an index scan where ``key`` is indexed), so
-    Postgres hands over a bucket at a time instead of a message per row."""
+def _buckets_sql(first: int, last: int) -> str:
+    """One row per non-empty bucket in [first, last]: (bucket, beliefs: rows, lines,
+    embedding records, out-edges: rows, lines, in-edges: rows, lines). Each part reads the
+    bucket by a range condition on its key (an index scan: the primary key, and the edge
+    indexes of schema.ddl), so Postgres hands over a bucket at a time, not a message per row,
+    and a bucket's files are stored side by side (``kb show`` then reads one segment)."""
     w = layout.BUCKET_HEX
     lo = "0" * (8 - w) + "-0000-0000-0000-000000000000"
     hi = "f" * (8 - w) + "-ffff-ffff-ffff-ffffffffffff"
-    return f"""SELECT g.b, x.* FROM
-  (SELECT lpad(to_hex(i), {w}, '0') AS b FROM generate_series(0, {16**w - 1}) i) g
-CROSS JOIN LATERAL (SELECT {select} FROM {table}
-  WHERE {key} BETWEEN (g.b || '{lo}')::uuid AND (g.b || '{hi}')::uuid) x
-WHERE x.n > 0 ORDER BY g.b"""
+
+    def part(select: str, table: str, key: str) -> str:
+        return f"""CROSS JOIN LATERAL (SELECT {select} FROM {table}
+  WHERE {key} BETWEEN (g.b || '{lo}')::uuid AND (g.b || '{hi}')::uuid)"""
+
+    return f"""SELECT g.b, bl.*, eo.*, ei.* FROM
+  (SELECT lpad(to_hex(i), {w}, '0') AS b FROM generate_series({first}, {last}) i) g
+{part(BELIEFS_SELECT, "beliefs", "id")} bl
+{part(EDGES_OUT_SELECT, "belief_edges", "source_belief_id")} eo
+{part(EDGES_IN_SELECT, "belief_edges", "target_belief_id")} ei
+WHERE bl.n + eo.n + ei.n > 0 ORDER BY g.b"""
 
 
 #: Called with each finished file of the layout, in a deterministic order.
@@ -71,9 +77,7 @@ def connect(dsn: str):
         return psycopg.connect(dsn)
     except psycopg.Error as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"cannot connect to the database: {first}") from None
-    except Exception as e:  # noqa: BLE001 - libpq rejects a malformed DSN with ProgrammingError etc.
-        raise InputError(f"bad database DSN: {e}") from None
+        raise InputError(f"cannot connect to the database the DSN names: {first}") from None
 
 
 def _rows(conn, sql: str, types: list[str]) -> Iterator[tuple]:
@@ -82,56 +86,32 @@ def _rows(conn, sql: str, types: list[str]) -> Iterator[tuple]:
         yield from cp.rows()
 
 
-class _Table:
-    """Accumulates one table's rows bucket by bucket and hands each finished file to the sink;
-    keeps the file infos, the bucket roots and the table checksum."""
-
-    def __init__(self, sink: Sink, files: dict[str, FileInfo]) -> None:
-        self.sink, self.files = sink, files
-        self.rows = 0
-        self.roots: list[bytes] = []
-        self.checksum = blake3.blake3()
-
-    def put(self, path: str, data: bytes, rows: int, leaves: list[bytes] | None) -> None:
-        root = None
-        if leaves is not None:
-            r = merkle.root(leaves)
-            self.roots.append(r)
-            root = r.hex()
-        self.files[path] = FileInfo(rows, len(data), layout.file_hash(data), root)
-        self.checksum.update(data)
-        self.sink(path, data)
-
-    def summary(self) -> dict:
-        return {
-            "rows": self.rows,
-            "checksum": self.checksum.hexdigest(),
-            "root": merkle.root(self.roots).hex(),
-        }
+_BUCKET_TYPES = ["text", "int8", "bytea", "bytea", "int8", "bytea", "int8", "bytea"]
 
 
-def _export_beliefs(conn, table: _Table) -> None:
-    sql = _per_bucket(BELIEFS_SELECT, "beliefs", "id")
-    for b, n, text, recs in _rows(conn, sql, ["text", "int8", "bytea", "bytea"]):
-        lines = text.split(b"\n")
-        records = [rec for _id, _vec, rec in layout.iter_embeddings(recs)]
-        if len(lines) != n or len(records) != n:
-            raise IntegrityError(f"bucket {b}: {n} beliefs but {len(lines)} lines")
-        leaves = [layout.belief_leaf(x, r) for x, r in zip(lines, records, strict=True)]
-        table.rows += n
-        table.put(layout.beliefs_path(b), text + b"\n", n, leaves)
-        table.put(layout.embeddings_path(b), recs, n, None)
-
-
-def _export_grouped(
-    conn, select: str, key: str, path: Callable[[str], str], table: _Table, leaves: bool
-) -> None:
-    """Edge lines grouped into files by the bucket of ``key`` (a belief id)."""
-    sql = _per_bucket(select, "belief_edges", key)
-    for b, n, text in _rows(conn, sql, ["text", "int8", "bytea"]):
-        hashes = [merkle.leaf_hash(x) for x in text.split(b"\n")] if leaves else None
-        table.rows += n
-        table.put(path(b), text + b"\n", n, hashes)
+def _export_buckets(conn, first: int, last: int, put: Callable[[list[tuple]], None]) -> None:
+    """The files of buckets ``first``..``last``, handed to ``put`` a bucket at a time as
+    (path, data, rows, leaves or None) in the order they are stored: beliefs, out-edges,
+    in-edges (what ``kb show`` reads), then embeddings."""
+    for b, n, text, recs, n_out, out, n_in, inc in _rows(
+        conn, _buckets_sql(first, last), _BUCKET_TYPES
+    ):
+        files = []
+        if n:
+            lines = text.split(b"\n")
+            records = [rec for _id, _vec, rec in layout.iter_embeddings(recs)]
+            if len(lines) != n or len(records) != n:
+                raise IntegrityError(f"bucket {b}: {n} beliefs but {len(lines)} lines")
+            leaves = [layout.belief_leaf(x, r) for x, r in zip(lines, records, strict=True)]
+            files.append((layout.beliefs_path(b), text + b"\n", n, leaves))
+        if n_out:
+            leaves = [merkle.leaf_hash(x) for x in out.split(b"\n")]
+            files.append((layout.edges_out_path(b), out + b"\n", n_out, leaves))
+        if n_in:
+            files.append((layout.edges_in_path(b), inc + b"\n", n_in, None))
+        if n:
+            files.append((layout.embeddings_path(b), recs, n, None))
+        put(files)
 
 
 def _begin(conn, snapshot_id: str | None = None) -> None:
@@ -160,9 +140,12 @@ def export(dsn: str, sink: Sink) -> KbManifest:
     files: dict[str, FileInfo] = {}
     lock = threading.Lock()
 
-    def locked(path: str, data: bytes) -> None:
-        with lock:
-            sink(path, data)
+    def put(group: list[tuple]) -> None:
+        with lock:  # a bucket's files stay together in the stored stream
+            for path, data, rows, leaves in group:
+                root = None if leaves is None else merkle.root(leaves).hex()
+                files[path] = FileInfo(rows, len(data), layout.file_hash(data), root)
+                sink(path, data)
 
     conns = [connect(dsn)]
     try:
@@ -189,28 +172,15 @@ def export(dsn: str, sink: Sink) -> KbManifest:
         conns.append(connect(dsn))
         _begin(conns[1], snap_id)
 
-        edges = _Table(locked, files)
-        derived = _Table(locked, files)  # the in-edge index: not part of any checksum
-
-        def export_edges() -> None:
-            _export_grouped(
-                conns[1], EDGES_OUT_SELECT, "source_belief_id", layout.edges_out_path, edges, True
-            )
-            _export_grouped(
-                conns[1], EDGES_IN_SELECT, "target_belief_id", layout.edges_in_path, derived, False
-            )
-
-        with ThreadPoolExecutor(1, thread_name_prefix="vaultfs-kb-edges") as ex:
-            edges_done = ex.submit(export_edges)
-            sources = _Table(locked, files)
-            (text,) = conn.execute(SOURCES_SQL, binary=True).fetchone()
-            lines = text.split(b"\n") if text else []
-            sources.rows = len(lines)
-            data = text + b"\n" if lines else b""
-            sources.put(layout.SOURCES, data, len(lines), [merkle.leaf_hash(x) for x in lines])
-            beliefs = _Table(locked, files)
-            _export_beliefs(conn, beliefs)
-            edges_done.result()
+        (text,) = conn.execute(SOURCES_SQL, binary=True).fetchone()
+        lines = text.split(b"\n") if text else []
+        leaves = [merkle.leaf_hash(x) for x in lines]
+        put([(layout.SOURCES, text + b"\n" if lines else b"", len(lines), leaves)])
+        half = 16**layout.BUCKET_HEX // 2
+        with ThreadPoolExecutor(1, thread_name_prefix="vaultfs-kb-export") as ex:
+            upper = ex.submit(_export_buckets, conns[1], half, 2 * half - 1, put)
+            _export_buckets(conn, 0, half - 1, put)
+            upper.result()
     except psycopg.Error as e:
         raise InputError(f"exporting the belief graph failed: {str(e).strip()}") from None
     finally:
@@ -218,8 +188,7 @@ def export(dsn: str, sink: Sink) -> KbManifest:
             with contextlib.suppress(psycopg.Error):
                 c.rollback()
             c.close()
-    tables = {"sources": sources.summary(), "beliefs": beliefs.summary()}
-    tables["belief_edges"] = edges.summary()
+    tables = {t: layout.table_summary(files, t) for t in layout.TABLE_ORDER}
     root = merkle.root([bytes.fromhex(tables[t]["root"]) for t in layout.TABLE_ORDER])
     m = KbManifest(
         created=created,
