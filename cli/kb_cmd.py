@@ -73,8 +73,9 @@ def snapshot_cmd(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Export beliefs, edges and sources (one consistent database snapshot) into kb/ of a new
-    vault snapshot, then upload."""
+    """Snapshot the belief graph (one consistent read) into kb/ of a new vault snapshot.
+
+    Uploads like `backup`; the kb root and row counts are in --json."""
     v = _open(home)
     try:
         res = snapshot_mod.snapshot(v, resolve_dsn(dsn, _home(home)), name, upload=True)
@@ -122,8 +123,9 @@ def restore_cmd(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Restore a knowledge-base snapshot (or part of it) into Postgres; edges whose ends are
-    missing go to belief_edges_quarantine and are reported."""
+    """Restore a knowledge-base snapshot, or part of it, into Postgres.
+
+    Edges whose ends are missing go to belief_edges_quarantine and are reported."""
     if depth < 0:
         raise typer.BadParameter("must be 0 or more", param_hint="--depth")
     sel = restore_mod.Selection(
@@ -155,8 +157,9 @@ def show_cmd(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """A belief as a snapshot holds it: content, confidence, domains, provenance and its
-    edges out and in (fetches only its bucket files)."""
+    """One belief as a snapshot holds it, with its edges out and in.
+
+    Fetches only the belief's bucket files, not the whole snapshot."""
     with _files(home, from_, keyfile, seed_file) as files:
         doc = history_mod.show(files, belief_id, snapshot)
     if as_json:
