@@ -3,7 +3,7 @@ the ``kb/`` files they need out of the vault's snapshots (vaultfs/kb/reader.py).
 
 - :func:`show`: one belief's document (the ``<id>.json`` view of docs/kb.md): its row
   without the embedding, and its edges out and in. Reads the belief's bucket of
-  ``beliefs/``, ``edges/out/`` and ``edges/in/`` and nothing else.
+  ``beliefs/``, ``edges/out/`` and ``edges/in/`` and nothing else (not even the manifest).
 - :func:`history`: the belief across every knowledge-base snapshot, oldest first, with what
   changed from one to the next. A bucket file identical to one already read is not fetched
   again (same BLAKE3 in the snapshots' manifests).
@@ -47,12 +47,13 @@ def _find_line(data: bytes, key: str, value: str) -> list[dict]:
     ]
 
 
-def document(files: KbFiles, snap: KbSnap, belief_id: str) -> dict | None:
-    """The belief's document in ``snap``, or None if the snapshot does not hold it."""
+def document(files: KbFiles, snap: KbSnap, belief_id: str, single: bool = False) -> dict | None:
+    """The belief's document in ``snap``, or None if the snapshot does not hold it.
+    ``single``: one lookup, so its three files are read without the kb manifest."""
     bid = str(layout.parse_id(belief_id))
     b = bid[: layout.BUCKET_HEX]
     paths = [layout.beliefs_path(b), layout.edges_out_path(b), layout.edges_in_path(b)]
-    got = files.read(snap, paths)
+    got = files.read_present(snap, paths) if single else files.read(snap, paths)
     rows = _find_line(got.get(paths[0], b""), "id", bid)
     if not rows:
         return None
@@ -72,7 +73,7 @@ def show(files: KbFiles, belief_id: str, snapshot: str = "latest") -> dict:
     added); InputError for an unknown snapshot or a belief it does not hold."""
     t0 = time.perf_counter()
     snap = files.find(snapshot)
-    doc = document(files, snap, belief_id)
+    doc = document(files, snap, belief_id, single=True)
     if doc is None:
         raise InputError(f"belief {belief_id} is not in snapshot {snap.label}")
     doc["snapshot"] = _snap_json(snap)

@@ -125,6 +125,20 @@ class KbFiles:
             self._seen[m.files[p].blake3] = out[p] = data
         return out
 
+    def read_present(self, snap: KbSnap, paths: list[str]) -> dict[str, bytes]:
+        """The files among ``paths`` that ``snap`` holds, read without kb/manifest.json: for
+        a single lookup, where the manifest's hashes would cost a segment of their own and
+        add nothing (the vault's AEAD tag and keyed id of every chunk authenticate it)."""
+        marks = ",".join("?" * len(paths))
+        held = {
+            names.fs_path(p)
+            for (p,) in self.db.execute(
+                f"SELECT path FROM entries WHERE snapshot = ? AND path IN ({marks})",
+                (snap.id, *[names.to_db(p) for p in paths]),
+            )
+        }
+        return self._fetch(snap, [p for p in paths if p in held])
+
     def _fetch(
         self, snap: KbSnap, paths: list[str], include: list[str] | None = None
     ) -> dict[str, bytes]:

@@ -19,10 +19,13 @@ creation-time window) goes into a fresh or existing database in one transaction:
 from __future__ import annotations
 
 import json
+import queue
 import struct
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -139,17 +142,38 @@ def _copy_lines(cur, table: str, lines: list[bytes]) -> None:
         cp.write((b"\n".join(lines) + b"\n").replace(b"\\", b"\\\\"))
 
 
-def _select(files: KbFiles, snap: KbSnap, m: KbManifest, sel: Selection):
-    """(belief lines, embeddings files, ids kept or None, edge lines) for the selection."""
+@dataclass
+class _Staged:
+    """The first part of a restore: every source, the selected beliefs' lines and their
+    embeddings files (``keep``: the ids to take from them, None for all)."""
+
+    sources: list[bytes]
+    lines: list[bytes]
+    embeddings: list[bytes]
+    keep: set[bytes] | None
+
+
+def _parts(
+    files: KbFiles, snap: KbSnap, m: KbManifest, sel: Selection
+) -> Iterator[_Staged | list[bytes]]:
+    """The selection in two parts, read in turn: a :class:`_Staged`, then the edge lines
+    to consider (every edge touching a selected belief). A whole graph is read part by part,
+    so the database loads the beliefs while the edges are being read."""
     out_paths = [layout.edges_out_path(b) for b in m.buckets("edges/out")]
     if sel.whole:
         paths = [layout.beliefs_path(b) for b in m.buckets("beliefs")]
-        paths += [layout.embeddings_path(b) for b in m.buckets("embeddings")]
-        got = files.read(snap, [*paths, *out_paths, layout.SOURCES])
-        lines = [x for p in paths if p.endswith(".jsonl") for x in layout.split_lines(got[p])]
-        embs = [got[p] for p in paths if p.endswith(".bin")]
-        edges = [x for p in out_paths for x in layout.split_lines(got[p])]
-        return lines, embs, None, edges
+        emb_paths = [layout.embeddings_path(b) for b in m.buckets("embeddings")]
+        got = files.read(snap, [*paths, *emb_paths, layout.SOURCES])
+        yield _Staged(
+            layout.split_lines(got.get(layout.SOURCES, b"")),
+            [x for p in paths for x in layout.split_lines(got[p])],
+            [got[p] for p in emb_paths],
+            None,
+        )
+        del got
+        got = files.read(snap, out_paths)
+        yield [x for p in out_paths for x in layout.split_lines(got[p])]
+        return
 
     edge_rows: list[tuple[bytes, str, str]] = []
     if sel.belief is not None:  # the neighbourhood needs the edges first
@@ -172,7 +196,8 @@ def _select(files: KbFiles, snap: KbSnap, m: KbManifest, sel: Selection):
         reach = None
         buckets = m.buckets("beliefs")
     paths = [layout.beliefs_path(b) for b in buckets]
-    got = files.read(snap, paths)
+    got = files.read(snap, [*paths, layout.SOURCES])
+    sources = layout.split_lines(got.get(layout.SOURCES, b""))
     lines, ids, seen = [], set(), set()
     for p in paths:
         for x in layout.split_lines(got[p]):
@@ -191,15 +216,14 @@ def _select(files: KbFiles, snap: KbSnap, m: KbManifest, sel: Selection):
         raise InputError(f"belief {sel.belief} is not in snapshot {snap.label}")
     embs_paths = [layout.embeddings_path(b) for b in sorted({i[: layout.BUCKET_HEX] for i in ids})]
     embs = list(files.read(snap, embs_paths).values())
-    if not edge_rows:  # edges touching the kept beliefs: out-edges and in-edges of their buckets
+    yield _Staged(sources, lines, embs, {uuid.UUID(i).bytes for i in ids})
+    if not edge_rows:
         got = files.read(snap, out_paths)
         for p in out_paths:
             for x in layout.split_lines(got[p]):
                 e = json.loads(x)
                 edge_rows.append((x, e["source_belief_id"], e["target_belief_id"]))
-    edges = [x for x, s, t in edge_rows if s in ids or t in ids]
-    keep = {uuid.UUID(i).bytes for i in ids}
-    return lines, embs, keep, edges
+    yield [x for x, s, t in edge_rows if s in ids or t in ids]
 
 
 def restore(
@@ -214,16 +238,44 @@ def restore(
     into ``dsn``; see the module docstring for the steps. Raises TargetNotEmpty for rows that
     exist (without ``replace``), IntegrityError with ``strict`` when anything would be
     quarantined or cleared (nothing is written then), InputError for a bad DSN or selection."""
-    import psycopg
-
     t0 = time.perf_counter()
     sel = sel or Selection()
     snap = files.find(snapshot)
     m = files.manifest(snap)
-    lines, embs, keep, edges = _select(files, snap, m, sel)
-    # all the sources, whatever the selection (read with the whole graph's files: cached)
-    src_lines = layout.split_lines(files.read(snap, [layout.SOURCES]).get(layout.SOURCES, b""))
+    parts = _parts(files, snap, m, sel)
+    staged = next(parts)  # an unknown --belief fails here, before the database is touched
+    assert isinstance(staged, _Staged)
     rep = RestoreReport(snap.uid)
+    edges: queue.Queue[list[bytes] | None] = queue.Queue()
+    with ThreadPoolExecutor(1, thread_name_prefix="vaultfs-kb-load") as ex:
+        loaded = ex.submit(_load, dsn, m, staged, edges.get, replace, strict, rep)
+        try:
+            edges.put(next(parts))  # type: ignore[arg-type]
+        except BaseException:
+            edges.put(None)  # the loader rolls back
+            raise
+        loaded.result()
+    rep.bytes_read = files.bytes_read
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+class _Abandoned(Exception):
+    """The reading side failed: roll the load back."""
+
+
+def _load(
+    dsn: str,
+    m: KbManifest,
+    staged: _Staged,
+    next_edges: Callable[[], list[bytes] | None],
+    replace: bool,
+    strict: bool,
+    rep: RestoreReport,
+) -> None:
+    """The database side of :func:`restore`, in one transaction (a thread of its own: it
+    loads the beliefs while the edges are read)."""
+    import psycopg
 
     conn = connect(dsn)
     try:
@@ -237,19 +289,25 @@ def restore(
             cur.execute(
                 "CREATE TEMP TABLE kb_in_embeddings (id uuid, embedding vector) ON COMMIT DROP"
             )
-            _copy_lines(cur, "kb_in_sources", src_lines)
-            _copy_lines(cur, "kb_in_beliefs", lines)
-            _copy_lines(cur, "kb_in_edges", edges)
-            with cur.copy("COPY kb_in_embeddings FROM STDIN (FORMAT BINARY)") as cp:
-                cp.write(_binary_embeddings(embs, keep))
-            cur.execute(_EDGE_TYPED)
-            if not replace:
-                _refuse_existing(cur)
             rebuild = _drop_indexes_if_empty(cur)
+            _copy_lines(cur, "kb_in_sources", staged.sources)
+            _copy_lines(cur, "kb_in_beliefs", staged.lines)
+            with cur.copy("COPY kb_in_embeddings FROM STDIN (FORMAT BINARY)") as cp:
+                cp.write(_binary_embeddings(staged.embeddings, staged.keep))
+            if not replace:
+                _refuse_existing(cur, ("sources", "beliefs"))
             rep.sources = _upsert(cur, "sources", _SOURCE_COLS, _SOURCE_SELECT, replace)
             rep.beliefs = _upsert(cur, "beliefs", _BELIEF_COLS, _BELIEF_SELECT, replace)
             rep.cleared_superseded_by = _clear_dangling_superseded(cur)
-            rep.quarantined = _quarantine(cur, snap.uid)
+
+            edges = next_edges()
+            if edges is None:
+                raise _Abandoned
+            _copy_lines(cur, "kb_in_edges", edges)
+            cur.execute(_EDGE_TYPED)
+            if not replace:
+                _refuse_existing(cur, ("belief_edges",))
+            rep.quarantined = _quarantine(cur, rep.snapshot)
             rep.edges = _upsert(
                 cur, "belief_edges", _EDGE_COLS, f"SELECT {_EDGE_COLS} FROM kb_edges", replace
             )
@@ -263,13 +321,12 @@ def restore(
             rep.orphans_after = cur.fetchone()[0]
             if strict and (rep.quarantined or rep.cleared_superseded_by or rep.orphans_after):
                 raise IntegrityError(_strict_message(rep))
+    except _Abandoned:
+        return
     except psycopg.Error as e:
         raise InputError(f"restoring into the database failed: {str(e).strip()}") from None
     finally:
         conn.close()
-    rep.bytes_read = files.bytes_read
-    rep.seconds = time.perf_counter() - t0
-    return rep
 
 
 def _strict_message(rep: RestoreReport) -> str:
@@ -290,15 +347,18 @@ def _strict_message(rep: RestoreReport) -> str:
     )
 
 
-def _refuse_existing(cur) -> None:
-    checks = (
-        ("sources", "SELECT count(*) FROM sources WHERE id IN (SELECT (j->>'id')::uuid FROM kb_in_sources)"),
-        ("beliefs", "SELECT count(*) FROM beliefs WHERE id IN (SELECT (j->>'id')::uuid FROM kb_in_beliefs)"),
-        ("belief_edges", "SELECT count(*) FROM belief_edges WHERE id IN (SELECT id FROM kb_edges)"),
-    )  # fmt: skip
+_CLASH = {
+    "sources": "SELECT count(*) FROM sources WHERE id IN (SELECT (j->>'id')::uuid FROM kb_in_sources)",
+    "beliefs": "SELECT count(*) FROM beliefs WHERE id IN (SELECT (j->>'id')::uuid FROM kb_in_beliefs)",
+    "belief_edges": "SELECT count(*) FROM belief_edges WHERE id IN (SELECT id FROM kb_edges)",
+}
+
+
+def _refuse_existing(cur, tables: tuple[str, ...]) -> None:
+    """TargetNotEmpty if a staged row of ``tables`` has an id the database already holds."""
     clashes = []
-    for table, q in checks:
-        cur.execute(q)
+    for table in tables:
+        cur.execute(_CLASH[table])
         if n := cur.fetchone()[0]:
             clashes.append(f"{n} in {table}")
     if clashes:
