@@ -53,7 +53,7 @@ def document(files: KbFiles, snap: KbSnap, belief_id: str, single: bool = False)
     bid = str(layout.parse_id(belief_id))
     b = bid[: layout.BUCKET_HEX]
     paths = [layout.beliefs_path(b), layout.edges_out_path(b), layout.edges_in_path(b)]
-    got = files.read_present(snap, paths) if single else files.read(snap, paths)
+    got = files.read_present(snap, paths) if single else files.read(snap, paths, cache=True)
     rows = _find_line(got.get(paths[0], b""), "id", bid)
     if not rows:
         return None
@@ -154,7 +154,7 @@ def diff(files: KbFiles, old: str, new: str) -> dict:
     )  # fmt: skip
     bpaths = [layout.beliefs_path(b) for b in bel] + [layout.embeddings_path(b) for b in bel]
     epaths = differing("edges/out", layout.edges_out_path)
-    a, z = files.read(s1, bpaths + epaths), files.read(s2, bpaths + epaths)
+    a, z = files.read(s1, bpaths + epaths, True), files.read(s2, bpaths + epaths, True)
 
     def beliefs(got: dict[str, bytes]) -> tuple[dict[str, dict], dict[bytes, bytes]]:
         rows, embs = {}, {}

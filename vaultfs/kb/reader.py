@@ -102,11 +102,12 @@ class KbFiles:
             raise InputError(f"snapshot {snapshot!r} holds no knowledge base (no kb/manifest.json)")
         raise InputError(f"snapshot {snapshot!r} not found (see `vaultfs snapshots`)")
 
-    def read(self, snap: KbSnap, paths: list[str]) -> dict[str, bytes]:
+    def read(self, snap: KbSnap, paths: list[str], cache: bool = False) -> dict[str, bytes]:
         """The files ``paths`` of ``snap`` (each checked against kb/manifest.json, except the
-        manifest itself). Paths the manifest does not list (an empty bucket) are left out. A
-        file already read from any snapshot (same BLAKE3 in the manifest) is not fetched
-        again."""
+        manifest itself). Paths the manifest does not list (an empty bucket) are left out.
+        With ``cache`` the files are kept, and a file already kept from any snapshot (same
+        BLAKE3 in the manifest) is not fetched again (history and diff read few files from
+        many snapshots; a restore reads many once and keeps none)."""
         if paths == [layout.MANIFEST]:
             return {layout.MANIFEST: self._fetch(snap, paths)[layout.MANIFEST]}
         m = self.manifest(snap)
@@ -122,7 +123,9 @@ class KbFiles:
                 want.append(p)
         for p, data in self._fetch(snap, want, _includes(m, want)).items():
             layout.check_file(m, p, data)
-            self._seen[m.files[p].blake3] = out[p] = data
+            out[p] = data
+            if cache:
+                self._seen[m.files[p].blake3] = data
         return out
 
     def read_present(self, snap: KbSnap, paths: list[str]) -> dict[str, bytes]:

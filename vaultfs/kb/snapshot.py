@@ -1,11 +1,12 @@
 """Graph snapshots: export ``sources``, ``beliefs`` and ``belief_edges`` from one consistent
 database snapshot into the ``kb/`` layout (vaultfs/kb/layout.py) and commit it as a vault
-snapshot through the engine (``Vault.store_stream`` + ``Vault.commit``).
+snapshot through the engine (the vault's chunker, ``Vault.store_chunks``, ``Vault.commit``).
 
-The export runs in one ``REPEATABLE READ READ ONLY`` transaction, so the three tables are
-read as of the same instant whatever writers do meanwhile. Postgres itself renders every line
-(``json_build_object``) and every embedding (``vector_send``), so the snapshot is exactly what
-the database holds and the Python side only groups, hashes and stores bytes.
+The export reads in a ``REPEATABLE READ READ ONLY`` transaction whose snapshot a second
+connection joins (``pg_export_snapshot``): the three tables as of one instant, whatever
+writers do meanwhile, read by two server processes. Postgres itself renders every line
+(``json_build_object``) and every embedding (``vector_send``), a bucket at a time, so the
+snapshot is exactly what the database holds and the Python side only hashes and stores bytes.
 """
 
 from __future__ import annotations
