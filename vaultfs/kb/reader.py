@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import names
-from ..errors import InputError
+from ..errors import InputError, IntegrityError
 from ..keys import VaultKeys
 from ..remotes import Remote
 from ..restore import ShardSource, open_remote_index, restore_files
@@ -128,6 +128,21 @@ class KbFiles:
                 self._seen[m.files[p].blake3] = data
         return out
 
+    def read_dirs(self, snap: KbSnap, dirs: list[str]) -> dict[str, bytes]:
+        """Every file under ``dirs`` (directories or single files of the layout), read in
+        one pass together with kb/manifest.json, which is then checked and kept: the files
+        must be exactly those the manifest lists there, each with its size and BLAKE3. Saves
+        a whole restore the separate pass for the manifest."""
+        got = self._fetch(snap, [layout.MANIFEST], [layout.MANIFEST, *dirs], walk=True)
+        m = KbManifest.parse(got.pop(layout.MANIFEST))
+        self._manifests[snap.id] = m
+        listed = {p for p in m.files if any(p == d or p.startswith(d + "/") for d in dirs)}
+        if set(got) != listed:
+            raise IntegrityError("the snapshot's kb/ files do not match kb/manifest.json")
+        for p, data in got.items():
+            layout.check_file(m, p, data)
+        return got
+
     def read_present(self, snap: KbSnap, paths: list[str]) -> dict[str, bytes]:
         """The files among ``paths`` that ``snap`` holds, read without kb/manifest.json: for
         a single lookup, where the manifest's hashes would cost a segment of their own and
@@ -143,14 +158,22 @@ class KbFiles:
         return self._fetch(snap, [p for p in paths if p in held])
 
     def _fetch(
-        self, snap: KbSnap, paths: list[str], include: list[str] | None = None
+        self,
+        snap: KbSnap,
+        paths: list[str],
+        include: list[str] | None = None,
+        walk: bool = False,
     ) -> dict[str, bytes]:
+        """``paths`` restored (with ``include``: those includes) into a scratch directory
+        and read back; ``walk``: every file restored, not only ``paths``."""
         if not paths:
             return {}
         self._reads += 1
         to = self.work / f"read{self._reads}"
         try:
             restore_files(self.keys, self.db, self.src, to, snap.uid, include or paths)
+            if walk:
+                paths = [str(f.relative_to(to)) for f in sorted(to.rglob("*")) if f.is_file()]
             return {p: (to / p).read_bytes() for p in paths}
         finally:
             shutil.rmtree(to, ignore_errors=True)

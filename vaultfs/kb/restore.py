@@ -153,28 +153,28 @@ class _Staged:
     keep: set[bytes] | None
 
 
-def _parts(
-    files: KbFiles, snap: KbSnap, m: KbManifest, sel: Selection
-) -> Iterator[_Staged | list[bytes]]:
+def _parts(files: KbFiles, snap: KbSnap, sel: Selection) -> Iterator[_Staged | list[bytes]]:
     """The selection in two parts, read in turn: a :class:`_Staged`, then the edge lines
     to consider (every edge touching a selected belief). A whole graph is read part by part,
-    so the database loads the beliefs while the edges are being read."""
-    out_paths = [layout.edges_out_path(b) for b in m.buckets("edges/out")]
+    so the database loads the beliefs while the edges are being read; its first part comes
+    with kb/manifest.json in one pass."""
     if sel.whole:
-        paths = [layout.beliefs_path(b) for b in m.buckets("beliefs")]
-        emb_paths = [layout.embeddings_path(b) for b in m.buckets("embeddings")]
-        got = files.read(snap, [*paths, *emb_paths, layout.SOURCES])
+        got = files.read_dirs(snap, ["kb/beliefs", "kb/embeddings", layout.SOURCES])
+        paths = sorted(p for p in got if p.startswith("kb/beliefs/"))
         yield _Staged(
             layout.split_lines(got.get(layout.SOURCES, b"")),
             [x for p in paths for x in layout.split_lines(got[p])],
-            [got[p] for p in emb_paths],
+            [got[p] for p in sorted(got) if p.startswith("kb/embeddings/")],
             None,
         )
         del got
+        out_paths = [layout.edges_out_path(b) for b in files.manifest(snap).buckets("edges/out")]
         got = files.read(snap, out_paths)
         yield [x for p in out_paths for x in layout.split_lines(got[p])]
         return
 
+    m = files.manifest(snap)
+    out_paths = [layout.edges_out_path(b) for b in m.buckets("edges/out")]
     edge_rows: list[tuple[bytes, str, str]] = []
     if sel.belief is not None:  # the neighbourhood needs the edges first
         got = files.read(snap, out_paths)
@@ -241,10 +241,10 @@ def restore(
     t0 = time.perf_counter()
     sel = sel or Selection()
     snap = files.find(snapshot)
-    m = files.manifest(snap)
-    parts = _parts(files, snap, m, sel)
+    parts = _parts(files, snap, sel)
     staged = next(parts)  # an unknown --belief fails here, before the database is touched
     assert isinstance(staged, _Staged)
+    m = files.manifest(snap)  # read with the first part
     rep = RestoreReport(snap.uid)
     edges: queue.Queue[list[bytes] | None] = queue.Queue()
     with ThreadPoolExecutor(1, thread_name_prefix="vaultfs-kb-load") as ex:
