@@ -20,7 +20,18 @@ from typing import Annotated
 
 import typer
 
-from cli.main import HomeOpt, JsonOpt, _home, _keys_for_restore, _open, _report_flush, err, out
+from cli.common import (
+    HomeOpt,
+    JsonOpt,
+    app,
+    err,
+    home_dir,
+    keys_for_restore,
+    open_vault,
+    out,
+    report_flush,
+)
+from cli.migrate_cmd import register as register_migrate
 from vaultfs.kb import history as history_mod
 from vaultfs.kb import restore as restore_mod
 from vaultfs.kb import snapshot as snapshot_mod
@@ -31,6 +42,7 @@ kb_app = typer.Typer(
     help="The knowledge base (beliefs, edges, sources) as graph-aware snapshots.",
     no_args_is_help=True,
 )
+app.add_typer(kb_app, name="kb")
 
 DsnOpt = Annotated[
     str | None,
@@ -48,8 +60,8 @@ SeedOpt = Annotated[Path | None, typer.Option(help="File holding the master seed
 def _files(
     home: Path | None, from_: list[str] | None, keyfile: Path | None, seed_file: Path | None
 ) -> Iterator[KbFiles]:
-    h = _home(home)
-    keys = _keys_for_restore(h, keyfile, seed_file)
+    h = home_dir(home)
+    keys = keys_for_restore(h, keyfile, seed_file)
     with open_kb_files(keys, h, from_) as files:
         for w in files.warnings:
             err.print(f"[yellow]warning:[/] {w}")
@@ -76,18 +88,15 @@ def snapshot_cmd(
     """Snapshot the belief graph (one consistent read) into kb/ of a new vault snapshot.
 
     Uploads like `backup`; the kb root and row counts are in --json."""
-    v = _open(home)
-    try:
-        res = snapshot_mod.snapshot(v, resolve_dsn(dsn, _home(home)), name, upload=True)
+    with open_vault(home) as v:
+        res = snapshot_mod.snapshot(v, resolve_dsn(dsn, home_dir(home)), name, upload=True)
         info = {
             "snapshot": res.uid,
             "bytes": res.bytes,
             "seconds": round(res.seconds, 3),
             "kb": res.manifest.summary(),
         }
-        code = _report_flush(v, as_json, info)
-    finally:
-        v.close()
+        code = report_flush(v, as_json, info)
     if not as_json:
         t = res.manifest.tables
         out.print(
@@ -227,3 +236,6 @@ def diff_cmd(
             out.print(f"  ~ {i} ({', '.join(fields)})", highlight=False)
         for i in d[table]["removed"]:
             out.print(f"  - {i}", highlight=False)
+
+
+register_migrate(kb_app)  # `kb migrate` (cli/migrate_cmd.py), listed last

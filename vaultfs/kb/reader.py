@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import names
+from ..backends import open_backend
 from ..errors import InputError, IntegrityError
 from ..keys import VaultKeys
-from ..remotes import Remote
 from ..restore import ShardSource, open_remote_index, restore_files
 from ..vault import Vault
 from . import layout
@@ -208,7 +208,7 @@ def open_kb_files(
     with tempfile.TemporaryDirectory(prefix="vaultfs-kb-") as tmp:
         work = Path(tmp)
         if remote_specs:
-            src = CountingSource([Remote(s) for s in remote_specs])
+            src = CountingSource([open_backend(s) for s in remote_specs])
             src.start(work / "manifests")
             try:
                 db, _src, _m, warnings = open_remote_index(keys, src.remotes, work, 0, src=src)
