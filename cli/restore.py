@@ -64,7 +64,7 @@ def restore(
             if not include:  # a whole snapshot: download ahead meanwhile (bounded)
                 ahead = Path(stack.enter_context(tempfile.TemporaryDirectory(
                     prefix="vaultfs-ahead-", dir=staging_dir())))  # fmt: skip
-            early.start(Path(work) / "manifests", read_ahead=ahead)
+            early.start(read_ahead=ahead)
             stack.callback(early.stop)  # its rclone calls end before the directories go
         keys = keys_for_restore(h, keyfile, seed_file)
         if from_:
@@ -96,6 +96,7 @@ def restore(
             "reachable": r.reachable,
             "error": r.error,
             "newest_manifest": r.best_seq,
+            "rejected": r.rejected,
         }
         for r in src.reports.values()
     ]
@@ -119,4 +120,12 @@ def restore(
     for r in reports:
         if not r["reachable"]:
             err.print(f"[yellow]warning:[/] {r['remote']} unreachable: {r['error']}")
+        if r["rejected"]:  # a remote serving or listing wrong objects: named, decoded around
+            shown = "; ".join(r["rejected"][:3])
+            more = len(r["rejected"]) - 3
+            err.print(
+                f"[yellow]warning:[/] {r['remote']}: {len(r['rejected'])} object(s) refused"
+                f" and decoded around: {shown}" + (f" and {more} more" if more > 0 else ""),
+                highlight=False,
+            )
     out.print(f"restored snapshot {uid}: {files} entries, {size:,} bytes to {to} in {dt:.1f}s")

@@ -21,6 +21,7 @@ from vaultfs.keys import VaultKeys, new_seed, read_keyfile, write_keyfile
 from vaultfs.remotes import RcloneDaemon, Remote
 from vaultfs.restore import ShardSource, open_remote_index, restore_files
 from vaultfs.sealer import SLOT_SIZE, SealerError
+from vaultfs.shardreader import ShardRef
 from vaultfs.vault import Vault
 
 PW = "pw-for-pipeline-tests"
@@ -234,9 +235,14 @@ def test_restore_lists_and_fetches_manifests_before_the_key_is_known(tmp_path):
         assert v.flush().complete
         keys = v.keys
     src = ShardSource([open_backend(r) for r in remotes])
-    src.start(tmp_path / "m")
-    got = src.manifests(src.remotes[0])
-    assert len(got) == 1 and all(blob for blob in got.values())
+    src.start()
+    names = src.manifest_names(src.remotes[0])
+    assert len(names) == 1
+    ((name, listed),) = names
+    assert (
+        src.read_manifest(src.remotes[0], name, listed)
+        == (Path(remotes[0]) / "manifests" / name).read_bytes()
+    )
     db, src2, m, warnings = open_remote_index(keys, src.remotes, tmp_path / "w", 0, src=src)
     db.close()
     assert src2 is src and m.seq == 1 and not warnings
@@ -333,9 +339,9 @@ def test_local_remotes_are_read_in_place_or_copied_and_never_changed(
     )
     try:
         assert bool(src.in_place) is in_place
-        name = next(iter(src.where))
-        got = src.fetch([("data", name)], tmp_path / "probe")
-        where = got[name].resolve()
+        name, size = next(iter(src.listed[src.remotes[0].spec]["data"].items()))
+        got = src.fetch([("data", ShardRef(0, name, b"", size=size))], tmp_path / "probe")
+        where = got[name].path.resolve()
         assert any(where.is_relative_to(Path(r).resolve()) for r in remotes) is in_place
         restore_files(keys, db, src, tmp_path / "out")
     finally:

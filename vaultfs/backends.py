@@ -100,9 +100,11 @@ class Backend(Protocol):
         Raises :class:`ObjectMissing` when the object does not exist."""
         ...
 
-    def get(self, sub: str, names: list[str], local_dir: Path) -> None:
+    def get(self, sub: str, names: list[str], local_dir: Path, max_bytes: int = 0) -> None:
         """Download the named objects of ``sub`` to ``local_dir/<name>``; absent names are
-        skipped (the caller checks what arrived)."""
+        skipped (the caller checks what arrived). With ``max_bytes`` the transfer stops after
+        that many bytes, inside an object if need be (a cut object never appears under its
+        name), and RemoteError is raised: a remote cannot make it write more than asked."""
         ...
 
     def get_dir(self, sub: str, local_dir: Path) -> None:
@@ -181,8 +183,8 @@ class Wrapper:
     def cat(self, sub: str, name: str, offset: int = 0, count: int = -1) -> bytes:
         return self._op(self.inner.cat, sub, name, offset, count)
 
-    def get(self, sub: str, names: list[str], local_dir: Path) -> None:
-        self._op(self.inner.get, sub, names, local_dir)
+    def get(self, sub: str, names: list[str], local_dir: Path, max_bytes: int = 0) -> None:
+        self._op(self.inner.get, sub, names, local_dir, max_bytes)
 
     def get_dir(self, sub: str, local_dir: Path) -> None:
         self._op(self.inner.get_dir, sub, local_dir)
@@ -266,8 +268,8 @@ class Metered(Wrapper):
         self._count(len(data))
         return data
 
-    def get(self, sub: str, names: list[str], local_dir: Path) -> None:
-        super().get(sub, names, local_dir)
+    def get(self, sub: str, names: list[str], local_dir: Path, max_bytes: int = 0) -> None:
+        super().get(sub, names, local_dir, max_bytes)
         self._count(sum(p.stat().st_size for n in names if (p := local_dir / n).exists()))
 
 
@@ -365,8 +367,8 @@ class MemoryBackend(Remote):
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(data)
 
-    def get(self, sub: str, names: list[str], local_dir: Path) -> None:
-        objs = self._under(sub)
+    def get(self, sub: str, names: list[str], local_dir: Path, max_bytes: int = 0) -> None:
+        objs = self._under(sub)  # objects are what was put: max_bytes cannot be exceeded
         self._write({n: objs[n] for n in names if n in objs}, local_dir)
 
     def get_dir(self, sub: str, local_dir: Path) -> None:

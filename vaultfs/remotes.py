@@ -459,15 +459,16 @@ class RcloneCommand(Remote):
         path = f"{sub}/{name}"
         return bool(self._lsf(["--files-only", join(self.spec, path)], f"list {path}"))
 
-    def get(self, sub: str, names: list[str], local_dir: Path) -> None:
+    def get(self, sub: str, names: list[str], local_dir: Path, max_bytes: int = 0) -> None:
         if not names:
             return
+        cap = ["--max-transfer", f"{int(max_bytes)}B", "--cutoff-mode", "HARD"] if max_bytes else []
         with tempfile.NamedTemporaryFile("w", prefix="vaultfs-list-") as f:
             f.write("\n".join(names) + "\n")
             f.flush()
             src = join(self.spec, sub)
             proc = self._run(
-                ["copy", *TRANSFER_FLAGS, "--files-from-raw", f.name, src, str(local_dir)]
+                ["copy", *TRANSFER_FLAGS, *cap, "--files-from-raw", f.name, src, str(local_dir)]
             )
         if proc.returncode != 0:
             # rclone exits non-zero if some listed file is missing: what arrived is usable
@@ -582,16 +583,18 @@ class RcloneRc(Remote):
     def cat(self, sub: str, name: str, offset: int = 0, count: int = -1) -> bytes:
         return self._command.cat(sub, name, offset, count)
 
-    def get(self, sub: str, names: list[str], local_dir: Path) -> None:
+    def get(self, sub: str, names: list[str], local_dir: Path, max_bytes: int = 0) -> None:
         if not names:
             return
         with tempfile.NamedTemporaryFile("w", prefix="vaultfs-list-") as f:
             f.write("\n".join(names) + "\n")
             f.flush()
-            params = {
+            params: dict = {
                 "srcFs": join(self.spec, sub), "dstFs": str(local_dir),
                 "_filter": {"FilesFromRaw": [f.name]},
             }  # fmt: skip
+            if max_bytes:
+                params["_config"] = {"MaxTransfer": int(max_bytes), "CutoffMode": "HARD"}
             # names that are absent are skipped: what arrived is usable
             self._call_absent_ok("sync/copy", params, f"download from {sub}")
 
@@ -602,7 +605,9 @@ class RcloneRc(Remote):
     def copy_dir_async(self, sub: str, local_dir: Path, max_bytes: int = 0) -> RcJob | None:
         params: dict = {"srcFs": join(self.spec, sub), "dstFs": str(local_dir), "_async": True}
         if max_bytes:
-            params["_config"] = {"MaxTransfer": int(max_bytes), "CutoffMode": "SOFT"}
+            # HARD: stop at the limit even inside an object (restore's read-ahead budget holds
+            # against a 200 GB object; SOFT would finish every transfer it started)
+            params["_config"] = {"MaxTransfer": int(max_bytes), "CutoffMode": "HARD"}
         d = RcloneDaemon.get()
         if d is None:
             return None
