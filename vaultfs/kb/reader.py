@@ -20,7 +20,8 @@ from .. import names
 from ..backends import open_backend
 from ..errors import InputError, IntegrityError
 from ..keys import VaultKeys
-from ..restore import ShardSource, open_remote_index, restore_files
+from ..restore import Fetched, ShardSource, open_remote_index, restore_files
+from ..shardreader import ShardRef
 from ..vault import Vault
 from . import layout
 from .layout import KbManifest
@@ -33,11 +34,11 @@ class CountingSource(ShardSource):
     bytes_read = 0
     objects_read = 0
 
-    def fetch(self, wanted: list[tuple[str, str]], into: Path) -> dict[str, Path]:
+    def fetch(self, wanted: list[tuple[str, ShardRef]], into: Path) -> dict[str, Fetched]:
         got = super().fetch(wanted, into)
-        for name, p in got.items():
+        for name, f in got.items():
             if name not in self.local:
-                self.bytes_read += p.stat().st_size
+                self.bytes_read += f.path.stat().st_size
                 self.objects_read += 1
         return got
 
@@ -209,7 +210,7 @@ def open_kb_files(
         work = Path(tmp)
         if remote_specs:
             src = CountingSource([open_backend(s) for s in remote_specs])
-            src.start(work / "manifests")
+            src.start()
             try:
                 db, _src, _m, warnings = open_remote_index(keys, src.remotes, work, 0, src=src)
                 try:
