@@ -8,7 +8,8 @@
       ├─ HKDF "kem/p384-hybrid/mlkem1024" → 64-byte ML-KEM-1024 seed ┐ suite 3, HPKE
       ├─ HKDF "kem/p384-hybrid/p384"      → 64 bytes → P-384 scalar  ┘ MLKEM1024-P384 (0x0051)
       ├─ HKDF "chunk-id"          → BLAKE3 key for chunk ids (ids never leave the client)
-      ├─ HKDF "chunker"           → gear seed for content-defined chunking (63 bits, low bit 1)
+      ├─ HKDF "chunker"           → gear seed for content-defined chunking (63 bits, low bit 1;
+      │                              only bits 1-47 move a cut point: docs/keys.md)
       ├─ HKDF "metadata"          → AES-256 key for the index and manifest bodies
       ├─ HKDF "sign/mldsa65"      → ML-DSA-65 signing key seed ┐ composite signature on
       ├─ HKDF "sign/ed25519"      → Ed25519 signing key        ┘ manifests and the keyring
