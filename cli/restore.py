@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from cli.common import (
     passphrase,
     progress,
 )
+from cli.early import secret
 from vaultfs.errors import InputError, NoVault
 from vaultfs.keys import VaultKeys, parse_seed, read_keyfile
 from vaultfs.remotes import Remote
@@ -41,7 +41,7 @@ def _keys_for_restore(home: Path, keyfile: Path | None, seed_file: Path | None) 
             return VaultKeys.from_seed(parse_seed(seed_file.read_text()))
         except OSError as e:
             raise InputError(f"cannot read {seed_file}: {e.strerror}") from None
-    env_seed = os.environ.get("VAULTFS_SEED")
+    env_seed = secret("VAULTFS_SEED")
     if env_seed:
         return VaultKeys.from_seed(parse_seed(env_seed))
     kf = keyfile or home / "key.json"

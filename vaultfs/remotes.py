@@ -331,14 +331,28 @@ class Remote:
         return RemoteError(f"{self.label}: {what} failed: {e.message}")
 
     def _rc_list(self, d: RcloneDaemon, sub: str, recurse: bool) -> list[dict]:
-        """operations/list of the files under ``sub`` (empty when it does not exist)."""
+        """operations/list of the files under ``sub`` (empty when it does not exist): each
+        entry has a string "Name" and "Path" and an integer "Size" (-1 when rclone gave
+        none); RemoteError for a listing of any other shape."""
         opt = {"filesOnly": True, "noModTime": True, "noMimeType": True, "recurse": recurse}
         try:
-            return d.call("operations/list", {"fs": self.spec, "remote": sub, "opt": opt})["list"]
+            out = d.call("operations/list", {"fs": self.spec, "remote": sub, "opt": opt})
         except RcError as e:
             if "directory not found" in e.message.lower():
                 return []
             raise self._mapped(e, f"list {sub or 'the remote'}") from None
+        listing = out.get("list") if isinstance(out, dict) else None
+        if not isinstance(listing, list) or not all(
+            isinstance(o, dict)
+            and isinstance(o.get("Name"), str)
+            and isinstance(o.get("Path"), str)
+            for o in listing
+        ):
+            raise RemoteError(f"{self.label}: rclone returned a malformed listing")
+        for o in listing:
+            if type(o.get("Size")) is not int:
+                o["Size"] = -1
+        return listing
 
     # -- operations ------------------------------------------------------------------------
     def ensure(self) -> None:
@@ -369,7 +383,7 @@ class Remote:
             for o in self._rc_list(d, "", True):
                 sub, _, name = o["Path"].partition("/")
                 if sub in tree and name and "/" not in name:
-                    tree[sub][name] = int(o.get("Size", -1))
+                    tree[sub][name] = o["Size"]
             return tree
         proc = self._run(
             ["lsf", "-R", "--files-only", "--format", "sp", "--separator", "\t", self.spec],
@@ -385,7 +399,8 @@ class Remote:
             size, _, path = ln.partition("\t")
             sub, _, name = path.partition("/")
             if sub in out and name and "/" not in name:
-                out[sub][name] = int(size) if size.lstrip("-").isdigit() else -1
+                digits = size.lstrip("-")
+                out[sub][name] = int(size) if digits.isascii() and digits.isdigit() else -1
         return out
 
     def get_dir(self, sub: str, local_dir: Path) -> None:
