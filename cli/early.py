@@ -31,7 +31,13 @@ def secret(name: str) -> str | None:
 
 
 def take_secrets() -> None:
-    """Move every secret out of the environment now (the first thing the command line does)."""
+    """Move every secret out of the environment now (the first thing the command line does).
+    A passphrase handed over on a pipe (``VAULTFS_PASSPHRASE_FD``, how the mount daemon gets
+    it from vaultfs/daemon.py) is read and the pipe closed."""
+    fd = os.environ.pop("VAULTFS_PASSPHRASE_FD", None)
+    if fd is not None and fd.isdigit():
+        with os.fdopen(int(fd), "rb") as f:
+            _taken["VAULTFS_PASSPHRASE"] = os.fsdecode(f.read())
     for name in SECRETS:
         secret(name)
 

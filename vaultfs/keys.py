@@ -14,7 +14,8 @@
       ├─ HKDF "sign/mldsa65"      → ML-DSA-65 signing key seed ┐ composite signature on
       ├─ HKDF "sign/ed25519"      → Ed25519 signing key        ┘ manifests and the keyring
       ├─ HKDF "sign/slhdsa-seal"  → AES-256 key sealing the (random) SLH-DSA secret key
-      ├─ HKDF "keyfile-policy"    → HMAC key authenticating the keyfile's policy (retired suites)
+      ├─ HKDF "keyfile-policy"    → HMAC key authenticating the keyfile's policy (KDF, retired
+      │                              suites, SLH-DSA parameter set)
       └─ HKDF "audit"             → key for audit challenges (reserved)
 
 Data keys are random per epoch and stored wrapped with HPKE to the public key of the epoch's
