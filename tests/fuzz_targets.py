@@ -38,7 +38,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import strategies as st
 
-from vaultfs import control, envelope, manifest, receipt, segment, shamir
+from vaultfs import control, envelope, kdf, manifest, receipt, segment, shamir
 from vaultfs.errors import VaultError
 from vaultfs.index import migrate, open_shipped
 from vaultfs.keys import VaultKeys, read_keyfile
@@ -132,9 +132,13 @@ def shipped_index(data: bytes) -> None:
 
 
 def keyfile(data: bytes) -> None:
+    """A keyfile, as the command line's head start (never raises) and the unlock read it."""
     path = _dir / "key.json"
     path.write_bytes(data)
+    fut = kdf.prefetch(path, PASSPHRASE)
     read_keyfile(path, PASSPHRASE)
+    if fut is not None:
+        fut.exception()  # it has finished (or failed) by itself: no thread outlives the run
 
 
 def share_text(data: bytes) -> None:

@@ -17,6 +17,10 @@ import unicodedata
 from concurrent.futures import Future
 from pathlib import Path
 
+#: Largest scrypt memory (128·r·N bytes) a keyfile may ask for: a hostile keyfile cannot make
+#: the unlock, or its head start here, allocate more (the default parameters take 128 MiB).
+MAX_MEM = 1 << 30
+
 _pending: dict[tuple, Future] = {}
 _lock = threading.Lock()
 
@@ -68,8 +72,18 @@ def prefetch(keyfile: Path, passphrase: str) -> Future | None:
             return None
         salt = base64.b64decode(doc["salt"])
         params = (int(kdf["n"]), int(kdf["r"]), int(kdf["p"]))
-    except (OSError, ValueError, KeyError, TypeError, binascii.Error):
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        RecursionError,
+        binascii.Error,
+    ):
         return None
+    if 128 * params[0] * params[1] > MAX_MEM:
+        return None  # the real unlock refuses it
     passphrase = normalize(passphrase)
     fut: Future = Future()
     with _lock:

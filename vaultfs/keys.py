@@ -365,9 +365,8 @@ def new_seed() -> bytes:
 #: Version of keyfiles written now. Version 1 (authenticated policy optional, raw passphrase)
 #: still opens and becomes version 2 at its next rewrite (`keys passwd`, `keys init`...).
 KEYFILE_VERSION = 2
-#: Largest scrypt memory (128·r·N bytes) a keyfile may ask for: a hostile keyfile cannot make
-#: the unlock allocate more than this (the default is 128 MiB).
-SCRYPT_MAX_MEM = 1 << 30
+#: Largest scrypt memory (128·r·N bytes) a keyfile may ask for (vaultfs/kdf.py).
+SCRYPT_MAX_MEM = kdf.MAX_MEM
 
 
 def _canonical(obj: object) -> bytes:
