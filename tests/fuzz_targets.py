@@ -15,7 +15,7 @@ deletion, duplication and splices of valid seeds; JSON targets get their tree ed
 (fields dropped, retyped, set to boundary values) and then, sometimes, their bytes.
 
 The seed corpus lives in tests/fuzz_corpus/<target>/ (``scripts/fuzz --make-corpus``
-rewrites it). Key material is the fixed test seed ``bytes(range(32))``: nothing secret.
+rewrites it, keeping ``crash-*`` files: inputs that once failed, kept as regressions). Key material is the fixed test seed ``bytes(range(32))``: nothing secret.
 """
 
 from __future__ import annotations
@@ -413,7 +413,8 @@ def make_corpus() -> dict[str, int]:
         d = CORPUS / name
         d.mkdir(parents=True, exist_ok=True)
         for old_file in d.iterdir():
-            old_file.unlink()
+            if not old_file.name.startswith("crash-"):  # found crashes stay as regressions
+                old_file.unlink()
         for stem, blob in files.items():
             (d / stem).write_bytes(blob)
         counts[name] = len(files)

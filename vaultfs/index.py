@@ -393,7 +393,7 @@ def open_shipped(path: Path) -> sqlite3.Connection:
         if check != "ok":
             raise sqlite3.DatabaseError(check)
         migrate(db)
-    except sqlite3.DatabaseError as e:
+    except (sqlite3.DatabaseError, UnicodeDecodeError) as e:  # its report may not be UTF-8
         db.close()
         raise IntegrityError(f"the downloaded index is not a usable SQLite file: {e}") from None
     except BaseException:
