@@ -36,8 +36,11 @@ def take_secrets() -> None:
     it from vaultfs/daemon.py) is read and the pipe closed."""
     fd = os.environ.pop("VAULTFS_PASSPHRASE_FD", None)
     if fd is not None and fd.isdigit():
-        with os.fdopen(int(fd), "rb") as f:
-            _taken["VAULTFS_PASSPHRASE"] = os.fsdecode(f.read())
+        try:
+            with os.fdopen(int(fd), "rb") as f:
+                _taken["VAULTFS_PASSPHRASE"] = os.fsdecode(f.read())
+        except OSError:  # not an open pipe: as if none was handed over
+            pass
     for name in SECRETS:
         secret(name)
 
