@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from cli.early import secret
 from vaultfs.errors import EXIT_PARTIAL, InputError, NoVault
 from vaultfs.keys import VaultKeys, parse_seed, read_keyfile
 from vaultfs.vault import Vault, default_home
@@ -47,6 +47,15 @@ HomeOpt = Annotated[
     typer.Option("--home", help="Local state directory (default $VAULTFS_HOME or XDG data dir)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+IKnowOpt = Annotated[
+    bool,
+    typer.Option("--i-know", help="Accept a new passphrase the strength estimator calls weak."),
+]
+
+#: zxcvbn score (0-4) below which a new passphrase is called weak: 3 is "safely
+#: unguessable: moderate protection from offline slow-hash scenario" (~10^10 guesses), the
+#: attack a stolen keyfile faces.
+MIN_PASSPHRASE_SCORE = 3
 
 
 def home_dir(home: Path | None) -> Path:
@@ -54,15 +63,48 @@ def home_dir(home: Path | None) -> Path:
     return (home or default_home()).expanduser()
 
 
-def passphrase(confirm: bool = False) -> str:
-    """$VAULTFS_PASSPHRASE, else a prompt (twice with ``confirm``); InputError without a
-    terminal to prompt on."""
-    pw = os.environ.get("VAULTFS_PASSPHRASE")
+def passphrase(
+    confirm: bool = False, env: str = "VAULTFS_PASSPHRASE", label: str = "Passphrase"
+) -> str:
+    """``$env`` (taken out of the environment, cli/early.py), else a prompt (twice with
+    ``confirm``); InputError without a terminal to prompt on. Returned as given: the keyfile
+    layer normalises it to NFC (vaultfs/kdf.py), and a version-1 keyfile may need the raw
+    spelling."""
+    pw = secret(env)
     if pw is not None:
         return pw
     if not sys.stdin.isatty():
-        raise InputError("no passphrase: set VAULTFS_PASSPHRASE or run in a terminal")
-    return typer.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm)
+        raise InputError(f"no passphrase: set {env} or run in a terminal")
+    return typer.prompt(label, hide_input=True, confirmation_prompt=confirm)
+
+
+def new_passphrase(i_know: bool, env: str = "VAULTFS_PASSPHRASE", label: str = "Passphrase") -> str:
+    """A passphrase to seal a keyfile under (:func:`passphrase`, confirmed when typed), checked
+    by the zxcvbn estimator. A weak one typed at the prompt is refused (InputError) unless
+    ``i_know``; one from ``$env`` (scripts, tests) only gets a warning on stderr, because
+    nobody is there to choose another."""
+    from_env = secret(env) is not None
+    pw = passphrase(confirm=True, env=env, label=label)
+    if i_know:
+        return pw
+    from zxcvbn import zxcvbn
+
+    from vaultfs.kdf import normalize
+
+    verdict = zxcvbn(normalize(pw)[:100])  # the estimator is quadratic in the length
+    if verdict["score"] >= MIN_PASSPHRASE_SCORE:
+        return pw
+    hint = " ".join(
+        filter(None, [verdict["feedback"]["warning"], *verdict["feedback"]["suggestions"]])
+    )
+    msg = (
+        f"the new passphrase is weak (zxcvbn score {verdict['score']} of 4; a stolen keyfile "
+        f"falls to an offline guesser). {hint}".strip()
+    )
+    if from_env:
+        err.print(f"[yellow]warning:[/] {msg}", highlight=False)
+        return pw
+    raise InputError(f"{msg} Choose a stronger one, or pass --i-know to use it anyway.")
 
 
 @contextlib.contextmanager
@@ -152,7 +194,7 @@ def keys_for_restore(home: Path, keyfile: Path | None, seed_file: Path | None) -
             return VaultKeys.from_seed(parse_seed(seed_file.read_text()))
         except OSError as e:
             raise InputError(f"cannot read {seed_file}: {e.strerror}") from None
-    env_seed = os.environ.get("VAULTFS_SEED")
+    env_seed = secret("VAULTFS_SEED")
     if env_seed:
         return VaultKeys.from_seed(parse_seed(env_seed))
     kf = keyfile or home / "key.json"

@@ -18,14 +18,15 @@ from rich.table import Column, Table
 
 from cli.common import (
     HomeOpt,
+    IKnowOpt,
     JsonOpt,
     advance,
     app,
     err,
     home_dir,
+    new_passphrase,
     open_vault,
     out,
-    passphrase,
     progress,
     report_flush,
 )
@@ -51,6 +52,7 @@ def init(
     segment_mib: Annotated[int, typer.Option(help="Segment size in MiB.")] = 4,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
+    i_know: IKnowOpt = False,
 ) -> None:
     """Create a vault over one or more remotes."""
     if profile and (k or n):
@@ -70,7 +72,7 @@ def init(
     if not 1 <= segment_mib <= 64:
         raise InputError("--segment-mib must be between 1 and 64")
     h = home_dir(home)
-    pw = passphrase(confirm=True)
+    pw = new_passphrase(i_know)
     with Vault.create(h, remote, k, n, pw, segment_size=segment_mib * 1024 * 1024) as v:
         st = v.status()
     if as_json:

@@ -14,6 +14,36 @@ from pathlib import Path
 #: Commands that never unlock an existing keyfile.
 _NO_UNLOCK = {"init", "recover", "graph", "migrate"}
 
+#: Secrets the command line takes from the environment. They are moved out of
+#: ``os.environ`` as soon as they are read (:func:`secret`), so no child process (rclone,
+#: decoders, pg tools) inherits them.
+SECRETS = ("VAULTFS_PASSPHRASE", "VAULTFS_NEW_PASSPHRASE", "VAULTFS_SEED")
+_taken: dict[str, str] = {}
+
+
+def secret(name: str) -> str | None:
+    """The value of secret environment variable ``name`` (one of :data:`SECRETS`), removed
+    from the environment on first read; a value set again later replaces the one taken."""
+    value = os.environ.pop(name, None)
+    if value is not None:
+        _taken[name] = value
+    return _taken.get(name)
+
+
+def take_secrets() -> None:
+    """Move every secret out of the environment now (the first thing the command line does).
+    A passphrase handed over on a pipe (``VAULTFS_PASSPHRASE_FD``, how the mount daemon gets
+    it from vaultfs/daemon.py) is read and the pipe closed."""
+    fd = os.environ.pop("VAULTFS_PASSPHRASE_FD", None)
+    if fd is not None and fd.isdigit():
+        try:
+            with os.fdopen(int(fd), "rb") as f:
+                _taken["VAULTFS_PASSPHRASE"] = os.fsdecode(f.read())
+        except OSError:  # not an open pipe: as if none was handed over
+            pass
+    for name in SECRETS:
+        secret(name)
+
 
 def _value(args: list[str], flag: str) -> str | None:
     for i, a in enumerate(args):
@@ -25,11 +55,14 @@ def _value(args: list[str], flag: str) -> str | None:
 
 
 def start(argv: list[str]) -> None:
-    passphrase = os.environ.get("VAULTFS_PASSPHRASE")
+    """Take the secrets out of the environment, then start the keyfile's scrypt if this
+    command will unlock one (vaultfs/kdf.py normalises the passphrase)."""
+    take_secrets()
+    passphrase = secret("VAULTFS_PASSPHRASE")
     args = argv[1:]
     if not passphrase or not args or "--help" in args or "--seed-file" in args:
         return
-    if os.environ.get("VAULTFS_SEED") or _NO_UNLOCK & set(args):
+    if secret("VAULTFS_SEED") or _NO_UNLOCK & set(args):
         return
     keyfile = _value(args, "--keyfile")
     if keyfile is None:

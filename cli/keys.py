@@ -17,7 +17,18 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from cli.common import HomeOpt, JsonOpt, app, err, home_dir, open_vault, out, passphrase
+from cli.common import (
+    HomeOpt,
+    IKnowOpt,
+    JsonOpt,
+    app,
+    err,
+    home_dir,
+    new_passphrase,
+    open_vault,
+    out,
+    passphrase,
+)
 from vaultfs import receipt as receipts
 from vaultfs import rotation, shamir
 from vaultfs.errors import InputError, NoVault, ShareError, WrongKey
@@ -162,6 +173,7 @@ def recover(
     force: Annotated[bool, typer.Option(help="Replace an existing keyfile.")] = False,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
+    i_know: IKnowOpt = False,
 ) -> None:
     """Recover the master seed from shares and write a new passphrase-protected keyfile."""
     h = home_dir(home)
@@ -184,7 +196,7 @@ def recover(
     dest = keyfile_out or h / "key.json"
     if dest.exists() and not force:
         raise InputError(f"{dest} already exists: pass --force to replace it, or --keyfile-out")
-    pw = passphrase(confirm=True)
+    pw = new_passphrase(i_know)
     write_keyfile(dest, keys, pw)
     if as_json:
         out.print_json(
@@ -300,7 +312,7 @@ def _keyring_copies(v, home: Path) -> list[dict]:
 
 
 @keys_app.command()
-def passwd(home: HomeOpt = None) -> None:
+def passwd(home: HomeOpt = None, i_know: IKnowOpt = False) -> None:
     """Change the keyfile's passphrase (re-seals the seed; nothing else changes).
 
     The current passphrase comes from $VAULTFS_PASSPHRASE or a prompt, the new one from
@@ -311,11 +323,7 @@ def passwd(home: HomeOpt = None) -> None:
     if not kf.exists():
         raise NoVault(f"no keyfile at {kf}: run `vaultfs keys recover` or pass --home")
     keys = read_keyfile(kf, passphrase())
-    new = os.environ.get("VAULTFS_NEW_PASSPHRASE")
-    if new is None:
-        if not sys.stdin.isatty():
-            raise InputError("no new passphrase: set VAULTFS_NEW_PASSPHRASE or run in a terminal")
-        new = typer.prompt("New passphrase", hide_input=True, confirmation_prompt=True)
+    new = new_passphrase(i_know, env="VAULTFS_NEW_PASSPHRASE", label="New passphrase")
     write_keyfile(kf, keys, new)
     out.print(f"passphrase changed for vault {keys.fingerprint()} ({kf})", highlight=False)
 
@@ -350,6 +358,7 @@ def init_keys(
     force: Annotated[bool, typer.Option(help="Replace an existing keyfile.")] = False,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
+    i_know: IKnowOpt = False,
 ) -> None:
     """Complete a vault's key material: with --seed-file, write a keyfile from the master seed
     (a vault whose keyfile was lost); and create the SLH-DSA key pair a vault made by an older
@@ -367,7 +376,7 @@ def init_keys(
         kf = h / "key.json"
         if kf.exists() and not force:
             raise InputError(f"{kf} already exists: pass --force to replace it")
-        write_keyfile(kf, keys, passphrase(confirm=True))
+        write_keyfile(kf, keys, new_passphrase(i_know))
         wrote = str(kf)
         if not (h / "index.db").exists():  # no local vault: the keyfile is for `restore --from`
             if as_json:

@@ -2,7 +2,9 @@
 
 The gear table is XORed with a seed derived from the master seed (63 bits, low bit set; the
 shifted table with the seed shifted left by one), so cut points (and
-hence chunk sizes) cannot be predicted from known plaintext without the key. Chunk ids are
+hence chunk sizes) cannot be predicted from known plaintext without the key. pyfastcdc's
+masks stop at bit 47, so only seed bits 1-47 ever move a cut point: the chunker key is 47
+bits (docs/keys.md says why that is enough; tests/test_chunker_key.py shows the fact). Chunk ids are
 BLAKE3 in keyed mode under the "chunk-id" key; they are stored only in the encrypted index.
 """
 

@@ -33,7 +33,7 @@ import struct
 import threading
 from pathlib import Path
 
-from .errors import VaultError
+from .errors import InputError, VaultError
 
 log = logging.getLogger("vaultfs.control")
 
@@ -162,9 +162,12 @@ class _Handler(socketserver.StreamRequestHandler):
             return
         line = self.rfile.readline(65536)
         try:
-            req = json.loads(line)
+            try:
+                req = json.loads(line)
+            except (ValueError, RecursionError):
+                req = None
             if not isinstance(req, dict):
-                raise ControlError("a control request is one JSON object")
+                raise InputError("a control request is one JSON object")
             reply = {"ok": True, **self.server.dispatch(req)}  # type: ignore[attr-defined]
         except VaultError as e:
             reply = {"ok": False, "error": e.message, "code": e.exit_code}

@@ -223,11 +223,15 @@ def spawn(
     logf = open(home / "mount.log", "ab")  # noqa: SIM115
     cmd = [sys.executable, "-m", "cli.main", "mount", "--foreground", "--home", str(home)]
     cmd += ["--cache-size", str(cache_size), "--ready-fd", str(w), str(mountpoint)]
-    env = {**os.environ, "VAULTFS_PASSPHRASE": passphrase}
+    # the passphrase goes through a pipe, not the environment (cli/early.py reads it)
+    pr, pw = os.pipe()
+    os.write(pw, os.fsencode(passphrase))  # far below a pipe's buffer: never blocks
+    os.close(pw)
+    env = {**os.environ, "VAULTFS_PASSPHRASE_FD": str(pr)}
     try:
         proc = subprocess.Popen(
             cmd,
-            pass_fds=(w,),
+            pass_fds=(w, pr),
             stdin=subprocess.DEVNULL,
             stdout=logf,
             stderr=logf,
@@ -236,6 +240,7 @@ def spawn(
         )
     finally:
         os.close(w)
+        os.close(pr)
         logf.close()
     buf = b""
     deadline = time.monotonic() + timeout

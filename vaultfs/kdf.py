@@ -13,11 +13,22 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import unicodedata
 from concurrent.futures import Future
 from pathlib import Path
 
+#: Largest scrypt memory (128·r·N bytes) a keyfile may ask for: a hostile keyfile cannot make
+#: the unlock, or its head start here, allocate more (the default parameters take 128 MiB).
+MAX_MEM = 1 << 30
+
 _pending: dict[tuple, Future] = {}
 _lock = threading.Lock()
+
+
+def normalize(passphrase: str) -> str:
+    """The form a passphrase is sealed and unsealed in: Unicode NFC, so "é" typed as one code
+    point or as "e" + combining accent opens the same keyfile (docs/keys.md)."""
+    return unicodedata.normalize("NFC", passphrase)
 
 
 def scrypt(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
@@ -48,9 +59,9 @@ def derive(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
 
 
 def prefetch(keyfile: Path, passphrase: str) -> Future | None:
-    """Start deriving the key-encryption key of ``keyfile`` on a daemon thread; returns its
-    future. Does nothing (None) when the file is missing or not a scrypt keyfile (the real
-    unlock reports that)."""
+    """Start deriving the key-encryption key of ``keyfile`` for the NFC form of
+    ``passphrase`` (:func:`normalize`) on a daemon thread; returns its future. Does nothing
+    (None) when the file is missing or not a scrypt keyfile (the real unlock reports that)."""
     import base64
     import binascii
 
@@ -61,8 +72,19 @@ def prefetch(keyfile: Path, passphrase: str) -> Future | None:
             return None
         salt = base64.b64decode(doc["salt"])
         params = (int(kdf["n"]), int(kdf["r"]), int(kdf["p"]))
-    except (OSError, ValueError, KeyError, TypeError, binascii.Error):
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        RecursionError,
+        binascii.Error,
+    ):
         return None
+    if 128 * params[0] * params[1] > MAX_MEM:
+        return None  # the real unlock refuses it
+    passphrase = normalize(passphrase)
     fut: Future = Future()
     with _lock:
         _pending[_key(passphrase, salt, *params)] = fut

@@ -8,12 +8,14 @@
       ├─ HKDF "kem/p384-hybrid/mlkem1024" → 64-byte ML-KEM-1024 seed ┐ suite 3, HPKE
       ├─ HKDF "kem/p384-hybrid/p384"      → 64 bytes → P-384 scalar  ┘ MLKEM1024-P384 (0x0051)
       ├─ HKDF "chunk-id"          → BLAKE3 key for chunk ids (ids never leave the client)
-      ├─ HKDF "chunker"           → gear seed for content-defined chunking (63 bits, low bit 1)
+      ├─ HKDF "chunker"           → gear seed for content-defined chunking (63 bits, low bit 1;
+      │                              only bits 1-47 move a cut point: docs/keys.md)
       ├─ HKDF "metadata"          → AES-256 key for the index and manifest bodies
       ├─ HKDF "sign/mldsa65"      → ML-DSA-65 signing key seed ┐ composite signature on
       ├─ HKDF "sign/ed25519"      → Ed25519 signing key        ┘ manifests and the keyring
       ├─ HKDF "sign/slhdsa-seal"  → AES-256 key sealing the (random) SLH-DSA secret key
-      ├─ HKDF "keyfile-policy"    → HMAC key authenticating the keyfile's policy (retired suites)
+      ├─ HKDF "keyfile-policy"    → HMAC key authenticating the keyfile's policy (KDF, retired
+      │                              suites, SLH-DSA parameter set)
       └─ HKDF "audit"             → key for audit challenges (reserved)
 
 Data keys are random per epoch and stored wrapped with HPKE to the public key of the epoch's
@@ -157,6 +159,9 @@ class VaultKeys:
     slhdsa_param: str = SLHDSA_128S
     #: suite ids the vault has retired: data, keyrings and manifests under them are refused.
     retired_suites: set[int] = field(default_factory=set)
+    #: the SLH-DSA parameter set the keyfile's authenticated policy names (None: not recorded);
+    #: :meth:`load_slhdsa` refuses a stored key of another set
+    policy_slhdsa: str | None = None
     _kem_keys: dict[int, object] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -305,8 +310,14 @@ class VaultKeys:
         }
 
     def load_slhdsa(self, public: bytes, sealed: bytes, param: str = SLHDSA_128S) -> None:
-        """Unseal the SLH-DSA secret key; raises WrongKey if it was sealed by another seed."""
+        """Unseal the SLH-DSA secret key; raises WrongKey if it was sealed by another seed and
+        IntegrityError if ``param`` is not the set the keyfile's policy names."""
         _slhdsa_module(param)  # an unknown parameter set is refused before anything else
+        if self.policy_slhdsa is not None and param != self.policy_slhdsa:
+            raise IntegrityError(
+                f"the vault's SLH-DSA key is {param} but the keyfile's policy says "
+                f"{self.policy_slhdsa}: the local index was replaced or downgraded"
+            )
         key = hkdf(self.seed, b"sign/slhdsa-seal", 32)
         try:
             secret = AESGCM(key).decrypt(sealed[:12], sealed[12:], self._slhdsa_ad(public))
@@ -321,8 +332,9 @@ class VaultKeys:
 
     def policy_mac(self, policy: dict) -> str:
         """HMAC-SHA256 (key HKDF "keyfile-policy") over the canonical JSON of a keyfile policy."""
-        raw = json.dumps(policy, separators=(",", ":"), sort_keys=True).encode()
-        return hmac.new(hkdf(self.seed, b"keyfile-policy", 32), raw, "sha256").hexdigest()
+        return hmac.new(
+            hkdf(self.seed, b"keyfile-policy", 32), _canonical(policy), "sha256"
+        ).hexdigest()
 
     def new_epoch_key(self) -> bytes:
         return secrets.token_bytes(32)
@@ -350,6 +362,38 @@ def new_seed() -> bytes:
 
 # -- keyfile: the seed sealed under the passphrase ------------------------------------------
 
+#: Version of keyfiles written now. Version 1 (authenticated policy optional, raw passphrase)
+#: still opens and becomes version 2 at its next rewrite (`keys passwd`, `keys init`...).
+KEYFILE_VERSION = 2
+#: Largest scrypt memory (128·r·N bytes) a keyfile may ask for (vaultfs/kdf.py).
+SCRYPT_MAX_MEM = kdf.MAX_MEM
+
+
+def _canonical(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _keyfile_ad(version: int, vault_id: bytes, kdf_params: dict) -> bytes:
+    """Associated data of the sealed seed. Version 2 binds the KDF parameters, so a keyfile
+    cannot be relabelled as version 1 (whose policy is optional) or given other parameters."""
+    if version == 1:
+        return b"vaultfs/v1/keyfile" + vault_id
+    return b"vaultfs/v2/keyfile" + vault_id + _canonical(kdf_params)
+
+
+def _kdf_params(kdf_doc: object) -> tuple[int, int, int]:
+    """(N, r, p) of a keyfile's ``kdf`` section; InputError unless it is scrypt with
+    parameters within :data:`SCRYPT_MAX_MEM`."""
+    if not isinstance(kdf_doc, dict) or kdf_doc.get("name") != "scrypt":
+        name = kdf_doc.get("name") if isinstance(kdf_doc, dict) else kdf_doc
+        raise InputError(f"the keyfile uses an unknown KDF {name!r}")
+    n, r, p = (kdf_doc.get(f) for f in ("n", "r", "p"))
+    if not all(type(x) is int and x >= 1 for x in (n, r, p)):
+        raise InputError("keyfile scrypt parameters are invalid")
+    if n < 2 or n & (n - 1) or 128 * r * n > SCRYPT_MAX_MEM or p > 16:
+        raise InputError("keyfile scrypt parameters are out of range")
+    return n, r, p
+
 
 def scrypt_kek(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
     """The keyfile's key-encryption key: scrypt through :mod:`vaultfs.kdf` (which may have
@@ -361,29 +405,37 @@ def scrypt_kek(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
 
 
 def write_keyfile(path: Path, keys: VaultKeys, passphrase: str) -> None:
-    """Seal the master seed under scrypt(passphrase) with AES-256-GCM; write atomically."""
+    """Seal the master seed under scrypt(NFC(passphrase)) with AES-256-GCM, the KDF
+    parameters in the associated data, and the policy (KDF parameters, retired suites,
+    SLH-DSA parameter set) under a MAC keyed from the seed; write atomically (version 2)."""
     if not passphrase:
         raise InputError("an empty passphrase is not allowed")
     salt = secrets.token_bytes(16)
     nonce = secrets.token_bytes(12)
-    kek = scrypt_kek(passphrase, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
-    ad = b"vaultfs/v1/keyfile" + keys.vault_id
+    kdf_params = {"name": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P}
+    kek = scrypt_kek(kdf.normalize(passphrase), salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+    ad = _keyfile_ad(KEYFILE_VERSION, keys.vault_id, kdf_params)
     doc = {
         "format": "vaultfs-keyfile",
-        "version": 1,
+        "version": KEYFILE_VERSION,
         "vault_id": keys.vault_id.hex(),
         "fingerprint": keys.fingerprint(),
-        "kdf": {"name": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P},
+        "kdf": kdf_params,
         "salt": base64.b64encode(salt).decode(),
         "nonce": base64.b64encode(nonce).decode(),
         "sealed_seed": base64.b64encode(AESGCM(kek).encrypt(nonce, keys.seed, ad)).decode(),
     }
-    doc.update(_policy_fields(keys))
+    doc.update(_policy_fields(keys, KEYFILE_VERSION, kdf_params))
     _write_json_atomic(path, doc)
 
 
-def _policy_fields(keys: VaultKeys) -> dict:
-    policy = {"retired_suites": sorted(keys.retired_suites)}
+def _policy_fields(keys: VaultKeys, version: int, kdf_params: dict) -> dict:
+    """The ``policy`` section and its MAC. Version 2 names the KDF parameters and the SLH-DSA
+    parameter set (None while the vault has no SLH-DSA key) beside the retired suites."""
+    policy: dict = {"retired_suites": sorted(keys.retired_suites)}
+    if version >= 2:
+        known = keys.slhdsa_param if keys.slhdsa_public is not None else keys.policy_slhdsa
+        policy.update({"kdf": kdf_params, "slhdsa_param": known})
     return {"policy": policy, "policy_mac": keys.policy_mac(policy)}
 
 
@@ -398,47 +450,92 @@ def _write_json_atomic(path: Path, doc: dict) -> None:
     os.replace(tmp, path)
 
 
-def read_keyfile(path: Path, passphrase: str) -> VaultKeys:
+def _load_doc(path: Path) -> dict:
     try:
-        doc = json.loads(Path(path).read_text())
-        kdf = doc["kdf"]
+        doc = json.loads(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise InputError(f"keyfile {path} not found") from None
+    except OSError as e:
+        raise InputError(f"cannot read keyfile {path}: {e.strerror}") from None
+    except (ValueError, RecursionError):
+        raise InputError(f"{path} is not a vaultfs keyfile") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"{path} is not a vaultfs keyfile")
+    return doc
+
+
+def read_keyfile(path: Path, passphrase: str) -> VaultKeys:
+    """Unseal the keyfile at ``path``: the keys of its seed, with the retired suites and the
+    SLH-DSA parameter set of its authenticated policy.
+
+    The passphrase is taken in NFC (:func:`vaultfs.kdf.normalize`); a version-1 keyfile
+    sealed under a non-NFC spelling also opens with that spelling as typed. Raises InputError
+    for a file that is not a keyfile (or asks for scrypt memory beyond
+    :data:`SCRYPT_MAX_MEM`), WrongKey for a wrong passphrase or a seed of another vault, and
+    IntegrityError for a policy that is missing (version 2) or altered."""
+    doc = _load_doc(path)
+    version = doc.get("version", 1)
+    try:
+        if version not in (1, 2):
+            raise ValueError
+        kdf_doc = doc["kdf"]
         salt = base64.b64decode(doc["salt"])
         nonce = base64.b64decode(doc["nonce"])
         sealed = base64.b64decode(doc["sealed_seed"])
         vault_id = bytes.fromhex(doc["vault_id"])
-    except FileNotFoundError:
-        raise InputError(f"keyfile {path} not found") from None
+        if not 8 <= len(nonce) <= 128:
+            raise ValueError
     except (ValueError, KeyError, TypeError):
         raise InputError(f"{path} is not a vaultfs keyfile") from None
-    if kdf.get("name") != "scrypt":
-        raise InputError(f"keyfile {path} uses an unknown KDF {kdf.get('name')!r}")
-    kek = scrypt_kek(passphrase, salt, kdf["n"], kdf["r"], kdf["p"])
-    try:
-        seed = AESGCM(kek).decrypt(nonce, sealed, b"vaultfs/v1/keyfile" + vault_id)
-    except InvalidTag:
-        raise WrongKey("wrong passphrase for keyfile " + str(path)) from None
+    n, r, p = _kdf_params(kdf_doc)
+    ad = _keyfile_ad(version, vault_id, kdf_doc)
+    tries = [kdf.normalize(passphrase)]
+    if version == 1 and passphrase != tries[0]:
+        tries.append(passphrase)  # sealed before passphrases were normalised
+    seed = None
+    for pw in tries:
+        try:
+            seed = AESGCM(scrypt_kek(pw, salt, n, r, p)).decrypt(nonce, sealed, ad)
+            break
+        except InvalidTag:
+            continue
+    if seed is None:
+        raise WrongKey("wrong passphrase for keyfile " + str(path))
     keys = VaultKeys.from_seed(seed)
     if keys.vault_id != vault_id:
         raise WrongKey(f"keyfile {path} is damaged: its seed does not match its vault id")
     policy = doc.get("policy")
-    if policy is not None:
-        if not hmac.compare_digest(str(doc.get("policy_mac", "")), keys.policy_mac(policy)):
-            raise IntegrityError(f"keyfile {path}: its policy section was altered")
-        keys.retired_suites = {int(s) for s in policy.get("retired_suites", [])}
+    if policy is None and version == 1:
+        return keys  # version 1 wrote no policy before suites could be retired
+    if not isinstance(policy, dict) or not hmac.compare_digest(
+        str(doc.get("policy_mac", "")).encode(), keys.policy_mac(policy).encode()
+    ):
+        raise IntegrityError(f"keyfile {path}: its policy section is missing or was altered")
+    if version >= 2 and policy.get("kdf") != kdf_doc:
+        raise IntegrityError(f"keyfile {path}: its policy names other scrypt parameters")
+    retired = policy.get("retired_suites", [])
+    if not isinstance(retired, list) or not all(type(s) is int for s in retired):
+        raise IntegrityError(f"keyfile {path}: its policy section is malformed")
+    keys.retired_suites = set(retired)
+    param = policy.get("slhdsa_param")
+    if param is not None and param not in SLHDSA_PARAMS:
+        raise IntegrityError(f"keyfile {path}: unknown SLH-DSA parameter set {param!r}")
+    keys.policy_slhdsa = param
     return keys
 
 
 def update_keyfile_policy(path: Path, keys: VaultKeys) -> None:
-    """Rewrite only the keyfile's authenticated policy (retired suites); no passphrase needed."""
+    """Rewrite only the keyfile's authenticated policy (retired suites); no passphrase needed.
+    The keyfile keeps its version (a version-1 file becomes version 2 when it is re-sealed)."""
     try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        return
-    except ValueError:
-        raise InputError(f"{path} is not a vaultfs keyfile") from None
+        doc = _load_doc(path)
+    except InputError:
+        if not Path(path).exists():
+            return
+        raise
     if doc.get("vault_id") != keys.vault_id.hex():
         raise WrongKey(f"keyfile {path} belongs to another vault")
-    doc.update(_policy_fields(keys))
+    doc.update(_policy_fields(keys, doc.get("version", 1), doc.get("kdf")))
     _write_json_atomic(Path(path), doc)
 
 

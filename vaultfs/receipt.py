@@ -193,10 +193,10 @@ def verify(receipt: dict, public_key: dict | None = None, fingerprint: str | Non
     """
     if receipt.get("format") != FORMAT or receipt.get("version") != 1:
         raise IntegrityError("not a vaultfs receipt (format/version)")
+    statement, keys, sig = (receipt.get(f) for f in ("statement", "public_keys", "signature"))
     try:
-        statement = receipt["statement"]
-        keys = receipt["public_keys"]
-        sig = receipt["signature"]
+        if not all(isinstance(x, dict) for x in (statement, keys, sig)):
+            raise TypeError
         vault_id = bytes.fromhex(keys["vault_id"])
     except (KeyError, TypeError, ValueError):
         raise IntegrityError(

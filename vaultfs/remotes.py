@@ -358,10 +358,11 @@ class Remote:
 def _parse_lsf_sizes(out: bytes) -> list[tuple[str, int]]:
     """(path, size) of each line of ``lsf --format sp --separator \\t`` (size -1: unknown)."""
     rows = []
-    for ln in out.decode().splitlines():
+    for ln in out.decode(errors="replace").splitlines():
         size, _, path = ln.partition("\t")
+        digits = size.lstrip("-")
         if path:
-            rows.append((path, int(size) if size.lstrip("-").isdigit() else -1))
+            rows.append((path, int(size) if digits.isascii() and digits.isdigit() else -1))
     return rows
 
 
@@ -426,7 +427,7 @@ class RcloneCommand(Remote):
 
     def list(self, sub: str) -> list[str]:
         out = self._lsf(["--files-only", join(self.spec, sub)], f"list {sub}")
-        return [ln for ln in out.decode().splitlines() if ln] if out else []
+        return [ln for ln in out.decode(errors="replace").splitlines() if ln] if out else []
 
     def list_sizes(self, sub: str) -> dict[str, int]:
         fmt = ["--files-only", "--format", "sp", "--separator", "\t"]
@@ -559,11 +560,26 @@ class RcloneRc(Remote):
             return None
 
     def _list(self, sub: str, recurse: bool) -> list[dict]:
-        """operations/list of the files under ``sub`` (empty when it does not exist)."""
+        """operations/list of the files under ``sub`` (empty when it does not exist): each
+        entry has a string "Name" and "Path" and an integer "Size" (-1 when rclone gave
+        none); RemoteError for a listing of any other shape."""
         opt = {"filesOnly": True, "noModTime": True, "noMimeType": True, "recurse": recurse}
         params = {"fs": self.spec, "remote": sub, "opt": opt}
         out = self._call_absent_ok("operations/list", params, f"list {sub or 'the remote'}")
-        return out["list"] if out else []
+        if out is None:
+            return []
+        listing = out.get("list") if isinstance(out, dict) else None
+        if not isinstance(listing, list) or not all(
+            isinstance(o, dict)
+            and isinstance(o.get("Name"), str)
+            and isinstance(o.get("Path"), str)
+            for o in listing
+        ):
+            raise RemoteError(f"{self.label}: rclone returned a malformed listing")
+        for o in listing:
+            if type(o.get("Size")) is not int:
+                o["Size"] = -1
+        return listing
 
     def ensure(self) -> None:
         self._call("operations/mkdir", {"fs": self.spec, "remote": ""}, "mkdir")
@@ -573,12 +589,12 @@ class RcloneRc(Remote):
         return [o["Name"] for o in self._list(sub, False)]
 
     def list_sizes(self, sub: str) -> dict[str, int]:
-        return {o["Name"]: int(o.get("Size", -1)) for o in self._list(sub, False)}
+        return {o["Name"]: o["Size"] for o in self._list(sub, False)}
 
     def list_tree(
         self, subs: tuple[str, ...] = ("data", "meta", "manifests")
     ) -> dict[str, dict[str, int]]:
-        return _tree([(o["Path"], int(o.get("Size", -1))) for o in self._list("", True)], subs)
+        return _tree([(o["Path"], o["Size"]) for o in self._list("", True)], subs)
 
     def cat(self, sub: str, name: str, offset: int = 0, count: int = -1) -> bytes:
         return self._command.cat(sub, name, offset, count)

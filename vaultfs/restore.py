@@ -28,7 +28,7 @@ from . import envelope, manifest, merkle, segment
 from .backends import Backend, Job
 from .backup import check_name
 from .errors import InputError, IntegrityError, NotEnoughRemotes, RemoteError, TargetNotEmpty
-from .index import migrate, seen_manifest_seq
+from .index import open_shipped, seen_manifest_seq
 from .keys import SLHDSA_BY_SIG_ALG, VaultKeys
 from .names import display, fs_path, xattrs_from_db
 from .shardreader import ShardRef, choose, read_segment
@@ -1077,7 +1077,6 @@ def open_remote_index(
         raise NotEnoughRemotes("none of the given remotes is reachable")
     dbpath = workdir / "index.db"
     warnings += fetch_index(keys, m, src, dbpath)
-    db = sqlite3.connect(dbpath, isolation_level=None)
-    migrate(db)  # an index written before schema 2 reads like a current one
+    db = open_shipped(dbpath)  # checked, and migrated: schema 1 reads like a current one
     verify_index_against_manifest(db, m)
     return db, src, m, warnings

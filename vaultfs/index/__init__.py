@@ -31,7 +31,7 @@ from pathlib import Path
 
 from . import manifests
 from .chunks import LOOKUP_BATCH, chunk_rows
-from .schema import SCHEMA, SCHEMA_VERSION, migrate
+from .schema import SCHEMA, SCHEMA_VERSION, migrate, open_shipped
 from .settings import VaultParams
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "VaultParams",
     "chunk_rows",
     "migrate",
+    "open_shipped",
     "seen_manifest_seq",
     "stored_vault_id",
 ]

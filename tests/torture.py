@@ -1,0 +1,286 @@
+"""Crash torture: kill -9 a vaultfs command at a random point, then check that the vault
+recovers by itself and lost nothing it had committed (docs/operations.md, "Crash torture").
+
+One *trial* of an operation:
+
+1. copy the operation's prepared world (a vault home, its three local remotes, the source
+   trees) into place — always the same path, so the remote specs in the index stay right;
+2. run the operation's command in its own session and SIGKILL the whole process group
+   (rclone included) after a random delay within the command's measured duration;
+3. recover as a user would: ``vaultfs flush`` (which finishes an interrupted commit), then the
+   operation's *finish* command if it has one (a repair, prune or re-encryption is run again
+   and resumes), then ``vaultfs flush`` again;
+4. check: ``vaultfs verify --read-all`` exits 0, every snapshot the world had committed before
+   the kill is still listed, and every listed snapshot restores to exactly one of the source
+   trees. *Bytes lost* are the bytes of committed snapshots that are missing or wrong.
+
+scripts/torture runs many trials per operation and prints the table; tests/test_torture.py
+runs a handful.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PASSPHRASE = "torture chamber passphrase"
+REMOTES = ("r0", "r1", "r2")
+
+
+def cli(world: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``vaultfs ARGS`` against the world's vault, to the end."""
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *args],
+        capture_output=True,
+        timeout=timeout,
+        env=_env(world),
+        cwd=ROOT,
+    )
+
+
+def _env(world: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        VAULTFS_HOME=str(world / "home"),
+        VAULTFS_PASSPHRASE=PASSPHRASE,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+    )
+    return env
+
+
+def _ok(world: Path, *args: str) -> str:
+    proc = cli(world, *args)
+    if proc.returncode != 0:
+        raise RuntimeError(f"vaultfs {' '.join(args)} -> {proc.returncode}: {proc.stderr[-600:]!r}")
+    return proc.stdout.decode()
+
+
+def tree_digest(root: Path) -> dict[str, tuple[int, str]]:
+    """{relative path: (size, sha256)} of every regular file under ``root``."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            data = p.read_bytes()
+            out[str(p.relative_to(root))] = (len(data), hashlib.sha256(data).hexdigest())
+    return out
+
+
+def _make_tree(root: Path, files: int, size: int, rng: random.Random) -> None:
+    root.mkdir(parents=True)
+    for i in range(files):
+        (root / f"f{i:03d}.bin").write_bytes(rng.randbytes(size))
+
+
+def snapshots(world: Path) -> list[dict]:
+    return json.loads(_ok(world, "snapshots", "--json"))
+
+
+# -- operations ---------------------------------------------------------------------------
+@dataclass
+class Operation:
+    """A command to kill: ``prepare(world)`` builds the world once; ``command`` is what is
+    killed; ``finish`` (if any) is what the user runs again after the kill."""
+
+    name: str
+    prepare: Callable[[Path], None]
+    command: tuple[str, ...]
+    finish: tuple[str, ...] | None = None
+
+
+def _init(world: Path, rng: random.Random) -> None:
+    for r in REMOTES:
+        (world / r).mkdir(parents=True)
+    remotes = [a for r in REMOTES for a in ("--remote", str(world / r))]
+    _ok(world, "init", "-k", "2", "-n", "3", "--segment-mib", "1", *remotes)
+    _make_tree(world / "src1", 3, 200_000, rng)
+    _make_tree(world / "src2", 10, 200_000, rng)
+    _ok(world, "backup", str(world / "src1"))
+
+
+def _prep_backup(world: Path) -> None:
+    _init(world, random.Random(1))
+
+
+def _prep_prune(world: Path) -> None:
+    _init(world, random.Random(2))
+    _ok(world, "backup", str(world / "src2"))
+    first = snapshots(world)[0]["id"]
+    _ok(world, "snapshot", "delete", first)
+
+
+def _prep_repair(world: Path) -> None:
+    _init(world, random.Random(3))
+    _ok(world, "backup", str(world / "src2"))
+    shutil.rmtree(world / "r0" / "data")  # a remote lost its data shards
+
+
+def _prep_plain(world: Path) -> None:
+    _init(world, random.Random(4))
+    _ok(world, "backup", str(world / "src2"))
+
+
+def _prep_replace(world: Path) -> None:
+    _prep_plain(world)
+    (world / "r3").mkdir()
+
+
+OPERATIONS: dict[str, Operation] = {
+    op.name: op
+    for op in (
+        Operation("backup", _prep_backup, ("backup", "{world}/src2")),
+        Operation("prune", _prep_prune, ("prune",), finish=("prune",)),
+        Operation("repair", _prep_repair, ("repair",), finish=("repair",)),
+        Operation(
+            "reencrypt",
+            _prep_plain,
+            ("reencrypt", "--suite", "mlkem1024"),
+            finish=("reencrypt", "--suite", "mlkem1024"),
+        ),
+        Operation("keys rotate", _prep_plain, ("keys", "rotate")),
+        Operation(
+            "remote replace",
+            _prep_replace,
+            ("remote", "replace", "{world}/r0", "{world}/r3"),
+            finish=("repair",),
+        ),
+    )
+}
+
+
+# -- trials -----------------------------------------------------------------------------------
+@dataclass
+class Result:
+    """The outcome of the trials of one operation."""
+
+    operation: str
+    trials: int = 0
+    recovered: int = 0
+    bytes_lost: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+class Chamber:
+    """Runs trials of the operations under ``base`` (a scratch directory it owns)."""
+
+    def __init__(self, base: Path, seed: int | None = None) -> None:
+        self.base = base
+        self.world = base / "world"
+        self.rng = random.Random(seed)
+        self.templates: dict[str, tuple[Path, float, list[dict]]] = {}
+
+    def _args(self, args: tuple[str, ...]) -> list[str]:
+        return [a.replace("{world}", str(self.world)) for a in args]
+
+    def _template(self, op: Operation) -> tuple[Path, float, list[dict]]:
+        """The prepared world of ``op``, the command's uncut duration, and the snapshots
+        committed before it (built once, then copied for every trial)."""
+        if op.name in self.templates:
+            return self.templates[op.name]
+        shutil.rmtree(self.world, ignore_errors=True)
+        op.prepare(self.world)
+        before = snapshots(self.world)
+        tpl = self.base / ("tpl-" + op.name.replace(" ", "-"))
+        shutil.rmtree(tpl, ignore_errors=True)
+        shutil.copytree(self.world, tpl, symlinks=True)
+        t0 = time.monotonic()
+        _ok(self.world, *self._args(op.command))
+        took = time.monotonic() - t0
+        self.templates[op.name] = (tpl, took, before)
+        return self.templates[op.name]
+
+    def trial(self, op: Operation) -> tuple[bool, int, str]:
+        """One kill and recovery: (recovered, bytes lost, what went wrong)."""
+        tpl, took, before = self._template(op)
+        shutil.rmtree(self.world, ignore_errors=True)
+        shutil.copytree(tpl, self.world, symlinks=True)
+        delay = self.rng.uniform(0, took * 1.1)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", *self._args(op.command)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=_env(self.world),
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        problems = []
+        steps = [("flush",), *([self._args(op.finish)] if op.finish else []), ("flush",)]
+        for step in steps:
+            res = cli(self.world, *step)
+            if res.returncode != 0:
+                problems.append(
+                    f"`{' '.join(step)}` exited {res.returncode}: "
+                    + res.stderr.decode(errors="replace").strip()[-300:]
+                )
+        res = cli(self.world, "verify", "--read-all", "--json")
+        if res.returncode != 0:
+            problems.append(f"verify --read-all exited {res.returncode}")
+        lost, why = self._check_snapshots(before, op)
+        problems += why
+        return not problems and lost == 0, lost, "; ".join(problems)
+
+    def _check_snapshots(self, before: list[dict], op: Operation) -> tuple[int, list[str]]:
+        # a backup of WORLD/srcN restores as srcN/...
+        sources = [
+            {f"{name}/{path}": v for path, v in tree_digest(self.world / name).items()}
+            for name in ("src1", "src2")
+        ]
+        try:
+            now = snapshots(self.world)
+        except RuntimeError as e:
+            total = sum(s["bytes"] for s in before)
+            return total, [f"snapshots cannot be listed: {e}"]
+        lost = 0
+        problems = []
+        ids = {s["id"] for s in now}
+        for s in before:
+            if s["id"] not in ids:
+                lost += s["bytes"]
+                problems.append(f"committed snapshot {s['id']} is gone")
+        for s in now:
+            out = self.base / "restore"
+            shutil.rmtree(out, ignore_errors=True)
+            res = cli(self.world, "restore", "--snapshot", s["id"], "--to", str(out))
+            got = tree_digest(out) if res.returncode == 0 else {}
+            if got not in sources:
+                lost += s["bytes"] if s["id"] in {b["id"] for b in before} else 0
+                problems.append(f"snapshot {s['id']} does not restore to a source tree")
+        return lost, problems
+
+    def run(self, op: Operation, trials: int) -> Result:
+        res = Result(op.name)
+        for _ in range(trials):
+            ok, lost, why = self.trial(op)
+            res.trials += 1
+            res.recovered += ok
+            res.bytes_lost += lost
+            if not ok:
+                res.failures.append(why)
+        return res
+
+
+def table(results: list[Result]) -> str:
+    """The trial table: operation, trials, recovered, bytes lost."""
+    lines = [f"{'operation':16} {'trials':>6} {'recovered':>9} {'bytes lost':>10}"]
+    for r in results:
+        lines.append(f"{r.operation:16} {r.trials:>6} {r.recovered:>9} {r.bytes_lost:>10}")
+    return "\n".join(lines)
