@@ -1,7 +1,6 @@
 """The local SQLite index: the single source of truth for what the vault holds and where, and
-the place SQL over it is written: the engine's (vaultfs/vault/), but for the read path, the
-remote list and the manifest keyring, which still pass their statements to :meth:`Index.q`,
-as do repair, verify, rotation, restore, receipt, prune and the CLI (to move here next).
+the only place SQL over it is written (the live tree's own tables, ``live_*``, are read and
+written by vaultfs/livetree.py and vaultfs/snapview.py).
 
 Every column is documented in the schema (``schema.py``). Sentinels that crash recovery reads:
 ``shards.state = 'queued'`` means the shard object is durable in the local queue directory
@@ -11,10 +10,12 @@ segment is inserted only once it is sealed and its shards are durable in the que
 The queries live beside it, one named function per question, grouped by what they are
 about: ``settings`` (the typed :class:`VaultParams` and the other settings rows),
 ``keyring`` (key epochs and suites), ``remotes`` (the remotes table and their health),
-``segments`` (segments and their shards), ``chunks``, ``snapshots`` (snapshots, entries,
-entry chunks), ``manifests`` (manifests, their upload queue, garbage), ``audit`` (audit tags
-and runs). A function that reads takes the :class:`Index` (it holds the lock itself); one
-that writes as part of a larger update takes the connection of the caller's :meth:`Index.tx`.
+``segments`` (segments and their shards), ``chunks`` (and which are still referenced),
+``snapshots`` (snapshots, entries, entry chunks), ``manifests`` (manifests, their upload
+queue, garbage), ``audit`` (audit tags, runs, challenges, findings, foreign objects). A
+function that reads takes the :class:`Index` (it holds the lock itself); one that writes as
+part of a larger update takes the connection of the caller's :meth:`Index.tx`, one that
+writes on its own opens its transaction itself.
 
 After every commit the whole index is exported (``Index.export_bytes``), encrypted and
 erasure-coded like data, and named by a signed manifest (see vaultfs/vault/commit.py and
@@ -43,6 +44,7 @@ __all__ = [
     "chunk_rows",
     "migrate",
     "seen_manifest_seq",
+    "stored_remote_specs",
     "stored_vault_id",
 ]
 
@@ -131,6 +133,16 @@ def stored_vault_id(path: Path) -> str | None:
         return None
     with contextlib.closing(Index(path)) as index:
         return index.get("vault_id")
+
+
+def stored_remote_specs(path: Path) -> list[str]:
+    """The specs of every remote (active or removed) recorded in the index file at ``path``,
+    read without changing the file (no migration, no journal); none when there is no file."""
+    if not path.exists():
+        return []
+    uri = path.resolve().as_uri() + "?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+        return [s for (s,) in db.execute("SELECT spec FROM remotes")]
 
 
 def seen_manifest_seq(path: Path, vault_id: str) -> int:
