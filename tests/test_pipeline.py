@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from vaultfs import kdf
+from vaultfs.backends import open_backend
 from vaultfs.backup import backup_paths, backup_stream
 from vaultfs.errors import WrongKey
 from vaultfs.keys import VaultKeys, new_seed, read_keyfile, write_keyfile
@@ -42,7 +43,7 @@ def text(seed: int, size: int) -> bytes:
 
 
 def restore_all(keys: VaultKeys, remotes: list[str], work: Path, out: Path) -> None:
-    db, src, _m, _w = open_remote_index(keys, [Remote(r) for r in remotes], work)
+    db, src, _m, _w = open_remote_index(keys, [open_backend(r) for r in remotes], work)
     try:
         restore_files(keys, db, src, out)
     finally:
@@ -166,7 +167,7 @@ def test_crash_between_index_copy_and_manifest_is_recovered(tmp_path, monkeypatc
 def test_rclone_daemon_is_restarted_after_it_dies(tmp_path):
     d = RcloneDaemon.get()
     assert d is not None and d.alive()
-    r = Remote(str(tmp_path / "remote"))
+    r = open_backend(str(tmp_path / "remote"))
     r.ensure()
     (tmp_path / "f").write_bytes(b"x" * 1000)
     r.put_file(tmp_path / "f", "data", "obj")
@@ -183,7 +184,7 @@ def test_rclone_daemon_reports_bad_specs_like_the_command_line(tmp_path):
     from vaultfs.errors import BadRemote
 
     with pytest.raises(BadRemote, match="rejected"):
-        Remote("nosuchremote:bucket").ensure()
+        open_backend("nosuchremote:bucket").ensure()
 
 
 def test_restore_decoders_match_inline_decoding(tmp_path, monkeypatch):
@@ -232,7 +233,7 @@ def test_restore_lists_and_fetches_manifests_before_the_key_is_known(tmp_path):
         backup_stream(v, io.BytesIO(text(7, 500_000)), "kb.sql")
         assert v.flush().complete
         keys = v.keys
-    src = ShardSource([Remote(r) for r in remotes])
+    src = ShardSource([open_backend(r) for r in remotes])
     src.start(tmp_path / "m")
     got = src.manifests(src.remotes[0])
     assert len(got) == 1 and all(blob for blob in got.values())
@@ -327,7 +328,9 @@ def test_local_remotes_are_read_in_place_or_copied_and_never_changed(
         assert v.flush().complete
         keys = v.keys
     before = _remote_state(remotes)
-    db, src, _m, _w = open_remote_index(keys, [Remote(r) for r in remotes[1:]], tmp_path / "w")
+    db, src, _m, _w = open_remote_index(
+        keys, [open_backend(r) for r in remotes[1:]], tmp_path / "w"
+    )
     try:
         assert bool(src.in_place) is in_place
         name = next(iter(src.where))
@@ -351,7 +354,7 @@ def test_a_shard_gone_between_listing_and_reading_is_decoded_around(tmp_path):
         backup_stream(v, io.BytesIO(data), "blob")
         assert v.flush().complete
         keys = v.keys
-    db, src, _m, _w = open_remote_index(keys, [Remote(r) for r in remotes], tmp_path / "w")
+    db, src, _m, _w = open_remote_index(keys, [open_backend(r) for r in remotes], tmp_path / "w")
     try:
         gone = sorted((Path(remotes[0]) / "data").iterdir())
         for p in gone:  # every data shard of r0, after the listing

@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import erasure, merkle, segment, verify
-from .backends import Unreachable, open_backend
-from .errors import BadRemote, NotEnoughRemotes, NoVault
+from .backends import open_backend
+from .errors import BadRemote, NotEnoughRemotes, NoVault, RemoteError, Unreachable
 from .index import audit as audit_table
 from .index import chunks as chunk_table
 from .index import manifests as manifest_table
@@ -51,7 +51,7 @@ from .index import segments as segment_table
 from .index import snapshots as snapshot_table
 from .index.segments import ShardRow
 from .names import display, from_db
-from .remotes import Remote, RemoteError
+from .remotes import Remote
 from .shardreader import Lie, ShardRef, ShardsUnavailable, ShardsUndecodable, choose, read_segment
 
 if TYPE_CHECKING:
@@ -194,7 +194,9 @@ class _Fetcher:
         with self.lock:
             b = self.backends.get(rid)
             if b is None:
-                b = self.backends[rid] = open_backend(self.specs[rid], rid, wrap=self.wrap)
+                b = self.backends[rid] = open_backend(
+                    self.specs[rid], rid, fail_fast=True, wrap=self.wrap
+                )
             return b
 
     def sources(self, seg_id: int, exclude: set[int]) -> list[ShardRef]:
@@ -669,7 +671,7 @@ def _check_new(vault: Vault, spec: str, wrap=None) -> None:
             raise BadRemote(
                 f"remote {Remote(spec).label} is already part of this vault (id {r.id})"
             )
-    b = open_backend(spec, wrap=wrap)
+    b = open_backend(spec, fail_fast=True, wrap=wrap)
     try:
         b.ensure()
         existing = b.list("manifests")
@@ -723,7 +725,7 @@ def remove_remote(vault: Vault, name: str, wrap=None) -> RepairReport:
     report = repair(vault, wrap=wrap)
     if report.unrecoverable:
         return report
-    b = open_backend(spec, rid, wrap=wrap)
+    b = open_backend(spec, rid, fail_fast=True, wrap=wrap)
     try:
         for sub in (*segment.KIND_NAMES.values(), "manifests"):
             names = b.list(sub)

@@ -24,12 +24,12 @@ from typing import NamedTuple
 import blake3
 
 from . import envelope, manifest, merkle, segment
+from .backends import Backend, Job
 from .backup import check_name
-from .errors import InputError, IntegrityError, NotEnoughRemotes, TargetNotEmpty
+from .errors import InputError, IntegrityError, NotEnoughRemotes, RemoteError, TargetNotEmpty
 from .index import Index, keyring, seen_manifest_seq, segments, snapshots
 from .keys import SLHDSA_BY_SIG_ALG, VaultKeys
 from .names import display, fs_path, xattrs_from_db
-from .remotes import Remote, RemoteError
 from .shardreader import ShardRef, choose, read_segment
 
 BATCH_SEGMENTS = 12
@@ -65,13 +65,13 @@ class RestoreResult:
 class ShardSource:
     """Where each shard object can be fetched from: listed remotes and the local queue.
 
-    Objects of a plain local-directory remote (:attr:`Remote.local_dir`) are read where they
+    Objects of a plain local-directory remote (:attr:`Backend.local_dir`) are read where they
     lie (:data:`READ_IN_PLACE`): listing, manifests and every write still go through rclone,
     but a restore from a USB disk or NAS mount copies nothing into a staging area first. An
     object that cannot be read in place, or whose hash is wrong, is decoded around like any
     missing shard. Nothing here ever writes to or deletes from a remote."""
 
-    def __init__(self, remotes: list[Remote], queue_dir: Path | None = None) -> None:
+    def __init__(self, remotes: list[Backend], queue_dir: Path | None = None) -> None:
         self.remotes = remotes
         self.queue_dir = queue_dir
         self.reports = {r.spec: RemoteReport(r.label) for r in remotes}
@@ -81,7 +81,7 @@ class ShardSource:
             for r in remotes:
                 if (d := r.local_dir) is not None:
                     self.in_place[r.spec] = d
-        self.where: dict[str, list[Remote]] = defaultdict(list)
+        self.where: dict[str, list[Backend]] = defaultdict(list)
         self.local: dict[str, Path] = {}
         if queue_dir and queue_dir.exists():
             for rdir in queue_dir.glob("r*"):
@@ -119,7 +119,7 @@ class ShardSource:
     #: shard objects downloaded ahead: name -> file (deleted once used)
     staged: dict[str, Path] = {}
 
-    def _start_read_ahead(self, d: Path) -> list[tuple[Remote, int]]:
+    def _start_read_ahead(self, d: Path) -> list[Job]:
         ok = [
             r
             for r in self.remotes
@@ -130,22 +130,18 @@ class ShardSource:
         jobs = []
         for i, r in enumerate(ok):
             for sub, limit in (("meta", 0), ("data", budget)):
-                jid = r.copy_dir_async(sub, d / f"a{i}" / sub, limit)
-                if jid is not None:
-                    jobs.append((r, jid))
+                job = r.copy_dir_async(sub, d / f"a{i}" / sub, limit)
+                if job is not None:
+                    jobs.append(job)
         return jobs
 
     def stop_read_ahead(self) -> None:
         """Stop downloading ahead; what arrived complete becomes :attr:`staged`."""
         if self._ahead is None:
             return
-        from .remotes import RcloneDaemon
-
         jobs, self._ahead = self._ahead.result(), None
-        daemon = RcloneDaemon.get()
-        if daemon is not None:
-            for _r, jid in jobs:
-                daemon.stop_job(jid)
+        for job in jobs:
+            job.stop()
         staged: dict[str, Path] = {}
         assert self._ahead_dir is not None
         for f in self._ahead_dir.glob("a*/*/*"):
@@ -153,13 +149,13 @@ class ShardSource:
                 staged[f.name] = f
         self.staged = staged
 
-    def _list_one(self, r: Remote) -> dict[str, dict[str, int]] | RemoteError:
+    def _list_one(self, r: Backend) -> dict[str, dict[str, int]] | RemoteError:
         try:
             return r.list_tree(("data", "meta"))
         except RemoteError as e:
             return e
 
-    def _manifests_one(self, r: Remote, d: Path) -> dict[str, bytes] | RemoteError:
+    def _manifests_one(self, r: Backend, d: Path) -> dict[str, bytes] | RemoteError:
         """Every manifest of one remote, fetched in one transfer (all of them, not only the
         newest few: a remote cannot hide its valid manifests behind junk objects with higher
         sequence numbers; pruning keeps three per remote)."""
@@ -170,7 +166,7 @@ class ShardSource:
             return e
         return {f.name: f.read_bytes() for f in d.iterdir() if f.is_file()}
 
-    def manifests(self, r: Remote) -> dict[str, bytes]:
+    def manifests(self, r: Backend) -> dict[str, bytes]:
         """{object name: bytes} of the manifests on ``r``; raises RemoteError."""
         fut = self._mans.get(r.spec)
         if fut is None:
@@ -224,7 +220,7 @@ class ShardSource:
     def fetch(self, wanted: list[tuple[str, str]], into: Path) -> dict[str, Path]:
         """Download (kind, name) objects into ``into``; spread the load across remotes."""
         got: dict[str, Path] = {}
-        per_remote: dict[str, tuple[Remote, dict[str, list[str]]]] = {}
+        per_remote: dict[str, tuple[Backend, dict[str, list[str]]]] = {}
         load: dict[str, int] = defaultdict(int)
         for kind, name in wanted:
             if name in self.local:
@@ -246,7 +242,7 @@ class ShardSource:
             load[r.spec] += 1
             per_remote.setdefault(r.spec, (r, defaultdict(list)))[1][kind].append(name)
 
-        def pull(item: tuple[Remote, dict[str, list[str]]]) -> None:
+        def pull(item: tuple[Backend, dict[str, list[str]]]) -> None:
             r, kinds = item
             d = into / f"r{abs(hash(r.spec))}"
             d.mkdir(parents=True, exist_ok=True)
@@ -335,7 +331,7 @@ def find_manifest(
     best: manifest.Manifest | None = None
     lock = threading.Lock()
 
-    def scan(r: Remote) -> None:
+    def scan(r: Backend) -> None:
         """Check every manifest of one remote; keep its newest valid one."""
         nonlocal best
         rep = src.reports[r.spec]
@@ -915,7 +911,7 @@ def verify_index_against_manifest(index: Index, m: manifest.Manifest) -> None:
 
 def open_remote_index(
     keys: VaultKeys,
-    remotes: list[Remote],
+    remotes: list[Backend],
     workdir: Path,
     min_seq: int = 0,
     src: ShardSource | None = None,

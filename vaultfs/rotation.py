@@ -36,11 +36,11 @@ from functools import partial
 from pathlib import Path
 
 from . import envelope
-from .errors import EXIT_PARTIAL, InputError, IntegrityError, VaultError
+from .backends import open_backend
+from .errors import EXIT_PARTIAL, InputError, IntegrityError, RemoteError, VaultError
 from .index import chunks, keyring, manifests, segments
 from .index import remotes as remote_table
 from .keys import SUITE_NAMES, SUITES, suite_name, update_keyfile_policy
-from .remotes import Remote, RemoteError
 from .vault import Vault
 
 #: Flush the queue after this many rewritten segments (bounds local disk use).
@@ -246,7 +246,7 @@ def collect_garbage(v: Vault) -> tuple[int, int]:
             if spec is None:
                 manifests.forget_garbage(v.index, names)
                 continue
-            r = Remote(spec, rid)
+            r = open_backend(spec, rid)
         try:
             r.delete(kind, names)
         except RemoteError:

@@ -10,7 +10,7 @@ What one audit of one remote does, in order:
    index does not place there is *foreign*. Listings cost a few bytes per object.
 3. **Challenges**, drawn with :mod:`secrets` when the audit is planned, so the remote cannot
    predict them: a uniformly random 64 KiB Merkle block among all blocks the remote holds, and a
-   random 2 KiB *piece* of it, fetched with a ranged read (``Remote.cat(sub, name, off, n)``).
+   random 2 KiB *piece* of it, fetched with a ranged read (``Backend.cat(sub, name, off, n)``).
    The piece is checked against its keyed tag (``audit_tags``), which binds it to the block's
    Merkle leaf; the leaf is checked by its Merkle proof up to the shard root, the shard root up
    to the segment root and the segment root up to the vault root signed in the latest manifest
@@ -53,13 +53,13 @@ from typing import TYPE_CHECKING
 
 from . import manifest, merkle, segment
 from .audittag import PIECE, piece_tag, piece_tags, stored_tag, tagger
-from .backends import ObjectMissing, Unreachable, open_backend
-from .errors import BadRemote, IntegrityError
+from .backends import open_backend
+from .errors import BadRemote, IntegrityError, ObjectMissing, RemoteError, Unreachable
 from .index import Index, manifests, segments
 from .index import audit as audit_table
 from .index import remotes as remote_table
 from .index.segments import ShardRow
-from .remotes import Remote, RemoteError
+from .remotes import Remote
 from .shardreader import intact
 
 if TYPE_CHECKING:
@@ -332,7 +332,7 @@ class _RemoteAuditor:
     def __init__(self, ctx: _Ctx, rid: int, spec: str, domain: str) -> None:
         self.ctx = ctx
         self.rid = rid
-        self.b = open_backend(spec, rid, wrap=ctx.wrap)
+        self.b = open_backend(spec, rid, fail_fast=True, wrap=ctx.wrap)
         self.rep = RemoteAudit(Remote(spec).label, rid, domain, mode=ctx.mode)
         self.run_id: int | None = None
         self.tree: dict[str, dict[str, int]] = {}

@@ -148,3 +148,26 @@ def files_in_segment(index: Index, seg_id: int) -> list[tuple[str, str]]:
         " WHERE c.segment=? ORDER BY s.id, e.path",
         (seg_id,),
     )
+
+
+def holding(index: Index, path: str) -> list[tuple[int, str, str | None, float, int]]:
+    """(row id, uid, name, created, manifest seq) of every snapshot with an entry at ``path``
+    (as stored: names.to_db), oldest first."""
+    return index.q(
+        "SELECT s.id, s.uid, s.name, s.created, s.seq FROM snapshots s WHERE EXISTS"
+        " (SELECT 1 FROM entries e WHERE e.snapshot = s.id AND e.path = ?) ORDER BY s.id",
+        (path,),
+    )
+
+
+def present(index: Index, snapshot: int, paths: list[str]) -> set[str]:
+    """Which of ``paths`` (as stored: names.to_db) the snapshot with row id ``snapshot`` has
+    an entry at."""
+    marks = ",".join("?" * len(paths))
+    return {
+        p
+        for (p,) in index.q(
+            f"SELECT path FROM entries WHERE snapshot = ? AND path IN ({marks})",
+            (snapshot, *paths),
+        )
+    }
