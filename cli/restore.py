@@ -69,14 +69,14 @@ def restore(
         keys = keys_for_restore(h, keyfile, seed_file)
         if from_:
             assert early is not None
-            db, src, m, warnings = open_remote_index(
+            index, src, m, warnings = open_remote_index(
                 keys, early.remotes, Path(work), src=early, home=h
             )  # the local index, if any, is the rollback floor
-            stack.callback(db.close)
+            stack.callback(index.close)
             seq = m.seq
         else:
             v = stack.enter_context(open_vault(h, lock=False, keys=keys))
-            db = v.index.db
+            index = v.index
             src = ShardSource(v.remotes(), v.queue_dir)
             src.list_all()
             seq = manifests.newest_seq(v.index)
@@ -86,7 +86,7 @@ def restore(
                 p, task = prog
                 total_cb = lambda t: p.update(task, total=t)  # noqa: E731
             uid, files, size, w2 = restore_files(
-                keys, db, src, to, snapshot, include, force, advance(prog), total_cb
+                keys, index, src, to, snapshot, include, force, advance(prog), total_cb
             )
     warnings += w2
     dt = time.perf_counter() - t0

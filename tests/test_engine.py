@@ -404,7 +404,7 @@ def test_restore_with_local_state_reads_queue_before_upload(tmp_path):
         backup_paths(v, [src])  # nothing uploaded yet
         source = ShardSource(v.remotes(), v.queue_dir)
         source.list_all()
-        restore_files(v.keys, v.index.db, source, tmp_path / "out")
+        restore_files(v.keys, v.index, source, tmp_path / "out")
     assert tree_digest_of(tmp_path / "out" / "src") == tree_digest_of(src)
     assert not any((Path(r) / "data").exists() for r in remotes)
 

@@ -757,7 +757,7 @@ def test_snapshot_reads_back_through_a_fresh_file_system_and_restore(h: Harness,
     out = tmp_path / "out"
     source = ShardSource(v.remotes(), v.queue_dir)
     source.list_all()
-    restore_files(v.keys, v.index.db, source, out, "s")
+    restore_files(v.keys, v.index, source, out, "s")
     for path, data in TREE.items():
         assert (out / os.fsdecode(path)).read_bytes() == data
     assert os.readlink(out / "link") == "dir/big.bin"

@@ -33,6 +33,7 @@ from pathlib import Path
 import trio
 
 from .errors import VaultError
+from .index import chunks as chunk_table
 from .livetree import Chunks, LiveTree, Node
 from .vault import Vault
 
@@ -293,17 +294,7 @@ class BlockCache:
         return moved
 
     def _durable(self, cids: list[bytes]) -> set[bytes]:
-        out: set[bytes] = set()
-        for i in range(0, len(cids), 500):
-            part = cids[i : i + 500]
-            marks = ",".join("?" * len(part))
-            out.update(
-                r[0]
-                for r in self.vault.index.q(
-                    f"SELECT cid FROM chunks WHERE cid IN ({marks})", tuple(part)
-                )
-            )
-        return out
+        return set(chunk_table.known(self.vault.index, cids))
 
     def _finish(self, d: Dirty, ver: int, chunks: Chunks) -> None:
         key = (d.ino, d.blk)

@@ -38,6 +38,7 @@ import trio
 
 from .cache import BlockCache, fsync_files, read_range, unlink_files, write_block_file
 from .errors import VaultError
+from .index import manifests, segments
 from .livetree import ROOT_INODE, Journal, LiveTree, Node
 from .names import SPECIAL_TYPES
 from .snapview import (
@@ -197,11 +198,8 @@ class VaultFS(pyfuse3.Operations):
             delay = min(delay * 2, 60.0) if rep.errors else 3.0
 
     def _queued_count(self) -> int:
-        row = self.vault.index.one(
-            "SELECT (SELECT count(*) FROM shards WHERE state='queued')"
-            " + (SELECT count(*) FROM manifest_queue)"
-        )
-        return row[0] if row else 0
+        index = self.vault.index
+        return segments.queued_count(index) + manifests.pending_uploads(index)
 
     # -- the gate that snapshots close ------------------------------------------------------
     @asynccontextmanager

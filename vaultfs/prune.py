@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from .errors import IntegrityError
+from .index import audit, chunks, segments
 from .vault import Vault
 
 #: A segment whose live records take less than this share of its bytes is repacked.
@@ -56,21 +57,6 @@ class PruneReport:
         return asdict(self)
 
 
-def live_chunk_ids(v: Vault) -> set[bytes]:
-    """Chunk ids some snapshot entry or live-tree block refers to."""
-    live = {
-        bytes(cid)
-        for (cid,) in v.index.q(
-            "SELECT DISTINCT c.cid FROM entry_chunks e JOIN chunks c ON c.id = e.chunk"
-        )
-    }
-    for (blob,) in v.index.q("SELECT chunks FROM live_blocks"):
-        blob = bytes(blob)
-        for off in range(0, len(blob) - 35, 36):  # 32-byte id ‖ 4-byte length, repeated
-            live.add(blob[off : off + 32])
-    return live
-
-
 def prune(
     v: Vault,
     repack_below: float = REPACK_BELOW,
@@ -79,20 +65,17 @@ def prune(
 ) -> PruneReport:
     """Free what nothing refers to; see the module docstring. ``v`` must be opened with the
     lock (a writer)."""
-    from . import rotation, verify
+    from . import rotation
 
     if not 0 <= repack_below <= 1:
         raise ValueError("repack_below is a fraction between 0 and 1")
     report = PruneReport(dry_run)
     v.seal()
-    live = live_chunk_ids(v)
-    segs = v.index.q("SELECT id, size, used, epoch FROM segments WHERE kind='data' ORDER BY id")
+    live = chunks.referenced(v.index)
+    segs = segments.data_segments(v.index)
     report.segments = len(segs)
     rows: dict[int, list[tuple[bytes, int, int, int]]] = defaultdict(list)
-    for sid, cid, off, ln, plain in v.index.q(
-        "SELECT c.segment, c.cid, c.offset, c.length, c.plain FROM chunks c"
-        " JOIN segments g ON g.id = c.segment WHERE g.kind='data'"
-    ):
+    for sid, cid, off, ln, plain in chunks.in_data_segments(v.index):
         rows[sid].append((bytes(cid), off, ln, plain))
 
     drop: list[int] = []
@@ -133,8 +116,9 @@ def prune(
                     records.append((cid, bytes(data[off : off + ln]), plain))
         new = v.rewrite_segments(olds, records, epoch)
         if new is not None:
-            (new_size,) = v.index.one("SELECT size FROM segments WHERE id=?", (new,))
-            report.stored_freed -= new_size
+            made = segments.geometry(v.index, new)
+            assert made is not None
+            report.stored_freed -= made[1]  # its size
         done += len(olds)
         if progress:
             progress(done, total)
@@ -142,7 +126,7 @@ def prune(
         report.manifest_seq = v.ship_index()
         rep = v.flush()
         report.errors.update(rep.errors)
-        verify.prune_orphans(v.index)
+        audit.forget_orphans(v.index)
     report.garbage_deleted, report.garbage_left = rotation.collect_garbage(v)
     return report
 

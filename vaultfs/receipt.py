@@ -37,6 +37,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa
 
 from .errors import InputError, IntegrityError
+from .index import manifests, segments, snapshots
+from .index import remotes as remote_table
 from .keys import SLHDSA_128F, SLHDSA_128S, SUITES, VaultKeys, slhdsa_field, verify_slhdsa
 from .remotes import Remote
 from .vault import Vault
@@ -101,38 +103,22 @@ def make(v: Vault, snapshot: str) -> dict:
     """Build and sign a receipt for ``snapshot`` (id, name or 'latest')."""
     if v.keys.slhdsa_secret is None:
         raise InputError("this vault has no SLH-DSA key yet: run `vaultfs keys init` first")
-    if snapshot == "latest":
-        row = v.index.one(
-            "SELECT uid, name, created, seq, root, files, bytes FROM snapshots"
-            " ORDER BY id DESC LIMIT 1"
-        )
-    else:
-        row = v.index.one(
-            "SELECT uid, name, created, seq, root, files, bytes FROM snapshots"
-            " WHERE uid=? OR name=? ORDER BY id DESC LIMIT 1",
-            (snapshot, snapshot),
-        )
-    if row is None:
+    found = snapshots.find(v.index, snapshot)
+    if found is None:
         raise InputError(f"snapshot {snapshot!r} not found (see `vaultfs snapshots`)")
-    uid, name, created, seq, root, files, size = row
+    uid, name, created, seq, root, files, size = snapshots.details(v.index, found[0])
     st = v.status()
     remotes = []
-    for rid, spec in v.index.q(
-        "SELECT id, spec FROM remotes WHERE state='active' ORDER BY position, id"
-    ):
-        (placed,) = v.index.one(
-            "SELECT count(*) FROM shards WHERE remote=? AND state='placed'", (rid,)
-        )
-        (queued,) = v.index.one(
-            "SELECT count(*) FROM shards WHERE remote=? AND state='queued'", (rid,)
-        )
-        pending = v.index.one("SELECT 1 FROM manifest_queue WHERE remote=? AND seq<=?", (rid, seq))
+    for rid, spec in remote_table.active(v.index):
+        placed, _bytes = segments.remote_totals(v.index, rid, "placed")
+        queued = segments.queued_count(v.index, rid)
+        pending = manifests.queued_up_to(v.index, rid, seq)
         remotes.append(
             {
                 "remote": Remote(spec).label,
                 "placed_objects": placed,
                 "queued_objects": queued,
-                "manifest_placed": pending is None,
+                "manifest_placed": not pending,
             }
         )
     statement = {

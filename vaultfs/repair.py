@@ -43,10 +43,16 @@ from typing import TYPE_CHECKING
 from . import erasure, merkle, segment, verify
 from .backends import open_backend
 from .errors import BadRemote, NotEnoughRemotes, NoVault, RemoteError, Unreachable
+from .index import audit as audit_table
+from .index import chunks as chunk_table
+from .index import manifests as manifest_table
+from .index import remotes as remote_table
+from .index import segments as segment_table
+from .index import snapshots as snapshot_table
+from .index.segments import ShardRow
 from .names import display, from_db
 from .remotes import Remote
 from .shardreader import Lie, ShardRef, ShardsUnavailable, ShardsUndecodable, choose, read_segment
-from .verify import SHARD_SQL, ShardRow, live_segments_sql
 
 if TYPE_CHECKING:
     from .vault import Vault
@@ -99,22 +105,6 @@ class RepairReport:
         return d
 
 
-def _active(vault: Vault) -> list[tuple[int, str, str]]:
-    return [
-        (r[0], r[1], r[2])
-        for r in vault.index.q(
-            "SELECT id, spec, coalesce(domain, 'remote' || id) FROM remotes WHERE state='active'"
-            " ORDER BY position, id"
-        )
-    ]
-
-
-def _unreachable(vault: Vault) -> set[int]:
-    return {
-        r for (r,) in vault.index.q("SELECT remote FROM remote_health WHERE state='unreachable'")
-    }
-
-
 def _choose_target(
     vault: Vault,
     seg_id: int,
@@ -150,23 +140,11 @@ def _retarget_queued(vault: Vault, removed: set[int], prefer: int | None) -> int
     """Move queued shard files of removed remotes to active ones (no rebuild needed)."""
     if not removed:
         return 0
-    active = _active(vault)
+    active = remote_table.members(vault.index)
     moved = 0
-    rows = [
-        ShardRow(*r)
-        for r in vault.index.q(
-            SHARD_SQL + f" WHERE s.state='queued' AND s.remote IN ({','.join('?' * len(removed))})",
-            tuple(removed),
-        )
-    ]
+    rows = segment_table.queued_on(vault.index, removed)
     for sh in rows:
-        holders = [
-            r
-            for (r,) in vault.index.q(
-                "SELECT remote FROM shards WHERE segment=? AND idx<>? AND state IN ('placed','queued')",
-                (sh.segment, sh.idx),
-            )
-        ]
+        holders = segment_table.holders(vault.index, sh.segment, skip_idx=sh.idx)
         tgt = _choose_target(vault, sh.segment, sh.idx, holders, active, set(), prefer)
         if tgt is None:
             break
@@ -176,7 +154,7 @@ def _retarget_queued(vault: Vault, removed: set[int], prefer: int | None) -> int
         if src.exists():
             os.replace(src, dst_dir / sh.name)
         with vault.index.tx() as db:
-            db.execute("UPDATE shards SET remote=? WHERE id=?", (tgt, sh.id))
+            segment_table.move(db, sh.id, tgt)
             vault.mark_unshipped(db)
         moved += 1
     return moved
@@ -184,17 +162,12 @@ def _retarget_queued(vault: Vault, removed: set[int], prefer: int | None) -> int
 
 def _plan(vault: Vault) -> dict[int, list[tuple[ShardRow, str]]]:
     """segment id -> [(shard needing a rebuild, reason)]."""
-    removed = {r for (r,) in vault.index.q("SELECT id FROM remotes WHERE state<>'active'")}
+    removed = remote_table.removed(vault.index)
     reasons = {
         sid: f"{kind}: {detail}" if detail else kind
-        for sid, kind, detail in vault.index.q("SELECT shard, kind, detail FROM audit_findings")
+        for sid, kind, detail in audit_table.findings(vault.index)
     }
-    rows = [
-        ShardRow(*r)
-        for r in vault.index.q(
-            SHARD_SQL + f" WHERE {live_segments_sql()} ORDER BY s.segment, s.idx"
-        )
-    ]
+    rows = segment_table.live_shards(vault.index)
     out: dict[int, list[tuple[ShardRow, str]]] = defaultdict(list)
     for sh in rows:
         if sh.remote in removed and sh.state != "queued":
@@ -212,7 +185,7 @@ class _Fetcher:
         self.vault = vault
         self.down = down
         self.report = report
-        self.specs = dict(vault.index.q("SELECT id, spec FROM remotes"))
+        self.specs = remote_table.specs(vault.index)
         self.backends: dict[int, object] = {}
         self.wrap = wrap
         self.lock = threading.Lock()
@@ -229,19 +202,12 @@ class _Fetcher:
     def sources(self, seg_id: int, exclude: set[int]) -> list[ShardRef]:
         """The shards of a segment to read it from (``ShardRef.tag``: the shard row): placed or
         queued, on a reachable remote, not in ``exclude`` (the shards being rebuilt)."""
-        rows = [
-            ShardRow(*r)
-            for r in self.vault.index.q(
-                SHARD_SQL + " WHERE s.segment=? AND s.state IN ('placed', 'queued') ORDER BY s.idx",
-                (seg_id,),
-            )
-        ]
         return [
             ShardRef(
                 r.idx, r.name, r.hash, Remote(self.specs[r.remote]).label, r.state == "queued", r
             )
-            for r in rows
-            if r.id not in exclude and r.remote not in self.down
+            for r in segment_table.records(self.vault.index, seg_id)
+            if r.state in ("placed", "queued") and r.id not in exclude and r.remote not in self.down
         ]
 
     def fetch(self, wanted: Sequence[ShardRef], into: Path) -> dict[str, bytes]:
@@ -305,12 +271,7 @@ class _SegmentShards:
 
 def _mark_lost(vault: Vault, sh: ShardRow, kind: str, detail: str) -> None:
     with vault.index.tx() as db:
-        db.execute(
-            "INSERT OR REPLACE INTO audit_findings(shard, remote, kind, detail, found)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (sh.id, sh.remote, kind, detail, time.time()),
-        )
-        db.execute("UPDATE shards SET state='lost' WHERE id=? AND state='placed'", (sh.id,))
+        audit_table.record_finding(db, sh.id, sh.remote, kind, detail, time.time())
 
 
 def _note_bad_sources(vault: Vault, fetcher: _Fetcher, lies: list[Lie]) -> None:
@@ -338,7 +299,8 @@ def _rebuild_segment(
     objects fetched already (in one batch for many segments, :func:`shardreader.choose` of
     each); the shard reader fetches more as it needs them. A source found corrupt is marked
     lost. Returns (old path, old remote) of objects to delete once the new ones are placed."""
-    g = vault.index.one("SELECT kind, size, k, n, uid, ec_alg FROM segments WHERE id=?", (seg_id,))
+    g = segment_table.geometry(vault.index, seg_id)
+    assert g is not None
     kind, size, k, n, uid, alg = g[0], g[1], g[2], g[3], bytes(g[4]), g[5]
     refs = fetcher.sources(seg_id, {sh.id for sh, _r in todo})
     transport = _SegmentShards(fetcher, ahead, tmp)
@@ -352,12 +314,7 @@ def _rebuild_segment(
     _note_bad_sources(vault, fetcher, read.lies)
     data = read.data
     frags = erasure.encode(data, k, n, alg)
-    holders = [
-        r
-        for (r,) in vault.index.q(
-            "SELECT remote FROM shards WHERE segment=? AND state IN ('placed','queued')", (seg_id,)
-        )
-    ]
+    holders = segment_table.holders(vault.index, seg_id)
     old_objects: list[tuple[str, int]] = []
     tmpq = vault.queue_dir / "tmp"
     tmpq.mkdir(parents=True, exist_ok=True)
@@ -395,14 +352,10 @@ def _rebuild_segment(
             [segment.Shard(sh.idx, name, body, h, leaves, root)],
         )
         with vault.index.tx() as db:
-            db.execute(
-                "UPDATE shards SET name=?, remote=?, state='queued', hash=?, blocks=?, root=?"
-                " WHERE id=?",
-                (name, tgt, h, leaves, root, sh.id),
-            )
+            segment_table.requeue(db, sh.id, name, tgt, h, leaves, root)
             vault.mark_unshipped(db)
-            db.execute("DELETE FROM audit_findings WHERE shard=?", (sh.id,))
-            db.execute("DELETE FROM audit_tags WHERE name=?", (sh.name,))
+            audit_table.forget_findings(db, [sh.id])
+            audit_table.forget_tags(db, [sh.name])
         if not reason.startswith("missing"):  # a missing object has nothing to delete
             old_objects.append((f"{kind}/{sh.name}", sh.remote))
         label = Remote(fetcher.specs[tgt]).label
@@ -422,14 +375,9 @@ def _rebuild_segment(
         report.rebuilt += 1
         report.bytes_written += len(body)
     if changed_root:
-        roots = [
-            bytes(r[0])
-            for r in vault.index.q(
-                "SELECT root FROM shards WHERE segment=? ORDER BY idx", (seg_id,)
-            )
-        ]
+        roots = segment_table.shard_roots(vault.index, seg_id)
         with vault.index.tx() as db:
-            db.execute("UPDATE segments SET root=? WHERE id=?", (merkle.root(roots), seg_id))
+            segment_table.set_root(db, seg_id, merkle.root(roots))
     return old_objects
 
 
@@ -459,19 +407,13 @@ def _heal_from_source(
     from . import envelope
 
     dead = sorted({s for s in report.unrecoverable_segments})
-    dead = [
-        s
-        for s in dead
-        if vault.index.one("SELECT kind FROM segments WHERE id=?", (s,)) == ("data",)
-    ]
+    dead = [s for s in dead if (g := segment_table.geometry(vault.index, s)) and g[0] == "data"]
     if not dead:
         return []
-    marks = ",".join("?" * len(dead))
     wanted = {
         bytes(cid): plain
-        for cid, plain in vault.index.q(
-            f"SELECT cid, plain FROM chunks WHERE segment IN ({marks})", tuple(dead)
-        )
+        for s in dead
+        for cid, _off, _len, plain in chunk_table.records_in(vault.index, s)
     }
     found: dict[bytes, bytes] = {}
     for path in _iter_files(sources):
@@ -494,9 +436,8 @@ def _heal_from_source(
             def seal_segment() -> None:
                 seg_id = vault.write_segment(builder, dict(placed))
                 with vault.index.tx() as db:
-                    db.executemany(
-                        "UPDATE chunks SET segment=?, offset=?, length=? WHERE cid=?",
-                        [(seg_id, off, ln, cid) for cid, (off, ln, _pl) in placed.items()],
+                    chunk_table.repoint(
+                        db, [(seg_id, off, ln, cid) for cid, (off, ln, _pl) in placed.items()]
                     )
 
             for cid, data in found.items():
@@ -511,30 +452,18 @@ def _heal_from_source(
         report.healed_from_source += len(found)
     old: list[tuple[str, int]] = []
     for seg_id in dead:
-        (left,) = vault.index.one("SELECT count(*) FROM chunks WHERE segment=?", (seg_id,))
-        if left:
-            for snap, path in vault.index.q(
-                "SELECT DISTINCT s.uid, e.path FROM chunks c JOIN entry_chunks x ON x.chunk = c.id"
-                " JOIN entries e ON e.id = x.entry JOIN snapshots s ON s.id = e.snapshot"
-                " WHERE c.segment=? ORDER BY s.id, e.path",
-                (seg_id,),
-            ):
+        if chunk_table.records_in(vault.index, seg_id):
+            for snap, path in snapshot_table.files_in_segment(vault.index, seg_id):
                 item = f"{snap}:{display(from_db(path))}"
                 if item not in report.damaged_files:
                     report.damaged_files.append(item)
             continue
-        rows = vault.index.q(
-            "SELECT s.id, g.kind, s.name, s.remote FROM shards s JOIN segments g"
-            " ON g.id = s.segment WHERE s.segment=?",
-            (seg_id,),
-        )
+        rows = segment_table.records(vault.index, seg_id)
         with vault.index.tx() as db:
-            for sid, _kind, _name, _rid in rows:
-                db.execute("DELETE FROM audit_findings WHERE shard=?", (sid,))
-            db.execute("DELETE FROM shards WHERE segment=?", (seg_id,))
-            db.execute("DELETE FROM segments WHERE id=?", (seg_id,))
+            audit_table.forget_findings(db, [sh.id for sh in rows])
+            segment_table.forget(db, [seg_id])
             vault.mark_unshipped(db)
-        old += [(f"{kind}/{name}", rid) for _sid, kind, name, rid in rows]
+        old += [(sh.path, sh.remote) for sh in rows]
         report.unrecoverable = [
             u for u in report.unrecoverable if not u.startswith(f"data segment {seg_id}:")
         ]
@@ -568,69 +497,98 @@ def repair(
         report.unreachable = [r.remote for r in scanned.remotes if r.unreachable]
     else:
         vault.seal()
-    down = _unreachable(vault)
-    active = _active(vault)
-    removed = {r for (r,) in vault.index.q("SELECT id FROM remotes WHERE state<>'active'")}
+    down = remote_table.unreachable(vault.index)
+    active = remote_table.members(vault.index)
+    removed = remote_table.removed(vault.index)
     plan = _plan(vault)
-    specs = dict(vault.index.q("SELECT id, spec FROM remotes"))
+    specs = remote_table.specs(vault.index)
     if dry_run:
-        holders_cache: dict[int, list[int]] = {}
-        for seg_id, todo in sorted(plan.items()):
-            holders = holders_cache.setdefault(
-                seg_id,
-                [
-                    r
-                    for (r,) in vault.index.q(
-                        "SELECT remote FROM shards WHERE segment=? AND state IN ('placed','queued')",
-                        (seg_id,),
-                    )
-                ],
-            )
-            (good,) = vault.index.one(
-                "SELECT count(*) FROM shards WHERE segment=? AND state IN ('placed','queued')"
-                f" AND remote NOT IN ({','.join(str(d) for d in down | removed) or '-1'})",
-                (seg_id,),
-            )
-            if good < vault.k:
-                report.unrecoverable.append(
-                    f"segment {seg_id}: only {good} good shards on reachable remotes, need {vault.k}"
-                )
-                continue
-            for sh, reason in todo:
-                tgt = _choose_target(vault, seg_id, sh.idx, holders, active, down, prefer)
-                holders.append(tgt or -1)
-                report.items.append(
-                    RepairItem(
-                        seg_id,
-                        sh.kind,
-                        sh.idx,
-                        sh.path,
-                        Remote(specs[sh.remote]).label,
-                        reason,
-                        Remote(specs[tgt]).label if tgt else "(none reachable)",
-                        sh.size,
-                    )
-                )
-        report.segments = len(plan)
-        report.deleted = [
-            f"{Remote(specs[r]).label}:{s}/{n}"
-            for r, s, n in vault.index.q("SELECT remote, sub, name FROM audit_foreign")
-        ]
+        _dry_run(vault, report, plan, active, down, removed, specs, prefer)
         report.seconds = time.monotonic() - t0
         return report
 
     report.retargeted_queued = _retarget_queued(vault, removed, prefer)
     fetcher = _Fetcher(vault, set(down), wrap, report)
+    old_objects = _rebuild_all(vault, plan, fetcher, report, prefer, active, progress)
+    report.segments = len(plan)
+    if report.unrecoverable_segments:
+        old_objects += _heal_from_source(vault, report, sources or [])
+    # also when an earlier repair changed shard rows and died before publishing them: the
+    # remotes' index copy would still name the objects that repair replaced
+    unshipped = manifest_table.unshipped_since(vault.index) is not None
+    if (
+        report.rebuilt
+        or report.retargeted_queued
+        or plan
+        or unshipped
+        or remote_table.stale(vault.index)
+    ):
+        report.manifest_seq = vault.ship_index()  # flush places data before manifests
+    flush = vault.flush()
+    report.pending = {k: v for k, v in flush.pending.items() if v}
+    report.errors.update(flush.errors)
+    _delete_replaced(vault, fetcher, report, old_objects, removed, specs)
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def _dry_run(
+    vault: Vault,
+    report: RepairReport,
+    plan: dict[int, list[tuple[ShardRow, str]]],
+    active: list[tuple[int, str, str]],
+    down: set[int],
+    removed: set[int],
+    specs: dict[int, str],
+    prefer: int | None,
+) -> None:
+    """Fill ``report`` with what :func:`repair` would do for ``plan``: each shard it would
+    rebuild and where, the segments it could not, the foreign objects it would delete."""
+    for seg_id, todo in sorted(plan.items()):
+        holders = segment_table.holders(vault.index, seg_id)
+        good = sum(1 for r in holders if r not in down | removed)
+        if good < vault.k:
+            report.unrecoverable.append(
+                f"segment {seg_id}: only {good} good shards on reachable remotes, need {vault.k}"
+            )
+            continue
+        for sh, reason in todo:
+            tgt = _choose_target(vault, seg_id, sh.idx, holders, active, down, prefer)
+            holders.append(tgt or -1)
+            report.items.append(
+                RepairItem(
+                    seg_id,
+                    sh.kind,
+                    sh.idx,
+                    sh.path,
+                    Remote(specs[sh.remote]).label,
+                    reason,
+                    Remote(specs[tgt]).label if tgt else "(none reachable)",
+                    sh.size,
+                )
+            )
+    report.segments = len(plan)
+    report.deleted = [
+        f"{Remote(specs[r]).label}:{s}/{n}" for r, s, n in audit_table.foreign(vault.index)
+    ]
+
+
+def _rebuild_all(
+    vault: Vault,
+    plan: dict[int, list[tuple[ShardRow, str]]],
+    fetcher: _Fetcher,
+    report: RepairReport,
+    prefer: int | None,
+    active: list[tuple[int, str, str]],
+    progress: Callable[[int], None] | None,
+) -> list[tuple[str, int]]:
+    """Rebuild the planned shards into the queue, most-at-risk segment first, downloading
+    the sources of the next batch of segments while one is rebuilt. Returns (old path, old
+    remote) of objects to delete once the new ones are placed."""
     old_objects: list[tuple[str, int]] = []
     with tempfile.TemporaryDirectory(prefix="vaultfs-repair-") as tmp:
         # most at risk first: the segments with the fewest healthy shards left (Storj's order)
-        healthy = {
-            seg: cnt
-            for seg, cnt in vault.index.q(
-                "SELECT s.segment, count(*) FROM shards s JOIN remotes r ON r.id = s.remote"
-                " WHERE s.state IN ('placed', 'queued') AND r.state='active' GROUP BY s.segment"
-            )
-        }
+        healthy = segment_table.healthy_counts(vault.index)
         todo_all = sorted(plan.items(), key=lambda it: (healthy.get(it[0], 0), it[0]))
         batches = [
             todo_all[b : b + BATCH_SEGMENTS] for b in range(0, len(todo_all), BATCH_SEGMENTS)
@@ -661,25 +619,26 @@ def repair(
                     if progress:
                         progress(1)
                 shutil.rmtree(d, ignore_errors=True)
-    report.segments = len(plan)
-    if report.unrecoverable_segments:
-        old_objects += _heal_from_source(vault, report, sources or [])
-    # also when an earlier repair changed shard rows and died before publishing them: the
-    # remotes' index copy would still name the objects that repair replaced
-    unshipped = vault.index.get("unshipped_since") is not None
-    if report.rebuilt or report.retargeted_queued or plan or unshipped or _any_stale(vault):
-        report.manifest_seq = vault.ship_index()  # flush places data before manifests
-    flush = vault.flush()
-    report.pending = {k: v for k, v in flush.pending.items() if v}
-    report.errors.update(flush.errors)
-    # delete what was replaced, and foreign objects, on reachable active remotes
+    return old_objects
+
+
+def _delete_replaced(
+    vault: Vault,
+    fetcher: _Fetcher,
+    report: RepairReport,
+    old_objects: list[tuple[str, int]],
+    removed: set[int],
+    specs: dict[int, str],
+) -> None:
+    """Delete what was replaced, and foreign objects, on reachable active remotes (an object
+    the index names again is kept)."""
     doomed: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for path, rid in old_objects:
         sub, name = path.split("/", 1)
         doomed[rid][sub].append(name)
-    for rid, sub, name in vault.index.q("SELECT remote, sub, name FROM audit_foreign"):
+    for rid, sub, name in audit_table.foreign(vault.index):
         doomed[rid][sub].append(name)
-    still = {n for (n,) in vault.index.q("SELECT name FROM shards")}
+    still = segment_table.object_names(vault.index)
     for rid, subs in doomed.items():
         if rid in removed or rid in fetcher.down or rid not in specs:
             continue
@@ -692,35 +651,26 @@ def repair(
                 report.errors[Remote(specs[rid]).label] = e.message
                 continue
             report.deleted += [f"{Remote(specs[rid]).label}:{sub}/{n}" for n in names]
-            with vault.index.tx() as db:
-                db.executemany(
-                    "DELETE FROM audit_foreign WHERE remote=? AND sub=? AND name=?",
-                    [(rid, sub, n) for n in names],
-                )
-    report.seconds = time.monotonic() - t0
-    return report
-
-
-def _any_stale(vault: Vault) -> bool:
-    return bool(vault.index.one("SELECT 1 FROM remote_health WHERE state='stale'"))
+            audit_table.forget_foreign(vault.index, rid, sub, names)
 
 
 # -- the set of remotes ------------------------------------------------------------------------
 def find_remote(vault: Vault, name: str, active_only: bool = True) -> tuple[int, str]:
     """(id, spec) of the remote whose spec or label is ``name``; BadRemote if none."""
-    rows = vault.index.q("SELECT id, spec, state FROM remotes ORDER BY position, id")
-    for rid, spec, state in rows:
-        if name in (spec, Remote(spec).label) and (state == "active" or not active_only):
-            return rid, spec
+    for r in remote_table.every(vault.index):
+        if name in (r.spec, Remote(r.spec).label) and (r.state == "active" or not active_only):
+            return r.id, r.spec
     raise BadRemote(
         f"remote {name!r} is not part of this vault: see `vaultfs remote list` for its remotes"
     )
 
 
 def _check_new(vault: Vault, spec: str, wrap=None) -> None:
-    for rid, s, state in vault.index.q("SELECT id, spec, state FROM remotes"):
-        if s == spec and state == "active":
-            raise BadRemote(f"remote {Remote(spec).label} is already part of this vault (id {rid})")
+    for r in remote_table.every(vault.index):
+        if r.spec == spec and r.state == "active":
+            raise BadRemote(
+                f"remote {Remote(spec).label} is already part of this vault (id {r.id})"
+            )
     b = open_backend(spec, fail_fast=True, wrap=wrap)
     try:
         b.ensure()
@@ -747,18 +697,7 @@ def add_remote(vault: Vault, spec: str, domain: str | None = None, wrap=None) ->
     Remote(spec)  # validates the spec's form
     _check_new(vault, spec, wrap)
     with vault.index.tx() as db:
-        pos = (db.execute("SELECT max(position) FROM remotes").fetchone()[0] or 0) + 1
-        row = db.execute("SELECT id FROM remotes WHERE spec=?", (spec,)).fetchone()
-        if row:
-            db.execute(
-                "UPDATE remotes SET state='active', position=?, domain=? WHERE id=?",
-                (pos, domain, row[0]),
-            )
-            rid = row[0]
-        else:
-            rid = db.execute(
-                "INSERT INTO remotes(spec, position, domain) VALUES (?, ?, ?)", (spec, pos, domain)
-            ).lastrowid
+        rid = remote_table.add(db, spec, remote_table.next_position(db), domain)
     seq = vault.ship_index()
     rep = vault.flush()
     return {
@@ -772,8 +711,7 @@ def add_remote(vault: Vault, spec: str, domain: str | None = None, wrap=None) ->
 
 
 def _guard_removal(vault: Vault, rid: int) -> None:
-    (left,) = vault.index.one("SELECT count(*) FROM remotes WHERE state='active' AND id<>?", (rid,))
-    if left == 0:
+    if not [r for r, _spec in remote_table.active(vault.index) if r != rid]:
         raise NotEnoughRemotes("cannot remove the vault's last remote: add another one first")
 
 
@@ -783,8 +721,7 @@ def remove_remote(vault: Vault, name: str, wrap=None) -> RepairReport:
     rid, spec = find_remote(vault, name)
     _guard_removal(vault, rid)
     with vault.index.tx() as db:
-        db.execute("UPDATE remotes SET state='removed' WHERE id=?", (rid,))
-        db.execute("DELETE FROM manifest_queue WHERE remote=?", (rid,))
+        remote_table.remove(db, rid)
     report = repair(vault, wrap=wrap)
     if report.unrecoverable:
         return report
@@ -809,40 +746,24 @@ def replace_remote(
     Remote(new)
     _check_new(vault, new, wrap)
     with vault.index.tx() as db:
-        pos, dom = db.execute("SELECT position, domain FROM remotes WHERE id=?", (rid,)).fetchone()
-        db.execute("UPDATE remotes SET state='removed' WHERE id=?", (rid,))
-        db.execute("DELETE FROM manifest_queue WHERE remote=?", (rid,))
-        row = db.execute("SELECT id FROM remotes WHERE spec=?", (new,)).fetchone()
-        if row:
-            db.execute(
-                "UPDATE remotes SET state='active', position=?, domain=? WHERE id=?",
-                (pos, domain or dom, row[0]),
-            )
-            nid = row[0]
-        else:
-            nid = db.execute(
-                "INSERT INTO remotes(spec, position, domain) VALUES (?, ?, ?)",
-                (new, pos, domain or dom),
-            ).lastrowid
-        db.execute("DELETE FROM remote_health WHERE remote=?", (rid,))
+        pos, dom = remote_table.position_of(db, rid)
+        remote_table.remove(db, rid)
+        nid = remote_table.add(db, new, pos, domain or dom)
+        remote_table.forget_health(db, rid)
     return repair(vault, prefer=nid, wrap=wrap)
 
 
 def list_remotes(vault: Vault) -> list[dict]:
     """Every remote the vault knows (active and removed) with health and holdings."""
     out = []
-    for rid, spec, pos, dom, state, last_ok, last_err in vault.index.q(
-        "SELECT id, spec, position, domain, state, last_ok, last_error FROM remotes"
-        " ORDER BY state, position, id"
-    ):
-        counts = dict.fromkeys(("placed", "queued", "lost"), (0, 0))
-        for st, cnt, size in vault.index.q(
-            "SELECT state, count(*), coalesce(sum(size), 0) FROM shards WHERE remote=? GROUP BY state",
-            (rid,),
-        ):
-            counts[st] = (cnt, size)
+    rows = sorted(remote_table.every(vault.index), key=lambda r: r.state)  # stable: by position
+    for rid, spec, pos, dom, state, last_ok, last_err in rows:
+        counts = {
+            st: segment_table.remote_totals(vault.index, rid, st)
+            for st in ("placed", "queued", "lost")
+        }
         h = vault.remote_health(rid)
-        (foreign,) = vault.index.one("SELECT count(*) FROM audit_foreign WHERE remote=?", (rid,))
+        foreign = audit_table.foreign_count(vault.index, rid)
         out.append(
             {
                 "remote": Remote(spec).label,

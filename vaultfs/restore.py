@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import sqlite3
 import stat
 import tempfile
 import threading
@@ -28,7 +27,7 @@ from . import envelope, manifest, merkle, segment
 from .backends import Backend, Job
 from .backup import check_name
 from .errors import InputError, IntegrityError, NotEnoughRemotes, RemoteError, TargetNotEmpty
-from .index import open_shipped, seen_manifest_seq
+from .index import Index, keyring, open_shipped, seen_manifest_seq, segments, snapshots
 from .keys import SLHDSA_BY_SIG_ALG, VaultKeys
 from .names import display, fs_path, xattrs_from_db
 from .shardreader import ShardRef, choose, read_segment
@@ -793,7 +792,7 @@ def _decoders(ctx: _RestoreContext) -> Iterator[Callable]:
 
 def restore_files(
     keys: VaultKeys,
-    db: sqlite3.Connection,
+    index: Index,
     src: ShardSource,
     to: Path,
     snapshot: str = "latest",
@@ -803,24 +802,27 @@ def restore_files(
     total_cb: Callable[[int], None] | None = None,
 ) -> tuple[str, int, int, list[str]]:
     """Write a snapshot's files under ``to``. Returns (snapshot uid, files, bytes, warnings)."""
-    if snapshot == "latest":
-        row = db.execute("SELECT id, uid FROM snapshots ORDER BY id DESC LIMIT 1").fetchone()
-    else:
-        row = db.execute(
-            "SELECT id, uid FROM snapshots WHERE uid=? OR name=? ORDER BY id DESC LIMIT 1",
-            (snapshot, snapshot),
-        ).fetchone()
+    snap_uid, entries = _entries(index, snapshot, include)
+    epoch_suites = _check_suites(keys, index)
+    to = _prepare_target(to, force)
+    file_rows, link_later = _create_files(to, entries, force)
+    plan, total = _plan_chunks(index, to, file_rows)
+    if total_cb:
+        total_cb(total)
+    warnings = _write_chunks(keys, index, src, plan, epoch_suites, progress)
+    _finish_entries(to, entries, link_later, force, warnings)
+    return snap_uid, len(entries), total, warnings
+
+
+def _entries(index: Index, snapshot: str, include: list[str] | None) -> tuple[str, list[Row]]:
+    """(uid, entries to restore) of ``snapshot`` (uid, name or 'latest'), cut to ``include``;
+    raises before anything is written for a missing snapshot, an unsafe name or an unknown
+    entry type."""
+    row = snapshots.find(index, snapshot)
     if row is None:
         raise InputError(f"snapshot {snapshot!r} not found (see `vaultfs snapshots`)")
     snap_id, snap_uid = row
-    entries = [
-        Row.of(r)
-        for r in db.execute(
-            "SELECT id, path, type, mode, mtime_ns, size, target, uid, gid, xattrs, link, rdev"
-            " FROM entries WHERE snapshot=? ORDER BY path",
-            (snap_id,),
-        )
-    ]
+    entries = [Row.of(r) for r in snapshots.full_entries(index, snap_id)]
     if include:
         inc = [i.strip("/") for i in include]
         entries = [
@@ -836,16 +838,22 @@ def restore_files(
         check_name(e.path)  # a manifest naming ../x or /etc/x is refused before any write
         if e.type not in ("f", "d", "l", *SPECIAL):
             raise IntegrityError(f"unknown entry type {e.type!r} for {e.path!r}")
-    try:  # suites the index itself records as retired (indexes older than re-encryption: none)
-        keys.retired_suites |= {
-            sid for (sid,) in db.execute("SELECT id FROM suites WHERE state='retired'")
-        }
-    except sqlite3.OperationalError:
-        pass
-    epoch_suites = dict(db.execute("SELECT epoch, suite FROM epochs").fetchall())
-    for (epoch,) in db.execute("SELECT DISTINCT epoch FROM segments WHERE kind='data'"):
-        keys.check_suite(epoch_suites.get(epoch, 0))  # refused before anything is written
+    return snap_uid, entries
 
+
+def _check_suites(keys: VaultKeys, index: Index) -> dict[int, int]:
+    """Refuse (before anything is written) data under a suite ``keys`` or the index retire;
+    returns {epoch: suite}."""
+    keys.retired_suites |= keyring.retired_suites(index)
+    epoch_suites = {epoch: suite for epoch, suite, _wrapped in keyring.epochs(index)}
+    for epoch in segments.data_epochs(index):
+        keys.check_suite(epoch_suites.get(epoch, 0))
+    return epoch_suites
+
+
+def _prepare_target(to: Path, force: bool) -> Path:
+    """The restore target as a real absolute directory, made if missing; TargetNotEmpty when
+    it is a file, or holds something and ``force`` is not given."""
     to = Path(os.path.abspath(to))
     if to.exists():
         if not to.is_dir():
@@ -855,10 +863,15 @@ def restore_files(
                 f"restore target {to} is not empty; pass --force to restore into it"
             )
     to.mkdir(parents=True, exist_ok=True)
-    to = Path(os.path.realpath(to))
+    return Path(os.path.realpath(to))
 
-    # directories, then empty files sized to their final length; later members of a
-    # hard-link group become links to the first one and are not written again
+
+def _create_files(
+    to: Path, entries: list[Row], force: bool
+) -> tuple[list[Row], list[tuple[Row, Path]]]:
+    """Directories, then empty files sized to their final length; later members of a
+    hard-link group become links to the first one and are not written again. Returns (the
+    files to write, (later member, first member's path) of each hard link)."""
     for e in entries:
         if e.type == "d":
             d = _safe_target(to, e.path)
@@ -886,41 +899,44 @@ def restore_files(
         if e.link is not None:
             link_first[e.link] = p
         file_rows.append(e)
+    return file_rows, link_later
 
-    # plan: segment -> [(cid, offset-in-segment, length, file path, file offset, plain len)]
+
+def _plan_chunks(
+    index: Index, to: Path, file_rows: list[Row]
+) -> tuple[dict[int, list[tuple[bytes, int, int, str, int, int]]], int]:
+    """Where every chunk of ``file_rows`` goes: (segment -> [(cid, offset in segment, record
+    length, file path, file offset, plain length)], total bytes)."""
     plan: dict[int, list[tuple[bytes, int, int, str, int, int]]] = defaultdict(list)
     total = 0
     for e in file_rows:
         target = str(_safe_target(to, e.path))
         pos = 0
-        for cid, seg, off, ln, plain in db.execute(
-            "SELECT c.cid, c.segment, c.offset, c.length, c.plain FROM entry_chunks x"
-            " JOIN chunks c ON c.id = x.chunk WHERE x.entry=? ORDER BY x.seq",
-            (e.id,),
-        ):
+        for cid, seg, off, ln, plain in snapshots.file_chunks(index, e.id):
             plan[seg].append((cid, off, ln, target, pos, plain))
             pos += plain
         if pos != e.size:
             raise IntegrityError(f"{e.path}: chunk lengths add up to {pos}, not {e.size}")
         total += pos
-    if total_cb:
-        total_cb(total)
+    return plan, total
 
-    seg_rows = {
-        sid: (size, k, n, epoch)
-        for sid, size, k, n, epoch in db.execute("SELECT id, size, k, n, epoch FROM segments")
-    }
-    shard_rows: dict[int, list[tuple[int, str, bytes, int]]] = defaultdict(list)
-    for sid, idx, name, h, size in db.execute(
-        "SELECT segment, idx, name, hash, size FROM shards ORDER BY idx"
-    ):
-        shard_rows[sid].append((idx, name, h, size))
+
+def _write_chunks(
+    keys: VaultKeys,
+    index: Index,
+    src: ShardSource,
+    plan: dict[int, list[tuple[bytes, int, int, str, int, int]]],
+    epoch_suites: dict[int, int],
+    progress: Callable[[int], None] | None,
+) -> list[str]:
+    """Fetch the segments of ``plan`` in batches (the next one while the decoders work on
+    this one), decode them and write their chunks into the files. Returns warnings."""
+    seg_rows = segments.layouts(index)
+    shard_rows = segments.all_shard_hashes(index)
     refs = {sid: src.refs("data", shard_rows[sid]) for sid in plan}
     used_epochs = {seg_rows[sid][3] for sid in plan}
     data_keys = {
-        e: keys.unwrap_data_key(e, w, s)
-        for e, s, w in db.execute("SELECT epoch, suite, wrapped FROM epochs")
-        if e in used_epochs
+        e: keys.unwrap_data_key(e, w, s) for e, s, w in keyring.epochs(index) if e in used_epochs
     }
 
     warnings: list[str] = []
@@ -986,6 +1002,18 @@ def restore_files(
         finally:
             shutil.rmtree(tmp_root, ignore_errors=True)
 
+    return warnings
+
+
+def _finish_entries(
+    to: Path,
+    entries: list[Row],
+    link_later: list[tuple[Row, Path]],
+    force: bool,
+    warnings: list[str],
+) -> None:
+    """Hard links, symbolic links and special files, then owners and xattrs, modes and
+    times; what cannot be restored is added to ``warnings``."""
     for e, first in link_later:
         p = _safe_target(to, e.path)
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -1026,16 +1054,13 @@ def restore_files(
         if e.type != "l":
             os.chmod(p, stat.S_IMODE(e.mode))
         os.utime(p, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
-    return snap_uid, len(entries), total, warnings
 
 
-def verify_index_against_manifest(db: sqlite3.Connection, m: manifest.Manifest) -> None:
+def verify_index_against_manifest(index: Index, m: manifest.Manifest) -> None:
     """Recompute every data segment root from its shards and the vault root; compare."""
     roots = []
-    shard_roots: dict[int, list[bytes]] = defaultdict(list)
-    for sid, root in db.execute("SELECT segment, root FROM shards ORDER BY segment, idx"):
-        shard_roots[sid].append(root)
-    for sid, root in db.execute("SELECT id, root FROM segments WHERE kind='data' ORDER BY id"):
+    shard_roots = segments.all_shard_roots(index)
+    for sid, root in segments.data_roots_by_id(index):
         if merkle.root(shard_roots[sid]) != root:
             raise IntegrityError(f"segment {sid}: Merkle root does not match its shards")
         roots.append(root)
@@ -1050,7 +1075,7 @@ def open_remote_index(
     min_seq: int = 0,
     src: ShardSource | None = None,
     home: Path | None = None,
-) -> tuple[sqlite3.Connection, ShardSource, manifest.Manifest, list[str]]:
+) -> tuple[Index, ShardSource, manifest.Manifest, list[str]]:
     """Disaster path: find the newest manifest, fetch and check the index it names.
 
     Rollback floor: a newest manifest below ``min_seq`` raises IntegrityError; with ``home``
@@ -1077,6 +1102,6 @@ def open_remote_index(
         raise NotEnoughRemotes("none of the given remotes is reachable")
     dbpath = workdir / "index.db"
     warnings += fetch_index(keys, m, src, dbpath)
-    db = open_shipped(dbpath)  # checked, and migrated: schema 1 reads like a current one
-    verify_index_against_manifest(db, m)
-    return db, src, m, warnings
+    index = open_shipped(dbpath)  # checked, and migrated: schema 1 reads like a current one
+    verify_index_against_manifest(index, m)
+    return index, src, m, warnings

@@ -29,7 +29,7 @@ deleted) and the local index (both epochs' keys are loaded).
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -38,6 +38,8 @@ from pathlib import Path
 from . import envelope
 from .backends import open_backend
 from .errors import EXIT_PARTIAL, InputError, IntegrityError, RemoteError, VaultError
+from .index import chunks, keyring, manifests, segments
+from .index import remotes as remote_table
 from .keys import SUITE_NAMES, SUITES, suite_name, update_keyfile_policy
 from .vault import Vault
 
@@ -80,7 +82,7 @@ def rotate(v: Vault, suite: int | None = None) -> int:
     target = v.suite if suite is None else suite
     if target in v.keys.retired_suites:
         raise InputError(f"{suite_name(target)} is retired in this vault; choose another suite")
-    if v.index.get("reencrypt_epoch"):
+    if keyring.reencrypt_target(v.index) is not None:
         raise InputError(
             "a re-encryption is unfinished: run `vaultfs reencrypt` to finish it first"
         )
@@ -92,37 +94,33 @@ def rotate(v: Vault, suite: int | None = None) -> int:
 def status(v: Vault) -> dict:
     """Epochs, suites and re-encryption progress, for `vaultfs keys show`."""
     epochs = []
-    for epoch, suite, created in v.index.q(
-        "SELECT epoch, suite, created FROM epochs ORDER BY epoch"
-    ):
-        (segs,) = v.index.one(
-            "SELECT count(*) FROM segments WHERE kind='data' AND epoch=?", (epoch,)
-        )
+    per_epoch = Counter(epoch for _id, _size, _used, epoch in segments.data_segments(v.index))
+    for epoch, suite, created in keyring.epoch_times(v.index):
         epochs.append(
             {
                 "epoch": epoch,
                 "suite": suite,
                 "suite_name": SUITES.get(suite, "unknown"),
                 "created": created,
-                "data_segments": segs,
+                "data_segments": per_epoch[epoch],
                 "current": epoch == v.epoch,
                 "retired": suite in v.keys.retired_suites,
             }
         )
-    target = v.index.get("reencrypt_epoch")
+    target = keyring.reencrypt_target(v.index)
     remaining = 0
-    if target:
-        (remaining,) = v.index.one(
-            "SELECT count(*) FROM segments WHERE kind='data' AND epoch<>?", (int(target),)
-        )
-    (garbage,) = v.index.one("SELECT count(*) FROM garbage")
+    if target is not None:
+        remaining = sum(e != target for _id, _size, _used, e in segments.data_segments(v.index))
+    garbage = manifests.garbage_count(v.index)
     return {
         "suite": v.suite,
         "suite_name": SUITES.get(v.suite, "unknown"),
         "epoch": v.epoch,
         "epochs": epochs,
         "retired_suites": sorted(v.keys.retired_suites),
-        "reencrypt": {"epoch": int(target), "remaining_segments": remaining} if target else None,
+        "reencrypt": {"epoch": target, "remaining_segments": remaining}
+        if target is not None
+        else None,
         "garbage_objects": garbage,
     }
 
@@ -142,9 +140,9 @@ def reencrypt(
     """
     if suite in v.keys.retired_suites:
         raise InputError(f"{suite_name(suite)} is retired in this vault; choose another suite")
-    pending = v.index.get("reencrypt_epoch")
-    if pending:
-        target = int(pending)
+    pending = keyring.reencrypt_target(v.index)
+    if pending is not None:
+        target = pending
         target_suite = v.epoch_suites[target]
         if target_suite != suite:
             raise InputError(
@@ -153,29 +151,20 @@ def reencrypt(
             )
     else:
         target = v.begin_epoch(suite)
-        v.index.set("reencrypt_epoch", target)
+        keyring.set_reencrypt_target(v.index, target)
     report = ReencryptReport(suite, target)
-    todo = [
-        sid
-        for (sid,) in v.index.q(
-            "SELECT id FROM segments WHERE kind='data' AND epoch<>? ORDER BY id", (target,)
-        )
-    ]
+    todo = [(sid, e) for sid, _size, _used, e in segments.data_segments(v.index) if e != target]
     new_key = v.keys.data_keys[target]
-    for i, sid in enumerate(todo):
-        row = v.index.one("SELECT epoch FROM segments WHERE id=?", (sid,))
-        old_epoch = row[0]
+    for i, (sid, old_epoch) in enumerate(todo):
         old_suite = v.epoch_suites[old_epoch]
         old_key = v.keys.data_keys[old_epoch]
         data = v.segment_bytes(sid)
-        chunks = v.index.q(
-            "SELECT cid, offset, length, plain FROM chunks WHERE segment=? ORDER BY offset", (sid,)
-        )
+        rows = chunks.records_in(v.index, sid)
         reseal = partial(
             _reseal, v, data=data, old_key=old_key, old_suite=old_suite, new_key=new_key,
             new_suite=suite, seg=sid,
         )  # fmt: skip
-        records = list(v.pool.map(reseal, chunks))
+        records = list(v.pool.map(reseal, rows))
         v.replace_segment(sid, records, target)
         report.rewritten += 1
         if progress:
@@ -187,31 +176,19 @@ def reencrypt(
     v.ship_index()
     _flush_complete(v, "the re-encrypted index")
     # 4. retire suites that no longer protect any data
-    used = {
-        s
-        for (s,) in v.index.q(
-            "SELECT DISTINCT e.suite FROM segments g JOIN epochs e ON e.epoch = g.epoch"
-            " WHERE g.kind='data'"
-        )
-    } | {suite}
-    known = {s for (s,) in v.index.q("SELECT DISTINCT suite FROM epochs")}
+    used = keyring.data_suites(v.index) | {suite}
+    known = {s for _epoch, s, _wrapped in keyring.epochs(v.index)}
     retire = sorted(known - used - v.keys.retired_suites)
     if retire:
-        now = time.time()
         with v.index.tx() as db:
-            for s in retire:
-                db.execute(
-                    "INSERT INTO suites VALUES (?, 'retired', ?) ON CONFLICT(id) DO UPDATE"
-                    " SET state='retired', changed=excluded.changed",
-                    (s, now),
-                )
+            keyring.retire(db, retire, time.time())
         v.reload_keys()
         if keyfile is not None:
             update_keyfile_policy(keyfile, v.keys)
         v.ship_index()
         _flush_complete(v, "the manifest that retires the old suite")
     report.retired = retire
-    _delete_setting(v, "reencrypt_epoch")
+    keyring.clear_reencrypt_target(v.index)
     # 5. delete replaced shards from the remotes
     report.garbage_deleted, report.garbage_left = collect_garbage(v)
     return report
@@ -236,11 +213,6 @@ def _reseal(
     return cid, envelope.seal_chunk(new_key, vid, cid, plaintext, new_suite), plain
 
 
-def _delete_setting(v: Vault, key: str) -> None:
-    with v.index.tx() as db:
-        db.execute("DELETE FROM settings WHERE key=?", (key,))
-
-
 def _flush_complete(v: Vault, what: str) -> None:
     rep = v.flush()
     if not rep.complete or rep.under_k:
@@ -257,9 +229,10 @@ def collect_garbage(v: Vault) -> tuple[int, int]:
     Only objects whose replacing manifest (``garbage.seq``) has left the upload queue are
     deleted. Returns (deleted, left for a later run).
     """
-    (pending_min,) = v.index.one("SELECT min(seq) FROM manifest_queue")
-    rows = v.index.q("SELECT name, remote, kind, seq FROM garbage")
+    pending_min = min(manifests.queued_seqs(v.index), default=None)
+    rows = manifests.garbage(v.index)
     remotes = {r.rid: r for r in v.remotes()}
+    specs = remote_table.specs(v.index)
     by_remote: dict[tuple[int, str], list[str]] = defaultdict(list)
     for name, rid, kind, seq in rows:
         if pending_min is not None and seq >= pending_min:
@@ -269,21 +242,15 @@ def collect_garbage(v: Vault) -> tuple[int, int]:
     for (rid, kind), names in by_remote.items():
         r = remotes.get(rid)
         if r is None:  # the remote was removed from the vault: nothing to delete there
-            spec = v.index.one("SELECT spec FROM remotes WHERE id=?", (rid,))
+            spec = specs.get(rid)
             if spec is None:
-                _forget(v, names)
+                manifests.forget_garbage(v.index, names)
                 continue
-            r = open_backend(spec[0], rid)
+            r = open_backend(spec, rid)
         try:
             r.delete(kind, names)
         except RemoteError:
             continue
-        _forget(v, names)
+        manifests.forget_garbage(v.index, names)
         deleted += len(names)
-    (left,) = v.index.one("SELECT count(*) FROM garbage")
-    return deleted, left
-
-
-def _forget(v: Vault, names: list[str]) -> None:
-    with v.index.tx() as db:
-        db.executemany("DELETE FROM garbage WHERE name=?", [(n,) for n in names])
+    return deleted, manifests.garbage_count(v.index)

@@ -18,11 +18,9 @@ A backend name is resolved by matching the label recorded here against the specs
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import tomllib
 import warnings
@@ -30,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
+from .index import stored_remote_specs
 from .kb.db import redact_dsn
 from .remotes import Remote
 
@@ -162,11 +161,7 @@ def resolve_backends(home: Path, names: list[str]) -> list[str]:
     taken as an rclone remote spec itself (a disaster restore on a machine without the home)."""
     settings = Settings.load(home)
     specs: list[str] = []
-    known: dict[str, str] = {}
-    if (home / "index.db").exists():
-        uri = (home / "index.db").resolve().as_uri() + "?mode=ro"
-        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
-            known = {Remote(s).label: s for (s,) in db.execute("SELECT spec FROM remotes")}
+    known = {Remote(s).label: s for s in stored_remote_specs(home / "index.db")}
     for name in names:
         if name in settings.backends:
             label = settings.backends[name]

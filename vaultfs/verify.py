@@ -49,13 +49,16 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 from . import manifest, merkle, segment
 from .audittag import PIECE, piece_tag, piece_tags, stored_tag, tagger
 from .backends import open_backend
 from .errors import BadRemote, IntegrityError, ObjectMissing, RemoteError, Unreachable
-from .index import Index
+from .index import Index, manifests, segments
+from .index import audit as audit_table
+from .index import remotes as remote_table
+from .index.segments import ShardRow
 from .remotes import Remote
 from .shardreader import intact
 
@@ -77,21 +80,11 @@ def record_tags(index: Index, audit_key: bytes, shards: list) -> None:
     """Store audit tags for freshly built shard objects (``segment.Shard``: name, body, blocks).
 
     Called on the write path before the shard rows commit; an orphan row (crash in between) is
-    harmless and pruned by :func:`prune_orphans`.
+    harmless and pruned by :func:`index.audit.forget_orphans`.
     """
     rows = [(s.name, PIECE, piece_tags(audit_key, s.body, s.blocks)) for s in shards]
     with index.tx() as db:
-        db.executemany(
-            "INSERT OR REPLACE INTO audit_tags(name, piece, tags) VALUES (?, ?, ?)", rows
-        )
-
-
-def prune_orphans(index: Index) -> None:
-    """Drop audit rows whose shard is gone (crashed seals, pruned index copies)."""
-    with index.tx() as db:
-        db.execute("DELETE FROM audit_tags WHERE name NOT IN (SELECT name FROM shards)")
-        db.execute("DELETE FROM audit_findings WHERE shard NOT IN (SELECT id FROM shards)")
-        db.execute("DELETE FROM audit_plan WHERE shard NOT IN (SELECT id FROM shards)")
+        audit_table.put_tags(db, rows)
 
 
 # -- sampling math ---------------------------------------------------------------------------
@@ -117,55 +110,13 @@ def confidence_reached(checked: int, blocks: int, loss: float = DEFAULT_LOSS) ->
 
 
 # -- what the index says ---------------------------------------------------------------------
-class ShardRow(NamedTuple):
-    id: int
-    segment: int
-    idx: int
-    name: str
-    remote: int
-    size: int
-    hash: bytes
-    blocks: bytes
-    root: bytes
-    state: str
-    kind: str
-    seg_uid: bytes
-    seg_root: bytes
-
-    @property
-    def nblocks(self) -> int:
-        return max(1, math.ceil(self.size / BLOCK))
-
-    @property
-    def path(self) -> str:
-        return f"{self.kind}/{self.name}"
-
-
-SHARD_SQL = (
-    "SELECT s.id, s.segment, s.idx, s.name, s.remote, s.size, s.hash, s.blocks, s.root, s.state,"
-    " g.kind, g.uid, g.root FROM shards s JOIN segments g ON g.id = s.segment"
-)
-
-
-def latest_seq(index: Index) -> int:
-    return index.one("SELECT coalesce(max(seq), 0) FROM manifests")[0]
-
-
-def live_segments_sql() -> str:
-    """Segments whose redundancy matters: all data segments and the index export named by the
-    latest manifest (older index exports are superseded)."""
-    return (
-        "(g.kind = 'data' OR (g.kind = 'meta' AND g.manifest = (SELECT max(seq) FROM manifests)))"
-    )
-
-
 class Anchor:
     """The latest manifest's signed vault root and Merkle proofs of segments up to it."""
 
     def __init__(self, index: Index) -> None:
-        row = index.one("SELECT seq, root FROM manifests ORDER BY seq DESC LIMIT 1")
+        row = manifests.newest(index)
         self.seq, self.root = (row[0], bytes(row[1])) if row else (0, merkle.EMPTY_ROOT)
-        data = index.q("SELECT id, root FROM segments WHERE kind='data' ORDER BY id")
+        data = segments.data_roots_by_id(index)
         self.ids = [r[0] for r in data]
         self.roots = [bytes(r[1]) for r in data]
         self.covered = self._covered(index)
@@ -176,9 +127,7 @@ class Anchor:
     def _covered(self, index: Index) -> int:
         if self.seq == 0:
             return 0
-        first_meta = index.one(
-            "SELECT min(id) FROM segments WHERE kind='meta' AND manifest=?", (self.seq,)
-        )[0]
+        first_meta = segments.first_meta(index, self.seq)
         guess = sum(1 for i in self.ids if first_meta is None or i < first_meta)
         for n in [guess, *range(len(self.roots), -1, -1)]:
             if merkle.root(self.roots[:n]) == self.root:
@@ -278,10 +227,7 @@ class AuditReport:
 def resolve_remotes(vault: Vault, wanted: list[str] | None) -> list[tuple[int, str, str]]:
     """(id, spec, domain) of the active remotes to audit; ``wanted`` entries match a spec or
     its label. Raises BadRemote for a name that is not an active remote of this vault."""
-    rows = vault.index.q(
-        "SELECT id, spec, coalesce(domain, 'remote' || id) FROM remotes WHERE state='active'"
-        " ORDER BY position, id"
-    )
+    rows = remote_table.members(vault.index)
     if not wanted:
         return [(r[0], r[1], r[2]) for r in rows]
     out = []
@@ -321,9 +267,7 @@ class _Ctx:
         self.list_only = plan_only
         self.anchor = Anchor(vault.index)
         self.tagger = tagger(vault.keys.audit_key)
-        self.known_uids = {
-            bytes(u): sid for sid, u in vault.index.q("SELECT id, uid FROM segments")
-        }
+        self.known_uids = segments.uids(vault.index)
         self.seg_ok: dict[int, bool] = {}
         self.lock = threading.Lock()
 
@@ -335,12 +279,7 @@ class _Ctx:
         with self.lock:
             hit = self.seg_ok.get(sh.segment)
         if hit is None:
-            roots = [
-                bytes(r[0])
-                for r in self.index.q(
-                    "SELECT root FROM shards WHERE segment=? ORDER BY idx", (sh.segment,)
-                )
-            ]
+            roots = segments.shard_roots(self.index, sh.segment)
             hit = merkle.root(roots) == sh.seg_root
             if hit and sh.kind == "data":
                 hit = self.anchor.segment_ok(sh.segment, sh.seg_root) is not False
@@ -402,20 +341,13 @@ class _RemoteAuditor:
     # -- findings ----------------------------------------------------------------------------
     def _finding(self, sh: ShardRow, kind: str, detail: str) -> None:
         with self.ctx.index.tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO audit_findings(shard, remote, kind, detail, found)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (sh.id, self.rid, kind, detail, time.time()),
-            )
-            db.execute("UPDATE shards SET state='lost' WHERE id=? AND state='placed'", (sh.id,))
+            audit_table.record_finding(db, sh.id, self.rid, kind, detail, time.time())
             if self.run_id is not None:
-                db.execute("DELETE FROM audit_plan WHERE run=? AND shard=?", (self.run_id, sh.id))
+                audit_table.drop_shard_challenges(db, self.run_id, sh.id)
         self.rep.details[sh.path] = f"{kind}: {detail}"
 
     def run(self) -> RemoteAudit:
-        (self.rep.queued,) = self.ctx.index.one(
-            "SELECT count(*) FROM shards WHERE remote=? AND state='queued'", (self.rid,)
-        )
+        self.rep.queued = segments.queued_count(self.ctx.index, self.rid)
         try:
             self.tree = self.b.list_tree()  # one listing: data/, meta/, manifests/ with sizes
             shards = self._listing()
@@ -448,11 +380,7 @@ class _RemoteAuditor:
     def _manifests(self) -> None:
         idx = self.ctx.index
         latest = self.ctx.anchor.seq
-        pending = {
-            s for (s,) in idx.q("SELECT seq FROM manifest_queue WHERE remote=?", (self.rid,))
-        }
-        delivered = [s for (s,) in idx.q("SELECT seq FROM manifests") if s not in pending]
-        self.rep.expected_seq = max(delivered, default=0)
+        self.rep.expected_seq = manifests.newest_placed(idx, self.rid) or 0
         best: manifest.Manifest | None = None
         for nm, size in self.tree.get("manifests", {}).items():
             if manifest.seq_of_name(nm) is not None and size > manifest.MAX_BYTES:
@@ -494,11 +422,7 @@ class _RemoteAuditor:
                     "from the local index's: the index was altered; restore it from the remotes"
                 )
             signed = {s.name: s.hash for seg in best.contents.index_segments for s in seg.shards}
-            for name, h in idx.q(
-                "SELECT s.name, s.hash FROM shards s JOIN segments g ON g.id = s.segment"
-                " WHERE g.kind='meta' AND g.manifest=?",
-                (latest,),
-            ):
+            for name, h in segments.meta_shard_hashes(idx, latest):
                 if name in signed and signed[name] != bytes(h):
                     raise IntegrityError(
                         f"index shard {name} does not match the hash signed in manifest "
@@ -509,13 +433,8 @@ class _RemoteAuditor:
     def _listing(self) -> list[ShardRow]:
         idx = self.ctx.index
         listed = {sub: self.tree.get(sub, {}) for sub in segment.KIND_NAMES.values()}
-        rows = [
-            ShardRow(*r)
-            for r in idx.q(SHARD_SQL + f" WHERE s.remote=? AND {live_segments_sql()}", (self.rid,))
-        ]
-        mine_all = {
-            n: st for n, st in idx.q("SELECT name, state FROM shards WHERE remote=?", (self.rid,))
-        }
+        rows = segments.live_shards(idx, self.rid)
+        mine_all = segments.object_names(idx, self.rid)
         present: list[ShardRow] = []
         for sh in rows:
             if sh.state != "placed":
@@ -535,12 +454,7 @@ class _RemoteAuditor:
             for nm in objs
             if nm not in mine_all and not nm.startswith(".") and not nm.endswith(".partial")
         ]
-        with idx.tx() as db:
-            db.execute("DELETE FROM audit_foreign WHERE remote=?", (self.rid,))
-            db.executemany(
-                "INSERT OR IGNORE INTO audit_foreign(remote, sub, name, found) VALUES (?, ?, ?, ?)",
-                [(self.rid, sub, nm, now) for sub, nm in foreign],
-            )
+        audit_table.set_foreign(idx, self.rid, foreign, now)
         for sub, nm in foreign:
             self.rep.foreign.append(f"{sub}/{nm}")
             self.rep.details.setdefault(f"{sub}/{nm}", "foreign: not an object of this vault here")
@@ -559,28 +473,15 @@ class _RemoteAuditor:
     def _plan(self, present: list[ShardRow]) -> None:
         idx = self.ctx.index
         mode = self.ctx.mode
-        row = idx.one(
-            "SELECT id, mode, planned FROM audit_runs WHERE remote=? AND finished IS NULL"
-            " ORDER BY id DESC LIMIT 1",
-            (self.rid,),
-        )
+        row = audit_table.open_run(idx, self.rid)
         if row is not None and row[1] == mode and self.ctx.sample is None:
             self.run_id = row[0]
             self.rep.resumed = True
             return
         if row is not None:  # a different kind of audit was asked for: close the old one
-            with idx.tx() as db:
-                db.execute("DELETE FROM audit_plan WHERE run=?", (row[0],))
-                db.execute("UPDATE audit_runs SET finished=? WHERE id=?", (time.time(), row[0]))
+            audit_table.close_run(idx, row[0], time.time())
         total = self.rep.blocks
-        tagged = {
-            n
-            for (n,) in idx.q(
-                "SELECT t.name FROM audit_tags t JOIN shards s ON s.name = t.name"
-                " WHERE s.remote=? AND t.piece=?",
-                (self.rid, PIECE),
-            )
-        }
+        tagged = audit_table.tagged_on(idx, self.rid, PIECE)
         plan: list[tuple[int, int, int]] = []
         if mode == "read-all":
             plan = [(sh.id, -1, -1) for sh in present]
@@ -604,30 +505,18 @@ class _RemoteAuditor:
                     plan.append((sh.id, blk, piece))
                     nxt = next(it, None)
                 base += sh.nblocks
-        with idx.tx() as db:
-            cur = db.execute(
-                "INSERT INTO audit_runs(remote, mode, started, blocks, planned)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (self.rid, mode, time.time(), total, len(plan)),
-            )
-            self.run_id = cur.lastrowid
-            db.executemany(
-                "INSERT OR IGNORE INTO audit_plan(run, shard, block, piece) VALUES (?, ?, ?, ?)",
-                [(self.run_id, *p) for p in plan],
-            )
+        self.run_id = audit_table.start_run(idx, self.rid, mode, time.time(), total, plan)
 
     def _challenges(self, present: list[ShardRow]) -> None:
         self._plan(present)
         idx = self.ctx.index
         by_id = {sh.id: sh for sh in present}
-        rows = idx.q("SELECT shard, block, piece FROM audit_plan WHERE run=?", (self.run_id,))
+        assert self.run_id is not None
+        rows = audit_table.challenges(idx, self.run_id)
         gone = [r for r in rows if r[0] not in by_id]
         if gone:  # shards repaired or moved since the plan was drawn
             with idx.tx() as db:
-                db.executemany(
-                    "DELETE FROM audit_plan WHERE run=? AND shard=? AND block=? AND piece=?",
-                    [(self.run_id, *r) for r in gone],
-                )
+                audit_table.drop_challenges(db, self.run_id, gone)
         rows = [r for r in rows if r[0] in by_id]
         per_shard: dict[int, list[tuple[int, int]]] = {}
         for sid, blk, piece in rows:
@@ -640,15 +529,10 @@ class _RemoteAuditor:
             self._ranged(by_id, rows)
 
     def _done(self, shard: int, answers: list[tuple[int, int]], ok: int, bad: int) -> None:
+        assert self.run_id is not None
         with self.ctx.index.tx() as db:
-            db.executemany(
-                "DELETE FROM audit_plan WHERE run=? AND shard=? AND block=? AND piece=?",
-                [(self.run_id, shard, b, p) for b, p in answers],
-            )
-            db.execute(
-                "UPDATE audit_runs SET checked = checked + ?, failed = failed + ? WHERE id=?",
-                (ok, bad, self.run_id),
-            )
+            audit_table.drop_challenges(db, self.run_id, [(shard, b, p) for b, p in answers])
+            audit_table.count_answers(db, self.run_id, ok, bad)
 
     def _whole(self, by_id: dict[int, ShardRow], per_shard: dict[int, list]) -> None:
         order = list(per_shard)
@@ -721,7 +605,7 @@ class _RemoteAuditor:
             if len(data) == blen and self.ctx.leaf_ok(sh, blk, data):
                 return None
         else:
-            tags = self.ctx.index.one("SELECT tags FROM audit_tags WHERE name=?", (sh.name,))
+            tags = audit_table.tags_of(self.ctx.index, sh.name)
             off = boff + piece * PIECE
             cnt = min(PIECE, blen - piece * PIECE)
             data = self.b.cat(sh.kind, sh.name, off, cnt)
@@ -730,7 +614,7 @@ class _RemoteAuditor:
                 tags is not None
                 and len(data) == cnt
                 and piece_tag(self.ctx.tagger, leaf, blk, piece, data)
-                == stored_tag(tags[0], blk, piece)
+                == stored_tag(tags, blk, piece)
                 and merkle.verify_proof(
                     leaf,
                     merkle.proof(
@@ -777,10 +661,7 @@ class _RemoteAuditor:
         idx = self.ctx.index
         rep = self.rep
         if self.run_id is not None:
-            blocks, planned, checked, failed = idx.one(
-                "SELECT blocks, planned, checked, failed FROM audit_runs WHERE id=?", (self.run_id,)
-            )
-            (left,) = idx.one("SELECT count(*) FROM audit_plan WHERE run=?", (self.run_id,))
+            blocks, planned, checked, failed, left = audit_table.run_progress(idx, self.run_id)
             rep.planned, rep.checked, rep.remaining = planned, checked, left
             rep.complete = left == 0
             answered = checked + failed
@@ -788,26 +669,13 @@ class _RemoteAuditor:
                 rep.confidence = 1.0 if rep.complete else 0.0
             else:
                 rep.confidence = confidence_reached(answered, blocks, self.ctx.loss)
-            with idx.tx() as db:
-                db.execute(
-                    "UPDATE audit_runs SET bytes_read = bytes_read + ?, confidence=?,"
-                    " finished=? WHERE id=?",
-                    (
-                        rep.bytes_read,
-                        rep.confidence,
-                        time.time() if left == 0 else None,
-                        self.run_id,
-                    ),
-                )
+            audit_table.finish_run(
+                idx, self.run_id, rep.bytes_read, rep.confidence, time.time() if left == 0 else None
+            )
         elif self.ctx.list_only and not rep.unreachable:
             rep.complete = True
         # open findings (this run's and earlier ones not yet repaired) belong in the report
-        for name, sub, kind, detail in idx.q(
-            "SELECT s.name, g.kind, f.kind, f.detail FROM audit_findings f JOIN shards s"
-            " ON s.id = f.shard JOIN segments g ON g.id = s.segment WHERE f.remote=?"
-            " AND s.state='lost'",
-            (self.rid,),
-        ):
+        for name, sub, kind, detail in audit_table.open_findings(idx, self.rid):
             path = f"{sub}/{name}"
             bucket = {"missing": rep.missing, "stale": rep.stale}.get(kind, rep.corrupt)
             if kind != "removed" and path not in bucket:
@@ -827,21 +695,8 @@ class _RemoteAuditor:
         if state != "ok":
             summary = rep.error or "; ".join(f"{k}: {v}" for k, v in list(rep.details.items())[:3])
         with idx.tx() as db:
-            old = db.execute(
-                "SELECT state, since FROM remote_health WHERE remote=?", (self.rid,)
-            ).fetchone()
-            since = old[1] if old and old[0] == state else now
-            db.execute(
-                "INSERT OR REPLACE INTO remote_health(remote, state, since, checked, detail)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (self.rid, state, since, now, summary),
-            )
-            if rep.unreachable:
-                db.execute("UPDATE remotes SET last_error=? WHERE id=?", (rep.error, self.rid))
-            else:
-                db.execute(
-                    "UPDATE remotes SET last_ok=?, last_error=NULL WHERE id=?", (now, self.rid)
-                )
+            remote_table.record_health(db, self.rid, state, now, summary)
+            remote_table.note_result(db, self.rid, rep.error if rep.unreachable else None, now)
 
 
 def audit(
@@ -872,7 +727,7 @@ def audit(
     t0 = time.monotonic()
     targets = resolve_remotes(vault, remotes)
     vault.seal()
-    prune_orphans(vault.index)
+    audit_table.forget_orphans(vault.index)
     deadline = t0 + max_duration if max_duration else None
     ctx = _Ctx(vault, mode, sample, deadline, confidence, loss, wrap, whole_budget, list_only)
     results: list[RemoteAudit] = []
@@ -893,9 +748,8 @@ def audit(
         raise errors[0]
     order = {t[0]: i for i, t in enumerate(targets)}
     results.sort(key=lambda r: order[r.rid])
-    (unsigned,) = vault.index.one(
-        "SELECT count(*) FROM segments WHERE kind='data' AND id > ?",
-        (ctx.anchor.ids[ctx.anchor.covered - 1] if ctx.anchor.covered else 0,),
+    unsigned = segments.data_after(
+        vault.index, ctx.anchor.ids[ctx.anchor.covered - 1] if ctx.anchor.covered else 0
     )
     return AuditReport(
         results,

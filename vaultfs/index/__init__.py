@@ -1,7 +1,6 @@
 """The local SQLite index: the single source of truth for what the vault holds and where, and
-the place SQL over it is written: the engine's (vaultfs/vault/), but for the read path, the
-remote list and the manifest keyring, which still pass their statements to :meth:`Index.q`,
-as do repair, verify, rotation, restore, receipt, prune and the CLI (to move here next).
+the only place SQL over it is written (the live tree's own tables, ``live_*``, are read and
+written by vaultfs/livetree.py and vaultfs/snapview.py).
 
 Every column is documented in the schema (``schema.py``). Sentinels that crash recovery reads:
 ``shards.state = 'queued'`` means the shard object is durable in the local queue directory
@@ -11,10 +10,12 @@ segment is inserted only once it is sealed and its shards are durable in the que
 The queries live beside it, one named function per question, grouped by what they are
 about: ``settings`` (the typed :class:`VaultParams` and the other settings rows),
 ``keyring`` (key epochs and suites), ``remotes`` (the remotes table and their health),
-``segments`` (segments and their shards), ``chunks``, ``snapshots`` (snapshots, entries,
-entry chunks), ``manifests`` (manifests, their upload queue, garbage), ``audit`` (audit tags
-and runs). A function that reads takes the :class:`Index` (it holds the lock itself); one
-that writes as part of a larger update takes the connection of the caller's :meth:`Index.tx`.
+``segments`` (segments and their shards), ``chunks`` (and which are still referenced),
+``snapshots`` (snapshots, entries, entry chunks), ``manifests`` (manifests, their upload
+queue, garbage), ``audit`` (audit tags, runs, challenges, findings, foreign objects). A
+function that reads takes the :class:`Index` (it holds the lock itself); one that writes as
+part of a larger update takes the connection of the caller's :meth:`Index.tx`, one that
+writes on its own opens its transaction itself.
 
 After every commit the whole index is exported (``Index.export_bytes``), encrypted and
 erasure-coded like data, and named by a signed manifest (see vaultfs/vault/commit.py and
@@ -29,9 +30,10 @@ import tempfile
 import threading
 from pathlib import Path
 
+from ..errors import IntegrityError
 from . import manifests
 from .chunks import LOOKUP_BATCH, chunk_rows
-from .schema import SCHEMA, SCHEMA_VERSION, migrate, open_shipped
+from .schema import SCHEMA, SCHEMA_VERSION, migrate
 from .settings import VaultParams
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "migrate",
     "open_shipped",
     "seen_manifest_seq",
+    "stored_remote_specs",
     "stored_vault_id",
 ]
 
@@ -58,10 +61,15 @@ class Index:
         self.path = Path(path) if path != ":memory:" else path
         self.lock = threading.RLock()
         self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        migrate(self.db)
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.execute("PRAGMA trusted_schema=OFF")  # no functions from views or triggers
+            migrate(self.db)
+        except BaseException:
+            self.db.close()
+            raise
 
     def close(self) -> None:
         with self.lock:
@@ -134,6 +142,16 @@ def stored_vault_id(path: Path) -> str | None:
         return index.get("vault_id")
 
 
+def stored_remote_specs(path: Path) -> list[str]:
+    """The specs of every remote (active or removed) recorded in the index file at ``path``,
+    read without changing the file (no migration, no journal); none when there is no file."""
+    if not path.exists():
+        return []
+    uri = path.resolve().as_uri() + "?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+        return [s for (s,) in db.execute("SELECT spec FROM remotes")]
+
+
 def seen_manifest_seq(path: Path, vault_id: str) -> int:
     """The newest manifest sequence number the index file at ``path`` has recorded, if it is
     the index of vault ``vault_id`` (hex); 0 when there is no file there (none is created)
@@ -144,3 +162,24 @@ def seen_manifest_seq(path: Path, vault_id: str) -> int:
         if index.get("vault_id") != vault_id:
             return 0
         return manifests.newest_seq(index)
+
+
+def open_shipped(path: Path) -> Index:
+    """Open an index file downloaded from the remotes (restore's disaster path), brought to
+    the current schema (:func:`migrate`).
+
+    The file was authenticated before it got here (AEAD under the seed, its shards pinned by
+    the signed manifest), so only a seed holder can make a hostile one. Even so, a file that
+    SQLite cannot read, that fails its structural check (``PRAGMA quick_check``: every page
+    read once), or whose schema the migration cannot apply is an IntegrityError, never a
+    sqlite3 exception; and functions in its views and triggers are not trusted."""
+    try:
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+            db.execute("PRAGMA trusted_schema=OFF")
+            db.execute("PRAGMA cell_size_check=ON")
+            (check,) = db.execute("PRAGMA quick_check(1)").fetchone()
+            if check != "ok":
+                raise sqlite3.DatabaseError(check)
+        return Index(path)
+    except (sqlite3.DatabaseError, UnicodeDecodeError) as e:  # its report may not be UTF-8
+        raise IntegrityError(f"the downloaded index is not a usable SQLite file: {e}") from None

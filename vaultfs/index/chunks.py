@@ -67,3 +67,35 @@ def location(index: Index, cid: bytes) -> tuple[int, int, int, int] | None:
         " ON g.id = c.segment WHERE c.cid=?",
         (cid,),
     )
+
+
+def records_in(index: Index, seg_id: int) -> list[tuple[bytes, int, int, int]]:
+    """(cid, offset, record length, plain length) of every chunk stored in segment
+    ``seg_id``, in offset order."""
+    return index.q(
+        "SELECT cid, offset, length, plain FROM chunks WHERE segment=? ORDER BY offset", (seg_id,)
+    )
+
+
+def in_data_segments(index: Index) -> list[tuple[int, bytes, int, int, int]]:
+    """(segment, cid, offset, record length, plain length) of every chunk of a data segment."""
+    return index.q(
+        "SELECT c.segment, c.cid, c.offset, c.length, c.plain FROM chunks c"
+        " JOIN segments g ON g.id = c.segment WHERE g.kind='data'"
+    )
+
+
+def referenced(index: Index) -> set[bytes]:
+    """Chunk ids some snapshot entry (``entry_chunks``) or some block of the mount's live
+    tree (``live_blocks``) refers to: nothing else keeps a chunk alive."""
+    live = {
+        bytes(cid)
+        for (cid,) in index.q(
+            "SELECT DISTINCT c.cid FROM entry_chunks e JOIN chunks c ON c.id = e.chunk"
+        )
+    }
+    for (blob,) in index.q("SELECT chunks FROM live_blocks"):
+        blob = bytes(blob)
+        for off in range(0, len(blob) - 35, 36):  # 32-byte id ‖ 4-byte length, repeated
+            live.add(blob[off : off + 32])
+    return live

@@ -1,5 +1,6 @@
 """Queries about key epochs and crypto suites (tables ``epochs``, ``suites``; settings
-``epoch`` and ``suite``: the epoch and suite new writes use)."""
+``epoch`` and ``suite``: the epoch and suite new writes use; ``reencrypt_epoch``: the target
+of an unfinished re-encryption)."""
 
 from __future__ import annotations
 
@@ -64,3 +65,46 @@ def slhdsa(index: Index) -> tuple[str, str, str | None] | None:
     if not (pub and sealed):
         return None
     return pub, sealed, index.get("slhdsa_param")
+
+
+def epoch_times(index: Index) -> list[tuple[int, int, float]]:
+    """(epoch, suite, created) of every key epoch, in epoch order."""
+    return index.q("SELECT epoch, suite, created FROM epochs ORDER BY epoch")
+
+
+def data_suites(index: Index) -> set[int]:
+    """The suites of the key epochs some data segment is sealed under."""
+    return {
+        s
+        for (s,) in index.q(
+            "SELECT DISTINCT e.suite FROM segments g JOIN epochs e ON e.epoch = g.epoch"
+            " WHERE g.kind='data'"
+        )
+    }
+
+
+def retire(db: sqlite3.Connection, suites: list[int], now: float) -> None:
+    """Mark ``suites`` retired (as of ``now``): every read under them is refused from then."""
+    db.executemany(
+        "INSERT INTO suites VALUES (?, 'retired', ?) ON CONFLICT(id) DO UPDATE"
+        " SET state='retired', changed=excluded.changed",
+        [(s, now) for s in suites],
+    )
+
+
+def reencrypt_target(index: Index) -> int | None:
+    """The target epoch of an unfinished re-encryption (setting ``reencrypt_epoch``); None
+    when none runs."""
+    value = index.get("reencrypt_epoch")
+    return int(value) if value else None
+
+
+def set_reencrypt_target(index: Index, epoch: int) -> None:
+    """Note that a re-encryption to ``epoch`` has begun (until :func:`clear_reencrypt_target`)."""
+    index.set("reencrypt_epoch", epoch)
+
+
+def clear_reencrypt_target(index: Index) -> None:
+    """Note that no re-encryption is unfinished."""
+    with index.tx() as db:
+        db.execute("DELETE FROM settings WHERE key='reencrypt_epoch'")

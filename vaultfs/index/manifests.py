@@ -109,3 +109,40 @@ def newest_placed(index: Index, remote: int) -> int | None:
         " (SELECT seq FROM manifest_queue WHERE remote=?)",
         (remote,),
     )[0]
+
+
+def newest(index: Index) -> tuple[int, bytes] | None:
+    """(seq, signed vault root) of the newest recorded manifest; None before the first."""
+    return index.one("SELECT seq, root FROM manifests ORDER BY seq DESC LIMIT 1")
+
+
+def unshipped_since(index: Index) -> float | None:
+    """When the index copy on the remotes went out of date (:func:`mark_unshipped`); None
+    when it is current."""
+    value = index.get("unshipped_since")
+    return None if value is None else float(value)
+
+
+def queued_up_to(index: Index, rid: int, seq: int) -> bool:
+    """Whether an upload to remote ``rid`` of a manifest up to ``seq`` is still to do."""
+    return (
+        index.one("SELECT 1 FROM manifest_queue WHERE remote=? AND seq<=?", (rid, seq)) is not None
+    )
+
+
+def garbage(index: Index) -> list[tuple[str, int, str, int]]:
+    """(name, remote, kind, seq) of every shard object listed as garbage (:func:`add_garbage`)."""
+    return index.q("SELECT name, remote, kind, seq FROM garbage")
+
+
+def garbage_count(index: Index) -> int:
+    """How many shard objects wait to be deleted as garbage."""
+    row = index.one("SELECT count(*) FROM garbage")
+    assert row is not None
+    return row[0]
+
+
+def forget_garbage(index: Index, names: list[str]) -> None:
+    """Strike the objects ``names`` (deleted from their remote) off the garbage list."""
+    with index.tx() as db:
+        db.executemany("DELETE FROM garbage WHERE name=?", [(n,) for n in names])

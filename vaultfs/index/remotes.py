@@ -5,24 +5,92 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from . import Index
 
 
-def add(db: sqlite3.Connection, spec: str, position: int) -> None:
-    """Record remote ``spec`` at placement ``position`` (active, its own failure domain)."""
-    db.execute("INSERT INTO remotes(spec, position) VALUES (?, ?)", (spec, position))
+class RemoteRow(NamedTuple):
+    """One row of the ``remotes`` table (columns documented in schema.py)."""
+
+    id: int
+    spec: str
+    position: int
+    domain: str | None
+    state: str
+    last_ok: float | None
+    last_error: str | None
+
+
+def add(db: sqlite3.Connection, spec: str, position: int, domain: str | None = None) -> int:
+    """Make remote ``spec`` active at placement ``position`` in failure domain ``domain``
+    (None: its own); a remote of that spec the vault had before comes back under its old id.
+    Returns its id."""
+    row = db.execute("SELECT id FROM remotes WHERE spec=?", (spec,)).fetchone()
+    if row:
+        db.execute(
+            "UPDATE remotes SET state='active', position=?, domain=? WHERE id=?",
+            (position, domain, row[0]),
+        )
+        return row[0]
+    cur = db.execute(
+        "INSERT INTO remotes(spec, position, domain) VALUES (?, ?, ?)", (spec, position, domain)
+    )
+    assert cur.lastrowid is not None
+    return cur.lastrowid
+
+
+def next_position(db: sqlite3.Connection) -> int:
+    """The placement position after every remote's (1 for the first)."""
+    return (db.execute("SELECT max(position) FROM remotes").fetchone()[0] or 0) + 1
+
+
+def position_of(db: sqlite3.Connection, rid: int) -> tuple[int, str | None]:
+    """(placement position, failure domain or None) of remote ``rid``."""
+    return db.execute("SELECT position, domain FROM remotes WHERE id=?", (rid,)).fetchone()
+
+
+def remove(db: sqlite3.Connection, rid: int) -> None:
+    """Take remote ``rid`` out of the vault: its row stays (state 'removed'), the manifest
+    uploads still queued for it are dropped."""
+    db.execute("UPDATE remotes SET state='removed' WHERE id=?", (rid,))
+    db.execute("DELETE FROM manifest_queue WHERE remote=?", (rid,))
+
+
+def every(index: Index) -> list[RemoteRow]:
+    """Every remote the vault has known (active and removed), in placement order."""
+    return [
+        RemoteRow(*r)
+        for r in index.q(
+            "SELECT id, spec, position, domain, state, last_ok, last_error FROM remotes"
+            " ORDER BY position, id"
+        )
+    ]
+
+
+def specs(index: Index) -> dict[int, str]:
+    """{id: spec} of every remote the vault has known (active and removed)."""
+    return {r.id: r.spec for r in every(index)}
+
+
+def removed(index: Index) -> set[int]:
+    """Ids of the remotes taken out of the vault."""
+    return {r.id for r in every(index) if r.state != "active"}
+
+
+def members(index: Index) -> list[tuple[int, str, str]]:
+    """(id, spec, failure domain) of the active remotes in placement order; a remote with no
+    domain is its own (``remote<id>``)."""
+    return index.q(
+        "SELECT id, spec, coalesce(domain, 'remote' || id) FROM remotes WHERE state='active'"
+        " ORDER BY position, id"
+    )
 
 
 def placement_domains(index: Index) -> list[tuple[int, str]]:
-    """(id, failure domain) of the active remotes in placement order; a remote with no
-    domain is its own (``remote<id>``)."""
-    return index.q(
-        "SELECT id, coalesce(domain, 'remote' || id) FROM remotes WHERE state='active'"
-        " ORDER BY position, id"
-    )
+    """(id, failure domain) of the active remotes in placement order (:func:`members`)."""
+    return [(rid, dom) for rid, _spec, dom in members(index)]
 
 
 def active_states(index: Index) -> list[tuple[int, str, str | None, float | None, str | None]]:
@@ -33,21 +101,29 @@ def active_states(index: Index) -> list[tuple[int, str, str | None, float | None
     )
 
 
+def note_result(db: sqlite3.Connection, rid: int, error: str | None, now: float) -> None:
+    """Note the outcome of an operation on remote ``rid`` at ``now``: success (``error``
+    None: now is its last_ok, its last error is cleared) or the error message."""
+    if error is None:
+        db.execute("UPDATE remotes SET last_ok=?, last_error=NULL WHERE id=?", (now, rid))
+    else:
+        db.execute("UPDATE remotes SET last_error=? WHERE id=?", (error, rid))
+
+
 def record_result(index: Index, rid: int, error: str | None) -> None:
-    """Note the outcome of an operation on remote ``rid``: success (``error`` None: now is
-    its last_ok, its last error is cleared) or the error message."""
+    """:func:`note_result` now, in a transaction of its own."""
     with index.tx() as db:
-        if error is None:
-            db.execute(
-                "UPDATE remotes SET last_ok=?, last_error=NULL WHERE id=?", (time.time(), rid)
-            )
-        else:
-            db.execute("UPDATE remotes SET last_error=? WHERE id=?", (error, rid))
+        note_result(db, rid, error, time.time())
 
 
 def unreachable(index: Index) -> set[int]:
     """Ids of the remotes last found unreachable."""
     return {r for (r,) in index.q("SELECT remote FROM remote_health WHERE state='unreachable'")}
+
+
+def stale(index: Index) -> set[int]:
+    """Ids of the remotes last found serving a stale manifest or objects."""
+    return {r for (r,) in index.q("SELECT remote FROM remote_health WHERE state='stale'")}
 
 
 def health(index: Index, rid: int) -> tuple[str, float, float, str | None] | None:
@@ -57,6 +133,25 @@ def health(index: Index, rid: int) -> tuple[str, float, float, str | None] | Non
     )
 
 
+def record_health(
+    db: sqlite3.Connection, rid: int, state: str, now: float, detail: str | None
+) -> None:
+    """Record that remote ``rid`` was found in ``state`` ('ok', 'degraded', 'stale' or
+    'unreachable') at ``now``; ``since`` keeps its time while the state stays the same."""
+    old = db.execute("SELECT state, since FROM remote_health WHERE remote=?", (rid,)).fetchone()
+    since = old[1] if old and old[0] == state else now
+    db.execute(
+        "INSERT OR REPLACE INTO remote_health(remote, state, since, checked, detail)"
+        " VALUES (?, ?, ?, ?, ?)",
+        (rid, state, since, now, detail),
+    )
+
+
+def forget_health(db: sqlite3.Connection, rid: int) -> None:
+    """Forget what audits found about remote ``rid``'s health."""
+    db.execute("DELETE FROM remote_health WHERE remote=?", (rid,))
+
+
 def active(index: Index) -> list[tuple[int, str]]:
     """(id, spec) of every remote in use (not removed), in placement order."""
-    return index.q("SELECT id, spec FROM remotes WHERE state='active' ORDER BY position, id")
+    return [(rid, spec) for rid, spec, _dom in members(index)]

@@ -6,10 +6,8 @@ where; the query modules beside this one (``vaultfs/index/*.py``) are the only S
 from __future__ import annotations
 
 import sqlite3
-from pathlib import Path
 
 from .. import names
-from ..errors import IntegrityError
 
 #: ``PRAGMA user_version`` of an index in the current layout. 1: the first layout (0 in the
 #: file); 2: entries.parent, entries.rdev and the entries_parent/entries_link indexes
@@ -253,32 +251,6 @@ CREATE TABLE IF NOT EXISTS live_blocks (
     PRIMARY KEY (inode, block)
 ) WITHOUT ROWID;
 """
-
-
-def open_shipped(path: Path) -> sqlite3.Connection:
-    """Open an index file downloaded from the remotes (restore's disaster path) and bring it
-    to the current schema (:func:`migrate`).
-
-    The file was authenticated before it got here (AEAD under the seed, its shards pinned by
-    the signed manifest), so only a seed holder can make a hostile one. Even so, a file that
-    SQLite cannot read, that fails its structural check (``PRAGMA quick_check``: every page
-    read once), or whose schema the migration cannot apply is an IntegrityError, never a
-    sqlite3 exception; and functions in its views and triggers are not trusted."""
-    db = sqlite3.connect(path, isolation_level=None)
-    try:
-        db.execute("PRAGMA trusted_schema=OFF")
-        db.execute("PRAGMA cell_size_check=ON")
-        (check,) = db.execute("PRAGMA quick_check(1)").fetchone()
-        if check != "ok":
-            raise sqlite3.DatabaseError(check)
-        migrate(db)
-    except (sqlite3.DatabaseError, UnicodeDecodeError) as e:  # its report may not be UTF-8
-        db.close()
-        raise IntegrityError(f"the downloaded index is not a usable SQLite file: {e}") from None
-    except BaseException:
-        db.close()
-        raise
-    return db
 
 
 def migrate(db: sqlite3.Connection) -> None:

@@ -2,15 +2,56 @@
 
 from __future__ import annotations
 
+import math
 import sqlite3
+from collections import defaultdict
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
+
+from .. import merkle
 
 if TYPE_CHECKING:
     from . import Index
 
 #: A shard row as the write path records it: (idx, name, remote, size, hash, blocks, root).
-ShardRow = tuple[int, str, int, int, bytes, bytes, bytes]
+NewShard = tuple[int, str, int, int, bytes, bytes, bytes]
+
+
+class ShardRow(NamedTuple):
+    """A shard's row with its segment's kind, uid and root (what audits and repair read)."""
+
+    id: int
+    segment: int
+    idx: int
+    name: str
+    remote: int
+    size: int
+    hash: bytes
+    blocks: bytes
+    root: bytes
+    state: str
+    kind: str
+    seg_uid: bytes
+    seg_root: bytes
+
+    @property
+    def nblocks(self) -> int:
+        """Merkle blocks of the object."""
+        return max(1, math.ceil(self.size / merkle.BLOCK_SIZE))
+
+    @property
+    def path(self) -> str:
+        """The object's path on its remote (``kind/name``)."""
+        return f"{self.kind}/{self.name}"
+
+
+_SHARD_ROWS = (
+    "SELECT s.id, s.segment, s.idx, s.name, s.remote, s.size, s.hash, s.blocks, s.root, s.state,"
+    " g.kind, g.uid, g.root FROM shards s JOIN segments g ON g.id = s.segment"
+)
+#: Segments whose redundancy matters: every data segment and the index copy named by the
+#: newest manifest (older index copies are superseded).
+_LIVE = "(g.kind = 'data' OR (g.kind = 'meta' AND g.manifest = (SELECT max(seq) FROM manifests)))"
 
 
 def _marks(ids: list[int]) -> str:
@@ -96,7 +137,7 @@ def forget_meta_before(db: sqlite3.Connection, seq: int) -> None:
 
 
 # -- shards --------------------------------------------------------------------------------
-def add_queued_shards(db: sqlite3.Connection, seg_id: int, rows: Iterable[ShardRow]) -> None:
+def add_queued_shards(db: sqlite3.Connection, seg_id: int, rows: Iterable[NewShard]) -> None:
     """Record the shards of segment ``seg_id`` as queued (their files are in the queue)."""
     db.executemany(
         "INSERT INTO shards(segment, idx, name, remote, size, hash, blocks, root, state)"
@@ -132,9 +173,12 @@ def mark_placed(index: Index, shard_ids: list[int]) -> None:
         db.executemany("UPDATE shards SET state='placed' WHERE id=?", [(s,) for s in shard_ids])
 
 
-def queued_count(index: Index, rid: int) -> int:
-    """How many shards wait in the queue for remote ``rid``."""
-    row = index.one("SELECT count(*) FROM shards WHERE state='queued' AND remote=?", (rid,))
+def queued_count(index: Index, rid: int | None = None) -> int:
+    """How many shards wait in the queue for remote ``rid`` (None: for any remote)."""
+    if rid is None:
+        row = index.one("SELECT count(*) FROM shards WHERE state='queued'")
+    else:
+        row = index.one("SELECT count(*) FROM shards WHERE state='queued' AND remote=?", (rid,))
     assert row is not None
     return row[0]
 
@@ -164,9 +208,10 @@ def placed_meta_before(index: Index, seq: int) -> list[tuple[int, str, int]]:
     )
 
 
-def geometry(index: Index, seg_id: int) -> tuple[str, int, int, int] | None:
-    """(kind, size, k, n) of segment ``seg_id``; None when the index has no such segment."""
-    return index.one("SELECT kind, size, k, n FROM segments WHERE id=?", (seg_id,))
+def geometry(index: Index, seg_id: int) -> tuple[str, int, int, int, bytes, int] | None:
+    """(kind, size, k, n, uid, erasure algorithm) of segment ``seg_id``: what its shard
+    headers record; None when the index has no such segment."""
+    return index.one("SELECT kind, size, k, n, uid, ec_alg FROM segments WHERE id=?", (seg_id,))
 
 
 def shard_holders(index: Index, seg_id: int) -> list[tuple[int, str, bytes, str, int, str]]:
@@ -175,4 +220,171 @@ def shard_holders(index: Index, seg_id: int) -> list[tuple[int, str, bytes, str,
         "SELECT s.idx, s.name, s.hash, s.state, s.remote, r.spec FROM shards s"
         " JOIN remotes r ON r.id = s.remote WHERE s.segment=? ORDER BY s.idx",
         (seg_id,),
+    )
+
+
+def layouts(index: Index) -> dict[int, tuple[int, int, int, int]]:
+    """{segment id: (size, k, n, key epoch)} of every segment."""
+    return {
+        sid: (size, k, n, epoch)
+        for sid, size, k, n, epoch in index.q("SELECT id, size, k, n, epoch FROM segments")
+    }
+
+
+def data_segments(index: Index) -> list[tuple[int, int, int, int]]:
+    """(id, size, used bytes, key epoch) of every data segment, in id order."""
+    return index.q("SELECT id, size, used, epoch FROM segments WHERE kind='data' ORDER BY id")
+
+
+def data_epochs(index: Index) -> set[int]:
+    """The key epochs some data segment is sealed under."""
+    return {e for (e,) in index.q("SELECT DISTINCT epoch FROM segments WHERE kind='data'")}
+
+
+def data_roots_by_id(index: Index) -> list[tuple[int, bytes]]:
+    """(id, root) of every data segment in id order (the leaves of the vault root)."""
+    return index.q("SELECT id, root FROM segments WHERE kind='data' ORDER BY id")
+
+
+def data_after(index: Index, seg_id: int) -> int:
+    """How many data segments have an id above ``seg_id``."""
+    row = index.one("SELECT count(*) FROM segments WHERE kind='data' AND id > ?", (seg_id,))
+    assert row is not None
+    return row[0]
+
+
+def first_meta(index: Index, seq: int) -> int | None:
+    """The lowest id of the index-copy segments of manifest ``seq``; None when it has none."""
+    return index.one("SELECT min(id) FROM segments WHERE kind='meta' AND manifest=?", (seq,))[0]
+
+
+def uids(index: Index) -> dict[bytes, int]:
+    """{segment uid: segment id} of every segment."""
+    return {bytes(u): sid for sid, u in index.q("SELECT id, uid FROM segments")}
+
+
+def set_root(db: sqlite3.Connection, seg_id: int, root: bytes) -> None:
+    """Record segment ``seg_id``'s Merkle root (over its shard roots)."""
+    db.execute("UPDATE segments SET root=? WHERE id=?", (root, seg_id))
+
+
+def records(index: Index, seg_id: int) -> list[ShardRow]:
+    """Every shard of segment ``seg_id``, by shard index."""
+    return [
+        ShardRow(*r) for r in index.q(_SHARD_ROWS + " WHERE s.segment=? ORDER BY s.idx", (seg_id,))
+    ]
+
+
+def live_shards(index: Index, remote: int | None = None) -> list[ShardRow]:
+    """The shards (of remote ``remote``; None: of every remote) of the segments whose
+    redundancy matters: every data segment and the index copy named by the newest manifest.
+    In segment, then shard index order."""
+    if remote is None:
+        rows = index.q(_SHARD_ROWS + f" WHERE {_LIVE} ORDER BY s.segment, s.idx")
+    else:
+        rows = index.q(
+            _SHARD_ROWS + f" WHERE s.remote=? AND {_LIVE} ORDER BY s.segment, s.idx", (remote,)
+        )
+    return [ShardRow(*r) for r in rows]
+
+
+def queued_on(index: Index, rids: set[int]) -> list[ShardRow]:
+    """The queued shards bound for one of the remotes ``rids``."""
+    marks = _marks(list(rids))
+    return [
+        ShardRow(*r)
+        for r in index.q(
+            _SHARD_ROWS + f" WHERE s.state='queued' AND s.remote IN ({marks})", tuple(rids)
+        )
+    ]
+
+
+def holders(index: Index, seg_id: int, skip_idx: int | None = None) -> list[int]:
+    """The remotes of segment ``seg_id``'s placed or queued shards (but shard ``skip_idx``),
+    one entry per shard."""
+    if skip_idx is None:
+        rows = index.q(
+            "SELECT remote FROM shards WHERE segment=? AND state IN ('placed','queued')",
+            (seg_id,),
+        )
+    else:
+        rows = index.q(
+            "SELECT remote FROM shards WHERE segment=? AND idx<>? AND state IN ('placed','queued')",
+            (seg_id, skip_idx),
+        )
+    return [r for (r,) in rows]
+
+
+def healthy_counts(index: Index) -> dict[int, int]:
+    """{segment id: its placed or queued shards on active remotes}; a segment with none is
+    left out."""
+    return dict(
+        index.q(
+            "SELECT s.segment, count(*) FROM shards s JOIN remotes r ON r.id = s.remote"
+            " WHERE s.state IN ('placed', 'queued') AND r.state='active' GROUP BY s.segment"
+        )
+    )
+
+
+def object_names(index: Index, remote: int | None = None) -> set[str]:
+    """Object names of every shard the index has (on remote ``remote``; None: anywhere)."""
+    if remote is None:
+        return {n for (n,) in index.q("SELECT name FROM shards")}
+    return {n for (n,) in index.q("SELECT name FROM shards WHERE remote=?", (remote,))}
+
+
+def move(db: sqlite3.Connection, shard_id: int, remote: int) -> None:
+    """Send shard ``shard_id`` to remote ``remote`` instead (its queue file moved there)."""
+    db.execute("UPDATE shards SET remote=? WHERE id=?", (remote, shard_id))
+
+
+def requeue(
+    db: sqlite3.Connection,
+    shard_id: int,
+    name: str,
+    remote: int,
+    hash: bytes,
+    blocks: bytes,
+    root: bytes,
+) -> None:
+    """Record a rebuilt shard ``shard_id``: new object ``name`` for ``remote``, queued, with
+    its hash, Merkle leaves and root."""
+    db.execute(
+        "UPDATE shards SET name=?, remote=?, state='queued', hash=?, blocks=?, root=? WHERE id=?",
+        (name, remote, hash, blocks, root, shard_id),
+    )
+
+
+def shard_roots(index: Index, seg_id: int) -> list[bytes]:
+    """The Merkle roots of segment ``seg_id``'s shards, by shard index."""
+    return [
+        bytes(r)
+        for (r,) in index.q("SELECT root FROM shards WHERE segment=? ORDER BY idx", (seg_id,))
+    ]
+
+
+def all_shard_roots(index: Index) -> dict[int, list[bytes]]:
+    """{segment id: the Merkle roots of its shards, by shard index} of every segment."""
+    out: dict[int, list[bytes]] = defaultdict(list)
+    for sid, root in index.q("SELECT segment, root FROM shards ORDER BY segment, idx"):
+        out[sid].append(root)
+    return out
+
+
+def all_shard_hashes(index: Index) -> dict[int, list[tuple[int, str, bytes, int]]]:
+    """{segment id: (idx, name, hash, size) of its shards, by shard index} of every segment."""
+    out: dict[int, list[tuple[int, str, bytes, int]]] = defaultdict(list)
+    for sid, idx, name, h, size in index.q(
+        "SELECT segment, idx, name, hash, size FROM shards ORDER BY idx"
+    ):
+        out[sid].append((idx, name, h, size))
+    return out
+
+
+def meta_shard_hashes(index: Index, seq: int) -> list[tuple[str, bytes]]:
+    """(name, hash) of the shards of manifest ``seq``'s index copy."""
+    return index.q(
+        "SELECT s.name, s.hash FROM shards s JOIN segments g ON g.id = s.segment"
+        " WHERE g.kind='meta' AND g.manifest=?",
+        (seq,),
     )

@@ -3,7 +3,7 @@
 ``settings`` is a key-value table of text (see schema.py). The parameters a vault is made
 with (redundancy, segment and chunk sizes) are read and written only through
 :class:`VaultParams`; the key rows that change over a vault's life belong to the modules
-that own them (``keyring``: epoch, suite; ``manifests``: unshipped_since).
+that own them (``keyring``: epoch, suite, reencrypt_epoch; ``manifests``: unshipped_since).
 """
 
 from __future__ import annotations

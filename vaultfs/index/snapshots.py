@@ -105,3 +105,69 @@ def file_chunk_ids(index: Index, entry: int) -> list[bytes]:
             (entry,),
         )
     ]
+
+
+def details(index: Index, snapshot: int) -> tuple[str, str | None, float, int, bytes, int, int]:
+    """(uid, name, created, manifest seq, vault root, files, bytes) of the snapshot with row
+    id ``snapshot``."""
+    row = index.one(
+        "SELECT uid, name, created, seq, root, files, bytes FROM snapshots WHERE id=?",
+        (snapshot,),
+    )
+    assert row is not None
+    return row
+
+
+def full_entries(index: Index, snapshot: int) -> list[tuple]:
+    """Every entry of the snapshot with row id ``snapshot`` as (id, path, type, mode,
+    mtime_ns, size, target, uid, gid, xattrs, link, rdev), in path order (names as stored:
+    names.from_db): all a restore needs to recreate it."""
+    return index.q(
+        "SELECT id, path, type, mode, mtime_ns, size, target, uid, gid, xattrs, link, rdev"
+        " FROM entries WHERE snapshot=? ORDER BY path",
+        (snapshot,),
+    )
+
+
+def file_chunks(index: Index, entry: int) -> list[tuple[bytes, int, int, int, int]]:
+    """(cid, segment, offset, record length, plain length) of the chunks of file entry
+    ``entry``, in file order."""
+    return index.q(
+        "SELECT c.cid, c.segment, c.offset, c.length, c.plain FROM entry_chunks x"
+        " JOIN chunks c ON c.id = x.chunk WHERE x.entry=? ORDER BY x.seq",
+        (entry,),
+    )
+
+
+def files_in_segment(index: Index, seg_id: int) -> list[tuple[str, str]]:
+    """(snapshot uid, path as stored) of every file with a chunk in segment ``seg_id``, by
+    snapshot and path."""
+    return index.q(
+        "SELECT DISTINCT s.uid, e.path FROM chunks c JOIN entry_chunks x ON x.chunk = c.id"
+        " JOIN entries e ON e.id = x.entry JOIN snapshots s ON s.id = e.snapshot"
+        " WHERE c.segment=? ORDER BY s.id, e.path",
+        (seg_id,),
+    )
+
+
+def holding(index: Index, path: str) -> list[tuple[int, str, str | None, float, int]]:
+    """(row id, uid, name, created, manifest seq) of every snapshot with an entry at ``path``
+    (as stored: names.to_db), oldest first."""
+    return index.q(
+        "SELECT s.id, s.uid, s.name, s.created, s.seq FROM snapshots s WHERE EXISTS"
+        " (SELECT 1 FROM entries e WHERE e.snapshot = s.id AND e.path = ?) ORDER BY s.id",
+        (path,),
+    )
+
+
+def present(index: Index, snapshot: int, paths: list[str]) -> set[str]:
+    """Which of ``paths`` (as stored: names.to_db) the snapshot with row id ``snapshot`` has
+    an entry at."""
+    marks = ",".join("?" * len(paths))
+    return {
+        p
+        for (p,) in index.q(
+            f"SELECT path FROM entries WHERE snapshot = ? AND path IN ({marks})",
+            (snapshot, *paths),
+        )
+    }

@@ -19,6 +19,8 @@ from pathlib import Path
 from .. import names
 from ..backends import open_backend
 from ..errors import InputError, IntegrityError
+from ..index import Index
+from ..index import snapshots as snapshot_table
 from ..keys import VaultKeys
 from ..restore import Fetched, ShardSource, open_remote_index, restore_files
 from ..shardreader import ShardRef
@@ -62,9 +64,9 @@ class KbFiles:
     """The knowledge-base snapshots of one vault index, and their files on demand."""
 
     def __init__(
-        self, keys: VaultKeys, db, src: CountingSource, work: Path, warnings: list[str]
+        self, keys: VaultKeys, index: Index, src: CountingSource, work: Path, warnings: list[str]
     ) -> None:
-        self.keys, self.db, self.src, self.work = keys, db, src, work
+        self.keys, self.index, self.src, self.work = keys, index, src, work
         self.warnings = warnings
         self._manifests: dict[int, KbManifest] = {}
         self._reads = 0
@@ -76,12 +78,9 @@ class KbFiles:
 
     def snapshots(self) -> list[KbSnap]:
         """Every snapshot holding ``kb/manifest.json``, oldest first."""
-        rows = self.db.execute(
-            "SELECT s.id, s.uid, s.name, s.created, s.seq FROM snapshots s WHERE EXISTS"
-            " (SELECT 1 FROM entries e WHERE e.snapshot = s.id AND e.path = ?) ORDER BY s.id",
-            (names.to_db(layout.MANIFEST),),
-        ).fetchall()
-        return [KbSnap(*r) for r in rows]
+        return [
+            KbSnap(*r) for r in snapshot_table.holding(self.index, names.to_db(layout.MANIFEST))
+        ]
 
     def find(self, snapshot: str) -> KbSnap:
         """A knowledge-base snapshot by uid, name or ``latest`` (the newest one holding a
@@ -96,10 +95,7 @@ class KbFiles:
         hits = [s for s in snaps if snapshot in (s.uid, s.name)]
         if hits:
             return hits[-1]
-        row = self.db.execute(
-            "SELECT 1 FROM snapshots WHERE uid=? OR name=?", (snapshot, snapshot)
-        ).fetchone()
-        if row is not None:
+        if snapshot_table.find(self.index, snapshot) is not None:
             raise InputError(f"snapshot {snapshot!r} holds no knowledge base (no kb/manifest.json)")
         raise InputError(f"snapshot {snapshot!r} not found (see `vaultfs snapshots`)")
 
@@ -148,14 +144,8 @@ class KbFiles:
         """The files among ``paths`` that ``snap`` holds, read without kb/manifest.json: for
         a single lookup, where the manifest's hashes would cost a segment of their own and
         add nothing (the vault's AEAD tag and keyed id of every chunk authenticate it)."""
-        marks = ",".join("?" * len(paths))
-        held = {
-            names.fs_path(p)
-            for (p,) in self.db.execute(
-                f"SELECT path FROM entries WHERE snapshot = ? AND path IN ({marks})",
-                (snap.id, *[names.to_db(p) for p in paths]),
-            )
-        }
+        stored = snapshot_table.present(self.index, snap.id, [names.to_db(p) for p in paths])
+        held = {names.fs_path(p) for p in stored}
         return self._fetch(snap, [p for p in paths if p in held])
 
     def _fetch(
@@ -172,7 +162,7 @@ class KbFiles:
         self._reads += 1
         to = self.work / f"read{self._reads}"
         try:
-            restore_files(self.keys, self.db, self.src, to, snap.uid, include or paths)
+            restore_files(self.keys, self.index, self.src, to, snap.uid, include or paths)
             if walk:
                 paths = [str(f.relative_to(to)) for f in sorted(to.rglob("*")) if f.is_file()]
             return {p: (to / p).read_bytes() for p in paths}
@@ -212,11 +202,11 @@ def open_kb_files(
             src = CountingSource([open_backend(s) for s in remote_specs])
             src.start()
             try:
-                db, _src, _m, warnings = open_remote_index(keys, src.remotes, work, 0, src=src)
+                index, _src, _m, warnings = open_remote_index(keys, src.remotes, work, 0, src=src)
                 try:
-                    yield KbFiles(keys, db, src, work, warnings)
+                    yield KbFiles(keys, index, src, work, warnings)
                 finally:
-                    db.close()
+                    index.close()
             finally:
                 src.stop()
         else:
@@ -224,6 +214,6 @@ def open_kb_files(
             try:
                 src = CountingSource(v.remotes(), v.queue_dir)
                 src.list_all()
-                yield KbFiles(keys, v.index.db, src, work, [])
+                yield KbFiles(keys, v.index, src, work, [])
             finally:
                 v.close()

@@ -17,8 +17,7 @@ prune, verify, rotation, receipts): a facade over the parts, each in its own mod
 - ``reads.py``     the read path: chunks from segments, queue or remotes
 
 The ordering invariants (numbered as in docs/design.md, which has the crash-state table)
-are stated in the module that enforces them. The SQL is in vaultfs/index/ (named queries),
-but for the read path's, :meth:`Vault.remotes`' and the manifest keyring's.
+are stated in the module that enforces them. The SQL is in vaultfs/index/ (named queries).
 
 CPU-heavy work (hashing, AEAD, erasure coding) runs in sealer processes or a thread pool;
 callers on an event loop should call the blocking methods from a worker thread.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .. import segment
 from ..errors import DiskFull
-from ..index.segments import ShardRow
+from ..index.segments import NewShard
 from ..sealer import ShardFile
 
 #: The subdirectories of a remote's queue directory (and of the remote).
@@ -87,7 +87,7 @@ class ShardQueue:
 
     def enqueue(
         self, kind: int, shards: list[ShardFile], placement: list[int], dirs: set[Path]
-    ) -> list[ShardRow]:
+    ) -> list[NewShard]:
         """Rename the fsync'd ``tmp/`` files of ``shards`` to their remotes' queue
         directories (shard i to remote ``placement[i]``). Returns the shard rows for the
         transaction that records them; adds the directories to fsync (:func:`sync_dirs`)

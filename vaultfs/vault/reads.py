@@ -60,7 +60,7 @@ class SegmentReads:
         g = segments.geometry(self.index, seg_id)
         if g is None:
             raise IntegrityError(f"segment {seg_id} is not in the index")
-        kind, size, k, n = g
+        kind, size, k, n, _uid, _alg = g
         refs = []
         for idx, name, h, state, rid, spec in segments.shard_holders(self.index, seg_id):
             local = (self.queue_dir / f"r{rid}" / kind / name).exists()

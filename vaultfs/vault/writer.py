@@ -26,7 +26,7 @@ from .. import merkle, segment
 from ..audittag import PIECE as AUDIT_PIECE
 from ..chunker import Chunker
 from ..index import Index, VaultParams, audit, chunks, segments
-from ..index.segments import ShardRow
+from ..index.segments import NewShard
 from ..keys import VaultKeys
 from ..sealer import (
     SLOT_SIZE,
@@ -225,7 +225,7 @@ class Writer:
         queue, the queue directories fsync'd, and only then one transaction records the
         segments with their shards, chunks and audit tags."""
         p = self.params
-        placed: list[tuple[int, SegmentReport, list[ShardRow]]] = []
+        placed: list[tuple[int, SegmentReport, list[NewShard]]] = []
         dirs: set[Path] = set()
         for r in reports:
             seg_id = self.next_segment_id()
@@ -258,7 +258,7 @@ class Writer:
 
     def write_shards(
         self, seg_id: int, uid: bytes, kind: int, padded: bytes
-    ) -> tuple[list[ShardRow], bytes]:
+    ) -> tuple[list[NewShard], bytes]:
         """Erasure-code a padded segment on this thread and queue its shard objects durably
         (for index copies and rewritten segments; data goes through the sealers).
         Returns (shard rows, segment root); records the audit tags. The caller records the
