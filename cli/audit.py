@@ -249,6 +249,10 @@ def prune(
             f" {rep.repacked} repacked into {rep.written}",
             highlight=False,
         )
+        for r, b in sorted(rep.freed_per_remote.items()):
+            out.print(
+                f"  {r}: {b:,} bytes" + (" to free" if dry_run else " freed"), highlight=False
+            )
         if not dry_run:
             out.print(
                 f"deleted {rep.garbage_deleted} old object(s) from the remotes"

@@ -2,7 +2,8 @@
 
 Commands live in their own modules and register on ``cli.common.app``: cli/core.py (init,
 backup, flush, snapshots, ls, status), cli/restore.py, cli/audit.py (verify, repair, prune,
-remote), cli/keys.py (keys, reencrypt, receipt), cli/mount.py (mount, umount, snapshot).
+remote), cli/keys.py (keys, reencrypt, receipt), cli/mount.py (mount, umount, snapshot),
+cli/routine.py (forget, run, schedule).
 Exit codes: see vaultfs/errors.py.
 """
 
@@ -26,6 +27,7 @@ import cli.restore  # noqa: E402,F401
 import cli.audit  # noqa: E402,F401
 import cli.keys  # noqa: E402,F401
 import cli.mount  # noqa: E402,F401
+import cli.routine  # noqa: E402,F401
 
 # isort: on
 

@@ -341,6 +341,42 @@ class Index:
             (remote,),
         )[0]
 
+    def shard_bytes_by_remote(self, segments: list[int]) -> dict[int, int]:
+        """{remote id: bytes of the placed or queued shard objects of ``segments`` there}."""
+        out: dict[int, int] = {}
+        for i in range(0, len(segments), LOOKUP_BATCH):
+            part = segments[i : i + LOOKUP_BATCH]
+            marks = ",".join("?" * len(part))
+            for rid, size in self.q(
+                f"SELECT remote, sum(size) FROM shards WHERE segment IN ({marks})"
+                " AND state IN ('placed', 'queued') GROUP BY remote",
+                tuple(part),
+            ):
+                out[rid] = out.get(rid, 0) + size
+        return out
+
+    def newest_placed_snapshot(self) -> tuple[str, float] | None:
+        """(uid, created) of the newest snapshot that is fully placed: the manifest that first
+        carried it is on every active remote and no shard of a segment sealed by then still
+        waits in the local queue. None when no snapshot is."""
+        return self.one(
+            "SELECT uid, created FROM snapshots s"
+            " WHERE s.seq <= (SELECT coalesce(min(p), 0) FROM (SELECT (SELECT max(m.seq)"
+            "   FROM manifests m WHERE m.seq NOT IN (SELECT q.seq FROM manifest_queue q"
+            "   WHERE q.remote = r.id)) AS p FROM remotes r WHERE r.state = 'active'))"
+            " AND NOT EXISTS (SELECT 1 FROM shards h JOIN segments g ON g.id = h.segment"
+            "   WHERE h.state = 'queued' AND g.created <= s.created)"
+            " ORDER BY s.created DESC, s.id DESC LIMIT 1"
+        )
+
+    def oldest_queued(self) -> float | None:
+        """Unix time the oldest shard still in the local upload queue was sealed; None when
+        the queue is empty."""
+        return self.one(
+            "SELECT min(g.created) FROM shards h JOIN segments g ON g.id = h.segment"
+            " WHERE h.state = 'queued'"
+        )[0]
+
     def export_bytes(self) -> bytes:
         """A consistent copy of the whole database as bytes (SQLite online backup)."""
         with tempfile.TemporaryDirectory() as d:

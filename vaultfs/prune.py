@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from .errors import IntegrityError
+from .remotes import Remote
 from .vault import Vault
 
 #: A segment whose live records take less than this share of its bytes is repacked.
@@ -51,9 +52,22 @@ class PruneReport:
     garbage_deleted: int = 0  # objects deleted from remotes
     garbage_left: int = 0  # objects still to delete (a remote was down, or not yet safe)
     errors: dict[str, str] = field(default_factory=dict)
+    # per remote (label): bytes of the shard objects of dropped and repacked segments, which
+    # leave it, and of the new segments' shard objects placed there instead
+    remote_deleted: dict[str, int] = field(default_factory=dict)
+    remote_written: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def freed_per_remote(self) -> dict[str, int]:
+        """Net bytes each remote holds less once the old objects are deleted (in a dry run,
+        before the repacked segments' new objects, which are not written yet)."""
+        out = dict(self.remote_deleted)
+        for r, b in self.remote_written.items():
+            out[r] = out.get(r, 0) - b
+        return out
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "freed_per_remote": self.freed_per_remote}
 
 
 def live_chunk_ids(v: Vault) -> set[bytes]:
@@ -114,6 +128,11 @@ def prune(
     report.repacked = sum(len(s) for s in sparse.values())
     groups = _groups(v, sparse, rows, live)
     report.written = len(groups)
+    labels = {rid: Remote(spec).label for rid, spec in v.index.q("SELECT id, spec FROM remotes")}
+    gone = drop + [sid for sids in sparse.values() for sid in sids]
+    report.remote_deleted = {
+        labels[rid]: b for rid, b in v.index.shard_bytes_by_remote(gone).items()
+    }
     if dry_run:
         report.stored_freed -= sum(_size_class(v, sum(g[2].values())) for g in groups)
         return report
@@ -135,6 +154,8 @@ def prune(
         if new is not None:
             (new_size,) = v.index.one("SELECT size FROM segments WHERE id=?", (new,))
             report.stored_freed -= new_size
+            for rid, b in v.index.shard_bytes_by_remote([new]).items():
+                report.remote_written[labels[rid]] = report.remote_written.get(labels[rid], 0) + b
         done += len(olds)
         if progress:
             progress(done, total)
