@@ -247,7 +247,6 @@ def unit_files(home: Path, every: str, name: str, env_file: Path) -> dict[str, s
     pypath = os.environ.get("PYTHONPATH")
     service = f"""[Unit]
 Description=vaultfs routine for {home}
-Documentation=man:systemd.timer(5)
 Wants=network-online.target
 After=network-online.target
 
@@ -255,8 +254,8 @@ After=network-online.target
 Type=oneshot
 # VAULTFS_PASSPHRASE=... in a file only you can read (chmod 600)
 EnvironmentFile=-{env_file}
-Environment=VAULTFS_HOME={home}
-{f"Environment=PYTHONPATH={pypath}" if pypath else ""}
+Environment="VAULTFS_HOME={home}"
+{f'Environment="PYTHONPATH={pypath}"' if pypath else ""}
 ExecStart={shlex.join(cmd)}
 Nice=10
 IOSchedulingClass=idle

@@ -181,12 +181,13 @@ def interval(sched: dict[str, str], job: str) -> float | None:
 
 
 def next_run(sched: dict[str, str], state: dict, job: str) -> float | None:
-    """Unix time ``job`` is next due (now or earlier: due at the next pass); None if off."""
+    """Unix time ``job`` is next due (0 when it never ran; a time in the past means due at
+    the next pass); None if it is not scheduled."""
     every = interval(sched, job)
     if every is None:
         return None
     last = state["jobs"].get(job, {}).get("last_run")
-    return time.time() if last is None else last + every
+    return 0.0 if last is None else last + every
 
 
 # -- alerts ------------------------------------------------------------------------------------
@@ -325,6 +326,7 @@ def _job_verify(home: Path, v: Vault, sched: dict, mounted: bool, now: float) ->
         out["alert"] = {
             "event": "audit_failed",
             "remotes": bad,
+            "details": {r.remote: r.details for r in rep.remotes if r.remote in bad},
             "message": f"the audit found missing, corrupt or stale objects on {', '.join(bad)}",
         }
     return out
