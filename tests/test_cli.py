@@ -133,6 +133,12 @@ def test_fewer_remotes_than_shards_is_honest(tmp_path):
     assert st["survives_losses_design"] == 0
     out = run_cli("init", "--remote", str(tmp_path / "x"), home=tmp_path / "h2")
     assert "losing any one loses data" in out.stderr.decode()
+    assert "with the remote they restore everything" in out.stdout.decode()
+    # 5-of-9 over 3 remotes: 3 shards on each, so any 2 remotes restore (not "any 5")
+    remotes = [arg for i in range(3) for arg in ("--remote", str(tmp_path / f"y{i}"))]
+    out = run_cli("init", "--profile", "federation", *remotes, home=tmp_path / "h3")
+    assert "with any 2 of the 3 remotes they restore everything" in out.stdout.decode()
+    assert "up to 3 of each segment's 9 shards share one remote" in out.stderr.decode()
 
 
 def test_bad_input_gets_clear_errors_and_exit_codes(tmp_path):

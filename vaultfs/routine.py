@@ -45,6 +45,7 @@ import os
 import re
 import shlex
 import subprocess
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -457,3 +458,31 @@ def report(home: Path, v: Vault, now: float | None = None) -> dict:
         "newest_placed_snapshot": placed[0] if placed else None,
         "rpo_seconds": (now - placed[1]) if placed else None,
     }
+
+
+#: Longest wait between the mount daemon's passes (it also wakes for shorter intervals).
+DAEMON_TICK = 60.0
+
+
+def serve_mounted(home: Path, v: Vault) -> threading.Event:
+    """Run the routine inside the mount daemon: a thread that makes a pass (``mounted``, so
+    through the control socket) whenever a job may be due, until the returned event is set.
+    A pass that fails is logged; the next one tries again."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                sched = load_schedule(home)
+                ticks = [interval(sched, j) for j in ("snapshot", "retention")]
+                tick = min([t for t in ticks if t] + [DAEMON_TICK])
+                if stop.wait(max(tick, 1.0)):
+                    return
+                if sched:
+                    run_pass(home, v, mounted=True)
+            except Exception:
+                log.exception("routine pass in the mount daemon failed")
+                stop.wait(DAEMON_TICK)
+
+    threading.Thread(target=loop, name="vaultfs-routine", daemon=True).start()
+    return stop
