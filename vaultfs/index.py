@@ -15,6 +15,7 @@ import contextlib
 import sqlite3
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from . import names
@@ -340,6 +341,40 @@ class Index:
             " (SELECT seq FROM manifest_queue WHERE remote=?)",
             (remote,),
         )[0]
+
+    def mark_healed(self, seq: int) -> list[int]:
+        """After a repair published manifest ``seq``: every active remote marked 'stale' or
+        'degraded' that now holds that manifest and has no lost shard and no foreign object
+        left is 'ok' again (a replacement remote, a rolled-back one brought forward).
+        Returns their ids."""
+        now = time.time()
+        with self.tx() as db:
+            rows = db.execute(
+                "SELECT h.remote FROM remote_health h JOIN remotes r ON r.id = h.remote"
+                " WHERE r.state = 'active' AND h.state IN ('stale', 'degraded')"
+                " AND NOT EXISTS (SELECT 1 FROM manifest_queue q WHERE q.remote = h.remote"
+                "   AND q.seq <= ?)"
+                " AND NOT EXISTS (SELECT 1 FROM shards s WHERE s.remote = h.remote"
+                "   AND s.state = 'lost')"
+                " AND NOT EXISTS (SELECT 1 FROM audit_foreign f WHERE f.remote = h.remote)",
+                (seq,),
+            ).fetchall()
+            healed = [rid for (rid,) in rows]
+            db.executemany(
+                "UPDATE remote_health SET state='ok', since=?, detail=NULL WHERE remote=?",
+                [(now, rid) for rid in healed],
+            )
+        return healed
+
+    def release_departed(self, remote: int) -> int:
+        """Shards still 'placed' on ``remote``, which left the vault, once a repair rebuilt
+        every live segment elsewhere: only superseded index copies are left there (no one
+        audits or rebuilds those, and `prune_index_copies` drops them). Marks them 'lost', so
+        the departed remote no longer counts as holding anything; returns how many."""
+        with self.tx() as db:
+            return db.execute(
+                "UPDATE shards SET state='lost' WHERE remote=? AND state='placed'", (remote,)
+            ).rowcount
 
     def shard_bytes_by_remote(self, segments: list[int]) -> dict[int, int]:
         """{remote id: bytes of the placed or queued shard objects of ``segments`` there}."""

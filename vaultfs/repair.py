@@ -670,6 +670,8 @@ def repair(
     flush = vault.flush()
     report.pending = {k: v for k, v in flush.pending.items() if v}
     report.errors.update(flush.errors)
+    if report.manifest_seq is not None:
+        vault.index.mark_healed(report.manifest_seq)
     # delete what was replaced, and foreign objects, on reachable active remotes
     doomed: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for path, rid in old_objects:
@@ -786,6 +788,7 @@ def remove_remote(vault: Vault, name: str, wrap=None) -> RepairReport:
     report = repair(vault, wrap=wrap)
     if report.unrecoverable:
         return report
+    vault.index.release_departed(rid)
     b = open_backend(spec, rid, wrap=wrap)
     try:
         for sub in (*segment.KIND_NAMES.values(), "manifests"):
@@ -823,7 +826,10 @@ def replace_remote(
                 (new, pos, domain or dom),
             ).lastrowid
         db.execute("DELETE FROM remote_health WHERE remote=?", (rid,))
-    return repair(vault, prefer=nid, wrap=wrap)
+    report = repair(vault, prefer=nid, wrap=wrap)
+    if not report.unrecoverable:
+        vault.index.release_departed(rid)
+    return report
 
 
 def list_remotes(vault: Vault) -> list[dict]:
