@@ -9,6 +9,7 @@ and runs the app. Nothing here imports a command module, so the imports form no 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import sys
@@ -47,6 +48,23 @@ HomeOpt = Annotated[
     typer.Option("--home", help="Local state directory (default $VAULTFS_HOME or XDG data dir)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def reflow_help(typer_app: typer.Typer) -> None:
+    """Give every command of ``typer_app`` (and of its sub-apps) its docstring as help text
+    with each paragraph on one line: typer keeps a docstring's hard line breaks, so help
+    wrapped for the source file broke mid-sentence at every other terminal width. Call once
+    every command is registered (cli/main.py)."""
+    infos = [*typer_app.registered_commands]
+    for group in typer_app.registered_groups:
+        reflow_help(group.typer_instance)
+        if group.typer_instance.registered_callback is not None:
+            infos.append(group.typer_instance.registered_callback)
+    for info in infos:
+        doc = inspect.getdoc(info.callback) if info.callback else None
+        if info.help is None and doc:
+            paras = [" ".join(p.split()) for p in doc.split("\n\n")]
+            info.help = "\n\n".join(paras)
 
 
 def home_dir(home: Path | None) -> Path:

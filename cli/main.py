@@ -17,7 +17,7 @@ if __name__ == "__main__":  # `python -m cli.main`: start unlocking before the h
 
     early.start(sys.argv)
 
-from cli.common import app, err  # noqa: E402
+from cli.common import app, err, reflow_help  # noqa: E402
 from vaultfs.errors import VaultError  # noqa: E402
 
 # Each import registers that module's commands on `app`, in the order `vaultfs --help` lists.
@@ -30,6 +30,7 @@ import cli.mount  # noqa: E402,F401
 import cli.routine  # noqa: E402,F401
 
 # isort: on
+reflow_help(app)
 
 
 def main() -> None:

@@ -262,3 +262,19 @@ def test_full_local_disk_is_a_clear_error_and_loses_nothing(tmp_path):
         assert (tmp_path / "out" / "ok.txt").read_text() == "kept\n"
     finally:
         subprocess.run(["umount", "-l", str(small)])
+
+
+def test_help_texts_are_reflowed_not_broken_mid_sentence(tmp_path):
+    """typer keeps docstrings' hard line breaks; ours are joined into paragraphs, so a wide
+    terminal shows each sentence on one line (and a narrow one wraps it where it fits)."""
+    env = {**os.environ, "COLUMNS": "400"}
+    cases = {
+        ("ls", "--help"): "List the entries of a snapshot. Names that are not UTF-8, and control",
+        ("repair", "--help"): "from k good shards or the local queue, and place it on a healthy",
+        ("prune", "--help"): "(after `vaultfs snapshot delete`): drop unused segments, repack",
+        ("verify", "--help"): "enough random block checks to detect a 1% block loss with 99%",
+        ("--help",): "Names that are not UTF-8, and control characters, are shown escaped",
+    }
+    for args, sentence in cases.items():
+        text = run_cli(*args, home=tmp_path, env=env).stdout.decode()
+        assert any(sentence in line for line in text.splitlines()), (args, text)
