@@ -98,9 +98,12 @@ def open_vault(
 
 
 @contextlib.contextmanager
-def progress(label: str, total: int | None = None) -> Iterator[tuple[Progress, TaskID] | None]:
-    """A transient progress bar on a terminal's stderr for the block; None otherwise."""
-    if not err.is_terminal:
+def progress(
+    label: str, total: int | None = None, quiet: bool = False
+) -> Iterator[tuple[Progress, TaskID] | None]:
+    """A transient progress bar (bytes, rate, time left) on a terminal's stderr for the
+    block; None when stderr is not a terminal or ``quiet`` (--json: scripts see nothing)."""
+    if quiet or not err.is_terminal:
         yield None
         return
     with Progress(
@@ -122,6 +125,20 @@ def advance(prog: tuple[Progress, TaskID] | None) -> Callable[[int], None] | Non
         return None
     p, task = prog
     return lambda n: p.advance(task, n)
+
+
+def advance_segments(
+    prog: tuple[Progress, TaskID] | None, segment_size: int
+) -> Callable[[int, int], None] | None:
+    """A ``progress(done, total)`` callback counting segments, shown as bytes (a segment
+    is ``segment_size`` bytes of work), so the bar has a rate and a time left; None
+    without a bar."""
+    if prog is None:
+        return None
+    p, task = prog
+    return lambda done, total: p.update(
+        task, completed=done * segment_size, total=total * segment_size
+    )
 
 
 def report_flush(v: Vault, as_json: bool, extra: dict | None = None) -> int:

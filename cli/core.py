@@ -138,7 +138,7 @@ def backup(
         raise InputError("--stdin needs --stdin-filename NAME")
     with open_vault(home) as v:
         t0 = time.perf_counter()
-        with progress("backup") as prog:
+        with progress("backup", quiet=as_json) as prog:
             if stdin:
                 uid, count, size = backup_stream(
                     v, sys.stdin.buffer, stdin_filename or "", name, advance(prog),

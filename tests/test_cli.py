@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -278,3 +279,44 @@ def test_help_texts_are_reflowed_not_broken_mid_sentence(tmp_path):
     for args, sentence in cases.items():
         text = run_cli(*args, home=tmp_path, env=env).stdout.decode()
         assert any(sentence in line for line in text.splitlines()), (args, text)
+
+
+def _stderr_on_a_terminal(args: list[str], home: Path) -> str:
+    """Run `vaultfs ARGS` with stderr on a pseudo-terminal; what it drew there."""
+    import pty
+    import sys
+
+    main, sub = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k not in ("TERM", "NO_COLOR")}
+    env.update(VAULTFS_HOME=str(home), VAULTFS_PASSPHRASE=PASSPHRASE, TERM="xterm", COLUMNS="120")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", *args], stdout=subprocess.DEVNULL, stderr=sub,
+        env=env, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    os.close(sub)
+    drawn = b""
+    while True:
+        try:
+            part = os.read(main, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not part:
+            break
+        drawn += part
+    assert proc.wait(timeout=300) in (0, 3), drawn.decode(errors="replace")
+    os.close(main)
+    return drawn.decode(errors="replace")
+
+
+def test_long_commands_show_progress_on_a_terminal_only(tmp_path):
+    home, _ = init_vault(tmp_path, 3, "-k", "2", "-n", "3")
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(24 * 1024 * 1024))
+    drawn = _stderr_on_a_terminal(["backup", str(big)], home)
+    assert "backup" in drawn and "/s" in drawn and "MB" in drawn  # bytes, rate, time left
+    quiet = _stderr_on_a_terminal(["backup", "--json", str(big)], home)
+    assert "/s" not in quiet
+    run_cli("snapshot", "delete", "latest", home=home)
+    run_cli("snapshot", "delete", "latest", home=home)
+    drawn = _stderr_on_a_terminal(["prune"], home)
+    assert "prune" in drawn and re.search(r"[\d.]+/[\d.]+ MB", drawn)  # too quick for a rate
