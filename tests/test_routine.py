@@ -120,6 +120,23 @@ def test_alerts_for_a_remote_down_past_grace_a_stale_queue_and_a_failed_job(tmp_
     assert st["jobs"]["snapshot"]["last_error"]
 
 
+def test_redundancy_drop_is_alerted_when_repair_is_off(tmp_path) -> None:
+    home, remotes, src = make(tmp_path)
+    log = tmp_path / "events.jsonl"
+    run_cli("backup", str(src), home=home)
+    run_cli("schedule", "set", "verify=1h:100%", "repair=off", f"alert=cat >> {log}", home=home)
+    for f in (remotes[1] / "data").iterdir():
+        f.unlink()
+    res = run(home, code=20)
+    assert "repair" not in res["ran"]
+    kinds = [e["event"] for e in events(log)]
+    assert kinds == ["audit_failed", "redundancy_low"]
+    low = events(log)[1]
+    assert low["survives_now"] < low["promised"] == 1
+    assert run(home)["alerts"] == []  # verify not due again; the condition holds: no repeat
+    assert [e["event"] for e in events(log)] == kinds
+
+
 def test_schedule_install_writes_units_systemd_accepts(tmp_path) -> None:
     home, _remotes, _src = make(tmp_path)
     units = tmp_path / "units"
