@@ -31,6 +31,7 @@ from cli.common import (
 from cli.mounted import call, mounted, print_report, syncfs
 from vaultfs import control
 from vaultfs.errors import InputError, VaultBusy, VaultError
+from vaultfs.index import snapshots as snapshot_rows
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.I)
 
@@ -180,7 +181,7 @@ def snapshot_delete(
         code = print_report(reply["report"], as_json, {"deleted": ref})
     else:
         with open_vault(home) as v:
-            found = v.index.find_snapshot(ref)
+            found = snapshot_rows.find(v.index, ref)
             if found is None:
                 raise InputError(f"no snapshot with id or name {ref!r}: see `vaultfs snapshots`")
             v.delete_snapshot(found[1])

@@ -29,6 +29,7 @@ from cli.common import (
     progress,
 )
 from vaultfs.errors import InputError, NoVault
+from vaultfs.index import manifests
 from vaultfs.keys import VaultKeys, parse_seed, read_keyfile
 from vaultfs.remotes import Remote
 from vaultfs.restore import ShardSource, open_remote_index, restore_files, staging_dir
@@ -97,7 +98,7 @@ def restore(
             db = v.index.db
             src = ShardSource(v.remotes(), v.queue_dir)
             src.list_all()
-            seq = v.index.newest_manifest_seq()
+            seq = manifests.newest_seq(v.index)
         with progress("restore", quiet=as_json) as prog:
             total_cb = None
             if prog:

@@ -193,7 +193,9 @@ async def _handle(fs, req: dict) -> dict:
         rep = await fs.push(seal=True)
         return {"snapshot": uid, "seq": seq, "entries": count, "report": await _report(fs, rep)}
     if cmd == "delete":  # "id": a snapshot id or name, like every command takes
-        found = fs.vault.index.find_snapshot(str(req.get("id")))
+        from .index import snapshots
+
+        found = snapshots.find(fs.vault.index, str(req.get("id")))
         seq = await fs.delete_snapshot(found[1] if found else str(req.get("id")))
         rep = await fs.push(seal=True)
         return {"seq": seq, "report": await _report(fs, rep)}

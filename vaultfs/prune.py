@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from .errors import IntegrityError
+from .index import segments as segment_table
 from .remotes import Remote
 from .vault import Vault
 
@@ -131,7 +132,7 @@ def prune(
     labels = {rid: Remote(spec).label for rid, spec in v.index.q("SELECT id, spec FROM remotes")}
     gone = drop + [sid for sids in sparse.values() for sid in sids]
     report.remote_deleted = {
-        labels[rid]: b for rid, b in v.index.shard_bytes_by_remote(gone).items()
+        labels[rid]: b for rid, b in segment_table.bytes_by_remote(v.index, gone).items()
     }
     if dry_run:
         report.stored_freed -= sum(_size_class(v, sum(g[2].values())) for g in groups)
@@ -154,7 +155,7 @@ def prune(
         if new is not None:
             (new_size,) = v.index.one("SELECT size FROM segments WHERE id=?", (new,))
             report.stored_freed -= new_size
-            for rid, b in v.index.shard_bytes_by_remote([new]).items():
+            for rid, b in segment_table.bytes_by_remote(v.index, [new]).items():
                 report.remote_written[labels[rid]] = report.remote_written.get(labels[rid], 0) + b
         done += len(olds)
         if progress:

@@ -15,7 +15,7 @@
    id into a new segment (:func:`_heal_from_source`).
 4. **Place**: each rebuilt object gets a fresh random name and a target remote chosen to spread
    failure domains (its old remote when that one is still a healthy member). It is written
-   durably to the queue and its row updated in one transaction (invariant 1 of vault.py), then
+   durably to the queue and its row updated in one transaction (invariant 1, vaultfs/vault/writer.py), then
    :meth:`Vault.flush` uploads it. ISA-L coding is deterministic, so a rebuilt object is
    byte-identical to the original and its Merkle records are unchanged; if it ever were not, the
    shard and segment records are updated and the next manifest signs the new vault root.
@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING
 from . import erasure, merkle, segment, verify
 from .backends import Unreachable, open_backend
 from .errors import BadRemote, NotEnoughRemotes, NoVault
+from .index import remotes as remote_table
+from .index import segments as segment_table
 from .names import display, from_db
 from .remotes import Remote, RemoteError
 from .shardreader import Lie, ShardRef, ShardsUnavailable, ShardsUndecodable, choose, read_segment
@@ -382,11 +384,11 @@ def _rebuild_segment(
         name = segment.new_name()
         dest = vault.queue_dir / f"r{tgt}" / kind
         dest.mkdir(parents=True, exist_ok=True)
-        from .vault import _fsync_dir, _write_durable
+        from .vault.queue import fsync_dir, write_durable
 
-        _write_durable(tmpq / name, body)
+        write_durable(tmpq / name, body)
         os.replace(tmpq / name, dest / name)
-        _fsync_dir(dest)
+        fsync_dir(dest)
         verify.record_tags(
             vault.index,
             vault.keys.audit_key,
@@ -484,13 +486,13 @@ def _heal_from_source(
         except OSError as e:
             report.errors[str(path)] = f"cannot read: {e.strerror}"
     if found:
-        with vault._write_lock:  # the engine's writers and this one must not interleave
+        with vault.write_lock:  # the engine's writers and this one must not interleave
             key = vault.keys.data_keys[vault.epoch]
             builder = segment.SegmentBuilder(vault.segment_size)
             placed: dict[bytes, tuple[int, int, int]] = {}
 
             def seal_segment() -> None:
-                seg_id = vault._write_segment(builder, dict(placed))
+                seg_id = vault.write_segment(builder, dict(placed))
                 with vault.index.tx() as db:
                     db.executemany(
                         "UPDATE chunks SET segment=?, offset=?, length=? WHERE cid=?",
@@ -671,7 +673,7 @@ def repair(
     report.pending = {k: v for k, v in flush.pending.items() if v}
     report.errors.update(flush.errors)
     if report.manifest_seq is not None:
-        vault.index.mark_healed(report.manifest_seq)
+        remote_table.mark_healed(vault.index, report.manifest_seq)
     # delete what was replaced, and foreign objects, on reachable active remotes
     doomed: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for path, rid in old_objects:
@@ -788,7 +790,7 @@ def remove_remote(vault: Vault, name: str, wrap=None) -> RepairReport:
     report = repair(vault, wrap=wrap)
     if report.unrecoverable:
         return report
-    vault.index.release_departed(rid)
+    segment_table.release_departed(vault.index, rid)
     b = open_backend(spec, rid, wrap=wrap)
     try:
         for sub in (*segment.KIND_NAMES.values(), "manifests"):
@@ -828,7 +830,7 @@ def replace_remote(
         db.execute("DELETE FROM remote_health WHERE remote=?", (rid,))
     report = repair(vault, prefer=nid, wrap=wrap)
     if not report.unrecoverable:
-        vault.index.release_departed(rid)
+        segment_table.release_departed(vault.index, rid)
     return report
 
 
@@ -845,7 +847,7 @@ def list_remotes(vault: Vault) -> list[dict]:
             (rid,),
         ):
             counts[st] = (cnt, size)
-        h = vault._health(rid)
+        h = vault.remote_health(rid)
         (foreign,) = vault.index.one("SELECT count(*) FROM audit_foreign WHERE remote=?", (rid,))
         out.append(
             {

@@ -54,6 +54,8 @@ from typing import TYPE_CHECKING
 
 from . import control, retention
 from .errors import InputError
+from .index import segments as segment_table
+from .index import snapshots as snapshot_table
 
 if TYPE_CHECKING:
     from .vault import Vault
@@ -197,7 +199,7 @@ def alert(home: Path, sched: dict[str, str], event: dict) -> str | None:
     VAULTFS_EVENT set to its kind; returns an error sentence when the command failed, None
     otherwise (also when no command is set). Never raises."""
     event = {"time": time.time(), "vault": str(home), **event}
-    log.warning("alert %s: %s", event["event"], event.get("message"))
+    log.info("alert %s: %s", event["event"], event.get("message"))
     cmd = sched.get("alert")
     if not cmd:
         return None
@@ -248,7 +250,7 @@ def _conditions(v: Vault, sched: dict[str, str], now: float) -> dict[str, dict]:
             f"fewer than the {st['survives_losses_design']} its profile promises",
         }
     limit = parse_every(sched["queue_age"]) if sched.get("queue_age") else DEFAULT_QUEUE_AGE
-    oldest = v.index.oldest_queued()
+    oldest = segment_table.oldest_queued(v.index)
     if oldest is not None and now - oldest > limit:
         found["queue_stale"] = {
             "event": "queue_stale",
@@ -270,7 +272,7 @@ def forget(
     """Apply ``policy`` to the vault's snapshots; unless ``dry_run``, delete the ones it does
     not keep: through the mount's control socket when ``mounted`` (``v`` is then opened
     without the lock), else on ``v`` (opened with it). The caller flushes an unmounted vault."""
-    rows = v.index.snapshot_rows()
+    rows = snapshot_table.rows(v.index)
     decision = retention.apply([retention.Snap(u, c, nm) for u, nm, c, *_ in rows], policy)
     if not dry_run:
         for s in decision.forget:
@@ -386,7 +388,8 @@ def run_pass(home: Path, v: Vault, mounted: bool, now: float | None = None) -> d
     events: list[dict] = []
     for job in JOBS:
         due_at = next_run(sched, state, job)
-        forced = job == "retention" and "snapshot" in out["ran"] and due_at is not None
+        snapped = "snapshot" in out["ran"] and "skipped" not in out["ran"]["snapshot"]
+        forced = job == "retention" and snapped and due_at is not None
         if due_at is None or (due_at > now and not forced):
             continue
         if mounted and job in NEEDS_UNMOUNTED:
@@ -449,7 +452,7 @@ def report(home: Path, v: Vault, now: float | None = None) -> dict:
             "last_error": rec.get("last_error"),
             "next_run": max(nxt, now),
         }
-    placed = v.index.newest_placed_snapshot()
+    placed = snapshot_table.newest_placed(v.index)
     return {
         "schedule": sched,
         "jobs": jobs,
