@@ -3,7 +3,8 @@ run one pass at a time (`vaultfs run`, a systemd timer or cron; docs/operations.
 
 Configuration lives in ``HOME/schedule.json`` (``vaultfs schedule set KEY=VALUE ...``), so it
 needs no passphrase to change and applies from the next pass; what the jobs did lives in
-``HOME/routine.json``. Both are replaced atomically. Keys (see :data:`KEYS`):
+``HOME/routine.json``. Both are replaced atomically; a pass holds ``HOME/routine.lock``, so
+the mount daemon's passes and a timer's never overlap. Keys (see :data:`KEYS`):
 
 =================  ==========================================================================
 snapshot=EVERY     a snapshot named ``auto-YYYY-MM-DD-HHMMSS``: of the mounted live tree
@@ -39,6 +40,7 @@ time.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -53,7 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import control, retention
-from .errors import InputError
+from .errors import InputError, VaultError
 from .index import segments as segment_table
 from .index import snapshots as snapshot_table
 
@@ -64,6 +66,7 @@ log = logging.getLogger("vaultfs.routine")
 
 SCHEDULE_FILE = "schedule.json"
 STATE_FILE = "routine.json"
+LOCK_FILE = "routine.lock"
 #: Scheduled jobs, in the order a pass runs them.
 JOBS = ("snapshot", "retention", "verify", "repair", "prune")
 KEYS = (
@@ -276,10 +279,14 @@ def forget(
     decision = retention.apply([retention.Snap(u, c, nm) for u, nm, c, *_ in rows], policy)
     if not dry_run:
         for s in decision.forget:
-            if mounted:
-                control.call(control.home_address(home), {"cmd": "delete", "id": s.id})
-            else:
-                v.delete_snapshot(s.id)
+            try:
+                if mounted:
+                    control.call(control.home_address(home), {"cmd": "delete", "id": s.id})
+                else:
+                    v.delete_snapshot(s.id)
+            except VaultError as e:  # forgotten meanwhile (the mount daemon's own pass)
+                if e.exit_code != InputError.exit_code:
+                    raise
     return decision
 
 
@@ -381,7 +388,14 @@ def run_pass(home: Path, v: Vault, mounted: bool, now: float | None = None) -> d
     with the lock unless ``mounted`` (the mount's daemon holds it then). Returns
     {"ran": {job: result}, "failed": {job: error}, "waiting": {job: why}, "alerts": [events]}
     and records the outcome in HOME/routine.json."""
-    now = time.time() if now is None else now
+    with open(home / LOCK_FILE, "a") as lock:
+        # one pass at a time (the mount daemon's, a timer's): the second sees what the first
+        # did and runs only what is still due
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _pass(home, v, mounted, time.time() if now is None else now)
+
+
+def _pass(home: Path, v: Vault, mounted: bool, now: float) -> dict:
     sched = load_schedule(home)
     state = load_state(home)
     out: dict = {"ran": {}, "failed": {}, "waiting": {}, "alerts": []}
