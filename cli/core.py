@@ -298,12 +298,15 @@ def _print_routine(rt: dict) -> None:
     if rt["rpo_seconds"] is None:
         out.print("no snapshot is fully placed on the remotes yet")
     else:
+        age = rt["rpo_seconds"]
+        shown = f"{age / 3600:.1f} h" if age >= 3600 else f"{age / 60:.0f} min"
         out.print(
-            f"newest fully placed snapshot: {rt['newest_placed_snapshot']}, "
-            f"{rt['rpo_seconds'] / 3600:.1f} h old (the recovery point)"
+            f"newest fully placed snapshot: {rt['newest_placed_snapshot']}, {shown} old "
+            "(the recovery point)"
         )
     for job, j in rt["jobs"].items():
-        line = f"  {job}: last success {when(j['last_success'])}, next {when(j['next_run'])}"
+        nxt = "each pass" if j["every"] == 0 else when(j["next_run"])
+        line = f"  {job}: last success {when(j['last_success'])}, next {nxt}"
         if j["last_error"]:
             line += f" (last error: {j['last_error']})"
         out.print(line, highlight=False)

@@ -31,15 +31,6 @@ def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "never"
 
 
-def _ago(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"
-
-
 # -- forget ------------------------------------------------------------------------------------
 @app.command()
 def forget(
@@ -219,9 +210,10 @@ def schedule_show(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         nxt = routine.next_run(sched, state, job)
         if nxt is not None:
             rec = state["jobs"].get(job, {})
+            every = routine.interval(sched, job)
+            when = "each pass" if every == 0 else _when(max(nxt, time.time()))
             out.print(
-                f"  {job}: last success {_when(rec.get('last_success'))}, "
-                f"next {_when(max(nxt, time.time()))}",
+                f"  {job}: last success {_when(rec.get('last_success'))}, next {when}",
                 highlight=False,
             )
 
