@@ -320,3 +320,23 @@ def test_long_commands_show_progress_on_a_terminal_only(tmp_path):
     run_cli("snapshot", "delete", "latest", home=home)
     drawn = _stderr_on_a_terminal(["prune"], home)
     assert "prune" in drawn and re.search(r"[\d.]+/[\d.]+ MB", drawn)  # too quick for a rate
+
+
+def test_mount_helper_takes_what_mount8_passes():
+    from cli.fstab import parse
+
+    home, mp, opts, fake = parse(
+        ["/h", "/mnt", "-n", "-o", "rw,noauto,_netdev,x-systemd.automount,cache_size=2G,"
+         "passphrase_file=/etc/p", "-t", "vaultfs"]
+    )  # fmt: skip
+    assert (home, mp, opts, fake) == (
+        "/h",
+        "/mnt",
+        {"cache_size": "2G", "passphrase_file": "/etc/p"},
+        False,
+    )
+    assert parse(["/h", "/mnt", "-fv"])[3] is True
+    for bad in (["/h"], ["/h", "/mnt", "-o", "ro,uid=3"], ["/h", "/mnt", "-x"], ["/h", "/mnt", "-o"],
+                ["/h", "/mnt", "-o", "cache_size="]):  # fmt: skip
+        with pytest.raises(ValueError):
+            parse(bad)
