@@ -277,16 +277,17 @@ def forget(
     without the lock), else on ``v`` (opened with it). The caller flushes an unmounted vault."""
     rows = snapshot_table.rows(v.index)
     decision = retention.apply([retention.Snap(u, c, nm) for u, nm, c, *_ in rows], policy)
-    if not dry_run:
-        for s in decision.forget:
-            try:
-                if mounted:
-                    control.call(control.home_address(home), {"cmd": "delete", "id": s.id})
-                else:
-                    v.delete_snapshot(s.id)
-            except VaultError as e:  # forgotten meanwhile (the mount daemon's own pass)
-                if e.exit_code != InputError.exit_code:
-                    raise
+    if dry_run or not decision.forget:
+        return decision
+    if not mounted:  # one transaction, one index copy
+        v.delete_snapshots([s.id for s in decision.forget])
+        return decision
+    for s in decision.forget:
+        try:
+            control.call(control.home_address(home), {"cmd": "delete", "id": s.id})
+        except VaultError as e:  # forgotten meanwhile (by a `vaultfs forget` of its own)
+            if e.exit_code != InputError.exit_code:
+                raise
     return decision
 
 
