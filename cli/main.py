@@ -28,6 +28,7 @@ import cli.audit  # noqa: E402,F401
 import cli.graph_cmd  # noqa: E402,F401
 import cli.keys  # noqa: E402,F401
 import cli.mount  # noqa: E402,F401
+import cli.kb_cmd  # noqa: E402,F401
 import cli.routine  # noqa: E402,F401
 
 # isort: on

@@ -155,23 +155,12 @@ def test_bad_inputs(dbs: tuple[str, str]) -> None:
     )
 
 
-# `kb migrate` through the real entry point. cli/kb_cmd.py owns the `kb` group and calls
-# cli.migrate_cmd.register(kb_app); until it is there, this adds a bare `kb` group the same way.
-_ENTRY = """
-import sys, typer, cli.main as m
-from cli.migrate_cmd import register
-groups = {g.name: g.typer_instance for g in m.app.registered_groups}
-if "kb" not in groups:
-    kb = typer.Typer()
-    m.app.add_typer(kb, name="kb")
-    register(kb)
-m.main()
-"""
+# `kb migrate` through the real entry point (cli/kb_cmd.py registers it on the `kb` group).
 
 
 def _kb_migrate(home: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", _ENTRY, "kb", "migrate", *args],
+        [sys.executable, "-m", "cli.main", "kb", "migrate", *args],
         capture_output=True,
         text=True,
         env=vaultfs_env(home),

@@ -41,12 +41,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import erasure, merkle, segment, verify
-from .backends import Unreachable, open_backend
-from .errors import BadRemote, NotEnoughRemotes, NoVault
+from .backends import open_backend
+from .errors import BadRemote, NotEnoughRemotes, NoVault, RemoteError, Unreachable
 from .index import remotes as remote_table
 from .index import segments as segment_table
 from .names import display, from_db
-from .remotes import Remote, RemoteError
+from .remotes import Remote
 from .shardreader import Lie, ShardRef, ShardsUnavailable, ShardsUndecodable, choose, read_segment
 from .verify import SHARD_SQL, ShardRow, live_segments_sql
 
@@ -223,7 +223,9 @@ class _Fetcher:
         with self.lock:
             b = self.backends.get(rid)
             if b is None:
-                b = self.backends[rid] = open_backend(self.specs[rid], rid, wrap=self.wrap)
+                b = self.backends[rid] = open_backend(
+                    self.specs[rid], rid, fail_fast=True, wrap=self.wrap
+                )
             return b
 
     def sources(self, seg_id: int, exclude: set[int]) -> list[ShardRef]:
@@ -723,7 +725,7 @@ def _check_new(vault: Vault, spec: str, wrap=None) -> None:
     for rid, s, state in vault.index.q("SELECT id, spec, state FROM remotes"):
         if s == spec and state == "active":
             raise BadRemote(f"remote {Remote(spec).label} is already part of this vault (id {rid})")
-    b = open_backend(spec, wrap=wrap)
+    b = open_backend(spec, fail_fast=True, wrap=wrap)
     try:
         b.ensure()
         existing = b.list("manifests")
@@ -791,7 +793,7 @@ def remove_remote(vault: Vault, name: str, wrap=None) -> RepairReport:
     if report.unrecoverable:
         return report
     segment_table.release_departed(vault.index, rid)
-    b = open_backend(spec, rid, wrap=wrap)
+    b = open_backend(spec, rid, fail_fast=True, wrap=wrap)
     try:
         for sub in (*segment.KIND_NAMES.values(), "manifests"):
             names = b.list(sub)

@@ -37,13 +37,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .. import segment
+from ..backends import Backend, open_backend
 from ..chunker import Chunker
 from ..index import Index, VaultParams, keyring
 from ..index import remotes as remote_table
 from ..index import segments as segment_table
 from ..index.settings import DEFAULT_SEGMENT_SIZE
 from ..keys import VaultKeys
-from ..remotes import Remote
 from ..sealer import SealerPool
 from . import commit, health, recovery, rewrite, uploads
 from .commit import Committer, Entry
@@ -232,9 +232,9 @@ class Vault:
         self.ship_index()
         return True
 
-    def remotes(self) -> list[Remote]:
+    def remotes(self) -> list[Backend]:
         """The active remotes, in placement order."""
-        return [Remote(spec, rid) for rid, spec in remote_table.active(self.index)]
+        return [open_backend(spec, rid) for rid, spec in remote_table.active(self.index)]
 
     # -- write path (writer.py) ------------------------------------------------------------
     def start_sealers(self) -> SealerPool:

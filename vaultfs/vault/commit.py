@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import envelope, manifest, merkle, names, segment
+from ..backends import Backend
 from ..errors import InputError, IntegrityError
 from ..index import Index, VaultParams, chunk_rows, keyring, manifests, segments, snapshots
 from ..keys import VaultKeys
-from ..remotes import Remote
 from .epochs import KeyEpochs
 from .queue import ShardQueue, fsync_dir, write_durable
 from .writer import Writer
@@ -63,7 +63,7 @@ class Committer:
         epochs: KeyEpochs,
         writer: Writer,
         queue: ShardQueue,
-        remotes: Callable[[], list[Remote]],
+        remotes: Callable[[], list[Backend]],
         prepush: Callable[[], None],
     ) -> None:
         self.index = index

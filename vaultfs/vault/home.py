@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 from .. import erasure
+from ..backends import open_backend
 from ..chunker import NEW_VAULT_AVG
 from ..errors import NotEnoughRemotes, NoVault, VaultBusy
 from ..index import Index, VaultParams, keyring
 from ..index import remotes as remote_table
 from ..keys import SUITE_XWING_AES256GCM, VaultKeys, new_seed, read_keyfile, write_keyfile
-from ..remotes import Remote
 from .queue import ShardQueue
 
 
@@ -73,7 +73,7 @@ def initialize(
         raise NotEnoughRemotes("the same remote was given twice")
     if index_path(home).exists() or keyfile_path(home).exists():
         raise NoVault(f"a vault already exists at {home}; use another --home")
-    remotes = [Remote(s) for s in remote_specs]
+    remotes = [open_backend(s) for s in remote_specs]
     for r in remotes:
         r.ensure()
         existing = r.list("manifests")

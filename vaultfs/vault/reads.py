@@ -11,10 +11,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .. import envelope
-from ..errors import IntegrityError
+from ..backends import open_backend
+from ..errors import IntegrityError, RemoteError
 from ..index import Index, chunks, segments, snapshots
 from ..keys import VaultKeys
-from ..remotes import Remote, RemoteError
+from ..remotes import Remote
 from ..shardreader import ShardRef, read_segment
 from .epochs import KeyEpochs
 from .queue import ShardQueue
@@ -118,7 +119,7 @@ class _QueueOrRemote:
             if state in ("placed", "queued"):
                 # 'queued' with no queue file: a concurrent flush has just uploaded it
                 try:
-                    out[ref.name] = Remote(spec, rid).cat(self.kind, ref.name)
+                    out[ref.name] = open_backend(spec, rid).cat(self.kind, ref.name)
                 except RemoteError as e:
                     out[ref.name] = e.message
         return out

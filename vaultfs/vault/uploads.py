@@ -16,9 +16,10 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..backends import Backend
+from ..errors import RemoteError
 from ..index import Index, manifests, segments
 from ..index import remotes as remote_table
-from ..remotes import Remote, RemoteError
 from .queue import SUBDIRS, ShardQueue
 from .recovery import reconcile
 
@@ -65,7 +66,7 @@ class UploadQueue:
         self,
         index: Index,
         queue: ShardQueue,
-        remotes: Callable[[], list[Remote]],
+        remotes: Callable[[], list[Backend]],
         seal: Callable[[], None],
     ) -> None:
         self.index = index
@@ -123,7 +124,7 @@ class UploadQueue:
 
     def _push_shards(
         self,
-        remotes: list[Remote],
+        remotes: list[Backend],
         report: FlushReport | None,
         errors: dict[int, str] | None = None,
     ) -> dict[int, bool]:
@@ -137,7 +138,7 @@ class UploadQueue:
             self._prepushing = None
         ok: dict[int, bool] = {}
 
-        def push(r: Remote) -> None:
+        def push(r: Backend) -> None:
             if r.rid in failed_before:  # it failed moments ago in the background push
                 ok[r.rid] = False
                 assert report is not None
@@ -178,7 +179,7 @@ class UploadQueue:
         counts: dict[int, int] = {}
         failed: list[int] = []
 
-        def drop(r: Remote) -> None:
+        def drop(r: Backend) -> None:
             mine = [name for _sid, name, rid in old_shards if rid == r.rid]
             try:  # one rclone call per remote
                 r.delete("", [f"meta/{n}" for n in mine] + [f"manifests/{m}" for m in old_mans])
@@ -196,7 +197,7 @@ class UploadQueue:
         return deleted
 
     def _push_manifests(
-        self, remotes: list[Remote], ok: dict[int, bool], report: FlushReport
+        self, remotes: list[Backend], ok: dict[int, bool], report: FlushReport
     ) -> None:
         """Upload queued manifests, oldest first, every remote at once (invariant 4: only
         called once every segment has k shards placed)."""
