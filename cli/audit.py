@@ -17,7 +17,17 @@ from typing import Annotated
 import typer
 from rich.table import Column, Table
 
-from cli.common import HomeOpt, JsonOpt, app, err, open_vault, out
+from cli.common import (
+    HomeOpt,
+    JsonOpt,
+    advance,
+    advance_segments,
+    app,
+    err,
+    open_vault,
+    out,
+    progress,
+)
 from vaultfs import prune as prune_mod
 from vaultfs import repair as repair_mod
 from vaultfs import verify as verify_mod
@@ -165,7 +175,12 @@ def repair(
         if not p.exists():
             raise InputError(f"--source {p} does not exist")
     with open_vault(home) as v:
-        rep = repair_mod.repair(v, dry_run=dry_run, sources=source)
+        with progress("repair", quiet=as_json or dry_run) as prog:
+            step = advance(prog)
+            seg = v.segment_size
+            rep = repair_mod.repair(
+                v, dry_run=dry_run, sources=source, progress=step and (lambda n: step(n * seg))
+            )
     _print_repair(rep, as_json)
     raise typer.Exit(_repair_code(rep))
 
@@ -238,7 +253,11 @@ def prune(
     if not 0 <= repack_below <= 1:
         raise InputError("--repack-below is a fraction between 0 and 1")
     with open_vault(home) as v:
-        rep = prune_mod.prune(v, repack_below=repack_below, dry_run=dry_run)
+        with progress("prune", quiet=as_json or dry_run) as prog:
+            rep = prune_mod.prune(
+                v, repack_below=repack_below, dry_run=dry_run,
+                progress=advance_segments(prog, v.segment_size),
+            )  # fmt: skip
     if as_json:
         out.print_json(json.dumps(rep.as_dict()))
     else:
@@ -249,6 +268,10 @@ def prune(
             f" {rep.repacked} repacked into {rep.written}",
             highlight=False,
         )
+        for r, b in sorted(rep.freed_per_remote.items()):
+            out.print(
+                f"  {r}: {b:,} bytes" + (" to free" if dry_run else " freed"), highlight=False
+            )
         if not dry_run:
             out.print(
                 f"deleted {rep.garbage_deleted} old object(s) from the remotes"

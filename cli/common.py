@@ -9,6 +9,7 @@ and runs the app. Nothing here imports a command module, so the imports form no 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -56,6 +57,23 @@ IKnowOpt = Annotated[
 #: unguessable: moderate protection from offline slow-hash scenario" (~10^10 guesses), the
 #: attack a stolen keyfile faces.
 MIN_PASSPHRASE_SCORE = 3
+
+
+def reflow_help(typer_app: typer.Typer) -> None:
+    """Give every command of ``typer_app`` (and of its sub-apps) its docstring as help text
+    with each paragraph on one line: typer keeps a docstring's hard line breaks, so help
+    wrapped for the source file broke mid-sentence at every other terminal width. Call once
+    every command is registered (cli/main.py)."""
+    infos = [*typer_app.registered_commands]
+    for group in typer_app.registered_groups:
+        reflow_help(group.typer_instance)
+        if group.typer_instance.registered_callback is not None:
+            infos.append(group.typer_instance.registered_callback)
+    for info in infos:
+        doc = inspect.getdoc(info.callback) if info.callback else None
+        if info.help is None and doc:
+            paras = [" ".join(p.split()) for p in doc.split("\n\n")]
+            info.help = "\n\n".join(paras)
 
 
 def home_dir(home: Path | None) -> Path:
@@ -122,9 +140,12 @@ def open_vault(
 
 
 @contextlib.contextmanager
-def progress(label: str, total: int | None = None) -> Iterator[tuple[Progress, TaskID] | None]:
-    """A transient progress bar on a terminal's stderr for the block; None otherwise."""
-    if not err.is_terminal:
+def progress(
+    label: str, total: int | None = None, quiet: bool = False
+) -> Iterator[tuple[Progress, TaskID] | None]:
+    """A transient progress bar (bytes, rate, time left) on a terminal's stderr for the
+    block; None when stderr is not a terminal or ``quiet`` (--json: scripts see nothing)."""
+    if quiet or not err.is_terminal:
         yield None
         return
     with Progress(
@@ -146,6 +167,20 @@ def advance(prog: tuple[Progress, TaskID] | None) -> Callable[[int], None] | Non
         return None
     p, task = prog
     return lambda n: p.advance(task, n)
+
+
+def advance_segments(
+    prog: tuple[Progress, TaskID] | None, segment_size: int
+) -> Callable[[int, int], None] | None:
+    """A ``progress(done, total)`` callback counting segments, shown as bytes (a segment
+    is ``segment_size`` bytes of work), so the bar has a rate and a time left; None
+    without a bar."""
+    if prog is None:
+        return None
+    p, task = prog
+    return lambda done, total: p.update(
+        task, completed=done * segment_size, total=total * segment_size
+    )
 
 
 def report_flush(v: Vault, as_json: bool, extra: dict | None = None) -> int:

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -31,11 +32,12 @@ from cli.common import (
     report_flush,
 )
 from cli.mounted import flush_via_mount, mount_status
-from vaultfs import erasure, names
+from vaultfs import erasure, names, routine
 from vaultfs.backup import backup_paths, backup_stream
 from vaultfs.errors import InputError
 from vaultfs.index import snapshots as snapshot_rows
 from vaultfs.vault import Vault
+from vaultfs.vault.placement import place
 
 
 # -- init --------------------------------------------------------------------------------------
@@ -82,12 +84,38 @@ def init(
     out.print(
         f"  {k}-of-{n} over {len(remote)} remote(s); survives {st['survives_losses_design']} remote loss(es)"
     )
+    needed, crowded = remotes_needed(len(remote), k, n)
+    if crowded > 1:
+        err.print(
+            f"[yellow]warning: up to {crowded} of each segment's {n} shards share one remote "
+            f"(fewer remotes than n): losing that remote loses all {crowded}; add remotes in "
+            "separate failure domains (`vaultfs remote add`) to spread them[/]"
+        )
     if st["survives_losses_design"] == 0:
         err.print("[yellow]warning: with this many remotes, losing any one loses data[/]")
+    which = "the remote" if len(remote) == 1 else f"any {needed} of the {len(remote)} remotes"
     out.print(
-        f"  Keep a copy of {h / 'key.json'} and your passphrase somewhere else: with any "
-        f"{k} remotes they restore everything."
+        f"  Keep a copy of {h / 'key.json'} and your passphrase somewhere else: with "
+        f"{which} they restore everything."
     )
+
+
+def remotes_needed(remotes: int, k: int, n: int) -> tuple[int, int]:
+    """(how many remotes any restore needs, most shards of one segment on one remote) for a
+    k-of-n vault over ``remotes`` remotes in their own failure domains: the smallest R such
+    that every R remotes hold at least k shards of every segment, whichever R they are."""
+    rows = [(i, f"d{i}") for i in range(remotes)]
+    needed = crowded = 0
+    for seg in range(remotes):  # the placement repeats with this period
+        per = Counter(place(rows, seg, n))
+        crowded = max(crowded, max(per.values()))
+        fewest = sorted(per.get(i, 0) for i in range(remotes))
+        held = r = 0
+        while held < k:
+            held += fewest[r]
+            r += 1
+        needed = max(needed, r)
+    return needed, crowded
 
 
 # -- backup ------------------------------------------------------------------------------------
@@ -114,7 +142,7 @@ def backup(
         raise InputError("--stdin needs --stdin-filename NAME")
     with open_vault(home) as v:
         t0 = time.perf_counter()
-        with progress("backup") as prog:
+        with progress("backup", quiet=as_json) as prog:
             if stdin:
                 uid, count, size = backup_stream(
                     v, sys.stdin.buffer, stdin_filename or "", name, advance(prog),
@@ -217,6 +245,7 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Show remotes, queue, redundancy and how many remote losses the vault survives."""
     with open_vault(home, lock=False) as v:
         st = v.status()
+        st["routine"] = routine.report(home_dir(home), v)
     if (mounted := mount_status(home)) is not None:
         st["mount"] = mounted
     if as_json:
@@ -259,3 +288,29 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
             f"[yellow]{st['segments_below_k_placed']} segment(s) not yet recoverable from "
             "remotes alone (queued locally)[/]"
         )
+    _print_routine(st["routine"])
+
+
+def _print_routine(rt: dict) -> None:
+    """The routine's part of `status`: the recovery point and each job's last and next run."""
+
+    def when(t: float | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "never"
+
+    if rt["rpo_seconds"] is None:
+        out.print("no snapshot is fully placed on the remotes yet")
+    else:
+        age = rt["rpo_seconds"]
+        shown = f"{age / 3600:.1f} h" if age >= 3600 else f"{age / 60:.0f} min"
+        out.print(
+            f"newest fully placed snapshot: {rt['newest_placed_snapshot']}, {shown} old "
+            "(the recovery point)"
+        )
+    for job, j in rt["jobs"].items():
+        nxt = "each pass" if j["every"] == 0 else when(j["next_run"])
+        line = f"  {job}: last success {when(j['last_success'])}, next {nxt}"
+        if j["last_error"]:
+            line += f" (last error: {j['last_error']})"
+        out.print(line, highlight=False)
+    for a in rt["alerts"]:
+        err.print(f"[yellow]alert holds: {a}[/]", highlight=False)

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from cli.common import (
     HomeOpt,
     IKnowOpt,
     JsonOpt,
+    advance_segments,
     app,
     err,
     home_dir,
@@ -28,6 +28,7 @@ from cli.common import (
     open_vault,
     out,
     passphrase,
+    progress,
 )
 from vaultfs import receipt as receipts
 from vaultfs import rotation, shamir
@@ -432,23 +433,10 @@ def reencrypt(
     target = rotation.parse_suite(suite)
     h = home_dir(home)
     with open_vault(home) as v:
-        if err.is_terminal and not as_json:
-            with Progress(
-                TextColumn("re-encrypting"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                console=err,
-                transient=True,
-            ) as p:
-                task = p.add_task("segments", total=None)
-                rep = rotation.reencrypt(
-                    v,
-                    target,
-                    lambda d, t: p.update(task, completed=d, total=t),
-                    keyfile=h / "key.json",
-                )
-        else:
-            rep = rotation.reencrypt(v, target, keyfile=h / "key.json")
+        with progress("re-encrypt", quiet=as_json) as prog:
+            rep = rotation.reencrypt(
+                v, target, advance_segments(prog, v.segment_size), keyfile=h / "key.json"
+            )
     if as_json:
         out.print_json(json.dumps(rep.__dict__))
         return

@@ -2,7 +2,8 @@
 
 Commands live in their own modules and register on ``cli.common.app``: cli/core.py (init,
 backup, flush, snapshots, ls, status), cli/restore.py, cli/audit.py (verify, repair, prune,
-remote), cli/keys.py (keys, reencrypt, receipt), cli/mount.py (mount, umount, snapshot).
+remote), cli/keys.py (keys, reencrypt, receipt), cli/mount.py (mount, umount, snapshot),
+cli/routine.py (forget, run, schedule).
 Exit codes: see vaultfs/errors.py.
 """
 
@@ -16,7 +17,7 @@ if __name__ == "__main__":  # `python -m cli.main`: start unlocking before the h
 
     early.start(sys.argv)
 
-from cli.common import app, err  # noqa: E402
+from cli.common import app, err, reflow_help  # noqa: E402
 from vaultfs.errors import VaultError  # noqa: E402
 
 # Each import registers that module's commands on `app`, in the order `vaultfs --help` lists.
@@ -28,8 +29,10 @@ import cli.graph_cmd  # noqa: E402,F401
 import cli.keys  # noqa: E402,F401
 import cli.mount  # noqa: E402,F401
 import cli.kb_cmd  # noqa: E402,F401
+import cli.routine  # noqa: E402,F401
 
 # isort: on
+reflow_help(app)
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ from cli.common import (
 from cli.mounted import call, mounted, print_report, syncfs
 from vaultfs import control
 from vaultfs.errors import InputError, VaultBusy, VaultError
+from vaultfs.index import snapshots as snapshot_rows
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.I)
 
@@ -166,20 +167,25 @@ def snapshot(
 
 @snap_app.command("delete")
 def snapshot_delete(
-    snap_id: Annotated[str, typer.Argument(metavar="ID", help="Snapshot id (see `snapshots`).")],
+    ref: Annotated[
+        str, typer.Argument(metavar="SNAPSHOT", help="Snapshot id or name (see `snapshots`).")
+    ],
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Delete a snapshot (data other snapshots or the live tree use stays; `vaultfs prune`
-    frees the rest)."""
+    frees the rest). A name means the newest snapshot of that name."""
     h = home_dir(home)
-    reply = call(control.home_address(h), {"cmd": "delete", "id": snap_id})
+    reply = call(control.home_address(h), {"cmd": "delete", "id": ref})
     if reply is not None:
-        code = print_report(reply["report"], as_json, {"deleted": snap_id})
+        code = print_report(reply["report"], as_json, {"deleted": ref})
     else:
         with open_vault(home) as v:
-            v.delete_snapshot(snap_id)
-            code = report_flush(v, as_json, {"deleted": snap_id})
+            found = snapshot_rows.find(v.index, ref)
+            if found is None:
+                raise InputError(f"no snapshot with id or name {ref!r}: see `vaultfs snapshots`")
+            v.delete_snapshot(found[1])
+            code = report_flush(v, as_json, {"deleted": found[1]})
     if not as_json:
-        out.print(f"deleted snapshot {snap_id}; `vaultfs prune` (unmounted) frees its space")
+        out.print(f"deleted snapshot {ref}; `vaultfs prune` (unmounted) frees its space")
     raise typer.Exit(code)

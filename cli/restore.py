@@ -80,7 +80,7 @@ def restore(
             src = ShardSource(v.remotes(), v.queue_dir)
             src.list_all()
             seq = manifests.newest_seq(v.index)
-        with progress("restore") as prog:
+        with progress("restore", quiet=as_json) as prog:
             total_cb = None
             if prog:
                 p, task = prog

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -133,6 +134,12 @@ def test_fewer_remotes_than_shards_is_honest(tmp_path):
     assert st["survives_losses_design"] == 0
     out = run_cli("init", "--remote", str(tmp_path / "x"), home=tmp_path / "h2")
     assert "losing any one loses data" in out.stderr.decode()
+    assert "with the remote they restore everything" in out.stdout.decode()
+    # 5-of-9 over 3 remotes: 3 shards on each, so any 2 remotes restore (not "any 5")
+    remotes = [arg for i in range(3) for arg in ("--remote", str(tmp_path / f"y{i}"))]
+    out = run_cli("init", "--profile", "federation", *remotes, home=tmp_path / "h3")
+    assert "with any 2 of the 3 remotes they restore everything" in out.stdout.decode()
+    assert "up to 3 of each segment's 9 shards share one remote" in out.stderr.decode()
 
 
 def test_bad_input_gets_clear_errors_and_exit_codes(tmp_path):
@@ -256,3 +263,80 @@ def test_full_local_disk_is_a_clear_error_and_loses_nothing(tmp_path):
         assert (tmp_path / "out" / "ok.txt").read_text() == "kept\n"
     finally:
         subprocess.run(["umount", "-l", str(small)])
+
+
+def test_help_texts_are_reflowed_not_broken_mid_sentence(tmp_path):
+    """typer keeps docstrings' hard line breaks; ours are joined into paragraphs, so a wide
+    terminal shows each sentence on one line (and a narrow one wraps it where it fits)."""
+    env = {**os.environ, "COLUMNS": "400"}
+    cases = {
+        ("ls", "--help"): "List the entries of a snapshot. Names that are not UTF-8, and control",
+        ("repair", "--help"): "from k good shards or the local queue, and place it on a healthy",
+        ("prune", "--help"): "(after `vaultfs snapshot delete`): drop unused segments, repack",
+        ("verify", "--help"): "enough random block checks to detect a 1% block loss with 99%",
+        ("--help",): "Names that are not UTF-8, and control characters, are shown escaped",
+    }
+    for args, sentence in cases.items():
+        text = run_cli(*args, home=tmp_path, env=env).stdout.decode()
+        assert any(sentence in line for line in text.splitlines()), (args, text)
+
+
+def _stderr_on_a_terminal(args: list[str], home: Path) -> str:
+    """Run `vaultfs ARGS` with stderr on a pseudo-terminal; what it drew there."""
+    import pty
+    import sys
+
+    main, sub = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k not in ("TERM", "NO_COLOR")}
+    env.update(VAULTFS_HOME=str(home), VAULTFS_PASSPHRASE=PASSPHRASE, TERM="xterm", COLUMNS="120")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", *args], stdout=subprocess.DEVNULL, stderr=sub,
+        env=env, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    os.close(sub)
+    drawn = b""
+    while True:
+        try:
+            part = os.read(main, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not part:
+            break
+        drawn += part
+    assert proc.wait(timeout=300) in (0, 3), drawn.decode(errors="replace")
+    os.close(main)
+    return drawn.decode(errors="replace")
+
+
+def test_long_commands_show_progress_on_a_terminal_only(tmp_path):
+    home, _ = init_vault(tmp_path, 3, "-k", "2", "-n", "3")
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(24 * 1024 * 1024))
+    drawn = _stderr_on_a_terminal(["backup", str(big)], home)
+    assert "backup" in drawn and "/s" in drawn and "MB" in drawn  # bytes, rate, time left
+    quiet = _stderr_on_a_terminal(["backup", "--json", str(big)], home)
+    assert "/s" not in quiet
+    run_cli("snapshot", "delete", "latest", home=home)
+    run_cli("snapshot", "delete", "latest", home=home)
+    drawn = _stderr_on_a_terminal(["prune"], home)
+    assert "prune" in drawn and re.search(r"[\d.]+/[\d.]+ MB", drawn)  # too quick for a rate
+
+
+def test_mount_helper_takes_what_mount8_passes():
+    from cli.fstab import parse
+
+    home, mp, opts, fake = parse(
+        ["/h", "/mnt", "-n", "-o", "rw,noauto,_netdev,x-systemd.automount,cache_size=2G,"
+         "passphrase_file=/etc/p", "-t", "vaultfs"]
+    )  # fmt: skip
+    assert (home, mp, opts, fake) == (
+        "/h",
+        "/mnt",
+        {"cache_size": "2G", "passphrase_file": "/etc/p"},
+        False,
+    )
+    assert parse(["/h", "/mnt", "-fv"])[3] is True
+    for bad in (["/h"], ["/h", "/mnt", "-o", "ro,uid=3"], ["/h", "/mnt", "-x"], ["/h", "/mnt", "-o"],
+                ["/h", "/mnt", "-o", "cache_size="]):  # fmt: skip
+        with pytest.raises(ValueError):
+            parse(bad)

@@ -53,14 +53,19 @@ def test_prune_frees_deleted_snapshots_and_keeps_what_others_use(tmp_path):
     dry = json.loads(run_cli("prune", "--dry-run", "--json", home=home).stdout)
     assert dry["chunks_freed"] == 0, "both snapshots still use everything"
 
-    old = next(s for s in snapshots(home) if s["name"] == "old")
-    run_cli("snapshot", "delete", old["id"], home=home)
+    run_cli("snapshot", "delete", "old", home=home)  # by name, like every other command
+    assert [s["name"] for s in snapshots(home)] == ["new"]
     dry = json.loads(run_cli("prune", "--dry-run", "--json", home=home).stdout)
     assert dry["bytes_freed"] == 4_000_000 and remote_bytes(remotes) == before
 
+    each = [remote_bytes([r]) for r in remotes]
     rep = json.loads(run_cli("prune", "--json", home=home).stdout)
     assert rep["bytes_freed"] == 4_000_000 and rep["garbage_left"] == 0
     after = remote_bytes(remotes)
+    # the report's freed bytes per remote are what left each remote's data/
+    freed = [b - remote_bytes([r]) for b, r in zip(each, remotes, strict=True)]
+    assert sorted(rep["freed_per_remote"].values()) == sorted(freed)
+    assert dry["freed_per_remote"] == rep["freed_per_remote"]  # nothing repacked here
     # 4 MB of random data is 4 MB per copy, stored 3/2 times over the remotes
     assert before - after >= 4_000_000 * 3 // 2 * 0.9
     again = json.loads(run_cli("prune", "--json", home=home).stdout)

@@ -272,6 +272,32 @@ def test_remove_remote_rebuilds_elsewhere(tmp_path: Path) -> None:
     assert _restore(keys, [specs[0], specs[3], specs[5]], tmp_path / "w") == data
 
 
+def test_repair_by_remote_replace_leaves_the_new_remote_ok_and_the_old_one_empty(
+    tmp_path: Path,
+) -> None:
+    """After `remote replace` of a remote that is gone, the new remote is 'ok' (not 'stale'
+    until the next verify) and the departed one holds nothing, old index copies included."""
+    home = tmp_path / "home"
+    specs = [str(tmp_path / f"r{i}") for i in range(3)]
+    run_cli("init", "-k", "2", "-n", "3", *[a for s in specs for a in ("--remote", s)], home=home)
+    src = tmp_path / "src.txt"
+    for i in range(4):  # several index copies, the older ones superseded
+        src.write_text(f"version {i}\n")
+        run_cli("backup", str(src), home=home)
+    run_cli("verify", home=home)
+    subprocess.run(["rm", "-rf", specs[1]], check=True)  # the provider shut down
+    run_cli("remote", "replace", specs[1], str(tmp_path / "new"), home=home)
+    rows = {
+        r["remote"]: r for r in json.loads(run_cli("remote", "list", "--json", home=home).stdout)
+    }
+    new, old = rows[str(tmp_path / "new")], rows[specs[1]]
+    assert new["health"] == "ok" and new["placed_objects"] > 0
+    assert old["member"] == "removed" and old["placed_objects"] == 0
+    st = json.loads(run_cli("status", "--json", home=home).stdout)
+    assert [r["health"] for r in st["remotes"]] == ["ok", "ok", "ok"]
+    run_cli("verify", "--read-all", home=home)
+
+
 # -- remote failure handling ---------------------------------------------------------------------
 def test_slow_remote_does_not_hold_up_the_others(tmp_path: Path) -> None:
     v, specs, _data = _vault(tmp_path, mib=1.5)

@@ -89,7 +89,7 @@ def run_foreground(
     import pyfuse3
     import trio
 
-    from . import control
+    from . import control, routine
     from .fs import VaultFS
     from .vault import Vault
 
@@ -115,6 +115,7 @@ def run_foreground(
         return e.exit_code
     fs = None
     server = None
+    routine_stop = None
     mounted = False
     clean = False
     try:
@@ -145,8 +146,9 @@ def run_foreground(
             return trio.from_thread.run(_handle, fs, req, trio_token=fs.token)
 
         def start_control(fs_) -> None:
-            nonlocal server
+            nonlocal server, routine_stop
             server = control.ControlServer(addresses, dispatch)
+            routine_stop = routine.serve_mounted(home, vault)  # timed snapshots while mounted
 
         def ready() -> None:
             state = {"pid": os.getpid(), "mountpoint": str(mountpoint), "started": time.time()}
@@ -158,6 +160,8 @@ def run_foreground(
         clean = True
         return 0
     finally:
+        if routine_stop is not None:
+            routine_stop.set()
         if server is not None:
             server.close()
         if mounted:
@@ -188,8 +192,11 @@ async def _handle(fs, req: dict) -> dict:
         uid, seq, count = await fs.snapshot(req.get("name"))
         rep = await fs.push(seal=True)
         return {"snapshot": uid, "seq": seq, "entries": count, "report": await _report(fs, rep)}
-    if cmd == "delete":
-        seq = await fs.delete_snapshot(str(req.get("id")))
+    if cmd == "delete":  # "id": a snapshot id or name, like every command takes
+        from .index import snapshots
+
+        found = snapshots.find(fs.vault.index, str(req.get("id")))
+        seq = await fs.delete_snapshot(found[1] if found else str(req.get("id")))
         rep = await fs.push(seal=True)
         return {"seq": seq, "report": await _report(fs, rep)}
     if cmd == "umount":

@@ -19,6 +19,7 @@ code  meaning
 17    the vault is busy (locked by another vaultfs process)
 18    input not found or not readable
 19    a recovery share is mistyped, missing, or from another share set
+20    `vaultfs run`: a scheduled job failed or an audit found damage (alerted)
 ====  ==========================================================================
 """
 
@@ -100,3 +101,4 @@ class ShareError(VaultError):
 
 
 EXIT_PARTIAL = 3
+EXIT_JOB_FAILED = 20

@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import IntegrityError
 from .index import audit, chunks, segments
+from .index import remotes as remote_rows
+from .remotes import Remote
 from .vault import Vault
 
 #: A segment whose live records take less than this share of its bytes is repacked.
@@ -52,9 +54,22 @@ class PruneReport:
     garbage_deleted: int = 0  # objects deleted from remotes
     garbage_left: int = 0  # objects still to delete (a remote was down, or not yet safe)
     errors: dict[str, str] = field(default_factory=dict)
+    # per remote (label): bytes of the shard objects of dropped and repacked segments, which
+    # leave it, and of the new segments' shard objects placed there instead
+    remote_deleted: dict[str, int] = field(default_factory=dict)
+    remote_written: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def freed_per_remote(self) -> dict[str, int]:
+        """Net bytes each remote holds less once the old objects are deleted (in a dry run,
+        before the repacked segments' new objects, which are not written yet)."""
+        out = dict(self.remote_deleted)
+        for r, b in self.remote_written.items():
+            out[r] = out.get(r, 0) - b
+        return out
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "freed_per_remote": self.freed_per_remote}
 
 
 def prune(
@@ -97,6 +112,11 @@ def prune(
     report.repacked = sum(len(s) for s in sparse.values())
     groups = _groups(v, sparse, rows, live)
     report.written = len(groups)
+    labels = {r.id: Remote(r.spec).label for r in remote_rows.every(v.index)}
+    gone = drop + [sid for sids in sparse.values() for sid in sids]
+    report.remote_deleted = {
+        labels[rid]: b for rid, b in segments.bytes_by_remote(v.index, gone).items()
+    }
     if dry_run:
         report.stored_freed -= sum(_size_class(v, sum(g[2].values())) for g in groups)
         return report
@@ -119,6 +139,8 @@ def prune(
             made = segments.geometry(v.index, new)
             assert made is not None
             report.stored_freed -= made[1]  # its size
+            for rid, b in segments.bytes_by_remote(v.index, [new]).items():
+                report.remote_written[labels[rid]] = report.remote_written.get(labels[rid], 0) + b
         done += len(olds)
         if progress:
             progress(done, total)

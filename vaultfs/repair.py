@@ -527,6 +527,8 @@ def repair(
     flush = vault.flush()
     report.pending = {k: v for k, v in flush.pending.items() if v}
     report.errors.update(flush.errors)
+    if report.manifest_seq is not None:
+        remote_table.mark_healed(vault.index, report.manifest_seq)
     _delete_replaced(vault, fetcher, report, old_objects, removed, specs)
     report.seconds = time.monotonic() - t0
     return report
@@ -725,6 +727,7 @@ def remove_remote(vault: Vault, name: str, wrap=None) -> RepairReport:
     report = repair(vault, wrap=wrap)
     if report.unrecoverable:
         return report
+    segment_table.release_departed(vault.index, rid)
     b = open_backend(spec, rid, fail_fast=True, wrap=wrap)
     try:
         for sub in (*segment.KIND_NAMES.values(), "manifests"):
@@ -750,7 +753,10 @@ def replace_remote(
         remote_table.remove(db, rid)
         nid = remote_table.add(db, new, pos, domain or dom)
         remote_table.forget_health(db, rid)
-    return repair(vault, prefer=nid, wrap=wrap)
+    report = repair(vault, prefer=nid, wrap=wrap)
+    if not report.unrecoverable:
+        segment_table.release_departed(vault.index, rid)
+    return report
 
 
 def list_remotes(vault: Vault) -> list[dict]:

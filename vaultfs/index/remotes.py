@@ -155,3 +155,28 @@ def forget_health(db: sqlite3.Connection, rid: int) -> None:
 def active(index: Index) -> list[tuple[int, str]]:
     """(id, spec) of every remote in use (not removed), in placement order."""
     return [(rid, spec) for rid, spec, _dom in members(index)]
+
+
+def mark_healed(index: Index, seq: int) -> list[int]:
+    """After a repair published manifest ``seq``: every active remote marked 'stale' or
+    'degraded' that now holds that manifest and has no lost shard and no foreign object left
+    is 'ok' again (a replacement remote, a rolled-back one brought forward). Returns their
+    ids."""
+    now = time.time()
+    with index.tx() as db:
+        rows = db.execute(
+            "SELECT h.remote FROM remote_health h JOIN remotes r ON r.id = h.remote"
+            " WHERE r.state = 'active' AND h.state IN ('stale', 'degraded')"
+            " AND NOT EXISTS (SELECT 1 FROM manifest_queue q WHERE q.remote = h.remote"
+            "   AND q.seq <= ?)"
+            " AND NOT EXISTS (SELECT 1 FROM shards s WHERE s.remote = h.remote"
+            "   AND s.state = 'lost')"
+            " AND NOT EXISTS (SELECT 1 FROM audit_foreign f WHERE f.remote = h.remote)",
+            (seq,),
+        ).fetchall()
+        healed = [rid for (rid,) in rows]
+        db.executemany(
+            "UPDATE remote_health SET state='ok', since=?, detail=NULL WHERE remote=?",
+            [(now, rid) for rid in healed],
+        )
+    return healed

@@ -388,3 +388,37 @@ def meta_shard_hashes(index: Index, seq: int) -> list[tuple[str, bytes]]:
         " WHERE g.kind='meta' AND g.manifest=?",
         (seq,),
     )
+
+
+def release_departed(index: Index, remote: int) -> int:
+    """Shards still 'placed' on ``remote``, which left the vault, once a repair rebuilt every
+    live segment elsewhere: only superseded index copies are left there (no one audits or
+    rebuilds those, and ``prune_index_copies`` drops them). Marks them 'lost', so the
+    departed remote no longer counts as holding anything; returns how many."""
+    with index.tx() as db:
+        return db.execute(
+            "UPDATE shards SET state='lost' WHERE remote=? AND state='placed'", (remote,)
+        ).rowcount
+
+
+def bytes_by_remote(index: Index, seg_ids: list[int]) -> dict[int, int]:
+    """{remote id: bytes of the placed or queued shard objects of ``seg_ids`` there}."""
+    out: dict[int, int] = {}
+    for i in range(0, len(seg_ids), 500):
+        part = seg_ids[i : i + 500]
+        for rid, size in index.q(
+            f"SELECT remote, sum(size) FROM shards WHERE segment IN ({_marks(part)})"
+            " AND state IN ('placed', 'queued') GROUP BY remote",
+            tuple(part),
+        ):
+            out[rid] = out.get(rid, 0) + size
+    return out
+
+
+def oldest_queued(index: Index) -> float | None:
+    """Unix time the oldest shard still in the local upload queue was sealed; None when the
+    queue is empty."""
+    return index.one(
+        "SELECT min(g.created) FROM shards h JOIN segments g ON g.id = h.segment"
+        " WHERE h.state = 'queued'"
+    )[0]

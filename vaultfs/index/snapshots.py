@@ -171,3 +171,18 @@ def present(index: Index, snapshot: int, paths: list[str]) -> set[str]:
             (snapshot, *paths),
         )
     }
+
+
+def newest_placed(index: Index) -> tuple[str, float] | None:
+    """(uid, created) of the newest snapshot that is fully placed: the manifest that first
+    carried it is on every active remote and no shard of a segment sealed by then still
+    waits in the local queue. None when no snapshot is."""
+    return index.one(
+        "SELECT uid, created FROM snapshots s"
+        " WHERE s.seq <= (SELECT coalesce(min(p), 0) FROM (SELECT (SELECT max(m.seq)"
+        "   FROM manifests m WHERE m.seq NOT IN (SELECT q.seq FROM manifest_queue q"
+        "   WHERE q.remote = r.id)) AS p FROM remotes r WHERE r.state = 'active'))"
+        " AND NOT EXISTS (SELECT 1 FROM shards h JOIN segments g ON g.id = h.segment"
+        "   WHERE h.state = 'queued' AND g.created <= s.created)"
+        " ORDER BY s.created DESC, s.id DESC LIMIT 1"
+    )

@@ -278,7 +278,13 @@ class Vault:
     def delete_snapshot(self, uid: str) -> int:
         """Forget snapshot ``uid`` and ship the index; returns the manifest seq. Raises
         InputError when no snapshot has that id."""
-        return self.committer.delete_snapshot(uid)
+        return self.committer.delete_snapshots([uid])
+
+    def delete_snapshots(self, uids: list[str]) -> int:
+        """Forget every snapshot of ``uids`` at once (one index copy shipped, as `forget`
+        wants); returns the manifest seq. InputError, and none forgotten, when one of the ids
+        names no snapshot."""
+        return self.committer.delete_snapshots(uids)
 
     @staticmethod
     def mark_unshipped(db: sqlite3.Connection) -> None:

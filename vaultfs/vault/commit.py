@@ -199,16 +199,18 @@ class Committer:
             self._ship_index(seq, root)
             return seq
 
-    def delete_snapshot(self, uid: str) -> int:
-        """Forget snapshot ``uid`` (its entries) and ship the index; returns the manifest seq.
+    def delete_snapshots(self, uids: list[str]) -> int:
+        """Forget the snapshots ``uids`` (their entries) in one transaction and ship the
+        index once; returns the manifest seq.
 
         Chunks are never freed here: other snapshots and the mount's live tree may use them.
-        Raises InputError when no snapshot has that id.
+        Raises InputError, and forgets none, when one of the ids names no snapshot.
         """
         with self.writer.write_lock:
             with self.index.tx() as db:
-                if not snapshots.delete(db, uid):
-                    raise InputError(f"no snapshot with id {uid!r}: see `vaultfs snapshots`")
+                for uid in uids:
+                    if not snapshots.delete(db, uid):
+                        raise InputError(f"no snapshot with id {uid!r}: see `vaultfs snapshots`")
             return self.ship_index()
 
 

@@ -1,0 +1,306 @@
+"""Retention and the routine: `vaultfs forget`, `vaultfs run`, `vaultfs schedule set|show|install`.
+
+The rules are vaultfs/retention.py's (restic's); the jobs, their schedule and the alert events
+are vaultfs/routine.py's. Exit codes: vaultfs/errors.py (`run` exits 20 when a job failed or
+an audit found damage; `forget` 3 when what it shipped is not yet on k remotes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from cli.common import HomeOpt, JsonOpt, app, err, home_dir, open_vault, out
+from cli.mounted import mounted
+from vaultfs import prune as prune_mod
+from vaultfs import retention, routine
+from vaultfs.errors import EXIT_JOB_FAILED, EXIT_PARTIAL, InputError
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "never"
+
+
+# -- forget ------------------------------------------------------------------------------------
+@app.command()
+def forget(
+    keep_last: Annotated[int, typer.Option(help="Keep the N newest snapshots.")] = 0,
+    keep_hourly: Annotated[int, typer.Option(help="Keep the newest of each of N hours.")] = 0,
+    keep_daily: Annotated[int, typer.Option(help="Keep the newest of each of N days.")] = 0,
+    keep_weekly: Annotated[int, typer.Option(help="Keep the newest of each of N weeks.")] = 0,
+    keep_monthly: Annotated[int, typer.Option(help="Keep the newest of each of N months.")] = 0,
+    keep_yearly: Annotated[int, typer.Option(help="Keep the newest of each of N years.")] = 0,
+    keep_within: Annotated[
+        str | None,
+        typer.Option(help="Keep all newer than the newest snapshot minus DURATION (1y2m3d4h)."),
+    ] = None,
+    keep_within_hourly: Annotated[str | None, typer.Option(help="Hourly within DURATION.")] = None,
+    keep_within_daily: Annotated[str | None, typer.Option(help="Daily within DURATION.")] = None,
+    keep_within_weekly: Annotated[str | None, typer.Option(help="Weekly within DURATION.")] = None,
+    keep_within_monthly: Annotated[
+        str | None, typer.Option(help="Monthly within DURATION.")
+    ] = None,
+    keep_within_yearly: Annotated[str | None, typer.Option(help="Yearly within DURATION.")] = None,
+    keep_name: Annotated[
+        list[str] | None, typer.Option(help="Keep snapshots whose name matches GLOB (repeat).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be kept and forgotten.")
+    ] = False,
+    run_prune: Annotated[
+        bool, typer.Option("--prune", help="Then free the space (`vaultfs prune`).")
+    ] = False,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Forget the snapshots a retention policy does not keep, with restic's rules: each
+    --keep-hourly/daily/weekly/monthly/yearly N keeps the newest snapshot of each of the N
+    most recent such periods (local time) that have one; counts of -1 mean unlimited.
+    Works on a mounted vault too (through the mount); --prune then needs `vaultfs umount`."""
+    args: list[str] = []
+    for opt, value in (
+        ("last", keep_last), ("hourly", keep_hourly), ("daily", keep_daily),
+        ("weekly", keep_weekly), ("monthly", keep_monthly), ("yearly", keep_yearly),
+        ("within", keep_within), ("within-hourly", keep_within_hourly),
+        ("within-daily", keep_within_daily), ("within-weekly", keep_within_weekly),
+        ("within-monthly", keep_within_monthly), ("within-yearly", keep_within_yearly),
+    ):  # fmt: skip
+        if value:
+            args += [f"--keep-{opt}", str(value)]
+    for glob in keep_name or []:
+        args += ["--keep-name", glob]
+    try:
+        policy = retention.Policy.from_args(args)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    h = home_dir(home)
+    live = mounted(h) is not None
+    result: dict = {"policy": policy.describe(), "dry_run": dry_run, "mounted": live}
+    code = 0
+    with open_vault(home, lock=not live) as v:
+        decision = routine.forget(h, v, policy, dry_run, mounted=live)
+        result["keep"] = [
+            {"id": s.id, "name": s.name, "time": s.time, "reasons": r} for s, r in decision.keep
+        ]
+        result["forget"] = [{"id": s.id, "name": s.name, "time": s.time} for s in decision.forget]
+        if run_prune and not dry_run and not live:
+            result["prune"] = prune_mod.prune(v).as_dict()
+        elif run_prune and live:
+            result["prune"] = {
+                "waiting": "the vault is mounted: run `vaultfs umount`, then `vaultfs prune`"
+            }
+        if not dry_run and not live and decision.forget:
+            rep = v.flush()
+            result |= {"uploaded": rep.uploaded, "pending": rep.pending, "errors": rep.errors}
+            if v.status()["segments_below_k_placed"]:
+                code = EXIT_PARTIAL
+    if as_json:
+        out.print_json(json.dumps(result))
+        raise typer.Exit(code)
+    _print_forget(result, decision, dry_run)
+    raise typer.Exit(code)
+
+
+def _print_forget(result: dict, decision: retention.Decision, dry_run: bool) -> None:
+    out.print(f"applying policy: {result['policy']}", highlight=False)
+    t = Table("id", "time", "name", "action", "reasons")
+    rows = [(s, "keep", ", ".join(r)) for s, r in decision.keep]
+    rows += [(s, "would forget" if dry_run else "forgotten", "") for s in decision.forget]
+    for s, action, why in sorted(rows, key=lambda x: x[0].time, reverse=True):
+        t.add_row(s.id, _when(s.time), s.name or "", action, why)
+    out.print(t)
+    verb = "would forget" if dry_run else "forgot"
+    out.print(f"keep {len(decision.keep)} snapshot(s), {verb} {len(decision.forget)}")
+    prune = result.get("prune")
+    if prune and "waiting" in prune:
+        err.print(f"[yellow]not pruned: {prune['waiting']}[/]", highlight=False)
+    elif prune:
+        out.print(f"pruned: freed {prune['bytes_freed']:,} bytes of data", highlight=False)
+        for r, b in sorted(prune["freed_per_remote"].items()):
+            out.print(f"  {r}: {b:,} bytes freed", highlight=False)
+    elif decision.forget and not dry_run:
+        out.print("`vaultfs prune` (unmounted) frees their space")
+
+
+# -- run ---------------------------------------------------------------------------------------
+@app.command()
+def run(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """One pass of the vault's routine: every scheduled job that is due (`vaultfs schedule`),
+    then the alert checks. For a systemd timer or cron; see docs/operations.md."""
+    h = home_dir(home)
+    live = mounted(h) is not None
+    with open_vault(home, lock=not live) as v:
+        res = routine.run_pass(h, v, live)
+    if as_json:
+        out.print_json(json.dumps(res))
+    else:
+        for job, r in res["ran"].items():
+            out.print(f"{job}: {json.dumps(r)}", highlight=False)
+        for job, why in res["waiting"].items():
+            out.print(f"{job}: waiting ({why})", highlight=False)
+        for job, e in res["failed"].items():
+            err.print(f"[red]{job} failed:[/] {e}", highlight=False)
+        for ev in res["alerts"]:
+            err.print(f"[yellow]alert {ev['event']}:[/] {ev['message']}", highlight=False)
+        for e in res.get("alert_errors", []):
+            err.print(f"[red]{e}[/]", highlight=False)
+        if not (res["ran"] or res["waiting"] or res["failed"]):
+            out.print("nothing due")
+    raise typer.Exit(EXIT_JOB_FAILED if res["failed"] else 0)
+
+
+# -- schedule ----------------------------------------------------------------------------------
+sched_app = typer.Typer(help="Set, show and install the vault's routine (`vaultfs run`).")
+app.add_typer(sched_app, name="schedule")
+
+
+@sched_app.command("set")
+def schedule_set(
+    pairs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="KEY=VALUE...",
+            help="e.g. snapshot=1h verify=daily:2% prune=weekly "
+            'retention="--keep-daily 7" alert="CMD"; KEY= unsets.',
+        ),
+    ],
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Change the routine's schedule (stored in the vault's home; applies from the next pass).
+    Keys: snapshot, sources, retention, verify, verify_budget, repair, prune, alert, grace,
+    queue_age (docs/operations.md)."""
+    changes = {}
+    for p in pairs:
+        key, eq, value = p.partition("=")
+        if not eq:
+            raise InputError(f"{p!r} is not KEY=VALUE")
+        changes[key.strip()] = value
+    h = home_dir(home)
+    if not (h / "key.json").exists():
+        raise InputError(f"no vault at {h}: run `vaultfs init` or give --home")
+    sched = routine.set_schedule(h, changes)
+    if as_json:
+        out.print_json(json.dumps(sched))
+    else:
+        _print_schedule(sched)
+
+
+@sched_app.command("show")
+def schedule_show(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Show the schedule and when each job last ran and runs next."""
+    h = home_dir(home)
+    sched = routine.load_schedule(h)
+    state = routine.load_state(h)
+    if as_json:
+        out.print_json(json.dumps({"schedule": sched, "state": state}))
+        return
+    _print_schedule(sched)
+    for job in routine.JOBS:
+        nxt = routine.next_run(sched, state, job)
+        if nxt is not None:
+            rec = state["jobs"].get(job, {})
+            every = routine.interval(sched, job)
+            when = "each pass" if every == 0 else _when(max(nxt, time.time()))
+            out.print(
+                f"  {job}: last success {_when(rec.get('last_success'))}, next {when}",
+                highlight=False,
+            )
+
+
+def _print_schedule(sched: dict[str, str]) -> None:
+    if not sched:
+        out.print("no schedule set (see `vaultfs schedule set --help`)")
+    for k, val in sched.items():
+        out.print(f"{k}={shlex.quote(val)}", highlight=False)
+
+
+def default_unit_dir(system: bool) -> Path:
+    if system:
+        return Path("/etc/systemd/system")
+    xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(xdg) / "systemd" / "user"
+
+
+def unit_files(home: Path, every: str, name: str, env_file: Path) -> dict[str, str]:
+    """The service and timer that run `vaultfs run` for the vault at ``home`` every
+    ``every`` (a systemd time span, e.g. 15min)."""
+    cmd = [sys.executable, "-m", "cli.main", "run", "--home", str(home)]
+    pypath = os.environ.get("PYTHONPATH")
+    service = f"""[Unit]
+Description=vaultfs routine for {home}
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=oneshot
+# VAULTFS_PASSPHRASE=... in a file only you can read (chmod 600)
+EnvironmentFile=-{env_file}
+Environment="VAULTFS_HOME={home}"
+{f'Environment="PYTHONPATH={pypath}"' if pypath else ""}
+ExecStart={shlex.join(cmd)}
+Nice=10
+IOSchedulingClass=idle
+"""
+    timer = f"""[Unit]
+Description=Run the vaultfs routine for {home} every {every}
+
+[Timer]
+OnBootSec=5min
+OnUnitInactiveSec={every}
+RandomizedDelaySec=60
+
+[Install]
+WantedBy=timers.target
+"""
+    return {f"{name}.service": service, f"{name}.timer": timer}
+
+
+@sched_app.command("install")
+def schedule_install(
+    unit_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where to write the units (default: the user unit directory)."),
+    ] = None,
+    system: Annotated[
+        bool, typer.Option("--system", help="Default to /etc/systemd/system instead.")
+    ] = False,
+    every: Annotated[str, typer.Option(help="How often the timer runs a pass.")] = "15min",
+    name: Annotated[str, typer.Option(help="Unit name (without suffix).")] = "vaultfs-run",
+    env_file: Annotated[
+        Path | None, typer.Option(help="EnvironmentFile holding VAULTFS_PASSPHRASE.")
+    ] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a systemd service and timer that run `vaultfs run` for this vault."""
+    h = home_dir(home).absolute()
+    d = unit_dir or default_unit_dir(system)
+    d.mkdir(parents=True, exist_ok=True)
+    files = unit_files(h, every, name, env_file or h / "routine.env")
+    for fname, text in files.items():
+        (d / fname).write_text(text)
+    written = [str(d / f) for f in files]
+    if as_json:
+        out.print_json(json.dumps({"written": written}))
+        return
+    for w in written:
+        out.print(f"wrote {w}", highlight=False)
+    ctl = "systemctl" + ("" if system else " --user")
+    out.print(f"enable with: {ctl} daemon-reload && {ctl} enable --now {name}.timer")
+    if shutil.which("systemd-analyze"):
+        res = subprocess.run(
+            ["systemd-analyze", "verify", *written], capture_output=True, text=True
+        )
+        if res.returncode != 0:
+            err.print(f"[yellow]systemd-analyze verify: {res.stderr.strip()}[/]")

@@ -1,0 +1,159 @@
+"""The routine (vaultfs/routine.py, `vaultfs run`, `vaultfs schedule`): with intervals of a
+second, passes of `vaultfs run` take snapshots, apply retention, audit, repair a deleted
+remote without a command, send alert events to the hook, and `status --json` reports them;
+`schedule install` writes units that `systemd-analyze verify` accepts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers import run_cli
+
+
+def make(tmp_path: Path) -> tuple[Path, list[Path], Path]:
+    home = tmp_path / "home"
+    remotes = [tmp_path / f"r{i}" for i in range(3)]
+    args = ["init", "-k", "2", "-n", "3", "--segment-mib", "1"]
+    for r in remotes:
+        args += ["--remote", str(r)]
+    run_cli(*args, home=home)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("hello\n")
+    return home, remotes, src
+
+
+def events(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def run(home: Path, code: int = 0) -> dict:
+    return json.loads(run_cli("run", "--json", home=home, check=code).stdout)
+
+
+def test_schedule_set_validates_and_show_reports(tmp_path) -> None:
+    home, _remotes, _src = make(tmp_path)
+    for bad in ("snapshot=5x", "verify=daily:200%", "repair=sometimes", "nokey=1",
+                "retention=--keep-dayly 3", "grace=", "snapshot"):  # fmt: skip
+        if bad == "grace=":
+            continue  # unsetting is allowed
+        res = run_cli("schedule", "set", bad, home=home, check=None)
+        assert res.returncode in (2, 18), bad
+    sched = json.loads(
+        run_cli(
+            "schedule", "set", "snapshot=1h", "verify=daily:2%", "prune=weekly",
+            "retention=--keep-daily 7 --keep-weekly 4", "--json", home=home,
+        ).stdout
+    )  # fmt: skip
+    assert sched["verify"] == "daily:2%" and sched["retention"].startswith("--keep-daily")
+    run_cli("schedule", "set", "prune=", home=home)
+    shown = json.loads(run_cli("schedule", "show", "--json", home=home).stdout)
+    assert "prune" not in shown["schedule"] and shown["schedule"]["snapshot"] == "1h"
+    assert "snapshot: last success never" in run_cli("schedule", "show", home=home).stdout.decode()
+
+
+def test_run_snapshots_audits_repairs_a_deleted_remote_and_alerts(tmp_path) -> None:
+    home, remotes, src = make(tmp_path)
+    log = tmp_path / "events.jsonl"
+    run_cli(
+        "schedule", "set", "snapshot=1s", f"sources={src}", "verify=1s:100%",
+        "retention=--keep-last 2", f"alert=cat >> {log}", home=home,
+    )  # fmt: skip
+    first = run(home)
+    assert set(first["ran"]) == {"snapshot", "retention", "verify", "repair"}
+    assert first["ran"]["verify"]["clean"] and not first["ran"]["repair"]["needed"]
+    assert not first["alerts"] and not events(log)
+
+    for f in (remotes[1] / "data").iterdir():  # a remote loses everything it held
+        f.unlink()
+    time.sleep(1.1)
+    second = run(home, code=20)
+    assert second["failed"].keys() == {"verify"}
+    assert second["ran"]["repair"]["needed"] and second["ran"]["repair"]["rebuilt"] >= 1
+    (ev,) = events(log)
+    assert ev["event"] == "audit_failed" and ev["remotes"] == [str(remotes[1])]
+    assert ev["vault"] == str(home) and ev["time"] > 0
+
+    time.sleep(1.1)
+    third = run(home)
+    assert third["ran"]["verify"]["clean"] and not third["ran"]["repair"]["needed"]
+    snaps = json.loads(run_cli("snapshots", "--json", home=home).stdout)
+    assert len(snaps) == 2 and all(s["name"].startswith("auto-") for s in snaps)
+
+    st = json.loads(run_cli("status", "--json", home=home).stdout)["routine"]
+    assert st["newest_placed_snapshot"] == snaps[-1]["id"]
+    assert 0 <= st["rpo_seconds"] < 60
+    for job in ("snapshot", "verify", "repair"):
+        assert st["jobs"][job]["last_success"] is not None
+        assert st["jobs"][job]["next_run"] >= time.time() - 1
+    assert st["jobs"]["retention"]["every"] == 86400
+
+
+def test_alerts_for_a_remote_down_past_grace_a_stale_queue_and_a_failed_job(tmp_path) -> None:
+    home, remotes, src = make(tmp_path)
+    log = tmp_path / "events.jsonl"
+    run_cli(
+        "schedule", "set", "snapshot=1s", f"sources={src}", "grace=1s", "queue_age=1s",
+        "repair=off", f"alert=cat >> {log}", home=home,
+    )  # fmt: skip
+    run(home)
+    shutil.rmtree(remotes[2])
+    remotes[2].write_text("not a directory any more")  # the remote stops taking anything
+    time.sleep(1.2)
+    run(home)
+    time.sleep(1.2)
+    run_cli("schedule", "set", f"sources={tmp_path / 'gone'}", home=home)
+    res = run(home, code=20)
+    assert "snapshot" in res["failed"]
+    kinds = [e["event"] for e in events(log)]
+    assert kinds.count("remote_unreachable") == 1, kinds  # announced once while it holds
+    assert "queue_stale" in kinds and "job_failed" in kinds
+    down = next(e for e in events(log) if e["event"] == "remote_unreachable")
+    assert down["remote"] == str(remotes[2])
+    st = json.loads(run_cli("status", "--json", home=home).stdout)["routine"]
+    assert f"remote_unreachable:{remotes[2]}" in st["alerts"] and "queue_stale" in st["alerts"]
+    assert st["jobs"]["snapshot"]["last_error"]
+
+
+def test_redundancy_drop_is_alerted_when_repair_is_off(tmp_path) -> None:
+    home, remotes, src = make(tmp_path)
+    log = tmp_path / "events.jsonl"
+    run_cli("backup", str(src), home=home)
+    run_cli("schedule", "set", "verify=1h:100%", "repair=off", f"alert=cat >> {log}", home=home)
+    for f in (remotes[1] / "data").iterdir():
+        f.unlink()
+    res = run(home, code=20)
+    assert "repair" not in res["ran"]
+    kinds = [e["event"] for e in events(log)]
+    assert kinds == ["audit_failed", "redundancy_low"]
+    low = events(log)[1]
+    assert low["survives_now"] < low["promised"] == 1
+    assert run(home)["alerts"] == []  # verify not due again; the condition holds: no repeat
+    assert [e["event"] for e in events(log)] == kinds
+
+
+def test_schedule_install_writes_units_systemd_accepts(tmp_path) -> None:
+    home, _remotes, _src = make(tmp_path)
+    units = tmp_path / "units"
+    res = json.loads(
+        run_cli("schedule", "install", "--unit-dir", str(units), "--every", "1h", "--json",
+                home=home).stdout
+    )  # fmt: skip
+    files = sorted(Path(p).name for p in res["written"])
+    assert files == ["vaultfs-run.service", "vaultfs-run.timer"]
+    service = (units / "vaultfs-run.service").read_text()
+    assert (
+        f"run --home {home}" in service
+        and "OnUnitInactiveSec=1h" in (units / "vaultfs-run.timer").read_text()
+    )
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed: the units were not checked")
+    check = subprocess.run(
+        ["systemd-analyze", "verify", *res["written"]], capture_output=True, text=True
+    )
+    assert check.returncode == 0 and not check.stderr.strip(), check.stderr

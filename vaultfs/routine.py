@@ -1,0 +1,506 @@
+"""The vault's routine: timed snapshots, retention, sampled audits, repair, prune and alerts,
+run one pass at a time (`vaultfs run`, a systemd timer or cron; docs/operations.md).
+
+Configuration lives in ``HOME/schedule.json`` (``vaultfs schedule set KEY=VALUE ...``), so it
+needs no passphrase to change and applies from the next pass; what the jobs did lives in
+``HOME/routine.json``. Both are replaced atomically; a pass holds ``HOME/routine.lock``, so
+the mount daemon's passes and a timer's never overlap. Keys (see :data:`KEYS`):
+
+=================  ==========================================================================
+snapshot=EVERY     a snapshot named ``auto-YYYY-MM-DD-HHMMSS``: of the mounted live tree
+                   (through the mount's control socket); unmounted, a backup of
+                   ``sources`` (without sources: nothing, the live tree cannot change)
+sources=P[:P...]   the paths an unmounted vault's timed snapshot backs up
+retention=ARGS     forget's options, e.g. ``--keep-daily 7 --keep-weekly 4``: applied after
+                   each timed snapshot and at least daily
+verify=EVERY[:P%]  an audit sampling P% (default 1%) of each remote's blocks, every remote
+verify_budget=S    the audit's time budget in seconds (default 600); a cut-off audit
+                   resumes at the next pass, so every remote is covered within a few periods
+repair=auto|off    rebuild, most at risk first, whenever a shard is lost or the vault
+                   survives fewer remote losses than its profile promises (default auto)
+prune=EVERY        free what forgotten snapshots used
+alert=COMMAND      run by ``sh -c`` with one JSON event on stdin (:func:`alert`)
+grace=EVERY        how long a remote may stay unreachable before an alert (default 1h)
+queue_age=EVERY    how old the oldest queued shard may get before an alert (default 1h)
+=================  ==========================================================================
+
+EVERY is ``30s``, ``15m``, ``1h``, ``2d``, ``1w`` or ``hourly``, ``daily``, ``weekly``. A
+job is due when EVERY has passed since it last ran (failed or not). A vault that is mounted
+gets the parts that are safe beside the mount (snapshot, retention, alerts) through the
+control socket; verify, repair and prune need it unmounted (they take the vault's lock) and
+are reported as ``waiting: mounted`` until then.
+
+Events (the alert command's stdin, one JSON object): ``{"event": KIND, "time": unix time,
+"vault": HOME, "message": sentence, ...}`` with KIND one of ``audit_failed``,
+``remote_unreachable`` (``remote``, ``since``), ``redundancy_low`` (``survives_now``,
+``promised``), ``queue_stale`` (``oldest_queued``), ``job_failed`` (``job``, ``error``).
+A condition that persists is announced once, again only after it cleared; job failures each
+time.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import shlex
+import subprocess
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import control, retention
+from .errors import InputError, VaultError
+from .index import segments as segment_table
+from .index import snapshots as snapshot_table
+
+if TYPE_CHECKING:
+    from .vault import Vault
+
+log = logging.getLogger("vaultfs.routine")
+
+SCHEDULE_FILE = "schedule.json"
+STATE_FILE = "routine.json"
+LOCK_FILE = "routine.lock"
+#: Scheduled jobs, in the order a pass runs them.
+JOBS = ("snapshot", "retention", "verify", "repair", "prune")
+KEYS = (
+    "snapshot", "sources", "retention", "verify", "verify_budget", "repair", "prune", "alert",
+    "grace", "queue_age",
+)  # fmt: skip
+_WORDS = {"hourly": 3600, "daily": 86400, "weekly": 7 * 86400}
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+DEFAULT_GRACE = 3600.0
+DEFAULT_QUEUE_AGE = 3600.0
+DEFAULT_VERIFY_BUDGET = 600.0
+DEFAULT_SAMPLE = 1.0
+ALERT_TIMEOUT = 60.0
+
+
+def parse_every(text: str) -> float:
+    """'15m', '1h', '2d', 'daily' → seconds; InputError otherwise."""
+    if text in _WORDS:
+        return float(_WORDS[text])
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", text.strip())
+    if not m or float(m.group(1)) <= 0:
+        raise InputError(
+            f"invalid interval {text!r}: use a number with s, m, h, d or w (e.g. 30m, 1h, 2d) "
+            "or hourly, daily, weekly"
+        )
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _verify_spec(text: str) -> tuple[float, float]:
+    every, _, pct = text.partition(":")
+    sample = DEFAULT_SAMPLE
+    if pct:
+        try:
+            sample = float(pct.rstrip("%"))
+        except ValueError:
+            sample = -1.0
+        if not 0 < sample <= 100:
+            raise InputError(f"invalid verify sample {pct!r}: a percentage, e.g. daily:2%")
+    return parse_every(every), sample
+
+
+def validate(key: str, value: str) -> None:
+    """InputError unless ``key=value`` is a valid schedule setting (an empty value unsets)."""
+    if key not in KEYS:
+        raise InputError(f"unknown schedule key {key!r}: choose from {', '.join(KEYS)}")
+    if value == "":
+        return
+    try:
+        if key in ("snapshot", "prune", "grace", "queue_age"):
+            parse_every(value)
+        elif key == "verify":
+            _verify_spec(value)
+        elif key == "verify_budget":
+            if float(value) <= 0:
+                raise ValueError("a positive number of seconds")
+        elif key == "repair" and value not in ("auto", "off"):
+            raise ValueError("auto or off")
+        elif key == "retention":
+            retention.Policy.from_args(shlex.split(value))
+    except ValueError as e:
+        raise InputError(f"invalid {key}={value!r}: {e}") from None
+
+
+# -- files -------------------------------------------------------------------------------------
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read {path}: {e}; fix or remove it") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _write(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def load_schedule(home: Path) -> dict[str, str]:
+    """The schedule settings of the vault at ``home`` ({} when none is set)."""
+    return {k: str(v) for k, v in _read(home / SCHEDULE_FILE).items()}
+
+
+def set_schedule(home: Path, changes: dict[str, str]) -> dict[str, str]:
+    """Validate and apply ``changes`` (an empty value removes the key); the new schedule."""
+    for k, v in changes.items():
+        validate(k, v)
+    sched = load_schedule(home)
+    for k, v in changes.items():
+        if v == "":
+            sched.pop(k, None)
+        else:
+            sched[k] = v
+    _write(home / SCHEDULE_FILE, sched)
+    return sched
+
+
+def load_state(home: Path) -> dict:
+    """What the jobs did: {"jobs": {job: {last_run, last_success, last_error, result}},
+    "alerts": {condition: since}}."""
+    st = _read(home / STATE_FILE)
+    st.setdefault("jobs", {})
+    st.setdefault("alerts", {})
+    return st
+
+
+def interval(sched: dict[str, str], job: str) -> float | None:
+    """Seconds between runs of ``job``; None when it is not scheduled (repair: every pass)."""
+    if job == "verify":
+        return _verify_spec(sched["verify"])[0] if sched.get("verify") else None
+    if job == "repair":
+        return 0.0 if sched.get("repair", "auto") == "auto" and sched else None
+    if job == "retention":
+        return float(_WORDS["daily"]) if sched.get("retention") else None
+    return parse_every(sched[job]) if sched.get(job) else None
+
+
+def next_run(sched: dict[str, str], state: dict, job: str) -> float | None:
+    """Unix time ``job`` is next due (0 when it never ran; a time in the past means due at
+    the next pass); None if it is not scheduled."""
+    every = interval(sched, job)
+    if every is None:
+        return None
+    last = state["jobs"].get(job, {}).get("last_run")
+    return 0.0 if last is None else last + every
+
+
+# -- alerts ------------------------------------------------------------------------------------
+def alert(home: Path, sched: dict[str, str], event: dict) -> str | None:
+    """Run the alert command with ``event`` (plus time and vault) as JSON on stdin and
+    VAULTFS_EVENT set to its kind; returns an error sentence when the command failed, None
+    otherwise (also when no command is set). Never raises."""
+    event = {"time": time.time(), "vault": str(home), **event}
+    log.info("alert %s: %s", event["event"], event.get("message"))
+    cmd = sched.get("alert")
+    if not cmd:
+        return None
+    try:
+        res = subprocess.run(
+            ["sh", "-c", cmd],
+            input=json.dumps(event) + "\n",
+            text=True,
+            capture_output=True,
+            timeout=ALERT_TIMEOUT,
+            env={**os.environ, "VAULTFS_EVENT": event["event"]},
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"alert command failed: {e}"
+    if res.returncode != 0:
+        return f"alert command exited {res.returncode}: {res.stderr.strip()[:200]}"
+    return None
+
+
+def _conditions(v: Vault, sched: dict[str, str], now: float) -> dict[str, dict]:
+    """Alert conditions that hold now: {key: event}."""
+    found: dict[str, dict] = {}
+    st = v.status()
+    grace = parse_every(sched["grace"]) if sched.get("grace") else DEFAULT_GRACE
+    for r in st["remotes"]:
+        since = r.get("health_since") if r.get("health") == "unreachable" else None
+        if since is None and r["last_error"]:
+            since = r["last_ok"] or 0.0
+        if since is not None and now - since > grace:
+            found[f"remote_unreachable:{r['remote']}"] = {
+                "event": "remote_unreachable",
+                "remote": r["remote"],
+                "since": since,
+                "message": f"remote {r['remote']} unreachable for {now - since:.0f}s "
+                f"(grace {grace:.0f}s): {r['last_error'] or r.get('health_detail') or ''}",
+            }
+    if st["segments"] and (
+        st["survives_losses_now"] < st["survives_losses_design"]
+        and any(r["lost_objects"] for r in st["remotes"])
+        or st["segments_below_k_placed"]
+        and not any(r["queued_objects"] for r in st["remotes"])
+    ):
+        found["redundancy_low"] = {
+            "event": "redundancy_low",
+            "survives_now": st["survives_losses_now"],
+            "promised": st["survives_losses_design"],
+            "message": f"the vault survives {st['survives_losses_now']} remote loss(es), "
+            f"fewer than the {st['survives_losses_design']} its profile promises",
+        }
+    limit = parse_every(sched["queue_age"]) if sched.get("queue_age") else DEFAULT_QUEUE_AGE
+    oldest = segment_table.oldest_queued(v.index)
+    if oldest is not None and now - oldest > limit:
+        found["queue_stale"] = {
+            "event": "queue_stale",
+            "oldest_queued": oldest,
+            "message": f"shards have waited {now - oldest:.0f}s in the upload queue "
+            f"(limit {limit:.0f}s): a remote is not taking uploads",
+        }
+    return found
+
+
+# -- jobs --------------------------------------------------------------------------------------
+def snapshot_name(now: float) -> str:
+    return time.strftime("auto-%Y-%m-%d-%H%M%S", time.localtime(now))
+
+
+def forget(
+    home: Path, v: Vault, policy: retention.Policy, dry_run: bool, mounted: bool
+) -> retention.Decision:
+    """Apply ``policy`` to the vault's snapshots; unless ``dry_run``, delete the ones it does
+    not keep: through the mount's control socket when ``mounted`` (``v`` is then opened
+    without the lock), else on ``v`` (opened with it). The caller flushes an unmounted vault."""
+    rows = snapshot_table.rows(v.index)
+    decision = retention.apply([retention.Snap(u, c, nm) for u, nm, c, *_ in rows], policy)
+    if dry_run or not decision.forget:
+        return decision
+    if not mounted:  # one transaction, one index copy
+        v.delete_snapshots([s.id for s in decision.forget])
+        return decision
+    for s in decision.forget:
+        try:
+            control.call(control.home_address(home), {"cmd": "delete", "id": s.id})
+        except VaultError as e:  # forgotten meanwhile (by a `vaultfs forget` of its own)
+            if e.exit_code != InputError.exit_code:
+                raise
+    return decision
+
+
+def _job_snapshot(home: Path, v: Vault, sched: dict, mounted: bool, now: float) -> dict:
+    name = snapshot_name(now)
+    if mounted:
+        reply = control.call(control.home_address(home), {"cmd": "snapshot", "name": name})
+        assert reply is not None
+        return {"snapshot": reply["snapshot"], "entries": reply["entries"], "name": name}
+    if sched.get("sources"):
+        from .backup import backup_paths
+
+        paths = [Path(p) for p in sched["sources"].split(":") if p]
+        uid, count, size = backup_paths(v, paths, name, upload=True)
+        rep = v.flush()
+        return {"snapshot": uid, "entries": count, "bytes": size, "name": name,
+                "complete": rep.complete}  # fmt: skip
+    # unmounted, the live tree cannot change: a snapshot of it would repeat the last one
+    return {"skipped": "not mounted and no sources set"}
+
+
+def _job_retention(home: Path, v: Vault, sched: dict, mounted: bool, now: float) -> dict:
+    policy = retention.Policy.from_args(shlex.split(sched["retention"]))
+    d = forget(home, v, policy, dry_run=False, mounted=mounted)
+    if d.forget and not mounted:
+        v.flush()
+    return {"kept": len(d.keep), "forgot": [s.id for s in d.forget]}
+
+
+def _job_verify(home: Path, v: Vault, sched: dict, mounted: bool, now: float) -> dict:
+    from . import verify
+
+    _every, sample = _verify_spec(sched["verify"])
+    budget = float(sched.get("verify_budget") or DEFAULT_VERIFY_BUDGET)
+    rep = verify.audit(v, None, mode="sample", sample=sample, max_duration=budget)
+    out = {
+        "clean": rep.clean,
+        "complete": rep.complete,
+        "bytes_read": sum(r.bytes_read for r in rep.remotes),
+    }
+    bad = [
+        r.remote
+        for r in rep.remotes
+        if r.missing or r.corrupt or r.stale or r.foreign or r.stale_manifest
+    ]
+    if bad:
+        out["alert"] = {
+            "event": "audit_failed",
+            "remotes": bad,
+            "details": {r.remote: r.details for r in rep.remotes if r.remote in bad},
+            "message": f"the audit found missing, corrupt or stale objects on {', '.join(bad)}",
+        }
+    return out
+
+
+def _repair_needed(v: Vault) -> bool:
+    st = v.status()
+    if any(r["lost_objects"] for r in st["remotes"]):
+        return True
+    queued = any(r["queued_objects"] for r in st["remotes"])
+    return (
+        bool(st["segments"])
+        and not queued
+        and (st["survives_losses_now"] < st["survives_losses_design"])
+    )
+
+
+def _job_repair(home: Path, v: Vault, sched: dict, mounted: bool, now: float) -> dict:
+    from . import repair
+
+    if not _repair_needed(v):
+        return {"needed": False}
+    rep = repair.repair(v)
+    if rep.unrecoverable:
+        raise RuntimeError(f"repair could not rebuild: {'; '.join(rep.unrecoverable[:3])}")
+    return {"needed": True, "rebuilt": rep.rebuilt, "segments": rep.segments}
+
+
+def _job_prune(home: Path, v: Vault, sched: dict, mounted: bool, now: float) -> dict:
+    from . import prune
+
+    rep = prune.prune(v)
+    return {"bytes_freed": rep.bytes_freed, "freed_per_remote": rep.freed_per_remote}
+
+
+_RUNNERS: dict[str, Callable[[Path, Vault, dict, bool, float], dict]] = {
+    "snapshot": _job_snapshot,
+    "retention": _job_retention,
+    "verify": _job_verify,
+    "repair": _job_repair,
+    "prune": _job_prune,
+}
+#: Jobs that take the vault's lock: they wait while the vault is mounted.
+NEEDS_UNMOUNTED = {"verify", "repair", "prune"}
+
+
+def run_pass(home: Path, v: Vault, mounted: bool, now: float | None = None) -> dict:
+    """One pass of whatever is due (module docstring), then the alert checks. ``v`` is opened
+    with the lock unless ``mounted`` (the mount's daemon holds it then). Returns
+    {"ran": {job: result}, "failed": {job: error}, "waiting": {job: why}, "alerts": [events]}
+    and records the outcome in HOME/routine.json."""
+    with open(home / LOCK_FILE, "a") as lock:
+        # one pass at a time (the mount daemon's, a timer's): the second sees what the first
+        # did and runs only what is still due
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _pass(home, v, mounted, time.time() if now is None else now)
+
+
+def _pass(home: Path, v: Vault, mounted: bool, now: float) -> dict:
+    sched = load_schedule(home)
+    state = load_state(home)
+    out: dict = {"ran": {}, "failed": {}, "waiting": {}, "alerts": []}
+    events: list[dict] = []
+    for job in JOBS:
+        due_at = next_run(sched, state, job)
+        snapped = "snapshot" in out["ran"] and "skipped" not in out["ran"]["snapshot"]
+        forced = job == "retention" and snapped and due_at is not None
+        if due_at is None or (due_at > now and not forced):
+            continue
+        if mounted and job in NEEDS_UNMOUNTED:
+            out["waiting"][job] = "mounted: needs `vaultfs umount` (it takes the vault's lock)"
+            continue
+        rec = state["jobs"].setdefault(job, {})
+        rec["last_run"] = now
+        try:
+            result = _RUNNERS[job](home, v, sched, mounted, now)
+        except Exception as e:  # a job's failure is reported and alerted, never fatal
+            log.debug("job %s failed:\n%s", job, traceback.format_exc())
+            msg = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+            rec["last_error"] = msg
+            out["failed"][job] = msg
+            events.append({"event": "job_failed", "job": job, "error": msg,
+                           "message": f"scheduled {job} failed: {msg}"})  # fmt: skip
+            continue
+        if ev := result.pop("alert", None):
+            events.append(ev)
+            rec["last_error"] = ev["message"]
+            out["failed"][job] = ev["message"]
+        else:
+            rec["last_success"] = now
+            rec["last_error"] = None
+        rec["result"] = result
+        out["ran"][job] = result
+    held = _conditions(v, sched, now)
+    for key, ev in held.items():
+        if key not in state["alerts"]:
+            state["alerts"][key] = now
+            events.append(ev)
+    state["alerts"] = {k: t for k, t in state["alerts"].items() if k in held}
+    for ev in events:
+        if problem := alert(home, sched, ev):
+            state["alert_error"] = problem
+            out.setdefault("alert_errors", []).append(problem)
+        out["alerts"].append(ev)
+    state["last_pass"] = now
+    _write(home / STATE_FILE, state)
+    return out
+
+
+def report(home: Path, v: Vault, now: float | None = None) -> dict:
+    """For `status`: each scheduled job's last run, last success, last error and next run,
+    the active alert conditions, and the newest fully placed snapshot with its age (the
+    real recovery point)."""
+    now = time.time() if now is None else now
+    sched = load_schedule(home)
+    state = load_state(home)
+    jobs = {}
+    for job in JOBS:
+        nxt = next_run(sched, state, job)
+        if nxt is None:
+            continue
+        rec = state["jobs"].get(job, {})
+        jobs[job] = {
+            "every": interval(sched, job),
+            "last_run": rec.get("last_run"),
+            "last_success": rec.get("last_success"),
+            "last_error": rec.get("last_error"),
+            "next_run": max(nxt, now),
+        }
+    placed = snapshot_table.newest_placed(v.index)
+    return {
+        "schedule": sched,
+        "jobs": jobs,
+        "last_pass": state.get("last_pass"),
+        "alerts": sorted(state["alerts"]),
+        "newest_placed_snapshot": placed[0] if placed else None,
+        "rpo_seconds": (now - placed[1]) if placed else None,
+    }
+
+
+#: Longest wait between the mount daemon's passes (it also wakes for shorter intervals).
+DAEMON_TICK = 60.0
+
+
+def serve_mounted(home: Path, v: Vault) -> threading.Event:
+    """Run the routine inside the mount daemon: a thread that makes a pass (``mounted``, so
+    through the control socket) whenever a job may be due, until the returned event is set.
+    A pass that fails is logged; the next one tries again."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                sched = load_schedule(home)
+                ticks = [interval(sched, j) for j in ("snapshot", "retention")]
+                tick = min([t for t in ticks if t] + [DAEMON_TICK])
+                if stop.wait(max(tick, 1.0)):
+                    return
+                if sched:
+                    run_pass(home, v, mounted=True)
+            except Exception:
+                log.exception("routine pass in the mount daemon failed")
+                stop.wait(DAEMON_TICK)
+
+    threading.Thread(target=loop, name="vaultfs-routine", daemon=True).start()
+    return stop
