@@ -32,6 +32,7 @@ from pathlib import Path
 
 import trio
 
+from .chunkreader import ChunkReader
 from .errors import VaultError
 from .livetree import Chunks, LiveTree, Node
 from .vault import Vault
@@ -63,9 +64,17 @@ class Dirty:
 
 class BlockCache:
     def __init__(
-        self, vault: Vault, tree: LiveTree, cache_dir: Path, budget: int, journal, idle=2.0
+        self,
+        vault: Vault,
+        tree: LiveTree,
+        cache_dir: Path,
+        budget: int,
+        journal,
+        reader: ChunkReader,
+        idle=2.0,
     ) -> None:
         self.vault = vault
+        self.reader = reader
         self.tree = tree
         self.dir = cache_dir
         self.bs = tree.block_size
@@ -252,6 +261,8 @@ class BlockCache:
                 continue
             pieces = list(self.vault.chunker.chunks(io.BytesIO(data))) if data else []
             cids = self.vault.store_chunks(pieces) if pieces else []
+            for cid, piece in zip(cids, pieces, strict=True):
+                self.reader.keep(cid, piece)  # reads back without a fetch once stored
             out.append([(c, len(p)) for c, p in zip(cids, pieces, strict=True)])
             self.stored_bytes += len(data)
         return out
@@ -351,33 +362,8 @@ class BlockCache:
 
     # -- reading and writing block content (worker threads) --------------------------------
     def load_stored(self, chunks: Chunks, limit: int) -> bytes:
-        """The stored content of a block (first ``limit`` bytes)."""
-        out = bytearray()
-        for cid, n in chunks:
-            if len(out) >= limit:
-                break
-            out += self.vault.read_chunk(cid)
-            del n
-        return bytes(out[:limit])
-
-
-def read_range(cache: BlockCache, chunks: Chunks, start: int, size: int) -> bytes:
-    """Bytes [start, start+size) of a stored block (zeros past its stored content)."""
-    out = bytearray()
-    pos = 0
-    end = start + size
-    for cid, n in chunks:
-        if pos >= end:
-            break
-        if pos + n > start:
-            data = cache.vault.read_chunk(cid)
-            lo = max(start - pos, 0)
-            hi = min(end - pos, n)
-            out += data[lo:hi]
-        pos += n
-    if len(out) < size:
-        out += bytes(size - len(out))
-    return bytes(out)
+        """The stored content of a block (its first ``limit`` bytes, fewer if it is shorter)."""
+        return self.reader.read_range(chunks, 0, min(limit, sum(n for _c, n in chunks)))
 
 
 def write_block_file(
@@ -424,7 +410,6 @@ __all__ = [
     "BlockCache",
     "Dirty",
     "Node",
-    "read_range",
     "write_block_file",
     "fsync_files",
     "unlink_files",

@@ -36,10 +36,12 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from .cache import BlockCache, fsync_files, read_range, unlink_files, write_block_file
+from .cache import BlockCache, fsync_files, unlink_files, write_block_file
+from .chunkreader import ChunkReader, slices
 from .errors import VaultError
 from .livetree import ROOT_INODE, Journal, LiveTree, Node
 from .names import SPECIAL_TYPES
+from .readcache import DEFAULT_READ_CACHE_SIZE, ReadCache
 from .snapview import (
     SNAPDIR_INO,
     SNAPDIR_NAME,
@@ -47,7 +49,6 @@ from .snapview import (
     SnapViews,
     SNode,
     is_snap_ino,
-    read_snapshot_range,
 )
 from .vault import Entry, Vault
 
@@ -76,11 +77,25 @@ def _check_name(name: bytes) -> None:
         raise _err(errno.ENAMETOOLONG)
 
 
+#: Read-ahead: after READ_AHEAD_AFTER sequential reads on a handle, the chunks of the next
+#: bytes are fetched in the background, the window doubling per sequential read up to
+#: READ_AHEAD_MAX.
+READ_AHEAD_AFTER = 2
+READ_AHEAD_MIN = 512 * 1024
+READ_AHEAD_MAX = 16 * 1024 * 1024
+
+
 @dataclass(eq=False)
 class Handle:
+    """An open file. ``next_off`` is where a sequential read would continue, ``streak`` how
+    many reads in a row were sequential, ``ahead`` how far read-ahead has been started."""
+
     ino: int
     snap: bool = False
     cmap: object = None
+    next_off: int = -1
+    streak: int = 0
+    ahead: int = 0
 
 
 class VaultFS(pyfuse3.Operations):
@@ -91,12 +106,20 @@ class VaultFS(pyfuse3.Operations):
     #: Ask the kernel for FUSE_HANDLE_KILLPRIV_V2 (read by the patched pyfuse3 only).
     enable_killpriv_v2 = True
 
-    def __init__(self, vault: Vault, home: Path, mountpoint: Path, cache_size: int) -> None:
+    def __init__(
+        self,
+        vault: Vault,
+        home: Path,
+        mountpoint: Path,
+        cache_size: int,
+        read_cache_size: int = DEFAULT_READ_CACHE_SIZE,
+    ) -> None:
         super().__init__()
         self.vault = vault
         self.home = home
         self.mountpoint = mountpoint
         self.cache_size = cache_size
+        self.read_cache_size = read_cache_size
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.tree = LiveTree(vault.index)
@@ -121,8 +144,13 @@ class VaultFS(pyfuse3.Operations):
         self.tree.load(self.uid, self.gid)
         self.bs = self.tree.block_size
         self.journal = Journal(self.tree)
+        self.readcache = ReadCache(
+            self.home / "readcache", self.read_cache_size, self.vault.chunker.chunk_id
+        )
+        self.readcache.load()
+        self.reader = ChunkReader(self.vault, self.readcache)
         self.cache = BlockCache(
-            self.vault, self.tree, self.home / "cache", self.cache_size, self.journal
+            self.vault, self.tree, self.home / "cache", self.cache_size, self.journal, self.reader
         )
         recovered = self.cache.recover()
         self.tree.apply_batch(self.tree.take_batch())
@@ -147,6 +175,7 @@ class VaultFS(pyfuse3.Operations):
             await self.cache.drain()
             await self._final_push()
             nursery.cancel_scope.cancel()
+        self.reader.close()
 
     async def _final_push(self) -> None:
         """After an unmount not done by `vaultfs umount`: ship the live tree if it changed
@@ -680,10 +709,13 @@ class VaultFS(pyfuse3.Operations):
             size = min(size, n.size - off)
             if size <= 0:
                 return b""
+            self._read_ahead(h, n, off, size)
+            starts, chunks = h.cmap
             return await trio.to_thread.run_sync(
-                read_snapshot_range, self.vault.read_chunk, h.cmap, off, size
+                self.reader.read_slices, slices(starts, chunks, off, size)
             )
         n = self._node(h.ino)
+        self._read_ahead(h, n, off, size)
         for _attempt in range(8):
             size2 = min(size, n.size - off)
             if size2 <= 0:
@@ -697,6 +729,43 @@ class VaultFS(pyfuse3.Operations):
                 log.error("read of inode %d failed: %s", n.ino, e.message)
                 raise _err(errno.EIO) from None
         raise _err(errno.EIO)
+
+    def _read_ahead(self, h: Handle, n: Node | SNode, off: int, size: int) -> None:
+        """Detect sequential reads on ``h`` and start fetching the chunks ahead of them."""
+        h.streak = h.streak + 1 if off == h.next_off else 0
+        h.next_off = off + size
+        if h.streak < READ_AHEAD_AFTER:
+            h.ahead = 0
+            return
+        window = min(READ_AHEAD_MAX, READ_AHEAD_MIN << (h.streak - READ_AHEAD_AFTER))
+        lo, hi = max(h.ahead, off + size), min(off + size + window, n.size)
+        if hi - lo < window // 4:
+            return  # most of the window is already on its way
+        h.ahead = hi
+        if isinstance(n, SNode):
+            starts, chunks = h.cmap
+            cids = [c for c, _lo, _hi in slices(starts, chunks, lo, hi - lo)]
+        else:
+            cids = self._stored_cids(n, lo, hi)
+        if cids:
+            self.reader.prefetch(cids)
+
+    def _stored_cids(self, n: Node, lo: int, hi: int) -> list[bytes]:
+        """Chunk ids of the stored (not dirty) blocks of ``n`` that bytes [lo, hi) touch."""
+        out: list[bytes] = []
+        if n.blocks is None:
+            return out
+        for blk in range(lo // self.bs, (hi - 1) // self.bs + 1):
+            chunks = n.blocks.get(blk)
+            if chunks and self.cache.get(n.ino, blk) is None:
+                base = blk * self.bs
+                starts, pos = [], 0
+                for _c, ln in chunks:
+                    starts.append(pos)
+                    pos += ln
+                a, b = max(lo - base, 0), min(hi - base, self.bs)
+                out += [c for c, _x, _y in slices(starts, chunks, a, b - a)]
+        return out
 
     def _read_plan(self, n: Node, off: int, size: int) -> list[tuple]:
         bs = self.bs
@@ -726,7 +795,7 @@ class VaultFS(pyfuse3.Operations):
                 if len(data) < ln:
                     out += bytes(ln - len(data))
             elif kind == "stored":
-                out += read_range(self.cache, arg, inb, ln)
+                out += self.reader.read_range(arg, inb, ln)
             else:
                 out += bytes(ln)
         return bytes(out)
@@ -1067,5 +1136,7 @@ class VaultFS(pyfuse3.Operations):
             "snapshot_views": {**self.snaps.stats.as_dict(), "nodes_cached": self.snaps.cached},
             "uploader_error": self.cache.error,
             "getxattr_requests": self.getxattr_requests,
+            "read_cache": self.readcache.stats(),
+            "chunk_reads": dict(self.reader.stats),
             "last_push": self.last_push,
         }
