@@ -970,8 +970,8 @@ def test_the_read_cache_is_filled_on_read_and_kept_on_write_and_survives_a_crash
     h.crash()
     # a kill -9 mid-write leaves a temporary file; a power loss a torn one: neither is served
     rc = h.home / "readcache"
-    (rc / "123.4.tmp").write_bytes(b"half a chunk")
     victim = sorted(rc.iterdir())[0]
+    (rc / "123.4.tmp").write_bytes(b"half a chunk")
     victim.write_bytes(victim.read_bytes()[:10])
     got = h.run(read)
     assert got["discarded"] == 1 and got["range_reads"] == 1
@@ -1019,3 +1019,34 @@ def test_sequential_reads_start_read_ahead(make_harness) -> None:
 
         h.run(read)
         h.crash()
+
+
+def test_fsync_syncs_only_blocks_written_since_and_the_directory_only_for_new_files(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vaultfs.cache
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(vaultfs.cache.os, "fsync", fsync)
+
+    async def body(d: Driver) -> None:
+        fh, ino = await d.create(b"db")
+        await d.fs.write(fh, 0, bytes(4 * BS))
+        await d.fs.fsync(fh, False)
+        assert sorted(synced) == sorted([f"{ino}.{b}" for b in range(4)] + ["cache"])
+        synced.clear()
+        await d.fs.write(fh, 2 * BS + 5, b"x" * 4096)
+        await d.fs.fsync(fh, False)
+        assert synced == [f"{ino}.2"]
+        synced.clear()
+        await d.fs.fsync(fh, True)
+        assert synced == []
+        await d.fs.release(fh)
+
+    h.run(body, uploader=False)

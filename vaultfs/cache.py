@@ -50,7 +50,8 @@ OPEN_IDLE = 30.0
 @dataclass(eq=False)
 class Dirty:
     """A dirty block. ``version`` changes on every modification; ``writers`` counts writes in
-    flight (the uploader skips a block while it is being written)."""
+    flight (the uploader skips a block while it is being written). ``synced`` is the version
+    last made durable by fsync, ``linked`` whether the cache file's directory entry is."""
 
     ino: int
     blk: int
@@ -60,6 +61,8 @@ class Dirty:
     ready: bool = False
     since: float = field(default_factory=time.monotonic)
     touched: float = field(default_factory=time.monotonic)  # last write
+    synced: int = -1
+    linked: bool = False
 
 
 class BlockCache:
@@ -117,7 +120,7 @@ class BlockCache:
             keep = min(self.bs, n.size - blk * self.bs)
             if f.stat().st_size > keep:
                 os.truncate(f, keep)
-            self.dirty[(ino, blk)] = Dirty(ino, blk, ready=True)
+            self.dirty[(ino, blk)] = Dirty(ino, blk, ready=True, synced=0, linked=True)
             self.used += self.bs
             found += f.stat().st_size
         return found
@@ -389,7 +392,9 @@ def unlink_files(paths: list[Path]) -> None:
         p.unlink(missing_ok=True)
 
 
-def fsync_files(paths: list[Path], dir_path: Path) -> None:
+def fsync_files(paths: list[Path], dir_path: Path | None) -> None:
+    """fsync each file (one stored and removed meanwhile is durable in the vault), then the
+    directory when ``dir_path`` is given (files were created since its last fsync)."""
     for p in paths:
         try:
             fd = os.open(p, os.O_RDONLY)
@@ -399,6 +404,8 @@ def fsync_files(paths: list[Path], dir_path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+    if dir_path is None:
+        return
     fd = os.open(dir_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
