@@ -96,9 +96,13 @@ class ChunkReader:
         return self.read_many([cid])[0]
 
     def read_many(self, cids: Sequence[bytes]) -> list[bytes]:
-        """Plaintexts of ``cids`` (in order), fetching the missing ones in parallel."""
+        """Plaintexts of ``cids`` (in order), fetching the missing ones in parallel: the first
+        in the calling thread (a single chunk costs no hand-over), the rest on the pool."""
         out: list[bytes | None] = [self._from_memory(c) for c in cids]
-        futures = {c: self._submit(c) for c, got in zip(cids, out, strict=True) if got is None}
+        missing = list(dict.fromkeys(c for c, got in zip(cids, out, strict=True) if got is None))
+        futures = {c: self._submit(c) for c in missing[1:]}
+        if missing:
+            futures[missing[0]] = self._submit(missing[0], inline=True)
         for i, c in enumerate(cids):
             if out[i] is None:
                 out[i] = futures[c].result()
@@ -142,12 +146,25 @@ class ChunkReader:
                 self._mem.move_to_end(cid)
             return data
 
-    def _submit(self, cid: bytes) -> Future:
+    def _submit(self, cid: bytes, inline: bool = False) -> Future:
+        """The future of ``cid``'s fetch: the one in flight, else a new one run on the pool
+        (or here, with ``inline``)."""
         with self._lock:
             fut = self._inflight.get(cid)
-            if fut is None:
-                fut = self._inflight[cid] = self._pool.submit(self._load, cid)
-            return fut
+            if fut is not None:
+                return fut
+            fut = self._inflight[cid] = Future()
+        if inline:
+            self._run(cid, fut)
+        else:
+            self._pool.submit(self._run, cid, fut)
+        return fut
+
+    def _run(self, cid: bytes, fut: Future) -> None:
+        try:
+            fut.set_result(self._load(cid))
+        except BaseException as e:  # handed to every waiter
+            fut.set_exception(e)
 
     def _prefetch_done(self, fut: Future) -> None:
         with self._lock:
