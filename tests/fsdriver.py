@@ -21,6 +21,7 @@ the dirty blocks.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Awaitable, Callable
@@ -123,6 +124,8 @@ class Driver:
         attr = await self.fs.getattr(ino, self.ctx)
         for part in path.split(b"/") if path else []:
             attr = await self.fs.lookup(ino, part, self.ctx)
+            if attr.st_ino == 0:  # a negative entry: the kernel answers ENOENT
+                raise pyfuse3.FUSEError(errno.ENOENT)
             ino = attr.st_ino
         return attr
 

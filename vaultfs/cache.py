@@ -63,6 +63,8 @@ class Dirty:
     touched: float = field(default_factory=time.monotonic)  # last write
     synced: int = -1
     linked: bool = False
+    #: set while its cache file is being deleted (stored, committed); writers wait for it
+    retiring: trio.Event | None = None
 
 
 class BlockCache:
@@ -329,13 +331,40 @@ class BlockCache:
         self.stored_blocks += 1
 
         def done() -> None:
-            d.uploading = False
             if self.dirty.get(key) is d and d.version == ver:
-                del self.dirty[key]
-                self.path(d.ino, d.blk).unlink(missing_ok=True)
-                self.unreserve()
+                d.retiring = trio.Event()
+                trio.lowlevel.spawn_system_task(self._retire, d)
+            else:
+                d.uploading = False
 
         self.tree.after_commit(done)
+
+    async def _retire(self, d: Dirty) -> None:
+        """A stored block's list is committed: delete its cache file in a worker thread (an
+        unlink can wait long on a busy disk, and the FUSE loop must not) and forget the block.
+        Writers of the block wait for ``d.retiring`` meanwhile (:meth:`settled`)."""
+        key = (d.ino, d.blk)
+        try:
+            await trio.to_thread.run_sync(unlink_files, [self.path(d.ino, d.blk)])
+            if self.dirty.get(key) is d:  # not discarded meanwhile
+                del self.dirty[key]
+                self.unreserve()
+        except Exception:  # the file stays: stored again (dedup) at worst
+            log.exception("removing a stored block's cache file failed")
+        finally:
+            evt, d.retiring = d.retiring, None
+            d.uploading = False
+            if evt is not None:
+                evt.set()
+
+    def retiring(self, ino: int, first: int, last: int) -> list[trio.Event]:
+        """Events of blocks first..last of ``ino`` whose cache files are being deleted: a
+        writer waits for them, then finds those blocks clean."""
+        return [
+            d.retiring
+            for b in range(first, last + 1)
+            if (d := self.dirty.get((ino, b))) is not None and d.retiring is not None
+        ]
 
     async def drain(self, ino: int | None = None) -> None:
         """Store every dirty block (of one inode, or all) and commit the live tree.

@@ -181,7 +181,12 @@ class VaultFS(pyfuse3.Operations):
         self.readcache.load()
         self.reader = ChunkReader(self.vault, self.readcache)
         self.cache = BlockCache(
-            self.vault, self.tree, self.home / "cache", self.cache_size, self.journal, self.reader
+            self.vault,
+            self.tree,
+            self.home / "cache",
+            self.cache_size,
+            self.journal,
+            self.reader,
         )
         recovered = self.cache.recover()
         self.tree.apply_batch(self.tree.take_batch())
@@ -412,7 +417,12 @@ class VaultFS(pyfuse3.Operations):
             raise _err(errno.ENOTDIR)
         ino = p.children.get(name)
         if ino is None:
-            raise _err(errno.ENOENT)
+            # a negative entry the kernel may cache: names in the live tree appear only
+            # through the kernel (create, mkdir, link, rename), which replaces it
+            neg = pyfuse3.EntryAttributes()
+            neg.st_ino = 0
+            neg.entry_timeout = TIMEOUT
+            return neg
         n = self.tree.nodes[ino]
         n.lookups += 1
         return self._attr(n)
@@ -522,6 +532,8 @@ class VaultFS(pyfuse3.Operations):
     async def _cut_block(self, n: Node, blk: int, cut: int) -> None:
         """Make block ``blk`` end at ``cut`` bytes (its tail lies past the new size)."""
         assert n.blocks is not None
+        for evt in self.cache.retiring(n.ino, blk, blk):
+            await evt.wait()
         d = self.cache.get(n.ino, blk)
         chunks = n.blocks.get(blk)
         if d is None:
@@ -870,7 +882,15 @@ class VaultFS(pyfuse3.Operations):
         bs = self.bs
         end = off + len(buf)
         first, last = off // bs, (end - 1) // bs
-        await self._reserve_fresh(n.ino, first, last)
+        while True:
+            await self._reserve_fresh(n.ino, first, last)
+            waits = self.cache.retiring(n.ino, first, last)
+            if not waits:
+                break  # nothing awaits from here until the blocks are added
+            # blocks whose cache files are being deleted become clean: reserve for them too
+            self.cache.unreserve(sum(1 for b in range(first, last + 1) if self.cache.get(n.ino, b) is None))  # fmt: skip
+            for evt in waits:
+                await evt.wait()
         jobs, ds = [], []
         view = memoryview(buf)  # slices without copying a 1 MiB write
         for b in range(first, last + 1):
