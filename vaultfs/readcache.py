@@ -106,8 +106,11 @@ class ReadCache:
             self._seq += 1
             tmp = self.dir / f"{threading.get_ident()}.{self._seq}{TMP_SUFFIX}"
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # plaintext: ours only
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
             os.replace(tmp, self.path(cid))
         except OSError as e:  # a full disk costs a miss, never a failed read
             log.warning("read cache: cannot keep a chunk: %s", e)
