@@ -28,8 +28,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from vaultfs.errors import EXIT_PARTIAL, InputError
-from vaultfs.keys import VaultKeys
+from vaultfs.errors import EXIT_PARTIAL, InputError, NoVault
+from vaultfs.keys import VaultKeys, parse_seed, read_keyfile
 from vaultfs.vault import Vault, default_home
 
 app = typer.Typer(
@@ -143,3 +143,19 @@ def report_flush(v: Vault, as_json: bool, extra: dict | None = None) -> int:
         if msg:
             err.print(f"[yellow]{msg}[/]")
     return code
+
+
+def keys_for_restore(home: Path, keyfile: Path | None, seed_file: Path | None) -> VaultKeys:
+    """The key from --seed-file, $VAULTFS_SEED, or a keyfile (--keyfile, else HOME/key.json)."""
+    if seed_file:
+        try:
+            return VaultKeys.from_seed(parse_seed(seed_file.read_text()))
+        except OSError as e:
+            raise InputError(f"cannot read {seed_file}: {e.strerror}") from None
+    env_seed = os.environ.get("VAULTFS_SEED")
+    if env_seed:
+        return VaultKeys.from_seed(parse_seed(env_seed))
+    kf = keyfile or home / "key.json"
+    if not kf.exists():
+        raise NoVault(f"no key: {kf} does not exist; give --keyfile FILE or --seed-file FILE")
+    return read_keyfile(kf, passphrase())

@@ -33,6 +33,7 @@ from cli.mounted import flush_via_mount, mount_status
 from vaultfs import erasure, names
 from vaultfs.backup import backup_paths, backup_stream
 from vaultfs.errors import InputError
+from vaultfs.index import snapshots as snapshot_rows
 from vaultfs.vault import Vault
 
 
@@ -149,7 +150,7 @@ def flush(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 def snapshots(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """List snapshots."""
     with open_vault(home, lock=False) as v:
-        rows = v.index.snapshot_rows()
+        rows = snapshot_rows.rows(v.index)
     items = [
         {"id": u, "name": nm, "time": c, "entries": f, "bytes": b, "seq": s}
         for u, nm, c, f, b, s in rows
@@ -179,9 +180,9 @@ def ls(
     """List the entries of a snapshot. Names that are not UTF-8, and control characters,
     are shown escaped (\\xNN, \\n, \\\\); --json gives them exactly (path_hex)."""
     with open_vault(home, lock=False) as v:
-        if (found := v.index.find_snapshot(snapshot)) is None:
+        if (found := snapshot_rows.find(v.index, snapshot)) is None:
             raise InputError(f"snapshot {snapshot!r} not found")
-        rows = v.index.entry_rows(found[0])
+        rows = snapshot_rows.entry_rows(v.index, found[0])
     rows.sort(key=lambda r: names.from_db(r[0]))  # byte order, whatever the stored form
     if path:
         p = names.raw(path.strip("/"))

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 #: Commands that never unlock an existing keyfile.
-_NO_UNLOCK = {"init", "recover"}
+_NO_UNLOCK = {"init", "recover", "graph", "migrate"}
 
 
 def _value(args: list[str], flag: str) -> str | None:

@@ -21,7 +21,8 @@ from cli.common import HomeOpt, JsonOpt, app, err, home_dir, open_vault, out, pa
 from vaultfs import receipt as receipts
 from vaultfs import rotation, shamir
 from vaultfs.errors import InputError, NoVault, ShareError, WrongKey
-from vaultfs.index import stored_vault_id
+from vaultfs.index import manifests, stored_vault_id
+from vaultfs.index import remotes as remote_rows
 from vaultfs.keys import (
     SUITES,
     VaultKeys,
@@ -285,8 +286,8 @@ def _keyring_copies(v, home: Path) -> list[dict]:
         {"where": str(home / "key.json"), "what": "master seed, sealed under the passphrase"},
         {"where": str(home / "index.db"), "what": "wrapped epoch keys (epochs table)"},
     ]
-    for rid, spec in v.index.active_remotes():
-        newest = v.index.newest_manifest_placed(rid)
+    for rid, spec in remote_rows.active(v.index):
+        newest = manifests.newest_placed(v.index, rid)
         copies.append(
             {
                 "where": f"{Remote(spec).label}/manifests/",

@@ -24,19 +24,29 @@ from vaultfs.errors import VaultError  # noqa: E402
 import cli.core  # noqa: E402,F401
 import cli.restore  # noqa: E402,F401
 import cli.audit  # noqa: E402,F401
+import cli.graph_cmd  # noqa: E402,F401
 import cli.keys  # noqa: E402,F401
 import cli.mount  # noqa: E402,F401
+import cli.kb_cmd  # noqa: E402,F401
 
 # isort: on
 
 
 def main() -> None:
     """Console entry point: known errors become one sentence and a documented exit code."""
+    run(app)
+
+
+def run(application) -> None:
+    """Run a typer application as a console script (``vaultfs``, ``valence``): a VaultError
+    becomes one sentence and its exit code, a full disk likewise; never returns."""
     import errno
+
+    from vaultfs.errors import DiskFull
 
     code: int | str | None = 0
     try:
-        app()  # standalone: typer exits itself on success, usage errors and Ctrl-C
+        application()  # standalone: typer exits itself on success, usage errors and Ctrl-C
     except SystemExit as e:
         code = e.code
     except VaultError as e:
@@ -46,7 +56,7 @@ def main() -> None:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         err.print(f"[red]error:[/] disk full: {e}; free space and retry", highlight=False)
-        code = 15
+        code = DiskFull.exit_code
     _exit(code)
 
 

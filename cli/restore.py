@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -23,31 +22,14 @@ from cli.common import (
     app,
     err,
     home_dir,
+    keys_for_restore,
     open_vault,
     out,
-    passphrase,
     progress,
 )
-from vaultfs.errors import InputError, NoVault
-from vaultfs.keys import VaultKeys, parse_seed, read_keyfile
-from vaultfs.remotes import Remote
+from vaultfs.backends import open_backend
+from vaultfs.index import manifests
 from vaultfs.restore import ShardSource, open_remote_index, restore_files, staging_dir
-
-
-def _keys_for_restore(home: Path, keyfile: Path | None, seed_file: Path | None) -> VaultKeys:
-    """The key from --seed-file, $VAULTFS_SEED, or a keyfile (--keyfile, else HOME/key.json)."""
-    if seed_file:
-        try:
-            return VaultKeys.from_seed(parse_seed(seed_file.read_text()))
-        except OSError as e:
-            raise InputError(f"cannot read {seed_file}: {e.strerror}") from None
-    env_seed = os.environ.get("VAULTFS_SEED")
-    if env_seed:
-        return VaultKeys.from_seed(parse_seed(env_seed))
-    kf = keyfile or home / "key.json"
-    if not kf.exists():
-        raise NoVault(f"no key: {kf} does not exist; give --keyfile FILE or --seed-file FILE")
-    return read_keyfile(kf, passphrase())
 
 
 @app.command()
@@ -77,14 +59,14 @@ def restore(
         work = stack.enter_context(tempfile.TemporaryDirectory(prefix="vaultfs-"))
         early = None
         if from_:  # list the remotes and fetch their manifests while scrypt unlocks the key
-            early = ShardSource([Remote(s) for s in from_])
+            early = ShardSource([open_backend(s) for s in from_])
             ahead = None
             if not include:  # a whole snapshot: download ahead meanwhile (bounded)
                 ahead = Path(stack.enter_context(tempfile.TemporaryDirectory(
                     prefix="vaultfs-ahead-", dir=staging_dir())))  # fmt: skip
-            early.start(Path(work) / "manifests", read_ahead=ahead)
+            early.start(read_ahead=ahead)
             stack.callback(early.stop)  # its rclone calls end before the directories go
-        keys = _keys_for_restore(h, keyfile, seed_file)
+        keys = keys_for_restore(h, keyfile, seed_file)
         if from_:
             assert early is not None
             db, src, m, warnings = open_remote_index(
@@ -97,7 +79,7 @@ def restore(
             db = v.index.db
             src = ShardSource(v.remotes(), v.queue_dir)
             src.list_all()
-            seq = v.index.newest_manifest_seq()
+            seq = manifests.newest_seq(v.index)
         with progress("restore") as prog:
             total_cb = None
             if prog:
@@ -114,6 +96,7 @@ def restore(
             "reachable": r.reachable,
             "error": r.error,
             "newest_manifest": r.best_seq,
+            "rejected": r.rejected,
         }
         for r in src.reports.values()
     ]
@@ -137,4 +120,12 @@ def restore(
     for r in reports:
         if not r["reachable"]:
             err.print(f"[yellow]warning:[/] {r['remote']} unreachable: {r['error']}")
+        if r["rejected"]:  # a remote serving or listing wrong objects: named, decoded around
+            shown = "; ".join(r["rejected"][:3])
+            more = len(r["rejected"]) - 3
+            err.print(
+                f"[yellow]warning:[/] {r['remote']}: {len(r['rejected'])} object(s) refused"
+                f" and decoded around: {shown}" + (f" and {more} more" if more > 0 else ""),
+                highlight=False,
+            )
     out.print(f"restored snapshot {uid}: {files} entries, {size:,} bytes to {to} in {dt:.1f}s")

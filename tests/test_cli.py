@@ -197,9 +197,9 @@ def test_seed_file_restores_without_keyfile(tmp_path):
 def test_restore_from_rolled_back_remotes_is_refused(tmp_path):
     """Remotes set back to an older state: a machine whose index saw the newer manifest
     refuses them (the library applies the floor, so the CLI and library callers alike)."""
+    from vaultfs.backends import open_backend
     from vaultfs.errors import IntegrityError
     from vaultfs.keys import read_keyfile
-    from vaultfs.remotes import Remote
     from vaultfs.restore import open_remote_index
 
     home, remotes = init_vault(tmp_path, 3, "-k", "2", "-n", "3")
@@ -217,7 +217,7 @@ def test_restore_from_rolled_back_remotes_is_refused(tmp_path):
     assert b"rollback detected" in res.stderr
     keys = read_keyfile(home / "key.json", PASSPHRASE)
     with pytest.raises(IntegrityError, match="rollback"):
-        open_remote_index(keys, [Remote(o) for o in old], tmp_path / "w", home=home)
+        open_remote_index(keys, [open_backend(o) for o in old], tmp_path / "w", home=home)
     run_cli(
         "restore",
         "--from",

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from vaultfs import envelope, erasure, merkle, segment
+from vaultfs.backends import open_backend
 from vaultfs.backup import backup_paths
 from vaultfs.errors import IntegrityError, NotEnoughRemotes, VaultBusy, WrongKey
 from vaultfs.keys import VaultKeys, new_seed, read_keyfile, write_keyfile
-from vaultfs.remotes import Remote
 from vaultfs.restore import ShardSource, open_remote_index, restore_files
 from vaultfs.vault import Entry, Vault
 
@@ -179,7 +179,7 @@ def tree_digest_of(root: Path) -> dict:
 def with_remote_index(keys, specs, tmp_path, out, snapshot="latest", min_seq=0):
     work = tmp_path / f"work-{out.name}"
     work.mkdir()
-    db, src, m, warnings = open_remote_index(keys, [Remote(s) for s in specs], work, min_seq)
+    db, src, m, warnings = open_remote_index(keys, [open_backend(s) for s in specs], work, min_seq)
     try:
         return restore_files(keys, db, src, out, snapshot), warnings, m
     finally:

@@ -29,7 +29,7 @@ from helpers import (
 
 from vaultfs import repair as repair_mod
 from vaultfs import verify as verify_mod
-from vaultfs.backends import FaultInjecting
+from vaultfs.backends import FaultInjecting, open_backend
 from vaultfs.remotes import Remote
 from vaultfs.restore import open_remote_index, restore_files
 from vaultfs.vault import Vault
@@ -112,7 +112,7 @@ class Suite:
         keys = self.keys
         with tempfile.TemporaryDirectory(prefix="vaultfs-k-", dir=self.tmp) as w:
             db, src, _m, _warn = open_remote_index(
-                keys, [Remote(self.specs[n]) for n in names], Path(w)
+                keys, [open_backend(self.specs[n]) for n in names], Path(w)
             )
             try:
                 restore_files(keys, db, src, Path(w) / "out")
@@ -237,7 +237,7 @@ def test_fault_injection_suite(
 
     # faults on network remotes go through the server, as a provider's own damage would
     # 2. shard objects deleted (webdav) ----------------------------------------------------
-    web = Remote(specs["webdav"])
+    web = open_backend(specs["webdav"])
     names = sorted(web.list("data"))[:2]
     web.delete("data", names)
     _check_cycle(
@@ -246,7 +246,7 @@ def test_fault_injection_suite(
     )  # fmt: skip
 
     # 3. truncated (s3) --------------------------------------------------------------------
-    bucket = Remote(specs["s3"])
+    bucket = open_backend(specs["s3"])
     name = sorted(bucket.list("data"))[0]
     data = bucket.cat("data", name)
     bucket.put_bytes("data", name, data[: len(data) // 3])
@@ -260,7 +260,7 @@ def test_fault_injection_suite(
     _check_cycle(s, "bit flipped", "local1", [p.name], ("corrupt",), ["local1", "sftp", "webdav"])
 
     # 5. replaced with another genuine (older) object of the vault (sftp) ------------------------
-    box = Remote(specs["sftp"])
+    box = open_backend(specs["sftp"])
     victim, older = sorted(box.list("data"))[:2]
     box.put_bytes("data", victim, box.cat("data", older))
     _check_cycle(

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from vaultfs import manifest
+from vaultfs.backends import open_backend
 from vaultfs.index import Index
 from vaultfs.keys import (
     SIG_MLDSA65_ED25519_SLHDSA,
@@ -22,7 +23,6 @@ from vaultfs.keys import (
     SLHDSA_128S,
     read_keyfile,
 )
-from vaultfs.remotes import Remote
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -211,7 +211,7 @@ def test_keys_init_upgrades_a_vault_without_slhdsa(vault: dict) -> None:
     again = json.loads(run(home, "keys", "init", "--json").stdout)
     assert again["slhdsa_created"] is False
     keys = read_keyfile(home / "key.json", "pw")
-    r = Remote(str(remotes[0]))
+    r = open_backend(str(remotes[0]))
     newest = sorted(r.list("manifests"))[-1]
     m = manifest.decode(keys, r.cat("manifests", newest))
     assert m.sig_alg == SIG_MLDSA65_ED25519_SLHDSA128F and m.body["slhdsa_sealed"]
@@ -264,7 +264,7 @@ def test_a_vault_with_an_older_128s_key_keeps_it(vault: dict) -> None:
     more.mkdir()
     (more / "late.bin").write_bytes(os.urandom(200_000))
     run(home, "backup", str(more))
-    r = Remote(str(remotes[1]))
+    r = open_backend(str(remotes[1]))
     newest = sorted(r.list("manifests"))[-1]
     m = manifest.decode(read_keyfile(home / "key.json", "pw"), r.cat("manifests", newest))
     assert m.sig_alg == SIG_MLDSA65_ED25519_SLHDSA

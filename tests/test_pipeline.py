@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 
 from vaultfs import kdf
+from vaultfs.backends import open_backend
 from vaultfs.backup import backup_paths, backup_stream
 from vaultfs.errors import WrongKey
 from vaultfs.keys import VaultKeys, new_seed, read_keyfile, write_keyfile
 from vaultfs.remotes import RcloneDaemon, Remote
 from vaultfs.restore import ShardSource, open_remote_index, restore_files
 from vaultfs.sealer import SLOT_SIZE, SealerError
+from vaultfs.shardreader import ShardRef
 from vaultfs.vault import Vault
 
 PW = "pw-for-pipeline-tests"
@@ -42,7 +44,7 @@ def text(seed: int, size: int) -> bytes:
 
 
 def restore_all(keys: VaultKeys, remotes: list[str], work: Path, out: Path) -> None:
-    db, src, _m, _w = open_remote_index(keys, [Remote(r) for r in remotes], work)
+    db, src, _m, _w = open_remote_index(keys, [open_backend(r) for r in remotes], work)
     try:
         restore_files(keys, db, src, out)
     finally:
@@ -166,7 +168,7 @@ def test_crash_between_index_copy_and_manifest_is_recovered(tmp_path, monkeypatc
 def test_rclone_daemon_is_restarted_after_it_dies(tmp_path):
     d = RcloneDaemon.get()
     assert d is not None and d.alive()
-    r = Remote(str(tmp_path / "remote"))
+    r = open_backend(str(tmp_path / "remote"))
     r.ensure()
     (tmp_path / "f").write_bytes(b"x" * 1000)
     r.put_file(tmp_path / "f", "data", "obj")
@@ -183,7 +185,7 @@ def test_rclone_daemon_reports_bad_specs_like_the_command_line(tmp_path):
     from vaultfs.errors import BadRemote
 
     with pytest.raises(BadRemote, match="rejected"):
-        Remote("nosuchremote:bucket").ensure()
+        open_backend("nosuchremote:bucket").ensure()
 
 
 def test_restore_decoders_match_inline_decoding(tmp_path, monkeypatch):
@@ -232,10 +234,15 @@ def test_restore_lists_and_fetches_manifests_before_the_key_is_known(tmp_path):
         backup_stream(v, io.BytesIO(text(7, 500_000)), "kb.sql")
         assert v.flush().complete
         keys = v.keys
-    src = ShardSource([Remote(r) for r in remotes])
-    src.start(tmp_path / "m")
-    got = src.manifests(src.remotes[0])
-    assert len(got) == 1 and all(blob for blob in got.values())
+    src = ShardSource([open_backend(r) for r in remotes])
+    src.start()
+    names = src.manifest_names(src.remotes[0])
+    assert len(names) == 1
+    ((name, listed),) = names
+    assert (
+        src.read_manifest(src.remotes[0], name, listed)
+        == (Path(remotes[0]) / "manifests" / name).read_bytes()
+    )
     db, src2, m, warnings = open_remote_index(keys, src.remotes, tmp_path / "w", 0, src=src)
     db.close()
     assert src2 is src and m.seq == 1 and not warnings
@@ -327,12 +334,14 @@ def test_local_remotes_are_read_in_place_or_copied_and_never_changed(
         assert v.flush().complete
         keys = v.keys
     before = _remote_state(remotes)
-    db, src, _m, _w = open_remote_index(keys, [Remote(r) for r in remotes[1:]], tmp_path / "w")
+    db, src, _m, _w = open_remote_index(
+        keys, [open_backend(r) for r in remotes[1:]], tmp_path / "w"
+    )
     try:
         assert bool(src.in_place) is in_place
-        name = next(iter(src.where))
-        got = src.fetch([("data", name)], tmp_path / "probe")
-        where = got[name].resolve()
+        name, size = next(iter(src.listed[src.remotes[0].spec]["data"].items()))
+        got = src.fetch([("data", ShardRef(0, name, b"", size=size))], tmp_path / "probe")
+        where = got[name].path.resolve()
         assert any(where.is_relative_to(Path(r).resolve()) for r in remotes) is in_place
         restore_files(keys, db, src, tmp_path / "out")
     finally:
@@ -351,7 +360,7 @@ def test_a_shard_gone_between_listing_and_reading_is_decoded_around(tmp_path):
         backup_stream(v, io.BytesIO(data), "blob")
         assert v.flush().complete
         keys = v.keys
-    db, src, _m, _w = open_remote_index(keys, [Remote(r) for r in remotes], tmp_path / "w")
+    db, src, _m, _w = open_remote_index(keys, [open_backend(r) for r in remotes], tmp_path / "w")
     try:
         gone = sorted((Path(remotes[0]) / "data").iterdir())
         for p in gone:  # every data shard of r0, after the listing

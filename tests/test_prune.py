@@ -155,8 +155,8 @@ def test_prune_killed_between_new_segment_and_its_transaction_recovers(tmp_path,
     import io
 
     from vaultfs import prune as prune_mod
+    from vaultfs.backends import open_backend
     from vaultfs.backup import backup_stream
-    from vaultfs.remotes import Remote
     from vaultfs.restore import open_remote_index, restore_files
     from vaultfs.vault import Vault
 
@@ -188,7 +188,7 @@ def test_prune_killed_between_new_segment_and_its_transaction_recovers(tmp_path,
         assert 900_000 <= rep.bytes_freed < 1_050_000 and rep.garbage_left == 0
         keys = v.keys
     work = tmp_path / "w"
-    db, src, _m, _w = open_remote_index(keys, [Remote(r) for r in remotes[:2]], work)
+    db, src, _m, _w = open_remote_index(keys, [open_backend(r) for r in remotes[:2]], work)
     try:
         restore_files(keys, db, src, tmp_path / "out")
     finally:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from vaultfs.backends import open_backend
 from vaultfs.errors import IntegrityError
 from vaultfs.keys import SUITE_MLKEM1024_AES256GCM, SUITE_XWING_AES256GCM, VaultKeys, read_keyfile
-from vaultfs.remotes import Remote
 from vaultfs.restore import open_remote_index, restore_files
 from vaultfs.vault import Vault
 
@@ -137,7 +137,7 @@ def test_reencrypt_killed_resumed_then_old_suite_refused(tmp_path: Path) -> None
                 "SELECT s.name FROM shards s JOIN segments g ON g.id = s.segment WHERE g.kind='data'"
             )
         }  # fmt: skip
-    on_remotes = {n for r in remotes for n in Remote(str(r)).list("data")}
+    on_remotes = {n for r in remotes for n in open_backend(str(r)).list("data")}
     assert on_remotes == live
     run(tmp_path / "h-new", "restore", "--keyfile", str(home / "key.json"),
         "--from", str(remotes[0]), "--from", str(remotes[1]), "--from", str(remotes[4]),
@@ -159,7 +159,7 @@ def test_reencrypt_killed_resumed_then_old_suite_refused(tmp_path: Path) -> None
     unaware = VaultKeys.from_seed(keys.seed)  # a seed holder who never heard of the retirement
     with tempfile.TemporaryDirectory() as work:
         db, src_shards, m, _w = open_remote_index(
-            unaware, [Remote(str(s)) for s in stale], Path(work)
+            unaware, [open_backend(str(s)) for s in stale], Path(work)
         )
         try:
             assert m.suite == SUITE_XWING_AES256GCM
@@ -192,7 +192,7 @@ def test_reencrypt_pauses_while_a_remote_is_down_then_finishes(tmp_path: Path) -
     src.mkdir()
     (src / "a.bin").write_bytes(os.urandom(400_000))
     run(home, "backup", str(src))
-    before = set(Remote(str(remotes[0])).list("data"))
+    before = set(open_backend(str(remotes[0])).list("data"))
     down = remotes[2]
     shutil.move(down, tmp_path / "r2-away")
     down.write_text("not a directory: every write to this remote fails")
@@ -205,7 +205,7 @@ def test_reencrypt_pauses_while_a_remote_is_down_then_finishes(tmp_path: Path) -
     shutil.move(tmp_path / "r2-away", down)
     done = run(home, "reencrypt", "--suite", "mlkem1024-p384")
     assert "retired suite 1" in done.stdout
-    after = set(Remote(str(remotes[0])).list("data"))
+    after = set(open_backend(str(remotes[0])).list("data"))
     assert after and not (after & before)  # old shards deleted, new ones placed
     run(tmp_path / "h2", "restore", "--keyfile", str(home / "key.json"),
         "--from", str(remotes[1]), "--from", str(remotes[2]), "--to", str(tmp_path / "out"))  # fmt: skip

@@ -20,17 +20,9 @@ from helpers import PASSPHRASE, run_cli, vaultfs_env
 from vaultfs import audittag, merkle, segment
 from vaultfs import repair as repair_mod
 from vaultfs import verify as verify_mod
-from vaultfs.backends import (
-    FaultInjecting,
-    ObjectMissing,
-    RcloneBackend,
-    Retrying,
-    Unreachable,
-    classify,
-)
+from vaultfs.backends import FaultInjecting, open_backend
 from vaultfs.errors import IntegrityError
 from vaultfs.keys import VaultKeys
-from vaultfs.remotes import Remote, RemoteError
 from vaultfs.restore import open_remote_index, restore_files
 from vaultfs.vault import Entry, Vault, place, survivable_losses
 
@@ -48,7 +40,7 @@ def _vault(tmp: Path, remotes: int = 5, k: int = 3, n: int = 5, mib: float = 3.0
 
 def _restore(keys: VaultKeys, specs: list[str], work: Path) -> bytes:
     work.mkdir()
-    db, src, _m, _w = open_remote_index(keys, [Remote(s) for s in specs], work)
+    db, src, _m, _w = open_remote_index(keys, [open_backend(s) for s in specs], work)
     try:
         restore_files(keys, db, src, work / "out")
     finally:
@@ -300,34 +292,6 @@ def test_slow_remote_does_not_hold_up_the_others(tmp_path: Path) -> None:
         assert again.remotes[0].resumed and again.remotes[0].complete and again.clean
     finally:
         v.close()
-
-
-def test_retry_backoff_and_error_states(tmp_path: Path) -> None:
-    (tmp_path / "r" / "data").mkdir(parents=True)
-    (tmp_path / "r" / "data" / "obj").write_bytes(b"x" * 5000)
-    slept: list[float] = []
-    flaky = FaultInjecting(RcloneBackend(str(tmp_path / "r")), unavailable=2)
-    b = Retrying(flaky, attempts=3, base_delay=0.2, sleep=slept.append)
-    assert b.list_tree()["data"] == {"obj": 5000}
-    assert flaky.injected == 2 and b.retries == 2 and len(slept) == 2
-    assert 0.1 <= slept[0] <= 0.2 and 0.2 <= slept[1] <= 0.4  # exponential, jittered
-    down = Retrying(
-        FaultInjecting(RcloneBackend(str(tmp_path / "r")), unavailable=10), sleep=slept.append
-    )
-    with pytest.raises(Unreachable, match="503"):
-        down.cat("data", "obj", 0, 10)
-    assert down.retries == 2  # bounded: three attempts in all
-    slept.clear()
-    with pytest.raises(ObjectMissing):
-        b.cat("data", "absent", 0, 10)
-    assert slept == []  # an answer, not an outage: never retried
-    assert b.cat("data", "obj", 4990, 100) == b"x" * 10  # short object: short read
-    assert isinstance(classify(RemoteError("s3: 429 Too Many Requests")), Unreachable)
-    assert isinstance(classify(RemoteError("SlowDown: please reduce rate")), Unreachable)
-    assert isinstance(classify(RemoteError("503 Service Unavailable")), Unreachable)
-    assert isinstance(classify(RemoteError("dial tcp: connection refused")), Unreachable)
-    assert isinstance(classify(RemoteError("NoSuchKey: object not found")), ObjectMissing)
-    assert type(classify(RemoteError("permission denied"))) is RemoteError
 
 
 def test_placement_counts_failure_domains(tmp_path: Path) -> None:

@@ -1,196 +1,222 @@
-"""Behaviour stacked around a :class:`~vaultfs.remotes.Remote`, in one visible place.
+"""The backend stack: the :class:`Backend` contract, its wrappers, and the one factory.
 
-:func:`open_backend` builds the stack every audit and repair uses::
+Every path that talks to a remote (flush and upload, restore, audit, repair, prune, key
+rotation) gets its backend from :func:`open_backend`, which stacks, in one visible place::
 
-    Metered(Retrying(FaultInjecting?(RcloneBackend(spec))))
+    Metered(Retrying(wrap?(base)))
 
-* :class:`RcloneBackend` is the engine's rclone-CLI remote with tight network timeouts and a
-  classification of every failure into :class:`Unreachable` (temporary: connection refused,
-  timeouts, HTTP 429/503 — the data is presumed intact), :class:`ObjectMissing` (the remote
-  answered: no such object) or a plain :class:`RemoteError` (any other failure).
-* :class:`Retrying` retries ``Unreachable`` and plain ``RemoteError`` with exponential backoff
-  and jitter, a bounded number of times; ``ObjectMissing`` and ``BadRemote`` are answers, not
-  outages, and are never retried. Every method of the stack is idempotent (reads, uploads of
-  write-once objects under fixed names, deletes of named objects), so retrying is safe.
-* :class:`FaultInjecting` (tests only) lies, fails or stalls on purpose, within a bounded budget.
-* :class:`Metered` counts calls and bytes read, for reports and the benchmark.
+* ``base`` is an implementation of :class:`Backend`: the shared rclone daemon
+  (:class:`~vaultfs.remotes.RcloneRc`) when it runs, else one rclone command per call
+  (:class:`~vaultfs.remotes.RcloneCommand`); audits and repair always take the command
+  (``fail_fast``: each command bounded to 300 s). :class:`MemoryBackend` keeps its objects
+  in memory, for tests (:func:`stack` wraps it the same way).
+* ``wrap`` inserts a layer right above the base, so retries see what it does:
+  :class:`FaultInjecting` (tests only) lies, fails or stalls on purpose, within a budget.
+* :class:`Retrying` retries :class:`Unreachable` and plain :class:`RemoteError` with
+  exponential backoff and jitter, a bounded number of times; :class:`ObjectMissing` and
+  :class:`BadRemote` are answers, not outages, and are never retried.
+* :class:`Metered` counts operations and the bytes read.
 
-Method contract (shared by every layer): ``list_sizes(sub) -> {name: size}`` (empty when the
-folder does not exist), ``list(sub)``, ``cat(sub, name, offset, count)`` (bytes; raises
-``ObjectMissing`` for an absent object; may return fewer bytes than asked for a short object),
-``get(sub, names, dir)`` (absent names are skipped), ``put_file``, ``put_bytes``, ``delete``
-(absent names are not an error), ``move_dir``, ``ensure``.
+The wrappers work per call, never per byte: ``cat`` returns the base's bytes object as is.
 """
 
 from __future__ import annotations
 
 import random
-import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol
 
-from .errors import BadRemote
-from .remotes import Remote, RemoteError, join
-
-#: Substrings of rclone/provider errors that mean "try again later", not "data gone".
-TRANSIENT_MARKERS = (
-    "connection refused",
-    "connection reset",
-    "timed out",
-    "timeout",
-    "no route to host",
-    "network is unreachable",
-    "couldn't connect",
-    "broken pipe",
-    "unexpected eof",
-    "429",
-    "too many requests",
-    "slowdown",
-    "slow down",
-    "503",
-    "service unavailable",
-    "temporarily",
-)
-MISSING_MARKERS = ("not found", "no such file", "nosuchkey", "object not found", "404")
-
-#: rclone flags that make a dead or hung remote fail fast (our own Retrying layer retries).
-NET_FLAGS = ["--contimeout", "5s", "--timeout", "30s", "--low-level-retries", "1", "--retries", "1"]
+from .errors import BadRemote, ObjectMissing, RemoteError, Unreachable
+from .remotes import RcloneCommand, RcloneDaemon, RcloneRc, Remote
 
 
-class Unreachable(RemoteError):
-    """The remote is temporarily unreachable (refused, timed out, throttled with 429/503)."""
+class Job(Protocol):
+    """A background transfer started by :meth:`Backend.copy_dir_async`."""
 
-    exit_code = 11
-
-
-class ObjectMissing(RemoteError):
-    """The remote answered, and the object is not there."""
-
-    exit_code = 12
+    def stop(self) -> None:
+        """Stop the transfer if still running and wait until it has finished."""
 
 
-def classify(exc: RemoteError) -> RemoteError:
-    """Map a generic RemoteError to Unreachable / ObjectMissing where the message tells."""
-    if isinstance(exc, Unreachable | ObjectMissing | BadRemote):
-        return exc
-    low = exc.message.lower()
-    if any(m in low for m in TRANSIENT_MARKERS):
-        return Unreachable(exc.message)
-    if any(m in low for m in MISSING_MARKERS):
-        return ObjectMissing(exc.message)
-    return exc
+class Backend(Protocol):
+    """An object store holding ``<sub>/<name>`` objects (docs/format.md's layout).
 
+    Errors: every method either succeeds or raises :class:`RemoteError`: its subclass
+    :class:`Unreachable` for an outage (refused, timed out, throttled: try again later),
+    :class:`ObjectMissing` when the remote answered that an object is not there, or a plain
+    :class:`RemoteError` for any other failure; :class:`BadRemote` when the spec itself is
+    invalid. Every method is idempotent and may be retried after any error: reads have no
+    effect, uploads write write-once objects under fixed names (a retry writes the same
+    bytes), deletes name their objects, and ``move_dir`` deletes a local file only after it
+    was uploaded (a retry moves what is left). Safe to call from several threads at once.
+    """
 
-class RcloneBackend(Remote):
-    """The engine's :class:`Remote` with network timeouts and classified errors (one rclone
-    command per call, with :data:`NET_FLAGS`, not the shared daemon)."""
+    @property
+    def spec(self) -> str:
+        """The rclone spec (a secret may be in it: show :attr:`label` instead)."""
+        ...
 
-    use_rcd = False
+    @property
+    def rid(self) -> int | None:
+        """The remote's id in the vault; None for a remote not (yet) part of one."""
+        ...
 
-    def __init__(self, spec: str, rid: int | None = None, op_timeout: float = 300) -> None:
-        super().__init__(spec, rid)
-        self.op_timeout = op_timeout
+    @property
+    def label(self) -> str:
+        """The spec with secrets elided, for messages."""
+        ...
 
-    def _run(
-        self, args: list[str], *, timeout: float = 3600, stdin: bytes | None = None
-    ) -> subprocess.CompletedProcess:
-        # flags go right after the subcommand; TRANSFER_FLAGS given later by the engine win
-        args = [args[0], *NET_FLAGS, *args[1:]]
-        return super()._run(args, timeout=min(timeout, self.op_timeout), stdin=stdin)
-
-    def _call(self, fn: Callable, *a, **kw):
-        try:
-            return fn(*a, **kw)
-        except RemoteError as e:
-            raise classify(e) from None
+    @property
+    def local_dir(self) -> Path | None:
+        """For a plain local-directory remote, the directory holding ``<sub>/<name>`` files,
+        which a reader may open in place (read only); None for every other remote."""
+        ...
 
     def ensure(self) -> None:
-        self._call(super().ensure)
+        """Create the remote's root if needed and prove it can be listed."""
+        ...
 
     def list(self, sub: str) -> list[str]:
-        return self._call(super().list, sub)
+        """Names of the objects directly under ``sub``; empty when ``sub`` does not exist."""
+        ...
 
     def list_sizes(self, sub: str) -> dict[str, int]:
-        """{name: size in bytes} of the objects directly under ``sub``."""
-        proc = self._run(
-            ["lsf", "--files-only", "--format", "sp", "--separator", "\t", join(self.spec, sub)],
-            timeout=600,
-        )
-        if proc.returncode == 3 or (
-            proc.returncode != 0 and b"directory not found" in proc.stderr.lower()
-        ):
-            return {}
-        self._call(self._check, proc, f"list {sub}")
-        out: dict[str, int] = {}
-        for ln in proc.stdout.decode().splitlines():
-            size, _, name = ln.partition("\t")
-            if name:
-                out[name] = int(size) if size.lstrip("-").isdigit() else -1
-        return out
+        """{name: size in bytes} of the objects directly under ``sub`` (size -1: unknown);
+        empty when ``sub`` does not exist."""
+        ...
 
-    def list_tree(self, subs: tuple[str, ...] = ("data", "meta", "manifests")) -> dict:
-        return self._call(super().list_tree, subs)
-
-    def move_dir(self, local_dir: Path, sub: str) -> None:
-        self._call(super().move_dir, local_dir, sub)
-
-    def put_bytes(self, sub: str, name: str, data: bytes) -> None:
-        self._call(super().put_bytes, sub, name, data)
-
-    def put_file(self, path: Path, sub: str, name: str) -> None:
-        self._call(super().put_file, path, sub, name)
-
-    def get(self, sub: str, names: list[str], local_dir: Path) -> None:
-        self._call(super().get, sub, names, local_dir)
+    def list_tree(
+        self, subs: tuple[str, ...] = ("data", "meta", "manifests")
+    ) -> dict[str, dict[str, int]]:
+        """{sub: {name: size}} of the objects directly under each of ``subs``, in one
+        listing; every sub is a key, with {} when it does not exist."""
+        ...
 
     def cat(self, sub: str, name: str, offset: int = 0, count: int = -1) -> bytes:
-        # `rclone cat` of an absent file lists it as a directory: "directory not found"
-        try:
-            data = super().cat(sub, name, offset, count)
-        except RemoteError as e:
-            err = classify(e)
-            if "directory not found" in e.message.lower():
-                err = ObjectMissing(f"{self.label}: {sub}/{name} not found")
-            raise err from None
-        return data
+        """The object's bytes from ``offset``, at most ``count`` of them (-1: to the end).
+        Returns fewer bytes than asked for a short object, and ``b""`` from its end on.
+        Raises :class:`ObjectMissing` when the object does not exist."""
+        ...
+
+    def get(self, sub: str, names: list[str], local_dir: Path, max_bytes: int = 0) -> None:
+        """Download the named objects of ``sub`` to ``local_dir/<name>``; absent names are
+        skipped (the caller checks what arrived). With ``max_bytes`` the transfer stops after
+        that many bytes, inside an object if need be (a cut object never appears under its
+        name), and RemoteError is raised: a remote cannot make it write more than asked."""
+        ...
+
+    def get_dir(self, sub: str, local_dir: Path) -> None:
+        """Download every object under ``sub`` into ``local_dir``; nothing when ``sub`` does
+        not exist."""
+        ...
+
+    def copy_dir_async(self, sub: str, local_dir: Path, max_bytes: int = 0) -> Job | None:
+        """Start downloading the objects under ``sub`` into ``local_dir`` in the background,
+        about ``max_bytes`` at most (0: no limit); files appear under their own names only
+        once complete. None when the backend cannot (then nothing was started)."""
+        ...
+
+    def put_bytes(self, sub: str, name: str, data: bytes) -> None:
+        """Store ``data`` as ``sub/name`` (replacing an object of that name)."""
+        ...
+
+    def put_file(self, path: Path, sub: str, name: str) -> None:
+        """Store the local file ``path`` as ``sub/name`` (replacing an object of that name)."""
+        ...
+
+    def move_dir(self, local_dir: Path, sub: str) -> None:
+        """Upload every file under ``local_dir`` to ``sub`` (keeping relative paths) and
+        delete each local file once it is stored: after a failure, exactly the files not
+        yet uploaded are left. Raises :class:`ObjectMissing` if ``local_dir`` is missing."""
+        ...
 
     def delete(self, sub: str, names: list[str]) -> None:
-        try:
-            super().delete(sub, names)
-        except RemoteError as e:
-            err = classify(e)
-            if not isinstance(err, ObjectMissing):
-                raise err from None
+        """Delete the named objects of ``sub``; absent ones are not an error."""
+        ...
 
 
-class RemoteWrapper:
-    """Base of the wrappers: forwards every attribute to the wrapped backend."""
+class Wrapper:
+    """Base of the wrappers: a :class:`Backend` that passes every call to ``inner`` through
+    :meth:`_op` (the one place a wrapper hooks in) and forwards the identity attributes."""
 
-    def __init__(self, inner) -> None:
+    def __init__(self, inner: Backend) -> None:
         self.inner = inner
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.inner!r})"
 
+    def _op(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
 
-class Retrying(RemoteWrapper):
+    @property
+    def spec(self) -> str:
+        return self.inner.spec
+
+    @property
+    def rid(self) -> int | None:
+        return self.inner.rid
+
+    @property
+    def label(self) -> str:
+        return self.inner.label
+
+    @property
+    def local_dir(self) -> Path | None:
+        return self.inner.local_dir
+
+    def ensure(self) -> None:
+        self._op(self.inner.ensure)
+
+    def list(self, sub: str) -> list[str]:
+        return self._op(self.inner.list, sub)
+
+    def list_sizes(self, sub: str) -> dict[str, int]:
+        return self._op(self.inner.list_sizes, sub)
+
+    def list_tree(
+        self, subs: tuple[str, ...] = ("data", "meta", "manifests")
+    ) -> dict[str, dict[str, int]]:
+        return self._op(self.inner.list_tree, subs)
+
+    def cat(self, sub: str, name: str, offset: int = 0, count: int = -1) -> bytes:
+        return self._op(self.inner.cat, sub, name, offset, count)
+
+    def get(self, sub: str, names: list[str], local_dir: Path, max_bytes: int = 0) -> None:
+        self._op(self.inner.get, sub, names, local_dir, max_bytes)
+
+    def get_dir(self, sub: str, local_dir: Path) -> None:
+        self._op(self.inner.get_dir, sub, local_dir)
+
+    def copy_dir_async(self, sub: str, local_dir: Path, max_bytes: int = 0) -> Job | None:
+        # a background job is started, not awaited: nothing to retry, meter or fail
+        return self.inner.copy_dir_async(sub, local_dir, max_bytes)
+
+    def put_bytes(self, sub: str, name: str, data: bytes) -> None:
+        self._op(self.inner.put_bytes, sub, name, data)
+
+    def put_file(self, path: Path, sub: str, name: str) -> None:
+        self._op(self.inner.put_file, path, sub, name)
+
+    def move_dir(self, local_dir: Path, sub: str) -> None:
+        self._op(self.inner.move_dir, local_dir, sub)
+
+    def delete(self, sub: str, names: list[str]) -> None:
+        self._op(self.inner.delete, sub, names)
+
+
+class Retrying(Wrapper):
     """Retry transient failures with exponential backoff and full jitter.
 
     ``attempts`` bounds the calls per operation; the last error is re-raised. Only
-    :class:`Unreachable` and plain :class:`RemoteError` are retried.
+    :class:`Unreachable` and plain :class:`RemoteError` are retried (safe: every operation is
+    idempotent, see :class:`Backend`); ``retries`` counts the retries made.
     """
-
-    OPS = ("ensure", "list", "list_sizes", "list_tree", "cat", "get", "put_file", "put_bytes",
-           "delete", "move_dir")  # fmt: skip
 
     def __init__(
         self,
-        inner,
+        inner: Backend,
         attempts: int = 3,
         base_delay: float = 0.5,
         max_delay: float = 8.0,
@@ -203,64 +229,62 @@ class Retrying(RemoteWrapper):
         self.sleep = sleep
         self.retries = 0
 
-    def __getattr__(self, name: str):
-        target = getattr(self.inner, name)
-        if name not in self.OPS:
-            return target
-
-        def call(*a, **kw):
-            for attempt in range(self.attempts):
-                try:
-                    return target(*a, **kw)
-                except (ObjectMissing, BadRemote):
+    def _op(self, fn: Callable[..., Any], *args: Any) -> Any:
+        for attempt in range(self.attempts):
+            try:
+                return fn(*args)
+            except (ObjectMissing, BadRemote):
+                raise
+            except RemoteError:
+                if attempt + 1 >= self.attempts:
                     raise
-                except RemoteError:
-                    if attempt + 1 >= self.attempts:
-                        raise
-                    self.retries += 1
-                    cap = min(self.max_delay, self.base_delay * 2**attempt)
-                    self.sleep(random.uniform(cap / 2, cap))
-            raise AssertionError("unreachable")  # pragma: no cover
-
-        return call
+                self.retries += 1
+                cap = min(self.max_delay, self.base_delay * 2**attempt)
+                self.sleep(random.uniform(cap / 2, cap))
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
-class Metered(RemoteWrapper):
-    """Counts operations and the bytes read from the remote (cat and get)."""
+class Metered(Wrapper):
+    """Counts the operations (``calls``) and the bytes that ``cat`` and ``get`` returned
+    (``bytes_read``)."""
 
-    def __init__(self, inner) -> None:
+    def __init__(self, inner: Backend) -> None:
         super().__init__(inner)
         self.bytes_read = 0
         self.calls = 0
         self._lock = threading.Lock()
 
-    def cat(self, sub: str, name: str, offset: int = 0, count: int = -1) -> bytes:
-        data = self.inner.cat(sub, name, offset, count)
+    def _count(self, nbytes: int) -> None:
         with self._lock:
-            self.bytes_read += len(data)
+            self.bytes_read += nbytes
+
+    def _op(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self._lock:
             self.calls += 1
+        return fn(*args)
+
+    def cat(self, sub: str, name: str, offset: int = 0, count: int = -1) -> bytes:
+        data = super().cat(sub, name, offset, count)
+        self._count(len(data))
         return data
 
-    def get(self, sub: str, names: list[str], local_dir: Path) -> None:
-        self.inner.get(sub, names, local_dir)
-        got = sum((local_dir / n).stat().st_size for n in names if (local_dir / n).exists())
-        with self._lock:
-            self.bytes_read += got
-            self.calls += 1
+    def get(self, sub: str, names: list[str], local_dir: Path, max_bytes: int = 0) -> None:
+        super().get(sub, names, local_dir, max_bytes)
+        self._count(sum(p.stat().st_size for n in names if (p := local_dir / n).exists()))
 
 
-class FaultInjecting(RemoteWrapper):
+class FaultInjecting(Wrapper):
     """For tests: misbehave on purpose, each fault within a bounded budget, then behave.
 
     * ``wrong_ranges``: the next N range reads (``cat`` with an offset or a count) return
       bytes with one bit flipped — a remote that lies about byte ranges only;
-    * ``unavailable``: the next N calls fail with an injected HTTP 503;
+    * ``unavailable``: the next N calls fail with an injected HTTP 503 (:class:`Unreachable`);
     * ``delay``: seconds added to every call (a slow remote).
-    ``injected`` counts the faults delivered.
+    ``injected`` counts the faults delivered; ``lied_about`` names the objects lied about.
     """
 
     def __init__(
-        self, inner, *, wrong_ranges: int = 0, unavailable: int = 0, delay: float = 0.0
+        self, inner: Backend, *, wrong_ranges: int = 0, unavailable: int = 0, delay: float = 0.0
     ) -> None:
         super().__init__(inner)
         self.wrong_ranges = wrong_ranges
@@ -270,55 +294,132 @@ class FaultInjecting(RemoteWrapper):
         self.lied_about: list[str] = []
         self._lock = threading.Lock()
 
-    def _maybe_fail(self) -> None:
+    def _op(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self.delay:
             time.sleep(self.delay)
         with self._lock:
             if self.unavailable > 0:
                 self.unavailable -= 1
                 self.injected += 1
-                raise Unreachable(f"{self.inner.label}: 503 Service Unavailable (injected)")
-
-    def __getattr__(self, name: str):
-        target = getattr(self.inner, name)
-        if name not in Retrying.OPS or name == "cat":
-            return target
-
-        def call(*a, **kw):
-            self._maybe_fail()
-            return target(*a, **kw)
-
-        return call
+                raise Unreachable(f"{self.label}: 503 Service Unavailable (injected)")
+        return fn(*args)
 
     def cat(self, sub: str, name: str, offset: int = 0, count: int = -1) -> bytes:
-        self._maybe_fail()
-        data = self.inner.cat(sub, name, offset, count)
+        data = super().cat(sub, name, offset, count)
         ranged = offset != 0 or count >= 0
         with self._lock:
-            lie = ranged and data and self.wrong_ranges > 0
+            lie = ranged and bool(data) and self.wrong_ranges > 0
             if lie:
                 self.wrong_ranges -= 1
                 self.injected += 1
                 self.lied_about.append(name)
-        if lie:
-            buf = bytearray(data)
-            buf[len(buf) // 2] ^= 0x10
-            return bytes(buf)
-        return data
+        if not lie:
+            return data
+        buf = bytearray(data)
+        buf[len(buf) // 2] ^= 0x10
+        return bytes(buf)
+
+
+class MemoryBackend(Remote):
+    """A :class:`Backend` keeping its objects in a dict, for fast tests: the same contract
+    (ranged ``cat``, :class:`ObjectMissing`, idempotent deletes), thread-safe. ``spec`` is
+    ``memory:<name>``; it has no :attr:`local_dir`."""
+
+    def __init__(self, name: str = "mem", rid: int | None = None) -> None:
+        super().__init__(f"memory:{name}", rid)
+        self.objects: dict[str, bytes] = {}  # "<sub>/<name>" -> bytes
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(sub: str, name: str) -> str:
+        return f"{sub}/{name}" if sub else name
+
+    def _under(self, sub: str) -> dict[str, bytes]:
+        """{path relative to ``sub``: bytes} of every object under ``sub``, at any depth."""
+        prefix = f"{sub}/" if sub else ""
+        with self._lock:
+            return {k[len(prefix) :]: v for k, v in self.objects.items() if k.startswith(prefix)}
+
+    def ensure(self) -> None:
+        return None
+
+    def list(self, sub: str) -> list[str]:
+        return list(self.list_sizes(sub))
+
+    def list_sizes(self, sub: str) -> dict[str, int]:
+        return {n: len(v) for n, v in self._under(sub).items() if "/" not in n}
+
+    def list_tree(
+        self, subs: tuple[str, ...] = ("data", "meta", "manifests")
+    ) -> dict[str, dict[str, int]]:
+        return {sub: self.list_sizes(sub) for sub in subs}
+
+    def cat(self, sub: str, name: str, offset: int = 0, count: int = -1) -> bytes:
+        with self._lock:
+            data = self.objects.get(self._key(sub, name))
+        if data is None:
+            raise ObjectMissing(f"{self.label}: read {sub}/{name} failed: object not found")
+        return data[offset : None if count < 0 else offset + count]
+
+    def _write(self, files: dict[str, bytes], local_dir: Path) -> None:
+        for rel, data in files.items():
+            dest = local_dir / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(data)
+
+    def get(self, sub: str, names: list[str], local_dir: Path, max_bytes: int = 0) -> None:
+        objs = self._under(sub)  # objects are what was put: max_bytes cannot be exceeded
+        self._write({n: objs[n] for n in names if n in objs}, local_dir)
+
+    def get_dir(self, sub: str, local_dir: Path) -> None:
+        self._write(self._under(sub), local_dir)
+
+    def copy_dir_async(self, sub: str, local_dir: Path, max_bytes: int = 0) -> None:
+        return None
+
+    def put_bytes(self, sub: str, name: str, data: bytes) -> None:
+        with self._lock:
+            self.objects[self._key(sub, name)] = bytes(data)
+
+    def put_file(self, path: Path, sub: str, name: str) -> None:
+        self.put_bytes(sub, name, Path(path).read_bytes())
+
+    def move_dir(self, local_dir: Path, sub: str) -> None:
+        if not local_dir.is_dir():
+            raise ObjectMissing(f"{self.label}: upload to {sub} failed: directory not found")
+        for f in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            self.put_bytes(sub, f.relative_to(local_dir).as_posix(), f.read_bytes())
+            f.unlink()  # only once stored: a failure leaves the rest to a retry
+
+    def delete(self, sub: str, names: list[str]) -> None:
+        with self._lock:
+            for n in names:
+                self.objects.pop(self._key(sub, n), None)
+
+
+def stack(base: Backend, wrap: Callable[[Backend], Backend] | None = None) -> Metered:
+    """The wrappers every path uses, around ``base``: ``Metered(Retrying(wrap?(base)))``."""
+    b = base if wrap is None else wrap(base)
+    return Metered(Retrying(b))
 
 
 def open_backend(
     spec: str,
     rid: int | None = None,
     *,
-    retry: bool = True,
-    wrap: Callable[[object], object] | None = None,
+    fail_fast: bool = False,
+    wrap: Callable[[Backend], Backend] | None = None,
 ) -> Metered:
-    """The standard stack for one remote. ``wrap`` inserts a layer (fault injection in tests)
-    between the rclone backend and the retry layer, so retries see injected faults too."""
-    b: object = RcloneBackend(spec, rid)
-    if wrap is not None:
-        b = wrap(b)
-    if retry:
-        b = Retrying(b)
-    return Metered(b)
+    """The backend for one remote, for every path. The base is the shared rclone daemon when
+    it runs, else one rclone command per call (also when ``VAULTFS_RCD=0``); ``fail_fast``
+    (audits and repair: many small bounded reads) always takes the command, with at most
+    300 s per command. ``wrap`` inserts a layer
+    between the base and the retries (fault injection in tests), see :func:`stack`."""
+    base: Backend
+    if fail_fast:
+        base = RcloneCommand(spec, rid, op_timeout=300)
+    elif RcloneDaemon.get() is not None:
+        base = RcloneRc(spec, rid)
+    else:
+        base = RcloneCommand(spec, rid)
+    return stack(base, wrap)

@@ -10,7 +10,7 @@ code  meaning
 2     usage error (bad flags or arguments)
 3     committed locally, but some data is not yet on at least k remotes
 10    wrong passphrase, wrong key or key material from another vault
-11    not enough healthy remotes (fewer than k)
+11    not enough healthy remotes (fewer than k reachable or intact)
 12    integrity failure: tampered, corrupt or rolled-back data was detected
 13    restore target exists and is not empty
 14    a remote spec was rejected (by us or by rclone)
@@ -43,6 +43,26 @@ class NotEnoughRemotes(VaultError):
     exit_code = 11
 
 
+class RemoteError(VaultError):
+    """A remote failed an operation (any failure not classified more precisely below)."""
+
+    exit_code = 11
+
+
+class Unreachable(RemoteError):
+    """A remote is temporarily unreachable: connection refused or reset, a timeout, or
+    throttling (HTTP 429/503). The data on it is presumed intact; try again later."""
+
+    exit_code = 11
+
+
+class ObjectMissing(RemoteError):
+    """The remote answered, and the object is not there: that remote is not intact for it
+    (``vaultfs repair`` rebuilds it from the other remotes)."""
+
+    exit_code = 11
+
+
 class IntegrityError(VaultError):
     exit_code = 12
 
@@ -52,6 +72,8 @@ class TargetNotEmpty(VaultError):
 
 
 class BadRemote(VaultError):
+    """A remote spec was rejected, by vaultfs or by rclone: fix the spec."""
+
     exit_code = 14
 
 

@@ -56,6 +56,10 @@ VERSION = 1
 HEAD = struct.Struct(">4sBHB16sQQI")
 assert HEAD.size == 44
 SIGN_LABEL = b"vaultfs/v1/manifest"
+#: Most bytes a manifest object may have. A real one is tens of KiB (the header, the sealed
+#: JSON body naming the index shards, at most ~28 KiB of signatures); readers refuse an
+#: object listed larger unread and never read more than this plus one byte of one.
+MAX_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)

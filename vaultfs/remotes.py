@@ -9,10 +9,12 @@ Layout on every remote (docs/format.md):
     meta/<32 hex>          shard objects of exported-index segments
     manifests/<seq>-<rnd>  signed manifests, one copy per remote
 
-Contract of the methods: every method either succeeds or raises :class:`RemoteError`
-(temporarily unreachable, or failed) or :class:`BadRemote` (the spec itself is invalid).
-``move_dir``/``get`` are idempotent and may be retried; ``move_dir`` deletes a local file only
-after rclone has copied it, so a failure leaves exactly the not-yet-uploaded files behind.
+This module owns everything rclone: :class:`Remote` (a spec and its identity, no I/O), the two
+implementations of :class:`~vaultfs.backends.Backend` over rclone — :class:`RcloneRc`
+(the process's shared ``rclone rcd``, :class:`RcloneDaemon`) and :class:`RcloneCommand` (one
+``rclone`` command per call) — and :func:`classify`, the one mapping of rclone's failures onto
+:class:`BadRemote` / :class:`Unreachable` / :class:`ObjectMissing` / :class:`RemoteError`.
+Callers get a backend from :func:`vaultfs.backends.open_backend`, never from here.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-from .errors import BadRemote, VaultError
+from .errors import BadRemote, ObjectMissing, RemoteError, Unreachable, VaultError
 
 #: Flags for every transfer: fail fast on a dead remote (the queue retries later), trust our
 #: own BLAKE3 hashes rather than provider checksums.
@@ -53,14 +55,73 @@ TRANSFER_FLAGS = [
     "60s",
 ]
 
+#: Flags of every rclone command (:class:`RcloneCommand`): a dead or hung remote fails fast,
+#: and the Retrying wrapper retries. Given right after the subcommand, so the TRANSFER_FLAGS
+#: of a transfer (given later) win for transfers.
+NET_FLAGS = ("--contimeout", "5s", "--timeout", "30s", "--low-level-retries", "1", "--retries", "1")
 
+#: Substrings of rclone's errors that mean the spec itself is wrong.
+BAD_SPEC_MARKERS = ("didn't find section", "unknown backend", "parse", "invalid")
+#: Substrings of rclone/provider errors that mean "try again later", not "data gone".
+TRANSIENT_MARKERS = (
+    "connection refused",
+    "connection reset",
+    "connection lost",
+    "timed out",
+    "timeout",
+    "no route to host",
+    "network is unreachable",
+    "couldn't connect",
+    "broken pipe",
+    "unexpected eof",
+    "429",
+    "too many requests",
+    "slowdown",
+    "slow down",
+    "503",
+    "service unavailable",
+    "temporarily",
+)
+#: Substrings that mean "the remote answered: no such object (or folder)".
+MISSING_MARKERS = ("not found", "no such file", "nosuchkey", "object not found", "404")
+#: rclone command exit codes for "directory not found" and "file not found".
+MISSING_EXIT_CODES = (3, 4)
+
+_RANGE_NOT_SATISFIABLE = re.compile(rb"\b416\b|InvalidRange")
 _TIMESTAMP = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (ERROR|NOTICE|INFO)\s*: ?")
 
 
-class RemoteError(VaultError):
-    """A remote could not be reached or an operation on it failed."""
+def classify(
+    label: str,
+    what: str,
+    message: str,
+    *,
+    http_status: int | None = None,
+    exit_code: int = 0,
+    earlier: str = "",
+) -> RemoteError | BadRemote:
+    """The one classification of an rclone failure, from the rc API (``http_status``: 0 when
+    the daemon itself could not be reached, 404 for a missing object or folder) or from the
+    command (``exit_code``, 3/4 for a missing folder/file) and rclone's error ``message``
+    (``earlier``: the command's earlier error lines, where a rejected spec may be named).
 
-    exit_code = 11
+    In this order: a rejected spec → :class:`BadRemote`; an outage or throttling →
+    :class:`Unreachable`; a missing object or folder → :class:`ObjectMissing`; anything else
+    → :class:`RemoteError`."""
+    low = message.lower()
+    if http_status == 0:
+        return Unreachable(f"{label}: {what} failed: {message}")
+    if any(m in low or m in earlier.lower() for m in BAD_SPEC_MARKERS):
+        return BadRemote(f"rclone rejected remote {label}: {message}")
+    if any(m in low for m in TRANSIENT_MARKERS):
+        return Unreachable(f"{label}: {what} failed: {message}")
+    if (
+        http_status == 404
+        or exit_code in MISSING_EXIT_CODES
+        or any(m in low for m in MISSING_MARKERS)
+    ):
+        return ObjectMissing(f"{label}: {what} failed: {message}")
+    return RemoteError(f"{label}: {what} failed: {message}")
 
 
 def rclone_binary() -> str:
@@ -93,8 +154,9 @@ class RcloneDaemon:
     backup or restore makes one or two dozen calls, so the engine talks to one long-lived
     rclone instead. It listens on a unix socket in a private (0700) temporary directory, so
     no other user can reach it and no authentication is needed (``--rc-no-auth``). Transfer
-    flags are the same as for the command line (:data:`TRANSFER_FLAGS`, minus the CLI's
-    whole-operation retries, which the callers' own retry and queueing replace).
+    flags are those of the command line (:data:`TRANSFER_FLAGS`) without its retries: one
+    low-level try, because the Retrying wrapper retries whole operations (a dead remote
+    then costs the same few attempts on every path) and the upload queue retries later.
 
     Lifetime: started on first use by a long-lived owner thread, under ``setpriv
     --pdeathsig KILL`` when available (it dies with its owner thread, i.e. with this
@@ -110,7 +172,7 @@ class RcloneDaemon:
         "--no-check-dest",
         "--ignore-checksum",
         "--transfers", "4",
-        "--low-level-retries", "3",
+        "--low-level-retries", "1",
         "--contimeout", "10s",
         "--timeout", "60s",
     ]  # fmt: skip
@@ -244,12 +306,20 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self._path)
+        except BaseException:  # e.g. refused while rclone rcd is still starting: no leak
+            sock.close()
+            raise
         self.sock = sock
 
 
 class Remote:
+    """A remote's spec and identity, without any I/O: the spec checked for form, the remote's
+    id in the vault (``rid``, None before it has one), its :attr:`label` for messages and, for a
+    plain directory, its :attr:`local_dir`. The base of every backend."""
+
     def __init__(self, spec: str, rid: int | None = None) -> None:
         spec = spec.strip()
         if not spec:
@@ -260,7 +330,7 @@ class Remote:
         self.rid = rid
 
     def __repr__(self) -> str:
-        return f"Remote({self.label})"
+        return f"{type(self).__name__}({self.label})"
 
     @property
     def local_dir(self) -> Path | None:
@@ -284,150 +354,142 @@ class Remote:
             return f"{backend}:…:{tail}"
         return s
 
-    # -- plumbing --------------------------------------------------------------------------
+
+def _parse_lsf_sizes(out: bytes) -> list[tuple[str, int]]:
+    """(path, size) of each line of ``lsf --format sp --separator \\t`` (size -1: unknown)."""
+    rows = []
+    for ln in out.decode().splitlines():
+        size, _, path = ln.partition("\t")
+        if path:
+            rows.append((path, int(size) if size.lstrip("-").isdigit() else -1))
+    return rows
+
+
+def _tree(rows: list[tuple[str, int]], subs: tuple[str, ...]) -> dict[str, dict[str, int]]:
+    """{sub: {name: size}} of the objects directly under each of ``subs``."""
+    tree: dict[str, dict[str, int]] = {sub: {} for sub in subs}
+    for path, size in rows:
+        sub, _, name = path.partition("/")
+        if sub in tree and name and "/" not in name:
+            tree[sub][name] = size
+    return tree
+
+
+class RcloneCommand(Remote):
+    """A backend that runs one ``rclone`` command per call (see :class:`~vaultfs.backends.Backend`
+    for the contract). Every command runs with :data:`NET_FLAGS` (a dead remote fails fast;
+    the Retrying wrapper retries) and at most ``op_timeout`` seconds."""
+
+    def __init__(self, spec: str, rid: int | None = None, *, op_timeout: float = 3600) -> None:
+        super().__init__(spec, rid)
+        self.op_timeout = op_timeout
+
     def _run(
         self, args: list[str], *, timeout: float = 3600, stdin: bytes | None = None
     ) -> subprocess.CompletedProcess:
-        cmd = [rclone_binary(), "-q", *args]
+        cmd = [rclone_binary(), "-q", args[0], *NET_FLAGS, *args[1:]]
+        timeout = min(timeout, self.op_timeout)
         try:
             return subprocess.run(
                 cmd, input=stdin, capture_output=True, timeout=timeout, check=False
             )
         except subprocess.TimeoutExpired:
-            raise RemoteError(f"{self.label}: rclone timed out after {timeout:.0f}s") from None
+            raise Unreachable(f"{self.label}: rclone timed out after {timeout:.0f}s") from None
+
+    def _error(self, proc: subprocess.CompletedProcess, what: str) -> RemoteError | BadRemote:
+        err = [
+            _TIMESTAMP.sub("", ln)
+            for ln in proc.stderr.decode(errors="replace").strip().splitlines()
+        ]
+        msg = err[-1] if err else f"exit {proc.returncode}"
+        return classify(
+            self.label, what, msg, exit_code=proc.returncode, earlier=" ".join(err[:-1])
+        )
 
     def _check(self, proc: subprocess.CompletedProcess, what: str) -> None:
         if proc.returncode != 0:
-            err = [
-                _TIMESTAMP.sub("", ln)
-                for ln in proc.stderr.decode(errors="replace").strip().splitlines()
-            ]
-            msg = err[-1] if err else f"exit {proc.returncode}"
-            low = " ".join(err).lower()
-            if any(
-                s in low for s in ("didn't find section", "unknown backend", "parse", "invalid")
-            ):
-                raise BadRemote(f"rclone rejected remote {self.label}: {msg}")
-            raise RemoteError(f"{self.label}: {what} failed: {msg}")
+            raise self._error(proc, what)
 
-    #: Engine remotes go through the shared rclone daemon; the audit/repair backend
-    #: (backends.RcloneBackend) keeps one rclone command per call with its own tight flags.
-    use_rcd = True
+    def _lsf(self, args: list[str], what: str) -> bytes | None:
+        """stdout of ``rclone lsf ARGS``; None when the folder does not exist."""
+        proc = self._run(["lsf", *args], timeout=600)
+        if proc.returncode != 0:
+            err = self._error(proc, what)
+            if isinstance(err, ObjectMissing):
+                return None
+            raise err
+        return proc.stdout
 
-    def _rcd(self) -> RcloneDaemon | None:
-        return RcloneDaemon.get() if self.use_rcd else None
-
-    def _rc(self, d: RcloneDaemon, method: str, params: dict, what: str) -> dict:
-        """One rc call with the command line's error mapping (BadRemote / RemoteError)."""
-        try:
-            return d.call(method, params)
-        except RcError as e:
-            raise self._mapped(e, what) from None
-
-    def _mapped(self, e: RcError, what: str) -> RemoteError | BadRemote:
-        low = e.message.lower()
-        if any(s in low for s in ("didn't find section", "unknown backend", "parse", "invalid")):
-            return BadRemote(f"rclone rejected remote {self.label}: {e.message}")
-        return RemoteError(f"{self.label}: {what} failed: {e.message}")
-
-    def _rc_list(self, d: RcloneDaemon, sub: str, recurse: bool) -> list[dict]:
-        """operations/list of the files under ``sub`` (empty when it does not exist)."""
-        opt = {"filesOnly": True, "noModTime": True, "noMimeType": True, "recurse": recurse}
-        try:
-            return d.call("operations/list", {"fs": self.spec, "remote": sub, "opt": opt})["list"]
-        except RcError as e:
-            if "directory not found" in e.message.lower():
-                return []
-            raise self._mapped(e, f"list {sub or 'the remote'}") from None
-
-    # -- operations ------------------------------------------------------------------------
     def ensure(self) -> None:
-        """Create the remote's root if needed and prove we can list it."""
-        if (d := self._rcd()) is not None:
-            self._rc(d, "operations/mkdir", {"fs": self.spec, "remote": ""}, "mkdir")
-            self._rc(d, "operations/list", {"fs": self.spec, "remote": ""}, "list")
-            return
         self._check(self._run(["mkdir", self.spec], timeout=120), "mkdir")
         self._check(self._run(["lsf", "--max-depth", "1", self.spec], timeout=120), "list")
 
     def list(self, sub: str) -> list[str]:
-        """Names of the objects directly under ``sub`` (empty if it does not exist)."""
-        if (d := self._rcd()) is not None:
-            return [o["Name"] for o in self._rc_list(d, sub, False)]
-        proc = self._run(["lsf", "--files-only", join(self.spec, sub)], timeout=600)
-        if proc.returncode == 3 or (
-            proc.returncode != 0 and b"directory not found" in proc.stderr.lower()
-        ):
-            return []
-        self._check(proc, f"list {sub}")
-        return [ln for ln in proc.stdout.decode().splitlines() if ln]
+        out = self._lsf(["--files-only", join(self.spec, sub)], f"list {sub}")
+        return [ln for ln in out.decode().splitlines() if ln] if out else []
 
-    def list_tree(self, subs: tuple[str, ...] = ("data", "meta", "manifests")) -> dict:
-        """{sub: {name: size}} for every object under the given folders, in one listing."""
-        if (d := self._rcd()) is not None:
-            tree: dict[str, dict[str, int]] = {sub: {} for sub in subs}
-            for o in self._rc_list(d, "", True):
-                sub, _, name = o["Path"].partition("/")
-                if sub in tree and name and "/" not in name:
-                    tree[sub][name] = int(o.get("Size", -1))
-            return tree
-        proc = self._run(
-            ["lsf", "-R", "--files-only", "--format", "sp", "--separator", "\t", self.spec],
-            timeout=600,
-        )
-        if proc.returncode == 3 or (
-            proc.returncode != 0 and b"directory not found" in proc.stderr.lower()
-        ):
-            return {sub: {} for sub in subs}
-        self._check(proc, "list")
-        out: dict[str, dict[str, int]] = {sub: {} for sub in subs}
-        for ln in proc.stdout.decode().splitlines():
-            size, _, path = ln.partition("\t")
-            sub, _, name = path.partition("/")
-            if sub in out and name and "/" not in name:
-                out[sub][name] = int(size) if size.lstrip("-").isdigit() else -1
-        return out
+    def list_sizes(self, sub: str) -> dict[str, int]:
+        fmt = ["--files-only", "--format", "sp", "--separator", "\t"]
+        out = self._lsf([*fmt, join(self.spec, sub)], f"list {sub}")
+        return dict(_parse_lsf_sizes(out)) if out else {}
+
+    def list_tree(
+        self, subs: tuple[str, ...] = ("data", "meta", "manifests")
+    ) -> dict[str, dict[str, int]]:
+        fmt = ["-R", "--files-only", "--format", "sp", "--separator", "\t"]
+        out = self._lsf([*fmt, self.spec], "list")
+        return _tree(_parse_lsf_sizes(out) if out else [], subs)
+
+    def cat(self, sub: str, name: str, offset: int = 0, count: int = -1) -> bytes:
+        args = ["cat", join(self.spec, f"{sub}/{name}")]
+        if offset:
+            args += ["--offset", str(offset)]
+        if count >= 0:
+            args += ["--count", str(count)]
+        proc = self._run(args, timeout=600)
+        if proc.returncode != 0 and offset and _RANGE_NOT_SATISFIABLE.search(proc.stderr):
+            proc.returncode, proc.stdout = 0, b""  # S3, WebDAV: a range from the end on (416)
+        self._check(proc, f"read {sub}/{name}")
+        if not proc.stdout and count != 0 and not self._exists(sub, name):
+            # `rclone cat` of an absent key on a bucket store reads an empty "directory"
+            raise ObjectMissing(f"{self.label}: read {sub}/{name} failed: object not found")
+        return proc.stdout
+
+    def _exists(self, sub: str, name: str) -> bool:
+        path = f"{sub}/{name}"
+        return bool(self._lsf(["--files-only", join(self.spec, path)], f"list {path}"))
+
+    def get(self, sub: str, names: list[str], local_dir: Path, max_bytes: int = 0) -> None:
+        if not names:
+            return
+        cap = ["--max-transfer", f"{int(max_bytes)}B", "--cutoff-mode", "HARD"] if max_bytes else []
+        with tempfile.NamedTemporaryFile("w", prefix="vaultfs-list-") as f:
+            f.write("\n".join(names) + "\n")
+            f.flush()
+            src = join(self.spec, sub)
+            proc = self._run(
+                ["copy", *TRANSFER_FLAGS, *cap, "--files-from-raw", f.name, src, str(local_dir)]
+            )
+        if proc.returncode != 0:
+            # rclone exits non-zero if some listed file is missing: what arrived is usable
+            err = self._error(proc, f"download from {sub}")
+            if not isinstance(err, ObjectMissing):
+                raise err
 
     def get_dir(self, sub: str, local_dir: Path) -> None:
-        """Download every object of ``sub`` into ``local_dir`` (nothing if it does not exist)."""
-        if (d := self._rcd()) is not None:
-            try:
-                d.call("sync/copy", {"srcFs": join(self.spec, sub), "dstFs": str(local_dir)})
-            except RcError as e:
-                if "directory not found" not in e.message.lower():
-                    raise self._mapped(e, f"download {sub}") from None
-            return
         proc = self._run(["copy", *TRANSFER_FLAGS, join(self.spec, sub), str(local_dir)])
-        if proc.returncode == 3 or (
-            proc.returncode != 0 and b"directory not found" in proc.stderr.lower()
-        ):
-            return
-        self._check(proc, f"download {sub}")
+        if proc.returncode != 0:
+            err = self._error(proc, f"download {sub}")
+            if not isinstance(err, ObjectMissing):
+                raise err
 
-    def copy_dir_async(self, sub: str, local_dir: Path, max_bytes: int = 0) -> int | None:
-        """Start downloading every object of ``sub`` into ``local_dir`` in the background
-        (at most about ``max_bytes``; 0: no limit). Returns the rclone job id, or None when
-        there is no rclone daemon (then nothing is started). Files appear under their own
-        names only once complete. See :meth:`RcloneDaemon.stop_job`."""
-        d = self._rcd()
-        if d is None:
-            return None
-        params: dict = {"srcFs": join(self.spec, sub), "dstFs": str(local_dir), "_async": True}
-        if max_bytes:
-            params["_config"] = {"MaxTransfer": int(max_bytes), "CutoffMode": "SOFT"}
-        try:
-            return int(d.call("sync/copy", params)["jobid"])
-        except (RcError, KeyError, ValueError):
-            return None
+    def copy_dir_async(self, sub: str, local_dir: Path, max_bytes: int = 0) -> None:
+        """Nothing is started: without the daemon there are no background transfers."""
+        return None
 
     def move_dir(self, local_dir: Path, sub: str) -> None:
-        """Upload every file of ``local_dir`` to ``sub`` and delete each local copy once sent."""
-        if (d := self._rcd()) is not None:
-            params = {"srcFs": str(local_dir), "dstFs": join(self.spec, sub)}
-            self._rc(d, "sync/move", params, f"upload to {sub or 'the remote'}")
-            return
         proc = self._run(["move", *TRANSFER_FLAGS, str(local_dir), join(self.spec, sub)])
-        self._check(proc, f"upload to {sub}")
+        self._check(proc, f"upload to {sub or 'the remote'}")
 
     def put_bytes(self, sub: str, name: str, data: bytes) -> None:
         with tempfile.NamedTemporaryFile(prefix="vaultfs-put-") as f:
@@ -437,76 +499,138 @@ class Remote:
         self._check(proc, f"upload {sub}/{name}")
 
     def put_file(self, path: Path, sub: str, name: str) -> None:
-        if (d := self._rcd()) is not None:
-            params = {
-                "srcFs": str(Path(path).parent), "srcRemote": Path(path).name,
-                "dstFs": join(self.spec, sub), "dstRemote": name,
-            }  # fmt: skip
-            self._rc(d, "operations/copyfile", params, f"upload {sub}/{name}")
-            return
         proc = self._run(["copyto", *TRANSFER_FLAGS, str(path), join(self.spec, f"{sub}/{name}")])
         self._check(proc, f"upload {sub}/{name}")
 
-    def get(self, sub: str, names: list[str], local_dir: Path) -> None:
-        """Download the named objects of ``sub`` into ``local_dir`` (missing ones are skipped)."""
-        if not names:
-            return
-        if (d := self._rcd()) is not None:
-            with tempfile.NamedTemporaryFile("w", prefix="vaultfs-list-") as f:
-                f.write("\n".join(names) + "\n")
-                f.flush()
-                params = {
-                    "srcFs": join(self.spec, sub), "dstFs": str(local_dir),
-                    "_filter": {"FilesFromRaw": [f.name]},
-                }  # fmt: skip
-                try:  # names that are absent are skipped: what arrived is usable
-                    d.call("sync/copy", params)
-                except RcError as e:
-                    if "not found" not in e.message.lower():
-                        raise self._mapped(e, f"download from {sub}") from None
-            return
-        with tempfile.NamedTemporaryFile("w", prefix="vaultfs-list-") as f:
-            f.write("\n".join(names) + "\n")
-            f.flush()
-            proc = self._run(
-                [
-                    "copy",
-                    *TRANSFER_FLAGS,
-                    "--files-from-raw",
-                    f.name,
-                    join(self.spec, sub),
-                    str(local_dir),
-                ]
-            )
-        if proc.returncode not in (0, 3):
-            # rclone exits non-zero if some listed file is missing: what arrived is usable
-            if b"not found" not in proc.stderr.lower():
-                self._check(proc, f"download from {sub}")
-
-    def cat(self, sub: str, name: str, offset: int = 0, count: int = -1) -> bytes:
-        args = ["cat", join(self.spec, f"{sub}/{name}")]
-        if offset:
-            args += ["--offset", str(offset)]
-        if count >= 0:
-            args += ["--count", str(count)]
-        proc = self._run(args, timeout=600)
-        self._check(proc, f"read {sub}/{name}")
-        return proc.stdout
-
     def delete(self, sub: str, names: list[str]) -> None:
-        """Delete the named objects of ``sub``; absent ones are not an error."""
         if not names:
-            return
-        if (d := self._rcd()) is not None:
-            for nm in names:  # one object per call: a filter mistake can never widen a delete
-                try:
-                    d.call("operations/deletefile", {"fs": join(self.spec, sub), "remote": nm})
-                except RcError as e:
-                    if "not found" not in e.message.lower():
-                        raise self._mapped(e, f"delete {sub}/{nm}") from None
             return
         with tempfile.NamedTemporaryFile("w", prefix="vaultfs-list-") as f:
             f.write("\n".join(names) + "\n")
             f.flush()
             proc = self._run(["delete", "--files-from-raw", f.name, join(self.spec, sub)])
-        self._check(proc, f"delete from {sub}")
+        if proc.returncode != 0:
+            err = self._error(proc, f"delete from {sub or 'the remote'}")
+            if not isinstance(err, ObjectMissing):
+                raise err
+
+
+class RcJob:
+    """A background transfer of the rclone daemon (:meth:`RcloneRc.copy_dir_async`)."""
+
+    def __init__(self, daemon: RcloneDaemon, jobid: int) -> None:
+        self.daemon = daemon
+        self.jobid = jobid
+
+    def stop(self) -> None:
+        """Stop the transfer if still running and wait until it has finished."""
+        self.daemon.stop_job(self.jobid)
+
+
+class RcloneRc(Remote):
+    """A backend that talks to the process's shared :class:`RcloneDaemon` (see
+    :class:`~vaultfs.backends.Backend` for the contract). ``cat`` and ``put_bytes`` run the
+    rclone command (:class:`RcloneCommand`): the rc API has neither a ranged read nor an
+    upload from memory. A daemon that died is started again on the next call; while it cannot
+    be, calls fail with :class:`Unreachable`."""
+
+    def __init__(self, spec: str, rid: int | None = None) -> None:
+        super().__init__(spec, rid)
+        self._command = RcloneCommand(spec, rid)
+
+    def _daemon(self, what: str) -> RcloneDaemon:
+        d = RcloneDaemon.get()
+        if d is None:
+            raise Unreachable(f"{self.label}: {what} failed: rclone rcd could not be started")
+        return d
+
+    def _call(self, method: str, params: dict, what: str) -> dict:
+        """One rc call; a failure is raised as :func:`classify` maps it."""
+        try:
+            return self._daemon(what).call(method, params)
+        except RcError as e:
+            raise classify(self.label, what, e.message, http_status=e.status) from None
+
+    def _call_absent_ok(self, method: str, params: dict, what: str) -> dict | None:
+        """:meth:`_call`, with None when the object or folder does not exist."""
+        try:
+            return self._call(method, params, what)
+        except ObjectMissing:
+            return None
+
+    def _list(self, sub: str, recurse: bool) -> list[dict]:
+        """operations/list of the files under ``sub`` (empty when it does not exist)."""
+        opt = {"filesOnly": True, "noModTime": True, "noMimeType": True, "recurse": recurse}
+        params = {"fs": self.spec, "remote": sub, "opt": opt}
+        out = self._call_absent_ok("operations/list", params, f"list {sub or 'the remote'}")
+        return out["list"] if out else []
+
+    def ensure(self) -> None:
+        self._call("operations/mkdir", {"fs": self.spec, "remote": ""}, "mkdir")
+        self._call("operations/list", {"fs": self.spec, "remote": ""}, "list")
+
+    def list(self, sub: str) -> list[str]:
+        return [o["Name"] for o in self._list(sub, False)]
+
+    def list_sizes(self, sub: str) -> dict[str, int]:
+        return {o["Name"]: int(o.get("Size", -1)) for o in self._list(sub, False)}
+
+    def list_tree(
+        self, subs: tuple[str, ...] = ("data", "meta", "manifests")
+    ) -> dict[str, dict[str, int]]:
+        return _tree([(o["Path"], int(o.get("Size", -1))) for o in self._list("", True)], subs)
+
+    def cat(self, sub: str, name: str, offset: int = 0, count: int = -1) -> bytes:
+        return self._command.cat(sub, name, offset, count)
+
+    def get(self, sub: str, names: list[str], local_dir: Path, max_bytes: int = 0) -> None:
+        if not names:
+            return
+        with tempfile.NamedTemporaryFile("w", prefix="vaultfs-list-") as f:
+            f.write("\n".join(names) + "\n")
+            f.flush()
+            params: dict = {
+                "srcFs": join(self.spec, sub), "dstFs": str(local_dir),
+                "_filter": {"FilesFromRaw": [f.name]},
+            }  # fmt: skip
+            if max_bytes:
+                params["_config"] = {"MaxTransfer": int(max_bytes), "CutoffMode": "HARD"}
+            # names that are absent are skipped: what arrived is usable
+            self._call_absent_ok("sync/copy", params, f"download from {sub}")
+
+    def get_dir(self, sub: str, local_dir: Path) -> None:
+        params = {"srcFs": join(self.spec, sub), "dstFs": str(local_dir)}
+        self._call_absent_ok("sync/copy", params, f"download {sub}")
+
+    def copy_dir_async(self, sub: str, local_dir: Path, max_bytes: int = 0) -> RcJob | None:
+        params: dict = {"srcFs": join(self.spec, sub), "dstFs": str(local_dir), "_async": True}
+        if max_bytes:
+            # HARD: stop at the limit even inside an object (restore's read-ahead budget holds
+            # against a 200 GB object; SOFT would finish every transfer it started)
+            params["_config"] = {"MaxTransfer": int(max_bytes), "CutoffMode": "HARD"}
+        d = RcloneDaemon.get()
+        if d is None:
+            return None
+        try:
+            return RcJob(d, int(d.call("sync/copy", params)["jobid"]))
+        except (RcError, KeyError, ValueError):
+            return None
+
+    def move_dir(self, local_dir: Path, sub: str) -> None:
+        params = {"srcFs": str(local_dir), "dstFs": join(self.spec, sub)}
+        self._call("sync/move", params, f"upload to {sub or 'the remote'}")
+
+    def put_bytes(self, sub: str, name: str, data: bytes) -> None:
+        self._command.put_bytes(sub, name, data)
+
+    def put_file(self, path: Path, sub: str, name: str) -> None:
+        params = {
+            "srcFs": str(Path(path).parent), "srcRemote": Path(path).name,
+            "dstFs": join(self.spec, sub), "dstRemote": name,
+        }  # fmt: skip
+        self._call("operations/copyfile", params, f"upload {sub}/{name}")
+
+    def delete(self, sub: str, names: list[str]) -> None:
+        for nm in names:  # one object per call: a filter mistake can never widen a delete
+            params = {"fs": join(self.spec, sub), "remote": nm}
+            self._call_absent_ok("operations/deletefile", params, f"delete {sub}/{nm}")

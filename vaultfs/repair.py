@@ -15,7 +15,7 @@
    id into a new segment (:func:`_heal_from_source`).
 4. **Place**: each rebuilt object gets a fresh random name and a target remote chosen to spread
    failure domains (its old remote when that one is still a healthy member). It is written
-   durably to the queue and its row updated in one transaction (invariant 1 of vault.py), then
+   durably to the queue and its row updated in one transaction (invariant 1, vaultfs/vault/writer.py), then
    :meth:`Vault.flush` uploads it. ISA-L coding is deterministic, so a rebuilt object is
    byte-identical to the original and its Merkle records are unchanged; if it ever were not, the
    shard and segment records are updated and the next manifest signs the new vault root.
@@ -41,10 +41,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import erasure, merkle, segment, verify
-from .backends import Unreachable, open_backend
-from .errors import BadRemote, NotEnoughRemotes, NoVault
+from .backends import open_backend
+from .errors import BadRemote, NotEnoughRemotes, NoVault, RemoteError, Unreachable
 from .names import display, from_db
-from .remotes import Remote, RemoteError
+from .remotes import Remote
 from .shardreader import Lie, ShardRef, ShardsUnavailable, ShardsUndecodable, choose, read_segment
 from .verify import SHARD_SQL, ShardRow, live_segments_sql
 
@@ -221,7 +221,9 @@ class _Fetcher:
         with self.lock:
             b = self.backends.get(rid)
             if b is None:
-                b = self.backends[rid] = open_backend(self.specs[rid], rid, wrap=self.wrap)
+                b = self.backends[rid] = open_backend(
+                    self.specs[rid], rid, fail_fast=True, wrap=self.wrap
+                )
             return b
 
     def sources(self, seg_id: int, exclude: set[int]) -> list[ShardRef]:
@@ -382,11 +384,11 @@ def _rebuild_segment(
         name = segment.new_name()
         dest = vault.queue_dir / f"r{tgt}" / kind
         dest.mkdir(parents=True, exist_ok=True)
-        from .vault import _fsync_dir, _write_durable
+        from .vault.queue import fsync_dir, write_durable
 
-        _write_durable(tmpq / name, body)
+        write_durable(tmpq / name, body)
         os.replace(tmpq / name, dest / name)
-        _fsync_dir(dest)
+        fsync_dir(dest)
         verify.record_tags(
             vault.index,
             vault.keys.audit_key,
@@ -484,13 +486,13 @@ def _heal_from_source(
         except OSError as e:
             report.errors[str(path)] = f"cannot read: {e.strerror}"
     if found:
-        with vault._write_lock:  # the engine's writers and this one must not interleave
+        with vault.write_lock:  # the engine's writers and this one must not interleave
             key = vault.keys.data_keys[vault.epoch]
             builder = segment.SegmentBuilder(vault.segment_size)
             placed: dict[bytes, tuple[int, int, int]] = {}
 
             def seal_segment() -> None:
-                seg_id = vault._write_segment(builder, dict(placed))
+                seg_id = vault.write_segment(builder, dict(placed))
                 with vault.index.tx() as db:
                     db.executemany(
                         "UPDATE chunks SET segment=?, offset=?, length=? WHERE cid=?",
@@ -719,7 +721,7 @@ def _check_new(vault: Vault, spec: str, wrap=None) -> None:
     for rid, s, state in vault.index.q("SELECT id, spec, state FROM remotes"):
         if s == spec and state == "active":
             raise BadRemote(f"remote {Remote(spec).label} is already part of this vault (id {rid})")
-    b = open_backend(spec, wrap=wrap)
+    b = open_backend(spec, fail_fast=True, wrap=wrap)
     try:
         b.ensure()
         existing = b.list("manifests")
@@ -786,7 +788,7 @@ def remove_remote(vault: Vault, name: str, wrap=None) -> RepairReport:
     report = repair(vault, wrap=wrap)
     if report.unrecoverable:
         return report
-    b = open_backend(spec, rid, wrap=wrap)
+    b = open_backend(spec, rid, fail_fast=True, wrap=wrap)
     try:
         for sub in (*segment.KIND_NAMES.values(), "manifests"):
             names = b.list(sub)
@@ -839,7 +841,7 @@ def list_remotes(vault: Vault) -> list[dict]:
             (rid,),
         ):
             counts[st] = (cnt, size)
-        h = vault._health(rid)
+        h = vault.remote_health(rid)
         (foreign,) = vault.index.one("SELECT count(*) FROM audit_foreign WHERE remote=?", (rid,))
         out.append(
             {

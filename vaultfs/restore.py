@@ -16,7 +16,7 @@ import stat
 import tempfile
 import threading
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +25,12 @@ from typing import NamedTuple
 import blake3
 
 from . import envelope, manifest, merkle, segment
+from .backends import Backend, Job
 from .backup import check_name
-from .errors import InputError, IntegrityError, NotEnoughRemotes, TargetNotEmpty
+from .errors import InputError, IntegrityError, NotEnoughRemotes, RemoteError, TargetNotEmpty
 from .index import migrate, seen_manifest_seq
 from .keys import SLHDSA_BY_SIG_ALG, VaultKeys
 from .names import display, fs_path, xattrs_from_db
-from .remotes import Remote, RemoteError
 from .shardreader import ShardRef, choose, read_segment
 
 BATCH_SEGMENTS = 12
@@ -44,12 +44,17 @@ READ_IN_PLACE = os.environ.get("VAULTFS_READ_IN_PLACE", "1") != "0"
 
 @dataclass
 class RemoteReport:
+    """What one remote did during a restore. ``rejected`` names the objects it served (or
+    listed) that were not what the signed metadata says, each refused unread or decoded
+    around: a malicious or broken remote is named here, not fatal."""
+
     label: str
     reachable: bool = True
     error: str | None = None
     best_seq: int | None = None
     bad_manifests: list[str] = field(default_factory=list)
     objects: int = 0
+    rejected: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -63,16 +68,58 @@ class RestoreResult:
     warnings: list[str] = field(default_factory=list)
 
 
+#: Bytes a download of named objects may exceed the sum of their expected sizes by before
+#: rclone cuts it off (its byte count may include a little more than the object bodies).
+GET_SLACK = 1 << 16
+
+
+class Fetched(NamedTuple):
+    """A shard object ready to be read: its file, and who served it (for messages)."""
+
+    path: Path
+    holder: str
+
+
+def read_object(path: Path, size: int) -> segment.Body | str:
+    """A shard object file (downloaded, read ahead, lying in place on a local remote, or in the
+    upload queue) as (header, fragment) if it is a regular file of exactly ``size`` bytes;
+    otherwise a reason, for messages. Reads at most ``size`` bytes whatever the file holds: a
+    200 GB file under a shard's name costs one ``fstat``, a FIFO never blocks the open."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return "is not a regular file"
+            if st.st_size != size:
+                return f"is {st.st_size:,} bytes, the signed metadata says {size:,}"
+            head = f.read(min(size, segment.HEADER.size))
+            frag = f.read(size - len(head))
+    except OSError as e:
+        return f"could not be read ({e.strerror})"
+    if len(head) + len(frag) != size:
+        return "shrank while it was read"
+    return head, frag
+
+
 class ShardSource:
     """Where each shard object can be fetched from: listed remotes and the local queue.
 
-    Objects of a plain local-directory remote (:attr:`Remote.local_dir`) are read where they
+    Every read is bounded before it happens (docs/threat-model.md, "Hostile remotes"): the
+    expected size of each object comes from signed metadata (the manifest names its index
+    shards with their sizes; the index names every data shard with its size) and the remote's
+    listing must agree with it, or the object is not asked for and the remote is named in its
+    :class:`RemoteReport` (``rejected``); downloads are cut off at the expected bytes, reads
+    ask for at most one byte more, files are checked with ``fstat`` before they are read.
+    Manifests are at most :data:`manifest.MAX_BYTES` bytes each, read newest first.
+
+    Objects of a plain local-directory remote (:attr:`Backend.local_dir`) are read where they
     lie (:data:`READ_IN_PLACE`): listing, manifests and every write still go through rclone,
     but a restore from a USB disk or NAS mount copies nothing into a staging area first. An
     object that cannot be read in place, or whose hash is wrong, is decoded around like any
     missing shard. Nothing here ever writes to or deletes from a remote."""
 
-    def __init__(self, remotes: list[Remote], queue_dir: Path | None = None) -> None:
+    def __init__(self, remotes: list[Backend], queue_dir: Path | None = None) -> None:
         self.remotes = remotes
         self.queue_dir = queue_dir
         self.reports = {r.spec: RemoteReport(r.label) for r in remotes}
@@ -82,7 +129,9 @@ class ShardSource:
             for r in remotes:
                 if (d := r.local_dir) is not None:
                     self.in_place[r.spec] = d
-        self.where: dict[str, list[Remote]] = defaultdict(list)
+        self.where: dict[str, list[Backend]] = defaultdict(list)
+        #: spec -> sub -> {name: listed size (-1: the remote did not say)}
+        self.listed: dict[str, dict[str, dict[str, int]]] = {}
         self.local: dict[str, Path] = {}
         if queue_dir and queue_dir.exists():
             for rdir in queue_dir.glob("r*"):
@@ -91,36 +140,37 @@ class ShardSource:
                         for f in (rdir / sub).iterdir():
                             self.local[f.name] = f
 
-    def start(self, manifest_dir: Path | None = None, read_ahead: Path | None = None) -> None:
+    def start(self, read_ahead: Path | None = None, manifests: bool = True) -> None:
         """Begin, in the background, what a restore needs from every remote before it has
-        the key: one listing of each remote and (with ``manifest_dir``) a copy of its
-        manifests. Runs beside the keyfile's scrypt; :meth:`list_all` and
-        :meth:`manifests` wait for it.
+        the key: one listing of each remote and (with ``manifests``) a read of its newest
+        manifest (:meth:`read_manifest`). Runs beside the keyfile's scrypt; :meth:`list_all`
+        and :meth:`read_manifest` wait for it.
 
         With ``read_ahead`` (a whole-snapshot restore) it also starts downloading the
-        remotes' ``meta/`` and ``data/`` objects there, at most :data:`READ_AHEAD_BYTES` in
-        all, until :meth:`stop_read_ahead` (called once the index says what is needed): the
-        time the key derivation takes is spent moving data a full restore needs anyway."""
+        remotes' ``data/`` objects there (not ``meta/``: the index shards are fetched by
+        name once a manifest is verified), at most :func:`read_ahead_budget` bytes in all
+        (each remote's share cut off hard, even inside an object: a remote serving a 200 GB
+        object spends only its own share), until :meth:`stop_read_ahead` (called
+        once the index says what is needed): the time the key derivation takes is spent
+        moving data a full restore needs anyway. Nothing read ahead is used before its size
+        and hash are checked against the index."""
         self._ex = ThreadPoolExecutor(max_workers=2 * max(1, len(self.remotes)))
         self._lists = {r.spec: self._ex.submit(self._list_one, r) for r in self.remotes}
-        if manifest_dir is not None:
-            self._mans = {
-                r.spec: self._ex.submit(self._manifests_one, r, manifest_dir / f"m{i}")
-                for i, r in enumerate(self.remotes)
-            }
+        if manifests:
+            self._first = {r.spec: self._ex.submit(self._newest, r) for r in self.remotes}
         if read_ahead is not None:
-            self._ahead_dir = read_ahead
             self._ahead = self._ex.submit(self._start_read_ahead, read_ahead)
 
     _ex: ThreadPoolExecutor | None = None
     _lists: dict = {}
-    _mans: dict = {}
+    _first: dict = {}
     _ahead = None
-    _ahead_dir: Path | None = None
-    #: shard objects downloaded ahead: name -> file (deleted once used)
-    staged: dict[str, Path] = {}
+    #: shard objects downloaded ahead: name -> where (deleted once used)
+    staged: dict[str, Fetched] = {}
 
-    def _start_read_ahead(self, d: Path) -> list[tuple[Remote, int]]:
+    def _start_read_ahead(self, d: Path) -> list[tuple[Path, str, Job]]:
+        """Start one bounded download of ``data/`` per remote; (its directory, the remote's
+        label, the job) of each one started."""
         ok = [
             r
             for r in self.remotes
@@ -130,58 +180,78 @@ class ShardSource:
         budget = read_ahead_budget() // max(1, len(ok))
         jobs = []
         for i, r in enumerate(ok):
-            for sub, limit in (("meta", 0), ("data", budget)):
-                jid = r.copy_dir_async(sub, d / f"a{i}" / sub, limit)
-                if jid is not None:
-                    jobs.append((r, jid))
+            into = d / f"a{i}" / "data"
+            job = r.copy_dir_async("data", into, budget)
+            if job is not None:
+                jobs.append((into, r.label, job))
         return jobs
 
     def stop_read_ahead(self) -> None:
         """Stop downloading ahead; what arrived complete becomes :attr:`staged`."""
         if self._ahead is None:
             return
-        from .remotes import RcloneDaemon
-
         jobs, self._ahead = self._ahead.result(), None
-        daemon = RcloneDaemon.get()
-        if daemon is not None:
-            for _r, jid in jobs:
-                daemon.stop_job(jid)
-        staged: dict[str, Path] = {}
-        assert self._ahead_dir is not None
-        for f in self._ahead_dir.glob("a*/*/*"):
-            if f.is_file() and len(f.name) == 32 and "." not in f.name:  # not a .partial
-                staged[f.name] = f
+        for _into, _label, job in jobs:
+            job.stop()
+        staged: dict[str, Fetched] = {}
+        for into, label, _job in jobs:
+            for f in into.glob("*"):
+                if f.is_file() and len(f.name) == 32 and "." not in f.name:  # not a .partial
+                    staged[f.name] = Fetched(f, label)
         self.staged = staged
 
-    def _list_one(self, r: Remote) -> dict[str, dict[str, int]] | RemoteError:
+    def _list_one(self, r: Backend) -> dict[str, dict[str, int]] | RemoteError:
         try:
-            return r.list_tree(("data", "meta"))
+            return r.list_tree(("data", "meta", "manifests"))
         except RemoteError as e:
             return e
 
-    def _manifests_one(self, r: Remote, d: Path) -> dict[str, bytes] | RemoteError:
-        """Every manifest of one remote, fetched in one transfer (all of them, not only the
-        newest few: a remote cannot hide its valid manifests behind junk objects with higher
-        sequence numbers; pruning keeps three per remote)."""
-        d.mkdir(parents=True, exist_ok=True)
-        try:
-            r.get_dir("manifests", d)
-        except RemoteError as e:
-            return e
-        return {f.name: f.read_bytes() for f in d.iterdir() if f.is_file()}
-
-    def manifests(self, r: Remote) -> dict[str, bytes]:
-        """{object name: bytes} of the manifests on ``r``; raises RemoteError."""
-        fut = self._mans.get(r.spec)
-        if fut is None:
-            with tempfile.TemporaryDirectory(prefix="vaultfs-manifests-") as tmp:
-                got = self._manifests_one(r, Path(tmp))
-        else:
-            got = fut.result()
+    def _listing(self, r: Backend) -> dict[str, dict[str, int]]:
+        """The one listing of ``r`` (started by :meth:`start`); raises RemoteError."""
+        if self._ex is None:
+            self.start(manifests=False)
+        got = self._lists[r.spec].result()
         if isinstance(got, RemoteError):
             raise got
         return got
+
+    def manifest_names(self, r: Backend) -> list[tuple[str, int]]:
+        """(name, listed size) of the manifest objects of ``r``, newest first (objects whose
+        name is not a manifest name are ignored); raises RemoteError."""
+        names = self._listing(r)["manifests"]
+        return sorted(
+            ((nm, sz) for nm, sz in names.items() if manifest.seq_of_name(nm) is not None),
+            reverse=True,  # the zero-padded sequence number leads the name
+        )
+
+    def _newest(self, r: Backend) -> tuple[str, bytes | str] | None:
+        """The newest manifest of ``r`` listed at a plausible size, read (for :meth:`start`)."""
+        try:
+            names = [(nm, sz) for nm, sz in self.manifest_names(r) if sz <= manifest.MAX_BYTES]
+        except RemoteError:
+            return None
+        return (names[0][0], self._read_manifest(r, *names[0])) if names else None
+
+    def read_manifest(self, r: Backend, name: str, listed: int) -> bytes | str:
+        """The bytes of one manifest object of ``r``, or why they were not read: an object
+        listed larger than :data:`manifest.MAX_BYTES` is refused unread, and no read asks for more
+        than one byte beyond it (a longer object is refused). Unverified: see
+        :func:`manifest.read`."""
+        first = self._first.get(r.spec)
+        if first is not None and (got := first.result()) is not None and got[0] == name:
+            return got[1]
+        return self._read_manifest(r, name, listed)
+
+    def _read_manifest(self, r: Backend, name: str, listed: int) -> bytes | str:
+        if listed > manifest.MAX_BYTES:
+            return f"listed at {listed:,} bytes, more than a manifest can be; not read"
+        try:
+            blob = r.cat("manifests", name, 0, manifest.MAX_BYTES + 1)
+        except RemoteError as e:
+            return f"could not be read ({e.message})"
+        if len(blob) > manifest.MAX_BYTES:
+            return f"longer than a manifest can be ({manifest.MAX_BYTES:,} bytes); not read further"
+        return blob
 
     def stop(self) -> None:
         """End the background work of :meth:`start`: stop the read-ahead and wait for the
@@ -194,15 +264,17 @@ class ShardSource:
             self._ex.shutdown(wait=True, cancel_futures=True)
 
     def list_all(self) -> None:
-        """Learn which remote holds which shard object (one listing per remote)."""
+        """Learn which remote holds which shard object, at which listed size (one listing per
+        remote)."""
         if self._ex is None:
-            self.start()
+            self.start(manifests=False)
         for r in self.remotes:
             rep = self.reports[r.spec]
             tree = self._lists[r.spec].result()
             if isinstance(tree, RemoteError):
                 rep.reachable, rep.error = False, tree.message
                 continue
+            self.listed[r.spec] = tree
             names = [nm for sub in ("data", "meta") for nm in tree[sub]]
             rep.objects = len(names)
             for nm in names:
@@ -210,26 +282,50 @@ class ShardSource:
         if self._ex is not None:
             self._ex.shutdown(wait=True)
 
-    def available(self, name: str) -> bool:
-        return name in self.local or bool(self.where.get(name))
+    def reject(self, r: Backend, what: str) -> None:
+        """Name an object ``r`` served or listed wrongly in its report."""
+        self.reports[r.spec].rejected.append(what)
 
-    def refs(self, shards: list[tuple[int, str, bytes]]) -> list[ShardRef]:
-        """The shard reader's view of a segment's (idx, name, hash) rows: the shards this
-        source can reach, queue copies marked local. Call after :meth:`list_all`."""
-        return [
-            ShardRef(idx, name, h, local=name in self.local)
-            for idx, name, h in shards
-            if self.available(name)
-        ]
+    def refs(self, kind: str, shards: Iterable[tuple[int, str, bytes, int]]) -> list[ShardRef]:
+        """The shard reader's view of a segment's (idx, name, hash, size) rows, as the signed
+        metadata records them: the shards this source can reach, queue copies marked local.
+        A remote whose listing gives an object another size is not asked for it (it is named
+        in its report, and the shard decoded around). Call after :meth:`list_all`."""
+        out: list[ShardRef] = []
+        for idx, name, h, size in shards:
+            if name not in self.local:
+                holders = self.where.get(name)
+                if not holders:
+                    continue
+                right = [r for r in holders if self._listed_right(r, kind, name, size)]
+                if len(right) != len(holders):
+                    self.where[name] = right
+                if not right:
+                    continue
+            out.append(ShardRef(idx, name, h, local=name in self.local, size=size))
+        return out
 
-    def fetch(self, wanted: list[tuple[str, str]], into: Path) -> dict[str, Path]:
-        """Download (kind, name) objects into ``into``; spread the load across remotes."""
-        got: dict[str, Path] = {}
-        per_remote: dict[str, tuple[Remote, dict[str, list[str]]]] = {}
+    def _listed_right(self, r: Backend, kind: str, name: str, size: int) -> bool:
+        listed = self.listed.get(r.spec, {}).get(kind, {}).get(name)
+        if listed is None:
+            return False  # listed under another folder: not this object
+        if listed not in (size, -1):
+            self.reject(r, f"{kind}/{name} listed at {listed:,} bytes, not {size:,}; not read")
+            return False
+        return True
+
+    def fetch(self, wanted: list[tuple[str, ShardRef]], into: Path) -> dict[str, Fetched]:
+        """Stage the (kind, shard) objects: queue copies, read-ahead and in-place files as
+        they are; others downloaded into ``into``, spreading the load across remotes: only
+        objects listed at their expected size (:meth:`refs`), each download cut off at the
+        sum of those sizes; every file is checked again when read (:func:`read_object`)."""
+        got: dict[str, Fetched] = {}
+        per_remote: dict[str, tuple[Backend, dict[str, list[ShardRef]]]] = {}
         load: dict[str, int] = defaultdict(int)
-        for kind, name in wanted:
+        for kind, ref in wanted:
+            name = ref.name
             if name in self.local:
-                got[name] = self.local[name]
+                got[name] = Fetched(self.local[name], "the upload queue")
                 continue
             if name in self.staged:
                 got[name] = self.staged[name]
@@ -241,67 +337,90 @@ class ShardSource:
             if here:  # read where it lies, spreading the reads over the directories
                 r = min(here, key=lambda x: load[x.spec])
                 load[r.spec] += 1
-                got[name] = self.in_place[r.spec] / kind / name
+                got[name] = Fetched(self.in_place[r.spec] / kind / name, r.label)
                 continue
             r = min(cands, key=lambda x: load[x.spec])
             load[r.spec] += 1
-            per_remote.setdefault(r.spec, (r, defaultdict(list)))[1][kind].append(name)
+            per_remote.setdefault(r.spec, (r, defaultdict(list)))[1][kind].append(ref)
 
-        def pull(item: tuple[Remote, dict[str, list[str]]]) -> None:
+        def pull(item: tuple[Backend, dict[str, list[ShardRef]]]) -> None:
             r, kinds = item
             d = into / f"r{abs(hash(r.spec))}"
             d.mkdir(parents=True, exist_ok=True)
-            for kind, names in kinds.items():
+            for kind, refs in kinds.items():
+                expected = sum(x.size or 0 for x in refs)
                 try:
-                    r.get(kind, names, d)
+                    r.get(kind, [x.name for x in refs], d, expected + GET_SLACK)
                 except RemoteError as e:
                     self.reports[r.spec].error = e.message
-                for nm in names:
-                    if (d / nm).exists():
-                        got[nm] = d / nm
+                for x in refs:
+                    if (d / x.name).exists():
+                        got[x.name] = Fetched(d / x.name, r.label)
 
         with ThreadPoolExecutor(max_workers=max(1, len(per_remote))) as ex:
             list(ex.map(pull, per_remote.values()))
         return got
 
-    def fetch_one(self, kind: str, name: str) -> bytes | None:
-        """One object read from the first remote that listed it and can serve it; None if
-        none can."""
-        for r in self.where.get(name, []):
-            try:
-                return r.cat(kind, name)
-            except RemoteError:
+    def fetch_one(
+        self, kind: str, ref: ShardRef, warnings: list[str], skip: str = ""
+    ) -> tuple[segment.Body, str] | None:
+        """One object, with who served it, from the first remote (other than the one
+        labelled ``skip``) that listed it and serves it at its expected size (read in place,
+        or at most one byte more than expected); None if none can. Each remote that fails is
+        named in ``warnings``."""
+        assert ref.size is not None
+        for r in self.where.get(ref.name, []):
+            if r.label == skip:
                 continue
+            body: segment.Body | str
+            if r.spec in self.in_place:
+                body = read_object(self.in_place[r.spec] / kind / ref.name, ref.size)
+            else:
+                try:
+                    body = r.cat(kind, ref.name, 0, ref.size + 1)
+                except RemoteError as e:
+                    body = f"could not be read ({e.message})"
+                else:
+                    if len(body) != ref.size:
+                        body = f"came back with {len(body):,} bytes, not {ref.size:,}"
+            if isinstance(body, str):
+                warnings.append(f"{r.label}: shard {ref.name} (index {ref.idx}) {body}")
+                continue
+            return body, r.label
         return None
 
 
 class _Staged:
     """The shard reader's transport for restore: shard objects staged (downloaded, read ahead,
     or lying in place on a local remote, as :meth:`ShardSource.fetch` found them), then the
-    upload queue, then one read from any remote that listed the object. A staged object that
-    cannot be read is noted in ``warnings`` and fetched again from a remote."""
+    upload queue, then one read from any remote that listed the object. Every read is bounded
+    by the ref's size; a staged object that cannot be read, or has the wrong size, is noted in
+    ``warnings`` with its holder and fetched again from a remote. ``holders`` says who served
+    each object returned."""
 
     def __init__(
-        self, src: ShardSource, kind: str, staged: dict[str, Path], warnings: list[str]
+        self, src: ShardSource, kind: str, staged: dict[str, Fetched], warnings: list[str]
     ) -> None:
         self.src, self.kind, self.staged, self.warnings = src, kind, staged, warnings
+        self.holders: dict[str, str] = {}
 
     def fetch(self, refs: Sequence[ShardRef]) -> dict[str, segment.Body]:
         out: dict[str, segment.Body] = {}
         for ref in refs:
-            p = self.staged.get(ref.name)
-            if p is not None:
-                try:
-                    out[ref.name] = segment.read_body(p)
-                    continue
-                except OSError as e:  # gone or unreadable in place: rclone may still get it
-                    self.warnings.append(
-                        f"shard {ref.name} (index {ref.idx}) could not be read: {e.strerror}"
-                    )
+            assert ref.size is not None
+            f = self.staged.get(ref.name)
             local = self.src.local.get(ref.name)
-            body = local.read_bytes() if local else self.src.fetch_one(self.kind, ref.name)
-            if body is not None:
-                out[ref.name] = body
+            if f is None and local is not None:
+                f = Fetched(local, "the upload queue")
+            if f is not None:
+                body = read_object(f.path, ref.size)
+                if not isinstance(body, str):
+                    out[ref.name], self.holders[ref.name] = body, f.holder
+                    continue
+                self.warnings.append(f"{f.holder}: shard {ref.name} (index {ref.idx}) {body}")
+            got = self.src.fetch_one(self.kind, ref, self.warnings, f.holder if f else "")
+            if got is not None:
+                out[ref.name], self.holders[ref.name] = got
         return out
 
 
@@ -312,16 +431,18 @@ def _read_segment(
     k: int,
     n: int,
     size: int,
-    staged: dict[str, Path],
+    staged: dict[str, Fetched],
     warnings: list[str],
     what: str,
 ) -> bytes:
     """One segment through the shard reader, from the objects ``staged`` for it (the first
     :func:`shardreader.choose` of ``refs``) and more from ``src`` as needed; corrupt shards
-    are added to ``warnings``."""
-    read = read_segment(refs, k, n, size, _Staged(src, kind, staged, warnings), what)
+    are added to ``warnings`` with the remote that served them."""
+    transport = _Staged(src, kind, staged, warnings)
+    read = read_segment(refs, k, n, size, transport, what)
     warnings += [
-        f"shard {lie.ref.name} (index {lie.ref.idx}) is corrupt; decoding around it"
+        f"{transport.holders.get(lie.ref.name, 'a remote')}: shard {lie.ref.name}"
+        f" (index {lie.ref.idx}) is corrupt; decoding around it"
         for lie in read.lies
         if lie.kind == "corrupt"
     ]
@@ -331,24 +452,36 @@ def _read_segment(
 def find_manifest(
     keys: VaultKeys, src: ShardSource, min_seq: int = 0
 ) -> tuple[manifest.Manifest, list[str]]:
-    """The highest validly signed manifest on the given remotes; warns about stale ones."""
+    """The highest validly signed manifest on the given remotes; warns about stale ones.
+
+    Each remote is examined on its own thread, its manifest names newest first (by the
+    sequence number that leads each name), until one verifies: an honest remote costs one
+    read. A name listed larger than :data:`manifest.MAX_BYTES` is refused unread, every other read
+    is capped there; junk names above a remote's newest valid manifest cost one capped read
+    each and are named in its report, so a remote cannot hide its valid manifests and cannot
+    make the restore hold more than one manifest per remote at a time. The result is the
+    highest of the remotes' newest valid manifests, as before: one up-to-date remote defeats
+    a rollback by the others (docs/threat-model.md, section 5)."""
     warnings: list[str] = []
     best: manifest.Manifest | None = None
     lock = threading.Lock()
 
-    def scan(r: Remote) -> None:
-        """Check every manifest of one remote; keep its newest valid one."""
+    def scan(r: Backend) -> None:
+        """Examine the manifests of one remote newest first; stop at the first valid one."""
         nonlocal best
         rep = src.reports[r.spec]
         try:
-            blobs = src.manifests(r)
+            names = src.manifest_names(r)
         except RemoteError as e:
             rep.reachable, rep.error = False, e.message
             return
-        names = sorted((nm for nm in blobs if manifest.seq_of_name(nm) is not None), reverse=True)
-        for nm in names:
+        for nm, listed in names:
+            blob = src.read_manifest(r, nm, listed)
+            if isinstance(blob, str):
+                rep.bad_manifests.append(f"{nm}: {blob}")
+                continue
             try:
-                m = manifest.read(keys, blobs[nm])
+                m = manifest.read(keys, blob)
             except IntegrityError as e:
                 rep.bad_manifests.append(f"{nm}: {e.message}")
                 continue
@@ -385,15 +518,17 @@ def find_manifest(
     return best, warnings
 
 
-def fetch_index(keys: VaultKeys, m: manifest.Manifest, src: ShardSource, dest: Path) -> None:
-    """Rebuild the index database named by a manifest into ``dest``."""
+def fetch_index(keys: VaultKeys, m: manifest.Manifest, src: ShardSource, dest: Path) -> list[str]:
+    """Rebuild the index database named by a manifest into ``dest``; returns warnings (the
+    shards decoded around, with the remotes that served them). Each index shard is read at
+    the size the signed manifest records, never more."""
     warnings: list[str] = []
     pieces: list[bytes] = []
     with tempfile.TemporaryDirectory(prefix="vaultfs-idx-") as tmp:
         for i, seg in enumerate(m.contents.index_segments):
             k, n = seg.k, seg.n
-            refs = src.refs([(s.idx, s.name, s.hash) for s in seg.shards])
-            got = src.fetch([("meta", r.name) for r in choose(refs, k)], Path(tmp))
+            refs = src.refs("meta", [(s.idx, s.name, s.hash, s.size) for s in seg.shards])
+            got = src.fetch([("meta", r) for r in choose(refs, k)], Path(tmp))
             what = f"index segment {i}"
             data = _read_segment(src, "meta", refs, k, n, seg.size, got, warnings, what)
             pieces.append(data[: seg.used])
@@ -402,6 +537,7 @@ def fetch_index(keys: VaultKeys, m: manifest.Manifest, src: ShardSource, dest: P
         raise IntegrityError("index blob length does not match the manifest")
     raw = envelope.open_meta(keys.metadata_key, keys.vault_id, b"index", blob, m.suite)
     dest.write_bytes(raw)
+    return warnings
 
 
 class Row(NamedTuple):
@@ -547,7 +683,7 @@ def _restore_segment(job: tuple) -> tuple[int, int, list[str]]:
     ctx, fds = _ctx, _fds
     assert ctx is not None and fds is not None
     warnings: list[str] = []
-    staged = {nm: Path(p) for nm, p in paths.items()}
+    staged = {nm: Fetched(Path(p), holder) for nm, (p, holder) in paths.items()}
     what = f"data segment {sid}"
     seg = memoryview(_read_segment(ctx.src, "data", refs, k, n, size, staged, warnings, what))
     key, suite, vid, idkey = (
@@ -584,6 +720,26 @@ def _restore_segment(job: tuple) -> tuple[int, int, list[str]]:
 #: machines measured (457 MB written in 16 MiB calls: 0.8-1.6 s of system time; in 1 MiB
 #: calls: 0.1-0.25 s), so a gathered run of chunks is cut at this size.
 WRITE_MAX = 1 << 20
+
+
+def _batches(order: list[int], sizes: dict[int, int]) -> list[list[int]]:
+    """Segments in fetch batches: a small first one (:data:`FIRST_BATCH`), so decoding
+    starts while the rest is still being fetched, then :data:`BATCH_SEGMENTS` each, every
+    batch at most half of :func:`read_ahead_budget` bytes of shards (two are staged at a
+    time), and at least one segment."""
+    budget = read_ahead_budget() // 2
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    cur_bytes, limit = 0, FIRST_BATCH
+    for sid in order:
+        if cur and (len(cur) >= limit or cur_bytes + sizes[sid] > budget):
+            batches.append(cur)
+            cur, cur_bytes, limit = [], 0, BATCH_SEGMENTS
+        cur.append(sid)
+        cur_bytes += sizes[sid]
+    if cur:
+        batches.append(cur)
+    return batches
 
 
 def write_parts(fd: int, parts: list[bytes], pos: int) -> int:
@@ -754,10 +910,12 @@ def restore_files(
         sid: (size, k, n, epoch)
         for sid, size, k, n, epoch in db.execute("SELECT id, size, k, n, epoch FROM segments")
     }
-    shard_rows: dict[int, list[tuple[int, str, bytes]]] = defaultdict(list)
-    for sid, idx, name, h in db.execute("SELECT segment, idx, name, hash FROM shards ORDER BY idx"):
-        shard_rows[sid].append((idx, name, h))
-    refs = {sid: src.refs(shard_rows[sid]) for sid in plan}
+    shard_rows: dict[int, list[tuple[int, str, bytes, int]]] = defaultdict(list)
+    for sid, idx, name, h, size in db.execute(
+        "SELECT segment, idx, name, hash, size FROM shards ORDER BY idx"
+    ):
+        shard_rows[sid].append((idx, name, h, size))
+    refs = {sid: src.refs("data", shard_rows[sid]) for sid in plan}
     used_epochs = {seg_rows[sid][3] for sid in plan}
     data_keys = {
         e: keys.unwrap_data_key(e, w, s)
@@ -766,12 +924,7 @@ def restore_files(
     }
 
     warnings: list[str] = []
-    order = sorted(plan)
-    # a small first batch, so decoding starts while the rest is still being fetched
-    batches = [order[:FIRST_BATCH]] + [
-        order[i : i + BATCH_SEGMENTS] for i in range(FIRST_BATCH, len(order), BATCH_SEGMENTS)
-    ]
-    batches = [b for b in batches if b]
+    batches = _batches(sorted(plan), {sid: seg_rows[sid][0] for sid in plan})
     tmp_root = Path(tempfile.mkdtemp(prefix="vaultfs-restore-", dir=_staging_dir()))
 
     def download(batch_no: int) -> tuple[Path, dict[str, Path]]:
@@ -780,7 +933,7 @@ def restore_files(
         wanted = []
         for sid in batches[batch_no]:
             k = seg_rows[sid][1]
-            wanted += [("data", r.name) for r in choose(refs[sid], k)]
+            wanted += [("data", r) for r in choose(refs[sid], k)]
         return d, src.fetch(wanted, d)
 
     ctx = _RestoreContext(keys.vault_id, keys.chunk_id_key, data_keys, epoch_suites, src)
@@ -798,13 +951,17 @@ def restore_files(
                 assert nxt is not None
                 bdir, fetched = nxt.result()
                 dirs[bi] = bdir
-                ahead[bi] = [p for nm, p in fetched.items() if src.staged.get(nm) == p]
+                ahead[bi] = [f.path for nm, f in fetched.items() if src.staged.get(nm) == f]
                 if abort.is_set():  # a decoder failed: stop feeding the pool
                     return
                 # queued behind the batch before, so the decoders do not run dry between them
                 for sid in batches[bi]:
                     size, k, n, epoch = seg_rows[sid]
-                    paths = {r.name: str(fetched[r.name]) for r in refs[sid] if r.name in fetched}
+                    paths = {
+                        r.name: (str(f.path), f.holder)
+                        for r in refs[sid]
+                        if (f := fetched.get(r.name)) is not None
+                    }
                     yield (bi, sid, size, k, n, epoch, refs[sid], paths, plan[sid])
                 # at most two batches staged: fetch the next once the one before is written
                 while bi and not written[bi - 1].wait(0.1):
@@ -888,7 +1045,7 @@ def verify_index_against_manifest(db: sqlite3.Connection, m: manifest.Manifest) 
 
 def open_remote_index(
     keys: VaultKeys,
-    remotes: list[Remote],
+    remotes: list[Backend],
     workdir: Path,
     min_seq: int = 0,
     src: ShardSource | None = None,
@@ -906,7 +1063,7 @@ def open_remote_index(
         min_seq = max(min_seq, seen_manifest_seq(home / "index.db", keys.vault_id.hex()))
     if src is None:
         src = ShardSource(remotes)
-        src.start(workdir / "manifests")
+        src.start()
     m, warnings = find_manifest(keys, src, min_seq)
     src.stop_read_ahead()  # from here on the index says what to fetch
     # the newest signed manifest says which suites the vault retired and names its SLH-DSA key
@@ -919,7 +1076,7 @@ def open_remote_index(
     if not reachable:
         raise NotEnoughRemotes("none of the given remotes is reachable")
     dbpath = workdir / "index.db"
-    fetch_index(keys, m, src, dbpath)
+    warnings += fetch_index(keys, m, src, dbpath)
     db = sqlite3.connect(dbpath, isolation_level=None)
     migrate(db)  # an index written before schema 2 reads like a current one
     verify_index_against_manifest(db, m)

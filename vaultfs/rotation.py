@@ -36,9 +36,9 @@ from functools import partial
 from pathlib import Path
 
 from . import envelope
-from .errors import EXIT_PARTIAL, InputError, IntegrityError, VaultError
+from .backends import open_backend
+from .errors import EXIT_PARTIAL, InputError, IntegrityError, RemoteError, VaultError
 from .keys import SUITE_NAMES, SUITES, suite_name, update_keyfile_policy
-from .remotes import Remote, RemoteError
 from .vault import Vault
 
 #: Flush the queue after this many rewritten segments (bounds local disk use).
@@ -273,7 +273,7 @@ def collect_garbage(v: Vault) -> tuple[int, int]:
             if spec is None:
                 _forget(v, names)
                 continue
-            r = Remote(spec[0], rid)
+            r = open_backend(spec[0], rid)
         try:
             r.delete(kind, names)
         except RemoteError:

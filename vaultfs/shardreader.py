@@ -33,7 +33,10 @@ class ShardRef:
     proves header, fragment and (through the index's Merkle records) the segment root.
     ``holder`` names where it is read from, for messages (a remote's label, "the upload queue");
     ``local`` marks a copy on this machine (read first); ``tag`` is the caller's own handle
-    (repair's shard row), carried back in :class:`Lie`."""
+    (repair's shard row), carried back in :class:`Lie`. ``size`` is the object's length as the
+    same signed metadata records it, when the caller has it: an object of another length is
+    refused unhashed, and a transport uses it to bound its read (never more than ``size + 1``
+    bytes, enough to tell that an object is longer)."""
 
     idx: int
     name: str
@@ -41,6 +44,7 @@ class ShardRef:
     holder: str = ""
     local: bool = False
     tag: Any = None
+    size: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +102,8 @@ class Transport(Protocol):
         (either form of :data:`segment.Body`); a name mapped to a ``str`` could not be had for
         the reason given; a name left out is missing for no stated reason. May be called
         several times for one segment, never twice with the same shard. Raises nothing for a
-        shard it cannot fetch."""
+        shard it cannot fetch. Where a ref carries a ``size``, reads at most ``size + 1`` bytes
+        of that object (a remote may serve anything under a listed name)."""
         ...
 
 
@@ -153,7 +158,7 @@ def read_segment(
             body = got.get(ref.name)
             if body is None or isinstance(body, str):
                 lies.append(Lie(ref, "missing", body or ""))
-            elif intact(body, ref.hash):
+            elif intact(body, ref.hash, ref.size):
                 good.append(body)
             else:
                 lies.append(Lie(ref, "corrupt"))

@@ -10,7 +10,7 @@ What one audit of one remote does, in order:
    index does not place there is *foreign*. Listings cost a few bytes per object.
 3. **Challenges**, drawn with :mod:`secrets` when the audit is planned, so the remote cannot
    predict them: a uniformly random 64 KiB Merkle block among all blocks the remote holds, and a
-   random 2 KiB *piece* of it, fetched with a ranged read (``Remote.cat(sub, name, off, n)``).
+   random 2 KiB *piece* of it, fetched with a ranged read (``Backend.cat(sub, name, off, n)``).
    The piece is checked against its keyed tag (``audit_tags``), which binds it to the block's
    Merkle leaf; the leaf is checked by its Merkle proof up to the shard root, the shard root up
    to the segment root and the segment root up to the vault root signed in the latest manifest
@@ -53,10 +53,10 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from . import manifest, merkle, segment
 from .audittag import PIECE, piece_tag, piece_tags, stored_tag, tagger
-from .backends import ObjectMissing, Unreachable, open_backend
-from .errors import BadRemote, IntegrityError
+from .backends import open_backend
+from .errors import BadRemote, IntegrityError, ObjectMissing, RemoteError, Unreachable
 from .index import Index
-from .remotes import Remote, RemoteError
+from .remotes import Remote
 from .shardreader import intact
 
 if TYPE_CHECKING:
@@ -393,7 +393,7 @@ class _RemoteAuditor:
     def __init__(self, ctx: _Ctx, rid: int, spec: str, domain: str) -> None:
         self.ctx = ctx
         self.rid = rid
-        self.b = open_backend(spec, rid, wrap=ctx.wrap)
+        self.b = open_backend(spec, rid, fail_fast=True, wrap=ctx.wrap)
         self.rep = RemoteAudit(Remote(spec).label, rid, domain, mode=ctx.mode)
         self.run_id: int | None = None
         self.tree: dict[str, dict[str, int]] = {}
@@ -434,8 +434,16 @@ class _RemoteAuditor:
 
     # -- 1. manifests ------------------------------------------------------------------------
     def _manifest_names(self) -> list[str]:
+        """Manifest names newest first, but not those listed larger than a manifest can be."""
         names = self.tree.get("manifests", {})
-        return sorted((nm for nm in names if manifest.seq_of_name(nm) is not None), reverse=True)
+        return sorted(
+            (
+                nm
+                for nm, size in names.items()
+                if manifest.seq_of_name(nm) is not None and size <= manifest.MAX_BYTES
+            ),
+            reverse=True,
+        )
 
     def _manifests(self) -> None:
         idx = self.ctx.index
@@ -446,9 +454,19 @@ class _RemoteAuditor:
         delivered = [s for (s,) in idx.q("SELECT seq FROM manifests") if s not in pending]
         self.rep.expected_seq = max(delivered, default=0)
         best: manifest.Manifest | None = None
+        for nm, size in self.tree.get("manifests", {}).items():
+            if manifest.seq_of_name(nm) is not None and size > manifest.MAX_BYTES:
+                self.rep.foreign.append(f"manifests/{nm}")
+                self.rep.details[f"manifests/{nm}"] = (
+                    f"listed at {size:,} bytes, more than a manifest can be; not read"
+                )
         for nm in self._manifest_names()[:8]:
             try:
-                blob = self.prefetched.pop(nm, None) or self.b.cat("manifests", nm)
+                blob = self.prefetched.pop(nm, None) or self.b.cat(
+                    "manifests", nm, 0, manifest.MAX_BYTES + 1
+                )
+                if len(blob) > manifest.MAX_BYTES:
+                    raise IntegrityError("longer than a manifest can be; not read further")
                 m = manifest.read(self.ctx.keys, blob)
             except ObjectMissing:
                 continue
@@ -658,8 +676,9 @@ class _RemoteAuditor:
                 except RemoteError:  # some object in the batch is unreadable: find which
                     one_by_one = True
                 for nm in newest:
-                    if (d / "manifests" / nm).exists():
-                        self.prefetched[nm] = (d / "manifests" / nm).read_bytes()
+                    mp = d / "manifests" / nm
+                    if mp.exists() and mp.stat().st_size <= manifest.MAX_BYTES:
+                        self.prefetched[nm] = mp.read_bytes()
                 for sh in batch:
                     self.ctx.chain_ok(sh)
                     p = d / sh.kind / sh.name
@@ -667,7 +686,7 @@ class _RemoteAuditor:
                     if one_by_one and not p.exists():
                         try:
                             p.parent.mkdir(exist_ok=True)
-                            p.write_bytes(self.b.cat(sh.kind, sh.name))
+                            p.write_bytes(self.b.cat(sh.kind, sh.name, 0, sh.size + 1))
                         except ObjectMissing:
                             pass
                         except Unreachable:
@@ -680,7 +699,12 @@ class _RemoteAuditor:
                         self._finding(sh, "missing", "listed, but could not be downloaded")
                         self._done(sh.id, answers, 0, len(answers))
                         continue
-                    bad = _classify_body(self.ctx, sh, p.read_bytes())
+                    got = p.stat().st_size  # checked first: read no more than the index says
+                    if got != sh.size:
+                        with open(p, "rb") as f:
+                            bad = _why_bad(self.ctx, sh, f.read(segment.HEADER.size), got)
+                    else:
+                        bad = _classify_body(self.ctx, sh, p.read_bytes())
                     p.unlink()
                     if bad:
                         self._finding(sh, *bad)

@@ -1,23 +1,13 @@
-"""The local SQLite index: the single source of truth for what the vault holds and where.
-
-Every column is documented in the schema below. Sentinels that crash recovery reads:
-``shards.state = 'queued'`` means the shard object is durable in the local queue directory
-but not yet known to be on its remote; ``segments.state = 'open'`` never reaches disk (a
-segment is inserted only once it is sealed and its shards are durable in the queue).
-
-After every commit the whole index is exported (``Index.export_bytes``), encrypted and
-erasure-coded like data, and named by a signed manifest (see vault.py and docs/design.md).
+"""The index's tables (every column documented) and the migrations that bring an older file
+to the current layout. The schema is the single source of truth for what the vault holds and
+where; the query modules beside this one (``vaultfs/index/*.py``) are the only SQL over it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
-import tempfile
-import threading
-from pathlib import Path
 
-from . import names
+from .. import names
 
 #: ``PRAGMA user_version`` of an index in the current layout. 1: the first layout (0 in the
 #: file); 2: entries.parent, entries.rdev and the entries_parent/entries_link indexes
@@ -263,118 +253,6 @@ CREATE TABLE IF NOT EXISTS live_blocks (
 """
 
 
-class Index:
-    """A thread-safe handle on the SQLite index (one connection, serialised by a lock).
-
-    Callers use :meth:`tx` for writes, so a crash leaves either all or none of an update.
-    """
-
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path) if path != ":memory:" else path
-        self.lock = threading.RLock()
-        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        migrate(self.db)
-
-    def close(self) -> None:
-        with self.lock:
-            self.db.close()
-
-    # -- small helpers ---------------------------------------------------------------------
-    def q(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self.lock:
-            return self.db.execute(sql, args).fetchall()
-
-    def one(self, sql: str, args: tuple = ()) -> tuple | None:
-        with self.lock:
-            return self.db.execute(sql, args).fetchone()
-
-    def tx(self) -> _Tx:
-        return _Tx(self)
-
-    def get(self, key: str, default: str | None = None) -> str | None:
-        row = self.one("SELECT value FROM settings WHERE key=?", (key,))
-        return row[0] if row else default
-
-    def set(self, key: str, value: object) -> None:
-        with self.lock:
-            self.db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, str(value)))
-
-    def newest_manifest_seq(self) -> int:
-        """The highest manifest sequence number this index has recorded (0 before the first)."""
-        return self.one("SELECT coalesce(max(seq), 0) FROM manifests")[0]
-
-    def snapshot_rows(self) -> list[tuple[str, str | None, float, int, int, int]]:
-        """Every snapshot as (uid, name, created, files, bytes, seq), oldest first."""
-        return self.q("SELECT uid, name, created, files, bytes, seq FROM snapshots ORDER BY id")
-
-    def find_snapshot(self, ref: str) -> tuple[int, str] | None:
-        """(row id, uid) of snapshot ``ref``: its uid, its name (the newest snapshot of that
-        name) or 'latest' (the newest of all); None when nothing matches."""
-        if ref == "latest":
-            return self.one("SELECT id, uid FROM snapshots ORDER BY id DESC LIMIT 1")
-        return self.one(
-            "SELECT id, uid FROM snapshots WHERE uid=? OR name=? ORDER BY id DESC LIMIT 1",
-            (ref, ref),
-        )
-
-    def entry_rows(self, snapshot: int) -> list[tuple]:
-        """(path, type, mode, size, mtime_ns, target, rdev) of every entry of the snapshot
-        with row id ``snapshot``, in no particular order (paths as stored: names.from_db)."""
-        return self.q(
-            "SELECT path, type, mode, size, mtime_ns, target, rdev FROM entries WHERE snapshot=?",
-            (snapshot,),
-        )
-
-    def active_remotes(self) -> list[tuple[int, str]]:
-        """(id, spec) of every remote in use (not removed), in placement order."""
-        return self.q("SELECT id, spec FROM remotes WHERE state='active' ORDER BY position")
-
-    def newest_manifest_placed(self, remote: int) -> int | None:
-        """The highest manifest sequence number that is on remote ``remote`` (no longer queued
-        for it); None when none is."""
-        return self.one(
-            "SELECT max(seq) FROM manifests WHERE seq NOT IN"
-            " (SELECT seq FROM manifest_queue WHERE remote=?)",
-            (remote,),
-        )[0]
-
-    def export_bytes(self) -> bytes:
-        """A consistent copy of the whole database as bytes (SQLite online backup)."""
-        with tempfile.TemporaryDirectory() as d:
-            out = Path(d) / "export.db"
-            dst = sqlite3.connect(out)
-            with self.lock:
-                self.db.backup(dst)
-            dst.execute("PRAGMA journal_mode=DELETE")
-            dst.execute("VACUUM")
-            dst.close()
-            return out.read_bytes()
-
-
-def stored_vault_id(path: Path) -> str | None:
-    """The vault id (hex) recorded in the index file at ``path``; None when there is no file
-    there (none is created) or it records no vault id."""
-    if not path.exists():
-        return None
-    with contextlib.closing(Index(path)) as index:
-        return index.get("vault_id")
-
-
-def seen_manifest_seq(path: Path, vault_id: str) -> int:
-    """The newest manifest sequence number the index file at ``path`` has recorded, if it is
-    the index of vault ``vault_id`` (hex); 0 when there is no file there (none is created)
-    or it belongs to another vault."""
-    if not path.exists():
-        return 0
-    with contextlib.closing(Index(path)) as index:
-        if index.get("vault_id") != vault_id:
-            return 0
-        return index.newest_manifest_seq()
-
-
 def migrate(db: sqlite3.Connection) -> None:
     """Create missing tables and bring an older index to SCHEMA_VERSION (idempotent).
 
@@ -417,40 +295,3 @@ def _fill_parents(db: sqlite3.Connection) -> None:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-
-
-#: Ids per chunk lookup: queries always carry this many parameters (padded), so SQLite
-#: prepares one statement per query shape once instead of once per call.
-LOOKUP_BATCH = 256
-
-
-def chunk_rows(db: sqlite3.Connection, cids: list[bytes]) -> dict[bytes, int]:
-    """{chunk id: chunks-table row id} for the ids of ``cids`` that the index has."""
-    marks = ",".join("?" * LOOKUP_BATCH)
-    sql = f"SELECT cid, id FROM chunks WHERE cid IN ({marks})"
-    out: dict[bytes, int] = {}
-    for i in range(0, len(cids), LOOKUP_BATCH):
-        part = cids[i : i + LOOKUP_BATCH]
-        if len(part) < LOOKUP_BATCH:  # padding no chunk id can equal (ids are 32 bytes)
-            part = [*part, *([b""] * (LOOKUP_BATCH - len(part)))]
-        out.update(db.execute(sql, part))
-    return out
-
-
-class _Tx:
-    def __init__(self, index: Index) -> None:
-        self.index = index
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.index.lock.acquire()
-        self.index.db.execute("BEGIN IMMEDIATE")
-        return self.index.db
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
-                self.index.db.execute("COMMIT")
-            else:
-                self.index.db.execute("ROLLBACK")
-        finally:
-            self.index.lock.release()

@@ -1,0 +1,362 @@
+"""The knowledge base in the vault (docs/kb.md): `vaultfs kb snapshot|restore|show|history|diff`
+against the embedded Postgres with pgvector, over a real vault on local-directory remotes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import psycopg
+import pytest
+from helpers import run_cli
+
+from vaultfs.kb import schema
+
+pytestmark = pytest.mark.pg
+
+EMB_MD5 = "SELECT md5(string_agg(vector_send(embedding), ''::bytea ORDER BY id)) FROM beliefs"
+ORPHANS = (
+    "SELECT count(*) FROM belief_edges e WHERE NOT EXISTS (SELECT 1 FROM beliefs b WHERE"
+    " b.id = e.source_belief_id) OR NOT EXISTS (SELECT 1 FROM beliefs b WHERE"
+    " b.id = e.target_belief_id)"
+)
+
+
+def init_vault(root: Path, n_remotes: int = 5) -> tuple[Path, list[str]]:
+    home = root / "home"
+    remotes = [str(root / f"remote{i}") for i in range(n_remotes)]
+    args = ["init", "--segment-mib", "1", "-k", "3", "-n", "5"]
+    for r in remotes:
+        args += ["--remote", r]
+    run_cli(*args, home=home)
+    return home, remotes
+
+
+def cli_json(*args: str, home: Path) -> dict:
+    return json.loads(run_cli(*args, "--json", home=home).stdout)
+
+
+def fails(code: int, *args: str, home: Path) -> str:
+    """Run a command that must fail with ``code``; its stderr (never a traceback)."""
+    p = run_cli(*args, home=home, check=code)
+    stderr = p.stderr.decode()
+    assert "Traceback" not in stderr and stderr.strip(), stderr
+    return stderr
+
+
+def remote_bytes(remotes: list[str]) -> int:
+    return sum(f.stat().st_size for r in remotes for f in Path(r).rglob("*") if f.is_file())
+
+
+def ids(pg, sql: str, db: str) -> set[str]:
+    return {str(r[0]) for r in pg.sql(sql, db) or []}
+
+
+# -- the main job: 20,000 beliefs, a disaster, a restore into a fresh database ---------------
+@pytest.mark.slow
+def test_snapshot_disaster_restore_20k_and_cold_show(tmp_path, pg_server):
+    dsn = pg_server.make_kb(20000, seed=5, dbname="kb20k")
+    source = pg_server.table_checksums("kb20k")
+    home, remotes = init_vault(tmp_path)
+    snap = cli_json("kb", "snapshot", "--dsn", dsn, "--name", "first", home=home)
+    assert snap["complete"] and snap["survives_losses_now"] == 2
+    tables = snap["kb"]["tables"]
+    assert {t: v["rows"] for t, v in tables.items()} == {t: n for t, (n, _md5) in source.items()}
+    assert len(snap["kb"]["root"]) == 64
+    paths = {e["path"] for e in cli_json("ls", "first", home=home)}
+    assert {"kb/manifest.json", "kb/sources.jsonl", "kb/beliefs/00.jsonl"} <= paths
+    assert {"kb/embeddings/ff.bin", "kb/edges/out/7f.jsonl", "kb/edges/in/a0.jsonl"} <= paths
+
+    keyfile = tmp_path / "usb" / "key.json"
+    keyfile.parent.mkdir()
+    shutil.copy(home / "key.json", keyfile)
+    shutil.rmtree(home)
+    shutil.rmtree(remotes[1])
+    shutil.rmtree(remotes[3])
+    left = [remotes[0], remotes[2], remotes[4]]
+    remote_args = [a for r in left for a in ("--from", r)]
+    pg_server.create_database("kb20k_restored")
+    rep = cli_json(
+        "kb", "restore", "first", "--dsn", pg_server.dsn("kb20k_restored"), *remote_args,
+        "--keyfile", str(keyfile), home=tmp_path / "new-machine",
+    )  # fmt: skip
+    assert rep["restored"] == {t: n for t, (n, _md5) in source.items()}
+    assert rep["quarantined"] == [] and rep["orphan_edges_after"] == 0
+    assert pg_server.table_checksums("kb20k_restored") == source
+    assert pg_server.sql(EMB_MD5, "kb20k_restored") == pg_server.sql(EMB_MD5, "kb20k")
+    assert pg_server.sql(ORPHANS, "kb20k_restored") == [(0,)]
+
+    # one belief from a cold home: a small fraction of what the remotes hold is read
+    bid, content, conf = pg_server.sql(
+        "SELECT id::text, content, confidence FROM beliefs ORDER BY id OFFSET 12345 LIMIT 1",
+        "kb20k",
+    )[0]
+    doc = cli_json(
+        "kb", "show", bid, *remote_args, "--keyfile", str(keyfile), home=tmp_path / "cold"
+    )
+    assert (doc["id"], doc["content"], doc["confidence"]) == (bid, content, pytest.approx(conf))
+    out = ids(pg_server, f"SELECT id FROM belief_edges WHERE source_belief_id = '{bid}'", "kb20k")
+    inc = ids(pg_server, f"SELECT id FROM belief_edges WHERE target_belief_id = '{bid}'", "kb20k")
+    assert {e["id"] for e in doc["edges"]["out"]} == out
+    assert {e["id"] for e in doc["edges"]["in"]} == inc
+    total = remote_bytes(left)
+    assert 0 < doc["bytes_read"] < 0.1 * total, (doc["bytes_read"], total)
+
+
+# -- a small graph shared by the partial-restore and bad-input tests ------------------------
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, pg_server):
+    root = tmp_path_factory.mktemp("kb-small")
+    dsn = pg_server.make_kb(1500, seed=3, dbname="kb_small")
+    home, remotes = init_vault(root)
+    snap = cli_json("kb", "snapshot", "--dsn", dsn, "--name", "small", home=home)
+    return root, home, dsn, snap["snapshot"]
+
+
+def _reach(pg, db: str, start: str, depth: int) -> tuple[set[str], list[tuple[str, str, str]]]:
+    edges = [(str(i), str(s), str(t)) for i, s, t in pg.sql("SELECT id, source_belief_id, target_belief_id FROM belief_edges", db)]  # fmt: skip
+    adj = defaultdict(set)
+    for _i, s, t in edges:
+        adj[s].add(t)
+        adj[t].add(s)
+    reach, frontier = {start}, {start}
+    for _ in range(depth):
+        frontier = {n for f in frontier for n in adj[f]} - reach
+        reach |= frontier
+    return reach, edges
+
+
+def test_subgraph_restore_quarantines_edges_leaving_it(small, pg_server):
+    root, home, _dsn, _uid = small
+    start = pg_server.sql("SELECT id::text FROM beliefs ORDER BY id OFFSET 700 LIMIT 1", "kb_small")[0][0]  # fmt: skip
+    reach, edges = _reach(pg_server, "kb_small", start, 2)
+    inside = {i for i, s, t in edges if s in reach and t in reach}
+    leaving = {i for i, s, t in edges if (s in reach) != (t in reach)}
+    assert inside and leaving
+
+    pg_server.create_database("kb_sub")
+    target = pg_server.dsn("kb_sub")
+    p = run_cli(
+        "kb", "restore", "small", "--dsn", target, "--belief", start, "--depth", "2", home=home
+    )
+    assert f"{len(leaving)} edge(s) quarantined" in p.stdout.decode()
+    assert "quarantined edge" in p.stderr.decode()
+    assert ids(pg_server, "SELECT id FROM beliefs", "kb_sub") == reach
+    assert ids(pg_server, "SELECT id FROM belief_edges", "kb_sub") == inside
+    assert ids(pg_server, "SELECT id FROM belief_edges_quarantine", "kb_sub") == leaving
+    reasons = pg_server.sql("SELECT DISTINCT reason LIKE '%belief % missing' FROM belief_edges_quarantine", "kb_sub")  # fmt: skip
+    assert reasons == [(True,)]
+    assert pg_server.sql(ORPHANS, "kb_sub") == [(0,)]
+
+    # the same rows again: refused without --replace, overwritten with it
+    fails(13, "kb", "restore", "small", "--dsn", target, "--belief", start, home=home)
+    rep = cli_json("kb", "restore", "small", "--dsn", target, "--belief", start, "--depth", "2", "--replace", home=home)  # fmt: skip
+    assert rep["restored"]["beliefs"] == len(reach)
+    # --strict: would quarantine, so nothing is written and the command fails
+    pg_server.create_database("kb_sub_strict")
+    err = fails(12, "kb", "restore", "small", "--dsn", pg_server.dsn("kb_sub_strict"), "--belief", start, "--strict", home=home)  # fmt: skip
+    assert "--strict" in err and "nothing was restored" in err
+    assert pg_server.sql("SELECT to_regclass('beliefs')", "kb_sub_strict") == [(None,)]
+
+
+def test_domain_and_time_window_restore(small, pg_server):
+    _root, home, _dsn, _uid = small
+    want = ids(
+        pg_server,
+        "SELECT id FROM beliefs WHERE 'music' = ANY(domains) AND created_at >= '2024-01-01 03:00+00'"
+        " AND created_at < '2024-01-01 09:00+00'",
+        "kb_small",
+    )
+    assert want
+    pg_server.create_database("kb_dom")
+    rep = cli_json(
+        "kb", "restore", "latest", "--dsn", pg_server.dsn("kb_dom"), "--domain", "music",
+        "--since", "2024-01-01T03:00:00", "--until", "2024-01-01T09:00:00+00:00", home=home,
+    )  # fmt: skip
+    assert rep["restored"]["beliefs"] == len(want)
+    assert ids(pg_server, "SELECT id FROM beliefs", "kb_dom") == want
+    assert pg_server.sql(ORPHANS, "kb_dom") == [(0,)]
+    restored_edges = rep["restored"]["belief_edges"] + len(rep["quarantined"])
+    touching = pg_server.sql(
+        "SELECT count(*) FROM belief_edges WHERE source_belief_id IN (SELECT id FROM beliefs"
+        " WHERE 'music' = ANY(domains) AND created_at >= '2024-01-01 03:00+00' AND created_at"
+        " < '2024-01-01 09:00+00') OR target_belief_id IN (SELECT id FROM beliefs WHERE 'music'"
+        " = ANY(domains) AND created_at >= '2024-01-01 03:00+00' AND created_at < '2024-01-01 09:00+00')",
+        "kb_small",
+    )[0][0]
+    assert restored_edges == touching
+
+
+def test_bad_input_is_one_sentence_and_an_exit_code(small, pg_server):
+    root, home, dsn, _uid = small
+    bid = pg_server.sql("SELECT id::text FROM beliefs LIMIT 1", "kb_small")[0][0]
+    assert "not found" in fails(18, "kb", "show", bid, "--snapshot", "nope", home=home)
+    missing = "00000000-0000-4000-8000-000000000000"
+    assert "is not in snapshot" in fails(18, "kb", "show", missing, home=home)
+    assert "not a belief id" in fails(18, "kb", "show", "not-a-uuid", home=home)
+    assert "in no knowledge-base snapshot" in fails(18, "kb", "history", missing, home=home)
+    bad_dsn = "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2"
+    assert "cannot connect" in fails(18, "kb", "snapshot", "--dsn", bad_dsn, home=home)
+    assert "cannot connect" in fails(18, "kb", "restore", "latest", "--dsn", bad_dsn, home=home)
+    assert "DSN" in fails(18, "kb", "snapshot", "--dsn", "not a dsn ===", home=home)
+    pg_server.create_database("kb_empty")
+    err = fails(18, "kb", "snapshot", "--dsn", pg_server.dsn("kb_empty"), home=home)
+    assert "not a belief graph" in err
+    fails(2, "kb", "restore", "latest", "--dsn", dsn, "--depth", "-1", home=home)
+    fails(2, "kb", "restore", "latest", "--dsn", dsn, "--since", "yesterday", home=home)
+    # a snapshot that is not a knowledge base
+    (root / "plain").mkdir(exist_ok=True)
+    (root / "plain" / "a.txt").write_text("a")
+    run_cli("backup", str(root / "plain"), "--name", "files", home=home)
+    assert "holds no knowledge base" in fails(
+        18, "kb", "show", bid, "--snapshot", "files", home=home
+    )
+    assert cli_json("kb", "show", bid, home=home)["id"] == bid  # 'latest' skips it
+
+
+# -- a source database without foreign keys, with planted orphans ---------------------------
+PLANTED = {
+    "e0000000-0000-4000-8000-000000000001": "target belief",
+    "e0000000-0000-4000-8000-000000000002": "source belief",
+    "e0000000-0000-4000-8000-000000000003": "source belief",
+}
+
+
+def test_source_without_foreign_keys_orphans_quarantined(tmp_path, pg_server):
+    dsn = pg_server.create_database("kb_nofk")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(schema.ddl(dim=8, foreign_keys=False))
+        conn.execute(
+            "INSERT INTO beliefs (id, content, embedding, confidence, domains, provenance,"
+            " created_at) SELECT md5('b' || i)::uuid, 'belief ' || i || E' with \\\\ and \"q\"',"
+            " (SELECT array_agg(((i * j) % 97)::real / 97 + 1e-7 ORDER BY j)"
+            "  FROM generate_series(1, 8) j)::vector, (i % 10)::real / 10, ARRAY['science'],"
+            " jsonb_build_object('n', i, 'big', 12345678901234567890.123456789),"
+            " '2024-01-01'::timestamptz + i * interval '1 minute' FROM generate_series(1, 60) i"
+        )
+        conn.execute(
+            "INSERT INTO belief_edges (id, source_belief_id, target_belief_id, edge_type, weight,"
+            " created_at) SELECT md5('e' || i)::uuid, md5('b' || i)::uuid, md5('b' || (i + 1))::uuid,"
+            " 'supports', 0.5, '2024-02-01' FROM generate_series(1, 59) i"
+        )
+        b1 = conn.execute("SELECT md5('b1')::uuid").fetchone()[0]
+        conn.execute(
+            "INSERT INTO belief_edges (id, source_belief_id, target_belief_id, edge_type,"
+            " created_at) VALUES (%s, %s, gen_random_uuid(), 'supports', now()),"
+            " (%s, gen_random_uuid(), %s, 'contradicts', now()),"
+            " (%s, gen_random_uuid(), gen_random_uuid(), 'derives_from', now())",
+            (*list(PLANTED)[:1], b1, list(PLANTED)[1], b1, list(PLANTED)[2]),
+        )
+        conn.execute(
+            "UPDATE beliefs SET superseded_by = gen_random_uuid() WHERE id = md5('b7')::uuid"
+        )
+    source = pg_server.table_checksums("kb_nofk")
+    home, _remotes = init_vault(tmp_path)
+    run_cli("kb", "snapshot", "--dsn", dsn, "--name", "nofk", home=home)
+
+    pg_server.create_database("kb_nofk_strict")
+    err = fails(12, "kb", "restore", "nofk", "--dsn", pg_server.dsn("kb_nofk_strict"), "--strict", home=home)  # fmt: skip
+    assert "3 edge(s) would be quarantined" in err
+
+    target = pg_server.create_database("kb_fk")
+    p = run_cli("kb", "restore", "nofk", "--dsn", target, home=home)
+    stderr = p.stderr.decode()
+    for edge_id in PLANTED:
+        assert f"quarantined edge {edge_id}" in stderr
+    assert "superseded_by cleared" in stderr
+    rows = pg_server.sql("SELECT id::text, reason FROM belief_edges_quarantine", "kb_fk")
+    assert {i for i, _r in rows} == set(PLANTED)
+    for i, reason in rows:
+        assert PLANTED[i] in reason and "missing" in reason
+    assert "target belief" in dict(rows)["e0000000-0000-4000-8000-000000000003"]
+    restored = pg_server.table_checksums("kb_fk")
+    assert restored["belief_edges"][0] == 59 and restored["sources"] == source["sources"]
+    assert pg_server.sql(ORPHANS, "kb_fk") == [(0,)]
+    # every belief as it was, but the one whose superseded_by pointed nowhere
+    same = pg_server.sql("SELECT count(*) FROM beliefs WHERE id <> md5('b7')::uuid", "kb_fk")[0][0]
+    assert same == 59
+    assert pg_server.sql(EMB_MD5, "kb_fk") == pg_server.sql(EMB_MD5, "kb_nofk")
+    prov = "SELECT provenance::text FROM beliefs WHERE id = md5('b3')::uuid"
+    assert pg_server.sql(prov, "kb_fk") == pg_server.sql(prov, "kb_nofk")
+    # the foreign keys of the restored schema hold
+    with pytest.raises(psycopg.errors.ForeignKeyViolation), psycopg.connect(target) as conn:
+        conn.execute(
+            "INSERT INTO belief_edges (id, source_belief_id, target_belief_id, edge_type,"
+            " created_at) VALUES (gen_random_uuid(), gen_random_uuid(), gen_random_uuid(),"
+            " 'supports', now())"
+        )
+
+
+# -- history and diff across three snapshots with known changes ------------------------------
+def test_history_and_diff_across_three_snapshots(tmp_path, pg_server):
+    dsn = pg_server.make_kb(400, seed=9, dbname="kb_hist")
+    home, _remotes = init_vault(tmp_path)
+    q = lambda sql, *a: pg_server.sql(sql, "kb_hist", params=a or None)  # noqa: E731
+    run_cli("kb", "snapshot", "--dsn", dsn, "--name", "s1", home=home)
+
+    ids_sorted = [r[0] for r in q("SELECT id::text FROM beliefs ORDER BY id")]
+    a, b, d = ids_sorted[10], ids_sorted[200], ids_sorted[300]
+    d_edges = {r[0] for r in q("SELECT id::text FROM belief_edges WHERE %s IN (source_belief_id::text, target_belief_id::text)", d)}  # fmt: skip
+    new_belief = "0abc0000-0000-4000-8000-000000000000"
+    new_edge = "0ede0000-0000-4000-8000-000000000000"
+    a_lost = {r[0] for r in q("SELECT id::text FROM belief_edges WHERE (source_belief_id::text, target_belief_id::text) IN ((%s, %s), (%s, %s))", a, d, d, a)}  # fmt: skip
+    pointing = {r[0] for r in q("SELECT id::text FROM beliefs WHERE superseded_by::text = %s", d)}
+    q("UPDATE beliefs SET content = content || ' (revised)', confidence = 0.125 WHERE id = %s", a)
+    q("DELETE FROM belief_edges WHERE %s IN (source_belief_id::text, target_belief_id::text)", d)
+    q("UPDATE beliefs SET superseded_by = NULL WHERE superseded_by = %s", d)
+    q("DELETE FROM beliefs WHERE id = %s", d)
+    q(
+        "INSERT INTO beliefs (id, content, embedding, confidence, domains, created_at)"
+        " SELECT %s, 'a new belief', embedding, 0.5, ARRAY['math'], now() FROM beliefs WHERE id = %s",
+        new_belief, a,
+    )  # fmt: skip
+    q(
+        "INSERT INTO belief_edges (id, source_belief_id, target_belief_id, edge_type, created_at)"
+        " VALUES (%s, %s, %s, 'supports', now())",
+        new_edge, a, new_belief,
+    )  # fmt: skip
+    run_cli("kb", "snapshot", "--dsn", dsn, "--name", "s2", home=home)
+
+    old_edge = q(
+        "SELECT id::text FROM belief_edges WHERE %s NOT IN (source_belief_id::text,"
+        " target_belief_id::text) AND id <> %s ORDER BY id LIMIT 1",
+        a, new_edge,
+    )[0][0]  # fmt: skip
+    q("UPDATE beliefs SET embedding = embedding + embedding WHERE id = %s", b)
+    q("DELETE FROM belief_edges WHERE id = %s", old_edge)
+    run_cli("kb", "snapshot", "--dsn", dsn, "--name", "s3", home=home)
+
+    d12 = cli_json("kb", "diff", "s1", "s2", home=home)
+    assert d12["beliefs"]["added"] == [new_belief]
+    assert d12["beliefs"]["removed"] == [d]
+    assert d12["beliefs"]["changed"] == {a: ["content", "confidence"]} | {
+        i: ["superseded_by"]
+        for i in pointing  # make_kb's supersession chains
+    }
+    assert d12["belief_edges"] == {"added": [new_edge], "changed": {}, "removed": sorted(d_edges)}
+    assert d12["counts"]["beliefs"] == {"added": 1, "changed": 1 + len(pointing), "removed": 1}
+
+    d23 = cli_json("kb", "diff", "s2", "s3", home=home)
+    assert d23["beliefs"] == {"added": [], "changed": {b: ["embedding"]}, "removed": []}
+    assert d23["belief_edges"] == {"added": [], "changed": {}, "removed": [old_edge]}
+    human = run_cli("kb", "diff", "s2", "s3", home=home).stdout.decode()
+    assert f"~ {b} (embedding)" in human and f"- {old_edge}" in human
+
+    ha = cli_json("kb", "history", a, home=home)
+    assert [s["state"] for s in ha["snapshots"]] == ["added", "changed", "unchanged"]
+    step = ha["snapshots"][1]
+    assert set(step["changes"]) == {"content", "confidence"}
+    assert step["changes"]["confidence"][1] == 0.125
+    assert [e["id"] for e in step["edges_added"]["out"]] == [new_edge]
+    assert {e["id"] for e in step["edges_removed"]["out"] + step["edges_removed"]["in"]} == a_lost
+    hn = cli_json("kb", "history", new_belief, home=home)
+    assert [s["state"] for s in hn["snapshots"]] == ["absent", "added", "unchanged"]
+    assert [e["id"] for e in hn["snapshots"][1]["edges_added"]["in"]] == [new_edge]
+    hd = cli_json("kb", "history", d, home=home)
+    assert [s["state"] for s in hd["snapshots"]] == ["added", "removed", "absent"]
+    # show of an older snapshot sees the belief as it was
+    assert cli_json("kb", "show", a, "--snapshot", "s1", home=home)["confidence"] != 0.125
+    human = run_cli("kb", "history", a, home=home).stdout.decode()
+    assert "changed" in human and "confidence" in human

@@ -1,0 +1,145 @@
+"""The local SQLite index: the single source of truth for what the vault holds and where, and
+the place SQL over it is written: the engine's (vaultfs/vault/), but for the read path, the
+remote list and the manifest keyring, which still pass their statements to :meth:`Index.q`,
+as do repair, verify, rotation, restore, receipt, prune and the CLI (to move here next).
+
+Every column is documented in the schema (``schema.py``). Sentinels that crash recovery reads:
+``shards.state = 'queued'`` means the shard object is durable in the local queue directory
+but not yet known to be on its remote; ``segments.state = 'open'`` never reaches disk (a
+segment is inserted only once it is sealed and its shards are durable in the queue).
+
+The queries live beside it, one named function per question, grouped by what they are
+about: ``settings`` (the typed :class:`VaultParams` and the other settings rows),
+``keyring`` (key epochs and suites), ``remotes`` (the remotes table and their health),
+``segments`` (segments and their shards), ``chunks``, ``snapshots`` (snapshots, entries,
+entry chunks), ``manifests`` (manifests, their upload queue, garbage), ``audit`` (audit tags
+and runs). A function that reads takes the :class:`Index` (it holds the lock itself); one
+that writes as part of a larger update takes the connection of the caller's :meth:`Index.tx`.
+
+After every commit the whole index is exported (``Index.export_bytes``), encrypted and
+erasure-coded like data, and named by a signed manifest (see vaultfs/vault/commit.py and
+docs/design.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import tempfile
+import threading
+from pathlib import Path
+
+from . import manifests
+from .chunks import LOOKUP_BATCH, chunk_rows
+from .schema import SCHEMA, SCHEMA_VERSION, migrate
+from .settings import VaultParams
+
+__all__ = [
+    "LOOKUP_BATCH",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "Index",
+    "VaultParams",
+    "chunk_rows",
+    "migrate",
+    "seen_manifest_seq",
+    "stored_vault_id",
+]
+
+
+class Index:
+    """A thread-safe handle on the SQLite index (one connection, serialised by a lock).
+
+    Callers use :meth:`tx` for writes, so a crash leaves either all or none of an update.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path) if path != ":memory:" else path
+        self.lock = threading.RLock()
+        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        migrate(self.db)
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+    # -- small helpers ---------------------------------------------------------------------
+    def q(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """All rows of one statement (under the lock)."""
+        with self.lock:
+            return self.db.execute(sql, args).fetchall()
+
+    def one(self, sql: str, args: tuple = ()) -> tuple | None:
+        """The first row of one statement, or None (under the lock)."""
+        with self.lock:
+            return self.db.execute(sql, args).fetchone()
+
+    def tx(self) -> _Tx:
+        """A write transaction (``with index.tx() as db``): BEGIN IMMEDIATE under the lock,
+        COMMIT on success, ROLLBACK on an exception."""
+        return _Tx(self)
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        """Settings row ``key`` as text (the vault's parameters: :class:`VaultParams`)."""
+        row = self.one("SELECT value FROM settings WHERE key=?", (key,))
+        return row[0] if row else default
+
+    def set(self, key: str, value: object) -> None:
+        """Set settings row ``key`` to ``str(value)``, outside a transaction."""
+        with self.lock:
+            self.db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, str(value)))
+
+    def export_bytes(self) -> bytes:
+        """A consistent copy of the whole database as bytes (SQLite online backup)."""
+        with tempfile.TemporaryDirectory() as d:
+            out = Path(d) / "export.db"
+            dst = sqlite3.connect(out)
+            with self.lock:
+                self.db.backup(dst)
+            dst.execute("PRAGMA journal_mode=DELETE")
+            dst.execute("VACUUM")
+            dst.close()
+            return out.read_bytes()
+
+
+class _Tx:
+    def __init__(self, index: Index) -> None:
+        self.index = index
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.index.lock.acquire()
+        self.index.db.execute("BEGIN IMMEDIATE")
+        return self.index.db
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.index.db.execute("COMMIT")
+            else:
+                self.index.db.execute("ROLLBACK")
+        finally:
+            self.index.lock.release()
+
+
+def stored_vault_id(path: Path) -> str | None:
+    """The vault id (hex) recorded in the index file at ``path``; None when there is no file
+    there (none is created) or it records no vault id."""
+    if not path.exists():
+        return None
+    with contextlib.closing(Index(path)) as index:
+        return index.get("vault_id")
+
+
+def seen_manifest_seq(path: Path, vault_id: str) -> int:
+    """The newest manifest sequence number the index file at ``path`` has recorded, if it is
+    the index of vault ``vault_id`` (hex); 0 when there is no file there (none is created)
+    or it belongs to another vault."""
+    if not path.exists():
+        return 0
+    with contextlib.closing(Index(path)) as index:
+        if index.get("vault_id") != vault_id:
+            return 0
+        return manifests.newest_seq(index)

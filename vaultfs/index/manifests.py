@@ -1,0 +1,111 @@
+"""Queries about manifests, their upload queue and what they leave behind (tables
+``manifests``, ``manifest_queue``, ``garbage``; setting ``unshipped_since``)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from . import segments, settings
+
+if TYPE_CHECKING:
+    from . import Index
+
+
+def next_seq(db: sqlite3.Connection) -> int:
+    """The sequence number the next manifest gets."""
+    return (db.execute("SELECT max(seq) FROM manifests").fetchone()[0] or 0) + 1
+
+
+def record(
+    db: sqlite3.Connection, seq: int, name: str, created: float, root: bytes, remotes: list[int]
+) -> None:
+    """Record manifest ``seq`` (object ``name``, signing vault root ``root``) as written and
+    to be uploaded to ``remotes``; the index copy on the remotes is current again (clears
+    :func:`mark_unshipped`)."""
+    db.execute("INSERT INTO manifests VALUES (?, ?, ?, ?)", (seq, name, created, root))
+    db.execute("DELETE FROM settings WHERE key='unshipped_since'")
+    db.executemany("INSERT INTO manifest_queue VALUES (?, ?)", [(seq, rid) for rid in remotes])
+
+
+def names(index: Index) -> set[str]:
+    """Object names of the recorded manifests."""
+    return {name for (name,) in index.q("SELECT name FROM manifests")}
+
+
+def seqs_and_names(index: Index) -> list[tuple[int, str]]:
+    """(seq, object name) of every recorded manifest."""
+    return index.q("SELECT seq, name FROM manifests")
+
+
+def seqs_newest_first(index: Index) -> list[int]:
+    """Sequence numbers of the recorded manifests, newest first."""
+    return [s for (s,) in index.q("SELECT seq FROM manifests ORDER BY seq DESC")]
+
+
+def names_before(index: Index, seq: int) -> list[str]:
+    """Object names of the manifests older than ``seq``."""
+    return [n for (n,) in index.q("SELECT name FROM manifests WHERE seq < ?", (seq,))]
+
+
+def forget_before(db: sqlite3.Connection, seq: int) -> None:
+    """Forget the manifests older than ``seq`` and the index copies they name."""
+    segments.forget_meta_before(db, seq)
+    db.execute("DELETE FROM manifests WHERE seq < ?", (seq,))
+
+
+def queued_uploads(index: Index) -> list[tuple[int, int, str]]:
+    """(seq, remote, object name) of every manifest upload still to do, oldest first."""
+    return index.q(
+        "SELECT q.seq, q.remote, m.name FROM manifest_queue q JOIN manifests m ON m.seq = q.seq"
+        " ORDER BY q.seq"
+    )
+
+
+def dequeue(index: Index, seq: int, rid: int) -> None:
+    """Drop the upload of manifest ``seq`` to remote ``rid`` (done, or the remote left)."""
+    with index.tx() as db:
+        db.execute("DELETE FROM manifest_queue WHERE seq=? AND remote=?", (seq, rid))
+
+
+def queued_seqs(index: Index) -> set[int]:
+    """Manifests with an upload still to do."""
+    return {s for (s,) in index.q("SELECT DISTINCT seq FROM manifest_queue")}
+
+
+def pending_uploads(index: Index) -> int:
+    """How many (manifest, remote) uploads are still to do."""
+    row = index.one("SELECT count(*) FROM manifest_queue")
+    assert row is not None
+    return row[0]
+
+
+def mark_unshipped(db: sqlite3.Connection, now: float) -> None:
+    """Note that the index copy on the remotes is out of date since ``now`` (cleared by
+    the transaction that records the next manifest)."""
+    settings.put(db, {"unshipped_since": now})
+
+
+def add_garbage(db: sqlite3.Connection, objects: Iterable[tuple[str, int]], kind: str, seq: int):
+    """List placed shard objects (name, remote) of ``kind`` ('data' or 'meta') as garbage:
+    deleted from their remotes once manifest ``seq``, the first not naming them, is placed."""
+    db.executemany(
+        "INSERT OR IGNORE INTO garbage VALUES (?, ?, ?, ?)",
+        [(name, rid, kind, seq) for name, rid in objects],
+    )
+
+
+def newest_seq(index: Index) -> int:
+    """The highest manifest sequence number this index has recorded (0 before the first)."""
+    return index.one("SELECT coalesce(max(seq), 0) FROM manifests")[0]
+
+
+def newest_placed(index: Index, remote: int) -> int | None:
+    """The highest manifest sequence number that is on remote ``remote`` (no longer queued
+    for it); None when none is."""
+    return index.one(
+        "SELECT max(seq) FROM manifests WHERE seq NOT IN"
+        " (SELECT seq FROM manifest_queue WHERE remote=?)",
+        (remote,),
+    )[0]

@@ -1,0 +1,455 @@
+"""Restore a knowledge-base snapshot into Postgres, keeping the graph whole.
+
+The whole graph or a part of it (:class:`Selection`: a belief's neighbourhood, a domain, a
+creation-time window) goes into a fresh or existing database in one transaction:
+
+1. the schema is created where missing (:func:`vaultfs.kb.schema.ddl` with the snapshot's
+   embedding dimension, plus :data:`QUARANTINE_DDL`);
+2. rows whose id already exists are refused (TargetNotEmpty) unless ``replace``, which
+   overwrites them; other rows of the database are left alone;
+3. lines are loaded as they are stored (COPY of the JSON lines, binary COPY of the
+   embeddings: bit-exact), then typed into the tables by SQL;
+4. referential integrity: an edge whose endpoint is neither restored nor already in the
+   database, or whose type is unknown, goes to ``belief_edges_quarantine`` with the reason;
+   a ``superseded_by`` that points at a missing belief is cleared and reported. With
+   ``strict`` any of these rolls the whole restore back (IntegrityError) instead;
+5. afterwards the database is checked for orphan edges (there must be none).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import struct
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from ..errors import InputError, IntegrityError, TargetNotEmpty
+from . import layout, schema
+from .layout import KbManifest
+from .reader import KbFiles, KbSnap
+from .snapshot import connect
+
+QUARANTINE_DDL = """
+CREATE TABLE IF NOT EXISTS belief_edges_quarantine (
+  id UUID PRIMARY KEY,                 -- the edge's id in the snapshot
+  source_belief_id UUID NOT NULL,
+  target_belief_id UUID NOT NULL,
+  edge_type TEXT NOT NULL,
+  weight REAL,
+  created_at TIMESTAMPTZ,
+  metadata JSONB,
+  reason TEXT NOT NULL,                -- which endpoint is missing, or the unknown type
+  snapshot TEXT NOT NULL,              -- the vault snapshot it was restored from
+  quarantined_at TIMESTAMPTZ NOT NULL DEFAULT now());
+"""
+
+# the staged lines, typed (jsonb null becomes SQL NULL)
+_BELIEF_COLS = "id, content, embedding, confidence, domains, provenance, created_at, superseded_by"
+_BELIEF_SELECT = """SELECT (j->>'id')::uuid, j->>'content', e.embedding, (j->>'confidence')::real,
+  ARRAY(SELECT jsonb_array_elements_text(j->'domains')), nullif(j->'provenance', 'null'),
+  (j->>'created_at')::timestamptz, (j->>'superseded_by')::uuid
+FROM kb_in_beliefs LEFT JOIN kb_in_embeddings e ON e.id = (j->>'id')::uuid"""
+_EDGE_COLS = "id, source_belief_id, target_belief_id, edge_type, weight, created_at, metadata"
+_EDGE_TYPED = """CREATE TEMP TABLE kb_edges ON COMMIT DROP AS
+SELECT (j->>'id')::uuid AS id, (j->>'source_belief_id')::uuid AS source_belief_id,
+  (j->>'target_belief_id')::uuid AS target_belief_id, j->>'edge_type' AS edge_type,
+  (j->>'weight')::real AS weight, (j->>'created_at')::timestamptz AS created_at,
+  nullif(j->'metadata', 'null') AS metadata
+FROM kb_in_edges"""
+_SOURCE_COLS = "id, uri, title, fetched_at"
+_SOURCE_SELECT = """SELECT (j->>'id')::uuid, j->>'uri', j->>'title', (j->>'fetched_at')::timestamptz
+FROM kb_in_sources"""
+
+_PGCOPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" * 2
+_I16, _I32 = struct.Struct(">h"), struct.Struct(">i")
+
+
+@dataclass
+class Selection:
+    """Which part of the graph to restore; the filters combine (AND). Empty: everything.
+
+    ``belief`` with ``depth``: the beliefs within ``depth`` edges of it (either direction);
+    ``domain``: beliefs listing it in ``domains``; ``since``/``until``: ``created_at`` in
+    [since, until)."""
+
+    belief: str | None = None
+    depth: int = 1
+    domain: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    @property
+    def whole(self) -> bool:
+        return self.belief is None and self.domain is None and not (self.since or self.until)
+
+
+@dataclass
+class RestoreReport:
+    """What a restore did. ``quarantined``: (edge id, reason) of each edge set aside."""
+
+    snapshot: str
+    sources: int = 0
+    beliefs: int = 0
+    edges: int = 0
+    quarantined: list[tuple[str, str]] = field(default_factory=list)
+    cleared_superseded_by: list[str] = field(default_factory=list)
+    orphans_after: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+    def as_json(self) -> dict:
+        return {
+            "snapshot": self.snapshot,
+            "restored": {
+                "sources": self.sources,
+                "beliefs": self.beliefs,
+                "belief_edges": self.edges,
+            },
+            "quarantined": [{"id": i, "reason": r} for i, r in self.quarantined],
+            "cleared_superseded_by": self.cleared_superseded_by,
+            "orphan_edges_after": self.orphans_after,
+            "bytes_read": self.bytes_read,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _binary_embeddings(files: list[bytes], keep: set[bytes] | None) -> bytes:
+    """A binary COPY stream of (id uuid, embedding vector) from embeddings files."""
+    out = [_PGCOPY_HEADER]
+    two, sixteen, null = _I16.pack(2), _I32.pack(16), _I32.pack(-1)
+    for data in files:
+        for id16, vec, _rec in layout.iter_embeddings(data):
+            if keep is not None and id16 not in keep:
+                continue
+            tail = null if vec is None else _I32.pack(len(vec)) + vec
+            out.append(two + sixteen + id16 + tail)
+    out.append(_I16.pack(-1))
+    return b"".join(out)
+
+
+def _copy_lines(cur, table: str, lines: list[bytes]) -> None:
+    """COPY JSON lines into a one-column jsonb table (text format: backslashes doubled;
+    the lines hold no raw tab, newline or carriage return: JSON escapes them)."""
+    if not lines:
+        return
+    with cur.copy(f"COPY {table} (j) FROM STDIN") as cp:
+        cp.write((b"\n".join(lines) + b"\n").replace(b"\\", b"\\\\"))
+
+
+@dataclass
+class _Staged:
+    """The first part of a restore: every source, the selected beliefs' lines and their
+    embeddings files (``keep``: the ids to take from them, None for all)."""
+
+    sources: list[bytes]
+    lines: list[bytes]
+    embeddings: list[bytes]
+    keep: set[bytes] | None
+
+
+def _parts(files: KbFiles, snap: KbSnap, sel: Selection) -> Iterator[_Staged | list[bytes]]:
+    """The selection in two parts, read in turn: a :class:`_Staged`, then the edge lines
+    to consider (every edge touching a selected belief). A whole graph is read part by part,
+    so the database loads the beliefs while the edges are being read; its first part comes
+    with kb/manifest.json in one pass."""
+    if sel.whole:
+        got = files.read_dirs(snap, ["kb/beliefs", "kb/embeddings", layout.SOURCES])
+        paths = sorted(p for p in got if p.startswith("kb/beliefs/"))
+        yield _Staged(
+            layout.split_lines(got.get(layout.SOURCES, b"")),
+            [x for p in paths for x in layout.split_lines(got[p])],
+            [got[p] for p in sorted(got) if p.startswith("kb/embeddings/")],
+            None,
+        )
+        del got
+        out_paths = [layout.edges_out_path(b) for b in files.manifest(snap).buckets("edges/out")]
+        got = files.read(snap, out_paths)
+        yield [x for p in out_paths for x in layout.split_lines(got[p])]
+        return
+
+    m = files.manifest(snap)
+    out_paths = [layout.edges_out_path(b) for b in m.buckets("edges/out")]
+    edge_rows: list[tuple[bytes, str, str]] = []
+    if sel.belief is not None:  # the neighbourhood needs the edges first
+        got = files.read(snap, out_paths)
+        adj: dict[str, set[str]] = defaultdict(set)
+        for p in out_paths:
+            for x in layout.split_lines(got[p]):
+                e = json.loads(x)
+                s, t = e["source_belief_id"], e["target_belief_id"]
+                edge_rows.append((x, s, t))
+                adj[s].add(t)
+                adj[t].add(s)
+        start = str(layout.parse_id(sel.belief))
+        reach, frontier = {start}, {start}
+        for _ in range(sel.depth):
+            frontier = {n for f in frontier for n in adj.get(f, ())} - reach
+            reach |= frontier
+        buckets = sorted({i[: layout.BUCKET_HEX] for i in reach} & set(m.buckets("beliefs")))
+    else:
+        reach = None
+        buckets = m.buckets("beliefs")
+    paths = [layout.beliefs_path(b) for b in buckets]
+    got = files.read(snap, [*paths, layout.SOURCES])
+    sources = layout.split_lines(got.get(layout.SOURCES, b""))
+    lines, ids, seen = [], set(), set()
+    for p in paths:
+        for x in layout.split_lines(got[p]):
+            b = json.loads(x)
+            seen.add(b["id"])
+            if reach is not None and b["id"] not in reach:
+                continue
+            if sel.domain is not None and sel.domain not in b["domains"]:
+                continue
+            created = datetime.fromisoformat(b["created_at"])
+            if (sel.since and created < sel.since) or (sel.until and created >= sel.until):
+                continue
+            lines.append(x)
+            ids.add(b["id"])
+    if sel.belief is not None and str(layout.parse_id(sel.belief)) not in seen:
+        raise InputError(f"belief {sel.belief} is not in snapshot {snap.label}")
+    embs_paths = [layout.embeddings_path(b) for b in sorted({i[: layout.BUCKET_HEX] for i in ids})]
+    embs = list(files.read(snap, embs_paths).values())
+    yield _Staged(sources, lines, embs, {uuid.UUID(i).bytes for i in ids})
+    if not edge_rows:
+        got = files.read(snap, out_paths)
+        for p in out_paths:
+            for x in layout.split_lines(got[p]):
+                e = json.loads(x)
+                edge_rows.append((x, e["source_belief_id"], e["target_belief_id"]))
+    yield [x for x, s, t in edge_rows if s in ids or t in ids]
+
+
+def restore(
+    files: KbFiles,
+    snapshot: str,
+    dsn: str,
+    sel: Selection | None = None,
+    replace: bool = False,
+    strict: bool = False,
+) -> RestoreReport:
+    """Restore knowledge-base snapshot ``snapshot`` (uid, name or ``latest``) of ``files``
+    into ``dsn``; see the module docstring for the steps. Raises TargetNotEmpty for rows that
+    exist (without ``replace``), IntegrityError with ``strict`` when anything would be
+    quarantined or cleared (nothing is written then), InputError for a bad DSN or selection."""
+    t0 = time.perf_counter()
+    sel = sel or Selection()
+    snap = files.find(snapshot)
+    parts = _parts(files, snap, sel)
+    staged = next(parts)  # an unknown --belief fails here, before the database is touched
+    assert isinstance(staged, _Staged)
+    m = files.manifest(snap)  # read with the first part
+    rep = RestoreReport(snap.uid)
+    edges: queue.Queue[list[bytes] | None] = queue.Queue()
+    with ThreadPoolExecutor(1, thread_name_prefix="vaultfs-kb-load") as ex:
+        loaded = ex.submit(_load, dsn, m, staged, edges.get, replace, strict, rep)
+        try:
+            edges.put(next(parts))  # type: ignore[arg-type]
+        except BaseException:
+            edges.put(None)  # the loader rolls back
+            raise
+        loaded.result()
+    rep.bytes_read = files.bytes_read
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+class _Abandoned(Exception):
+    """The reading side failed: roll the load back."""
+
+
+def _load(
+    dsn: str,
+    m: KbManifest,
+    staged: _Staged,
+    next_edges: Callable[[], list[bytes] | None],
+    replace: bool,
+    strict: bool,
+    rep: RestoreReport,
+) -> None:
+    """The database side of :func:`restore`, in one transaction (a thread of its own: it
+    loads the beliefs while the edges are read)."""
+    import psycopg
+
+    conn = connect(dsn)
+    try:
+        with conn.transaction():
+            cur = conn.cursor()
+            cur.execute("SET LOCAL TimeZone = 'UTC'")
+            cur.execute(schema.ddl(m.dim or schema.DEFAULT_DIM))
+            cur.execute(QUARANTINE_DDL)
+            for t in ("sources", "beliefs", "edges"):
+                cur.execute(f"CREATE TEMP TABLE kb_in_{t} (j jsonb) ON COMMIT DROP")
+            cur.execute(
+                "CREATE TEMP TABLE kb_in_embeddings (id uuid, embedding vector) ON COMMIT DROP"
+            )
+            rebuild = _drop_indexes_if_empty(cur)
+            _copy_lines(cur, "kb_in_sources", staged.sources)
+            _copy_lines(cur, "kb_in_beliefs", staged.lines)
+            with cur.copy("COPY kb_in_embeddings FROM STDIN (FORMAT BINARY)") as cp:
+                cp.write(_binary_embeddings(staged.embeddings, staged.keep))
+            if not replace:
+                _refuse_existing(cur, ("sources", "beliefs"))
+            rep.sources = _upsert(cur, "sources", _SOURCE_COLS, _SOURCE_SELECT, replace)
+            rep.beliefs = _upsert(cur, "beliefs", _BELIEF_COLS, _BELIEF_SELECT, replace)
+            rep.cleared_superseded_by = _clear_dangling_superseded(cur)
+
+            edges = next_edges()
+            if edges is None:
+                raise _Abandoned
+            _copy_lines(cur, "kb_in_edges", edges)
+            cur.execute(_EDGE_TYPED)
+            if not replace:
+                _refuse_existing(cur, ("belief_edges",))
+            rep.quarantined = _quarantine(cur, rep.snapshot)
+            rep.edges = _upsert(
+                cur, "belief_edges", _EDGE_COLS, f"SELECT {_EDGE_COLS} FROM kb_edges", replace
+            )
+            for stmt in rebuild:
+                cur.execute(stmt)
+            cur.execute(
+                "SELECT count(*) FROM belief_edges e WHERE NOT EXISTS"
+                " (SELECT 1 FROM beliefs b WHERE b.id = e.source_belief_id) OR NOT EXISTS"
+                " (SELECT 1 FROM beliefs b WHERE b.id = e.target_belief_id)"
+            )
+            rep.orphans_after = cur.fetchone()[0]
+            if strict and (rep.quarantined or rep.cleared_superseded_by or rep.orphans_after):
+                raise IntegrityError(_strict_message(rep))
+    except _Abandoned:
+        return
+    except psycopg.Error as e:
+        raise InputError(f"restoring into the database failed: {str(e).strip()}") from None
+    finally:
+        conn.close()
+
+
+def _strict_message(rep: RestoreReport) -> str:
+    parts = []
+    if rep.quarantined:
+        i, r = rep.quarantined[0]
+        parts.append(f"{len(rep.quarantined)} edge(s) would be quarantined (first: {i}: {r})")
+    if rep.cleared_superseded_by:
+        parts.append(
+            f"{len(rep.cleared_superseded_by)} belief(s) point superseded_by at a missing belief"
+        )
+    if rep.orphans_after:
+        parts.append(f"{rep.orphans_after} orphan edge(s) in the database")
+    return (
+        "--strict: the restored graph would not be whole: "
+        + "; ".join(parts)
+        + "; nothing was restored"
+    )
+
+
+_CLASH = {
+    "sources": "SELECT count(*) FROM sources WHERE id IN (SELECT (j->>'id')::uuid FROM kb_in_sources)",
+    "beliefs": "SELECT count(*) FROM beliefs WHERE id IN (SELECT (j->>'id')::uuid FROM kb_in_beliefs)",
+    "belief_edges": "SELECT count(*) FROM belief_edges WHERE id IN (SELECT id FROM kb_edges)",
+}
+
+
+def _refuse_existing(cur, tables: tuple[str, ...]) -> None:
+    """TargetNotEmpty if a staged row of ``tables`` has an id the database already holds."""
+    clashes = []
+    for table in tables:
+        cur.execute(_CLASH[table])
+        if n := cur.fetchone()[0]:
+            clashes.append(f"{n} in {table}")
+    if clashes:
+        raise TargetNotEmpty(
+            f"the database already holds rows with the same ids ({', '.join(clashes)}); "
+            "pass --replace to overwrite them, or restore into an empty database"
+        )
+
+
+def _drop_indexes_if_empty(cur) -> list:
+    """If the three tables are empty (a fresh database), drop their foreign keys and
+    non-unique indexes and return the statements that make them again after the load: one
+    bulk build and one validating join each, as pg_restore does, instead of a check and an
+    index update per row. Primary keys and unique indexes stay (conflicts need them)."""
+    from psycopg import sql
+
+    cur.execute(
+        "SELECT EXISTS (SELECT 1 FROM sources) OR EXISTS (SELECT 1 FROM beliefs)"
+        " OR EXISTS (SELECT 1 FROM belief_edges)"
+    )
+    if cur.fetchone()[0]:
+        return []
+    tables = "('sources'::regclass, 'beliefs'::regclass, 'belief_edges'::regclass)"
+    cur.execute(
+        "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint"
+        f" WHERE contype = 'f' AND conrelid IN {tables} ORDER BY conname"
+    )
+    fks = cur.fetchall()
+    cur.execute(
+        "SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index"
+        f" WHERE indrelid IN {tables} AND NOT indisunique ORDER BY 1"
+    )
+    idx = cur.fetchall()
+    again = []
+    for table, name, definition in fks:
+        t, c = sql.SQL(table), sql.Identifier(name)
+        cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(t, c))
+        again.append(
+            sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(t, c, sql.SQL(definition))
+        )
+    for name, definition in idx:
+        cur.execute(sql.SQL("DROP INDEX {}").format(sql.SQL(name)))
+        again.append(sql.SQL(definition))
+    return again
+
+
+def _upsert(cur, table: str, cols: str, select: str, replace: bool) -> int:
+    sql = f"INSERT INTO {table} ({cols}) {select}"
+    if replace:
+        sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols.split(", ")[1:])
+        sql += f" ON CONFLICT (id) DO UPDATE SET {sets}"
+    cur.execute(sql)
+    return cur.rowcount
+
+
+def _clear_dangling_superseded(cur) -> list[str]:
+    """Clear ``superseded_by`` of restored beliefs that point at a belief the database does
+    not hold (a partial restore); return their ids."""
+    cur.execute(
+        "UPDATE beliefs b SET superseded_by = NULL WHERE b.id IN"
+        " (SELECT (j->>'id')::uuid FROM kb_in_beliefs) AND b.superseded_by IS NOT NULL"
+        " AND NOT EXISTS (SELECT 1 FROM beliefs t WHERE t.id = b.superseded_by) RETURNING b.id"
+    )
+    return sorted(str(r[0]) for r in cur.fetchall())
+
+
+def _quarantine(cur, snapshot: str) -> list[tuple[str, str]]:
+    """Move the staged edges that cannot go in (an endpoint missing, an unknown type) to
+    ``belief_edges_quarantine`` with the reason; return (id, reason) of each."""
+    types = ",".join(f"'{t}'" for t in schema.EDGE_TYPES)
+    cur.execute(
+        f"""CREATE TEMP TABLE kb_bad ON COMMIT DROP AS
+SELECT id, concat_ws('; ',
+  CASE WHEN NOT EXISTS (SELECT 1 FROM beliefs b WHERE b.id = x.source_belief_id)
+       THEN 'source belief ' || x.source_belief_id || ' missing' END,
+  CASE WHEN NOT EXISTS (SELECT 1 FROM beliefs b WHERE b.id = x.target_belief_id)
+       THEN 'target belief ' || x.target_belief_id || ' missing' END,
+  CASE WHEN x.edge_type NOT IN ({types}) THEN 'unknown edge type ' || x.edge_type END) AS reason
+FROM kb_edges x"""
+    )
+    cur.execute("DELETE FROM kb_bad WHERE reason = ''")
+    cur.execute(
+        f"""INSERT INTO belief_edges_quarantine ({_EDGE_COLS}, reason, snapshot)
+SELECT {", ".join("x." + c for c in _EDGE_COLS.split(", "))}, q.reason, %s
+FROM kb_edges x JOIN kb_bad q USING (id)
+ON CONFLICT (id) DO UPDATE SET reason = EXCLUDED.reason, snapshot = EXCLUDED.snapshot,
+  quarantined_at = now()""",
+        (snapshot,),
+    )
+    cur.execute("DELETE FROM kb_edges WHERE id IN (SELECT id FROM kb_bad)")
+    # an edge restored whole now is no longer quarantined
+    cur.execute("DELETE FROM belief_edges_quarantine WHERE id IN (SELECT id FROM kb_edges)")
+    cur.execute("SELECT id, reason FROM kb_bad ORDER BY id")
+    return [(str(i), r) for i, r in cur.fetchall()]

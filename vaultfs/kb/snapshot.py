@@ -1,0 +1,270 @@
+"""Graph snapshots: export ``sources``, ``beliefs`` and ``belief_edges`` from one consistent
+database snapshot into the ``kb/`` layout (vaultfs/kb/layout.py) and commit it as a vault
+snapshot through the engine (the vault's chunker, ``Vault.store_chunks``, ``Vault.commit``).
+
+The export reads in a ``REPEATABLE READ READ ONLY`` transaction whose snapshot a second
+connection joins (``pg_export_snapshot``): the three tables as of one instant, whatever
+writers do meanwhile, read by two server processes. Postgres itself renders every line
+(``json_build_object``) and every embedding (``vector_send``), a bucket at a time, so the
+snapshot is exactly what the database holds and the Python side only hashes and stores bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .. import merkle
+from ..errors import InputError, IntegrityError
+from ..vault import Entry, Vault
+from . import layout
+from .layout import FileInfo, KbManifest
+
+# Every line is rendered by Postgres (json_build_object: JSON escapes every control
+# character, so a newline separates lines safely); embedding records are built as bytea.
+SOURCES_SQL = """SELECT convert_to(coalesce(string_agg(json_build_object(
+  'id', id, 'uri', uri, 'title', title, 'fetched_at', fetched_at)::text, E'\\n' ORDER BY id), ''),
+  'UTF8') FROM sources"""
+BELIEFS_SELECT = """count(*) AS n, convert_to(string_agg(json_build_object(
+  'id', id, 'content', content, 'confidence', confidence, 'domains', domains,
+  'provenance', provenance, 'created_at', created_at, 'superseded_by', superseded_by)::text,
+  E'\\n' ORDER BY id), 'UTF8'),
+  string_agg(uuid_send(id) || int4send(coalesce(octet_length(vector_send(embedding)), -1))
+    || coalesce(vector_send(embedding), ''::bytea), ''::bytea ORDER BY id)"""
+EDGES_OUT_SELECT = """count(*) AS n, convert_to(string_agg(json_build_object(
+  'source_belief_id', source_belief_id, 'id', id, 'target_belief_id', target_belief_id,
+  'edge_type', edge_type, 'weight', weight, 'created_at', created_at, 'metadata', metadata)::text,
+  E'\\n' ORDER BY source_belief_id, id), 'UTF8')"""
+EDGES_IN_SELECT = """count(*) AS n, convert_to(string_agg(json_build_object(
+  'target_belief_id', target_belief_id, 'id', id, 'source_belief_id', source_belief_id,
+  'edge_type', edge_type, 'weight', weight)::text, E'\\n' ORDER BY target_belief_id, id), 'UTF8')"""
+
+
+def _buckets_sql(first: int, last: int) -> str:
+    """One row per non-empty bucket in [first, last]: (bucket, beliefs: rows, lines,
+    embedding records, out-edges: rows, lines, in-edges: rows, lines). Each part reads the
+    bucket by a range condition on its key (an index scan: the primary key, and the edge
+    indexes of schema.ddl), so Postgres hands over a bucket at a time, not a message per row,
+    and a bucket's files are stored side by side (``kb show`` then reads one segment). No
+    ORDER BY: a sort would hold every bucket back until the last is built; the rows come in
+    generate_series order anyway, and the order only affects where files land in segments."""
+    w = layout.BUCKET_HEX
+    lo = "0" * (8 - w) + "-0000-0000-0000-000000000000"
+    hi = "f" * (8 - w) + "-ffff-ffff-ffff-ffffffffffff"
+
+    def part(select: str, table: str, key: str) -> str:
+        return f"""CROSS JOIN LATERAL (SELECT {select} FROM {table}
+  WHERE {key} BETWEEN (g.b || '{lo}')::uuid AND (g.b || '{hi}')::uuid)"""
+
+    return f"""SELECT g.b, bl.*, eo.*, ei.* FROM
+  (SELECT lpad(to_hex(i), {w}, '0') AS b FROM generate_series({first}, {last}) i) g
+{part(BELIEFS_SELECT, "beliefs", "id")} bl
+{part(EDGES_OUT_SELECT, "belief_edges", "source_belief_id")} eo
+{part(EDGES_IN_SELECT, "belief_edges", "target_belief_id")} ei
+WHERE bl.n + eo.n + ei.n > 0"""
+
+
+#: Called with each finished file of the layout, in a deterministic order.
+Sink = Callable[[str, bytes], None]
+
+
+def connect(dsn: str):
+    """A psycopg connection; an InputError that names the problem for a bad DSN."""
+    import psycopg
+
+    try:
+        return psycopg.connect(dsn)
+    except psycopg.Error as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot connect to the database the DSN names: {first}") from None
+
+
+def _rows(conn, sql: str, types: list[str]) -> Iterator[tuple]:
+    with conn.cursor().copy(f"COPY ({sql}) TO STDOUT (FORMAT BINARY)") as cp:
+        cp.set_types(types)
+        yield from cp.rows()
+
+
+_BUCKET_TYPES = ["text", "int8", "bytea", "bytea", "int8", "bytea", "int8", "bytea"]
+
+
+def _export_buckets(conn, first: int, last: int, put: Callable[[list[tuple]], None]) -> None:
+    """The files of buckets ``first``..``last``, handed to ``put`` a bucket at a time as
+    (path, data, rows, leaves or None) in the order they are stored: beliefs, out-edges,
+    in-edges (what ``kb show`` reads), then embeddings."""
+    for b, n, text, recs, n_out, out, n_in, inc in _rows(
+        conn, _buckets_sql(first, last), _BUCKET_TYPES
+    ):
+        files = []
+        if n:
+            lines = text.split(b"\n")
+            records = [rec for _id, _vec, rec in layout.iter_embeddings(recs)]
+            if len(lines) != n or len(records) != n:
+                raise IntegrityError(f"bucket {b}: {n} beliefs but {len(lines)} lines")
+            leaves = [layout.belief_leaf(x, r) for x, r in zip(lines, records, strict=True)]
+            files.append((layout.beliefs_path(b), text + b"\n", n, leaves))
+        if n_out:
+            leaves = [merkle.leaf_hash(x) for x in out.split(b"\n")]
+            files.append((layout.edges_out_path(b), out + b"\n", n_out, leaves))
+        if n_in:
+            files.append((layout.edges_in_path(b), inc + b"\n", n_in, None))
+        if n:
+            files.append((layout.embeddings_path(b), recs, n, None))
+        put(files)
+
+
+def _begin(conn, snapshot_id: str | None = None) -> None:
+    """Start a REPEATABLE READ READ ONLY transaction (on ``snapshot_id``, a snapshot exported
+    by another one, if given) with timestamps rendered in UTC."""
+    import psycopg
+    from psycopg import sql
+
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    conn.read_only = True
+    if snapshot_id is not None:  # must be the transaction's first statement
+        conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
+    conn.execute("SET LOCAL TimeZone = 'UTC'")
+
+
+def export(dsn: str, sink: Sink) -> KbManifest:
+    """Export the three tables of ``dsn`` as of one database snapshot; hand every file of
+    the layout (manifest last) to ``sink`` (called from two threads, one at a time); return
+    the manifest.
+
+    Sources and beliefs are read on one connection, the edges on a second one that shares
+    its exported snapshot (``pg_export_snapshot``): one consistent view, two server cores.
+    Raises InputError for an unreachable database or one without the belief schema."""
+    import psycopg
+
+    files: dict[str, FileInfo] = {}
+    lock = threading.Lock()
+
+    def put(group: list[tuple]) -> None:
+        with lock:  # a bucket's files stay together in the stored stream
+            for path, data, rows, leaves in group:
+                root = None if leaves is None else merkle.root(leaves).hex()
+                files[path] = FileInfo(rows, len(data), layout.file_hash(data), root)
+                sink(path, data)
+
+    conns = [connect(dsn)]
+    try:
+        conn = conns[0]
+        _begin(conn)
+        missing = [
+            t
+            for t in layout.TABLE_ORDER
+            if conn.execute("SELECT to_regclass(%s)", (t,)).fetchone()[0] is None
+        ]
+        if missing:
+            raise InputError(
+                f"the database has no {', '.join(missing)} table: not a belief graph "
+                "(see docs/kb.md for the schema, or `vaultfs kb migrate`)"
+            )
+        created, snap, version, snap_id = conn.execute(
+            "SELECT to_json(now())#>>'{}', pg_current_snapshot()::text,"
+            " current_setting('server_version'), pg_export_snapshot()"
+        ).fetchone()
+        (dim,) = conn.execute(
+            "SELECT atttypmod FROM pg_attribute"
+            " WHERE attrelid = 'beliefs'::regclass AND attname = 'embedding'"
+        ).fetchone()
+        conns.append(connect(dsn))
+        _begin(conns[1], snap_id)
+
+        (text,) = conn.execute(SOURCES_SQL, binary=True).fetchone()
+        lines = text.split(b"\n") if text else []
+        leaves = [merkle.leaf_hash(x) for x in lines]
+        put([(layout.SOURCES, text + b"\n" if lines else b"", len(lines), leaves)])
+        half = 16**layout.BUCKET_HEX // 2
+        with ThreadPoolExecutor(1, thread_name_prefix="vaultfs-kb-export") as ex:
+            upper = ex.submit(_export_buckets, conns[1], half, 2 * half - 1, put)
+            _export_buckets(conn, 0, half - 1, put)
+            upper.result()
+    except psycopg.Error as e:
+        raise InputError(f"exporting the belief graph failed: {str(e).strip()}") from None
+    finally:
+        for c in conns:
+            with contextlib.suppress(psycopg.Error):
+                c.rollback()
+            c.close()
+    tables = {t: layout.table_summary(files, t) for t in layout.TABLE_ORDER}
+    root = merkle.root([bytes.fromhex(tables[t]["root"]) for t in layout.TABLE_ORDER])
+    m = KbManifest(
+        created=created,
+        dim=dim if dim and dim > 0 else 0,
+        files=files,
+        tables=tables,
+        root=root.hex(),
+        database={"server_version": version, "snapshot": snap},
+    )
+    sink(layout.MANIFEST, m.to_bytes())
+    return m
+
+
+@dataclass
+class SnapshotResult:
+    """A committed knowledge-base snapshot: the vault snapshot's uid and manifest sequence,
+    the kb manifest (``manifest.summary()`` is what the signed manifest should carry), the
+    bytes exported and the seconds the export and commit took."""
+
+    uid: str
+    seq: int
+    manifest: KbManifest
+    bytes: int
+    seconds: float
+
+
+#: Files are chunked and handed to the vault in batches of about this many bytes (one
+#: ``store_chunks`` call fills whole sealer slots instead of one slot per small file).
+STORE_BATCH = 8 << 20
+
+
+def snapshot(
+    vault: Vault, dsn: str, name: str | None = None, upload: bool = False
+) -> SnapshotResult:
+    """Export the belief graph of ``dsn`` and commit it as a vault snapshot holding only
+    ``kb/``. ``upload`` starts placing shards during the commit (the caller flushes next)."""
+    t0 = time.perf_counter()
+    stored: list[tuple[str, list[bytes], int]] = []
+    pending: list[tuple[str, bytes]] = []
+    size = 0
+
+    def store() -> None:
+        chunks: list[bytes] = []
+        counts = []
+        for _p, data in pending:
+            spans = vault.chunker.spans(data) if data else []
+            chunks += [data[o : o + n] for o, n in spans]
+            counts.append(len(spans))
+        cids = vault.store_chunks(chunks)
+        at = 0
+        for (p, data), c in zip(pending, counts, strict=True):
+            stored.append((p, cids[at : at + c], len(data)))
+            at += c
+        pending.clear()
+
+    def sink(path: str, data: bytes) -> None:
+        nonlocal size
+        pending.append((path, data))
+        size += len(data)
+        if size >= STORE_BATCH:
+            store()
+            size = 0
+
+    m = export(dsn, sink)
+    store()
+    mtime = _time_ns(m.created)
+    entries = [Entry(d, "d", 0o755, mtime) for d in layout.DIRS]
+    entries += [Entry(p, "f", 0o644, mtime, size=n, cids=c) for p, c, n in sorted(stored)]
+    uid, seq = vault.commit(entries, name=name, prepush=upload)
+    return SnapshotResult(uid, seq, m, sum(n for _p, _c, n in stored), time.perf_counter() - t0)
+
+
+def _time_ns(iso: str) -> int:
+    from datetime import datetime
+
+    return int(datetime.fromisoformat(iso).timestamp() * 1e9)

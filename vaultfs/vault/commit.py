@@ -1,0 +1,269 @@
+"""Commit and metadata shipping: record a snapshot, then export, encrypt and erasure-code
+the index as an index copy and queue a signed manifest naming it.
+
+Ordering invariant enforced here (numbered as in docs/design.md):
+
+3. A snapshot's entries commit only after every chunk they reference is recorded
+   (invariant 2, vaultfs/vault/writer.py): a commit seals the write path first.
+
+An index copy is recorded before the manifest naming it is written; a crash between the
+two leaves a copy no manifest names, which recovery drops
+(:func:`vaultfs.vault.recovery.drop_unnamed_index_copies`).
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import envelope, manifest, merkle, names, segment
+from ..backends import Backend
+from ..errors import InputError, IntegrityError
+from ..index import Index, VaultParams, chunk_rows, keyring, manifests, segments, snapshots
+from ..keys import VaultKeys
+from .epochs import KeyEpochs
+from .queue import ShardQueue, fsync_dir, write_durable
+from .writer import Writer
+
+
+@dataclass
+class Entry:
+    """One entry of a snapshot, as :meth:`Committer.commit` records it."""
+
+    path: str | bytes  # os.fsdecode form or raw bytes (stored as names.to_db gives)
+    type: str  # 'f', 'd', 'l', 'p' fifo, 'c'/'b' device, 's' socket
+    mode: int
+    mtime_ns: int
+    size: int = 0
+    target: str | bytes | None = None
+    cids: list[bytes] = field(default_factory=list)
+    uid: int | None = None
+    gid: int | None = None
+    xattrs: dict[str, bytes] | dict[bytes, bytes] | None = None
+    link: int | None = None  # hard-link group within the snapshot
+    rdev: int | None = None  # device number of 'c'/'b' entries
+
+
+class Committer:
+    """Records snapshots and ships the index (an index copy and a signed manifest).
+
+    Holds the write path's lock while it does (:attr:`Writer.write_lock`); ``remotes``
+    gives the remotes a new manifest is queued for, ``prepush`` starts moving queued
+    shards out while a manifest is signed (:meth:`UploadQueue.prepush`)."""
+
+    def __init__(
+        self,
+        index: Index,
+        keys: VaultKeys,
+        params: VaultParams,
+        epochs: KeyEpochs,
+        writer: Writer,
+        queue: ShardQueue,
+        remotes: Callable[[], list[Backend]],
+        prepush: Callable[[], None],
+    ) -> None:
+        self.index = index
+        self.keys = keys
+        self.params = params
+        self.epochs = epochs
+        self.writer = writer
+        self.queue = queue
+        self.remotes = remotes
+        self.prepush = prepush
+
+    @property
+    def k(self) -> int:
+        """Shards needed to decode a new segment."""
+        return self.params.k
+
+    @property
+    def n(self) -> int:
+        return self.params.n
+
+    @property
+    def segment_size(self) -> int:
+        return self.params.segment_size
+
+    @property
+    def ec_alg(self) -> int:
+        return self.params.ec_alg
+
+    @property
+    def epoch(self) -> int:
+        return self.epochs.epoch
+
+    @property
+    def suite(self) -> int:
+        return self.epochs.suite
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.queue.dir
+
+    def commit(
+        self, entries: Iterable[Entry], name: str | None = None, prepush: bool = False
+    ) -> tuple[str, int]:
+        """Record a snapshot of ``entries``, then export and sign the index.
+
+        Returns (snapshot uid, manifest seq). Everything is durable locally when this
+        returns; a flush places it on the remotes. ``prepush`` starts moving the data shards
+        to the remotes while the index is exported and signed (for a caller that flushes
+        right after).
+        """
+        with self.writer.write_lock:
+            self.writer.seal()  # invariant 3
+            uid = secrets.token_hex(4)
+            with self.index.tx() as db:
+                seq = manifests.next_seq(db)
+                snap_id = snapshots.add(db, uid, name, time.time(), seq)
+                files, size = _add_entries(db, snap_id, entries)
+                root = _vault_root(db)
+                snapshots.finish(db, snap_id, root, files, size)
+            self._ship_index(seq, root, prepush)
+            return uid, seq
+
+    def _ship_index(self, seq: int, root: bytes, prepush: bool = False) -> None:
+        """Export, encrypt and erasure-code the index; queue a signed manifest naming it.
+        ``prepush`` starts uploading every queued shard before the manifest is signed."""
+        blob = envelope.seal_meta(
+            self.keys.metadata_key,
+            self.keys.vault_id,
+            b"index",
+            self.index.export_bytes(),
+            self.suite,
+        )
+        segs = []
+        for off in range(0, len(blob), self.segment_size):
+            piece = blob[off : off + self.segment_size]
+            padded = segment.pad(piece, segment.size_class(len(piece), self.segment_size))
+            seg_id = self.writer.next_segment_id()
+            uid = secrets.token_bytes(16)
+            rows, seg_root = self.writer.write_shards(seg_id, uid, segment.KIND_META, padded)
+            segs.append((seg_id, uid, len(piece), rows, seg_root, len(padded)))
+        # the index copy is durable in the queue: record it first (a crash before its manifest
+        # is written leaves a copy no manifest names; recover() drops it), then sign the
+        # manifest while the shards already go out (prepush: rclone runs beside the signing)
+        with self.index.tx() as db:
+            for seg_id, uid, used, rows, seg_root, size in segs:
+                segments.insert(
+                    db, seg_id, uid, "meta", size, used, self.k, self.n, self.ec_alg, self.epoch,
+                    seg_root, time.time(), manifest=seq,
+                )  # fmt: skip
+                segments.add_queued_shards(db, seg_id, rows)
+        if prepush:
+            self.prepush()
+        created_ms = int(time.time() * 1000)
+        stored = keyring.slhdsa(self.index) if self.keys.slhdsa_public is not None else None
+        body = manifest.Body(
+            vault_root=root,
+            k=self.k,
+            n=self.n,
+            segment_size=self.segment_size,
+            keyring=tuple(manifest.KeyringEntry(*row) for row in keyring.epochs(self.index)),
+            index_length=len(blob),
+            index_segments=tuple(
+                manifest.IndexSegment(
+                    uid=uid,
+                    used=used,
+                    size=size,
+                    k=self.k,
+                    n=self.n,
+                    ec_alg=self.ec_alg,
+                    shards=tuple(manifest.ShardRef(r[0], r[1], r[3], r[4]) for r in rows),
+                )
+                for _sid, uid, used, rows, _root, size in segs
+            ),
+            retired_suites=frozenset(self.keys.retired_suites),
+            slhdsa_sealed=bytes.fromhex(stored[1]) if stored else None,
+        )
+        blob_m = manifest.encode(self.keys, seq, created_ms, body.to_dict(), self.suite)
+        name = manifest.object_name(seq, secrets.token_hex(4))
+        write_durable(self.queue_dir / "manifests" / name, blob_m)
+        fsync_dir(self.queue_dir / "manifests")
+        with self.index.tx() as db:
+            manifests.record(db, seq, name, time.time(), root, [r.rid for r in self.remotes()])
+
+    def ship_index(self) -> int:
+        """Export and sign the index as a new manifest without recording a snapshot (after a
+        snapshot deletion, or to publish the mount's live tree). Returns the manifest seq;
+        durable locally when this returns, placed by a flush."""
+        with self.writer.write_lock:
+            self.writer.seal()
+            with self.index.tx() as db:
+                seq = manifests.next_seq(db)
+                root = _vault_root(db)
+            self._ship_index(seq, root)
+            return seq
+
+    def delete_snapshot(self, uid: str) -> int:
+        """Forget snapshot ``uid`` (its entries) and ship the index; returns the manifest seq.
+
+        Chunks are never freed here: other snapshots and the mount's live tree may use them.
+        Raises InputError when no snapshot has that id.
+        """
+        with self.writer.write_lock:
+            with self.index.tx() as db:
+                if not snapshots.delete(db, uid):
+                    raise InputError(f"no snapshot with id {uid!r}: see `vaultfs snapshots`")
+            return self.ship_index()
+
+
+def mark_unshipped(db: sqlite3.Connection) -> None:
+    """Inside a transaction that changes where shards are (repair): note that the index
+    copy on the remotes is out of date until the next index shipping (which clears the mark
+    in the transaction that records its manifest)."""
+    manifests.mark_unshipped(db, time.time())
+
+
+def _add_entries(db: sqlite3.Connection, snap_id: int, entries: Iterable[Entry]) -> tuple[int, int]:
+    """Record ``entries`` in snapshot ``snap_id``, parents before children; returns (entry
+    count, logical bytes of regular files)."""
+    files = size = 0
+    dirs: dict[bytes, int] = {}  # directory path -> entries.id (for entries.parent)
+    for e in entries:
+        path = names.raw(e.path)
+        parts = names.split_path(path)
+        parent = None if parts is None else (dirs.get(parts[0]) if parts[0] else 0)
+        entry_id = snapshots.add_entry(
+            db,
+            snap_id,
+            (
+                names.to_db(path),
+                e.type,
+                e.mode,
+                e.mtime_ns,
+                e.size,
+                None if e.target is None else names.to_db(e.target),
+                e.uid,
+                e.gid,
+                names.xattrs_to_db(e.xattrs),
+                e.link,
+                parent,
+                e.rdev,
+            ),
+        )
+        if e.type == "d" and parts is not None:
+            dirs[path] = entry_id
+        if e.type == "f":
+            snapshots.add_file_chunks(db, entry_id, _chunk_rows(db, e.cids))
+            size += e.size
+        files += 1
+    return files, size
+
+
+def _chunk_rows(db: sqlite3.Connection, cids: list[bytes]) -> list[int]:
+    """The chunks-table row id of every chunk id, in order."""
+    ids = chunk_rows(db, list(dict.fromkeys(cids)))
+    try:
+        return [ids[c] for c in cids]
+    except KeyError:
+        raise IntegrityError("internal: a chunk of the snapshot was not stored") from None
+
+
+def _vault_root(db: sqlite3.Connection) -> bytes:
+    """The vault root: the Merkle root over the data segments' roots in id order."""
+    return merkle.root(segments.data_roots(db))

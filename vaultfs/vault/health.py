@@ -1,0 +1,97 @@
+"""Health and status: where the vault's shards are, what each remote holds, how many
+failure domains the vault survives losing (``vaultfs status``)."""
+
+from __future__ import annotations
+
+from ..index import Index, VaultParams, audit, chunks, manifests, segments, snapshots
+from ..index import remotes as remote_table
+from ..keys import VaultKeys
+from ..remotes import Remote
+from .placement import place, survivable_losses
+
+
+def status(index: Index, keys: VaultKeys, params: VaultParams) -> dict:
+    """The vault's state as ``vaultfs status`` reports it (docs/operations.md)."""
+    remotes = remote_table.active_states(index)
+    domains = {rid: (dom or f"remote{rid}") for rid, _s, dom, _o, _e in remotes}
+    placed: dict[int, list[int]] = {}
+    planned: dict[int, list[int]] = {}
+    for seg, rid, state in segments.placements(index):
+        planned.setdefault(seg, []).append(rid)
+        if state == "placed":
+            placed.setdefault(seg, []).append(rid)
+    segs = segments.ids(index)
+    placed_lists = [placed.get(s, []) for s in segs]
+    planned_lists = [planned.get(s, []) for s in segs]
+    per_remote = []
+    for rid, spec, _dom, last_ok, last_err in remotes:
+        q = segments.remote_totals(index, rid, "queued")
+        p = segments.remote_totals(index, rid, "placed")
+        per_remote.append(
+            {
+                "remote": Remote(spec).label,
+                "domain": domains[rid],
+                "placed_objects": p[0],
+                "placed_bytes": p[1],
+                "queued_objects": q[0],
+                "queued_bytes": q[1],
+                "last_ok": last_ok,
+                "last_error": last_err,
+                **remote_health(index, rid),
+            }
+        )
+    # shards on a remote that is unreachable right now do not count as placed "now"
+    down = remote_table.unreachable(index)
+    placed_lists = [[r for r in lst if r not in down] for lst in placed_lists]
+    under_k = segments.count_under_k(index) if segs else 0
+    snaps = snapshots.summary(index)
+    logical = chunks.totals(index)
+    return {
+        "vault_id": keys.vault_id.hex(),
+        "fingerprint": keys.fingerprint(),
+        "k": params.k,
+        "n": params.n,
+        "remotes": per_remote,
+        "domains": len(set(domains.values())),
+        "segments": len(segs),
+        "segments_below_k_placed": under_k,
+        "snapshots": snaps[0],
+        "last_snapshot": snaps[1],
+        "unique_bytes": logical[0],
+        "stored_bytes": logical[1],
+        "survives_losses_design": survivable_losses(planned_lists, params.k, domains)
+        if segs
+        else _design_losses(domains, params.k, params.n),
+        "survives_losses_now": survivable_losses(placed_lists, params.k, domains)
+        if segs and under_k == 0
+        else (0 if segs else _design_losses(domains, params.k, params.n)),
+        "manifests_pending": manifests.pending_uploads(index),
+    }
+
+
+def remote_health(index: Index, rid: int) -> dict:
+    """Reachability and last audit of remote ``rid`` (tables remote_health, audit_runs), as
+    the ``health``/``last_audit*``/``lost_objects`` fields of its status entry."""
+    h = remote_table.health(index, rid)
+    a = audit.last_run(index, rid)
+    (lost, _bytes) = segments.remote_totals(index, rid, "lost")
+    return {
+        "health": h[0] if h else "unknown",
+        "health_since": h[1] if h else None,
+        "health_detail": h[3] if h else None,
+        "lost_objects": lost,
+        "last_audit": (a[1] or a[0]) if a else None,
+        "last_audit_mode": a[2] if a else None,
+        "last_audit_complete": (a[1] is not None) if a else None,
+        "last_audit_checks": a[3] if a else 0,
+        "last_audit_confidence": a[4] if a else None,
+    }
+
+
+def _design_losses(domains: dict[int, str], k: int, n: int) -> int:
+    """Failure domains survivable by the placement rule itself (before any segment)."""
+    rows = [(rid, dom) for rid, dom in domains.items()]
+    if not rows:
+        return 0
+    lists = [place(rows, s, n) for s in range(len(rows))]
+    return survivable_losses(lists, k, domains)

@@ -1,0 +1,124 @@
+"""Opening a vault's home directory: its files, the process lock, and making a new vault.
+
+``<home>/key.json`` (the keyfile), ``<home>/index.db`` (the index), ``<home>/queue/``
+(vaultfs/vault/queue.py), ``<home>/lock`` (held by the one process using the vault).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+
+from .. import erasure
+from ..backends import open_backend
+from ..chunker import NEW_VAULT_AVG
+from ..errors import NotEnoughRemotes, NoVault, VaultBusy
+from ..index import Index, VaultParams, keyring
+from ..index import remotes as remote_table
+from ..keys import SUITE_XWING_AES256GCM, VaultKeys, new_seed, read_keyfile, write_keyfile
+from .queue import ShardQueue
+
+
+def default_home() -> Path:
+    """``$VAULTFS_HOME``, else ``$XDG_DATA_HOME/vaultfs`` (``~/.local/share/vaultfs``)."""
+    env = os.environ.get("VAULTFS_HOME")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "vaultfs"
+
+
+def keyfile_path(home: Path) -> Path:
+    return home / "key.json"
+
+
+def index_path(home: Path) -> Path:
+    return home / "index.db"
+
+
+def take_lock(home: Path) -> int:
+    """Lock the vault at ``home`` for this process; returns the lock file's descriptor
+    (closing it releases the lock). Raises VaultBusy when another process holds it."""
+    fd = os.open(home / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise VaultBusy(
+            f"the vault at {home} is in use by another vaultfs process "
+            "(a mount or a running backup); wait for it or unmount first"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def initialize(
+    home: Path,
+    remote_specs: list[str],
+    k: int,
+    n: int,
+    passphrase: str,
+    seed: bytes | None,
+    segment_size: int,
+) -> tuple[VaultKeys, Index, int]:
+    """Make a new vault at ``home`` over empty remotes: keys and keyfile, the index with
+    its parameters, remotes and key epoch 0, the queue. Returns (keys, index, lock fd)."""
+    erasure.validate(k, n)
+    if not remote_specs:
+        raise NotEnoughRemotes("a vault needs at least one --remote")
+    if len(set(remote_specs)) != len(remote_specs):
+        raise NotEnoughRemotes("the same remote was given twice")
+    if index_path(home).exists() or keyfile_path(home).exists():
+        raise NoVault(f"a vault already exists at {home}; use another --home")
+    remotes = [open_backend(s) for s in remote_specs]
+    for r in remotes:
+        r.ensure()
+        existing = r.list("manifests")
+        if existing:
+            raise NoVault(
+                f"remote {r.label} already holds a vault (manifests/ is not empty); "
+                "give an empty location"
+            )
+    home.mkdir(parents=True, exist_ok=True)
+    lock = take_lock(home)
+    keys = VaultKeys.from_seed(seed or new_seed())
+    keys.generate_slhdsa()  # hash-based second signature (docs/keys.md)
+    assert keys.slhdsa_public is not None
+    write_keyfile(keyfile_path(home), keys, passphrase)
+    index = Index(index_path(home))
+    data_key = keys.new_epoch_key()
+    params = VaultParams(keys.vault_id.hex(), k, n, segment_size, NEW_VAULT_AVG, time.time())
+    with index.tx() as db:
+        params.write(db)
+        keyring.set_current(db, 0, SUITE_XWING_AES256GCM)
+        keyring.set_slhdsa(db, keys)
+        for pos, spec in enumerate(remote_specs):
+            remote_table.add(db, spec, pos)
+        keyring.add_epoch(
+            db, 0, SUITE_XWING_AES256GCM, keys.wrap_data_key(0, data_key), time.time()
+        )
+    ShardQueue(home).make_dirs()
+    return keys, index, lock
+
+
+def load(
+    home: Path, passphrase: str | None, keys: VaultKeys | None, lock: bool
+) -> tuple[VaultKeys, Index, int | None]:
+    """Open the vault at ``home`` with ``keys`` (or the keyfile's, unlocked with
+    ``passphrase``), taking its lock if ``lock``. Returns (keys, index, lock fd or None).
+    Raises NoVault when there is none or the key is another vault's."""
+    if not index_path(home).exists():
+        raise NoVault(f"no vault at {home}: run `vaultfs init` or pass --home")
+    if keys is None:
+        if passphrase is None:
+            raise NoVault("a passphrase is needed to open the vault")
+        keys = read_keyfile(keyfile_path(home), passphrase)
+    lock_fd = take_lock(home) if lock else None
+    index = Index(index_path(home))
+    if VaultParams.read(index).vault_id != keys.vault_id.hex():
+        index.close()
+        raise NoVault(f"the key does not belong to the vault at {home}")
+    return keys, index, lock_fd

@@ -1,0 +1,65 @@
+"""Where shards go: the placement rule over failure domains, and how many domains a
+placement survives losing."""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+from ..errors import NotEnoughRemotes
+from ..index import Index
+from ..index import remotes as remote_table
+
+
+def survivable_losses(placement: list[list[int]], k: int, domains: dict[int, str]) -> int:
+    """How many failure domains can be lost, worst case, with every segment still >= k shards.
+
+    ``placement`` lists, per segment, the remote id of each shard. Brute force over domain
+    subsets (the number of domains is small).
+    """
+    doms = sorted(set(domains.values()))
+    best = 0
+    for lose in range(1, len(doms) + 1):
+        ok = True
+        for gone in combinations(doms, lose):
+            g = set(gone)
+            for shards in placement:
+                if sum(1 for r in shards if domains.get(r) not in g) < k:
+                    ok = False
+                    break
+            if not ok:
+                break
+        if not ok:
+            break
+        best = lose
+    return best
+
+
+def place(remotes: list[tuple[int, str]], seg_id: int, n: int) -> list[int]:
+    """Remote id for each of the n shards of segment ``seg_id``, spreading failure domains.
+
+    ``remotes`` lists (id, domain) of the active remotes in position order. Shard i goes to
+    domain (i + seg_id) mod D (domains ordered by their first remote's position), and within a
+    domain to its remotes in turn, so every domain holds ⌊n/D⌋ or ⌈n/D⌉ shards. With one remote
+    per domain this is the plain rule: shard i → remote at position (i + seg_id) mod R.
+    """
+    doms: dict[str, list[int]] = {}
+    for rid, dom in remotes:
+        doms.setdefault(dom, []).append(rid)
+    order = list(doms.values())
+    seen = [0] * len(order)
+    out = []
+    for i in range(n):
+        d = (i + seg_id) % len(order)
+        members = order[d]
+        out.append(members[(seen[d] + seg_id // len(order)) % len(members)])
+        seen[d] += 1
+    return out
+
+
+def shard_remotes(index: Index, seg_id: int, n: int) -> list[int]:
+    """Remote id for each of the n shards of segment ``seg_id`` over the vault's active
+    remotes (:func:`place`). Raises NotEnoughRemotes when it has none."""
+    rows = remote_table.placement_domains(index)
+    if not rows:
+        raise NotEnoughRemotes("the vault has no active remotes")
+    return place(rows, seg_id, n)

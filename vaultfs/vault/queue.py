@@ -1,0 +1,118 @@
+"""The upload queue on disk: ``<home>/queue``, and durable writes into it.
+
+Layout: ``tmp/`` (shard files being written; anything there after a crash is removed),
+``r<remote id>/data/`` and ``r<remote id>/meta/`` (shard objects waiting for their
+remote; ``rclone move`` removes each after its upload), ``manifests/`` (signed manifests
+waiting for every remote). Queue files are the truth about what is pending (invariant 5,
+vaultfs/vault/uploads.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from pathlib import Path
+
+from .. import segment
+from ..errors import DiskFull
+from ..index.segments import ShardRow
+from ..sealer import ShardFile
+
+#: The subdirectories of a remote's queue directory (and of the remote).
+SUBDIRS = ("data", "meta")
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync directory ``path`` (so renames and creations in it are durable)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it. A full disk removes the partial file and
+    raises DiskFull (the caller's transaction has not recorded it)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            path.unlink(missing_ok=True)
+            raise DiskFull(
+                f"local disk full while writing {path.parent}: free space and retry "
+                "(nothing acknowledged was lost)"
+            ) from None
+        raise
+
+
+class ShardQueue:
+    """Paths of the queue directory, and moving fsync'd shard files into it."""
+
+    def __init__(self, home: Path) -> None:
+        self.dir = home / "queue"
+
+    @property
+    def tmp(self) -> Path:
+        """Where shard files are written and fsync'd before they are queued."""
+        return self.dir / "tmp"
+
+    @property
+    def manifests(self) -> Path:
+        """Signed manifests waiting for their remotes."""
+        return self.dir / "manifests"
+
+    def remote_dir(self, rid: int) -> Path:
+        """Remote ``rid``'s queue directory (moved to the remote as a whole)."""
+        return self.dir / f"r{rid}"
+
+    def shard_path(self, rid: int, kind: str, name: str) -> Path:
+        """Where shard object ``name`` of a ``kind`` ('data' or 'meta') segment waits for
+        remote ``rid``."""
+        return self.dir / f"r{rid}" / kind / name
+
+    def make_dirs(self) -> None:
+        """Create ``tmp/`` and ``manifests/`` if missing."""
+        for d in (self.tmp, self.manifests):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def enqueue(
+        self, kind: int, shards: list[ShardFile], placement: list[int], dirs: set[Path]
+    ) -> list[ShardRow]:
+        """Rename the fsync'd ``tmp/`` files of ``shards`` to their remotes' queue
+        directories (shard i to remote ``placement[i]``). Returns the shard rows for the
+        transaction that records them; adds the directories to fsync (:func:`sync_dirs`)
+        before that transaction to ``dirs`` (invariant 1, vaultfs/vault/writer.py)."""
+        rows = []
+        for sh, rid in zip(shards, placement, strict=True):
+            dest_dir = self.remote_dir(rid) / segment.KIND_NAMES[kind]
+            t = self.tmp / sh.name
+            for attempt in range(5):
+                # a concurrent flush may move the whole queue directory away (rclone's
+                # server-side DirMove to a local remote): recreate it and retry
+                dest_dir.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(t, dest_dir / sh.name)
+                    break
+                except FileNotFoundError:
+                    if attempt == 4 or not t.exists():
+                        raise
+            dirs.add(dest_dir)
+            rows.append((sh.idx, sh.name, rid, sh.size, sh.hash, sh.blocks, sh.root))
+        return rows
+
+
+def sync_dirs(dirs: set[Path]) -> None:
+    """fsync the queue directories :meth:`ShardQueue.enqueue` renamed files into."""
+    for d in dirs:
+        with contextlib.suppress(FileNotFoundError):  # moved to the remote meanwhile
+            fsync_dir(d)

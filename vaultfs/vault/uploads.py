@@ -1,0 +1,230 @@
+"""The upload queue's way out: moving queued shards and manifests to the remotes, and
+deleting index copies that newer ones replaced.
+
+Ordering invariants enforced here (numbered as in docs/design.md):
+
+4. A manifest is uploaded to any remote only after every segment it covers has at least k
+   shards placed; on each remote, data and meta shards go before the manifest.
+5. A queued shard becomes ``placed`` only after rclone removed it from the queue, which it
+   does only after a successful upload (:func:`vaultfs.vault.recovery.reconcile`).
+6. An old index copy is deleted only once a flush placed every newer manifest everywhere.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..backends import Backend
+from ..errors import RemoteError
+from ..index import Index, manifests, segments
+from ..index import remotes as remote_table
+from .queue import SUBDIRS, ShardQueue
+from .recovery import reconcile
+
+#: How many of the newest manifests (and the index copies they name) stay on the remotes.
+KEEP_INDEX_COPIES = 3
+
+
+def _each(fn: Callable, items: list) -> None:
+    """Run ``fn(item)`` for every item at once, one thread each (remote operations are
+    rclone subprocesses: they overlap whatever the GIL does)."""
+    if len(items) <= 1:
+        for it in items:
+            fn(it)
+        return
+    threads = [threading.Thread(target=fn, args=(it,)) for it in items]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+@dataclass
+class FlushReport:
+    """What a flush did and what is left (:meth:`UploadQueue.flush`)."""
+
+    uploaded: int = 0
+    pending: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    under_k: int = 0
+    manifests_pending: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return not any(self.pending.values()) and self.manifests_pending == 0
+
+
+class UploadQueue:
+    """Moves what the queue holds to the vault's remotes.
+
+    ``remotes`` gives the active remotes; ``seal`` makes what the write path holds durable
+    in the queue (a flush seals first unless told not to)."""
+
+    def __init__(
+        self,
+        index: Index,
+        queue: ShardQueue,
+        remotes: Callable[[], list[Backend]],
+        seal: Callable[[], None],
+    ) -> None:
+        self.index = index
+        self.queue = queue
+        self.remotes = remotes
+        self.seal = seal
+        self._prepushing: tuple[threading.Thread, dict[int, str]] | None = None
+        self._push_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Wait for a background push (:meth:`prepush`) to end."""
+        if self._prepushing is not None:
+            self._prepushing[0].join()
+            self._prepushing = None
+
+    def flush(
+        self, progress: Callable[[str], None] | None = None, seal: bool = True
+    ) -> FlushReport:
+        """Upload everything queued. Never raises for an unreachable remote: it reports.
+
+        ``seal=False`` pushes only what is already sealed, so a caller that flushes often
+        (the mount's background pusher) does not pad the open segment on every pass.
+        """
+        if seal:
+            self.seal()
+        report = FlushReport()
+        remotes = self.remotes()
+        ok = self._push_shards(remotes, report)
+        report.uploaded = reconcile(self.index, self.queue)
+        for r in remotes:
+            if ok.get(r.rid):
+                remote_table.record_result(self.index, r.rid, None)
+        report.under_k = segments.count_under_k(self.index)
+        if report.under_k == 0:
+            self._push_manifests(remotes, ok, report)
+        for r in remotes:
+            report.pending[r.label] = segments.queued_count(self.index, r.rid)
+        report.manifests_pending = manifests.pending_uploads(self.index)
+        if report.manifests_pending == 0 and not report.errors:
+            self.prune_index_copies()
+        return report
+
+    def prepush(self) -> None:
+        """Start moving the queued shards to the remotes in the background (a commit does,
+        so uploads overlap exporting and signing the index); the next :meth:`flush` waits
+        for it, and does not try again in the same flush a remote that failed it."""
+        if self._prepushing is not None:
+            return
+        errors: dict[int, str] = {}
+        t = threading.Thread(
+            target=self._push_shards, args=(self.remotes(), None, errors), name="vaultfs-prepush"
+        )
+        self._prepushing = (t, errors)
+        t.start()
+
+    def _push_shards(
+        self,
+        remotes: list[Backend],
+        report: FlushReport | None,
+        errors: dict[int, str] | None = None,
+    ) -> dict[int, bool]:
+        """One ``rclone move`` per remote of its queue directory (data/ and meta/ shards), all
+        remotes at once. Returns {remote id: success}; records errors in ``report`` (or, for
+        the background push, in ``errors``)."""
+        failed_before: dict[int, str] = {}
+        if report is not None and self._prepushing is not None:
+            bg, failed_before = self._prepushing
+            bg.join()
+            self._prepushing = None
+        ok: dict[int, bool] = {}
+
+        def push(r: Backend) -> None:
+            if r.rid in failed_before:  # it failed moments ago in the background push
+                ok[r.rid] = False
+                assert report is not None
+                report.errors[r.label] = failed_before[r.rid]
+                remote_table.record_result(self.index, r.rid, failed_before[r.rid])
+                return
+            d = self.queue.remote_dir(r.rid)
+            try:
+                if any(any((d / sub).iterdir()) for sub in SUBDIRS if (d / sub).is_dir()):
+                    r.move_dir(d, "")
+                ok[r.rid] = True
+            except RemoteError as e:
+                ok[r.rid] = False
+                if errors is not None:
+                    errors[r.rid] = e.message
+                if report is not None:
+                    report.errors[r.label] = e.message
+                    remote_table.record_result(self.index, r.rid, e.message)
+
+        with self._push_lock:
+            _each(push, remotes)
+        return ok
+
+    def prune_index_copies(self, keep: int | None = None) -> int:
+        """Delete index copies (meta segments) and manifests older than the newest ``keep``.
+
+        Called only after a flush placed every manifest on every remote (invariant 6: an old
+        index copy is deleted only once newer ones are placed). Returns objects deleted;
+        a remote that fails keeps its old copies until the next successful flush.
+        """
+        keep = keep or KEEP_INDEX_COPIES
+        seqs = manifests.seqs_newest_first(self.index)
+        if len(seqs) <= keep:
+            return 0
+        cutoff = seqs[keep - 1]
+        old_shards = segments.placed_meta_before(self.index, cutoff)
+        old_mans = manifests.names_before(self.index, cutoff)
+        counts: dict[int, int] = {}
+        failed: list[int] = []
+
+        def drop(r: Backend) -> None:
+            mine = [name for _sid, name, rid in old_shards if rid == r.rid]
+            try:  # one rclone call per remote
+                r.delete("", [f"meta/{n}" for n in mine] + [f"manifests/{m}" for m in old_mans])
+            except RemoteError:
+                failed.append(r.rid)
+                return
+            counts[r.rid] = len(mine) + len(old_mans)
+
+        _each(drop, self.remotes())
+        deleted = sum(counts.values())
+        if failed:  # that remote keeps its old copies until the next successful flush
+            return deleted
+        with self.index.tx() as db:
+            manifests.forget_before(db, cutoff)
+        return deleted
+
+    def _push_manifests(
+        self, remotes: list[Backend], ok: dict[int, bool], report: FlushReport
+    ) -> None:
+        """Upload queued manifests, oldest first, every remote at once (invariant 4: only
+        called once every segment has k shards placed)."""
+        rows = manifests.queued_uploads(self.index)
+        by_id = {r.rid: r for r in remotes}
+        todo: dict[int, list[tuple[int, str]]] = {}
+        for seq, rid, name in rows:
+            if rid not in by_id:  # remote removed since: drop the obligation
+                manifests.dequeue(self.index, seq, rid)
+            elif ok.get(rid):
+                todo.setdefault(rid, []).append((seq, name))
+        lock = threading.Lock()
+
+        def push(rid: int) -> None:
+            r = by_id[rid]
+            for seq, name in todo[rid]:
+                try:
+                    r.put_file(self.queue.manifests / name, "manifests", name)
+                except RemoteError as e:
+                    with lock:
+                        report.errors[r.label] = e.message
+                    return
+                manifests.dequeue(self.index, seq, rid)
+
+        _each(push, list(todo))
+        still = manifests.queued_seqs(self.index)
+        for seq, name in manifests.seqs_and_names(self.index):
+            f = self.queue.manifests / name
+            if seq not in still and f.exists():
+                f.unlink()
