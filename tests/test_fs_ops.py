@@ -1051,3 +1051,37 @@ def test_fsync_syncs_only_blocks_written_since_and_the_directory_only_for_new_fi
         await d.fs.release(fh)
 
     h.run(body, uploader=False)
+
+
+def test_range_reads_through_rclone_take_a_span_so_neighbours_cost_no_call(
+    make_harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vaultfs.chunkreader
+    from vaultfs.remotes import Remote
+
+    h = make_harness(read_cache_size=0)
+    data = random.Random(9).randbytes(8 * BS)
+    _stored_file(h, data)
+    calls: list[tuple[int, int]] = []
+    real_open = vaultfs.chunkreader.open_backend
+
+    class Counted:
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        def cat(self, sub: str, name: str, offset: int = 0, count: int = -1) -> bytes:
+            calls.append((offset, count))
+            return self.inner.cat(sub, name, offset, count)
+
+    # as for a cloud remote: no local copy, every shard byte through the remote's backend
+    monkeypatch.setattr(Remote, "local_dir", property(lambda self: None))
+    monkeypatch.setattr(vaultfs.chunkreader, "open_backend", lambda *a: Counted(real_open(*a)))
+
+    async def read(d: Driver) -> dict:
+        assert await d.read_file(b"f") == data
+        return dict(d.fs.reader.stats)
+
+    stats = h.run(read)
+    assert stats["range_reads"] and not stats["segment_reads"]
+    assert calls and all(c >= vaultfs.chunkreader.BLOCK for _o, c in calls)
+    assert len(calls) < stats["range_reads"]  # neighbours came from the verified blocks

@@ -35,9 +35,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from . import envelope, erasure, merkle, segment
-from .errors import VaultError
+from .backends import open_backend
+from .errors import RemoteError, VaultError
 from .readcache import ReadCache
-from .remotes import Remote, RemoteError
+from .remotes import Remote
 from .vault import Vault
 
 log = logging.getLogger("vaultfs.chunkreader")
@@ -50,6 +51,9 @@ MEMORY = 32 * 1024 * 1024
 #: at most this many read-ahead fetches queued or running at once
 PREFETCH_LIMIT = 64
 _BLOCKS_KEPT = 128  # verified 64 KiB shard blocks (8 MiB)
+#: a read through rclone (a process per call) takes at least this much of the shard, so the
+#: neighbouring chunks of a sequential read cost no further call
+REMOTE_SPAN = 16 * BLOCK
 _LAYOUTS_KEPT = 256  # segments whose data-shard rows are known
 
 
@@ -58,14 +62,15 @@ class _RangeFailed(Exception):
 
 
 class _Shard:
-    __slots__ = ("name", "size", "leaves", "paths", "remote")
+    __slots__ = ("name", "size", "leaves", "paths", "spec", "rid")
 
-    def __init__(self, name: str, size: int, leaves: bytes, paths: list[Path], remote: Remote):
+    def __init__(self, name: str, size: int, leaves: bytes, paths: list[Path], spec: str, rid: int):
         self.name = name
         self.size = size
         self.leaves = leaves
         self.paths = paths  # local copies to try in order (upload queue, local-dir remote)
-        self.remote = remote
+        self.spec = spec  # else through the remote's backend
+        self.rid = rid
 
 
 class ChunkReader:
@@ -253,11 +258,10 @@ class ChunkReader:
             sizes.add(osize)
             if state not in ("placed", "queued"):
                 continue
-            remote = Remote(spec, rid)
             paths = [vault.queue_dir / f"r{rid}" / kind / name]
-            if (d := remote.local_dir) is not None:
+            if (d := Remote(spec, rid).local_dir) is not None:
                 paths.append(d / kind / name)
-            shards[idx] = _Shard(name, osize, bytes(leaves), paths, remote)
+            shards[idx] = _Shard(name, osize, bytes(leaves), paths, spec, rid)
         if len(sizes) != 1:
             raise _RangeFailed(f"segment {seg}: data shards of differing sizes")
         payload = sizes.pop() - PAYLOAD_AT
@@ -286,24 +290,29 @@ class ChunkReader:
         if need:
             start, stop = need[0] * BLOCK, min((need[-1] + 1) * BLOCK, shard.size)
             raw = self._object_range(shard, start, stop)
-            if len(raw) != stop - start:
+            if len(raw) < stop - start:
                 raise _RangeFailed(f"shard {shard.name}: short read")
             view = memoryview(raw)
-            for b in range(need[0], need[-1] + 1):
-                block = bytes(view[(b - need[0]) * BLOCK : (b - need[0] + 1) * BLOCK])
+            got: dict[int, bytes] = {}
+            for i in range(0, len(raw), BLOCK):  # what was asked for, and any span beyond
+                b = need[0] + i // BLOCK
+                block = bytes(view[i : i + BLOCK])
                 if merkle.leaf_hash(block) != shard.leaves[32 * b : 32 * b + 32]:
                     raise _RangeFailed(f"shard {shard.name}: block {b} does not match its leaf")
-                blocks[b - first] = block
+                got[b] = block
+            for b in range(need[0], need[-1] + 1):
+                blocks[b - first] = got[b]
             with self._lock:
                 self.stats["shard_bytes"] += len(raw)
-                for b in range(need[0], need[-1] + 1):
-                    self._blocks[(shard.name, b)] = blocks[b - first]
+                self._blocks.update(((shard.name, b), block) for b, block in got.items())
                 while len(self._blocks) > _BLOCKS_KEPT:
                     self._blocks.popitem(last=False)
         joined = b"".join(blocks)
         return joined[lo - first * BLOCK : hi - first * BLOCK]
 
     def _object_range(self, shard: _Shard, start: int, stop: int) -> bytes:
+        """Object bytes from ``start``: exactly up to ``stop`` from a local copy; through
+        rclone at least :data:`REMOTE_SPAN` (block-aligned, at most the object's end)."""
         for p in shard.paths:
             try:
                 fd = os.open(p, os.O_RDONLY)
@@ -313,7 +322,8 @@ class ChunkReader:
                 return os.pread(fd, stop - start, start)
             finally:
                 os.close(fd)
-        return shard.remote.cat("data", shard.name, start, stop - start)
+        stop = min(max(stop, start + REMOTE_SPAN), shard.size)
+        return open_backend(shard.spec, shard.rid).cat("data", shard.name, start, stop - start)
 
 
 def slices(
