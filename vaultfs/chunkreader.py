@@ -10,8 +10,8 @@ Where a chunk comes from, first hit wins:
    only the 64 KiB Merkle blocks of the data shards that cover the chunk's record, checks each
    against its leaf in ``shards.blocks`` (docs/format.md 8) and opens the record (AEAD). Shard
    bytes are read from the upload queue's copy, in place from a plain local-directory remote,
-   or with a ranged ``rclone cat``; verified blocks are kept in a small LRU so neighbouring
-   chunks cost no second read;
+   or with a ranged read through the remote's backend (at least 1 MiB); verified blocks are
+   kept in a small LRU so neighbouring chunks cost no second read;
 4. whenever a range read cannot deliver (a data shard missing or unreachable, a block whose
    leaf does not match, a record that does not open, a chunk still with a sealer):
    ``Vault.read_chunk``, the whole-segment shard reader, which decodes around lost and lying
