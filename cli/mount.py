@@ -56,6 +56,21 @@ def mount(
     cache_size: Annotated[
         str, typer.Option("--cache-size", help="Dirty-data budget of the local cache (e.g. 512M).")
     ] = "1G",
+    read_cache_size: Annotated[
+        str,
+        typer.Option(
+            "--read-cache-size",
+            help="Budget of the local read cache of chunks read or written (e.g. 2G; 0: none).",
+        ),
+    ] = "1G",
+    allow_other: Annotated[
+        bool,
+        typer.Option(
+            "--allow-other",
+            help="Let every user of the machine in, the kernel checking modes "
+            "(non-root mounts need user_allow_other in /etc/fuse.conf).",
+        ),
+    ] = False,
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Mount the vault's live tree at MOUNTPOINT (snapshots under .snapshots/)."""
@@ -63,6 +78,7 @@ def mount(
 
     h = home_dir(home)
     size = parse_size(cache_size)
+    read_size = parse_size(read_cache_size)
     mp = Path(os.path.abspath(mountpoint))
     if foreground:
         level = os.environ.get("VAULTFS_LOG", "INFO").upper()
@@ -71,11 +87,13 @@ def mount(
             format="%(asctime)s %(name)s %(levelname)s: %(message)s",
             stream=sys.stderr,
         )
-        code = daemon.run_foreground(h, mp, size, passphrase(), ready_fd)
+        code = daemon.run_foreground(h, mp, size, passphrase(), ready_fd, read_size, allow_other)
         raise typer.Exit(code)
     if not daemon.path_exists(mp):
         raise InputError(f"mountpoint {mp} does not exist: create an empty directory")
-    pid = daemon.spawn(h, mp, size, passphrase())
+    pid = daemon.spawn(
+        h, mp, size, passphrase(), read_cache_size=read_size, allow_other=allow_other
+    )
     out.print(f"mounted vault {h} at {mp} (daemon pid {pid}; log {h / 'mount.log'})")
 
 

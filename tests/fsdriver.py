@@ -21,6 +21,7 @@ the dirty blocks.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,7 @@ import trio
 from vaultfs import keys
 from vaultfs.fs import VaultFS
 from vaultfs.livetree import ROOT_INODE, LiveTree
+from vaultfs.readcache import DEFAULT_READ_CACHE_SIZE
 from vaultfs.vault import Vault
 
 T = TypeVar("T")
@@ -122,6 +124,8 @@ class Driver:
         attr = await self.fs.getattr(ino, self.ctx)
         for part in path.split(b"/") if path else []:
             attr = await self.fs.lookup(ino, part, self.ctx)
+            if attr.st_ino == 0:  # a negative entry: the kernel answers ENOENT
+                raise pyfuse3.FUSEError(errno.ENOENT)
             ino = attr.st_ino
         return attr
 
@@ -287,12 +291,14 @@ class Harness:
         root: Path,
         block_size: int = SMALL_BLOCKS,
         cache_size: int = 0,
+        read_cache_size: int = DEFAULT_READ_CACHE_SIZE,
         k: int = 2,
         n: int = 3,
     ) -> None:
         self.root = root
         self.home = root / "home"
         self.cache_size = cache_size
+        self.read_cache_size = read_cache_size
         remotes = [str(root / f"r{i}") for i in range(n)]
         self.vault: Vault | None = Vault.create(
             self.home, remotes, k, n, PASSPHRASE, segment_size=1 << 20
@@ -315,9 +321,14 @@ class Harness:
         """Serve a fresh VaultFS for the length of ``body``; with ``check``, the
         consistency check follows (the body's nursery tasks are gone by then). Without
         ``uploader`` the body starts ``fs.cache.run`` itself when it wants blocks stored."""
-        fs = VaultFS(self.open(), self.home, self.root / "mnt", self.cache_size)
+        fs = VaultFS(
+            self.open(), self.home, self.root / "mnt", self.cache_size, self.read_cache_size
+        )
         fs.load()
-        return trio.run(self._serve, fs, body, check, uploader)
+        try:
+            return trio.run(self._serve, fs, body, check, uploader)
+        finally:
+            fs.reader.close()
 
     async def _serve(
         self, fs: VaultFS, body: Callable[[Driver], Awaitable[T]], check: bool, uploader: bool

@@ -112,7 +112,8 @@ def test_lookup_getattr_and_the_errors_posix_names(h: Harness) -> None:
         assert a.st_ino == fino and mode_of(a) == (stat.S_IFREG, 0o644) and a.st_size == 1
         assert a.st_uid == ctx.uid and a.st_nlink == 1
         assert mode_of(await fs.getattr(dino, ctx)) == (stat.S_IFDIR, 0o755)
-        assert await fuse_errno(fs.lookup(dino, b"missing", ctx)) == errno.ENOENT
+        neg = await fs.lookup(dino, b"missing", ctx)  # a negative entry the kernel caches
+        assert neg.st_ino == 0 and neg.entry_timeout > 0
         assert await fuse_errno(fs.lookup(fino, b"x", ctx)) == errno.ENOTDIR
         assert await fuse_errno(fs.getattr(10**9, ctx)) == errno.ENOENT
         assert await fuse_errno(fs.create(dino, b"f", 0o644, os.O_RDWR, ctx)) == errno.EEXIST
@@ -901,3 +902,186 @@ def test_journal_commit_replay_and_requeue(h: Harness) -> None:
     t = replay()
     assert f.ino not in t.nodes and t.nodes[ROOT_INODE].nlink == 3
     assert t.next_ino > max(t.nodes)
+
+
+# -- the read path: range reads, the read cache, read-ahead -------------------------------------
+def _stored_file(h: Harness, data: bytes, snapshot: bool = False) -> None:
+    """Write ``data`` to /f, store and upload everything (the queue empties), then end the
+    process: the next run reads only from the remotes (and the read cache)."""
+
+    async def body(d: Driver) -> None:
+        await d.write_file(b"f", data)
+        if snapshot:
+            await d.fs.snapshot("s")
+        rep = await d.fs.prepare_umount()
+        assert rep.complete and not rep.errors
+
+    h.run(body)
+    h.crash()
+    assert not any(p.is_file() for p in (h.home / "queue").rglob("*"))
+
+
+def _damage_data_shard(h: Harness, idx: int, at: int) -> None:
+    """Flip one byte ``at`` bytes into the payload of every data shard ``idx`` on the remotes."""
+    hit = 0
+    for f in h.root.glob("r*/data/*"):
+        raw = bytearray(f.read_bytes())
+        if raw[9] == idx:  # shard header: fragment index (docs/format.md 7.1)
+            raw[116 + at] ^= 0xFF
+            f.write_bytes(bytes(raw))
+            hit += 1
+    assert hit
+
+
+def test_reads_fetch_only_data_shard_ranges_and_fall_back_past_a_damaged_block(
+    make_harness,
+) -> None:
+    h = make_harness(read_cache_size=0)
+    data = random.Random(5).randbytes(5 * BS + 1234)
+    _stored_file(h, data)
+
+    async def read(d: Driver) -> dict:
+        fh = await d.open(b"f", os.O_RDONLY)
+        assert await d.fs.read(fh, 3 * BS + 7, 4096) == data[3 * BS + 7 : 3 * BS + 7 + 4096]
+        assert await d.fs.read(fh, 0, len(data) + 1) == data
+        await d.fs.release(fh)
+        return dict(d.fs.reader.stats)
+
+    stats = h.run(read)
+    assert stats["range_reads"] and not stats["segment_reads"]
+    h.crash()
+    _damage_data_shard(h, 0, 100)  # the first records' bytes in shard 0 no longer match
+    stats = h.run(read)
+    assert stats["segment_reads"] >= 1 and stats["range_reads"]
+
+
+def test_the_read_cache_is_filled_on_read_and_kept_on_write_and_survives_a_crash(
+    make_harness,
+) -> None:
+    h = make_harness()
+    data = random.Random(6).randbytes(4 * BS)
+    _stored_file(h, data)  # writing kept the stored chunks in the read cache
+
+    async def read(d: Driver) -> dict:
+        assert await d.read_file(b"f") == data
+        return {**d.fs.readcache.stats(), **d.fs.reader.stats}
+
+    got = h.run(read)
+    assert got["hits"] and not got["range_reads"] and not got["segment_reads"]
+    h.crash()
+    # a kill -9 mid-write leaves a temporary file; a power loss a torn one: neither is served
+    rc = h.home / "readcache"
+    victim = sorted(rc.iterdir())[0]
+    (rc / "123.4.tmp").write_bytes(b"half a chunk")
+    victim.write_bytes(victim.read_bytes()[:10])
+    got = h.run(read)
+    assert got["discarded"] == 1 and got["range_reads"] == 1
+    assert not (rc / "123.4.tmp").exists()
+    h.crash()
+    # emptied, it is filled again by reads
+    for f in rc.iterdir():
+        f.unlink()
+    assert h.run(read)["range_reads"]
+    assert h.run(read)["hits"]
+
+
+def test_the_read_cache_stays_within_a_small_budget(make_harness) -> None:
+    budget = 3 * 32 * 1024
+    h = make_harness(read_cache_size=budget)
+    data = random.Random(7).randbytes(6 * BS)
+    _stored_file(h, data, snapshot=True)
+
+    async def read(d: Driver) -> None:
+        for path in (b"f", b".snapshots/s/f"):  # the live tree and a snapshot share it
+            assert await d.read_file(path) == data
+            assert d.fs.readcache.used <= budget
+
+    h.run(read)
+    files = list((h.home / "readcache").iterdir())
+    assert files and sum(f.stat().st_size for f in files) <= budget
+
+
+def test_sequential_reads_start_read_ahead(make_harness) -> None:
+    h = make_harness(read_cache_size=0)
+    data = random.Random(8).randbytes(12 * BS)
+    _stored_file(h, data, snapshot=True)
+
+    for path in (b"f", b".snapshots/s/f"):  # each in a fresh process: nothing in memory
+
+        async def read(d: Driver, path: bytes = path) -> None:
+            fh = await d.open(path, os.O_RDONLY)
+            got = bytearray()
+            for off in range(0, len(data), 16 * 1024):
+                got += await d.fs.read(fh, off, 16 * 1024)
+                await trio.sleep(0.001)  # the read-ahead runs in worker threads meanwhile
+            await d.fs.release(fh)
+            assert got == data
+            assert d.fs.reader.stats["prefetched"] > 0
+
+        h.run(read)
+        h.crash()
+
+
+def test_fsync_syncs_only_blocks_written_since_and_the_directory_only_for_new_files(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vaultfs.cache
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(vaultfs.cache.os, "fsync", fsync)
+
+    async def body(d: Driver) -> None:
+        fh, ino = await d.create(b"db")
+        await d.fs.write(fh, 0, bytes(4 * BS))
+        await d.fs.fsync(fh, False)
+        assert sorted(synced) == sorted([f"{ino}.{b}" for b in range(4)] + ["cache"])
+        synced.clear()
+        await d.fs.write(fh, 2 * BS + 5, b"x" * 4096)
+        await d.fs.fsync(fh, False)
+        assert synced == [f"{ino}.2"]
+        synced.clear()
+        await d.fs.fsync(fh, True)
+        assert synced == []
+        await d.fs.release(fh)
+
+    h.run(body, uploader=False)
+
+
+def test_range_reads_through_rclone_take_a_span_so_neighbours_cost_no_call(
+    make_harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vaultfs.chunkreader
+    from vaultfs.remotes import Remote
+
+    h = make_harness(read_cache_size=0)
+    data = random.Random(9).randbytes(8 * BS)
+    _stored_file(h, data)
+    calls: list[tuple[int, int]] = []
+    real_open = vaultfs.chunkreader.open_backend
+
+    class Counted:
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        def cat(self, sub: str, name: str, offset: int = 0, count: int = -1) -> bytes:
+            calls.append((offset, count))
+            return self.inner.cat(sub, name, offset, count)
+
+    # as for a cloud remote: no local copy, every shard byte through the remote's backend
+    monkeypatch.setattr(Remote, "local_dir", property(lambda self: None))
+    monkeypatch.setattr(vaultfs.chunkreader, "open_backend", lambda *a: Counted(real_open(*a)))
+
+    async def read(d: Driver) -> dict:
+        assert await d.read_file(b"f") == data
+        return dict(d.fs.reader.stats)
+
+    stats = h.run(read)
+    assert stats["range_reads"] and not stats["segment_reads"]
+    assert calls and all(c >= vaultfs.chunkreader.BLOCK for _o, c in calls)
+    assert len(calls) < stats["range_reads"]  # neighbours came from the verified blocks

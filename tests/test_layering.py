@@ -24,10 +24,11 @@ PACKAGES = ("vaultfs", "cli")
 FORMAT = set("chunker envelope erasure merkle segment manifest audittag names errors kdf".split())
 #: what the format modules must not reach
 ABOVE_FORMAT = set(
-    "vault fs restore repair verify prune sealer daemon livetree cache snapview backends remotes".split()
+    "vault fs restore repair verify prune sealer daemon livetree cache snapview backends remotes"
+    " chunkreader readcache".split()
 )
 #: the mount
-FUSE = {"fs", "livetree", "cache", "snapview", "daemon"}
+FUSE = {"fs", "livetree", "cache", "snapview", "daemon", "chunkreader", "readcache"}
 #: must work without a mount
 ENGINE = {"vault", "restore", "repair", "verify", "prune", "sealer"}
 

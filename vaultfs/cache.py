@@ -32,6 +32,7 @@ from pathlib import Path
 
 import trio
 
+from .chunkreader import ChunkReader
 from .errors import VaultError
 from .index import chunks as chunk_table
 from .livetree import Chunks, LiveTree, Node
@@ -50,7 +51,8 @@ OPEN_IDLE = 30.0
 @dataclass(eq=False)
 class Dirty:
     """A dirty block. ``version`` changes on every modification; ``writers`` counts writes in
-    flight (the uploader skips a block while it is being written)."""
+    flight (the uploader skips a block while it is being written). ``synced`` is the version
+    last made durable by fsync, ``linked`` whether the cache file's directory entry is."""
 
     ino: int
     blk: int
@@ -60,13 +62,25 @@ class Dirty:
     ready: bool = False
     since: float = field(default_factory=time.monotonic)
     touched: float = field(default_factory=time.monotonic)  # last write
+    synced: int = -1
+    linked: bool = False
+    #: set while its cache file is being deleted (stored, committed); writers wait for it
+    retiring: trio.Event | None = None
 
 
 class BlockCache:
     def __init__(
-        self, vault: Vault, tree: LiveTree, cache_dir: Path, budget: int, journal, idle=2.0
+        self,
+        vault: Vault,
+        tree: LiveTree,
+        cache_dir: Path,
+        budget: int,
+        journal,
+        reader: ChunkReader,
+        idle=2.0,
     ) -> None:
         self.vault = vault
+        self.reader = reader
         self.tree = tree
         self.dir = cache_dir
         self.bs = tree.block_size
@@ -109,7 +123,7 @@ class BlockCache:
             keep = min(self.bs, n.size - blk * self.bs)
             if f.stat().st_size > keep:
                 os.truncate(f, keep)
-            self.dirty[(ino, blk)] = Dirty(ino, blk, ready=True)
+            self.dirty[(ino, blk)] = Dirty(ino, blk, ready=True, synced=0, linked=True)
             self.used += self.bs
             found += f.stat().st_size
         return found
@@ -253,6 +267,8 @@ class BlockCache:
                 continue
             pieces = list(self.vault.chunker.chunks(io.BytesIO(data))) if data else []
             cids = self.vault.store_chunks(pieces) if pieces else []
+            for cid, piece in zip(cids, pieces, strict=True):
+                self.reader.keep(cid, piece)  # reads back without a fetch once stored
             out.append([(c, len(p)) for c, p in zip(cids, pieces, strict=True)])
             self.stored_bytes += len(data)
         return out
@@ -306,13 +322,40 @@ class BlockCache:
         self.stored_blocks += 1
 
         def done() -> None:
-            d.uploading = False
             if self.dirty.get(key) is d and d.version == ver:
-                del self.dirty[key]
-                self.path(d.ino, d.blk).unlink(missing_ok=True)
-                self.unreserve()
+                d.retiring = trio.Event()
+                trio.lowlevel.spawn_system_task(self._retire, d)
+            else:
+                d.uploading = False
 
         self.tree.after_commit(done)
+
+    async def _retire(self, d: Dirty) -> None:
+        """A stored block's list is committed: delete its cache file in a worker thread (an
+        unlink can wait long on a busy disk, and the FUSE loop must not) and forget the block.
+        Writers of the block wait for ``d.retiring`` meanwhile (:meth:`settled`)."""
+        key = (d.ino, d.blk)
+        try:
+            await trio.to_thread.run_sync(unlink_files, [self.path(d.ino, d.blk)])
+            if self.dirty.get(key) is d:  # not discarded meanwhile
+                del self.dirty[key]
+                self.unreserve()
+        except Exception:  # the file stays: stored again (dedup) at worst
+            log.exception("removing a stored block's cache file failed")
+        finally:
+            evt, d.retiring = d.retiring, None
+            d.uploading = False
+            if evt is not None:
+                evt.set()
+
+    def retiring(self, ino: int, first: int, last: int) -> list[trio.Event]:
+        """Events of blocks first..last of ``ino`` whose cache files are being deleted: a
+        writer waits for them, then finds those blocks clean."""
+        return [
+            d.retiring
+            for b in range(first, last + 1)
+            if (d := self.dirty.get((ino, b))) is not None and d.retiring is not None
+        ]
 
     async def drain(self, ino: int | None = None) -> None:
         """Store every dirty block (of one inode, or all) and commit the live tree.
@@ -342,33 +385,8 @@ class BlockCache:
 
     # -- reading and writing block content (worker threads) --------------------------------
     def load_stored(self, chunks: Chunks, limit: int) -> bytes:
-        """The stored content of a block (first ``limit`` bytes)."""
-        out = bytearray()
-        for cid, n in chunks:
-            if len(out) >= limit:
-                break
-            out += self.vault.read_chunk(cid)
-            del n
-        return bytes(out[:limit])
-
-
-def read_range(cache: BlockCache, chunks: Chunks, start: int, size: int) -> bytes:
-    """Bytes [start, start+size) of a stored block (zeros past its stored content)."""
-    out = bytearray()
-    pos = 0
-    end = start + size
-    for cid, n in chunks:
-        if pos >= end:
-            break
-        if pos + n > start:
-            data = cache.vault.read_chunk(cid)
-            lo = max(start - pos, 0)
-            hi = min(end - pos, n)
-            out += data[lo:hi]
-        pos += n
-    if len(out) < size:
-        out += bytes(size - len(out))
-    return bytes(out)
+        """The stored content of a block (its first ``limit`` bytes, fewer if it is shorter)."""
+        return self.reader.read_range(chunks, 0, min(limit, sum(n for _c, n in chunks)))
 
 
 def write_block_file(
@@ -394,7 +412,9 @@ def unlink_files(paths: list[Path]) -> None:
         p.unlink(missing_ok=True)
 
 
-def fsync_files(paths: list[Path], dir_path: Path) -> None:
+def fsync_files(paths: list[Path], dir_path: Path | None) -> None:
+    """fsync each file (one stored and removed meanwhile is durable in the vault), then the
+    directory when ``dir_path`` is given (files were created since its last fsync)."""
     for p in paths:
         try:
             fd = os.open(p, os.O_RDONLY)
@@ -404,6 +424,8 @@ def fsync_files(paths: list[Path], dir_path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+    if dir_path is None:
+        return
     fd = os.open(dir_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -415,7 +437,6 @@ __all__ = [
     "BlockCache",
     "Dirty",
     "Node",
-    "read_range",
     "write_block_file",
     "fsync_files",
     "unlink_files",

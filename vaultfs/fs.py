@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import stat
 import time
 from collections.abc import AsyncIterator
@@ -36,11 +37,13 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from .cache import BlockCache, fsync_files, read_range, unlink_files, write_block_file
+from .cache import BlockCache, fsync_files, unlink_files, write_block_file
+from .chunkreader import ChunkReader, slices
 from .errors import VaultError
 from .index import manifests, segments
 from .livetree import ROOT_INODE, Journal, LiveTree, Node
 from .names import SPECIAL_TYPES
+from .readcache import DEFAULT_READ_CACHE_SIZE, ReadCache
 from .snapview import (
     SNAPDIR_INO,
     SNAPDIR_NAME,
@@ -48,7 +51,6 @@ from .snapview import (
     SnapViews,
     SNode,
     is_snap_ino,
-    read_snapshot_range,
 )
 from .vault import Entry, Vault
 
@@ -77,11 +79,54 @@ def _check_name(name: bytes) -> None:
         raise _err(errno.ENAMETOOLONG)
 
 
+#: Read-ahead: after READ_AHEAD_AFTER sequential reads on a handle, the chunks of the next
+#: bytes are fetched in the background, the window doubling per sequential read up to
+#: READ_AHEAD_MAX.
+READ_AHEAD_AFTER = 2
+READ_AHEAD_MIN = 512 * 1024
+READ_AHEAD_MAX = 16 * 1024 * 1024
+
+
+#: Kernel read-ahead for the mount, KiB. FUSE starts at 128 KiB (reads of 128 KiB, at most
+#: two in flight); with 4 MiB the kernel sends 1 MiB reads and several at once, which the
+#: chunk reader serves in parallel. Only root may set it (sysfs); others keep 128 KiB.
+READ_AHEAD_KB = 4096
+
+
+def raise_readahead(mountpoint: Path, kb: int = READ_AHEAD_KB) -> None:
+    """Set the mount's kernel read-ahead (its backing device's ``read_ahead_kb``), when
+    allowed. The device comes from /proc/self/mountinfo: a stat of the mountpoint would ask
+    this very file system, which does not serve requests yet."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return
+
+    def unescape(field: str) -> str:  # mountinfo writes space, tab, newline, \ as \ooo
+        return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+    fields = (line.split() for line in lines)
+    devs = [f[2] for f in fields if len(f) > 4 and unescape(f[4]) == str(mountpoint)]
+    if not devs:
+        return
+    try:
+        Path(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb").write_text(str(kb))
+    except OSError as e:
+        log.info("kernel read-ahead stays at its default (%s)", e)
+
+
 @dataclass(eq=False)
 class Handle:
+    """An open file. ``next_off`` is where a sequential read would continue, ``streak`` how
+    many reads in a row were sequential, ``ahead`` how far read-ahead has been started."""
+
     ino: int
     snap: bool = False
     cmap: object = None
+    next_off: int = -1
+    streak: int = 0
+    ahead: int = 0
 
 
 class VaultFS(pyfuse3.Operations):
@@ -92,12 +137,20 @@ class VaultFS(pyfuse3.Operations):
     #: Ask the kernel for FUSE_HANDLE_KILLPRIV_V2 (read by the patched pyfuse3 only).
     enable_killpriv_v2 = True
 
-    def __init__(self, vault: Vault, home: Path, mountpoint: Path, cache_size: int) -> None:
+    def __init__(
+        self,
+        vault: Vault,
+        home: Path,
+        mountpoint: Path,
+        cache_size: int,
+        read_cache_size: int = DEFAULT_READ_CACHE_SIZE,
+    ) -> None:
         super().__init__()
         self.vault = vault
         self.home = home
         self.mountpoint = mountpoint
         self.cache_size = cache_size
+        self.read_cache_size = read_cache_size
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.tree = LiveTree(vault.index)
@@ -115,6 +168,7 @@ class VaultFS(pyfuse3.Operations):
         self._push_wake = trio.Event()
         self.last_push: dict = {}
         self.getxattr_requests = 0  # shown by `vaultfs status` (tests count them)
+        self.read_stats = {"requests": 0, "bytes": 0, "seconds": 0.0}  # `vaultfs status`
 
     # -- lifecycle ------------------------------------------------------------------------
     def load(self) -> dict:
@@ -122,8 +176,18 @@ class VaultFS(pyfuse3.Operations):
         self.tree.load(self.uid, self.gid)
         self.bs = self.tree.block_size
         self.journal = Journal(self.tree)
+        self.readcache = ReadCache(
+            self.home / "readcache", self.read_cache_size, self.vault.chunker.chunk_id
+        )
+        self.readcache.load()
+        self.reader = ChunkReader(self.vault, self.readcache)
         self.cache = BlockCache(
-            self.vault, self.tree, self.home / "cache", self.cache_size, self.journal
+            self.vault,
+            self.tree,
+            self.home / "cache",
+            self.cache_size,
+            self.journal,
+            self.reader,
         )
         recovered = self.cache.recover()
         self.tree.apply_batch(self.tree.take_batch())
@@ -136,6 +200,7 @@ class VaultFS(pyfuse3.Operations):
 
     async def run(self, ready, control_start) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self.journal.run)
             nursery.start_soon(self.cache.run)
             nursery.start_soon(self._pusher)
@@ -148,6 +213,12 @@ class VaultFS(pyfuse3.Operations):
             await self.cache.drain()
             await self._final_push()
             nursery.cancel_scope.cancel()
+        self.reader.close()
+
+    def init(self) -> None:
+        """FUSE_INIT is being answered: once the kernel has applied the reply (which sets the
+        read-ahead to the default), raise it."""
+        self._nursery.start_soon(trio.to_thread.run_sync, raise_readahead, self.mountpoint)
 
     async def _final_push(self) -> None:
         """After an unmount not done by `vaultfs umount`: ship the live tree if it changed
@@ -344,7 +415,12 @@ class VaultFS(pyfuse3.Operations):
             raise _err(errno.ENOTDIR)
         ino = p.children.get(name)
         if ino is None:
-            raise _err(errno.ENOENT)
+            # a negative entry the kernel may cache: names in the live tree appear only
+            # through the kernel (create, mkdir, link, rename), which replaces it
+            neg = pyfuse3.EntryAttributes()
+            neg.st_ino = 0
+            neg.entry_timeout = TIMEOUT
+            return neg
         n = self.tree.nodes[ino]
         n.lookups += 1
         return self._attr(n)
@@ -454,6 +530,8 @@ class VaultFS(pyfuse3.Operations):
     async def _cut_block(self, n: Node, blk: int, cut: int) -> None:
         """Make block ``blk`` end at ``cut`` bytes (its tail lies past the new size)."""
         assert n.blocks is not None
+        for evt in self.cache.retiring(n.ino, blk, blk):
+            await evt.wait()
         d = self.cache.get(n.ino, blk)
         chunks = n.blocks.get(blk)
         if d is None:
@@ -672,16 +750,29 @@ class VaultFS(pyfuse3.Operations):
             self._kill_privs(n, KILLPRIV_V2)
 
     async def read(self, fh, off, size):
+        t = time.perf_counter()
+        try:
+            data = await self._read(fh, off, size)
+        finally:
+            self.read_stats["seconds"] += time.perf_counter() - t
+        self.read_stats["requests"] += 1
+        self.read_stats["bytes"] += len(data)
+        return data
+
+    async def _read(self, fh: int, off: int, size: int) -> bytes:
         h = self.fhs[fh]
         if h.snap:
             n = self._any(h.ino)
             size = min(size, n.size - off)
             if size <= 0:
                 return b""
+            self._read_ahead(h, n, off, size)
+            starts, chunks = h.cmap
             return await trio.to_thread.run_sync(
-                read_snapshot_range, self.vault.read_chunk, h.cmap, off, size
+                self.reader.read_slices, slices(starts, chunks, off, size)
             )
         n = self._node(h.ino)
+        self._read_ahead(h, n, off, size)
         for _attempt in range(8):
             size2 = min(size, n.size - off)
             if size2 <= 0:
@@ -695,6 +786,43 @@ class VaultFS(pyfuse3.Operations):
                 log.error("read of inode %d failed: %s", n.ino, e.message)
                 raise _err(errno.EIO) from None
         raise _err(errno.EIO)
+
+    def _read_ahead(self, h: Handle, n: Node | SNode, off: int, size: int) -> None:
+        """Detect sequential reads on ``h`` and start fetching the chunks ahead of them."""
+        h.streak = h.streak + 1 if off == h.next_off else 0
+        h.next_off = off + size
+        if h.streak < READ_AHEAD_AFTER:
+            h.ahead = 0
+            return
+        window = min(READ_AHEAD_MAX, READ_AHEAD_MIN << (h.streak - READ_AHEAD_AFTER))
+        lo, hi = max(h.ahead, off + size), min(off + size + window, n.size)
+        if hi - lo < window // 4:
+            return  # most of the window is already on its way
+        h.ahead = hi
+        if isinstance(n, SNode):
+            starts, chunks = h.cmap
+            cids = [c for c, _lo, _hi in slices(starts, chunks, lo, hi - lo)]
+        else:
+            cids = self._stored_cids(n, lo, hi)
+        if cids:
+            self.reader.prefetch(cids)
+
+    def _stored_cids(self, n: Node, lo: int, hi: int) -> list[bytes]:
+        """Chunk ids of the stored (not dirty) blocks of ``n`` that bytes [lo, hi) touch."""
+        out: list[bytes] = []
+        if n.blocks is None:
+            return out
+        for blk in range(lo // self.bs, (hi - 1) // self.bs + 1):
+            chunks = n.blocks.get(blk)
+            if chunks and self.cache.get(n.ino, blk) is None:
+                base = blk * self.bs
+                starts, pos = [], 0
+                for _c, ln in chunks:
+                    starts.append(pos)
+                    pos += ln
+                a, b = max(lo - base, 0), min(hi - base, self.bs)
+                out += [c for c, _x, _y in slices(starts, chunks, a, b - a)]
+        return out
 
     def _read_plan(self, n: Node, off: int, size: int) -> list[tuple]:
         bs = self.bs
@@ -724,7 +852,7 @@ class VaultFS(pyfuse3.Operations):
                 if len(data) < ln:
                     out += bytes(ln - len(data))
             elif kind == "stored":
-                out += read_range(self.cache, arg, inb, ln)
+                out += self.reader.read_range(arg, inb, ln)
             else:
                 out += bytes(ln)
         return bytes(out)
@@ -752,7 +880,15 @@ class VaultFS(pyfuse3.Operations):
         bs = self.bs
         end = off + len(buf)
         first, last = off // bs, (end - 1) // bs
-        await self._reserve_fresh(n.ino, first, last)
+        while True:
+            await self._reserve_fresh(n.ino, first, last)
+            waits = self.cache.retiring(n.ino, first, last)
+            if not waits:
+                break  # nothing awaits from here until the blocks are added
+            # blocks whose cache files are being deleted become clean: reserve for them too
+            self.cache.unreserve(sum(1 for b in range(first, last + 1) if self.cache.get(n.ino, b) is None))  # fmt: skip
+            for evt in waits:
+                await evt.wait()
         jobs, ds = [], []
         view = memoryview(buf)  # slices without copying a 1 MiB write
         for b in range(first, last + 1):
@@ -844,9 +980,20 @@ class VaultFS(pyfuse3.Operations):
         h = self.fhs.get(fh)
         if h is None or h.snap:
             return
-        paths = [self.cache.path(d.ino, d.blk) for d in self.cache.blocks_of(h.ino)]
-        await trio.to_thread.run_sync(fsync_files, paths, self.cache.dir)
-        await self.journal.commit()
+        # only blocks written since their last fsync, the directory only for new files; the
+        # data and the tree's commit go to disk side by side (ext4 joins the two into one
+        # journal commit): the promise needs both before returning, not an order between them
+        todo = [(d, d.version) for d in self.cache.blocks_of(h.ino) if d.synced != d.version]
+        paths = [self.cache.path(d.ino, d.blk) for d, _v in todo]
+        new = any(not d.linked for d, _v in todo)
+        async with trio.open_nursery() as nursery:
+            if paths:
+                nursery.start_soon(
+                    trio.to_thread.run_sync, fsync_files, paths, self.cache.dir if new else None
+                )
+            nursery.start_soon(self.journal.commit)
+        for d, version in todo:
+            d.synced, d.linked = version, True
 
     # -- directories ------------------------------------------------------------------------
     async def opendir(self, inode, ctx):
@@ -1065,5 +1212,8 @@ class VaultFS(pyfuse3.Operations):
             "snapshot_views": {**self.snaps.stats.as_dict(), "nodes_cached": self.snaps.cached},
             "uploader_error": self.cache.error,
             "getxattr_requests": self.getxattr_requests,
+            "read_cache": self.readcache.stats(),
+            "chunk_reads": dict(self.reader.stats),
+            "reads": dict(self.read_stats),
             "last_push": self.last_push,
         }

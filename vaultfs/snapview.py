@@ -29,7 +29,6 @@ everything else runs on the event loop.
 
 from __future__ import annotations
 
-import bisect
 import stat
 import threading
 from collections import OrderedDict
@@ -411,19 +410,3 @@ class SnapViews:
             self.pinned.pop(ino, None)
         for ino in [i for i, n in self.lru.items() if n.snap == snap_id]:
             del self.lru[ino]
-
-
-def read_snapshot_range(read_chunk, cmap, off: int, size: int) -> bytes:
-    """Bytes [off, off+size) of a snapshot file given its chunk map (worker thread)."""
-    starts, chunks = cmap
-    out = bytearray()
-    i = max(bisect.bisect_right(starts, off) - 1, 0)
-    end = off + size
-    while i < len(chunks) and starts[i] < end:
-        cid, n = chunks[i]
-        data = read_chunk(cid)
-        lo = max(off - starts[i], 0)
-        hi = min(end - starts[i], n)
-        out += data[lo:hi]
-        i += 1
-    return bytes(out)

@@ -1,0 +1,343 @@
+"""The mount's chunk reader: chunk plaintext for the live tree and every snapshot view, from
+memory, the local read cache, or range reads of just the data-shard bytes that hold a record.
+
+Where a chunk comes from, first hit wins:
+
+1. a small in-memory LRU of recently read chunks (``memory`` bytes);
+2. the local read cache (:mod:`vaultfs.readcache`, on disk, checked against the chunk id);
+3. a **range read**: the code is systematic (docs/format.md 7.3), so data shard *i* of a
+   segment holds segment bytes [i·P, (i+1)·P) at object offset 36 + 80; the reader fetches
+   only the 64 KiB Merkle blocks of the data shards that cover the chunk's record, checks each
+   against its leaf in ``shards.blocks`` (docs/format.md 8) and opens the record (AEAD). Shard
+   bytes are read from the upload queue's copy, in place from a plain local-directory remote,
+   or with a ranged read through the remote's backend (at least 1 MiB); verified blocks are
+   kept in a small LRU so neighbouring chunks cost no second read;
+4. whenever a range read cannot deliver (a data shard missing or unreachable, a block whose
+   leaf does not match, a record that does not open, a chunk still with a sealer):
+   ``Vault.read_chunk``, the whole-segment shard reader, which decodes around lost and lying
+   shards.
+
+Every chunk fetched from the vault goes into the memory LRU and the read cache. Fetches run on
+a pool of worker threads (never the FUSE loop): :meth:`ChunkReader.read_many` fetches the
+chunks of one request in parallel and :meth:`ChunkReader.prefetch` starts read-ahead without
+waiting; a chunk being fetched is fetched once, whoever asks for it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from . import envelope, erasure, merkle, segment
+from .backends import open_backend
+from .errors import RemoteError, VaultError
+from .readcache import ReadCache
+from .remotes import Remote
+from .vault import Vault
+
+log = logging.getLogger("vaultfs.chunkreader")
+
+#: shard object bytes before the payload: shard header, then the liberasurecode header
+PAYLOAD_AT = segment.HEADER.size + erasure.FRAGMENT_HEADER
+BLOCK = merkle.BLOCK_SIZE
+WORKERS = 4
+MEMORY = 32 * 1024 * 1024
+#: at most this many read-ahead fetches queued or running at once
+PREFETCH_LIMIT = 64
+_BLOCKS_KEPT = 128  # verified 64 KiB shard blocks (8 MiB)
+#: a read through rclone (a process per call) takes at least this much of the shard, so the
+#: neighbouring chunks of a sequential read cost no further call
+REMOTE_SPAN = 16 * BLOCK
+_LAYOUTS_KEPT = 256  # segments whose data-shard rows are known
+
+
+class _RangeFailed(Exception):
+    """A range read could not deliver; the whole-segment reader takes over."""
+
+
+class _Shard:
+    __slots__ = ("name", "size", "leaves", "paths", "spec", "rid")
+
+    def __init__(self, name: str, size: int, leaves: bytes, paths: list[Path], spec: str, rid: int):
+        self.name = name
+        self.size = size
+        self.leaves = leaves
+        self.paths = paths  # local copies to try in order (upload queue, local-dir remote)
+        self.spec = spec  # else through the remote's backend
+        self.rid = rid
+
+
+class ChunkReader:
+    """Chunk plaintext by id (see the module docstring for the order of sources). Thread-safe;
+    :meth:`close` stops the worker pool."""
+
+    def __init__(self, vault: Vault, cache: ReadCache, memory: int = MEMORY) -> None:
+        self.vault = vault
+        self.cache = cache
+        self.memory = memory
+        self._lock = threading.Lock()
+        self._mem: OrderedDict[bytes, bytes] = OrderedDict()
+        self._mem_used = 0
+        self._inflight: dict[bytes, Future] = {}
+        self._prefetching = 0
+        self._blocks: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._layouts: OrderedDict[int, tuple[int, int, int, dict[int, _Shard]]] = OrderedDict()
+        self._pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="chunkread")
+        self.stats = {"range_reads": 0, "segment_reads": 0, "prefetched": 0, "shard_bytes": 0}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- public reads ---------------------------------------------------------------------------
+    def read(self, cid: bytes) -> bytes:
+        """A chunk's plaintext. Raises VaultError (NotEnoughRemotes, IntegrityError) only when
+        the whole-segment reader cannot produce it either."""
+        return self.read_many([cid])[0]
+
+    def read_many(self, cids: Sequence[bytes]) -> list[bytes]:
+        """Plaintexts of ``cids`` (in order), fetching the missing ones in parallel: the first
+        in the calling thread (a single chunk costs no hand-over), the rest on the pool."""
+        out: list[bytes | None] = [self._from_memory(c) for c in cids]
+        missing = list(dict.fromkeys(c for c, got in zip(cids, out, strict=True) if got is None))
+        futures = {c: self._submit(c) for c in missing[1:]}
+        if missing:
+            futures[missing[0]] = self._submit(missing[0], inline=True)
+        for i, c in enumerate(cids):
+            if out[i] is None:
+                out[i] = futures[c].result()
+        return out  # type: ignore[return-value]
+
+    def prefetch(self, cids: Sequence[bytes]) -> None:
+        """Start fetching ``cids`` in the background (read-ahead) and return at once; skipped
+        beyond :data:`PREFETCH_LIMIT` fetches in flight. Cheap enough for the FUSE loop."""
+        for c in cids:
+            with self._lock:
+                if c in self._mem or c in self._inflight or self._prefetching >= PREFETCH_LIMIT:
+                    continue
+                self._prefetching += 1
+            self._submit(c).add_done_callback(self._prefetch_done)
+
+    def keep(self, cid: bytes, data: bytes) -> None:
+        """A chunk just stored from the write-back cache: keep it in the read cache, so data
+        written reads back without a fetch once its cache file is gone."""
+        self.cache.put(cid, data)
+
+    def read_range(self, chunks: Sequence[tuple[bytes, int]], start: int, size: int) -> bytes:
+        """Bytes [start, start+size) of the content made of ``chunks`` ((cid, length) in
+        order), zeros past its end."""
+        starts, pos = [], 0
+        for _c, n in chunks:
+            starts.append(pos)
+            pos += n
+        out = self.read_slices(slices(starts, chunks, start, size))
+        return out + bytes(size - len(out)) if len(out) < size else out
+
+    def read_slices(self, parts: list[tuple[bytes, int, int]]) -> bytes:
+        """The concatenation of ``data[lo:hi]`` for each (cid, lo, hi)."""
+        datas = self.read_many([c for c, _lo, _hi in parts])
+        return b"".join(memoryview(d)[lo:hi] for d, (_c, lo, hi) in zip(datas, parts, strict=True))
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _from_memory(self, cid: bytes) -> bytes | None:
+        with self._lock:
+            data = self._mem.get(cid)
+            if data is not None:
+                self._mem.move_to_end(cid)
+            return data
+
+    def _submit(self, cid: bytes, inline: bool = False) -> Future:
+        """The future of ``cid``'s fetch: the one in flight, else a new one run on the pool
+        (or here, with ``inline``)."""
+        with self._lock:
+            fut = self._inflight.get(cid)
+            if fut is not None:
+                return fut
+            fut = self._inflight[cid] = Future()
+        if inline:
+            self._run(cid, fut)
+        else:
+            self._pool.submit(self._run, cid, fut)
+        return fut
+
+    def _run(self, cid: bytes, fut: Future) -> None:
+        try:
+            fut.set_result(self._load(cid))
+        except BaseException as e:  # handed to every waiter
+            fut.set_exception(e)
+
+    def _prefetch_done(self, fut: Future) -> None:
+        with self._lock:
+            self._prefetching -= 1
+            self.stats["prefetched"] += 1
+        if not fut.cancelled() and fut.exception() is not None:
+            log.debug("read-ahead failed: %s", fut.exception())
+
+    def _load(self, cid: bytes) -> bytes:
+        try:
+            data = self.cache.get(cid)
+            if data is None:
+                data = self._fetch(cid)
+                self.cache.put(cid, data)
+            with self._lock:
+                if cid not in self._mem and len(data) <= self.memory:
+                    self._mem[cid] = data
+                    self._mem_used += len(data)
+                    while self._mem_used > self.memory:
+                        _c, old = self._mem.popitem(last=False)
+                        self._mem_used -= len(old)
+            return data
+        finally:
+            with self._lock:
+                self._inflight.pop(cid, None)
+
+    def _fetch(self, cid: bytes) -> bytes:
+        try:
+            data = self._range_read(cid)
+            with self._lock:
+                self.stats["range_reads"] += 1
+            return data
+        except (_RangeFailed, OSError, RemoteError) as e:
+            log.debug("range read of a chunk failed (%s): whole segment", e)
+        except VaultError as e:  # a record that did not open, a refused suite
+            log.info("range read of a chunk failed (%s): whole segment", e.message)
+        with self._lock:
+            self.stats["segment_reads"] += 1
+        return self.vault.read_chunk(cid)
+
+    # -- range reads ---------------------------------------------------------------------------
+    def _range_read(self, cid: bytes) -> bytes:
+        vault = self.vault
+        row = vault.index.one(
+            "SELECT c.segment, c.offset, c.length, g.epoch FROM chunks c JOIN segments g"
+            " ON g.id = c.segment WHERE c.cid=?",
+            (cid,),
+        )
+        if row is None:
+            raise _RangeFailed("chunk not in the index yet (with a sealer)")
+        seg, off, ln, epoch = row
+        suite = vault.epoch_suites.get(epoch, 0)
+        vault.keys.check_suite(suite)
+        k, payload, _size, shards = self._layout(seg)
+        record = bytearray()
+        pos, end = off, off + ln
+        while pos < end:
+            i, a = divmod(pos, payload)
+            b = min(end - i * payload, payload)
+            shard = shards.get(i)
+            if i >= k or shard is None:
+                raise _RangeFailed(f"data shard {i} of segment {seg} is not readable")
+            record += self._shard_bytes(shard, PAYLOAD_AT + a, PAYLOAD_AT + b)
+            pos = i * payload + b
+        return envelope.open_chunk(vault.keys.data_keys[epoch], vault.keys.vault_id, cid, record, suite)  # fmt: skip
+
+    def _layout(self, seg: int) -> tuple[int, int, int, dict[int, _Shard]]:
+        """(k, payload length P, segment size, {data shard idx: shard}) of a data segment."""
+        with self._lock:
+            hit = self._layouts.get(seg)
+            if hit is not None:
+                self._layouts.move_to_end(seg)
+                return hit
+        vault = self.vault
+        g = vault.index.one("SELECT kind, size, k FROM segments WHERE id=?", (seg,))
+        if g is None or g[0] != "data":
+            raise _RangeFailed(f"segment {seg} is not a data segment in the index")
+        kind, size, k = g
+        shards: dict[int, _Shard] = {}
+        sizes = set()
+        for idx, name, osize, leaves, state, rid, spec in vault.index.q(
+            "SELECT s.idx, s.name, s.size, s.blocks, s.state, s.remote, r.spec FROM shards s"
+            " JOIN remotes r ON r.id = s.remote WHERE s.segment=? AND s.idx < ?",
+            (seg, k),
+        ):
+            sizes.add(osize)
+            if state not in ("placed", "queued"):
+                continue
+            paths = [vault.queue_dir / f"r{rid}" / kind / name]
+            if (d := Remote(spec, rid).local_dir) is not None:
+                paths.append(d / kind / name)
+            shards[idx] = _Shard(name, osize, bytes(leaves), paths, spec, rid)
+        if len(sizes) != 1:
+            raise _RangeFailed(f"segment {seg}: data shards of differing sizes")
+        payload = sizes.pop() - PAYLOAD_AT
+        if payload * k < size:
+            raise _RangeFailed(f"segment {seg}: shards too short for its size")
+        layout = (k, payload, size, shards)
+        with self._lock:
+            self._layouts[seg] = layout
+            while len(self._layouts) > _LAYOUTS_KEPT:
+                self._layouts.popitem(last=False)
+        return layout
+
+    def _shard_bytes(self, shard: _Shard, lo: int, hi: int) -> bytes:
+        """Object bytes [lo, hi) of a shard, each 64 KiB block checked against its leaf."""
+        first, last = lo // BLOCK, (hi - 1) // BLOCK
+        blocks: list[bytes] = []
+        need: list[int] = []
+        with self._lock:
+            for b in range(first, last + 1):
+                got = self._blocks.get((shard.name, b))
+                if got is not None:
+                    self._blocks.move_to_end((shard.name, b))
+                blocks.append(got)  # type: ignore[arg-type]
+                if got is None:
+                    need.append(b)
+        if need:
+            start, stop = need[0] * BLOCK, min((need[-1] + 1) * BLOCK, shard.size)
+            raw = self._object_range(shard, start, stop)
+            if len(raw) < stop - start:
+                raise _RangeFailed(f"shard {shard.name}: short read")
+            view = memoryview(raw)
+            got: dict[int, bytes] = {}
+            for i in range(0, len(raw), BLOCK):  # what was asked for, and any span beyond
+                b = need[0] + i // BLOCK
+                block = bytes(view[i : i + BLOCK])
+                if merkle.leaf_hash(block) != shard.leaves[32 * b : 32 * b + 32]:
+                    raise _RangeFailed(f"shard {shard.name}: block {b} does not match its leaf")
+                got[b] = block
+            for b in range(need[0], need[-1] + 1):
+                blocks[b - first] = got[b]
+            with self._lock:
+                self.stats["shard_bytes"] += len(raw)
+                self._blocks.update(((shard.name, b), block) for b, block in got.items())
+                while len(self._blocks) > _BLOCKS_KEPT:
+                    self._blocks.popitem(last=False)
+        joined = b"".join(blocks)
+        return joined[lo - first * BLOCK : hi - first * BLOCK]
+
+    def _object_range(self, shard: _Shard, start: int, stop: int) -> bytes:
+        """Object bytes from ``start``: exactly up to ``stop`` from a local copy; through
+        rclone at least :data:`REMOTE_SPAN` (block-aligned, at most the object's end)."""
+        for p in shard.paths:
+            try:
+                fd = os.open(p, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                return os.pread(fd, stop - start, start)
+            finally:
+                os.close(fd)
+        stop = min(max(stop, start + REMOTE_SPAN), shard.size)
+        return open_backend(shard.spec, shard.rid).cat("data", shard.name, start, stop - start)
+
+
+def slices(
+    starts: Sequence[int], chunks: Sequence[tuple[bytes, int]], off: int, size: int
+) -> list[tuple[bytes, int, int]]:
+    """(cid, lo, hi) pieces covering bytes [off, off+size) of content made of ``chunks``
+    starting at ``starts`` (stops at the content's end)."""
+    out = []
+    i = max(bisect.bisect_right(starts, off) - 1, 0)
+    end = off + size
+    while i < len(chunks) and starts[i] < end:
+        cid, n = chunks[i]
+        lo, hi = max(off - starts[i], 0), min(end - starts[i], n)
+        if hi > lo:
+            out.append((cid, lo, hi))
+        i += 1
+    return out
