@@ -37,6 +37,8 @@ from pathlib import Path
 from . import envelope, erasure, merkle, segment
 from .backends import open_backend
 from .errors import RemoteError, VaultError
+from .index import chunks as chunk_table
+from .index import segments as segment_table
 from .readcache import ReadCache
 from .remotes import Remote
 from .vault import Vault
@@ -213,11 +215,7 @@ class ChunkReader:
     # -- range reads ---------------------------------------------------------------------------
     def _range_read(self, cid: bytes) -> bytes:
         vault = self.vault
-        row = vault.index.one(
-            "SELECT c.segment, c.offset, c.length, g.epoch FROM chunks c JOIN segments g"
-            " ON g.id = c.segment WHERE c.cid=?",
-            (cid,),
-        )
+        row = chunk_table.location(vault.index, cid)
         if row is None:
             raise _RangeFailed("chunk not in the index yet (with a sealer)")
         seg, off, ln, epoch = row
@@ -244,16 +242,14 @@ class ChunkReader:
                 self._layouts.move_to_end(seg)
                 return hit
         vault = self.vault
-        g = vault.index.one("SELECT kind, size, k FROM segments WHERE id=?", (seg,))
+        g = segment_table.geometry(vault.index, seg)
         if g is None or g[0] != "data":
             raise _RangeFailed(f"segment {seg} is not a data segment in the index")
-        kind, size, k = g
+        kind, size, k = g[:3]
         shards: dict[int, _Shard] = {}
         sizes = set()
-        for idx, name, osize, leaves, state, rid, spec in vault.index.q(
-            "SELECT s.idx, s.name, s.size, s.blocks, s.state, s.remote, r.spec FROM shards s"
-            " JOIN remotes r ON r.id = s.remote WHERE s.segment=? AND s.idx < ?",
-            (seg, k),
+        for idx, name, osize, leaves, state, rid, spec in segment_table.data_shard_blocks(
+            vault.index, seg, k
         ):
             sizes.add(osize)
             if state not in ("placed", "queued"):

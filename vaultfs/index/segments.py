@@ -422,3 +422,15 @@ def oldest_queued(index: Index) -> float | None:
         "SELECT min(g.created) FROM shards h JOIN segments g ON g.id = h.segment"
         " WHERE h.state = 'queued'"
     )[0]
+
+
+def data_shard_blocks(
+    index: Index, seg_id: int, k: int
+) -> list[tuple[int, str, int, bytes, str, int, str]]:
+    """(idx, name, object size, Merkle leaves, state, remote id, remote spec) of the k data
+    shards of segment ``seg_id``: what a range read of its records needs."""
+    return index.q(
+        "SELECT s.idx, s.name, s.size, s.blocks, s.state, s.remote, r.spec FROM shards s"
+        " JOIN remotes r ON r.id = s.remote WHERE s.segment=? AND s.idx < ?",
+        (seg_id, k),
+    )
