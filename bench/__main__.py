@@ -134,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"scripts/bench: {e}", file=sys.stderr)
             shutil.rmtree(workdir, ignore_errors=True)
             return 2
+    if ctx.src_root is not None:
+        # `python -m cli.main` puts the current directory first on sys.path, ahead of
+        # PYTHONPATH: from the repository root the working tree would run, not the tree asked for
+        os.chdir(workdir)
     started = time.time()
     doc: dict = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),

@@ -48,6 +48,8 @@ HomeOpt = Annotated[
     typer.Option("--home", help="Local state directory (default $VAULTFS_HOME or XDG data dir)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+KeyfileOpt = Annotated[Path | None, typer.Option(help="Keyfile (asks for its passphrase).")]
+SeedOpt = Annotated[Path | None, typer.Option(help="File holding the master seed in hex.")]
 IKnowOpt = Annotated[
     bool,
     typer.Option("--i-know", help="Accept a new passphrase the strength estimator calls weak."),

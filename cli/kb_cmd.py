@@ -23,6 +23,8 @@ import typer
 from cli.common import (
     HomeOpt,
     JsonOpt,
+    KeyfileOpt,
+    SeedOpt,
     app,
     err,
     home_dir,
@@ -52,8 +54,6 @@ FromOpt = Annotated[
     list[str] | None,
     typer.Option("--from", help="Read from this remote (repeat; any k suffice, no local state)."),
 ]
-KeyfileOpt = Annotated[Path | None, typer.Option(help="Keyfile (asks for its passphrase).")]
-SeedOpt = Annotated[Path | None, typer.Option(help="File holding the master seed in hex.")]
 
 
 @contextlib.contextmanager

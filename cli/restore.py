@@ -18,6 +18,8 @@ import typer
 from cli.common import (
     HomeOpt,
     JsonOpt,
+    KeyfileOpt,
+    SeedOpt,
     advance,
     app,
     err,
@@ -43,10 +45,8 @@ def restore(
     include: Annotated[
         list[str] | None, typer.Option(help="Only restore this path (repeat).")
     ] = None,
-    keyfile: Annotated[Path | None, typer.Option(help="Keyfile (asks for its passphrase).")] = None,
-    seed_file: Annotated[
-        Path | None, typer.Option(help="File holding the master seed in hex.")
-    ] = None,
+    keyfile: KeyfileOpt = None,
+    seed_file: SeedOpt = None,
     force: Annotated[bool, typer.Option(help="Restore into a non-empty directory.")] = False,
     home: HomeOpt = None,
     as_json: JsonOpt = False,

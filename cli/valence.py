@@ -25,7 +25,17 @@ import typer
 from cli import audit, graph_cmd, keys
 from cli import main as vaultfs_cli
 from cli import restore as restore_cmd
-from cli.common import HomeOpt, JsonOpt, home_dir, open_vault, out, passphrase, report_flush
+from cli.common import (
+    HomeOpt,
+    JsonOpt,
+    KeyfileOpt,
+    SeedOpt,
+    home_dir,
+    open_vault,
+    out,
+    passphrase,
+    report_flush,
+)
 from vaultfs import erasure
 from vaultfs import repair as repair_mod
 from vaultfs import valence as settings_mod
@@ -214,10 +224,8 @@ def restore(
         ),
     ] = None,
     snapshot: Annotated[str, typer.Option(help="Snapshot id, name or 'latest'.")] = "latest",
-    keyfile: Annotated[Path | None, typer.Option(help="Keyfile (asks for its passphrase).")] = None,
-    seed_file: Annotated[
-        Path | None, typer.Option(help="File holding the master seed in hex.")
-    ] = None,
+    keyfile: KeyfileOpt = None,
+    seed_file: SeedOpt = None,
     force: Annotated[bool, typer.Option(help="Restore into a non-empty directory.")] = False,
     home: HomeOpt = None,
     as_json: JsonOpt = False,

@@ -76,23 +76,6 @@ class Committer:
         self.prepush = prepush
 
     @property
-    def k(self) -> int:
-        """Shards needed to decode a new segment."""
-        return self.params.k
-
-    @property
-    def n(self) -> int:
-        return self.params.n
-
-    @property
-    def segment_size(self) -> int:
-        return self.params.segment_size
-
-    @property
-    def ec_alg(self) -> int:
-        return self.params.ec_alg
-
-    @property
     def epoch(self) -> int:
         return self.epochs.epoch
 
@@ -129,6 +112,7 @@ class Committer:
     def _ship_index(self, seq: int, root: bytes, prepush: bool = False) -> None:
         """Export, encrypt and erasure-code the index; queue a signed manifest naming it.
         ``prepush`` starts uploading every queued shard before the manifest is signed."""
+        p = self.params
         blob = envelope.seal_meta(
             self.keys.metadata_key,
             self.keys.vault_id,
@@ -137,9 +121,9 @@ class Committer:
             self.suite,
         )
         segs = []
-        for off in range(0, len(blob), self.segment_size):
-            piece = blob[off : off + self.segment_size]
-            padded = segment.pad(piece, segment.size_class(len(piece), self.segment_size))
+        for off in range(0, len(blob), p.segment_size):
+            piece = blob[off : off + p.segment_size]
+            padded = segment.pad(piece, segment.size_class(len(piece), p.segment_size))
             seg_id = self.writer.next_segment_id()
             uid = secrets.token_bytes(16)
             rows, seg_root = self.writer.write_shards(seg_id, uid, segment.KIND_META, padded)
@@ -150,7 +134,7 @@ class Committer:
         with self.index.tx() as db:
             for seg_id, uid, used, rows, seg_root, size in segs:
                 segments.insert(
-                    db, seg_id, uid, "meta", size, used, self.k, self.n, self.ec_alg, self.epoch,
+                    db, seg_id, uid, "meta", size, used, p.k, p.n, p.ec_alg, self.epoch,
                     seg_root, time.time(), manifest=seq,
                 )  # fmt: skip
                 segments.add_queued_shards(db, seg_id, rows)
@@ -160,9 +144,9 @@ class Committer:
         stored = keyring.slhdsa(self.index) if self.keys.slhdsa_public is not None else None
         body = manifest.Body(
             vault_root=root,
-            k=self.k,
-            n=self.n,
-            segment_size=self.segment_size,
+            k=p.k,
+            n=p.n,
+            segment_size=p.segment_size,
             keyring=tuple(manifest.KeyringEntry(*row) for row in keyring.epochs(self.index)),
             index_length=len(blob),
             index_segments=tuple(
@@ -170,9 +154,9 @@ class Committer:
                     uid=uid,
                     used=used,
                     size=size,
-                    k=self.k,
-                    n=self.n,
-                    ec_alg=self.ec_alg,
+                    k=p.k,
+                    n=p.n,
+                    ec_alg=p.ec_alg,
                     shards=tuple(manifest.ShardRef(r[0], r[1], r[3], r[4]) for r in rows),
                 )
                 for _sid, uid, used, rows, _root, size in segs
