@@ -3,7 +3,7 @@
 Commands live in their own modules and register on ``cli.common.app``: cli/core.py (init,
 backup, flush, snapshots, ls, status), cli/restore.py, cli/audit.py (verify, repair, prune,
 remote), cli/keys.py (keys, reencrypt, receipt), cli/mount.py (mount, umount, snapshot),
-cli/routine.py (forget, run, schedule).
+cli/routine.py (forget, run, schedule), cli/home_cmd.py (home rebuild).
 Exit codes: see vaultfs/errors.py.
 """
 
@@ -29,6 +29,7 @@ import cli.graph_cmd  # noqa: E402,F401
 import cli.keys  # noqa: E402,F401
 import cli.mount  # noqa: E402,F401
 import cli.kb_cmd  # noqa: E402,F401
+import cli.home_cmd  # noqa: E402,F401
 import cli.routine  # noqa: E402,F401
 
 # isort: on

@@ -29,6 +29,16 @@ def record(
     db.executemany("INSERT INTO manifest_queue VALUES (?, ?)", [(seq, rid) for rid in remotes])
 
 
+def adopt(db: sqlite3.Connection, seq: int, name: str, created: float, root: bytes) -> None:
+    """Record manifest ``seq`` (object ``name`` under manifests/) found on the remotes, with
+    nothing to upload (``vaultfs home rebuild``), as :func:`record` would have: the index copy
+    on the remotes is current. Every upload still queued is forgotten: the manifest objects
+    they would read were in the lost home's queue."""
+    db.execute("DELETE FROM manifest_queue")
+    db.execute("DELETE FROM settings WHERE key='unshipped_since'")
+    db.execute("INSERT INTO manifests VALUES (?, ?, ?, ?)", (seq, name, created, root))
+
+
 def names(index: Index) -> set[str]:
     """Object names of the recorded manifests."""
     return {name for (name,) in index.q("SELECT name FROM manifests")}

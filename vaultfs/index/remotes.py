@@ -41,6 +41,15 @@ def add(db: sqlite3.Connection, spec: str, position: int, domain: str | None = N
     return cur.lastrowid
 
 
+def respec(db: sqlite3.Connection, specs: dict[int, str]) -> None:
+    """Give the remotes ``specs`` (id -> spec) new specs, as ``vaultfs home rebuild`` does when
+    the same remotes are reached another way on a new machine. One spec may move from one row
+    to another in the same call (the column is unique), so every row is first parked on a
+    spec no rclone remote can have."""
+    db.executemany("UPDATE remotes SET spec=? WHERE id=?", [(f"\0{r}", r) for r in specs])
+    db.executemany("UPDATE remotes SET spec=? WHERE id=?", [(s, r) for r, s in specs.items()])
+
+
 def next_position(db: sqlite3.Connection) -> int:
     """The placement position after every remote's (1 for the first)."""
     return (db.execute("SELECT max(position) FROM remotes").fetchone()[0] or 0) + 1

@@ -1,4 +1,5 @@
-"""Opening a vault's home directory: its files, the process lock, and making a new vault.
+"""Opening a vault's home directory: its files, the process lock, making a new vault, and
+the staging directory a lost home is rebuilt in (vaultfs/rebuild.py).
 
 ``<home>/key.json`` (the keyfile), ``<home>/index.db`` (the index), ``<home>/queue/``
 (vaultfs/vault/queue.py), ``<home>/lock`` (held by the one process using the vault).
@@ -8,17 +9,19 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 from .. import erasure
 from ..backends import open_backend
 from ..chunker import NEW_VAULT_AVG
-from ..errors import NotEnoughRemotes, NoVault, VaultBusy
+from ..errors import NotEnoughRemotes, NoVault, TargetNotEmpty, VaultBusy
 from ..index import Index, VaultParams, keyring
 from ..index import remotes as remote_table
 from ..keys import SUITE_XWING_AES256GCM, VaultKeys, new_seed, read_keyfile, write_keyfile
-from .queue import ShardQueue
+from .queue import ShardQueue, fsync_dir
 
 
 def default_home() -> Path:
@@ -111,7 +114,10 @@ def load(
     ``passphrase``), taking its lock if ``lock``. Returns (keys, index, lock fd or None).
     Raises NoVault when there is none or the key is another vault's."""
     if not index_path(home).exists():
-        raise NoVault(f"no vault at {home}: run `vaultfs init` or pass --home")
+        raise NoVault(
+            f"no vault at {home}: run `vaultfs init`, or `vaultfs home rebuild --from REMOTE` "
+            "to make this machine's copy of an existing vault, or pass --home"
+        )
     if keys is None:
         if passphrase is None:
             raise NoVault("a passphrase is needed to open the vault")
@@ -122,3 +128,42 @@ def load(
         index.close()
         raise NoVault(f"the key does not belong to the vault at {home}")
     return keys, index, lock_fd
+
+
+def rebuild_staging(home: Path) -> Path:
+    """A new empty directory beside ``home`` to build a home in (``vaultfs home rebuild``),
+    once ``home`` is known to hold nothing: TargetNotEmpty when it holds anything, so an
+    existing index is never replaced. Staging directories an interrupted rebuild of the same
+    home left behind (``.<name>.rebuild-*``: never a usable home) are removed first."""
+    if home.exists() and (not home.is_dir() or any(home.iterdir())):
+        raise TargetNotEmpty(
+            f"{home} is not empty: a home is rebuilt only where none is; give another --home, "
+            "or move what is there away first (an existing index is never replaced)"
+        )
+    home.parent.mkdir(parents=True, exist_ok=True)
+    for old in home.parent.glob(f".{home.name}.rebuild-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{home.name}.rebuild-", dir=home.parent))
+
+
+def install(staging: Path, home: Path) -> None:
+    """Make the complete home built in ``staging`` the home at ``home``, in one rename once
+    every file in it is durable: a crash before the rename leaves no home at ``home`` (and a
+    staging directory the next rebuild removes), after it a complete one. ``home`` must be
+    absent or an empty directory (which the rename replaces); TargetNotEmpty when something
+    appeared there meanwhile."""
+    for dirpath, _dirs, files in os.walk(staging):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+    try:
+        os.rename(staging, home)
+    except OSError as e:  # ENOTEMPTY / EEXIST / ENOTDIR: someone wrote there meanwhile
+        raise TargetNotEmpty(
+            f"{home} is no longer empty ({e.strerror}); nothing replaced"
+        ) from None
+    fsync_dir(home.parent)

@@ -1,0 +1,90 @@
+"""`vaultfs home …`: the vault's local state directory. `home rebuild` makes it again from
+any k remotes and the key after the machine holding it was lost (vaultfs/rebuild.py).
+
+Exit codes: vaultfs/errors.py.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from cli.common import (
+    HomeOpt,
+    IKnowOpt,
+    JsonOpt,
+    KeyfileOpt,
+    SeedOpt,
+    app,
+    err,
+    home_dir,
+    keys_for_restore,
+    new_passphrase,
+    out,
+)
+from vaultfs.backends import open_backend
+from vaultfs.errors import InputError
+from vaultfs.rebuild import rebuild_home
+
+home_app = typer.Typer(help="The vault's local state directory (its home).")
+app.add_typer(home_app, name="home")
+
+
+@home_app.command("rebuild")
+def home_rebuild(
+    from_: Annotated[
+        list[str],
+        typer.Option("--from", help="A remote of the vault, by any spec (repeat; any k)."),
+    ],
+    keyfile: KeyfileOpt = None,
+    seed_file: SeedOpt = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+    i_know: IKnowOpt = False,
+) -> None:
+    """Make this machine's home of an existing vault from any k of its remotes and the key,
+    after the machine that held it was lost: the index from the newest signed manifest, the
+    keyfile (the given one copied, or from --seed-file a new one under a new passphrase), an
+    empty upload queue. Each given remote is recognised by the objects it holds and keeps the
+    spec given here (give every remote this machine reaches); the vault's other remotes keep
+    their old specs (one gone for good: `vaultfs remote replace`). The home must be absent or empty. Backup, snapshot, verify, mount and restore
+    then carry on from it."""
+    if not from_:
+        raise InputError("give the vault's remotes with --from (any k of them)")
+    h = home_dir(home)
+    keys = keys_for_restore(h, keyfile, seed_file)
+    # from a seed: the new keyfile's passphrase, asked before anything is fetched
+    pw = new_passphrase(i_know) if keyfile is None else None
+    rep = rebuild_home(h, keys, [open_backend(s) for s in from_], pw, keyfile)
+    if as_json:
+        out.print_json(
+            json.dumps(
+                {
+                    "home": str(rep.home),
+                    "seq": rep.seq,
+                    "manifest": rep.manifest,
+                    "snapshots": rep.snapshots,
+                    "matched": rep.matched,
+                    "kept": rep.kept,
+                    "warnings": rep.warnings,
+                }
+            )
+        )
+        return
+    for w in rep.warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    out.print(
+        f"rebuilt the home at {rep.home} from manifest #{rep.seq} ({rep.snapshots} snapshot(s))",
+        highlight=False,
+    )
+    for new, old in rep.matched.items():
+        out.print(f"  {new}: the remote known before as {old}", highlight=False)
+    if rep.kept:
+        out.print(
+            f"  not given, kept under their old specs: {', '.join(rep.kept)}; `vaultfs verify` "
+            "reports them unreachable here; one that is gone for good is rebuilt onto a new "
+            "empty remote by `vaultfs remote replace OLD NEW`",
+            highlight=False,
+        )
