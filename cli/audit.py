@@ -89,10 +89,7 @@ def verify(
     else:
         _print_audit(rep)
     if not rep.clean:
-        found = any(
-            r.missing or r.corrupt or r.stale or r.foreign or r.stale_manifest for r in rep.remotes
-        )
-        raise typer.Exit(EXIT_FOUND if found else EXIT_UNREACHABLE)
+        raise typer.Exit(EXIT_FOUND if rep.found else EXIT_UNREACHABLE)
 
 
 def _print_audit(rep: verify_mod.AuditReport) -> None:
@@ -150,8 +147,14 @@ def _print_audit(rep: verify_mod.AuditReport) -> None:
         )
     if rep.clean:
         out.print(f"all audited remotes are clean ({rep.seconds:.1f}s)")
-    else:
+    elif rep.found:
         err.print("[yellow]problems found: run `vaultfs repair` to restore full redundancy[/]")
+    else:  # only unreachable remotes: nothing to repair yet
+        err.print(
+            "[yellow]some remotes could not be audited: run `vaultfs verify` again once they "
+            "are reachable; one gone for good is rebuilt onto a new empty remote by "
+            "`vaultfs remote replace OLD NEW`[/]"
+        )
 
 
 @app.command()

@@ -286,7 +286,8 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     if st["segments_below_k_placed"]:
         out.print(
             f"[yellow]{st['segments_below_k_placed']} segment(s) not yet recoverable from "
-            "remotes alone (queued locally)[/]"
+            "remotes alone (queued locally): `vaultfs flush` sends them once the remotes are "
+            "reachable[/]"
         )
     _print_routine(st["routine"])
 

@@ -188,7 +188,10 @@ def schedule_set(
         changes[key.strip()] = value
     h = home_dir(home)
     if not (h / "key.json").exists():
-        raise InputError(f"no vault at {h}: run `vaultfs init` or give --home")
+        raise InputError(
+            f"no vault at {h}: run `vaultfs init` (or `vaultfs home rebuild --from REMOTE` for "
+            "an existing vault) or give --home"
+        )
     sched = routine.set_schedule(h, changes)
     if as_json:
         out.print_json(json.dumps(sched))

@@ -73,6 +73,11 @@ WHOLE_OBJECT_BUDGET = 8 * 1024 * 1024
 #: Concurrent ranged reads per remote.
 RANGE_WORKERS = 4
 MODES = ("confidence", "sample", "read-all")
+#: What to do about a local index that does not match what the vault signed.
+REBUILD_ADVICE = (
+    "move the home directory aside and make it again from the remotes with "
+    "`vaultfs home rebuild --from REMOTE …` (any k of them)"
+)
 
 
 # -- tags ------------------------------------------------------------------------------------
@@ -134,7 +139,7 @@ class Anchor:
                 return n
         raise IntegrityError(
             f"the local index does not match the vault root it signed in manifest #{self.seq}: "
-            "the index was altered; restore it from the remotes"
+            f"the index was altered; {REBUILD_ADVICE}"
         )
 
     def segment_ok(self, seg_id: int, seg_root: bytes) -> bool | None:
@@ -214,6 +219,14 @@ class AuditReport:
     def complete(self) -> bool:
         return all(r.complete or r.unreachable for r in self.remotes)
 
+    @property
+    def found(self) -> bool:
+        """Whether a remote was found missing, corrupt, stale or foreign objects, or serves
+        an old manifest: what ``vaultfs repair`` acts on (unreachable remotes are not)."""
+        return any(
+            r.missing or r.corrupt or r.stale or r.foreign or r.stale_manifest for r in self.remotes
+        )
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["clean"] = self.clean
@@ -288,7 +301,7 @@ class _Ctx:
         if not hit:
             raise IntegrityError(
                 f"segment {sh.segment}: its Merkle records in the local index do not prove up to "
-                "the signed vault root; the index was altered — restore it from the remotes"
+                f"the signed vault root; the index was altered — {REBUILD_ADVICE}"
             )
         leaves = [sh.blocks[i : i + 32] for i in range(0, len(sh.blocks), 32)]
         if merkle.root(leaves) != sh.root:
@@ -419,14 +432,14 @@ class _RemoteAuditor:
             if best.contents.vault_root != self.ctx.anchor.root:
                 raise IntegrityError(
                     f"{self.rep.remote}: the signed vault root of manifest #{latest} differs "
-                    "from the local index's: the index was altered; restore it from the remotes"
+                    f"from the local index's: the index was altered; {REBUILD_ADVICE}"
                 )
             signed = {s.name: s.hash for seg in best.contents.index_segments for s in seg.shards}
             for name, h in segments.meta_shard_hashes(idx, latest):
                 if name in signed and signed[name] != bytes(h):
                     raise IntegrityError(
                         f"index shard {name} does not match the hash signed in manifest "
-                        f"#{latest}: the index was altered; restore it from the remotes"
+                        f"#{latest}: the index was altered; {REBUILD_ADVICE}"
                     )
 
     # -- 2. listing --------------------------------------------------------------------------
