@@ -80,11 +80,12 @@ def home_rebuild(
         highlight=False,
     )
     for new, old in rep.matched.items():
-        out.print(f"  {new}: the remote known before as {old}", highlight=False)
+        was = "same spec as before" if new == old else f"known before as {old}"
+        out.print(f"  {new}: {was}", highlight=False)
     if rep.kept:
         out.print(
-            f"  not given, kept under their old specs: {', '.join(rep.kept)}; `vaultfs verify` "
-            "reports them unreachable here; one that is gone for good is rebuilt onto a new "
-            "empty remote by `vaultfs remote replace OLD NEW`",
+            f"  not given, kept under their old specs: {', '.join(rep.kept)} (`vaultfs verify` "
+            "says whether this machine reaches them; one gone for good is rebuilt onto a new "
+            "empty remote by `vaultfs remote replace OLD NEW`)",
             highlight=False,
         )

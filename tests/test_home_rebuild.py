@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 from helpers import PASSPHRASE, run_cli, tree_digest, vaultfs_env
 
+from vaultfs.index import Index
+from vaultfs.index import remotes as remote_table
+
 #: Tables compared row by row, with the columns that may differ and why (kept short here;
 #: the reasons are in docs/operations.md, "Losing the home").
 SAME = [
@@ -213,3 +216,15 @@ def test_interrupted_rebuild_leaves_no_home_and_the_next_one_completes(tmp_path:
     run_cli("home", "rebuild", *args, "--keyfile", str(keyfile), home=new_home)
     assert not list(tmp_path.glob(".new.rebuild-*"))
     assert json.loads(run_cli("snapshots", "--json", home=new_home).stdout)
+
+
+def test_respec_moves_a_spec_from_one_remote_to_another() -> None:
+    """Remotes found at each other's old paths (the spec column is unique) swap specs."""
+    index = Index(":memory:")
+    with index.tx() as db:
+        a = remote_table.add(db, "/mnt/a", 0)
+        b = remote_table.add(db, "/mnt/b", 1)
+        c = remote_table.add(db, "/mnt/c", 2)
+        remote_table.respec(db, {a: "/mnt/b", b: "/mnt/a"})
+    assert remote_table.specs(index) == {a: "/mnt/b", b: "/mnt/a", c: "/mnt/c"}
+    index.close()

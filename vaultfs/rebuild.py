@@ -34,7 +34,7 @@ from pathlib import Path
 
 from . import erasure, manifest, merkle, segment
 from .backends import Backend
-from .errors import InputError, IntegrityError, NotEnoughRemotes, RemoteError
+from .errors import InputError, IntegrityError, RemoteError
 from .index import Index, keyring, segments, snapshots
 from .index import manifests as manifest_table
 from .index import remotes as remote_table
@@ -76,9 +76,9 @@ def rebuild_home(
     the vault of ``keys`` from ``remotes`` (any k of its remotes, by any spec). Its keyfile
     is a copy of ``keyfile`` if given, else ``keys`` sealed under ``passphrase`` (one of the
     two is required). Raises as a restore from the remotes does (NotEnoughRemotes,
-    IntegrityError), InputError when a given remote cannot be matched to one of the vault's,
-    and NotEnoughRemotes when a given remote cannot be listed; nothing is left at ``home``
-    then."""
+    IntegrityError) and InputError when a given remote cannot be matched to one of the
+    vault's (one that cannot be listed is left out, with a warning); nothing is left at
+    ``home`` then."""
     if (keyfile is None) == (passphrase is None):
         raise ValueError("give exactly one of keyfile and passphrase")
     if len({r.spec for r in remotes}) != len(remotes):
@@ -94,7 +94,7 @@ def rebuild_home(
         with contextlib.closing(index):
             if Path(index.path) != index_path(staging):
                 raise IntegrityError(f"internal: the index was fetched to {index.path}")
-            matched = _match_remotes(index, src, remotes)
+            matched = _match_remotes(index, src, remotes, warnings)
             name = _manifest_name(keys, src, m)
             _adopt_newest(index, keys, src, m, name, matched, warnings)
             old_specs = remote_table.specs(index)
@@ -127,10 +127,14 @@ def rebuild_home(
     )
 
 
-def _match_remotes(index: Index, src: ShardSource, given: list[Backend]) -> dict[int, Backend]:
+def _match_remotes(
+    index: Index, src: ShardSource, given: list[Backend], warnings: list[str]
+) -> dict[int, Backend]:
     """{remote id: given remote}: each given remote is the vault remote most of whose shard
-    objects it lists (and at least one). InputError when it lists none, when two remotes of
-    the vault tie, when it matches a removed remote, or when two given remotes match one."""
+    objects it lists (and at least one). A given remote that cannot be listed is left out
+    (named in ``warnings``; the vault's remote keeps its old spec). InputError when one lists
+    no object of the vault, when two remotes of the vault tie, when it matches a removed
+    remote, or when two given remotes match one."""
     rows = remote_table.every(index)
     held = {r.id: segments.object_names(index, r.id) for r in rows}
     state = {r.id: r.state for r in rows}
@@ -139,9 +143,8 @@ def _match_remotes(index: Index, src: ShardSource, given: list[Backend]) -> dict
         tree = src.listed.get(b.spec)
         if tree is None:
             why = src.reports[b.spec].error or "not listed"
-            raise NotEnoughRemotes(
-                f"{b.label} could not be listed ({why}); give only remotes this machine reaches"
-            )
+            warnings.append(f"{b.label} could not be listed ({why}): left out")
+            continue
         names = set(tree.get("data", {})) | set(tree.get("meta", {}))
         score = {rid: len(names & objs) for rid, objs in held.items()}
         best = max(score.values(), default=0)
