@@ -84,6 +84,7 @@ def test_rebuild_from_k_remotes_under_new_specs_then_carry_on(tmp_path: Path) ->
     }
     assert sorted(rep["kept"]) == [str(remotes[0]), str(remotes[3])]
     assert rep["snapshots"] == 2
+    assert rep["seq"] == max(r[0] for r in _rows(lost, "manifests"))  # the rollback anchor
     assert (new_home / "key.json").read_bytes() == keyfile.read_bytes()
     assert not list(new_home.parent.glob(".vaultfs.rebuild-*"))
 
