@@ -19,6 +19,7 @@ from helpers import PASSPHRASE, run_cli, tree_digest, vaultfs_env
 
 from vaultfs.index import Index
 from vaultfs.index import remotes as remote_table
+from vaultfs.vault.home import rebuild_staging
 
 #: Tables compared row by row, with the columns that may differ and why (kept short here;
 #: the reasons are in docs/operations.md, "Losing the home").
@@ -229,3 +230,18 @@ def test_respec_moves_a_spec_from_one_remote_to_another() -> None:
         remote_table.respec(db, {a: "/mnt/b", b: "/mnt/a"})
     assert remote_table.specs(index) == {a: "/mnt/b", b: "/mnt/a", c: "/mnt/c"}
     index.close()
+
+
+def test_a_running_rebuilds_staging_directory_is_left_alone(tmp_path: Path) -> None:
+    """Leftovers of an interrupted rebuild are removed; the one a running rebuild holds
+    locked is not."""
+    home = tmp_path / "home"
+    running, fd = rebuild_staging(home)
+    dead = tmp_path / ".home.rebuild-dead"
+    (dead / "queue").mkdir(parents=True)
+    mine, fd2 = rebuild_staging(home)
+    try:
+        assert running.is_dir() and not dead.exists() and mine.is_dir()
+    finally:
+        os.close(fd)
+        os.close(fd2)

@@ -27,6 +27,7 @@ It is built in a staging directory beside the home and renamed into place once c
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -83,7 +84,7 @@ def rebuild_home(
         raise ValueError("give exactly one of keyfile and passphrase")
     if len({r.spec for r in remotes}) != len(remotes):
         raise InputError("the same remote was given twice")
-    staging = rebuild_staging(home)
+    staging, lock = rebuild_staging(home)
     try:
         src = ShardSource(remotes)
         src.start()
@@ -114,6 +115,8 @@ def rebuild_home(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
     with Vault.open(home, keys=keys):  # it opens as any home does (lock, recovery)
         pass
     return RebuildReport(

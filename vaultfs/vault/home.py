@@ -130,11 +130,13 @@ def load(
     return keys, index, lock_fd
 
 
-def rebuild_staging(home: Path) -> Path:
+def rebuild_staging(home: Path) -> tuple[Path, int]:
     """A new empty directory beside ``home`` to build a home in (``vaultfs home rebuild``),
-    once ``home`` is known to hold nothing: TargetNotEmpty when it holds anything, so an
-    existing index is never replaced. Staging directories an interrupted rebuild of the same
-    home left behind (``.<name>.rebuild-*``: never a usable home) are removed first."""
+    once ``home`` is known to hold nothing (TargetNotEmpty when it holds anything, so an
+    existing index is never replaced), with its lock taken (:func:`take_lock`; the lock file
+    becomes the home's). Returns (directory, lock fd). Staging directories of the same home
+    that an interrupted rebuild left behind (``.<name>.rebuild-*``, never a usable home) are
+    removed first; one whose lock is held belongs to a rebuild still running and stays."""
     if home.exists() and (not home.is_dir() or any(home.iterdir())):
         raise TargetNotEmpty(
             f"{home} is not empty: a home is rebuilt only where none is; give another --home, "
@@ -142,8 +144,18 @@ def rebuild_staging(home: Path) -> Path:
         )
     home.parent.mkdir(parents=True, exist_ok=True)
     for old in home.parent.glob(f".{home.name}.rebuild-*"):
-        shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f".{home.name}.rebuild-", dir=home.parent))
+        try:
+            fd = take_lock(old)
+        except VaultBusy:
+            continue
+        except OSError:  # not a directory, or gone meanwhile: not ours to judge
+            continue
+        try:
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            os.close(fd)
+    staging = Path(tempfile.mkdtemp(prefix=f".{home.name}.rebuild-", dir=home.parent))
+    return staging, take_lock(staging)
 
 
 def install(staging: Path, home: Path) -> None:
