@@ -115,6 +115,13 @@ def test_rebuild_from_k_remotes_under_new_specs_then_carry_on(tmp_path: Path) ->
     assert _rows(rebuilt, "settings") == _rows(lost, "settings")
 
     env = vaultfs_env(new_home)
+    # straight after the rebuild: every remote clean (the newest index copy is recorded, so
+    # its shards are not foreign), nothing queued
+    assert json.loads(run_cli("verify", "--json", home=new_home).stdout)["clean"]
+    assert (
+        json.loads(run_cli("status", "--json", home=new_home).stdout)["segments_below_k_placed"]
+        == 0
+    )
     # backup carries on: unchanged files dedup against the old chunks
     (src / "new.txt").write_text("gamma\n" * 100)
     chunks_before = len(_rows(rebuilt, "chunks"))
