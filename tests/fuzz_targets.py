@@ -119,7 +119,7 @@ def shipped_index(data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(str(path) + suffix)
     path.write_bytes(data)
-    db = open_shipped(path)
+    db = open_shipped(path, keys().chunk_id_key)
     try:
         body = manifest.Body(bytes(32), 2, 3, 1 << 20, (), 0, ())
         m = manifest.Manifest(1, 0, body.to_dict())
