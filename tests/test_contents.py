@@ -23,6 +23,7 @@ from helpers import PASSPHRASE, run_cli, tree_digest
 from vaultfs import chunker
 from vaultfs.errors import NoVault
 from vaultfs.index import Index
+from vaultfs.index import contents as contents_mod
 from vaultfs.keys import VaultKeys, read_keyfile
 from vaultfs.vault import home as home_mod
 
@@ -184,6 +185,25 @@ def test_prune_frees_exactly_the_contents_and_chunks_no_snapshot_uses(tmp_path):
         "--from", str(remotes[2]), "--to", str(out), home=tmp_path / "fresh",
     )  # fmt: skip
     assert tree_digest(out / "src") == expected
+
+
+def test_prune_that_died_after_deleting_contents_frees_their_chunks_next_time(tmp_path):
+    """Crash state (docs/design.md): prune deleted the contents no entry names, then died
+    before rewriting segments. Their chunks stay recorded, named by nothing; the next prune
+    frees them and the rest of the vault still restores."""
+    home, _remotes = make(tmp_path)
+    src = tmp_path / "src"
+    write(src / "keep.bin", 1, 300_000)
+    run_cli("backup", str(src), "--name", "keep", home=home)
+    write(tmp_path / "other" / "drop.bin", 2, 300_000)
+    run_cli("backup", str(tmp_path / "other"), "--name", "drop", home=home)
+    _content, dropped = content_of(home, "drop", "other/drop.bin")
+    run_cli("snapshot", "delete", "drop", home=home)
+    with contextlib.closing(Index(home / "index.db")) as index:
+        assert contents_mod.delete_unreferenced(index) == 1  # prune's first step, then a crash
+    rep = json.loads(run_cli("prune", "--json", home=home).stdout)
+    assert rep["contents_freed"] == 0 and rep["chunks_freed"] == dropped
+    assert restore(home, "keep", tmp_path / "out")["src/keep.bin"] == tree_digest(src)["keep.bin"]
 
 
 # -- the migration from schema 2 ----------------------------------------------------------------

@@ -23,16 +23,8 @@ from pathlib import Path
 from .. import chunker, envelope, manifest, merkle, names, segment
 from ..backends import Backend
 from ..errors import InputError, IntegrityError
-from ..index import (
-    Index,
-    VaultParams,
-    chunk_rows,
-    contents,
-    keyring,
-    manifests,
-    segments,
-    snapshots,
-)
+from ..index import Index, VaultParams, chunk_rows, keyring, manifests, segments, snapshots
+from ..index import contents as content_table
 from ..keys import VaultKeys
 from .epochs import KeyEpochs
 from .queue import ShardQueue, fsync_dir, write_durable
@@ -258,10 +250,10 @@ def _add_entries(
 def _content(db: sqlite3.Connection, e: Entry, chunk_id_key: bytes) -> int:
     """The contents id of file entry ``e``'s chunk list, recorded if it is new."""
     ref = chunker.content_ref(chunk_id_key, e.cids)
-    found = contents.find(db, ref)
+    found = content_table.find(db, ref)
     if found is not None:
         return found
-    return contents.add(db, ref, e.size, _chunk_rows(db, e.cids))
+    return content_table.add(db, ref, e.size, _chunk_rows(db, e.cids))
 
 
 def _chunk_rows(db: sqlite3.Connection, cids: list[bytes]) -> list[int]:
