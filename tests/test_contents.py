@@ -107,7 +107,8 @@ def test_unchanged_snapshots_add_entries_and_no_chunk_lists(tmp_path):
     assert content_of(home, "one", "src/big3/b07.bin") == content_of(
         home, "two", "src/big3/b07.bin"
     )
-    # its bytes: the entries rows and their indexes, about 110 bytes an entry (no chunk list)
+    # what it cost the index: its entries rows and their indexes (~110 bytes an entry), no
+    # chunk list
     assert two["bytes"] - one["bytes"] <= 256 * per_snapshot
 
     write(src / "big1" / "b05.bin", 1000, 200_000)
