@@ -266,7 +266,8 @@ def prune(
     else:
         verb = "would free" if dry_run else "freed"
         out.print(
-            f"{verb} {rep.chunks_freed} chunk(s), {rep.bytes_freed:,} bytes of data"
+            f"{verb} {rep.contents_freed} file content(s) no snapshot names,"
+            f" {rep.chunks_freed} chunk(s), {rep.bytes_freed:,} bytes of data"
             f" ({rep.stored_freed:,} bytes per copy stored): {rep.dropped} segment(s) dropped,"
             f" {rep.repacked} repacked into {rep.written}",
             highlight=False,

@@ -464,15 +464,18 @@ def recover_file(seed: bytes, remote_dirs: list[Path], path: str | bytes) -> byt
         try:
             check_vault_root(db, m)
             (snap,) = db.execute("SELECT id FROM snapshots ORDER BY id DESC LIMIT 1").fetchone()
-            entry_id, size = db.execute(
-                "SELECT id, size FROM entries WHERE snapshot=? AND path=? AND type='f'",
+            content, size = db.execute(
+                "SELECT content, size FROM entries WHERE snapshot=? AND path=? AND type='f'",
                 (snap, canonical_path(path)),
             ).fetchone()
+            (count,) = db.execute("SELECT chunks FROM contents WHERE id=?", (content,)).fetchone()
             rows = db.execute(
-                "SELECT c.cid, c.segment, c.offset, c.length, c.plain FROM entry_chunks x"
-                " JOIN chunks c ON c.id = x.chunk WHERE x.entry=? ORDER BY x.seq",
-                (entry_id,),
+                "SELECT c.cid, c.segment, c.offset, c.length, c.plain FROM content_chunks x"
+                " JOIN chunks c ON c.id = x.chunk WHERE x.content=? ORDER BY x.seq",
+                (content,),
             ).fetchall()
+            if len(rows) != count:
+                raise FormatError("the content's chunk list is incomplete")
             segments: dict[int, tuple[bytes, int]] = {}
             out = bytearray()
             for cid, seg_id, off, ln, plain in rows:

@@ -119,7 +119,7 @@ def shipped_index(data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(str(path) + suffix)
     path.write_bytes(data)
-    db = open_shipped(path)
+    db = open_shipped(path, keys().chunk_id_key)
     try:
         body = manifest.Body(bytes(32), 2, 3, 1 << 20, (), 0, ())
         m = manifest.Manifest(1, 0, body.to_dict())
@@ -376,6 +376,9 @@ def make_corpus() -> dict[str, int]:
         migrate(db)
         db.execute("INSERT INTO settings VALUES ('vault_id', ?)", (k.vault_id.hex(),))
     seeds["shipped_index"] = {"schema": idx_path.read_bytes()}
+    with contextlib.closing(sqlite3.connect(idx_path, isolation_level=None)) as db:
+        _as_schema_2(db)
+    seeds["shipped_index"]["schema2"] = idx_path.read_bytes()  # the opening converts it
     old = keymod.SCRYPT_N
     keymod.SCRYPT_N = 16  # cheap to unlock: the parser, not scrypt, is under test
     try:
@@ -426,6 +429,28 @@ def make_corpus() -> dict[str, int]:
             (d / stem).write_bytes(blob)
         counts[name] = len(files)
     return counts
+
+
+def _as_schema_2(db: sqlite3.Connection) -> None:
+    """Turn the schema seed into an index as schema 2 wrote it, holding one snapshot whose
+    two files share two chunks in a per-entry list (``entry_chunks``)."""
+    db.executescript(
+        """
+        INSERT INTO segments VALUES (1, x'00', 'data', 512, 100, 2, 3, 1, 0, zeroblob(32), NULL, 0);
+        INSERT INTO chunks VALUES (1, zeroblob(32), 1, 0, 50, 10), (2, x'01', 1, 50, 50, 10);
+        INSERT INTO snapshots(id, uid, created, seq) VALUES (1, 'ab', 0, 1);
+        INSERT INTO entries(id, snapshot, path, type, mode, mtime_ns, size, parent)
+            VALUES (1, 1, 'a', 'f', 420, 0, 20, 0), (2, 1, 'b', 'f', 420, 0, 20, 0);
+        DROP TABLE content_chunks;
+        DROP TABLE contents;
+        ALTER TABLE entries DROP COLUMN content;
+        CREATE TABLE entry_chunks (entry INTEGER NOT NULL, seq INTEGER NOT NULL,
+            chunk INTEGER NOT NULL, PRIMARY KEY (entry, seq)) WITHOUT ROWID;
+        INSERT INTO entry_chunks VALUES (1, 0, 1), (1, 1, 2), (2, 0, 1), (2, 1, 2);
+        PRAGMA user_version=2;
+        VACUUM;
+        """
+    )
 
 
 def _receipt(signer: VaultKeys) -> dict:

@@ -33,7 +33,7 @@ from pyeclib.ec_iface import LIBERASURECODE_VERSION, ECDriver
 from pyfastcdc import FastCDC
 
 from vaultfs import envelope, manifest, merkle, segment
-from vaultfs.chunker import Chunker
+from vaultfs.chunker import Chunker, content_ref
 from vaultfs.errors import IntegrityError
 from vaultfs.keys import VaultKeys, read_keyfile
 
@@ -165,6 +165,15 @@ def test_chunker_cut_points():
     assert lib == raw == c["lengths"]
     assert sum(lib) == len(data)
     assert c["lengths"] != c["lengths_unkeyed"], "the key must move the cut points"
+
+
+@pytest.mark.parametrize("vec", VECTORS["content_ref"], ids=lambda v: str(len(v["chunk_ids"])))
+def test_content_ref(vec):
+    """format.md 9: keyed BLAKE3 over the label and the chunk ids in order; order matters."""
+    keys = VaultKeys.from_seed(SEED)
+    cids = [bytes.fromhex(c) for c in vec["chunk_ids"]]
+    doc = blake3.blake3(b"vaultfs/content-ref" + b"".join(cids), key=keys.chunk_id_key)
+    assert doc.hexdigest() == vec["ref"] == content_ref(keys.chunk_id_key, cids).hex()
 
 
 @pytest.mark.parametrize("rec", VECTORS["chunk_records"], ids=lambda r: r["name"])

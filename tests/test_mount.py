@@ -505,9 +505,22 @@ def test_snapshot_views_are_read_only_and_point_in_time(shared: Vault) -> None:
 
 
 def _downgrade_index_to_schema_1(index_db: Path) -> None:
-    """Make an index look as a vaultfs before schema 2 wrote it (no entries.parent/rdev)."""
+    """Make an index look as a vaultfs before schema 2 wrote it (no entries.parent/rdev, a
+    chunk list per entry in entry_chunks instead of shared contents)."""
     db = sqlite3.connect(index_db)
     try:
+        db.execute(
+            "CREATE TABLE entry_chunks (entry INTEGER NOT NULL REFERENCES entries(id),"
+            " seq INTEGER NOT NULL, chunk INTEGER NOT NULL REFERENCES chunks(id),"
+            " PRIMARY KEY (entry, seq)) WITHOUT ROWID"
+        )
+        db.execute(
+            "INSERT INTO entry_chunks SELECT e.id, x.seq, x.chunk FROM entries e"
+            " JOIN content_chunks x ON x.content = e.content"
+        )
+        db.execute("DROP TABLE content_chunks")
+        db.execute("DROP TABLE contents")
+        db.execute("ALTER TABLE entries DROP COLUMN content")
         db.execute("DROP INDEX entries_parent")
         db.execute("DROP INDEX entries_link")
         db.execute("ALTER TABLE entries DROP COLUMN parent")

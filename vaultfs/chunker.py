@@ -6,6 +6,7 @@ hence chunk sizes) cannot be predicted from known plaintext without the key. pyf
 masks stop at bit 47, so only seed bits 1-47 ever move a cut point: the chunker key is 47
 bits (docs/keys.md says why that is enough; tests/test_chunker_key.py shows the fact). Chunk ids are
 BLAKE3 in keyed mode under the "chunk-id" key; they are stored only in the encrypted index.
+A file's content (its ordered chunk ids) is named by :func:`content_ref` under the same key.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ AVG_SIZE = 16 * 1024  # vaults whose index has no chunk_avg setting (made before
 NEW_VAULT_AVG = 32 * 1024
 MIN_SIZE = 4 * 1024
 MAX_SIZE = 64 * 1024
+#: Prefix of the hashed input of a content ref (docs/format.md section 9).
+CONTENT_REF_LABEL = b"vaultfs/content-ref"
 
 
 class Chunker:
@@ -45,3 +48,14 @@ class Chunker:
 
     def chunk_id(self, data: bytes | memoryview) -> bytes:
         return blake3.blake3(data, key=self._id_key).digest()
+
+
+def content_ref(id_key: bytes, cids: list[bytes]) -> bytes:
+    """The 32-byte name of a file content: BLAKE3 keyed with the chunk-id key over
+    :data:`CONTENT_REF_LABEL` followed by the content's chunk ids in order (each 32 bytes, so
+    the concatenation is unambiguous). Equal chunk lists share a ref; like
+    the chunk ids it is kept only in the encrypted index (``contents.ref``)."""
+    h = blake3.blake3(CONTENT_REF_LABEL, key=id_key)
+    for cid in cids:
+        h.update(cid)
+    return h.digest()

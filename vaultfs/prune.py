@@ -1,12 +1,15 @@
 """Prune: free the space of chunks that no snapshot and no file of the live tree uses.
 
-Deleting a snapshot (``vaultfs snapshot delete``) only forgets its entries: chunks are shared
-between snapshots and the mount's live tree, so nothing can be freed at that moment without
-knowing every other reference. ``vaultfs prune`` does the accounting, with the vault locked
-(so no backup or mount adds references meanwhile):
+Deleting a snapshot (``vaultfs snapshot delete``) only forgets its entries: file contents and
+chunks are shared between snapshots and the mount's live tree, so nothing can be freed at that
+moment without knowing every other reference. ``vaultfs prune`` does the accounting, with the
+vault locked (so no backup or mount adds references meanwhile):
 
-1. **Live chunks**: every chunk a snapshot entry refers to (``entry_chunks``) and every chunk a
-   block of the live tree refers to (``live_blocks``). Nothing else keeps a chunk alive.
+1. **Live contents and chunks**: a content is live while an entry names it
+   (``entries.content``); the others are deleted first, in one transaction (a dry run only
+   counts them). A chunk is live while a live content lists it (``content_chunks``) or a
+   block of the live tree refers to it (``live_blocks``, which names chunks, not contents).
+   Nothing else keeps a chunk alive.
 2. **Plan**, per data segment: no live chunk → *drop* it; live records taking less than
    ``repack_below`` of its bytes → *repack*: its live records are copied, as they are
    (records are self-contained and already encrypted), into new full segments together with
@@ -31,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from .errors import IntegrityError
-from .index import audit, chunks, segments
+from .index import audit, chunks, contents, segments
 from .index import remotes as remote_rows
 from .remotes import Remote
 from .vault import Vault
@@ -44,6 +47,7 @@ REPACK_BELOW = 0.5
 class PruneReport:
     dry_run: bool
     segments: int = 0  # data segments looked at
+    contents_freed: int = 0  # file contents no entry named, deleted
     dropped: int = 0  # segments with no live chunk, deleted
     repacked: int = 0  # sparse segments whose live records moved to new segments
     written: int = 0  # new segments those went into
@@ -86,6 +90,10 @@ def prune(
         raise ValueError("repack_below is a fraction between 0 and 1")
     report = PruneReport(dry_run)
     v.seal()
+    if dry_run:
+        report.contents_freed = contents.unreferenced(v.index)
+    else:  # before the live chunks are known: a dead content must not outlive its chunks
+        report.contents_freed = contents.delete_unreferenced(v.index)
     live = chunks.referenced(v.index)
     segs = segments.data_segments(v.index)
     report.segments = len(segs)

@@ -1102,6 +1102,6 @@ def open_remote_index(
         raise NotEnoughRemotes("none of the given remotes is reachable")
     dbpath = workdir / "index.db"
     warnings += fetch_index(keys, m, src, dbpath)
-    index = open_shipped(dbpath)  # checked, and migrated: schema 1 reads like a current one
+    index = open_shipped(dbpath, keys.chunk_id_key)  # checked, and migrated to the current schema
     verify_index_against_manifest(index, m)
     return index, src, m, warnings

@@ -35,7 +35,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from . import names
-from .index import Index
+from .index import Index, snapshots
 
 SNAPDIR_INO = 1 << 62
 SNAPROOT_BASE = SNAPDIR_INO + 1
@@ -77,7 +77,7 @@ class SNode:
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     nlink: int = 1
     rdev: int = 0
-    entry: int | None = None  # entries.id holding the chunk list (files)
+    entry: int | None = None  # entries.id of a file (its content lists the chunks)
     snap: int | None = None  # snapshots.id (None: .snapshots itself)
     dir_id: int | None = None  # directories: entries.id of their children's parent (0: root)
     path: bytes | None = None  # directories: path in the snapshot (b"" for its root)
@@ -383,17 +383,14 @@ class SnapViews:
 
     def query_chunks(self, node: SNode) -> tuple[list[int], list[tuple[bytes, int]]]:
         """(start offsets, [(cid, length)]) of a snapshot file (worker thread)."""
-        rows = self.index.q(
-            "SELECT c.cid, c.plain FROM entry_chunks e JOIN chunks c ON c.id = e.chunk"
-            " WHERE e.entry=? ORDER BY e.seq",
-            (node.entry,),
-        )
+        assert node.entry is not None
+        rows = snapshots.file_chunks(self.index, node.entry)
         self.stats.add(chunk_lists=1)
         starts, pos = [], 0
-        for _cid, n in rows:
+        for _cid, _seg, _off, _len, n in rows:
             starts.append(pos)
             pos += n
-        return starts, [(bytes(c), n) for c, n in rows]
+        return starts, [(bytes(c), n) for c, _seg, _off, _len, n in rows]
 
     def keep_chunks(self, node: SNode, cmap) -> None:
         self.chunk_maps[node.ino] = cmap

@@ -11,8 +11,8 @@ The queries live beside it, one named function per question, grouped by what the
 about: ``settings`` (the typed :class:`VaultParams` and the other settings rows),
 ``keyring`` (key epochs and suites), ``remotes`` (the remotes table and their health),
 ``segments`` (segments and their shards), ``chunks`` (and which are still referenced),
-``snapshots`` (snapshots, entries, entry chunks), ``manifests`` (manifests, their upload
-queue, garbage), ``audit`` (audit tags, runs, challenges, findings, foreign objects). A
+``snapshots`` (snapshots and entries), ``contents`` (the file contents entries share),
+``manifests`` (manifests, their upload queue, garbage), ``audit`` (audit tags, runs, challenges, findings, foreign objects). A
 function that reads takes the :class:`Index` (it holds the lock itself); one that writes as
 part of a larger update takes the connection of the caller's :meth:`Index.tx`, one that
 writes on its own opens its transaction itself.
@@ -55,6 +55,7 @@ class Index:
     """A thread-safe handle on the SQLite index (one connection, serialised by a lock).
 
     Callers use :meth:`tx` for writes, so a crash leaves either all or none of an update.
+    Opening migrates what needs no key; :meth:`upgrade` finishes what needs the vault's key.
     """
 
     def __init__(self, path: Path | str) -> None:
@@ -70,6 +71,13 @@ class Index:
         except BaseException:
             self.db.close()
             raise
+
+    def upgrade(self, chunk_id_key: bytes) -> None:
+        """Finish the migrations that need the vault's chunk-id key (schema 2 → 3: content
+        refs are keyed; :func:`migrate`). Call it once the key is known to be this index's
+        vault's: a wrong key would name every content wrongly. A current file: one PRAGMA."""
+        with self.lock:
+            migrate(self.db, chunk_id_key)
 
     def close(self) -> None:
         with self.lock:
@@ -164,9 +172,9 @@ def seen_manifest_seq(path: Path, vault_id: str) -> int:
         return manifests.newest_seq(index)
 
 
-def open_shipped(path: Path) -> Index:
+def open_shipped(path: Path, chunk_id_key: bytes) -> Index:
     """Open an index file downloaded from the remotes (restore's disaster path), brought to
-    the current schema (:func:`migrate`).
+    the current schema (:func:`migrate`, with the key of the vault it was sealed under).
 
     The file was authenticated before it got here (AEAD under the seed, its shards pinned by
     the signed manifest), so only a seed holder can make a hostile one. Even so, a file that
@@ -180,6 +188,12 @@ def open_shipped(path: Path) -> Index:
             (check,) = db.execute("PRAGMA quick_check(1)").fetchone()
             if check != "ok":
                 raise sqlite3.DatabaseError(check)
-        return Index(path)
+        index = Index(path)
+        try:
+            index.upgrade(chunk_id_key)
+        except BaseException:
+            index.close()
+            raise
+        return index
     except (sqlite3.DatabaseError, UnicodeDecodeError) as e:  # its report may not be UTF-8
         raise IntegrityError(f"the downloaded index is not a usable SQLite file: {e}") from None

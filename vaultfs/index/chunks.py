@@ -86,12 +86,14 @@ def in_data_segments(index: Index) -> list[tuple[int, bytes, int, int, int]]:
 
 
 def referenced(index: Index) -> set[bytes]:
-    """Chunk ids some snapshot entry (``entry_chunks``) or some block of the mount's live
-    tree (``live_blocks``) refers to: nothing else keeps a chunk alive."""
+    """Chunk ids of a content some snapshot entry names (``entries.content``) or that some
+    block of the mount's live tree (``live_blocks``) refers to: nothing else keeps a chunk
+    alive (a content no entry names does not: prune deletes it first)."""
     live = {
         bytes(cid)
         for (cid,) in index.q(
-            "SELECT DISTINCT c.cid FROM entry_chunks e JOIN chunks c ON c.id = e.chunk"
+            "SELECT DISTINCT c.cid FROM content_chunks x JOIN chunks c ON c.id = x.chunk"
+            " WHERE x.content IN (SELECT content FROM entries WHERE content IS NOT NULL)"
         )
     }
     for (blob,) in index.q("SELECT chunks FROM live_blocks"):

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import sqlite3
 
-from .. import names
+from .. import chunker, names
+from . import contents
 
 #: ``PRAGMA user_version`` of an index in the current layout. 1: the first layout (0 in the
 #: file); 2: entries.parent, entries.rdev and the entries_parent/entries_link indexes
-#: (:func:`migrate` adds them to an older file and fills ``parent``).
-SCHEMA_VERSION = 2
+#: (:func:`migrate` adds them to an older file and fills ``parent``); 3: file contents
+#: shared across files and snapshots (contents, content_chunks, entries.content) instead of
+#: a chunk list per entry (entry_chunks).
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (
@@ -85,7 +88,7 @@ CREATE TABLE IF NOT EXISTS shards (
 );
 CREATE INDEX IF NOT EXISTS shards_state ON shards(state, remote);
 CREATE TABLE IF NOT EXISTS chunks (
-    id        INTEGER PRIMARY KEY,   -- local chunk number (referenced by entry_chunks)
+    id        INTEGER PRIMARY KEY,   -- local chunk number (referenced by content_chunks)
     cid       BLOB NOT NULL UNIQUE,  -- keyed BLAKE3 chunk id; never leaves the client unencrypted
     segment   INTEGER NOT NULL REFERENCES segments(id), -- data segment holding the record
     offset    INTEGER NOT NULL,      -- byte offset of the record in the segment plaintext
@@ -130,17 +133,32 @@ CREATE TABLE IF NOT EXISTS entries (
                                      -- Derived from path (readers may ignore it); lets the
                                      -- mount list one directory without reading the rest
     rdev      INTEGER,               -- (schema 2) device number (st_rdev) of 'c'/'b' entries
+    content   INTEGER,               -- (schema 3) contents.id of a file ('f') entry, else NULL.
+                                     -- No REFERENCES clause and no index: either would make
+                                     -- every snapshot touch pages all over an index of old
+                                     -- content ids; prune finds the unused contents by a scan
     UNIQUE (snapshot, path)
 );
 -- (schema 2) a directory's children: the mount's readdir, and its subdirectory count
 CREATE INDEX IF NOT EXISTS entries_parent ON entries(snapshot, parent, type);
 -- (schema 2) the members of a hard-link group (one inode number, nlink = their count)
 CREATE INDEX IF NOT EXISTS entries_link ON entries(snapshot, link) WHERE link IS NOT NULL;
-CREATE TABLE IF NOT EXISTS entry_chunks (
-    entry     INTEGER NOT NULL REFERENCES entries(id), -- file entry
-    seq       INTEGER NOT NULL,      -- position of the chunk in the file (0-based)
-    chunk     INTEGER NOT NULL REFERENCES chunks(id),  -- chunk holding those bytes
-    PRIMARY KEY (entry, seq)
+-- (schema 3) File contents: one row per distinct chunk list, shared by every file entry of
+-- every snapshot with those bytes, so a snapshot of an unchanged file adds one entries row and
+-- no chunk rows. New contents take the next id, so their rows (and their content_chunks rows)
+-- go at the end of the tables. A content no entry names stays until `vaultfs prune`.
+CREATE TABLE IF NOT EXISTS contents (
+    id        INTEGER PRIMARY KEY,   -- content number (entries.content)
+    ref       BLOB NOT NULL UNIQUE,  -- keyed BLAKE3 of the ordered chunk ids (chunker.content_ref,
+                                     -- chunk-id key): how a commit finds an existing content
+    size      INTEGER NOT NULL,      -- bytes: the sum of its chunks' plaintext lengths
+    chunks    INTEGER NOT NULL       -- number of chunks (its content_chunks rows)
+);
+CREATE TABLE IF NOT EXISTS content_chunks (
+    content   INTEGER NOT NULL REFERENCES contents(id), -- content
+    seq       INTEGER NOT NULL,      -- position of the chunk in the content (0-based)
+    chunk     INTEGER NOT NULL REFERENCES chunks(id),   -- chunk holding those bytes
+    PRIMARY KEY (content, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS manifests (
     seq       INTEGER PRIMARY KEY,   -- manifest sequence number (strictly increasing)
@@ -253,14 +271,17 @@ CREATE TABLE IF NOT EXISTS live_blocks (
 """
 
 
-def migrate(db: sqlite3.Connection) -> None:
+def migrate(db: sqlite3.Connection, chunk_id_key: bytes | None = None) -> None:
     """Create missing tables and bring an older index to SCHEMA_VERSION (idempotent).
 
     Version 1 → 2 adds ``entries.parent`` and ``entries.rdev`` (ALTER TABLE, no rewrite),
     creates the two entries indexes and fills ``parent`` from the paths. Every step can be
     repeated, and ``user_version`` is set last, so a crash midway is finished at the next
-    open. Runs on every open, also on a restore's downloaded copy; a current file costs one
-    PRAGMA and the CREATE ... IF NOT EXISTS script."""
+    open. Version 2 → 3 (:func:`_share_contents`) needs ``chunk_id_key`` (content refs are
+    keyed) and is one transaction: a crash leaves the file at 2, redone at the next open.
+    Without the key (opens that read settings only) a version-2 file stays at 2 and the next
+    open with the key finishes it. Runs on every open, also on a restore's downloaded copy; a
+    current file costs one PRAGMA and the CREATE ... IF NOT EXISTS script."""
     (version,) = db.execute("PRAGMA user_version").fetchone()
     cols = {r[1] for r in db.execute("PRAGMA table_info(entries)")}
     if version < 2 and cols:  # an index written by schema 1
@@ -268,10 +289,55 @@ def migrate(db: sqlite3.Connection) -> None:
             if col not in cols:
                 db.execute(f"ALTER TABLE entries ADD COLUMN {col} INTEGER")
     db.executescript(SCHEMA)
-    if version < 2:
-        if cols:
-            _fill_parents(db)
+    if not cols:  # a new file
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        return
+    if version < 2:
+        _fill_parents(db)
+        db.execute("PRAGMA user_version=2")
+    if version < 3 and chunk_id_key is not None:
+        _share_contents(db, chunk_id_key)
+
+
+def _share_contents(db: sqlite3.Connection, chunk_id_key: bytes) -> None:
+    """Schema 2 → 3 in one transaction: every file entry's chunk list (``entry_chunks``)
+    becomes a shared ``contents`` row named by its keyed ref, with ``content_chunks`` rows
+    only for the first entry of each distinct list; ``entry_chunks`` is dropped and
+    ``user_version`` set. One ordered pass over the old rows, one file in memory at a time."""
+    refs: dict[bytes, int] = {}  # content ref -> contents.id (one per distinct list)
+
+    def share(entry: int, rows: list[tuple[int, bytes, int]]) -> None:
+        ref = chunker.content_ref(chunk_id_key, [cid for _c, cid, _n in rows])
+        content = refs.get(ref)
+        if content is None:
+            size = sum(n for _c, _cid, n in rows)
+            content = refs[ref] = contents.add(db, ref, size, [c for c, _cid, _n in rows])
+        db.execute("UPDATE entries SET content = ? WHERE id = ?", (content, entry))
+
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("ALTER TABLE entries ADD COLUMN content INTEGER")
+        entry, rows = None, []
+        for e, chunk, cid, plain in db.execute(
+            "SELECT x.entry, x.chunk, c.cid, c.plain FROM entry_chunks x"
+            " JOIN chunks c ON c.id = x.chunk ORDER BY x.entry, x.seq"
+        ):
+            if e != entry:
+                if entry is not None:
+                    share(entry, rows)
+                entry, rows = e, []
+            rows.append((chunk, bytes(cid), plain))
+        if entry is not None:
+            share(entry, rows)
+        empty = db.execute("SELECT id FROM entries WHERE type = 'f' AND content IS NULL")
+        for (e,) in empty.fetchall():  # files of no chunks (empty files): one shared content
+            share(e, [])
+        db.execute("DROP TABLE entry_chunks")
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def _fill_parents(db: sqlite3.Connection) -> None:

@@ -1,5 +1,5 @@
-"""Queries about snapshots and their entries (tables ``snapshots``, ``entries``,
-``entry_chunks``)."""
+"""Queries about snapshots and their entries (tables ``snapshots``, ``entries``; a file's
+chunks through the content it names: vaultfs/index/contents.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ if TYPE_CHECKING:
     from . import Index
 
 #: Columns of an entry row as :func:`add_entry` takes them (after the snapshot id).
-ENTRY_COLUMNS = "path, type, mode, mtime_ns, size, target, uid, gid, xattrs, link, parent, rdev"
+ENTRY_COLUMNS = (
+    "path, type, mode, mtime_ns, size, target, uid, gid, xattrs, link, parent, rdev, content"
+)
 
 
 def add(db: sqlite3.Connection, uid: str, name: str | None, created: float, seq: int) -> int:
@@ -28,19 +30,11 @@ def add_entry(db: sqlite3.Connection, snapshot: int, row: tuple) -> int:
     their stored form); returns its id."""
     cur = db.execute(
         f"INSERT INTO entries(snapshot, {ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-        " ?, ?, ?)",
+        " ?, ?, ?, ?)",
         (snapshot, *row),
     )
     assert cur.lastrowid is not None
     return cur.lastrowid
-
-
-def add_file_chunks(db: sqlite3.Connection, entry: int, chunk_ids: list[int]) -> None:
-    """Record the chunks (chunks-table row ids, in file order) of file entry ``entry``."""
-    db.executemany(
-        "INSERT INTO entry_chunks(entry, seq, chunk) VALUES (?, ?, ?)",
-        [(entry, i, cid) for i, cid in enumerate(chunk_ids)],
-    )
 
 
 def finish(db: sqlite3.Connection, snapshot: int, root: bytes, files: int, size: int) -> None:
@@ -51,13 +45,11 @@ def finish(db: sqlite3.Connection, snapshot: int, root: bytes, files: int, size:
 
 
 def delete(db: sqlite3.Connection, uid: str) -> bool:
-    """Forget snapshot ``uid`` and its entries; False when there is none."""
+    """Forget snapshot ``uid`` and its entries; False when there is none. The contents its
+    files named stay (others may name them) until prune deletes those nobody names."""
     row = db.execute("SELECT id FROM snapshots WHERE uid=?", (uid,)).fetchone()
     if row is None:
         return False
-    db.execute(
-        "DELETE FROM entry_chunks WHERE entry IN (SELECT id FROM entries WHERE snapshot=?)", row
-    )
     db.execute("DELETE FROM entries WHERE snapshot=?", row)
     db.execute("DELETE FROM snapshots WHERE id=?", row)
     return True
@@ -100,8 +92,8 @@ def file_chunk_ids(index: Index, entry: int) -> list[bytes]:
     return [
         cid
         for (cid,) in index.q(
-            "SELECT c.cid FROM entry_chunks e JOIN chunks c ON c.id = e.chunk"
-            " WHERE e.entry=? ORDER BY e.seq",
+            "SELECT c.cid FROM entries e JOIN content_chunks x ON x.content = e.content"
+            " JOIN chunks c ON c.id = x.chunk WHERE e.id=? ORDER BY x.seq",
             (entry,),
         )
     ]
@@ -133,8 +125,9 @@ def file_chunks(index: Index, entry: int) -> list[tuple[bytes, int, int, int, in
     """(cid, segment, offset, record length, plain length) of the chunks of file entry
     ``entry``, in file order."""
     return index.q(
-        "SELECT c.cid, c.segment, c.offset, c.length, c.plain FROM entry_chunks x"
-        " JOIN chunks c ON c.id = x.chunk WHERE x.entry=? ORDER BY x.seq",
+        "SELECT c.cid, c.segment, c.offset, c.length, c.plain FROM entries e"
+        " JOIN content_chunks x ON x.content = e.content JOIN chunks c ON c.id = x.chunk"
+        " WHERE e.id=? ORDER BY x.seq",
         (entry,),
     )
 
@@ -143,9 +136,9 @@ def files_in_segment(index: Index, seg_id: int) -> list[tuple[str, str]]:
     """(snapshot uid, path as stored) of every file with a chunk in segment ``seg_id``, by
     snapshot and path."""
     return index.q(
-        "SELECT DISTINCT s.uid, e.path FROM chunks c JOIN entry_chunks x ON x.chunk = c.id"
-        " JOIN entries e ON e.id = x.entry JOIN snapshots s ON s.id = e.snapshot"
-        " WHERE c.segment=? ORDER BY s.id, e.path",
+        "SELECT DISTINCT s.uid, e.path FROM entries e JOIN snapshots s ON s.id = e.snapshot"
+        " WHERE e.content IN (SELECT x.content FROM chunks c JOIN content_chunks x"
+        " ON x.chunk = c.id WHERE c.segment=?) ORDER BY s.id, e.path",
         (seg_id,),
     )
 

@@ -20,10 +20,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import envelope, manifest, merkle, names, segment
+from .. import chunker, envelope, manifest, merkle, names, segment
 from ..backends import Backend
 from ..errors import InputError, IntegrityError
 from ..index import Index, VaultParams, chunk_rows, keyring, manifests, segments, snapshots
+from ..index import contents as content_table
 from ..keys import VaultKeys
 from .epochs import KeyEpochs
 from .queue import ShardQueue, fsync_dir, write_durable
@@ -103,7 +104,7 @@ class Committer:
             with self.index.tx() as db:
                 seq = manifests.next_seq(db)
                 snap_id = snapshots.add(db, uid, name, time.time(), seq)
-                files, size = _add_entries(db, snap_id, entries)
+                files, size = _add_entries(db, snap_id, entries, self.keys.chunk_id_key)
                 root = _vault_root(db)
                 snapshots.finish(db, snap_id, root, files, size)
             self._ship_index(seq, root, prepush)
@@ -205,15 +206,20 @@ def mark_unshipped(db: sqlite3.Connection) -> None:
     manifests.mark_unshipped(db, time.time())
 
 
-def _add_entries(db: sqlite3.Connection, snap_id: int, entries: Iterable[Entry]) -> tuple[int, int]:
+def _add_entries(
+    db: sqlite3.Connection, snap_id: int, entries: Iterable[Entry], chunk_id_key: bytes
+) -> tuple[int, int]:
     """Record ``entries`` in snapshot ``snap_id``, parents before children; returns (entry
-    count, logical bytes of regular files)."""
+    count, logical bytes of regular files). A file names the content of its chunk list,
+    found by its keyed ref (chunker.content_ref under ``chunk_id_key``) or recorded once:
+    a file already in the vault, in any snapshot or path, adds no chunk rows."""
     files = size = 0
     dirs: dict[bytes, int] = {}  # directory path -> entries.id (for entries.parent)
     for e in entries:
         path = names.raw(e.path)
         parts = names.split_path(path)
         parent = None if parts is None else (dirs.get(parts[0]) if parts[0] else 0)
+        content = _content(db, e, chunk_id_key) if e.type == "f" else None
         entry_id = snapshots.add_entry(
             db,
             snap_id,
@@ -230,15 +236,24 @@ def _add_entries(db: sqlite3.Connection, snap_id: int, entries: Iterable[Entry])
                 e.link,
                 parent,
                 e.rdev,
+                content,
             ),
         )
         if e.type == "d" and parts is not None:
             dirs[path] = entry_id
         if e.type == "f":
-            snapshots.add_file_chunks(db, entry_id, _chunk_rows(db, e.cids))
             size += e.size
         files += 1
     return files, size
+
+
+def _content(db: sqlite3.Connection, e: Entry, chunk_id_key: bytes) -> int:
+    """The contents id of file entry ``e``'s chunk list, recorded if it is new."""
+    ref = chunker.content_ref(chunk_id_key, e.cids)
+    found = content_table.find(db, ref)
+    if found is not None:
+        return found
+    return content_table.add(db, ref, e.size, _chunk_rows(db, e.cids))
 
 
 def _chunk_rows(db: sqlite3.Connection, cids: list[bytes]) -> list[int]:

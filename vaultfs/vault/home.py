@@ -127,6 +127,7 @@ def load(
     if VaultParams.read(index).vault_id != keys.vault_id.hex():
         index.close()
         raise NoVault(f"the key does not belong to the vault at {home}")
+    index.upgrade(keys.chunk_id_key)  # the key is this vault's: keyed migrations are safe
     return keys, index, lock_fd
 
 
