@@ -24,7 +24,7 @@ from vaultfs.vault.home import rebuild_staging
 #: Tables compared row by row, with the columns that may differ and why (kept short here;
 #: the reasons are in docs/operations.md, "Losing the home").
 SAME = [
-    "shards", "chunks", "snapshots", "entries", "entry_chunks", "epochs", "suites",
+    "shards", "chunks", "snapshots", "entries", "contents", "content_chunks", "epochs", "suites",
     "audit_tags", "garbage", "live_inodes", "live_dirents", "live_xattrs", "live_blocks",
 ]  # fmt: skip
 
