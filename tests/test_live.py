@@ -172,6 +172,7 @@ def test_maintenance_on_a_live_mount_while_writing(live, tmp_path) -> None:
             assert b"busy: verify running" in res.stderr
             time.sleep(0.1)
         assert res.returncode == 0 and _json(res)["clean"], res.stderr
+        assert _json(run_cli("status", "--json", home=home))["mount"]["maintenance"] is None
         writer.wait_rounds(writer.rounds + 1)  # still writing
     finally:
         writer.stop.set()

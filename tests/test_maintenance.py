@@ -61,6 +61,8 @@ def test_one_job_at_a_time_and_a_job_outlives_its_caller(tmp_path, monkeypatch) 
     assert runner.run("slow", {"n": 3}) == {"n": 3}  # free again
     with pytest.raises(InputError, match="unknown maintenance job"):
         runner.run("format-disk", {})
+    with pytest.raises(InputError, match="bad arguments for maintenance job 'slow'"):
+        runner.run("slow", {"n": 1, "force": True})
     runner.close()
 
 

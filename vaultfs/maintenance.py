@@ -28,6 +28,7 @@ the same code. Rules (docs/mount.md, "Maintenance while mounted"):
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -101,8 +102,10 @@ class Runner:
         fn = JOBS.get(job)
         if fn is None:
             raise InputError(f"unknown maintenance job {job!r}: choose from {', '.join(JOBS)}")
-        if not isinstance(args, dict):
-            raise InputError("a job's args are a JSON object")
+        try:
+            inspect.signature(fn).bind(self, **args)
+        except TypeError as e:  # also args that are not an object of named values
+            raise InputError(f"bad arguments for maintenance job {job!r}: {e}") from None
         if not self._lock.acquire(blocking=False):
             cur = self.current or {}
             since = time.strftime("%H:%M:%S", time.localtime(cur.get("started", time.time())))

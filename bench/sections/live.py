@@ -7,10 +7,10 @@ remotes (the same vault as the ``mount`` section).
    the busy dump to the idle one, target ≤ 1.3 (maintenance within its share:
    docs/mount.md, "Maintenance while mounted"). The mount is flushed (not timed) between
    dumps.
-2. Repair throughput: with the vault unmounted, one remote's directory is deleted and
-   ``vaultfs repair`` rebuilds it; the bytes it wrote to that remote per second, against a
-   plain ``rclone copy`` of the same directory to a fresh one: ratio, target ≥ 0.5. The same
-   repair on the mounted vault (within its share) is reported beside it.
+2. Repair of one lost remote on the mounted vault (within the share maintenance gets):
+   bytes the rebuilt remote holds per second, against a plain ``rclone copy`` of that
+   directory, for information. The unmounted repair against ``rclone copy`` (target ≥ 0.5)
+   is the ``audit`` section's.
 """
 
 from __future__ import annotations
@@ -105,27 +105,23 @@ def live(ctx: Context) -> SectionResult:
                         rounds.append(bg.rounds)
                     out.unlink()
                     vault.flush()
-            ctx.log("repair of one lost remote on the mounted vault")
-            sec, nbytes = _repair_seconds(vault, lost=2)
-            times["repair_mounted"] = [sec]
-            bytes_mounted = nbytes
+            for i in range(ctx.repeats):
+                ctx.log(f"run {i + 1}/{ctx.repeats}: repair of one lost remote on the mount")
+                sec, nbytes = _repair_seconds(vault, lost=2)
+                times.setdefault("repair_mounted", []).append(sec)
+                copy = root / f"copy-{i}"
+                m = run(["rclone", "copy", str(vault.remotes[2]), str(copy)], env=ctx.env())
+                times.setdefault("rclone_copy", []).append(m.seconds)
+                shutil.rmtree(copy)
         finally:
             vault.umount()
-    ctx.log("repair of one lost remote, unmounted, and rclone copy of the same bytes")
-    for i in range(ctx.repeats):
-        sec, nbytes = _repair_seconds(vault, lost=3)
-        times.setdefault("repair", []).append(sec)
-        copy = root / f"copy-{i}"
-        m = run(["rclone", "copy", str(vault.remotes[3]), str(copy)], env=ctx.env())
-        times.setdefault("rclone_copy", []).append(m.seconds)
-        shutil.rmtree(copy)
     med = {k: median(v) for k, v in times.items()}
 
     def mbps(nbytes: int, seconds: float) -> str:
         return f"{nbytes / MB / seconds:.1f} MB/s ({seconds:.1f}s)"
 
     ratio = median([b / i for b, i in zip(times["dump_True"], times["dump_False"], strict=True)])
-    repair_vs_copy = med["rclone_copy"] / med["repair"]  # same bytes: throughput ratio
+    repair_vs_copy = med["rclone_copy"] / med["repair_mounted"]  # same bytes: throughput ratio
     res.metrics += [
         Metric(
             "pg_dump into the mount while verify --read-all + repair run / idle mount",
@@ -137,21 +133,14 @@ def live(ctx: Context) -> SectionResult:
             f"maintenance commands completed during the busy dumps: {rounds}",
         ),
         Metric(
-            "repair of one lost remote / rclone copy of its bytes (throughput)",
+            "repair of one lost remote on the mount / rclone copy of its bytes (throughput)",
             repair_vs_copy,
             "x",
-            (">=", 0.5),
-            mbps(nbytes, med["repair"]),
-            mbps(nbytes, med["rclone_copy"]),
-            "unmounted; bytes = what the rebuilt remote holds",
-        ),
-        Metric(
-            "repair of one lost remote on the mounted vault (within its share)",
-            bytes_mounted / MB / med["repair_mounted"],
-            "MB/s",
             None,
-            mbps(bytes_mounted, med["repair_mounted"]),
-            note="default maintenance_rate=64M, maintenance_ops=4",
+            mbps(nbytes, med["repair_mounted"]),
+            mbps(nbytes, med["rclone_copy"]),
+            "within the default share (maintenance_rate=64M, maintenance_ops=4); the "
+            "unmounted figure (target >= 0.5) is the audit section's",
         ),
     ]
     res.details = {"dump_bytes": size, "seconds": times, "maintenance_rounds": rounds}
