@@ -189,3 +189,34 @@ def test_maintenance_on_a_live_mount_while_writing(live, tmp_path) -> None:
     run_cli(*args, home=home, timeout=300)
     assert (out / "big.bin").read_bytes() == writer.last
     assert not (out / "junk.bin").exists()
+
+
+def test_reencrypt_and_remote_changes_on_a_live_mount(live, tmp_path) -> None:
+    home, mp, remotes = live
+    writer = Writer(mp)
+    writer.start()
+    try:
+        writer.wait_rounds(2)
+        # every data segment rewritten under a new suite while the mount stores new ones
+        _beside_writer("reencrypt", "--suite", "mlkem1024", "--json", home=home)
+        extra = tmp_path / "r-extra"
+        rep = _json(run_cli("remote", "add", str(extra), "--domain", "extra", "--json", home=home))
+        assert rep["remote"] == str(extra) and rep["survives_losses_design"] >= 1
+        rep = _json(_beside_writer("remote", "remove", str(remotes[0]), "--json", home=home))
+        assert not rep["unrecoverable"], rep
+        remotes = [remotes[1], remotes[2], extra]
+        writer.wait_rounds(writer.rounds + 1)
+    finally:
+        writer.stop.set()
+        writer.join(120)
+    assert writer.error is None, writer.error
+    run_cli("snapshot", "--name", "final", home=home)
+    run_cli("umount", str(mp), home=home, timeout=300)
+    show = _json(run_cli("keys", "show", "--json", home=home))
+    assert show["reencrypt"] is None, show["reencrypt"]  # finished, nothing left to rewrite
+    assert _json(run_cli("verify", "--read-all", "--json", home=home))["clean"]
+    out = tmp_path / "restored"
+    args = ["restore", "--to", str(out), "--snapshot", "final"]
+    args += ["--from", str(remotes[1]), "--from", str(remotes[2])]
+    run_cli(*args, home=home, timeout=300)
+    assert (out / "big.bin").read_bytes() == writer.last
