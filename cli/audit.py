@@ -28,6 +28,7 @@ from cli.common import (
     out,
     progress,
 )
+from cli.mounted import report_from, run_in_mount
 from vaultfs import prune as prune_mod
 from vaultfs import repair as repair_mod
 from vaultfs import verify as verify_mod
@@ -82,8 +83,12 @@ def verify(
     if max_duration is not None and max_duration <= 0:
         raise InputError("--max-duration takes a positive number of seconds")
     mode = "read-all" if read_all else ("sample" if sample is not None else "confidence")
-    with open_vault(home) as v:
-        rep = verify_mod.audit(v, remote, mode=mode, sample=sample, max_duration=max_duration)
+    args = {"remotes": remote, "mode": mode, "sample": sample, "max_duration": max_duration}
+    if (done := run_in_mount(home, "verify", args)) is not None:
+        rep = report_from(verify_mod.AuditReport, done, {"remotes": verify_mod.RemoteAudit})
+    else:
+        with open_vault(home) as v:
+            rep = verify_mod.audit(v, remote, mode=mode, sample=sample, max_duration=max_duration)
     if as_json:
         out.print_json(json.dumps(rep.to_dict()))
     else:
@@ -177,15 +182,24 @@ def repair(
     for p in source or []:
         if not p.exists():
             raise InputError(f"--source {p} does not exist")
-    with open_vault(home) as v:
-        with progress("repair", quiet=as_json or dry_run) as prog:
-            step = advance(prog)
-            seg = v.segment_size
-            rep = repair_mod.repair(
-                v, dry_run=dry_run, sources=source, progress=step and (lambda n: step(n * seg))
-            )
+    sources = [str(p.resolve()) for p in source or []]  # the daemon has its own cwd
+    if (done := run_in_mount(home, "repair", {"dry_run": dry_run, "sources": sources})) is not None:
+        rep = _repair_report(done)
+    else:
+        with open_vault(home) as v:
+            with progress("repair", quiet=as_json or dry_run) as prog:
+                step = advance(prog)
+                seg = v.segment_size
+                rep = repair_mod.repair(
+                    v, dry_run=dry_run, sources=source, progress=step and (lambda n: step(n * seg))
+                )
     _print_repair(rep, as_json)
     raise typer.Exit(_repair_code(rep))
+
+
+def _repair_report(data: dict) -> repair_mod.RepairReport:
+    """A repair report the mount's daemon returned, as the command's own."""
+    return report_from(repair_mod.RepairReport, data, {"items": repair_mod.RepairItem})
 
 
 def _repair_code(rep: repair_mod.RepairReport) -> int:
@@ -252,15 +266,20 @@ def prune(
 ) -> None:
     """Free what no snapshot and no file of the live tree uses any more (after
     `vaultfs snapshot delete`): drop unused segments, repack sparse ones, then delete the old
-    objects from the remotes once the new index is placed. Needs the vault unmounted."""
+    objects from the remotes once the new index is placed. On a mounted vault the mount's
+    daemon prunes (storing dirty blocks pauses meanwhile)."""
     if not 0 <= repack_below <= 1:
         raise InputError("--repack-below is a fraction between 0 and 1")
-    with open_vault(home) as v:
-        with progress("prune", quiet=as_json or dry_run) as prog:
-            rep = prune_mod.prune(
-                v, repack_below=repack_below, dry_run=dry_run,
-                progress=advance_segments(prog, v.segment_size),
-            )  # fmt: skip
+    args = {"repack_below": repack_below, "dry_run": dry_run}
+    if (done := run_in_mount(home, "prune", args)) is not None:
+        rep = report_from(prune_mod.PruneReport, done)
+    else:
+        with open_vault(home) as v:
+            with progress("prune", quiet=as_json or dry_run) as prog:
+                rep = prune_mod.prune(
+                    v, repack_below=repack_below, dry_run=dry_run,
+                    progress=advance_segments(prog, v.segment_size),
+                )  # fmt: skip
     if as_json:
         out.print_json(json.dumps(rep.as_dict()))
     else:
@@ -298,15 +317,16 @@ def remote_add(
     as_json: JsonOpt = False,
 ) -> None:
     """Add a remote; new data is spread over it and the latest manifest is sent to it."""
-    with open_vault(home) as v:
-        info = repair_mod.add_remote(v, spec, domain)
-        st = v.status()
+    if (info := run_in_mount(home, "remote-add", {"spec": spec, "domain": domain})) is None:
+        with open_vault(home) as v:
+            info = repair_mod.add_remote(v, spec, domain)
+            info["survives_losses_design"] = v.status()["survives_losses_design"]
     if as_json:
-        out.print_json(json.dumps({**info, "survives_losses_design": st["survives_losses_design"]}))
+        out.print_json(json.dumps(info))
         return
     out.print(
         f"added {info['remote']} (domain {info['domain']}); the vault now survives "
-        f"{st['survives_losses_design']} domain loss(es) by design",
+        f"{info['survives_losses_design']} domain loss(es) by design",
         highlight=False,
     )
 
@@ -318,8 +338,11 @@ def remote_remove(
     as_json: JsonOpt = False,
 ) -> None:
     """Remove a remote: rebuild its shards on the others, then delete what it held."""
-    with open_vault(home) as v:
-        rep = repair_mod.remove_remote(v, spec)
+    if (done := run_in_mount(home, "remote-remove", {"name": spec})) is not None:
+        rep = _repair_report(done)
+    else:
+        with open_vault(home) as v:
+            rep = repair_mod.remove_remote(v, spec)
     _print_repair(rep, as_json)
     raise typer.Exit(_repair_code(rep))
 
@@ -335,8 +358,12 @@ def remote_replace(
     as_json: JsonOpt = False,
 ) -> None:
     """Replace a remote (a provider that shut down): rebuild its shards onto the new one."""
-    with open_vault(home) as v:
-        rep = repair_mod.replace_remote(v, old, new, domain)
+    args = {"old": old, "new": new, "domain": domain}
+    if (done := run_in_mount(home, "remote-replace", args)) is not None:
+        rep = _repair_report(done)
+    else:
+        with open_vault(home) as v:
+            rep = repair_mod.replace_remote(v, old, new, domain)
     _print_repair(rep, as_json)
     raise typer.Exit(_repair_code(rep))
 

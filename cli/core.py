@@ -257,6 +257,9 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
             f"mounted at {mounted['mountpoint']}: {mounted['cache_dirty_bytes']:,} of "
             f"{mounted['cache_budget']:,} cache bytes dirty"
         )
+        if job := mounted.get("maintenance"):
+            since = time.strftime("%H:%M:%S", time.localtime(job["started"]))
+            out.print(f"maintenance: {job['job']} running in the mount daemon since {since}")
     t = Table(
         Column("remote", overflow="fold"), "domain", "health", "placed", "queued", "last audit",
         "last error",

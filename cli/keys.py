@@ -30,6 +30,7 @@ from cli.common import (
     passphrase,
     progress,
 )
+from cli.mounted import report_from, run_in_mount
 from vaultfs import receipt as receipts
 from vaultfs import rotation, shamir
 from vaultfs.errors import InputError, NoVault, ShareError, WrongKey
@@ -338,14 +339,17 @@ def rotate(
     as_json: JsonOpt = False,
 ) -> None:
     """Start a new key epoch: new writes use a fresh data key; old data stays readable."""
-    with open_vault(home) as v:
-        epoch = rotation.rotate(v, rotation.parse_suite(suite) if suite else None)
-        rep = v.flush()
-        info = {"epoch": epoch, "suite": v.suite, "complete": rep.complete, "errors": rep.errors}
+    target = rotation.parse_suite(suite) if suite else None
+    if (info := run_in_mount(home, "rotate", {"suite": target})) is None:
+        with open_vault(home) as v:
+            epoch = rotation.rotate(v, target)
+            rep = v.flush()
+            info = {"epoch": epoch, "suite": v.suite, "complete": rep.complete}
+            info["errors"] = rep.errors
     if as_json:
         out.print_json(json.dumps(info))
     else:
-        out.print(f"new key epoch {epoch} under {suite_name(info['suite'])}")
+        out.print(f"new key epoch {info['epoch']} under {suite_name(info['suite'])}")
         if not info["complete"]:
             err.print("[yellow]the new keyring is not on every remote yet: run `vaultfs flush`[/]")
 
@@ -432,11 +436,14 @@ def reencrypt(
     """
     target = rotation.parse_suite(suite)
     h = home_dir(home)
-    with open_vault(home) as v:
-        with progress("re-encrypt", quiet=as_json) as prog:
-            rep = rotation.reencrypt(
-                v, target, advance_segments(prog, v.segment_size), keyfile=h / "key.json"
-            )
+    if (done := run_in_mount(home, "reencrypt", {"suite": target})) is not None:
+        rep = report_from(rotation.ReencryptReport, done)
+    else:
+        with open_vault(home) as v:
+            with progress("re-encrypt", quiet=as_json) as prog:
+                rep = rotation.reencrypt(
+                    v, target, advance_segments(prog, v.segment_size), keyfile=h / "key.json"
+                )
     if as_json:
         out.print_json(json.dumps(rep.__dict__))
         return

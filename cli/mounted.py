@@ -1,5 +1,7 @@
 """Reaching a running mount through its control socket (vaultfs/control.py): the hooks that
-`flush`, `status`, `umount` and `snapshot` use, and the report a mount's flush returns.
+`flush`, `status`, `umount` and `snapshot` use, the report a mount's flush returns, and
+:func:`run_in_mount`, through which `verify`, `repair`, `prune`, `forget --prune`, `remote
+add|remove|replace`, `keys rotate` and `reencrypt` run in the daemon (vaultfs/maintenance.py).
 
 A running mount holds the vault's lock, so commands that would open the vault ask its daemon
 instead. No commands are defined here.
@@ -8,9 +10,12 @@ instead. No commands are defined here.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
+from typing import Any, TypeVar
 
 from cli.common import err, home_dir, out
 from vaultfs import control
@@ -88,3 +93,31 @@ def mount_status(home: Path | None) -> dict | None:
     """The running mount's cache and upload state, or None if not mounted."""
     reply = call(control.home_address(home_dir(home)), {"cmd": "status"}, timeout=60)
     return None if reply is None else reply["mount"]
+
+
+def run_in_mount(home: Path | None, job: str, args: dict) -> dict | None:
+    """If the vault at ``home`` is mounted, run maintenance ``job`` with ``args`` in its daemon
+    and return the report (the command's ``--json`` form); None when it is not mounted. The
+    daemon's errors come back with their exit codes (VaultBusy while another job runs)."""
+    h = home_dir(home)
+    if mounted(h) is None:
+        return None
+    if sys.stderr.isatty():
+        err.print(f"the vault is mounted: {job} runs in the mount daemon", highlight=False)
+    reply = call(control.home_address(h), {"cmd": "job", "job": job, "args": args})
+    if reply is None:  # unmounted between the two calls: let the caller open the vault
+        return None
+    return reply["result"]
+
+
+T = TypeVar("T")
+
+
+def report_from(cls: type[T], data: dict[str, Any], nested: dict[str, type] | None = None) -> T:
+    """The dataclass ``cls`` back from its JSON form (fields the form adds, such as
+    computed properties, are dropped); ``nested`` names list fields of dataclasses."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kw = {k: v for k, v in data.items() if k in names}
+    for key, sub in (nested or {}).items():
+        kw[key] = [report_from(sub, item) for item in kw.get(key, [])]
+    return cls(**kw)

@@ -21,7 +21,7 @@ import typer
 from rich.table import Table
 
 from cli.common import HomeOpt, JsonOpt, app, err, home_dir, open_vault, out
-from cli.mounted import mounted
+from cli.mounted import mounted, run_in_mount
 from vaultfs import prune as prune_mod
 from vaultfs import retention, routine
 from vaultfs.errors import EXIT_JOB_FAILED, EXIT_PARTIAL, InputError
@@ -66,7 +66,7 @@ def forget(
     """Forget the snapshots a retention policy does not keep, with restic's rules: each
     --keep-hourly/daily/weekly/monthly/yearly N keeps the newest snapshot of each of the N
     most recent such periods (local time) that have one; counts of -1 mean unlimited.
-    Works on a mounted vault too (through the mount); --prune then needs `vaultfs umount`."""
+    Works on a mounted vault too (through the mount, --prune as well)."""
     args: list[str] = []
     for opt, value in (
         ("last", keep_last), ("hourly", keep_hourly), ("daily", keep_daily),
@@ -95,15 +95,13 @@ def forget(
         result["forget"] = [{"id": s.id, "name": s.name, "time": s.time} for s in decision.forget]
         if run_prune and not dry_run and not live:
             result["prune"] = prune_mod.prune(v).as_dict()
-        elif run_prune and live:
-            result["prune"] = {
-                "waiting": "the vault is mounted: run `vaultfs umount`, then `vaultfs prune`"
-            }
         if not dry_run and not live and decision.forget:
             rep = v.flush()
             result |= {"uploaded": rep.uploaded, "pending": rep.pending, "errors": rep.errors}
             if v.status()["segments_below_k_placed"]:
                 code = EXIT_PARTIAL
+    if run_prune and not dry_run and live:  # after the vault (opened without the lock) closed
+        result["prune"] = run_in_mount(h, "prune", {})
     if as_json:
         out.print_json(json.dumps(result))
         raise typer.Exit(code)
@@ -122,14 +120,12 @@ def _print_forget(result: dict, decision: retention.Decision, dry_run: bool) -> 
     verb = "would forget" if dry_run else "forgot"
     out.print(f"keep {len(decision.keep)} snapshot(s), {verb} {len(decision.forget)}")
     prune = result.get("prune")
-    if prune and "waiting" in prune:
-        err.print(f"[yellow]not pruned: {prune['waiting']}[/]", highlight=False)
-    elif prune:
+    if prune:
         out.print(f"pruned: freed {prune['bytes_freed']:,} bytes of data", highlight=False)
         for r, b in sorted(prune["freed_per_remote"].items()):
             out.print(f"  {r}: {b:,} bytes freed", highlight=False)
     elif decision.forget and not dry_run:
-        out.print("`vaultfs prune` (unmounted) frees their space")
+        out.print("`vaultfs prune` frees their space")
 
 
 # -- run ---------------------------------------------------------------------------------------

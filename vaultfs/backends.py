@@ -11,7 +11,9 @@ rotation) gets its backend from :func:`open_backend`, which stacks, in one visib
   (``fail_fast``: each command bounded to 300 s). :class:`MemoryBackend` keeps its objects
   in memory, for tests (:func:`stack` wraps it the same way).
 * ``wrap`` inserts a layer right above the base, so retries see what it does:
-  :class:`FaultInjecting` (tests only) lies, fails or stalls on purpose, within a budget.
+  :class:`FaultInjecting` (tests only) lies, fails or stalls on purpose, within a budget;
+  :class:`Throttled` keeps background work within a :class:`Share` (maintenance on a
+  mounted vault, vaultfs/maintenance.py).
 * :class:`Retrying` retries :class:`Unreachable` and plain :class:`RemoteError` with
   exponential backoff and jitter, a bounded number of times; :class:`ObjectMissing` and
   :class:`BadRemote` are answers, not outages, and are never retried.
@@ -318,6 +320,87 @@ class FaultInjecting(Wrapper):
         buf = bytearray(data)
         buf[len(buf) // 2] ^= 0x10
         return bytes(buf)
+
+
+class Share:
+    """The share of the remotes that background work (maintenance on a mounted vault) may
+    take, shared by every backend of one job (:class:`Throttled`): at most ``ops`` remote
+    operations at once, a token bucket of ``rate`` bytes per second over what they read
+    (0: no limit), and before each operation a pause while ``busy()`` says the foreground
+    needs the machine, at most ``max_pause`` seconds so the job still moves on."""
+
+    def __init__(
+        self,
+        rate: float = 0.0,
+        ops: int = 0,
+        busy: Callable[[], bool] | None = None,
+        max_pause: float = 0.5,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rate = rate
+        self.busy = busy
+        self.max_pause = max_pause
+        self.sleep = sleep
+        self.clock = clock
+        self.slots = threading.BoundedSemaphore(ops) if ops > 0 else None
+        self.paused = 0.0  # seconds spent waiting for the foreground or the byte rate
+        self._lock = threading.Lock()
+        self._free_at = clock()  # when the bytes read so far are paid for
+
+    def before(self) -> None:
+        """Wait while the foreground is busy (bounded by ``max_pause``)."""
+        if self.busy is None:
+            return
+        t0 = self.clock()
+        while self.busy() and self.clock() - t0 < self.max_pause:
+            self.sleep(0.05)
+        self._waited(self.clock() - t0)
+
+    def charge(self, nbytes: int) -> None:
+        """Account ``nbytes`` read; sleep until the rate allows them."""
+        if self.rate <= 0 or nbytes <= 0:
+            return
+        with self._lock:
+            now = self.clock()
+            self._free_at = max(self._free_at, now) + nbytes / self.rate
+            wait = self._free_at - now
+        if wait > 0:
+            self.sleep(wait)
+            self._waited(wait)
+
+    def _waited(self, seconds: float) -> None:
+        with self._lock:
+            self.paused += seconds
+
+    def wrap(self, inner: Backend) -> Backend:
+        """A ``wrap`` for :func:`open_backend`: ``inner`` within this share."""
+        return Throttled(inner, self)
+
+
+class Throttled(Wrapper):
+    """A backend within a :class:`Share`: each operation waits for a slot and for a quiet
+    foreground; the bytes ``cat`` and ``get`` return are charged to the share's byte rate."""
+
+    def __init__(self, inner: Backend, share: Share) -> None:
+        super().__init__(inner)
+        self.share = share
+
+    def _op(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self.share.before()
+        if self.share.slots is None:
+            return fn(*args)
+        with self.share.slots:
+            return fn(*args)
+
+    def cat(self, sub: str, name: str, offset: int = 0, count: int = -1) -> bytes:
+        data = super().cat(sub, name, offset, count)
+        self.share.charge(len(data))
+        return data
+
+    def get(self, sub: str, names: list[str], local_dir: Path, max_bytes: int = 0) -> None:
+        super().get(sub, names, local_dir, max_bytes)
+        self.share.charge(sum(p.stat().st_size for n in names if (p := local_dir / n).exists()))
 
 
 class MemoryBackend(Remote):

@@ -27,6 +27,8 @@ import io
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -347,6 +349,17 @@ class BlockCache:
             d.uploading = False
             if evt is not None:
                 evt.set()
+
+    @asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        """No dirty block is stored inside the block (writers go on filling the cache, up to
+        its budget). Entering moves every block already stored into the live tree and commits
+        it, so the index names every chunk the cache's blocks refer to (prune relies on it)."""
+        async with self._rounds:
+            if self._pending:
+                await self._settle(force=True)
+            await self.journal.commit()
+            yield
 
     def retiring(self, ino: int, first: int, last: int) -> list[trio.Event]:
         """Events of blocks first..last of ``ino`` whose cache files are being deleted: a

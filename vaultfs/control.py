@@ -15,7 +15,9 @@ never a trusted answer. A socket file left by a crashed daemon is replaced by th
 Protocol: one JSON object per line each way. Request ``{"cmd": ...}``; reply
 ``{"ok": true, ...}`` or ``{"ok": false, "error": message, "code": exit code}``.
 Commands: ``ping``, ``status``, ``flush``, ``snapshot`` (``name``), ``delete`` (``id``),
-``umount`` (store, ship, upload and report; the client then unmounts).
+``umount`` (store, ship, upload and report; the client then unmounts), ``job`` (``job``,
+``args``: verify, repair, prune, remote changes, key rotation and re-encryption run in the
+daemon, one at a time; reply ``result``, the command's report: vaultfs/maintenance.py).
 """
 
 from __future__ import annotations
@@ -174,7 +176,10 @@ class _Handler(socketserver.StreamRequestHandler):
         except Exception as e:  # reported to the client, logged here
             log.exception("control request failed")
             reply = {"ok": False, "error": f"{type(e).__name__}: {e}", "code": 1}
-        self.wfile.write(json.dumps(reply).encode() + b"\n")
+        try:
+            self.wfile.write(json.dumps(reply).encode() + b"\n")
+        except OSError:  # the client went away (Ctrl-C) while its request ran
+            log.info("control client left before the reply to %r", req)
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

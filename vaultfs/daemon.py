@@ -133,7 +133,7 @@ def run_foreground(
     import pyfuse3
     import trio
 
-    from . import control, routine
+    from . import control, maintenance, routine
     from .fs import VaultFS
     from .vault import Vault
 
@@ -165,6 +165,7 @@ def run_foreground(
         return e.exit_code
     fs = None
     server = None
+    runner = None
     routine_stop = None
     mounted = False
     clean = False
@@ -194,8 +195,21 @@ def run_foreground(
             print(f"error: {msg}", file=sys.stderr)
             return 1
 
+        def hold_references():
+            release = trio.from_thread.run(fs.hold_references, trio_token=fs.token)
+            return lambda: trio.from_thread.run_sync(release.set, trio_token=fs.token)
+
+        runner = maintenance.Runner(
+            vault, home, hold_references, fs.foreground_busy, lambda: routine.load_schedule(home)
+        )
+
         def dispatch(req: dict) -> dict:
-            return trio.from_thread.run(_handle, fs, req, trio_token=fs.token)
+            if req.get("cmd") == "job":  # long: waits here, in the control handler's thread
+                return {"result": runner.run(str(req.get("job")), req.get("args") or {})}
+            reply = trio.from_thread.run(_handle, fs, req, trio_token=fs.token)
+            if req.get("cmd") == "status":
+                reply["mount"]["maintenance"] = runner.current
+            return reply
 
         def start_control(fs_) -> None:
             nonlocal server, routine_stop
@@ -216,6 +230,8 @@ def run_foreground(
             routine_stop.set()
         if server is not None:
             server.close()
+        if runner is not None:
+            runner.close()  # a running job ends before the vault closes
         if mounted:
             pyfuse3.close(unmount=not clean)
         (home / "mount.json").unlink(missing_ok=True)

@@ -165,6 +165,9 @@ class VaultFS(pyfuse3.Operations):
         self._active = 0
         self._idle = trio.Event()
         self._push_lock = trio.Lock()
+        #: held by whatever adds chunk references outside the cache's rounds (a snapshot's
+        #: commit) and by :meth:`hold_references`
+        self._refs = trio.Lock()
         self._push_wake = trio.Event()
         self.last_push: dict = {}
         self.getxattr_requests = 0  # shown by `vaultfs status` (tests count them)
@@ -1104,14 +1107,15 @@ class VaultFS(pyfuse3.Operations):
     async def snapshot(self, name: str | None) -> tuple[str, int, int]:
         """A point-in-time snapshot of the live tree: close the gate, store every dirty
         block, record the tree through ``Vault.commit``, open the gate."""
-        await self.freeze()
-        try:
-            await self.cache.drain()
-            # the gate is closed: the tree cannot change while a thread walks it
-            uid, seq, count = await trio.to_thread.run_sync(self._commit_tree, name)
-            self.tree.changed_since_ship = False
-        finally:
-            self.thaw()
+        async with self._refs:  # waits for a prune before the gate closes, not after
+            await self.freeze()
+            try:
+                await self.cache.drain()
+                # the gate is closed: the tree cannot change while a thread walks it
+                uid, seq, count = await trio.to_thread.run_sync(self._commit_tree, name)
+                self.tree.changed_since_ship = False
+            finally:
+                self.thaw()
         return uid, seq, count
 
     def _commit_tree(self, name: str | None) -> tuple[str, int, int]:
@@ -1163,6 +1167,36 @@ class VaultFS(pyfuse3.Operations):
                     zero[gap] = self.vault.store_chunks([bytes(gap)])[0]
                 cids.append(zero[gap])
         return cids
+
+    async def hold_references(self) -> trio.Event:
+        """For prune on the mounted vault (called from its thread through
+        ``trio.from_thread``): until the returned event is set, nothing adds a reference to a
+        chunk: no dirty block is stored (writers keep filling the cache, up to its budget)
+        and no snapshot records the tree; every block stored before is in the committed live
+        tree. Raises VaultError if the cache could not settle."""
+        held, release = trio.Event(), trio.Event()
+        failed: list[BaseException] = []
+
+        async def holder() -> None:
+            try:
+                async with self._refs, self.cache.held():
+                    held.set()
+                    await release.wait()
+            except Exception as e:  # a system task must not raise: the caller reports it
+                failed.append(e)
+                held.set()
+
+        trio.lowlevel.spawn_system_task(holder)
+        await held.wait()
+        if failed:
+            raise VaultError(f"could not pause storing blocks for prune: {failed[0]}")
+        return release
+
+    def foreground_busy(self) -> bool:
+        """True while writers wait for cache budget (the foreground is held up by storing):
+        background work then yields (vaultfs/maintenance.py). Safe to call from any thread:
+        it reads a counter."""
+        return self.cache.waiting > 0
 
     async def delete_snapshot(self, uid: str) -> int:
         infos = await trio.to_thread.run_sync(self.snaps.query_snapshots)

@@ -173,8 +173,7 @@ def reencrypt(
             v.flush()
 
     # 3. publish the index that no longer names old segments
-    v.ship_index()
-    _flush_complete(v, "the re-encrypted index")
+    _flush_complete(v, v.ship_index(), "the re-encrypted index")
     # 4. retire suites that no longer protect any data
     used = keyring.data_suites(v.index) | {suite}
     known = {s for _epoch, s, _wrapped in keyring.epochs(v.index)}
@@ -185,8 +184,7 @@ def reencrypt(
         v.reload_keys()
         if keyfile is not None:
             update_keyfile_policy(keyfile, v.keys)
-        v.ship_index()
-        _flush_complete(v, "the manifest that retires the old suite")
+        _flush_complete(v, v.ship_index(), "the manifest that retires the old suite")
     report.retired = retire
     keyring.clear_reencrypt_target(v.index)
     # 5. delete replaced shards from the remotes
@@ -213,14 +211,26 @@ def _reseal(
     return cid, envelope.seal_chunk(new_key, vid, cid, plaintext, new_suite), plain
 
 
-def _flush_complete(v: Vault, what: str) -> None:
-    rep = v.flush()
-    if not rep.complete or rep.under_k:
-        behind = ", ".join(f"{r}: {e}" for r, e in rep.errors.items()) or "uploads pending"
-        raise ReencryptIncomplete(
-            f"re-encryption paused: {what} is not on every remote yet ({behind}); "
-            "rerun `vaultfs reencrypt` with the same --suite once the remotes are back"
-        )
+#: Flushes :func:`_flush_complete` tries while a mount's writes keep fresh segments below k
+#: (manifests wait for those: vaultfs/vault/uploads.py) and no remote fails.
+FLUSH_TRIES = 5
+
+
+def _flush_complete(v: Vault, seq: int, what: str) -> None:
+    """Flush until manifest ``seq`` is placed on every remote (so is every segment it names:
+    invariant 4), else raise ReencryptIncomplete. Shards queued after it (a mount's writes
+    meanwhile) need not be placed."""
+    for _ in range(FLUSH_TRIES):
+        rep = v.flush()
+        if seq not in manifests.queued_seqs(v.index):
+            return
+        if rep.errors:
+            break
+    behind = ", ".join(f"{r}: {e}" for r, e in rep.errors.items()) or "uploads pending"
+    raise ReencryptIncomplete(
+        f"re-encryption paused: {what} is not on every remote yet ({behind}); "
+        "rerun `vaultfs reencrypt` with the same --suite once the remotes are back"
+    )
 
 
 def collect_garbage(v: Vault) -> tuple[int, int]:

@@ -22,13 +22,16 @@ prune=EVERY        free what forgotten snapshots used
 alert=COMMAND      run by ``sh -c`` with one JSON event on stdin (:func:`alert`)
 grace=EVERY        how long a remote may stay unreachable before an alert (default 1h)
 queue_age=EVERY    how old the oldest queued shard may get before an alert (default 1h)
+maintenance_rate=R bytes per second that maintenance on a mounted vault may read from the
+                   remotes (``64M``, ``500k``; ``0``: no limit; default 64M)
+maintenance_ops=N  remote operations it may run at once (default 4)
 =================  ==========================================================================
 
 EVERY is ``30s``, ``15m``, ``1h``, ``2d``, ``1w`` or ``hourly``, ``daily``, ``weekly``. A
-job is due when EVERY has passed since it last ran (failed or not). A vault that is mounted
-gets the parts that are safe beside the mount (snapshot, retention, alerts) through the
-control socket; verify, repair and prune need it unmounted (they take the vault's lock) and
-are reported as ``waiting: mounted`` until then.
+job is due when EVERY has passed since it last ran (failed or not). On a vault that is
+mounted every job goes through the mount's control socket: verify, repair and prune run in
+the daemon as maintenance jobs (vaultfs/maintenance.py, within the foreground's share), one
+at a time; a job due while another runs there is reported as ``waiting: busy`` and stays due.
 
 Events (the alert command's stdin, one JSON object): ``{"event": KIND, "time": unix time,
 "vault": HOME, "message": sentence, ...}`` with KIND one of ``audit_failed``,
@@ -54,8 +57,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import control, retention
-from .errors import InputError, VaultError
+from . import control, maintenance, retention
+from .errors import InputError, VaultBusy, VaultError
 from .index import segments as segment_table
 from .index import snapshots as snapshot_table
 
@@ -71,7 +74,7 @@ LOCK_FILE = "routine.lock"
 JOBS = ("snapshot", "retention", "verify", "repair", "prune")
 KEYS = (
     "snapshot", "sources", "retention", "verify", "verify_budget", "repair", "prune", "alert",
-    "grace", "queue_age",
+    "grace", "queue_age", "maintenance_rate", "maintenance_ops",
 )  # fmt: skip
 _WORDS = {"hourly": 3600, "daily": 86400, "weekly": 7 * 86400}
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -126,6 +129,10 @@ def validate(key: str, value: str) -> None:
             raise ValueError("auto or off")
         elif key == "retention":
             retention.Policy.from_args(shlex.split(value))
+        elif key == "maintenance_rate":
+            maintenance.parse_rate(value)
+        elif key == "maintenance_ops" and not (value.isdigit() and int(value) > 0):
+            raise ValueError("a number of operations, at least 1")
     except ValueError as e:
         raise InputError(f"invalid {key}={value!r}: {e}") from None
 
@@ -317,27 +324,40 @@ def _job_retention(home: Path, v: Vault, sched: dict, mounted: bool, now: float)
     return {"kept": len(d.keep), "forgot": [s.id for s in d.forget]}
 
 
+def _in_mount(home: Path, job: str, args: dict) -> dict:
+    """Run maintenance ``job`` in the mount's daemon (vaultfs/maintenance.py); its report."""
+    reply = control.call(control.home_address(home), {"cmd": "job", "job": job, "args": args})
+    if reply is None:
+        raise VaultError("the mount went away during the pass")
+    return reply["result"]
+
+
 def _job_verify(home: Path, v: Vault, sched: dict, mounted: bool, now: float) -> dict:
     from . import verify
 
     _every, sample = _verify_spec(sched["verify"])
     budget = float(sched.get("verify_budget") or DEFAULT_VERIFY_BUDGET)
-    rep = verify.audit(v, None, mode="sample", sample=sample, max_duration=budget)
+    args = {"mode": "sample", "sample": sample, "max_duration": budget}
+    if mounted:
+        rep = _in_mount(home, "verify", args)
+    else:
+        rep = verify.audit(v, None, **args).to_dict()  # type: ignore[arg-type]
+    remotes = rep["remotes"]
     out = {
-        "clean": rep.clean,
-        "complete": rep.complete,
-        "bytes_read": sum(r.bytes_read for r in rep.remotes),
+        "clean": rep["clean"],
+        "complete": rep["complete"],
+        "bytes_read": sum(r["bytes_read"] for r in remotes),
     }
     bad = [
-        r.remote
-        for r in rep.remotes
-        if r.missing or r.corrupt or r.stale or r.foreign or r.stale_manifest
+        r["remote"]
+        for r in remotes
+        if r["missing"] or r["corrupt"] or r["stale"] or r["foreign"] or r["stale_manifest"]
     ]
     if bad:
         out["alert"] = {
             "event": "audit_failed",
             "remotes": bad,
-            "details": {r.remote: r.details for r in rep.remotes if r.remote in bad},
+            "details": {r["remote"]: r["details"] for r in remotes if r["remote"] in bad},
             "message": f"the audit found missing, corrupt or stale objects on {', '.join(bad)}",
         }
     return out
@@ -360,17 +380,17 @@ def _job_repair(home: Path, v: Vault, sched: dict, mounted: bool, now: float) ->
 
     if not _repair_needed(v):
         return {"needed": False}
-    rep = repair.repair(v)
-    if rep.unrecoverable:
-        raise RuntimeError(f"repair could not rebuild: {'; '.join(rep.unrecoverable[:3])}")
-    return {"needed": True, "rebuilt": rep.rebuilt, "segments": rep.segments}
+    rep = _in_mount(home, "repair", {}) if mounted else repair.repair(v).to_dict()
+    if rep["unrecoverable"]:
+        raise RuntimeError(f"repair could not rebuild: {'; '.join(rep['unrecoverable'][:3])}")
+    return {"needed": True, "rebuilt": rep["rebuilt"], "segments": rep["segments"]}
 
 
 def _job_prune(home: Path, v: Vault, sched: dict, mounted: bool, now: float) -> dict:
     from . import prune
 
-    rep = prune.prune(v)
-    return {"bytes_freed": rep.bytes_freed, "freed_per_remote": rep.freed_per_remote}
+    rep = _in_mount(home, "prune", {}) if mounted else prune.prune(v).as_dict()
+    return {"bytes_freed": rep["bytes_freed"], "freed_per_remote": rep["freed_per_remote"]}
 
 
 _RUNNERS: dict[str, Callable[[Path, Vault, dict, bool, float], dict]] = {
@@ -380,8 +400,6 @@ _RUNNERS: dict[str, Callable[[Path, Vault, dict, bool, float], dict]] = {
     "repair": _job_repair,
     "prune": _job_prune,
 }
-#: Jobs that take the vault's lock: they wait while the vault is mounted.
-NEEDS_UNMOUNTED = {"verify", "repair", "prune"}
 
 
 def run_pass(home: Path, v: Vault, mounted: bool, now: float | None = None) -> dict:
@@ -407,14 +425,14 @@ def _pass(home: Path, v: Vault, mounted: bool, now: float) -> dict:
         forced = job == "retention" and snapped and due_at is not None
         if due_at is None or (due_at > now and not forced):
             continue
-        if mounted and job in NEEDS_UNMOUNTED:
-            out["waiting"][job] = "mounted: needs `vaultfs umount` (it takes the vault's lock)"
-            continue
         rec = state["jobs"].setdefault(job, {})
-        rec["last_run"] = now
         try:
             result = _RUNNERS[job](home, v, sched, mounted, now)
         except Exception as e:  # a job's failure is reported and alerted, never fatal
+            if isinstance(e, VaultError) and e.exit_code == VaultBusy.exit_code:
+                out["waiting"][job] = e.message  # the mount runs another job: still due
+                continue
+            rec["last_run"] = now
             log.debug("job %s failed:\n%s", job, traceback.format_exc())
             msg = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
             rec["last_error"] = msg
@@ -422,6 +440,7 @@ def _pass(home: Path, v: Vault, mounted: bool, now: float) -> dict:
             events.append({"event": "job_failed", "job": job, "error": msg,
                            "message": f"scheduled {job} failed: {msg}"})  # fmt: skip
             continue
+        rec["last_run"] = now
         if ev := result.pop("alert", None):
             events.append(ev)
             rec["last_error"] = ev["message"]
@@ -492,7 +511,7 @@ def serve_mounted(home: Path, v: Vault) -> threading.Event:
         while not stop.is_set():
             try:
                 sched = load_schedule(home)
-                ticks = [interval(sched, j) for j in ("snapshot", "retention")]
+                ticks = [interval(sched, j) for j in JOBS]  # repair (0: each pass) drops out
                 tick = min([t for t in ticks if t] + [DAEMON_TICK])
                 if stop.wait(max(tick, 1.0)):
                     return

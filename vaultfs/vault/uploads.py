@@ -75,6 +75,9 @@ class UploadQueue:
         self.seal = seal
         self._prepushing: tuple[threading.Thread, dict[int, str]] | None = None
         self._push_lock = threading.Lock()
+        # one flush at a time: the mount's pusher and a maintenance job in the same daemon
+        # would otherwise both upload a queued manifest while the other deletes its file
+        self._flush_lock = threading.Lock()
 
     def close(self) -> None:
         """Wait for a background push (:meth:`prepush`) to end."""
@@ -89,7 +92,12 @@ class UploadQueue:
 
         ``seal=False`` pushes only what is already sealed, so a caller that flushes often
         (the mount's background pusher) does not pad the open segment on every pass.
+        Thread-safe: concurrent calls run one after the other.
         """
+        with self._flush_lock:
+            return self._flush(seal)
+
+    def _flush(self, seal: bool) -> FlushReport:
         if seal:
             self.seal()
         report = FlushReport()
