@@ -71,7 +71,7 @@ def test_sampling_math() -> None:
 def test_piece_tags_bind_bytes_and_leaf() -> None:
     key = os.urandom(32)
     seg = os.urandom(300_000)
-    sh = segment.build_shards(seg + bytes(-len(seg) % 3), os.urandom(16), 1, 3, 5)[0]
+    sh = segment.build_shards(seg + bytes(-len(seg) % 3), 3, 5, key)[0]
     tags = audittag.piece_tags(key, sh.body, sh.blocks)
     nblocks = math.ceil(len(sh.body) / merkle.BLOCK_SIZE)
     assert len(tags) == math.ceil(len(sh.body) / audittag.PIECE) * audittag.TAG_LEN
