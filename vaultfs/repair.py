@@ -483,6 +483,10 @@ def repair(
     """
     t0 = time.monotonic()
     report = RepairReport(dry_run)
+    if not dry_run and manifest_table.unshipped_since(vault.index) is not None:
+        # an earlier repair died before publishing: its rebuilt shards changed segment roots
+        # the newest manifest does not sign yet, and the scan's proofs need them signed
+        report.manifest_seq = vault.ship_index()
     if scan:
         scanned = verify.audit(vault, list_only=True, wrap=wrap)
         report.unreachable = [r.remote for r in scanned.remotes if r.unreachable]

@@ -131,6 +131,11 @@ class Anchor:
         for n in [guess, *range(len(self.roots), -1, -1)]:
             if merkle.root(self.roots[:n]) == self.root:
                 return n
+        if manifests.unshipped_since(index) is not None:
+            raise IntegrityError(
+                "the local index holds changes not yet published (a repair was interrupted): "
+                "run `vaultfs repair` to publish them, then verify again"
+            )
         raise IntegrityError(
             f"the local index does not match the vault root it signed in manifest #{self.seq}: "
             "the index was altered; restore it from the remotes"
