@@ -122,12 +122,6 @@ def body_hash(body: Body) -> bytes:
     return object_hash(body)
 
 
-def read_body(path) -> tuple[bytes, bytes]:
-    """A shard object file as (header, whitened fragment)."""
-    with open(path, "rb") as f:
-        return f.read(HEADER_SIZE), f.read()
-
-
 def open_fragment(body: Body, audit_key: bytes, name: str, idx: int) -> bytes:
     """The liberasurecode fragment inside stored object ``name`` (fragment index ``idx``),
     unwhitened. Raises IntegrityError when the header is not this version's, or when the
