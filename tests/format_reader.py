@@ -25,6 +25,7 @@ import zstandard
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa, mlkem, x25519
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -53,6 +54,7 @@ class Keys:
     chunk_id_key: bytes
     chunker_seed: int
     metadata_key: bytes
+    audit_key: bytes
     mlkem: mlkem.MLKEM768PrivateKey
     x25519: x25519.X25519PrivateKey
     mldsa: mldsa.MLDSA65PrivateKey
@@ -70,6 +72,7 @@ class Keys:
             chunk_id_key=label("chunk-id", 32),
             chunker_seed=gear,
             metadata_key=label("metadata", 32),
+            audit_key=label("audit", 32),
             mlkem=mlkem.MLKEM768PrivateKey.from_seed_bytes(label("kem/mlkem768", 64)),
             x25519=x25519.X25519PrivateKey.from_private_bytes(label("kem/x25519", 32)),
             mldsa=mldsa.MLDSA65PrivateKey.from_seed_bytes(label("sign/mldsa65", 32)),
@@ -183,43 +186,46 @@ def block_leaves(obj: bytes) -> list[bytes]:
 
 # --- § Shard object and § liberasurecode fragment --------------------------------------------
 
-SHARD_HEADER = struct.Struct(">4sBBBBBBHI16sI")
+SHARD_HEADER = b"VFSH" + bytes([1])  # magic, format version: all a stored object shows
 FRAG_HEADER = struct.Struct("<IIIQB32sBBIIII9s")
+
+
+def whitening_key(audit_key: bytes, name: str, idx: int) -> bytes:
+    """§ 7.1: HKDF(audit key, "vaultfs/v1", "vaultfs/v1/whiten" ‖ name ‖ idx (1), 32)."""
+    return hkdf(audit_key, b"vaultfs/v1/whiten" + name.encode("ascii") + bytes([idx]), 32)
+
+
+def keystream_xor(key: bytes, data: bytes, offset: int = 0) -> bytes:
+    """data XOR AES-256-CTR keystream bytes [offset, offset + len(data)) (initial counter
+    block 0, the 128-bit block counter big-endian)."""
+    enc = Cipher(algorithms.AES(key), modes.CTR((offset // 16).to_bytes(16, "big"))).encryptor()
+    enc.update(bytes(offset % 16))
+    return enc.update(data) + enc.finalize()
 
 
 @dataclass
 class Shard:
-    kind: int
-    ec_alg: int
-    k: int
-    n: int
     idx: int
-    segment_size: int
-    uid: bytes
-    fragment: bytes
+    fragment: bytes  # unwhitened
 
     @property
     def payload(self) -> bytes:
         return self.fragment[80:]
 
 
-def parse_shard(obj: bytes) -> Shard:
-    if len(obj) < 36 + 80:
-        raise FormatError("shard object too short")
-    magic, ver, kind, alg, k, n, idx, _res, size, uid, flen = SHARD_HEADER.unpack_from(obj)
-    if magic != b"VFSH" or ver != 1:
-        raise FormatError("not a vaultfs shard object")
-    if len(obj) != 36 + flen:
-        raise FormatError("shard object length does not match its header")
-    frag = obj[36:]
+def open_shard(audit_key: bytes, obj: bytes, name: str, idx: int, size: int) -> Shard:
+    """A stored shard object (BLAKE3 already checked) as its plain fragment, § 7.1-7.2."""
+    if len(obj) < len(SHARD_HEADER) + 80 or obj[: len(SHARD_HEADER)] != SHARD_HEADER:
+        raise FormatError("not a vaultfs shard object of version 1")
+    frag = keystream_xor(whitening_key(audit_key, name, idx), obj[len(SHARD_HEADER) :])
     f_idx, f_size, _bm, f_orig, _ct, _chk, _mm, _bid, _bv, f_magic, _lv, f_mchk, _pad = (
         FRAG_HEADER.unpack_from(frag)
     )
     if f_magic != 0x0B0C5ECC or f_mchk != zlib.crc32(frag[:59]):
-        raise FormatError("bad liberasurecode fragment header")
+        raise FormatError("bad liberasurecode fragment header (wrong audit key?)")
     if f_idx != idx or f_orig != size or f_size != len(frag) - 80:
-        raise FormatError("fragment header disagrees with the shard header")
-    return Shard(kind, alg, k, n, idx, size, uid, frag)
+        raise FormatError("fragment header disagrees with the index")
+    return Shard(idx, frag)
 
 
 # GF(2^8) with the polynomial x^8 + x^4 + x^3 + x^2 + 1 (0x11d), generator 2 (as ISA-L)
@@ -291,14 +297,14 @@ def rs_data_payloads(by_idx: dict[int, bytes], k: int) -> list[bytes]:
     return [by_idx[j] if j in by_idx else rs_combine(m[j][k:], avail) for j in range(k)]
 
 
-def decode_segment(shards: list[Shard], k: int, n: int, size: int) -> bytes:
+def decode_segment(shards: list[Shard], k: int, n: int, size: int, ec_alg: int = 1) -> bytes:
     """The segment from >= k distinct shards: a copy when the k data fragments are all here
     (systematic code), otherwise Reed-Solomon decoding with the matrix of § Erasure code."""
-    by_idx = {s.idx: s.payload for s in shards}
+    by_idx = {s.idx: s.payload for s in shards if s.idx < n}
     if len(by_idx) < k:
         raise FormatError(f"only {len(by_idx)} shards, need {k}")
-    if any(s.ec_alg != 1 or (s.k, s.n) != (k, n) for s in shards):
-        raise FormatError("shards disagree on the erasure code")
+    if ec_alg != 1:
+        raise FormatError(f"erasure algorithm {ec_alg} is not read here (only 1, § 7.3)")
     return b"".join(rs_data_payloads(by_idx, k))[:size]
 
 
@@ -392,21 +398,26 @@ def newest_manifest(keys: Keys, remotes: Remotes) -> Manifest:
 
 
 def fetch_segment(
-    remotes: Remotes, sub: str, shards: list[tuple[int, str, bytes]], k: int, n: int, size: int
+    keys: Keys,
+    remotes: Remotes,
+    sub: str,
+    shards: list[tuple[int, str, bytes]],
+    k: int,
+    n: int,
+    size: int,
+    ec_alg: int,
 ) -> bytes:
-    """Fetch shards listed as (idx, name, BLAKE3 hash); keep those whose hash matches."""
+    """Fetch shards listed as (idx, name, BLAKE3 hash); keep those whose hash matches;
+    unwhiten them and decode."""
     good = []
     for idx, name, h in sorted(shards):
         obj = remotes.find(sub, name)
         if obj is None or blake3.blake3(obj).digest() != h:
             continue  # missing or corrupt: treated alike, decoded around
-        s = parse_shard(obj)
-        if s.idx != idx:
-            continue
-        good.append(s)
+        good.append(open_shard(keys.audit_key, obj, name, idx, size))
     if len(good) < k:
         raise FormatError(f"a {sub} segment has only {len(good)} intact shards, need {k}")
-    return decode_segment(good, k, n, size)
+    return decode_segment(good, k, n, size, ec_alg)
 
 
 def open_index(keys: Keys, remotes: Remotes, m: Manifest, dest: Path) -> sqlite3.Connection:
@@ -415,7 +426,8 @@ def open_index(keys: Keys, remotes: Remotes, m: Manifest, dest: Path) -> sqlite3
     for seg in body["index"]["segments"]:
         shards = [(s["idx"], s["name"], bytes.fromhex(s["hash"])) for s in seg["shards"]]
         size = seg.get("size", body["segment_size"])  # per-segment size, if the writer gave one
-        data = fetch_segment(remotes, "meta", shards, seg["k"], seg["n"], size)
+        alg = seg.get("ec_alg", 1)  # the earliest manifests name none: they used 1
+        data = fetch_segment(keys, remotes, "meta", shards, seg["k"], seg["n"], size, alg)
         pieces.append(data[: seg["used"]])
     blob = b"".join(pieces)
     if len(blob) != body["index"]["length"]:
@@ -480,13 +492,14 @@ def recover_file(seed: bytes, remote_dirs: list[Path], path: str | bytes) -> byt
             out = bytearray()
             for cid, seg_id, off, ln, plain in rows:
                 if seg_id not in segments:
-                    size_, k, n, epoch = db.execute(
-                        "SELECT size, k, n, epoch FROM segments WHERE id=?", (seg_id,)
+                    size_, k, n, epoch, alg = db.execute(
+                        "SELECT size, k, n, epoch, ec_alg FROM segments WHERE id=?", (seg_id,)
                     ).fetchone()
                     shards = db.execute(
                         "SELECT idx, name, hash FROM shards WHERE segment=?", (seg_id,)
                     ).fetchall()
-                    segments[seg_id] = (fetch_segment(remotes, "data", shards, k, n, size_), epoch)
+                    seg_bytes = fetch_segment(keys, remotes, "data", shards, k, n, size_, alg)
+                    segments[seg_id] = (seg_bytes, epoch)
                 seg, epoch = segments[seg_id]
                 dkey, suite = data_keys[epoch]
                 _c, _b, chunk = open_record(

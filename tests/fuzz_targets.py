@@ -38,7 +38,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import strategies as st
 
-from vaultfs import control, envelope, kdf, manifest, receipt, segment, shamir
+from vaultfs import control, envelope, erasure, kdf, manifest, receipt, segment, shamir
 from vaultfs.errors import VaultError
 from vaultfs.index import migrate, open_shipped
 from vaultfs.keys import VaultKeys, read_keyfile
@@ -69,8 +69,13 @@ _dir = _scratch()
 
 
 # -- targets ------------------------------------------------------------------------------
+#: the object name the shard seeds are stored under (their whitening is keyed by it)
+SHARD_NAME = "5eed" * 8
+
+
 def shard_header(data: bytes) -> None:
-    segment.parse_header(data)
+    """A stored shard object (plain header, whitened fragment) opened as fragment 0."""
+    segment.open_fragment(data, keys().audit_key, SHARD_NAME, 0)
 
 
 def _segment_k_n() -> tuple[int, int]:
@@ -78,10 +83,13 @@ def _segment_k_n() -> tuple[int, int]:
 
 
 def shard_decode(data: bytes) -> None:
-    """One hostile shard among honest ones: the decoder must refuse it or decode."""
+    """One hostile fragment (index 0) among honest ones: the decoder must refuse it or
+    decode."""
     k, n = _segment_k_n()
-    parity = _corpus_file("shard_decode", "parity")  # honest shard k: the pair decodes
-    segment.decode_segment([data, *parity], k, n, 4096)
+    frags = {0: data}
+    for parity in _corpus_file("shard_decode", "parity"):  # honest fragment k: the pair decodes
+        frags[k] = parity
+    segment.decode_segment(frags, k, n, 4096, 1)
 
 
 def chunk_record(data: bytes) -> None:
@@ -333,11 +341,11 @@ def make_corpus() -> dict[str, int]:
 
     k = keys()
     seeds: dict[str, dict[str, bytes]] = {}
-    uid = bytes(16)
     segdata = bytes(range(256)) * 16  # 4 KiB: small shards for a small corpus
-    shards = segment.build_shards(segdata, uid, segment.KIND_DATA, *_segment_k_n())
-    seeds["shard_header"] = {"data": shards[0].body[:64], "meta-short": shards[1].body[:36]}
-    seeds["shard_decode"] = {"honest": shards[0].body, "parity": shards[2].body}
+    frags = erasure.encode(segdata, *_segment_k_n())
+    stored = segment.stored_shard(0, SHARD_NAME, frags[0], k.audit_key)
+    seeds["shard_header"] = {"data": stored.body, "short": stored.body[:64]}
+    seeds["shard_decode"] = {"honest": frags[0], "parity": frags[2]}
     seeds["chunk_record"] = {
         "zstd": envelope.seal_chunk(DATA_KEY, k.vault_id, CHUNK_ID, b"a" * 300),
         "plain": envelope.seal_chunk(DATA_KEY, k.vault_id, CHUNK_ID, secrets.token_bytes(40)),
@@ -354,7 +362,7 @@ def make_corpus() -> dict[str, int]:
         index_length=300,
         index_segments=(
             manifest.IndexSegment(
-                uid,
+                bytes(16),
                 300,
                 256 * 1024,
                 2,

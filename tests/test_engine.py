@@ -100,25 +100,33 @@ def test_merkle_last_leaf_is_not_duplicated():
 @pytest.mark.parametrize("k,n", [(3, 5), (5, 9), (7, 15)])
 def test_erasure_profiles_decode_from_any_k(k, n):
     seg = os.urandom(64 * 1024)
-    shards = segment.build_shards(seg, os.urandom(16), segment.KIND_DATA, k, n)
+    key = os.urandom(32)
+    alg = erasure.choose_alg(k, n)
+    assert alg == (1 if n - k <= 4 else 2)
+    shards = segment.build_shards(seg, k, n, key)
     assert len({len(s.body) for s in shards}) == 1, "all shard objects have one size"
+    # the plain header is the same 5 bytes in every object: it tells no two apart
+    assert {s.body[: segment.HEADER_SIZE] for s in shards} == {b"VFSH\x01"}
+    frags = {s.idx: segment.open_fragment(s.body, key, s.name, s.idx) for s in shards}
     rng = random.Random(k * 100 + n)
     subsets = list(itertools.combinations(range(n), k))
     for subset in rng.sample(subsets, min(12, len(subsets))):
-        bodies = [shards[i].body for i in subset]
-        assert segment.decode_segment(bodies, k, n, len(seg)) == seg
-    h = segment.parse_header(shards[n - 1].body)
-    assert (h.k, h.n, h.idx, h.segment_size) == (k, n, n - 1, len(seg))
-    assert h.ec_alg == (1 if n - k <= 4 else 2)
+        assert segment.decode_segment({i: frags[i] for i in subset}, k, n, len(seg), alg) == seg
+    assert erasure.fragment_index(frags[n - 1]) == n - 1
     with pytest.raises(IntegrityError):
-        erasure.decode([s.body[36:] for s in shards[: k - 1]], k, n, h.ec_alg)
+        erasure.decode([frags[i] for i in range(k - 1)], k, n, alg)
+    # another key, or another identity, does not open an object
+    with pytest.raises(IntegrityError):
+        segment.open_fragment(shards[0].body, os.urandom(32), shards[0].name, 0)
+    with pytest.raises(IntegrityError):
+        segment.open_fragment(shards[0].body, key, shards[1].name, 0)
 
 
 def test_paranoid_profile_decodes_from_every_one_of_its_6435_subsets():
     seg = os.urandom(7 * 1024)
-    shards = segment.build_shards(seg, os.urandom(16), segment.KIND_DATA, 7, 15)
+    frags = dict(enumerate(erasure.encode(seg, 7, 15)))
     for subset in itertools.combinations(range(15), 7):
-        assert segment.decode_segment([shards[i].body for i in subset], 7, 15, len(seg)) == seg
+        assert segment.decode_segment({i: frags[i] for i in subset}, 7, 15, len(seg), 2) == seg
 
 
 # -- the engine end to end ----------------------------------------------------------------------

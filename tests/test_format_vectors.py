@@ -264,74 +264,116 @@ def test_merkle_rules():
 # --- segments and shard objects -------------------------------------------------------------
 
 
+def plain_fragments(sv: dict) -> list[bytes]:
+    """The vector's shard objects unwhitened by the document's steps (format.md 7.1)."""
+    audit_key = KEYS.audit_key
+    return [
+        fr.keystream_xor(
+            fr.whitening_key(audit_key, s["name"], s["idx"]),
+            bytes.fromhex(s["object"])[len(fr.SHARD_HEADER) :],
+        )
+        for s in sv["shards"]
+    ]
+
+
+def test_whitening_keystream():
+    """The per-object key and its AES-256-CTR keystream, from offset 0 and from an unaligned
+    offset (a range read), by the document's steps and through the library."""
+    wv = VECTORS["whitening"]
+    audit_key = bytes.fromhex(wv["audit_key"])
+    assert audit_key == KEYS.audit_key == VaultKeys.from_seed(SEED).audit_key
+    name, idx = wv["name"], wv["idx"]
+    assert (b"vaultfs/v1/whiten" + name.encode() + bytes([idx])).hex() == wv["hkdf_info"]
+    key = fr.whitening_key(audit_key, name, idx)
+    assert key.hex() == wv["key"] == segment.whitening_key(audit_key, name, idx).hex()
+    stream = fr.keystream_xor(key, bytes(1032))
+    assert stream[:64].hex() == wv["keystream_0"]
+    assert stream[1000:1032].hex() == wv["keystream_1000"]
+    assert fr.keystream_xor(key, bytes(32), 1000).hex() == wv["keystream_1000"]
+    for off in (0, 1, 15, 16, 17, 999, 1000):
+        assert segment.whiten(audit_key, name, idx, bytes(32), off) == stream[off : off + 32]
+    # the object it names (data shard 1): its stored bytes are the fragment XOR this stream
+    (sh,) = [s for s in VECTORS["data_segment"]["shards"] if s["name"] == name]
+    obj = bytes.fromhex(sh["object"])
+    assert (
+        bytes(a ^ b for a, b in zip(obj[5:85], stream[:80], strict=True)).hex()
+        == (sh["fragment_header"])
+    )
+
+
 @pytest.mark.parametrize("which", ["data_segment", "meta_segment"])
 def test_shard_objects(which):
     sv = VECTORS[which]
     k, n, size = sv["k"], sv["n"], sv["segment_size"]
+    assert sv["ec_alg"] == 1
     objects = [bytes.fromhex(s["object"]) for s in sv["shards"]]
+    frags = plain_fragments(sv)
     roots = []
-    for s, obj in zip(sv["shards"], objects, strict=True):
-        magic, ver, kind, alg, hk, hn, idx, res, seg_size, uid, flen = fr.SHARD_HEADER.unpack_from(
-            obj
-        )
-        assert (magic, ver, kind, alg, hk, hn, idx, res) == (
-            b"VFSH",
-            1,
-            sv["kind"],
-            1,
-            k,
-            n,
-            s["idx"],
-            0,
-        )
-        assert (seg_size, uid.hex(), flen + 36) == (size, sv["uid"], len(obj))
-        assert obj[:36].hex() == s["header"]
-        frag = obj[36:]
+    for s, obj, frag in zip(sv["shards"], objects, frags, strict=True):
+        # the plain header is the magic and the version byte, nothing else
+        assert obj[:5] == b"VFSH\x01" == fr.SHARD_HEADER and obj[:5].hex() == s["header"]
+        assert len(obj) == 5 + len(frag) == s["object_len"]
+        assert fr.whitening_key(KEYS.audit_key, s["name"], s["idx"]).hex() == s["whitening_key"]
+        assert frag[:80].hex() == s["fragment_header"]
         fh = doc_parse_fragment_header(frag)
         assert fh["magic"] == 0x0B0C5ECC and fh["metadata_chksum_ok"]
         assert (fh["idx"], fh["orig_data_size"], fh["backend_id"]) == (s["idx"], size, 4)
         assert fh["chksum_type"] == 1 and fh["backend_metadata_size"] == 0
         assert fh["size"] == len(frag) - 80 == -(-size // k)
         assert blake3.blake3(frag[80:]).hexdigest() == s["payload_blake3"]
+        # hash and Merkle tree are over the stored (whitened) bytes
         assert blake3.blake3(obj).hexdigest() == s["object_blake3"]
         roots.append(fr.merkle_root(fr.block_leaves(obj)))
         assert roots[-1].hex() == s["object_merkle_root"]
+        assert fr.open_shard(KEYS.audit_key, obj, s["name"], s["idx"], size).fragment == frag
+        # the stored payload is not the plain one: whitening covers every fragment byte
+        assert obj[85:] != frag[80:]
     assert fr.merkle_root(roots).hex() == sv["segment_root"]
     # systematic: the data fragments' payloads, concatenated, are the segment
-    segment_bytes = b"".join(o[36 + 80 :] for o in objects[:k])[:size]
+    segment_bytes = b"".join(f[80:] for f in frags[:k])[:size]
     assert blake3.blake3(segment_bytes).hexdigest() == sv["segment_blake3"]
     assert segment_bytes[sv["used"] :] == bytes(size - sv["used"])  # zero padding
-    # any k of the n fragments decode through liberasurecode directly
+    # any k of the n plain fragments decode through liberasurecode directly
     drv = ECDriver(k=k, m=n - k, ec_type="isa_l_rs_vand")
     for subset in itertools.combinations(range(n), k):
-        assert drv.decode([objects[i][36:] for i in subset])[:size] == segment_bytes
-    # the library builds the same objects (the liberasurecode header carries its version)
-    built = segment.build_shards(segment_bytes, bytes.fromhex(sv["uid"]), sv["kind"], k, n)
+        assert drv.decode([frags[i] for i in subset])[:size] == segment_bytes
+    # the library builds the same objects under the same names (the liberasurecode header
+    # carries its version)
+    for s, frag in zip(sv["shards"], frags, strict=True):
+        sh = segment.stored_shard(s["idx"], s["name"], frag, KEYS.audit_key)
+        assert sh.body.hex() == s["object"]
+        assert (
+            segment.open_fragment(bytes.fromhex(s["object"]), KEYS.audit_key, s["name"], s["idx"])
+            == frag
+        )
+    built = segment.build_shards(segment_bytes, k, n, KEYS.audit_key)
     for sh, s in zip(built, sv["shards"], strict=True):
-        assert sh.body[:36].hex() == s["header"]
-        assert blake3.blake3(sh.body[36 + 80 :]).hexdigest() == s["payload_blake3"]
+        plain = segment.open_fragment(sh.body, KEYS.audit_key, sh.name, sh.idx)
+        assert blake3.blake3(plain[80:]).hexdigest() == s["payload_blake3"]
         if SAME_LIBEC:
-            assert sh.body.hex() == s["object"]
-    assert segment.decode_segment([objects[i] for i in (1, 3, 4)], k, n, size) == segment_bytes
+            assert plain[:80].hex() == s["fragment_header"]
+    some = {i: frags[i] for i in (1, 3, 4)}
+    assert segment.decode_segment(some, k, n, size, 1) == segment_bytes
     # the document's matrix: parity payloads are GF(2^8) combinations of the data payloads,
     # and any k fragments give the segment back without liberasurecode
-    payloads = [o[36 + 80 :] for o in objects]
+    payloads = [f[80:] for f in frags]
     for p in range(k, n):
         assert fr.rs_combine(fr.encode_row(p, k), payloads[:k]) == payloads[p]
-    parsed = [fr.parse_shard(o) for o in objects]
+    parsed = [
+        fr.open_shard(KEYS.audit_key, o, s["name"], s["idx"], size)
+        for s, o in zip(sv["shards"], objects, strict=True)
+    ]
     for subset in itertools.combinations(parsed, k):
         assert fr.decode_segment(list(subset), k, n, size) == segment_bytes
 
 
 def test_data_segment_holds_the_records():
     sv = VECTORS["data_segment"]
-    objects = [bytes.fromhex(s["object"]) for s in sv["shards"]]
-    seg = b"".join(o[116:] for o in objects[: sv["k"]])
+    seg = b"".join(f[80:] for f in plain_fragments(sv)[: sv["k"]])
     recs = [bytes.fromhex(r["record"]) for r in VECTORS["chunk_records"]]
     assert seg[: sv["used"]] == b"".join(recs)
     meta = VECTORS["meta_segment"]
-    mobj = [bytes.fromhex(s["object"]) for s in meta["shards"]]
-    mseg = b"".join(o[116:] for o in mobj[: meta["k"]])
+    mseg = b"".join(f[80:] for f in plain_fragments(meta)[: meta["k"]])
     assert mseg[: meta["used"]].hex() == VECTORS["metadata_blob"]["record"]
     assert VECTORS["vault_root"] == fr.merkle_root([bytes.fromhex(sv["segment_root"])]).hex()
 
@@ -485,6 +527,8 @@ def test_document_pastes_the_key_vectors():
         v["chunk_records"][0]["record"],
         v["merkle"]["cases"][3]["root"],
         v["data_segment"]["shards"][0]["header"],
+        v["whitening"]["key"],
+        v["whitening"]["keystream_0"][:64],
         v["manifest"]["header"],
         v["keyring"]["info"],
     ] + [o["okm"] for o in v["hkdf"]["outputs"]]

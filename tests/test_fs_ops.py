@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import sqlite3
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ from fsdriver import (
     neutralise_kernel,
 )
 
+from vaultfs import segment
 from vaultfs.cache import MIN_BUDGET_BLOCKS
 from vaultfs.daemon import offline_snapshot
 from vaultfs.fs import KILLPRIV_V2
@@ -922,12 +924,18 @@ def _stored_file(h: Harness, data: bytes, snapshot: bool = False) -> None:
 
 
 def _damage_data_shard(h: Harness, idx: int, at: int) -> None:
-    """Flip one byte ``at`` bytes into the payload of every data shard ``idx`` on the remotes."""
+    """Flip one byte ``at`` bytes into the payload of every data shard ``idx`` on the remotes
+    (the index names each object's fragment index: shard objects do not, docs/format.md 7.1)."""
+    db = sqlite3.connect(f"file:{h.home / 'index.db'}?mode=ro", uri=True)
+    try:
+        names = {nm for (nm,) in db.execute("SELECT name FROM shards WHERE idx=?", (idx,))}
+    finally:
+        db.close()
     hit = 0
     for f in h.root.glob("r*/data/*"):
-        raw = bytearray(f.read_bytes())
-        if raw[9] == idx:  # shard header: fragment index (docs/format.md 7.1)
-            raw[116 + at] ^= 0xFF
+        if f.name in names:
+            raw = bytearray(f.read_bytes())
+            raw[segment.HEADER_SIZE + 80 + at] ^= 0xFF
             f.write_bytes(bytes(raw))
             hit += 1
     assert hit

@@ -28,6 +28,8 @@ from vaultfs.vault import Vault
 
 PW = "pw-for-shardreader-tests"
 K, N = 3, 5
+#: the audit key the fast tier's shard objects are whitened under
+AK = os.urandom(32)
 
 
 class FakeTransport:
@@ -49,7 +51,7 @@ class FakeTransport:
 
 def make_segment(k: int = K, n: int = N) -> tuple[bytes, list[segment.Shard], list[ShardRef]]:
     data = random.Random(k * 10 + n).randbytes(48 * 1024)
-    shards = segment.build_shards(data, os.urandom(16), segment.KIND_DATA, k, n)
+    shards = segment.build_shards(data, k, n, AK)
     refs = [ShardRef(s.idx, s.name, s.hash, holder=f"remote{s.idx}") for s in shards]
     return data, shards, refs
 
@@ -61,7 +63,7 @@ def objects_of(shards: list[segment.Shard]) -> dict[str, segment.Body | str]:
 def test_all_intact_reads_exactly_the_k_data_shards_in_one_call():
     data, shards, refs = make_segment()
     t = FakeTransport(objects_of(shards))
-    read = read_segment(list(reversed(refs)), K, N, len(data), t, "segment 1")
+    read = read_segment(list(reversed(refs)), K, N, len(data), t, "segment 1", alg=1, audit_key=AK)
     assert read.data == data and read.lies == []
     assert t.calls == [[s.name for s in shards[:K]]]
 
@@ -80,7 +82,7 @@ def test_a_corrupt_shard_among_the_first_k_is_read_around_and_named():
     bad[-1] ^= 1
     objs[shards[1].name] = bytes(bad)
     t = FakeTransport(objs)
-    read = read_segment(refs, K, N, len(data), t, "segment 1")
+    read = read_segment(refs, K, N, len(data), t, "segment 1", alg=1, audit_key=AK)
     assert read.data == data
     assert read.lies == [Lie(refs[1], "corrupt")]
     assert "remote1" in str(read.lies[0]) and "corrupt" in str(read.lies[0])
@@ -94,7 +96,7 @@ def test_missing_shards_are_named_with_the_reason_the_transport_gave():
     del objs[shards[0].name]
     objs[shards[2].name] = "remote2: connection refused"
     t = FakeTransport(objs)
-    read = read_segment(refs, K, N, len(data), t, "segment 1")
+    read = read_segment(refs, K, N, len(data), t, "segment 1", alg=1, audit_key=AK)
     assert read.data == data
     assert read.lies == [
         Lie(refs[0], "missing"),
@@ -106,11 +108,13 @@ def test_missing_shards_are_named_with_the_reason_the_transport_gave():
 def test_header_and_fragment_tuples_are_checked_and_decoded_like_whole_objects():
     data, shards, refs = make_segment()
     objs: dict[str, segment.Body | str] = {
-        s.name: (s.body[: segment.HEADER.size], s.body[segment.HEADER.size :]) for s in shards
+        s.name: (s.body[: segment.HEADER_SIZE], s.body[segment.HEADER_SIZE :]) for s in shards
     }
     head, frag = objs[shards[0].name]
     objs[shards[0].name] = (head, frag[:-1] + b"\0")
-    read = read_segment(refs, K, N, len(data), FakeTransport(objs), "segment 1")
+    read = read_segment(
+        refs, K, N, len(data), FakeTransport(objs), "segment 1", alg=1, audit_key=AK
+    )
     assert read.data == data and [lie.ref.idx for lie in read.lies] == [0]
 
 
@@ -120,7 +124,7 @@ def test_fewer_than_k_intact_raises_not_enough_remotes_with_the_lies():
     for s in shards[:3]:
         objs[s.name] = b"garbage"
     with pytest.raises(NotEnoughRemotes, match="segment 7: only 2 intact shards") as e:
-        read_segment(refs, K, N, len(data), FakeTransport(objs), "segment 7")
+        read_segment(refs, K, N, len(data), FakeTransport(objs), "segment 7", alg=1, audit_key=AK)
     assert isinstance(e.value, ShardsUnavailable)
     assert [(lie.ref.idx, lie.kind) for lie in e.value.lies] == [(i, "corrupt") for i in range(3)]
 
@@ -131,29 +135,44 @@ def test_a_subset_that_does_not_decode_is_widened_one_shard_at_a_time(monkeypatc
     data, shards, refs = make_segment()
     real = segment.decode_segment
 
-    def singular_first_k(bodies, k, n, size):
-        if len(bodies) == k:
+    def singular_first_k(frags, k, n, size, alg):
+        if len(frags) == k:
             raise IntegrityError("matrix is singular")
-        return real(bodies, k, n, size)
+        return real(frags, k, n, size, alg)
 
     monkeypatch.setattr(segment, "decode_segment", singular_first_k)
     t = FakeTransport(objects_of(shards))
-    read = read_segment(refs, K, N, len(data), t, "segment 1")
+    read = read_segment(refs, K, N, len(data), t, "segment 1", alg=1, audit_key=AK)
     assert read.data == data and read.lies == []
     assert t.calls == [[s.name for s in shards[:K]], [shards[3].name]]
 
 
-def test_shards_that_never_decode_raise_integrity_error_after_trying_all():
+def test_shards_that_never_decode_raise_integrity_error_after_trying_all(monkeypatch):
     data, shards, refs = make_segment()
-    objs = objects_of(shards)
-    odd = segment.build_shards(data, os.urandom(16), segment.KIND_DATA, K, N, alg=2)
-    objs[shards[0].name] = odd[0].body  # genuine-looking object, other erasure algorithm
-    refs[0] = ShardRef(0, shards[0].name, odd[0].hash)
-    t = FakeTransport(objs)
+
+    def never(frags, k, n, size, alg):
+        raise IntegrityError("matrix is singular")
+
+    monkeypatch.setattr(segment, "decode_segment", never)
+    t = FakeTransport(objects_of(shards))
     with pytest.raises(IntegrityError, match="segment 1: its shards do not decode") as e:
-        read_segment(refs, K, N, len(data), t, "segment 1")
+        read_segment(refs, K, N, len(data), t, "segment 1", alg=1, audit_key=AK)
     assert isinstance(e.value, ShardsUndecodable)
     assert sorted(t.fetched) == sorted(s.name for s in shards)
+
+
+def test_an_intact_object_whitened_under_another_key_is_refused_at_once():
+    """The hash the index records matches, but the audit key does not open the object (a
+    wrong key, never a lying remote): no widening, no lie, a clear error."""
+    data, shards, refs = make_segment()
+    frag0 = segment.open_fragment(shards[0].body, AK, shards[0].name, 0)
+    other = segment.stored_shard(0, shards[0].name, frag0, os.urandom(32))
+    objs = objects_of(shards)
+    objs[shards[0].name] = other.body
+    refs[0] = ShardRef(0, shards[0].name, other.hash)
+    with pytest.raises(ShardsUndecodable, match="does not unwhiten to fragment 0") as e:
+        read_segment(refs, K, N, len(data), FakeTransport(objs), "segment 1", alg=1, audit_key=AK)
+    assert e.value.lies == []
 
 
 def test_reader_errors_cross_process_boundaries_with_their_lies():
@@ -210,11 +229,11 @@ def test_read_path_widens_when_its_first_k_shards_do_not_decode(tmp_path: Path, 
     real = segment.decode_segment
     sizes: list[int] = []
 
-    def singular_first_k(bodies, k, n, size):
-        sizes.append(len(bodies))
-        if len(bodies) == k:
+    def singular_first_k(frags, k, n, size, alg):
+        sizes.append(len(frags))
+        if len(frags) == k:
             raise IntegrityError("matrix is singular")
-        return real(bodies, k, n, size)
+        return real(frags, k, n, size, alg)
 
     monkeypatch.setattr(segment, "decode_segment", singular_first_k)
     with Vault.open(tmp_path / "home", PW) as v:
@@ -225,7 +244,7 @@ def test_read_path_widens_when_its_first_k_shards_do_not_decode(tmp_path: Path, 
 def test_intact_checks_size_then_hash_in_either_form():
     _data, shards, _refs = make_segment()
     s = shards[0]
-    split = (s.body[: segment.HEADER.size], s.body[segment.HEADER.size :])
+    split = (s.body[: segment.HEADER_SIZE], s.body[segment.HEADER_SIZE :])
     assert intact(s.body, s.hash, len(s.body)) and intact(split, s.hash, len(s.body))
     assert intact(s.body, s.hash) and not intact(s.body, s.hash, len(s.body) - 1)
     assert not intact(s.body[:-1] + b"x", s.hash, len(s.body))

@@ -1,4 +1,7 @@
-"""Audit tags: keyed BLAKE3 tags of 2 KiB pieces of shard objects (docs/format.md, "Audits").
+"""Audit tags: keyed BLAKE3 tags of 2 KiB pieces of stored (whitened) shard objects
+(docs/format.md, "Audits"). Stored objects cannot be regenerated from other shards without
+the audit key (docs/format.md 7.1), so a piece that matches its tag was kept by the remote
+that serves it.
 
 tag(block b, piece j) = BLAKE3-keyed(audit key, "vaultfs/v1/audit-tag" ‖ leaf_b ‖ b (4) ‖ j (2)
                                      ‖ piece bytes)[:8]

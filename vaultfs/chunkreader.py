@@ -6,9 +6,11 @@ Where a chunk comes from, first hit wins:
 1. a small in-memory LRU of recently read chunks (``memory`` bytes);
 2. the local read cache (:mod:`vaultfs.readcache`, on disk, checked against the chunk id);
 3. a **range read**: the code is systematic (docs/format.md 7.3), so data shard *i* of a
-   segment holds segment bytes [i·P, (i+1)·P) at object offset 36 + 80; the reader fetches
-   only the 64 KiB Merkle blocks of the data shards that cover the chunk's record, checks each
-   against its leaf in ``shards.blocks`` (docs/format.md 8) and opens the record (AEAD). Shard
+   segment holds segment bytes [i·P, (i+1)·P) at object offset 5 + 80, whitened; the reader
+   fetches only the 64 KiB Merkle blocks of the data shards that cover the chunk's record,
+   checks each against its leaf in ``shards.blocks`` (docs/format.md 8: leaves are over the
+   stored bytes), unwhitens just the record's bytes (the keystream is seekable, docs/format.md
+   7.1) and opens the record (AEAD). Shard
    bytes are read from the upload queue's copy, in place from a plain local-directory remote,
    or with a ranged read through the remote's backend (at least 1 MiB); verified blocks are
    kept in a small LRU so neighbouring chunks cost no second read;
@@ -46,7 +48,7 @@ from .vault import Vault
 log = logging.getLogger("vaultfs.chunkreader")
 
 #: shard object bytes before the payload: shard header, then the liberasurecode header
-PAYLOAD_AT = segment.HEADER.size + erasure.FRAGMENT_HEADER
+PAYLOAD_AT = segment.HEADER_SIZE + erasure.FRAGMENT_HEADER
 BLOCK = merkle.BLOCK_SIZE
 WORKERS = 4
 MEMORY = 32 * 1024 * 1024
@@ -64,9 +66,12 @@ class _RangeFailed(Exception):
 
 
 class _Shard:
-    __slots__ = ("name", "size", "leaves", "paths", "spec", "rid")
+    __slots__ = ("idx", "name", "size", "leaves", "paths", "spec", "rid")
 
-    def __init__(self, name: str, size: int, leaves: bytes, paths: list[Path], spec: str, rid: int):
+    def __init__(
+        self, idx: int, name: str, size: int, leaves: bytes, paths: list[Path], spec: str, rid: int
+    ):
+        self.idx = idx  # with the name, what the object's whitening is keyed by
         self.name = name
         self.size = size
         self.leaves = leaves
@@ -230,7 +235,10 @@ class ChunkReader:
             shard = shards.get(i)
             if i >= k or shard is None:
                 raise _RangeFailed(f"data shard {i} of segment {seg} is not readable")
-            record += self._shard_bytes(shard, PAYLOAD_AT + a, PAYLOAD_AT + b)
+            stored = self._shard_bytes(shard, PAYLOAD_AT + a, PAYLOAD_AT + b)
+            record += segment.whiten(
+                vault.keys.audit_key, shard.name, shard.idx, stored, erasure.FRAGMENT_HEADER + a
+            )
             pos = i * payload + b
         return envelope.open_chunk(vault.keys.data_keys[epoch], vault.keys.vault_id, cid, record, suite)  # fmt: skip
 
@@ -257,7 +265,7 @@ class ChunkReader:
             paths = [vault.queue_dir / f"r{rid}" / kind / name]
             if (d := Remote(spec, rid).local_dir) is not None:
                 paths.append(d / kind / name)
-            shards[idx] = _Shard(name, osize, bytes(leaves), paths, spec, rid)
+            shards[idx] = _Shard(idx, name, osize, bytes(leaves), paths, spec, rid)
         if len(sizes) != 1:
             raise _RangeFailed(f"segment {seg}: data shards of differing sizes")
         payload = sizes.pop() - PAYLOAD_AT
@@ -271,7 +279,8 @@ class ChunkReader:
         return layout
 
     def _shard_bytes(self, shard: _Shard, lo: int, hi: int) -> bytes:
-        """Object bytes [lo, hi) of a shard, each 64 KiB block checked against its leaf."""
+        """Stored object bytes [lo, hi) of a shard, each 64 KiB block checked against its
+        leaf (still whitened)."""
         first, last = lo // BLOCK, (hi - 1) // BLOCK
         blocks: list[bytes] = []
         need: list[int] = []

@@ -10,7 +10,7 @@ k-subsets of fragments are singular and cannot be decoded (36 of the 6435 7-subs
 "paranoid" 7/15 profile; tests/test_format_vectors.py). So new segments with n - k >= 5 use
 erasure algorithm id 2 = ``isa_l_rs_cauchy`` (ISA-L's gf_gen_cauchy1_matrix), which decodes
 from every k-subset; with n - k <= 4 they keep id 1, where every k-subset decodes too.
-The id is written in every shard header and in the index, and readers use what it says.
+The id is recorded in the index and the signed manifest, and readers use what it says.
 """
 
 from __future__ import annotations
@@ -23,10 +23,23 @@ from .errors import IntegrityError
 
 #: liberasurecode's fragment header (fragment_header_t) in front of every fragment payload.
 FRAGMENT_HEADER = 80
+#: its magic, a little-endian uint32 at byte 59 (docs/format.md 7.2)
+FRAGMENT_MAGIC = 0x0B0C5ECC
+_MAGIC_AT = 59
 
 EC_ISA_L_RS_VAND = 1
 EC_ISA_L_RS_CAUCHY = 2
 EC_BACKENDS = {EC_ISA_L_RS_VAND: "isa_l_rs_vand", EC_ISA_L_RS_CAUCHY: "isa_l_rs_cauchy"}
+
+
+def fragment_index(fragment: bytes | memoryview) -> int | None:
+    """The fragment index a liberasurecode fragment header names (little-endian uint32 at
+    byte 0), or None when ``fragment`` does not start with such a header (its magic)."""
+    if len(fragment) < FRAGMENT_HEADER:
+        return None
+    if int.from_bytes(fragment[_MAGIC_AT : _MAGIC_AT + 4], "little") != FRAGMENT_MAGIC:
+        return None
+    return int.from_bytes(fragment[:4], "little")
 
 
 def choose_alg(k: int, n: int) -> int:

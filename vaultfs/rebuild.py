@@ -230,8 +230,16 @@ def _adopt_newest(
         refs = src.refs("meta", [(s.idx, s.name, s.hash, s.size) for s in signed])
         alg = seg.ec_alg or erasure.choose_alg(seg.k, seg.n)
         what = f"index segment {i} of manifest #{m.seq}"
-        data = read_segment(refs, seg.k, seg.n, seg.size, _OneByOne(src, warnings), what).data
-        built = segment.build_shards(data, seg.uid, segment.KIND_META, seg.k, seg.n, alg)
+        data = read_segment(
+            refs, seg.k, seg.n, seg.size, _OneByOne(src, warnings), what,
+            alg=alg, audit_key=keys.audit_key,
+        ).data  # fmt: skip
+        # the code and the whitening are deterministic: each object comes out again under
+        # its signed name (and must hash to what the manifest signs)
+        frags = erasure.encode(data, seg.k, seg.n, alg)
+        built = {
+            s.idx: segment.stored_shard(s.idx, s.name, frags[s.idx], keys.audit_key) for s in signed
+        }
         placement = shard_remotes(index, seg_id, seg.n)
         rows, shards = [], []
         for s in signed:

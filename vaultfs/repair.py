@@ -16,9 +16,10 @@
 4. **Place**: each rebuilt object gets a fresh random name and a target remote chosen to spread
    failure domains (its old remote when that one is still a healthy member). It is written
    durably to the queue and its row updated in one transaction (invariant 1, vaultfs/vault/writer.py), then
-   :meth:`Vault.flush` uploads it. ISA-L coding is deterministic, so a rebuilt object is
-   byte-identical to the original and its Merkle records are unchanged; if it ever were not, the
-   shard and segment records are updated and the next manifest signs the new vault root.
+   :meth:`Vault.flush` uploads it. The fragment is the original (ISA-L coding is deterministic),
+   but the stored object is whitened under its new name (docs/format.md 7.1), so its hash,
+   Merkle records and audit tags are new; the shard row and the segment root change in the
+   same transaction, and the manifest published next signs the new vault root.
 5. **Publish**: a new manifest and index export go to every remote (``Vault.ship_index``), which
    also heals remotes serving a stale manifest; then replaced and foreign objects are deleted.
 
@@ -58,7 +59,6 @@ if TYPE_CHECKING:
     from .vault import Vault
 
 BATCH_SEGMENTS = 8
-KIND_CODE = {v: k for k, v in segment.KIND_NAMES.items()}
 
 
 @dataclass
@@ -298,14 +298,21 @@ def _rebuild_segment(
     """Rebuild the listed shards of one segment into the queue. ``ahead`` holds shard
     objects fetched already (in one batch for many segments, :func:`shardreader.choose` of
     each); the shard reader fetches more as it needs them. A source found corrupt is marked
-    lost. Returns (old path, old remote) of objects to delete once the new ones are placed."""
+    lost. Returns (old path, old remote) of objects to delete once the new ones are placed.
+
+    A rebuilt object gets a new name and so a new whitening (docs/format.md 7.1): new bytes,
+    hash, Merkle leaves and audit tags, and a new segment root, which the next manifest
+    signs (the caller marks the index unshipped)."""
     g = segment_table.geometry(vault.index, seg_id)
     assert g is not None
-    kind, size, k, n, uid, alg = g[0], g[1], g[2], g[3], bytes(g[4]), g[5]
+    kind, size, k, n, alg = g[0], g[1], g[2], g[3], g[5]
+    audit_key = vault.keys.audit_key
     refs = fetcher.sources(seg_id, {sh.id for sh, _r in todo})
     transport = _SegmentShards(fetcher, ahead, tmp)
     try:
-        read = read_segment(refs, k, n, size, transport, f"{kind} segment {seg_id}")
+        read = read_segment(
+            refs, k, n, size, transport, f"{kind} segment {seg_id}", alg=alg, audit_key=audit_key
+        )
     except (ShardsUnavailable, ShardsUndecodable) as e:
         _note_bad_sources(vault, fetcher, e.lies)
         report.unrecoverable.append(e.message)
@@ -318,27 +325,15 @@ def _rebuild_segment(
     old_objects: list[tuple[str, int]] = []
     tmpq = vault.queue_dir / "tmp"
     tmpq.mkdir(parents=True, exist_ok=True)
-    changed_root = False
     for sh, reason in todo:
-        frag = frags[sh.idx]
-        head = segment.HEADER.pack(
-            segment.SHARD_MAGIC, segment.SHARD_VERSION, KIND_CODE[kind], alg,
-            k, n, sh.idx, 0, size, uid, len(frag),
-        )  # fmt: skip
-        body = head + frag
-        h = segment.object_hash(body)
-        if h == sh.hash:
-            leaves, root = sh.blocks, sh.root
-        else:  # never expected with ISA-L; records follow the bytes, the manifest re-signs
-            lv = merkle.block_hashes(body)
-            leaves, root = b"".join(lv), merkle.root(lv)
-            changed_root = True
         tgt = _choose_target(vault, seg_id, sh.idx, holders, active, fetcher.down, prefer)
         if tgt is None:
             report.unrecoverable.append(f"{kind} segment {seg_id}: no reachable remote to hold it")
-            return old_objects
+            break
         holders.append(tgt)
         name = segment.new_name()
+        stored = segment.stored_shard(sh.idx, name, frags[sh.idx], audit_key)
+        body, h, leaves, root = stored.body, stored.hash, stored.blocks, stored.root
         dest = vault.queue_dir / f"r{tgt}" / kind
         dest.mkdir(parents=True, exist_ok=True)
         from .vault.queue import fsync_dir, write_durable
@@ -346,13 +341,13 @@ def _rebuild_segment(
         write_durable(tmpq / name, body)
         os.replace(tmpq / name, dest / name)
         fsync_dir(dest)
-        verify.record_tags(
-            vault.index,
-            vault.keys.audit_key,
-            [segment.Shard(sh.idx, name, body, h, leaves, root)],
-        )
+        verify.record_tags(vault.index, audit_key, [stored])
         with vault.index.tx() as db:
             segment_table.requeue(db, sh.id, name, tgt, h, leaves, root)
+            # the segment root follows its shard roots in the same transaction (the
+            # connection is shared, so the query sees the row just changed)
+            roots = segment_table.shard_roots(vault.index, seg_id)
+            segment_table.set_root(db, seg_id, merkle.root(roots))
             vault.mark_unshipped(db)
             audit_table.forget_findings(db, [sh.id])
             audit_table.forget_tags(db, [sh.name])
@@ -374,10 +369,6 @@ def _rebuild_segment(
         )
         report.rebuilt += 1
         report.bytes_written += len(body)
-    if changed_root:
-        roots = segment_table.shard_roots(vault.index, seg_id)
-        with vault.index.tx() as db:
-            segment_table.set_root(db, seg_id, merkle.root(roots))
     return old_objects
 
 
@@ -492,6 +483,10 @@ def repair(
     """
     t0 = time.monotonic()
     report = RepairReport(dry_run)
+    if not dry_run and manifest_table.unshipped_since(vault.index) is not None:
+        # an earlier repair died before publishing: its rebuilt shards changed segment roots
+        # the newest manifest does not sign yet, and the scan's proofs need them signed
+        report.manifest_seq = vault.ship_index()
     if scan:
         scanned = verify.audit(vault, list_only=True, wrap=wrap)
         report.unreachable = [r.remote for r in scanned.remotes if r.unreachable]

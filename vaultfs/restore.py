@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import blake3
 
-from . import envelope, manifest, merkle, segment
+from . import envelope, erasure, manifest, merkle, segment
 from .backends import Backend, Job
 from .backup import check_name
 from .errors import InputError, IntegrityError, NotEnoughRemotes, RemoteError, TargetNotEmpty
@@ -92,7 +92,7 @@ def read_object(path: Path, size: int) -> segment.Body | str:
                 return "is not a regular file"
             if st.st_size != size:
                 return f"is {st.st_size:,} bytes, the signed metadata says {size:,}"
-            head = f.read(min(size, segment.HEADER.size))
+            head = f.read(min(size, segment.HEADER_SIZE))
             frag = f.read(size - len(head))
     except OSError as e:
         return f"could not be read ({e.strerror})"
@@ -433,12 +433,15 @@ def _read_segment(
     staged: dict[str, Fetched],
     warnings: list[str],
     what: str,
+    alg: int,
+    audit_key: bytes,
 ) -> bytes:
-    """One segment through the shard reader, from the objects ``staged`` for it (the first
+    """One segment (coded with erasure algorithm ``alg``, whitened under ``audit_key``)
+    through the shard reader, from the objects ``staged`` for it (the first
     :func:`shardreader.choose` of ``refs``) and more from ``src`` as needed; corrupt shards
     are added to ``warnings`` with the remote that served them."""
     transport = _Staged(src, kind, staged, warnings)
-    read = read_segment(refs, k, n, size, transport, what)
+    read = read_segment(refs, k, n, size, transport, what, alg=alg, audit_key=audit_key)
     warnings += [
         f"{transport.holders.get(lie.ref.name, 'a remote')}: shard {lie.ref.name}"
         f" (index {lie.ref.idx}) is corrupt; decoding around it"
@@ -529,7 +532,11 @@ def fetch_index(keys: VaultKeys, m: manifest.Manifest, src: ShardSource, dest: P
             refs = src.refs("meta", [(s.idx, s.name, s.hash, s.size) for s in seg.shards])
             got = src.fetch([("meta", r) for r in choose(refs, k)], Path(tmp))
             what = f"index segment {i}"
-            data = _read_segment(src, "meta", refs, k, n, seg.size, got, warnings, what)
+            # the earliest manifests name no algorithm: they predate algorithm 2
+            alg = seg.ec_alg or erasure.EC_ISA_L_RS_VAND
+            data = _read_segment(
+                src, "meta", refs, k, n, seg.size, got, warnings, what, alg, keys.audit_key
+            )
             pieces.append(data[: seg.used])
     blob = b"".join(pieces)
     if len(blob) != m.contents.index_length:
@@ -653,6 +660,7 @@ class _RestoreContext:
 
     vault_id: bytes
     chunk_id_key: bytes
+    audit_key: bytes  # shard objects are whitened under it
     data_keys: dict[int, bytes]
     epoch_suites: dict[int, int]
     src: ShardSource
@@ -678,13 +686,15 @@ def _decoder_init(ctx: _RestoreContext, pdeathsig: bool) -> None:
 def _restore_segment(job: tuple) -> tuple[int, int, list[str]]:
     """Decoder: decode one data segment from its fetched shards, open and check every chunk,
     write the runs into the target files. Returns (batch, bytes written, warnings)."""
-    bi, sid, size, k, n, epoch, refs, paths, items = job
+    bi, sid, size, k, n, epoch, alg, refs, paths, items = job
     ctx, fds = _ctx, _fds
     assert ctx is not None and fds is not None
     warnings: list[str] = []
     staged = {nm: Fetched(Path(p), holder) for nm, (p, holder) in paths.items()}
     what = f"data segment {sid}"
-    seg = memoryview(_read_segment(ctx.src, "data", refs, k, n, size, staged, warnings, what))
+    seg = memoryview(
+        _read_segment(ctx.src, "data", refs, k, n, size, staged, warnings, what, alg, ctx.audit_key)
+    )
     key, suite, vid, idkey = (
         ctx.data_keys[epoch],
         ctx.epoch_suites[epoch],
@@ -952,7 +962,9 @@ def _write_chunks(
             wanted += [("data", r) for r in choose(refs[sid], k)]
         return d, src.fetch(wanted, d)
 
-    ctx = _RestoreContext(keys.vault_id, keys.chunk_id_key, data_keys, epoch_suites, src)
+    ctx = _RestoreContext(
+        keys.vault_id, keys.chunk_id_key, keys.audit_key, data_keys, epoch_suites, src
+    )
     left = {bi: len(b) for bi, b in enumerate(batches)}
     written = [threading.Event() for _b in batches]  # every segment of the batch written
     abort = threading.Event()
@@ -972,13 +984,13 @@ def _write_chunks(
                     return
                 # queued behind the batch before, so the decoders do not run dry between them
                 for sid in batches[bi]:
-                    size, k, n, epoch = seg_rows[sid]
+                    size, k, n, epoch, alg = seg_rows[sid]
                     paths = {
                         r.name: (str(f.path), f.holder)
                         for r in refs[sid]
                         if (f := fetched.get(r.name)) is not None
                     }
-                    yield (bi, sid, size, k, n, epoch, refs[sid], paths, plan[sid])
+                    yield (bi, sid, size, k, n, epoch, alg, refs[sid], paths, plan[sid])
                 # at most two batches staged: fetch the next once the one before is written
                 while bi and not written[bi - 1].wait(0.1):
                     if abort.is_set():

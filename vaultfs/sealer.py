@@ -112,13 +112,14 @@ class SealerError(VaultError):
 
 
 def build_shard_files(
-    padded: bytes, uid: bytes, kind: int, k: int, n: int, alg: int, audit_key: bytes
+    padded: bytes, k: int, n: int, alg: int, audit_key: bytes
 ) -> list[tuple[ShardFile, bytes]]:
-    """Erasure-code a padded segment into shard objects with their audit tags.
+    """Erasure-code a padded segment into stored (whitened) shard objects with their audit
+    tags, both keyed by ``audit_key`` (docs/format.md 7.1, 13.3).
 
     Returns (metadata, object bytes) per shard, in fragment order; nothing is written."""
     out = []
-    for sh in segment.build_shards(padded, uid, kind, k, n, alg):
+    for sh in segment.build_shards(padded, k, n, audit_key, alg):
         meta = ShardFile(
             sh.idx, sh.name, len(sh.body), sh.hash, sh.blocks, sh.root,
             piece_tags(audit_key, sh.body, sh.blocks),
@@ -227,9 +228,7 @@ class _Sealer:
         padded = bytes(memoryview(self.buf)[:size])
         uid = secrets.token_bytes(16)
         assert self.epoch is not None
-        files = build_shard_files(
-            padded, uid, segment.KIND_DATA, cfg.k, cfg.n, cfg.ec_alg, cfg.audit_key
-        )
+        files = build_shard_files(padded, cfg.k, cfg.n, cfg.ec_alg, cfg.audit_key)
         report = SegmentReport(
             uid, used, size, self.epoch, segment_root([m.root for m, _b in files]), self.chunks,
             [m for m, _b in files], self.wid,

@@ -1,62 +1,57 @@
 """Segments (zero-padded containers of chunk records, in a few fixed sizes) and shard objects.
 
-Shard object = 36-byte header ‖ liberasurecode fragment (docs/format.md, "Shard object"):
+Shard object = 5-byte plain header ‖ whitened liberasurecode fragment (docs/format.md 7.1):
 
     offset size field
     0      4    magic "VFSH"
-    4      1    format version (1)
-    5      1    kind (1 = data segment, 2 = meta segment: exported index)
-    6      1    erasure algorithm id (1 = isa_l_rs_vand)
-    7      1    k
-    8      1    n
-    9      1    fragment index (0..n-1)
-    10     2    reserved, zero
-    12     4    segment size in bytes (big-endian)
-    16     16   segment uid (random; groups the n shards of one segment)
-    32     4    fragment length (big-endian)
-    36     ...  fragment (liberasurecode header of 80 bytes ‖ payload)
+    4      1    format version
+    5      ...  fragment XOR keystream (liberasurecode header of 80 bytes ‖ payload)
+
+Everything else a reader needs (kind, erasure algorithm, k, n, fragment index, sizes, which
+segment) comes from the index or the signed manifest, so the header links no object to
+another. The keystream is AES-256-CTR under a key derived from the vault's audit key and the
+object's identity (its name and fragment index, :func:`whitening_key`): k stored objects of a
+segment no longer regenerate the other stored objects without the key, so an audit of a
+remote's stored bytes proves that remote holds its own objects (docs/threat-model.md).
 """
 
 from __future__ import annotations
 
 import secrets
-import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import blake3
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from . import erasure, merkle
 from .errors import IntegrityError
+from .keys import hkdf
 
 SHARD_MAGIC = b"VFSH"
 SHARD_VERSION = 1
-HEADER = struct.Struct(">4sBBBBBBHI16sI")
-assert HEADER.size == 36
+#: the plain header of every shard object: nothing in it tells two objects apart
+HEADER = SHARD_MAGIC + bytes([SHARD_VERSION])
+HEADER_SIZE = len(HEADER)
 KIND_DATA = 1
 KIND_META = 2
 KIND_NAMES = {KIND_DATA: "data", KIND_META: "meta"}
+#: HKDF label of the per-object whitening key (info = "vaultfs/v1/whiten" ‖ name ‖ idx)
+WHITEN_LABEL = b"whiten"
+_CTR_BLOCK = 16
 
 
 @dataclass
 class Shard:
+    """A shard object as written: ``body`` is the stored (whitened) bytes, and ``hash``,
+    ``blocks`` (Merkle leaves) and ``root`` are over those bytes."""
+
     idx: int
     name: str
     body: bytes
     hash: bytes
     blocks: bytes
     root: bytes
-
-
-@dataclass
-class ShardHeader:
-    kind: int
-    ec_alg: int
-    k: int
-    n: int
-    idx: int
-    segment_size: int
-    uid: bytes
-    fragment_len: int
 
 
 def new_name() -> str:
@@ -67,38 +62,44 @@ def object_hash(body: bytes | memoryview) -> bytes:
     return blake3.blake3(body).digest()
 
 
+def whitening_key(audit_key: bytes, name: str, idx: int) -> bytes:
+    """The AES-256 key of object ``name`` (32 hex digits), fragment index ``idx``:
+    HKDF(audit key, salt "vaultfs/v1", info "vaultfs/v1/whiten" ‖ name ‖ idx (1), 32)."""
+    return hkdf(audit_key, WHITEN_LABEL + name.encode("ascii") + bytes([idx]), 32)
+
+
+def whiten(
+    audit_key: bytes, name: str, idx: int, data: bytes | memoryview, offset: int = 0
+) -> bytes:
+    """``data`` XOR the keystream of object (``name``, ``idx``) from fragment byte ``offset``
+    on; the same call unwhitens. The keystream is AES-256-CTR under :func:`whitening_key`
+    with the initial counter block 0 (128-bit big-endian), so any offset is reachable without
+    computing what precedes it (range reads). CPU work: callers run it off the FUSE loop."""
+    block, skip = divmod(offset, _CTR_BLOCK)
+    key = whitening_key(audit_key, name, idx)
+    enc = Cipher(algorithms.AES(key), modes.CTR(block.to_bytes(16, "big"))).encryptor()
+    if skip:
+        enc.update(bytes(skip))
+    return enc.update(data) + enc.finalize()
+
+
 def build_shards(
-    segment: bytes, uid: bytes, kind: int, k: int, n: int, alg: int | None = None
+    segment: bytes, k: int, n: int, audit_key: bytes, alg: int | None = None
 ) -> list[Shard]:
-    """Erasure-code a padded segment and wrap each fragment as a shard object."""
+    """Erasure-code a padded segment and store each fragment, whitened under a fresh name,
+    as a shard object (with its hash and Merkle leaves over the stored bytes)."""
     alg = alg or erasure.choose_alg(k, n)
-    frags = erasure.encode(segment, k, n, alg)
-    out = []
-    for i, frag in enumerate(frags):
-        head = HEADER.pack(
-            SHARD_MAGIC, SHARD_VERSION, kind, alg, k, n, i, 0,
-            len(segment), uid, len(frag),
-        )  # fmt: skip
-        body = head + frag
-        leaves = merkle.block_hashes(body)
-        out.append(
-            Shard(i, new_name(), body, object_hash(body), b"".join(leaves), merkle.root(leaves))
-        )
-    return out
+    return [
+        stored_shard(i, new_name(), frag, audit_key)
+        for i, frag in enumerate(erasure.encode(segment, k, n, alg))
+    ]
 
 
-def parse_header(body: bytes | memoryview, fragment_len: int | None = None) -> ShardHeader:
-    """The header of a shard object (``body`` whole, or its header with ``fragment_len``
-    the length of the fragment read after it)."""
-    if len(body) < HEADER.size:
-        raise IntegrityError("shard object too short")
-    magic, ver, kind, alg, k, n, idx, _res, size, uid, flen = HEADER.unpack_from(body)
-    if magic != SHARD_MAGIC or ver != SHARD_VERSION:
-        raise IntegrityError("not a vaultfs shard object (bad magic or version)")
-    total = len(body) if fragment_len is None else HEADER.size + fragment_len
-    if total != HEADER.size + flen:
-        raise IntegrityError("shard object length does not match its header")
-    return ShardHeader(kind, alg, k, n, idx, size, uid, flen)
+def stored_shard(idx: int, name: str, fragment: bytes, audit_key: bytes) -> Shard:
+    """Fragment ``idx`` stored as object ``name``: header ‖ whitened fragment, hashed."""
+    body = HEADER + whiten(audit_key, name, idx, fragment)
+    leaves = merkle.block_hashes(body)
+    return Shard(idx, name, body, object_hash(body), b"".join(leaves), merkle.root(leaves))
 
 
 #: A shard object as bytes, or as (header, fragment) read separately (no copy to split it).
@@ -109,7 +110,7 @@ def split_body(body: Body) -> tuple[bytes | memoryview, bytes | memoryview]:
     if isinstance(body, tuple):
         return body
     view = memoryview(body)
-    return view[: HEADER.size], view[HEADER.size :]
+    return view[:HEADER_SIZE], view[HEADER_SIZE:]
 
 
 def body_hash(body: Body) -> bytes:
@@ -121,24 +122,27 @@ def body_hash(body: Body) -> bytes:
     return object_hash(body)
 
 
-def read_body(path) -> tuple[bytes, bytes]:
-    """A shard object file as (header, fragment): the fragment is its own bytes object, so
-    the erasure decoder can take it as it is."""
-    with open(path, "rb") as f:
-        return f.read(HEADER.size), f.read()
+def open_fragment(body: Body, audit_key: bytes, name: str, idx: int) -> bytes:
+    """The liberasurecode fragment inside stored object ``name`` (fragment index ``idx``),
+    unwhitened. Raises IntegrityError when the header is not this version's, or when the
+    result is not fragment ``idx`` (a wrong audit key, or an object of another identity)."""
+    head, frag = split_body(body)
+    if bytes(head) != HEADER:
+        raise IntegrityError("not a vaultfs shard object of this version (bad magic or version)")
+    plain = whiten(audit_key, name, idx, frag)
+    if erasure.fragment_index(plain) != idx:
+        raise IntegrityError(
+            f"shard object {name} does not unwhiten to fragment {idx} (wrong audit key?)"
+        )
+    return plain
 
 
-def decode_segment(bodies: list[Body], k: int, n: int, size: int) -> bytes:
-    """Decode a segment from at least k verified shard objects."""
-    parts = [split_body(b) for b in bodies]
-    heads = [parse_header(h, len(f)) for h, f in parts]
-    algs = {h.ec_alg for h in heads}
-    if len(algs) != 1:
-        raise IntegrityError("shards of one segment name different erasure algorithms")
-    alg = algs.pop()
-    by_idx: dict[int, bytes | memoryview] = {
-        h.idx: f for h, (_hd, f) in zip(heads, parts, strict=True)
-    }
+def decode_segment(
+    fragments: Mapping[int, bytes | memoryview], k: int, n: int, size: int, alg: int
+) -> bytes:
+    """Decode a segment of ``size`` bytes from at least k plain fragments ({index:
+    fragment}, :func:`open_fragment`) coded k-of-n with erasure algorithm ``alg``."""
+    by_idx = dict(fragments)
     missing = [i for i in range(k) if i not in by_idx]
     if missing:
         # rebuild only the missing data fragments (see erasure.reconstruct)

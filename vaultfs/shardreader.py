@@ -1,5 +1,6 @@
-"""The shard reader: fetch k verified shard objects of one segment, decode, widen the set
-when a subset fails, and name the shards (and the remotes holding them) that lied.
+"""The shard reader: fetch k verified shard objects of one segment, unwhiten and decode them,
+widen the set when a subset fails, and name the shards (and the remotes holding them) that
+lied.
 
 Every path that needs a segment's plaintext goes through :func:`read_segment`: the vault's read
 path (``Vault.segment_bytes``: the mount, prune, key rotation), restore (the index copy and,
@@ -7,7 +8,8 @@ inside the decoder processes, every data segment) and repair's rebuild. Verify c
 without decoding and shares only :func:`intact`.
 
 The caller says what the segment should be made of (one :class:`ShardRef` per shard it may
-fetch, with the BLAKE3 hash the index or signed manifest records) and how to fetch shard objects
+fetch, with the BLAKE3 hash the index or signed manifest records), how it was coded (k, n, the
+erasure algorithm), the audit key its objects are whitened under, and how to fetch shard objects
 (a :class:`Transport`: restore's staging area or in-place reads, repair's backends, the vault's
 remotes and upload queue). The reader owns the order of preference, the check of every object,
 the decoding and the widening; it never writes, deletes or marks anything: the caller acts on
@@ -28,9 +30,11 @@ from .errors import IntegrityError, NotEnoughRemotes
 class ShardRef:
     """One shard object the caller expects to be able to fetch.
 
-    ``hash`` is the BLAKE3 hash of the whole object (header and fragment) as the index or the
-    signed manifest records it: an object with that hash is exactly the object written, so it
-    proves header, fragment and (through the index's Merkle records) the segment root.
+    ``hash`` is the BLAKE3 hash of the whole stored object (header and whitened fragment) as
+    the index or the signed manifest records it: an object with that hash is exactly the
+    object written, so it proves header, fragment and (through the index's Merkle records) the
+    segment root. ``idx`` and ``name`` are the object's identity, which its whitening is keyed
+    by (docs/format.md 7.1).
     ``holder`` names where it is read from, for messages (a remote's label, "the upload queue");
     ``local`` marks a copy on this machine (read first); ``tag`` is the caller's own handle
     (repair's shard row), carried back in :class:`Lie`. ``size`` is the object's length as the
@@ -136,19 +140,26 @@ def read_segment(
     size: int,
     transport: Transport,
     what: str,
+    *,
+    alg: int,
+    audit_key: bytes,
 ) -> Decoded:
-    """Decode one segment of ``size`` bytes, coded k-of-n, from the shards in ``refs``.
+    """Decode one segment of ``size`` bytes, coded k-of-n with erasure algorithm ``alg``, from
+    the shards in ``refs``, whose stored objects are whitened under ``audit_key``.
 
     Fetches the k preferred shards (:func:`preference`), then, for each one missing or
-    corrupt, the next ones in order until k are intact; if those k do not decode (a singular
-    subset, possible with erasure algorithm 1), adds intact shards one at a time until they do.
-    No shard is fetched twice. ``what`` names the segment in messages ("segment 12").
+    corrupt, the next ones in order until k are intact; each intact object is unwhitened
+    (:func:`segment.open_fragment`, on the calling thread: never call this from the FUSE
+    loop). If those k do not decode (a singular subset, possible with erasure algorithm 1),
+    adds intact shards one at a time until they do. No shard is fetched twice. ``what``
+    names the segment in messages ("segment 12").
 
     Raises :class:`ShardsUnavailable` when fewer than k intact shards can be had, and
-    :class:`ShardsUndecodable` when all of them still do not decode; both carry the lies found.
+    :class:`ShardsUndecodable` when all of them still do not decode, or an intact one does not
+    unwhiten (a wrong audit key); both carry the lies found.
     """
     queue = sorted(refs, key=lambda r: preference(r, k))
-    good: list[segment.Body] = []
+    good: dict[int, bytes] = {}
     lies: list[Lie] = []
 
     def take(want: int) -> None:
@@ -158,10 +169,13 @@ def read_segment(
             body = got.get(ref.name)
             if body is None or isinstance(body, str):
                 lies.append(Lie(ref, "missing", body or ""))
-            elif intact(body, ref.hash, ref.size):
-                good.append(body)
-            else:
+            elif not intact(body, ref.hash, ref.size):
                 lies.append(Lie(ref, "corrupt"))
+            else:
+                try:
+                    good[ref.idx] = segment.open_fragment(body, audit_key, ref.name, ref.idx)
+                except IntegrityError as e:  # the object written, but not readable with this key
+                    raise ShardsUndecodable(f"{what}: {e.message}", lies) from None
 
     while len(good) < k and queue:
         take(k - len(good))
@@ -169,7 +183,7 @@ def read_segment(
         raise ShardsUnavailable(f"{what}: only {len(good)} intact shards reachable, need {k}", lies)
     while True:
         try:
-            return Decoded(segment.decode_segment(good, k, n, size), lies)
+            return Decoded(segment.decode_segment(good, k, n, size, alg), lies)
         except IntegrityError:
             have = len(good)
             while len(good) == have and queue:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import math
 import secrets
-import struct
 import tempfile
 import threading
 import time
@@ -137,6 +136,11 @@ class Anchor:
         for n in [guess, *range(len(self.roots), -1, -1)]:
             if merkle.root(self.roots[:n]) == self.root:
                 return n
+        if manifests.unshipped_since(index) is not None:
+            raise IntegrityError(
+                "the local index holds changes not yet published (a repair was interrupted): "
+                "run `vaultfs repair` to publish them, then verify again"
+            )
         raise IntegrityError(
             f"the local index does not match the vault root it signed in manifest #{self.seq}: "
             f"the index was altered; {REBUILD_ADVICE}"
@@ -280,7 +284,9 @@ class _Ctx:
         self.list_only = plan_only
         self.anchor = Anchor(vault.index)
         self.tagger = tagger(vault.keys.audit_key)
-        self.known_uids = segments.uids(vault.index)
+        #: the sizes of this vault's shard objects: an object of another size is no genuine
+        #: object of the vault, so it is not downloaded to tell whether it is one
+        self.shard_sizes = segments.shard_sizes(vault.index)
         self.seg_ok: dict[int, bool] = {}
         self.lock = threading.Lock()
 
@@ -320,21 +326,20 @@ def _classify_body(ctx: _Ctx, sh: ShardRow, body: bytes) -> tuple[str, str] | No
     """None if the object is intact, else (kind, detail) with kind 'corrupt' or 'stale'."""
     if intact(body, sh.hash, sh.size):
         return None
-    return _why_bad(ctx, sh, body[: segment.HEADER.size], len(body))
+    return _why_bad(ctx, sh, segment.object_hash(body), len(body))
 
 
-def _why_bad(ctx: _Ctx, sh: ShardRow, head: bytes, size: int | None) -> tuple[str, str]:
-    try:
-        h = segment.HEADER.unpack_from(head)
-        magic, ver, _kind, _alg, _k, _n, idx, _r, _size, uid, _flen = h
-    except struct.error:
-        return "corrupt", "too short to be a shard object"
-    if magic == segment.SHARD_MAGIC and ver == segment.SHARD_VERSION:
-        other = ctx.known_uids.get(bytes(uid))
-        if other is not None and (other != sh.segment or idx != sh.idx):
+def _why_bad(ctx: _Ctx, sh: ShardRow, digest: bytes | None, size: int | None) -> tuple[str, str]:
+    """Why the object served as ``sh`` is not it: 'stale' when what the remote serves
+    (``digest``, its BLAKE3, when it was read whole) is another genuine object of this vault,
+    else 'corrupt'. Shard headers name no segment (docs/format.md 7.1), so only the hash the
+    index records for every object can tell."""
+    if digest is not None:
+        other = segments.shard_by_hash(ctx.index, digest)
+        if other is not None and other != (sh.segment, sh.idx):
             return (
                 "stale",
-                f"holds another genuine object of this vault (segment {other}, index {idx})",
+                f"holds another genuine object of this vault (segment {other[0]}, index {other[1]})",
             )
     if size is not None and size != sh.size:
         return "corrupt", f"size {size}, expected {sh.size}"
@@ -456,7 +461,7 @@ class _RemoteAuditor:
             if size is None:
                 self._finding(sh, "missing", "object absent from the listing")
             elif size >= 0 and size != sh.size:
-                why = _why_bad(self.ctx, sh, self._head(sh), size)
+                why = _why_bad(self.ctx, sh, self._served_digest(sh, size), size)
                 self._finding(sh, *why)
             else:
                 present.append(sh)
@@ -476,11 +481,17 @@ class _RemoteAuditor:
         self.rep.blocks = sum(s.nblocks for s in present)
         return present
 
-    def _head(self, sh: ShardRow) -> bytes:
+    def _served_digest(self, sh: ShardRow, size: int) -> bytes | None:
+        """BLAKE3 of the object the remote serves as ``sh`` (listed at ``size`` bytes), read
+        whole, for :func:`_why_bad`; None when that size is no shard size of the vault or the
+        read does not give ``size`` bytes. Costs one object read, only for objects found bad."""
+        if size not in self.ctx.shard_sizes:
+            return None
         try:
-            return self.b.cat(sh.kind, sh.name, 0, segment.HEADER.size)
+            data = self.b.cat(sh.kind, sh.name, 0, size + 1)
         except ObjectMissing:
-            return b""
+            return None
+        return segment.object_hash(data) if len(data) == size else None
 
     # -- 3. challenges -----------------------------------------------------------------------
     def _plan(self, present: list[ShardRow]) -> None:
@@ -598,8 +609,10 @@ class _RemoteAuditor:
                         continue
                     got = p.stat().st_size  # checked first: read no more than the index says
                     if got != sh.size:
-                        with open(p, "rb") as f:
-                            bad = _why_bad(self.ctx, sh, f.read(segment.HEADER.size), got)
+                        digest = None
+                        if got in self.ctx.shard_sizes:  # perhaps another genuine object
+                            digest = segment.object_hash(p.read_bytes())
+                        bad = _why_bad(self.ctx, sh, digest, got)
                     else:
                         bad = _classify_body(self.ctx, sh, p.read_bytes())
                     p.unlink()
@@ -639,7 +652,7 @@ class _RemoteAuditor:
                 return None
         if len(data) < (cnt if piece >= 0 else blen):
             return "corrupt", f"short read at block {blk}: got {len(data)} bytes (truncated?)"
-        kind, detail = _why_bad(self.ctx, sh, self._head(sh), None)
+        kind, detail = _why_bad(self.ctx, sh, self._served_digest(sh, sh.size), None)
         if kind == "corrupt":
             where = f"block {blk}" + (f", piece {piece}" if piece >= 0 else "")
             detail = f"wrong bytes at {where}"

@@ -61,7 +61,7 @@ CREATE TABLE IF NOT EXISTS garbage (
 );
 CREATE TABLE IF NOT EXISTS segments (
     id        INTEGER PRIMARY KEY,   -- segment sequence number (orders the vault Merkle root)
-    uid       BLOB NOT NULL UNIQUE,  -- 16 random bytes, written in every shard header
+    uid       BLOB NOT NULL UNIQUE,  -- 16 random bytes naming the segment (index and manifest only)
     kind      TEXT NOT NULL,         -- 'data' (chunk records) or 'meta' (exported index)
     size      INTEGER NOT NULL,      -- padded plaintext size that was erasure coded
     used      INTEGER NOT NULL,      -- bytes of records before the zero padding

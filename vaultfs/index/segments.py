@@ -209,8 +209,8 @@ def placed_meta_before(index: Index, seq: int) -> list[tuple[int, str, int]]:
 
 
 def geometry(index: Index, seg_id: int) -> tuple[str, int, int, int, bytes, int] | None:
-    """(kind, size, k, n, uid, erasure algorithm) of segment ``seg_id``: what its shard
-    headers record; None when the index has no such segment."""
+    """(kind, size, k, n, uid, erasure algorithm) of segment ``seg_id``: what a reader needs
+    to decode it; None when the index has no such segment."""
     return index.one("SELECT kind, size, k, n, uid, ec_alg FROM segments WHERE id=?", (seg_id,))
 
 
@@ -223,11 +223,13 @@ def shard_holders(index: Index, seg_id: int) -> list[tuple[int, str, bytes, str,
     )
 
 
-def layouts(index: Index) -> dict[int, tuple[int, int, int, int]]:
-    """{segment id: (size, k, n, key epoch)} of every segment."""
+def layouts(index: Index) -> dict[int, tuple[int, int, int, int, int]]:
+    """{segment id: (size, k, n, key epoch, erasure algorithm)} of every segment."""
     return {
-        sid: (size, k, n, epoch)
-        for sid, size, k, n, epoch in index.q("SELECT id, size, k, n, epoch FROM segments")
+        sid: (size, k, n, epoch, alg)
+        for sid, size, k, n, epoch, alg in index.q(
+            "SELECT id, size, k, n, epoch, ec_alg FROM segments"
+        )
     }
 
 
@@ -258,9 +260,16 @@ def first_meta(index: Index, seq: int) -> int | None:
     return index.one("SELECT min(id) FROM segments WHERE kind='meta' AND manifest=?", (seq,))[0]
 
 
-def uids(index: Index) -> dict[bytes, int]:
-    """{segment uid: segment id} of every segment."""
-    return {bytes(u): sid for sid, u in index.q("SELECT id, uid FROM segments")}
+def shard_by_hash(index: Index, digest: bytes) -> tuple[int, int] | None:
+    """(segment id, shard index) of the shard whose object has BLAKE3 ``digest``, if any.
+
+    A scan (no index on ``hash``): for audits that found an object wrong, never per object."""
+    return index.one("SELECT segment, idx FROM shards WHERE hash=? LIMIT 1", (digest,))
+
+
+def shard_sizes(index: Index) -> set[int]:
+    """The distinct sizes of the vault's shard objects (a handful: one per size class)."""
+    return {size for (size,) in index.q("SELECT DISTINCT size FROM shards")}
 
 
 def set_root(db: sqlite3.Connection, seg_id: int, root: bytes) -> None:

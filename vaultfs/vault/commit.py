@@ -127,7 +127,7 @@ class Committer:
             padded = segment.pad(piece, segment.size_class(len(piece), p.segment_size))
             seg_id = self.writer.next_segment_id()
             uid = secrets.token_bytes(16)
-            rows, seg_root = self.writer.write_shards(seg_id, uid, segment.KIND_META, padded)
+            rows, seg_root = self.writer.write_shards(seg_id, segment.KIND_META, padded)
             segs.append((seg_id, uid, len(piece), rows, seg_root, len(padded)))
         # the index copy is durable in the queue: record it first (a crash before its manifest
         # is written leaves a copy no manifest names; recover() drops it), then sign the

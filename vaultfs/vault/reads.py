@@ -60,7 +60,7 @@ class SegmentReads:
         g = segments.geometry(self.index, seg_id)
         if g is None:
             raise IntegrityError(f"segment {seg_id} is not in the index")
-        kind, size, k, n, _uid, _alg = g
+        kind, size, k, n, _uid, alg = g
         refs = []
         for idx, name, h, state, rid, spec in segments.shard_holders(self.index, seg_id):
             local = (self.queue_dir / f"r{rid}" / kind / name).exists()
@@ -68,8 +68,9 @@ class SegmentReads:
                 holder = "the upload queue" if local else Remote(spec).label
                 refs.append(ShardRef(idx, name, h, holder, local, (rid, spec, state)))
         read = read_segment(
-            refs, k, n, size, _QueueOrRemote(self.queue_dir, kind), f"segment {seg_id}"
-        )
+            refs, k, n, size, _QueueOrRemote(self.queue_dir, kind), f"segment {seg_id}",
+            alg=alg, audit_key=self.keys.audit_key,
+        )  # fmt: skip
         for lie in read.lies:
             log.warning("segment %d: read around %s", seg_id, lie)
         with self._seg_cache_lock:

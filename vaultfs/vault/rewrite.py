@@ -48,7 +48,7 @@ def rewrite_segments(
         if where:
             seg_id = writer.next_segment_id()
             uid = secrets.token_bytes(16)
-            rows, root = writer.write_shards(seg_id, uid, segment.KIND_DATA, builder.padded())
+            rows, root = writer.write_shards(seg_id, segment.KIND_DATA, builder.padded())
         old = segments.shards_of(index, old_ids)
         with index.tx() as db:
             next_seq = manifests.next_seq(db)

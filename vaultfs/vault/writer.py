@@ -256,15 +256,13 @@ class Writer:
             self._last_seg_id = nxt
             return nxt
 
-    def write_shards(
-        self, seg_id: int, uid: bytes, kind: int, padded: bytes
-    ) -> tuple[list[NewShard], bytes]:
+    def write_shards(self, seg_id: int, kind: int, padded: bytes) -> tuple[list[NewShard], bytes]:
         """Erasure-code a padded segment on this thread and queue its shard objects durably
         (for index copies and rewritten segments; data goes through the sealers).
         Returns (shard rows, segment root); records the audit tags. The caller records the
         segment and the rows in a later transaction (invariant 1)."""
         p = self.params
-        files = build_shard_files(padded, uid, kind, p.k, p.n, p.ec_alg, self.keys.audit_key)
+        files = build_shard_files(padded, p.k, p.n, p.ec_alg, self.keys.audit_key)
         for meta, body in files:
             fd = write_new_file(str(self.queue.tmp / meta.name), body)
             try:
@@ -293,7 +291,7 @@ class Writer:
         p = self.params
         seg_id = self.next_segment_id()
         uid = secrets.token_bytes(16)
-        rows, root = self.write_shards(seg_id, uid, segment.KIND_DATA, builder.padded())
+        rows, root = self.write_shards(seg_id, segment.KIND_DATA, builder.padded())
         with self.index.tx() as db:
             segments.insert(
                 db, seg_id, uid, "data", builder.padded_size(), builder.used, p.k, p.n,
