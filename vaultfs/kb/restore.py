@@ -271,6 +271,7 @@ def restore(
     staged = next(parts)  # an unknown --belief fails here, before the database is touched
     assert isinstance(staged, _Staged)
     m = files.manifest(snap)  # read with the first part
+    files.check_signed(snap, m)
     rep = RestoreReport(snap.uid)
     edges: queue.Queue[list[bytes] | None] = queue.Queue()
     with ThreadPoolExecutor(1, thread_name_prefix="vaultfs-kb-load") as ex:

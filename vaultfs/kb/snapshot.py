@@ -293,7 +293,7 @@ def snapshot(
     mtime = _time_ns(m.created)
     entries = [Entry(d, "d", 0o755, mtime) for d in layout.DIRS]
     entries += [Entry(p, "f", 0o644, mtime, size=n, cids=c) for p, c, n in sorted(stored)]
-    uid, seq = vault.commit(entries, name=name, prepush=upload)
+    uid, seq = vault.commit(entries, name=name, prepush=upload, kb=m.summary())
     return SnapshotResult(uid, seq, m, sum(n for _p, _c, n in stored), time.perf_counter() - t0)
 
 
