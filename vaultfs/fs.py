@@ -29,10 +29,11 @@ import os
 import re
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pyfuse3
 import trio
@@ -56,6 +57,7 @@ from .snapview import (
 from .vault import Entry, Vault
 
 log = logging.getLogger("vaultfs.fs")
+_T = TypeVar("_T")
 
 TIMEOUT = 60.0
 XATTR_MAX = 64 * 1024
@@ -374,7 +376,7 @@ class VaultFS(pyfuse3.Operations):
         starts, chunks = self.snaps.query_chunks(f)
         return self.reader.read_slices(slices(starts, chunks, 0, f.size))
 
-    async def _in_view(self, fn, *args):
+    async def _in_view(self, fn: Callable[..., _T], *args: object) -> _T:
         """``fn(*args)`` of the kb view in a worker thread (it reads and parses files); a
         snapshot whose kb files cannot be read or parsed is an I/O error, logged."""
         try:
