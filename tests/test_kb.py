@@ -376,6 +376,9 @@ def _newest_manifest(remote: str, keyfile: Path):
 
 def test_kb_root_is_signed_and_restore_checks_it(tmp_path, pg_server):
     dsn = pg_server.make_kb(300, seed=9, dbname="kb_signed")
+    # a belief without an embedding travels as a NULL record (length -1)
+    pg_server.sql("UPDATE beliefs SET embedding = NULL WHERE id = (SELECT id FROM beliefs ORDER BY id LIMIT 1)", "kb_signed")  # fmt: skip
+    source = pg_server.table_checksums("kb_signed")
     home, remotes = init_vault(tmp_path)
     first = cli_json("kb", "snapshot", "--dsn", dsn, "--name", "one", home=home)
     run_cli("backup", str(Path(__file__)), home=home)  # a later commit without a kb
@@ -403,5 +406,7 @@ def test_kb_root_is_signed_and_restore_checks_it(tmp_path, pg_server):
         str(home / "key.json"), home=tmp_path / "cold",
     )  # fmt: skip
     assert rep["restored"]["beliefs"] == 300
+    assert pg_server.table_checksums("kb_signed_remote") == source
+    assert pg_server.sql("SELECT count(*) FROM beliefs WHERE embedding IS NULL", "kb_signed_remote") == [(1,)]  # fmt: skip
     for db_name in ("kb_signed", "kb_signed_local", "kb_signed_remote"):
         pg_server.drop_database(db_name)

@@ -26,7 +26,8 @@ from . import layout
 from .layout import FileInfo, KbManifest
 
 # Every line is rendered by Postgres (json_build_object: JSON escapes every control
-# character, so a newline separates lines safely); embedding records are built as bytea.
+# character, so a newline separates lines safely); embedding records are built as bytea
+# (vector_send's length is 4 + 4·dims: serialising each vector once, not twice).
 SOURCES_SQL = """SELECT convert_to(coalesce(string_agg(json_build_object(
   'id', id, 'uri', uri, 'title', title, 'fetched_at', fetched_at)::text, E'\\n' ORDER BY id), ''),
   'UTF8') FROM sources"""
@@ -34,8 +35,8 @@ BELIEFS_SELECT = """count(*) AS n, convert_to(string_agg(json_build_object(
   'id', id, 'content', content, 'confidence', confidence, 'domains', domains,
   'provenance', provenance, 'created_at', created_at, 'superseded_by', superseded_by)::text,
   E'\\n' ORDER BY id), 'UTF8'),
-  string_agg(uuid_send(id) || int4send(coalesce(octet_length(vector_send(embedding)), -1))
-    || coalesce(vector_send(embedding), ''::bytea), ''::bytea ORDER BY id)"""
+  string_agg(uuid_send(id) || coalesce(int4send(4 + 4 * vector_dims(embedding))
+    || vector_send(embedding), int4send(-1)), ''::bytea ORDER BY id)"""
 EDGES_OUT_SELECT = """count(*) AS n, convert_to(string_agg(json_build_object(
   'source_belief_id', source_belief_id, 'id', id, 'target_belief_id', target_belief_id,
   'edge_type', edge_type, 'weight', weight, 'created_at', created_at, 'metadata', metadata)::text,
