@@ -42,6 +42,21 @@ def test_render_bucket_gives_each_belief_its_row_and_edges() -> None:
     }
 
 
+def test_a_plain_directory_named_kb_beliefs_gets_no_documents() -> None:
+    """A snapshot of ordinary files that happen to sit in kb/beliefs/ (no kb/manifest.json):
+    the view adds nothing and reads no bucket, whatever the files hold."""
+    reads: list[str] = []
+
+    def read(snap: int, path: str) -> bytes | None:
+        reads.append(path)
+        return None if path == "kb/manifest.json" else b"not json\n"
+
+    v = view.BeliefView(read)
+    assert v.listing(1, [b"00.jsonl", b"notes.txt"]) == []
+    assert v.size(1, b"00000000-0000-0000-0000-000000000000.json") is None
+    assert reads == ["kb/manifest.json"]
+
+
 def test_snapshot_beliefs_browsable_in_the_mount(tmp_path: Path, pg_server) -> None:
     dsn = pg_server.make_kb(300, seed=3, dbname="kbview")
     home = tmp_path / "home"

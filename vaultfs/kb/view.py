@@ -82,10 +82,14 @@ class BeliefView:
         self._lock = threading.Lock()
         self._buckets: OrderedDict[tuple[int, str], dict[bytes, bytes]] = OrderedDict()
         self._sizes: OrderedDict[int, dict[bytes, int]] = OrderedDict()
+        self._kb: dict[int, bool] = {}  # snapshot -> holds a knowledge base
 
     def listing(self, snap: int, stored: list[bytes]) -> list[tuple[bytes, int]]:
         """(name, size) of every document of snapshot ``snap`` whose ``kb/beliefs/`` holds
-        the files named ``stored`` (the buckets are the ``<pp>.jsonl`` among them)."""
+        the files named ``stored`` (the buckets are the ``<pp>.jsonl`` among them); none
+        for a snapshot without a valid kb/manifest.json (a plain directory named kb/beliefs)."""
+        if not self._holds_kb(snap):
+            return []
         buckets = sorted(
             n[: -len(".jsonl")].decode()
             for n in stored
@@ -118,9 +122,24 @@ class BeliefView:
             bid = str(layout.parse_id(name[: -len(".json")].decode()))
         except (UnicodeDecodeError, InputError):
             return None
-        if doc_name(bid) != name:  # only the canonical spelling of an id
+        if doc_name(bid) != name or not self._holds_kb(snap):  # only the canonical spelling
             return None
         return self._bucket(snap, bid[: layout.BUCKET_HEX]).get(name)
+
+    def _holds_kb(self, snap: int) -> bool:
+        """Whether snapshot ``snap`` is a knowledge-base snapshot (its kb/manifest.json
+        parses and checks), decided once per snapshot."""
+        with self._lock:
+            known = self._kb.get(snap)
+        if known is None:
+            data = self._read(snap, layout.MANIFEST)
+            try:
+                known = data is not None and bool(layout.KbManifest.parse(data))
+            except IntegrityError:
+                known = False
+            with self._lock:
+                self._kb[snap] = known
+        return known
 
     def _bucket(self, snap: int, b: str) -> dict[bytes, bytes]:
         key = (snap, b)
