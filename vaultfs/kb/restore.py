@@ -241,7 +241,8 @@ def _parts(files: KbFiles, snap: KbSnap, sel: Selection) -> Iterator[_Staged | l
     if sel.belief is not None and str(layout.parse_id(sel.belief)) not in seen:
         raise InputError(f"belief {sel.belief} is not in snapshot {snap.label}")
     embs_paths = [layout.embeddings_path(b) for b in sorted({i[: layout.BUCKET_HEX] for i in ids})]
-    embs = list(files.read(snap, embs_paths).values())
+    got = files.read(snap, embs_paths)
+    embs = [got[p] for p in embs_paths if p in got]  # bucket order: they pair with the lines
     yield _Staged(sources, lines, embs, {uuid.UUID(i).bytes for i in ids})
     if not edge_rows:
         got = files.read(snap, out_paths)
