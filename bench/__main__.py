@@ -93,8 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--repeats must be at least 1")
     if a.ref and a.src:
         ap.error("give --ref or --src, not both")
-    if a.src and not (a.src / "vaultfs" / "vault.py").exists():
-        ap.error(f"--src {a.src}: not a vaultfs source tree (no vaultfs/vault.py)")
+    if a.src and not (a.src / "vaultfs" / "vault" / "__init__.py").exists():
+        ap.error(f"--src {a.src}: not a vaultfs source tree (no vaultfs/vault/__init__.py)")
     return a
 
 

@@ -506,6 +506,26 @@ def test_a_signed_manifest_with_a_malformed_body_is_refused(monkeypatch):
             manifest.decode(keys, blob)
 
 
+def test_the_kb_key_of_a_body_round_trips_and_a_malformed_one_is_refused():
+    """10.2 ``kb``: per knowledge-base snapshot, its root and per-table rows and checksums."""
+    summary = {
+        "format": "vaultfs-kb/1",
+        "root": "ab" * 32,
+        "tables": {"beliefs": {"rows": 3, "checksum": "cd" * 32}},
+    }
+    body = manifest.Body(bytes(32), 2, 3, 1 << 20, (), 0, (), kb={"1a2b3c4d": summary})
+    obj = body.to_dict()
+    assert obj["kb"] == {"1a2b3c4d": summary}
+    assert manifest.Body.from_dict(obj).kb == {"1a2b3c4d": summary}
+    assert "kb" not in manifest.Body(bytes(32), 2, 3, 1 << 20, (), 0, ()).to_dict()
+    bad = {**summary, "root": "ab"}
+    with pytest.raises(IntegrityError, match=r"kb\.1a2b3c4d\.root"):
+        manifest.Body.from_dict({**obj, "kb": {"1a2b3c4d": bad}})
+    rows = {"beliefs": {"rows": -1, "checksum": "cd" * 32}}
+    with pytest.raises(IntegrityError, match=r"kb\.1a2b3c4d\.tables\.beliefs\.rows"):
+        manifest.Body.from_dict({**obj, "kb": {"1a2b3c4d": {**summary, "tables": rows}}})
+
+
 # --- the document carries the vectors -------------------------------------------------------
 
 

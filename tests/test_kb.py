@@ -360,3 +360,53 @@ def test_history_and_diff_across_three_snapshots(tmp_path, pg_server):
     assert cli_json("kb", "show", a, "--snapshot", "s1", home=home)["confidence"] != 0.125
     human = run_cli("kb", "history", a, home=home).stdout.decode()
     assert "changed" in human and "confidence" in human
+
+
+# -- the kb root in the signed manifest (docs/format.md 10.2, key `kb`) ----------------------
+def _newest_manifest(remote: str, keyfile: Path):
+    from helpers import PASSPHRASE
+
+    from vaultfs import manifest
+    from vaultfs.keys import read_keyfile
+
+    keys = read_keyfile(keyfile, PASSPHRASE)
+    newest = max(Path(remote, "manifests").iterdir(), key=lambda p: int(p.name.split("-")[0]))
+    return manifest.decode(keys, newest.read_bytes()).contents
+
+
+def test_kb_root_is_signed_and_restore_checks_it(tmp_path, pg_server):
+    dsn = pg_server.make_kb(300, seed=9, dbname="kb_signed")
+    # a belief without an embedding travels as a NULL record (length -1)
+    pg_server.sql("UPDATE beliefs SET embedding = NULL WHERE id = (SELECT id FROM beliefs ORDER BY id LIMIT 1)", "kb_signed")  # fmt: skip
+    source = pg_server.table_checksums("kb_signed")
+    home, remotes = init_vault(tmp_path)
+    first = cli_json("kb", "snapshot", "--dsn", dsn, "--name", "one", home=home)
+    run_cli("backup", str(Path(__file__)), home=home)  # a later commit without a kb
+    body = _newest_manifest(remotes[0], home / "key.json")
+    assert body.kb == {first["snapshot"]: first["kb"]}
+    assert body.kb[first["snapshot"]]["tables"]["beliefs"]["rows"] == 300
+
+    # the local index row the manifests sign, altered: the local restore refuses, exit 12
+    import sqlite3
+
+    db = sqlite3.connect(home / "index.db")
+    with db:
+        db.execute("UPDATE kb_roots SET summary = replace(summary, '\"rows\":300', '\"rows\":301')")
+    db.close()
+    pg_server.create_database("kb_signed_local")
+    err = fails(12, "kb", "restore", "one", "--dsn", pg_server.dsn("kb_signed_local"), home=home)
+    assert "signs" in err
+    assert pg_server.sql("SELECT to_regclass('beliefs')", "kb_signed_local") == [(None,)]
+
+    # from the remotes alone the signed manifest is the reference, and it matches
+    pg_server.create_database("kb_signed_remote")
+    rep = cli_json(
+        "kb", "restore", "one", "--dsn", pg_server.dsn("kb_signed_remote"), "--from",
+        remotes[0], "--from", remotes[2], "--from", remotes[4], "--keyfile",
+        str(home / "key.json"), home=tmp_path / "cold",
+    )  # fmt: skip
+    assert rep["restored"]["beliefs"] == 300
+    assert pg_server.table_checksums("kb_signed_remote") == source
+    assert pg_server.sql("SELECT count(*) FROM beliefs WHERE embedding IS NULL", "kb_signed_remote") == [(1,)]  # fmt: skip
+    for db_name in ("kb_signed", "kb_signed_local", "kb_signed_remote"):
+        pg_server.drop_database(db_name)

@@ -29,10 +29,11 @@ import os
 import re
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pyfuse3
 import trio
@@ -41,6 +42,7 @@ from .cache import BlockCache, fsync_files, unlink_files, write_block_file
 from .chunkreader import ChunkReader, slices
 from .errors import VaultError
 from .index import manifests, segments
+from .kb.view import VIEW_DIR, BeliefView
 from .livetree import ROOT_INODE, Journal, LiveTree, Node
 from .names import SPECIAL_TYPES
 from .readcache import DEFAULT_READ_CACHE_SIZE, ReadCache
@@ -55,6 +57,7 @@ from .snapview import (
 from .vault import Entry, Vault
 
 log = logging.getLogger("vaultfs.fs")
+_T = TypeVar("_T")
 
 TIMEOUT = 60.0
 XATTR_MAX = 64 * 1024
@@ -124,6 +127,7 @@ class Handle:
     ino: int
     snap: bool = False
     cmap: object = None
+    data: bytes | None = None  # a generated file's content (the kb view)
     next_off: int = -1
     streak: int = 0
     ahead: int = 0
@@ -184,6 +188,7 @@ class VaultFS(pyfuse3.Operations):
         )
         self.readcache.load()
         self.reader = ChunkReader(self.vault, self.readcache)
+        self.kbview = BeliefView(self._snap_file)
         self.cache = BlockCache(
             self.vault,
             self.tree,
@@ -363,6 +368,26 @@ class VaultFS(pyfuse3.Operations):
             raise _err(errno.ENOTDIR)
         return n
 
+    def _snap_file(self, snap: int, path: str) -> bytes | None:
+        """The regular file ``path`` of snapshot ``snap`` read whole, or None if it holds no
+        such file (worker thread: the kb view's reader)."""
+        d, _, name = path.encode().rpartition(b"/")
+        row = self.snaps.query_child(SNode(0, stat.S_IFDIR, 0, snap=snap, path=d), name)
+        if row is None or row[2] != "f":
+            return None
+        f = SNode(0, stat.S_IFREG, 0, size=row[5], entry=row[0], snap=snap)
+        starts, chunks = self.snaps.query_chunks(f)
+        return self.reader.read_slices(slices(starts, chunks, 0, f.size))
+
+    async def _in_view(self, fn: Callable[..., _T], *args: object) -> _T:
+        """``fn(*args)`` of the kb view in a worker thread (it reads and parses files); a
+        snapshot whose kb files cannot be read or parsed is an I/O error, logged."""
+        try:
+            return await trio.to_thread.run_sync(fn, *args)
+        except VaultError as e:
+            log.error("kb view: %s", e.message)
+            raise _err(errno.EIO) from None
+
     async def _snap_roots(self) -> list[tuple[bytes, SNode]]:
         """(directory name, root node) of every snapshot, for ``.snapshots``."""
 
@@ -409,6 +434,9 @@ class VaultFS(pyfuse3.Operations):
                 raise _err(errno.ENOTDIR)
             row = await trio.to_thread.run_sync(self.snaps.query_child, p, bytes(name))
             n = self.snaps.child_node(p, bytes(name), row)
+            if n is None and p.path == VIEW_DIR:
+                size = await self._in_view(self.kbview.size, p.snap, bytes(name))
+                n = None if size is None else self.snaps.view_node(p, bytes(name), size)
             if n is None:
                 raise _err(errno.ENOENT)
             self.snaps.ref(n, lookups=1)
@@ -723,6 +751,13 @@ class VaultFS(pyfuse3.Operations):
                 raise _err(errno.EROFS)
             n = self._any(inode)
             assert isinstance(n, SNode)
+            if n.view:
+                assert n.path is not None
+                data = await self._in_view(self.kbview.document, n.snap, n.path.rpartition(b"/")[2])
+                if data is None:
+                    raise _err(errno.ENOENT)
+                self.snaps.ref(n, opens=1)
+                return pyfuse3.FileInfo(fh=self._new_fh(Handle(inode, True, data=data)), keep_cache=True)  # fmt: skip
             if n.entry is None:
                 raise _err(errno.EISDIR if n.is_dir else errno.EINVAL)
             cmap = self.snaps.cached_chunks(n)
@@ -764,6 +799,8 @@ class VaultFS(pyfuse3.Operations):
 
     async def _read(self, fh: int, off: int, size: int) -> bytes:
         h = self.fhs[fh]
+        if h.data is not None:
+            return h.data[off : off + size]
         if h.snap:
             n = self._any(h.ino)
             size = min(size, n.size - off)
@@ -1010,6 +1047,12 @@ class VaultFS(pyfuse3.Operations):
                 raise _err(errno.ENOTDIR)
             rows = await trio.to_thread.run_sync(self.snaps.query_children, n)
             items = list(self.snaps.listing(n, rows))
+            if n.path == VIEW_DIR:
+                docs = await self._in_view(self.kbview.listing, n.snap, [x for x, _ in items])
+                for name, size in docs:
+                    if (node := self.snaps.view_node(n, name, size)) is not None:
+                        items.append((name, node))
+                items.sort(key=lambda item: item[0])
         else:
             n = self._node(inode)
             if n.children is None:

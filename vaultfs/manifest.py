@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from . import envelope
@@ -116,6 +116,8 @@ class Body:
     retired_suites: frozenset[int] = frozenset()  # suites whose data readers must refuse
     slhdsa_sealed: bytes | None = None  # the SLH-DSA secret key, sealed under the seed
     slhdsa_public: bytes | None = None  # the SLH-DSA public key that signed this manifest
+    # knowledge-base snapshot uid -> {"format", "root", "tables": {table: {"rows", "checksum"}}}
+    kb: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """The JSON object :func:`encode` signs (canonical bytes come from ``encode``)."""
@@ -138,6 +140,8 @@ class Body:
             out["slhdsa_sealed"] = self.slhdsa_sealed.hex()
         if self.slhdsa_public is not None:
             out["slhdsa_public"] = self.slhdsa_public.hex()
+        if self.kb:
+            out["kb"] = self.kb
         return out
 
     @classmethod
@@ -167,6 +171,7 @@ class Body:
             ),
             slhdsa_sealed=_hex(obj, "slhdsa_sealed", "") if "slhdsa_sealed" in obj else None,
             slhdsa_public=_hex(obj, "slhdsa_public", "", 32) if "slhdsa_public" in obj else None,
+            kb=_parse_kb(_object(_get(obj, "kb", "", {}), "kb")),
         )
 
 
@@ -208,6 +213,28 @@ def _parse_segment(seg: dict, where: str, segment_size: int) -> IndexSegment:
 
 # -- reading JSON fields: every failure is an IntegrityError naming the field ---------------
 _REQUIRED: object = object()
+
+
+def _parse_kb(kb: dict) -> dict[str, dict]:
+    """The ``kb`` key (10.2) checked: per snapshot uid a format, a 32-byte root and, per
+    table, a row count and a 32-byte checksum; returned in the same shape."""
+    out = {}
+    for uid, v in kb.items():
+        where = f"kb.{uid}."
+        s = _object(v, where[:-1])
+        tables = _object(_get(s, "tables", where), where + "tables")
+        out[uid] = {
+            "format": _str(s, "format", where),
+            "root": _hex(s, "root", where, 32).hex(),
+            "tables": {
+                t: {
+                    "rows": _int(_object(tv, f"{where}tables.{t}"), "rows", f"{where}tables.{t}."),
+                    "checksum": _hex(tv, "checksum", f"{where}tables.{t}.", 32).hex(),
+                }
+                for t, tv in tables.items()
+            },
+        }
+    return out
 
 
 def _malformed(where: str, why: str) -> IntegrityError:

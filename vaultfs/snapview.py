@@ -83,6 +83,7 @@ class SNode:
     path: bytes | None = None  # directories: path in the snapshot (b"" for its root)
     lookups: int = 0  # kernel lookup count
     opens: int = 0  # open handles
+    view: bool = False  # a generated file (vaultfs/kb/view.py), not an entry
 
     @property
     def is_dir(self) -> bool:
@@ -345,6 +346,25 @@ class SnapViews:
         n = SNode(ino, stat.S_IFDIR | 0o555, d.mtime_ns, uid=d.uid, gid=d.gid, nlink=2)
         n.snap, n.path = d.snap, path  # dir_id None: no entry, so no recorded children
         return n
+
+    def view_node(self, d: SNode, name: bytes, size: int) -> SNode | None:
+        """A generated read-only file ``name`` of directory ``d`` (a document of the kb view,
+        vaultfs/kb/view.py): its inode number comes from the implicit-path counter, so it stays
+        the same for the life of the mount. None if ``d``'s snapshot is gone."""
+        root = self.roots.get(d.snap) if d.snap is not None else None
+        if root is None or d.path is None:
+            return None
+        path = d.path + b"/" + name
+        ino = root.synth.get(path)
+        if ino is None:
+            self._synth += 1
+            ino = root.synth[path] = SYNTH_BASE + self._synth
+        old = self.get(ino)
+        if old is not None:
+            return old
+        n = SNode(ino, stat.S_IFREG | 0o444, d.mtime_ns, size=size, uid=d.uid, gid=d.gid)
+        n.snap, n.path, n.view = d.snap, path, True
+        return self.intern(n)
 
     def _from_row(self, root: _Root, d: SNode, row: tuple) -> SNode:
         (eid, path, typ, mode, mtime_ns, size, target, uid, gid, xattrs, _link, rdev) = row[:12]

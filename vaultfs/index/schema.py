@@ -160,6 +160,14 @@ CREATE TABLE IF NOT EXISTS content_chunks (
     chunk     INTEGER NOT NULL REFERENCES chunks(id),   -- chunk holding those bytes
     PRIMARY KEY (content, seq)
 ) WITHOUT ROWID;
+-- The summary of each knowledge-base snapshot (vaultfs/kb/layout.py KbManifest.summary():
+-- kb Merkle root, per-table rows and checksums), written in the transaction that records the
+-- snapshot; every manifest body carries those of the snapshots still held (docs/format.md
+-- 10.2, key `kb`). A row of a deleted snapshot is ignored (joined on snapshots.uid).
+CREATE TABLE IF NOT EXISTS kb_roots (
+    uid       TEXT PRIMARY KEY,      -- snapshots.uid
+    summary   TEXT NOT NULL          -- canonical JSON (sorted keys, no spaces)
+);
 CREATE TABLE IF NOT EXISTS manifests (
     seq       INTEGER PRIMARY KEY,   -- manifest sequence number (strictly increasing)
     name      TEXT NOT NULL,         -- object name under manifests/

@@ -18,7 +18,7 @@ import time
 import uuid
 
 from ..errors import InputError
-from . import layout
+from . import layout, view
 from .reader import KbFiles, KbSnap
 
 #: Fields of a belief line compared by history and diff (the id never changes).
@@ -57,15 +57,9 @@ def document(files: KbFiles, snap: KbSnap, belief_id: str, single: bool = False)
     rows = _find_line(got.get(paths[0], b""), "id", bid)
     if not rows:
         return None
-    doc = rows[0]
     out = _find_line(got.get(paths[1], b""), "source_belief_id", bid)
     inc = _find_line(got.get(paths[2], b""), "target_belief_id", bid)
-    for e in out:
-        del e["source_belief_id"]
-    for e in inc:
-        del e["target_belief_id"]
-    doc["edges"] = {"out": out, "in": inc}
-    return doc
+    return view.document(rows[0], out, inc)
 
 
 def show(files: KbFiles, belief_id: str, snapshot: str = "latest") -> dict:

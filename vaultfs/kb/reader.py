@@ -20,6 +20,7 @@ from .. import names
 from ..backends import open_backend
 from ..errors import InputError, IntegrityError
 from ..index import Index
+from ..index import kb as kbroots
 from ..index import snapshots as snapshot_table
 from ..keys import VaultKeys
 from ..restore import Fetched, ShardSource, open_remote_index, restore_files
@@ -61,13 +62,24 @@ class KbSnap:
 
 
 class KbFiles:
-    """The knowledge-base snapshots of one vault index, and their files on demand."""
+    """The knowledge-base snapshots of one vault index, and their files on demand.
+
+    ``signed``: {snapshot uid: kb summary} as the manifest signs them (docs/format.md 10.2):
+    from the newest signed manifest when read from remotes alone, else from the local index,
+    whose rows every manifest since the snapshot carries."""
 
     def __init__(
-        self, keys: VaultKeys, index: Index, src: CountingSource, work: Path, warnings: list[str]
+        self,
+        keys: VaultKeys,
+        index: Index,
+        src: CountingSource,
+        work: Path,
+        warnings: list[str],
+        signed: dict[str, dict],
     ) -> None:
         self.keys, self.index, self.src, self.work = keys, index, src, work
         self.warnings = warnings
+        self.signed = signed
         self._manifests: dict[int, KbManifest] = {}
         self._reads = 0
         self._seen: dict[str, bytes] = {}  # blake3 -> content, for files read once
@@ -169,6 +181,20 @@ class KbFiles:
         finally:
             shutil.rmtree(to, ignore_errors=True)
 
+    def check_signed(self, snap: KbSnap, m: KbManifest) -> None:
+        """IntegrityError unless ``m`` (the snapshot's kb/manifest.json) has the root, row
+        counts and checksums the vault's manifest signs for the snapshot."""
+        signed = self.signed.get(snap.uid)
+        if signed is None:
+            raise IntegrityError(
+                f"snapshot {snap.label}: its kb root is not in the signed manifest"
+            )
+        if signed != m.summary():
+            raise IntegrityError(
+                f"snapshot {snap.label}: kb/manifest.json does not match the kb root, row "
+                "counts and checksums the vault's manifest signs"
+            )
+
     def manifest(self, snap: KbSnap) -> KbManifest:
         m = self._manifests.get(snap.id)
         if m is None:
@@ -202,9 +228,9 @@ def open_kb_files(
             src = CountingSource([open_backend(s) for s in remote_specs])
             src.start()
             try:
-                index, _src, _m, warnings = open_remote_index(keys, src.remotes, work, 0, src=src)
+                index, _src, m, warnings = open_remote_index(keys, src.remotes, work, 0, src=src)
                 try:
-                    yield KbFiles(keys, index, src, work, warnings)
+                    yield KbFiles(keys, index, src, work, warnings, m.contents.kb)
                 finally:
                     index.close()
             finally:
@@ -214,6 +240,6 @@ def open_kb_files(
             try:
                 src = CountingSource(v.remotes(), v.queue_dir)
                 src.list_all()
-                yield KbFiles(keys, v.index, src, work, [])
+                yield KbFiles(keys, v.index, src, work, [], kbroots.summaries(v.index))
             finally:
                 v.close()

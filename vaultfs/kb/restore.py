@@ -49,12 +49,16 @@ CREATE TABLE IF NOT EXISTS belief_edges_quarantine (
   quarantined_at TIMESTAMPTZ NOT NULL DEFAULT now());
 """
 
-# the staged lines, typed (jsonb null becomes SQL NULL)
+# the staged lines, typed (jsonb null becomes SQL NULL); a belief's line and its embedding
+# share a staged row (one binary COPY, no join)
+_BELIEF_STAGE = (
+    "CREATE TEMP TABLE kb_in_beliefs (id uuid, j jsonb, embedding vector) ON COMMIT DROP"
+)
 _BELIEF_COLS = "id, content, embedding, confidence, domains, provenance, created_at, superseded_by"
-_BELIEF_SELECT = """SELECT (j->>'id')::uuid, j->>'content', e.embedding, (j->>'confidence')::real,
+_BELIEF_SELECT = """SELECT id, j->>'content', embedding, (j->>'confidence')::real,
   ARRAY(SELECT jsonb_array_elements_text(j->'domains')), nullif(j->'provenance', 'null'),
   (j->>'created_at')::timestamptz, (j->>'superseded_by')::uuid
-FROM kb_in_beliefs LEFT JOIN kb_in_embeddings e ON e.id = (j->>'id')::uuid"""
+FROM kb_in_beliefs"""
 _EDGE_COLS = "id, source_belief_id, target_belief_id, edge_type, weight, created_at, metadata"
 _EDGE_TYPED = """CREATE TEMP TABLE kb_edges ON COMMIT DROP AS
 SELECT (j->>'id')::uuid AS id, (j->>'source_belief_id')::uuid AS source_belief_id,
@@ -119,18 +123,40 @@ class RestoreReport:
         }
 
 
-def _binary_embeddings(files: list[bytes], keep: set[bytes] | None) -> bytes:
-    """A binary COPY stream of (id uuid, embedding vector) from embeddings files."""
-    out = [_PGCOPY_HEADER]
-    two, sixteen, null = _I16.pack(2), _I32.pack(16), _I32.pack(-1)
-    for data in files:
-        for id16, vec, _rec in layout.iter_embeddings(data):
-            if keep is not None and id16 not in keep:
-                continue
-            tail = null if vec is None else _I32.pack(len(vec)) + vec
-            out.append(two + sixteen + id16 + tail)
-    out.append(_I16.pack(-1))
-    return b"".join(out)
+#: Staged belief rows are written to the database in COPY messages of about this many bytes.
+COPY_BATCH = 4 << 20
+
+
+def _copy_beliefs(cur, lines: list[bytes], files: list[bytes], keep: set[bytes] | None) -> None:
+    """Binary COPY of (id, line as jsonb, embedding) into ``kb_in_beliefs``: the lines and
+    the embedding records (of ``keep`` only, if given) pair up in order, as exported (both
+    by id within a bucket, buckets in path order). A record's length field followed by its
+    vector is the binary form of the ``vector`` column as it stands (-1: NULL), so it is
+    copied, not converted. IntegrityError when the two do not pair up."""
+    recs = (
+        (id16, rec)
+        for data in files
+        for id16, _vec, rec in layout.iter_embeddings(data)
+        if keep is None or id16 in keep
+    )
+    three, sixteen, one = _I16.pack(3), _I32.pack(16), b"\x01"  # jsonb binary: version 1
+    with cur.copy("COPY kb_in_beliefs (id, j, embedding) FROM STDIN (FORMAT BINARY)") as cp:
+        out, size = [_PGCOPY_HEADER], 0
+        try:
+            for line, (id16, rec) in zip(lines, recs, strict=True):
+                out.append(three + sixteen + id16 + _I32.pack(len(line) + 1) + one + line)
+                out.append(rec[16:])
+                size += len(line) + len(rec)
+                if size >= COPY_BATCH:
+                    cp.write(b"".join(out))
+                    out, size = [], 0
+        except ValueError:
+            raise IntegrityError("the snapshot's beliefs and embeddings do not pair up") from None
+        out.append(_I16.pack(-1))
+        cp.write(b"".join(out))
+    cur.execute("SELECT count(*) FROM kb_in_beliefs WHERE id IS DISTINCT FROM (j->>'id')::uuid")
+    if cur.fetchone()[0]:
+        raise IntegrityError("the snapshot's beliefs and embeddings do not pair up")
 
 
 def _copy_lines(cur, table: str, lines: list[bytes]) -> None:
@@ -215,7 +241,8 @@ def _parts(files: KbFiles, snap: KbSnap, sel: Selection) -> Iterator[_Staged | l
     if sel.belief is not None and str(layout.parse_id(sel.belief)) not in seen:
         raise InputError(f"belief {sel.belief} is not in snapshot {snap.label}")
     embs_paths = [layout.embeddings_path(b) for b in sorted({i[: layout.BUCKET_HEX] for i in ids})]
-    embs = list(files.read(snap, embs_paths).values())
+    got = files.read(snap, embs_paths)
+    embs = [got[p] for p in embs_paths if p in got]  # bucket order: they pair with the lines
     yield _Staged(sources, lines, embs, {uuid.UUID(i).bytes for i in ids})
     if not edge_rows:
         got = files.read(snap, out_paths)
@@ -245,6 +272,7 @@ def restore(
     staged = next(parts)  # an unknown --belief fails here, before the database is touched
     assert isinstance(staged, _Staged)
     m = files.manifest(snap)  # read with the first part
+    files.check_signed(snap, m)
     rep = RestoreReport(snap.uid)
     edges: queue.Queue[list[bytes] | None] = queue.Queue()
     with ThreadPoolExecutor(1, thread_name_prefix="vaultfs-kb-load") as ex:
@@ -284,16 +312,12 @@ def _load(
             cur.execute("SET LOCAL TimeZone = 'UTC'")
             cur.execute(schema.ddl(m.dim or schema.DEFAULT_DIM))
             cur.execute(QUARANTINE_DDL)
-            for t in ("sources", "beliefs", "edges"):
+            for t in ("sources", "edges"):
                 cur.execute(f"CREATE TEMP TABLE kb_in_{t} (j jsonb) ON COMMIT DROP")
-            cur.execute(
-                "CREATE TEMP TABLE kb_in_embeddings (id uuid, embedding vector) ON COMMIT DROP"
-            )
+            cur.execute(_BELIEF_STAGE)
             rebuild = _drop_indexes_if_empty(cur)
             _copy_lines(cur, "kb_in_sources", staged.sources)
-            _copy_lines(cur, "kb_in_beliefs", staged.lines)
-            with cur.copy("COPY kb_in_embeddings FROM STDIN (FORMAT BINARY)") as cp:
-                cp.write(_binary_embeddings(staged.embeddings, staged.keep))
+            _copy_beliefs(cur, staged.lines, staged.embeddings, staged.keep)
             if not replace:
                 _refuse_existing(cur, ("sources", "beliefs"))
             rep.sources = _upsert(cur, "sources", _SOURCE_COLS, _SOURCE_SELECT, replace)
@@ -349,7 +373,7 @@ def _strict_message(rep: RestoreReport) -> str:
 
 _CLASH = {
     "sources": "SELECT count(*) FROM sources WHERE id IN (SELECT (j->>'id')::uuid FROM kb_in_sources)",
-    "beliefs": "SELECT count(*) FROM beliefs WHERE id IN (SELECT (j->>'id')::uuid FROM kb_in_beliefs)",
+    "beliefs": "SELECT count(*) FROM beliefs WHERE id IN (SELECT id FROM kb_in_beliefs)",
     "belief_edges": "SELECT count(*) FROM belief_edges WHERE id IN (SELECT id FROM kb_edges)",
 }
 
@@ -416,10 +440,17 @@ def _upsert(cur, table: str, cols: str, select: str, replace: bool) -> int:
 
 def _clear_dangling_superseded(cur) -> list[str]:
     """Clear ``superseded_by`` of restored beliefs that point at a belief the database does
-    not hold (a partial restore); return their ids."""
+    not hold (a partial restore); return their ids. A cheap anti-join over the beliefs comes
+    first: in the usual restore nothing dangles and the staged ids need not be parsed again."""
+    cur.execute(
+        "SELECT EXISTS (SELECT 1 FROM beliefs b WHERE b.superseded_by IS NOT NULL"
+        " AND NOT EXISTS (SELECT 1 FROM beliefs t WHERE t.id = b.superseded_by))"
+    )
+    if not cur.fetchone()[0]:
+        return []
     cur.execute(
         "UPDATE beliefs b SET superseded_by = NULL WHERE b.id IN"
-        " (SELECT (j->>'id')::uuid FROM kb_in_beliefs) AND b.superseded_by IS NOT NULL"
+        " (SELECT id FROM kb_in_beliefs) AND b.superseded_by IS NOT NULL"
         " AND NOT EXISTS (SELECT 1 FROM beliefs t WHERE t.id = b.superseded_by) RETURNING b.id"
     )
     return sorted(str(r[0]) for r in cur.fetchall())

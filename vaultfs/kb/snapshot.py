@@ -12,6 +12,7 @@ snapshot is exactly what the database holds and the Python side only hashes and 
 from __future__ import annotations
 
 import contextlib
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +26,8 @@ from . import layout
 from .layout import FileInfo, KbManifest
 
 # Every line is rendered by Postgres (json_build_object: JSON escapes every control
-# character, so a newline separates lines safely); embedding records are built as bytea.
+# character, so a newline separates lines safely); embedding records are built as bytea
+# (vector_send's length is 4 + 4·dims: serialising each vector once, not twice).
 SOURCES_SQL = """SELECT convert_to(coalesce(string_agg(json_build_object(
   'id', id, 'uri', uri, 'title', title, 'fetched_at', fetched_at)::text, E'\\n' ORDER BY id), ''),
   'UTF8') FROM sources"""
@@ -33,8 +35,8 @@ BELIEFS_SELECT = """count(*) AS n, convert_to(string_agg(json_build_object(
   'id', id, 'content', content, 'confidence', confidence, 'domains', domains,
   'provenance', provenance, 'created_at', created_at, 'superseded_by', superseded_by)::text,
   E'\\n' ORDER BY id), 'UTF8'),
-  string_agg(uuid_send(id) || int4send(coalesce(octet_length(vector_send(embedding)), -1))
-    || coalesce(vector_send(embedding), ''::bytea), ''::bytea ORDER BY id)"""
+  string_agg(uuid_send(id) || coalesce(int4send(4 + 4 * vector_dims(embedding))
+    || vector_send(embedding), int4send(-1)), ''::bytea ORDER BY id)"""
 EDGES_OUT_SELECT = """count(*) AS n, convert_to(string_agg(json_build_object(
   'source_belief_id', source_belief_id, 'id', id, 'target_belief_id', target_belief_id,
   'edge_type', edge_type, 'weight', weight, 'created_at', created_at, 'metadata', metadata)::text,
@@ -221,17 +223,29 @@ class SnapshotResult:
 #: Files are chunked and handed to the vault in batches of about this many bytes (one
 #: ``store_chunks`` call fills whole sealer slots instead of one slot per small file).
 STORE_BATCH = 8 << 20
+#: Exported files that may wait between the export threads and the storing thread (a bucket's
+#: files are ≈ 1 MB each at 100,000 beliefs: a bound of tens of MB on what waits).
+STORE_QUEUE = 32
+
+
+class _Abandoned(Exception):
+    """Storing failed: the export stops at its next file."""
 
 
 def snapshot(
     vault: Vault, dsn: str, name: str | None = None, upload: bool = False
 ) -> SnapshotResult:
     """Export the belief graph of ``dsn`` and commit it as a vault snapshot holding only
-    ``kb/``. ``upload`` starts placing shards during the commit (the caller flushes next)."""
+    ``kb/``. ``upload`` starts placing shards during the commit (the caller flushes next).
+
+    The export runs in threads of its own and hands finished files over a bounded queue to
+    this thread, which chunks and stores them: Postgres renders the next buckets while the
+    vault seals the last ones."""
     t0 = time.perf_counter()
     stored: list[tuple[str, list[bytes], int]] = []
     pending: list[tuple[str, bytes]] = []
-    size = 0
+    handoff: queue.Queue[tuple[str, bytes] | None] = queue.Queue(STORE_QUEUE)
+    abandon = threading.Event()
 
     def store() -> None:
         chunks: list[bytes] = []
@@ -248,19 +262,39 @@ def snapshot(
         pending.clear()
 
     def sink(path: str, data: bytes) -> None:
-        nonlocal size
-        pending.append((path, data))
-        size += len(data)
-        if size >= STORE_BATCH:
-            store()
-            size = 0
+        if abandon.is_set():
+            raise _Abandoned
+        handoff.put((path, data))
 
-    m = export(dsn, sink)
-    store()
+    def produce() -> KbManifest:
+        try:
+            return export(dsn, sink)
+        finally:
+            handoff.put(None)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="vaultfs-kb-snapshot") as ex:
+        exported = ex.submit(produce)
+        drained = False
+        try:
+            size = 0
+            while (item := handoff.get()) is not None:
+                pending.append(item)
+                size += len(item[1])
+                if size >= STORE_BATCH:
+                    store()
+                    size = 0
+            drained = True
+            m = exported.result()
+            store()
+        except BaseException:
+            abandon.set()
+            while not drained and handoff.get() is not None:  # unblock the export
+                pass
+            raise
     mtime = _time_ns(m.created)
     entries = [Entry(d, "d", 0o755, mtime) for d in layout.DIRS]
     entries += [Entry(p, "f", 0o644, mtime, size=n, cids=c) for p, c, n in sorted(stored)]
-    uid, seq = vault.commit(entries, name=name, prepush=upload)
+    uid, seq = vault.commit(entries, name=name, prepush=upload, kb=m.summary())
     return SnapshotResult(uid, seq, m, sum(n for _p, _c, n in stored), time.perf_counter() - t0)
 
 

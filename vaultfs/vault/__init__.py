@@ -264,11 +264,16 @@ class Vault:
 
     # -- snapshots and commit (commit.py) --------------------------------------------------
     def commit(
-        self, entries: Iterable[Entry], name: str | None = None, prepush: bool = False
+        self,
+        entries: Iterable[Entry],
+        name: str | None = None,
+        prepush: bool = False,
+        kb: dict | None = None,
     ) -> tuple[str, int]:
-        """Record a snapshot of ``entries``, then export and sign the index; returns
-        (snapshot uid, manifest seq), durable locally (:meth:`Committer.commit`)."""
-        return self.committer.commit(entries, name, prepush)
+        """Record a snapshot of ``entries`` (with its knowledge-base summary ``kb``, if it
+        holds one), then export and sign the index; returns (snapshot uid, manifest seq),
+        durable locally (:meth:`Committer.commit`)."""
+        return self.committer.commit(entries, name, prepush, kb)
 
     def ship_index(self) -> int:
         """Export and sign the index as a new manifest without recording a snapshot; returns

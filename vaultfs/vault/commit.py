@@ -25,6 +25,7 @@ from ..backends import Backend
 from ..errors import InputError, IntegrityError
 from ..index import Index, VaultParams, chunk_rows, keyring, manifests, segments, snapshots
 from ..index import contents as content_table
+from ..index import kb as kbroots
 from ..keys import VaultKeys
 from .epochs import KeyEpochs
 from .queue import ShardQueue, fsync_dir, write_durable
@@ -89,9 +90,15 @@ class Committer:
         return self.queue.dir
 
     def commit(
-        self, entries: Iterable[Entry], name: str | None = None, prepush: bool = False
+        self,
+        entries: Iterable[Entry],
+        name: str | None = None,
+        prepush: bool = False,
+        kb: dict | None = None,
     ) -> tuple[str, int]:
         """Record a snapshot of ``entries``, then export and sign the index.
+        ``kb``: the snapshot's knowledge-base summary, recorded with it and signed in this and
+        every later manifest while the snapshot exists (docs/format.md 10.2).
 
         Returns (snapshot uid, manifest seq). Everything is durable locally when this
         returns; a flush places it on the remotes. ``prepush`` starts moving the data shards
@@ -105,6 +112,8 @@ class Committer:
                 seq = manifests.next_seq(db)
                 snap_id = snapshots.add(db, uid, name, time.time(), seq)
                 files, size = _add_entries(db, snap_id, entries, self.keys.chunk_id_key)
+                if kb is not None:
+                    kbroots.add(db, uid, kb)
                 root = _vault_root(db)
                 snapshots.finish(db, snap_id, root, files, size)
             self._ship_index(seq, root, prepush)
@@ -164,6 +173,7 @@ class Committer:
             ),
             retired_suites=frozenset(self.keys.retired_suites),
             slhdsa_sealed=bytes.fromhex(stored[1]) if stored else None,
+            kb=kbroots.summaries(self.index),
         )
         blob_m = manifest.encode(self.keys, seq, created_ms, body.to_dict(), self.suite)
         name = manifest.object_name(seq, secrets.token_hex(4))
