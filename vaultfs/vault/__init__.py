@@ -87,7 +87,7 @@ class Vault:
         self.queue = ShardQueue(home)
         self.epochs = KeyEpochs(keys, index, threading.RLock())
         self.writer = Writer(index, keys, self.params, self.queue, self.epochs, self.SEALERS)
-        self.uploads = UploadQueue(index, self.queue, self.remotes, self.writer.seal)
+        self.uploads = UploadQueue(index, keys, self.queue, self.remotes, self.writer.seal)
         self.committer = Committer(
             index,
             keys,
@@ -264,11 +264,16 @@ class Vault:
 
     # -- snapshots and commit (commit.py) --------------------------------------------------
     def commit(
-        self, entries: Iterable[Entry], name: str | None = None, prepush: bool = False
+        self,
+        entries: Iterable[Entry],
+        name: str | None = None,
+        prepush: bool = False,
+        fork: bool = False,
     ) -> tuple[str, int]:
         """Record a snapshot of ``entries``, then export and sign the index; returns
-        (snapshot uid, manifest seq), durable locally (:meth:`Committer.commit`)."""
-        return self.committer.commit(entries, name, prepush)
+        (snapshot uid, manifest seq), durable locally. Raises StaleBase on a stale base
+        unless ``fork`` (:meth:`Committer.commit`)."""
+        return self.committer.commit(entries, name, prepush, fork)
 
     def ship_index(self) -> int:
         """Export and sign the index as a new manifest without recording a snapshot; returns
