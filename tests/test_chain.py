@@ -98,14 +98,57 @@ def test_a_home_back_in_time_is_refused_or_forks_explicitly_and_both_branches_re
     run_cli("repair", home=home, check=None)
     assert before <= _objects(remotes)
 
+    # prune on branch B after deleting the snapshot both branches share: its objects are
+    # garbage for B, and kept while the remotes hold branch A
+    run_cli("snapshot", "delete", first["snapshot"], home=home)
+    res = run_cli("prune", "--json", home=home, check=None)
+    assert json.loads(res.stdout)["garbage_deleted"] == 0, res.stdout
+    b_seq = json.loads(run_cli("status", "--json", home=home).stdout)["seq"]
+
     # every snapshot of both branches still restores
-    for branch, texts in (("4", ["one\n", "four\n"]), (want, ["one\n", "two\n", "three\n"])):
-        rep = json.loads(
-            _restore(tmp_path, home, remotes, f"list-{branch[0]}", "--manifest", branch).stdout
-        )
-        snaps = sorted(rep["snapshots"], key=lambda s: s["seq"])
+    for branch, texts in ((str(b_seq), ["four\n"]), (want, ["one\n", "two\n", "three\n"])):
+        listing = _restore(tmp_path, home, remotes, f"list-{branch[0]}", "--manifest", branch)
+        snaps = sorted(json.loads(listing.stdout)["snapshots"], key=lambda s: s["seq"])
         assert len(snaps) == len(texts)
         for s, text in zip(snaps, texts, strict=True):
             out = f"b{branch[0]}-{s['id']}"
             _restore(tmp_path, home, remotes, out, "--manifest", branch, "--snapshot", s["id"])
             assert (tmp_path / out / "src" / "doc.txt").read_text() == text
+
+
+def test_k_remotes_hiding_the_newest_manifest_are_refused_with_an_anchor(tmp_path):
+    home, remotes = _init(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    _backup(home, src, "old\n")
+    new = _backup(home, src, "new\n")
+    receipt = tmp_path / "receipt.json"
+    run_cli("receipt", "latest", "--out", str(receipt), home=home)
+    assert json.loads(receipt.read_text())["statement"]["manifest_hash"].startswith(
+        new["manifest_hash"]
+    )
+    # the anchors hold against honest remotes
+    rep = json.loads(_restore(tmp_path, home, remotes, "ok", "--receipt", str(receipt)).stdout)
+    assert (rep["seq"], rep["manifest_hash"]) == (new["seq"], new["manifest_hash"])
+
+    hiding = remotes[:3]  # k = 3 remotes that hide the newest manifest
+    for r in hiding:
+        for m in (Path(r) / "manifests").iterdir():
+            if m.name.startswith(f"{new['seq']:016d}-"):
+                m.unlink()
+    # with no anchor an empty machine cannot tell: the older snapshot comes back, numbered
+    rep = json.loads(_restore(tmp_path, home, hiding, "no-anchor").stdout)
+    assert rep["seq"] == new["seq"] - 1
+    assert (tmp_path / "no-anchor" / "src" / "doc.txt").read_text() == "old\n"
+    for extra in (("--min-seq", str(new["seq"])), ("--receipt", str(receipt))):
+        res = _restore(tmp_path, home, hiding, f"r{extra[0]}", *extra, check=12)
+        assert b"rollback detected" in res.stderr, res.stderr
+        assert not (tmp_path / f"r{extra[0]}").exists()
+
+
+def test_kill_9_during_commits_leaves_the_chain_linear_and_restorable(tmp_path):
+    import torture
+
+    res = torture.Chamber(tmp_path, seed=11).run(torture.OPERATIONS["backup"], 8)
+    assert res.recovered == res.trials == 8, res.failures
+    assert res.bytes_lost == 0
