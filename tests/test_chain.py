@@ -8,7 +8,10 @@ import json
 import shutil
 from pathlib import Path
 
-from helpers import run_cli
+import format_reader
+from helpers import PASSPHRASE, run_cli
+
+from vaultfs.keys import read_keyfile
 
 
 def _init(tmp_path: Path, n: int = 5, k: int = 3) -> tuple[Path, list[str]]:
@@ -89,6 +92,12 @@ def test_a_home_back_in_time_is_refused_or_forks_explicitly_and_both_branches_re
     rep = json.loads(_restore(tmp_path, home, remotes, "branch-a", "--manifest", want).stdout)
     assert rep["seq"] == 3 and [f["seq"] for f in rep["fork"]] == [4]
     assert (tmp_path / "branch-a" / "src" / "doc.txt").read_text() == "three\n"
+
+    # the stranger's reader, from docs/format.md alone, restores either branch too
+    seed = read_keyfile(home / "key.json", PASSPHRASE).seed
+    assert format_reader.recover_file(seed, [Path(r) for r in remotes], "src/doc.txt") == b"four\n"
+    got = format_reader.recover_file(seed, [Path(r) for r in remotes], "src/doc.txt", want)
+    assert got == b"three\n"
 
     # verify reports the fork; repair deletes nothing a signed manifest references
     res = run_cli("verify", "--json", home=home, check=None)
