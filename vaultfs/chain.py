@@ -1,5 +1,5 @@
 """The manifest chain as the remotes hold it: what a writer, an audit, repair and prune learn
-about manifests this index did not write (docs/format.md 10.3, docs/design.md "Forks").
+about manifests this index did not write (docs/format.md 10.3, docs/design.md invariants 7-8).
 
 Every manifest body names its predecessor (``prev``: seq and BLAKE3 of its object bytes), and
 the index remembers every manifest of its own chain by name and hash (``manifest_chain``).

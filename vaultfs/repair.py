@@ -640,7 +640,7 @@ def _delete_replaced(
     """Delete what was replaced, and move foreign objects to ``quarantine/`` (never delete
     them), on reachable active remotes; an object the index names again is kept. While the
     remotes hold manifests off this index's chain (a fork), replaced objects are kept too:
-    the other branch may use them (docs/design.md, "Forks")."""
+    the other branch may use them (docs/design.md, invariant 8)."""
     doomed: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     found = chain.survey(vault.keys, vault.index, vault.remotes())
     report.fork = found.describe()
