@@ -161,3 +161,41 @@ def test_kill_9_during_commits_leaves_the_chain_linear_and_restorable(tmp_path):
     res = torture.Chamber(tmp_path, seed=11).run(torture.OPERATIONS["backup"], 8)
     assert res.recovered == res.trials == 8, res.failures
     assert res.bytes_lost == 0
+
+
+def test_two_writers_racing_to_one_seq_are_reported_as_a_fork(tmp_path):
+    """Two homes that checked at the same moment (no compare-and-swap on remotes) both place
+    a manifest #2: restore and verify name the other branch; either restores."""
+    home, remotes = _init(tmp_path, 3, 2)
+    src = tmp_path / "src"
+    src.mkdir()
+    _backup(home, src, "base\n")
+    other = tmp_path / "other-home"
+    shutil.copytree(home, other)
+    pristine = tmp_path / "pristine"
+    for i, r in enumerate(remotes):
+        shutil.copytree(r, pristine / str(i))
+    a = _backup(home, src, "writer a\n")
+    # writer B sees the remotes as they were (it checked before A placed), and places its #2
+    for i, r in enumerate(remotes):
+        shutil.move(r, tmp_path / f"a-side{i}")
+        shutil.copytree(pristine / str(i), r)
+    b = _backup(other, src, "writer b\n")
+    assert a["seq"] == b["seq"] == 2 and a["manifest_hash"] != b["manifest_hash"]
+    for i, r in enumerate(remotes):  # both writers' objects on the remotes
+        shutil.copytree(tmp_path / f"a-side{i}", r, dirs_exist_ok=True)
+
+    rep = json.loads(_restore(tmp_path, home, remotes, "default").stdout)
+    used, fork = (rep["seq"], rep["manifest_hash"]), rep["fork"]
+    assert used in {(2, a["manifest_hash"]), (2, b["manifest_hash"])}
+    assert [(f["seq"], f["manifest_hash"]) for f in fork] == [
+        (2, a["manifest_hash"] if used[1] == b["manifest_hash"] else b["manifest_hash"])
+    ]
+    for w, text in ((a, "writer a\n"), (b, "writer b\n")):
+        out = f"w{w['manifest_hash'][:4]}"
+        _restore(tmp_path, home, remotes, out, "--manifest", f"2/{w['manifest_hash']}")
+        assert (tmp_path / out / "src" / "doc.txt").read_text() == text
+    audit = json.loads(run_cli("verify", "--json", home=home, check=12).stdout)
+    assert all(r["fork"] and r["state"] == "forked" for r in audit["remotes"]), audit
+    refused = _backup(home, src, "a again\n", check=21)["stderr"]
+    assert f"#2/{b['manifest_hash']}" in refused

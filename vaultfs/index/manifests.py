@@ -43,14 +43,9 @@ def record(
     db.executemany("INSERT INTO manifest_queue VALUES (?, ?)", [(seq, rid) for rid in remotes])
 
 
-def head(db: sqlite3.Connection) -> tuple[int, bytes] | None:
-    """(seq, hash) of the newest manifest of this chain: the ``prev`` of the next one."""
-    row = db.execute("SELECT seq, hash FROM manifest_chain ORDER BY seq DESC LIMIT 1").fetchone()
-    return None if row is None else (row[0], bytes(row[1]))
-
-
 def newest_link(index: Index) -> tuple[int, bytes] | None:
-    """(seq, hash) of the newest manifest of this chain, for output; None before the first."""
+    """(seq, hash) of the newest manifest of this chain (the ``prev`` of the next one, and what
+    outputs print); None before the first."""
     row = index.one("SELECT seq, hash FROM manifest_chain ORDER BY seq DESC LIMIT 1")
     return None if row is None else (row[0], bytes(row[1]))
 
@@ -58,11 +53,6 @@ def newest_link(index: Index) -> tuple[int, bytes] | None:
 def chain_names(index: Index) -> set[str]:
     """Object names of every manifest of this chain (pruned ones too)."""
     return {n for (n,) in index.q("SELECT name FROM manifest_chain")}
-
-
-def chain_hashes(index: Index) -> set[bytes]:
-    """Object hashes of every manifest of this chain (pruned ones too)."""
-    return {bytes(h) for (h,) in index.q("SELECT hash FROM manifest_chain")}
 
 
 def chain_links(index: Index) -> dict[int, bytes]:

@@ -177,8 +177,7 @@ class Committer:
             self.prepush()
         created_ms = int(time.time() * 1000)
         stored = keyring.slhdsa(self.index) if self.keys.slhdsa_public is not None else None
-        with self.index.tx() as db:
-            prev = manifests.head(db)
+        prev = manifests.newest_link(self.index)
         body = manifest.Body(
             vault_root=root,
             k=p.k,
