@@ -47,11 +47,8 @@ class Seen:
         return self.manifest.link
 
     def describe(self) -> str:
-        """``#seq/hash8 (prev #seq/hash8) on R1, R2``, for messages."""
-        body = self.manifest.contents
-        prev = body.prev.short if body.prev else "none"
-        how = f", an explicit fork from {body.fork.short}" if body.fork else ""
-        return f"{self.link.short} (prev {prev}{how}) on {', '.join(self.holders)}"
+        """``#seq/hash (prev #seq/hash) on R1, R2``, for messages."""
+        return f"{self.manifest.summary()} on {', '.join(self.holders)}"
 
 
 @dataclass

@@ -337,6 +337,14 @@ class Manifest:
         """This manifest as a chain link (seq and object hash)."""
         return Link(self.seq, self.hash)
 
+    def summary(self) -> str:
+        """``#seq/hash (prev #seq/hash[, an explicit fork from #seq/hash])``: how messages
+        name a manifest and its place in the chain."""
+        body = self.contents
+        prev = body.prev.short if body.prev else "none"
+        fork = f", an explicit fork from {body.fork.short}" if body.fork else ""
+        return f"{self.link.short} (prev {prev}{fork})"
+
     @cached_property
     def contents(self) -> Body:
         """The body read against its schema (:meth:`Body.from_dict`); raises

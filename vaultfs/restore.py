@@ -463,15 +463,13 @@ class Branches:
     valid: dict[str, manifest.Manifest] = field(default_factory=dict)  # name -> manifest
     holders: dict[str, list[str]] = field(default_factory=dict)  # name -> remote labels
     used: str = ""  # the name of the manifest restored from
+    tried: set[str] = field(default_factory=set)  # names read (or refused) already
     off_chain: list[str] = field(default_factory=list)  # valid names not on its chain
     unread: int = 0  # names left unread (more than chain.MAX_READS)
 
     def describe(self, name: str) -> str:
-        m = self.valid[name]
-        body = m.contents
-        prev = body.prev.short if body.prev else "none"
-        fork = f", an explicit fork from {body.fork.short}" if body.fork else ""
-        return f"{m.link.short} (prev {prev}{fork}) on {', '.join(self.holders.get(name, []))}"
+        """Manifest ``name`` and the remotes listing it, for messages."""
+        return f"{self.valid[name].summary()} on {', '.join(self.holders.get(name, []))}"
 
     def heads(self) -> list[str]:
         """The off-chain manifests no other off-chain manifest follows: the other branches'
@@ -512,15 +510,16 @@ def find_manifest(
     read. A name listed larger than :data:`manifest.MAX_BYTES` is refused unread, every other read
     is capped there; junk names above a remote's newest valid manifest cost one capped read
     each and are named in its report, so a remote cannot hide its valid manifests and cannot
-    make the restore hold more than one manifest per remote at a time. Then every other
-    manifest name listed (newest first, at most ``chain.MAX_READS``) is read once, so that
-    the other branches of a fork are known (``branches``). The rollback floor ``min_seq`` is
-    checked against the newest valid manifest (Rollback when it is lower): one up-to-date
-    remote defeats a rollback by the others (docs/threat-model.md, section 5)."""
+    make the restore hold more than one manifest per remote at a time. With ``want`` every
+    other name listed is read too (newest first, at most ``chain.MAX_READS``); otherwise the
+    names off the chosen manifest's chain are read once its index is known
+    (:func:`_chain_report`), so that the other branches of a fork are named (``branches``).
+    The rollback floor ``min_seq`` is checked against the newest valid manifest (Rollback
+    when it is lower): one up-to-date remote defeats a rollback by the others
+    (docs/threat-model.md, section 5)."""
     warnings: list[str] = []
     found = branches if branches is not None else Branches()
     lock = threading.Lock()
-    tried: set[str] = set()
 
     def scan(r: Backend) -> None:
         """Examine the manifests of one remote newest first; stop at the first valid one."""
@@ -533,7 +532,7 @@ def find_manifest(
         for nm, listed in names:
             m = _valid_manifest(keys, src, r, nm, listed)
             with lock:
-                tried.add(nm)
+                found.tried.add(nm)
             if isinstance(m, str):
                 rep.bad_manifests.append(f"{nm}: {m}")
                 continue
@@ -544,7 +543,6 @@ def find_manifest(
 
     with ThreadPoolExecutor(max_workers=max(1, len(src.remotes))) as ex:
         list(ex.map(scan, src.remotes))
-    _read_the_rest(keys, src, found, tried)
     reps = list(src.reports.values())
     if not found.valid:
         details = "; ".join(
@@ -560,6 +558,10 @@ def find_manifest(
             f"rollback detected: the newest manifest on the remotes is #{newest}, "
             f"but #{min_seq} was already seen"
         )
+    if want is not None:  # the branch asked for may be below every remote's newest
+        _read_the_rest(keys, src, found)
+    where = _listed(src)
+    found.holders |= {nm: [r.label for r, _l in where[nm]] for nm in found.valid}
     found.used = select(found, want)
     best = found.valid[found.used]
     for r in reps:
@@ -586,10 +588,8 @@ def _valid_manifest(
     return m
 
 
-def _read_the_rest(keys: VaultKeys, src: ShardSource, found: Branches, tried: set[str]) -> None:
-    """Read every manifest name the remotes list that the per-remote scan did not, newest
-    first, at most ``chain.MAX_READS`` (one holder after another until one serves a valid
-    one); note every remote listing each valid one."""
+def _listed(src: ShardSource) -> dict[str, list[tuple[Backend, int]]]:
+    """Manifest name -> (remote, listed size) of every reachable remote listing it."""
     where: dict[str, list[tuple[Backend, int]]] = defaultdict(list)
     for r in src.remotes:
         if not src.reports[r.spec].reachable:
@@ -600,9 +600,20 @@ def _read_the_rest(keys: VaultKeys, src: ShardSource, found: Branches, tried: se
             continue
         for nm, listed in names:
             where[nm].append((r, listed))
-    rest = sorted((nm for nm in where if nm not in tried), reverse=True)
+    return where
+
+
+def _read_the_rest(
+    keys: VaultKeys, src: ShardSource, found: Branches, skip: frozenset[str] = frozenset()
+) -> None:
+    """Read every manifest name the remotes list that was not read yet and is not in
+    ``skip``, newest first, at most ``chain.MAX_READS`` (one holder after another until one
+    serves a valid one); note every remote listing each valid one."""
+    where = _listed(src)
+    rest = sorted((nm for nm in where if nm not in found.tried and nm not in skip), reverse=True)
     found.unread = max(0, len(rest) - chain.MAX_READS)
     for nm in rest[: chain.MAX_READS]:
+        found.tried.add(nm)
         for r, listed in where[nm]:
             m = _valid_manifest(keys, src, r, nm, listed)
             if not isinstance(m, str):
@@ -641,10 +652,12 @@ def select(found: Branches, want: str | None) -> str:
     return hits[0]
 
 
-def _chain_report(found: Branches, index: Index) -> list[str]:
-    """Place every valid manifest read on or off the chain of the one used (its index
-    remembers its ancestors, ``manifest_chain``) and warn about each other branch."""
+def _chain_report(keys: VaultKeys, src: ShardSource, found: Branches, index: Index) -> list[str]:
+    """Read the manifest names not on the chain of the one used (its index remembers its
+    ancestors, ``manifest_chain``: an honest vault costs no read here), place every valid
+    manifest on or off that chain and warn about each other branch."""
     ours = manifests.chain_names(index) | {found.used}
+    _read_the_rest(keys, src, found, frozenset(ours))
     found.off_chain = [n for n in found.valid if n not in ours]
     used = found.describe(found.used)
     out = [
@@ -1253,7 +1266,7 @@ def open_remote_index(
     warnings += fetch_index(keys, m, src, dbpath)
     index = open_shipped(dbpath)  # checked, and migrated: schema 1 reads like a current one
     verify_index_against_manifest(index, m)
-    warnings += _chain_report(found, index)
+    warnings += _chain_report(keys, src, found, index)
     if (
         anchor is not None
         and anchor != m.link

@@ -417,11 +417,10 @@ class _RemoteAuditor:
                 best = m
             else:
                 self.rep.fork.append(f"manifests/{nm}")
-                prev = m.contents.prev.short if m.contents.prev else "none"
                 self.rep.details[f"manifests/{nm}"] = (
-                    f"fork: manifest {m.link.short} (prev {prev}) is validly signed but not of "
-                    "this vault's chain (another writer, or a home that went back in time); "
-                    "its objects are kept"
+                    f"fork: manifest {m.summary()} is validly signed but not of this vault's "
+                    "chain (another writer, or a home that went back in time); its objects "
+                    "are kept"
                 )
                 signed |= {s.name for seg in m.contents.index_segments for s in seg.shards}
         self.rep.manifest_seq = best.seq if best else None
@@ -487,10 +486,13 @@ class _RemoteAuditor:
         for sub, nm in foreign:
             self.rep.foreign.append(f"{sub}/{nm}")
             self.rep.details.setdefault(f"{sub}/{nm}", "foreign: not an object of this vault here")
+        why = (
+            "not this chain's; kept: the remote holds another branch (a fork)"
+            if signed is not None
+            else "not this chain's; kept: more manifest names than examined (a fork may hide)"
+        )
         for sub, nm in kept:
-            self.rep.details.setdefault(
-                f"{sub}/{nm}", "not this chain's; kept: the remote holds another branch (a fork)"
-            )
+            self.rep.details.setdefault(f"{sub}/{nm}", why)
 
     # -- 2. listing --------------------------------------------------------------------------
     def _listing(self) -> list[ShardRow]:
