@@ -199,3 +199,36 @@ def test_two_writers_racing_to_one_seq_are_reported_as_a_fork(tmp_path):
     assert all(r["fork"] and r["state"] == "forked" for r in audit["remotes"]), audit
     refused = _backup(home, src, "a again\n", check=21)["stderr"]
     assert f"#2/{b['manifest_hash']}" in refused
+
+
+def test_a_commit_made_offline_is_checked_again_and_never_placed_when_stale(tmp_path):
+    home, remotes = _init(tmp_path, 3, 2)
+    src = tmp_path / "src"
+    src.mkdir()
+    _backup(home, src, "one\n")
+    shutil.copytree(home, tmp_path / "old-home")
+    _backup(home, src, "two\n")
+    _backup(home, src, "three\n")
+    shutil.rmtree(home)
+    shutil.copytree(tmp_path / "old-home", home)
+    for i, r in enumerate(remotes):  # the remotes cannot be seen: the commit goes ahead
+        shutil.move(r, tmp_path / f"away{i}")
+    offline = _backup(home, src, "offline\n", "--no-upload")
+    assert offline["seq"] == 2
+    for i, r in enumerate(remotes):
+        shutil.move(tmp_path / f"away{i}", r)
+    names = {p.name for r in remotes for p in (Path(r) / "manifests").iterdir()}
+
+    res = run_cli("flush", "--json", home=home, check=21)
+    assert json.loads(res.stdout)["stale_base"].startswith("manifest not placed")
+    assert {p.name for r in remotes for p in (Path(r) / "manifests").iterdir()} == names
+    res = run_cli("flush", home=home, check=21)
+    assert b"vaultfs home rebuild --from" in res.stderr
+
+    forked = _backup(home, src, "forked\n", "--fork")
+    assert forked["seq"] == 4 and forked["complete"]
+    placed = {p.name for r in remotes for p in (Path(r) / "manifests").iterdir()} - names
+    assert {int(n.split("-")[0]) for n in placed} == {4}  # the refused #2 never went out
+    rep = json.loads(_restore(tmp_path, home, remotes, "out").stdout)
+    assert rep["seq"] == 4 and [f["seq"] for f in rep["fork"]] == [3]
+    assert {s["seq"] for s in rep["snapshots"]} == {1, 2, 4}  # the offline snapshot is kept
