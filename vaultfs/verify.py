@@ -4,7 +4,9 @@ What one audit of one remote does, in order:
 
 1. **Manifest**: list ``manifests/`` and check the newest validly signed manifest. A remote whose
    newest one is older than the latest manifest it was sent is *stale* (rolled back). The signed
-   vault root must equal the root the local index recomputes.
+   vault root must equal the root the local index recomputes. Every other validly signed
+   manifest (one this index's chain did not write: ``manifest_chain``) is a *fork*, reported
+   with its place in the chain; the objects it may use are not called foreign.
 2. **Listing**: list ``data/`` and ``meta/`` with sizes. A live shard the index places there that
    is absent is *missing*; one of the wrong size is *corrupt* (truncated or grown); an object the
    index does not place there is *foreign*. Listings cost a few bytes per object.

@@ -8,7 +8,7 @@ Ordering invariants enforced here (numbered as in docs/design.md):
 5. A queued shard becomes ``placed`` only after rclone removed it from the queue, which it
    does only after a successful upload (:func:`vaultfs.vault.recovery.reconcile`).
 6. An old index copy is deleted only once a flush placed every newer manifest everywhere.
-9. A manifest is placed only after a survey of the reachable remotes found the base current
+7. A manifest is placed only after a survey of the reachable remotes found the base current
    (:mod:`vaultfs.chain`): a refused manifest is never uploaded (it stays queued, and the
    flush reports ``stale_base``). With no remote reachable nothing is placed anyway.
 """
@@ -209,7 +209,7 @@ class UploadQueue:
     ) -> None:
         """Upload queued manifests, oldest first, every remote at once (invariant 4: only
         called once every segment has k shards placed), once the base is found current
-        (invariant 9; a stale base is reported in ``report.stale_base``)."""
+        (invariant 7; a stale base is reported in ``report.stale_base``)."""
         rows = manifests.queued_uploads(self.index)
         if not rows:
             return
