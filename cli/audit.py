@@ -152,6 +152,14 @@ def _print_audit(rep: verify_mod.AuditReport) -> None:
         )
     if rep.clean:
         out.print(f"all audited remotes are clean ({rep.seconds:.1f}s)")
+    elif any(r.fork for r in rep.remotes):
+        err.print(
+            f"[yellow]fork: the remotes hold manifests off this vault's chain (this home uses "
+            f"#{rep.manifest_seq}); repair keeps every object of both branches. Restore either "
+            "with `vaultfs restore --from ... --manifest SEQ/HASH`; carry on from the other "
+            "with `vaultfs home rebuild --from ...`[/]",
+            highlight=False,
+        )
     elif rep.found:
         err.print("[yellow]problems found: run `vaultfs repair` to restore full redundancy[/]")
     else:  # only unreachable remotes: nothing to repair yet
@@ -223,6 +231,17 @@ def _print_repair(rep: repair_mod.RepairReport, as_json: bool) -> None:
         )
     for d in rep.deleted:
         out.print(f"{'would delete' if rep.dry_run else 'deleted'} {d}", highlight=False)
+    for d in rep.quarantined:
+        out.print(
+            f"{'would move' if rep.dry_run else 'moved'} {d} to quarantine/ (not recognised)",
+            highlight=False,
+        )
+    if rep.fork:
+        err.print(
+            "[yellow]fork: the remotes hold manifests off this vault's chain; replaced objects "
+            "were kept (they may be that branch's):[/]\n  " + "\n  ".join(rep.fork),
+            highlight=False,
+        )
     if rep.healed_from_source:
         out.print(f"healed {rep.healed_from_source} chunk(s) from the --source files")
     for u in rep.unrecoverable:

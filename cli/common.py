@@ -29,8 +29,10 @@ from rich.progress import (
 )
 
 from cli.early import secret
-from vaultfs.errors import EXIT_PARTIAL, InputError, NoVault
+from vaultfs.errors import EXIT_PARTIAL, InputError, NoVault, StaleBase
+from vaultfs.index import manifests
 from vaultfs.keys import VaultKeys, parse_seed, read_keyfile
+from vaultfs.manifest import Link
 from vaultfs.vault import Vault, default_home
 
 app = typer.Typer(
@@ -185,14 +187,31 @@ def advance_segments(
     )
 
 
+def newest_manifest(v: Vault) -> Link | None:
+    """The newest manifest of ``v``'s chain (seq and hash, for every output); None before
+    the first."""
+    row = manifests.newest_link(v.index)
+    return None if row is None else Link(*row)
+
+
+def manifest_fields(v: Vault) -> dict:
+    """``seq`` and ``manifest_hash`` of the newest manifest, for JSON outputs."""
+    link = newest_manifest(v)
+    return link.as_json() if link else {"seq": 0, "manifest_hash": None}
+
+
 def report_flush(v: Vault, as_json: bool, extra: dict | None = None) -> int:
     """Flush ``v``, report what went out (JSON with ``extra`` merged in, or warnings) and
-    return the exit code: EXIT_PARTIAL when a segment has fewer than k shards placed."""
+    return the exit code: StaleBase's when the remotes moved on without this home (its
+    manifests stay queued, never placed), EXIT_PARTIAL when a segment has fewer than k shards
+    placed."""
     rep = v.flush()
     status = v.status()
     code = 0
     msg = None
-    if status["segments_below_k_placed"]:
+    if rep.stale_base:
+        code = StaleBase.exit_code
+    elif status["segments_below_k_placed"]:
         code = EXIT_PARTIAL
         msg = (
             f"{status['segments_below_k_placed']} segment(s) have fewer than k={v.k} shards on "
@@ -206,10 +225,12 @@ def report_flush(v: Vault, as_json: bool, extra: dict | None = None) -> int:
         out.print_json(
             json.dumps(
                 {
+                    **manifest_fields(v),
                     **(extra or {}),
                     "uploaded": rep.uploaded,
                     "pending": rep.pending,
                     "errors": rep.errors,
+                    "stale_base": rep.stale_base,
                     "segments_below_k_placed": status["segments_below_k_placed"],
                     "survives_losses_now": status["survives_losses_now"],
                     "complete": rep.complete,
@@ -219,6 +240,8 @@ def report_flush(v: Vault, as_json: bool, extra: dict | None = None) -> int:
     else:
         for r, e in rep.errors.items():
             err.print(f"[yellow]warning:[/] {r}: {e}")
+        if rep.stale_base:
+            err.print(f"[red]error:[/] {rep.stale_base}", highlight=False)
         if msg:
             err.print(f"[yellow]{msg}[/]")
     return code

@@ -25,7 +25,9 @@ from cli.common import (
     app,
     err,
     home_dir,
+    manifest_fields,
     new_passphrase,
+    newest_manifest,
     open_vault,
     out,
     progress,
@@ -35,6 +37,7 @@ from cli.mounted import flush_via_mount, mount_status
 from vaultfs import erasure, names, routine
 from vaultfs.backup import backup_paths, backup_stream
 from vaultfs.errors import InputError
+from vaultfs.index import manifests
 from vaultfs.index import snapshots as snapshot_rows
 from vaultfs.vault import Vault
 from vaultfs.vault.placement import place
@@ -132,6 +135,14 @@ def backup(
     no_upload: Annotated[
         bool, typer.Option("--no-upload", help="Commit locally; leave shards queued.")
     ] = False,
+    fork: Annotated[
+        bool,
+        typer.Option(
+            "--fork",
+            help="If the remotes hold manifests this home never wrote (exit 21), record an "
+            "explicit fork instead of refusing.",
+        ),
+    ] = False,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -146,13 +157,14 @@ def backup(
             if stdin:
                 uid, count, size = backup_stream(
                     v, sys.stdin.buffer, stdin_filename or "", name, advance(prog),
-                    upload=not no_upload,
+                    upload=not no_upload, fork=fork,
                 )  # fmt: skip
             else:
                 uid, count, size = backup_paths(
-                    v, list(paths or []), name, advance(prog), upload=not no_upload
+                    v, list(paths or []), name, advance(prog), upload=not no_upload, fork=fork
                 )
-        info = {"snapshot": uid, "entries": count, "bytes": size}
+        info = {"snapshot": uid, "entries": count, "bytes": size, **manifest_fields(v)}
+        link = newest_manifest(v)
         if no_upload:
             code = 0
             if as_json:
@@ -161,7 +173,11 @@ def backup(
             code = report_flush(v, as_json, info)
     if not as_json:
         dt = time.perf_counter() - t0
-        out.print(f"snapshot {uid}: {count} entries, {size:,} bytes in {dt:.1f}s")
+        out.print(
+            f"snapshot {uid}: {count} entries, {size:,} bytes in {dt:.1f}s, "
+            f"manifest {link.short if link else '#0'}",
+            highlight=False,
+        )
     raise typer.Exit(code)
 
 
@@ -181,14 +197,18 @@ def snapshots(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """List snapshots."""
     with open_vault(home, lock=False) as v:
         rows = snapshot_rows.rows(v.index)
+        links = manifests.chain_links(v.index)
     items = [
-        {"id": u, "name": nm, "time": c, "entries": f, "bytes": b, "seq": s}
+        {
+            "id": u, "name": nm, "time": c, "entries": f, "bytes": b, "seq": s,
+            "manifest_hash": links[s].hex()[:16] if s in links else None,
+        }
         for u, nm, c, f, b, s in rows
-    ]
+    ]  # fmt: skip
     if as_json:
         out.print_json(json.dumps(items))
         return
-    t = Table("id", "time", "name", "entries", "bytes")
+    t = Table("id", "time", "name", "entries", "bytes", "manifest")
     for it in items:
         t.add_row(
             it["id"],
@@ -196,6 +216,7 @@ def snapshots(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
             it["name"] or "",
             str(it["entries"]),
             f"{it['bytes']:,}",
+            f"#{it['seq']}/{it['manifest_hash'] or '?'}",
         )
     out.print(t)
 
@@ -246,12 +267,25 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     with open_vault(home, lock=False) as v:
         st = v.status()
         st["routine"] = routine.report(home_dir(home), v)
+        st |= manifest_fields(v)
+        st["fork"] = manifests.fork_seen(v.index)
     if (mounted := mount_status(home)) is not None:
         st["mount"] = mounted
     if as_json:
         out.print_json(json.dumps(st))
         return
-    out.print(f"vault {st['fingerprint']}  {st['k']}-of-{st['n']}  snapshots: {st['snapshots']}")
+    out.print(
+        f"vault {st['fingerprint']}  {st['k']}-of-{st['n']}  snapshots: {st['snapshots']}  "
+        f"manifest #{st['seq']}/{st['manifest_hash'] or '-'}",
+        highlight=False,
+    )
+    if st["fork"]:  # what the last backup, flush or verify found on the remotes off this chain
+        out.print(
+            "[yellow]fork: the remotes hold manifests this home's chain did not write "
+            f"(this home uses #{st['seq']}/{st['manifest_hash']}):[/]\n  "
+            + "\n  ".join(st["fork"]),
+            highlight=False,
+        )
     if mounted:
         out.print(
             f"mounted at {mounted['mountpoint']}: {mounted['cache_dirty_bytes']:,} of "

@@ -158,6 +158,14 @@ app.add_typer(snap_app, name="snapshot")
 def snapshot(
     ctx: typer.Context,
     name: Annotated[str | None, typer.Option(help="A label (also the .snapshots/ name).")] = None,
+    fork: Annotated[
+        bool,
+        typer.Option(
+            "--fork",
+            help="If the remotes hold manifests this home never wrote (exit 21), record an "
+            "explicit fork instead of refusing.",
+        ),
+    ] = False,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -171,15 +179,19 @@ def snapshot(
     if info is None:  # not mounted: record the live tree as the index holds it
         from vaultfs import daemon
 
-        reply = daemon.offline_snapshot(h, passphrase(), name)
+        reply = daemon.offline_snapshot(h, passphrase(), name, fork)
     else:
         syncfs(Path(info["mountpoint"]))
-        reply = call(control.home_address(h), {"cmd": "snapshot", "name": name})
+        reply = call(control.home_address(h), {"cmd": "snapshot", "name": name, "fork": fork})
         assert reply is not None
     extra = {"snapshot": reply["snapshot"], "entries": reply["entries"], "seq": reply["seq"]}
     code = print_report(reply["report"], as_json, extra)
     if not as_json:
-        out.print(f"snapshot {reply['snapshot']}: {reply['entries']} entries")
+        out.print(
+            f"snapshot {reply['snapshot']}: {reply['entries']} entries, manifest "
+            f"#{reply['seq']}/{reply['report']['manifest_hash']}",
+            highlight=False,
+        )
     raise typer.Exit(code)
 
 

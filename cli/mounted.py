@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from cli.common import err, home_dir, out
 from vaultfs import control
-from vaultfs.errors import EXIT_PARTIAL
+from vaultfs.errors import EXIT_PARTIAL, StaleBase
 
 
 def syncfs(path: Path) -> None:
@@ -46,14 +46,19 @@ def mounted(home: Path) -> dict | None:
 
 def print_report(rep: dict, as_json: bool, extra: dict | None = None) -> int:
     """Report a flush the mount's daemon did (its reply's ``report``: JSON with ``extra``
-    merged in, or warnings and the redundancy line); return EXIT_PARTIAL when a segment has
-    fewer than k shards placed, else 0."""
+    merged in, or warnings and the redundancy line); return StaleBase's code when the remotes
+    moved on without this home, EXIT_PARTIAL when a segment has fewer than k shards placed,
+    else 0."""
     code = EXIT_PARTIAL if rep["segments_below_k_placed"] else 0
+    if rep.get("stale_base"):
+        code = StaleBase.exit_code
     if as_json:
         out.print_json(json.dumps({**(extra or {}), **rep}))
         return code
     for r, e in rep["errors"].items():
         err.print(f"[yellow]warning:[/] {r}: {e}")
+    if rep.get("stale_base"):
+        err.print(f"[red]error:[/] {rep['stale_base']}", highlight=False)
     if rep["segments_below_k_placed"]:
         err.print(
             f"[yellow]{rep['segments_below_k_placed']} segment(s) have fewer than k shards on "

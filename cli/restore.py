@@ -29,9 +29,38 @@ from cli.common import (
     out,
     progress,
 )
+from vaultfs import receipt as receipts
 from vaultfs.backends import open_backend
+from vaultfs.errors import InputError, IntegrityError
 from vaultfs.index import manifests
-from vaultfs.restore import ShardSource, open_remote_index, restore_files, staging_dir
+from vaultfs.index import snapshots as snapshot_rows
+from vaultfs.keys import VaultKeys
+from vaultfs.manifest import Link
+from vaultfs.restore import (
+    Branches,
+    ShardSource,
+    open_remote_index,
+    restore_files,
+    staging_dir,
+)
+
+
+def _anchor(path: Path, keys: VaultKeys) -> tuple[int, Link | None]:
+    """The rollback floor a receipt sets: (its manifest seq, its manifest link if it names
+    the hash). The receipt must verify and be signed by this vault's keys."""
+    statement = receipts.verify(receipts.load_json(path, "receipt"))
+    if statement.get("fingerprint") != keys.fingerprint():
+        raise IntegrityError(
+            f"the receipt {path} is signed by another vault ({statement.get('fingerprint')})"
+        )
+    seq = statement.get("manifest_seq")
+    if type(seq) is not int or seq < 0:
+        raise InputError(f"the receipt {path} names no manifest_seq")
+    h = statement.get("manifest_hash")
+    try:
+        return seq, Link(seq, bytes.fromhex(h)) if isinstance(h, str) and len(h) == 64 else None
+    except ValueError:
+        raise InputError(f"the receipt {path} has a malformed manifest_hash") from None
 
 
 @app.command()
@@ -48,11 +77,38 @@ def restore(
     keyfile: KeyfileOpt = None,
     seed_file: SeedOpt = None,
     force: Annotated[bool, typer.Option(help="Restore into a non-empty directory.")] = False,
+    manifest: Annotated[
+        str | None,
+        typer.Option(
+            "--manifest",
+            help="With --from: restore from this manifest (SEQ, SEQ/HASH-PREFIX or its object "
+            "name), e.g. one branch of a fork; default the newest.",
+        ),
+    ] = None,
+    min_seq: Annotated[
+        int,
+        typer.Option(
+            "--min-seq",
+            help="With --from: refuse (exit 12) if the remotes' newest manifest is older.",
+        ),
+    ] = 0,
+    receipt: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --from: a receipt (`vaultfs receipt`); refuse (exit 12) if the remotes "
+            "hide its manifest.",
+        ),
+    ] = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Restore a snapshot; with --from it needs no local state, only the key."""
+    if not from_ and (manifest or min_seq or receipt):
+        raise InputError(
+            "--manifest, --min-seq and --receipt choose among the remotes' manifests: give --from"
+        )
     h = home_dir(home)
+    branches = Branches()
     t0 = time.perf_counter()
     warnings: list[str] = []
     with contextlib.ExitStack() as stack:
@@ -69,17 +125,30 @@ def restore(
         keys = keys_for_restore(h, keyfile, seed_file)
         if from_:
             assert early is not None
+            anchor = None
+            if receipt is not None:
+                floor, anchor = _anchor(receipt, keys)
+                min_seq = max(min_seq, floor)
             index, src, m, warnings = open_remote_index(
-                keys, early.remotes, Path(work), src=early, home=h
-            )  # the local index, if any, is the rollback floor
+                keys,
+                early.remotes,
+                Path(work),
+                min_seq,
+                src=early,
+                home=h,
+                want=manifest,
+                anchor=anchor,
+                branches=branches,
+            )  # fmt: skip  (the local index, if any, is a rollback floor too)
             stack.callback(index.close)
-            seq = m.seq
+            link: Link | None = m.link
         else:
             v = stack.enter_context(open_vault(h, lock=False, keys=keys))
             index = v.index
             src = ShardSource(v.remotes(), v.queue_dir)
             src.list_all()
-            seq = manifests.newest_seq(v.index)
+            newest = manifests.newest_link(v.index)
+            link = None if newest is None else Link(*newest)
         with progress("restore", quiet=as_json) as prog:
             total_cb = None
             if prog:
@@ -88,6 +157,9 @@ def restore(
             uid, files, size, w2 = restore_files(
                 keys, index, src, to, snapshot, include, force, advance(prog), total_cb
             )
+        held = [  # what the manifest restored from holds, to choose another --snapshot
+            {"id": u, "name": nm, "seq": sq} for u, nm, _c, _f, _b, sq in snapshot_rows.rows(index)
+        ]
     warnings += w2
     dt = time.perf_counter() - t0
     reports = [
@@ -107,7 +179,9 @@ def restore(
                     "snapshot": uid,
                     "entries": files,
                     "bytes": size,
-                    "seq": seq,
+                    **(link.as_json() if link else {"seq": 0, "manifest_hash": None}),
+                    "fork": branches.to_dict()["fork"] if branches.used else [],
+                    "snapshots": held,
                     "seconds": dt,
                     "remotes": reports,
                     "warnings": warnings,
@@ -128,4 +202,8 @@ def restore(
                 f" and decoded around: {shown}" + (f" and {more} more" if more > 0 else ""),
                 highlight=False,
             )
-    out.print(f"restored snapshot {uid}: {files} entries, {size:,} bytes to {to} in {dt:.1f}s")
+    out.print(
+        f"restored snapshot {uid}: {files} entries, {size:,} bytes to {to} in {dt:.1f}s, "
+        f"from manifest {link.short if link else '#0'}",
+        highlight=False,
+    )

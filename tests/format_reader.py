@@ -318,6 +318,7 @@ class Manifest:
     seq: int
     created_ms: int
     body: dict
+    hash: bytes  # § 10.3: BLAKE3 of the whole object, how the next manifest names this one
 
 
 #: signature algorithm id -> total signature length (§ Algorithm ids)
@@ -347,6 +348,11 @@ def open_manifest(keys: Keys, blob: bytes) -> Manifest:
     kind = b"manifest" + struct.pack(">Q", seq)
     _c, _b, raw = open_record(keys.metadata_key, vid, b"meta" + kind, kind, blob[44:end], suite)
     body = json.loads(raw)
+    prev = body.get("prev", "missing")  # § 10.2: required, an object or null
+    if prev is not None and not (
+        isinstance(prev, dict) and isinstance(prev.get("seq"), int) and len(prev["hash"]) == 64
+    ):
+        raise FormatError("manifest body lacks a valid prev")
     if sig_alg in (2, 3):  # SLH-DSA-SHA2-128s / -128f over the same message, key in the body
         from pqcrypto.sign import slh_dsa_sha2_128f, slh_dsa_sha2_128s
 
@@ -355,7 +361,7 @@ def open_manifest(keys: Keys, blob: bytes) -> Manifest:
             slh.verify(bytes.fromhex(body["slhdsa_public"]), signed, sig[3373:])
         except Exception:
             raise FormatError("manifest SLH-DSA signature does not verify") from None
-    return Manifest(seq, created, body)
+    return Manifest(seq, created, body, blake3.blake3(blob).digest())
 
 
 # --- § Recovering without vaultfs -------------------------------------------------------------
@@ -385,14 +391,19 @@ class Remotes:
         return None
 
 
-def newest_manifest(keys: Keys, remotes: Remotes) -> Manifest:
-    """The highest validly signed manifest whose name agrees with its signed sequence."""
+def choose_manifest(keys: Keys, remotes: Remotes, want: str | None = None) -> Manifest:
+    """§ 10.3: the highest validly signed manifest whose name agrees with its signed sequence,
+    or with ``want`` ("SEQ/HASH-PREFIX") the valid one of that sequence and hash prefix (one
+    branch of a fork)."""
+    seq_s, _sep, prefix = (want or "").partition("/")
     for seq, path in remotes.manifests():
+        if want is not None and seq != int(seq_s):
+            continue
         try:
             m = open_manifest(keys, path.read_bytes())
         except (FormatError, ValueError):
             continue
-        if m.seq == seq:
+        if m.seq == seq and m.hash.hex().startswith(prefix):
             return m
     raise FormatError("no validly signed manifest on these remotes")
 
@@ -458,13 +469,16 @@ def canonical_path(path: bytes) -> str | bytes:
         return path
 
 
-def recover_file(seed: bytes, remote_dirs: list[Path], path: str | bytes) -> bytes:
-    """The bytes of ``path`` in the newest snapshot, from the seed and any k remotes."""
+def recover_file(
+    seed: bytes, remote_dirs: list[Path], path: str | bytes, manifest: str | None = None
+) -> bytes:
+    """The bytes of ``path`` in the newest snapshot, from the seed and any k remotes (of the
+    branch whose manifest ``manifest`` names as "SEQ/HASH-PREFIX", § 10.3)."""
     if isinstance(path, str):
         path = path.encode("utf-8")
     keys = Keys.from_seed(seed)
     remotes = Remotes(remote_dirs)
-    m = newest_manifest(keys, remotes)
+    m = choose_manifest(keys, remotes, manifest)
     data_keys: dict[int, tuple[bytes, int]] = {}  # epoch -> (data key, suite id)
     for e in m.body["keyring"]:
         if e["suite"] != 1:

@@ -404,6 +404,11 @@ def test_manifest_layout_signature_and_body():
     assert json.loads(raw) == mv["body"]
     assert mv["body"]["keyring"][0]["wrapped"] == VECTORS["keyring"]["wrapped"]
     assert fr.open_manifest(KEYS, blob).body == mv["body"]
+    # 10.3: a manifest is named in the chain by BLAKE3 of its whole object
+    assert blake3.blake3(blob).hexdigest() == mv["object_blake3"]
+    assert fr.open_manifest(KEYS, blob).hash.hex() == mv["object_blake3"]
+    assert manifest.decode(keys, blob).link.hash.hex() == mv["object_blake3"]
+    assert mv["body"]["prev"]["seq"] == seq - 1
     assert manifest.object_name(seq, "0a1b2c3d").startswith(mv["object_name_prefix"])
     # library: decodes the stored blob; re-encoding gives the same header, a verifiable blob
     assert manifest.decode(keys, blob).body == mv["body"]
@@ -434,6 +439,7 @@ def test_manifest_body_schema_reads_the_vector_body():
         s["hash"] for s in doc["index"]["segments"][0]["shards"]
     ]
     assert body.retired_suites == frozenset() and body.slhdsa_public is None
+    assert body.prev == manifest.Link(6, bytes.fromhex(doc["prev"]["hash"])) and body.fork is None
     current = json.loads(json.dumps(doc))
     current["index"]["segments"][0]["size"] = 4096
     current["retired_suites"] = [2]
@@ -479,6 +485,11 @@ def _set(path: str, value: object):
         (_set("index.segments.0.shards.1.name", 0), "index.segments[0].shards[1].name"),
         (_set("retired_suites", ["1"]), "retired_suites[0]: expected a non-negative integer"),
         (_set("slhdsa_public", "ab"), "slhdsa_public: expected 32 bytes"),
+        (_set("prev", ...), "prev: missing"),
+        (_set("prev", 6), "prev: expected an object"),
+        (_set("prev.hash", "00" * 31), "prev.hash: expected 32 bytes, got 31"),
+        (_set("prev.seq", -1), "prev.seq: expected a non-negative integer"),
+        (_set("fork", {"seq": 3}), "fork.hash: missing"),
     ],
 )
 def test_manifest_body_schema_refuses_malformed_bodies(damage, message):

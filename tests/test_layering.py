@@ -30,7 +30,7 @@ ABOVE_FORMAT = set(
 #: the mount
 FUSE = {"fs", "livetree", "cache", "snapview", "daemon", "chunkreader", "readcache"}
 #: must work without a mount
-ENGINE = {"vault", "restore", "repair", "verify", "prune", "sealer"}
+ENGINE = {"vault", "restore", "repair", "verify", "prune", "sealer", "chain"}
 
 
 def _modules() -> dict[str, Path]:

@@ -12,7 +12,10 @@ One *trial* of an operation:
    and resumes), then ``vaultfs flush`` again;
 4. check: ``vaultfs verify --read-all`` exits 0, every snapshot the world had committed before
    the kill is still listed, and every listed snapshot restores to exactly one of the source
-   trees. *Bytes lost* are the bytes of committed snapshots that are missing or wrong.
+   trees. *Bytes lost* are the bytes of committed snapshots that are missing or wrong. The
+   manifest chain on the remotes is linear (one manifest per sequence number, each naming the
+   one before it), and a restore from the remotes alone reports no fork and uses the home's
+   newest manifest.
 
 scripts/torture runs many trials per operation and prints the table; tests/test_torture.py
 runs a handful.
@@ -235,8 +238,40 @@ class Chamber:
         if res.returncode != 0:
             problems.append(f"verify --read-all exited {res.returncode}")
         lost, why = self._check_snapshots(before, op)
-        problems += why
+        problems += why + self._check_chain()
         return not problems and lost == 0, lost, "; ".join(problems)
+
+    def _check_chain(self) -> list[str]:
+        """Problems with the manifest chain on the remotes (empty: linear and restorable)."""
+        from vaultfs import manifest
+        from vaultfs.keys import read_keyfile
+
+        keys = read_keyfile(self.world / "home" / "key.json", PASSPHRASE)
+        found: dict[int, dict[bytes, manifest.Manifest]] = {}
+        for r in REMOTES:
+            for f in (self.world / r / "manifests").glob("*"):
+                m = manifest.read(keys, f.read_bytes())
+                found.setdefault(m.seq, {})[m.hash] = m
+        problems = [f"{len(ms)} manifests at #{seq}" for seq, ms in found.items() if len(ms) > 1]
+        for ms in found.values():
+            for m in ms.values():
+                prev = m.contents.prev
+                if prev is not None and prev.seq in found and prev.hash not in found[prev.seq]:
+                    problems.append(f"#{m.seq} names a #{prev.seq} that is not on the remotes")
+        out = self.base / "restore-remotes"
+        shutil.rmtree(out, ignore_errors=True)
+        froms = [a for r in REMOTES for a in ("--from", str(self.world / r))]
+        res = cli(self.world, "restore", *froms, "--to", str(out), "--json")
+        if res.returncode != 0:
+            return [*problems, f"restore from the remotes exited {res.returncode}"]
+        rep = json.loads(res.stdout)
+        newest = json.loads(_ok(self.world, "status", "--json"))
+        if rep["fork"] or (rep["seq"], rep["manifest_hash"]) != (
+            newest["seq"],
+            newest["manifest_hash"],
+        ):
+            problems.append(f"restore from the remotes used {rep['seq']}, fork {rep['fork']}")
+        return problems
 
     def _check_snapshots(self, before: list[dict], op: Operation) -> tuple[int, list[str]]:
         # a backup of WORLD/srcN restores as srcN/...

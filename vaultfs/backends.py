@@ -138,6 +138,12 @@ class Backend(Protocol):
         """Delete the named objects of ``sub``; absent ones are not an error."""
         ...
 
+    def quarantine(self, sub: str, names: list[str]) -> None:
+        """Move the named objects of ``sub`` to ``quarantine/<sub>/`` on the same remote
+        (server-side where the provider can; nothing is deleted: repair's way with objects
+        it does not recognise); absent ones are not an error."""
+        ...
+
 
 class Wrapper:
     """Base of the wrappers: a :class:`Backend` that passes every call to ``inner`` through
@@ -206,6 +212,9 @@ class Wrapper:
 
     def delete(self, sub: str, names: list[str]) -> None:
         self._op(self.inner.delete, sub, names)
+
+    def quarantine(self, sub: str, names: list[str]) -> None:
+        self._op(self.inner.quarantine, sub, names)
 
 
 class Retrying(Wrapper):
@@ -478,6 +487,12 @@ class MemoryBackend(Remote):
         with self._lock:
             for n in names:
                 self.objects.pop(self._key(sub, n), None)
+
+    def quarantine(self, sub: str, names: list[str]) -> None:
+        with self._lock:
+            for n in names:
+                if (data := self.objects.pop(self._key(sub, n), None)) is not None:
+                    self.objects[self._key(f"quarantine/{sub}", n)] = data
 
 
 def stack(base: Backend, wrap: Callable[[Backend], Backend] | None = None) -> Metered:

@@ -74,8 +74,10 @@ def backup_paths(
     name: str | None = None,
     progress: Progress | None = None,
     upload: bool = False,
+    fork: bool = False,
 ) -> tuple[str, int, int]:
     """Back up files and directories as one snapshot. Returns (snapshot uid, entries, bytes).
+    ``fork``: record an explicit fork if the remotes moved on (:meth:`Vault.commit`).
 
     Keeps modes, owners, times, symlinks, extended attributes, hard links (files that
     share an inode get one link group and are stored once), fifos, sockets and device
@@ -127,7 +129,7 @@ def backup_paths(
                 # fifos, sockets and devices hold no data: kept as entries (rdev for devices)
                 rdev = st.st_rdev if special in ("c", "b") else None
                 entries.append(Entry(rel, special, mode, st.st_mtime_ns, rdev=rdev, **common))
-    uid, _seq = vault.commit(entries, name=name, prepush=upload)
+    uid, _seq = vault.commit(entries, name=name, prepush=upload, fork=fork)
     return uid, len(entries), total
 
 
@@ -138,7 +140,9 @@ def backup_stream(
     name: str | None = None,
     progress: Progress | None = None,
     upload: bool = False,
+    fork: bool = False,
 ) -> tuple[str, int, int]:
+    """Back up one stream as file ``filename`` of a new snapshot; as :func:`backup_paths`."""
     import time
 
     rel = check_name(filename)
@@ -147,5 +151,5 @@ def backup_stream(
     now = time.time_ns()
     entries = [Entry("/".join(parts[:i]), "d", 0o755, now) for i in range(1, len(parts))]
     entries.append(Entry(rel, "f", 0o644, now, size=size, cids=cids))
-    uid, _seq = vault.commit(entries, name=name, prepush=upload)
+    uid, _seq = vault.commit(entries, name=name, prepush=upload, fork=fork)
     return uid, len(entries), size

@@ -257,7 +257,7 @@ async def _handle(fs, req: dict) -> dict:
         rep = await fs.push(seal=True)
         return {"report": await _report(fs, rep)}
     if cmd == "snapshot":
-        uid, seq, count = await fs.snapshot(req.get("name"))
+        uid, seq, count = await fs.snapshot(req.get("name"), bool(req.get("fork")))
         rep = await fs.push(seal=True)
         return {"snapshot": uid, "seq": seq, "entries": count, "report": await _report(fs, rep)}
     if cmd == "delete":  # "id": a snapshot id or name, like every command takes
@@ -276,8 +276,13 @@ async def _handle(fs, req: dict) -> dict:
 async def _report(fs, rep) -> dict:
     import trio
 
+    from .index import manifests
+
     st = await trio.to_thread.run_sync(fs.vault.status)
+    link = manifests.newest_link(fs.vault.index)
     return {
+        "manifest_hash": link[1].hex()[:16] if link else None,
+        "stale_base": rep.stale_base,
         "uploaded": rep.uploaded,
         "pending": rep.pending,
         "errors": rep.errors,
@@ -356,7 +361,7 @@ def spawn(
     )
 
 
-def offline_snapshot(home: Path, passphrase: str, name: str | None) -> dict:
+def offline_snapshot(home: Path, passphrase: str, name: str | None, fork: bool = False) -> dict:
     """`vaultfs snapshot` with no mount running: the same code path as the daemon (load the
     live tree, store the cache files a crash left, record the tree, upload) without FUSE."""
     import trio
@@ -374,7 +379,7 @@ def offline_snapshot(home: Path, passphrase: str, name: str | None) -> dict:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(fs.journal.run)
                 nursery.start_soon(fs.cache.run)
-                uid, seq, count = await fs.snapshot(name)
+                uid, seq, count = await fs.snapshot(name, fork)
                 rep = await fs.push(seal=True)
                 out = {"snapshot": uid, "seq": seq, "entries": count}
                 out["report"] = await _report(fs, rep)

@@ -20,6 +20,7 @@ code  meaning
 18    input not found or not readable
 19    a recovery share is mistyped, missing, or from another share set
 20    `vaultfs run`: a scheduled job failed or an audit found damage (alerted)
+21    stale base: the remotes hold manifests this home never wrote (rebuild or --fork)
 ====  ==========================================================================
 """
 
@@ -66,6 +67,21 @@ class ObjectMissing(RemoteError):
 
 class IntegrityError(VaultError):
     exit_code = 12
+
+
+class Rollback(IntegrityError):
+    """The remotes' newest manifest is older than a floor the user or this machine knows
+    (``--min-seq``, ``--receipt``, the local index): remotes hide newer manifests."""
+
+    exit_code = 12
+
+
+class StaleBase(VaultError):
+    """The remotes hold a validly signed manifest this home's chain never wrote, newer than
+    its base: committing would fork the vault. Rebuild the home from the remotes, or record
+    an explicit fork (``--fork``)."""
+
+    exit_code = 21
 
 
 class TargetNotEmpty(VaultError):

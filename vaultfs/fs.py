@@ -1147,21 +1147,22 @@ class VaultFS(pyfuse3.Operations):
         self.last_push = {"time": time.time(), "errors": rep.errors, "pending": rep.pending}
         return rep
 
-    async def snapshot(self, name: str | None) -> tuple[str, int, int]:
+    async def snapshot(self, name: str | None, fork: bool = False) -> tuple[str, int, int]:
         """A point-in-time snapshot of the live tree: close the gate, store every dirty
-        block, record the tree through ``Vault.commit``, open the gate."""
+        block, record the tree through ``Vault.commit`` (``fork``: see there), open the
+        gate."""
         async with self._refs:  # waits for a prune before the gate closes, not after
             await self.freeze()
             try:
                 await self.cache.drain()
                 # the gate is closed: the tree cannot change while a thread walks it
-                uid, seq, count = await trio.to_thread.run_sync(self._commit_tree, name)
+                uid, seq, count = await trio.to_thread.run_sync(self._commit_tree, name, fork)
                 self.tree.changed_since_ship = False
             finally:
                 self.thaw()
         return uid, seq, count
 
-    def _commit_tree(self, name: str | None) -> tuple[str, int, int]:
+    def _commit_tree(self, name: str | None, fork: bool = False) -> tuple[str, int, int]:
         walk = self.tree.walk()
         entries: list[Entry] = []
         files: dict[int, tuple[list[bytes], int]] = {}
@@ -1187,7 +1188,7 @@ class VaultFS(pyfuse3.Operations):
             elif special is not None:  # fifo, device, socket: no data, rdev for devices
                 rdev = n.rdev if special in ("c", "b") else None
                 entries.append(Entry(path, special, mode, n.mtime_ns, rdev=rdev, **common))
-        uid, seq = self.vault.commit(entries, name=name)
+        uid, seq = self.vault.commit(entries, name=name, fork=fork)
         return uid, seq, len(entries)
 
     def _file_cids(self, n: Node, bs: int, zero: dict[int, bytes]) -> list[bytes]:

@@ -38,6 +38,8 @@ import struct
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import blake3
+
 from . import envelope
 from .errors import IntegrityError
 from .keys import (
@@ -96,12 +98,44 @@ class KeyringEntry:
 
 
 @dataclass(frozen=True)
+class Link:
+    """A manifest named by its sequence number and the BLAKE3 of its whole object bytes
+    (``prev`` and ``fork`` in the body; docs/format.md 10.3)."""
+
+    seq: int
+    hash: bytes  # 32 bytes: :func:`object_hash` of the manifest object
+
+    def to_dict(self) -> dict:
+        return {"seq": self.seq, "hash": self.hash.hex()}
+
+    @property
+    def short_hash(self) -> str:
+        """The first 16 hex digits of the hash: how outputs name a manifest's hash."""
+        return self.hash.hex()[:16]
+
+    @property
+    def short(self) -> str:
+        """``#seq/hash16``: how every output names a manifest."""
+        return f"#{self.seq}/{self.short_hash}"
+
+    def as_json(self) -> dict:
+        """``{"seq": N, "manifest_hash": hex16}``, the fields every JSON output carries."""
+        return {"seq": self.seq, "manifest_hash": self.short_hash}
+
+
+def object_hash(blob: bytes) -> bytes:
+    """The hash that names a manifest object in the chain: BLAKE3 of all its bytes."""
+    return blake3.blake3(blob).digest()
+
+
+@dataclass(frozen=True)
 class Body:
     """The manifest body (docs/format.md 10.2): the only code that knows its JSON keys.
 
-    Every field is in format version 1. The writer always writes all of them but
+    Every field is in format version 2. The writer always writes all of them but
     ``slhdsa_public``/``slhdsa_sealed`` (present only with signature algorithm 2 or 3;
-    :func:`encode` adds ``slhdsa_public`` from the signing key). A reader takes
+    :func:`encode` adds ``slhdsa_public`` from the signing key) and ``fork`` (only on an
+    explicit fork). ``prev`` is required (null for the first manifest). A reader takes
     ``retired_suites`` and an index segment's ``size`` and ``ec_alg`` as optional (older
     writers), and ignores keys it does not know.
     """
@@ -118,6 +152,8 @@ class Body:
     slhdsa_public: bytes | None = None  # the SLH-DSA public key that signed this manifest
     # knowledge-base snapshot uid -> {"format", "root", "tables": {table: {"rows", "checksum"}}}
     kb: dict[str, dict] = field(default_factory=dict)
+    prev: Link | None = None  # the manifest this one follows (None: the first of the vault)
+    fork: Link | None = None  # an explicit fork: the remotes' newest manifest it forked from
 
     def to_dict(self) -> dict:
         """The JSON object :func:`encode` signs (canonical bytes come from ``encode``)."""
@@ -135,7 +171,10 @@ class Body:
                 "segments": [_segment_dict(seg) for seg in self.index_segments],
             },
             "retired_suites": sorted(self.retired_suites),
+            "prev": None if self.prev is None else self.prev.to_dict(),
         }
+        if self.fork is not None:
+            out["fork"] = self.fork.to_dict()
         if self.slhdsa_sealed is not None:
             out["slhdsa_sealed"] = self.slhdsa_sealed.hex()
         if self.slhdsa_public is not None:
@@ -172,7 +211,18 @@ class Body:
             slhdsa_sealed=_hex(obj, "slhdsa_sealed", "") if "slhdsa_sealed" in obj else None,
             slhdsa_public=_hex(obj, "slhdsa_public", "", 32) if "slhdsa_public" in obj else None,
             kb=_parse_kb(_object(_get(obj, "kb", "", {}), "kb")),
+            prev=_link(obj, "prev"),
+            fork=_link(obj, "fork") if "fork" in obj else None,
         )
+
+
+def _link(obj: dict, key: str) -> Link | None:
+    """``obj[key]``: a link object or null (required: a body without ``prev`` is refused)."""
+    v = _get(obj, key, "")
+    if v is None:
+        return None
+    link = _object(v, key)
+    return Link(_int(link, "seq", f"{key}."), _hex(link, "hash", f"{key}.", 32))
 
 
 def _segment_dict(seg: IndexSegment) -> dict:
@@ -307,6 +357,21 @@ class Manifest:
     suite: int = SUITE_XWING_AES256GCM
     sig_alg: int = SIG_MLDSA65_ED25519
 
+    hash: bytes = b""  # :func:`object_hash` of the object it was decoded from
+
+    @property
+    def link(self) -> Link:
+        """This manifest as a chain link (seq and object hash)."""
+        return Link(self.seq, self.hash)
+
+    def summary(self) -> str:
+        """``#seq/hash (prev #seq/hash[, an explicit fork from #seq/hash])``: how messages
+        name a manifest and its place in the chain."""
+        body = self.contents
+        prev = body.prev.short if body.prev else "none"
+        fork = f", an explicit fork from {body.fork.short}" if body.fork else ""
+        return f"{self.link.short} (prev {prev}{fork})"
+
     @cached_property
     def contents(self) -> Body:
         """The body read against its schema (:meth:`Body.from_dict`); raises
@@ -404,7 +469,7 @@ def decode(keys: VaultKeys, blob: bytes) -> Manifest:
         verify_slhdsa(
             keys.slhdsa_public or named, SIGN_LABEL + blob[:end], sig[composite_len:], param
         )
-    return Manifest(seq, created, body, suite, sig_alg)
+    return Manifest(seq, created, body, suite, sig_alg, object_hash(blob))
 
 
 def read(keys: VaultKeys, blob: bytes) -> Manifest:

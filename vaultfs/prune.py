@@ -20,7 +20,10 @@ vault locked (so no backup or mount adds references meanwhile):
    chunk rows and the old segments, and lists the old placed shards in ``garbage``.
 4. **Publish and collect**: a new index copy and manifest are shipped and placed; only then are
    the garbage objects deleted from the remotes (``rotation.collect_garbage``, invariant 8 of
-   docs/design.md). A remote that is down keeps its garbage until a later prune.
+   docs/design.md). A remote that is down keeps its garbage until a later prune; while the
+   remotes hold a fork (manifests off this index's chain, which may use the same objects)
+   every remote keeps it (``garbage_left``): prune never deletes what another branch's
+   validly signed manifest may reference.
 
 Crash states: a crash before a group's transaction leaves the old segments in use and orphan
 queue files (removed at the next open); after it, the old objects wait in ``garbage``, which

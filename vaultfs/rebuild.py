@@ -260,4 +260,8 @@ def _adopt_newest(
                 epoch, root, created, manifest=m.seq,
             )  # fmt: skip
             segments.add_queued_shards(db, seg_id, rows)
-        manifest_table.adopt(db, m.seq, name, created, m.contents.vault_root)
+        fork = m.contents.fork
+        manifest_table.adopt(
+            db, m.seq, name, created, m.contents.vault_root, m.hash,
+            None if fork is None else (fork.seq, fork.hash),
+        )  # fmt: skip

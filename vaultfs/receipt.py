@@ -5,7 +5,7 @@ A receipt is a JSON document (docs/keys.md, "Receipts")::
     {
       "format": "vaultfs-receipt", "version": 1,
       "statement": {vault_id, fingerprint, snapshot, name, snapshot_created, manifest_seq,
-                    snapshot_root, files, bytes, issued, suite, redundancy{...}, remotes[...]},
+                    manifest_hash, snapshot_root, files, bytes, issued, suite, redundancy{...}, remotes[...]},
       "public_keys": {vault_id, fingerprint, mldsa65, ed25519,
                       slhdsa_sha2_128f (or slhdsa_sha2_128s), slhdsa_endorsement},
       "signature": {algorithm, mldsa65, ed25519, slhdsa}
@@ -128,6 +128,7 @@ def make(v: Vault, snapshot: str) -> dict:
         "name": name,
         "snapshot_created": _iso(created),
         "manifest_seq": seq,
+        "manifest_hash": (h := manifests.hash_of(v.index, seq)) and h.hex(),
         "snapshot_root": root.hex() if root else None,
         "files": files,
         "bytes": size,

@@ -515,6 +515,19 @@ class RcloneCommand(Remote):
             if not isinstance(err, ObjectMissing):
                 raise err
 
+    def quarantine(self, sub: str, names: list[str]) -> None:
+        if not names:
+            return
+        with tempfile.NamedTemporaryFile("w", prefix="vaultfs-list-") as f:
+            f.write("\n".join(names) + "\n")
+            f.flush()
+            dst = join(self.spec, f"quarantine/{sub}")
+            proc = self._run(["move", "--files-from-raw", f.name, join(self.spec, sub), dst])
+        if proc.returncode != 0:
+            err = self._error(proc, f"move to quarantine/{sub}")
+            if not isinstance(err, ObjectMissing):
+                raise err
+
 
 class RcJob:
     """A background transfer of the rclone daemon (:meth:`RcloneRc.copy_dir_async`)."""
@@ -650,3 +663,11 @@ class RcloneRc(Remote):
         for nm in names:  # one object per call: a filter mistake can never widen a delete
             params = {"fs": join(self.spec, sub), "remote": nm}
             self._call_absent_ok("operations/deletefile", params, f"delete {sub}/{nm}")
+
+    def quarantine(self, sub: str, names: list[str]) -> None:
+        for nm in names:
+            params = {
+                "srcFs": join(self.spec, sub), "srcRemote": nm,
+                "dstFs": join(self.spec, f"quarantine/{sub}"), "dstRemote": nm,
+            }  # fmt: skip
+            self._call_absent_ok("operations/movefile", params, f"quarantine {sub}/{nm}")

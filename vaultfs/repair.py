@@ -21,7 +21,10 @@
    Merkle records and audit tags are new; the shard row and the segment root change in the
    same transaction, and the manifest published next signs the new vault root.
 5. **Publish**: a new manifest and index export go to every remote (``Vault.ship_index``), which
-   also heals remotes serving a stale manifest; then replaced and foreign objects are deleted.
+   also heals remotes serving a stale manifest; then replaced objects are deleted and foreign
+   ones moved to ``quarantine/`` on their remote (never deleted: an object repair does not
+   recognise may be another writer's). While the remotes hold a fork (manifests off this
+   index's chain, :mod:`vaultfs.chain`) nothing is deleted at all.
 
 Remote set changes (`vaultfs remote add/remove/replace`) are here too: they are repairs with a
 different target.
@@ -41,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import erasure, merkle, segment, verify
+from . import chain, erasure, merkle, segment, verify
 from .backends import open_backend
 from .errors import BadRemote, NotEnoughRemotes, NoVault, RemoteError, Unreachable
 from .index import audit as audit_table
@@ -89,6 +92,8 @@ class RepairReport:
     bytes_fetched: int = 0
     bytes_written: int = 0
     deleted: list[str] = field(default_factory=list)
+    quarantined: list[str] = field(default_factory=list)  # moved to quarantine/, not deleted
+    fork: list[str] = field(default_factory=list)  # manifests off this chain (chain.Survey)
     manifest_seq: int | None = None
     pending: dict[str, int] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
@@ -540,7 +545,7 @@ def _dry_run(
     prefer: int | None,
 ) -> None:
     """Fill ``report`` with what :func:`repair` would do for ``plan``: each shard it would
-    rebuild and where, the segments it could not, the foreign objects it would delete."""
+    rebuild and where, the segments it could not, the foreign objects it would quarantine."""
     for seg_id, todo in sorted(plan.items()):
         holders = segment_table.holders(vault.index, seg_id)
         good = sum(1 for r in holders if r not in down | removed)
@@ -565,7 +570,7 @@ def _dry_run(
                 )
             )
     report.segments = len(plan)
-    report.deleted = [
+    report.quarantined = [
         f"{Remote(specs[r]).label}:{s}/{n}" for r, s, n in audit_table.foreign(vault.index)
     ]
 
@@ -627,27 +632,42 @@ def _delete_replaced(
     removed: set[int],
     specs: dict[int, str],
 ) -> None:
-    """Delete what was replaced, and foreign objects, on reachable active remotes (an object
-    the index names again is kept)."""
+    """Delete what was replaced, and move foreign objects to ``quarantine/`` (never delete
+    them), on reachable active remotes; an object the index names again is kept. While the
+    remotes hold manifests off this index's chain (a fork), replaced objects are kept too:
+    the other branch may use them (docs/design.md, invariant 8)."""
     doomed: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
-    for path, rid in old_objects:
-        sub, name = path.split("/", 1)
-        doomed[rid][sub].append(name)
+    found = chain.survey(vault.keys, vault.index, vault.remotes())
+    report.fork = found.describe()
+    if not report.fork:
+        for path, rid in old_objects:
+            sub, name = path.split("/", 1)
+            doomed[rid][sub].append(name)
+    strays: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for rid, sub, name in audit_table.foreign(vault.index):
-        doomed[rid][sub].append(name)
-    still = segment_table.object_names(vault.index)
-    for rid, subs in doomed.items():
+        strays[rid][sub].append(name)
+    still = segment_table.object_names(vault.index) | found.referenced()
+    for rid in set(doomed) | set(strays):
         if rid in removed or rid in fetcher.down or rid not in specs:
             continue
         b = fetcher.backend(rid)
-        for sub, names in subs.items():
+        label = Remote(specs[rid]).label
+        for sub, names in doomed[rid].items():
             names = [n for n in names if n not in still]
             try:
                 b.delete(sub, names)
             except RemoteError as e:
-                report.errors[Remote(specs[rid]).label] = e.message
+                report.errors[label] = e.message
                 continue
-            report.deleted += [f"{Remote(specs[rid]).label}:{sub}/{n}" for n in names]
+            report.deleted += [f"{label}:{sub}/{n}" for n in names]
+        for sub, names in strays[rid].items():
+            names = [n for n in names if n not in still]
+            try:
+                b.quarantine(sub, names)
+            except RemoteError as e:
+                report.errors[label] = e.message
+                continue
+            report.quarantined += [f"{label}:{sub}/{n}" for n in names]
             audit_table.forget_foreign(vault.index, rid, sub, names)
 
 

@@ -23,11 +23,18 @@ from typing import NamedTuple
 
 import blake3
 
-from . import envelope, erasure, manifest, merkle, segment
+from . import chain, envelope, erasure, manifest, merkle, segment
 from .backends import Backend, Job
 from .backup import check_name
-from .errors import InputError, IntegrityError, NotEnoughRemotes, RemoteError, TargetNotEmpty
-from .index import Index, keyring, open_shipped, seen_manifest_seq, segments, snapshots
+from .errors import (
+    InputError,
+    IntegrityError,
+    NotEnoughRemotes,
+    RemoteError,
+    Rollback,
+    TargetNotEmpty,
+)
+from .index import Index, keyring, manifests, open_shipped, seen_manifest_seq, segments, snapshots
 from .keys import SLHDSA_BY_SIG_ALG, VaultKeys
 from .names import display, fs_path, xattrs_from_db
 from .shardreader import ShardRef, choose, read_segment
@@ -451,26 +458,74 @@ def _read_segment(
     return read.data
 
 
+@dataclass
+class Branches:
+    """What a restore learnt about the manifest chain on the remotes (docs/format.md 10.3):
+    every validly signed manifest it read, the one it uses, and those off its chain."""
+
+    valid: dict[str, manifest.Manifest] = field(default_factory=dict)  # name -> manifest
+    holders: dict[str, list[str]] = field(default_factory=dict)  # name -> remote labels
+    used: str = ""  # the name of the manifest restored from
+    tried: set[str] = field(default_factory=set)  # names read (or refused) already
+    off_chain: list[str] = field(default_factory=list)  # valid names not on its chain
+    unread: int = 0  # names left unread (more than chain.MAX_READS)
+
+    def describe(self, name: str) -> str:
+        """Manifest ``name`` and the remotes listing it, for messages."""
+        return f"{self.valid[name].summary()} on {', '.join(self.holders.get(name, []))}"
+
+    def heads(self) -> list[str]:
+        """The off-chain manifests no other off-chain manifest follows: the other branches'
+        newest, newest first."""
+        followed = {
+            self.valid[n].contents.prev.hash
+            for n in self.off_chain
+            if self.valid[n].contents.prev is not None
+        }
+        return sorted(
+            (n for n in self.off_chain if self.valid[n].hash not in followed), reverse=True
+        )
+
+    def to_dict(self) -> dict:
+        """The JSON form: the manifest used and every other branch head."""
+        used = self.valid[self.used].link if self.used else None
+        return {
+            "manifest": None if used is None else used.as_json(),
+            "fork": [
+                {**self.valid[n].link.as_json(), "name": n, "holders": self.holders.get(n, [])}
+                for n in self.heads()
+            ],
+        }
+
+
 def find_manifest(
-    keys: VaultKeys, src: ShardSource, min_seq: int = 0
+    keys: VaultKeys,
+    src: ShardSource,
+    min_seq: int = 0,
+    want: str | None = None,
+    branches: Branches | None = None,
 ) -> tuple[manifest.Manifest, list[str]]:
-    """The highest validly signed manifest on the given remotes; warns about stale ones.
+    """The manifest to restore from: the highest validly signed one on the given remotes, or
+    the one ``want`` names (:func:`select`); warns about stale remotes.
 
     Each remote is examined on its own thread, its manifest names newest first (by the
     sequence number that leads each name), until one verifies: an honest remote costs one
     read. A name listed larger than :data:`manifest.MAX_BYTES` is refused unread, every other read
     is capped there; junk names above a remote's newest valid manifest cost one capped read
     each and are named in its report, so a remote cannot hide its valid manifests and cannot
-    make the restore hold more than one manifest per remote at a time. The result is the
-    highest of the remotes' newest valid manifests, as before: one up-to-date remote defeats
-    a rollback by the others (docs/threat-model.md, section 5)."""
+    make the restore hold more than one manifest per remote at a time. With ``want`` every
+    other name listed is read too (newest first, at most ``chain.MAX_READS``); otherwise the
+    names off the chosen manifest's chain are read once its index is known
+    (:func:`_chain_report`), so that the other branches of a fork are named (``branches``).
+    The rollback floor ``min_seq`` is checked against the newest valid manifest (Rollback
+    when it is lower): one up-to-date remote defeats a rollback by the others
+    (docs/threat-model.md, section 5)."""
     warnings: list[str] = []
-    best: manifest.Manifest | None = None
+    found = branches if branches is not None else Branches()
     lock = threading.Lock()
 
     def scan(r: Backend) -> None:
         """Examine the manifests of one remote newest first; stop at the first valid one."""
-        nonlocal best
         rep = src.reports[r.spec]
         try:
             names = src.manifest_names(r)
@@ -478,28 +533,21 @@ def find_manifest(
             rep.reachable, rep.error = False, e.message
             return
         for nm, listed in names:
-            blob = src.read_manifest(r, nm, listed)
-            if isinstance(blob, str):
-                rep.bad_manifests.append(f"{nm}: {blob}")
-                continue
-            try:
-                m = manifest.read(keys, blob)
-            except IntegrityError as e:
-                rep.bad_manifests.append(f"{nm}: {e.message}")
-                continue
-            if m.seq != manifest.seq_of_name(nm):
-                rep.bad_manifests.append(f"{nm}: name does not match signed sequence {m.seq}")
+            m = _valid_manifest(keys, src, r, nm, listed)
+            with lock:
+                found.tried.add(nm)
+            if isinstance(m, str):
+                rep.bad_manifests.append(f"{nm}: {m}")
                 continue
             rep.best_seq = m.seq
             with lock:
-                if best is None or m.seq > best.seq:
-                    best = m
+                found.valid.setdefault(nm, m)
             return
 
     with ThreadPoolExecutor(max_workers=max(1, len(src.remotes))) as ex:
         list(ex.map(scan, src.remotes))
     reps = list(src.reports.values())
-    if best is None:
+    if not found.valid:
         details = "; ".join(
             f"{r.label}: {r.error or (r.bad_manifests[0] if r.bad_manifests else 'no manifest')}"
             for r in reps
@@ -507,17 +555,122 @@ def find_manifest(
         if any(r.bad_manifests for r in reps):
             raise IntegrityError(f"no validly signed manifest for this key ({details})")
         raise NotEnoughRemotes(f"no manifest found on the given remotes ({details})")
-    if best.seq < min_seq:
-        raise IntegrityError(
-            f"rollback detected: the newest manifest on the remotes is #{best.seq}, "
+    newest = max(m.seq for m in found.valid.values())
+    if newest < min_seq:
+        raise Rollback(
+            f"rollback detected: the newest manifest on the remotes is #{newest}, "
             f"but #{min_seq} was already seen"
         )
+    if want is not None:  # the branch asked for may be below every remote's newest
+        _read_the_rest(keys, src, found)
+    where = _listed(src)
+    found.holders |= {nm: [r.label for r, _l in where[nm]] for nm in found.valid}
+    found.used = select(found, want)
+    best = found.valid[found.used]
     for r in reps:
-        if r.reachable and r.best_seq is not None and r.best_seq < best.seq:
-            warnings.append(f"{r.label} is stale: newest manifest #{r.best_seq} < #{best.seq}")
+        if r.reachable and r.best_seq is not None and r.best_seq < newest:
+            warnings.append(f"{r.label} is stale: newest manifest #{r.best_seq} < #{newest}")
         for b in r.bad_manifests:
             warnings.append(f"{r.label}: rejected manifest {b}")
     return best, warnings
+
+
+def _valid_manifest(
+    keys: VaultKeys, src: ShardSource, r: Backend, name: str, listed: int
+) -> manifest.Manifest | str:
+    """Manifest ``name`` of ``r`` read and verified, or why it was refused."""
+    blob = src.read_manifest(r, name, listed)
+    if isinstance(blob, str):
+        return blob
+    try:
+        m = manifest.read(keys, blob)
+    except IntegrityError as e:
+        return e.message
+    if m.seq != manifest.seq_of_name(name):
+        return f"name does not match signed sequence {m.seq}"
+    return m
+
+
+def _listed(src: ShardSource) -> dict[str, list[tuple[Backend, int]]]:
+    """Manifest name -> (remote, listed size) of every reachable remote listing it."""
+    where: dict[str, list[tuple[Backend, int]]] = defaultdict(list)
+    for r in src.remotes:
+        if not src.reports[r.spec].reachable:
+            continue
+        try:
+            names = src.manifest_names(r)
+        except RemoteError:
+            continue
+        for nm, listed in names:
+            where[nm].append((r, listed))
+    return where
+
+
+def _read_the_rest(
+    keys: VaultKeys, src: ShardSource, found: Branches, skip: frozenset[str] = frozenset()
+) -> None:
+    """Read every manifest name the remotes list that was not read yet and is not in
+    ``skip``, newest first, at most ``chain.MAX_READS`` (one holder after another until one
+    serves a valid one); note every remote listing each valid one."""
+    where = _listed(src)
+    rest = sorted((nm for nm in where if nm not in found.tried and nm not in skip), reverse=True)
+    found.unread = max(0, len(rest) - chain.MAX_READS)
+    for nm in rest[: chain.MAX_READS]:
+        found.tried.add(nm)
+        for r, listed in where[nm]:
+            m = _valid_manifest(keys, src, r, nm, listed)
+            if not isinstance(m, str):
+                found.valid[nm] = m
+                break
+            src.reports[r.spec].bad_manifests.append(f"{nm}: {m}")
+    for nm in found.valid:
+        found.holders[nm] = [r.label for r, _l in where.get(nm, [])]
+
+
+def select(found: Branches, want: str | None) -> str:
+    """The name of the manifest to use among ``found.valid``: with no ``want`` the newest
+    (at one sequence number, the one most remotes list, then the smallest name); else the one
+    ``want`` names: its object name, ``SEQ``, or ``SEQ/HASH`` (a hash prefix, as outputs
+    print it). InputError when none or several match."""
+    if want is None:
+        top = max(m.seq for m in found.valid.values())
+        at_top = [n for n, m in found.valid.items() if m.seq == top]
+        return min(at_top, key=lambda n: (-len(found.holders.get(n, [])), n))
+    w = want.strip().lstrip("#").lower()
+    seq_s, _sep, prefix = w.partition("/")
+    hits = [
+        n
+        for n, m in found.valid.items()
+        if n == want
+        or (seq_s.isdigit() and int(seq_s) == m.seq and m.hash.hex().startswith(prefix))
+    ]
+    listing = ", ".join(found.valid[n].link.short for n in sorted(found.valid, reverse=True))
+    if not hits:
+        raise InputError(f"no validly signed manifest {want!r} on the remotes (found: {listing})")
+    if len(hits) > 1:
+        raise InputError(
+            f"--manifest {want!r} matches {len(hits)} manifests: add a hash prefix, as in "
+            f"{', '.join(found.valid[n].link.short for n in hits)}"
+        )
+    return hits[0]
+
+
+def _chain_report(keys: VaultKeys, src: ShardSource, found: Branches, index: Index) -> list[str]:
+    """Read the manifest names not on the chain of the one used (its index remembers its
+    ancestors, ``manifest_chain``: an honest vault costs no read here), place every valid
+    manifest on or off that chain and warn about each other branch."""
+    ours = manifests.chain_names(index) | {found.used}
+    _read_the_rest(keys, src, found, frozenset(ours))
+    found.off_chain = [n for n in found.valid if n not in ours]
+    used = found.describe(found.used)
+    out = [
+        f"fork: the remotes hold another branch, newest {found.describe(n)}; restoring from "
+        f"{used} (choose a branch with --manifest SEQ/HASH)"
+        for n in found.heads()
+    ]
+    if found.unread:
+        out.append(f"{found.unread} manifest name(s) not examined (more than {chain.MAX_READS})")
+    return out
 
 
 def fetch_index(keys: VaultKeys, m: manifest.Manifest, src: ShardSource, dest: Path) -> list[str]:
@@ -1087,21 +1240,30 @@ def open_remote_index(
     min_seq: int = 0,
     src: ShardSource | None = None,
     home: Path | None = None,
+    want: str | None = None,
+    anchor: manifest.Link | None = None,
+    branches: Branches | None = None,
 ) -> tuple[Index, ShardSource, manifest.Manifest, list[str]]:
-    """Disaster path: find the newest manifest, fetch and check the index it names.
+    """Disaster path: find the newest manifest (or the one ``want`` names, :func:`select`),
+    fetch and check the index it names; a fork on the remotes is reported in the warnings and
+    in ``branches``.
 
-    Rollback floor: a newest manifest below ``min_seq`` raises IntegrityError; with ``home``
+    Rollback floor: a newest manifest below ``min_seq`` raises Rollback; with ``home``
     (this machine's vault state directory, if it has one) the floor is also the newest
     manifest its index recorded for this vault, so remotes rolled back to an older state are
-    refused. ``src`` may be a :class:`ShardSource` over ``remotes`` already started (listing
-    and manifest copies running while the key was unlocked)."""
+    refused. ``anchor`` (a receipt's manifest) must be the manifest used or one of its
+    ancestors (Rollback otherwise). ``src`` may be a :class:`ShardSource` over ``remotes``
+    already started (listing and manifest copies running while the key was unlocked)."""
     workdir.mkdir(parents=True, exist_ok=True)
     if home is not None:
         min_seq = max(min_seq, seen_manifest_seq(home / "index.db", keys.vault_id.hex()))
+    if anchor is not None:
+        min_seq = max(min_seq, anchor.seq)
     if src is None:
         src = ShardSource(remotes)
         src.start()
-    m, warnings = find_manifest(keys, src, min_seq)
+    found = branches if branches is not None else Branches()
+    m, warnings = find_manifest(keys, src, min_seq, want, found)
     src.stop_read_ahead()  # from here on the index says what to fetch
     # the newest signed manifest says which suites the vault retired and names its SLH-DSA key
     keys.retired_suites |= m.contents.retired_suites
@@ -1116,4 +1278,14 @@ def open_remote_index(
     warnings += fetch_index(keys, m, src, dbpath)
     index = open_shipped(dbpath, keys.chunk_id_key)  # checked, and migrated to the current schema
     verify_index_against_manifest(index, m)
+    warnings += _chain_report(keys, src, found, index)
+    if (
+        anchor is not None
+        and anchor != m.link
+        and manifests.hash_of(index, anchor.seq) != anchor.hash
+    ):
+        raise Rollback(
+            f"the receipt's manifest {anchor.short} is not on the chain of {m.link.short}, "
+            "the manifest restored from: the remotes hide it (rolled back or forked)"
+        )
     return index, src, m, warnings

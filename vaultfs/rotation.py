@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from . import envelope
+from . import chain, envelope
 from .backends import open_backend
 from .errors import EXIT_PARTIAL, InputError, IntegrityError, RemoteError, VaultError
 from .index import chunks, keyring, manifests, segments
@@ -237,8 +237,12 @@ def collect_garbage(v: Vault) -> tuple[int, int]:
     """Delete replaced shard objects from their remotes once no placed manifest needs them.
 
     Only objects whose replacing manifest (``garbage.seq``) has left the upload queue are
-    deleted. Returns (deleted, left for a later run).
+    deleted, and none while the remotes hold manifests off this index's chain (a fork: the
+    other branch may still use them; :mod:`vaultfs.chain`). Returns (deleted, left for a
+    later run).
     """
+    if chain.survey(v.keys, v.index, v.remotes()).others:
+        return 0, manifests.garbage_count(v.index)
     pending_min = min(manifests.queued_seqs(v.index), default=None)
     rows = manifests.garbage(v.index)
     remotes = {r.rid: r for r in v.remotes()}

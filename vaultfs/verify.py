@@ -4,7 +4,9 @@ What one audit of one remote does, in order:
 
 1. **Manifest**: list ``manifests/`` and check the newest validly signed manifest. A remote whose
    newest one is older than the latest manifest it was sent is *stale* (rolled back). The signed
-   vault root must equal the root the local index recomputes.
+   vault root must equal the root the local index recomputes. Every other validly signed
+   manifest (one this index's chain did not write: ``manifest_chain``) is a *fork*, reported
+   with its place in the chain; the objects it may use are not called foreign.
 2. **Listing**: list ``data/`` and ``meta/`` with sizes. A live shard the index places there that
    is absent is *missing*; one of the wrong size is *corrupt* (truncated or grown); an object the
    index does not place there is *foreign*. Listings cost a few bytes per object.
@@ -50,7 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import manifest, merkle, segment
+from . import chain, manifest, merkle, segment
 from .audittag import PIECE, piece_tag, piece_tags, stored_tag, tagger
 from .backends import open_backend
 from .errors import BadRemote, IntegrityError, ObjectMissing, RemoteError, Unreachable
@@ -181,6 +183,7 @@ class RemoteAudit:
     corrupt: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
     foreign: list[str] = field(default_factory=list)
+    fork: list[str] = field(default_factory=list)  # valid manifests off this index's chain
     unreachable: bool = False
     error: str | None = None
     manifest_seq: int | None = None
@@ -199,6 +202,7 @@ class RemoteAudit:
             or self.corrupt
             or self.stale
             or self.foreign
+            or self.fork
             or self.unreachable
             or self.stale_manifest
         )
@@ -225,10 +229,12 @@ class AuditReport:
 
     @property
     def found(self) -> bool:
-        """Whether a remote was found missing, corrupt, stale or foreign objects, or serves
-        an old manifest: what ``vaultfs repair`` acts on (unreachable remotes are not)."""
+        """Whether a remote was found missing, corrupt, stale or foreign objects, serves an
+        old manifest or holds a fork: what the report's advice acts on (unreachable remotes
+        are not)."""
         return any(
-            r.missing or r.corrupt or r.stale or r.foreign or r.stale_manifest for r in self.remotes
+            r.missing or r.corrupt or r.stale or r.foreign or r.fork or r.stale_manifest
+            for r in self.remotes
         )
 
     def to_dict(self) -> dict:
@@ -354,6 +360,7 @@ class _RemoteAuditor:
         self.rep = RemoteAudit(Remote(spec).label, rid, domain, mode=ctx.mode)
         self.run_id: int | None = None
         self.tree: dict[str, dict[str, int]] = {}
+        self.unknown: list[tuple[str, str]] = []  # (sub, name) listed, not placed here by the index
         self.prefetched: dict[str, bytes] = {}  # manifest name -> bytes fetched with objects
 
     # -- findings ----------------------------------------------------------------------------
@@ -371,7 +378,8 @@ class _RemoteAuditor:
             shards = self._listing()
             if not self.ctx.list_only:
                 self._challenges(shards)  # fetching whole objects prefetches the manifest too
-            self._manifests()
+            signed = self._manifests()
+            self._foreign(signed)
         except Unreachable as e:
             self.rep.unreachable, self.rep.error = True, e.message
         except RemoteError as e:
@@ -395,37 +403,48 @@ class _RemoteAuditor:
             reverse=True,
         )
 
-    def _manifests(self) -> None:
+    def _manifests(self) -> set[str] | None:
+        """Check the newest manifest of this index's chain on the remote (stale? its vault
+        root and index shards as the index says?) and report every validly signed manifest
+        off the chain (``fork``). Names this chain wrote are read newest first until one
+        verifies; every other name is read once (at most ``chain.MAX_READS``), so the cap
+        follows the forks, not the history. Returns the ``meta/`` names the off-chain
+        manifests sign, or None when one of them was left unread (a fork may hide there)."""
         idx = self.ctx.index
         latest = self.ctx.anchor.seq
         self.rep.expected_seq = manifests.newest_placed(idx, self.rid) or 0
+        ours = manifests.chain_names(idx)
         best: manifest.Manifest | None = None
+        signed: set[str] = set()
         for nm, size in self.tree.get("manifests", {}).items():
             if manifest.seq_of_name(nm) is not None and size > manifest.MAX_BYTES:
                 self.rep.foreign.append(f"manifests/{nm}")
                 self.rep.details[f"manifests/{nm}"] = (
                     f"listed at {size:,} bytes, more than a manifest can be; not read"
                 )
-        for nm in self._manifest_names()[:8]:
-            try:
-                blob = self.prefetched.pop(nm, None) or self.b.cat(
-                    "manifests", nm, 0, manifest.MAX_BYTES + 1
+        names = self._manifest_names()
+        others = [nm for nm in names if nm not in ours]
+        complete = len(others) <= chain.MAX_READS
+        if not complete:
+            self.rep.details["manifests/"] = (
+                f"{len(others) - chain.MAX_READS} manifest name(s) not examined"
+            )
+        for nm in [nm for nm in names if nm in ours] + others[: chain.MAX_READS]:
+            if nm in ours and best is not None:
+                continue
+            m = self._read_manifest(nm)
+            if m is None:
+                continue
+            if nm in ours:
+                best = m
+            else:
+                self.rep.fork.append(f"manifests/{nm}")
+                self.rep.details[f"manifests/{nm}"] = (
+                    f"fork: manifest {m.summary()} is validly signed but not of this vault's "
+                    "chain (another writer, or a home that went back in time); its objects "
+                    "are kept"
                 )
-                if len(blob) > manifest.MAX_BYTES:
-                    raise IntegrityError("longer than a manifest can be; not read further")
-                m = manifest.read(self.ctx.keys, blob)
-            except ObjectMissing:
-                continue
-            except IntegrityError as e:
-                self.rep.foreign.append(f"manifests/{nm}")
-                self.rep.details[f"manifests/{nm}"] = f"forged or corrupt manifest: {e.message}"
-                continue
-            if m.seq != manifest.seq_of_name(nm):
-                self.rep.foreign.append(f"manifests/{nm}")
-                self.rep.details[f"manifests/{nm}"] = "name does not match its signed sequence"
-                continue
-            best = m
-            break
+                signed |= {s.name for seg in m.contents.index_segments for s in seg.shards}
         self.rep.manifest_seq = best.seq if best else None
         if self.rep.expected_seq and (best is None or best.seq < self.rep.expected_seq):
             self.rep.stale_manifest = True
@@ -439,13 +458,63 @@ class _RemoteAuditor:
                     f"{self.rep.remote}: the signed vault root of manifest #{latest} differs "
                     f"from the local index's: the index was altered; {REBUILD_ADVICE}"
                 )
-            signed = {s.name: s.hash for seg in best.contents.index_segments for s in seg.shards}
+            ours_signed = {
+                s.name: s.hash for seg in best.contents.index_segments for s in seg.shards
+            }
             for name, h in segments.meta_shard_hashes(idx, latest):
-                if name in signed and signed[name] != bytes(h):
+                if name in ours_signed and ours_signed[name] != bytes(h):
                     raise IntegrityError(
                         f"index shard {name} does not match the hash signed in manifest "
                         f"#{latest}: the index was altered; {REBUILD_ADVICE}"
                     )
+        return signed if complete else None
+
+    def _read_manifest(self, nm: str) -> manifest.Manifest | None:
+        """Manifest ``nm`` of this remote, verified; None (and a ``foreign`` finding for a
+        forged or misnamed one) when it is not a valid manifest."""
+        try:
+            blob = self.prefetched.pop(nm, None) or self.b.cat(
+                "manifests", nm, 0, manifest.MAX_BYTES + 1
+            )
+            if len(blob) > manifest.MAX_BYTES:
+                raise IntegrityError("longer than a manifest can be; not read further")
+            m = manifest.read(self.ctx.keys, blob)
+        except ObjectMissing:
+            return None
+        except IntegrityError as e:
+            self.rep.foreign.append(f"manifests/{nm}")
+            self.rep.details[f"manifests/{nm}"] = f"forged or corrupt manifest: {e.message}"
+            return None
+        if m.seq != manifest.seq_of_name(nm):
+            self.rep.foreign.append(f"manifests/{nm}")
+            self.rep.details[f"manifests/{nm}"] = "name does not match its signed sequence"
+            return None
+        return m
+
+    def _foreign(self, signed: set[str] | None) -> None:
+        """Record the objects listed here that the index does not place here as *foreign*
+        (repair moves them to ``quarantine/``), but not the index shards another branch's
+        manifest signs, and while the remote holds such a branch (a fork) none at all under
+        ``data/``: that branch's data cannot be told from junk without its index. ``signed``
+        None: a fork may be hidden among unread names, so nothing is recorded."""
+        kept = []
+        foreign = []
+        for sub, nm in self.unknown:
+            if signed is None or nm in signed or (self.rep.fork and sub == "data"):
+                kept.append((sub, nm))
+            else:
+                foreign.append((sub, nm))
+        audit_table.set_foreign(self.ctx.index, self.rid, foreign, time.time())
+        for sub, nm in foreign:
+            self.rep.foreign.append(f"{sub}/{nm}")
+            self.rep.details.setdefault(f"{sub}/{nm}", "foreign: not an object of this vault here")
+        why = (
+            "not this chain's; kept: the remote holds another branch (a fork)"
+            if signed is not None
+            else "not this chain's; kept: more manifest names than examined (a fork may hide)"
+        )
+        for sub, nm in kept:
+            self.rep.details.setdefault(f"{sub}/{nm}", why)
 
     # -- 2. listing --------------------------------------------------------------------------
     def _listing(self) -> list[ShardRow]:
@@ -465,17 +534,12 @@ class _RemoteAuditor:
                 self._finding(sh, *why)
             else:
                 present.append(sh)
-        now = time.time()
-        foreign = [
+        self.unknown = [
             (sub, nm)
             for sub, objs in listed.items()
             for nm in objs
             if nm not in mine_all and not nm.startswith(".") and not nm.endswith(".partial")
         ]
-        audit_table.set_foreign(idx, self.rid, foreign, now)
-        for sub, nm in foreign:
-            self.rep.foreign.append(f"{sub}/{nm}")
-            self.rep.details.setdefault(f"{sub}/{nm}", "foreign: not an object of this vault here")
         self.rep.objects = len(present)
         self.rep.stored_bytes = sum(s.size for s in present)
         self.rep.blocks = sum(s.nblocks for s in present)
@@ -711,6 +775,8 @@ class _RemoteAuditor:
             state = "unreachable"
         elif rep.stale_manifest or rep.stale:
             state = "stale"
+        elif rep.fork:
+            state = "forked"
         elif not rep.clean:
             state = "degraded"
         else:
@@ -774,6 +840,9 @@ def audit(
         raise errors[0]
     order = {t[0]: i for i, t in enumerate(targets)}
     results.sort(key=lambda r: order[r.rid])
+    forks = {r.details[f]: None for r in results for f in r.fork}
+    if not remotes and any(not r.unreachable for r in results):  # for `status`
+        manifests.note_fork(vault.index, list(forks))
     unsigned = segments.data_after(
         vault.index, ctx.anchor.ids[ctx.anchor.covered - 1] if ctx.anchor.covered else 0
     )

@@ -1,8 +1,10 @@
-"""Queries about manifests, their upload queue and what they leave behind (tables
-``manifests``, ``manifest_queue``, ``garbage``; setting ``unshipped_since``)."""
+"""Queries about manifests, their chain, their upload queue and what they leave behind
+(tables ``manifests``, ``manifest_chain``, ``manifest_queue``, ``garbage``; settings
+``unshipped_since`` and ``fork_seen``)."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -19,24 +21,95 @@ def next_seq(db: sqlite3.Connection) -> int:
 
 
 def record(
-    db: sqlite3.Connection, seq: int, name: str, created: float, root: bytes, remotes: list[int]
+    db: sqlite3.Connection,
+    seq: int,
+    name: str,
+    created: float,
+    root: bytes,
+    remotes: list[int],
+    link_hash: bytes,
+    fork: tuple[int, bytes] | None = None,
 ) -> None:
-    """Record manifest ``seq`` (object ``name``, signing vault root ``root``) as written and
-    to be uploaded to ``remotes``; the index copy on the remotes is current again (clears
+    """Record manifest ``seq`` (object ``name`` hashing to ``link_hash``, signing vault root
+    ``root``; ``fork``: the (seq, hash) it explicitly forked from) as written and to be
+    uploaded to ``remotes``; the index copy on the remotes is current again (clears
     :func:`mark_unshipped`)."""
     db.execute("INSERT INTO manifests VALUES (?, ?, ?, ?)", (seq, name, created, root))
+    db.execute(
+        "INSERT OR REPLACE INTO manifest_chain VALUES (?, ?, ?, ?, ?)",
+        (seq, name, link_hash, *(fork or (None, None))),
+    )
     db.execute("DELETE FROM settings WHERE key='unshipped_since'")
     db.executemany("INSERT INTO manifest_queue VALUES (?, ?)", [(seq, rid) for rid in remotes])
 
 
-def adopt(db: sqlite3.Connection, seq: int, name: str, created: float, root: bytes) -> None:
-    """Record manifest ``seq`` (object ``name`` under manifests/) found on the remotes, with
-    nothing to upload (``vaultfs home rebuild``), as :func:`record` would have: the index copy
-    on the remotes is current. Every upload still queued is forgotten: the manifest objects
-    they would read were in the lost home's queue."""
+def adopt(
+    db: sqlite3.Connection,
+    seq: int,
+    name: str,
+    created: float,
+    root: bytes,
+    link_hash: bytes,
+    fork: tuple[int, bytes] | None = None,
+) -> None:
+    """Record manifest ``seq`` (object ``name`` under manifests/, hashing to ``link_hash``)
+    found on the remotes, with nothing to upload (``vaultfs home rebuild``), as :func:`record`
+    would have: the index copy on the remotes is current and the manifest is this chain's
+    newest link. Every upload still queued is forgotten: the manifest objects they would
+    read were in the lost home's queue."""
     db.execute("DELETE FROM manifest_queue")
-    db.execute("DELETE FROM settings WHERE key='unshipped_since'")
-    db.execute("INSERT INTO manifests VALUES (?, ?, ?, ?)", (seq, name, created, root))
+    record(db, seq, name, created, root, [], link_hash, fork)
+
+
+def newest_link(index: Index) -> tuple[int, bytes] | None:
+    """(seq, hash) of the newest manifest of this chain (the ``prev`` of the next one, and what
+    outputs print); None before the first."""
+    row = index.one("SELECT seq, hash FROM manifest_chain ORDER BY seq DESC LIMIT 1")
+    return None if row is None else (row[0], bytes(row[1]))
+
+
+def chain_names(index: Index) -> set[str]:
+    """Object names of every manifest of this chain (pruned ones too)."""
+    return {n for (n,) in index.q("SELECT name FROM manifest_chain")}
+
+
+def chain_links(index: Index) -> dict[int, bytes]:
+    """{seq: object hash} of every manifest of this chain."""
+    return {seq: bytes(h) for seq, h in index.q("SELECT seq, hash FROM manifest_chain")}
+
+
+def hash_of(index: Index, seq: int) -> bytes | None:
+    """The object hash of this chain's manifest ``seq``; None if it has none."""
+    row = index.one("SELECT hash FROM manifest_chain WHERE seq=?", (seq,))
+    return None if row is None else bytes(row[0])
+
+
+def newest_fork(index: Index) -> int:
+    """The highest sequence number an explicit fork of this chain forked from (0: none):
+    other branches' manifests up to it were seen and knowingly left."""
+    return index.one("SELECT coalesce(max(fork_seq), 0) FROM manifest_chain")[0]
+
+
+def unqueue_upto(db: sqlite3.Connection, seq: int) -> None:
+    """Drop the uploads of manifests up to ``seq``: an explicit fork above them supersedes
+    them (placing them would put two manifests at one sequence number)."""
+    db.execute("DELETE FROM manifest_queue WHERE seq<=?", (seq,))
+
+
+def note_fork(index: Index, found: list[str] | None) -> None:
+    """Remember what the last look at the remotes found off this chain (``status`` shows it);
+    None or empty: no fork seen."""
+    with index.tx() as db:
+        if found:
+            settings.put(db, {"fork_seen": json.dumps(found)})
+        else:
+            db.execute("DELETE FROM settings WHERE key='fork_seen'")
+
+
+def fork_seen(index: Index) -> list[str]:
+    """What the last look at the remotes found off this chain (:func:`note_fork`)."""
+    value = index.get("fork_seen")
+    return [] if value is None else json.loads(value)
 
 
 def names(index: Index) -> set[str]:

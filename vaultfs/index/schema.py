@@ -174,6 +174,16 @@ CREATE TABLE IF NOT EXISTS manifests (
     created   REAL NOT NULL,         -- unix time
     root      BLOB NOT NULL          -- vault Merkle root it signs
 );
+-- Every manifest of this index's chain, never pruned (40-odd bytes a commit): the base check
+-- and fork detection tell this chain's manifests from another branch's by name and hash
+-- (docs/format.md 10.3). A shipped index holds the rows of its manifest's ancestors.
+CREATE TABLE IF NOT EXISTS manifest_chain (
+    seq       INTEGER PRIMARY KEY,   -- manifest sequence number
+    name      TEXT NOT NULL,         -- object name under manifests/
+    hash      BLOB NOT NULL,         -- BLAKE3 of the whole manifest object (its chain link)
+    fork_seq  INTEGER,               -- an explicit fork: the remotes' newest manifest it
+    fork_hash BLOB                   -- forked from (body "fork"); NULL otherwise
+);
 CREATE TABLE IF NOT EXISTS manifest_queue (
     seq       INTEGER NOT NULL,      -- manifest waiting to be uploaded
     remote    INTEGER NOT NULL,      -- to this remote

@@ -87,7 +87,7 @@ class Vault:
         self.queue = ShardQueue(home)
         self.epochs = KeyEpochs(keys, index, threading.RLock())
         self.writer = Writer(index, keys, self.params, self.queue, self.epochs, self.SEALERS)
-        self.uploads = UploadQueue(index, self.queue, self.remotes, self.writer.seal)
+        self.uploads = UploadQueue(index, keys, self.queue, self.remotes, self.writer.seal)
         self.committer = Committer(
             index,
             keys,
@@ -269,11 +269,13 @@ class Vault:
         name: str | None = None,
         prepush: bool = False,
         kb: dict | None = None,
+        fork: bool = False,
     ) -> tuple[str, int]:
         """Record a snapshot of ``entries`` (with its knowledge-base summary ``kb``, if it
         holds one), then export and sign the index; returns (snapshot uid, manifest seq),
-        durable locally (:meth:`Committer.commit`)."""
-        return self.committer.commit(entries, name, prepush, kb)
+        durable locally. Raises StaleBase on a stale base unless ``fork``
+        (:meth:`Committer.commit`)."""
+        return self.committer.commit(entries, name, prepush, kb=kb, fork=fork)
 
     def ship_index(self) -> int:
         """Export and sign the index as a new manifest without recording a snapshot; returns

@@ -9,6 +9,13 @@ Ordering invariant enforced here (numbered as in docs/design.md):
 An index copy is recorded before the manifest naming it is written; a crash between the
 two leaves a copy no manifest names, which recovery drops
 (:func:`vaultfs.vault.recovery.drop_unnamed_index_copies`).
+
+The chain (docs/format.md 10.3): each manifest's ``prev`` is this index's newest manifest
+(``manifest_chain``). Before a snapshot is recorded, :meth:`Committer.commit` surveys the
+reachable remotes (:mod:`vaultfs.chain`) and refuses a stale base (StaleBase), or with
+``fork`` records an explicit fork above the remotes' newest manifest. With no remote
+reachable the commit goes ahead: the flush checks again before any manifest is placed
+(:meth:`vaultfs.vault.uploads.UploadQueue.flush`).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import chunker, envelope, manifest, merkle, names, segment
+from .. import chain, chunker, envelope, manifest, merkle, names, segment
 from ..backends import Backend
 from ..errors import InputError, IntegrityError
 from ..index import Index, VaultParams, chunk_rows, keyring, manifests, segments, snapshots
@@ -95,6 +102,7 @@ class Committer:
         name: str | None = None,
         prepush: bool = False,
         kb: dict | None = None,
+        fork: bool = False,
     ) -> tuple[str, int]:
         """Record a snapshot of ``entries``, then export and sign the index.
         ``kb``: the snapshot's knowledge-base summary, recorded with it and signed in this and
@@ -103,25 +111,49 @@ class Committer:
         Returns (snapshot uid, manifest seq). Everything is durable locally when this
         returns; a flush places it on the remotes. ``prepush`` starts moving the data shards
         to the remotes while the index is exported and signed (for a caller that flushes
-        right after).
+        right after). Raises StaleBase, recording nothing, when the reachable remotes hold a
+        manifest newer than this chain's base (:meth:`Survey.stale`), unless ``fork``: then
+        the manifest is an explicit fork of the newest of them (its body's ``fork``), numbered
+        above it, and supersedes this home's manifests not yet placed.
         """
         with self.writer.write_lock:
+            forked = self._check_base(fork)
             self.writer.seal()  # invariant 3
             uid = secrets.token_hex(4)
             with self.index.tx() as db:
                 seq = manifests.next_seq(db)
+                if forked is not None:
+                    seq = max(seq, forked.seq + 1)
                 snap_id = snapshots.add(db, uid, name, time.time(), seq)
                 files, size = _add_entries(db, snap_id, entries, self.keys.chunk_id_key)
                 if kb is not None:
                     kbroots.add(db, uid, kb)
                 root = _vault_root(db)
                 snapshots.finish(db, snap_id, root, files, size)
-            self._ship_index(seq, root, prepush)
+            self._ship_index(seq, root, prepush, forked)
             return uid, seq
 
-    def _ship_index(self, seq: int, root: bytes, prepush: bool = False) -> None:
-        """Export, encrypt and erasure-code the index; queue a signed manifest naming it.
-        ``prepush`` starts uploading every queued shard before the manifest is signed."""
+    def _check_base(self, fork: bool) -> manifest.Link | None:
+        """Survey the reachable remotes; the link to record as an explicit fork, or None when
+        the base is current (or no remote answered: the flush checks again). Raises
+        StaleBase on a stale base without ``fork``."""
+        found = chain.survey(self.keys, self.index, self.remotes())
+        if found.reachable:
+            manifests.note_fork(self.index, found.describe())
+        stale = found.stale(self.index)
+        if not stale:
+            return None
+        if not fork:
+            raise chain.stale_error(stale, "backup refused")
+        return max(stale, key=lambda s: (s.manifest.seq, s.name)).link
+
+    def _ship_index(
+        self, seq: int, root: bytes, prepush: bool = False, fork: manifest.Link | None = None
+    ) -> None:
+        """Export, encrypt and erasure-code the index; queue a signed manifest naming it,
+        chained to this index's newest manifest (``fork``: recorded as an explicit fork of
+        that manifest). ``prepush`` starts uploading every queued shard before the manifest
+        is signed."""
         p = self.params
         blob = envelope.seal_meta(
             self.keys.metadata_key,
@@ -152,6 +184,7 @@ class Committer:
             self.prepush()
         created_ms = int(time.time() * 1000)
         stored = keyring.slhdsa(self.index) if self.keys.slhdsa_public is not None else None
+        prev = manifests.newest_link(self.index)
         body = manifest.Body(
             vault_root=root,
             k=p.k,
@@ -174,13 +207,20 @@ class Committer:
             retired_suites=frozenset(self.keys.retired_suites),
             slhdsa_sealed=bytes.fromhex(stored[1]) if stored else None,
             kb=kbroots.summaries(self.index),
+            prev=None if prev is None else manifest.Link(*prev),
+            fork=fork,
         )
         blob_m = manifest.encode(self.keys, seq, created_ms, body.to_dict(), self.suite)
         name = manifest.object_name(seq, secrets.token_hex(4))
         write_durable(self.queue_dir / "manifests" / name, blob_m)
         fsync_dir(self.queue_dir / "manifests")
         with self.index.tx() as db:
-            manifests.record(db, seq, name, time.time(), root, [r.rid for r in self.remotes()])
+            if fork is not None:  # superseded: placing them would put two manifests at a seq
+                manifests.unqueue_upto(db, fork.seq)
+            manifests.record(
+                db, seq, name, time.time(), root, [r.rid for r in self.remotes()],
+                manifest.object_hash(blob_m), None if fork is None else (fork.seq, fork.hash),
+            )  # fmt: skip
 
     def ship_index(self) -> int:
         """Export and sign the index as a new manifest without recording a snapshot (after a

@@ -8,6 +8,9 @@ Ordering invariants enforced here (numbered as in docs/design.md):
 5. A queued shard becomes ``placed`` only after rclone removed it from the queue, which it
    does only after a successful upload (:func:`vaultfs.vault.recovery.reconcile`).
 6. An old index copy is deleted only once a flush placed every newer manifest everywhere.
+7. A manifest is placed only after a survey of the reachable remotes found the base current
+   (:mod:`vaultfs.chain`): a refused manifest is never uploaded (it stays queued, and the
+   flush reports ``stale_base``). With no remote reachable nothing is placed anyway.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .. import chain
 from ..backends import Backend
 from ..errors import RemoteError
 from ..index import Index, manifests, segments
 from ..index import remotes as remote_table
+from ..keys import VaultKeys
 from .queue import SUBDIRS, ShardQueue
 from .recovery import reconcile
 
@@ -50,6 +55,7 @@ class FlushReport:
     errors: dict[str, str] = field(default_factory=dict)
     under_k: int = 0
     manifests_pending: int = 0
+    stale_base: str | None = None  # why queued manifests were refused (StaleBase message)
 
     @property
     def complete(self) -> bool:
@@ -65,11 +71,13 @@ class UploadQueue:
     def __init__(
         self,
         index: Index,
+        keys: VaultKeys,
         queue: ShardQueue,
         remotes: Callable[[], list[Backend]],
         seal: Callable[[], None],
     ) -> None:
         self.index = index
+        self.keys = keys
         self.queue = queue
         self.remotes = remotes
         self.seal = seal
@@ -208,8 +216,17 @@ class UploadQueue:
         self, remotes: list[Backend], ok: dict[int, bool], report: FlushReport
     ) -> None:
         """Upload queued manifests, oldest first, every remote at once (invariant 4: only
-        called once every segment has k shards placed)."""
+        called once every segment has k shards placed), once the base is found current
+        (invariant 7; a stale base is reported in ``report.stale_base``)."""
         rows = manifests.queued_uploads(self.index)
+        if not rows:
+            return
+        found = chain.survey(self.keys, self.index, remotes)
+        if found.reachable:
+            manifests.note_fork(self.index, found.describe())
+        if stale := found.stale(self.index):
+            report.stale_base = chain.stale_error(stale, "manifest not placed").message
+            return
         by_id = {r.rid: r for r in remotes}
         todo: dict[int, list[tuple[int, str]]] = {}
         for seq, rid, name in rows:

@@ -1,0 +1,234 @@
+"""The signed manifest chain (docs/format.md 10.3): a home that goes back in time is refused
+or forks explicitly, restore reports forks and restores the branch asked for, repair deletes
+nothing a signed manifest references, and rollback anchors hold on an empty machine."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import format_reader
+from helpers import PASSPHRASE, run_cli
+
+from vaultfs.keys import read_keyfile
+
+
+def _init(tmp_path: Path, n: int = 5, k: int = 3) -> tuple[Path, list[str]]:
+    home = tmp_path / "home"
+    remotes = [str(tmp_path / f"remote{i}") for i in range(n)]
+    args = ["init", "--segment-mib", "1", "-k", str(k), "-n", str(n)]
+    for r in remotes:
+        args += ["--remote", r]
+    run_cli(*args, home=home)
+    return home, remotes
+
+
+def _backup(home: Path, src: Path, text: str, *extra: str, check: int = 0) -> dict:
+    (src / "doc.txt").write_text(text)
+    res = run_cli("backup", str(src), "--json", *extra, home=home, check=check)
+    return json.loads(res.stdout) if check == 0 else {"stderr": res.stderr.decode()}
+
+
+def _objects(remotes: list[str]) -> set[str]:
+    """Every object on the remotes, as remote/sub/name."""
+    return {str(p) for r in remotes for p in Path(r).rglob("*") if p.is_file()}
+
+
+def _restore(tmp_path: Path, home: Path, remotes: list[str], out: str, *extra: str, check: int = 0):
+    return run_cli(
+        "restore", *[a for r in remotes for a in ("--from", r)], "--keyfile",
+        str(home / "key.json"), "--to", str(tmp_path / out), "--json", *extra,
+        home=tmp_path / f"empty-{out}", check=check,
+    )  # fmt: skip
+
+
+def test_a_home_back_in_time_is_refused_or_forks_explicitly_and_both_branches_restore(tmp_path):
+    home, remotes = _init(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    first = _backup(home, src, "one\n")
+    assert first["seq"] == 1 and len(first["manifest_hash"]) == 16
+    shutil.copytree(home, tmp_path / "old-home")  # a disk image of the home, taken now
+    a2 = _backup(home, src, "two\n")
+    a3 = _backup(home, src, "three\n")
+    assert (a2["seq"], a3["seq"]) == (2, 3)
+    shutil.move(home, tmp_path / "new-home")
+    shutil.copytree(tmp_path / "old-home", home)  # the old copy put back
+
+    before = _objects(remotes)
+    refused = _backup(home, src, "four\n", check=21)["stderr"]
+    assert "vaultfs home rebuild --from" in refused and "--fork" in refused, refused
+    assert "#3/" + a3["manifest_hash"] in refused
+    placed = {p for p in _objects(remotes) - before if "/manifests/" in p}
+    assert not placed  # a refused commit places no manifest
+    assert json.loads(run_cli("snapshots", "--json", home=home).stdout)[-1]["seq"] == 1
+
+    b = _backup(home, src, "four\n", "--fork")
+    assert b["seq"] == 4 and b["complete"], b  # numbered above the remotes' newest
+    st = json.loads(run_cli("status", "--json", home=home).stdout)
+    assert st["seq"] == 4 and st["fork"] and "#3/" in st["fork"][0]
+
+    # the other writer (the newer home) now finds a manifest it never wrote: refused too
+    refused = _backup(tmp_path / "new-home", src, "five\n", check=21)["stderr"]
+    assert "#4/" + b["manifest_hash"] in refused
+
+    # restore from all remotes: the newest branch by default, the fork reported
+    res = _restore(tmp_path, home, remotes, "newest")
+    rep = json.loads(res.stdout)
+    assert (rep["seq"], rep["manifest_hash"]) == (4, b["manifest_hash"])
+    assert [f["seq"] for f in rep["fork"]] == [3]
+    assert rep["fork"][0]["manifest_hash"] == a3["manifest_hash"]
+    assert (tmp_path / "newest" / "src" / "doc.txt").read_text() == "four\n"
+    res = run_cli(
+        "restore", *[a for r in remotes for a in ("--from", r)], "--keyfile",
+        str(home / "key.json"), "--to", str(tmp_path / "human"), home=tmp_path / "e",
+    )  # fmt: skip
+    assert b"fork: the remotes hold another branch" in res.stderr
+    assert f"#4/{b['manifest_hash']}".encode() in res.stdout
+
+    # the branch asked for, by seq/hash prefix
+    want = f"3/{a3['manifest_hash'][:8]}"
+    rep = json.loads(_restore(tmp_path, home, remotes, "branch-a", "--manifest", want).stdout)
+    assert rep["seq"] == 3 and [f["seq"] for f in rep["fork"]] == [4]
+    assert (tmp_path / "branch-a" / "src" / "doc.txt").read_text() == "three\n"
+
+    # the stranger's reader, from docs/format.md alone, restores either branch too
+    seed = read_keyfile(home / "key.json", PASSPHRASE).seed
+    assert format_reader.recover_file(seed, [Path(r) for r in remotes], "src/doc.txt") == b"four\n"
+    got = format_reader.recover_file(seed, [Path(r) for r in remotes], "src/doc.txt", want)
+    assert got == b"three\n"
+
+    # verify reports the fork; repair deletes nothing a signed manifest references
+    res = run_cli("verify", "--json", home=home, check=None)
+    audit = json.loads(res.stdout)
+    assert any(r["fork"] for r in audit["remotes"]), audit
+    before = _objects(remotes)
+    run_cli("repair", home=home, check=None)
+    assert before <= _objects(remotes)
+
+    # prune on branch B after deleting the snapshot both branches share: its objects are
+    # garbage for B, and kept while the remotes hold branch A
+    run_cli("snapshot", "delete", first["snapshot"], home=home)
+    res = run_cli("prune", "--json", home=home, check=None)
+    assert json.loads(res.stdout)["garbage_deleted"] == 0, res.stdout
+    b_seq = json.loads(run_cli("status", "--json", home=home).stdout)["seq"]
+
+    # every snapshot of both branches still restores
+    for branch, texts in ((str(b_seq), ["four\n"]), (want, ["one\n", "two\n", "three\n"])):
+        listing = _restore(tmp_path, home, remotes, f"list-{branch[0]}", "--manifest", branch)
+        snaps = sorted(json.loads(listing.stdout)["snapshots"], key=lambda s: s["seq"])
+        assert len(snaps) == len(texts)
+        for s, text in zip(snaps, texts, strict=True):
+            out = f"b{branch[0]}-{s['id']}"
+            _restore(tmp_path, home, remotes, out, "--manifest", branch, "--snapshot", s["id"])
+            assert (tmp_path / out / "src" / "doc.txt").read_text() == text
+
+
+def test_k_remotes_hiding_the_newest_manifest_are_refused_with_an_anchor(tmp_path):
+    home, remotes = _init(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    _backup(home, src, "old\n")
+    new = _backup(home, src, "new\n")
+    receipt = tmp_path / "receipt.json"
+    run_cli("receipt", "latest", "--out", str(receipt), home=home)
+    assert json.loads(receipt.read_text())["statement"]["manifest_hash"].startswith(
+        new["manifest_hash"]
+    )
+    # the anchors hold against honest remotes
+    rep = json.loads(_restore(tmp_path, home, remotes, "ok", "--receipt", str(receipt)).stdout)
+    assert (rep["seq"], rep["manifest_hash"]) == (new["seq"], new["manifest_hash"])
+
+    hiding = remotes[:3]  # k = 3 remotes that hide the newest manifest
+    for r in hiding:
+        for m in (Path(r) / "manifests").iterdir():
+            if m.name.startswith(f"{new['seq']:016d}-"):
+                m.unlink()
+    # with no anchor an empty machine cannot tell: the older snapshot comes back, numbered
+    rep = json.loads(_restore(tmp_path, home, hiding, "no-anchor").stdout)
+    assert rep["seq"] == new["seq"] - 1
+    assert (tmp_path / "no-anchor" / "src" / "doc.txt").read_text() == "old\n"
+    for extra in (("--min-seq", str(new["seq"])), ("--receipt", str(receipt))):
+        res = _restore(tmp_path, home, hiding, f"r{extra[0]}", *extra, check=12)
+        assert b"rollback detected" in res.stderr, res.stderr
+        assert not (tmp_path / f"r{extra[0]}").exists()
+
+
+def test_kill_9_during_commits_leaves_the_chain_linear_and_restorable(tmp_path):
+    import torture
+
+    res = torture.Chamber(tmp_path, seed=11).run(torture.OPERATIONS["backup"], 8)
+    assert res.recovered == res.trials == 8, res.failures
+    assert res.bytes_lost == 0
+
+
+def test_two_writers_racing_to_one_seq_are_reported_as_a_fork(tmp_path):
+    """Two homes that checked at the same moment (no compare-and-swap on remotes) both place
+    a manifest #2: restore and verify name the other branch; either restores."""
+    home, remotes = _init(tmp_path, 3, 2)
+    src = tmp_path / "src"
+    src.mkdir()
+    _backup(home, src, "base\n")
+    other = tmp_path / "other-home"
+    shutil.copytree(home, other)
+    pristine = tmp_path / "pristine"
+    for i, r in enumerate(remotes):
+        shutil.copytree(r, pristine / str(i))
+    a = _backup(home, src, "writer a\n")
+    # writer B sees the remotes as they were (it checked before A placed), and places its #2
+    for i, r in enumerate(remotes):
+        shutil.move(r, tmp_path / f"a-side{i}")
+        shutil.copytree(pristine / str(i), r)
+    b = _backup(other, src, "writer b\n")
+    assert a["seq"] == b["seq"] == 2 and a["manifest_hash"] != b["manifest_hash"]
+    for i, r in enumerate(remotes):  # both writers' objects on the remotes
+        shutil.copytree(tmp_path / f"a-side{i}", r, dirs_exist_ok=True)
+
+    rep = json.loads(_restore(tmp_path, home, remotes, "default").stdout)
+    used, fork = (rep["seq"], rep["manifest_hash"]), rep["fork"]
+    assert used in {(2, a["manifest_hash"]), (2, b["manifest_hash"])}
+    assert [(f["seq"], f["manifest_hash"]) for f in fork] == [
+        (2, a["manifest_hash"] if used[1] == b["manifest_hash"] else b["manifest_hash"])
+    ]
+    for w, text in ((a, "writer a\n"), (b, "writer b\n")):
+        out = f"w{w['manifest_hash'][:4]}"
+        _restore(tmp_path, home, remotes, out, "--manifest", f"2/{w['manifest_hash']}")
+        assert (tmp_path / out / "src" / "doc.txt").read_text() == text
+    audit = json.loads(run_cli("verify", "--json", home=home, check=12).stdout)
+    assert all(r["fork"] and r["state"] == "forked" for r in audit["remotes"]), audit
+    refused = _backup(home, src, "a again\n", check=21)["stderr"]
+    assert f"#2/{b['manifest_hash']}" in refused
+
+
+def test_a_commit_made_offline_is_checked_again_and_never_placed_when_stale(tmp_path):
+    home, remotes = _init(tmp_path, 3, 2)
+    src = tmp_path / "src"
+    src.mkdir()
+    _backup(home, src, "one\n")
+    shutil.copytree(home, tmp_path / "old-home")
+    _backup(home, src, "two\n")
+    _backup(home, src, "three\n")
+    shutil.rmtree(home)
+    shutil.copytree(tmp_path / "old-home", home)
+    for i, r in enumerate(remotes):  # the remotes cannot be seen: the commit goes ahead
+        shutil.move(r, tmp_path / f"away{i}")
+    offline = _backup(home, src, "offline\n", "--no-upload")
+    assert offline["seq"] == 2
+    for i, r in enumerate(remotes):
+        shutil.move(tmp_path / f"away{i}", r)
+    names = {p.name for r in remotes for p in (Path(r) / "manifests").iterdir()}
+
+    res = run_cli("flush", "--json", home=home, check=21)
+    assert json.loads(res.stdout)["stale_base"].startswith("manifest not placed")
+    assert {p.name for r in remotes for p in (Path(r) / "manifests").iterdir()} == names
+    res = run_cli("flush", home=home, check=21)
+    assert b"vaultfs home rebuild --from" in res.stderr
+
+    forked = _backup(home, src, "forked\n", "--fork")
+    assert forked["seq"] == 4 and forked["complete"]
+    placed = {p.name for r in remotes for p in (Path(r) / "manifests").iterdir()} - names
+    assert {int(n.split("-")[0]) for n in placed} == {4}  # the refused #2 never went out
+    rep = json.loads(_restore(tmp_path, home, remotes, "out").stdout)
+    assert rep["seq"] == 4 and [f["seq"] for f in rep["fork"]] == [3]
+    assert {s["seq"] for s in rep["snapshots"]} == {1, 2, 4}  # the offline snapshot is kept

@@ -1,0 +1,157 @@
+"""The manifest chain as the remotes hold it: what a writer, an audit, repair and prune learn
+about manifests this index did not write (docs/format.md 10.3, docs/design.md invariants 7-8).
+
+Every manifest body names its predecessor (``prev``: seq and BLAKE3 of its object bytes), and
+the index remembers every manifest of its own chain by name and hash (``manifest_chain``).
+A validly signed manifest on a remote that this chain does not hold was written by another
+writer: a home directory that went back in time, a second machine, or an explicit fork. A
+:class:`Survey` finds them with one ``manifests/`` listing per remote and reads only the names
+this chain does not know (newest first, at most :data:`MAX_READS` in all, each capped at
+:data:`manifest.MAX_BYTES`): in the steady state it reads nothing.
+
+A base is *stale* (:meth:`Survey.stale`) when such a manifest is newer than the newest one
+this chain explicitly forked from (``manifest_chain.fork_seq``): the remotes moved on without
+this writer. The writer then refuses to commit and to place manifests
+(:class:`vaultfs.errors.StaleBase`) until the home is rebuilt from the remotes or the user
+records an explicit fork.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from . import manifest
+from .backends import Backend
+from .errors import IntegrityError, RemoteError, StaleBase
+from .index import Index, manifests
+from .keys import VaultKeys
+
+#: Most manifest objects one survey reads (a hostile remote listing junk names costs at most
+#: this many capped reads); names left unread are counted in :attr:`Survey.unread`.
+MAX_READS = 64
+
+
+@dataclass
+class Seen:
+    """A validly signed manifest on the remotes that this index's chain does not hold."""
+
+    name: str
+    manifest: manifest.Manifest
+    holders: list[str]  # labels of the remotes listing it
+
+    @property
+    def link(self) -> manifest.Link:
+        return self.manifest.link
+
+    def describe(self) -> str:
+        """``#seq/hash (prev #seq/hash) on R1, R2``, for messages."""
+        return f"{self.manifest.summary()} on {', '.join(self.holders)}"
+
+
+@dataclass
+class Survey:
+    """What one look at the remotes' ``manifests/`` found (:func:`survey`)."""
+
+    reachable: int = 0  # remotes whose listing succeeded
+    others: list[Seen] = field(default_factory=list)  # off this chain, newest first
+    unread: int = 0  # unknown names not read (over MAX_READS)
+    invalid: list[str] = field(default_factory=list)  # "label: name: why" of names refused
+    errors: dict[str, str] = field(default_factory=dict)  # label -> why it was not listed
+
+    def referenced(self) -> set[str]:
+        """Names of the index shard objects (``meta/``) the other manifests sign."""
+        return {
+            s.name
+            for seen in self.others
+            for seg in seen.manifest.contents.index_segments
+            for s in seg.shards
+        }
+
+    def stale(self, index: Index) -> list[Seen]:
+        """The other manifests newer than the newest one this chain explicitly forked from:
+        the remotes moved on without this writer (empty: the base is current)."""
+        floor = manifests.newest_fork(index)
+        return [s for s in self.others if s.manifest.seq > floor]
+
+    def describe(self) -> list[str]:
+        """One line per other manifest, for ``status`` and messages."""
+        return [s.describe() for s in self.others]
+
+
+def survey(keys: VaultKeys, index: Index, remotes: Iterable[Backend]) -> Survey:
+    """List ``manifests/`` on every remote once (all at once) and read, newest first, the
+    names this chain does not know; a remote that fails to list is skipped (reported in
+    ``errors``). Never writes to a remote."""
+    known = manifests.chain_names(index)
+    remotes = list(remotes)
+    out = Survey()
+    listed: dict[str, list[tuple[Backend, int]]] = defaultdict(list)
+    lock = threading.Lock()
+
+    def lst(r: Backend) -> None:
+        try:
+            names = r.list_sizes("manifests")
+        except RemoteError as e:
+            with lock:
+                out.errors[r.label] = e.message
+            return
+        with lock:
+            out.reachable += 1
+            for nm, size in names.items():
+                if manifest.seq_of_name(nm) is not None and nm not in known:
+                    listed[nm].append((r, size))
+
+    threads = [threading.Thread(target=lst, args=(r,)) for r in remotes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    order = sorted(listed, reverse=True)  # the zero-padded seq leads the name
+    out.unread = max(0, len(order) - MAX_READS)
+    for nm in order[:MAX_READS]:
+        m = _read_any(keys, nm, listed[nm], out.invalid)
+        if m is not None:
+            out.others.append(Seen(nm, m, [r.label for r, _s in listed[nm]]))
+    return out
+
+
+def _read_any(
+    keys: VaultKeys, name: str, holders: list[tuple[Backend, int]], invalid: list[str]
+) -> manifest.Manifest | None:
+    """Manifest ``name`` from the first holder that serves a valid one; each refusal is
+    added to ``invalid``."""
+    for r, size in holders:
+        why = ""
+        if size > manifest.MAX_BYTES:
+            why = f"listed at {size:,} bytes, more than a manifest can be; not read"
+        else:
+            try:
+                blob = r.cat("manifests", name, 0, manifest.MAX_BYTES + 1)
+                if len(blob) > manifest.MAX_BYTES:
+                    raise IntegrityError("longer than a manifest can be")
+                m = manifest.read(keys, blob)
+                if m.seq != manifest.seq_of_name(name):
+                    raise IntegrityError(f"name does not match its signed sequence {m.seq}")
+                return m
+            except RemoteError as e:
+                why = f"could not be read ({e.message})"
+            except IntegrityError as e:
+                why = e.message
+        invalid.append(f"{r.label}: {name}: {why}")
+    return None
+
+
+def stale_error(stale: list[Seen], at: str) -> StaleBase:
+    """The refusal for a stale base, naming what the remotes hold and the ways forward."""
+    newest = max(stale, key=lambda s: s.manifest.seq)
+    return StaleBase(
+        f"{at}: the remotes hold manifest {newest.describe()}, which this vault's home never "
+        "wrote: the home is older than the remotes (copied back in time, or another machine "
+        "writes to this vault). Nothing was placed. Either rebuild the home from the remotes "
+        "(`vaultfs home rebuild --from REMOTE ...`) and carry on from their newest state, or "
+        "record an explicit fork with `--fork` (`vaultfs backup --fork ...`): the vault then "
+        "holds two branches, and restore can be asked for either (`--manifest`)"
+    )
