@@ -19,12 +19,21 @@ def next_seq(db: sqlite3.Connection) -> int:
 
 
 def record(
-    db: sqlite3.Connection, seq: int, name: str, created: float, root: bytes, remotes: list[int]
+    db: sqlite3.Connection,
+    seq: int,
+    name: str,
+    created: float,
+    root: bytes,
+    remotes: list[int],
+    meta_segments: Iterable[int],
 ) -> None:
-    """Record manifest ``seq`` (object ``name``, signing vault root ``root``) as written and
-    to be uploaded to ``remotes``; the index copy on the remotes is current again (clears
-    :func:`mark_unshipped`)."""
+    """Record manifest ``seq`` (object ``name``, signing vault root ``root``, naming index
+    objects in ``meta_segments``) as written and to be uploaded to ``remotes``; the index
+    copy on the remotes is current again (clears :func:`mark_unshipped`)."""
     db.execute("INSERT INTO manifests VALUES (?, ?, ?, ?)", (seq, name, created, root))
+    db.executemany(
+        "INSERT INTO manifest_segments VALUES (?, ?)", [(seq, sid) for sid in meta_segments]
+    )
     db.execute("DELETE FROM settings WHERE key='unshipped_since'")
     db.executemany("INSERT INTO manifest_queue VALUES (?, ?)", [(seq, rid) for rid in remotes])
 
@@ -50,8 +59,9 @@ def names_before(index: Index, seq: int) -> list[str]:
 
 
 def forget_before(db: sqlite3.Connection, seq: int) -> None:
-    """Forget the manifests older than ``seq`` and the index copies they name."""
-    segments.forget_meta_before(db, seq)
+    """Forget the manifests older than ``seq`` and the meta segments only they name."""
+    segments.forget_unreferenced_meta(db, seq)
+    db.execute("DELETE FROM manifest_segments WHERE manifest < ?", (seq,))
     db.execute("DELETE FROM manifests WHERE seq < ?", (seq,))
 
 

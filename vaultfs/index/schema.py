@@ -59,7 +59,7 @@ CREATE TABLE IF NOT EXISTS garbage (
 CREATE TABLE IF NOT EXISTS segments (
     id        INTEGER PRIMARY KEY,   -- segment sequence number (orders the vault Merkle root)
     uid       BLOB NOT NULL UNIQUE,  -- 16 random bytes, written in every shard header
-    kind      TEXT NOT NULL,         -- 'data' (chunk records) or 'meta' (exported index)
+    kind      TEXT NOT NULL,         -- 'data' (chunk records) or 'meta' (index objects)
     size      INTEGER NOT NULL,      -- padded plaintext size that was erasure coded
     used      INTEGER NOT NULL,      -- bytes of records before the zero padding
     k         INTEGER NOT NULL,      -- shards needed to decode
@@ -67,7 +67,8 @@ CREATE TABLE IF NOT EXISTS segments (
     ec_alg    INTEGER NOT NULL,      -- erasure algorithm id (1 = isa_l_rs_vand)
     epoch     INTEGER NOT NULL,      -- key epoch of the records inside (data segments)
     root      BLOB NOT NULL,         -- Merkle root over the n shard roots
-    manifest  INTEGER,               -- for 'meta' segments: the manifest seq that names them
+    manifest  INTEGER,               -- for 'meta' segments: the first manifest seq naming
+                                     -- them (later ones may too: manifest_segments)
     created   REAL NOT NULL          -- unix time sealed
 );
 CREATE TABLE IF NOT EXISTS shards (
@@ -148,6 +149,12 @@ CREATE TABLE IF NOT EXISTS manifests (
     created   REAL NOT NULL,         -- unix time
     root      BLOB NOT NULL          -- vault Merkle root it signs
 );
+CREATE TABLE IF NOT EXISTS manifest_segments (
+    manifest  INTEGER NOT NULL,      -- manifests.seq
+    segment   INTEGER NOT NULL,      -- a 'meta' segment holding an index object it names
+                                     -- (written with the manifests row: garbage rules read it)
+    PRIMARY KEY (manifest, segment)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS manifest_queue (
     seq       INTEGER NOT NULL,      -- manifest waiting to be uploaded
     remote    INTEGER NOT NULL,      -- to this remote

@@ -1,7 +1,9 @@
 """Opening a vault's home directory: its files, the process lock, and making a new vault.
 
-``<home>/key.json`` (the keyfile), ``<home>/index.db`` (the index), ``<home>/queue/``
-(vaultfs/vault/queue.py), ``<home>/lock`` (held by the one process using the vault).
+``<home>/key.json`` (the keyfile), ``<home>/index.db`` (the index),
+``<home>/index-objects.db`` (the index blocks already shipped: vaultfs/index/shipped.py, a
+cache), ``<home>/queue/`` (vaultfs/vault/queue.py), ``<home>/lock`` (held by the one process
+using the vault).
 """
 
 from __future__ import annotations
