@@ -170,8 +170,8 @@ def test_crash_after_sealing_blocks_before_the_manifest(tmp_path, monkeypatch, s
     v = Vault.open(tmp_path / "home", PW)
     with v:
         unnamed = v.index.q(
-            "SELECT id FROM segments WHERE kind='meta' AND manifest NOT IN"
-            " (SELECT seq FROM manifests)"
+            "SELECT id FROM segments WHERE kind='meta' AND id NOT IN"
+            " (SELECT segment FROM manifest_segments)"
         )
         assert not unnamed  # dropped at open
         (src / "h.txt").write_bytes(b"second change\n" * 100)

@@ -117,12 +117,14 @@ def count_under_k(index: Index) -> int:
 
 
 def unnamed_meta(index: Index) -> list[int]:
-    """Ids of index-copy segments recorded for a manifest that was never recorded."""
+    """Ids of the meta segments no recorded manifest names: written for a manifest that was
+    never recorded (a segment whose first manifest was pruned may still be named by later
+    ones: ``manifest_segments`` says). Only meaningful while no commit is under way."""
     return [
         sid
         for (sid,) in index.q(
             "SELECT id FROM segments WHERE kind='meta'"
-            " AND manifest NOT IN (SELECT seq FROM manifests)"
+            " AND id NOT IN (SELECT segment FROM manifest_segments)"
         )
     ]
 
