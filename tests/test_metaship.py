@@ -199,20 +199,35 @@ def test_crash_after_sealing_blocks_before_the_manifest(tmp_path, monkeypatch, s
 def test_garbage_and_compaction_keep_everything_a_kept_manifest_names(
     tmp_path, monkeypatch, shipped_copies
 ):
-    """Many commits with compaction forced on (any sparse segment is moved): the remotes
-    hold only meta segments a kept manifest names, every kept manifest's segments are all
-    there and each kept manifest's index reassembles."""
-    monkeypatch.setattr(metaship, "SPARSE_KEPT", 0)
+    """Many commits, the vault reopened in between (recovery runs: a segment whose first
+    manifest was pruned but that a kept one still names is no leftover of a crash), then
+    compaction forced on (any sparse segment is moved): the remotes hold only meta segments
+    a kept manifest names, every kept manifest's segments are all there and each kept
+    manifest's index reassembles."""
     v, remotes = make_vault(tmp_path)
     src = tmp_path / "src"
     many_files(src, 300, seed=4)
-    recopied = 0
-    with v:
-        for i in range(7):
+
+    def commits(v: Vault, first: int, count: int) -> int:
+        recopied = 0
+        for i in range(first, first + count):
             (src / f"change{i}.txt").write_bytes(f"change {i}\n".encode() * 50)
             backup_paths(v, [src])
             recopied += v.committer.last_shipped.recopied
             assert v.flush().complete
+        return recopied
+
+    with v:
+        commits(v, 0, 5)
+        first_named = v.index.one(
+            "SELECT count(*) FROM segments WHERE kind='meta' AND manifest NOT IN"
+            " (SELECT seq FROM manifests)"
+        )[0]
+    assert first_named > 0  # a shared segment whose first manifest was pruned: the case
+    v = Vault.open(tmp_path / "home", PW)
+    monkeypatch.setattr(metaship, "SPARSE_KEPT", 0)
+    with v:
+        recopied = commits(v, 5, 4)
         keys = v.keys
     assert recopied > 0  # compaction ran
     mans = kept_manifests(keys, remotes[0])
