@@ -18,7 +18,7 @@ from vaultfs.backends import open_backend
 from vaultfs.backup import backup_paths
 from vaultfs.errors import IntegrityError
 from vaultfs.index.shipped import ShippedObjects
-from vaultfs.indexblocks import BLOCK_SIZE, MAP_FANOUT
+from vaultfs.indexblocks import BLOCK_SIZE, MAP_FANOUT, object_id
 from vaultfs.keys import VaultKeys
 from vaultfs.restore import ShardSource, fetch_index, find_manifest
 from vaultfs.vault import Vault, metaship
@@ -57,7 +57,9 @@ def shipped_copies(monkeypatch) -> list[bytes]:
     return copies
 
 
-def remote_index(keys: VaultKeys, remotes: list[str], dest: Path) -> manifest.Manifest:
+def remote_index(
+    keys: VaultKeys, remotes: list[str], dest: Path, shipped: ShippedObjects | None = None
+) -> manifest.Manifest:
     """Fetch the newest manifest's index from ``remotes`` into ``dest`` (restore's path)."""
     src = ShardSource([open_backend(r) for r in remotes])
     src.start()
@@ -65,7 +67,7 @@ def remote_index(keys: VaultKeys, remotes: list[str], dest: Path) -> manifest.Ma
         m, _w = find_manifest(keys, src)
         src.stop_read_ahead()
         src.list_all()
-        fetch_index(keys, m, src, dest)
+        fetch_index(keys, m, src, dest, shipped)
     finally:
         src.stop()
     return m
@@ -113,9 +115,17 @@ def test_a_small_change_seals_a_few_blocks_and_restore_reassembles_the_shipped_c
     assert second.sealed_bytes <= objects * (BLOCK_SIZE + 100)
     assert second.sealed_bytes < len(shipped_copies[-1]) // 3
     # restore and the stranger's reader both give back the very file that was shipped
-    m = remote_index(keys, remotes[:2], tmp_path / "restored.db")
+    side = ShippedObjects(tmp_path / "rebuilt-sidecar.db")
+    m = remote_index(keys, remotes[:2], tmp_path / "restored.db", side)
     assert (tmp_path / "restored.db").read_bytes() == shipped_copies[-1]
     assert m.contents.index_length == len(shipped_copies[-1])
+    # a rebuilt home's sidecar knows where every block is, in a segment the manifest names
+    named = {seg.uid for seg in m.contents.index_segments}
+    copy = shipped_copies[-1]
+    with side.reader() as look:
+        for off in range(0, len(copy), BLOCK_SIZE):
+            loc = look.get(object_id(keys.metadata_key, copy[off : off + BLOCK_SIZE]))
+            assert loc is not None and loc.uid in named
     stranger = fr.Remotes([Path(r) for r in remotes[1:]])
     fkeys = fr.Keys.from_seed(keys.seed)
     with contextlib.closing(

@@ -9,6 +9,7 @@ the manifest → each chunk's AEAD tag, key commitment and keyed chunk id.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import stat
@@ -28,7 +29,7 @@ from .backends import Backend, Job
 from .backup import check_name
 from .errors import InputError, IntegrityError, NotEnoughRemotes, RemoteError, TargetNotEmpty
 from .index import Index, keyring, open_shipped, seen_manifest_seq, segments, snapshots
-from .index.shipped import BlockPlan
+from .index.shipped import BlockPlan, ShippedObjects
 from .indexblocks import Location
 from .keys import SLHDSA_BY_SIG_ALG, VaultKeys
 from .names import display, fs_path, xattrs_from_db
@@ -519,7 +520,13 @@ def find_manifest(
     return best, warnings
 
 
-def fetch_index(keys: VaultKeys, m: manifest.Manifest, src: ShardSource, dest: Path) -> list[str]:
+def fetch_index(
+    keys: VaultKeys,
+    m: manifest.Manifest,
+    src: ShardSource,
+    dest: Path,
+    shipped: ShippedObjects | None = None,
+) -> list[str]:
     """Rebuild the index database named by a manifest into ``dest``; returns warnings (the
     shards decoded around, with the remotes that served them). Each index shard is read at
     the size the signed manifest records, never more.
@@ -527,7 +534,12 @@ def fetch_index(keys: VaultKeys, m: manifest.Manifest, src: ShardSource, dest: P
     Streams (docs/format.md 11, step 4): the block map's pages are read one at a time into a
     scratch table, then every meta segment is fetched and decoded once and its blocks are
     written in place, so memory holds one segment and one map page whatever the vault's size.
-    Every object is checked against its id, every block's length and the total length."""
+    Every object is checked against its id, every block's length and the total length.
+
+    With ``shipped`` (a home rebuilt from the remotes), the sidecar then records where every
+    block and map page is, so the next commit seals only what changed; it counts only once
+    the rebuilt index records manifest ``m`` and the segments it names
+    (``manifest_segments``)."""
     body = m.contents
     warnings: list[str] = []
     block, length = body.index_block_size, body.index_length
@@ -552,6 +564,12 @@ def fetch_index(keys: VaultKeys, m: manifest.Manifest, src: ShardSource, dest: P
                         raise IntegrityError(f"index block {pos} has {len(data)} bytes")
                     out.seek(pos * block)
                     out.write(data)
+            if shipped is not None:
+                pages = [(p.id, Location(p.uid, p.offset, p.length)) for p in body.index_map]
+                shipped.record(
+                    itertools.chain(plan.objects(), pages),
+                    {seg.uid for seg in body.index_segments},
+                )
     return warnings
 
 

@@ -57,7 +57,7 @@ class ShippedObjects:
             db.execute("BEGIN IMMEDIATE")
             db.executemany(
                 "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?)",
-                [(oid, loc.uid, loc.offset, loc.length) for oid, loc in rows],
+                ((oid, loc.uid, loc.offset, loc.length) for oid, loc in rows),
             )
             stale = [
                 (uid,)
@@ -115,3 +115,10 @@ class BlockPlan:
             "SELECT pos, uid, offset, length, id FROM map ORDER BY uid, offset, pos"
         ):
             yield pos, bytes(oid), Location(bytes(uid), off, length)
+
+    def objects(self) -> Iterator[tuple[bytes, Location]]:
+        """(object id, location) of every block, in block order."""
+        for oid, uid, off, length in self._db.execute(
+            "SELECT id, uid, offset, length FROM map ORDER BY pos"
+        ):
+            yield bytes(oid), Location(bytes(uid), off, length)
