@@ -122,7 +122,7 @@ def test_a_small_change_seals_a_few_blocks_and_restore_reassembles_the_shipped_c
     # a rebuilt home's sidecar knows where every block is, in a segment the manifest names
     named = {seg.uid for seg in m.contents.index_segments}
     copy = shipped_copies[-1]
-    with side.reader() as look:
+    with side.reader(m.suite) as look:
         for off in range(0, len(copy), BLOCK_SIZE):
             loc = look.get(object_id(keys.metadata_key, copy[off : off + BLOCK_SIZE]))
             assert loc is not None and loc.uid in named

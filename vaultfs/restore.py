@@ -568,6 +568,7 @@ def fetch_index(
                 pages = [(p.id, Location(p.uid, p.offset, p.length)) for p in body.index_map]
                 shipped.record(
                     itertools.chain(plan.objects(), pages),
+                    m.suite,
                     {seg.uid for seg in body.index_segments},
                 )
     return warnings

@@ -147,12 +147,14 @@ def forget_unreferenced_meta(db: sqlite3.Connection, seq: int) -> None:
 
 
 def meta_named_by(index: Index, seq: int) -> dict[bytes, tuple[int, int]]:
-    """{uid: (segment id, used)} of the meta segments manifest ``seq`` names."""
+    """{uid: (segment id, used)} of the meta segments manifest ``seq`` names that still have
+    k shards placed or queued (a commit reuses blocks only where they can be read back)."""
     return {
         bytes(uid): (sid, used)
         for sid, uid, used in index.q(
             "SELECT g.id, g.uid, g.used FROM segments g JOIN manifest_segments m"
-            " ON m.segment = g.id WHERE m.manifest=?",
+            " ON m.segment = g.id WHERE m.manifest=? AND (SELECT count(*) FROM shards s"
+            " WHERE s.segment = g.id AND s.state IN ('placed', 'queued')) >= g.k",
             (seq,),
         )
     }

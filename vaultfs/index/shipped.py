@@ -21,6 +21,7 @@ from ..indexblocks import Location
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
     id      BLOB PRIMARY KEY,   -- index object id (docs/format.md 9)
+    suite   INTEGER NOT NULL,   -- suite id bound into the record (a new suite seals anew)
     uid     BLOB NOT NULL,      -- meta segment holding its newest record
     offset  INTEGER NOT NULL,   -- the record's offset in that segment
     length  INTEGER NOT NULL    -- the record's length
@@ -45,19 +46,24 @@ class ShippedObjects:
             db.close()
 
     @contextlib.contextmanager
-    def reader(self) -> Iterator[ShippedLookup]:
-        """A lookup over the sidecar for the duration of a commit's pass over the blocks."""
+    def reader(self, suite: int) -> Iterator[ShippedLookup]:
+        """A lookup over the sidecar for the duration of a commit's pass over the blocks: it
+        finds only records sealed under ``suite`` (the manifest's, which a reader opens every
+        object of the index with)."""
         with self._open() as db:
-            yield ShippedLookup(db)
+            yield ShippedLookup(db, suite)
 
-    def record(self, rows: Iterable[tuple[bytes, Location]], live_uids: set[bytes]) -> None:
-        """Note where the objects ``rows`` now are, and forget every row whose segment is not
-        in ``live_uids`` (the segments the manifest just recorded names)."""
+    def record(
+        self, rows: Iterable[tuple[bytes, Location]], suite: int, live_uids: set[bytes]
+    ) -> None:
+        """Note where the objects ``rows``, sealed under ``suite``, now are, and forget every
+        row whose segment is not in ``live_uids`` (the segments the manifest just recorded
+        names)."""
         with self._open() as db:
             db.execute("BEGIN IMMEDIATE")
             db.executemany(
-                "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?)",
-                ((oid, loc.uid, loc.offset, loc.length) for oid, loc in rows),
+                "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?)",
+                ((oid, suite, loc.uid, loc.offset, loc.length) for oid, loc in rows),
             )
             stale = [
                 (uid,)
@@ -71,13 +77,15 @@ class ShippedObjects:
 class ShippedLookup:
     """Point lookups in the sidecar (:meth:`ShippedObjects.reader`)."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, suite: int) -> None:
         self._db = db
+        self._suite = suite
 
     def get(self, oid: bytes) -> Location | None:
-        """Where object ``oid`` was last sealed, if the sidecar knows."""
+        """Where object ``oid`` was last sealed under this lookup's suite, if the sidecar
+        knows."""
         row = self._db.execute(
-            "SELECT uid, offset, length FROM objects WHERE id=?", (oid,)
+            "SELECT uid, offset, length FROM objects WHERE id=? AND suite=?", (oid, self._suite)
         ).fetchone()
         return None if row is None else Location(bytes(row[0]), row[1], row[2])
 

@@ -181,7 +181,7 @@ class Committer:
             manifests.record(
                 db, seq, name, time.time(), root, [r.rid for r in self.remotes()], named
             )
-        self.shipped.record(shipment.sealed.items(), {d[0] for d in descriptors})
+        self.shipped.record(shipment.sealed.items(), self.suite, {d[0] for d in descriptors})
 
     def _write_meta_segment(self, uid: bytes, padded: bytes) -> tuple[int, list, bytes]:
         """Code one padded meta segment and queue its shards durably: (id, shard rows, root)."""

@@ -3,9 +3,11 @@ vaultfs/indexblocks.py).
 
 One pass over a page-identical copy of the index (:meth:`Index.export_to`): every block is
 hashed; a block whose id the sidecar (:class:`ShippedObjects`) places in a meta segment the
-newest manifest names is referenced where it is, any other is sealed into a new meta segment.
-Then compaction, and the block map's pages, sealed likewise when they changed. Cost: hashing
-the copy (memory-bounded, a read of the file) plus sealing and coding what changed.
+newest manifest names (and that has k shards left) is referenced where it is, any other is
+sealed into a new meta segment. Then compaction, and the block map's pages, sealed likewise
+when they changed. Cost: copying and hashing the index (a read of the file, memory-bounded;
+the one term that grows with the vault, at disk and BLAKE3 speed) plus sealing and coding
+what changed.
 
 Compaction keeps the meta segments a manifest names bounded: a segment whose objects still in
 use fill less than half a full segment is *sparse*; while more than :data:`SPARSE_KEPT` are
@@ -132,7 +134,7 @@ def ship(
         return loc
 
     length = export.stat().st_size
-    with shipped.reader() as look, export.open("rb") as f:
+    with shipped.reader(suite) as look, export.open("rb") as f:
         while data := f.read(block):
             stats.blocks += 1
             oid = indexblocks.object_id(key, data)
