@@ -22,6 +22,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from .. import indexblocks, segment
 from ..index import Index, manifests
@@ -186,7 +187,7 @@ def _sparse_to_move(live: dict[bytes, int], segment_size: int) -> set[bytes]:
 def _recopy(
     entries: bytearray,
     moved: set[bytes],
-    f,
+    f: BinaryIO,
     block: int,
     seal: Callable[[bytes, bytes], Location],
 ) -> int:
