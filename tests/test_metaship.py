@@ -16,7 +16,7 @@ import pytest
 from vaultfs import manifest
 from vaultfs.backends import open_backend
 from vaultfs.backup import backup_paths
-from vaultfs.errors import IntegrityError
+from vaultfs.errors import IntegrityError, VaultError
 from vaultfs.index.shipped import ShippedObjects
 from vaultfs.indexblocks import BLOCK_SIZE, MAP_FANOUT, object_id
 from vaultfs.keys import VaultKeys
@@ -254,3 +254,22 @@ def test_garbage_and_compaction_keep_everything_a_kept_manifest_names(
         out = tmp_path / f"kept-{seq}.db"
         fr.open_index(fkeys, stranger, fr.open_manifest(fkeys, blob), out).close()
         assert out.read_bytes() == copy
+
+
+def test_a_manifest_readers_would_refuse_is_never_written(tmp_path, monkeypatch):
+    """An index whose manifest would pass the readers' size bound fails the commit with a
+    clear error; the remotes keep the previous manifest and the vault opens and restores."""
+    v, remotes = make_vault(tmp_path)
+    src = tmp_path / "src"
+    many_files(src, 50, seed=5)
+    with v:
+        backup_paths(v, [src])
+        assert v.flush().complete
+        with monkeypatch.context() as mp:
+            mp.setattr(manifest, "MAX_BYTES", 1000)
+            with pytest.raises(VaultError, match="outgrown what one manifest can name"):
+                backup_paths(v, [src])
+        keys = v.keys
+    with Vault.open(tmp_path / "home", PW) as v:
+        assert v.flush().complete
+    assert remote_index(keys, remotes[:2], tmp_path / "restored.db").seq == 1

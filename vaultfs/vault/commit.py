@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .. import indexblocks, manifest, merkle, names, segment
 from ..backends import Backend
-from ..errors import InputError, IntegrityError
+from ..errors import InputError, IntegrityError, VaultError
 from ..index import Index, VaultParams, chunk_rows, keyring, manifests, segments, snapshots
 from ..index.shipped import ShippedObjects
 from ..keys import VaultKeys
@@ -174,6 +174,13 @@ class Committer:
             slhdsa_sealed=bytes.fromhex(stored[1]) if stored else None,
         )
         blob_m = manifest.encode(self.keys, seq, created_ms, body.to_dict(), self.suite)
+        if len(blob_m) > manifest.MAX_BYTES:  # readers would refuse it: never write one
+            raise VaultError(
+                f"the index has outgrown what one manifest can name ({len(blob_m):,} bytes;"
+                f" readers accept {manifest.MAX_BYTES:,}): this vault needs the second map"
+                " level of docs/format.md 9.2. Nothing new reached the remotes; the snapshot"
+                " is kept locally."
+            )
         name = manifest.object_name(seq, secrets.token_hex(4))
         write_durable(self.queue_dir / "manifests" / name, blob_m)
         fsync_dir(self.queue_dir / "manifests")
