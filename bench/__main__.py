@@ -84,6 +84,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="measure the vaultfs source tree in DIR (e.g. a patched copy) instead",
     )
+    ap.add_argument(
+        "--lifetime-sizes",
+        type=lambda v: [float(x) for x in v.split(",")],
+        default=[1.0, 4.0, 16.0],
+        metavar="GIB,…",
+        help="vault sizes of the lifetime section, GiB of unique data (default 1,4,16)",
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="small sizes for the lifetime section (1/16, 1/4 GiB)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     ap.add_argument("--list", action="store_true", help="list the sections and exit")
     a = ap.parse_args(argv)
@@ -91,6 +101,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--beliefs must be at least 100")
     if a.repeats < 1:
         ap.error("--repeats must be at least 1")
+    if a.quick:
+        a.lifetime_sizes = [0.0625, 0.25]
+    if not a.lifetime_sizes or min(a.lifetime_sizes) <= 0:
+        ap.error("--lifetime-sizes must be positive sizes in GiB")
     if a.ref and a.src:
         ap.error("give --ref or --src, not both")
     if a.src and not (a.src / "vaultfs" / "vault" / "__init__.py").exists():
@@ -124,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="vaultfs-bench-", dir=a.workdir))
     else:
         workdir = Path(tempfile.mkdtemp(prefix="vaultfs-bench-"))
-    ctx = Context(a.beliefs, a.seed, a.repeats, workdir, a.keep)
+    ctx = Context(a.beliefs, a.seed, a.repeats, workdir, a.keep, lifetime_sizes=a.lifetime_sizes)
     if a.src:
         ctx.src_root = a.src.resolve()
     if a.ref:
@@ -147,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": a.repeats,
             "sections": names,
             "ref": a.ref,
+            "lifetime_sizes": a.lifetime_sizes,
         },
         "host": _host(),
         "load_at_start": os.getloadavg(),

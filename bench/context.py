@@ -27,6 +27,8 @@ class Context:
     workdir: Path
     keep: bool
     src_root: Path | None = None  # an exported commit to run instead of the working tree
+    #: vault sizes (GiB of unique data) of the ``lifetime`` section
+    lifetime_sizes: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0])
     _dataset: dataset_mod.Dataset | None = field(default=None, repr=False)
 
     def log(self, msg: str) -> None:

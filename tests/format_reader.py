@@ -431,20 +431,54 @@ def fetch_segment(
     return decode_segment(good, k, n, size, ec_alg)
 
 
+def index_object(
+    keys: Keys, segs: dict[bytes, bytes], oid: bytes, uid: bytes, off: int, length: int
+) -> bytes:
+    """§ The index: open index object ``oid`` at (segment uid, offset, length) and check that
+    it hashes to its id. ``segs`` maps uid to the decoded segment's first ``used`` bytes."""
+    seg = segs.get(uid)
+    if seg is None or off + length > len(seg):
+        raise FormatError(f"index object {oid.hex()} lies outside the segments the manifest names")
+    kind = b"index-block" + oid
+    _c, _b, data = open_record(
+        keys.metadata_key, keys.vault_id, b"meta" + kind, kind, seg[off : off + length]
+    )
+    if blake3.blake3(b"vaultfs/v1/index-object" + data, key=keys.metadata_key).digest() != oid:
+        raise FormatError(f"index object {oid.hex()} does not hash to its id")
+    return data
+
+
 def open_index(keys: Keys, remotes: Remotes, m: Manifest, dest: Path) -> sqlite3.Connection:
+    """§ Recovering, step 4: decode the meta segments, read the block map, write the blocks."""
     body = m.body
-    pieces = []
-    for seg in body["index"]["segments"]:
+    index = body["index"]
+    segs = {}
+    for seg in index["segments"]:
         shards = [(s["idx"], s["name"], bytes.fromhex(s["hash"])) for s in seg["shards"]]
         size = seg.get("size", body["segment_size"])  # per-segment size, if the writer gave one
         alg = seg.get("ec_alg", 1)  # the earliest manifests name none: they used 1
         data = fetch_segment(keys, remotes, "meta", shards, seg["k"], seg["n"], size, alg)
-        pieces.append(data[: seg["used"]])
-    blob = b"".join(pieces)
-    if len(blob) != body["index"]["length"]:
-        raise FormatError("index blob length differs from the manifest")
-    _c, _b, raw = open_record(keys.metadata_key, keys.vault_id, b"metaindex", b"index", blob)
-    dest.write_bytes(raw)
+        segs[bytes.fromhex(seg["uid"])] = data[: seg["used"]]
+    length, block = index["length"], index["block_size"]
+    entries = []
+    for page in index["map"]:
+        raw = index_object(
+            keys, segs, bytes.fromhex(page["id"]), bytes.fromhex(page["uid"]),
+            page["offset"], page["length"],
+        )  # fmt: skip
+        if not raw or len(raw) % 56:
+            raise FormatError("an index map page is not whole 56-byte entries")
+        entries += [raw[i : i + 56] for i in range(0, len(raw), 56)]
+    if len(entries) != -(-length // block):
+        raise FormatError("the index map does not list one entry per block")
+    out = bytearray()
+    for e in entries:
+        oid, uid, off, rlen = e[:32], e[32:48], *struct.unpack(">II", e[48:56])
+        data = index_object(keys, segs, oid, uid, off, rlen)
+        if len(data) != min(block, length - len(out)):
+            raise FormatError("an index block is not block_size bytes (the last: the rest)")
+        out += data
+    dest.write_bytes(bytes(out))
     return sqlite3.connect(dest)
 
 

@@ -129,7 +129,7 @@ def shipped_index(data: bytes) -> None:
     path.write_bytes(data)
     db = open_shipped(path, keys().chunk_id_key)
     try:
-        body = manifest.Body(bytes(32), 2, 3, 1 << 20, (), 0, ())
+        body = manifest.Body(bytes(32), 2, 3, 1 << 20, (), 0, 16384, (), ())
         m = manifest.Manifest(1, 0, body.to_dict())
         try:
             verify_index_against_manifest(db, m)
@@ -371,6 +371,8 @@ def make_corpus() -> dict[str, int]:
                 tuple(manifest.ShardRef(i, f"{i:032x}", 131204, bytes(32)) for i in range(3)),
             ),
         ),
+        index_block_size=16384,
+        index_map=(manifest.MapPage(bytes(32), uid, 0, 300),),
         retired_suites=frozenset({2}),
     ).to_dict()
     seeds["manifest_body"] = {"body": json.dumps(body, sort_keys=True).encode()}

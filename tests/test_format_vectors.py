@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from pyeclib.ec_iface import LIBERASURECODE_VERSION, ECDriver
 from pyfastcdc import FastCDC
 
-from vaultfs import envelope, manifest, merkle, segment
+from vaultfs import envelope, indexblocks, manifest, merkle, segment
 from vaultfs.chunker import Chunker, content_ref
 from vaultfs.errors import IntegrityError
 from vaultfs.keys import VaultKeys, read_keyfile
@@ -215,22 +215,38 @@ def test_chunk_record(rec):
         doc_open(bytes(32), vid, b"chunk" + cid, cid, record)
 
 
-def test_metadata_blob():
+def test_index_objects():
+    """Section 9: an index object's id is keyed BLAKE3 under the metadata key with the id
+    prefix; its record is a metadata record of kind "index-block" ‖ id; a map page lists
+    (id, segment uid, offset, length) of each block."""
     keys = VaultKeys.from_seed(SEED)
-    vid = keys.vault_id
-    m = VECTORS["metadata_blob"]
-    blob = bytes.fromhex(m["record"])
-    kind = m["kind"].encode()
-    salt = bytes.fromhex(m["salt"])
-    assert (b"vaultfs/v1/meta" + kind + salt).hex() == m["hkdf_info"]
-    key, nonce, commit = fr.record_keys(keys.metadata_key, vid, b"meta" + kind + salt)
-    assert (key.hex(), nonce.hex(), commit.hex()) == (m["key"], m["nonce"], m["commitment"])
-    assert fr.associated_data(vid, kind).hex() == m["associated_data"]
-    comp, body, plain = doc_open(keys.metadata_key, vid, b"meta" + kind, kind, blob)
-    assert plain.hex() == m["plaintext"] and comp == m["compression_id"] == 1
-    assert envelope.open_meta(keys.metadata_key, vid, kind, blob) == plain
-    if envelope.compress(plain) == bytes([comp]) + body:  # same zstd frame (version, level)
-        assert envelope.seal_meta(keys.metadata_key, vid, kind, plain, salt=salt) == blob
+    vid, mk = keys.vault_id, keys.metadata_key
+    iv = VECTORS["index_objects"]
+    assert bytes.fromhex(iv["id_prefix"]) == b"vaultfs/v1/index-object"
+    assert iv["block_size"] == indexblocks.BLOCK_SIZE
+    plain = bytes.fromhex(iv["file"])
+    page = bytes.fromhex(iv["map_page"]["plaintext"])
+    for m, content in ((iv["block"], plain), (iv["map_page"], page)):
+        oid = bytes.fromhex(m["id"])
+        assert blake3.blake3(b"vaultfs/v1/index-object" + content, key=mk).digest() == oid
+        assert indexblocks.object_id(mk, content) == oid
+        kind = bytes.fromhex(m["kind"])
+        assert kind == b"index-block" + oid
+        blob, salt = bytes.fromhex(m["record"]), bytes.fromhex(m["salt"])
+        assert (b"vaultfs/v1/meta" + kind + salt).hex() == m["hkdf_info"]
+        key, nonce, commit = fr.record_keys(mk, vid, b"meta" + kind + salt)
+        assert (key.hex(), nonce.hex(), commit.hex()) == (m["key"], m["nonce"], m["commitment"])
+        assert fr.associated_data(vid, kind).hex() == m["associated_data"]
+        comp, body, opened = doc_open(mk, vid, b"meta" + kind, kind, blob)
+        assert opened == content and comp == m["compression_id"]
+        assert indexblocks.open_record(mk, vid, oid, blob, 1) == content
+        if envelope.compress(content) == bytes([comp]) + body:  # same zstd frame
+            assert envelope.seal_meta(mk, vid, kind, content, salt=salt) == blob
+    # the one map entry: the block's id, the meta segment's uid, offset 0, the record length
+    assert len(page) == 56
+    bid, uid, off, length = struct.unpack(">32s16sII", page)
+    assert (bid.hex(), uid.hex(), off) == (iv["block"]["id"], VECTORS["meta_segment"]["uid"], 0)
+    assert length == len(bytes.fromhex(iv["block"]["record"]))
 
 
 # --- Merkle ---------------------------------------------------------------------------------
@@ -374,7 +390,8 @@ def test_data_segment_holds_the_records():
     assert seg[: sv["used"]] == b"".join(recs)
     meta = VECTORS["meta_segment"]
     mseg = b"".join(f[80:] for f in plain_fragments(meta)[: meta["k"]])
-    assert mseg[: meta["used"]].hex() == VECTORS["metadata_blob"]["record"]
+    iv = VECTORS["index_objects"]
+    assert mseg[: meta["used"]].hex() == iv["block"]["record"] + iv["map_page"]["record"]
     assert VECTORS["vault_root"] == fr.merkle_root([bytes.fromhex(sv["segment_root"])]).hex()
 
 
@@ -426,15 +443,22 @@ def test_manifest_layout_signature_and_body():
 
 
 def test_manifest_body_schema_reads_the_vector_body():
-    """manifest.Body reads the vector's body (an older writer's: no per-segment ``size``, no
-    ``retired_suites``) with the defaults docs/format.md 10.2 gives, and a current writer's
-    body back to the same canonical JSON."""
+    """manifest.Body reads the vector's body (an older writer's: no ``retired_suites``) with
+    the defaults docs/format.md 10.2 gives, and a current writer's body back to the same
+    canonical JSON."""
     doc = VECTORS["manifest"]["body"]
     body = manifest.Body.from_dict(doc)
     assert body.vault_root.hex() == doc["vault_root"] and (body.k, body.n) == (3, 5)
     assert body.keyring[0].wrapped.hex() == VECTORS["keyring"]["wrapped"]
     (seg,) = body.index_segments
-    assert (seg.size, seg.used, seg.ec_alg, body.index_length) == (4096, 260, 1, 260)
+    iv = VECTORS["index_objects"]
+    used = (len(iv["block"]["record"]) + len(iv["map_page"]["record"])) // 2
+    assert (seg.size, seg.used, seg.ec_alg) == (4096, used, 1)
+    assert (body.index_length, body.index_block_size) == (len(iv["file"]) // 2, 16384)
+    (page,) = body.index_map
+    assert (page.id.hex(), page.uid, page.offset) == (
+        iv["map_page"]["id"], seg.uid, len(iv["block"]["record"]) // 2,
+    )  # fmt: skip
     assert [s.hash.hex() for s in seg.shards] == [
         s["hash"] for s in doc["index"]["segments"][0]["shards"]
     ]
@@ -480,6 +504,10 @@ def _set(path: str, value: object):
         (_set("index", ...), "index: missing"),
         (_set("index", []), "index: expected an object"),
         (_set("index.length", None), "index.length: expected a non-negative integer"),
+        (_set("index.block_size", 0), "index.block_size: expected a positive integer"),
+        (_set("index.map", ...), "index.map: missing"),
+        (_set("index.map.0.id", "ab"), "index.map[0].id: expected 32 bytes"),
+        (_set("index.map.0.offset", -1), "index.map[0].offset: expected a non-negative"),
         (_set("index.segments.0.k", 6), "index.segments[0].k: k=6, n=5 is not a k-of-n code"),
         (_set("index.segments.0.shards.1.hash", ...), "index.segments[0].shards[1].hash: missing"),
         (_set("index.segments.0.shards.1.name", 0), "index.segments[0].shards[1].name"),

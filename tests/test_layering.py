@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("vaultfs", "cli")
 
 #: bytes in, bytes out: the on-remote format
-FORMAT = set("chunker envelope erasure merkle segment manifest audittag names errors kdf".split())
+FORMAT = set(
+    "chunker envelope erasure merkle segment manifest audittag names errors kdf indexblocks".split()
+)
 #: what the format modules must not reach
 ABOVE_FORMAT = set(
     "vault fs restore repair verify prune sealer daemon livetree cache snapview backends remotes"

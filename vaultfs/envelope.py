@@ -179,9 +179,16 @@ def open_meta(
     salt, commit, ct = blob[:SALT_LEN], blob[SALT_LEN : SALT_LEN + COMMIT_LEN], blob[48:]
     key, nonce, expect = _derive(metadata_key, vault_id, b"meta" + kind + salt)
     if not hmac.compare_digest(commit, expect):
-        raise IntegrityError(f"{kind.decode()} blob: key commitment mismatch (wrong key?)")
+        raise IntegrityError(f"{_label(kind)} blob: key commitment mismatch (wrong key?)")
     try:
         payload = AESGCM(key).decrypt(nonce, ct, _ad(vault_id, suite, kind))
     except InvalidTag:
-        raise IntegrityError(f"{kind.decode()} blob failed authentication") from None
+        raise IntegrityError(f"{_label(kind)} blob failed authentication") from None
     return decompress(payload)
+
+
+def _label(kind: bytes) -> str:
+    """A metadata kind for messages: its ASCII name, without the binary id or sequence number
+    some kinds end in ("index-block" ‖ id, "manifest" ‖ seq)."""
+    end = next((i for i, b in enumerate(kind) if not 0x20 < b < 0x7F), len(kind))
+    return kind[:end].decode("ascii")

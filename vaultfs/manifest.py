@@ -76,16 +76,27 @@ class ShardRef:
 
 @dataclass(frozen=True)
 class IndexSegment:
-    """One meta segment holding a slice of the encrypted index blob (``index.segments[]``)."""
+    """One meta segment holding records of index objects (``index.segments[]``)."""
 
-    uid: bytes  # segment uid (16 bytes), as in its shard headers
-    used: int  # bytes of the index blob in this segment; the rest is padding
+    uid: bytes  # segment uid (16 bytes), as in its shard headers and the map's locations
+    used: int  # bytes of records in this segment; the rest is padding
     size: int  # the segment size S that was erasure coded ("size"; absent in older
     #            manifests, where it is the vault-wide segment_size)
     k: int
     n: int
     ec_alg: int | None  # erasure algorithm id; absent in the earliest manifests (None)
     shards: tuple[ShardRef, ...]
+
+
+@dataclass(frozen=True)
+class MapPage:
+    """One page of the index's block map (``index.map[]``): an index object and where its
+    record is (docs/format.md 9)."""
+
+    id: bytes  # object id (32 bytes): keyed BLAKE3 of the page's plaintext
+    uid: bytes  # uid of the meta segment holding its record (one of ``index.segments``)
+    offset: int  # the record's offset in that segment
+    length: int  # the record's length
 
 
 @dataclass(frozen=True)
@@ -132,7 +143,8 @@ def object_hash(blob: bytes) -> bytes:
 class Body:
     """The manifest body (docs/format.md 10.2): the only code that knows its JSON keys.
 
-    Every field is in format version 2. The writer always writes all of them but
+    Every field is in format version 2 (the ``index`` fields a block map, docs/format.md
+    9). The writer always writes all of them but
     ``slhdsa_public``/``slhdsa_sealed`` (present only with signature algorithm 2 or 3;
     :func:`encode` adds ``slhdsa_public`` from the signing key) and ``fork`` (only on an
     explicit fork). ``prev`` is required (null for the first manifest). A reader takes
@@ -145,8 +157,10 @@ class Body:
     n: int
     segment_size: int  # the vault's full segment size
     keyring: tuple[KeyringEntry, ...]  # every key epoch, in epoch order
-    index_length: int  # length of the encrypted index blob ("index.length")
-    index_segments: tuple[IndexSegment, ...]  # the blob's slices, in order ("index.segments")
+    index_length: int  # length of the shipped SQLite file ("index.length")
+    index_block_size: int  # bytes per index block, the last may be shorter ("index.block_size")
+    index_segments: tuple[IndexSegment, ...]  # every meta segment the index objects are in
+    index_map: tuple[MapPage, ...]  # the block map's pages, in order ("index.map")
     retired_suites: frozenset[int] = frozenset()  # suites whose data readers must refuse
     slhdsa_sealed: bytes | None = None  # the SLH-DSA secret key, sealed under the seed
     slhdsa_public: bytes | None = None  # the SLH-DSA public key that signed this manifest
@@ -168,7 +182,12 @@ class Body:
             ],
             "index": {
                 "length": self.index_length,
+                "block_size": self.index_block_size,
                 "segments": [_segment_dict(seg) for seg in self.index_segments],
+                "map": [
+                    {"id": p.id.hex(), "uid": p.uid.hex(), "offset": p.offset, "length": p.length}
+                    for p in self.index_map
+                ],
             },
             "retired_suites": sorted(self.retired_suites),
             "prev": None if self.prev is None else self.prev.to_dict(),
@@ -200,9 +219,19 @@ class Body:
                 for w, e in _objects(obj, "keyring", "")
             ),
             index_length=_int(index, "length", "index."),
+            index_block_size=_positive(index, "block_size", "index."),
             index_segments=tuple(
                 _parse_segment(seg, w, segment_size)
                 for w, seg in _objects(index, "segments", "index.")
+            ),
+            index_map=tuple(
+                MapPage(
+                    _hex(p, "id", w, 32),
+                    _hex(p, "uid", w, 16),
+                    _int(p, "offset", w),
+                    _int(p, "length", w),
+                )  # fmt: skip
+                for w, p in _objects(index, "map", "index.")
             ),
             retired_suites=frozenset(
                 _as_int(s, f"retired_suites[{i}]")
@@ -301,6 +330,13 @@ def _get(obj: dict, key: str, where: str, default: object = _REQUIRED) -> object
 
 def _int(obj: dict, key: str, where: str, default: object = _REQUIRED) -> int:
     return _as_int(_get(obj, key, where, default), where + key)
+
+
+def _positive(obj: dict, key: str, where: str) -> int:
+    v = _int(obj, key, where)
+    if v == 0:
+        raise _malformed(where + key, "expected a positive integer, got 0")
+    return v
 
 
 def _as_int(v: object, where: str) -> int:

@@ -9,6 +9,7 @@ the manifest → each chunk's AEAD tag, key commitment and keyed chunk id.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import stat
@@ -23,7 +24,7 @@ from typing import NamedTuple
 
 import blake3
 
-from . import chain, envelope, erasure, manifest, merkle, segment
+from . import chain, envelope, erasure, indexblocks, manifest, merkle, segment
 from .backends import Backend, Job
 from .backup import check_name
 from .errors import (
@@ -35,6 +36,8 @@ from .errors import (
     TargetNotEmpty,
 )
 from .index import Index, keyring, manifests, open_shipped, seen_manifest_seq, segments, snapshots
+from .index.shipped import BlockPlan, ShippedObjects
+from .indexblocks import Location
 from .keys import SLHDSA_BY_SIG_ALG, VaultKeys
 from .names import display, fs_path, xattrs_from_db
 from .shardreader import ShardRef, choose, read_segment
@@ -673,30 +676,109 @@ def _chain_report(keys: VaultKeys, src: ShardSource, found: Branches, index: Ind
     return out
 
 
-def fetch_index(keys: VaultKeys, m: manifest.Manifest, src: ShardSource, dest: Path) -> list[str]:
+def fetch_index(
+    keys: VaultKeys,
+    m: manifest.Manifest,
+    src: ShardSource,
+    dest: Path,
+    shipped: ShippedObjects | None = None,
+) -> list[str]:
     """Rebuild the index database named by a manifest into ``dest``; returns warnings (the
     shards decoded around, with the remotes that served them). Each index shard is read at
-    the size the signed manifest records, never more."""
+    the size the signed manifest records, never more.
+
+    Streams (docs/format.md 11, step 4): the block map's pages are read one at a time into a
+    scratch table, then every meta segment is fetched and decoded once and its blocks are
+    written in place, so memory holds one segment and one map page whatever the vault's size.
+    Every object is checked against its id, every block's length and the total length.
+
+    With ``shipped`` (a home rebuilt from the remotes), the sidecar then records where every
+    block and map page is, so the next commit seals only what changed; it counts only once
+    the rebuilt index records manifest ``m`` and the segments it names
+    (``manifest_segments``)."""
+    body = m.contents
     warnings: list[str] = []
-    pieces: list[bytes] = []
+    block, length = body.index_block_size, body.index_length
+    blocks = indexblocks.block_count(length, block)
+    if len(body.index_map) != indexblocks.map_pages(length, block):
+        raise IntegrityError("the manifest's index map does not cover the index length")
     with tempfile.TemporaryDirectory(prefix="vaultfs-idx-") as tmp:
-        for i, seg in enumerate(m.contents.index_segments):
-            k, n = seg.k, seg.n
-            refs = src.refs("meta", [(s.idx, s.name, s.hash, s.size) for s in seg.shards])
-            got = src.fetch([("meta", r) for r in choose(refs, k)], Path(tmp))
-            what = f"index segment {i}"
+        segs = _IndexSegments(keys, m, src, Path(tmp), warnings)
+        with contextlib.closing(BlockPlan(Path(tmp) / "map.db")) as plan:
+            for i, page in enumerate(body.index_map):
+                raw = segs.object(page.id, Location(page.uid, page.offset, page.length))
+                entries = indexblocks.decode_map_page(raw)
+                first = i * indexblocks.MAP_FANOUT
+                if len(entries) != min(indexblocks.MAP_FANOUT, blocks - first):
+                    raise IntegrityError(f"index map page {i} lists {len(entries)} blocks")
+                plan.add(first, entries)
+            with open(dest, "wb") as out:
+                out.truncate(length)
+                for pos, oid, loc in plan.by_segment():
+                    data = segs.object(oid, loc)
+                    if len(data) != min(block, length - pos * block):
+                        raise IntegrityError(f"index block {pos} has {len(data)} bytes")
+                    out.seek(pos * block)
+                    out.write(data)
+            if shipped is not None:
+                pages = [(p.id, Location(p.uid, p.offset, p.length)) for p in body.index_map]
+                shipped.record(
+                    itertools.chain(plan.objects(), pages),
+                    m.suite,
+                    {seg.uid for seg in body.index_segments},
+                )
+    return warnings
+
+
+class _IndexSegments:
+    """The meta segments a manifest names, fetched and decoded one at a time (the last one
+    kept: the objects are read grouped by segment), and the index objects in them."""
+
+    def __init__(
+        self,
+        keys: VaultKeys,
+        m: manifest.Manifest,
+        src: ShardSource,
+        tmp: Path,
+        warnings: list[str],
+    ) -> None:
+        self.keys, self.suite, self.src, self.tmp, self.warnings = keys, m.suite, src, tmp, warnings
+        self.named = {seg.uid: seg for seg in m.contents.index_segments}
+        self.uid: bytes | None = None
+        self.data = b""
+
+    def object(self, oid: bytes, loc: Location) -> bytes:
+        """Index object ``oid`` at ``loc``, opened and checked against its id."""
+        if loc.uid != self.uid:
+            self.data, self.uid = self._segment(loc.uid), loc.uid
+        seg = self.named[loc.uid]
+        if loc.offset + loc.length > seg.used:
+            raise IntegrityError(f"index object {oid.hex()[:16]}… lies outside its segment")
+        record = self.data[loc.offset : loc.offset + loc.length]
+        return indexblocks.open_record(
+            self.keys.metadata_key, self.keys.vault_id, oid, record, self.suite
+        )
+
+    def _segment(self, uid: bytes) -> bytes:
+        seg = self.named.get(uid)
+        if seg is None:
+            raise IntegrityError(
+                f"the index map names meta segment {uid.hex()}, which the manifest does not"
+            )
+        refs = self.src.refs("meta", [(s.idx, s.name, s.hash, s.size) for s in seg.shards])
+        into = self.tmp / uid.hex()
+        into.mkdir()
+        try:
+            got = self.src.fetch([("meta", r) for r in choose(refs, seg.k)], into)
+            what = f"meta segment {uid.hex()}"
             # the earliest manifests name no algorithm: they predate algorithm 2
             alg = seg.ec_alg or erasure.EC_ISA_L_RS_VAND
-            data = _read_segment(
-                src, "meta", refs, k, n, seg.size, got, warnings, what, alg, keys.audit_key
-            )
-            pieces.append(data[: seg.used])
-    blob = b"".join(pieces)
-    if len(blob) != m.contents.index_length:
-        raise IntegrityError("index blob length does not match the manifest")
-    raw = envelope.open_meta(keys.metadata_key, keys.vault_id, b"index", blob, m.suite)
-    dest.write_bytes(raw)
-    return warnings
+            return _read_segment(
+                self.src, "meta", refs, seg.k, seg.n, seg.size, got, self.warnings, what,
+                alg, self.keys.audit_key,
+            )  # fmt: skip
+        finally:
+            shutil.rmtree(into)
 
 
 class Row(NamedTuple):

@@ -17,16 +17,16 @@ function that reads takes the :class:`Index` (it holds the lock itself); one tha
 part of a larger update takes the connection of the caller's :meth:`Index.tx`, one that
 writes on its own opens its transaction itself.
 
-After every commit the whole index is exported (``Index.export_bytes``), encrypted and
-erasure-coded like data, and named by a signed manifest (see vaultfs/vault/commit.py and
-docs/design.md).
+After every commit the index is copied (``Index.export_to``) and shipped as content-addressed
+blocks, of which only those the remotes lack are sealed and erasure-coded like data, named by a
+signed manifest (see vaultfs/vault/metaship.py and docs/design.md). ``shipped`` is the local
+sidecar that remembers which blocks are already there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sqlite3
-import tempfile
 import threading
 from pathlib import Path
 
@@ -109,17 +109,19 @@ class Index:
         with self.lock:
             self.db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, str(value)))
 
-    def export_bytes(self) -> bytes:
-        """A consistent copy of the whole database as bytes (SQLite online backup)."""
-        with tempfile.TemporaryDirectory() as d:
-            out = Path(d) / "export.db"
-            dst = sqlite3.connect(out)
+    def export_to(self, dest: Path) -> None:
+        """Write a consistent copy of the whole database to the new file ``dest`` (SQLite
+        online backup), page for page: no VACUUM, so a page the next commits do not touch
+        stays at the same offset with the same bytes, and the shipped copy's unchanged
+        blocks keep their ids (docs/format.md 9). Holds the lock while it copies; the copy
+        is in rollback-journal mode, so the one file is the whole database."""
+        dst = sqlite3.connect(dest)
+        try:
             with self.lock:
                 self.db.backup(dst)
             dst.execute("PRAGMA journal_mode=DELETE")
-            dst.execute("VACUUM")
+        finally:
             dst.close()
-            return out.read_bytes()
 
 
 class _Tx:

@@ -28,13 +28,17 @@ def record(
     root: bytes,
     remotes: list[int],
     link_hash: bytes,
+    meta_segments: Iterable[int],
     fork: tuple[int, bytes] | None = None,
 ) -> None:
     """Record manifest ``seq`` (object ``name`` hashing to ``link_hash``, signing vault root
-    ``root``; ``fork``: the (seq, hash) it explicitly forked from) as written and to be
-    uploaded to ``remotes``; the index copy on the remotes is current again (clears
-    :func:`mark_unshipped`)."""
+    ``root``, naming index objects in ``meta_segments``; ``fork``: the (seq, hash) it
+    explicitly forked from) as written and to be uploaded to ``remotes``; the index copy on
+    the remotes is current again (clears :func:`mark_unshipped`)."""
     db.execute("INSERT INTO manifests VALUES (?, ?, ?, ?)", (seq, name, created, root))
+    db.executemany(
+        "INSERT INTO manifest_segments VALUES (?, ?)", [(seq, sid) for sid in meta_segments]
+    )
     db.execute(
         "INSERT OR REPLACE INTO manifest_chain VALUES (?, ?, ?, ?, ?)",
         (seq, name, link_hash, *(fork or (None, None))),
@@ -50,15 +54,16 @@ def adopt(
     created: float,
     root: bytes,
     link_hash: bytes,
+    meta_segments: Iterable[int],
     fork: tuple[int, bytes] | None = None,
 ) -> None:
-    """Record manifest ``seq`` (object ``name`` under manifests/, hashing to ``link_hash``)
-    found on the remotes, with nothing to upload (``vaultfs home rebuild``), as :func:`record`
+    """Record manifest ``seq`` (object ``name`` under manifests/, hashing to ``link_hash``,
+    naming index objects in ``meta_segments``) found on the remotes, with nothing to upload (``vaultfs home rebuild``), as :func:`record`
     would have: the index copy on the remotes is current and the manifest is this chain's
     newest link. Every upload still queued is forgotten: the manifest objects they would
     read were in the lost home's queue."""
     db.execute("DELETE FROM manifest_queue")
-    record(db, seq, name, created, root, [], link_hash, fork)
+    record(db, seq, name, created, root, [], link_hash, meta_segments, fork)
 
 
 def newest_link(index: Index) -> tuple[int, bytes] | None:
@@ -133,8 +138,9 @@ def names_before(index: Index, seq: int) -> list[str]:
 
 
 def forget_before(db: sqlite3.Connection, seq: int) -> None:
-    """Forget the manifests older than ``seq`` and the index copies they name."""
-    segments.forget_meta_before(db, seq)
+    """Forget the manifests older than ``seq`` and the meta segments only they name."""
+    segments.forget_unreferenced_meta(db, seq)
+    db.execute("DELETE FROM manifest_segments WHERE manifest < ?", (seq,))
     db.execute("DELETE FROM manifests WHERE seq < ?", (seq,))
 
 

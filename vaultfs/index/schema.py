@@ -62,7 +62,7 @@ CREATE TABLE IF NOT EXISTS garbage (
 CREATE TABLE IF NOT EXISTS segments (
     id        INTEGER PRIMARY KEY,   -- segment sequence number (orders the vault Merkle root)
     uid       BLOB NOT NULL UNIQUE,  -- 16 random bytes naming the segment (index and manifest only)
-    kind      TEXT NOT NULL,         -- 'data' (chunk records) or 'meta' (exported index)
+    kind      TEXT NOT NULL,         -- 'data' (chunk records) or 'meta' (index objects)
     size      INTEGER NOT NULL,      -- padded plaintext size that was erasure coded
     used      INTEGER NOT NULL,      -- bytes of records before the zero padding
     k         INTEGER NOT NULL,      -- shards needed to decode
@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS segments (
     ec_alg    INTEGER NOT NULL,      -- erasure algorithm id (1 = isa_l_rs_vand)
     epoch     INTEGER NOT NULL,      -- key epoch of the records inside (data segments)
     root      BLOB NOT NULL,         -- Merkle root over the n shard roots
-    manifest  INTEGER,               -- for 'meta' segments: the manifest seq that names them
+    manifest  INTEGER,               -- for 'meta' segments: the first manifest seq naming
+                                     -- them (later ones may too: manifest_segments)
     created   REAL NOT NULL          -- unix time sealed
 );
 CREATE TABLE IF NOT EXISTS shards (
@@ -184,6 +185,12 @@ CREATE TABLE IF NOT EXISTS manifest_chain (
     fork_seq  INTEGER,               -- an explicit fork: the remotes' newest manifest it
     fork_hash BLOB                   -- forked from (body "fork"); NULL otherwise
 );
+CREATE TABLE IF NOT EXISTS manifest_segments (
+    manifest  INTEGER NOT NULL,      -- manifests.seq
+    segment   INTEGER NOT NULL,      -- a 'meta' segment holding an index object it names
+                                     -- (written with the manifests row: garbage rules read it)
+    PRIMARY KEY (manifest, segment)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS manifest_queue (
     seq       INTEGER NOT NULL,      -- manifest waiting to be uploaded
     remote    INTEGER NOT NULL,      -- to this remote

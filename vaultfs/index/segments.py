@@ -49,9 +49,17 @@ _SHARD_ROWS = (
     "SELECT s.id, s.segment, s.idx, s.name, s.remote, s.size, s.hash, s.blocks, s.root, s.state,"
     " g.kind, g.uid, g.root FROM shards s JOIN segments g ON g.id = s.segment"
 )
-#: Segments whose redundancy matters: every data segment and the index copy named by the
-#: newest manifest (older index copies are superseded).
-_LIVE = "(g.kind = 'data' OR (g.kind = 'meta' AND g.manifest = (SELECT max(seq) FROM manifests)))"
+#: Segments whose redundancy matters: every data segment and the meta segments the newest
+#: manifest names (the others only hold what older manifests need).
+_LIVE = (
+    "(g.kind = 'data' OR (g.kind = 'meta' AND g.id IN (SELECT segment FROM manifest_segments"
+    " WHERE manifest = (SELECT max(seq) FROM manifests))))"
+)
+#: Meta segments no manifest from seq ? on names (bound twice: the same cutoff).
+_UNREFERENCED_META = (
+    "kind='meta' AND manifest < ? AND id NOT IN"
+    " (SELECT segment FROM manifest_segments WHERE manifest >= ?)"
+)
 
 
 def _marks(ids: list[int]) -> str:
@@ -109,12 +117,14 @@ def count_under_k(index: Index) -> int:
 
 
 def unnamed_meta(index: Index) -> list[int]:
-    """Ids of index-copy segments recorded for a manifest that was never recorded."""
+    """Ids of the meta segments no recorded manifest names: written for a manifest that was
+    never recorded (a segment whose first manifest was pruned may still be named by later
+    ones: ``manifest_segments`` says). Only meaningful while no commit is under way."""
     return [
         sid
         for (sid,) in index.q(
             "SELECT id FROM segments WHERE kind='meta'"
-            " AND manifest NOT IN (SELECT seq FROM manifests)"
+            " AND id NOT IN (SELECT segment FROM manifest_segments)"
         )
     ]
 
@@ -126,14 +136,52 @@ def forget(db: sqlite3.Connection, seg_ids: list[int]) -> None:
     db.execute(f"DELETE FROM segments WHERE id IN ({marks})", tuple(seg_ids))
 
 
-def forget_meta_before(db: sqlite3.Connection, seq: int) -> None:
-    """Delete the index-copy segments (and their shard rows) of manifests older than ``seq``."""
+def forget_unreferenced_meta(db: sqlite3.Connection, seq: int) -> None:
+    """Delete the meta segments (and their shard rows) that no manifest from ``seq`` on
+    names."""
     db.execute(
-        "DELETE FROM shards WHERE segment IN"
-        " (SELECT id FROM segments WHERE kind='meta' AND manifest < ?)",
-        (seq,),
+        f"DELETE FROM shards WHERE segment IN (SELECT id FROM segments WHERE {_UNREFERENCED_META})",
+        (seq, seq),
     )
-    db.execute("DELETE FROM segments WHERE kind='meta' AND manifest < ?", (seq,))
+    db.execute(f"DELETE FROM segments WHERE {_UNREFERENCED_META}", (seq, seq))
+
+
+def meta_named_by(index: Index, seq: int) -> dict[bytes, tuple[int, int]]:
+    """{uid: (segment id, used)} of the meta segments manifest ``seq`` names that still have
+    k shards placed or queued (a commit reuses blocks only where they can be read back)."""
+    return {
+        bytes(uid): (sid, used)
+        for sid, uid, used in index.q(
+            "SELECT g.id, g.uid, g.used FROM segments g JOIN manifest_segments m"
+            " ON m.segment = g.id WHERE m.manifest=? AND (SELECT count(*) FROM shards s"
+            " WHERE s.segment = g.id AND s.state IN ('placed', 'queued')) >= g.k",
+            (seq,),
+        )
+    }
+
+
+def meta_descriptors(
+    index: Index, seg_ids: list[int]
+) -> list[tuple[bytes, int, int, int, int, int, list[tuple[int, str, int, bytes]]]]:
+    """(uid, used, size, k, n, ec_alg, shards) of meta segments ``seg_ids`` in id order, each
+    shard as (idx, name, size, hash) of its current object (what a manifest names)."""
+    out = []
+    for i in range(0, len(seg_ids), 500):
+        part = seg_ids[i : i + 500]
+        rows = index.q(
+            f"SELECT id, uid, used, size, k, n, ec_alg FROM segments WHERE id IN ({_marks(part)})"
+            " ORDER BY id",
+            tuple(part),
+        )
+        shards: dict[int, list[tuple[int, str, int, bytes]]] = defaultdict(list)
+        for sid, idx, name, size, h in index.q(
+            f"SELECT segment, idx, name, size, hash FROM shards WHERE segment IN ({_marks(part)})"
+            " AND state IN ('placed', 'queued') ORDER BY segment, idx",
+            tuple(part),
+        ):
+            shards[sid].append((idx, name, size, bytes(h)))
+        out += [(bytes(uid), *rest, shards[sid]) for sid, uid, *rest in rows]
+    return out
 
 
 # -- shards --------------------------------------------------------------------------------
@@ -198,13 +246,13 @@ def placements(index: Index) -> list[tuple[int, int, str]]:
     return index.q("SELECT segment, remote, state FROM shards")
 
 
-def placed_meta_before(index: Index, seq: int) -> list[tuple[int, str, int]]:
-    """(shard id, name, remote) of the placed shards of index copies older than manifest
-    ``seq``."""
+def placed_unreferenced_meta(index: Index, seq: int) -> list[tuple[int, str, int]]:
+    """(shard id, name, remote) of the placed shards of meta segments that no manifest from
+    ``seq`` on names."""
     return index.q(
-        "SELECT s.id, s.name, s.remote FROM shards s JOIN segments g ON g.id = s.segment"
-        " WHERE g.kind='meta' AND g.manifest < ? AND s.state='placed'",
-        (seq,),
+        "SELECT s.id, s.name, s.remote FROM shards s WHERE s.state='placed' AND s.segment IN"
+        f" (SELECT id FROM segments WHERE {_UNREFERENCED_META})",
+        (seq, seq),
     )
 
 
@@ -391,10 +439,10 @@ def all_shard_hashes(index: Index) -> dict[int, list[tuple[int, str, bytes, int]
 
 
 def meta_shard_hashes(index: Index, seq: int) -> list[tuple[str, bytes]]:
-    """(name, hash) of the shards of manifest ``seq``'s index copy."""
+    """(name, hash) of the shards of the meta segments manifest ``seq`` names."""
     return index.q(
-        "SELECT s.name, s.hash FROM shards s JOIN segments g ON g.id = s.segment"
-        " WHERE g.kind='meta' AND g.manifest=?",
+        "SELECT s.name, s.hash FROM shards s JOIN manifest_segments m ON m.segment = s.segment"
+        " WHERE m.manifest=?",
         (seq,),
     )
 

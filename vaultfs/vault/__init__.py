@@ -42,6 +42,7 @@ from ..index import Index, VaultParams, keyring
 from ..index import remotes as remote_table
 from ..index import segments as segment_table
 from ..index.settings import DEFAULT_SEGMENT_SIZE
+from ..index.shipped import ShippedObjects
 from ..keys import VaultKeys
 from ..sealer import SealerPool
 from . import commit, health, recovery, rewrite, uploads
@@ -97,6 +98,7 @@ class Vault:
             self.queue,
             self.remotes,
             self.uploads.prepush,
+            ShippedObjects(home / "index-objects.db"),
         )
         self.reads = SegmentReads(index, keys, self.epochs, self.writer, self.queue)
 

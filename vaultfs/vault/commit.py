@@ -1,5 +1,5 @@
-"""Commit and metadata shipping: record a snapshot, then export, encrypt and erasure-code
-the index as an index copy and queue a signed manifest naming it.
+"""Commit and metadata shipping: record a snapshot, then ship the index's changed blocks
+(vaultfs/vault/metaship.py) and queue a signed manifest naming its block map.
 
 Ordering invariant enforced here (numbered as in docs/design.md):
 
@@ -16,6 +16,11 @@ reachable remotes (:mod:`vaultfs.chain`) and refuses a stale base (StaleBase), o
 ``fork`` records an explicit fork above the remotes' newest manifest. With no remote
 reachable the commit goes ahead: the flush checks again before any manifest is placed
 (:meth:`vaultfs.vault.uploads.UploadQueue.flush`).
+
+Index objects: new meta segments are recorded before the manifest naming them is written; a crash between
+the two leaves segments no manifest names, which recovery drops
+(:func:`vaultfs.vault.recovery.drop_unnamed_index_copies`). The shipped-objects sidecar is
+written last: a crash before it costs the next commit sealing those blocks again.
 """
 
 from __future__ import annotations
@@ -27,13 +32,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import chain, chunker, envelope, manifest, merkle, names, segment
+from .. import chain, chunker, indexblocks, manifest, merkle, names, segment
 from ..backends import Backend
-from ..errors import InputError, IntegrityError
+from ..errors import InputError, IntegrityError, VaultError
 from ..index import Index, VaultParams, chunk_rows, keyring, manifests, segments, snapshots
 from ..index import contents as content_table
 from ..index import kb as kbroots
+from ..index.shipped import ShippedObjects
 from ..keys import VaultKeys
+from . import metaship
 from .epochs import KeyEpochs
 from .queue import ShardQueue, fsync_dir, write_durable
 from .writer import Writer
@@ -58,11 +65,12 @@ class Entry:
 
 
 class Committer:
-    """Records snapshots and ships the index (an index copy and a signed manifest).
+    """Records snapshots and ships the index (its changed blocks and a signed manifest).
 
     Holds the write path's lock while it does (:attr:`Writer.write_lock`); ``remotes``
     gives the remotes a new manifest is queued for, ``prepush`` starts moving queued
-    shards out while a manifest is signed (:meth:`UploadQueue.prepush`)."""
+    shards out while a manifest is signed (:meth:`UploadQueue.prepush`), ``shipped`` is the
+    sidecar of index objects already sealed."""
 
     def __init__(
         self,
@@ -74,8 +82,12 @@ class Committer:
         queue: ShardQueue,
         remotes: Callable[[], list[Backend]],
         prepush: Callable[[], None],
+        shipped: ShippedObjects,
     ) -> None:
         self.index = index
+        self.shipped = shipped
+        #: What the last index shipping sealed (None before the first in this process).
+        self.last_shipped: metaship.ShipStats | None = None
         self.keys = keys
         self.params = params
         self.epochs = epochs
@@ -150,38 +162,36 @@ class Committer:
     def _ship_index(
         self, seq: int, root: bytes, prepush: bool = False, fork: manifest.Link | None = None
     ) -> None:
-        """Export, encrypt and erasure-code the index; queue a signed manifest naming it,
-        chained to this index's newest manifest (``fork``: recorded as an explicit fork of
-        that manifest). ``prepush`` starts uploading every queued shard before the manifest
-        is signed."""
+        """Ship the index as blocks (:func:`metaship.ship`: only those the remotes lack are
+        sealed); queue a signed manifest naming its block map, chained to this index's newest
+        manifest (``fork``: recorded as an explicit fork of that manifest). ``prepush`` starts
+        uploading every queued shard before the manifest is signed."""
         p = self.params
-        blob = envelope.seal_meta(
-            self.keys.metadata_key,
-            self.keys.vault_id,
-            b"index",
-            self.index.export_bytes(),
-            self.suite,
-        )
-        segs = []
-        for off in range(0, len(blob), p.segment_size):
-            piece = blob[off : off + p.segment_size]
-            padded = segment.pad(piece, segment.size_class(len(piece), p.segment_size))
-            seg_id = self.writer.next_segment_id()
-            uid = secrets.token_bytes(16)
-            rows, seg_root = self.writer.write_shards(seg_id, segment.KIND_META, padded)
-            segs.append((seg_id, uid, len(piece), rows, seg_root, len(padded)))
-        # the index copy is durable in the queue: record it first (a crash before its manifest
-        # is written leaves a copy no manifest names; recover() drops it), then sign the
-        # manifest while the shards already go out (prepush: rclone runs beside the signing)
+        export = self.queue.tmp / "index-export.db"  # a crash leaves it: recover() clears tmp
+        export.unlink(missing_ok=True)
+        try:
+            self.index.export_to(export)
+            shipment = metaship.ship(
+                self.index, self.keys, self.suite, p.segment_size, export, self.shipped,
+                self._write_meta_segment,
+            )  # fmt: skip
+        finally:
+            export.unlink(missing_ok=True)
+        self.last_shipped = shipment.stats
+        # the new segments are durable in the queue: record them first (a crash before the
+        # manifest is recorded leaves segments no manifest names; recover() drops them), then
+        # sign the manifest while the shards already go out (prepush: rclone runs beside it)
         with self.index.tx() as db:
-            for seg_id, uid, used, rows, seg_root, size in segs:
+            for m in shipment.new:
                 segments.insert(
-                    db, seg_id, uid, "meta", size, used, p.k, p.n, p.ec_alg, self.epoch,
-                    seg_root, time.time(), manifest=seq,
+                    db, m.seg_id, m.uid, "meta", m.size, m.used, p.k, p.n, p.ec_alg, self.epoch,
+                    m.root, time.time(), manifest=seq,
                 )  # fmt: skip
-                segments.add_queued_shards(db, seg_id, rows)
+                segments.add_queued_shards(db, m.seg_id, m.rows)
         if prepush:
             self.prepush()
+        named = shipment.named + [m.seg_id for m in shipment.new]
+        descriptors = segments.meta_descriptors(self.index, named)
         created_ms = int(time.time() * 1000)
         stored = keyring.slhdsa(self.index) if self.keys.slhdsa_public is not None else None
         prev = manifests.newest_link(self.index)
@@ -191,19 +201,21 @@ class Committer:
             n=p.n,
             segment_size=p.segment_size,
             keyring=tuple(manifest.KeyringEntry(*row) for row in keyring.epochs(self.index)),
-            index_length=len(blob),
+            index_length=shipment.length,
+            index_block_size=indexblocks.BLOCK_SIZE,
             index_segments=tuple(
                 manifest.IndexSegment(
                     uid=uid,
                     used=used,
                     size=size,
-                    k=p.k,
-                    n=p.n,
-                    ec_alg=p.ec_alg,
-                    shards=tuple(manifest.ShardRef(r[0], r[1], r[3], r[4]) for r in rows),
+                    k=k,
+                    n=n,
+                    ec_alg=ec_alg,
+                    shards=tuple(manifest.ShardRef(*s) for s in shards),
                 )
-                for _sid, uid, used, rows, _root, size in segs
+                for uid, used, size, k, n, ec_alg, shards in descriptors
             ),
+            index_map=tuple(shipment.pages),
             retired_suites=frozenset(self.keys.retired_suites),
             slhdsa_sealed=bytes.fromhex(stored[1]) if stored else None,
             kb=kbroots.summaries(self.index),
@@ -211,6 +223,13 @@ class Committer:
             fork=fork,
         )
         blob_m = manifest.encode(self.keys, seq, created_ms, body.to_dict(), self.suite)
+        if len(blob_m) > manifest.MAX_BYTES:  # readers would refuse it: never write one
+            raise VaultError(
+                f"the index has outgrown what one manifest can name ({len(blob_m):,} bytes;"
+                f" readers accept {manifest.MAX_BYTES:,}): this vault needs the second map"
+                " level of docs/format.md 9.2. Nothing new reached the remotes; the snapshot"
+                " is kept locally."
+            )
         name = manifest.object_name(seq, secrets.token_hex(4))
         write_durable(self.queue_dir / "manifests" / name, blob_m)
         fsync_dir(self.queue_dir / "manifests")
@@ -219,8 +238,16 @@ class Committer:
                 manifests.unqueue_upto(db, fork.seq)
             manifests.record(
                 db, seq, name, time.time(), root, [r.rid for r in self.remotes()],
-                manifest.object_hash(blob_m), None if fork is None else (fork.seq, fork.hash),
+                manifest.object_hash(blob_m), named,
+                None if fork is None else (fork.seq, fork.hash),
             )  # fmt: skip
+        self.shipped.record(shipment.sealed.items(), self.suite, {d[0] for d in descriptors})
+
+    def _write_meta_segment(self, uid: bytes, padded: bytes) -> tuple[int, list, bytes]:
+        """Code one padded meta segment and queue its shards durably: (id, shard rows, root)."""
+        seg_id = self.writer.next_segment_id()
+        rows, seg_root = self.writer.write_shards(seg_id, segment.KIND_META, padded)
+        return seg_id, rows, seg_root
 
     def ship_index(self) -> int:
         """Export and sign the index as a new manifest without recording a snapshot (after a

@@ -1,8 +1,10 @@
 """Opening a vault's home directory: its files, the process lock, making a new vault, and
 the staging directory a lost home is rebuilt in (vaultfs/rebuild.py).
 
-``<home>/key.json`` (the keyfile), ``<home>/index.db`` (the index), ``<home>/queue/``
-(vaultfs/vault/queue.py), ``<home>/lock`` (held by the one process using the vault).
+``<home>/key.json`` (the keyfile), ``<home>/index.db`` (the index),
+``<home>/index-objects.db`` (the index blocks already shipped: vaultfs/index/shipped.py, a
+cache), ``<home>/queue/`` (vaultfs/vault/queue.py), ``<home>/lock`` (held by the one process
+using the vault).
 """
 
 from __future__ import annotations

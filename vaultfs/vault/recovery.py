@@ -51,9 +51,10 @@ def reconcile(index: Index, queue: ShardQueue) -> int:
 
 
 def drop_unnamed_index_copies(index: Index, queue: ShardQueue) -> None:
-    """Index copies recorded for a manifest that was never written (a crash between the
+    """Meta segments recorded for a manifest that was never recorded (a crash between the
     two transactions of shipping the index, vaultfs/vault/commit.py): delete their queue
-    files, send placed shards to ``garbage`` and forget them."""
+    files, send placed shards to ``garbage`` and forget them. Sidecar rows that point into
+    them are ignored from then on (vaultfs/index/shipped.py)."""
     ids = segments.unnamed_meta(index)
     if not ids:
         return

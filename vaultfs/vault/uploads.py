@@ -1,5 +1,5 @@
 """The upload queue's way out: moving queued shards and manifests to the remotes, and
-deleting index copies that newer ones replaced.
+deleting the meta segments that only superseded manifests name.
 
 Ordering invariants enforced here (numbered as in docs/design.md):
 
@@ -28,7 +28,7 @@ from ..keys import VaultKeys
 from .queue import SUBDIRS, ShardQueue
 from .recovery import reconcile
 
-#: How many of the newest manifests (and the index copies they name) stay on the remotes.
+#: How many of the newest manifests (and the meta segments they name) stay on the remotes.
 KEEP_INDEX_COPIES = 3
 
 
@@ -179,7 +179,8 @@ class UploadQueue:
         return ok
 
     def prune_index_copies(self, keep: int | None = None) -> int:
-        """Delete index copies (meta segments) and manifests older than the newest ``keep``.
+        """Delete the manifests older than the newest ``keep`` and the meta segments none of
+        the kept ones names (a segment a kept manifest names a block in stays).
 
         Called only after a flush placed every manifest on every remote (invariant 6: an old
         index copy is deleted only once newer ones are placed). Returns objects deleted;
@@ -190,7 +191,7 @@ class UploadQueue:
         if len(seqs) <= keep:
             return 0
         cutoff = seqs[keep - 1]
-        old_shards = segments.placed_meta_before(self.index, cutoff)
+        old_shards = segments.placed_unreferenced_meta(self.index, cutoff)
         old_mans = manifests.names_before(self.index, cutoff)
         counts: dict[int, int] = {}
         failed: list[int] = []

@@ -1,0 +1,275 @@
+"""The index shipped as content-addressed blocks (docs/format.md 9, vaultfs/vault/metaship.py):
+a small change seals a few blocks, restore and the stranger's reader reassemble the shipped
+copy byte for byte, a crash between sealing and the manifest (or before the sidecar) loses
+nothing, and garbage collection never deletes what a kept manifest names — with real rclone
+local remotes, real crypto and real erasure coding."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from pathlib import Path
+
+import format_reader as fr
+import pytest
+
+from vaultfs import manifest
+from vaultfs.backends import open_backend
+from vaultfs.backup import backup_paths
+from vaultfs.errors import IntegrityError, VaultError
+from vaultfs.index.shipped import ShippedObjects
+from vaultfs.indexblocks import BLOCK_SIZE, MAP_FANOUT, object_id
+from vaultfs.keys import VaultKeys
+from vaultfs.restore import ShardSource, fetch_index, find_manifest
+from vaultfs.vault import Vault, metaship
+
+PW = "pw-for-metaship-tests"
+
+
+class Crash(Exception):
+    pass
+
+
+def make_vault(tmp_path: Path) -> tuple[Vault, list[str]]:
+    remotes = [str(tmp_path / f"r{i}") for i in range(3)]
+    return Vault.create(tmp_path / "home", remotes, 2, 3, PW, segment_size=1 << 20), remotes
+
+
+def many_files(src: Path, count: int, seed: int) -> None:
+    """``count`` small files of distinct content: many index rows, so many blocks."""
+    rng = random.Random(seed)
+    src.mkdir(exist_ok=True)
+    for i in range(count):
+        (src / f"f{i:05d}.txt").write_bytes(rng.randbytes(200 + rng.randrange(300)))
+
+
+@pytest.fixture
+def shipped_copies(monkeypatch) -> list[bytes]:
+    """Every index copy :func:`metaship.ship` ships, in order (read before it is deleted)."""
+    copies: list[bytes] = []
+    real = metaship.ship
+
+    def keep(index, keys, suite, segment_size, export, shipped, write):
+        copies.append(export.read_bytes())
+        return real(index, keys, suite, segment_size, export, shipped, write)
+
+    monkeypatch.setattr(metaship, "ship", keep)
+    return copies
+
+
+def remote_index(
+    keys: VaultKeys, remotes: list[str], dest: Path, shipped: ShippedObjects | None = None
+) -> manifest.Manifest:
+    """Fetch the newest manifest's index from ``remotes`` into ``dest`` (restore's path)."""
+    src = ShardSource([open_backend(r) for r in remotes])
+    src.start()
+    try:
+        m, _w = find_manifest(keys, src)
+        src.stop_read_ahead()
+        src.list_all()
+        fetch_index(keys, m, src, dest, shipped)
+    finally:
+        src.stop()
+    return m
+
+
+def kept_manifests(keys: VaultKeys, remote: str) -> list[manifest.Manifest]:
+    return [
+        manifest.read(keys, p.read_bytes()) for p in sorted(Path(remote, "manifests").iterdir())
+    ]
+
+
+def test_a_small_change_seals_a_few_blocks_and_restore_reassembles_the_shipped_copy(
+    tmp_path, shipped_copies
+):
+    v, remotes = make_vault(tmp_path)
+    src = tmp_path / "src"
+    many_files(src, 10000, seed=1)
+    with v:
+        backup_paths(v, [src])
+        first = v.committer.last_shipped
+        assert first is not None and first.blocks == -(-len(shipped_copies[-1]) // BLOCK_SIZE)
+        assert first.blocks > MAP_FANOUT  # a map of several pages: the test means something
+        assert first.sealed_blocks == first.blocks  # nothing was shipped before
+        assert first.map_pages == -(-first.blocks // MAP_FANOUT)
+        assert v.flush().complete
+        # a snapshot of one small file (a snapshot repeats every entry of its tree: that
+        # cost belongs to the entries, not to how the index is shipped)
+        small = tmp_path / "small"
+        small.mkdir()
+        (small / "note.txt").write_bytes(b"a small change\n")
+        backup_paths(v, [small])
+        second = v.committer.last_shipped
+        assert v.flush().complete
+        new_meta = v.index.q(
+            "SELECT used FROM segments WHERE kind='meta' AND manifest=(SELECT max(seq) FROM manifests)"
+        )
+        keys = v.keys
+    assert second is not None and second.blocks >= first.blocks
+    # only the blocks the change touched (and the map pages listing them) were sealed ...
+    assert 0 < second.sealed_blocks <= min(32, second.blocks // 4)
+    assert second.sealed_map_pages <= second.map_pages and second.recopied == 0
+    # ... and the bytes queued for meta segments are theirs alone: about a block each
+    assert sum(u for (u,) in new_meta) == second.sealed_bytes
+    objects = second.sealed_blocks + second.sealed_map_pages
+    assert second.sealed_bytes <= objects * (BLOCK_SIZE + 100)
+    assert second.sealed_bytes < len(shipped_copies[-1]) // 3
+    # restore and the stranger's reader both give back the very file that was shipped
+    side = ShippedObjects(tmp_path / "rebuilt-sidecar.db")
+    m = remote_index(keys, remotes[:2], tmp_path / "restored.db", side)
+    assert (tmp_path / "restored.db").read_bytes() == shipped_copies[-1]
+    assert m.contents.index_length == len(shipped_copies[-1])
+    # a rebuilt home's sidecar knows where every block is, in a segment the manifest names
+    named = {seg.uid for seg in m.contents.index_segments}
+    copy = shipped_copies[-1]
+    with side.reader(m.suite) as look:
+        for off in range(0, len(copy), BLOCK_SIZE):
+            loc = look.get(object_id(keys.metadata_key, copy[off : off + BLOCK_SIZE]))
+            assert loc is not None and loc.uid in named
+    stranger = fr.Remotes([Path(r) for r in remotes[1:]])
+    fkeys = fr.Keys.from_seed(keys.seed)
+    with contextlib.closing(
+        fr.open_index(fkeys, stranger, fr.newest_manifest(fkeys, stranger), tmp_path / "s.db")
+    ):
+        assert (tmp_path / "s.db").read_bytes() == shipped_copies[-1]
+
+
+def test_restore_refuses_a_map_that_does_not_cover_the_length(tmp_path):
+    """A manifest whose index length and block map disagree is refused with an
+    IntegrityError, never reassembled into a shorter or padded file."""
+    v, remotes = make_vault(tmp_path)
+    src = tmp_path / "src"
+    many_files(src, 300, seed=2)
+    with v:
+        backup_paths(v, [src])
+        assert v.flush().complete
+        keys = v.keys
+    m = remote_index(keys, remotes, tmp_path / "ok.db")
+    doc = m.body | {"index": m.body["index"] | {"length": m.contents.index_length + BLOCK_SIZE}}
+    longer = manifest.Manifest(m.seq, m.created_ms, doc, m.suite, m.sig_alg)
+    src_ = ShardSource([open_backend(r) for r in remotes])
+    src_.start()
+    try:
+        src_.stop_read_ahead()
+        src_.list_all()
+        with pytest.raises(IntegrityError, match="index map"):
+            fetch_index(keys, longer, src_, tmp_path / "bad.db")
+    finally:
+        src_.stop()
+
+
+def test_crash_after_sealing_blocks_before_the_manifest(tmp_path, monkeypatch, shipped_copies):
+    """A commit that dies after its new meta segments are recorded (before the manifest), and
+    one that dies after the manifest but before the sidecar is written: the next open drops
+    the unnamed segments, the next commit seals what the remotes lack again, and the remotes
+    restore the newest state."""
+    v, remotes = make_vault(tmp_path)
+    src = tmp_path / "src"
+    many_files(src, 400, seed=3)
+    with v:
+        backup_paths(v, [src])
+        assert v.flush().complete
+        (src / "g.txt").write_bytes(b"first change\n" * 100)
+
+        def boom(*a, **kw):
+            raise Crash("the process dies before the manifest is written")
+
+        with monkeypatch.context() as mp, pytest.raises(Crash):
+            mp.setattr("vaultfs.manifest.encode", boom)
+            backup_paths(v, [src], upload=True)
+    v = Vault.open(tmp_path / "home", PW)
+    with v:
+        unnamed = v.index.q(
+            "SELECT id FROM segments WHERE kind='meta' AND id NOT IN"
+            " (SELECT segment FROM manifest_segments)"
+        )
+        assert not unnamed  # dropped at open
+        (src / "h.txt").write_bytes(b"second change\n" * 100)
+        with monkeypatch.context() as mp, pytest.raises(Crash):
+            mp.setattr(ShippedObjects, "record", boom)
+            backup_paths(v, [src])
+    v = Vault.open(tmp_path / "home", PW)
+    with v:
+        (src / "i.txt").write_bytes(b"third change\n" * 100)
+        backup_paths(v, [src])
+        third = v.committer.last_shipped
+        assert v.flush().complete
+        keys = v.keys
+    # the sidecar missed the second commit's blocks: sealed again, and nothing else is wrong
+    assert third is not None and third.sealed_blocks > 0
+    assert remote_index(keys, remotes[:2], tmp_path / "restored.db").seq == 3
+    assert (tmp_path / "restored.db").read_bytes() == shipped_copies[-1]
+    for name in ("g.txt", "h.txt", "i.txt"):
+        assert (
+            fr.recover_file(keys.seed, [Path(r) for r in remotes[1:]], f"src/{name}")
+            == (src / name).read_bytes()
+        )
+
+
+def test_garbage_and_compaction_keep_everything_a_kept_manifest_names(
+    tmp_path, monkeypatch, shipped_copies
+):
+    """Many commits, the vault reopened in between (recovery runs: a segment whose first
+    manifest was pruned but that a kept one still names is no leftover of a crash), then
+    compaction forced on (any sparse segment is moved): the remotes hold only meta segments
+    a kept manifest names, every kept manifest's segments are all there and each kept
+    manifest's index reassembles."""
+    v, remotes = make_vault(tmp_path)
+    src = tmp_path / "src"
+    many_files(src, 300, seed=4)
+
+    def commits(v: Vault, first: int, count: int) -> int:
+        recopied = 0
+        for i in range(first, first + count):
+            (src / f"change{i}.txt").write_bytes(f"change {i}\n".encode() * 50)
+            backup_paths(v, [src])
+            recopied += v.committer.last_shipped.recopied
+            assert v.flush().complete
+        return recopied
+
+    with v:
+        commits(v, 0, 5)
+        first_named = v.index.one(
+            "SELECT count(*) FROM segments WHERE kind='meta' AND manifest NOT IN"
+            " (SELECT seq FROM manifests)"
+        )[0]
+    assert first_named > 0  # a shared segment whose first manifest was pruned: the case
+    v = Vault.open(tmp_path / "home", PW)
+    monkeypatch.setattr(metaship, "SPARSE_KEPT", 0)
+    with v:
+        recopied = commits(v, 5, 4)
+        keys = v.keys
+    assert recopied > 0  # compaction ran
+    mans = kept_manifests(keys, remotes[0])
+    assert len(mans) == Vault.KEEP_INDEX_COPIES
+    named = {s.name for m in mans for seg in m.contents.index_segments for s in seg.shards}
+    stored = {p.name for r in remotes for p in Path(r, "meta").iterdir()}
+    assert stored == named  # garbage went; every shard a kept manifest names is there
+    # every kept manifest's index reassembles (the oldest kept one too) from two remotes
+    stranger = fr.Remotes([Path(r) for r in remotes[:2]])
+    fkeys = fr.Keys.from_seed(keys.seed)
+    seqs = sorted(m.seq for m in kept_manifests(keys, remotes[0]))
+    for seq, copy in zip(seqs, shipped_copies[-len(seqs) :], strict=True):
+        blob = next(Path(remotes[0], "manifests").glob(f"{seq:016d}-*")).read_bytes()
+        out = tmp_path / f"kept-{seq}.db"
+        fr.open_index(fkeys, stranger, fr.open_manifest(fkeys, blob), out).close()
+        assert out.read_bytes() == copy
+
+
+def test_a_manifest_readers_would_refuse_is_never_written(tmp_path, monkeypatch):
+    """An index whose manifest would pass the readers' size bound fails the commit with a
+    clear error; the remotes keep the previous manifest and the vault opens and restores."""
+    v, remotes = make_vault(tmp_path)
+    src = tmp_path / "src"
+    many_files(src, 50, seed=5)
+    with v:
+        backup_paths(v, [src])
+        assert v.flush().complete
+        with monkeypatch.context() as mp:
+            mp.setattr(manifest, "MAX_BYTES", 1000)
+            with pytest.raises(VaultError, match="outgrown what one manifest can name"):
+                backup_paths(v, [src])
+        keys = v.keys
+    with Vault.open(tmp_path / "home", PW) as v:
+        assert v.flush().complete
+    assert remote_index(keys, remotes[:2], tmp_path / "restored.db").seq == 1

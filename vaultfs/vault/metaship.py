@@ -1,0 +1,205 @@
+"""Shipping the index as content-addressed blocks (docs/format.md 9; the format is
+vaultfs/indexblocks.py).
+
+One pass over a page-identical copy of the index (:meth:`Index.export_to`): every block is
+hashed; a block whose id the sidecar (:class:`ShippedObjects`) places in a meta segment the
+newest manifest names (and that has k shards left) is referenced where it is, any other is
+sealed into a new meta segment. Then compaction, and the block map's pages, sealed likewise
+when they changed. Cost: copying and hashing the index (a read of the file, memory-bounded;
+the one term that grows with the vault, at disk and BLAKE3 speed) plus sealing and coding
+what changed.
+
+Compaction keeps the meta segments a manifest names bounded: a segment whose objects still in
+use fill less than half a full segment is *sparse*; while more than :data:`SPARSE_KEPT` are
+sparse, the live objects of the sparsest are sealed again into this commit's segments, at most
+:data:`COMPACT_BUDGET` bytes of records per commit. A segment no kept manifest names is
+garbage (:meth:`UploadQueue.prune_index_copies`).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from .. import indexblocks, segment
+from ..index import Index, manifests
+from ..index import segments as seg_table
+from ..index.segments import NewShard
+from ..index.shipped import ShippedObjects
+from ..indexblocks import ENTRY, MAP_FANOUT, Location
+from ..keys import VaultKeys
+from ..manifest import MapPage
+
+#: Sparse meta segments a manifest may name before compaction starts.
+SPARSE_KEPT = 16
+
+
+@dataclass
+class ShipStats:
+    """What one shipping of the index cost, in index objects and record bytes."""
+
+    blocks: int = 0  # blocks of the shipped file
+    sealed_blocks: int = 0  # blocks sealed by this shipping (new or changed ones)
+    map_pages: int = 0
+    sealed_map_pages: int = 0
+    recopied: int = 0  # objects sealed again by compaction
+    sealed_bytes: int = 0  # bytes of records written into new meta segments (before coding)
+    segments: int = 0  # new meta segments
+
+
+@dataclass
+class NewMetaSegment:
+    """A meta segment this shipping wrote: durable in the queue, not yet in the index."""
+
+    seg_id: int
+    uid: bytes
+    used: int
+    size: int
+    rows: list[NewShard]
+    root: bytes
+
+
+@dataclass
+class Shipment:
+    """The result of :func:`ship`: what the manifest names and what to record."""
+
+    length: int  # bytes of the shipped file
+    pages: list[MapPage]  # the block map, in order
+    named: list[int]  # ids of the already recorded meta segments the objects are in
+    new: list[NewMetaSegment]  # meta segments written now (to record, then name)
+    sealed: dict[bytes, Location] = field(default_factory=dict)  # for the sidecar
+    stats: ShipStats = field(default_factory=ShipStats)
+
+
+class _Packer:
+    """Packs sealed records back to back into meta segments of at most ``segment_size``
+    bytes, writing each one's shards to the queue when it is full (memory: one segment)."""
+
+    def __init__(
+        self, segment_size: int, write: Callable[[bytes, bytes], tuple[int, list[NewShard], bytes]]
+    ) -> None:
+        self.segment_size = segment_size
+        self.write = write
+        self.buf = bytearray()
+        self.uid = secrets.token_bytes(16)
+        self.done: list[NewMetaSegment] = []
+
+    def add(self, record: bytes) -> Location:
+        if len(self.buf) + len(record) > self.segment_size:
+            self.close()
+        loc = Location(self.uid, len(self.buf), len(record))
+        self.buf += record
+        return loc
+
+    def close(self) -> None:
+        """Write the segment being filled, if it holds anything."""
+        if not self.buf:
+            return
+        used = len(self.buf)
+        padded = segment.pad(bytes(self.buf), segment.size_class(used, self.segment_size))
+        seg_id, rows, root = self.write(self.uid, padded)
+        self.done.append(NewMetaSegment(seg_id, self.uid, used, len(padded), rows, root))
+        self.buf = bytearray()
+        self.uid = secrets.token_bytes(16)
+
+
+def ship(
+    index: Index,
+    keys: VaultKeys,
+    suite: int,
+    segment_size: int,
+    export: Path,
+    shipped: ShippedObjects,
+    write: Callable[[bytes, bytes], tuple[int, list[NewShard], bytes]],
+) -> Shipment:
+    """Ship the index copy at ``export``: seal the objects the remotes lack into new meta
+    segments (``write(uid, padded segment)`` codes and queues one, returning (segment id,
+    shard rows, root)) and return the block map and the segments it needs. The caller records
+    the new segments, then the manifest naming ``named`` and the new ones, then the sidecar."""
+    key, vid, block = keys.metadata_key, keys.vault_id, indexblocks.BLOCK_SIZE
+    stats = ShipStats()
+    reusable = seg_table.meta_named_by(index, manifests.newest_seq(index))
+    packer = _Packer(segment_size, write)
+    sealed: dict[bytes, Location] = {}
+    live: dict[bytes, int] = {}  # uid -> bytes of records still in use
+    counted: set[bytes] = set()
+    entries = bytearray()  # the block map, ENTRY.size bytes per block
+
+    def seal(oid: bytes, data: bytes) -> Location:
+        record = indexblocks.seal(key, vid, oid, data, suite)
+        stats.sealed_bytes += len(record)
+        sealed[oid] = loc = packer.add(record)
+        return loc
+
+    length = export.stat().st_size
+    with shipped.reader(suite) as look, export.open("rb") as f:
+        while data := f.read(block):
+            stats.blocks += 1
+            oid = indexblocks.object_id(key, data)
+            loc = sealed.get(oid)
+            if loc is None:
+                loc = look.get(oid)
+                if loc is None or loc.uid not in reusable:
+                    loc = seal(oid, data)
+                    stats.sealed_blocks += 1
+                elif oid not in counted:
+                    counted.add(oid)
+                    live[loc.uid] = live.get(loc.uid, 0) + loc.length
+            entries += ENTRY.pack(oid, loc.uid, loc.offset, loc.length)
+        moved = _sparse_to_move(live, segment_size)
+        if moved:
+            stats.recopied = _recopy(entries, moved, f, block, seal)
+        pages: list[MapPage] = []
+        for p in range(0, len(entries), MAP_FANOUT * ENTRY.size):
+            raw = bytes(entries[p : p + MAP_FANOUT * ENTRY.size])
+            oid = indexblocks.object_id(key, raw)
+            loc = sealed.get(oid)
+            if loc is None:
+                loc = look.get(oid)
+                if loc is None or loc.uid not in reusable or loc.uid in moved:
+                    loc = seal(oid, raw)
+                    stats.sealed_map_pages += 1
+            pages.append(MapPage(oid, loc.uid, loc.offset, loc.length))
+    packer.close()
+    uids = {uid for (_oid, uid, _o, _l) in ENTRY.iter_unpack(entries)} | {p.uid for p in pages}
+    stats.map_pages, stats.segments = len(pages), len(packer.done)
+    named = sorted(reusable[u][0] for u in uids if u in reusable)
+    return Shipment(length, pages, named, packer.done, sealed, stats)
+
+
+def _sparse_to_move(live: dict[bytes, int], segment_size: int) -> set[bytes]:
+    """The sparse segments (see the module docstring) whose objects this commit seals again,
+    sparsest first, within the budget; none while at most :data:`SPARSE_KEPT` are sparse."""
+    sparse = sorted((n, uid) for uid, n in live.items() if n < segment_size // 2)
+    moved: set[bytes] = set()
+    budget = segment_size // 2
+    for n, uid in sparse[: max(0, len(sparse) - SPARSE_KEPT)]:
+        if n > budget:
+            break
+        moved.add(uid)
+        budget -= n
+    return moved
+
+
+def _recopy(
+    entries: bytearray,
+    moved: set[bytes],
+    f: BinaryIO,
+    block: int,
+    seal: Callable[[bytes, bytes], Location],
+) -> int:
+    """Seal again every block whose record is in a ``moved`` segment (read back from the
+    export ``f``) and point its map entries at the new record. Returns objects sealed."""
+    again: dict[bytes, Location] = {}
+    for i, (oid, uid, _off, _len) in enumerate(ENTRY.iter_unpack(bytes(entries))):
+        if uid not in moved:
+            continue
+        loc = again.get(oid)
+        if loc is None:
+            f.seek(i * block)
+            loc = again[oid] = seal(oid, f.read(block))
+        ENTRY.pack_into(entries, i * ENTRY.size, oid, loc.uid, loc.offset, loc.length)
+    return len(again)
