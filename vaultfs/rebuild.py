@@ -39,6 +39,7 @@ from .errors import InputError, IntegrityError, RemoteError
 from .index import Index, keyring, segments, snapshots
 from .index import manifests as manifest_table
 from .index import remotes as remote_table
+from .index.shipped import ShippedObjects
 from .keys import VaultKeys, write_keyfile
 from .restore import ShardSource, open_remote_index
 from .shardreader import ShardRef, read_segment
@@ -89,7 +90,11 @@ def rebuild_home(
         src = ShardSource(remotes)
         src.start()
         try:
-            index, src, m, warnings = open_remote_index(keys, remotes, staging, src=src)
+            # the sidecar too: the next commit then seals only the blocks that changed
+            shipped = ShippedObjects(staging / "index-objects.db")
+            index, src, m, warnings = open_remote_index(
+                keys, remotes, staging, src=src, shipped=shipped
+            )
         finally:
             src.stop()
         with contextlib.closing(index):
@@ -222,14 +227,18 @@ def _adopt_newest(
     from the decoded segment (the code is deterministic) and must hash to what ``m`` signs."""
     rid_of = {b.spec: rid for rid, b in matched.items()}
     epoch, _suite = keyring.current(index, m.suite)
+    named = m.contents.index_segments
+    # the copy already records the meta segments earlier manifests wrote (blocks are shared
+    # across manifests, docs/format.md 9.2); only those written for ``m`` itself are missing
+    known = segments.ids_by_uid(index, [seg.uid for seg in named])
     first = segments.max_id(index) + 1
     made: list[tuple[int, manifest.IndexSegment, int, list, bytes]] = []
-    for i, seg in enumerate(m.contents.index_segments):
+    for i, seg in enumerate(s for s in named if s.uid not in known):
         seg_id = first + i
         signed = sorted(seg.shards, key=lambda s: s.idx)
         refs = src.refs("meta", [(s.idx, s.name, s.hash, s.size) for s in signed])
         alg = seg.ec_alg or erasure.choose_alg(seg.k, seg.n)
-        what = f"index segment {i} of manifest #{m.seq}"
+        what = f"index segment {seg.uid.hex()} of manifest #{m.seq}"
         data = read_segment(
             refs, seg.k, seg.n, seg.size, _OneByOne(src, warnings), what,
             alg=alg, audit_key=keys.audit_key,
@@ -263,5 +272,6 @@ def _adopt_newest(
         fork = m.contents.fork
         manifest_table.adopt(
             db, m.seq, name, created, m.contents.vault_root, m.hash,
+            [*known.values(), *(made_id for made_id, *_rest in made)],
             None if fork is None else (fork.seq, fork.hash),
         )  # fmt: skip

@@ -1325,6 +1325,7 @@ def open_remote_index(
     want: str | None = None,
     anchor: manifest.Link | None = None,
     branches: Branches | None = None,
+    shipped: ShippedObjects | None = None,
 ) -> tuple[Index, ShardSource, manifest.Manifest, list[str]]:
     """Disaster path: find the newest manifest (or the one ``want`` names, :func:`select`),
     fetch and check the index it names; a fork on the remotes is reported in the warnings and
@@ -1335,7 +1336,8 @@ def open_remote_index(
     manifest its index recorded for this vault, so remotes rolled back to an older state are
     refused. ``anchor`` (a receipt's manifest) must be the manifest used or one of its
     ancestors (Rollback otherwise). ``src`` may be a :class:`ShardSource` over ``remotes``
-    already started (listing and manifest copies running while the key was unlocked)."""
+    already started (listing and manifest copies running while the key was unlocked).
+    ``shipped``: the sidecar of a home being rebuilt (:func:`fetch_index`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     if home is not None:
         min_seq = max(min_seq, seen_manifest_seq(home / "index.db", keys.vault_id.hex()))
@@ -1357,7 +1359,7 @@ def open_remote_index(
     if not reachable:
         raise NotEnoughRemotes("none of the given remotes is reachable")
     dbpath = workdir / "index.db"
-    warnings += fetch_index(keys, m, src, dbpath)
+    warnings += fetch_index(keys, m, src, dbpath, shipped)
     index = open_shipped(dbpath, keys.chunk_id_key)  # checked, and migrated to the current schema
     verify_index_against_manifest(index, m)
     warnings += _chain_report(keys, src, found, index)

@@ -90,6 +90,16 @@ def insert(
     )
 
 
+def ids_by_uid(index: Index, uids: Iterable[bytes]) -> dict[bytes, int]:
+    """{uid: segment id} of the segments among ``uids`` the index records."""
+    out: dict[bytes, int] = {}
+    for uid in uids:
+        row = index.one("SELECT id FROM segments WHERE uid=?", (uid,))
+        if row is not None:
+            out[uid] = row[0]
+    return out
+
+
 def max_id(index: Index) -> int:
     """The highest segment id recorded (0 for none)."""
     row = index.one("SELECT max(id) FROM segments")
