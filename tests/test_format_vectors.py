@@ -552,11 +552,11 @@ def test_the_kb_key_of_a_body_round_trips_and_a_malformed_one_is_refused():
         "root": "ab" * 32,
         "tables": {"beliefs": {"rows": 3, "checksum": "cd" * 32}},
     }
-    body = manifest.Body(bytes(32), 2, 3, 1 << 20, (), 0, (), kb={"1a2b3c4d": summary})
+    body = manifest.Body(bytes(32), 2, 3, 1 << 20, (), 0, 16384, (), (), kb={"1a2b3c4d": summary})
     obj = body.to_dict()
     assert obj["kb"] == {"1a2b3c4d": summary}
     assert manifest.Body.from_dict(obj).kb == {"1a2b3c4d": summary}
-    assert "kb" not in manifest.Body(bytes(32), 2, 3, 1 << 20, (), 0, ()).to_dict()
+    assert "kb" not in manifest.Body(bytes(32), 2, 3, 1 << 20, (), 0, 16384, (), ()).to_dict()
     bad = {**summary, "root": "ab"}
     with pytest.raises(IntegrityError, match=r"kb\.1a2b3c4d\.root"):
         manifest.Body.from_dict({**obj, "kb": {"1a2b3c4d": bad}})
