@@ -8,14 +8,16 @@
    segments are repaired most-at-risk first (fewest healthy shards left).
    A shard on a remote that is only *unreachable* is not rebuilt: it is presumed intact.
 3. **Rebuild**: for each such segment fetch k shards whose BLAKE3 matches the index — from the
-   local queue first, then from reachable remotes (data fragments first) — decode, re-encode and
-   take the missing fragments. Fewer than k good shards means the segment is reported
+   local queue first, then from reachable remotes (data fragments first) — and reconstruct only
+   the missing fragments (:func:`shardreader.rebuild_fragments`), batch by batch in a bounded
+   pipeline (:func:`_rebuild_all`). Fewer than k good shards means the segment is reported
    unrecoverable; nothing is ever zero-filled or guessed. Given the live data (``sources``),
    such a data segment is healed instead: its chunks are re-read from the files by keyed chunk
    id into a new segment (:func:`_heal_from_source`).
 4. **Place**: each rebuilt object gets a fresh random name and a target remote chosen to spread
    failure domains (its old remote when that one is still a healthy member). It is written
-   durably to the queue and its row updated in one transaction (invariant 1, vaultfs/vault/writer.py), then
+   durably to the queue, and its batch's rows are updated in one transaction (invariant 1,
+   vaultfs/vault/writer.py; docs/design.md, "Repair batches"), then
    :meth:`Vault.flush` uploads it. The fragment is the original (ISA-L coding is deterministic),
    but the stored object is whitened under its new name (docs/format.md 7.1), so its hash,
    Merkle records and audit tags are new; the shard row and the segment root change in the
@@ -427,6 +429,8 @@ def _commit_batch(
     then one transaction for all their shard rows, audit tags and segment roots (docs/design.md,
     "Repair batches"). Returns (old path, old remote) of objects to delete once the new ones
     are placed."""
+    if not queued:
+        return []
     sync_dirs(dirs)
     with vault.index.tx() as db:
         audit_table.put_tags(db, [(q.shard.name, AUDIT_PIECE, q.shard.tags) for q in queued])
@@ -440,8 +444,7 @@ def _commit_batch(
             # connection is shared, so the query sees the rows just changed)
             roots = segment_table.shard_roots(vault.index, seg_id)
             segment_table.set_root(db, seg_id, merkle.root(roots))
-        if queued:
-            vault.mark_unshipped(db)
+        vault.mark_unshipped(db)
     old_objects: list[tuple[str, int]] = []
     for q in queued:
         sh, kind = q.row, q.row.kind
@@ -676,7 +679,8 @@ def _rebuild_all(
     pipeline of batches of :data:`BATCH_SEGMENTS` segments: one thread downloads the sources
     of the next batch, :data:`REBUILD_THREADS` workers rebuild the segments of this one
     (:func:`_rebuild_segment`), and this thread queues each finished segment and commits the
-    batch in one transaction (:func:`_commit_batch`). At most two batches are in flight.
+    batch in one transaction (:func:`_commit_batch`). One batch downloads while at most two
+    are rebuilt or committed, which bounds the source objects held in memory.
     Returns (old path, old remote) of objects to delete once the new ones are placed."""
     old_objects: list[tuple[str, int]] = []
     with tempfile.TemporaryDirectory(prefix="vaultfs-repair-") as tmp:
