@@ -372,7 +372,7 @@ def make_corpus() -> dict[str, int]:
             ),
         ),
         index_block_size=16384,
-        index_map=(manifest.MapPage(bytes(32), uid, 0, 300),),
+        index_map=(manifest.MapPage(bytes(32), bytes(16), 0, 300),),
         retired_suites=frozenset({2}),
     ).to_dict()
     seeds["manifest_body"] = {"body": json.dumps(body, sort_keys=True).encode()}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vaultfs import segment
+from vaultfs import erasure, segment
 from vaultfs.errors import IntegrityError, NotEnoughRemotes
 from vaultfs.shardreader import (
     Lie,
@@ -23,6 +23,7 @@ from vaultfs.shardreader import (
     choose,
     intact,
     read_segment,
+    rebuild_fragments,
 )
 from vaultfs.vault import Vault
 
@@ -103,6 +104,27 @@ def test_missing_shards_are_named_with_the_reason_the_transport_gave():
         Lie(refs[2], "missing", "remote2: connection refused"),
     ]
     assert sorted(t.fetched) == sorted(s.name for s in shards)
+
+
+def test_rebuild_fragments_reconstructs_exactly_the_missing_ones_around_a_corrupt_source():
+    """Repair's read: the missing fragments, byte for byte those the encoder made, from k
+    intact sources (a corrupt one is read around and named), never the whole segment."""
+    data, shards, refs = make_segment()
+    frags = erasure.encode(data, K, N, 1)
+    objs = objects_of(shards)
+    got = rebuild_fragments(
+        [refs[0], refs[1], refs[3]], K, N, [2, 4], FakeTransport(objs), "s", alg=1, audit_key=AK
+    )
+    assert got.fragments == {2: frags[2], 4: frags[4]} and got.lies == []
+    bad = bytearray(shards[0].body)
+    bad[-1] ^= 1
+    objs[shards[0].name] = bytes(bad)
+    got = rebuild_fragments(refs[:4], K, N, [4], FakeTransport(objs), "s", alg=1, audit_key=AK)
+    assert got.fragments == {4: frags[4]}
+    assert got.lies == [Lie(refs[0], "corrupt")]
+    with pytest.raises(ShardsUnavailable) as e:
+        rebuild_fragments(refs[:3], K, N, [4], FakeTransport(objs), "s", alg=1, audit_key=AK)
+    assert e.value.lies == [Lie(refs[0], "corrupt")]
 
 
 def test_header_and_fragment_tuples_are_checked_and_decoded_like_whole_objects():

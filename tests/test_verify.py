@@ -22,6 +22,7 @@ from vaultfs import repair as repair_mod
 from vaultfs import verify as verify_mod
 from vaultfs.backends import FaultInjecting, open_backend
 from vaultfs.errors import IntegrityError
+from vaultfs.index import segments as segment_table
 from vaultfs.keys import VaultKeys
 from vaultfs.restore import open_remote_index, restore_files
 from vaultfs.vault import Entry, Vault, place, survivable_losses
@@ -251,6 +252,39 @@ def test_repair_that_dies_before_publishing_is_published_by_the_next(tmp_path, m
     rep = repair_mod.repair(v, scan=True)
     assert rep.rebuilt == 0 and rep.manifest_seq is not None
     assert v.index.get("unshipped_since") is None
+    v.close()
+    assert _restore(keys, specs[1:4], tmp_path / "w") == data
+
+
+def test_repair_that_dies_inside_a_batch_leaves_nothing_and_the_next_finishes(tmp_path):
+    """A repair dying between two segments of one batch (docs/design.md, "Repair batches"):
+    the batch's rebuilt objects wait in the queue with no rows, the shard rows still name the
+    lost objects. Reopening the vault removes those files; the next repair rebuilds the whole
+    batch, verify is clean and a restore from k remotes is byte-identical."""
+    v, specs, data = _vault(tmp_path, mib=3.0)
+    keys = v.keys
+    lost = list((Path(specs[1]) / "data").iterdir())
+    for p in lost:
+        p.unlink()
+    before = {sh.id: sh.name for sh in segment_table.live_shards(v.index)}
+    done = []
+
+    def die_on_the_second(_n: int) -> None:
+        done.append(_n)
+        if len(done) == 2:
+            raise _Crash()
+
+    with pytest.raises(_Crash):
+        repair_mod.repair(v, progress=die_on_the_second)
+    queued = [f for f in v.queue_dir.rglob("*") if f.is_file() and "manifests" not in f.parts]
+    assert queued, "the first segment's rebuilt objects are in the queue"
+    assert {sh.id: sh.name for sh in segment_table.live_shards(v.index)} == before
+    v.close()
+    v = Vault.open(tmp_path / "home", PASSPHRASE)
+    assert not [f for f in v.queue_dir.rglob("*") if f.is_file() and "manifests" not in f.parts]
+    rep = repair_mod.repair(v)
+    assert rep.ok and rep.rebuilt == len(lost)
+    assert verify_mod.audit(v, mode="read-all").clean
     v.close()
     assert _restore(keys, specs[1:4], tmp_path / "w") == data
 

@@ -8,14 +8,16 @@
    segments are repaired most-at-risk first (fewest healthy shards left).
    A shard on a remote that is only *unreachable* is not rebuilt: it is presumed intact.
 3. **Rebuild**: for each such segment fetch k shards whose BLAKE3 matches the index — from the
-   local queue first, then from reachable remotes (data fragments first) — decode, re-encode and
-   take the missing fragments. Fewer than k good shards means the segment is reported
+   local queue first, then from reachable remotes (data fragments first) — and reconstruct only
+   the missing fragments (:func:`shardreader.rebuild_fragments`), batch by batch in a bounded
+   pipeline (:func:`_rebuild_all`). Fewer than k good shards means the segment is reported
    unrecoverable; nothing is ever zero-filled or guessed. Given the live data (``sources``),
    such a data segment is healed instead: its chunks are re-read from the files by keyed chunk
    id into a new segment (:func:`_heal_from_source`).
 4. **Place**: each rebuilt object gets a fresh random name and a target remote chosen to spread
    failure domains (its old remote when that one is still a healthy member). It is written
-   durably to the queue and its row updated in one transaction (invariant 1, vaultfs/vault/writer.py), then
+   durably to the queue, and its batch's rows are updated in one transaction (invariant 1,
+   vaultfs/vault/writer.py; docs/design.md, "Repair batches"), then
    :meth:`Vault.flush` uploads it. The fragment is the original (ISA-L coding is deterministic),
    but the stored object is whitened under its new name (docs/format.md 7.1), so its hash,
    Merkle records and audit tags are new; the shard row and the segment root change in the
@@ -37,14 +39,16 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import chain, erasure, merkle, segment, verify
+from . import chain, merkle, segment, verify
+from .audittag import PIECE as AUDIT_PIECE
+from .audittag import piece_tags
 from .backends import open_backend
 from .errors import BadRemote, NotEnoughRemotes, NoVault, RemoteError, Unreachable
 from .index import audit as audit_table
@@ -56,12 +60,26 @@ from .index import snapshots as snapshot_table
 from .index.segments import ShardRow
 from .names import display, from_db
 from .remotes import Remote
-from .shardreader import Lie, ShardRef, ShardsUnavailable, ShardsUndecodable, choose, read_segment
+from .restore import READ_IN_PLACE, read_object
+from .sealer import ShardFile
+from .shardreader import (
+    Lie,
+    ShardRef,
+    ShardsUnavailable,
+    ShardsUndecodable,
+    choose,
+    rebuild_fragments,
+)
+from .vault.queue import sync_dirs, write_durable
 
 if TYPE_CHECKING:
     from .vault import Vault
 
+#: Segments per batch: one download per remote and one index transaction each.
 BATCH_SEGMENTS = 8
+#: Worker threads rebuilding segments (reconstruction, whitening, hashing and fsync release
+#: the GIL for most of their time).
+REBUILD_THREADS = 2
 
 
 @dataclass
@@ -209,49 +227,63 @@ class _Fetcher:
         queued, on a reachable remote, not in ``exclude`` (the shards being rebuilt)."""
         return [
             ShardRef(
-                r.idx, r.name, r.hash, Remote(self.specs[r.remote]).label, r.state == "queued", r
+                r.idx,
+                r.name,
+                r.hash,
+                Remote(self.specs[r.remote]).label,
+                r.state == "queued",
+                r,
+                r.size,
             )
             for r in segment_table.records(self.vault.index, seg_id)
             if r.state in ("placed", "queued") and r.id not in exclude and r.remote not in self.down
         ]
 
-    def fetch(self, wanted: Sequence[ShardRef], into: Path) -> dict[str, bytes]:
-        """Bodies of the wanted shards, by name, unverified; those not had are left out (a
-        queued shard is read from the queue only, and none from a remote known down)."""
-        got: dict[str, bytes] = {}
+    def fetch(self, wanted: Sequence[ShardRef], into: Path) -> dict[str, segment.Body | str]:
+        """Bodies of the wanted shards, by name, unverified, each read only up to the size the
+        index records (:func:`restore.read_object`; a name mapped to a ``str`` was refused for
+        the reason given); those not had are left out. A queued shard is read from the queue
+        only, none from a remote known down; a plain local-directory remote's objects are read
+        where they lie (as restore does, :data:`restore.READ_IN_PLACE`), the others' are
+        downloaded into ``into`` first, one transfer per remote."""
+        got: dict[str, segment.Body | str] = {}
         per_remote: dict[int, list[ShardRow]] = defaultdict(list)
         for ref in wanted:
             sh: ShardRow = ref.tag
             q = self.vault.queue_dir / f"r{sh.remote}" / sh.kind / sh.name
             if sh.state == "queued" and q.exists():
-                got[sh.name] = q.read_bytes()
+                got[sh.name] = read_object(q, sh.size)
             elif sh.remote not in self.down:
                 per_remote[sh.remote].append(sh)
 
         def pull(item: tuple[int, list[ShardRow]]) -> None:
             rid, shards = item
             b = self.backend(rid)
+            here = b.local_dir if READ_IN_PLACE else None
             d = into / f"r{rid}"
-            d.mkdir(parents=True, exist_ok=True)
-            try:
-                for sub in segment.KIND_NAMES.values():
-                    names = [s.name for s in shards if s.kind == sub]
-                    if names:
-                        b.get(sub, names, d)
-            except Unreachable:
-                with self.lock:
-                    self.down.add(rid)
-            except RemoteError as e:
-                with self.lock:
-                    self.report.errors[Remote(self.specs[rid]).label] = e.message
+            if here is None:
+                d.mkdir(parents=True, exist_ok=True)
+                try:
+                    for sub in segment.KIND_NAMES.values():
+                        names = [s.name for s in shards if s.kind == sub]
+                        if names:
+                            b.get(sub, names, d)
+                except Unreachable:
+                    with self.lock:
+                        self.down.add(rid)
+                except RemoteError as e:
+                    with self.lock:
+                        self.report.errors[Remote(self.specs[rid]).label] = e.message
             for s in shards:
-                p = d / s.name
-                if not p.exists():
+                p = here / s.kind / s.name if here is not None else d / s.name
+                if here is None and not p.exists():
                     continue
-                body = p.read_bytes()
-                p.unlink()
+                body = read_object(p, s.size)
+                if here is None:
+                    p.unlink()
                 with self.lock:
-                    self.report.bytes_fetched += len(body)
+                    if not isinstance(body, str):
+                        self.report.bytes_fetched += s.size
                     got[s.name] = body
 
         with ThreadPoolExecutor(max_workers=max(1, len(per_remote))) as ex:
@@ -263,10 +295,10 @@ class _SegmentShards:
     """The transport for one segment's rebuild: the objects its batch fetched ahead, then the
     fetcher, one round at a time."""
 
-    def __init__(self, fetcher: _Fetcher, ahead: dict[str, bytes], into: Path) -> None:
+    def __init__(self, fetcher: _Fetcher, ahead: dict[str, segment.Body | str], into: Path) -> None:
         self.fetcher, self.ahead, self.into = fetcher, ahead, into
 
-    def fetch(self, refs: Sequence[ShardRef]) -> dict[str, bytes]:
+    def fetch(self, refs: Sequence[ShardRef]) -> dict[str, segment.Body | str]:
         got = {r.name: self.ahead.pop(r.name) for r in refs if r.name in self.ahead}
         rest = [r for r in refs if r.name not in got]
         if rest:
@@ -289,91 +321,155 @@ def _note_bad_sources(vault: Vault, fetcher: _Fetcher, lies: list[Lie]) -> None:
             _mark_lost(vault, sh, "corrupt", "found corrupt while used as a source")
 
 
+@dataclass
+class _Rebuild:
+    """One segment's rebuild as a worker thread leaves it: the new shard objects, durable in
+    the queue's ``tmp/`` and not yet queued (``shards``, in ``todo`` order), the sources found
+    lying, or why the segment could not be rebuilt (``failed``)."""
+
+    seg_id: int
+    kind: str
+    todo: list[tuple[ShardRow, str]]
+    shards: list[ShardFile] = field(default_factory=list)
+    lies: list[Lie] = field(default_factory=list)
+    failed: str | None = None
+
+
 def _rebuild_segment(
     vault: Vault,
     seg_id: int,
     todo: list[tuple[ShardRow, str]],
     fetcher: _Fetcher,
     tmp: Path,
+    ahead: dict[str, segment.Body | str],
+) -> _Rebuild:
+    """Rebuild the listed shards of one segment into the queue's ``tmp/``, fsync'd. Runs on a
+    worker thread: it reads the index and fetches, never writes the index (the batch's
+    :func:`_commit_batch` does). ``ahead`` holds shard objects its batch fetched already
+    (:func:`shardreader.choose` of each segment); the shard reader fetches more as it needs.
+
+    Only the missing fragments are reconstructed (:func:`shardreader.rebuild_fragments`), and
+    only the new objects get audit tags. A rebuilt object gets a new name and so a new
+    whitening (docs/format.md 7.1): new bytes, hash, Merkle leaves and audit tags."""
+    g = segment_table.geometry(vault.index, seg_id)
+    assert g is not None
+    kind, k, n, alg = g[0], g[2], g[3], g[5]
+    audit_key = vault.keys.audit_key
+    out = _Rebuild(seg_id, kind, todo)
+    refs = fetcher.sources(seg_id, {sh.id for sh, _r in todo})
+    try:
+        got = rebuild_fragments(
+            refs,
+            k,
+            n,
+            [sh.idx for sh, _r in todo],
+            _SegmentShards(fetcher, ahead, tmp),
+            f"{kind} segment {seg_id}",
+            alg=alg,
+            audit_key=audit_key,
+        )
+    except (ShardsUnavailable, ShardsUndecodable) as e:
+        out.lies, out.failed = e.lies, e.message
+        return out
+    out.lies = got.lies
+    for sh, _reason in todo:
+        name = segment.new_name()
+        st = segment.stored_shard(sh.idx, name, got.fragments[sh.idx], audit_key)
+        write_durable(vault.queue.tmp / name, st.body)
+        tags = piece_tags(audit_key, st.body, st.blocks)
+        out.shards.append(ShardFile(sh.idx, name, len(st.body), st.hash, st.blocks, st.root, tags))
+    return out
+
+
+@dataclass
+class _Queued:
+    """A rebuilt object renamed into its target's queue directory, its row not yet updated."""
+
+    seg_id: int
+    row: ShardRow
+    reason: str
+    shard: ShardFile
+    target: int
+
+
+def _enqueue(
+    vault: Vault,
+    rb: _Rebuild,
+    fetcher: _Fetcher,
     report: RepairReport,
     prefer: int | None,
     active: list[tuple[int, str, str]],
-    ahead: dict[str, bytes],
-) -> list[tuple[str, int]]:
-    """Rebuild the listed shards of one segment into the queue. ``ahead`` holds shard
-    objects fetched already (in one batch for many segments, :func:`shardreader.choose` of
-    each); the shard reader fetches more as it needs them. A source found corrupt is marked
-    lost. Returns (old path, old remote) of objects to delete once the new ones are placed.
-
-    A rebuilt object gets a new name and so a new whitening (docs/format.md 7.1): new bytes,
-    hash, Merkle leaves and audit tags, and a new segment root, which the next manifest
-    signs (the caller marks the index unshipped)."""
-    g = segment_table.geometry(vault.index, seg_id)
-    assert g is not None
-    kind, size, k, n, alg = g[0], g[1], g[2], g[3], g[5]
-    audit_key = vault.keys.audit_key
-    refs = fetcher.sources(seg_id, {sh.id for sh, _r in todo})
-    transport = _SegmentShards(fetcher, ahead, tmp)
-    try:
-        read = read_segment(
-            refs, k, n, size, transport, f"{kind} segment {seg_id}", alg=alg, audit_key=audit_key
-        )
-    except (ShardsUnavailable, ShardsUndecodable) as e:
-        _note_bad_sources(vault, fetcher, e.lies)
-        report.unrecoverable.append(e.message)
-        report.unrecoverable_segments.append(seg_id)
+    dirs: set[Path],
+) -> list[_Queued]:
+    """Choose a target for each object of one finished rebuild and rename it into that
+    remote's queue directory (adding the directory to ``dirs``, fsync'd before the batch's
+    transaction). A failed rebuild is reported unrecoverable; corrupt sources are marked lost."""
+    _note_bad_sources(vault, fetcher, rb.lies)
+    if rb.failed is not None:
+        report.unrecoverable.append(rb.failed)
+        report.unrecoverable_segments.append(rb.seg_id)
         return []
-    _note_bad_sources(vault, fetcher, read.lies)
-    data = read.data
-    frags = erasure.encode(data, k, n, alg)
-    holders = segment_table.holders(vault.index, seg_id)
-    old_objects: list[tuple[str, int]] = []
-    tmpq = vault.queue_dir / "tmp"
-    tmpq.mkdir(parents=True, exist_ok=True)
-    for sh, reason in todo:
-        tgt = _choose_target(vault, seg_id, sh.idx, holders, active, fetcher.down, prefer)
+    holders = segment_table.holders(vault.index, rb.seg_id)
+    out: list[_Queued] = []
+    for (sh, reason), sf in zip(rb.todo, rb.shards, strict=True):
+        tgt = _choose_target(vault, rb.seg_id, sh.idx, holders, active, fetcher.down, prefer)
         if tgt is None:
-            report.unrecoverable.append(f"{kind} segment {seg_id}: no reachable remote to hold it")
+            report.unrecoverable.append(
+                f"{rb.kind} segment {rb.seg_id}: no reachable remote to hold it"
+            )
+            for left in rb.shards[len(out) :]:
+                (vault.queue.tmp / left.name).unlink(missing_ok=True)
             break
         holders.append(tgt)
-        name = segment.new_name()
-        stored = segment.stored_shard(sh.idx, name, frags[sh.idx], audit_key)
-        body, h, leaves, root = stored.body, stored.hash, stored.blocks, stored.root
-        dest = vault.queue_dir / f"r{tgt}" / kind
-        dest.mkdir(parents=True, exist_ok=True)
-        from .vault.queue import fsync_dir, write_durable
+        kind = segment.KIND_DATA if rb.kind == "data" else segment.KIND_META
+        vault.queue.enqueue(kind, [sf], [tgt], dirs)
+        out.append(_Queued(rb.seg_id, sh, reason, sf, tgt))
+    return out
 
-        write_durable(tmpq / name, body)
-        os.replace(tmpq / name, dest / name)
-        fsync_dir(dest)
-        verify.record_tags(vault.index, audit_key, [stored])
-        with vault.index.tx() as db:
-            segment_table.requeue(db, sh.id, name, tgt, h, leaves, root)
+
+def _commit_batch(
+    vault: Vault, queued: list[_Queued], dirs: set[Path], fetcher: _Fetcher, report: RepairReport
+) -> list[tuple[str, int]]:
+    """Make a batch's queued objects durable and record them: one fsync per queue directory,
+    then one transaction for all their shard rows, audit tags and segment roots (docs/design.md,
+    "Repair batches"). Returns (old path, old remote) of objects to delete once the new ones
+    are placed."""
+    if not queued:
+        return []
+    sync_dirs(dirs)
+    with vault.index.tx() as db:
+        audit_table.put_tags(db, [(q.shard.name, AUDIT_PIECE, q.shard.tags) for q in queued])
+        for q in queued:
+            sf = q.shard
+            segment_table.requeue(db, q.row.id, sf.name, q.target, sf.hash, sf.blocks, sf.root)
+            audit_table.forget_findings(db, [q.row.id])
+            audit_table.forget_tags(db, [q.row.name])
+        for seg_id in sorted({q.seg_id for q in queued}):
             # the segment root follows its shard roots in the same transaction (the
-            # connection is shared, so the query sees the row just changed)
+            # connection is shared, so the query sees the rows just changed)
             roots = segment_table.shard_roots(vault.index, seg_id)
             segment_table.set_root(db, seg_id, merkle.root(roots))
-            vault.mark_unshipped(db)
-            audit_table.forget_findings(db, [sh.id])
-            audit_table.forget_tags(db, [sh.name])
-        if not reason.startswith("missing"):  # a missing object has nothing to delete
+        vault.mark_unshipped(db)
+    old_objects: list[tuple[str, int]] = []
+    for q in queued:
+        sh, kind = q.row, q.row.kind
+        if not q.reason.startswith("missing"):  # a missing object has nothing to delete
             old_objects.append((f"{kind}/{sh.name}", sh.remote))
-        label = Remote(fetcher.specs[tgt]).label
         report.items.append(
             RepairItem(
-                seg_id,
+                q.seg_id,
                 kind,
                 sh.idx,
                 sh.path,
                 Remote(fetcher.specs[sh.remote]).label,
-                reason,
-                label,
-                len(body),
-                f"{kind}/{name}",
+                q.reason,
+                Remote(fetcher.specs[q.target]).label,
+                q.shard.size,
+                f"{kind}/{q.shard.name}",
             )
         )
         report.rebuilt += 1
-        report.bytes_written += len(body)
+        report.bytes_written += q.shard.size
     return old_objects
 
 
@@ -584,9 +680,13 @@ def _rebuild_all(
     active: list[tuple[int, str, str]],
     progress: Callable[[int], None] | None,
 ) -> list[tuple[str, int]]:
-    """Rebuild the planned shards into the queue, most-at-risk segment first, downloading
-    the sources of the next batch of segments while one is rebuilt. Returns (old path, old
-    remote) of objects to delete once the new ones are placed."""
+    """Rebuild the planned shards into the queue, most-at-risk segment first. A bounded
+    pipeline of batches of :data:`BATCH_SEGMENTS` segments: one thread downloads the sources
+    of the next batch, :data:`REBUILD_THREADS` workers rebuild the segments of this one
+    (:func:`_rebuild_segment`), and this thread queues each finished segment and commits the
+    batch in one transaction (:func:`_commit_batch`). One batch downloads while at most two
+    are rebuilt or committed, which bounds the source objects held in memory.
+    Returns (old path, old remote) of objects to delete once the new ones are placed."""
     old_objects: list[tuple[str, int]] = []
     with tempfile.TemporaryDirectory(prefix="vaultfs-repair-") as tmp:
         # most at risk first: the segments with the fewest healthy shards left (Storj's order)
@@ -596,7 +696,7 @@ def _rebuild_all(
             todo_all[b : b + BATCH_SEGMENTS] for b in range(0, len(todo_all), BATCH_SEGMENTS)
         ]
 
-        def download(bi: int):
+        def download(bi: int) -> tuple[Path, dict[str, segment.Body | str]]:
             # one transfer per remote for the whole batch: k sources per segment
             d = Path(tmp) / f"b{bi}"
             d.mkdir()
@@ -607,20 +707,39 @@ def _rebuild_all(
             ]
             return d, fetcher.fetch(firsts, d)
 
-        # the next batch downloads while this one is decoded, re-encoded and queued
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaultfs-repair") as pre:
+        def finish(d: Path, futures: list[Future[_Rebuild]]) -> None:
+            dirs: set[Path] = set()
+            queued: list[_Queued] = []
+            for f in futures:
+                queued += _enqueue(vault, f.result(), fetcher, report, prefer, active, dirs)
+                if progress:
+                    progress(1)
+            old_objects.extend(_commit_batch(vault, queued, dirs, fetcher, report))
+            shutil.rmtree(d, ignore_errors=True)
+
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaultfs-fetch") as pre,
+            ThreadPoolExecutor(REBUILD_THREADS, thread_name_prefix="vaultfs-rebuild") as work,
+        ):
             nxt = pre.submit(download, 0) if batches else None
+            flight: deque[tuple[Path, list[Future[_Rebuild]]]] = deque()
             for bi, batch in enumerate(batches):
                 assert nxt is not None
                 d, got = nxt.result()
                 nxt = pre.submit(download, bi + 1) if bi + 1 < len(batches) else None
-                for seg_id, todo in batch:
-                    old_objects += _rebuild_segment(
-                        vault, seg_id, todo, fetcher, d, report, prefer, active, got
-                    )  # fmt: skip
-                    if progress:
-                        progress(1)
-                shutil.rmtree(d, ignore_errors=True)
+                flight.append(
+                    (
+                        d,
+                        [
+                            work.submit(_rebuild_segment, vault, seg_id, todo, fetcher, d, got)
+                            for seg_id, todo in batch
+                        ],
+                    )
+                )
+                if len(flight) > 1:
+                    finish(*flight.popleft())
+            while flight:
+                finish(*flight.popleft())
     return old_objects
 
 

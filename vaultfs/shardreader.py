@@ -3,9 +3,11 @@ widen the set when a subset fails, and name the shards (and the remotes holding 
 lied.
 
 Every path that needs a segment's plaintext goes through :func:`read_segment`: the vault's read
-path (``Vault.segment_bytes``: the mount, prune, key rotation), restore (the index copy and,
-inside the decoder processes, every data segment) and repair's rebuild. Verify checks shards
-without decoding and shares only :func:`intact`.
+path (``Vault.segment_bytes``: the mount, prune, key rotation) and restore (the index copy
+and, inside the decoder processes, every data segment). Repair's rebuild goes through
+:func:`rebuild_fragments`, the same reader ending in a reconstruction of the missing
+fragments instead of a decode. Verify checks shards without decoding and shares only
+:func:`intact`.
 
 The caller says what the segment should be made of (one :class:`ShardRef` per shard it may
 fetch, with the BLAKE3 hash the index or signed manifest records), how it was coded (k, n, the
@@ -18,12 +20,14 @@ the :class:`Lie` records it returns.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
-from . import segment
+from . import erasure, segment
 from .errors import IntegrityError, NotEnoughRemotes
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +76,15 @@ class Decoded:
     """A segment's plaintext and the shards found lying on the way to it."""
 
     data: bytes
+    lies: list[Lie] = field(default_factory=list)
+
+
+@dataclass
+class Rebuilt:
+    """Rebuilt plain fragments {index: fragment} of a segment, and the shards found lying on
+    the way to them."""
+
+    fragments: dict[int, bytes]
     lies: list[Lie] = field(default_factory=list)
 
 
@@ -158,6 +171,54 @@ def read_segment(
     :class:`ShardsUndecodable` when all of them still do not decode, or an intact one does not
     unwhiten (a wrong audit key); both carry the lies found.
     """
+    data, lies = _read(
+        refs,
+        k,
+        transport,
+        what,
+        audit_key,
+        lambda good: segment.decode_segment(good, k, n, size, alg),
+    )
+    return Decoded(data, lies)
+
+
+def rebuild_fragments(
+    refs: Sequence[ShardRef],
+    k: int,
+    n: int,
+    missing: Sequence[int],
+    transport: Transport,
+    what: str,
+    *,
+    alg: int,
+    audit_key: bytes,
+) -> Rebuilt:
+    """The plain fragments with indices ``missing`` of one segment coded k-of-n with erasure
+    algorithm ``alg``, rebuilt from k intact shards in ``refs`` (none of them one of
+    ``missing``): repair's read. Fetches, checks, widens and raises exactly as
+    :func:`read_segment`, but never decodes the segment: liberasurecode reconstructs only the
+    wanted fragments, byte for byte those the encoder made (ISA-L coding is deterministic)."""
+    wanted = list(missing)
+
+    def finish(good: dict[int, bytes]) -> dict[int, bytes]:
+        frags = erasure.reconstruct(list(good.values()), wanted, k, n, alg)
+        return dict(zip(wanted, frags, strict=True))
+
+    fragments, lies = _read(refs, k, transport, what, audit_key, finish)
+    return Rebuilt(fragments, lies)
+
+
+def _read(
+    refs: Sequence[ShardRef],
+    k: int,
+    transport: Transport,
+    what: str,
+    audit_key: bytes,
+    finish: Callable[[dict[int, bytes]], T],
+) -> tuple[T, list[Lie]]:
+    """The common loop of :func:`read_segment` and :func:`rebuild_fragments`: gather k intact
+    unwhitened fragments {index: fragment}, and widen by one while ``finish`` raises
+    IntegrityError on them (a singular subset)."""
     queue = sorted(refs, key=lambda r: preference(r, k))
     good: dict[int, bytes] = {}
     lies: list[Lie] = []
@@ -183,7 +244,7 @@ def read_segment(
         raise ShardsUnavailable(f"{what}: only {len(good)} intact shards reachable, need {k}", lies)
     while True:
         try:
-            return Decoded(segment.decode_segment(good, k, n, size, alg), lies)
+            return finish(good), lies
         except IntegrityError:
             have = len(good)
             while len(good) == have and queue:
