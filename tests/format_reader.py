@@ -30,6 +30,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+#: The on-remote format version this reader implements (docs/format.md, section 3).
+FORMAT_VERSION = 2
+
 
 class FormatError(Exception):
     """Something on a remote does not follow docs/format.md (or was tampered with)."""
@@ -129,7 +132,7 @@ def record_keys(ikm: bytes, vault_id: bytes, info_tail: bytes) -> tuple[bytes, b
 
 
 def associated_data(vault_id: bytes, tail: bytes, suite: int = 1) -> bytes:
-    return b"VFS1" + bytes([1]) + struct.pack(">H", suite) + vault_id + tail
+    return b"VFS1" + bytes([FORMAT_VERSION]) + struct.pack(">H", suite) + vault_id + tail
 
 
 def open_record(
@@ -186,7 +189,7 @@ def block_leaves(obj: bytes) -> list[bytes]:
 
 # --- § Shard object and § liberasurecode fragment --------------------------------------------
 
-SHARD_HEADER = b"VFSH" + bytes([1])  # magic, format version: all a stored object shows
+SHARD_HEADER = b"VFSH" + bytes([FORMAT_VERSION])  # magic, format version: all it shows
 FRAG_HEADER = struct.Struct("<IIIQB32sBBIIII9s")
 
 
@@ -216,7 +219,7 @@ class Shard:
 def open_shard(audit_key: bytes, obj: bytes, name: str, idx: int, size: int) -> Shard:
     """A stored shard object (BLAKE3 already checked) as its plain fragment, § 7.1-7.2."""
     if len(obj) < len(SHARD_HEADER) + 80 or obj[: len(SHARD_HEADER)] != SHARD_HEADER:
-        raise FormatError("not a vaultfs shard object of version 1")
+        raise FormatError(f"not a vaultfs shard object of version {FORMAT_VERSION}")
     frag = keystream_xor(whitening_key(audit_key, name, idx), obj[len(SHARD_HEADER) :])
     f_idx, f_size, _bm, f_orig, _ct, _chk, _mm, _bid, _bv, f_magic, _lv, f_mchk, _pad = (
         FRAG_HEADER.unpack_from(frag)
@@ -330,8 +333,10 @@ def open_manifest(keys: Keys, blob: bytes) -> Manifest:
     if len(blob) < 46:
         raise FormatError("manifest too short")
     magic, ver, suite, sig_alg, vid, seq, created, blen = MANIFEST_HEAD.unpack_from(blob)
-    if magic != b"VFSM" or ver != 1 or sig_alg not in SIG_LENGTHS or vid != keys.vault_id:
+    if magic != b"VFSM" or sig_alg not in SIG_LENGTHS or vid != keys.vault_id:
         raise FormatError("not a manifest of this vault")
+    if ver != FORMAT_VERSION:
+        raise FormatError(f"manifest of format version {ver}: this reader reads {FORMAT_VERSION}")
     if suite != 1:
         raise FormatError(f"suite {suite} is not described by this reader")
     end = 44 + blen

@@ -1,4 +1,4 @@
-"""The test vectors of docs/format.md (tests/vectors/format_v1.json), checked twice.
+"""The test vectors of docs/format.md (tests/vectors/format_v2.json), checked twice.
 
 Each vector is recomputed (1) through the vaultfs library and (2) from raw primitives
 (`cryptography`, `blake3`, `zstandard`, `zlib`) by tests/format_reader.py, which follows only
@@ -38,7 +38,7 @@ from vaultfs.errors import IntegrityError
 from vaultfs.keys import VaultKeys, read_keyfile
 
 ROOT = Path(__file__).resolve().parent.parent
-VECTORS = json.loads((ROOT / "tests" / "vectors" / "format_v1.json").read_text())
+VECTORS = json.loads((ROOT / "tests" / "vectors" / "format_v2.json").read_text())
 FORMAT_MD = (ROOT / "docs" / "format.md").read_text()
 SEED = bytes.fromhex(VECTORS["master_seed"])
 SAME_LIBEC = LIBERASURECODE_VERSION == VECTORS["generated_with"]["liberasurecode"]
@@ -327,7 +327,7 @@ def test_shard_objects(which):
     roots = []
     for s, obj, frag in zip(sv["shards"], objects, frags, strict=True):
         # the plain header is the magic and the version byte, nothing else
-        assert obj[:5] == b"VFSH\x01" == fr.SHARD_HEADER and obj[:5].hex() == s["header"]
+        assert obj[:5] == b"VFSH\x02" == fr.SHARD_HEADER and obj[:5].hex() == s["header"]
         assert len(obj) == 5 + len(frag) == s["object_len"]
         assert fr.whitening_key(KEYS.audit_key, s["name"], s["idx"]).hex() == s["whitening_key"]
         assert frag[:80].hex() == s["fragment_header"]
@@ -403,7 +403,7 @@ def test_manifest_layout_signature_and_body():
     mv = VECTORS["manifest"]
     blob = bytes.fromhex(mv["blob"])
     magic, ver, suite, sig_alg, vid, seq, created, blen = struct.unpack_from(">4sBHB16sQQI", blob)
-    assert (magic, ver, suite, sig_alg) == (b"VFSM", 1, 1, 1)
+    assert (magic, ver, suite, sig_alg) == (b"VFSM", 2, 1, 1)
     assert (vid, seq, created) == (keys.vault_id, mv["seq"], mv["created_ms"])
     assert blen == mv["body_length"] and blob[:44].hex() == mv["header"]
     (slen,) = struct.unpack_from(">H", blob, 44 + blen)
@@ -620,3 +620,22 @@ def test_erasure_algorithm_1_is_not_mds_beyond_four_parities():
     for k, n in ((3, 5), (5, 9)):  # the personal and federation profiles are MDS
         for subset in itertools.combinations(range(n), k):
             fr.rs_data_payloads({i: b"\0" for i in subset}, k)
+
+
+def test_version_1_manifests_and_shard_objects_are_refused_by_name(monkeypatch):
+    """Section 14: a version-1 manifest (validly signed) and a version-1 shard object are
+    refused with a message naming the version, by vaultfs and by the stranger's reader."""
+    keys = VaultKeys.from_seed(SEED)
+    monkeypatch.setattr(manifest, "VERSION", 1)
+    old = manifest.encode(keys, 7, 1_700_000_000_000, {"vault_root": "00" * 32})
+    monkeypatch.undo()
+    assert old[4] == 1
+    with pytest.raises(IntegrityError, match="on-remote format version 1; this vaultfs reads"):
+        manifest.decode(keys, old)
+    with pytest.raises(fr.FormatError, match="format version 1"):
+        fr.open_manifest(fr.Keys.from_seed(SEED), old)
+    sh = segment.build_shards(bytes(3 * 4096), 3, 5, keys.audit_key)[0]
+    v1 = sh.body[:4] + b"\x01" + sh.body[5:]
+    with pytest.raises(IntegrityError, match="format version 1; this vaultfs reads version 2"):
+        segment.open_fragment(v1, keys.audit_key, sh.name, 0)
+    assert segment.open_fragment(sh.body, keys.audit_key, sh.name, 0)

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from .errors import IntegrityError
 from .keys import LABEL_PREFIX, SUITE_XWING_AES256GCM
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the on-remote format version (docs/format.md), bound into every record
 MAGIC = b"VFS1"
 SALT_LEN = 16
 COMMIT_LEN = 32

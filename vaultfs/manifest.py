@@ -54,7 +54,7 @@ from .keys import (
 )
 
 MAGIC = b"VFSM"
-VERSION = 1
+VERSION = 2  # docs/format.md: version 1 vaults are refused by name (section 14)
 HEAD = struct.Struct(">4sBHB16sQQI")
 assert HEAD.size == 44
 SIGN_LABEL = b"vaultfs/v1/manifest"
@@ -466,8 +466,13 @@ def decode(keys: VaultKeys, blob: bytes) -> Manifest:
     if len(blob) < HEAD.size + 2:
         raise IntegrityError("manifest too short")
     magic, ver, suite, sig_alg, vid, seq, created, blen = HEAD.unpack_from(blob)
-    if magic != MAGIC or ver != VERSION:
-        raise IntegrityError("not a vaultfs manifest (bad magic or version)")
+    if magic != MAGIC:
+        raise IntegrityError("not a vaultfs manifest (bad magic)")
+    if ver != VERSION:
+        raise IntegrityError(
+            f"manifest of on-remote format version {ver}; this vaultfs reads version {VERSION} "
+            "only (docs/format.md, section 14: version 1 vaults)"
+        )
     if sig_alg != SIG_MLDSA65_ED25519 and sig_alg not in SLHDSA_BY_SIG_ALG:
         raise IntegrityError(f"manifest uses unknown signature algorithm {sig_alg}")
     if sig_alg == SIG_MLDSA65_ED25519 and keys.slhdsa_public is not None:

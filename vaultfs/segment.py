@@ -29,7 +29,7 @@ from .errors import IntegrityError
 from .keys import hkdf
 
 SHARD_MAGIC = b"VFSH"
-SHARD_VERSION = 1
+SHARD_VERSION = 2  # the on-remote format version (docs/format.md)
 #: the plain header of every shard object: nothing in it tells two objects apart
 HEADER = SHARD_MAGIC + bytes([SHARD_VERSION])
 HEADER_SIZE = len(HEADER)
@@ -128,7 +128,13 @@ def open_fragment(body: Body, audit_key: bytes, name: str, idx: int) -> bytes:
     result is not fragment ``idx`` (a wrong audit key, or an object of another identity)."""
     head, frag = split_body(body)
     if bytes(head) != HEADER:
-        raise IntegrityError("not a vaultfs shard object of this version (bad magic or version)")
+        got = bytes(head)
+        if got[:4] == SHARD_MAGIC and len(got) == HEADER_SIZE:
+            raise IntegrityError(
+                f"shard object {name} is of on-remote format version {got[4]}; this vaultfs "
+                f"reads version {SHARD_VERSION} only (docs/format.md, section 14)"
+            )
+        raise IntegrityError(f"shard object {name} is not a vaultfs shard object (bad magic)")
     plain = whiten(audit_key, name, idx, frag)
     if erasure.fragment_index(plain) != idx:
         raise IntegrityError(
