@@ -85,6 +85,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="measure the vaultfs source tree in DIR (e.g. a patched copy) instead",
     )
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small variant where a section has one (net: 64 MiB of the dump, not all of it)",
+    )
     ap.add_argument("--list", action="store_true", help="list the sections and exit")
     a = ap.parse_args(argv)
     if a.beliefs < 100:
@@ -93,8 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--repeats must be at least 1")
     if a.ref and a.src:
         ap.error("give --ref or --src, not both")
-    if a.src and not (a.src / "vaultfs" / "vault.py").exists():
-        ap.error(f"--src {a.src}: not a vaultfs source tree (no vaultfs/vault.py)")
+    if a.src and not (a.src / "vaultfs" / "__init__.py").exists():
+        ap.error(f"--src {a.src}: not a vaultfs source tree (no vaultfs/__init__.py)")
     return a
 
 
@@ -124,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="vaultfs-bench-", dir=a.workdir))
     else:
         workdir = Path(tempfile.mkdtemp(prefix="vaultfs-bench-"))
-    ctx = Context(a.beliefs, a.seed, a.repeats, workdir, a.keep)
+    ctx = Context(a.beliefs, a.seed, a.repeats, workdir, a.keep, quick=a.quick)
     if a.src:
         ctx.src_root = a.src.resolve()
     if a.ref:
@@ -147,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": a.repeats,
             "sections": names,
             "ref": a.ref,
+            "quick": a.quick,
         },
         "host": _host(),
         "load_at_start": os.getloadavg(),

@@ -26,6 +26,7 @@ class Context:
     repeats: int
     workdir: Path
     keep: bool
+    quick: bool = False  # --quick: sections that have a small variant run it
     src_root: Path | None = None  # an exported commit to run instead of the working tree
     _dataset: dataset_mod.Dataset | None = field(default=None, repr=False)
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -378,8 +379,6 @@ def reap_main(ns: str, ttl: float) -> None:
     deadline = time.monotonic() + ttl
     os.set_blocking(0, False)
     buf = b""
-    import select
-
     while time.monotonic() < deadline:
         ready, _, _ = select.select([0], [], [], min(5.0, max(0.0, deadline - time.monotonic())))
         if not ready:
