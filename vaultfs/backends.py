@@ -17,7 +17,8 @@ rotation) gets its backend from :func:`open_backend`, which stacks, in one visib
 * :class:`Retrying` retries :class:`Unreachable` and plain :class:`RemoteError` with
   exponential backoff and jitter, a bounded number of times; :class:`ObjectMissing` and
   :class:`BadRemote` are answers, not outages, and are never retried.
-* :class:`Metered` counts operations and the bytes read.
+* :class:`Metered` counts operations and the bytes read, and times reads and listings
+  for :data:`vaultfs.hedging.SPEEDS` (which remotes a reader asks first).
 
 The wrappers work per call, never per byte: ``cat`` returns the base's bytes object as is.
 """
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import BadRemote, ObjectMissing, RemoteError, Unreachable
+from .hedging import SPEEDS
 from .remotes import RcloneCommand, RcloneDaemon, RcloneRc, Remote
 
 
@@ -248,7 +250,8 @@ class Retrying(Wrapper):
 
 class Metered(Wrapper):
     """Counts the operations (``calls``) and the bytes that ``cat`` and ``get`` returned
-    (``bytes_read``)."""
+    (``bytes_read``), and reports how long each read and listing took to
+    :data:`vaultfs.hedging.SPEEDS`, so readers can ask the remotes expected fastest."""
 
     def __init__(self, inner: Backend) -> None:
         super().__init__(inner)
@@ -265,14 +268,33 @@ class Metered(Wrapper):
             self.calls += 1
         return fn(*args)
 
+    def _timed(self, fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+        """``fn(*args)`` and its seconds; a failure is observed as a zero-byte call."""
+        t0 = time.monotonic()
+        try:
+            return fn(*args), time.monotonic() - t0
+        except RemoteError:
+            SPEEDS.observe(self.spec, 0, time.monotonic() - t0)
+            raise
+
+    def list_tree(
+        self, subs: tuple[str, ...] = ("data", "meta", "manifests")
+    ) -> dict[str, dict[str, int]]:
+        tree, secs = self._timed(super().list_tree, subs)
+        SPEEDS.observe(self.spec, 0, secs)
+        return tree
+
     def cat(self, sub: str, name: str, offset: int = 0, count: int = -1) -> bytes:
-        data = super().cat(sub, name, offset, count)
+        data, secs = self._timed(super().cat, sub, name, offset, count)
+        SPEEDS.observe(self.spec, len(data), secs)
         self._count(len(data))
         return data
 
     def get(self, sub: str, names: list[str], local_dir: Path, max_bytes: int = 0) -> None:
-        super().get(sub, names, local_dir, max_bytes)
-        self._count(sum(p.stat().st_size for n in names if (p := local_dir / n).exists()))
+        _, secs = self._timed(super().get, sub, names, local_dir, max_bytes)
+        got = sum(p.stat().st_size for n in names if (p := local_dir / n).exists())
+        SPEEDS.observe(self.spec, got, secs)
+        self._count(got)
 
 
 class FaultInjecting(Wrapper):

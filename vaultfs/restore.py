@@ -27,10 +27,11 @@ from . import envelope, manifest, merkle, segment
 from .backends import Backend, Job
 from .backup import check_name
 from .errors import InputError, IntegrityError, NotEnoughRemotes, RemoteError, TargetNotEmpty
+from .hedging import SPEEDS
 from .index import Index, keyring, open_shipped, seen_manifest_seq, segments, snapshots
 from .keys import SLHDSA_BY_SIG_ALG, VaultKeys
 from .names import display, fs_path, xattrs_from_db
-from .shardreader import ShardRef, choose, read_segment
+from .shardreader import ShardRef, preference, read_segment
 
 BATCH_SEGMENTS = 12
 FIRST_BATCH = 2
@@ -176,6 +177,8 @@ class ShardSource:
             if r.spec not in self.in_place  # read in place later: nothing to move ahead
             and not isinstance(self._lists[r.spec].result(), Exception)
         ]
+        tiers = SPEEDS.tiers([r.spec for r in ok], 0)  # timed by their listings
+        ok = [r for r in ok if not tiers[r.spec]]  # a slow remote must not hold the budget
         budget = read_ahead_budget() // max(1, len(ok))
         jobs = []
         for i, r in enumerate(ok):
@@ -304,6 +307,28 @@ class ShardSource:
             out.append(ShardRef(idx, name, h, local=name in self.local, size=size))
         return out
 
+    def _tiers(self, nbytes: int) -> dict[str, int]:
+        """{spec: 0 fast, 1 slow} of the remotes for a read of ``nbytes`` (hedging.SPEEDS);
+        remotes read in place are fast."""
+        tiers = SPEEDS.tiers([r.spec for r in self.remotes], nbytes)
+        return {s: 0 if s in self.in_place else t for s, t in tiers.items()}
+
+    def choose(self, refs: Sequence[ShardRef], k: int) -> list[ShardRef]:
+        """The k shards to fetch first: :func:`shardreader.choose`'s order (local copies, data
+        fragments, index), except that a shard only a slow remote holds comes after every
+        shard a fast one does (:mod:`vaultfs.hedging`): one slow provider is asked only for
+        what the others cannot give, and does not set the pace of the read."""
+        if not refs:
+            return []
+        tiers = self._tiers(max(r.size or 0 for r in refs))
+
+        def tier(ref: ShardRef) -> int:
+            if ref.local or ref.name in self.staged:
+                return 0
+            return min((tiers.get(h.spec, 0) for h in self.where.get(ref.name, [])), default=1)
+
+        return sorted(refs, key=lambda r: (tier(r), preference(r, k)))[:k]
+
     def _listed_right(self, r: Backend, kind: str, name: str, size: int) -> bool:
         listed = self.listed.get(r.spec, {}).get(kind, {}).get(name)
         if listed is None:
@@ -321,6 +346,7 @@ class ShardSource:
         got: dict[str, Fetched] = {}
         per_remote: dict[str, tuple[Backend, dict[str, list[ShardRef]]]] = {}
         load: dict[str, int] = defaultdict(int)
+        tiers = self._tiers(max((ref.size or 0 for _k, ref in wanted), default=0))
         for kind, ref in wanted:
             name = ref.name
             if name in self.local:
@@ -338,7 +364,7 @@ class ShardSource:
                 load[r.spec] += 1
                 got[name] = Fetched(self.in_place[r.spec] / kind / name, r.label)
                 continue
-            r = min(cands, key=lambda x: load[x.spec])
+            r = min(cands, key=lambda x: (tiers.get(x.spec, 0), load[x.spec]))
             load[r.spec] += 1
             per_remote.setdefault(r.spec, (r, defaultdict(list)))[1][kind].append(ref)
 
@@ -435,7 +461,7 @@ def _read_segment(
     what: str,
 ) -> bytes:
     """One segment through the shard reader, from the objects ``staged`` for it (the first
-    :func:`shardreader.choose` of ``refs``) and more from ``src`` as needed; corrupt shards
+    :meth:`ShardSource.choose` of ``refs``) and more from ``src`` as needed; corrupt shards
     are added to ``warnings`` with the remote that served them."""
     transport = _Staged(src, kind, staged, warnings)
     read = read_segment(refs, k, n, size, transport, what)
@@ -527,7 +553,7 @@ def fetch_index(keys: VaultKeys, m: manifest.Manifest, src: ShardSource, dest: P
         for i, seg in enumerate(m.contents.index_segments):
             k, n = seg.k, seg.n
             refs = src.refs("meta", [(s.idx, s.name, s.hash, s.size) for s in seg.shards])
-            got = src.fetch([("meta", r) for r in choose(refs, k)], Path(tmp))
+            got = src.fetch([("meta", r) for r in src.choose(refs, k)], Path(tmp))
             what = f"index segment {i}"
             data = _read_segment(src, "meta", refs, k, n, seg.size, got, warnings, what)
             pieces.append(data[: seg.used])
@@ -949,7 +975,7 @@ def _write_chunks(
         wanted = []
         for sid in batches[batch_no]:
             k = seg_rows[sid][1]
-            wanted += [("data", r) for r in choose(refs[sid], k)]
+            wanted += [("data", r) for r in src.choose(refs[sid], k)]
         return d, src.fetch(wanted, d)
 
     ctx = _RestoreContext(keys.vault_id, keys.chunk_id_key, data_keys, epoch_suites, src)
