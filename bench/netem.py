@@ -325,6 +325,19 @@ class Network:
                 r.proc.kill()
                 r.proc.wait()
 
+    def bytes_sent(self, i: int) -> tuple[int, int] | None:
+        """(bytes uploaded to, bytes downloaded from) remote ``i`` so far, as its token
+        buckets counted them (headers and retransmissions included; take differences); None
+        in the loopback fallback, which has no qdisc to ask."""
+        if self.mode != "netns":
+            return None
+        host, inner = self._veth(i)
+        up = _run("tc", "-s", "qdisc", "show", "dev", host).stdout
+        down = _run(
+            "ip", "netns", "exec", self.ns, "tc", "-s", "qdisc", "show", "dev", inner
+        ).stdout
+        return _sent(up), _sent(down)
+
     def describe(self) -> dict:
         """What was built, for a benchmark's details."""
         return {
@@ -359,6 +372,14 @@ def _teardown(ns: str | None, veths: list[str]) -> None:
         _run("ip", "link", "del", v, check=False)
     if ns:
         _run("ip", "netns", "del", ns, check=False)
+
+
+def _sent(tc_stats: str) -> int:
+    """The "Sent N bytes" figure of ``tc -s qdisc show`` output (its root qdisc)."""
+    for word, nxt in zip(tc_stats.split(), tc_stats.split()[1:], strict=False):
+        if word == "Sent":
+            return int(nxt)
+    return 0
 
 
 def _free_port() -> int:

@@ -185,10 +185,11 @@ def advance_segments(
     )
 
 
-def report_flush(v: Vault, as_json: bool, extra: dict | None = None) -> int:
-    """Flush ``v``, report what went out (JSON with ``extra`` merged in, or warnings) and
-    return the exit code: EXIT_PARTIAL when a segment has fewer than k shards placed."""
-    rep = v.flush()
+def report_flush(v: Vault, as_json: bool, extra: dict | None = None, quorum: bool = False) -> int:
+    """Flush ``v`` (``quorum``: done once k shards of everything are placed, see
+    :meth:`Vault.flush`), report what went out (JSON with ``extra`` merged in, or warnings)
+    and return the exit code: EXIT_PARTIAL when a segment has fewer than k shards placed."""
+    rep = v.flush(quorum=quorum)
     status = v.status()
     code = 0
     msg = None

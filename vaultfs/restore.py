@@ -17,7 +17,7 @@ import threading
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -462,8 +462,11 @@ def _read_segment(
 ) -> bytes:
     """One segment through the shard reader, from the objects ``staged`` for it (the first
     :meth:`ShardSource.choose` of ``refs``) and more from ``src`` as needed; corrupt shards
-    are added to ``warnings`` with the remote that served them."""
+    are added to ``warnings`` with the remote that served them. The staged objects count as
+    local copies, so the reader starts from them rather than from its own first choice (a
+    data fragment a slow remote holds, which the choice left out on purpose)."""
     transport = _Staged(src, kind, staged, warnings)
+    refs = [replace(r, local=True) if r.name in staged else r for r in refs]
     read = read_segment(refs, k, n, size, transport, what)
     warnings += [
         f"{transport.holders.get(lie.ref.name, 'a remote')}: shard {lie.ref.name}"
