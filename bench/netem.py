@@ -35,6 +35,7 @@ the namespace. Servers run under ``setpriv --pdeathsig KILL``; the relay exits w
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import select
@@ -159,9 +160,10 @@ class Network:
         self.workdir = Path(workdir)
         self.ttl = ttl
         self.mode = "loopback" if force_loopback or not has_netns() else "netns"
-        tag = f"{os.getpid() % 100000}{int(time.time() * 1000) % 100}"
-        self.ns = f"vfsnet{tag}"
-        self.subnet_a = 200 + os.getpid() % 50
+        # unique among the networks of every process: link names are global (<= 15 chars)
+        self.tag = f"{os.getpid():x}{next(_SEQ):x}"
+        self.ns = f"{NS_PREFIX}{self.tag}"
+        self.subnet_a = 0  # the 10.<a>.0.0/16 block, chosen when built
         self.remotes = [
             EmulatedRemote(i, self.workdir / f"remote{i}", link) for i, link in enumerate(links)
         ]
@@ -183,13 +185,14 @@ class Network:
         self.close()
 
     def _veth(self, i: int) -> tuple[str, str]:
-        return f"{self.ns[:8]}h{i}", f"{self.ns[:8]}n{i}"
+        return _host_veth(self.ns, i), f"vn{self.tag}n{i}"
 
     def _start(self) -> None:
         for r in self.remotes:
             r.root.mkdir(parents=True, exist_ok=True)
         if self.mode == "netns":
             self._start_reaper()
+            self.subnet_a = _free_block()
             _run("ip", "netns", "add", self.ns)
             self._ns_made = True
             _run("ip", "netns", "exec", self.ns, "ip", "link", "set", "lo", "up")
@@ -374,6 +377,27 @@ def _teardown(ns: str | None, veths: list[str]) -> None:
         _run("ip", "netns", "del", ns, check=False)
 
 
+NS_PREFIX = "vfsnet-"
+_SEQ = itertools.count()
+
+
+def _host_veth(ns: str, i: int | str) -> str:
+    """Our end of remote ``i``'s veth in namespace ``ns`` (the reaper finds them by it)."""
+    return f"vn{ns[len(NS_PREFIX) :]}h{i}"
+
+
+def _free_block() -> int:
+    """An ``a`` in 200..249 whose 10.a.0.0/16 no address on this machine uses (another
+    emulated network's included), starting from one our pid picks."""
+    used = _run("ip", "-o", "-4", "addr", "show", check=False).stdout
+    start = os.getpid() % 50
+    for j in range(50):
+        a = 200 + (start + j) % 50
+        if f" 10.{a}." not in used:
+            return a
+    raise RuntimeError("no free 10.x.0.0/16 block in 10.200-10.249 for the emulated links")
+
+
 def _sent(tc_stats: str) -> int:
     """The "Sent N bytes" figure of ``tc -s qdisc show`` output (its root qdisc)."""
     for word, nxt in zip(tc_stats.split(), tc_stats.split()[1:], strict=False):
@@ -416,7 +440,7 @@ def reap_main(ns: str, ttl: float) -> None:
         except ProcessLookupError:
             pass
     p = _run("ip", "-o", "link", "show", check=False)
-    prefix = ns[:8] + "h"
+    prefix = _host_veth(ns, "")
     veths = [ln.split(":")[1].strip().split("@")[0] for ln in p.stdout.splitlines()]
     _teardown(ns, [v for v in veths if v.startswith(prefix)])
 

@@ -53,15 +53,27 @@ def test_vault_over_emulated_links_round_trips(tmp_path, emulated_network):
 @pytest.mark.skipif(not has_netns(), reason="needs root with ip and tc (namespace mode)")
 def test_namespace_is_torn_down(tmp_path):
     net = Network(tmp_path / "net", [FAST, FAST], ttl=300)
+    other = Network(tmp_path / "other", [FAST], ttl=300)  # side by side: own names, own block
     assert net.mode == "netns"
-    assert net.ns in _namespaces()
+    assert net.ns in _namespaces() and other.ns in _namespaces()
+    assert net.subnet_a != other.subnet_a
     net.set_link(1, Link(rtt=0.1, rate_bps=10e6))  # reshaped and relayed on the same port
     assert net.remotes[1].port
     net.close()
     assert net.ns not in _namespaces()
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-    assert net.ns[:8] not in links
+    assert f"vn{net.tag}h" not in links and f"vn{other.tag}h" in links
     assert all(r.proc is not None and r.proc.poll() is not None for r in net.remotes)
+    # the other network still carries data
+    from vaultfs.remotes import rclone_binary
+
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"still here")
+    spec = other.remotes[0].spec("bkt/x")
+    subprocess.run([rclone_binary(), "-q", "copyto", str(blob), spec + "/blob"], check=True)
+    assert (other.remotes[0].root / "bkt" / "x" / "blob").read_bytes() == b"still here"
+    other.close()
+    assert other.ns not in _namespaces()
 
 
 def test_loopback_fallback_carries_data(tmp_path):

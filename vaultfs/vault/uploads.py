@@ -114,9 +114,9 @@ class UploadQueue:
         and the remotes still uploading had :data:`QUORUM_GRACE` more to finish: one slow
         remote does not set the pace. What it has not received stays queued (reported in
         ``pending``; its manifest waits, invariant 4) and goes out on a later flush; its
-        upload keeps running in the background meanwhile: a later quorum flush or background
-        push skips that remote until it has ended, a full flush waits for it first. Thread-safe: concurrent calls run one after the
-        other.
+        upload keeps running in the background meanwhile (every flush waits for a remote's
+        running upload before it starts another there; :meth:`close` does not wait for it).
+        Thread-safe: concurrent calls run one after the other.
         """
         with self._flush_lock:
             return self._flush(seal, quorum)
