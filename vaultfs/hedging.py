@@ -94,5 +94,5 @@ def _mean(old: float | None, new: float) -> float:
     return new if old is None else (1 - ALPHA) * old + ALPHA * new
 
 
-#: The process's table (restore, the mount's reads, repair all share it).
+#: The process's table: every backend stack feeds it; restore's choice of shards reads it.
 SPEEDS = Speeds()
