@@ -114,12 +114,19 @@ class Index:
         online backup), page for page: no VACUUM, so a page the next commits do not touch
         stays at the same offset with the same bytes, and the shipped copy's unchanged
         blocks keep their ids (docs/format.md 9). Holds the lock while it copies; the copy
-        is in rollback-journal mode, so the one file is the whole database."""
+        is in rollback-journal mode, so the one file is the whole database.
+
+        Shards still ``queued`` are ``placed`` in the copy: the upload queue is this
+        machine's bookkeeping, and the flush that follows every commit flips the same rows
+        locally by the same same-size update, so the next commit's copy has the same page
+        bytes and does not ship the whole shards table again (docs/format.md 9)."""
         dst = sqlite3.connect(dest)
         try:
             with self.lock:
                 self.db.backup(dst)
             dst.execute("PRAGMA journal_mode=DELETE")
+            with dst:
+                dst.execute("UPDATE shards SET state='placed' WHERE state='queued'")
         finally:
             dst.close()
 
