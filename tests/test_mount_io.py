@@ -106,8 +106,9 @@ def _read_direct_until(
 def test_reads_racing_the_write_that_dirties_a_stored_block_get_its_bytes(vault: Vault) -> None:
     """A write to a stored block makes it dirty and creates its cache file (the stored
     content copied in, then the new bytes); a read of another part of that block meanwhile
-    gets the stored bytes, never the half-made file (zeros, or EIO once it is retried out).
-    O_DIRECT on both sides, so every request reaches the daemon."""
+    gets the stored bytes, never the half-made file (zeros, or EIO once it is retried out);
+    so do reads while a stored block's cache file is deleted. O_DIRECT on every side, so
+    every request reaches the daemon."""
     vault.mount("--cache-size", "64M")
     bs, nblk, half = MiB, 12, MiB // 2
     p = vault.mp / "race.bin"
@@ -115,10 +116,23 @@ def test_reads_racing_the_write_that_dirties_a_stored_block_get_its_bytes(vault:
     p.write_bytes(want)
     patch = mmap.mmap(-1, 4096)
     for rnd in range(3):
-        vault.cli("flush")  # every block stored and its cache file deleted: clean again
+        # every block stored and its cache file deleted, while the whole file is read: a
+        # block whose file is being deleted is read from its chunks (before, ENOENT retried
+        # into EIO)
+        bad: list[str] = []
+        stop, started = threading.Event(), threading.Event()
+        t = threading.Thread(
+            target=_read_direct_until, args=(p, 0, bytes(want), stop, started, bad)
+        )
+        t.start()
+        started.wait()
+        vault.cli("flush")
+        stop.set()
+        t.join()
+        assert bad == []
         for b in range(nblk):
             lo = b * bs + half  # the reader checks the second half; the write goes to the first
-            bad: list[str] = []
+            bad = []
             stop, started = threading.Event(), threading.Event()
             args = (p, lo, bytes(want[lo : lo + half]), stop, started, bad)
             t = threading.Thread(target=_read_direct_until, args=args)
