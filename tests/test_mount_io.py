@@ -10,12 +10,14 @@ helper is tests/test_mount.py's; skips where /dev/fuse, fio or root is missing.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import random
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -77,6 +79,80 @@ def test_fio_verifies_random_mixes_mmap_writes_and_data_read_back_from_the_remot
     st = vault.status()["mount"]
     assert st["chunk_reads"]["range_reads"] > 0
     assert st["read_cache"]["used"] <= 4 * MiB
+
+
+def _read_direct_until(
+    path: Path, lo: int, expect: bytes, stop: threading.Event, started: threading.Event, bad: list
+) -> None:
+    """Read ``len(expect)`` bytes at ``lo`` with O_DIRECT again and again until ``stop`` (at
+    least three times); note in ``bad`` each read that does not return ``expect``."""
+    buf = mmap.mmap(-1, len(expect))  # O_DIRECT wants aligned buffers
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        reads = 0
+        while not stop.is_set() or reads < 3:
+            got = os.preadv(fd, [buf], lo)
+            if buf[:got] != expect:
+                bad.append(f"offset {lo}: wrong bytes")
+            reads += 1
+            started.set()
+    except OSError as e:
+        bad.append(f"offset {lo}: {os.strerror(e.errno)}")
+    finally:
+        started.set()
+        os.close(fd)
+
+
+def test_reads_racing_the_write_that_dirties_a_stored_block_get_its_bytes(vault: Vault) -> None:
+    """A write to a stored block makes it dirty and creates its cache file (the stored
+    content copied in, then the new bytes); a read of another part of that block meanwhile
+    gets the stored bytes, never the half-made file (zeros, or EIO once it is retried out);
+    so do reads while a stored block's cache file is deleted. O_DIRECT on every side, so
+    every request reaches the daemon."""
+    vault.mount("--cache-size", "64M")
+    bs, nblk, half = MiB, 12, MiB // 2
+    p = vault.mp / "race.bin"
+    want = bytearray(random.Random(7).randbytes(nblk * bs))
+    p.write_bytes(want)
+    patch = mmap.mmap(-1, 4096)
+    for rnd in range(3):
+        # every block stored and its cache file deleted, while the whole file is read: a
+        # block whose file is being deleted is read from its chunks (before, ENOENT retried
+        # into EIO)
+        bad: list[str] = []
+        stop, started = threading.Event(), threading.Event()
+        t = threading.Thread(
+            target=_read_direct_until, args=(p, 0, bytes(want), stop, started, bad)
+        )
+        t.start()
+        started.wait()
+        vault.cli("flush")
+        stop.set()
+        t.join()
+        assert bad == []
+        for b in range(nblk):
+            lo = b * bs + half  # the reader checks the second half; the write goes to the first
+            bad = []
+            stop, started = threading.Event(), threading.Event()
+            args = (p, lo, bytes(want[lo : lo + half]), stop, started, bad)
+            t = threading.Thread(target=_read_direct_until, args=args)
+            t.start()
+            started.wait()
+            patch[:] = bytes([rnd * nblk + b + 1]) * 4096
+            at = b * bs + rnd * 4096
+            fd = os.open(p, os.O_WRONLY | os.O_DIRECT)
+            try:
+                assert os.pwritev(fd, [patch], at) == 4096
+            finally:
+                os.close(fd)
+            want[at : at + 4096] = patch[:]
+            stop.set()
+            t.join()
+            assert bad == []
+    vault.cli("flush")
+    vault.umount()
+    vault.mount()
+    assert p.read_bytes() == want
 
 
 def test_kill9_with_a_full_read_cache_never_serves_wrong_bytes(vault: Vault) -> None:

@@ -68,6 +68,16 @@ class Dirty:
     linked: bool = False
     #: set while its cache file is being deleted (stored, committed); writers wait for it
     retiring: trio.Event | None = None
+    #: True while the write that made the block dirty creates its cache file (the stored
+    #: content copied in, then the new bytes): until then readers read the stored content
+    filling: bool = False
+
+    @property
+    def readable(self) -> bool:
+        """Whether reads of the block go to its cache file: not while the file is being
+        created (absent, or emptied before the stored content is copied in) nor once it is
+        being deleted (the committed chunks hold the same bytes then)."""
+        return not self.filling and self.retiring is None
 
 
 class BlockCache:
@@ -157,8 +167,9 @@ class BlockCache:
         return self.dirty.get((ino, blk))
 
     def add(self, ino: int, blk: int) -> Dirty:
-        """Register a new dirty block (budget already reserved)."""
-        d = Dirty(ino, blk)
+        """Register a new dirty block (budget already reserved); it is ``filling`` until the
+        caller has created its cache file and clears the flag."""
+        d = Dirty(ino, blk, filling=True)
         self.dirty[(ino, blk)] = d
         return d
 

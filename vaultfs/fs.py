@@ -581,6 +581,7 @@ class VaultFS(pyfuse3.Operations):
         finally:
             d.writers -= 1
             d.version += 1
+            d.filling = False
         self.tree.set_block(n, blk, None)
 
     def _cut_exec(self, path: Path, base, cut: int) -> None:
@@ -873,9 +874,10 @@ class VaultFS(pyfuse3.Operations):
         while pos < end:
             blk, inb = divmod(pos, bs)
             ln = min(bs - inb, end - pos)
-            if self.cache.get(n.ino, blk) is not None:
+            d = self.cache.get(n.ino, blk)
+            if d is not None and d.readable:
                 plan.append(("cache", self.cache.path(n.ino, blk), inb, ln))
-            elif blk in n.blocks:
+            elif blk in n.blocks:  # stored, or its cache file is being created or deleted
                 plan.append(("stored", n.blocks[blk], inb, ln))
             else:
                 plan.append(("zero", None, inb, ln))
@@ -964,6 +966,7 @@ class VaultFS(pyfuse3.Operations):
                 d.writers -= 1
                 d.version += 1
                 d.touched = touched
+                d.filling = False
         now = time.time_ns()
         if end > n.size:
             n.size = end
