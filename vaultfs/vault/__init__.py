@@ -324,15 +324,11 @@ class Vault:
 
     # -- upload queue (uploads.py) ---------------------------------------------------------
     def flush(
-        self,
-        progress: Callable[[str], None] | None = None,
-        seal: bool = True,
-        quorum: bool = False,
+        self, progress: Callable[[str], None] | None = None, seal: bool = True
     ) -> FlushReport:
         """Upload everything queued. Never raises for an unreachable remote: it reports
-        (:meth:`UploadQueue.flush`; ``quorum``: return once k shards of everything are
-        placed, leaving a slow remote's rest queued)."""
-        return self.uploads.flush(progress, seal, quorum)
+        (:meth:`UploadQueue.flush`)."""
+        return self.uploads.flush(progress, seal)
 
     def prepush(self) -> None:
         """Start moving the queued shards to the remotes in the background."""
