@@ -20,13 +20,18 @@ rewrites it, keeping ``crash-*`` files: inputs that once failed, kept as regress
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
+import io
 import json
 import os
+import random
+import shutil
 import socket
 import socketserver
 import sqlite3
+import struct
 import tempfile
 import threading
 import tracemalloc
@@ -39,10 +44,15 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import strategies as st
 
 from vaultfs import control, envelope, erasure, kdf, manifest, receipt, segment, shamir
+from vaultfs.chunkreader import ChunkReader
 from vaultfs.errors import VaultError
+from vaultfs.index import chunks as chunk_table
 from vaultfs.index import migrate, open_shipped
+from vaultfs.index import segments as segment_table
 from vaultfs.keys import VaultKeys, read_keyfile
-from vaultfs.remotes import RcloneCommand, RcloneRc
+from vaultfs.readcache import ReadCache
+from vaultfs.remotes import RcloneCommand, RcloneRc, Remote
+from vaultfs.vault import Vault
 
 CORPUS = Path(__file__).resolve().parent / "fuzz_corpus"
 SEED = bytes(range(32))
@@ -267,6 +277,83 @@ class _FakeCommand(RcloneCommand):
         return subprocess.CompletedProcess(args, 0, self._output, b"")
 
 
+#: the data the ``range_read`` vault holds, and the seed of its bytes
+RANGE_DATA = 600_000
+_PATCH = struct.Struct(">IB")
+
+
+@dataclass
+class _RangeVault:
+    """A 3-of-5 vault over local directories holding :data:`RANGE_DATA` random bytes, and
+    the data shard the ``range_read`` target corrupts (its honest bytes kept for undoing)."""
+
+    vault: Vault
+    cids: list[bytes]
+    data: bytes
+    victim: Path
+    honest: bytes
+
+
+@cache
+def _range_vault() -> _RangeVault:
+    from vaultfs import keys as keymod
+
+    root = _dir / "range"
+    specs = [str(root / f"r{i}") for i in range(5)]
+    data = random.Random(11).randbytes(RANGE_DATA)
+    old = keymod.SCRYPT_N
+    keymod.SCRYPT_N = 16  # the reader, not scrypt, is under test
+    try:
+        v = Vault.create(root / "home", specs, 3, 5, PASSPHRASE, SEED, segment_size=1 << 20)
+    finally:
+        keymod.SCRYPT_N = old
+    atexit.register(v.close)
+    cids, _total = v.store_stream(io.BytesIO(data))
+    if not v.flush().complete:
+        raise RuntimeError("the range_read vault did not place its shards")
+    # data shard 0 of the first chunk's segment: the first one range reads go to
+    seg = chunk_table.location(v.index, cids[0])[0]
+    k = v.params.k
+    _idx, name, *_rest, rid, spec = min(segment_table.data_shard_blocks(v.index, seg, k))
+    victim = Remote(spec, rid).local_dir / "data" / name
+    return _RangeVault(v, cids, data, victim, victim.read_bytes())
+
+
+def range_read(data: bytes) -> None:
+    """The mount's chunk reader (range reads of data-shard blocks, verified by their Merkle
+    leaves) over one remote whose data shard was edited: ``offset (4) ‖ mode (1) ‖ bytes``
+    overwrites at the offset (mode 0), truncates there (1), appends (2) or replaces the whole
+    object (3). The other four remotes are honest, so every chunk must come back exactly:
+    the reader falls back to a whole-segment read and decodes around the bad shard."""
+    rv = _range_vault()
+    if len(data) < _PATCH.size:
+        return
+    offset, mode = _PATCH.unpack_from(data)
+    payload = data[_PATCH.size :]
+    body = bytearray(rv.honest)
+    offset %= len(body) + 1
+    match mode % 4:
+        case 0:
+            body[offset : offset + len(payload)] = payload
+        case 1:
+            del body[offset:]
+        case 2:
+            body += payload
+        case _:
+            body = bytearray(payload)
+    rv.victim.write_bytes(body)
+    cache_dir = _dir / "range-cache"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    reader = ChunkReader(rv.vault, ReadCache(cache_dir, 0, rv.vault.chunker.chunk_id))
+    try:
+        got = b"".join(reader.read_many(rv.cids))
+    finally:
+        reader.close()
+        rv.victim.write_bytes(rv.honest)
+    if got != rv.data:
+        raise AssertionError("the chunk reader returned wrong bytes past one bad remote")
+
+
 @dataclass(frozen=True)
 class Target:
     """One parser under fuzz: ``run(bytes)``, the mutation ``kind`` ("bytes" or "json") and
@@ -294,6 +381,7 @@ TARGETS: dict[str, Target] = {
         Target("control_request", control_request, "json"),
         Target("control_reply", control_reply, "json", code_1_ok=True),
         Target("rclone_listing", rclone_listing, "json"),
+        Target("range_read", range_read),
     )
 }
 
@@ -428,6 +516,12 @@ def make_corpus() -> dict[str, int]:
         ]
     }
     seeds["rclone_listing"] = {"rc": json.dumps(listing).encode()}
+    seeds["range_read"] = {  # offset ‖ mode ‖ bytes (the target's docstring)
+        "flip": _PATCH.pack(segment.HEADER_SIZE + 100, 0) + b"\xff",
+        "truncate": _PATCH.pack(70_000, 1),
+        "append": _PATCH.pack(0, 2) + b"x" * 64,
+        "replace": _PATCH.pack(0, 3) + b"VFSH",
+    }
     counts = {}
     for name, files in seeds.items():
         d = CORPUS / name

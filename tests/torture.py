@@ -23,6 +23,7 @@ runs a handful.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,6 +101,9 @@ class Operation:
     prepare: Callable[[Path], None]
     command: tuple[str, ...]
     finish: tuple[str, ...] | None = None
+    #: "command": kill the command; "mount": kill the mount daemon under a writer that
+    #: fsyncs files and takes snapshots (:meth:`Chamber.mount_trial`; ``command`` unused)
+    kind: str = "command"
 
 
 def _init(world: Path, rng: random.Random) -> None:
@@ -138,6 +143,59 @@ def _prep_replace(world: Path) -> None:
     (world / "r3").mkdir()
 
 
+def _prep_mount(world: Path) -> None:
+    _init(world, random.Random(5))
+    (world / "mnt").mkdir()
+
+
+# -- the mount under a writer -------------------------------------------------------------
+#: files the writer writes per run (each fsync'd), and a snapshot after every this many
+MOUNT_FILES = 36
+SNAPSHOT_EVERY = 6
+
+
+@dataclass
+class _Writes:
+    """What a mount writer made durable before the daemon died: {path: (size, sha256)} of
+    every file whose fsync returned, and, per snapshot whose command exited 0, the tree it
+    was taken of."""
+
+    durable: dict[str, tuple[int, str]] = field(default_factory=dict)
+    snapshots: dict[str, dict[str, tuple[int, str]]] = field(default_factory=dict)
+    #: the tree each snapshot was asked for, committed or not (a snapshot cut by the kill
+    #: may still have been committed, and must then hold exactly this)
+    asked: dict[str, dict[str, tuple[int, str]]] = field(default_factory=dict)
+
+
+def _write_into(world: Path, rng: random.Random, stop: Callable[[], bool]) -> _Writes:
+    """Write MOUNT_FILES files into the mounted live tree (each fsync'd), with a `vaultfs
+    snapshot` after every SNAPSHOT_EVERY, until done or the mount fails under it."""
+    mp = world / "mnt"
+    out = _Writes()
+    try:
+        (mp / "w").mkdir(exist_ok=True)
+        for i in range(MOUNT_FILES):
+            if stop():
+                break
+            data = rng.randbytes(rng.choice((700, 40_000, 300_000)))
+            rel = f"w/f{i:03d}.bin"
+            fd = os.open(mp / rel, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            out.durable[rel] = (len(data), hashlib.sha256(data).hexdigest())
+            if (i + 1) % SNAPSHOT_EVERY == 0:
+                name = f"t{i + 1:03d}"
+                out.asked[name] = dict(out.durable)
+                if cli(world, "snapshot", "--name", name, timeout=120).returncode == 0:
+                    out.snapshots[name] = out.asked[name]
+    except OSError:  # the daemon died under the writer
+        pass
+    return out
+
+
 OPERATIONS: dict[str, Operation] = {
     op.name: op
     for op in (
@@ -157,6 +215,7 @@ OPERATIONS: dict[str, Operation] = {
             ("remote", "replace", "{world}/r0", "{world}/r3"),
             finish=("repair",),
         ),
+        Operation("mount writes", _prep_mount, (), kind="mount"),
     )
 }
 
@@ -197,13 +256,112 @@ class Chamber:
         shutil.rmtree(tpl, ignore_errors=True)
         shutil.copytree(self.world, tpl, symlinks=True)
         t0 = time.monotonic()
-        _ok(self.world, *self._args(op.command))
-        took = time.monotonic() - t0
+        if op.kind == "mount":
+            pid = self._mount()
+            _write_into(self.world, random.Random(0), lambda: False)
+            took = time.monotonic() - t0
+            _ok(self.world, "umount", str(self.world / "mnt"))
+            _wait_gone(pid)
+        else:
+            _ok(self.world, *self._args(op.command))
+            took = time.monotonic() - t0
         self.templates[op.name] = (tpl, took, before)
         return self.templates[op.name]
 
+    def _mount(self) -> int:
+        """Mount the world's live tree; the daemon's pid."""
+        out = _ok(self.world, "mount", str(self.world / "mnt"))
+        return int(out.split("daemon pid ")[1].split(";")[0])
+
+    def mount_trial(self, op: Operation) -> tuple[bool, int, str]:
+        """Kill -9 the mount daemon while a writer fsyncs files into the live tree and takes
+        snapshots; then recover as a user would (``vaultfs umount`` cleans up the dead mount,
+        ``vaultfs mount`` recovers the cache) and check that every file whose fsync returned
+        reads back exactly, every snapshot whose command succeeded is listed and restores to
+        the tree it was taken of, and, after ``umount``, ``verify --read-all`` is clean and
+        the manifest chain linear."""
+        tpl, took, before = self._template(op)
+        shutil.rmtree(self.world, ignore_errors=True)
+        shutil.copytree(tpl, self.world, symlinks=True)
+        try:
+            return self._mount_trial(took, before)
+        finally:  # whatever failed, leave no mount and no daemon behind
+            mp = self.world / "mnt"
+            if os.path.ismount(mp) or not os.access(mp, os.F_OK):
+                subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+            for p in Path("/proc").glob("[0-9]*"):
+                with contextlib.suppress(OSError):
+                    if str(mp).encode() in (p / "cmdline").read_bytes():
+                        os.kill(int(p.name), signal.SIGKILL)
+
+    def _mount_trial(self, took: float, before: list[dict]) -> tuple[bool, int, str]:
+        pid = self._mount()
+        rng = random.Random(self.rng.random())
+        killed = threading.Event()
+
+        def killer() -> None:
+            if not killed.wait(self.rng.uniform(0, took * 1.1)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(os.getpgid(pid), signal.SIGKILL)
+                killed.set()
+
+        t = threading.Thread(target=killer)
+        t.start()
+        writes = _write_into(self.world, rng, killed.is_set)
+        if not killed.is_set():  # the writer finished first: kill now
+            killed.set()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
+        t.join()
+        _wait_gone(pid)
+        problems, lost = [], 0
+        mp = self.world / "mnt"
+        steps = [("umount", str(mp)), ("mount", str(mp))]
+        for step in steps:
+            res = cli(self.world, *step)
+            if res.returncode != 0:
+                problems.append(
+                    f"`{' '.join(step)}` exited {res.returncode}: {res.stderr.decode(errors='replace')[-300:]}"
+                )
+        if os.path.ismount(mp):
+            got = tree_digest(mp / "w") if (mp / "w").is_dir() else {}
+            for rel, want in writes.durable.items():
+                if got.get(rel.removeprefix("w/")) != want:
+                    lost += want[0]
+                    problems.append(f"fsync'd {rel} is missing or wrong after the remount")
+            res = cli(self.world, "umount", str(mp))
+            if res.returncode != 0:
+                problems.append(
+                    f"`umount` exited {res.returncode}: {res.stderr.decode(errors='replace')[-300:]}"
+                )
+        res = cli(self.world, "verify", "--read-all", "--json")
+        if res.returncode != 0:
+            problems.append(f"verify --read-all exited {res.returncode}")
+        now = {s.get("name"): s for s in snapshots(self.world)}
+        for s in before:
+            if s["id"] not in {x["id"] for x in now.values()}:
+                lost += s["bytes"]
+                problems.append(f"committed snapshot {s['id']} is gone")
+        for name, tree in writes.asked.items():
+            if name not in now:
+                if name in writes.snapshots:
+                    lost += sum(size for size, _ in tree.values())
+                    problems.append(f"snapshot {name} succeeded but is not listed")
+                continue
+            out = self.base / "restore"
+            shutil.rmtree(out, ignore_errors=True)
+            res = cli(self.world, "restore", "--snapshot", now[name]["id"], "--to", str(out))
+            got = tree_digest(out) if res.returncode == 0 else {}
+            if got != tree:
+                lost += sum(size for size, _ in tree.values())
+                problems.append(f"snapshot {name} does not restore to the tree it was taken of")
+        problems += self._check_chain()
+        return not problems and lost == 0, lost, "; ".join(problems)
+
     def trial(self, op: Operation) -> tuple[bool, int, str]:
         """One kill and recovery: (recovered, bytes lost, what went wrong)."""
+        if op.kind == "mount":
+            return self.mount_trial(op)
         tpl, took, before = self._template(op)
         shutil.rmtree(self.world, ignore_errors=True)
         shutil.copytree(tpl, self.world, symlinks=True)
@@ -311,6 +469,18 @@ class Chamber:
             if not ok:
                 res.failures.append(why)
         return res
+
+
+def _wait_gone(pid: int, timeout: float = 30) -> None:
+    """Wait until process ``pid`` has exited (a daemon is not our child: poll it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"process {pid} did not exit")
 
 
 def table(results: list[Result]) -> str:
