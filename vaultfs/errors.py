@@ -21,6 +21,7 @@ code  meaning
 19    a recovery share is mistyped, missing, or from another share set
 20    `vaultfs run`: a scheduled job failed or an audit found damage (alerted)
 21    stale base: the remotes hold manifests this home never wrote (rebuild or --fork)
+22    `vaultfs drill`: a disaster drill failed (its row says why)
 ====  ==========================================================================
 """
 
@@ -118,3 +119,4 @@ class ShareError(VaultError):
 
 EXIT_PARTIAL = 3
 EXIT_JOB_FAILED = 20
+EXIT_DRILL_FAILED = 22
