@@ -39,6 +39,7 @@ from vaultfs.backup import backup_paths, backup_stream
 from vaultfs.errors import InputError
 from vaultfs.index import manifests
 from vaultfs.index import snapshots as snapshot_rows
+from vaultfs.remotes import check_archive
 from vaultfs.vault import Vault
 from vaultfs.vault.placement import place
 
@@ -55,11 +56,24 @@ def init(
     k: Annotated[int | None, typer.Option("-k", help="Shards needed to read.")] = None,
     n: Annotated[int | None, typer.Option("-n", help="Shards written.")] = None,
     segment_mib: Annotated[int, typer.Option(help="Segment size in MiB.")] = 4,
+    immutable: Annotated[
+        bool,
+        typer.Option(
+            "--immutable",
+            help="Append-only: never ask a remote to delete or overwrite (prune refuses).",
+        ),
+    ] = False,
+    archive: Annotated[
+        bool,
+        typer.Option("--archive", help="Accept remotes on an archive storage class (Glacier)."),
+    ] = False,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
     i_know: IKnowOpt = False,
 ) -> None:
-    """Create a vault over one or more remotes."""
+    """Create a vault over one or more remotes. With --immutable it is append-only: no
+    command asks a remote to delete, move or overwrite an object (lock the objects on the
+    server too: docs/operations.md, "Immutable vaults")."""
     if profile and (k or n):
         raise InputError("give either --profile or -k/-n, not both")
     if k or n:
@@ -76,9 +90,13 @@ def init(
         raise InputError(str(e)) from None
     if not 1 <= segment_mib <= 64:
         raise InputError("--segment-mib must be between 1 and 64")
+    for spec in remote:
+        check_archive(spec, archive)
     h = home_dir(home)
     pw = new_passphrase(i_know)
-    with Vault.create(h, remote, k, n, pw, segment_size=segment_mib * 1024 * 1024) as v:
+    with Vault.create(
+        h, remote, k, n, pw, segment_size=segment_mib * 1024 * 1024, immutable=immutable
+    ) as v:
         st = v.status()
     if as_json:
         out.print_json(json.dumps({"home": str(h), **st}))

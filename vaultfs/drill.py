@@ -207,8 +207,11 @@ def _crypto(
     with Vault.open(new_home, keys=keys) as v:
         old = v.suite
         target = next(
-            s for s in SUITE_NAMES.values() if s != old and s not in v.keys.retired_suites
+            (s for s in SUITE_NAMES.values() if s != old and s not in v.keys.retired_suites),
+            None,
         )
+        if target is None:
+            raise InputError("every other suite is retired in this vault: none to re-encrypt to")
         rep = rotation.reencrypt(v, target)
         after = v.keys
     res.details.update(

@@ -111,6 +111,7 @@ class RepairReport:
     bytes_written: int = 0
     deleted: list[str] = field(default_factory=list)
     quarantined: list[str] = field(default_factory=list)  # moved to quarantine/, not deleted
+    retained: list[str] = field(default_factory=list)  # replaced, kept (an immutable vault)
     fork: list[str] = field(default_factory=list)  # manifests off this chain (chain.Survey)
     manifest_seq: int | None = None
     pending: dict[str, int] = field(default_factory=dict)
@@ -625,7 +626,10 @@ def repair(
     report.errors.update(flush.errors)
     if report.manifest_seq is not None:
         remote_table.mark_healed(vault.index, report.manifest_seq)
-    _delete_replaced(vault, fetcher, report, old_objects, removed, specs)
+    if vault.immutable:  # the rebuilt objects went out under new names; the old ones stay
+        _retain(vault, report, old_objects)
+    else:
+        _delete_replaced(vault, fetcher, report, old_objects, removed, specs)
     report.seconds = time.monotonic() - t0
     return report
 
@@ -790,6 +794,18 @@ def _delete_replaced(
             audit_table.forget_foreign(vault.index, rid, sub, names)
 
 
+def _retain(vault: Vault, report: RepairReport, old_objects: list[tuple[str, int]]) -> None:
+    """An immutable vault's way with what repair replaced: nothing is deleted or moved to
+    ``quarantine/``; the replaced objects are listed as garbage (kept for good, so audits do
+    not call them foreign) and named in ``report.retained``."""
+    seq = manifest_table.newest_seq(vault.index)
+    with vault.index.tx() as db:
+        for path, rid in old_objects:
+            kind, name = path.split("/", 1)
+            manifest_table.add_garbage(db, [(name, rid)], kind, seq)
+    report.retained += [path for path, _rid in old_objects]
+
+
 # -- the set of remotes ------------------------------------------------------------------------
 def find_remote(vault: Vault, name: str, active_only: bool = True) -> tuple[int, str]:
     """(id, spec) of the remote whose spec or label is ``name``; BadRemote if none."""
@@ -862,6 +878,8 @@ def remove_remote(vault: Vault, name: str, wrap=None) -> RepairReport:
     if report.unrecoverable:
         return report
     segment_table.release_departed(vault.index, rid)
+    if vault.immutable:  # its objects stay where they are (Vault.immutable)
+        return report
     b = open_backend(spec, rid, fail_fast=True, wrap=wrap)
     try:
         for sub in (*segment.KIND_NAMES.values(), "manifests"):

@@ -41,6 +41,9 @@ class VaultParams:
     segment_size: int = DEFAULT_SEGMENT_SIZE  #: bytes per full segment
     chunk_avg: int = AVG_SIZE  #: average chunk size of the chunker
     created: float | None = None  #: unix time of ``vaultfs init``
+    #: append-only (``vaultfs init --immutable``): never asks a remote to delete or overwrite
+    #: an object (docs/operations.md, "Immutable vaults"); settings ``immutable``, 1 or absent
+    immutable: bool = False
 
     @property
     def ec_alg(self) -> int:
@@ -53,7 +56,7 @@ class VaultParams:
         rows = dict(
             index.q(
                 "SELECT key, value FROM settings WHERE key IN"
-                " ('vault_id', 'k', 'n', 'segment_size', 'chunk_avg', 'created')"
+                " ('vault_id', 'k', 'n', 'segment_size', 'chunk_avg', 'created', 'immutable')"
             )
         )
         created = rows.get("created")
@@ -64,6 +67,7 @@ class VaultParams:
             segment_size=int(rows.get("segment_size") or DEFAULT_SEGMENT_SIZE),
             chunk_avg=int(rows.get("chunk_avg") or AVG_SIZE),
             created=float(created) if created else None,
+            immutable=rows.get("immutable") == "1",
         )
 
     def write(self, db: sqlite3.Connection) -> None:
@@ -78,6 +82,7 @@ class VaultParams:
                 "segment_size": self.segment_size,
                 "chunk_avg": self.chunk_avg,
                 "created": time.time() if self.created is None else self.created,
+                **({"immutable": 1} if self.immutable else {}),
             },
         )
 

@@ -68,9 +68,11 @@ def initialize(
     passphrase: str,
     seed: bytes | None,
     segment_size: int,
+    immutable: bool = False,
 ) -> tuple[VaultKeys, Index, int]:
     """Make a new vault at ``home`` over empty remotes: keys and keyfile, the index with
-    its parameters, remotes and key epoch 0, the queue. Returns (keys, index, lock fd)."""
+    its parameters (``immutable``: an append-only vault), remotes and key epoch 0, the queue.
+    Returns (keys, index, lock fd)."""
     erasure.validate(k, n)
     if not remote_specs:
         raise NotEnoughRemotes("a vault needs at least one --remote")
@@ -95,7 +97,9 @@ def initialize(
     write_keyfile(keyfile_path(home), keys, passphrase)
     index = Index(index_path(home))
     data_key = keys.new_epoch_key()
-    params = VaultParams(keys.vault_id.hex(), k, n, segment_size, NEW_VAULT_AVG, time.time())
+    params = VaultParams(
+        keys.vault_id.hex(), k, n, segment_size, NEW_VAULT_AVG, time.time(), immutable
+    )
     with index.tx() as db:
         params.write(db)
         keyring.set_current(db, 0, SUITE_XWING_AES256GCM)
