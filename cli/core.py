@@ -39,6 +39,7 @@ from vaultfs.backup import backup_paths, backup_stream
 from vaultfs.errors import InputError
 from vaultfs.index import manifests
 from vaultfs.index import snapshots as snapshot_rows
+from vaultfs.objectlock import check_retention, lock_spec
 from vaultfs.remotes import check_archive
 from vaultfs.vault import Vault
 from vaultfs.vault.placement import place
@@ -63,6 +64,14 @@ def init(
             help="Append-only: never ask a remote to delete or overwrite (prune refuses).",
         ),
     ] = False,
+    object_lock: Annotated[
+        str | None,
+        typer.Option(
+            "--object-lock",
+            help="With --immutable: lock every object on S3 remotes for this long (365d, 1y) "
+            "with S3 Object Lock, COMPLIANCE mode.",
+        ),
+    ] = None,
     archive: Annotated[
         bool,
         typer.Option("--archive", help="Accept remotes on an archive storage class (Glacier)."),
@@ -92,11 +101,16 @@ def init(
         raise InputError("--segment-mib must be between 1 and 64")
     for spec in remote:
         check_archive(spec, archive)
+    if object_lock is not None:
+        if not immutable:
+            raise InputError("--object-lock goes with --immutable")
+        remote = [lock_spec(s, check_retention(object_lock)) for s in remote]
     h = home_dir(home)
     pw = new_passphrase(i_know)
     with Vault.create(
-        h, remote, k, n, pw, segment_size=segment_mib * 1024 * 1024, immutable=immutable
-    ) as v:
+        h, remote, k, n, pw, segment_size=segment_mib * 1024 * 1024, immutable=immutable,
+        object_lock=object_lock,
+    ) as v:  # fmt: skip
         st = v.status()
     if as_json:
         out.print_json(json.dumps({"home": str(h), **st}))

@@ -22,7 +22,7 @@ from helpers import PASSPHRASE, rclone_path, run_cli, tree_digest
 from vaultfs import backends, objectlock, rotation
 from vaultfs import repair as repair_mod
 from vaultfs import verify as verify_mod
-from vaultfs.errors import ImmutableVault
+from vaultfs.errors import ImmutableVault, InputError
 from vaultfs.keys import SUITE_MLKEM1024_AES256GCM
 from vaultfs.prune import prune
 from vaultfs.vault import Vault
@@ -137,6 +137,45 @@ def test_object_lock_read_back_from_an_s3_listing() -> None:
     st = objectlock.parse(listing, now)
     assert not st.ok and st.unlocked == ["old", "plain"] and "2 of 4" in st.summary()
     assert not objectlock.parse([], now).ok
+
+
+def test_lock_spec_adds_object_lock_to_s3_remotes_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = tmp_path / "rclone.conf"
+    conf.write_text("[mys3]\ntype = s3\nprovider = AWS\n\n[nas]\ntype = sftp\nhost = h\n")
+    monkeypatch.setenv("RCLONE_CONFIG", str(conf))
+    lock = "object_lock_mode=COMPLIANCE,object_lock_retain_until_date=30d"
+    s3 = ":s3,provider=Rclone,endpoint='http://127.0.0.1:9000',access_key_id=a:bkt/v"
+    assert objectlock.lock_spec(s3, "30d") == s3.replace(":bkt/v", f",{lock}:bkt/v")
+    assert objectlock.lock_spec("mys3:bkt/v", "30d") == f"mys3,{lock}:bkt/v"
+    for unchanged in ("nas:vault", "/mnt/usb/vault", ":sftp,host=h:v", f":s3,{lock}:b"):
+        assert objectlock.lock_spec(unchanged, "30d") == unchanged
+    assert objectlock.lock_spec(s3, None) == s3
+    assert objectlock.check_retention("1y") == "1y"
+    with pytest.raises(InputError):
+        objectlock.check_retention("forever")
+
+
+def test_object_lock_set_on_upload_and_read_back_by_verify(tmp_path: Path, s3_server) -> None:
+    """`rclone serve s3` records the lock rclone sends (it does not enforce it): enough to
+    show vaultfs asks for it on every upload and verify reads it back."""
+    home = tmp_path / "home"
+    args = ["init", "--immutable", "--object-lock", "30d", "-k", "2", "-n", "3"]
+    for i in range(3):
+        args += ["--remote", s3_server.remote(f"bucket{i}/vault")]
+    run_cli(*args, home=home)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.bin").write_bytes(os.urandom(200_000))
+    run_cli("backup", str(src), home=home)
+    rep = json.loads(run_cli("verify", "--json", home=home).stdout)
+    assert rep["clean"]
+    for r in rep["remotes"]:
+        assert r["locked"] is True and "COMPLIANCE" in r["lock"], r
+    res = run_cli("init", "--object-lock", "30d", "--remote", str(tmp_path / "x"),
+                  home=tmp_path / "h2", check=InputError.exit_code)  # fmt: skip
+    assert b"--immutable" in res.stderr
 
 
 def _lock(remotes: list[Path]) -> None:

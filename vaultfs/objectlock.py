@@ -15,13 +15,76 @@ lock stands for the rest.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from .errors import InputError
 from .remotes import NET_FLAGS, Remote, classify, join, rclone_binary
 
 LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
+#: A retention rclone takes (``--s3-object-lock-retain-until-date``): a duration from each
+#: upload (days, months, years) or a fixed RFC 3339 date.
+RETENTION = re.compile(r"^\d+[dMy]$|^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+
+def check_retention(retain: str) -> str:
+    """``retain`` if rclone takes it as a retention (:data:`RETENTION`); InputError otherwise."""
+    if not RETENTION.match(retain):
+        raise InputError(
+            f"--object-lock {retain!r}: give a retention such as 365d, 6M, 1y or a date "
+            "2030-01-01T00:00:00Z"
+        )
+    return retain
+
+
+def lock_spec(spec: str, retain: str | None) -> str:
+    """``spec`` with S3 Object Lock on every upload (COMPLIANCE mode, retention ``retain``)
+    when it is an S3 remote: a connection string ``:s3,...:path`` or a configured remote of
+    type s3 (rclone's ``name,option=value:path`` override); any other spec, a spec that
+    already names ``object_lock_mode``, or ``retain`` None: unchanged. The bucket must have
+    Object Lock enabled, or the provider refuses the uploads."""
+    if not retain or "object_lock_mode=" in spec:
+        return spec
+    end = _head_end(spec)
+    if end is None:
+        return spec  # a local path
+    head, rest = spec[:end], spec[end:]
+    name = head.lstrip(":").split(",", 1)[0]
+    kind = name if head.startswith(":") else _configured_types().get(name)
+    if kind != "s3":
+        return spec
+    return f"{head},object_lock_mode=COMPLIANCE,object_lock_retain_until_date={retain}{rest}"
+
+
+def _head_end(spec: str) -> int | None:
+    """Index of the ``:`` that ends a spec's remote name and options (quotes respected);
+    None for a plain path."""
+    quote = ""
+    for i, c in enumerate(spec):
+        if quote:
+            quote = "" if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c == "/" and i > 0:
+            return None
+        elif c == ":" and i > 0:
+            return i
+    return None
+
+
+def _configured_types() -> dict[str, str]:
+    """{remote name: backend type} from rclone's config (``rclone listremotes --long``)."""
+    proc = subprocess.run(
+        [rclone_binary(), "listremotes", "--long"], capture_output=True, text=True, check=False
+    )
+    out = {}
+    for line in proc.stdout.splitlines():
+        name, _, kind = line.partition(":")
+        if kind.strip():
+            out[name.strip()] = kind.split()[0]
+    return out
 
 
 @dataclass

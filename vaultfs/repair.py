@@ -59,6 +59,7 @@ from .index import segments as segment_table
 from .index import snapshots as snapshot_table
 from .index.segments import ShardRow
 from .names import display, from_db
+from .objectlock import lock_spec
 from .remotes import Remote
 from .restore import READ_IN_PLACE, read_object
 from .sealer import ShardFile
@@ -845,7 +846,9 @@ def _check_new(vault: Vault, spec: str, wrap=None) -> None:
 
 
 def add_remote(vault: Vault, spec: str, domain: str | None = None, wrap=None) -> dict:
-    """Add an empty remote to the vault; new segments use it, a new manifest goes to it."""
+    """Add an empty remote to the vault; new segments use it, a new manifest goes to it. An
+    S3 remote of a vault with an object lock retention gets it (objectlock.lock_spec)."""
+    spec = lock_spec(spec, vault.params.object_lock)
     Remote(spec)  # validates the spec's form
     _check_new(vault, spec, wrap)
     with vault.index.tx() as db:
@@ -898,6 +901,7 @@ def replace_remote(
     one takes the old one's position and failure domain, and the old one's shards are rebuilt
     onto it from the others (queued ones are moved)."""
     rid, _spec = find_remote(vault, old)
+    new = lock_spec(new, vault.params.object_lock)
     Remote(new)
     _check_new(vault, new, wrap)
     with vault.index.tx() as db:

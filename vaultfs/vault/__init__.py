@@ -116,12 +116,17 @@ class Vault:
         seed: bytes | None = None,
         segment_size: int = DEFAULT_SEGMENT_SIZE,
         immutable: bool = False,
+        object_lock: str | None = None,
     ) -> Vault:
         """Make a new k-of-n vault at ``home`` over ``remote_specs`` (empty locations), with
         a new key (or the one of ``seed``) kept in a keyfile under ``passphrase``;
-        ``immutable`` makes it append-only (:attr:`immutable`)."""
+        ``immutable`` makes it append-only (:attr:`immutable`), ``object_lock`` records the
+        retention its S3 remotes lock objects for (the specs carry it: objectlock.lock_spec)."""
         return cls(
-            home, *initialize(home, remote_specs, k, n, passphrase, seed, segment_size, immutable)
+            home,
+            *initialize(
+                home, remote_specs, k, n, passphrase, seed, segment_size, immutable, object_lock
+            ),
         )
 
     @classmethod

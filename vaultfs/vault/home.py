@@ -69,9 +69,11 @@ def initialize(
     seed: bytes | None,
     segment_size: int,
     immutable: bool = False,
+    object_lock: str | None = None,
 ) -> tuple[VaultKeys, Index, int]:
     """Make a new vault at ``home`` over empty remotes: keys and keyfile, the index with
-    its parameters (``immutable``: an append-only vault), remotes and key epoch 0, the queue.
+    its parameters (``immutable``: an append-only vault; ``object_lock``: the S3 Object Lock
+    retention its S3 remotes' specs carry), remotes and key epoch 0, the queue.
     Returns (keys, index, lock fd)."""
     erasure.validate(k, n)
     if not remote_specs:
@@ -98,8 +100,9 @@ def initialize(
     index = Index(index_path(home))
     data_key = keys.new_epoch_key()
     params = VaultParams(
-        keys.vault_id.hex(), k, n, segment_size, NEW_VAULT_AVG, time.time(), immutable
-    )
+        keys.vault_id.hex(), k, n, segment_size, NEW_VAULT_AVG, time.time(), immutable,
+        object_lock,
+    )  # fmt: skip
     with index.tx() as db:
         params.write(db)
         keyring.set_current(db, 0, SUITE_XWING_AES256GCM)
