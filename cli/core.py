@@ -10,7 +10,6 @@ import json
 import os
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -42,7 +41,7 @@ from vaultfs.index import snapshots as snapshot_rows
 from vaultfs.objectlock import check_retention, lock_spec
 from vaultfs.remotes import check_archive
 from vaultfs.vault import Vault
-from vaultfs.vault.placement import place
+from vaultfs.vault.placement import remotes_needed
 
 
 # -- init --------------------------------------------------------------------------------------
@@ -133,24 +132,6 @@ def init(
         f"  Keep a copy of {h / 'key.json'} and your passphrase somewhere else: with "
         f"{which} they restore everything."
     )
-
-
-def remotes_needed(remotes: int, k: int, n: int) -> tuple[int, int]:
-    """(how many remotes any restore needs, most shards of one segment on one remote) for a
-    k-of-n vault over ``remotes`` remotes in their own failure domains: the smallest R such
-    that every R remotes hold at least k shards of every segment, whichever R they are."""
-    rows = [(i, f"d{i}") for i in range(remotes)]
-    needed = crowded = 0
-    for seg in range(remotes):  # the placement repeats with this period
-        per = Counter(place(rows, seg, n))
-        crowded = max(crowded, max(per.values()))
-        fewest = sorted(per.get(i, 0) for i in range(remotes))
-        held = r = 0
-        while held < k:
-            held += fewest[r]
-            r += 1
-        needed = max(needed, r)
-    return needed, crowded
 
 
 # -- backup ------------------------------------------------------------------------------------

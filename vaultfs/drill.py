@@ -44,6 +44,7 @@ from .rebuild import rebuild_home
 from .repair import replace_remote
 from .restore import ShardSource, open_remote_index, restore_files
 from .vault import Vault
+from .vault.placement import remotes_needed
 
 SCENARIOS = ("disk", "home", "provider", "crypto", "keys")
 #: Objects a drill copies from a remote: everything a reader uses (docs/format.md section 2).
@@ -108,14 +109,15 @@ def run_drill(
     scratch.mkdir(parents=True, exist_ok=True)
     with Vault.open(home, keys=keys, lock=False) as v:
         specs = [spec for _rid, spec in remote_table.active(v.index)]
-        k = v.k
+        # any this many remotes hold k shards of every segment (n > remotes: some hold more)
+        needed, _crowded = remotes_needed(len(specs), v.k, v.n)
     result = DrillResult(scenario)
     # each drill gets its own copy of the keys: a re-encryption retires suites in its copy
     fresh = VaultKeys.from_seed(keys.seed)
     fresh.retired_suites = set(keys.retired_suites)
     drill = _DRILLS[scenario]
     try:
-        drill(result, home, fresh, specs, k, scratch, rng or random.Random())
+        drill(result, home, fresh, specs, needed, scratch, rng or random.Random())
     except VaultError as e:
         result.error = e.message
     result.ok = result.error is None and result.identical
@@ -124,7 +126,7 @@ def run_drill(
 
 # -- the scenarios -----------------------------------------------------------------------------
 def _disk(
-    res: DrillResult, home: Path, keys: VaultKeys, specs: list[str], k: int, scratch: Path,
+    res: DrillResult, home: Path, keys: VaultKeys, specs: list[str], needed: int, scratch: Path,
     rng: random.Random,
 ) -> None:  # fmt: skip
     """The disk died: the newest snapshot from the remotes alone, with no home."""
@@ -135,7 +137,7 @@ def _disk(
 
 
 def _home(
-    res: DrillResult, home: Path, keys: VaultKeys, specs: list[str], k: int, scratch: Path,
+    res: DrillResult, home: Path, keys: VaultKeys, specs: list[str], needed: int, scratch: Path,
     rng: random.Random,
 ) -> None:  # fmt: skip
     """The home is lost: a new home rebuilt from the remotes, then a restore from it."""
@@ -153,12 +155,13 @@ def _home(
 
 
 def _provider(
-    res: DrillResult, home: Path, keys: VaultKeys, specs: list[str], k: int, scratch: Path,
+    res: DrillResult, home: Path, keys: VaultKeys, specs: list[str], needed: int, scratch: Path,
     rng: random.Random,
 ) -> None:  # fmt: skip
-    """Providers shut down: any k remotes restore; then each lost one is replaced, in a
-    scratch copy of the vault, by a new empty remote, and the copy verifies clean."""
-    survivors = sorted(rng.sample(range(len(specs)), k))
+    """Providers shut down: any ``needed`` remotes restore (k, or more when fewer remotes
+    than n hold several shards each); then each lost one is replaced, in a scratch copy of
+    the vault, by a new empty remote, and the copy verifies clean."""
+    survivors = sorted(rng.sample(range(len(specs)), needed))
     dropped = [i for i in range(len(specs)) if i not in survivors]
     live = [open_backend(specs[i]) for i in survivors]
     res.details["survivors"] = [b.label for b in live]
@@ -193,11 +196,11 @@ def _provider(
 
 
 def _crypto(
-    res: DrillResult, home: Path, keys: VaultKeys, specs: list[str], k: int, scratch: Path,
+    res: DrillResult, home: Path, keys: VaultKeys, specs: list[str], needed: int, scratch: Path,
     rng: random.Random,
 ) -> None:  # fmt: skip
     """The vault's suite is broken: a copy of the vault re-encrypted to another suite restores
-    from k of its remotes, and the old state (the live remotes) is refused under the new key
+    from ``needed`` of its remotes, and the old state (the live remotes) is refused under the new key
     policy."""
     live = [open_backend(s) for s in specs]
     copies = _copy_remotes(live, scratch / "remotes")
@@ -218,7 +221,7 @@ def _crypto(
         {"from_suite": suite_name(old), "to_suite": suite_name(target),
          "rewritten_segments": rep.rewritten, "retired": [suite_name(s) for s in rep.retired]}
     )  # fmt: skip
-    got = _restore_from_remotes(res, after, rng.sample(copies, k), scratch / "new")
+    got = _restore_from_remotes(res, after, rng.sample(copies, needed), scratch / "new")
     _finish(res, got, t0)
     refused = scratch / "refused"
     try:
@@ -232,7 +235,7 @@ def _crypto(
 
 
 def _keys(
-    res: DrillResult, home: Path, keys: VaultKeys, specs: list[str], k: int, scratch: Path,
+    res: DrillResult, home: Path, keys: VaultKeys, specs: list[str], needed: int, scratch: Path,
     rng: random.Random,
 ) -> None:  # fmt: skip
     """The keyfile and passphrase are lost: the seed from 3 of 5 shares, then a restore from
