@@ -69,3 +69,27 @@ def test_drill_passes_and_touches_nothing_live(
         assert d["details"]["old_suite_refused"] and "retired" in d["details"]["refusal"]
     if scenario == "keys":
         assert len(d["details"]["shares_used"]) == 3
+
+
+def test_provider_drill_with_fewer_remotes_than_n(tmp_path: Path) -> None:
+    """2-of-4 over 3 remotes: one remote holds two shards of each segment, so a restore
+    needs 2 remotes (cli init's warning); the drill keeps exactly that many and replaces the
+    third. With two remotes gone the disk drill fails: exit 22 and the reason."""
+    home, remotes = tmp_path / "home", [tmp_path / f"remote{i}" for i in range(3)]
+    args = ["init", "-k", "2", "-n", "4", "--segment-mib", "1"]
+    for r in remotes:
+        args += ["--remote", str(r)]
+    run_cli(*args, home=home)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.bin").write_bytes(os.urandom(300_000))
+    run_cli("backup", str(src), home=home)
+    rep = json.loads(run_cli("drill", "provider", "--json", home=home).stdout)
+    (d,) = rep["drills"]
+    assert rep["ok"] and d["identical"] and d["details"]["verify_clean"]
+    assert len(d["details"]["survivors"]) == 2 and len(d["details"]["dropped"]) == 1
+    for r in remotes[1:]:
+        r.rename(r.with_name(r.name + "-gone"))
+    res = run_cli("drill", "disk", "--json", home=home, check=22)
+    (d,) = json.loads(res.stdout)["drills"]
+    assert not d["ok"] and not d["identical"] and "only 1 intact" in d["error"], d
