@@ -173,12 +173,7 @@ def _provider(
     copies = _copy_remotes(live, scratch / "remotes")
     t1 = time.monotonic()
     new_home = scratch / "home"
-    _rebuild(home, keys, copies, new_home)
-    with Vault.open(new_home, keys=keys, lock=False) as v:
-        lost = {rid: DEAD_REMOTE.format(rid=rid) for rid, spec in remote_table.active(v.index)
-                if spec not in {c.spec for c in copies}}  # fmt: skip
-        with v.index.tx() as db:
-            remote_table.respec(db, lost)
+    lost = _scratch_home(home, keys, copies, new_home)
     replaced = []
     with Vault.open(new_home, keys=keys) as v:
         for n, dead in enumerate(lost.values()):
@@ -205,7 +200,7 @@ def _crypto(
     live = [open_backend(s) for s in specs]
     copies = _copy_remotes(live, scratch / "remotes")
     new_home = scratch / "home"
-    _rebuild(home, keys, copies, new_home)
+    _scratch_home(home, keys, copies, new_home)  # a live remote not copied is dead there
     t0 = time.monotonic()
     with Vault.open(new_home, keys=keys) as v:
         old = v.suite
@@ -343,6 +338,28 @@ def _copy_remotes(remotes: list[Backend], into: Path) -> list[Backend]:
             b.get_dir(sub, dest / sub)
         out.append(open_backend(str(dest)))
     return out
+
+
+def _scratch_home(
+    home: Path, keys: VaultKeys, copies: list[Backend], new_home: Path
+) -> dict[int, str]:
+    """A home rebuilt at ``new_home`` from ``copies`` (scratch copies of remotes) in which no
+    spec names a live remote: each remote of the vault (active or removed) that is not among
+    the copies gets :data:`DEAD_REMOTE`, before anything opens the home for writing. Returns
+    {id: dead spec} of the active ones (the remotes to replace)."""
+    _rebuild(home, keys, copies, new_home)
+    mine = {c.spec for c in copies}
+    with Vault.open(new_home, keys=keys, lock=False) as v:
+        # removed remotes too: garbage collection still deletes from those
+        dead = {
+            r.id: DEAD_REMOTE.format(rid=r.id)
+            for r in remote_table.every(v.index)
+            if r.spec not in mine
+        }
+        with v.index.tx() as db:
+            remote_table.respec(db, dead)
+        active = {rid for rid, _spec in remote_table.active(v.index)}
+    return {rid: spec for rid, spec in dead.items() if rid in active}
 
 
 def _rebuild(home: Path, keys: VaultKeys, remotes: list[Backend], new_home: Path):
