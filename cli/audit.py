@@ -33,6 +33,7 @@ from vaultfs import prune as prune_mod
 from vaultfs import repair as repair_mod
 from vaultfs import verify as verify_mod
 from vaultfs.errors import EXIT_PARTIAL, InputError
+from vaultfs.remotes import check_archive
 
 EXIT_FOUND = 12
 EXIT_UNREACHABLE = 11
@@ -139,6 +140,9 @@ def _print_audit(rep: verify_mod.AuditReport) -> None:
             )
         for path, detail in r.details.items():
             err.print(f"[red]{r.remote}[/]: {path}: {detail}", highlight=False)
+        if r.lock is not None:  # an immutable vault: its server-side protection
+            color = "green" if r.locked else "yellow"
+            err.print(f"[{color}]{r.remote}: object lock:[/] {r.lock}", highlight=False)
         if not r.complete and not r.unreachable:
             err.print(
                 f"{r.remote}: audit cut off with {r.remaining} of {r.planned} checks left; "
@@ -236,6 +240,8 @@ def _print_repair(rep: repair_mod.RepairReport, as_json: bool) -> None:
             f"{'would move' if rep.dry_run else 'moved'} {d} to quarantine/ (not recognised)",
             highlight=False,
         )
+    for d in rep.retained:
+        out.print(f"kept {d}: the vault is immutable (replaced, never deleted)", highlight=False)
     if rep.fork:
         err.print(
             "[yellow]fork: the remotes hold manifests off this vault's chain; replaced objects "
@@ -332,10 +338,15 @@ def remote_add(
         str | None,
         typer.Option("--domain", help="Failure domain label (e.g. the provider's name)."),
     ] = None,
+    archive: Annotated[
+        bool,
+        typer.Option("--archive", help="Accept remotes on an archive storage class (Glacier)."),
+    ] = False,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Add a remote; new data is spread over it and the latest manifest is sent to it."""
+    check_archive(spec, archive)
     if (info := run_in_mount(home, "remote-add", {"spec": spec, "domain": domain})) is None:
         with open_vault(home) as v:
             info = repair_mod.add_remote(v, spec, domain)
@@ -373,10 +384,15 @@ def remote_replace(
     domain: Annotated[
         str | None, typer.Option("--domain", help="Failure domain of the new remote.")
     ] = None,
+    archive: Annotated[
+        bool,
+        typer.Option("--archive", help="Accept remotes on an archive storage class (Glacier)."),
+    ] = False,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Replace a remote (a provider that shut down): rebuild its shards onto the new one."""
+    check_archive(new, archive)
     args = {"old": old, "new": new, "domain": domain}
     if (done := run_in_mount(home, "remote-replace", args)) is not None:
         rep = _repair_report(done)

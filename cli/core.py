@@ -10,7 +10,6 @@ import json
 import os
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -39,8 +38,10 @@ from vaultfs.backup import backup_paths, backup_stream
 from vaultfs.errors import InputError
 from vaultfs.index import manifests
 from vaultfs.index import snapshots as snapshot_rows
+from vaultfs.objectlock import check_retention, lock_spec
+from vaultfs.remotes import check_archive
 from vaultfs.vault import Vault
-from vaultfs.vault.placement import place
+from vaultfs.vault.placement import remotes_needed
 
 
 # -- init --------------------------------------------------------------------------------------
@@ -55,11 +56,32 @@ def init(
     k: Annotated[int | None, typer.Option("-k", help="Shards needed to read.")] = None,
     n: Annotated[int | None, typer.Option("-n", help="Shards written.")] = None,
     segment_mib: Annotated[int, typer.Option(help="Segment size in MiB.")] = 4,
+    immutable: Annotated[
+        bool,
+        typer.Option(
+            "--immutable",
+            help="Append-only: never ask a remote to delete or overwrite (prune refuses).",
+        ),
+    ] = False,
+    object_lock: Annotated[
+        str | None,
+        typer.Option(
+            "--object-lock",
+            help="With --immutable: lock every object on S3 remotes for this long (365d, 1y) "
+            "with S3 Object Lock, COMPLIANCE mode.",
+        ),
+    ] = None,
+    archive: Annotated[
+        bool,
+        typer.Option("--archive", help="Accept remotes on an archive storage class (Glacier)."),
+    ] = False,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
     i_know: IKnowOpt = False,
 ) -> None:
-    """Create a vault over one or more remotes."""
+    """Create a vault over one or more remotes. With --immutable it is append-only: no
+    command asks a remote to delete, move or overwrite an object (lock the objects on the
+    server too: docs/operations.md, "Immutable vaults")."""
     if profile and (k or n):
         raise InputError("give either --profile or -k/-n, not both")
     if k or n:
@@ -76,9 +98,18 @@ def init(
         raise InputError(str(e)) from None
     if not 1 <= segment_mib <= 64:
         raise InputError("--segment-mib must be between 1 and 64")
+    for spec in remote:
+        check_archive(spec, archive)
+    if object_lock is not None:
+        if not immutable:
+            raise InputError("--object-lock goes with --immutable")
+        remote = [lock_spec(s, check_retention(object_lock)) for s in remote]
     h = home_dir(home)
     pw = new_passphrase(i_know)
-    with Vault.create(h, remote, k, n, pw, segment_size=segment_mib * 1024 * 1024) as v:
+    with Vault.create(
+        h, remote, k, n, pw, segment_size=segment_mib * 1024 * 1024, immutable=immutable,
+        object_lock=object_lock,
+    ) as v:  # fmt: skip
         st = v.status()
     if as_json:
         out.print_json(json.dumps({"home": str(h), **st}))
@@ -101,24 +132,6 @@ def init(
         f"  Keep a copy of {h / 'key.json'} and your passphrase somewhere else: with "
         f"{which} they restore everything."
     )
-
-
-def remotes_needed(remotes: int, k: int, n: int) -> tuple[int, int]:
-    """(how many remotes any restore needs, most shards of one segment on one remote) for a
-    k-of-n vault over ``remotes`` remotes in their own failure domains: the smallest R such
-    that every R remotes hold at least k shards of every segment, whichever R they are."""
-    rows = [(i, f"d{i}") for i in range(remotes)]
-    needed = crowded = 0
-    for seg in range(remotes):  # the placement repeats with this period
-        per = Counter(place(rows, seg, n))
-        crowded = max(crowded, max(per.values()))
-        fewest = sorted(per.get(i, 0) for i in range(remotes))
-        held = r = 0
-        while held < k:
-            held += fewest[r]
-            r += 1
-        needed = max(needed, r)
-    return needed, crowded
 
 
 # -- backup ------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import BadRemote, ObjectMissing, RemoteError, Unreachable
+from .errors import BadRemote, ObjectMissing, RemoteError, ThawNeeded, Unreachable
 from .remotes import RcloneCommand, RcloneDaemon, RcloneRc, Remote
 
 
@@ -244,7 +244,7 @@ class Retrying(Wrapper):
         for attempt in range(self.attempts):
             try:
                 return fn(*args)
-            except (ObjectMissing, BadRemote):
+            except (ObjectMissing, BadRemote, ThawNeeded):  # a thaw takes hours, not seconds
                 raise
             except RemoteError:
                 if attempt + 1 >= self.attempts:

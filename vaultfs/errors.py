@@ -21,6 +21,9 @@ code  meaning
 19    a recovery share is mistyped, missing, or from another share set
 20    `vaultfs run`: a scheduled job failed or an audit found damage (alerted)
 21    stale base: the remotes hold manifests this home never wrote (rebuild or --fork)
+22    `vaultfs drill`: a disaster drill failed (its row says why)
+23    the vault is immutable: the command would delete from its remotes
+24    thaw needed: objects on an archive storage class (Glacier) must be restored first
 ====  ==========================================================================
 """
 
@@ -63,6 +66,14 @@ class ObjectMissing(RemoteError):
     (``vaultfs repair`` rebuilds it from the other remotes)."""
 
     exit_code = 11
+
+
+class ThawNeeded(RemoteError):
+    """The remote keeps the object in an archive storage class (S3 Glacier, Deep Archive):
+    it cannot be read until a restore request ("thaw") completes. Request one for the
+    vault's prefix (``rclone backend restore REMOTE -o priority=Standard``), wait, rerun."""
+
+    exit_code = 24
 
 
 class IntegrityError(VaultError):
@@ -116,5 +127,14 @@ class ShareError(VaultError):
     exit_code = 19
 
 
+class ImmutableVault(VaultError):
+    """The vault was made ``--immutable`` (append-only): the command would ask its remotes to
+    delete objects, which such a vault never does. Free space on its remotes with the
+    provider's own retention (lifecycle rules, run with separate credentials)."""
+
+    exit_code = 23
+
+
 EXIT_PARTIAL = 3
 EXIT_JOB_FAILED = 20
+EXIT_DRILL_FAILED = 22

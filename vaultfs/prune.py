@@ -36,7 +36,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from .errors import IntegrityError
+from .errors import ImmutableVault, IntegrityError
 from .index import audit, chunks, contents, segments
 from .index import remotes as remote_rows
 from .remotes import Remote
@@ -86,9 +86,16 @@ def prune(
     progress: Callable[[int, int], None] | None = None,
 ) -> PruneReport:
     """Free what nothing refers to; see the module docstring. ``v`` must be opened with the
-    lock (a writer)."""
+    lock (a writer). ImmutableVault for an immutable vault: freeing is deleting."""
     from . import rotation
 
+    if v.immutable:
+        raise ImmutableVault(
+            "this vault is immutable: prune would delete objects from its remotes, which it "
+            "never does. `vaultfs forget` still drops snapshots from the index; space on the "
+            "remotes is freed by the provider's retention rules, with separate credentials "
+            '(docs/operations.md, "Immutable vaults")'
+        )
     if not 0 <= repack_below <= 1:
         raise ValueError("repack_below is a fraction between 0 and 1")
     report = PruneReport(dry_run)

@@ -33,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-from .errors import BadRemote, ObjectMissing, RemoteError, Unreachable, VaultError
+from .errors import BadRemote, ObjectMissing, RemoteError, ThawNeeded, Unreachable, VaultError
 
 #: Flags for every transfer: fail fast on a dead remote (the queue retries later), trust our
 #: own BLAKE3 hashes rather than provider checksums.
@@ -84,6 +84,12 @@ TRANSIENT_MARKERS = (
 )
 #: Substrings that mean "the remote answered: no such object (or folder)".
 MISSING_MARKERS = ("not found", "no such file", "nosuchkey", "object not found", "404")
+#: Substrings of rclone/provider errors that mean "archived: thaw (restore) it first". Checked
+#: before the others: S3's ``InvalidObjectState`` would otherwise read as a rejected spec.
+THAW_MARKERS = ("restore first", "invalidobjectstate")
+#: Storage classes whose objects need a thaw before any read (docs/operations.md, "Archive
+#: storage"); GLACIER_IR reads like standard storage.
+ARCHIVE_CLASSES = ("glacier", "deep_archive")
 #: rclone command exit codes for "directory not found" and "file not found".
 MISSING_EXIT_CODES = (3, 4)
 
@@ -105,12 +111,15 @@ def classify(
     command (``exit_code``, 3/4 for a missing folder/file) and rclone's error ``message``
     (``earlier``: the command's earlier error lines, where a rejected spec may be named).
 
-    In this order: a rejected spec → :class:`BadRemote`; an outage or throttling →
+    In this order: an archived object → :class:`ThawNeeded`; a rejected spec →
+    :class:`BadRemote`; an outage or throttling →
     :class:`Unreachable`; a missing object or folder → :class:`ObjectMissing`; anything else
     → :class:`RemoteError`."""
     low = message.lower()
     if http_status == 0:
         return Unreachable(f"{label}: {what} failed: {message}")
+    if needs_thaw(message):
+        return ThawNeeded(f"{label}: {what} failed: thaw needed (archive storage): {message}")
     if any(m in low or m in earlier.lower() for m in BAD_SPEC_MARKERS):
         return BadRemote(f"rclone rejected remote {label}: {message}")
     if any(m in low for m in TRANSIENT_MARKERS):
@@ -122,6 +131,36 @@ def classify(
     ):
         return ObjectMissing(f"{label}: {what} failed: {message}")
     return RemoteError(f"{label}: {what} failed: {message}")
+
+
+def needs_thaw(message: str) -> bool:
+    """Whether an rclone error message says the object sits in archive storage, unreadable
+    until thawed (:class:`ThawNeeded`)."""
+    low = message.lower()
+    return any(m in low for m in THAW_MARKERS)
+
+
+def archive_class(spec: str) -> str | None:
+    """The archive storage class (``GLACIER``, ``DEEP_ARCHIVE``) that the spec's own
+    parameters ask for (``storage_class=...`` in a connection string), else None. A class set
+    in rclone's config file, or by a lifecycle rule, is not seen here."""
+    m = re.search(r"[,:]storage_class=([A-Za-z_]+)", spec)
+    if m and m.group(1).lower() in ARCHIVE_CLASSES:
+        return m.group(1).upper()
+    return None
+
+
+def check_archive(spec: str, allowed: bool) -> None:
+    """BadRemote for a spec asking for an archive storage class (:func:`archive_class`)
+    unless ``allowed`` (the commands' ``--archive``): every restore and audit of its objects
+    then needs a thaw first."""
+    cls = archive_class(spec)
+    if cls and not allowed:
+        raise BadRemote(
+            f"{Remote(spec).label} stores objects as {cls}: nothing there can be read (no "
+            "restore, no audit) until a thaw request completes, hours later. Pass --archive to "
+            'use it anyway (docs/operations.md, "Archive storage")'
+        )
 
 
 def rclone_binary() -> str:

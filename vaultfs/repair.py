@@ -59,6 +59,7 @@ from .index import segments as segment_table
 from .index import snapshots as snapshot_table
 from .index.segments import ShardRow
 from .names import display, from_db
+from .objectlock import lock_spec
 from .remotes import Remote
 from .restore import READ_IN_PLACE, read_object
 from .sealer import ShardFile
@@ -111,6 +112,7 @@ class RepairReport:
     bytes_written: int = 0
     deleted: list[str] = field(default_factory=list)
     quarantined: list[str] = field(default_factory=list)  # moved to quarantine/, not deleted
+    retained: list[str] = field(default_factory=list)  # replaced, kept (an immutable vault)
     fork: list[str] = field(default_factory=list)  # manifests off this chain (chain.Survey)
     manifest_seq: int | None = None
     pending: dict[str, int] = field(default_factory=dict)
@@ -625,7 +627,10 @@ def repair(
     report.errors.update(flush.errors)
     if report.manifest_seq is not None:
         remote_table.mark_healed(vault.index, report.manifest_seq)
-    _delete_replaced(vault, fetcher, report, old_objects, removed, specs)
+    if vault.immutable:  # the rebuilt objects went out under new names; the old ones stay
+        _retain(vault, report, old_objects)
+    else:
+        _delete_replaced(vault, fetcher, report, old_objects, removed, specs)
     report.seconds = time.monotonic() - t0
     return report
 
@@ -790,6 +795,18 @@ def _delete_replaced(
             audit_table.forget_foreign(vault.index, rid, sub, names)
 
 
+def _retain(vault: Vault, report: RepairReport, old_objects: list[tuple[str, int]]) -> None:
+    """An immutable vault's way with what repair replaced: nothing is deleted or moved to
+    ``quarantine/``; the replaced objects are listed as garbage (kept for good, so audits do
+    not call them foreign) and named in ``report.retained``."""
+    seq = manifest_table.newest_seq(vault.index)
+    with vault.index.tx() as db:
+        for path, rid in old_objects:
+            kind, name = path.split("/", 1)
+            manifest_table.add_garbage(db, [(name, rid)], kind, seq)
+    report.retained += [path for path, _rid in old_objects]
+
+
 # -- the set of remotes ------------------------------------------------------------------------
 def find_remote(vault: Vault, name: str, active_only: bool = True) -> tuple[int, str]:
     """(id, spec) of the remote whose spec or label is ``name``; BadRemote if none."""
@@ -829,7 +846,9 @@ def _check_new(vault: Vault, spec: str, wrap=None) -> None:
 
 
 def add_remote(vault: Vault, spec: str, domain: str | None = None, wrap=None) -> dict:
-    """Add an empty remote to the vault; new segments use it, a new manifest goes to it."""
+    """Add an empty remote to the vault; new segments use it, a new manifest goes to it. An
+    S3 remote of a vault with an object lock retention gets it (objectlock.lock_spec)."""
+    spec = lock_spec(spec, vault.params.object_lock)
     Remote(spec)  # validates the spec's form
     _check_new(vault, spec, wrap)
     with vault.index.tx() as db:
@@ -862,6 +881,8 @@ def remove_remote(vault: Vault, name: str, wrap=None) -> RepairReport:
     if report.unrecoverable:
         return report
     segment_table.release_departed(vault.index, rid)
+    if vault.immutable:  # its objects stay where they are (Vault.immutable)
+        return report
     b = open_backend(spec, rid, fail_fast=True, wrap=wrap)
     try:
         for sub in (*segment.KIND_NAMES.values(), "manifests"):
@@ -880,6 +901,7 @@ def replace_remote(
     one takes the old one's position and failure domain, and the old one's shards are rebuilt
     onto it from the others (queued ones are moved)."""
     rid, _spec = find_remote(vault, old)
+    new = lock_spec(new, vault.params.object_lock)
     Remote(new)
     _check_new(vault, new, wrap)
     with vault.index.tx() as db:

@@ -34,12 +34,14 @@ from .errors import (
     RemoteError,
     Rollback,
     TargetNotEmpty,
+    ThawNeeded,
 )
 from .index import Index, keyring, manifests, open_shipped, seen_manifest_seq, segments, snapshots
 from .index.shipped import BlockPlan, ShippedObjects
 from .indexblocks import Location
 from .keys import SLHDSA_BY_SIG_ALG, VaultKeys
 from .names import display, fs_path, xattrs_from_db
+from .remotes import needs_thaw
 from .shardreader import ShardRef, choose, read_segment
 
 BATCH_SEGMENTS = 12
@@ -1046,7 +1048,8 @@ def restore_files(
     progress: Callable[[int], None] | None = None,
     total_cb: Callable[[int], None] | None = None,
 ) -> tuple[str, int, int, list[str]]:
-    """Write a snapshot's files under ``to``. Returns (snapshot uid, files, bytes, warnings)."""
+    """Write a snapshot's files under ``to``. Returns (snapshot uid, files, bytes, warnings).
+    ThawNeeded when shards were out of reach because remotes hold them in archive storage."""
     snap_uid, entries = _entries(index, snapshot, include)
     epoch_suites = _check_suites(keys, index)
     to = _prepare_target(to, force)
@@ -1054,7 +1057,17 @@ def restore_files(
     plan, total = _plan_chunks(index, to, file_rows)
     if total_cb:
         total_cb(total)
-    warnings = _write_chunks(keys, index, src, plan, epoch_suites, progress)
+    try:
+        warnings = _write_chunks(keys, index, src, plan, epoch_suites, progress)
+    except NotEnoughRemotes as e:
+        frozen = [r for r in src.reports.values() if r.error and needs_thaw(r.error)]
+        if not frozen:
+            raise
+        raise ThawNeeded(
+            f"{e.message}: thaw needed on {', '.join(r.label for r in frozen)} (archive "
+            f"storage; request a restore of the vault's objects there, wait, and rerun): "
+            f"{frozen[0].error}"
+        ) from None
     _finish_entries(to, entries, link_later, force, warnings)
     return snap_uid, len(entries), total, warnings
 

@@ -239,8 +239,11 @@ def collect_garbage(v: Vault) -> tuple[int, int]:
     Only objects whose replacing manifest (``garbage.seq``) has left the upload queue are
     deleted, and none while the remotes hold manifests off this index's chain (a fork: the
     other branch may still use them; :mod:`vaultfs.chain`). Returns (deleted, left for a
-    later run).
+    later run). An immutable vault deletes nothing and leaves nothing for later: its garbage
+    rows stay as the record of what the remotes keep (:attr:`Vault.immutable`).
     """
+    if v.immutable:
+        return 0, 0
     if chain.survey(v.keys, v.index, v.remotes()).others:
         return 0, manifests.garbage_count(v.index)
     pending_min = min(manifests.queued_seqs(v.index), default=None)

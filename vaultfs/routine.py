@@ -389,6 +389,8 @@ def _job_repair(home: Path, v: Vault, sched: dict, mounted: bool, now: float) ->
 def _job_prune(home: Path, v: Vault, sched: dict, mounted: bool, now: float) -> dict:
     from . import prune
 
+    if v.immutable:  # nothing to free: an immutable vault never deletes (Vault.immutable)
+        return {"skipped": "immutable vault", "bytes_freed": 0, "freed_per_remote": {}}
     rep = _in_mount(home, "prune", {}) if mounted else prune.prune(v).as_dict()
     return {"bytes_freed": rep["bytes_freed"], "freed_per_remote": rep["freed_per_remote"]}
 

@@ -52,10 +52,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import chain, manifest, merkle, segment
+from . import chain, manifest, merkle, objectlock, segment
 from .audittag import PIECE, piece_tag, piece_tags, stored_tag, tagger
 from .backends import open_backend
-from .errors import BadRemote, IntegrityError, ObjectMissing, RemoteError, Unreachable
+from .errors import (
+    BadRemote,
+    IntegrityError,
+    ObjectMissing,
+    RemoteError,
+    ThawNeeded,
+    Unreachable,
+)
 from .index import Index, manifests, segments
 from .index import audit as audit_table
 from .index import remotes as remote_table
@@ -194,6 +201,9 @@ class RemoteAudit:
     complete: bool = False
     resumed: bool = False
     details: dict[str, str] = field(default_factory=dict)
+    #: an immutable vault's remotes: the object lock read back (objectlock.LockState.summary)
+    lock: str | None = None
+    locked: bool | None = None
 
     @property
     def clean(self) -> bool:
@@ -247,6 +257,20 @@ class AuditReport:
 
 
 # -- the audit -------------------------------------------------------------------------------
+def _check_locks(results: list[RemoteAudit], specs: dict[int, str]) -> None:
+    """Read back each reachable remote's object lock (an immutable vault's protection);
+    reported, not a finding: a remote without lock support may be protected by its server."""
+    for r in results:
+        if r.unreachable:
+            continue
+        try:
+            st = objectlock.read(specs[r.rid])
+        except RemoteError as e:
+            r.lock, r.locked = f"lock not checked: {e.message}", None
+            continue
+        r.lock, r.locked = st.summary(), st.ok
+
+
 def resolve_remotes(vault: Vault, wanted: list[str] | None) -> list[tuple[int, str, str]]:
     """(id, spec, domain) of the active remotes to audit; ``wanted`` entries match a spec or
     its label. Raises BadRemote for a name that is not an active remote of this vault."""
@@ -521,7 +545,8 @@ class _RemoteAuditor:
         idx = self.ctx.index
         listed = {sub: self.tree.get(sub, {}) for sub in segment.KIND_NAMES.values()}
         rows = segments.live_shards(idx, self.rid)
-        mine_all = segments.object_names(idx, self.rid)
+        # garbage is this vault's too: waiting to be deleted, or kept for good (immutable)
+        mine_all = segments.object_names(idx, self.rid) | manifests.garbage_names(idx, self.rid)
         present: list[ShardRow] = []
         for sh in rows:
             if sh.state != "placed":
@@ -643,7 +668,7 @@ class _RemoteAuditor:
                     paths += [f"manifests/{nm}" for nm in newest]
                 try:
                     self.b.get("", paths, d)
-                except Unreachable:
+                except (Unreachable, ThawNeeded):  # not corrupt: ends this remote's audit
                     raise
                 except RemoteError:  # some object in the batch is unreadable: find which
                     one_by_one = True
@@ -661,7 +686,7 @@ class _RemoteAuditor:
                             p.write_bytes(self.b.cat(sh.kind, sh.name, 0, sh.size + 1))
                         except ObjectMissing:
                             pass
-                        except Unreachable:
+                        except (Unreachable, ThawNeeded):
                             raise
                         except RemoteError as e:
                             self._finding(sh, "corrupt", f"unreadable: {e.message}")
@@ -840,6 +865,8 @@ def audit(
         raise errors[0]
     order = {t[0]: i for i, t in enumerate(targets)}
     results.sort(key=lambda r: order[r.rid])
+    if vault.immutable:
+        _check_locks(results, {t[0]: t[1] for t in targets})
     forks = {r.details[f]: None for r in results for f in r.fork}
     if not remotes and any(not r.unreachable for r in results):  # for `status`
         manifests.note_fork(vault.index, list(forks))

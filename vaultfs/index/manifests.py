@@ -224,6 +224,11 @@ def garbage(index: Index) -> list[tuple[str, int, str, int]]:
     return index.q("SELECT name, remote, kind, seq FROM garbage")
 
 
+def garbage_names(index: Index, remote: int) -> set[str]:
+    """Names of the garbage objects (:func:`add_garbage`) placed on remote ``remote``."""
+    return {n for (n,) in index.q("SELECT name FROM garbage WHERE remote=?", (remote,))}
+
+
 def garbage_count(index: Index) -> int:
     """How many shard objects wait to be deleted as garbage."""
     row = index.one("SELECT count(*) FROM garbage")

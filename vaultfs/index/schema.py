@@ -21,7 +21,9 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (
     key   TEXT PRIMARY KEY,          -- setting name: vault_id, k, n, segment_size, suite, ...
                                      -- (unshipped_since: set by a repair that moved shards,
-                                     -- cleared when the next manifest is recorded)
+                                     -- cleared when the next manifest is recorded;
+                                     -- immutable: '1' in an append-only vault, see
+                                     -- settings.VaultParams)
     value TEXT NOT NULL              -- its value, as text (integers in decimal, bytes in hex)
 );
 CREATE TABLE IF NOT EXISTS remotes (

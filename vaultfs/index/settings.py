@@ -41,6 +41,12 @@ class VaultParams:
     segment_size: int = DEFAULT_SEGMENT_SIZE  #: bytes per full segment
     chunk_avg: int = AVG_SIZE  #: average chunk size of the chunker
     created: float | None = None  #: unix time of ``vaultfs init``
+    #: append-only (``vaultfs init --immutable``): never asks a remote to delete or overwrite
+    #: an object (docs/operations.md, "Immutable vaults"); settings ``immutable``, 1 or absent
+    immutable: bool = False
+    #: S3 Object Lock retention put on the S3 remotes of an immutable vault (``init
+    #: --object-lock``; objectlock.lock_spec), e.g. ``365d``; settings ``object_lock``
+    object_lock: str | None = None
 
     @property
     def ec_alg(self) -> int:
@@ -53,7 +59,8 @@ class VaultParams:
         rows = dict(
             index.q(
                 "SELECT key, value FROM settings WHERE key IN"
-                " ('vault_id', 'k', 'n', 'segment_size', 'chunk_avg', 'created')"
+                " ('vault_id', 'k', 'n', 'segment_size', 'chunk_avg', 'created', 'immutable',"
+                " 'object_lock')"
             )
         )
         created = rows.get("created")
@@ -64,6 +71,8 @@ class VaultParams:
             segment_size=int(rows.get("segment_size") or DEFAULT_SEGMENT_SIZE),
             chunk_avg=int(rows.get("chunk_avg") or AVG_SIZE),
             created=float(created) if created else None,
+            immutable=rows.get("immutable") == "1",
+            object_lock=rows.get("object_lock") or None,
         )
 
     def write(self, db: sqlite3.Connection) -> None:
@@ -78,6 +87,8 @@ class VaultParams:
                 "segment_size": self.segment_size,
                 "chunk_avg": self.chunk_avg,
                 "created": time.time() if self.created is None else self.created,
+                **({"immutable": 1} if self.immutable else {}),
+                **({"object_lock": self.object_lock} if self.object_lock else {}),
             },
         )
 

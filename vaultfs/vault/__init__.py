@@ -88,7 +88,9 @@ class Vault:
         self.queue = ShardQueue(home)
         self.epochs = KeyEpochs(keys, index, threading.RLock())
         self.writer = Writer(index, keys, self.params, self.queue, self.epochs, self.SEALERS)
-        self.uploads = UploadQueue(index, keys, self.queue, self.remotes, self.writer.seal)
+        self.uploads = UploadQueue(
+            index, keys, self.queue, self.remotes, self.writer.seal, self.params.immutable
+        )
         self.committer = Committer(
             index,
             keys,
@@ -113,10 +115,19 @@ class Vault:
         passphrase: str,
         seed: bytes | None = None,
         segment_size: int = DEFAULT_SEGMENT_SIZE,
+        immutable: bool = False,
+        object_lock: str | None = None,
     ) -> Vault:
         """Make a new k-of-n vault at ``home`` over ``remote_specs`` (empty locations), with
-        a new key (or the one of ``seed``) kept in a keyfile under ``passphrase``."""
-        return cls(home, *initialize(home, remote_specs, k, n, passphrase, seed, segment_size))
+        a new key (or the one of ``seed``) kept in a keyfile under ``passphrase``;
+        ``immutable`` makes it append-only (:attr:`immutable`), ``object_lock`` records the
+        retention its S3 remotes lock objects for (the specs carry it: objectlock.lock_spec)."""
+        return cls(
+            home,
+            *initialize(
+                home, remote_specs, k, n, passphrase, seed, segment_size, immutable, object_lock
+            ),
+        )
 
     @classmethod
     def open(
@@ -160,6 +171,15 @@ class Vault:
     @property
     def k(self) -> int:
         return self.params.k
+
+    @property
+    def immutable(self) -> bool:
+        """An append-only vault: nothing here asks a remote to delete, move or overwrite an
+        object. Replaced objects stay on the remotes, listed as garbage (kept, never deleted);
+        prune refuses (:class:`~vaultfs.errors.ImmutableVault`). The protection against a
+        thief of this machine's credentials is the server's lock, not this flag
+        (docs/threat-model.md, "Immutable vaults")."""
+        return self.params.immutable
 
     @property
     def n(self) -> int:

@@ -51,6 +51,7 @@ def status(index: Index, keys: VaultKeys, params: VaultParams) -> dict:
         "fingerprint": keys.fingerprint(),
         "k": params.k,
         "n": params.n,
+        "immutable": params.immutable,
         "remotes": per_remote,
         "domains": len(set(domains.values())),
         "segments": len(segs),

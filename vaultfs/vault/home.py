@@ -68,9 +68,13 @@ def initialize(
     passphrase: str,
     seed: bytes | None,
     segment_size: int,
+    immutable: bool = False,
+    object_lock: str | None = None,
 ) -> tuple[VaultKeys, Index, int]:
     """Make a new vault at ``home`` over empty remotes: keys and keyfile, the index with
-    its parameters, remotes and key epoch 0, the queue. Returns (keys, index, lock fd)."""
+    its parameters (``immutable``: an append-only vault; ``object_lock``: the S3 Object Lock
+    retention its S3 remotes' specs carry), remotes and key epoch 0, the queue.
+    Returns (keys, index, lock fd)."""
     erasure.validate(k, n)
     if not remote_specs:
         raise NotEnoughRemotes("a vault needs at least one --remote")
@@ -95,7 +99,10 @@ def initialize(
     write_keyfile(keyfile_path(home), keys, passphrase)
     index = Index(index_path(home))
     data_key = keys.new_epoch_key()
-    params = VaultParams(keys.vault_id.hex(), k, n, segment_size, NEW_VAULT_AVG, time.time())
+    params = VaultParams(
+        keys.vault_id.hex(), k, n, segment_size, NEW_VAULT_AVG, time.time(), immutable,
+        object_lock,
+    )  # fmt: skip
     with index.tx() as db:
         params.write(db)
         keyring.set_current(db, 0, SUITE_XWING_AES256GCM)

@@ -3,6 +3,7 @@ placement survives losing."""
 
 from __future__ import annotations
 
+from collections import Counter
 from itertools import combinations
 
 from ..errors import NotEnoughRemotes
@@ -63,3 +64,21 @@ def shard_remotes(index: Index, seg_id: int, n: int) -> list[int]:
     if not rows:
         raise NotEnoughRemotes("the vault has no active remotes")
     return place(rows, seg_id, n)
+
+
+def remotes_needed(remotes: int, k: int, n: int) -> tuple[int, int]:
+    """(how many remotes any restore needs, most shards of one segment on one remote) for a
+    k-of-n vault over ``remotes`` remotes in their own failure domains: the smallest R such
+    that every R remotes hold at least k shards of every segment, whichever R they are."""
+    rows = [(i, f"d{i}") for i in range(remotes)]
+    needed = crowded = 0
+    for seg in range(remotes):  # the placement repeats with this period
+        per = Counter(place(rows, seg, n))
+        crowded = max(crowded, max(per.values()))
+        fewest = sorted(per.get(i, 0) for i in range(remotes))
+        held = r = 0
+        while held < k:
+            held += fewest[r]
+            r += 1
+        needed = max(needed, r)
+    return needed, crowded

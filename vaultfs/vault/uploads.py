@@ -75,8 +75,10 @@ class UploadQueue:
         queue: ShardQueue,
         remotes: Callable[[], list[Backend]],
         seal: Callable[[], None],
+        immutable: bool = False,
     ) -> None:
         self.index = index
+        self.immutable = immutable
         self.keys = keys
         self.queue = queue
         self.remotes = remotes
@@ -183,9 +185,12 @@ class UploadQueue:
         the kept ones names (a segment a kept manifest names a block in stays).
 
         Called only after a flush placed every manifest on every remote (invariant 6: an old
-        index copy is deleted only once newer ones are placed). Returns objects deleted;
+        index copy is deleted only once newer ones are placed); an immutable vault deletes
+        nothing. Returns objects deleted;
         a remote that fails keeps its old copies until the next successful flush.
         """
+        if self.immutable:  # an append-only vault keeps every index copy (Vault.immutable)
+            return 0
         keep = keep or KEEP_INDEX_COPIES
         seqs = manifests.seqs_newest_first(self.index)
         if len(seqs) <= keep:

@@ -1,0 +1,257 @@
+"""Immutable (append-only) vaults: no command asks a remote to delete, move or overwrite an
+object (a recording backend under every remote proves it), prune refuses, repair places its
+replacement under a new name and keeps the old object; and the ransomware test: remotes made
+write-once on the "server" side (``chattr``) survive a process with the vault's credentials
+that deletes and overwrites everything it can, and every snapshot still restores
+(docs/operations.md and docs/threat-model.md, "Immutable vaults")."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import PASSPHRASE, rclone_path, run_cli, tree_digest
+
+from vaultfs import backends, objectlock, rotation
+from vaultfs import repair as repair_mod
+from vaultfs import verify as verify_mod
+from vaultfs.errors import ImmutableVault, InputError
+from vaultfs.keys import SUITE_MLKEM1024_AES256GCM
+from vaultfs.prune import prune
+from vaultfs.vault import Vault
+
+WRITES = ("put_bytes", "put_file", "move_dir")
+REMOVALS = ("delete", "quarantine")
+
+
+class Recording(backends.Wrapper):
+    """Records every call that reaches the remote: (method, its first two arguments)."""
+
+    def __init__(self, inner: backends.Backend, calls: list[tuple[str, Any, Any]]) -> None:
+        super().__init__(inner)
+        self.calls = calls
+
+    def _op(self, fn, *args):
+        self.calls.append((fn.__name__, *(list(args) + [None, None])[:2]))
+        return fn(*args)
+
+
+def _objects(remotes: list[Path]) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(r.parent)): p.read_bytes()
+        for r in remotes
+        for p in sorted(r.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _make(tmp: Path, backups: int) -> tuple[Path, list[Path], Path, list[dict]]:
+    """An immutable 3-of-5 vault over local directories after ``backups`` backups of a tree
+    that changes between them; returns (home, remotes, source, each backup's tree digest)."""
+    home, remotes = tmp / "home", [tmp / f"remote{i}" for i in range(5)]
+    args = ["init", "--immutable", "-k", "3", "-n", "5", "--segment-mib", "1"]
+    for r in remotes:
+        args += ["--remote", str(r)]
+    run_cli(*args, home=home)
+    src = tmp / "src"
+    src.mkdir()
+    trees = []
+    for i in range(backups):
+        (src / f"part{i}.bin").write_bytes(os.urandom(700_000))
+        (src / "notes.txt").write_text(f"version {i}\n" * 1000)
+        run_cli("backup", str(src), "--name", f"b{i}", home=home)
+        trees.append(tree_digest(src))
+    return home, remotes, src, trees
+
+
+def test_immutable_vault_never_deletes_or_overwrites(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home, remotes, src, trees = _make(tmp_path, 4)
+    status = json.loads(run_cli("status", "--json", home=home).stdout)
+    assert status["immutable"] is True
+    # more commits than the index copies a vault keeps: every manifest is still on every remote
+    for r in remotes:
+        assert len(list((r / "manifests").iterdir())) >= 4
+    run_cli("forget", "--keep-last", "1", home=home)  # drops index rows only
+    res = run_cli("prune", home=home, check=23)
+    assert b"immutable" in res.stderr
+
+    calls: list[tuple[str, Any, Any]] = []
+    plain_stack = backends.stack
+    monkeypatch.setattr(
+        backends, "stack",
+        lambda base, wrap=None: plain_stack(base, lambda b: Recording(wrap(b) if wrap else b, calls)),
+    )  # fmt: skip
+    victim = next((remotes[0] / "data").iterdir())
+    blob = bytearray(victim.read_bytes())
+    blob[100] ^= 0xFF  # bit rot on one shard object
+    victim.write_bytes(bytes(blob))
+    before = _objects(remotes)
+    with Vault.open(home, PASSPHRASE) as v:
+        with pytest.raises(ImmutableVault):
+            prune(v)
+        assert not verify_mod.audit(v, mode="read-all").clean  # finds the rot
+        rep = repair_mod.repair(v)
+        assert rep.rebuilt == 1 and rep.deleted == [] and rep.quarantined == []
+        assert rep.retained == [f"data/{victim.name}"]
+        re = rotation.reencrypt(v, SUITE_MLKEM1024_AES256GCM)
+        assert re.rewritten > 0 and (re.garbage_deleted, re.garbage_left) == (0, 0)
+        audit = verify_mod.audit(v, mode="read-all")
+        assert audit.clean
+    # local directories report no object lock: said plainly, not taken for a lock
+    assert all(r.locked is False and "no object lock" in (r.lock or "") for r in audit.remotes)
+    assert calls and not [c for c in calls if c[0] in REMOVALS]
+    written = [c for c in calls if c[0] in WRITES]
+    assert written  # repair and re-encryption uploaded, each object under a new name
+    after = _objects(remotes)
+    assert {p: b for p, b in after.items() if p in before} == before  # nothing changed or gone
+    assert len(after) > len(before)
+    restored = tmp_path / "restored"
+    run_cli("restore", "--to", str(restored), home=home)
+    assert tree_digest(restored / "src") == trees[-1]
+
+
+def test_object_lock_read_back_from_an_s3_listing() -> None:
+    now = datetime(2026, 12, 6, tzinfo=UTC)
+    meta = {
+        "object-lock-mode": "COMPLIANCE",
+        "object-lock-retain-until-date": "2027-12-06T00:00:00Z",
+    }
+    listing = [
+        {"Name": "0000000000000001-aa", "Metadata": meta},
+        {"Name": "0000000000000002-bb", "Metadata": {**meta, "object-lock-mode": "GOVERNANCE"}},
+    ]
+    st = objectlock.parse(listing, now)
+    assert st.ok and st.locked == 2 and st.modes == ["COMPLIANCE", "GOVERNANCE"]
+    assert st.until is not None and st.until.startswith("2027-12-06")
+    expired = {**meta, "object-lock-retain-until-date": "2026-01-01T00:00:00Z"}
+    listing += [{"Name": "old", "Metadata": expired}, {"Name": "plain", "Metadata": {"mtime": "x"}}]
+    st = objectlock.parse(listing, now)
+    assert not st.ok and st.unlocked == ["old", "plain"] and "2 of 4" in st.summary()
+    assert not objectlock.parse([], now).ok
+
+
+def test_lock_spec_adds_object_lock_to_s3_remotes_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = tmp_path / "rclone.conf"
+    conf.write_text("[mys3]\ntype = s3\nprovider = AWS\n\n[nas]\ntype = sftp\nhost = h\n")
+    monkeypatch.setenv("RCLONE_CONFIG", str(conf))
+    lock = "object_lock_mode=COMPLIANCE,object_lock_retain_until_date=30d"
+    s3 = ":s3,provider=Rclone,endpoint='http://127.0.0.1:9000',access_key_id=a:bkt/v"
+    assert objectlock.lock_spec(s3, "30d") == s3.replace(":bkt/v", f",{lock}:bkt/v")
+    assert objectlock.lock_spec("mys3:bkt/v", "30d") == f"mys3,{lock}:bkt/v"
+    for unchanged in ("nas:vault", "/mnt/usb/vault", ":sftp,host=h:v", f":s3,{lock}:b"):
+        assert objectlock.lock_spec(unchanged, "30d") == unchanged
+    assert objectlock.lock_spec(s3, None) == s3
+    assert objectlock.check_retention("1y") == "1y"
+    with pytest.raises(InputError):
+        objectlock.check_retention("forever")
+
+
+def test_object_lock_set_on_upload_and_read_back_by_verify(tmp_path: Path, s3_server) -> None:
+    """`rclone serve s3` records the lock rclone sends (it does not enforce it): enough to
+    show vaultfs asks for it on every upload and verify reads it back."""
+    home = tmp_path / "home"
+    args = ["init", "--immutable", "--object-lock", "30d", "-k", "2", "-n", "3"]
+    for i in range(3):
+        args += ["--remote", s3_server.remote(f"bucket{i}/vault")]
+    run_cli(*args, home=home)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.bin").write_bytes(os.urandom(200_000))
+    run_cli("backup", str(src), home=home)
+    rep = json.loads(run_cli("verify", "--json", home=home).stdout)
+    assert rep["clean"]
+    for r in rep["remotes"]:
+        assert r["locked"] is True and "COMPLIANCE" in r["lock"], r
+    res = run_cli("init", "--object-lock", "30d", "--remote", str(tmp_path / "x"),
+                  home=tmp_path / "h2", check=InputError.exit_code)  # fmt: skip
+    assert b"--immutable" in res.stderr
+
+
+def _lock(remotes: list[Path]) -> None:
+    """The "server" makes what it holds write-once: every object immutable, every directory
+    append-only (entries may be added, none removed or renamed)."""
+    for r in remotes:
+        files = [str(p) for p in r.rglob("*") if p.is_file()]
+        dirs = [str(r), *(str(p) for p in r.rglob("*") if p.is_dir())]
+        subprocess.run(["chattr", "+i", *files], check=True, capture_output=True)
+        subprocess.run(["chattr", "+a", *dirs], check=True, capture_output=True)
+
+
+ATTACKER = r"""
+import os, subprocess, sys
+rclone, remotes = sys.argv[1], sys.argv[2:]
+done = 0
+for r in remotes:
+    for how in (["purge", r], ["delete", r], ["deletefile", r + "/manifests"]):
+        done += subprocess.run([rclone, *how], capture_output=True).returncode == 0
+    for dirpath, dirs, files in os.walk(r):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            for attack in (
+                lambda: os.remove(p),
+                lambda: open(p, "r+b").write(b"ENCRYPTED BY RANSOMWARE"),
+                lambda: os.truncate(p, 0),
+                lambda: os.rename(p, p + ".locked"),
+                lambda: subprocess.run([rclone, "copyto", __file__, p], check=True,
+                                       capture_output=True),
+            ):
+                try:
+                    attack()
+                    done += 1
+                except (OSError, subprocess.CalledProcessError):
+                    pass
+        for d in dirs:
+            try:
+                os.rename(os.path.join(dirpath, d), os.path.join(dirpath, d + ".gone"))
+                done += 1
+            except OSError:
+                pass
+    # what it can do: add objects of its own (a forged manifest, junk shards)
+    open(os.path.join(r, "manifests", "9999999999999999-deadbeef"), "wb").write(b"pay up")
+    open(os.path.join(r, "data", "0" * 32), "wb").write(os.urandom(4096))
+print(done)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chattr +i/+a needs root (CAP_LINUX_IMMUTABLE)")
+def test_ransomware_with_the_vaults_credentials_cannot_destroy_a_locked_vault(
+    tmp_path: Path,
+) -> None:
+    home, remotes, _src, trees = _make(tmp_path, 3)
+    try:
+        _lock(remotes)
+        before = _objects(remotes)
+        script = tmp_path / "attacker.py"
+        script.write_text(ATTACKER)
+        res = subprocess.run(
+            [sys.executable, str(script), str(rclone_path()), *map(str, remotes)],
+            capture_output=True, text=True, check=True, timeout=600,
+        )  # fmt: skip
+        assert res.stdout.strip() == "0"  # not one delete, overwrite or rename succeeded
+        after = _objects(remotes)
+        assert {p: b for p, b in after.items() if p in before} == before
+        keyfile = tmp_path / "key.json"
+        shutil.copy(home / "key.json", keyfile)
+        shutil.rmtree(home)  # the laptop is gone too
+        froms = [a for r in remotes for a in ("--from", str(r))]
+        for i, tree in enumerate(trees):
+            out = tmp_path / f"restored{i}"
+            rep = run_cli(
+                "restore", *froms, "--snapshot", f"b{i}", "--keyfile", str(keyfile),
+                "--to", str(out), "--json", home=tmp_path / f"h{i}",
+            )  # fmt: skip
+            assert json.loads(rep.stdout)["snapshot"]
+            assert tree_digest(out / "src") == tree
+    finally:
+        subprocess.run(["chattr", "-R", "-i", "-a", *map(str, remotes)], capture_output=True)
