@@ -21,10 +21,12 @@ from cli.common import (
     HomeOpt,
     IKnowOpt,
     JsonOpt,
+    StrategyOpt,
     advance,
     app,
     err,
     home_dir,
+    load_strategy,
     manifest_fields,
     new_passphrase,
     newest_manifest,
@@ -34,11 +36,12 @@ from cli.common import (
     report_flush,
 )
 from cli.mounted import flush_via_mount, mount_status
-from vaultfs import erasure, names, routine
+from vaultfs import erasure, names, routine, shamir, strategy, tiers
 from vaultfs.backup import backup_paths, backup_stream
 from vaultfs.errors import InputError
 from vaultfs.index import manifests
 from vaultfs.index import snapshots as snapshot_rows
+from vaultfs.keys import parse_seed
 from vaultfs.vault import Vault
 from vaultfs.vault.placement import place
 
@@ -55,11 +58,25 @@ def init(
     k: Annotated[int | None, typer.Option("-k", help="Shards needed to read.")] = None,
     n: Annotated[int | None, typer.Option("-n", help="Shards written.")] = None,
     segment_mib: Annotated[int, typer.Option(help="Segment size in MiB.")] = 4,
+    seed_file: Annotated[
+        Path | None,
+        typer.Option(help="Make the vault from this master seed (64 hex digits), not a new one."),
+    ] = None,
+    share_file: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--share-file",
+            "--shares",
+            help="Make the vault from the seed these Shamir shares "
+            "recover (repeat; `vaultfs keys split`).",
+        ),  # fmt: skip
+    ] = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
     i_know: IKnowOpt = False,
 ) -> None:
-    """Create a vault over one or more remotes."""
+    """Create a vault over one or more remotes, with a new master seed or an existing one
+    (--seed-file, --share-file: a second vault under a seed whose shares you already hold)."""
     if profile and (k or n):
         raise InputError("give either --profile or -k/-n, not both")
     if k or n:
@@ -76,9 +93,10 @@ def init(
         raise InputError(str(e)) from None
     if not 1 <= segment_mib <= 64:
         raise InputError("--segment-mib must be between 1 and 64")
+    seed = _given_seed(seed_file, share_file or [])
     h = home_dir(home)
     pw = new_passphrase(i_know)
-    with Vault.create(h, remote, k, n, pw, segment_size=segment_mib * 1024 * 1024) as v:
+    with Vault.create(h, remote, k, n, pw, seed, segment_mib * 1024 * 1024) as v:
         st = v.status()
     if as_json:
         out.print_json(json.dumps({"home": str(h), **st}))
@@ -101,6 +119,26 @@ def init(
         f"  Keep a copy of {h / 'key.json'} and your passphrase somewhere else: with "
         f"{which} they restore everything."
     )
+
+
+def _given_seed(seed_file: Path | None, share_files: list[Path]) -> bytes | None:
+    """The seed of --seed-file or of --share-file shares; None for a new one."""
+    if seed_file and share_files:
+        raise InputError("give --seed-file or --share-file, not both")
+    if seed_file:
+        try:
+            return parse_seed(seed_file.read_text())
+        except OSError as e:
+            raise InputError(f"cannot read {seed_file}: {e.strerror}") from None
+    if not share_files:
+        return None
+    parsed = []
+    for f in share_files:
+        try:
+            parsed.append(shamir.parse_share_text(f.read_text(), f.name))
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read share file {f}: {e}") from None
+    return shamir.recover(parsed).seed
 
 
 def remotes_needed(remotes: int, k: int, n: int) -> tuple[int, int]:
@@ -143,10 +181,42 @@ def backup(
             "explicit fork instead of refusing.",
         ),
     ] = False,
+    add_backend: Annotated[
+        tuple[str, str] | None,
+        typer.Option(
+            "--add-backend",
+            metavar="TIER REMOTE",
+            help="With `backup config`: add REMOTE to TIER's backends in the strategy file "
+            "(comments kept; K_of_N becomes K_of_N+1).",
+        ),  # fmt: skip
+    ] = None,
+    strategy_file: StrategyOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Back up files/directories (or stdin) as a new snapshot, then upload."""
+    """Back up files/directories (or stdin) as a new snapshot, then upload. `backup config
+    --add-backend TIER REMOTE` edits the strategy file instead (docs/operations.md, Tiers)."""
+    if add_backend is not None:
+        if [str(p) for p in paths or []] != ["config"] or stdin:
+            raise InputError("--add-backend goes with `vaultfs backup config` alone")
+        h = home_dir(home)
+        s = strategy.add_backend(strategy_file or strategy.default_path(h), h, *add_backend)
+        tier = s.tiers[add_backend[0]]
+        if as_json:
+            out.print_json(json.dumps(tier.as_json()))
+        else:
+            out.print(
+                f"{s.path}: tier {tier.name} now {tier.k}_of_{tier.n} over "
+                f"{', '.join(tier.backends)}",
+                highlight=False,
+            )
+            if (tier.home / "index.db").exists():
+                err.print(
+                    f"[yellow]tier {tier.name}'s vault exists: add the remote to it with "
+                    f"`vaultfs remote add --home {tier.home}` (its k-of-n stays)[/]",
+                    highlight=False,
+                )
+        return
     if stdin == bool(paths):
         raise InputError("give PATH… or --stdin (with --stdin-filename), not both or neither")
     if stdin and not stdin_filename:
@@ -189,6 +259,39 @@ def flush(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     with open_vault(home) as v:
         code = report_flush(v, as_json)
     raise typer.Exit(code)
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "never"
+
+
+def _tier_status(s: strategy.Strategy, as_json: bool) -> None:
+    rows = tiers.report(s)
+    if as_json:
+        out.print_json(json.dumps({"strategy": str(s.path), "tiers": rows}))
+        return
+    t = Table("tier", "coding", "last success", "next due", "RPO", "survives", "last error")
+    for r in rows:
+        if r["live"]:
+            t.add_row(r["tier"], "live", "-", "-", "-", "-", "the database itself")
+            continue
+        now_ok = r["survives_losses_now"]
+        survives = f"{'?' if now_ok is None else now_ok} of {r['survives_losses_design']}"
+        t.add_row(
+            r["tier"], r["coding"], _when(r["last_success"]),
+            _when(r["next_due"]) if r["last_success"] else "now", _ago(r["rpo_seconds"]),
+            survives, r["last_error"] or "",
+        )  # fmt: skip
+    out.print(t)
 
 
 # -- listing -----------------------------------------------------------------------------------
@@ -262,8 +365,16 @@ def ls(
 
 
 @app.command()
-def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Show remotes, queue, redundancy and how many remote losses the vault survives."""
+def status(
+    strategy_file: StrategyOpt = None, home: HomeOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Show remotes, queue, redundancy and how many remote losses the vault survives. With
+    --strategy (or in a home that holds a strategy.yaml and no vault of its own): every tier's
+    last success, next due, RPO and redundancy."""
+    h = home_dir(home)
+    if strategy_file or (not (h / "index.db").exists() and strategy.default_path(h).exists()):
+        _tier_status(load_strategy(home, strategy_file), as_json)
+        return
     with open_vault(home, lock=False) as v:
         st = v.status()
         st["routine"] = routine.report(home_dir(home), v)

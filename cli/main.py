@@ -3,7 +3,8 @@
 Commands live in their own modules and register on ``cli.common.app``: cli/core.py (init,
 backup, flush, snapshots, ls, status), cli/restore.py, cli/audit.py (verify, repair, prune,
 remote), cli/keys.py (keys, reencrypt, receipt), cli/mount.py (mount, umount, snapshot),
-cli/routine.py (forget, run, schedule), cli/home_cmd.py (home rebuild).
+cli/routine.py (forget, run, schedule), cli/home_cmd.py (home rebuild),
+cli/strategy_cmd.py (strategy).
 Exit codes: see vaultfs/errors.py.
 """
 
@@ -31,6 +32,7 @@ import cli.mount  # noqa: E402,F401
 import cli.kb_cmd  # noqa: E402,F401
 import cli.home_cmd  # noqa: E402,F401
 import cli.routine  # noqa: E402,F401
+import cli.strategy_cmd  # noqa: E402,F401
 
 # isort: on
 reflow_help(app)
