@@ -8,6 +8,7 @@ of the master seed recovers every tier's key, and `init --share-file` makes a va
 
 from __future__ import annotations
 
+import fcntl
 import json
 from pathlib import Path
 
@@ -68,6 +69,8 @@ sources:
         ("backup_strategy:\n  nas: {backend: 'x:y', frequency: daily\n  off: [\n", 3,
          ["YAML syntax error"]),
         ("sources: []\n", 1, ["backup_strategy", "missing"]),
+        ("backup_strategy:\n  nas: {backend: 'x:y', frequency: daily}\nsources:\n"
+         "  - pg: {dsn: 'host=x dbname'}\n", 4, ["sources[0].pg.dsn", "not a libpq DSN"]),
     ],
 )  # fmt: skip
 def test_a_bad_strategy_file_is_one_line_naming_line_and_key(
@@ -174,6 +177,12 @@ sources:
 
     ran_on: dict[str, list[int]] = {"nas": [], "offsite": [], "archive": []}
     for day in range(10):
+        if day == 9:  # a crashed pass's staging is dropped, never backed up
+            (home / "staging").mkdir()
+            (home / "staging" / "pg-stale.sql").write_text("stale\n")
+            with open(home / "run.lock", "a") as lock:  # another pass runs: refused
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                run_cli("run", home=home, env=at(home, day), check=17)
         (notes / "a.md").write_text(f"# belief 1, day {day}\n")
         pg_server.sql(f"INSERT INTO beliefs VALUES ({day}, 'day {day}')", dbname="kb")
         res = json.loads(run_cli("run", "--json", home=home, env=at(home, day)).stdout)
@@ -217,6 +226,7 @@ sources:
         dump = (to / "pg-kb.sql").read_text()
         assert f"{newest}\tday {newest}" in dump and f"{newest + 1}\tday" not in dump
         assert not (empty / "index.db").exists()
+        assert sorted(p.name for p in to.iterdir()) == ["notes", "pg-kb.sql"]
 
     # one Shamir split of the master seed recovers every tier's key
     master = _master(home)

@@ -49,6 +49,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
@@ -421,6 +423,10 @@ def _sources(at: _At, doc: CommentedMap, base: Path) -> list[Source]:
             dsn, tool = value.get("dsn"), value.get("pg_dump", "pg_dump")
             if not isinstance(dsn, str) or not dsn:
                 raise at.fail(item, kind, where + ".pg.dsn", "missing: the database's DSN")
+            try:
+                conninfo_to_dict(dsn)
+            except psycopg.ProgrammingError as e:
+                raise at.fail(value, "dsn", where + ".pg.dsn", f"not a libpq DSN: {e}") from None
             if not isinstance(tool, str) or not tool:
                 raise at.fail(value, "pg_dump", where + ".pg.pg_dump", "a program name or path")
             out.append(Source("pg", dsn, str(Path(tool).expanduser()) if "/" in tool else tool))

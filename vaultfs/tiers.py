@@ -23,6 +23,7 @@ The Python API for other commands (drills): :func:`master_keys`, :func:`tier_key
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -33,13 +34,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from . import clock, keys, routine
-from .errors import InputError, NoVault, VaultError
+from .errors import InputError, NoVault, VaultBusy, VaultError
 from .index import snapshots as snapshot_table
 from .keys import VaultKeys, read_keyfile
 from .strategy import Source, Strategy, Tier
 from .vault import Vault
 
 STATE_FILE = "tier.json"
+#: Held (flock) by the one pass over a strategy home's tiers.
+LOCK_FILE = "run.lock"
 #: Staging directory of one pass's database dumps, under the strategy home.
 STAGING = "staging"
 #: The sampled audit after a tier's snapshot: percent of each remote's blocks, time budget.
@@ -119,7 +122,10 @@ def next_due(tier: Tier, state: dict) -> float | None:
 # -- sources -----------------------------------------------------------------------------------
 def _dump(src: Source, dest: Path) -> Path:
     """pg_dump ``src`` (plain SQL: chunks deduplicate across days) into ``dest``."""
-    name = re.sub(r"[^\w.-]", "_", src.value.rstrip("/").rsplit("/", 1)[-1].split("?")[0])
+    from psycopg.conninfo import conninfo_to_dict
+
+    dbname = str(conninfo_to_dict(src.value).get("dbname") or "")  # checked by strategy.py
+    name = re.sub(r"[^\w.-]", "_", dbname)
     out = dest / f"pg-{name or 'db'}.sql"
     try:
         res = subprocess.run(
@@ -224,13 +230,35 @@ def run(
     if dry_run or not due:
         return out
     assert master is not None and passphrase is not None
+    with _pass_lock(strategy.home):
+        _run_due(strategy, master, passphrase, due, now, out)
+    return out
+
+
+@contextlib.contextmanager
+def _pass_lock(home: Path) -> Iterator[None]:
+    """One pass at a time per strategy home: they share the staging directory."""
+    with open(home / LOCK_FILE, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VaultBusy(
+                f"another `vaultfs run` is working on the tiers of {home}; let it finish"
+            ) from None
+        yield
+
+
+def _run_due(
+    strategy: Strategy, master: VaultKeys, passphrase: str, due: list[Tier], now: float, out: dict
+) -> None:
     try:
         paths = _stage(strategy)
     except VaultError as e:
         for t in due:
-            _record(t, now, e.message, {})
+            if t.home.exists():
+                _record(t, now, e.message, {})
             out["tiers"][t.name] |= {"failed": e.message}
-        return out
+        return
     try:
         for t in due:
             rec = out["tiers"][t.name]
@@ -247,7 +275,6 @@ def run(
                     _record(t, now, e.message, {})
     finally:
         shutil.rmtree(strategy.home / STAGING, ignore_errors=True)
-    return out
 
 
 def _record(tier: Tier, now: float, error: str | None, result: dict) -> None:
