@@ -230,11 +230,10 @@ sources:
 
     # one Shamir split of the master seed recovers every tier's key
     master = _master(home)
-    shares = shamir.split(master, 3, 5)
-    files = []
-    for i, words in enumerate(shares):
-        files.append(write(tmp_path / f"share-{i + 1}.txt",
-                           shamir.share_file_text(master, words, 3, 5)))  # fmt: skip
+    split = json.loads(run_cli("keys", "split", "--shares", "5", "--threshold", "3", "--out-dir",
+                               str(tmp_path / "shares"), "--json", home=home).stdout)  # fmt: skip
+    assert split["fingerprint"] == master.fingerprint() and len(split["files"]) == 5
+    files = [Path(p) for p in split["files"]]
     new_home = tmp_path / "new-home"
     args = ["keys", "recover", "--json"]
     for p in files[1:4]:
