@@ -19,7 +19,7 @@ from vaultfs import shamir, strategy
 from vaultfs.errors import ConfigError
 from vaultfs.keys import VaultKeys, read_keyfile, tier_seed
 
-#: A Saturday noon (UTC): day d of the simulation is DAY0 + d days.
+#: 2026-12-10 12:00 UTC: day d of the simulation is DAY0 + d days.
 DAY0 = 1796904000
 DAY = 86400
 
@@ -272,3 +272,34 @@ def test_init_makes_a_vault_from_an_existing_seed_or_its_shares(tmp_path: Path) 
     assert fps == [master.fingerprint()] * 2
     run_cli("init", "-k", "1", "-n", "2", "--remote", str(tmp_path / "r9"), "--share-file",
             str(files[0]), home=tmp_path / "h9", check=19)  # fmt: skip
+
+
+def test_an_immutable_tier_keeps_everything_and_a_torn_tier_home_is_named(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.md").write_text("a\n")
+    write(
+        home / "strategy.yaml",
+        f"""\
+backup_strategy:
+  lock: {{backend: "{tmp_path / "l"}", frequency: daily, retention: 1_day, immutable: true}}
+  torn: {{backend: "{tmp_path / "t"}", frequency: daily}}
+sources:
+  - path: {notes}
+""",
+    )
+    run_cli("strategy", "apply", home=home)
+    (home / "tiers" / "torn" / "index.db").unlink()  # as if made up to its keyfile only
+    for day in range(3):
+        res = json.loads(run_cli("run", "--json", home=home, env=at(home, day), check=20).stdout)
+        assert res["tiers"]["lock"]["ran"]["retention"].startswith("skipped: an immutable tier")
+        assert "keyfile but no index" in res["tiers"]["torn"]["failed"]
+    rows = json.loads(run_cli("snapshots", "--json", home=home / "tiers" / "lock").stdout)
+    assert len(rows) == 3
+    st = json.loads(run_cli("status", "--json", home=home, env=at(home, 2.5)).stdout)
+    lock, torn = st["tiers"]
+    assert lock["last_error"] is None and lock["rpo_seconds"] == DAY / 2
+    assert torn["last_success"] is None and "keyfile but no index" in torn["last_error"]
+    assert "torn" in run_cli("status", home=home).stdout.decode()  # the table prints

@@ -12,7 +12,8 @@ the derived keys.
 success; a tier that failed is due again at the next pass) it takes one snapshot of the
 sources (a ``pg`` source is dumped by pg_dump into a staging directory first, once per pass,
 so every tier of the pass holds the same consistent dump), places it on the remotes, applies
-the tier's retention (forget, then prune), and audits a sample of every remote. What a tier
+the tier's retention (forget, then prune; an ``immutable`` tier skips it: it is pruned with
+separate credentials, docs/operations.md), and audits a sample of every remote. What a tier
 did is recorded in ``<tier home>/tier.json`` (replaced atomically), which :func:`report`
 reads without a key. Time is :func:`vaultfs.clock.now`.
 
@@ -75,6 +76,12 @@ def ensure(tier: Tier, master: VaultKeys, passphrase: str) -> bool:
     if (tier.home / "index.db").exists():
         with Vault.open(tier.home, keys=tier_keys(master, tier), lock=False):
             return False
+    if (tier.home / "key.json").exists():
+        raise NoVault(
+            f"tier {tier.name}'s home {tier.home} holds a keyfile but no index: its creation was "
+            f"interrupted (delete {tier.home} and run again) or the index was lost (`vaultfs "
+            f"home rebuild --home {tier.home} --from REMOTE`)"
+        )
     k, n = tier.vault_k_n
     seed = keys.tier_seed(master.seed, tier.name)
     with Vault.create(tier.home, list(tier.backends), k, n, passphrase, seed=seed):
@@ -168,7 +175,9 @@ def _run_tier(tier: Tier, master: VaultKeys, paths: list[Path], now: float) -> d
         rep = v.flush()
         result["snapshot"] = {"id": uid, "name": name, "entries": count, "bytes": size,
                               "complete": rep.complete}  # fmt: skip
-        if tier.retention is not None:
+        if tier.retention is not None and tier.immutable:
+            result["retention"] = "skipped: an immutable tier is pruned with its own credentials"
+        elif tier.retention is not None:
             d = routine.forget(tier.home, v, tier.retention, dry_run=False, mounted=False, now=now)
             result["forgot"] = [s.id for s in d.forget]
             result["kept"] = len(d.keep)
