@@ -69,6 +69,8 @@ sources:
         ("backup_strategy:\n  nas: {backend: 'x:y', frequency: daily\n  off: [\n", 3,
          ["YAML syntax error"]),
         ("sources: []\n", 1, ["backup_strategy", "missing"]),
+        ("backup_strategy:\n  nas: {backend: 'x:y', frequency: daily}\n", 1,
+         ["sources", "missing"]),
         ("backup_strategy:\n  nas: {backend: 'x:y', frequency: daily}\nsources:\n"
          "  - pg: {dsn: 'host=x dbname'}\n", 4, ["sources[0].pg.dsn", "not a libpq DSN"]),
     ],

@@ -182,7 +182,7 @@ def _yaml() -> YAML:
     return y
 
 
-def _read(path: Path) -> tuple[str, object]:
+def _read(path: Path) -> object:
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -192,7 +192,7 @@ def _read(path: Path) -> tuple[str, object]:
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read strategy file {path}: {e}") from None
     try:
-        return text, _yaml().load(text)
+        return _yaml().load(text)
     except MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = f"{mark.line + 1}:" if mark is not None else ""
@@ -223,8 +223,7 @@ def load(path: Path, home: Path) -> Strategy:
     """Read and validate the strategy file at ``path`` for the vault home ``home`` (tier
     homes go under ``home/tiers/``). Raises InputError when the file cannot be read and
     ConfigError (one line: file, line, key) when it is not a valid strategy."""
-    _text, doc = _read(path)
-    return parse(doc, path, home)
+    return parse(_read(path), path, home)
 
 
 def parse(doc: object, path: Path, home: Path) -> Strategy:
@@ -251,6 +250,8 @@ def parse(doc: object, path: Path, home: Path) -> Strategy:
             )  # fmt: skip
         tiers[name] = _tier(at, tiers_doc, name, home / TIERS_DIR / name)
     sources = _sources(at, doc, path.parent)
+    if not sources and not all(t.live for t in tiers.values()):
+        raise at.fail(doc, None, "sources", "missing: list what the tiers back up (path:, pg:)")
     if sum(t.live for t in tiers.values()) > 1:
         raise at.fail(tiers_doc, None, "backup_strategy", f"only one tier may be {LIVE_POSTGRES}")
     return Strategy(path, home, tiers, sources)
@@ -439,7 +440,7 @@ def add_backend(path: Path, home: Path, tier: str, spec: str) -> Strategy:
     """Add ``spec`` to ``tier``'s backends in the file at ``path``, keeping its comments and
     order (a ``backend:`` becomes ``backends:``; K_of_N grows N by one, keeping K). The edited
     file is validated before it replaces the old one (atomically); the new Strategy."""
-    _text, doc = _read(path)
+    doc = _read(path)
     current = parse(doc, path, home)
     t = current.tier(tier)
     if t.live:

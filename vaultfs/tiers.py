@@ -26,11 +26,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +42,8 @@ from .index import snapshots as snapshot_table
 from .keys import VaultKeys, read_keyfile
 from .strategy import Source, Strategy, Tier
 from .vault import Vault
+
+log = logging.getLogger("vaultfs.tiers")
 
 STATE_FILE = "tier.json"
 #: Held (flock) by the one pass over a strategy home's tiers.
@@ -233,7 +237,7 @@ def run(
             out["tiers"][t.name] = {"skipped": "the live database (docs/operations.md, Tiers)"}
         elif nxt is not None and (nxt <= now or only):
             due.append(t)
-            out["tiers"][t.name] = {"due": True, "made": (t.home / "index.db").exists()}
+            out["tiers"][t.name] = {"due": True, "exists": (t.home / "index.db").exists()}
         else:
             out["tiers"][t.name] = {"due": False, "next_due": nxt}
     if dry_run or not due:
@@ -278,10 +282,11 @@ def _run_due(
             except _Partial as e:
                 rec |= {"ran": e.result, "failed": e.message}
                 _record(t, now, e.message, e.result)
-            except VaultError as e:
-                rec["failed"] = e.message
+            except Exception as e:  # a tier's failure is reported, never fatal to the pass
+                log.debug("tier %s failed:\n%s", t.name, traceback.format_exc())
+                rec["failed"] = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
                 if t.home.exists():
-                    _record(t, now, e.message, {})
+                    _record(t, now, rec["failed"], {})
     finally:
         shutil.rmtree(strategy.home / STAGING, ignore_errors=True)
 
