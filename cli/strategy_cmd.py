@@ -21,6 +21,7 @@ from cli.common import (
     JsonOpt,
     StrategyOpt,
     app,
+    err,
     home_dir,
     load_strategy,
     new_passphrase,
@@ -93,7 +94,8 @@ def apply(
     i_know: IKnowOpt = False,
 ) -> None:
     """Make every tier's vault that does not exist yet, with keys derived from the home's
-    master seed (made now, under a new passphrase, if the home has no key.json). Idempotent."""
+    master seed (made now, under a new passphrase, if the home has no key.json), and say
+    where a made one differs from the file (remotes, k-of-n). Idempotent."""
     s = load_strategy(home, strategy)
     h = home_dir(home)
     made_master = not (h / "key.json").exists()
@@ -104,14 +106,20 @@ def apply(
     else:
         pw = passphrase()
         master = tiers.master_keys(h, pw)
-    made = {t.name: tiers.ensure(t, master, pw) for t in s.tiers.values() if not t.live}
+    vaults = [t for t in s.tiers.values() if not t.live]
+    made = {t.name: tiers.ensure(t, master, pw) for t in vaults}
+    differs = {t.name: d for t in vaults if (d := tiers.differences(t, master))}
     if as_json:
-        out.print_json(json.dumps({"master_created": made_master, "made": made}))
+        out.print_json(
+            json.dumps({"master_created": made_master, "made": made, "differs": differs})
+        )
         return
     if made_master:
         out.print(f"made a master key at {h / 'key.json'}: keep it and its passphrase safe")
     for name, new in made.items():
         out.print(f"tier {name}: {'made' if new else 'exists'}", highlight=False)
+        for d in differs.get(name, []):
+            err.print(f"[yellow]  {d}[/]", highlight=False)
 
 
 @strategy_app.command()

@@ -18,7 +18,7 @@ did is recorded in ``<tier home>/tier.json`` (replaced atomically), which :func:
 reads without a key. Time is :func:`vaultfs.clock.now`.
 
 The Python API for other commands (drills): :func:`master_keys`, :func:`tier_keys`,
-:func:`ensure`, :func:`open_tier`, :func:`run`, :func:`report`.
+:func:`ensure`, :func:`differences`, :func:`open_tier`, :func:`run`, :func:`report`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from pathlib import Path
 
 from . import clock, keys, routine
 from .errors import InputError, NoVault, VaultBusy, VaultError
+from .index import remotes as remote_table
 from .index import snapshots as snapshot_table
 from .keys import VaultKeys, read_keyfile
 from .strategy import Source, Strategy, Tier
@@ -90,6 +91,22 @@ def ensure(tier: Tier, master: VaultKeys, passphrase: str) -> bool:
     seed = keys.tier_seed(master.seed, tier.name)
     with Vault.create(tier.home, list(tier.backends), k, n, passphrase, seed=seed):
         return True
+
+
+def differences(tier: Tier, master: VaultKeys) -> list[str]:
+    """How ``tier``'s existing vault differs from the strategy file, one sentence each:
+    backends the vault does not use or uses beyond the file, another k-of-n. The file does
+    not change a made vault (`vaultfs remote add|remove --home TIER_HOME` does)."""
+    with open_tier(tier, master, lock=False) as v:
+        have = [spec for _rid, spec in remote_table.active(v.index)]
+        k, n = v.k, v.n
+    out = [f"{b} is in the file, not a remote of the vault" for b in tier.backends if b not in have]
+    out += [
+        f"{r} is a remote of the vault, not in the file" for r in have if r not in tier.backends
+    ]
+    if (k, n) != tier.vault_k_n:
+        out.append(f"the vault is {k}-of-{n}, the file says {tier.k}_of_{tier.n}")
+    return out
 
 
 @contextlib.contextmanager
