@@ -29,10 +29,12 @@ from rich.progress import (
 )
 
 from cli.early import secret
+from vaultfs import strategy
 from vaultfs.errors import EXIT_PARTIAL, InputError, NoVault, StaleBase
 from vaultfs.index import manifests
 from vaultfs.keys import VaultKeys, parse_seed, read_keyfile
 from vaultfs.manifest import Link
+from vaultfs.strategy import Strategy
 from vaultfs.vault import Vault, default_home
 
 app = typer.Typer(
@@ -52,6 +54,10 @@ HomeOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 KeyfileOpt = Annotated[Path | None, typer.Option(help="Keyfile (asks for its passphrase).")]
 SeedOpt = Annotated[Path | None, typer.Option(help="File holding the master seed in hex.")]
+StrategyOpt = Annotated[
+    Path | None,
+    typer.Option("--strategy", help="Strategy file (default: strategy.yaml in the home)."),
+]
 IKnowOpt = Annotated[
     bool,
     typer.Option("--i-know", help="Accept a new passphrase the strength estimator calls weak."),
@@ -127,6 +133,13 @@ def new_passphrase(i_know: bool, env: str = "VAULTFS_PASSPHRASE", label: str = "
         err.print(f"[yellow]warning:[/] {msg}", highlight=False)
         return pw
     raise InputError(f"{msg} Choose a stronger one, or pass --i-know to use it anyway.")
+
+
+def load_strategy(home: Path | None, path: Path | None) -> Strategy:
+    """The strategy of --strategy ``path``, else the home's strategy.yaml (docs/operations.md,
+    Tiers), validated; its tiers live under the home. ConfigError/InputError otherwise."""
+    h = home_dir(home)
+    return strategy.load(path or strategy.default_path(h), h)
 
 
 @contextlib.contextmanager

@@ -20,10 +20,12 @@ from cli.common import (
     HomeOpt,
     IKnowOpt,
     JsonOpt,
+    StrategyOpt,
     advance,
     app,
     err,
     home_dir,
+    load_strategy,
     manifest_fields,
     new_passphrase,
     newest_manifest,
@@ -33,11 +35,12 @@ from cli.common import (
     report_flush,
 )
 from cli.mounted import flush_via_mount, mount_status
-from vaultfs import erasure, names, routine
+from vaultfs import erasure, names, routine, shamir, strategy, tiers
 from vaultfs.backup import backup_paths, backup_stream
 from vaultfs.errors import InputError
 from vaultfs.index import manifests
 from vaultfs.index import snapshots as snapshot_rows
+from vaultfs.keys import parse_seed
 from vaultfs.objectlock import check_retention, lock_spec
 from vaultfs.remotes import check_archive
 from vaultfs.vault import Vault
@@ -75,13 +78,27 @@ def init(
         bool,
         typer.Option("--archive", help="Accept remotes on an archive storage class (Glacier)."),
     ] = False,
+    seed_file: Annotated[
+        Path | None,
+        typer.Option(help="Make the vault from this master seed (64 hex digits), not a new one."),
+    ] = None,
+    share_file: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--share-file",
+            "--shares",
+            help="Make the vault from the seed these Shamir shares "
+            "recover (repeat; `vaultfs keys split`).",
+        ),  # fmt: skip
+    ] = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
     i_know: IKnowOpt = False,
 ) -> None:
-    """Create a vault over one or more remotes. With --immutable it is append-only: no
-    command asks a remote to delete, move or overwrite an object (lock the objects on the
-    server too: docs/operations.md, "Immutable vaults")."""
+    """Create a vault over one or more remotes, with a new master seed or an existing one
+    (--seed-file, --share-file: a second vault under a seed whose shares you already hold).
+    With --immutable it is append-only: no command asks a remote to delete, move or overwrite
+    an object (lock the objects on the server too: docs/operations.md, "Immutable vaults")."""
     if profile and (k or n):
         raise InputError("give either --profile or -k/-n, not both")
     if k or n:
@@ -104,10 +121,11 @@ def init(
         if not immutable:
             raise InputError("--object-lock goes with --immutable")
         remote = [lock_spec(s, check_retention(object_lock)) for s in remote]
+    seed = _given_seed(seed_file, share_file or [])
     h = home_dir(home)
     pw = new_passphrase(i_know)
     with Vault.create(
-        h, remote, k, n, pw, segment_size=segment_mib * 1024 * 1024, immutable=immutable,
+        h, remote, k, n, pw, seed, segment_mib * 1024 * 1024, immutable=immutable,
         object_lock=object_lock,
     ) as v:  # fmt: skip
         st = v.status()
@@ -134,6 +152,26 @@ def init(
     )
 
 
+def _given_seed(seed_file: Path | None, share_files: list[Path]) -> bytes | None:
+    """The seed of --seed-file or of --share-file shares; None for a new one."""
+    if seed_file and share_files:
+        raise InputError("give --seed-file or --share-file, not both")
+    if seed_file:
+        try:
+            return parse_seed(seed_file.read_text())
+        except OSError as e:
+            raise InputError(f"cannot read {seed_file}: {e.strerror}") from None
+    if not share_files:
+        return None
+    parsed = []
+    for f in share_files:
+        try:
+            parsed.append(shamir.parse_share_text(f.read_text(), f.name))
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read share file {f}: {e}") from None
+    return shamir.recover(parsed).seed
+
+
 # -- backup ------------------------------------------------------------------------------------
 @app.command()
 def backup(
@@ -156,10 +194,42 @@ def backup(
             "explicit fork instead of refusing.",
         ),
     ] = False,
+    add_backend: Annotated[
+        tuple[str, str] | None,
+        typer.Option(
+            "--add-backend",
+            metavar="TIER REMOTE",
+            help="With `backup config`: add REMOTE to TIER's backends in the strategy file "
+            "(comments kept; K_of_N becomes K_of_N+1).",
+        ),  # fmt: skip
+    ] = None,
+    strategy_file: StrategyOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Back up files/directories (or stdin) as a new snapshot, then upload."""
+    """Back up files/directories (or stdin) as a new snapshot, then upload. `backup config
+    --add-backend TIER REMOTE` edits the strategy file instead (docs/operations.md, Tiers)."""
+    if add_backend is not None:
+        if [str(p) for p in paths or []] != ["config"] or stdin:
+            raise InputError("--add-backend goes with `vaultfs backup config` alone")
+        h = home_dir(home)
+        s = strategy.add_backend(strategy_file or strategy.default_path(h), h, *add_backend)
+        tier = s.tiers[add_backend[0]]
+        if as_json:
+            out.print_json(json.dumps(tier.as_json()))
+        else:
+            out.print(
+                f"{s.path}: tier {tier.name} now {tier.k}_of_{tier.n} over "
+                f"{', '.join(tier.backends)}",
+                highlight=False,
+            )
+            if (tier.home / "index.db").exists():
+                err.print(
+                    f"[yellow]tier {tier.name}'s vault exists: add the remote to it with "
+                    f"`vaultfs remote add --home {tier.home}` (its k-of-n stays)[/]",
+                    highlight=False,
+                )
+        return
     if stdin == bool(paths):
         raise InputError("give PATH… or --stdin (with --stdin-filename), not both or neither")
     if stdin and not stdin_filename:
@@ -202,6 +272,39 @@ def flush(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     with open_vault(home) as v:
         code = report_flush(v, as_json)
     raise typer.Exit(code)
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "never"
+
+
+def _tier_status(s: strategy.Strategy, as_json: bool) -> None:
+    rows = tiers.report(s)
+    if as_json:
+        out.print_json(json.dumps({"strategy": str(s.path), "tiers": rows}))
+        return
+    t = Table("tier", "coding", "last success", "next due", "RPO", "survives", "last error")
+    for r in rows:
+        if r["live"]:
+            t.add_row(r["tier"], "live", "-", "-", "-", "-", "the database itself")
+            continue
+        now_ok = r["survives_losses_now"]
+        survives = f"{'?' if now_ok is None else now_ok} of {r['survives_losses_design']}"
+        t.add_row(
+            r["tier"], r["coding"], _when(r["last_success"]),
+            _when(r["next_due"]) if r["last_success"] else "now", _ago(r["rpo_seconds"]),
+            survives, r["last_error"] or "",
+        )  # fmt: skip
+    out.print(t)
 
 
 # -- listing -----------------------------------------------------------------------------------
@@ -275,8 +378,16 @@ def ls(
 
 
 @app.command()
-def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Show remotes, queue, redundancy and how many remote losses the vault survives."""
+def status(
+    strategy_file: StrategyOpt = None, home: HomeOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Show remotes, queue, redundancy and how many remote losses the vault survives. With
+    --strategy (or in a home that holds a strategy.yaml and no vault of its own): every tier's
+    last success, next due, RPO and redundancy."""
+    h = home_dir(home)
+    if strategy_file or (not (h / "index.db").exists() and strategy.default_path(h).exists()):
+        _tier_status(load_strategy(home, strategy_file), as_json)
+        return
     with open_vault(home, lock=False) as v:
         st = v.status()
         st["routine"] = routine.report(home_dir(home), v)

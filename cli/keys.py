@@ -74,6 +74,13 @@ def _write_private(path: Path, text: str) -> None:
 
 
 # -- split / recover ---------------------------------------------------------------------------
+def _split(keys: VaultKeys, threshold: int, shares: int) -> tuple[list[str], list[str], int]:
+    """(mnemonics, share file texts, share set id) of a new split of ``keys``' seed."""
+    mnemonics = shamir.split(keys, threshold, shares)
+    texts = [shamir.share_file_text(keys, m, threshold, shares) for m in mnemonics]
+    return mnemonics, texts, shamir.check_share(shamir.ParsedShare("new", mnemonics[0])).identifier
+
+
 @keys_app.command()
 def split(
     shares: Annotated[int, typer.Option("--shares", help="Number of shares to make.")] = 5,
@@ -86,17 +93,23 @@ def split(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Split the master seed into SLIP-39 word shares (any THRESHOLD of SHARES recover it)."""
-    with open_vault(home, lock=False) as v:
-        mnemonics = shamir.split(v.keys, threshold, shares)
-        texts = [shamir.share_file_text(v.keys, m, threshold, shares) for m in mnemonics]
-        set_id = shamir.check_share(shamir.ParsedShare("new share", mnemonics[0])).identifier
-        splits = json.loads(v.index.get("shamir_splits") or "[]")
-        splits.append(
-            {"set": set_id, "threshold": threshold, "shares": shares, "created": time.time()}
-        )
-        v.index.set("shamir_splits", json.dumps(splits))
-        fp = v.keys.fingerprint()
+    """Split the master seed into SLIP-39 word shares (any THRESHOLD of SHARES recover it).
+    In a strategy home (a keyfile, no vault of its own) this is the master seed of every
+    tier (docs/operations.md, Tiers)."""
+    h = home_dir(home)
+    if not (h / "index.db").exists() and (h / "key.json").exists():
+        keys = read_keyfile(h / "key.json", passphrase())  # nowhere to record the split
+        mnemonics, texts, set_id = _split(keys, threshold, shares)
+    else:
+        with open_vault(home, lock=False) as v:
+            keys = v.keys
+            mnemonics, texts, set_id = _split(keys, threshold, shares)
+            splits = json.loads(v.index.get("shamir_splits") or "[]")
+            splits.append(
+                {"set": set_id, "threshold": threshold, "shares": shares, "created": time.time()}
+            )
+            v.index.set("shamir_splits", json.dumps(splits))
+    fp = keys.fingerprint()
     files = []
     if out_dir is not None:
         out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ Commands live in their own modules and register on ``cli.common.app``: cli/core.
 backup, flush, snapshots, ls, status), cli/restore.py, cli/audit.py (verify, repair, prune,
 remote), cli/keys.py (keys, reencrypt, receipt), cli/mount.py (mount, umount, snapshot),
 cli/routine.py (forget, run, schedule), cli/home_cmd.py (home rebuild), cli/drill_cmd.py
-(drill).
+(drill), cli/strategy_cmd.py (strategy).
 Exit codes: see vaultfs/errors.py.
 """
 
@@ -33,6 +33,7 @@ import cli.kb_cmd  # noqa: E402,F401
 import cli.home_cmd  # noqa: E402,F401
 import cli.routine  # noqa: E402,F401
 import cli.drill_cmd  # noqa: E402,F401
+import cli.strategy_cmd  # noqa: E402,F401
 
 # isort: on
 reflow_help(app)

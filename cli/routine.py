@@ -20,10 +20,21 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli.common import HomeOpt, JsonOpt, app, err, home_dir, open_vault, out
+from cli.common import (
+    HomeOpt,
+    JsonOpt,
+    StrategyOpt,
+    app,
+    err,
+    home_dir,
+    load_strategy,
+    open_vault,
+    out,
+    passphrase,
+)
 from cli.mounted import mounted, run_in_mount
 from vaultfs import prune as prune_mod
-from vaultfs import retention, routine
+from vaultfs import retention, routine, strategy, tiers
 from vaultfs.errors import EXIT_JOB_FAILED, EXIT_PARTIAL, InputError
 
 
@@ -130,10 +141,28 @@ def _print_forget(result: dict, decision: retention.Decision, dry_run: bool) -> 
 
 # -- run ---------------------------------------------------------------------------------------
 @app.command()
-def run(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+def run(
+    strategy_file: StrategyOpt = None,
+    tier: Annotated[str | None, typer.Option("--tier", help="Only this tier (due or not).")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say which tiers are due; change nothing.")
+    ] = False,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """One pass of the vault's routine: every scheduled job that is due (`vaultfs schedule`),
-    then the alert checks. For a systemd timer or cron; see docs/operations.md."""
+    then the alert checks. With a strategy (--strategy, or strategy.yaml in the home): every
+    due tier instead, each one sources → snapshot → place → retention → sampled audit
+    (docs/operations.md, Tiers). For a systemd timer or cron."""
     h = home_dir(home)
+    if strategy_file or strategy.default_path(h).exists():
+        _run_tiers(load_strategy(home, strategy_file), tier, dry_run, as_json)
+        return
+    if tier or dry_run:
+        raise InputError(
+            f"--tier and --dry-run need a strategy file: give --strategy or write "
+            f"{strategy.default_path(h)}"
+        )
     live = mounted(h) is not None
     with open_vault(home, lock=not live) as v:
         res = routine.run_pass(h, v, live)
@@ -153,6 +182,37 @@ def run(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         if not (res["ran"] or res["waiting"] or res["failed"]):
             out.print("nothing due")
     raise typer.Exit(EXIT_JOB_FAILED if res["failed"] else 0)
+
+
+def _run_tiers(s: strategy.Strategy, only: str | None, dry_run: bool, as_json: bool) -> None:
+    master = pw = None
+    if not dry_run:
+        pw = passphrase()
+        master = tiers.master_keys(s.home, pw)
+    res = tiers.run(s, master, pw, only, dry_run)
+    failed = [n for n, r in res["tiers"].items() if "failed" in r]
+    if as_json:
+        out.print_json(json.dumps(res))
+        raise typer.Exit(EXIT_JOB_FAILED if failed else 0)
+    for name, r in res["tiers"].items():
+        if "skipped" in r:
+            out.print(f"{name}: skipped ({r['skipped']})", highlight=False)
+        elif not r["due"]:
+            out.print(f"{name}: not due until {_when(r['next_due'])}", highlight=False)
+        elif dry_run:
+            out.print(f"{name}: due (would snapshot, place, apply retention, audit)")
+        elif "ran" in r and "snapshot" in r["ran"]:
+            ran = r["ran"]
+            snap = ran["snapshot"]
+            out.print(
+                f"{name}: snapshot {snap['id']} ({snap['entries']} entries, {snap['bytes']:,} "
+                f"bytes), forgot {len(ran.get('forgot', []))}, audit "
+                f"{'clean' if ran['audit']['clean'] else 'found damage'}",
+                highlight=False,
+            )
+        if "failed" in r:
+            err.print(f"[red]{name} failed:[/] {r['failed']}", highlight=False)
+    raise typer.Exit(EXIT_JOB_FAILED if failed else 0)
 
 
 # -- schedule ----------------------------------------------------------------------------------

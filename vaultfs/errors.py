@@ -7,7 +7,7 @@ code  meaning
 ====  ==========================================================================
 0     success
 1     unexpected internal error (a bug: please report it)
-2     usage error (bad flags or arguments)
+2     usage error (bad flags or arguments) or an invalid strategy file
 3     committed locally, but some data is not yet on at least k remotes
 10    wrong passphrase, wrong key or key material from another vault
 11    not enough healthy remotes (fewer than k reachable or intact)
@@ -115,6 +115,13 @@ class NoVault(VaultError):
 
 class VaultBusy(VaultError):
     exit_code = 17
+
+
+class ConfigError(VaultError):
+    """The strategy file is not valid YAML or not a valid strategy: the message names the
+    file, the line and the key to fix (vaultfs/strategy.py)."""
+
+    exit_code = 2
 
 
 class InputError(VaultError):

@@ -16,7 +16,10 @@
       ├─ HKDF "sign/slhdsa-seal"  → AES-256 key sealing the (random) SLH-DSA secret key
       ├─ HKDF "keyfile-policy"    → HMAC key authenticating the keyfile's policy (KDF, retired
       │                              suites, SLH-DSA parameter set)
-      └─ HKDF "audit"             → key for audit challenges (reserved)
+      ├─ HKDF "audit"             → key for audit challenges (reserved)
+      └─ HKDF "tier/" + NAME      → 32-byte master seed of tier NAME's vault (a strategy's
+                                     tiers: vaultfs/tiers.py), which derives all of the
+                                     above for that vault in turn
 
 Data keys are random per epoch and stored wrapped with HPKE to the public key of the epoch's
 suite (`keyring`), so the seed alone re-derives everything needed to unwrap them.
@@ -354,6 +357,15 @@ def verify_slhdsa(
         mod.verify(public, message, signature)
     except (InvalidSignatureError, ValueError):
         raise IntegrityError("SLH-DSA signature does not verify (tampered or foreign)") from None
+
+
+def tier_seed(master: bytes, tier: str) -> bytes:
+    """The master seed of the vault of strategy tier ``tier`` (vaultfs/strategy.py):
+    HKDF(master, "tier/" + name). One master seed, one keyfile and one Shamir split so
+    recover every tier; a tier's seed reveals nothing of the master or of another tier."""
+    if len(master) != SEED_LEN:
+        raise WrongKey(f"a master seed is {SEED_LEN} bytes; got {len(master)}")
+    return hkdf(master, b"tier/" + tier.encode(), SEED_LEN)
 
 
 def new_seed() -> bytes:

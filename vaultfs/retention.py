@@ -190,7 +190,7 @@ def apply(snaps: Iterable[Snap], policy: Policy, now: float | None = None) -> De
     if policy.empty():
         return Decision([(s, ["policy is empty"]) for s in ordered], [])
     now = time.time() if now is None else now
-    past = [s.time for s in ordered if s.time < now]
+    past = [s.time for s in ordered if s.time <= now]  # at `now` is not in the future
     newest = past[0] if past else 0.0
     kinds = ["last", "hourly", "daily", "weekly", "monthly", "yearly"]
     counts = dict(zip(kinds, policy._counts(), strict=True))

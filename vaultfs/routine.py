@@ -57,7 +57,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import control, maintenance, retention
+from . import clock, control, maintenance, retention
 from .errors import InputError, VaultBusy, VaultError
 from .index import segments as segment_table
 from .index import snapshots as snapshot_table
@@ -277,13 +277,20 @@ def snapshot_name(now: float) -> str:
 
 
 def forget(
-    home: Path, v: Vault, policy: retention.Policy, dry_run: bool, mounted: bool
+    home: Path,
+    v: Vault,
+    policy: retention.Policy,
+    dry_run: bool,
+    mounted: bool,
+    now: float | None = None,
 ) -> retention.Decision:
-    """Apply ``policy`` to the vault's snapshots; unless ``dry_run``, delete the ones it does
-    not keep: through the mount's control socket when ``mounted`` (``v`` is then opened
-    without the lock), else on ``v`` (opened with it). The caller flushes an unmounted vault."""
+    """Apply ``policy`` to the vault's snapshots as of ``now`` (default: vaultfs/clock.py);
+    unless ``dry_run``, delete the ones it does not keep: through the mount's control socket
+    when ``mounted`` (``v`` is then opened without the lock), else on ``v`` (opened with it).
+    The caller flushes an unmounted vault."""
     rows = snapshot_table.rows(v.index)
-    decision = retention.apply([retention.Snap(u, c, nm) for u, nm, c, *_ in rows], policy)
+    snaps = [retention.Snap(u, c, nm) for u, nm, c, *_ in rows]
+    decision = retention.apply(snaps, policy, clock.now() if now is None else now)
     if dry_run or not decision.forget:
         return decision
     if not mounted:  # one transaction, one index copy
@@ -413,7 +420,7 @@ def run_pass(home: Path, v: Vault, mounted: bool, now: float | None = None) -> d
         # one pass at a time (the mount daemon's, a timer's): the second sees what the first
         # did and runs only what is still due
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _pass(home, v, mounted, time.time() if now is None else now)
+        return _pass(home, v, mounted, clock.now() if now is None else now)
 
 
 def _pass(home: Path, v: Vault, mounted: bool, now: float) -> dict:

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import chain, chunker, indexblocks, manifest, merkle, names, segment
+from .. import chain, chunker, clock, indexblocks, manifest, merkle, names, segment
 from ..backends import Backend
 from ..errors import InputError, IntegrityError, VaultError
 from ..index import Index, VaultParams, chunk_rows, keyring, manifests, segments, snapshots
@@ -136,7 +136,7 @@ class Committer:
                 seq = manifests.next_seq(db)
                 if forked is not None:
                     seq = max(seq, forked.seq + 1)
-                snap_id = snapshots.add(db, uid, name, time.time(), seq)
+                snap_id = snapshots.add(db, uid, name, clock.now(), seq)  # simulated days: clock.py
                 files, size = _add_entries(db, snap_id, entries, self.keys.chunk_id_key)
                 if kb is not None:
                     kbroots.add(db, uid, kb)

@@ -1,0 +1,465 @@
+"""The strategy file: tiers of copies (primary, NAS, offsite, archive …) and the sources they
+back up, read from YAML and validated into a :class:`Strategy` (docs/operations.md "Tiers").
+
+::
+
+    backup_strategy:
+      primary:   {backend: local_postgres, frequency: continuous}
+      secondary: {backend: "nas:vault", frequency: hourly, retention: 30_days,
+                  erasure_coding: 1_of_1}
+      offsite:   {backends: ["b2:kb", "sftp-host:kb", "/mnt/usb/kb"], frequency: daily,
+                  erasure_coding: 2_of_3, encryption: hybrid_pq, retention: 1_year}
+    sources:
+      - pg: {dsn: "postgresql:///kb"}
+      - path: ~/notes
+
+This module only reads, validates and edits the file (pure apart from reading and writing
+it); vaultfs/tiers.py makes the tiers' vaults and runs them. Every problem is a
+:class:`~vaultfs.errors.ConfigError` (exit 2) whose one line names the file, the line and the
+key: ``strategy.yaml:4: offsite.erasure_coding: '3of5' is not K_of_N (e.g. 3_of_5)``.
+
+Spellings accepted (anything else is an error):
+
+- ``backend: SPEC`` or ``backends: [SPEC, ...]`` (not both): an rclone remote ``NAME:PATH``,
+  a connection string ``:TYPE,OPTION=VALUE,...:PATH``, an absolute (or ``~``) local path, or
+  ``local_postgres``: the live database itself (a tier that is its sources, not a vault;
+  `vaultfs run` leaves it alone).
+- ``erasure_coding: K_of_N`` with N the number of backends (each backend holds one shard of
+  every segment), 1 <= K < N <= 32, or ``1_of_1`` for one backend holding a whole copy
+  (stored as a 1-of-2 vault on that backend: the format always has a parity shard).
+  Default: 1_of_1 for one backend; required for more.
+- ``frequency: continuous | hourly | daily | weekly | DURATION`` (``30m``, ``6h``, ``2d``,
+  ``1w``, as `vaultfs schedule`). ``continuous`` is for ``local_postgres`` only.
+- ``retention: permanent | N_UNIT`` (UNIT one of hours, days, weeks, months, years,
+  singular allowed: ``30_days``, ``1_year``), or forget's options as one string
+  (``"--keep-daily 7 --keep-weekly 4"``). ``N_UNIT`` keeps every snapshot within that span of
+  the tier's newest one (``forget --keep-within``). Default: permanent.
+- ``encryption: hybrid_pq`` (the X-Wing suite every new vault uses; the only value today).
+- ``immutable: true | false`` (default false): recorded for the tier's vault
+  (docs/operations.md).
+- ``sources``: a list of ``{path: DIR}`` (``~`` expanded; relative to the strategy file's
+  directory) and ``{pg: {dsn: DSN}}`` (dumped with pg_dump at each snapshot; ``pg_dump:
+  PROGRAM`` picks the binary matching the server).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from . import erasure, retention
+from .errors import ConfigError, InputError
+
+#: The strategy file's name in the vault home, used when no ``--strategy`` is given.
+DEFAULT_NAME = "strategy.yaml"
+#: The backend spelling of the live database tier.
+LIVE_POSTGRES = "local_postgres"
+#: Where a tier's vault home lives, under the strategy's home.
+TIERS_DIR = "tiers"
+
+_TIER_KEYS = (
+    "backend", "backends", "frequency", "retention", "erasure_coding", "encryption", "immutable",
+)  # fmt: skip
+_TIER_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+_REMOTE = re.compile(r"(?:[\w.-][\w. -]*|:[\w-]+(?:,[^:]*)?):.*")
+_EC = re.compile(r"(\d+)_of_(\d+)")
+_SPAN = re.compile(r"(\d+)_(hour|day|week|month|year)s?")
+_FREQUENCY_WORDS = {"hourly": 3600.0, "daily": 86400.0, "weekly": 7 * 86400.0}
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+ENCRYPTIONS = ("hybrid_pq",)
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One tier: a vault of its own (``home``) over ``backends`` with k-of-n coding, or the
+    live database (:attr:`live`). ``frequency`` is seconds between snapshots (0: continuous);
+    ``retention`` is None for permanent; ``retention_text`` is the spelling in the file."""
+
+    name: str
+    backends: tuple[str, ...]
+    k: int
+    n: int
+    frequency: float
+    retention: retention.Policy | None
+    immutable: bool
+    encryption: str
+    home: Path
+    frequency_text: str = ""
+    retention_text: str = "permanent"
+
+    @property
+    def live(self) -> bool:
+        """The live database itself: nothing to make, snapshot or prune."""
+        return self.backends == (LIVE_POSTGRES,)
+
+    @property
+    def vault_k_n(self) -> tuple[int, int]:
+        """The k and n of the tier's vault: 1_of_1 is stored as 1-of-2 on its one backend."""
+        return (1, 2) if self.n == 1 else (self.k, self.n)
+
+    @property
+    def survives_losses(self) -> int:
+        """How many backends the tier may lose and still restore (by design)."""
+        return 0 if self.live else self.n - self.k
+
+    def as_json(self) -> dict:
+        return {
+            "name": self.name,
+            "backends": list(self.backends),
+            "k": self.k,
+            "n": self.n,
+            "frequency": self.frequency_text,
+            "frequency_seconds": self.frequency,
+            "retention": self.retention_text,
+            "immutable": self.immutable,
+            "encryption": self.encryption,
+            "home": str(self.home),
+            "live": self.live,
+            "survives_losses": self.survives_losses,
+        }
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a tier's snapshot holds: ``kind`` "path" (``value`` a directory) or "pg"
+    (``value`` a libpq DSN, dumped with the ``pg_dump`` program: a name on PATH or a path,
+    to match the server's major version)."""
+
+    kind: str
+    value: str
+    pg_dump: str = "pg_dump"
+
+    def as_json(self) -> dict:
+        if self.kind == "pg":
+            return {"pg": {"dsn": self.value, "pg_dump": self.pg_dump}}
+        return {self.kind: self.value}
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A validated strategy file: tiers in file order, and the sources."""
+
+    path: Path
+    home: Path
+    tiers: dict[str, Tier]
+    sources: list[Source] = field(default_factory=list)
+
+    def tier(self, name: str) -> Tier:
+        """The tier called ``name``; ConfigError naming the tiers there are otherwise."""
+        if name not in self.tiers:
+            raise ConfigError(
+                f"{self.path}: no tier {name!r}; the tiers are {', '.join(self.tiers)}"
+            )
+        return self.tiers[name]
+
+    def as_json(self) -> dict:
+        return {
+            "path": str(self.path),
+            "home": str(self.home),
+            "tiers": [t.as_json() for t in self.tiers.values()],
+            "sources": [s.as_json() for s in self.sources],
+        }
+
+
+def default_path(home: Path) -> Path:
+    """Where a vault home keeps its strategy file."""
+    return home / DEFAULT_NAME
+
+
+def _yaml() -> YAML:
+    y = YAML()  # round trip: comments and key order survive an edit
+    y.indent(mapping=2, sequence=4, offset=2)
+    y.preserve_quotes = True
+    y.width = 4096  # rewrapping a user's flow mappings would move every line number
+    return y
+
+
+def _read(path: Path) -> object:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise InputError(
+            f"no strategy file {path}: write one (docs/operations.md, Tiers) or give --strategy"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read strategy file {path}: {e}") from None
+    try:
+        return _yaml().load(text)
+    except MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f"{mark.line + 1}:" if mark is not None else ""
+        raise ConfigError(f"{path}:{line} YAML syntax error: {e.problem or e.context}") from None
+    except YAMLError as e:
+        raise ConfigError(f"{path}: YAML syntax error: {e}") from None
+
+
+class _At:
+    """Error messages that name the file, the line and the key path."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, node: object, key: str | int | None, where: str, msg: str) -> ConfigError:
+        line = None
+        if isinstance(node, CommentedMap) and key is not None and key in node:
+            line = node.lc.key(key)[0]
+        elif isinstance(node, CommentedSeq) and isinstance(key, int) and key < len(node):
+            line = node.lc.item(key)[0]
+        elif isinstance(node, CommentedMap | CommentedSeq):
+            line = node.lc.line
+        at = f"{self.path}:{line + 1}" if line is not None else str(self.path)
+        return ConfigError(f"{at}: {where}: {msg}" if where else f"{at}: {msg}")
+
+
+def load(path: Path, home: Path) -> Strategy:
+    """Read and validate the strategy file at ``path`` for the vault home ``home`` (tier
+    homes go under ``home/tiers/``). Raises InputError when the file cannot be read and
+    ConfigError (one line: file, line, key) when it is not a valid strategy."""
+    return parse(_read(path), path, home)
+
+
+def parse(doc: object, path: Path, home: Path) -> Strategy:
+    """Validate a loaded YAML document (see :func:`load`)."""
+    at = _At(path)
+    if not isinstance(doc, CommentedMap):
+        raise at.fail(doc, None, "", "a strategy file is a mapping with backup_strategy:")
+    for key in doc:
+        if key not in ("backup_strategy", "sources"):
+            raise at.fail(
+                doc, key, str(key), "unknown key: the file holds backup_strategy and sources"
+            )
+    tiers_doc = doc.get("backup_strategy")
+    if "backup_strategy" not in doc:
+        raise at.fail(doc, None, "backup_strategy", "missing: name the tiers under it")
+    if not isinstance(tiers_doc, CommentedMap) or not tiers_doc:
+        raise at.fail(doc, "backup_strategy", "backup_strategy", "must map tier names to tiers")
+    tiers = {}
+    for name in tiers_doc:
+        if not isinstance(name, str) or not _TIER_NAME.fullmatch(name):
+            raise at.fail(
+                tiers_doc, name, str(name),
+                "a tier name is lower-case letters, digits, - and _, starting with a letter",
+            )  # fmt: skip
+        tiers[name] = _tier(at, tiers_doc, name, home / TIERS_DIR / name)
+    sources = _sources(at, doc, path.parent)
+    if not sources and not all(t.live for t in tiers.values()):
+        raise at.fail(doc, None, "sources", "missing: list what the tiers back up (path:, pg:)")
+    if sum(t.live for t in tiers.values()) > 1:
+        raise at.fail(tiers_doc, None, "backup_strategy", f"only one tier may be {LIVE_POSTGRES}")
+    return Strategy(path, home, tiers, sources)
+
+
+def _tier(at: _At, parent: CommentedMap, name: str, home: Path) -> Tier:
+    doc = parent[name]
+    if not isinstance(doc, CommentedMap):
+        raise at.fail(parent, name, name, "a tier is a mapping (backend:, frequency:, ...)")
+    for key in doc:
+        if key not in _TIER_KEYS:
+            raise at.fail(
+                doc, key, f"{name}.{key}", f"unknown key; a tier takes {', '.join(_TIER_KEYS)}"
+            )
+    if ("backend" in doc) == ("backends" in doc):
+        raise at.fail(parent, name, f"{name}.backend", "give exactly one of backend: or backends:")
+    key = "backend" if "backend" in doc else "backends"
+    raw = doc[key]
+    listed = [raw] if key == "backend" else raw
+    if not isinstance(listed, list) or not listed:
+        raise at.fail(doc, key, f"{name}.{key}", "a list of one or more backends")
+    if key == "backend":
+        backends = (_backend(at, doc, key, f"{name}.backend", raw),)
+    else:
+        backends = tuple(_backend(at, raw, i, f"{name}.backends", b) for i, b in enumerate(raw))
+    if len(set(backends)) != len(backends):
+        raise at.fail(doc, key, f"{name}.{key}", "the same backend is listed twice")
+    live = backends == (LIVE_POSTGRES,)
+    if LIVE_POSTGRES in backends and not live:
+        raise at.fail(doc, key, f"{name}.{key}", f"{LIVE_POSTGRES} stands alone in its tier")
+    freq_text = str(doc.get("frequency", ""))
+    if "frequency" not in doc:
+        raise at.fail(parent, name, f"{name}.frequency", "missing (hourly, daily, 6h, ...)")
+    frequency = _frequency(at, doc, name, freq_text, live)
+    if live:
+        for extra in ("retention", "erasure_coding", "encryption", "immutable"):
+            if extra in doc:
+                raise at.fail(
+                    doc, extra, f"{name}.{extra}", f"does not apply to the live {LIVE_POSTGRES}"
+                )
+        return Tier(name, backends, 1, 1, frequency, None, False, "", home, freq_text, "")
+    k, n = _coding(at, parent, name, len(backends))
+    ret_text = str(doc.get("retention", "permanent"))
+    policy = _retention(at, doc, name, ret_text)
+    enc = str(doc.get("encryption", ENCRYPTIONS[0]))
+    if enc not in ENCRYPTIONS:
+        raise at.fail(
+            doc, "encryption", f"{name}.encryption",
+            f"{enc!r} is not offered: use {' or '.join(ENCRYPTIONS)} (other suites: "
+            "`vaultfs reencrypt` on the tier)",
+        )  # fmt: skip
+    immutable = doc.get("immutable", False)
+    if not isinstance(immutable, bool):
+        raise at.fail(doc, "immutable", f"{name}.immutable", "true or false")
+    return Tier(name, backends, k, n, frequency, policy, immutable, enc, home, freq_text, ret_text)
+
+
+def _backend(at: _At, node: object, key: str | int, where: str, spec: object) -> str:
+    if not isinstance(spec, str) or not spec.strip():
+        raise at.fail(node, key, where, "a backend is a string")
+    spec = spec.strip()
+    if spec == LIVE_POSTGRES or _REMOTE.fullmatch(spec):
+        return spec
+    if spec.startswith(("/", "~")):
+        return str(Path(spec).expanduser())
+    raise at.fail(
+        node, key, where,
+        f"{spec!r} is not a backend: use an rclone remote NAME:PATH, a connection string "
+        f":TYPE,OPTION=VALUE:PATH, an absolute path, or {LIVE_POSTGRES}",
+    )  # fmt: skip
+
+
+def _frequency(at: _At, doc: CommentedMap, name: str, text: str, live: bool) -> float:
+    where = f"{name}.frequency"
+    if text == "continuous":
+        if not live:
+            raise at.fail(
+                doc, "frequency", where,
+                f"continuous is for the live {LIVE_POSTGRES} tier; a vault tier takes hourly, "
+                "daily, weekly or a duration such as 15m",
+            )  # fmt: skip
+        return 0.0
+    if text in _FREQUENCY_WORDS:
+        return _FREQUENCY_WORDS[text]
+    m = re.fullmatch(r"(\d+)([smhdw])", text)
+    if not m or int(m.group(1)) == 0:
+        raise at.fail(
+            doc, "frequency", where,
+            f"{text!r} is not a frequency: continuous, hourly, daily, weekly or a duration "
+            "such as 30m, 6h, 2d",
+        )  # fmt: skip
+    return float(int(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _coding(at: _At, parent: CommentedMap, name: str, backends: int) -> tuple[int, int]:
+    where = f"{name}.erasure_coding"
+    doc = parent[name]
+    if "erasure_coding" not in doc:
+        if backends == 1:
+            return 1, 1
+        raise at.fail(
+            parent, name, where, f"missing: {backends} backends need K_of_{backends} (e.g. "
+            f"{max(1, backends // 2)}_of_{backends})",
+        )  # fmt: skip
+    text = str(doc["erasure_coding"])
+    m = _EC.fullmatch(text)
+    if not m:
+        raise at.fail(doc, "erasure_coding", where, f"{text!r} is not K_of_N (e.g. 3_of_5)")
+    k, n = int(m.group(1)), int(m.group(2))
+    if n != backends:
+        raise at.fail(
+            doc, "erasure_coding", where,
+            f"{text} writes {n} shards but the tier lists {backends} backend(s): N is the "
+            "number of backends",
+        )  # fmt: skip
+    if (k, n) != (1, 1):
+        try:
+            erasure.validate(k, n)
+        except ValueError as e:
+            raise at.fail(doc, "erasure_coding", where, f"{text}: {e}") from None
+    return k, n
+
+
+def _retention(at: _At, doc: CommentedMap, name: str, text: str) -> retention.Policy | None:
+    where = f"{name}.retention"
+    if text == "permanent":
+        return None
+    if m := _SPAN.fullmatch(text):
+        count, unit = int(m.group(1)), m.group(2)
+        if count == 0:
+            raise at.fail(doc, "retention", where, "a span of 0 keeps nothing: use 1 or more")
+        if unit in ("hour", "week"):
+            count, unit = (count * 7, "day") if unit == "week" else (count, unit)
+        d = {"hour": "h", "day": "d", "month": "m", "year": "y"}[unit]
+        return retention.Policy(within=retention.Duration.parse(f"{count}{d}"))
+    if text.startswith("--keep-"):
+        try:
+            return retention.Policy.from_args(text.split())
+        except ValueError as e:
+            raise at.fail(doc, "retention", where, str(e)) from None
+    raise at.fail(
+        doc, "retention", where,
+        f"{text!r} is not a retention: permanent, N_days/N_weeks/N_months/N_years (e.g. "
+        "30_days) or forget's options (\"--keep-daily 7 --keep-weekly 4\")",
+    )  # fmt: skip
+
+
+def _sources(at: _At, doc: CommentedMap, base: Path) -> list[Source]:
+    raw = doc.get("sources")
+    if raw is None:
+        return []
+    if not isinstance(raw, CommentedSeq):
+        raise at.fail(doc, "sources", "sources", "a list of {path: DIR} and {pg: {dsn: DSN}}")
+    out = []
+    for i, item in enumerate(raw):
+        where = f"sources[{i}]"
+        if not isinstance(item, CommentedMap) or len(item) != 1:
+            raise at.fail(raw, i, where, "one of {path: DIR} or {pg: {dsn: DSN}}")
+        ((kind, value),) = item.items()
+        if kind == "path":
+            if not isinstance(value, str) or not value:
+                raise at.fail(item, kind, where + ".path", "a directory")
+            out.append(Source("path", str(base / Path(value).expanduser())))
+        elif kind == "pg":
+            if not isinstance(value, CommentedMap):
+                raise at.fail(item, kind, where + ".pg", "needs {dsn: DSN}")
+            for key in value:
+                if key not in ("dsn", "pg_dump"):
+                    raise at.fail(value, key, f"{where}.pg.{key}", "unknown key: dsn, pg_dump")
+            dsn, tool = value.get("dsn"), value.get("pg_dump", "pg_dump")
+            if not isinstance(dsn, str) or not dsn:
+                raise at.fail(item, kind, where + ".pg.dsn", "missing: the database's DSN")
+            try:
+                conninfo_to_dict(dsn)
+            except psycopg.ProgrammingError as e:
+                raise at.fail(value, "dsn", where + ".pg.dsn", f"not a libpq DSN: {e}") from None
+            if not isinstance(tool, str) or not tool:
+                raise at.fail(value, "pg_dump", where + ".pg.pg_dump", "a program name or path")
+            out.append(Source("pg", dsn, str(Path(tool).expanduser()) if "/" in tool else tool))
+        else:
+            raise at.fail(item, kind, where, f"unknown source {kind!r}: use path or pg")
+    return out
+
+
+def add_backend(path: Path, home: Path, tier: str, spec: str) -> Strategy:
+    """Add ``spec`` to ``tier``'s backends in the file at ``path``, keeping its comments and
+    order (a ``backend:`` becomes ``backends:``; K_of_N grows N by one, keeping K). The edited
+    file is validated before it replaces the old one (atomically); the new Strategy."""
+    doc = _read(path)
+    current = parse(doc, path, home)
+    t = current.tier(tier)
+    if t.live:
+        raise ConfigError(f"{path}: {tier}: the live {LIVE_POSTGRES} tier takes no backends")
+    assert isinstance(doc, CommentedMap)
+    node = doc["backup_strategy"][tier]
+    if "backend" in node:
+        pos = list(node).index("backend")
+        node.insert(pos, "backends", CommentedSeq([node.pop("backend")]))
+        node["backends"].fa.set_flow_style()
+    node["backends"].append(spec)
+    if "erasure_coding" in node:
+        node["erasure_coding"] = f"{t.k}_of_{t.n + 1}"
+    elif t.n == 1:
+        node["erasure_coding"] = "1_of_2"
+    buf = io.StringIO()
+    _yaml().dump(doc, buf)
+    new = parse(_yaml().load(buf.getvalue()), path, home)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(buf.getvalue())
+    tmp.replace(path)
+    return new
