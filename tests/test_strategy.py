@@ -250,6 +250,19 @@ sources:
         assert recovered.fingerprint() == made
         assert recovered.seed == tier_seed(master.seed, tier)
 
+    # the five drills against the tiers they are about: disk from the NAS alone, the rest
+    # against the widest tier (offsite: a local dir, s3 and sftp), keys from the master's shares
+    rep = json.loads(run_cli("drill", "all", "--json", "--strategy", str(f), home=home).stdout)
+    assert rep["ok"], rep
+    tiers_of = {d["scenario"]: d["details"]["tier"] for d in rep["drills"]}
+    assert tiers_of == {"disk": "nas", "home": "offsite", "provider": "offsite",
+                        "crypto": "offsite", "keys": "offsite"}  # fmt: skip
+    keys_drill = next(d for d in rep["drills"] if d["scenario"] == "keys")
+    assert keys_drill["details"]["master_fingerprint"] == master.fingerprint()
+    assert all(d["identical"] for d in rep["drills"])
+    res = run_cli("drill", "disk", "--tier", "primary", "--strategy", str(f), home=home, check=18)
+    assert b"no tier 'primary' with backends" in res.stderr
+
 
 def _master(home: Path) -> VaultKeys:
     return read_keyfile(home / "key.json", PASSPHRASE)

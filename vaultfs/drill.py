@@ -32,6 +32,7 @@ from pathlib import Path
 
 import blake3
 
+from . import keys as keymod
 from . import rotation, shamir, verify
 from .backends import Backend, open_backend
 from .errors import InputError, IntegrityError, TargetNotEmpty, VaultError
@@ -96,11 +97,14 @@ def run_drill(
     scratch: Path,
     *,
     rng: random.Random | None = None,
+    master: tuple[VaultKeys, str] | None = None,
 ) -> DrillResult:
     """Run drill ``scenario`` (one of :data:`SCENARIOS`) for the vault at ``home`` unlocked by
     ``keys``, working only under ``scratch`` (created; must be absent or empty: TargetNotEmpty
     otherwise). ``rng`` chooses the remotes dropped and the shares used (default: fresh
-    randomness). Raises InputError for an unknown scenario, NoVault when ``home`` holds no
+    randomness). ``master`` = (master keys, tier name) for a tier of a strategy: the keys
+    drill then splits the master seed and derives the tier's key from the recovered one
+    (keys.tier_seed). Raises InputError for an unknown scenario, NoVault when ``home`` holds no
     vault; a failed recovery is a result with ``ok`` False, not an exception."""
     if scenario not in SCENARIOS:
         raise InputError(f"unknown drill {scenario!r}: choose one of {', '.join(SCENARIOS)}")
@@ -117,7 +121,8 @@ def run_drill(
     fresh.retired_suites = set(keys.retired_suites)
     drill = _DRILLS[scenario]
     try:
-        drill(result, home, fresh, specs, needed, scratch, rng or random.Random())
+        extra = {"master": master} if scenario == "keys" and master is not None else {}
+        drill(result, home, fresh, specs, needed, scratch, rng or random.Random(), **extra)
     except VaultError as e:
         result.error = e.message
     result.ok = result.error is None and result.identical
@@ -231,16 +236,23 @@ def _crypto(
 
 def _keys(
     res: DrillResult, home: Path, keys: VaultKeys, specs: list[str], needed: int, scratch: Path,
-    rng: random.Random,
+    rng: random.Random, master: tuple[VaultKeys, str] | None = None,
 ) -> None:  # fmt: skip
     """The keyfile and passphrase are lost: the seed from 3 of 5 shares, then a restore from
-    the remotes with it."""
-    mnemonics = shamir.split(keys, SHARE_THRESHOLD, SHARE_COUNT)
+    the remotes with it. For a tier (``master``), the shares are the master seed's and the
+    tier's key is derived from the recovered master."""
+    split = keys if master is None else master[0]
+    mnemonics = shamir.split(split, SHARE_THRESHOLD, SHARE_COUNT)
     chosen = sorted(rng.sample(range(SHARE_COUNT), SHARE_THRESHOLD))
     res.details["shares_used"] = [f"{i + 1} of {SHARE_COUNT}" for i in chosen]
     t0 = time.monotonic()
     parsed = [shamir.ParsedShare(f"share {i + 1}", mnemonics[i]) for i in chosen]
-    recovered = shamir.recover(parsed, keys.fingerprint(), keys.vault_id)
+    recovered = shamir.recover(parsed, split.fingerprint(), split.vault_id)
+    if master is not None:
+        res.details["master_fingerprint"] = recovered.fingerprint()
+        recovered = VaultKeys.from_seed(keymod.tier_seed(recovered.seed, master[1]))
+        if recovered.fingerprint() != keys.fingerprint():
+            raise IntegrityError(f"the key derived for tier {master[1]} is not the tier's key")
     res.details["fingerprint"] = recovered.fingerprint()
     got = _restore_from_remotes(res, recovered, [open_backend(s) for s in specs], scratch)
     _finish(res, got, t0)
