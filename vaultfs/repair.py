@@ -78,8 +78,9 @@ if TYPE_CHECKING:
 #: Segments per batch: one download per remote and one index transaction each.
 BATCH_SEGMENTS = 8
 #: Worker threads rebuilding segments (reconstruction, whitening, hashing and fsync release
-#: the GIL for most of their time).
-REBUILD_THREADS = 2
+#: the GIL for most of their time). One more than the two cores of a small machine: each
+#: segment ends in an fsync, and a worker waiting on the disk leaves its core to the others.
+REBUILD_THREADS = 3
 
 
 @dataclass
@@ -209,6 +210,7 @@ class _Fetcher:
         self.down = down
         self.report = report
         self.specs = remote_table.specs(vault.index)
+        self.labels = {rid: Remote(spec).label for rid, spec in self.specs.items()}
         self.backends: dict[int, object] = {}
         self.wrap = wrap
         self.lock = threading.Lock()
@@ -226,15 +228,7 @@ class _Fetcher:
         """The shards of a segment to read it from (``ShardRef.tag``: the shard row): placed or
         queued, on a reachable remote, not in ``exclude`` (the shards being rebuilt)."""
         return [
-            ShardRef(
-                r.idx,
-                r.name,
-                r.hash,
-                Remote(self.specs[r.remote]).label,
-                r.state == "queued",
-                r,
-                r.size,
-            )
+            ShardRef(r.idx, r.name, r.hash, self.labels[r.remote], r.state == "queued", r, r.size)
             for r in segment_table.records(self.vault.index, seg_id)
             if r.state in ("placed", "queued") and r.id not in exclude and r.remote not in self.down
         ]
@@ -273,7 +267,7 @@ class _Fetcher:
                         self.down.add(rid)
                 except RemoteError as e:
                     with self.lock:
-                        self.report.errors[Remote(self.specs[rid]).label] = e.message
+                        self.report.errors[self.labels[rid]] = e.message
             for s in shards:
                 p = here / s.kind / s.name if here is not None else d / s.name
                 if here is None and not p.exists():
@@ -339,14 +333,16 @@ def _rebuild_segment(
     vault: Vault,
     seg_id: int,
     todo: list[tuple[ShardRow, str]],
+    refs: list[ShardRef],
     fetcher: _Fetcher,
     tmp: Path,
     ahead: dict[str, segment.Body | str],
 ) -> _Rebuild:
-    """Rebuild the listed shards of one segment into the queue's ``tmp/``, fsync'd. Runs on a
-    worker thread: it reads the index and fetches, never writes the index (the batch's
-    :func:`_commit_batch` does). ``ahead`` holds shard objects its batch fetched already
-    (:func:`shardreader.choose` of each segment); the shard reader fetches more as it needs.
+    """Rebuild the listed shards of one segment into the queue's ``tmp/``, fsync'd, from its
+    sources ``refs`` (:meth:`_Fetcher.sources`). Runs on a worker thread: it reads the index
+    and fetches, never writes the index (the batch's :func:`_commit_batch` does). ``ahead``
+    holds shard objects its batch fetched already (:func:`shardreader.choose` of each
+    segment); the shard reader fetches more as it needs.
 
     Only the missing fragments are reconstructed (:func:`shardreader.rebuild_fragments`), and
     only the new objects get audit tags. A rebuilt object gets a new name and so a new
@@ -356,7 +352,6 @@ def _rebuild_segment(
     kind, k, n, alg = g[0], g[2], g[3], g[5]
     audit_key = vault.keys.audit_key
     out = _Rebuild(seg_id, kind, todo)
-    refs = fetcher.sources(seg_id, {sh.id for sh, _r in todo})
     try:
         got = rebuild_fragments(
             refs,
@@ -379,6 +374,16 @@ def _rebuild_segment(
         tags = piece_tags(audit_key, st.body, st.blocks)
         out.shards.append(ShardFile(sh.idx, name, len(st.body), st.hash, st.blocks, st.root, tags))
     return out
+
+
+@dataclass
+class _Batch:
+    """A batch's sources as its download leaves them: the staging directory ``dir``, each
+    segment's source refs (:meth:`_Fetcher.sources`), and the objects fetched ahead."""
+
+    dir: Path
+    refs: dict[int, list[ShardRef]]
+    objects: dict[str, segment.Body | str]
 
 
 @dataclass
@@ -461,9 +466,9 @@ def _commit_batch(
                 kind,
                 sh.idx,
                 sh.path,
-                Remote(fetcher.specs[sh.remote]).label,
+                fetcher.labels[sh.remote],
                 q.reason,
-                Remote(fetcher.specs[q.target]).label,
+                fetcher.labels[q.target],
                 q.shard.size,
                 f"{kind}/{q.shard.name}",
             )
@@ -696,16 +701,16 @@ def _rebuild_all(
             todo_all[b : b + BATCH_SEGMENTS] for b in range(0, len(todo_all), BATCH_SEGMENTS)
         ]
 
-        def download(bi: int) -> tuple[Path, dict[str, segment.Body | str]]:
+        def download(bi: int) -> _Batch:
             # one transfer per remote for the whole batch: k sources per segment
             d = Path(tmp) / f"b{bi}"
             d.mkdir()
-            firsts = [
-                ref
+            refs = {
+                seg_id: fetcher.sources(seg_id, {sh.id for sh, _r in todo})
                 for seg_id, todo in batches[bi]
-                for ref in choose(fetcher.sources(seg_id, {sh.id for sh, _r in todo}), vault.k)
-            ]
-            return d, fetcher.fetch(firsts, d)
+            }
+            firsts = [ref for r in refs.values() for ref in choose(r, vault.k)]
+            return _Batch(d, refs, fetcher.fetch(firsts, d))
 
         def finish(d: Path, futures: list[Future[_Rebuild]]) -> None:
             dirs: set[Path] = set()
@@ -725,13 +730,22 @@ def _rebuild_all(
             flight: deque[tuple[Path, list[Future[_Rebuild]]]] = deque()
             for bi, batch in enumerate(batches):
                 assert nxt is not None
-                d, got = nxt.result()
+                got = nxt.result()
                 nxt = pre.submit(download, bi + 1) if bi + 1 < len(batches) else None
                 flight.append(
                     (
-                        d,
+                        got.dir,
                         [
-                            work.submit(_rebuild_segment, vault, seg_id, todo, fetcher, d, got)
+                            work.submit(
+                                _rebuild_segment,
+                                vault,
+                                seg_id,
+                                todo,
+                                got.refs[seg_id],
+                                fetcher,
+                                got.dir,
+                                got.objects,
+                            )
                             for seg_id, todo in batch
                         ],
                     )
