@@ -17,8 +17,8 @@
 4. **Place**: each rebuilt object gets a fresh random name and a target remote chosen to spread
    failure domains (its old remote when that one is still a healthy member). It is written
    durably to the queue, and its batch's rows are updated in one transaction (invariant 1,
-   vaultfs/vault/writer.py; docs/design.md, "Repair batches"), then
-   :meth:`Vault.flush` uploads it. The fragment is the original (ISA-L coding is deterministic),
+   vaultfs/vault/writer.py; docs/design.md, "Repair batches"); a background push uploads
+   it while later batches are rebuilt, and :meth:`Vault.flush` places it. The fragment is the original (ISA-L coding is deterministic),
    but the stored object is whitened under its new name (docs/format.md 7.1), so its hash,
    Merkle records and audit tags are new; the shard row and the segment root change in the
    same transaction, and the manifest published next signs the new vault root.
@@ -689,8 +689,9 @@ def _rebuild_all(
     pipeline of batches of :data:`BATCH_SEGMENTS` segments: one thread downloads the sources
     of the next batch, :data:`REBUILD_THREADS` workers rebuild the segments of this one
     (:func:`_rebuild_segment`), and this thread queues each finished segment and commits the
-    batch in one transaction (:func:`_commit_batch`). One batch downloads while at most two
-    are rebuilt or committed, which bounds the source objects held in memory.
+    batch in one transaction (:func:`_commit_batch`), then starts uploading it in the
+    background (:meth:`Vault.prepush`). One batch downloads while at most two are rebuilt or
+    committed, which bounds the source objects held in memory.
     Returns (old path, old remote) of objects to delete once the new ones are placed."""
     old_objects: list[tuple[str, int]] = []
     with tempfile.TemporaryDirectory(prefix="vaultfs-repair-") as tmp:
@@ -721,6 +722,8 @@ def _rebuild_all(
                     progress(1)
             old_objects.extend(_commit_batch(vault, queued, dirs, fetcher, report))
             shutil.rmtree(d, ignore_errors=True)
+            if queued:  # upload this batch while the next ones are rebuilt
+                vault.prepush()
 
         with (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaultfs-fetch") as pre,
