@@ -376,8 +376,16 @@ class _RemoteAuditor:
     def run(self) -> RemoteAudit:
         self.rep.queued = segments.queued_count(self.ctx.index, self.rid)
         try:
+            # what is placed before the listing starts is what it must show: on a live mount
+            # the pusher places more meanwhile (shards, manifests), which a later audit covers
+            self.rep.expected_seq = manifests.newest_placed(self.ctx.index, self.rid) or 0
+            placed = {
+                sh.id
+                for sh in segments.live_shards(self.ctx.index, self.rid)
+                if sh.state == "placed"
+            }
             self.tree = self.b.list_tree()  # one listing: data/, meta/, manifests/ with sizes
-            shards = self._listing()
+            shards = self._listing(placed)
             if self.ctx.list_only:
                 self._prefetch_manifest()
             else:
@@ -416,7 +424,6 @@ class _RemoteAuditor:
         manifests sign, or None when one of them was left unread (a fork may hide there)."""
         idx = self.ctx.index
         latest = self.ctx.anchor.seq
-        self.rep.expected_seq = manifests.newest_placed(idx, self.rid) or 0
         ours = manifests.chain_names(idx)
         best: manifest.Manifest | None = None
         signed: set[str] = set()
@@ -541,14 +548,19 @@ class _RemoteAuditor:
             self.rep.details.setdefault(f"{sub}/{nm}", why)
 
     # -- 2. listing --------------------------------------------------------------------------
-    def _listing(self) -> list[ShardRow]:
+    def _listing(self, placed: set[int]) -> list[ShardRow]:
+        """Compare the listing with the index: each shard placed both before the listing
+        (``placed``, shard ids) and after it is checked for presence and size (one placed
+        meanwhile may be missing from it, one dropped meanwhile may be gone); every listed
+        name the index does not know here, read after the listing, is unknown (a name the
+        pusher placed meanwhile is known by then). Returns the shards present."""
         idx = self.ctx.index
         listed = {sub: self.tree.get(sub, {}) for sub in segment.KIND_NAMES.values()}
         rows = segments.live_shards(idx, self.rid)
         mine_all = segments.object_names(idx, self.rid)
         present: list[ShardRow] = []
         for sh in rows:
-            if sh.state != "placed":
+            if sh.state != "placed" or sh.id not in placed:
                 continue
             size = listed[sh.kind].get(sh.name)
             if size is None:
