@@ -18,10 +18,11 @@
    failure domains (its old remote when that one is still a healthy member). It is written
    durably to the queue, and its batch's rows are updated in one transaction (invariant 1,
    vaultfs/vault/writer.py; docs/design.md, "Repair batches"); a background push uploads
-   it while later batches are rebuilt, and :meth:`Vault.flush` places it. The fragment is the original (ISA-L coding is deterministic),
-   but the stored object is whitened under its new name (docs/format.md 7.1), so its hash,
-   Merkle records and audit tags are new; the shard row and the segment root change in the
-   same transaction, and the manifest published next signs the new vault root.
+   it while later batches are rebuilt, and :meth:`Vault.flush` places it. The fragment is
+   the original (ISA-L coding is deterministic), but the stored object is whitened under its
+   new name (docs/format.md 7.1), so its hash, Merkle records and audit tags are new; the
+   shard row and the segment root change in the same transaction, and the manifest
+   published next signs the new vault root.
 5. **Publish**: a new manifest and index export go to every remote (``Vault.ship_index``), which
    also heals remotes serving a stale manifest; then replaced objects are deleted and foreign
    ones moved to ``quarantine/`` on their remote (never deleted: an object repair does not
