@@ -1,8 +1,10 @@
-"""Every maintenance command on a live mount, through a real FUSE mount, while a writer copies
-a file into the mount in a loop: verify, repair of a remote whose directory was deleted,
-forget --prune (which frees bytes on every remote), remote replace, keys rotate; a client
-interrupted by Ctrl-C leaves the daemon serving. The last written file restores
-byte-identical from k remotes after umount. Skips where /dev/fuse is missing; every test
+"""Every maintenance command on a live mount, through a real FUSE mount, while a writer works
+in the mount in a loop: verify, repair of a remote whose directory was deleted, forget
+--prune (which frees bytes on every remote), remote replace, keys rotate beside a real
+``pg_dump`` of the embedded Postgres writing into the mount (issue 15); reencrypt and remote
+add/remove beside a file copy; a client interrupted by Ctrl-C leaves the daemon serving. The
+last written file restores byte-identical from k remotes after umount (the dump also into a
+fresh database, the same rows as the source). Skips where /dev/fuse is missing; every test
 unmounts, also when it fails. The unit tier: tests/test_maintenance.py."""
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import run_cli, vaultfs_env
+from helpers import PgServer, run_cli, vaultfs_env
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
@@ -32,6 +34,8 @@ class Writer(threading.Thread):
     """Copies a fresh version of ``big.bin`` into the mount until stopped; ``last`` is the
     content of the newest complete copy, ``rounds`` how many were written."""
 
+    NAME = "big.bin"
+
     def __init__(self, mp: Path) -> None:
         super().__init__(name="test-writer", daemon=True)
         self.mp = mp
@@ -40,15 +44,20 @@ class Writer(threading.Thread):
         self.rounds = 0
         self.error: BaseException | None = None
 
+    def write(self, tmp: Path) -> bytes:
+        """Write one version to ``tmp`` in the mount; return its content."""
+        data = os.urandom(SIZE)
+        with open(tmp, "wb") as f:
+            for i in range(0, len(data), 256 * 1024):
+                f.write(data[i : i + 256 * 1024])
+        return data
+
     def run(self) -> None:
         try:
             while not self.stop.is_set():
-                data = os.urandom(SIZE)
-                tmp = self.mp / "big.tmp"
-                with open(tmp, "wb") as f:
-                    for i in range(0, len(data), 256 * 1024):
-                        f.write(data[i : i + 256 * 1024])
-                os.replace(tmp, self.mp / "big.bin")
+                tmp = self.mp / f"{self.NAME}.tmp"
+                data = self.write(tmp)
+                os.replace(tmp, self.mp / self.NAME)
                 self.last = data
                 self.rounds += 1
                 self.stop.wait(0.2)  # the vault grows by every version: keep the test short
@@ -56,11 +65,28 @@ class Writer(threading.Thread):
             self.error = e
 
     def wait_rounds(self, n: int, timeout: float = 120) -> None:
+        """Wait until ``n`` versions are complete; fail on the writer's error or a stall."""
         deadline = time.monotonic() + timeout
         while self.rounds < n and self.error is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert self.error is None, self.error
         assert self.rounds >= n, "the writer made no progress"
+
+
+class PgDumpWriter(Writer):
+    """``pg_dump -Fp`` of database ``db`` of the embedded Postgres straight into the mount as
+    ``kb.sql``, again and again; ``last`` is the newest complete dump as the mount reads it
+    back (the same database each time, so every version has the same rows)."""
+
+    NAME = "kb.sql"
+
+    def __init__(self, mp: Path, pg: PgServer, db: str) -> None:
+        super().__init__(mp)
+        self.pg, self.db = pg, db
+
+    def write(self, tmp: Path) -> bytes:
+        self.pg.pg_dump(self.db, tmp)
+        return tmp.read_bytes()
 
 
 def _listing(remote: Path) -> dict[str, int]:
@@ -100,9 +126,11 @@ def live(tmp_path):
             subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
 
 
-def test_maintenance_on_a_live_mount_while_writing(live, tmp_path) -> None:
+def test_maintenance_on_a_live_mount_while_pg_dump_writes(live, tmp_path, pg_server) -> None:
     home, mp, remotes = live
-    writer = Writer(mp)
+    pg_server.make_kb(1500, seed=13, dbname="kb_live")
+    source = pg_server.table_checksums("kb_live")
+    writer = PgDumpWriter(mp, pg_server, "kb_live")
     writer.start()
     try:
         writer.wait_rounds(2)
@@ -178,7 +206,7 @@ def test_maintenance_on_a_live_mount_while_writing(live, tmp_path) -> None:
         writer.stop.set()
         writer.join(120)
     assert writer.error is None, writer.error
-    assert writer.last is not None and (mp / "big.bin").read_bytes() == writer.last
+    assert writer.last is not None and (mp / "kb.sql").read_bytes() == writer.last
     run_cli("snapshot", "--name", "final", home=home)
     run_cli("umount", str(mp), home=home, timeout=300)
 
@@ -187,8 +215,12 @@ def test_maintenance_on_a_live_mount_while_writing(live, tmp_path) -> None:
     args = ["restore", "--to", str(out), "--snapshot", "final"]
     args += ["--from", str(remotes[1]), "--from", str(remotes[2])]
     run_cli(*args, home=home, timeout=300)
-    assert (out / "big.bin").read_bytes() == writer.last
+    assert (out / "kb.sql").read_bytes() == writer.last
     assert not (out / "junk.bin").exists()
+    # and the dump restores: the same rows as the database it was dumped from
+    pg_server.create_database("kb_live_restored")
+    pg_server.psql_file("kb_live_restored", out / "kb.sql")
+    assert pg_server.table_checksums("kb_live_restored") == source
 
 
 def test_reencrypt_and_remote_changes_on_a_live_mount(live, tmp_path) -> None:

@@ -11,6 +11,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from helpers import PASSPHRASE, run_cli, vaultfs_env
 from vaultfs import audittag, merkle, segment
 from vaultfs import repair as repair_mod
 from vaultfs import verify as verify_mod
-from vaultfs.backends import FaultInjecting, open_backend
+from vaultfs.backends import FaultInjecting, Wrapper, open_backend
 from vaultfs.errors import IntegrityError
 from vaultfs.index import segments as segment_table
 from vaultfs.keys import VaultKeys
@@ -139,6 +140,41 @@ def test_tampered_local_index_is_caught(tmp_path: Path) -> None:
             verify_mod.audit(v, mode="read-all")
     finally:
         v.close()
+
+
+def test_an_audit_beside_the_pusher_expects_only_what_was_placed_before_its_listing(
+    tmp_path: Path,
+) -> None:
+    """On a live mount the pusher places queued shards while an audit lists the remotes (the
+    pg_dump of tests/test_live.py beside verify): a shard placed after a listing was taken is
+    not "missing" from it, and the next audit checks it."""
+    v, _specs, _data = _vault(tmp_path)
+    cids, total = v.store_stream(io.BytesIO(os.urandom(1 << 20)))
+    v.commit([Entry("blob", "g", 0o644, 0, total, cids=cids)], "two")
+    assert segment_table.queued_count(v.index) > 0
+    pushed = threading.Lock()
+
+    class PushedWhileListing(Wrapper):
+        def list_tree(self, subs=("data", "meta", "manifests")):
+            tree = self.inner.list_tree(subs)
+            if pushed.acquire(blocking=False):  # the first listing taken: the pusher runs
+                assert v.flush().complete
+            return tree
+
+    for mode in ("list", "sample"):
+        if mode == "sample":
+            cids, total = v.store_stream(io.BytesIO(os.urandom(1 << 20)))
+            v.commit([Entry("blob", "h", 0o644, 0, total, cids=cids)], "three")
+            pushed = threading.Lock()
+        rep = verify_mod.audit(
+            v, mode="sample", sample=50, list_only=mode == "list", wrap=PushedWhileListing
+        )
+        assert rep.clean, [r.details for r in rep.remotes]
+        assert segment_table.queued_count(v.index) == 0
+        after = verify_mod.audit(v, mode="sample", sample=50)
+        assert after.clean
+        assert sum(r.objects for r in after.remotes) > sum(r.objects for r in rep.remotes)
+    v.close()
 
 
 def test_repair_never_zero_fills_and_heals_from_live_data(tmp_path: Path) -> None:

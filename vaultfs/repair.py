@@ -17,11 +17,12 @@
 4. **Place**: each rebuilt object gets a fresh random name and a target remote chosen to spread
    failure domains (its old remote when that one is still a healthy member). It is written
    durably to the queue, and its batch's rows are updated in one transaction (invariant 1,
-   vaultfs/vault/writer.py; docs/design.md, "Repair batches"), then
-   :meth:`Vault.flush` uploads it. The fragment is the original (ISA-L coding is deterministic),
-   but the stored object is whitened under its new name (docs/format.md 7.1), so its hash,
-   Merkle records and audit tags are new; the shard row and the segment root change in the
-   same transaction, and the manifest published next signs the new vault root.
+   vaultfs/vault/writer.py; docs/design.md, "Repair batches"); a background push uploads
+   it while later batches are rebuilt, and :meth:`Vault.flush` places it. The fragment is
+   the original (ISA-L coding is deterministic), but the stored object is whitened under its
+   new name (docs/format.md 7.1), so its hash, Merkle records and audit tags are new; the
+   shard row and the segment root change in the same transaction, and the manifest
+   published next signs the new vault root.
 5. **Publish**: a new manifest and index export go to every remote (``Vault.ship_index``), which
    also heals remotes serving a stale manifest; then replaced objects are deleted and foreign
    ones moved to ``quarantine/`` on their remote (never deleted: an object repair does not
@@ -79,8 +80,9 @@ if TYPE_CHECKING:
 #: Segments per batch: one download per remote and one index transaction each.
 BATCH_SEGMENTS = 8
 #: Worker threads rebuilding segments (reconstruction, whitening, hashing and fsync release
-#: the GIL for most of their time).
-REBUILD_THREADS = 2
+#: the GIL for most of their time). One more than the two cores of a small machine: each
+#: segment ends in an fsync, and a worker waiting on the disk leaves its core to the others.
+REBUILD_THREADS = 3
 
 
 @dataclass
@@ -211,6 +213,7 @@ class _Fetcher:
         self.down = down
         self.report = report
         self.specs = remote_table.specs(vault.index)
+        self.labels = {rid: Remote(spec).label for rid, spec in self.specs.items()}
         self.backends: dict[int, object] = {}
         self.wrap = wrap
         self.lock = threading.Lock()
@@ -228,15 +231,7 @@ class _Fetcher:
         """The shards of a segment to read it from (``ShardRef.tag``: the shard row): placed or
         queued, on a reachable remote, not in ``exclude`` (the shards being rebuilt)."""
         return [
-            ShardRef(
-                r.idx,
-                r.name,
-                r.hash,
-                Remote(self.specs[r.remote]).label,
-                r.state == "queued",
-                r,
-                r.size,
-            )
+            ShardRef(r.idx, r.name, r.hash, self.labels[r.remote], r.state == "queued", r, r.size)
             for r in segment_table.records(self.vault.index, seg_id)
             if r.state in ("placed", "queued") and r.id not in exclude and r.remote not in self.down
         ]
@@ -275,7 +270,7 @@ class _Fetcher:
                         self.down.add(rid)
                 except RemoteError as e:
                     with self.lock:
-                        self.report.errors[Remote(self.specs[rid]).label] = e.message
+                        self.report.errors[self.labels[rid]] = e.message
             for s in shards:
                 p = here / s.kind / s.name if here is not None else d / s.name
                 if here is None and not p.exists():
@@ -341,14 +336,16 @@ def _rebuild_segment(
     vault: Vault,
     seg_id: int,
     todo: list[tuple[ShardRow, str]],
+    refs: list[ShardRef],
     fetcher: _Fetcher,
     tmp: Path,
     ahead: dict[str, segment.Body | str],
 ) -> _Rebuild:
-    """Rebuild the listed shards of one segment into the queue's ``tmp/``, fsync'd. Runs on a
-    worker thread: it reads the index and fetches, never writes the index (the batch's
-    :func:`_commit_batch` does). ``ahead`` holds shard objects its batch fetched already
-    (:func:`shardreader.choose` of each segment); the shard reader fetches more as it needs.
+    """Rebuild the listed shards of one segment into the queue's ``tmp/``, fsync'd, from its
+    sources ``refs`` (:meth:`_Fetcher.sources`). Runs on a worker thread: it reads the index
+    and fetches, never writes the index (the batch's :func:`_commit_batch` does). ``ahead``
+    holds shard objects its batch fetched already (:func:`shardreader.choose` of each
+    segment); the shard reader fetches more as it needs.
 
     Only the missing fragments are reconstructed (:func:`shardreader.rebuild_fragments`), and
     only the new objects get audit tags. A rebuilt object gets a new name and so a new
@@ -358,7 +355,6 @@ def _rebuild_segment(
     kind, k, n, alg = g[0], g[2], g[3], g[5]
     audit_key = vault.keys.audit_key
     out = _Rebuild(seg_id, kind, todo)
-    refs = fetcher.sources(seg_id, {sh.id for sh, _r in todo})
     try:
         got = rebuild_fragments(
             refs,
@@ -381,6 +377,16 @@ def _rebuild_segment(
         tags = piece_tags(audit_key, st.body, st.blocks)
         out.shards.append(ShardFile(sh.idx, name, len(st.body), st.hash, st.blocks, st.root, tags))
     return out
+
+
+@dataclass
+class _Batch:
+    """A batch's sources as its download leaves them: the staging directory ``dir``, each
+    segment's source refs (:meth:`_Fetcher.sources`), and the objects fetched ahead."""
+
+    dir: Path
+    refs: dict[int, list[ShardRef]]
+    objects: dict[str, segment.Body | str]
 
 
 @dataclass
@@ -463,9 +469,9 @@ def _commit_batch(
                 kind,
                 sh.idx,
                 sh.path,
-                Remote(fetcher.specs[sh.remote]).label,
+                fetcher.labels[sh.remote],
                 q.reason,
-                Remote(fetcher.specs[q.target]).label,
+                fetcher.labels[q.target],
                 q.shard.size,
                 f"{kind}/{q.shard.name}",
             )
@@ -689,8 +695,9 @@ def _rebuild_all(
     pipeline of batches of :data:`BATCH_SEGMENTS` segments: one thread downloads the sources
     of the next batch, :data:`REBUILD_THREADS` workers rebuild the segments of this one
     (:func:`_rebuild_segment`), and this thread queues each finished segment and commits the
-    batch in one transaction (:func:`_commit_batch`). One batch downloads while at most two
-    are rebuilt or committed, which bounds the source objects held in memory.
+    batch in one transaction (:func:`_commit_batch`), then starts uploading it in the
+    background (:meth:`Vault.prepush`). One batch downloads while at most two are rebuilt or
+    committed, which bounds the source objects held in memory.
     Returns (old path, old remote) of objects to delete once the new ones are placed."""
     old_objects: list[tuple[str, int]] = []
     with tempfile.TemporaryDirectory(prefix="vaultfs-repair-") as tmp:
@@ -701,16 +708,16 @@ def _rebuild_all(
             todo_all[b : b + BATCH_SEGMENTS] for b in range(0, len(todo_all), BATCH_SEGMENTS)
         ]
 
-        def download(bi: int) -> tuple[Path, dict[str, segment.Body | str]]:
+        def download(bi: int) -> _Batch:
             # one transfer per remote for the whole batch: k sources per segment
             d = Path(tmp) / f"b{bi}"
             d.mkdir()
-            firsts = [
-                ref
+            refs = {
+                seg_id: fetcher.sources(seg_id, {sh.id for sh, _r in todo})
                 for seg_id, todo in batches[bi]
-                for ref in choose(fetcher.sources(seg_id, {sh.id for sh, _r in todo}), vault.k)
-            ]
-            return d, fetcher.fetch(firsts, d)
+            }
+            firsts = [ref for r in refs.values() for ref in choose(r, vault.k)]
+            return _Batch(d, refs, fetcher.fetch(firsts, d))
 
         def finish(d: Path, futures: list[Future[_Rebuild]]) -> None:
             dirs: set[Path] = set()
@@ -721,6 +728,8 @@ def _rebuild_all(
                     progress(1)
             old_objects.extend(_commit_batch(vault, queued, dirs, fetcher, report))
             shutil.rmtree(d, ignore_errors=True)
+            if queued:  # upload this batch while the next ones are rebuilt
+                vault.prepush()
 
         with (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaultfs-fetch") as pre,
@@ -730,13 +739,22 @@ def _rebuild_all(
             flight: deque[tuple[Path, list[Future[_Rebuild]]]] = deque()
             for bi, batch in enumerate(batches):
                 assert nxt is not None
-                d, got = nxt.result()
+                got = nxt.result()
                 nxt = pre.submit(download, bi + 1) if bi + 1 < len(batches) else None
                 flight.append(
                     (
-                        d,
+                        got.dir,
                         [
-                            work.submit(_rebuild_segment, vault, seg_id, todo, fetcher, d, got)
+                            work.submit(
+                                _rebuild_segment,
+                                vault,
+                                seg_id,
+                                todo,
+                                got.refs[seg_id],
+                                fetcher,
+                                got.dir,
+                                got.objects,
+                            )
                             for seg_id, todo in batch
                         ],
                     )

@@ -380,7 +380,9 @@ class _RemoteAuditor:
     def __init__(self, ctx: _Ctx, rid: int, spec: str, domain: str) -> None:
         self.ctx = ctx
         self.rid = rid
-        self.b = open_backend(spec, rid, fail_fast=True, wrap=ctx.wrap)
+        # a listing scan makes no ranged reads: it takes the rclone daemon when one runs (no
+        # process per call); the challenges' many small bounded reads take the command
+        self.b = open_backend(spec, rid, fail_fast=not ctx.list_only, wrap=ctx.wrap)
         self.rep = RemoteAudit(Remote(spec).label, rid, domain, mode=ctx.mode)
         self.run_id: int | None = None
         self.tree: dict[str, dict[str, int]] = {}
@@ -398,9 +400,19 @@ class _RemoteAuditor:
     def run(self) -> RemoteAudit:
         self.rep.queued = segments.queued_count(self.ctx.index, self.rid)
         try:
+            # what is placed before the listing starts is what it must show: on a live mount
+            # the pusher places more meanwhile (shards, manifests), which a later audit covers
+            self.rep.expected_seq = manifests.newest_placed(self.ctx.index, self.rid) or 0
+            placed = {
+                sh.id
+                for sh in segments.live_shards(self.ctx.index, self.rid)
+                if sh.state == "placed"
+            }
             self.tree = self.b.list_tree()  # one listing: data/, meta/, manifests/ with sizes
-            shards = self._listing()
-            if not self.ctx.list_only:
+            shards = self._listing(placed)
+            if self.ctx.list_only:
+                self._prefetch_manifest()
+            else:
                 self._challenges(shards)  # fetching whole objects prefetches the manifest too
             signed = self._manifests()
             self._foreign(signed)
@@ -436,7 +448,6 @@ class _RemoteAuditor:
         manifests sign, or None when one of them was left unread (a fork may hide there)."""
         idx = self.ctx.index
         latest = self.ctx.anchor.seq
-        self.rep.expected_seq = manifests.newest_placed(idx, self.rid) or 0
         ours = manifests.chain_names(idx)
         best: manifest.Manifest | None = None
         signed: set[str] = set()
@@ -493,6 +504,26 @@ class _RemoteAuditor:
                     )
         return signed if complete else None
 
+    def _prefetch_manifest(self) -> None:
+        """Fetch the newest listed manifest with one bulk transfer (a call to the rclone
+        daemon, where ``cat`` would start a process), cut off past the size a manifest can
+        have, into :attr:`prefetched`. Whatever does not arrive so is read by
+        :meth:`_read_manifest` with ``cat``, as before."""
+        newest = self._manifest_names()[:1]
+        if not newest:
+            return
+        with tempfile.TemporaryDirectory(prefix="vaultfs-audit-") as tmp:
+            try:
+                self.b.get("manifests", newest, Path(tmp), manifest.MAX_BYTES + 1)
+            except Unreachable:
+                raise
+            except RemoteError:
+                return
+            for nm in newest:
+                mp = Path(tmp) / nm
+                if mp.is_file() and mp.stat().st_size <= manifest.MAX_BYTES:
+                    self.prefetched[nm] = mp.read_bytes()
+
     def _read_manifest(self, nm: str) -> manifest.Manifest | None:
         """Manifest ``nm`` of this remote, verified; None (and a ``foreign`` finding for a
         forged or misnamed one) when it is not a valid manifest."""
@@ -541,7 +572,12 @@ class _RemoteAuditor:
             self.rep.details.setdefault(f"{sub}/{nm}", why)
 
     # -- 2. listing --------------------------------------------------------------------------
-    def _listing(self) -> list[ShardRow]:
+    def _listing(self, placed: set[int]) -> list[ShardRow]:
+        """Compare the listing with the index: each shard placed both before the listing
+        (``placed``, shard ids) and after it is checked for presence and size (one placed
+        meanwhile may be missing from it, one dropped meanwhile may be gone); every listed
+        name the index does not know here, read after the listing, is unknown (a name the
+        pusher placed meanwhile is known by then). Returns the shards present."""
         idx = self.ctx.index
         listed = {sub: self.tree.get(sub, {}) for sub in segment.KIND_NAMES.values()}
         rows = segments.live_shards(idx, self.rid)
@@ -549,7 +585,7 @@ class _RemoteAuditor:
         mine_all = segments.object_names(idx, self.rid) | manifests.garbage_names(idx, self.rid)
         present: list[ShardRow] = []
         for sh in rows:
-            if sh.state != "placed":
+            if sh.state != "placed" or sh.id not in placed:
                 continue
             size = listed[sh.kind].get(sh.name)
             if size is None:

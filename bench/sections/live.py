@@ -29,7 +29,8 @@ from .mount import Mounted
 
 class _Maintenance(threading.Thread):
     """Runs verify --read-all, then repair of remote ``lost`` (deleted first), until stopped;
-    ``rounds`` counts the completed commands, ``error`` keeps the first failure."""
+    ``rounds`` counts the commands completed before the stop (while the dump ran), ``error``
+    keeps the first failure."""
 
     def __init__(self, vault: Mounted, lost: int) -> None:
         super().__init__(name="bench-maintenance", daemon=True)
@@ -45,7 +46,8 @@ class _Maintenance(threading.Thread):
         )
         if res.returncode not in (0, 3):  # 3: rebuilt shards still queued for a remote
             self.error = self.error or f"vaultfs {' '.join(args)}: {res.stderr[-500:]}"
-        self.rounds += 1
+        if not self.stop.is_set():
+            self.rounds += 1
 
     def run(self) -> None:
         while not self.stop.is_set():

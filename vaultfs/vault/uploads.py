@@ -84,6 +84,8 @@ class UploadQueue:
         self.remotes = remotes
         self.seal = seal
         self._prepushing: tuple[threading.Thread, dict[int, str]] | None = None
+        # :meth:`prepush` (repair's thread) and a flush (the mount's pusher) both swap it
+        self._prepush_guard = threading.Lock()
         self._push_lock = threading.Lock()
         # one flush at a time: the mount's pusher and a maintenance job in the same daemon
         # would otherwise both upload a queued manifest while the other deletes its file
@@ -91,9 +93,10 @@ class UploadQueue:
 
     def close(self) -> None:
         """Wait for a background push (:meth:`prepush`) to end."""
-        if self._prepushing is not None:
-            self._prepushing[0].join()
-            self._prepushing = None
+        with self._prepush_guard:
+            bg, self._prepushing = self._prepushing, None
+        if bg is not None:
+            bg[0].join()
 
     def flush(
         self, progress: Callable[[str], None] | None = None, seal: bool = True
@@ -129,16 +132,22 @@ class UploadQueue:
 
     def prepush(self) -> None:
         """Start moving the queued shards to the remotes in the background (a commit does,
-        so uploads overlap exporting and signing the index); the next :meth:`flush` waits
-        for it, and does not try again in the same flush a remote that failed it."""
-        if self._prepushing is not None:
-            return
-        errors: dict[int, str] = {}
-        t = threading.Thread(
-            target=self._push_shards, args=(self.remotes(), None, errors), name="vaultfs-prepush"
-        )
-        self._prepushing = (t, errors)
-        t.start()
+        so uploads overlap exporting and signing the index; repair does after each batch, so
+        batch i uploads while batch i+1 is rebuilt), unless such a push is still running.
+        The next :meth:`flush` waits for it, and does not try again in the same flush a
+        remote that failed it; nor does a later background push."""
+        with self._prepush_guard:
+            errors: dict[int, str] = {}
+            if self._prepushing is not None:
+                t, errors = self._prepushing
+                if t.is_alive():
+                    return
+            remotes = [r for r in self.remotes() if r.rid not in errors]
+            t = threading.Thread(
+                target=self._push_shards, args=(remotes, None, errors), name="vaultfs-prepush"
+            )
+            self._prepushing = (t, errors)
+            t.start()
 
     def _push_shards(
         self,
@@ -150,10 +159,12 @@ class UploadQueue:
         remotes at once. Returns {remote id: success}; records errors in ``report`` (or, for
         the background push, in ``errors``)."""
         failed_before: dict[int, str] = {}
-        if report is not None and self._prepushing is not None:
-            bg, failed_before = self._prepushing
-            bg.join()
-            self._prepushing = None
+        if report is not None:
+            with self._prepush_guard:
+                bg, self._prepushing = self._prepushing, None
+            if bg is not None:
+                bg[0].join()
+                failed_before = bg[1]
         ok: dict[int, bool] = {}
 
         def push(r: Backend) -> None:
