@@ -139,6 +139,7 @@ def restore(
                 want=manifest,
                 anchor=anchor,
                 branches=branches,
+                lazy=bool(include),  # one path: read only the index blocks on its way
             )  # fmt: skip  (the local index, if any, is a rollback floor too)
             stack.callback(index.close)
             link: Link | None = m.link
@@ -162,6 +163,7 @@ def restore(
         ]
     warnings += w2
     dt = time.perf_counter() - t0
+    read = src.count_reads()
     reports = [
         {
             "remote": r.label,
@@ -169,6 +171,7 @@ def restore(
             "error": r.error,
             "newest_manifest": r.best_seq,
             "rejected": r.rejected,
+            "bytes_read": r.bytes_read,
         }
         for r in src.reports.values()
     ]
@@ -183,6 +186,7 @@ def restore(
                     "fork": branches.to_dict()["fork"] if branches.used else [],
                     "snapshots": held,
                     "seconds": dt,
+                    "bytes_read": read,
                     "remotes": reports,
                     "warnings": warnings,
                 }
@@ -204,6 +208,6 @@ def restore(
             )
     out.print(
         f"restored snapshot {uid}: {files} entries, {size:,} bytes to {to} in {dt:.1f}s, "
-        f"from manifest {link.short if link else '#0'}",
+        f"from manifest {link.short if link else '#0'}; read {read:,} bytes from the remotes",
         highlight=False,
     )
