@@ -139,7 +139,9 @@ def restore(
                 want=manifest,
                 anchor=anchor,
                 branches=branches,
-                lazy=bool(include),  # one path: read only the index blocks on its way
+                # one path, or one older snapshot: read only the index blocks on the way
+                # (a whole newest snapshot streams the index: as fast, and sequential)
+                lazy=bool(include) or snapshot != "latest",
             )  # fmt: skip  (the local index, if any, is a rollback floor too)
             stack.callback(index.close)
             link: Link | None = m.link

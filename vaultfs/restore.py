@@ -906,9 +906,11 @@ class _IndexSegments:
                 self.keys.metadata_key, self.keys.vault_id, oid, bytes(record), self.suite
             )
         except IntegrityError:
+            # one shard served them: it lied; several: the whole segment's read finds which
+            blame = f"{served.pop()}: " if len(served) == 1 else ""
             self.warnings.append(
-                f"{'; '.join(sorted(served))}: bytes read from it do not open as index object "
-                f"{oid.hex()[:16]}…; reading the whole meta segment {loc.uid.hex()}"
+                f"{blame}the bytes read for index object {oid.hex()[:16]}… do not open; "
+                f"reading the whole meta segment {loc.uid.hex()}"
             )
             return None
 
