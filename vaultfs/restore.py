@@ -885,7 +885,8 @@ class _IndexSegments:
             i, a = divmod(pos, payload)
             b = min(end - i * payload, payload)
             pieces: dict[int, bytes] = {}
-            for ref in [r for r in refs if r.idx == i] or refs:
+            # data shard i itself when in reach; else (or if it fails) any k shards
+            for ref in sorted(refs, key=lambda r: r.idx != i):
                 got = self.src.read_range("meta", ref, PAYLOAD_AT + a, PAYLOAD_AT + b)
                 if got is None:
                     continue

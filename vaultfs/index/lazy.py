@@ -103,6 +103,8 @@ class _VFS(apsw.VFS):
         self.file = file
 
     def xOpen(self, name: object, flags: list[int]) -> _BlockFile:  # noqa: N802
+        if not flags[0] & apsw.SQLITE_OPEN_MAIN_DB:  # temp files stay in memory (temp_store)
+            raise apsw.CantOpenError("the lazy index view opens no other file")
         return self.file
 
     def xAccess(self, pathname: str, flags: int) -> bool:  # noqa: N802 - only the one file
@@ -175,6 +177,7 @@ def open_lazy(length: int, block_size: int, read_block: Callable[[int], bytes]) 
     try:
         view.one("PRAGMA trusted_schema=OFF")
         view.one("PRAGMA cell_size_check=ON")
+        view.one("PRAGMA temp_store=MEMORY")  # sorts and temporary tables: never a file
         row = view.one("PRAGMA user_version")
         if row is None or row[0] != SCHEMA_VERSION:
             view.close()
