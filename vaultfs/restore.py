@@ -205,7 +205,7 @@ class ShardSource:
         if self._ahead is None:
             return
         jobs, self._ahead = self._ahead.result(), None
-        for _into, _label, job in jobs:
+        for _into, _r, job in jobs:
             job.stop()
         staged: dict[str, Fetched] = {}
         for into, r, _job in jobs:
