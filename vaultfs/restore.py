@@ -1244,10 +1244,11 @@ def restore_files(
 ) -> tuple[str, int, int, list[str]]:
     """Write a snapshot's files under ``to``. Returns (snapshot uid, files, bytes, warnings)."""
     snap_uid, entries = _entries(index, snapshot, include)
-    epoch_suites = _check_suites(keys, index)
+    chunks = {e.id: snapshots.file_chunks(index, e.id) for e in entries if e.type == "f"}
+    epoch_suites = _check_suites(keys, index, {row[1] for rows in chunks.values() for row in rows})
     to = _prepare_target(to, force)
     file_rows, link_later = _create_files(to, entries, force)
-    plan, total = _plan_chunks(index, to, file_rows)
+    plan, total = _plan_chunks(to, file_rows, chunks)
     if total_cb:
         total_cb(total)
     warnings = _write_chunks(keys, index, src, plan, epoch_suites, progress)
@@ -1277,12 +1278,13 @@ def _entries(index: Index, snapshot: str, include: list[str] | None) -> tuple[st
     return snap_uid, entries
 
 
-def _check_suites(keys: VaultKeys, index: Index) -> dict[int, int]:
-    """Refuse (before anything is written) data under a suite ``keys`` or the index retire;
-    returns {epoch: suite}."""
+def _check_suites(keys: VaultKeys, index: Index, seg_ids: set[int]) -> dict[int, int]:
+    """Refuse (before anything is written) data the restore reads, segments ``seg_ids``,
+    under a suite ``keys`` or the index retire; returns {epoch: suite}. Only those segments'
+    rows are read (a one-file restore through the lazy view reads no more of the index)."""
     keys.retired_suites |= keyring.retired_suites(index)
     epoch_suites = {epoch: suite for epoch, suite, _wrapped in keyring.epochs(index)}
-    for epoch in segments.data_epochs(index):
+    for epoch in {layout[3] for layout in segments.layouts(index, sorted(seg_ids)).values()}:
         keys.check_suite(epoch_suites.get(epoch, 0))
     return epoch_suites
 
@@ -1339,16 +1341,17 @@ def _create_files(
 
 
 def _plan_chunks(
-    index: Index, to: Path, file_rows: list[Row]
+    to: Path, file_rows: list[Row], chunks: dict[int, list[tuple[bytes, int, int, int, int]]]
 ) -> tuple[dict[int, list[tuple[bytes, int, int, str, int, int]]], int]:
     """Where every chunk of ``file_rows`` goes: (segment -> [(cid, offset in segment, record
-    length, file path, file offset, plain length)], total bytes)."""
+    length, file path, file offset, plain length)], total bytes). ``chunks`` holds each file
+    entry's chunk rows (:func:`snapshots.file_chunks`); they move from it into the plan."""
     plan: dict[int, list[tuple[bytes, int, int, str, int, int]]] = defaultdict(list)
     total = 0
     for e in file_rows:
         target = str(_safe_target(to, e.path))
         pos = 0
-        for cid, seg, off, ln, plain in snapshots.file_chunks(index, e.id):
+        for cid, seg, off, ln, plain in chunks.pop(e.id):
             plan[seg].append((cid, off, ln, target, pos, plain))
             pos += plain
         if pos != e.size:

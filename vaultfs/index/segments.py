@@ -308,11 +308,6 @@ def data_segments(index: Index) -> list[tuple[int, int, int, int]]:
     return index.q("SELECT id, size, used, epoch FROM segments WHERE kind='data' ORDER BY id")
 
 
-def data_epochs(index: Index) -> set[int]:
-    """The key epochs some data segment is sealed under."""
-    return {e for (e,) in index.q("SELECT DISTINCT epoch FROM segments WHERE kind='data'")}
-
-
 def data_roots_by_id(index: Index) -> list[tuple[int, bytes]]:
     """(id, root) of every data segment in id order (the leaves of the vault root)."""
     return index.q("SELECT id, root FROM segments WHERE kind='data' ORDER BY id")
