@@ -1243,15 +1243,19 @@ def restore_files(
     total_cb: Callable[[int], None] | None = None,
 ) -> tuple[str, int, int, list[str]]:
     """Write a snapshot's files under ``to``. Returns (snapshot uid, files, bytes, warnings)."""
+    # every index read before anything is written (the lazy view reads from the remotes)
     snap_uid, entries = _entries(index, snapshot, include)
     chunks = {e.id: snapshots.file_chunks(index, e.id) for e in entries if e.type == "f"}
-    epoch_suites = _check_suites(keys, index, {row[1] for rows in chunks.values() for row in rows})
+    seg_ids = sorted({row[1] for rows in chunks.values() for row in rows})
+    seg_rows = segments.layouts(index, seg_ids)
+    shard_rows = segments.shard_hashes(index, seg_ids)
+    epoch_suites = _check_suites(keys, index, seg_rows)
     to = _prepare_target(to, force)
     file_rows, link_later = _create_files(to, entries, force)
     plan, total = _plan_chunks(to, file_rows, chunks)
     if total_cb:
         total_cb(total)
-    warnings = _write_chunks(keys, index, src, plan, epoch_suites, progress)
+    warnings = _write_chunks(keys, index, src, plan, seg_rows, shard_rows, epoch_suites, progress)
     _finish_entries(to, entries, link_later, force, warnings)
     return snap_uid, len(entries), total, warnings
 
@@ -1278,13 +1282,16 @@ def _entries(index: Index, snapshot: str, include: list[str] | None) -> tuple[st
     return snap_uid, entries
 
 
-def _check_suites(keys: VaultKeys, index: Index, seg_ids: set[int]) -> dict[int, int]:
-    """Refuse (before anything is written) data the restore reads, segments ``seg_ids``,
-    under a suite ``keys`` or the index retire; returns {epoch: suite}. Only those segments'
-    rows are read (a one-file restore through the lazy view reads no more of the index)."""
+def _check_suites(
+    keys: VaultKeys, index: Index, seg_rows: dict[int, tuple[int, int, int, int, int]]
+) -> dict[int, int]:
+    """Refuse (before anything is written) data the restore reads, the segments of
+    ``seg_rows`` (:func:`segments.layouts`), under a suite ``keys`` or the index retire;
+    returns {epoch: suite}. Only those segments count (a one-file restore through the lazy
+    view reads no other segment rows)."""
     keys.retired_suites |= keyring.retired_suites(index)
     epoch_suites = {epoch: suite for epoch, suite, _wrapped in keyring.epochs(index)}
-    for epoch in {layout[3] for layout in segments.layouts(index, sorted(seg_ids)).values()}:
+    for epoch in {layout[3] for layout in seg_rows.values()}:
         keys.check_suite(epoch_suites.get(epoch, 0))
     return epoch_suites
 
@@ -1365,13 +1372,14 @@ def _write_chunks(
     index: Index,
     src: ShardSource,
     plan: dict[int, list[tuple[bytes, int, int, str, int, int]]],
+    seg_rows: dict[int, tuple[int, int, int, int, int]],
+    shard_rows: dict[int, list[tuple[int, str, bytes, int]]],
     epoch_suites: dict[int, int],
     progress: Callable[[int], None] | None,
 ) -> list[str]:
     """Fetch the segments of ``plan`` in batches (the next one while the decoders work on
-    this one), decode them and write their chunks into the files. Returns warnings."""
-    seg_rows = segments.layouts(index, sorted(plan))
-    shard_rows = segments.shard_hashes(index, sorted(plan))
+    this one), decode them and write their chunks into the files. ``seg_rows`` and
+    ``shard_rows``: the layouts and shards of (at least) those segments. Returns warnings."""
     refs = {sid: src.refs("data", shard_rows[sid]) for sid in plan}
     used_epochs = {seg_rows[sid][3] for sid in plan}
     data_keys = {
