@@ -139,6 +139,9 @@ def restore(
                 want=manifest,
                 anchor=anchor,
                 branches=branches,
+                # one path, or one older snapshot: read only the index blocks on the way
+                # (a whole newest snapshot streams the index: as fast, and sequential)
+                lazy=bool(include) or snapshot != "latest",
             )  # fmt: skip  (the local index, if any, is a rollback floor too)
             stack.callback(index.close)
             link: Link | None = m.link
@@ -162,6 +165,7 @@ def restore(
         ]
     warnings += w2
     dt = time.perf_counter() - t0
+    read = src.count_reads()
     reports = [
         {
             "remote": r.label,
@@ -169,6 +173,7 @@ def restore(
             "error": r.error,
             "newest_manifest": r.best_seq,
             "rejected": r.rejected,
+            "bytes_read": r.bytes_read,
         }
         for r in src.reports.values()
     ]
@@ -183,6 +188,7 @@ def restore(
                     "fork": branches.to_dict()["fork"] if branches.used else [],
                     "snapshots": held,
                     "seconds": dt,
+                    "bytes_read": read,
                     "remotes": reports,
                     "warnings": warnings,
                 }
@@ -204,6 +210,6 @@ def restore(
             )
     out.print(
         f"restored snapshot {uid}: {files} entries, {size:,} bytes to {to} in {dt:.1f}s, "
-        f"from manifest {link.short if link else '#0'}",
+        f"from manifest {link.short if link else '#0'}; read {read:,} bytes from the remotes",
         highlight=False,
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 import format_reader as fr
 import pytest
 
-from vaultfs import manifest
+from vaultfs import indexblocks, manifest
 from vaultfs.backends import open_backend
 from vaultfs.backup import backup_paths
 from vaultfs.errors import IntegrityError, VaultError
@@ -273,3 +273,41 @@ def test_a_manifest_readers_would_refuse_is_never_written(tmp_path, monkeypatch)
     with Vault.open(tmp_path / "home", PW) as v:
         assert v.flush().complete
     assert remote_index(keys, remotes[:2], tmp_path / "restored.db").seq == 1
+
+
+def test_records_just_over_a_size_class_are_split_into_two_classes_not_padded_to_the_next(
+    tmp_path,
+):
+    """About 1.1 MiB of fresh records would be padded to a 2 MiB segment: they are shipped as
+    a 1 MiB segment and a 256 KiB one instead (both size classes), and every map entry and
+    map page points at a record that opens to its object, the moved ones included."""
+    v, _remotes = make_vault(tmp_path)
+    written: dict[bytes, bytes] = {}
+
+    def write(uid: bytes, padded: bytes):
+        written[uid] = padded
+        return len(written), [], b"\0" * 32
+
+    export = tmp_path / "export.db"
+    export.write_bytes(random.Random(5).randbytes(70 * BLOCK_SIZE))  # incompressible
+    with v:
+        keys, suite = v.keys, v.committer.suite
+        got = metaship.ship(
+            v.index, keys, suite, 4 << 20, export, ShippedObjects(tmp_path / "side.db"), write
+        )
+    assert sorted(m.size for m in got.new) == [256 << 10, 1 << 20]
+    assert sum(m.used for m in got.new) == got.stats.sealed_bytes > 1 << 20
+
+    def opened(oid: bytes, loc) -> bytes:
+        record = written[loc.uid][loc.offset : loc.offset + loc.length]
+        return indexblocks.open_record(keys.metadata_key, keys.vault_id, oid, record, suite)
+
+    data = export.read_bytes()
+    pos = 0
+    for page in got.pages:
+        entries = indexblocks.decode_map_page(opened(page.id, page))
+        for oid, loc in entries:
+            assert opened(oid, loc) == data[pos * BLOCK_SIZE : (pos + 1) * BLOCK_SIZE]
+            pos += 1
+    assert pos == 70
+    assert {loc.uid for loc in got.sealed.values()} == set(written)

@@ -103,3 +103,83 @@ def reconstruct(
         return driver(k, n, alg).reconstruct(frags, missing)
     except Exception as e:  # pyeclib raises its own hierarchy
         raise IntegrityError(f"erasure reconstruction failed: {e}") from None
+
+
+# -- byte ranges -----------------------------------------------------------------------------
+# The code works byte by byte (docs/format.md 7.3, 7.4): payload byte b of every fragment is
+# a combination of payload byte b of the data fragments. So the same byte range of any k
+# fragments' payloads decodes to that range of the data payloads, without the rest of them:
+# the lazy index view reads one record of a meta segment that way when a data shard it lies
+# in is out of reach. Small k×k matrices over GF(2^8) here; the bytes go through
+# bytes.translate (one multiplication table per coefficient) and big-integer XOR.
+_POLY = 0x11D
+_EXP = [0] * 510
+_LOG = [0] * 256
+_x = 1
+for _i in range(255):
+    _EXP[_i] = _EXP[_i + 255] = _x
+    _LOG[_x] = _i
+    _x <<= 1
+    if _x & 0x100:
+        _x ^= _POLY
+
+
+def _mul(a: int, b: int) -> int:
+    return 0 if a == 0 or b == 0 else _EXP[_LOG[a] + _LOG[b]]
+
+
+def _inv(a: int) -> int:
+    return _EXP[255 - _LOG[a]]
+
+
+_tables: dict[int, bytes] = {}
+
+
+def _times(c: int, data: bytes) -> int:
+    """``data`` multiplied by ``c`` byte by byte, as a little-endian integer (to XOR)."""
+    table = _tables.get(c)
+    if table is None:
+        table = _tables[c] = bytes(_mul(c, x) for x in range(256))
+    return int.from_bytes(data.translate(table), "little")
+
+
+def _row(i: int, k: int, alg: int) -> list[int]:
+    """Row ``i`` of the code's n×k generator matrix: the identity for i < k, then ISA-L's
+    ``gf_gen_rs_matrix`` (algorithm 1: ``(2^p)^j``, p = i − k) or ``gf_gen_cauchy1_matrix``
+    (algorithm 2: ``inv(i ⊕ j)``)."""
+    if i < k:
+        return [1 if j == i else 0 for j in range(k)]
+    if alg == EC_ISA_L_RS_VAND:
+        return [_EXP[((i - k) * j) % 255] for j in range(k)]
+    if alg == EC_ISA_L_RS_CAUCHY:
+        return [_inv(i ^ j) for j in range(k)]
+    raise IntegrityError(f"unknown erasure algorithm id {alg}")
+
+
+def decode_range(pieces: dict[int, bytes], want: int, k: int, alg: int) -> bytes:
+    """Payload bytes of data fragment ``want`` (< k) over one byte range, from the same range
+    of k fragments' payloads ({fragment index: bytes}, all of one length). IntegrityError
+    when those k rows are singular (algorithm 1 with n − k ≥ 5: take another set)."""
+    if want in pieces:
+        return pieces[want]
+    idxs = sorted(pieces)[:k]
+    if len(idxs) < k:
+        raise IntegrityError(f"only {len(idxs)} fragment ranges, need {k}")
+    m = [_row(i, k, alg) + [1 if t == r else 0 for t in range(k)] for r, i in enumerate(idxs)]
+    for col in range(k):  # Gauss-Jordan: m becomes [I | inverse]
+        piv = next((r for r in range(col, k) if m[r][col]), None)
+        if piv is None:
+            raise IntegrityError(f"fragments {idxs} do not decode (a singular set)")
+        m[col], m[piv] = m[piv], m[col]
+        inv = _inv(m[col][col])
+        m[col] = [_mul(inv, v) for v in m[col]]
+        for r in range(k):
+            if r != col and m[r][col]:
+                f = m[r][col]
+                m[r] = [v ^ _mul(f, w) for v, w in zip(m[r], m[col], strict=True)]
+    acc = 0
+    length = len(pieces[idxs[0]])
+    for c, i in zip(m[want][k:], idxs, strict=True):
+        if c:
+            acc ^= _times(c, pieces[i])
+    return acc.to_bytes(length, "little")

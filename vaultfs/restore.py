@@ -37,12 +37,13 @@ from .errors import (
     ThawNeeded,
 )
 from .index import Index, keyring, manifests, open_shipped, seen_manifest_seq, segments, snapshots
+from .index.lazy import LazyIndex, open_lazy
 from .index.shipped import BlockPlan, ShippedObjects
 from .indexblocks import Location
 from .keys import SLHDSA_BY_SIG_ALG, VaultKeys
 from .names import display, fs_path, xattrs_from_db
 from .remotes import needs_thaw
-from .shardreader import ShardRef, choose, read_segment
+from .shardreader import ShardRef, choose, preference, read_segment
 
 BATCH_SEGMENTS = 12
 FIRST_BATCH = 2
@@ -66,6 +67,7 @@ class RemoteReport:
     bad_manifests: list[str] = field(default_factory=list)
     objects: int = 0
     rejected: list[str] = field(default_factory=list)
+    bytes_read: int = 0  # bytes of objects read from it (:meth:`ShardSource.count_reads`)
 
 
 @dataclass
@@ -144,6 +146,9 @@ class ShardSource:
         #: spec -> sub -> {name: listed size (-1: the remote did not say)}
         self.listed: dict[str, dict[str, dict[str, int]]] = {}
         self.local: dict[str, Path] = {}
+        #: spec -> bytes read without the backend (in place, read ahead): Metered counts the rest
+        self._read_here: dict[str, int] = defaultdict(int)
+        self._count_lock = threading.Lock()
         if queue_dir and queue_dir.exists():
             for rdir in queue_dir.glob("r*"):
                 for sub in ("data", "meta"):
@@ -179,9 +184,9 @@ class ShardSource:
     #: shard objects downloaded ahead: name -> where (deleted once used)
     staged: dict[str, Fetched] = {}
 
-    def _start_read_ahead(self, d: Path) -> list[tuple[Path, str, Job]]:
-        """Start one bounded download of ``data/`` per remote; (its directory, the remote's
-        label, the job) of each one started."""
+    def _start_read_ahead(self, d: Path) -> list[tuple[Path, Backend, Job]]:
+        """Start one bounded download of ``data/`` per remote; (its directory, the remote,
+        the job) of each one started."""
         ok = [
             r
             for r in self.remotes
@@ -194,7 +199,7 @@ class ShardSource:
             into = d / f"a{i}" / "data"
             job = r.copy_dir_async("data", into, budget)
             if job is not None:
-                jobs.append((into, r.label, job))
+                jobs.append((into, r, job))
         return jobs
 
     def stop_read_ahead(self) -> None:
@@ -202,14 +207,33 @@ class ShardSource:
         if self._ahead is None:
             return
         jobs, self._ahead = self._ahead.result(), None
-        for _into, _label, job in jobs:
+        for _into, _r, job in jobs:
             job.stop()
         staged: dict[str, Fetched] = {}
-        for into, label, _job in jobs:
+        for into, r, _job in jobs:
             for f in into.glob("*"):
                 if f.is_file() and len(f.name) == 32 and "." not in f.name:  # not a .partial
-                    staged[f.name] = Fetched(f, label)
+                    staged[f.name] = Fetched(f, r.label)
+                    self._note_read(r.spec, f.stat().st_size)
         self.staged = staged
+
+    def _note_read(self, spec: str, nbytes: int) -> None:
+        with self._count_lock:
+            self._read_here[spec] += nbytes
+
+    def count_reads(self) -> int:
+        """Fill in each report's ``bytes_read`` and return their sum: the bytes of objects
+        read from the remotes by this process, through the backend (its :class:`Metered`
+        count: listings excluded) or not (objects read in place, or downloaded ahead, counted
+        once they are staged). Reads a decoder process makes around a corrupt data shard are
+        not counted."""
+        total = 0
+        for r in self.remotes:
+            rep = self.reports[r.spec]
+            with self._count_lock:
+                rep.bytes_read = getattr(r, "bytes_read", 0) + self._read_here[r.spec]
+            total += rep.bytes_read
+        return total
 
     def _list_one(self, r: Backend) -> dict[str, dict[str, int]] | RemoteError:
         try:
@@ -349,6 +373,7 @@ class ShardSource:
                 r = min(here, key=lambda x: load[x.spec])
                 load[r.spec] += 1
                 got[name] = Fetched(self.in_place[r.spec] / kind / name, r.label)
+                self._note_read(r.spec, ref.size or 0)
                 continue
             r = min(cands, key=lambda x: load[x.spec])
             load[r.spec] += 1
@@ -386,6 +411,7 @@ class ShardSource:
             body: segment.Body | str
             if r.spec in self.in_place:
                 body = read_object(self.in_place[r.spec] / kind / ref.name, ref.size)
+                self._note_read(r.spec, ref.size)
             else:
                 try:
                     body = r.cat(kind, ref.name, 0, ref.size + 1)
@@ -398,6 +424,44 @@ class ShardSource:
                 warnings.append(f"{r.label}: shard {ref.name} (index {ref.idx}) {body}")
                 continue
             return body, r.label
+        return None
+
+    def read_range(self, kind: str, ref: ShardRef, lo: int, hi: int) -> tuple[bytes, str] | None:
+        """Bytes [lo, hi) of shard object ``ref`` (unverified: the caller checks what they
+        make), with who served them: from the upload queue, in place, or one ranged read of a
+        remote that listed the object at its expected size; None when none can. Each holder
+        is tried once, local copies first."""
+        assert ref.size is not None and 0 <= lo <= hi <= ref.size
+        paths = [(self.local[ref.name], "the upload queue", None)] if ref.name in self.local else []
+        remote: list[Backend] = []
+        for r in self.where.get(ref.name, []):
+            if r.spec in self.in_place:
+                paths.append((self.in_place[r.spec] / kind / ref.name, r.label, r.spec))
+            else:
+                remote.append(r)
+        for path, holder, spec in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode) or st.st_size != ref.size:
+                        continue
+                    data = os.pread(fd, hi - lo, lo)
+                finally:
+                    os.close(fd)
+            except OSError:
+                continue
+            if spec is not None:
+                self._note_read(spec, len(data))
+            if len(data) == hi - lo:
+                return data, holder
+        for r in remote:
+            try:
+                data = r.cat(kind, ref.name, lo, hi - lo)
+            except RemoteError:
+                continue
+            if len(data) == hi - lo:
+                return data, r.label
         return None
 
 
@@ -701,19 +765,11 @@ def fetch_index(
     body = m.contents
     warnings: list[str] = []
     block, length = body.index_block_size, body.index_length
-    blocks = indexblocks.block_count(length, block)
-    if len(body.index_map) != indexblocks.map_pages(length, block):
-        raise IntegrityError("the manifest's index map does not cover the index length")
     with tempfile.TemporaryDirectory(prefix="vaultfs-idx-") as tmp:
         segs = _IndexSegments(keys, m, src, Path(tmp), warnings)
         with contextlib.closing(BlockPlan(Path(tmp) / "map.db")) as plan:
-            for i, page in enumerate(body.index_map):
-                raw = segs.object(page.id, Location(page.uid, page.offset, page.length))
-                entries = indexblocks.decode_map_page(raw)
-                first = i * indexblocks.MAP_FANOUT
-                if len(entries) != min(indexblocks.MAP_FANOUT, blocks - first):
-                    raise IntegrityError(f"index map page {i} lists {len(entries)} blocks")
-                plan.add(first, entries)
+            for i in range(len(body.index_map)):
+                plan.add(i * indexblocks.MAP_FANOUT, map_page(segs, body, i))
             with open(dest, "wb") as out:
                 out.truncate(length)
                 for pos, oid, loc in plan.by_segment():
@@ -732,9 +788,44 @@ def fetch_index(
     return warnings
 
 
+def map_page(segs: _IndexSegments, body: manifest.Body, i: int) -> list[tuple[bytes, Location]]:
+    """Page ``i`` of the block map ``body`` names: the (object id, location) of blocks
+    ``128·i`` on, checked against its id and its length (docs/format.md 9). The one answer to
+    "where is block j" (page ``j // 128``, entry ``j % 128``) for both ways of reading an
+    index: :func:`fetch_index` and the lazy view (:func:`open_lazy_index`)."""
+    blocks = indexblocks.block_count(body.index_length, body.index_block_size)
+    if len(body.index_map) != indexblocks.map_pages(body.index_length, body.index_block_size):
+        raise IntegrityError("the manifest's index map does not cover the index length")
+    page = body.index_map[i]
+    entries = indexblocks.decode_map_page(
+        segs.object(page.id, Location(page.uid, page.offset, page.length))
+    )
+    first = i * indexblocks.MAP_FANOUT
+    if len(entries) != min(indexblocks.MAP_FANOUT, blocks - first):
+        raise IntegrityError(f"index map page {i} lists {len(entries)} blocks")
+    return entries
+
+
+#: Bytes of decoded meta segments the lazy view keeps (a record that no range read delivers
+#: costs its whole segment, once).
+SEGMENT_CACHE_BYTES = 16 << 20
+#: Map pages the lazy view keeps decoded (7 KiB each).
+MAP_PAGES_KEPT = 256
+#: Bytes of a shard object before the segment bytes it holds: our header, then
+#: liberasurecode's (docs/format.md 7.1, 7.2).
+PAYLOAD_AT = segment.HEADER_SIZE + erasure.FRAGMENT_HEADER
+
+
 class _IndexSegments:
-    """The meta segments a manifest names, fetched and decoded one at a time (the last one
-    kept: the objects are read grouped by segment), and the index objects in them."""
+    """The meta segments a manifest names, and the index objects in them.
+
+    Whole segments are fetched and decoded through the shard reader (decoding around missing
+    and corrupt shards) and kept up to ``keep`` bytes, at least the last one (the streaming
+    fetch reads the objects grouped by segment). With ``ranged`` (the lazy view), an object
+    of a segment not kept is first read by range reads of just the data-shard bytes that hold
+    its record (the code is systematic: docs/format.md 7.3; the whitening is seekable: 7.1),
+    and only when that fails (a shard missing, a record that does not open) from the whole
+    segment. Every object is opened and checked against its id before it is returned."""
 
     def __init__(
         self,
@@ -743,44 +834,149 @@ class _IndexSegments:
         src: ShardSource,
         tmp: Path,
         warnings: list[str],
+        ranged: bool = False,
+        keep: int = 0,
     ) -> None:
         self.keys, self.suite, self.src, self.tmp, self.warnings = keys, m.suite, src, tmp, warnings
+        self.ranged, self.keep = ranged, keep
         self.named = {seg.uid: seg for seg in m.contents.index_segments}
-        self.uid: bytes | None = None
-        self.data = b""
+        self.segments: OrderedDict[bytes, bytes] = OrderedDict()
+        self.kept = 0
 
     def object(self, oid: bytes, loc: Location) -> bytes:
         """Index object ``oid`` at ``loc``, opened and checked against its id."""
-        if loc.uid != self.uid:
-            self.data, self.uid = self._segment(loc.uid), loc.uid
-        seg = self.named[loc.uid]
-        if loc.offset + loc.length > seg.used:
-            raise IntegrityError(f"index object {oid.hex()[:16]}… lies outside its segment")
-        record = self.data[loc.offset : loc.offset + loc.length]
-        return indexblocks.open_record(
-            self.keys.metadata_key, self.keys.vault_id, oid, record, self.suite
-        )
-
-    def _segment(self, uid: bytes) -> bytes:
-        seg = self.named.get(uid)
+        seg = self.named.get(loc.uid)
         if seg is None:
             raise IntegrityError(
-                f"the index map names meta segment {uid.hex()}, which the manifest does not"
+                f"the index map names meta segment {loc.uid.hex()}, which the manifest does not"
             )
-        refs = self.src.refs("meta", [(s.idx, s.name, s.hash, s.size) for s in seg.shards])
+        if loc.offset + loc.length > seg.used:
+            raise IntegrityError(f"index object {oid.hex()[:16]}… lies outside its segment")
+        if self.ranged and loc.uid not in self.segments:
+            got = self._ranged(oid, loc, seg)
+            if got is not None:
+                return got
+        data = self._segment(loc.uid, seg)
+        return indexblocks.open_record(
+            self.keys.metadata_key,
+            self.keys.vault_id,
+            oid,
+            data[loc.offset : loc.offset + loc.length],
+            self.suite,
+        )
+
+    def _refs(self, seg: manifest.IndexSegment) -> list[ShardRef]:
+        return self.src.refs("meta", [(s.idx, s.name, s.hash, s.size) for s in seg.shards])
+
+    def _ranged(self, oid: bytes, loc: Location, seg: manifest.IndexSegment) -> bytes | None:
+        """The object read from just the shard bytes that hold its record: data shard *i*
+        holds segment bytes [i·P, (i+1)·P) (the code is systematic); when it is out of reach,
+        the same range of k other shards decodes to them (:func:`erasure.decode_range`).
+        None when the bytes cannot be had or do not open (named in the warnings): the caller
+        reads the whole segment, which decodes around what lies."""
+        sizes = {s.size for s in seg.shards}
+        payload = sizes.pop() - PAYLOAD_AT if len(sizes) == 1 else 0
+        if payload <= 0 or payload * seg.k < seg.size:
+            return None
+        refs = sorted(self._refs(seg), key=lambda r: preference(r, seg.k))
+        alg = seg.ec_alg or erasure.EC_ISA_L_RS_VAND
+        record = bytearray()
+        served: set[str] = set()
+        pos, end = loc.offset, loc.offset + loc.length
+        while pos < end:
+            i, a = divmod(pos, payload)
+            b = min(end - i * payload, payload)
+            pieces: dict[int, bytes] = {}
+            # data shard i itself when in reach; else (or if it fails) any k shards
+            for ref in sorted(refs, key=lambda r: r.idx != i):
+                got = self.src.read_range("meta", ref, PAYLOAD_AT + a, PAYLOAD_AT + b)
+                if got is None:
+                    continue
+                off = erasure.FRAGMENT_HEADER + a
+                pieces[ref.idx] = segment.whiten(
+                    self.keys.audit_key, ref.name, ref.idx, got[0], off
+                )
+                served.add(f"{got[1]}: shard {ref.name} (index {ref.idx})")
+                if i in pieces or len(pieces) == seg.k:
+                    break
+            try:
+                record += erasure.decode_range(pieces, i, seg.k, alg)
+            except IntegrityError:  # too few shards within reach, or a singular set
+                return None
+            pos = i * payload + b
+        try:
+            return indexblocks.open_record(
+                self.keys.metadata_key, self.keys.vault_id, oid, bytes(record), self.suite
+            )
+        except IntegrityError:
+            # one shard served them: it lied; several: the whole segment's read finds which
+            blame = f"{served.pop()}: " if len(served) == 1 else ""
+            self.warnings.append(
+                f"{blame}the bytes read for index object {oid.hex()[:16]}… do not open; "
+                f"reading the whole meta segment {loc.uid.hex()}"
+            )
+            return None
+
+    def _segment(self, uid: bytes, seg: manifest.IndexSegment) -> bytes:
+        got = self.segments.get(uid)
+        if got is not None:
+            self.segments.move_to_end(uid)
+            return got
+        refs = self._refs(seg)
         into = self.tmp / uid.hex()
         into.mkdir()
         try:
-            got = self.src.fetch([("meta", r) for r in choose(refs, seg.k)], into)
+            fetched = self.src.fetch([("meta", r) for r in choose(refs, seg.k)], into)
             what = f"meta segment {uid.hex()}"
             # the earliest manifests name no algorithm: they predate algorithm 2
             alg = seg.ec_alg or erasure.EC_ISA_L_RS_VAND
-            return _read_segment(
-                self.src, "meta", refs, seg.k, seg.n, seg.size, got, self.warnings, what,
+            data = _read_segment(
+                self.src, "meta", refs, seg.k, seg.n, seg.size, fetched, self.warnings, what,
                 alg, self.keys.audit_key,
             )  # fmt: skip
         finally:
             shutil.rmtree(into)
+        self.segments[uid] = data
+        self.kept += len(data)
+        while len(self.segments) > 1 and self.kept > self.keep:
+            _uid, old = self.segments.popitem(last=False)
+            self.kept -= len(old)
+        return data
+
+
+class _LazyBlocks:
+    """``read_block`` of the lazy view: block j's entry from its map page (:func:`map_page`,
+    :data:`MAP_PAGES_KEPT` pages kept), then the block itself, checked against its id."""
+
+    def __init__(self, segs: _IndexSegments, body: manifest.Body) -> None:
+        self.segs, self.body = segs, body
+        self.pages: OrderedDict[int, list[tuple[bytes, Location]]] = OrderedDict()
+
+    def __call__(self, j: int) -> bytes:
+        p, at = divmod(j, indexblocks.MAP_FANOUT)
+        page = self.pages.get(p)
+        if page is None:
+            page = self.pages[p] = map_page(self.segs, self.body, p)
+            while len(self.pages) > MAP_PAGES_KEPT:
+                self.pages.popitem(last=False)
+        else:
+            self.pages.move_to_end(p)
+        oid, loc = page[at]
+        return self.segs.object(oid, loc)
+
+
+def open_lazy_index(
+    keys: VaultKeys, m: manifest.Manifest, src: ShardSource, tmp: Path, warnings: list[str]
+) -> LazyIndex | None:
+    """The lazy view (vaultfs/index/lazy.py) of the index manifest ``m`` names: each query
+    reads only the index blocks it touches, each checked against its id (range reads first,
+    :class:`_IndexSegments`). Warnings about shards decoded around are added to ``warnings``
+    as the blocks are read, for as long as the view is used; ``tmp`` holds segments being
+    fetched. None when the index needs a migration (:func:`open_lazy`): fetch it whole."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    segs = _IndexSegments(keys, m, src, tmp, warnings, ranged=True, keep=SEGMENT_CACHE_BYTES)
+    body = m.contents
+    return open_lazy(body.index_length, body.index_block_size, _LazyBlocks(segs, body))
 
 
 class Row(NamedTuple):
@@ -1050,15 +1246,22 @@ def restore_files(
 ) -> tuple[str, int, int, list[str]]:
     """Write a snapshot's files under ``to``. Returns (snapshot uid, files, bytes, warnings).
     ThawNeeded when shards were out of reach because remotes hold them in archive storage."""
+    # every index read before anything is written (the lazy view reads from the remotes)
     snap_uid, entries = _entries(index, snapshot, include)
-    epoch_suites = _check_suites(keys, index)
+    chunks = {e.id: snapshots.file_chunks(index, e.id) for e in entries if e.type == "f"}
+    seg_ids = sorted({row[1] for rows in chunks.values() for row in rows})
+    seg_rows = segments.layouts(index, seg_ids)
+    shard_rows = segments.shard_hashes(index, seg_ids)
+    epoch_suites = _check_suites(keys, index, seg_rows)
     to = _prepare_target(to, force)
     file_rows, link_later = _create_files(to, entries, force)
-    plan, total = _plan_chunks(index, to, file_rows)
+    plan, total = _plan_chunks(to, file_rows, chunks)
     if total_cb:
         total_cb(total)
     try:
-        warnings = _write_chunks(keys, index, src, plan, epoch_suites, progress)
+        warnings = _write_chunks(
+            keys, index, src, plan, seg_rows, shard_rows, epoch_suites, progress
+        )
     except NotEnoughRemotes as e:
         frozen = [r for r in src.reports.values() if r.error and needs_thaw(r.error)]
         if not frozen:
@@ -1080,18 +1283,13 @@ def _entries(index: Index, snapshot: str, include: list[str] | None) -> tuple[st
     if row is None:
         raise InputError(f"snapshot {snapshot!r} not found (see `vaultfs snapshots`)")
     snap_id, snap_uid = row
-    entries = [Row.of(r) for r in snapshots.full_entries(index, snap_id)]
     if include:
         inc = [i.strip("/") for i in include]
-        entries = [
-            e
-            for e in entries
-            if any(
-                e.path == i or e.path.startswith(i + "/") or i.startswith(e.path + "/") for i in inc
-            )
-        ]
+        entries = [Row.of(r) for r in snapshots.entries_on(index, snap_id, inc)]
         if not entries:
             raise InputError(f"nothing in snapshot {snap_uid} matches --include {include}")
+    else:
+        entries = [Row.of(r) for r in snapshots.full_entries(index, snap_id)]
     for e in entries:
         check_name(e.path)  # a manifest naming ../x or /etc/x is refused before any write
         if e.type not in ("f", "d", "l", *SPECIAL):
@@ -1099,12 +1297,16 @@ def _entries(index: Index, snapshot: str, include: list[str] | None) -> tuple[st
     return snap_uid, entries
 
 
-def _check_suites(keys: VaultKeys, index: Index) -> dict[int, int]:
-    """Refuse (before anything is written) data under a suite ``keys`` or the index retire;
-    returns {epoch: suite}."""
+def _check_suites(
+    keys: VaultKeys, index: Index, seg_rows: dict[int, tuple[int, int, int, int, int]]
+) -> dict[int, int]:
+    """Refuse (before anything is written) data the restore reads, the segments of
+    ``seg_rows`` (:func:`segments.layouts`), under a suite ``keys`` or the index retire;
+    returns {epoch: suite}. Only those segments count (a one-file restore through the lazy
+    view reads no other segment rows)."""
     keys.retired_suites |= keyring.retired_suites(index)
     epoch_suites = {epoch: suite for epoch, suite, _wrapped in keyring.epochs(index)}
-    for epoch in segments.data_epochs(index):
+    for epoch in {layout[3] for layout in seg_rows.values()}:
         keys.check_suite(epoch_suites.get(epoch, 0))
     return epoch_suites
 
@@ -1161,16 +1363,17 @@ def _create_files(
 
 
 def _plan_chunks(
-    index: Index, to: Path, file_rows: list[Row]
+    to: Path, file_rows: list[Row], chunks: dict[int, list[tuple[bytes, int, int, int, int]]]
 ) -> tuple[dict[int, list[tuple[bytes, int, int, str, int, int]]], int]:
     """Where every chunk of ``file_rows`` goes: (segment -> [(cid, offset in segment, record
-    length, file path, file offset, plain length)], total bytes)."""
+    length, file path, file offset, plain length)], total bytes). ``chunks`` holds each file
+    entry's chunk rows (:func:`snapshots.file_chunks`); they move from it into the plan."""
     plan: dict[int, list[tuple[bytes, int, int, str, int, int]]] = defaultdict(list)
     total = 0
     for e in file_rows:
         target = str(_safe_target(to, e.path))
         pos = 0
-        for cid, seg, off, ln, plain in snapshots.file_chunks(index, e.id):
+        for cid, seg, off, ln, plain in chunks.pop(e.id):
             plan[seg].append((cid, off, ln, target, pos, plain))
             pos += plain
         if pos != e.size:
@@ -1184,13 +1387,14 @@ def _write_chunks(
     index: Index,
     src: ShardSource,
     plan: dict[int, list[tuple[bytes, int, int, str, int, int]]],
+    seg_rows: dict[int, tuple[int, int, int, int, int]],
+    shard_rows: dict[int, list[tuple[int, str, bytes, int]]],
     epoch_suites: dict[int, int],
     progress: Callable[[int], None] | None,
 ) -> list[str]:
     """Fetch the segments of ``plan`` in batches (the next one while the decoders work on
-    this one), decode them and write their chunks into the files. Returns warnings."""
-    seg_rows = segments.layouts(index)
-    shard_rows = segments.all_shard_hashes(index)
+    this one), decode them and write their chunks into the files. ``seg_rows`` and
+    ``shard_rows``: the layouts and shards of (at least) those segments. Returns warnings."""
     refs = {sid: src.refs("data", shard_rows[sid]) for sid in plan}
     used_epochs = {seg_rows[sid][3] for sid in plan}
     data_keys = {
@@ -1339,10 +1543,19 @@ def open_remote_index(
     anchor: manifest.Link | None = None,
     branches: Branches | None = None,
     shipped: ShippedObjects | None = None,
+    lazy: bool = False,
 ) -> tuple[Index, ShardSource, manifest.Manifest, list[str]]:
     """Disaster path: find the newest manifest (or the one ``want`` names, :func:`select`),
     fetch and check the index it names; a fork on the remotes is reported in the warnings and
     in ``branches``.
+
+    The index is fetched whole (streamed, :func:`fetch_index`) and its data segments checked
+    against the signed vault root, unless ``lazy``: then it is the lazy view
+    (:func:`open_lazy_index`), which reads only the blocks the queries touch; every block is
+    still checked against the id the signed map names, but the vault-root cross-check, which
+    reads every segment and shard row, is left to full restores and ``verify``. The lazy
+    view's warnings keep arriving in the returned list while it is queried. An index whose
+    schema needs a migration is fetched whole either way.
 
     Rollback floor: a newest manifest below ``min_seq`` raises Rollback; with ``home``
     (this machine's vault state directory, if it has one) the floor is also the newest
@@ -1371,10 +1584,14 @@ def open_remote_index(
     reachable = [r for r in src.reports.values() if r.reachable]
     if not reachable:
         raise NotEnoughRemotes("none of the given remotes is reachable")
-    dbpath = workdir / "index.db"
-    warnings += fetch_index(keys, m, src, dbpath, shipped)
-    index = open_shipped(dbpath, keys.chunk_id_key)  # checked, and migrated to the current schema
-    verify_index_against_manifest(index, m)
+    index: Index | None = None
+    if lazy and shipped is None:
+        index = open_lazy_index(keys, m, src, workdir / "lazy", warnings)
+    if index is None:
+        dbpath = workdir / "index.db"
+        warnings += fetch_index(keys, m, src, dbpath, shipped)
+        index = open_shipped(dbpath, keys.chunk_id_key)  # checked, migrated to the current schema
+        verify_index_against_manifest(index, m)
     warnings += _chain_report(keys, src, found, index)
     if (
         anchor is not None

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
 from .. import merkle
+from .chunks import LOOKUP_BATCH
 
 if TYPE_CHECKING:
     from . import Index
@@ -281,12 +282,23 @@ def shard_holders(index: Index, seg_id: int) -> list[tuple[int, str, bytes, str,
     )
 
 
-def layouts(index: Index) -> dict[int, tuple[int, int, int, int, int]]:
-    """{segment id: (size, k, n, key epoch, erasure algorithm)} of every segment."""
+def _by_ids(index: Index, sql: str, seg_ids: list[int]) -> Iterable[tuple]:
+    """The rows of ``sql`` (which ends in ``IN ({marks})``) for ``seg_ids``, in batches of
+    at most :data:`LOOKUP_BATCH` ids: point lookups, never a scan of the table (a restore
+    of one file through the lazy index view reads only the pages on their paths)."""
+    for i in range(0, len(seg_ids), LOOKUP_BATCH):
+        part = seg_ids[i : i + LOOKUP_BATCH]
+        yield from index.q(sql.format(marks=_marks(part)), tuple(part))
+
+
+def layouts(index: Index, seg_ids: list[int]) -> dict[int, tuple[int, int, int, int, int]]:
+    """{segment id: (size, k, n, key epoch, erasure algorithm)} of the segments ``seg_ids``."""
     return {
         sid: (size, k, n, epoch, alg)
-        for sid, size, k, n, epoch, alg in index.q(
-            "SELECT id, size, k, n, epoch, ec_alg FROM segments"
+        for sid, size, k, n, epoch, alg in _by_ids(
+            index,
+            "SELECT id, size, k, n, epoch, ec_alg FROM segments WHERE id IN ({marks})",
+            seg_ids,
         )
     }
 
@@ -294,11 +306,6 @@ def layouts(index: Index) -> dict[int, tuple[int, int, int, int, int]]:
 def data_segments(index: Index) -> list[tuple[int, int, int, int]]:
     """(id, size, used bytes, key epoch) of every data segment, in id order."""
     return index.q("SELECT id, size, used, epoch FROM segments WHERE kind='data' ORDER BY id")
-
-
-def data_epochs(index: Index) -> set[int]:
-    """The key epochs some data segment is sealed under."""
-    return {e for (e,) in index.q("SELECT DISTINCT epoch FROM segments WHERE kind='data'")}
 
 
 def data_roots_by_id(index: Index) -> list[tuple[int, bytes]]:
@@ -438,11 +445,15 @@ def all_shard_roots(index: Index) -> dict[int, list[bytes]]:
     return out
 
 
-def all_shard_hashes(index: Index) -> dict[int, list[tuple[int, str, bytes, int]]]:
-    """{segment id: (idx, name, hash, size) of its shards, by shard index} of every segment."""
+def shard_hashes(index: Index, seg_ids: list[int]) -> dict[int, list[tuple[int, str, bytes, int]]]:
+    """{segment id: (idx, name, hash, size) of its shards, by shard index} of the segments
+    ``seg_ids``."""
     out: dict[int, list[tuple[int, str, bytes, int]]] = defaultdict(list)
-    for sid, idx, name, h, size in index.q(
-        "SELECT segment, idx, name, hash, size FROM shards ORDER BY idx"
+    for sid, idx, name, h, size in _by_ids(
+        index,
+        "SELECT segment, idx, name, hash, size FROM shards WHERE segment IN ({marks})"
+        " ORDER BY segment, idx",
+        seg_ids,
     ):
         out[sid].append((idx, name, h, size))
     return out

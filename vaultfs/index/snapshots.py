@@ -6,6 +6,8 @@ from __future__ import annotations
 import sqlite3
 from typing import TYPE_CHECKING
 
+from ..names import DbText, from_db, is_text, raw, to_db
+
 if TYPE_CHECKING:
     from . import Index
 
@@ -119,6 +121,41 @@ def full_entries(index: Index, snapshot: int) -> list[tuple]:
         " FROM entries WHERE snapshot=? ORDER BY path",
         (snapshot,),
     )
+
+
+_ENTRY_ROW = "SELECT id, path, type, mode, mtime_ns, size, target, uid, gid, xattrs, link, rdev"
+
+
+def entries_on(index: Index, snapshot: int, paths: list[str]) -> list[tuple]:
+    """The entries of the snapshot with row id ``snapshot`` that are one of ``paths``
+    (relative, in file-system form), lie under one, or are a directory above one: rows as
+    :func:`full_entries` gives them, in the same order. Point lookups and range scans on
+    ``(snapshot, path)``, never a scan of the snapshot (a restore of one file through the
+    lazy index view reads only the pages on its path). A path's canonical value is TEXT or
+    BLOB (names.to_db), and SQLite orders every TEXT before every BLOB, so what lies under a
+    path is two ranges: TEXT values between ``p/`` and ``p0`` ('0' follows '/'), and BLOB
+    values between the same bytes."""
+    exact: set[DbText] = set()
+    found: dict[int, tuple] = {}
+    for p in paths:
+        parts = p.split("/")
+        exact |= {to_db("/".join(parts[:n])) for n in range(1, len(parts) + 1)}
+        b = raw(p)
+        bounds: list[tuple[DbText, DbText]] = [(b + b"/", b + b"0")]
+        if is_text(b):
+            bounds.append(((b + b"/").decode(), (b + b"0").decode()))
+        for lo, hi in bounds:
+            for r in index.q(
+                f"{_ENTRY_ROW} FROM entries WHERE snapshot=? AND path>? AND path<?",
+                (snapshot, lo, hi),
+            ):
+                found[r[0]] = r
+    for value in exact:
+        r = index.one(f"{_ENTRY_ROW} FROM entries WHERE snapshot=? AND path=?", (snapshot, value))
+        if r is not None:
+            found[r[0]] = r
+    # SQLite's order of the path column: every TEXT before every BLOB, each by its bytes
+    return sorted(found.values(), key=lambda r: (isinstance(r[1], bytes), from_db(r[1])))
 
 
 def file_chunks(index: Index, entry: int) -> list[tuple[bytes, int, int, int, int]]:

@@ -9,6 +9,12 @@ when they changed. Cost: copying and hashing the index (a read of the file, memo
 the one term that grows with the vault, at disk and BLAKE3 speed) plus sealing and coding
 what changed.
 
+The records sealed go into meta segments padded to size classes (powers of two, as data
+segments: remotes see a handful of sizes). Just over a class, padding would double the
+upload, so before the map pages the records that fit in the class below are closed as a
+segment of that class and the rest start the next (:meth:`_Packer.split`): at 4 GiB, a
+commit after a 1 MiB change seals 1.09 MiB, shipped as 1 MiB + 256 KiB instead of 2 MiB.
+
 Compaction keeps the meta segments a manifest names bounded: a segment whose objects still in
 use fill less than half a full segment is *sparse*; while more than :data:`SPARSE_KEPT` are
 sparse, the live objects of the sparsest are sealed again into this commit's segments, at most
@@ -35,6 +41,9 @@ from ..manifest import MapPage
 
 #: Sparse meta segments a manifest may name before compaction starts.
 SPARSE_KEPT = 16
+#: Most bytes of one sealed map page (128 entries, the record's salt, commitment, tag and
+#: compression frame): what the packer reserves for the pages still to come.
+MAP_PAGE_RECORD = MAP_FANOUT * ENTRY.size + 512
 
 
 @dataclass
@@ -84,6 +93,7 @@ class _Packer:
         self.segment_size = segment_size
         self.write = write
         self.buf = bytearray()
+        self.ends: list[int] = []  # where each record in buf ends
         self.uid = secrets.token_bytes(16)
         self.done: list[NewMetaSegment] = []
 
@@ -92,7 +102,33 @@ class _Packer:
             self.close()
         loc = Location(self.uid, len(self.buf), len(record))
         self.buf += record
+        self.ends.append(len(self.buf))
         return loc
+
+    def split(self, more: int) -> tuple[bytes, int, bytes] | None:
+        """Before about ``more`` further bytes of records: if the segment being filled would
+        be padded to a size class much larger than it holds (1.03 MiB of records is padded to
+        2 MiB, and every byte is uploaded n/k times), write the records that fit in the size
+        class just below as a segment of that class now, and keep the rest (moved to a new
+        segment, which the further records join) when the two classes add up to less. Both stay in the size classes, so remotes learn nothing more.
+        Returns (old uid, cut offset, new uid) when records moved: a record at ``offset >=
+        cut`` of the old uid is now at ``offset - cut`` of the new one."""
+        used = len(self.buf)
+        whole = segment.size_class(used + more, self.segment_size)
+        below = whole // 2
+        if below < segment.MIN_SEGMENT or used + more <= below:
+            return None
+        cut = max((e for e in self.ends if e <= below), default=0)
+        if not cut or below + segment.size_class(used - cut + more, self.segment_size) >= whole:
+            return None
+        old = self.uid
+        tail, tail_ends = bytes(self.buf[cut:]), [e - cut for e in self.ends if e > cut]
+        del self.buf[cut:]
+        self.close()
+        if not tail:  # every record fitted: the pages start the next segment
+            return None
+        self.buf, self.ends = bytearray(tail), tail_ends
+        return old, cut, self.uid
 
     def close(self) -> None:
         """Write the segment being filled, if it holds anything."""
@@ -102,7 +138,7 @@ class _Packer:
         padded = segment.pad(bytes(self.buf), segment.size_class(used, self.segment_size))
         seg_id, rows, root = self.write(self.uid, padded)
         self.done.append(NewMetaSegment(seg_id, self.uid, used, len(padded), rows, root))
-        self.buf = bytearray()
+        self.buf, self.ends = bytearray(), []
         self.uid = secrets.token_bytes(16)
 
 
@@ -152,6 +188,9 @@ def ship(
         moved = _sparse_to_move(live, segment_size)
         if moved:
             stats.recopied = _recopy(entries, moved, f, block, seal)
+        npages = -(-len(entries) // (MAP_FANOUT * ENTRY.size))
+        if (cut := packer.split(npages * MAP_PAGE_RECORD)) is not None:
+            _relocate(entries, sealed, *cut)
         pages: list[MapPage] = []
         for p in range(0, len(entries), MAP_FANOUT * ENTRY.size):
             raw = bytes(entries[p : p + MAP_FANOUT * ENTRY.size])
@@ -168,6 +207,25 @@ def ship(
     stats.map_pages, stats.segments = len(pages), len(packer.done)
     named = sorted(reusable[u][0] for u in uids if u in reusable)
     return Shipment(length, pages, named, packer.done, sealed, stats)
+
+
+def _relocate(
+    entries: bytearray, sealed: dict[bytes, Location], old: bytes, cut: int, new: bytes
+) -> None:
+    """Point the map entries and the sidecar rows of the records :meth:`_Packer.split`
+    moved (offset >= ``cut`` in segment ``old``) at their place in segment ``new``."""
+
+    def moved(loc: Location) -> Location | None:
+        if loc.uid != old or loc.offset < cut:
+            return None
+        return Location(new, loc.offset - cut, loc.length)
+
+    for i, (oid, uid, off, length) in enumerate(ENTRY.iter_unpack(bytes(entries))):
+        if (loc := moved(Location(uid, off, length))) is not None:
+            ENTRY.pack_into(entries, i * ENTRY.size, oid, loc.uid, loc.offset, loc.length)
+    for oid, loc in list(sealed.items()):
+        if (to := moved(loc)) is not None:
+            sealed[oid] = to
 
 
 def _sparse_to_move(live: dict[bytes, int], segment_size: int) -> set[bytes]:
