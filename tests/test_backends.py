@@ -23,8 +23,11 @@ from vaultfs.backends import (
     FaultInjecting,
     MemoryBackend,
     Metered,
+    Pace,
+    Paced,
     Retrying,
     open_backend,
+    pace_for,
     stack,
 )
 from vaultfs.errors import (
@@ -350,14 +353,46 @@ def _chain(b: object) -> list[str]:
 def test_open_backend_stacks_every_path_the_same_way(tmp_path: Path, monkeypatch) -> None:
     spec = str(tmp_path / "r")
     base = "RcloneRc" if RcloneDaemon.get() is not None else "RcloneCommand"
-    assert _chain(open_backend(spec, 3)) == ["Metered", "Retrying", base]
+    assert _chain(open_backend(spec, 3)) == ["Metered", "Retrying", "Paced", base]
     audit = open_backend(spec, 3, fail_fast=True, wrap=lambda b: FaultInjecting(b))
-    assert _chain(audit) == ["Metered", "Retrying", "FaultInjecting", "RcloneCommand"]
-    assert audit.rid == 3 and audit.inner.inner.inner.op_timeout == 300
+    assert _chain(audit) == ["Metered", "Retrying", "Paced", "FaultInjecting", "RcloneCommand"]
+    assert audit.rid == 3 and audit.inner.inner.inner.inner.op_timeout == 300
     monkeypatch.setenv("VAULTFS_RCD", "0")
-    assert _chain(open_backend(spec)) == ["Metered", "Retrying", "RcloneCommand"]
-    assert _chain(stack(MemoryBackend())) == ["Metered", "Retrying", "MemoryBackend"]
+    assert _chain(open_backend(spec)) == ["Metered", "Retrying", "Paced", "RcloneCommand"]
+    assert _chain(stack(MemoryBackend())) == ["Metered", "Retrying", "Paced", "MemoryBackend"]
     with pytest.raises(BadRemote):
         open_backend("  ")
     with pytest.raises(BadRemote, match="rejected"):
         open_backend("nosuchremote:bucket").ensure()
+
+
+def test_a_throttling_remote_is_paced_as_a_whole() -> None:
+    """429/503 halve the remote's concurrency and pause every caller (growing while it goes
+    on); successes win the concurrency back. Fast unit tier: a memory remote that answers
+    503 on purpose, the pauses recorded instead of slept."""
+    slept: list[float] = []
+    now = [0.0]
+    pace = Pace(start=8, pause=0.5, sleep=slept.append, clock=lambda: now[0])
+    mem = MemoryBackend("paced")
+    mem.put_bytes("data", "x", b"abc")
+    flaky = FaultInjecting(mem, unavailable=2)
+    b = Retrying(Paced(flaky, pace), attempts=3, base_delay=0.01, sleep=lambda s: None)
+    assert b.cat("data", "x") == b"abc"  # two 503s, then the answer
+    assert pace.throttles == 2 and flaky.injected == 2
+    assert pace.limit < 8 / 2  # halved twice, then one success added a little
+    assert slept == [0.5, 1.0]  # the second and third attempts waited out growing pauses
+    assert pace.pause == 0.5 and pace.active == 0  # a success resets the pause
+    before = pace.limit
+    for _ in range(20):
+        b.cat("data", "x")
+    assert pace.limit > before  # additive increase
+    # an outage that is not throttling does not pace the remote
+
+    class Refusing(MemoryBackend):
+        def list(self, sub: str) -> list[str]:
+            raise Unreachable(f"{self.label}: list failed: connection refused")
+
+    with pytest.raises(Unreachable):
+        Paced(Refusing("paced"), pace).list("data")
+    assert pace.throttles == 2
+    assert pace_for("memory:paced") is pace_for("memory:paced")

@@ -3,7 +3,7 @@
 Every path that talks to a remote (flush and upload, restore, audit, repair, prune, key
 rotation) gets its backend from :func:`open_backend`, which stacks, in one visible place::
 
-    Metered(Retrying(wrap?(base)))
+    Metered(Retrying(Paced(wrap?(base))))
 
 * ``base`` is an implementation of :class:`Backend`: the shared rclone daemon
   (:class:`~vaultfs.remotes.RcloneRc`) when it runs, else one rclone command per call
@@ -17,7 +17,12 @@ rotation) gets its backend from :func:`open_backend`, which stacks, in one visib
 * :class:`Retrying` retries :class:`Unreachable` and plain :class:`RemoteError` with
   exponential backoff and jitter, a bounded number of times; :class:`ObjectMissing` and
   :class:`BadRemote` are answers, not outages, and are never retried.
-* :class:`Metered` counts operations and the bytes read.
+* :class:`Paced` keeps each remote's concurrent operations within a limit that adapts to
+  what the remote sustains (additive increase on success, halved on a 429/503), and makes
+  every caller of a throttling remote wait out a shared, growing pause (one :class:`Pace`
+  per remote spec in the process, :func:`pace_for`).
+* :class:`Metered` counts operations and the bytes read, and times reads and listings
+  for :data:`vaultfs.hedging.SPEEDS` (which remotes a reader asks first).
 
 The wrappers work per call, never per byte: ``cat`` returns the base's bytes object as is.
 """
@@ -32,7 +37,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import BadRemote, ObjectMissing, RemoteError, Unreachable
-from .remotes import RcloneCommand, RcloneDaemon, RcloneRc, Remote
+from .hedging import SPEEDS
+from .remotes import THROTTLE_MARKERS, RcloneCommand, RcloneDaemon, RcloneRc, Remote
 
 
 class Job(Protocol):
@@ -255,9 +261,101 @@ class Retrying(Wrapper):
         raise AssertionError("unreachable")  # pragma: no cover
 
 
+class Pace:
+    """One remote's adaptive concurrency, shared by every backend of it in the process.
+
+    At most ``limit`` operations run at once (``start`` at first, between 1 and
+    ``ceiling``): each success adds 1/limit (about one more per round of operations), each
+    throttling answer halves it and sets a pause every new operation waits out, doubling
+    from ``pause`` up to ``max_pause`` while the throttling goes on, back to ``pause`` after
+    a success. ``throttles`` counts the throttling answers seen."""
+
+    def __init__(
+        self,
+        start: float = 8,
+        ceiling: float = 32,
+        pause: float = 0.5,
+        max_pause: float = 30.0,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = float(start)
+        self.ceiling = ceiling
+        self.base_pause = self.pause = pause
+        self.max_pause = max_pause
+        self.sleep = sleep
+        self.clock = clock
+        self.active = 0
+        self.throttles = 0
+        self._resume_at = 0.0
+        self._cond = threading.Condition()
+
+    def acquire(self) -> None:
+        """Wait for a free slot, then for the end of any pause."""
+        with self._cond:
+            while self.active >= int(self.limit):
+                self._cond.wait()
+            self.active += 1
+            wait = self._resume_at - self.clock()
+        if wait > 0:
+            self.sleep(wait)
+
+    def release(self, ok: bool) -> None:
+        """Free the slot; ``ok``: the operation succeeded."""
+        with self._cond:
+            self.active -= 1
+            if ok:
+                self.limit = min(self.ceiling, self.limit + 1 / self.limit)
+                self.pause = self.base_pause
+            self._cond.notify_all()
+
+    def throttled(self) -> None:
+        """The remote said 429/503: halve the limit, pause everyone."""
+        with self._cond:
+            self.throttles += 1
+            self.limit = max(1.0, self.limit / 2)
+            self._resume_at = max(self._resume_at, self.clock() + self.pause)
+            self.pause = min(self.max_pause, self.pause * 2)
+
+
+_PACES: dict[str, Pace] = {}
+_PACES_LOCK = threading.Lock()
+
+
+def pace_for(spec: str) -> Pace:
+    """The process's :class:`Pace` of the remote ``spec`` (made on first use)."""
+    with _PACES_LOCK:
+        return _PACES.setdefault(spec, Pace())
+
+
+class Paced(Wrapper):
+    """A backend within its remote's :class:`Pace`: every operation takes a slot; an
+    :class:`Unreachable` whose message says the provider throttles (429, 503, slow down)
+    tells the pace, then is raised as is for :class:`Retrying` to retry."""
+
+    def __init__(self, inner: Backend, pace: Pace | None = None) -> None:
+        super().__init__(inner)
+        self.pace = pace if pace is not None else pace_for(inner.spec)
+
+    def _op(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self.pace.acquire()
+        ok = False
+        try:
+            out = fn(*args)
+            ok = True
+            return out
+        except Unreachable as e:
+            if any(m in e.message.lower() for m in THROTTLE_MARKERS):
+                self.pace.throttled()
+            raise
+        finally:
+            self.pace.release(ok)
+
+
 class Metered(Wrapper):
     """Counts the operations (``calls``) and the bytes that ``cat`` and ``get`` returned
-    (``bytes_read``)."""
+    (``bytes_read``), and reports how long each read and listing took to
+    :data:`vaultfs.hedging.SPEEDS`, so readers can ask the remotes expected fastest."""
 
     def __init__(self, inner: Backend) -> None:
         super().__init__(inner)
@@ -274,14 +372,33 @@ class Metered(Wrapper):
             self.calls += 1
         return fn(*args)
 
+    def _timed(self, fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+        """``fn(*args)`` and its seconds; a failure is observed as a zero-byte call."""
+        t0 = time.monotonic()
+        try:
+            return fn(*args), time.monotonic() - t0
+        except RemoteError:
+            SPEEDS.observe(self.spec, 0, time.monotonic() - t0)
+            raise
+
+    def list_tree(
+        self, subs: tuple[str, ...] = ("data", "meta", "manifests")
+    ) -> dict[str, dict[str, int]]:
+        tree, secs = self._timed(super().list_tree, subs)
+        SPEEDS.observe(self.spec, 0, secs)
+        return tree
+
     def cat(self, sub: str, name: str, offset: int = 0, count: int = -1) -> bytes:
-        data = super().cat(sub, name, offset, count)
+        data, secs = self._timed(super().cat, sub, name, offset, count)
+        SPEEDS.observe(self.spec, len(data), secs)
         self._count(len(data))
         return data
 
     def get(self, sub: str, names: list[str], local_dir: Path, max_bytes: int = 0) -> None:
-        super().get(sub, names, local_dir, max_bytes)
-        self._count(sum(p.stat().st_size for n in names if (p := local_dir / n).exists()))
+        _, secs = self._timed(super().get, sub, names, local_dir, max_bytes)
+        got = sum(p.stat().st_size for n in names if (p := local_dir / n).exists())
+        SPEEDS.observe(self.spec, got, secs)
+        self._count(got)
 
 
 class FaultInjecting(Wrapper):
@@ -496,9 +613,10 @@ class MemoryBackend(Remote):
 
 
 def stack(base: Backend, wrap: Callable[[Backend], Backend] | None = None) -> Metered:
-    """The wrappers every path uses, around ``base``: ``Metered(Retrying(wrap?(base)))``."""
+    """The wrappers every path uses, around ``base``:
+    ``Metered(Retrying(Paced(wrap?(base))))``."""
     b = base if wrap is None else wrap(base)
-    return Metered(Retrying(b))
+    return Metered(Retrying(Paced(b)))
 
 
 def open_backend(

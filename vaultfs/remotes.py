@@ -82,6 +82,16 @@ TRANSIENT_MARKERS = (
     "service unavailable",
     "temporarily",
 )
+#: Substrings of the transient errors that mean the provider throttles us (too many requests
+#: or overloaded): back off as a whole, not only the call (:class:`~vaultfs.backends.Paced`).
+THROTTLE_MARKERS = (
+    "429",
+    "too many requests",
+    "slowdown",
+    "slow down",
+    "503",
+    "service unavailable",
+)
 #: Substrings that mean "the remote answered: no such object (or folder)".
 MISSING_MARKERS = ("not found", "no such file", "nosuchkey", "object not found", "404")
 #: rclone command exit codes for "directory not found" and "file not found".
@@ -166,6 +176,8 @@ class RcloneDaemon:
 
     _instance: RcloneDaemon | None = None
     _guard = threading.Lock()
+    #: Seconds a busy daemon gets to exit on SIGTERM before it is killed.
+    STOP_GRACE = 1.0
 
     FLAGS = [
         "--no-traverse",
@@ -248,10 +260,14 @@ class RcloneDaemon:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
+        """Stop the daemon: SIGTERM, then SIGKILL after :attr:`STOP_GRACE` seconds. An idle
+        rclone exits at once; a busy one (a slow remote's upload a quorum backup left
+        running) is cut off, which every transfer allows: a move deletes a local file only
+        once stored, and a cut object never appears under its name."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=5)
+                self.proc.wait(timeout=self.STOP_GRACE)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -324,11 +324,15 @@ class Vault:
 
     # -- upload queue (uploads.py) ---------------------------------------------------------
     def flush(
-        self, progress: Callable[[str], None] | None = None, seal: bool = True
+        self,
+        progress: Callable[[str], None] | None = None,
+        seal: bool = True,
+        quorum: bool = False,
     ) -> FlushReport:
         """Upload everything queued. Never raises for an unreachable remote: it reports
-        (:meth:`UploadQueue.flush`)."""
-        return self.uploads.flush(progress, seal)
+        (:meth:`UploadQueue.flush`; ``quorum``: return once k shards of everything are
+        placed, leaving a slow remote's rest queued)."""
+        return self.uploads.flush(progress, seal, quorum)
 
     def prepush(self) -> None:
         """Start moving the queued shards to the remotes in the background."""
