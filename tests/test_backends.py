@@ -25,9 +25,9 @@ from vaultfs.backends import (
     Metered,
     Pace,
     Paced,
+    Paces,
     Retrying,
     open_backend,
-    pace_for,
     stack,
 )
 from vaultfs.errors import (
@@ -394,5 +394,88 @@ def test_a_throttling_remote_is_paced_as_a_whole() -> None:
 
     with pytest.raises(Unreachable):
         Paced(Refusing("paced"), pace).list("data")
-    assert pace.throttles == 2
-    assert pace_for("memory:paced") is pace_for("memory:paced")
+    assert pace.throttles == 2 and pace.active == 0
+    # one pace per remote and owner; another owner (a fresh vault) has its own
+    mine, other = Paces(), Paces()
+    assert mine.get("memory:paced") is mine.get("memory:paced")
+    assert mine.get("memory:paced") is not other.get("memory:paced")
+    assert Paced(mem).pace is not Paced(mem).pace  # no owner: a pace of its own
+
+
+def test_throttling_is_read_from_rclones_words_not_from_names_or_ports() -> None:
+    """Only the provider's own answer (429, 503, SlowDown) makes a throttle; the digits of a
+    port or of a hex object name in the same message never do."""
+    name = "ab503f429c" + "0" * 54
+    for msg in ("s3: 429 Too Many Requests", "SlowDown: please reduce rate", "503 x"):
+        err = classify(":s3:…:bkt", f"cat data/{name}", msg)
+        assert isinstance(err, Unreachable) and err.throttled, msg
+    refused = f'Get "http://127.0.0.1:35031/bkt/data/{name}": dial tcp: connection refused'
+    err = classify(":s3:…:bkt-429", f"cat data/{name}", refused)
+    assert isinstance(err, Unreachable) and not err.throttled
+
+
+class _Boom(BaseException):
+    """Stands for an interruption outside the error hierarchy (Ctrl-C, a test's timeout)."""
+
+
+def test_a_slot_is_freed_on_every_path_and_no_wait_is_endless() -> None:
+    """Fast unit tier, on a memory remote. A slot is freed when the operation returns,
+    raises, or is interrupted during the throttling pause; a wait for a slot held by
+    operations stuck on a remote that stopped answering ends in a clear Unreachable; closing
+    the pace's owner wakes a waiter with an error instead of leaving it blocked."""
+    mem = MemoryBackend("stuck")
+    mem.put_bytes("data", "x", b"abc")
+
+    def interrupt(_s: float) -> None:
+        raise _Boom
+
+    pace = Pace(start=2, sleep=interrupt)
+    pace.throttled()  # the next operations wait out a pause, which is interrupted
+    with pytest.raises(_Boom):
+        Paced(mem, pace).cat("data", "x")
+    assert pace.active == 0
+
+    class Broken(MemoryBackend):
+        def list(self, sub: str) -> list[str]:
+            raise _Boom
+
+    pace = Pace(start=1)
+    with pytest.raises(_Boom):
+        Paced(Broken("stuck"), pace).list("data")
+    assert pace.active == 0
+    assert Paced(mem, pace).cat("data", "x") == b"abc" and pace.active == 0
+
+    # two slots, both held by operations on a remote that stopped answering
+    gate = threading.Event()
+    paces = Paces(start=2, max_wait=0.2)  # the registry a vault keeps
+    pace = paces.get(mem.spec)
+    stalled = Paced(FaultInjecting(mem, stall=gate), pace)
+    held = [threading.Thread(target=stalled.cat, args=("data", "x")) for _ in range(2)]
+    for t in held:
+        t.start()
+    while pace.active < 2:
+        time.sleep(0.01)
+    with pytest.raises(Unreachable, match="stopped answering"):
+        Paced(mem, pace).cat("data", "x")
+    # the owner closes: a waiter is woken with an error, not left blocked
+    pace.max_wait = 3600.0
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            Paced(mem, pace).cat("data", "x")
+        except Unreachable as e:
+            errors.append(e)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    while not pace.waiting:
+        time.sleep(0.01)
+    paces.close()
+    waiter.join()
+    assert len(errors) == 1 and "closed" in errors[0].message
+    assert paces.get(mem.spec).closed and not Paces().get(mem.spec).closed
+    gate.set()  # the abandoned operations end into the closed pace
+    for t in held:
+        t.join()
+    assert pace.active == 0

@@ -19,8 +19,9 @@ rotation) gets its backend from :func:`open_backend`, which stacks, in one visib
   :class:`BadRemote` are answers, not outages, and are never retried.
 * :class:`Paced` keeps each remote's concurrent operations within a limit that adapts to
   what the remote sustains (additive increase on success, halved on a 429/503), and makes
-  every caller of a throttling remote wait out a shared, growing pause (one :class:`Pace`
-  per remote spec in the process, :func:`pace_for`).
+  every caller of a throttling remote wait out a shared, growing pause. The :class:`Pace`
+  is per remote and per owner (:class:`Paces`: an open vault shares one across its
+  flushes), never process-wide; a slot is freed on every path and a wait is bounded.
 * :class:`Metered` counts operations and the bytes read, and times reads and listings
   for :data:`vaultfs.hedging.SPEEDS` (which remotes a reader asks first).
 
@@ -32,13 +33,14 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import BadRemote, ObjectMissing, RemoteError, Unreachable
 from .hedging import SPEEDS
-from .remotes import THROTTLE_MARKERS, RcloneCommand, RcloneDaemon, RcloneRc, Remote
+from .remotes import RcloneCommand, RcloneDaemon, RcloneRc, Remote
 
 
 class Job(Protocol):
@@ -262,13 +264,20 @@ class Retrying(Wrapper):
 
 
 class Pace:
-    """One remote's adaptive concurrency, shared by every backend of it in the process.
+    """One remote's adaptive concurrency, shared by the backends of that remote that one
+    owner opened (:class:`Paces`: an open vault, or one job).
 
     At most ``limit`` operations run at once (``start`` at first, between 1 and
     ``ceiling``): each success adds 1/limit (about one more per round of operations), each
     throttling answer halves it and sets a pause every new operation waits out, doubling
     from ``pause`` up to ``max_pause`` while the throttling goes on, back to ``pause`` after
-    a success. ``throttles`` counts the throttling answers seen."""
+    a success. ``throttles`` counts the throttling answers seen.
+
+    Never blocks forever: an operation waiting for a slot while no operation of the remote
+    ended for ``max_wait`` seconds (they are presumed stuck on a remote that stopped
+    answering) raises :class:`Unreachable`, and so does every wait once the pace is
+    closed (:meth:`close`). A slot is freed on every path out of :meth:`slot`, exceptions and
+    interrupted pauses included."""
 
     def __init__(
         self,
@@ -276,6 +285,7 @@ class Pace:
         ceiling: float = 32,
         pause: float = 0.5,
         max_pause: float = 30.0,
+        max_wait: float = 300.0,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -283,27 +293,52 @@ class Pace:
         self.ceiling = ceiling
         self.base_pause = self.pause = pause
         self.max_pause = max_pause
+        self.max_wait = max_wait
         self.sleep = sleep
         self.clock = clock
-        self.active = 0
+        self.active = 0  # operations holding a slot
+        self.waiting = 0  # operations waiting for one
         self.throttles = 0
+        self.closed = False
         self._resume_at = 0.0
+        self._last_end = clock()
         self._cond = threading.Condition()
 
-    def acquire(self) -> None:
-        """Wait for a free slot, then for the end of any pause."""
+    @contextmanager
+    def slot(self, label: str) -> Iterator[None]:
+        """Hold one of the remote's slots (``label`` names it in errors) for the body, after
+        any pause: freed when the body ends, counted a success only if it returned."""
         with self._cond:
-            while self.active >= int(self.limit):
-                self._cond.wait()
+            since = self.clock()
+            self.waiting += 1
+            try:
+                while self.closed or self.active >= int(self.limit):
+                    if self.closed:
+                        raise Unreachable(f"{label}: not asked: the vault or job using it closed")
+                    left = max(self._last_end, since) + self.max_wait - self.clock()
+                    if left <= 0:
+                        raise Unreachable(
+                            f"{label}: no operation on it ended for {self.max_wait:.0f} s while "
+                            f"{self.active} still run: it stopped answering; try again later"
+                        )
+                    self._cond.wait(left)
+            finally:
+                self.waiting -= 1
             self.active += 1
             wait = self._resume_at - self.clock()
-        if wait > 0:
-            self.sleep(wait)
+        ok = False
+        try:
+            if wait > 0:
+                self.sleep(wait)
+            yield
+            ok = True
+        finally:
+            self._release(ok)
 
-    def release(self, ok: bool) -> None:
-        """Free the slot; ``ok``: the operation succeeded."""
+    def _release(self, ok: bool) -> None:
         with self._cond:
             self.active -= 1
+            self._last_end = self.clock()
             if ok:
                 self.limit = min(self.ceiling, self.limit + 1 / self.limit)
                 self.pause = self.base_pause
@@ -317,39 +352,64 @@ class Pace:
             self._resume_at = max(self._resume_at, self.clock() + self.pause)
             self.pause = min(self.max_pause, self.pause * 2)
 
+    def close(self) -> None:
+        """Refuse every later operation and wake the waiting ones (they raise): operations
+        an owner abandoned still running end into a pace nobody else uses."""
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
 
-_PACES: dict[str, Pace] = {}
-_PACES_LOCK = threading.Lock()
 
+class Paces:
+    """The :class:`Pace` of each remote, by spec, for one owner: an open vault (every
+    backend it opens, across flushes, shares its remote's pace) or one job. Never shared
+    between owners, so an operation one left stuck on a remote that stopped answering, or
+    a pace it throttled down, never holds back another that opens the same spec (a test
+    server restarted on a reused port, a vault opened again). :meth:`close` closes them all
+    (the owner's close does)."""
 
-def pace_for(spec: str) -> Pace:
-    """The process's :class:`Pace` of the remote ``spec`` (made on first use)."""
-    with _PACES_LOCK:
-        return _PACES.setdefault(spec, Pace())
+    def __init__(self, **pace: Any) -> None:
+        self._pace = pace  # keyword arguments of every Pace made (tests: max_wait)
+        self._by: dict[str, Pace] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def get(self, spec: str) -> Pace:
+        """``spec``'s pace (made on first use; a closed one after :meth:`close`)."""
+        with self._lock:
+            p = self._by.get(spec)
+            if p is None:
+                p = self._by[spec] = Pace(**self._pace)
+                if self._closed:
+                    p.close()
+            return p
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            paces = list(self._by.values())
+        for p in paces:
+            p.close()
 
 
 class Paced(Wrapper):
-    """A backend within its remote's :class:`Pace`: every operation takes a slot; an
-    :class:`Unreachable` whose message says the provider throttles (429, 503, slow down)
-    tells the pace, then is raised as is for :class:`Retrying` to retry."""
+    """A backend within its remote's :class:`Pace` (its own one when none is given): every
+    operation holds a slot; an :class:`Unreachable` that says the provider throttles
+    (``throttled``: 429, 503, slow down) tells the pace, then is raised as is for
+    :class:`Retrying` to retry."""
 
     def __init__(self, inner: Backend, pace: Pace | None = None) -> None:
         super().__init__(inner)
-        self.pace = pace if pace is not None else pace_for(inner.spec)
+        self.pace = pace if pace is not None else Pace()
 
     def _op(self, fn: Callable[..., Any], *args: Any) -> Any:
-        self.pace.acquire()
-        ok = False
-        try:
-            out = fn(*args)
-            ok = True
-            return out
-        except Unreachable as e:
-            if any(m in e.message.lower() for m in THROTTLE_MARKERS):
-                self.pace.throttled()
-            raise
-        finally:
-            self.pace.release(ok)
+        with self.pace.slot(self.label):
+            try:
+                return fn(*args)
+            except Unreachable as e:
+                if e.throttled:
+                    self.pace.throttled()
+                raise
 
 
 class Metered(Wrapper):
@@ -407,17 +467,26 @@ class FaultInjecting(Wrapper):
     * ``wrong_ranges``: the next N range reads (``cat`` with an offset or a count) return
       bytes with one bit flipped — a remote that lies about byte ranges only;
     * ``unavailable``: the next N calls fail with an injected HTTP 503 (:class:`Unreachable`);
-    * ``delay``: seconds added to every call (a slow remote).
+    * ``delay``: seconds added to every call (a slow remote);
+    * ``stall``: every call waits until the event is set (a remote that stopped answering
+      in the middle of an operation: the budget is the test's).
     ``injected`` counts the faults delivered; ``lied_about`` names the objects lied about.
     """
 
     def __init__(
-        self, inner: Backend, *, wrong_ranges: int = 0, unavailable: int = 0, delay: float = 0.0
+        self,
+        inner: Backend,
+        *,
+        wrong_ranges: int = 0,
+        unavailable: int = 0,
+        delay: float = 0.0,
+        stall: threading.Event | None = None,
     ) -> None:
         super().__init__(inner)
         self.wrong_ranges = wrong_ranges
         self.unavailable = unavailable
         self.delay = delay
+        self.stall = stall
         self.injected = 0
         self.lied_about: list[str] = []
         self._lock = threading.Lock()
@@ -425,11 +494,13 @@ class FaultInjecting(Wrapper):
     def _op(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self.delay:
             time.sleep(self.delay)
+        if self.stall is not None:
+            self.stall.wait()
         with self._lock:
             if self.unavailable > 0:
                 self.unavailable -= 1
                 self.injected += 1
-                raise Unreachable(f"{self.label}: 503 Service Unavailable (injected)")
+                raise Unreachable(f"{self.label}: 503 Service Unavailable (injected)", True)
         return fn(*args)
 
     def cat(self, sub: str, name: str, offset: int = 0, count: int = -1) -> bytes:
@@ -612,11 +683,13 @@ class MemoryBackend(Remote):
                     self.objects[self._key(f"quarantine/{sub}", n)] = data
 
 
-def stack(base: Backend, wrap: Callable[[Backend], Backend] | None = None) -> Metered:
+def stack(
+    base: Backend, wrap: Callable[[Backend], Backend] | None = None, pace: Pace | None = None
+) -> Metered:
     """The wrappers every path uses, around ``base``:
-    ``Metered(Retrying(Paced(wrap?(base))))``."""
+    ``Metered(Retrying(Paced(wrap?(base))))``, within ``pace`` (else a pace of its own)."""
     b = base if wrap is None else wrap(base)
-    return Metered(Retrying(Paced(b)))
+    return Metered(Retrying(Paced(b, pace)))
 
 
 def open_backend(
@@ -625,12 +698,15 @@ def open_backend(
     *,
     fail_fast: bool = False,
     wrap: Callable[[Backend], Backend] | None = None,
+    paces: Paces | None = None,
 ) -> Metered:
     """The backend for one remote, for every path. The base is the shared rclone daemon when
     it runs, else one rclone command per call (also when ``VAULTFS_RCD=0``); ``fail_fast``
     (audits and repair: many small bounded reads) always takes the command, with at most
     300 s per command. ``wrap`` inserts a layer
-    between the base and the retries (fault injection in tests), see :func:`stack`."""
+    between the base and the retries (fault injection in tests), see :func:`stack`.
+    ``paces``: the owner's paces (an open vault's), so its backends of one remote share
+    that remote's concurrency; without it the backend paces itself alone."""
     base: Backend
     if fail_fast:
         base = RcloneCommand(spec, rid, op_timeout=300)
@@ -638,4 +714,4 @@ def open_backend(
         base = RcloneRc(spec, rid)
     else:
         base = RcloneCommand(spec, rid)
-    return stack(base, wrap)
+    return stack(base, wrap, None if paces is None else paces.get(spec))

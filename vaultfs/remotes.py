@@ -82,16 +82,10 @@ TRANSIENT_MARKERS = (
     "service unavailable",
     "temporarily",
 )
-#: Substrings of the transient errors that mean the provider throttles us (too many requests
-#: or overloaded): back off as a whole, not only the call (:class:`~vaultfs.backends.Paced`).
-THROTTLE_MARKERS = (
-    "429",
-    "too many requests",
-    "slowdown",
-    "slow down",
-    "503",
-    "service unavailable",
-)
+#: What in rclone's own error text (never the spec or object names around it: a port or a
+#: hex name may hold the digits) says the provider throttles us, too many requests or
+#: overloaded: back off as a whole, not only the call (:class:`~vaultfs.backends.Paced`).
+THROTTLED = re.compile(r"\b(?:429|503)\b|too many requests|slow ?down|service unavailable", re.I)
 #: Substrings that mean "the remote answered: no such object (or folder)".
 MISSING_MARKERS = ("not found", "no such file", "nosuchkey", "object not found", "404")
 #: rclone command exit codes for "directory not found" and "file not found".
@@ -124,7 +118,8 @@ def classify(
     if any(m in low or m in earlier.lower() for m in BAD_SPEC_MARKERS):
         return BadRemote(f"rclone rejected remote {label}: {message}")
     if any(m in low for m in TRANSIENT_MARKERS):
-        return Unreachable(f"{label}: {what} failed: {message}")
+        throttled = THROTTLED.search(message) is not None
+        return Unreachable(f"{label}: {what} failed: {message}", throttled)
     if (
         http_status == 404
         or exit_code in MISSING_EXIT_CODES

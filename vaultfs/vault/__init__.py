@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .. import segment
-from ..backends import Backend, open_backend
+from ..backends import Backend, Paces, open_backend
 from ..chunker import Chunker
 from ..index import Index, VaultParams, keyring
 from ..index import remotes as remote_table
@@ -88,6 +88,8 @@ class Vault:
         self.queue = ShardQueue(home)
         self.epochs = KeyEpochs(keys, index, threading.RLock())
         self.writer = Writer(index, keys, self.params, self.queue, self.epochs, self.SEALERS)
+        #: each remote's adaptive concurrency, shared by every backend this vault opens
+        self.paces = Paces()
         self.uploads = UploadQueue(index, keys, self.queue, self.remotes, self.writer.seal)
         self.committer = Committer(
             index,
@@ -135,9 +137,11 @@ class Vault:
 
     def close(self) -> None:
         """Stop the sealers and close the index. Chunks stored since the last :meth:`seal`
-        (or commit) are discarded: nothing acknowledged refers to them."""
+        (or commit) are discarded: nothing acknowledged refers to them. An upload a quorum
+        flush left running goes on into closed paces: it holds back no later vault."""
         self.writer.close()
         self.uploads.close()
+        self.paces.close()
         if "pool" in self.__dict__:
             self.pool.shutdown(wait=True)
         self.index.close()
@@ -234,8 +238,11 @@ class Vault:
         return True
 
     def remotes(self) -> list[Backend]:
-        """The active remotes, in placement order."""
-        return [open_backend(spec, rid) for rid, spec in remote_table.active(self.index)]
+        """The active remotes, in placement order, within this vault's :attr:`paces`."""
+        return [
+            open_backend(spec, rid, paces=self.paces)
+            for rid, spec in remote_table.active(self.index)
+        ]
 
     # -- write path (writer.py) ------------------------------------------------------------
     def start_sealers(self) -> SealerPool:
