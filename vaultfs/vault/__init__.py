@@ -102,7 +102,7 @@ class Vault:
             self.uploads.prepush,
             ShippedObjects(home / "index-objects.db"),
         )
-        self.reads = SegmentReads(index, keys, self.epochs, self.writer, self.queue)
+        self.reads = SegmentReads(index, keys, self.epochs, self.writer, self.queue, self.paces)
 
     # -- lifecycle (home.py, recovery.py) ---------------------------------------------------
     @classmethod
