@@ -457,25 +457,38 @@ def test_a_slot_is_freed_on_every_path_and_no_wait_is_endless() -> None:
         time.sleep(0.01)
     with pytest.raises(Unreachable, match="stopped answering"):
         Paced(mem, pace).cat("data", "x")
-    # the owner closes: a waiter is woken with an error, not left blocked
-    pace.max_wait = 3600.0
+    pace.max_wait = 3600.0  # a retry finds the remote stuck still: it fails at once
+    with pytest.raises(Unreachable, match="stopped answering"):
+        Paced(mem, pace).cat("data", "x")
+    # the owner closes: a waiter on another of its remotes, held the same way, is woken
+    # with an error, not left blocked
+    mem2 = MemoryBackend("stuck2")
+    mem2.put_bytes("data", "x", b"abc")
+    pace2 = paces.get(mem2.spec)
+    pace2.max_wait = 3600.0
+    stalled2 = Paced(FaultInjecting(mem2, stall=gate), pace2)
+    held2 = [threading.Thread(target=stalled2.cat, args=("data", "x")) for _ in range(2)]
+    for t in held2:
+        t.start()
+    while pace2.active < 2:
+        time.sleep(0.01)
     errors: list[BaseException] = []
 
     def wait() -> None:
         try:
-            Paced(mem, pace).cat("data", "x")
+            Paced(mem2, pace2).cat("data", "x")
         except Unreachable as e:
             errors.append(e)
 
     waiter = threading.Thread(target=wait)
     waiter.start()
-    while not pace.waiting:
+    while not pace2.waiting:
         time.sleep(0.01)
     paces.close()
     waiter.join()
     assert len(errors) == 1 and "closed" in errors[0].message
     assert paces.get(mem.spec).closed and not Paces().get(mem.spec).closed
-    gate.set()  # the abandoned operations end into the closed pace
-    for t in held:
+    gate.set()  # the abandoned operations end into the closed paces
+    for t in held + held2:
         t.join()
-    assert pace.active == 0
+    assert pace.active == pace2.active == 0

@@ -275,8 +275,9 @@ class Pace:
 
     Never blocks forever: an operation waiting for a slot while no operation of the remote
     ended for ``max_wait`` seconds (they are presumed stuck on a remote that stopped
-    answering) raises :class:`Unreachable`, and so does every wait once the pace is
-    closed (:meth:`close`). A slot is freed on every path out of :meth:`slot`, exceptions and
+    answering) raises :class:`Unreachable`, and so does, at once, every later one that finds
+    no slot before some operation ends (retries do not wait again), and every wait once the
+    pace is closed (:meth:`close`). A slot is freed on every path out of :meth:`slot`, exceptions and
     interrupted pauses included."""
 
     def __init__(
@@ -302,6 +303,7 @@ class Pace:
         self.closed = False
         self._resume_at = 0.0
         self._last_end = clock()
+        self._stuck = False  # a wait timed out and no call has ended since
         self._cond = threading.Condition()
 
     @contextmanager
@@ -316,7 +318,8 @@ class Pace:
                     if self.closed:
                         raise Unreachable(f"{label}: not asked: the vault or job using it closed")
                     left = max(self._last_end, since) + self.max_wait - self.clock()
-                    if left <= 0:
+                    if left <= 0 or self._stuck:
+                        self._stuck = True  # later callers fail at once until a call ends
                         raise Unreachable(
                             f"{label}: no operation on it ended for {self.max_wait:.0f} s while "
                             f"{self.active} still run: it stopped answering; try again later"
@@ -339,6 +342,7 @@ class Pace:
         with self._cond:
             self.active -= 1
             self._last_end = self.clock()
+            self._stuck = False
             if ok:
                 self.limit = min(self.ceiling, self.limit + 1 / self.limit)
                 self.pause = self.base_pause
