@@ -91,10 +91,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="GIB,…",
         help="vault sizes of the lifetime section, GiB of unique data (default 1,4,16)",
     )
-    ap.add_argument(
-        "--quick", action="store_true", help="small sizes for the lifetime section (1/16, 1/4 GiB)"
-    )
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="the small variant of each section that has one (net: 64 MiB of the dump; lifetime: 1/16 and 1/4 GiB)",
+    )
     ap.add_argument("--list", action="store_true", help="list the sections and exit")
     a = ap.parse_args(argv)
     if a.beliefs < 100:
@@ -138,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="vaultfs-bench-", dir=a.workdir))
     else:
         workdir = Path(tempfile.mkdtemp(prefix="vaultfs-bench-"))
-    ctx = Context(a.beliefs, a.seed, a.repeats, workdir, a.keep, lifetime_sizes=a.lifetime_sizes)
+    ctx = Context(
+        a.beliefs, a.seed, a.repeats, workdir, a.keep, quick=a.quick,
+        lifetime_sizes=a.lifetime_sizes,
+    )  # fmt: skip
     if a.src:
         ctx.src_root = a.src.resolve()
     if a.ref:
@@ -162,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             "sections": names,
             "ref": a.ref,
             "lifetime_sizes": a.lifetime_sizes,
+            "quick": a.quick,
         },
         "host": _host(),
         "load_at_start": os.getloadavg(),

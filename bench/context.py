@@ -26,6 +26,7 @@ class Context:
     repeats: int
     workdir: Path
     keep: bool
+    quick: bool = False  # --quick: sections that have a small variant run it
     src_root: Path | None = None  # an exported commit to run instead of the working tree
     #: vault sizes (GiB of unique data) of the ``lifetime`` section
     lifetime_sizes: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0])

@@ -213,12 +213,13 @@ def manifest_fields(v: Vault) -> dict:
     return link.as_json() if link else {"seq": 0, "manifest_hash": None}
 
 
-def report_flush(v: Vault, as_json: bool, extra: dict | None = None) -> int:
-    """Flush ``v``, report what went out (JSON with ``extra`` merged in, or warnings) and
-    return the exit code: StaleBase's when the remotes moved on without this home (its
+def report_flush(v: Vault, as_json: bool, extra: dict | None = None, quorum: bool = False) -> int:
+    """Flush ``v`` (``quorum``: done once k shards of everything are placed, see
+    :meth:`Vault.flush`), report what went out (JSON with ``extra`` merged in, or warnings)
+    and return the exit code: StaleBase's when the remotes moved on without this home (its
     manifests stay queued, never placed), EXIT_PARTIAL when a segment has fewer than k shards
     placed."""
-    rep = v.flush()
+    rep = v.flush(quorum=quorum)
     status = v.status()
     code = 0
     msg = None

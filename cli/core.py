@@ -252,8 +252,8 @@ def backup(
             code = 0
             if as_json:
                 out.print_json(json.dumps({**info, "uploaded": 0, "complete": False}))
-        else:
-            code = report_flush(v, as_json, info)
+        else:  # one slow remote must not set the pace: the rest of it stays queued
+            code = report_flush(v, as_json, info, quorum=True)
     if not as_json:
         dt = time.perf_counter() - t0
         out.print(

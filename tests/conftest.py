@@ -8,6 +8,9 @@ s3_server_factory (function)  Call it to start more S3Servers (e.g. one per shar
 sftp_server (function)        A running SftpServer over a fresh tmp dir.
 sftp_server_factory (function)
 pg_server (session)           A PgServer: .dsn, .bin_dir, .make_kb(), .pg_dump(), ...
+emulated_network (function)   Call it with a list of bench.netem.Link to get a running
+                              bench.netem.Network: rclone serve s3 remotes behind emulated
+                              links (a namespace of its own when root, else loopback relays).
 
 All servers are stopped at teardown, whatever the test outcome.
 """
@@ -16,8 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from bench.netem import Link, Network
 from helpers import PgServer, RcloneServer, S3Server, SftpServer, rclone_path
 
 
@@ -68,6 +75,24 @@ def sftp_server_factory(tmp_path: Path, rclone_bin: Path) -> Iterator[Callable[[
 @pytest.fixture
 def sftp_server(sftp_server_factory: Callable[[], SftpServer]) -> SftpServer:
     return sftp_server_factory()
+
+
+@pytest.fixture
+def emulated_network(tmp_path: Path) -> Iterator[Callable[[list[Link]], Network]]:
+    from bench.netem import Network  # the benchmark's emulation, shared with these tests
+
+    nets: list[Network] = []
+
+    def make(links: list[Link]) -> Network:
+        net = Network(tmp_path / f"net{len(nets)}", links, ttl=900)
+        nets.append(net)
+        return net
+
+    try:
+        yield make
+    finally:
+        for net in nets:
+            net.close()
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,9 @@ from vaultfs.backends import (
     FaultInjecting,
     MemoryBackend,
     Metered,
+    Pace,
+    Paced,
+    Paces,
     Retrying,
     open_backend,
     stack,
@@ -350,14 +353,142 @@ def _chain(b: object) -> list[str]:
 def test_open_backend_stacks_every_path_the_same_way(tmp_path: Path, monkeypatch) -> None:
     spec = str(tmp_path / "r")
     base = "RcloneRc" if RcloneDaemon.get() is not None else "RcloneCommand"
-    assert _chain(open_backend(spec, 3)) == ["Metered", "Retrying", base]
+    assert _chain(open_backend(spec, 3)) == ["Metered", "Retrying", "Paced", base]
     audit = open_backend(spec, 3, fail_fast=True, wrap=lambda b: FaultInjecting(b))
-    assert _chain(audit) == ["Metered", "Retrying", "FaultInjecting", "RcloneCommand"]
-    assert audit.rid == 3 and audit.inner.inner.inner.op_timeout == 300
+    assert _chain(audit) == ["Metered", "Retrying", "Paced", "FaultInjecting", "RcloneCommand"]
+    assert audit.rid == 3 and audit.inner.inner.inner.inner.op_timeout == 300
     monkeypatch.setenv("VAULTFS_RCD", "0")
-    assert _chain(open_backend(spec)) == ["Metered", "Retrying", "RcloneCommand"]
-    assert _chain(stack(MemoryBackend())) == ["Metered", "Retrying", "MemoryBackend"]
+    assert _chain(open_backend(spec)) == ["Metered", "Retrying", "Paced", "RcloneCommand"]
+    assert _chain(stack(MemoryBackend())) == ["Metered", "Retrying", "Paced", "MemoryBackend"]
     with pytest.raises(BadRemote):
         open_backend("  ")
     with pytest.raises(BadRemote, match="rejected"):
         open_backend("nosuchremote:bucket").ensure()
+
+
+def test_a_throttling_remote_is_paced_as_a_whole() -> None:
+    """429/503 halve the remote's concurrency and pause every caller (growing while it goes
+    on); successes win the concurrency back. Fast unit tier: a memory remote that answers
+    503 on purpose, the pauses recorded instead of slept."""
+    slept: list[float] = []
+    now = [0.0]
+    pace = Pace(start=8, pause=0.5, sleep=slept.append, clock=lambda: now[0])
+    mem = MemoryBackend("paced")
+    mem.put_bytes("data", "x", b"abc")
+    flaky = FaultInjecting(mem, unavailable=2)
+    b = Retrying(Paced(flaky, pace), attempts=3, base_delay=0.01, sleep=lambda s: None)
+    assert b.cat("data", "x") == b"abc"  # two 503s, then the answer
+    assert pace.throttles == 2 and flaky.injected == 2
+    assert pace.limit < 8 / 2  # halved twice, then one success added a little
+    assert slept == [0.5, 1.0]  # the second and third attempts waited out growing pauses
+    assert pace.pause == 0.5 and pace.active == 0  # a success resets the pause
+    before = pace.limit
+    for _ in range(20):
+        b.cat("data", "x")
+    assert pace.limit > before  # additive increase
+    # an outage that is not throttling does not pace the remote
+
+    class Refusing(MemoryBackend):
+        def list(self, sub: str) -> list[str]:
+            raise Unreachable(f"{self.label}: list failed: connection refused")
+
+    with pytest.raises(Unreachable):
+        Paced(Refusing("paced"), pace).list("data")
+    assert pace.throttles == 2 and pace.active == 0
+    # one pace per remote and owner; another owner (a fresh vault) has its own
+    mine, other = Paces(), Paces()
+    assert mine.get("memory:paced") is mine.get("memory:paced")
+    assert mine.get("memory:paced") is not other.get("memory:paced")
+    assert Paced(mem).pace is not Paced(mem).pace  # no owner: a pace of its own
+
+
+def test_throttling_is_read_from_rclones_words_not_from_names_or_ports() -> None:
+    """Only the provider's own answer (429, 503, SlowDown) makes a throttle; the digits of a
+    port or of a hex object name in the same message never do."""
+    name = "ab503f429c" + "0" * 54
+    for msg in ("s3: 429 Too Many Requests", "SlowDown: please reduce rate", "503 x"):
+        err = classify(":s3:…:bkt", f"cat data/{name}", msg)
+        assert isinstance(err, Unreachable) and err.throttled, msg
+    refused = f'Get "http://127.0.0.1:35031/bkt/data/{name}": dial tcp: connection refused'
+    err = classify(":s3:…:bkt-429", f"cat data/{name}", refused)
+    assert isinstance(err, Unreachable) and not err.throttled
+
+
+class _Boom(BaseException):
+    """Stands for an interruption outside the error hierarchy (Ctrl-C, a test's timeout)."""
+
+
+def test_a_slot_is_freed_on_every_path_and_no_wait_is_endless() -> None:
+    """Fast unit tier, on a memory remote. A slot is freed when the operation returns,
+    raises, or is interrupted during the throttling pause; a wait for a slot held by
+    operations stuck on a remote that stopped answering ends in a clear Unreachable; closing
+    the pace's owner wakes a waiter with an error instead of leaving it blocked."""
+    mem = MemoryBackend("stuck")
+    mem.put_bytes("data", "x", b"abc")
+
+    def interrupt(_s: float) -> None:
+        raise _Boom
+
+    pace = Pace(start=2, sleep=interrupt)
+    pace.throttled()  # the next operations wait out a pause, which is interrupted
+    with pytest.raises(_Boom):
+        Paced(mem, pace).cat("data", "x")
+    assert pace.active == 0
+
+    class Broken(MemoryBackend):
+        def list(self, sub: str) -> list[str]:
+            raise _Boom
+
+    pace = Pace(start=1)
+    with pytest.raises(_Boom):
+        Paced(Broken("stuck"), pace).list("data")
+    assert pace.active == 0
+    assert Paced(mem, pace).cat("data", "x") == b"abc" and pace.active == 0
+
+    # two slots, both held by operations on a remote that stopped answering
+    gate = threading.Event()
+    paces = Paces(start=2, max_wait=0.2)  # the registry a vault keeps
+    pace = paces.get(mem.spec)
+    stalled = Paced(FaultInjecting(mem, stall=gate), pace)
+    held = [threading.Thread(target=stalled.cat, args=("data", "x")) for _ in range(2)]
+    for t in held:
+        t.start()
+    while pace.active < 2:
+        time.sleep(0.01)
+    with pytest.raises(Unreachable, match="stopped answering"):
+        Paced(mem, pace).cat("data", "x")
+    pace.max_wait = 3600.0  # a retry finds the remote stuck still: it fails at once
+    with pytest.raises(Unreachable, match="stopped answering"):
+        Paced(mem, pace).cat("data", "x")
+    # the owner closes: a waiter on another of its remotes, held the same way, is woken
+    # with an error, not left blocked
+    mem2 = MemoryBackend("stuck2")
+    mem2.put_bytes("data", "x", b"abc")
+    pace2 = paces.get(mem2.spec)
+    pace2.max_wait = 3600.0
+    stalled2 = Paced(FaultInjecting(mem2, stall=gate), pace2)
+    held2 = [threading.Thread(target=stalled2.cat, args=("data", "x")) for _ in range(2)]
+    for t in held2:
+        t.start()
+    while pace2.active < 2:
+        time.sleep(0.01)
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            Paced(mem2, pace2).cat("data", "x")
+        except Unreachable as e:
+            errors.append(e)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    while not pace2.waiting:
+        time.sleep(0.01)
+    paces.close()
+    waiter.join()
+    assert len(errors) == 1 and "closed" in errors[0].message
+    assert paces.get(mem.spec).closed and not Paces().get(mem.spec).closed
+    gate.set()  # the abandoned operations end into the closed paces
+    for t in held + held2:
+        t.join()
+    assert pace.active == pace2.active == 0

@@ -10,14 +10,15 @@ import itertools
 import os
 import random
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 
 from vaultfs import envelope, erasure, merkle, segment
-from vaultfs.backends import open_backend
+from vaultfs.backends import FaultInjecting, open_backend
 from vaultfs.backup import backup_paths
-from vaultfs.errors import IntegrityError, NotEnoughRemotes, VaultBusy, WrongKey
+from vaultfs.errors import IntegrityError, NotEnoughRemotes, RemoteError, VaultBusy, WrongKey
 from vaultfs.keys import VaultKeys, new_seed, read_keyfile, write_keyfile
 from vaultfs.restore import ShardSource, open_remote_index, restore_files
 from vaultfs.vault import Entry, Vault
@@ -316,6 +317,56 @@ def test_remote_down_queues_and_catches_up(tmp_path, s3_server_factory):
         keys = v.keys
     with_remote_index(keys, specs[:3], tmp_path, tmp_path / "out")
     assert tree_digest_of(tmp_path / "out" / "src") == tree_digest_of(src)
+
+
+@pytest.mark.timeout(240)  # the guard: before the fix this waited forever in Pace.acquire
+def test_a_remote_stopped_mid_operation_holds_back_no_fresh_vault(tmp_path, s3_server_factory):
+    """Operations a vault left stuck on a remote that stopped answering, its server then
+    stopped, hold back no later vault whose remote has the same spec (a new server on the
+    reused port): each vault paces its remotes with its own slots."""
+    old_srv = s3_server_factory()
+    spec = old_srv.remote("bkt/v")
+    old = Vault.create(
+        tmp_path / "old", [spec, str(tmp_path / "o0"), str(tmp_path / "o1")], 2, 3, PW
+    )
+    gate = threading.Event()  # the remote stops answering mid-operation, until the end
+    pace = old.paces.get(spec)
+
+    def stuck() -> None:
+        b = open_backend(spec, paces=old.paces, wrap=lambda b: FaultInjecting(b, stall=gate))
+        try:
+            b.list("data")
+        except RemoteError:
+            pass  # after the gate: whatever the remote says then
+
+    held = [threading.Thread(target=stuck) for _ in range(int(pace.limit))]
+    for t in held:
+        t.start()
+    try:
+        while pace.active < int(pace.limit):  # every slot of the remote is held
+            gate.wait(0.01)
+        old.close()
+        old_srv.stop()
+        srv = s3_server_factory()  # a new server on the port the old one freed
+        srv.stop()
+        srv.port = old_srv.port
+        srv.start()
+        assert srv.remote("bkt/v") == spec
+        src = tmp_path / "src"
+        write_tree(src, seed=6)
+        specs = [spec, str(tmp_path / "n0"), str(tmp_path / "n1")]
+        with Vault.create(tmp_path / "new", specs, 2, 3, PW, segment_size=1 << 20) as v:
+            backup_paths(v, [src])
+            assert v.flush().complete
+            keys = v.keys
+        assert (srv.root / "bkt" / "v" / "data").is_dir()
+        with_remote_index(keys, specs[:2], tmp_path, tmp_path / "out")
+        assert tree_digest_of(tmp_path / "out" / "src") == tree_digest_of(src)
+    finally:
+        gate.set()  # the abandoned operations end into the old vault's closed pace
+        for t in held:
+            t.join()
+    assert pace.active == 0 and pace.closed
 
 
 def test_rollback_and_tampered_manifest_detected(tmp_path):

@@ -1083,7 +1083,9 @@ def test_range_reads_through_rclone_take_a_span_so_neighbours_cost_no_call(
 
     # as for a cloud remote: no local copy, every shard byte through the remote's backend
     monkeypatch.setattr(Remote, "local_dir", property(lambda self: None))
-    monkeypatch.setattr(vaultfs.chunkreader, "open_backend", lambda *a: Counted(real_open(*a)))
+    monkeypatch.setattr(
+        vaultfs.chunkreader, "open_backend", lambda *a, **kw: Counted(real_open(*a, **kw))
+    )
 
     async def read(d: Driver) -> dict:
         assert await d.read_file(b"f") == data

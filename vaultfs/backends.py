@@ -3,7 +3,7 @@
 Every path that talks to a remote (flush and upload, restore, audit, repair, prune, key
 rotation) gets its backend from :func:`open_backend`, which stacks, in one visible place::
 
-    Metered(Retrying(wrap?(base)))
+    Metered(Retrying(Paced(wrap?(base))))
 
 * ``base`` is an implementation of :class:`Backend`: the shared rclone daemon
   (:class:`~vaultfs.remotes.RcloneRc`) when it runs, else one rclone command per call
@@ -17,7 +17,13 @@ rotation) gets its backend from :func:`open_backend`, which stacks, in one visib
 * :class:`Retrying` retries :class:`Unreachable` and plain :class:`RemoteError` with
   exponential backoff and jitter, a bounded number of times; :class:`ObjectMissing` and
   :class:`BadRemote` are answers, not outages, and are never retried.
-* :class:`Metered` counts operations and the bytes read.
+* :class:`Paced` keeps each remote's concurrent operations within a limit that adapts to
+  what the remote sustains (additive increase on success, halved on a 429/503), and makes
+  every caller of a throttling remote wait out a shared, growing pause. The :class:`Pace`
+  is per remote and per owner (:class:`Paces`: an open vault shares one across its
+  flushes), never process-wide; a slot is freed on every path and a wait is bounded.
+* :class:`Metered` counts operations and the bytes read, and times reads and listings
+  for :data:`vaultfs.hedging.SPEEDS` (which remotes a reader asks first).
 
 The wrappers work per call, never per byte: ``cat`` returns the base's bytes object as is.
 """
@@ -27,11 +33,13 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import BadRemote, ObjectMissing, RemoteError, ThawNeeded, Unreachable
+from .hedging import SPEEDS
 from .remotes import RcloneCommand, RcloneDaemon, RcloneRc, Remote
 
 
@@ -255,9 +263,163 @@ class Retrying(Wrapper):
         raise AssertionError("unreachable")  # pragma: no cover
 
 
+class Pace:
+    """One remote's adaptive concurrency, shared by the backends of that remote that one
+    owner opened (:class:`Paces`: an open vault, or one job).
+
+    At most ``limit`` operations run at once (``start`` at first, between 1 and
+    ``ceiling``): each success adds 1/limit (about one more per round of operations), each
+    throttling answer halves it and sets a pause every new operation waits out, doubling
+    from ``pause`` up to ``max_pause`` while the throttling goes on, back to ``pause`` after
+    a success. ``throttles`` counts the throttling answers seen.
+
+    Never blocks forever: an operation waiting for a slot while no operation of the remote
+    ended for ``max_wait`` seconds (they are presumed stuck on a remote that stopped
+    answering) raises :class:`Unreachable`, and so does, at once, every later one that finds
+    no slot before some operation ends (retries do not wait again), and every wait once the
+    pace is closed (:meth:`close`). A slot is freed on every path out of :meth:`slot`, exceptions and
+    interrupted pauses included."""
+
+    def __init__(
+        self,
+        start: float = 8,
+        ceiling: float = 32,
+        pause: float = 0.5,
+        max_pause: float = 30.0,
+        max_wait: float = 300.0,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = float(start)
+        self.ceiling = ceiling
+        self.base_pause = self.pause = pause
+        self.max_pause = max_pause
+        self.max_wait = max_wait
+        self.sleep = sleep
+        self.clock = clock
+        self.active = 0  # operations holding a slot
+        self.waiting = 0  # operations waiting for one
+        self.throttles = 0
+        self.closed = False
+        self._resume_at = 0.0
+        self._last_end = clock()
+        self._stuck = False  # a wait timed out and no call has ended since
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def slot(self, label: str) -> Iterator[None]:
+        """Hold one of the remote's slots (``label`` names it in errors) for the body, after
+        any pause: freed when the body ends, counted a success only if it returned."""
+        with self._cond:
+            since = self.clock()
+            self.waiting += 1
+            try:
+                while self.closed or self.active >= int(self.limit):
+                    if self.closed:
+                        raise Unreachable(f"{label}: not asked: the vault or job using it closed")
+                    left = max(self._last_end, since) + self.max_wait - self.clock()
+                    if left <= 0 or self._stuck:
+                        self._stuck = True  # later callers fail at once until a call ends
+                        raise Unreachable(
+                            f"{label}: no operation on it ended for {self.max_wait:.0f} s while "
+                            f"{self.active} still run: it stopped answering; try again later"
+                        )
+                    self._cond.wait(left)
+            finally:
+                self.waiting -= 1
+            self.active += 1
+            wait = self._resume_at - self.clock()
+        ok = False
+        try:
+            if wait > 0:
+                self.sleep(wait)
+            yield
+            ok = True
+        finally:
+            self._release(ok)
+
+    def _release(self, ok: bool) -> None:
+        with self._cond:
+            self.active -= 1
+            self._last_end = self.clock()
+            self._stuck = False
+            if ok:
+                self.limit = min(self.ceiling, self.limit + 1 / self.limit)
+                self.pause = self.base_pause
+            self._cond.notify_all()
+
+    def throttled(self) -> None:
+        """The remote said 429/503: halve the limit, pause everyone."""
+        with self._cond:
+            self.throttles += 1
+            self.limit = max(1.0, self.limit / 2)
+            self._resume_at = max(self._resume_at, self.clock() + self.pause)
+            self.pause = min(self.max_pause, self.pause * 2)
+
+    def close(self) -> None:
+        """Refuse every later operation and wake the waiting ones (they raise): operations
+        an owner abandoned still running end into a pace nobody else uses."""
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+
+class Paces:
+    """The :class:`Pace` of each remote, by spec, for one owner: an open vault (every
+    backend it opens, across flushes, shares its remote's pace) or one job. Never shared
+    between owners, so an operation one left stuck on a remote that stopped answering, or
+    a pace it throttled down, never holds back another that opens the same spec (a test
+    server restarted on a reused port, a vault opened again). :meth:`close` closes them all
+    (the owner's close does)."""
+
+    def __init__(self, **pace: Any) -> None:
+        self._pace = pace  # keyword arguments of every Pace made (tests: max_wait)
+        self._by: dict[str, Pace] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def get(self, spec: str) -> Pace:
+        """``spec``'s pace (made on first use; a closed one after :meth:`close`)."""
+        with self._lock:
+            p = self._by.get(spec)
+            if p is None:
+                p = self._by[spec] = Pace(**self._pace)
+                if self._closed:
+                    p.close()
+            return p
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            paces = list(self._by.values())
+        for p in paces:
+            p.close()
+
+
+class Paced(Wrapper):
+    """A backend within its remote's :class:`Pace` (its own one when none is given): every
+    operation holds a slot; an :class:`Unreachable` that says the provider throttles
+    (``throttled``: 429, 503, slow down) tells the pace, then is raised as is for
+    :class:`Retrying` to retry."""
+
+    def __init__(self, inner: Backend, pace: Pace | None = None) -> None:
+        super().__init__(inner)
+        self.pace = pace if pace is not None else Pace()
+
+    def _op(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self.pace.slot(self.label):
+            try:
+                return fn(*args)
+            except Unreachable as e:
+                if e.throttled:
+                    self.pace.throttled()
+                raise
+
+
 class Metered(Wrapper):
     """Counts the operations (``calls``) and the bytes that ``cat`` and ``get`` returned
-    (``bytes_read``)."""
+    (``bytes_read``), and reports how long each read and listing took to
+    :data:`vaultfs.hedging.SPEEDS`, so readers can ask the remotes expected fastest."""
 
     def __init__(self, inner: Backend) -> None:
         super().__init__(inner)
@@ -274,14 +436,33 @@ class Metered(Wrapper):
             self.calls += 1
         return fn(*args)
 
+    def _timed(self, fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+        """``fn(*args)`` and its seconds; a failure is observed as a zero-byte call."""
+        t0 = time.monotonic()
+        try:
+            return fn(*args), time.monotonic() - t0
+        except RemoteError:
+            SPEEDS.observe(self.spec, 0, time.monotonic() - t0)
+            raise
+
+    def list_tree(
+        self, subs: tuple[str, ...] = ("data", "meta", "manifests")
+    ) -> dict[str, dict[str, int]]:
+        tree, secs = self._timed(super().list_tree, subs)
+        SPEEDS.observe(self.spec, 0, secs)
+        return tree
+
     def cat(self, sub: str, name: str, offset: int = 0, count: int = -1) -> bytes:
-        data = super().cat(sub, name, offset, count)
+        data, secs = self._timed(super().cat, sub, name, offset, count)
+        SPEEDS.observe(self.spec, len(data), secs)
         self._count(len(data))
         return data
 
     def get(self, sub: str, names: list[str], local_dir: Path, max_bytes: int = 0) -> None:
-        super().get(sub, names, local_dir, max_bytes)
-        self._count(sum(p.stat().st_size for n in names if (p := local_dir / n).exists()))
+        _, secs = self._timed(super().get, sub, names, local_dir, max_bytes)
+        got = sum(p.stat().st_size for n in names if (p := local_dir / n).exists())
+        SPEEDS.observe(self.spec, got, secs)
+        self._count(got)
 
 
 class FaultInjecting(Wrapper):
@@ -290,17 +471,26 @@ class FaultInjecting(Wrapper):
     * ``wrong_ranges``: the next N range reads (``cat`` with an offset or a count) return
       bytes with one bit flipped — a remote that lies about byte ranges only;
     * ``unavailable``: the next N calls fail with an injected HTTP 503 (:class:`Unreachable`);
-    * ``delay``: seconds added to every call (a slow remote).
+    * ``delay``: seconds added to every call (a slow remote);
+    * ``stall``: every call waits until the event is set (a remote that stopped answering
+      in the middle of an operation: the budget is the test's).
     ``injected`` counts the faults delivered; ``lied_about`` names the objects lied about.
     """
 
     def __init__(
-        self, inner: Backend, *, wrong_ranges: int = 0, unavailable: int = 0, delay: float = 0.0
+        self,
+        inner: Backend,
+        *,
+        wrong_ranges: int = 0,
+        unavailable: int = 0,
+        delay: float = 0.0,
+        stall: threading.Event | None = None,
     ) -> None:
         super().__init__(inner)
         self.wrong_ranges = wrong_ranges
         self.unavailable = unavailable
         self.delay = delay
+        self.stall = stall
         self.injected = 0
         self.lied_about: list[str] = []
         self._lock = threading.Lock()
@@ -308,11 +498,13 @@ class FaultInjecting(Wrapper):
     def _op(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self.delay:
             time.sleep(self.delay)
+        if self.stall is not None:
+            self.stall.wait()
         with self._lock:
             if self.unavailable > 0:
                 self.unavailable -= 1
                 self.injected += 1
-                raise Unreachable(f"{self.label}: 503 Service Unavailable (injected)")
+                raise Unreachable(f"{self.label}: 503 Service Unavailable (injected)", True)
         return fn(*args)
 
     def cat(self, sub: str, name: str, offset: int = 0, count: int = -1) -> bytes:
@@ -495,10 +687,13 @@ class MemoryBackend(Remote):
                     self.objects[self._key(f"quarantine/{sub}", n)] = data
 
 
-def stack(base: Backend, wrap: Callable[[Backend], Backend] | None = None) -> Metered:
-    """The wrappers every path uses, around ``base``: ``Metered(Retrying(wrap?(base)))``."""
+def stack(
+    base: Backend, wrap: Callable[[Backend], Backend] | None = None, pace: Pace | None = None
+) -> Metered:
+    """The wrappers every path uses, around ``base``:
+    ``Metered(Retrying(Paced(wrap?(base))))``, within ``pace`` (else a pace of its own)."""
     b = base if wrap is None else wrap(base)
-    return Metered(Retrying(b))
+    return Metered(Retrying(Paced(b, pace)))
 
 
 def open_backend(
@@ -507,12 +702,15 @@ def open_backend(
     *,
     fail_fast: bool = False,
     wrap: Callable[[Backend], Backend] | None = None,
+    paces: Paces | None = None,
 ) -> Metered:
     """The backend for one remote, for every path. The base is the shared rclone daemon when
     it runs, else one rclone command per call (also when ``VAULTFS_RCD=0``); ``fail_fast``
     (audits and repair: many small bounded reads) always takes the command, with at most
     300 s per command. ``wrap`` inserts a layer
-    between the base and the retries (fault injection in tests), see :func:`stack`."""
+    between the base and the retries (fault injection in tests), see :func:`stack`.
+    ``paces``: the owner's paces (an open vault's), so its backends of one remote share
+    that remote's concurrency; without it the backend paces itself alone."""
     base: Backend
     if fail_fast:
         base = RcloneCommand(spec, rid, op_timeout=300)
@@ -520,4 +718,4 @@ def open_backend(
         base = RcloneRc(spec, rid)
     else:
         base = RcloneCommand(spec, rid)
-    return stack(base, wrap)
+    return stack(base, wrap, None if paces is None else paces.get(spec))

@@ -328,7 +328,8 @@ class ChunkReader:
             finally:
                 os.close(fd)
         stop = min(max(stop, start + REMOTE_SPAN), shard.size)
-        return open_backend(shard.spec, shard.rid).cat("data", shard.name, start, stop - start)
+        b = open_backend(shard.spec, shard.rid, paces=self.vault.paces)  # the vault's pace
+        return b.cat("data", shard.name, start, stop - start)
 
 
 def slices(

@@ -56,9 +56,14 @@ class RemoteError(VaultError):
 
 class Unreachable(RemoteError):
     """A remote is temporarily unreachable: connection refused or reset, a timeout, or
-    throttling (HTTP 429/503). The data on it is presumed intact; try again later."""
+    throttling (HTTP 429/503). The data on it is presumed intact; try again later.
+    ``throttled``: the provider said it throttles us (back off as a whole, not only the call)."""
 
     exit_code = 11
+
+    def __init__(self, message: str, throttled: bool = False) -> None:
+        super().__init__(message)
+        self.throttled = throttled
 
 
 class ObjectMissing(RemoteError):

@@ -82,6 +82,10 @@ TRANSIENT_MARKERS = (
     "service unavailable",
     "temporarily",
 )
+#: What in rclone's own error text (never the spec or object names around it: a port or a
+#: hex name may hold the digits) says the provider throttles us, too many requests or
+#: overloaded: back off as a whole, not only the call (:class:`~vaultfs.backends.Paced`).
+THROTTLED = re.compile(r"\b(?:429|503)\b|too many requests|slow ?down|service unavailable", re.I)
 #: Substrings that mean "the remote answered: no such object (or folder)".
 MISSING_MARKERS = ("not found", "no such file", "nosuchkey", "object not found", "404")
 #: Substrings of rclone/provider errors that mean "archived: thaw (restore) it first". Checked
@@ -123,7 +127,8 @@ def classify(
     if any(m in low or m in earlier.lower() for m in BAD_SPEC_MARKERS):
         return BadRemote(f"rclone rejected remote {label}: {message}")
     if any(m in low for m in TRANSIENT_MARKERS):
-        return Unreachable(f"{label}: {what} failed: {message}")
+        throttled = THROTTLED.search(message) is not None
+        return Unreachable(f"{label}: {what} failed: {message}", throttled)
     if (
         http_status == 404
         or exit_code in MISSING_EXIT_CODES
@@ -205,6 +210,8 @@ class RcloneDaemon:
 
     _instance: RcloneDaemon | None = None
     _guard = threading.Lock()
+    #: Seconds a busy daemon gets to exit on SIGTERM before it is killed.
+    STOP_GRACE = 1.0
 
     FLAGS = [
         "--no-traverse",
@@ -287,10 +294,14 @@ class RcloneDaemon:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
+        """Stop the daemon: SIGTERM, then SIGKILL after :attr:`STOP_GRACE` seconds. An idle
+        rclone exits at once; a busy one (a slow remote's upload a quorum backup left
+        running) is cut off, which every transfer allows: a move deletes a local file only
+        once stored, and a cut object never appears under its name."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=5)
+                self.proc.wait(timeout=self.STOP_GRACE)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         shutil.rmtree(self.dir, ignore_errors=True)

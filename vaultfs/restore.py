@@ -18,7 +18,7 @@ import threading
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,6 +36,7 @@ from .errors import (
     TargetNotEmpty,
     ThawNeeded,
 )
+from .hedging import SPEEDS
 from .index import Index, keyring, manifests, open_shipped, seen_manifest_seq, segments, snapshots
 from .index.lazy import LazyIndex, open_lazy
 from .index.shipped import BlockPlan, ShippedObjects
@@ -43,7 +44,7 @@ from .indexblocks import Location
 from .keys import SLHDSA_BY_SIG_ALG, VaultKeys
 from .names import display, fs_path, xattrs_from_db
 from .remotes import needs_thaw
-from .shardreader import ShardRef, choose, preference, read_segment
+from .shardreader import ShardRef, preference, read_segment
 
 BATCH_SEGMENTS = 12
 FIRST_BATCH = 2
@@ -193,6 +194,8 @@ class ShardSource:
             if r.spec not in self.in_place  # read in place later: nothing to move ahead
             and not isinstance(self._lists[r.spec].result(), Exception)
         ]
+        tiers = SPEEDS.tiers([r.spec for r in ok], 0)  # timed by their listings
+        ok = [r for r in ok if not tiers[r.spec]]  # a slow remote must not hold the budget
         budget = read_ahead_budget() // max(1, len(ok))
         jobs = []
         for i, r in enumerate(ok):
@@ -340,6 +343,28 @@ class ShardSource:
             out.append(ShardRef(idx, name, h, local=name in self.local, size=size))
         return out
 
+    def _tiers(self, nbytes: int) -> dict[str, int]:
+        """{spec: 0 fast, 1 slow} of the remotes for a read of ``nbytes`` (hedging.SPEEDS);
+        remotes read in place are fast."""
+        tiers = SPEEDS.tiers([r.spec for r in self.remotes], nbytes)
+        return {s: 0 if s in self.in_place else t for s, t in tiers.items()}
+
+    def choose(self, refs: Sequence[ShardRef], k: int) -> list[ShardRef]:
+        """The k shards to fetch first: :func:`shardreader.choose`'s order (local copies, data
+        fragments, index), except that a shard only a slow remote holds comes after every
+        shard a fast one does (:mod:`vaultfs.hedging`): one slow provider is asked only for
+        what the others cannot give, and does not set the pace of the read."""
+        if not refs:
+            return []
+        tiers = self._tiers(max(r.size or 0 for r in refs))
+
+        def tier(ref: ShardRef) -> int:
+            if ref.local or ref.name in self.staged:
+                return 0
+            return min((tiers.get(h.spec, 0) for h in self.where.get(ref.name, [])), default=1)
+
+        return sorted(refs, key=lambda r: (tier(r), preference(r, k)))[:k]
+
     def _listed_right(self, r: Backend, kind: str, name: str, size: int) -> bool:
         listed = self.listed.get(r.spec, {}).get(kind, {}).get(name)
         if listed is None:
@@ -357,6 +382,7 @@ class ShardSource:
         got: dict[str, Fetched] = {}
         per_remote: dict[str, tuple[Backend, dict[str, list[ShardRef]]]] = {}
         load: dict[str, int] = defaultdict(int)
+        tiers = self._tiers(max((ref.size or 0 for _k, ref in wanted), default=0))
         for kind, ref in wanted:
             name = ref.name
             if name in self.local:
@@ -375,7 +401,7 @@ class ShardSource:
                 got[name] = Fetched(self.in_place[r.spec] / kind / name, r.label)
                 self._note_read(r.spec, ref.size or 0)
                 continue
-            r = min(cands, key=lambda x: load[x.spec])
+            r = min(cands, key=lambda x: (tiers.get(x.spec, 0), load[x.spec]))
             load[r.spec] += 1
             per_remote.setdefault(r.spec, (r, defaultdict(list)))[1][kind].append(ref)
 
@@ -514,9 +540,12 @@ def _read_segment(
 ) -> bytes:
     """One segment (coded with erasure algorithm ``alg``, whitened under ``audit_key``)
     through the shard reader, from the objects ``staged`` for it (the first
-    :func:`shardreader.choose` of ``refs``) and more from ``src`` as needed; corrupt shards
-    are added to ``warnings`` with the remote that served them."""
+    :meth:`ShardSource.choose` of ``refs``) and more from ``src`` as needed; corrupt shards
+    are added to ``warnings`` with the remote that served them. The staged objects count as
+    local copies, so the reader starts from them rather than from its own first choice (a
+    data fragment a slow remote holds, which the choice left out on purpose)."""
     transport = _Staged(src, kind, staged, warnings)
+    refs = [replace(r, local=True) if r.name in staged else r for r in refs]
     read = read_segment(refs, k, n, size, transport, what, alg=alg, audit_key=audit_key)
     warnings += [
         f"{transport.holders.get(lie.ref.name, 'a remote')}: shard {lie.ref.name}"
@@ -926,7 +955,7 @@ class _IndexSegments:
         into = self.tmp / uid.hex()
         into.mkdir()
         try:
-            fetched = self.src.fetch([("meta", r) for r in choose(refs, seg.k)], into)
+            fetched = self.src.fetch([("meta", r) for r in self.src.choose(refs, seg.k)], into)
             what = f"meta segment {uid.hex()}"
             # the earliest manifests name no algorithm: they predate algorithm 2
             alg = seg.ec_alg or erasure.EC_ISA_L_RS_VAND
@@ -1411,7 +1440,7 @@ def _write_chunks(
         wanted = []
         for sid in batches[batch_no]:
             k = seg_rows[sid][1]
-            wanted += [("data", r) for r in choose(refs[sid], k)]
+            wanted += [("data", r) for r in src.choose(refs[sid], k)]
         return d, src.fetch(wanted, d)
 
     ctx = _RestoreContext(

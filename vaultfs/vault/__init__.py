@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .. import segment
-from ..backends import Backend, open_backend
+from ..backends import Backend, Paces, open_backend
 from ..chunker import Chunker
 from ..index import Index, VaultParams, keyring
 from ..index import remotes as remote_table
@@ -88,6 +88,8 @@ class Vault:
         self.queue = ShardQueue(home)
         self.epochs = KeyEpochs(keys, index, threading.RLock())
         self.writer = Writer(index, keys, self.params, self.queue, self.epochs, self.SEALERS)
+        #: each remote's adaptive concurrency, shared by every backend this vault opens
+        self.paces = Paces()
         self.uploads = UploadQueue(
             index, keys, self.queue, self.remotes, self.writer.seal, self.params.immutable
         )
@@ -102,7 +104,7 @@ class Vault:
             self.uploads.prepush,
             ShippedObjects(home / "index-objects.db"),
         )
-        self.reads = SegmentReads(index, keys, self.epochs, self.writer, self.queue)
+        self.reads = SegmentReads(index, keys, self.epochs, self.writer, self.queue, self.paces)
 
     # -- lifecycle (home.py, recovery.py) ---------------------------------------------------
     @classmethod
@@ -146,9 +148,11 @@ class Vault:
 
     def close(self) -> None:
         """Stop the sealers and close the index. Chunks stored since the last :meth:`seal`
-        (or commit) are discarded: nothing acknowledged refers to them."""
+        (or commit) are discarded: nothing acknowledged refers to them. An upload a quorum
+        flush left running goes on into closed paces: it holds back no later vault."""
         self.writer.close()
         self.uploads.close()
+        self.paces.close()
         if "pool" in self.__dict__:
             self.pool.shutdown(wait=True)
         self.index.close()
@@ -254,8 +258,11 @@ class Vault:
         return True
 
     def remotes(self) -> list[Backend]:
-        """The active remotes, in placement order."""
-        return [open_backend(spec, rid) for rid, spec in remote_table.active(self.index)]
+        """The active remotes, in placement order, within this vault's :attr:`paces`."""
+        return [
+            open_backend(spec, rid, paces=self.paces)
+            for rid, spec in remote_table.active(self.index)
+        ]
 
     # -- write path (writer.py) ------------------------------------------------------------
     def start_sealers(self) -> SealerPool:
@@ -344,11 +351,15 @@ class Vault:
 
     # -- upload queue (uploads.py) ---------------------------------------------------------
     def flush(
-        self, progress: Callable[[str], None] | None = None, seal: bool = True
+        self,
+        progress: Callable[[str], None] | None = None,
+        seal: bool = True,
+        quorum: bool = False,
     ) -> FlushReport:
         """Upload everything queued. Never raises for an unreachable remote: it reports
-        (:meth:`UploadQueue.flush`)."""
-        return self.uploads.flush(progress, seal)
+        (:meth:`UploadQueue.flush`; ``quorum``: return once k shards of everything are
+        placed, leaving a slow remote's rest queued)."""
+        return self.uploads.flush(progress, seal, quorum)
 
     def prepush(self) -> None:
         """Start moving the queued shards to the remotes in the background."""

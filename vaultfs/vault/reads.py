@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .. import envelope
-from ..backends import open_backend
+from ..backends import Paces, open_backend
 from ..errors import IntegrityError, RemoteError
 from ..index import Index, chunks, segments, snapshots
 from ..keys import VaultKeys
@@ -31,9 +31,16 @@ class SegmentReads:
     of each epoch come from ``epochs``."""
 
     def __init__(
-        self, index: Index, keys: VaultKeys, epochs: KeyEpochs, writer: Writer, queue: ShardQueue
+        self,
+        index: Index,
+        keys: VaultKeys,
+        epochs: KeyEpochs,
+        writer: Writer,
+        queue: ShardQueue,
+        paces: Paces,
     ) -> None:
         self.index = index
+        self.paces = paces  # the vault's: its remote reads share each remote's pace
         self.keys = keys
         self.epochs = epochs
         self.queue_dir: Path = queue.dir
@@ -68,7 +75,7 @@ class SegmentReads:
                 holder = "the upload queue" if local else Remote(spec).label
                 refs.append(ShardRef(idx, name, h, holder, local, (rid, spec, state)))
         read = read_segment(
-            refs, k, n, size, _QueueOrRemote(self.queue_dir, kind), f"segment {seg_id}",
+            refs, k, n, size, _QueueOrRemote(self.queue_dir, kind, self.paces), f"segment {seg_id}",
             alg=alg, audit_key=self.keys.audit_key,
         )  # fmt: skip
         for lie in read.lies:
@@ -106,9 +113,10 @@ class _QueueOrRemote:
     """The read path's shard transport: a shard's copy in the upload queue, else one read
     from its remote. ``ShardRef.tag`` is (remote id, spec, shard state)."""
 
-    def __init__(self, queue_dir: Path, kind: str) -> None:
+    def __init__(self, queue_dir: Path, kind: str, paces: Paces) -> None:
         self.queue_dir = queue_dir
         self.kind = kind
+        self.paces = paces
 
     def fetch(self, refs: Sequence[ShardRef]) -> dict[str, bytes | str]:
         out: dict[str, bytes | str] = {}
@@ -120,7 +128,9 @@ class _QueueOrRemote:
             if state in ("placed", "queued"):
                 # 'queued' with no queue file: a concurrent flush has just uploaded it
                 try:
-                    out[ref.name] = open_backend(spec, rid).cat(self.kind, ref.name)
+                    out[ref.name] = open_backend(spec, rid, paces=self.paces).cat(
+                        self.kind, ref.name
+                    )
                 except RemoteError as e:
                     out[ref.name] = e.message
         return out

@@ -16,6 +16,7 @@ Ordering invariants enforced here (numbered as in docs/design.md):
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,6 +31,11 @@ from .recovery import reconcile
 
 #: How many of the newest manifests (and the meta segments they name) stay on the remotes.
 KEEP_INDEX_COPIES = 3
+#: A quorum flush (:meth:`UploadQueue.flush`), once every segment has k shards placed, still
+#: waits this fraction of the time that took (at least QUORUM_GRACE_MIN seconds) for the
+#: remotes still uploading: remotes of about equal speed all finish, one far slower is left.
+QUORUM_GRACE = 0.15
+QUORUM_GRACE_MIN = 1.0
 
 
 def _each(fn: Callable, items: list) -> None:
@@ -83,40 +89,55 @@ class UploadQueue:
         self.queue = queue
         self.remotes = remotes
         self.seal = seal
-        self._prepushing: tuple[threading.Thread, dict[int, str]] | None = None
-        # :meth:`prepush` (repair's thread) and a flush (the mount's pusher) both swap it
-        self._prepush_guard = threading.Lock()
-        self._push_lock = threading.Lock()
+        #: remote id -> its upload running in the background (a :meth:`prepush`, or one a
+        #: quorum flush stopped waiting for); one at a time per remote
+        self._inflight: dict[int, threading.Thread] = {}
+        #: remote id -> why its background upload failed (for the next flush to report)
+        self._bg_failed: dict[int, str] = {}
+        self._lock = threading.Lock()
         # one flush at a time: the mount's pusher and a maintenance job in the same daemon
         # would otherwise both upload a queued manifest while the other deletes its file
         self._flush_lock = threading.Lock()
 
     def close(self) -> None:
-        """Wait for a background push (:meth:`prepush`) to end."""
-        with self._prepush_guard:
-            bg, self._prepushing = self._prepushing, None
-        if bg is not None:
-            bg[0].join()
+        """Wait for the background pushes of :meth:`prepush` to end; an upload a quorum
+        flush left running is not waited for (its rest stays queued, see :meth:`flush`)."""
+        with self._lock:
+            waits = [t for rid, t in self._inflight.items() if rid not in self._left]
+        for t in waits:
+            t.join()
+
+    #: remote ids whose upload a quorum flush stopped waiting for
+    _left: frozenset[int] = frozenset()
 
     def flush(
-        self, progress: Callable[[str], None] | None = None, seal: bool = True
+        self,
+        progress: Callable[[str], None] | None = None,
+        seal: bool = True,
+        quorum: bool = False,
     ) -> FlushReport:
         """Upload everything queued. Never raises for an unreachable remote: it reports.
 
         ``seal=False`` pushes only what is already sealed, so a caller that flushes often
         (the mount's background pusher) does not pad the open segment on every pass.
+        With ``quorum`` (a backup) the flush returns once every segment has k shards placed
+        and the remotes still uploading had :data:`QUORUM_GRACE` more to finish: one slow
+        remote does not set the pace. What it has not received stays queued (reported in
+        ``pending``; its manifest waits, invariant 4) and goes out on a later flush; its
+        upload keeps running in the background meanwhile (every flush waits for a remote's
+        running upload before it starts another there; :meth:`close` does not wait for it).
         Thread-safe: concurrent calls run one after the other.
         """
         with self._flush_lock:
-            return self._flush(seal)
+            return self._flush(seal, quorum)
 
-    def _flush(self, seal: bool) -> FlushReport:
+    def _flush(self, seal: bool, quorum: bool = False) -> FlushReport:
         if seal:
             self.seal()
         report = FlushReport()
         remotes = self.remotes()
-        ok = self._push_shards(remotes, report)
-        report.uploaded = reconcile(self.index, self.queue)
+        ok = self._push_shards(remotes, report, quorum=quorum)
+        report.uploaded += reconcile(self.index, self.queue)
         for r in remotes:
             if ok.get(r.rid):
                 remote_table.record_result(self.index, r.rid, None)
@@ -132,64 +153,92 @@ class UploadQueue:
 
     def prepush(self) -> None:
         """Start moving the queued shards to the remotes in the background (a commit does,
-        so uploads overlap exporting and signing the index; repair does after each batch, so
-        batch i uploads while batch i+1 is rebuilt), unless such a push is still running.
-        The next :meth:`flush` waits for it, and does not try again in the same flush a
-        remote that failed it; nor does a later background push."""
-        with self._prepush_guard:
-            errors: dict[int, str] = {}
-            if self._prepushing is not None:
-                t, errors = self._prepushing
-                if t.is_alive():
-                    return
-            remotes = [r for r in self.remotes() if r.rid not in errors]
-            t = threading.Thread(
-                target=self._push_shards, args=(remotes, None, errors), name="vaultfs-prepush"
-            )
-            self._prepushing = (t, errors)
-            t.start()
+        so uploads overlap exporting and signing the index); the next :meth:`flush` waits
+        for them (a quorum flush as for its own), and does not try again in the same flush
+        a remote that failed. Repair calls it after each batch, so batch i uploads while
+        batch i+1 is rebuilt; a remote whose background upload failed is left for the flush."""
+        with self._lock:
+            failed = set(self._bg_failed)
+        for r in self.remotes():
+            if r.rid not in failed:
+                self._start(r, None)
 
-    def _push_shards(
-        self,
-        remotes: list[Backend],
-        report: FlushReport | None,
-        errors: dict[int, str] | None = None,
-    ) -> dict[int, bool]:
-        """One ``rclone move`` per remote of its queue directory (data/ and meta/ shards), all
-        remotes at once. Returns {remote id: success}; records errors in ``report`` (or, for
-        the background push, in ``errors``)."""
-        failed_before: dict[int, str] = {}
-        if report is not None:
-            with self._prepush_guard:
-                bg, self._prepushing = self._prepushing, None
-            if bg is not None:
-                bg[0].join()
-                failed_before = bg[1]
-        ok: dict[int, bool] = {}
+    def _start(self, r: Backend, results: dict[int, str | None] | None) -> bool:
+        """Start one ``rclone move`` of ``r``'s queue directory in a daemon thread, unless
+        one is running; its outcome (None: success, else the error) goes to ``results``,
+        or for a background push to :attr:`_bg_failed`. Returns whether it started. Only
+        the flushing thread writes to the index: these threads touch nothing but results."""
 
-        def push(r: Backend) -> None:
-            if r.rid in failed_before:  # it failed moments ago in the background push
-                ok[r.rid] = False
-                assert report is not None
-                report.errors[r.label] = failed_before[r.rid]
-                remote_table.record_result(self.index, r.rid, failed_before[r.rid])
-                return
+        def push() -> None:
             d = self.queue.remote_dir(r.rid)
+            msg: str | None = None
             try:
                 if any(any((d / sub).iterdir()) for sub in SUBDIRS if (d / sub).is_dir()):
                     r.move_dir(d, "")
-                ok[r.rid] = True
             except RemoteError as e:
-                ok[r.rid] = False
-                if errors is not None:
-                    errors[r.rid] = e.message
-                if report is not None:
-                    report.errors[r.label] = e.message
-                    remote_table.record_result(self.index, r.rid, e.message)
+                msg = e.message
+            if results is not None:
+                results[r.rid] = msg
+            elif msg is not None:
+                with self._lock:
+                    self._bg_failed[r.rid] = msg
 
-        with self._push_lock:
-            _each(push, remotes)
-        return ok
+        with self._lock:
+            t = self._inflight.get(r.rid)
+            if t is not None and t.is_alive():
+                return False
+            t = threading.Thread(target=push, daemon=True, name=f"vaultfs-push-{r.rid}")
+            self._inflight[r.rid] = t
+        t.start()
+        return True
+
+    def _push_shards(
+        self, remotes: list[Backend], report: FlushReport, quorum: bool = False
+    ) -> dict[int, bool]:
+        """One ``rclone move`` per remote of its queue directory (data/ and meta/ shards), all
+        remotes at once, each after any upload to it still running has ended. Waits for
+        them all, or with ``quorum`` (see :meth:`flush`) until every segment has k shards
+        placed and the grace has passed, leaving the rest running. Returns {remote id:
+        success} of the remotes whose upload of this flush ended; records errors in
+        ``report`` and the index."""
+        results: dict[int, str | None] = {}
+        with self._lock:
+            failed_before, self._bg_failed = self._bg_failed, {}
+        waiting = []
+        for r in remotes:
+            if r.rid in failed_before:  # it failed moments ago in the background push
+                results[r.rid] = failed_before[r.rid]
+            else:
+                waiting.append(r)
+        t0 = time.monotonic()
+        reached: float | None = None
+        while True:
+            waiting = [r for r in waiting if not self._start(r, results)]
+            with self._lock:
+                running = [t for t in self._inflight.values() if t.is_alive()]
+            if not running and not waiting:
+                break
+            if running:
+                running[0].join(0.2)
+            if not quorum:
+                continue
+            now = time.monotonic()
+            if reached is None:
+                # a shard whose queue file is gone is placed (invariant 5)
+                report.uploaded += reconcile(self.index, self.queue)
+                if segments.count_under_k(self.index) == 0:
+                    reached = now
+            elif now - reached > max(QUORUM_GRACE_MIN, QUORUM_GRACE * (reached - t0)):
+                break
+        with self._lock:
+            self._left = frozenset(rid for rid, t in self._inflight.items() if t.is_alive())
+        done = dict(results)  # a thread still running may add to results later
+        for r in remotes:
+            msg = done.get(r.rid)
+            if msg is not None:
+                report.errors[r.label] = msg
+                remote_table.record_result(self.index, r.rid, msg)
+        return {rid: msg is None for rid, msg in done.items()}
 
     def prune_index_copies(self, keep: int | None = None) -> int:
         """Delete the manifests older than the newest ``keep`` and the meta segments none of
