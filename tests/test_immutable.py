@@ -88,7 +88,9 @@ def test_immutable_vault_never_deletes_or_overwrites(
     plain_stack = backends.stack
     monkeypatch.setattr(
         backends, "stack",
-        lambda base, wrap=None: plain_stack(base, lambda b: Recording(wrap(b) if wrap else b, calls)),
+        lambda base, wrap=None, pace=None: plain_stack(
+            base, lambda b: Recording(wrap(b) if wrap else b, calls), pace
+        ),
     )  # fmt: skip
     victim = next((remotes[0] / "data").iterdir())
     blob = bytearray(victim.read_bytes())
