@@ -514,3 +514,17 @@ def test_awkward_values_export_as_json_build_object_and_round_trip(tmp_path, pg_
     idx = "SELECT indexdef FROM pg_indexes WHERE tablename IN ('beliefs', 'belief_edges', 'sources') ORDER BY 1"  # fmt: skip
     for q in (defs, idx):
         assert pg_server.sql(q, "kb_awkward_back") == pg_server.sql(q, "kb_awkward")
+
+
+def test_snapshot_export_started_before_the_vault_opens_stops_cleanly(small, tmp_path, pg_server):
+    """`kb snapshot` starts the export before it unlocks the key: a wrong passphrase or a
+    home without a vault ends the command with that error (no hang, no traceback), and the
+    export's transaction is gone with it."""
+    _root, home, dsn, _uid = small
+    before = run_cli("snapshots", "--json", home=home).stdout
+    p = run_cli("kb", "snapshot", "--dsn", dsn, home=home, passphrase="not the passphrase", check=10)  # fmt: skip
+    assert "Traceback" not in p.stderr.decode() and p.stderr.strip()
+    assert "no vault" in fails(16, "kb", "snapshot", "--dsn", dsn, home=tmp_path / "nowhere").lower()  # fmt: skip
+    assert run_cli("snapshots", "--json", home=home).stdout == before
+    open_tx = "SELECT count(*) FROM pg_stat_activity WHERE datname = 'kb_small' AND xact_start IS NOT NULL AND pid <> pg_backend_pid()"  # fmt: skip
+    assert pg_server.sql(open_tx, "kb_small") == [(0,)]

@@ -278,20 +278,71 @@ class _Abandoned(Exception):
     """Storing failed: the export stops at its next file."""
 
 
+class Export:
+    """An export of the belief graph of ``dsn`` (:func:`export`) running in threads of its
+    own, its files waiting on a bounded queue until :func:`snapshot` stores them. Started
+    before the vault is open, it lets Postgres render the first buckets while the key is
+    being unlocked. Use it as a context manager: leaving the block stops an export whose
+    files nobody took (its next file raises inside it; its transaction is rolled back)."""
+
+    def __init__(self, dsn: str) -> None:
+        self.started = time.perf_counter()
+        self._handoff: queue.Queue[tuple[str, bytes] | None] = queue.Queue(STORE_QUEUE)
+        self._abandon = threading.Event()
+        self._drained = False
+        self._ex = ThreadPoolExecutor(1, thread_name_prefix="vaultfs-kb-snapshot")
+        self._done = self._ex.submit(self._produce, dsn)
+
+    def _sink(self, path: str, data: bytes) -> None:
+        if self._abandon.is_set():
+            raise _Abandoned
+        self._handoff.put((path, data))
+
+    def _produce(self, dsn: str) -> KbManifest:
+        try:
+            return export(dsn, self._sink)
+        finally:
+            self._handoff.put(None)
+
+    def files(self) -> Iterator[tuple[str, bytes]]:
+        """Every exported file as (path, data), in the order they are to be stored, until
+        the export ends (then :meth:`manifest` says how)."""
+        while (item := self._handoff.get()) is not None:
+            yield item
+        self._drained = True
+
+    def manifest(self) -> KbManifest:
+        """The export's manifest, once :meth:`files` is exhausted; raises what the export
+        raised (InputError for a bad DSN or a database without the belief schema)."""
+        return self._done.result()
+
+    def close(self) -> None:
+        """Stop the export if it still runs and wait for its threads."""
+        self._abandon.set()
+        while not self._drained and self._handoff.get() is not None:  # unblock it
+            pass
+        self._drained = True
+        self._ex.shutdown()
+
+    def __enter__(self) -> Export:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def snapshot(
-    vault: Vault, dsn: str, name: str | None = None, upload: bool = False
+    vault: Vault, source: str | Export, name: str | None = None, upload: bool = False
 ) -> SnapshotResult:
-    """Export the belief graph of ``dsn`` and commit it as a vault snapshot holding only
-    ``kb/``. ``upload`` starts placing shards during the commit (the caller flushes next).
+    """Export the belief graph of ``source`` (a DSN, or an :class:`Export` already running,
+    which this closes) and commit it as a vault snapshot holding only ``kb/``. ``upload``
+    starts placing shards during the commit (the caller flushes next).
 
     The export runs in threads of its own and hands finished files over a bounded queue to
     this thread, which chunks and stores them: Postgres renders the next buckets while the
-    vault seals the last ones."""
-    t0 = time.perf_counter()
+    vault seals the last ones. ``seconds`` of the result counts from the export's start."""
     stored: list[tuple[str, list[bytes], int]] = []
     pending: list[tuple[str, bytes]] = []
-    handoff: queue.Queue[tuple[str, bytes] | None] = queue.Queue(STORE_QUEUE)
-    abandon = threading.Event()
 
     def store() -> None:
         chunks: list[bytes] = []
@@ -307,41 +358,23 @@ def snapshot(
             at += c
         pending.clear()
 
-    def sink(path: str, data: bytes) -> None:
-        if abandon.is_set():
-            raise _Abandoned
-        handoff.put((path, data))
-
-    def produce() -> KbManifest:
-        try:
-            return export(dsn, sink)
-        finally:
-            handoff.put(None)
-
-    with ThreadPoolExecutor(1, thread_name_prefix="vaultfs-kb-snapshot") as ex:
-        exported = ex.submit(produce)
-        drained = False
-        try:
-            size = 0
-            while (item := handoff.get()) is not None:
-                pending.append(item)
-                size += len(item[1])
-                if size >= STORE_BATCH:
-                    store()
-                    size = 0
-            drained = True
-            m = exported.result()
-            store()
-        except BaseException:
-            abandon.set()
-            while not drained and handoff.get() is not None:  # unblock the export
-                pass
-            raise
+    with source if isinstance(source, Export) else Export(source) as ex:
+        size = 0
+        for item in ex.files():
+            pending.append(item)
+            size += len(item[1])
+            if size >= STORE_BATCH:
+                store()
+                size = 0
+        m = ex.manifest()
+        store()
     mtime = _time_ns(m.created)
     entries = [Entry(d, "d", 0o755, mtime) for d in layout.DIRS]
     entries += [Entry(p, "f", 0o644, mtime, size=n, cids=c) for p, c, n in sorted(stored)]
     uid, seq = vault.commit(entries, name=name, prepush=upload, kb=m.summary())
-    return SnapshotResult(uid, seq, m, sum(n for _p, _c, n in stored), time.perf_counter() - t0)
+    return SnapshotResult(
+        uid, seq, m, sum(n for _p, _c, n in stored), time.perf_counter() - ex.started
+    )
 
 
 def _time_ns(iso: str) -> int:
