@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from helpers import run_cli
 
-from vaultfs.kb import schema
+from vaultfs.kb import layout, schema
 
 pytestmark = pytest.mark.pg
 
@@ -528,3 +528,27 @@ def test_snapshot_export_started_before_the_vault_opens_stops_cleanly(small, tmp
     assert run_cli("snapshots", "--json", home=home).stdout == before
     open_tx = "SELECT count(*) FROM pg_stat_activity WHERE datname = 'kb_small' AND xact_start IS NOT NULL AND pid <> pg_backend_pid()"  # fmt: skip
     assert pg_server.sql(open_tx, "kb_small") == [(0,)]
+
+
+def test_whole_restore_parts_follow_the_segments():
+    """A whole graph is read in parts of whole buckets (a bucket's lines, embeddings and
+    out-edges together), in the order the buckets lie in the segments, of about equal size."""
+    from vaultfs.kb import restore
+
+    assert restore.whole_parts({}) == [[]]
+    mb = 1 << 20
+    # the export stores the lower and upper halves interleaved: 00, 80, 01, 81, …
+    places = {}
+    for i in range(256):
+        b = f"{i:02x}"
+        seg = 2 * i if i < 128 else 2 * (i - 128) + 1
+        for f in (layout.beliefs_path, layout.embeddings_path, layout.edges_out_path):
+            places[f(b)] = (mb, seg)
+        places[layout.edges_in_path(b)] = (mb, seg)  # not read by a restore
+    groups = restore.whole_parts(places)
+    assert len(groups) == restore.MAX_PARTS
+    assert sorted(b for g in groups for b in g) == [f"{i:02x}" for i in range(256)]
+    assert [len(g) for g in groups] == [64] * 4
+    assert set(groups[0]) == {f"{i:02x}" for i in (*range(32), *range(128, 160))}
+    small = {p: (mb, s) for p, (_n, s) in places.items() if p.endswith(("/00.jsonl", "/00.bin"))}
+    assert restore.whole_parts(small) == [["00"]]

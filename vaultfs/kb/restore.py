@@ -204,12 +204,15 @@ MAX_PARTS = 4
 _WHOLE_KINDS = (layout.beliefs_path, layout.embeddings_path, layout.edges_out_path)
 
 
-def _groups(places: dict[str, tuple[int, int]]) -> list[list[str]]:
-    """The buckets in parts of about :data:`PART_BYTES`, in the order their files lie in
-    the vault's segments (a bucket's place: the lowest segment of its files): a part's
-    files then share segments, and each segment is fetched about once, not once per part
-    (the export stores the two halves of the buckets interleaved, and the sealers
-    interleave their segments)."""
+def whole_parts(places: dict[str, tuple[int, int]]) -> list[list[str]]:
+    """How a whole graph is read: its buckets in 1 to :data:`MAX_PARTS` parts of about
+    :data:`PART_BYTES`, given ``places`` ({path: (size, lowest segment id of its chunks)},
+    :meth:`KbFiles.places`). Every bucket with a beliefs, embeddings or out-edges file is
+    in exactly one part (its files pair up within a part); buckets go in the order they lie
+    in the segments (a bucket's place: the lowest segment of those files), so a part's
+    files share segments and each segment is fetched about once, not once per part (the
+    export stores the two halves of the buckets interleaved, the sealers interleave their
+    segments). No bucket at all: one empty part."""
     size: dict[str, int] = {}
     seg: dict[str, int] = {}
     for b in (f"{i:0{layout.BUCKET_HEX}x}" for i in range(16**layout.BUCKET_HEX)):
@@ -229,25 +232,29 @@ def _groups(places: dict[str, tuple[int, int]]) -> list[list[str]]:
 
 
 def _whole(files: KbFiles, snap: KbSnap) -> Iterator[_Staged]:
-    """A whole graph in parts (:func:`_groups`). The last part in segment order is read
+    """A whole graph in parts (:func:`whole_parts`). The last part in segment order is read
     first, together with kb/manifest.json (stored last, checked against what that pass
     found); the sources (stored first) come with the first part in segment order."""
-    groups = _groups(files.places(snap))
+    groups = whole_parts(files.places(snap))
     order = [len(groups) - 1, *range(len(groups) - 1)]
     for i, g in enumerate(order):
         paths = [f(b) for b in groups[g] for f in _WHOLE_KINDS]
         if g == 0:
             paths.append(layout.SOURCES)
         got = files.read_dirs(snap, paths) if i == 0 else files.read(snap, paths)
+        held = [p for p in paths if p in got]  # in bucket order: lines and records pair up
         yield _Staged(
             layout.split_lines(got.get(layout.SOURCES, b"")),
-            [x for p in paths if p.startswith("kb/beliefs/") and p in got
-             for x in layout.split_lines(got[p])],
-            [got[p] for p in paths if p.startswith("kb/embeddings/") and p in got],
+            _lines(got, held, "kb/beliefs/"),
+            [got[p] for p in held if p.startswith("kb/embeddings/")],
             None,
-            [x for p in paths if p.startswith("kb/edges/out/") and p in got
-             for x in layout.split_lines(got[p])],
-        )  # fmt: skip
+            _lines(got, held, "kb/edges/out/"),
+        )
+
+
+def _lines(got: dict[str, bytes], paths: list[str], prefix: str) -> list[bytes]:
+    """The lines of the files of ``paths`` under ``prefix``, in that order."""
+    return [x for p in paths if p.startswith(prefix) for x in layout.split_lines(got[p])]
 
 
 def _parts(files: KbFiles, snap: KbSnap, sel: Selection) -> Iterator[_Staged]:
@@ -414,9 +421,8 @@ def _load(
                 _refuse_existing(cur, ("sources", "beliefs"))
             rep.sources = _upsert(cur, "sources", _SOURCE_COLS, _SOURCE_SELECT, upsert)
             rep.beliefs = _upsert(cur, "beliefs", _BELIEF_COLS, _BELIEF_SELECT, upsert)
-            if rebuild is not None:  # the belief key now: the checks below look ids up
-                for stmt in rebuild.pop(0):
-                    cur.execute(stmt)
+            for stmt in rebuild.nodes if rebuild else ():  # the checks below look ids up
+                cur.execute(stmt)
             rep.cleared_superseded_by = _clear_dangling_superseded(cur)
 
             cur.execute(_EDGE_TYPED)
@@ -426,7 +432,7 @@ def _load(
             rep.edges = _upsert(
                 cur, "belief_edges", _EDGE_COLS, f"SELECT {_EDGE_COLS} FROM kb_edges", upsert
             )
-            for stmt in rebuild[0] if rebuild is not None else ():
+            for stmt in rebuild.rest if rebuild else ():
                 cur.execute(stmt)
             cur.execute(
                 "SELECT count(*) FROM belief_edges e WHERE NOT EXISTS"
@@ -483,12 +489,20 @@ def _refuse_existing(cur, tables: tuple[str, ...]) -> None:
         )
 
 
-def _drop_indexes_if_empty(cur) -> list[list] | None:
+@dataclass
+class _Rebuild:
+    """What :func:`_drop_indexes_if_empty` dropped, as the statements that make it again."""
+
+    nodes: list  # the keys of sources and beliefs, made once those are loaded
+    rest: list  # then the edges' keys, every index, every foreign key (pg_dump's order)
+
+
+def _drop_indexes_if_empty(cur) -> _Rebuild | None:
     """If the three tables are empty (a fresh database), drop their keys, foreign keys
     (also those of other tables that point at them) and indexes, and return the statements
-    that make them again, in two batches: the keys of ``sources`` and ``beliefs`` (to run
-    once those are loaded, before the edges are checked against them), then the rest as
-    pg_dump's script orders it: keys, indexes, foreign keys. One bulk build and one
+    that make them again (:class:`_Rebuild`): the keys of ``sources`` and ``beliefs`` once
+    those are loaded (the edges are checked against them), then the rest in pg_dump's
+    script's order: keys, indexes, foreign keys. One bulk build and one
     validating join each instead of an index update and a check per row. None (nothing
     dropped) if any of the tables holds a row."""
     from psycopg import sql
@@ -525,7 +539,7 @@ def _drop_indexes_if_empty(cur) -> list[list] | None:
             (keys if table == "belief_edges" else nodes).append(again)
     for name, _definition in idx:
         cur.execute(sql.SQL("DROP INDEX {}").format(sql.SQL(name)))
-    return [nodes, [*keys, *(sql.SQL(d) for _n, d in idx), *fks]]
+    return _Rebuild(nodes, [*keys, *(sql.SQL(d) for _n, d in idx), *fks])
 
 
 def _upsert(cur, table: str, cols: str, select: str, upsert: bool) -> int:
