@@ -88,8 +88,12 @@ def snapshot_cmd(
     """Snapshot the belief graph (one consistent read) into kb/ of a new vault snapshot.
 
     Uploads like `backup`; the kb root and row counts are in --json."""
-    with open_vault(home) as v:
-        res = snapshot_mod.snapshot(v, resolve_dsn(dsn, home_dir(home)), name, upload=True)
+    # the export starts first: Postgres renders while the key is unlocked and the vault opens
+    with (
+        snapshot_mod.Export(resolve_dsn(dsn, home_dir(home))) as export,
+        open_vault(home) as v,
+    ):
+        res = snapshot_mod.snapshot(v, export, name, upload=True)
         info = {
             "snapshot": res.uid,
             "bytes": res.bytes,

@@ -77,23 +77,25 @@ def restore(home: Path, snapshot: str, to: Path, *extra: str) -> dict[str, tuple
 
 
 def test_unchanged_snapshots_add_entries_and_no_chunk_lists(tmp_path):
-    """1000 files (40 of several chunks): a second snapshot of the unchanged tree adds one
-    entries row per entry and no contents or content_chunks rows; a changed file adds one
-    content and its own chunks; every snapshot restores byte for byte, whole and by path."""
+    """1101 files (40 of several chunks; more entries than a commit records in one batch,
+    with a copy in each): a second snapshot of the unchanged tree adds one entries row per
+    entry and no contents or content_chunks rows; a changed file adds one content and its
+    own chunks; every snapshot restores byte for byte, whole and by path."""
     home, _remotes = make(tmp_path)
     src = tmp_path / "src"
     for i in range(40):
         write(src / f"big{i % 4}" / f"b{i:02d}.bin", i, 160_000)  # ~5 chunks each
-    for i in range(959):
+    for i in range(1059):
         (src / f"small{i % 8}").mkdir(parents=True, exist_ok=True)
         (src / f"small{i % 8}" / f"s{i:03d}.txt").write_text(f"file {i}\n")
     shutil.copy(src / "big0" / "b00.bin", src / "copy-of-b00.bin")  # same bytes, another path
-    files = 40 + 959 + 1
+    shutil.copy(src / "big0" / "b00.bin", src / "small7" / "zz-copy-of-b00.bin")
+    files = 40 + 1059 + 2
     run_cli("backup", str(src), "--name", "one", home=home)
     one = rows(home)
     per_snapshot = one["entries"]
     assert per_snapshot == files + 1 + 4 + 8  # the files, src and the twelve directories
-    assert one["contents"] == files - 1  # the copy names b00's content
+    assert one["contents"] == files - 2  # the copies name b00's content
     digest_one = tree_digest(src)
 
     run_cli("backup", str(src), "--name", "two", home=home)

@@ -26,3 +26,16 @@ def summaries(index: Index) -> dict[str, dict]:
         "SELECT k.uid, k.summary FROM kb_roots k JOIN snapshots s ON s.uid = k.uid ORDER BY s.id"
     )
     return {uid: json.loads(text) for uid, text in rows}
+
+
+def file_places(index: Index, snapshot: int) -> list[tuple[str, int, int]]:
+    """(path as stored: names.to_db, size, lowest segment id holding one of its chunks, or
+    -1 for an empty file) of every regular file of the snapshot with row id ``snapshot``:
+    where a reader finds each file, so that it can read them segment by segment."""
+    return index.q(
+        "SELECT e.path, e.size, coalesce(min(c.segment), -1) FROM entries e"
+        " LEFT JOIN content_chunks x ON x.content = e.content"
+        " LEFT JOIN chunks c ON c.id = x.chunk"
+        " WHERE e.snapshot = ? AND e.type = 'f' GROUP BY e.id",
+        (snapshot,),
+    )

@@ -111,6 +111,14 @@ class KbFiles:
             raise InputError(f"snapshot {snapshot!r} holds no knowledge base (no kb/manifest.json)")
         raise InputError(f"snapshot {snapshot!r} not found (see `vaultfs snapshots`)")
 
+    def places(self, snap: KbSnap) -> dict[str, tuple[int, int]]:
+        """{path: (size, lowest segment id holding a chunk of it, -1 if none)} of every file
+        of ``snap``, from the index alone: lets a reader group files that share segments."""
+        return {
+            names.fs_path(p): (size, seg)
+            for p, size, seg in kbroots.file_places(self.index, snap.id)
+        }
+
     def read(self, snap: KbSnap, paths: list[str], cache: bool = False) -> dict[str, bytes]:
         """The files ``paths`` of ``snap`` (each checked against kb/manifest.json, except the
         manifest itself). Paths the manifest does not list (an empty bucket) are left out.

@@ -8,7 +8,8 @@ creation-time window) goes into a fresh or existing database in one transaction:
 2. rows whose id already exists are refused (TargetNotEmpty) unless ``replace``, which
    overwrites them; other rows of the database are left alone;
 3. lines are loaded as they are stored (COPY of the JSON lines, binary COPY of the
-   embeddings: bit-exact), then typed into the tables by SQL;
+   embeddings: bit-exact), then typed into the tables by SQL; into empty tables the keys,
+   indexes and foreign keys are dropped first and made again after the load;
 4. referential integrity: an edge whose endpoint is neither restored nor already in the
    database, or whose type is unknown, goes to ``belief_edges_quarantine`` with the reason;
    a ``superseded_by`` that points at a missing belief is cleared and reported. With
@@ -18,6 +19,8 @@ creation-time window) goes into a fresh or existing database in one transaction:
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import queue
 import struct
@@ -25,7 +28,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -49,14 +52,18 @@ CREATE TABLE IF NOT EXISTS belief_edges_quarantine (
   quarantined_at TIMESTAMPTZ NOT NULL DEFAULT now());
 """
 
-# the staged lines, typed (jsonb null becomes SQL NULL); a belief's line and its embedding
-# share a staged row (one binary COPY, no join)
-_BELIEF_STAGE = (
-    "CREATE TEMP TABLE kb_in_beliefs (id uuid, j jsonb, embedding vector) ON COMMIT DROP"
-)
+# the staged lines, typed (a null in a jsonb column's place is JSON null: the schema's jsonb
+# columns are NOT NULL, so SQL NULL cannot have been exported); a belief's line and its embedding
+# share a staged row (one binary COPY, no join). A staged row (≈ 2 KB with a 384-dimension
+# embedding) is over Postgres's default TOAST threshold, so the staging table raises it to
+# the most a page holds: the rows are written once as they come instead of having their
+# line compressed and their embedding moved out of line (half the COPY's server time); a
+# larger row is still TOASTed.
+_BELIEF_STAGE = """CREATE TEMP TABLE kb_in_beliefs (id uuid, j jsonb, embedding vector)
+  WITH (toast_tuple_target = 8160) ON COMMIT DROP"""
 _BELIEF_COLS = "id, content, embedding, confidence, domains, provenance, created_at, superseded_by"
 _BELIEF_SELECT = """SELECT id, j->>'content', embedding, (j->>'confidence')::real,
-  ARRAY(SELECT jsonb_array_elements_text(j->'domains')), nullif(j->'provenance', 'null'),
+  ARRAY(SELECT jsonb_array_elements_text(j->'domains')), j->'provenance',
   (j->>'created_at')::timestamptz, (j->>'superseded_by')::uuid
 FROM kb_in_beliefs"""
 _EDGE_COLS = "id, source_belief_id, target_belief_id, edge_type, weight, created_at, metadata"
@@ -64,7 +71,7 @@ _EDGE_TYPED = """CREATE TEMP TABLE kb_edges ON COMMIT DROP AS
 SELECT (j->>'id')::uuid AS id, (j->>'source_belief_id')::uuid AS source_belief_id,
   (j->>'target_belief_id')::uuid AS target_belief_id, j->>'edge_type' AS edge_type,
   (j->>'weight')::real AS weight, (j->>'created_at')::timestamptz AS created_at,
-  nullif(j->'metadata', 'null') AS metadata
+  j->'metadata' AS metadata
 FROM kb_in_edges"""
 _SOURCE_COLS = "id, uri, title, fetched_at"
 _SOURCE_SELECT = """SELECT (j->>'id')::uuid, j->>'uri', j->>'title', (j->>'fetched_at')::timestamptz
@@ -132,7 +139,10 @@ def _copy_beliefs(cur, lines: list[bytes], files: list[bytes], keep: set[bytes] 
     the embedding records (of ``keep`` only, if given) pair up in order, as exported (both
     by id within a bucket, buckets in path order). A record's length field followed by its
     vector is the binary form of the ``vector`` column as it stands (-1: NULL), so it is
-    copied, not converted. IntegrityError when the two do not pair up."""
+    copied, not converted. IntegrityError when the two do not pair up in number (their
+    ids are compared by :func:`_check_pairs` once every part is staged)."""
+    if not lines and not files:
+        return
     recs = (
         (id16, rec)
         for data in files
@@ -154,6 +164,10 @@ def _copy_beliefs(cur, lines: list[bytes], files: list[bytes], keep: set[bytes] 
             raise IntegrityError("the snapshot's beliefs and embeddings do not pair up") from None
         out.append(_I16.pack(-1))
         cp.write(b"".join(out))
+
+
+def _check_pairs(cur) -> None:
+    """IntegrityError unless every staged belief line has the id of its embedding record."""
     cur.execute("SELECT count(*) FROM kb_in_beliefs WHERE id IS DISTINCT FROM (j->>'id')::uuid")
     if cur.fetchone()[0]:
         raise IntegrityError("the snapshot's beliefs and embeddings do not pair up")
@@ -170,33 +184,85 @@ def _copy_lines(cur, table: str, lines: list[bytes]) -> None:
 
 @dataclass
 class _Staged:
-    """The first part of a restore: every source, the selected beliefs' lines and their
-    embeddings files (``keep``: the ids to take from them, None for all)."""
+    """A part of a restore, read in one pass: source lines, belief lines with the
+    embeddings files they pair with (``keep``: the ids to take from those, None for all),
+    and edge lines to consider. A restore is a sequence of these."""
 
     sources: list[bytes]
     lines: list[bytes]
     embeddings: list[bytes]
     keep: set[bytes] | None
+    edges: list[bytes]
 
 
-def _parts(files: KbFiles, snap: KbSnap, sel: Selection) -> Iterator[_Staged | list[bytes]]:
-    """The selection in two parts, read in turn: a :class:`_Staged`, then the edge lines
-    to consider (every edge touching a selected belief). A whole graph is read part by part,
-    so the database loads the beliefs while the edges are being read; its first part comes
-    with kb/manifest.json in one pass."""
-    if sel.whole:
-        got = files.read_dirs(snap, ["kb/beliefs", "kb/embeddings", layout.SOURCES])
-        paths = sorted(p for p in got if p.startswith("kb/beliefs/"))
+#: A whole graph is read in parts of about this many bytes (at most :data:`MAX_PARTS`), so
+#: the database stages one while the next is being read and decoded.
+PART_BYTES = 32 << 20
+MAX_PARTS = 4
+#: The files of a bucket a whole restore reads (a bucket's lines and embeddings must be in
+#: the same part: they pair up in order).
+_WHOLE_KINDS = (layout.beliefs_path, layout.embeddings_path, layout.edges_out_path)
+
+
+def whole_parts(places: dict[str, tuple[int, int]]) -> list[list[str]]:
+    """How a whole graph is read: its buckets in 1 to :data:`MAX_PARTS` parts of about
+    :data:`PART_BYTES`, given ``places`` ({path: (size, lowest segment id of its chunks)},
+    :meth:`KbFiles.places`). Every bucket with a beliefs, embeddings or out-edges file is
+    in exactly one part (its files pair up within a part); buckets go in the order they lie
+    in the segments (a bucket's place: the lowest segment of those files), so a part's
+    files share segments and each segment is fetched about once, not once per part (the
+    export stores the two halves of the buckets interleaved, the sealers interleave their
+    segments). No bucket at all: one empty part."""
+    size: dict[str, int] = {}
+    seg: dict[str, int] = {}
+    for b in (f"{i:0{layout.BUCKET_HEX}x}" for i in range(16**layout.BUCKET_HEX)):
+        for path in (f(b) for f in _WHOLE_KINDS):
+            if path in places:
+                n, s = places[path]
+                size[b] = size.get(b, 0) + n
+                seg[b] = min(seg.get(b, s), s)
+    total = sum(size.values())
+    parts = max(1, min(MAX_PARTS, -(-total // PART_BYTES)))
+    groups: list[list[str]] = [[] for _ in range(parts)]
+    acc = 0
+    for b in sorted(size, key=lambda b: (seg[b], b)):
+        groups[min(parts - 1, acc * parts // max(total, 1))].append(b)
+        acc += size[b]
+    return groups
+
+
+def _whole(files: KbFiles, snap: KbSnap) -> Iterator[_Staged]:
+    """A whole graph in parts (:func:`whole_parts`). The last part in segment order is read
+    first, together with kb/manifest.json (stored last, checked against what that pass
+    found); the sources (stored first) come with the first part in segment order."""
+    groups = whole_parts(files.places(snap))
+    order = [len(groups) - 1, *range(len(groups) - 1)]
+    for i, g in enumerate(order):
+        paths = [f(b) for b in groups[g] for f in _WHOLE_KINDS]
+        if g == 0:
+            paths.append(layout.SOURCES)
+        got = files.read_dirs(snap, paths) if i == 0 else files.read(snap, paths)
+        held = [p for p in paths if p in got]  # in bucket order: lines and records pair up
         yield _Staged(
             layout.split_lines(got.get(layout.SOURCES, b"")),
-            [x for p in paths for x in layout.split_lines(got[p])],
-            [got[p] for p in sorted(got) if p.startswith("kb/embeddings/")],
+            _lines(got, held, "kb/beliefs/"),
+            [got[p] for p in held if p.startswith("kb/embeddings/")],
             None,
+            _lines(got, held, "kb/edges/out/"),
         )
-        del got
-        out_paths = [layout.edges_out_path(b) for b in files.manifest(snap).buckets("edges/out")]
-        got = files.read(snap, out_paths)
-        yield [x for p in out_paths for x in layout.split_lines(got[p])]
+
+
+def _lines(got: dict[str, bytes], paths: list[str], prefix: str) -> list[bytes]:
+    """The lines of the files of ``paths`` under ``prefix``, in that order."""
+    return [x for p in paths if p.startswith(prefix) for x in layout.split_lines(got[p])]
+
+
+def _parts(files: KbFiles, snap: KbSnap, sel: Selection) -> Iterator[_Staged]:
+    """The selection as a sequence of :class:`_Staged` parts, read in turn (a whole graph
+    in several, so that reading overlaps loading; a selection in one, every edge touching
+    a selected belief)."""
+    if sel.whole:
+        yield from _whole(files, snap)
         return
 
     m = files.manifest(snap)
@@ -243,14 +309,14 @@ def _parts(files: KbFiles, snap: KbSnap, sel: Selection) -> Iterator[_Staged | l
     embs_paths = [layout.embeddings_path(b) for b in sorted({i[: layout.BUCKET_HEX] for i in ids})]
     got = files.read(snap, embs_paths)
     embs = [got[p] for p in embs_paths if p in got]  # bucket order: they pair with the lines
-    yield _Staged(sources, lines, embs, {uuid.UUID(i).bytes for i in ids})
     if not edge_rows:
         got = files.read(snap, out_paths)
         for p in out_paths:
             for x in layout.split_lines(got[p]):
                 e = json.loads(x)
                 edge_rows.append((x, e["source_belief_id"], e["target_belief_id"]))
-    yield [x for x, s, t in edge_rows if s in ids or t in ids]
+    keep = {uuid.UUID(i).bytes for i in ids}
+    yield _Staged(sources, lines, embs, keep, [x for x, s, t in edge_rows if s in ids or t in ids])
 
 
 def restore(
@@ -269,23 +335,47 @@ def restore(
     sel = sel or Selection()
     snap = files.find(snapshot)
     parts = _parts(files, snap, sel)
-    staged = next(parts)  # an unknown --belief fails here, before the database is touched
-    assert isinstance(staged, _Staged)
+    first = next(parts)  # an unknown --belief fails here, before the database is touched
     m = files.manifest(snap)  # read with the first part
     files.check_signed(snap, m)
     rep = RestoreReport(snap.uid)
-    edges: queue.Queue[list[bytes] | None] = queue.Queue()
+    handoff: queue.Queue[_Staged | None] = queue.Queue(1)
     with ThreadPoolExecutor(1, thread_name_prefix="vaultfs-kb-load") as ex:
-        loaded = ex.submit(_load, dsn, m, staged, edges.get, replace, strict, rep)
+        loaded = ex.submit(_load, dsn, m, first, handoff.get, replace, strict, rep)
         try:
-            edges.put(next(parts))  # type: ignore[arg-type]
+            for part in itertools.chain(parts, [_END]):
+                if not _hand_over(handoff, part, loaded):
+                    break  # the loader failed: stop reading, report its error
         except BaseException:
-            edges.put(None)  # the loader rolls back
+            _abandon(handoff)  # the loader rolls back
             raise
         loaded.result()
     rep.bytes_read = files.bytes_read
     rep.seconds = time.perf_counter() - t0
     return rep
+
+
+#: The end of the parts (:func:`restore` to :func:`_load`); None means the reading failed.
+_END = _Staged([], [], [], None, [])
+
+
+def _hand_over(handoff: queue.Queue, part: _Staged, loaded: Future) -> bool:
+    """Put ``part`` on the hand-off once the loader takes it; False if the loader ended
+    (failed) instead, so the reading side never waits on a loader that is gone."""
+    while True:
+        try:
+            handoff.put(part, timeout=0.2)
+            return True
+        except queue.Full:
+            if loaded.done():
+                return False
+
+
+def _abandon(handoff: queue.Queue) -> None:
+    """Tell the loader the reading failed (None), in place of a part it has not taken."""
+    with contextlib.suppress(queue.Empty):
+        handoff.get_nowait()
+    handoff.put_nowait(None)  # only this thread puts: the queue has room now
 
 
 class _Abandoned(Exception):
@@ -295,14 +385,14 @@ class _Abandoned(Exception):
 def _load(
     dsn: str,
     m: KbManifest,
-    staged: _Staged,
-    next_edges: Callable[[], list[bytes] | None],
+    first: _Staged,
+    next_part: Callable[[], _Staged | None],
     replace: bool,
     strict: bool,
     rep: RestoreReport,
 ) -> None:
     """The database side of :func:`restore`, in one transaction (a thread of its own: it
-    loads the beliefs while the edges are read)."""
+    stages each part while the next one is read, then types, checks and inserts)."""
     import psycopg
 
     conn = connect(dsn)
@@ -316,26 +406,33 @@ def _load(
                 cur.execute(f"CREATE TEMP TABLE kb_in_{t} (j jsonb) ON COMMIT DROP")
             cur.execute(_BELIEF_STAGE)
             rebuild = _drop_indexes_if_empty(cur)
-            _copy_lines(cur, "kb_in_sources", staged.sources)
-            _copy_beliefs(cur, staged.lines, staged.embeddings, staged.keep)
-            if not replace:
+            # into empty tables nothing can clash: no check, plain inserts (no unique index)
+            check, upsert = not replace and rebuild is None, replace and rebuild is None
+            part: _Staged | None = first
+            while part is not _END:
+                if part is None:
+                    raise _Abandoned
+                _copy_lines(cur, "kb_in_sources", part.sources)
+                _copy_beliefs(cur, part.lines, part.embeddings, part.keep)
+                _copy_lines(cur, "kb_in_edges", part.edges)
+                part = next_part()
+            _check_pairs(cur)
+            if check:
                 _refuse_existing(cur, ("sources", "beliefs"))
-            rep.sources = _upsert(cur, "sources", _SOURCE_COLS, _SOURCE_SELECT, replace)
-            rep.beliefs = _upsert(cur, "beliefs", _BELIEF_COLS, _BELIEF_SELECT, replace)
+            rep.sources = _upsert(cur, "sources", _SOURCE_COLS, _SOURCE_SELECT, upsert)
+            rep.beliefs = _upsert(cur, "beliefs", _BELIEF_COLS, _BELIEF_SELECT, upsert)
+            for stmt in rebuild.nodes if rebuild else ():  # the checks below look ids up
+                cur.execute(stmt)
             rep.cleared_superseded_by = _clear_dangling_superseded(cur)
 
-            edges = next_edges()
-            if edges is None:
-                raise _Abandoned
-            _copy_lines(cur, "kb_in_edges", edges)
             cur.execute(_EDGE_TYPED)
-            if not replace:
+            if check:
                 _refuse_existing(cur, ("belief_edges",))
             rep.quarantined = _quarantine(cur, rep.snapshot)
             rep.edges = _upsert(
-                cur, "belief_edges", _EDGE_COLS, f"SELECT {_EDGE_COLS} FROM kb_edges", replace
+                cur, "belief_edges", _EDGE_COLS, f"SELECT {_EDGE_COLS} FROM kb_edges", upsert
             )
-            for stmt in rebuild:
+            for stmt in rebuild.rest if rebuild else ():
                 cur.execute(stmt)
             cur.execute(
                 "SELECT count(*) FROM belief_edges e WHERE NOT EXISTS"
@@ -392,11 +489,22 @@ def _refuse_existing(cur, tables: tuple[str, ...]) -> None:
         )
 
 
-def _drop_indexes_if_empty(cur) -> list:
-    """If the three tables are empty (a fresh database), drop their foreign keys and
-    non-unique indexes and return the statements that make them again after the load: one
-    bulk build and one validating join each, as pg_restore does, instead of a check and an
-    index update per row. Primary keys and unique indexes stay (conflicts need them)."""
+@dataclass
+class _Rebuild:
+    """What :func:`_drop_indexes_if_empty` dropped, as the statements that make it again."""
+
+    nodes: list  # the keys of sources and beliefs, made once those are loaded
+    rest: list  # then the edges' keys, every index, every foreign key (pg_dump's order)
+
+
+def _drop_indexes_if_empty(cur) -> _Rebuild | None:
+    """If the three tables are empty (a fresh database), drop their keys, foreign keys
+    (also those of other tables that point at them) and indexes, and return the statements
+    that make them again (:class:`_Rebuild`): the keys of ``sources`` and ``beliefs`` once
+    those are loaded (the edges are checked against them), then the rest in pg_dump's
+    script's order: keys, indexes, foreign keys. One bulk build and one
+    validating join each instead of an index update and a check per row. None (nothing
+    dropped) if any of the tables holds a row."""
     from psycopg import sql
 
     cur.execute(
@@ -404,34 +512,41 @@ def _drop_indexes_if_empty(cur) -> list:
         " OR EXISTS (SELECT 1 FROM belief_edges)"
     )
     if cur.fetchone()[0]:
-        return []
+        return None
     tables = "('sources'::regclass, 'beliefs'::regclass, 'belief_edges'::regclass)"
+    # foreign keys first (they depend on the keys they reference), then keys and uniques
     cur.execute(
         "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint"
-        f" WHERE contype = 'f' AND conrelid IN {tables} ORDER BY conname"
+        f" WHERE (contype = 'f' AND (conrelid IN {tables} OR confrelid IN {tables}))"
+        f" OR (contype IN ('p', 'u') AND conrelid IN {tables})"
+        " ORDER BY contype <> 'f', conname"
     )
-    fks = cur.fetchall()
+    constraints = cur.fetchall()
     cur.execute(
         "SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index"
-        f" WHERE indrelid IN {tables} AND NOT indisunique ORDER BY 1"
+        f" WHERE indrelid IN {tables} AND NOT EXISTS"
+        " (SELECT 1 FROM pg_constraint c WHERE c.conindid = indexrelid) ORDER BY 1"
     )
     idx = cur.fetchall()
-    again = []
-    for table, name, definition in fks:
+    nodes, keys, fks = [], [], []
+    for table, name, definition in constraints:
         t, c = sql.SQL(table), sql.Identifier(name)
         cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(t, c))
-        again.append(
-            sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(t, c, sql.SQL(definition))
-        )
-    for name, definition in idx:
+        again = sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(t, c, sql.SQL(definition))
+        if definition.startswith("FOREIGN KEY"):
+            fks.append(again)
+        else:
+            (keys if table == "belief_edges" else nodes).append(again)
+    for name, _definition in idx:
         cur.execute(sql.SQL("DROP INDEX {}").format(sql.SQL(name)))
-        again.append(sql.SQL(definition))
-    return again
+    return _Rebuild(nodes, [*keys, *(sql.SQL(d) for _n, d in idx), *fks])
 
 
-def _upsert(cur, table: str, cols: str, select: str, replace: bool) -> int:
+def _upsert(cur, table: str, cols: str, select: str, upsert: bool) -> int:
+    """INSERT ``select`` into ``table``; with ``upsert`` a row whose id exists is overwritten
+    (ON CONFLICT on the table's key, so the key must be there). Returns the rows written."""
     sql = f"INSERT INTO {table} ({cols}) {select}"
-    if replace:
+    if upsert:
         sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols.split(", ")[1:])
         sql += f" ON CONFLICT (id) DO UPDATE SET {sets}"
     cur.execute(sql)
@@ -460,17 +575,18 @@ def _quarantine(cur, snapshot: str) -> list[tuple[str, str]]:
     """Move the staged edges that cannot go in (an endpoint missing, an unknown type) to
     ``belief_edges_quarantine`` with the reason; return (id, reason) of each."""
     types = ",".join(f"'{t}'" for t in schema.EDGE_TYPES)
+    # joins, not EXISTS subqueries per edge: hash joins whether or not beliefs has its key
+    # yet (a fresh database gets it after the load)
     cur.execute(
         f"""CREATE TEMP TABLE kb_bad ON COMMIT DROP AS
-SELECT id, concat_ws('; ',
-  CASE WHEN NOT EXISTS (SELECT 1 FROM beliefs b WHERE b.id = x.source_belief_id)
-       THEN 'source belief ' || x.source_belief_id || ' missing' END,
-  CASE WHEN NOT EXISTS (SELECT 1 FROM beliefs b WHERE b.id = x.target_belief_id)
-       THEN 'target belief ' || x.target_belief_id || ' missing' END,
+SELECT x.id, concat_ws('; ',
+  CASE WHEN s.id IS NULL THEN 'source belief ' || x.source_belief_id || ' missing' END,
+  CASE WHEN t.id IS NULL THEN 'target belief ' || x.target_belief_id || ' missing' END,
   CASE WHEN x.edge_type NOT IN ({types}) THEN 'unknown edge type ' || x.edge_type END) AS reason
-FROM kb_edges x"""
+FROM kb_edges x LEFT JOIN beliefs s ON s.id = x.source_belief_id
+  LEFT JOIN beliefs t ON t.id = x.target_belief_id
+WHERE s.id IS NULL OR t.id IS NULL OR x.edge_type NOT IN ({types})"""
     )
-    cur.execute("DELETE FROM kb_bad WHERE reason = ''")
     cur.execute(
         f"""INSERT INTO belief_edges_quarantine ({_EDGE_COLS}, reason, snapshot)
 SELECT {", ".join("x." + c for c in _EDGE_COLS.split(", "))}, q.reason, %s

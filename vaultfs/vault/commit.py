@@ -25,6 +25,7 @@ written last: a crash before it costs the next commit sealing those blocks again
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import sqlite3
 import time
@@ -283,6 +284,11 @@ def mark_unshipped(db: sqlite3.Connection) -> None:
     manifests.mark_unshipped(db, time.time())
 
 
+#: Entries recorded together: the chunk rows of their new contents are looked up in one
+#: pass (chunk_rows batches the ids) instead of one padded query per file.
+ENTRY_BATCH = 1024
+
+
 def _add_entries(
     db: sqlite3.Connection, snap_id: int, entries: Iterable[Entry], chunk_id_key: bytes
 ) -> tuple[int, int]:
@@ -292,54 +298,58 @@ def _add_entries(
     a file already in the vault, in any snapshot or path, adds no chunk rows."""
     files = size = 0
     dirs: dict[bytes, int] = {}  # directory path -> entries.id (for entries.parent)
-    for e in entries:
-        path = names.raw(e.path)
-        parts = names.split_path(path)
-        parent = None if parts is None else (dirs.get(parts[0]) if parts[0] else 0)
-        content = _content(db, e, chunk_id_key) if e.type == "f" else None
-        entry_id = snapshots.add_entry(
-            db,
-            snap_id,
-            (
-                names.to_db(path),
-                e.type,
-                e.mode,
-                e.mtime_ns,
-                e.size,
-                None if e.target is None else names.to_db(e.target),
-                e.uid,
-                e.gid,
-                names.xattrs_to_db(e.xattrs),
-                e.link,
-                parent,
-                e.rdev,
-                content,
-            ),
-        )
-        if e.type == "d" and parts is not None:
-            dirs[path] = entry_id
-        if e.type == "f":
-            size += e.size
-        files += 1
+    it = iter(entries)
+    while batch := list(itertools.islice(it, ENTRY_BATCH)):
+        contents = iter(_contents(db, [e for e in batch if e.type == "f"], chunk_id_key))
+        for e in batch:
+            path = names.raw(e.path)
+            parts = names.split_path(path)
+            parent = None if parts is None else (dirs.get(parts[0]) if parts[0] else 0)
+            content = next(contents) if e.type == "f" else None
+            entry_id = snapshots.add_entry(
+                db,
+                snap_id,
+                (
+                    names.to_db(path),
+                    e.type,
+                    e.mode,
+                    e.mtime_ns,
+                    e.size,
+                    None if e.target is None else names.to_db(e.target),
+                    e.uid,
+                    e.gid,
+                    names.xattrs_to_db(e.xattrs),
+                    e.link,
+                    parent,
+                    e.rdev,
+                    content,
+                ),
+            )
+            if e.type == "d" and parts is not None:
+                dirs[path] = entry_id
+            if e.type == "f":
+                size += e.size
+            files += 1
     return files, size
 
 
-def _content(db: sqlite3.Connection, e: Entry, chunk_id_key: bytes) -> int:
-    """The contents id of file entry ``e``'s chunk list, recorded if it is new."""
-    ref = chunker.content_ref(chunk_id_key, e.cids)
-    found = content_table.find(db, ref)
-    if found is not None:
-        return found
-    return content_table.add(db, ref, e.size, _chunk_rows(db, e.cids))
-
-
-def _chunk_rows(db: sqlite3.Connection, cids: list[bytes]) -> list[int]:
-    """The chunks-table row id of every chunk id, in order."""
-    ids = chunk_rows(db, list(dict.fromkeys(cids)))
-    try:
-        return [ids[c] for c in cids]
-    except KeyError:
-        raise IntegrityError("internal: a chunk of the snapshot was not stored") from None
+def _contents(db: sqlite3.Connection, file_entries: list[Entry], chunk_id_key: bytes) -> list[int]:
+    """The contents id of each file entry's chunk list, in order, recording the new ones;
+    the chunk rows of every new content are looked up together."""
+    refs = [chunker.content_ref(chunk_id_key, e.cids) for e in file_entries]
+    ids = {r: content_table.find(db, r) for r in refs}
+    new = [c for e, r in zip(file_entries, refs, strict=True) if ids[r] is None for c in e.cids]
+    rows = chunk_rows(db, list(dict.fromkeys(new))) if new else {}
+    out = []
+    for e, r in zip(file_entries, refs, strict=True):
+        if ids[r] is None:
+            try:
+                chunk_list = [rows[c] for c in e.cids]
+            except KeyError:
+                raise IntegrityError("internal: a chunk of the snapshot was not stored") from None
+            ids[r] = content_table.add(db, r, e.size, chunk_list)
+        out.append(ids[r])
+    return out
 
 
 def _vault_root(db: sqlite3.Connection) -> bytes:
