@@ -35,7 +35,7 @@ from cli.common import (
 from cli.mounted import mounted, run_in_mount
 from vaultfs import prune as prune_mod
 from vaultfs import retention, routine, strategy, tiers
-from vaultfs.errors import EXIT_JOB_FAILED, EXIT_PARTIAL, InputError
+from vaultfs.errors import EXIT_JOB_FAILED, EXIT_PARTIAL, ImmutableVault, InputError
 
 
 def _when(t: float | None) -> str:
@@ -99,6 +99,12 @@ def forget(
     result: dict = {"policy": policy.describe(), "dry_run": dry_run, "mounted": live}
     code = 0
     with open_vault(home, lock=not live) as v:
+        if run_prune and v.immutable:  # refuse before anything is forgotten
+            raise ImmutableVault(
+                "--prune: this vault is immutable (append-only) and never frees space; run "
+                "`vaultfs forget` without --prune to drop snapshots from the index only"
+            )
+        result["immutable"] = v.immutable
         decision = routine.forget(h, v, policy, dry_run, mounted=live)
         result["keep"] = [
             {"id": s.id, "name": s.name, "time": s.time, "reasons": r} for s, r in decision.keep
@@ -135,6 +141,8 @@ def _print_forget(result: dict, decision: retention.Decision, dry_run: bool) -> 
         out.print(f"pruned: freed {prune['bytes_freed']:,} bytes of data", highlight=False)
         for r, b in sorted(prune["freed_per_remote"].items()):
             out.print(f"  {r}: {b:,} bytes freed", highlight=False)
+    elif decision.forget and not dry_run and result.get("immutable"):
+        out.print("immutable vault: the remotes keep every object (docs/operations.md)")
     elif decision.forget and not dry_run:
         out.print("`vaultfs prune` frees their space")
 

@@ -93,3 +93,17 @@ def test_provider_drill_with_fewer_remotes_than_n(tmp_path: Path) -> None:
     res = run_cli("drill", "disk", "--json", home=home, check=22)
     (d,) = json.loads(res.stdout)["drills"]
     assert not d["ok"] and not d["identical"] and "only 1 intact" in d["error"], d
+
+
+def test_provider_drill_on_a_single_remote_vault_fails_and_says_why(tmp_path: Path) -> None:
+    """1-of-2 on one remote (a strategy's NAS tier): no provider can be lost, so the provider
+    drill fails (exit 22) naming why, instead of passing with nothing dropped."""
+    home, remote = tmp_path / "home", tmp_path / "nas"
+    run_cli("init", "-k", "1", "-n", "2", "--remote", str(remote), home=home)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.bin").write_bytes(os.urandom(10_000))
+    run_cli("backup", str(src), home=home)
+    res = run_cli("drill", "provider", "--json", home=home, check=22)
+    (d,) = json.loads(res.stdout)["drills"]
+    assert not d["ok"] and "no provider can be lost" in d["error"], d

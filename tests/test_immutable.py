@@ -80,7 +80,12 @@ def test_immutable_vault_never_deletes_or_overwrites(
     # more commits than the index copies a vault keeps: every manifest is still on every remote
     for r in remotes:
         assert len(list((r / "manifests").iterdir())) >= 4
-    run_cli("forget", "--keep-last", "1", home=home)  # drops index rows only
+    # --prune is refused before anything is forgotten; plain forget drops index rows only
+    res = run_cli("forget", "--keep-last", "1", "--prune", home=home, check=23)
+    assert b"without --prune" in res.stderr
+    assert len(json.loads(run_cli("snapshots", "--json", home=home).stdout)) == 4
+    res = run_cli("forget", "--keep-last", "1", home=home)
+    assert b"keep every object" in res.stdout and b"vaultfs prune" not in res.stdout
     res = run_cli("prune", home=home, check=23)
     assert b"immutable" in res.stderr
 

@@ -35,7 +35,7 @@ import blake3
 from . import keys as keymod
 from . import rotation, shamir, verify
 from .backends import Backend, open_backend
-from .errors import InputError, IntegrityError, TargetNotEmpty, VaultError
+from .errors import InputError, IntegrityError, NotEnoughRemotes, TargetNotEmpty, VaultError
 from .index import Index
 from .index import remotes as remote_table
 from .index import snapshots as snapshot_rows
@@ -165,7 +165,13 @@ def _provider(
 ) -> None:  # fmt: skip
     """Providers shut down: any ``needed`` remotes restore (k, or more when fewer remotes
     than n hold several shards each); then each lost one is replaced, in a scratch copy of
-    the vault, by a new empty remote, and the copy verifies clean."""
+    the vault, by a new empty remote, and the copy verifies clean. A vault whose every
+    remote is needed for a restore cannot lose a provider: that is a failed drill."""
+    if needed >= len(specs):
+        raise NotEnoughRemotes(
+            f"no provider can be lost: a restore needs all {len(specs)} remote(s) of this "
+            "vault (add remotes, or drill a tier spread over several providers)"
+        )
     survivors = sorted(rng.sample(range(len(specs)), needed))
     dropped = [i for i in range(len(specs)) if i not in survivors]
     live = [open_backend(specs[i]) for i in survivors]
@@ -228,7 +234,8 @@ def _crypto(
         _restore_from_remotes(DrillResult("crypto"), after, live, refused)
     except IntegrityError as e:
         res.details["old_suite_refused"] = True
-        res.details["refusal"] = e.message[:200]  # one remote's words say it; all repeat it
+        msg = e.message  # the first remote's words matter; the others repeat them
+        res.details["refusal"] = msg if len(msg) <= 300 else msg[:300].rsplit(" ", 1)[0] + " …"
     else:
         res.error = f"data under the retired {suite_name(old)} was still accepted"
     shutil.rmtree(refused, ignore_errors=True)

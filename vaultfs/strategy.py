@@ -249,6 +249,14 @@ def parse(doc: object, path: Path, home: Path) -> Strategy:
                 "a tier name is lower-case letters, digits, - and _, starting with a letter",
             )  # fmt: skip
         tiers[name] = _tier(at, tiers_doc, name, home / TIERS_DIR / name)
+        for other in list(tiers)[:-1]:  # two vaults in one location would call each other's
+            shared = set(tiers[other].backends) & set(tiers[name].backends) - {LIVE_POSTGRES}
+            if shared:  # objects foreign (repair quarantines them): one location, one tier
+                raise at.fail(
+                    tiers_doc, name, f"{name}.backends",
+                    f"{sorted(shared)[0]} is also a backend of tier {other}: each tier needs "
+                    "locations of its own",
+                )  # fmt: skip
     sources = _sources(at, doc, path.parent)
     if not sources and not all(t.live for t in tiers.values()):
         raise at.fail(doc, None, "sources", "missing: list what the tiers back up (path:, pg:)")

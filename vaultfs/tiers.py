@@ -89,7 +89,9 @@ def ensure(tier: Tier, master: VaultKeys, passphrase: str) -> bool:
         )
     k, n = tier.vault_k_n
     seed = keys.tier_seed(master.seed, tier.name)
-    with Vault.create(tier.home, list(tier.backends), k, n, passphrase, seed=seed):
+    with Vault.create(
+        tier.home, list(tier.backends), k, n, passphrase, seed=seed, immutable=tier.immutable
+    ):
         return True
 
 
