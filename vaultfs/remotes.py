@@ -191,6 +191,29 @@ def join(spec: str, sub: str) -> str:
     return spec + "/" + sub
 
 
+#: the rclone daemon's private directory (its control socket): ``<tmp>/vaultfs-rcd-<pid>-*``
+RCD_PREFIX = "vaultfs-rcd-"
+
+
+def _sweep_stale_dirs() -> None:
+    """Remove the daemon directories of vaultfs processes that no longer exist.
+
+    A process killed with SIGKILL runs no ``atexit`` handler, so its directory stays behind
+    (its rclone followed it through the parent-death signal). A directory whose pid is alive,
+    or whose name carries no pid (made by an older version), is left alone."""
+    tmp = Path(tempfile.gettempdir())
+    for d in tmp.glob(RCD_PREFIX + "*-*"):
+        pid = d.name[len(RCD_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass  # alive, another user's
+
+
 class RcloneDaemon:
     """One ``rclone rcd`` per vaultfs process, reached through its remote-control API.
 
@@ -240,7 +263,9 @@ class RcloneDaemon:
             return d
 
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="vaultfs-rcd-")  # mode 0700
+        _sweep_stale_dirs()
+        # the pid in the name lets a later process remove it if this one is killed (-9)
+        self.dir = tempfile.mkdtemp(prefix=f"{RCD_PREFIX}{os.getpid()}-")  # mode 0700
         self.sock = os.path.join(self.dir, "rc.sock")
         cmd = [rclone_binary(), "rcd", "-q", f"--rc-addr=unix://{self.sock}", "--rc-no-auth"]
         cmd += self.FLAGS
