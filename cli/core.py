@@ -42,7 +42,7 @@ from vaultfs.index import manifests
 from vaultfs.index import snapshots as snapshot_rows
 from vaultfs.keys import parse_seed
 from vaultfs.objectlock import check_retention, lock_spec
-from vaultfs.remotes import check_archive
+from vaultfs.remotes import absolute, check_archive
 from vaultfs.vault import Vault
 from vaultfs.vault.placement import remotes_needed
 
@@ -99,10 +99,10 @@ def init(
     (--seed-file, --share-file: a second vault under a seed whose shares you already hold).
     With --immutable it is append-only: no command asks a remote to delete, move or overwrite
     an object (lock the objects on the server too: docs/operations.md, "Immutable vaults")."""
-    if profile and (k or n):
+    if profile and (k is not None or n is not None):
         raise InputError("give either --profile or -k/-n, not both")
-    if k or n:
-        if not (k and n):
+    if k is not None or n is not None:
+        if k is None or n is None:
             raise InputError("-k and -n go together")
     else:
         name = profile or "personal"
@@ -115,6 +115,7 @@ def init(
         raise InputError(str(e)) from None
     if not 1 <= segment_mib <= 64:
         raise InputError("--segment-mib must be between 1 and 64")
+    remote = [absolute(spec) for spec in remote]
     for spec in remote:
         check_archive(spec, archive)
     if object_lock is not None:
@@ -234,6 +235,8 @@ def backup(
         raise InputError("give PATH… or --stdin (with --stdin-filename), not both or neither")
     if stdin and not stdin_filename:
         raise InputError("--stdin needs --stdin-filename NAME")
+    if name is not None:
+        names.check_snapshot_name(name)  # before anything is read
     with open_vault(home) as v:
         t0 = time.perf_counter()
         with progress("backup", quiet=as_json) as prog:
@@ -354,6 +357,8 @@ def ls(
     if path:
         p = names.raw(path.strip("/"))
         rows = [r for r in rows if (b := names.from_db(r[0])) == p or b.startswith(p + b"/")]
+        if not rows:
+            raise InputError(f"{path!r} is not in snapshot {found[1]}")
     if as_json:
         items = []
         for pth, typ, mode, size, mt, target, rdev in rows:

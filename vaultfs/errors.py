@@ -17,7 +17,7 @@ code  meaning
 15    local disk full
 16    no vault here (not initialised) or a vault already exists
 17    the vault is busy (locked by another vaultfs process)
-18    input not found or not readable
+18    input not found or not readable, or a local path that cannot be used as asked
 19    a recovery share is mistyped, missing, or from another share set
 20    `vaultfs run`: a scheduled job failed or an audit found damage (alerted)
 21    stale base: the remotes hold manifests this home never wrote (rebuild or --fork)

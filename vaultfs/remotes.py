@@ -182,6 +182,25 @@ def rclone_binary() -> str:
     return found
 
 
+def absolute(spec: str) -> str:
+    """The spec with a relative local path made absolute (and ``~`` expanded).
+
+    A vault stores its remotes' specs and every later command (and the mount's daemon, which
+    runs in ``/``) opens them: a relative path would name a different directory from each
+    working directory, spreading the vault's objects over all of them. rclone reads a spec
+    without a colon, or starting with ``/``, ``./`` or ``../``, as a local path; anything
+    else (``remote:path``, ``:s3,...:bucket``) is left as it is."""
+    if not is_local(spec):
+        return spec
+    return os.path.abspath(os.path.expanduser(spec))
+
+
+def is_local(spec: str) -> bool:
+    """Whether rclone reads ``spec`` as a local path: no colon, or a leading ``/``, ``./``,
+    ``../`` (or ``~``, which a shell expands)."""
+    return ":" not in spec or spec.startswith(("/", "./", "../", "~"))
+
+
 def join(spec: str, sub: str) -> str:
     """Join a sub-path onto a remote spec, respecting the ``remote:`` form."""
     if not sub:

@@ -1283,6 +1283,8 @@ def restore_files(
     shard_rows = segments.shard_hashes(index, seg_ids)
     epoch_suites = _check_suites(keys, index, seg_rows)
     to = _prepare_target(to, force)
+    marker = to / INCOMPLETE
+    marker.write_text(f"{snap_uid}\n")  # until the last file is finished
     file_rows, link_later = _create_files(to, entries, force)
     plan, total = _plan_chunks(to, file_rows, chunks)
     if total_cb:
@@ -1301,6 +1303,7 @@ def restore_files(
             f"{frozen[0].error}"
         ) from None
     _finish_entries(to, entries, link_later, force, warnings)
+    marker.unlink()
     return snap_uid, len(entries), total, warnings
 
 
@@ -1317,6 +1320,14 @@ def _entries(index: Index, snapshot: str, include: list[str] | None) -> tuple[st
         entries = [Row.of(r) for r in snapshots.entries_on(index, snap_id, inc)]
         if not entries:
             raise InputError(f"nothing in snapshot {snap_uid} matches --include {include}")
+        unmatched = [
+            i for i in inc if not any(e.path == i or e.path.startswith(i + "/") for e in entries)
+        ]
+        if unmatched:
+            raise InputError(
+                f"--include {unmatched[0]} matches nothing in snapshot {snap_uid} "
+                "(see `vaultfs ls`)"
+            )
     else:
         entries = [Row.of(r) for r in snapshots.full_entries(index, snap_id)]
     for e in entries:
@@ -1340,6 +1351,11 @@ def _check_suites(
     return epoch_suites
 
 
+#: a file in the restore target while a restore writes into it: files are created at their
+#: full size before their bytes arrive, so an interrupted restore leaves files that look whole
+INCOMPLETE = ".vaultfs-restore-incomplete"
+
+
 def _prepare_target(to: Path, force: bool) -> Path:
     """The restore target as a real absolute directory, made if missing; TargetNotEmpty when
     it is a file, or holds something and ``force`` is not given."""
@@ -1347,6 +1363,11 @@ def _prepare_target(to: Path, force: bool) -> Path:
     if to.exists():
         if not to.is_dir():
             raise TargetNotEmpty(f"restore target {to} exists and is not a directory")
+        if (to / INCOMPLETE).exists() and not force:
+            raise TargetNotEmpty(
+                f"restore target {to} holds an interrupted restore (its files may be "
+                "incomplete); rerun with --force to finish it"
+            )
         if any(to.iterdir()) and not force:
             raise TargetNotEmpty(
                 f"restore target {to} is not empty; pass --force to restore into it"

@@ -41,6 +41,7 @@ Findings (``audit_findings``) mark shards ``lost`` so that ``vaultfs repair`` re
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 import tempfile
@@ -86,6 +87,8 @@ REBUILD_ADVICE = (
     "move the home directory aside and make it again from the remotes with "
     "`vaultfs home rebuild --from REMOTE …` (any k of them)"
 )
+
+log = logging.getLogger("vaultfs.verify")
 
 
 # -- tags ------------------------------------------------------------------------------------
@@ -584,7 +587,12 @@ class _RemoteAuditor:
         # garbage is this vault's too: waiting to be deleted, or kept for good (immutable)
         mine_all = segments.object_names(idx, self.rid) | manifests.garbage_names(idx, self.rid)
         present: list[ShardRow] = []
+        revived: list[ShardRow] = []
         for sh in rows:
+            if sh.state == "lost" and listed[sh.kind].get(sh.name) == sh.size:
+                if self._intact(sh):  # back (a remote that was unmounted, offline, restored)
+                    revived.append(sh)
+                continue
             if sh.state != "placed" or sh.id not in placed:
                 continue
             size = listed[sh.kind].get(sh.name)
@@ -595,6 +603,13 @@ class _RemoteAuditor:
                 self._finding(sh, *why)
             else:
                 present.append(sh)
+        if revived:
+            with idx.tx() as db:
+                audit_table.revive(db, [sh.id for sh in revived])
+            for sh in revived:
+                present.append(sh._replace(state="placed"))
+                self.rep.details[sh.path] = "revived: present and intact again"
+            log.info("%s: %d lost shard(s) present and intact again", self.rep.remote, len(revived))
         self.unknown = [
             (sub, nm)
             for sub, objs in listed.items()
@@ -605,6 +620,15 @@ class _RemoteAuditor:
         self.rep.stored_bytes = sum(s.size for s in present)
         self.rep.blocks = sum(s.nblocks for s in present)
         return present
+
+    def _intact(self, sh: ShardRow) -> bool:
+        """Whether the remote serves ``sh`` exactly (its whole object hashes to the index's
+        hash): one object read, only for a lost shard the listing shows at its size."""
+        try:
+            data = self.b.cat(sh.kind, sh.name, 0, sh.size + 1)
+        except RemoteError:
+            return False
+        return len(data) == sh.size and segment.object_hash(data) == sh.hash
 
     def _served_digest(self, sh: ShardRow, size: int) -> bytes | None:
         """BLAKE3 of the object the remote serves as ``sh`` (listed at ``size`` bytes), read

@@ -369,8 +369,10 @@ def snapshot(
         m = ex.manifest()
         store()
     mtime = _time_ns(m.created)
-    entries = [Entry(d, "d", 0o755, mtime) for d in layout.DIRS]
-    entries += [Entry(p, "f", 0o644, mtime, size=n, cids=c) for p, c, n in sorted(stored)]
+    # a knowledge base is private: readable by its owner only (on a mount with --allow-other
+    # and in a restore, as the database itself is)
+    entries = [Entry(d, "d", 0o700, mtime) for d in layout.DIRS]
+    entries += [Entry(p, "f", 0o600, mtime, size=n, cids=c) for p, c, n in sorted(stored)]
     uid, seq = vault.commit(entries, name=name, prepush=upload, kb=m.summary())
     return SnapshotResult(
         uid, seq, m, sum(n for _p, _c, n in stored), time.perf_counter() - ex.started

@@ -129,6 +129,8 @@ class Committer:
         the manifest is an explicit fork of the newest of them (its body's ``fork``), numbered
         above it, and supersedes this home's manifests not yet placed.
         """
+        if name is not None:
+            names.check_snapshot_name(name)
         with self.writer.write_lock:
             forked = self._check_base(fork)
             self.writer.seal()  # invariant 3
