@@ -625,3 +625,27 @@ def test_kb_root_of_format_2_is_over_file_blocks_and_format_1_still_reads():
     v3 = v2.to_bytes().replace(b"vaultfs-kb/2", b"vaultfs-kb/3")
     with pytest.raises(IntegrityError, match="format"):
         layout.KbManifest.parse(v3)
+
+
+def test_value_shortcuts_render_exactly_as_to_json(pg_server):
+    """The export's cheaper renderings (a finite number's output text, an edge type of the
+    schema as a constant) give to_json's bytes for every value, including the ones they hand
+    back to to_json: NaN, infinities, NULL, -0, extremes, and edge types the schema lacks."""
+    from vaultfs.kb import snapshot
+
+    cases = {
+        "real": ["0", "-0", "1e-45", "3.4028235e38", "0.1", "NaN", "Infinity", "-Infinity", None],
+        "float8": ["0.1", "-1e-300", "NaN", "-Infinity", None],
+        "numeric": ["12345678901234567890.123456789", "NaN", "Infinity", "-0.000", None],
+        "text": [*schema.EDGE_TYPES, 'quo"te', "new\nline", "ünï", "", None],
+    }
+    for typ, values in cases.items():
+        expr = snapshot._VALUE["edge_type" if typ == "text" else "real"].format(c="x")
+        rows = pg_server.sql(
+            f"SELECT x::text, {expr}, coalesce(to_json(x)::text, 'null')"
+            f" FROM unnest(%s::{typ}[]) AS t(x)",
+            params=(values,),
+        )
+        assert len(rows) == len(values)
+        for x, ours, want in rows:
+            assert ours == want, (typ, x)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from .. import merkle
 from ..errors import InputError, IntegrityError
 from ..vault import Entry, Vault
-from . import layout
+from . import layout, schema
 from .layout import FileInfo, KbManifest
 
 #: The keys of each kind of line, in order, with how Postgres renders each value (docs/kb.md).
@@ -31,7 +31,7 @@ SOURCE_KEYS = (("id", "uuid"), ("uri", "json"), ("title", "json"), ("fetched_at"
 BELIEF_KEYS = (
     ("id", "uuid"),
     ("content", "json"),
-    ("confidence", "json"),
+    ("confidence", "real"),
     ("domains", "json"),
     ("provenance", "jsonb"),
     ("created_at", "json"),
@@ -41,8 +41,8 @@ EDGE_OUT_KEYS = (
     ("source_belief_id", "uuid"),
     ("id", "uuid"),
     ("target_belief_id", "uuid"),
-    ("edge_type", "json"),
-    ("weight", "json"),
+    ("edge_type", "edge_type"),
+    ("weight", "real"),
     ("created_at", "json"),
     ("metadata", "jsonb"),
 )
@@ -50,17 +50,24 @@ EDGE_IN_KEYS = (
     ("target_belief_id", "uuid"),
     ("id", "uuid"),
     ("source_belief_id", "uuid"),
-    ("edge_type", "json"),
-    ("weight", "json"),
+    ("edge_type", "edge_type"),
+    ("weight", "real"),
 )
 
 # A value as json_build_object renders it (datum_to_json): a uuid as its quoted text, jsonb
 # as its canonical text, anything else through to_json (escaped text, shortest-exact reals
-# with NaN and infinities quoted, ISO timestamps, arrays); SQL NULL as null.
+# with NaN and infinities quoted, ISO timestamps, arrays); SQL NULL as null. Two shortcuts
+# with the same bytes, each about half the server's cost of to_json on 300,000 edges: a
+# finite number is its output text (what to_json writes for one), and an edge type of
+# schema.EDGE_TYPES (which need no escaping) a constant.
+_TYPES = " ".join(f"WHEN '{t}' THEN '\"{t}\"'" for t in schema.EDGE_TYPES)
 _VALUE = {
     "uuid": "coalesce('\"' || {c}::uuid || '\"', 'null')",
     "jsonb": "coalesce({c}::jsonb::text, 'null')",
     "json": "coalesce(to_json({c})::text, 'null')",
+    "real": "coalesce(CASE WHEN abs({c}) < 'Infinity' THEN {c}::text END,"
+    " to_json({c})::text, 'null')",
+    "edge_type": f"CASE {{c}} {_TYPES} ELSE coalesce(to_json({{c}})::text, 'null') END",
 }
 
 
