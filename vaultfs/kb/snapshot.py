@@ -350,11 +350,14 @@ def snapshot(
     pending: list[tuple[str, bytes]] = []
 
     def store() -> None:
-        chunks: list[bytes] = []
+        # views, not copies: store_chunks hashes each chunk and copies the new ones once,
+        # into a sealer's slot
+        chunks: list[bytes | memoryview] = []
         counts = []
         for _p, data in pending:
             spans = vault.chunker.spans(data) if data else []
-            chunks += [data[o : o + n] for o, n in spans]
+            view = memoryview(data)
+            chunks += [view[o : o + n] for o, n in spans]
             counts.append(len(spans))
         cids = vault.store_chunks(chunks)
         at = 0
