@@ -649,3 +649,27 @@ def test_value_shortcuts_render_exactly_as_to_json(pg_server):
         assert len(rows) == len(values)
         for x, ours, want in rows:
             assert ours == want, (typ, x)
+
+
+def test_export_queue_bound_in_bytes_waits_and_stops(small, pg_server, monkeypatch):
+    """With room for one file at a time the export hands over every file unchanged, each
+    waiting until the last was taken; closed after one file, an export
+    waiting for room stops (no hang) and its transaction ends."""
+    from vaultfs.kb import snapshot
+
+    _root, _home, dsn, _uid = small
+    direct: list[tuple[str, bytes]] = []
+    want = snapshot.export(dsn, lambda p, d: direct.append((p, d)))
+    monkeypatch.setattr(snapshot, "STORE_QUEUE_BYTES", 1)
+    with snapshot.Export(dsn) as ex:
+        got = list(ex.files())
+        m = ex.manifest()
+    assert (m.root, m.files) == (want.root, want.files)
+    # every file but the manifest (its `created` is the transaction's time) byte for byte;
+    # the two halves of the buckets interleave in any order, the manifest comes last
+    assert got[-1][0] == layout.MANIFEST and len(got) == len(want.files) + 1
+    assert dict(got[:-1]) == dict(direct[:-1])
+    with snapshot.Export(dsn) as ex:
+        assert next(iter(ex.files()))[0] == layout.SOURCES
+    open_tx = "SELECT count(*) FROM pg_stat_activity WHERE datname = 'kb_small' AND xact_start IS NOT NULL AND pid <> pg_backend_pid()"  # fmt: skip
+    assert pg_server.sql(open_tx, "kb_small") == [(0,)]

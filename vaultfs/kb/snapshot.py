@@ -274,9 +274,12 @@ class SnapshotResult:
 #: Files are chunked and handed to the vault in batches of about this many bytes (one
 #: ``store_chunks`` call fills whole sealer slots instead of one slot per small file).
 STORE_BATCH = 8 << 20
-#: Exported files that may wait between the export threads and the storing thread (a bucket's
-#: files are ≈ 1 MB each at 100,000 beliefs: a bound of tens of MB on what waits).
-STORE_QUEUE = 32
+#: Bytes of exported files that may wait between the export threads and the storing thread:
+#: room for Postgres to render about a sixth of a 100,000-belief graph (≈ 370 MB of files)
+#: while the key is unlocked and the vault opens (scrypt alone is ≈ 0.4 s of one core),
+#: and a bound that does not grow with the buckets (≈ 10 MB of files each at a million
+#: beliefs). A larger file waits alone.
+STORE_QUEUE_BYTES = 64 << 20
 
 
 class _Abandoned(Exception):
@@ -285,22 +288,33 @@ class _Abandoned(Exception):
 
 class Export:
     """An export of the belief graph of ``dsn`` (:func:`export`) running in threads of its
-    own, its files waiting on a bounded queue until :func:`snapshot` stores them. Started
+    own, its files waiting (at most :data:`STORE_QUEUE_BYTES`) until :func:`snapshot` stores
+    them. Started
     before the vault is open, it lets Postgres render the first buckets while the key is
     being unlocked. Use it as a context manager: leaving the block stops an export whose
     files nobody took (its next file raises inside it; its transaction is rolled back)."""
 
     def __init__(self, dsn: str) -> None:
         self.started = time.perf_counter()
-        self._handoff: queue.Queue[tuple[str, bytes] | None] = queue.Queue(STORE_QUEUE)
+        self._handoff: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
+        self._room = threading.Condition()
+        self._waiting = 0  # bytes handed over and not yet taken, under _room
         self._abandon = threading.Event()
         self._drained = False
         self._ex = ThreadPoolExecutor(1, thread_name_prefix="vaultfs-kb-snapshot")
         self._done = self._ex.submit(self._produce, dsn)
 
     def _sink(self, path: str, data: bytes) -> None:
-        if self._abandon.is_set():
-            raise _Abandoned
+        with self._room:
+            while (
+                self._waiting
+                and self._waiting + len(data) > STORE_QUEUE_BYTES
+                and not self._abandon.is_set()
+            ):
+                self._room.wait()
+            if self._abandon.is_set():
+                raise _Abandoned
+            self._waiting += len(data)
         self._handoff.put((path, data))
 
     def _produce(self, dsn: str) -> KbManifest:
@@ -313,6 +327,9 @@ class Export:
         """Every exported file as (path, data), in the order they are to be stored, until
         the export ends (then :meth:`manifest` says how)."""
         while (item := self._handoff.get()) is not None:
+            with self._room:
+                self._waiting -= len(item[1])
+                self._room.notify()
             yield item
         self._drained = True
 
@@ -324,7 +341,9 @@ class Export:
     def close(self) -> None:
         """Stop the export if it still runs and wait for its threads."""
         self._abandon.set()
-        while not self._drained and self._handoff.get() is not None:  # unblock it
+        with self._room:  # a producer waiting for room sees the flag
+            self._room.notify_all()
+        while not self._drained and self._handoff.get() is not None:
             pass
         self._drained = True
         self._ex.shutdown()
