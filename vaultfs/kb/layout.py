@@ -207,8 +207,8 @@ class KbManifest:
         return sorted(p[len(pre) : len(pre) + BUCKET_HEX] for p in self.files if p.startswith(pre))
 
     def summary(self) -> dict:
-        """What belongs in the vault's signed manifest: the format, the Merkle root over the
-        tables' files, and each table's row count and checksum."""
+        """What belongs in the vault's signed manifest: the Merkle root over the belief and
+        edge leaves, and each table's row count and checksum."""
         return {
             "format": self.format,
             "root": self.root,
@@ -218,8 +218,8 @@ class KbManifest:
         }
 
 
-EMBEDDINGS = "kb/embeddings/"
 #: Which files make up each table (path prefixes; kb/edges/in/ is derived, in none).
+EMBEDDINGS = "kb/embeddings/"
 TABLE_FILES = {
     "sources": (SOURCES,),
     "beliefs": ("kb/beliefs/", EMBEDDINGS),
