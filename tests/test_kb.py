@@ -12,8 +12,6 @@ import psycopg
 import pytest
 from helpers import run_cli
 
-from vaultfs import merkle
-from vaultfs.errors import IntegrityError
 from vaultfs.kb import layout, schema
 
 pytestmark = pytest.mark.pg
@@ -556,77 +554,7 @@ def test_whole_restore_parts_follow_the_segments():
     assert restore.whole_parts(small) == [["00"]]
 
 
-# -- the kb Merkle root (signed): format /2 over file blocks, format /1 still read -----------
-def _manifest(files: dict[str, bytes], fmt: str, rooted) -> layout.KbManifest:
-    """A manifest of ``files`` with each table file's root given by ``rooted(path, data)``."""
-    infos = {
-        p: layout.FileInfo(
-            rows=1 if p.endswith(".bin") else d.count(b"\n"),
-            size=len(d),
-            blake3=layout.file_hash(d),
-            root=rooted(p, d),
-        )
-        for p, d in files.items()
-    }
-    tables = {t: layout.table_summary(infos, t) for t in layout.TABLE_ORDER}
-    root = merkle.root([bytes.fromhex(tables[t]["root"]) for t in layout.TABLE_ORDER]).hex()
-    return layout.KbManifest("2026-12-06T00:00:00+00:00", 2, infos, tables, root, {}, fmt)
-
-
-KB_FILES = {
-    layout.SOURCES: b'{"id" : "s1"}\n',
-    "kb/beliefs/00.jsonl": b'{"id" : "00a"}\n',
-    "kb/embeddings/00.bin": bytes(16) + b"\x00\x00\x00\x0c" + b"\x00\x02\x00\x00" + bytes(8),
-    "kb/edges/out/00.jsonl": b'{"source_belief_id" : "00a", "id" : "e1"}\n{"id" : "e2"}\n',
-    "kb/edges/in/00.jsonl": b'{"target_belief_id" : "00a", "id" : "e1"}\n',
-}
-#: the signed root of KB_FILES in format /2 (a vector: recomputed below from BLAKE3 alone)
-KB_ROOT_V2 = "49a2168e367b335d5a59e126716ad1802d72a6e97bdb338f484f900e4e15a9cb"
-
-
-def test_kb_root_of_format_2_is_over_file_blocks_and_format_1_still_reads():
-    """Format /2: a file's root is the Merkle root of its 64 KiB blocks, the embeddings files
-    have one too, the derived edges/in files none. A manifest round-trips; its summary (the
-    signed value) names its format. A format /1 manifest (per-row leaves, no root for the
-    embeddings) still parses and keeps its own format in the summary; others are refused."""
-    import blake3
-
-    v2 = _manifest(
-        KB_FILES, layout.FORMAT, lambda p, d: None if "/in/" in p else layout.file_root(d)
-    )
-    assert layout.FORMAT == "vaultfs-kb/2"
-    assert layout.KbManifest.parse(v2.to_bytes()) == v2
-    assert v2.summary()["format"] == "vaultfs-kb/2" and v2.root == KB_ROOT_V2
-    assert {t: v["rows"] for t, v in v2.tables.items()} == {
-        "sources": 1, "beliefs": 1, "belief_edges": 2,
-    }  # fmt: skip
-
-    # the same root from BLAKE3 alone: every file is one block, so its root is its leaf
-    def leaf(x: bytes) -> bytes:
-        return blake3.blake3(b"\x00" + x).digest()
-
-    def node(a: bytes, b: bytes) -> bytes:
-        return blake3.blake3(b"\x01" + a + b).digest()
-
-    f = {p: leaf(d) for p, d in KB_FILES.items()}
-    beliefs = node(f["kb/beliefs/00.jsonl"], f["kb/embeddings/00.bin"])
-    tables = [f[layout.SOURCES], beliefs, f["kb/edges/out/00.jsonl"]]
-    assert node(node(tables[0], tables[1]), tables[2]).hex() == KB_ROOT_V2
-
-    def rows_root(p: str, d: bytes) -> str | None:
-        if "/in/" in p or p.endswith(".bin"):
-            return None
-        return merkle.root([merkle.leaf_hash(x) for x in layout.split_lines(d)]).hex()
-
-    v1 = _manifest(KB_FILES, "vaultfs-kb/1", rows_root)
-    assert layout.KbManifest.parse(v1.to_bytes()) == v1
-    assert v1.summary()["format"] == "vaultfs-kb/1" and v1.root != KB_ROOT_V2
-    assert v1.summary()["tables"] == v2.summary()["tables"]
-    v3 = v2.to_bytes().replace(b"vaultfs-kb/2", b"vaultfs-kb/3")
-    with pytest.raises(IntegrityError, match="format"):
-        layout.KbManifest.parse(v3)
-
-
+# -- the export renders values as to_json does, and hands files over in bounded memory -------
 def test_value_shortcuts_render_exactly_as_to_json(pg_server):
     """The export's cheaper renderings (a finite number's output text, an edge type of the
     schema as a constant) give to_json's bytes for every value, including the ones they hand

@@ -19,13 +19,11 @@ line never holds a raw newline). An embedding
 record is ``id (16 bytes) ‖ length (int32 BE, -1 for NULL) ‖ pgvector's binary form``
 (``vector_send``: int16 dim, int16 0, dim × float32 BE): bit-exact, no text round trip.
 
-Merkle tree (vaultfs/merkle.py's hashes): a file's root is the Merkle root of its 64 KiB
-blocks (:func:`file_root`, the tree of a shard object), a table's root the root of its
-files' roots in path order, and the snapshot's root ``root([sources, beliefs,
-belief_edges])``. A table's checksum is BLAKE3 over the BLAKE3 hashes of its files in path
-order (:func:`table_summary`). Snapshots of format ``vaultfs-kb/1`` (before 2026-12-06's
-round 4) gave only the .jsonl files a root, over one leaf per row; they are read as they
-are: nothing recomputes a file's root from its bytes, which the file's BLAKE3 pins.
+Merkle tree (vaultfs/merkle.py's hashes): a belief's leaf is ``leaf(line ‖ 0x0A ‖ record)``,
+an edge's ``leaf(out line)``, a source's ``leaf(line)``; a file's root is the root of its
+leaves in file order, a table's root the root of its files' roots in path order, and the
+snapshot's root ``root([sources, beliefs, belief_edges])``. A table's checksum is BLAKE3 over
+the BLAKE3 hashes of its files in path order (:func:`table_summary`).
 """
 
 from __future__ import annotations
@@ -41,10 +39,7 @@ import blake3
 from .. import merkle
 from ..errors import InputError, IntegrityError
 
-#: The layout's format, written into every new ``kb/manifest.json``.
-FORMAT = "vaultfs-kb/2"
-#: Formats readers accept: /1 differs only in how a file's ``root`` was computed (per row).
-FORMATS = ("vaultfs-kb/1", FORMAT)
+FORMAT = "vaultfs-kb/1"
 ROOT = "kb"
 MANIFEST = "kb/manifest.json"
 SOURCES = "kb/sources.jsonl"
@@ -115,11 +110,14 @@ def split_lines(data: bytes) -> list[bytes]:
     return data[:-1].split(b"\n")
 
 
+def belief_leaf(line: bytes, record: bytes) -> bytes:
+    return merkle.leaf_hash(line + b"\n" + record)
+
+
 @dataclass(frozen=True)
 class FileInfo:
-    """A file of the layout as ``kb/manifest.json`` records it (``root``: the files of a
-    table, :data:`TABLE_FILES`; ``rows``: the rows it holds, for an embeddings file its
-    bucket's beliefs)."""
+    """A file of the layout as ``kb/manifest.json`` records it (``root``: .jsonl files of
+    beliefs, out-edges and sources)."""
 
     rows: int
     size: int
@@ -137,13 +135,6 @@ def file_hash(data: bytes) -> str:
     return blake3.blake3(data).hexdigest()
 
 
-def file_root(data: bytes) -> str:
-    """A file's Merkle root (format /2): over its 64 KiB blocks, ``merkle.block_hashes``
-    (an empty file is one empty block). A few hashes per file instead of one per row: the
-    root commits to every byte all the same, and costs the export a tenth as much."""
-    return merkle.root(merkle.block_hashes(data)).hex()
-
-
 @dataclass
 class KbManifest:
     """``kb/manifest.json``: what a knowledge-base snapshot holds and how to check it."""
@@ -155,12 +146,10 @@ class KbManifest:
     tables: dict[str, dict]
     root: str
     database: dict
-    #: one of :data:`FORMATS`; what :meth:`summary` (the signed value) names
-    format: str = FORMAT
 
     def to_bytes(self) -> bytes:
         body = {
-            "format": self.format,
+            "format": FORMAT,
             "created": self.created,
             "database": self.database,
             "dim": self.dim,
@@ -175,7 +164,7 @@ class KbManifest:
     def parse(cls, data: bytes) -> KbManifest:
         try:
             body = json.loads(data)
-            if body.get("format") not in FORMATS:
+            if body.get("format") != FORMAT:
                 raise IntegrityError(f"kb/manifest.json has format {body.get('format')!r}")
             if body.get("bucket_hex_digits") != BUCKET_HEX:
                 raise IntegrityError("kb/manifest.json uses another bucket width")
@@ -184,13 +173,7 @@ class KbManifest:
                 for p, f in body["files"].items()
             }
             m = cls(
-                body["created"],
-                body["dim"],
-                files,
-                body["tables"],
-                body["root"],
-                body["database"],
-                body["format"],
+                body["created"], body["dim"], files, body["tables"], body["root"], body["database"]
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise IntegrityError(f"kb/manifest.json is malformed: {e}") from None
@@ -210,7 +193,7 @@ class KbManifest:
         """What belongs in the vault's signed manifest: the Merkle root over the belief and
         edge leaves, and each table's row count and checksum."""
         return {
-            "format": self.format,
+            "format": FORMAT,
             "root": self.root,
             "tables": {
                 t: {"rows": v["rows"], "checksum": v["checksum"]} for t, v in self.tables.items()
@@ -219,18 +202,16 @@ class KbManifest:
 
 
 #: Which files make up each table (path prefixes; kb/edges/in/ is derived, in none).
-EMBEDDINGS = "kb/embeddings/"
 TABLE_FILES = {
     "sources": (SOURCES,),
-    "beliefs": ("kb/beliefs/", EMBEDDINGS),
+    "beliefs": ("kb/beliefs/", "kb/embeddings/"),
     "belief_edges": ("kb/edges/out/",),
 }
 
 
 def table_summary(files: dict[str, FileInfo], table: str) -> dict:
-    """A table's ``rows`` (of its line files: an embeddings file repeats its beliefs),
-    ``checksum`` (BLAKE3 over its files' BLAKE3 hashes, in path order) and ``root`` (Merkle
-    root over its files' roots, in path order; format /1 gave embeddings files none)."""
+    """A table's ``rows``, ``checksum`` (BLAKE3 over its files' BLAKE3 hashes, in path order)
+    and ``root`` (Merkle root over its files' roots, in path order)."""
     paths = sorted(p for p in files if p.startswith(TABLE_FILES[table]))
     digest = blake3.blake3()
     roots = []
@@ -240,7 +221,6 @@ def table_summary(files: dict[str, FileInfo], table: str) -> dict:
         digest.update(bytes.fromhex(f.blake3))
         if f.root is not None:
             roots.append(bytes.fromhex(f.root))
-        if not p.startswith(EMBEDDINGS):
             rows += f.rows
     return {"rows": rows, "checksum": digest.hexdigest(), "root": merkle.root(roots).hex()}
 

@@ -149,25 +149,26 @@ _BUCKET_TYPES = ["text", "int8", "bytea", "bytea", "int8", "bytea", "int8", "byt
 
 def _export_buckets(conn, first: int, last: int, put: Callable[[list[tuple]], None]) -> None:
     """The files of buckets ``first``..``last``, handed to ``put`` a bucket at a time as
-    (path, data, rows, whether it has a root) in the order they are stored: beliefs,
-    out-edges, in-edges (what ``kb show`` reads), then embeddings. Nothing here looks at a
-    row: Postgres rendered the lines and records, the count is checked by one C-level
-    ``count``, and a file's root is over its blocks (:func:`layout.file_root`)."""
+    (path, data, rows, leaves or None) in the order they are stored: beliefs, out-edges,
+    in-edges (what ``kb show`` reads), then embeddings."""
     for b, n, text, recs, n_out, out, n_in, inc in _rows(
         conn, _buckets_sql(first, last), _BUCKET_TYPES
     ):
         files = []
-        for path, data, rows in (
-            (layout.beliefs_path(b), text, n),
-            (layout.edges_out_path(b), out, n_out),
-            (layout.edges_in_path(b), inc, n_in),
-        ):
-            if rows:
-                if data.count(b"\n") != rows - 1:
-                    raise IntegrityError(f"{path}: {rows} rows but not as many lines")
-                files.append((path, data + b"\n", rows, path != layout.edges_in_path(b)))
         if n:
-            files.append((layout.embeddings_path(b), recs, n, True))
+            lines = text.split(b"\n")
+            records = [rec for _id, _vec, rec in layout.iter_embeddings(recs)]
+            if len(lines) != n or len(records) != n:
+                raise IntegrityError(f"bucket {b}: {n} beliefs but {len(lines)} lines")
+            leaves = [layout.belief_leaf(x, r) for x, r in zip(lines, records, strict=True)]
+            files.append((layout.beliefs_path(b), text + b"\n", n, leaves))
+        if n_out:
+            leaves = [merkle.leaf_hash(x) for x in out.split(b"\n")]
+            files.append((layout.edges_out_path(b), out + b"\n", n_out, leaves))
+        if n_in:
+            files.append((layout.edges_in_path(b), inc + b"\n", n_in, None))
+        if n:
+            files.append((layout.embeddings_path(b), recs, n, None))
         put(files)
 
 
@@ -199,8 +200,8 @@ def export(dsn: str, sink: Sink) -> KbManifest:
 
     def put(group: list[tuple]) -> None:
         with lock:  # a bucket's files stay together in the stored stream
-            for path, data, rows, rooted in group:
-                root = layout.file_root(data) if rooted else None
+            for path, data, rows, leaves in group:
+                root = None if leaves is None else merkle.root(leaves).hex()
                 files[path] = FileInfo(rows, len(data), layout.file_hash(data), root)
                 sink(path, data)
 
@@ -230,8 +231,9 @@ def export(dsn: str, sink: Sink) -> KbManifest:
         _begin(conns[1], snap_id)
 
         (text,) = conn.execute(SOURCES_SQL, binary=True).fetchone()
-        rows = text.count(b"\n") + 1 if text else 0
-        put([(layout.SOURCES, text + b"\n" if rows else b"", rows, True)])
+        lines = text.split(b"\n") if text else []
+        leaves = [merkle.leaf_hash(x) for x in lines]
+        put([(layout.SOURCES, text + b"\n" if lines else b"", len(lines), leaves)])
         half = 16**layout.BUCKET_HEX // 2
         with ThreadPoolExecutor(1, thread_name_prefix="vaultfs-kb-export") as ex:
             upper = ex.submit(_export_buckets, conns[1], half, 2 * half - 1, put)
