@@ -304,7 +304,7 @@ def encode_segment_page(segments: list[IndexSegment]) -> bytes:
 
 def index_description(body: Body, open_page: Callable[[MapPage], bytes]) -> IndexDescription:
     """The index ``body`` names, whole: the one way every reader (restore, the lazy view,
-    home rebuild, verify, repair, the writer) learns which meta segments and map pages a
+    home rebuild, verify, repair) learns which meta segments and map pages a
     manifest's index has. One level: the body's lists, read at no cost. Two levels
     (docs/format.md 9.2): ``open_page(page)`` must return the checked plaintext of a
     second-level page, whose record is in one of ``body.index_segments``; the map pages
