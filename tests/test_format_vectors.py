@@ -395,6 +395,74 @@ def test_data_segment_holds_the_records():
     assert VECTORS["vault_root"] == fr.merkle_root([bytes.fromhex(sv["segment_root"])]).hex()
 
 
+def test_two_level_index():
+    """Section 9.2: the manifest vector's index described in two levels. Both second-level
+    pages are index objects (same id rule and record kind); the second-level map page lists
+    the map page as a map entry, the segment page is the canonical JSON list of descriptors;
+    the library's :func:`manifest.index_description` and the stranger's reader both get the
+    one-level description and the index file back from it."""
+    keys = VaultKeys.from_seed(SEED)
+    vid, mk = keys.vault_id, keys.metadata_key
+    tv = VECTORS["index_two_levels"]
+    one = VECTORS["manifest"]["body"]["index"]
+    plains = {}
+    for name in ("map2_page", "segment_page"):
+        m = tv[name]
+        plain, oid = bytes.fromhex(m["plaintext"]), bytes.fromhex(m["id"])
+        assert blake3.blake3(b"vaultfs/v1/index-object" + plain, key=mk).digest() == oid
+        kind = bytes.fromhex(m["kind"])
+        assert kind == b"index-block" + oid
+        _comp, _body, opened = doc_open(mk, vid, b"meta" + kind, kind, bytes.fromhex(m["record"]))
+        assert (
+            opened == plain == indexblocks.open_record(mk, vid, oid, bytes.fromhex(m["record"]), 1)
+        )
+        plains[name] = plain
+    (entry,) = one["map"]
+    assert plains["map2_page"] == struct.pack(
+        ">32s16sII", bytes.fromhex(entry["id"]), bytes.fromhex(entry["uid"]),
+        entry["offset"], entry["length"],
+    )  # fmt: skip
+    canonical = json.dumps(one["segments"], separators=(",", ":"), sort_keys=True)
+    assert plains["segment_page"] == canonical.encode()
+    # the second meta segment holds both records, back to back
+    sv = tv["segment"]
+    seg = b"".join(f[80:] for f in plain_fragments(sv)[: sv["k"]])
+    records = tv["map2_page"]["record"] + tv["segment_page"]["record"]
+    assert seg[: sv["used"]].hex() == records
+    # the library: the one-level description comes back from the two-level body
+    body = manifest.Body.from_dict(VECTORS["manifest"]["body"] | {"index": tv["index"]})
+    assert body.index_map == () and body.index_map2 is not None
+    two = json.dumps(body.to_dict()["index"], separators=(",", ":"), sort_keys=True)
+    assert two == json.dumps(tv["index"], separators=(",", ":"), sort_keys=True)
+    by_id = {bytes.fromhex(tv[n]["id"]): plains[n] for n in plains}
+    desc = manifest.index_description(body, lambda page: by_id[page.id])
+    flat = manifest.Body.from_dict(VECTORS["manifest"]["body"])
+    assert desc.map == flat.index_map and desc.segments[:1] == flat.index_segments
+    assert [s.uid for s in desc.segments] == [
+        flat.index_segments[0].uid,
+        body.index_segments[0].uid,
+    ]
+
+
+def test_the_stranger_reads_the_two_level_index(tmp_path):
+    remote = tmp_path / "r0"
+    (remote / "meta").mkdir(parents=True)
+    for sv in (VECTORS["meta_segment"], VECTORS["index_two_levels"]["segment"]):
+        for s in sv["shards"][1:4]:  # any k of them
+            (remote / "meta" / s["name"]).write_bytes(bytes.fromhex(s["object"]))
+    body = VECTORS["manifest"]["body"] | {"index": VECTORS["index_two_levels"]["index"]}
+    m = fr.Manifest(VECTORS["manifest"]["seq"], 0, body, b"")
+    fr.open_index(KEYS, fr.Remotes([remote]), m, tmp_path / "index.db").close()
+    assert (tmp_path / "index.db").read_bytes().hex() == VECTORS["index_objects"]["file"]
+    with pytest.raises(fr.FormatError, match="3 levels"):
+        fr.open_index(
+            KEYS,
+            fr.Remotes([remote]),
+            fr.Manifest(7, 0, body | {"index": body["index"] | {"levels": 3}}, b""),
+            tmp_path / "no.db",
+        )
+
+
 # --- manifest -------------------------------------------------------------------------------
 
 

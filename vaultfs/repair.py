@@ -62,7 +62,7 @@ from .index.segments import ShardRow
 from .names import display, from_db
 from .objectlock import lock_spec
 from .remotes import Remote
-from .restore import READ_IN_PLACE, read_object
+from .restore import READ_IN_PLACE, read_object, remote_index_description
 from .sealer import ShardFile
 from .shardreader import (
     Lie,
@@ -788,7 +788,9 @@ def _delete_replaced(
     strays: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for rid, sub, name in audit_table.foreign(vault.index):
         strays[rid][sub].append(name)
-    still = segment_table.object_names(vault.index) | found.referenced()
+    still = segment_table.object_names(vault.index) | found.referenced(
+        lambda m: remote_index_description(vault, m)
+    )
     for rid in set(doomed) | set(strays):
         if rid in removed or rid in fetcher.down or rid not in specs:
             continue

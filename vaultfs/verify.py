@@ -69,6 +69,7 @@ from .index import audit as audit_table
 from .index import remotes as remote_table
 from .index.segments import ShardRow
 from .remotes import Remote
+from .restore import remote_index_description
 from .shardreader import intact
 
 if TYPE_CHECKING:
@@ -321,7 +322,19 @@ class _Ctx:
         #: object of the vault, so it is not downloaded to tell whether it is one
         self.shard_sizes = segments.shard_sizes(vault.index)
         self.seg_ok: dict[int, bool] = {}
+        self._described: dict[bytes, manifest.IndexDescription] = {}
+        self._describe_lock = threading.Lock()
         self.lock = threading.Lock()
+
+    def describe(self, m: manifest.Manifest) -> manifest.IndexDescription:
+        """Manifest ``m``'s whole index description
+        (:func:`restore.remote_index_description`), once per manifest for all the remotes
+        audited."""
+        with self._describe_lock:
+            got = self._described.get(m.hash)
+            if got is None:
+                got = self._described[m.hash] = remote_index_description(self.vault, m)
+            return got
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
@@ -482,7 +495,7 @@ class _RemoteAuditor:
                     "chain (another writer, or a home that went back in time); its objects "
                     "are kept"
                 )
-                signed |= {s.name for seg in m.contents.index_segments for s in seg.shards}
+                signed |= {s.name for seg in self.ctx.describe(m).segments for s in seg.shards}
         self.rep.manifest_seq = best.seq if best else None
         if self.rep.expected_seq and (best is None or best.seq < self.rep.expected_seq):
             self.rep.stale_manifest = True
@@ -497,7 +510,7 @@ class _RemoteAuditor:
                     f"from the local index's: the index was altered; {REBUILD_ADVICE}"
                 )
             ours_signed = {
-                s.name: s.hash for seg in best.contents.index_segments for s in seg.shards
+                s.name: s.hash for seg in self.ctx.describe(best).segments for s in seg.shards
             }
             for name, h in segments.meta_shard_hashes(idx, latest):
                 if name in ours_signed and ours_signed[name] != bytes(h):
