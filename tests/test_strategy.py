@@ -312,7 +312,9 @@ sources:
     run_cli("strategy", "apply", home=home)
     run_cli("backup", "config", "--add-backend", "lock", str(tmp_path / "l2"), home=home)
     differs = json.loads(run_cli("strategy", "apply", "--json", home=home).stdout)["differs"]
-    assert differs == {"lock": [f"{tmp_path / 'l2'} is in the file, not a remote of the vault"]}
+    assert differs == {"lock": [f"{tmp_path / 'l2'} is in the file, not a remote of the vault: "
+                                f"`vaultfs remote add --home {home / 'tiers' / 'lock'} "
+                                f"{tmp_path / 'l2'}`"]}  # fmt: skip
     (home / "tiers" / "torn" / "index.db").unlink()  # as if made up to its keyfile only
     for day in range(3):
         res = json.loads(run_cli("run", "--json", home=home, env=at(home, day), check=20).stdout)
