@@ -26,8 +26,8 @@ Spellings accepted (anything else is an error):
   `vaultfs run` leaves it alone).
 - ``erasure_coding: K_of_N``: N shards of every segment, each on another backend, so N is
   at most the number of backends (usually equal; more backends than N share the load and add
-  no redundancy), 1 <= K < N <= 32, or ``1_of_1``: one whole copy (stored as a 1-of-2
-  vault: the format always has a parity shard).
+  no redundancy), 1 <= K < N <= 32, or ``1_of_1``: one whole copy (a 1-of-1 vault,
+  erasure algorithm 3: the space of the data once, and nothing to rebuild a lost copy from).
   Default: 1_of_1 for one backend; required for more.
 - ``frequency: continuous | hourly | daily | weekly | DURATION`` (``30m``, ``6h``, ``2d``,
   ``1w``, as `vaultfs schedule`). ``continuous`` is for ``local_postgres`` only.
@@ -102,11 +102,6 @@ class Tier:
     def live(self) -> bool:
         """The live database itself: nothing to make, snapshot or prune."""
         return self.backends == (LIVE_POSTGRES,)
-
-    @property
-    def vault_k_n(self) -> tuple[int, int]:
-        """The k and n of the tier's vault: 1_of_1 is stored as 1-of-2 on its one backend."""
-        return (1, 2) if self.n == 1 else (self.k, self.n)
 
     @property
     def survives_losses(self) -> int:
@@ -406,11 +401,10 @@ def _coding(at: _At, parent: CommentedMap, name: str, backends: int) -> tuple[in
             f"{text} writes {n} shards but the tier lists {backends} backend(s): N is at most "
             "the number of backends",
         )  # fmt: skip
-    if (k, n) != (1, 1):
-        try:
-            erasure.validate(k, n)
-        except ValueError as e:
-            raise at.fail(doc, "erasure_coding", where, f"{text}: {e}") from None
+    try:
+        erasure.validate(k, n)
+    except ValueError as e:
+        raise at.fail(doc, "erasure_coding", where, f"{text}: {e}") from None
     return k, n
 
 

@@ -88,7 +88,7 @@ def ensure(tier: Tier, master: VaultKeys, passphrase: str) -> bool:
             f"interrupted (delete {tier.home} and run again) or the index was lost (`vaultfs "
             f"home rebuild --home {tier.home} --from REMOTE`)"
         )
-    k, n = tier.vault_k_n
+    k, n = tier.k, tier.n
     seed = keys.tier_seed(master.seed, tier.name)
     try:
         with Vault.create(
@@ -132,7 +132,7 @@ def differences(tier: Tier, master: VaultKeys) -> list[str]:
         for r in have
         if r not in tier.backends
     ]
-    if (k, n) != tier.vault_k_n:
+    if (k, n) != (tier.k, tier.n):
         out.append(
             f"the vault is {k}-of-{n}, the file says {tier.k}_of_{tier.n}: a vault's k-of-n is "
             f"fixed when it is made, so set `erasure_coding: {k}_of_{n}` in the file (N may be "
@@ -371,7 +371,7 @@ def report(strategy: Strategy, now: float | None = None) -> list[dict]:
         if made is not None:
             k, n, specs = made
             vault = {"k": k, "n": n, "remotes": specs,
-                     "agrees": (k, n) == t.vault_k_n and set(specs) == set(t.backends)}  # fmt: skip
+                     "agrees": (k, n) == (t.k, t.n) and set(specs) == set(t.backends)}  # fmt: skip
         rows.append({
             "tier": t.name,
             "live": t.live,
