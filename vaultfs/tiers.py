@@ -133,11 +133,12 @@ def differences(tier: Tier, master: VaultKeys) -> list[str]:
         if r not in tier.backends
     ]
     if (k, n) != (tier.k, tier.n):
+        more = f" and list at least {n} backends" if n > len(tier.backends) else ""
         out.append(
             f"the vault is {k}-of-{n}, the file says {tier.k}_of_{tier.n}: a vault's k-of-n is "
-            f"fixed when it is made, so set `erasure_coding: {k}_of_{n}` in the file (N may be "
-            "fewer than the backends), or put the coding you want in a new tier over empty "
-            "locations"
+            f"fixed when it is made, so set `erasure_coding: {k}_of_{n}` in the file{more} (N "
+            "may be fewer than the backends), or put the coding you want in a new tier over "
+            "empty locations"
         )
     return out
 
