@@ -214,22 +214,26 @@ def backup(
         if [str(p) for p in paths or []] != ["config"] or stdin:
             raise InputError("--add-backend goes with `vaultfs backup config` alone")
         h = home_dir(home)
-        s = strategy.add_backend(strategy_file or strategy.default_path(h), h, *add_backend)
-        tier = s.tiers[add_backend[0]]
+        path = strategy_file or strategy.default_path(h)
+        name, spec = add_backend
+        made = tiers.made_coding(strategy.load(path, h).tier(name))
+        keep = None if made is None else (made[0], made[1])
+        s = strategy.add_backend(path, h, name, spec, keep=keep)
+        tier = s.tiers[name]
         if as_json:
             out.print_json(json.dumps(tier.as_json()))
-        else:
-            out.print(
-                f"{s.path}: tier {tier.name} now {tier.k}_of_{tier.n} over "
-                f"{', '.join(tier.backends)}",
+            return
+        out.print(
+            f"{s.path}: tier {tier.name} now {tier.k}_of_{tier.n} over {', '.join(tier.backends)}",
+            highlight=False,
+        )
+        if made is not None:
+            err.print(
+                f"[yellow]tier {tier.name}'s vault exists and stays {made[0]}-of-{made[1]} (a "
+                "vault's k-of-n is fixed when it is made): to spread it over the new backend, "
+                f"run `vaultfs remote add --home {tier.home} {spec}`[/]",
                 highlight=False,
             )
-            if (tier.home / "index.db").exists():
-                err.print(
-                    f"[yellow]tier {tier.name}'s vault exists: add the remote to it with "
-                    f"`vaultfs remote add --home {tier.home}` (its k-of-n stays)[/]",
-                    highlight=False,
-                )
         return
     if stdin == bool(paths):
         raise InputError("give PATH… or --stdin (with --stdin-filename), not both or neither")
@@ -296,18 +300,32 @@ def _tier_status(s: strategy.Strategy, as_json: bool) -> None:
         out.print_json(json.dumps({"strategy": str(s.path), "tiers": rows}))
         return
     t = Table("tier", "coding", "last success", "next due", "RPO", "survives", "last error")
+    differ: list[str] = []
     for r in rows:
         if r["live"]:
             t.add_row(r["tier"], "live", "-", "-", "-", "-", "the database itself")
             continue
         now_ok = r["survives_losses_now"]
         survives = f"{'?' if now_ok is None else now_ok} of {r['survives_losses_design']}"
+        coding, vault = r["coding"], r["vault"]
+        if vault is not None and not vault["agrees"]:
+            coding = (
+                f"vault {vault['k']}-of-{vault['n']} on {len(vault['remotes'])} remote(s); "
+                f"file {coding} on {r['backends']}"
+            )
+            differ.append(r["tier"])
         t.add_row(
-            r["tier"], r["coding"], _when(r["last_success"]),
+            r["tier"], coding, _when(r["last_success"]),
             _when(r["next_due"]) if r["last_success"] else "now", _ago(r["rpo_seconds"]),
             survives, r["last_error"] or "",
         )  # fmt: skip
     out.print(t)
+    if differ:
+        err.print(
+            f"[yellow]{', '.join(differ)}: the vault differs from the file; `vaultfs strategy "
+            "apply` names the command that makes them agree[/]",
+            highlight=False,
+        )
 
 
 # -- listing -----------------------------------------------------------------------------------

@@ -185,6 +185,14 @@ def snapshot(
         reply = call(control.home_address(h), {"cmd": "snapshot", "name": name, "fork": fork})
         assert reply is not None
     extra = {"snapshot": reply["snapshot"], "entries": reply["entries"], "seq": reply["seq"]}
+    if not reply["entries"]:  # the live tree is not what `backup PATH` stored
+        err.print(
+            "[yellow]warning:[/] the live tree is empty, so this snapshot is too: `vaultfs "
+            "snapshot` records what was written through the mount, while each `vaultfs backup "
+            "PATH` is a snapshot of its own already (`vaultfs snapshots`); delete this one with "
+            f"`vaultfs snapshot delete {reply['snapshot']}`",
+            highlight=False,
+        )
     code = print_report(reply["report"], as_json, extra)
     if not as_json:
         out.print(

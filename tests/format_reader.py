@@ -306,8 +306,12 @@ def decode_segment(shards: list[Shard], k: int, n: int, size: int, ec_alg: int =
     by_idx = {s.idx: s.payload for s in shards if s.idx < n}
     if len(by_idx) < k:
         raise FormatError(f"only {len(by_idx)} shards, need {k}")
+    if ec_alg == 3:  # § 7.5: one whole copy, k = n = 1: its payload is the segment
+        if (k, n) != (1, 1):
+            raise FormatError(f"erasure algorithm 3 codes 1-of-1, not {k}-of-{n}")
+        return by_idx[0][:size]
     if ec_alg != 1:
-        raise FormatError(f"erasure algorithm {ec_alg} is not read here (only 1, § 7.3)")
+        raise FormatError(f"erasure algorithm {ec_alg} is not read here (only 1, § 7.3; 3, § 7.5)")
     return b"".join(rs_data_payloads(by_idx, k))[:size]
 
 

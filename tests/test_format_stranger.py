@@ -187,3 +187,16 @@ def test_stranger_decodes_around_a_corrupt_shard_and_rejects_a_forged_manifest(v
     # and with only two remotes (plus the corrupt one) the reader refuses instead of guessing
     with pytest.raises(fr.FormatError, match="intact shards"):
         fr.recover_file(seed, [dirs[0], dirs[1], dirs[2]], "ledger.bin")
+
+
+def test_stranger_recovers_a_one_copy_vault(tmp_path):
+    """A 1-of-1 vault (erasure algorithm 3, format.md 7.5): one remote holding one object per
+    segment, the segment in the clear after unwhitening; the reader restores from it."""
+    home, remote = tmp_path / "home", tmp_path / "nas"
+    vaultfs(home, "init", "-k", "1", "-n", "1", "--segment-mib", "1", "--remote", str(remote))
+    src = tmp_path / "src" / "ledger.bin"
+    src.parent.mkdir()
+    src.write_bytes(file_bytes(3))
+    vaultfs(home, "backup", str(src.parent))
+    seed = read_keyfile(home / "key.json", PASSPHRASE).seed
+    assert fr.recover_file(seed, [remote], "src/ledger.bin") == file_bytes(3)

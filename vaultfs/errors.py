@@ -118,6 +118,16 @@ class NoVault(VaultError):
     exit_code = 16
 
 
+class RemoteHoldsVault(NoVault):
+    """A new vault was asked for over a location that already holds one (its ``manifests/``
+    is not empty): give an empty location, or rebuild the lost home of that vault from it
+    (``spec``: the location)."""
+
+    def __init__(self, message: str, spec: str) -> None:
+        super().__init__(message)
+        self.spec = spec
+
+
 class VaultBusy(VaultError):
     exit_code = 17
 

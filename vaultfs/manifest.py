@@ -63,6 +63,9 @@ SIGN_LABEL = b"vaultfs/v1/manifest"
 #: JSON body naming the index shards, at most ~28 KiB of signatures); readers refuse an
 #: object listed larger unread and never read more than this plus one byte of one.
 MAX_BYTES = 1 << 20
+#: Why a manifest signed for another vault id is refused; a restore whose every refusal is
+#: this one was given another vault's key (a strategy's master key on a tier's remotes).
+OTHER_VAULT = "manifest belongs to another vault (vault id differs)"
 
 
 @dataclass(frozen=True)
@@ -580,7 +583,7 @@ def decode(keys: VaultKeys, blob: bytes) -> Manifest:
             f"SLH-DSA-{keys.slhdsa_param.upper()}"
         )
     if vid != keys.vault_id:
-        raise IntegrityError("manifest belongs to another vault (vault id differs)")
+        raise IntegrityError(OTHER_VAULT)
     end = HEAD.size + blen
     if len(blob) < end + 2:
         raise IntegrityError("manifest truncated")

@@ -368,6 +368,11 @@ def _rebuild_segment(
         )
     except (ShardsUnavailable, ShardsUndecodable) as e:
         out.lies, out.failed = e.lies, e.message
+        if n == 1:  # docs/format.md 7.5: one copy, no other fragment exists anywhere
+            out.failed += (
+                ": a 1-of-1 segment is one copy and cannot be rebuilt; restore it from "
+                "another tier or a live copy (--source)"
+            )
         return out
     out.lies = got.lies
     for sh, _reason in todo:

@@ -35,6 +35,7 @@ from .errors import (
     Rollback,
     TargetNotEmpty,
     ThawNeeded,
+    WrongKey,
 )
 from .hedging import SPEEDS
 from .index import Index, keyring, manifests, open_shipped, seen_manifest_seq, segments, snapshots
@@ -653,7 +654,15 @@ def find_manifest(
             f"{r.label}: {r.error or (r.bad_manifests[0] if r.bad_manifests else 'no manifest')}"
             for r in reps
         )
-        if any(r.bad_manifests for r in reps):
+        bad = [b for r in reps for b in r.bad_manifests]
+        if bad and all(b.endswith(manifest.OTHER_VAULT) for b in bad):
+            raise WrongKey(
+                f"the remotes hold a vault other than this key's ({details}). A strategy's "
+                "master key opens no tier directly: write the tier's seed with `vaultfs "
+                "strategy seed TIER --out FILE` and give `--seed-file FILE` (drills: `vaultfs "
+                "drill … --tier TIER`)"
+            )
+        if bad:
             raise IntegrityError(f"no validly signed manifest for this key ({details})")
         raise NotEnoughRemotes(f"no manifest found on the given remotes ({details})")
     newest = max(m.seq for m in found.valid.values())
@@ -763,6 +772,8 @@ def _chain_report(keys: VaultKeys, src: ShardSource, found: Branches, index: Ind
     ours = manifests.chain_names(index) | {found.used}
     _read_the_rest(keys, src, found, frozenset(ours))
     found.off_chain = [n for n in found.valid if n not in ours]
+    line = _line_after(found)  # an older manifest asked for: its successors are no fork
+    found.off_chain = [n for n in found.off_chain if n not in line]
     used = found.describe(found.used)
     out = [
         f"fork: the remotes hold another branch, newest {found.describe(n)}; restoring from "
@@ -772,6 +783,25 @@ def _chain_report(keys: VaultKeys, src: ShardSource, found: Branches, index: Ind
     if found.unread:
         out.append(f"{found.unread} manifest name(s) not examined (more than {chain.MAX_READS})")
     return out
+
+
+def _line_after(found: Branches) -> set[str]:
+    """The off-chain manifests that continue the used one's line: its child, that one's
+    child, ... while each has exactly one (a fork is two children of one parent,
+    docs/format.md 10.3). Restoring an ancestor of the newest manifest (``--manifest``)
+    finds them off the ancestor's chain, yet they are its future, not another branch."""
+    children: dict[bytes, list[str]] = defaultdict(list)
+    for n in found.off_chain:
+        prev = found.valid[n].contents.prev
+        if prev is not None:
+            children[prev.hash].append(n)
+    line: set[str] = set()
+    head = found.valid[found.used].hash
+    while len(children.get(head, [])) == 1:
+        (nxt,) = children[head]
+        line.add(nxt)
+        head = found.valid[nxt].hash
+    return line
 
 
 def fetch_index(

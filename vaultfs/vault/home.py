@@ -19,7 +19,14 @@ from pathlib import Path
 from .. import erasure
 from ..backends import open_backend
 from ..chunker import NEW_VAULT_AVG
-from ..errors import InputError, NotEnoughRemotes, NoVault, TargetNotEmpty, VaultBusy
+from ..errors import (
+    InputError,
+    NotEnoughRemotes,
+    NoVault,
+    RemoteHoldsVault,
+    TargetNotEmpty,
+    VaultBusy,
+)
 from ..index import Index, VaultParams, keyring
 from ..index import remotes as remote_table
 from ..keys import SUITE_XWING_AES256GCM, VaultKeys, new_seed, read_keyfile, write_keyfile
@@ -98,9 +105,11 @@ def initialize(
         r.ensure()
         existing = r.list("manifests")
         if existing:
-            raise NoVault(
-                f"remote {r.label} already holds a vault (manifests/ is not empty); "
-                "give an empty location"
+            raise RemoteHoldsVault(
+                f"remote {r.label} already holds a vault (manifests/ is not empty); give an "
+                "empty location, or, if it is the vault whose home this was, rebuild the home "
+                f"from it: `vaultfs home rebuild --home {home} --from {r.label}`",
+                r.spec,
             )
     home.mkdir(parents=True, exist_ok=True)
     lock = take_lock(home)
