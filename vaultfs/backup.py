@@ -6,11 +6,13 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from .errors import InputError
 from .names import SPECIAL_TYPES
-from .vault import Entry, Vault
+
+if TYPE_CHECKING:
+    from .vault import Vault
 
 Progress = Callable[[int], None]
 
@@ -84,6 +86,8 @@ def backup_paths(
     nodes, and names of any bytes (vaultfs/names.py). ``upload`` starts placing the
     shards on the remotes during the commit (the caller flushes next).
     """
+    from .vault import Entry  # here, so that a restore (check_name) needs no Vault
+
     entries: list[Entry] = []
     total = 0
     links: dict[tuple[int, int], Entry] = {}
@@ -144,6 +148,8 @@ def backup_stream(
 ) -> tuple[str, int, int]:
     """Back up one stream as file ``filename`` of a new snapshot; as :func:`backup_paths`."""
     import time
+
+    from .vault import Entry
 
     rel = check_name(filename)
     cids, size = vault.store_stream(stream, progress)
