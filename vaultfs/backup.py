@@ -88,6 +88,7 @@ def backup_paths(
     """
     from .vault import Entry  # here, so that a restore (check_name) needs no Vault
 
+    vault.survey_ahead()  # the remotes answer while the files are read
     entries: list[Entry] = []
     total = 0
     links: dict[tuple[int, int], Entry] = {}
@@ -152,6 +153,7 @@ def backup_stream(
     from .vault import Entry
 
     rel = check_name(filename)
+    vault.survey_ahead()
     cids, size = vault.store_stream(stream, progress)
     parts = rel.split("/")
     now = time.time_ns()
