@@ -23,7 +23,6 @@ import atexit
 import http.client
 import json
 import os
-import posixpath
 import re
 import shutil
 import socket
@@ -630,9 +629,7 @@ class RcJob:
 class RcloneRc(Remote):
     """A backend that talks to the process's shared :class:`RcloneDaemon` (see
     :class:`~vaultfs.backends.Backend` for the contract). ``cat`` is a ranged GET from the
-    daemon's object server (:meth:`RcloneDaemon.read`) where the spec survives its path
-    cleaning (named remotes, SFTP, directories; not a connection string holding a URL);
-    ``put_bytes`` runs the rclone command
+    daemon's object server (:meth:`RcloneDaemon.read`); ``put_bytes`` runs the rclone command
     (:class:`RcloneCommand`): the rc API has no upload from memory. A daemon that died is started again on the next call; while it cannot
     be, calls fail with :class:`Unreachable`."""
 
@@ -700,16 +697,26 @@ class RcloneRc(Remote):
     def cat(self, sub: str, name: str, offset: int = 0, count: int = -1) -> bytes:
         if count == 0:
             return b""
-        path = f"/[{self.spec}]/{sub}/{name}"
-        if "]" in self.spec or posixpath.normpath(path) != path:
-            # the object server names an object "/[spec]/path" and cleans that path first
-            # ("http://" in an endpoint becomes "http:/"): such a spec is read by the command
+        if "]" in self.spec:  # the object server names an object "/[spec]/path"
             return self._command.cat(sub, name, offset, count)
         what = f"read {sub}/{name}"
         try:
             return self._daemon(what).read(self.spec, f"{sub}/{name}", offset, count)
         except RcError as e:
+            if (
+                e.status == 404
+                and offset
+                and self._size(f"{sub}/{name}", what) in range(offset + 1)
+            ):
+                return b""  # S3, WebDAV: a range from the end on comes back as not found
             raise classify(self.label, what, e.message, http_status=e.status) from None
+
+    def _size(self, path: str, what: str) -> int:
+        """The size of object ``path`` (operations/stat); -1 when it does not exist."""
+        out = self._call_absent_ok("operations/stat", {"fs": self.spec, "remote": path}, what)
+        item = out.get("item") if isinstance(out, dict) else None
+        size = item.get("Size") if isinstance(item, dict) else None
+        return size if type(size) is int else -1
 
     def get(self, sub: str, names: list[str], local_dir: Path, max_bytes: int = 0) -> None:
         if not names:
