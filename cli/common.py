@@ -160,7 +160,7 @@ def reflow_help(typer_app: typer.Typer) -> None:
     """Give every command of ``typer_app`` (and of its sub-apps) its docstring as help text
     with each paragraph on one line: typer keeps a docstring's hard line breaks, so help
     wrapped for the source file broke mid-sentence at every other terminal width. Call once
-    its commands are registered (:func:`load_commands`)."""
+    its commands are registered (:meth:`LazyCommands._load`)."""
     infos = [*typer_app.registered_commands]
     for group in typer_app.registered_groups:
         reflow_help(group.typer_instance)
