@@ -1,22 +1,26 @@
 """What every command module shares: the typer app, the consoles, the --home and --json
 options, the passphrase prompt, :func:`open_vault`, the progress bar and the flush report.
 
-Command modules (cli/core.py, cli/restore.py, cli/audit.py, cli/keys.py, cli/mount.py)
-import this module and register their commands on :data:`app`; cli/main.py imports them all
-and runs the app. Nothing here imports a command module, so the imports form no cycle.
+Command modules (cli/core.py, cli/restore.py, cli/audit.py, cli/keys.py, cli/mount.py, ...)
+import this module and register their commands on :data:`app`. They are imported lazily, when
+a command of theirs is looked up (:class:`LazyCommands`, :data:`COMMANDS`): `vaultfs restore`
+pays for the restore's imports only, not for the knowledge base's or the mount's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+import typer.core
+import typer.main
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -29,21 +33,104 @@ from rich.progress import (
 )
 
 from cli.early import secret
-from vaultfs import strategy
 from vaultfs.errors import EXIT_PARTIAL, InputError, NoVault, StaleBase
 from vaultfs.index import manifests
 from vaultfs.keys import VaultKeys, parse_seed, read_keyfile
 from vaultfs.manifest import Link
-from vaultfs.strategy import Strategy
-from vaultfs.vault import Vault, default_home
+
+if TYPE_CHECKING:  # imported where used: a restore from the remotes alone needs neither
+    from vaultfs.strategy import Strategy
+    from vaultfs.vault import Vault
+
+#: Each command and command group of `vaultfs`, in the order `vaultfs --help` lists them,
+#: and the module that registers it on :data:`app` (tests/test_cli.py checks the map against
+#: what the modules register).
+COMMANDS: dict[str, str] = {
+    "init": "cli.core",
+    "backup": "cli.core",
+    "flush": "cli.core",
+    "snapshots": "cli.core",
+    "ls": "cli.core",
+    "status": "cli.core",
+    "restore": "cli.restore",
+    "verify": "cli.audit",
+    "repair": "cli.audit",
+    "prune": "cli.audit",
+    "reencrypt": "cli.keys",
+    "receipt": "cli.keys",
+    "mount": "cli.mount",
+    "umount": "cli.mount",
+    "forget": "cli.routine",
+    "run": "cli.routine",
+    "drill": "cli.drill_cmd",
+    "remote": "cli.audit",
+    "graph": "cli.graph_cmd",
+    "keys": "cli.keys",
+    "snapshot": "cli.mount",
+    "kb": "cli.kb_cmd",
+    "home": "cli.home_cmd",
+    "schedule": "cli.routine",
+    "strategy": "cli.strategy_cmd",
+}
+
+
+class LazyCommands(typer.core.TyperGroup):
+    """The top-level command group of :data:`app`: it knows every command's name from
+    :data:`COMMANDS` and imports the module that registers a command the first time the
+    command is looked up, so a run imports only what its command needs. `vaultfs --help`
+    looks up (and imports) them all; so does an unknown name, for the "did you mean"."""
+
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(
+        self, ctx: typer.Context, cmd_name: str
+    ) -> typer.core.TyperCommand | typer.core.TyperGroup | None:
+        if cmd_name not in self.commands:
+            wanted = COMMANDS.get(cmd_name)
+            for module in [wanted] if wanted else sorted(set(COMMANDS.values())):
+                self._load(module)
+        return self.commands.get(cmd_name)
+
+    def _load(self, module: str) -> None:
+        """Import ``module`` (it registers its commands on :data:`app`) and add what it
+        registered, help texts reflowed, as click commands."""
+        importlib.import_module(module)
+        reflow_help(app)
+        opts = {
+            "pretty_exceptions_short": app.pretty_exceptions_short,
+            "rich_markup_mode": app.rich_markup_mode,
+        }
+        for info in app.registered_commands:
+            if (
+                info.name or typer.main.get_command_name(info.callback.__name__)
+            ) not in self.commands:
+                cmd = typer.main.get_command_from_info(info, **opts)
+                self.commands[cmd.name] = cmd
+        for group in app.registered_groups:
+            if group.name not in self.commands:
+                self.commands[group.name] = typer.main.get_group_from_info(
+                    group, suggest_commands=app.suggest_commands, **opts
+                )
+
 
 app = typer.Typer(
     name="vaultfs",
+    cls=LazyCommands,
     help="An encrypted, erasure-coded, post-quantum vault over rclone remotes.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _vaultfs() -> None:
+    # Typer makes a group (not a single command) of an app with a callback; the commands
+    # come from LazyCommands, so without this the app would have nothing to make one of.
+    pass
+
+
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
@@ -73,7 +160,7 @@ def reflow_help(typer_app: typer.Typer) -> None:
     """Give every command of ``typer_app`` (and of its sub-apps) its docstring as help text
     with each paragraph on one line: typer keeps a docstring's hard line breaks, so help
     wrapped for the source file broke mid-sentence at every other terminal width. Call once
-    every command is registered (cli/main.py)."""
+    its commands are registered (:meth:`LazyCommands._load`)."""
     infos = [*typer_app.registered_commands]
     for group in typer_app.registered_groups:
         reflow_help(group.typer_instance)
@@ -88,7 +175,11 @@ def reflow_help(typer_app: typer.Typer) -> None:
 
 def home_dir(home: Path | None) -> Path:
     """The vault's local state directory: --home, else $VAULTFS_HOME or the XDG data dir."""
-    return (home or default_home()).expanduser()
+    if home is None:
+        from vaultfs.vault import default_home
+
+        home = default_home()
+    return home.expanduser()
 
 
 def passphrase(
@@ -140,6 +231,8 @@ def new_passphrase(i_know: bool, env: str = "VAULTFS_PASSPHRASE", label: str = "
 def load_strategy(home: Path | None, path: Path | None) -> Strategy:
     """The strategy of --strategy ``path``, else the home's strategy.yaml (docs/operations.md,
     Tiers), validated; its tiers live under the home. ConfigError/InputError otherwise."""
+    from vaultfs import strategy
+
     h = home_dir(home)
     return strategy.load(path or strategy.default_path(h), h)
 
@@ -153,6 +246,8 @@ def open_vault(
     commit) for commands that write; reading commands pass False. The key is ``keys`` if
     given, else the keyfile unlocked with :func:`passphrase`. Errors are VaultErrors, which
     cli/main.py turns into one sentence and an exit code."""
+    from vaultfs.vault import Vault
+
     pw = passphrase() if keys is None else None
     with Vault.open(home_dir(home), pw, keys=keys, lock=lock) as v:
         yield v

@@ -1,10 +1,11 @@
-"""The `vaultfs` command line (typer + rich): import every command module, run the app.
+"""The `vaultfs` command line (typer + rich): run the app.
 
 Commands live in their own modules and register on ``cli.common.app``: cli/core.py (init,
 backup, flush, snapshots, ls, status), cli/restore.py, cli/audit.py (verify, repair, prune,
 remote), cli/keys.py (keys, reencrypt, receipt), cli/mount.py (mount, umount, snapshot),
 cli/routine.py (forget, run, schedule), cli/home_cmd.py (home rebuild), cli/drill_cmd.py
-(drill), cli/strategy_cmd.py (strategy).
+(drill), cli/strategy_cmd.py (strategy), cli/graph_cmd.py, cli/kb_cmd.py. The app imports a
+module when one of its commands is looked up (cli.common.COMMANDS), not before.
 Exit codes: see vaultfs/errors.py.
 """
 
@@ -18,25 +19,8 @@ if __name__ == "__main__":  # `python -m cli.main`: start unlocking before the h
 
     early.start(sys.argv)
 
-from cli.common import app, err, reflow_help  # noqa: E402
+from cli.common import app, err  # noqa: E402
 from vaultfs.errors import VaultError  # noqa: E402
-
-# Each import registers that module's commands on `app`, in the order `vaultfs --help` lists.
-# isort: off
-import cli.core  # noqa: E402,F401
-import cli.restore  # noqa: E402,F401
-import cli.audit  # noqa: E402,F401
-import cli.graph_cmd  # noqa: E402,F401
-import cli.keys  # noqa: E402,F401
-import cli.mount  # noqa: E402,F401
-import cli.kb_cmd  # noqa: E402,F401
-import cli.home_cmd  # noqa: E402,F401
-import cli.routine  # noqa: E402,F401
-import cli.drill_cmd  # noqa: E402,F401
-import cli.strategy_cmd  # noqa: E402,F401
-
-# isort: on
-reflow_help(app)
 
 
 def main() -> None:

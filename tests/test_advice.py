@@ -12,6 +12,7 @@ import pytest
 from typer.main import get_command
 
 import cli.main
+from cli.common import COMMANDS
 
 ROOT = Path(__file__).resolve().parent.parent
 #: `vaultfs …` between backquotes, as messages and docstrings quote a command to run
@@ -19,6 +20,8 @@ QUOTED = re.compile(r"`(vaultfs [^`]+)`")
 #: a word that names a command or a choice of them (add|remove, add/remove)
 WORDS = re.compile(r"^[a-z][a-z-]*(?:[|/][a-z][a-z-]*)*$")
 APP = get_command(cli.main.app)
+for _name in COMMANDS:  # the app imports a command's module when it is first looked up
+    APP.get_command(None, _name)
 
 
 def _strings(path: Path) -> list[tuple[int, str]]:

@@ -232,3 +232,32 @@ def test_a_commit_made_offline_is_checked_again_and_never_placed_when_stale(tmp_
     rep = json.loads(_restore(tmp_path, home, remotes, "out").stdout)
     assert rep["seq"] == 4 and [f["seq"] for f in rep["fork"]] == [3]
     assert {s["seq"] for s in rep["snapshots"]} == {1, 2, 4}  # the offline snapshot is kept
+
+
+def test_a_backup_surveys_as_it_starts_and_the_flush_still_refuses_a_newer_manifest(tmp_path):
+    """The commit's base check runs beside the backup's reading (Vault.survey_ahead); a
+    manifest another writer places after that survey goes unseen by the commit, but the
+    flush surveys again and never places a manifest on the now stale base (invariant 7)."""
+    import io
+    import time
+
+    from vaultfs.vault import Entry, Vault
+
+    home, remotes = _init(tmp_path, 3, 2)
+    src = tmp_path / "src"
+    src.mkdir()
+    _backup(home, src, "base\n")
+    other = tmp_path / "other-home"
+    shutil.copytree(home, other)
+    with Vault.open(home, PASSPHRASE) as v:
+        assert v.survey_ahead()().others == []  # the base is current when the backup starts
+        theirs = _backup(other, src, "other writer\n")  # ...and stale before it commits
+        names = {p.name for r in remotes for p in (Path(r) / "manifests").iterdir()}
+        cids, size = v.store_stream(io.BytesIO(b"mine\n"))
+        _uid, seq = v.commit([Entry("doc.txt", "f", 0o644, time.time_ns(), size=size, cids=cids)])
+        assert seq == theirs["seq"] == 2
+        rep = v.flush(quorum=True)
+        assert rep.stale_base.startswith("manifest not placed"), rep
+    assert {p.name for r in remotes for p in (Path(r) / "manifests").iterdir()} == names
+    refused = _backup(home, src, "again\n", check=21)["stderr"]
+    assert f"#2/{theirs['manifest_hash']}" in refused

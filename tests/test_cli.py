@@ -340,3 +340,43 @@ def test_mount_helper_takes_what_mount8_passes():
                 ["/h", "/mnt", "-o", "cache_size="]):  # fmt: skip
         with pytest.raises(ValueError):
             parse(bad)
+
+
+def test_a_command_imports_only_its_module_and_the_map_is_complete():
+    """`vaultfs restore --help` imports cli/restore.py and none of the other command modules
+    (nor the mount, the knowledge base or psycopg); once every module is imported, the
+    commands they registered are exactly cli.common.COMMANDS, in its order."""
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from cli.common import COMMANDS, app\n"
+        "sys.argv = ['vaultfs', 'restore', '--help']\n"
+        "try:\n"
+        "    app()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(' '.join(sorted(sys.modules)), file=sys.stderr)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, env=env, cwd=root, check=True
+    )
+    loaded = set(proc.stderr.decode().split())
+    assert "cli.restore" in loaded
+    from cli.common import COMMANDS
+
+    others = set(COMMANDS.values()) - {"cli.restore"}
+    assert not others & loaded, others & loaded
+    assert not {"psycopg", "vaultfs.fs", "vaultfs.kb", "vaultfs.vault"} & loaded
+
+    import importlib
+
+    from cli.common import app
+
+    for module in set(COMMANDS.values()):
+        importlib.import_module(module)
+    registered = [i.name or i.callback.__name__ for i in app.registered_commands]
+    registered += [g.name for g in app.registered_groups]
+    assert sorted(registered) == sorted(COMMANDS)

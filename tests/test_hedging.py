@@ -17,7 +17,7 @@ from helpers import tree_digest
 from bench.netem import Link
 from vaultfs.backends import open_backend
 from vaultfs.backup import backup_paths
-from vaultfs.hedging import BULK_BYTES, SLOW_FACTOR, Speeds
+from vaultfs.hedging import BULK_BYTES, SLOW_FACTOR, SLOW_GAP, Speeds
 from vaultfs.restore import ShardSource, open_remote_index, restore_files
 from vaultfs.vault import Vault
 
@@ -42,6 +42,11 @@ def test_unknown_remotes_are_fast_and_a_measured_slow_one_is_not():
     s.forget()
     s.observe("a", 0, 0.05)
     s.observe("b", 0, 0.05 * SLOW_FACTOR * 0.9)
+    assert s.tiers(["a", "b"], 0) == {"a": 0, "b": 0}
+    # and calls of milliseconds are all fast, whatever their ratio (local, LAN, pooled)
+    s.forget()
+    s.observe("a", 0, 0.002)
+    s.observe("b", 0, 0.002 + SLOW_GAP * 0.9)
     assert s.tiers(["a", "b"], 0) == {"a": 0, "b": 0}
 
 

@@ -6,11 +6,13 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from .errors import InputError
 from .names import SPECIAL_TYPES
-from .vault import Entry, Vault
+
+if TYPE_CHECKING:
+    from .vault import Vault
 
 Progress = Callable[[int], None]
 
@@ -84,6 +86,9 @@ def backup_paths(
     nodes, and names of any bytes (vaultfs/names.py). ``upload`` starts placing the
     shards on the remotes during the commit (the caller flushes next).
     """
+    from .vault import Entry  # here, so that a restore (check_name) needs no Vault
+
+    vault.survey_ahead()  # the remotes answer while the files are read
     entries: list[Entry] = []
     total = 0
     links: dict[tuple[int, int], Entry] = {}
@@ -147,9 +152,12 @@ def backup_stream(
     077`` before ``pg_dump | vaultfs backup --stdin``: readable by the owner only)."""
     import time
 
+    from .vault import Entry
+
     rel = check_name(filename)
     mask = os.umask(0o077)  # read it (no getter); the file is made as the shell would
     os.umask(mask)
+    vault.survey_ahead()
     cids, size = vault.store_stream(stream, progress)
     parts = rel.split("/")
     now = time.time_ns()

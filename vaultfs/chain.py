@@ -21,6 +21,7 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from . import manifest
@@ -89,8 +90,20 @@ def survey(keys: VaultKeys, index: Index, remotes: Iterable[Backend]) -> Survey:
     """List ``manifests/`` on every remote once (all at once) and read, newest first, the
     names this chain does not know; a remote that fails to list is skipped (reported in
     ``errors``). Never writes to a remote."""
-    known = manifests.chain_names(index)
-    remotes = list(remotes)
+    return _survey(keys, manifests.chain_names(index), list(remotes))
+
+
+def survey_ahead(keys: VaultKeys, index: Index, remotes: Iterable[Backend]) -> Callable[[], Survey]:
+    """Start :func:`survey` on a thread now (against the chain as the index holds it now);
+    the returned function waits for it and returns its :class:`Survey`. For a caller with
+    other work to do while slow remotes answer (a backup reads its files meanwhile)."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="survey")
+    pending = pool.submit(_survey, keys, manifests.chain_names(index), list(remotes))
+    pool.shutdown(wait=False)
+    return pending.result
+
+
+def _survey(keys: VaultKeys, known: set[str], remotes: list[Backend]) -> Survey:
     out = Survey()
     listed: dict[str, list[tuple[Backend, int]]] = defaultdict(list)
     lock = threading.Lock()

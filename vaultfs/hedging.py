@@ -9,7 +9,8 @@ from reads of at least :data:`BULK_BYTES`). A remote with no observation yet is 
 as fast as the best one: it is asked, and then measured.
 
 :func:`tier` puts a remote in the *slow* tier when its expected time is more than
-:data:`SLOW_FACTOR` times the best of the remotes that could serve the same read; a reader
+:data:`SLOW_FACTOR` times the best of the remotes that could serve the same read, and more
+than :data:`SLOW_GAP` above it; a reader
 asks the fast tier first and the slow one only for what the fast one cannot give. The factor
 is wide on purpose: remotes within a few times of each other are all "fast", so the usual
 order (local copies, then data fragments, which decode by copying) decides among them and
@@ -26,8 +27,11 @@ from dataclasses import dataclass
 BULK_BYTES = 256 * 1024
 #: Weight of a new observation in the running means.
 ALPHA = 0.3
-#: A remote expected to take more than this many times the best is in the slow tier.
+#: A remote expected to take more than this many times the best is in the slow tier...
 SLOW_FACTOR = 3.0
+#: ...and at least this many seconds more: calls of a few milliseconds (a local directory,
+#: a LAN, the rclone daemon's pooled connections) differ by multiples from noise alone.
+SLOW_GAP = 0.05
 
 
 @dataclass
@@ -82,7 +86,8 @@ class Speeds:
         if not known:
             return dict.fromkeys(specs, 0)
         best = min(known.values())
-        return {s: int(s in known and known[s] > SLOW_FACTOR * best) for s in specs}
+        slow = max(SLOW_FACTOR * best, best + SLOW_GAP)
+        return {s: int(s in known and known[s] > slow) for s in specs}
 
     def forget(self) -> None:
         """Drop every observation (tests; a long-lived process whose network changed)."""

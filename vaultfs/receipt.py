@@ -31,6 +31,7 @@ import base64
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import blake3
 from cryptography.exceptions import InvalidSignature
@@ -41,7 +42,9 @@ from .index import manifests, segments, snapshots
 from .index import remotes as remote_table
 from .keys import SLHDSA_128F, SLHDSA_128S, SUITES, VaultKeys, slhdsa_field, verify_slhdsa
 from .remotes import Remote
-from .vault import Vault
+
+if TYPE_CHECKING:
+    from .vault import Vault
 
 FORMAT = "vaultfs-receipt"
 RECEIPT_LABEL = b"vaultfs/v1/receipt"

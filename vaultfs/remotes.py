@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 from .errors import BadRemote, ObjectMissing, RemoteError, ThawNeeded, Unreachable, VaultError
@@ -287,6 +288,7 @@ class RcloneDaemon:
         self.dir = tempfile.mkdtemp(prefix=f"{RCD_PREFIX}{os.getpid()}-")  # mode 0700
         self.sock = os.path.join(self.dir, "rc.sock")
         cmd = [rclone_binary(), "rcd", "-q", f"--rc-addr=unix://{self.sock}", "--rc-no-auth"]
+        cmd.append("--rc-serve")  # objects by GET, with ranges: :meth:`read`
         cmd += self.FLAGS
         setpriv = shutil.which("setpriv")
         if setpriv:
@@ -362,6 +364,39 @@ class RcloneDaemon:
                 time.sleep(0.005)
         except RcError:
             return
+
+    def read(self, fs: str, remote: str, offset: int, count: int, timeout: float = 600) -> bytes:
+        """Bytes ``[offset, offset + count)`` of object ``remote`` of ``fs`` (``count`` < 0:
+        to its end), through the daemon's object server (``--rc-serve``): one ranged GET on
+        the connections the daemon keeps open to the remote, instead of a new rclone process
+        and a new connection per read. A range past the end reads empty (HTTP 416); any
+        other failure raises :class:`RcError` with its HTTP status (404: no such object)."""
+        path = "/" + urllib.parse.quote(f"[{fs}]/{remote}")
+        headers = {}
+        if offset or count >= 0:
+            last = str(offset + count - 1) if count >= 0 else ""
+            headers["Range"] = f"bytes={offset}-{last}"
+        conn = _UnixHTTPConnection(self.sock, timeout)
+        try:
+            conn.request("GET", path, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise RcError(f"rclone rcd unreachable: {e}", 0) from None
+        finally:
+            conn.close()
+        if resp.status == 416:
+            return b""
+        if resp.status not in (200, 206):
+            text = data[:2000].decode(errors="replace").strip()
+            try:
+                text = str(json.loads(text).get("error") or text)
+            except (ValueError, AttributeError):
+                pass
+            raise RcError(text or f"HTTP {resp.status}", resp.status)
+        if resp.status == 200 and (offset or count >= 0):  # a server that ignored the range
+            data = data[offset:] if count < 0 else data[offset : offset + count]
+        return data
 
     def call(self, method: str, params: dict, timeout: float = 3600) -> dict:
         """POST one rc call; returns its JSON result or raises :class:`RcError`."""
@@ -637,9 +672,9 @@ class RcJob:
 
 class RcloneRc(Remote):
     """A backend that talks to the process's shared :class:`RcloneDaemon` (see
-    :class:`~vaultfs.backends.Backend` for the contract). ``cat`` and ``put_bytes`` run the
-    rclone command (:class:`RcloneCommand`): the rc API has neither a ranged read nor an
-    upload from memory. A daemon that died is started again on the next call; while it cannot
+    :class:`~vaultfs.backends.Backend` for the contract). ``cat`` is a ranged GET from the
+    daemon's object server (:meth:`RcloneDaemon.read`); ``put_bytes`` runs the rclone command
+    (:class:`RcloneCommand`): the rc API has no upload from memory. A daemon that died is started again on the next call; while it cannot
     be, calls fail with :class:`Unreachable`."""
 
     def __init__(self, spec: str, rid: int | None = None) -> None:
@@ -704,7 +739,28 @@ class RcloneRc(Remote):
         return _tree([(o["Path"], o["Size"]) for o in self._list("", True)], subs)
 
     def cat(self, sub: str, name: str, offset: int = 0, count: int = -1) -> bytes:
-        return self._command.cat(sub, name, offset, count)
+        if count == 0:
+            return b""
+        if "]" in self.spec:  # the object server names an object "/[spec]/path"
+            return self._command.cat(sub, name, offset, count)
+        what = f"read {sub}/{name}"
+        try:
+            return self._daemon(what).read(self.spec, f"{sub}/{name}", offset, count)
+        except RcError as e:
+            if (
+                e.status == 404
+                and offset
+                and self._size(f"{sub}/{name}", what) in range(offset + 1)
+            ):
+                return b""  # S3, WebDAV: a range from the end on comes back as not found
+            raise classify(self.label, what, e.message, http_status=e.status) from None
+
+    def _size(self, path: str, what: str) -> int:
+        """The size of object ``path`` (operations/stat); -1 when it does not exist."""
+        out = self._call_absent_ok("operations/stat", {"fs": self.spec, "remote": path}, what)
+        item = out.get("item") if isinstance(out, dict) else None
+        size = item.get("Size") if isinstance(item, dict) else None
+        return size if type(size) is int else -1
 
     def get(self, sub: str, names: list[str], local_dir: Path, max_bytes: int = 0) -> None:
         if not names:

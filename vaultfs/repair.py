@@ -783,6 +783,11 @@ def _delete_replaced(
     them), on reachable active remotes; an object the index names again is kept. While the
     remotes hold manifests off this index's chain (a fork), replaced objects are kept too:
     the other branch may use them (docs/design.md, invariant 8)."""
+    strays: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for rid, sub, name in audit_table.foreign(vault.index):
+        strays[rid][sub].append(name)
+    if not old_objects and not strays:  # a lost remote's repair: nothing to delete or keep
+        return
     doomed: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     found = chain.survey(vault.keys, vault.index, vault.remotes())
     report.fork = found.describe()
@@ -790,9 +795,6 @@ def _delete_replaced(
         for path, rid in old_objects:
             sub, name = path.split("/", 1)
             doomed[rid][sub].append(name)
-    strays: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
-    for rid, sub, name in audit_table.foreign(vault.index):
-        strays[rid][sub].append(name)
     still = segment_table.object_names(vault.index) | found.referenced(
         lambda m: remote_index_description(vault, m)
     )

@@ -214,8 +214,9 @@ class ShardSource:
         if self._ahead is None:
             return
         jobs, self._ahead = self._ahead.result(), None
-        for _into, _r, job in jobs:
-            job.stop()
+        if jobs:  # all at once: each stop waits for its transfer to end (a round trip or so)
+            with ThreadPoolExecutor(len(jobs)) as ex:
+                list(ex.map(lambda j: j[2].stop(), jobs))
         staged: dict[str, Fetched] = {}
         for into, r, _job in jobs:
             for f in into.glob("*"):

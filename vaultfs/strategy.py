@@ -52,8 +52,6 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psycopg
-from psycopg.conninfo import conninfo_to_dict
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
@@ -458,6 +456,9 @@ def _sources(at: _At, doc: CommentedMap, base: Path) -> list[Source]:
             dsn, tool = value.get("dsn"), value.get("pg_dump", "pg_dump")
             if not isinstance(dsn, str) or not dsn:
                 raise at.fail(item, kind, where + ".pg.dsn", "missing: the database's DSN")
+            import psycopg  # a tenth of a second to import; only a pg source needs it
+            from psycopg.conninfo import conninfo_to_dict
+
             try:
                 conninfo_to_dict(dsn)
             except psycopg.ProgrammingError as e:

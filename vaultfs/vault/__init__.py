@@ -35,7 +35,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import BinaryIO
 
-from .. import segment
+from .. import chain, segment
 from ..backends import Backend, Paces, open_backend
 from ..chunker import Chunker
 from ..index import Index, VaultParams, keyring
@@ -305,6 +305,11 @@ class Vault:
         durable locally. Raises StaleBase on a stale base unless ``fork``
         (:meth:`Committer.commit`)."""
         return self.committer.commit(entries, name, prepush, kb=kb, fork=fork)
+
+    def survey_ahead(self) -> Callable[[], chain.Survey]:
+        """Start the next :meth:`commit`'s base check now, beside the caller's work before it;
+        returns a function that waits for it (:meth:`Committer.survey_ahead`)."""
+        return self.committer.survey_ahead()
 
     def ship_index(self) -> int:
         """Export and sign the index as a new manifest without recording a snapshot; returns

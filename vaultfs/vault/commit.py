@@ -15,7 +15,10 @@ The chain (docs/format.md 10.3): each manifest's ``prev`` is this index's newest
 reachable remotes (:mod:`vaultfs.chain`) and refuses a stale base (StaleBase), or with
 ``fork`` records an explicit fork above the remotes' newest manifest. With no remote
 reachable the commit goes ahead: the flush checks again before any manifest is placed
-(:meth:`vaultfs.vault.uploads.UploadQueue.flush`).
+(:meth:`vaultfs.vault.uploads.UploadQueue.flush`). A backup starts that survey as it begins
+(:meth:`Committer.survey_ahead`), so a slow remote's answer arrives while the files are read
+rather than after; a manifest another writer places meanwhile is still found by the flush's
+survey, which guards the placement (invariant 7).
 
 Index objects: new meta segments are recorded before the manifest naming them is written; a crash between
 the two leaves segments no manifest names, which recovery drops
@@ -97,6 +100,16 @@ class Committer:
         self.queue = queue
         self.remotes = remotes
         self.prepush = prepush
+        #: the base check's survey, started by :meth:`survey_ahead` for the next commit
+        self._ahead: Callable[[], chain.Survey] | None = None
+
+    def survey_ahead(self) -> Callable[[], chain.Survey]:
+        """Start the next commit's base check now, on a thread (:func:`chain.survey_ahead`),
+        for a caller with work to do before it commits (a backup reading its files). The
+        commit then uses what it found instead of surveying the remotes itself; the returned
+        function waits for the survey and returns it."""
+        self._ahead = chain.survey_ahead(self.keys, self.index, self.remotes())
+        return self._ahead
 
     @property
     def epoch(self) -> int:
@@ -153,7 +166,8 @@ class Committer:
         """Survey the reachable remotes; the link to record as an explicit fork, or None when
         the base is current (or no remote answered: the flush checks again). Raises
         StaleBase on a stale base without ``fork``."""
-        found = chain.survey(self.keys, self.index, self.remotes())
+        ahead, self._ahead = self._ahead, None
+        found = ahead() if ahead else chain.survey(self.keys, self.index, self.remotes())
         if found.reachable:
             manifests.note_fork(self.index, found.describe())
         stale = found.stale(self.index)
