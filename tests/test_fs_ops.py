@@ -1003,6 +1003,32 @@ def test_the_read_cache_is_filled_on_read_and_kept_on_write_and_survives_a_crash
     assert h.run(read)["hits"]
 
 
+def test_small_reads_served_in_the_fuse_loop_never_return_altered_bytes(make_harness) -> None:
+    h = make_harness()
+    data = random.Random(10).randbytes(4 * BS)
+
+    async def body(d: Driver) -> None:
+        await d.write_file(b"f", data)
+        await d.fs.drain()  # stored: its chunks are in the read cache, pages tagged
+        fh = await d.open(b"f", os.O_RDONLY)
+        reads, cache = d.fs.read_stats, d.fs.readcache
+        assert await d.fs.read(fh, 5000, 4096) == data[5000:9096]
+        assert reads["inline"] == 1  # answered in the FUSE loop, no worker thread
+        # a byte of those pages altered on disk under the running mount
+        (pack,) = (h.home / "readcache").iterdir()
+        raw = bytearray(pack.read_bytes())
+        at = raw.find(data[6000:6100])
+        raw[at] ^= 0xFF
+        pack.write_bytes(bytes(raw))
+        assert await d.fs.read(fh, 5000, 4096) == data[5000:9096]
+        assert reads["inline"] == 1 and cache.stats()["discarded"] == 1
+        assert d.fs.reader.stats["range_reads"] == 1  # read again from the vault
+        assert await d.fs.read(fh, 0, len(data)) == data
+        await d.fs.release(fh)
+
+    h.run(body)
+
+
 def test_the_read_cache_stays_within_a_small_budget(make_harness) -> None:
     budget = 3 * 32 * 1024
     h = make_harness(read_cache_size=budget)

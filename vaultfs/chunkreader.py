@@ -220,11 +220,12 @@ class ChunkReader:
 
     def _serve(self, cids: Sequence[bytes], inline: bool) -> None:
         """Fetch claimed ``cids``: the read cache's hits at once, the misses from the vault
-        (the first here when ``inline``, the rest on the pool)."""
+        (the first here when ``inline``, the rest on the pool). A read of one or two chunks
+        (random access, not a stream) has their pages tagged, for later small reads."""
         if not cids:
             return
         try:
-            hits = self.cache.get_many(cids)
+            hits = self.cache.get_many(cids, tag=len(cids) <= 2)
         except BaseException as e:
             for c in cids:
                 self._settle(c, None, e)

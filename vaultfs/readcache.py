@@ -156,12 +156,14 @@ class ReadCache:
     # -- reads ---------------------------------------------------------------------------------
     def get(self, cid: bytes) -> bytes | None:
         """The chunk's plaintext if cached and intact, else None (a damaged record is
-        forgotten)."""
-        return self.get_many([cid]).get(cid)
+        forgotten). Its pages are tagged for :meth:`peek`."""
+        return self.get_many([cid], tag=True).get(cid)
 
-    def get_many(self, cids: Sequence[bytes]) -> dict[bytes, bytes]:
+    def get_many(self, cids: Sequence[bytes], tag: bool = False) -> dict[bytes, bytes]:
         """The cached and intact chunks of ``cids``: records next to each other in a pack are
-        read with one ``pread``. Chunks missing from the result are misses."""
+        read with one ``pread``. Chunks missing from the result are misses. With ``tag``,
+        chunks whose pages have no tags yet get them (worth it for small random reads, which
+        :meth:`peek` then serves; not for a stream)."""
         with self._lock:
             found = [(c, e) for c in dict.fromkeys(cids) if (e := self._map.get(c)) is not None]
             self.misses += len(set(cids)) - len(found)
@@ -188,13 +190,14 @@ class ReadCache:
             view = memoryview(span)
             for c, e in found[i:j]:
                 data = bytes(view[e.off - first.off : e.off - first.off + e.length])
-                if len(data) == e.length and self._verified(c, e, data):
+                if len(data) == e.length and self._verified(c, e, data, tag):
                     out[c] = data
             i = j
         return out
 
-    def _verified(self, cid: bytes, e: _Entry, data: bytes) -> bool:
-        """Check a whole chunk read from its record; a failure forgets the record."""
+    def _verified(self, cid: bytes, e: _Entry, data: bytes, tag: bool) -> bool:
+        """Check a whole chunk read from its record (and tag its pages if ``tag``); a
+        failure forgets the record."""
         if self.chunk_id(data) != cid:
             with self._lock:
                 if self._map.get(cid) is e:
@@ -202,13 +205,13 @@ class ReadCache:
                 self.misses += 1
                 self.discarded += 1
             return False
-        tags = e.tags if e.tags is not None else self._tags(data)
+        tags = e.tags if e.tags is not None or not tag else self._tags(data)
         with self._lock:
             self.hits += 1
             e.tags = tags
             stale = self._doomed(e.pack)
         if stale:  # about to be evicted with its pack while in use: keep it
-            self._append(cid, data, tags)
+            self._append(cid, data, tags if tags is not None else self._tags(data))
         return True
 
     def peek(self, cid: bytes, lo: int, hi: int, wait: bool = False) -> bytes | None:
@@ -233,6 +236,9 @@ class ReadCache:
             return None
         if got != want:
             return None
+        if wait:  # the disk was read: have the kernel bring in the rest of the chunk meanwhile,
+            # so the neighbouring pages are in the page cache the next time (no extra wait)
+            os.posix_fadvise(pack.fd, off, length, os.POSIX_FADV_WILLNEED)
         view = memoryview(buf)
         for p in range(p0, p1):
             page = view[(p - p0) * PAGE : (p - p0 + 1) * PAGE]
