@@ -4,7 +4,8 @@ memory, the local read cache, or range reads of just the data-shard bytes that h
 Where a chunk comes from, first hit wins:
 
 1. a small in-memory LRU of recently read chunks (``memory`` bytes);
-2. the local read cache (:mod:`vaultfs.readcache`, on disk, checked against the chunk id);
+2. the local read cache (:mod:`vaultfs.readcache`, pack files on disk, every hit checked:
+   a whole chunk against its id, a few pages against their in-memory tags);
 3. a **range read**: the code is systematic (docs/format.md 7.3), so data shard *i* of a
    segment holds segment bytes [i·P, (i+1)·P) at object offset 5 + 80, whitened; the reader
    fetches only the 64 KiB Merkle blocks of the data shards that cover the chunk's record,
@@ -20,9 +21,12 @@ Where a chunk comes from, first hit wins:
    shards.
 
 Every chunk fetched from the vault goes into the memory LRU and the read cache. Fetches run on
-a pool of worker threads (never the FUSE loop): :meth:`ChunkReader.read_many` fetches the
-chunks of one request in parallel and :meth:`ChunkReader.prefetch` starts read-ahead without
-waiting; a chunk being fetched is fetched once, whoever asks for it.
+a pool of worker threads (never the FUSE loop): :meth:`ChunkReader.read_many` reads the read
+cache's hits of one request in one pass and fetches the rest in parallel, and
+:meth:`ChunkReader.prefetch` starts read-ahead in jobs of neighbouring chunks without
+waiting; a chunk being fetched is fetched once, whoever asks for it. Only
+:meth:`ChunkReader.read_inline` runs in the FUSE loop: memory slices, and pages the read cache
+can check and read without waiting for the disk.
 """
 
 from __future__ import annotations
@@ -115,7 +119,7 @@ class ChunkReader:
         """Plaintexts of ``cids`` (in order): from memory, then the read cache in one pass
         (neighbouring records with one ``pread``), the rest fetched in parallel: the first in
         the calling thread (a single chunk costs no hand-over), the others on the pool."""
-        out: list[bytes | None] = [self._from_memory(c) for c in cids]
+        out = self._from_memory(cids)
         missing = list(dict.fromkeys(c for c, got in zip(cids, out, strict=True) if got is None))
         futures, mine = self._claim(missing)
         self._serve(mine, inline=True)
@@ -151,8 +155,8 @@ class ChunkReader:
         the FUSE loop."""
         pieces: list[bytes | memoryview] = []
         peeked = 0
-        for c, lo, hi in parts:
-            data = self._from_memory(c)
+        mem = self._from_memory([c for c, _lo, _hi in parts])
+        for (c, lo, hi), data in zip(parts, mem, strict=True):
             if data is not None:
                 pieces.append(memoryview(data)[lo:hi])
                 continue
@@ -197,12 +201,15 @@ class ChunkReader:
         return b"".join(memoryview(d)[lo:hi] for d, (_c, lo, hi) in zip(datas, parts, strict=True))
 
     # -- plumbing ------------------------------------------------------------------------------
-    def _from_memory(self, cid: bytes) -> bytes | None:
+    def _from_memory(self, cids: Sequence[bytes]) -> list[bytes | None]:
+        """The memory LRU's copy of each of ``cids`` (None if not there), under one take of
+        the lock: the FUSE loop must not queue behind the workers once per chunk."""
         with self._lock:
-            data = self._mem.get(cid)
-            if data is not None:
-                self._mem.move_to_end(cid)
-            return data
+            out = [self._mem.get(c) for c in cids]
+            for c, data in zip(cids, out, strict=True):
+                if data is not None:
+                    self._mem.move_to_end(c)
+        return out
 
     def _claim(self, cids: Sequence[bytes]) -> tuple[dict[bytes, Future], list[bytes]]:
         """The future of each of ``cids``, and those of them the caller now fetches (not
