@@ -258,8 +258,8 @@ class ChunkReader:
         except BaseException as e:  # handed to every waiter
             self._settle(cid, None, e)
             return
+        self._settle(cid, data, None)  # waiters first: keeping it on disk can follow
         self.cache.put(cid, data)
-        self._settle(cid, data, None)
 
     def _settle(self, cid: bytes, data: bytes | None, exc: BaseException | None) -> None:
         """Keep a claimed chunk in memory and wake its waiters."""

@@ -33,6 +33,7 @@ bookkeeping is under a lock, the file I/O outside it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -190,7 +191,10 @@ class ReadCache:
             view = memoryview(span)
             for c, e in found[i:j]:
                 data = bytes(view[e.off - first.off : e.off - first.off + e.length])
-                if len(data) == e.length and self._verified(c, e, data, tag):
+                if len(data) < e.length:  # the pack was cut under us: a miss
+                    with self._lock:
+                        self.misses += 1
+                elif self._verified(c, e, data, tag):
                     out[c] = data
             i = j
         return out
@@ -238,7 +242,8 @@ class ReadCache:
             return None
         if wait:  # the disk was read: have the kernel bring in the rest of the chunk meanwhile,
             # so the neighbouring pages are in the page cache the next time (no extra wait)
-            os.posix_fadvise(pack.fd, off, length, os.POSIX_FADV_WILLNEED)
+            with contextlib.suppress(OSError):  # only a hint
+                os.posix_fadvise(pack.fd, off, length, os.POSIX_FADV_WILLNEED)
         view = memoryview(buf)
         for p in range(p0, p1):
             page = view[(p - p0) * PAGE : (p - p0 + 1) * PAGE]
