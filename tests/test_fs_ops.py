@@ -37,6 +37,7 @@ from vaultfs.cache import MIN_BUDGET_BLOCKS
 from vaultfs.daemon import offline_snapshot
 from vaultfs.fs import KILLPRIV_V2
 from vaultfs.livetree import DEFAULT_BLOCK_SIZE, ROOT_INODE, Journal, LiveTree
+from vaultfs.readcache import HEADER
 from vaultfs.restore import ShardSource, restore_files
 from vaultfs.snapview import SNAPDIR_INO
 
@@ -977,20 +978,55 @@ def test_the_read_cache_is_filled_on_read_and_kept_on_write_and_survives_a_crash
     got = h.run(read)
     assert got["hits"] and not got["range_reads"] and not got["segment_reads"]
     h.crash()
-    # a kill -9 mid-write leaves a temporary file; a power loss a torn one: neither is served
+    # a kill -9 mid-append leaves a torn record at a pack's end: not served, a miss
     rc = h.home / "readcache"
-    victim = sorted(rc.iterdir())[0]
-    (rc / "123.4.tmp").write_bytes(b"half a chunk")
-    victim.write_bytes(victim.read_bytes()[:10])
+    (pack,) = rc.iterdir()
+    raw = pack.read_bytes()
+    pack.write_bytes(raw[:-10])
+    (rc / "123.4.tmp").write_bytes(b"a stranger")
+    got = h.run(read)
+    assert got["range_reads"] == 1 and not got["discarded"] and not got["segment_reads"]
+    assert not (rc / "123.4.tmp").exists()
+    h.crash()
+    # a record altered on disk fails its check against the chunk id: discarded, read again
+    packs = sorted(rc.iterdir())
+    raw = bytearray(packs[0].read_bytes())
+    raw[HEADER.size + 100] ^= 0xFF  # in the first record's plaintext
+    packs[0].write_bytes(bytes(raw))
     got = h.run(read)
     assert got["discarded"] == 1 and got["range_reads"] == 1
-    assert not (rc / "123.4.tmp").exists()
     h.crash()
     # emptied, it is filled again by reads
     for f in rc.iterdir():
         f.unlink()
     assert h.run(read)["range_reads"]
     assert h.run(read)["hits"]
+
+
+def test_small_reads_served_in_the_fuse_loop_never_return_altered_bytes(make_harness) -> None:
+    h = make_harness()
+    data = random.Random(10).randbytes(4 * BS)
+
+    async def body(d: Driver) -> None:
+        await d.write_file(b"f", data)
+        await d.fs.drain()  # stored: its chunks are in the read cache, pages tagged
+        fh = await d.open(b"f", os.O_RDONLY)
+        reads, cache = d.fs.read_stats, d.fs.readcache
+        assert await d.fs.read(fh, 5000, 4096) == data[5000:9096]
+        assert reads["inline"] == 1  # answered in the FUSE loop, no worker thread
+        # a byte of those pages altered on disk under the running mount
+        (pack,) = (h.home / "readcache").iterdir()
+        raw = bytearray(pack.read_bytes())
+        at = raw.find(data[6000:6100])
+        raw[at] ^= 0xFF
+        pack.write_bytes(bytes(raw))
+        assert await d.fs.read(fh, 5000, 4096) == data[5000:9096]
+        assert reads["inline"] == 1 and cache.stats()["discarded"] == 1
+        assert d.fs.reader.stats["range_reads"] == 1  # read again from the vault
+        assert await d.fs.read(fh, 0, len(data)) == data
+        await d.fs.release(fh)
+
+    h.run(body)
 
 
 def test_the_read_cache_stays_within_a_small_budget(make_harness) -> None:

@@ -4,7 +4,8 @@ memory, the local read cache, or range reads of just the data-shard bytes that h
 Where a chunk comes from, first hit wins:
 
 1. a small in-memory LRU of recently read chunks (``memory`` bytes);
-2. the local read cache (:mod:`vaultfs.readcache`, on disk, checked against the chunk id);
+2. the local read cache (:mod:`vaultfs.readcache`, pack files on disk, every hit checked:
+   a whole chunk against its id, a few pages against their in-memory tags);
 3. a **range read**: the code is systematic (docs/format.md 7.3), so data shard *i* of a
    segment holds segment bytes [i·P, (i+1)·P) at object offset 5 + 80, whitened; the reader
    fetches only the 64 KiB Merkle blocks of the data shards that cover the chunk's record,
@@ -20,9 +21,12 @@ Where a chunk comes from, first hit wins:
    shards.
 
 Every chunk fetched from the vault goes into the memory LRU and the read cache. Fetches run on
-a pool of worker threads (never the FUSE loop): :meth:`ChunkReader.read_many` fetches the
-chunks of one request in parallel and :meth:`ChunkReader.prefetch` starts read-ahead without
-waiting; a chunk being fetched is fetched once, whoever asks for it.
+a pool of worker threads (never the FUSE loop): :meth:`ChunkReader.read_many` reads the read
+cache's hits of one request in one pass and fetches the rest in parallel, and
+:meth:`ChunkReader.prefetch` starts read-ahead in jobs of neighbouring chunks without
+waiting; a chunk being fetched is fetched once, whoever asks for it. Only
+:meth:`ChunkReader.read_inline` runs in the FUSE loop: memory slices, and pages the read cache
+can check and read without waiting for the disk.
 """
 
 from __future__ import annotations
@@ -52,8 +56,12 @@ PAYLOAD_AT = segment.HEADER_SIZE + erasure.FRAGMENT_HEADER
 BLOCK = merkle.BLOCK_SIZE
 WORKERS = 4
 MEMORY = 32 * 1024 * 1024
-#: at most this many read-ahead fetches queued or running at once
-PREFETCH_LIMIT = 64
+#: at most this many read-ahead jobs queued or running at once
+PREFETCH_LIMIT = 16
+#: chunks per read-ahead job (about 1 MiB of 32 KiB chunks)
+PREFETCH_BATCH = 32
+#: at most this many bytes of one request are read from the read cache in the FUSE loop
+INLINE_PEEK = 64 * 1024
 _BLOCKS_KEPT = 128  # verified 64 KiB shard blocks (8 MiB)
 #: a read through rclone (a process per call) takes at least this much of the shard, so the
 #: neighbouring chunks of a sequential read cost no further call
@@ -108,27 +116,58 @@ class ChunkReader:
         return self.read_many([cid])[0]
 
     def read_many(self, cids: Sequence[bytes]) -> list[bytes]:
-        """Plaintexts of ``cids`` (in order), fetching the missing ones in parallel: the first
-        in the calling thread (a single chunk costs no hand-over), the rest on the pool."""
-        out: list[bytes | None] = [self._from_memory(c) for c in cids]
+        """Plaintexts of ``cids`` (in order): from memory, then the read cache in one pass
+        (neighbouring records with one ``pread``), the rest fetched in parallel: the first in
+        the calling thread (a single chunk costs no hand-over), the others on the pool."""
+        out = self._from_memory(cids)
         missing = list(dict.fromkeys(c for c, got in zip(cids, out, strict=True) if got is None))
-        futures = {c: self._submit(c) for c in missing[1:]}
-        if missing:
-            futures[missing[0]] = self._submit(missing[0], inline=True)
+        futures, mine = self._claim(missing)
+        self._serve(mine, inline=True)
         for i, c in enumerate(cids):
             if out[i] is None:
                 out[i] = futures[c].result()
         return out  # type: ignore[return-value]
 
     def prefetch(self, cids: Sequence[bytes]) -> None:
-        """Start fetching ``cids`` in the background (read-ahead) and return at once; skipped
-        beyond :data:`PREFETCH_LIMIT` fetches in flight. Cheap enough for the FUSE loop."""
-        for c in cids:
+        """Start fetching ``cids`` in the background (read-ahead) and return at once, in
+        batches of :data:`PREFETCH_BATCH` (neighbours in the read cache cost one read);
+        skipped beyond :data:`PREFETCH_LIMIT` batches in flight. Cheap enough for the FUSE
+        loop."""
+        with self._lock:
+            todo = [
+                c for c in dict.fromkeys(cids) if c not in self._mem and c not in self._inflight
+            ]
+        for i in range(0, len(todo), PREFETCH_BATCH):
             with self._lock:
-                if c in self._mem or c in self._inflight or self._prefetching >= PREFETCH_LIMIT:
-                    continue
+                if self._prefetching >= PREFETCH_LIMIT:
+                    return
                 self._prefetching += 1
-            self._submit(c).add_done_callback(self._prefetch_done)
+            batch = todo[i : i + PREFETCH_BATCH]
+            self._pool.submit(self._prefetch_batch, batch)
+
+    def read_inline(
+        self, parts: Sequence[tuple[bytes, int, int]], wait: bool = False
+    ) -> bytes | None:
+        """The concatenation of ``data[lo:hi]`` for each (cid, lo, hi) if every piece is in
+        memory or its pages in the read cache (checked page by page), else None (then
+        :meth:`read_slices`). At most :data:`INLINE_PEEK` bytes are read from the read cache
+        this way. Unless ``wait``, only pages in the page cache are read: never blocks, for
+        the FUSE loop."""
+        pieces: list[bytes | memoryview] = []
+        peeked = 0
+        mem = self._from_memory([c for c, _lo, _hi in parts])
+        for (c, lo, hi), data in zip(parts, mem, strict=True):
+            if data is not None:
+                pieces.append(memoryview(data)[lo:hi])
+                continue
+            peeked += hi - lo
+            if peeked > INLINE_PEEK:
+                return None
+            got = self.cache.peek(c, lo, hi, wait)
+            if got is None:
+                return None
+            pieces.append(got)
+        return b"".join(pieces)
 
     def keep(self, cid: bytes, data: bytes) -> None:
         """A chunk just stored from the write-back cache: keep it in the read cache, so data
@@ -138,70 +177,114 @@ class ChunkReader:
     def read_range(self, chunks: Sequence[tuple[bytes, int]], start: int, size: int) -> bytes:
         """Bytes [start, start+size) of the content made of ``chunks`` ((cid, length) in
         order), zeros past its end."""
-        starts, pos = [], 0
-        for _c, n in chunks:
-            starts.append(pos)
-            pos += n
-        out = self.read_slices(slices(starts, chunks, start, size))
+        out = self.read_slices(_content_slices(chunks, start, size))
+        return out + bytes(size - len(out)) if len(out) < size else out
+
+    def read_range_inline(
+        self, chunks: Sequence[tuple[bytes, int]], start: int, size: int
+    ) -> bytes | None:
+        """:meth:`read_range` if it can be served without blocking (:meth:`read_inline`),
+        else None."""
+        out = self.read_inline(_content_slices(chunks, start, size))
+        if out is None:
+            return None
         return out + bytes(size - len(out)) if len(out) < size else out
 
     def read_slices(self, parts: list[tuple[bytes, int, int]]) -> bytes:
-        """The concatenation of ``data[lo:hi]`` for each (cid, lo, hi)."""
+        """The concatenation of ``data[lo:hi]`` for each (cid, lo, hi). A small read of
+        chunks whose pages are tagged reads just those pages (a 4 KiB random read costs
+        4 KiB from the disk, not the chunk)."""
+        small = self.read_inline(parts, wait=True)
+        if small is not None:
+            return small
         datas = self.read_many([c for c, _lo, _hi in parts])
         return b"".join(memoryview(d)[lo:hi] for d, (_c, lo, hi) in zip(datas, parts, strict=True))
 
     # -- plumbing ------------------------------------------------------------------------------
-    def _from_memory(self, cid: bytes) -> bytes | None:
+    def _from_memory(self, cids: Sequence[bytes]) -> list[bytes | None]:
+        """The memory LRU's copy of each of ``cids`` (None if not there), under one take of
+        the lock: the FUSE loop must not queue behind the workers once per chunk."""
         with self._lock:
-            data = self._mem.get(cid)
-            if data is not None:
-                self._mem.move_to_end(cid)
-            return data
+            out = [self._mem.get(c) for c in cids]
+            for c, data in zip(cids, out, strict=True):
+                if data is not None:
+                    self._mem.move_to_end(c)
+        return out
 
-    def _submit(self, cid: bytes, inline: bool = False) -> Future:
-        """The future of ``cid``'s fetch: the one in flight, else a new one run on the pool
-        (or here, with ``inline``)."""
+    def _claim(self, cids: Sequence[bytes]) -> tuple[dict[bytes, Future], list[bytes]]:
+        """The future of each of ``cids``, and those of them the caller now fetches (not
+        in flight before): it must settle each of those with :meth:`_serve`."""
+        futures: dict[bytes, Future] = {}
+        mine: list[bytes] = []
         with self._lock:
-            fut = self._inflight.get(cid)
-            if fut is not None:
-                return fut
-            fut = self._inflight[cid] = Future()
-        if inline:
-            self._run(cid, fut)
-        else:
-            self._pool.submit(self._run, cid, fut)
-        return fut
+            for c in cids:
+                fut = self._inflight.get(c)
+                if fut is None:
+                    fut = self._inflight[c] = Future()
+                    mine.append(c)
+                futures[c] = fut
+        return futures, mine
 
-    def _run(self, cid: bytes, fut: Future) -> None:
+    def _serve(self, cids: Sequence[bytes], inline: bool) -> None:
+        """Fetch claimed ``cids``: the read cache's hits at once, the misses from the vault
+        (the first here when ``inline``, the rest on the pool). A read of one or two chunks
+        (random access, not a stream) has their pages tagged, for later small reads."""
+        if not cids:
+            return
         try:
-            fut.set_result(self._load(cid))
+            hits = self.cache.get_many(cids, tag=len(cids) <= 2)
+        except BaseException as e:
+            for c in cids:
+                self._settle(c, None, e)
+            raise
+        misses = []
+        for c in cids:
+            if c in hits:
+                self._settle(c, hits[c], None)
+            else:
+                misses.append(c)
+        for n, c in enumerate(misses):
+            if inline and n == 0:
+                self._fetch_settle(c)
+                continue
+            try:
+                self._pool.submit(self._fetch_settle, c)
+            except RuntimeError as e:  # the pool is shut down (unmounting)
+                self._settle(c, None, e)
+
+    def _fetch_settle(self, cid: bytes) -> None:
+        try:
+            data = self._fetch(cid)
         except BaseException as e:  # handed to every waiter
-            fut.set_exception(e)
+            self._settle(cid, None, e)
+            return
+        self._settle(cid, data, None)  # waiters first: keeping it on disk can follow
+        self.cache.put(cid, data)
 
-    def _prefetch_done(self, fut: Future) -> None:
+    def _settle(self, cid: bytes, data: bytes | None, exc: BaseException | None) -> None:
+        """Keep a claimed chunk in memory and wake its waiters."""
         with self._lock:
-            self._prefetching -= 1
-            self.stats["prefetched"] += 1
-        if not fut.cancelled() and fut.exception() is not None:
-            log.debug("read-ahead failed: %s", fut.exception())
+            fut = self._inflight.pop(cid)
+            if data is not None and cid not in self._mem and len(data) <= self.memory:
+                self._mem[cid] = data
+                self._mem_used += len(data)
+                while self._mem_used > self.memory:
+                    _c, old = self._mem.popitem(last=False)
+                    self._mem_used -= len(old)
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(data)
 
-    def _load(self, cid: bytes) -> bytes:
+    def _prefetch_batch(self, cids: list[bytes]) -> None:
         try:
-            data = self.cache.get(cid)
-            if data is None:
-                data = self._fetch(cid)
-                self.cache.put(cid, data)
-            with self._lock:
-                if cid not in self._mem and len(data) <= self.memory:
-                    self._mem[cid] = data
-                    self._mem_used += len(data)
-                    while self._mem_used > self.memory:
-                        _c, old = self._mem.popitem(last=False)
-                        self._mem_used -= len(old)
-            return data
+            self._serve(self._claim(cids)[1], inline=True)
+        except Exception as e:  # read-ahead only: the read itself will say
+            log.debug("read-ahead failed: %s", e)
         finally:
             with self._lock:
-                self._inflight.pop(cid, None)
+                self._prefetching -= 1
+                self.stats["prefetched"] += len(cids)
 
     def _fetch(self, cid: bytes) -> bytes:
         try:
@@ -330,6 +413,16 @@ class ChunkReader:
         stop = min(max(stop, start + REMOTE_SPAN), shard.size)
         b = open_backend(shard.spec, shard.rid, paces=self.vault.paces)  # the vault's pace
         return b.cat("data", shard.name, start, stop - start)
+
+
+def _content_slices(
+    chunks: Sequence[tuple[bytes, int]], start: int, size: int
+) -> list[tuple[bytes, int, int]]:
+    starts, pos = [], 0
+    for _c, n in chunks:
+        starts.append(pos)
+        pos += n
+    return slices(starts, chunks, start, size)
 
 
 def slices(
