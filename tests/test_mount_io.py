@@ -44,7 +44,9 @@ def vault(tmp_path: Path) -> Vault:
 
 def fio(directory: Path, *args: str) -> None:
     """Run one fio job in ``directory``; fio exits non-zero on any verify failure."""
-    cmd = ["fio", "--output-format=json", f"--directory={directory}", *args]
+    # no verify state files (fio would write them into the working directory: the repository)
+    cmd = ["fio", "--output-format=json", "--verify_state_save=0", f"--directory={directory}"]
+    cmd += args
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, f"{' '.join(cmd)}:\n{res.stdout[-3000:]}{res.stderr[-3000:]}"
     jobs = json.loads(res.stdout[res.stdout.index("{") :])["jobs"]
