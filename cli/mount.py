@@ -79,6 +79,16 @@ def mount(
     h = home_dir(home)
     size = parse_size(cache_size)
     read_size = parse_size(read_cache_size)
+    from vaultfs.cache import MIN_BUDGET_BLOCKS
+    from vaultfs.livetree import DEFAULT_BLOCK_SIZE
+
+    floor = MIN_BUDGET_BLOCKS * DEFAULT_BLOCK_SIZE
+    if size < floor:
+        err.print(
+            f"[yellow]warning:[/] --cache-size {cache_size} is below the least the cache "
+            f"works with ({floor >> 20} MiB: {MIN_BUDGET_BLOCKS} blocks); using that",
+            highlight=False,
+        )
     mp = Path(os.path.abspath(mountpoint))
     if foreground:
         level = os.environ.get("VAULTFS_LOG", "INFO").upper()

@@ -196,6 +196,12 @@ def test_bad_input_is_one_sentence_and_an_exit_code(small, pg_server):
     missing = "00000000-0000-4000-8000-000000000000"
     assert "is not in snapshot" in fails(18, "kb", "show", missing, home=home)
     assert "not a belief id" in fails(18, "kb", "show", "not-a-uuid", home=home)
+    pg_server.create_database("kb_nodom")
+    assert "matches the selection" in fails(
+        18, "kb", "restore", "latest", "--dsn", pg_server.dsn("kb_nodom"), "--domain",
+        "no-such-domain", home=home,
+    )  # fmt: skip
+    assert pg_server.sql("SELECT to_regclass('beliefs')", "kb_nodom") == [(None,)]
     assert "in no knowledge-base snapshot" in fails(18, "kb", "history", missing, home=home)
     bad_dsn = "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2"
     assert "cannot connect" in fails(18, "kb", "snapshot", "--dsn", bad_dsn, home=home)

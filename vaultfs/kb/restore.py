@@ -306,6 +306,10 @@ def _parts(files: KbFiles, snap: KbSnap, sel: Selection) -> Iterator[_Staged]:
             ids.add(b["id"])
     if sel.belief is not None and str(layout.parse_id(sel.belief)) not in seen:
         raise InputError(f"belief {sel.belief} is not in snapshot {snap.label}")
+    if not ids and not sel.whole:  # a selection that matches nothing is a mistake, not a no-op
+        raise InputError(
+            f"no belief of snapshot {snap.label} matches the selection (domain, since, until)"
+        )
     embs_paths = [layout.embeddings_path(b) for b in sorted({i[: layout.BUCKET_HEX] for i in ids})]
     got = files.read(snap, embs_paths)
     embs = [got[p] for p in embs_paths if p in got]  # bucket order: they pair with the lines
