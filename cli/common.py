@@ -246,10 +246,23 @@ def open_vault(
     commit) for commands that write; reading commands pass False. The key is ``keys`` if
     given, else the keyfile unlocked with :func:`passphrase`. Errors are VaultErrors, which
     cli/main.py turns into one sentence and an exit code."""
+    from vaultfs.errors import VaultBusy
     from vaultfs.vault import Vault
 
     pw = passphrase() if keys is None else None
-    with Vault.open(home_dir(home), pw, keys=keys, lock=lock) as v:
+    h = home_dir(home)
+    try:
+        v = Vault.open(h, pw, keys=keys, lock=lock)
+    except VaultBusy:
+        from cli.mounted import mounted
+
+        if (info := mounted(h)) is None:
+            raise
+        raise VaultBusy(
+            f"the vault is mounted at {info['mountpoint']}: write into the mount and take "
+            "`vaultfs snapshot`, or `vaultfs umount` it first"
+        ) from None
+    with v:
         yield v
 
 

@@ -626,6 +626,9 @@ def test_bad_input_gives_clear_errors(shared: Vault, tmp_path: Path) -> None:
     res = shared.cli("mount", str(empty), check=False)  # the shared vault is mounted already
     assert res.returncode == 17 and "in use" in res.stderr
     assert not os.path.ismount(empty)
+    res = shared.cli("backup", str(full), check=False)  # a command that needs the vault's lock
+    said = " ".join(res.stderr.split())
+    assert res.returncode == 17 and "mounted at" in said and "vaultfs snapshot" in said, said
     res = shared.cli("umount", str(empty), check=False)
     assert res.returncode == 18 and "not a vaultfs mount" in res.stderr
     res = shared.cli("snapshot", "delete", "nosuchid", check=False)
