@@ -254,7 +254,7 @@ def open_vault(
     try:
         v = Vault.open(h, pw, keys=keys, lock=lock)
     except VaultBusy:
-        from cli.mounted import mounted
+        from vaultfs.control import mounted
 
         if (info := mounted(h)) is None:
             raise

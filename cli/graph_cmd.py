@@ -17,9 +17,10 @@ import psycopg
 import typer
 from rich.table import Table
 
-from cli.common import HomeOpt, JsonOpt, app, err, out
+from cli.common import HomeOpt, JsonOpt, app, err, home_dir, out
 from vaultfs.kb import db, graph
-from vaultfs.kb.schema import EDGE_TYPES, resolve_dsn
+from vaultfs.kb.schema import EDGE_TYPES
+from vaultfs.valence import database
 
 graph_app = typer.Typer(
     help="The belief graph in the live database: show, add-edge, path, stats.",
@@ -43,9 +44,9 @@ TypeOpt = Annotated[
 
 @contextlib.contextmanager
 def connection(dsn: str | None, home: Path | None) -> Iterator[psycopg.Connection]:
-    """An autocommit connection to the graph's database (see :func:`resolve_dsn`), closed
+    """An autocommit connection to the graph's database (see :func:`vaultfs.valence.database`), closed
     after the command."""
-    conn = db.connect(resolve_dsn(dsn, home), autocommit=True)
+    conn = db.connect(database(dsn, home_dir(home)), autocommit=True)
     try:
         yield conn
     finally:

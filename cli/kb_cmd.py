@@ -39,7 +39,7 @@ from vaultfs.kb import history as history_mod
 from vaultfs.kb import restore as restore_mod
 from vaultfs.kb import snapshot as snapshot_mod
 from vaultfs.kb.reader import KbFiles, open_kb_files
-from vaultfs.kb.schema import resolve_dsn
+from vaultfs.valence import database
 
 kb_app = typer.Typer(
     help="The knowledge base (beliefs, edges, sources) as graph-aware snapshots.",
@@ -93,7 +93,7 @@ def snapshot_cmd(
         names.check_snapshot_name(name)
     # the export starts first: Postgres renders while the key is unlocked and the vault opens
     with (
-        snapshot_mod.Export(resolve_dsn(dsn, home_dir(home))) as export,
+        snapshot_mod.Export(database(dsn, home_dir(home))) as export,
         open_vault(home) as v,
     ):
         res = snapshot_mod.snapshot(v, export, name, upload=True)

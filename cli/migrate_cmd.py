@@ -14,9 +14,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli.common import HomeOpt, JsonOpt, out
+from cli.common import HomeOpt, JsonOpt, home_dir, out
 from vaultfs.kb import migrate as migrate_mod
-from vaultfs.kb.schema import resolve_dsn
+from vaultfs.valence import database
 
 
 def migrate(
@@ -63,7 +63,7 @@ def migrate(
         from_dsn, table, id_col, content_col, embedding_col, metadata_col, created_col
     )
     rep = migrate_mod.migrate(
-        spec, resolve_dsn(to, home), confidence, domain, dry_run, infer_edges, threshold
+        spec, database(to, home_dir(home)), confidence, domain, dry_run, infer_edges, threshold
     )
     if as_json:
         out.print_json(json.dumps(rep.as_dict()), ensure_ascii=True)

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from cli.common import err, home_dir, out
 from vaultfs import control
+from vaultfs.control import mounted
 from vaultfs.errors import EXIT_PARTIAL, StaleBase
 
 
@@ -37,11 +38,6 @@ def syncfs(path: Path) -> None:
 def call(address: str, req: dict, timeout: float | None = None) -> dict | None:
     """A control request; ``timeout`` None for work that takes as long as it takes."""
     return control.call(address, req, timeout=timeout)
-
-
-def mounted(home: Path) -> dict | None:
-    """The running mount of this vault, or None."""
-    return call(control.home_address(home), {"cmd": "ping"}, timeout=30)
 
 
 def print_report(rep: dict, as_json: bool, extra: dict | None = None) -> int:

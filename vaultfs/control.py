@@ -158,6 +158,11 @@ def call(address: str, request: dict, timeout: float | None = None) -> dict | No
     return reply
 
 
+def mounted(home: Path) -> dict | None:
+    """The running mount of the vault at ``home`` (its ping reply: pid, mountpoint), or None."""
+    return call(home_address(home), {"cmd": "ping"}, timeout=30)
+
+
 class _Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         if not _trusted(_peer_uid(self.request)):

@@ -30,6 +30,7 @@ from pathlib import Path
 from .errors import InputError
 from .index import stored_remote_specs
 from .kb.db import redact_dsn
+from .kb.schema import resolve_dsn
 from .remotes import Remote
 
 SETTINGS = "valence.toml"
@@ -207,3 +208,10 @@ def dump_database(dsn: str, out: Path) -> int:
         msg = (res.stderr.decode(errors="replace").strip().splitlines() or ["failed"])[0]
         raise InputError(f"pg_dump of {redact_dsn(dsn)} failed: {msg}")
     return out.stat().st_size
+
+
+def database(dsn: str | None, home: Path) -> str:
+    """The database a `kb`/`graph` command works on: ``dsn``, else ``$VAULTFS_DSN``, else the
+    one ``valence backup config --dsn`` recorded in ``home``, else the embedded Postgres
+    (:func:`vaultfs.kb.schema.resolve_dsn`)."""
+    return resolve_dsn(dsn, home, Settings.load(home).dsn)

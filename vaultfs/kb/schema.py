@@ -64,23 +64,22 @@ def check_edge_type(edge_type: str) -> str:
     return edge_type
 
 
-def resolve_dsn(dsn: str | None, home: Path | None = None) -> str:
-    """The DSN to use: ``dsn``, else ``$VAULTFS_DSN``, else the database ``valence backup
-    config --dsn`` recorded in the home, else the embedded Postgres kept in
-    ``<vault home>/postgres`` (started on first use and left running, as a database server
-    is; database :data:`EMBEDDED_DBNAME`)."""
+def resolve_dsn(dsn: str | None, home: Path | None = None, configured: str | None = None) -> str:
+    """The DSN to use: ``dsn``, else ``$VAULTFS_DSN``, else ``configured`` (the database
+    ``valence backup config --dsn`` recorded: :func:`vaultfs.valence.database`), else the
+    embedded Postgres kept in ``<vault home>/postgres`` (started on first use and left
+    running, as a database server is; database :data:`EMBEDDED_DBNAME`)."""
     if dsn:
         return dsn
     env = os.environ.get("VAULTFS_DSN")
     if env:
         return env
+    if configured:
+        return configured
     from ..pgembed import EmbeddedPostgres
-    from ..valence import Settings
     from ..vault import default_home
 
     home = home or default_home()
-    if configured := Settings.load(home).dsn:
-        return configured
     pg = EmbeddedPostgres(home / "postgres")
     rows = pg.sql("SELECT 1 FROM pg_database WHERE datname = %s", params=(EMBEDDED_DBNAME,))
     if not rows:
