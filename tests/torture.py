@@ -403,13 +403,19 @@ class Chamber:
     def _check_chain(self) -> list[str]:
         """Problems with the manifest chain on the remotes (empty: linear and restorable)."""
         from vaultfs import manifest
+        from vaultfs.errors import IntegrityError
         from vaultfs.keys import read_keyfile
 
         keys = read_keyfile(self.world / "home" / "key.json", PASSPHRASE)
         found: dict[int, dict[bytes, manifest.Manifest]] = {}
         for r in REMOTES:
             for f in (self.world / r / "manifests").glob("*"):
-                m = manifest.read(keys, f.read_bytes())
+                try:
+                    m = manifest.read(keys, f.read_bytes())
+                except IntegrityError:
+                    # an older index copy kept under a suite a re-encryption retired: readers
+                    # refuse it, as restore does (a forged or torn one is verify's finding)
+                    continue
                 found.setdefault(m.seq, {})[m.hash] = m
         problems = [f"{len(ms)} manifests at #{seq}" for seq, ms in found.items() if len(ms) > 1]
         for ms in found.values():
