@@ -99,6 +99,8 @@ def passphrase(
     layer normalises it to NFC (vaultfs/kdf.py), and a version-1 keyfile may need the raw
     spelling."""
     pw = secret(env)
+    if pw == "":
+        raise InputError(f"{env} is set but empty: set it to the passphrase, or unset it")
     if pw is not None:
         return pw
     if not sys.stdin.isatty():

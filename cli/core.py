@@ -42,7 +42,7 @@ from vaultfs.index import manifests
 from vaultfs.index import snapshots as snapshot_rows
 from vaultfs.keys import parse_seed
 from vaultfs.objectlock import check_retention, lock_spec
-from vaultfs.remotes import check_archive
+from vaultfs.remotes import absolute, check_archive
 from vaultfs.vault import Vault
 from vaultfs.vault.placement import remotes_needed
 
@@ -99,10 +99,10 @@ def init(
     (--seed-file, --share-file: a second vault under a seed whose shares you already hold).
     With --immutable it is append-only: no command asks a remote to delete, move or overwrite
     an object (lock the objects on the server too: docs/operations.md, "Immutable vaults")."""
-    if profile and (k or n):
+    if profile and (k is not None or n is not None):
         raise InputError("give either --profile or -k/-n, not both")
-    if k or n:
-        if not (k and n):
+    if k is not None or n is not None:
+        if k is None or n is None:
             raise InputError("-k and -n go together")
     else:
         name = profile or "personal"
@@ -115,6 +115,7 @@ def init(
         raise InputError(str(e)) from None
     if not 1 <= segment_mib <= 64:
         raise InputError("--segment-mib must be between 1 and 64")
+    remote = [absolute(spec) for spec in remote]
     for spec in remote:
         check_archive(spec, archive)
     if object_lock is not None:
@@ -213,27 +214,33 @@ def backup(
         if [str(p) for p in paths or []] != ["config"] or stdin:
             raise InputError("--add-backend goes with `vaultfs backup config` alone")
         h = home_dir(home)
-        s = strategy.add_backend(strategy_file or strategy.default_path(h), h, *add_backend)
-        tier = s.tiers[add_backend[0]]
+        path = strategy_file or strategy.default_path(h)
+        name, spec = add_backend
+        made = tiers.made_coding(strategy.load(path, h).tier(name))
+        keep = None if made is None else (made[0], made[1])
+        s = strategy.add_backend(path, h, name, spec, keep=keep)
+        tier = s.tiers[name]
         if as_json:
             out.print_json(json.dumps(tier.as_json()))
-        else:
-            out.print(
-                f"{s.path}: tier {tier.name} now {tier.k}_of_{tier.n} over "
-                f"{', '.join(tier.backends)}",
+            return
+        out.print(
+            f"{s.path}: tier {tier.name} now {tier.k}_of_{tier.n} over {', '.join(tier.backends)}",
+            highlight=False,
+        )
+        if made is not None:
+            err.print(
+                f"[yellow]tier {tier.name}'s vault exists and stays {made[0]}-of-{made[1]} (a "
+                "vault's k-of-n is fixed when it is made): to spread it over the new backend, "
+                f"run `vaultfs remote add --home {tier.home} {spec}`[/]",
                 highlight=False,
             )
-            if (tier.home / "index.db").exists():
-                err.print(
-                    f"[yellow]tier {tier.name}'s vault exists: add the remote to it with "
-                    f"`vaultfs remote add --home {tier.home}` (its k-of-n stays)[/]",
-                    highlight=False,
-                )
         return
     if stdin == bool(paths):
         raise InputError("give PATH… or --stdin (with --stdin-filename), not both or neither")
     if stdin and not stdin_filename:
         raise InputError("--stdin needs --stdin-filename NAME")
+    if name is not None:
+        names.check_snapshot_name(name)  # before anything is read
     with open_vault(home) as v:
         t0 = time.perf_counter()
         with progress("backup", quiet=as_json) as prog:
@@ -293,18 +300,32 @@ def _tier_status(s: strategy.Strategy, as_json: bool) -> None:
         out.print_json(json.dumps({"strategy": str(s.path), "tiers": rows}))
         return
     t = Table("tier", "coding", "last success", "next due", "RPO", "survives", "last error")
+    differ: list[str] = []
     for r in rows:
         if r["live"]:
             t.add_row(r["tier"], "live", "-", "-", "-", "-", "the database itself")
             continue
         now_ok = r["survives_losses_now"]
         survives = f"{'?' if now_ok is None else now_ok} of {r['survives_losses_design']}"
+        coding, vault = r["coding"], r["vault"]
+        if vault is not None and not vault["agrees"]:
+            coding = (
+                f"vault {vault['k']}-of-{vault['n']} on {len(vault['remotes'])} remote(s); "
+                f"file {coding} on {r['backends']}"
+            )
+            differ.append(r["tier"])
         t.add_row(
-            r["tier"], r["coding"], _when(r["last_success"]),
+            r["tier"], coding, _when(r["last_success"]),
             _when(r["next_due"]) if r["last_success"] else "now", _ago(r["rpo_seconds"]),
             survives, r["last_error"] or "",
         )  # fmt: skip
     out.print(t)
+    if differ:
+        err.print(
+            f"[yellow]{', '.join(differ)}: the vault differs from the file; `vaultfs strategy "
+            "apply` names the command that makes them agree[/]",
+            highlight=False,
+        )
 
 
 # -- listing -----------------------------------------------------------------------------------
@@ -354,6 +375,8 @@ def ls(
     if path:
         p = names.raw(path.strip("/"))
         rows = [r for r in rows if (b := names.from_db(r[0])) == p or b.startswith(p + b"/")]
+        if not rows:
+            raise InputError(f"{path!r} is not in snapshot {found[1]}")
     if as_json:
         items = []
         for pth, typ, mode, size, mt, target, rdev in rows:

@@ -27,6 +27,7 @@ from cli.common import (
 from vaultfs.backends import open_backend
 from vaultfs.errors import InputError
 from vaultfs.rebuild import rebuild_home
+from vaultfs.remotes import absolute
 
 home_app = typer.Typer(help="The vault's local state directory (its home).")
 app.add_typer(home_app, name="home")
@@ -57,7 +58,7 @@ def home_rebuild(
     keys = keys_for_restore(h, keyfile, seed_file)
     # from a seed: the new keyfile's passphrase, asked before anything is fetched
     pw = new_passphrase(i_know) if keyfile is None else None
-    rep = rebuild_home(h, keys, [open_backend(s) for s in from_], pw, keyfile)
+    rep = rebuild_home(h, keys, [open_backend(absolute(s)) for s in from_], pw, keyfile)
     if as_json:
         out.print_json(
             json.dumps(

@@ -34,6 +34,7 @@ from cli.common import (
     report_flush,
 )
 from cli.migrate_cmd import register as register_migrate
+from vaultfs import names
 from vaultfs.kb import history as history_mod
 from vaultfs.kb import restore as restore_mod
 from vaultfs.kb import snapshot as snapshot_mod
@@ -88,6 +89,8 @@ def snapshot_cmd(
     """Snapshot the belief graph (one consistent read) into kb/ of a new vault snapshot.
 
     Uploads like `backup`; the kb root and row counts are in --json."""
+    if name is not None:
+        names.check_snapshot_name(name)
     # the export starts first: Postgres renders while the key is unlocked and the vault opens
     with (
         snapshot_mod.Export(resolve_dsn(dsn, home_dir(home))) as export,

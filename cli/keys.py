@@ -54,11 +54,13 @@ keys_app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 
 
-def _keyfile_doc(home: Path) -> dict | None:
+def _keyfile_doc(home: Path, name: str = "key.json") -> dict | None:
+    """The keyfile's JSON document (its public fields), or None if unreadable."""
     try:
-        return json.loads((home / "key.json").read_text())
+        doc = json.loads((home / name).read_text())
     except (OSError, ValueError):
         return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -211,6 +213,14 @@ def recover(
     dest = keyfile_out or h / "key.json"
     if dest.exists() and not force:
         raise InputError(f"{dest} already exists: pass --force to replace it, or --keyfile-out")
+    if (there := _keyfile_doc(dest.parent, dest.name)) and there.get("fingerprint") not in (
+        None,
+        keys.fingerprint(),
+    ):  # --force replaces this vault's keyfile (a new passphrase), never another vault's
+        raise WrongKey(
+            f"{dest} is the keyfile of another vault ({there['fingerprint']}), not of the "
+            f"recovered one ({keys.fingerprint()}); choose another --keyfile-out"
+        )
     pw = new_passphrase(i_know)
     write_keyfile(dest, keys, pw)
     if as_json:

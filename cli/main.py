@@ -46,10 +46,12 @@ def main() -> None:
 
 def run(application) -> None:
     """Run a typer application as a console script (``vaultfs``, ``valence``): a VaultError
-    becomes one sentence and its exit code, a full disk likewise; never returns."""
+    becomes one sentence and its exit code, a full disk likewise, and a local path that
+    cannot be used (through a file, a loop of links, a system directory) one line naming it
+    and exit 18; never returns."""
     import errno
 
-    from vaultfs.errors import DiskFull
+    from vaultfs.errors import DiskFull, InputError
 
     code: int | str | None = 0
     try:
@@ -60,10 +62,15 @@ def run(application) -> None:
         err.print(f"[red]error:[/] {e.message}", highlight=False)
         code = e.exit_code
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            err.print(f"[red]error:[/] disk full: {e}; free space and retry", highlight=False)
+            code = DiskFull.exit_code
+        elif e.filename is not None:  # a path the user gave that cannot be used as asked
+            where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else e.filename
+            err.print(f"[red]error:[/] {where}: {e.strerror or e}", highlight=False)
+            code = InputError.exit_code
+        else:
             raise
-        err.print(f"[red]error:[/] disk full: {e}; free space and retry", highlight=False)
-        code = DiskFull.exit_code
     _exit(code)
 
 

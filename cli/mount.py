@@ -29,7 +29,7 @@ from cli.common import (
     report_flush,
 )
 from cli.mounted import call, mounted, print_report, syncfs
-from vaultfs import control
+from vaultfs import control, names
 from vaultfs.errors import InputError, VaultBusy, VaultError
 from vaultfs.index import snapshots as snapshot_rows
 
@@ -172,8 +172,8 @@ def snapshot(
     """Snapshot the live tree of the running mount (flushing the kernel first)."""
     if ctx.invoked_subcommand is not None:
         return
-    if name is not None and (not name or "/" in name or name in (".", "..")):
-        raise InputError(f"invalid snapshot name {name!r}: no '/', not '.' or '..'")
+    if name is not None:
+        names.check_snapshot_name(name)
     h = home_dir(home)
     info = mounted(h)
     if info is None:  # not mounted: record the live tree as the index holds it
@@ -185,6 +185,14 @@ def snapshot(
         reply = call(control.home_address(h), {"cmd": "snapshot", "name": name, "fork": fork})
         assert reply is not None
     extra = {"snapshot": reply["snapshot"], "entries": reply["entries"], "seq": reply["seq"]}
+    if not reply["entries"]:  # the live tree is not what `backup PATH` stored
+        err.print(
+            "[yellow]warning:[/] the live tree is empty, so this snapshot is too: `vaultfs "
+            "snapshot` records what was written through the mount, while each `vaultfs backup "
+            "PATH` is a snapshot of its own already (`vaultfs snapshots`); delete this one with "
+            f"`vaultfs snapshot delete {reply['snapshot']}`",
+            highlight=False,
+        )
     code = print_report(reply["report"], as_json, extra)
     if not as_json:
         out.print(

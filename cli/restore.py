@@ -36,6 +36,7 @@ from vaultfs.index import manifests
 from vaultfs.index import snapshots as snapshot_rows
 from vaultfs.keys import VaultKeys
 from vaultfs.manifest import Link
+from vaultfs.remotes import is_local
 from vaultfs.restore import (
     Branches,
     ShardSource,
@@ -89,6 +90,7 @@ def restore(
         int,
         typer.Option(
             "--min-seq",
+            min=0,
             help="With --from: refuse (exit 12) if the remotes' newest manifest is older.",
         ),
     ] = 0,
@@ -115,6 +117,11 @@ def restore(
         work = stack.enter_context(tempfile.TemporaryDirectory(prefix="vaultfs-"))
         early = None
         if from_:  # list the remotes and fetch their manifests while scrypt unlocks the key
+            for spec in from_:  # a mistyped path is named, not only counted as missing
+                p = Path(spec).expanduser()
+                if is_local(spec) and not p.is_dir():
+                    why = "is not a directory" if p.exists() else "does not exist"
+                    err.print(f"[yellow]warning:[/] --from {spec} {why}", highlight=False)
             early = ShardSource([open_backend(s) for s in from_])
             ahead = None
             if not include:  # a whole snapshot: download ahead meanwhile (bounded)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from cli.common import (
     HomeOpt,
@@ -29,7 +29,7 @@ from cli.common import (
     passphrase,
 )
 from vaultfs import keys, tiers
-from vaultfs.errors import InputError
+from vaultfs.errors import ConfigError, InputError
 from vaultfs.strategy import Strategy
 
 strategy_app = typer.Typer(help="The strategy file: tiers of copies from one master seed.")
@@ -54,8 +54,12 @@ def check(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Validate a strategy file: exit 0 when it is valid, else 2 with the line and key."""
+    """Validate a strategy file and that this machine can run it (the `path:` sources exist,
+    the `pg_dump` program is there): exit 0, else 2 with one line per problem naming the
+    file, the line and the key."""
     s = _load(home, file, strategy)
+    if problems := s.problems():
+        raise ConfigError("\n".join(problems))
     if as_json:
         out.print_json(json.dumps({"valid": True, "path": str(s.path), "tiers": list(s.tiers)}))
         return
@@ -74,12 +78,15 @@ def show(
     if as_json:
         out.print_json(json.dumps(s.as_json()))
         return
-    t = Table("tier", "backends", "coding", "survives", "frequency", "retention", "immutable")
+    t = Table(
+        "tier", "backends", "coding", "survives", "frequency", "retention", "immutable",
+        Column("home", overflow="fold"),
+    )  # fmt: skip
     for tier in s.tiers.values():
         t.add_row(
             tier.name, "\n".join(tier.backends), "live" if tier.live else f"{tier.k}_of_{tier.n}",
             str(tier.survives_losses), tier.frequency_text, tier.retention_text or "-",
-            "yes" if tier.immutable else "no",
+            "yes" if tier.immutable else "no", "-" if tier.live else str(tier.home),
         )  # fmt: skip
     out.print(t)
     for src in s.sources:

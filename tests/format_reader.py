@@ -306,8 +306,12 @@ def decode_segment(shards: list[Shard], k: int, n: int, size: int, ec_alg: int =
     by_idx = {s.idx: s.payload for s in shards if s.idx < n}
     if len(by_idx) < k:
         raise FormatError(f"only {len(by_idx)} shards, need {k}")
+    if ec_alg == 3:  # § 7.5: one whole copy, k = n = 1: its payload is the segment
+        if (k, n) != (1, 1):
+            raise FormatError(f"erasure algorithm 3 codes 1-of-1, not {k}-of-{n}")
+        return by_idx[0][:size]
     if ec_alg != 1:
-        raise FormatError(f"erasure algorithm {ec_alg} is not read here (only 1, § 7.3)")
+        raise FormatError(f"erasure algorithm {ec_alg} is not read here (only 1, § 7.3; 3, § 7.5)")
     return b"".join(rs_data_payloads(by_idx, k))[:size]
 
 
@@ -453,24 +457,70 @@ def index_object(
     return data
 
 
-def open_index(keys: Keys, remotes: Remotes, m: Manifest, dest: Path) -> sqlite3.Connection:
-    """§ Recovering, step 4: decode the meta segments, read the block map, write the blocks."""
-    body = m.body
-    index = body["index"]
-    segs = {}
-    for seg in index["segments"]:
+def _fetch_meta_segments(
+    keys: Keys, remotes: Remotes, listed: list[dict], segment_size: int, segs: dict[bytes, bytes]
+) -> None:
+    """Decode each meta segment described in ``listed`` (10.2 ``index.segments`` entries)
+    into ``segs`` (uid -> its first ``used`` bytes); a uid named twice is refused."""
+    for seg in listed:
+        uid = bytes.fromhex(seg["uid"])
+        if uid in segs:
+            raise FormatError(f"meta segment {seg['uid']} is named twice")
         shards = [(s["idx"], s["name"], bytes.fromhex(s["hash"])) for s in seg["shards"]]
-        size = seg.get("size", body["segment_size"])  # per-segment size, if the writer gave one
+        size = seg.get("size", segment_size)  # per-segment size, if the writer gave one
         alg = seg.get("ec_alg", 1)  # the earliest manifests name none: they used 1
         data = fetch_segment(keys, remotes, "meta", shards, seg["k"], seg["n"], size, alg)
-        segs[bytes.fromhex(seg["uid"])] = data[: seg["used"]]
+        segs[uid] = data[: seg["used"]]
+
+
+def _page(keys: Keys, segs: dict[bytes, bytes], page: dict) -> bytes:
+    """The index object a ``{"id", "uid", "offset", "length"}`` object of the manifest names."""
+    return index_object(
+        keys, segs, bytes.fromhex(page["id"]), bytes.fromhex(page["uid"]),
+        page["offset"], page["length"],
+    )  # fmt: skip
+
+
+def open_index(keys: Keys, remotes: Remotes, m: Manifest, dest: Path) -> sqlite3.Connection:
+    """§ Recovering, step 4: decode the meta segments, read the block map, write the blocks.
+    A two-level index (9.2) first: the second-level pages, from the segments the manifest
+    names, give the map pages and the other meta segments."""
+    body = m.body
+    index = body["index"]
+    segs: dict[bytes, bytes] = {}
+    _fetch_meta_segments(keys, remotes, index["segments"], body["segment_size"], segs)
+    length, block = index["length"], index["block_size"]
+    levels = index.get("levels", 1)
+    if levels == 1:
+        map_pages = index["map"]
+    elif levels == 2:
+        map_pages = []
+        for page in index["map2"]:
+            raw = _page(keys, segs, page)
+            if not raw or len(raw) % 56:
+                raise FormatError("a second-level map page is not whole 56-byte entries")
+            for i in range(0, len(raw), 56):
+                e = raw[i : i + 56]
+                off, rlen = struct.unpack(">II", e[48:56])
+                map_pages.append(
+                    {"id": e[:32].hex(), "uid": e[32:48].hex(), "offset": off, "length": rlen}
+                )
+        blocks = -(-length // block)
+        if len(map_pages) != -(-blocks // 128):
+            raise FormatError("the second-level map does not list one entry per map page")
+        listed = []
+        for page in index["segment_pages"]:
+            part = json.loads(_page(keys, segs, page))
+            if not isinstance(part, list) or not 1 <= len(part) <= 128:
+                raise FormatError("a segment page is not a list of 1 to 128 segments")
+            listed += part
+        _fetch_meta_segments(keys, remotes, listed, body["segment_size"], segs)
+    else:
+        raise FormatError(f"an index of {levels} levels is not read here")
     length, block = index["length"], index["block_size"]
     entries = []
-    for page in index["map"]:
-        raw = index_object(
-            keys, segs, bytes.fromhex(page["id"]), bytes.fromhex(page["uid"]),
-            page["offset"], page["length"],
-        )  # fmt: skip
+    for page in map_pages:
+        raw = _page(keys, segs, page)
         if not raw or len(raw) % 56:
             raise FormatError("an index map page is not whole 56-byte entries")
         entries += [raw[i : i + 56] for i in range(0, len(raw), 56)]

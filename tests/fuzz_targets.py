@@ -71,8 +71,11 @@ def keys() -> VaultKeys:
 
 
 def _scratch() -> Path:
-    """A private directory for targets that need files or sockets (short path: sockets)."""
-    return Path(tempfile.mkdtemp(prefix="vfz-", dir="/tmp"))
+    """A private directory for targets that need files or sockets (short path: sockets),
+    removed when the process exits."""
+    d = Path(tempfile.mkdtemp(prefix="vfz-", dir="/tmp"))
+    atexit.register(shutil.rmtree, d, True)
+    return d
 
 
 _dir = _scratch()

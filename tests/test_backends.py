@@ -10,6 +10,11 @@ classification and the factory that stacks them.
 from __future__ import annotations
 
 import itertools
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -492,3 +497,30 @@ def test_a_slot_is_freed_on_every_path_and_no_wait_is_endless() -> None:
     for t in held + held2:
         t.join()
     assert pace.active == pace2.active == 0
+
+
+def test_daemon_dir_of_a_killed_process_is_swept() -> None:
+    """A process killed with SIGKILL leaves its rclone daemon directory (no atexit); the
+    next process that starts a daemon removes it, and never a live process's."""
+    code = (
+        "import sys, time; from vaultfs.remotes import RcloneDaemon; d = RcloneDaemon.get();"
+        "print(d.dir if d else '', flush=True); time.sleep(60)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        left = Path(child.stdout.readline().strip())  # type: ignore[union-attr]
+        if not str(left) or str(left) == ".":
+            pytest.skip("the rclone daemon cannot start here")
+        live = Path(tempfile.mkdtemp(prefix=f"vaultfs-rcd-{os.getpid()}-"))  # ours: alive
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()  # type: ignore[union-attr]
+    assert left.is_dir()  # SIGKILL ran no cleanup
+    RcloneDaemon.shutdown()
+    try:
+        assert RcloneDaemon.get() is not None
+        assert not left.exists()
+        assert live.is_dir()
+    finally:
+        live.rmdir()

@@ -96,10 +96,10 @@ def test_provider_drill_with_fewer_remotes_than_n(tmp_path: Path) -> None:
 
 
 def test_provider_drill_on_a_single_remote_vault_fails_and_says_why(tmp_path: Path) -> None:
-    """1-of-2 on one remote (a strategy's NAS tier): no provider can be lost, so the provider
+    """1-of-1 on one remote (a strategy's NAS tier): no provider can be lost, so the provider
     drill fails (exit 22) naming why, instead of passing with nothing dropped."""
     home, remote = tmp_path / "home", tmp_path / "nas"
-    run_cli("init", "-k", "1", "-n", "2", "--remote", str(remote), home=home)
+    run_cli("init", "-k", "1", "-n", "1", "--remote", str(remote), home=home)
     src = tmp_path / "src"
     src.mkdir()
     (src / "f.bin").write_bytes(os.urandom(10_000))

@@ -4,7 +4,8 @@ The vault is made and filled by the real CLI over five local-directory remotes (
 remotes are then destroyed, and the file is recovered from the other three plus the master
 seed by tests/format_reader.py, which implements the document's "Recovering without vaultfs"
 procedure on raw primitives. The only vaultfs import is ``read_keyfile``, to obtain the seed
-the way a user would copy it from their keyfile.
+the way a user would copy it from their keyfile, but for the two-level vault (docs/format.md
+9.2), which is written in process so that the writer's threshold can be lowered.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import blake3
 import format_reader as fr
 import pytest
 
+from vaultfs.backup import backup_paths
 from vaultfs.keys import read_keyfile
+from vaultfs.vault import Vault, metaship
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSPHRASE = "stranger-danger"
@@ -138,6 +141,30 @@ def test_stranger_recovers_from_three_remotes(vault, tmp_path, keep):
     assert fr.recover_file(seed, dirs, b"ledger-\xe9\xff.bin") == file_bytes(3)  # a BLOB path
 
 
+def test_stranger_recovers_a_two_level_vault_from_three_remotes(tmp_path, monkeypatch):
+    """The index described in two levels (second-level pages, segment pages of two
+    descriptors), the vault written twice: the stranger reads the second level from the
+    segments the manifest names and recovers the newest file from three remotes."""
+    monkeypatch.setattr(metaship, "ONE_LEVEL_MAX", 0)
+    monkeypatch.setattr(metaship, "SEGMENT_PAGE_FANOUT", 2)
+    remotes = [tmp_path / f"r{i}" for i in range(5)]
+    src = tmp_path / "src" / "ledger.bin"
+    src.parent.mkdir()
+    with Vault.create(
+        tmp_path / "home", [str(r) for r in remotes], 3, 5, PASSPHRASE, segment_size=1 << 20
+    ) as v:
+        for version in (1, 2):
+            src.write_bytes(file_bytes(version))
+            backup_paths(v, [src])
+            assert v.flush().complete
+        seed = v.keys.seed
+    keys = fr.Keys.from_seed(seed)
+    dirs = [remotes[i] for i in (0, 2, 3)]
+    index = fr.choose_manifest(keys, fr.Remotes(dirs)).body["index"]
+    assert index["levels"] == 2 and "map" not in index
+    assert fr.recover_file(seed, dirs, "ledger.bin") == file_bytes(2)
+
+
 def test_stranger_decodes_around_a_corrupt_shard_and_rejects_a_forged_manifest(vault, tmp_path):
     seed, remotes = vault
     dirs = []
@@ -160,3 +187,16 @@ def test_stranger_decodes_around_a_corrupt_shard_and_rejects_a_forged_manifest(v
     # and with only two remotes (plus the corrupt one) the reader refuses instead of guessing
     with pytest.raises(fr.FormatError, match="intact shards"):
         fr.recover_file(seed, [dirs[0], dirs[1], dirs[2]], "ledger.bin")
+
+
+def test_stranger_recovers_a_one_copy_vault(tmp_path):
+    """A 1-of-1 vault (erasure algorithm 3, format.md 7.5): one remote holding one object per
+    segment, the segment in the clear after unwhitening; the reader restores from it."""
+    home, remote = tmp_path / "home", tmp_path / "nas"
+    vaultfs(home, "init", "-k", "1", "-n", "1", "--segment-mib", "1", "--remote", str(remote))
+    src = tmp_path / "src" / "ledger.bin"
+    src.parent.mkdir()
+    src.write_bytes(file_bytes(3))
+    vaultfs(home, "backup", str(src.parent))
+    seed = read_keyfile(home / "key.json", PASSPHRASE).seed
+    assert fr.recover_file(seed, [remote], "src/ledger.bin") == file_bytes(3)

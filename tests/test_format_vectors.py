@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from pyeclib.ec_iface import LIBERASURECODE_VERSION, ECDriver
 from pyfastcdc import FastCDC
 
-from vaultfs import envelope, indexblocks, manifest, merkle, segment
+from vaultfs import envelope, erasure, indexblocks, manifest, merkle, segment
 from vaultfs.chunker import Chunker, content_ref
 from vaultfs.errors import IntegrityError
 from vaultfs.keys import VaultKeys, read_keyfile
@@ -393,6 +393,116 @@ def test_data_segment_holds_the_records():
     iv = VECTORS["index_objects"]
     assert mseg[: meta["used"]].hex() == iv["block"]["record"] + iv["map_page"]["record"]
     assert VECTORS["vault_root"] == fr.merkle_root([bytes.fromhex(sv["segment_root"])]).hex()
+
+
+def test_two_level_index():
+    """Section 9.2: the manifest vector's index described in two levels. Both second-level
+    pages are index objects (same id rule and record kind); the second-level map page lists
+    the map page as a map entry, the segment page is the canonical JSON list of descriptors;
+    the library's :func:`manifest.index_description` and the stranger's reader both get the
+    one-level description and the index file back from it."""
+    keys = VaultKeys.from_seed(SEED)
+    vid, mk = keys.vault_id, keys.metadata_key
+    tv = VECTORS["index_two_levels"]
+    one = VECTORS["manifest"]["body"]["index"]
+    plains = {}
+    for name in ("map2_page", "segment_page"):
+        m = tv[name]
+        plain, oid = bytes.fromhex(m["plaintext"]), bytes.fromhex(m["id"])
+        assert blake3.blake3(b"vaultfs/v1/index-object" + plain, key=mk).digest() == oid
+        kind = bytes.fromhex(m["kind"])
+        assert kind == b"index-block" + oid
+        _comp, _body, opened = doc_open(mk, vid, b"meta" + kind, kind, bytes.fromhex(m["record"]))
+        assert (
+            opened == plain == indexblocks.open_record(mk, vid, oid, bytes.fromhex(m["record"]), 1)
+        )
+        plains[name] = plain
+    (entry,) = one["map"]
+    assert plains["map2_page"] == struct.pack(
+        ">32s16sII", bytes.fromhex(entry["id"]), bytes.fromhex(entry["uid"]),
+        entry["offset"], entry["length"],
+    )  # fmt: skip
+    canonical = json.dumps(one["segments"], separators=(",", ":"), sort_keys=True)
+    assert plains["segment_page"] == canonical.encode()
+    # the second meta segment holds both records, back to back
+    sv = tv["segment"]
+    seg = b"".join(f[80:] for f in plain_fragments(sv)[: sv["k"]])
+    records = tv["map2_page"]["record"] + tv["segment_page"]["record"]
+    assert seg[: sv["used"]].hex() == records
+    # the library: the one-level description comes back from the two-level body
+    body = manifest.Body.from_dict(VECTORS["manifest"]["body"] | {"index": tv["index"]})
+    assert body.index_map == () and body.index_map2 is not None
+    two = json.dumps(body.to_dict()["index"], separators=(",", ":"), sort_keys=True)
+    assert two == json.dumps(tv["index"], separators=(",", ":"), sort_keys=True)
+    by_id = {bytes.fromhex(tv[n]["id"]): plains[n] for n in plains}
+    desc = manifest.index_description(body, lambda page: by_id[page.id])
+    flat = manifest.Body.from_dict(VECTORS["manifest"]["body"])
+    assert desc.map == flat.index_map and desc.segments[:1] == flat.index_segments
+    assert [s.uid for s in desc.segments] == [
+        flat.index_segments[0].uid,
+        body.index_segments[0].uid,
+    ]
+
+
+def test_the_stranger_reads_the_two_level_index(tmp_path):
+    remote = tmp_path / "r0"
+    (remote / "meta").mkdir(parents=True)
+    for sv in (VECTORS["meta_segment"], VECTORS["index_two_levels"]["segment"]):
+        for s in sv["shards"][1:4]:  # any k of them
+            (remote / "meta" / s["name"]).write_bytes(bytes.fromhex(s["object"]))
+    body = VECTORS["manifest"]["body"] | {"index": VECTORS["index_two_levels"]["index"]}
+    m = fr.Manifest(VECTORS["manifest"]["seq"], 0, body, b"")
+    fr.open_index(KEYS, fr.Remotes([remote]), m, tmp_path / "index.db").close()
+    assert (tmp_path / "index.db").read_bytes().hex() == VECTORS["index_objects"]["file"]
+    with pytest.raises(fr.FormatError, match="3 levels"):
+        fr.open_index(
+            KEYS,
+            fr.Remotes([remote]),
+            fr.Manifest(7, 0, body | {"index": body["index"] | {"levels": 3}}, b""),
+            tmp_path / "no.db",
+        )
+
+
+def test_one_copy_segment_erasure_algorithm_3():
+    """format.md 7.5: the data segment coded 1-of-1 is one object whose unwhitened fragment
+    is the fixed 80-byte header and the segment; the document's reader, the library and
+    the vector agree, and a code other than 1-of-1 under algorithm 3 is refused."""
+    cv = VECTORS["copy_segment"]
+    sh, size = cv["shard"], cv["segment_size"]
+    assert (cv["k"], cv["n"], cv["ec_alg"]) == (1, 1, 3)
+    obj = bytes.fromhex(sh["object"])
+    assert len(obj) == 5 + 80 + size == sh["object_len"]
+    assert blake3.blake3(obj).hexdigest() == sh["object_blake3"]
+    frag = fr.keystream_xor(fr.whitening_key(KEYS.audit_key, sh["name"], 0), obj[5:])
+    assert frag[:80].hex() == sh["fragment_header"]
+    fh = doc_parse_fragment_header(frag)
+    assert fh["magic"] == 0x0B0C5ECC and fh["metadata_chksum_ok"]
+    assert (fh["idx"], fh["size"], fh["orig_data_size"], fh["backend_id"]) == (0, size, size, 0)
+    assert (fh["chksum_type"], fh["backend_metadata_size"]) == (1, 0)
+    # the payload is the segment itself: the same bytes the 3-of-5 data fragments hold
+    data = b"".join(f[80:] for f in plain_fragments(VECTORS["data_segment"])[:3])[:size]
+    assert frag[80:] == data and blake3.blake3(data).hexdigest() == cv["segment_blake3"]
+    parsed = fr.open_shard(KEYS.audit_key, obj, sh["name"], 0, size)
+    assert fr.decode_segment([parsed], 1, 1, size, 3) == data
+    # the library writes the same object (no library version in this header) and reads it
+    (built,) = erasure.encode(data, 1, 1)
+    assert built == frag == erasure.copy_fragment(data)
+    assert segment.stored_shard(0, sh["name"], built, KEYS.audit_key).body == obj
+    plain = segment.open_fragment(obj, KEYS.audit_key, sh["name"], 0)
+    assert segment.decode_segment({0: plain}, 1, 1, size, 3) == data
+    assert erasure.decode([plain], 1, 1, 3) == data
+    assert erasure.decode_range({0: plain[80 + 100 : 80 + 200]}, 0, 1, 3) == data[100:200]
+    # algorithm 3 codes 1-of-1 only, and an unknown id is refused by both readers
+    with pytest.raises(fr.FormatError, match="codes 1-of-1"):
+        fr.decode_segment([parsed], 1, 2, size, 3)
+    with pytest.raises(fr.FormatError, match="erasure algorithm 4"):
+        fr.decode_segment([parsed], 1, 1, size, 4)
+    with pytest.raises(IntegrityError, match="does not code 1-of-2"):
+        erasure.decode([plain], 1, 2, 3)
+    with pytest.raises(IntegrityError, match="unknown erasure algorithm id 4"):
+        erasure.decode([plain], 1, 1, 4)
+    with pytest.raises(IntegrityError, match="cannot be rebuilt|no other fragment"):
+        erasure.reconstruct([plain], [0], 1, 1, 3)
 
 
 # --- manifest -------------------------------------------------------------------------------

@@ -552,3 +552,52 @@ def test_whole_restore_parts_follow_the_segments():
     assert set(groups[0]) == {f"{i:02x}" for i in (*range(32), *range(128, 160))}
     small = {p: (mb, s) for p, (_n, s) in places.items() if p.endswith(("/00.jsonl", "/00.bin"))}
     assert restore.whole_parts(small) == [["00"]]
+
+
+# -- the export renders values as to_json does, and hands files over in bounded memory -------
+def test_value_shortcuts_render_exactly_as_to_json(pg_server):
+    """The export's cheaper renderings (a finite number's output text, an edge type of the
+    schema as a constant) give to_json's bytes for every value, including the ones they hand
+    back to to_json: NaN, infinities, NULL, -0, extremes, and edge types the schema lacks."""
+    from vaultfs.kb import snapshot
+
+    cases = {
+        "real": ["0", "-0", "1e-45", "3.4028235e38", "0.1", "NaN", "Infinity", "-Infinity", None],
+        "float8": ["0.1", "-1e-300", "NaN", "-Infinity", None],
+        "numeric": ["12345678901234567890.123456789", "NaN", "Infinity", "-0.000", None],
+        "text": [*schema.EDGE_TYPES, 'quo"te', "new\nline", "ünï", "", None],
+    }
+    for typ, values in cases.items():
+        expr = snapshot._VALUE["edge_type" if typ == "text" else "real"].format(c="x")
+        rows = pg_server.sql(
+            f"SELECT x::text, {expr}, coalesce(to_json(x)::text, 'null')"
+            f" FROM unnest(%s::{typ}[]) AS t(x)",
+            params=(values,),
+        )
+        assert len(rows) == len(values)
+        for x, ours, want in rows:
+            assert ours == want, (typ, x)
+
+
+def test_export_queue_bound_in_bytes_waits_and_stops(small, pg_server, monkeypatch):
+    """With room for one file at a time the export hands over every file unchanged, each
+    waiting until the last was taken; closed after one file, an export
+    waiting for room stops (no hang) and its transaction ends."""
+    from vaultfs.kb import snapshot
+
+    _root, _home, dsn, _uid = small
+    direct: list[tuple[str, bytes]] = []
+    want = snapshot.export(dsn, lambda p, d: direct.append((p, d)))
+    monkeypatch.setattr(snapshot, "STORE_QUEUE_BYTES", 1)
+    with snapshot.Export(dsn) as ex:
+        got = list(ex.files())
+        m = ex.manifest()
+    assert (m.root, m.files) == (want.root, want.files)
+    # every file but the manifest (its `created` is the transaction's time) byte for byte;
+    # the two halves of the buckets interleave in any order, the manifest comes last
+    assert got[-1][0] == layout.MANIFEST and len(got) == len(want.files) + 1
+    assert dict(got[:-1]) == dict(direct[:-1])
+    with snapshot.Export(dsn) as ex:
+        assert next(iter(ex.files()))[0] == layout.SOURCES
+    open_tx = "SELECT count(*) FROM pg_stat_activity WHERE datname = 'kb_small' AND xact_start IS NOT NULL AND pid <> pg_backend_pid()"  # fmt: skip
+    assert pg_server.sql(open_tx, "kb_small") == [(0,)]

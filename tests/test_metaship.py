@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sqlite3
 from pathlib import Path
 
 import format_reader as fr
@@ -17,6 +18,7 @@ from vaultfs import indexblocks, manifest
 from vaultfs.backends import open_backend
 from vaultfs.backup import backup_paths
 from vaultfs.errors import IntegrityError, VaultError
+from vaultfs.index import Index
 from vaultfs.index.shipped import ShippedObjects
 from vaultfs.indexblocks import BLOCK_SIZE, MAP_FANOUT, object_id
 from vaultfs.keys import VaultKeys
@@ -267,7 +269,7 @@ def test_a_manifest_readers_would_refuse_is_never_written(tmp_path, monkeypatch)
         assert v.flush().complete
         with monkeypatch.context() as mp:
             mp.setattr(manifest, "MAX_BYTES", 1000)
-            with pytest.raises(VaultError, match="outgrown what one manifest can name"):
+            with pytest.raises(VaultError, match="more than readers accept"):
                 backup_paths(v, [src])
         keys = v.keys
     with Vault.open(tmp_path / "home", PW) as v:
@@ -311,3 +313,26 @@ def test_records_just_over_a_size_class_are_split_into_two_classes_not_padded_to
             pos += 1
     assert pos == 70
     assert {loc.uid for loc in got.sealed.values()} == set(written)
+
+
+def test_an_index_with_shards_state_over_every_shard_gets_the_partial_one(tmp_path):
+    """``shards_state`` indexes only the shards still to upload (a placed shard leaves it, so
+    a big backup's shards placed do not rewrite it); an index written with the index over
+    every shard gets the partial one at open, its layout version unchanged, and the upload
+    queue's lookups still use it."""
+    path = tmp_path / "index.db"
+    Index(path).close()
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.executescript(
+            "DROP INDEX shards_state; CREATE INDEX shards_state ON shards(state, remote);"
+        )
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+    index = Index(path)
+    try:
+        (sql,) = index.one("SELECT sql FROM sqlite_schema WHERE name='shards_state'")
+        assert sql.endswith("WHERE state = 'queued'")
+        assert index.one("PRAGMA user_version")[0] == version
+        plan = index.q("EXPLAIN QUERY PLAN SELECT count(*) FROM shards WHERE state='queued'")
+        assert any("shards_state" in row[3] for row in plan)
+    finally:
+        index.close()

@@ -8,8 +8,10 @@ of the master seed recovers every tier's key, and `init --share-file` makes a va
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -106,7 +108,7 @@ def test_good_file_reads_as_typed_tiers_and_add_backend_keeps_comments(tmp_path:
     assert list(s.tiers) == ["primary", "nas", "offsite"]
     primary, nas, off = s.tiers.values()
     assert primary.live and not nas.live and nas.home == home / "tiers" / "nas"
-    assert (nas.k, nas.n, nas.vault_k_n, nas.survives_losses) == (1, 1, (1, 2), 0)
+    assert (nas.k, nas.n, nas.survives_losses) == (1, 1, 0)
     assert (off.k, off.n, off.survives_losses, off.frequency) == (2, 3, 1, 86400.0)
     assert off.retention is not None and str(off.retention.within) == "1y"
     assert s.sources == [strategy.Source("path", str(home / "notes"))]
@@ -218,6 +220,16 @@ sources:
     assert rows["offsite"]["survives_losses_design"] == rows["offsite"]["survives_losses_now"] == 1
     assert rows["nas"]["survives_losses_now"] == 0 and rows["archive"]["last_error"] is None
 
+    # the NAS tier is 1-of-1 (erasure algorithm 3): one object per data segment, the
+    # segment plus 85 bytes: the space of the data once, not twice
+    assert json.loads(run_cli("status", "--json", home=home / "tiers" / "nas").stdout)["n"] == 1
+    with contextlib.closing(sqlite3.connect(home / "tiers" / "nas" / "index.db")) as db:
+        segs, size = db.execute(
+            "SELECT count(*), sum(size) FROM segments WHERE kind='data'"
+        ).fetchone()
+    stored = [p.stat().st_size for p in (nas_dir / "data").iterdir()]
+    assert len(stored) == segs and sum(stored) == size + 85 * segs
+
     # the restores on empty homes: the seeds come from the master key alone
     for tier, remotes, newest in (("nas", [str(nas_dir)], 9), ("offsite", [s3, sftp], 8)):
         seed = tmp_path / f"{tier}.seed"
@@ -312,7 +324,9 @@ sources:
     run_cli("strategy", "apply", home=home)
     run_cli("backup", "config", "--add-backend", "lock", str(tmp_path / "l2"), home=home)
     differs = json.loads(run_cli("strategy", "apply", "--json", home=home).stdout)["differs"]
-    assert differs == {"lock": [f"{tmp_path / 'l2'} is in the file, not a remote of the vault"]}
+    assert differs == {"lock": [f"{tmp_path / 'l2'} is in the file, not a remote of the vault: "
+                                f"`vaultfs remote add --home {home / 'tiers' / 'lock'} "
+                                f"{tmp_path / 'l2'}`"]}  # fmt: skip
     (home / "tiers" / "torn" / "index.db").unlink()  # as if made up to its keyfile only
     for day in range(3):
         res = json.loads(run_cli("run", "--json", home=home, env=at(home, day), check=20).stdout)

@@ -142,14 +142,18 @@ def backup_stream(
     upload: bool = False,
     fork: bool = False,
 ) -> tuple[str, int, int]:
-    """Back up one stream as file ``filename`` of a new snapshot; as :func:`backup_paths`."""
+    """Back up one stream as file ``filename`` of a new snapshot; as :func:`backup_paths`.
+    The file and its directories get the modes the process's umask gives new files (``umask
+    077`` before ``pg_dump | vaultfs backup --stdin``: readable by the owner only)."""
     import time
 
     rel = check_name(filename)
+    mask = os.umask(0o077)  # read it (no getter); the file is made as the shell would
+    os.umask(mask)
     cids, size = vault.store_stream(stream, progress)
     parts = rel.split("/")
     now = time.time_ns()
-    entries = [Entry("/".join(parts[:i]), "d", 0o755, now) for i in range(1, len(parts))]
-    entries.append(Entry(rel, "f", 0o644, now, size=size, cids=cids))
+    entries = [Entry("/".join(parts[:i]), "d", 0o777 & ~mask, now) for i in range(1, len(parts))]
+    entries.append(Entry(rel, "f", 0o666 & ~mask, now, size=size, cids=cids))
     uid, _seq = vault.commit(entries, name=name, prepush=upload, fork=fork)
     return uid, len(entries), size

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from . import manifest
@@ -61,12 +61,16 @@ class Survey:
     invalid: list[str] = field(default_factory=list)  # "label: name: why" of names refused
     errors: dict[str, str] = field(default_factory=dict)  # label -> why it was not listed
 
-    def referenced(self) -> set[str]:
-        """Names of the index shard objects (``meta/``) the other manifests sign."""
+    def referenced(
+        self, describe: Callable[[manifest.Manifest], manifest.IndexDescription]
+    ) -> set[str]:
+        """Names of the index shard objects (``meta/``) the other manifests sign, each
+        manifest's index read whole with ``describe`` (its second-level pages too:
+        :func:`vaultfs.restore.remote_index_description`)."""
         return {
             s.name
             for seen in self.others
-            for seg in seen.manifest.contents.index_segments
+            for seg in describe(seen.manifest).segments
             for s in seg.shards
         }
 

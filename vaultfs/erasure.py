@@ -11,11 +11,19 @@ k-subsets of fragments are singular and cannot be decoded (36 of the 6435 7-subs
 erasure algorithm id 2 = ``isa_l_rs_cauchy`` (ISA-L's gf_gen_cauchy1_matrix), which decodes
 from every k-subset; with n - k <= 4 they keep id 1, where every k-subset decodes too.
 The id is recorded in the index and the signed manifest, and readers use what it says.
+
+Erasure algorithm id 3 = one whole copy (k = n = 1, a strategy's ``1_of_1`` tier): the
+only fragment is an 80-byte header in liberasurecode's layout, written here (backend id 0,
+no library), followed by the segment itself. No liberasurecode is involved, no parity is
+stored (1x the space), and the fragment is read exactly like the data fragment of a
+systematic code, so range reads and audits are unchanged; a lost copy cannot be rebuilt.
 """
 
 from __future__ import annotations
 
+import struct
 import threading
+import zlib
 
 from pyeclib.ec_iface import ECDriver
 
@@ -29,7 +37,13 @@ _MAGIC_AT = 59
 
 EC_ISA_L_RS_VAND = 1
 EC_ISA_L_RS_CAUCHY = 2
+EC_COPY = 3
 EC_BACKENDS = {EC_ISA_L_RS_VAND: "isa_l_rs_vand", EC_ISA_L_RS_CAUCHY: "isa_l_rs_cauchy"}
+#: every erasure algorithm id this version reads and writes (docs/format.md 3)
+EC_ALGS = (EC_ISA_L_RS_VAND, EC_ISA_L_RS_CAUCHY, EC_COPY)
+#: liberasurecode's fragment_header_t (docs/format.md 7.2), as algorithm 3 writes it
+_HEADER = struct.Struct("<IIIQB32sBBIIII9s")
+_CHKSUM_NONE = 1
 
 
 def fragment_index(fragment: bytes | memoryview) -> int | None:
@@ -44,6 +58,8 @@ def fragment_index(fragment: bytes | memoryview) -> int | None:
 
 def choose_alg(k: int, n: int) -> int:
     """The erasure algorithm for new segments of a k-of-n vault (see the module docstring)."""
+    if n == 1:
+        return EC_COPY
     return EC_ISA_L_RS_VAND if n - k <= 4 else EC_ISA_L_RS_CAUCHY
 
 
@@ -63,8 +79,28 @@ def driver(k: int, n: int, alg: int = EC_ISA_L_RS_VAND) -> ECDriver:
 
 
 def validate(k: int, n: int) -> None:
-    if not (1 <= k < n <= 32):
-        raise ValueError(f"need 1 <= k < n <= 32, got k={k} n={n}")
+    """ValueError unless k-of-n is a code vaultfs writes: 1 <= k < n <= 32, or 1-of-1 (one
+    whole copy, algorithm 3)."""
+    if not (1 <= k < n <= 32 or k == n == 1):
+        raise ValueError(f"need 1 <= k < n <= 32 (or 1-of-1), got k={k} n={n}")
+
+
+def _check_alg(alg: int, k: int, n: int) -> None:
+    if alg not in EC_ALGS:
+        raise IntegrityError(f"unknown erasure algorithm id {alg}")
+    if (alg == EC_COPY) != (k == n == 1):
+        raise IntegrityError(f"erasure algorithm {alg} does not code {k}-of-{n}")
+
+
+def copy_fragment(segment: bytes) -> bytes:
+    """The one fragment of algorithm 3: its header (index 0, payload and original size the
+    segment's length, magic, CRC-32 of bytes 0-58) and the segment (docs/format.md 7.5)."""
+    head = _HEADER.pack(
+        0, len(segment), 0, len(segment), _CHKSUM_NONE, bytes(32), 0, 0, 0, FRAGMENT_MAGIC, 0,
+        0, bytes(9),
+    )  # fmt: skip
+    head = head[:67] + struct.pack("<I", zlib.crc32(head[:59])) + head[71:]
+    return head + segment
 
 
 def encode(segment: bytes, k: int, n: int, alg: int | None = None) -> list[bytes]:
@@ -72,15 +108,20 @@ def encode(segment: bytes, k: int, n: int, alg: int | None = None) -> list[bytes
 
     ``alg`` defaults to :func:`choose_alg`; re-encoding an existing segment (repair) must
     pass the segment's recorded algorithm."""
-    return driver(k, n, alg or choose_alg(k, n)).encode(segment)
+    alg = alg or choose_alg(k, n)
+    _check_alg(alg, k, n)
+    if alg == EC_COPY:
+        return [copy_fragment(segment)]
+    return driver(k, n, alg).encode(segment)
 
 
 def decode(fragments: list[bytes], k: int, n: int, alg: int = EC_ISA_L_RS_VAND) -> bytes:
     """Decode from at least k fragments (any indices) coded with algorithm ``alg``."""
     if len(fragments) < k:
         raise IntegrityError(f"only {len(fragments)} good shards, need {k}")
-    if alg not in EC_BACKENDS:
-        raise IntegrityError(f"unknown erasure algorithm id {alg}")
+    _check_alg(alg, k, n)
+    if alg == EC_COPY:
+        return fragments[0][FRAGMENT_HEADER:]
     try:
         return driver(k, n, alg).decode(fragments)
     except Exception as e:  # pyeclib raises its own hierarchy
@@ -96,8 +137,9 @@ def reconstruct(
     ``decode`` in liberasurecode, which allocates and clears buffers for every fragment."""
     if len(fragments) < k:
         raise IntegrityError(f"only {len(fragments)} good shards, need {k}")
-    if alg not in EC_BACKENDS:
-        raise IntegrityError(f"unknown erasure algorithm id {alg}")
+    _check_alg(alg, k, n)
+    if alg == EC_COPY:  # one fragment: never missing while k = 1 others are at hand
+        raise IntegrityError("a one-copy segment has no other fragment to rebuild from")
     try:
         frags = [f if isinstance(f, bytes) else bytes(f) for f in fragments]  # pyeclib: bytes only
         return driver(k, n, alg).reconstruct(frags, missing)

@@ -17,7 +17,7 @@ code  meaning
 15    local disk full
 16    no vault here (not initialised) or a vault already exists
 17    the vault is busy (locked by another vaultfs process)
-18    input not found or not readable
+18    input not found or not readable, or a local path that cannot be used as asked
 19    a recovery share is mistyped, missing, or from another share set
 20    `vaultfs run`: a scheduled job failed or an audit found damage (alerted)
 21    stale base: the remotes hold manifests this home never wrote (rebuild or --fork)
@@ -116,6 +116,16 @@ class DiskFull(VaultError):
 
 class NoVault(VaultError):
     exit_code = 16
+
+
+class RemoteHoldsVault(NoVault):
+    """A new vault was asked for over a location that already holds one (its ``manifests/``
+    is not empty): give an empty location, or rebuild the lost home of that vault from it
+    (``spec``: the location)."""
+
+    def __init__(self, message: str, spec: str) -> None:
+        super().__init__(message)
+        self.spec = spec
 
 
 class VaultBusy(VaultError):

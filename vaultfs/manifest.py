@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import blake3
 
-from . import envelope
+from . import envelope, indexblocks
 from .errors import IntegrityError
 from .keys import (
     ED25519_SIG_LEN,
@@ -62,6 +63,9 @@ SIGN_LABEL = b"vaultfs/v1/manifest"
 #: JSON body naming the index shards, at most ~28 KiB of signatures); readers refuse an
 #: object listed larger unread and never read more than this plus one byte of one.
 MAX_BYTES = 1 << 20
+#: Why a manifest signed for another vault id is refused; a restore whose every refusal is
+#: this one was given another vault's key (a strategy's master key on a tier's remotes).
+OTHER_VAULT = "manifest belongs to another vault (vault id differs)"
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,19 @@ class MapPage:
     uid: bytes  # uid of the meta segment holding its record (one of ``index.segments``)
     offset: int  # the record's offset in that segment
     length: int  # the record's length
+
+
+@dataclass(frozen=True)
+class IndexDescription:
+    """A manifest's index as a reader needs it, whatever the number of levels it is written
+    in (docs/format.md 9, 9.2): the shipped file's length and block size, every meta segment
+    holding an object of it, and every page of its block map. Only
+    :func:`index_description` makes one."""
+
+    length: int
+    block_size: int
+    segments: tuple[IndexSegment, ...]
+    map: tuple[MapPage, ...]
 
 
 @dataclass(frozen=True)
@@ -144,7 +161,8 @@ class Body:
     """The manifest body (docs/format.md 10.2): the only code that knows its JSON keys.
 
     Every field is in format version 2 (the ``index`` fields a block map, docs/format.md
-    9). The writer always writes all of them but
+    9, in one level or, past :data:`vaultfs.vault.metaship.ONE_LEVEL_MAX`, two: 9.2; read
+    it through :func:`index_description`). The writer always writes all of them but
     ``slhdsa_public``/``slhdsa_sealed`` (present only with signature algorithm 2 or 3;
     :func:`encode` adds ``slhdsa_public`` from the signing key) and ``fork`` (only on an
     explicit fork). ``prev`` is required (null for the first manifest). A reader takes
@@ -159,8 +177,14 @@ class Body:
     keyring: tuple[KeyringEntry, ...]  # every key epoch, in epoch order
     index_length: int  # length of the shipped SQLite file ("index.length")
     index_block_size: int  # bytes per index block, the last may be shorter ("index.block_size")
-    index_segments: tuple[IndexSegment, ...]  # every meta segment the index objects are in
-    index_map: tuple[MapPage, ...]  # the block map's pages, in order ("index.map")
+    # one level: every meta segment the index objects are in; two levels: those holding the
+    # second-level pages (read the whole list through :func:`index_description`)
+    index_segments: tuple[IndexSegment, ...]
+    index_map: tuple[MapPage, ...]  # one level: the block map's pages, in order; two: ()
+    # two levels (docs/format.md 9.2): the pages listing the map pages ("index.map2") and
+    # those listing the other meta segments ("index.segment_pages"); None and () for one
+    index_map2: tuple[MapPage, ...] | None = None
+    index_segment_pages: tuple[MapPage, ...] = ()
     retired_suites: frozenset[int] = frozenset()  # suites whose data readers must refuse
     slhdsa_sealed: bytes | None = None  # the SLH-DSA secret key, sealed under the seed
     slhdsa_public: bytes | None = None  # the SLH-DSA public key that signed this manifest
@@ -180,15 +204,7 @@ class Body:
                 {"epoch": e.epoch, "suite": e.suite, "wrapped": e.wrapped.hex()}
                 for e in self.keyring
             ],
-            "index": {
-                "length": self.index_length,
-                "block_size": self.index_block_size,
-                "segments": [_segment_dict(seg) for seg in self.index_segments],
-                "map": [
-                    {"id": p.id.hex(), "uid": p.uid.hex(), "offset": p.offset, "length": p.length}
-                    for p in self.index_map
-                ],
-            },
+            "index": self._index_dict(),
             "retired_suites": sorted(self.retired_suites),
             "prev": None if self.prev is None else self.prev.to_dict(),
         }
@@ -202,6 +218,20 @@ class Body:
             out["kb"] = self.kb
         return out
 
+    def _index_dict(self) -> dict:
+        out: dict = {
+            "length": self.index_length,
+            "block_size": self.index_block_size,
+            "segments": [_segment_dict(seg) for seg in self.index_segments],
+        }
+        if self.index_map2 is None:
+            out["map"] = [_page_dict(p) for p in self.index_map]
+        else:  # no "map": a reader of one level refuses the body (index.map missing)
+            out["levels"] = 2
+            out["map2"] = [_page_dict(p) for p in self.index_map2]
+            out["segment_pages"] = [_page_dict(p) for p in self.index_segment_pages]
+        return out
+
     @classmethod
     def from_dict(cls, obj: dict) -> Body:
         """Read a decoded body against the schema. Raises :class:`IntegrityError` naming the
@@ -209,6 +239,11 @@ class Body:
         is refused like a corrupt one)."""
         index = _object(_get(obj, "index", ""), "index")
         segment_size = _int(obj, "segment_size", "")
+        levels = _int(index, "levels", "index.", 1)
+        if levels not in (1, 2):
+            raise _malformed(
+                "index.levels", f"an index of {levels} levels; this vaultfs reads 1 or 2"
+            )
         return cls(
             vault_root=_hex(obj, "vault_root", "", 32),
             k=_int(obj, "k", ""),
@@ -224,15 +259,9 @@ class Body:
                 _parse_segment(seg, w, segment_size)
                 for w, seg in _objects(index, "segments", "index.")
             ),
-            index_map=tuple(
-                MapPage(
-                    _hex(p, "id", w, 32),
-                    _hex(p, "uid", w, 16),
-                    _int(p, "offset", w),
-                    _int(p, "length", w),
-                )  # fmt: skip
-                for w, p in _objects(index, "map", "index.")
-            ),
+            index_map=_pages(index, "map") if levels == 1 else (),
+            index_map2=_pages(index, "map2") if levels == 2 else None,
+            index_segment_pages=_pages(index, "segment_pages") if levels == 2 else (),
             retired_suites=frozenset(
                 _as_int(s, f"retired_suites[{i}]")
                 for i, s in enumerate(_list(obj, "retired_suites", "", []))
@@ -252,6 +281,70 @@ def _link(obj: dict, key: str) -> Link | None:
         return None
     link = _object(v, key)
     return Link(_int(link, "seq", f"{key}."), _hex(link, "hash", f"{key}.", 32))
+
+
+def _page_dict(p: MapPage) -> dict:
+    return {"id": p.id.hex(), "uid": p.uid.hex(), "offset": p.offset, "length": p.length}
+
+
+def _pages(index: dict, key: str) -> tuple[MapPage, ...]:
+    """``index[key]``: a list of index objects and where their records are."""
+    return tuple(
+        MapPage(
+            _hex(p, "id", w, 32), _hex(p, "uid", w, 16), _int(p, "offset", w), _int(p, "length", w)
+        )
+        for w, p in _objects(index, key, "index.")
+    )
+
+
+def encode_segment_page(segments: list[IndexSegment]) -> bytes:
+    """The plaintext of a second-level segment page (docs/format.md 9.2): the descriptors,
+    as in ``index.segments``, as a canonical JSON array."""
+    return json.dumps(
+        [_segment_dict(seg) for seg in segments], separators=(",", ":"), sort_keys=True
+    ).encode()
+
+
+def index_description(body: Body, open_page: Callable[[MapPage], bytes]) -> IndexDescription:
+    """The index ``body`` names, whole: the one way every reader (restore, the lazy view,
+    home rebuild, verify, repair) learns which meta segments and map pages a
+    manifest's index has. One level: the body's lists, read at no cost. Two levels
+    (docs/format.md 9.2): ``open_page(page)`` must return the checked plaintext of a
+    second-level page, whose record is in one of ``body.index_segments``; the map pages
+    they list are checked against the index length, and a meta segment named twice is
+    refused. Raises :class:`IntegrityError`."""
+    if body.index_map2 is None:
+        return IndexDescription(
+            body.index_length, body.index_block_size, body.index_segments, body.index_map
+        )
+    fan = indexblocks.MAP_FANOUT
+    npages = indexblocks.map_pages(body.index_length, body.index_block_size)
+    if len(body.index_map2) != -(-npages // fan):
+        raise IntegrityError("the manifest's second-level map does not cover the index length")
+    pages: list[MapPage] = []
+    for q, page in enumerate(body.index_map2):
+        entries = indexblocks.decode_map_page(open_page(page))
+        if len(entries) != min(fan, npages - q * fan):
+            raise IntegrityError(f"second-level map page {q} lists {len(entries)} map pages")
+        pages += [MapPage(oid, loc.uid, loc.offset, loc.length) for oid, loc in entries]
+    listed: list[IndexSegment] = []
+    for q, page in enumerate(body.index_segment_pages):
+        where = f"index.segment_pages[{q}]"
+        part = _json(open_page(page), where)
+        if not isinstance(part, list) or not 1 <= len(part) <= fan:
+            raise _malformed(where, f"expected a list of 1 to {fan} segments")
+        listed += [
+            _parse_segment(_object(v, f"{where}[{i}]"), f"{where}[{i}].", body.segment_size)
+            for i, v in enumerate(part)
+        ]
+    # in the order the writer made them: the segments holding blocks and map pages, then
+    # those holding the second-level pages (home rebuild numbers the new ones so)
+    segments = {seg.uid: seg for seg in (*listed, *body.index_segments)}
+    if len(segments) != len(listed) + len(body.index_segments):
+        raise IntegrityError("the manifest's index names a meta segment twice")
+    return IndexDescription(
+        body.index_length, body.index_block_size, tuple(segments.values()), tuple(pages)
+    )
 
 
 def _segment_dict(seg: IndexSegment) -> dict:
@@ -449,11 +542,15 @@ def encode(
     return signed + struct.pack(">H", len(sig)) + sig
 
 
-def _json_object(raw: bytes) -> dict:
+def _json(raw: bytes, what: str) -> object:
     try:
-        body = json.loads(raw)
-    except ValueError as e:  # also a body that is not UTF-8
-        raise IntegrityError(f"manifest body is not JSON: {e}") from None
+        return json.loads(raw)
+    except ValueError as e:  # also bytes that are not UTF-8
+        raise IntegrityError(f"{what} is not JSON: {e}") from None
+
+
+def _json_object(raw: bytes) -> dict:
+    body = _json(raw, "manifest body")
     if not isinstance(body, dict):
         raise IntegrityError("manifest body is not a JSON object")
     return body
@@ -486,7 +583,7 @@ def decode(keys: VaultKeys, blob: bytes) -> Manifest:
             f"SLH-DSA-{keys.slhdsa_param.upper()}"
         )
     if vid != keys.vault_id:
-        raise IntegrityError("manifest belongs to another vault (vault id differs)")
+        raise IntegrityError(OTHER_VAULT)
     end = HEAD.size + blen
     if len(blob) < end + 2:
         raise IntegrityError("manifest truncated")

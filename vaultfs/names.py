@@ -127,3 +127,27 @@ def split_path(path: bytes) -> tuple[bytes, bytes] | None:
 
 #: entries.type of the special files a snapshot keeps, by file type (they hold no data)
 SPECIAL_TYPES = {stat.S_IFIFO: "p", stat.S_IFCHR: "c", stat.S_IFBLK: "b", stat.S_IFSOCK: "s"}
+
+
+#: the most bytes of a snapshot name: it is also a directory name under ``.snapshots/``
+SNAPSHOT_NAME_MAX = 255
+
+
+def check_snapshot_name(name: str) -> None:
+    """InputError unless ``name`` can label a snapshot: 1 to 255 bytes of UTF-8 without
+    ``/`` or control characters (it is a directory name under ``.snapshots/`` and one line in
+    listings), not ``.``, ``..`` or ``latest``, and not shaped like a snapshot id (eight hex
+    digits), which commands would then read as the other snapshot's."""
+    from .errors import InputError
+
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if not 1 <= size <= SNAPSHOT_NAME_MAX:
+        raise InputError(f"a snapshot name has 1 to {SNAPSHOT_NAME_MAX} bytes, not {size}")
+    if "/" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InputError(f"invalid snapshot name {display(name)!r}: no '/' or control characters")
+    if name in (".", "..", "latest"):
+        raise InputError(f"{name!r} cannot name a snapshot")
+    if len(name) == 8 and all(c in "0123456789abcdef" for c in name):
+        raise InputError(
+            f"{name!r} looks like a snapshot id (eight hex digits); choose another name"
+        )

@@ -41,7 +41,7 @@ from .index import manifests as manifest_table
 from .index import remotes as remote_table
 from .index.shipped import ShippedObjects
 from .keys import VaultKeys, write_keyfile
-from .restore import ShardSource, open_remote_index
+from .restore import ShardSource, index_description, open_remote_index
 from .shardreader import ShardRef, read_segment
 from .vault import Vault
 from .vault.home import index_path, install, keyfile_path, rebuild_staging
@@ -227,7 +227,7 @@ def _adopt_newest(
     from the decoded segment (the code is deterministic) and must hash to what ``m`` signs."""
     rid_of = {b.spec: rid for rid, b in matched.items()}
     epoch, _suite = keyring.current(index, m.suite)
-    named = m.contents.index_segments
+    named = index_description(keys, m, src, warnings).segments
     # the copy already records the meta segments earlier manifests wrote (blocks are shared
     # across manifests, docs/format.md 9.2); only those written for ``m`` itself are missing
     known = segments.ids_by_uid(index, [seg.uid for seg in named])

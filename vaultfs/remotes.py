@@ -182,6 +182,25 @@ def rclone_binary() -> str:
     return found
 
 
+def absolute(spec: str) -> str:
+    """The spec with a relative local path made absolute (and ``~`` expanded).
+
+    A vault stores its remotes' specs and every later command (and the mount's daemon, which
+    runs in ``/``) opens them: a relative path would name a different directory from each
+    working directory, spreading the vault's objects over all of them. rclone reads a spec
+    without a colon, or starting with ``/``, ``./`` or ``../``, as a local path; anything
+    else (``remote:path``, ``:s3,...:bucket``) is left as it is."""
+    if not is_local(spec):
+        return spec
+    return os.path.abspath(os.path.expanduser(spec))
+
+
+def is_local(spec: str) -> bool:
+    """Whether rclone reads ``spec`` as a local path: no colon, or a leading ``/``, ``./``,
+    ``../`` (or ``~``, which a shell expands)."""
+    return ":" not in spec or spec.startswith(("/", "./", "../", "~"))
+
+
 def join(spec: str, sub: str) -> str:
     """Join a sub-path onto a remote spec, respecting the ``remote:`` form."""
     if not sub:
@@ -189,6 +208,29 @@ def join(spec: str, sub: str) -> str:
     if spec.endswith(":") or spec.endswith("/"):
         return spec + sub
     return spec + "/" + sub
+
+
+#: the rclone daemon's private directory (its control socket): ``<tmp>/vaultfs-rcd-<pid>-*``
+RCD_PREFIX = "vaultfs-rcd-"
+
+
+def _sweep_stale_dirs() -> None:
+    """Remove the daemon directories of vaultfs processes that no longer exist.
+
+    A process killed with SIGKILL runs no ``atexit`` handler, so its directory stays behind
+    (its rclone followed it through the parent-death signal). A directory whose pid is alive,
+    or whose name carries no pid (made by an older version), is left alone."""
+    tmp = Path(tempfile.gettempdir())
+    for d in tmp.glob(RCD_PREFIX + "*-*"):
+        pid = d.name[len(RCD_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass  # alive, another user's
 
 
 class RcloneDaemon:
@@ -240,7 +282,9 @@ class RcloneDaemon:
             return d
 
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="vaultfs-rcd-")  # mode 0700
+        _sweep_stale_dirs()
+        # the pid in the name lets a later process remove it if this one is killed (-9)
+        self.dir = tempfile.mkdtemp(prefix=f"{RCD_PREFIX}{os.getpid()}-")  # mode 0700
         self.sock = os.path.join(self.dir, "rc.sock")
         cmd = [rclone_binary(), "rcd", "-q", f"--rc-addr=unix://{self.sock}", "--rc-no-auth"]
         cmd += self.FLAGS

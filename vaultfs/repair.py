@@ -62,7 +62,7 @@ from .index.segments import ShardRow
 from .names import display, from_db
 from .objectlock import lock_spec
 from .remotes import Remote
-from .restore import READ_IN_PLACE, read_object
+from .restore import READ_IN_PLACE, read_object, remote_index_description
 from .sealer import ShardFile
 from .shardreader import (
     Lie,
@@ -368,6 +368,11 @@ def _rebuild_segment(
         )
     except (ShardsUnavailable, ShardsUndecodable) as e:
         out.lies, out.failed = e.lies, e.message
+        if n == 1:  # docs/format.md 7.5: one copy, no other fragment exists anywhere
+            out.failed += (
+                ": a 1-of-1 segment is one copy and cannot be rebuilt; restore it from "
+                "another tier or a live copy (--source)"
+            )
         return out
     out.lies = got.lies
     for sh, _reason in todo:
@@ -788,7 +793,9 @@ def _delete_replaced(
     strays: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for rid, sub, name in audit_table.foreign(vault.index):
         strays[rid][sub].append(name)
-    still = segment_table.object_names(vault.index) | found.referenced()
+    still = segment_table.object_names(vault.index) | found.referenced(
+        lambda m: remote_index_description(vault, m)
+    )
     for rid in set(doomed) | set(strays):
         if rid in removed or rid in fetcher.down or rid not in specs:
             continue

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import blake3
 
@@ -35,6 +35,7 @@ from .errors import (
     Rollback,
     TargetNotEmpty,
     ThawNeeded,
+    WrongKey,
 )
 from .hedging import SPEEDS
 from .index import Index, keyring, manifests, open_shipped, seen_manifest_seq, segments, snapshots
@@ -45,6 +46,9 @@ from .keys import SLHDSA_BY_SIG_ALG, VaultKeys
 from .names import display, fs_path, xattrs_from_db
 from .remotes import needs_thaw
 from .shardreader import ShardRef, preference, read_segment
+
+if TYPE_CHECKING:
+    from .vault import Vault
 
 BATCH_SEGMENTS = 12
 FIRST_BATCH = 2
@@ -650,7 +654,15 @@ def find_manifest(
             f"{r.label}: {r.error or (r.bad_manifests[0] if r.bad_manifests else 'no manifest')}"
             for r in reps
         )
-        if any(r.bad_manifests for r in reps):
+        bad = [b for r in reps for b in r.bad_manifests]
+        if bad and all(b.endswith(manifest.OTHER_VAULT) for b in bad):
+            raise WrongKey(
+                f"the remotes hold a vault other than this key's ({details}). A strategy's "
+                "master key opens no tier directly: write the tier's seed with `vaultfs "
+                "strategy seed TIER --out FILE` and give `--seed-file FILE` (drills: `vaultfs "
+                "drill … --tier TIER`)"
+            )
+        if bad:
             raise IntegrityError(f"no validly signed manifest for this key ({details})")
         raise NotEnoughRemotes(f"no manifest found on the given remotes ({details})")
     newest = max(m.seq for m in found.valid.values())
@@ -760,6 +772,8 @@ def _chain_report(keys: VaultKeys, src: ShardSource, found: Branches, index: Ind
     ours = manifests.chain_names(index) | {found.used}
     _read_the_rest(keys, src, found, frozenset(ours))
     found.off_chain = [n for n in found.valid if n not in ours]
+    line = _line_after(found)  # an older manifest asked for: its successors are no fork
+    found.off_chain = [n for n in found.off_chain if n not in line]
     used = found.describe(found.used)
     out = [
         f"fork: the remotes hold another branch, newest {found.describe(n)}; restoring from "
@@ -769,6 +783,25 @@ def _chain_report(keys: VaultKeys, src: ShardSource, found: Branches, index: Ind
     if found.unread:
         out.append(f"{found.unread} manifest name(s) not examined (more than {chain.MAX_READS})")
     return out
+
+
+def _line_after(found: Branches) -> set[str]:
+    """The off-chain manifests that continue the used one's line: its child, that one's
+    child, ... while each has exactly one (a fork is two children of one parent,
+    docs/format.md 10.3). Restoring an ancestor of the newest manifest (``--manifest``)
+    finds them off the ancestor's chain, yet they are its future, not another branch."""
+    children: dict[bytes, list[str]] = defaultdict(list)
+    for n in found.off_chain:
+        prev = found.valid[n].contents.prev
+        if prev is not None:
+            children[prev.hash].append(n)
+    line: set[str] = set()
+    head = found.valid[found.used].hash
+    while len(children.get(head, [])) == 1:
+        (nxt,) = children[head]
+        line.add(nxt)
+        head = found.valid[nxt].hash
+    return line
 
 
 def fetch_index(
@@ -791,14 +824,14 @@ def fetch_index(
     block and map page is, so the next commit seals only what changed; it counts only once
     the rebuilt index records manifest ``m`` and the segments it names
     (``manifest_segments``)."""
-    body = m.contents
     warnings: list[str] = []
-    block, length = body.index_block_size, body.index_length
     with tempfile.TemporaryDirectory(prefix="vaultfs-idx-") as tmp:
         segs = _IndexSegments(keys, m, src, Path(tmp), warnings)
+        desc = segs.describe()
+        block, length = desc.block_size, desc.length
         with contextlib.closing(BlockPlan(Path(tmp) / "map.db")) as plan:
-            for i in range(len(body.index_map)):
-                plan.add(i * indexblocks.MAP_FANOUT, map_page(segs, body, i))
+            for i in range(len(desc.map)):
+                plan.add(i * indexblocks.MAP_FANOUT, map_page(segs, desc, i))
             with open(dest, "wb") as out:
                 out.truncate(length)
                 for pos, oid, loc in plan.by_segment():
@@ -808,24 +841,50 @@ def fetch_index(
                     out.seek(pos * block)
                     out.write(data)
             if shipped is not None:
-                pages = [(p.id, Location(p.uid, p.offset, p.length)) for p in body.index_map]
+                body = m.contents
+                pages = [
+                    (p.id, Location(p.uid, p.offset, p.length))
+                    for p in (*desc.map, *(body.index_map2 or ()), *body.index_segment_pages)
+                ]
                 shipped.record(
                     itertools.chain(plan.objects(), pages),
                     m.suite,
-                    {seg.uid for seg in body.index_segments},
+                    {seg.uid for seg in desc.segments},
                 )
     return warnings
 
 
-def map_page(segs: _IndexSegments, body: manifest.Body, i: int) -> list[tuple[bytes, Location]]:
-    """Page ``i`` of the block map ``body`` names: the (object id, location) of blocks
+def index_description(
+    keys: VaultKeys, m: manifest.Manifest, src: ShardSource, warnings: list[str]
+) -> manifest.IndexDescription:
+    """The whole index description of manifest ``m`` (:func:`manifest.index_description`):
+    free for one level; for two, the second-level pages are fetched from ``src`` (warnings
+    about shards decoded around are added to ``warnings``). For the readers that need only
+    which meta segments a manifest names (verify, repair, home rebuild)."""
+    with tempfile.TemporaryDirectory(prefix="vaultfs-idx-") as tmp:
+        return _IndexSegments(keys, m, src, Path(tmp), warnings).describe()
+
+
+def remote_index_description(vault: Vault, m: manifest.Manifest) -> manifest.IndexDescription:
+    """:func:`index_description` of manifest ``m`` from ``vault``'s active remotes and
+    upload queue (listed only when the index has second-level pages to fetch)."""
+    src = ShardSource(vault.remotes(), vault.queue_dir)
+    if m.contents.index_map2 is not None:
+        src.list_all()
+    return index_description(vault.keys, m, src, [])
+
+
+def map_page(
+    segs: _IndexSegments, desc: manifest.IndexDescription, i: int
+) -> list[tuple[bytes, Location]]:
+    """Page ``i`` of the block map ``desc`` names: the (object id, location) of blocks
     ``128·i`` on, checked against its id and its length (docs/format.md 9). The one answer to
     "where is block j" (page ``j // 128``, entry ``j % 128``) for both ways of reading an
     index: :func:`fetch_index` and the lazy view (:func:`open_lazy_index`)."""
-    blocks = indexblocks.block_count(body.index_length, body.index_block_size)
-    if len(body.index_map) != indexblocks.map_pages(body.index_length, body.index_block_size):
+    blocks = indexblocks.block_count(desc.length, desc.block_size)
+    if len(desc.map) != indexblocks.map_pages(desc.length, desc.block_size):
         raise IntegrityError("the manifest's index map does not cover the index length")
-    page = body.index_map[i]
+    page = desc.map[i]
     entries = indexblocks.decode_map_page(
         segs.object(page.id, Location(page.uid, page.offset, page.length))
     )
@@ -868,9 +927,20 @@ class _IndexSegments:
     ) -> None:
         self.keys, self.suite, self.src, self.tmp, self.warnings = keys, m.suite, src, tmp, warnings
         self.ranged, self.keep = ranged, keep
-        self.named = {seg.uid: seg for seg in m.contents.index_segments}
+        self.body = m.contents
+        # until :meth:`describe`: the segments the manifest itself names
+        self.named = {seg.uid: seg for seg in self.body.index_segments}
         self.segments: OrderedDict[bytes, bytes] = OrderedDict()
         self.kept = 0
+
+    def describe(self) -> manifest.IndexDescription:
+        """The manifest's whole index description (second-level pages read from the
+        segments the manifest names); every meta segment it lists is readable after."""
+        desc = manifest.index_description(
+            self.body, lambda p: self.object(p.id, Location(p.uid, p.offset, p.length))
+        )
+        self.named = {seg.uid: seg for seg in desc.segments}
+        return desc
 
     def object(self, oid: bytes, loc: Location) -> bytes:
         """Index object ``oid`` at ``loc``, opened and checked against its id."""
@@ -977,15 +1047,15 @@ class _LazyBlocks:
     """``read_block`` of the lazy view: block j's entry from its map page (:func:`map_page`,
     :data:`MAP_PAGES_KEPT` pages kept), then the block itself, checked against its id."""
 
-    def __init__(self, segs: _IndexSegments, body: manifest.Body) -> None:
-        self.segs, self.body = segs, body
+    def __init__(self, segs: _IndexSegments, desc: manifest.IndexDescription) -> None:
+        self.segs, self.desc = segs, desc
         self.pages: OrderedDict[int, list[tuple[bytes, Location]]] = OrderedDict()
 
     def __call__(self, j: int) -> bytes:
         p, at = divmod(j, indexblocks.MAP_FANOUT)
         page = self.pages.get(p)
         if page is None:
-            page = self.pages[p] = map_page(self.segs, self.body, p)
+            page = self.pages[p] = map_page(self.segs, self.desc, p)
             while len(self.pages) > MAP_PAGES_KEPT:
                 self.pages.popitem(last=False)
         else:
@@ -1004,8 +1074,8 @@ def open_lazy_index(
     fetched. None when the index needs a migration (:func:`open_lazy`): fetch it whole."""
     tmp.mkdir(parents=True, exist_ok=True)
     segs = _IndexSegments(keys, m, src, tmp, warnings, ranged=True, keep=SEGMENT_CACHE_BYTES)
-    body = m.contents
-    return open_lazy(body.index_length, body.index_block_size, _LazyBlocks(segs, body))
+    desc = segs.describe()
+    return open_lazy(desc.length, desc.block_size, _LazyBlocks(segs, desc))
 
 
 class Row(NamedTuple):
@@ -1283,6 +1353,8 @@ def restore_files(
     shard_rows = segments.shard_hashes(index, seg_ids)
     epoch_suites = _check_suites(keys, index, seg_rows)
     to = _prepare_target(to, force)
+    marker = to / INCOMPLETE
+    marker.write_text(f"{snap_uid}\n")  # until the last file is finished
     file_rows, link_later = _create_files(to, entries, force)
     plan, total = _plan_chunks(to, file_rows, chunks)
     if total_cb:
@@ -1301,6 +1373,7 @@ def restore_files(
             f"{frozen[0].error}"
         ) from None
     _finish_entries(to, entries, link_later, force, warnings)
+    marker.unlink()
     return snap_uid, len(entries), total, warnings
 
 
@@ -1317,6 +1390,14 @@ def _entries(index: Index, snapshot: str, include: list[str] | None) -> tuple[st
         entries = [Row.of(r) for r in snapshots.entries_on(index, snap_id, inc)]
         if not entries:
             raise InputError(f"nothing in snapshot {snap_uid} matches --include {include}")
+        unmatched = [
+            i for i in inc if not any(e.path == i or e.path.startswith(i + "/") for e in entries)
+        ]
+        if unmatched:
+            raise InputError(
+                f"--include {unmatched[0]} matches nothing in snapshot {snap_uid} "
+                "(see `vaultfs ls`)"
+            )
     else:
         entries = [Row.of(r) for r in snapshots.full_entries(index, snap_id)]
     for e in entries:
@@ -1340,6 +1421,11 @@ def _check_suites(
     return epoch_suites
 
 
+#: a file in the restore target while a restore writes into it: files are created at their
+#: full size before their bytes arrive, so an interrupted restore leaves files that look whole
+INCOMPLETE = ".vaultfs-restore-incomplete"
+
+
 def _prepare_target(to: Path, force: bool) -> Path:
     """The restore target as a real absolute directory, made if missing; TargetNotEmpty when
     it is a file, or holds something and ``force`` is not given."""
@@ -1347,6 +1433,11 @@ def _prepare_target(to: Path, force: bool) -> Path:
     if to.exists():
         if not to.is_dir():
             raise TargetNotEmpty(f"restore target {to} exists and is not a directory")
+        if (to / INCOMPLETE).exists() and not force:
+            raise TargetNotEmpty(
+                f"restore target {to} holds an interrupted restore (its files may be "
+                "incomplete); rerun with --force to finish it"
+            )
         if any(to.iterdir()) and not force:
             raise TargetNotEmpty(
                 f"restore target {to} is not empty; pass --force to restore into it"

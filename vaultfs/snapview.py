@@ -362,7 +362,9 @@ class SnapViews:
         old = self.get(ino)
         if old is not None:
             return old
-        n = SNode(ino, stat.S_IFREG | 0o444, d.mtime_ns, size=size, uid=d.uid, gid=d.gid)
+        # readable by whom may read the kb directory it is listed in, never more
+        mode = 0o444 & d.mode
+        n = SNode(ino, stat.S_IFREG | mode, d.mtime_ns, size=size, uid=d.uid, gid=d.gid)
         n.snap, n.path, n.view = d.snap, path, True
         return self.intern(n)
 

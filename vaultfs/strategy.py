@@ -24,9 +24,10 @@ Spellings accepted (anything else is an error):
   a connection string ``:TYPE,OPTION=VALUE,...:PATH``, an absolute (or ``~``) local path, or
   ``local_postgres``: the live database itself (a tier that is its sources, not a vault;
   `vaultfs run` leaves it alone).
-- ``erasure_coding: K_of_N`` with N the number of backends (each backend holds one shard of
-  every segment), 1 <= K < N <= 32, or ``1_of_1`` for one backend holding a whole copy
-  (stored as a 1-of-2 vault on that backend: the format always has a parity shard).
+- ``erasure_coding: K_of_N``: N shards of every segment, each on another backend, so N is
+  at most the number of backends (usually equal; more backends than N share the load and add
+  no redundancy), 1 <= K < N <= 32, or ``1_of_1``: one whole copy (a 1-of-1 vault,
+  erasure algorithm 3: the space of the data once, and nothing to rebuild a lost copy from).
   Default: 1_of_1 for one backend; required for more.
 - ``frequency: continuous | hourly | daily | weekly | DURATION`` (``30m``, ``6h``, ``2d``,
   ``1w``, as `vaultfs schedule`). ``continuous`` is for ``local_postgres`` only.
@@ -45,7 +46,9 @@ Spellings accepted (anything else is an error):
 from __future__ import annotations
 
 import io
+import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,11 +104,6 @@ class Tier:
         return self.backends == (LIVE_POSTGRES,)
 
     @property
-    def vault_k_n(self) -> tuple[int, int]:
-        """The k and n of the tier's vault: 1_of_1 is stored as 1-of-2 on its one backend."""
-        return (1, 2) if self.n == 1 else (self.k, self.n)
-
-    @property
     def survives_losses(self) -> int:
         """How many backends the tier may lose and still restore (by design)."""
         return 0 if self.live else self.n - self.k
@@ -136,6 +134,25 @@ class Source:
     kind: str
     value: str
     pg_dump: str = "pg_dump"
+    #: ``FILE:LINE: sources[I].KEY`` for messages about it (not part of its value)
+    where: str = field(default="", compare=False)
+
+    def problems(self) -> list[str]:
+        """What the machine lacks to back this source up, one sentence each starting with
+        :attr:`where`: a ``path`` that does not exist, a ``pg_dump`` program that is not
+        there or not executable (the DSN itself is checked when the file is read)."""
+        if self.kind == "path":
+            if not os.path.exists(self.value):
+                return [f"{self.where}: {self.value} does not exist"]
+            return []
+        found = shutil.which(self.pg_dump)
+        if found is None:
+            return [
+                f"{self.where}: pg_dump program {self.pg_dump!r} is not found or not "
+                "executable: install the server's major version's client tools or name it "
+                "with pg_dump: PATH"
+            ]
+        return []
 
     def as_json(self) -> dict:
         if self.kind == "pg":
@@ -159,6 +176,11 @@ class Strategy:
                 f"{self.path}: no tier {name!r}; the tiers are {', '.join(self.tiers)}"
             )
         return self.tiers[name]
+
+    def problems(self) -> list[str]:
+        """What this machine lacks to run the file (:meth:`Source.problems` of every source):
+        `vaultfs strategy check` reports them, one line each."""
+        return [p for src in self.sources for p in src.problems()]
 
     def as_json(self) -> dict:
         return {
@@ -208,6 +230,10 @@ class _At:
         self.path = path
 
     def fail(self, node: object, key: str | int | None, where: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.at(node, key, where)}: {msg}")
+
+    def at(self, node: object, key: str | int | None, where: str) -> str:
+        """``FILE:LINE: KEY`` of ``key`` in ``node`` (the parts known)."""
         line = None
         if isinstance(node, CommentedMap) and key is not None and key in node:
             line = node.lc.key(key)[0]
@@ -216,7 +242,7 @@ class _At:
         elif isinstance(node, CommentedMap | CommentedSeq):
             line = node.lc.line
         at = f"{self.path}:{line + 1}" if line is not None else str(self.path)
-        return ConfigError(f"{at}: {where}: {msg}" if where else f"{at}: {msg}")
+        return f"{at}: {where}" if where else at
 
 
 def load(path: Path, home: Path) -> Strategy:
@@ -369,17 +395,16 @@ def _coding(at: _At, parent: CommentedMap, name: str, backends: int) -> tuple[in
     if not m:
         raise at.fail(doc, "erasure_coding", where, f"{text!r} is not K_of_N (e.g. 3_of_5)")
     k, n = int(m.group(1)), int(m.group(2))
-    if n != backends:
+    if n > backends:
         raise at.fail(
             doc, "erasure_coding", where,
-            f"{text} writes {n} shards but the tier lists {backends} backend(s): N is the "
-            "number of backends",
+            f"{text} writes {n} shards but the tier lists {backends} backend(s): N is at most "
+            "the number of backends",
         )  # fmt: skip
-    if (k, n) != (1, 1):
-        try:
-            erasure.validate(k, n)
-        except ValueError as e:
-            raise at.fail(doc, "erasure_coding", where, f"{text}: {e}") from None
+    try:
+        erasure.validate(k, n)
+    except ValueError as e:
+        raise at.fail(doc, "erasure_coding", where, f"{text}: {e}") from None
     return k, n
 
 
@@ -422,7 +447,8 @@ def _sources(at: _At, doc: CommentedMap, base: Path) -> list[Source]:
         if kind == "path":
             if not isinstance(value, str) or not value:
                 raise at.fail(item, kind, where + ".path", "a directory")
-            out.append(Source("path", str(base / Path(value).expanduser())))
+            path_at = at.at(item, kind, where + ".path")
+            out.append(Source("path", str(base / Path(value).expanduser()), where=path_at))
         elif kind == "pg":
             if not isinstance(value, CommentedMap):
                 raise at.fail(item, kind, where + ".pg", "needs {dsn: DSN}")
@@ -438,16 +464,24 @@ def _sources(at: _At, doc: CommentedMap, base: Path) -> list[Source]:
                 raise at.fail(value, "dsn", where + ".pg.dsn", f"not a libpq DSN: {e}") from None
             if not isinstance(tool, str) or not tool:
                 raise at.fail(value, "pg_dump", where + ".pg.pg_dump", "a program name or path")
-            out.append(Source("pg", dsn, str(Path(tool).expanduser()) if "/" in tool else tool))
+            tool = str(Path(tool).expanduser()) if "/" in tool else tool
+            tool_at = at.at(value, "pg_dump" if "pg_dump" in value else "dsn", where + ".pg")
+            out.append(Source("pg", dsn, tool, where=tool_at))
         else:
             raise at.fail(item, kind, where, f"unknown source {kind!r}: use path or pg")
     return out
 
 
-def add_backend(path: Path, home: Path, tier: str, spec: str) -> Strategy:
+def add_backend(
+    path: Path, home: Path, tier: str, spec: str, keep: tuple[int, int] | None = None
+) -> Strategy:
     """Add ``spec`` to ``tier``'s backends in the file at ``path``, keeping its comments and
-    order (a ``backend:`` becomes ``backends:``; K_of_N grows N by one, keeping K). The edited
-    file is validated before it replaces the old one (atomically); the new Strategy."""
+    order (a ``backend:`` becomes ``backends:``). K_of_N grows N by one, keeping K, unless
+    ``keep`` is the (k, n) of the tier's made vault: a vault's k-of-n is fixed when it is
+    made, so the file then says ``keep`` over one more backend (N below the number of
+    backends: the new one shares the load, `vaultfs remote add` spreads the vault over it).
+    The edited file is validated before it replaces the old one (atomically); the new
+    Strategy."""
     doc = _read(path)
     current = parse(doc, path, home)
     t = current.tier(tier)
@@ -460,7 +494,9 @@ def add_backend(path: Path, home: Path, tier: str, spec: str) -> Strategy:
         node.insert(pos, "backends", CommentedSeq([node.pop("backend")]))
         node["backends"].fa.set_flow_style()
     node["backends"].append(spec)
-    if "erasure_coding" in node:
+    if keep is not None:
+        node["erasure_coding"] = f"{keep[0]}_of_{keep[1]}"
+    elif "erasure_coding" in node:
         node["erasure_coding"] = f"{t.k}_of_{t.n + 1}"
     elif t.n == 1:
         node["erasure_coding"] = "1_of_2"

@@ -37,9 +37,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from . import clock, keys, routine
-from .errors import InputError, NoVault, VaultBusy, VaultError
+from .errors import InputError, NoVault, RemoteHoldsVault, VaultBusy, VaultError
 from .index import remotes as remote_table
 from .index import snapshots as snapshot_table
+from .index import stored_coding
 from .keys import VaultKeys, read_keyfile
 from .strategy import Source, Strategy, Tier
 from .vault import Vault
@@ -87,27 +88,58 @@ def ensure(tier: Tier, master: VaultKeys, passphrase: str) -> bool:
             f"interrupted (delete {tier.home} and run again) or the index was lost (`vaultfs "
             f"home rebuild --home {tier.home} --from REMOTE`)"
         )
-    k, n = tier.vault_k_n
+    k, n = tier.k, tier.n
     seed = keys.tier_seed(master.seed, tier.name)
-    with Vault.create(
-        tier.home, list(tier.backends), k, n, passphrase, seed=seed, immutable=tier.immutable
-    ):
-        return True
+    try:
+        with Vault.create(
+            tier.home, list(tier.backends), k, n, passphrase, seed=seed, immutable=tier.immutable
+        ):
+            return True
+    except RemoteHoldsVault as e:  # most likely this tier's own vault, its home lost
+        raise RemoteHoldsVault(
+            f"tier {tier.name}'s home {tier.home} is gone but {e.spec} already holds a vault: "
+            f"if it is the tier's, rebuild its home from the remotes: `vaultfs strategy seed "
+            f"{tier.name} --out SEED` then `vaultfs home rebuild --home {tier.home} --from "
+            f"{e.spec} --seed-file SEED` (and delete SEED); else give the tier an empty location",
+            e.spec,
+        ) from None
+
+
+def made_coding(tier: Tier) -> tuple[int, int, list[str]] | None:
+    """(k, n, active remote specs) of ``tier``'s made vault as its index records them, read
+    without a key; None before it is made (or for the live tier)."""
+    return None if tier.live else stored_coding(tier.home / "index.db")
 
 
 def differences(tier: Tier, master: VaultKeys) -> list[str]:
-    """How ``tier``'s existing vault differs from the strategy file, one sentence each:
-    backends the vault does not use or uses beyond the file, another k-of-n. The file does
-    not change a made vault (`vaultfs remote add|remove --home TIER_HOME` does)."""
+    """How ``tier``'s existing vault differs from the strategy file, one sentence each that
+    ends with the command making them agree: backends the vault does not use or uses beyond
+    the file, another k-of-n. The file never changes a made vault, and a vault's k-of-n is
+    fixed when it is made (no re-coding of stored segments), so for another k-of-n the file
+    is what must change (or a new tier on empty locations)."""
     with open_tier(tier, master, lock=False) as v:
         have = [spec for _rid, spec in remote_table.active(v.index)]
         k, n = v.k, v.n
-    out = [f"{b} is in the file, not a remote of the vault" for b in tier.backends if b not in have]
-    out += [
-        f"{r} is a remote of the vault, not in the file" for r in have if r not in tier.backends
+    h = tier.home
+    out = [
+        f"{b} is in the file, not a remote of the vault: `vaultfs remote add --home {h} {b}`"
+        for b in tier.backends
+        if b not in have
     ]
-    if (k, n) != tier.vault_k_n:
-        out.append(f"the vault is {k}-of-{n}, the file says {tier.k}_of_{tier.n}")
+    out += [
+        f"{r} is a remote of the vault, not in the file: add it to {tier.name}'s backends, or "
+        f"`vaultfs remote remove --home {h} {r}`"
+        for r in have
+        if r not in tier.backends
+    ]
+    if (k, n) != (tier.k, tier.n):
+        more = f" and list at least {n} backends" if n > len(tier.backends) else ""
+        out.append(
+            f"the vault is {k}-of-{n}, the file says {tier.k}_of_{tier.n}: a vault's k-of-n is "
+            f"fixed when it is made, so set `erasure_coding: {k}_of_{n}` in the file{more} (N "
+            "may be fewer than the backends), or put the coding you want in a new tier over "
+            "empty locations"
+        )
     return out
 
 
@@ -324,19 +356,28 @@ def _record(tier: Tier, now: float, error: str | None, result: dict) -> None:
 
 
 def report(strategy: Strategy, now: float | None = None) -> list[dict]:
-    """For `status --strategy` (no key needed): per tier its coding, last run and success,
-    last error, next due, RPO (age of the newest snapshot on the remotes, as of the last
-    run) and redundancy (remote losses survivable by design and as of the last run)."""
+    """For `status --strategy` (no key needed): per tier the file's coding and, once made,
+    what its vault really has (``vault``: k, n, remotes, whether that agrees with the file),
+    last run and success, last error, next due, RPO (age of the newest snapshot on the
+    remotes, as of the last run) and redundancy (remote losses survivable by design, the
+    vault's when made, and as of the last run)."""
     now = clock.now() if now is None else now
     rows = []
     for t in strategy.tiers.values():
         state = load_state(t)
         nxt = next_due(t, state)
         last = state.get("last_snapshot")
+        made = made_coding(t)
+        vault = None
+        if made is not None:
+            k, n, specs = made
+            vault = {"k": k, "n": n, "remotes": specs,
+                     "agrees": (k, n) == (t.k, t.n) and set(specs) == set(t.backends)}  # fmt: skip
         rows.append({
             "tier": t.name,
             "live": t.live,
             "coding": f"{t.k}_of_{t.n}",
+            "vault": vault,
             "backends": len(t.backends),
             "frequency": t.frequency_text,
             "retention": t.retention_text,
@@ -347,7 +388,8 @@ def report(strategy: Strategy, now: float | None = None) -> list[dict]:
             "last_error": state.get("last_error"),
             "next_due": None if nxt is None else max(nxt, now),
             "rpo_seconds": None if last is None else max(0.0, now - last),
-            "survives_losses_design": t.survives_losses,
+            "survives_losses_design": t.survives_losses if vault is None
+            else vault["n"] - vault["k"],
             "survives_losses_now": state.get("survives_losses_now"),
         })  # fmt: skip
     return rows

@@ -41,6 +41,7 @@ Findings (``audit_findings``) mark shards ``lost`` so that ``vaultfs repair`` re
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 import tempfile
@@ -68,6 +69,7 @@ from .index import audit as audit_table
 from .index import remotes as remote_table
 from .index.segments import ShardRow
 from .remotes import Remote
+from .restore import remote_index_description
 from .shardreader import intact
 
 if TYPE_CHECKING:
@@ -86,6 +88,8 @@ REBUILD_ADVICE = (
     "move the home directory aside and make it again from the remotes with "
     "`vaultfs home rebuild --from REMOTE …` (any k of them)"
 )
+
+log = logging.getLogger("vaultfs.verify")
 
 
 # -- tags ------------------------------------------------------------------------------------
@@ -319,7 +323,19 @@ class _Ctx:
         #: object of the vault, so it is not downloaded to tell whether it is one
         self.shard_sizes = segments.shard_sizes(vault.index)
         self.seg_ok: dict[int, bool] = {}
+        self._described: dict[bytes, manifest.IndexDescription] = {}
+        self._describe_lock = threading.Lock()
         self.lock = threading.Lock()
+
+    def describe(self, m: manifest.Manifest) -> manifest.IndexDescription:
+        """Manifest ``m``'s whole index description
+        (:func:`restore.remote_index_description`), once per manifest for all the remotes
+        audited."""
+        with self._describe_lock:
+            got = self._described.get(m.hash)
+            if got is None:
+                got = self._described[m.hash] = remote_index_description(self.vault, m)
+            return got
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
@@ -480,7 +496,7 @@ class _RemoteAuditor:
                     "chain (another writer, or a home that went back in time); its objects "
                     "are kept"
                 )
-                signed |= {s.name for seg in m.contents.index_segments for s in seg.shards}
+                signed |= {s.name for seg in self.ctx.describe(m).segments for s in seg.shards}
         self.rep.manifest_seq = best.seq if best else None
         if self.rep.expected_seq and (best is None or best.seq < self.rep.expected_seq):
             self.rep.stale_manifest = True
@@ -495,7 +511,7 @@ class _RemoteAuditor:
                     f"from the local index's: the index was altered; {REBUILD_ADVICE}"
                 )
             ours_signed = {
-                s.name: s.hash for seg in best.contents.index_segments for s in seg.shards
+                s.name: s.hash for seg in self.ctx.describe(best).segments for s in seg.shards
             }
             for name, h in segments.meta_shard_hashes(idx, latest):
                 if name in ours_signed and ours_signed[name] != bytes(h):
@@ -585,7 +601,12 @@ class _RemoteAuditor:
         # garbage is this vault's too: waiting to be deleted, or kept for good (immutable)
         mine_all = segments.object_names(idx, self.rid) | manifests.garbage_names(idx, self.rid)
         present: list[ShardRow] = []
+        revived: list[ShardRow] = []
         for sh in rows:
+            if sh.state == "lost" and listed[sh.kind].get(sh.name) == sh.size:
+                if self._intact(sh):  # back (a remote that was unmounted, offline, restored)
+                    revived.append(sh)
+                continue
             if sh.state != "placed" or sh.id not in placed:
                 continue
             size = listed[sh.kind].get(sh.name)
@@ -596,6 +617,13 @@ class _RemoteAuditor:
                 self._finding(sh, *why)
             else:
                 present.append(sh)
+        if revived:
+            with idx.tx() as db:
+                audit_table.revive(db, [sh.id for sh in revived])
+            for sh in revived:
+                present.append(sh._replace(state="placed"))
+                self.rep.details[sh.path] = "revived: present and intact again"
+            log.info("%s: %d lost shard(s) present and intact again", self.rep.remote, len(revived))
         self.unknown = [
             (sub, nm)
             for sub, objs in listed.items()
@@ -606,6 +634,15 @@ class _RemoteAuditor:
         self.rep.stored_bytes = sum(s.size for s in present)
         self.rep.blocks = sum(s.nblocks for s in present)
         return present
+
+    def _intact(self, sh: ShardRow) -> bool:
+        """Whether the remote serves ``sh`` exactly (its whole object hashes to the index's
+        hash): one object read, only for a lost shard the listing shows at its size."""
+        try:
+            data = self.b.cat(sh.kind, sh.name, 0, sh.size + 1)
+        except RemoteError:
+            return False
+        return len(data) == sh.size and segment.object_hash(data) == sh.hash
 
     def _served_digest(self, sh: ShardRow, size: int) -> bytes | None:
         """BLAKE3 of the object the remote serves as ``sh`` (listed at ``size`` bytes), read

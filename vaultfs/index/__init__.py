@@ -46,6 +46,7 @@ __all__ = [
     "migrate",
     "open_shipped",
     "seen_manifest_seq",
+    "stored_coding",
     "stored_remote_specs",
     "stored_vault_id",
 ]
@@ -167,6 +168,19 @@ def stored_remote_specs(path: Path) -> list[str]:
     uri = path.resolve().as_uri() + "?mode=ro"
     with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
         return [s for (s,) in db.execute("SELECT spec FROM remotes")]
+
+
+def stored_coding(path: Path) -> tuple[int, int, list[str]] | None:
+    """(k, n, specs of the active remotes in placement order) as the index file at ``path``
+    records them, read without a key and without changing the file; None when there is no
+    file there."""
+    if not path.exists():
+        return None
+    uri = path.resolve().as_uri() + "?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+        kn = dict(db.execute("SELECT key, value FROM settings WHERE key IN ('k', 'n')"))
+        specs = db.execute("SELECT spec FROM remotes WHERE state='active' ORDER BY position, id")
+        return int(kn.get("k") or 0), int(kn.get("n") or 0), [s for (s,) in specs]
 
 
 def seen_manifest_seq(path: Path, vault_id: str) -> int:

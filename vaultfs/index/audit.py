@@ -178,6 +178,15 @@ def open_findings(index: Index, rid: int) -> list[tuple[str, str, str, str | Non
     )
 
 
+def revive(db: sqlite3.Connection, shards: list[int]) -> None:
+    """Lost ``shards`` found present and intact again on their remotes: placed once more,
+    their findings dropped."""
+    db.executemany(
+        "UPDATE shards SET state='placed' WHERE id=? AND state='lost'", [(s,) for s in shards]
+    )
+    forget_findings(db, shards)
+
+
 def forget_findings(db: sqlite3.Connection, shards: list[int]) -> None:
     """Drop the findings of ``shards`` (rebuilt or gone)."""
     db.executemany("DELETE FROM audit_findings WHERE shard=?", [(s,) for s in shards])

@@ -74,9 +74,10 @@ def find(index: Index, ref: str) -> tuple[int, str] | None:
     name) or 'latest' (the newest of all); None when nothing matches."""
     if ref == "latest":
         return index.one("SELECT id, uid FROM snapshots ORDER BY id DESC LIMIT 1")
+    # an id wins over a name (names shaped like ids are refused, older ones may exist)
     return index.one(
-        "SELECT id, uid FROM snapshots WHERE uid=? OR name=? ORDER BY id DESC LIMIT 1",
-        (ref, ref),
+        "SELECT id, uid FROM snapshots WHERE uid=? OR name=? ORDER BY uid=? DESC, id DESC LIMIT 1",
+        (ref, ref, ref),
     )
 
 

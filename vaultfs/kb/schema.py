@@ -65,17 +65,23 @@ def check_edge_type(edge_type: str) -> str:
 
 
 def resolve_dsn(dsn: str | None, home: Path | None = None) -> str:
-    """The DSN to use: ``dsn``, else ``$VAULTFS_DSN``, else the embedded Postgres kept in
-    ``<vault home>/postgres`` (started on first use; database :data:`EMBEDDED_DBNAME`)."""
+    """The DSN to use: ``dsn``, else ``$VAULTFS_DSN``, else the database ``valence backup
+    config --dsn`` recorded in the home, else the embedded Postgres kept in
+    ``<vault home>/postgres`` (started on first use and left running, as a database server
+    is; database :data:`EMBEDDED_DBNAME`)."""
     if dsn:
         return dsn
     env = os.environ.get("VAULTFS_DSN")
     if env:
         return env
     from ..pgembed import EmbeddedPostgres
+    from ..valence import Settings
     from ..vault import default_home
 
-    pg = EmbeddedPostgres((home or default_home()) / "postgres")
+    home = home or default_home()
+    if configured := Settings.load(home).dsn:
+        return configured
+    pg = EmbeddedPostgres(home / "postgres")
     rows = pg.sql("SELECT 1 FROM pg_database WHERE datname = %s", params=(EMBEDDED_DBNAME,))
     if not rows:
         pg.create_database(EMBEDDED_DBNAME, replace=False)

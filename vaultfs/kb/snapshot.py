@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from .. import merkle
 from ..errors import InputError, IntegrityError
 from ..vault import Entry, Vault
-from . import layout
+from . import layout, schema
 from .layout import FileInfo, KbManifest
 
 #: The keys of each kind of line, in order, with how Postgres renders each value (docs/kb.md).
@@ -31,7 +31,7 @@ SOURCE_KEYS = (("id", "uuid"), ("uri", "json"), ("title", "json"), ("fetched_at"
 BELIEF_KEYS = (
     ("id", "uuid"),
     ("content", "json"),
-    ("confidence", "json"),
+    ("confidence", "real"),
     ("domains", "json"),
     ("provenance", "jsonb"),
     ("created_at", "json"),
@@ -41,8 +41,8 @@ EDGE_OUT_KEYS = (
     ("source_belief_id", "uuid"),
     ("id", "uuid"),
     ("target_belief_id", "uuid"),
-    ("edge_type", "json"),
-    ("weight", "json"),
+    ("edge_type", "edge_type"),
+    ("weight", "real"),
     ("created_at", "json"),
     ("metadata", "jsonb"),
 )
@@ -50,17 +50,24 @@ EDGE_IN_KEYS = (
     ("target_belief_id", "uuid"),
     ("id", "uuid"),
     ("source_belief_id", "uuid"),
-    ("edge_type", "json"),
-    ("weight", "json"),
+    ("edge_type", "edge_type"),
+    ("weight", "real"),
 )
 
 # A value as json_build_object renders it (datum_to_json): a uuid as its quoted text, jsonb
 # as its canonical text, anything else through to_json (escaped text, shortest-exact reals
-# with NaN and infinities quoted, ISO timestamps, arrays); SQL NULL as null.
+# with NaN and infinities quoted, ISO timestamps, arrays); SQL NULL as null. Two shortcuts
+# with the same bytes, each about half the server's cost of to_json on 300,000 edges: a
+# finite number is its output text (what to_json writes for one), and an edge type of
+# schema.EDGE_TYPES (which need no escaping) a constant.
+_TYPES = " ".join(f"WHEN '{t}' THEN '\"{t}\"'" for t in schema.EDGE_TYPES)
 _VALUE = {
     "uuid": "coalesce('\"' || {c}::uuid || '\"', 'null')",
     "jsonb": "coalesce({c}::jsonb::text, 'null')",
     "json": "coalesce(to_json({c})::text, 'null')",
+    "real": "coalesce(CASE WHEN abs({c}) < 'Infinity' THEN {c}::text END,"
+    " to_json({c})::text, 'null')",
+    "edge_type": f"CASE {{c}} {_TYPES} ELSE coalesce(to_json({{c}})::text, 'null') END",
 }
 
 
@@ -269,9 +276,12 @@ class SnapshotResult:
 #: Files are chunked and handed to the vault in batches of about this many bytes (one
 #: ``store_chunks`` call fills whole sealer slots instead of one slot per small file).
 STORE_BATCH = 8 << 20
-#: Exported files that may wait between the export threads and the storing thread (a bucket's
-#: files are ≈ 1 MB each at 100,000 beliefs: a bound of tens of MB on what waits).
-STORE_QUEUE = 32
+#: Bytes of exported files that may wait between the export threads and the storing thread:
+#: room for Postgres to render about a sixth of a 100,000-belief graph (≈ 370 MB of files)
+#: while the key is unlocked and the vault opens (scrypt alone is ≈ 0.4 s of one core),
+#: and a bound that does not grow with the buckets (≈ 10 MB of files each at a million
+#: beliefs). A larger file waits alone.
+STORE_QUEUE_BYTES = 64 << 20
 
 
 class _Abandoned(Exception):
@@ -280,22 +290,33 @@ class _Abandoned(Exception):
 
 class Export:
     """An export of the belief graph of ``dsn`` (:func:`export`) running in threads of its
-    own, its files waiting on a bounded queue until :func:`snapshot` stores them. Started
+    own, its files waiting (at most :data:`STORE_QUEUE_BYTES`) until :func:`snapshot` stores
+    them. Started
     before the vault is open, it lets Postgres render the first buckets while the key is
     being unlocked. Use it as a context manager: leaving the block stops an export whose
     files nobody took (its next file raises inside it; its transaction is rolled back)."""
 
     def __init__(self, dsn: str) -> None:
         self.started = time.perf_counter()
-        self._handoff: queue.Queue[tuple[str, bytes] | None] = queue.Queue(STORE_QUEUE)
+        self._handoff: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
+        self._room = threading.Condition()
+        self._waiting = 0  # bytes handed over and not yet taken, under _room
         self._abandon = threading.Event()
         self._drained = False
         self._ex = ThreadPoolExecutor(1, thread_name_prefix="vaultfs-kb-snapshot")
         self._done = self._ex.submit(self._produce, dsn)
 
     def _sink(self, path: str, data: bytes) -> None:
-        if self._abandon.is_set():
-            raise _Abandoned
+        with self._room:
+            while (
+                self._waiting
+                and self._waiting + len(data) > STORE_QUEUE_BYTES
+                and not self._abandon.is_set()
+            ):
+                self._room.wait()
+            if self._abandon.is_set():
+                raise _Abandoned
+            self._waiting += len(data)
         self._handoff.put((path, data))
 
     def _produce(self, dsn: str) -> KbManifest:
@@ -308,6 +329,9 @@ class Export:
         """Every exported file as (path, data), in the order they are to be stored, until
         the export ends (then :meth:`manifest` says how)."""
         while (item := self._handoff.get()) is not None:
+            with self._room:
+                self._waiting -= len(item[1])
+                self._room.notify()
             yield item
         self._drained = True
 
@@ -319,7 +343,9 @@ class Export:
     def close(self) -> None:
         """Stop the export if it still runs and wait for its threads."""
         self._abandon.set()
-        while not self._drained and self._handoff.get() is not None:  # unblock it
+        with self._room:  # a producer waiting for room sees the flag
+            self._room.notify_all()
+        while not self._drained and self._handoff.get() is not None:
             pass
         self._drained = True
         self._ex.shutdown()
@@ -345,11 +371,14 @@ def snapshot(
     pending: list[tuple[str, bytes]] = []
 
     def store() -> None:
-        chunks: list[bytes] = []
+        # views, not copies: store_chunks hashes each chunk and copies the new ones once,
+        # into a sealer's slot
+        chunks: list[bytes | memoryview] = []
         counts = []
         for _p, data in pending:
             spans = vault.chunker.spans(data) if data else []
-            chunks += [data[o : o + n] for o, n in spans]
+            view = memoryview(data)
+            chunks += [view[o : o + n] for o, n in spans]
             counts.append(len(spans))
         cids = vault.store_chunks(chunks)
         at = 0
@@ -369,8 +398,10 @@ def snapshot(
         m = ex.manifest()
         store()
     mtime = _time_ns(m.created)
-    entries = [Entry(d, "d", 0o755, mtime) for d in layout.DIRS]
-    entries += [Entry(p, "f", 0o644, mtime, size=n, cids=c) for p, c, n in sorted(stored)]
+    # a knowledge base is private: readable by its owner only (on a mount with --allow-other
+    # and in a restore, as the database itself is)
+    entries = [Entry(d, "d", 0o700, mtime) for d in layout.DIRS]
+    entries += [Entry(p, "f", 0o600, mtime, size=n, cids=c) for p, c, n in sorted(stored)]
     uid, seq = vault.commit(entries, name=name, prepush=upload, kb=m.summary())
     return SnapshotResult(
         uid, seq, m, sum(n for _p, _c, n in stored), time.perf_counter() - ex.started

@@ -29,7 +29,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
@@ -276,8 +276,8 @@ class Vault:
         Durable only after :meth:`seal` or :meth:`commit` (:meth:`Writer.store_stream`)."""
         return self.writer.store_stream(stream, progress)
 
-    def store_chunks(self, chunks: list[bytes]) -> list[bytes]:
-        """Store a batch of chunks (deduplicated); return their ids in order."""
+    def store_chunks(self, chunks: Sequence[bytes | memoryview]) -> list[bytes]:
+        """Store a batch of chunks (deduplicated, views allowed); return their ids in order."""
         return self.writer.store_chunks(chunks)
 
     def seal(self) -> None:

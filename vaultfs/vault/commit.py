@@ -26,11 +26,12 @@ written last: a crash before it costs the next commit sealing those blocks again
 from __future__ import annotations
 
 import itertools
+import json
 import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import chain, chunker, clock, indexblocks, manifest, merkle, names, segment
@@ -129,6 +130,8 @@ class Committer:
         the manifest is an explicit fork of the newest of them (its body's ``fork``), numbered
         above it, and supersedes this home's manifests not yet placed.
         """
+        if name is not None:
+            names.check_snapshot_name(name)
         with self.writer.write_lock:
             forked = self._check_base(fork)
             self.writer.seal()  # invariant 3
@@ -182,17 +185,9 @@ class Committer:
         # the new segments are durable in the queue: record them first (a crash before the
         # manifest is recorded leaves segments no manifest names; recover() drops them), then
         # sign the manifest while the shards already go out (prepush: rclone runs beside it)
-        with self.index.tx() as db:
-            for m in shipment.new:
-                segments.insert(
-                    db, m.seg_id, m.uid, "meta", m.size, m.used, p.k, p.n, p.ec_alg, self.epoch,
-                    m.root, time.time(), manifest=seq,
-                )  # fmt: skip
-                segments.add_queued_shards(db, m.seg_id, m.rows)
-        if prepush:
-            self.prepush()
+        self._record_meta_segments(seq, shipment.new)
         named = shipment.named + [m.seg_id for m in shipment.new]
-        descriptors = segments.meta_descriptors(self.index, named)
+        described = self._descriptors(named)
         created_ms = int(time.time() * 1000)
         stored = keyring.slhdsa(self.index) if self.keys.slhdsa_public is not None else None
         prev = manifests.newest_link(self.index)
@@ -204,18 +199,7 @@ class Committer:
             keyring=tuple(manifest.KeyringEntry(*row) for row in keyring.epochs(self.index)),
             index_length=shipment.length,
             index_block_size=indexblocks.BLOCK_SIZE,
-            index_segments=tuple(
-                manifest.IndexSegment(
-                    uid=uid,
-                    used=used,
-                    size=size,
-                    k=k,
-                    n=n,
-                    ec_alg=ec_alg,
-                    shards=tuple(manifest.ShardRef(*s) for s in shards),
-                )
-                for uid, used, size, k, n, ec_alg, shards in descriptors
-            ),
+            index_segments=described,
             index_map=tuple(shipment.pages),
             retired_suites=frozenset(self.keys.retired_suites),
             slhdsa_sealed=bytes.fromhex(stored[1]) if stored else None,
@@ -223,13 +207,33 @@ class Committer:
             prev=None if prev is None else manifest.Link(*prev),
             fork=fork,
         )
+        sealed = list(shipment.sealed.items())
+        one_level = json.dumps(body.to_dict()["index"], separators=(",", ":"))
+        if len(one_level) > metaship.ONE_LEVEL_MAX:
+            level2 = metaship.ship_second_level(
+                self.index, self.keys, self.suite, p.segment_size, shipment.pages,
+                list(described), self.shipped, self._write_meta_segment,
+            )  # fmt: skip
+            self._record_meta_segments(seq, level2.new)
+            holders = level2.named + [m.seg_id for m in level2.new]
+            body = replace(
+                body,
+                index_segments=self._descriptors(holders),
+                index_map=(),
+                index_map2=tuple(level2.map2),
+                index_segment_pages=tuple(level2.segment_pages),
+            )
+            named += holders
+            sealed += level2.sealed.items()
+        if prepush:
+            self.prepush()
         blob_m = manifest.encode(self.keys, seq, created_ms, body.to_dict(), self.suite)
         if len(blob_m) > manifest.MAX_BYTES:  # readers would refuse it: never write one
             raise VaultError(
-                f"the index has outgrown what one manifest can name ({len(blob_m):,} bytes;"
-                f" readers accept {manifest.MAX_BYTES:,}): this vault needs the second map"
-                " level of docs/format.md 9.2. Nothing new reached the remotes; the snapshot"
-                " is kept locally."
+                f"the manifest would be {len(blob_m):,} bytes, more than readers accept"
+                f" ({manifest.MAX_BYTES:,}), even with the index described in two levels"
+                " (docs/format.md 9.2). Nothing new reached the remotes; the snapshot is kept"
+                " locally."
             )
         name = manifest.object_name(seq, secrets.token_hex(4))
         write_durable(self.queue_dir / "manifests" / name, blob_m)
@@ -242,7 +246,38 @@ class Committer:
                 manifest.object_hash(blob_m), named,
                 None if fork is None else (fork.seq, fork.hash),
             )  # fmt: skip
-        self.shipped.record(shipment.sealed.items(), self.suite, {d[0] for d in descriptors})
+        self.shipped.record(
+            sealed, self.suite, {seg.uid for seg in described + body.index_segments}
+        )
+
+    def _record_meta_segments(self, seq: int, new: list[metaship.NewMetaSegment]) -> None:
+        """Record the meta segments a shipping wrote for manifest ``seq`` (durable in the
+        queue already) with their queued shards."""
+        p = self.params
+        with self.index.tx() as db:
+            for m in new:
+                segments.insert(
+                    db, m.seg_id, m.uid, "meta", m.size, m.used, p.k, p.n, p.ec_alg, self.epoch,
+                    m.root, time.time(), manifest=seq,
+                )  # fmt: skip
+                segments.add_queued_shards(db, m.seg_id, m.rows)
+
+    def _descriptors(self, seg_ids: list[int]) -> tuple[manifest.IndexSegment, ...]:
+        """How a manifest names the meta segments ``seg_ids`` (in id order)."""
+        return tuple(
+            manifest.IndexSegment(
+                uid=uid,
+                used=used,
+                size=size,
+                k=k,
+                n=n,
+                ec_alg=ec_alg,
+                shards=tuple(manifest.ShardRef(*s) for s in shards),
+            )
+            for uid, used, size, k, n, ec_alg, shards in segments.meta_descriptors(
+                self.index, seg_ids
+            )
+        )
 
     def _write_meta_segment(self, uid: bytes, padded: bytes) -> tuple[int, list, bytes]:
         """Code one padded meta segment and queue its shards durably: (id, shard rows, root)."""

@@ -19,7 +19,14 @@ from pathlib import Path
 from .. import erasure
 from ..backends import open_backend
 from ..chunker import NEW_VAULT_AVG
-from ..errors import NotEnoughRemotes, NoVault, TargetNotEmpty, VaultBusy
+from ..errors import (
+    InputError,
+    NotEnoughRemotes,
+    NoVault,
+    RemoteHoldsVault,
+    TargetNotEmpty,
+    VaultBusy,
+)
 from ..index import Index, VaultParams, keyring
 from ..index import remotes as remote_table
 from ..keys import SUITE_XWING_AES256GCM, VaultKeys, new_seed, read_keyfile, write_keyfile
@@ -60,6 +67,16 @@ def take_lock(home: Path) -> int:
     return fd
 
 
+def _check_home_path(home: Path) -> None:
+    """InputError unless ``home`` is, or can be made as, a directory: its nearest existing
+    ancestor must be a directory."""
+    p = home
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise InputError(f"cannot make the vault home {home}: {p} is not a directory")
+
+
 def initialize(
     home: Path,
     remote_specs: list[str],
@@ -82,14 +99,17 @@ def initialize(
         raise NotEnoughRemotes("the same remote was given twice")
     if index_path(home).exists() or keyfile_path(home).exists():
         raise NoVault(f"a vault already exists at {home}; use another --home")
+    _check_home_path(home)  # before any remote is touched
     remotes = [open_backend(s) for s in remote_specs]
     for r in remotes:
         r.ensure()
         existing = r.list("manifests")
         if existing:
-            raise NoVault(
-                f"remote {r.label} already holds a vault (manifests/ is not empty); "
-                "give an empty location"
+            raise RemoteHoldsVault(
+                f"remote {r.label} already holds a vault (manifests/ is not empty); give an "
+                "empty location, or, if it is the vault whose home this was, rebuild the home "
+                f"from it: `vaultfs home rebuild --home {home} --from {r.label}`",
+                r.spec,
             )
     home.mkdir(parents=True, exist_ok=True)
     lock = take_lock(home)
@@ -147,6 +167,12 @@ def rebuild_staging(home: Path) -> tuple[Path, int]:
     becomes the home's). Returns (directory, lock fd). Staging directories of the same home
     that an interrupted rebuild left behind (``.<name>.rebuild-*``, never a usable home) are
     removed first; one whose lock is held belongs to a rebuild still running and stays."""
+    if home.is_dir() and [p.name for p in home.iterdir()] == ["key.json"]:
+        raise TargetNotEmpty(
+            f"{home} holds a keyfile (from `vaultfs keys recover`?): move it out and give it "
+            f"with --keyfile, e.g. `mv {home}/key.json {home.parent}/key.json`, then "
+            f"`vaultfs home rebuild --home {home} --keyfile {home.parent}/key.json --from …`"
+        )
     if home.exists() and (not home.is_dir() or any(home.iterdir())):
         raise TargetNotEmpty(
             f"{home} is not empty: a home is rebuilt only where none is; give another --home, "

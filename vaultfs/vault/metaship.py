@@ -20,6 +20,10 @@ use fill less than half a full segment is *sparse*; while more than :data:`SPARS
 sparse, the live objects of the sparsest are sealed again into this commit's segments, at most
 :data:`COMPACT_BUDGET` bytes of records per commit. A segment no kept manifest names is
 garbage (:meth:`UploadQueue.prune_index_copies`).
+
+Past :data:`ONE_LEVEL_MAX` bytes of one-level description, the committer adds the second
+level (:func:`ship_second_level`, docs/format.md 9.2): the map pages and the segment
+descriptors listed in pages that are index objects themselves, which the manifest names.
 """
 
 from __future__ import annotations
@@ -37,8 +41,15 @@ from ..index.segments import NewShard
 from ..index.shipped import ShippedObjects
 from ..indexblocks import ENTRY, MAP_FANOUT, Location
 from ..keys import VaultKeys
-from ..manifest import MapPage
+from ..manifest import IndexSegment, MapPage, encode_segment_page
 
+#: Most bytes of JSON a manifest's one-level index description (its meta segments and map
+#: pages, docs/format.md 10.2) may take; past it the writer uses two levels (9.2). A quarter
+#: of :data:`manifest.MAX_BYTES` (near a 1 GiB index, ~60 GiB of data), so that the body
+#: stays far below the bound that readers enforce.
+ONE_LEVEL_MAX = 256 << 10
+#: Descriptors per second-level segment page (~750 bytes of JSON each at 3-of-5).
+SEGMENT_PAGE_FANOUT = MAP_FANOUT
 #: Sparse meta segments a manifest may name before compaction starts.
 SPARSE_KEPT = 16
 #: Most bytes of one sealed map page (128 entries, the record's salt, commitment, tag and
@@ -261,3 +272,65 @@ def _recopy(
             loc = again[oid] = seal(oid, f.read(block))
         ENTRY.pack_into(entries, i * ENTRY.size, oid, loc.uid, loc.offset, loc.length)
     return len(again)
+
+
+@dataclass
+class SecondLevel:
+    """The result of :func:`ship_second_level`: what a two-level manifest names."""
+
+    map2: list[MapPage]  # the pages listing the map pages, in order
+    segment_pages: list[MapPage]  # the pages listing the meta segments of the index
+    named: list[int]  # ids of recorded meta segments holding pages reused from them
+    new: list[NewMetaSegment]  # meta segments written now, holding the pages sealed now
+    sealed: dict[bytes, Location] = field(default_factory=dict)  # for the sidecar
+
+
+def ship_second_level(
+    index: Index,
+    keys: VaultKeys,
+    suite: int,
+    segment_size: int,
+    pages: list[MapPage],
+    segments: list[IndexSegment],
+    shipped: ShippedObjects,
+    write: Callable[[bytes, bytes], tuple[int, list[NewShard], bytes]],
+) -> SecondLevel:
+    """The second level (docs/format.md 9.2) over the block map ``pages`` and the meta
+    ``segments`` holding the blocks and map pages (in segment id order, so that a commit
+    mostly appends and changes only the last segment page): pages of :data:`MAP_FANOUT`
+    map-page entries and pages of :data:`SEGMENT_PAGE_FANOUT` descriptors, each an index
+    object. A page the newest manifest's segments already hold unchanged is referenced
+    there, any other is sealed into new meta segments of its own (so that the segment
+    pages never have to list the segments holding them); once pages would be reused from
+    more than :data:`SPARSE_KEPT` segments, every page is sealed again, which keeps the
+    segments the manifest names directly bounded."""
+    key, vid = keys.metadata_key, keys.vault_id
+    reusable = seg_table.meta_named_by(index, manifests.newest_seq(index))
+    objects = [_map2_page(pages[i : i + MAP_FANOUT]) for i in range(0, len(pages), MAP_FANOUT)]
+    nmaps = len(objects)
+    objects += [
+        encode_segment_page(segments[i : i + SEGMENT_PAGE_FANOUT])
+        for i in range(0, len(segments), SEGMENT_PAGE_FANOUT)
+    ]
+    ids = [indexblocks.object_id(key, raw) for raw in objects]
+    with shipped.reader(suite) as look:
+        found = {oid: look.get(oid) for oid in ids}
+    kept = {oid: loc for oid, loc in found.items() if loc is not None and loc.uid in reusable}
+    if len({loc.uid for loc in kept.values()}) > SPARSE_KEPT:
+        kept = {}
+    packer = _Packer(segment_size, write)
+    sealed: dict[bytes, Location] = {}
+    out: list[MapPage] = []
+    for oid, raw in zip(ids, objects, strict=True):
+        loc = kept.get(oid) or sealed.get(oid)
+        if loc is None:
+            loc = sealed[oid] = packer.add(indexblocks.seal(key, vid, oid, raw, suite))
+        out.append(MapPage(oid, loc.uid, loc.offset, loc.length))
+    packer.close()
+    named = sorted({reusable[loc.uid][0] for loc in kept.values()})
+    return SecondLevel(out[:nmaps], out[nmaps:], named, packer.done, sealed)
+
+
+def _map2_page(pages: list[MapPage]) -> bytes:
+    """The plaintext of a second-level map page: the map pages' entries, as in a map page."""
+    return indexblocks.encode_map_page([(p.id, Location(p.uid, p.offset, p.length)) for p in pages])

@@ -18,7 +18,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -168,8 +168,9 @@ class Writer:
                     pool.release(s)
         return cids, total
 
-    def store_chunks(self, chunks: list[bytes]) -> list[bytes]:
-        """Store a batch of chunks (deduplicated); return their ids in order."""
+    def store_chunks(self, chunks: Sequence[bytes | memoryview]) -> list[bytes]:
+        """Store a batch of chunks (deduplicated); return their ids in order. Chunks may be
+        views of a larger buffer: each is copied once, into a sealer's slot."""
         cids = [self.chunker.chunk_id(c) for c in chunks]
         with self.write_lock:
             pool = self.start_sealers()

@@ -1,0 +1,215 @@
+"""Edges a new user meets (found by a review as a new user would): relative remote paths, local
+paths that cannot be used, another vault's keyfile, an interrupted restore, snapshot names,
+--include of nothing, a remote that comes back after looking empty. Real rclone local remotes,
+the real command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from helpers import run_cli, tree_digest, vaultfs_env
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cli(
+    cwd: Path, home: Path, *args: str, check: int = 0, umask: int = 0o022, input: bytes = b""
+) -> subprocess.CompletedProcess:
+    """`vaultfs ARGS` run from ``cwd`` (run_cli runs from the repository) under ``umask``."""
+    env = vaultfs_env(home)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.main", *args], cwd=cwd, env=env, capture_output=True,
+        timeout=300, input=input, umask=umask,
+    )  # fmt: skip
+    assert proc.returncode == check, (args, proc.returncode, proc.stderr.decode())
+    assert b"Traceback" not in proc.stderr
+    return proc
+
+
+def _vault(tmp_path: Path, k: int = 2, n: int = 3) -> tuple[Path, list[Path]]:
+    home = tmp_path / "home"
+    remotes = [tmp_path / f"r{i}" for i in range(n)]
+    args = ["init", "-k", str(k), "-n", str(n), "--segment-mib", "1"]
+    for r in remotes:
+        args += ["--remote", str(r)]
+    run_cli(*args, home=home)
+    return home, remotes
+
+
+def test_relative_remote_paths_are_made_absolute_at_init(tmp_path: Path) -> None:
+    """A relative remote path names one directory, whatever the working directory of later
+    commands (it used to spread the vault's objects over every directory commands ran in)."""
+    base = tmp_path / "x"
+    (base / "elsewhere").mkdir(parents=True)
+    home = base / "home"
+    _cli(base, home, "init", "-k", "2", "-n", "3", "--remote", "r1", "--remote", "./r2",
+         "--remote", "r3")  # fmt: skip
+    src = tmp_path / "f.txt"
+    src.write_bytes(os.urandom(100_000))
+    _cli(base / "elsewhere", home, "backup", str(src))
+    assert list((base / "elsewhere").iterdir()) == []  # nothing landed beside the command
+    remotes = json.loads(_cli(base / "elsewhere", home, "status", "--json").stdout)["remotes"]
+    specs = sorted(r["remote"] for r in remotes)
+    assert specs == [str(base / "r1"), str(base / "r2"), str(base / "r3")]
+    assert all(any((base / f"r{i}" / "data").iterdir()) for i in (1, 2, 3))
+    _cli(base / "elsewhere", home, "verify")
+
+
+def test_local_paths_that_cannot_be_used_are_one_line_errors(tmp_path: Path) -> None:
+    home, remotes = _vault(tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("a")
+    run_cli("backup", str(src), home=home)
+    for args, code in [
+        (["restore", "--to", str(afile / "sub")], 18),
+        (["keys", "public", "--out", str(afile / "sub")], 18),
+        (["init", "--remote", str(tmp_path / "new-r"), "--home", str(afile / "sub")], 18),
+    ]:
+        proc = run_cli(*args, home=home, check=code)
+        err = proc.stderr.decode()
+        assert "Traceback" not in err and str(afile) in err, err
+    # init through a file refuses before it touches any remote
+    assert not (tmp_path / "new-r").exists()
+
+
+def test_keys_recover_never_overwrites_another_vaults_keyfile(tmp_path: Path) -> None:
+    home_a, _ = _vault(tmp_path / "a")
+    home_b, _ = _vault(tmp_path / "b")
+    split = json.loads(
+        run_cli("keys", "split", "--shares", "3", "--threshold", "2",
+                "--out-dir", str(tmp_path / "shares"), "--json", home=home_a).stdout
+    )  # fmt: skip
+    before = (home_b / "key.json").read_bytes()
+    proc = run_cli(
+        "keys", "recover", "--home", str(tmp_path / "empty"), "--keyfile-out",
+        str(home_b / "key.json"), "--force", "--share-file", split["files"][0],
+        "--share-file", split["files"][1], home=tmp_path / "empty", check=10,
+    )  # fmt: skip
+    assert "another vault" in proc.stderr.decode()
+    assert (home_b / "key.json").read_bytes() == before
+    run_cli("status", home=home_b)
+
+
+def test_an_interrupted_restore_is_marked_and_finished_with_force(tmp_path: Path) -> None:
+    """kill -9 mid-restore leaves a marker: the rerun names the interruption, --force
+    finishes it byte-identical and removes the marker."""
+    home, remotes = _vault(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"f{i}").write_bytes(os.urandom(6_000_000))
+    run_cli("backup", str(src), home=home)
+    shutil.copy(home / "key.json", tmp_path / "key.json")
+    to = tmp_path / "out"
+    args = [sys.executable, "-m", "cli.main", "restore", "--from", str(remotes[0]), "--from",
+            str(remotes[2]), "--keyfile", str(tmp_path / "key.json"), "--to", str(to)]  # fmt: skip
+    proc = subprocess.Popen(
+        args, cwd=REPO, env=vaultfs_env(tmp_path / "empty-home"), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (to / "src" / "f0").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if proc.returncode == 0:  # it finished first: no interruption to see
+        assert not (to / ".vaultfs-restore-incomplete").exists()
+        return
+    assert (to / ".vaultfs-restore-incomplete").exists()
+    again = args[3:]
+    proc2 = run_cli(*again, home=tmp_path / "empty-home", check=13)
+    assert "interrupted restore" in proc2.stderr.decode()
+    run_cli(*again, "--force", home=tmp_path / "empty-home")
+    assert not (to / ".vaultfs-restore-incomplete").exists()
+    assert tree_digest(to / "src") == tree_digest(src)
+
+
+def test_snapshot_names_are_checked_and_ids_win(tmp_path: Path) -> None:
+    home, _ = _vault(tmp_path)
+    src = tmp_path / "f.txt"
+    src.write_text("one")
+    first = json.loads(run_cli("backup", str(src), "--json", home=home).stdout)["snapshot"]
+    for bad in [first, "latest", "..", "a/b", "x\ny", "n" * 256, ""]:
+        proc = run_cli("backup", str(src), "--name", bad, home=home, check=18)
+        assert "Traceback" not in proc.stderr.decode()
+    assert len(json.loads(run_cli("snapshots", "--json", home=home).stdout)) == 1
+    run_cli("backup", str(src), "--name", "n" * 255, home=home)
+    src.write_text("two")
+    run_cli("backup", str(src), "--name", "nightly", home=home)
+    out = tmp_path / "o"
+    run_cli("restore", "--snapshot", first, "--to", str(out), home=home)
+    assert (out / "f.txt").read_text() == "one"
+
+
+def test_include_of_a_path_the_snapshot_lacks_is_an_error(tmp_path: Path) -> None:
+    home, _ = _vault(tmp_path)
+    src = tmp_path / "d"
+    src.mkdir()
+    (src / "a").write_text("a")
+    run_cli("backup", str(src), home=home)
+    proc = run_cli("restore", "--include", "d/a", "--include", "d/nope",
+                   "--to", str(tmp_path / "o"), home=home, check=18)  # fmt: skip
+    assert "d/nope" in proc.stderr.decode()
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_a_remote_back_after_looking_empty_heals(tmp_path: Path) -> None:
+    """Every remote looked empty for a while (an unmounted NAS): verify marks every shard
+    lost. Once the objects are back unchanged, the next verify finds them intact again and
+    the vault is whole: verify clean, flush complete, status survives n-k again."""
+    home, remotes = _vault(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(3_000_000))
+    run_cli("backup", str(src), home=home)
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for r in remotes:
+        r.rename(aside / r.name)
+        r.mkdir()
+    run_cli("verify", home=home, check=12)
+    for r in remotes:
+        shutil.rmtree(r)
+        (aside / r.name).rename(r)
+    run_cli("verify", home=home)
+    run_cli("flush", home=home)
+    st = json.loads(run_cli("status", "--json", home=home).stdout)
+    assert st["survives_losses_now"] == 1
+
+
+def test_restore_names_a_from_that_is_no_directory(tmp_path: Path) -> None:
+    home, remotes = _vault(tmp_path)
+    src = tmp_path / "f.txt"
+    src.write_text("one")
+    run_cli("backup", str(src), home=home)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    proc = run_cli("restore", "--from", str(remotes[0]), "--from", str(afile), "--from",
+                   str(tmp_path / "nowhere"), "--keyfile", str(home / "key.json"),
+                   "--to", str(tmp_path / "o"), home=tmp_path / "empty", check=11)  # fmt: skip
+    err = proc.stderr.decode()
+    assert f"--from {afile} is not a directory" in err, err
+    assert f"--from {tmp_path / 'nowhere'} does not exist" in err, err
+
+
+def test_stdin_backup_takes_the_umask(tmp_path: Path) -> None:
+    """`(umask 077; pg_dump | vaultfs backup --stdin …)` records a file only its owner reads."""
+    home, _ = _vault(tmp_path)
+    _cli(tmp_path, home, "backup", "--stdin", "--stdin-filename", "dumps/kb.sql",
+         umask=0o077, input=b"-- dump\n")  # fmt: skip
+    out = tmp_path / "o"
+    run_cli("restore", "--to", str(out), home=home)
+    assert (out / "dumps" / "kb.sql").stat().st_mode & 0o777 == 0o600
+    assert (out / "dumps").stat().st_mode & 0o777 == 0o700
