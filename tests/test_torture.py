@@ -29,3 +29,22 @@ def test_kill_9_of_the_mount_under_a_writer_loses_nothing_fsynced(tmp_path) -> N
     res = torture.Chamber(tmp_path, seed=14).run(torture.OPERATIONS["mount writes"], 2)
     assert res.recovered == res.trials == 2, res.failures
     assert res.bytes_lost == 0
+
+
+@pytest.mark.parametrize(
+    "at",
+    [
+        "vaultfs.vault:Vault.ship_index:before",  # after the segment rewrites
+        "vaultfs.index.manifests:record:before",  # its index copy recorded, not the manifest
+    ],
+)
+def test_prune_killed_between_its_rewrites_and_its_manifest_publishes_next_time(
+    tmp_path, at: str
+) -> None:
+    """Prune dropped a segment (its rows gone, its objects in ``garbage``) and died before
+    recording the manifest of the new index: the signed vault root no longer covered the
+    index's data segments and nothing was left for the next prune to rewrite, so it shipped
+    nothing and `verify` refused the index (exit 12). The rewrite now marks the index
+    unshipped, and the next prune publishes it (docs/design.md, "Crash states")."""
+    ok, lost, why = torture.Chamber(tmp_path).trial(torture.OPERATIONS["prune"], at=at)
+    assert ok and lost == 0, why

@@ -26,8 +26,10 @@ vault locked (so no backup or mount adds references meanwhile):
    validly signed manifest may reference.
 
 Crash states: a crash before a group's transaction leaves the old segments in use and orphan
-queue files (removed at the next open); after it, the old objects wait in ``garbage``, which
-the next prune (or re-encryption) collects once a manifest without them is placed.
+queue files (removed at the next open); after it, the old objects wait in ``garbage``, and
+the index is marked unshipped (the signed vault root no longer covers its data segments):
+the next prune ships the index even when it has nothing left to rewrite, and collects the
+garbage once that manifest is placed.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from .errors import ImmutableVault, IntegrityError
-from .index import audit, chunks, contents, segments
+from .index import audit, chunks, contents, manifests, segments
 from .index import remotes as remote_rows
 from .remotes import Remote
 from .vault import Vault
@@ -162,7 +164,9 @@ def prune(
         done += len(olds)
         if progress:
             progress(done, total)
-    if drop or groups:
+    # the rewrites mark the index unshipped, and so did those of a prune that died before
+    # shipping it: either way the remotes' index copy still names the old segments
+    if manifests.unshipped_since(v.index) is not None:
         report.manifest_seq = v.ship_index()
         rep = v.flush()
         report.errors.update(rep.errors)

@@ -236,8 +236,8 @@ def _flush_complete(v: Vault, seq: int, what: str) -> None:
 def collect_garbage(v: Vault) -> tuple[int, int]:
     """Delete replaced shard objects from their remotes once no placed manifest needs them.
 
-    Only objects whose replacing manifest (``garbage.seq``) has left the upload queue are
-    deleted, and none while the remotes hold manifests off this index's chain (a fork: the
+    Only objects whose replacing manifest (``garbage.seq``) is recorded and has left the
+    upload queue are deleted, and none while the remotes hold manifests off this index's chain (a fork: the
     other branch may still use them; :mod:`vaultfs.chain`). Returns (deleted, left for a
     later run). An immutable vault deletes nothing and leaves nothing for later: its garbage
     rows stay as the record of what the remotes keep (:attr:`Vault.immutable`).
@@ -247,12 +247,14 @@ def collect_garbage(v: Vault) -> tuple[int, int]:
     if chain.survey(v.keys, v.index, v.remotes()).others:
         return 0, manifests.garbage_count(v.index)
     pending_min = min(manifests.queued_seqs(v.index), default=None)
+    newest = manifests.newest(v.index)
+    recorded = newest[0] if newest else 0  # a replacing manifest not even recorded yet waits
     rows = manifests.garbage(v.index)
     remotes = {r.rid: r for r in v.remotes()}
     specs = remote_table.specs(v.index)
     by_remote: dict[tuple[int, str], list[str]] = defaultdict(list)
     for name, rid, kind, seq in rows:
-        if pending_min is not None and seq >= pending_min:
+        if seq > recorded or (pending_min is not None and seq >= pending_min):
             continue
         by_remote[(rid, kind)].append(name)
     deleted = 0

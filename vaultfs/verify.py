@@ -151,8 +151,9 @@ class Anchor:
                 return n
         if manifests.unshipped_since(index) is not None:
             raise IntegrityError(
-                "the local index holds changes not yet published (a repair was interrupted): "
-                "run `vaultfs repair` to publish them, then verify again"
+                "the local index holds changes not yet published (a repair or prune was "
+                "interrupted): run `vaultfs repair` or `vaultfs prune` to publish them, then "
+                "verify again"
             )
         raise IntegrityError(
             f"the local index does not match the vault root it signed in manifest #{self.seq}: "

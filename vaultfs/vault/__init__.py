@@ -329,8 +329,9 @@ class Vault:
 
     @staticmethod
     def mark_unshipped(db: sqlite3.Connection) -> None:
-        """Inside a transaction that changes where shards are (repair): note that the index
-        copy on the remotes is out of date until the next :meth:`ship_index`."""
+        """Inside a transaction that changes where shards are (repair, a segment rewrite):
+        note that the index copy on the remotes is out of date until the next
+        :meth:`ship_index`."""
         commit.mark_unshipped(db)
 
     # -- segment rewriting (rewrite.py) ----------------------------------------------------

@@ -327,7 +327,8 @@ class Committer:
 
 
 def mark_unshipped(db: sqlite3.Connection) -> None:
-    """Inside a transaction that changes where shards are (repair): note that the index
+    """Inside a transaction that changes where shards are (repair, a segment rewrite):
+    note that the index
     copy on the remotes is out of date until the next index shipping (which clears the mark
     in the transaction that records its manifest)."""
     manifests.mark_unshipped(db, time.time())

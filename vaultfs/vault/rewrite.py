@@ -10,6 +10,7 @@ from collections.abc import Callable
 from .. import segment
 from ..errors import IntegrityError
 from ..index import Index, chunks, manifests, segments
+from .commit import mark_unshipped
 from .queue import ShardQueue
 from .writer import Writer
 
@@ -31,10 +32,11 @@ def rewrite_segments(
     The new shards are durable in the queue before the one transaction that inserts the
     new segment, repoints the records' chunks, deletes every other chunk row still in an
     old segment (chunks nothing refers to: the caller's business), deletes the old
-    segments' rows and lists their placed shards in ``garbage`` (deleted from the
-    remotes only once a manifest no longer naming them is placed). A crash before that
-    transaction leaves the old segments in use and orphan queue files that recovery
-    removes.
+    segments' rows, lists their placed shards in ``garbage`` (deleted from the remotes
+    only once a manifest no longer naming them is placed) and marks the index unshipped
+    (the caller ships it; a crash first leaves the mark for the next prune or repair). A
+    crash before that transaction leaves the old segments in use and orphan queue files
+    that recovery removes.
     """
     p = writer.params
     with writer.write_lock:
@@ -67,6 +69,10 @@ def rewrite_segments(
             manifests.add_garbage(
                 db, [(name, rid) for name, rid, state in old if state == "placed"], "data", next_seq
             )
+            # the signed vault root no longer covers the data segments: until a manifest is
+            # recorded, the index copy on the remotes is out of date (a crash here must still
+            # lead the next prune to ship one, docs/design.md "Crash states")
+            mark_unshipped(db)
         for name, rid, state in old:
             if state == "queued":
                 queue.shard_path(rid, "data", name).unlink(missing_ok=True)
