@@ -165,8 +165,9 @@ def restore(
                 p, task = prog
                 total_cb = lambda t: p.update(task, total=t)  # noqa: E731
             uid, files, size, w2 = restore_files(
-                keys, index, src, to, snapshot, include, force, advance(prog), total_cb
-            )
+                keys, index, src, to, snapshot, include, force, advance(prog), total_cb,
+                each_include=True,
+            )  # fmt: skip
         held = [  # what the manifest restored from holds, to choose another --snapshot
             {"id": u, "name": nm, "seq": sq} for u, nm, _c, _f, _b, sq in snapshot_rows.rows(index)
         ]

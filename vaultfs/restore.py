@@ -1343,11 +1343,14 @@ def restore_files(
     force: bool = False,
     progress: Callable[[int], None] | None = None,
     total_cb: Callable[[int], None] | None = None,
+    each_include: bool = False,
 ) -> tuple[str, int, int, list[str]]:
     """Write a snapshot's files under ``to``. Returns (snapshot uid, files, bytes, warnings).
+    ``each_include``: InputError, before anything is written, when one of ``include`` matches
+    nothing (a user's --include; readers that ask for files a snapshot may lack leave it off).
     ThawNeeded when shards were out of reach because remotes hold them in archive storage."""
     # every index read before anything is written (the lazy view reads from the remotes)
-    snap_uid, entries = _entries(index, snapshot, include)
+    snap_uid, entries = _entries(index, snapshot, include, each_include)
     chunks = {e.id: snapshots.file_chunks(index, e.id) for e in entries if e.type == "f"}
     seg_ids = sorted({row[1] for rows in chunks.values() for row in rows})
     seg_rows = segments.layouts(index, seg_ids)
@@ -1378,10 +1381,12 @@ def restore_files(
     return snap_uid, len(entries), total, warnings
 
 
-def _entries(index: Index, snapshot: str, include: list[str] | None) -> tuple[str, list[Row]]:
+def _entries(
+    index: Index, snapshot: str, include: list[str] | None, each_include: bool = False
+) -> tuple[str, list[Row]]:
     """(uid, entries to restore) of ``snapshot`` (uid, name or 'latest'), cut to ``include``;
-    raises before anything is written for a missing snapshot, an unsafe name or an unknown
-    entry type."""
+    raises before anything is written for a missing snapshot, an unsafe name, an unknown
+    entry type, or (``each_include``) an include that matches nothing."""
     row = snapshots.find(index, snapshot)
     if row is None:
         raise InputError(f"snapshot {snapshot!r} not found (see `vaultfs snapshots`)")
@@ -1394,7 +1399,7 @@ def _entries(index: Index, snapshot: str, include: list[str] | None) -> tuple[st
         unmatched = [
             i for i in inc if not any(e.path == i or e.path.startswith(i + "/") for e in entries)
         ]
-        if unmatched:
+        if unmatched and each_include:
             raise InputError(
                 f"--include {unmatched[0]} matches nothing in snapshot {snap_uid} "
                 "(see `vaultfs ls`)"

@@ -602,9 +602,12 @@ class _RemoteAuditor:
         mine_all = segments.object_names(idx, self.rid) | manifests.garbage_names(idx, self.rid)
         present: list[ShardRow] = []
         revived: list[ShardRow] = []
+        # only a shard lost because the listing lacked it may come back by itself (a remote
+        # unmounted or offline for a while); one found corrupt or stale waits for repair
+        absent = {sid for sid, kind, _d in audit_table.findings(idx) if kind == "missing"}
         for sh in rows:
-            if sh.state == "lost" and listed[sh.kind].get(sh.name) == sh.size:
-                if self._intact(sh):  # back (a remote that was unmounted, offline, restored)
+            if sh.state == "lost" and sh.id in absent:
+                if listed[sh.kind].get(sh.name) == sh.size and self._intact(sh):
                     revived.append(sh)
                 continue
             if sh.state != "placed" or sh.id not in placed:
