@@ -2,8 +2,9 @@
 
 - :func:`run` starts a command and measures its wall time and memory: the exact peak RSS of
   the largest process in its tree (``wait4``'s ``ru_maxrss``, which Linux reports as the
-  maximum over the child and every descendant it waited for), the polled high-water mark of
-  the top process alone (``VmHWM`` from /proc) and the polled peak of the whole tree's summed
+  maximum over the child and every descendant it waited for; taken by ``bench/launch.py`` so
+  the driver's own size is not folded in, see :func:`launched`), the polled high-water mark
+  of the command alone (``VmHWM`` from /proc) and the polled peak of the whole tree's summed
   RSS, plus the load average before and after (the machine may be shared).
 - :func:`section` registers a section; ``bench/sections/<name>.py`` files register themselves
   on import, so adding a section is adding a file.
@@ -17,6 +18,8 @@ import operator
 import os
 import statistics
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -80,6 +83,14 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
+            return [int(c) for c in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
 def _rss(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/statm", "rb") as f:
@@ -100,6 +111,26 @@ def _vm_hwm(pid: int) -> int:
     except (OSError, ValueError):
         pass
     return 0
+
+
+LAUNCH = Path(__file__).with_name("launch.py")
+
+
+def launched(argv: Sequence[str], report: Path) -> list[str]:
+    """``argv`` started through ``bench/launch.py``, which writes the command's own peak RSS
+    and CPU time to ``report`` (read with :func:`launch_report`). A direct child of a large
+    process would report at least that process's resident size as its ``ru_maxrss``."""
+    return [sys.executable, "-I", "-S", str(LAUNCH), str(report), *argv]
+
+
+def launch_report(report: Path) -> tuple[int, float]:
+    """(peak RSS in bytes, CPU seconds) that ``bench/launch.py`` wrote, or (0, 0.0) when the
+    launcher was killed before the command ended."""
+    try:
+        rss, cpu = report.read_text().split()
+        return int(rss), float(cpu)
+    except (OSError, ValueError):
+        return 0, 0.0
 
 
 def run(
@@ -124,19 +155,31 @@ def run(
     stdin = open(stdin_path, "rb") if stdin_path else subprocess.DEVNULL  # noqa: SIM115
     out_f = _TempText()
     err_f = _TempText()
+    report_fd, report_name = tempfile.mkstemp(prefix="vaultfs-bench-rusage-")
+    os.close(report_fd)
+    report = Path(report_name)
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        argv, env=dict(env) if env else None, cwd=cwd, stdin=stdin, stdout=out_f.f, stderr=err_f.f
+        launched(argv, report),
+        env=dict(env) if env else None,
+        cwd=cwd,
+        stdin=stdin,
+        stdout=out_f.f,
+        stderr=err_f.f,
     )
-    top = proc.pid
+    launcher = proc.pid
     peaks = {"top": 0, "tree": 0}
     series: list[tuple[float, int]] = []
     done = threading.Event()
 
     def poll() -> None:
+        top = 0  # the command: the launcher's one child
         while not done.is_set():
+            if not top:
+                top = next(iter(_children(launcher)), 0)
+            tree = _tree(launcher)
             total = 0
-            for q in _tree(top):
+            for q in tree[1:]:
                 rss = _rss(q)
                 if rss is None:
                     continue
@@ -144,13 +187,14 @@ def run(
                 if q == top:
                     series.append((round(time.perf_counter() - t0, 3), rss))
             peaks["tree"] = max(peaks["tree"], total)
-            peaks["top"] = max(peaks["top"], _vm_hwm(top))
+            if top:
+                peaks["top"] = max(peaks["top"], _vm_hwm(top))
             done.wait(POLL_S)
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     try:
-        _pid, status, usage = os.wait4(top, 0)
+        _pid, status, _usage = os.wait4(launcher, 0)
     except BaseException:  # interrupted (Ctrl-C, SIGTERM): do not leave the child running
         proc.kill()
         proc.wait()
@@ -162,12 +206,14 @@ def run(
             stdin.close()  # type: ignore[union-attr]
     seconds = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
+    peak_rss, cpu_seconds = launch_report(report)
+    report.unlink(missing_ok=True)
     m = Measurement(
         argv,
         seconds,
         proc.returncode,
-        usage.ru_utime + usage.ru_stime,
-        usage.ru_maxrss * 1024,
+        cpu_seconds,
+        peak_rss,
         peaks["top"],
         peaks["tree"],
         load_before,

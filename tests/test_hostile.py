@@ -36,7 +36,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from pathlib import Path
 import pytest
 from helpers import S3Server, run_cli, tree_digest, vaultfs_env
 
+from bench.harness import launch_report, launched
 from vaultfs.remotes import Remote
 from vaultfs.restore import read_object
 
@@ -67,17 +67,21 @@ class Run:
 
 def measured(cmd: list[str], env: dict[str, str], timeout: float = 300) -> Run:
     """Run ``cmd``; its exit code, output, wall time and peak RSS (``ru_maxrss`` from
-    ``wait4``: the largest of the process and every descendant it waited for)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    ``wait4``: the largest of the process and every descendant it waited for), taken by
+    ``bench/launch.py`` so this pytest process's own size is not folded in."""
+    with (
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        report = Path(tmp) / "rusage"
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
+        proc = subprocess.Popen(launched(cmd, report), stdout=out, stderr=err, env=env, cwd=ROOT)
         try:
-            _pid, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # the command dies with its launcher
+            proc.wait()
         seconds = time.perf_counter() - t0
         out.seek(0)
         err.seek(0)
@@ -86,7 +90,7 @@ def measured(cmd: list[str], env: dict[str, str], timeout: float = 300) -> Run:
             out.read().decode(errors="replace"),
             err.read().decode(errors="replace"),
             seconds,
-            usage.ru_maxrss * 1024,
+            launch_report(report)[0],
         )
 
 
