@@ -101,6 +101,20 @@ def test_keys_recover_never_overwrites_another_vaults_keyfile(tmp_path: Path) ->
     run_cli("status", home=home_b)
 
 
+def test_a_home_holding_another_vaults_keyfile_is_a_key_error(tmp_path: Path) -> None:
+    """A key.json copied from another vault: exit 10 (a key problem, operations.md), with
+    advice, and nothing in the home changes."""
+    home_a, _ = _vault(tmp_path / "a")
+    home_b, _ = _vault(tmp_path / "b")
+    shutil.copy(home_b / "key.json", home_a / "key.json")
+    before = (home_a / "index.db").read_bytes()
+    for argv in (("status",), ("snapshots",), ("verify",)):
+        proc = run_cli(*argv, home=home_a, check=10)
+        assert "does not belong to the vault" in proc.stderr.decode()
+        assert "Traceback" not in proc.stderr.decode()
+    assert (home_a / "index.db").read_bytes() == before
+
+
 def test_an_interrupted_restore_is_marked_and_finished_with_force(tmp_path: Path) -> None:
     """kill -9 mid-restore leaves a marker: the rerun names the interruption, --force
     finishes it byte-identical and removes the marker."""

@@ -26,6 +26,7 @@ from ..errors import (
     RemoteHoldsVault,
     TargetNotEmpty,
     VaultBusy,
+    WrongKey,
 )
 from ..index import Index, VaultParams, keyring
 from ..index import remotes as remote_table
@@ -141,7 +142,7 @@ def load(
 ) -> tuple[VaultKeys, Index, int | None]:
     """Open the vault at ``home`` with ``keys`` (or the keyfile's, unlocked with
     ``passphrase``), taking its lock if ``lock``. Returns (keys, index, lock fd or None).
-    Raises NoVault when there is none or the key is another vault's."""
+    Raises NoVault when there is none, WrongKey when the key is another vault's."""
     if not index_path(home).exists():
         raise NoVault(
             f"no vault at {home}: run `vaultfs init`, or `vaultfs home rebuild --from REMOTE` "
@@ -155,7 +156,12 @@ def load(
     index = Index(index_path(home))
     if VaultParams.read(index).vault_id != keys.vault_id.hex():
         index.close()
-        raise NoVault(f"the key does not belong to the vault at {home}")
+        if lock_fd is not None:
+            os.close(lock_fd)
+        raise WrongKey(
+            f"the key does not belong to the vault at {home} (its key.json was replaced or "
+            "copied from another vault; use this vault's keyfile or `vaultfs keys recover`)"
+        )
     index.upgrade(keys.chunk_id_key)  # the key is this vault's: keyed migrations are safe
     return keys, index, lock_fd
 
