@@ -150,15 +150,43 @@ def test_subgraph_restore_quarantines_edges_leaving_it(small, pg_server):
     assert reasons == [(True,)]
     assert pg_server.sql(ORPHANS, "kb_sub") == [(0,)]
 
-    # the same rows again: refused without --replace, overwritten with it
-    fails(13, "kb", "restore", "small", "--dsn", target, "--belief", start, home=home)
+    # the same rows again: already there as they are, so nothing is written and nothing clashes
+    again = cli_json("kb", "restore", "small", "--dsn", target, "--belief", start, "--depth", "2", home=home)  # fmt: skip
+    assert again["restored"]["beliefs"] == 0 and again["restored"]["sources"] == 0
+    assert ids(pg_server, "SELECT id FROM beliefs", "kb_sub") == reach
+    # another neighbourhood into the same database: it shares the sources (and maybe beliefs)
+    other = pg_server.sql("SELECT id::text FROM beliefs ORDER BY id OFFSET 100 LIMIT 1", "kb_small")[0][0]  # fmt: skip
+    reach2, _ = _reach(pg_server, "kb_small", other, 1)
+    second = cli_json("kb", "restore", "small", "--dsn", target, "--belief", other, "--depth", "1", home=home)  # fmt: skip
+    assert second["restored"]["beliefs"] == len(reach2 - reach)
+    assert ids(pg_server, "SELECT id FROM beliefs", "kb_sub") == reach | reach2
+    assert pg_server.sql(ORPHANS, "kb_sub") == [(0,)]
+    # a row the database holds with other values: refused without --replace, overwritten with it
+    pg_server.sql(f"UPDATE beliefs SET content = 'edited' WHERE id = '{start}'", "kb_sub")
+    err = fails(13, "kb", "restore", "small", "--dsn", target, "--belief", start, home=home)
+    assert "1 in beliefs" in err and "--replace" in err
     rep = cli_json("kb", "restore", "small", "--dsn", target, "--belief", start, "--depth", "2", "--replace", home=home)  # fmt: skip
     assert rep["restored"]["beliefs"] == len(reach)
+    edited = pg_server.sql(f"SELECT content FROM beliefs WHERE id = '{start}'", "kb_sub")
+    assert edited != [("edited",)]
     # --strict: would quarantine, so nothing is written and the command fails
     pg_server.create_database("kb_sub_strict")
     err = fails(12, "kb", "restore", "small", "--dsn", pg_server.dsn("kb_sub_strict"), "--belief", start, "--strict", home=home)  # fmt: skip
     assert "--strict" in err and "nothing was restored" in err
     assert pg_server.sql("SELECT to_regclass('beliefs')", "kb_sub_strict") == [(None,)]
+
+
+def test_a_database_error_during_restore_is_one_line(small, pg_server):
+    """A target whose beliefs table the restore cannot fill (a column of its own, NOT NULL):
+    one line naming the server's message and a short detail, exit 18, nothing written."""
+    _root, home, _dsn, _uid = small
+    pg_server.create_database("kb_odd")
+    ddl = "CREATE TABLE beliefs (id uuid PRIMARY KEY, content text, embedding text, confidence real, domains text[], provenance jsonb, created_at timestamptz, superseded_by uuid, extra int NOT NULL)"  # fmt: skip
+    pg_server.sql(ddl, "kb_odd")
+    err = fails(18, "kb", "restore", "small", "--dsn", pg_server.dsn("kb_odd"), home=home)
+    assert err.count("\n") == 1 and "restoring into the database failed" in err, err
+    assert "extra" in err and len(err) < 400, err
+    assert pg_server.sql("SELECT count(*) FROM beliefs", "kb_odd") == [(0,)]
 
 
 def test_domain_and_time_window_restore(small, pg_server):

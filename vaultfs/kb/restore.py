@@ -5,8 +5,9 @@ creation-time window) goes into a fresh or existing database in one transaction:
 
 1. the schema is created where missing (:func:`vaultfs.kb.schema.ddl` with the snapshot's
    embedding dimension, plus :data:`QUARANTINE_DDL`);
-2. rows whose id already exists are refused (TargetNotEmpty) unless ``replace``, which
-   overwrites them; other rows of the database are left alone;
+2. rows whose id already exists with other values are refused (TargetNotEmpty) unless
+   ``replace``, which overwrites them; a row already there as it is (a source two partial
+   restores share) is left alone, as are the database's other rows;
 3. lines are loaded as they are stored (COPY of the JSON lines, binary COPY of the
    embeddings: bit-exact), then typed into the tables by SQL; into empty tables the keys,
    indexes and foreign keys are dropped first and made again after the load;
@@ -34,9 +35,9 @@ from datetime import datetime
 
 from ..errors import InputError, IntegrityError, TargetNotEmpty
 from . import layout, schema
+from .db import connect, one_line
 from .layout import KbManifest
 from .reader import KbFiles, KbSnap
-from .snapshot import connect
 
 QUARANTINE_DDL = """
 CREATE TABLE IF NOT EXISTS belief_edges_quarantine (
@@ -422,20 +423,25 @@ def _load(
                 part = next_part()
             _check_pairs(cur)
             if check:
-                _refuse_existing(cur, ("sources", "beliefs"))
-            rep.sources = _upsert(cur, "sources", _SOURCE_COLS, _SOURCE_SELECT, upsert)
-            rep.beliefs = _upsert(cur, "beliefs", _BELIEF_COLS, _BELIEF_SELECT, upsert)
+                _refuse_existing(
+                    cur,
+                    (
+                        ("sources", _SOURCE_COLS, _SOURCE_SELECT),
+                        ("beliefs", _BELIEF_COLS, _BELIEF_SELECT),
+                    ),
+                )
+            rep.sources = _upsert(cur, "sources", _SOURCE_COLS, _SOURCE_SELECT, upsert, check)
+            rep.beliefs = _upsert(cur, "beliefs", _BELIEF_COLS, _BELIEF_SELECT, upsert, check)
             for stmt in rebuild.nodes if rebuild else ():  # the checks below look ids up
                 cur.execute(stmt)
             rep.cleared_superseded_by = _clear_dangling_superseded(cur)
 
             cur.execute(_EDGE_TYPED)
+            edges = f"SELECT {_EDGE_COLS} FROM kb_edges"
             if check:
-                _refuse_existing(cur, ("belief_edges",))
+                _refuse_existing(cur, (("belief_edges", _EDGE_COLS, edges),))
             rep.quarantined = _quarantine(cur, rep.snapshot)
-            rep.edges = _upsert(
-                cur, "belief_edges", _EDGE_COLS, f"SELECT {_EDGE_COLS} FROM kb_edges", upsert
-            )
+            rep.edges = _upsert(cur, "belief_edges", _EDGE_COLS, edges, upsert, check)
             for stmt in rebuild.rest if rebuild else ():
                 cur.execute(stmt)
             cur.execute(
@@ -449,7 +455,7 @@ def _load(
     except _Abandoned:
         return
     except psycopg.Error as e:
-        raise InputError(f"restoring into the database failed: {str(e).strip()}") from None
+        raise InputError(f"restoring into the database failed: {one_line(e)}") from None
     finally:
         conn.close()
 
@@ -472,23 +478,24 @@ def _strict_message(rep: RestoreReport) -> str:
     )
 
 
-_CLASH = {
-    "sources": "SELECT count(*) FROM sources WHERE id IN (SELECT (j->>'id')::uuid FROM kb_in_sources)",
-    "beliefs": "SELECT count(*) FROM beliefs WHERE id IN (SELECT id FROM kb_in_beliefs)",
-    "belief_edges": "SELECT count(*) FROM belief_edges WHERE id IN (SELECT id FROM kb_edges)",
-}
-
-
-def _refuse_existing(cur, tables: tuple[str, ...]) -> None:
-    """TargetNotEmpty if a staged row of ``tables`` has an id the database already holds."""
+def _refuse_existing(cur, tables: tuple[tuple[str, str, str], ...]) -> None:
+    """TargetNotEmpty if a staged row of one of ``tables`` ((table, columns, typed select))
+    has an id the database already holds with other values. A row already there as it is
+    (a source two partial restores share, a belief in both neighbourhoods) is no clash: the
+    insert leaves it alone."""
     clashes = []
-    for table in tables:
-        cur.execute(_CLASH[table])
+    for table, cols, select in tables:
+        row = ", ".join(f"t.{c}" for c in cols.split(", "))
+        staged = ", ".join(f"s.{c}" for c in cols.split(", "))
+        cur.execute(
+            f"WITH s ({cols}) AS ({select}) SELECT count(*) FROM s JOIN {table} t"
+            f" ON t.id = s.id WHERE ({row}) IS DISTINCT FROM ({staged})"
+        )
         if n := cur.fetchone()[0]:
             clashes.append(f"{n} in {table}")
     if clashes:
         raise TargetNotEmpty(
-            f"the database already holds rows with the same ids ({', '.join(clashes)}); "
+            f"the database already holds other rows with the same ids ({', '.join(clashes)}); "
             "pass --replace to overwrite them, or restore into an empty database"
         )
 
@@ -546,13 +553,16 @@ def _drop_indexes_if_empty(cur) -> _Rebuild | None:
     return _Rebuild(nodes, [*keys, *(sql.SQL(d) for _n, d in idx), *fks])
 
 
-def _upsert(cur, table: str, cols: str, select: str, upsert: bool) -> int:
-    """INSERT ``select`` into ``table``; with ``upsert`` a row whose id exists is overwritten
-    (ON CONFLICT on the table's key, so the key must be there). Returns the rows written."""
+def _upsert(cur, table: str, cols: str, select: str, upsert: bool, keep: bool) -> int:
+    """INSERT ``select`` into ``table``; with ``upsert`` a row whose id exists is overwritten,
+    with ``keep`` it is left as it is (either is ON CONFLICT on the table's key, so the key
+    must be there). Returns the rows written."""
     sql = f"INSERT INTO {table} ({cols}) {select}"
     if upsert:
         sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols.split(", ")[1:])
         sql += f" ON CONFLICT (id) DO UPDATE SET {sets}"
+    elif keep:
+        sql += " ON CONFLICT (id) DO NOTHING"
     cur.execute(sql)
     return cur.rowcount
 

@@ -24,6 +24,7 @@ from .. import merkle
 from ..errors import InputError, IntegrityError
 from ..vault import Entry, Vault
 from . import layout, schema
+from .db import connect, one_line
 from .layout import FileInfo, KbManifest
 
 #: The keys of each kind of line, in order, with how Postgres renders each value (docs/kb.md).
@@ -125,17 +126,6 @@ WHERE bl.n + eo.n + ei.n > 0"""
 
 #: Called with each finished file of the layout, in a deterministic order.
 Sink = Callable[[str, bytes], None]
-
-
-def connect(dsn: str):
-    """A psycopg connection; an InputError that names the problem for a bad DSN."""
-    import psycopg
-
-    try:
-        return psycopg.connect(dsn)
-    except psycopg.Error as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"cannot connect to the database the DSN names: {first}") from None
 
 
 def _rows(conn, sql: str, types: list[str]) -> Iterator[tuple]:
@@ -240,7 +230,7 @@ def export(dsn: str, sink: Sink) -> KbManifest:
             _export_buckets(conn, 0, half - 1, put)
             upper.result()
     except psycopg.Error as e:
-        raise InputError(f"exporting the belief graph failed: {str(e).strip()}") from None
+        raise InputError(f"exporting the belief graph failed: {one_line(e)}") from None
     finally:
         for c in conns:
             with contextlib.suppress(psycopg.Error):
