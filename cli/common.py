@@ -371,6 +371,26 @@ def report_flush(v: Vault, as_json: bool, extra: dict | None = None, quorum: boo
     return code
 
 
+def redundancy_warnings(remotes: int, k: int, n: int, survives: int, add: str) -> list[str]:
+    """What a user must hear about a k-of-n vault over ``remotes`` remotes that survives
+    ``survives`` remote losses by design: shards of one segment crowded onto one remote, or
+    any loss losing data. ``add`` is the command that adds a remote (init's and valence's
+    differ). Empty when the vault is spread as its profile promises."""
+    from vaultfs.vault.placement import remotes_needed
+
+    warnings = []
+    _needed, crowded = remotes_needed(remotes, k, n)
+    if crowded > 1:
+        warnings.append(
+            f"up to {crowded} of each segment's {n} shards share one remote (fewer remotes "
+            f"than n): losing that remote loses all {crowded}; add remotes in separate "
+            f"failure domains ({add}) to spread them"
+        )
+    if survives == 0:
+        warnings.append("with this many remotes, losing any one loses data")
+    return warnings
+
+
 def keys_for_restore(home: Path, keyfile: Path | None, seed_file: Path | None) -> VaultKeys:
     """The key from --seed-file, $VAULTFS_SEED, or a keyfile (--keyfile, else HOME/key.json)."""
     if seed_file:

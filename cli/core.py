@@ -32,6 +32,7 @@ from cli.common import (
     open_vault,
     out,
     progress,
+    redundancy_warnings,
     report_flush,
 )
 from cli.mounted import flush_via_mount, mount_status
@@ -137,15 +138,10 @@ def init(
     out.print(
         f"  {k}-of-{n} over {len(remote)} remote(s); survives {st['survives_losses_design']} remote loss(es)"
     )
-    needed, crowded = remotes_needed(len(remote), k, n)
-    if crowded > 1:
-        err.print(
-            f"[yellow]warning: up to {crowded} of each segment's {n} shards share one remote "
-            f"(fewer remotes than n): losing that remote loses all {crowded}; add remotes in "
-            "separate failure domains (`vaultfs remote add`) to spread them[/]"
-        )
-    if st["survives_losses_design"] == 0:
-        err.print("[yellow]warning: with this many remotes, losing any one loses data[/]")
+    needed, _crowded = remotes_needed(len(remote), k, n)
+    survives = st["survives_losses_design"]
+    for w in redundancy_warnings(len(remote), k, n, survives, "`vaultfs remote add`"):
+        err.print(f"[yellow]warning: {w}[/]")
     which = "the remote" if len(remote) == 1 else f"any {needed} of the {len(remote)} remotes"
     out.print(
         f"  Keep a copy of {h / 'key.json'} and your passphrase somewhere else: with "

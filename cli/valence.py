@@ -30,10 +30,12 @@ from cli.common import (
     JsonOpt,
     KeyfileOpt,
     SeedOpt,
+    err,
     home_dir,
     open_vault,
     out,
     passphrase,
+    redundancy_warnings,
     report_flush,
 )
 from vaultfs import erasure
@@ -163,6 +165,8 @@ def config(
                 "passphrase elsewhere, or make recovery shares with `valence keys split`.",
                 highlight=False,
             )
+        for w in added["warnings"]:
+            err.print(f"[yellow]warning: {w}[/]")
     for bname, label in settings.backends.items():
         out.print(f"backend {bname}: {label}", highlight=False)
     out.print(f"sources: {', '.join(settings.sources) or '(none)'}", highlight=False)
@@ -179,11 +183,32 @@ def _add_remote(home: Path, spec: str, name: str, profile: str) -> dict:
             )
         k, n = erasure.PROFILES[profile]
         with Vault.create(home, [spec], k, n, passphrase(confirm=True)) as v:
-            fp = v.status()["fingerprint"]
-        return {"name": name, "remote": Remote(spec).label, "created": True, "fingerprint": fp}
+            st = v.status()
+        return {
+            "name": name,
+            "remote": Remote(spec).label,
+            "created": True,
+            "fingerprint": st["fingerprint"],
+            "warnings": _spread(st),
+        }
     with open_vault(home) as v:
         info = repair_mod.add_remote(v, spec, name)
-    return {"name": name, "remote": info["remote"], "created": False, "errors": info["errors"]}
+        st = v.status()
+    return {
+        "name": name,
+        "remote": info["remote"],
+        "created": False,
+        "errors": info["errors"],
+        "warnings": _spread(st),
+    }
+
+
+def _spread(status: dict) -> list[str]:
+    """The vault's redundancy warnings (cli.common.redundancy_warnings) from its status."""
+    return redundancy_warnings(
+        len(status["remotes"]), status["k"], status["n"], status["survives_losses_design"],
+        "`valence backup config --add-backend`",
+    )  # fmt: skip
 
 
 @backup_app.command("run")

@@ -85,9 +85,14 @@ def test_valence_verbs(tmp_path: Path, pg_server: PgServer, s3_server: S3Server)
     s3_args += ["--key-id", s3_server.access_key, "--key", s3_server.secret_key]
     (s3_server.root / "valence-b").mkdir()
     _valence(home, "backup", "config", "--add-backend", "s3", *s3_args, "--name", "cloud")
+    first = _valence.outputs[-1]  # type: ignore[attr-defined]
+    # a 3-of-5 vault on one backend holds every shard there: the user is told, with the fix
+    assert "5 of each segment's 5 shards share one remote" in first, first
+    assert "losing any one loses data" in first and "--add-backend" in first
     usb = tmp_path / "usb"
     usb.mkdir()
-    _valence(home, "backup", "config", "--add-backend", "local", "--dir", str(usb), "--name", "usb")
+    added = json.loads(_valence(home, "backup", "config", "--add-backend", "local", "--dir", str(usb), "--name", "usb", "--json"))  # fmt: skip
+    assert any("share one remote" in w for w in added["added"]["warnings"]), added
     _valence(home, "backup", "config", "--add-backend", "local", "--dir", str(usb), check=14)
     _valence(home, "backup", "config", "--dsn", "postgresql://u:pw@h/db", check=18)
     _valence(home, "backup", "config", "--source", str(src), "--dsn", dsn)
