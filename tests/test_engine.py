@@ -479,6 +479,36 @@ def test_restore_with_local_state_reads_queue_before_upload(tmp_path):
     assert not any((Path(r) / "data").exists() for r in remotes)
 
 
+def test_restore_in_windows_of_chunks_is_byte_identical(tmp_path, monkeypatch):
+    """A restore plans and writes a window of chunks at a time (memory flat in the snapshot's
+    size): with windows of 7 chunks, files spanning several windows and several files in one
+    window restore byte-identical."""
+    from vaultfs import restore as restore_mod
+
+    src = tmp_path / "src"
+    write_tree(src, seed=11)
+    v, remotes = make_vault(tmp_path)
+    with v:
+        backup_paths(v, [src])
+        assert v.flush().complete
+        keys = v.keys
+        chunks = v.index.one("SELECT count(*) FROM content_chunks")[0]
+    assert chunks > 3 * 7
+    windows: list[int] = []
+    plan_windows = restore_mod._plan_windows
+
+    def counted(to, index, file_rows, window=None):
+        for plan in plan_windows(to, index, file_rows, 7):
+            windows.append(sum(len(rows) for rows in plan.values()))
+            yield plan
+
+    monkeypatch.setattr(restore_mod, "_plan_windows", counted)
+    with_remote_index(keys, remotes[:3], tmp_path, tmp_path / "out")
+    assert tree_digest_of(tmp_path / "out" / "src") == tree_digest_of(src)
+    assert len(windows) > 3 and max(windows) <= 7 + 6  # a window ends once it holds >= 7
+    assert not (tmp_path / "out" / restore_mod.INCOMPLETE).exists()
+
+
 def test_old_index_copies_are_pruned_after_newer_ones_are_placed(tmp_path):
     v, remotes = make_vault(tmp_path, nremotes=3, k=2, n=3)
     src = tmp_path / "src"

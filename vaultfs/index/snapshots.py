@@ -4,6 +4,7 @@ chunks through the content it names: vaultfs/index/contents.py)."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ..names import DbText, from_db, is_text, raw, to_db
@@ -168,6 +169,27 @@ def file_chunks(index: Index, entry: int) -> list[tuple[bytes, int, int, int, in
         " WHERE e.id=? ORDER BY x.seq",
         (entry,),
     )
+
+
+def file_chunk_pages(
+    index: Index, entry: int, page: int
+) -> Iterator[list[tuple[bytes, int, int, int, int]]]:
+    """:func:`file_chunks` of file entry ``entry`` in pages of at most ``page`` rows, in file
+    order (keyset on the chunk's position), so a huge file's rows are never all in memory."""
+    seq = -1
+    while True:
+        rows = index.q(
+            "SELECT x.seq, c.cid, c.segment, c.offset, c.length, c.plain FROM entries e"
+            " JOIN content_chunks x ON x.content = e.content JOIN chunks c ON c.id = x.chunk"
+            " WHERE e.id=? AND x.seq > ? ORDER BY x.seq LIMIT ?",
+            (entry, seq, page),
+        )
+        if not rows:
+            return
+        seq = rows[-1][0]
+        yield [r[1:] for r in rows]
+        if len(rows) < page:
+            return
 
 
 def files_in_segment(index: Index, seg_id: int) -> list[tuple[str, str]]:
