@@ -9,6 +9,7 @@ unmounts, also when it fails. The unit tier: tests/test_maintenance.py."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -268,3 +269,36 @@ def test_the_routine_audits_and_repairs_a_mounted_vault(live) -> None:
     assert state["repair"]["result"]["needed"] and state["repair"]["result"]["rebuilt"] > 0
     assert _json(run_cli("verify", "--read-all", "--json", home=home))["clean"]
     assert (mp / "f.bin").stat().st_size == 2 * 1024 * 1024
+
+
+def test_a_snapshot_file_pruned_while_open_is_eio_for_its_reader_only(tmp_path) -> None:
+    """A reader holds a file of a snapshot that is deleted and pruned meanwhile (by hand or
+    by the routine's retention): its next read of a chunk not in memory is EIO; the mount
+    stays up for everyone else (the daemon once died of it)."""
+    home = tmp_path / "home"
+    remotes = [tmp_path / f"r{i}" for i in range(3)]
+    run_cli("init", "-k", "2", "-n", "3", *(x for r in remotes for x in ("--remote", str(r))), home=home)  # fmt: skip
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    run_cli("mount", "--read-cache-size", "0", str(mp), home=home)
+    try:
+        (mp / "w.bin").write_bytes(os.urandom(1_200_000))
+        run_cli("snapshot", "--name", "t", home=home)
+        (mp / "w.bin").unlink()
+        with open(mp / ".snapshots" / "t" / "w.bin", "rb", buffering=0) as f:
+            assert len(f.read(100)) == 100
+            run_cli("snapshot", "delete", "t", home=home)
+            run_cli("prune", home=home)
+            with pytest.raises(OSError) as e:
+                f.seek(1_000_000)
+                f.read(100_000)
+            assert e.value.errno == errno.EIO
+        assert os.path.ismount(mp)
+        (mp / "after.txt").write_text("still serving")
+        assert (mp / "after.txt").read_text() == "still serving"
+        assert "read of file handle" in (home / "mount.log").read_text()
+    finally:
+        if os.path.ismount(mp):
+            run_cli("umount", str(mp), home=home, check=None, timeout=300)
+        if os.path.ismount(mp):
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)

@@ -793,6 +793,9 @@ class VaultFS(pyfuse3.Operations):
         t = time.perf_counter()
         try:
             data = await self._read(fh, off, size)
+        except VaultError as e:  # one reader's EIO, never the mount going down
+            log.error("read of file handle %d failed: %s", fh, e.message)
+            raise _err(errno.EIO) from None
         finally:
             self.read_stats["seconds"] += time.perf_counter() - t
         self.read_stats["requests"] += 1
