@@ -115,6 +115,18 @@ def test_a_home_holding_another_vaults_keyfile_is_a_key_error(tmp_path: Path) ->
     assert (home_a / "index.db").read_bytes() == before
 
 
+def test_a_new_home_is_the_owners_only(tmp_path: Path) -> None:
+    """The index names every file: init makes the home 0700 (whatever the umask, and also
+    when the directory existed)."""
+    existing = tmp_path / "existing"
+    existing.mkdir(mode=0o755)
+    os.chmod(existing, 0o755)
+    for home in (tmp_path / "fresh", existing):
+        run_cli("init", "-k", "1", "-n", "2", "--remote", str(tmp_path / f"r1-{home.name}"),
+                "--remote", str(tmp_path / f"r2-{home.name}"), home=home)  # fmt: skip
+        assert home.stat().st_mode & 0o777 == 0o700, oct(home.stat().st_mode)
+
+
 def test_an_interrupted_restore_is_marked_and_finished_with_force(tmp_path: Path) -> None:
     """kill -9 mid-restore leaves a marker: the rerun names the interruption, --force
     finishes it byte-identical and removes the marker."""

@@ -113,6 +113,8 @@ def initialize(
                 r.spec,
             )
     home.mkdir(parents=True, exist_ok=True)
+    # the owner's only: the index names every file and its size, mount.log names paths
+    os.chmod(home, 0o700)
     lock = take_lock(home)
     keys = VaultKeys.from_seed(seed or new_seed())
     keys.generate_slhdsa()  # hash-based second signature (docs/keys.md)
