@@ -323,12 +323,19 @@ def manifest_fields(v: Vault) -> dict:
     return link.as_json() if link else {"seq": 0, "manifest_hash": None}
 
 
-def report_flush(v: Vault, as_json: bool, extra: dict | None = None, quorum: bool = False) -> int:
+def report_flush(
+    v: Vault,
+    as_json: bool,
+    extra: dict | None = None,
+    quorum: bool = False,
+    every_remote: bool = False,
+) -> int:
     """Flush ``v`` (``quorum``: done once k shards of everything are placed, see
     :meth:`Vault.flush`), report what went out (JSON with ``extra`` merged in, or warnings)
     and return the exit code: StaleBase's when the remotes moved on without this home (its
     manifests stay queued, never placed), EXIT_PARTIAL when a segment has fewer than k shards
-    placed."""
+    placed (with ``every_remote``, the `flush` command's promise: when anything is still
+    queued for any remote)."""
     rep = v.flush(quorum=quorum)
     status = v.status()
     code = 0
@@ -345,6 +352,7 @@ def report_flush(v: Vault, as_json: bool, extra: dict | None = None, quorum: boo
     elif not rep.complete:
         behind = ", ".join(f"{r} ({c} queued)" for r, c in rep.pending.items() if c)
         msg = f"some remotes are behind: {behind or 'manifests pending'}; run `vaultfs flush` later"
+        code = EXIT_PARTIAL if every_remote else 0
     if as_json:
         out.print_json(
             json.dumps(

@@ -269,11 +269,13 @@ def backup(
 
 @app.command()
 def flush(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Upload every queued shard and manifest; wait until done or report who is behind."""
+    """Upload every queued shard and manifest; wait until done or report who is behind.
+
+    Exits 0 only when everything is on every remote, 3 while anything is still queued."""
     if (code := flush_via_mount(home, as_json)) is not None:  # flushed by the mount's daemon
         raise typer.Exit(code)
     with open_vault(home) as v:
-        code = report_flush(v, as_json)
+        code = report_flush(v, as_json, every_remote=True)
     raise typer.Exit(code)
 
 

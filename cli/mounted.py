@@ -40,12 +40,16 @@ def call(address: str, req: dict, timeout: float | None = None) -> dict | None:
     return control.call(address, req, timeout=timeout)
 
 
-def print_report(rep: dict, as_json: bool, extra: dict | None = None) -> int:
+def print_report(
+    rep: dict, as_json: bool, extra: dict | None = None, every_remote: bool = False
+) -> int:
     """Report a flush the mount's daemon did (its reply's ``report``: JSON with ``extra``
     merged in, or warnings and the redundancy line); return StaleBase's code when the remotes
-    moved on without this home, EXIT_PARTIAL when a segment has fewer than k shards placed,
-    else 0."""
-    code = EXIT_PARTIAL if rep["segments_below_k_placed"] else 0
+    moved on without this home, EXIT_PARTIAL when a segment has fewer than k shards placed
+    (with ``every_remote``, as :func:`cli.common.report_flush`: when anything is still queued
+    for any remote), else 0."""
+    behind = not rep["complete"] and every_remote
+    code = EXIT_PARTIAL if rep["segments_below_k_placed"] or behind else 0
     if rep.get("stale_base"):
         code = StaleBase.exit_code
     if as_json:
@@ -79,7 +83,7 @@ def flush_via_mount(home: Path | None, as_json: bool) -> int | None:
         syncfs(Path(mp["mountpoint"]))
     reply = call(control.home_address(h), {"cmd": "flush"})
     assert reply is not None
-    return print_report(reply["report"], as_json)
+    return print_report(reply["report"], as_json, every_remote=True)
 
 
 def mount_info(home: Path) -> dict | None:

@@ -127,6 +127,26 @@ def test_a_new_home_is_the_owners_only(tmp_path: Path) -> None:
         assert home.stat().st_mode & 0o777 == 0o700, oct(home.stat().st_mode)
 
 
+def test_flush_exits_3_while_a_remote_is_behind(tmp_path: Path) -> None:
+    """`flush` returns 0 only when everything is on every remote (operations.md): with one
+    remote of a 2-of-3 vault unreachable the backup succeeds (k placed) and flush exits 3,
+    naming it; once it is back, flush places the rest and exits 0."""
+    home, remotes = _vault(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.bin").write_bytes(os.urandom(300_000))
+    shutil.move(remotes[2], tmp_path / "r2.off")
+    remotes[2].write_text("not a directory")
+    run_cli("backup", str(src), home=home)
+    for argv in (("flush",), ("flush", "--json")):
+        proc = run_cli(*argv, home=home, check=3)
+    assert json.loads(proc.stdout)["complete"] is False
+    assert "Traceback" not in proc.stderr.decode()
+    remotes[2].unlink()
+    shutil.move(tmp_path / "r2.off", remotes[2])
+    assert json.loads(run_cli("flush", "--json", home=home).stdout)["complete"] is True
+
+
 def test_an_interrupted_restore_is_marked_and_finished_with_force(tmp_path: Path) -> None:
     """kill -9 mid-restore leaves a marker: the rerun names the interruption, --force
     finishes it byte-identical and removes the marker."""
