@@ -61,6 +61,12 @@ def test_relative_remote_paths_are_made_absolute_at_init(tmp_path: Path) -> None
     assert specs == [str(base / "r1"), str(base / "r2"), str(base / "r3")]
     assert all(any((base / f"r{i}" / "data").iterdir()) for i in (1, 2, 3))
     _cli(base / "elsewhere", home, "verify")
+    # the same relative names work where they were typed: verify --remote, remote replace
+    _cli(base, home, "verify", "--remote", "r1", "--remote", "./r2")
+    domain = {r["remote"]: r["domain"] for r in remotes}[str(base / "r3")]
+    _cli(base, home, "remote", "replace", "r3", "r4")
+    remotes = json.loads(_cli(base, home, "status", "--json").stdout)["remotes"]
+    assert {r["remote"]: r["domain"] for r in remotes}[str(base / "r4")] == domain
 
 
 def test_local_paths_that_cannot_be_used_are_one_line_errors(tmp_path: Path) -> None:

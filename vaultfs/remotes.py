@@ -196,6 +196,12 @@ def absolute(spec: str) -> str:
     return os.path.abspath(os.path.expanduser(spec))
 
 
+def names_remote(name: str, spec: str) -> bool:
+    """Whether ``name``, as a user types it (the stored spec, its label, or a local path
+    relative to the working directory, as ``init`` took it), names the remote ``spec``."""
+    return name in (spec, Remote(spec).label) or (is_local(name) and absolute(name) == spec)
+
+
 def is_local(spec: str) -> bool:
     """Whether rclone reads ``spec`` as a local path: no colon, or a leading ``/``, ``./``,
     ``../`` (or ``~``, which a shell expands)."""

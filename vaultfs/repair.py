@@ -61,7 +61,7 @@ from .index import snapshots as snapshot_table
 from .index.segments import ShardRow
 from .names import display, from_db
 from .objectlock import lock_spec
-from .remotes import Remote
+from .remotes import Remote, names_remote
 from .restore import READ_IN_PLACE, read_object, remote_index_description
 from .sealer import ShardFile
 from .shardreader import (
@@ -836,9 +836,10 @@ def _retain(vault: Vault, report: RepairReport, old_objects: list[tuple[str, int
 
 # -- the set of remotes ------------------------------------------------------------------------
 def find_remote(vault: Vault, name: str, active_only: bool = True) -> tuple[int, str]:
-    """(id, spec) of the remote whose spec or label is ``name``; BadRemote if none."""
+    """(id, spec) of the remote ``name`` names (:func:`vaultfs.remotes.names_remote`);
+    BadRemote if none."""
     for r in remote_table.every(vault.index):
-        if name in (r.spec, Remote(r.spec).label) and (r.state == "active" or not active_only):
+        if names_remote(name, r.spec) and (r.state == "active" or not active_only):
             return r.id, r.spec
     raise BadRemote(
         f"remote {name!r} is not part of this vault: see `vaultfs remote list` for its remotes"
@@ -934,7 +935,8 @@ def replace_remote(
     with vault.index.tx() as db:
         pos, dom = remote_table.position_of(db, rid)
         remote_table.remove(db, rid)
-        nid = remote_table.add(db, new, pos, domain or dom)
+        # an old remote with no named domain was its own (``remote<id>``): the new one keeps it
+        nid = remote_table.add(db, new, pos, domain or dom or f"remote{rid}")
         remote_table.forget_health(db, rid)
     report = repair(vault, prefer=nid, wrap=wrap)
     if not report.unrecoverable:

@@ -68,7 +68,7 @@ from .index import Index, manifests, segments
 from .index import audit as audit_table
 from .index import remotes as remote_table
 from .index.segments import ShardRow
-from .remotes import Remote
+from .remotes import Remote, names_remote
 from .restore import remote_index_description
 from .shardreader import intact
 
@@ -284,7 +284,7 @@ def resolve_remotes(vault: Vault, wanted: list[str] | None) -> list[tuple[int, s
         return [(r[0], r[1], r[2]) for r in rows]
     out = []
     for w in wanted:
-        hit = [r for r in rows if w in (r[1], Remote(r[1]).label)]
+        hit = [r for r in rows if names_remote(w, r[1])]
         if not hit:
             raise BadRemote(
                 f"remote {w!r} is not part of this vault: see `vaultfs remote list` for its remotes"
