@@ -357,7 +357,9 @@ def remote_add(
         return
     out.print(
         f"added {info['remote']} (domain {info['domain']}); the vault now survives "
-        f"{info['survives_losses_design']} domain loss(es) by design",
+        f"{info['survives_losses_design']} domain loss(es) by design; any "
+        f"{info['restore_needs']} of its {info['remotes']} remotes (with the key) restore "
+        "everything",
         highlight=False,
     )
 

@@ -30,7 +30,7 @@ from cli.common import (
 )
 from cli.mounted import call, mounted, print_report, syncfs
 from vaultfs import control, names
-from vaultfs.errors import InputError, VaultBusy, VaultError
+from vaultfs.errors import InputError, VaultBusy
 from vaultfs.index import snapshots as snapshot_rows
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.I)
@@ -149,7 +149,11 @@ def umount(
             break
         time.sleep(0.05)
     else:
-        raise VaultError(f"the mount daemon (pid {pid}) did not exit within {timeout:.0f}s")
+        raise VaultBusy(
+            f"unmounted {mp}, but its daemon (pid {pid}) is still finishing after "
+            f"{timeout:.0f}s (placing what is queued, retrying remotes that fail): it exits by "
+            "itself; `vaultfs status` shows the queue, and a new mount waits for it"
+        )
     if not as_json:
         out.print(f"unmounted {mp}")
     raise typer.Exit(code)
@@ -235,5 +239,5 @@ def snapshot_delete(
             v.delete_snapshot(found[1])
             code = report_flush(v, as_json, {"deleted": found[1]})
     if not as_json:
-        out.print(f"deleted snapshot {ref}; `vaultfs prune` (unmounted) frees its space")
+        out.print(f"deleted snapshot {ref}; `vaultfs prune` frees its space")
     raise typer.Exit(code)

@@ -153,6 +153,17 @@ def test_flush_exits_3_while_a_remote_is_behind(tmp_path: Path) -> None:
     assert json.loads(run_cli("flush", "--json", home=home).stdout)["complete"] is True
 
 
+def test_remote_add_beyond_n_says_how_many_remotes_a_restore_needs(tmp_path: Path) -> None:
+    """2-of-3 over five remotes: a segment is on three of them, so two remotes no longer
+    always restore; `remote add` says how many do (the review found 'any k' promised)."""
+    home, remotes = _vault(tmp_path)
+    for extra in ("r3", "r4"):
+        proc = run_cli("remote", "add", str(tmp_path / extra), home=home)
+    assert "any 4 of its 5 remotes (with the key) restore everything" in proc.stdout.decode()
+    rep = json.loads(run_cli("remote", "add", str(tmp_path / "r5"), "--json", home=home).stdout)
+    assert rep["remotes"] == 6 and rep["restore_needs"] >= 3
+
+
 def test_an_interrupted_restore_is_marked_and_finished_with_force(tmp_path: Path) -> None:
     """kill -9 mid-restore leaves a marker: the rerun names the interruption, --force
     finishes it byte-identical and removes the marker."""

@@ -72,6 +72,7 @@ from .shardreader import (
     choose,
     rebuild_fragments,
 )
+from .vault.placement import remotes_needed
 from .vault.queue import sync_dirs, write_durable
 
 if TYPE_CHECKING:
@@ -875,7 +876,8 @@ def _check_new(vault: Vault, spec: str, wrap=None) -> None:
 
 def add_remote(vault: Vault, spec: str, domain: str | None = None, wrap=None) -> dict:
     """Add an empty remote to the vault; new segments use it, a new manifest goes to it. An
-    S3 remote of a vault with an object lock retention gets it (objectlock.lock_spec)."""
+    S3 remote of a vault with an object lock retention gets it (objectlock.lock_spec).
+    ``restore_needs``: how many of the ``remotes`` any restore needs from now on."""
     spec = lock_spec(spec, vault.params.object_lock)
     Remote(spec)  # validates the spec's form
     _check_new(vault, spec, wrap)
@@ -883,10 +885,14 @@ def add_remote(vault: Vault, spec: str, domain: str | None = None, wrap=None) ->
         rid = remote_table.add(db, spec, remote_table.next_position(db), domain)
     seq = vault.ship_index()
     rep = vault.flush()
+    active = len(remote_table.active(vault.index))
     return {
         "remote": Remote(spec).label,
         "id": rid,
         "domain": domain or f"remote{rid}",
+        "remotes": active,
+        # more remotes than n: a segment is on n of them, so any k remotes no longer suffice
+        "restore_needs": remotes_needed(active, vault.k, vault.n)[0],
         "manifest_seq": seq,
         "pending": {k: v for k, v in rep.pending.items() if v},
         "errors": rep.errors,

@@ -658,10 +658,10 @@ def find_manifest(
         bad = [b for r in reps for b in r.bad_manifests]
         if bad and all(b.endswith(manifest.OTHER_VAULT) for b in bad):
             raise WrongKey(
-                f"the remotes hold a vault other than this key's ({details}). A strategy's "
-                "master key opens no tier directly: write the tier's seed with `vaultfs "
-                "strategy seed TIER --out FILE` and give `--seed-file FILE` (drills: `vaultfs "
-                "drill … --tier TIER`)"
+                f"the remotes hold a vault other than this key's ({details}): give that "
+                "vault's keyfile or seed. If this is a strategy's master key, it opens no "
+                "tier directly: write the tier's seed with `vaultfs strategy seed TIER --out "
+                "FILE` and give `--seed-file FILE` (drills: `vaultfs drill … --tier TIER`)"
             )
         if bad:
             raise IntegrityError(f"no validly signed manifest for this key ({details})")
