@@ -35,7 +35,7 @@ from cli.common import (
 from cli.mounted import mounted, run_in_mount
 from vaultfs import prune as prune_mod
 from vaultfs import retention, routine, strategy, tiers
-from vaultfs.errors import EXIT_JOB_FAILED, EXIT_PARTIAL, ImmutableVault, InputError
+from vaultfs.errors import EXIT_JOB_FAILED, EXIT_PARTIAL, ImmutableVault, InputError, VaultError
 
 
 def _when(t: float | None) -> str:
@@ -172,8 +172,17 @@ def run(
             f"{strategy.default_path(h)}"
         )
     live = mounted(h) is not None
-    with open_vault(home, lock=not live) as v:
-        res = routine.run_pass(h, v, live)
+    try:
+        with open_vault(home, lock=not live) as v:
+            res = routine.run_pass(h, v, live)
+    except (VaultError, OSError) as e:  # no pass at all (no passphrase, a wrong one…): say so
+        msg = getattr(e, "message", None) or str(e)
+        sched = routine.load_schedule(h)
+        event = {"event": "job_failed", "job": "run", "error": msg,
+                 "message": f"the routine could not open the vault: {msg}"}  # fmt: skip
+        if sched and (problem := routine.alert(h, sched, event)):
+            err.print(f"[red]{problem}[/]", highlight=False)
+        raise
     if as_json:
         out.print_json(json.dumps(res))
     else:
@@ -301,7 +310,7 @@ def default_unit_dir(system: bool) -> Path:
 
 def unit_files(home: Path, every: str, name: str, env_file: Path) -> dict[str, str]:
     """The service and timer that run `vaultfs run` for the vault at ``home`` every
-    ``every`` (a systemd time span, e.g. 15min)."""
+    ``every`` (a systemd time span, e.g. 900s)."""
     cmd = [sys.executable, "-m", "cli.main", "run", "--home", str(home)]
     pypath = os.environ.get("PYTHONPATH")
     service = f"""[Unit]
@@ -342,7 +351,9 @@ def schedule_install(
     system: Annotated[
         bool, typer.Option("--system", help="Default to /etc/systemd/system instead.")
     ] = False,
-    every: Annotated[str, typer.Option(help="How often the timer runs a pass.")] = "15min",
+    every: Annotated[
+        str, typer.Option(help="How often the timer runs a pass: 15m, 1h, daily…")
+    ] = "15m",
     name: Annotated[str, typer.Option(help="Unit name (without suffix).")] = "vaultfs-run",
     env_file: Annotated[
         Path | None, typer.Option(help="EnvironmentFile holding VAULTFS_PASSPHRASE.")
@@ -352,9 +363,11 @@ def schedule_install(
 ) -> None:
     """Write a systemd service and timer that run `vaultfs run` for this vault."""
     h = home_dir(home).absolute()
+    span = f"{int(routine.parse_every(every))}s"  # a systemd time span, whatever words we took
+    env = (env_file or h / "routine.env").absolute()
     d = unit_dir or default_unit_dir(system)
     d.mkdir(parents=True, exist_ok=True)
-    files = unit_files(h, every, name, env_file or h / "routine.env")
+    files = unit_files(h, span, name, env)
     for fname, text in files.items():
         (d / fname).write_text(text)
     written = [str(d / f) for f in files]
@@ -363,6 +376,12 @@ def schedule_install(
         return
     for w in written:
         out.print(f"wrote {w}", highlight=False)
+    if not env.exists():
+        err.print(
+            f"[yellow]warning: {env} does not exist: write VAULTFS_PASSPHRASE=... into it "
+            f"(chmod 600), or every pass fails (the alert hook is told)[/]",
+            highlight=False,
+        )
     ctl = "systemctl" + ("" if system else " --user")
     out.print(f"enable with: {ctl} daemon-reload && {ctl} enable --now {name}.timer")
     if shutil.which("systemd-analyze"):

@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
+from helpers import run_cli, vaultfs_env
 
 
 def make(tmp_path: Path) -> tuple[Path, list[Path], Path]:
@@ -140,6 +141,13 @@ def test_redundancy_drop_is_alerted_when_repair_is_off(tmp_path) -> None:
 def test_schedule_install_writes_units_systemd_accepts(tmp_path) -> None:
     home, _remotes, _src = make(tmp_path)
     units = tmp_path / "units"
+    # the schedule's own words ('daily') become a span systemd reads; nonsense is refused
+    run_cli("schedule", "install", "--unit-dir", str(units), "--every", "banana", home=home,
+            check=18)  # fmt: skip
+    daily = run_cli("schedule", "install", "--unit-dir", str(units), "--every", "daily",
+                    home=home)  # fmt: skip
+    assert "OnUnitInactiveSec=86400s" in (units / "vaultfs-run.timer").read_text()
+    assert "routine.env does not exist" in daily.stderr.decode()  # the passphrase file
     res = json.loads(
         run_cli("schedule", "install", "--unit-dir", str(units), "--every", "1h", "--json",
                 home=home).stdout
@@ -149,7 +157,7 @@ def test_schedule_install_writes_units_systemd_accepts(tmp_path) -> None:
     service = (units / "vaultfs-run.service").read_text()
     assert (
         f"run --home {home}" in service
-        and "OnUnitInactiveSec=1h" in (units / "vaultfs-run.timer").read_text()
+        and "OnUnitInactiveSec=3600s" in (units / "vaultfs-run.timer").read_text()
     )
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed: the units were not checked")
@@ -157,3 +165,21 @@ def test_schedule_install_writes_units_systemd_accepts(tmp_path) -> None:
         ["systemd-analyze", "verify", *res["written"]], capture_output=True, text=True
     )
     assert check.returncode == 0 and not check.stderr.strip(), check.stderr
+
+
+def test_a_pass_that_cannot_open_the_vault_alerts(tmp_path) -> None:
+    """A timer's pass with no passphrase (a missing routine.env) or a wrong one fails, and the
+    alert hook hears of it: backups must not stop silently."""
+    home, _remotes, _src = make(tmp_path)
+    log = tmp_path / "alerts.jsonl"
+    run_cli("schedule", "set", f"alert=cat >> {log}", "snapshot=1h", home=home)
+    env = vaultfs_env(home)
+    env["VAULTFS_PASSPHRASE"] = "not the passphrase"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.main", "run"], env=env, capture_output=True, timeout=300,
+        cwd=Path(__file__).resolve().parent.parent, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 10, proc.stderr
+    (ev,) = events(log)
+    assert ev["event"] == "job_failed" and ev["job"] == "run", ev
+    assert "could not open the vault" in ev["message"]

@@ -77,7 +77,7 @@ KEYS = (
     "grace", "queue_age", "maintenance_rate", "maintenance_ops",
 )  # fmt: skip
 _WORDS = {"hourly": 3600, "daily": 86400, "weekly": 7 * 86400}
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 DEFAULT_GRACE = 3600.0
 DEFAULT_QUEUE_AGE = 3600.0
 DEFAULT_VERIFY_BUDGET = 600.0
@@ -86,10 +86,10 @@ ALERT_TIMEOUT = 60.0
 
 
 def parse_every(text: str) -> float:
-    """'15m', '1h', '2d', 'daily' → seconds; InputError otherwise."""
+    """'15m' (or systemd's '15min'), '1h', '2d', 'daily' → seconds; InputError otherwise."""
     if text in _WORDS:
         return float(_WORDS[text])
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", text.strip())
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(min|[smhdw])", text.strip())
     if not m or float(m.group(1)) <= 0:
         raise InputError(
             f"invalid interval {text!r}: use a number with s, m, h, d or w (e.g. 30m, 1h, 2d) "
