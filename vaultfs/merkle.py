@@ -11,6 +11,8 @@ and a vault root over the roots of all *data* segments (in segment id order); me
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import blake3
 
 BLOCK_SIZE = 64 * 1024
@@ -21,6 +23,13 @@ def leaf_hash(block: bytes | memoryview) -> bytes:
     h = blake3.blake3(b"\x00")
     h.update(block)
     return h.digest()
+
+
+def leaf_hashes(items: Iterable[bytes]) -> list[bytes]:
+    """:func:`leaf_hash` of each of many small items (rows, not 64 KiB blocks): one
+    concatenation and one call each instead of three calls, the same bytes."""
+    b3 = blake3.blake3
+    return [b3(b"\x00" + x).digest() for x in items]
 
 
 def node_hash(left: bytes, right: bytes) -> bytes:
@@ -35,9 +44,13 @@ def block_hashes(data: bytes | memoryview, block_size: int = BLOCK_SIZE) -> list
 def root(hashes: list[bytes]) -> bytes:
     if not hashes:
         return EMPTY_ROOT
-    level = list(hashes)
+    b3 = blake3.blake3
+    level = hashes
     while len(level) > 1:
-        nxt = [node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        # node_hash inlined (a kb snapshot builds trees over 400,000 rows); an odd last
+        # node is left out of the pairs and promoted below
+        pairs = iter(level)
+        nxt = [b3(b"\x01" + a + b).digest() for a, b in zip(pairs, pairs, strict=False)]
         if len(level) % 2:
             nxt.append(level[-1])
         level = nxt

@@ -110,8 +110,9 @@ def split_lines(data: bytes) -> list[bytes]:
     return data[:-1].split(b"\n")
 
 
-def belief_leaf(line: bytes, record: bytes) -> bytes:
-    return merkle.leaf_hash(line + b"\n" + record)
+def belief_leaves(lines: list[bytes], records: list[bytes]) -> list[bytes]:
+    """The Merkle leaves of beliefs: ``leaf(line ‖ 0x0A ‖ embedding record)`` of each pair."""
+    return merkle.leaf_hashes([x + b"\n" + r for x, r in zip(lines, records, strict=True)])
 
 
 @dataclass(frozen=True)

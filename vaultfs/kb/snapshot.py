@@ -150,10 +150,10 @@ def _export_buckets(conn, first: int, last: int, put: Callable[[list[tuple]], No
             records = [rec for _id, _vec, rec in layout.iter_embeddings(recs)]
             if len(lines) != n or len(records) != n:
                 raise IntegrityError(f"bucket {b}: {n} beliefs but {len(lines)} lines")
-            leaves = [layout.belief_leaf(x, r) for x, r in zip(lines, records, strict=True)]
+            leaves = layout.belief_leaves(lines, records)
             files.append((layout.beliefs_path(b), text + b"\n", n, leaves))
         if n_out:
-            leaves = [merkle.leaf_hash(x) for x in out.split(b"\n")]
+            leaves = merkle.leaf_hashes(out.split(b"\n"))
             files.append((layout.edges_out_path(b), out + b"\n", n_out, leaves))
         if n_in:
             files.append((layout.edges_in_path(b), inc + b"\n", n_in, None))
@@ -222,7 +222,7 @@ def export(dsn: str, sink: Sink) -> KbManifest:
 
         (text,) = conn.execute(SOURCES_SQL, binary=True).fetchone()
         lines = text.split(b"\n") if text else []
-        leaves = [merkle.leaf_hash(x) for x in lines]
+        leaves = merkle.leaf_hashes(lines)
         put([(layout.SOURCES, text + b"\n" if lines else b"", len(lines), leaves)])
         half = 16**layout.BUCKET_HEX // 2
         with ThreadPoolExecutor(1, thread_name_prefix="vaultfs-kb-export") as ex:
