@@ -142,8 +142,23 @@ def test_object_lock_read_back_from_an_s3_listing() -> None:
     expired = {**meta, "object-lock-retain-until-date": "2026-01-01T00:00:00Z"}
     listing += [{"Name": "old", "Metadata": expired}, {"Name": "plain", "Metadata": {"mtime": "x"}}]
     st = objectlock.parse(listing, now)
-    assert not st.ok and st.unlocked == ["old", "plain"] and "2 of 4" in st.summary()
+    assert not st.ok and sorted(st.unlocked) == ["old", "plain"] and "2 of 4" in st.summary()
+    assert "ended 2026-01-01" in st.unlocked["old"]
     assert not objectlock.parse([], now).ok
+    # held to a retention: a lock shorter than 1y from the upload (btime) is short, one
+    # within a day of it is not (the uploader's clock and the server's may differ)
+    up = {"btime": "2026-12-01T00:00:00Z"}
+    full = {**meta, **up, "object-lock-retain-until-date": "2027-11-30T12:00:00Z"}
+    brief = {**meta, **up, "object-lock-retain-until-date": "2027-01-01T00:00:00Z"}
+    st = objectlock.parse(
+        [{"Path": "data/a", "Metadata": full}, {"Path": "data/b", "Metadata": brief}], now, "1y"
+    )
+    assert st.locked == 1 and list(st.short) == ["data/b"] and "retention 1y" in st.short["data/b"]
+    assert objectlock.parse([{"Path": "data/b", "Metadata": brief}], now, "").ok
+    spec = ":s3,provider=Rclone,object_lock_mode=COMPLIANCE,object_lock_retain_until_date=30d:b/v"
+    assert objectlock.wanted(spec) == "30d"
+    assert objectlock.wanted(":s3,object_lock_mode=GOVERNANCE:b") == ""
+    assert objectlock.wanted(":s3,provider=AWS:b") is None and objectlock.wanted("/x") is None
 
 
 def test_lock_spec_adds_object_lock_to_s3_remotes_only(
@@ -183,6 +198,39 @@ def test_object_lock_set_on_upload_and_read_back_by_verify(tmp_path: Path, s3_se
     res = run_cli("init", "--object-lock", "30d", "--remote", str(tmp_path / "x"),
                   home=tmp_path / "h2", check=InputError.exit_code)  # fmt: skip
     assert b"--immutable" in res.stderr
+
+    # one shard object put back without a lock, one with a retention shorter than asked (as a
+    # bucket without Object Lock or a spec that lost its options would leave them)
+    rclone = str(rclone_path())
+    plain = s3_server.remote("bucket0/vault")
+    data, meta = (
+        sorted((s3_server.root / "bucket0/vault" / sub).iterdir()) for sub in ("data", "meta")
+    )
+    copy = tmp_path / "copy"
+    for obj, extra in (
+        (data[0], ""),
+        (meta[0], ",object_lock_mode=COMPLIANCE,object_lock_retain_until_date=2d"),
+    ):
+        shutil.copy(obj, copy)
+        dest = (
+            plain.replace(":bucket0/vault", f"{extra}:bucket0/vault")
+            + f"/{obj.parent.name}/{obj.name}"
+        )
+        subprocess.run([rclone, "copyto", str(copy), dest], check=True, capture_output=True)
+    res = run_cli("verify", "--read-all", "--json", home=home, check=12)
+    rep = json.loads(res.stdout)
+    bad = rep["remotes"][0]
+    assert not rep["clean"] and bad["locked"] is False
+    assert sorted(bad["unlocked"]) == [f"data/{data[0].name}", f"meta/{meta[0].name}"]
+    assert "no object lock reported" in bad["details"][f"data/{data[0].name}"]
+    assert "less than the retention 30d" in bad["details"][f"meta/{meta[0].name}"]
+    assert all(r["clean"] and r["locked"] for r in rep["remotes"][1:])
+    res = run_cli("verify", "--read-all", home=home, check=12)
+    assert f"data/{data[0].name}: unlocked".encode() in res.stderr
+    assert b"unlocked objects" in res.stderr and b"vaultfs repair" not in res.stderr
+    # a sampled audit reads the newest manifest and a sample of the shard objects
+    rep = json.loads(run_cli("verify", "--sample", "1", "--json", home=home, check=None).stdout)
+    assert all("2 of 2 objects read" in r["lock"] for r in rep["remotes"][1:]), rep
 
 
 def _lock(remotes: list[Path]) -> None:
