@@ -12,12 +12,13 @@ import os
 import shutil
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import PASSPHRASE, rclone_path, run_cli, tree_digest
+from s3lock import LockingGateway, TwoKeyS3Server
 
 from vaultfs import backends, objectlock, rotation
 from vaultfs import repair as repair_mod
@@ -310,3 +311,128 @@ def test_ransomware_with_the_vaults_credentials_cannot_destroy_a_locked_vault(
             assert tree_digest(out / "src") == tree
     finally:
         subprocess.run(["chattr", "-R", "-i", "-a", *map(str, remotes)], capture_output=True)
+
+
+LAPTOP_ATTACK = r"""
+import json, subprocess, sys
+rclone, junk, remotes = sys.argv[1], sys.argv[2], sys.argv[3:]
+done = []  # the destructive calls that succeeded
+def attack(*args):
+    if subprocess.run([rclone, *args], capture_output=True).returncode == 0:
+        done.append(" ".join(args[:1] + args[-1:]))
+for r in remotes:
+    listing = subprocess.run([rclone, "lsjson", "-R", "--files-only", r], capture_output=True)
+    paths = [o["Path"] for o in json.loads(listing.stdout or b"[]")]
+    for how in (["purge", r], ["delete", r], ["sync", junk + "/empty", r]):
+        attack(*how)
+    for i, p in enumerate(paths):
+        other = paths[i - 1]
+        attack("deletefile", f"{r}/{p}")
+        attack("copyto", junk + "/ransom.txt", f"{r}/{p}")  # overwrite
+        attack("copyto", f"{r}/{other}", f"{r}/{p}")  # server-side copy over it
+        attack("moveto", f"{r}/{p}", f"{r}/{p}.locked")
+    # what it can do: add objects of its own (a forged manifest, a junk shard)
+    subprocess.run([rclone, "copyto", junk + "/ransom.txt", f"{r}/manifests/9999999999999999-deadbeef"])
+    subprocess.run([rclone, "copyto", junk + "/ransom.txt", f"{r}/data/" + "0" * 32])
+print(json.dumps(done))
+"""
+
+
+def _locked_vault(
+    tmp: Path, gw: LockingGateway, backups: int
+) -> tuple[Path, list[str], list[dict], list[datetime]]:
+    """An immutable 2-of-3 vault with S3 Object Lock (COMPLIANCE, 30 days) on three buckets
+    behind ``gw`` after ``backups`` backups of a tree that changes between them (one file,
+    ``base.bin``, never does); returns (home, remote specs, each backup's tree digest, the
+    time each backup started)."""
+    home = tmp / "home"
+    specs = [gw.remote(f"bucket{i}/vault") for i in range(3)]
+    args = [
+        "init",
+        "--immutable",
+        "--object-lock",
+        "30d",
+        "-k",
+        "2",
+        "-n",
+        "3",
+        "--segment-mib",
+        "1",
+    ]
+    for s in specs:
+        args += ["--remote", s]
+    run_cli(*args, home=home)
+    src = tmp / "src"
+    src.mkdir()
+    (src / "base.bin").write_bytes(os.urandom(300_000))
+    trees, started = [], []
+    for i in range(backups):
+        (src / f"part{i}.bin").write_bytes(os.urandom(400_000))
+        (src / "notes.txt").write_text(f"version {i}\n" * 1000)
+        started.append(datetime.now(UTC))
+        run_cli("backup", str(src), "--name", f"b{i}", home=home)
+        trees.append(tree_digest(src))
+    return home, specs, trees, started
+
+
+def _restore_all(tmp: Path, home: Path, specs: list[str], trees: list[dict], tag: str) -> None:
+    """Every snapshot restores byte-identical from ``specs`` with only the keyfile (the home,
+    the laptop, is gone)."""
+    keyfile = tmp / "key.json"
+    shutil.copy(home / "key.json", keyfile)
+    froms = [a for s in specs for a in ("--from", s)]
+    for i, tree in enumerate(trees):
+        out = tmp / f"{tag}{i}"
+        run_cli("restore", *froms, "--snapshot", f"b{i}", "--keyfile", str(keyfile),
+                "--to", str(out), home=tmp / f"{tag}-home{i}")  # fmt: skip
+        assert tree_digest(out / "src") == tree
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, rclone_bin: Path):
+    """A LockingGateway (tests/s3lock.py) enforcing Object Lock in front of `rclone serve s3`
+    with the laptop's key and an administrator's; ``gateway.shift`` moves its clock."""
+    server = TwoKeyS3Server(tmp_path / "s3", rclone_bin)
+    shift = [timedelta(0)]
+    gw = LockingGateway(server, now=lambda: datetime.now(UTC) + shift[0])
+    gw.shift = shift  # type: ignore[attr-defined]
+    try:
+        yield gw
+    finally:
+        gw.stop()
+        server.stop()
+
+
+def test_ransomware_with_the_laptops_s3_key_against_an_enforced_object_lock(
+    tmp_path: Path, gateway: LockingGateway
+) -> None:
+    """The ransomware test of issue 17 with the lock enforced as S3 Object Lock does: every
+    object the vault wrote is locked (verify reads it back through the gateway), a process
+    holding the laptop's S3 key deletes, purges, syncs over, overwrites, copies over and
+    renames every object it can list; not one succeeds, and every snapshot restores from the
+    remotes alone."""
+    home, specs, trees, _ = _locked_vault(tmp_path, gateway, 3)
+    rep = json.loads(run_cli("verify", "--read-all", "--json", home=home).stdout)
+    assert rep["clean"] and all(r["locked"] for r in rep["remotes"]), rep
+    served = gateway.upstream.root
+    before = {p: p.read_bytes() for p in served.rglob("*") if p.is_file()}
+    junk = tmp_path / "junk"
+    (junk / "empty").mkdir(parents=True)
+    (junk / "ransom.txt").write_text("ENCRYPTED BY RANSOMWARE")
+    script = tmp_path / "attacker.py"
+    script.write_text(LAPTOP_ATTACK)
+    res = subprocess.run(
+        [sys.executable, str(script), str(rclone_path()), str(junk), *specs],
+        capture_output=True, text=True, check=True, timeout=900,
+    )  # fmt: skip
+    assert json.loads(res.stdout) == []  # not one delete, overwrite or rename succeeded
+    assert gateway.refused.get("DELETE", 0) > 0 and gateway.refused.get("PUT", 0) > 0
+    after = {p: p.read_bytes() for p in served.rglob("*") if p.is_file()}
+    assert {p: b for p, b in after.items() if p in before} == before
+    _restore_all(tmp_path, home, specs, trees, "restored")
+    # the attacker's own objects are found by verify, not taken for the vault's
+    res = run_cli("verify", "--json", home=home, check=12)
+    assert any(
+        "manifests/9999999999999999-deadbeef" in r["foreign"]
+        for r in json.loads(res.stdout)["remotes"]
+    )
