@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from helpers import PASSPHRASE, rclone_path, run_cli, tree_digest
-from s3lock import LockingGateway, TwoKeyS3Server
+from s3lock import ADMIN_ACCESS_KEY, LockingGateway, TwoKeyS3Server
 
 from vaultfs import backends, objectlock, rotation
 from vaultfs import repair as repair_mod
@@ -436,3 +436,56 @@ def test_ransomware_with_the_laptops_s3_key_against_an_enforced_object_lock(
         "manifests/9999999999999999-deadbeef" in r["foreign"]
         for r in json.loads(res.stdout)["remotes"]
     )
+
+
+def test_freeing_an_immutable_vault_needs_the_administrators_key_and_whole_buckets(
+    tmp_path: Path, gateway: LockingGateway
+) -> None:
+    """docs/operations.md, "Immutable vaults", freeing space: the laptop's key lacks
+    s3:DeleteObject (modelled by the gateway), so it frees nothing even once the locks end; the
+    administrator's key deletes nothing while they hold (COMPLIANCE). An age rule on current
+    objects ("expire what is older than the oldest snapshot kept") run by the administrator
+    breaks the snapshots it should keep: they share the older objects (deduplication, index
+    blocks). What works is retiring the vault whole: its buckets, emptied by the
+    administrator's key once the locks have ended."""
+    gateway.delete_keys = {ADMIN_ACCESS_KEY}  # the laptop's key: no s3:DeleteObject
+    home, specs, _trees, started = _locked_vault(tmp_path, gateway, 2)
+    run_cli("prune", home=home, check=ImmutableVault.exit_code)
+    rclone = str(rclone_path())
+    admin = [gateway.admin_remote(f"bucket{i}/vault") for i in range(3)]
+    served = gateway.upstream.root
+
+    def objects() -> int:
+        return sum(1 for p in served.rglob("*") if p.is_file())
+
+    held = objects()
+    assert subprocess.run([rclone, "purge", admin[0]], capture_output=True).returncode != 0
+    assert objects() == held  # COMPLIANCE: the administrator cannot lift it either
+    gateway.shift[0] = timedelta(days=31)  # type: ignore[attr-defined]  # the locks have ended
+    assert subprocess.run([rclone, "purge", specs[0]], capture_output=True).returncode != 0
+    assert objects() == held  # the laptop's key deletes nothing, locked or not
+
+    # the age rule: expire every object uploaded before the oldest snapshot to keep (b1)
+    old = []
+    for a in admin:
+        listing = subprocess.run([rclone, "lsjson", "-R", "--files-only", "--metadata", a],
+                                 capture_output=True, check=True)  # fmt: skip
+        for o in json.loads(listing.stdout):
+            if datetime.fromisoformat(o["Metadata"]["btime"].replace("Z", "+00:00")) < started[1]:
+                old.append(f"{a}/{o['Path']}")
+    assert old
+    for path in old:
+        subprocess.run([rclone, "deletefile", path], capture_output=True, check=True)
+    keyfile = tmp_path / "key.json"
+    shutil.copy(home / "key.json", keyfile)
+    froms = [a for s in specs for a in ("--from", s)]
+    res = run_cli("restore", *froms, "--snapshot", "b1", "--keyfile", str(keyfile),
+                  "--to", str(tmp_path / "kept"), home=tmp_path / "h-kept", check=None)  # fmt: skip
+    # b1 shares b0's objects (an unchanged file, index blocks): they took it with them
+    assert res.returncode == 11 and b"intact shards reachable" in res.stderr, res.stderr
+    assert not (tmp_path / "kept" / "src").is_dir()
+
+    # retiring the vault whole: the administrator's key empties its buckets
+    for a in admin:
+        subprocess.run([rclone, "purge", a], capture_output=True, check=True)
+    assert objects() == 0
