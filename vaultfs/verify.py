@@ -37,6 +37,12 @@ calls for small remotes, a stronger check, the same random choice of objects.
 Progress is persisted (``audit_runs``, ``audit_plan``): a run cut off by ``--max-duration`` or
 an outage keeps its remaining challenges and the next ``verify`` with the same mode resumes it.
 Findings (``audit_findings``) mark shards ``lost`` so that ``vaultfs repair`` rebuilds them.
+
+4. **Object lock** (an immutable vault only, not in repair's listing scan): the lock of the
+   newest manifest and a random sample of the shard objects as large as the block checks
+   (every object with ``--read-all``) is read back (:mod:`objectlock`); on a remote whose
+   spec asks for one, an object without it, or locked for less than asked, is *unlocked*: a
+   finding in the report (exit 12) that repair does not act on, since the bytes are intact.
 """
 
 from __future__ import annotations

@@ -65,21 +65,22 @@ def push(vault: Vault, path: Path, name: str) -> bool:
     ``name`` is archived with other bytes; InputError for a bad name or an unreadable file."""
     check(name)
     try:
-        data = path.read_bytes()  # at most a segment (16 MiB by default)
+        f = path.open("rb")
     except OSError as e:
         raise InputError(f"cannot read WAL file {path}: {e.strerror}") from None
-    held = _chunks(vault, name)
-    if held is not None:
-        if b"".join(held) == data:
+    with f:
+        held = _chunks(vault, name)
+        if held is None:
+            backup_stream(vault, f, f"wal/{name}", name=PREFIX + name, upload=True)
+            return True
+        # compared chunk by chunk: a segment may be up to 1 GiB (initdb --wal-segsize)
+        if all(f.read(len(c)) == c for c in held) and not f.read(1):
             return False
-        raise IntegrityError(
-            f"WAL file {name} is archived already with other contents: refusing to replace it "
-            "(two servers archiving into one vault, or a timeline reused); archive this "
-            "server into a vault of its own"
-        )
-    with path.open("rb") as f:
-        backup_stream(vault, f, f"wal/{name}", name=PREFIX + name, upload=True)
-    return True
+    raise IntegrityError(
+        f"WAL file {name} is archived already with other contents: refusing to replace it "
+        "(two servers archiving into one vault, or a timeline reused); archive this server "
+        "into a vault of its own"
+    )
 
 
 def fetch(vault: Vault, name: str, dest: Path) -> None:
