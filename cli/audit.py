@@ -1,7 +1,7 @@
 """`vaultfs verify`, `vaultfs repair` and `vaultfs remote add|remove|replace|list`.
 
 Exit codes (docs/operations.md): verify exits 0 when every audited remote is clean, 12 when
-anything is missing, corrupt, stale or foreign, 11 when the only problem is an unreachable
+anything is missing, corrupt, stale, foreign or (an immutable vault's) unlocked, 11 when the only problem is an unreachable
 remote; repair exits 0 when every live segment is back at full redundancy on the remotes,
 12 when a segment could not be rebuilt (fewer than k good shards), 3 when rebuilt shards are
 still queued for a remote that is down; 14 for a remote that is not part of the vault.
@@ -165,7 +165,17 @@ def _print_audit(rep: verify_mod.AuditReport) -> None:
             highlight=False,
         )
     elif rep.found:
-        err.print("[yellow]problems found: run `vaultfs repair` to restore full redundancy[/]")
+        if any(
+            r.missing or r.corrupt or r.stale or r.foreign or r.stale_manifest for r in rep.remotes
+        ):
+            err.print("[yellow]problems found: run `vaultfs repair` to restore full redundancy[/]")
+        if any(r.unlocked for r in rep.remotes):
+            err.print(
+                "[yellow]unlocked objects: their remote's spec asks for S3 Object Lock, but they "
+                "are not locked for the retention asked (a bucket without Object Lock, a spec "
+                "that lost its lock options, or locks that ended while snapshots still need "
+                'the objects): see docs/operations.md, "Immutable vaults"[/]'
+            )
     else:  # only unreachable remotes: nothing to repair yet
         err.print(
             "[yellow]some remotes could not be audited: run `vaultfs verify` again once they "

@@ -71,6 +71,7 @@ COMMANDS: dict[str, str] = {
     "home": "cli.home_cmd",
     "schedule": "cli.routine",
     "strategy": "cli.strategy_cmd",
+    "wal": "cli.wal_cmd",
 }
 
 

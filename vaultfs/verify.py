@@ -37,6 +37,12 @@ calls for small remotes, a stronger check, the same random choice of objects.
 Progress is persisted (``audit_runs``, ``audit_plan``): a run cut off by ``--max-duration`` or
 an outage keeps its remaining challenges and the next ``verify`` with the same mode resumes it.
 Findings (``audit_findings``) mark shards ``lost`` so that ``vaultfs repair`` rebuilds them.
+
+4. **Object lock** (an immutable vault only, not in repair's listing scan): the lock of the
+   newest manifest and a random sample of the shard objects as large as the block checks
+   (every object with ``--read-all``) is read back (:mod:`objectlock`); on a remote whose
+   spec asks for one, an object without it, or locked for less than asked, is *unlocked*: a
+   finding in the report (exit 12) that repair does not act on, since the bytes are intact.
 """
 
 from __future__ import annotations
@@ -209,6 +215,8 @@ class RemoteAudit:
     #: an immutable vault's remotes: the object lock read back (objectlock.LockState.summary)
     lock: str | None = None
     locked: bool | None = None
+    #: objects read without the lock their remote's spec asks for (none, ended, or short)
+    unlocked: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -220,6 +228,7 @@ class RemoteAudit:
             or self.fork
             or self.unreachable
             or self.stale_manifest
+            or self.unlocked
         )
 
 
@@ -244,11 +253,17 @@ class AuditReport:
 
     @property
     def found(self) -> bool:
-        """Whether a remote was found missing, corrupt, stale or foreign objects, serves an
-        old manifest or holds a fork: what the report's advice acts on (unreachable remotes
-        are not)."""
+        """Whether a remote was found missing, corrupt, stale, foreign or unlocked objects,
+        serves an old manifest or holds a fork: what the report's advice acts on (unreachable
+        remotes are not)."""
         return any(
-            r.missing or r.corrupt or r.stale or r.foreign or r.fork or r.stale_manifest
+            r.missing
+            or r.corrupt
+            or r.stale
+            or r.foreign
+            or r.fork
+            or r.stale_manifest
+            or r.unlocked
             for r in self.remotes
         )
 
@@ -262,20 +277,6 @@ class AuditReport:
 
 
 # -- the audit -------------------------------------------------------------------------------
-def _check_locks(results: list[RemoteAudit], specs: dict[int, str]) -> None:
-    """Read back each reachable remote's object lock (an immutable vault's protection);
-    reported, not a finding: a remote without lock support may be protected by its server."""
-    for r in results:
-        if r.unreachable:
-            continue
-        try:
-            st = objectlock.read(specs[r.rid])
-        except RemoteError as e:
-            r.lock, r.locked = f"lock not checked: {e.message}", None
-            continue
-        r.lock, r.locked = st.summary(), st.ok
-
-
 def resolve_remotes(vault: Vault, wanted: list[str] | None) -> list[tuple[int, str, str]]:
     """(id, spec, domain) of the active remotes to audit; ``wanted`` entries match a spec or
     its label. Raises BadRemote for a name that is not an active remote of this vault."""
@@ -397,6 +398,7 @@ class _RemoteAuditor:
     def __init__(self, ctx: _Ctx, rid: int, spec: str, domain: str) -> None:
         self.ctx = ctx
         self.rid = rid
+        self.spec = spec
         # a listing scan makes no ranged reads: it takes the rclone daemon when one runs (no
         # process per call); the challenges' many small bounded reads take the command
         self.b = open_backend(spec, rid, fail_fast=not ctx.list_only, wrap=ctx.wrap)
@@ -433,6 +435,8 @@ class _RemoteAuditor:
                 self._challenges(shards)  # fetching whole objects prefetches the manifest too
             signed = self._manifests()
             self._foreign(signed)
+            if self.ctx.vault.immutable and not self.ctx.list_only:
+                self._locks(shards)
         except Unreachable as e:
             self.rep.unreachable, self.rep.error = True, e.message
         except RemoteError as e:
@@ -587,6 +591,40 @@ class _RemoteAuditor:
         )
         for sub, nm in kept:
             self.rep.details.setdefault(f"{sub}/{nm}", why)
+
+    def _locks(self, present: list[ShardRow]) -> None:
+        """Read back the object lock of this remote's objects (an immutable vault's protection,
+        docs/operations.md "Immutable vaults"): every present shard object and manifest with
+        ``--read-all``, else the newest manifest and as many random shard objects as the mode
+        checks blocks. On a remote whose spec asks for a lock (objectlock.wanted) each object
+        without one in force, or locked for less than the retention asked, is a finding
+        (``unlocked``); elsewhere the lock is reported only: such a remote's protection, if
+        any, is the server's own. Skipped once the audit's time budget is spent."""
+        if self.ctx.deadline is not None and time.monotonic() > self.ctx.deadline:
+            self.rep.lock = "lock not checked: the audit's time budget (--max-duration) is spent"
+            return
+        names = self._manifest_names()
+        if self.ctx.mode == "read-all":
+            paths = [s.path for s in present] + [f"manifests/{nm}" for nm in names]
+        else:
+            if self.ctx.mode == "sample":
+                want = math.ceil(len(present) * (self.ctx.sample or 0) / 100)
+            else:
+                want = checks_needed(self.ctx.confidence, self.ctx.loss)
+            rng = secrets.SystemRandom()  # chosen now, like the block challenges
+            paths = [s.path for s in rng.sample(present, min(want, len(present)))]
+            paths += [f"manifests/{nm}" for nm in names[:1]]
+        try:
+            st = objectlock.read(self.spec, paths)
+        except RemoteError as e:  # the audit stands; only the lock is unknown
+            self.rep.lock = f"lock not checked: {e.message}"
+            return
+        self.rep.lock, self.rep.locked = st.summary(), st.ok
+        if objectlock.wanted(self.spec) is None:
+            return
+        for path, why in sorted({**st.unlocked, **st.short}.items()):
+            self.rep.unlocked.append(path)
+            self.rep.details[path] = f"unlocked: {why}"
 
     # -- 2. listing --------------------------------------------------------------------------
     def _listing(self, placed: set[int]) -> list[ShardRow]:
@@ -942,8 +980,6 @@ def audit(
         raise errors[0]
     order = {t[0]: i for i, t in enumerate(targets)}
     results.sort(key=lambda r: order[r.rid])
-    if vault.immutable:
-        _check_locks(results, {t[0]: t[1] for t in targets})
     forks = {r.details[f]: None for r in results for f in r.fork}
     if not remotes and any(not r.unreachable for r in results):  # for `status`
         manifests.note_fork(vault.index, list(forks))
