@@ -72,17 +72,18 @@ from .shardreader import (
     choose,
     rebuild_fragments,
 )
-from .vault.queue import sync_dirs, write_durable
+from .vault.queue import sync_dirs, sync_files, write_durable
 
 if TYPE_CHECKING:
     from .vault import Vault
 
 #: Segments per batch: one download per remote and one index transaction each.
 BATCH_SEGMENTS = 8
-#: Worker threads rebuilding segments (reconstruction, whitening, hashing and fsync release
-#: the GIL for most of their time). One more than the two cores of a small machine: each
-#: segment ends in an fsync, and a worker waiting on the disk leaves its core to the others.
-REBUILD_THREADS = 3
+#: Worker threads rebuilding segments: one per core (at least two, so fetching and hashing
+#: overlap the library calls that hold the GIL), at most a batch's segments. They no longer
+#: wait on the disk (the batch's objects are fsync'd together, :func:`_rebuild_all`), so a
+#: thread more than the cores only adds contention.
+REBUILD_THREADS = max(2, min(os.cpu_count() or 2, BATCH_SEGMENTS))
 
 
 @dataclass
@@ -341,8 +342,8 @@ def _rebuild_segment(
     tmp: Path,
     ahead: dict[str, segment.Body | str],
 ) -> _Rebuild:
-    """Rebuild the listed shards of one segment into the queue's ``tmp/``, fsync'd, from its
-    sources ``refs`` (:meth:`_Fetcher.sources`). Runs on a worker thread: it reads the index
+    """Rebuild the listed shards of one segment into the queue's ``tmp/``, not yet fsync'd
+    (the batch's :func:`_rebuild_all` fsyncs them together), from its sources ``refs`` (:meth:`_Fetcher.sources`). Runs on a worker thread: it reads the index
     and fetches, never writes the index (the batch's :func:`_commit_batch` does). ``ahead``
     holds shard objects its batch fetched already (:func:`shardreader.choose` of each
     segment); the shard reader fetches more as it needs.
@@ -378,7 +379,7 @@ def _rebuild_segment(
     for sh, _reason in todo:
         name = segment.new_name()
         st = segment.stored_shard(sh.idx, name, got.fragments[sh.idx], audit_key)
-        write_durable(vault.queue.tmp / name, st.body)
+        write_durable(vault.queue.tmp / name, st.body, fsync=False)  # the batch's sync_files
         tags = piece_tags(audit_key, st.body, st.blocks)
         out.shards.append(ShardFile(sh.idx, name, len(st.body), st.hash, st.blocks, st.root, tags))
     return out
@@ -699,9 +700,10 @@ def _rebuild_all(
     """Rebuild the planned shards into the queue, most-at-risk segment first. A bounded
     pipeline of batches of :data:`BATCH_SEGMENTS` segments: one thread downloads the sources
     of the next batch, :data:`REBUILD_THREADS` workers rebuild the segments of this one
-    (:func:`_rebuild_segment`), and this thread queues each finished segment and commits the
-    batch in one transaction (:func:`_commit_batch`), then starts uploading it in the
-    background (:meth:`Vault.prepush`). One batch downloads while at most two are rebuilt or
+    (:func:`_rebuild_segment`), and this thread, once the whole batch is rebuilt, fsyncs its
+    new objects one after the other (the kernel has written most of them back meanwhile),
+    queues them and commits the batch in one transaction (:func:`_commit_batch`; invariant
+    7), then starts uploading it in the background (:meth:`Vault.prepush`). One batch downloads while at most two are rebuilt or
     committed, which bounds the source objects held in memory.
     Returns (old path, old remote) of objects to delete once the new ones are placed."""
     old_objects: list[tuple[str, int]] = []
@@ -727,8 +729,12 @@ def _rebuild_all(
         def finish(d: Path, futures: list[Future[_Rebuild]]) -> None:
             dirs: set[Path] = set()
             queued: list[_Queued] = []
-            for f in futures:
-                queued += _enqueue(vault, f.result(), fetcher, report, prefer, active, dirs)
+            done = [f.result() for f in futures]
+            # invariant 7: the batch's objects are durable before their transaction, and
+            # before they leave tmp/ (a background push may move a queue directory away)
+            sync_files([vault.queue.tmp / sf.name for rb in done for sf in rb.shards])
+            for rb in done:
+                queued += _enqueue(vault, rb, fetcher, report, prefer, active, dirs)
                 if progress:
                     progress(1)
             old_objects.extend(_commit_batch(vault, queued, dirs, fetcher, report))
