@@ -34,6 +34,7 @@ from vaultfs import repair as repair_mod
 from vaultfs import verify as verify_mod
 from vaultfs.errors import EXIT_PARTIAL, InputError
 from vaultfs.remotes import absolute, check_archive
+from vaultfs.sealer import keep_freed_buffers
 
 EXIT_FOUND = 12
 EXIT_UNREACHABLE = 11
@@ -198,6 +199,7 @@ def repair(
     if (done := run_in_mount(home, "repair", {"dry_run": dry_run, "sources": sources})) is not None:
         rep = _repair_report(done)
     else:
+        keep_freed_buffers()  # the rebuild workers' MiB-sized buffers (not in the daemon)
         with open_vault(home) as v:
             with progress("repair", quiet=as_json or dry_run) as prog:
                 step = advance(prog)

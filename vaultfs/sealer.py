@@ -319,18 +319,24 @@ def _set_pdeathsig() -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
-def tune_malloc() -> None:
-    """In a worker process: keep freed buffers for reuse instead of handing them back to the
-    kernel. Each segment allocates a few MiB-sized buffers; with glibc's defaults every one
-    is a fresh mmap, and touching it costs a page fault per 4 KiB (hundreds of thousands per
-    backup or restore, a fifth of their CPU time). The heap then stays at the worker's peak
-    (a few segments' worth)."""
+def keep_freed_buffers() -> None:
+    """Keep freed buffers for reuse instead of handing them back to the kernel. Each segment
+    allocates a few MiB-sized buffers; with glibc's defaults every one is a fresh mmap, and
+    touching it costs a page fault per 4 KiB (hundreds of thousands per backup or restore, a
+    fifth of their CPU time), and in a process with several busy threads each unmap also
+    interrupts the other cores. The heap then stays at the process's peak (a few segments'
+    worth per thread): for short-lived commands and worker processes, not the mount."""
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
         libc.mallopt(_M_TRIM_THRESHOLD, 128 << 20)
     except (OSError, AttributeError):
         pass
+
+
+def tune_malloc() -> None:
+    """In a worker process: :func:`keep_freed_buffers`, and no garbage collector."""
+    keep_freed_buffers()
     # workers make no reference cycles worth collecting: skip the collector's passes over
     # everything inherited from the parent
     import gc
