@@ -84,6 +84,9 @@ BATCH_SEGMENTS = 8
 #: wait on the disk (the batch's objects are fsync'd together, :func:`_rebuild_all`), so a
 #: thread more than the cores only adds contention.
 REBUILD_THREADS = max(2, min(os.cpu_count() or 2, BATCH_SEGMENTS))
+#: Threads fsyncing a batch's new objects at once (:func:`vault.queue.sync_files`): about one
+#: per object of a batch that lost one shard per segment.
+FSYNC_THREADS = BATCH_SEGMENTS
 
 
 @dataclass
@@ -701,7 +704,7 @@ def _rebuild_all(
     pipeline of batches of :data:`BATCH_SEGMENTS` segments: one thread downloads the sources
     of the next batch, :data:`REBUILD_THREADS` workers rebuild the segments of this one
     (:func:`_rebuild_segment`), and this thread, once the whole batch is rebuilt, fsyncs its
-    new objects one after the other (the kernel has written most of them back meanwhile),
+    new objects all at once on :data:`FSYNC_THREADS` threads (they share journal commits),
     queues them and commits the batch in one transaction (:func:`_commit_batch`; invariant
     7), then starts uploading it in the background (:meth:`Vault.prepush`). One batch downloads while at most two are rebuilt or
     committed, which bounds the source objects held in memory.
@@ -732,7 +735,7 @@ def _rebuild_all(
             done = [f.result() for f in futures]
             # invariant 7: the batch's objects are durable before their transaction, and
             # before they leave tmp/ (a background push may move a queue directory away)
-            sync_files([vault.queue.tmp / sf.name for rb in done for sf in rb.shards])
+            sync_files([vault.queue.tmp / sf.name for rb in done for sf in rb.shards], syncer)
             for rb in done:
                 queued += _enqueue(vault, rb, fetcher, report, prefer, active, dirs)
                 if progress:
@@ -745,6 +748,7 @@ def _rebuild_all(
         with (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaultfs-fetch") as pre,
             ThreadPoolExecutor(REBUILD_THREADS, thread_name_prefix="vaultfs-rebuild") as work,
+            ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="vaultfs-fsync") as syncer,
         ):
             nxt = pre.submit(download, 0) if batches else None
             flight: deque[tuple[Path, list[Future[_Rebuild]]]] = deque()
