@@ -346,10 +346,11 @@ def _rebuild_segment(
     ahead: dict[str, segment.Body | str],
 ) -> _Rebuild:
     """Rebuild the listed shards of one segment into the queue's ``tmp/``, not yet fsync'd
-    (the batch's :func:`_rebuild_all` fsyncs them together), from its sources ``refs`` (:meth:`_Fetcher.sources`). Runs on a worker thread: it reads the index
-    and fetches, never writes the index (the batch's :func:`_commit_batch` does). ``ahead``
-    holds shard objects its batch fetched already (:func:`shardreader.choose` of each
-    segment); the shard reader fetches more as it needs.
+    (:func:`_rebuild_all` fsyncs a batch's objects together), from its sources ``refs``
+    (:meth:`_Fetcher.sources`). Runs on a worker thread: it reads the index and fetches,
+    never writes the index (the batch's :func:`_commit_batch` does). ``ahead`` holds shard
+    objects its batch fetched already (:func:`shardreader.choose` of each segment); the
+    shard reader fetches more as it needs.
 
     Only the missing fragments are reconstructed (:func:`shardreader.rebuild_fragments`), and
     only the new objects get audit tags. A rebuilt object gets a new name and so a new
@@ -706,8 +707,9 @@ def _rebuild_all(
     (:func:`_rebuild_segment`), and this thread, once the whole batch is rebuilt, fsyncs its
     new objects all at once on :data:`FSYNC_THREADS` threads (they share journal commits),
     queues them and commits the batch in one transaction (:func:`_commit_batch`; invariant
-    7), then starts uploading it in the background (:meth:`Vault.prepush`). One batch downloads while at most two are rebuilt or
-    committed, which bounds the source objects held in memory.
+    7), then starts uploading it in the background (:meth:`Vault.prepush`). One batch
+    downloads while at most two are rebuilt or committed, which bounds the source objects
+    held in memory.
     Returns (old path, old remote) of objects to delete once the new ones are placed."""
     old_objects: list[tuple[str, int]] = []
     with tempfile.TemporaryDirectory(prefix="vaultfs-repair-") as tmp:
