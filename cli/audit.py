@@ -374,6 +374,7 @@ def remote_remove(
     if (done := run_in_mount(home, "remote-remove", {"name": spec})) is not None:
         rep = _repair_report(done)
     else:
+        keep_freed_buffers()  # they rebuild as repair does
         with open_vault(home) as v:
             rep = repair_mod.remove_remote(v, spec)
     _print_repair(rep, as_json)
@@ -401,6 +402,7 @@ def remote_replace(
     if (done := run_in_mount(home, "remote-replace", args)) is not None:
         rep = _repair_report(done)
     else:
+        keep_freed_buffers()  # they rebuild as repair does
         with open_vault(home) as v:
             rep = repair_mod.replace_remote(v, old, new, domain)
     _print_repair(rep, as_json)
