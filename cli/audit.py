@@ -34,7 +34,6 @@ from vaultfs import repair as repair_mod
 from vaultfs import verify as verify_mod
 from vaultfs.errors import EXIT_PARTIAL, InputError
 from vaultfs.remotes import absolute, check_archive
-from vaultfs.sealer import keep_freed_buffers
 
 EXIT_FOUND = 12
 EXIT_UNREACHABLE = 11
@@ -199,7 +198,7 @@ def repair(
     if (done := run_in_mount(home, "repair", {"dry_run": dry_run, "sources": sources})) is not None:
         rep = _repair_report(done)
     else:
-        keep_freed_buffers()  # the rebuild workers' MiB-sized buffers (not in the daemon)
+        repair_mod.keep_rebuild_buffers()  # not in the daemon: its resident size is bounded
         with open_vault(home) as v:
             with progress("repair", quiet=as_json or dry_run) as prog:
                 step = advance(prog)
@@ -374,7 +373,7 @@ def remote_remove(
     if (done := run_in_mount(home, "remote-remove", {"name": spec})) is not None:
         rep = _repair_report(done)
     else:
-        keep_freed_buffers()  # they rebuild as repair does
+        repair_mod.keep_rebuild_buffers()  # they rebuild as repair does
         with open_vault(home) as v:
             rep = repair_mod.remove_remote(v, spec)
     _print_repair(rep, as_json)
@@ -402,7 +401,7 @@ def remote_replace(
     if (done := run_in_mount(home, "remote-replace", args)) is not None:
         rep = _repair_report(done)
     else:
-        keep_freed_buffers()  # they rebuild as repair does
+        repair_mod.keep_rebuild_buffers()  # they rebuild as repair does
         with open_vault(home) as v:
             rep = repair_mod.replace_remote(v, old, new, domain)
     _print_repair(rep, as_json)

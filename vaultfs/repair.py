@@ -63,7 +63,7 @@ from .names import display, from_db
 from .objectlock import lock_spec
 from .remotes import Remote
 from .restore import READ_IN_PLACE, read_object, remote_index_description
-from .sealer import ShardFile
+from .sealer import ShardFile, keep_freed_buffers
 from .shardreader import (
     Lie,
     ShardRef,
@@ -87,6 +87,16 @@ REBUILD_THREADS = max(2, min(os.cpu_count() or 2, BATCH_SEGMENTS))
 #: Threads fsyncing a batch's new objects at once (:func:`vault.queue.sync_files`): about one
 #: per object of a batch that lost one shard per segment.
 FSYNC_THREADS = BATCH_SEGMENTS
+
+
+def keep_rebuild_buffers() -> None:
+    """For a command process about to run :func:`repair` (not the mount's daemon): buffers up
+    to 2 MiB (a shard object of a 4 MiB segment and the fragments around it) are reused from
+    the heap, which keeps at most 8 MiB free at its top per arena. Measured on 200 MB rebuilt:
+    about 12% less CPU time (a quarter less system time) at the same peak RSS, which the
+    keyfile's 128 MiB scrypt sets; the sealers' setting (32 MiB, 128 MiB kept) took it from
+    ~190 to ~340 MB over the rebuild threads' arenas."""
+    keep_freed_buffers(2 << 20, 8 << 20)
 
 
 @dataclass
