@@ -208,6 +208,7 @@ def repair(
     if (done := run_in_mount(home, "repair", {"dry_run": dry_run, "sources": sources})) is not None:
         rep = _repair_report(done)
     else:
+        repair_mod.keep_rebuild_buffers()  # not in the daemon: its resident size is bounded
         with open_vault(home) as v:
             with progress("repair", quiet=as_json or dry_run) as prog:
                 step = advance(prog)
@@ -384,6 +385,7 @@ def remote_remove(
     if (done := run_in_mount(home, "remote-remove", {"name": spec})) is not None:
         rep = _repair_report(done)
     else:
+        repair_mod.keep_rebuild_buffers()  # they rebuild as repair does
         with open_vault(home) as v:
             rep = repair_mod.remove_remote(v, spec)
     _print_repair(rep, as_json)
@@ -411,6 +413,7 @@ def remote_replace(
     if (done := run_in_mount(home, "remote-replace", args)) is not None:
         rep = _repair_report(done)
     else:
+        repair_mod.keep_rebuild_buffers()  # they rebuild as repair does
         with open_vault(home) as v:
             rep = repair_mod.replace_remote(v, old, new, domain)
     _print_repair(rep, as_json)

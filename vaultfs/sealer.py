@@ -319,18 +319,26 @@ def _set_pdeathsig() -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
-def tune_malloc() -> None:
-    """In a worker process: keep freed buffers for reuse instead of handing them back to the
-    kernel. Each segment allocates a few MiB-sized buffers; with glibc's defaults every one
+def keep_freed_buffers(mmap_above: int, keep: int) -> None:
+    """Keep freed buffers for reuse instead of handing them back to the kernel: allocations
+    of up to ``mmap_above`` bytes come from the heap, which keeps up to ``keep`` free bytes at
+    its top. Each segment allocates a few MiB-sized buffers; with glibc's defaults every one
     is a fresh mmap, and touching it costs a page fault per 4 KiB (hundreds of thousands per
-    backup or restore, a fifth of their CPU time). The heap then stays at the worker's peak
-    (a few segments' worth)."""
+    backup or restore, a fifth of their CPU time), and in a process with several busy threads
+    each unmap also interrupts the other cores. For short-lived commands and worker
+    processes, not the mount (its resident size is bounded)."""
     try:
         libc = ctypes.CDLL(None)
-        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-        libc.mallopt(_M_TRIM_THRESHOLD, 128 << 20)
+        libc.mallopt(_M_MMAP_THRESHOLD, mmap_above)
+        libc.mallopt(_M_TRIM_THRESHOLD, keep)
     except (OSError, AttributeError):
         pass
+
+
+def tune_malloc() -> None:
+    """In a worker process: :func:`keep_freed_buffers` (the heap then stays at the worker's
+    peak, a few segments' worth), and no garbage collector."""
+    keep_freed_buffers(32 << 20, 128 << 20)
     # workers make no reference cycles worth collecting: skip the collector's passes over
     # everything inherited from the parent
     import gc

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from concurrent.futures import Executor
 from pathlib import Path
 
 from .. import segment
@@ -32,9 +33,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durable(path: Path, data: bytes) -> None:
+def fsync_file(path: Path) -> None:
+    """fsync the file at ``path`` (written and closed earlier)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: Path, data: bytes, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` and fsync it. A full disk removes the partial file and
-    raises DiskFull (the caller's transaction has not recorded it)."""
+    raises DiskFull (the caller's transaction has not recorded it). With ``fsync=False`` the
+    caller makes it durable later, before any transaction names it (:func:`sync_files`:
+    repair fsyncs a whole batch's objects together)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -42,7 +54,8 @@ def write_durable(path: Path, data: bytes) -> None:
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
-            os.fsync(fd)
+            if fsync:
+                os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as e:
@@ -109,6 +122,15 @@ class ShardQueue:
             dirs.add(dest_dir)
             rows.append((sh.idx, sh.name, rid, sh.size, sh.hash, sh.blocks, sh.root))
         return rows
+
+
+def sync_files(paths: list[Path], pool: Executor) -> None:
+    """fsync files written with ``write_durable(..., fsync=False)``, all at once on ``pool``'s
+    threads; returns when every one is durable. Concurrent fsyncs share the file system's
+    journal commits (ext4's jbd2 joins them into one), where one after the other each waits
+    for a commit of its own (docs/design.md, "Repair batches")."""
+    for _ in pool.map(fsync_file, paths):
+        pass
 
 
 def sync_dirs(dirs: set[Path]) -> None:
