@@ -482,10 +482,10 @@ def _meta_digest(root: Path) -> dict[str, tuple]:
 
 
 def test_cp_a_keeps_modes_owners_times_and_bytes_exactly(shared: Vault, tmp_path: Path) -> None:
-    """`cp -a` of small and larger files (written in the FUSE loop up to 128 KiB, by a worker
-    beyond), directories and symlinks: everything it sets (mode, owner as root, times to the
-    nanosecond) is exact afterwards, also once stored, though no FLUSH reaches the daemon
-    (the first close answers ENOSYS and the kernel stops asking)."""
+    """`cp -a` of empty, small and multi-block files, directories and symlinks: everything it
+    sets (mode through the access ACL, owner as root, times to the nanosecond) is exact
+    afterwards, also once stored, though no FLUSH reaches the daemon (the first close
+    answers ENOSYS and the kernel stops asking)."""
     src = tmp_path / "src"
     (src / "sub" / "deeper").mkdir(parents=True)
     rnd = random.Random(12)

@@ -3,10 +3,7 @@
 Concurrency model: every handler runs as a trio task on one thread (the FUSE loop). Handlers
 touch the in-memory live tree (livetree.py) directly and hand everything else to worker
 threads with ``trio.to_thread.run_sync``: cache-file I/O, chunk reads (decrypt, decode),
-SQLite batches (the journal) and storing blocks (the cache's uploader). Two bounded
-exceptions answer in the loop what costs less than the hop: a small read whose bytes are in
-memory or in read-cache pages the kernel holds, and a small write that only creates new
-cache files (:data:`INLINE_WRITE_MAX`). Writes to one inode
+SQLite batches (the journal) and storing blocks (the cache's uploader). Writes to one inode
 are serialised by a per-inode ``trio.Lock``. Mutating handlers pass a *gate* that a snapshot
 closes while it stores the dirty blocks and records the tree, so a snapshot is a point in
 time.
@@ -125,11 +122,6 @@ READ_AHEAD_MAX = 16 * 1024 * 1024
 #: two in flight); with 4 MiB the kernel sends 1 MiB reads and several at once, which the
 #: chunk reader serves in parallel. Only root may set it (sysfs); others keep 128 KiB.
 READ_AHEAD_KB = 4096
-#: a write of at most this much that only creates new cache files (nothing stored to copy
-#: in) is done in the FUSE loop: a file creation and a write into the page cache (tens of
-#: µs) cost less than the hop to a worker thread (≈ 110 µs quiet, milliseconds under load),
-#: and `cp -a` of small files waits for that write at every `utimensat` and `close`
-INLINE_WRITE_MAX = 128 * 1024
 
 
 def raise_readahead(mountpoint: Path, kb: int = READ_AHEAD_KB) -> None:
@@ -1014,10 +1006,7 @@ class VaultFS(pyfuse3.Operations):
                 (self.cache.path(n.ino, b), base, ws, view[ws + bstart - off : we + bstart - off])
             )
         try:
-            if len(buf) <= INLINE_WRITE_MAX and all(base == b"" for _p, base, _w, _x in jobs):
-                self._write_exec(jobs)  # new small cache files: see INLINE_WRITE_MAX
-            else:
-                await trio.to_thread.run_sync(self._write_exec, jobs)
+            await trio.to_thread.run_sync(self._write_exec, jobs)
         except OSError as e:
             log.error("cache write failed: %s", e)
             raise _err(e.errno or errno.EIO) from None
