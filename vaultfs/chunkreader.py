@@ -418,11 +418,21 @@ class ChunkReader:
 def _content_slices(
     chunks: Sequence[tuple[bytes, int]], start: int, size: int
 ) -> list[tuple[bytes, int, int]]:
-    starts, pos = [], 0
-    for _c, n in chunks:
-        starts.append(pos)
-        pos += n
-    return slices(starts, chunks, start, size)
+    """:func:`slices` for content given only as ``chunks``: one walk that stops past the end
+    (on the path of every warm request, so no list of starts is built)."""
+    out = []
+    end = start + size
+    pos = 0
+    for cid, n in chunks:
+        nxt = pos + n
+        if nxt > start:
+            if pos >= end:
+                break
+            lo, hi = max(start - pos, 0), min(end - pos, n)
+            if hi > lo:
+                out.append((cid, lo, hi))
+        pos = nxt
+    return out
 
 
 def slices(

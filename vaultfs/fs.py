@@ -23,11 +23,13 @@ index and wait until the shards are placed on the remotes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import re
 import stat
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -62,6 +64,10 @@ _T = TypeVar("_T")
 TIMEOUT = 60.0
 XATTR_MAX = 64 * 1024
 CAPS_XATTR = b"security.capability"
+ACL_ACCESS_XATTR = b"system.posix_acl_access"
+_ACL_HEADER = struct.Struct("<I")  # the xattr form of a POSIX ACL: version 2, then entries
+_ACL_ENTRY = struct.Struct("<HHI")  # tag, permissions (rwx), uid or gid
+_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x04, 0x10, 0x20
 #: True for the pyfuse3 that scripts/bootstrap builds (it relays the kernel's kill signals).
 KILLPRIV_V2 = hasattr(pyfuse3.SetattrFields, "kill_suidgid")
 
@@ -73,6 +79,28 @@ def _err(code: int) -> pyfuse3.FUSEError:
 #: Longest name in bytes (what statfs reports): FUSE itself passes names of up to 1,024 bytes,
 #: but such a file could not be restored onto ext4 or any common file system.
 NAME_MAX = 255
+
+
+def acl_mode(value: bytes) -> tuple[int, bool]:
+    """The permission bits an access ACL (``system.posix_acl_access``, its xattr form) sets,
+    as Linux derives them (owner from the owner entry, group from the mask if there is one,
+    else from the group entry, others from the other entry), and whether the ACL holds
+    nothing more than those bits (then Linux keeps no ACL, only the mode). Raises
+    FUSEError(EINVAL) for a value that is not a well-formed ACL."""
+    if len(value) < _ACL_HEADER.size or (len(value) - _ACL_HEADER.size) % _ACL_ENTRY.size:
+        raise _err(errno.EINVAL)
+    if _ACL_HEADER.unpack_from(value)[0] != 2:
+        raise _err(errno.EINVAL)
+    perms: dict[int, int] = {}
+    extended = False
+    for tag, perm, _id in _ACL_ENTRY.iter_unpack(value[_ACL_HEADER.size :]):
+        if tag in (_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER):
+            perms[tag] = perm & 0o7
+        extended = extended or tag not in (_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_OTHER)
+    if not all(t in perms for t in (_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_OTHER)):
+        raise _err(errno.EINVAL)
+    group = perms.get(_ACL_MASK, perms[_ACL_GROUP_OBJ])
+    return perms[_ACL_USER_OBJ] << 6 | group << 3 | perms[_ACL_OTHER], not extended
 
 
 def _check_name(name: bytes) -> None:
@@ -1029,7 +1057,12 @@ class VaultFS(pyfuse3.Operations):
             write_block_file(path, base, [(ws, piece)])
 
     async def flush(self, fh):
-        pass
+        """Not implemented, on purpose: the first ENOSYS makes the kernel stop sending FLUSH
+        (``fc->no_flush``), one round trip less per ``close(2)``. Nothing is lost: with the
+        writeback cache the kernel still writes the file's dirty pages to us before ``close``
+        returns, and this file system has nothing to report at close (write errors are
+        reported by the write, durability by ``fsync``) and no POSIX locks to drop."""
+        raise _err(errno.ENOSYS)
 
     async def release(self, fh):
         h = self.fhs.pop(fh, None)
@@ -1128,7 +1161,25 @@ class VaultFS(pyfuse3.Operations):
             raise _err(errno.E2BIG)
         async with self._mut():
             n = self._node(inode)
-            n.xattrs[bytes(name)] = bytes(value)
+            name, value = bytes(name), bytes(value)
+            if name == ACL_ACCESS_XATTR:
+                # an access ACL sets the mode's permission bits, as on Linux (`cp -a` creates
+                # a file 0600 and relies on this to give it its mode); one that says no more
+                # than the mode is not kept, as on Linux
+                perms, plain = acl_mode(value)
+                n.mode = n.mode & ~0o777 | perms
+                self.tree.touch(n)
+                # the kernel keeps its cached mode after an ACL it hands through (no
+                # FUSE_POSIX_ACL): have it ask again. Attributes only: takes no inode lock, so
+                # safe inside a request (unlike invalidating pages under the writeback cache)
+                with contextlib.suppress(OSError):  # ENOENT: the kernel holds no such inode
+                    pyfuse3.invalidate_inode(inode, attr_only=True)
+                if plain:
+                    if n.xattrs.pop(name, None) is not None:
+                        self.tree.touch_xattrs(n)
+                    n.ctime_ns = time.time_ns()
+                    return
+            n.xattrs[name] = value
             n.ctime_ns = time.time_ns()
             self.tree.touch_xattrs(n)
 

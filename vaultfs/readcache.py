@@ -14,9 +14,12 @@ threat model as the write-back cache applies: plaintext on the local disk, reada
 vault's user and root (docs/threat-model.md).
 
 Nothing read from a pack is returned unchecked. The first hit of a chunk reads it whole and
-checks it against its chunk id (keyed BLAKE3); its 4 KiB pages then get a 16-byte keyed
+checks it against its chunk id (keyed BLAKE3); its 4 KiB pages then get an 8-byte keyed
 BLAKE3 tag each, held in memory only under a key drawn per process, so a later small read
-(:meth:`ReadCache.peek`) checks just the pages it returns. A chunk put by the caller (already
+(:meth:`ReadCache.peek`) checks just the pages it returns. Eight bytes suffice: the key
+never leaves the daemon's memory, so a page altered on disk (by accident or by someone who
+can write the user's files) passes its check with probability 2^-64 per try, and every try
+costs a read through the daemon (docs/threat-model.md, "The mount's caches"). A chunk put by the caller (already
 verified) gets its page tags at once. A record torn by ``kill -9`` or a power loss, or a pack
 altered on disk, fails its check and is read again from the vault: the cache never returns
 wrong bytes. Nothing is fsync'd (a lost record is only a miss).
@@ -25,6 +28,11 @@ Crash safety: at start every pack is scanned header by header; a header that run
 end of its pack (a torn tail) ends the scan and the pack is cut there; files that are not
 packs (a temporary file, the one-file-per-chunk cache of earlier versions) are removed;
 the oldest packs are dropped until the budget holds.
+
+Memory: a cached chunk costs its map entry (the chunk id and one int: pack and record
+number) and its record's slots in its pack's packed arrays (offset, length, where its tags
+start: 12 bytes) plus 8 bytes per page once tagged, no Python object of its own (about
+170 bytes for a 32 KiB chunk; a 1 GiB cache of them about 5 MB).
 
 Thread-safe: :meth:`get`, :meth:`get_many` and :meth:`put` run in worker threads,
 :meth:`peek` in the FUSE loop (it never blocks on the disk: ``RWF_NOWAIT``); the
@@ -40,6 +48,7 @@ import os
 import re
 import struct
 import threading
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -54,11 +63,13 @@ DEFAULT_READ_CACHE_SIZE = 1024 * 1024 * 1024
 PACK_MAX = 64 * 1024 * 1024
 HEADER = struct.Struct("<32sI")  # chunk id, plaintext length
 PAGE = 4096
-TAG = 16  # bytes of keyed BLAKE3 per page
+TAG = 8  # bytes of keyed BLAKE3 per page (the collision and forgery argument: above)
 #: a run of records read with one ``pread`` spans at most this much (gaps included)
 SPAN_MAX = 4 * 1024 * 1024
 _SPAN_GAP = 256 * 1024  # records this close are read in one span (the gap read and dropped)
 _PACK_NAME = re.compile(r"([0-9]{8})\.pack")
+#: a record found in the map: (chunk id, map value, pack, record number, offset, length)
+_Found = tuple[bytes, int, "_Pack", int, int, int]
 
 
 def pack_size(budget: int) -> int:
@@ -67,31 +78,51 @@ def pack_size(budget: int) -> int:
     return max(1, min(PACK_MAX, budget // 8))
 
 
-class _Pack:
-    """One pack file, open for reading and appending; the descriptor is closed when the last
-    reference goes (a reader may hold a pack its eviction has already unlinked)."""
+_UNTAGGED = 0xFFFFFFFF  # a record's ``tag_at`` until its pages are tagged
+_IDX_BITS = 32  # a map value is ``seq << _IDX_BITS | record number``
+_IDX_MASK = (1 << _IDX_BITS) - 1
 
-    __slots__ = ("seq", "path", "fd", "size", "cids")
+
+class _Pack:
+    """One pack file, open for reading and appending, and its records in packed arrays (record
+    ``i``: ``cids[i]``, plaintext at ``offs[i]`` of ``lens[i]`` bytes, its page tags at
+    ``tags[tag_at[i] : tag_at[i] + TAG * pages]`` or ``tag_at[i] == _UNTAGGED``). Records
+    are only appended; a record superseded by a later copy stays until the pack goes. The
+    descriptor is closed when the last reference goes (a reader may hold a pack its eviction
+    has already unlinked)."""
+
+    __slots__ = ("seq", "path", "fd", "size", "cids", "offs", "lens", "tag_at", "tags")
 
     def __init__(self, seq: int, path: Path, fd: int, size: int) -> None:
         self.seq = seq
         self.path = path
         self.fd = fd
         self.size = size  # bytes reserved, written or being written
-        self.cids: list[bytes] = []  # records in this pack (some superseded by a later copy)
+        self.cids: list[bytes] = []
+        self.offs = array("I")  # packs stay far below 4 GiB (PACK_MAX, or one chunk)
+        self.lens = array("I")
+        self.tag_at = array("I")
+        self.tags = bytearray()
+
+    def add(self, cid: bytes, off: int, length: int, tags: bytes | None) -> int:
+        """Record a chunk's record (lock held); returns its number."""
+        self.cids.append(cid)
+        self.offs.append(off)
+        self.lens.append(length)
+        self.tag_at.append(_UNTAGGED)
+        i = len(self.cids) - 1
+        if tags is not None:
+            self.set_tags(i, tags)
+        return i
+
+    def set_tags(self, i: int, tags: bytes) -> None:
+        """Keep record ``i``'s page tags, once (lock held)."""
+        if self.tag_at[i] == _UNTAGGED:
+            self.tag_at[i] = len(self.tags)
+            self.tags += tags
 
     def __del__(self) -> None:
         os.close(self.fd)
-
-
-class _Entry:
-    __slots__ = ("pack", "off", "length", "tags")
-
-    def __init__(self, pack: _Pack, off: int, length: int, tags: bytes | None) -> None:
-        self.pack = pack
-        self.off = off  # of the plaintext (after the header)
-        self.length = length
-        self.tags = tags  # a TAG-byte tag per page once the chunk is verified, else None
 
 
 class ReadCache:
@@ -108,7 +139,7 @@ class ReadCache:
         self.pack_size = pack_size(self.budget)
         self._tag_key = os.urandom(32)  # page tags live in this process's memory only
         self._lock = threading.Lock()
-        self._map: dict[bytes, _Entry] = {}
+        self._map: dict[bytes, int] = {}  # chunk id -> seq << _IDX_BITS | record number
         self._packs: OrderedDict[int, _Pack] = OrderedDict()  # oldest first; the last is open
         self._next_seq = 0
         self.used = 0
@@ -145,8 +176,7 @@ class ReadCache:
             cid, length = HEADER.unpack(os.pread(fd, HEADER.size, pos))
             if length == 0 or pos + HEADER.size + length > end:
                 break  # a hole or a torn record: the rest of the pack is not trusted
-            self._map[cid] = _Entry(pack, pos + HEADER.size, length, None)
-            pack.cids.append(cid)
+            self._map[cid] = seq << _IDX_BITS | pack.add(cid, pos + HEADER.size, length, None)
             pos += HEADER.size + length
         if pos < end:
             os.ftruncate(fd, pos)
@@ -165,55 +195,64 @@ class ReadCache:
         read with one ``pread``. Chunks missing from the result are misses. With ``tag``,
         chunks whose pages have no tags yet get them (worth it for small random reads, which
         :meth:`peek` then serves; not for a stream)."""
+        found: list[_Found] = []
         with self._lock:
-            found = [(c, e) for c in dict.fromkeys(cids) if (e := self._map.get(c)) is not None]
+            for c in dict.fromkeys(cids):
+                if (v := self._map.get(c)) is not None:
+                    pack, i = self._packs[v >> _IDX_BITS], v & _IDX_MASK
+                    found.append((c, v, pack, i, pack.offs[i], pack.lens[i]))
             self.misses += len(set(cids)) - len(found)
-        found.sort(key=lambda ce: (ce[1].pack.seq, ce[1].off))
+        found.sort(key=lambda f: (f[2].seq, f[4]))
         out: dict[bytes, bytes] = {}
         i = 0
         while i < len(found):
             j = i + 1
-            first = found[i][1]
+            _c, _v, pack, _i, first, _n = found[i]
             while j < len(found):
-                e = found[j][1]
-                prev = found[j - 1][1]
-                if e.pack is not first.pack or e.off - (prev.off + prev.length) > _SPAN_GAP:
+                _c, _v, p, _i, off, _n = found[j]
+                prev_end = found[j - 1][4] + found[j - 1][5]
+                if p is not pack or off - prev_end > _SPAN_GAP:
                     break
-                if e.off + e.length - first.off > SPAN_MAX:
+                if off + found[j][5] - first > SPAN_MAX:
                     break
                 j += 1
-            last = found[j - 1][1]
+            end = found[j - 1][4] + found[j - 1][5]
             try:
-                span = os.pread(first.pack.fd, last.off + last.length - first.off, first.off)
+                span = os.pread(pack.fd, end - first, first)
             except OSError as e:
                 log.warning("read cache: cannot read a pack: %s", e)
                 span = b""
             view = memoryview(span)
-            for c, e in found[i:j]:
-                data = bytes(view[e.off - first.off : e.off - first.off + e.length])
-                if len(data) < e.length:  # the pack was cut under us: a miss
+            for f in found[i:j]:
+                off, length = f[4], f[5]
+                data = bytes(view[off - first : off - first + length])
+                if len(data) < length:  # the pack was cut under us: a miss
                     with self._lock:
                         self.misses += 1
-                elif self._verified(c, e, data, tag):
-                    out[c] = data
+                elif self._verified(f, data, tag):
+                    out[f[0]] = data
             i = j
         return out
 
-    def _verified(self, cid: bytes, e: _Entry, data: bytes, tag: bool) -> bool:
+    def _verified(self, f: _Found, data: bytes, tag: bool) -> bool:
         """Check a whole chunk read from its record (and tag its pages if ``tag``); a
         failure forgets the record."""
+        cid, v, pack, i, _off, _n = f
         if self.chunk_id(data) != cid:
             with self._lock:
-                if self._map.get(cid) is e:
+                if self._map.get(cid) == v:
                     del self._map[cid]
                 self.misses += 1
                 self.discarded += 1
             return False
-        tags = e.tags if e.tags is not None or not tag else self._tags(data)
+        with self._lock:
+            tagged = pack.tag_at[i] != _UNTAGGED
+        tags = self._tags(data) if tag and not tagged else None
         with self._lock:
             self.hits += 1
-            e.tags = tags
-            stale = self._doomed(e.pack)
+            if tags is not None:
+                pack.set_tags(i, tags)
+            stale = self._doomed(pack)
         if stale:  # about to be evicted with its pack while in use: keep it
             self._append(cid, data, tags if tags is not None else self._tags(data))
         return True
@@ -224,10 +263,15 @@ class ReadCache:
         ``wait``, only if they are in the page cache (never waits for the disk): for the
         FUSE loop, a few small pages of hashing."""
         with self._lock:
-            e = self._map.get(cid)
-            if e is None or e.tags is None:
+            v = self._map.get(cid)
+            if v is None:
                 return None
-            pack, off, length, tags = e.pack, e.off, e.length, e.tags
+            pack, i = self._packs[v >> _IDX_BITS], v & _IDX_MASK
+            t0 = pack.tag_at[i]
+            if t0 == _UNTAGGED:
+                return None
+            off, length = pack.offs[i], pack.lens[i]
+            tags = pack.tags  # grows only at its end: the slice checked below stays put
         hi = min(hi, length)
         p0, p1 = lo // PAGE, (hi - 1) // PAGE + 1
         want = min(p1 * PAGE, length) - p0 * PAGE
@@ -245,10 +289,12 @@ class ReadCache:
             with contextlib.suppress(OSError):  # only a hint
                 os.posix_fadvise(pack.fd, off, length, os.POSIX_FADV_WILLNEED)
         view = memoryview(buf)
-        for p in range(p0, p1):
-            page = view[(p - p0) * PAGE : (p - p0 + 1) * PAGE]
-            if blake3.blake3(page, key=self._tag_key).digest(TAG) != tags[p * TAG : (p + 1) * TAG]:
+        key = self._tag_key
+        at = t0 + p0 * TAG
+        for p in range(0, want, PAGE):
+            if blake3.blake3(view[p : p + PAGE], key=key).digest(TAG) != tags[at : at + TAG]:
                 return None  # a worker thread reads it whole and forgets the record
+            at += TAG
         with self._lock:
             self.hits += 1
         return bytes(view[lo - p0 * PAGE : hi - p0 * PAGE])
@@ -290,8 +336,8 @@ class ReadCache:
             return
         with self._lock:
             if self._packs.get(pack.seq) is pack:  # not evicted meanwhile
-                self._map[cid] = _Entry(pack, at + HEADER.size, len(data), tags)
-                pack.cids.append(cid)
+                i = pack.add(cid, at + HEADER.size, len(data), tags)
+                self._map[cid] = pack.seq << _IDX_BITS | i
 
     def _new_pack(self) -> _Pack | None:
         """Open the next pack (lock held)."""
@@ -320,7 +366,7 @@ class ReadCache:
             _seq, pack = self._packs.popitem(last=False)
             self.used -= pack.size
             for c in pack.cids:
-                if (e := self._map.get(c)) is not None and e.pack is pack:
+                if (v := self._map.get(c)) is not None and v >> _IDX_BITS == pack.seq:
                     del self._map[c]
             pack.path.unlink(missing_ok=True)
 
