@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import format_reader as fr
 import pytest
 
-from vaultfs import indexblocks, manifest
+from vaultfs import indexblocks, manifest, segment
 from vaultfs.backends import open_backend
 from vaultfs.backup import backup_paths
 from vaultfs.errors import IntegrityError, VaultError
-from vaultfs.index import Index
+from vaultfs.index import Index, audit
+from vaultfs.index import remotes as remote_rows
+from vaultfs.index import segments as seg_table
 from vaultfs.index.shipped import ShippedObjects
 from vaultfs.indexblocks import BLOCK_SIZE, MAP_FANOUT, object_id
 from vaultfs.keys import VaultKeys
@@ -336,3 +340,84 @@ def test_an_index_with_shards_state_over_every_shard_gets_the_partial_one(tmp_pa
         assert any("shards_state" in row[3] for row in plan)
     finally:
         index.close()
+
+
+def _name_index_pages(copy: Path) -> dict[str, dict[int, bytes]]:
+    """{B-tree name: {page number: page bytes}} of the two name-keyed indexes in ``copy``."""
+    db = sqlite3.connect(copy)
+    try:
+        (psz,) = db.execute("PRAGMA page_size").fetchone()
+        rows = db.execute(
+            "SELECT name, pageno FROM dbstat WHERE name IN"
+            " ('sqlite_autoindex_shards_1', 'sqlite_autoindex_audit_tags_1')"
+        ).fetchall()
+    finally:
+        db.close()
+    data = copy.read_bytes()
+    out: dict[str, dict[int, bytes]] = {}
+    for name, pageno in rows:
+        out.setdefault(name, {})[pageno] = data[(pageno - 1) * psz : pageno * psz]
+    return out
+
+
+def _dirty_name_pages(tmp_path: Path, draw: Callable[[int], str]) -> dict[str, int]:
+    """A history of 6,000 shards (2,000 segments of 3, each with its audit tags, 100 segments
+    a second as a big backup makes them), then 60 more an hour later (about the meta shards
+    of a big commit, which the next commit's index is the first to record): the pages of
+    each name index that changed in the shipped copy. ``draw(t)`` names a shard made at
+    second ``t``."""
+    index = Index(tmp_path / "index.db")
+    seg_id = 0
+
+    def add(count: int, t: int) -> None:
+        nonlocal seg_id
+        with index.tx() as db:
+            for _ in range(count):
+                seg_id += 1
+                seg_table.insert(
+                    db, seg_id, seg_id.to_bytes(16, "big"), "data", 1, 1, 2, 3, 1, 0, b"r", float(t)
+                )
+                names = [draw(t) for _ in range(3)]
+                seg_table.add_queued_shards(
+                    db, seg_id, [(i, nm, rid, 1, b"h", b"b", b"r") for i, nm in enumerate(names)]
+                )
+                audit.put_tags(db, [(nm, 2048, bytes(40)) for nm in names])
+
+    try:
+        with index.tx() as db:
+            rid = remote_rows.add(db, "r0", 0)
+        t0 = 1_800_000_000
+        for second in range(20):
+            add(100, t0 + second)
+        index.export_to(tmp_path / "a.db")
+        add(20, t0 + 3600)
+        index.export_to(tmp_path / "b.db")
+    finally:
+        index.close()
+    before, after = _name_index_pages(tmp_path / "a.db"), _name_index_pages(tmp_path / "b.db")
+    assert set(after) == {"sqlite_autoindex_shards_1", "sqlite_autoindex_audit_tags_1"}
+    return {
+        name: sum(before[name].get(p) != page for p, page in pages.items())
+        for name, pages in after.items()
+    }
+
+
+def test_names_follow_the_clock_so_a_commits_rows_touch_few_pages_of_the_name_indexes(tmp_path):
+    """Shard names are 32 lowercase hex digits, the first 8 the second they were drawn in
+    (format.md 2): a commit's new rows go to the last pages of ``shards.name`` and
+    ``audit_tags.name`` (a leaf, and at a split its siblings and parent), where random names
+    dirty about a page each (docs/benchmarks.md, "lifetime")."""
+    names = [segment.new_name(t) for t in (1_800_000_000, 1_800_000_001, 1_800_000_001)]
+    assert all(re.fullmatch("[0-9a-f]{32}", nm) for nm in names)
+    assert names[0][:8] == f"{1_800_000_000:08x}" and len(set(names)) == 3
+    assert names[0] < names[1] and names[0] < names[2]
+    assert segment.new_name(2**32 + 5)[:8] == "00000005"  # modulo 2**32: only locality
+    (tmp_path / "timed").mkdir()
+    (tmp_path / "random").mkdir()
+    timed = _dirty_name_pages(tmp_path / "timed", segment.new_name)
+    rng = random.Random(11)
+    scattered = _dirty_name_pages(tmp_path / "random", lambda _t: rng.randbytes(16).hex())
+    for name in timed:
+        # a balance touches the last leaf, up to two siblings, a new leaf and the parent
+        assert timed[name] <= 8, (name, timed, scattered)
+        assert scattered[name] >= 4 * timed[name], (name, timed, scattered)

@@ -80,7 +80,7 @@ CREATE TABLE IF NOT EXISTS shards (
     id        INTEGER PRIMARY KEY,
     segment   INTEGER NOT NULL REFERENCES segments(id), -- segment this shard belongs to
     idx       INTEGER NOT NULL,      -- fragment index 0..n-1 (< k: data, >= k: parity)
-    name      TEXT NOT NULL UNIQUE,  -- random object name (32 hex digits) on the remote
+    name      TEXT NOT NULL UNIQUE,  -- object name on the remote (32 hex digits: segment.new_name)
     remote    INTEGER NOT NULL REFERENCES remotes(id), -- remote it is placed on
     size      INTEGER NOT NULL,      -- object size in bytes (header + fragment)
     hash      BLOB NOT NULL,         -- BLAKE3 of the whole object (fast whole-object check)
