@@ -10,7 +10,10 @@ Ordering invariants enforced here (numbered as in docs/design.md):
 6. An old index copy is deleted only once a flush placed every newer manifest everywhere.
 7. A manifest is placed only after a survey of the reachable remotes found the base current
    (:mod:`vaultfs.chain`): a refused manifest is never uploaded (it stays queued, and the
-   flush reports ``stale_base``). With no remote reachable nothing is placed anyway.
+   flush reports ``stale_base``). With no remote reachable nothing is placed anyway. The
+   survey starts as the flush starts, beside the shard uploads, so a slow remote's answer
+   costs no time of its own; placing waits for it, and a remote silent for
+   :data:`chain.CHECK_BOUND` seconds is reported as not checked (``unchecked``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ KEEP_INDEX_COPIES = 3
 #: waits this fraction of the time that took (at least QUORUM_GRACE_MIN seconds) for the
 #: remotes still uploading: remotes of about equal speed all finish, one far slower is left.
 QUORUM_GRACE = 0.15
-QUORUM_GRACE_MIN = 1.0
+QUORUM_GRACE_MIN = 0.25
 
 
 def _each(fn: Callable, items: list) -> None:
@@ -62,6 +65,8 @@ class FlushReport:
     under_k: int = 0
     manifests_pending: int = 0
     stale_base: str | None = None  # why queued manifests were refused (StaleBase message)
+    #: remotes whose manifests the placement's survey could not look at (chain.CHECK_BOUND)
+    unchecked: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -136,6 +141,12 @@ class UploadQueue:
             self.seal()
         report = FlushReport()
         remotes = self.remotes()
+        # invariant 7's survey runs while the shards go out: placing waits only for its rest
+        survey = (
+            chain.survey_ahead(self.keys, self.index, remotes)
+            if manifests.pending_uploads(self.index)
+            else None
+        )
         ok = self._push_shards(remotes, report, quorum=quorum)
         report.uploaded += reconcile(self.index, self.queue)
         for r in remotes:
@@ -143,7 +154,7 @@ class UploadQueue:
                 remote_table.record_result(self.index, r.rid, None)
         report.under_k = segments.count_under_k(self.index)
         if report.under_k == 0:
-            self._push_manifests(remotes, ok, report)
+            self._push_manifests(remotes, ok, report, survey)
         for r in remotes:
             report.pending[r.label] = segments.queued_count(self.index, r.rid)
         report.manifests_pending = manifests.pending_uploads(self.index)
@@ -279,15 +290,22 @@ class UploadQueue:
         return deleted
 
     def _push_manifests(
-        self, remotes: list[Backend], ok: dict[int, bool], report: FlushReport
+        self,
+        remotes: list[Backend],
+        ok: dict[int, bool],
+        report: FlushReport,
+        survey: Callable[[], chain.Survey] | None = None,
     ) -> None:
         """Upload queued manifests, oldest first, every remote at once (invariant 4: only
         called once every segment has k shards placed), once the base is found current
-        (invariant 7; a stale base is reported in ``report.stale_base``)."""
+        (invariant 7; a stale base is reported in ``report.stale_base``). ``survey``: the
+        flush's survey, started as it began (:func:`chain.survey_ahead`); without one (no
+        manifest was queued then) the remotes are surveyed now."""
         rows = manifests.queued_uploads(self.index)
         if not rows:
             return
-        found = chain.survey(self.keys, self.index, remotes)
+        found = survey() if survey else chain.survey(self.keys, self.index, remotes)
+        report.unchecked = found.unchecked
         if found.reachable:
             manifests.note_fork(self.index, found.describe())
         if stale := found.stale(self.index):
