@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import format_reader
 from helpers import PASSPHRASE, run_cli
 
+from vaultfs.backends import Backend, Wrapper
 from vaultfs.keys import read_keyfile
 
 
@@ -261,3 +263,120 @@ def test_a_backup_surveys_as_it_starts_and_the_flush_still_refuses_a_newer_manif
     assert {p.name for r in remotes for p in (Path(r) / "manifests").iterdir()} == names
     refused = _backup(home, src, "again\n", check=21)["stderr"]
     assert f"#2/{theirs['manifest_hash']}" in refused
+
+
+class _LateManifests(Wrapper):
+    """A remote whose ``manifests/`` listing answers only once ``release`` is set (or after
+    ``wait`` seconds): a slow provider, as the chain survey sees it."""
+
+    def __init__(self, inner: Backend, release: threading.Event, wait: float) -> None:
+        super().__init__(inner)
+        self.release, self.wait, self.asked = release, wait, 0
+
+    def list_sizes(self, sub: str) -> dict[str, int]:
+        if sub == "manifests":
+            self.asked += 1
+            self.release.wait(self.wait)
+        return super().list_sizes(sub)
+
+
+def _late(monkeypatch, spec: str, release: threading.Event) -> list[_LateManifests]:
+    """From now on, the vault's backends of ``spec`` answer manifest listings only once
+    ``release`` is set; returns the wrappers made."""
+    import vaultfs.vault
+
+    made: list[_LateManifests] = []
+    real = vaultfs.vault.open_backend
+
+    def opened(s: str, rid: int | None = None, **kw) -> Backend:
+        if s != spec:
+            return real(s, rid, **kw)
+
+        def wrap(b: Backend) -> Backend:
+            made.append(_LateManifests(b, release, 60))
+            return made[-1]
+
+        return real(s, rid, wrap=wrap, **kw)
+
+    monkeypatch.setattr(vaultfs.vault, "open_backend", opened)
+    return made
+
+
+def _manifests(remotes: list[str]) -> dict[str, set[str]]:
+    """Remote -> the manifest object names it holds."""
+    return {r: {p.name for p in (Path(r) / "manifests").glob("*")} for r in remotes}
+
+
+def test_a_newer_manifest_on_a_remote_that_answers_late_still_stops_the_flush(
+    tmp_path, monkeypatch
+):
+    """The flush's survey runs beside the shard uploads and placing waits for it: a remote
+    that lists its manifests late (after the shards are placed, within chain.CHECK_BOUND)
+    is still heard, and another writer's manifest that only it holds still keeps this
+    writer's manifest off every remote (invariant 7)."""
+    import io
+    import time
+
+    from vaultfs.vault import Entry, Vault
+
+    home, remotes = _init(tmp_path, 3, 2)
+    src = tmp_path / "src"
+    src.mkdir()
+    _backup(home, src, "base\n")
+    other = tmp_path / "other-home"
+    shutil.copytree(home, other)
+    release = threading.Event()
+    with Vault.open(home, PASSPHRASE) as v:
+        assert v.survey_ahead()().others == []  # the base is current when the backup starts
+        mine = _manifests(remotes)
+        theirs = _backup(other, src, "other writer\n")  # ...and stale before it commits
+        for r in remotes[:-1]:  # their manifest stays on the last remote only
+            for name in _manifests([r])[r] - mine[r]:
+                (Path(r) / "manifests" / name).unlink()
+        before = _manifests(remotes)
+        assert before[remotes[-1]] - mine[remotes[-1]], "the last remote holds theirs"
+        cids, size = v.store_stream(io.BytesIO(b"mine\n"))
+        v.commit([Entry("doc.txt", "f", 0o644, time.time_ns(), size=size, cids=cids)])
+        late = _late(monkeypatch, remotes[-1], release)
+        timer = threading.Timer(1.0, release.set)  # the last remote answers a second late
+        timer.start()
+        try:
+            rep = v.flush(quorum=True)
+        finally:
+            timer.cancel()
+            release.set()
+    assert late and late[0].asked, "the survey asked the late remote"
+    assert rep.stale_base and f"#2/{theirs['manifest_hash']}" in rep.stale_base, rep
+    assert rep.unchecked == []
+    assert _manifests(remotes) == before, "no manifest of this writer was placed"
+
+
+def test_a_remote_silent_past_the_bound_is_reported_as_not_checked(tmp_path, monkeypatch):
+    """A remote that does not list its manifests within chain.CHECK_BOUND does not hold the
+    flush: the manifest is placed after the others were surveyed, and the flush names the
+    remote it could not check (never silently)."""
+    from vaultfs import chain
+    from vaultfs.backends import open_backend
+    from vaultfs.backup import backup_paths
+    from vaultfs.vault import Vault
+
+    home, remotes = _init(tmp_path, 3, 2)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "doc.txt").write_text("one\n")
+    monkeypatch.setattr(chain, "CHECK_BOUND", 0.5)
+    release = threading.Event()
+    before = _manifests(remotes)
+    try:
+        with Vault.open(home, PASSPHRASE) as v:
+            late = _late(monkeypatch, remotes[-1], release)
+            backup_paths(v, [src], upload=True)
+            rep = v.flush(quorum=True)
+    finally:
+        release.set()
+    assert any(w.asked for w in late)
+    label = open_backend(remotes[-1]).label
+    assert rep.unchecked == [label] and rep.stale_base is None, rep
+    assert label in chain.unchecked_warning(label)
+    held = _manifests(remotes)
+    assert all(len(held[r] - before[r]) == 1 for r in remotes), held  # placed everywhere
