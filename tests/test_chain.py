@@ -380,3 +380,94 @@ def test_a_remote_silent_past_the_bound_is_reported_as_not_checked(tmp_path, mon
     assert label in chain.unchecked_warning(label)
     held = _manifests(remotes)
     assert all(len(held[r] - before[r]) == 1 for r in remotes), held  # placed everywhere
+
+
+class _LateListing(Wrapper):
+    """A remote whose listing comes back only once ``release`` is set: everything a restore
+    learns of it (its objects, its newest manifest) arrives late."""
+
+    def __init__(self, inner: Backend, release: threading.Event) -> None:
+        super().__init__(inner)
+        self.release = release
+
+    def list_tree(self, subs: tuple[str, ...] = ("data", "meta", "manifests")):
+        self.release.wait(60)
+        return super().list_tree(subs)
+
+
+def _restore_leaving_one_late(tmp_path: Path, home: Path, remotes: list[str], release):
+    """Open the remote index as `vaultfs restore --from` does (late remotes allowed), the last
+    remote answering only once ``release`` is set, and restore; (keys, source, branches,
+    index, warnings)."""
+    from vaultfs.backends import open_backend
+    from vaultfs.keys import VaultKeys
+    from vaultfs.restore import Branches, ShardSource, open_remote_index, restore_files
+
+    keys = VaultKeys.from_seed(read_keyfile(home / "key.json", PASSPHRASE).seed)
+    backends = [open_backend(r) for r in remotes[:-1]]
+    backends.append(open_backend(remotes[-1], wrap=lambda b: _LateListing(b, release)))
+    src = ShardSource(backends)
+    src.start()
+    found = Branches()
+    index, src, _m, warnings = open_remote_index(
+        keys, backends, tmp_path / "work", src=src, branches=found, late_ok=True
+    )
+    restore_files(keys, index, src, tmp_path / "out")
+    return keys, src, found, index, warnings
+
+
+def test_a_restore_goes_on_without_a_late_remote_and_still_catches_its_newer_manifest(tmp_path):
+    """The rollback check of a restore is off its critical path, not weakened: the restore
+    starts from the k remotes that answered, and before it reports success it waits for the
+    late one; a newer manifest only that remote holds (the others rolled back) is Rollback."""
+    import pytest
+
+    from vaultfs.errors import Rollback
+    from vaultfs.restore import check_late
+
+    home, remotes = _init(tmp_path, 3, 2)
+    src = tmp_path / "src"
+    src.mkdir()
+    _backup(home, src, "one\n")
+    older = _manifests(remotes)
+    newest = _backup(home, src, "two\n")
+    for r in remotes[:-1]:  # rolled back: the newest manifest is on the late remote only
+        for name in _manifests([r])[r] - older[r]:
+            (Path(r) / "manifests" / name).unlink()
+    release = threading.Event()
+    try:
+        keys, source, found, index, _w = _restore_leaving_one_late(tmp_path, home, remotes, release)
+        assert list(found.late) == [source.remotes[-1].spec], "it went on without the late one"
+        assert (tmp_path / "out" / "src" / "doc.txt").read_text() == "one\n"
+        release.set()
+        with pytest.raises(Rollback, match=f"#{newest['seq']}"):
+            check_late(keys, source, found, index)
+        index.close()
+    finally:
+        release.set()
+
+
+def test_a_late_remote_that_never_answers_is_named_as_not_checked(tmp_path, monkeypatch):
+    from vaultfs import chain
+    from vaultfs.restore import check_late
+
+    home, remotes = _init(tmp_path, 3, 2)
+    src = tmp_path / "src"
+    src.mkdir()
+    _backup(home, src, "one\n")
+    monkeypatch.setattr(chain, "CHECK_BOUND", 0.5)
+    release = threading.Event()
+    try:
+        keys, source, found, index, said = _restore_leaving_one_late(
+            tmp_path, home, remotes, release
+        )
+        assert (tmp_path / "out" / "src" / "doc.txt").read_text() == "one\n"
+        warnings = check_late(keys, source, found, index, said)
+        index.close()
+    finally:
+        release.set()
+    late = source.remotes[-1].label
+    assert [w for w in warnings if "not checked" in w] == [
+        f"{late} did not answer within 0.5s: not checked for a newer manifest or another branch"
+        " (docs/format.md 10.3)"
+    ]

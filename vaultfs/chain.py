@@ -193,7 +193,7 @@ def _read_any(
 def unchecked_warning(label: str) -> str:
     """The warning for a remote a survey left behind (:attr:`Survey.unchecked`)."""
     return (
-        f"{label} did not list its manifests within {CHECK_BOUND:.0f}s: not checked this time "
+        f"{label} did not list its manifests within {CHECK_BOUND:g}s: not checked this time "
         "for manifests another writer placed there (docs/format.md 10.3); the next backup or "
         "`vaultfs flush` checks it again"
     )

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .. import chain
+from .. import chain, hedging
 from ..backends import Backend
 from ..errors import RemoteError
 from ..index import Index, manifests, segments
@@ -34,11 +34,6 @@ from .recovery import reconcile
 
 #: How many of the newest manifests (and the meta segments they name) stay on the remotes.
 KEEP_INDEX_COPIES = 3
-#: A quorum flush (:meth:`UploadQueue.flush`), once every segment has k shards placed, still
-#: waits this fraction of the time that took (at least QUORUM_GRACE_MIN seconds) for the
-#: remotes still uploading: remotes of about equal speed all finish, one far slower is left.
-QUORUM_GRACE = 0.15
-QUORUM_GRACE_MIN = 0.25
 
 
 def _each(fn: Callable, items: list) -> None:
@@ -126,7 +121,7 @@ class UploadQueue:
         ``seal=False`` pushes only what is already sealed, so a caller that flushes often
         (the mount's background pusher) does not pad the open segment on every pass.
         With ``quorum`` (a backup) the flush returns once every segment has k shards placed
-        and the remotes still uploading had :data:`QUORUM_GRACE` more to finish: one slow
+        and the remotes still uploading had a grace to finish (:func:`hedging.grace`): one slow
         remote does not set the pace. What it has not received stays queued (reported in
         ``pending``; its manifest waits, invariant 4) and goes out on a later flush; its
         upload keeps running in the background meanwhile (every flush waits for a remote's
@@ -239,7 +234,7 @@ class UploadQueue:
                 report.uploaded += reconcile(self.index, self.queue)
                 if segments.count_under_k(self.index) == 0:
                     reached = now
-            elif now - reached > max(QUORUM_GRACE_MIN, QUORUM_GRACE * (reached - t0)):
+            elif now - reached > hedging.grace(reached - t0):
                 break
         with self._lock:
             self._left = frozenset(rid for rid, t in self._inflight.items() if t.is_alive())
