@@ -192,11 +192,18 @@ class ShardSource:
 
     def _start_read_ahead(self, d: Path) -> list[tuple[Path, Backend, Job]]:
         """Start one bounded download of ``data/`` per remote; (its directory, the remote,
-        the job) of each one started."""
+        the job) of each one started. A remote whose listing came back more than a grace
+        (:func:`hedging.grace`) after the first one's is left out, unwaited for."""
+        t0 = time.monotonic()
+        pending = set(self._lists.values())
+        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        more, pending = wait(pending, timeout=hedging.grace(time.monotonic() - t0))
+        listed = done | more
         ok = [
             r
             for r in self.remotes
             if r.spec not in self.in_place  # read in place later: nothing to move ahead
+            and self._lists[r.spec] in listed
             and not isinstance(self._lists[r.spec].result(), Exception)
         ]
         tiers = SPEEDS.tiers([r.spec for r in ok], 0)  # timed by their listings
