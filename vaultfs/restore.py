@@ -788,8 +788,9 @@ def check_late(
         raise Rollback(
             f"restored from manifest {found.describe(found.used)}, but a remote that answered "
             f"late holds the newer {found.describe(top)}: the other remotes are behind or "
-            "rolled back, so the files written are the older state. Restore again with that "
-            "remote among --from (and --min-seq to refuse the older state)"
+            "rolled back, so the files written are the older state. Bring those remotes up "
+            "to date from the writing machine (`vaultfs flush`, `vaultfs repair`) and restore "
+            f"again, or keep the older state knowingly with --manifest {used.link.short}"
         )
     seen = set(said)
     return warnings + [w for w in _chain_report(keys, src, found, index) if w not in seen]
