@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from .. import chain, hedging
 from ..backends import Backend
 from ..errors import RemoteError
-from ..index import Index, manifests, segments
+from ..index import Index, VaultParams, manifests, segments
 from ..index import remotes as remote_table
 from ..keys import VaultKeys
 from .queue import SUBDIRS, ShardQueue
@@ -120,8 +120,9 @@ class UploadQueue:
 
         ``seal=False`` pushes only what is already sealed, so a caller that flushes often
         (the mount's background pusher) does not pad the open segment on every pass.
-        With ``quorum`` (a backup) the flush returns once every segment has k shards placed
-        and the remotes still uploading had a grace to finish (:func:`hedging.grace`): one slow
+        With ``quorum`` (a backup) the flush returns once every segment has k shards placed,
+        k remotes have everything (and so get the manifest), and the remotes still uploading
+        had a grace to finish (:func:`hedging.grace`): one slow
         remote does not set the pace. What it has not received stays queued (reported in
         ``pending``; its manifest waits, invariant 4) and goes out on a later flush; its
         upload keeps running in the background meanwhile (every flush waits for a remote's
@@ -204,7 +205,8 @@ class UploadQueue:
         """One ``rclone move`` per remote of its queue directory (data/ and meta/ shards), all
         remotes at once, each after any upload to it still running has ended. Waits for
         them all, or with ``quorum`` (see :meth:`flush`) until every segment has k shards
-        placed and the grace has passed, leaving the rest running. Returns {remote id:
+        placed and the uploads to k remotes ended well (so the manifest can go to k
+        remotes), and the grace has passed, leaving the rest running. Returns {remote id:
         success} of the remotes whose upload of this flush ended; records errors in
         ``report`` and the index."""
         results: dict[int, str | None] = {}
@@ -216,6 +218,7 @@ class UploadQueue:
                 results[r.rid] = failed_before[r.rid]
             else:
                 waiting.append(r)
+        k = VaultParams.read(self.index).k if quorum else 0
         t0 = time.monotonic()
         reached: float | None = None
         while True:
@@ -232,7 +235,9 @@ class UploadQueue:
             if reached is None:
                 # a shard whose queue file is gone is placed (invariant 5)
                 report.uploaded += reconcile(self.index, self.queue)
-                if segments.count_under_k(self.index) == 0:
+                # and the manifest can go to k remotes: k uploads of this flush ended well
+                placed_on = sum(msg is None for msg in list(results.values()))
+                if placed_on >= k and segments.count_under_k(self.index) == 0:
                     reached = now
             elif now - reached > hedging.grace(reached - t0):
                 break
