@@ -33,6 +33,7 @@ from rich.progress import (
 )
 
 from cli.early import secret
+from vaultfs import chain
 from vaultfs.errors import EXIT_PARTIAL, InputError, NoVault, StaleBase
 from vaultfs.index import manifests
 from vaultfs.keys import VaultKeys, parse_seed, read_keyfile
@@ -364,6 +365,7 @@ def report_flush(
                     "pending": rep.pending,
                     "errors": rep.errors,
                     "stale_base": rep.stale_base,
+                    "not_checked": rep.unchecked,
                     "segments_below_k_placed": status["segments_below_k_placed"],
                     "survives_losses_now": status["survives_losses_now"],
                     "complete": rep.complete,
@@ -373,6 +375,8 @@ def report_flush(
     else:
         for r, e in rep.errors.items():
             err.print(f"[yellow]warning:[/] {r}: {e}")
+        for r in rep.unchecked:
+            err.print(f"[yellow]warning:[/] {chain.unchecked_warning(r)}", highlight=False)
         if rep.stale_base:
             err.print(f"[red]error:[/] {rep.stale_base}", highlight=False)
         if msg:

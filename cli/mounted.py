@@ -109,7 +109,15 @@ def run_in_mount(home: Path | None, job: str, args: dict) -> dict | None:
         return None
     if sys.stderr.isatty():
         err.print(f"the vault is mounted: {job} runs in the mount daemon", highlight=False)
-    reply = call(control.home_address(h), {"cmd": "job", "job": job, "args": args})
+    try:
+        reply = call(control.home_address(h), {"cmd": "job", "job": job, "args": args})
+    except KeyboardInterrupt:
+        err.print(
+            f"interrupted: the {job} goes on in the mount daemon (`vaultfs status` shows it; "
+            "other maintenance waits for it)",
+            highlight=False,
+        )
+        raise
     if reply is None:  # unmounted between the two calls: let the caller open the vault
         return None
     return reply["result"]

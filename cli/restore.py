@@ -40,6 +40,7 @@ from vaultfs.remotes import is_local
 from vaultfs.restore import (
     Branches,
     ShardSource,
+    check_late,
     open_remote_index,
     restore_files,
     staging_dir,
@@ -149,6 +150,7 @@ def restore(
                 # one path, or one older snapshot: read only the index blocks on the way
                 # (a whole newest snapshot streams the index: as fast, and sequential)
                 lazy=bool(include) or snapshot != "latest",
+                late_ok=manifest is None,  # a slow remote is checked at the end (check_late)
             )  # fmt: skip  (the local index, if any, is a rollback floor too)
             stack.callback(index.close)
             link: Link | None = m.link
@@ -168,6 +170,8 @@ def restore(
                 keys, index, src, to, snapshot, include, force, advance(prog), total_cb,
                 each_include=True,
             )  # fmt: skip
+        if from_:  # before success: the remotes left behind hold no newer manifest
+            w2 += check_late(keys, src, branches, index, warnings)
         held = [  # what the manifest restored from holds, to choose another --snapshot
             {"id": u, "name": nm, "seq": sq} for u, nm, _c, _f, _b, sq in snapshot_rows.rows(index)
         ]

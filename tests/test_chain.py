@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import format_reader
 from helpers import PASSPHRASE, run_cli
 
+from vaultfs.backends import Backend, Wrapper
 from vaultfs.keys import read_keyfile
 
 
@@ -261,3 +263,211 @@ def test_a_backup_surveys_as_it_starts_and_the_flush_still_refuses_a_newer_manif
     assert {p.name for r in remotes for p in (Path(r) / "manifests").iterdir()} == names
     refused = _backup(home, src, "again\n", check=21)["stderr"]
     assert f"#2/{theirs['manifest_hash']}" in refused
+
+
+class _LateManifests(Wrapper):
+    """A remote whose ``manifests/`` listing answers only once ``release`` is set (or after
+    ``wait`` seconds): a slow provider, as the chain survey sees it."""
+
+    def __init__(self, inner: Backend, release: threading.Event, wait: float) -> None:
+        super().__init__(inner)
+        self.release, self.wait, self.asked = release, wait, 0
+
+    def list_sizes(self, sub: str) -> dict[str, int]:
+        if sub == "manifests":
+            self.asked += 1
+            self.release.wait(self.wait)
+        return super().list_sizes(sub)
+
+
+def _late(monkeypatch, spec: str, release: threading.Event) -> list[_LateManifests]:
+    """From now on, the vault's backends of ``spec`` answer manifest listings only once
+    ``release`` is set; returns the wrappers made."""
+    import vaultfs.vault
+
+    made: list[_LateManifests] = []
+    real = vaultfs.vault.open_backend
+
+    def opened(s: str, rid: int | None = None, **kw) -> Backend:
+        if s != spec:
+            return real(s, rid, **kw)
+
+        def wrap(b: Backend) -> Backend:
+            made.append(_LateManifests(b, release, 60))
+            return made[-1]
+
+        return real(s, rid, wrap=wrap, **kw)
+
+    monkeypatch.setattr(vaultfs.vault, "open_backend", opened)
+    return made
+
+
+def _manifests(remotes: list[str]) -> dict[str, set[str]]:
+    """Remote -> the manifest object names it holds."""
+    return {r: {p.name for p in (Path(r) / "manifests").glob("*")} for r in remotes}
+
+
+def test_a_newer_manifest_on_a_remote_that_answers_late_still_stops_the_flush(
+    tmp_path, monkeypatch
+):
+    """The flush's survey runs beside the shard uploads and placing waits for it: a remote
+    that lists its manifests late (after the shards are placed, within chain.CHECK_BOUND)
+    is still heard, and another writer's manifest that only it holds still keeps this
+    writer's manifest off every remote (invariant 7)."""
+    import io
+    import time
+
+    from vaultfs.vault import Entry, Vault
+
+    home, remotes = _init(tmp_path, 3, 2)
+    src = tmp_path / "src"
+    src.mkdir()
+    _backup(home, src, "base\n")
+    other = tmp_path / "other-home"
+    shutil.copytree(home, other)
+    release = threading.Event()
+    with Vault.open(home, PASSPHRASE) as v:
+        assert v.survey_ahead()().others == []  # the base is current when the backup starts
+        mine = _manifests(remotes)
+        theirs = _backup(other, src, "other writer\n")  # ...and stale before it commits
+        for r in remotes[:-1]:  # their manifest stays on the last remote only
+            for name in _manifests([r])[r] - mine[r]:
+                (Path(r) / "manifests" / name).unlink()
+        before = _manifests(remotes)
+        assert before[remotes[-1]] - mine[remotes[-1]], "the last remote holds theirs"
+        cids, size = v.store_stream(io.BytesIO(b"mine\n"))
+        v.commit([Entry("doc.txt", "f", 0o644, time.time_ns(), size=size, cids=cids)])
+        late = _late(monkeypatch, remotes[-1], release)
+        timer = threading.Timer(1.0, release.set)  # the last remote answers a second late
+        timer.start()
+        try:
+            rep = v.flush(quorum=True)
+        finally:
+            timer.cancel()
+            release.set()
+    assert late and late[0].asked, "the survey asked the late remote"
+    assert rep.stale_base and f"#2/{theirs['manifest_hash']}" in rep.stale_base, rep
+    assert rep.unchecked == []
+    assert _manifests(remotes) == before, "no manifest of this writer was placed"
+
+
+def test_a_remote_silent_past_the_bound_is_reported_as_not_checked(tmp_path, monkeypatch):
+    """A remote that does not list its manifests within chain.CHECK_BOUND does not hold the
+    flush: the manifest is placed after the others were surveyed, and the flush names the
+    remote it could not check (never silently)."""
+    from vaultfs import chain
+    from vaultfs.backends import open_backend
+    from vaultfs.backup import backup_paths
+    from vaultfs.vault import Vault
+
+    home, remotes = _init(tmp_path, 3, 2)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "doc.txt").write_text("one\n")
+    monkeypatch.setattr(chain, "CHECK_BOUND", 0.5)
+    release = threading.Event()
+    before = _manifests(remotes)
+    try:
+        with Vault.open(home, PASSPHRASE) as v:
+            late = _late(monkeypatch, remotes[-1], release)
+            backup_paths(v, [src], upload=True)
+            rep = v.flush(quorum=True)
+    finally:
+        release.set()
+    assert any(w.asked for w in late)
+    label = open_backend(remotes[-1]).label
+    assert rep.unchecked == [label] and rep.stale_base is None, rep
+    assert label in chain.unchecked_warning(label)
+    held = _manifests(remotes)
+    assert all(len(held[r] - before[r]) == 1 for r in remotes), held  # placed everywhere
+
+
+class _LateListing(Wrapper):
+    """A remote whose listing comes back only once ``release`` is set: everything a restore
+    learns of it (its objects, its newest manifest) arrives late."""
+
+    def __init__(self, inner: Backend, release: threading.Event) -> None:
+        super().__init__(inner)
+        self.release = release
+
+    def list_tree(self, subs: tuple[str, ...] = ("data", "meta", "manifests")):
+        self.release.wait(60)
+        return super().list_tree(subs)
+
+
+def _restore_leaving_one_late(tmp_path: Path, home: Path, remotes: list[str], release):
+    """Open the remote index as `vaultfs restore --from` does (late remotes allowed), the last
+    remote answering only once ``release`` is set, and restore; (keys, source, branches,
+    index, warnings)."""
+    from vaultfs.backends import open_backend
+    from vaultfs.keys import VaultKeys
+    from vaultfs.restore import Branches, ShardSource, open_remote_index, restore_files
+
+    keys = VaultKeys.from_seed(read_keyfile(home / "key.json", PASSPHRASE).seed)
+    backends = [open_backend(r) for r in remotes[:-1]]
+    backends.append(open_backend(remotes[-1], wrap=lambda b: _LateListing(b, release)))
+    src = ShardSource(backends)
+    src.start()
+    found = Branches()
+    index, src, _m, warnings = open_remote_index(
+        keys, backends, tmp_path / "work", src=src, branches=found, late_ok=True
+    )
+    restore_files(keys, index, src, tmp_path / "out")
+    return keys, src, found, index, warnings
+
+
+def test_a_restore_goes_on_without_a_late_remote_and_still_catches_its_newer_manifest(tmp_path):
+    """The rollback check of a restore is off its critical path, not weakened: the restore
+    starts from the k remotes that answered, and before it reports success it waits for the
+    late one; a newer manifest only that remote holds (the others rolled back) is Rollback."""
+    import pytest
+
+    from vaultfs.errors import Rollback
+    from vaultfs.restore import check_late
+
+    home, remotes = _init(tmp_path, 3, 2)
+    src = tmp_path / "src"
+    src.mkdir()
+    _backup(home, src, "one\n")
+    older = _manifests(remotes)
+    newest = _backup(home, src, "two\n")
+    for r in remotes[:-1]:  # rolled back: the newest manifest is on the late remote only
+        for name in _manifests([r])[r] - older[r]:
+            (Path(r) / "manifests" / name).unlink()
+    release = threading.Event()
+    try:
+        keys, source, found, index, _w = _restore_leaving_one_late(tmp_path, home, remotes, release)
+        assert list(found.late) == [source.remotes[-1].spec], "it went on without the late one"
+        assert (tmp_path / "out" / "src" / "doc.txt").read_text() == "one\n"
+        release.set()
+        with pytest.raises(Rollback, match=f"#{newest['seq']}"):
+            check_late(keys, source, found, index)
+        index.close()
+    finally:
+        release.set()
+
+
+def test_a_late_remote_that_never_answers_is_named_as_not_checked(tmp_path, monkeypatch):
+    from vaultfs import chain
+    from vaultfs.restore import check_late
+
+    home, remotes = _init(tmp_path, 3, 2)
+    src = tmp_path / "src"
+    src.mkdir()
+    _backup(home, src, "one\n")
+    monkeypatch.setattr(chain, "CHECK_BOUND", 0.5)
+    release = threading.Event()
+    try:
+        keys, source, found, index, said = _restore_leaving_one_late(
+            tmp_path, home, remotes, release
+        )
+        assert (tmp_path / "out" / "src" / "doc.txt").read_text() == "one\n"
+        warnings = check_late(keys, source, found, index, said)
+        index.close()
+    finally:
+        release.set()
+    late = source.remotes[-1].label
+    assert [w for w in warnings if "not checked" in w] == [
+        f"{late} did not answer within 0.5s: not checked for a newer manifest or another branch"
+        " (docs/format.md 10.3)"
+    ]

@@ -134,8 +134,8 @@ def test_a_slow_remote_still_serves_what_only_it_holds(tmp_path, emulated_networ
 
 def test_backup_completes_once_k_shards_are_placed(tmp_path, emulated_network):
     """A quorum flush (what `vaultfs backup` does) returns once every segment has k shards
-    placed: the slow remote's rest stays queued, its manifest waits, and a later flush
-    places both."""
+    placed and k remotes have the manifest: the slow remote's rest stays queued, its
+    manifest waits, and a later flush places both."""
     net = emulated_network([FAST] * 5)
     net.set_link(4, Link(rtt=1.0, rate_bps=1e6))
     specs = [r.spec("bkt/v") for r in net.remotes]
@@ -148,12 +148,16 @@ def test_backup_completes_once_k_shards_are_placed(tmp_path, emulated_network):
         assert rep.under_k == 0 and not rep.complete, rep
         assert sum(rep.pending.values()) > 0, "the slow remote is behind"
         held = [len(list((r.root / "bkt" / "v" / "data").glob("*"))) for r in net.remotes]
-        assert held[0] == held[1] == held[2] == held[3] > held[4], held
+        # k fast remotes hold everything; the slow one is behind
+        assert sum(h == max(held) for h in held[:4]) >= 3 and held[4] < max(held), held
         status = v.status()
         assert status["segments_below_k_placed"] == 0
-        # the fast remotes have the manifest; the slow one will get it after its shards
-        for r in net.remotes[:4]:
-            assert any((r.root / "bkt" / "v" / "manifests").iterdir())
+        # k remotes have the manifest (a fast one may still have been uploading when the
+        # grace ended); the slow one will get it after its shards
+        with_manifest = [
+            i for i, r in enumerate(net.remotes) if any((r.root / "bkt" / "v").glob("manifests/*"))
+        ]
+        assert len(with_manifest) >= 3 and 4 not in with_manifest, with_manifest
         net.set_link(4, FAST)
         rep = v.flush()
         assert rep.complete, rep

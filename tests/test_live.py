@@ -182,7 +182,7 @@ def test_maintenance_on_a_live_mount_while_pg_dump_writes(live, tmp_path, pg_ser
             env=vaultfs_env(home),
             cwd=Path(__file__).resolve().parent.parent,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         try:
             st: dict = {}
@@ -191,9 +191,12 @@ def test_maintenance_on_a_live_mount_while_pg_dump_writes(live, tmp_path, pg_ser
                 if st["mount"]["maintenance"] or proc.poll() is not None:
                     break
                 time.sleep(0.05)
+            running = proc.poll() is None and st["mount"]["maintenance"]
             proc.send_signal(signal.SIGINT)
         finally:
-            proc.wait(60)
+            _out, stderr = proc.communicate(timeout=60)
+        if running and proc.returncode != 0:  # the client says where its job went
+            assert b"goes on in the mount daemon" in stderr, stderr
         for _ in range(1200):  # "busy" (exit 17) until the interrupted job ends
             res = run_cli("verify", "--sample", "5", "--json", home=home, check=None)
             if res.returncode != 17:

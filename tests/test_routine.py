@@ -40,7 +40,8 @@ def run(home: Path, code: int = 0) -> dict:
 def test_schedule_set_validates_and_show_reports(tmp_path) -> None:
     home, _remotes, _src = make(tmp_path)
     for bad in ("snapshot=5x", "verify=daily:200%", "repair=sometimes", "nokey=1",
-                "retention=--keep-dayly 3", "grace=", "snapshot"):  # fmt: skip
+                "retention=--keep-dayly 3", "grace=", "snapshot", "sources=/nonexistent",
+                "sources=relative/path"):  # fmt: skip
         if bad == "grace=":
             continue  # unsetting is allowed
         res = run_cli("schedule", "set", bad, home=home, check=None)
@@ -108,7 +109,9 @@ def test_alerts_for_a_remote_down_past_grace_a_stale_queue_and_a_failed_job(tmp_
     time.sleep(1.2)
     run(home)
     time.sleep(1.2)
+    (tmp_path / "gone").mkdir()
     run_cli("schedule", "set", f"sources={tmp_path / 'gone'}", home=home)
+    (tmp_path / "gone").rmdir()  # a source that disappears after it was set
     res = run(home, code=20)
     assert "snapshot" in res["failed"]
     kinds = [e["event"] for e in events(log)]

@@ -322,6 +322,10 @@ sources:
 """,
     )
     run_cli("strategy", "apply", home=home)
+    # a vault command in the strategy's home names the tiers' homes, not `vaultfs init`
+    msg = run_cli("verify", home=home, check=16).stderr.decode()
+    assert "is a strategy's home" in msg and f"{home / 'tiers'}/NAME" in msg, msg
+    assert "lock, torn" in msg and "vaultfs init" not in msg
     run_cli("backup", "config", "--add-backend", "lock", str(tmp_path / "l2"), home=home)
     differs = json.loads(run_cli("strategy", "apply", "--json", home=home).stdout)["differs"]
     assert differs == {"lock": [f"{tmp_path / 'l2'} is in the file, not a remote of the vault: "

@@ -19,9 +19,10 @@ records an explicit fork.
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from . import manifest
@@ -29,6 +30,11 @@ from .backends import Backend
 from .errors import IntegrityError, RemoteError, StaleBase
 from .index import Index, manifests
 from .keys import VaultKeys
+
+#: Seconds a survey waits for a remote's ``manifests/`` listing, from the survey's start; a
+#: remote that has not answered by then is reported as not checked (:attr:`Survey.unchecked`,
+#: docs/format.md 10.3) rather than holding up the command for rclone's own timeouts.
+CHECK_BOUND = 20.0
 
 #: Most manifest objects one survey reads (a hostile remote listing junk names costs at most
 #: this many capped reads); names left unread are counted in :attr:`Survey.unread`.
@@ -61,6 +67,7 @@ class Survey:
     unread: int = 0  # unknown names not read (over MAX_READS)
     invalid: list[str] = field(default_factory=list)  # "label: name: why" of names refused
     errors: dict[str, str] = field(default_factory=dict)  # label -> why it was not listed
+    unchecked: list[str] = field(default_factory=list)  # labels silent for CHECK_BOUND seconds
 
     def referenced(
         self, describe: Callable[[manifest.Manifest], manifest.IndexDescription]
@@ -89,17 +96,27 @@ class Survey:
 def survey(keys: VaultKeys, index: Index, remotes: Iterable[Backend]) -> Survey:
     """List ``manifests/`` on every remote once (all at once) and read, newest first, the
     names this chain does not know; a remote that fails to list is skipped (reported in
-    ``errors``). Never writes to a remote."""
+    ``errors``), one whose listing has not come back within :data:`CHECK_BOUND` seconds is
+    left behind (reported in ``unchecked``). Never writes to a remote."""
     return _survey(keys, manifests.chain_names(index), list(remotes))
 
 
 def survey_ahead(keys: VaultKeys, index: Index, remotes: Iterable[Backend]) -> Callable[[], Survey]:
     """Start :func:`survey` on a thread now (against the chain as the index holds it now);
-    the returned function waits for it and returns its :class:`Survey`. For a caller with
-    other work to do while slow remotes answer (a backup reads its files meanwhile)."""
-    pool = ThreadPoolExecutor(1, thread_name_prefix="survey")
-    pending = pool.submit(_survey, keys, manifests.chain_names(index), list(remotes))
-    pool.shutdown(wait=False)
+    the returned function waits for it and returns its :class:`Survey` (or raises what it
+    raised). For a caller with other work to do while slow remotes answer (a backup reads
+    its files, a flush uploads the shards meanwhile). A daemon thread: a survey nobody waits
+    for (a flush that placed no manifest) does not hold up the process's exit."""
+    pending: Future[Survey] = Future()
+    known, listed = manifests.chain_names(index), list(remotes)
+
+    def run() -> None:
+        try:
+            pending.set_result(_survey(keys, known, listed))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller that waits
+            pending.set_exception(e)
+
+    threading.Thread(target=run, name="vaultfs-survey", daemon=True).start()
     return pending.result
 
 
@@ -107,25 +124,37 @@ def _survey(keys: VaultKeys, known: set[str], remotes: list[Backend]) -> Survey:
     out = Survey()
     listed: dict[str, list[tuple[Backend, int]]] = defaultdict(list)
     lock = threading.Lock()
+    answered: set[int] = set()  # indexes into remotes of those whose listing came back
+    closed = threading.Event()  # set once the bound passed: a late answer is not looked at
 
-    def lst(r: Backend) -> None:
+    def lst(i: int, r: Backend) -> None:
         try:
             names = r.list_sizes("manifests")
         except RemoteError as e:
             with lock:
-                out.errors[r.label] = e.message
+                if not closed.is_set():
+                    answered.add(i)
+                    out.errors[r.label] = e.message
             return
         with lock:
+            if closed.is_set():
+                return
+            answered.add(i)
             out.reachable += 1
             for nm, size in names.items():
                 if manifest.seq_of_name(nm) is not None and nm not in known:
                     listed[nm].append((r, size))
 
-    threads = [threading.Thread(target=lst, args=(r,)) for r in remotes]
+    # daemon threads: a remote that never answers must not keep the process alive
+    threads = [threading.Thread(target=lst, args=it, daemon=True) for it in enumerate(remotes)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + CHECK_BOUND
     for t in threads:
-        t.join()
+        t.join(max(0.0, deadline - time.monotonic()))
+    with lock:
+        closed.set()
+        out.unchecked = [r.label for i, r in enumerate(remotes) if i not in answered]
     order = sorted(listed, reverse=True)  # the zero-padded seq leads the name
     out.unread = max(0, len(order) - MAX_READS)
     for nm in order[:MAX_READS]:
@@ -159,6 +188,15 @@ def _read_any(
                 why = e.message
         invalid.append(f"{r.label}: {name}: {why}")
     return None
+
+
+def unchecked_warning(label: str) -> str:
+    """The warning for a remote a survey left behind (:attr:`Survey.unchecked`)."""
+    return (
+        f"{label} did not list its manifests within {CHECK_BOUND:g}s: not checked this time "
+        "for manifests another writer placed there (docs/format.md 10.3); the next backup or "
+        "`vaultfs flush` checks it again"
+    )
 
 
 def stale_error(stale: list[Seen], at: str) -> StaleBase:

@@ -23,6 +23,12 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+#: Once enough remotes answered (k shards of every segment placed, k remotes listed), the
+#: others get this fraction of the time that took, at least GRACE_MIN seconds, before the
+#: work goes on without them: remotes of about equal speed all count, one far slower is left.
+GRACE = 0.15
+GRACE_MIN = 0.25
+
 #: A read at least this large measures throughput; smaller calls measure latency.
 BULK_BYTES = 256 * 1024
 #: Weight of a new observation in the running means.
@@ -93,6 +99,12 @@ class Speeds:
         """Drop every observation (tests; a long-lived process whose network changed)."""
         with self._lock:
             self._by.clear()
+
+
+def grace(waited: float) -> float:
+    """Seconds the remotes still answering get once enough answered after ``waited``
+    seconds (:data:`GRACE`)."""
+    return max(GRACE_MIN, GRACE * waited)
 
 
 def _mean(old: float | None, new: float) -> float:

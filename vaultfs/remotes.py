@@ -20,6 +20,7 @@ Callers get a backend from :func:`vaultfs.backends.open_backend`, never from her
 from __future__ import annotations
 
 import atexit
+import contextlib
 import http.client
 import json
 import os
@@ -32,6 +33,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import BadRemote, ObjectMissing, RemoteError, ThawNeeded, Unreachable, VaultError
@@ -259,7 +261,7 @@ class RcloneDaemon:
 
     _instance: RcloneDaemon | None = None
     _guard = threading.Lock()
-    #: Seconds a busy daemon gets to exit on SIGTERM before it is killed.
+    #: Seconds an idle daemon gets to exit on SIGTERM before it is killed (it exits at once).
     STOP_GRACE = 1.0
 
     FLAGS = [
@@ -302,6 +304,9 @@ class RcloneDaemon:
         started = threading.Event()
         self.proc: subprocess.Popen | None = None
         self._err: BaseException | None = None
+        #: calls and reads under way (:meth:`stop` cuts a busy daemon off without a grace)
+        self._busy = 0
+        self._busy_lock = threading.Lock()
 
         def own() -> None:  # lives as long as the process: the death signal follows it
             try:
@@ -346,17 +351,34 @@ class RcloneDaemon:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
-        """Stop the daemon: SIGTERM, then SIGKILL after :attr:`STOP_GRACE` seconds. An idle
-        rclone exits at once; a busy one (a slow remote's upload a quorum backup left
-        running) is cut off, which every transfer allows: a move deletes a local file only
-        once stored, and a cut object never appears under its name."""
+        """Stop the daemon. An idle rclone gets SIGTERM and exits at once (SIGKILL after
+        :attr:`STOP_GRACE` seconds if it does not); a busy one (a slow remote's upload a
+        quorum backup left running) is killed without waiting, which every transfer allows:
+        a move deletes a local file only once stored, and a cut object never appears under
+        its name. Waiting would only have let the slow remote's transfer hold up the exit."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            with self._busy_lock:
+                busy = self._busy > 0
+            if busy:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
             try:
                 self.proc.wait(timeout=self.STOP_GRACE)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        """Count one call or read as under way while it runs (for :meth:`stop`)."""
+        with self._busy_lock:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._busy_lock:
+                self._busy -= 1
 
     def stop_job(self, jobid: int, timeout: float = 30) -> None:
         """Stop a background job (if still running) and wait until it has finished."""
@@ -384,9 +406,10 @@ class RcloneDaemon:
             headers["Range"] = f"bytes={offset}-{last}"
         conn = _UnixHTTPConnection(self.sock, timeout)
         try:
-            conn.request("GET", path, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
+            with self._in_flight():
+                conn.request("GET", path, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
         except (OSError, http.client.HTTPException) as e:
             raise RcError(f"rclone rcd unreachable: {e}", 0) from None
         finally:
@@ -409,9 +432,10 @@ class RcloneDaemon:
         body = json.dumps(params).encode()
         conn = _UnixHTTPConnection(self.sock, timeout)
         try:
-            conn.request("POST", "/" + method, body, {"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            data = resp.read()
+            with self._in_flight():
+                conn.request("POST", "/" + method, body, {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                data = resp.read()
         except (OSError, http.client.HTTPException) as e:
             raise RcError(f"rclone rcd unreachable: {e}", 0) from None
         finally:

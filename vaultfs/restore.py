@@ -15,16 +15,17 @@ import shutil
 import stat
 import tempfile
 import threading
+import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import blake3
 
-from . import chain, envelope, erasure, indexblocks, manifest, merkle, segment
+from . import chain, envelope, erasure, hedging, indexblocks, manifest, merkle, segment
 from .backends import Backend, Job
 from .backup import check_name
 from .errors import (
@@ -191,11 +192,18 @@ class ShardSource:
 
     def _start_read_ahead(self, d: Path) -> list[tuple[Path, Backend, Job]]:
         """Start one bounded download of ``data/`` per remote; (its directory, the remote,
-        the job) of each one started."""
+        the job) of each one started. A remote whose listing came back more than a grace
+        (:func:`hedging.grace`) after the first one's is left out, unwaited for."""
+        t0 = time.monotonic()
+        pending = set(self._lists.values())
+        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        more, pending = wait(pending, timeout=hedging.grace(time.monotonic() - t0))
+        listed = done | more
         ok = [
             r
             for r in self.remotes
             if r.spec not in self.in_place  # read in place later: nothing to move ahead
+            and self._lists[r.spec] in listed
             and not isinstance(self._lists[r.spec].result(), Exception)
         ]
         tiers = SPEEDS.tiers([r.spec for r in ok], 0)  # timed by their listings
@@ -306,12 +314,21 @@ class ShardSource:
         if self._ex is not None:
             self._ex.shutdown(wait=True, cancel_futures=True)
 
-    def list_all(self) -> None:
+    def listed_yet(self, r: Backend) -> bool:
+        """Whether the listing of ``r`` has come back (or was never started)."""
+        f = self._lists.get(r.spec)
+        return f is None or f.done()
+
+    def list_all(self, skip: Iterable[str] = ()) -> None:
         """Learn which remote holds which shard object, at which listed size (one listing per
-        remote)."""
+        remote), except the remotes whose specs are in ``skip`` (left behind as late: their
+        listing is not waited for, and nothing is fetched from them)."""
+        skip = set(skip)
         if self._ex is None:
             self.start(manifests=False)
         for r in self.remotes:
+            if r.spec in skip:
+                continue
             rep = self.reports[r.spec]
             tree = self._lists[r.spec].result()
             if isinstance(tree, RemoteError):
@@ -323,7 +340,7 @@ class ShardSource:
             for nm in names:
                 self.where[nm].append(r)
         if self._ex is not None:
-            self._ex.shutdown(wait=True)
+            self._ex.shutdown(wait=not skip)
 
     def reject(self, r: Backend, what: str) -> None:
         """Name an object ``r`` served or listed wrongly in its report."""
@@ -572,6 +589,10 @@ class Branches:
     tried: set[str] = field(default_factory=set)  # names read (or refused) already
     off_chain: list[str] = field(default_factory=list)  # valid names not on its chain
     unread: int = 0  # names left unread (more than chain.MAX_READS)
+    #: spec -> the scan of a remote that had not answered when enough others had
+    #: (:func:`find_manifest` with ``late_ok``); :func:`check_late` waits for them
+    late: dict[str, Future] = field(default_factory=dict)
+    started: float = 0.0  # time.monotonic() when the manifests were first examined
 
     def describe(self, name: str) -> str:
         """Manifest ``name`` and the remotes listing it, for messages."""
@@ -607,9 +628,16 @@ def find_manifest(
     min_seq: int = 0,
     want: str | None = None,
     branches: Branches | None = None,
+    late_ok: bool = False,
 ) -> tuple[manifest.Manifest, list[str]]:
     """The manifest to restore from: the highest validly signed one on the given remotes, or
     the one ``want`` names (:func:`select`); warns about stale remotes.
+
+    With ``late_ok`` (and no ``want``) the remotes still examining their manifests once k
+    remotes answered (k of the newest valid manifest, at or above ``min_seq``) and a grace
+    passed (:func:`hedging.grace`) are left to answer in the background
+    (``branches.late``): the caller must call :func:`check_late` before it reports success,
+    which refuses the restore if one of them holds a newer manifest (docs/format.md 10.3).
 
     Each remote is examined on its own thread, its manifest names newest first (by the
     sequence number that leads each name), until one verifies: an honest remote costs one
@@ -625,31 +653,46 @@ def find_manifest(
     (docs/threat-model.md, section 5)."""
     warnings: list[str] = []
     found = branches if branches is not None else Branches()
-    lock = threading.Lock()
 
-    def scan(r: Backend) -> None:
-        """Examine the manifests of one remote newest first; stop at the first valid one."""
+    def scan(r: Backend) -> tuple[set[str], tuple[str, manifest.Manifest] | None]:
+        """Examine the manifests of one remote newest first; stop at the first valid one.
+        Returns (the names read, the valid one); writes only to the remote's report."""
         rep = src.reports[r.spec]
+        tried: set[str] = set()
         try:
             names = src.manifest_names(r)
         except RemoteError as e:
             rep.reachable, rep.error = False, e.message
-            return
+            return tried, None
         for nm, listed in names:
             m = _valid_manifest(keys, src, r, nm, listed)
-            with lock:
-                found.tried.add(nm)
+            tried.add(nm)
             if isinstance(m, str):
                 rep.bad_manifests.append(f"{nm}: {m}")
                 continue
             rep.best_seq = m.seq
-            with lock:
-                found.valid.setdefault(nm, m)
-            return
+            return tried, (nm, m)
+        return tried, None
 
-    with ThreadPoolExecutor(max_workers=max(1, len(src.remotes))) as ex:
-        list(ex.map(scan, src.remotes))
-    reps = list(src.reports.values())
+    found.started = time.monotonic()
+    ex = ThreadPoolExecutor(max_workers=max(1, len(src.remotes)))
+    scans = {r.spec: ex.submit(scan, r) for r in src.remotes}
+    ex.shutdown(wait=False)
+    pending = set(scans.values())
+    enough_at: float | None = None
+    while pending:
+        done, pending = wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
+        _merge(found, done)
+        if not late_ok or want is not None or not pending:
+            continue
+        now = time.monotonic()
+        if enough_at is None:
+            if _enough(found, src, scans, min_seq):
+                enough_at = now
+        elif now - enough_at > hedging.grace(enough_at - found.started):
+            break
+    found.late = {spec: f for spec, f in scans.items() if f in pending}
+    reps = [src.reports[r.spec] for r in src.remotes if r.spec not in found.late]
     if not found.valid:
         details = "; ".join(
             f"{r.label}: {r.error or (r.bad_manifests[0] if r.bad_manifests else 'no manifest')}"
@@ -686,6 +729,73 @@ def find_manifest(
     return best, warnings
 
 
+def _merge(found: Branches, scans: Iterable[Future]) -> None:
+    """Add what finished scans of :func:`find_manifest` found to ``found``."""
+    for f in scans:
+        tried, got = f.result()
+        found.tried |= tried
+        if got is not None:
+            found.valid.setdefault(*got)
+
+
+def _enough(found: Branches, src: ShardSource, scans: dict[str, Future], min_seq: int) -> bool:
+    """Whether the remotes that answered so far are enough to go on without the others: k
+    of them (k of the newest valid manifest found) reachable, and that manifest at or above
+    the rollback floor (below it, only a remote still answering could hold the newer one)."""
+    if not found.valid:
+        return False
+    newest = max(found.valid.values(), key=lambda m: m.seq)
+    if newest.seq < min_seq:
+        return False
+    answered = [s for s, f in scans.items() if f.done() and src.reports[s].reachable]
+    return len(answered) >= newest.contents.k
+
+
+def check_late(
+    keys: VaultKeys, src: ShardSource, found: Branches, index: Index, said: Iterable[str] = ()
+) -> list[str]:
+    """After a restore that went on without the remotes :func:`find_manifest` left behind
+    (``found.late``): wait for them, at most until :data:`chain.CHECK_BOUND` seconds after
+    the manifests were first examined. Raises Rollback when one of them holds a valid
+    manifest newer than the one restored from (the remotes restored from are behind or
+    rolled back: the files written are the older state). Returns warnings: each remote that
+    did not answer in time (not checked), and other branches of a fork found on the late
+    remotes that are not already in ``said``."""
+    if not found.late:
+        return []
+    left = chain.CHECK_BOUND - (time.monotonic() - found.started)
+    done, pending = wait(list(found.late.values()), timeout=max(0.0, left))
+    _merge(found, done)
+    used = found.valid[found.used]
+    warnings = []
+    for spec, f in found.late.items():
+        rep = src.reports[spec]
+        if f in pending:
+            warnings.append(
+                f"{rep.label} did not answer within {chain.CHECK_BOUND:g}s: not checked for "
+                "a newer manifest or another branch (docs/format.md 10.3)"
+            )
+            continue
+        if rep.reachable and rep.best_seq is not None and rep.best_seq < used.seq:
+            warnings.append(f"{rep.label} is stale: newest manifest #{rep.best_seq} < #{used.seq}")
+        warnings += [f"{rep.label}: rejected manifest {b}" for b in rep.bad_manifests]
+    found.late = {spec: f for spec, f in found.late.items() if f in pending}
+    newer = [n for n, m in found.valid.items() if m.seq > used.seq]
+    if newer:
+        where = _listed(src)
+        found.holders |= {n: [r.label for r, _l in where[n]] for n in newer}
+        top = max(newer, key=lambda n: found.valid[n].seq)
+        raise Rollback(
+            f"restored from manifest {found.describe(found.used)}, but a remote that answered "
+            f"late holds the newer {found.describe(top)}: the other remotes are behind or "
+            "rolled back, so the files written are the older state. Bring those remotes up "
+            "to date from the writing machine (`vaultfs flush`, `vaultfs repair`) and restore "
+            f"again, or keep the older state knowingly with --manifest {used.link.short}"
+        )
+    seen = set(said)
+    return warnings + [w for w in _chain_report(keys, src, found, index) if w not in seen]
+
+
 def _valid_manifest(
     keys: VaultKeys, src: ShardSource, r: Backend, name: str, listed: int
 ) -> manifest.Manifest | str:
@@ -703,10 +813,11 @@ def _valid_manifest(
 
 
 def _listed(src: ShardSource) -> dict[str, list[tuple[Backend, int]]]:
-    """Manifest name -> (remote, listed size) of every reachable remote listing it."""
+    """Manifest name -> (remote, listed size) of every reachable remote listing it (a remote
+    whose listing has not come back yet is left out: :meth:`ShardSource.listed_yet`)."""
     where: dict[str, list[tuple[Backend, int]]] = defaultdict(list)
     for r in src.remotes:
-        if not src.reports[r.spec].reachable:
+        if not src.reports[r.spec].reachable or not src.listed_yet(r):
             continue
         try:
             names = src.manifest_names(r)
@@ -1686,6 +1797,7 @@ def open_remote_index(
     branches: Branches | None = None,
     shipped: ShippedObjects | None = None,
     lazy: bool = False,
+    late_ok: bool = False,
 ) -> tuple[Index, ShardSource, manifest.Manifest, list[str]]:
     """Disaster path: find the newest manifest (or the one ``want`` names, :func:`select`),
     fetch and check the index it names; a fork on the remotes is reported in the warnings and
@@ -1705,7 +1817,9 @@ def open_remote_index(
     refused. ``anchor`` (a receipt's manifest) must be the manifest used or one of its
     ancestors (Rollback otherwise). ``src`` may be a :class:`ShardSource` over ``remotes``
     already started (listing and manifest copies running while the key was unlocked).
-    ``shipped``: the sidecar of a home being rebuilt (:func:`fetch_index`)."""
+    ``shipped``: the sidecar of a home being rebuilt (:func:`fetch_index`). ``late_ok``: go
+    on without remotes slow to answer (:func:`find_manifest`); the caller then calls
+    :func:`check_late` with ``branches`` before it reports success."""
     workdir.mkdir(parents=True, exist_ok=True)
     if home is not None:
         min_seq = max(min_seq, seen_manifest_seq(home / "index.db", keys.vault_id.hex()))
@@ -1715,14 +1829,14 @@ def open_remote_index(
         src = ShardSource(remotes)
         src.start()
     found = branches if branches is not None else Branches()
-    m, warnings = find_manifest(keys, src, min_seq, want, found)
+    m, warnings = find_manifest(keys, src, min_seq, want, found, late_ok)
     src.stop_read_ahead()  # from here on the index says what to fetch
     # the newest signed manifest says which suites the vault retired and names its SLH-DSA key
     keys.retired_suites |= m.contents.retired_suites
     if keys.slhdsa_public is None and m.contents.slhdsa_public:
         keys.slhdsa_public = m.contents.slhdsa_public
         keys.slhdsa_param = SLHDSA_BY_SIG_ALG.get(m.sig_alg, keys.slhdsa_param)
-    src.list_all()
+    src.list_all(skip=found.late)
     reachable = [r for r in src.reports.values() if r.reachable]
     if not reachable:
         raise NotEnoughRemotes("none of the given remotes is reachable")

@@ -133,6 +133,12 @@ def validate(key: str, value: str) -> None:
             maintenance.parse_rate(value)
         elif key == "maintenance_ops" and not (value.isdigit() and int(value) > 0):
             raise ValueError("a number of operations, at least 1")
+        elif key == "sources":
+            missing = [p for p in value.split(":") if p and not os.path.lexists(p)]
+            if missing:  # found now, not at the first timed pass
+                raise ValueError(f"{missing[0]}: no such file or directory")
+            if not all(os.path.isabs(p) for p in value.split(":") if p):
+                raise ValueError("give absolute paths (the routine runs from anywhere)")
     except ValueError as e:
         raise InputError(f"invalid {key}={value!r}: {e}") from None
 

@@ -107,9 +107,11 @@ def max_id(index: Index) -> int:
     return (row[0] if row else None) or 0
 
 
-def ids(index: Index) -> list[int]:
-    """Every segment id."""
-    return [s for (s,) in index.q("SELECT id FROM segments")]
+def live_ids(index: Index) -> list[int]:
+    """The ids of the segments whose redundancy matters (:func:`live_shards`): every data
+    segment and the index copy the newest manifest names; older index copies kept for
+    `restore --manifest` are not rebuilt by repair and do not count."""
+    return [s for (s,) in index.q(f"SELECT g.id FROM segments g WHERE {_LIVE}")]
 
 
 def data_roots(db: sqlite3.Connection) -> list[bytes]:

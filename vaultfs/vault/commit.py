@@ -136,18 +136,23 @@ class Committer:
         every later manifest while the snapshot exists (docs/format.md 10.2).
 
         Returns (snapshot uid, manifest seq). Everything is durable locally when this
-        returns; a flush places it on the remotes. ``prepush`` starts moving the data shards
-        to the remotes while the index is exported and signed (for a caller that flushes
-        right after). Raises StaleBase, recording nothing, when the reachable remotes hold a
-        manifest newer than this chain's base (:meth:`Survey.stale`), unless ``fork``: then
-        the manifest is an explicit fork of the newest of them (its body's ``fork``), numbered
-        above it, and supersedes this home's manifests not yet placed.
+        returns; a flush places it on the remotes. ``prepush`` starts moving the shards to
+        the remotes (for a caller that flushes right after) as soon as the open segment is
+        sealed, before the base check: the data shards go out while a slow remote answers
+        it. A refused commit leaves them on the remotes unnamed (a later ``--fork`` names
+        them; after a home rebuild, verify reports them as foreign and repair moves them to
+        ``quarantine/``). Raises StaleBase, recording no snapshot, when the reachable remotes
+        hold a manifest newer than this chain's base (:meth:`Survey.stale`), unless ``fork``:
+        then the manifest is an explicit fork of the newest of them (its body's ``fork``),
+        numbered above it, and supersedes this home's manifests not yet placed.
         """
         if name is not None:
             names.check_snapshot_name(name)
         with self.writer.write_lock:
-            forked = self._check_base(fork)
             self.writer.seal()  # invariant 3
+            if prepush:  # the data goes out while the base check waits for a slow remote
+                self.prepush()
+            forked = self._check_base(fork)
             uid = secrets.token_hex(4)
             with self.index.tx() as db:
                 seq = manifests.next_seq(db)

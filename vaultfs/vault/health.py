@@ -20,7 +20,7 @@ def status(index: Index, keys: VaultKeys, params: VaultParams) -> dict:
         planned.setdefault(seg, []).append(rid)
         if state == "placed":
             placed.setdefault(seg, []).append(rid)
-    segs = segments.ids(index)
+    segs = segments.live_ids(index)  # what repair keeps at full redundancy
     placed_lists = [placed.get(s, []) for s in segs]
     planned_lists = [planned.get(s, []) for s in segs]
     per_remote = []

@@ -146,6 +146,13 @@ def load(
     ``passphrase``), taking its lock if ``lock``. Returns (keys, index, lock fd or None).
     Raises NoVault when there is none, WrongKey when the key is another vault's."""
     if not index_path(home).exists():
+        tiers = home / "tiers"  # strategy.TIERS_DIR (not imported: it pulls in the YAML parser)
+        if tiers.is_dir() and any((t / "index.db").exists() for t in tiers.iterdir()):
+            names = sorted(t.name for t in tiers.iterdir() if (t / "index.db").exists())
+            raise NoVault(
+                f"{home} is a strategy's home, not a vault's: each tier is a vault of its own "
+                f"({', '.join(names)}); pass --home {tiers}/NAME, or use `vaultfs strategy show`"
+            )
         raise NoVault(
             f"no vault at {home}: run `vaultfs init`, or `vaultfs home rebuild --from REMOTE` "
             "to make this machine's copy of an existing vault, or pass --home"

@@ -10,7 +10,10 @@ Ordering invariants enforced here (numbered as in docs/design.md):
 6. An old index copy is deleted only once a flush placed every newer manifest everywhere.
 7. A manifest is placed only after a survey of the reachable remotes found the base current
    (:mod:`vaultfs.chain`): a refused manifest is never uploaded (it stays queued, and the
-   flush reports ``stale_base``). With no remote reachable nothing is placed anyway.
+   flush reports ``stale_base``). With no remote reachable nothing is placed anyway. The
+   survey starts as the flush starts, beside the shard uploads, so a slow remote's answer
+   costs no time of its own; placing waits for it, and a remote silent for
+   :data:`chain.CHECK_BOUND` seconds is reported as not checked (``unchecked``).
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .. import chain
+from .. import chain, hedging
 from ..backends import Backend
 from ..errors import RemoteError
-from ..index import Index, manifests, segments
+from ..index import Index, VaultParams, manifests, segments
 from ..index import remotes as remote_table
 from ..keys import VaultKeys
 from .queue import SUBDIRS, ShardQueue
@@ -31,11 +34,6 @@ from .recovery import reconcile
 
 #: How many of the newest manifests (and the meta segments they name) stay on the remotes.
 KEEP_INDEX_COPIES = 3
-#: A quorum flush (:meth:`UploadQueue.flush`), once every segment has k shards placed, still
-#: waits this fraction of the time that took (at least QUORUM_GRACE_MIN seconds) for the
-#: remotes still uploading: remotes of about equal speed all finish, one far slower is left.
-QUORUM_GRACE = 0.15
-QUORUM_GRACE_MIN = 1.0
 
 
 def _each(fn: Callable, items: list) -> None:
@@ -62,6 +60,8 @@ class FlushReport:
     under_k: int = 0
     manifests_pending: int = 0
     stale_base: str | None = None  # why queued manifests were refused (StaleBase message)
+    #: remotes whose manifests the placement's survey could not look at (chain.CHECK_BOUND)
+    unchecked: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -120,8 +120,9 @@ class UploadQueue:
 
         ``seal=False`` pushes only what is already sealed, so a caller that flushes often
         (the mount's background pusher) does not pad the open segment on every pass.
-        With ``quorum`` (a backup) the flush returns once every segment has k shards placed
-        and the remotes still uploading had :data:`QUORUM_GRACE` more to finish: one slow
+        With ``quorum`` (a backup) the flush returns once every segment has k shards placed,
+        k remotes have everything (and so get the manifest), and the remotes still uploading
+        had a grace to finish (:func:`hedging.grace`): one slow
         remote does not set the pace. What it has not received stays queued (reported in
         ``pending``; its manifest waits, invariant 4) and goes out on a later flush; its
         upload keeps running in the background meanwhile (every flush waits for a remote's
@@ -136,6 +137,12 @@ class UploadQueue:
             self.seal()
         report = FlushReport()
         remotes = self.remotes()
+        # invariant 7's survey runs while the shards go out: placing waits only for its rest
+        survey = (
+            chain.survey_ahead(self.keys, self.index, remotes)
+            if manifests.pending_uploads(self.index)
+            else None
+        )
         ok = self._push_shards(remotes, report, quorum=quorum)
         report.uploaded += reconcile(self.index, self.queue)
         for r in remotes:
@@ -143,7 +150,7 @@ class UploadQueue:
                 remote_table.record_result(self.index, r.rid, None)
         report.under_k = segments.count_under_k(self.index)
         if report.under_k == 0:
-            self._push_manifests(remotes, ok, report)
+            self._push_manifests(remotes, ok, report, survey)
         for r in remotes:
             report.pending[r.label] = segments.queued_count(self.index, r.rid)
         report.manifests_pending = manifests.pending_uploads(self.index)
@@ -198,7 +205,8 @@ class UploadQueue:
         """One ``rclone move`` per remote of its queue directory (data/ and meta/ shards), all
         remotes at once, each after any upload to it still running has ended. Waits for
         them all, or with ``quorum`` (see :meth:`flush`) until every segment has k shards
-        placed and the grace has passed, leaving the rest running. Returns {remote id:
+        placed and the uploads to k remotes ended well (so the manifest can go to k
+        remotes), and the grace has passed, leaving the rest running. Returns {remote id:
         success} of the remotes whose upload of this flush ended; records errors in
         ``report`` and the index."""
         results: dict[int, str | None] = {}
@@ -210,6 +218,7 @@ class UploadQueue:
                 results[r.rid] = failed_before[r.rid]
             else:
                 waiting.append(r)
+        k = VaultParams.read(self.index).k if quorum else 0
         t0 = time.monotonic()
         reached: float | None = None
         while True:
@@ -226,9 +235,11 @@ class UploadQueue:
             if reached is None:
                 # a shard whose queue file is gone is placed (invariant 5)
                 report.uploaded += reconcile(self.index, self.queue)
-                if segments.count_under_k(self.index) == 0:
+                # and the manifest can go to k remotes: k uploads of this flush ended well
+                placed_on = sum(msg is None for msg in list(results.values()))
+                if placed_on >= k and segments.count_under_k(self.index) == 0:
                     reached = now
-            elif now - reached > max(QUORUM_GRACE_MIN, QUORUM_GRACE * (reached - t0)):
+            elif now - reached > hedging.grace(reached - t0):
                 break
         with self._lock:
             self._left = frozenset(rid for rid, t in self._inflight.items() if t.is_alive())
@@ -279,15 +290,22 @@ class UploadQueue:
         return deleted
 
     def _push_manifests(
-        self, remotes: list[Backend], ok: dict[int, bool], report: FlushReport
+        self,
+        remotes: list[Backend],
+        ok: dict[int, bool],
+        report: FlushReport,
+        survey: Callable[[], chain.Survey] | None = None,
     ) -> None:
         """Upload queued manifests, oldest first, every remote at once (invariant 4: only
         called once every segment has k shards placed), once the base is found current
-        (invariant 7; a stale base is reported in ``report.stale_base``)."""
+        (invariant 7; a stale base is reported in ``report.stale_base``). ``survey``: the
+        flush's survey, started as it began (:func:`chain.survey_ahead`); without one (no
+        manifest was queued then) the remotes are surveyed now."""
         rows = manifests.queued_uploads(self.index)
         if not rows:
             return
-        found = chain.survey(self.keys, self.index, remotes)
+        found = survey() if survey else chain.survey(self.keys, self.index, remotes)
+        report.unchecked = found.unchecked
         if found.reachable:
             manifests.note_fork(self.index, found.describe())
         if stale := found.stale(self.index):
