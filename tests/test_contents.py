@@ -21,7 +21,7 @@ import pytest
 from helpers import PASSPHRASE, run_cli, tree_digest
 
 from vaultfs import chunker
-from vaultfs.errors import NoVault
+from vaultfs.errors import WrongKey
 from vaultfs.index import Index
 from vaultfs.index import contents as contents_mod
 from vaultfs.keys import VaultKeys, read_keyfile
@@ -264,7 +264,7 @@ def test_a_schema2_index_is_converted_in_place(tmp_path):
 
     with contextlib.closing(Index(path)) as index:  # no key: reading settings only
         assert index.one("PRAGMA user_version") == (2,)
-    with pytest.raises(NoVault):
+    with pytest.raises(WrongKey):
         home_mod.load(home, None, VaultKeys.from_seed(bytes(32)), lock=False)
     with contextlib.closing(sqlite3.connect(path)) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (2,)

@@ -1461,6 +1461,8 @@ def restore_files(
     nothing (a user's --include; readers that ask for files a snapshot may lack leave it off).
     ThawNeeded when shards were out of reach because remotes hold them in archive storage."""
     snap_uid, entries = _entries(index, snapshot, include, each_include)
+    files = [e.id for e in entries if e.type == "f"]
+    epoch_suites = _check_suites(keys, index, snapshots.segment_epochs(index, files))
     to = _prepare_target(to, force)
     marker = to / INCOMPLETE
     marker.write_text(f"{snap_uid}\n")  # until the last file is finished
@@ -1470,13 +1472,11 @@ def restore_files(
         total_cb(total)
     warnings: list[str] = []
     # a window of chunks at a time, so memory stays flat however large the snapshot (a
-    # segment two windows need is fetched twice: rare, and only I/O); each window's suites
-    # are checked before its data is read
+    # segment two windows need is fetched twice: rare, and only I/O)
     for plan in _plan_windows(to, index, file_rows):
         seg_ids = sorted(plan)
         seg_rows = segments.layouts(index, seg_ids)
         shard_rows = segments.shard_hashes(index, seg_ids)
-        epoch_suites = _check_suites(keys, index, seg_rows)
         try:
             warnings += _write_chunks(
                 keys, index, src, plan, seg_rows, shard_rows, epoch_suites, progress
@@ -1527,16 +1527,14 @@ def _entries(
     return snap_uid, entries
 
 
-def _check_suites(
-    keys: VaultKeys, index: Index, seg_rows: dict[int, tuple[int, int, int, int, int]]
-) -> dict[int, int]:
-    """Refuse (before anything is written) data the restore reads, the segments of
-    ``seg_rows`` (:func:`segments.layouts`), under a suite ``keys`` or the index retire;
-    returns {epoch: suite}. Only those segments count (a one-file restore through the lazy
-    view reads no other segment rows)."""
+def _check_suites(keys: VaultKeys, index: Index, epochs: set[int]) -> dict[int, int]:
+    """Refuse (before anything is written) data the restore reads, sealed in key ``epochs``
+    (:func:`snapshots.segment_epochs` of its files), under a suite ``keys`` or the index
+    retire; returns {epoch: suite}. Only those epochs count (a one-file restore through the
+    lazy view reads no other segment rows)."""
     keys.retired_suites |= keyring.retired_suites(index)
     epoch_suites = {epoch: suite for epoch, suite, _wrapped in keyring.epochs(index)}
-    for epoch in {layout[3] for layout in seg_rows.values()}:
+    for epoch in epochs:
         keys.check_suite(epoch_suites.get(epoch, 0))
     return epoch_suites
 

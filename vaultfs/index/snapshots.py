@@ -192,6 +192,24 @@ def file_chunk_pages(
             return
 
 
+def segment_epochs(index: Index, entries: list[int]) -> set[int]:
+    """The key epochs of the segments holding the chunks of file entries ``entries`` (a
+    restore checks their suites before it writes anything)."""
+    out: set[int] = set()
+    for i in range(0, len(entries), 500):
+        part = entries[i : i + 500]
+        out |= {
+            epoch
+            for (epoch,) in index.q(
+                "SELECT DISTINCT g.epoch FROM entries e JOIN content_chunks x"
+                " ON x.content = e.content JOIN chunks c ON c.id = x.chunk"
+                f" JOIN segments g ON g.id = c.segment WHERE e.id IN ({','.join('?' * len(part))})",
+                tuple(part),
+            )
+        }
+    return out
+
+
 def files_in_segment(index: Index, seg_id: int) -> list[tuple[str, str]]:
     """(snapshot uid, path as stored) of every file with a chunk in segment ``seg_id``, by
     snapshot and path."""
