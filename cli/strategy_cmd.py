@@ -30,7 +30,8 @@ from cli.common import (
 )
 from vaultfs import keys, tiers
 from vaultfs.errors import ConfigError, InputError
-from vaultfs.strategy import Strategy
+from vaultfs.strategy import Strategy, default_path
+from vaultfs.strategy import check as check_file
 
 strategy_app = typer.Typer(help="The strategy file: tiers of copies from one master seed.")
 app.add_typer(strategy_app, name="strategy")
@@ -41,10 +42,15 @@ FileArg = Annotated[
 ]
 
 
-def _load(home: Path | None, file: Path | None, option: Path | None) -> Strategy:
+def _path(file: Path | None, option: Path | None) -> Path | None:
+    """The strategy file given as the argument or as --strategy (not two different ones)."""
     if file and option and file != option:
         raise InputError("give the strategy file as an argument or as --strategy, not both")
-    return load_strategy(home, file or option)
+    return file or option
+
+
+def _load(home: Path | None, file: Path | None, option: Path | None) -> Strategy:
+    return load_strategy(home, _path(file, option))
 
 
 @strategy_app.command()
@@ -55,10 +61,11 @@ def check(
     as_json: JsonOpt = False,
 ) -> None:
     """Validate a strategy file and that this machine can run it (the `path:` sources exist,
-    the `pg_dump` program is there): exit 0, else 2 with one line per problem naming the
-    file, the line and the key."""
-    s = _load(home, file, strategy)
-    if problems := s.problems():
+    the `pg_dump` program is there): exit 0, else 2 with every problem, one line each naming
+    the file, the line and the key."""
+    h = home_dir(home)
+    s, problems = check_file(_path(file, strategy) or default_path(h), h)
+    if problems or s is None:
         raise ConfigError("\n".join(problems))
     if as_json:
         out.print_json(json.dumps({"valid": True, "path": str(s.path), "tiers": list(s.tiers)}))

@@ -78,12 +78,19 @@ sources:
         ("backup_strategy:\n  a: {backend: 'x:y', frequency: daily}\n"
          "  b: {backend: 'x:y', frequency: weekly}\nsources:\n  - path: n\n", 3,
          ["b.backends", "also a backend of tier a"]),
+        ("backup_strategy:\n  a: {backend: /mnt/kb, frequency: daily}\n"
+         "  b: {backend: /mnt/kb/old, frequency: weekly}\nsources:\n  - path: n\n", 3,
+         ["b.backends", "/mnt/kb/old is inside /mnt/kb, a backend of tier a"]),
+        ("backup_strategy:\n  a: {backends: ['x:kb/2026', 'y:z'], frequency: daily,"
+         " erasure_coding: 1_of_2}\n  b: {backend: 'x:', frequency: weekly}\nsources:\n"
+         "  - path: n\n", 3, ["b.backends", "x: holds x:kb/2026, a backend of tier a"]),
     ],
 )  # fmt: skip
 def test_a_bad_strategy_file_is_one_line_naming_line_and_key(
     tmp_path: Path, text: str, line: int, words: list[str]
 ) -> None:
     f = write(tmp_path / "s.yaml", text)
+    (tmp_path / "n").mkdir()  # the sources exist: the file's one problem is the only one
     with pytest.raises(ConfigError) as e:
         strategy.load(f, tmp_path)
     assert e.value.message.startswith(f"{f}:{line}:"), e.value.message
@@ -92,6 +99,40 @@ def test_a_bad_strategy_file_is_one_line_naming_line_and_key(
     msg = res.stderr.decode().strip()
     assert len(msg.splitlines()) == 1 and "Traceback" not in msg
     assert f"{f.name}:{line}:" in msg
+
+
+def test_strategy_check_names_every_problem_in_file_order(tmp_path: Path) -> None:
+    f = write(
+        tmp_path / "s.yaml",
+        "backup_strategy:\n"
+        "  nas: {backend: /mnt/kb, frequency: dayly, colour: red}\n"
+        "  off:\n"
+        "    backends: ['x:1', 'x:2', /mnt/kb/sub]\n"
+        "    frequency: daily\n"
+        "    erasure_coding: 3of3\n"
+        "  arch: {backend: 'x:1/deep', frequency: weekly, retention: 3_dayz}\n"
+        "sources:\n"
+        "  - path: gone\n"
+        "  - other: 1\n",
+    )
+    res = run_cli("strategy", "check", str(f), home=tmp_path / "h", check=2)
+    lines = res.stderr.decode().removeprefix("error: ").splitlines()
+    assert "Traceback" not in res.stderr.decode()
+    assert [ln.split(": ", 2)[:2] for ln in lines] == [
+        [f"{f}:2", "nas.colour"],
+        [f"{f}:2", "nas.frequency"],
+        [f"{f}:3", "off.backends"],
+        [f"{f}:6", "off.erasure_coding"],
+        [f"{f}:7", "arch.retention"],
+        [f"{f}:7", "arch.backends"],
+        [f"{f}:10", "sources[1]"],
+        [f"{f}:9", "sources[0].path"],  # what this machine lacks comes after the file's
+    ], lines
+    assert "/mnt/kb/sub is inside /mnt/kb, a backend of tier nas" in lines[2]
+    assert "x:1/deep is inside x:1, a backend of tier off" in lines[5]
+    with pytest.raises(ConfigError) as e:  # every command reads the file the same way
+        strategy.load(f, tmp_path)
+    assert e.value.message.splitlines() == lines[:-1]
 
 
 def test_a_missing_strategy_file_is_named(tmp_path: Path) -> None:

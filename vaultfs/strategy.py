@@ -14,16 +14,19 @@ back up, read from YAML and validated into a :class:`Strategy` (docs/operations.
       - path: ~/notes
 
 This module only reads, validates and edits the file (pure apart from reading and writing
-it); vaultfs/tiers.py makes the tiers' vaults and runs them. Every problem is a
-:class:`~vaultfs.errors.ConfigError` (exit 2) whose one line names the file, the line and the
-key: ``strategy.yaml:4: offsite.erasure_coding: '3of5' is not K_of_N (e.g. 3_of_5)``.
+it); vaultfs/tiers.py makes the tiers' vaults and runs them. An invalid file is a
+:class:`~vaultfs.errors.ConfigError` (exit 2) with one line per problem (validation goes on
+past a problem), each naming the file, the line and the key:
+``strategy.yaml:4: offsite.erasure_coding: '3of5' is not K_of_N (e.g. 3_of_5)``.
 
 Spellings accepted (anything else is an error):
 
 - ``backend: SPEC`` or ``backends: [SPEC, ...]`` (not both): an rclone remote ``NAME:PATH``,
   a connection string ``:TYPE,OPTION=VALUE,...:PATH``, an absolute (or ``~``) local path, or
   ``local_postgres``: the live database itself (a tier that is its sources, not a vault;
-  `vaultfs run` leaves it alone).
+  `vaultfs run` leaves it alone). A location belongs to one tier: another tier's backend in
+  the same location or inside it (``/mnt/a`` and ``/mnt/a/b``; ``nas:kb`` and
+  ``nas:kb/old``) is refused.
 - ``erasure_coding: K_of_N``: N shards of every segment, each on another backend, so N is
   at most the number of backends (usually equal; more backends than N share the load and add
   no redundancy), 1 <= K < N <= 32, or ``1_of_1``: one whole copy (a 1-of-1 vault,
@@ -45,10 +48,12 @@ Spellings accepted (anything else is an error):
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,11 +180,6 @@ class Strategy:
             )
         return self.tiers[name]
 
-    def problems(self) -> list[str]:
-        """What this machine lacks to run the file (:meth:`Source.problems` of every source):
-        `vaultfs strategy check` reports them, one line each."""
-        return [p for src in self.sources for p in src.problems()]
-
     def as_json(self) -> dict:
         return {
             "path": str(self.path),
@@ -222,13 +222,29 @@ def _read(path: Path) -> object:
 
 
 class _At:
-    """Error messages that name the file, the line and the key path."""
+    """Error messages that name the file, the line and the key path, and the problems found
+    so far (:meth:`collect`): validation goes on past a problem so that one pass names every
+    problem of the file."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.problems: list[str] = []
+
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[None]:
+        """Record a ConfigError raised in the ``with`` block as one more problem and go on."""
+        try:
+            yield
+        except ConfigError as e:
+            self.problems.append(e.message)
 
     def fail(self, node: object, key: str | int | None, where: str, msg: str) -> ConfigError:
         return ConfigError(f"{self.at(node, key, where)}: {msg}")
+
+    def line(self, message: str) -> int:
+        """The line a message of :meth:`fail` names (0 when none): to list them in file order."""
+        m = re.match(re.escape(str(self.path)) + r":(\d+):", message)
+        return int(m.group(1)) if m else 0
 
     def at(self, node: object, key: str | int | None, where: str) -> str:
         """``FILE:LINE: KEY`` of ``key`` in ``node`` (the parts known)."""
@@ -246,58 +262,191 @@ class _At:
 def load(path: Path, home: Path) -> Strategy:
     """Read and validate the strategy file at ``path`` for the vault home ``home`` (tier
     homes go under ``home/tiers/``). Raises InputError when the file cannot be read and
-    ConfigError (one line: file, line, key) when it is not a valid strategy."""
+    ConfigError when it is not a valid strategy: one line per problem (file, line, key)."""
     return parse(_read(path), path, home)
+
+
+def check(path: Path, home: Path) -> tuple[Strategy | None, list[str]]:
+    """Every problem of the strategy file at ``path``, one line each (file, line, key): what
+    makes it invalid, then what this machine lacks to run it (:meth:`Source.problems` of the
+    sources it could read); the Strategy when the file itself is valid. `vaultfs strategy
+    check` reports them. InputError when the file cannot be read."""
+    at = _At(path)
+    tiers, sources = _parse(at, _read(path), home)
+    machine = [p for src in sources for p in src.problems()]
+    valid = None if at.problems else Strategy(path, home, tiers, sources)
+    return valid, sorted(at.problems, key=at.line) + machine
 
 
 def parse(doc: object, path: Path, home: Path) -> Strategy:
     """Validate a loaded YAML document (see :func:`load`)."""
     at = _At(path)
-    if not isinstance(doc, CommentedMap):
-        raise at.fail(doc, None, "", "a strategy file is a mapping with backup_strategy:")
-    for key in doc:
-        if key not in ("backup_strategy", "sources"):
-            raise at.fail(
-                doc, key, str(key), "unknown key: the file holds backup_strategy and sources"
-            )
-    tiers_doc = doc.get("backup_strategy")
-    if "backup_strategy" not in doc:
-        raise at.fail(doc, None, "backup_strategy", "missing: name the tiers under it")
-    if not isinstance(tiers_doc, CommentedMap) or not tiers_doc:
-        raise at.fail(doc, "backup_strategy", "backup_strategy", "must map tier names to tiers")
-    tiers = {}
-    for name in tiers_doc:
-        if not isinstance(name, str) or not _TIER_NAME.fullmatch(name):
-            raise at.fail(
-                tiers_doc, name, str(name),
-                "a tier name is lower-case letters, digits, - and _, starting with a letter",
-            )  # fmt: skip
-        tiers[name] = _tier(at, tiers_doc, name, home / TIERS_DIR / name)
-        for other in list(tiers)[:-1]:  # two vaults in one location would call each other's
-            shared = set(tiers[other].backends) & set(tiers[name].backends) - {LIVE_POSTGRES}
-            if shared:  # objects foreign (repair quarantines them): one location, one tier
-                raise at.fail(
-                    tiers_doc, name, f"{name}.backends",
-                    f"{sorted(shared)[0]} is also a backend of tier {other}: each tier needs "
-                    "locations of its own",
-                )  # fmt: skip
-    sources = _sources(at, doc, path.parent)
-    if not sources and not all(t.live for t in tiers.values()):
-        raise at.fail(doc, None, "sources", "missing: list what the tiers back up (path:, pg:)")
-    if sum(t.live for t in tiers.values()) > 1:
-        raise at.fail(tiers_doc, None, "backup_strategy", f"only one tier may be {LIVE_POSTGRES}")
+    tiers, sources = _parse(at, doc, home)
+    if at.problems:
+        raise ConfigError("\n".join(sorted(at.problems, key=at.line)))
     return Strategy(path, home, tiers, sources)
 
 
-def _tier(at: _At, parent: CommentedMap, name: str, home: Path) -> Tier:
+def _parse(at: _At, doc: object, home: Path) -> tuple[dict[str, Tier], list[Source]]:
+    """The tiers and sources of ``doc`` that are valid; every problem goes to ``at``."""
+    if not isinstance(doc, CommentedMap):
+        at.problems.append(at.fail(doc, None, "", "a strategy file is a mapping with "
+                                   "backup_strategy:").message)  # fmt: skip
+        return {}, []
+    for key in doc:
+        if key not in ("backup_strategy", "sources"):
+            with at.collect():
+                raise at.fail(
+                    doc, key, str(key), "unknown key: the file holds backup_strategy and sources"
+                )
+    tiers: dict[str, Tier] = {}
+    tiers_doc = doc.get("backup_strategy")
+    with at.collect():
+        if "backup_strategy" not in doc:
+            raise at.fail(doc, None, "backup_strategy", "missing: name the tiers under it")
+        if not isinstance(tiers_doc, CommentedMap) or not tiers_doc:
+            raise at.fail(doc, "backup_strategy", "backup_strategy", "must map tier names to tiers")
+        tiers = _tiers(at, tiers_doc, home)
+    sources = _sources(at, doc, at.path.parent)
+    if not sources and tiers and not all(t.live for t in tiers.values()) and not at.problems:
+        with at.collect():
+            raise at.fail(doc, None, "sources", "missing: list what the tiers back up (path:, pg:)")
+    return tiers, sources
+
+
+def _tiers(at: _At, tiers_doc: CommentedMap, home: Path) -> dict[str, Tier]:
+    """The valid tiers of ``tiers_doc``, each checked against those before it: one location
+    (or one inside another's) for two tiers is refused."""
+    tiers: dict[str, Tier] = {}
+    located: dict[str, tuple[str, ...]] = {}  # the backends of every tier read so far
+    for name in tiers_doc:
+        with at.collect():
+            if not isinstance(name, str) or not _TIER_NAME.fullmatch(name):
+                raise at.fail(
+                    tiers_doc, name, str(name),
+                    "a tier name is lower-case letters, digits, - and _, starting with a letter",
+                )  # fmt: skip
+            backends, tier = _tier(at, tiers_doc, name, home / TIERS_DIR / name)
+            clashes = [(o, c) for o, theirs in located.items() if (c := _overlap(theirs, backends))]
+            located[name] = backends
+            for other, (a, b) in clashes:  # two vaults in one location would take each
+                how = {  # other's objects for foreign ones (repair quarantines them)
+                    0: f"is also a backend of tier {other}",
+                    1: f"is inside {a}, a backend of tier {other}",
+                    -1: f"holds {a}, a backend of tier {other}",
+                }[_inside(b, a) or 0]
+                with at.collect():
+                    raise at.fail(
+                        tiers_doc, name, f"{name}.backends",
+                        f"{b} {how}: each tier needs locations of its own, none inside "
+                        "another's",
+                    )  # fmt: skip
+            if tier is not None:
+                tiers[name] = tier
+    if sum(t.live for t in tiers.values()) > 1:
+        with at.collect():
+            raise at.fail(
+                tiers_doc, None, "backup_strategy", f"only one tier may be {LIVE_POSTGRES}"
+            )
+    return tiers
+
+
+def _location(spec: str) -> tuple[str, tuple[str, ...]]:
+    """(remote, path parts) of a backend spec: the remote is "" for a local path, the name
+    for ``NAME:PATH``, the backend and options for ``:TYPE,...:PATH`` (as rclone splits
+    them, and :attr:`vaultfs.remotes.Remote.label`)."""
+    if spec.startswith(":"):
+        remote, _, path = spec.rpartition(":")
+    elif ":" in spec and "/" not in spec.split(":", 1)[0]:
+        remote, _, path = spec.partition(":")
+    else:
+        remote, path = "", spec
+    return remote, tuple(p for p in path.split("/") if p not in ("", "."))
+
+
+def _inside(a: str, b: str) -> int | None:
+    """Whether backend ``a`` is in ``b``'s location: 0 the same, 1 inside it, -1 holding it,
+    None apart (the live database is no location)."""
+    if LIVE_POSTGRES in (a, b):
+        return None
+    (ra, pa), (rb, pb) = _location(a), _location(b)
+    short = min(len(pa), len(pb))
+    if ra != rb or pa[:short] != pb[:short]:
+        return None
+    return (len(pa) > len(pb)) - (len(pa) < len(pb))
+
+
+def _overlap(theirs: tuple[str, ...], mine: tuple[str, ...]) -> tuple[str, str] | None:
+    """The first (their backend, my backend) that share a location or one inside the other
+    (:func:`_inside`), else None."""
+    return next(((a, b) for a in theirs for b in mine if _inside(b, a) is not None), None)
+
+
+def _tier(
+    at: _At, parent: CommentedMap, name: str, home: Path
+) -> tuple[tuple[str, ...], Tier | None]:
+    """The backends of tier ``name`` of ``parent`` (empty when they are invalid) and the
+    tier, None when it has problems (each recorded in ``at``)."""
+    before = len(at.problems)
     doc = parent[name]
     if not isinstance(doc, CommentedMap):
         raise at.fail(parent, name, name, "a tier is a mapping (backend:, frequency:, ...)")
     for key in doc:
         if key not in _TIER_KEYS:
+            with at.collect():
+                raise at.fail(
+                    doc, key, f"{name}.{key}", f"unknown key; a tier takes {', '.join(_TIER_KEYS)}"
+                )
+    backends: tuple[str, ...] = ()
+    with at.collect():
+        backends = _backends(at, parent, name)
+    live = backends == (LIVE_POSTGRES,)
+    frequency = 0.0
+    with at.collect():
+        freq_text = str(doc.get("frequency", ""))
+        if "frequency" not in doc:
+            raise at.fail(parent, name, f"{name}.frequency", "missing (hourly, daily, 6h, ...)")
+        frequency = _frequency(at, doc, name, freq_text, live)
+    if live:
+        for extra in ("retention", "erasure_coding", "encryption", "immutable"):
+            if extra in doc:
+                with at.collect():
+                    raise at.fail(
+                        doc, extra, f"{name}.{extra}", f"does not apply to the live {LIVE_POSTGRES}"
+                    )
+        if len(at.problems) > before:
+            return backends, None
+        return backends, Tier(name, backends, 1, 1, frequency, None, False, "", home, freq_text, "")
+    k = n = 1
+    if backends:
+        with at.collect():
+            k, n = _coding(at, parent, name, len(backends))
+    ret_text = str(doc.get("retention", "permanent"))
+    policy = None
+    with at.collect():
+        policy = _retention(at, doc, name, ret_text)
+    enc = str(doc.get("encryption", ENCRYPTIONS[0]))
+    if enc not in ENCRYPTIONS:
+        with at.collect():
             raise at.fail(
-                doc, key, f"{name}.{key}", f"unknown key; a tier takes {', '.join(_TIER_KEYS)}"
-            )
+                doc, "encryption", f"{name}.encryption",
+                f"{enc!r} is not offered: use {' or '.join(ENCRYPTIONS)} (other suites: "
+                "`vaultfs reencrypt` on the tier)",
+            )  # fmt: skip
+    immutable = doc.get("immutable", False)
+    if not isinstance(immutable, bool):
+        with at.collect():
+            raise at.fail(doc, "immutable", f"{name}.immutable", "true or false")
+    if len(at.problems) > before:
+        return backends, None
+    tier = Tier(name, backends, k, n, frequency, policy, immutable, enc, home, freq_text, ret_text)
+    return backends, tier
+
+
+def _backends(at: _At, parent: CommentedMap, name: str) -> tuple[str, ...]:
+    """The backends of tier ``name`` (ConfigError on the first problem: the rest of the tier
+    is still checked)."""
+    doc = parent[name]
     if ("backend" in doc) == ("backends" in doc):
         raise at.fail(parent, name, f"{name}.backend", "give exactly one of backend: or backends:")
     key = "backend" if "backend" in doc else "backends"
@@ -311,34 +460,9 @@ def _tier(at: _At, parent: CommentedMap, name: str, home: Path) -> Tier:
         backends = tuple(_backend(at, raw, i, f"{name}.backends", b) for i, b in enumerate(raw))
     if len(set(backends)) != len(backends):
         raise at.fail(doc, key, f"{name}.{key}", "the same backend is listed twice")
-    live = backends == (LIVE_POSTGRES,)
-    if LIVE_POSTGRES in backends and not live:
+    if LIVE_POSTGRES in backends and backends != (LIVE_POSTGRES,):
         raise at.fail(doc, key, f"{name}.{key}", f"{LIVE_POSTGRES} stands alone in its tier")
-    freq_text = str(doc.get("frequency", ""))
-    if "frequency" not in doc:
-        raise at.fail(parent, name, f"{name}.frequency", "missing (hourly, daily, 6h, ...)")
-    frequency = _frequency(at, doc, name, freq_text, live)
-    if live:
-        for extra in ("retention", "erasure_coding", "encryption", "immutable"):
-            if extra in doc:
-                raise at.fail(
-                    doc, extra, f"{name}.{extra}", f"does not apply to the live {LIVE_POSTGRES}"
-                )
-        return Tier(name, backends, 1, 1, frequency, None, False, "", home, freq_text, "")
-    k, n = _coding(at, parent, name, len(backends))
-    ret_text = str(doc.get("retention", "permanent"))
-    policy = _retention(at, doc, name, ret_text)
-    enc = str(doc.get("encryption", ENCRYPTIONS[0]))
-    if enc not in ENCRYPTIONS:
-        raise at.fail(
-            doc, "encryption", f"{name}.encryption",
-            f"{enc!r} is not offered: use {' or '.join(ENCRYPTIONS)} (other suites: "
-            "`vaultfs reencrypt` on the tier)",
-        )  # fmt: skip
-    immutable = doc.get("immutable", False)
-    if not isinstance(immutable, bool):
-        raise at.fail(doc, "immutable", f"{name}.immutable", "true or false")
-    return Tier(name, backends, k, n, frequency, policy, immutable, enc, home, freq_text, ret_text)
+    return backends
 
 
 def _backend(at: _At, node: object, key: str | int, where: str, spec: object) -> str:
@@ -431,46 +555,54 @@ def _retention(at: _At, doc: CommentedMap, name: str, text: str) -> retention.Po
 
 
 def _sources(at: _At, doc: CommentedMap, base: Path) -> list[Source]:
+    """The valid sources of ``doc``; every problem goes to ``at``."""
     raw = doc.get("sources")
     if raw is None:
         return []
     if not isinstance(raw, CommentedSeq):
-        raise at.fail(doc, "sources", "sources", "a list of {path: DIR} and {pg: {dsn: DSN}}")
+        with at.collect():
+            raise at.fail(doc, "sources", "sources", "a list of {path: DIR} and {pg: {dsn: DSN}}")
+        return []
     out = []
     for i, item in enumerate(raw):
-        where = f"sources[{i}]"
-        if not isinstance(item, CommentedMap) or len(item) != 1:
-            raise at.fail(raw, i, where, "one of {path: DIR} or {pg: {dsn: DSN}}")
-        ((kind, value),) = item.items()
-        if kind == "path":
-            if not isinstance(value, str) or not value:
-                raise at.fail(item, kind, where + ".path", "a directory")
-            path_at = at.at(item, kind, where + ".path")
-            out.append(Source("path", str(base / Path(value).expanduser()), where=path_at))
-        elif kind == "pg":
-            if not isinstance(value, CommentedMap):
-                raise at.fail(item, kind, where + ".pg", "needs {dsn: DSN}")
-            for key in value:
-                if key not in ("dsn", "pg_dump"):
-                    raise at.fail(value, key, f"{where}.pg.{key}", "unknown key: dsn, pg_dump")
-            dsn, tool = value.get("dsn"), value.get("pg_dump", "pg_dump")
-            if not isinstance(dsn, str) or not dsn:
-                raise at.fail(item, kind, where + ".pg.dsn", "missing: the database's DSN")
-            import psycopg  # a tenth of a second to import; only a pg source needs it
-            from psycopg.conninfo import conninfo_to_dict
-
-            try:
-                conninfo_to_dict(dsn)
-            except psycopg.ProgrammingError as e:
-                raise at.fail(value, "dsn", where + ".pg.dsn", f"not a libpq DSN: {e}") from None
-            if not isinstance(tool, str) or not tool:
-                raise at.fail(value, "pg_dump", where + ".pg.pg_dump", "a program name or path")
-            tool = str(Path(tool).expanduser()) if "/" in tool else tool
-            tool_at = at.at(value, "pg_dump" if "pg_dump" in value else "dsn", where + ".pg")
-            out.append(Source("pg", dsn, tool, where=tool_at))
-        else:
-            raise at.fail(item, kind, where, f"unknown source {kind!r}: use path or pg")
+        with at.collect():
+            out.append(_source(at, raw, i, item, base))
     return out
+
+
+def _source(at: _At, raw: CommentedSeq, i: int, item: object, base: Path) -> Source:
+    """Source ``i`` of the list ``raw`` (ConfigError naming its line and key otherwise)."""
+    where = f"sources[{i}]"
+    if not isinstance(item, CommentedMap) or len(item) != 1:
+        raise at.fail(raw, i, where, "one of {path: DIR} or {pg: {dsn: DSN}}")
+    ((kind, value),) = item.items()
+    if kind == "path":
+        if not isinstance(value, str) or not value:
+            raise at.fail(item, kind, where + ".path", "a directory")
+        path_at = at.at(item, kind, where + ".path")
+        return Source("path", str(base / Path(value).expanduser()), where=path_at)
+    if kind == "pg":
+        if not isinstance(value, CommentedMap):
+            raise at.fail(item, kind, where + ".pg", "needs {dsn: DSN}")
+        for key in value:
+            if key not in ("dsn", "pg_dump"):
+                raise at.fail(value, key, f"{where}.pg.{key}", "unknown key: dsn, pg_dump")
+        dsn, tool = value.get("dsn"), value.get("pg_dump", "pg_dump")
+        if not isinstance(dsn, str) or not dsn:
+            raise at.fail(item, kind, where + ".pg.dsn", "missing: the database's DSN")
+        import psycopg  # a tenth of a second to import; only a pg source needs it
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            conninfo_to_dict(dsn)
+        except psycopg.ProgrammingError as e:
+            raise at.fail(value, "dsn", where + ".pg.dsn", f"not a libpq DSN: {e}") from None
+        if not isinstance(tool, str) or not tool:
+            raise at.fail(value, "pg_dump", where + ".pg.pg_dump", "a program name or path")
+        tool = str(Path(tool).expanduser()) if "/" in tool else tool
+        tool_at = at.at(value, "pg_dump" if "pg_dump" in value else "dsn", where + ".pg")
+        return Source("pg", dsn, tool, where=tool_at)
+    raise at.fail(item, kind, where, f"unknown source {kind!r}: use path or pg")
 
 
 def add_backend(
