@@ -103,10 +103,14 @@ def test_the_master_key_on_a_tier_and_a_lost_tier_home_name_the_way_out(tmp_path
     assert "vaultfs strategy seed TIER" in msg and "--seed-file" in msg, msg
 
     shutil.rmtree(home / "tiers" / "nas")  # the tier's home is lost, its remote is not
+    rebuild = f"vaultfs home rebuild --home {home / 'tiers' / 'nas'} --from {nas}"
     res = run_cli("strategy", "apply", home=home, check=16)
     msg = " ".join(res.stderr.decode().split())
-    assert "vaultfs strategy seed nas --out SEED" in msg, msg
-    assert f"vaultfs home rebuild --home {home / 'tiers' / 'nas'} --from {nas}" in msg
+    assert "vaultfs strategy seed nas --out SEED" in msg and rebuild in msg, msg
+    res = run_cli("run", "--tier", "nas", "--json", home=home, check=20)  # a failed tier
+    failed = json.loads(res.stdout)["tiers"]["nas"]["failed"]
+    assert "vaultfs strategy seed nas --out SEED" in failed and rebuild in failed, failed
+    assert not (home / "tiers" / "nas").exists()  # nothing made over the tier's remote
     seed = tmp_path / "nas.seed"
     run_cli("strategy", "seed", "nas", "--out", str(seed), home=home)
     run_cli("home", "rebuild", "--home", str(home / "tiers" / "nas"), "--from", str(nas),

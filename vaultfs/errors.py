@@ -19,7 +19,7 @@ code  meaning
 17    the vault is busy (locked by another vaultfs process)
 18    input not found or not readable, or a local path that cannot be used as asked
 19    a recovery share is mistyped, missing, or from another share set
-20    `vaultfs run`: a scheduled job failed or an audit found damage (alerted)
+20    `vaultfs run`: a scheduled job or a tier failed, or an audit found damage (alerted)
 21    stale base: the remotes hold manifests this home never wrote (rebuild or --fork)
 22    `vaultfs drill`: a disaster drill failed (its row says why)
 23    the vault is immutable: the command would delete from its remotes
