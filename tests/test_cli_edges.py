@@ -153,6 +153,37 @@ def test_flush_exits_3_while_a_remote_is_behind(tmp_path: Path) -> None:
     assert json.loads(run_cli("flush", "--json", home=home).stdout)["complete"] is True
 
 
+def test_status_shows_a_failed_upload_at_once(tmp_path: Path) -> None:
+    """A remote audited ok whose upload then fails during a backup is `failing` in `status`
+    right after that backup (the review saw `ok` until the next flush), with the error; a
+    flush that reaches it makes it ok again."""
+    home, remotes = _vault(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.bin").write_bytes(os.urandom(200_000))
+    run_cli("backup", str(src), home=home)
+    run_cli("verify", home=home)
+
+    def health() -> list[tuple[str, str | None]]:
+        st = json.loads(run_cli("status", "--json", home=home).stdout)
+        return [(r["health"], r["health_detail"]) for r in st["remotes"]]
+
+    assert [h for h, _ in health()] == ["ok", "ok", "ok"]
+    shutil.move(remotes[2], tmp_path / "r2.off")
+    remotes[2].write_text("not a directory")
+    (src / "g.bin").write_bytes(os.urandom(200_000))
+    run_cli("backup", str(src), home=home)  # k remotes have it: the backup succeeds
+    now = health()
+    assert [h for h, _ in now] == ["ok", "ok", "failing"], now
+    assert "upload" in (now[2][1] or ""), now  # its error, or its upload cut short
+    table = run_cli("status", home=home, env=vaultfs_env(home, COLUMNS="300")).stdout.decode()
+    assert "failing" in table
+    remotes[2].unlink()
+    shutil.move(tmp_path / "r2.off", remotes[2])
+    run_cli("flush", home=home)
+    assert [h for h, _ in health()] == ["ok", "ok", "ok"]
+
+
 def test_remote_add_beyond_n_says_how_many_remotes_a_restore_needs(tmp_path: Path) -> None:
     """2-of-3 over five remotes: a segment is on three of them, so two remotes no longer
     always restore; `remote add` says how many do (the review found 'any k' promised)."""

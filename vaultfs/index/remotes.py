@@ -135,6 +135,13 @@ def stale(index: Index) -> set[int]:
     return {r for (r,) in index.q("SELECT remote FROM remote_health WHERE state='stale'")}
 
 
+def last_error(index: Index, rid: int) -> str | None:
+    """The error of the last operation on remote ``rid`` when it failed (an upload, an audit
+    that could not reach it); None once one succeeded since (:func:`note_result`)."""
+    row = index.one("SELECT last_error FROM remotes WHERE id=?", (rid,))
+    return row[0] if row else None
+
+
 def health(index: Index, rid: int) -> tuple[str, float, float, str | None] | None:
     """(state, since, checked, detail) of remote ``rid``; None when never checked."""
     return index.one(

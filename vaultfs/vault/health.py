@@ -72,14 +72,21 @@ def status(index: Index, keys: VaultKeys, params: VaultParams) -> dict:
 
 def remote_health(index: Index, rid: int) -> dict:
     """Reachability and last audit of remote ``rid`` (tables remote_health, audit_runs), as
-    the ``health``/``last_audit*``/``lost_objects`` fields of its status entry."""
+    the ``health``/``last_audit*``/``lost_objects`` fields of its status entry. ``health`` is
+    the last audit's finding ('ok', 'unreachable', 'degraded', 'stale'; 'unknown' before
+    any), except that a remote found 'ok' (or never audited) whose last operation failed
+    since (an upload of a backup or flush: remotes.last_error) is 'failing', with that error
+    as the detail, at once and until an operation on it succeeds."""
     h = remote_table.health(index, rid)
     a = audit.last_run(index, rid)
     (lost, _bytes) = segments.remote_totals(index, rid, "lost")
+    state, since, detail = (h[0], h[1], h[3]) if h else ("unknown", None, None)
+    if state in ("ok", "unknown") and (failed := remote_table.last_error(index, rid)):
+        state, since, detail = "failing", None, failed  # the error's time is not recorded
     return {
-        "health": h[0] if h else "unknown",
-        "health_since": h[1] if h else None,
-        "health_detail": h[3] if h else None,
+        "health": state,
+        "health_since": since,
+        "health_detail": detail,
         "lost_objects": lost,
         "last_audit": (a[1] or a[0]) if a else None,
         "last_audit_mode": a[2] if a else None,
