@@ -10,6 +10,7 @@ import contextlib
 import json
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -31,7 +32,7 @@ from cli.common import (
 )
 from vaultfs import receipt as receipts
 from vaultfs.backends import open_backend
-from vaultfs.errors import InputError, IntegrityError
+from vaultfs.errors import InputError, IntegrityError, NotEnoughRemotes
 from vaultfs.index import manifests
 from vaultfs.index import snapshots as snapshot_rows
 from vaultfs.keys import VaultKeys
@@ -45,6 +46,30 @@ from vaultfs.restore import (
     restore_files,
     staging_dir,
 )
+from vaultfs.shardreader import ShardsUnavailable
+
+
+@contextlib.contextmanager
+def _too_few_remotes(src: ShardSource, snapshot: str, include: list[str] | None) -> Iterator[None]:
+    """Say a ShardsUnavailable of the ``with`` block in the user's terms (exit 11 still): what
+    could not be restored (the snapshot, or the paths asked for), which remotes answered and
+    which did not, and what to do; the internal segment it was stays at the end."""
+    try:
+        yield
+    except ShardsUnavailable as e:
+        what = f"{', '.join(include)} of snapshot {snapshot}" if include else f"snapshot {snapshot}"
+        reports = list(src.reports.values())
+        held = [r.label for r in reports if r.reachable and r.objects]
+        empty = [r.label for r in reports if r.reachable and not r.objects]
+        down = [f"{r.label} ({r.error or 'unreachable'})" for r in reports if not r.reachable]
+        raise NotEnoughRemotes(
+            f"cannot restore {what}: it needs shards from {e.need} remotes and {e.have} gave "
+            f"them intact. Holding the vault: {', '.join(held) or 'none'}"
+            + (f"; empty (lost, or the wrong path): {', '.join(empty)}" if empty else "")
+            + (f"; unreachable: {', '.join(down)}" if down else "")
+            + f". Bring back remotes (or give more --from) until {e.need} hold it and run "
+            f"again; with {e.need} back, `vaultfs repair` rebuilds the lost ones ({e.message})"
+        ) from None
 
 
 def _anchor(path: Path, keys: VaultKeys) -> tuple[int, Link | None]:
@@ -130,6 +155,7 @@ def restore(
                     prefix="vaultfs-ahead-", dir=staging_dir())))  # fmt: skip
             early.start(read_ahead=ahead)
             stack.callback(early.stop)  # its rclone calls end before the directories go
+            stack.enter_context(_too_few_remotes(early, snapshot, include))
         keys = keys_for_restore(h, keyfile, seed_file)
         if from_:
             assert early is not None
@@ -158,6 +184,7 @@ def restore(
             v = stack.enter_context(open_vault(h, lock=False, keys=keys))
             index = v.index
             src = ShardSource(v.remotes(), v.queue_dir)
+            stack.enter_context(_too_few_remotes(src, snapshot, include))
             src.list_all()
             newest = manifests.newest_link(v.index)
             link = None if newest is None else Link(*newest)

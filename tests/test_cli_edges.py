@@ -307,3 +307,29 @@ def test_stdin_backup_takes_the_umask(tmp_path: Path) -> None:
     run_cli("restore", "--to", str(out), home=home)
     assert (out / "dumps" / "kb.sql").stat().st_mode & 0o777 == 0o600
     assert (out / "dumps").stat().st_mode & 0o777 == 0o700
+
+
+def test_too_few_remotes_names_the_snapshot_the_remotes_and_the_way_out(tmp_path: Path) -> None:
+    """A 3-of-4 vault with two remotes gone: the restore (from the home, and with --from on an
+    empty home) names the snapshot asked for, the remotes holding the vault and those found
+    empty, and what to do, not only an internal segment (exit 11)."""
+    home, remotes = _vault(tmp_path, k=3, n=4)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.bin").write_bytes(os.urandom(100_000))
+    run_cli("backup", str(src), "--name", "monday", home=home)
+    for r in remotes[2:]:
+        shutil.rmtree(r)
+    froms = [a for r in remotes[:3] for a in ("--from", str(r))]
+    for argv, h in (
+        (("--snapshot", "monday"), home),
+        (("--keyfile", str(home / "key.json"), *froms), tmp_path / "empty"),
+    ):
+        res = run_cli("restore", *argv, "--to", str(tmp_path / f"out-{h.name}"), home=h, check=11)
+        msg = " ".join(res.stderr.decode().split())
+        assert "Traceback" not in msg
+        what = "snapshot monday" if h == home else "snapshot latest"
+        assert f"cannot restore {what}: it needs shards from 3 remotes and 2 gave them" in msg, msg
+        assert f"Holding the vault: {remotes[0]}, {remotes[1]};" in msg, msg
+        assert f"empty (lost, or the wrong path): {remotes[2]}" in msg, msg
+        assert "until 3 hold it and run again" in msg and "`vaultfs repair`" in msg, msg

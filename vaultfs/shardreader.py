@@ -90,14 +90,19 @@ class Rebuilt:
 
 class ShardsUnavailable(NotEnoughRemotes):
     """Fewer than k shards of a segment could be fetched intact; :attr:`lies` names the ones
-    that failed, so the caller can still report them."""
+    that failed, so the caller can still report them; ``have`` intact of the ``need`` (k)
+    wanted, for a caller that says it in the user's terms (cli/restore.py)."""
 
-    def __init__(self, message: str, lies: list[Lie] | None = None) -> None:
+    def __init__(
+        self, message: str, lies: list[Lie] | None = None, have: int = 0, need: int = 0
+    ) -> None:
         super().__init__(message)
         self.lies = lies or []
+        self.have = have
+        self.need = need
 
     def __reduce__(self) -> tuple:  # crosses from restore's decoder processes intact
-        return type(self), (self.message, self.lies)
+        return type(self), (self.message, self.lies, self.have, self.need)
 
 
 class ShardsUndecodable(IntegrityError):
@@ -241,7 +246,9 @@ def _read(
     while len(good) < k and queue:
         take(k - len(good))
     if len(good) < k:
-        raise ShardsUnavailable(f"{what}: only {len(good)} intact shards reachable, need {k}", lies)
+        raise ShardsUnavailable(
+            f"{what}: only {len(good)} intact shards reachable, need {k}", lies, len(good), k
+        )
     while True:
         try:
             return finish(good), lies
