@@ -169,6 +169,38 @@ def test_good_file_reads_as_typed_tiers_and_add_backend_keeps_comments(tmp_path:
     assert strategy.load(f, home) == again  # a refused edit leaves the file alone
 
 
+def test_add_backend_keeps_the_users_layout(tmp_path: Path) -> None:
+    """A flow mapping over several lines keeps its lines (the round trip alone joins them),
+    quoting and comments; only the values edited change."""
+    home = tmp_path / "h"
+    home.mkdir()
+    (tmp_path / "n").mkdir()
+    before = (
+        "backup_strategy:\n"
+        '  nas: {backend: "nas:vault", frequency: hourly}  # one copy\n'
+        '  offsite: {backends: ["b2:kb", ":s3,provider=Wasabi,env_auth=true:kb",\n'
+        '                       "/mnt/usb/kb"],\n'
+        "            frequency: daily, erasure_coding: 2_of_3, retention: 1_year}\n"
+        "  cold:\n"
+        "    backends:\n"
+        "      - 'x:1'  # first\n"
+        "      - y:2\n"
+        "    frequency: weekly\n"
+        "    erasure_coding: 1_of_2\n"
+        f"sources:\n  - path: {tmp_path / 'n'}\n"
+    )
+    f = write(home / "strategy.yaml", before)
+    for tier, spec in (("offsite", "w:kb"), ("nas", "/mnt/b"), ("cold", "z:3")):
+        run_cli("backup", "config", "--add-backend", tier, spec, home=home)
+    assert f.read_text() == before.replace('"/mnt/usb/kb"],', '"/mnt/usb/kb", "w:kb"],').replace(
+        "2_of_3", "2_of_4"
+    ).replace(
+        '{backend: "nas:vault",', '{backends: ["nas:vault", "/mnt/b"], erasure_coding: 1_of_2,'
+    ).replace("      - y:2\n", '      - y:2\n      - "z:3"\n').replace("1_of_2\n", "1_of_3\n")
+    s = strategy.load(f, home)
+    assert s.tiers["offsite"].backends[-1] == "w:kb" and s.tiers["cold"].n == 3
+
+
 # -- tiers over simulated days -----------------------------------------------------------------
 def at(home: Path, day: float, **extra: str) -> dict[str, str]:
     return vaultfs_env(home, VAULTFS_NOW=str(DAY0 + day * DAY), **extra)

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import shutil
@@ -608,13 +609,17 @@ def _source(at: _At, raw: CommentedSeq, i: int, item: object, base: Path) -> Sou
 def add_backend(
     path: Path, home: Path, tier: str, spec: str, keep: tuple[int, int] | None = None
 ) -> Strategy:
-    """Add ``spec`` to ``tier``'s backends in the file at ``path``, keeping its comments and
-    order (a ``backend:`` becomes ``backends:``). K_of_N grows N by one, keeping K, unless
-    ``keep`` is the (k, n) of the tier's made vault: a vault's k-of-n is fixed when it is
-    made, so the file then says ``keep`` over one more backend (N below the number of
+    """Add ``spec`` to ``tier``'s backends in the file at ``path``, keeping its comments,
+    order and layout (a ``backend:`` becomes ``backends:``). K_of_N grows N by one, keeping
+    K, unless ``keep`` is the (k, n) of the tier's made vault: a vault's k-of-n is fixed when
+    it is made, so the file then says ``keep`` over one more backend (N below the number of
     backends: the new one shares the load, `vaultfs remote add` spreads the vault over it).
-    The edited file is validated before it replaces the old one (atomically); the new
+    The edit is made in the text itself (:func:`_spliced`) so that a flow mapping written
+    over several lines keeps its lines; where that cannot be done (a value written over
+    several lines), the round-trip dump writes such a flow collection on one line. The
+    edited file is validated before it replaces the old one (atomically); the new
     Strategy."""
+    text = path.read_text() if path.exists() else ""
     doc = _read(path)
     current = parse(doc, path, home)
     t = current.tier(tier)
@@ -622,21 +627,114 @@ def add_backend(
         raise ConfigError(f"{path}: {tier}: the live {LIVE_POSTGRES} tier takes no backends")
     assert isinstance(doc, CommentedMap)
     node = doc["backup_strategy"][tier]
+    coding = None
+    if keep is not None:
+        coding = f"{keep[0]}_of_{keep[1]}"
+    elif "erasure_coding" in node:
+        coding = f"{t.k}_of_{t.n + 1}"
+    elif t.n == 1:
+        coding = "1_of_2"
+    edited = _spliced(text, node, spec, coding)
     if "backend" in node:
         pos = list(node).index("backend")
         node.insert(pos, "backends", CommentedSeq([node.pop("backend")]))
         node["backends"].fa.set_flow_style()
     node["backends"].append(spec)
-    if keep is not None:
-        node["erasure_coding"] = f"{keep[0]}_of_{keep[1]}"
-    elif "erasure_coding" in node:
-        node["erasure_coding"] = f"{t.k}_of_{t.n + 1}"
-    elif t.n == 1:
-        node["erasure_coding"] = "1_of_2"
+    if coding is not None:
+        node["erasure_coding"] = coding
     buf = io.StringIO()
     _yaml().dump(doc, buf)
     new = parse(_yaml().load(buf.getvalue()), path, home)
+    if edited is not None:  # the same edit, or the round trip's text when it is not
+        try:
+            same = parse(_yaml().load(edited), path, home) == new
+        except (ConfigError, YAMLError):
+            same = False
+        if same:
+            buf = io.StringIO(edited)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(buf.getvalue())
     tmp.replace(path)
     return new
+
+
+def _spliced(text: str, node: CommentedMap, spec: str, coding: str | None) -> str | None:
+    """``text`` with ``spec`` added to the backends of the tier ``node`` (read from it) and
+    its erasure_coding set to ``coding`` (when not None), changing only those values' own
+    characters; None when a value is not where and how this can edit it (the caller then
+    dumps the round-tripped document)."""
+    lines = text.splitlines(keepends=True)
+    starts = [0]
+    for ln in lines:
+        starts.append(starts[-1] + len(ln))
+    flow = node.fa.flow_style()
+    edits: list[tuple[int, int, str]] = []  # (start, end, replacement) in text offsets
+    item = json.dumps(spec)  # a YAML double-quoted scalar
+    try:
+        if "backend" in node:
+            kl, kc = node.lc.key("backend")
+            vl, vc = node.lc.value("backend")
+            v0 = starts[vl] + vc
+            v1 = _scalar_end(text, v0, flow)
+            edits.append((starts[kl] + kc, starts[kl] + kc + len("backend"), "backends"))
+            edits.append((v0, v1, f"[{text[v0:v1]}, {item}]"))
+            after_backends = v1
+        else:
+            seq = node["backends"]
+            il, ic = seq.lc.item(len(seq) - 1)
+            i0 = starts[il] + ic
+            i1 = _scalar_end(text, i0, flow or seq.fa.flow_style())
+            if seq.fa.flow_style():
+                edits.append((i1, i1, f", {item}"))
+                after_backends = text.index("]", i1) + 1
+            else:  # a block sequence: one more "- item" line under the last
+                dash = text.rindex("-", starts[il], i0)
+                eol = starts[il + 1] if il + 1 < len(lines) else len(text)
+                nl = "" if text[eol - 1 : eol] == "\n" else "\n"
+                edits.append((eol, eol, f"{nl}{text[starts[il] : dash]}- {item}\n"))
+                after_backends = -1
+        if coding is not None and "erasure_coding" in node:
+            vl, vc = node.lc.value("erasure_coding")
+            v0 = starts[vl] + vc
+            edits.append((v0, _scalar_end(text, v0, flow), coding))
+        elif coding is not None:
+            if flow and after_backends >= 0:
+                edits.append((after_backends, after_backends, f", erasure_coding: {coding}"))
+            elif not flow:  # a line of its own before the tier's first key
+                kl, kc = node.lc.key(next(iter(node)))
+                edits.append((starts[kl], starts[kl], f"{' ' * kc}erasure_coding: {coding}\n"))
+            else:
+                return None
+    except (KeyError, ValueError, IndexError, TypeError):
+        return None
+    for e0, e1, rep in sorted(edits, reverse=True):
+        text = text[:e0] + rep + text[e1:]
+    return text
+
+
+def _scalar_end(text: str, i: int, flow: bool) -> int:
+    """The offset just past the scalar that starts at ``i`` on one line (quoted or plain;
+    a plain one in a flow collection ends at ``,``, ``]`` or ``}``). ValueError for a
+    scalar that goes on to the next line (the caller gives up)."""
+    eol = text.find("\n", i)
+    eol = len(text) if eol < 0 else eol
+    if text[i] == '"':
+        j = i + 1
+        while j < eol and text[j] != '"':
+            j += 2 if text[j] == "\\" else 1
+        if j >= eol:
+            raise ValueError("a double-quoted scalar over several lines")
+        return j + 1
+    if text[i] == "'":
+        j = i + 1
+        while j < eol and (text[j] != "'" or text[j + 1 : j + 2] == "'"):
+            j += 2 if text[j] == "'" else 1
+        if j >= eol:
+            raise ValueError("a single-quoted scalar over several lines")
+        return j + 1
+    m = re.compile(
+        r"[^\n]*?(?=\s+#|\s*$)" if not flow else r"[^,\]}\n]*?(?=\s+#|\s*[,\]}]|\s*$)", re.M
+    ).match(text, i)
+    if m is None or m.end() == i:
+        raise ValueError("no scalar here")
+    return m.end()
