@@ -137,8 +137,9 @@ def umount(
     res = subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, text=True)
     if res.returncode != 0:
         raise VaultBusy(
-            f"cannot unmount {mp}: {res.stderr.strip() or 'busy'}; close the files and "
-            "directories open there and retry"
+            f"cannot unmount {mp}: {res.stderr.strip() or 'busy'}. It stays mounted: its daemon "
+            f"(pid {ping['pid']}) serves it and runs the routine (`vaultfs status`). Close the "
+            "files and directories open there (`fuser -vm MOUNTPOINT` lists them) and retry"
         )
     pid = int(ping["pid"])
     deadline = time.monotonic() + timeout

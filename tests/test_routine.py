@@ -6,6 +6,7 @@ remote without a command, send alert events to the hook, and `status --json` rep
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -186,3 +187,71 @@ def test_a_pass_that_cannot_open_the_vault_alerts(tmp_path) -> None:
     (ev,) = events(log)
     assert ev["event"] == "job_failed" and ev["job"] == "run", ev
     assert "could not open the vault" in ev["message"]
+
+
+def _wait(cond, what: str, timeout: float = 120) -> None:
+    """Wait until ``cond()`` holds; fail naming ``what`` if it never does."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+    reason="needs /dev/fuse and fusermount3",
+)
+def test_a_mount_that_stays_up_keeps_its_routine_which_stops_with_the_mount(tmp_path) -> None:
+    """A refused unmount (a file open there) leaves the vault mounted, and says so: its daemon
+    serves it and runs the routine, as any mount. A lazy unmount detaches it while the file
+    stays open: the daemon serves that file until it is closed, but the routine stops at
+    once (no timed snapshot of a tree nobody sees), and the daemon then exits."""
+    home, _remotes, _src = make(tmp_path)
+    run_cli("schedule", "set", "snapshot=1s", home=home)
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    run_cli("mount", str(mp), home=home)
+    pid = json.loads((home / "mount.json").read_text())["pid"]
+
+    def autos() -> int:
+        rows = json.loads(run_cli("snapshots", "--json", home=home).stdout)
+        return sum(r["name"].startswith("auto-") for r in rows)
+
+    def alive() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    held = None
+    try:
+        (mp / "held.txt").write_text("still served\n")
+        held = open(mp / "held.txt")  # noqa: SIM115 (closed below, or in finally)
+        _wait(lambda: autos() >= 1, "a timed snapshot of the mount")
+        res = run_cli("umount", str(mp), home=home, check=17)
+        msg = " ".join(res.stderr.decode().split())
+        assert "It stays mounted: its daemon" in msg and "runs the routine" in msg, msg
+        assert os.path.ismount(mp) and alive()
+        n = autos()
+        (mp / "more.txt").write_text("a change\n")
+        _wait(lambda: autos() > n, "the routine going on while the vault stays mounted")
+
+        subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=True)  # detached
+        assert not os.path.ismount(mp)
+        log = home / "mount.log"
+        _wait(lambda: "the routine stops" in log.read_text(), "the routine stopping")
+        stopped = autos()
+        assert held.read() == "still served\n" and alive()  # the open file is still served
+        held.close()
+        held = None
+        _wait(lambda: not alive(), "the daemon exiting after the last open file")
+        assert autos() == stopped  # nothing ran after the routine stopped
+        assert "routine pass in the mount daemon failed" not in log.read_text()
+    finally:
+        if held is not None:
+            held.close()
+        if os.path.ismount(mp):
+            run_cli("umount", str(mp), home=home, check=None, timeout=300)
+        if os.path.ismount(mp):
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)

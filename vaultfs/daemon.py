@@ -16,6 +16,7 @@ import errno
 import json
 import logging
 import os
+import re
 import select
 import subprocess
 import sys
@@ -37,6 +38,28 @@ def is_dead_mount(mp: Path) -> bool:
         os.listdir(mp)
     except OSError as e:
         return e.errno == errno.ENOTCONN
+    return False
+
+
+def in_mount_table(mp: Path) -> bool:
+    """True while a vaultfs FUSE mount is attached at ``mp`` (a path without symlinks, as the
+    kernel shows it) in this process's mount namespace. Read from the mount table, not by a stat of ``mp``, which the
+    daemon would have to answer itself; a lazy unmount (``fusermount3 -u -z``) removes the
+    entry at once while open files keep the connection."""
+    want = str(mp)
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return True  # no mount table to read: assume attached (never stop on a guess)
+    for line in lines:
+        fields, _, rest = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) < 5 or rest.split(" ", 1)[0] != "fuse.vaultfs":
+            continue
+        # mountinfo escapes space, tab, newline and backslash in octal (\040 ...)
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[4])
+        if point == want:
+            return True
     return False
 
 
@@ -146,6 +169,7 @@ def run_foreground(
                 pass
 
     mountpoint = Path(os.path.abspath(mountpoint))
+    real_mountpoint = Path(os.path.realpath(mountpoint))  # before it is mounted: no FUSE call
     try:
         if not path_exists(mountpoint):
             raise InputError(f"mountpoint {mountpoint} does not exist: create an empty directory")
@@ -214,7 +238,10 @@ def run_foreground(
         def start_control(fs_) -> None:
             nonlocal server, routine_stop
             server = control.ControlServer(addresses, dispatch)
-            routine_stop = routine.serve_mounted(home, vault)  # timed snapshots while mounted
+            # the routine runs while the mount is up, and stops with it (also when detached)
+            routine_stop = routine.serve_mounted(
+                home, vault, lambda: in_mount_table(real_mountpoint)
+            )
 
         def ready() -> None:
             state = {"pid": os.getpid(), "mountpoint": str(mountpoint), "started": time.time()}

@@ -417,24 +417,33 @@ _RUNNERS: dict[str, Callable[[Path, Vault, dict, bool, float], dict]] = {
 }
 
 
-def run_pass(home: Path, v: Vault, mounted: bool, now: float | None = None) -> dict:
+def run_pass(
+    home: Path,
+    v: Vault,
+    mounted: bool,
+    now: float | None = None,
+    stop: threading.Event | None = None,
+) -> dict:
     """One pass of whatever is due (module docstring), then the alert checks. ``v`` is opened
     with the lock unless ``mounted`` (the mount's daemon holds it then). Returns
     {"ran": {job: result}, "failed": {job: error}, "waiting": {job: why}, "alerts": [events]}
-    and records the outcome in HOME/routine.json."""
+    and records the outcome in HOME/routine.json. Once ``stop`` is set (the mount ends) no
+    job starts, and one that fails meanwhile is left due ("waiting"), not alerted."""
     with open(home / LOCK_FILE, "a") as lock:
         # one pass at a time (the mount daemon's, a timer's): the second sees what the first
         # did and runs only what is still due
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _pass(home, v, mounted, clock.now() if now is None else now)
+        return _pass(home, v, mounted, clock.now() if now is None else now, stop)
 
 
-def _pass(home: Path, v: Vault, mounted: bool, now: float) -> dict:
+def _pass(home: Path, v: Vault, mounted: bool, now: float, stop: threading.Event | None) -> dict:
     sched = load_schedule(home)
     state = load_state(home)
     out: dict = {"ran": {}, "failed": {}, "waiting": {}, "alerts": []}
     events: list[dict] = []
     for job in JOBS:
+        if stop is not None and stop.is_set():
+            break
         due_at = next_run(sched, state, job)
         snapped = "snapshot" in out["ran"] and "skipped" not in out["ran"]["snapshot"]
         forced = job == "retention" and snapped and due_at is not None
@@ -446,6 +455,9 @@ def _pass(home: Path, v: Vault, mounted: bool, now: float) -> dict:
         except Exception as e:  # a job's failure is reported and alerted, never fatal
             if isinstance(e, VaultError) and e.exit_code == VaultBusy.exit_code:
                 out["waiting"][job] = e.message  # the mount runs another job: still due
+                continue
+            if stop is not None and stop.is_set():  # the mount (and its socket) went away
+                out["waiting"][job] = "the mount ended"
                 continue
             rec["last_run"] = now
             log.debug("job %s failed:\n%s", job, traceback.format_exc())
@@ -516,10 +528,13 @@ def report(home: Path, v: Vault, now: float | None = None) -> dict:
 DAEMON_TICK = 60.0
 
 
-def serve_mounted(home: Path, v: Vault) -> threading.Event:
+def serve_mounted(home: Path, v: Vault, attached: Callable[[], bool]) -> threading.Event:
     """Run the routine inside the mount daemon: a thread that makes a pass (``mounted``, so
-    through the control socket) whenever a job may be due, until the returned event is set.
-    A pass that fails is logged; the next one tries again."""
+    through the control socket) whenever a job may be due, until the returned event is set
+    (the mount ended) or ``attached()`` says the mount is no longer in the mount table
+    (detached by a lazy unmount while files stay open: the daemon serves those files and
+    exits after them, and the routine stops with the mount). A pass that fails is logged;
+    the next one tries again. Setting the event in a pass lets no new job start (run_pass)."""
     stop = threading.Event()
 
     def loop() -> None:
@@ -530,8 +545,15 @@ def serve_mounted(home: Path, v: Vault) -> threading.Event:
                 tick = min([t for t in ticks if t] + [DAEMON_TICK])
                 if stop.wait(max(tick, 1.0)):
                     return
+                if not attached():
+                    log.warning(
+                        "the mount is detached (a lazy unmount): the routine stops; the daemon "
+                        "serves the files still open and exits after them"
+                    )
+                    stop.set()
+                    return
                 if sched:
-                    run_pass(home, v, mounted=True)
+                    run_pass(home, v, mounted=True, stop=stop)
             except Exception:
                 log.exception("routine pass in the mount daemon failed")
                 stop.wait(DAEMON_TICK)
