@@ -291,8 +291,8 @@ def parse(doc: object, path: Path, home: Path) -> Strategy:
 def _parse(at: _At, doc: object, home: Path) -> tuple[dict[str, Tier], list[Source]]:
     """The tiers and sources of ``doc`` that are valid; every problem goes to ``at``."""
     if not isinstance(doc, CommentedMap):
-        at.problems.append(at.fail(doc, None, "", "a strategy file is a mapping with "
-                                   "backup_strategy:").message)  # fmt: skip
+        with at.collect():
+            raise at.fail(doc, None, "", "a strategy file is a mapping with backup_strategy:")
         return {}, []
     for key in doc:
         if key not in ("backup_strategy", "sources"):
