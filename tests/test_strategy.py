@@ -200,6 +200,16 @@ def test_add_backend_keeps_the_users_layout(tmp_path: Path) -> None:
     s = strategy.load(f, home)
     assert s.tiers["offsite"].backends[-1] == "w:kb" and s.tiers["cold"].n == 3
 
+    # a value edited that is itself over two lines: the round trip writes the file instead
+    f.write_text(
+        'backup_strategy:\n  nas: {backend: "nas:\n    vault", frequency: hourly}  # kept\n'
+        f"sources:\n  - path: {tmp_path / 'n'}\n"
+    )
+    run_cli("backup", "config", "--add-backend", "nas", "/mnt/b", home=home)
+    assert "  nas: {backends: ['nas: vault', /mnt/b]" in f.read_text().replace('"', "'")
+    assert "# kept" in f.read_text()
+    assert strategy.load(f, home).tiers["nas"].backends == ("nas: vault", "/mnt/b")
+
 
 # -- tiers over simulated days -----------------------------------------------------------------
 def at(home: Path, day: float, **extra: str) -> dict[str, str]:
