@@ -95,10 +95,10 @@ def keep_rebuild_buffers() -> None:
     to 2 MiB (a shard object of a 4 MiB segment and the fragments around it) are reused from
     the heap, which keeps at most 32 MiB free at its top, in two malloc arenas for all the
     threads (a rebuild worker's segment takes ~20 MiB of buffers at once). Measured on 192 MB
-    rebuilt: 212,000 page faults down to 71,000 (most of the rest are the keyfile's scrypt
-    and the imports), about half the system time, and a lower peak RSS (178 MB, which the
-    keyfile's 128 MiB scrypt sets, against 200 MB with the old 8 MiB kept in an arena per
-    thread; docs/benchmarks.md, "audit")."""
+    rebuilt, against 8 MiB kept in an arena per thread: 210,000–360,000 minor page faults
+    down to 79,000–102,000 (half of them the imports and the keyfile's scrypt), ~12% less
+    CPU time, and a lower peak RSS (179 MB, which the keyfile's 128 MiB scrypt sets, against
+    200–218 MB; docs/benchmarks.md, "audit")."""
     keep_freed_buffers(2 << 20, 32 << 20, arenas=2)
 
 
