@@ -93,6 +93,27 @@ def test_piece_tags_bind_bytes_and_leaf() -> None:
     assert audittag.piece_tag(other, leaf, b, j, piece) != stored
 
 
+def test_piece_tags_equal_the_one_piece_tag_of_every_piece() -> None:
+    """The inlined loop gives :func:`piece_tag`'s bytes for every piece: whole ones, the short
+    last piece of the last block, and other piece sizes."""
+    key = os.urandom(32)
+    body = os.urandom(3 * merkle.BLOCK_SIZE + 5_000)
+    leaves = b"".join(merkle.block_hashes(body))
+    base = audittag.tagger(key)
+    for size in (audittag.PIECE, 1000, 4096):
+        tags = audittag.piece_tags(key, body, leaves, size)
+        want = bytearray()
+        for b, boff in enumerate(range(0, len(body), merkle.BLOCK_SIZE)):
+            block = body[boff : boff + merkle.BLOCK_SIZE]
+            for j, poff in enumerate(range(0, len(block), size)):
+                leaf = leaves[32 * b : 32 * b + 32]
+                want += audittag.piece_tag(base, leaf, b, j, block[poff : poff + size])
+        assert tags == bytes(want)
+    assert audittag.piece_tags(key, b"", merkle.block_hashes(b"")[0]) == audittag.piece_tag(
+        base, merkle.block_hashes(b"")[0], 0, 0, b""
+    )
+
+
 # -- audits ------------------------------------------------------------------------------------
 def test_ranged_audit_is_cheap_and_resumes_after_cut_off(tmp_path: Path) -> None:
     v, specs, _data = _vault(tmp_path, mib=2)

@@ -316,21 +316,26 @@ def _set_pdeathsig() -> None:
 
 
 #: glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 
 
-def keep_freed_buffers(mmap_above: int, keep: int) -> None:
+def keep_freed_buffers(mmap_above: int, keep: int, arenas: int | None = None) -> None:
     """Keep freed buffers for reuse instead of handing them back to the kernel: allocations
     of up to ``mmap_above`` bytes come from the heap, which keeps up to ``keep`` free bytes at
     its top. Each segment allocates a few MiB-sized buffers; with glibc's defaults every one
     is a fresh mmap, and touching it costs a page fault per 4 KiB (hundreds of thousands per
     backup or restore, a fifth of their CPU time), and in a process with several busy threads
-    each unmap also interrupts the other cores. For short-lived commands and worker
-    processes, not the mount (its resident size is bounded)."""
+    each unmap also interrupts the other cores. ``arenas`` caps glibc's malloc arenas (by
+    default one per thread, up to eight per core): each arena keeps its own ``keep`` bytes, so
+    fewer arenas keep fewer in all and reuse more of what they keep, for threads that
+    allocate a few large buffers each (no lock contention worth the name). For short-lived
+    commands and worker processes, not the mount (its resident size is bounded)."""
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(_M_MMAP_THRESHOLD, mmap_above)
         libc.mallopt(_M_TRIM_THRESHOLD, keep)
+        if arenas is not None:
+            libc.mallopt(_M_ARENA_MAX, arenas)
     except (OSError, AttributeError):
         pass
 
