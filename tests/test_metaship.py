@@ -511,3 +511,38 @@ def test_a_crash_between_the_two_passes_drops_the_first_ones_segments(tmp_path, 
     assert fr.recover_file(keys.seed, [Path(r) for r in remotes[1:]], f"src/{f.name}") == (
         f.read_bytes()
     )
+
+
+def test_the_export_is_the_checkpointed_file_or_the_online_backup_page_for_page(tmp_path):
+    """``Index.export_to`` copies the database file after a checkpoint empties the log; while
+    another connection reads an older state the checkpoint cannot finish and the online
+    backup copies instead. Both copies hold the same pages (but the header page) and the
+    same rows, with queued shards placed, in rollback-journal mode."""
+    v, _remotes = make_vault(tmp_path)
+    src = tmp_path / "src"
+    many_files(src, 300, seed=9)
+    with v:
+        backup_paths(v, [src])  # not flushed: its shards are still queued
+        index = v.index
+        assert index.one("SELECT count(*) FROM shards WHERE state='queued'")[0] > 0
+        index.set("export-test", 1)  # a page in the log
+        with contextlib.closing(sqlite3.connect(index.path)) as reader:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM settings").fetchone()  # holds the log
+            slow = tmp_path / "slow.db"
+            index.export_to(slow)
+            assert Path(f"{index.path}-wal").stat().st_size > 0  # not emptied: a backup
+            reader.execute("COMMIT")
+        fast = tmp_path / "fast.db"
+        index.export_to(fast)  # nothing written since
+        assert Path(f"{index.path}-wal").stat().st_size == 0  # the checkpoint emptied it
+    a, b = fast.read_bytes(), slow.read_bytes()
+    page = int.from_bytes(a[16:18], "big")
+    assert len(a) == len(b) and a[page:] == b[page:]
+    for copy in (fast, slow):
+        assert copy.read_bytes()[18:20] == b"\x01\x01"  # rollback journal: one file
+        with contextlib.closing(sqlite3.connect(copy)) as db:
+            assert db.execute("SELECT count(*) FROM shards WHERE state='queued'").fetchone()[0] == 0
+            assert db.execute("SELECT value FROM settings WHERE key='export-test'").fetchone() == (
+                "1",
+            )
