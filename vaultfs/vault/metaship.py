@@ -21,6 +21,10 @@ sparse, the live objects of the sparsest are sealed again into this commit's seg
 :data:`COMPACT_BUDGET` bytes of records per commit. A segment no kept manifest names is
 garbage (:meth:`UploadQueue.prune_index_copies`).
 
+The copy records the meta segments of earlier shippings, not those written from it: a
+commit that wrote more than :data:`SETTLE_AFTER` records them and ships a second time
+(``earlier``), so that the next commit does not carry their rows.
+
 Past :data:`ONE_LEVEL_MAX` bytes of one-level description, the committer adds the second
 level (:func:`ship_second_level`, docs/format.md 9.2): the map pages and the segment
 descriptors listed in pages that are index objects themselves, which the manifest names.
