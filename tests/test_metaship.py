@@ -55,9 +55,9 @@ def shipped_copies(monkeypatch) -> list[bytes]:
     copies: list[bytes] = []
     real = metaship.ship
 
-    def keep(index, keys, suite, segment_size, export, shipped, write):
+    def keep(index, keys, suite, segment_size, export, shipped, write, earlier=None):
         copies.append(export.read_bytes())
-        return real(index, keys, suite, segment_size, export, shipped, write)
+        return real(index, keys, suite, segment_size, export, shipped, write, earlier)
 
     monkeypatch.setattr(metaship, "ship", keep)
     return copies
@@ -421,3 +421,128 @@ def test_names_follow_the_clock_so_a_commits_rows_touch_few_pages_of_the_name_in
         # a balance touches the last leaf, up to two siblings, a new leaf and the parent
         assert timed[name] <= 8, (name, timed, scattered)
         assert scattered[name] >= 4 * timed[name], (name, timed, scattered)
+
+
+def test_a_commit_that_writes_many_meta_segments_ships_the_index_again_recording_them(
+    tmp_path, monkeypatch, shipped_copies
+):
+    """Past ``SETTLE_AFTER`` new meta segments (forced here: any), a commit records them and
+    ships the index a second time: the index its manifest names already holds their shard
+    rows and audit tags (so the next commit does not carry them), the manifest names the
+    segments of both passes, and restore and the stranger's reader read it back whole."""
+    monkeypatch.setattr(metaship, "SETTLE_AFTER", 0)
+    v, remotes = make_vault(tmp_path)
+    src = tmp_path / "src"
+    many_files(src, 400, seed=7)
+    with v:
+        backup_paths(v, [src])
+        stats = v.committer.last_shipped
+        assert v.flush().complete
+        seq = v.index.one("SELECT max(seq) FROM manifests")[0]
+        both = {
+            sid
+            for (sid,) in v.index.q(
+                "SELECT id FROM segments WHERE kind='meta' AND manifest=?", (seq,)
+            )
+        }
+        named = {
+            sid
+            for (sid,) in v.index.q(
+                "SELECT segment FROM manifest_segments WHERE manifest=?", (seq,)
+            )
+        }
+        keys = v.keys
+    assert stats is not None and stats.settled is not None and stats.segments >= 1
+    assert len(shipped_copies) == 2  # the two passes of the one commit
+    assert both == named  # every segment of both passes is named by the manifest
+    m = remote_index(keys, remotes[1:], tmp_path / "restored.db")
+    assert m.seq == seq and (tmp_path / "restored.db").read_bytes() == shipped_copies[-1]
+    with contextlib.closing(sqlite3.connect(tmp_path / "restored.db")) as db:
+        first = [
+            sid
+            for (sid,) in db.execute(
+                "SELECT id FROM segments WHERE kind='meta' AND manifest=?", (seq,)
+            )
+        ]
+        tagged = db.execute(
+            "SELECT count(*) FROM shards s JOIN audit_tags t ON t.name = s.name"
+            f" WHERE s.segment IN ({','.join('?' * len(first))})",
+            first,
+        ).fetchone()[0]
+    # the first pass's segments, their n shards and tags, are in the index the manifest names
+    assert len(first) == stats.segments and tagged == 3 * len(first)
+    assert len(named) == stats.segments + stats.settled.segments
+    f = sorted(src.iterdir())[5]
+    assert fr.recover_file(keys.seed, [Path(r) for r in remotes[:2]], f"src/{f.name}") == (
+        f.read_bytes()
+    )
+
+
+def test_a_crash_between_the_two_passes_drops_the_first_ones_segments(tmp_path, monkeypatch):
+    """A commit that dies in its second pass (its first pass's meta segments recorded, no
+    manifest): the next open drops them like any unnamed segments, and the next commit
+    ships an index the remotes restore."""
+    monkeypatch.setattr(metaship, "SETTLE_AFTER", 0)
+    v, remotes = make_vault(tmp_path)
+    src = tmp_path / "src"
+    many_files(src, 200, seed=8)
+    real = metaship.ship
+
+    def second_pass_dies(*a, **kw):
+        if a[-1] is not None:  # ``earlier``: the second pass
+            raise Crash("the process dies in the second pass")
+        return real(*a, **kw)
+
+    with v:
+        with monkeypatch.context() as mp, pytest.raises(Crash):
+            mp.setattr(metaship, "ship", second_pass_dies)
+            backup_paths(v, [src])
+        assert v.index.q("SELECT id FROM segments WHERE kind='meta'")  # the first pass's
+    v = Vault.open(tmp_path / "home", PW)
+    with v:
+        assert not v.index.q(
+            "SELECT id FROM segments WHERE kind='meta' AND id NOT IN"
+            " (SELECT segment FROM manifest_segments)"
+        )
+        backup_paths(v, [src])
+        assert v.flush().complete
+        keys = v.keys
+    f = sorted(src.iterdir())[3]
+    assert fr.recover_file(keys.seed, [Path(r) for r in remotes[1:]], f"src/{f.name}") == (
+        f.read_bytes()
+    )
+
+
+def test_the_export_is_the_checkpointed_file_or_the_online_backup_page_for_page(tmp_path):
+    """``Index.export_to`` copies the database file after a checkpoint empties the log; while
+    another connection reads an older state the checkpoint cannot finish and the online
+    backup copies instead. Both copies hold the same pages (but the header page) and the
+    same rows, with queued shards placed, in rollback-journal mode."""
+    v, _remotes = make_vault(tmp_path)
+    src = tmp_path / "src"
+    many_files(src, 300, seed=9)
+    with v:
+        backup_paths(v, [src])  # not flushed: its shards are still queued
+        index = v.index
+        assert index.one("SELECT count(*) FROM shards WHERE state='queued'")[0] > 0
+        index.set("export-test", 1)  # a page in the log
+        with contextlib.closing(sqlite3.connect(index.path)) as reader:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM settings").fetchone()  # holds the log
+            slow = tmp_path / "slow.db"
+            index.export_to(slow)
+            assert Path(f"{index.path}-wal").stat().st_size > 0  # not emptied: a backup
+            reader.execute("COMMIT")
+        fast = tmp_path / "fast.db"
+        index.export_to(fast)  # nothing written since
+        assert Path(f"{index.path}-wal").stat().st_size == 0  # the checkpoint emptied it
+    a, b = fast.read_bytes(), slow.read_bytes()
+    page = int.from_bytes(a[16:18], "big")
+    assert len(a) == len(b) and a[page:] == b[page:]
+    for copy in (fast, slow):
+        assert copy.read_bytes()[18:20] == b"\x01\x01"  # rollback journal: one file
+        with contextlib.closing(sqlite3.connect(copy)) as db:
+            assert db.execute("SELECT count(*) FROM shards WHERE state='queued'").fetchone()[0] == 0
+            assert db.execute("SELECT value FROM settings WHERE key='export-test'").fetchone() == (
+                "1",
+            )

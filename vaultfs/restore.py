@@ -1462,7 +1462,8 @@ def restore_files(
     ThawNeeded when shards were out of reach because remotes hold them in archive storage."""
     snap_uid, entries = _entries(index, snapshot, include, each_include)
     files = [e.id for e in entries if e.type == "f"]
-    epoch_suites = _check_suites(keys, index, snapshots.segment_epochs(index, files))
+    epochs = snapshots.segment_epochs(index, files)
+    epoch_suites = _check_suites(keys, index, epochs)
     to = _prepare_target(to, force)
     marker = to / INCOMPLETE
     marker.write_text(f"{snap_uid}\n")  # until the last file is finished
@@ -1470,26 +1471,20 @@ def restore_files(
     total = sum(e.size for e in file_rows)
     if total_cb:
         total_cb(total)
-    warnings: list[str] = []
-    # a window of chunks at a time, so memory stays flat however large the snapshot (a
-    # segment two windows need is fetched twice: rare, and only I/O)
-    for plan in _plan_windows(to, index, file_rows):
-        seg_ids = sorted(plan)
-        seg_rows = segments.layouts(index, seg_ids)
-        shard_rows = segments.shard_hashes(index, seg_ids)
-        try:
-            warnings += _write_chunks(
-                keys, index, src, plan, seg_rows, shard_rows, epoch_suites, progress
-            )
-        except NotEnoughRemotes as e:
-            frozen = [r for r in src.reports.values() if r.error and needs_thaw(r.error)]
-            if not frozen:
-                raise
-            raise ThawNeeded(
-                f"{e.message}: thaw needed on {', '.join(r.label for r in frozen)} (archive "
-                f"storage; request a restore of the vault's objects there, wait, and rerun): "
-                f"{frozen[0].error}"
-            ) from None
+    # a window of chunks at a time, so memory stays flat however large the snapshot, through
+    # one fetch/decode pipeline (a segment two windows need is fetched twice: rare, only I/O)
+    batches = _window_batches(index, src, _plan_windows(to, index, file_rows))
+    try:
+        warnings = _write_chunks(keys, index, src, batches, epochs, epoch_suites, progress)
+    except NotEnoughRemotes as e:
+        frozen = [r for r in src.reports.values() if r.error and needs_thaw(r.error)]
+        if not frozen:
+            raise
+        raise ThawNeeded(
+            f"{e.message}: thaw needed on {', '.join(r.label for r in frozen)} (archive "
+            f"storage; request a restore of the vault's objects there, wait, and rerun): "
+            f"{frozen[0].error}"
+        ) from None
     _finish_entries(to, entries, link_later, force, warnings)
     marker.unlink()
     return snap_uid, len(entries), total, warnings
@@ -1600,10 +1595,12 @@ def _create_files(
     return file_rows, link_later
 
 
-#: Chunks a restore plans and writes at a time (~2 GiB of data at the 32 KiB average chunk).
-#: A whole-snapshot plan held ~7 MB of rows per GiB (~120 MB at 16 GiB); a window ~14 MB.
-#: Each window restarts the fetch/decode pipeline (well under a second).
-WINDOW_CHUNKS = 1 << 16
+#: Chunks a restore plans at a time (~512 MiB of data at the 32 KiB average chunk). A plan
+#: costs ~350 bytes of Python objects a chunk (a whole-snapshot plan held ~120 MB at 16 GiB);
+#: a window of 16,384 ~6 MB. Smaller than a 1 GiB snapshot, so a full restore's memory is the
+#: same from 1 GiB up (at 65,536 it was 70 MiB at 1 GiB, 103-112 MiB from 4 GiB up). The
+#: fetch/decode pipeline runs on through the windows (:func:`_write_chunks`).
+WINDOW_CHUNKS = 1 << 14
 
 
 def _plan_windows(
@@ -1633,43 +1630,66 @@ def _plan_windows(
         yield plan
 
 
+class _SegmentJob(NamedTuple):
+    """One data segment to restore: its layout (size, k, n, key epoch, erasure algorithm),
+    its shards, and its chunks (a :func:`_plan_windows` entry)."""
+
+    sid: int
+    layout: tuple[int, int, int, int, int]
+    refs: list[ShardRef]
+    items: list[tuple[bytes, int, int, str, int, int]]
+
+
+def _window_batches(
+    index: Index,
+    src: ShardSource,
+    windows: Iterator[dict[int, list[tuple[bytes, int, int, str, int, int]]]],
+) -> Iterator[list[_SegmentJob]]:
+    """The segments of each plan of ``windows`` in fetch batches (:func:`_batches`), with their
+    layouts and shards: one window's rows are held at a time, planned when the batches of
+    the window before have all been taken."""
+    for plan in windows:
+        seg_ids = sorted(plan)
+        seg_rows = segments.layouts(index, seg_ids)
+        shard_rows = segments.shard_hashes(index, seg_ids)
+        for batch in _batches(seg_ids, {sid: seg_rows[sid][0] for sid in seg_ids}):
+            yield [
+                _SegmentJob(sid, seg_rows[sid], src.refs("data", shard_rows[sid]), plan[sid])
+                for sid in batch
+            ]
+        del plan, seg_rows, shard_rows  # not held while the next window is planned
+
+
 def _write_chunks(
     keys: VaultKeys,
     index: Index,
     src: ShardSource,
-    plan: dict[int, list[tuple[bytes, int, int, str, int, int]]],
-    seg_rows: dict[int, tuple[int, int, int, int, int]],
-    shard_rows: dict[int, list[tuple[int, str, bytes, int]]],
+    batches: Iterator[list[_SegmentJob]],
+    epochs: set[int],
     epoch_suites: dict[int, int],
     progress: Callable[[int], None] | None,
 ) -> list[str]:
-    """Fetch the segments of ``plan`` in batches (the next one while the decoders work on
-    this one), decode them and write their chunks into the files. ``seg_rows`` and
-    ``shard_rows``: the layouts and shards of (at least) those segments. Returns warnings."""
-    refs = {sid: src.refs("data", shard_rows[sid]) for sid in plan}
-    used_epochs = {seg_rows[sid][3] for sid in plan}
+    """Fetch the segments of ``batches`` (:func:`_window_batches`; sealed under key
+    ``epochs``) a batch at a time, the next one while the decoders work on this one, decode
+    them and write their chunks into the files. Returns warnings. The batches are drawn
+    (and so the windows planned) on the decoder pool's feeding thread as it goes."""
     data_keys = {
-        e: keys.unwrap_data_key(e, w, s) for e, s, w in keyring.epochs(index) if e in used_epochs
+        e: keys.unwrap_data_key(e, w, s) for e, s, w in keyring.epochs(index) if e in epochs
     }
-
     warnings: list[str] = []
-    batches = _batches(sorted(plan), {sid: seg_rows[sid][0] for sid in plan})
     tmp_root = Path(tempfile.mkdtemp(prefix="vaultfs-restore-", dir=_staging_dir()))
 
-    def download(batch_no: int) -> tuple[Path, dict[str, Path]]:
-        d = tmp_root / f"b{batch_no}"
+    def download(bi: int, batch: list[_SegmentJob]) -> tuple[Path, dict[str, Fetched]]:
+        d = tmp_root / f"b{bi}"
         d.mkdir()
-        wanted = []
-        for sid in batches[batch_no]:
-            k = seg_rows[sid][1]
-            wanted += [("data", r) for r in src.choose(refs[sid], k)]
+        wanted = [("data", r) for job in batch for r in src.choose(job.refs, job.layout[1])]
         return d, src.fetch(wanted, d)
 
     ctx = _RestoreContext(
         keys.vault_id, keys.chunk_id_key, keys.audit_key, data_keys, epoch_suites, src
     )
-    left = {bi: len(b) for bi, b in enumerate(batches)}
-    written = [threading.Event() for _b in batches]  # every segment of the batch written
+    left: dict[int, int] = {}  # batch -> segments not yet written
+    written: dict[int, threading.Event] = {}  # every segment of the batch written
     abort = threading.Event()
     dirs: dict[int, Path] = {}
     ahead: dict[int, list[Path]] = {}  # read-ahead files a batch uses, deleted with it
@@ -1677,28 +1697,31 @@ def _write_chunks(
     with _decoders(ctx) as run, ThreadPoolExecutor(1, thread_name_prefix="vaultfs-fetch") as fx:
 
         def jobs() -> Iterator[tuple]:
-            nxt = fx.submit(download, 0) if batches else None
-            for bi in range(len(batches)):
+            bi, batch = 0, next(batches, None)
+            nxt = fx.submit(download, bi, batch) if batch is not None else None
+            while batch is not None:
                 assert nxt is not None
                 bdir, fetched = nxt.result()
                 dirs[bi] = bdir
                 ahead[bi] = [f.path for nm, f in fetched.items() if src.staged.get(nm) == f]
                 if abort.is_set():  # a decoder failed: stop feeding the pool
                     return
+                left[bi], written[bi] = len(batch), threading.Event()
                 # queued behind the batch before, so the decoders do not run dry between them
-                for sid in batches[bi]:
-                    size, k, n, epoch, alg = seg_rows[sid]
+                for job in batch:
+                    size, k, n, epoch, alg = job.layout
                     paths = {
                         r.name: (str(f.path), f.holder)
-                        for r in refs[sid]
+                        for r in job.refs
                         if (f := fetched.get(r.name)) is not None
                     }
-                    yield (bi, sid, size, k, n, epoch, alg, refs[sid], paths, plan[sid])
+                    yield (bi, job.sid, size, k, n, epoch, alg, job.refs, paths, job.items)
                 # at most two batches staged: fetch the next once the one before is written
                 while bi and not written[bi - 1].wait(0.1):
                     if abort.is_set():
                         return
-                nxt = fx.submit(download, bi + 1) if bi + 1 < len(batches) else None
+                bi, batch = bi + 1, next(batches, None)
+                nxt = fx.submit(download, bi, batch) if batch is not None else None
 
         try:
             for bi, nbytes, warns in run(jobs()):

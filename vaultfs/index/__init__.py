@@ -26,6 +26,7 @@ sidecar that remembers which blocks are already there.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sqlite3
 import threading
 from pathlib import Path
@@ -111,25 +112,53 @@ class Index:
             self.db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, str(value)))
 
     def export_to(self, dest: Path) -> None:
-        """Write a consistent copy of the whole database to the new file ``dest`` (SQLite
-        online backup), page for page: no VACUUM, so a page the next commits do not touch
-        stays at the same offset with the same bytes, and the shipped copy's unchanged
-        blocks keep their ids (docs/format.md 9). Holds the lock while it copies; the copy
-        is in rollback-journal mode, so the one file is the whole database.
+        """Write a consistent copy of the whole database to the new file ``dest``, page for
+        page: no VACUUM, so a page the next commits do not touch stays at the same offset
+        with the same bytes, and the shipped copy's unchanged blocks keep their ids
+        (docs/format.md 9). Holds the lock while it copies; the copy is in rollback-journal
+        mode, so the one file is the whole database.
+
+        The copy is the database file itself, once a checkpoint has moved every page of the
+        write-ahead log into it (a kernel copy: at a 261 MiB index, 16 GiB of data, SQLite's
+        online backup took 1.3 s); when the checkpoint cannot finish (another connection
+        reads an older state) or a page reaches the log meanwhile, SQLite's online backup.
 
         Shards still ``queued`` are ``placed`` in the copy: the upload queue is this
         machine's bookkeeping, and the flush that follows every commit flips the same rows
         locally by the same same-size update, so the next commit's copy has the same page
         bytes and does not ship the whole shards table again (docs/format.md 9)."""
-        dst = sqlite3.connect(dest)
-        try:
-            with self.lock:
-                self.db.backup(dst)
+        with self.lock:
+            if not self._copy_checkpointed(dest):
+                dest.unlink(missing_ok=True)
+                with contextlib.closing(sqlite3.connect(dest)) as dst:
+                    dst.execute("PRAGMA synchronous=OFF")
+                    self.db.backup(dst)
+        with contextlib.closing(sqlite3.connect(dest, isolation_level=None)) as dst:
+            dst.execute("PRAGMA synchronous=OFF")  # scratch: a crash leaves it to be deleted
             dst.execute("PRAGMA journal_mode=DELETE")
-            with dst:
-                dst.execute("UPDATE shards SET state='placed' WHERE state='queued'")
-        finally:
-            dst.close()
+            dst.execute("UPDATE shards SET state='placed' WHERE state='queued'")
+
+    def _copy_checkpointed(self, dest: Path) -> bool:
+        """Copy the database file to ``dest`` after a checkpoint that empties the write-ahead
+        log (under the lock: no write of this connection comes between). True when the copy
+        is whole: the log was emptied, and is still empty after the copy, so no checkpoint
+        can have written into the file while it was read (another process's, say)."""
+        if not isinstance(self.path, Path):
+            return False
+        wal = Path(f"{self.path}-wal")
+        busy, log, moved = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy or log != moved or _size(wal):
+            return False
+        shutil.copyfile(self.path, dest)
+        return not _size(wal)
+
+
+def _size(path: Path) -> int:
+    """Bytes of the file at ``path``; 0 when there is none."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 class _Tx:

@@ -190,22 +190,22 @@ class Committer:
         manifest (``fork``: recorded as an explicit fork of that manifest). ``prepush`` starts
         uploading every queued shard before the manifest is signed."""
         p = self.params
-        export = self.queue.tmp / "index-export.db"  # a crash leaves it: recover() clears tmp
-        export.unlink(missing_ok=True)
-        try:
-            self.index.export_to(export)
-            shipment = metaship.ship(
-                self.index, self.keys, self.suite, p.segment_size, export, self.shipped,
-                self._write_meta_segment,
-            )  # fmt: skip
-        finally:
-            export.unlink(missing_ok=True)
-        self.last_shipped = shipment.stats
         # the new segments are durable in the queue: record them first (a crash before the
         # manifest is recorded leaves segments no manifest names; recover() drops them), then
         # sign the manifest while the shards already go out (prepush: rclone runs beside it)
-        self._record_meta_segments(seq, shipment.new)
+        shipment = self._ship_once(seq)
+        self.last_shipped = shipment.stats
         named = shipment.named + [m.seg_id for m in shipment.new]
+        if len(shipment.new) > metaship.SETTLE_AFTER:
+            # the index now records those segments' shards and audit tags: ship it once more,
+            # so that the next commit does not carry them (metaship.SETTLE_AFTER); the
+            # manifest names every segment of both passes, so each stays a named one
+            again = self._ship_once(seq, shipment)
+            shipment.stats.settled = again.stats
+            named = sorted(set(again.named) | {m.seg_id for m in shipment.new})
+            named += [m.seg_id for m in again.new]
+            again.sealed = shipment.sealed | again.sealed  # for the sidecar: the newest place
+            shipment = again
         described = self._descriptors(named)
         created_ms = int(time.time() * 1000)
         stored = keyring.slhdsa(self.index) if self.keys.slhdsa_public is not None else None
@@ -268,6 +268,22 @@ class Committer:
         self.shipped.record(
             sealed, self.suite, {seg.uid for seg in described + body.index_segments}
         )
+
+    def _ship_once(self, seq: int, earlier: metaship.Shipment | None = None) -> metaship.Shipment:
+        """One pass of :func:`metaship.ship` over a fresh copy of the index (``earlier``: this
+        commit's pass before it), its new meta segments recorded for manifest ``seq``."""
+        export = self.queue.tmp / "index-export.db"  # a crash leaves it: recover() clears tmp
+        export.unlink(missing_ok=True)
+        try:
+            self.index.export_to(export)
+            shipment = metaship.ship(
+                self.index, self.keys, self.suite, self.params.segment_size, export,
+                self.shipped, self._write_meta_segment, earlier,
+            )  # fmt: skip
+        finally:
+            export.unlink(missing_ok=True)
+        self._record_meta_segments(seq, shipment.new)
+        return shipment
 
     def _record_meta_segments(self, seq: int, new: list[metaship.NewMetaSegment]) -> None:
         """Record the meta segments a shipping wrote for manifest ``seq`` (durable in the

@@ -21,6 +21,10 @@ sparse, the live objects of the sparsest are sealed again into this commit's seg
 :data:`COMPACT_BUDGET` bytes of records per commit. A segment no kept manifest names is
 garbage (:meth:`UploadQueue.prune_index_copies`).
 
+The copy records the meta segments of earlier shippings, not those written from it: a
+commit that wrote more than :data:`SETTLE_AFTER` records them and ships a second time
+(``earlier``), so that the next commit does not carry their rows.
+
 Past :data:`ONE_LEVEL_MAX` bytes of one-level description, the committer adds the second
 level (:func:`ship_second_level`, docs/format.md 9.2): the map pages and the segment
 descriptors listed in pages that are index objects themselves, which the manifest names.
@@ -52,6 +56,13 @@ ONE_LEVEL_MAX = 256 << 10
 SEGMENT_PAGE_FANOUT = MAP_FANOUT
 #: Sparse meta segments a manifest may name before compaction starts.
 SPARSE_KEPT = 16
+#: New meta segments past which a commit ships the index a second time, once it has recorded
+#: them (:func:`ship`'s ``earlier``). Each adds n shard rows and n audit tags (~30 KiB at
+#: 3-of-5) to the index; shipped by the next commit instead, the ~65 segments of a 16 GiB
+#: backup's index doubled a 1 MiB commit's upload (10.2 MiB). A second pass costs another
+#: copy and hash of the index, small beside a commit that wrote that much; steady commits
+#: write one or two segments and never pay it.
+SETTLE_AFTER = 4
 #: Most bytes of one sealed map page (128 entries, the record's salt, commitment, tag and
 #: compression frame): what the packer reserves for the pages still to come.
 MAP_PAGE_RECORD = MAP_FANOUT * ENTRY.size + 512
@@ -68,6 +79,7 @@ class ShipStats:
     recopied: int = 0  # objects sealed again by compaction
     sealed_bytes: int = 0  # bytes of records written into new meta segments (before coding)
     segments: int = 0  # new meta segments
+    settled: ShipStats | None = None  # the second pass that recorded them (:data:`SETTLE_AFTER`)
 
 
 @dataclass
@@ -161,14 +173,23 @@ def ship(
     export: Path,
     shipped: ShippedObjects,
     write: Callable[[bytes, bytes], tuple[int, list[NewShard], bytes]],
+    earlier: Shipment | None = None,
 ) -> Shipment:
     """Ship the index copy at ``export``: seal the objects the remotes lack into new meta
     segments (``write(uid, padded segment)`` codes and queues one, returning (segment id,
     shard rows, root)) and return the block map and the segments it needs. The caller records
-    the new segments, then the manifest naming ``named`` and the new ones, then the sidecar."""
+    the new segments, then the manifest naming ``named`` and the new ones, then the sidecar.
+
+    ``earlier``: a shipping of this same commit whose new segments are recorded (in the copy
+    at ``export``) but named by no manifest yet; its records are reused like those of the
+    newest manifest's segments, and ``named`` lists those of its segments that hold any."""
     key, vid, block = keys.metadata_key, keys.vault_id, indexblocks.BLOCK_SIZE
     stats = ShipStats()
     reusable = seg_table.meta_named_by(index, manifests.newest_seq(index))
+    prior: dict[bytes, Location] = {}
+    if earlier is not None:
+        reusable |= {m.uid: (m.seg_id, m.used) for m in earlier.new}
+        prior = earlier.sealed
     packer = _Packer(segment_size, write)
     sealed: dict[bytes, Location] = {}
     live: dict[bytes, int] = {}  # uid -> bytes of records still in use
@@ -183,12 +204,17 @@ def ship(
 
     length = export.stat().st_size
     with shipped.reader(suite) as look, export.open("rb") as f:
+
+        def placed(oid: bytes) -> Location | None:
+            """Where an earlier commit, or this one's earlier pass, sealed object ``oid``."""
+            return prior.get(oid) or look.get(oid)
+
         while data := f.read(block):
             stats.blocks += 1
             oid = indexblocks.object_id(key, data)
             loc = sealed.get(oid)
             if loc is None:
-                loc = look.get(oid)
+                loc = placed(oid)
                 if loc is None or loc.uid not in reusable:
                     loc = seal(oid, data)
                     stats.sealed_blocks += 1
@@ -208,7 +234,7 @@ def ship(
             oid = indexblocks.object_id(key, raw)
             loc = sealed.get(oid)
             if loc is None:
-                loc = look.get(oid)
+                loc = placed(oid)
                 if loc is None or loc.uid not in reusable or loc.uid in moved:
                     loc = seal(oid, raw)
                     stats.sealed_map_pages += 1
