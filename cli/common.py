@@ -4,7 +4,9 @@ options, the passphrase prompt, :func:`open_vault`, the progress bar and the flu
 Command modules (cli/core.py, cli/restore.py, cli/audit.py, cli/keys.py, cli/mount.py, ...)
 import this module and register their commands on :data:`app`. They are imported lazily, when
 a command of theirs is looked up (:class:`LazyCommands`, :data:`COMMANDS`): `vaultfs restore`
-pays for the restore's imports only, not for the knowledge base's or the mount's.
+pays for the restore's imports only, not for the knowledge base's or the mount's. This module
+imports typer and rich's console only; the engine is imported in the functions that use it,
+so `vaultfs COMMAND --help` and a usage error load none of it.
 """
 
 from __future__ import annotations
@@ -22,24 +24,15 @@ import typer
 import typer.core
 import typer.main
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from cli.early import secret
-from vaultfs import chain
 from vaultfs.errors import EXIT_PARTIAL, InputError, NoVault, StaleBase
-from vaultfs.index import manifests
-from vaultfs.keys import VaultKeys, parse_seed, read_keyfile
-from vaultfs.manifest import Link
 
-if TYPE_CHECKING:  # imported where used: a restore from the remotes alone needs neither
+if TYPE_CHECKING:  # each imported where used: a command's --help needs none of them
+    from rich.progress import Progress, TaskID
+
+    from vaultfs.keys import VaultKeys
+    from vaultfs.manifest import Link
     from vaultfs.strategy import Strategy
     from vaultfs.vault import Vault
 
@@ -246,15 +239,19 @@ def open_vault(
     """The vault at ``home`` (see :func:`home_dir`), open for the ``with`` block and closed
     when it ends, also on error. ``lock`` takes the vault's lock (and finishes an interrupted
     commit) for commands that write; reading commands pass False. The key is ``keys`` if
-    given, else the keyfile unlocked with :func:`passphrase`. Errors are VaultErrors, which
-    cli/main.py turns into one sentence and an exit code."""
+    given, else the keyfile unlocked with :func:`passphrase`; with ``lock`` the rclone daemon
+    starts meanwhile (RcloneDaemon.starting). Errors are VaultErrors, which cli/main.py turns
+    into one sentence and an exit code."""
     from vaultfs.errors import VaultBusy
+    from vaultfs.remotes import RcloneDaemon
     from vaultfs.vault import Vault
 
-    pw = passphrase() if keys is None else None
+    # a command that writes reaches the remotes: rclone starts while the key unlocks
+    ahead = RcloneDaemon.starting() if lock else contextlib.nullcontext()
     h = home_dir(home)
     try:
-        v = Vault.open(h, pw, keys=keys, lock=lock)
+        with ahead:
+            v = Vault.open(h, passphrase() if keys is None else None, keys=keys, lock=lock)
     except VaultBusy:
         from vaultfs.control import mounted
 
@@ -277,6 +274,15 @@ def progress(
     if quiet or not err.is_terminal:
         yield None
         return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -315,6 +321,9 @@ def advance_segments(
 def newest_manifest(v: Vault) -> Link | None:
     """The newest manifest of ``v``'s chain (seq and hash, for every output); None before
     the first."""
+    from vaultfs.index import manifests
+    from vaultfs.manifest import Link
+
     row = manifests.newest_link(v.index)
     return None if row is None else Link(*row)
 
@@ -338,6 +347,8 @@ def report_flush(
     manifests stay queued, never placed), EXIT_PARTIAL when a segment has fewer than k shards
     placed (with ``every_remote``, the `flush` command's promise: when anything is still
     queued for any remote)."""
+    from vaultfs import chain
+
     rep = v.flush(quorum=quorum)
     status = v.status()
     code = 0
@@ -406,6 +417,9 @@ def redundancy_warnings(remotes: int, k: int, n: int, survives: int, add: str) -
 
 def keys_for_restore(home: Path, keyfile: Path | None, seed_file: Path | None) -> VaultKeys:
     """The key from --seed-file, $VAULTFS_SEED, or a keyfile (--keyfile, else HOME/key.json)."""
+    from vaultfs.keys import VaultKeys, parse_seed, read_keyfile
+    from vaultfs.remotes import RcloneDaemon
+
     if seed_file:
         try:
             return VaultKeys.from_seed(parse_seed(seed_file.read_text()))
@@ -417,4 +431,5 @@ def keys_for_restore(home: Path, keyfile: Path | None, seed_file: Path | None) -
     kf = keyfile or home / "key.json"
     if not kf.exists():
         raise NoVault(f"no key: {kf} does not exist; give --keyfile FILE or --seed-file FILE")
-    return read_keyfile(kf, passphrase())
+    with RcloneDaemon.starting():  # every caller reads the remotes next: rclone starts meanwhile
+        return read_keyfile(kf, passphrase())

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Column, Table
@@ -35,17 +35,11 @@ from cli.common import (
     redundancy_warnings,
     report_flush,
 )
-from cli.mounted import flush_via_mount, mount_status
-from vaultfs import erasure, names, routine, shamir, strategy, tiers
-from vaultfs.backup import backup_paths, backup_stream
+from vaultfs import names
 from vaultfs.errors import InputError
-from vaultfs.index import manifests
-from vaultfs.index import snapshots as snapshot_rows
-from vaultfs.keys import parse_seed
-from vaultfs.objectlock import check_retention, lock_spec
-from vaultfs.remotes import absolute, check_archive
-from vaultfs.vault import Vault
-from vaultfs.vault.placement import remotes_needed
+
+if TYPE_CHECKING:
+    from vaultfs.strategy import Strategy
 
 
 # -- init --------------------------------------------------------------------------------------
@@ -100,6 +94,12 @@ def init(
     (--seed-file, --share-file: a second vault under a seed whose shares you already hold).
     With --immutable it is append-only: no command asks a remote to delete, move or overwrite
     an object (lock the objects on the server too: docs/operations.md, "Immutable vaults")."""
+    from vaultfs import erasure
+    from vaultfs.objectlock import check_retention, lock_spec
+    from vaultfs.remotes import absolute, check_archive
+    from vaultfs.vault import Vault
+    from vaultfs.vault.placement import remotes_needed
+
     if profile and (k is not None or n is not None):
         raise InputError("give either --profile or -k/-n, not both")
     if k is not None or n is not None:
@@ -151,6 +151,9 @@ def init(
 
 def _given_seed(seed_file: Path | None, share_files: list[Path]) -> bytes | None:
     """The seed of --seed-file or of --share-file shares; None for a new one."""
+    from vaultfs import shamir
+    from vaultfs.keys import parse_seed
+
     if seed_file and share_files:
         raise InputError("give --seed-file or --share-file, not both")
     if seed_file:
@@ -207,6 +210,8 @@ def backup(
     """Back up files/directories (or stdin) as a new snapshot, then upload. `backup config
     --add-backend TIER REMOTE` edits the strategy file instead (docs/operations.md, Tiers)."""
     if add_backend is not None:
+        from vaultfs import strategy, tiers
+
         if [str(p) for p in paths or []] != ["config"] or stdin:
             raise InputError("--add-backend goes with `vaultfs backup config` alone")
         h = home_dir(home)
@@ -237,6 +242,8 @@ def backup(
         raise InputError("--stdin needs --stdin-filename NAME")
     if name is not None:
         names.check_snapshot_name(name)  # before anything is read
+    from vaultfs.backup import backup_paths, backup_stream
+
     with open_vault(home) as v:
         t0 = time.perf_counter()
         with progress("backup", quiet=as_json) as prog:
@@ -272,6 +279,8 @@ def flush(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Upload every queued shard and manifest; wait until done or report who is behind.
 
     Exits 0 only when everything is on every remote, 3 while anything is still queued."""
+    from cli.mounted import flush_via_mount
+
     if (code := flush_via_mount(home, as_json)) is not None:  # flushed by the mount's daemon
         raise typer.Exit(code)
     with open_vault(home) as v:
@@ -292,7 +301,9 @@ def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "never"
 
 
-def _tier_status(s: strategy.Strategy, as_json: bool) -> None:
+def _tier_status(s: Strategy, as_json: bool) -> None:
+    from vaultfs import tiers
+
     rows = tiers.report(s)
     if as_json:
         out.print_json(json.dumps({"strategy": str(s.path), "tiers": rows}))
@@ -330,6 +341,9 @@ def _tier_status(s: strategy.Strategy, as_json: bool) -> None:
 @app.command()
 def snapshots(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """List snapshots."""
+    from vaultfs.index import manifests
+    from vaultfs.index import snapshots as snapshot_rows
+
     with open_vault(home, lock=False) as v:
         rows = snapshot_rows.rows(v.index)
         links = manifests.chain_links(v.index)
@@ -365,6 +379,8 @@ def ls(
 ) -> None:
     """List the entries of a snapshot. Names that are not UTF-8, and control characters,
     are shown escaped (\\xNN, \\n, \\\\); --json gives them exactly (path_hex)."""
+    from vaultfs.index import snapshots as snapshot_rows
+
     with open_vault(home, lock=False) as v:
         if (found := snapshot_rows.find(v.index, snapshot)) is None:
             raise InputError(f"snapshot {snapshot!r} not found")
@@ -405,10 +421,17 @@ def status(
     """Show remotes, queue, redundancy and how many remote losses the vault survives. With
     --strategy (or in a home that holds a strategy.yaml and no vault of its own): every tier's
     last success, next due, RPO and redundancy."""
+    from cli.mounted import mount_status
+    from vaultfs import routine
+    from vaultfs.index import manifests
+
     h = home_dir(home)
-    if strategy_file or (not (h / "index.db").exists() and strategy.default_path(h).exists()):
-        _tier_status(load_strategy(home, strategy_file), as_json)
-        return
+    if strategy_file or not (h / "index.db").exists():  # a strategy's home? (YAML: load late)
+        from vaultfs import strategy
+
+        if strategy_file or strategy.default_path(h).exists():
+            _tier_status(load_strategy(home, strategy_file), as_json)
+            return
     with open_vault(home, lock=False) as v:
         st = v.status()
         st["routine"] = routine.report(home_dir(home), v)

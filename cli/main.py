@@ -65,8 +65,6 @@ def _exit(code: int | str | None) -> None:
     so flush the standard streams and the log, stop the rclone daemon, and leave."""
     import logging
 
-    from vaultfs.remotes import RcloneDaemon
-
     if isinstance(code, str):
         print(code, file=sys.stderr)
         code = 1
@@ -76,7 +74,9 @@ def _exit(code: int | str | None) -> None:
     except (OSError, ValueError):  # a closed pipe: nothing more can be said
         pass
     logging.shutdown()
-    RcloneDaemon.shutdown()
+    # a command that never imported the remote stack started no daemon: no import for it
+    if (remotes := sys.modules.get("vaultfs.remotes")) is not None:
+        remotes.RcloneDaemon.shutdown()
     os._exit(code or 0)
 
 

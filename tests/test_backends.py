@@ -524,3 +524,37 @@ def test_daemon_dir_of_a_killed_process_is_swept() -> None:
         assert live.is_dir()
     finally:
         live.rmdir()
+
+
+def test_a_daemon_started_ahead_is_the_one_every_caller_gets(monkeypatch) -> None:
+    """RcloneDaemon.starting (the command line starts rclone while the keyfile unlocks): a
+    get() inside the block waits for the start under way instead of beginning a second
+    daemon; the starting thread has ended when the block does (a sealer fork after it
+    inherits no thread); with a daemon running, or VAULTFS_RCD=0, nothing is started."""
+    from vaultfs.remotes import RCD_PREFIX
+
+    def starters() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "vaultfs-rcd-start"]
+
+    def dirs() -> list[Path]:
+        return list(Path(tempfile.gettempdir()).glob(f"{RCD_PREFIX}{os.getpid()}-*"))
+
+    RcloneDaemon.shutdown()
+    try:
+        with RcloneDaemon.starting():
+            ahead = starters()
+            d = RcloneDaemon.get()
+        if d is None:
+            pytest.skip("the rclone daemon cannot start here")
+        assert ahead and not any(t.is_alive() for t in ahead)
+        assert RcloneDaemon.get() is d and d.alive() and len(dirs()) == 1
+        with RcloneDaemon.starting():
+            assert not starters()
+        assert RcloneDaemon.get() is d
+    finally:
+        RcloneDaemon.shutdown()
+    assert not dirs()
+    monkeypatch.setenv("VAULTFS_RCD", "0")
+    with RcloneDaemon.starting():
+        assert not starters()
+    assert RcloneDaemon.get() is None and not dirs()

@@ -342,6 +342,34 @@ def test_mount_helper_takes_what_mount8_passes():
             parse(bad)
 
 
+def test_a_commands_help_loads_none_of_the_engine():
+    """`vaultfs status --help` imports cli/core.py and typer, and none of the engine: the
+    vault, the index, the remote stack, the YAML parser, the erasure or chunking libraries
+    (each imported where a command uses it). Its help and exit code are unchanged."""
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from cli.common import app\n"
+        "sys.argv = ['vaultfs', 'status', '--help']\n"
+        "try:\n"
+        "    app()\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "print(' '.join(sorted(sys.modules)), file=sys.stderr)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, env=env, cwd=root, check=True
+    )
+    assert "Show remotes, queue, redundancy" in proc.stdout.decode()
+    loaded = set(proc.stderr.decode().split())
+    assert "cli.core" in loaded
+    engine = {"vaultfs.vault", "vaultfs.index", "vaultfs.remotes", "vaultfs.strategy", "ruamel"}
+    assert not (engine | {"pyeclib", "pyfastcdc", "vaultfs.shamir", "cli.mounted"}) & loaded
+
+
 def test_a_command_imports_only_its_module_and_the_map_is_complete():
     """`vaultfs restore --help` imports cli/restore.py and none of the other command modules
     (nor the mount, the knowledge base or psycopg); once every module is imported, the

@@ -12,10 +12,13 @@ A file's content (its ordered chunk ids) is named by :func:`content_ref` under t
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import BinaryIO
+from functools import cached_property
+from typing import TYPE_CHECKING, BinaryIO
 
 import blake3
-from pyfastcdc import FastCDC
+
+if TYPE_CHECKING:
+    from pyfastcdc import FastCDC
 
 AVG_SIZE = 16 * 1024  # vaults whose index has no chunk_avg setting (made before it existed)
 #: Average chunk size of new vaults (index setting ``chunk_avg``): half the per-chunk work of
@@ -30,10 +33,18 @@ CONTENT_REF_LABEL = b"vaultfs/content-ref"
 
 class Chunker:
     def __init__(self, seed: int, id_key: bytes, avg_size: int = AVG_SIZE) -> None:
-        self._cdc = FastCDC(
-            avg_size, min_size=max(64, avg_size // 4), max_size=avg_size * 4, seed=seed
-        )
+        self._seed = seed
+        self._avg = avg_size
         self._id_key = id_key
+
+    @cached_property
+    def _cdc(self) -> FastCDC:
+        """The cutter, made (and pyfastcdc imported) on the first cut: every command that
+        opens a vault makes a Chunker, few of them cut."""
+        from pyfastcdc import FastCDC
+
+        avg = self._avg
+        return FastCDC(avg, min_size=max(64, avg // 4), max_size=avg * 4, seed=self._seed)
 
     def chunks(self, stream: BinaryIO) -> Iterator[bytes]:
         """Yield the chunks of a stream as independent ``bytes`` objects."""

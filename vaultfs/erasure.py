@@ -24,10 +24,12 @@ from __future__ import annotations
 import struct
 import threading
 import zlib
-
-from pyeclib.ec_iface import ECDriver
+from typing import TYPE_CHECKING
 
 from .errors import IntegrityError
+
+if TYPE_CHECKING:  # imported by driver(): every command imports this module, few code
+    from pyeclib.ec_iface import ECDriver
 
 #: liberasurecode's fragment header (fragment_header_t) in front of every fragment payload.
 FRAGMENT_HEADER = 80
@@ -70,6 +72,8 @@ _lock = threading.Lock()
 
 
 def driver(k: int, n: int, alg: int = EC_ISA_L_RS_VAND) -> ECDriver:
+    from pyeclib.ec_iface import ECDriver
+
     key = (k, n, alg)
     with _lock:
         d = _drivers.get(key)

@@ -340,6 +340,30 @@ class RcloneDaemon:
         atexit.register(self.stop)
 
     @classmethod
+    @contextlib.contextmanager
+    def starting(cls) -> Iterator[None]:
+        """Start the daemon on a thread for the ``with`` block, so its start-up (a Go
+        process, its configuration, a first answer: about 0.1 s) overlaps work that needs no
+        remote, such as the keyfile's scrypt; the block's end waits for that start. A start
+        that failed is tried again by the next :meth:`get`, which reports it. Nothing is
+        started when ``VAULTFS_RCD=0`` or a daemon runs already. No thread outlives the
+        block, so a fork after it (the sealers) inherits no lock held mid-call."""
+        if os.environ.get("VAULTFS_RCD", "1") == "0" or cls._instance is not None:
+            yield
+            return
+
+        def start() -> None:
+            with contextlib.suppress(Exception):  # the next get() says what failed
+                cls.get()
+
+        thread = threading.Thread(target=start, name="vaultfs-rcd-start", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            thread.join()
+
+    @classmethod
     def shutdown(cls) -> None:
         """Stop this process's daemon, if one was started."""
         with cls._guard:
