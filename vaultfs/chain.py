@@ -205,7 +205,7 @@ def stale_error(stale: list[Seen], at: str) -> StaleBase:
     return StaleBase(
         f"{at}: the remotes hold manifest {newest.describe()}, which this vault's home never "
         "wrote: the home is older than the remotes (copied back in time, or another machine "
-        "writes to this vault). Nothing was placed. Either rebuild the home from the remotes "
+        "writes to this vault). No snapshot was recorded. Either rebuild the home from the remotes "
         "(`vaultfs home rebuild --from REMOTE ...`) and carry on from their newest state, or "
         "record an explicit fork with `--fork` (`vaultfs backup --fork ...`): the vault then "
         "holds two branches, and restore can be asked for either (`--manifest`)"

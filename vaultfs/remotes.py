@@ -550,11 +550,12 @@ def _parse_lsf_sizes(out: bytes) -> list[tuple[str, int]]:
 
 
 def _tree(rows: list[tuple[str, int]], subs: tuple[str, ...]) -> dict[str, dict[str, int]]:
-    """{sub: {name: size}} of the objects directly under each of ``subs``."""
+    """{sub: {name: size}} of the objects directly under each of ``subs`` (a sub may be a
+    path: ``quarantine/data``)."""
     tree: dict[str, dict[str, int]] = {sub: {} for sub in subs}
     for path, size in rows:
-        sub, _, name = path.partition("/")
-        if sub in tree and name and "/" not in name:
+        sub, _, name = path.rpartition("/")
+        if sub in tree and name:
             tree[sub][name] = size
     return tree
 

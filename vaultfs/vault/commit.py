@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import secrets
 import sqlite3
 import time
@@ -39,7 +40,7 @@ from pathlib import Path
 
 from .. import chain, chunker, clock, indexblocks, manifest, merkle, names, segment
 from ..backends import Backend
-from ..errors import InputError, IntegrityError, VaultError
+from ..errors import InputError, IntegrityError, NotEnoughRemotes, VaultError
 from ..index import Index, VaultParams, chunk_rows, keyring, manifests, segments, snapshots
 from ..index import contents as content_table
 from ..index import kb as kbroots
@@ -49,6 +50,8 @@ from . import metaship
 from .epochs import KeyEpochs
 from .queue import ShardQueue, fsync_dir, write_durable
 from .writer import Writer
+
+log = logging.getLogger("vaultfs.vault")
 
 
 @dataclass
@@ -140,8 +143,9 @@ class Committer:
         the remotes (for a caller that flushes right after) as soon as the open segment is
         sealed, before the base check: the data shards go out while a slow remote answers
         it. A refused commit leaves them on the remotes unnamed (a later ``--fork`` names
-        them; after a home rebuild, verify reports them as foreign and repair moves them to
-        ``quarantine/``). Raises StaleBase, recording no snapshot, when the reachable remotes
+        them; another home's verify reports them as foreign and its repair moves them to
+        ``quarantine/``, from where the ``--fork`` copies them back first:
+        :func:`take_back_quarantined`). Raises StaleBase, recording no snapshot, when the reachable remotes
         hold a manifest newer than this chain's base (:meth:`Survey.stale`), unless ``fork``:
         then the manifest is an explicit fork of the newest of them (its body's ``fork``),
         numbered above it, and supersedes this home's manifests not yet placed.
@@ -153,6 +157,8 @@ class Committer:
             if prepush:  # the data goes out while the base check waits for a slow remote
                 self.prepush()
             forked = self._check_base(fork)
+            if forked is not None:
+                take_back_quarantined(self.index, self.remotes())
             uid = secrets.token_hex(4)
             with self.index.tx() as db:
                 seq = manifests.next_seq(db)
@@ -426,3 +432,64 @@ def _contents(db: sqlite3.Connection, file_entries: list[Entry], chunk_id_key: b
 def _vault_root(db: sqlite3.Connection) -> bytes:
     """The vault root: the Merkle root over the data segments' roots in id order."""
     return merkle.root(segments.data_roots(db))
+
+
+def take_back_quarantined(index: Index, remotes: list[Backend]) -> int:
+    """Before an explicit fork names this home's data: every shard the index holds as placed
+    must still be on its remote. A backup refused for a stale base may already have placed
+    its data shards, which no signed manifest names yet; another home's ``repair`` moves such
+    objects to ``quarantine/`` (it never deletes them). Each one found there, whole and
+    hashing to its row, is copied back under its name; the count is returned. Raises
+    :class:`NotEnoughRemotes` when a segment would be named with fewer than k shards on the
+    remotes that answered (shards still queued here count: the flush places them), so the
+    fork never records a snapshot it cannot restore. One listing per remote: forks are rare
+    and explicit."""
+    found: dict[int, int] = {}  # segment id -> shards on a remote or still queued here
+    for sh in segments.live_shards(index):
+        if sh.state == "queued":
+            found[sh.segment] = found.get(sh.segment, 0) + 1
+        else:
+            found.setdefault(sh.segment, 0)
+    taken = 0
+    subs = ("data", "meta", "quarantine/data", "quarantine/meta")
+    for b in remotes:
+        rows = [sh for sh in segments.live_shards(index, b.rid) if sh.state == "placed"]
+        try:
+            tree = b.list_tree(subs)
+        except VaultError as e:  # its shards are not counted: the others must hold k
+            log.warning("fork check: %s not listed (%s)", b.label, e.message)
+            continue
+        for sh in rows:
+            if tree[sh.kind].get(sh.name) == sh.size:
+                found[sh.segment] += 1
+            elif _take_back(b, sh, tree[f"quarantine/{sh.kind}"]):
+                found[sh.segment] += 1
+                taken += 1
+    layouts = segments.layouts(index, sorted(found))
+    short = sorted(s for s, got in found.items() if got < layouts[s][1])
+    if short:
+        first = short[0]
+        raise NotEnoughRemotes(
+            f"fork refused: {len(short)} segment(s) of this home's data are on fewer remotes "
+            f"than they need (segment {first}: {found[first]} of {layouts[first][1]} shards "
+            "found); nothing was recorded. Bring the missing remotes back, or run `vaultfs "
+            "verify` and `vaultfs repair`, then fork again"
+        )
+    if taken:
+        log.warning("fork: %d shard object(s) taken back from quarantine/", taken)
+    return taken
+
+
+def _take_back(b: Backend, sh: segments.ShardRow, quarantined: dict[str, int]) -> bool:
+    """Copy ``sh`` back from the remote's ``quarantine/`` when it is there whole and intact."""
+    q = f"quarantine/{sh.kind}"
+    if quarantined.get(sh.name) != sh.size:
+        return False
+    try:
+        data = b.cat(q, sh.name, 0, sh.size + 1)
+    except VaultError:
+        return False
+    if len(data) != sh.size or segment.object_hash(data) != sh.hash:
+        return False
+    b.put_bytes(sh.kind, sh.name, data)
+    return True
