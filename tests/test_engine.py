@@ -107,7 +107,9 @@ def test_erasure_profiles_decode_from_any_k(k, n):
     shards = segment.build_shards(seg, k, n, key)
     assert len({len(s.body) for s in shards}) == 1, "all shard objects have one size"
     # the plain header is the same 5 bytes in every object: it tells no two apart
-    assert {bytes(s.body[: segment.HEADER_SIZE]) for s in shards} == {segment.HEADER} == {b"VFSH\x02"}
+    assert (
+        {bytes(s.body[: segment.HEADER_SIZE]) for s in shards} == {segment.HEADER} == {b"VFSH\x02"}
+    )
     frags = {s.idx: segment.open_fragment(s.body, key, s.name, s.idx) for s in shards}
     rng = random.Random(k * 100 + n)
     subsets = list(itertools.combinations(range(n), k))
