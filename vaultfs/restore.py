@@ -1865,8 +1865,9 @@ def open_remote_index(
     ``shipped``: the sidecar of a home being rebuilt (:func:`fetch_index`). ``late_ok``: go
     on without remotes slow to answer (:func:`find_manifest`): the index is fetched during
     their grace, then those that answered in it are heard (one holding a newer manifest
-    makes the choice start again); the caller then calls :func:`check_late` with
-    ``branches`` before it reports success."""
+    makes the choice start again; an index the first to answer cannot give is fetched
+    again with them); the caller then calls :func:`check_late` with ``branches`` before it
+    reports success."""
     workdir.mkdir(parents=True, exist_ok=True)
     if home is not None:
         min_seq = max(min_seq, seen_manifest_seq(home / "index.db", keys.vault_id.hex()))
@@ -1889,13 +1890,23 @@ def open_remote_index(
         reachable = [r for r in src.reports.values() if r.reachable]
         if not reachable:
             raise NotEnoughRemotes("none of the given remotes is reachable")
-        index = _open_index(keys, m, src, workdir, lazy, shipped, warnings)
+        said = len(warnings)
+        index: Index | None = None
+        try:
+            index = _open_index(keys, m, src, workdir, lazy, shipped, warnings)
+        except NotEnoughRemotes:
+            if not found.late:
+                raise
+            del warnings[said:]  # too few shards on the first to answer: hear the rest first
         # the grace for the late remotes ran while the index was fetched
         heard, newer = _hear_in_grace(src, found)
         if not newer:
+            if index is None:
+                index = _open_index(keys, m, src, workdir, lazy, shipped, warnings)
             warnings += heard
             break
-        index.close()  # one heard in the grace holds a newer manifest: choose again
+        if index is not None:
+            index.close()  # one heard in the grace holds a newer manifest: choose again
     warnings += _chain_report(keys, src, found, index)
     if (
         anchor is not None
