@@ -520,3 +520,62 @@ def test_a_late_remote_that_never_answers_is_named_as_not_checked(tmp_path, monk
         f"{late} did not answer within 0.5s: not checked for a newer manifest or another branch"
         " (docs/format.md 10.3)"
     ]
+
+
+class _ReleasesOnIndexRead(Wrapper):
+    """A remote that sets ``release`` when the index is first read from it: the moment a
+    restore goes on from the remotes that answered first."""
+
+    def __init__(self, inner: Backend, release: threading.Event) -> None:
+        super().__init__(inner)
+        self.release = release
+
+    def get(self, sub: str, names: list[str], local_dir: Path, max_bytes: int = 0) -> None:
+        if sub == "meta":
+            self.release.set()
+        super().get(sub, names, local_dir, max_bytes)
+
+
+def test_a_late_remote_heard_within_the_grace_with_a_newer_manifest_is_restored_from(
+    tmp_path, monkeypatch
+):
+    """The grace for a late remote runs while the index of the first k's manifest is
+    fetched; a newer manifest heard within it is chosen (and its index fetched) instead of
+    failing as a rollback at the end."""
+    from vaultfs import hedging, restore
+    from vaultfs.backends import open_backend
+    from vaultfs.keys import VaultKeys
+    from vaultfs.restore import Branches, ShardSource, check_late, open_remote_index
+
+    home, remotes = _init(tmp_path, 3, 2)
+    src = tmp_path / "src"
+    src.mkdir()
+    _backup(home, src, "one\n")
+    older = _manifests(remotes)
+    newest = _backup(home, src, "two\n")
+    for r in remotes[:-1]:  # the newest manifest is on the late remote only
+        for name in _manifests([r])[r] - older[r]:
+            (Path(r) / "manifests" / name).unlink()
+    monkeypatch.setattr(hedging, "GRACE_MIN", 60.0)  # the late remote answers within it
+    monkeypatch.setattr(restore, "READ_IN_PLACE", False)  # index reads go through get()
+    keys = VaultKeys.from_seed(read_keyfile(home / "key.json", PASSPHRASE).seed)
+    release = threading.Event()
+    backends = [open_backend(remotes[0], wrap=lambda b: _ReleasesOnIndexRead(b, release))]
+    backends.append(open_backend(remotes[1]))
+    backends.append(open_backend(remotes[2], wrap=lambda b: _LateListing(b, release)))
+    source = ShardSource(backends)
+    source.start()
+    found = Branches()
+    try:
+        index, source, m, _w = open_remote_index(
+            keys, backends, tmp_path / "work", src=source, branches=found, late_ok=True
+        )
+        assert release.is_set(), "the index was read before the late remote answered"
+        assert m.seq == newest["seq"] and not found.late
+        restore.restore_files(keys, index, source, tmp_path / "out")
+        assert (tmp_path / "out" / "src" / "doc.txt").read_text() == "two\n"
+        assert not [w for w in check_late(keys, source, found, index) if "not checked" in w]
+        index.close()
+    finally:
+        release.set()
+        source.stop()

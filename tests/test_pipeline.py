@@ -14,15 +14,17 @@ from pathlib import Path
 import pytest
 
 from vaultfs import kdf
-from vaultfs.backends import open_backend
+from vaultfs.backends import Wrapper, open_backend
 from vaultfs.backup import backup_paths, backup_stream
 from vaultfs.errors import WrongKey
+from vaultfs.index import remotes as remote_table
 from vaultfs.keys import VaultKeys, new_seed, read_keyfile, write_keyfile
 from vaultfs.remotes import RcloneDaemon, Remote
 from vaultfs.restore import ShardSource, open_remote_index, restore_files
 from vaultfs.sealer import SLOT_SIZE, SealerError
 from vaultfs.shardreader import ShardRef
 from vaultfs.vault import Vault
+from vaultfs.vault.uploads import UploadQueue
 
 PW = "pw-for-pipeline-tests"
 
@@ -404,3 +406,39 @@ def test_restore_writes_are_gathered_in_calls_of_at_most_a_mebibyte(tmp_path, mo
     assert path.read_bytes() == b"\0" * 10 + b"".join(parts)
     assert max(calls) == restore.WRITE_MAX + 5  # the lone big part, nothing else above the cap
     assert sorted(calls)[-2] <= restore.WRITE_MAX and len(calls) > 5
+
+
+class _QueuesMoreDuringItsMove(Wrapper):
+    """A remote during whose first upload another shard lands in its queue directory (a
+    repair or a commit queueing the next batch)."""
+
+    def __init__(self, inner, later: Path) -> None:
+        super().__init__(inner)
+        self.later = later
+        self.moves = 0
+
+    def move_dir(self, local_dir: Path, sub: str) -> None:
+        super().move_dir(local_dir, sub)
+        self.moves += 1
+        if self.moves == 1:
+            self.later.write_bytes(b"queued while the first move ran")
+
+
+def test_a_background_push_moves_what_was_queued_during_it(tmp_path):
+    """The link stays busy: a prepush whose move ends with new shards in the queue moves
+    again, rather than leaving them for the next prepush or flush."""
+    v, _remotes = make_vault(tmp_path)
+    with v:
+        rid, spec = next(iter(remote_table.specs(v.index).items()))
+        d = v.uploads.queue.remote_dir(rid) / "data"
+        d.mkdir(parents=True, exist_ok=True)
+        first, later = d / ("e" * 32), d / ("f" * 32)
+        first.write_bytes(b"queued before the push")
+        b = _QueuesMoreDuringItsMove(open_backend(spec, rid), later)
+        uq = UploadQueue(v.index, v.keys, v.uploads.queue, lambda: [b], v.seal)
+        uq.prepush()
+        uq.close()
+    assert b.moves == 2
+    assert not first.exists() and not later.exists()
+    placed = Path(spec) / "data"
+    assert (placed / first.name).exists() and (placed / later.name).exists()

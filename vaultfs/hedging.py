@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 #: Once enough remotes answered (k shards of every segment placed, k remotes listed), the
 #: others get this fraction of the time that took, at least GRACE_MIN seconds, before the
-#: work goes on without them: remotes of about equal speed all count, one far slower is left.
+#: work goes on without them (a restore fetches the index meanwhile): remotes of about equal
+#: speed all count, one far slower is left.
 GRACE = 0.15
 GRACE_MIN = 0.25
 

@@ -35,6 +35,7 @@ different target.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -42,7 +43,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -80,6 +81,9 @@ if TYPE_CHECKING:
 
 #: Segments per batch: one download per remote and one index transaction each.
 BATCH_SEGMENTS = 8
+#: Segments of the first batch: few, so the rebuilt shards start uploading (the rebuilt
+#: remote's link is a network repair's bound) while the next batch is still fetched.
+FIRST_BATCH = 2
 #: Worker threads rebuilding segments: one per core (at least two, so fetching and hashing
 #: overlap the library calls that hold the GIL), at most a batch's segments. They no longer
 #: wait on the disk (the batch's objects are fsync'd together, :func:`_rebuild_all`), so a
@@ -236,12 +240,13 @@ class _Fetcher:
         self.lock = threading.Lock()
 
     def backend(self, rid: int):
+        """Remote ``rid``'s backend: the rclone daemon's when one runs, whose connections
+        stay open from one batch's download to the next (a command per download would pay a
+        new connection and a cold congestion window each time over a network link)."""
         with self.lock:
             b = self.backends.get(rid)
             if b is None:
-                b = self.backends[rid] = open_backend(
-                    self.specs[rid], rid, fail_fast=True, wrap=self.wrap
-                )
+                b = self.backends[rid] = open_backend(self.specs[rid], rid, wrap=self.wrap)
             return b
 
     def sources(self, seg_id: int, exclude: set[int]) -> list[ShardRef]:
@@ -715,7 +720,8 @@ def _rebuild_all(
     progress: Callable[[int], None] | None,
 ) -> list[tuple[str, int]]:
     """Rebuild the planned shards into the queue, most-at-risk segment first. A bounded
-    pipeline of batches of :data:`BATCH_SEGMENTS` segments: one thread downloads the sources
+    pipeline of batches of :data:`BATCH_SEGMENTS` segments (the first of :data:`FIRST_BATCH`),
+    each committed as soon as it is rebuilt: one thread downloads the sources
     of the next batch, :data:`REBUILD_THREADS` workers rebuild the segments of this one
     (:func:`_rebuild_segment`), and this thread, once the whole batch is rebuilt, fsyncs its
     new objects all at once on :data:`FSYNC_THREADS` threads (they share journal commits),
@@ -729,9 +735,8 @@ def _rebuild_all(
         # most at risk first: the segments with the fewest healthy shards left (Storj's order)
         healthy = segment_table.healthy_counts(vault.index)
         todo_all = sorted(plan.items(), key=lambda it: (healthy.get(it[0], 0), it[0]))
-        batches = [
-            todo_all[b : b + BATCH_SEGMENTS] for b in range(0, len(todo_all), BATCH_SEGMENTS)
-        ]
+        cuts = [0, *range(min(FIRST_BATCH, len(todo_all)), len(todo_all), BATCH_SEGMENTS)]
+        batches = [todo_all[a:b] for a, b in itertools.pairwise([*cuts, len(todo_all)]) if b > a]
 
         def download(bi: int) -> _Batch:
             # one transfer per remote for the whole batch: k sources per segment
@@ -769,6 +774,14 @@ def _rebuild_all(
             flight: deque[tuple[Path, list[Future[_Rebuild]]]] = deque()
             for bi, batch in enumerate(batches):
                 assert nxt is not None
+                # a batch rebuilt while the next one downloads is committed at once, so its
+                # upload starts then (the rebuilt remote's link is the repair's bound)
+                while flight and not nxt.done():
+                    busy = [f for f in flight[0][1] if not f.done()]
+                    if not busy:
+                        finish(*flight.popleft())
+                        continue
+                    wait([nxt, *busy], return_when=FIRST_COMPLETED)
                 got = nxt.result()
                 nxt = pre.submit(download, bi + 1) if bi + 1 < len(batches) else None
                 flight.append(

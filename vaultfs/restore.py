@@ -152,6 +152,9 @@ class ShardSource:
         #: spec -> sub -> {name: listed size (-1: the remote did not say)}
         self.listed: dict[str, dict[str, dict[str, int]]] = {}
         self.local: dict[str, Path] = {}
+        #: specs whose listing :meth:`list_all` took in
+        self._taken: set[str] = set()
+        self._ahead_lock = threading.Lock()
         #: spec -> bytes read without the backend (in place, read ahead): Metered counts the rest
         self._read_here: dict[str, int] = defaultdict(int)
         self._count_lock = threading.Lock()
@@ -181,47 +184,47 @@ class ShardSource:
         if manifests:
             self._first = {r.spec: self._ex.submit(self._newest, r) for r in self.remotes}
         if read_ahead is not None:
-            self._ahead = self._ex.submit(self._start_read_ahead, read_ahead)
+            self._ahead = []
+            budget = read_ahead_budget() // max(1, len(self.remotes))
+            for i, r in enumerate(self.remotes):
+                if r.spec not in self.in_place:  # read in place later: nothing to move ahead
+                    into = read_ahead / f"a{i}" / "data"
+                    self._lists[r.spec].add_done_callback(
+                        lambda f, r=r, into=into: self._read_ahead_from(r, f, into, budget)
+                    )
 
     _ex: ThreadPoolExecutor | None = None
     _lists: dict = {}
     _first: dict = {}
-    _ahead = None
+    #: the read-ahead downloads started (directory, remote, job); None when none may start
+    _ahead: list[tuple[Path, Backend, Job]] | None = None
     #: shard objects downloaded ahead: name -> where (deleted once used)
     staged: dict[str, Fetched] = {}
 
-    def _start_read_ahead(self, d: Path) -> list[tuple[Path, Backend, Job]]:
-        """Start one bounded download of ``data/`` per remote; (its directory, the remote,
-        the job) of each one started. A remote whose listing came back more than a grace
-        (:func:`hedging.grace`) after the first one's is left out, unwaited for."""
-        t0 = time.monotonic()
-        pending = set(self._lists.values())
-        done, pending = wait(pending, return_when=FIRST_COMPLETED)
-        more, pending = wait(pending, timeout=hedging.grace(time.monotonic() - t0))
-        listed = done | more
-        ok = [
-            r
-            for r in self.remotes
-            if r.spec not in self.in_place  # read in place later: nothing to move ahead
-            and self._lists[r.spec] in listed
-            and not isinstance(self._lists[r.spec].result(), Exception)
-        ]
-        tiers = SPEEDS.tiers([r.spec for r in ok], 0)  # timed by their listings
-        ok = [r for r in ok if not tiers[r.spec]]  # a slow remote must not hold the budget
-        budget = read_ahead_budget() // max(1, len(ok))
-        jobs = []
-        for i, r in enumerate(ok):
-            into = d / f"a{i}" / "data"
+    def _read_ahead_from(self, r: Backend, listed: Future, into: Path, budget: int) -> None:
+        """Start the bounded download of ``r``'s ``data/`` into ``into`` as soon as its
+        listing came back (a callback of that listing), so no remote waits for another's:
+        unless the read-ahead was stopped meanwhile, the listing failed, or it put ``r`` in
+        the slow tier (:mod:`vaultfs.hedging`, timed by the listings so far: a slow remote
+        must not hold the budget)."""
+        if listed.cancelled() or listed.exception() or isinstance(listed.result(), Exception):
+            return
+        tiers = SPEEDS.tiers([x.spec for x in self.remotes if self.listed_yet(x)], 0)
+        if tiers[r.spec]:
+            return
+        with self._ahead_lock:
+            if self._ahead is None:
+                return
             job = r.copy_dir_async("data", into, budget)
             if job is not None:
-                jobs.append((into, r, job))
-        return jobs
+                self._ahead.append((into, r, job))
 
     def stop_read_ahead(self) -> None:
         """Stop downloading ahead; what arrived complete becomes :attr:`staged`."""
-        if self._ahead is None:
+        with self._ahead_lock:
+            jobs, self._ahead = self._ahead, None
+        if jobs is None:
             return
-        jobs, self._ahead = self._ahead.result(), None
         if jobs:  # all at once: each stop waits for its transfer to end (a round trip or so)
             with ThreadPoolExecutor(len(jobs)) as ex:
                 list(ex.map(lambda j: j[2].stop(), jobs))
@@ -322,13 +325,15 @@ class ShardSource:
     def list_all(self, skip: Iterable[str] = ()) -> None:
         """Learn which remote holds which shard object, at which listed size (one listing per
         remote), except the remotes whose specs are in ``skip`` (left behind as late: their
-        listing is not waited for, and nothing is fetched from them)."""
+        listing is not waited for, and nothing is fetched from them). Called again with
+        fewer to skip, it adds the remotes it skipped before."""
         skip = set(skip)
         if self._ex is None:
             self.start(manifests=False)
         for r in self.remotes:
-            if r.spec in skip:
+            if r.spec in skip or r.spec in self._taken:
                 continue
+            self._taken.add(r.spec)
             rep = self.reports[r.spec]
             tree = self._lists[r.spec].result()
             if isinstance(tree, RemoteError):
@@ -593,6 +598,10 @@ class Branches:
     #: (:func:`find_manifest` with ``late_ok``); :func:`check_late` waits for them
     late: dict[str, Future] = field(default_factory=dict)
     started: float = 0.0  # time.monotonic() when the manifests were first examined
+    #: time.monotonic() until which a late remote still counts as one of the first to
+    #: answer (:func:`hedging.grace` after enough answered): :func:`open_remote_index`
+    #: fetches the index meanwhile, then hears them (:func:`_hear_in_grace`)
+    grace_end: float = 0.0
 
     def describe(self, name: str) -> str:
         """Manifest ``name`` and the remotes listing it, for messages."""
@@ -633,11 +642,14 @@ def find_manifest(
     """The manifest to restore from: the highest validly signed one on the given remotes, or
     the one ``want`` names (:func:`select`); warns about stale remotes.
 
-    With ``late_ok`` (and no ``want``) the remotes still examining their manifests once k
-    remotes answered (k of the newest valid manifest, at or above ``min_seq``) and a grace
-    passed (:func:`hedging.grace`) are left to answer in the background
-    (``branches.late``): the caller must call :func:`check_late` before it reports success,
-    which refuses the restore if one of them holds a newer manifest (docs/format.md 10.3).
+    With ``late_ok`` (and no ``want``) it returns once k remotes answered (k of the newest
+    valid manifest, at or above ``min_seq``); the others are left to answer in the
+    background (``branches.late``), with a grace (:func:`hedging.grace`, until
+    ``branches.grace_end``) in which they still count as answering first: the caller spends
+    it on useful work (:func:`open_remote_index` fetches the index) and then hears them
+    (:func:`_hear_in_grace`; it chooses again if one of them holds a newer manifest). It
+    must call :func:`check_late` before it reports success, which refuses the restore if a
+    remote that answered later still holds a newer manifest (docs/format.md 10.3).
 
     Each remote is examined on its own thread, its manifest names newest first (by the
     sequence number that leads each name), until one verifies: an honest remote costs one
@@ -651,7 +663,6 @@ def find_manifest(
     The rollback floor ``min_seq`` is checked against the newest valid manifest (Rollback
     when it is lower): one up-to-date remote defeats a rollback by the others
     (docs/threat-model.md, section 5)."""
-    warnings: list[str] = []
     found = branches if branches is not None else Branches()
 
     def scan(r: Backend) -> tuple[set[str], tuple[str, manifest.Manifest] | None]:
@@ -679,20 +690,16 @@ def find_manifest(
     scans = {r.spec: ex.submit(scan, r) for r in src.remotes}
     ex.shutdown(wait=False)
     pending = set(scans.values())
-    enough_at: float | None = None
     while pending:
         done, pending = wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
         _merge(found, done)
-        if not late_ok or want is not None or not pending:
-            continue
-        now = time.monotonic()
-        if enough_at is None:
-            if _enough(found, src, scans, min_seq):
-                enough_at = now
-        elif now - enough_at > hedging.grace(enough_at - found.started):
+        if late_ok and want is None and pending and _enough(found, src, scans, min_seq):
+            now = time.monotonic()
+            found.grace_end = now + hedging.grace(now - found.started)
             break
     found.late = {spec: f for spec, f in scans.items() if f in pending}
-    reps = [src.reports[r.spec] for r in src.remotes if r.spec not in found.late]
+    answered = [r.spec for r in src.remotes if r.spec not in found.late]
+    reps = [src.reports[spec] for spec in answered]
     if not found.valid:
         details = "; ".join(
             f"{r.label}: {r.error or (r.bad_manifests[0] if r.bad_manifests else 'no manifest')}"
@@ -720,13 +727,36 @@ def find_manifest(
     where = _listed(src)
     found.holders |= {nm: [r.label for r, _l in where[nm]] for nm in found.valid}
     found.used = select(found, want)
-    best = found.valid[found.used]
-    for r in reps:
-        if r.reachable and r.best_seq is not None and r.best_seq < newest:
-            warnings.append(f"{r.label} is stale: newest manifest #{r.best_seq} < #{newest}")
-        for b in r.bad_manifests:
-            warnings.append(f"{r.label}: rejected manifest {b}")
-    return best, warnings
+    return found.valid[found.used], _answer_warnings(src, answered, newest)
+
+
+def _answer_warnings(src: ShardSource, specs: Iterable[str], newest: int) -> list[str]:
+    """What the manifest scans of the remotes ``specs`` found wrong: a newest valid manifest
+    below #``newest`` (stale), manifests refused."""
+    out = []
+    for spec in specs:
+        rep = src.reports[spec]
+        if rep.reachable and rep.best_seq is not None and rep.best_seq < newest:
+            out.append(f"{rep.label} is stale: newest manifest #{rep.best_seq} < #{newest}")
+        out += [f"{rep.label}: rejected manifest {b}" for b in rep.bad_manifests]
+    return out
+
+
+def _hear_in_grace(src: ShardSource, found: Branches) -> tuple[list[str], bool]:
+    """Wait for the remotes :func:`find_manifest` left late until its grace ends
+    (``found.grace_end``): those that answered by then count as if they had answered first,
+    listed for the shards they hold (:meth:`ShardSource.list_all`) and no longer late.
+    Returns the warnings about them (:func:`_answer_warnings`) and whether one of them holds
+    a valid manifest newer than ``found.used`` (the caller then chooses again)."""
+    if not found.late:
+        return [], False
+    used = found.valid[found.used].seq
+    wait(list(found.late.values()), timeout=max(0.0, found.grace_end - time.monotonic()))
+    heard = [spec for spec, f in found.late.items() if f.done()]
+    _merge(found, [found.late.pop(spec) for spec in heard])
+    src.list_all(skip=found.late)
+    newer = any(m.seq > used for m in found.valid.values())
+    return _answer_warnings(src, heard, used), newer
 
 
 def _merge(found: Branches, scans: Iterable[Future]) -> None:
@@ -767,18 +797,13 @@ def check_late(
     done, pending = wait(list(found.late.values()), timeout=max(0.0, left))
     _merge(found, done)
     used = found.valid[found.used]
-    warnings = []
-    for spec, f in found.late.items():
-        rep = src.reports[spec]
-        if f in pending:
-            warnings.append(
-                f"{rep.label} did not answer within {chain.CHECK_BOUND:g}s: not checked for "
-                "a newer manifest or another branch (docs/format.md 10.3)"
-            )
-            continue
-        if rep.reachable and rep.best_seq is not None and rep.best_seq < used.seq:
-            warnings.append(f"{rep.label} is stale: newest manifest #{rep.best_seq} < #{used.seq}")
-        warnings += [f"{rep.label}: rejected manifest {b}" for b in rep.bad_manifests]
+    warnings = [
+        f"{src.reports[spec].label} did not answer within {chain.CHECK_BOUND:g}s: not checked "
+        "for a newer manifest or another branch (docs/format.md 10.3)"
+        for spec, f in found.late.items()
+        if f in pending
+    ]
+    warnings += _answer_warnings(src, [s for s, f in found.late.items() if f in done], used.seq)
     found.late = {spec: f for spec, f in found.late.items() if f in pending}
     newer = [n for n, m in found.valid.items() if m.seq > used.seq]
     if newer:
@@ -1794,6 +1819,28 @@ def _finish_entries(
         os.utime(p, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
 
 
+def _open_index(
+    keys: VaultKeys,
+    m: manifest.Manifest,
+    src: ShardSource,
+    workdir: Path,
+    lazy: bool,
+    shipped: ShippedObjects | None,
+    warnings: list[str],
+) -> Index:
+    """The index manifest ``m`` names, as :func:`open_remote_index` describes (the lazy view,
+    or fetched whole into ``workdir``/index.db and checked); adds warnings to ``warnings``."""
+    if lazy and shipped is None:
+        index = open_lazy_index(keys, m, src, workdir / "lazy", warnings)
+        if index is not None:
+            return index
+    dbpath = workdir / "index.db"
+    warnings += fetch_index(keys, m, src, dbpath, shipped)
+    index = open_shipped(dbpath, keys.chunk_id_key)  # checked, migrated to the current schema
+    verify_index_against_manifest(index, m)
+    return index
+
+
 def verify_index_against_manifest(index: Index, m: manifest.Manifest) -> None:
     """Recompute every data segment root from its shards and the vault root; compare."""
     roots = []
@@ -1839,8 +1886,11 @@ def open_remote_index(
     ancestors (Rollback otherwise). ``src`` may be a :class:`ShardSource` over ``remotes``
     already started (listing and manifest copies running while the key was unlocked).
     ``shipped``: the sidecar of a home being rebuilt (:func:`fetch_index`). ``late_ok``: go
-    on without remotes slow to answer (:func:`find_manifest`); the caller then calls
-    :func:`check_late` with ``branches`` before it reports success."""
+    on without remotes slow to answer (:func:`find_manifest`): the index is fetched during
+    their grace, then those that answered in it are heard (one holding a newer manifest
+    makes the choice start again; an index the first to answer cannot give is fetched
+    again with them); the caller then calls :func:`check_late` with ``branches`` before it
+    reports success."""
     workdir.mkdir(parents=True, exist_ok=True)
     if home is not None:
         min_seq = max(min_seq, seen_manifest_seq(home / "index.db", keys.vault_id.hex()))
@@ -1850,25 +1900,36 @@ def open_remote_index(
         src = ShardSource(remotes)
         src.start()
     found = branches if branches is not None else Branches()
-    m, warnings = find_manifest(keys, src, min_seq, want, found, late_ok)
-    src.stop_read_ahead()  # from here on the index says what to fetch
-    # the newest signed manifest says which suites the vault retired and names its SLH-DSA key
-    keys.retired_suites |= m.contents.retired_suites
-    if keys.slhdsa_public is None and m.contents.slhdsa_public:
-        keys.slhdsa_public = m.contents.slhdsa_public
-        keys.slhdsa_param = SLHDSA_BY_SIG_ALG.get(m.sig_alg, keys.slhdsa_param)
-    src.list_all(skip=found.late)
-    reachable = [r for r in src.reports.values() if r.reachable]
-    if not reachable:
-        raise NotEnoughRemotes("none of the given remotes is reachable")
-    index: Index | None = None
-    if lazy and shipped is None:
-        index = open_lazy_index(keys, m, src, workdir / "lazy", warnings)
-    if index is None:
-        dbpath = workdir / "index.db"
-        warnings += fetch_index(keys, m, src, dbpath, shipped)
-        index = open_shipped(dbpath, keys.chunk_id_key)  # checked, migrated to the current schema
-        verify_index_against_manifest(index, m)
+    while True:
+        m, warnings = find_manifest(keys, src, min_seq, want, found, late_ok)
+        src.stop_read_ahead()  # from here on the index says what to fetch
+        # the newest signed manifest says which suites the vault retired and names its
+        # SLH-DSA key
+        keys.retired_suites |= m.contents.retired_suites
+        if keys.slhdsa_public is None and m.contents.slhdsa_public:
+            keys.slhdsa_public = m.contents.slhdsa_public
+            keys.slhdsa_param = SLHDSA_BY_SIG_ALG.get(m.sig_alg, keys.slhdsa_param)
+        src.list_all(skip=found.late)
+        reachable = [r for r in src.reports.values() if r.reachable]
+        if not reachable:
+            raise NotEnoughRemotes("none of the given remotes is reachable")
+        said = len(warnings)
+        index: Index | None = None
+        try:
+            index = _open_index(keys, m, src, workdir, lazy, shipped, warnings)
+        except NotEnoughRemotes:
+            if not found.late:
+                raise
+            del warnings[said:]  # too few shards on the first to answer: hear the rest first
+        # the grace for the late remotes ran while the index was fetched
+        heard, newer = _hear_in_grace(src, found)
+        if not newer:
+            if index is None:
+                index = _open_index(keys, m, src, workdir, lazy, shipped, warnings)
+            warnings += heard
+            break
+        if index is not None:
+            index.close()  # one heard in the grace holds a newer manifest: choose again
     warnings += _chain_report(keys, src, found, index)
     if (
         anchor is not None

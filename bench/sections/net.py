@@ -12,7 +12,10 @@ Per repeat:
    ("fastest 3 of 5": the restore chooses), restic from its repository;
 3. remote 5 slowed to 5 Mbit/s and 400 ms RTT: a fresh vaultfs backup and a restore from all
    five, restic backup and restore to a fresh repository on the slowed remote (reference);
-4. links restored; remote 3's objects deleted, ``vaultfs repair`` rebuilds them.
+4. links restored; remote 3's objects deleted, ``vaultfs repair`` rebuilds them. Under
+   ``--quick`` this is done twice: on the 64 MiB slice, and on a vault of the whole dump
+   (backed up untimed), the size the issue's repair target is set for; the slowed
+   remote's steps, restic's at 5 Mbit/s the longest of the section, stay on the slice.
 
 Each figure is reported beside its **link-capacity bound**: the least time the emulated links
 allow for the bytes that step must move (a backup: each remote's stored bytes over its link,
@@ -20,7 +23,8 @@ or with the slowed remote, k/n of them over the fastest links, as for a restore;
 a restore: k/n of the stored bytes drawn from the links it may use, each giving at most what
 it holds; a repair: the rebuilt bytes into one link, and k times them out of the others), and
 the fraction of it reached (bound / measured). Peak RSS of every vaultfs step must stay
-within 256 MiB. ``--quick`` runs all of it on the first 64 MiB of the dump.
+within 256 MiB. ``--quick`` runs steps 1-4 on the first 64 MiB of the dump, and the
+repair once more on the whole dump.
 """
 
 from __future__ import annotations
@@ -171,6 +175,9 @@ def net(ctx: Context) -> SectionResult:
             shutil.copyfile(ds.base, src)
         with Network(root / "net", [NORMAL] * N) as netw:
             steps.append(_one_run(ctx, netw, root, src, i))
+            if ctx.quick:
+                full = steps[-1]["repf"] = _full_repair(ctx, netw, root, ds.base, i)
+                steps[-1]["peak_rss"] = max(steps[-1]["peak_rss"], full["peak_rss"])
             res.details["network"] = netw.describe()
         if not ctx.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -192,6 +199,12 @@ def net(ctx: Context) -> SectionResult:
     def ratio(ours: str, peer: str) -> float:
         return median([s[peer]["seconds"] / s[ours]["seconds"] for s in steps])
 
+    def repair(s: dict) -> str:
+        return f"{s['bytes'] / MB:.0f} MB in {s['seconds']:.1f}s"
+
+    # the repair target is set for the whole dump: --quick measures it there too
+    full_key = "repf" if ctx.quick else "rep"
+
     res.metrics += [
         Metric("first backup throughput", ratio("vb", "rb"), "x", (">=", 1.5),
                tput(fig("vb")), tput(fig("rb")), "vaultfs places all 5 shards; restic to one"),
@@ -207,11 +220,18 @@ def net(ctx: Context) -> SectionResult:
                median([s["vrs"]["seconds"] / s["vr5"]["seconds"] for s in steps]), "x",
                ("<=", 1.2), tput(fig("vrs")), tput(fig("vr5")),
                f"restic from it: {tput(fig('rrs'))}"),
-        Metric("repair of a lost remote, fraction of link capacity",
-               median([s["rep"]["bound"] / s["rep"]["seconds"] for s in steps]), "x",
-               (">=", 0.5),
-               f"{fig('rep')['bytes'] / MB:.0f} MB in {fig('rep')['seconds']:.1f}s",
-               f"bound {fig('rep')['bound']:.1f}s"),
+        Metric("repair of a lost remote, fraction of link capacity (whole dump)",
+               median([s[full_key]["bound"] / s[full_key]["seconds"] for s in steps]), "x",
+               (">=", 0.5), repair(fig(full_key)), f"bound {fig(full_key)['bound']:.1f}s"),
+    ]  # fmt: skip
+    if ctx.quick:
+        res.metrics.append(Metric(
+            "repair of a lost remote, fraction of link capacity (--quick slice)",
+            median([s["rep"]["bound"] / s["rep"]["seconds"] for s in steps]), "x", None,
+            repair(fig("rep")), f"bound {fig('rep')['bound']:.1f}s",
+            "fixed costs (start-up, scrypt, listings) weigh most at this size",
+        ))  # fmt: skip
+    res.metrics += [
         Metric("restored bytes identical", all(s["identical"] for s in steps), "", ("==", True)),
         Metric("peak RSS, vaultfs (every step)",
                max(s["peak_rss"] for s in steps) / MiB, "MiB", ("<=", RSS_LIMIT / MiB),
@@ -291,21 +311,41 @@ def _one_run(ctx: Context, netw: Network, root: Path, src: Path, i: int) -> dict
     ok.append(same)
     netw.set_link(SLOWED, NORMAL)
 
-    # 4. repair of a lost remote (deleted through its server, so its listing cache agrees)
+    # 4. repair of a lost remote
+    log(f"vaultfs repair of remote 3 ({stored[LOST] / MB:.0f} MB)")
+    out["rep"] = _repair(ctx, v, stored)
+    rss.append(out["rep"]["peak_rss"])
+    out["identical"] = all(ok)
+    out["peak_rss"] = max(rss)
+    return out
+
+
+def _repair(ctx: Context, v: _Vault, stored: list[int]) -> dict:
+    """Remote 3's objects deleted (through its server, so its listing cache agrees), then
+    ``vaultfs repair``, timed; ``stored``: each remote's bytes before."""
     lost = stored[LOST]
     for sub in ("data", "meta"):
         subprocess.run(
             [_rclone(), "-q", "purge", f"{v.specs[LOST]}/{sub}"], capture_output=True, check=False
         )
-    log(f"vaultfs repair of remote 3 ({lost / MB:.0f} MB)")
     m = run([*ctx.vaultfs, "repair", "--json"], env=v.env, check=False)
     rj = json.loads(m.stdout or "{}")
     if m.returncode != 0 or not rj.get("ok"):
         raise BenchError(f"vaultfs repair failed: {m.stderr[-2000:] or m.stdout[-2000:]}")
+    rate = NORMAL.bytes_per_s
     others = [s for j, s in enumerate(stored) if j != LOST]
     bound = max(lost / rate, read_bound(K * lost, others, [rate] * len(others)))
-    out["rep"] = _step(m, bound, bytes=rj.get("bytes_written", lost))
-    rss.append(m.peak_rss)
-    out["identical"] = all(ok)
-    out["peak_rss"] = max(rss)
-    return out
+    return _step(m, bound, bytes=rj.get("bytes_written", lost))
+
+
+def _full_repair(ctx: Context, netw: Network, root: Path, dump: Path, i: int) -> dict:
+    """Under --quick: the repair step on a vault of the whole dump (its backup untimed)."""
+    ctx.log(f"net run {i + 1}/{ctx.repeats}: vaultfs backup of the whole dump (untimed)")
+    v = _Vault(ctx, netw, root, "vf")
+    v.init_and_backup(dump)
+    v.flush()
+    stored = v.stored()
+    ctx.log(
+        f"net run {i + 1}/{ctx.repeats}: vaultfs repair of remote 3 ({stored[LOST] / MB:.0f} MB)"
+    )
+    return _repair(ctx, v, stored)

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .. import chain, hedging
 from ..backends import Backend
@@ -187,8 +188,8 @@ class UploadQueue:
                 self._start(r, None)
 
     def _start(self, r: Backend, results: dict[int, str | None] | None) -> bool:
-        """Start one ``rclone move`` of ``r``'s queue directory in a daemon thread, unless
-        one is running; its outcome (None: success, else the error) goes to ``results``,
+        """Start one ``rclone move`` of ``r``'s queue directory in a daemon thread (another
+        as long as shards arrived during the last one), unless one is running; its outcome (None: success, else the error) goes to ``results``,
         or for a background push to :attr:`_bg_failed`. Returns whether it started. Only
         the flushing thread writes to the index: these threads touch nothing but results."""
 
@@ -196,8 +197,14 @@ class UploadQueue:
             d = self.queue.remote_dir(r.rid)
             msg: str | None = None
             try:
-                if any(any((d / sub).iterdir()) for sub in SUBDIRS if (d / sub).is_dir()):
+                # again while shards arrived during a move (a repair or commit queueing
+                # more): the link stays busy instead of idling until the next prepush
+                seen: set[str] = set()
+                new = self._held(d)
+                while new:
+                    seen |= new
                     r.move_dir(d, "")
+                    new = self._held(d) - seen  # a shard left behind is not tried again
             except RemoteError as e:
                 msg = e.message
             if results is not None:
@@ -214,6 +221,11 @@ class UploadQueue:
             self._inflight[r.rid] = t
         t.start()
         return True
+
+    @staticmethod
+    def _held(d: Path) -> set[str]:
+        """The shard files queued in remote directory ``d``."""
+        return {f.name for sub in SUBDIRS if (d / sub).is_dir() for f in (d / sub).iterdir()}
 
     def _push_shards(
         self, remotes: list[Backend], report: FlushReport, quorum: bool = False
