@@ -462,12 +462,16 @@ def test_everything_survives_umount_and_remount(shared: Vault) -> None:
 
 
 def _meta_digest(root: Path) -> dict[str, tuple]:
-    """{relative path: (mode, uid, gid, size, atime_ns, mtime_ns, sha256 or link target)}
-    (a directory's size and a symlink's atime are the file system's own)."""
+    """{relative path: (mode, uid, gid, size, atime_ns, mtime_ns, sha256 or link target, link
+    count, user.* xattrs, the first path of its inode)} (a directory's size and link count and
+    a symlink's atime are the file system's own; the last field shows which names share an
+    inode, whatever its number)."""
     out: dict[str, tuple] = {}
+    first: dict[int, str] = {}
     for p in sorted([root, *root.rglob("*")]):
         st = p.lstat()
-        size, atime = st.st_size, st.st_atime_ns
+        rel = str(p.relative_to(root))
+        size, atime, nlink = st.st_size, st.st_atime_ns, st.st_nlink
         if stat.S_ISLNK(st.st_mode):
             what: str | None = os.readlink(p)
             atime = None
@@ -476,16 +480,20 @@ def _meta_digest(root: Path) -> dict[str, tuple]:
             with open(fd, "rb") as f:
                 what = hashlib.sha256(f.read()).hexdigest()
         else:
-            what = size = None
-        out[str(p.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, size, atime, st.st_mtime_ns, what)  # fmt: skip
+            what = size = nlink = None
+        names = sorted(n for n in os.listxattr(p, follow_symlinks=False) if n.startswith("user."))
+        xattrs = tuple((n, os.getxattr(p, n, follow_symlinks=False)) for n in names)
+        same = first.setdefault(st.st_ino, rel)
+        out[rel] = (st.st_mode, st.st_uid, st.st_gid, size, atime, st.st_mtime_ns, what, nlink, xattrs, same)  # fmt: skip
     return out
 
 
 def test_cp_a_keeps_modes_owners_times_and_bytes_exactly(shared: Vault, tmp_path: Path) -> None:
-    """`cp -a` of empty, small and multi-block files, directories and symlinks: everything it
-    sets (mode through the access ACL, owner as root, times to the nanosecond) is exact
-    afterwards, also once stored, though no FLUSH reaches the daemon (the first close
-    answers ENOSYS and the kernel stops asking)."""
+    """`cp -a` of empty, small and multi-block files, directories, symlinks and hard links:
+    everything it sets (mode through the access ACL, owner as root, also a symlink's, times to
+    the nanosecond, user xattrs, which names share an inode) is exact afterwards, also once
+    stored, though no FLUSH reaches the daemon (the first close answers ENOSYS and the kernel
+    stops asking)."""
     src = tmp_path / "src"
     (src / "sub" / "deeper").mkdir(parents=True)
     rnd = random.Random(12)
@@ -498,6 +506,10 @@ def test_cp_a_keeps_modes_owners_times_and_bytes_exactly(shared: Vault, tmp_path
             os.chown(f, 65534, 65534)
         f.chmod(mode)
     os.symlink("sub/f1", src / "ln")
+    if os.geteuid() == 0:
+        os.chown(src / "ln", 65534, 65534, follow_symlinks=False)
+    os.link(src / "sub" / "f1", src / "sub" / "deeper" / "hard")  # cp -a keeps the pair linked
+    os.setxattr(src / "sub" / "f3", "user.tag", b"kept by cp -a")
     (src / "sub").chmod(0o750)
     for i, p in enumerate(sorted(src.rglob("*"), key=lambda p: -len(p.parts))):
         t = 1_600_000_000_000_000_007 + i * 1_000_003

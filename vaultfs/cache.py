@@ -11,9 +11,11 @@ compress, encrypt, pack). Once the chunks are durable in a sealed segment (the e
 ``chunks`` table knows them) the block's chunk list goes into the live tree; after *that*
 commit the cache file is deleted and the budget released. A block written again while it
 was being stored stays dirty (a version counter tells). Below ``HIGH_WATER`` of the budget
-only blocks of closed files (``idle`` seconds after the last write, at once if complete) and
+only blocks of closed files (complete ones at the uploader's next tick, every 0.5 s, so the
+files closed meanwhile share one round; others ``idle`` seconds after the last write) and
 blocks untouched for ``OPEN_IDLE`` seconds are stored; above it, every dirty block at once,
-so a stream larger than the cache releases it block by block.
+so a stream larger than the cache releases it block by block. The cache files of the blocks
+one commit settled are deleted together, in one worker-thread call.
 
 Crash states: a cache file always holds the newest content of its block; at the next mount
 every cache file of a live block is dirty again (``recover``), so nothing acknowledged is
@@ -105,6 +107,7 @@ class BlockCache:
         self._freed = trio.Event()
         self._kick = trio.Event()
         self._pending: list[tuple[Dirty, int, Chunks, float]] = []
+        self._retiring: list[Dirty] = []  # committed blocks whose cache files go next
         self.stored_blocks = 0
         self.stored_bytes = 0
         self.error: str | None = None
@@ -337,29 +340,37 @@ class BlockCache:
         def done() -> None:
             if self.dirty.get(key) is d and d.version == ver:
                 d.retiring = trio.Event()
-                trio.lowlevel.spawn_system_task(self._retire, d)
+                self._retiring.append(d)
+                if len(self._retiring) == 1:  # one task (and one thread hop) per commit
+                    trio.lowlevel.spawn_system_task(self._retire)
             else:
                 d.uploading = False
 
         self.tree.after_commit(done)
 
-    async def _retire(self, d: Dirty) -> None:
-        """A stored block's list is committed: delete its cache file in a worker thread (an
-        unlink can wait long on a busy disk, and the FUSE loop must not) and forget the block.
-        Writers of the block wait for ``d.retiring`` meanwhile (:meth:`settled`)."""
-        key = (d.ino, d.blk)
+    async def _retire(self) -> None:
+        """Stored blocks' lists are committed: delete their cache files in one worker thread
+        call (an unlink can wait long on a busy disk, and the FUSE loop must not) and forget
+        the blocks. Writers of a block wait for its ``retiring`` event meanwhile
+        (:meth:`retiring`)."""
+        batch, self._retiring = self._retiring, []
+        failed = set(range(len(batch)))  # until the thread says otherwise
         try:
-            await trio.to_thread.run_sync(unlink_files, [self.path(d.ino, d.blk)])
-            if self.dirty.get(key) is d:  # not discarded meanwhile
-                del self.dirty[key]
-                self.unreserve()
-        except Exception:  # the file stays: stored again (dedup) at worst
-            log.exception("removing a stored block's cache file failed")
+            failed = await trio.to_thread.run_sync(
+                unlink_each, [self.path(d.ino, d.blk) for d in batch]
+            )
+        except Exception:  # the files stay: stored again (dedup) at worst
+            log.exception("removing stored blocks' cache files failed")
         finally:
-            evt, d.retiring = d.retiring, None
-            d.uploading = False
-            if evt is not None:
-                evt.set()
+            for i, d in enumerate(batch):
+                key = (d.ino, d.blk)
+                if i not in failed and self.dirty.get(key) is d:  # not discarded meanwhile
+                    del self.dirty[key]
+                    self.unreserve()
+                evt, d.retiring = d.retiring, None
+                d.uploading = False
+                if evt is not None:
+                    evt.set()
 
     @asynccontextmanager
     async def held(self) -> AsyncIterator[None]:
@@ -432,8 +443,23 @@ def write_block_file(
 
 
 def unlink_files(paths: list[Path]) -> None:
+    """Delete each file (a missing one counts as deleted); the first error is raised."""
     for p in paths:
         p.unlink(missing_ok=True)
+
+
+def unlink_each(paths: list[Path]) -> set[int]:
+    """Delete each file (a missing one counts as deleted); returns the indexes of those that
+    could not be deleted, logged (they stay: their blocks stay dirty and are stored again,
+    deduplicated, at worst)."""
+    failed = set()
+    for i, p in enumerate(paths):
+        try:
+            p.unlink(missing_ok=True)
+        except OSError:
+            log.exception("removing a stored block's cache file failed")
+            failed.add(i)
+    return failed
 
 
 def fsync_files(paths: list[Path], dir_path: Path | None) -> None:
@@ -463,5 +489,6 @@ __all__ = [
     "Node",
     "write_block_file",
     "fsync_files",
+    "unlink_each",
     "unlink_files",
 ]

@@ -1075,9 +1075,12 @@ class VaultFS(pyfuse3.Operations):
             return
         n.opens -= 1
         if n.opens <= 0:
+            # the uploader's next tick (at most 0.5 s away) stores them, with every file
+            # closed meanwhile: kicking it here made `cp -a` of small files run a store round
+            # (4 hops to worker threads) per file beside the FUSE loop, and every request of
+            # the loop took twice as long (docs/benchmarks.md, "cp -a, request by request")
             for d in self.cache.blocks_of(n.ino):
                 d.ready = True
-            self.cache.kick()
         self._maybe_purge(n)
 
     async def fsync(self, fh, datasync):
