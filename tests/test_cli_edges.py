@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,8 @@ import time
 from pathlib import Path
 
 from helpers import run_cli, tree_digest, vaultfs_env
+
+from vaultfs import errors
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -333,3 +336,13 @@ def test_too_few_remotes_names_the_snapshot_the_remotes_and_the_way_out(tmp_path
         assert f"Holding the vault: {remotes[0]}, {remotes[1]};" in msg, msg
         assert f"empty (lost, or the wrong path): {remotes[2]}" in msg, msg
         assert "until 3 hold it and run again" in msg and "`vaultfs repair`" in msg, msg
+
+
+def test_the_exit_code_table_in_operations_md_lists_every_code_of_errors_py() -> None:
+    """docs/operations.md's exit-code table and vaultfs/errors.py's (the source of truth) list
+    the same codes: a user looking up an exit code finds it."""
+    ours = {int(c) for c in re.findall(r"^(\d+) {2,}\S", errors.__doc__ or "", re.M)}
+    text = (REPO / "docs" / "operations.md").read_text()
+    table = text.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    documented = {int(c) for c in re.findall(r"^\| (\d+) \|", table, re.M)}
+    assert ours == documented and 24 in ours, ours ^ documented
