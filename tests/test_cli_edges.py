@@ -301,6 +301,17 @@ def test_restore_names_a_from_that_is_no_directory(tmp_path: Path) -> None:
     assert f"--from {tmp_path / 'nowhere'} does not exist" in err, err
 
 
+def test_a_keyfile_that_does_not_exist_is_missing_input(tmp_path: Path) -> None:
+    """`restore --keyfile MISSING` exits 18 like a missing share or receipt file (it is input
+    not found, not "no vault here", 16), naming the file."""
+    home, remotes = _vault(tmp_path)
+    froms = [a for r in remotes for a in ("--from", str(r))]
+    missing = tmp_path / "nonexist.json"
+    proc = run_cli("restore", *froms, "--keyfile", str(missing), "--to", str(tmp_path / "o"),
+                   home=tmp_path / "empty", check=18)  # fmt: skip
+    assert f"--keyfile {missing} does not exist" in proc.stderr.decode()
+
+
 def test_stdin_backup_takes_the_umask(tmp_path: Path) -> None:
     """`(umask 077; pg_dump | vaultfs backup --stdin …)` records a file only its owner reads."""
     home, _ = _vault(tmp_path)
