@@ -92,6 +92,24 @@ def test_local_paths_that_cannot_be_used_are_one_line_errors(tmp_path: Path) -> 
     assert not (tmp_path / "new-r").exists()
 
 
+def test_a_remote_path_that_is_a_file_is_a_rejected_spec(tmp_path: Path) -> None:
+    """A local remote path that is (or lies under) a file: init, remote add and remote replace
+    refuse the spec (exit 14) in one line naming the file, before any remote is touched."""
+    afile = tmp_path / "file.bin"
+    afile.write_text("x")
+    others = [a for i in (8, 9) for a in ("--remote", str(tmp_path / f"x{i}"))]
+    for spec in (afile, afile / "sub"):
+        proc = run_cli("init", "-k", "2", "-n", "3", "--remote", str(spec), *others,
+                       home=tmp_path / "new", check=14)  # fmt: skip
+        err = proc.stderr.decode().strip()
+        assert f"{afile} is a file" in err and "\n" not in err, err
+    assert not (tmp_path / "x8").exists() and not (tmp_path / "new").exists()
+    home, remotes = _vault(tmp_path)
+    run_cli("remote", "add", str(afile), home=home, check=14)
+    run_cli("remote", "replace", str(remotes[0]), str(afile), home=home, check=14)
+    assert afile.read_text() == "x"
+
+
 def test_keys_recover_never_overwrites_another_vaults_keyfile(tmp_path: Path) -> None:
     home_a, _ = _vault(tmp_path / "a")
     home_b, _ = _vault(tmp_path / "b")
