@@ -202,6 +202,8 @@ def run(
 
 
 def _run_tiers(s: strategy.Strategy, only: str | None, dry_run: bool, as_json: bool) -> None:
+    if only is not None:
+        s.tier(only)  # a mistyped tier is named before the passphrase and the key are asked for
     master = pw = None
     if not dry_run:
         pw = passphrase()
