@@ -33,7 +33,7 @@ from vaultfs import prune as prune_mod
 from vaultfs import repair as repair_mod
 from vaultfs import verify as verify_mod
 from vaultfs.errors import EXIT_PARTIAL, InputError
-from vaultfs.remotes import absolute, check_archive
+from vaultfs.remotes import absolute, check_archive, check_local_dir
 
 EXIT_FOUND = 12
 EXIT_UNREACHABLE = 11
@@ -359,6 +359,7 @@ def remote_add(
     """Add a remote; new data is spread over it and the latest manifest is sent to it."""
     spec = absolute(spec)
     check_archive(spec, archive)
+    check_local_dir(spec)
     if (info := run_in_mount(home, "remote-add", {"spec": spec, "domain": domain})) is None:
         with open_vault(home) as v:
             info = repair_mod.add_remote(v, spec, domain)
@@ -409,6 +410,7 @@ def remote_replace(
     """Replace a remote (a provider that shut down): rebuild its shards onto the new one."""
     new = absolute(new)
     check_archive(new, archive)
+    check_local_dir(new)
     args = {"old": old, "new": new, "domain": domain}
     if (done := run_in_mount(home, "remote-replace", args)) is not None:
         rep = _repair_report(done)

@@ -416,7 +416,9 @@ def redundancy_warnings(remotes: int, k: int, n: int, survives: int, add: str) -
 
 
 def keys_for_restore(home: Path, keyfile: Path | None, seed_file: Path | None) -> VaultKeys:
-    """The key from --seed-file, $VAULTFS_SEED, or a keyfile (--keyfile, else HOME/key.json)."""
+    """The key from --seed-file, $VAULTFS_SEED, or a keyfile (--keyfile, else HOME/key.json).
+    A --keyfile that does not exist is missing input (InputError, exit 18, like a missing share
+    or receipt file); a home without key.json holds no vault (NoVault, exit 16)."""
     from vaultfs.keys import VaultKeys, parse_seed, read_keyfile
     from vaultfs.remotes import RcloneDaemon
 
@@ -428,6 +430,8 @@ def keys_for_restore(home: Path, keyfile: Path | None, seed_file: Path | None) -
     env_seed = secret("VAULTFS_SEED")
     if env_seed:
         return VaultKeys.from_seed(parse_seed(env_seed))
+    if keyfile and not keyfile.exists():
+        raise InputError(f"--keyfile {keyfile} does not exist; give the vault's key.json")
     kf = keyfile or home / "key.json"
     if not kf.exists():
         raise NoVault(f"no key: {kf} does not exist; give --keyfile FILE or --seed-file FILE")

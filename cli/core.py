@@ -96,7 +96,7 @@ def init(
     an object (lock the objects on the server too: docs/operations.md, "Immutable vaults")."""
     from vaultfs import erasure
     from vaultfs.objectlock import check_retention, lock_spec
-    from vaultfs.remotes import absolute, check_archive
+    from vaultfs.remotes import absolute, check_archive, check_local_dir
     from vaultfs.vault import Vault
     from vaultfs.vault.placement import remotes_needed
 
@@ -119,6 +119,7 @@ def init(
     remote = [absolute(spec) for spec in remote]
     for spec in remote:
         check_archive(spec, archive)
+        check_local_dir(spec)
     if object_lock is not None:
         if not immutable:
             raise InputError("--object-lock goes with --immutable")

@@ -30,7 +30,7 @@ from cli.common import (
 )
 from vaultfs import strategy, tiers
 from vaultfs.drill import SCENARIOS, DrillResult, run_drill
-from vaultfs.errors import EXIT_DRILL_FAILED, ConfigError, InputError, NoVault
+from vaultfs.errors import EXIT_DRILL_FAILED, InputError, NoVault
 from vaultfs.keys import VaultKeys
 
 
@@ -121,7 +121,7 @@ def _tier_targets(
     if only is not None:
         if only not in s.tiers or s.tiers[only].live:
             names = ", ".join(t.name for t in stored)
-            raise ConfigError(f"no tier {only!r} with backends in {s.path} (tiers: {names})")
+            raise InputError(f"no tier {only!r} with backends in {s.path} (tiers: {names})")
         stored = [s.tiers[only]]
     if not stored:
         raise InputError(f"{s.path} has no tier with backends to drill")

@@ -44,7 +44,9 @@ def run(application) -> None:
     except SystemExit as e:
         code = e.code
     except VaultError as e:
-        err.print(f"[red]error:[/] {e.message}", highlight=False)
+        # one "error:" per line: a message of several problems (strategy check) reads alike
+        for line in e.message.splitlines() or [""]:
+            err.print(f"[red]error:[/] {line}", highlight=False)
         code = e.exit_code
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -202,6 +202,8 @@ def run(
 
 
 def _run_tiers(s: strategy.Strategy, only: str | None, dry_run: bool, as_json: bool) -> None:
+    if only is not None:
+        s.tier(only)  # a mistyped tier is named before the passphrase and the key are asked for
     master = pw = None
     if not dry_run:
         pw = passphrase()
@@ -213,7 +215,7 @@ def _run_tiers(s: strategy.Strategy, only: str | None, dry_run: bool, as_json: b
         raise typer.Exit(EXIT_JOB_FAILED if failed else 0)
     for name, r in res["tiers"].items():
         if "skipped" in r:
-            out.print(f"{name}: skipped ({r['skipped']})", highlight=False)
+            out.print(f"{name}: skipped: {r['skipped']}", highlight=False)
         elif not r["due"]:
             out.print(f"{name}: not due until {_when(r['next_due'])}", highlight=False)
         elif dry_run:

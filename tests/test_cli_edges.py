@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,8 @@ import time
 from pathlib import Path
 
 from helpers import run_cli, tree_digest, vaultfs_env
+
+from vaultfs import errors
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,6 +90,24 @@ def test_local_paths_that_cannot_be_used_are_one_line_errors(tmp_path: Path) -> 
         assert "Traceback" not in err and str(afile) in err, err
     # init through a file refuses before it touches any remote
     assert not (tmp_path / "new-r").exists()
+
+
+def test_a_remote_path_that_is_a_file_is_a_rejected_spec(tmp_path: Path) -> None:
+    """A local remote path that is (or lies under) a file: init, remote add and remote replace
+    refuse the spec (exit 14) in one line naming the file, before any remote is touched."""
+    afile = tmp_path / "file.bin"
+    afile.write_text("x")
+    others = [a for i in (8, 9) for a in ("--remote", str(tmp_path / f"x{i}"))]
+    for spec in (afile, afile / "sub"):
+        proc = run_cli("init", "-k", "2", "-n", "3", "--remote", str(spec), *others,
+                       home=tmp_path / "new", check=14)  # fmt: skip
+        err = proc.stderr.decode().strip()
+        assert f"{afile} is a file" in err and "\n" not in err, err
+    assert not (tmp_path / "x8").exists() and not (tmp_path / "new").exists()
+    home, remotes = _vault(tmp_path)
+    run_cli("remote", "add", str(afile), home=home, check=14)
+    run_cli("remote", "replace", str(remotes[0]), str(afile), home=home, check=14)
+    assert afile.read_text() == "x"
 
 
 def test_keys_recover_never_overwrites_another_vaults_keyfile(tmp_path: Path) -> None:
@@ -298,6 +319,17 @@ def test_restore_names_a_from_that_is_no_directory(tmp_path: Path) -> None:
     assert f"--from {tmp_path / 'nowhere'} does not exist" in err, err
 
 
+def test_a_keyfile_that_does_not_exist_is_missing_input(tmp_path: Path) -> None:
+    """`restore --keyfile MISSING` exits 18 like a missing share or receipt file (it is input
+    not found, not "no vault here", 16), naming the file."""
+    home, remotes = _vault(tmp_path)
+    froms = [a for r in remotes for a in ("--from", str(r))]
+    missing = tmp_path / "nonexist.json"
+    proc = run_cli("restore", *froms, "--keyfile", str(missing), "--to", str(tmp_path / "o"),
+                   home=tmp_path / "empty", check=18)  # fmt: skip
+    assert f"--keyfile {missing} does not exist" in proc.stderr.decode()
+
+
 def test_stdin_backup_takes_the_umask(tmp_path: Path) -> None:
     """`(umask 077; pg_dump | vaultfs backup --stdin …)` records a file only its owner reads."""
     home, _ = _vault(tmp_path)
@@ -333,3 +365,13 @@ def test_too_few_remotes_names_the_snapshot_the_remotes_and_the_way_out(tmp_path
         assert f"Holding the vault: {remotes[0]}, {remotes[1]};" in msg, msg
         assert f"empty (lost, or the wrong path): {remotes[2]}" in msg, msg
         assert "until 3 hold it and run again" in msg and "`vaultfs repair`" in msg, msg
+
+
+def test_the_exit_code_table_in_operations_md_lists_every_code_of_errors_py() -> None:
+    """docs/operations.md's exit-code table and vaultfs/errors.py's (the source of truth) list
+    the same codes: a user looking up an exit code finds it."""
+    ours = {int(c) for c in re.findall(r"^(\d+) {2,}\S", errors.__doc__ or "", re.M)}
+    text = (REPO / "docs" / "operations.md").read_text()
+    table = text.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    documented = {int(c) for c in re.findall(r"^\| (\d+) \|", table, re.M)}
+    assert ours == documented and 24 in ours, ours ^ documented

@@ -241,7 +241,7 @@ def test_corrupt_and_missing_shards_are_decoded_around(tmp_path):
         p = Path(spec) / "data" / name
         if p.exists():
             p.write_bytes(b"garbage" * 10)
-    with pytest.raises(NotEnoughRemotes, match="intact shards"):
+    with pytest.raises(NotEnoughRemotes, match="only 1 intact shard reachable, need 3"):
         with_remote_index(keys, remotes, tmp_path, tmp_path / "out2")
 
 

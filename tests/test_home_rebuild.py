@@ -190,6 +190,11 @@ def test_rebuild_from_a_seed_asks_a_new_passphrase_and_refuses_strangers(tmp_pat
     res = run_cli("home", "rebuild", *args, "--seed-file", str(seed_file), home=new_home, check=18)
     assert b"holds no shard object of this vault" in res.stderr
     assert not new_home.exists() and not list(tmp_path.glob(".new.rebuild-*"))
+    # with only k-1 remotes of the vault beside it: too few (exit 11), and the stranger named
+    args = [a for r in [*remotes[:2], stranger] for a in ("--from", str(r))]
+    res = run_cli("home", "rebuild", *args, "--seed-file", str(seed_file), home=new_home, check=11)
+    assert f"{stranger} holds nothing of this vault" in res.stderr.decode(), res.stderr
+    assert not new_home.exists() and not list(tmp_path.glob(".new.rebuild-*"))
     args = [a for r in remotes[2:] for a in ("--from", str(r))]
     env = vaultfs_env(new_home, "another passphrase, long enough to be strong")
     run_cli("home", "rebuild", *args, "--seed-file", str(seed_file), home=new_home, env=env)

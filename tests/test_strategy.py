@@ -116,7 +116,9 @@ def test_strategy_check_names_every_problem_in_file_order(tmp_path: Path) -> Non
         "  - other: 1\n",
     )
     res = run_cli("strategy", "check", str(f), home=tmp_path / "h", check=2)
-    lines = res.stderr.decode().removeprefix("error: ").splitlines()
+    lines = res.stderr.decode().splitlines()
+    assert all(ln.startswith("error: ") for ln in lines), lines
+    lines = [ln.removeprefix("error: ") for ln in lines]
     assert "Traceback" not in res.stderr.decode()
     assert [ln.split(": ", 2)[:2] for ln in lines] == [
         [f"{f}:2", "nas.colour"],
@@ -166,7 +168,16 @@ def test_good_file_reads_as_typed_tiers_and_add_backend_keeps_comments(tmp_path:
     assert again.tiers["offsite"].backends[-1] == "wasabi:kb"
     assert (again.tiers["nas"].k, again.tiers["nas"].n) == (1, 2)
     run_cli("backup", "config", "--add-backend", "nas", "not a backend", home=home, check=2)
+    # a tier name that is not in the file, or the live tier, is a bad flag value (18), not a
+    # bad file (2)
+    for argv in (("backup", "config", "--add-backend", "nosuch", "/mnt/c"),
+                 ("backup", "config", "--add-backend", "primary", "/mnt/c"),
+                 ("run", "--tier", "nosuch")):  # fmt: skip
+        res = run_cli(*argv, home=home, check=18)
+        assert b"nosuch" in res.stderr or b"takes no backends" in res.stderr, res.stderr
     assert strategy.load(f, home) == again  # a refused edit leaves the file alone
+    dry = run_cli("run", "--dry-run", home=home).stdout.decode()
+    assert "primary: skipped: the live database (docs/operations.md, Tiers)\n" in dry, dry
 
 
 def test_add_backend_keeps_the_users_layout(tmp_path: Path) -> None:
@@ -358,7 +369,7 @@ sources:
     keys_drill = next(d for d in rep["drills"] if d["scenario"] == "keys")
     assert keys_drill["details"]["master_fingerprint"] == master.fingerprint()
     assert all(d["identical"] for d in rep["drills"])
-    res = run_cli("drill", "disk", "--tier", "primary", "--strategy", str(f), home=home, check=2)
+    res = run_cli("drill", "disk", "--tier", "primary", "--strategy", str(f), home=home, check=18)
     assert b"no tier 'primary' with backends" in res.stderr
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from . import erasure, manifest, merkle, segment
 from .backends import Backend
-from .errors import InputError, IntegrityError, RemoteError
+from .errors import InputError, IntegrityError, NotEnoughRemotes, RemoteError
 from .index import Index, keyring, segments, snapshots
 from .index import manifests as manifest_table
 from .index import remotes as remote_table
@@ -95,6 +95,19 @@ def rebuild_home(
             index, src, m, warnings = open_remote_index(
                 keys, remotes, staging, src=src, shipped=shipped
             )
+        except NotEnoughRemotes as e:
+            # name the --from remotes that gave nothing (empty, or another vault's): with
+            # too few left, the typo is the user's way out, not the internal segment
+            strangers = [
+                r.label for r in src.reports.values() if r.reachable and r.best_seq is None
+            ]
+            if not strangers:
+                raise
+            raise NotEnoughRemotes(
+                f"{', '.join(strangers)} {'holds' if len(strangers) == 1 else 'hold'} nothing "
+                "of this vault (no manifest of it): give the vault's own remotes with --from; "
+                f"the others are too few ({e.message})"
+            ) from None
         finally:
             src.stop()
         with contextlib.closing(index):

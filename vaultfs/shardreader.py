@@ -246,8 +246,9 @@ def _read(
     while len(good) < k and queue:
         take(k - len(good))
     if len(good) < k:
+        shards = "shard" if len(good) == 1 else "shards"
         raise ShardsUnavailable(
-            f"{what}: only {len(good)} intact shards reachable, need {k}", lies, len(good), k
+            f"{what}: only {len(good)} intact {shards} reachable, need {k}", lies, len(good), k
         )
     while True:
         try:

@@ -174,9 +174,10 @@ class Strategy:
     sources: list[Source] = field(default_factory=list)
 
     def tier(self, name: str) -> Tier:
-        """The tier called ``name``; ConfigError naming the tiers there are otherwise."""
+        """The tier called ``name``; InputError naming the tiers there are otherwise (``name``
+        is a flag value the user typed, not a fault of the file: exit 18, not 2)."""
         if name not in self.tiers:
-            raise ConfigError(
+            raise InputError(
                 f"{self.path}: no tier {name!r}; the tiers are {', '.join(self.tiers)}"
             )
         return self.tiers[name]
@@ -624,7 +625,7 @@ def add_backend(
     current = parse(doc, path, home)
     t = current.tier(tier)
     if t.live:
-        raise ConfigError(f"{path}: {tier}: the live {LIVE_POSTGRES} tier takes no backends")
+        raise InputError(f"{path}: {tier}: the live {LIVE_POSTGRES} tier takes no backends")
     assert isinstance(doc, CommentedMap)
     node = doc["backup_strategy"][tier]
     coding = None
