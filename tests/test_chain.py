@@ -237,52 +237,49 @@ def test_a_commit_made_offline_is_checked_again_and_never_placed_when_stale(tmp_
     assert {s["seq"] for s in rep["snapshots"]} == {1, 2, 4}  # the offline snapshot is kept
 
 
+def _refused_then_quarantined(root: Path, src: Path) -> tuple[Path, list[str], set[str]]:
+    """A home refused for a stale base after sending new data, and another home's repair
+    moving that unnamed data to quarantine/: (the refused home, its remotes, quarantined)."""
+    home, remotes = _init(root, 3, 2)
+    (src / "big.bin").unlink(missing_ok=True)
+    _backup(home, src, "one\n")
+    other = root / "other-home"
+    shutil.copytree(home, other)
+    _backup(other, src, "two\n")
+    (src / "big.bin").write_bytes(os.urandom(3 << 20))  # new data shards, placed early
+    _backup(home, src, "three\n", check=21)
+    run_cli("verify", home=other, check=12)  # foreign objects on every remote
+    run_cli("repair", home=other)
+    quarantined = {p.name for r in remotes for p in Path(r).glob("quarantine/data/*")}
+    assert quarantined
+    return home, remotes, quarantined
+
+
 def test_a_fork_takes_back_what_another_homes_repair_quarantined(tmp_path):
     """A backup refused for a stale base may already have placed its data (the shards go out
     while the base check waits); another home's repair moves those unnamed objects to
     quarantine/. The later --fork names them: it copies them back first, so its snapshot
     restores; with one of them gone for good it refuses instead of recording it."""
-    home, remotes = _init(tmp_path, 3, 2)
     src = tmp_path / "src"
     src.mkdir()
-    _backup(home, src, "one\n")
-    other = tmp_path / "other-home"
-    shutil.copytree(home, other)
-    _backup(other, src, "two\n")
-    (src / "big.bin").write_bytes(os.urandom(3 << 20))  # new data shards, placed early
-    _backup(home, src, "three\n", check=21)
-    res = run_cli("verify", "--json", home=other, check=12)  # foreign objects on every remote
-    run_cli("repair", home=other)
-    quarantined = {p.name for r in remotes for p in Path(r).glob("quarantine/data/*")}
-    assert quarantined, res.stdout
-
+    home, remotes, quarantined = _refused_then_quarantined(tmp_path / "a", src)
     forked = _backup(home, src, "three\n", "--fork")
     assert forked["complete"], forked
-    back = {p.name for r in remotes for p in Path(r).glob("data/*")}
-    assert quarantined <= back
-    rep = json.loads(
-        _restore(tmp_path, home, remotes, "out", "--manifest", str(forked["seq"])).stdout
-    )
-    assert rep["seq"] == forked["seq"]
+    assert quarantined <= {p.name for r in remotes for p in Path(r).glob("data/*")}
+    out = _restore(tmp_path, home, remotes, "out", "--manifest", str(forked["seq"]))
+    assert json.loads(out.stdout)["seq"] == forked["seq"]
     assert (tmp_path / "out" / "src" / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
     res = run_cli("verify", home=home, check=12)  # the fork is reported, no shard is missing
     assert b"fork" in res.stderr and b"absent" not in res.stdout + res.stderr
 
     # the same with the quarantined objects gone: the fork refuses, recording nothing
-    home2, remotes2 = _init(tmp_path / "b", 3, 2)
-    _backup(home2, src, "one\n")
-    other2 = tmp_path / "b" / "other-home"
-    shutil.copytree(home2, other2)
-    _backup(other2, src, "two\n")
-    (src / "big.bin").write_bytes(os.urandom(3 << 20))
-    _backup(home2, src, "three\n", check=21)
-    run_cli("repair", home=other2, check=None)
-    for r in remotes2:
-        shutil.rmtree(Path(r) / "quarantine", ignore_errors=True)
-    before = json.loads(run_cli("snapshots", "--json", home=home2).stdout)
-    err = _backup(home2, src, "three\n", "--fork", check=11)["stderr"]
+    home, remotes, _q = _refused_then_quarantined(tmp_path / "b", src)
+    for r in remotes:
+        shutil.rmtree(Path(r) / "quarantine")
+    before = json.loads(run_cli("snapshots", "--json", home=home).stdout)
+    err = _backup(home, src, "three\n", "--fork", check=11)["stderr"]
     assert "fork refused" in err and "vaultfs repair" in err, err
-    assert json.loads(run_cli("snapshots", "--json", home=home2).stdout) == before
+    assert json.loads(run_cli("snapshots", "--json", home=home).stdout) == before
 
 
 def test_a_backup_surveys_as_it_starts_and_the_flush_still_refuses_a_newer_manifest(tmp_path):
