@@ -107,11 +107,12 @@ def keep_rebuild_buffers() -> None:
     """For a command process about to run :func:`repair` (not the mount's daemon): buffers up
     to 2 MiB (a shard object of a 4 MiB segment and the fragments around it) are reused from
     the heap, which keeps at most 32 MiB free at its top, in two malloc arenas for all the
-    threads (a rebuild worker's segment takes ~20 MiB of buffers at once). Measured on 192 MB
-    rebuilt, against 8 MiB kept in an arena per thread: 210,000–360,000 minor page faults
-    down to 79,000–102,000 (half of them the imports and the keyfile's scrypt), ~12% less
-    CPU time, and a lower peak RSS (179 MB, which the keyfile's 128 MiB scrypt sets, against
-    200–218 MB; docs/benchmarks.md, "audit")."""
+    threads. Measured when the rebuild ran on this process's threads (192 MB rebuilt, against
+    8 MiB kept in an arena per thread): 210,000–360,000 minor page faults down to
+    79,000–102,000, ~12% less CPU time, a lower peak RSS (docs/benchmarks.md, "audit"). The
+    rebuild workers are processes now (:data:`REBUILDERS`, which tune their own malloc as the
+    sealers do); this process still unlocks the keyfile (scrypt's 128 MiB), stages sources
+    and rebuilds the segments a worker gives back (:func:`_rebuild_widened`)."""
     keep_freed_buffers(2 << 20, 32 << 20, arenas=2)
 
 
