@@ -245,3 +245,30 @@ def test_forget_command_keeps_what_restic_keeps_then_prunes(tmp_path, local_tz) 
     assert len(rep["prune"]["freed_per_remote"]) == 3
     assert all(b > 0 for b in rep["prune"]["freed_per_remote"].values())
     assert rep["prune"]["garbage_left"] == 0
+
+
+def test_a_policy_that_would_keep_nothing_is_refused(tmp_path) -> None:
+    """A --keep-name glob with a typo matches no snapshot: forget (with --prune, or as a dry
+    run) refuses with exit 2 naming the policy, and forgets nothing (restic 0.17's rule)."""
+    from helpers import PASSPHRASE, run_cli
+
+    from vaultfs.backup import backup_paths
+    from vaultfs.vault import Vault
+
+    home = tmp_path / "home"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.txt").write_text("x")
+    with Vault.create(home, [str(tmp_path / f"r{i}") for i in range(3)], 2, 3, PASSPHRASE) as v:
+        for i in range(2):
+            backup_paths(v, [src], f"nightly-{i}")
+        v.flush()
+    for extra in (["--prune"], ["--dry-run"]):
+        res = run_cli("forget", "--keep-name", "nigthly*", *extra, home=home, check=2)
+        msg = res.stderr.decode()
+        assert "refusing to forget all 2 snapshot(s)" in msg and "'nigthly*'" in msg, msg
+        assert "nightly-0" in msg and "Traceback" not in msg
+    left = json.loads(run_cli("snapshots", "--json", home=home).stdout)
+    assert sorted(s["name"] for s in left) == ["nightly-0", "nightly-1"]
+    kept = json.loads(run_cli("forget", "--keep-name", "nightly-1", "--json", home=home).stdout)
+    assert [s["name"] for s in kept["keep"]] == ["nightly-1"] and len(kept["forget"]) == 1

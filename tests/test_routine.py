@@ -255,3 +255,25 @@ def test_a_mount_that_stays_up_keeps_its_routine_which_stops_with_the_mount(tmp_
             run_cli("umount", str(mp), home=home, check=None, timeout=300)
         if os.path.ismount(mp):
             subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+
+
+def test_retention_that_would_keep_nothing_is_refused_and_alerted(tmp_path) -> None:
+    """`schedule set` refuses a retention that forgets each timed snapshot it takes; a
+    retention that would forget every snapshot fails its job (exit 20, job_failed alert)
+    and forgets nothing."""
+    home, _remotes, src = make(tmp_path)
+    log = tmp_path / "events.jsonl"
+    typo = "retention=--keep-name 'nigthly*'"
+    res = run_cli("schedule", "set", "snapshot=1s", f"sources={src}", typo, home=home, check=2)
+    assert "would forget each snapshot the routine takes" in res.stderr.decode()
+    assert (
+        "retention"
+        not in json.loads(run_cli("schedule", "show", "--json", home=home).stdout)["schedule"]
+    )
+    run_cli("backup", str(src), home=home)
+    run_cli("schedule", "set", typo, f"alert=cat >> {log}", home=home)  # no timed snapshots
+    out = run(home, code=20)
+    assert "refusing to forget all 1 snapshot(s)" in out["failed"]["retention"]
+    (ev,) = events(log)
+    assert ev["event"] == "job_failed" and ev["job"] == "retention"
+    assert len(json.loads(run_cli("snapshots", "--json", home=home).stdout)) == 1

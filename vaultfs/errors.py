@@ -7,7 +7,8 @@ code  meaning
 ====  ==========================================================================
 0     success
 1     unexpected internal error (a bug: please report it)
-2     usage error (bad flags or arguments) or an invalid strategy file
+2     usage error (bad flags or arguments), an invalid strategy file, or a retention
+      policy that would forget every snapshot
 3     committed locally, but some data is not yet on at least k remotes
 10    wrong passphrase, wrong key or key material from another vault
 11    not enough healthy remotes (fewer than k reachable or intact)
@@ -147,6 +148,15 @@ class ShareError(VaultError):
     """A Shamir recovery share has a mistyped word, too few shares, or mixes share sets."""
 
     exit_code = 19
+
+
+class PolicyKeepsNothing(VaultError):
+    """A forget policy (`vaultfs forget`, the schedule's ``retention``) would forget every
+    snapshot of the vault: refused before anything is forgotten, as restic 0.17 and later
+    refuse a policy that would empty a snapshot group. Usually a ``--keep-name`` glob with a
+    typo: fix the policy (``--dry-run`` shows what it keeps once it keeps something)."""
+
+    exit_code = 2
 
 
 class ImmutableVault(VaultError):

@@ -20,7 +20,8 @@ so a policy written for restic means the same here:
 - ``--keep-name GLOB`` (ours; restic has ``--keep-tag``) keeps every snapshot whose name
   matches the shell pattern, without counting against any other option.
 - A snapshot is kept if any option keeps it; every other is forgotten. An empty policy keeps
-  everything (restic does the same).
+  everything (restic does the same). A non-empty policy that keeps none is refused by the
+  caller (:func:`vaultfs.routine.forget`, as restic 0.17 refuses to empty a group).
 
 Differences from restic: one vault is one group (restic groups by host and paths first), and
 names play the part of tags.

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import clock, control, maintenance, retention
-from .errors import InputError, VaultBusy, VaultError
+from .errors import InputError, PolicyKeepsNothing, VaultBusy, VaultError
 from .index import segments as segment_table
 from .index import snapshots as snapshot_table
 
@@ -175,8 +175,26 @@ def set_schedule(home: Path, changes: dict[str, str]) -> dict[str, str]:
             sched.pop(k, None)
         else:
             sched[k] = v
+    _check_keeps_own_snapshots(sched)
     _write(home / SCHEDULE_FILE, sched)
     return sched
+
+
+def _check_keeps_own_snapshots(sched: dict[str, str]) -> None:
+    """PolicyKeepsNothing when the schedule's retention would forget each snapshot its
+    ``snapshot`` job takes as soon as it is taken (a --keep-name glob matching no
+    ``auto-…`` name, and no count or duration): every pass would snapshot, then forget."""
+    if not (sched.get("snapshot") and sched.get("retention")):
+        return
+    policy = retention.Policy.from_args(shlex.split(sched["retention"]))
+    now = clock.now()
+    probe = retention.Snap("probe", now, snapshot_name(now))
+    if not retention.apply([probe], policy, now).keep:
+        raise PolicyKeepsNothing(
+            f"retention={sched['retention']!r} ({policy.describe()}) would forget each "
+            f"snapshot the routine takes (named like {probe.name}) right after taking it: add "
+            "a glob that matches them (--keep-name 'auto-*') or a count (--keep-last 7)"
+        )
 
 
 def load_state(home: Path) -> dict:
@@ -293,10 +311,19 @@ def forget(
     """Apply ``policy`` to the vault's snapshots as of ``now`` (default: vaultfs/clock.py);
     unless ``dry_run``, delete the ones it does not keep: through the mount's control socket
     when ``mounted`` (``v`` is then opened without the lock), else on ``v`` (opened with it).
-    The caller flushes an unmounted vault."""
+    The caller flushes an unmounted vault. A policy that would forget every snapshot raises
+    PolicyKeepsNothing, dry run or not, before anything is forgotten (restic 0.17's rule)."""
     rows = snapshot_table.rows(v.index)
     snaps = [retention.Snap(u, c, nm) for u, nm, c, *_ in rows]
     decision = retention.apply(snaps, policy, clock.now() if now is None else now)
+    if snaps and not decision.keep:
+        names = sorted({s.name for s in snaps if s.name})
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise PolicyKeepsNothing(
+            f"refusing to forget all {len(snaps)} snapshot(s): the policy ({policy.describe()}) "
+            f"keeps none of them (their names: {shown or 'none'}). Fix the policy; a "
+            "--keep-name glob that matches nothing is the usual typo"
+        )
     if dry_run or not decision.forget:
         return decision
     if not mounted:  # one transaction, one index copy
