@@ -7,6 +7,7 @@ Exit codes: vaultfs/errors.py.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -24,6 +25,7 @@ from cli.common import (
     new_passphrase,
     out,
 )
+from vaultfs import receipt as receipts
 from vaultfs.backends import open_backend
 from vaultfs.errors import InputError
 from vaultfs.rebuild import rebuild_home
@@ -41,6 +43,21 @@ def home_rebuild(
     ],
     keyfile: KeyfileOpt = None,
     seed_file: SeedOpt = None,
+    min_seq: Annotated[
+        int,
+        typer.Option(
+            "--min-seq",
+            min=0,
+            help="Refuse (exit 12) if the remotes' newest manifest is older (as restore).",
+        ),
+    ] = 0,
+    receipt: Annotated[
+        Path | None,
+        typer.Option(
+            help="A receipt (`vaultfs receipt`); refuse (exit 12) if the remotes hide its "
+            "manifest (as restore).",
+        ),
+    ] = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
     i_know: IKnowOpt = False,
@@ -50,15 +67,23 @@ def home_rebuild(
     keyfile (the given one copied, or from --seed-file a new one under a new passphrase), an
     empty upload queue. Each given remote is recognised by the objects it holds and keeps the
     spec given here (give every remote this machine reaches); the vault's other remotes keep
-    their old specs (one gone for good: `vaultfs remote replace`). The home must be absent or empty. Backup, snapshot, verify, mount and restore
-    then carry on from it."""
+    their old specs (one gone for good: `vaultfs remote replace`). The home must be absent or
+    empty. Refused (exit 12, nothing written) when the remotes' newest manifest is below
+    --min-seq or hides --receipt's, or when one of the vault's other remotes that this machine
+    reaches holds a newer manifest: rebuild from remotes including it. Backup, snapshot,
+    verify, mount and restore then carry on from it."""
     if not from_:
         raise InputError("give the vault's remotes with --from (any k of them)")
     h = home_dir(home)
     keys = keys_for_restore(h, keyfile, seed_file)
     # from a seed: the new keyfile's passphrase, asked before anything is fetched
     pw = new_passphrase(i_know) if keyfile is None else None
-    rep = rebuild_home(h, keys, [open_backend(absolute(s)) for s in from_], pw, keyfile)
+    anchor = None
+    if receipt is not None:
+        floor, anchor = receipts.rollback_anchor(receipt, keys)
+        min_seq = max(min_seq, floor)
+    given = [open_backend(absolute(s)) for s in from_]
+    rep = rebuild_home(h, keys, given, pw, keyfile, min_seq=min_seq, anchor=anchor)
     if as_json:
         out.print_json(
             json.dumps(
@@ -66,6 +91,7 @@ def home_rebuild(
                     "home": str(rep.home),
                     "seq": rep.seq,
                     "manifest": rep.manifest,
+                    "manifest_link": rep.link,
                     "snapshots": rep.snapshots,
                     "matched": rep.matched,
                     "kept": rep.kept,
@@ -77,7 +103,7 @@ def home_rebuild(
     for w in rep.warnings:
         err.print(f"[yellow]warning:[/] {w}", highlight=False)
     out.print(
-        f"rebuilt the home at {rep.home} from manifest #{rep.seq} ({rep.snapshots} snapshot(s))",
+        f"rebuilt the home at {rep.home} from manifest {rep.link} ({rep.snapshots} snapshot(s))",
         highlight=False,
     )
     for new, old in rep.matched.items():

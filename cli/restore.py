@@ -32,10 +32,9 @@ from cli.common import (
 )
 from vaultfs import receipt as receipts
 from vaultfs.backends import open_backend
-from vaultfs.errors import InputError, IntegrityError, NotEnoughRemotes
+from vaultfs.errors import InputError, NotEnoughRemotes
 from vaultfs.index import manifests
 from vaultfs.index import snapshots as snapshot_rows
-from vaultfs.keys import VaultKeys
 from vaultfs.manifest import Link
 from vaultfs.remotes import is_local
 from vaultfs.restore import (
@@ -70,24 +69,6 @@ def _too_few_remotes(src: ShardSource, snapshot: str, include: list[str] | None)
             + f". Bring back remotes (or give more --from) until {e.need} hold it and run "
             f"again; with {e.need} back, `vaultfs repair` rebuilds the lost ones ({e.message})"
         ) from None
-
-
-def _anchor(path: Path, keys: VaultKeys) -> tuple[int, Link | None]:
-    """The rollback floor a receipt sets: (its manifest seq, its manifest link if it names
-    the hash). The receipt must verify and be signed by this vault's keys."""
-    statement = receipts.verify(receipts.load_json(path, "receipt"))
-    if statement.get("fingerprint") != keys.fingerprint():
-        raise IntegrityError(
-            f"the receipt {path} is signed by another vault ({statement.get('fingerprint')})"
-        )
-    seq = statement.get("manifest_seq")
-    if type(seq) is not int or seq < 0:
-        raise InputError(f"the receipt {path} names no manifest_seq")
-    h = statement.get("manifest_hash")
-    try:
-        return seq, Link(seq, bytes.fromhex(h)) if isinstance(h, str) and len(h) == 64 else None
-    except ValueError:
-        raise InputError(f"the receipt {path} has a malformed manifest_hash") from None
 
 
 @app.command()
@@ -161,7 +142,7 @@ def restore(
             assert early is not None
             anchor = None
             if receipt is not None:
-                floor, anchor = _anchor(receipt, keys)
+                floor, anchor = receipts.rollback_anchor(receipt, keys)
                 min_seq = max(min_seq, floor)
             index, src, m, warnings = open_remote_index(
                 keys,

@@ -257,3 +257,45 @@ def test_a_running_rebuilds_staging_directory_is_left_alone(tmp_path: Path) -> N
     finally:
         os.close(fd)
         os.close(fd2)
+
+
+def test_rebuild_from_old_copies_is_refused_by_a_newer_remote_min_seq_or_receipt(
+    tmp_path: Path,
+) -> None:
+    """Copies of k remotes taken at an older manifest: the rebuild refuses (exit 12, nothing
+    written) when a remote of the vault not given holds a newer manifest, and, with those
+    out of reach, when --min-seq or --receipt say the given remotes are behind; from
+    up-to-date remotes it prints the manifest it started from."""
+    home, remotes, src = _make_vault(tmp_path)
+    run_cli("backup", str(src), home=home)
+    old = [tmp_path / "old" / f"r{i}" for i in range(3)]
+    for r, copy in zip(remotes[:3], old, strict=True):
+        shutil.copytree(r, copy)
+    (src / "docs" / "b.txt").write_text("beta\n" * 3000)
+    run_cli("backup", str(src), "--name", "second", home=home)
+    receipt = tmp_path / "receipt.json"
+    run_cli("receipt", "second", "--out", str(receipt), home=home)
+    newest = json.loads(receipt.read_text())["statement"]["manifest_seq"]
+    keyfile = home / "key.json"
+    new_home = tmp_path / "new"
+    from_old = [a for r in old for a in ("--from", str(r))]
+
+    res = run_cli("home", "rebuild", *from_old, "--keyfile", str(keyfile), home=new_home, check=12)
+    msg = res.stderr.decode()
+    assert "the remotes given are behind" in msg and f"#{newest}/" in msg, msg
+    assert str(remotes[3]) in msg or str(remotes[4]) in msg
+    assert "--from" in msg and "Traceback" not in msg
+    assert not new_home.exists() and not list(tmp_path.glob(".new.rebuild-*"))
+
+    for r in remotes[3:]:  # the up-to-date remotes this machine reached are gone
+        r.rename(r.with_name(r.name + ".away"))
+    for extra in (["--min-seq", str(newest)], ["--receipt", str(receipt)]):
+        args = [*from_old, "--keyfile", str(keyfile), *extra]
+        res = run_cli("home", "rebuild", *args, home=new_home, check=12)
+        assert b"rollback" in res.stderr.lower() and b"Traceback" not in res.stderr, res.stderr
+        assert not new_home.exists()
+
+    up_to_date = [a for r in remotes[:3] for a in ("--from", str(r))]
+    args = [*up_to_date, "--keyfile", str(keyfile), "--receipt", str(receipt)]
+    res = run_cli("home", "rebuild", *args, "--min-seq", str(newest), home=new_home)
+    assert f"from manifest #{newest}/" in res.stdout.decode()

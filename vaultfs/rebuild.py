@@ -17,6 +17,12 @@ Where each part of the new home comes from (docs/operations.md, "Losing the home
   * uploads the lost home still had queued are forgotten; shards it had queued count as
     placed (recovery's invariant 5) until ``vaultfs verify`` has looked at their remote.
 
+- Rollback floors: ``min_seq`` and a receipt's manifest (``anchor``) as a restore from the
+  remotes takes them (Rollback otherwise). The vault's other remotes, those not given, are
+  then asked under their old specs: one reachable that holds a validly signed manifest
+  newer than the one rebuilt from makes the rebuild refuse (Rollback: the given remotes are
+  behind), so a home is not rebuilt from old copies while a newer state is in reach.
+
 - ``key.json``: the given keyfile, copied; or, from a seed, a new keyfile under a new
   passphrase. ``queue/`` starts empty, as do the local caches.
 
@@ -34,14 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import erasure, manifest, merkle, segment
-from .backends import Backend
-from .errors import InputError, IntegrityError, NotEnoughRemotes, RemoteError
+from .backends import Backend, open_backend
+from .errors import InputError, IntegrityError, NotEnoughRemotes, RemoteError, Rollback, VaultError
 from .index import Index, keyring, segments, snapshots
 from .index import manifests as manifest_table
 from .index import remotes as remote_table
 from .index.shipped import ShippedObjects
 from .keys import VaultKeys, write_keyfile
-from .restore import ShardSource, index_description, open_remote_index
+from .restore import ShardSource, find_manifest, index_description, open_remote_index
 from .shardreader import ShardRef, read_segment
 from .vault import Vault
 from .vault.home import index_path, install, keyfile_path, rebuild_staging
@@ -54,13 +60,14 @@ from .verify import record_tags
 @dataclass
 class RebuildReport:
     """What :func:`rebuild_home` made: the manifest it started from (``seq``, ``manifest``:
-    its object name), the snapshots the home knows, each given remote with the spec it
+    its object name; ``link``: ``#seq/hash-prefix``), the snapshots the home knows, each given remote with the spec it
     replaced (``matched``: given spec -> old spec), the remotes left under their old specs
     (``kept``), and warnings (shards decoded around, stale remotes)."""
 
     home: Path
     seq: int
     manifest: str
+    link: str
     snapshots: int
     matched: dict[str, str]
     kept: list[str]
@@ -73,12 +80,16 @@ def rebuild_home(
     remotes: list[Backend],
     passphrase: str | None = None,
     keyfile: Path | None = None,
+    min_seq: int = 0,
+    anchor: manifest.Link | None = None,
 ) -> RebuildReport:
     """Make a home at ``home`` (absent or an empty directory; TargetNotEmpty otherwise) for
     the vault of ``keys`` from ``remotes`` (any k of its remotes, by any spec). Its keyfile
     is a copy of ``keyfile`` if given, else ``keys`` sealed under ``passphrase`` (one of the
-    two is required). Raises as a restore from the remotes does (NotEnoughRemotes,
-    IntegrityError) and InputError when a given remote cannot be matched to one of the
+    two is required). ``min_seq`` and ``anchor`` are rollback floors as for a restore
+    (:func:`open_remote_index`). Raises as a restore from the remotes does (NotEnoughRemotes,
+    IntegrityError, Rollback), Rollback when a remote of the vault not given holds a newer
+    manifest (:func:`_check_others`), and InputError when a given remote cannot be matched to one of the
     vault's (one that cannot be listed is left out, with a warning); nothing is left at
     ``home`` then."""
     if (keyfile is None) == (passphrase is None):
@@ -93,7 +104,7 @@ def rebuild_home(
             # the sidecar too: the next commit then seals only the blocks that changed
             shipped = ShippedObjects(staging / "index-objects.db")
             index, src, m, warnings = open_remote_index(
-                keys, remotes, staging, src=src, shipped=shipped
+                keys, remotes, staging, min_seq, src=src, shipped=shipped, anchor=anchor
             )
         except NotEnoughRemotes as e:
             # name the --from remotes that gave nothing (empty, or another vault's): with
@@ -124,6 +135,7 @@ def rebuild_home(
             reconcile(index, queue)  # shards the lost home had queued: presumed placed
             snaps = snapshots.summary(index)[0]
             kept = [spec for rid, spec in remote_table.active(index) if rid not in matched]
+        _check_others(keys, kept, m, [b.spec for b in remotes])
         if keyfile is not None:
             shutil.copyfile(keyfile, keyfile_path(staging))
         else:
@@ -141,10 +153,43 @@ def rebuild_home(
         home,
         m.seq,
         name,
+        m.link.short,
         snaps,
         {b.spec: old_specs[rid] for rid, b in matched.items()},
         kept,
         warnings,
+    )
+
+
+def _check_others(
+    keys: VaultKeys, others: list[str], m: manifest.Manifest, given: list[str]
+) -> None:
+    """Rollback when one of ``others`` (the vault's remotes not given, by their old specs)
+    holds a validly signed manifest newer than ``m``, the one rebuilt from. One that cannot
+    be reached, or holds nothing of this vault, says nothing (it is named by ``verify``)."""
+    backends = []
+    for spec in others:
+        with contextlib.suppress(VaultError):  # a spec this machine cannot open: unreachable
+            backends.append(open_backend(spec))
+    if not backends:
+        return
+    src = ShardSource(backends)
+    src.start()
+    try:
+        newest, _warnings = find_manifest(keys, src)
+    except VaultError:  # none reachable, none holding a valid manifest of this vault
+        return
+    finally:
+        src.stop()
+    if newest.seq <= m.seq:
+        return
+    holders = [r.label for r in src.remotes if src.reports[r.spec].best_seq == newest.seq]
+    given_args = " ".join(f"--from {g}" for g in given)
+    raise Rollback(
+        f"the remotes given are behind: their newest manifest is {m.link.short}, but "
+        f"{', '.join(holders)} (a remote of this vault, not given) holds {newest.link.short}. "
+        "Nothing was written. Rebuild from remotes including it: `vaultfs home rebuild "
+        f"--from {holders[0]} {given_args} ...` (or from its up-to-date copies)"
     )
 
 

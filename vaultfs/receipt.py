@@ -41,6 +41,7 @@ from .errors import InputError, IntegrityError
 from .index import manifests, segments, snapshots
 from .index import remotes as remote_table
 from .keys import SLHDSA_128F, SLHDSA_128S, SUITES, VaultKeys, slhdsa_field, verify_slhdsa
+from .manifest import Link
 from .remotes import Remote
 
 if TYPE_CHECKING:
@@ -227,3 +228,23 @@ def verify(receipt: dict, public_key: dict | None = None, fingerprint: str | Non
         raise IntegrityError("receipt signature does not verify: it was altered") from None
     verify_slhdsa(spk, msg, _unb64(sig.get("slhdsa"), "slhdsa"), param)
     return statement
+
+
+def rollback_anchor(path: Path, keys: VaultKeys) -> tuple[int, Link | None]:
+    """The rollback floor the receipt at ``path`` sets for a restore or a home rebuild from
+    the remotes (``--receipt``): (its manifest seq, its manifest link if it names the hash).
+    The receipt must verify and be signed by this vault's keys (IntegrityError otherwise;
+    InputError when it names no usable manifest)."""
+    statement = verify(load_json(path, "receipt"))
+    if statement.get("fingerprint") != keys.fingerprint():
+        raise IntegrityError(
+            f"the receipt {path} is signed by another vault ({statement.get('fingerprint')})"
+        )
+    seq = statement.get("manifest_seq")
+    if type(seq) is not int or seq < 0:
+        raise InputError(f"the receipt {path} names no manifest_seq")
+    h = statement.get("manifest_hash")
+    try:
+        return seq, Link(seq, bytes.fromhex(h)) if isinstance(h, str) and len(h) == 64 else None
+    except ValueError:
+        raise InputError(f"the receipt {path} has a malformed manifest_hash") from None
