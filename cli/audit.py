@@ -156,6 +156,14 @@ def _print_audit(rep: verify_mod.AuditReport) -> None:
         )
     if rep.clean:
         out.print(f"all audited remotes are clean ({rep.seconds:.1f}s)")
+    elif any(r.fork for r in rep.remotes) and all(r.ahead for r in rep.remotes if r.fork):
+        err.print(
+            f"[yellow]stale home: the remotes' chain goes on past this home's newest manifest "
+            f"#{rep.manifest_seq} (another machine, or a newer copy of this home, wrote to the "
+            "vault; no fork): move this home aside and run `vaultfs home rebuild --from ...` "
+            "(any k remotes) to carry on from the remotes[/]",
+            highlight=False,
+        )
     elif any(r.fork for r in rep.remotes):
         err.print(
             f"[yellow]fork: the remotes hold manifests off this vault's chain (this home uses "

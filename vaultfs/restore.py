@@ -1936,8 +1936,15 @@ def open_remote_index(
         and anchor != m.link
         and manifests.hash_of(index, anchor.seq) != anchor.hash
     ):
+        elsewhere = any(x.link == anchor for x in found.valid.values())
         raise Rollback(
             f"the receipt's manifest {anchor.short} is not on the chain of {m.link.short}, "
-            "the manifest restored from: the remotes hide it (rolled back or forked)"
+            "the manifest restored from: "
+            + (
+                "the remotes hold it on another branch (a fork): restore that branch with "
+                f"--manifest {anchor.short} (and this --receipt)"
+                if elsewhere
+                else "the remotes hide it (rolled back or forked)"
+            )
         )
     return index, src, m, warnings

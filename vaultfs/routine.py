@@ -388,17 +388,24 @@ def _job_verify(home: Path, v: Vault, sched: dict, mounted: bool, now: float) ->
         "complete": rep["complete"],
         "bytes_read": sum(r["bytes_read"] for r in remotes),
     }
-    bad = [
-        r["remote"]
-        for r in remotes
-        if r["missing"] or r["corrupt"] or r["stale"] or r["foreign"] or r["stale_manifest"]
-    ]
-    if bad:
+    # what makes `vaultfs verify` exit 12 (AuditReport.found) fails the job and alerts
+    kinds = {"missing": "missing", "corrupt": "corrupt", "stale": "stale", "foreign": "foreign",
+             "stale_manifest": "an old manifest", "unlocked": "unlocked"}  # fmt: skip
+    found: dict[str, list[str]] = {}
+    for r in remotes:
+        what = [word for key, word in kinds.items() if r[key]]
+        if r["fork"]:
+            what.append("a newer manifest (stale home)" if r["ahead"] else "a fork")
+        if what:
+            found[r["remote"]] = what
+    if found:
+        said = "; ".join(f"{remote}: {', '.join(what)}" for remote, what in found.items())
         out["alert"] = {
             "event": "audit_failed",
-            "remotes": bad,
-            "details": {r["remote"]: r["details"] for r in remotes if r["remote"] in bad},
-            "message": f"the audit found missing, corrupt or stale objects on {', '.join(bad)}",
+            "remotes": list(found),
+            "details": {r["remote"]: r["details"] for r in remotes if r["remote"] in found},
+            "message": f"the audit found problems ({said}); run `vaultfs verify` for the way "
+            "forward",
         }
     return out
 

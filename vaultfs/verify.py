@@ -202,6 +202,8 @@ class RemoteAudit:
     stale: list[str] = field(default_factory=list)
     foreign: list[str] = field(default_factory=list)
     fork: list[str] = field(default_factory=list)  # valid manifests off this index's chain
+    #: every manifest in ``fork`` follows this index's newest: the home is stale, no fork
+    ahead: bool = False
     unreachable: bool = False
     error: str | None = None
     manifest_seq: int | None = None
@@ -274,6 +276,24 @@ class AuditReport:
         for r, rd in zip(self.remotes, d["remotes"], strict=True):
             rd["clean"] = r.clean
         return d
+
+
+def _follows(
+    m: manifest.Manifest, head: tuple[int, bytes] | None, by_hash: dict[bytes, manifest.Manifest]
+) -> bool:
+    """Whether ``m``'s ``prev`` links lead, through manifests in ``by_hash`` (by object hash),
+    to ``head`` (this chain's newest (seq, hash)): ``m`` extends this chain, no fork."""
+    seen: set[bytes] = set()
+    while head is not None and m.contents.prev is not None and m.hash not in seen:
+        seen.add(m.hash)
+        prev = m.contents.prev
+        if (prev.seq, prev.hash) == head:
+            return True
+        nxt = by_hash.get(prev.hash)
+        if nxt is None:
+            return False
+        m = nxt
+    return False
 
 
 # -- the audit -------------------------------------------------------------------------------
@@ -472,6 +492,7 @@ class _RemoteAuditor:
         ours = manifests.chain_names(idx)
         best: manifest.Manifest | None = None
         signed: set[str] = set()
+        off: dict[str, manifest.Manifest] = {}  # name -> valid manifest off this chain
         for nm, size in self.tree.get("manifests", {}).items():
             if manifest.seq_of_name(nm) is not None and size > manifest.MAX_BYTES:
                 self.rep.foreign.append(f"manifests/{nm}")
@@ -494,13 +515,22 @@ class _RemoteAuditor:
             if nm in ours:
                 best = m
             else:
-                self.rep.fork.append(f"manifests/{nm}")
-                self.rep.details[f"manifests/{nm}"] = (
-                    f"fork: manifest {m.summary()} is validly signed but not of this vault's "
-                    "chain (another writer, or a home that went back in time); its objects "
-                    "are kept"
-                )
+                off[nm] = m
                 signed |= {s.name for seg in self.ctx.describe(m).segments for s in seg.shards}
+        head = manifests.newest_link(idx)
+        by_hash = {m.hash: m for m in off.values()}
+        self.rep.ahead = bool(off) and all(_follows(m, head, by_hash) for m in off.values())
+        for nm, m in off.items():
+            self.rep.fork.append(f"manifests/{nm}")
+            self.rep.details[f"manifests/{nm}"] = (
+                f"stale home: manifest {m.summary()} follows this home's newest #{latest} "
+                "(another machine, or a newer copy of this home, wrote it): run `vaultfs "
+                "home rebuild --from ...` to carry on from the remotes; its objects are kept"
+                if self.rep.ahead
+                else f"fork: manifest {m.summary()} is validly signed but not of this vault's "
+                "chain (another writer, or a home that went back in time); its objects "
+                "are kept"
+            )
         self.rep.manifest_seq = best.seq if best else None
         if self.rep.expected_seq and (best is None or best.seq < self.rep.expected_seq):
             self.rep.stale_manifest = True
@@ -585,7 +615,9 @@ class _RemoteAuditor:
             self.rep.foreign.append(f"{sub}/{nm}")
             self.rep.details.setdefault(f"{sub}/{nm}", "foreign: not an object of this vault here")
         why = (
-            "not this chain's; kept: the remote holds another branch (a fork)"
+            "not this home's chain; kept: the remote holds newer manifests (stale home)"
+            if signed is not None and self.rep.ahead
+            else "not this chain's; kept: the remote holds another branch (a fork)"
             if signed is not None
             else "not this chain's; kept: more manifest names than examined (a fork may hide)"
         )
