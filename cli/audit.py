@@ -336,8 +336,12 @@ def prune(
             highlight=False,
         )
         for r, b in sorted(rep.freed_per_remote.items()):
+            later = rep.remote_deferred.get(r, 0)
             out.print(
-                f"  {r}: {b:,} bytes" + (" to free" if dry_run else " freed"), highlight=False
+                f"  {r}: {b:,} bytes"
+                + (" to free" if dry_run else " freed")
+                + (f"; {later:,} bytes to free at a later prune" if later else ""),
+                highlight=False,
             )
         if not dry_run:
             out.print(

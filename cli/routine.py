@@ -140,7 +140,12 @@ def _print_forget(result: dict, decision: retention.Decision, dry_run: bool) -> 
     if prune:
         out.print(f"pruned: freed {prune['bytes_freed']:,} bytes of data", highlight=False)
         for r, b in sorted(prune["freed_per_remote"].items()):
-            out.print(f"  {r}: {b:,} bytes freed", highlight=False)
+            later = prune["remote_deferred"].get(r, 0)
+            out.print(
+                f"  {r}: {b:,} bytes freed"
+                + (f"; {later:,} bytes to free at a later prune" if later else ""),
+                highlight=False,
+            )
     elif decision.forget and not dry_run and result.get("immutable"):
         out.print("immutable vault: the remotes keep every object (docs/operations.md)")
     elif decision.forget and not dry_run:

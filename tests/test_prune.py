@@ -202,3 +202,32 @@ def test_prune_killed_between_new_segment_and_its_transaction_recovers(tmp_path,
         db.close()
     assert (tmp_path / "out" / "b").read_bytes() == keep
     assert not os.listdir(tmp_path / "home" / "queue" / "tmp")
+
+
+def test_stale_snapshot_delete_changes_nothing_and_deferred_deletions_are_not_freed(tmp_path):
+    """In a stale home `snapshot delete` is refused (exit 21) before it forgets anything; a
+    prune while the remotes hold a fork deletes nothing and says so per remote: 0 bytes
+    freed, the rest to free at a later prune (exit 3)."""
+    home, remotes = make(tmp_path)
+    src = tmp_path / "src"
+    write(src / "kept.bin", 1, 1_000_000)
+    write(src / "only-old.bin", 2, 2_000_000)
+    run_cli("backup", str(src), "--name", "old", home=home)
+    old_home = tmp_path / "old-home"
+    shutil.copytree(home, old_home)
+    (src / "only-old.bin").unlink()
+    run_cli("backup", str(src), "--name", "new", home=home)
+
+    res = run_cli("snapshot", "delete", "old", home=old_home, check=21)
+    said = res.stderr.decode()
+    assert "snapshot delete refused" in said and "Nothing was deleted" in said, said
+    assert [s["name"] for s in snapshots(old_home)] == ["old"]
+
+    run_cli("snapshot", "delete", "old", home=home)
+    run_cli("backup", str(src), "--name", "branch", "--fork", home=old_home)
+    before = remote_bytes(remotes)
+    said = run_cli("prune", home=home, check=3).stdout.decode()
+    assert remote_bytes(remotes) == before  # a fork: nothing deleted anywhere
+    for r in remotes:
+        line = next(x for x in said.splitlines() if x.strip().startswith(f"{r}:"))
+        assert " 0 bytes freed; " in line and "bytes to free at a later prune" in line, said

@@ -199,13 +199,16 @@ def unchecked_warning(label: str) -> str:
     )
 
 
-def stale_error(stale: list[Seen], at: str) -> StaleBase:
-    """The refusal for a stale base, naming what the remotes hold and the ways forward."""
+def stale_error(
+    stale: list[Seen], at: str, nothing: str = "No snapshot was recorded."
+) -> StaleBase:
+    """The refusal for a stale base, naming what the remotes hold, what was not done
+    (``nothing``) and the ways forward."""
     newest = max(stale, key=lambda s: s.manifest.seq)
     return StaleBase(
         f"{at}: the remotes hold manifest {newest.describe()}, which this vault's home never "
         "wrote: the home is older than the remotes (copied back in time, or another machine "
-        "writes to this vault). No snapshot was recorded. Either rebuild the home from the remotes "
+        f"writes to this vault). {nothing} Either rebuild the home from the remotes "
         "(`vaultfs home rebuild --from REMOTE ...`) and carry on from their newest state, or "
         "record an explicit fork with `--fork` (`vaultfs backup --fork ...`): the vault then "
         "holds two branches, and restore can be asked for either (`--manifest`)"

@@ -67,13 +67,17 @@ class PruneReport:
     # leave it, and of the new segments' shard objects placed there instead
     remote_deleted: dict[str, int] = field(default_factory=dict)
     remote_written: dict[str, int] = field(default_factory=dict)
+    # per remote (label): bytes of those old objects still there, their deletion deferred to
+    # a later prune (the remote was down, or the remotes hold a fork)
+    remote_deferred: dict[str, int] = field(default_factory=dict)
 
     @property
     def freed_per_remote(self) -> dict[str, int]:
-        """Net bytes each remote holds less once the old objects are deleted (in a dry run,
-        before the repacked segments' new objects, which are not written yet)."""
+        """Net bytes each remote holds less now: the old objects deleted, less the new
+        segments' objects placed there; deferred deletions do not count (in a dry run: once
+        the old objects are deleted, before the repacked segments' new objects)."""
         out = dict(self.remote_deleted)
-        for r, b in self.remote_written.items():
+        for r, b in [*self.remote_written.items(), *self.remote_deferred.items()]:
             out[r] = out.get(r, 0) - b
         return out
 
@@ -140,6 +144,7 @@ def prune(
     if dry_run:
         report.stored_freed -= sum(_size_class(v, sum(g[2].values())) for g in groups)
         return report
+    old_objects = segments.placed_objects(v.index, gone)  # listed as garbage by the rewrites
     done = 0
     total = len(drop) + len(groups)
     if drop:
@@ -172,6 +177,10 @@ def prune(
         report.errors.update(rep.errors)
         audit.forget_orphans(v.index)
     report.garbage_deleted, report.garbage_left = rotation.collect_garbage(v)
+    for name, rid, _kind, _seq in manifests.garbage(v.index):
+        if (size := old_objects.get((rid, name))) is not None:
+            label = labels[rid]
+            report.remote_deferred[label] = report.remote_deferred.get(label, 0) + size
     return report
 
 

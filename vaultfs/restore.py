@@ -9,6 +9,7 @@ the manifest → each chunk's AEAD tag, key commitment and keyed chunk id.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import shutil
@@ -1609,7 +1610,16 @@ def _create_files(
         p.parent.mkdir(parents=True, exist_ok=True)
         _safe_target(to, e.path)
         flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if force else os.O_EXCL)
-        fd = os.open(p, flags, 0o600)
+        try:
+            fd = os.open(p, flags, 0o600)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise InputError(
+                f"{p} is a symlink (to {os.readlink(p)}): restore never writes a file through "
+                "a symlink, and its target is untouched. Remove or rename it, or restore into "
+                "an empty directory, then run again"
+            ) from None
         try:
             os.ftruncate(fd, e.size)
         finally:

@@ -495,6 +495,20 @@ def bytes_by_remote(index: Index, seg_ids: list[int]) -> dict[int, int]:
     return out
 
 
+def placed_objects(index: Index, seg_ids: list[int]) -> dict[tuple[int, str], int]:
+    """{(remote id, object name): size} of the placed shard objects of ``seg_ids``."""
+    out: dict[tuple[int, str], int] = {}
+    for i in range(0, len(seg_ids), 500):
+        part = seg_ids[i : i + 500]
+        for rid, name, size in index.q(
+            f"SELECT remote, name, size FROM shards WHERE segment IN ({_marks(part)})"
+            " AND state = 'placed'",
+            tuple(part),
+        ):
+            out[(rid, name)] = size
+    return out
+
+
 def oldest_queued(index: Index) -> float | None:
     """Unix time the oldest shard still in the local upload queue was sealed; None when the
     queue is empty."""

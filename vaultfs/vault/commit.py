@@ -173,10 +173,13 @@ class Committer:
             self._ship_index(seq, root, prepush, forked)
             return uid, seq
 
-    def _check_base(self, fork: bool) -> manifest.Link | None:
+    def _check_base(
+        self, fork: bool, at: str = "backup refused", nothing: str = "No snapshot was recorded."
+    ) -> manifest.Link | None:
         """Survey the reachable remotes; the link to record as an explicit fork, or None when
         the base is current (or no remote answered: the flush checks again). Raises
-        StaleBase on a stale base without ``fork``."""
+        StaleBase on a stale base without ``fork`` (:func:`chain.stale_error` with ``at`` and
+        ``nothing``)."""
         ahead, self._ahead = self._ahead, None
         found = ahead() if ahead else chain.survey(self.keys, self.index, self.remotes())
         if found.reachable:
@@ -185,7 +188,7 @@ class Committer:
         if not stale:
             return None
         if not fork:
-            raise chain.stale_error(stale, "backup refused")
+            raise chain.stale_error(stale, at, nothing)
         return max(stale, key=lambda s: (s.manifest.seq, s.name)).link
 
     def _ship_index(
@@ -343,9 +346,11 @@ class Committer:
         index once; returns the manifest seq.
 
         Chunks are never freed here: other snapshots and the mount's live tree may use them.
-        Raises InputError, and forgets none, when one of the ids names no snapshot.
+        Raises InputError, and forgets none, when one of the ids names no snapshot; StaleBase,
+        and forgets none, on a stale base (checked first, as a commit checks it).
         """
         with self.writer.write_lock:
+            self._check_base(False, "snapshot delete refused", "Nothing was deleted.")
             with self.index.tx() as db:
                 for uid in uids:
                     if not snapshots.delete(db, uid):
