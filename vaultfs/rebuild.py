@@ -59,10 +59,11 @@ from .verify import record_tags
 
 @dataclass
 class RebuildReport:
-    """What :func:`rebuild_home` made: the manifest it started from (``seq``, ``manifest``:
-    its object name; ``link``: ``#seq/hash-prefix``), the snapshots the home knows, each given remote with the spec it
-    replaced (``matched``: given spec -> old spec), the remotes left under their old specs
-    (``kept``), and warnings (shards decoded around, stale remotes)."""
+    """What :func:`rebuild_home` made: the manifest it started from (``seq``; ``manifest``,
+    its object name; ``link``, ``#seq/hash-prefix``), the snapshots the home knows, each
+    given remote with the spec it replaced (``matched``: given spec -> old spec), the remotes
+    left under their old specs (``kept``), and warnings (shards decoded around, stale
+    remotes)."""
 
     home: Path
     seq: int
@@ -89,9 +90,9 @@ def rebuild_home(
     two is required). ``min_seq`` and ``anchor`` are rollback floors as for a restore
     (:func:`open_remote_index`). Raises as a restore from the remotes does (NotEnoughRemotes,
     IntegrityError, Rollback), Rollback when a remote of the vault not given holds a newer
-    manifest (:func:`_check_others`), and InputError when a given remote cannot be matched to one of the
-    vault's (one that cannot be listed is left out, with a warning); nothing is left at
-    ``home`` then."""
+    manifest (:func:`_check_others`), and InputError when a given remote cannot be matched
+    to one of the vault's (one that cannot be listed is left out, with a warning); nothing
+    is left at ``home`` then."""
     if (keyfile is None) == (passphrase is None):
         raise ValueError("give exactly one of keyfile and passphrase")
     if len({r.spec for r in remotes}) != len(remotes):
@@ -184,12 +185,11 @@ def _check_others(
     if newest.seq <= m.seq:
         return
     holders = [r.label for r in src.remotes if src.reports[r.spec].best_seq == newest.seq]
-    given_args = " ".join(f"--from {g}" for g in given)
     raise Rollback(
-        f"the remotes given are behind: their newest manifest is {m.link.short}, but "
-        f"{', '.join(holders)} (a remote of this vault, not given) holds {newest.link.short}. "
-        "Nothing was written. Rebuild from remotes including it: `vaultfs home rebuild "
-        f"--from {holders[0]} {given_args} ...` (or from its up-to-date copies)"
+        f"the remotes given ({', '.join(given)}) are behind: their newest manifest is "
+        f"{m.link.short}, but {', '.join(holders)} (a remote of this vault, not given) holds "
+        f"{newest.link.short}. Nothing was written. Rebuild from remotes including it, up to "
+        f"date with #{newest.seq}: `vaultfs home rebuild --from {holders[0]} --from ...`"
     )
 
 
