@@ -282,7 +282,7 @@ def test_rebuild_from_old_copies_is_refused_by_a_newer_remote_min_seq_or_receipt
 
     res = run_cli("home", "rebuild", *from_old, "--keyfile", str(keyfile), home=new_home, check=12)
     msg = res.stderr.decode()
-    assert "the remotes given are behind" in msg and f"#{newest}/" in msg, msg
+    assert "are behind: their newest manifest is" in msg and f"#{newest}/" in msg, msg
     assert str(remotes[3]) in msg or str(remotes[4]) in msg
     assert "--from" in msg and "Traceback" not in msg
     assert not new_home.exists() and not list(tmp_path.glob(".new.rebuild-*"))
