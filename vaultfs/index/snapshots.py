@@ -221,6 +221,15 @@ def files_in_segment(index: Index, seg_id: int) -> list[tuple[str, str]]:
     )
 
 
+def entry_place(index: Index, entry_id: int) -> tuple[DbText, str] | None:
+    """(path as stored, snapshot name or else uid) of entry ``entry_id``; None if gone."""
+    return index.one(
+        "SELECT e.path, COALESCE(s.name, s.uid) FROM entries e"
+        " JOIN snapshots s ON s.id = e.snapshot WHERE e.id=?",
+        (entry_id,),
+    )
+
+
 def holding(index: Index, path: str) -> list[tuple[int, str, str | None, float, int]]:
     """(row id, uid, name, created, manifest seq) of every snapshot with an entry at ``path``
     (as stored: names.to_db), oldest first."""
