@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Column, Table
+from rich.table import Table
 
 from cli.common import (
     HomeOpt,
@@ -26,6 +26,7 @@ from cli.common import (
     err,
     open_vault,
     out,
+    print_table,
     progress,
 )
 from cli.mounted import report_from, run_in_mount
@@ -107,7 +108,7 @@ def _print_audit(rep: verify_mod.AuditReport) -> None:
             highlight=False,
         )
     t = Table(
-        Column("remote", overflow="fold"),
+        "remote",
         "state",
         "checked",
         "missing",
@@ -130,7 +131,7 @@ def _print_audit(rep: verify_mod.AuditReport) -> None:
             _pct(r.confidence) if not r.unreachable else "-",
             f"{r.bytes_read:,} B",
         )
-    out.print(t)
+    print_table(t)
     for r in rep.remotes:
         if r.unreachable:
             err.print(
@@ -431,7 +432,7 @@ def remote_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         out.print_json(json.dumps(rows))
         return
     t = Table(
-        Column("remote", overflow="fold"),
+        "remote",
         "domain",
         "health",
         "placed",
@@ -449,4 +450,4 @@ def remote_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
             f"{r['lost_objects']}",
             f"{_when(r['last_audit'])} {_pct(r['last_audit_confidence'])}",
         )
-    out.print(t)
+    print_table(t)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Column, Table
+from rich.table import Table
 
 from cli.common import (
     HomeOpt,
@@ -31,6 +31,7 @@ from cli.common import (
     newest_manifest,
     open_vault,
     out,
+    print_table,
     progress,
     redundancy_warnings,
     report_flush,
@@ -329,7 +330,7 @@ def _tier_status(s: Strategy, as_json: bool) -> None:
             _when(r["next_due"]) if r["last_success"] else "now", _ago(r["rpo_seconds"]),
             survives, r["last_error"] or "",
         )  # fmt: skip
-    out.print(t)
+    print_table(t)
     if differ:
         err.print(
             f"[yellow]{', '.join(differ)}: the vault differs from the file; `vaultfs strategy "
@@ -368,7 +369,7 @@ def snapshots(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
             f"{it['bytes']:,}",
             f"#{it['seq']}/{it['manifest_hash'] or '?'}",
         )
-    out.print(t)
+    print_table(t)
 
 
 @app.command()
@@ -464,7 +465,7 @@ def status(
             since = time.strftime("%H:%M:%S", time.localtime(job["started"]))
             out.print(f"maintenance: {job['job']} running in the mount daemon since {since}")
     t = Table(
-        Column("remote", overflow="fold"), "domain", "health", "placed", "queued", "last audit",
+        "remote", "domain", "health", "placed", "queued", "last audit",
         "last error",
     )  # fmt: skip
     for r in st["remotes"]:
@@ -483,7 +484,7 @@ def status(
             audited,
             r["last_error"] or "",
         )
-    out.print(t)
+    print_table(t)
     out.print(
         f"survives {st['survives_losses_now']} failure-domain loss(es) now "
         f"({st['survives_losses_design']} once the queue is empty and every remote is healthy; "

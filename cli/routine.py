@@ -31,6 +31,7 @@ from cli.common import (
     open_vault,
     out,
     passphrase,
+    print_table,
 )
 from cli.mounted import mounted, run_in_mount
 from vaultfs import prune as prune_mod
@@ -133,7 +134,7 @@ def _print_forget(result: dict, decision: retention.Decision, dry_run: bool) -> 
     rows += [(s, "would forget" if dry_run else "forgotten", "") for s in decision.forget]
     for s, action, why in sorted(rows, key=lambda x: x[0].time, reverse=True):
         t.add_row(s.id, _when(s.time), s.name or "", action, why)
-    out.print(t)
+    print_table(t)
     verb = "would forget" if dry_run else "forgot"
     out.print(f"keep {len(decision.keep)} snapshot(s), {verb} {len(decision.forget)}")
     prune = result.get("prune")

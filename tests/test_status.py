@@ -1,15 +1,23 @@
 """What `vaultfs status` says about each remote, through the real command line and real
 rclone remotes (issue 15's small things): a slow remote a quorum backup left behind is not
-`failing`."""
+`failing`; tables never cut what a user needs, on a terminal or off one."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
 import random
+import re
+import struct
+import subprocess
+import sys
+import termios
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
+from helpers import run_cli, vaultfs_env
 
 from bench.netem import Link
 
@@ -53,3 +61,55 @@ def test_a_slow_remote_cut_off_at_quorum_is_behind_not_failing(tmp_path, emulate
     net.set_link(2, FAST)
     assert json.loads(run_cli("flush", "--json", home=home).stdout)["complete"] is True
     assert _status(home)["remotes"][2]["queued_objects"] == 0
+
+
+def _on_terminal(home: Path, columns: int, *args: str) -> str:
+    """`vaultfs ARGS` on a pseudo-terminal ``columns`` wide: its output, colours stripped."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {k: v for k, v in vaultfs_env(home).items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", *args], stdin=subprocess.DEVNULL, stdout=slave,
+        stderr=slave, env=env, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    os.close(slave)
+    got = b""
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        got += data
+    os.close(master)
+    assert proc.wait(timeout=300) == 0, got
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", got.decode()).replace("\r\n", "\n")
+
+
+def test_tables_never_cut_what_a_user_needs(tmp_path: Path) -> None:
+    """`status`, `verify` and `remote list` (every table goes through cli.common.print_table):
+    off a terminal the table has its natural width, however wide; on a wide terminal too;
+    on a narrow one a list of records. Never a cell cut ('…') or a remote name broken."""
+    home = tmp_path / "home"
+    deep = tmp_path / ("a-remote-directory-with-a-long-name-" * 2)
+    remotes = [deep / f"remote-number-{i}" for i in range(3)]
+    run_cli("init", "-k", "2", "-n", "3", *(x for r in remotes for x in ("--remote", str(r))), home=home)  # fmt: skip
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.bin").write_bytes(random.Random(3).randbytes(300_000))
+    run_cli("backup", str(src), home=home)
+    for cmd in (("status",), ("verify",), ("remote", "list")):
+        piped = run_cli(*cmd, home=home).stdout.decode()
+        wide = _on_terminal(home, 400, *cmd)
+        narrow = _on_terminal(home, 60, *cmd)
+        for text in (piped, wide, narrow):
+            assert "…" not in text, text
+        for text in (piped, wide):  # one table row per remote, the name whole on it
+            rows = [line for line in text.splitlines() if str(remotes[0].parent) in line]
+            assert len(rows) == 3 and all("┃" not in r for r in rows), text
+            assert max(len(line) for line in text.splitlines()) > 160, text
+        # the narrow terminal: one record per remote, its name on a line of its own
+        for r in remotes:
+            assert f"\n{r}\n" in f"\n{narrow}", narrow
+        assert "\n  domain: remote1\n" in narrow or "\n  state: ok\n" in narrow, narrow
