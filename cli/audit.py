@@ -10,7 +10,6 @@ still queued for a remote that is down; 14 for a remote that is not part of the 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -24,6 +23,7 @@ from cli.common import (
     advance_segments,
     app,
     err,
+    last_audit_cell,
     open_vault,
     out,
     print_table,
@@ -46,10 +46,6 @@ def _pct(x: float | None) -> str:
     if x >= 1.0:
         return "100%"
     return f"{x * 100:.2f}%"
-
-
-def _when(t: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "never"
 
 
 @app.command()
@@ -448,6 +444,6 @@ def remote_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
             f"{r['placed_objects']} ({r['placed_bytes']:,} B)",
             f"{r['queued_objects']}",
             f"{r['lost_objects']}",
-            f"{_when(r['last_audit'])} {_pct(r['last_audit_confidence'])}",
+            last_audit_cell(r),
         )
     print_table(t)

@@ -16,6 +16,7 @@ import importlib
 import inspect
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -150,6 +151,16 @@ def print_table(t: Table, console: Console = out) -> None:
         for header, cells in columns[1:]:
             if cells[i] != "":
                 console.print(f"  {header}: ", cells[i], sep="", highlight=False)
+
+
+def last_audit_cell(r: dict) -> str:
+    """A remote's last audit as `status` and `remote list` show it: its time and the
+    confidence it reached, or "never"."""
+    if not r.get("last_audit"):
+        return "never"
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_audit"]))
+    conf = r.get("last_audit_confidence")
+    return when if conf is None else f"{when} ({conf * 100:.1f}%)"
 
 
 HomeOpt = Annotated[

@@ -25,6 +25,7 @@ from cli.common import (
     app,
     err,
     home_dir,
+    last_audit_cell,
     load_strategy,
     manifest_fields,
     new_passphrase,
@@ -469,11 +470,6 @@ def status(
         "last error",
     )  # fmt: skip
     for r in st["remotes"]:
-        audited = "never"
-        if r.get("last_audit"):
-            audited = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_audit"]))
-            if r.get("last_audit_confidence") is not None:
-                audited += f" ({r['last_audit_confidence'] * 100:.1f}%)"
         t.add_row(
             r["remote"],
             r["domain"],
@@ -481,7 +477,7 @@ def status(
             + (f", {r['lost_objects']} lost" if r.get("lost_objects") else ""),
             f"{r['placed_objects']} ({r['placed_bytes']:,} B)",
             f"{r['queued_objects']} ({r['queued_bytes']:,} B)",
-            audited,
+            last_audit_cell(r),
             r["last_error"] or "",
         )
     print_table(t)

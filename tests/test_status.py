@@ -10,6 +10,7 @@ import os
 import pty
 import random
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -113,3 +114,32 @@ def test_tables_never_cut_what_a_user_needs(tmp_path: Path) -> None:
         for r in remotes:
             assert f"\n{r}\n" in f"\n{narrow}", narrow
         assert "\n  domain: remote1\n" in narrow or "\n  state: ok\n" in narrow, narrow
+
+
+def test_remote_replace_leaves_the_new_remote_ok_and_the_old_one_holding_nothing(tmp_path):
+    """Issue 15: after `remote replace` of a lost remote, the new one showed `stale` until the
+    next `verify`, and the removed one still listed '1 placed'. The replace wrote and
+    checked the new remote: it is `ok` at once (never audited, and said so plainly), and
+    the removed one holds nothing placed or lost, in `status` and `remote list`."""
+    home = tmp_path / "home"
+    remotes = [tmp_path / f"r{i}" for i in range(3)]
+    run_cli("init", "-k", "2", "-n", "3", *(x for r in remotes for x in ("--remote", str(r))), home=home)  # fmt: skip
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.bin").write_bytes(random.Random(4).randbytes(300_000))
+    run_cli("backup", str(src), home=home)
+    shutil.rmtree(remotes[2])
+    run_cli("verify", home=home, check=12)  # it is found lost: degraded and stale
+    new = tmp_path / "r3"
+    run_cli("remote", "replace", str(remotes[2]), str(new), home=home)
+    listed = {
+        r["remote"]: r for r in json.loads(run_cli("remote", "list", "--json", home=home).stdout)
+    }
+    assert listed[str(new)]["health"] == "ok", listed[str(new)]
+    assert listed[str(new)]["placed_objects"] == listed[str(remotes[0])]["placed_objects"]
+    gone = listed[str(remotes[2])]
+    assert gone["member"] == "removed" and gone["placed_objects"] == gone["lost_objects"] == 0
+    assert [r["health"] for r in _status(home)["remotes"]] == ["ok"] * 3
+    table = run_cli("remote", "list", home=home).stdout.decode()
+    row = next(line for line in table.splitlines() if str(new) in line)
+    assert "│ never " in row and " - " not in row, row
