@@ -385,8 +385,7 @@ def ls(
     from vaultfs.index import snapshots as snapshot_rows
 
     with open_vault(home, lock=False) as v:
-        if (found := snapshot_rows.find(v.index, snapshot)) is None:
-            raise InputError(f"snapshot {snapshot!r} not found")
+        found = snapshot_rows.require(v.index, snapshot)
         rows = snapshot_rows.entry_rows(v.index, found[0])
     rows.sort(key=lambda r: names.from_db(r[0]))  # byte order, whatever the stored form
     if path:

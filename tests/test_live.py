@@ -288,6 +288,10 @@ def test_a_read_with_too_few_remotes_names_the_file_the_remotes_and_the_way_out(
     try:
         (mp / "w.bin").write_bytes(os.urandom(1_200_000))
         run_cli("snapshot", "--name", "t", home=home)
+        # a name that is not there: refused through the daemon as unmounted (it said "no
+        # snapshot with id" when given a name)
+        res = run_cli("snapshot", "delete", "nosuch", home=home, check=18)
+        assert b"no snapshot with id or name 'nosuch'" in res.stderr, res.stderr
         # every shard placed, and a new mount: nothing of the file is left on this machine
         run_cli("umount", str(mp), home=home, timeout=300)
         for r in remotes[1:]:

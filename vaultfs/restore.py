@@ -1521,10 +1521,7 @@ def _entries(
     """(uid, entries to restore) of ``snapshot`` (uid, name or 'latest'), cut to ``include``;
     raises before anything is written for a missing snapshot, an unsafe name, an unknown
     entry type, or (``each_include``) an include that matches nothing."""
-    row = snapshots.find(index, snapshot)
-    if row is None:
-        raise InputError(f"snapshot {snapshot!r} not found (see `vaultfs snapshots`)")
-    snap_id, snap_uid = row
+    snap_id, snap_uid = snapshots.require(index, snapshot)
     if include:
         inc = [i.strip("/") for i in include]
         entries = [Row.of(r) for r in snapshots.entries_on(index, snap_id, inc)]

@@ -7,6 +7,7 @@ import sqlite3
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from ..errors import InputError
 from ..names import DbText, from_db, is_text, raw, to_db
 
 if TYPE_CHECKING:
@@ -80,6 +81,15 @@ def find(index: Index, ref: str) -> tuple[int, str] | None:
         "SELECT id, uid FROM snapshots WHERE uid=? OR name=? ORDER BY uid=? DESC, id DESC LIMIT 1",
         (ref, ref, ref),
     )
+
+
+def require(index: Index, ref: str) -> tuple[int, str]:
+    """:func:`find`, or InputError (exit 18) naming ``ref`` and where to look: the one
+    refusal of every command given a snapshot that does not exist."""
+    found = find(index, ref)
+    if found is None:
+        raise InputError(f"no snapshot with id or name {ref!r}: see `vaultfs snapshots`")
+    return found
 
 
 def entry_rows(index: Index, snapshot: int) -> list[tuple]:
