@@ -26,7 +26,7 @@ sidecar that remembers which blocks are already there.
 from __future__ import annotations
 
 import contextlib
-import shutil
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -73,6 +73,12 @@ class Index:
         except BaseException:
             self.db.close()
             raise
+        #: a descriptor of the database file that :meth:`export_to` copies from, opened once
+        #: and closed only after the connection: closing any descriptor of a file drops
+        #: every POSIX lock this process holds on it, SQLite's included, and then another
+        #: process's closing connection deletes the write-ahead log this one still writes to
+        #: (its later commits stay invisible to everyone else, as a mounted vault's were)
+        self._copy_fd: int | None = None
 
     def upgrade(self, chunk_id_key: bytes) -> None:
         """Finish the migrations that need the vault's chunk-id key (schema 2 → 3: content
@@ -84,6 +90,9 @@ class Index:
     def close(self) -> None:
         with self.lock:
             self.db.close()
+            if self._copy_fd is not None:
+                os.close(self._copy_fd)
+                self._copy_fd = None
 
     # -- small helpers ---------------------------------------------------------------------
     def q(self, sql: str, args: tuple = ()) -> list[tuple]:
@@ -149,8 +158,17 @@ class Index:
         busy, log, moved = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy or log != moved or _size(wal):
             return False
-        shutil.copyfile(self.path, dest)
-        return not _size(wal)
+        if self._copy_fd is None:
+            self._copy_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        size = os.fstat(self._copy_fd).st_size
+        with open(dest, "wb") as out:
+            done = 0
+            while done < size:  # at explicit offsets: the shared descriptor has no position
+                sent = os.sendfile(out.fileno(), self._copy_fd, done, size - done)
+                if sent == 0:
+                    break
+                done += sent
+        return done == size and not _size(wal)
 
 
 def _size(path: Path) -> int:
