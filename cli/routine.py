@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -365,6 +366,11 @@ def schedule_install(
     as_json: JsonOpt = False,
 ) -> None:
     """Write a systemd service and timer that run `vaultfs run` for this vault."""
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]+", name):  # systemd's unit name characters
+        raise InputError(
+            f"--name {name!r} is not a systemd unit name: use letters, digits, '-', '_', '.'"
+            " and ':' only"
+        )
     h = home_dir(home).absolute()
     span = f"{int(routine.parse_every(every))}s"  # a systemd time span, whatever words we took
     env = (env_file or h / "routine.env").absolute()
