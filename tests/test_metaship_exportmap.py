@@ -148,6 +148,36 @@ def test_a_crash_before_the_map_is_kept_makes_the_next_commit_hash_everything(
         assert again.hashed_blocks == again.blocks
 
 
+@pytest.mark.parametrize("dies", ["before its checkpoint", "before its new stamp"])
+def test_a_fold_that_dies_costs_at_most_one_full_hashing(tmp_path, shipments, monkeypatch, dies):
+    """A fold of the log that dies once it has recorded the log's pages (the file still as
+    stamped: the next commit hashes only what changed), or after its checkpoint, before the
+    map's new stamp (the map is stale: the next commit hashes every block)."""
+    v = make_vault(tmp_path)
+    with v:
+        commit(v, change(tmp_path, "big", 6000))
+        commit(v, change(tmp_path, "c1"))
+        backup_paths(v, [change(tmp_path, "c2")])  # its rows are in the log now
+        real = exportmap.save
+        calls = []
+
+        def save(path, m):
+            calls.append(path)
+            if len(calls) == (1 if dies == "before its checkpoint" else 2):
+                raise Crash("the process dies while folding the log")
+            real(path, m)
+
+        with monkeypatch.context() as mp, pytest.raises(Crash):
+            mp.setattr(exportmap, "save", save)
+            v.index.fold_log()
+        assert v.flush().complete
+        after = commit(v, change(tmp_path, "c3"))
+        if dies == "before its checkpoint":
+            assert few(after)
+        else:
+            assert after.hashed_blocks == after.blocks
+
+
 def test_the_copy_has_the_bytes_of_switching_to_rollback_mode_before_the_update(tmp_path):
     """The copy's ``queued -> placed`` update now runs in its log, to learn its pages; the
     shipped bytes are those of the former order (rollback mode first, then the update)."""

@@ -20,7 +20,8 @@ writes on its own opens its transaction itself.
 After every commit the index is copied (``Index.export_to``) and shipped as content-addressed
 blocks, of which only those the remotes lack are sealed and erasure-coded like data, named by a
 signed manifest (see vaultfs/vault/metaship.py and docs/design.md). ``shipped`` is the local
-sidecar that remembers which blocks are already there.
+sidecar that remembers which blocks are already there; ``exportmap`` keeps the last export's
+block map, so that the next one hashes only the blocks whose pages the write-ahead log names.
 """
 
 from __future__ import annotations
