@@ -71,6 +71,7 @@ class Index:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path) if path != ":memory:" else path
         self.lock = threading.RLock()
+        self.closed = False
         self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         try:
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -92,12 +93,17 @@ class Index:
             migrate(self.db, chunk_id_key)
 
     def close(self) -> None:
-        """Fold the write-ahead log (:meth:`fold_log`) and close."""
+        """Fold the write-ahead log (:meth:`fold_log`) and close; a second call does nothing.
+        A fold that fails (a full disk) is not an error of the close: SQLite's own
+        checkpoint at close then changes the file behind the map, whose stamp then makes
+        the next export hash every block."""
         with self.lock:
-            try:
+            if self.closed:
+                return
+            self.closed = True
+            with contextlib.suppress(OSError, sqlite3.Error):
                 self.fold_log()
-            finally:
-                self.db.close()
+            self.db.close()
 
     # -- small helpers ---------------------------------------------------------------------
     def q(self, sql: str, args: tuple = ()) -> list[tuple]:
