@@ -211,3 +211,26 @@ def test_changed_blocks_covers_pages_header_growth_and_shrinking():
     assert grown == {0, 9, 10, 11}
     # shrunk to a short last block: that block
     assert exportmap.changed_blocks(set(), page, block, 10 * block, 5 * block + page) == {0, 5}
+
+
+def test_wal_pages_names_every_page_the_checkpoint_writes(tmp_path):
+    db_path = tmp_path / "w.db"
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA wal_autocheckpoint=0")
+        db.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB)")
+        db.executemany("INSERT INTO t VALUES (?, randomblob(700))", [(i,) for i in range(3000)])
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        assert exportmap.wal_pages(Path(f"{db_path}-wal")) == set()
+        before = db_path.read_bytes()
+        db.execute("UPDATE t SET v=randomblob(700) WHERE k % 97 = 0")
+        pages = exportmap.wal_pages(Path(f"{db_path}-wal"))
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        after = db_path.read_bytes()
+    size = 4096
+    differ = {
+        i // size + 1
+        for i in range(0, len(after), size)
+        if before[i : i + size] != after[i : i + size]
+    }
+    assert differ and differ <= pages

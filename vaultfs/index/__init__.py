@@ -176,7 +176,7 @@ class Index:
                 flipped = dst.execute(
                     "UPDATE shards SET state='placed' WHERE state='queued'"
                 ).rowcount
-                touched, _frames = exportmap.wal_pages(Path(f"{dest}-wal"))
+                touched = exportmap.wal_pages(Path(f"{dest}-wal"))
                 dst.execute("PRAGMA journal_mode=DELETE")
                 if flipped and 1 not in touched:
                     # in rollback mode the update would have counted itself in the header's
@@ -227,7 +227,7 @@ class Index:
             m = self._valid_export_map()
             path = self.export_map
             if m is not None and path is not None:
-                pages, _frames = exportmap.wal_pages(Path(f"{self.path}-wal"))
+                pages = exportmap.wal_pages(Path(f"{self.path}-wal"))
                 m.carried |= pages
                 exportmap.save(path, m)
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -245,7 +245,7 @@ class Index:
         if not isinstance(self.path, Path):
             return None
         wal = Path(f"{self.path}-wal")
-        pages, _frames = exportmap.wal_pages(wal)
+        pages = exportmap.wal_pages(wal)
         busy, log, moved = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy or log != moved or _size(wal):
             return None

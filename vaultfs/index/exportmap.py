@@ -53,33 +53,32 @@ def stamp(path: Path) -> Stamp:
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def wal_pages(wal: Path) -> tuple[set[int], int]:
-    """(page numbers, frame count) of the frames of the write-ahead log at ``wal`` that
-    belong to its current generation (their salts are the header's), from the start to the
-    first that does not. A superset of the committed frames' pages: a torn last transaction
-    counts too. None of either when there is no log."""
+def wal_pages(wal: Path) -> set[int]:
+    """The page numbers of the frames of the write-ahead log at ``wal`` that belong to its
+    current generation (their salts are the header's), from the start to the first that
+    does not: a superset of the committed frames' pages (a torn last transaction counts
+    too). None when there is no log."""
     pages: set[int] = set()
     try:
         f = wal.open("rb")
     except FileNotFoundError:
-        return pages, 0
+        return pages
     with f:
         head = f.read(32)
         if len(head) < 32:
-            return pages, 0
+            return pages
         magic, _version, page_size, _seq, salt1, salt2 = _WAL_HEADER.unpack_from(head)
         if magic not in _WAL_MAGIC:
-            return pages, 0
-        frames = 0
-        step = _FRAME_HEADER + page_size
+            return pages
+        at, step = 32, _FRAME_HEADER + page_size
         while len(frame := f.read(_FRAME.size)) == _FRAME.size:
             pgno, _commit, s1, s2 = _FRAME.unpack(frame)
             if (s1, s2) != (salt1, salt2):
                 break
             pages.add(pgno)
-            frames += 1
-            f.seek(32 + frames * step)
-    return pages, frames
+            at += step
+            f.seek(at)
+    return pages
 
 
 @dataclass
