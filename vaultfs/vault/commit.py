@@ -308,7 +308,7 @@ class Committer:
                     metaship.key_id(self.keys.metadata_key),
                     set(exported.touched),
                     shipment.entries,
-                )  # fmt: skip
+                )
             )
         self._record_meta_segments(seq, shipment.new)
         return shipment
