@@ -276,7 +276,10 @@ class _Tx:
                 self.index.db.execute("COMMIT")
                 path = self.index.path
                 if isinstance(path, Path) and _size(Path(f"{path}-wal")) > WAL_FOLD_BYTES:
-                    self.index.fold_log()
+                    # the transaction is committed: a fold that fails is retried at the next
+                    # one (a stale map costs one full hashing, never a wrong id)
+                    with contextlib.suppress(OSError, sqlite3.Error):
+                        self.index.fold_log()
             else:
                 self.index.db.execute("ROLLBACK")
         finally:
