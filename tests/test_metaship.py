@@ -55,9 +55,9 @@ def shipped_copies(monkeypatch) -> list[bytes]:
     copies: list[bytes] = []
     real = metaship.ship
 
-    def keep(index, keys, suite, segment_size, export, shipped, write, earlier=None):
+    def keep(index, keys, suite, segment_size, export, shipped, write, *more, **kw):
         copies.append(export.read_bytes())
-        return real(index, keys, suite, segment_size, export, shipped, write, earlier)
+        return real(index, keys, suite, segment_size, export, shipped, write, *more, **kw)
 
     monkeypatch.setattr(metaship, "ship", keep)
     return copies

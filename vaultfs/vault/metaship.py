@@ -1,13 +1,15 @@
 """Shipping the index as content-addressed blocks (docs/format.md 9; the format is
 vaultfs/indexblocks.py).
 
-One pass over a page-identical copy of the index (:meth:`Index.export_to`): every block is
-hashed; a block whose id the sidecar (:class:`ShippedObjects`) places in a meta segment the
-newest manifest names (and that has k shards left) is referenced where it is, any other is
-sealed into a new meta segment. Then compaction, and the block map's pages, sealed likewise
-when they changed. Cost: copying and hashing the index (a read of the file, memory-bounded;
-the one term that grows with the vault, at disk and BLAKE3 speed) plus sealing and coding
-what changed.
+One pass over a page-identical copy of the index (:meth:`Index.export_to`): every block that
+may have changed since the last export is hashed, the others take their id (and place) from
+the last shipping's block map, kept locally (vaultfs/index/exportmap.py: the pages the
+write-ahead log names since then); a block whose id the sidecar (:class:`ShippedObjects`)
+places in a meta segment the newest manifest names (and that has k shards left) is
+referenced where it is, any other is sealed into a new meta segment. Then compaction, and
+the block map's pages, sealed likewise when they changed. Cost: copying the index (a kernel
+copy), hashing the blocks that changed (all of them when the map is lost or stale), a loop
+over the block map, plus sealing and coding what changed.
 
 The records sealed go into meta segments padded to size classes (powers of two, as data
 segments: remotes see a handful of sizes). Just over a class, padding would double the
@@ -39,8 +41,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .. import indexblocks, segment
-from ..index import Index, manifests
+from ..index import Index, exportmap, manifests
 from ..index import segments as seg_table
+from ..index.exportmap import Export
 from ..index.segments import NewShard
 from ..index.shipped import ShippedObjects
 from ..indexblocks import ENTRY, MAP_FANOUT, Location
@@ -73,6 +76,7 @@ class ShipStats:
     """What one shipping of the index cost, in index objects and record bytes."""
 
     blocks: int = 0  # blocks of the shipped file
+    hashed_blocks: int = 0  # blocks read and hashed (the others: unchanged since the last export)
     sealed_blocks: int = 0  # blocks sealed by this shipping (new or changed ones)
     map_pages: int = 0
     sealed_map_pages: int = 0
@@ -104,6 +108,7 @@ class Shipment:
     new: list[NewMetaSegment]  # meta segments written now (to record, then name)
     sealed: dict[bytes, Location] = field(default_factory=dict)  # for the sidecar
     stats: ShipStats = field(default_factory=ShipStats)
+    entries: bytes = b""  # the block map, ENTRY.size bytes per block (for the export map)
 
 
 class _Packer:
@@ -174,6 +179,7 @@ def ship(
     shipped: ShippedObjects,
     write: Callable[[bytes, bytes], tuple[int, list[NewShard], bytes]],
     earlier: Shipment | None = None,
+    exported: Export | None = None,
 ) -> Shipment:
     """Ship the index copy at ``export``: seal the objects the remotes lack into new meta
     segments (``write(uid, padded segment)`` codes and queues one, returning (segment id,
@@ -182,7 +188,11 @@ def ship(
 
     ``earlier``: a shipping of this same commit whose new segments are recorded (in the copy
     at ``export``) but named by no manifest yet; its records are reused like those of the
-    newest manifest's segments, and ``named`` lists those of its segments that hold any."""
+    newest manifest's segments, and ``named`` lists those of its segments that hold any.
+
+    ``exported``: what :meth:`Index.export_to` reported about the copy; a block it shows
+    unchanged since the last export takes its id (and, in a segment still named, its place)
+    from the last shipping's block map instead of being read and hashed."""
     key, vid, block = keys.metadata_key, keys.vault_id, indexblocks.BLOCK_SIZE
     stats = ShipStats()
     reusable = seg_table.meta_named_by(index, manifests.newest_seq(index))
@@ -203,20 +213,37 @@ def ship(
         return loc
 
     length = export.stat().st_size
+    same = _unchanged_blocks(exported, key, suite, length) if exported is not None else None
     with shipped.reader(suite) as look, export.open("rb") as f:
 
         def placed(oid: bytes) -> Location | None:
             """Where an earlier commit, or this one's earlier pass, sealed object ``oid``."""
             return prior.get(oid) or look.get(oid)
 
-        while data := f.read(block):
+        def read(i: int) -> bytes:
+            f.seek(i * block)
+            return f.read(block)
+
+        for i in range(indexblocks.block_count(length, block)):
             stats.blocks += 1
-            oid = indexblocks.object_id(key, data)
+            data: bytes | None = None
+            if same is not None and (known := same(i)) is not None:
+                oid, loc = known
+                if loc is not None and loc.uid in reusable and oid not in sealed:
+                    if oid not in counted:
+                        counted.add(oid)
+                        live[loc.uid] = live.get(loc.uid, 0) + loc.length
+                    entries += ENTRY.pack(oid, loc.uid, loc.offset, loc.length)
+                    continue
+            else:
+                data = read(i)
+                oid = indexblocks.object_id(key, data)
+                stats.hashed_blocks += 1
             loc = sealed.get(oid)
             if loc is None:
                 loc = placed(oid)
                 if loc is None or loc.uid not in reusable:
-                    loc = seal(oid, data)
+                    loc = seal(oid, data if data is not None else read(i))
                     stats.sealed_blocks += 1
                 elif oid not in counted:
                     counted.add(oid)
@@ -243,7 +270,39 @@ def ship(
     uids = {uid for (_oid, uid, _o, _l) in ENTRY.iter_unpack(entries)} | {p.uid for p in pages}
     stats.map_pages, stats.segments = len(pages), len(packer.done)
     named = sorted(reusable[u][0] for u in uids if u in reusable)
-    return Shipment(length, pages, named, packer.done, sealed, stats)
+    return Shipment(length, pages, named, packer.done, sealed, stats, bytes(entries))
+
+
+def key_id(metadata_key: bytes) -> bytes:
+    """Which metadata key the ids of an export map are under: the id of an empty object."""
+    return indexblocks.object_id(metadata_key, b"")
+
+
+def _unchanged_blocks(
+    exported: Export, metadata_key: bytes, suite: int, length: int
+) -> Callable[[int], tuple[bytes, Location | None] | None] | None:
+    """For the copy ``exported`` describes: a function giving, for a block that has the
+    bytes it had in the last export, its id and (when sealed under ``suite``) where the last
+    shipping put it; None for a block that may have changed. None when the last export's
+    map is not known to describe the copy (:mod:`vaultfs.index.exportmap`): every block is
+    hashed."""
+    m = exported.prior
+    block = indexblocks.BLOCK_SIZE
+    if m is None or m.block_size != block or m.key_id != key_id(metadata_key):
+        return None
+    changed = exportmap.changed_blocks(
+        set(exported.changed), exported.page_size, block, m.length, length
+    )
+    entries, count = m.entries, len(m.entries) // ENTRY.size
+    where = m.suite == suite
+
+    def same(i: int) -> tuple[bytes, Location | None] | None:
+        if i in changed or i >= count:
+            return None
+        oid, uid, off, n = ENTRY.unpack_from(entries, i * ENTRY.size)
+        return oid, Location(uid, off, n) if where else None
+
+    return same
 
 
 def _relocate(
