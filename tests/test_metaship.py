@@ -357,7 +357,9 @@ def test_map_pages_fill_the_segment_below_when_no_block_record_has_to_move(tmp_p
 
     data = export.read_bytes()
     (page,) = got.pages
-    for pos, (oid, loc) in enumerate(indexblocks.decode_map_page(opened(page.id, page))):
+    raw = opened(page.id, page)
+    for pos, (oid, loc) in enumerate(indexblocks.decode_map_page(raw)):
+        assert indexblocks.map_entry(raw, pos) == (oid, loc)  # the lazy view's one-entry read
         assert opened(oid, loc) == data[pos * BLOCK_SIZE : (pos + 1) * BLOCK_SIZE]
 
 
