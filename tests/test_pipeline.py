@@ -5,6 +5,7 @@ recording an index copy and writing its manifest)."""
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import random
@@ -21,7 +22,7 @@ from vaultfs.index import remotes as remote_table
 from vaultfs.keys import VaultKeys, new_seed, read_keyfile, write_keyfile
 from vaultfs.remotes import RcloneDaemon, Remote
 from vaultfs.restore import ShardSource, open_remote_index, restore_files
-from vaultfs.sealer import SLOT_SIZE, SealerError
+from vaultfs.sealer import SLOT_SIZE, SealerError, worker_pool
 from vaultfs.shardreader import ShardRef
 from vaultfs.vault import Vault
 from vaultfs.vault.uploads import UploadQueue
@@ -129,6 +130,21 @@ def _zombie(pid: int) -> bool:
 
 class Crash(BaseException):
     """Stands for the process dying at that point (nothing after it runs)."""
+
+
+@pytest.mark.parametrize("clean", [False, True], ids=["fork", "forkserver"])
+def test_worker_pool_runs_background_work_below_the_callers_priority(clean: bool) -> None:
+    """The pool repair rebuilds on (sealer.worker_pool): asked for nice 10 (the mount daemon's
+    maintenance), every worker runs at nice 10 or lower priority, forked from this process or
+    from a clean server process; without it, at the caller's own priority."""
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    ask = functools.partial(os.getpriority, os.PRIO_PROCESS)
+    with worker_pool(2, int, (), nice=10, clean=clean) as pool:
+        niced = list(pool.map(ask, [0] * 4))
+    with worker_pool(2, int, ()) as pool:
+        plain = list(pool.map(ask, [0] * 4))
+    assert niced == [max(10, mine)] * 4
+    assert plain == [mine] * 4
 
 
 def test_crash_between_index_copy_and_manifest_is_recovered(tmp_path, monkeypatch):

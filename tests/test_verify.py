@@ -22,7 +22,7 @@ from vaultfs import audittag, merkle, segment
 from vaultfs import repair as repair_mod
 from vaultfs import verify as verify_mod
 from vaultfs.backends import FaultInjecting, Wrapper, open_backend
-from vaultfs.errors import IntegrityError
+from vaultfs.errors import IntegrityError, VaultError
 from vaultfs.index import segments as segment_table
 from vaultfs.keys import VaultKeys
 from vaultfs.restore import open_remote_index, restore_files
@@ -339,6 +339,35 @@ def test_repair_that_dies_inside_a_batch_leaves_nothing_and_the_next_finishes(tm
     v.close()
     v = Vault.open(tmp_path / "home", PASSPHRASE)
     assert not [f for f in v.queue_dir.rglob("*") if f.is_file() and "manifests" not in f.parts]
+    rep = repair_mod.repair(v)
+    assert rep.ok and rep.rebuilt == len(lost)
+    assert verify_mod.audit(v, mode="read-all").clean
+    v.close()
+    assert _restore(keys, specs[1:4], tmp_path / "w") == data
+
+
+def _die_in_a_worker(_job) -> None:
+    os._exit(9)  # a rebuild worker killed (the OOM killer, kill -9)
+
+
+def test_a_rebuild_worker_that_dies_fails_the_repair_clearly_and_the_next_finishes(
+    tmp_path, monkeypatch
+):
+    """A rebuild worker process dying mid-batch: the repair stops with a VaultError that says
+    what to do (no traceback, no hang), nothing of the batch is recorded, and the next repair
+    rebuilds everything: verify --read-all is clean and a restore from k is byte-identical."""
+    v, specs, data = _vault(tmp_path, mib=1.6)
+    keys = v.keys
+    lost = list((Path(specs[1]) / "data").iterdir())
+    for p in lost:
+        p.unlink()
+    before = {sh.id: sh.name for sh in segment_table.live_shards(v.index)}
+    monkeypatch.setattr(repair_mod, "REBUILDERS", 2)
+    monkeypatch.setattr(repair_mod, "_rebuild_job", _die_in_a_worker)  # forked workers see it
+    with pytest.raises(VaultError, match="rebuild worker process died.*vaultfs repair"):
+        repair_mod.repair(v)
+    monkeypatch.undo()
+    assert {sh.id: sh.name for sh in segment_table.live_shards(v.index)} == before
     rep = repair_mod.repair(v)
     assert rep.ok and rep.rebuilt == len(lost)
     assert verify_mod.audit(v, mode="read-all").clean

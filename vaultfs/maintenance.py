@@ -163,7 +163,9 @@ def _repair(r: Runner, dry_run: bool = False, sources: list[str] | None = None) 
     from . import repair
 
     paths = [Path(p) for p in sources or []]
-    rep = repair.repair(r.vault, dry_run=dry_run, sources=paths, wrap=r.share().wrap)
+    rep = repair.repair(
+        r.vault, dry_run=dry_run, sources=paths, wrap=r.share().wrap, background=True
+    )
     return rep.to_dict()
 
 
@@ -188,13 +190,15 @@ def _remote_add(r: Runner, spec: str, domain: str | None = None) -> dict:
 def _remote_remove(r: Runner, name: str) -> dict:
     from . import repair
 
-    return repair.remove_remote(r.vault, name, wrap=r.share().wrap).to_dict()
+    return repair.remove_remote(r.vault, name, wrap=r.share().wrap, background=True).to_dict()
 
 
 def _remote_replace(r: Runner, old: str, new: str, domain: str | None = None) -> dict:
     from . import repair
 
-    return repair.replace_remote(r.vault, old, new, domain, wrap=r.share().wrap).to_dict()
+    return repair.replace_remote(
+        r.vault, old, new, domain, wrap=r.share().wrap, background=True
+    ).to_dict()
 
 
 def _rotate(r: Runner, suite: int | None = None) -> dict:

@@ -43,7 +43,8 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,7 +53,7 @@ from . import chain, merkle, segment, verify
 from .audittag import PIECE as AUDIT_PIECE
 from .audittag import piece_tags
 from .backends import open_backend
-from .errors import BadRemote, NotEnoughRemotes, NoVault, RemoteError, Unreachable
+from .errors import BadRemote, NotEnoughRemotes, NoVault, RemoteError, Unreachable, VaultError
 from .index import audit as audit_table
 from .index import chunks as chunk_table
 from .index import manifests as manifest_table
@@ -64,12 +65,13 @@ from .names import display, from_db
 from .objectlock import lock_spec
 from .remotes import Remote, names_remote
 from .restore import READ_IN_PLACE, read_object, remote_index_description
-from .sealer import ShardFile, keep_freed_buffers
+from .sealer import ShardFile, keep_freed_buffers, worker_pool
 from .shardreader import (
     Lie,
     ShardRef,
     ShardsUnavailable,
     ShardsUndecodable,
+    Transport,
     choose,
     rebuild_fragments,
 )
@@ -84,11 +86,18 @@ BATCH_SEGMENTS = 8
 #: Segments of the first batch: few, so the rebuilt shards start uploading (the rebuilt
 #: remote's link is a network repair's bound) while the next batch is still fetched.
 FIRST_BATCH = 2
-#: Worker threads rebuilding segments: one per core (at least two, so fetching and hashing
-#: overlap the library calls that hold the GIL), at most a batch's segments. They no longer
-#: wait on the disk (the batch's objects are fsync'd together, :func:`_rebuild_all`), so a
-#: thread more than the cores only adds contention.
-REBUILD_THREADS = max(2, min(os.cpu_count() or 2, BATCH_SEGMENTS))
+#: Worker processes rebuilding segments (``VAULTFS_REBUILDERS``; 0: one thread of the
+#: repairing process): one per core, at least two, at most a batch's segments. A segment's
+#: rebuild is ~9 ms of CPU per shard object, about half of it in calls that hold the GIL
+#: (pyeclib's reconstruction, the audit tags), so threads of one process used ~1.4 cores at
+#: most; processes read their sources, rebuild and write the new objects themselves, and
+#: hand back only their names, hashes, Merkle leaves and tags (docs/benchmarks.md, "audit").
+REBUILDERS = int(
+    os.environ.get("VAULTFS_REBUILDERS", max(2, min(os.cpu_count() or 2, BATCH_SEGMENTS)))
+)
+#: The rebuild workers' nice value for background work (the mount daemon's maintenance):
+#: the FUSE side's requests and stores come first (docs/mount.md, "Foreground first").
+BACKGROUND_NICE = 10
 #: Threads fsyncing a batch's new objects at once (:func:`vault.queue.sync_files`): about one
 #: per object of a batch that lost one shard per segment.
 FSYNC_THREADS = BATCH_SEGMENTS
@@ -98,11 +107,12 @@ def keep_rebuild_buffers() -> None:
     """For a command process about to run :func:`repair` (not the mount's daemon): buffers up
     to 2 MiB (a shard object of a 4 MiB segment and the fragments around it) are reused from
     the heap, which keeps at most 32 MiB free at its top, in two malloc arenas for all the
-    threads (a rebuild worker's segment takes ~20 MiB of buffers at once). Measured on 192 MB
-    rebuilt, against 8 MiB kept in an arena per thread: 210,000–360,000 minor page faults
-    down to 79,000–102,000 (half of them the imports and the keyfile's scrypt), ~12% less
-    CPU time, and a lower peak RSS (179 MB, which the keyfile's 128 MiB scrypt sets, against
-    200–218 MB; docs/benchmarks.md, "audit")."""
+    threads. Measured when the rebuild ran on this process's threads (192 MB rebuilt, against
+    8 MiB kept in an arena per thread): 210,000–360,000 minor page faults down to
+    79,000–102,000, ~12% less CPU time, a lower peak RSS (docs/benchmarks.md, "audit"). The
+    rebuild workers are processes now (:data:`REBUILDERS`, which tune their own malloc as the
+    sealers do); this process still unlocks the keyfile (scrypt's 128 MiB), stages sources
+    and rebuilds the segments a worker gives back (:func:`_rebuild_widened`)."""
     keep_freed_buffers(2 << 20, 32 << 20, arenas=2)
 
 
@@ -261,17 +271,32 @@ class _Fetcher:
     def fetch(self, wanted: Sequence[ShardRef], into: Path) -> dict[str, segment.Body | str]:
         """Bodies of the wanted shards, by name, unverified, each read only up to the size the
         index records (:func:`restore.read_object`; a name mapped to a ``str`` was refused for
-        the reason given); those not had are left out. A queued shard is read from the queue
-        only, none from a remote known down; a plain local-directory remote's objects are read
-        where they lie (as restore does, :data:`restore.READ_IN_PLACE`), the others' are
-        downloaded into ``into`` first, one transfer per remote."""
+        the reason given); those not had are left out. Where they come from:
+        :meth:`locate`; a downloaded file is removed once read."""
         got: dict[str, segment.Body | str] = {}
+        sizes = {ref.name: ref.tag.size for ref in wanted}
+        for name, p in self.locate(wanted, into).items():
+            got[name] = read_object(p, sizes[name])
+            if p.is_relative_to(into):
+                p.unlink(missing_ok=True)
+        return got
+
+    def locate(self, wanted: Sequence[ShardRef], into: Path) -> dict[str, Path]:
+        """Where the wanted shards can be read, by name: a queued shard in the local queue
+        only, none from a remote known down; a plain local-directory remote's objects where
+        they lie (as restore reads them, :data:`restore.READ_IN_PLACE`), the others'
+        downloaded into ``into`` first, one transfer per remote (the caller removes
+        ``into``); the objects not had are left out. Nothing is read or verified here (a
+        rebuild worker reads each object itself, :func:`restore.read_object`, which says why
+        a file will not do); the bytes counted as fetched are those of the files found at the
+        size the index records."""
+        got: dict[str, Path] = {}
         per_remote: dict[int, list[ShardRow]] = defaultdict(list)
         for ref in wanted:
             sh: ShardRow = ref.tag
             q = self.vault.queue_dir / f"r{sh.remote}" / sh.kind / sh.name
             if sh.state == "queued" and q.exists():
-                got[sh.name] = read_object(q, sh.size)
+                got[sh.name] = q
             elif sh.remote not in self.down:
                 per_remote[sh.remote].append(sh)
 
@@ -295,15 +320,16 @@ class _Fetcher:
                         self.report.errors[self.labels[rid]] = e.message
             for s in shards:
                 p = here / s.kind / s.name if here is not None else d / s.name
-                if here is None and not p.exists():
-                    continue
-                body = read_object(p, s.size)
-                if here is None:
-                    p.unlink()
+                try:
+                    size = p.stat().st_size
+                except OSError:
+                    if here is None:
+                        continue  # not downloaded: missing, for no reason known here
+                    size = -1
                 with self.lock:
-                    if not isinstance(body, str):
+                    if size == s.size:
                         self.report.bytes_fetched += s.size
-                    got[s.name] = body
+                    got[s.name] = p
 
         with ThreadPoolExecutor(max_workers=max(1, len(per_remote))) as ex:
             list(ex.map(pull, per_remote.items()))
@@ -311,18 +337,14 @@ class _Fetcher:
 
 
 class _SegmentShards:
-    """The transport for one segment's rebuild: the objects its batch fetched ahead, then the
-    fetcher, one round at a time."""
+    """This process's transport for one segment's rebuild: the fetcher, one round at a time,
+    downloading into ``into``."""
 
-    def __init__(self, fetcher: _Fetcher, ahead: dict[str, segment.Body | str], into: Path) -> None:
-        self.fetcher, self.ahead, self.into = fetcher, ahead, into
+    def __init__(self, fetcher: _Fetcher, into: Path) -> None:
+        self.fetcher, self.into = fetcher, into
 
     def fetch(self, refs: Sequence[ShardRef]) -> dict[str, segment.Body | str]:
-        got = {r.name: self.ahead.pop(r.name) for r in refs if r.name in self.ahead}
-        rest = [r for r in refs if r.name not in got]
-        if rest:
-            got.update(self.fetcher.fetch(rest, self.into))
-        return got
+        return self.fetcher.fetch(refs, self.into)
 
 
 def _mark_lost(vault: Vault, sh: ShardRow, kind: str, detail: str) -> None:
@@ -341,80 +363,126 @@ def _note_bad_sources(vault: Vault, fetcher: _Fetcher, lies: list[Lie]) -> None:
 
 
 @dataclass
-class _Rebuild:
-    """One segment's rebuild as a worker thread leaves it: the new shard objects, durable in
-    the queue's ``tmp/`` and not yet queued (``shards``, in ``todo`` order), the sources found
-    lying, or why the segment could not be rebuilt (``failed``)."""
+class _Job:
+    """One segment's rebuild as a worker process gets it: the segment's coding, the fragment
+    indices to rebuild, its sources (:meth:`_Fetcher.sources`) and where its batch put the
+    ones fetched ahead (:meth:`_Fetcher.locate`)."""
 
     seg_id: int
     kind: str
-    todo: list[tuple[ShardRow, str]]
+    k: int
+    n: int
+    alg: int
+    missing: list[int]
+    refs: list[ShardRef]
+    located: dict[str, Path]
+
+
+@dataclass
+class _Rebuild:
+    """One segment's rebuild as a worker leaves it: the new shard objects, written to the
+    queue's ``tmp/`` (not fsync'd, not queued; in ``missing`` order), the sources found lying,
+    or why the segment could not be rebuilt (``failed``). ``widen``: the objects fetched ahead
+    did not do, and the worker has no transport to fetch more (the parent rebuilds the
+    segment itself, :func:`_rebuild_widened`)."""
+
+    seg_id: int
     shards: list[ShardFile] = field(default_factory=list)
     lies: list[Lie] = field(default_factory=list)
     failed: str | None = None
+    widen: bool = False
 
 
-def _rebuild_segment(
-    vault: Vault,
-    seg_id: int,
-    todo: list[tuple[ShardRow, str]],
-    refs: list[ShardRef],
-    fetcher: _Fetcher,
-    tmp: Path,
-    ahead: dict[str, segment.Body | str],
-) -> _Rebuild:
-    """Rebuild the listed shards of one segment into the queue's ``tmp/``, not yet fsync'd
-    (:func:`_rebuild_all` fsyncs a batch's objects together), from its sources ``refs``
-    (:meth:`_Fetcher.sources`). Runs on a worker thread: it reads the index and fetches,
-    never writes the index (the batch's :func:`_commit_batch` does). ``ahead`` holds shard
-    objects its batch fetched already (:func:`shardreader.choose` of each segment); the
-    shard reader fetches more as it needs.
+class _Widen(Exception):
+    """A rebuild worker needs a shard its batch did not fetch ahead."""
+
+
+class _Located:
+    """A worker's transport: the objects its batch located, read here with
+    :func:`restore.read_object`; asking for any other raises :class:`_Widen`."""
+
+    def __init__(self, located: dict[str, Path]) -> None:
+        self.located = located
+
+    def fetch(self, refs: Sequence[ShardRef]) -> dict[str, segment.Body | str]:
+        if any(r.name not in self.located for r in refs):
+            raise _Widen
+        return {r.name: read_object(self.located[r.name], r.tag.size) for r in refs}
+
+
+#: A rebuild worker's (audit key, queue tmp directory), set by :func:`_worker_init`.
+_worker: tuple[bytes, Path] | None = None
+
+
+def _worker_init(audit_key: bytes, tmp: Path) -> None:
+    global _worker
+    _worker = (audit_key, tmp)
+
+
+def _rebuild_job(job: _Job) -> _Rebuild:
+    """In a rebuild worker (:data:`REBUILDERS`): rebuild one segment's missing shards from the
+    objects its batch fetched ahead, into the queue's ``tmp/``, not yet fsync'd
+    (:func:`_rebuild_all` fsyncs a batch's objects together). Reads only files: never the
+    index, never a remote."""
+    assert _worker is not None
+    audit_key, tmp = _worker
+    try:
+        return _rebuild(job, _Located(job.located), audit_key, tmp)
+    except _Widen:
+        return _Rebuild(job.seg_id, widen=True)
+
+
+def _rebuild(job: _Job, transport: Transport, audit_key: bytes, tmp: Path) -> _Rebuild:
+    """Rebuild the shards ``job.missing`` of one segment from its sources through
+    ``transport``, into ``tmp`` (not fsync'd).
 
     Only the missing fragments are reconstructed (:func:`shardreader.rebuild_fragments`), and
     only the new objects get audit tags. A rebuilt object gets a new name and so a new
     whitening (docs/format.md 7.1): new bytes, hash, Merkle leaves and audit tags."""
-    g = segment_table.geometry(vault.index, seg_id)
-    assert g is not None
-    kind, k, n, alg = g[0], g[2], g[3], g[5]
-    audit_key = vault.keys.audit_key
-    out = _Rebuild(seg_id, kind, todo)
+    out = _Rebuild(job.seg_id)
     try:
         got = rebuild_fragments(
-            refs,
-            k,
-            n,
-            [sh.idx for sh, _r in todo],
-            _SegmentShards(fetcher, ahead, tmp),
-            f"{kind} segment {seg_id}",
-            alg=alg,
+            job.refs,
+            job.k,
+            job.n,
+            job.missing,
+            transport,
+            f"{job.kind} segment {job.seg_id}",
+            alg=job.alg,
             audit_key=audit_key,
         )
     except (ShardsUnavailable, ShardsUndecodable) as e:
         out.lies, out.failed = e.lies, e.message
-        if n == 1:  # docs/format.md 7.5: one copy, no other fragment exists anywhere
+        if job.n == 1:  # docs/format.md 7.5: one copy, no other fragment exists anywhere
             out.failed += (
                 ": a 1-of-1 segment is one copy and cannot be rebuilt; restore it from "
                 "another tier or a live copy (--source)"
             )
         return out
     out.lies = got.lies
-    for sh, _reason in todo:
+    for idx in job.missing:
         name = segment.new_name()
-        st = segment.stored_shard(sh.idx, name, got.fragments[sh.idx], audit_key)
-        write_durable(vault.queue.tmp / name, st.body, fsync=False)  # the batch's sync_files
+        st = segment.stored_shard(idx, name, got.fragments[idx], audit_key)
+        write_durable(tmp / name, st.body, fsync=False)  # the batch's sync_files
         tags = piece_tags(audit_key, st.body, st.blocks)
-        out.shards.append(ShardFile(sh.idx, name, len(st.body), st.hash, st.blocks, st.root, tags))
+        out.shards.append(ShardFile(idx, name, len(st.body), st.hash, st.blocks, st.root, tags))
     return out
+
+
+def _rebuild_widened(vault: Vault, job: _Job, fetcher: _Fetcher, into: Path) -> _Rebuild:
+    """Rebuild a segment a worker gave back (``widen``) on this thread, fetching its sources
+    again and more as the shard reader needs them (rare: a source fetched ahead was missing
+    or corrupt)."""
+    return _rebuild(job, _SegmentShards(fetcher, into), vault.keys.audit_key, vault.queue.tmp)
 
 
 @dataclass
 class _Batch:
-    """A batch's sources as its download leaves them: the staging directory ``dir``, each
-    segment's source refs (:meth:`_Fetcher.sources`), and the objects fetched ahead."""
+    """A batch as its download leaves it: the staging directory ``dir`` and each segment's
+    job with the objects located for it, beside the shards it rebuilds."""
 
     dir: Path
-    refs: dict[int, list[ShardRef]]
-    objects: dict[str, segment.Body | str]
+    jobs: list[tuple[_Job, list[tuple[ShardRow, str]]]]
 
 
 @dataclass
@@ -430,6 +498,8 @@ class _Queued:
 
 def _enqueue(
     vault: Vault,
+    job: _Job,
+    todo: list[tuple[ShardRow, str]],
     rb: _Rebuild,
     fetcher: _Fetcher,
     report: RepairReport,
@@ -447,17 +517,17 @@ def _enqueue(
         return []
     holders = segment_table.holders(vault.index, rb.seg_id)
     out: list[_Queued] = []
-    for (sh, reason), sf in zip(rb.todo, rb.shards, strict=True):
+    for (sh, reason), sf in zip(todo, rb.shards, strict=True):
         tgt = _choose_target(vault, rb.seg_id, sh.idx, holders, active, fetcher.down, prefer)
         if tgt is None:
             report.unrecoverable.append(
-                f"{rb.kind} segment {rb.seg_id}: no reachable remote to hold it"
+                f"{job.kind} segment {rb.seg_id}: no reachable remote to hold it"
             )
             for left in rb.shards[len(out) :]:
                 (vault.queue.tmp / left.name).unlink(missing_ok=True)
             break
         holders.append(tgt)
-        kind = segment.KIND_DATA if rb.kind == "data" else segment.KIND_META
+        kind = segment.KIND_DATA if job.kind == "data" else segment.KIND_META
         vault.queue.enqueue(kind, [sf], [tgt], dirs)
         out.append(_Queued(rb.seg_id, sh, reason, sf, tgt))
     return out
@@ -608,6 +678,7 @@ def repair(
     wrap: Callable[[object], object] | None = None,
     progress: Callable[[int], None] | None = None,
     sources: list[Path] | None = None,
+    background: bool = False,
 ) -> RepairReport:
     """Rebuild every live segment below full redundancy; see the module docstring.
 
@@ -616,7 +687,8 @@ def repair(
     chunks it held from them (matched by keyed chunk id, so only identical bytes qualify).
 
     ``prefer`` is a remote id that wins ties when placing rebuilt shards (`remote replace`).
-    ``dry_run`` scans and plans, and changes nothing else.
+    ``dry_run`` scans and plans, and changes nothing else. ``background``: the mount daemon's
+    maintenance, whose CPU work must yield to the foreground (:func:`_workers`).
     """
     t0 = time.monotonic()
     report = RepairReport(dry_run)
@@ -641,7 +713,7 @@ def repair(
 
     report.retargeted_queued = _retarget_queued(vault, removed, prefer)
     fetcher = _Fetcher(vault, set(down), wrap, report)
-    old_objects = _rebuild_all(vault, plan, fetcher, report, prefer, active, progress)
+    old_objects = _rebuild_all(vault, plan, fetcher, report, prefer, active, progress, background)
     report.segments = len(plan)
     if report.unrecoverable_segments:
         old_objects += _heal_from_source(vault, report, sources or [])
@@ -711,6 +783,20 @@ def _dry_run(
     ]
 
 
+def _workers(vault: Vault, background: bool) -> Executor:
+    """The rebuild workers: :data:`REBUILDERS` processes (:func:`sealer.worker_pool`), at nice
+    :data:`BACKGROUND_NICE` and from a clean server process for ``background`` work (the mount
+    daemon's maintenance: its FUSE side keeps the CPU first, and its threads may hold library
+    locks a plain fork would copy); with ``VAULTFS_REBUILDERS=0``, one thread of this
+    process, running the same jobs."""
+    args = (vault.keys.audit_key, vault.queue.tmp)
+    if REBUILDERS <= 0:
+        _worker_init(*args)
+        return ThreadPoolExecutor(1, thread_name_prefix="vaultfs-rebuild")
+    nice = BACKGROUND_NICE if background else None
+    return worker_pool(REBUILDERS, _worker_init, args, nice=nice, clean=background)
+
+
 def _rebuild_all(
     vault: Vault,
     plan: dict[int, list[tuple[ShardRow, str]]],
@@ -719,17 +805,19 @@ def _rebuild_all(
     prefer: int | None,
     active: list[tuple[int, str, str]],
     progress: Callable[[int], None] | None,
+    background: bool,
 ) -> list[tuple[str, int]]:
     """Rebuild the planned shards into the queue, most-at-risk segment first. A bounded
     pipeline of batches of :data:`BATCH_SEGMENTS` segments (the first of :data:`FIRST_BATCH`),
-    each committed as soon as it is rebuilt: one thread downloads the sources
-    of the next batch, :data:`REBUILD_THREADS` workers rebuild the segments of this one
-    (:func:`_rebuild_segment`), and this thread, once the whole batch is rebuilt, fsyncs its
+    each committed as soon as it is rebuilt: one thread locates (downloads, where the remote
+    is not a local directory) the sources of the next batch, the worker processes
+    (:func:`_workers`) rebuild the segments of this one from those files
+    (:func:`_rebuild_job`), and this thread, once the whole batch is rebuilt, fsyncs its
     new objects all at once on :data:`FSYNC_THREADS` threads (they share journal commits),
     queues them and commits the batch in one transaction (:func:`_commit_batch`; invariant
     7), then starts uploading it in the background (:meth:`Vault.prepush`). One batch
-    downloads while at most two are rebuilt or committed, which bounds the source objects
-    held in memory.
+    downloads while at most two are rebuilt or committed, which bounds the staged objects;
+    the workers hold one segment's objects each.
     Returns (old path, old remote) of objects to delete once the new ones are placed."""
     old_objects: list[tuple[str, int]] = []
     with tempfile.TemporaryDirectory(prefix="vaultfs-repair-") as tmp:
@@ -743,37 +831,52 @@ def _rebuild_all(
             # one transfer per remote for the whole batch: k sources per segment
             d = Path(tmp) / f"b{bi}"
             d.mkdir()
-            refs = {
-                seg_id: fetcher.sources(seg_id, {sh.id for sh, _r in todo})
-                for seg_id, todo in batches[bi]
-            }
-            firsts = [ref for r in refs.values() for ref in choose(r, vault.k)]
-            return _Batch(d, refs, fetcher.fetch(firsts, d))
+            jobs: list[tuple[_Job, list[tuple[ShardRow, str]]]] = []
+            for seg_id, todo in batches[bi]:
+                g = segment_table.geometry(vault.index, seg_id)
+                assert g is not None
+                refs = fetcher.sources(seg_id, {sh.id for sh, _r in todo})
+                missing = [sh.idx for sh, _r in todo]
+                jobs.append((_Job(seg_id, g[0], g[2], g[3], g[5], missing, refs, {}), todo))
+            located = fetcher.locate([r for j, _t in jobs for r in choose(j.refs, j.k)], d)
+            for j, _t in jobs:
+                j.located = {r.name: located[r.name] for r in j.refs if r.name in located}
+            return _Batch(d, jobs)
 
-        def finish(d: Path, futures: list[Future[_Rebuild]]) -> None:
+        def finish(batch: _Batch, futures: list[Future[_Rebuild]]) -> None:
             dirs: set[Path] = set()
             queued: list[_Queued] = []
-            done = [f.result() for f in futures]
+            try:
+                done = [f.result() for f in futures]
+            except BrokenProcessPool:
+                raise VaultError(
+                    "a rebuild worker process died (killed, or out of memory): nothing of "
+                    "its batch was recorded; run `vaultfs repair` again to finish"
+                ) from None
+            done = [
+                _rebuild_widened(vault, job, fetcher, batch.dir) if rb.widen else rb
+                for (job, _t), rb in zip(batch.jobs, done, strict=True)
+            ]
             # invariant 7: the batch's objects are durable before their transaction, and
             # before they leave tmp/ (a background push may move a queue directory away)
             sync_files([vault.queue.tmp / sf.name for rb in done for sf in rb.shards], syncer)
-            for rb in done:
-                queued += _enqueue(vault, rb, fetcher, report, prefer, active, dirs)
+            for (job, todo), rb in zip(batch.jobs, done, strict=True):
+                queued += _enqueue(vault, job, todo, rb, fetcher, report, prefer, active, dirs)
                 if progress:
                     progress(1)
             old_objects.extend(_commit_batch(vault, queued, dirs, fetcher, report))
-            shutil.rmtree(d, ignore_errors=True)
+            shutil.rmtree(batch.dir, ignore_errors=True)
             if queued:  # upload this batch while the next ones are rebuilt
                 vault.prepush()
 
         with (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaultfs-fetch") as pre,
-            ThreadPoolExecutor(REBUILD_THREADS, thread_name_prefix="vaultfs-rebuild") as work,
+            _workers(vault, background) as work,
             ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="vaultfs-fsync") as syncer,
         ):
             nxt = pre.submit(download, 0) if batches else None
-            flight: deque[tuple[Path, list[Future[_Rebuild]]]] = deque()
-            for bi, batch in enumerate(batches):
+            flight: deque[tuple[_Batch, list[Future[_Rebuild]]]] = deque()
+            for bi in range(len(batches)):
                 assert nxt is not None
                 # a batch rebuilt while the next one downloads is committed at once, so its
                 # upload starts then (the rebuilt remote's link is the repair's bound)
@@ -785,24 +888,7 @@ def _rebuild_all(
                     wait([nxt, *busy], return_when=FIRST_COMPLETED)
                 got = nxt.result()
                 nxt = pre.submit(download, bi + 1) if bi + 1 < len(batches) else None
-                flight.append(
-                    (
-                        got.dir,
-                        [
-                            work.submit(
-                                _rebuild_segment,
-                                vault,
-                                seg_id,
-                                todo,
-                                got.refs[seg_id],
-                                fetcher,
-                                got.dir,
-                                got.objects,
-                            )
-                            for seg_id, todo in batch
-                        ],
-                    )
-                )
+                flight.append((got, [work.submit(_rebuild_job, job) for job, _t in got.jobs]))
                 if len(flight) > 1:
                     finish(*flight.popleft())
             while flight:
@@ -942,14 +1028,15 @@ def _guard_removal(vault: Vault, rid: int) -> None:
         raise NotEnoughRemotes("cannot remove the vault's last remote: add another one first")
 
 
-def remove_remote(vault: Vault, name: str, wrap=None) -> RepairReport:
+def remove_remote(vault: Vault, name: str, wrap=None, background: bool = False) -> RepairReport:
     """Take a remote out of the vault: rebuild its shards on the others, then delete what it
-    held (best effort; an unreachable remote keeps its encrypted objects)."""
+    held (best effort; an unreachable remote keeps its encrypted objects). ``background``:
+    as :func:`repair`'s."""
     rid, spec = find_remote(vault, name)
     _guard_removal(vault, rid)
     with vault.index.tx() as db:
         remote_table.remove(db, rid)
-    report = repair(vault, wrap=wrap)
+    report = repair(vault, wrap=wrap, background=background)
     if report.unrecoverable:
         return report
     segment_table.release_departed(vault.index, rid)
@@ -967,11 +1054,16 @@ def remove_remote(vault: Vault, name: str, wrap=None) -> RepairReport:
 
 
 def replace_remote(
-    vault: Vault, old: str, new: str, domain: str | None = None, wrap=None
+    vault: Vault,
+    old: str,
+    new: str,
+    domain: str | None = None,
+    wrap=None,
+    background: bool = False,
 ) -> RepairReport:
     """Swap remote ``old`` (e.g. a provider that shut down) for the empty remote ``new``: the new
     one takes the old one's position and failure domain, and the old one's shards are rebuilt
-    onto it from the others (queued ones are moved)."""
+    onto it from the others (queued ones are moved). ``background``: as :func:`repair`'s."""
     rid, _spec = find_remote(vault, old)
     new = lock_spec(new, vault.params.object_lock)
     Remote(new)
@@ -982,7 +1074,7 @@ def replace_remote(
         # an old remote with no named domain was its own (``remote<id>``): the new one keeps it
         nid = remote_table.add(db, new, pos, domain or dom or f"remote{rid}")
         remote_table.forget_health(db, rid)
-    report = repair(vault, prefer=nid, wrap=wrap)
+    report = repair(vault, prefer=nid, wrap=wrap, background=background)
     if not report.unrecoverable:
         segment_table.release_departed(vault.index, rid)
     return report

@@ -45,6 +45,7 @@ sealer inline in the calling thread (no processes), for tests of a single stage 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import multiprocessing
@@ -53,7 +54,8 @@ import queue
 import secrets
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
@@ -350,6 +352,52 @@ def tune_malloc() -> None:
 
     gc.freeze()
     gc.disable()
+
+
+def _pool_worker_init(init: Callable[..., None], initargs: tuple, nice: int | None) -> None:
+    """First thing in a :func:`worker_pool` process: die with the parent, keep freed buffers,
+    leave Ctrl-C to the parent, lower the priority to ``nice`` (never raise it), then
+    ``init(*initargs)``."""
+    _set_pdeathsig()
+    tune_malloc()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if nice is not None and nice > os.getpriority(os.PRIO_PROCESS, 0):
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    init(*initargs)
+
+
+@contextlib.contextmanager
+def worker_pool(
+    processes: int,
+    init: Callable[..., None],
+    initargs: tuple = (),
+    *,
+    nice: int | None = None,
+    clean: bool = False,
+) -> Iterator[ProcessPoolExecutor]:
+    """A pool of ``processes`` worker processes for CPU work that holds the GIL (pyeclib,
+    whitening, audit tags), as an executor whose futures fit ``concurrent.futures.wait``.
+    Each worker runs :func:`_pool_worker_init` first: it dies with the parent
+    (``PR_SET_PDEATHSIG``; the pool lives inside the ``with`` block of the thread that
+    forked it), tunes malloc as a sealer does, and runs at nice ``nice`` at least (background
+    work: a worker process holds no GIL of the parent, so a lower priority cannot stall it).
+
+    Workers are forked from this process (jobs and results are pickled, the
+    ``initargs`` inherited), or with ``clean`` from a fresh single-threaded server process
+    (multiprocessing's forkserver: for a parent whose other threads may hold library locks
+    mid-call, such as the mount daemon; ``initargs`` are pickled then). A worker that dies
+    fails every pending future with ``BrokenProcessPool``. Leaving the block waits for the
+    workers; an exception leaving it cancels the jobs not started."""
+    ctx = multiprocessing.get_context("forkserver" if clean else "fork")
+    pool = ProcessPoolExecutor(
+        processes, mp_context=ctx, initializer=_pool_worker_init, initargs=(init, initargs, nice)
+    )
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def _worker_main(
