@@ -10,12 +10,11 @@ still queued for a remote that is down; 14 for a remote that is not part of the 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Column, Table
+from rich.table import Table
 
 from cli.common import (
     HomeOpt,
@@ -24,8 +23,10 @@ from cli.common import (
     advance_segments,
     app,
     err,
+    last_audit_cell,
     open_vault,
     out,
+    print_table,
     progress,
 )
 from cli.mounted import report_from, run_in_mount
@@ -45,10 +46,6 @@ def _pct(x: float | None) -> str:
     if x >= 1.0:
         return "100%"
     return f"{x * 100:.2f}%"
-
-
-def _when(t: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "never"
 
 
 @app.command()
@@ -107,7 +104,7 @@ def _print_audit(rep: verify_mod.AuditReport) -> None:
             highlight=False,
         )
     t = Table(
-        Column("remote", overflow="fold"),
+        "remote",
         "state",
         "checked",
         "missing",
@@ -130,7 +127,7 @@ def _print_audit(rep: verify_mod.AuditReport) -> None:
             _pct(r.confidence) if not r.unreachable else "-",
             f"{r.bytes_read:,} B",
         )
-    out.print(t)
+    print_table(t)
     for r in rep.remotes:
         if r.unreachable:
             err.print(
@@ -443,7 +440,7 @@ def remote_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         out.print_json(json.dumps(rows))
         return
     t = Table(
-        Column("remote", overflow="fold"),
+        "remote",
         "domain",
         "health",
         "placed",
@@ -459,6 +456,6 @@ def remote_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
             f"{r['placed_objects']} ({r['placed_bytes']:,} B)",
             f"{r['queued_objects']}",
             f"{r['lost_objects']}",
-            f"{_when(r['last_audit'])} {_pct(r['last_audit_confidence'])}",
+            last_audit_cell(r),
         )
-    out.print(t)
+    print_table(t)

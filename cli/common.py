@@ -16,6 +16,7 @@ import importlib
 import inspect
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -30,6 +31,7 @@ from vaultfs.errors import EXIT_PARTIAL, InputError, NoVault, StaleBase
 
 if TYPE_CHECKING:  # each imported where used: a command's --help needs none of them
     from rich.progress import Progress, TaskID
+    from rich.table import Table
 
     from vaultfs.keys import VaultKeys
     from vaultfs.manifest import Link
@@ -128,6 +130,38 @@ def _vaultfs() -> None:
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
+
+
+def print_table(t: Table, console: Console = out) -> None:
+    """Print ``t`` (every table the CLI shows goes through here) without ever cutting a
+    cell: at its natural width, however wide, when not a terminal (a pipe or a file has no
+    edge) or when it fits the terminal; on a terminal too narrow for it, as a list of
+    records instead (the first column's cell, then each other column's ``header: cell``
+    on a line of its own, which the terminal wraps)."""
+    from rich.measure import Measurement
+
+    natural = Measurement.get(console, console.options.update_width(1 << 20), t).maximum
+    if not console.is_terminal or natural <= console.width:
+        t.width = natural  # rich would squeeze it to the console's width (80 off a terminal)
+        console.print(t, crop=False)
+        return
+    columns = [(str(c.header), list(c.cells)) for c in t.columns]
+    for i, first in enumerate(columns[0][1] if columns else []):
+        console.print(first, highlight=False)
+        for header, cells in columns[1:]:
+            if cells[i] != "":
+                console.print(f"  {header}: ", cells[i], sep="", highlight=False)
+
+
+def last_audit_cell(r: dict) -> str:
+    """A remote's last audit as `status` and `remote list` show it: its time and the
+    confidence it reached, or "never"."""
+    if not r.get("last_audit"):
+        return "never"
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_audit"]))
+    conf = r.get("last_audit_confidence")
+    return when if conf is None else f"{when} ({conf * 100:.1f}%)"
+
 
 HomeOpt = Annotated[
     Path | None,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Column, Table
+from rich.table import Table
 
 from cli.common import (
     HomeOpt,
@@ -25,12 +25,14 @@ from cli.common import (
     app,
     err,
     home_dir,
+    last_audit_cell,
     load_strategy,
     manifest_fields,
     new_passphrase,
     newest_manifest,
     open_vault,
     out,
+    print_table,
     progress,
     redundancy_warnings,
     report_flush,
@@ -329,7 +331,7 @@ def _tier_status(s: Strategy, as_json: bool) -> None:
             _when(r["next_due"]) if r["last_success"] else "now", _ago(r["rpo_seconds"]),
             survives, r["last_error"] or "",
         )  # fmt: skip
-    out.print(t)
+    print_table(t)
     if differ:
         err.print(
             f"[yellow]{', '.join(differ)}: the vault differs from the file; `vaultfs strategy "
@@ -368,7 +370,7 @@ def snapshots(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
             f"{it['bytes']:,}",
             f"#{it['seq']}/{it['manifest_hash'] or '?'}",
         )
-    out.print(t)
+    print_table(t)
 
 
 @app.command()
@@ -383,8 +385,7 @@ def ls(
     from vaultfs.index import snapshots as snapshot_rows
 
     with open_vault(home, lock=False) as v:
-        if (found := snapshot_rows.find(v.index, snapshot)) is None:
-            raise InputError(f"snapshot {snapshot!r} not found")
+        found = snapshot_rows.require(v.index, snapshot)
         rows = snapshot_rows.entry_rows(v.index, found[0])
     rows.sort(key=lambda r: names.from_db(r[0]))  # byte order, whatever the stored form
     if path:
@@ -464,15 +465,10 @@ def status(
             since = time.strftime("%H:%M:%S", time.localtime(job["started"]))
             out.print(f"maintenance: {job['job']} running in the mount daemon since {since}")
     t = Table(
-        Column("remote", overflow="fold"), "domain", "health", "placed", "queued", "last audit",
+        "remote", "domain", "health", "placed", "queued", "last audit",
         "last error",
     )  # fmt: skip
     for r in st["remotes"]:
-        audited = "never"
-        if r.get("last_audit"):
-            audited = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_audit"]))
-            if r.get("last_audit_confidence") is not None:
-                audited += f" ({r['last_audit_confidence'] * 100:.1f}%)"
         t.add_row(
             r["remote"],
             r["domain"],
@@ -480,10 +476,10 @@ def status(
             + (f", {r['lost_objects']} lost" if r.get("lost_objects") else ""),
             f"{r['placed_objects']} ({r['placed_bytes']:,} B)",
             f"{r['queued_objects']} ({r['queued_bytes']:,} B)",
-            audited,
+            last_audit_cell(r),
             r["last_error"] or "",
         )
-    out.print(t)
+    print_table(t)
     out.print(
         f"survives {st['survives_losses_now']} failure-domain loss(es) now "
         f"({st['survives_losses_design']} once the queue is empty and every remote is healthy; "

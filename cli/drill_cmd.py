@@ -27,6 +27,7 @@ from cli.common import (
     keys_for_restore,
     load_strategy,
     out,
+    print_table,
 )
 from vaultfs import strategy, tiers
 from vaultfs.drill import SCENARIOS, DrillResult, run_drill
@@ -150,7 +151,7 @@ def _table(results: list[DrillResult]) -> None:
             "yes" if r.identical else "no",
             notes,
         )
-    out.print(t)
+    print_table(t)
     for r in results:
         for p in r.mismatched[:10]:
             err.print(f"[red]{r.scenario}: differs from the snapshot:[/] {p}", highlight=False)

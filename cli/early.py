@@ -1,9 +1,11 @@
-"""What the command line does before its heavy imports: start unlocking the keyfile.
+"""What the command line does before its heavy imports: start unlocking the keyfile (and,
+for a restore from remotes alone, the rclone daemon).
 
 Importing typer, rich, cryptography and the engine takes about as long as the keyfile's
 scrypt; scrypt releases the GIL, so starting it first lets the two overlap (vaultfs/kdf.py).
-Only the standard library is imported here. A guess that turns out wrong (another keyfile,
-another passphrase) costs one idle thread: the real unlock derives its own key.
+Only the standard library and two small engine modules (kdf, remotes) are imported here. A
+guess that turns out wrong (another keyfile, another passphrase) costs one idle thread: the
+real unlock derives its own key.
 """
 
 from __future__ import annotations
@@ -56,10 +58,16 @@ def _value(args: list[str], flag: str) -> str | None:
 
 def start(argv: list[str]) -> None:
     """Take the secrets out of the environment, then start the keyfile's scrypt if this
-    command will unlock one (vaultfs/kdf.py normalises the passphrase)."""
+    command will unlock one (vaultfs/kdf.py normalises the passphrase), and the rclone
+    daemon if its first step lists remotes (`restore --from`: vaultfs/remotes.py)."""
     take_secrets()
     passphrase = secret("VAULTFS_PASSPHRASE")
     args = argv[1:]
+    if args[:1] == ["restore"] and "--help" not in args:
+        if any(a == "--from" or a.startswith("--from=") for a in args):
+            from vaultfs.remotes import RcloneDaemon
+
+            RcloneDaemon.start_ahead()
     if not passphrase or not args or "--help" in args or "--seed-file" in args:
         return
     if secret("VAULTFS_SEED") or _NO_UNLOCK & set(args):

@@ -72,6 +72,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"mount.vaultfs: cannot read the passphrase file: {e}", file=sys.stderr)
             sys.exit(EXIT_FAILED)
         env["VAULTFS_PASSPHRASE"] = lines[0] if lines else ""
+    elif "VAULTFS_PASSPHRASE" not in env:  # mount(8) gives no terminal to ask on
+        print(
+            "mount.vaultfs: no passphrase: add passphrase_file=PATH (its first line, mode 600)"
+            " to the options, or set VAULTFS_PASSPHRASE",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_FAILED)
     if fake:
         sys.exit(0)
     cmd = [sys.executable, "-m", "cli.main", "mount", "--home", home, mountpoint]

@@ -17,7 +17,7 @@ import psycopg
 import typer
 from rich.table import Table
 
-from cli.common import HomeOpt, JsonOpt, app, err, home_dir, out
+from cli.common import HomeOpt, JsonOpt, app, err, home_dir, out, print_table
 from vaultfs.kb import db, graph
 from vaultfs.kb.schema import EDGE_TYPES
 from vaultfs.valence import database
@@ -93,7 +93,7 @@ def show(
             for e in edges:
                 t.add_row(etype, e["belief"], f"{e['weight']:.3f}", _short(e["content"]))
         if t.row_count:
-            out.print(t)
+            print_table(t)
         else:
             out.print(f"no edges {direction}")
 
@@ -173,7 +173,7 @@ def stats(dsn: DsnOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) ->
     for etype, row in st["by_type"].items():
         mean = "-" if row["mean_weight"] is None else f"{row['mean_weight']:.3f}"
         t.add_row(etype, f"{row['count']:,}", mean)
-    out.print(t)
+    print_table(t)
     d = st["degree"]
     mean = "-" if d["mean"] is None else f"{d['mean']:.2f}"
     out.print(

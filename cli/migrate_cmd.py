@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli.common import HomeOpt, JsonOpt, home_dir, out
+from cli.common import HomeOpt, JsonOpt, home_dir, out, print_table
 from vaultfs.kb import migrate as migrate_mod
 from vaultfs.valence import database
 
@@ -79,7 +79,7 @@ def migrate(
         t = Table("skipped because", "rows")
         for reason, n in rep.skipped_by_reason.items():
             t.add_row(reason, f"{n:,}")
-        out.print(t)
+        print_table(t)
     if rep.edges_inferred is not None:
         out.print(
             f"inferred {rep.edges_inferred:,} candidate edge(s) at similarity ≥ {threshold}: "

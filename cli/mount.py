@@ -234,9 +234,7 @@ def snapshot_delete(
         code = print_report(reply["report"], as_json, {"deleted": ref})
     else:
         with open_vault(home) as v:
-            found = snapshot_rows.find(v.index, ref)
-            if found is None:
-                raise InputError(f"no snapshot with id or name {ref!r}: see `vaultfs snapshots`")
+            found = snapshot_rows.require(v.index, ref)
             v.delete_snapshot(found[1])
             code = report_flush(v, as_json, {"deleted": found[1]})
     if not as_json:

@@ -32,7 +32,7 @@ from cli.common import (
 )
 from vaultfs import receipt as receipts
 from vaultfs.backends import open_backend
-from vaultfs.errors import InputError, NotEnoughRemotes
+from vaultfs.errors import InputError
 from vaultfs.index import manifests
 from vaultfs.index import snapshots as snapshot_rows
 from vaultfs.manifest import Link
@@ -58,16 +58,12 @@ def _too_few_remotes(src: ShardSource, snapshot: str, include: list[str] | None)
     except ShardsUnavailable as e:
         what = f"{', '.join(include)} of snapshot {snapshot}" if include else f"snapshot {snapshot}"
         reports = list(src.reports.values())
-        held = [r.label for r in reports if r.reachable and r.objects]
-        empty = [r.label for r in reports if r.reachable and not r.objects]
-        down = [f"{r.label} ({r.error or 'unreachable'})" for r in reports if not r.reachable]
-        raise NotEnoughRemotes(
-            f"cannot restore {what}: it needs shards from {e.need} remotes and {e.have} gave "
-            f"them intact. Holding the vault: {', '.join(held) or 'none'}"
-            + (f"; empty (lost, or the wrong path): {', '.join(empty)}" if empty else "")
-            + (f"; unreachable: {', '.join(down)}" if down else "")
-            + f". Bring back remotes (or give more --from) until {e.need} hold it and run "
-            f"again; with {e.need} back, `vaultfs repair` rebuilds the lost ones ({e.message})"
+        raise e.for_user(
+            f"restore {what}",
+            held=[r.label for r in reports if r.reachable and r.objects],
+            down=[f"{r.label} ({r.error or 'unreachable'})" for r in reports if not r.reachable],
+            empty=[r.label for r in reports if r.reachable and not r.objects],
+            more=" (or give more --from)",
         ) from None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -31,6 +32,7 @@ from cli.common import (
     open_vault,
     out,
     passphrase,
+    print_table,
 )
 from cli.mounted import mounted, run_in_mount
 from vaultfs import prune as prune_mod
@@ -133,7 +135,7 @@ def _print_forget(result: dict, decision: retention.Decision, dry_run: bool) -> 
     rows += [(s, "would forget" if dry_run else "forgotten", "") for s in decision.forget]
     for s, action, why in sorted(rows, key=lambda x: x[0].time, reverse=True):
         t.add_row(s.id, _when(s.time), s.name or "", action, why)
-    out.print(t)
+    print_table(t)
     verb = "would forget" if dry_run else "forgot"
     out.print(f"keep {len(decision.keep)} snapshot(s), {verb} {len(decision.forget)}")
     prune = result.get("prune")
@@ -369,6 +371,11 @@ def schedule_install(
     as_json: JsonOpt = False,
 ) -> None:
     """Write a systemd service and timer that run `vaultfs run` for this vault."""
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]+", name):  # systemd's unit name characters
+        raise InputError(
+            f"--name {name!r} is not a systemd unit name: use letters, digits, '-', '_', '.'"
+            " and ':' only"
+        )
     h = home_dir(home).absolute()
     span = f"{int(routine.parse_every(every))}s"  # a systemd time span, whatever words we took
     env = (env_file or h / "routine.env").absolute()

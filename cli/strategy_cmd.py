@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Column, Table
+from rich.table import Table
 
 from cli.common import (
     HomeOpt,
@@ -27,6 +27,7 @@ from cli.common import (
     new_passphrase,
     out,
     passphrase,
+    print_table,
 )
 from vaultfs import keys, tiers
 from vaultfs.errors import ConfigError, InputError
@@ -87,7 +88,7 @@ def show(
         return
     t = Table(
         "tier", "backends", "coding", "survives", "frequency", "retention", "immutable",
-        Column("home", overflow="fold"),
+        "home",
     )  # fmt: skip
     for tier in s.tiers.values():
         t.add_row(
@@ -95,7 +96,7 @@ def show(
             str(tier.survives_losses), tier.frequency_text, tier.retention_text or "-",
             "yes" if tier.immutable else "no", "-" if tier.live else str(tier.home),
         )  # fmt: skip
-    out.print(t)
+    print_table(t)
     for src in s.sources:
         out.print(f"source {src.kind}: {src.value}", highlight=False)
 

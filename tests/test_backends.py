@@ -558,3 +558,41 @@ def test_a_daemon_started_ahead_is_the_one_every_caller_gets(monkeypatch) -> Non
     with RcloneDaemon.starting():
         assert not starters()
     assert RcloneDaemon.get() is None and not dirs()
+
+
+def test_a_restore_from_remotes_starts_the_daemon_before_its_imports(monkeypatch) -> None:
+    """cli/early.py starts the rclone daemon for `restore --from` (whose first step lists
+    the remotes) on a thread while the command line still imports (RcloneDaemon.start_ahead):
+    the command's get() returns that daemon, never a second one. Other commands, a restore
+    from the home and `--help` start none there."""
+    from cli import early
+    from vaultfs.remotes import RCD_PREFIX
+
+    for name in (*early.SECRETS, "VAULTFS_PASSPHRASE_FD"):
+        monkeypatch.delenv(name, raising=False)
+    # --seed-file: nothing to unlock, so only the daemon's start is exercised
+    argv = ["vaultfs", "restore", "--from", "remote:v", "--to", "out", "--seed-file", "s"]
+    RcloneDaemon.shutdown()
+    try:
+        early.start(argv)
+        ahead = [t for t in threading.enumerate() if t.name == "vaultfs-rcd-start"]
+        d = RcloneDaemon.get()
+        if d is None:
+            pytest.skip("the rclone daemon cannot start here")
+        for t in ahead:
+            t.join()
+        assert ahead and RcloneDaemon.get() is d and d.alive()
+        assert len(list(Path(tempfile.gettempdir()).glob(f"{RCD_PREFIX}{os.getpid()}-*"))) == 1
+    finally:
+        RcloneDaemon.shutdown()
+    started: list[int] = []
+    monkeypatch.setattr(RcloneDaemon, "start_ahead", lambda: started.append(1))
+    for other in (
+        ["vaultfs", "restore", "--from", "remote:v", "--help"],
+        ["vaultfs", "restore", "--to", "out", "--seed-file", "s"],
+        ["vaultfs", "verify", "--from", "remote:v", "--seed-file", "s"],
+    ):
+        early.start(other)
+    assert not started
+    early.start(["vaultfs", "restore", "--from=remote:v", "--seed-file", "s"])
+    assert started == [1]

@@ -168,7 +168,15 @@ def test_bad_input_gets_clear_errors_and_exit_codes(tmp_path):
     fails(13, "not empty", "restore", "--to", str(tmp_path / "busy"))
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
     fails(11, "need 2", "restore", "--from", remotes[0], "--to", str(tmp_path / "o"))
-    fails(18, "not found", "restore", "--snapshot", "nope", "--to", str(tmp_path / "o2"))
+    fails(
+        18,
+        "no snapshot with id or name 'nope'",
+        "restore",
+        "--snapshot",
+        "nope",
+        "--to",
+        str(tmp_path / "o2"),
+    )
     other = tmp_path / "not-a-vault"
     other.mkdir()
     fails(11, "no manifest", "restore", "--from", str(other), "--to", str(tmp_path / "o3"))

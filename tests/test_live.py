@@ -274,6 +274,77 @@ def test_the_routine_audits_and_repairs_a_mounted_vault(live) -> None:
     assert (mp / "f.bin").stat().st_size == 2 * 1024 * 1024
 
 
+def test_commands_beside_the_mount_see_its_newest_index_state(tmp_path) -> None:
+    """The daemon's snapshot copies the index file for shipping; that copy used to drop the
+    daemon's SQLite locks (closing any descriptor of a file drops a process's POSIX locks),
+    so the next command that closed its own connection deleted the write-ahead log the daemon
+    still wrote to: `snapshots` and `status` beside the mount then missed every later commit
+    (the newest snapshot's manifest '?', the recovery point one snapshot behind)."""
+    home = tmp_path / "home"
+    remotes = [tmp_path / f"r{i}" for i in range(3)]
+    run_cli("init", "-k", "2", "-n", "3", *(x for r in remotes for x in ("--remote", str(r))), home=home)  # fmt: skip
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    run_cli("mount", str(mp), home=home)
+    try:
+        for i in range(3):
+            (mp / f"f{i}.txt").write_text(f"version {i}")
+            run_cli("snapshot", "--name", f"s{i}", home=home)
+            listed = _json(run_cli("snapshots", "--json", home=home))
+            assert [s["name"] for s in listed] == [f"s{j}" for j in range(i + 1)], listed
+            assert all(s["manifest_hash"] for s in listed), listed
+        assert (home / "index.db-wal").exists()  # the daemon's log, still the one on disk
+    finally:
+        if os.path.ismount(mp):
+            run_cli("umount", str(mp), home=home, check=None, timeout=300)
+        if os.path.ismount(mp):
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+
+
+def test_a_read_with_too_few_remotes_names_the_file_the_remotes_and_the_way_out(tmp_path) -> None:
+    """A file of a snapshot and of the live tree whose segment has fewer than k remotes left:
+    `cat` gets EIO and the mount's log says, as restore does, which file of which snapshot,
+    the remote holding the vault and the ones failing, and what to do (bring remotes back,
+    `vaultfs verify`, `vaultfs repair`), not only an internal segment."""
+    home = tmp_path / "home"
+    remotes = [tmp_path / f"r{i}" for i in range(3)]
+    run_cli("init", "-k", "2", "-n", "3", *(x for r in remotes for x in ("--remote", str(r))), home=home)  # fmt: skip
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    run_cli("mount", "--read-cache-size", "0", str(mp), home=home)
+    try:
+        (mp / "w.bin").write_bytes(os.urandom(1_200_000))
+        run_cli("snapshot", "--name", "t", home=home)
+        # a name that is not there: refused through the daemon as unmounted (it said "no
+        # snapshot with id" when given a name)
+        res = run_cli("snapshot", "delete", "nosuch", home=home, check=18)
+        assert b"no snapshot with id or name 'nosuch'" in res.stderr, res.stderr
+        # every shard placed, and a new mount: nothing of the file is left on this machine
+        run_cli("umount", str(mp), home=home, timeout=300)
+        for r in remotes[1:]:
+            shutil.rmtree(r)
+        run_cli("mount", "--read-cache-size", "0", str(mp), home=home)
+        res = subprocess.run(["cat", str(mp / ".snapshots" / "t" / "w.bin")], capture_output=True)
+        assert res.returncode != 0 and b"Input/output error" in res.stderr, res
+        log = " ".join((home / "mount.log").read_text().split())
+        assert "cannot read w.bin of snapshot t: it needs shards from 2 remotes and 1 gave" in log
+        assert f"Holding the vault: {remotes[0]};" in log, log
+        assert "; unreachable or failing: " in log, log
+        for r in remotes[1:]:  # each with the reason, in either order
+            assert f"{r} (failed to find object: object not found)" in log, log
+        assert "`vaultfs verify` names what is lost and `vaultfs repair` rebuilds it" in log
+        res = subprocess.run(["cat", str(mp / "w.bin")], capture_output=True)
+        assert res.returncode != 0 and b"Input/output error" in res.stderr, res
+        log = " ".join((home / "mount.log").read_text().split())
+        assert "cannot read w.bin (the live tree): it needs shards from 2 remotes" in log, log
+        assert os.path.ismount(mp)
+    finally:
+        if os.path.ismount(mp):
+            run_cli("umount", str(mp), home=home, check=None, timeout=300)
+        if os.path.ismount(mp):
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+
+
 def test_a_snapshot_file_pruned_while_open_is_eio_for_its_reader_only(tmp_path) -> None:
     """A reader holds a file of a snapshot that is deleted and pruned meanwhile (by hand or
     by the routine's retention): its next read of a chunk not in memory is EIO; the mount

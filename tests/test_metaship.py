@@ -55,9 +55,9 @@ def shipped_copies(monkeypatch) -> list[bytes]:
     copies: list[bytes] = []
     real = metaship.ship
 
-    def keep(index, keys, suite, segment_size, export, shipped, write, earlier=None):
+    def keep(index, keys, suite, segment_size, export, shipped, write, *more, **kw):
         copies.append(export.read_bytes())
-        return real(index, keys, suite, segment_size, export, shipped, write, earlier)
+        return real(index, keys, suite, segment_size, export, shipped, write, *more, **kw)
 
     monkeypatch.setattr(metaship, "ship", keep)
     return copies
@@ -317,6 +317,50 @@ def test_records_just_over_a_size_class_are_split_into_two_classes_not_padded_to
             pos += 1
     assert pos == 70
     assert {loc.uid for loc in got.sealed.values()} == set(written)
+
+
+def test_map_pages_fill_the_segment_below_when_no_block_record_has_to_move(tmp_path):
+    """Block records that end a few KiB under 1 MiB, and the map page that follows them: the
+    page fits in the 1 MiB segment, so one segment is written (before, the page opened a
+    256 KiB segment of its own), and every object opens from where the map says."""
+    v, _remotes = make_vault(tmp_path)
+    written: dict[bytes, bytes] = {}
+
+    def write(uid: bytes, padded: bytes):
+        written[uid] = padded
+        return len(written), [], b"\0" * 32
+
+    rng = random.Random(6)
+    with v:
+        keys, suite = v.keys, v.committer.suite
+        sample = rng.randbytes(BLOCK_SIZE)
+        record = len(
+            indexblocks.seal(
+                keys.metadata_key, keys.vault_id, object_id(keys.metadata_key, sample),
+                sample, suite,
+            )
+        )  # fmt: skip
+        # 63 whole blocks and a short one whose record ends 5,000 bytes under 1 MiB
+        last = (1 << 20) - 5000 - 64 * record + BLOCK_SIZE
+        export = tmp_path / "export.db"
+        export.write_bytes(rng.randbytes(63 * BLOCK_SIZE + last))  # incompressible
+        got = metaship.ship(
+            v.index, keys, suite, 4 << 20, export, ShippedObjects(tmp_path / "side.db"), write
+        )
+    sealed_blocks = got.stats.sealed_bytes - got.pages[0].length
+    assert sealed_blocks == (1 << 20) - 5000  # the page's bound (7.7 KiB) would pass 1 MiB
+    assert [m.size for m in got.new] == [1 << 20] and got.stats.sealed_map_pages == 1
+
+    def opened(oid: bytes, loc) -> bytes:
+        record = written[loc.uid][loc.offset : loc.offset + loc.length]
+        return indexblocks.open_record(keys.metadata_key, keys.vault_id, oid, record, suite)
+
+    data = export.read_bytes()
+    (page,) = got.pages
+    raw = opened(page.id, page)
+    for pos, (oid, loc) in enumerate(indexblocks.decode_map_page(raw)):
+        assert indexblocks.map_entry(raw, pos) == (oid, loc)  # the lazy view's one-entry read
+        assert opened(oid, loc) == data[pos * BLOCK_SIZE : (pos + 1) * BLOCK_SIZE]
 
 
 def test_an_index_with_shards_state_over_every_shard_gets_the_partial_one(tmp_path):

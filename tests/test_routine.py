@@ -148,6 +148,10 @@ def test_schedule_install_writes_units_systemd_accepts(tmp_path) -> None:
     # the schedule's own words ('daily') become a span systemd reads; nonsense is refused
     run_cli("schedule", "install", "--unit-dir", str(units), "--every", "banana", home=home,
             check=18)  # fmt: skip
+    # a unit name systemd would not take is refused in one line, nothing written
+    bad = run_cli("schedule", "install", "--unit-dir", str(units), "--name", "my run/x",
+                  home=home, check=18)  # fmt: skip
+    assert b"is not a systemd unit name" in bad.stderr and not units.exists(), bad.stderr
     daily = run_cli("schedule", "install", "--unit-dir", str(units), "--every", "daily",
                     home=home)  # fmt: skip
     assert "OnUnitInactiveSec=86400s" in (units / "vaultfs-run.timer").read_text()

@@ -83,6 +83,10 @@ def test_mount_helper_from_fstab_and_sigterm_stops_cleanly(vault, tmp_path) -> N
     env = {k: v for k, v in os.environ.items() if k != "VAULTFS_PASSPHRASE"}
     bad = _helper(str(home), str(mp), "-o", "ro_please", env=env)
     assert bad.returncode == 1 and "unknown option 'ro_please'" in bad.stderr
+    # no passphrase at all: one line naming the option, nothing started
+    bare = _helper(str(home), str(mp), "-o", "noauto", env=env)
+    assert bare.returncode == 32 and "add passphrase_file=PATH" in bare.stderr, bare.stderr
+    assert "Traceback" not in bare.stderr and not os.path.ismount(mp)
     opts = f"noauto,_netdev,x-systemd.automount,passphrase_file={secret},cache_size=16M"
     res = _helper(str(home), str(mp), "-n", "-o", opts, env=env)
     assert res.returncode == 0, res.stderr

@@ -290,8 +290,8 @@ async def _handle(fs, req: dict) -> dict:
     if cmd == "delete":  # "id": a snapshot id or name, like every command takes
         from .index import snapshots
 
-        found = snapshots.find(fs.vault.index, str(req.get("id")))
-        seq = await fs.delete_snapshot(found[1] if found else str(req.get("id")))
+        found = snapshots.require(fs.vault.index, str(req.get("id")))
+        seq = await fs.delete_snapshot(found[1])
         rep = await fs.push(seal=True)
         return {"seq": seq, "report": await _report(fs, rep)}
     if cmd == "umount":

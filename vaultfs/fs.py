@@ -44,10 +44,12 @@ from .cache import BlockCache, fsync_files, unlink_files, write_block_file
 from .chunkreader import ChunkReader, slices
 from .errors import VaultError
 from .index import manifests, segments
+from .index import snapshots as snapshot_table
 from .kb.view import VIEW_DIR, BeliefView
 from .livetree import ROOT_INODE, Journal, LiveTree, Node
-from .names import SPECIAL_TYPES
+from .names import SPECIAL_TYPES, display, from_db
 from .readcache import DEFAULT_READ_CACHE_SIZE, ReadCache
+from .shardreader import Lie, ShardsUnavailable
 from .snapview import (
     SNAPDIR_INO,
     SNAPDIR_NAME,
@@ -145,6 +147,11 @@ def raise_readahead(mountpoint: Path, kb: int = READ_AHEAD_KB) -> None:
         Path(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb").write_text(str(kb))
     except OSError as e:
         log.info("kernel read-ahead stays at its default (%s)", e)
+
+
+def _reason(lie: Lie) -> str:
+    """Why ``lie``'s shard could not be had, without the remote and object its detail names."""
+    return lie.detail.split(" failed: ", 1)[-1] if lie.detail else f"{lie.kind} shard"
 
 
 @dataclass(eq=False)
@@ -822,7 +829,7 @@ class VaultFS(pyfuse3.Operations):
         try:
             data = await self._read(fh, off, size)
         except VaultError as e:  # one reader's EIO, never the mount going down
-            log.error("read of file handle %d failed: %s", fh, e.message)
+            log.error("read of file handle %d failed: %s", fh, self._read_failed(fh, e))
             raise _err(errno.EIO) from None
         finally:
             self.read_stats["seconds"] += time.perf_counter() - t
@@ -863,9 +870,32 @@ class VaultFS(pyfuse3.Operations):
             except FileNotFoundError:  # the block was stored meanwhile: plan again
                 continue
             except VaultError as e:
-                log.error("read of inode %d failed: %s", n.ino, e.message)
+                log.error("read of file handle %d failed: %s", fh, self._read_failed(fh, e))
                 raise _err(errno.EIO) from None
         raise _err(errno.EIO)
+
+    def _read_failed(self, fh: int, e: VaultError) -> str:
+        """What the log says of a read of ``fh`` that failed with ``e``: too few shards in the
+        user's terms (the file, the remotes holding and failing, the way forward:
+        :meth:`ShardsUnavailable.for_user`, as restore says it), anything else as it is."""
+        if not isinstance(e, ShardsUnavailable):
+            return e.message
+        h = self.fhs.get(fh)
+        n = self.snaps.get(h.ino) if h and h.snap else None
+        if n is not None and n.entry is not None:
+            place = snapshot_table.entry_place(self.vault.index, n.entry)
+            path = display(from_db(place[0])) if place else "?"
+            what = f"{path} of snapshot {place[1] if place else '?'}"
+        else:
+            live = self.tree.path_of(h.ino) if h else None
+            what = f"{display(live) if live is not None else '?'} (the live tree)"
+        return e.for_user(
+            f"read {what}",
+            held=e.intact_on,
+            # a transport's detail repeats the remote and the object ("R: read X failed: why")
+            down=[f"{lie.ref.holder} ({_reason(lie)})" for lie in e.lies],
+            again="read it again",
+        ).message
 
     def _read_ahead(self, h: Handle, n: Node | SNode, off: int, size: int) -> None:
         """Detect sequential reads on ``h`` and start fetching the chunks ahead of them."""

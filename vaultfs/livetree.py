@@ -348,6 +348,11 @@ class LiveTree:
                     stack.append((path, n))
         return out
 
+    def path_of(self, ino: int) -> bytes | None:
+        """A relative path of ``ino`` (one of them for a hard link), None if no directory
+        holds it. Walks the whole tree: for messages on a rare error path only."""
+        return next((path for path, n in self.walk() if n.ino == ino), None)
+
 
 class Journal:
     """Writes the tree's dirty state to the index in the background (group commit).

@@ -107,9 +107,7 @@ def make(v: Vault, snapshot: str) -> dict:
     """Build and sign a receipt for ``snapshot`` (id, name or 'latest')."""
     if v.keys.slhdsa_secret is None:
         raise InputError("this vault has no SLH-DSA key yet: run `vaultfs keys init` first")
-    found = snapshots.find(v.index, snapshot)
-    if found is None:
-        raise InputError(f"snapshot {snapshot!r} not found (see `vaultfs snapshots`)")
+    found = snapshots.require(v.index, snapshot)
     uid, name, created, seq, root, files, size = snapshots.details(v.index, found[0])
     st = v.status()
     remotes = []

@@ -353,17 +353,17 @@ class RcloneDaemon:
         atexit.register(self.stop)
 
     @classmethod
-    @contextlib.contextmanager
-    def starting(cls) -> Iterator[None]:
-        """Start the daemon on a thread for the ``with`` block, so its start-up (a Go
+    def start_ahead(cls) -> threading.Thread | None:
+        """Start the daemon on a thread and return it, so the daemon's start-up (a Go
         process, its configuration, a first answer: about 0.1 s) overlaps work that needs no
-        remote, such as the keyfile's scrypt; the block's end waits for that start. A start
-        that failed is tried again by the next :meth:`get`, which reports it. Nothing is
-        started when ``VAULTFS_RCD=0`` or a daemon runs already. No thread outlives the
-        block, so a fork after it (the sealers) inherits no lock held mid-call."""
+        remote: the command line's imports (cli/early.py, for a `restore --from`, whose first
+        step lists the remotes) or the keyfile's scrypt (:meth:`starting`). A :meth:`get`
+        meanwhile returns the same daemon (never a second one); a start that failed is tried
+        again by the next get(), which reports it. The thread ends once the daemon answered;
+        a fork must come after that (after a get() returned), so it inherits no lock held
+        mid-call. None (nothing started) when ``VAULTFS_RCD=0`` or a daemon runs already."""
         if os.environ.get("VAULTFS_RCD", "1") == "0" or cls._instance is not None:
-            yield
-            return
+            return None
 
         def start() -> None:
             with contextlib.suppress(Exception):  # the next get() says what failed
@@ -371,10 +371,20 @@ class RcloneDaemon:
 
         thread = threading.Thread(target=start, name="vaultfs-rcd-start", daemon=True)
         thread.start()
+        return thread
+
+    @classmethod
+    @contextlib.contextmanager
+    def starting(cls) -> Iterator[None]:
+        """:meth:`start_ahead` for the ``with`` block, whose end waits for that start: no
+        thread outlives the block, so a fork after it (the sealers) inherits no lock held
+        mid-call."""
+        thread = cls.start_ahead()
         try:
             yield
         finally:
-            thread.join()
+            if thread is not None:
+                thread.join()
 
     @classmethod
     def shutdown(cls) -> None:

@@ -1018,24 +1018,32 @@ def map_page(
     """Page ``i`` of the block map ``desc`` names: the (object id, location) of blocks
     ``128·i`` on, checked against its id and its length (docs/format.md 9). The one answer to
     "where is block j" (page ``j // 128``, entry ``j % 128``) for both ways of reading an
-    index: :func:`fetch_index` and the lazy view (:func:`open_lazy_index`)."""
+    index: :func:`fetch_index` and the lazy view (:func:`open_lazy_index`, which keeps the
+    pages' bytes instead: :func:`map_page_bytes`)."""
+    return indexblocks.decode_map_page(map_page_bytes(segs, desc, i))
+
+
+def map_page_bytes(segs: _IndexSegments, desc: manifest.IndexDescription, i: int) -> bytes:
+    """The plaintext of page ``i`` of the block map, checked as :func:`map_page` says: whole
+    entries, as many as the blocks from ``128·i`` on (read one with
+    :func:`indexblocks.map_entry`)."""
     blocks = indexblocks.block_count(desc.length, desc.block_size)
     if len(desc.map) != indexblocks.map_pages(desc.length, desc.block_size):
         raise IntegrityError("the manifest's index map does not cover the index length")
     page = desc.map[i]
-    entries = indexblocks.decode_map_page(
-        segs.object(page.id, Location(page.uid, page.offset, page.length))
-    )
+    data = segs.object(page.id, Location(page.uid, page.offset, page.length))
     first = i * indexblocks.MAP_FANOUT
-    if len(entries) != min(indexblocks.MAP_FANOUT, blocks - first):
-        raise IntegrityError(f"index map page {i} lists {len(entries)} blocks")
-    return entries
+    count, odd = divmod(len(data), indexblocks.ENTRY.size)
+    if odd or count != min(indexblocks.MAP_FANOUT, blocks - first):
+        raise IntegrityError(f"index map page {i} of {len(data)} bytes is not its blocks' entries")
+    return data
 
 
 #: Bytes of decoded meta segments the lazy view keeps (a record that no range read delivers
 #: costs its whole segment, once).
 SEGMENT_CACHE_BYTES = 16 << 20
-#: Map pages the lazy view keeps decoded (7 KiB each).
+#: Map pages the lazy view keeps, as their bytes (7 KiB each: 1.75 MiB at most; decoded into
+#: Python objects a page took ~40 KiB, 4 MiB of a full restore's memory at 16 GiB).
 MAP_PAGES_KEPT = 256
 #: Bytes of a shard object before the segment bytes it holds: our header, then
 #: liberasurecode's (docs/format.md 7.1, 7.2).
@@ -1182,24 +1190,24 @@ class _IndexSegments:
 
 
 class _LazyBlocks:
-    """``read_block`` of the lazy view: block j's entry from its map page (:func:`map_page`,
-    :data:`MAP_PAGES_KEPT` pages kept), then the block itself, checked against its id."""
+    """``read_block`` of the lazy view: block j's entry from its map page
+    (:func:`map_page_bytes`, :data:`MAP_PAGES_KEPT` pages kept), then the block itself,
+    checked against its id."""
 
     def __init__(self, segs: _IndexSegments, desc: manifest.IndexDescription) -> None:
         self.segs, self.desc = segs, desc
-        self.pages: OrderedDict[int, list[tuple[bytes, Location]]] = OrderedDict()
+        self.pages: OrderedDict[int, bytes] = OrderedDict()
 
     def __call__(self, j: int) -> bytes:
         p, at = divmod(j, indexblocks.MAP_FANOUT)
         page = self.pages.get(p)
         if page is None:
-            page = self.pages[p] = map_page(self.segs, self.desc, p)
+            page = self.pages[p] = map_page_bytes(self.segs, self.desc, p)
             while len(self.pages) > MAP_PAGES_KEPT:
                 self.pages.popitem(last=False)
         else:
             self.pages.move_to_end(p)
-        oid, loc = page[at]
-        return self.segs.object(oid, loc)
+        return self.segs.object(*indexblocks.map_entry(page, at))
 
 
 def open_lazy_index(
@@ -1522,10 +1530,7 @@ def _entries(
     """(uid, entries to restore) of ``snapshot`` (uid, name or 'latest'), cut to ``include``;
     raises before anything is written for a missing snapshot, an unsafe name, an unknown
     entry type, or (``each_include``) an include that matches nothing."""
-    row = snapshots.find(index, snapshot)
-    if row is None:
-        raise InputError(f"snapshot {snapshot!r} not found (see `vaultfs snapshots`)")
-    snap_id, snap_uid = row
+    snap_id, snap_uid = snapshots.require(index, snapshot)
     if include:
         inc = [i.strip("/") for i in include]
         entries = [Row.of(r) for r in snapshots.entries_on(index, snap_id, inc)]

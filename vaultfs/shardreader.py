@@ -91,18 +91,52 @@ class Rebuilt:
 class ShardsUnavailable(NotEnoughRemotes):
     """Fewer than k shards of a segment could be fetched intact; :attr:`lies` names the ones
     that failed, so the caller can still report them; ``have`` intact of the ``need`` (k)
-    wanted, for a caller that says it in the user's terms (cli/restore.py)."""
+    wanted, and ``intact_on`` the holders that gave them, for a caller that says it in the
+    user's terms (:meth:`for_user`)."""
 
     def __init__(
-        self, message: str, lies: list[Lie] | None = None, have: int = 0, need: int = 0
+        self,
+        message: str,
+        lies: list[Lie] | None = None,
+        have: int = 0,
+        need: int = 0,
+        intact_on: list[str] | None = None,
     ) -> None:
         super().__init__(message)
         self.lies = lies or []
         self.have = have
         self.need = need
+        self.intact_on = intact_on or []
 
     def __reduce__(self) -> tuple:  # crosses from restore's decoder processes intact
-        return type(self), (self.message, self.lies, self.have, self.need)
+        return type(self), (self.message, self.lies, self.have, self.need, self.intact_on)
+
+    def for_user(
+        self,
+        doing: str,
+        held: Sequence[str],
+        down: Sequence[str],
+        empty: Sequence[str] = (),
+        more: str = "",
+        again: str = "run again",
+    ) -> NotEnoughRemotes:
+        """The same refusal (exit 11) in the user's terms, the one wording of every path
+        that meets it (restore, the mount's reads): what could not be done (``doing``, e.g.
+        "restore snapshot monday"), the remotes holding the vault (``held``), found empty
+        (``empty``) and unreachable or failing (``down``, each with its reason), and the way
+        forward (bring back remotes, ``more`` ways to add one; then ``again``; `vaultfs
+        verify` names what is lost and `vaultfs repair` rebuilds it). The internal segment
+        stays at the end."""
+        need = self.need
+        return NotEnoughRemotes(
+            f"cannot {doing}: it needs shards from {need} remotes and {self.have} gave "
+            f"them intact. Holding the vault: {', '.join(held) or 'none'}"
+            + (f"; empty (lost, or the wrong path): {', '.join(empty)}" if empty else "")
+            + (f"; unreachable or failing: {', '.join(down)}" if down else "")
+            + f". Bring back remotes{more} until {need} hold it and {again}; with {need} "
+            f"back, `vaultfs verify` names what is lost and `vaultfs repair` rebuilds it "
+            f"({self.message})"
+        )
 
 
 class ShardsUndecodable(IntegrityError):
@@ -247,8 +281,13 @@ def _read(
         take(k - len(good))
     if len(good) < k:
         shards = "shard" if len(good) == 1 else "shards"
+        holders = {r.idx: r.holder for r in refs}
         raise ShardsUnavailable(
-            f"{what}: only {len(good)} intact {shards} reachable, need {k}", lies, len(good), k
+            f"{what}: only {len(good)} intact {shards} reachable, need {k}",
+            lies,
+            len(good),
+            k,
+            sorted({holders[i] for i in good}),
         )
     while True:
         try:

@@ -20,20 +20,22 @@ writes on its own opens its transaction itself.
 After every commit the index is copied (``Index.export_to``) and shipped as content-addressed
 blocks, of which only those the remotes lack are sealed and erasure-coded like data, named by a
 signed manifest (see vaultfs/vault/metaship.py and docs/design.md). ``shipped`` is the local
-sidecar that remembers which blocks are already there.
+sidecar that remembers which blocks are already there; ``exportmap`` keeps the last export's
+block map, so that the next one hashes only the blocks whose pages the write-ahead log names.
 """
 
 from __future__ import annotations
 
 import contextlib
-import shutil
+import os
 import sqlite3
 import threading
 from pathlib import Path
 
 from ..errors import IntegrityError
-from . import manifests
+from . import exportmap, manifests
 from .chunks import LOOKUP_BATCH, chunk_rows
+from .exportmap import Export
 from .schema import SCHEMA, SCHEMA_VERSION, migrate
 from .settings import VaultParams
 
@@ -53,6 +55,12 @@ __all__ = [
 ]
 
 
+#: Bytes of write-ahead log past which a transaction's end folds it into the file
+#: (:meth:`Index.fold_log`): automatic checkpoints are off, and a mount may write for a long
+#: time between two exports.
+WAL_FOLD_BYTES = 64 << 20
+
+
 class Index:
     """A thread-safe handle on the SQLite index (one connection, serialised by a lock).
 
@@ -63,9 +71,12 @@ class Index:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path) if path != ":memory:" else path
         self.lock = threading.RLock()
+        self.closed = False
         self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         try:
             self.db.execute("PRAGMA journal_mode=WAL")
+            # the log holds every page written since the last export or fold (.exportmap)
+            self.db.execute("PRAGMA wal_autocheckpoint=0")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.execute("PRAGMA trusted_schema=OFF")  # no functions from views or triggers
@@ -73,6 +84,12 @@ class Index:
         except BaseException:
             self.db.close()
             raise
+        #: a descriptor of the database file that :meth:`export_to` copies from, opened once
+        #: and closed only after the connection: closing any descriptor of a file drops
+        #: every POSIX lock this process holds on it, SQLite's included, and then another
+        #: process's closing connection deletes the write-ahead log this one still writes to
+        #: (its later commits stay invisible to everyone else, as a mounted vault's were)
+        self._copy_fd: int | None = None
 
     def upgrade(self, chunk_id_key: bytes) -> None:
         """Finish the migrations that need the vault's chunk-id key (schema 2 → 3: content
@@ -82,8 +99,20 @@ class Index:
             migrate(self.db, chunk_id_key)
 
     def close(self) -> None:
+        """Fold the write-ahead log (:meth:`fold_log`) and close; a second call does nothing.
+        A fold that fails (a full disk) is not an error of the close: SQLite's own
+        checkpoint at close then changes the file behind the map, whose stamp then makes
+        the next export hash every block."""
         with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            with contextlib.suppress(OSError, sqlite3.Error):
+                self.fold_log()
             self.db.close()
+            if self._copy_fd is not None:
+                os.close(self._copy_fd)
+                self._copy_fd = None
 
     # -- small helpers ---------------------------------------------------------------------
     def q(self, sql: str, args: tuple = ()) -> list[tuple]:
@@ -111,46 +140,135 @@ class Index:
         with self.lock:
             self.db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, str(value)))
 
-    def export_to(self, dest: Path) -> None:
+    @property
+    def export_map(self) -> Path | None:
+        """Where the map of the last export is kept (:mod:`.exportmap`); None in memory."""
+        return Path(f"{self.path}-exportmap") if isinstance(self.path, Path) else None
+
+    def export_to(self, dest: Path) -> Export:
         """Write a consistent copy of the whole database to the new file ``dest``, page for
         page: no VACUUM, so a page the next commits do not touch stays at the same offset
         with the same bytes, and the shipped copy's unchanged blocks keep their ids
         (docs/format.md 9). Holds the lock while it copies; the copy is in rollback-journal
-        mode, so the one file is the whole database.
+        mode, so the one file is the whole database. Returns which pages may differ from
+        the last export (:class:`Export`; :mod:`.exportmap`).
 
         The copy is the database file itself, once a checkpoint has moved every page of the
         write-ahead log into it (a kernel copy: at a 261 MiB index, 16 GiB of data, SQLite's
-        online backup took 1.3 s); when the checkpoint cannot finish (another connection
-        reads an older state) or a page reaches the log meanwhile, SQLite's online backup.
+        online backup took 1.3 s); the log's frame headers, read just before, name the
+        pages written since the last export or fold. When the checkpoint cannot finish
+        (another connection reads an older state) or a page reaches the log meanwhile,
+        SQLite's online backup, and every page counts as changed.
 
         Shards still ``queued`` are ``placed`` in the copy: the upload queue is this
         machine's bookkeeping, and the flush that follows every commit flips the same rows
         locally by the same same-size update, so the next commit's copy has the same page
-        bytes and does not ship the whole shards table again (docs/format.md 9)."""
+        bytes and does not ship the whole shards table again (docs/format.md 9). The update
+        runs in the copy's own log, so that its pages are known; the copy then switched to
+        rollback mode has the bytes of switching before the update (the test of that:
+        ``tests/test_metaship_exportmap.py``)."""
         with self.lock:
-            if not self._copy_checkpointed(dest):
+            prior = self._valid_export_map()
+            logged = self._copy_checkpointed(dest)
+            after = exportmap.stamp(self.path) if logged is not None else None
+            if logged is None:
+                prior = None
                 dest.unlink(missing_ok=True)
                 with contextlib.closing(sqlite3.connect(dest)) as dst:
                     dst.execute("PRAGMA synchronous=OFF")
                     self.db.backup(dst)
         with contextlib.closing(sqlite3.connect(dest, isolation_level=None)) as dst:
             dst.execute("PRAGMA synchronous=OFF")  # scratch: a crash leaves it to be deleted
-            dst.execute("PRAGMA journal_mode=DELETE")
-            dst.execute("UPDATE shards SET state='placed' WHERE state='queued'")
+            touched: set[int] = set()
+            if logged is not None:  # a copy of the WAL-mode file: update in its log
+                dst.execute("PRAGMA wal_autocheckpoint=0")
+                flipped = dst.execute(
+                    "UPDATE shards SET state='placed' WHERE state='queued'"
+                ).rowcount
+                touched = exportmap.wal_pages(Path(f"{dest}-wal"))
+                dst.execute("PRAGMA journal_mode=DELETE")
+                if flipped and 1 not in touched:
+                    # in rollback mode the update would have counted itself in the header's
+                    # change counter (in a log, only a write of page 1 does): rewrite the
+                    # user version as it is, one rollback-mode write of page 1, so that the
+                    # copy has the former bytes exactly
+                    (version,) = dst.execute("PRAGMA user_version").fetchone()
+                    dst.execute(f"PRAGMA user_version={int(version)}")
+                    touched.add(1)
+            else:
+                dst.execute("PRAGMA journal_mode=DELETE")
+                dst.execute("UPDATE shards SET state='placed' WHERE state='queued'")
+            (page_size,) = dst.execute("PRAGMA page_size").fetchone()
+        changed = frozenset()
+        if prior is not None and logged is not None:
+            changed = frozenset(logged | prior.carried | touched)
+        return Export(dest.stat().st_size, after, page_size, frozenset(touched), changed, prior)
 
-    def _copy_checkpointed(self, dest: Path) -> bool:
+    def remember_export(self, m: exportmap.ExportMap) -> None:
+        """Keep ``m`` as the map of the last export, if the index file is still the one it
+        was taken from (else the next export hashes every block)."""
+        path = self.export_map
+        if path is None:
+            return
+        with self.lock:
+            if exportmap.stamp(self.path) == m.stamp:
+                exportmap.save(path, m)
+            else:
+                exportmap.forget(path)
+
+    def _valid_export_map(self) -> exportmap.ExportMap | None:
+        """The map of the last export, when it still describes the index file (its stamp)."""
+        path = self.export_map
+        if path is None:
+            return None
+        m = exportmap.load(path)
+        if m is None or m.stamp != exportmap.stamp(self.path):
+            return None
+        (page_size,) = self.db.execute("PRAGMA page_size").fetchone()
+        return m if m.page_size == page_size else None
+
+    def fold_log(self) -> None:
+        """Empty the write-ahead log into the file (automatic checkpoints are off: see
+        :mod:`.exportmap`), first recording the pages it holds, durably, as carried by the
+        map of the last export, so that the next export still knows them; then stamp the map
+        with the file as the checkpoint left it."""
+        with self.lock:
+            m = self._valid_export_map()
+            path = self.export_map
+            if m is not None and path is not None:
+                pages = exportmap.wal_pages(Path(f"{self.path}-wal"))
+                m.carried |= pages
+                exportmap.save(path, m)
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            if m is not None and path is not None:
+                m.stamp = exportmap.stamp(self.path)
+                exportmap.save(path, m)
+
+    def _copy_checkpointed(self, dest: Path) -> set[int] | None:
         """Copy the database file to ``dest`` after a checkpoint that empties the write-ahead
-        log (under the lock: no write of this connection comes between). True when the copy
+        log (under the lock: no write of this connection comes between). Returns the pages
+        the log held (read from its frame headers just before the checkpoint) when the copy
         is whole: the log was emptied, and is still empty after the copy, so no checkpoint
-        can have written into the file while it was read (another process's, say)."""
+        can have written into the file while it was read (another process's, say); None
+        when it is not."""
         if not isinstance(self.path, Path):
-            return False
+            return None
         wal = Path(f"{self.path}-wal")
+        pages = exportmap.wal_pages(wal)
         busy, log, moved = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy or log != moved or _size(wal):
-            return False
-        shutil.copyfile(self.path, dest)
-        return not _size(wal)
+            return None
+        if self._copy_fd is None:
+            self._copy_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        size = os.fstat(self._copy_fd).st_size
+        with open(dest, "wb") as out:
+            done = 0
+            while done < size:  # at explicit offsets: the shared descriptor has no position
+                sent = os.sendfile(out.fileno(), self._copy_fd, done, size - done)
+                if sent == 0:
+                    break
+                done += sent
+        return None if done != size or _size(wal) else pages
 
 
 def _size(path: Path) -> int:
@@ -174,6 +292,12 @@ class _Tx:
         try:
             if exc_type is None:
                 self.index.db.execute("COMMIT")
+                path = self.index.path
+                if isinstance(path, Path) and _size(Path(f"{path}-wal")) > WAL_FOLD_BYTES:
+                    # the transaction is committed: a fold that fails is retried at the next
+                    # one (a stale map costs one full hashing, never a wrong id)
+                    with contextlib.suppress(OSError, sqlite3.Error):
+                        self.index.fold_log()
             else:
                 self.index.db.execute("ROLLBACK")
         finally:

@@ -7,6 +7,7 @@ import sqlite3
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from ..errors import InputError
 from ..names import DbText, from_db, is_text, raw, to_db
 
 if TYPE_CHECKING:
@@ -80,6 +81,15 @@ def find(index: Index, ref: str) -> tuple[int, str] | None:
         "SELECT id, uid FROM snapshots WHERE uid=? OR name=? ORDER BY uid=? DESC, id DESC LIMIT 1",
         (ref, ref, ref),
     )
+
+
+def require(index: Index, ref: str) -> tuple[int, str]:
+    """:func:`find`, or InputError (exit 18) naming ``ref`` and where to look: the one
+    refusal of every command given a snapshot that does not exist."""
+    found = find(index, ref)
+    if found is None:
+        raise InputError(f"no snapshot with id or name {ref!r}: see `vaultfs snapshots`")
+    return found
 
 
 def entry_rows(index: Index, snapshot: int) -> list[tuple]:
@@ -218,6 +228,15 @@ def files_in_segment(index: Index, seg_id: int) -> list[tuple[str, str]]:
         " WHERE e.content IN (SELECT x.content FROM chunks c JOIN content_chunks x"
         " ON x.chunk = c.id WHERE c.segment=?) ORDER BY s.id, e.path",
         (seg_id,),
+    )
+
+
+def entry_place(index: Index, entry_id: int) -> tuple[DbText, str] | None:
+    """(path as stored, snapshot name or else uid) of entry ``entry_id``; None if gone."""
+    return index.one(
+        "SELECT e.path, COALESCE(s.name, s.uid) FROM entries e"
+        " JOIN snapshots s ON s.id = e.snapshot WHERE e.id=?",
+        (entry_id,),
     )
 
 

@@ -41,7 +41,16 @@ from pathlib import Path
 from .. import chain, chunker, clock, indexblocks, manifest, merkle, names, segment
 from ..backends import Backend
 from ..errors import InputError, IntegrityError, NotEnoughRemotes, VaultError
-from ..index import Index, VaultParams, chunk_rows, keyring, manifests, segments, snapshots
+from ..index import (
+    Index,
+    VaultParams,
+    chunk_rows,
+    exportmap,
+    keyring,
+    manifests,
+    segments,
+    snapshots,
+)
 from ..index import contents as content_table
 from ..index import kb as kbroots
 from ..index.shipped import ShippedObjects
@@ -284,13 +293,26 @@ class Committer:
         export = self.queue.tmp / "index-export.db"  # a crash leaves it: recover() clears tmp
         export.unlink(missing_ok=True)
         try:
-            self.index.export_to(export)
+            exported = self.index.export_to(export)
             shipment = metaship.ship(
                 self.index, self.keys, self.suite, self.params.segment_size, export,
-                self.shipped, self._write_meta_segment, earlier,
+                self.shipped, self._write_meta_segment, earlier, exported=exported,
             )  # fmt: skip
         finally:
             export.unlink(missing_ok=True)
+        if exported.stamp is not None:  # the next export hashes only what changed since
+            self.index.remember_export(
+                exportmap.ExportMap(
+                    exported.stamp,
+                    exported.page_size,
+                    indexblocks.BLOCK_SIZE,
+                    self.suite,
+                    shipment.length,
+                    metaship.key_id(self.keys.metadata_key),
+                    set(exported.touched),
+                    shipment.entries,
+                )
+            )
         self._record_meta_segments(seq, shipment.new)
         return shipment
 

@@ -1,19 +1,22 @@
 """Shipping the index as content-addressed blocks (docs/format.md 9; the format is
 vaultfs/indexblocks.py).
 
-One pass over a page-identical copy of the index (:meth:`Index.export_to`): every block is
-hashed; a block whose id the sidecar (:class:`ShippedObjects`) places in a meta segment the
-newest manifest names (and that has k shards left) is referenced where it is, any other is
-sealed into a new meta segment. Then compaction, and the block map's pages, sealed likewise
-when they changed. Cost: copying and hashing the index (a read of the file, memory-bounded;
-the one term that grows with the vault, at disk and BLAKE3 speed) plus sealing and coding
-what changed.
+One pass over a page-identical copy of the index (:meth:`Index.export_to`): every block that
+may have changed since the last export is hashed, the others take their id (and place) from
+the last shipping's block map, kept locally (vaultfs/index/exportmap.py: the pages the
+write-ahead log names since then); a block whose id the sidecar (:class:`ShippedObjects`)
+places in a meta segment the newest manifest names (and that has k shards left) is
+referenced where it is, any other is sealed into a new meta segment. Then compaction, and
+the block map's pages, sealed likewise when they changed. Cost: copying the index (a kernel
+copy), hashing the blocks that changed (all of them when the map is lost or stale), a loop
+over the block map, plus sealing and coding what changed.
 
 The records sealed go into meta segments padded to size classes (powers of two, as data
 segments: remotes see a handful of sizes). Just over a class, padding would double the
 upload, so before the map pages the records that fit in the class below are closed as a
-segment of that class and the rest start the next (:meth:`_Packer.split`): at 4 GiB, a
-commit after a 1 MiB change seals 1.09 MiB, shipped as 1 MiB + 256 KiB instead of 2 MiB.
+segment of that class and the rest start the next (:meth:`_Packer.split`, which counts the
+map pages that change, not every page of the map): at 4 GiB, a commit after a 1 MiB change
+seals 1.09 MiB, shipped as 1 MiB + 256 KiB instead of 2 MiB.
 
 Compaction keeps the meta segments a manifest names bounded: a segment whose objects still in
 use fill less than half a full segment is *sparse*; while more than :data:`SPARSE_KEPT` are
@@ -33,14 +36,15 @@ descriptors listed in pages that are index objects themselves, which the manifes
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from .. import indexblocks, segment
-from ..index import Index, manifests
+from ..index import Index, exportmap, manifests
 from ..index import segments as seg_table
+from ..index.exportmap import Export
 from ..index.segments import NewShard
 from ..index.shipped import ShippedObjects
 from ..indexblocks import ENTRY, MAP_FANOUT, Location
@@ -73,6 +77,7 @@ class ShipStats:
     """What one shipping of the index cost, in index objects and record bytes."""
 
     blocks: int = 0  # blocks of the shipped file
+    hashed_blocks: int = 0  # blocks read and hashed (the others: unchanged since the last export)
     sealed_blocks: int = 0  # blocks sealed by this shipping (new or changed ones)
     map_pages: int = 0
     sealed_map_pages: int = 0
@@ -104,6 +109,7 @@ class Shipment:
     new: list[NewMetaSegment]  # meta segments written now (to record, then name)
     sealed: dict[bytes, Location] = field(default_factory=dict)  # for the sidecar
     stats: ShipStats = field(default_factory=ShipStats)
+    entries: bytes = b""  # the block map, ENTRY.size bytes per block (for the export map)
 
 
 class _Packer:
@@ -119,9 +125,10 @@ class _Packer:
         self.ends: list[int] = []  # where each record in buf ends
         self.uid = secrets.token_bytes(16)
         self.done: list[NewMetaSegment] = []
+        self.limit = segment_size  # bytes the segment being filled may hold (:meth:`split`)
 
     def add(self, record: bytes) -> Location:
-        if len(self.buf) + len(record) > self.segment_size:
+        if len(self.buf) + len(record) > self.limit:
             self.close()
         loc = Location(self.uid, len(self.buf), len(record))
         self.buf += record
@@ -134,6 +141,8 @@ class _Packer:
         2 MiB, and every byte is uploaded n/k times), write the records that fit in the size
         class just below as a segment of that class now, and keep the rest (moved to a new
         segment, which the further records join) when the two classes add up to less. Both stay in the size classes, so remotes learn nothing more.
+        When every record fits in the class below, none moves: the further records fill this
+        segment up to that class and the rest start the next one.
         Returns (old uid, cut offset, new uid) when records moved: a record at ``offset >=
         cut`` of the old uid is now at ``offset - cut`` of the new one."""
         used = len(self.buf)
@@ -142,7 +151,11 @@ class _Packer:
         if below < segment.MIN_SEGMENT or used + more <= below:
             return None
         cut = max((e for e in self.ends if e <= below), default=0)
-        if not cut or below + segment.size_class(used - cut + more, self.segment_size) >= whole:
+        rest = used + more - (below if cut == used else cut)
+        if not cut or below + segment.size_class(rest, self.segment_size) >= whole:
+            return None
+        if cut == used:
+            self.limit = below
             return None
         old = self.uid
         tail, tail_ends = bytes(self.buf[cut:]), [e - cut for e in self.ends if e > cut]
@@ -163,6 +176,7 @@ class _Packer:
         self.done.append(NewMetaSegment(seg_id, self.uid, used, len(padded), rows, root))
         self.buf, self.ends = bytearray(), []
         self.uid = secrets.token_bytes(16)
+        self.limit = self.segment_size
 
 
 def ship(
@@ -174,6 +188,7 @@ def ship(
     shipped: ShippedObjects,
     write: Callable[[bytes, bytes], tuple[int, list[NewShard], bytes]],
     earlier: Shipment | None = None,
+    exported: Export | None = None,
 ) -> Shipment:
     """Ship the index copy at ``export``: seal the objects the remotes lack into new meta
     segments (``write(uid, padded segment)`` codes and queues one, returning (segment id,
@@ -182,7 +197,11 @@ def ship(
 
     ``earlier``: a shipping of this same commit whose new segments are recorded (in the copy
     at ``export``) but named by no manifest yet; its records are reused like those of the
-    newest manifest's segments, and ``named`` lists those of its segments that hold any."""
+    newest manifest's segments, and ``named`` lists those of its segments that hold any.
+
+    ``exported``: what :meth:`Index.export_to` reported about the copy; a block it shows
+    unchanged since the last export takes its id (and, in a segment still named, its place)
+    from the last shipping's block map instead of being read and hashed."""
     key, vid, block = keys.metadata_key, keys.vault_id, indexblocks.BLOCK_SIZE
     stats = ShipStats()
     reusable = seg_table.meta_named_by(index, manifests.newest_seq(index))
@@ -203,20 +222,37 @@ def ship(
         return loc
 
     length = export.stat().st_size
+    same = _unchanged_blocks(exported, key, suite, length) if exported is not None else None
     with shipped.reader(suite) as look, export.open("rb") as f:
 
         def placed(oid: bytes) -> Location | None:
             """Where an earlier commit, or this one's earlier pass, sealed object ``oid``."""
             return prior.get(oid) or look.get(oid)
 
-        while data := f.read(block):
+        def read(i: int) -> bytes:
+            f.seek(i * block)
+            return f.read(block)
+
+        for i in range(indexblocks.block_count(length, block)):
             stats.blocks += 1
-            oid = indexblocks.object_id(key, data)
+            data: bytes | None = None
+            if same is not None and (known := same(i)) is not None:
+                oid, loc = known
+                if loc is not None and loc.uid in reusable and oid not in sealed:
+                    if oid not in counted:
+                        counted.add(oid)
+                        live[loc.uid] = live.get(loc.uid, 0) + loc.length
+                    entries += ENTRY.pack(oid, loc.uid, loc.offset, loc.length)
+                    continue
+            else:
+                data = read(i)
+                oid = indexblocks.object_id(key, data)
+                stats.hashed_blocks += 1
             loc = sealed.get(oid)
             if loc is None:
                 loc = placed(oid)
                 if loc is None or loc.uid not in reusable:
-                    loc = seal(oid, data)
+                    loc = seal(oid, data if data is not None else read(i))
                     stats.sealed_blocks += 1
                 elif oid not in counted:
                     counted.add(oid)
@@ -225,25 +261,73 @@ def ship(
         moved = _sparse_to_move(live, segment_size)
         if moved:
             stats.recopied = _recopy(entries, moved, f, block, seal)
-        npages = -(-len(entries) // (MAP_FANOUT * ENTRY.size))
-        if (cut := packer.split(npages * MAP_PAGE_RECORD)) is not None:
-            _relocate(entries, sealed, *cut)
-        pages: list[MapPage] = []
-        for p in range(0, len(entries), MAP_FANOUT * ENTRY.size):
-            raw = bytes(entries[p : p + MAP_FANOUT * ENTRY.size])
-            oid = indexblocks.object_id(key, raw)
+
+        def page_ids() -> Iterator[tuple[bytes, bytes]]:
+            """(id, bytes) of each page of the block map, in order."""
+            for p in range(0, len(entries), MAP_FANOUT * ENTRY.size):
+                raw = bytes(entries[p : p + MAP_FANOUT * ENTRY.size])
+                yield indexblocks.object_id(key, raw), raw
+
+        def kept(oid: bytes) -> Location | None:
+            """Where map page ``oid`` is sealed already and stays; None: seal it now."""
             loc = sealed.get(oid)
             if loc is None:
                 loc = placed(oid)
                 if loc is None or loc.uid not in reusable or loc.uid in moved:
-                    loc = seal(oid, raw)
-                    stats.sealed_map_pages += 1
+                    return None
+            return loc
+
+        # the pages to seal, counted (a page that changes holds a block sealed now, so moving
+        # records in the split changes no other): bounding them by every page of the map
+        # grew with the vault, and at 16 GiB (97 pages) kept a commit's 1.14 MiB of records
+        # from being split (2 MiB padded, 6.85 MiB uploaded; split, 5.60 MiB)
+        fresh = sum(kept(oid) is None for oid, _raw in page_ids())
+        if (cut := packer.split(fresh * MAP_PAGE_RECORD)) is not None:
+            _relocate(entries, sealed, *cut)
+        pages: list[MapPage] = []
+        for oid, raw in page_ids():
+            loc = kept(oid)
+            if loc is None:
+                loc = seal(oid, raw)
+                stats.sealed_map_pages += 1
             pages.append(MapPage(oid, loc.uid, loc.offset, loc.length))
     packer.close()
     uids = {uid for (_oid, uid, _o, _l) in ENTRY.iter_unpack(entries)} | {p.uid for p in pages}
     stats.map_pages, stats.segments = len(pages), len(packer.done)
     named = sorted(reusable[u][0] for u in uids if u in reusable)
-    return Shipment(length, pages, named, packer.done, sealed, stats)
+    return Shipment(length, pages, named, packer.done, sealed, stats, bytes(entries))
+
+
+def key_id(metadata_key: bytes) -> bytes:
+    """Which metadata key the ids of an export map are under: the id of an empty object."""
+    return indexblocks.object_id(metadata_key, b"")
+
+
+def _unchanged_blocks(
+    exported: Export, metadata_key: bytes, suite: int, length: int
+) -> Callable[[int], tuple[bytes, Location | None] | None] | None:
+    """For the copy ``exported`` describes: a function giving, for a block that has the
+    bytes it had in the last export, its id and (when sealed under ``suite``) where the last
+    shipping put it; None for a block that may have changed. None when the last export's
+    map is not known to describe the copy (:mod:`vaultfs.index.exportmap`): every block is
+    hashed."""
+    m = exported.prior
+    block = indexblocks.BLOCK_SIZE
+    if m is None or m.block_size != block or m.key_id != key_id(metadata_key):
+        return None
+    changed = exportmap.changed_blocks(
+        set(exported.changed), exported.page_size, block, m.length, length
+    )
+    entries, count = m.entries, len(m.entries) // ENTRY.size
+    where = m.suite == suite
+
+    def same(i: int) -> tuple[bytes, Location | None] | None:
+        if i in changed or i >= count:
+            return None
+        oid, uid, off, n = ENTRY.unpack_from(entries, i * ENTRY.size)
+        return oid, Location(uid, off, n) if where else None
+
+    return same
 
 
 def _relocate(

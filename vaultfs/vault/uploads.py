@@ -69,14 +69,6 @@ class FlushReport:
         return not any(self.pending.values()) and self.manifests_pending == 0
 
 
-#: remotes.last_error of a remote whose upload a quorum flush left running when the command
-#: ended (and the upload with it): `status` shows the remote failing until a flush succeeds
-CUT_SHORT = (
-    "the upload was still running when the command ended: what it had not placed stays "
-    "queued (`vaultfs flush` sends it)"
-)
-
-
 class UploadQueue:
     """Moves what the queue holds to the vault's remotes.
 
@@ -110,17 +102,18 @@ class UploadQueue:
 
     def close(self) -> None:
         """Wait for the background pushes of :meth:`prepush` to end; an upload a quorum
-        flush left running is not waited for (its rest stays queued, see :meth:`flush`), but
-        its outcome is recorded for `status` (remotes.last_error) at once: its error when it
-        failed by now, else that it was cut short (the command ends, and the upload with it)."""
+        flush left running is not waited for (its rest stays queued, see :meth:`flush`).
+        The outcome of such an upload that ended by now is recorded for `status`
+        (remotes.last_error); one still running is cut off with the command and records
+        nothing: a slow remote is behind (its queue shows it), not failing."""
         with self._lock:
             waits = [t for rid, t in self._inflight.items() if rid not in self._left]
             left = {rid: t for rid, t in self._inflight.items() if rid in self._left}
         for t in waits:
             t.join()
         for rid, t in left.items():
-            msg = CUT_SHORT if t.is_alive() else self._left_results.get(rid)
-            remote_table.record_result(self.index, rid, msg)
+            if not t.is_alive() and rid in self._left_results:
+                remote_table.record_result(self.index, rid, self._left_results[rid])
 
     #: remote ids whose upload a quorum flush stopped waiting for
     _left: frozenset[int] = frozenset()

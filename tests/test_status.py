@@ -1,0 +1,145 @@
+"""What `vaultfs status` says about each remote, through the real command line and real
+rclone remotes (issue 15's small things): a slow remote a quorum backup left behind is not
+`failing`; tables never cut what a user needs, on a terminal or off one."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import random
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import pytest
+from helpers import run_cli, vaultfs_env
+
+from bench.netem import Link
+
+FAST = Link(rtt=0.004, rate_bps=400e6)
+SLOW = Link(rtt=1.0, rate_bps=1e6)
+
+
+def _status(home: Path) -> dict:
+    return json.loads(run_cli("status", "--json", home=home).stdout)
+
+
+@pytest.mark.network
+def test_a_slow_remote_cut_off_at_quorum_is_behind_not_failing(tmp_path, emulated_network):
+    """`backup` ends at quorum while the slow remote's upload still runs (cut off with the
+    command): that remote is healthy, only behind. Its health stays as the audit left it and
+    no error is recorded (the routine's remote-down alert reads last_error), its queue shows
+    what it has not received, and a flush on a fast link places it."""
+    net = emulated_network([FAST] * 3)
+    home = tmp_path / "home"
+    args = ["init", "-k", "2", "-n", "3", "--segment-mib", "1"]
+    for r in net.remotes:
+        args += ["--remote", r.spec("bkt/v")]
+    run_cli(*args, home=home)
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(15)
+    for i in range(4):
+        (src / f"f{i}.bin").write_bytes(rng.randbytes(700_000))
+    run_cli("backup", str(src), home=home)
+    run_cli("verify", home=home)
+    assert [r["health"] for r in _status(home)["remotes"]] == ["ok"] * 3
+    net.set_link(2, SLOW)
+    (src / "g.bin").write_bytes(rng.randbytes(2_000_000))
+    rep = json.loads(run_cli("backup", str(src), "--json", home=home).stdout)
+    assert rep["complete"] is False, rep  # the slow remote was still uploading: cut off
+    st = _status(home)
+    slow = st["remotes"][2]
+    assert slow["queued_objects"] > 0, slow
+    assert [r["health"] for r in st["remotes"]] == ["ok"] * 3, st["remotes"]
+    assert [r["last_error"] for r in st["remotes"]] == [None] * 3, st["remotes"]
+    net.set_link(2, FAST)
+    assert json.loads(run_cli("flush", "--json", home=home).stdout)["complete"] is True
+    assert _status(home)["remotes"][2]["queued_objects"] == 0
+
+
+def _on_terminal(home: Path, columns: int, *args: str) -> str:
+    """`vaultfs ARGS` on a pseudo-terminal ``columns`` wide: its output, colours stripped."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {k: v for k, v in vaultfs_env(home).items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", *args], stdin=subprocess.DEVNULL, stdout=slave,
+        stderr=slave, env=env, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    os.close(slave)
+    got = b""
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        got += data
+    os.close(master)
+    assert proc.wait(timeout=300) == 0, got
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", got.decode()).replace("\r\n", "\n")
+
+
+def test_tables_never_cut_what_a_user_needs(tmp_path: Path) -> None:
+    """`status`, `verify` and `remote list` (every table goes through cli.common.print_table):
+    off a terminal the table has its natural width, however wide; on a wide terminal too;
+    on a narrow one a list of records. Never a cell cut ('…') or a remote name broken."""
+    home = tmp_path / "home"
+    deep = tmp_path / ("a-remote-directory-with-a-long-name-" * 2)
+    remotes = [deep / f"remote-number-{i}" for i in range(3)]
+    run_cli("init", "-k", "2", "-n", "3", *(x for r in remotes for x in ("--remote", str(r))), home=home)  # fmt: skip
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.bin").write_bytes(random.Random(3).randbytes(300_000))
+    run_cli("backup", str(src), home=home)
+    for cmd in (("status",), ("verify",), ("remote", "list")):
+        piped = run_cli(*cmd, home=home).stdout.decode()
+        wide = _on_terminal(home, 400, *cmd)
+        narrow = _on_terminal(home, 60, *cmd)
+        for text in (piped, wide, narrow):
+            assert "…" not in text, text
+        for text in (piped, wide):  # one table row per remote, the name whole on it
+            rows = [line for line in text.splitlines() if str(remotes[0].parent) in line]
+            assert len(rows) == 3 and all("┃" not in r for r in rows), text
+            assert max(len(line) for line in text.splitlines()) > 160, text
+        # the narrow terminal: one record per remote, its name on a line of its own
+        for r in remotes:
+            assert f"\n{r}\n" in f"\n{narrow}", narrow
+        assert "\n  domain: remote1\n" in narrow or "\n  state: ok\n" in narrow, narrow
+
+
+def test_remote_replace_leaves_the_new_remote_ok_and_the_old_one_holding_nothing(tmp_path):
+    """Issue 15: after `remote replace` of a lost remote, the new one showed `stale` until the
+    next `verify`, and the removed one still listed '1 placed'. The replace wrote and
+    checked the new remote: it is `ok` at once (never audited, and said so plainly), and
+    the removed one holds nothing placed or lost, in `status` and `remote list`."""
+    home = tmp_path / "home"
+    remotes = [tmp_path / f"r{i}" for i in range(3)]
+    run_cli("init", "-k", "2", "-n", "3", *(x for r in remotes for x in ("--remote", str(r))), home=home)  # fmt: skip
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.bin").write_bytes(random.Random(4).randbytes(300_000))
+    run_cli("backup", str(src), home=home)
+    shutil.rmtree(remotes[2])
+    run_cli("verify", home=home, check=12)  # it is found lost: degraded and stale
+    new = tmp_path / "r3"
+    run_cli("remote", "replace", str(remotes[2]), str(new), home=home)
+    listed = {
+        r["remote"]: r for r in json.loads(run_cli("remote", "list", "--json", home=home).stdout)
+    }
+    assert listed[str(new)]["health"] == "ok", listed[str(new)]
+    assert listed[str(new)]["placed_objects"] == listed[str(remotes[0])]["placed_objects"]
+    gone = listed[str(remotes[2])]
+    assert gone["member"] == "removed" and gone["placed_objects"] == gone["lost_objects"] == 0
+    assert [r["health"] for r in _status(home)["remotes"]] == ["ok"] * 3
+    table = run_cli("remote", "list", home=home).stdout.decode()
+    row = next(line for line in table.splitlines() if str(new) in line)
+    assert "│ never " in row and " - " not in row, row
