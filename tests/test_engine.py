@@ -582,3 +582,43 @@ def test_restore_fetches_ahead_of_the_decoders_within_the_budget(tmp_path, monke
     with_remote_index(keys, remotes[:3], tmp_path, tmp_path / "one")
     assert tree_digest_of(tmp_path / "one" / "src") == tree_digest_of(src)
     assert len(staged_at_fetch) == nseg and set(staged_at_fetch) == {1}
+
+
+def test_a_restore_uses_each_read_ahead_shard_once(tmp_path, monkeypatch):
+    """Shards downloaded ahead are used by the first batch that needs them and deleted with
+    it; a segment met again in a later window (windows of 7 chunks) is downloaded anew, not
+    read from a deleted file: the restore is byte-identical and warns of nothing."""
+    from vaultfs import restore as restore_mod
+
+    src = tmp_path / "src"
+    write_tree(src, seed=11)
+    v, remotes = make_vault(tmp_path)
+    with v:
+        backup_paths(v, [src])
+        assert v.flush().complete
+        keys = v.keys
+    monkeypatch.setattr(restore_mod, "READ_IN_PLACE", False)  # read ahead through rclone
+    plan_windows = restore_mod._plan_windows
+    monkeypatch.setattr(
+        restore_mod,
+        "_plan_windows",
+        lambda to, index, rows, window=None: plan_windows(to, index, rows, 7),
+    )
+    source = ShardSource([open_backend(s) for s in remotes[:3]])
+    ahead = tmp_path / "ahead"
+    source.start(read_ahead=ahead)
+    want = sum(len(os.listdir(Path(r) / "data")) for r in remotes[:3])
+    while len([f for f in ahead.rglob("*") if len(f.name) == 32]) < want:  # all read ahead
+        threading.Event().wait(0.05)
+    work = tmp_path / "work"
+    work.mkdir()
+    db, source, _m, _w = open_remote_index(keys, source.remotes, work, src=source)
+    try:
+        staged = len(source.staged)
+        *_res, warnings = restore_files(keys, db, source, tmp_path / "out")
+    finally:
+        db.close()
+        source.stop()
+    assert staged == want and not source.staged  # every one used, and by one batch
+    assert warnings == []
+    assert tree_digest_of(tmp_path / "out" / "src") == tree_digest_of(src)

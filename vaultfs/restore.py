@@ -1725,8 +1725,8 @@ def _write_chunks(
     held: dict[int, int] = {}  # batch -> bytes of shards staged for it, until it is written
     room = threading.Condition()  # notified when a batch is written (or on abort)
     abort = threading.Event()
-    #: fetched batches in order: (batch number, jobs, its directory, what was fetched); then
-    #: an exception if the fetch thread failed, then None
+    #: fetched batches in order: (batch number, jobs, its directory, what was fetched, the
+    #: read-ahead files it owns); then an exception if the fetch thread failed, then None
     ready: queue.SimpleQueue = queue.SimpleQueue()
     dirs: dict[int, Path] = {}
     ahead: dict[int, list[Path]] = {}  # read-ahead files a batch uses, deleted with it
@@ -1744,7 +1744,11 @@ def _write_chunks(
                     held[bi] = nbytes
                 d = tmp_root / f"b{bi}"
                 d.mkdir()
-                ready.put((bi, batch, d, src.fetch(wanted, d)))
+                fetched = src.fetch(wanted, d)
+                # the batch owns the read-ahead files it uses (deleted once it is written): a
+                # later batch that needs one of those shards again downloads it anew
+                own = [nm for nm, f in fetched.items() if src.staged.get(nm) == f]
+                ready.put((bi, batch, d, fetched, [src.staged.pop(nm).path for nm in own]))
         except BaseException as e:
             ready.put(e)
         finally:
@@ -1757,9 +1761,8 @@ def _write_chunks(
             while (item := ready.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                bi, batch, bdir, fetched = item
-                dirs[bi] = bdir
-                ahead[bi] = [f.path for nm, f in fetched.items() if src.staged.get(nm) == f]
+                bi, batch, bdir, fetched, owned = item
+                dirs[bi], ahead[bi] = bdir, owned
                 if abort.is_set():  # a decoder failed: stop feeding the pool
                     return
                 left[bi] = len(batch)
