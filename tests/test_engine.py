@@ -533,3 +533,92 @@ def test_old_index_copies_are_pruned_after_newer_ones_are_placed(tmp_path):
     assert m.seq == 5 and sorted(os.listdir(tmp_path / "out" / "src")) == [
         f"f{i}.txt" for i in range(5)
     ]
+
+
+def test_restore_fetches_ahead_of_the_decoders_within_the_budget(tmp_path, monkeypatch):
+    """The fetch thread moves the next batches while the decoders still work on the first
+    (a decoder held on batch 0 until batch 2 is being fetched: the restore would hang, and
+    fail, if a fetch waited for the batch before to be written); with a budget smaller than a
+    batch, one batch at a time is staged. Both restores byte-identical."""
+    from vaultfs import restore as restore_mod
+
+    src = tmp_path / "src"
+    write_tree(src, seed=5)
+    v, remotes = make_vault(tmp_path)
+    with v:
+        backup_paths(v, [src])
+        assert v.flush().complete
+        keys = v.keys
+        nseg = v.index.one("SELECT count(*) FROM segments WHERE kind='data'")[0]
+    assert nseg >= 3
+    monkeypatch.setattr(restore_mod, "DECODERS", 0)  # decoders here, so a spy can hold them
+    monkeypatch.setattr(restore_mod, "FIRST_BATCH", 1)
+    monkeypatch.setattr(restore_mod, "BATCH_SEGMENTS", 1)
+    staged_at_fetch: list[int] = []  # batch directories staged when each batch is fetched
+    third = threading.Event()
+    real_fetch, real_decode = ShardSource.fetch, restore_mod._restore_segment
+
+    def fetch(self, wanted, into):
+        if into.parent.name.startswith("vaultfs-restore-"):  # a data batch, not the index
+            staged_at_fetch.append(len(list(into.parent.glob("b*"))))
+            if len(staged_at_fetch) == 3:
+                third.set()
+        return real_fetch(self, wanted, into)
+
+    def decode(job):
+        if job[0] == 0:
+            assert third.wait(120), "batch 2 was not fetched while batch 0 was decoded"
+        return real_decode(job)
+
+    monkeypatch.setattr(ShardSource, "fetch", fetch)
+    monkeypatch.setattr(restore_mod, "_restore_segment", decode)
+    with_remote_index(keys, remotes[:3], tmp_path, tmp_path / "ahead")
+    assert tree_digest_of(tmp_path / "ahead" / "src") == tree_digest_of(src)
+    assert len(staged_at_fetch) == nseg and max(staged_at_fetch) >= 3
+
+    staged_at_fetch.clear()
+    third.set()
+    monkeypatch.setattr(restore_mod, "read_ahead_budget", lambda: 1)
+    with_remote_index(keys, remotes[:3], tmp_path, tmp_path / "one")
+    assert tree_digest_of(tmp_path / "one" / "src") == tree_digest_of(src)
+    assert len(staged_at_fetch) == nseg and set(staged_at_fetch) == {1}
+
+
+def test_a_restore_uses_each_read_ahead_shard_once(tmp_path, monkeypatch):
+    """Shards downloaded ahead are used by the first batch that needs them and deleted with
+    it; a segment met again in a later window (windows of 7 chunks) is downloaded anew, not
+    read from a deleted file: the restore is byte-identical and warns of nothing."""
+    from vaultfs import restore as restore_mod
+
+    src = tmp_path / "src"
+    write_tree(src, seed=11)
+    v, remotes = make_vault(tmp_path)
+    with v:
+        backup_paths(v, [src])
+        assert v.flush().complete
+        keys = v.keys
+    monkeypatch.setattr(restore_mod, "READ_IN_PLACE", False)  # read ahead through rclone
+    plan_windows = restore_mod._plan_windows
+    monkeypatch.setattr(
+        restore_mod,
+        "_plan_windows",
+        lambda to, index, rows, window=None: plan_windows(to, index, rows, 7),
+    )
+    source = ShardSource([open_backend(s) for s in remotes[:3]])
+    ahead = tmp_path / "ahead"
+    source.start(read_ahead=ahead)
+    want = sum(len(os.listdir(Path(r) / "data")) for r in remotes[:3])
+    while len([f for f in ahead.rglob("*") if len(f.name) == 32]) < want:  # all read ahead
+        threading.Event().wait(0.05)
+    work = tmp_path / "work"
+    work.mkdir()
+    db, source, _m, _w = open_remote_index(keys, source.remotes, work, src=source)
+    try:
+        staged = len(source.staged)
+        *_res, warnings = restore_files(keys, db, source, tmp_path / "out")
+    finally:
+        db.close()
+        source.stop()
+    assert staged == want and not source.staged  # every one used, and by one batch
+    assert warnings == []
+    assert tree_digest_of(tmp_path / "out" / "src") == tree_digest_of(src)

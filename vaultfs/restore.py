@@ -12,6 +12,7 @@ import contextlib
 import errno
 import itertools
 import os
+import queue
 import shutil
 import stat
 import tempfile
@@ -1316,8 +1317,9 @@ def staging_dir() -> str | None:
     return _staging_dir()
 
 
-#: Fetched shards wait in memory-backed /dev/shm when it has this much room (two batches
-#: at a time are there), else in the temporary directory.
+#: Fetched shards wait in memory-backed /dev/shm when it has this much room (what was read
+#: ahead and the batches fetched ahead, each at most :func:`read_ahead_budget` bytes), else
+#: in the temporary directory.
 STAGING_ROOM = 1 << 30
 
 
@@ -1412,8 +1414,8 @@ WRITE_MAX = 1 << 20
 def _batches(order: list[int], sizes: dict[int, int]) -> list[list[int]]:
     """Segments in fetch batches: a small first one (:data:`FIRST_BATCH`), so decoding
     starts while the rest is still being fetched, then :data:`BATCH_SEGMENTS` each, every
-    batch at most half of :func:`read_ahead_budget` bytes of shards (two are staged at a
-    time), and at least one segment."""
+    batch at most half of :func:`read_ahead_budget` bytes of shards (so one is fetched while
+    the one before is decoded), and at least one segment."""
     budget = read_ahead_budget() // 2
     batches: list[list[int]] = []
     cur: list[int] = []
@@ -1687,17 +1689,24 @@ def _window_batches(
 ) -> Iterator[list[_SegmentJob]]:
     """The segments of each plan of ``windows`` in fetch batches (:func:`_batches`), with their
     layouts and shards: one window's rows are held at a time, planned when the batches of
-    the window before have all been taken."""
+    the window before have all been taken. In a window, the segments whose k shards the
+    read-ahead already holds (:attr:`ShardSource.staged`) come first, so the first batches
+    need no download and the decoders start while the links fetch the rest."""
     for plan in windows:
         seg_ids = sorted(plan)
         seg_rows = segments.layouts(index, seg_ids)
         shard_rows = segments.shard_hashes(index, seg_ids)
-        for batch in _batches(seg_ids, {sid: seg_rows[sid][0] for sid in seg_ids}):
-            yield [
-                _SegmentJob(sid, seg_rows[sid], src.refs("data", shard_rows[sid]), plan[sid])
-                for sid in batch
-            ]
-        del plan, seg_rows, shard_rows  # not held while the next window is planned
+        refs = {sid: src.refs("data", shard_rows[sid]) for sid in seg_ids}
+        del shard_rows
+        held = {
+            sid
+            for sid in seg_ids
+            if sum(r.name in src.staged for r in refs[sid]) >= seg_rows[sid][1]
+        }
+        order = sorted(seg_ids, key=lambda sid: sid not in held)  # stable: by id otherwise
+        for batch in _batches(order, {sid: seg_rows[sid][0] for sid in seg_ids}):
+            yield [_SegmentJob(sid, seg_rows[sid], refs[sid], plan[sid]) for sid in batch]
+        del plan, seg_rows, refs  # not held while the next window is planned
 
 
 def _write_chunks(
@@ -1710,44 +1719,69 @@ def _write_chunks(
     progress: Callable[[int], None] | None,
 ) -> list[str]:
     """Fetch the segments of ``batches`` (:func:`_window_batches`; sealed under key
-    ``epochs``) a batch at a time, the next one while the decoders work on this one, decode
-    them and write their chunks into the files. Returns warnings. The batches are drawn
-    (and so the windows planned) on the decoder pool's feeding thread as it goes."""
+    ``epochs``), decode them and write their chunks into the files. Returns warnings.
+
+    The fetch thread draws the batches (and so plans the windows) and downloads them one
+    after another, each as soon as the shards of the batches not yet written leave it room
+    under :func:`read_ahead_budget` (one batch is always let through): the links keep moving
+    the next batches while the decoders work, instead of waiting for the batch before to be
+    written. A batch's staged shards are deleted, and its room given back, once every
+    segment of it is written."""
     data_keys = {
         e: keys.unwrap_data_key(e, w, s) for e, s, w in keyring.epochs(index) if e in epochs
     }
     warnings: list[str] = []
     tmp_root = Path(tempfile.mkdtemp(prefix="vaultfs-restore-", dir=_staging_dir()))
-
-    def download(bi: int, batch: list[_SegmentJob]) -> tuple[Path, dict[str, Fetched]]:
-        d = tmp_root / f"b{bi}"
-        d.mkdir()
-        wanted = [("data", r) for job in batch for r in src.choose(job.refs, job.layout[1])]
-        return d, src.fetch(wanted, d)
-
+    budget = read_ahead_budget()
     ctx = _RestoreContext(
         keys.vault_id, keys.chunk_id_key, keys.audit_key, data_keys, epoch_suites, src
     )
     left: dict[int, int] = {}  # batch -> segments not yet written
-    written: dict[int, threading.Event] = {}  # every segment of the batch written
+    held: dict[int, int] = {}  # batch -> bytes of shards staged for it, until it is written
+    room = threading.Condition()  # notified when a batch is written (or on abort)
     abort = threading.Event()
+    #: fetched batches in order: (batch number, jobs, its directory, what was fetched, the
+    #: read-ahead files it owns); then an exception if the fetch thread failed, then None
+    ready: queue.SimpleQueue = queue.SimpleQueue()
     dirs: dict[int, Path] = {}
     ahead: dict[int, list[Path]] = {}  # read-ahead files a batch uses, deleted with it
+
+    def fetch_ahead() -> None:
+        try:
+            for bi, batch in enumerate(batches):
+                wanted = [("data", r) for job in batch for r in src.choose(job.refs, job.layout[1])]
+                nbytes = sum(r.size or 0 for _kind, r in wanted)
+                with room:
+                    while held and sum(held.values()) + nbytes > budget and not abort.is_set():
+                        room.wait()
+                    if abort.is_set():
+                        return
+                    held[bi] = nbytes
+                d = tmp_root / f"b{bi}"
+                d.mkdir()
+                fetched = src.fetch(wanted, d)
+                # the batch owns the read-ahead files it uses (deleted once it is written): a
+                # later batch that needs one of those shards again downloads it anew
+                own = [nm for nm, f in fetched.items() if src.staged.get(nm) == f]
+                ready.put((bi, batch, d, fetched, [src.staged.pop(nm).path for nm in own]))
+        except BaseException as e:
+            ready.put(e)
+        finally:
+            ready.put(None)
+
     # the decoders fork before the fetch thread starts: no child inherits a busy thread
     with _decoders(ctx) as run, ThreadPoolExecutor(1, thread_name_prefix="vaultfs-fetch") as fx:
 
         def jobs() -> Iterator[tuple]:
-            bi, batch = 0, next(batches, None)
-            nxt = fx.submit(download, bi, batch) if batch is not None else None
-            while batch is not None:
-                assert nxt is not None
-                bdir, fetched = nxt.result()
-                dirs[bi] = bdir
-                ahead[bi] = [f.path for nm, f in fetched.items() if src.staged.get(nm) == f]
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                bi, batch, bdir, fetched, owned = item
+                dirs[bi], ahead[bi] = bdir, owned
                 if abort.is_set():  # a decoder failed: stop feeding the pool
                     return
-                left[bi], written[bi] = len(batch), threading.Event()
-                # queued behind the batch before, so the decoders do not run dry between them
+                left[bi] = len(batch)
+                # queued behind the batches before, so the decoders do not run dry between them
                 for job in batch:
                     size, k, n, epoch, alg = job.layout
                     paths = {
@@ -1756,13 +1790,8 @@ def _write_chunks(
                         if (f := fetched.get(r.name)) is not None
                     }
                     yield (bi, job.sid, size, k, n, epoch, alg, job.refs, paths, job.items)
-                # at most two batches staged: fetch the next once the one before is written
-                while bi and not written[bi - 1].wait(0.1):
-                    if abort.is_set():
-                        return
-                bi, batch = bi + 1, next(batches, None)
-                nxt = fx.submit(download, bi, batch) if batch is not None else None
 
+        fx.submit(fetch_ahead)
         try:
             for bi, nbytes, warns in run(jobs()):
                 warnings += warns
@@ -1773,9 +1802,13 @@ def _write_chunks(
                     shutil.rmtree(dirs.pop(bi), ignore_errors=True)
                     for p in ahead.pop(bi, []):
                         p.unlink(missing_ok=True)
-                    written[bi].set()
+                    with room:
+                        del held[bi]
+                        room.notify()
         except BaseException:
-            abort.set()
+            with room:
+                abort.set()
+                room.notify()
             raise
         finally:
             shutil.rmtree(tmp_root, ignore_errors=True)
