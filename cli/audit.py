@@ -337,6 +337,8 @@ def prune(
                 + (f"; {rep.garbage_left} wait for a later prune" if rep.garbage_left else ""),
                 highlight=False,
             )
+            if rep.garbage_held:
+                err.print(f"[yellow]old objects {rep.garbage_held}[/]", highlight=False)
         for r, e in rep.errors.items():
             err.print(f"[yellow]warning:[/] {r}: {e}", highlight=False)
     raise typer.Exit(EXIT_PARTIAL if (rep.garbage_left or rep.errors) and not dry_run else 0)

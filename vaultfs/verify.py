@@ -488,7 +488,7 @@ class _RemoteAuditor:
         for nm in [nm for nm in names if nm in ours] + others[: chain.MAX_READS]:
             if nm in ours and best is not None:
                 continue
-            m = self._read_manifest(nm)
+            m = self._read_manifest(nm, branch=nm not in ours)
             if m is None:
                 continue
             if nm in ours:
@@ -545,16 +545,19 @@ class _RemoteAuditor:
                 if mp.is_file() and mp.stat().st_size <= manifest.MAX_BYTES:
                     self.prefetched[nm] = mp.read_bytes()
 
-    def _read_manifest(self, nm: str) -> manifest.Manifest | None:
+    def _read_manifest(self, nm: str, branch: bool = False) -> manifest.Manifest | None:
         """Manifest ``nm`` of this remote, verified; None (and a ``foreign`` finding for a
-        forged or misnamed one) when it is not a valid manifest."""
+        forged or misnamed one) when it is not a valid manifest. ``branch``: a name off this
+        index's chain, read with :func:`manifest.read_branch` (a suite retired since is no
+        reason to call another branch's manifest forged)."""
         try:
             blob = self.prefetched.pop(nm, None) or self.b.cat(
                 "manifests", nm, 0, manifest.MAX_BYTES + 1
             )
             if len(blob) > manifest.MAX_BYTES:
                 raise IntegrityError("longer than a manifest can be; not read further")
-            m = manifest.read(self.ctx.keys, blob)
+            read = manifest.read_branch if branch else manifest.read
+            m = read(self.ctx.keys, blob)
         except ObjectMissing:
             return None
         except IntegrityError as e:

@@ -1,0 +1,82 @@
+"""Commands that delete from remotes never delete what a validly signed manifest of any
+branch references (docs/design.md invariant 8, docs/operations.md "Forks"): reencrypt's
+garbage collection in a forked vault, and `remote remove` in a forked vault. A `remote remove`
+whose repair cannot complete leaves the remote in the vault as it was.
+
+Real parts throughout: rclone local remotes, real crypto, the CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from helpers import run_cli
+
+
+def _init(tmp_path: Path, k: int, n: int) -> tuple[Path, list[str]]:
+    home = tmp_path / "home"
+    remotes = [str(tmp_path / f"r{i}") for i in range(1, n + 1)]
+    args = ["init", "--segment-mib", "1", "-k", str(k), "-n", str(n)]
+    for r in remotes:
+        args += ["--remote", r]
+    run_cli(*args, home=home)
+    return home, remotes
+
+
+def _backup(home: Path, src: Path, *extra: str) -> dict:
+    return json.loads(run_cli("backup", str(src), "--json", *extra, home=home).stdout)
+
+
+def _restore(tmp_path: Path, key: Path, remotes: list[str], out: str, seq: int) -> Path:
+    to = tmp_path / out
+    run_cli(
+        "restore", *[a for r in remotes for a in ("--from", r)], "--keyfile", str(key),
+        "--to", str(to), "--json", "--manifest", str(seq), home=tmp_path / f"empty-{out}",
+    )  # fmt: skip
+    return to
+
+
+def _forked(tmp_path: Path, k: int, n: int) -> tuple[Path, Path, list[str], Path, dict, dict]:
+    """A vault with one shared snapshot (#1, a random 800 KB file), then two branches: the
+    main home's #2 and the old home's explicit fork. Returns (home, old home, remotes, src,
+    #2's report, the fork's report)."""
+    home, remotes = _init(tmp_path, k, n)
+    src = tmp_path / "s"
+    src.mkdir()
+    (src / "shared.bin").write_bytes(os.urandom(800_000))
+    _backup(home, src)
+    old = tmp_path / "hb"
+    shutil.copytree(home, old)
+    (src / "m.txt").write_text("x\n")
+    main = _backup(home, src)
+    forked = _backup(old, src, "--fork")
+    assert forked["seq"] > main["seq"] and forked["complete"], forked
+    return home, old, remotes, src, main, forked
+
+
+def _same(a: Path, b: Path) -> None:
+    for f in ("shared.bin", "m.txt"):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def test_reencrypt_in_a_fork_keeps_what_the_other_branch_needs(tmp_path):
+    home, old, remotes, src, main, forked = _forked(tmp_path, 2, 3)
+    res = run_cli("reencrypt", "--suite", "mlkem1024", "--json", home=old)
+    rep = json.loads(res.stdout)
+    assert rep["retired"] and rep["garbage_deleted"] == 0 and rep["garbage_left"] > 0, rep
+
+    # both branches restore from the remotes, every file intact
+    key = home / "key.json"
+    _same(src, _restore(tmp_path, key, remotes, "main", main["seq"]) / "s")
+    _same(src, _restore(tmp_path, key, remotes, "fork", forked["seq"]) / "s")
+    # the re-encrypting home still sees the other branch (under the suite it retired)
+    res = run_cli("verify", "--json", home=old, check=None)
+    assert any(r["fork"] for r in json.loads(res.stdout)["remotes"]), res.stdout
+    before = {p for r in remotes for p in Path(r).rglob("*") if p.is_file()}
+    run_cli("repair", home=old, check=None)
+    run_cli("prune", home=old, check=None)
+    after = {p for r in remotes for p in Path(r).rglob("*") if p.is_file()}
+    assert before <= after
+    _same(src, _restore(tmp_path, key, remotes, "main-again", main["seq"]) / "s")
