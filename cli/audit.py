@@ -338,7 +338,7 @@ def prune(
                 highlight=False,
             )
             if rep.garbage_held:
-                err.print(f"[yellow]old objects {rep.garbage_held}[/]", highlight=False)
+                err.print(f"[yellow]old objects kept: {rep.garbage_held}[/]", highlight=False)
         for r, e in rep.errors.items():
             err.print(f"[yellow]warning:[/] {r}: {e}", highlight=False)
     raise typer.Exit(EXIT_PARTIAL if (rep.garbage_left or rep.errors) and not dry_run else 0)

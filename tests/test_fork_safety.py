@@ -80,3 +80,64 @@ def test_reencrypt_in_a_fork_keeps_what_the_other_branch_needs(tmp_path):
     after = {p for r in remotes for p in Path(r).rglob("*") if p.is_file()}
     assert before <= after
     _same(src, _restore(tmp_path, key, remotes, "main-again", main["seq"]) / "s")
+
+
+def test_remote_remove_in_a_fork_leaves_the_other_branch_in_place(tmp_path):
+    home, old, remotes, src, main, forked = _forked(tmp_path, 2, 3)
+    gone = remotes[2]
+    held = {p.relative_to(gone) for p in Path(gone).rglob("*") if p.is_file()}
+    run_cli("remote", "add", str(tmp_path / "r4"), home=old)
+    res = run_cli("remote", "remove", gone, "--json", home=old)
+    rep = json.loads(res.stdout)
+    assert rep["fork"] and "left its objects in place" in rep["errors"][gone], rep
+    assert held <= {p.relative_to(gone) for p in Path(gone).rglob("*") if p.is_file()}
+    # the main branch still restores from any k of its own remotes, the departed one among them
+    key = home / "key.json"
+    _same(src, _restore(tmp_path, key, remotes[1:], "main", main["seq"]) / "s")
+    _same(src, _restore(tmp_path, key, remotes[:2], "main2", main["seq"]) / "s")
+    # the forked home carries on without it
+    new = [*remotes[:2], str(tmp_path / "r4")]
+    _same(src, _restore(tmp_path, key, new, "fork", forked["seq"] + 2) / "s")
+
+
+def _files(remote: str) -> set[Path]:
+    return {p.relative_to(remote) for p in Path(remote).rglob("*") if p.is_file()}
+
+
+def _member(home: Path, remote: str) -> str:
+    rows = json.loads(run_cli("remote", "list", "--json", home=home).stdout)
+    return next(r["member"] for r in rows if r["remote"] == remote)
+
+
+def test_remote_remove_reads_the_departing_remote_and_undoes_a_failed_rebuild(tmp_path):
+    home, remotes = _init(tmp_path, 2, 3)
+    src = tmp_path / "s"
+    src.mkdir()
+    (src / "a.bin").write_bytes(os.urandom(2_500_000))
+    _backup(home, src)
+    run_cli("remote", "remove", remotes[2], home=home)
+    # r2 holds shards no other remote has a copy of: the rebuild reads them from r2 itself
+    rep = json.loads(run_cli("remote", "remove", remotes[1], "--json", home=home).stdout)
+    assert rep["ok"] and not rep["unrecoverable"], rep
+    out = tmp_path / "only-r1"
+    run_cli("restore", "--from", remotes[0], "--keyfile", str(home / "key.json"), "--to",
+            str(out), home=tmp_path / "empty")  # fmt: skip
+    assert (out / "s" / "a.bin").read_bytes() == (src / "a.bin").read_bytes()
+
+
+def test_a_remote_remove_whose_rebuild_fails_leaves_the_remote_in_the_vault(tmp_path):
+    home, remotes = _init(tmp_path, 2, 3)
+    src = tmp_path / "s"
+    src.mkdir()
+    (src / "a.bin").write_bytes(os.urandom(2_500_000))
+    _backup(home, src)
+    for r in (remotes[0], remotes[2]):  # two providers lost their data objects
+        shutil.rmtree(Path(r) / "data")
+    held = _files(remotes[1])
+    res = run_cli("remote", "remove", remotes[1], "--json", home=home, check=12)
+    rep = json.loads(res.stdout)
+    assert rep["unrecoverable"] and "not removed" in rep["errors"][remotes[1]], rep
+    assert _member(home, remotes[1]) == "active"
+    assert held <= _files(remotes[1])  # nothing deleted from it
+    res = run_cli("verify", "--json", home=home, check=None)
+    assert res.returncode != 0 and not json.loads(res.stdout)["clean"], res.stdout

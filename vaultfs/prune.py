@@ -62,7 +62,7 @@ class PruneReport:
     manifest_seq: int | None = None
     garbage_deleted: int = 0  # objects deleted from remotes
     garbage_left: int = 0  # objects still to delete (a remote was down, or not yet safe)
-    garbage_held: str = ""  # why none was deleted this time (rotation.Collected.held)
+    garbage_held: str = ""  # why none was deleted this time (chain.Survey.hold)
     errors: dict[str, str] = field(default_factory=dict)
     # per remote (label): bytes of the shard objects of dropped and repacked segments, which
     # leave it, and of the new segments' shard objects placed there instead

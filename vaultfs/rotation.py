@@ -63,7 +63,7 @@ class ReencryptReport:
     retired: list[int] = field(default_factory=list)
     garbage_deleted: int = 0
     garbage_left: int = 0
-    garbage_held: str = ""  # why no garbage was deleted (Collected.held)
+    garbage_held: str = ""  # why no garbage was deleted (chain.Survey.hold)
 
 
 def parse_suite(name: str) -> int:
@@ -243,7 +243,7 @@ class Collected:
 
     deleted: int = 0  # objects deleted from remotes
     left: int = 0  # garbage objects left for a later run
-    held: str = ""  # why nothing was deleted this time (a fork, or remotes not all checked)
+    held: str = ""  # why nothing was deleted this time (chain.Survey.hold)
 
 
 def collect_garbage(v: Vault) -> Collected:
@@ -259,7 +259,7 @@ def collect_garbage(v: Vault) -> Collected:
     """
     if v.immutable:
         return Collected()
-    held = _fork_hold(chain.survey(v.keys, v.index, v.remotes()))
+    held = chain.survey(v.keys, v.index, v.remotes()).hold()
     if held:
         return Collected(left=manifests.garbage_count(v.index), held=held)
     pending_min = min(manifests.queued_seqs(v.index), default=None)
@@ -289,19 +289,3 @@ def collect_garbage(v: Vault) -> Collected:
         manifests.forget_garbage(v.index, names)
         deleted += len(names)
     return Collected(deleted, manifests.garbage_count(v.index))
-
-
-def _fork_hold(found: chain.Survey) -> str:
-    """Why garbage must wait after survey ``found`` (empty: it may go): another branch's
-    manifests, or remotes and names the survey could not look at (a fork may hide there)."""
-    if found.others:
-        return (
-            "kept: the remotes hold another branch (a fork), which may still use them: "
-            + "; ".join(found.describe())
-        )
-    unseen = [*found.errors, *found.unchecked]
-    if unseen:
-        return f"kept until every remote lists its manifests (not checked: {', '.join(unseen)})"
-    if found.unread:
-        return f"kept: {found.unread} manifest name(s) off this chain were not read"
-    return ""

@@ -402,6 +402,23 @@ def healthy_counts(index: Index) -> dict[int, int]:
     )
 
 
+def short_without(index: Index, remote: int) -> list[int]:
+    """Ids of the live segments (:func:`live_shards`' sense) with fewer than k placed or
+    queued shards on the active remotes other than ``remote``: those a removal of ``remote``
+    can rebuild only from its own shards."""
+    return [
+        sid
+        for (sid,) in index.q(
+            "SELECT g.id FROM segments g WHERE "
+            + _LIVE
+            + " AND (SELECT count(*) FROM shards s JOIN remotes r ON r.id = s.remote"
+            " WHERE s.segment = g.id AND s.state IN ('placed', 'queued') AND r.state = 'active'"
+            " AND s.remote <> ?) < g.k ORDER BY g.id",
+            (remote,),
+        )
+    ]
+
+
 def object_names(index: Index, remote: int | None = None) -> set[str]:
     """Object names of every shard the index has (on remote ``remote``; None: anywhere)."""
     if remote is None:
