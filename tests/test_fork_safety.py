@@ -12,7 +12,10 @@ import os
 import shutil
 from pathlib import Path
 
-from helpers import run_cli
+from helpers import PASSPHRASE, run_cli
+
+from vaultfs import chain
+from vaultfs.vault import Vault
 
 
 def _init(tmp_path: Path, k: int, n: int) -> tuple[Path, list[str]]:
@@ -141,3 +144,14 @@ def test_a_remote_remove_whose_rebuild_fails_leaves_the_remote_in_the_vault(tmp_
     assert held <= _files(remotes[1])  # nothing deleted from it
     res = run_cli("verify", "--json", home=home, check=None)
     assert res.returncode != 0 and not json.loads(res.stdout)["clean"], res.stdout
+
+
+def test_index_copies_are_kept_while_another_branch_exists(tmp_path):
+    """The other branch's index may name blocks in this chain's older meta segments (both
+    share the copies from before the fork): a flush's pruning of old index copies waits."""
+    home, old, remotes, src, main, _forked_rep = _forked(tmp_path, 2, 3)
+    with Vault.open(old, PASSPHRASE) as v:
+        assert v.prune_index_copies(keep=1) == 0
+        found = chain.survey(v.keys, v.index, v.remotes())
+        assert found.others and found.hold()
+    _same(src, _restore(tmp_path, home / "key.json", remotes, "main", main["seq"]) / "s")
