@@ -1040,7 +1040,8 @@ def _guard_removal(vault: Vault, rid: int) -> None:
 def remove_remote(vault: Vault, name: str, wrap=None, background: bool = False) -> RepairReport:
     """Take a remote out of the vault: rebuild its shards on the others (reading its own
     shards too while it is reachable), then clear what it held. ``background``: as
-    :func:`repair`'s.
+    :func:`repair`'s. A rerun finishes a removal that was cut short (its remote already
+    marked removed, shards of live segments still placed on it).
 
     Refused before anything changes (NotEnoughRemotes) when a segment would keep fewer than
     k shards on the other remotes and the departing one cannot be read. When the rebuild
@@ -1049,14 +1050,22 @@ def remove_remote(vault: Vault, name: str, wrap=None, background: bool = False) 
     them are foreign to the next audit). Clearing deletes only the objects this index names
     there, moves the others to its ``quarantine/``, and deletes nothing at all while the
     remotes hold another branch (:meth:`chain.Survey.hold`, docs/design.md invariant 8)."""
-    rid, spec = find_remote(vault, name)
+    try:
+        rid, spec = find_remote(vault, name)
+        resuming = False
+    except BadRemote:  # a removal cut short (kill, crash) is finished from where it stopped
+        rid, spec = find_remote(vault, name, active_only=False)
+        if not segment_table.placed_live_on(vault.index, rid):
+            raise  # it left the vault, and nothing live is on it: nothing to finish
+        resuming = True
     _guard_removal(vault, rid)
     label = Remote(spec).label
     b = open_backend(spec, rid, fail_fast=True, wrap=wrap)
     _guard_departure(vault, rid, b)
     known = segment_table.object_names(vault.index, rid)  # before the rebuild renames them
-    with vault.index.tx() as db:
-        remote_table.remove(db, rid)
+    if not resuming:
+        with vault.index.tx() as db:
+            remote_table.remove(db, rid)
     report = repair(vault, wrap=wrap, background=background, departing=rid)
     if report.unrecoverable:
         with vault.index.tx() as db:

@@ -402,6 +402,18 @@ def healthy_counts(index: Index) -> dict[int, int]:
     )
 
 
+def placed_live_on(index: Index, remote: int) -> int:
+    """How many shards of live segments (:func:`live_shards`' sense) are placed on
+    ``remote``."""
+    row = index.one(
+        "SELECT count(*) FROM shards s JOIN segments g ON g.id = s.segment"
+        f" WHERE s.remote=? AND s.state='placed' AND {_LIVE}",
+        (remote,),
+    )
+    assert row is not None
+    return row[0]
+
+
 def short_without(index: Index, remote: int) -> list[int]:
     """Ids of the live segments (:func:`live_shards`' sense) with fewer than k placed or
     queued shards on the active remotes other than ``remote``: those a removal of ``remote``
