@@ -165,6 +165,13 @@ def _print_audit(rep: verify_mod.AuditReport) -> None:
             highlight=False,
         )
     elif rep.found:
+        if rep.below_k:
+            err.print(
+                f"[red]{len(rep.below_k)} segment(s) (first: {rep.below_k[0]}) have fewer than k "
+                "shards on the vault's remotes[/]: run `vaultfs repair`; a `remote remove` cut "
+                "short is finished by running it again",
+                highlight=False,
+            )
         if any(
             r.missing or r.corrupt or r.stale or r.foreign or r.stale_manifest for r in rep.remotes
         ):

@@ -160,21 +160,27 @@ def test_index_copies_are_kept_while_another_branch_exists(tmp_path):
 
 def test_a_remote_remove_cut_short_is_finished_by_a_rerun(tmp_path):
     """What a kill -9 during the rebuild leaves (the remote marked removed, its shards still
-    the only placed copies of theirs): the rerun reads them from it and completes."""
+    the only placed copies of theirs): verify is not clean, and the rerun reads them from it
+    and completes."""
     home, remotes = _init(tmp_path, 2, 3)
     src = tmp_path / "s"
     src.mkdir()
     (src / "a.bin").write_bytes(os.urandom(2_500_000))
     _backup(home, src)
+    run_cli("remote", "remove", remotes[2], home=home)  # 3 shards over 2 remotes now
     with Vault.open(home, PASSPHRASE) as v:
-        rid = next(r.id for r in remote_table.every(v.index) if r.spec == remotes[2])
+        rid = next(r.id for r in remote_table.every(v.index) if r.spec == remotes[1])
         with v.index.tx() as db:
             remote_table.remove(db, rid)
-    rep = json.loads(run_cli("remote", "remove", remotes[2], "--json", home=home).stdout)
+    res = run_cli("verify", "--json", home=home, check=12)  # never "clean" below k
+    audit = json.loads(res.stdout)
+    assert audit["below_k"] and not audit["clean"], audit
+    rep = json.loads(run_cli("remote", "remove", remotes[1], "--json", home=home).stdout)
     assert rep["ok"] and rep["rebuilt"] > 0 and rep["deleted"], rep
-    assert _member(home, remotes[2]) == "removed"
-    assert not list((Path(remotes[2]) / "data").iterdir())
-    res = run_cli("remote", "remove", remotes[2], home=home, check=14)  # nothing left to do
+    assert _member(home, remotes[1]) == "removed"
+    assert not list((Path(remotes[1]) / "data").iterdir())
+    run_cli("verify", home=home)
+    res = run_cli("remote", "remove", remotes[1], home=home, check=14)  # nothing left to do
     assert b"not part of this vault" in res.stderr
-    out = _restore(tmp_path, home / "key.json", remotes[:2], "o", rep["manifest_seq"])
+    out = _restore(tmp_path, home / "key.json", remotes[:1], "o", rep["manifest_seq"])
     assert (out / "s" / "a.bin").read_bytes() == (src / "a.bin").read_bytes()

@@ -242,10 +242,13 @@ class AuditReport:
     seconds: float = 0.0
     manifest_seq: int = 0
     unsigned_segments: int = 0
+    #: live segments with fewer than k placed or queued shards on the active remotes (their
+    #: other shards on a remote that left the vault, or known lost): never clean
+    below_k: list[int] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
-        return all(r.clean for r in self.remotes)
+        return not self.below_k and all(r.clean for r in self.remotes)
 
     @property
     def complete(self) -> bool:
@@ -256,7 +259,7 @@ class AuditReport:
         """Whether a remote was found missing, corrupt, stale, foreign or unlocked objects,
         serves an old manifest or holds a fork: what the report's advice acts on (unreachable
         remotes are not)."""
-        return any(
+        return bool(self.below_k) or any(
             r.missing
             or r.corrupt
             or r.stale
@@ -998,4 +1001,5 @@ def audit(
         time.monotonic() - t0,
         ctx.anchor.seq,
         unsigned,
+        segments.short_without(vault.index),
     )

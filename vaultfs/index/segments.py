@@ -414,10 +414,10 @@ def placed_live_on(index: Index, remote: int) -> int:
     return row[0]
 
 
-def short_without(index: Index, remote: int) -> list[int]:
+def short_without(index: Index, remote: int | None = None) -> list[int]:
     """Ids of the live segments (:func:`live_shards`' sense) with fewer than k placed or
-    queued shards on the active remotes other than ``remote``: those a removal of ``remote``
-    can rebuild only from its own shards."""
+    queued shards on the active remotes (other than ``remote``): below k where the vault
+    reads, and with ``remote``, those a removal of it can rebuild only from its own shards."""
     return [
         sid
         for (sid,) in index.q(
@@ -425,7 +425,7 @@ def short_without(index: Index, remote: int) -> list[int]:
             + _LIVE
             + " AND (SELECT count(*) FROM shards s JOIN remotes r ON r.id = s.remote"
             " WHERE s.segment = g.id AND s.state IN ('placed', 'queued') AND r.state = 'active'"
-            " AND s.remote <> ?) < g.k ORDER BY g.id",
+            " AND s.remote IS NOT ?) < g.k ORDER BY g.id",
             (remote,),
         )
     ]
