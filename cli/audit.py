@@ -170,6 +170,13 @@ def _print_audit(rep: verify_mod.AuditReport) -> None:
             highlight=False,
         )
     elif rep.found:
+        if rep.below_k:
+            err.print(
+                f"[red]{len(rep.below_k)} segment(s) (first: {rep.below_k[0]}) have fewer than k "
+                "shards on the vault's remotes[/]: run `vaultfs repair`; a `remote remove` cut "
+                "short is finished by running it again",
+                highlight=False,
+            )
         if any(
             r.missing or r.corrupt or r.stale or r.foreign or r.stale_manifest for r in rep.remotes
         ):
@@ -346,6 +353,8 @@ def prune(
                 + (f"; {rep.garbage_left} wait for a later prune" if rep.garbage_left else ""),
                 highlight=False,
             )
+            if rep.garbage_held:
+                err.print(f"[yellow]old objects kept: {rep.garbage_held}[/]", highlight=False)
         for r, e in rep.errors.items():
             err.print(f"[yellow]warning:[/] {r}: {e}", highlight=False)
     raise typer.Exit(EXIT_PARTIAL if (rep.garbage_left or rep.errors) and not dry_run else 0)

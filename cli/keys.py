@@ -475,7 +475,13 @@ def reencrypt(
     )
     for s in rep.retired:
         out.print(f"retired {suite_name(s)}: readers now refuse data under it")
-    if rep.garbage_left:
+    if rep.garbage_held:
+        err.print(
+            f"[yellow]{rep.garbage_left} replaced object(s) kept on the remotes: "
+            f"{rep.garbage_held}; a later `vaultfs prune` deletes them once that is over[/]",
+            highlight=False,
+        )
+    elif rep.garbage_left:
         err.print(
             f"[yellow]{rep.garbage_left} replaced object(s) could not be deleted from remotes "
             "yet; rerun `vaultfs reencrypt` later to remove them[/]"

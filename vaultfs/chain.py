@@ -92,6 +92,22 @@ class Survey:
         """One line per other manifest, for ``status`` and messages."""
         return [s.describe() for s in self.others]
 
+    def hold(self) -> str:
+        """Why a command must delete nothing from the remotes after this survey (empty: it
+        may delete what this chain no longer names): another branch's manifests, or remotes
+        and names the survey could not look at, where one may hide (docs/design.md,
+        invariant 8). A manifest under a suite retired since counts: it is still read."""
+        if self.others:
+            return "the remotes hold another branch (a fork), which may use them: " + "; ".join(
+                self.describe()
+            )
+        unseen = [*self.errors, *self.unchecked]
+        if unseen:
+            return f"not every remote listed its manifests ({', '.join(unseen)})"
+        if self.unread:
+            return f"{self.unread} manifest name(s) off this chain were not read"
+        return ""
+
 
 def survey(keys: VaultKeys, index: Index, remotes: Iterable[Backend]) -> Survey:
     """List ``manifests/`` on every remote once (all at once) and read, newest first, the
@@ -178,7 +194,7 @@ def _read_any(
                 blob = r.cat("manifests", name, 0, manifest.MAX_BYTES + 1)
                 if len(blob) > manifest.MAX_BYTES:
                     raise IntegrityError("longer than a manifest can be")
-                m = manifest.read(keys, blob)
+                m = manifest.read_branch(keys, blob)  # off the chain: maybe retired
                 if m.seq != manifest.seq_of_name(name):
                     raise IntegrityError(f"name does not match its signed sequence {m.seq}")
                 return m

@@ -556,10 +556,12 @@ def _json_object(raw: bytes) -> dict:
     return body
 
 
-def decode(keys: VaultKeys, blob: bytes) -> Manifest:
+def decode(keys: VaultKeys, blob: bytes, retired_ok: bool = False) -> Manifest:
     """Verify the signature first, then decrypt. Raises IntegrityError on any mismatch.
 
-    The body may be any JSON object; :func:`read` also checks it against :class:`Body`."""
+    The body may be any JSON object; :func:`read` also checks it against :class:`Body`.
+    ``retired_ok``: accept a manifest under a suite the vault retired (never to restore or
+    build on: only to learn what another branch references, :func:`read_branch`)."""
     if len(blob) < HEAD.size + 2:
         raise IntegrityError("manifest too short")
     magic, ver, suite, sig_alg, vid, seq, created, blen = HEAD.unpack_from(blob)
@@ -595,7 +597,8 @@ def decode(keys: VaultKeys, blob: bytes) -> Manifest:
         len(sig) if sig_alg == SIG_MLDSA65_ED25519 else MLDSA65_SIG_LEN + ED25519_SIG_LEN
     )
     keys.verify(SIGN_LABEL + blob[:end], sig[:composite_len])
-    keys.check_suite(suite)
+    if not (retired_ok and suite in keys.retired_suites):
+        keys.check_suite(suite)
     raw = envelope.open_meta(
         keys.metadata_key, keys.vault_id, _kind(seq), blob[HEAD.size : end], suite
     )
@@ -615,5 +618,17 @@ def read(keys: VaultKeys, blob: bytes) -> Manifest:
     (:attr:`Manifest.contents`), so that a malformed body is refused here like a forged
     manifest, not where a field is first used. Raises :class:`IntegrityError`."""
     m = decode(keys, blob)
+    m.contents  # noqa: B018  (a cached property: parsed once, here)
+    return m
+
+
+def read_branch(keys: VaultKeys, blob: bytes) -> Manifest:
+    """:func:`read` for a manifest off this index's chain (another branch: a fork), which
+    may be under a suite this vault has retired since: the other branch's writer did not
+    re-encrypt, and its validly signed manifests still reference objects that no command may
+    delete (docs/design.md invariant 8). Such a manifest is only ever looked at to keep what
+    it references and to report the fork, never restored from or built on; a manifest of
+    this chain under a retired suite stays refused (a rolled-back copy)."""
+    m = decode(keys, blob, retired_ok=True)
     m.contents  # noqa: B018  (a cached property: parsed once, here)
     return m

@@ -62,6 +62,7 @@ class PruneReport:
     manifest_seq: int | None = None
     garbage_deleted: int = 0  # objects deleted from remotes
     garbage_left: int = 0  # objects still to delete (a remote was down, or not yet safe)
+    garbage_held: str = ""  # why none was deleted this time (chain.Survey.hold)
     errors: dict[str, str] = field(default_factory=dict)
     # per remote (label): bytes of the shard objects of dropped and repacked segments, which
     # leave it, and of the new segments' shard objects placed there instead
@@ -176,7 +177,8 @@ def prune(
         rep = v.flush()
         report.errors.update(rep.errors)
         audit.forget_orphans(v.index)
-    report.garbage_deleted, report.garbage_left = rotation.collect_garbage(v)
+    gc = rotation.collect_garbage(v)
+    report.garbage_deleted, report.garbage_left, report.garbage_held = gc.deleted, gc.left, gc.held
     for name, rid, _kind, _seq in manifests.garbage(v.index):
         if (size := old_objects.get((rid, name))) is not None:
             label = labels[rid]

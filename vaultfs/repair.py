@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING
 from . import chain, merkle, segment, verify
 from .audittag import PIECE as AUDIT_PIECE
 from .audittag import piece_tags
-from .backends import open_backend
+from .backends import Backend, open_backend
 from .errors import BadRemote, NotEnoughRemotes, NoVault, RemoteError, Unreachable, VaultError
 from .index import audit as audit_table
 from .index import chunks as chunk_table
@@ -239,8 +239,11 @@ class _Fetcher:
     """Repair's shard transport: shard objects from the local queue or from the remotes'
     backends, with the bytes counted and unreachable remotes remembered in :attr:`down`."""
 
-    def __init__(self, vault: Vault, down: set[int], wrap, report: RepairReport) -> None:
+    def __init__(
+        self, vault: Vault, down: set[int], wrap, report: RepairReport, departing: int | None
+    ) -> None:
         self.vault = vault
+        self.departing = departing
         self.down = down
         self.report = report
         self.specs = remote_table.specs(vault.index)
@@ -261,11 +264,14 @@ class _Fetcher:
 
     def sources(self, seg_id: int, exclude: set[int]) -> list[ShardRef]:
         """The shards of a segment to read it from (``ShardRef.tag``: the shard row): placed or
-        queued, on a reachable remote, not in ``exclude`` (the shards being rebuilt)."""
+        queued, on a reachable remote, not in ``exclude`` (the shards being rebuilt) unless on
+        the departing remote (still readable; the rebuild gives its fragment a new object)."""
         return [
             ShardRef(r.idx, r.name, r.hash, self.labels[r.remote], r.state == "queued", r, r.size)
             for r in segment_table.records(self.vault.index, seg_id)
-            if r.state in ("placed", "queued") and r.id not in exclude and r.remote not in self.down
+            if r.state in ("placed", "queued")
+            and (r.id not in exclude or r.remote == self.departing)
+            and r.remote not in self.down
         ]
 
     def fetch(self, wanted: Sequence[ShardRef], into: Path) -> dict[str, segment.Body | str]:
@@ -679,6 +685,7 @@ def repair(
     progress: Callable[[int], None] | None = None,
     sources: list[Path] | None = None,
     background: bool = False,
+    departing: int | None = None,
 ) -> RepairReport:
     """Rebuild every live segment below full redundancy; see the module docstring.
 
@@ -689,6 +696,8 @@ def repair(
     ``prefer`` is a remote id that wins ties when placing rebuilt shards (`remote replace`).
     ``dry_run`` scans and plans, and changes nothing else. ``background``: the mount daemon's
     maintenance, whose CPU work must yield to the foreground (:func:`_workers`).
+    ``departing``: a remote just taken out of the vault (`remote remove`) whose shards are
+    still read as sources while it answers, though they are being rebuilt elsewhere.
     """
     t0 = time.monotonic()
     report = RepairReport(dry_run)
@@ -712,7 +721,7 @@ def repair(
         return report
 
     report.retargeted_queued = _retarget_queued(vault, removed, prefer)
-    fetcher = _Fetcher(vault, set(down), wrap, report)
+    fetcher = _Fetcher(vault, set(down), wrap, report, departing)
     old_objects = _rebuild_all(vault, plan, fetcher, report, prefer, active, progress, background)
     report.segments = len(plan)
     if report.unrecoverable_segments:
@@ -1029,28 +1038,99 @@ def _guard_removal(vault: Vault, rid: int) -> None:
 
 
 def remove_remote(vault: Vault, name: str, wrap=None, background: bool = False) -> RepairReport:
-    """Take a remote out of the vault: rebuild its shards on the others, then delete what it
-    held (best effort; an unreachable remote keeps its encrypted objects). ``background``:
-    as :func:`repair`'s."""
-    rid, spec = find_remote(vault, name)
+    """Take a remote out of the vault: rebuild its shards on the others (reading its own
+    shards too while it is reachable), then clear what it held. ``background``: as
+    :func:`repair`'s. A rerun finishes a removal that was cut short (its remote already
+    marked removed, shards of live segments still placed on it).
+
+    Refused before anything changes (NotEnoughRemotes) when a segment would keep fewer than
+    k shards on the other remotes and the departing one cannot be read. When the rebuild
+    still fails (``report.unrecoverable``) the remote stays in the vault, active, and nothing
+    is deleted from it (the shards already rebuilt elsewhere stay there; its old copies of
+    them are foreign to the next audit). Clearing deletes only the objects this index names
+    there, moves the others to its ``quarantine/``, and deletes nothing at all while the
+    remotes hold another branch (:meth:`chain.Survey.hold`, docs/design.md invariant 8)."""
+    try:
+        rid, spec = find_remote(vault, name)
+        resuming = False
+    except BadRemote:  # a removal cut short (kill, crash) is finished from where it stopped
+        rid, spec = find_remote(vault, name, active_only=False)
+        if not segment_table.placed_live_on(vault.index, rid):
+            raise  # it left the vault, and nothing live is on it: nothing to finish
+        resuming = True
     _guard_removal(vault, rid)
-    with vault.index.tx() as db:
-        remote_table.remove(db, rid)
-    report = repair(vault, wrap=wrap, background=background)
+    label = Remote(spec).label
+    b = open_backend(spec, rid, fail_fast=True, wrap=wrap)
+    _guard_departure(vault, rid, b)
+    known = segment_table.object_names(vault.index, rid)  # before the rebuild renames them
+    if not resuming:
+        with vault.index.tx() as db:
+            remote_table.remove(db, rid)
+    report = repair(vault, wrap=wrap, background=background, departing=rid)
     if report.unrecoverable:
+        with vault.index.tx() as db:
+            remote_table.rejoin(db, rid)
+            vault.mark_unshipped(db)
+        report.manifest_seq = vault.ship_index()  # the remote is named again, and gets it
+        report.errors.update(vault.flush().errors)
+        report.errors[label] = (
+            "not removed: the rebuild above failed, so it stays in the vault as a member and "
+            "nothing was deleted from it; run `vaultfs repair` (with --source to re-read the "
+            "live files), then remove it again"
+        )
         return report
     segment_table.release_departed(vault.index, rid)
     if vault.immutable:  # its objects stay where they are (Vault.immutable)
         return report
-    b = open_backend(spec, rid, fail_fast=True, wrap=wrap)
+    _clear_departed(vault, b, label, known, report)
+    return report
+
+
+def _guard_departure(vault: Vault, rid: int, b: Backend) -> None:
+    """Refuse (NotEnoughRemotes) to remove remote ``rid`` when a live segment would keep
+    fewer than k shards on the other active remotes and ``b`` (the departing one) cannot be
+    listed, so its shards cannot be read for the rebuild."""
+    short = segment_table.short_without(vault.index, rid)
+    if not short:
+        return
+    try:
+        b.list("manifests")
+    except RemoteError as e:
+        raise NotEnoughRemotes(
+            f"cannot remove {b.label}: {len(short)} segment(s) (first: {short[0]}) keep fewer "
+            f"than k shards on the other remotes, and it is unreachable to rebuild them from "
+            f"({e.message}); nothing was changed. Retry when it is back, or run `vaultfs "
+            "repair` first if the other remotes lost shards"
+        ) from None
+
+
+def _clear_departed(
+    vault: Vault, b: Backend, label: str, known: set[str], report: RepairReport
+) -> None:
+    """Delete from departed remote ``b`` the objects of this index's chain (``known``: its
+    shard names there, and this chain's manifests) and move the rest to its ``quarantine/``;
+    nothing at all while a survey of every remote, ``b`` too, finds another branch or could
+    not look everywhere (docs/design.md invariant 8). Garbage rows stay for
+    :func:`rotation.collect_garbage`. A remote that fails keeps its objects."""
+    found = chain.survey(vault.keys, vault.index, [*vault.remotes(), b])
+    if held := found.hold():
+        report.fork = found.describe()
+        report.errors[label] = (
+            f"left its objects in place: {held}; they are this vault's, encrypted, and the "
+            "location can be emptied by hand once no branch needs them"
+        )
+        return
+    mine = known | manifest_table.chain_names(vault.index)
+    later = {name for name, rid, _kind, _seq in manifest_table.garbage(vault.index) if rid == b.rid}
     try:
         for sub in (*segment.KIND_NAMES.values(), "manifests"):
-            names = b.list(sub)
-            b.delete(sub, names)
-            report.deleted += [f"{Remote(spec).label}:{sub}/{n}" for n in names]
+            names = [n for n in b.list(sub) if n not in later]
+            b.delete(sub, [n for n in names if n in mine])
+            report.deleted += [f"{label}:{sub}/{n}" for n in names if n in mine]
+            b.quarantine(sub, [n for n in names if n not in mine])
+            report.quarantined += [f"{label}:{sub}/{n}" for n in names if n not in mine]
     except RemoteError as e:
-        report.errors[Remote(spec).label] = f"left its objects in place: {e.message}"
-    return report
+        report.errors[label] = f"left its objects in place: {e.message}"
 
 
 def replace_remote(

@@ -20,7 +20,9 @@ Re-encryption (``reencrypt``) moves every data segment to a new epoch under a ta
    authenticated policy, every later manifest body), and the index is shipped again. Readers
    from then on refuse data, keyrings and manifests under a retired suite.
 5. The replaced shards are deleted from the remotes (``garbage`` table; retried on later runs
-   when a remote is down).
+   when a remote is down). Never while the remotes hold another branch (a fork): its
+   manifests, even under the suite step 4 just retired, may reference them
+   (:func:`collect_garbage`).
 
 Until step 4 the vault stays readable through both the old manifests (old shards are not yet
 deleted) and the local index (both epochs' keys are loaded).
@@ -61,6 +63,7 @@ class ReencryptReport:
     retired: list[int] = field(default_factory=list)
     garbage_deleted: int = 0
     garbage_left: int = 0
+    garbage_held: str = ""  # why no garbage was deleted (chain.Survey.hold)
 
 
 def parse_suite(name: str) -> int:
@@ -188,7 +191,8 @@ def reencrypt(
     report.retired = retire
     keyring.clear_reencrypt_target(v.index)
     # 5. delete replaced shards from the remotes
-    report.garbage_deleted, report.garbage_left = collect_garbage(v)
+    gc = collect_garbage(v)
+    report.garbage_deleted, report.garbage_left, report.garbage_held = gc.deleted, gc.left, gc.held
     return report
 
 
@@ -233,19 +237,31 @@ def _flush_complete(v: Vault, seq: int, what: str) -> None:
     )
 
 
-def collect_garbage(v: Vault) -> tuple[int, int]:
+@dataclass
+class Collected:
+    """What one :func:`collect_garbage` did."""
+
+    deleted: int = 0  # objects deleted from remotes
+    left: int = 0  # garbage objects left for a later run
+    held: str = ""  # why nothing was deleted this time (chain.Survey.hold)
+
+
+def collect_garbage(v: Vault) -> Collected:
     """Delete replaced shard objects from their remotes once no placed manifest needs them.
 
     Only objects whose replacing manifest (``garbage.seq``) is recorded and has left the
-    upload queue are deleted, and none while the remotes hold manifests off this index's chain (a fork: the
-    other branch may still use them; :mod:`vaultfs.chain`). Returns (deleted, left for a
-    later run). An immutable vault deletes nothing and leaves nothing for later: its garbage
-    rows stay as the record of what the remotes keep (:attr:`Vault.immutable`).
+    upload queue are deleted, and none at all unless a survey (:mod:`vaultfs.chain`) of every
+    remote's ``manifests/`` read each name off this index's chain and found no validly
+    signed one there (a fork, under any suite, retired or not: the other branch may still
+    use them, docs/design.md invariant 8). An immutable vault deletes nothing and leaves
+    nothing for later: its garbage rows stay as the record of what the remotes keep
+    (:attr:`Vault.immutable`).
     """
     if v.immutable:
-        return 0, 0
-    if chain.survey(v.keys, v.index, v.remotes()).others:
-        return 0, manifests.garbage_count(v.index)
+        return Collected()
+    held = chain.survey(v.keys, v.index, v.remotes()).hold()
+    if held:
+        return Collected(left=manifests.garbage_count(v.index), held=held)
     pending_min = min(manifests.queued_seqs(v.index), default=None)
     newest = manifests.newest(v.index)
     recorded = newest[0] if newest else 0  # a replacing manifest not even recorded yet waits
@@ -272,4 +288,4 @@ def collect_garbage(v: Vault) -> tuple[int, int]:
             continue
         manifests.forget_garbage(v.index, names)
         deleted += len(names)
-    return deleted, manifests.garbage_count(v.index)
+    return Collected(deleted, manifests.garbage_count(v.index))

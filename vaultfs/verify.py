@@ -244,10 +244,13 @@ class AuditReport:
     seconds: float = 0.0
     manifest_seq: int = 0
     unsigned_segments: int = 0
+    #: live segments with fewer than k placed or queued shards on the active remotes (their
+    #: other shards on a remote that left the vault, or known lost): never clean
+    below_k: list[int] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
-        return all(r.clean for r in self.remotes)
+        return not self.below_k and all(r.clean for r in self.remotes)
 
     @property
     def complete(self) -> bool:
@@ -258,7 +261,7 @@ class AuditReport:
         """Whether a remote was found missing, corrupt, stale, foreign or unlocked objects,
         serves an old manifest or holds a fork: what the report's advice acts on (unreachable
         remotes are not)."""
-        return any(
+        return bool(self.below_k) or any(
             r.missing
             or r.corrupt
             or r.stale
@@ -509,7 +512,7 @@ class _RemoteAuditor:
         for nm in [nm for nm in names if nm in ours] + others[: chain.MAX_READS]:
             if nm in ours and best is not None:
                 continue
-            m = self._read_manifest(nm)
+            m = self._read_manifest(nm, branch=nm not in ours)
             if m is None:
                 continue
             if nm in ours:
@@ -575,16 +578,19 @@ class _RemoteAuditor:
                 if mp.is_file() and mp.stat().st_size <= manifest.MAX_BYTES:
                     self.prefetched[nm] = mp.read_bytes()
 
-    def _read_manifest(self, nm: str) -> manifest.Manifest | None:
+    def _read_manifest(self, nm: str, branch: bool = False) -> manifest.Manifest | None:
         """Manifest ``nm`` of this remote, verified; None (and a ``foreign`` finding for a
-        forged or misnamed one) when it is not a valid manifest."""
+        forged or misnamed one) when it is not a valid manifest. ``branch``: a name off this
+        index's chain, read with :func:`manifest.read_branch` (a suite retired since is no
+        reason to call another branch's manifest forged)."""
         try:
             blob = self.prefetched.pop(nm, None) or self.b.cat(
                 "manifests", nm, 0, manifest.MAX_BYTES + 1
             )
             if len(blob) > manifest.MAX_BYTES:
                 raise IntegrityError("longer than a manifest can be; not read further")
-            m = manifest.read(self.ctx.keys, blob)
+            read = manifest.read_branch if branch else manifest.read
+            m = read(self.ctx.keys, blob)
         except ObjectMissing:
             return None
         except IntegrityError as e:
@@ -1027,4 +1033,5 @@ def audit(
         time.monotonic() - t0,
         ctx.anchor.seq,
         unsigned,
+        segments.short_without(vault.index),
     )

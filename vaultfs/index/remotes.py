@@ -67,6 +67,12 @@ def remove(db: sqlite3.Connection, rid: int) -> None:
     db.execute("DELETE FROM manifest_queue WHERE remote=?", (rid,))
 
 
+def rejoin(db: sqlite3.Connection, rid: int) -> None:
+    """Undo :func:`remove` of remote ``rid`` (a removal whose rebuild failed): a member
+    again; the next shipped manifest is queued for it as for every active remote."""
+    db.execute("UPDATE remotes SET state='active' WHERE id=?", (rid,))
+
+
 def every(index: Index) -> list[RemoteRow]:
     """Every remote the vault has known (active and removed), in placement order."""
     return [

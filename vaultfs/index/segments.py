@@ -402,6 +402,35 @@ def healthy_counts(index: Index) -> dict[int, int]:
     )
 
 
+def placed_live_on(index: Index, remote: int) -> int:
+    """How many shards of live segments (:func:`live_shards`' sense) are placed on
+    ``remote``."""
+    row = index.one(
+        "SELECT count(*) FROM shards s JOIN segments g ON g.id = s.segment"
+        f" WHERE s.remote=? AND s.state='placed' AND {_LIVE}",
+        (remote,),
+    )
+    assert row is not None
+    return row[0]
+
+
+def short_without(index: Index, remote: int | None = None) -> list[int]:
+    """Ids of the live segments (:func:`live_shards`' sense) with fewer than k placed or
+    queued shards on the active remotes (other than ``remote``): below k where the vault
+    reads, and with ``remote``, those a removal of it can rebuild only from its own shards."""
+    return [
+        sid
+        for (sid,) in index.q(
+            "SELECT g.id FROM segments g WHERE "
+            + _LIVE
+            + " AND (SELECT count(*) FROM shards s JOIN remotes r ON r.id = s.remote"
+            " WHERE s.segment = g.id AND s.state IN ('placed', 'queued') AND r.state = 'active'"
+            " AND s.remote IS NOT ?) < g.k ORDER BY g.id",
+            (remote,),
+        )
+    ]
+
+
 def object_names(index: Index, remote: int | None = None) -> set[str]:
     """Object names of every shard the index has (on remote ``remote``; None: anywhere)."""
     if remote is None:

@@ -165,7 +165,7 @@ class UploadQueue:
             report.pending[r.label] = segments.queued_count(self.index, r.rid)
         report.manifests_pending = manifests.pending_uploads(self.index)
         if report.manifests_pending == 0 and not report.errors:
-            self.prune_index_copies()
+            self.prune_index_copies(survey=survey)
         return report
 
     def prepush(self) -> None:
@@ -273,13 +273,17 @@ class UploadQueue:
                 remote_table.record_result(self.index, r.rid, msg)
         return {rid: msg is None for rid, msg in done.items()}
 
-    def prune_index_copies(self, keep: int | None = None) -> int:
+    def prune_index_copies(
+        self, keep: int | None = None, survey: Callable[[], chain.Survey] | None = None
+    ) -> int:
         """Delete the manifests older than the newest ``keep`` and the meta segments none of
         the kept ones names (a segment a kept manifest names a block in stays).
 
         Called only after a flush placed every manifest on every remote (invariant 6: an old
         index copy is deleted only once newer ones are placed); an immutable vault deletes
-        nothing. Returns objects deleted;
+        nothing, and nothing is deleted while the remotes hold another branch, whose index
+        may name blocks in this chain's older meta segments (invariant 8: ``survey``, the
+        flush's, else one taken here; :meth:`chain.Survey.hold`). Returns objects deleted;
         a remote that fails keeps its old copies until the next successful flush.
         """
         if self.immutable:  # an append-only vault keeps every index copy (Vault.immutable)
@@ -291,6 +295,11 @@ class UploadQueue:
         cutoff = seqs[keep - 1]
         old_shards = segments.placed_unreferenced_meta(self.index, cutoff)
         old_mans = manifests.names_before(self.index, cutoff)
+        if not old_shards and not old_mans:
+            return 0
+        found = survey() if survey else chain.survey(self.keys, self.index, self.remotes())
+        if found.hold():
+            return 0
         counts: dict[int, int] = {}
         failed: list[int] = []
 
