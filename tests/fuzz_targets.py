@@ -252,8 +252,10 @@ class _FakeDaemon:
     def __init__(self, result: object) -> None:
         self.result = result
 
-    def call(self, method: str, params: dict, timeout: float = 0) -> object:
-        return self.result
+    def call(self, method: str, params: dict, timeout: float = 0, object_hook=None) -> object:
+        if object_hook is None:
+            return self.result
+        return json.loads(json.dumps(self.result), object_hook=object_hook)
 
 
 class _FakeRc(RcloneRc):

@@ -313,7 +313,7 @@ def _adopt_newest(
             sh = built[s.idx]
             if sh.hash != s.hash or len(sh.body) != s.size:
                 raise IntegrityError(f"{what}: shard {s.idx} does not come out as signed")
-            holders = [rid_of[b.spec] for b in src.where.get(s.name, []) if b.spec in rid_of]
+            holders = [rid_of[b.spec] for b in src.holders(s.name) if b.spec in rid_of]
             rid = holders[0] if holders else placement[s.idx]
             rows.append((s.idx, s.name, rid, s.size, s.hash, sh.blocks, sh.root))
             shards.append(segment.Shard(s.idx, s.name, sh.body, sh.hash, sh.blocks, sh.root))

@@ -33,8 +33,9 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import BadRemote, ObjectMissing, RemoteError, ThawNeeded, Unreachable, VaultError
 
@@ -474,8 +475,16 @@ class RcloneDaemon:
             data = data[offset:] if count < 0 else data[offset : offset + count]
         return data
 
-    def call(self, method: str, params: dict, timeout: float = 3600) -> dict:
-        """POST one rc call; returns its JSON result or raises :class:`RcError`."""
+    def call(
+        self,
+        method: str,
+        params: dict,
+        timeout: float = 3600,
+        object_hook: Callable[[dict], object] | None = None,
+    ) -> dict:
+        """POST one rc call; returns its JSON result or raises :class:`RcError`. With
+        ``object_hook``, each JSON object of a successful answer is parsed through it
+        (:func:`json.loads`), so a large answer need not exist as dicts all at once."""
         body = json.dumps(params).encode()
         conn = _UnixHTTPConnection(self.sock, timeout)
         try:
@@ -488,12 +497,31 @@ class RcloneDaemon:
         finally:
             conn.close()
         try:
-            out = json.loads(data or b"{}")
+            out = json.loads(data or b"{}", object_hook=object_hook if resp.status == 200 else None)
         except ValueError:
             raise RcError(f"rclone rcd answered {resp.status} with no JSON", resp.status) from None
         if resp.status != 200:
             raise RcError(str(out.get("error") or f"HTTP {resp.status}"), resp.status)
         return out
+
+
+class _Entry(NamedTuple):
+    """One file of an operations/list answer."""
+
+    name: str
+    path: str
+    #: -1 when rclone gave none
+    size: int
+
+
+def _entry(o: dict) -> object:
+    """``object_hook`` of an operations/list answer: each object with a string "Name" and
+    "Path" becomes an :class:`_Entry`; any other (the answer itself, with its "list", or a
+    malformed entry, which the caller then refuses) stays a dict."""
+    name, path, size = o.get("Name"), o.get("Path"), o.get("Size")
+    if "list" in o or not isinstance(name, str) or not isinstance(path, str):
+        return o
+    return _Entry(name, path, size if type(size) is int else -1)
 
 
 class RcError(Exception):
@@ -765,40 +793,46 @@ class RcloneRc(Remote):
             raise Unreachable(f"{self.label}: {what} failed: rclone rcd could not be started")
         return d
 
-    def _call(self, method: str, params: dict, what: str) -> dict:
-        """One rc call; a failure is raised as :func:`classify` maps it."""
+    def _call(
+        self,
+        method: str,
+        params: dict,
+        what: str,
+        object_hook: Callable[[dict], object] | None = None,
+    ) -> dict:
+        """One rc call (see :meth:`RcloneDaemon.call`); a failure is raised as
+        :func:`classify` maps it."""
         try:
-            return self._daemon(what).call(method, params)
+            return self._daemon(what).call(method, params, object_hook=object_hook)
         except RcError as e:
             raise classify(self.label, what, e.message, http_status=e.status) from None
 
-    def _call_absent_ok(self, method: str, params: dict, what: str) -> dict | None:
+    def _call_absent_ok(
+        self,
+        method: str,
+        params: dict,
+        what: str,
+        object_hook: Callable[[dict], object] | None = None,
+    ) -> dict | None:
         """:meth:`_call`, with None when the object or folder does not exist."""
         try:
-            return self._call(method, params, what)
+            return self._call(method, params, what, object_hook)
         except ObjectMissing:
             return None
 
-    def _list(self, sub: str, recurse: bool) -> list[dict]:
-        """operations/list of the files under ``sub`` (empty when it does not exist): each
-        entry has a string "Name" and "Path" and an integer "Size" (-1 when rclone gave
-        none); RemoteError for a listing of any other shape."""
+    def _list(self, sub: str, recurse: bool) -> list[_Entry]:
+        """operations/list of the files under ``sub`` (empty when it does not exist), each
+        entry parsed straight into an :class:`_Entry` (a listing of thousands of objects is
+        never held as dicts); RemoteError for a listing of any other shape."""
         opt = {"filesOnly": True, "noModTime": True, "noMimeType": True, "recurse": recurse}
         params = {"fs": self.spec, "remote": sub, "opt": opt}
-        out = self._call_absent_ok("operations/list", params, f"list {sub or 'the remote'}")
+        what = f"list {sub or 'the remote'}"
+        out = self._call_absent_ok("operations/list", params, what, _entry)
         if out is None:
             return []
         listing = out.get("list") if isinstance(out, dict) else None
-        if not isinstance(listing, list) or not all(
-            isinstance(o, dict)
-            and isinstance(o.get("Name"), str)
-            and isinstance(o.get("Path"), str)
-            for o in listing
-        ):
+        if not isinstance(listing, list) or not all(type(o) is _Entry for o in listing):
             raise RemoteError(f"{self.label}: rclone returned a malformed listing")
-        for o in listing:
-            if type(o.get("Size")) is not int:
-                o["Size"] = -1
         return listing
 
     def ensure(self) -> None:
@@ -806,15 +840,15 @@ class RcloneRc(Remote):
         self._call("operations/list", {"fs": self.spec, "remote": ""}, "list")
 
     def list(self, sub: str) -> list[str]:
-        return [o["Name"] for o in self._list(sub, False)]
+        return [o.name for o in self._list(sub, False)]
 
     def list_sizes(self, sub: str) -> dict[str, int]:
-        return {o["Name"]: o["Size"] for o in self._list(sub, False)}
+        return {o.name: o.size for o in self._list(sub, False)}
 
     def list_tree(
         self, subs: tuple[str, ...] = ("data", "meta", "manifests")
     ) -> dict[str, dict[str, int]]:
-        return _tree([(o["Path"], o["Size"]) for o in self._list("", True)], subs)
+        return _tree([(o.path, o.size) for o in self._list("", True)], subs)
 
     def cat(self, sub: str, name: str, offset: int = 0, count: int = -1) -> bytes:
         if count == 0:

@@ -46,6 +46,7 @@ from .index.lazy import LazyIndex, open_lazy
 from .index.shipped import BlockPlan, ShippedObjects
 from .indexblocks import Location
 from .keys import SLHDSA_BY_SIG_ALG, VaultKeys
+from .listing import Listed, compact
 from .names import display, fs_path, xattrs_from_db
 from .remotes import needs_thaw
 from .shardreader import ShardRef, preference, read_segment
@@ -150,9 +151,11 @@ class ShardSource:
             for r in remotes:
                 if (d := r.local_dir) is not None:
                     self.in_place[r.spec] = d
-        self.where: dict[str, list[Backend]] = defaultdict(list)
-        #: spec -> sub -> {name: listed size (-1: the remote did not say)}
-        self.listed: dict[str, dict[str, dict[str, int]]] = {}
+        #: spec -> sub -> {name: listed size (-1: the remote did not say)}, of the remotes
+        #: :meth:`list_all` took in (compact: :mod:`vaultfs.listing`)
+        self.listed: dict[str, dict[str, Listed]] = {}
+        #: (spec, name) of the objects a remote listed at another size than expected
+        self._wrong: set[tuple[str, str]] = set()
         self.local: dict[str, Path] = {}
         #: specs whose listing :meth:`list_all` took in
         self._taken: set[str] = set()
@@ -256,13 +259,13 @@ class ShardSource:
             total += rep.bytes_read
         return total
 
-    def _list_one(self, r: Backend) -> dict[str, dict[str, int]] | RemoteError:
-        try:
-            return r.list_tree(("data", "meta", "manifests"))
+    def _list_one(self, r: Backend) -> dict[str, Listed] | RemoteError:
+        try:  # made compact here, in the listing's thread: no full-size listing outlives it
+            return compact(r.list_tree(("data", "meta", "manifests")))
         except RemoteError as e:
             return e
 
-    def _listing(self, r: Backend) -> dict[str, dict[str, int]]:
+    def _listing(self, r: Backend) -> dict[str, Listed]:
         """The one listing of ``r`` (started by :meth:`start`); raises RemoteError."""
         if self._ex is None:
             self.start(manifests=False)
@@ -342,12 +345,24 @@ class ShardSource:
                 rep.reachable, rep.error = False, tree.message
                 continue
             self.listed[r.spec] = tree
-            names = [nm for sub in ("data", "meta") for nm in tree[sub]]
-            rep.objects = len(names)
-            for nm in names:
-                self.where[nm].append(r)
+            rep.objects = len(tree["data"]) + len(tree["meta"])
         if self._ex is not None:
             self._ex.shutdown(wait=not skip)
+
+    def holders(self, name: str) -> list[Backend]:
+        """The remotes taken in by :meth:`list_all` that listed shard object ``name`` (under
+        ``data/`` or ``meta/``), in the order of :attr:`remotes`, except those :meth:`refs`
+        found listing it at another size than expected."""
+        out = []
+        for r in self.remotes:
+            tree = self.listed.get(r.spec)
+            if (
+                tree is not None
+                and (name in tree["data"] or name in tree["meta"])
+                and (r.spec, name) not in self._wrong
+            ):
+                out.append(r)
+        return out
 
     def reject(self, r: Backend, what: str) -> None:
         """Name an object ``r`` served or listed wrongly in its report."""
@@ -361,12 +376,11 @@ class ShardSource:
         out: list[ShardRef] = []
         for idx, name, h, size in shards:
             if name not in self.local:
-                holders = self.where.get(name)
+                holders = self.holders(name)
                 if not holders:
                     continue
                 right = [r for r in holders if self._listed_right(r, kind, name, size)]
-                if len(right) != len(holders):
-                    self.where[name] = right
+                self._wrong.update((r.spec, name) for r in holders if r not in right)
                 if not right:
                     continue
             out.append(ShardRef(idx, name, h, local=name in self.local, size=size))
@@ -390,7 +404,7 @@ class ShardSource:
         def tier(ref: ShardRef) -> int:
             if ref.local or ref.name in self.staged:
                 return 0
-            return min((tiers.get(h.spec, 0) for h in self.where.get(ref.name, [])), default=1)
+            return min((tiers.get(h.spec, 0) for h in self.holders(ref.name)), default=1)
 
         return sorted(refs, key=lambda r: (tier(r), preference(r, k)))[:k]
 
@@ -420,7 +434,7 @@ class ShardSource:
             if name in self.staged:
                 got[name] = self.staged[name]
                 continue
-            cands = self.where.get(name) or []
+            cands = self.holders(name)
             if not cands:
                 continue
             here = [c for c in cands if c.spec in self.in_place]
@@ -460,7 +474,7 @@ class ShardSource:
         or at most one byte more than expected); None if none can. Each remote that fails is
         named in ``warnings``."""
         assert ref.size is not None
-        for r in self.where.get(ref.name, []):
+        for r in self.holders(ref.name):
             if r.label == skip:
                 continue
             body: segment.Body | str
@@ -489,7 +503,7 @@ class ShardSource:
         assert ref.size is not None and 0 <= lo <= hi <= ref.size
         paths = [(self.local[ref.name], "the upload queue", None)] if ref.name in self.local else []
         remote: list[Backend] = []
-        for r in self.where.get(ref.name, []):
+        for r in self.holders(ref.name):
             if r.spec in self.in_place:
                 paths.append((self.in_place[r.spec] / kind / ref.name, r.label, r.spec))
             else:
