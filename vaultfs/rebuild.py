@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import erasure, manifest, merkle, segment
+from . import chain, erasure, manifest, merkle, segment
 from .backends import Backend, open_backend
 from .errors import InputError, IntegrityError, NotEnoughRemotes, RemoteError, Rollback, VaultError
 from .index import Index, keyring, segments, snapshots
@@ -47,7 +47,7 @@ from .index import manifests as manifest_table
 from .index import remotes as remote_table
 from .index.shipped import ShippedObjects
 from .keys import VaultKeys, write_keyfile
-from .restore import ShardSource, find_manifest, index_description, open_remote_index
+from .restore import ShardSource, index_description, open_remote_index
 from .shardreader import ShardRef, read_segment
 from .vault import Vault
 from .vault.home import index_path, install, keyfile_path, rebuild_staging
@@ -136,7 +136,7 @@ def rebuild_home(
             reconcile(index, queue)  # shards the lost home had queued: presumed placed
             snaps = snapshots.summary(index)[0]
             kept = [spec for rid, spec in remote_table.active(index) if rid not in matched]
-        _check_others(keys, kept, m, [b.spec for b in remotes])
+            _check_others(keys, index, kept, m, [b.spec for b in remotes])
         if keyfile is not None:
             shutil.copyfile(keyfile, keyfile_path(staging))
         else:
@@ -163,33 +163,29 @@ def rebuild_home(
 
 
 def _check_others(
-    keys: VaultKeys, others: list[str], m: manifest.Manifest, given: list[str]
+    keys: VaultKeys, index: Index, others: list[str], m: manifest.Manifest, given: list[str]
 ) -> None:
     """Rollback when one of ``others`` (the vault's remotes not given, by their old specs)
-    holds a validly signed manifest newer than ``m``, the one rebuilt from. One that cannot
-    be reached, or holds nothing of this vault, says nothing (it is named by ``verify``)."""
+    holds a validly signed manifest newer than ``m``, the one rebuilt from (``index`` holds
+    its chain). One that cannot be reached, holds nothing of this vault, or has not listed
+    its manifests within :data:`chain.CHECK_BOUND` says nothing (it is named by ``verify``):
+    the look is :func:`chain.survey`'s, bounded like a backup's."""
     backends = []
     for spec in others:
         with contextlib.suppress(VaultError):  # a spec this machine cannot open: unreachable
             backends.append(open_backend(spec))
     if not backends:
         return
-    src = ShardSource(backends)
-    src.start()
-    try:
-        newest, _warnings = find_manifest(keys, src)
-    except VaultError:  # none reachable, none holding a valid manifest of this vault
+    newer = [s for s in chain.survey(keys, index, backends).others if s.manifest.seq > m.seq]
+    if not newer:
         return
-    finally:
-        src.stop()
-    if newest.seq <= m.seq:
-        return
-    holders = [r.label for r in src.remotes if src.reports[r.spec].best_seq == newest.seq]
+    newest = max(newer, key=lambda s: s.manifest.seq)
+    holders = newest.holders
     raise Rollback(
         f"the remotes given ({', '.join(given)}) are behind: their newest manifest is "
         f"{m.link.short}, but {', '.join(holders)} (a remote of this vault, not given) holds "
         f"{newest.link.short}. Nothing was written. Rebuild from remotes including it, up to "
-        f"date with #{newest.seq}: `vaultfs home rebuild --from {holders[0]} --from ...`"
+        f"date with #{newest.manifest.seq}: `vaultfs home rebuild --from {holders[0]} --from ...`"
     )
 
 
