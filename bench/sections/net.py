@@ -298,12 +298,7 @@ def _one_run(ctx: Context, netw: Network, root: Path, src: Path, i: int) -> dict
     netw.set_link(SLOWED, NORMAL)
 
     # 4. repair of a lost remote
-    log(f"vaultfs repair of remote 3 ({stored[LOST] / MB:.0f} MB)")
-    out["rep"] = _repair(ctx, v, stored)
-    rss.append(out["rep"]["peak_rss"])
-    out["identical"] = all(ok)
-    out["peak_rss"] = max(rss)
-    return out
+    return _repaired(ctx, v, stored, log, out, ok, rss)
 
 
 def _backups_and_restores(
@@ -416,6 +411,20 @@ def _full_run(ctx: Context, netw: Network, root: Path, dump: Path, i: int) -> di
         _slowed(ctx, netw, root, dump, "f", stored, log, out, ok, rss)
     finally:
         netw.set_link(SLOWED, NORMAL)
+    return _repaired(ctx, v, stored, log, out, ok, rss)
+
+
+def _repaired(
+    ctx: Context,
+    v: _Vault,
+    stored: list[int],
+    log: Callable[[str], None],
+    out: dict,
+    ok: list[bool],
+    rss: list[int],
+) -> dict:
+    """Step 4 (repair of remote 3, on the normal links) into ``out``, then the run's totals
+    (every restore identical, the largest vaultfs peak RSS); returns ``out``."""
     log(f"vaultfs repair of remote 3 ({stored[LOST] / MB:.0f} MB)")
     out["rep"] = _repair(ctx, v, stored)
     rss.append(out["rep"]["peak_rss"])
