@@ -328,8 +328,10 @@ for r in remotes:
     for i, p in enumerate(paths):
         other = paths[i - 1]
         attack("deletefile", f"{r}/{p}")
-        attack("copyto", junk + "/ransom.txt", f"{r}/{p}")  # overwrite
-        attack("copyto", f"{r}/{other}", f"{r}/{p}")  # server-side copy over it
+        # --ignore-times: rclone would otherwise skip (and exit 0 for) a copy whose source has
+        # the size and modification time (S3: to the second) of the object it replaces
+        attack("copyto", "--ignore-times", junk + "/ransom.txt", f"{r}/{p}")  # overwrite
+        attack("copyto", "--ignore-times", f"{r}/{other}", f"{r}/{p}")  # server-side copy
         attack("moveto", f"{r}/{p}", f"{r}/{p}.locked")
     # what it can do: add objects of its own (a forged manifest, a junk shard)
     subprocess.run([rclone, "copyto", junk + "/ransom.txt", f"{r}/manifests/9999999999999999-deadbeef"])
