@@ -98,6 +98,10 @@ REBUILDERS = int(
 #: The rebuild workers' nice value for background work (the mount daemon's maintenance):
 #: the FUSE side's requests and stores come first (docs/mount.md, "Foreground first").
 BACKGROUND_NICE = 10
+#: Batches handed to the rebuild workers and not yet committed: one being committed (its
+#: objects fsync'd, its transaction) while the workers rebuild the next two, so they never
+#: wait for a commit (docs/benchmarks.md, "audit").
+FLIGHT = 2
 #: Threads fsyncing a batch's new objects at once (:func:`vault.queue.sync_files`): about one
 #: per object of a batch that lost one shard per segment.
 FSYNC_THREADS = BATCH_SEGMENTS
@@ -824,9 +828,10 @@ def _rebuild_all(
     (:func:`_rebuild_job`), and this thread, once the whole batch is rebuilt, fsyncs its
     new objects all at once on :data:`FSYNC_THREADS` threads (they share journal commits),
     queues them and commits the batch in one transaction (:func:`_commit_batch`; invariant
-    7), then starts uploading it in the background (:meth:`Vault.prepush`). One batch
-    downloads while at most two are rebuilt or committed, which bounds the staged objects;
-    the workers hold one segment's objects each.
+    7), then starts uploading it in the background (:meth:`Vault.prepush`); it commits
+    each batch as soon as it is rebuilt, while the workers have the next :data:`FLIGHT`
+    queued. One batch downloads while at most ``FLIGHT + 1`` are rebuilt or committed,
+    which bounds the staged objects; the workers hold one segment's objects each.
     Returns (old path, old remote) of objects to delete once the new ones are placed."""
     old_objects: list[tuple[str, int]] = []
     with tempfile.TemporaryDirectory(prefix="vaultfs-repair-") as tmp:
@@ -898,7 +903,10 @@ def _rebuild_all(
                 got = nxt.result()
                 nxt = pre.submit(download, bi + 1) if bi + 1 < len(batches) else None
                 flight.append((got, [work.submit(_rebuild_job, job) for job, _t in got.jobs]))
-                if len(flight) > 1:
+                # every batch already rebuilt is committed now, and the oldest anyway once
+                # FLIGHT are out: the workers keep a whole batch queued while this thread
+                # fsyncs and commits another, instead of idling until it is done
+                while flight and (len(flight) > FLIGHT or all(f.done() for f in flight[0][1])):
                     finish(*flight.popleft())
             while flight:
                 finish(*flight.popleft())
