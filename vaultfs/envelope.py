@@ -16,9 +16,10 @@ Metadata blob (the exported index, manifest bodies): the same construction with 
 key as ikm, info "vaultfs/v1/meta" ‖ kind ‖ salt, and associated data
 "VFS1" ‖ version ‖ suite ‖ vault id ‖ kind (kind is b"index", or b"manifest" ‖ seq(8, BE)).
 
-``salt`` is 16 random bytes per record; the optional ``salt=`` argument of :func:`seal_chunk`
-and :func:`seal_meta` exists only so test vectors are reproducible (never pass it otherwise:
-reusing a salt for the same chunk id or kind reuses the AES-GCM key and nonce).
+``salt`` is 16 random bytes per record; the optional ``salt=`` argument of :func:`seal_chunk`,
+:func:`seal_payload_into` and :func:`seal_meta` exists only so test vectors are reproducible
+(and so a sealer draws a job's salts in one call); never pass a salt otherwise: reusing one
+for the same chunk id or kind reuses the AES-GCM key and nonce.
 """
 
 from __future__ import annotations
