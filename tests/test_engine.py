@@ -62,6 +62,25 @@ def test_data_key_wrap_is_hybrid_pq_and_bound_to_epoch():
         VaultKeys.from_seed(new_seed()).unwrap_data_key(3, wrapped)
 
 
+def test_a_record_sealed_in_place_is_the_record_seal_chunk_gives():
+    """The sealers' path (compress, then encrypt into a slice of the open segment) writes the
+    bytes of :func:`envelope.seal_chunk` and leaves the rest of the buffer alone; a buffer of
+    the wrong size is refused before anything is written."""
+    vid, dk, cid, salt = os.urandom(16), os.urandom(32), os.urandom(32), os.urandom(16)
+    data = memoryview(b"a chunk of a dump\n" * 300)
+    payload = envelope.compress(data)
+    n = envelope.record_len(payload)
+    seg = bytearray(b"\xee" * (n + 20))
+    envelope.seal_payload_into(memoryview(seg)[10 : 10 + n], dk, vid, cid, payload, salt=salt)
+    assert bytes(seg[10 : 10 + n]) == envelope.seal_chunk(dk, vid, cid, data, salt=salt)
+    assert seg[:10] == seg[10 + n :] == b"\xee" * 10
+    assert envelope.open_chunk(dk, vid, cid, seg[10 : 10 + n]) == bytes(data)
+    short = bytearray(n - 1)
+    with pytest.raises(ValueError, match="record_len"):
+        envelope.seal_payload_into(short, dk, vid, cid, payload, salt=salt)
+    assert short == bytearray(n - 1)
+
+
 def test_chunk_record_roundtrip_commitment_and_tamper():
     keys = VaultKeys.from_seed(new_seed())
     dk, cid = os.urandom(32), os.urandom(32)

@@ -70,6 +70,29 @@ def test_sampling_math() -> None:
         verify_mod.checks_needed(1.0, 0.01)
 
 
+@pytest.mark.parametrize(
+    "size",
+    [0, 1, audittag.PIECE, audittag.PIECE + 1, merkle.BLOCK_SIZE, merkle.BLOCK_SIZE + 1,
+     2 * merkle.BLOCK_SIZE + 100],
+)  # fmt: skip
+def test_piece_tags_are_the_piece_tag_of_every_piece(size: int) -> None:
+    """The sealers' batched :func:`audittag.piece_tags` gives, piece by piece, the tag that
+    verify checks (:func:`audittag.piece_tag`), short last pieces and the empty object
+    included."""
+    key = os.urandom(32)
+    body = os.urandom(size)
+    leaves = b"".join(merkle.block_hashes(body))
+    tags = audittag.piece_tags(key, body, leaves)
+    base = audittag.tagger(key)
+    expect = []
+    for b in range(max(1, math.ceil(size / merkle.BLOCK_SIZE))):
+        block = body[b * merkle.BLOCK_SIZE : (b + 1) * merkle.BLOCK_SIZE]
+        for j in range(max(1, math.ceil(len(block) / audittag.PIECE))):
+            piece = block[j * audittag.PIECE : (j + 1) * audittag.PIECE]
+            expect.append(audittag.piece_tag(base, leaves[32 * b : 32 * b + 32], b, j, piece))
+    assert tags == b"".join(expect)
+
+
 def test_piece_tags_bind_bytes_and_leaf() -> None:
     key = os.urandom(32)
     seg = os.urandom(300_000)

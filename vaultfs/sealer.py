@@ -181,6 +181,7 @@ class _Sealer:
         # the open segment, allocated once at full size: growing a bytearray record by record
         # would copy it over and over (CPython grows it by an eighth at a time)
         self.buf = bytearray(cfg.segment_size)
+        self.view = memoryview(self.buf)  # the buffer never changes size
         self.used = 0
         self.chunks: list[tuple[bytes, int, int, int]] = []
         self.epoch: int | None = None
@@ -200,18 +201,20 @@ class _Sealer:
         salts = secrets.token_bytes(sl * len(items))  # one syscall a job
         vid, size, shm = self.cfg.vault_id, self.cfg.segment_size, self.shm
         for i, (cid, off, ln) in enumerate(items):
-            rec = envelope.seal_chunk(
-                key, vid, cid, shm[base + off : base + off + ln], suite,
-                salt=salts[i * sl : (i + 1) * sl],
-            )  # fmt: skip
+            payload = envelope.compress(shm[base + off : base + off + ln])
+            rlen = envelope.record_len(payload)
             pos = self.used
-            if pos + len(rec) > size:
+            if pos + rlen > size:
                 self.seal_open()
                 self.epoch = epoch
                 pos = 0
-            self.chunks.append((cid, pos, len(rec), ln))
-            self.buf[pos : pos + len(rec)] = rec
-            self.used = pos + len(rec)
+            # sealed straight into the open segment: no record to copy in
+            envelope.seal_payload_into(
+                self.view[pos : pos + rlen], key, vid, cid, payload, suite,
+                salt=salts[i * sl : (i + 1) * sl],
+            )  # fmt: skip
+            self.chunks.append((cid, pos, rlen, ln))
+            self.used = pos + rlen
         self.send(("done", job))
 
     def on_seal(self, token: int) -> None:
@@ -227,7 +230,7 @@ class _Sealer:
         size = segment.size_class(used, cfg.segment_size)
         # random padding (segment.pad explains why), written in place: one copy, not two
         self.buf[used:size] = secrets.token_bytes(size - used)
-        padded = bytes(memoryview(self.buf)[:size])
+        padded = bytes(self.view[:size])
         uid = secrets.token_bytes(16)
         assert self.epoch is not None
         files = build_shard_files(padded, cfg.k, cfg.n, cfg.ec_alg, cfg.audit_key)
