@@ -32,6 +32,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import IntegrityError
@@ -275,18 +276,39 @@ class Index:
         """Empty the write-ahead log into the file (automatic checkpoints are off: see
         :mod:`.exportmap`), first recording the pages it holds, durably, as carried by the
         map of the last export, so that the next export still knows them; then stamp the map
-        with the file as the checkpoint left it."""
+        with the file as the checkpoint left it. When the checkpoint emptied the log and the
+        kept copy of the last export is valid (:meth:`export_to`), the carried pages that
+        now hold the bytes they have in it are dropped first: the flush after a big backup
+        rewrites every shard row with the bytes its export already showed, and compared
+        here, while those pages are still in the page cache, they cost the next export
+        nothing (compared there, after a big restore, they were thousands of reads from
+        disk)."""
         with self.lock:
             m = self._valid_export_map()
             path = self.export_map
+            wal = Path(f"{self.path}-wal")
             if m is not None and path is not None:
-                pages = exportmap.wal_pages(Path(f"{self.path}-wal"))
+                pages = exportmap.wal_pages(wal)
                 m.carried |= pages
                 exportmap.save(path, m)
-            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            busy, log, moved = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             if m is not None and path is not None:
                 m.stamp = exportmap.stamp(self.path)
+                kept = self.export_copy
+                if not busy and log == moved and not _size(wal) and kept and _kept(kept, m.copy):
+                    m.carried = self._differing(kept, m.carried, m.page_size)
                 exportmap.save(path, m)
+
+    def _differing(self, copy: Path, pages: set[int], page_size: int) -> set[int]:
+        """Those of ``pages`` (1-based) whose bytes in the index file differ from those in
+        the file ``copy`` (a page past the end of either counts by what is there)."""
+        if self._copy_fd is None:
+            self._copy_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(copy, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return {p for p, _page in _pages_differing(self._copy_fd, fd, pages, page_size)}
+        finally:
+            os.close(fd)
 
     def _copy_checkpointed(
         self, dest: Path, base: exportmap.ExportMap | None
@@ -326,19 +348,39 @@ class Index:
             # big backup rewrites every shard row its export already showed placed): only
             # those that differ are written, and only they count as changed
             written = set()
+            step = base.page_size
+            todo = {p for p in pages | base.carried | {1} if (p - 1) * step < size}
             with open(dest, "r+b") as out:
-                step = base.page_size
-                for p in sorted(pages | base.carried | {1}):
-                    at = (p - 1) * step
-                    if at >= size:
-                        continue
-                    page = os.pread(src, step, at)
-                    if os.pread(out.fileno(), step, at) != page:
-                        os.pwrite(out.fileno(), page, at)
-                        written.add(p)
+                for p, page in _pages_differing(src, out.fileno(), todo, step):
+                    os.pwrite(out.fileno(), page, (p - 1) * step)
+                    written.add(p)
                 os.ftruncate(out.fileno(), size)
             whole = True
         return None if not whole or _size(wal) else (pages, written)
+
+
+def _pages_differing(
+    src: int, copy: int, pages: set[int], page_size: int
+) -> Iterator[tuple[int, bytes]]:
+    """(page number, its bytes in ``src``) of each of ``pages`` (1-based) whose bytes differ
+    between the files open at ``src`` and ``copy``, in order. Both files' pages are asked of
+    the kernel first (``POSIX_FADV_WILLNEED``, by runs of adjacent pages), so that pages
+    not in the page cache are read from the disk together rather than one at a time."""
+    order = sorted(pages)
+    runs: list[tuple[int, int]] = []  # (first page, count)
+    for p in order:
+        if runs and runs[-1][0] + runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((p, 1))
+    for fd in (src, copy):
+        for first, count in runs:
+            os.posix_fadvise(fd, (first - 1) * page_size, count * page_size, os.POSIX_FADV_WILLNEED)
+    for p in order:
+        at = (p - 1) * page_size
+        page = os.pread(src, page_size, at)
+        if os.pread(copy, page_size, at) != page:
+            yield p, page
 
 
 def _kept(path: Path, copy: exportmap.Stamp) -> bool:
