@@ -170,9 +170,8 @@ class Index:
         header page) those that do are written into it, and only they count as changed, so
         that the cost follows the change, not the index's size (the flush after a big backup
         rewrites every shard row with the bytes its export already had); otherwise the whole
-        file is copied (a kernel copy: at a 261 MiB
-        index, 16 GiB of data, SQLite's online backup took 1.3 s). When the checkpoint
-        cannot finish (another connection reads an older state) or a page reaches the log
+        file is copied (a kernel copy: at a 261 MiB index, 16 GiB of data, SQLite's online
+        backup took 1.3 s). When the checkpoint cannot finish (another connection reads an older state) or a page reaches the log
         meanwhile, SQLite's online backup, and every page counts as changed. The work is
         done in ``<dest>.part`` (the kept copy renamed there first), fsync'd, then renamed
         to ``dest``: a crash at any step leaves no ``dest``, or one whose stamp the map

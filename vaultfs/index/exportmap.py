@@ -11,7 +11,9 @@ the log was emptied in between by the index itself (closing it, or a log past
 its checkpoint. The export's own ``queued -> placed`` update is run in the copy's log too, so
 its pages are known; they differ between the file and its copy, so the map carries them to
 the next export as well. A block none of whose pages is among these has the bytes, and so
-the id, it had in the last export.
+the id, it had in the last export. With the kept copy valid, the fold keeps carried only the
+pages that then differ from it, and the export counts as changed only the named pages that
+differ from it: the copy is the last export, byte for byte.
 
 It is a cache, never the truth. The map counts only while the index file is the one it
 stamped (inode, size, modification and change times, taken after every checkpoint the index
