@@ -8,16 +8,21 @@ local remotes, real crypto."""
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from vaultfs import indexblocks
 from vaultfs.backup import backup_paths
-from vaultfs.index import exportmap
+from vaultfs.index import Index, exportmap
+from vaultfs.index.exportmap import Export
 from vaultfs.indexblocks import BLOCK_SIZE, ENTRY
 from vaultfs.vault import Vault, metaship
 
@@ -29,7 +34,32 @@ class Crash(Exception):
 
 
 @pytest.fixture
-def shipments(monkeypatch) -> list[tuple[bytes, metaship.Shipment]]:
+def exports(tmp_path, monkeypatch) -> list[Export]:
+    """Every export of the index, each checked byte for byte against the former procedure
+    (the whole file copied once the log is empty, switched to rollback mode, its queued
+    shards placed), whether it patched the kept copy of the last export or copied it all."""
+    out: list[Export] = []
+    real = Index.export_to
+
+    def checked(self: Index, dest: Path) -> Export:
+        got = real(self, dest)
+        if got.stamp is not None:  # the checkpoint emptied the log: the file is the database
+            ref = tmp_path / "reference.db"
+            shutil.copyfile(self.path, ref)
+            with contextlib.closing(sqlite3.connect(ref, isolation_level=None)) as db:
+                db.execute("PRAGMA journal_mode=DELETE")
+                db.execute("UPDATE shards SET state='placed' WHERE state='queued'")
+            assert dest.read_bytes() == ref.read_bytes()
+            ref.unlink()
+        out.append(got)
+        return got
+
+    monkeypatch.setattr(Index, "export_to", checked)
+    return out
+
+
+@pytest.fixture
+def shipments(monkeypatch, exports) -> list[tuple[bytes, metaship.Shipment]]:
     """Every shipping: (the copy shipped, its result), each checked against hashing every
     block of the copy: the block map names each block by its true id."""
     out: list[tuple[bytes, metaship.Shipment]] = []
@@ -74,8 +104,14 @@ def commit(v: Vault, src: Path) -> metaship.ShipStats:
 
 
 def few(stats: metaship.ShipStats) -> bool:
-    """Only some blocks were hashed: the map was used."""
-    return 0 < stats.hashed_blocks <= stats.blocks // 4
+    """Only some blocks were hashed (the map was used) and only their pages were copied
+    into the kept export (4 KiB pages, 16 KiB blocks)."""
+    copied = stats.copied_pages
+    return (
+        0 < stats.hashed_blocks <= stats.blocks // 4
+        and copied is not None
+        and 0 < copied <= 4 * stats.hashed_blocks
+    )
 
 
 def test_a_commit_hashes_only_what_changed_across_reopens_and_folds(
@@ -88,7 +124,17 @@ def test_a_commit_hashes_only_what_changed_across_reopens_and_folds(
         second = commit(v, change(tmp_path, "c1"))
         assert few(second)
         assert second.sealed_blocks <= second.hashed_blocks
-    # closed (the log folded into the file, its pages carried by the map) and reopened
+    # closed: the log folded into the file; the map carries exactly the pages that differ
+    # from the kept export (the flush's rows already showed placed there are not carried)
+    home = tmp_path / "home"
+    m = exportmap.load(Path(f"{home / 'index.db'}-exportmap"))
+    assert m is not None
+    now, kept = (home / "index.db").read_bytes(), (home / "index.db-export").read_bytes()
+    size = m.page_size
+    assert m.carried == {
+        i // size + 1 for i in range(0, len(now), size) if now[i : i + size] != kept[i : i + size]
+    }
+    # reopened
     v = Vault.open(tmp_path / "home", PW)
     with v:
         assert few(commit(v, change(tmp_path, "c2")))
@@ -126,6 +172,7 @@ def test_a_lost_torn_or_stale_map_falls_back_to_hashing_every_block(tmp_path, sh
     with v:
         again = commit(v, change(tmp_path, "c2"))
         assert again.hashed_blocks == again.blocks
+        assert again.copied_pages is None  # the whole file copied
         assert few(commit(v, change(tmp_path, "c3")))  # the map is whole again
 
 
@@ -146,6 +193,7 @@ def test_a_crash_before_the_map_is_kept_makes_the_next_commit_hash_everything(
     with v:
         again = commit(v, change(tmp_path, "c2"))
         assert again.hashed_blocks == again.blocks
+        assert again.copied_pages is None
 
 
 @pytest.mark.parametrize("dies", ["before its checkpoint", "before its new stamp"])
@@ -247,3 +295,106 @@ def test_a_vacuum_through_the_index_goes_through_the_log_and_ships_true_ids(tmp_
         after = commit(v, change(tmp_path, "c2"))  # the fixture checks every id
         assert after.hashed_blocks > after.blocks // 2
         assert few(commit(v, change(tmp_path, "c3")))
+
+
+@pytest.mark.parametrize("damage", ["lost", "written", "journal beside", "left as part"])
+def test_a_lost_or_touched_kept_export_is_copied_whole_and_the_map_still_serves(
+    tmp_path, shipments, damage
+):
+    """The kept copy of the last export (``index.db-export``) is patched only while it is
+    the file that export left: lost, written by anything else, with a journal beside it
+    that SQLite would replay, or left at ``.part`` by a crash while it was patched, it is
+    copied whole again (the bytes checked by ``exports``); the map, still valid, keeps the
+    hashing to the changed blocks."""
+    v = make_vault(tmp_path)
+    home = tmp_path / "home"
+    kept = home / "index.db-export"
+    with v:
+        commit(v, change(tmp_path, "big", 6000))
+        assert few(commit(v, change(tmp_path, "c1")))
+        if damage == "lost":
+            kept.unlink()
+        elif damage == "written":
+            with kept.open("r+b") as f:
+                f.seek(3 * BLOCK_SIZE)
+                byte = f.read(1)
+                f.seek(3 * BLOCK_SIZE)
+                f.write(bytes([byte[0] ^ 1]))
+        elif damage == "journal beside":
+            Path(f"{kept}-journal").write_bytes(b"\0" * 512)
+        else:
+            kept.rename(Path(f"{kept}.part"))
+        again = commit(v, change(tmp_path, "c2"))
+        assert 0 < again.hashed_blocks <= again.blocks // 4
+        assert again.copied_pages is None
+        assert few(commit(v, change(tmp_path, "c3")))
+    assert sorted(p.name for p in home.glob("index.db-export*")) == [
+        "index.db-export",
+        "index.db-exportmap",
+    ]
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def vaultfs(tmp_path: Path, *args: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """``vaultfs ARGS`` on the test's home; with ``kill_at``, killed at that step
+    (tests/killpoint.py)."""
+    env = dict(
+        os.environ,
+        VAULTFS_HOME=str(tmp_path / "home"),
+        VAULTFS_PASSPHRASE=PW,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
+    start = [sys.executable, "-m", "cli.main"]
+    if kill_at is not None:
+        start = [sys.executable, str(ROOT / "tests" / "killpoint.py"), kill_at]
+    return subprocess.run(
+        [*start, *args], capture_output=True, env=env, cwd=ROOT, timeout=600,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("at", "whole"),
+    [
+        ("vaultfs.index:_kept:after", False),  # the kept copy checked, not yet renamed
+        ("os:pwrite:after:2", True),  # writing the changed pages into it
+        ("vaultfs.index.exportmap:wal_pages:after:2", True),  # its update, in its own log
+        ("vaultfs.index:Index.remember_export:before", True),  # in place, its map not kept
+        ("vaultfs.index.exportmap:save:after", False),  # the map kept, no segment recorded
+    ],
+)
+def test_kill_9_at_every_step_of_the_kept_export_ships_the_right_blocks(
+    tmp_path, shipments, at, whole
+):
+    """A ``vaultfs backup`` killed at each step of bringing the kept export up to date: the
+    next commit copies the whole index (``whole``) or patches the copy, and either way ships
+    the bytes and ids of the former whole-file procedure (``exports``, ``shipments``); the
+    commit after it patches again, and the remotes restore the newest snapshot on an empty
+    home."""
+    v = make_vault(tmp_path)
+    with v:
+        commit(v, change(tmp_path, "big", 6000))
+        commit(v, change(tmp_path, "c1"))
+    res = vaultfs(tmp_path, "backup", str(change(tmp_path, "c2")), kill_at=at)
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    v = Vault.open(tmp_path / "home", PW)
+    with v:
+        after = commit(v, change(tmp_path, "c3"))
+        assert (after.copied_pages is None) == whole
+        assert few(commit(v, change(tmp_path, "c4")))
+    home = tmp_path / "home"
+    assert sorted(p.name for p in home.glob("index.db-export*")) == [
+        "index.db-export",
+        "index.db-exportmap",
+    ]
+    out = tmp_path / "out"
+    res = vaultfs(
+        tmp_path, "restore", "--from", str(tmp_path / "r0"), "--from", str(tmp_path / "r1"),
+        "--keyfile", str(home / "key.json"), "--home", str(tmp_path / "empty"), "--to", str(out),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    src = tmp_path / "c4"
+    restored = next(out.rglob("f00000.bin"))
+    assert restored.read_bytes() == (src / "f00000.bin").read_bytes()

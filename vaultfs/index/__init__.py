@@ -21,7 +21,9 @@ After every commit the index is copied (``Index.export_to``) and shipped as cont
 blocks, of which only those the remotes lack are sealed and erasure-coded like data, named by a
 signed manifest (see vaultfs/vault/metaship.py and docs/design.md). ``shipped`` is the local
 sidecar that remembers which blocks are already there; ``exportmap`` keeps the last export's
-block map, so that the next one hashes only the blocks whose pages the write-ahead log names.
+block map, so that the next one hashes only the blocks whose pages the write-ahead log names,
+and the commit keeps the last export itself (``index.db-export``), into which the next one
+writes only those pages.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import IntegrityError
@@ -145,20 +148,35 @@ class Index:
         """Where the map of the last export is kept (:mod:`.exportmap`); None in memory."""
         return Path(f"{self.path}-exportmap") if isinstance(self.path, Path) else None
 
+    @property
+    def export_copy(self) -> Path | None:
+        """Where the commit keeps the last export itself (:meth:`export_to` brings it up to
+        date page by page); None in memory."""
+        return Path(f"{self.path}-export") if isinstance(self.path, Path) else None
+
     def export_to(self, dest: Path) -> Export:
-        """Write a consistent copy of the whole database to the new file ``dest``, page for
-        page: no VACUUM, so a page the next commits do not touch stays at the same offset
-        with the same bytes, and the shipped copy's unchanged blocks keep their ids
-        (docs/format.md 9). Holds the lock while it copies; the copy is in rollback-journal
-        mode, so the one file is the whole database. Returns which pages may differ from
-        the last export (:class:`Export`; :mod:`.exportmap`).
+        """Make the file ``dest`` a consistent copy of the whole database, page for page: no
+        VACUUM, so a page the next commits do not touch stays at the same offset with the
+        same bytes, and the shipped copy's unchanged blocks keep their ids (docs/format.md
+        9). Holds the lock while it copies; the copy is in rollback-journal mode, so the one
+        file is the whole database. Returns which pages may differ from the last export
+        (:class:`Export`; :mod:`.exportmap`).
 
         The copy is the database file itself, once a checkpoint has moved every page of the
-        write-ahead log into it (a kernel copy: at a 261 MiB index, 16 GiB of data, SQLite's
-        online backup took 1.3 s); the log's frame headers, read just before, name the
-        pages written since the last export or fold. When the checkpoint cannot finish
-        (another connection reads an older state) or a page reaches the log meanwhile,
-        SQLite's online backup, and every page counts as changed.
+        write-ahead log into it; the log's frame headers, read just before, name the pages
+        written since the last export or fold. When ``dest`` is the copy the last export
+        left (the map's ``copy`` stamp: the commit keeps it, :attr:`export_copy`), of the
+        pages that may differ from it (those the log names, the map's carried ones, the
+        header page) those that do are written into it, and only they count as changed, so
+        that the cost follows the change, not the index's size (the flush after a big backup
+        rewrites every shard row with the bytes its export already had); otherwise the whole
+        file is copied (a kernel copy: at a 261 MiB index, 16 GiB of data, SQLite's online
+        backup took 1.3 s). When the checkpoint cannot finish (another connection reads an older state) or a page reaches the log
+        meanwhile, SQLite's online backup, and every page counts as changed. The work is
+        done in ``<dest>.part`` (the kept copy renamed there first), fsync'd, then renamed
+        to ``dest``: a crash at any step leaves no ``dest``, or one whose stamp the map
+        does not hold, and the next export copies the whole file (docs/design.md, crash
+        states).
 
         Shards still ``queued`` are ``placed`` in the copy: the upload queue is this
         machine's bookkeeping, and the flush that follows every commit flips the same rows
@@ -167,25 +185,33 @@ class Index:
         runs in the copy's own log, so that its pages are known; the copy then switched to
         rollback mode has the bytes of switching before the update (the test of that:
         ``tests/test_metaship_exportmap.py``)."""
+        part = Path(f"{dest}.part")
         with self.lock:
             prior = self._valid_export_map()
-            logged = self._copy_checkpointed(dest)
+            _remove_database(part)  # a crash's leftover
+            base = prior if prior is not None and _kept(dest, prior.copy) else None
+            if base is not None:
+                dest.rename(part)  # from here a crash leaves no kept copy
+            else:
+                _remove_database(dest)
+            copied = self._copy_checkpointed(part, base)
+            logged, written = copied if copied is not None else (None, None)
             after = exportmap.stamp(self.path) if logged is not None else None
             if logged is None:
                 prior = None
-                dest.unlink(missing_ok=True)
-                with contextlib.closing(sqlite3.connect(dest)) as dst:
+                _remove_database(part)
+                with contextlib.closing(sqlite3.connect(part)) as dst:
                     dst.execute("PRAGMA synchronous=OFF")
                     self.db.backup(dst)
-        with contextlib.closing(sqlite3.connect(dest, isolation_level=None)) as dst:
-            dst.execute("PRAGMA synchronous=OFF")  # scratch: a crash leaves it to be deleted
+        with contextlib.closing(sqlite3.connect(part, isolation_level=None)) as dst:
+            dst.execute("PRAGMA synchronous=OFF")  # fsync'd once, below
             touched: set[int] = set()
             if logged is not None:  # a copy of the WAL-mode file: update in its log
                 dst.execute("PRAGMA wal_autocheckpoint=0")
                 flipped = dst.execute(
                     "UPDATE shards SET state='placed' WHERE state='queued'"
                 ).rowcount
-                touched = exportmap.wal_pages(Path(f"{dest}-wal"))
+                touched = exportmap.wal_pages(Path(f"{part}-wal"))
                 dst.execute("PRAGMA journal_mode=DELETE")
                 if flipped and 1 not in touched:
                     # in rollback mode the update would have counted itself in the header's
@@ -199,10 +225,28 @@ class Index:
                 dst.execute("PRAGMA journal_mode=DELETE")
                 dst.execute("UPDATE shards SET state='placed' WHERE state='queued'")
             (page_size,) = dst.execute("PRAGMA page_size").fetchone()
+        # durable before it is renamed into place and a map names its stamp: after a power
+        # loss, a kept copy whose pages did not reach the disk must not look current
+        fd = os.open(part, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        part.rename(dest)
         changed = frozenset()
         if prior is not None and logged is not None:
-            changed = frozenset(logged | prior.carried | touched)
-        return Export(dest.stat().st_size, after, page_size, frozenset(touched), changed, prior)
+            # patched: the pages that differ from the last export, exactly; else a superset
+            changed = frozenset((logged | prior.carried if written is None else written) | touched)
+        return Export(
+            dest.stat().st_size,
+            after,
+            page_size,
+            frozenset(touched),
+            changed,
+            prior,
+            exportmap.stamp(dest),
+            None if written is None else len(written),
+        )
 
     def remember_export(self, m: exportmap.ExportMap) -> None:
         """Keep ``m`` as the map of the last export, if the index file is still the one it
@@ -231,26 +275,53 @@ class Index:
         """Empty the write-ahead log into the file (automatic checkpoints are off: see
         :mod:`.exportmap`), first recording the pages it holds, durably, as carried by the
         map of the last export, so that the next export still knows them; then stamp the map
-        with the file as the checkpoint left it."""
+        with the file as the checkpoint left it. When the checkpoint emptied the log and the
+        kept copy of the last export is valid (:meth:`export_to`), the carried pages that
+        now hold the bytes they have in it are dropped first: the flush after a big backup
+        rewrites every shard row with the bytes its export already showed, and compared
+        here, while those pages are still in the page cache, they cost the next export
+        nothing (compared there, after a big restore, they were thousands of reads from
+        disk)."""
         with self.lock:
             m = self._valid_export_map()
             path = self.export_map
+            wal = Path(f"{self.path}-wal")
             if m is not None and path is not None:
-                pages = exportmap.wal_pages(Path(f"{self.path}-wal"))
+                pages = exportmap.wal_pages(wal)
                 m.carried |= pages
                 exportmap.save(path, m)
-            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            busy, log, moved = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             if m is not None and path is not None:
                 m.stamp = exportmap.stamp(self.path)
+                kept = self.export_copy
+                if not busy and log == moved and not _size(wal) and kept and _kept(kept, m.copy):
+                    m.carried = self._differing(kept, m.carried, m.page_size)
                 exportmap.save(path, m)
 
-    def _copy_checkpointed(self, dest: Path) -> set[int] | None:
+    def _differing(self, copy: Path, pages: set[int], page_size: int) -> set[int]:
+        """Those of ``pages`` (1-based) whose bytes in the index file differ from those in
+        the file ``copy`` (a page past the end of either counts by what is there)."""
+        if self._copy_fd is None:
+            self._copy_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(copy, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return {p for p, _page in _pages_differing(self._copy_fd, fd, pages, page_size)}
+        finally:
+            os.close(fd)
+
+    def _copy_checkpointed(
+        self, dest: Path, base: exportmap.ExportMap | None
+    ) -> tuple[set[int], set[int] | None] | None:
         """Copy the database file to ``dest`` after a checkpoint that empties the write-ahead
-        log (under the lock: no write of this connection comes between). Returns the pages
-        the log held (read from its frame headers just before the checkpoint) when the copy
-        is whole: the log was emptied, and is still empty after the copy, so no checkpoint
-        can have written into the file while it was read (another process's, say); None
-        when it is not."""
+        log (under the lock: no write of this connection comes between). With ``base``, the
+        valid map of the last export, ``dest`` holds that export: of the pages that may
+        differ from it (those the log held, ``base.carried``, page 1) those that do are
+        written into it, and it is cut to the file's length; without, the whole file is
+        copied. Returns the pages the log held (read from its frame headers just before the
+        checkpoint) and the pages written into ``dest`` (None: the whole file) when the
+        copy is whole: the log was emptied, and is still empty after the copy, so no
+        checkpoint can have written into the file while it was read (another process's,
+        say); None when it is not."""
         if not isinstance(self.path, Path):
             return None
         wal = Path(f"{self.path}-wal")
@@ -260,15 +331,77 @@ class Index:
             return None
         if self._copy_fd is None:
             self._copy_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        size = os.fstat(self._copy_fd).st_size
-        with open(dest, "wb") as out:
-            done = 0
-            while done < size:  # at explicit offsets: the shared descriptor has no position
-                sent = os.sendfile(out.fileno(), self._copy_fd, done, size - done)
-                if sent == 0:
-                    break
-                done += sent
-        return None if done != size or _size(wal) else pages
+        src = self._copy_fd
+        size = os.fstat(src).st_size
+        if base is None:
+            with open(dest, "wb") as out:
+                done = 0
+                while done < size:  # at explicit offsets: the shared descriptor has no position
+                    sent = os.sendfile(out.fileno(), src, done, size - done)
+                    if sent == 0:
+                        break
+                    done += sent
+            whole, written = done == size, None
+        else:
+            # a page the log or the map names may hold the bytes it had (the flush after a
+            # big backup rewrites every shard row its export already showed placed): only
+            # those that differ are written, and only they count as changed
+            written = set()
+            step = base.page_size
+            todo = {p for p in pages | base.carried | {1} if (p - 1) * step < size}
+            with open(dest, "r+b") as out:
+                for p, page in _pages_differing(src, out.fileno(), todo, step):
+                    os.pwrite(out.fileno(), page, (p - 1) * step)
+                    written.add(p)
+                os.ftruncate(out.fileno(), size)
+            whole = True
+        return None if not whole or _size(wal) else (pages, written)
+
+
+def _pages_differing(
+    src: int, copy: int, pages: set[int], page_size: int
+) -> Iterator[tuple[int, bytes]]:
+    """(page number, its bytes in ``src``) of each of ``pages`` (1-based) whose bytes differ
+    between the files open at ``src`` and ``copy``, in order. Both files' pages are asked of
+    the kernel first (``POSIX_FADV_WILLNEED``, by runs of adjacent pages), so that pages
+    not in the page cache are read from the disk together rather than one at a time."""
+    order = sorted(pages)
+    runs: list[tuple[int, int]] = []  # (first page, count)
+    for p in order:
+        if runs and runs[-1][0] + runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((p, 1))
+    for fd in (src, copy):
+        for first, count in runs:
+            os.posix_fadvise(fd, (first - 1) * page_size, count * page_size, os.POSIX_FADV_WILLNEED)
+    for p in order:
+        at = (p - 1) * page_size
+        page = os.pread(src, page_size, at)
+        if os.pread(copy, page_size, at) != page:
+            yield p, page
+
+
+def _kept(path: Path, copy: exportmap.Stamp) -> bool:
+    """Whether the file at ``path`` is the copy an export left with stamp ``copy``, untouched
+    since: same stamp, and no SQLite journal or log beside it (one would be replayed into
+    it when it is opened)."""
+    try:
+        if exportmap.stamp(path) != copy:
+            return False
+    except FileNotFoundError:
+        return False
+    return not any(Path(f"{path}{s}").exists() for s in _COMPANIONS)
+
+
+#: The files SQLite keeps beside a database file.
+_COMPANIONS = ("-journal", "-wal", "-shm")
+
+
+def _remove_database(path: Path) -> None:
+    """Delete the database file at ``path`` and any journal or log SQLite left beside it."""
+    for f in (path, *(Path(f"{path}{s}") for s in _COMPANIONS)):
+        f.unlink(missing_ok=True)
 
 
 def _size(path: Path) -> int:

@@ -1,5 +1,7 @@
 """What the last export of the index held, kept locally so that the next commit hashes only
-the blocks that may have changed (``<home>/index-export.map``; vaultfs/vault/metaship.py).
+the blocks that may have changed (``<home>/index.db-exportmap``; vaultfs/vault/metaship.py),
+and copies only the pages that may have changed into the last export itself, kept beside it
+(``<home>/index.db-export``, :meth:`Index.export_to`).
 
 The index connection runs with SQLite's automatic checkpoints off (:class:`Index`), so a page
 written since the last export is, when the next export checkpoints the write-ahead log, a
@@ -9,7 +11,9 @@ the log was emptied in between by the index itself (closing it, or a log past
 its checkpoint. The export's own ``queued -> placed`` update is run in the copy's log too, so
 its pages are known; they differ between the file and its copy, so the map carries them to
 the next export as well. A block none of whose pages is among these has the bytes, and so
-the id, it had in the last export.
+the id, it had in the last export. With the kept copy valid, the fold keeps carried only the
+pages that then differ from it, and the export counts as changed only the named pages that
+differ from it: the copy is the last export, byte for byte.
 
 It is a cache, never the truth. The map counts only while the index file is the one it
 stamped (inode, size, modification and change times, taken after every checkpoint the index
@@ -18,7 +22,10 @@ block size the commit uses; locations in it count only under the same suite and,
 sidecar's, only in segments the newest manifest names. A lost, torn (its BLAKE3 digest is
 checked) or stale map, a log that grew while it was read, or an index file written any other
 way (a checkpoint by another program, a restored copy, ``home rebuild``'s new home) costs one
-commit that hashes every block. Local only: nothing here reaches the remotes.
+commit that hashes every block. The kept copy of the export counts only while the map is
+valid and the copy is the file it stamped (``copy``, taken once the export renamed it into
+place); else the next export copies the whole index file again. Local only: nothing here
+reaches the remotes.
 """
 
 from __future__ import annotations
@@ -32,10 +39,11 @@ import blake3
 
 from ..indexblocks import ENTRY
 
-_MAGIC = b"vaultfs-expmap-1"
-#: magic, stamp (inode, size, mtime_ns, ctime_ns), page size, block size, suite, export
-#: length, key fingerprint, carried pages, map entries
-_HEAD = struct.Struct(">16sQQqqIIIQ32sII")
+_MAGIC = b"vaultfs-expmap-2"
+#: magic, stamp of the index file (inode, size, mtime_ns, ctime_ns), stamp of the kept copy
+#: of the export, page size, block size, suite, export length, key fingerprint, carried
+#: pages, map entries
+_HEAD = struct.Struct(">16sQQqqQQqqIIIQ32sII")
 _PAGE = struct.Struct(">I")
 _WAL_HEADER = struct.Struct(">IIIIII")  # magic, version, page size, checkpoint seq, salts
 _WAL_MAGIC = (0x377F0682, 0x377F0683)
@@ -86,6 +94,7 @@ class ExportMap:
     """The last export of the index: the file state it was taken from and its block map."""
 
     stamp: Stamp  # the index file right after the export's checkpoint (or a later fold's)
+    copy: Stamp  # the kept copy of the export (Index.export_copy) as the export left it
     page_size: int
     block_size: int
     suite: int  # the suite the records ``entries`` locates were sealed under
@@ -100,6 +109,7 @@ class ExportMap:
                 _HEAD.pack(
                     _MAGIC,
                     *self.stamp,
+                    *self.copy,
                     self.page_size,
                     self.block_size,
                     self.suite,
@@ -120,15 +130,27 @@ class ExportMap:
         body, digest = raw[:-32], raw[-32:]
         if len(body) < _HEAD.size or blake3.blake3(body).digest() != digest:
             return None
-        magic, ino, size, mtime, ctime, page, block, suite, length, key_id, ncar, nent = (
-            _HEAD.unpack_from(body)
+        head = _HEAD.unpack_from(body)
+        magic, (ino, size, mtime, ctime), (c_ino, c_size, c_mtime, c_ctime) = (
+            head[0],
+            head[1:5],
+            head[5:9],
         )
+        page, block, suite, length, key_id, ncar, nent = head[9:]
         if magic != _MAGIC or len(body) != _HEAD.size + ncar * _PAGE.size + nent * ENTRY.size:
             return None
         at = _HEAD.size + ncar * _PAGE.size
         carried = {p for (p,) in _PAGE.iter_unpack(body[_HEAD.size : at])}
         return cls(
-            (ino, size, mtime, ctime), page, block, suite, length, key_id, carried, body[at:]
+            (ino, size, mtime, ctime),
+            (c_ino, c_size, c_mtime, c_ctime),
+            page,
+            block,
+            suite,
+            length,
+            key_id,
+            carried,
+            body[at:],
         )
 
 
@@ -193,3 +215,5 @@ class Export:
     #: pages that may differ from the last export's (when ``prior`` is its valid map)
     changed: frozenset[int]
     prior: ExportMap | None  # the last export's map, when it still describes the file
+    copy: Stamp  # the copy as the export left it (for the next map's ``copy``)
+    patched: int | None  # pages written into the kept copy; None: the whole file was copied

@@ -23,7 +23,10 @@ survey, which guards the placement (invariant 7).
 Index objects: new meta segments are recorded before the manifest naming them is written; a crash between
 the two leaves segments no manifest names, which recovery drops
 (:func:`vaultfs.vault.recovery.drop_unnamed_index_copies`). The shipped-objects sidecar is
-written last: a crash before it costs the next commit sealing those blocks again.
+written last: a crash before it costs the next commit sealing those blocks again. The copy
+shipped is kept (``<home>/index.db-export``) and the next export writes only the pages that
+changed into it (:meth:`Index.export_to`); a crash at any step of that costs one commit that
+copies the whole index.
 """
 
 from __future__ import annotations
@@ -290,20 +293,19 @@ class Committer:
     def _ship_once(self, seq: int, earlier: metaship.Shipment | None = None) -> metaship.Shipment:
         """One pass of :func:`metaship.ship` over a fresh copy of the index (``earlier``: this
         commit's pass before it), its new meta segments recorded for manifest ``seq``."""
-        export = self.queue.tmp / "index-export.db"  # a crash leaves it: recover() clears tmp
-        export.unlink(missing_ok=True)
-        try:
-            exported = self.index.export_to(export)
-            shipment = metaship.ship(
-                self.index, self.keys, self.suite, self.params.segment_size, export,
-                self.shipped, self._write_meta_segment, earlier, exported=exported,
-            )  # fmt: skip
-        finally:
-            export.unlink(missing_ok=True)
-        if exported.stamp is not None:  # the next export hashes only what changed since
+        export = self.index.export_copy  # kept: the next export patches it (Index.export_to)
+        if export is None:
+            raise VaultError("internal: an index in memory cannot be shipped")
+        exported = self.index.export_to(export)
+        shipment = metaship.ship(
+            self.index, self.keys, self.suite, self.params.segment_size, export,
+            self.shipped, self._write_meta_segment, earlier, exported=exported,
+        )  # fmt: skip
+        if exported.stamp is not None:  # the next export hashes and copies only what changed
             self.index.remember_export(
                 exportmap.ExportMap(
                     exported.stamp,
+                    exported.copy,
                     exported.page_size,
                     indexblocks.BLOCK_SIZE,
                     self.suite,

@@ -3,8 +3,10 @@ the staging directory a lost home is rebuilt in (vaultfs/rebuild.py).
 
 ``<home>/key.json`` (the keyfile), ``<home>/index.db`` (the index),
 ``<home>/index-objects.db`` (the index blocks already shipped: vaultfs/index/shipped.py, a
-cache), ``<home>/queue/`` (vaultfs/vault/queue.py), ``<home>/lock`` (held by the one process
-using the vault).
+cache), ``<home>/index.db-exportmap`` and ``<home>/index.db-export`` (the last export's block
+map and the export itself, which the next commit patches: vaultfs/index/exportmap.py, caches),
+``<home>/queue/`` (vaultfs/vault/queue.py), ``<home>/lock`` (held by the one process using the
+vault).
 """
 
 from __future__ import annotations

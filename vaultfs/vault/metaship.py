@@ -7,8 +7,9 @@ the last shipping's block map, kept locally (vaultfs/index/exportmap.py: the pag
 write-ahead log names since then); a block whose id the sidecar (:class:`ShippedObjects`)
 places in a meta segment the newest manifest names (and that has k shards left) is
 referenced where it is, any other is sealed into a new meta segment. Then compaction, and
-the block map's pages, sealed likewise when they changed. Cost: copying the index (a kernel
-copy), hashing the blocks that changed (all of them when the map is lost or stale), a loop
+the block map's pages, sealed likewise when they changed. Cost: writing the changed pages
+into the kept copy of the last export (the whole index when that copy or the map is lost or
+stale), hashing the blocks that changed (all of them when the map is lost or stale), a loop
 over the block map, plus sealing and coding what changed.
 
 The records sealed go into meta segments padded to size classes (powers of two, as data
@@ -35,6 +36,7 @@ descriptors listed in pages that are index objects themselves, which the manifes
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -78,6 +80,9 @@ class ShipStats:
 
     blocks: int = 0  # blocks of the shipped file
     hashed_blocks: int = 0  # blocks read and hashed (the others: unchanged since the last export)
+    #: pages the export wrote into the kept copy of the last one; None: it copied the whole
+    #: index (no valid copy or map), or was not told (:meth:`Index.export_to`)
+    copied_pages: int | None = None
     sealed_blocks: int = 0  # blocks sealed by this shipping (new or changed ones)
     map_pages: int = 0
     sealed_map_pages: int = 0
@@ -203,7 +208,7 @@ def ship(
     unchanged since the last export takes its id (and, in a segment still named, its place)
     from the last shipping's block map instead of being read and hashed."""
     key, vid, block = keys.metadata_key, keys.vault_id, indexblocks.BLOCK_SIZE
-    stats = ShipStats()
+    stats = ShipStats(copied_pages=None if exported is None else exported.patched)
     reusable = seg_table.meta_named_by(index, manifests.newest_seq(index))
     prior: dict[bytes, Location] = {}
     if earlier is not None:
@@ -232,6 +237,11 @@ def ship(
         def read(i: int) -> bytes:
             f.seek(i * block)
             return f.read(block)
+
+        if same is not None:  # the few blocks to hash: from the disk together, not one by one
+            for i in range(indexblocks.block_count(length, block)):
+                if same(i) is None:
+                    os.posix_fadvise(f.fileno(), i * block, block, os.POSIX_FADV_WILLNEED)
 
         for i in range(indexblocks.block_count(length, block)):
             stats.blocks += 1
