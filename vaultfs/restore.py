@@ -1321,6 +1321,11 @@ def _safe_target(root: Path, rel: str) -> Path:
         up = p.parent
         while up != root and not up.is_symlink():
             up = up.parent
+        if up == root:  # the target itself changed under the restore
+            raise InputError(
+                f"refusing to write {rel!r}: the target {root} was moved or replaced while "
+                "the restore ran; run it again"
+            )
         raise _symlink_in_the_way(up)
     return p
 
