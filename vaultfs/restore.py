@@ -9,7 +9,6 @@ the manifest → each chunk's AEAD tag, key commitment and keyed chunk id.
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import os
 import queue
@@ -1277,16 +1276,29 @@ def _make_special(p: Path, e: Row) -> str | None:
 
 
 class _FdCache:
+    """A decoder's open target files, the ``size`` most recently used."""
+
     def __init__(self, size: int = 64) -> None:
         self.size = size
         self.fds: OrderedDict[str, int] = OrderedDict()
 
     def get(self, path: str) -> int:
+        """A descriptor for writing the file at ``path``, which :func:`_create_files` made.
+        InputError when ``path`` is now a hard link (someone swapped the entry since): the
+        restore's files have one link until its last step, and a restore never writes into
+        a file elsewhere."""
         fd = self.fds.get(path)
         if fd is not None:
             self.fds.move_to_end(path)
             return fd
         fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+        if os.fstat(fd).st_nlink != 1:
+            os.close(fd)
+            raise InputError(
+                f"{path} was replaced by a hard link while the restore wrote it: restore "
+                "never writes into a file it did not make. Restore into a directory nothing "
+                "else writes to"
+            )
         self.fds[path] = fd
         if len(self.fds) > self.size:
             _p, old = self.fds.popitem(last=False)
@@ -1300,12 +1312,54 @@ class _FdCache:
 
 
 def _safe_target(root: Path, rel: str) -> Path:
+    """``root / rel`` for a snapshot path ``rel`` (:func:`check_name`), ``root`` a real path.
+    InputError naming the symlink when a directory on the way is one: restore never writes
+    through a symlink, whether it points outside the target or inside it."""
     check_name(rel)
     p = root / rel
-    parent = os.path.realpath(p.parent)
-    if parent != str(root) and not parent.startswith(str(root) + os.sep):
-        raise IntegrityError(f"refusing to write {rel!r}: it would land outside the target")
+    if os.path.realpath(p.parent) != str(p.parent):
+        up = p.parent
+        while up != root and not up.is_symlink():
+            up = up.parent
+        if up == root:  # the target itself changed under the restore
+            raise InputError(
+                f"refusing to write {rel!r}: the target {root} was moved or replaced while "
+                "the restore ran; run it again"
+            )
+        raise _symlink_in_the_way(up)
     return p
+
+
+def _symlink_in_the_way(p: Path) -> InputError:
+    """The refusal of a symlink ``p`` in the target where the snapshot writes (exit 18)."""
+    return InputError(
+        f"{p} is a symlink (to {os.readlink(p)}): restore never writes through a symlink, "
+        "and its target is untouched. Remove or rename it, or restore into an empty "
+        "directory, then run again"
+    )
+
+
+def _clear_for(p: Path, what: str) -> None:
+    """Make room at ``p`` for a new entry of type ``what`` (a --force restore): whatever is
+    there is unlinked, so a hard link to a file elsewhere is replaced, never written into.
+    InputError (exit 18) for a symlink where a file goes (:func:`_symlink_in_the_way`) and
+    for a directory, which is never removed."""
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise _in_the_way(p, "a directory", what)
+    if stat.S_ISLNK(st.st_mode) and what == "a file":
+        raise _symlink_in_the_way(p)
+    os.unlink(p)
+
+
+def _in_the_way(p: Path, found: str, what: str) -> InputError:
+    return InputError(
+        f"{p} is {found} where the snapshot has {what}: move it away, or restore into an "
+        "empty directory, then run again"
+    )
 
 
 #: Most bytes a whole-snapshot restore downloads ahead while the key is derived.
@@ -1377,9 +1431,15 @@ def _decoder_init(ctx: _RestoreContext, pdeathsig: bool) -> None:
     _ctx, _fds = ctx, _FdCache()
 
 
+#: Zeros to compare chunks with (a memcmp, no copy); a longer all-zero chunk is written.
+_ZEROS = bytes(1 << 20)
+
+
 def _restore_segment(job: tuple) -> tuple[int, int, list[str]]:
     """Decoder: decode one data segment from its fetched shards, open and check every chunk,
-    write the runs into the target files. Returns (batch, bytes written, warnings)."""
+    write the runs into the target files, except all-zero chunks: the files are new and sized
+    by ftruncate (:func:`_create_files`), so those stay holes and a sparse file comes back
+    sparse. Returns (batch, bytes restored, warnings)."""
     bi, sid, size, k, n, epoch, alg, refs, paths, items = job
     ctx, fds = _ctx, _fds
     assert ctx is not None and fds is not None
@@ -1407,6 +1467,9 @@ def _restore_segment(job: tuple) -> tuple[int, int, list[str]]:
         data = envelope.open_chunk(key, vid, cid, seg[off : off + ln], suite)
         if len(data) != plain or blake3.blake3(data, key=idkey).digest() != cid:
             raise IntegrityError("a restored chunk does not match its id (wrong data)")
+        if _ZEROS.startswith(data):  # left a hole: the file is new, sized by ftruncate
+            written += len(data)
+            continue
         if target == run_target and pos == end:
             run_parts.append(data)
         else:
@@ -1616,7 +1679,9 @@ def _create_files(
         if e.type == "d":
             d = _safe_target(to, e.path)
             if d.is_symlink():
-                raise IntegrityError(f"refusing to restore through symlink {d}")
+                raise _symlink_in_the_way(d)
+            if os.path.lexists(d) and not d.is_dir():
+                raise _in_the_way(d, "a file", "a directory")
             d.mkdir(parents=True, exist_ok=True)
     file_rows: list[Row] = []
     link_first: dict[int, Path] = {}
@@ -1630,17 +1695,16 @@ def _create_files(
         p = _safe_target(to, e.path)
         p.parent.mkdir(parents=True, exist_ok=True)
         _safe_target(to, e.path)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if force else os.O_EXCL)
+        if force:
+            _clear_for(p, "a file")
+        # a new inode, always: holes of the ftruncate read as zeros (the writers skip zero
+        # chunks), and nothing the target held (a hard link elsewhere) is written into
         try:
-            fd = os.open(p, flags, 0o600)
-        except OSError as exc:
-            if exc.errno != errno.ELOOP:
-                raise
-            raise InputError(
-                f"{p} is a symlink (to {os.readlink(p)}): restore never writes a file through "
-                "a symlink, and its target is untouched. Remove or rename it, or restore into "
-                "an empty directory, then run again"
-            ) from None
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            if os.path.islink(p):
+                raise _symlink_in_the_way(p) from None
+            raise
         try:
             os.ftruncate(fd, e.size)
         finally:
@@ -1842,22 +1906,22 @@ def _finish_entries(
     for e, first in link_later:
         p = _safe_target(to, e.path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        if force and os.path.lexists(p):
-            p.unlink()
+        if force:
+            _clear_for(p, "a file")
         os.link(first, p)
     for e in entries:
         if e.type == "l":
             p = _safe_target(to, e.path)
-            if force and p.is_symlink():
-                p.unlink()
+            if force:
+                _clear_for(p, "a symlink")
             os.symlink(e.target or "", p)
     skipped: set[str] = set()
     for e in entries:
         if e.type in SPECIAL:
             p = _safe_target(to, e.path)
             p.parent.mkdir(parents=True, exist_ok=True)
-            if force and os.path.lexists(p):
-                p.unlink()
+            if force:
+                _clear_for(p, "a special file")
             if (why := _make_special(p, e)) is not None:
                 warnings.append(f"{display(e.path)}: not restored ({why})")
                 skipped.add(e.path)
