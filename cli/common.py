@@ -178,6 +178,25 @@ IKnowOpt = Annotated[
     bool,
     typer.Option("--i-know", help="Accept a new passphrase the strength estimator calls weak."),
 ]
+#: the rollback floor of a read from the remotes (`restore --from`, `home rebuild`):
+#: :func:`rollback_floor` turns the two into one
+MinSeqOpt = Annotated[
+    int,
+    typer.Option(
+        "--min-seq",
+        min=0,
+        help="Refuse (exit 12) if the remotes' newest manifest is older than this sequence "
+        "number (restore: with --from).",
+    ),
+]
+ReceiptOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--receipt",
+        help="A receipt (`vaultfs receipt`); refuse (exit 12) if the remotes hide its manifest "
+        "(restore: with --from).",
+    ),
+]
 
 #: zxcvbn score (0-4) below which a new passphrase is called weak: 3 is "safely
 #: unguessable: moderate protection from offline slow-hash scenario" (~10^10 guesses), the
@@ -449,6 +468,18 @@ def redundancy_warnings(remotes: int, k: int, n: int, survives: int, add: str) -
     if survives == 0:
         warnings.append("with this many remotes, losing any one loses data")
     return warnings
+
+
+def rollback_floor(min_seq: int, receipt: Path | None, keys: VaultKeys) -> tuple[int, Link | None]:
+    """--min-seq and --receipt as one floor for a read from the remotes: (the lowest manifest
+    seq the remotes may offer, the manifest link they must hold or None). The receipt must
+    verify under ``keys`` (vaultfs/receipt.py: IntegrityError, or InputError)."""
+    if receipt is None:
+        return min_seq, None
+    from vaultfs import receipt as receipts
+
+    floor, anchor = receipts.rollback_anchor(receipt, keys)
+    return max(min_seq, floor), anchor
 
 
 def keys_for_restore(home: Path, keyfile: Path | None, seed_file: Path | None) -> VaultKeys:

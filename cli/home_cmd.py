@@ -7,7 +7,6 @@ Exit codes: vaultfs/errors.py.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -17,6 +16,8 @@ from cli.common import (
     IKnowOpt,
     JsonOpt,
     KeyfileOpt,
+    MinSeqOpt,
+    ReceiptOpt,
     SeedOpt,
     app,
     err,
@@ -24,8 +25,8 @@ from cli.common import (
     keys_for_restore,
     new_passphrase,
     out,
+    rollback_floor,
 )
-from vaultfs import receipt as receipts
 from vaultfs.backends import open_backend
 from vaultfs.errors import InputError
 from vaultfs.rebuild import rebuild_home
@@ -43,21 +44,8 @@ def home_rebuild(
     ],
     keyfile: KeyfileOpt = None,
     seed_file: SeedOpt = None,
-    min_seq: Annotated[
-        int,
-        typer.Option(
-            "--min-seq",
-            min=0,
-            help="Refuse (exit 12) if the remotes' newest manifest is older (as restore).",
-        ),
-    ] = 0,
-    receipt: Annotated[
-        Path | None,
-        typer.Option(
-            help="A receipt (`vaultfs receipt`); refuse (exit 12) if the remotes hide its "
-            "manifest (as restore).",
-        ),
-    ] = None,
+    min_seq: MinSeqOpt = 0,
+    receipt: ReceiptOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
     i_know: IKnowOpt = False,
@@ -78,10 +66,7 @@ def home_rebuild(
     keys = keys_for_restore(h, keyfile, seed_file)
     # from a seed: the new keyfile's passphrase, asked before anything is fetched
     pw = new_passphrase(i_know) if keyfile is None else None
-    anchor = None
-    if receipt is not None:
-        floor, anchor = receipts.rollback_anchor(receipt, keys)
-        min_seq = max(min_seq, floor)
+    min_seq, anchor = rollback_floor(min_seq, receipt, keys)
     given = [open_backend(absolute(s)) for s in from_]
     rep = rebuild_home(h, keys, given, pw, keyfile, min_seq=min_seq, anchor=anchor)
     if as_json:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +20,8 @@ from cli.common import (
     HomeOpt,
     JsonOpt,
     KeyfileOpt,
+    MinSeqOpt,
+    ReceiptOpt,
     SeedOpt,
     advance,
     app,
@@ -29,8 +31,8 @@ from cli.common import (
     open_vault,
     out,
     progress,
+    rollback_floor,
 )
-from vaultfs import receipt as receipts
 from vaultfs.backends import open_backend
 from vaultfs.errors import InputError
 from vaultfs.index import manifests
@@ -43,28 +45,9 @@ from vaultfs.restore import (
     check_late,
     open_remote_index,
     restore_files,
-    staging_dir,
+    staging_tempdir,
+    too_few_remotes,
 )
-from vaultfs.shardreader import ShardsUnavailable
-
-
-@contextlib.contextmanager
-def _too_few_remotes(src: ShardSource, snapshot: str, include: list[str] | None) -> Iterator[None]:
-    """Say a ShardsUnavailable of the ``with`` block in the user's terms (exit 11 still): what
-    could not be restored (the snapshot, or the paths asked for), which remotes answered and
-    which did not, and what to do; the internal segment it was stays at the end."""
-    try:
-        yield
-    except ShardsUnavailable as e:
-        what = f"{', '.join(include)} of snapshot {snapshot}" if include else f"snapshot {snapshot}"
-        reports = list(src.reports.values())
-        raise e.for_user(
-            f"restore {what}",
-            held=[r.label for r in reports if r.reachable and r.objects],
-            down=[f"{r.label} ({r.error or 'unreachable'})" for r in reports if not r.reachable],
-            empty=[r.label for r in reports if r.reachable and not r.objects],
-            more=" (or give more --from)",
-        ) from None
 
 
 @app.command()
@@ -89,21 +72,8 @@ def restore(
             "name), e.g. one branch of a fork; default the newest.",
         ),
     ] = None,
-    min_seq: Annotated[
-        int,
-        typer.Option(
-            "--min-seq",
-            min=0,
-            help="With --from: refuse (exit 12) if the remotes' newest manifest is older.",
-        ),
-    ] = 0,
-    receipt: Annotated[
-        Path | None,
-        typer.Option(
-            help="With --from: a receipt (`vaultfs receipt`); refuse (exit 12) if the remotes "
-            "hide its manifest.",
-        ),
-    ] = None,
+    min_seq: MinSeqOpt = 0,
+    receipt: ReceiptOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -113,6 +83,7 @@ def restore(
             "--manifest, --min-seq and --receipt choose among the remotes' manifests: give --from"
         )
     h = home_dir(home)
+    what = f"{', '.join(include)} of snapshot {snapshot}" if include else f"snapshot {snapshot}"
     branches = Branches()
     t0 = time.perf_counter()
     warnings: list[str] = []
@@ -128,18 +99,15 @@ def restore(
             early = ShardSource([open_backend(s) for s in from_])
             ahead = None
             if not include:  # a whole snapshot: download ahead meanwhile (bounded)
-                ahead = Path(stack.enter_context(tempfile.TemporaryDirectory(
-                    prefix="vaultfs-ahead-", dir=staging_dir())))  # fmt: skip
+                ahead = staging_tempdir("vaultfs-ahead-")
+                stack.callback(shutil.rmtree, ahead, ignore_errors=True)
             early.start(read_ahead=ahead)
             stack.callback(early.stop)  # its rclone calls end before the directories go
-            stack.enter_context(_too_few_remotes(early, snapshot, include))
+            stack.enter_context(too_few_remotes(early, f"restore {what}", " (or give more --from)"))
         keys = keys_for_restore(h, keyfile, seed_file)
         if from_:
             assert early is not None
-            anchor = None
-            if receipt is not None:
-                floor, anchor = receipts.rollback_anchor(receipt, keys)
-                min_seq = max(min_seq, floor)
+            min_seq, anchor = rollback_floor(min_seq, receipt, keys)
             index, src, m, warnings = open_remote_index(
                 keys,
                 early.remotes,
@@ -161,7 +129,7 @@ def restore(
             v = stack.enter_context(open_vault(h, lock=False, keys=keys))
             index = v.index
             src = ShardSource(v.remotes(), v.queue_dir)
-            stack.enter_context(_too_few_remotes(src, snapshot, include))
+            stack.enter_context(too_few_remotes(src, f"restore {what}"))
             src.list_all()
             newest = manifests.newest_link(v.index)
             link = None if newest is None else Link(*newest)

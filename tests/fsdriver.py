@@ -354,6 +354,7 @@ class Harness:
                 scope.cancel()  # the only writer to the tree besides the handlers
                 await stopped.wait()
                 await fs.journal.commit()
+                await fs.cache.retired()  # the blocks it committed lose their cache files
                 check_consistency(fs)
             nursery.cancel_scope.cancel()
         return result

@@ -378,6 +378,48 @@ def test_too_few_remotes_names_the_snapshot_the_remotes_and_the_way_out(tmp_path
         assert "until 3 hold it and run again" in msg and "`vaultfs repair`" in msg, msg
 
 
+def test_every_reader_says_too_few_remotes_as_restore_does(tmp_path: Path) -> None:
+    """A 2-of-3 vault with two remotes gone: `wal fetch`, `home rebuild`, `drill disk` and a
+    restore from the home each name what they could not do, the remote holding the vault,
+    the others, and the way forward (exit 11), not only "only 1 intact shard reachable"."""
+    home, remotes = _vault(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.bin").write_bytes(os.urandom(100_000))
+    run_cli("backup", str(src), home=home)
+    wal_name = "000000010000000000000001"
+    (tmp_path / wal_name).write_bytes(os.urandom(50_000))
+    run_cli("wal", "push", str(tmp_path / wal_name), wal_name, home=home)
+    run_cli("flush", home=home)
+    for r in remotes[1:]:
+        shutil.rmtree(r)
+
+    def said(*argv: str, h: Path = home, check: int = 11) -> str:
+        res = run_cli(*argv, home=h, check=check)
+        msg = " ".join((res.stderr + res.stdout).decode().split())
+        assert "Traceback" not in msg
+        assert "it needs shards from 2 remotes and 1 gave them intact" in msg, msg
+        assert f"Holding the vault: {remotes[0]}" in msg, msg
+        assert "until 2 hold it" in msg and "`vaultfs repair` rebuilds it" in msg, msg
+        return msg
+
+    msg = said("wal", "fetch", wal_name, str(tmp_path / "wal.out"))
+    assert f"cannot fetch WAL file {wal_name}:" in msg and "unreachable or failing: " in msg
+    assert all(str(r) in msg.split("unreachable or failing: ")[1] for r in remotes[1:]), msg
+    assert not (tmp_path / "wal.out").exists()
+    keyfile = str(home / "key.json")
+    msg = said("home", "rebuild", "--from", str(remotes[0]), "--keyfile", keyfile,
+               h=tmp_path / "new-home")  # fmt: skip
+    assert "cannot rebuild the home:" in msg and "(or give more --from)" in msg, msg
+    msg = said("restore", "--to", str(tmp_path / "out"))
+    assert "cannot restore snapshot latest:" in msg and "--from" not in msg, msg
+    drill = run_cli("drill", "disk", "--scratch", str(tmp_path / "drill"), "--json", home=home,
+                    check=errors.EXIT_DRILL_FAILED)  # fmt: skip
+    notes = json.loads(drill.stdout)["drills"][0]["error"]
+    assert notes.startswith("cannot restore the newest snapshot: it needs shards from 2 remotes")
+    assert f"Holding the vault: {remotes[0]}" in notes, notes
+
+
 def test_the_exit_code_table_in_operations_md_lists_every_code_of_errors_py() -> None:
     """docs/operations.md's exit-code table and vaultfs/errors.py's (the source of truth) list
     the same codes: a user looking up an exit code finds it."""

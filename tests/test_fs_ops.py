@@ -20,6 +20,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 from fsdriver import (
     PASSPHRASE,
     Driver,
@@ -819,8 +820,10 @@ def test_budget_counts_a_block_stored_while_its_writer_waited(make_harness) -> N
 
         async with trio.open_nursery() as n:
             n.start_soon(writer)
-            while not fs.cache.waiting:
-                await trio.sleep(0.001)
+            # nothing but the budget blocks it on the way (the blocks are loaded, no lock is
+            # held): once every task waits, it waits for room
+            await trio.testing.wait_all_tasks_blocked()
+            assert fs.cache.waiting == 1
             # ... while the uploader stores every dirty block, the last one too
             n.start_soon(fs.cache.run)
             await written.wait()

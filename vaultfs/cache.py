@@ -108,6 +108,8 @@ class BlockCache:
         self._kick = trio.Event()
         self._pending: list[tuple[Dirty, int, Chunks, float]] = []
         self._retiring: list[Dirty] = []  # committed blocks whose cache files go next
+        self._retires = 0  # _retire tasks spawned and not finished
+        self._retired = trio.Event()  # set (and replaced) when the last of them finishes
         self.stored_blocks = 0
         self.stored_bytes = 0
         self.error: str | None = None
@@ -342,6 +344,7 @@ class BlockCache:
                 d.retiring = trio.Event()
                 self._retiring.append(d)
                 if len(self._retiring) == 1:  # one task (and one thread hop) per commit
+                    self._retires += 1
                     trio.lowlevel.spawn_system_task(self._retire)
             else:
                 d.uploading = False
@@ -371,6 +374,17 @@ class BlockCache:
                 d.uploading = False
                 if evt is not None:
                     evt.set()
+            self._retires -= 1
+            if not self._retires:
+                self._retired.set()
+                self._retired = trio.Event()
+
+    async def retired(self) -> None:
+        """Wait until the blocks whose lists are committed so far have lost their cache files
+        and left :attr:`dirty` (:meth:`_retire` runs after the commit, in a worker thread):
+        then the cache directory holds exactly the dirty blocks' files."""
+        while self._retires:
+            await self._retired.wait()
 
     @asynccontextmanager
     async def held(self) -> AsyncIterator[None]:
@@ -407,6 +421,7 @@ class BlockCache:
                 if self._pending:
                     await self._settle(force=True)
             await self.journal.commit()
+            await self.retired()
             now_left = sum(1 for i, _b in self.dirty if ino is None or i == ino)
             stuck = stuck + 1 if now_left >= left else 0
             if stuck > 200:

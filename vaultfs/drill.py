@@ -43,7 +43,7 @@ from .keys import SUITE_NAMES, VaultKeys, suite_name
 from .names import fs_path
 from .rebuild import rebuild_home
 from .repair import replace_remote
-from .restore import ShardSource, open_remote_index, restore_files
+from .restore import ShardSource, open_remote_index, restore_files, too_few_remotes
 from .vault import Vault
 from .vault.placement import remotes_needed
 
@@ -281,6 +281,10 @@ def _finish(res: DrillResult, got: _Restored, t0: float) -> None:
         res.error = f"{len(got.mismatched)} restored file(s) differ from the snapshot"
 
 
+#: what the drills that restore could not do, when too few remotes hold the vault
+RESTORE = "restore the newest snapshot"
+
+
 def _restore_from_remotes(
     res: DrillResult, keys: VaultKeys, remotes: list[Backend], scratch: Path
 ) -> _Restored:
@@ -298,7 +302,8 @@ def _remote_index(
     src = ShardSource(remotes)
     src.start()
     try:
-        index, src, m, _warnings = open_remote_index(keys, remotes, work, src=src)
+        with too_few_remotes(src, RESTORE):
+            index, src, m, _warnings = open_remote_index(keys, remotes, work, src=src)
         try:
             yield index, src, m.seq
         finally:
@@ -308,7 +313,8 @@ def _remote_index(
 
 
 def _restore(keys: VaultKeys, index: Index, src: ShardSource, to: Path) -> _Restored:
-    uid, entries, size, _warnings = restore_files(keys, index, src, to)
+    with too_few_remotes(src, RESTORE):
+        uid, entries, size, _warnings = restore_files(keys, index, src, to)
     found = snapshot_rows.find(index, uid)
     assert found is not None  # restore_files just restored it
     created = snapshot_rows.details(index, found[0])[2]

@@ -49,7 +49,7 @@ from .kb.view import VIEW_DIR, BeliefView
 from .livetree import ROOT_INODE, Journal, LiveTree, Node
 from .names import SPECIAL_TYPES, display, from_db
 from .readcache import DEFAULT_READ_CACHE_SIZE, ReadCache
-from .shardreader import Lie, ShardsUnavailable
+from .shardreader import ShardsUnavailable
 from .snapview import (
     SNAPDIR_INO,
     SNAPDIR_NAME,
@@ -147,11 +147,6 @@ def raise_readahead(mountpoint: Path, kb: int = READ_AHEAD_KB) -> None:
         Path(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb").write_text(str(kb))
     except OSError as e:
         log.info("kernel read-ahead stays at its default (%s)", e)
-
-
-def _reason(lie: Lie) -> str:
-    """Why ``lie``'s shard could not be had, without the remote and object its detail names."""
-    return lie.detail.split(" failed: ", 1)[-1] if lie.detail else f"{lie.kind} shard"
 
 
 @dataclass(eq=False)
@@ -877,7 +872,7 @@ class VaultFS(pyfuse3.Operations):
     def _read_failed(self, fh: int, e: VaultError) -> str:
         """What the log says of a read of ``fh`` that failed with ``e``: too few shards in the
         user's terms (the file, the remotes holding and failing, the way forward:
-        :meth:`ShardsUnavailable.for_user`, as restore says it), anything else as it is."""
+        :meth:`ShardsUnavailable.as_seen`, as restore says it), anything else as it is."""
         if not isinstance(e, ShardsUnavailable):
             return e.message
         h = self.fhs.get(fh)
@@ -889,13 +884,7 @@ class VaultFS(pyfuse3.Operations):
         else:
             live = self.tree.path_of(h.ino) if h else None
             what = f"{display(live) if live is not None else '?'} (the live tree)"
-        return e.for_user(
-            f"read {what}",
-            held=e.intact_on,
-            # a transport's detail repeats the remote and the object ("R: read X failed: why")
-            down=[f"{lie.ref.holder} ({_reason(lie)})" for lie in e.lies],
-            again="read it again",
-        ).message
+        return e.as_seen(f"read {what}", again="read it again").message
 
     def _read_ahead(self, h: Handle, n: Node | SNode, off: int, size: int) -> None:
         """Detect sequential reads on ``h`` and start fetching the chunks ahead of them."""

@@ -47,7 +47,7 @@ from .index import manifests as manifest_table
 from .index import remotes as remote_table
 from .index.shipped import ShippedObjects
 from .keys import VaultKeys, write_keyfile
-from .restore import ShardSource, index_description, open_remote_index
+from .restore import ShardSource, index_description, open_remote_index, too_few_remotes
 from .shardreader import ShardRef, read_segment
 from .vault import Vault
 from .vault.home import index_path, install, keyfile_path, rebuild_staging
@@ -104,9 +104,10 @@ def rebuild_home(
         try:
             # the sidecar too: the next commit then seals only the blocks that changed
             shipped = ShippedObjects(staging / "index-objects.db")
-            index, src, m, warnings = open_remote_index(
-                keys, remotes, staging, min_seq, src=src, shipped=shipped, anchor=anchor
-            )
+            with too_few_remotes(src, "rebuild the home", " (or give more --from)"):
+                index, src, m, warnings = open_remote_index(
+                    keys, remotes, staging, min_seq, src=src, shipped=shipped, anchor=anchor
+                )
         except NotEnoughRemotes as e:
             # name the --from remotes that gave nothing (empty, or another vault's): with
             # too few left, the typo is the user's way out, not the internal segment

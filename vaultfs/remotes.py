@@ -237,15 +237,21 @@ def join(spec: str, sub: str) -> str:
 RCD_PREFIX = "vaultfs-rcd-"
 
 
-def _sweep_stale_dirs() -> None:
-    """Remove the daemon directories of vaultfs processes that no longer exist.
+def owned_tempdir(prefix: str, parent: str | None = None) -> str:
+    """A new private (0700) directory ``<parent>/<prefix><pid>-*`` (``parent`` defaults to
+    the temporary directory): the pid in the name lets a later process remove it
+    (:func:`sweep_dead_dirs`) if this one is killed (-9), which runs no clean-up."""
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
 
-    A process killed with SIGKILL runs no ``atexit`` handler, so its directory stays behind
-    (its rclone followed it through the parent-death signal). A directory whose pid is alive,
-    or whose name carries no pid (made by an older version), is left alone."""
-    tmp = Path(tempfile.gettempdir())
-    for d in tmp.glob(RCD_PREFIX + "*-*"):
-        pid = d.name[len(RCD_PREFIX) :].split("-", 1)[0]
+
+def sweep_dead_dirs(prefix: str, parent: str | None = None) -> None:
+    """Remove the directories ``<parent>/<prefix><pid>-*`` of processes that no longer exist.
+
+    A directory whose pid is alive (perhaps reused by another process: it stays until that
+    one ends too), another user's, or whose name carries no pid (made by an older version) is
+    left alone."""
+    for d in Path(parent or tempfile.gettempdir()).glob(prefix + "*-*"):
+        pid = d.name[len(prefix) :].split("-", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
@@ -305,9 +311,8 @@ class RcloneDaemon:
             return d
 
     def __init__(self) -> None:
-        _sweep_stale_dirs()
-        # the pid in the name lets a later process remove it if this one is killed (-9)
-        self.dir = tempfile.mkdtemp(prefix=f"{RCD_PREFIX}{os.getpid()}-")  # mode 0700
+        sweep_dead_dirs(RCD_PREFIX)
+        self.dir = owned_tempdir(RCD_PREFIX)
         self.sock = os.path.join(self.dir, "rc.sock")
         cmd = [rclone_binary(), "rcd", "-q", f"--rc-addr=unix://{self.sock}", "--rc-no-auth"]
         cmd.append("--rc-serve")  # objects by GET, with ranges: :meth:`read`

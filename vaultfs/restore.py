@@ -47,8 +47,8 @@ from .indexblocks import Location
 from .keys import SLHDSA_BY_SIG_ALG, VaultKeys
 from .listing import Listed, compact
 from .names import display, fs_path, xattrs_from_db
-from .remotes import needs_thaw
-from .shardreader import ShardRef, preference, read_segment
+from .remotes import needs_thaw, owned_tempdir, sweep_dead_dirs
+from .shardreader import ShardRef, ShardsUnavailable, preference, read_segment
 
 if TYPE_CHECKING:
     from .vault import Vault
@@ -531,6 +531,27 @@ class ShardSource:
             if len(data) == hi - lo:
                 return data, r.label
         return None
+
+
+@contextlib.contextmanager
+def too_few_remotes(src: ShardSource, doing: str, more: str = "") -> Iterator[None]:
+    """Say a ShardsUnavailable of the ``with`` block in the user's terms, from what ``src``
+    heard of every remote (:meth:`ShardsUnavailable.for_user`, exit 11 still): what could not
+    be done (``doing``, e.g. "restore snapshot monday"), which remotes hold the vault, which
+    were found empty and which did not answer, and what to do (``more``: other ways to bring
+    a remote, e.g. " (or give more --from)"); the internal segment it was stays at the end.
+    Every reader through a ShardSource says it so: restore, home rebuild, drill, kb."""
+    try:
+        yield
+    except ShardsUnavailable as e:
+        reports = list(src.reports.values())
+        raise e.for_user(
+            doing,
+            held=[r.label for r in reports if r.reachable and r.objects],
+            down=[f"{r.label} ({r.error or 'unreachable'})" for r in reports if not r.reachable],
+            empty=[r.label for r in reports if r.reachable and not r.objects],
+            more=more,
+        ) from None
 
 
 class _Staged:
@@ -1380,9 +1401,23 @@ def read_ahead_budget() -> int:
     return min(READ_AHEAD_BYTES, avail)
 
 
-def staging_dir() -> str | None:
-    """Where fetched shards wait: /dev/shm when roomy, else the temporary directory."""
-    return _staging_dir()
+#: memory-backed: where fetched shards are staged when it has room (:func:`_staging_dir`)
+SHM = "/dev/shm"
+#: a restore's staging directories: fetched batches (:func:`restore_files`) and what a
+#: whole-snapshot restore reads ahead (the command line); the pid in their names
+#: (:func:`remotes.owned_tempdir`) lets the next restore remove those a killed one left
+STAGING_PREFIXES = ("vaultfs-restore-", "vaultfs-ahead-")
+
+
+def staging_tempdir(prefix: str) -> Path:
+    """A new staging directory ``<prefix><pid>-*`` (``prefix`` one of
+    :data:`STAGING_PREFIXES`): in /dev/shm when roomy, else the temporary directory. First
+    the staging directories of restores that died (killed: no clean-up ran) are removed
+    from both, so their shards give the memory back; a live restore's are left alone."""
+    for parent in (SHM, None):
+        for p in STAGING_PREFIXES:
+            sweep_dead_dirs(p, parent)
+    return Path(owned_tempdir(prefix, _staging_dir()))
 
 
 #: Fetched shards wait in memory-backed /dev/shm when it has this much room (what was read
@@ -1394,11 +1429,11 @@ STAGING_ROOM = 1 << 30
 def _staging_dir() -> str | None:
     """Where fetched shards are staged: /dev/shm (no writeback, cheap unlink) when roomy."""
     try:
-        st = os.statvfs("/dev/shm")
+        st = os.statvfs(SHM)
     except OSError:
         return None
-    if st.f_bavail * st.f_frsize >= STAGING_ROOM and os.access("/dev/shm", os.W_OK):
-        return "/dev/shm"
+    if st.f_bavail * st.f_frsize >= STAGING_ROOM and os.access(SHM, os.W_OK):
+        return SHM
     return None
 
 
@@ -1809,7 +1844,7 @@ def _write_chunks(
         e: keys.unwrap_data_key(e, w, s) for e, s, w in keyring.epochs(index) if e in epochs
     }
     warnings: list[str] = []
-    tmp_root = Path(tempfile.mkdtemp(prefix="vaultfs-restore-", dir=_staging_dir()))
+    tmp_root = staging_tempdir("vaultfs-restore-")
     budget = read_ahead_budget()
     ctx = _RestoreContext(
         keys.vault_id, keys.chunk_id_key, keys.audit_key, data_keys, epoch_suites, src

@@ -65,6 +65,12 @@ class Lie:
     kind: Literal["corrupt", "missing"]
     detail: str = ""
 
+    @property
+    def reason(self) -> str:
+        """Why the shard could not be had, without the remote and object a transport's
+        detail names ("R: read X failed: why")."""
+        return self.detail.split(" failed: ", 1)[-1] if self.detail else f"{self.kind} shard"
+
     def __str__(self) -> str:
         where = f" on {self.ref.holder}" if self.ref.holder else ""
         why = f" ({self.detail})" if self.detail else ""
@@ -136,6 +142,17 @@ class ShardsUnavailable(NotEnoughRemotes):
             + f". Bring back remotes{more} until {need} hold it and {again}; with {need} "
             f"back, `vaultfs verify` names what is lost and `vaultfs repair` rebuilds it "
             f"({self.message})"
+        )
+
+    def as_seen(self, doing: str, again: str = "run again") -> NotEnoughRemotes:
+        """:meth:`for_user` for a reader that asked only the remotes holding the segment's
+        shards (the mount, `wal fetch`), not every remote: those that gave intact shards
+        hold the vault, those that failed are named with their reason."""
+        return self.for_user(
+            doing,
+            held=self.intact_on,
+            down=[f"{lie.ref.holder} ({lie.reason})" for lie in self.lies],
+            again=again,
         )
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from .backup import backup_stream
 from .errors import InputError, IntegrityError
 from .index import snapshots
+from .shardreader import ShardsUnavailable
 
 if TYPE_CHECKING:
     from .vault import Vault
@@ -86,7 +87,8 @@ def push(vault: Vault, path: Path, name: str) -> bool:
 def fetch(vault: Vault, name: str, dest: Path) -> None:
     """Write archived WAL file ``name`` to ``dest``: under a temporary name beside it, fsynced,
     then renamed, so Postgres never reads half a file. InputError (exit 18) when no snapshot
-    holds it: for restore_command, the end of the archive."""
+    holds it: for restore_command, the end of the archive. NotEnoughRemotes (exit 11) naming
+    the remotes and the way forward when too few hold it (:meth:`ShardsUnavailable.as_seen`)."""
     check(name)
     chunks = _chunks(vault, name)
     if chunks is None:
@@ -99,6 +101,8 @@ def fetch(vault: Vault, name: str, dest: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, ShardsUnavailable):
+            raise e.as_seen(f"fetch WAL file {name}") from None
         raise

@@ -23,7 +23,7 @@ from ..index import Index
 from ..index import kb as kbroots
 from ..index import snapshots as snapshot_table
 from ..keys import VaultKeys
-from ..restore import Fetched, ShardSource, open_remote_index, restore_files
+from ..restore import Fetched, ShardSource, open_remote_index, restore_files, too_few_remotes
 from ..shardreader import ShardRef
 from ..vault import Vault
 from . import layout
@@ -182,7 +182,8 @@ class KbFiles:
         self._reads += 1
         to = self.work / f"read{self._reads}"
         try:
-            restore_files(self.keys, self.index, self.src, to, snap.uid, include or paths)
+            with too_few_remotes(self.src, f"read the knowledge base of snapshot {snap.label}"):
+                restore_files(self.keys, self.index, self.src, to, snap.uid, include or paths)
             if walk:
                 paths = [str(f.relative_to(to)) for f in sorted(to.rglob("*")) if f.is_file()]
             return {p: (to / p).read_bytes() for p in paths}
@@ -236,7 +237,10 @@ def open_kb_files(
             src = CountingSource([open_backend(s) for s in remote_specs])
             src.start()
             try:
-                index, _src, m, warnings = open_remote_index(keys, src.remotes, work, 0, src=src)
+                with too_few_remotes(src, "read the knowledge base", " (or give more --from)"):
+                    index, _src, m, warnings = open_remote_index(
+                        keys, src.remotes, work, 0, src=src
+                    )
                 try:
                     yield KbFiles(keys, index, src, work, warnings, m.contents.kb)
                 finally:
