@@ -1904,14 +1904,15 @@ def _open_index(
 
 
 def verify_index_against_manifest(index: Index, m: manifest.Manifest) -> None:
-    """Recompute every data segment root from its shards and the vault root; compare."""
-    roots = []
-    shard_roots = segments.all_shard_roots(index)
-    for sid, root in segments.data_roots_by_id(index):
-        if merkle.root(shard_roots[sid]) != root:
+    """Recompute every data segment root from its shards and the vault root; compare. Reads
+    the segments a page at a time and folds their roots as they come (:class:`merkle.Root`):
+    memory flat in the vault's size."""
+    vault_root = merkle.Root()
+    for sid, root, shard_roots in segments.data_segment_roots(index):
+        if merkle.root(shard_roots) != root:
             raise IntegrityError(f"segment {sid}: Merkle root does not match its shards")
-        roots.append(root)
-    if merkle.root(roots) != m.contents.vault_root:
+        vault_root.add(root)
+    if vault_root.root() != m.contents.vault_root:
         raise IntegrityError("the index does not match the signed vault root in the manifest")
 
 
