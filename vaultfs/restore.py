@@ -978,6 +978,7 @@ def fetch_index(
     the rebuilt index records manifest ``m`` and the segments it names
     (``manifest_segments``)."""
     warnings: list[str] = []
+    _map_large_buffers()
     with tempfile.TemporaryDirectory(prefix="vaultfs-idx-") as tmp:
         segs = _IndexSegments(keys, m, src, Path(tmp), warnings)
         desc = segs.describe()
@@ -1005,6 +1006,26 @@ def fetch_index(
                     {seg.uid for seg in desc.segments},
                 )
     return warnings
+
+
+#: Buffers at least this large are mapped for themselves and unmapped when freed, from the
+#: first index fetch on (:func:`_map_large_buffers`).
+MAP_ABOVE = 256 << 10
+
+
+def _map_large_buffers() -> None:
+    """Have this process map every buffer of :data:`MAP_ABOVE` bytes or more and unmap it
+    when freed. glibc's default threshold follows the largest buffer freed, so after the
+    first meta segment the shards and segments the index fetch reads (MiB each, several live
+    at once) came from the heap, between small objects that outlive them, and the heap grew
+    with the segments decoded: the fetch peaked at 86.5 MiB for the 43 meta segments of a
+    16 GiB vault's index, 76.0 for the 4 of a 1 GiB one; 75.6 and 69.4 mapped
+    (docs/benchmarks.md, "lifetime"). Mapped, they cost a page fault per 4 KiB touched
+    (~16 MiB a 4 MiB meta segment); the data path's own buffers are the decoder processes',
+    which keep theirs (:func:`sealer.tune_malloc`)."""
+    from .sealer import keep_freed_buffers
+
+    keep_freed_buffers(MAP_ABOVE, 2 * MAP_ABOVE)
 
 
 def index_description(
