@@ -117,6 +117,17 @@ def test_merkle_last_leaf_is_not_duplicated():
     assert merkle.root([a]) == a
 
 
+def test_merkle_root_folded_one_hash_at_a_time_is_the_same_root():
+    # restore checks the vault root with merkle.Root: every tree shape up to 5 levels of
+    # promoted odd nodes, and larger ones
+    for n in [*range(70), 255, 256, 257, 1000, 1023, 1025]:
+        leaves = [merkle.leaf_hash(i.to_bytes(4, "big")) for i in range(n)]
+        folded = merkle.Root()
+        for h in leaves:
+            folded.add(h)
+        assert folded.root() == merkle.root(leaves), n
+
+
 @pytest.mark.parametrize("k,n", [(3, 5), (5, 9), (7, 15)])
 def test_erasure_profiles_decode_from_any_k(k, n):
     seg = os.urandom(64 * 1024)

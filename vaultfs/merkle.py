@@ -57,6 +57,33 @@ def root(hashes: list[bytes]) -> bytes:
     return level[0]
 
 
+class Root:
+    """:func:`root` of hashes given one at a time (:meth:`add`), holding one pending node
+    per level (O(log n)) instead of every hash: a full restore checks the vault root over
+    every data segment with memory flat in the vault's size. Pairing left to right with an
+    odd last node promoted builds the tree whose left subtrees are the largest powers of two,
+    so equal-height neighbours join as they come and the rest join right to left at the end."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[int, bytes]] = []  # (height, node), heights decreasing
+
+    def add(self, h: bytes) -> None:
+        height = 0
+        while self._pending and self._pending[-1][0] == height:
+            h = node_hash(self._pending.pop()[1], h)
+            height += 1
+        self._pending.append((height, h))
+
+    def root(self) -> bytes:
+        """:func:`root` of the hashes added so far."""
+        if not self._pending:
+            return EMPTY_ROOT
+        acc = self._pending[-1][1]
+        for _height, left in reversed(self._pending[:-1]):
+            acc = node_hash(left, acc)
+        return acc
+
+
 def proof(hashes: list[bytes], index: int) -> list[tuple[bool, bytes]]:
     """Audit path for hashes[index]: a list of (sibling_is_left, sibling_hash)."""
     path: list[tuple[bool, bytes]] = []

@@ -998,6 +998,7 @@ def fetch_index(
     the rebuilt index records manifest ``m`` and the segments it names
     (``manifest_segments``)."""
     warnings: list[str] = []
+    _map_large_buffers()
     with tempfile.TemporaryDirectory(prefix="vaultfs-idx-") as tmp:
         segs = _IndexSegments(keys, m, src, Path(tmp), warnings)
         desc = segs.describe()
@@ -1025,6 +1026,26 @@ def fetch_index(
                     {seg.uid for seg in desc.segments},
                 )
     return warnings
+
+
+#: Buffers at least this large are mapped for themselves and unmapped when freed, from the
+#: first index fetch on (:func:`_map_large_buffers`).
+MAP_ABOVE = 256 << 10
+
+
+def _map_large_buffers() -> None:
+    """Have this process map every buffer of :data:`MAP_ABOVE` bytes or more and unmap it
+    when freed. glibc's default threshold follows the largest buffer freed, so after the
+    first meta segment the shards and segments the index fetch reads (MiB each, several live
+    at once) came from the heap, between small objects that outlive them, and the heap grew
+    with the segments decoded: the fetch peaked at 86.5 MiB for the 43 meta segments of a
+    16 GiB vault's index, 76.0 for the 4 of a 1 GiB one; 75.6 and 69.4 mapped
+    (docs/benchmarks.md, "lifetime"). Mapped, they cost a page fault per 4 KiB touched
+    (~16 MiB a 4 MiB meta segment); the data path's own buffers are the decoder processes',
+    which keep theirs (:func:`sealer.tune_malloc`)."""
+    from .sealer import keep_freed_buffers
+
+    keep_freed_buffers(MAP_ABOVE, 2 * MAP_ABOVE)
 
 
 def index_description(
@@ -2003,14 +2024,15 @@ def _open_index(
 
 
 def verify_index_against_manifest(index: Index, m: manifest.Manifest) -> None:
-    """Recompute every data segment root from its shards and the vault root; compare."""
-    roots = []
-    shard_roots = segments.all_shard_roots(index)
-    for sid, root in segments.data_roots_by_id(index):
-        if merkle.root(shard_roots[sid]) != root:
+    """Recompute every data segment root from its shards and the vault root; compare. Reads
+    the segments a page at a time and folds their roots as they come (:class:`merkle.Root`):
+    memory flat in the vault's size."""
+    vault_root = merkle.Root()
+    for sid, root, shard_roots in segments.data_segment_roots(index):
+        if merkle.root(shard_roots) != root:
             raise IntegrityError(f"segment {sid}: Merkle root does not match its shards")
-        roots.append(root)
-    if merkle.root(roots) != m.contents.vault_root:
+        vault_root.add(root)
+    if vault_root.root() != m.contents.vault_root:
         raise IntegrityError("the index does not match the signed vault root in the manifest")
 
 

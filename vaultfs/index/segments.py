@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sqlite3
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 from .. import merkle
@@ -468,12 +468,33 @@ def shard_roots(index: Index, seg_id: int) -> list[bytes]:
     ]
 
 
-def all_shard_roots(index: Index) -> dict[int, list[bytes]]:
-    """{segment id: the Merkle roots of its shards, by shard index} of every segment."""
-    out: dict[int, list[bytes]] = defaultdict(list)
-    for sid, root in index.q("SELECT segment, root FROM shards ORDER BY segment, idx"):
-        out[sid].append(root)
-    return out
+def data_segment_roots(
+    index: Index, page: int = LOOKUP_BATCH
+) -> Iterator[tuple[int, bytes, list[bytes]]]:
+    """(id, root, the Merkle roots of its shards by shard index) of every data segment, in id
+    order, read ``page`` segments at a time (keyset on the id, then point lookups of their
+    shards): a full restore checks the vault root holding one page, whatever the vault's
+    size."""
+    last = -1
+    while True:
+        rows = index.q(
+            "SELECT id, root FROM segments WHERE kind='data' AND id > ? ORDER BY id LIMIT ?",
+            (last, page),
+        )
+        if not rows:
+            return
+        shard_roots: dict[int, list[bytes]] = defaultdict(list)
+        for sid, root in _by_ids(
+            index,
+            "SELECT segment, root FROM shards WHERE segment IN ({marks}) ORDER BY segment, idx",
+            [sid for sid, _root in rows],
+        ):
+            shard_roots[sid].append(root)
+        for sid, root in rows:
+            yield sid, root, shard_roots.get(sid, [])
+        if len(rows) < page:
+            return
+        last = rows[-1][0]
 
 
 def shard_hashes(index: Index, seg_ids: list[int]) -> dict[int, list[tuple[int, str, bytes, int]]]:
