@@ -353,6 +353,19 @@ def prune(
                 + (f"; {rep.garbage_left} wait for a later prune" if rep.garbage_left else ""),
                 highlight=False,
             )
+            if rep.garbage_waiting:
+                err.print(
+                    f"[yellow]{rep.garbage_waiting} of them wait for queued uploads to land "
+                    "(a remote did not take the newest manifest): run `vaultfs flush` once "
+                    "every remote is reachable, then `vaultfs prune` again[/]",
+                    highlight=False,
+                )
+            elif rep.garbage_left and not rep.garbage_held:
+                err.print(
+                    f"[yellow]{rep.garbage_left} could not be deleted (a remote failed): run "
+                    "`vaultfs prune` again once every remote is reachable[/]",
+                    highlight=False,
+                )
             if rep.garbage_held:
                 err.print(f"[yellow]old objects kept: {rep.garbage_held}[/]", highlight=False)
         for r, e in rep.errors.items():

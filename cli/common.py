@@ -153,6 +153,17 @@ def print_table(t: Table, console: Console = out) -> None:
                 console.print(f"  {header}: ", cells[i], sep="", highlight=False)
 
 
+def local_time(t: float | None, fmt: str = "%Y-%m-%d %H:%M") -> str:
+    """``t`` on the local clock in ``fmt``; "never" for no time, and for a time past what the
+    platform's clock can show (a stored schedule interval too large to reach)."""
+    if not t:
+        return "never"
+    try:
+        return time.strftime(fmt, time.localtime(t))
+    except (OverflowError, OSError, ValueError):
+        return "never"
+
+
 def last_audit_cell(r: dict) -> str:
     """A remote's last audit as `status` and `remote list` show it: its time and the
     confidence it reached, or "never"."""

@@ -27,6 +27,7 @@ from cli.common import (
     home_dir,
     last_audit_cell,
     load_strategy,
+    local_time,
     manifest_fields,
     new_passphrase,
     newest_manifest,
@@ -300,10 +301,6 @@ def _ago(seconds: float | None) -> str:
     return f"{seconds:.0f}s"
 
 
-def _when(t: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "never"
-
-
 def _tier_status(s: Strategy, as_json: bool) -> None:
     from vaultfs import tiers
 
@@ -327,8 +324,8 @@ def _tier_status(s: Strategy, as_json: bool) -> None:
             )
             differ.append(r["tier"])
         t.add_row(
-            r["tier"], coding, _when(r["last_success"]),
-            _when(r["next_due"]) if r["last_success"] else "now", _ago(r["rpo_seconds"]),
+            r["tier"], coding, local_time(r["last_success"]),
+            local_time(r["next_due"]) if r["last_success"] else "now", _ago(r["rpo_seconds"]),
             survives, r["last_error"] or "",
         )  # fmt: skip
     print_table(t)
@@ -497,9 +494,6 @@ def status(
 def _print_routine(rt: dict) -> None:
     """The routine's part of `status`: the recovery point and each job's last and next run."""
 
-    def when(t: float | None) -> str:
-        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "never"
-
     if rt["rpo_seconds"] is None:
         out.print("no snapshot is fully placed on the remotes yet")
     else:
@@ -510,8 +504,8 @@ def _print_routine(rt: dict) -> None:
             "(the recovery point)"
         )
     for job, j in rt["jobs"].items():
-        nxt = "each pass" if j["every"] == 0 else when(j["next_run"])
-        line = f"  {job}: last success {when(j['last_success'])}, next {nxt}"
+        nxt = "each pass" if j["every"] == 0 else local_time(j["next_run"])
+        line = f"  {job}: last success {local_time(j['last_success'])}, next {nxt}"
         if j["last_error"]:
             line += f" (last error: {j['last_error']})"
         out.print(line, highlight=False)

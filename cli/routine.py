@@ -29,6 +29,7 @@ from cli.common import (
     err,
     home_dir,
     load_strategy,
+    local_time,
     open_vault,
     out,
     passphrase,
@@ -41,7 +42,7 @@ from vaultfs.errors import EXIT_JOB_FAILED, EXIT_PARTIAL, ImmutableVault, InputE
 
 
 def _when(t: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "never"
+    return local_time(t, "%Y-%m-%d %H:%M:%S")
 
 
 # -- forget ------------------------------------------------------------------------------------

@@ -231,3 +231,37 @@ def test_stale_snapshot_delete_changes_nothing_and_deferred_deletions_are_not_fr
     for r in remotes:
         line = next(x for x in said.splitlines() if x.strip().startswith(f"{r}:"))
         assert " 0 bytes freed; " in line and "bytes to free at a later prune" in line, said
+
+
+def test_deletions_held_by_a_queued_manifest_say_why_and_the_next_prune_sends_it(tmp_path):
+    """A remote failing uploads during prune keeps the new manifest queued for it, which holds back
+    every old object it replaces, on every remote: prune says so and names `vaultfs flush`
+    (exit 3); once the remote is back, the next prune sends the manifest first and deletes
+    them (exit 0), without a flush of the user's."""
+    home, remotes = make(tmp_path)
+    src = tmp_path / "src"
+    write(src / "kept.bin", 1, 500_000)
+    write(src / "only-old.bin", 2, 1_500_000)
+    run_cli("backup", str(src), "--name", "old", home=home)
+    (src / "only-old.bin").unlink()
+    run_cli("backup", str(src), "--name", "new", home=home)
+    run_cli("snapshot", "delete", "old", home=home)
+
+    # r2 lists its manifests but takes no upload of the new index copy (as a read-only
+    # remote would; a file where its meta/ was)
+    meta = remotes[2] / "meta"
+    away = remotes[2].with_name("r2-meta")
+    meta.rename(away)
+    meta.write_text("not a directory: rclone cannot write here\n")
+    try:
+        res = run_cli("prune", home=home, check=3)
+    finally:
+        meta.unlink()
+        away.rename(meta)
+    said = res.stdout.decode() + res.stderr.decode()
+    assert "wait for queued uploads to land" in said and "`vaultfs flush`" in said, said
+    before = remote_bytes(remotes)
+
+    said = run_cli("prune", home=home).stdout.decode()
+    assert "wait for" not in said, said
+    assert remote_bytes(remotes) < before

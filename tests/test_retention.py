@@ -272,3 +272,27 @@ def test_a_policy_that_would_keep_nothing_is_refused(tmp_path) -> None:
     assert sorted(s["name"] for s in left) == ["nightly-0", "nightly-1"]
     kept = json.loads(run_cli("forget", "--keep-name", "nightly-1", "--json", home=home).stdout)
     assert [s["name"] for s in kept["keep"]] == ["nightly-1"] and len(kept["forget"]) == 1
+
+
+def test_a_duration_past_the_calendar_is_refused(tmp_path) -> None:
+    """`forget --keep-within` past 1000 years: exit 18 naming the bound, not an
+    OverflowError from the calendar."""
+    from helpers import PASSPHRASE, run_cli
+
+    from vaultfs.backup import backup_paths
+    from vaultfs.vault import Vault
+
+    home = tmp_path / "home"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.txt").write_text("x")
+    with Vault.create(home, [str(tmp_path / f"r{i}") for i in range(3)], 2, 3, PASSPHRASE) as v:
+        backup_paths(v, [src], "one")
+        v.flush()
+    res = run_cli("forget", "--keep-within", "99999999999y", "--dry-run", home=home, check=18)
+    msg = res.stderr.decode()
+    assert "at most 1000 years" in msg and "Traceback" not in msg, msg
+    kept = json.loads(
+        run_cli("forget", "--keep-within", "1000y", "--dry-run", "--json", home=home).stdout
+    )
+    assert [s["name"] for s in kept["keep"]] == ["one"] and kept["forget"] == []

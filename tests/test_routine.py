@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -281,3 +282,25 @@ def test_retention_that_would_keep_nothing_is_refused_and_alerted(tmp_path) -> N
     (ev,) = events(log)
     assert ev["event"] == "job_failed" and ev["job"] == "retention"
     assert len(json.loads(run_cli("snapshots", "--json", home=home).stdout)) == 1
+
+
+def test_intervals_past_the_clock_are_refused_and_a_stored_one_shows_never(tmp_path) -> None:
+    """`schedule set` refuses an interval past 100 years (exit 18, the bound named); one
+    stored before the bound existed is held to it: it runs once, then `status` and `schedule
+    show` show its next run a century on (no OverflowError from the clock)."""
+    home, _remotes, src = make(tmp_path)
+    huge = "99999999999999999999d"
+    res = run_cli("schedule", "set", f"snapshot={huge}", home=home, check=18)
+    msg = res.stderr.decode()
+    assert "at most 100 years" in msg and "Traceback" not in msg, msg
+    assert (
+        "snapshot"
+        not in json.loads(run_cli("schedule", "show", "--json", home=home).stdout)["schedule"]
+    )
+    run_cli("schedule", "set", "snapshot=1h", f"sources={src}", home=home)
+    stored = home / "schedule.json"
+    stored.write_text(json.dumps({**json.loads(stored.read_text()), "snapshot": huge}))
+    assert "snapshot" in run(home)["ran"]
+    for cmd in (("status",), ("schedule", "show")):
+        out = run_cli(*cmd, home=home).stdout.decode()
+        assert re.search(r"snapshot: last success \S+ \S+, next 2[1-9]\d\d-", out), out

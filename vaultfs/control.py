@@ -35,7 +35,7 @@ import struct
 import threading
 from pathlib import Path
 
-from .errors import InputError, VaultError
+from .errors import EXIT_DAEMON_GONE, InputError, VaultError
 
 log = logging.getLogger("vaultfs.control")
 
@@ -45,6 +45,14 @@ MAX_REPLY = 16 * 1024 * 1024
 
 class ControlError(VaultError):
     exit_code = 1
+
+
+class DaemonGone(ControlError):
+    """The mount daemon closed the control connection without answering: it died (``kill
+    -9``, a crash) or stopped mid-request. Its mount.log says why; the next ``vaultfs mount``
+    recovers a dead mount, then the command can run again."""
+
+    exit_code = EXIT_DAEMON_GONE
 
 
 def _private_dir(path: Path) -> Path:
@@ -138,7 +146,11 @@ def call(address: str, request: dict, timeout: float | None = None) -> dict | No
                     f"{timeout:.0f}s (see mount.log)"
                 ) from None
             if not part:
-                raise ControlError("the mount daemon closed the connection (see mount.log)")
+                raise DaemonGone(
+                    "the mount daemon closed the connection without an answer: it stopped "
+                    "(see mount.log); run `vaultfs mount` again (it recovers a dead mount), "
+                    "then rerun this command"
+                )
             buf += part
             if len(buf) > MAX_REPLY:
                 raise ControlError("the mount daemon's reply is too large (see mount.log)")

@@ -25,6 +25,7 @@ code  meaning
 22    `vaultfs drill`: a disaster drill failed (its row says why)
 23    the vault is immutable: the command would delete from its remotes
 24    thaw needed: objects on an archive storage class (Glacier) must be restored first
+25    the mount daemon stopped mid-request (closed the control connection unanswered)
 ====  ==========================================================================
 """
 
@@ -170,3 +171,5 @@ class ImmutableVault(VaultError):
 EXIT_PARTIAL = 3
 EXIT_JOB_FAILED = 20
 EXIT_DRILL_FAILED = 22
+#: the mount daemon closed the control connection without an answer (vaultfs/control.py)
+EXIT_DAEMON_GONE = 25

@@ -63,6 +63,8 @@ class PruneReport:
     garbage_deleted: int = 0  # objects deleted from remotes
     garbage_left: int = 0  # objects still to delete (a remote was down, or not yet safe)
     garbage_held: str = ""  # why none was deleted this time (chain.Survey.hold)
+    #: of garbage_left: objects whose replacing manifest is still queued (`vaultfs flush`)
+    garbage_waiting: int = 0
     errors: dict[str, str] = field(default_factory=dict)
     # per remote (label): bytes of the shard objects of dropped and repacked segments, which
     # leave it, and of the new segments' shard objects placed there instead
@@ -177,8 +179,13 @@ def prune(
         rep = v.flush()
         report.errors.update(rep.errors)
         audit.forget_orphans(v.index)
+    elif manifests.pending_uploads(v.index):
+        # a manifest still queued (a remote was down at an earlier prune or backup) holds
+        # back every old object it replaces: send it first, as `vaultfs flush` would
+        report.errors.update(v.flush().errors)
     gc = rotation.collect_garbage(v)
     report.garbage_deleted, report.garbage_left, report.garbage_held = gc.deleted, gc.left, gc.held
+    report.garbage_waiting = gc.waiting
     for name, rid, _kind, _seq in manifests.garbage(v.index):
         if (size := old_objects.get((rid, name))) is not None:
             label = labels[rid]

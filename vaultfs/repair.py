@@ -1151,21 +1151,48 @@ def replace_remote(
 ) -> RepairReport:
     """Swap remote ``old`` (e.g. a provider that shut down) for the empty remote ``new``: the new
     one takes the old one's position and failure domain, and the old one's shards are rebuilt
-    onto it from the others (queued ones are moved). ``background``: as :func:`repair`'s."""
-    rid, _spec = find_remote(vault, old)
+    onto it from the others (queued ones are moved). ``background``: as :func:`repair`'s.
+    A rerun finishes a replace that was cut short (kill, crash: ``old`` already removed,
+    ``new`` in its position): the rebuild onto ``new`` goes on from where it stopped."""
     new = lock_spec(new, vault.params.object_lock)
     Remote(new)
-    _check_new(vault, new, wrap)
-    with vault.index.tx() as db:
-        pos, dom = remote_table.position_of(db, rid)
-        remote_table.remove(db, rid)
-        # an old remote with no named domain was its own (``remote<id>``): the new one keeps it
-        nid = remote_table.add(db, new, pos, domain or dom or f"remote{rid}")
-        remote_table.forget_health(db, rid)
+    try:
+        rid, _spec = find_remote(vault, old)
+    except BadRemote as e:
+        rid, nid = _replaced(vault, old, new, e)
+    else:
+        _check_new(vault, new, wrap)
+        with vault.index.tx() as db:
+            pos, dom = remote_table.position_of(db, rid)
+            remote_table.remove(db, rid)
+            # an old remote with no named domain was its own (``remote<id>``): the new one
+            # keeps it
+            nid = remote_table.add(db, new, pos, domain or dom or f"remote{rid}")
+            remote_table.forget_health(db, rid)
     report = repair(vault, prefer=nid, wrap=wrap, background=background)
     if not report.unrecoverable:
         segment_table.release_departed(vault.index, rid)
     return report
+
+
+def _replaced(vault: Vault, old: str, new: str, missing: BadRemote) -> tuple[int, int]:
+    """(old id, new id) when ``old`` already left the vault and ``new`` took its position (a
+    replace cut short); else BadRemote that says what to run (``missing``: ``old`` was never
+    a remote of this vault)."""
+    rows = remote_table.every(vault.index)
+    gone = [r for r in rows if names_remote(old, r.spec) and r.state != "active"]
+    if not gone:
+        raise missing
+    took = [r for r in rows if r.spec == new and r.state == "active"]
+    for g in gone:
+        for t in took:
+            if t.position == g.position:
+                return g.id, t.id
+    raise BadRemote(
+        f"remote {Remote(gone[-1].spec).label} already left this vault, and "
+        f"{Remote(new).label} did not take its place: to add it, run `vaultfs remote add "
+        f"{new}` (`vaultfs remote list` shows the vault's remotes)"
+    )
 
 
 def list_remotes(vault: Vault) -> list[dict]:

@@ -39,6 +39,10 @@ from datetime import date, datetime, timedelta
 _DURATION = re.compile(r"(\d+)([ymdh])")
 
 
+#: the longest duration a policy can name: --keep-within 1000y keeps everything anyway
+MAX_YEARS = 1000
+
+
 @dataclass(frozen=True)
 class Duration:
     """A restic duration: calendar years, months, days and exact hours."""
@@ -50,7 +54,8 @@ class Duration:
 
     @classmethod
     def parse(cls, text: str) -> Duration:
-        """'1y2m3d4h' (any subset, each unit at most once) → Duration; ValueError otherwise."""
+        """'1y2m3d4h' (any subset, each unit at most once, :data:`MAX_YEARS` years at most in
+        all) → Duration; ValueError otherwise."""
         units: dict[str, int] = {}
         pos = 0
         for m in _DURATION.finditer(text):
@@ -62,7 +67,13 @@ class Duration:
             raise ValueError(
                 f"invalid duration {text!r}: use numbers with y, m, d, h, e.g. 1y6m or 7d12h"
             )
-        return cls(units.get("y", 0), units.get("m", 0), units.get("d", 0), units.get("h", 0))
+        d = cls(units.get("y", 0), units.get("m", 0), units.get("d", 0), units.get("h", 0))
+        hours = ((d.years * 12 + d.months) * 31 + d.days) * 24 + d.hours
+        if hours > MAX_YEARS * 372 * 24:  # within reach of the calendar (year 1 and later)
+            raise ValueError(
+                f"invalid duration {text!r}: at most {MAX_YEARS} years in all (e.g. {MAX_YEARS}y)"
+            )
+        return d
 
     def __bool__(self) -> bool:
         return any((self.years, self.months, self.days, self.hours))

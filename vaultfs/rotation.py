@@ -243,6 +243,9 @@ class Collected:
 
     deleted: int = 0  # objects deleted from remotes
     left: int = 0  # garbage objects left for a later run
+    #: of those, the ones whose replacing manifest is still queued for some remote (they go
+    #: once `vaultfs flush` lands it); the rest are on a remote that refused the delete
+    waiting: int = 0
     held: str = ""  # why nothing was deleted this time (chain.Survey.hold)
 
 
@@ -269,8 +272,10 @@ def collect_garbage(v: Vault) -> Collected:
     remotes = {r.rid: r for r in v.remotes()}
     specs = remote_table.specs(v.index)
     by_remote: dict[tuple[int, str], list[str]] = defaultdict(list)
+    waiting = 0
     for name, rid, kind, seq in rows:
         if seq > recorded or (pending_min is not None and seq >= pending_min):
+            waiting += 1
             continue
         by_remote[(rid, kind)].append(name)
     deleted = 0
@@ -288,4 +293,4 @@ def collect_garbage(v: Vault) -> Collected:
             continue
         manifests.forget_garbage(v.index, names)
         deleted += len(names)
-    return Collected(deleted, manifests.garbage_count(v.index))
+    return Collected(deleted, manifests.garbage_count(v.index), waiting=waiting)

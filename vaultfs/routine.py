@@ -83,10 +83,11 @@ DEFAULT_QUEUE_AGE = 3600.0
 DEFAULT_VERIFY_BUDGET = 600.0
 DEFAULT_SAMPLE = 1.0
 ALERT_TIMEOUT = 60.0
+#: the longest interval a job can have: a hundred years (what the clock can show stays far off)
+MAX_EVERY = 100 * 365 * 86400.0
 
 
-def parse_every(text: str) -> float:
-    """'15m' (or systemd's '15min'), '1h', '2d', 'daily' → seconds; InputError otherwise."""
+def _seconds(text: str) -> float:
     if text in _WORDS:
         return float(_WORDS[text])
     m = re.fullmatch(r"(\d+(?:\.\d+)?)(min|[smhdw])", text.strip())
@@ -98,7 +99,25 @@ def parse_every(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def _verify_spec(text: str) -> tuple[float, float]:
+def parse_every(text: str) -> float:
+    """'15m' (or systemd's '15min'), '1h', '2d', 'daily' → seconds, at most :data:`MAX_EVERY`;
+    InputError otherwise."""
+    seconds = _seconds(text)
+    if seconds > MAX_EVERY:
+        raise InputError(
+            f"invalid interval {text!r}: at most 100 years (36500d); to stop a job, unset it "
+            "(e.g. `vaultfs schedule set snapshot=`)"
+        )
+    return seconds
+
+
+def stored_every(text: str) -> float:
+    """A stored interval in seconds (:func:`parse_every`), held to :data:`MAX_EVERY`: a value
+    stored before the bound existed still works (as "practically never")."""
+    return min(_seconds(text), MAX_EVERY)
+
+
+def _verify_spec(text: str, every_of: Callable[[str], float] = parse_every) -> tuple[float, float]:
     every, _, pct = text.partition(":")
     sample = DEFAULT_SAMPLE
     if pct:
@@ -108,7 +127,7 @@ def _verify_spec(text: str) -> tuple[float, float]:
             sample = -1.0
         if not 0 < sample <= 100:
             raise InputError(f"invalid verify sample {pct!r}: a percentage, e.g. daily:2%")
-    return parse_every(every), sample
+    return every_of(every), sample
 
 
 def validate(key: str, value: str) -> None:
@@ -209,12 +228,12 @@ def load_state(home: Path) -> dict:
 def interval(sched: dict[str, str], job: str) -> float | None:
     """Seconds between runs of ``job``; None when it is not scheduled (repair: every pass)."""
     if job == "verify":
-        return _verify_spec(sched["verify"])[0] if sched.get("verify") else None
+        return _verify_spec(sched["verify"], stored_every)[0] if sched.get("verify") else None
     if job == "repair":
         return 0.0 if sched.get("repair", "auto") == "auto" and sched else None
     if job == "retention":
         return float(_WORDS["daily"]) if sched.get("retention") else None
-    return parse_every(sched[job]) if sched.get(job) else None
+    return stored_every(sched[job]) if sched.get(job) else None
 
 
 def next_run(sched: dict[str, str], state: dict, job: str) -> float | None:
@@ -257,7 +276,7 @@ def _conditions(v: Vault, sched: dict[str, str], now: float) -> dict[str, dict]:
     """Alert conditions that hold now: {key: event}."""
     found: dict[str, dict] = {}
     st = v.status()
-    grace = parse_every(sched["grace"]) if sched.get("grace") else DEFAULT_GRACE
+    grace = stored_every(sched["grace"]) if sched.get("grace") else DEFAULT_GRACE
     for r in st["remotes"]:
         since = r.get("health_since") if r.get("health") == "unreachable" else None
         if since is None and r["last_error"]:
@@ -283,7 +302,7 @@ def _conditions(v: Vault, sched: dict[str, str], now: float) -> dict[str, dict]:
             "message": f"the vault survives {st['survives_losses_now']} remote loss(es), "
             f"fewer than the {st['survives_losses_design']} its profile promises",
         }
-    limit = parse_every(sched["queue_age"]) if sched.get("queue_age") else DEFAULT_QUEUE_AGE
+    limit = stored_every(sched["queue_age"]) if sched.get("queue_age") else DEFAULT_QUEUE_AGE
     oldest = segment_table.oldest_queued(v.index)
     if oldest is not None and now - oldest > limit:
         found["queue_stale"] = {
@@ -375,7 +394,7 @@ def _in_mount(home: Path, job: str, args: dict) -> dict:
 def _job_verify(home: Path, v: Vault, sched: dict, mounted: bool, now: float) -> dict:
     from . import verify
 
-    _every, sample = _verify_spec(sched["verify"])
+    _every, sample = _verify_spec(sched["verify"], stored_every)
     budget = float(sched.get("verify_budget") or DEFAULT_VERIFY_BUDGET)
     args = {"mode": "sample", "sample": sample, "max_duration": budget}
     if mounted:

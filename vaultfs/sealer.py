@@ -53,6 +53,7 @@ import os
 import queue
 import secrets
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -357,11 +358,18 @@ def tune_malloc() -> None:
     gc.disable()
 
 
-def _pool_worker_init(init: Callable[..., None], initargs: tuple, nice: int | None) -> None:
-    """First thing in a :func:`worker_pool` process: die with the parent, keep freed buffers,
-    leave Ctrl-C to the parent, lower the priority to ``nice`` (never raise it), then
-    ``init(*initargs)``."""
+def _pool_worker_init(
+    init: Callable[..., None], initargs: tuple, nice: int | None, parent: int | None
+) -> None:
+    """First thing in a :func:`worker_pool` process: die with the parent (``parent``: the
+    pid that forked it; None: the forkserver), keep freed buffers, leave Ctrl-C to the
+    parent, lower the priority to ``nice`` (never raise it), then ``init(*initargs)``."""
     _set_pdeathsig()
+    if parent is None:  # the forkserver's preload module knows its pid (never import it here)
+        server = sys.modules.get("vaultfs.pdeathsig")
+        parent = server.server if server is not None else os.getppid()
+    if os.getppid() != parent:  # the parent died before the death signal was armed
+        os._exit(1)
     tune_malloc()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     if nice is not None and nice > os.getpriority(os.PRIO_PROCESS, 0):
@@ -390,10 +398,18 @@ def worker_pool(
     (multiprocessing's forkserver: for a parent whose other threads may hold library locks
     mid-call, such as the mount daemon; ``initargs`` are pickled then). A worker that dies
     fails every pending future with ``BrokenProcessPool``. Leaving the block waits for the
-    workers; an exception leaving it cancels the jobs not started."""
+    workers; an exception leaving it cancels the jobs not started. The forkserver dies with
+    the thread that started it (:mod:`vaultfs.pdeathsig`; a dead one is started again by the
+    next pool): use ``clean`` pools from one long-lived thread (the daemon's maintenance
+    thread), and within the ``with`` block submit from the thread that entered it."""
     ctx = multiprocessing.get_context("forkserver" if clean else "fork")
+    if clean:
+        ctx.set_forkserver_preload(["__main__", "vaultfs.pdeathsig"])
     pool = ProcessPoolExecutor(
-        processes, mp_context=ctx, initializer=_pool_worker_init, initargs=(init, initargs, nice)
+        processes,
+        mp_context=ctx,
+        initializer=_pool_worker_init,
+        initargs=(init, initargs, nice, None if clean else os.getpid()),
     )
     try:
         yield pool
