@@ -299,3 +299,31 @@ def test_rebuild_from_old_copies_is_refused_by_a_newer_remote_min_seq_or_receipt
     args = [*up_to_date, "--keyfile", str(keyfile), "--receipt", str(receipt)]
     res = run_cli("home", "rebuild", *args, "--min-seq", str(newest), home=new_home)
     assert f"from manifest #{newest}/" in res.stdout.decode()
+
+
+def test_a_home_rebuilt_after_a_remote_replace_shows_the_new_remote_as_the_replace_left_it(
+    tmp_path: Path,
+) -> None:
+    """The index copy a replace ships records the new remote's health as of the replace: a
+    home rebuilt from it does not show the just-rebuilt remote as stale (never audited)."""
+    home = tmp_path / "home"
+    remotes = [tmp_path / f"r{i}" for i in range(3)]
+    run_cli("init", "-k", "2", "-n", "3", *[a for r in remotes for a in ("-r", str(r))], home=home)
+    src = tmp_path / "data"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(300_000))
+    run_cli("backup", str(src), home=home)
+    new = tmp_path / "rn"
+    run_cli("remote", "replace", str(remotes[2]), str(new), home=home)
+
+    def health(h: Path) -> dict[str, str]:
+        rows = json.loads(run_cli("remote", "list", "--json", home=h).stdout)
+        return {r["remote"]: r["health"] for r in rows if r["member"] == "active"}
+
+    assert health(home)[str(new)] == "ok"
+    keyfile = tmp_path / "key.json"
+    shutil.copy(home / "key.json", keyfile)
+    shutil.rmtree(home)
+    args = [a for r in (remotes[0], remotes[1], new) for a in ("--from", str(r))]
+    run_cli("home", "rebuild", *args, "--keyfile", str(keyfile), home=home)
+    assert health(home)[str(new)] == "ok"

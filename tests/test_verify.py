@@ -167,6 +167,31 @@ def test_ranged_audit_is_cheap_and_resumes_after_cut_off(tmp_path: Path) -> None
         v.close()
 
 
+def test_ranged_challenges_start_no_rclone_process_per_challenge(tmp_path, monkeypatch) -> None:
+    """Challenged objects above the whole-object budget are read by ranges: through the rclone
+    daemon, so the rclone processes started are bounded by the objects, not the challenges
+    (one per challenge made a sampled audit ~30x slower than reading everything)."""
+    from vaultfs.remotes import RcloneDaemon, rclone_binary
+
+    v, specs, _data = _vault(tmp_path, mib=3)
+    log = tmp_path / "rclone.log"
+    fake = tmp_path / "rclone"
+    fake.write_text(f'#!/bin/sh\necho "$1" >> {log}\nexec {rclone_binary()} "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("VAULTFS_RCLONE", str(fake))
+    RcloneDaemon.shutdown()  # the daemon this audit uses starts through the counting rclone
+    try:
+        rep = verify_mod.audit(v, [specs[0]], whole_budget=0).remotes[0]
+        assert rep.complete and rep.clean
+        objects = sum(1 for sub in ("data", "meta") for _ in (Path(specs[0]) / sub).iterdir())
+        started = log.read_text().split() if log.exists() else []
+        assert rep.checked > 2 * objects  # several challenges per object
+        assert len(started) <= objects, started
+    finally:
+        RcloneDaemon.shutdown()
+        v.close()
+
+
 def test_tampered_local_index_is_caught(tmp_path: Path) -> None:
     v, specs, _data = _vault(tmp_path, mib=1.5)
     try:

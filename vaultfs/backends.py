@@ -7,7 +7,7 @@ rotation) gets its backend from :func:`open_backend`, which stacks, in one visib
 
 * ``base`` is an implementation of :class:`Backend`: the shared rclone daemon
   (:class:`~vaultfs.remotes.RcloneRc`) when it runs, else one rclone command per call
-  (:class:`~vaultfs.remotes.RcloneCommand`); audits and repair always take the command
+  (:class:`~vaultfs.remotes.RcloneCommand`); repair always takes the command
   (``fail_fast``: each command bounded to 300 s). :class:`MemoryBackend` keeps its objects
   in memory, for tests (:func:`stack` wraps it the same way).
 * ``wrap`` inserts a layer right above the base, so retries see what it does:
@@ -706,7 +706,7 @@ def open_backend(
 ) -> Metered:
     """The backend for one remote, for every path. The base is the shared rclone daemon when
     it runs, else one rclone command per call (also when ``VAULTFS_RCD=0``); ``fail_fast``
-    (audits and repair: many small bounded reads) always takes the command, with at most
+    (repair) always takes the command, with at most
     300 s per command. ``wrap`` inserts a layer
     between the base and the retries (fault injection in tests), see :func:`stack`.
     ``paces``: the owner's paces (an open vault's), so its backends of one remote share

@@ -84,7 +84,8 @@ def backup_paths(
     Keeps modes, owners, times, symlinks, extended attributes, hard links (files that
     share an inode get one link group and are stored once), fifos, sockets and device
     nodes, and names of any bytes (vaultfs/names.py). ``upload`` starts placing the
-    shards on the remotes during the commit (the caller flushes next).
+    shards on the remotes during the commit (the caller flushes next), and keeps the upload
+    queue within its bound meanwhile (:meth:`Vault.store_stream`).
     """
     from .vault import Entry  # here, so that a restore (check_name) needs no Vault
 
@@ -123,7 +124,7 @@ def backup_paths(
                 except OSError as e:
                     raise InputError(f"cannot read {p}: {e.strerror}") from None
                 with f:
-                    cids, size = vault.store_stream(f, progress)
+                    cids, size = vault.store_stream(f, progress, bounded=upload)
                 e = Entry(rel, "f", mode, st.st_mtime_ns, size=size, cids=cids, **common)
                 if st.st_nlink > 1:
                     e.link = len(links) + 1
@@ -158,7 +159,7 @@ def backup_stream(
     mask = os.umask(0o077)  # read it (no getter); the file is made as the shell would
     os.umask(mask)
     vault.survey_ahead()
-    cids, size = vault.store_stream(stream, progress)
+    cids, size = vault.store_stream(stream, progress, bounded=upload)
     parts = rel.split("/")
     now = time.time_ns()
     entries = [Entry("/".join(parts[:i]), "d", 0o777 & ~mask, now) for i in range(1, len(parts))]

@@ -733,6 +733,7 @@ def repair(
     # also when an earlier repair changed shard rows and died before publishing them: the
     # remotes' index copy would still name the objects that repair replaced
     unshipped = manifest_table.unshipped_since(vault.index) is not None
+    ahead: list[remote_table.HealthRow] = []
     if (
         report.rebuilt
         or report.retargeted_queued
@@ -740,11 +741,19 @@ def repair(
         or unshipped
         or remote_table.stale(vault.index)
     ):
-        report.manifest_seq = vault.ship_index()  # flush places data before manifests
+        # the shipped copy records the health as of this repair (a home rebuilt from it
+        # must not call a just-rebuilt replacement stale); put back below if not placed
+        ahead = remote_table.heal_ahead(vault.index)
+        try:
+            report.manifest_seq = vault.ship_index()  # flush places data before manifests
+        except BaseException:
+            remote_table.mark_behind(vault.index, ahead, None)
+            raise
     flush = vault.flush()
     report.pending = {k: v for k, v in flush.pending.items() if v}
     report.errors.update(flush.errors)
     if report.manifest_seq is not None:
+        remote_table.mark_behind(vault.index, ahead, report.manifest_seq)
         remote_table.mark_healed(vault.index, report.manifest_seq)
     if vault.immutable:  # the rebuilt objects went out under new names; the old ones stay
         _retain(vault, report, old_objects)

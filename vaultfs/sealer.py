@@ -731,6 +731,16 @@ class SealerPool:
         if self._closed:
             raise SealerError("the sealer pool is closed")
 
+    def wait_free(self, n: int) -> None:
+        """Return once at least ``n`` slots are free: the sealers took in every other slot
+        handed to them (or raise why not)."""
+        with self._cond:
+            while len(self._free) < n:
+                self._raise_pending()
+                self._cond.wait(timeout=1.0)
+                self._check_alive()
+            self._raise_pending()
+
     @property
     def free_slots(self) -> int:
         """Slots not held by a caller or a sealer."""

@@ -12,7 +12,8 @@ What one audit of one remote does, in order:
    index does not place there is *foreign*. Listings cost a few bytes per object.
 3. **Challenges**, drawn with :mod:`secrets` when the audit is planned, so the remote cannot
    predict them: a uniformly random 64 KiB Merkle block among all blocks the remote holds, and a
-   random 2 KiB *piece* of it, fetched with a ranged read (``Backend.cat(sub, name, off, n)``).
+   random 2 KiB *piece* of it, fetched with a ranged read (``Backend.cat(sub, name, off, n)``:
+   through the rclone daemon when it runs, so a challenge costs one GET and no process).
    The piece is checked against its keyed tag (``audit_tags``), which binds it to the block's
    Merkle leaf; the leaf is checked by its Merkle proof up to the shard root, the shard root up
    to the segment root and the segment root up to the vault root signed in the latest manifest
@@ -422,9 +423,9 @@ class _RemoteAuditor:
         self.ctx = ctx
         self.rid = rid
         self.spec = spec
-        # a listing scan makes no ranged reads: it takes the rclone daemon when one runs (no
-        # process per call); the challenges' many small bounded reads take the command
-        self.b = open_backend(spec, rid, fail_fast=not ctx.list_only, wrap=ctx.wrap)
+        # the rclone daemon when it runs, as for a restore: the challenges' hundreds of small
+        # ranged reads are then GETs on its open connections, not one rclone process each
+        self.b = open_backend(spec, rid, wrap=ctx.wrap)
         self.rep = RemoteAudit(Remote(spec).label, rid, domain, mode=ctx.mode)
         self.run_id: int | None = None
         self.tree: dict[str, dict[str, int]] = {}
@@ -901,28 +902,39 @@ class _RemoteAuditor:
         return kind, detail
 
     def _ranged(self, by_id: dict[int, ShardRow], rows: list[tuple[int, int, int]]) -> None:
-        order = list(rows)
+        """Answer the challenges with ranged reads, one task per object: its challenges in
+        offset order, up to its first bad answer (the object is then a finding and the rest of
+        its challenges go with it), objects in random order so a cut-off audit is no bias."""
+        per_shard: dict[int, list[tuple[int, int]]] = {}
+        for sid, blk, piece in sorted(rows):
+            per_shard.setdefault(sid, []).append((blk, piece))
+        order = list(per_shard)
         secrets.SystemRandom().shuffle(order)
-        failed: set[int] = set()
 
-        def one(r: tuple[int, int, int]):
-            if self.ctx.expired() or r[0] in failed:
-                return r, "skip"
-            try:
-                return r, self._check_one(by_id[r[0]], r[1], r[2])
-            except ObjectMissing as e:
-                return r, ("missing", e.message)
+        def one(sid: int) -> tuple[int, list[tuple[int, int]], tuple[str, str] | None]:
+            answered: list[tuple[int, int]] = []
+            for blk, piece in per_shard[sid]:
+                if self.ctx.expired():
+                    break
+                try:
+                    bad = self._check_one(by_id[sid], blk, piece)
+                except ObjectMissing as e:
+                    bad = ("missing", e.message)
+                answered.append((blk, piece))
+                if bad is not None:
+                    return sid, answered, bad
+            return sid, answered, None
 
         with ThreadPoolExecutor(max_workers=RANGE_WORKERS) as ex:
-            for r, res in ex.map(one, order):
-                if res == "skip":
+            for sid, answered, bad in ex.map(one, order):
+                if bad is None:
+                    if answered:
+                        self._done(sid, answered, len(answered), 0)
                     continue
-                if res is None:
-                    self._done(r[0], [(r[1], r[2])], 1, 0)
-                elif r[0] not in failed:
-                    failed.add(r[0])
-                    self._done(r[0], [(r[1], r[2])], 0, 1)
-                    self._finding(by_id[r[0]], *res)
+                if answered[:-1]:
+                    self._done(sid, answered[:-1], len(answered) - 1, 0)
+                self._done(sid, answered[-1:], 0, 1)
+                self._finding(by_id[sid], *bad)
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _finish(self) -> None:

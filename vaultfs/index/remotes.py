@@ -179,26 +179,74 @@ def active(index: Index) -> list[tuple[int, str]]:
     return [(rid, spec) for rid, spec, _dom in members(index)]
 
 
+#: Active remotes marked 'stale' or 'degraded' with no lost shard and no foreign object left.
+_HEALABLE = (
+    "SELECT h.remote FROM remote_health h JOIN remotes r ON r.id = h.remote"
+    " WHERE r.state = 'active' AND h.state IN ('stale', 'degraded')"
+    " AND NOT EXISTS (SELECT 1 FROM shards s WHERE s.remote = h.remote AND s.state = 'lost')"
+    " AND NOT EXISTS (SELECT 1 FROM audit_foreign f WHERE f.remote = h.remote)"
+)
+
+
+def _heal(db: sqlite3.Connection, rids: list[int], now: float) -> None:
+    db.executemany(
+        "UPDATE remote_health SET state='ok', since=?, detail=NULL WHERE remote=?",
+        [(now, rid) for rid in rids],
+    )
+
+
+#: What :func:`heal_ahead` changed: (remote id, state, since, checked, detail) before.
+HealthRow = tuple[int, str, float, float, str | None]
+
+
+def heal_ahead(index: Index) -> list[HealthRow]:
+    """Before a repair ships the index copy that goes to every remote: every remote
+    :func:`mark_healed` would call 'ok' once it holds that copy's manifest is recorded 'ok'
+    now, so the copy says how it is as of the repair (a home rebuilt from it later does not
+    show a just-rebuilt replacement remote as stale). The caller puts back with
+    :func:`mark_behind` those the flush did not give the manifest. Returns their rows as
+    they were."""
+    with index.tx() as db:
+        ahead = db.execute(
+            "SELECT remote, state, since, checked, detail FROM remote_health"
+            f" WHERE remote IN ({_HEALABLE})"
+        ).fetchall()
+        _heal(db, [row[0] for row in ahead], time.time())
+    return ahead
+
+
+def mark_behind(index: Index, ahead: list[HealthRow], seq: int | None) -> list[int]:
+    """Of the remotes :func:`heal_ahead` called 'ok', put back the health of those that have
+    not received manifest ``seq`` (None: of all, no manifest was shipped). Returns their
+    ids."""
+    with index.tx() as db:
+        behind = [
+            row
+            for row in ahead
+            if seq is None
+            or db.execute(
+                "SELECT 1 FROM manifest_queue WHERE remote=? AND seq <= ?", (row[0], seq)
+            ).fetchone()
+        ]
+        db.executemany(
+            "INSERT OR REPLACE INTO remote_health(remote, state, since, checked, detail)"
+            " VALUES (?, ?, ?, ?, ?)",
+            behind,
+        )
+    return [row[0] for row in behind]
+
+
 def mark_healed(index: Index, seq: int) -> list[int]:
     """After a repair published manifest ``seq``: every active remote marked 'stale' or
     'degraded' that now holds that manifest and has no lost shard and no foreign object left
     is 'ok' again (a replacement remote, a rolled-back one brought forward). Returns their
     ids."""
-    now = time.time()
     with index.tx() as db:
         rows = db.execute(
-            "SELECT h.remote FROM remote_health h JOIN remotes r ON r.id = h.remote"
-            " WHERE r.state = 'active' AND h.state IN ('stale', 'degraded')"
-            " AND NOT EXISTS (SELECT 1 FROM manifest_queue q WHERE q.remote = h.remote"
-            "   AND q.seq <= ?)"
-            " AND NOT EXISTS (SELECT 1 FROM shards s WHERE s.remote = h.remote"
-            "   AND s.state = 'lost')"
-            " AND NOT EXISTS (SELECT 1 FROM audit_foreign f WHERE f.remote = h.remote)",
+            _HEALABLE + " AND NOT EXISTS (SELECT 1 FROM manifest_queue q"
+            " WHERE q.remote = h.remote AND q.seq <= ?)",
             (seq,),
         ).fetchall()
         healed = [rid for (rid,) in rows]
-        db.executemany(
-            "UPDATE remote_health SET state='ok', since=?, detail=NULL WHERE remote=?",
-            [(now, rid) for rid in healed],
-        )
+        _heal(db, healed, time.time())
     return healed

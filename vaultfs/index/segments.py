@@ -129,6 +129,18 @@ def count_under_k(index: Index) -> int:
     return row[0]
 
 
+def queued_bytes_under_k(index: Index) -> int:
+    """Bytes of the queued shards of segments that have fewer than k shards placed: what
+    the queue holds that no k remotes have yet (the shards still needing a home)."""
+    row = index.one(
+        "SELECT coalesce(sum(s.size), 0) FROM shards s JOIN segments g ON g.id = s.segment"
+        " WHERE s.state='queued' AND (SELECT count(*) FROM shards p"
+        " WHERE p.segment = g.id AND p.state='placed') < g.k"
+    )
+    assert row is not None
+    return row[0]
+
+
 def unnamed_meta(index: Index) -> list[int]:
     """Ids of the meta segments no recorded manifest names: written for a manifest that was
     never recorded (a segment whose first manifest was pruned may still be named by later

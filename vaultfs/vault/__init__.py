@@ -270,11 +270,16 @@ class Vault:
         return self.writer.start_sealers()
 
     def store_stream(
-        self, stream: BinaryIO, progress: Callable[[int], None] | None = None
+        self,
+        stream: BinaryIO,
+        progress: Callable[[int], None] | None = None,
+        bounded: bool = False,
     ) -> tuple[list[bytes], int]:
         """Chunk, deduplicate, encrypt and pack a stream; returns (chunk ids, total bytes).
-        Durable only after :meth:`seal` or :meth:`commit` (:meth:`Writer.store_stream`)."""
-        return self.writer.store_stream(stream, progress)
+        Durable only after :meth:`seal` or :meth:`commit` (:meth:`Writer.store_stream`).
+        ``bounded`` (a backup that uploads) keeps the queue within its bound by uploading
+        meanwhile (:meth:`UploadQueue.drain`)."""
+        return self.writer.store_stream(stream, progress, self.uploads.drain if bounded else None)
 
     def store_chunks(self, chunks: Sequence[bytes | memoryview]) -> list[bytes]:
         """Store a batch of chunks (deduplicated, views allowed); return their ids in order."""

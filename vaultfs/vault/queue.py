@@ -16,12 +16,33 @@ from concurrent.futures import Executor
 from pathlib import Path
 
 from .. import segment
-from ..errors import DiskFull
+from ..errors import ConfigError, DiskFull
 from ..index.segments import NewShard
 from ..sealer import ShardFile
 
 #: The subdirectories of a remote's queue directory (and of the remote).
 SUBDIRS = ("data", "meta")
+#: The queue bound's cap (``VAULTFS_QUEUE_MIB`` overrides it): see :func:`queue_bound`.
+QUEUE_CAP = 256 * 1024 * 1024
+
+
+def queue_bound(home: Path, held: int) -> int:
+    """How many bytes of shards still needing a home (fewer than k of their segment placed)
+    the queue may hold while a backup writes more, given that it holds ``held`` now: the
+    smaller of :data:`QUEUE_CAP` and half of what is free beside them on the home's file
+    system, so that the shards of the remotes that are behind and the index find room too;
+    ``VAULTFS_QUEUE_MIB`` sets it instead (docs/operations.md, "Local state")."""
+    env = os.environ.get("VAULTFS_QUEUE_MIB")
+    if env:
+        try:
+            mib = float(env)
+        except ValueError:
+            mib = 0.0
+        if not 0 < mib < 1 << 40:
+            raise ConfigError(f"VAULTFS_QUEUE_MIB={env!r}: give a positive number of MiB")
+        return int(mib * 1024 * 1024)
+    st = os.statvfs(home)
+    return min(QUEUE_CAP, (st.f_bavail * st.f_frsize + held) // 2)
 
 
 def fsync_dir(path: Path) -> None:

@@ -26,13 +26,14 @@ from pathlib import Path
 
 from .. import chain, hedging
 from ..backends import Backend
-from ..errors import RemoteError
+from ..errors import NotEnoughRemotes, RemoteError
 from ..index import Index, VaultParams, manifests, segments
 from ..index import remotes as remote_table
 from ..keys import VaultKeys
-from .queue import SUBDIRS, ShardQueue
+from .queue import SUBDIRS, ShardQueue, queue_bound
 from .recovery import reconcile
 
+MIB = 1024 * 1024
 #: How many of the newest manifests (and the meta segments they name) stay on the remotes.
 KEEP_INDEX_COPIES = 3
 
@@ -167,6 +168,34 @@ class UploadQueue:
         if report.manifests_pending == 0 and not report.errors:
             self.prune_index_copies(survey=survey)
         return report
+
+    def drain(self, sealing: int, settle: Callable[[], None]) -> None:
+        """Keep the queue within its bound while a backup writes (``Writer.store_stream``).
+        When the shards that fewer than k remotes have (``queued_bytes_under_k``) and the
+        ``sealing`` bytes the sealers will add are over :func:`queue_bound`, let the sealers
+        queue what they hold (``settle``), then flush what is sealed and wait for it: the
+        queue exceeds the bound by at most the sealers' open segments. The bound counts only
+        those shards: a remote that is down while k others take everything does not stop a
+        backup (its shards wait for it, as after any backup). When the uploads cannot bring
+        the queue under the bound (errors, or nothing moved), raises
+        :class:`NotEnoughRemotes` with the way forward; nothing acknowledged is lost (what is
+        queued stays queued, and the next backup finds its chunks already stored)."""
+        held = segments.queued_bytes_under_k(self.index)
+        bound = queue_bound(self.queue.dir, held)
+        if held + sealing <= bound:
+            return
+        settle()
+        report = self.flush(seal=False)
+        held = segments.queued_bytes_under_k(self.index)
+        if held > bound:
+            why = "; ".join(report.errors.values()) or "no upload moved"
+            raise NotEnoughRemotes(
+                f"the upload queue holds {held / MIB:.1f} MiB of shards that fewer than k "
+                f"remotes have, over its bound of {bound / MIB:.1f} MiB, and the uploads "
+                f"cannot empty it ({why}): bring the remotes back or replace them "
+                "(`vaultfs status` names them), then back up again "
+                "(VAULTFS_QUEUE_MIB sets the bound); nothing acknowledged was lost"
+            )
 
     def prepush(self) -> None:
         """Start moving the queued shards to the remotes in the background (a commit does,

@@ -30,6 +30,7 @@ from ..index.segments import NewShard
 from ..keys import VaultKeys
 from ..sealer import (
     SLOT_SIZE,
+    SLOTS,
     SealConfig,
     SealerPool,
     SegmentReport,
@@ -105,14 +106,20 @@ class Writer:
             return self._sealers
 
     def store_stream(
-        self, stream: BinaryIO, progress: Callable[[int], None] | None = None
+        self,
+        stream: BinaryIO,
+        progress: Callable[[int], None] | None = None,
+        drain: Callable[[int, Callable[[], None]], None] | None = None,
     ) -> tuple[list[bytes], int]:
         """Chunk, deduplicate, encrypt and pack a stream. Returns (chunk ids, total bytes).
 
         This thread reads the stream into shared-memory slots, cuts keyed CDC chunks, hashes
         their ids and drops the ones the vault has; sealer processes compress, encrypt and
         pack the rest. The chunks are durable (queued) only after :meth:`seal` or
-        :meth:`commit`.
+        :meth:`commit`. ``drain`` is called after each slot handed to a sealer, holding the
+        write lock, with the bytes of shards the slots the sealers hold will make at most,
+        and a callable that waits until they took them in (the queue bound, :meth:`UploadQueue.drain`: it waits while uploads empty
+        the queue, or raises when they cannot).
         """
         readinto = getattr(stream, "readinto", None)
         cids: list[bytes] = []
@@ -155,6 +162,12 @@ class Writer:
                     del buf
                     held.remove(slot)
                     pool.submit(slot, *self.epochs.current(), items)
+                    if drain is not None:
+                        sealing = SLOTS - pool.free_slots - len(held)
+                        drain(
+                            sealing * size * self.params.n // self.params.k,
+                            lambda: pool.wait_free(SLOTS - len(held)),
+                        )
                     slot_bytes = sum(ln for _o, ln in spans)
                     cids += ids
                     total += slot_bytes
