@@ -22,16 +22,16 @@ from ..sealer import ShardFile
 
 #: The subdirectories of a remote's queue directory (and of the remote).
 SUBDIRS = ("data", "meta")
-#: The queue bound's cap (``VAULTFS_QUEUE_MIB`` overrides it): see :func:`queue_bound`.
-QUEUE_CAP = 256 * 1024 * 1024
 
 
 def queue_bound(home: Path, held: int) -> int:
     """How many bytes of shards still needing a home (fewer than k of their segment placed)
-    the queue may hold while a backup writes more, given that it holds ``held`` now: the
-    smaller of :data:`QUEUE_CAP` and half of what is free beside them on the home's file
-    system, so that the shards of the remotes that are behind and the index find room too;
-    ``VAULTFS_QUEUE_MIB`` sets it instead (docs/operations.md, "Local state")."""
+    the queue may hold while a backup writes more, given that it holds ``held`` now: half of
+    what is free beside them on the home's file system, so that the shards of the remotes
+    that are behind and the index find room too; ``VAULTFS_QUEUE_MIB`` sets it instead
+    (docs/operations.md, "Free space in the home"). Not a fixed cap: a backup waits on its
+    uploads (:meth:`UploadQueue.drain`) only when the home runs short, so where there is
+    room sealing runs ahead of the uploads as it did unbounded."""
     env = os.environ.get("VAULTFS_QUEUE_MIB")
     if env:
         try:
@@ -42,7 +42,7 @@ def queue_bound(home: Path, held: int) -> int:
             raise ConfigError(f"VAULTFS_QUEUE_MIB={env!r}: give a positive number of MiB")
         return int(mib * 1024 * 1024)
     st = os.statvfs(home)
-    return min(QUEUE_CAP, (st.f_bavail * st.f_frsize + held) // 2)
+    return (st.f_bavail * st.f_frsize + held) // 2
 
 
 def fsync_dir(path: Path) -> None:

@@ -185,7 +185,8 @@ class UploadQueue:
         if held + sealing <= bound:
             return
         settle()
-        report = self.flush(seal=False)
+        # a quorum flush, as the backup's own at its end: one slow remote does not set the pace
+        report = self.flush(seal=False, quorum=True)
         held = segments.queued_bytes_under_k(self.index)
         if held > bound:
             why = "; ".join(report.errors.values()) or "no upload moved"
