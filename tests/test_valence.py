@@ -138,7 +138,8 @@ def test_valence_verbs(tmp_path: Path, pg_server: PgServer, s3_server: S3Server)
         for p in root.rglob("*"):
             if p.is_file() and any(s.encode() in p.read_bytes() for s in secrets):
                 holders.add(p.name)
-    assert holders <= {"index.db", "index.db-wal"}, holders
+    # the index, its log and its kept export (the last index shipped, patched in place)
+    assert holders <= {"index.db", "index.db-wal", "index.db-export"}, holders
     assert Settings.load(home).backends["cloud"] == ":s3:…:valence-b"
     pg_server.drop_database("valencekb")
 

@@ -130,6 +130,14 @@ def seal_chunk(
     return bytes(out)
 
 
+def _record_salt(salt: bytes | None) -> bytes:
+    """A record's salt: ``salt`` (tests and vectors fix it) checked, else a fresh random one."""
+    salt = secrets.token_bytes(SALT_LEN) if salt is None else salt
+    if len(salt) != SALT_LEN:
+        raise ValueError(f"a record salt is {SALT_LEN} bytes")
+    return salt
+
+
 def record_len(payload: bytes) -> int:
     """Bytes of the chunk record that seals ``payload`` (a :func:`compress` output)."""
     return SALT_LEN + COMMIT_LEN + len(payload) + TAG_LEN
@@ -149,9 +157,7 @@ def seal_payload_into(
     into ``out``, a writable buffer of exactly :func:`record_len` bytes: the bytes
     :func:`seal_chunk` returns, encrypted in place (the sealers pack records straight into
     their open segment, with no ciphertext or record to copy)."""
-    salt = secrets.token_bytes(SALT_LEN) if salt is None else salt
-    if len(salt) != SALT_LEN:
-        raise ValueError(f"a record salt is {SALT_LEN} bytes")
+    salt = _record_salt(salt)
     view = memoryview(out)
     if len(view) != record_len(payload):
         raise ValueError("the record buffer is not record_len(payload) bytes")
@@ -192,9 +198,7 @@ def seal_meta(
     salt: bytes | None = None,
 ) -> bytes:
     """Compress and encrypt a metadata blob of the given kind (random salt by default)."""
-    salt = secrets.token_bytes(SALT_LEN) if salt is None else salt
-    if len(salt) != SALT_LEN:
-        raise ValueError(f"a record salt is {SALT_LEN} bytes")
+    salt = _record_salt(salt)
     key, nonce, commit = _derive(metadata_key, vault_id, b"meta" + kind + salt)
     ct = AESGCM(key).encrypt(nonce, compress(data), _ad(vault_id, suite, kind))
     return salt + commit + ct
