@@ -9,7 +9,6 @@ still queued for a remote that is down; 14 for a remote that is not part of the 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +25,7 @@ from cli.common import (
     last_audit_cell,
     open_vault,
     out,
+    print_json,
     print_table,
     progress,
 )
@@ -88,7 +88,7 @@ def verify(
         with open_vault(home) as v:
             rep = verify_mod.audit(v, remote, mode=mode, sample=sample, max_duration=max_duration)
     if as_json:
-        out.print_json(json.dumps(rep.to_dict()))
+        print_json(rep.to_dict())
     else:
         _print_audit(rep)
     if not rep.clean:
@@ -247,7 +247,7 @@ def _repair_code(rep: repair_mod.RepairReport) -> int:
 
 def _print_repair(rep: repair_mod.RepairReport, as_json: bool) -> None:
     if as_json:
-        out.print_json(json.dumps(rep.to_dict()))
+        print_json(rep.to_dict())
         return
     verb = "would rebuild" if rep.dry_run else "rebuilt"
     for it in rep.items:
@@ -329,7 +329,7 @@ def prune(
                     progress=advance_segments(prog, v.segment_size),
                 )  # fmt: skip
     if as_json:
-        out.print_json(json.dumps(rep.as_dict()))
+        print_json(rep.as_dict())
     else:
         verb = "would free" if dry_run else "freed"
         out.print(
@@ -396,7 +396,7 @@ def remote_add(
             info = repair_mod.add_remote(v, spec, domain)
             info["survives_losses_design"] = v.status()["survives_losses_design"]
     if as_json:
-        out.print_json(json.dumps(info))
+        print_json(info)
         return
     out.print(
         f"added {info['remote']} (domain {info['domain']}); the vault now survives "
@@ -459,7 +459,7 @@ def remote_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     with open_vault(home, lock=False) as v:
         rows = repair_mod.list_remotes(v)
     if as_json:
-        out.print_json(json.dumps(rows))
+        print_json(rows)
         return
     t = Table(
         "remote",

@@ -132,6 +132,18 @@ err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
 
+def print_json(doc: object, ensure_ascii: bool = False) -> None:
+    """Print ``doc`` as JSON (indented by two) on standard output, the one way every
+    ``--json`` report is printed. Plain ``json.dumps`` when stdout is not a terminal
+    (scripts, pipes): rich's ``print_json`` parses the text again and highlights it, which
+    took 0.24 s for a repair's report of ~400 rebuilt objects; a terminal still gets the
+    colours."""
+    if out.is_terminal:
+        out.print_json(data=doc, ensure_ascii=ensure_ascii)
+        return
+    sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=ensure_ascii) + "\n")
+
+
 def print_table(t: Table, console: Console = out) -> None:
     """Print ``t`` (every table the CLI shows goes through here) without ever cutting a
     cell: at its natural width, however wide, when not a terminal (a pipe or a file has no
@@ -433,21 +445,19 @@ def report_flush(
         msg = f"some remotes are behind: {behind or 'manifests pending'}; run `vaultfs flush` later"
         code = EXIT_PARTIAL if every_remote else 0
     if as_json:
-        out.print_json(
-            json.dumps(
-                {
-                    **manifest_fields(v),
-                    **(extra or {}),
-                    "uploaded": rep.uploaded,
-                    "pending": rep.pending,
-                    "errors": rep.errors,
-                    "stale_base": rep.stale_base,
-                    "not_checked": rep.unchecked,
-                    "segments_below_k_placed": rep.under_k,
-                    "survives_losses_now": v.status()["survives_losses_now"],
-                    "complete": rep.complete,
-                }
-            )
+        print_json(
+            {
+                **manifest_fields(v),
+                **(extra or {}),
+                "uploaded": rep.uploaded,
+                "pending": rep.pending,
+                "errors": rep.errors,
+                "stale_base": rep.stale_base,
+                "not_checked": rep.unchecked,
+                "segments_below_k_placed": rep.under_k,
+                "survives_losses_now": v.status()["survives_losses_now"],
+                "complete": rep.complete,
+            }
         )
     else:
         for r, e in rep.errors.items():

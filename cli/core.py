@@ -6,7 +6,6 @@ shards on the remotes (the rest waits in the local queue for the next flush).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -33,6 +32,7 @@ from cli.common import (
     newest_manifest,
     open_vault,
     out,
+    print_json,
     print_table,
     progress,
     redundancy_warnings,
@@ -136,7 +136,7 @@ def init(
     ) as v:  # fmt: skip
         st = v.status()
     if as_json:
-        out.print_json(json.dumps({"home": str(h), **st}))
+        print_json({"home": str(h), **st})
         return
     out.print(f"Created vault {st['fingerprint']} at {h}")
     out.print(
@@ -226,7 +226,7 @@ def backup(
         s = strategy.add_backend(path, h, name, spec, keep=keep)
         tier = s.tiers[name]
         if as_json:
-            out.print_json(json.dumps(tier.as_json()))
+            print_json(tier.as_json())
             return
         out.print(
             f"{s.path}: tier {tier.name} now {tier.k}_of_{tier.n} over {', '.join(tier.backends)}",
@@ -265,7 +265,7 @@ def backup(
         if no_upload:
             code = 0
             if as_json:
-                out.print_json(json.dumps({**info, "uploaded": 0, "complete": False}))
+                print_json({**info, "uploaded": 0, "complete": False})
         else:  # one slow remote must not set the pace: the rest of it stays queued
             code = report_flush(v, as_json, info, quorum=True)
     if not as_json:
@@ -306,7 +306,7 @@ def _tier_status(s: Strategy, as_json: bool) -> None:
 
     rows = tiers.report(s)
     if as_json:
-        out.print_json(json.dumps({"strategy": str(s.path), "tiers": rows}))
+        print_json({"strategy": str(s.path), "tiers": rows})
         return
     t = Table("tier", "coding", "last success", "next due", "RPO", "survives", "last error")
     differ: list[str] = []
@@ -355,7 +355,7 @@ def snapshots(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         for u, nm, c, f, b, s in rows
     ]  # fmt: skip
     if as_json:
-        out.print_json(json.dumps(items))
+        print_json(items)
         return
     t = Table("id", "time", "name", "entries", "bytes", "manifest")
     for it in items:
@@ -398,7 +398,7 @@ def ls(
             if typ in ("c", "b"):
                 item["rdev"] = rdev
             items.append(item)
-        out.print_json(json.dumps(items), ensure_ascii=True)  # lone surrogates as \udcXX
+        print_json(items, ensure_ascii=True)  # lone surrogates as \udcXX
         return
     for pth, typ, mode, size, _mt, target, rdev in rows:
         suffix = f" -> {names.display(names.from_db(target or ''))}" if typ == "l" else ""
@@ -439,7 +439,7 @@ def status(
     if (mounted := mount_status(home)) is not None:
         st["mount"] = mounted
     if as_json:
-        out.print_json(json.dumps(st))
+        print_json(st)
         return
     out.print(
         f"vault {st['fingerprint']}  {st['k']}-of-{st['n']}  snapshots: {st['snapshots']}  "

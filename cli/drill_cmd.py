@@ -6,7 +6,6 @@ Exit codes: vaultfs/errors.py (22 when a drill failed).
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,7 +25,7 @@ from cli.common import (
     home_dir,
     keys_for_restore,
     load_strategy,
-    out,
+    print_json,
     print_table,
 )
 from vaultfs import strategy, tiers
@@ -98,8 +97,8 @@ def drill(
         if scratch is None:
             shutil.rmtree(base, ignore_errors=True)
     if as_json:
-        out.print_json(json.dumps({"ok": all(r.ok for r in results),
-                                   "drills": [r.as_dict() for r in results]}))  # fmt: skip
+        print_json({"ok": all(r.ok for r in results),
+                                   "drills": [r.as_dict() for r in results]})  # fmt: skip
     else:
         _table(results)
     if not all(r.ok for r in results):

@@ -8,7 +8,6 @@ without the belief schema; 2 for bad flags.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,7 +16,7 @@ import psycopg
 import typer
 from rich.table import Table
 
-from cli.common import HomeOpt, JsonOpt, app, err, home_dir, out, print_table
+from cli.common import HomeOpt, JsonOpt, app, err, home_dir, out, print_json, print_table
 from vaultfs.kb import db, graph
 from vaultfs.kb.schema import EDGE_TYPES
 from vaultfs.valence import database
@@ -54,7 +53,7 @@ def connection(dsn: str | None, home: Path | None) -> Iterator[psycopg.Connectio
 
 
 def _json(doc: Any) -> None:
-    out.print_json(json.dumps(doc), ensure_ascii=True)
+    print_json(doc, ensure_ascii=True)
 
 
 def _short(text: str | None, width: int = 70) -> str:

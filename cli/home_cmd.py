@@ -6,7 +6,6 @@ Exit codes: vaultfs/errors.py.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
@@ -25,6 +24,7 @@ from cli.common import (
     keys_for_restore,
     new_passphrase,
     out,
+    print_json,
     rollback_floor,
 )
 from vaultfs.backends import open_backend
@@ -70,19 +70,17 @@ def home_rebuild(
     given = [open_backend(absolute(s)) for s in from_]
     rep = rebuild_home(h, keys, given, pw, keyfile, min_seq=min_seq, anchor=anchor)
     if as_json:
-        out.print_json(
-            json.dumps(
-                {
-                    "home": str(rep.home),
-                    "seq": rep.seq,
-                    "manifest": rep.manifest,
-                    "manifest_link": rep.link,
-                    "snapshots": rep.snapshots,
-                    "matched": rep.matched,
-                    "kept": rep.kept,
-                    "warnings": rep.warnings,
-                }
-            )
+        print_json(
+            {
+                "home": str(rep.home),
+                "seq": rep.seq,
+                "manifest": rep.manifest,
+                "manifest_link": rep.link,
+                "snapshots": rep.snapshots,
+                "matched": rep.matched,
+                "kept": rep.kept,
+                "warnings": rep.warnings,
+            }
         )
         return
     for w in rep.warnings:

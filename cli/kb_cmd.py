@@ -31,6 +31,7 @@ from cli.common import (
     keys_for_restore,
     open_vault,
     out,
+    print_json,
     report_flush,
 )
 from cli.migrate_cmd import register as register_migrate
@@ -150,7 +151,7 @@ def restore_cmd(
     with _files(home, from_, keyfile, seed_file) as files:
         rep = restore_mod.restore(files, snapshot, dsn, sel, replace, strict)
     if as_json:
-        out.print_json(json.dumps(rep.as_json()))
+        print_json(rep.as_json())
         return
     for i, r in rep.quarantined:
         err.print(f"[yellow]quarantined edge {i}:[/] {r}", highlight=False)
@@ -179,7 +180,7 @@ def show_cmd(
     with _files(home, from_, keyfile, seed_file) as files:
         doc = history_mod.show(files, belief_id, snapshot)
     if as_json:
-        out.print_json(json.dumps(doc))
+        print_json(doc)
         return
     out.print(json.dumps(doc, indent=2, ensure_ascii=False), highlight=False, markup=False)
 
@@ -197,7 +198,7 @@ def history_cmd(
     with _files(home, from_, keyfile, seed_file) as files:
         h = history_mod.history(files, belief_id)
     if as_json:
-        out.print_json(json.dumps(h))
+        print_json(h)
         return
     for step in h["snapshots"]:
         s = step["snapshot"]
@@ -231,7 +232,7 @@ def diff_cmd(
     with _files(home, from_, keyfile, seed_file) as files:
         d = history_mod.diff(files, old, new)
     if as_json:
-        out.print_json(json.dumps(d))
+        print_json(d)
         return
     out.print(f"{d['from']['id']} -> {d['to']['id']}", highlight=False)
     for table in ("beliefs", "belief_edges"):

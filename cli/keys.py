@@ -28,6 +28,7 @@ from cli.common import (
     open_vault,
     out,
     passphrase,
+    print_json,
     progress,
 )
 from cli.mounted import report_from, run_in_mount
@@ -120,17 +121,15 @@ def split(
             _write_private(p, text)
             files.append(str(p))
     if as_json:
-        out.print_json(
-            json.dumps(
-                {
-                    "fingerprint": fp,
-                    "set": set_id,
-                    "threshold": threshold,
-                    "shares": shares,
-                    "files": files,
-                    "mnemonics": [] if files else mnemonics,
-                }
-            )
+        print_json(
+            {
+                "fingerprint": fp,
+                "set": set_id,
+                "threshold": threshold,
+                "shares": shares,
+                "files": files,
+                "mnemonics": [] if files else mnemonics,
+            }
         )
         return
     if files:
@@ -224,14 +223,12 @@ def recover(
     pw = new_passphrase(i_know)
     write_keyfile(dest, keys, pw)
     if as_json:
-        out.print_json(
-            json.dumps(
-                {
-                    "fingerprint": keys.fingerprint(),
-                    "vault_id": keys.vault_id.hex(),
-                    "keyfile": str(dest),
-                }
-            )
+        print_json(
+            {
+                "fingerprint": keys.fingerprint(),
+                "vault_id": keys.vault_id.hex(),
+                "keyfile": str(dest),
+            }
         )
         return
     out.print(f"recovered vault {keys.fingerprint()}; wrote {dest}", highlight=False)
@@ -278,7 +275,7 @@ def show(
             "`vaultfs restore --seed-file` take it back.[/]"
         )
     if as_json:
-        out.print_json(json.dumps(info))
+        print_json(info)
         return
     if seed:
         out.print("master seed: " + " ".join(seed[i : i + 8] for i in range(0, 64, 8)))
@@ -370,7 +367,7 @@ def rotate(
             info = {"epoch": epoch, "suite": v.suite, "complete": rep.complete}
             info["errors"] = rep.errors
     if as_json:
-        out.print_json(json.dumps(info))
+        print_json(info)
     else:
         out.print(f"new key epoch {info['epoch']} under {suite_name(info['suite'])}")
         if not info["complete"]:
@@ -408,7 +405,7 @@ def init_keys(
         wrote = str(kf)
         if not (h / "index.db").exists():  # no local vault: the keyfile is for `restore --from`
             if as_json:
-                out.print_json(json.dumps({"fingerprint": keys.fingerprint(), "keyfile": wrote}))
+                print_json({"fingerprint": keys.fingerprint(), "keyfile": wrote})
             else:
                 out.print(f"wrote {kf} for vault {keys.fingerprint()}", highlight=False)
             return
@@ -417,7 +414,7 @@ def init_keys(
             v.flush()
         fp = v.keys.fingerprint()
     if as_json:
-        out.print_json(json.dumps({"fingerprint": fp, "slhdsa_created": created, "keyfile": wrote}))
+        print_json({"fingerprint": fp, "slhdsa_created": created, "keyfile": wrote})
         return
     if wrote:
         out.print(f"wrote {wrote}", highlight=False)
@@ -468,7 +465,7 @@ def reencrypt(
                     v, target, advance_segments(prog, v.segment_size), keyfile=h / "key.json"
                 )
     if as_json:
-        out.print_json(json.dumps(rep.__dict__))
+        print_json(rep.__dict__)
         return
     out.print(
         f"re-encrypted {rep.rewritten} segment(s) to epoch {rep.epoch} under {suite_name(rep.suite)}"
@@ -518,7 +515,7 @@ def receipt(
         pk = receipts.load_json(public_key, "public-key file") if public_key else None
         st = receipts.verify(doc, pk, fingerprint)
         if as_json:
-            out.print_json(json.dumps({"valid": True, "statement": st}))
+            print_json({"valid": True, "statement": st})
             return
         out.print(
             f"valid receipt: snapshot {st['snapshot']} of vault {st['fingerprint']}, root "

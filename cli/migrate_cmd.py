@@ -8,13 +8,12 @@ a dimension mismatch or a default out of range; 2 for bad flags.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from cli.common import HomeOpt, JsonOpt, home_dir, out, print_table
+from cli.common import HomeOpt, JsonOpt, home_dir, out, print_json, print_table
 from vaultfs.kb import migrate as migrate_mod
 from vaultfs.valence import database
 
@@ -66,7 +65,7 @@ def migrate(
         spec, database(to, home_dir(home)), confidence, domain, dry_run, infer_edges, threshold
     )
     if as_json:
-        out.print_json(json.dumps(rep.as_dict()), ensure_ascii=True)
+        print_json(rep.as_dict(), ensure_ascii=True)
         return
     verb = "would write" if dry_run else "wrote"
     out.print(

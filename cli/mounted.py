@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cli.common import err, home_dir, out
+from cli.common import err, home_dir, out, print_json
 from vaultfs import control
 from vaultfs.control import mounted
 from vaultfs.errors import EXIT_PARTIAL, StaleBase
@@ -53,7 +53,7 @@ def print_report(
     if rep.get("stale_base"):
         code = StaleBase.exit_code
     if as_json:
-        out.print_json(json.dumps({**(extra or {}), **rep}))
+        print_json({**(extra or {}), **rep})
         return code
     for r, e in rep["errors"].items():
         err.print(f"[yellow]warning:[/] {r}: {e}")

@@ -7,7 +7,6 @@ Exit codes: vaultfs/errors.py.
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import tempfile
 import time
@@ -30,6 +29,7 @@ from cli.common import (
     keys_for_restore,
     open_vault,
     out,
+    print_json,
     progress,
     rollback_floor,
 )
@@ -162,21 +162,19 @@ def restore(
         for r in src.reports.values()
     ]
     if as_json:
-        out.print_json(
-            json.dumps(
-                {
-                    "snapshot": uid,
-                    "entries": files,
-                    "bytes": size,
-                    **(link.as_json() if link else {"seq": 0, "manifest_hash": None}),
-                    "fork": branches.to_dict()["fork"] if branches.used else [],
-                    "snapshots": held,
-                    "seconds": dt,
-                    "bytes_read": read,
-                    "remotes": reports,
-                    "warnings": warnings,
-                }
-            )
+        print_json(
+            {
+                "snapshot": uid,
+                "entries": files,
+                "bytes": size,
+                **(link.as_json() if link else {"seq": 0, "manifest_hash": None}),
+                "fork": branches.to_dict()["fork"] if branches.used else [],
+                "snapshots": held,
+                "seconds": dt,
+                "bytes_read": read,
+                "remotes": reports,
+                "warnings": warnings,
+            }
         )
         return
     for w in warnings:

@@ -33,6 +33,7 @@ from cli.common import (
     open_vault,
     out,
     passphrase,
+    print_json,
     print_table,
 )
 from cli.mounted import mounted, run_in_mount
@@ -123,7 +124,7 @@ def forget(
     if run_prune and not dry_run and live:  # after the vault (opened without the lock) closed
         result["prune"] = run_in_mount(h, "prune", {})
     if as_json:
-        out.print_json(json.dumps(result))
+        print_json(result)
         raise typer.Exit(code)
     _print_forget(result, decision, dry_run)
     raise typer.Exit(code)
@@ -192,7 +193,7 @@ def run(
             err.print(f"[red]{problem}[/]", highlight=False)
         raise
     if as_json:
-        out.print_json(json.dumps(res))
+        print_json(res)
     else:
         for job, r in res["ran"].items():
             out.print(f"{job}: {json.dumps(r)}", highlight=False)
@@ -219,7 +220,7 @@ def _run_tiers(s: strategy.Strategy, only: str | None, dry_run: bool, as_json: b
     res = tiers.run(s, master, pw, only, dry_run)
     failed = [n for n, r in res["tiers"].items() if "failed" in r]
     if as_json:
-        out.print_json(json.dumps(res))
+        print_json(res)
         raise typer.Exit(EXIT_JOB_FAILED if failed else 0)
     for name, r in res["tiers"].items():
         if "skipped" in r:
@@ -277,7 +278,7 @@ def schedule_set(
         )
     sched = routine.set_schedule(h, changes)
     if as_json:
-        out.print_json(json.dumps(sched))
+        print_json(sched)
     else:
         _print_schedule(sched)
 
@@ -289,7 +290,7 @@ def schedule_show(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     sched = routine.load_schedule(h)
     state = routine.load_state(h)
     if as_json:
-        out.print_json(json.dumps({"schedule": sched, "state": state}))
+        print_json({"schedule": sched, "state": state})
         return
     _print_schedule(sched)
     for job in routine.JOBS:
@@ -387,7 +388,7 @@ def schedule_install(
         (d / fname).write_text(text)
     written = [str(d / f) for f in files]
     if as_json:
-        out.print_json(json.dumps({"written": written}))
+        print_json({"written": written})
         return
     for w in written:
         out.print(f"wrote {w}", highlight=False)

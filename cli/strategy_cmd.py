@@ -7,7 +7,6 @@ Exit codes: vaultfs/errors.py; an invalid strategy file exits 2 with its line an
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Annotated
@@ -27,6 +26,7 @@ from cli.common import (
     new_passphrase,
     out,
     passphrase,
+    print_json,
     print_table,
 )
 from vaultfs import keys, tiers
@@ -69,7 +69,7 @@ def check(
     if problems or s is None:
         raise ConfigError("\n".join(problems))
     if as_json:
-        out.print_json(json.dumps({"valid": True, "path": str(s.path), "tiers": list(s.tiers)}))
+        print_json({"valid": True, "path": str(s.path), "tiers": list(s.tiers)})
         return
     out.print(f"{s.path}: valid, {len(s.tiers)} tier(s): {', '.join(s.tiers)}", highlight=False)
 
@@ -84,7 +84,7 @@ def show(
     """Show the tiers as vaultfs reads them: backends, coding, frequency, retention, homes."""
     s = _load(home, file, strategy)
     if as_json:
-        out.print_json(json.dumps(s.as_json()))
+        print_json(s.as_json())
         return
     t = Table(
         "tier", "backends", "coding", "survives", "frequency", "retention", "immutable",
@@ -125,9 +125,7 @@ def apply(
     made = {t.name: tiers.ensure(t, master, pw) for t in vaults}
     differs = {t.name: d for t in vaults if (d := tiers.differences(t, master))}
     if as_json:
-        out.print_json(
-            json.dumps({"master_created": made_master, "made": made, "differs": differs})
-        )
+        print_json({"master_created": made_master, "made": made, "differs": differs})
         return
     if made_master:
         out.print(f"made a master key at {h / 'key.json'}: keep it and its passphrase safe")

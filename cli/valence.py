@@ -13,7 +13,6 @@ Secrets given to `backup config` are never printed: every message shows a remote
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from cli.common import (
     open_vault,
     out,
     passphrase,
+    print_json,
     redundancy_warnings,
     report_flush,
 )
@@ -154,7 +154,7 @@ def config(
         "dsn": redact_dsn(settings.dsn) if settings.dsn else None,
     }
     if as_json:
-        out.print_json(json.dumps(doc))
+        print_json(doc)
         return
     if added:
         verb = "created the vault over" if added["created"] else "added"

@@ -43,7 +43,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -101,7 +101,12 @@ BACKGROUND_NICE = 10
 #: Batches handed to the rebuild workers and not yet committed: one being committed (its
 #: objects fsync'd, its transaction) while the workers rebuild the next two, so they never
 #: wait for a commit (docs/benchmarks.md, "audit").
-FLIGHT = 2
+FLIGHT = 3
+#: The same for batches whose sources are all read where they lie (local-directory remotes,
+#: the local queue: nothing staged, so a deeper queue costs no disk). A batch's fsync
+#: sometimes waits a quarter of a second on the kernel's writeback of earlier objects; with
+#: two batches queued the workers ran dry meanwhile (measured, docs/benchmarks.md, "audit").
+FLIGHT_IN_PLACE = 8
 #: Threads fsyncing a batch's new objects at once (:func:`vault.queue.sync_files`): about one
 #: per object of a batch that lost one shard per segment.
 FSYNC_THREADS = BATCH_SEGMENTS
@@ -493,6 +498,8 @@ class _Batch:
 
     dir: Path
     jobs: list[tuple[_Job, list[tuple[ShardRow, str]]]]
+    #: some of its sources were downloaded into ``dir`` (not read where they lie)
+    staged: bool = False
 
 
 @dataclass
@@ -837,10 +844,11 @@ def _rebuild_all(
     (:func:`_rebuild_job`), and this thread, once the whole batch is rebuilt, fsyncs its
     new objects all at once on :data:`FSYNC_THREADS` threads (they share journal commits),
     queues them and commits the batch in one transaction (:func:`_commit_batch`; invariant
-    7), then starts uploading it in the background (:meth:`Vault.prepush`); it commits
-    each batch as soon as it is rebuilt, while the workers have the next :data:`FLIGHT`
-    queued. One batch downloads while at most ``FLIGHT + 1`` are rebuilt or committed,
-    which bounds the staged objects; the workers hold one segment's objects each.
+    7), then starts uploading it in the background (:meth:`Vault.prepush`); a commit thread
+    commits each batch, in order, as soon as it is rebuilt, while this thread keeps the
+    workers fed. One batch downloads while at most :data:`FLIGHT` (:data:`FLIGHT_IN_PLACE`
+    when nothing is staged) are rebuilt or committed, which bounds the staged objects; the
+    workers hold one segment's objects each.
     Returns (old path, old remote) of objects to delete once the new ones are placed."""
     old_objects: list[tuple[str, int]] = []
     with tempfile.TemporaryDirectory(prefix="vaultfs-repair-") as tmp:
@@ -864,7 +872,7 @@ def _rebuild_all(
             located = fetcher.locate([r for j, _t in jobs for r in choose(j.refs, j.k)], d)
             for j, _t in jobs:
                 j.located = {r.name: located[r.name] for r in j.refs if r.name in located}
-            return _Batch(d, jobs)
+            return _Batch(d, jobs, any(p.is_relative_to(d) for p in located.values()))
 
         def finish(batch: _Batch, futures: list[Future[_Rebuild]]) -> None:
             dirs: set[Path] = set()
@@ -894,31 +902,47 @@ def _rebuild_all(
 
         with (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaultfs-fetch") as pre,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaultfs-commit") as commit,
             _workers(vault, background) as work,
             ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="vaultfs-fsync") as syncer,
         ):
+            # three stages at once: the fetch thread locates (downloads) batch i+1, the
+            # workers rebuild the batches handed to them, and the commit thread commits each
+            # in order once rebuilt (its fsync can wait a quarter of a second on the kernel's
+            # writeback; this loop keeps handing out batches meanwhile). The commit stage is
+            # the outer one of the two: leaving on an error cancels the workers' jobs first,
+            # so a commit waiting on them fails instead of finishing the batches queued.
+            abort = threading.Event()  # no batch is committed after one failed
+
+            def commit_one(batch: _Batch, futures: list[Future[_Rebuild]]) -> None:
+                if abort.is_set():
+                    return
+                try:
+                    finish(batch, futures)
+                except BaseException:
+                    abort.set()
+                    raise
+
             nxt = pre.submit(download, 0) if batches else None
-            flight: deque[tuple[_Batch, list[Future[_Rebuild]]]] = deque()
-            for bi in range(len(batches)):
-                assert nxt is not None
-                # a batch rebuilt while the next one downloads is committed at once, so its
-                # upload starts then (the rebuilt remote's link is the repair's bound)
-                while flight and not nxt.done():
-                    busy = [f for f in flight[0][1] if not f.done()]
-                    if not busy:
-                        finish(*flight.popleft())
-                        continue
-                    wait([nxt, *busy], return_when=FIRST_COMPLETED)
-                got = nxt.result()
-                nxt = pre.submit(download, bi + 1) if bi + 1 < len(batches) else None
-                flight.append((got, [work.submit(_rebuild_job, job) for job, _t in got.jobs]))
-                # every batch already rebuilt is committed now, and the oldest anyway once
-                # FLIGHT are out: the workers keep a whole batch queued while this thread
-                # fsyncs and commits another, instead of idling until it is done
-                while flight and (len(flight) > FLIGHT or all(f.done() for f in flight[0][1])):
-                    finish(*flight.popleft())
-            while flight:
-                finish(*flight.popleft())
+            flight: deque[tuple[_Batch, Future[None]]] = deque()
+            try:
+                for bi in range(len(batches)):
+                    assert nxt is not None
+                    got = nxt.result()
+                    nxt = pre.submit(download, bi + 1) if bi + 1 < len(batches) else None
+                    futures = [work.submit(_rebuild_job, job) for job, _t in got.jobs]
+                    flight.append((got, commit.submit(commit_one, got, futures)))
+                    # at most FLIGHT batches (FLIGHT_IN_PLACE with nothing staged) rebuilt
+                    # or committed at once: this bounds the staged objects; a failed commit
+                    # stops the loop at once
+                    limit = FLIGHT if any(b.staged for b, _c in flight) else FLIGHT_IN_PLACE
+                    while flight and (len(flight) > limit or flight[0][1].done()):
+                        flight.popleft()[1].result()
+                while flight:
+                    flight.popleft()[1].result()
+            except BaseException:
+                abort.set()
+                raise
     return old_objects
 
 
