@@ -445,6 +445,43 @@ def test_repair_in_many_batches_commits_them_in_order(tmp_path, monkeypatch) -> 
     assert _restore(keys, specs[1:4], tmp_path / "w") == data
 
 
+def test_a_commit_that_fails_stops_the_batches_behind_it(tmp_path, monkeypatch) -> None:
+    """Batches are committed on their own thread while later ones are rebuilt: when one
+    commit fails, the batches behind it, already handed to the workers, are not committed
+    (each batch stays all or nothing, in plan order), the error reaches the caller, and the
+    next repair finishes the rest: verify --read-all is clean, a restore is identical."""
+    v, specs, data = _vault(tmp_path, mib=4.5)
+    keys = v.keys
+    lost = list((Path(specs[1]) / "data").iterdir())
+    for p in lost:
+        p.unlink()
+    before = {sh.id: sh.name for sh in segment_table.live_shards(v.index)}
+    monkeypatch.setattr(repair_mod, "REBUILDERS", 2)
+    monkeypatch.setattr(repair_mod, "FIRST_BATCH", 1)
+    monkeypatch.setattr(repair_mod, "BATCH_SEGMENTS", 1)
+    calls = []
+
+    def die_on_the_third(_n: int) -> None:
+        calls.append(_n)
+        if len(calls) == 3:
+            raise _Crash()
+
+    with pytest.raises(_Crash):
+        repair_mod.repair(v, progress=die_on_the_third)
+    after = {sh.id: sh.name for sh in segment_table.live_shards(v.index)}
+    changed = [i for i in before if after.get(i) != before[i]]
+    assert len(lost) > 4 and len(changed) == 2  # the two batches before the failed one
+    assert len(calls) == 3  # no batch behind it reached its commit
+    monkeypatch.undo()
+    v.close()
+    v = Vault.open(tmp_path / "home", PASSPHRASE)
+    rep = repair_mod.repair(v)
+    assert rep.ok and rep.rebuilt == len(lost) - 2
+    assert verify_mod.audit(v, mode="read-all").clean
+    v.close()
+    assert _restore(keys, specs[1:4], tmp_path / "w") == data
+
+
 def test_remove_remote_rebuilds_elsewhere(tmp_path: Path) -> None:
     v, specs, data = _vault(tmp_path, remotes=6, mib=1.2)
     try:
