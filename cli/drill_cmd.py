@@ -6,8 +6,7 @@ Exit codes: vaultfs/errors.py (22 when a drill failed).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -32,6 +31,7 @@ from vaultfs import strategy, tiers
 from vaultfs.drill import SCENARIOS, DrillResult, run_drill
 from vaultfs.errors import EXIT_DRILL_FAILED, InputError, NoVault
 from vaultfs.keys import VaultKeys
+from vaultfs.scratch import owned_scratch
 
 
 @app.command()
@@ -85,17 +85,14 @@ def drill(
     targets = _tier_targets(h, strategy_file, tier, wanted, keyfile, seed_file) if tiered else {
         s: (h, keys_for_restore(h, keyfile, seed_file), None) for s in wanted
     }  # fmt: skip
-    base = scratch or Path(tempfile.mkdtemp(prefix="vaultfs-drill-"))
-    try:
+    with contextlib.ExitStack() as stack:  # --scratch is the user's: kept
+        base = scratch or stack.enter_context(owned_scratch("vaultfs-drill-"))
         results = []
         for s in wanted:
             where, keys, master = targets[s]
             results.append(run_drill(s, where, keys, base / s, master=master))
             if master is not None:
                 results[-1].details["tier"] = master[1]
-    finally:
-        if scratch is None:
-            shutil.rmtree(base, ignore_errors=True)
     if as_json:
         print_json({"ok": all(r.ok for r in results),
                                    "drills": [r.as_dict() for r in results]})  # fmt: skip

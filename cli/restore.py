@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
@@ -48,6 +47,7 @@ from vaultfs.restore import (
     staging_tempdir,
     too_few_remotes,
 )
+from vaultfs.scratch import owned_scratch
 
 
 @app.command()
@@ -88,7 +88,7 @@ def restore(
     t0 = time.perf_counter()
     warnings: list[str] = []
     with contextlib.ExitStack() as stack:
-        work = stack.enter_context(tempfile.TemporaryDirectory(prefix="vaultfs-"))
+        work = stack.enter_context(owned_scratch("vaultfs-work-"))
         early = None
         if from_:  # list the remotes and fetch their manifests while scrypt unlocks the key
             for spec in from_:  # a mistyped path is named, not only counted as missing

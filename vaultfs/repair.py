@@ -38,7 +38,6 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections import defaultdict, deque
@@ -65,6 +64,7 @@ from .names import display, from_db
 from .objectlock import lock_spec
 from .remotes import Remote, names_remote
 from .restore import READ_IN_PLACE, read_object, remote_index_description
+from .scratch import owned_scratch
 from .sealer import ShardFile, keep_freed_buffers, worker_pool
 from .shardreader import (
     Lie,
@@ -851,7 +851,7 @@ def _rebuild_all(
     workers hold one segment's objects each.
     Returns (old path, old remote) of objects to delete once the new ones are placed."""
     old_objects: list[tuple[str, int]] = []
-    with tempfile.TemporaryDirectory(prefix="vaultfs-repair-") as tmp:
+    with owned_scratch("vaultfs-repair-") as tmp:
         # most at risk first: the segments with the fewest healthy shards left (Storj's order)
         healthy = segment_table.healthy_counts(vault.index)
         todo_all = sorted(plan.items(), key=lambda it: (healthy.get(it[0], 0), it[0]))

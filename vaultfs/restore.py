@@ -14,7 +14,6 @@ import os
 import queue
 import shutil
 import stat
-import tempfile
 import threading
 import time
 from collections import OrderedDict, defaultdict
@@ -47,7 +46,8 @@ from .indexblocks import Location
 from .keys import SLHDSA_BY_SIG_ALG, VaultKeys
 from .listing import Listed, compact
 from .names import display, fs_path, xattrs_from_db
-from .remotes import needs_thaw, owned_tempdir, sweep_dead_dirs
+from .remotes import needs_thaw
+from .scratch import owned_scratch, owned_tempdir, sweep_dead_dirs
 from .shardreader import ShardRef, ShardsUnavailable, preference, read_segment
 
 if TYPE_CHECKING:
@@ -999,7 +999,7 @@ def fetch_index(
     (``manifest_segments``)."""
     warnings: list[str] = []
     _map_large_buffers()
-    with tempfile.TemporaryDirectory(prefix="vaultfs-idx-") as tmp:
+    with owned_scratch("vaultfs-idx-") as tmp:
         segs = _IndexSegments(keys, m, src, Path(tmp), warnings)
         desc = segs.describe()
         block, length = desc.block_size, desc.length
@@ -1055,7 +1055,7 @@ def index_description(
     free for one level; for two, the second-level pages are fetched from ``src`` (warnings
     about shards decoded around are added to ``warnings``). For the readers that need only
     which meta segments a manifest names (verify, repair, home rebuild)."""
-    with tempfile.TemporaryDirectory(prefix="vaultfs-idx-") as tmp:
+    with owned_scratch("vaultfs-idx-") as tmp:
         return _IndexSegments(keys, m, src, Path(tmp), warnings).describe()
 
 
@@ -1426,7 +1426,7 @@ def read_ahead_budget() -> int:
 SHM = "/dev/shm"
 #: a restore's staging directories: fetched batches (:func:`restore_files`) and what a
 #: whole-snapshot restore reads ahead (the command line); the pid in their names
-#: (:func:`remotes.owned_tempdir`) lets the next restore remove those a killed one left
+#: (:func:`scratch.owned_tempdir`) lets the next restore remove those a killed one left
 STAGING_PREFIXES = ("vaultfs-restore-", "vaultfs-ahead-")
 
 

@@ -51,7 +51,6 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -77,6 +76,7 @@ from .index import remotes as remote_table
 from .index.segments import ShardRow
 from .remotes import Remote, names_remote
 from .restore import remote_index_description
+from .scratch import owned_scratch
 from .shardreader import intact
 
 if TYPE_CHECKING:
@@ -567,7 +567,7 @@ class _RemoteAuditor:
         newest = self._manifest_names()[:1]
         if not newest:
             return
-        with tempfile.TemporaryDirectory(prefix="vaultfs-audit-") as tmp:
+        with owned_scratch("vaultfs-audit-") as tmp:
             try:
                 self.b.get("manifests", newest, Path(tmp), manifest.MAX_BYTES + 1)
             except Unreachable:
@@ -803,7 +803,7 @@ class _RemoteAuditor:
 
     def _whole(self, by_id: dict[int, ShardRow], per_shard: dict[int, list]) -> None:
         order = list(per_shard)
-        with tempfile.TemporaryDirectory(prefix="vaultfs-audit-") as tmp:
+        with owned_scratch("vaultfs-audit-") as tmp:
             i = 0
             while i < len(order):
                 if self.ctx.expired():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from ..index import kb as kbroots
 from ..index import snapshots as snapshot_table
 from ..keys import VaultKeys
 from ..restore import Fetched, ShardSource, open_remote_index, restore_files, too_few_remotes
+from ..scratch import owned_scratch
 from ..shardreader import ShardRef
 from ..vault import Vault
 from . import layout
@@ -231,7 +231,7 @@ def open_kb_files(
 ) -> Iterator[KbFiles]:
     """The knowledge-base files of a vault: from the local vault at ``home``, or, with
     ``remote_specs``, from those remotes alone (any k of them; nothing local is read)."""
-    with tempfile.TemporaryDirectory(prefix="vaultfs-kb-") as tmp:
+    with owned_scratch("vaultfs-kb-") as tmp:
         work = Path(tmp)
         if remote_specs:
             src = CountingSource([open_backend(s) for s in remote_specs])

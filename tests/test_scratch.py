@@ -1,0 +1,225 @@
+"""Scratch directories of killed commands (vaultfs/scratch.py): a command's scratch under
+the temporary directory carries its pid, goes when it ends, and the next command that makes
+scratch of the same kind removes what a killed one (kill -9: no clean-up runs) left; never a
+live process's directory, never through a symlink, never another user's."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO_ROOT, run_cli, tree_digest, vaultfs_env
+
+from vaultfs.pgembed import PG_PREFIX
+from vaultfs.scratch import owned_scratch, sweep_dead_dirs
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has ended (and was reaped)."""
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+@pytest.fixture
+def live_pid():
+    """The pid of a process running for the length of the test."""
+    p = subprocess.Popen(["sleep", "600"])
+    yield p.pid
+    p.kill()
+    p.wait()
+
+
+def _plant(parent: Path, name: str) -> Path:
+    d = parent / name
+    d.mkdir()
+    (d / "shard").write_bytes(b"x" * 100)
+    return d
+
+
+def test_a_sweep_removes_only_dead_processes_directories_of_its_prefix(tmp_path, live_pid):
+    top, outside = tmp_path / "tmp", tmp_path / "outside"
+    top.mkdir()
+    _plant(tmp_path, "outside")
+    dead = _dead_pid()
+    gone = [_plant(top, f"vaultfs-repair-{dead}-a1b2"), _plant(top, f"vaultfs-repair-{dead}-c3")]
+    kept = [
+        _plant(top, f"vaultfs-repair-{live_pid}-x"),  # another command at work now
+        _plant(top, f"vaultfs-repair-{os.getpid()}-x"),  # this process's own
+        _plant(top, "vaultfs-repair-abcd1234"),  # an older version's: no pid
+        _plant(top, f"vaultfs-repair-{dead}"),  # no random part: not a scratch name
+        _plant(top, f"vaultfs-audit-{dead}-x"),  # another prefix
+        _plant(top, "vaultfs-repair-0-x"),  # pid 0 names no process
+    ]
+    link = top / f"vaultfs-repair-{dead}-link"
+    link.symlink_to(outside, target_is_directory=True)  # never followed
+    afile = top / f"vaultfs-repair-{dead}-file"
+    afile.write_bytes(b"not a directory")
+    if os.geteuid() == 0:  # another user's: not ours to judge
+        theirs = _plant(top, f"vaultfs-repair-{dead}-theirs")
+        os.chown(theirs, 65534, 65534)
+        kept.append(theirs)
+
+    assert sorted(sweep_dead_dirs("vaultfs-repair-", str(top))) == sorted(gone)
+    assert not any(d.exists() for d in gone)
+    assert all((d / "shard").is_file() for d in kept)
+    assert link.is_symlink() and (outside / "shard").is_file() and afile.is_file()
+    # a shorter prefix does not reach into longer ones: "repair" is no pid
+    assert sweep_dead_dirs("vaultfs-", str(top)) == []
+    assert all(d.is_dir() for d in kept)
+    with pytest.raises(ValueError, match="not a path"):
+        sweep_dead_dirs("../vaultfs-repair-", str(top))
+    assert sweep_dead_dirs("vaultfs-repair-", str(tmp_path / "absent")) == []
+
+
+def test_owned_scratch_is_named_with_the_pid_and_removed_however_the_block_ends(tmp_path):
+    with owned_scratch("vaultfs-t-", str(tmp_path)) as d:
+        assert d.parent == tmp_path and d.name.startswith(f"vaultfs-t-{os.getpid()}-")
+        assert (d.stat().st_mode & 0o777) == 0o700
+        (d / "sub").mkdir()
+        (d / "sub" / "f").write_bytes(b"x")
+        (d / "sub").chmod(0o500)  # read-only inside (a drill restores modes)
+    assert not d.exists()
+    with pytest.raises(RuntimeError), owned_scratch("vaultfs-t-", str(tmp_path)) as d:
+        raise RuntimeError("the command failed")
+    assert not d.exists()
+
+
+def _vault(tmp_path: Path) -> tuple[Path, list[Path], Path]:
+    home = tmp_path / "home"
+    remotes = [tmp_path / f"r{i}" for i in range(3)]
+    args = ["init", "-k", "2", "-n", "3", "--segment-mib", "1"]
+    for r in remotes:
+        args += ["--remote", str(r)]
+    run_cli(*args, home=home)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.bin").write_bytes(random.Random(7).randbytes(3_500_000))
+    run_cli("backup", str(src), home=home)
+    return home, remotes, src
+
+
+def _scratch(top: Path) -> list[str]:
+    return sorted(p.name for p in top.iterdir())
+
+
+def test_a_repair_killed_mid_rebuild_leaves_its_scratch_and_the_next_repair_removes_it(
+    tmp_path, live_pid
+):
+    """kill -9 of `vaultfs repair` while it rebuilds (its sources downloaded into its
+    scratch, before the batch's transaction): the directory stays, named with the dead pid;
+    the next `vaultfs repair` removes it, finishes the job and leaves nothing of its own.
+    A running command's directory of the same kind, and a symlink named like a dead one's,
+    stay."""
+    home, remotes, src = _vault(tmp_path)
+    top = tmp_path / "tmp"  # this test's temporary directory ($TMPDIR of its commands)
+    top.mkdir()
+    live = _plant(top, f"vaultfs-repair-{live_pid}-busy")
+    outside = _plant(tmp_path, "outside")
+    link = top / f"vaultfs-repair-{_dead_pid()}-link"
+    link.symlink_to(outside, target_is_directory=True)
+    for p in (remotes[1] / "data").iterdir():
+        p.unlink()
+    env = vaultfs_env(home, TMPDIR=str(top), VAULTFS_READ_IN_PLACE="0")  # sources downloaded
+    killed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tests" / "killpoint.py"),
+         "vaultfs.repair:_commit_batch:before", "repair"],
+        env=env, cwd=REPO_ROOT, capture_output=True, start_new_session=True, timeout=300,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr.decode()
+    left = [p for p in top.glob("vaultfs-repair-*") if p not in (live, link)]
+    assert len(left) == 1, _scratch(top)
+    named = re.fullmatch(r"vaultfs-repair-(\d+)-\w+", left[0].name)
+    assert named, f"{left[0].name}: no pid in the name"
+    pid = int(named[1])
+    assert pid != live_pid and not os.path.exists(f"/proc/{pid}")
+    assert any(f.is_file() for f in left[0].rglob("*")), "the sources it downloaded"
+
+    rep = json.loads(run_cli("repair", "--json", home=home, env=env).stdout)
+    assert rep["rebuilt"] > 0, rep
+    assert not left[0].exists()
+    assert (live / "shard").is_file() and (outside / "shard").is_file() and link.is_symlink()
+    assert _scratch(top) == sorted([live.name, link.name])  # and none of its own
+    assert json.loads(run_cli("verify", "--read-all", "--json", home=home).stdout)["clean"]
+    (remotes[0]).rename(tmp_path / "r0-away")  # the rebuilt remote restores with one other
+    run_cli("restore", "--to", str(tmp_path / "out"), home=home)
+    assert tree_digest(tmp_path / "out" / "src") == tree_digest(src)
+
+
+def test_verify_and_restore_sweep_their_kinds_of_scratch_and_leave_none(tmp_path, live_pid):
+    """The other commands making scratch in the temporary directory use the same mechanism:
+    an audit (`vaultfs-audit-`), a restore from the remotes (`vaultfs-work-`, its index
+    fetch `vaultfs-idx-`) remove what killed ones left of their kind, keep a running one's,
+    and leave none of their own behind."""
+    home, remotes, src = _vault(tmp_path)
+    top = tmp_path / "tmp"
+    top.mkdir()
+    dead = _dead_pid()
+    kinds = ("vaultfs-audit-", "vaultfs-work-", "vaultfs-idx-")
+    for kind in kinds:
+        _plant(top, f"{kind}{dead}-left")
+        _plant(top, f"{kind}{live_pid}-busy")
+    env = vaultfs_env(home, TMPDIR=str(top))
+    rep = json.loads(run_cli("verify", "--read-all", "--json", home=home, env=env).stdout)
+    assert rep["clean"], rep
+    assert not (top / f"vaultfs-audit-{dead}-left").exists()
+    assert (top / f"vaultfs-work-{dead}-left").is_dir()  # not an audit's: not swept by one
+    nohome = tmp_path / "nohome"  # a restore from the remotes and the key alone
+    run_cli("restore", "--from", str(remotes[0]), "--from", str(remotes[2]),
+            "--to", str(tmp_path / "out"), "--keyfile", str(home / "key.json"),
+            home=nohome, env=vaultfs_env(nohome, TMPDIR=str(top)))  # fmt: skip
+    assert tree_digest(tmp_path / "out" / "src") == tree_digest(src)
+    assert _scratch(top) == sorted(f"{kind}{live_pid}-busy" for kind in kinds)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def test_an_embedded_postgres_whose_owner_was_killed_is_stopped_and_swept(tmp_path):
+    """The embedded Postgres (vaultfs/pgembed.py: the demo, benchmarks, tests) outlives an
+    owner killed with kill -9: the next embedded server started stops that orphan and removes
+    its directory; the new one's goes when it stops."""
+    top = tmp_path / "tmp"
+    top.mkdir()
+    env = dict(os.environ, TMPDIR=str(top), PYTHONPATH=str(REPO_ROOT))
+    code = (
+        "import sys, time; from vaultfs.pgembed import EmbeddedPostgres; pg = EmbeddedPostgres();"
+        "pg.sql('SELECT 1'); print(pg.basedir, pg._srv.get_pid(), flush=True); time.sleep(600)"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                             text=True, start_new_session=True)  # fmt: skip
+    try:
+        line = owner.stdout.readline().split()  # type: ignore[union-attr]
+    finally:
+        owner.kill()
+        owner.wait()
+        owner.stdout.close()  # type: ignore[union-attr]
+    assert len(line) == 2, "the embedded server did not start"
+    basedir, postmaster = Path(line[0]), int(line[1])
+    try:
+        assert basedir.parent == top and basedir.name.startswith(f"{PG_PREFIX}{owner.pid}-")
+        assert _alive(postmaster), "kill -9 of the owner leaves its server running"
+
+        code = (
+            "from vaultfs.pgembed import EmbeddedPostgres; pg = EmbeddedPostgres();"
+            "print(pg.sql('SELECT 2')[0][0], flush=True); pg.stop()"
+        )
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+        assert res.returncode == 0 and res.stdout.strip() == "2", res.stderr
+        assert not _alive(postmaster) and not basedir.exists()
+        assert list(top.glob(f"{PG_PREFIX}*")) == []  # (the package's socket dirs aside)
+    finally:
+        if _alive(postmaster):  # the test failed: leave no server running
+            os.kill(postmaster, signal.SIGQUIT)
