@@ -166,7 +166,8 @@ def _print_audit(rep: verify_mod.AuditReport) -> None:
             f"[yellow]fork: the remotes hold manifests off this vault's chain (this home uses "
             f"#{rep.manifest_seq}); repair keeps every object of both branches. Restore either "
             "with `vaultfs restore --from ... --manifest SEQ/HASH`; carry on from the other "
-            "with `vaultfs home rebuild --from ...`[/]",
+            "with `vaultfs home rebuild --from ...`; end a fork made on purpose with `vaultfs "
+            "fork retire` in the home of the branch you keep[/]",
             highlight=False,
         )
     elif rep.found:

@@ -52,6 +52,7 @@ COMMANDS: dict[str, str] = {
     "verify": "cli.audit",
     "repair": "cli.audit",
     "prune": "cli.audit",
+    "fork": "cli.fork_cmd",
     "reencrypt": "cli.keys",
     "receipt": "cli.keys",
     "mount": "cli.mount",

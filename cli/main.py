@@ -4,9 +4,9 @@ Commands live in their own modules and register on ``cli.common.app``: cli/core.
 backup, flush, snapshots, ls, status), cli/restore.py, cli/audit.py (verify, repair, prune,
 remote), cli/keys.py (keys, reencrypt, receipt), cli/mount.py (mount, umount, snapshot),
 cli/routine.py (forget, run, schedule), cli/home_cmd.py (home rebuild), cli/drill_cmd.py
-(drill), cli/strategy_cmd.py (strategy), cli/wal_cmd.py (wal), cli/graph_cmd.py,
-cli/kb_cmd.py. The app imports a module when one of its commands is looked up
-(cli.common.COMMANDS), not before.
+(drill), cli/strategy_cmd.py (strategy), cli/wal_cmd.py (wal), cli/fork_cmd.py (fork
+retire), cli/graph_cmd.py, cli/kb_cmd.py. The app imports a module when one of its commands
+is looked up (cli.common.COMMANDS), not before.
 Exit codes: see vaultfs/errors.py.
 """
 

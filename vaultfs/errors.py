@@ -23,7 +23,7 @@ code  meaning
 20    `vaultfs run`: a scheduled job or a tier failed, or an audit found damage (alerted)
 21    stale base: the remotes hold manifests this home never wrote (rebuild or --fork)
 22    `vaultfs drill`: a disaster drill failed (its row says why)
-23    the vault is immutable: the command would delete from its remotes
+23    the vault is immutable (or a remote locks its objects): the command would delete
 24    thaw needed: objects on an archive storage class (Glacier) must be restored first
 25    the mount daemon stopped mid-request (closed the control connection unanswered)
 ====  ==========================================================================
@@ -163,7 +163,9 @@ class PolicyKeepsNothing(VaultError):
 class ImmutableVault(VaultError):
     """The vault was made ``--immutable`` (append-only): the command would ask its remotes to
     delete objects, which such a vault never does. Space on its remotes is freed by retiring
-    the vault whole, with separate credentials (docs/operations.md, "Immutable vaults")."""
+    the vault whole, with separate credentials (docs/operations.md, "Immutable vaults").
+    Also `fork retire` on a remote whose spec asks for S3 Object Lock: its objects cannot be
+    deleted while locked."""
 
     exit_code = 23
 

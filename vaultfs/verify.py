@@ -282,24 +282,6 @@ class AuditReport:
         return d
 
 
-def _follows(
-    m: manifest.Manifest, head: tuple[int, bytes] | None, by_hash: dict[bytes, manifest.Manifest]
-) -> bool:
-    """Whether ``m``'s ``prev`` links lead, through manifests in ``by_hash`` (by object hash),
-    to ``head`` (this chain's newest (seq, hash)): ``m`` extends this chain, no fork."""
-    seen: set[bytes] = set()
-    while head is not None and m.contents.prev is not None and m.hash not in seen:
-        seen.add(m.hash)
-        prev = m.contents.prev
-        if (prev.seq, prev.hash) == head:
-            return True
-        nxt = by_hash.get(prev.hash)
-        if nxt is None:
-            return False
-        m = nxt
-    return False
-
-
 # -- the audit -------------------------------------------------------------------------------
 def resolve_remotes(vault: Vault, wanted: list[str] | None) -> list[tuple[int, str, str]]:
     """(id, spec, domain) of the active remotes to audit; ``wanted`` entries match a spec or
@@ -523,7 +505,7 @@ class _RemoteAuditor:
                 signed |= {s.name for seg in self.ctx.describe(m).segments for s in seg.shards}
         head = manifests.newest_link(idx)
         by_hash = {m.hash: m for m in off.values()}
-        self.rep.ahead = bool(off) and all(_follows(m, head, by_hash) for m in off.values())
+        self.rep.ahead = bool(off) and all(chain.follows(m, head, by_hash) for m in off.values())
         for nm, m in off.items():
             self.rep.fork.append(f"manifests/{nm}")
             self.rep.details[f"manifests/{nm}"] = (
