@@ -28,6 +28,7 @@ from . import envelope
 #: The longest chunk a restore leaves as a hole (longer all-zero chunks are written).
 HOLE_MAX = 1 << 20
 _ZEROS = bytes(HOLE_MAX)
+_ZERO_VIEW = memoryview(_ZEROS)  # slices without a copy
 #: Most lengths :class:`ZeroChunks` learns beyond those it was seeded with (then it learns
 #: no more: what it knows only grows, so a count kept up to date by differences never drops
 #: below the truth).
@@ -65,7 +66,7 @@ class ZeroChunks:
         """Learn the zero ids of ``lengths`` for good (hashes zeros: a worker thread)."""
         for n in set(lengths):
             if 0 < n <= HOLE_MAX and n not in self._seeded:
-                self._seeded[n] = self._chunk_id(_ZEROS[:n])
+                self._seeded[n] = self._chunk_id(_ZERO_VIEW[:n])
 
     def note(self, cid: bytes, length: int) -> None:
         """``cid`` is the id of ``length`` zero bytes (the caller saw them)."""
@@ -84,16 +85,15 @@ class ZeroChunks:
 
     def record_is_hole(self, cid: bytes, plain: int, record: int) -> bool:
         """Exact :meth:`is_hole` for a chunk whose record is ``record`` bytes (worker threads:
-        may hash ``plain`` zero bytes, once per length)."""
+        may hash ``plain`` zero bytes, once per length while fewer than MEMO_LENGTHS are
+        known)."""
         if plain <= 0 or plain > HOLE_MAX or record > hole_record_limit(plain):
             return False
-        if self.is_hole(cid, plain):
-            return True
-        zid = self._chunk_id(_ZEROS[:plain])
-        if zid == cid:
-            self.note(cid, plain)
-            return True
-        return False
+        zid = self._seeded.get(plain) or self._seen.get(plain)
+        if zid is None:
+            zid = self._chunk_id(_ZERO_VIEW[:plain])
+            self.note(zid, plain)
+        return zid == cid
 
     def known(self) -> list[bytes]:
         """Every zero chunk id known so far (their number grows, never shrinks)."""
