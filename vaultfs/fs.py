@@ -65,6 +65,11 @@ log = logging.getLogger("vaultfs.fs")
 _T = TypeVar("_T")
 
 TIMEOUT = 60.0
+#: A lookup that counts a file's allocation counts its directory's other files too, in the
+#: same worker-thread call, up to this many entries and bytes of files (about one block
+#: list row read per MiB): VaultFS._with_siblings.
+SIBLINGS_MAX = 4096
+SIBLINGS_BYTES = 4 << 30
 XATTR_MAX = 64 * 1024
 CAPS_XATTR = b"security.capability"
 ACL_ACCESS_XATTR = b"system.posix_acl_access"
@@ -404,6 +409,24 @@ class VaultFS(pyfuse3.Operations):
         for n in todo:
             self.tree.set_alloc(n, counted.get(n.ino, 0))
 
+    def _with_siblings(self, p: Node, n: Node) -> list[Node]:
+        """``n`` and the other files of ``p`` not counted yet, when ``p`` is small enough
+        (``SIBLINGS_MAX`` entries, their sizes up to ``SIBLINGS_BYTES``): whoever looks up
+        one file of a directory (rsync, find, ls of each name) likely looks up the rest, and
+        one worker-thread call then counts them all."""
+        assert p.children is not None
+        out, size = [n], n.size
+        if len(p.children) > SIBLINGS_MAX:
+            return out
+        for i in p.children.values():
+            c = self.tree.nodes.get(i)
+            if c is not None and c is not n and c.alloc is None and c.is_reg:
+                size += c.size
+                if size > SIBLINGS_BYTES:
+                    break
+                out.append(c)
+        return out
+
     def _snapdir_node(self) -> SNode:
         n = self.snaps.get(SNAPDIR_INO)
         if n is None:
@@ -521,7 +544,7 @@ class VaultFS(pyfuse3.Operations):
             return neg
         n = self.tree.nodes[ino]
         if n.alloc is None and n.is_reg:
-            await self._count([n])
+            await self._count(self._with_siblings(p, n))
             if p.children.get(name) != ino:  # changed meanwhile: look it up again
                 return await self.lookup(parent_inode, name, ctx)
         n.lookups += 1
