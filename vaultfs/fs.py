@@ -28,6 +28,7 @@ import errno
 import logging
 import os
 import re
+import sqlite3
 import stat
 import struct
 import time
@@ -405,7 +406,11 @@ class VaultFS(pyfuse3.Operations):
             if self.cache.blocks_of(n.ino):
                 await self._ensure_blocks(n)
         todo = [n for n in todo if n.alloc is None]
-        counted = await trio.to_thread.run_sync(self.tree.count_alloc, [n.ino for n in todo])
+        try:
+            counted = await trio.to_thread.run_sync(self.tree.count_alloc, [n.ino for n in todo])
+        except sqlite3.Error:  # st_blocks is advice: the size stands in, counted next time
+            log.exception("counting the allocation of %d file(s) failed", len(todo))
+            return
         for n in todo:
             self.tree.set_alloc(n, counted.get(n.ino, 0))
 
