@@ -461,6 +461,71 @@ def test_everything_survives_umount_and_remount(shared: Vault) -> None:
     assert (d / "rewritten").read_bytes() == b"short" and (d / "dirty").read_bytes() == b"tiny"
 
 
+def _allocated(p: Path) -> int:
+    return p.stat().st_blocks * 512
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_a_sparse_file_reports_what_a_restore_would_allocate(shared: Vault, tmp_path) -> None:
+    """st_blocks (du, ls -s, cp, rsync -S) counts the chunks that are not holes: a 64 MiB file
+    holding 3 MiB of data shows about 3 MiB, live (dirty, then stored and counted from the
+    index after a remount) and in a snapshot; written zeros count while they sit in the
+    cache (its files hold them), not once stored. Before this every byte counted."""
+    d = shared.mp / "sparse"
+    d.mkdir()
+    f, z = d / "vm.img", d / "zeros"
+    data = random.Random(9).randbytes(3 * MiB)
+    with open(f, "wb") as fh:
+        fh.truncate(64 * MiB)
+        fh.seek(10 * MiB + 4096)  # not on a block boundary
+        fh.write(data)
+        fh.seek(40 * MiB)
+        fh.write(b"x" * 100)
+        os.fsync(fh.fileno())
+    with open(z, "wb") as fh:
+        fh.write(bytes(8 * MiB) + b"end")  # written zeros, not holes
+        os.fsync(fh.fileno())
+    assert f.stat().st_size == 64 * MiB
+    assert 3 * MiB <= _allocated(f) <= 4 * MiB, _allocated(f)  # the cache files hold that
+    assert _allocated(z) >= 8 * MiB  # so do these: zeros, written
+    shared.cli("snapshot", "--name", "sparse1")
+    view = shared.mp / ".snapshots" / "sparse1" / "sparse"
+    assert (view / "vm.img").stat().st_size == 64 * MiB
+    assert 3 * MiB <= _allocated(view / "vm.img") <= 4 * MiB, _allocated(view / "vm.img")
+    assert _allocated(view / "zeros") <= 64 * 1024, _allocated(view / "zeros")
+    du = subprocess.run(["du", "-sk", str(view)], capture_output=True, text=True, check=True)
+    assert int(du.stdout.split()[0]) <= 5 * 1024, du.stdout  # KiB: not 72 MiB
+    copy = tmp_path / "copy.img"
+    subprocess.run(["cp", "--sparse=always", str(view / "vm.img"), str(copy)], check=True)
+    assert _sha(copy) == _sha(f)
+    assert _allocated(copy) <= 4 * MiB, _allocated(copy)
+    plain = tmp_path / "plain.img"  # cp's default (--sparse=auto) trusts st_blocks
+    subprocess.run(["cp", str(view / "vm.img"), str(plain)], check=True)
+    assert _sha(plain) == _sha(f)
+    assert _allocated(plain) <= 4 * MiB, _allocated(plain)
+    # a remount counts the stored blocks from the index (none is loaded, nothing is dirty)
+    shared.umount()
+    shared.mount("--cache-size", "32M")
+    assert 3 * MiB <= _allocated(f) <= 4 * MiB, _allocated(f)
+    assert _allocated(z) <= 64 * 1024, _allocated(z)  # stored: its zero chunks are holes
+    live = subprocess.run(["du", "-sk", str(d)], capture_output=True, text=True, check=True)
+    assert int(live.stdout.split()[0]) <= 5 * 1024, live.stdout
+    copy.unlink()
+    subprocess.run(["cp", "--sparse=always", str(f), str(copy)], check=True)
+    assert _sha(copy) == _sha(view / "vm.img")
+    assert _allocated(copy) <= 4 * MiB, _allocated(copy)
+    assert _sha(z) == hashlib.sha256(bytes(8 * MiB) + b"end").hexdigest()
+    # written into, a stored block becomes dirty again: its cache file holds it whole
+    with open(f, "r+b") as fh:
+        fh.seek(50 * MiB)
+        fh.write(b"y")
+        os.fsync(fh.fileno())
+    assert 3 * MiB <= _allocated(f) <= 4 * MiB + 8192, _allocated(f)
+
+
 def _meta_digest(root: Path) -> dict[str, tuple]:
     """{relative path: (mode, uid, gid, size, atime_ns, mtime_ns, sha256 or link target, link
     count, user.* xattrs, the first path of its inode)} (a directory's size and link count and

@@ -38,6 +38,7 @@ import trio
 
 from .chunkreader import ChunkReader
 from .errors import VaultError
+from .holes import is_hole
 from .index import chunks as chunk_table
 from .livetree import Chunks, LiveTree, Node
 from .vault import Vault
@@ -73,6 +74,9 @@ class Dirty:
     #: True while the write that made the block dirty creates its cache file (the stored
     #: content copied in, then the new bytes): until then readers read the stored content
     filling: bool = False
+    #: bytes the cache file allocates on the local disk (its st_blocks), as of the last
+    #: write; None until the first one (st_blocks of the mount's files, fs.py)
+    alloc: int | None = None
 
     @property
     def readable(self) -> bool:
@@ -102,6 +106,7 @@ class BlockCache:
         self.journal = journal
         self.idle = idle
         self.dirty: dict[tuple[int, int], Dirty] = {}
+        self._per_ino: dict[int, int] = {}  # inode -> its blocks in dirty (blocks_of)
         self.used = 0  # bytes reserved: one block per dirty block
         self.waiting = 0  # writers waiting for budget
         self._freed = trio.Event()
@@ -140,9 +145,11 @@ class BlockCache:
             keep = min(self.bs, n.size - blk * self.bs)
             if f.stat().st_size > keep:
                 os.truncate(f, keep)
-            self.dirty[(ino, blk)] = Dirty(ino, blk, ready=True, synced=0, linked=True)
+            st = f.stat()
+            d = Dirty(ino, blk, ready=True, synced=0, linked=True, alloc=st.st_blocks * 512)
+            self._put(d)
             self.used += self.bs
-            found += f.stat().st_size
+            found += st.st_size
         return found
 
     # -- budget -----------------------------------------------------------------------------
@@ -175,13 +182,27 @@ class BlockCache:
         """Register a new dirty block (budget already reserved); it is ``filling`` until the
         caller has created its cache file and clears the flag."""
         d = Dirty(ino, blk, filling=True)
-        self.dirty[(ino, blk)] = d
+        self._put(d)
+        return d
+
+    def _put(self, d: Dirty) -> None:
+        self.dirty[(d.ino, d.blk)] = d
+        self._per_ino[d.ino] = self._per_ino.get(d.ino, 0) + 1
+
+    def _pop(self, ino: int, blk: int) -> Dirty | None:
+        d = self.dirty.pop((ino, blk), None)
+        if d is not None:
+            left = self._per_ino[ino] - 1
+            if left:
+                self._per_ino[ino] = left
+            else:
+                del self._per_ino[ino]
         return d
 
     def discard(self, ino: int, blk: int, unlink: bool = True) -> Path:
         """Forget a dirty block (truncated away or file deleted) and delete its cache file;
         with ``unlink=False`` the caller deletes it (after the index no longer needs it)."""
-        d = self.dirty.pop((ino, blk), None)
+        d = self._pop(ino, blk)
         if d is not None:
             d.version += 1
             if unlink:
@@ -190,6 +211,8 @@ class BlockCache:
         return self.path(ino, blk)
 
     def blocks_of(self, ino: int) -> list[Dirty]:
+        if ino not in self._per_ino:  # most files: no scan of every dirty block
+            return []
         return [d for (i, _b), d in self.dirty.items() if i == ino]
 
     @property
@@ -285,8 +308,11 @@ class BlockCache:
                 continue
             pieces = list(self.vault.chunker.chunks(io.BytesIO(data))) if data else []
             cids = self.vault.store_chunks(pieces) if pieces else []
+            zeros = self.tree.zeros
             for cid, piece in zip(cids, pieces, strict=True):
                 self.reader.keep(cid, piece)  # reads back without a fetch once stored
+                if zeros is not None and is_hole(piece):
+                    zeros.note(cid, len(piece))  # st_blocks counts it as a hole
             out.append([(c, len(p)) for c, p in zip(cids, pieces, strict=True)])
             self.stored_bytes += len(data)
         return out
@@ -308,8 +334,7 @@ class BlockCache:
             n = self.tree.get(d.ino)
             if n is not None and n.blocks is None:
                 blocks = await trio.to_thread.run_sync(self.tree.load_blocks, d.ino)
-                if n.blocks is None:
-                    n.blocks = blocks
+                self.tree.attach_blocks(n, blocks)
         keep = []
         moved = False
         for item in self._pending:
@@ -368,7 +393,7 @@ class BlockCache:
             for i, d in enumerate(batch):
                 key = (d.ino, d.blk)
                 if i not in failed and self.dirty.get(key) is d:  # not discarded meanwhile
-                    del self.dirty[key]
+                    self._pop(*key)
                     self.unreserve()
                 evt, d.retiring = d.retiring, None
                 d.uploading = False
@@ -440,10 +465,15 @@ class BlockCache:
 
 
 def write_block_file(
-    path: Path, base: bytes | None, writes: list[tuple[int, bytes]], sync: bool = False
-) -> None:
+    path: Path,
+    base: bytes | None,
+    writes: list[tuple[int, bytes]],
+    sync: bool = False,
+    cut: int | None = None,
+) -> int:
     """Create or update a cache file: ``base`` (the block's stored content, when it becomes
-    dirty) then each (offset, data)."""
+    dirty) then each (offset, data), then cut it to ``cut`` bytes if longer. Returns the
+    bytes it allocates (st_blocks * 512: ``Dirty.alloc``)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         if base is not None:
@@ -451,8 +481,13 @@ def write_block_file(
             os.pwrite(fd, base, 0)
         for off, data in writes:
             os.pwrite(fd, data, off)
+        st = os.fstat(fd)
+        if cut is not None and st.st_size > cut:
+            os.ftruncate(fd, cut)
+            st = os.fstat(fd)
         if sync:
             os.fsync(fd)
+        return st.st_blocks * 512
     finally:
         os.close(fd)
 

@@ -28,6 +28,7 @@ import errno
 import logging
 import os
 import re
+import sqlite3
 import stat
 import struct
 import time
@@ -43,6 +44,7 @@ import trio
 from .cache import BlockCache, fsync_files, unlink_files, write_block_file
 from .chunkreader import ChunkReader, slices
 from .errors import VaultError
+from .holes import HOLE_MAX, ZeroChunks
 from .index import manifests, segments
 from .index import snapshots as snapshot_table
 from .kb.view import VIEW_DIR, BeliefView
@@ -64,6 +66,11 @@ log = logging.getLogger("vaultfs.fs")
 _T = TypeVar("_T")
 
 TIMEOUT = 60.0
+#: A lookup that counts a file's allocation counts its directory's other files too, in the
+#: same worker-thread call, up to this many entries and bytes of files (about one block
+#: list row read per MiB): VaultFS._with_siblings.
+SIBLINGS_MAX = 4096
+SIBLINGS_BYTES = 4 << 30
 XATTR_MAX = 64 * 1024
 CAPS_XATTR = b"security.capability"
 ACL_ACCESS_XATTR = b"system.posix_acl_access"
@@ -187,8 +194,10 @@ class VaultFS(pyfuse3.Operations):
         self.read_cache_size = read_cache_size
         self.uid = os.getuid()
         self.gid = os.getgid()
-        self.tree = LiveTree(vault.index)
-        self.snaps = SnapViews(vault.index, self.uid, self.gid)
+        #: which chunks are holes: st_blocks counts the rest (vaultfs/holes.py)
+        self.zeros = ZeroChunks(vault.chunker.chunk_id)
+        self.tree = LiveTree(vault.index, self.zeros)
+        self.snaps = SnapViews(vault.index, self.uid, self.gid, self.zeros)
         self.fhs: dict[int, Handle] = {}
         # open directories: (name, inode) of live entries, (name, node) of snapshot ones
         self.dirs: dict[int, list[tuple[bytes, int | SNode]]] = {}
@@ -213,6 +222,10 @@ class VaultFS(pyfuse3.Operations):
         """Read the live tree and register dirty cache files left by a crash."""
         self.tree.load(self.uid, self.gid)
         self.bs = self.tree.block_size
+        # what a sparse file's holes are made of: a snapshot's gap chunk of a whole block
+        # (_file_cids) and the chunks the chunker cuts a block, or a long run, of zeros into
+        cuts = self.vault.chunker.spans
+        self.zeros.seed([self.bs, *(ln for size in {self.bs, HOLE_MAX} for _o, ln in cuts(bytes(size)))])  # fmt: skip
         self.journal = Journal(self.tree)
         self.readcache = ReadCache(
             self.home / "readcache", self.read_cache_size, self.vault.chunker.chunk_id
@@ -356,7 +369,7 @@ class VaultFS(pyfuse3.Operations):
         a.st_gid = n.gid
         a.st_size = n.size
         a.st_blksize = 128 * 1024
-        a.st_blocks = (n.size + 511) // 512
+        a.st_blocks = (min(self._allocated(n), n.size) + 511) // 512
         if isinstance(n, Node):
             a.st_rdev = n.rdev
             a.st_atime_ns = n.atime_ns
@@ -366,6 +379,58 @@ class VaultFS(pyfuse3.Operations):
             a.st_rdev = n.rdev
             a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = n.mtime_ns
         return a
+
+    def _allocated(self, n: Node | SNode) -> int:
+        """Bytes of a file a restore would allocate: its chunks that are not holes, a dirty
+        block as much as its cache file holds, nothing for a block never written. Only what
+        is in memory (the FUSE loop): ``n.size`` while not counted yet (:meth:`_count`)."""
+        if n.alloc is None:
+            return n.size
+        if isinstance(n, SNode):
+            return n.alloc
+        alloc = n.alloc
+        for d in self.cache.blocks_of(n.ino):
+            if d.alloc is not None:  # else its file is being made: the stored bytes count
+                stored = n.blocks.get(d.blk) if n.blocks is not None else None
+                alloc += d.alloc - self.tree.block_alloc(stored)
+        return max(alloc, 0)
+
+    async def _count(self, nodes: list[Node]) -> None:
+        """Count ``alloc`` of the live files among ``nodes`` not counted yet, from the index
+        in one worker thread call (the block lists are not kept). A file with dirty blocks
+        (cache files a crash left) loads its block lists instead."""
+        todo = [n for n in nodes if n.alloc is None and n.is_reg]
+        if not todo:
+            return
+        for n in todo:
+            if self.cache.blocks_of(n.ino):
+                await self._ensure_blocks(n)
+        todo = [n for n in todo if n.alloc is None]
+        try:
+            counted = await trio.to_thread.run_sync(self.tree.count_alloc, [n.ino for n in todo])
+        except sqlite3.Error:  # st_blocks is advice: the size stands in, counted next time
+            log.exception("counting the allocation of %d file(s) failed", len(todo))
+            return
+        for n in todo:
+            self.tree.set_alloc(n, counted.get(n.ino, 0))
+
+    def _with_siblings(self, p: Node, n: Node) -> list[Node]:
+        """``n`` and the other files of ``p`` not counted yet, when ``p`` is small enough
+        (``SIBLINGS_MAX`` entries, their sizes up to ``SIBLINGS_BYTES``): whoever looks up
+        one file of a directory (rsync, find, ls of each name) likely looks up the rest, and
+        one worker-thread call then counts them all."""
+        assert p.children is not None
+        out, size = [n], n.size
+        if len(p.children) > SIBLINGS_MAX:
+            return out
+        for i in p.children.values():
+            c = self.tree.nodes.get(i)
+            if c is not None and c is not n and c.alloc is None and c.is_reg:
+                size += c.size
+                if size > SIBLINGS_BYTES:
+                    break
+                out.append(c)
+        return out
 
     def _snapdir_node(self) -> SNode:
         n = self.snaps.get(SNAPDIR_INO)
@@ -434,8 +499,7 @@ class VaultFS(pyfuse3.Operations):
     async def _ensure_blocks(self, n: Node) -> None:
         if n.blocks is None and n.is_reg:
             blocks = await trio.to_thread.run_sync(self.tree.load_blocks, n.ino)
-            if n.blocks is None:
-                n.blocks = blocks
+            self.tree.attach_blocks(n, blocks)
 
     def _maybe_purge(self, n: Node) -> None:
         if n.nlink <= 0 and n.lookups <= 0 and n.opens <= 0 and n.ino != ROOT_INODE:
@@ -484,6 +548,10 @@ class VaultFS(pyfuse3.Operations):
             neg.entry_timeout = TIMEOUT
             return neg
         n = self.tree.nodes[ino]
+        if n.alloc is None and n.is_reg:
+            await self._count(self._with_siblings(p, n))
+            if p.children.get(name) != ino:  # changed meanwhile: look it up again
+                return await self.lookup(parent_inode, name, ctx)
         n.lookups += 1
         return self._attr(n)
 
@@ -498,7 +566,10 @@ class VaultFS(pyfuse3.Operations):
                 self._maybe_purge(n)
 
     async def getattr(self, inode, ctx):
-        return self._attr(self._any(inode))
+        n = self._any(inode)
+        if isinstance(n, Node) and n.alloc is None and n.is_reg:
+            await self._count([n])
+        return self._attr(n)
 
     async def readlink(self, inode, ctx):
         n = self._any(inode)
@@ -535,6 +606,7 @@ class VaultFS(pyfuse3.Operations):
                 n.mtime_ns = attr.st_mtime_ns
             n.ctime_ns = attr.st_ctime_ns if fields.update_ctime else now
             self.tree.touch(n)
+            await self._count([n])
             return self._attr(n)
 
     def _kill_privs(self, n: Node, setid: bool) -> None:
@@ -608,19 +680,18 @@ class VaultFS(pyfuse3.Operations):
         d.version += 1
         path = self.cache.path(n.ino, blk)
         try:
-            await trio.to_thread.run_sync(self._cut_exec, path, base, cut)
+            d.alloc = await trio.to_thread.run_sync(self._cut_exec, path, base, cut)
         finally:
             d.writers -= 1
             d.version += 1
             d.filling = False
         self.tree.set_block(n, blk, None)
 
-    def _cut_exec(self, path: Path, base, cut: int) -> None:
+    def _cut_exec(self, path: Path, base, cut: int) -> int:
         data = None
         if base is not None:
             data = self.cache.load_stored(base[1], base[2])
-        write_block_file(path, data, [])
-        os.truncate(path, min(cut, os.path.getsize(path)))
+        return write_block_file(path, data, [], cut=cut)
 
     # -- creating and removing -------------------------------------------------------------
     def _check_new(self, p: Node, name: bytes) -> None:
@@ -686,6 +757,7 @@ class VaultFS(pyfuse3.Operations):
             n.ctime_ns = p.mtime_ns = p.ctime_ns = time.time_ns()
             self.tree.touch(n)
             self.tree.touch(p)
+            await self._count([n])
             return self._attr(n)
 
     def _child(self, p: Node, name: bytes) -> Node:
@@ -1028,7 +1100,8 @@ class VaultFS(pyfuse3.Operations):
                 (self.cache.path(n.ino, b), base, ws, view[ws + bstart - off : we + bstart - off])
             )
         try:
-            await trio.to_thread.run_sync(self._write_exec, jobs)
+            for d, alloc in zip(ds, await trio.to_thread.run_sync(self._write_exec, jobs), strict=True):  # fmt: skip
+                d.alloc = alloc
         except OSError as e:
             log.error("cache write failed: %s", e)
             raise _err(e.errno or errno.EIO) from None
@@ -1069,11 +1142,14 @@ class VaultFS(pyfuse3.Operations):
         if reserved > fresh:
             self.cache.unreserve(reserved - fresh)
 
-    def _write_exec(self, jobs: list[tuple]) -> None:
+    def _write_exec(self, jobs: list[tuple]) -> list[int]:
+        """Write each job into its cache file; returns what each file allocates."""
+        out = []
         for path, base, ws, piece in jobs:
             if isinstance(base, tuple):
                 base = self.cache.load_stored(base[1], base[2])
-            write_block_file(path, base, [(ws, piece)])
+            out.append(write_block_file(path, base, [(ws, piece)]))
+        return out
 
     async def flush(self, fh):
         """Not implemented, on purpose: the first ENOSYS makes the kernel stop sending FLUSH
@@ -1144,6 +1220,8 @@ class VaultFS(pyfuse3.Operations):
             if n.children is None:
                 raise _err(errno.ENOTDIR)
             items = list(sorted(n.children.items()))
+            # readdirplus gives each entry's attributes: count the files' allocation first
+            await self._count([c for _name, i in items if (c := self.tree.nodes.get(i))])
             if inode == ROOT_INODE:
                 items.insert(0, (SNAPDIR_NAME, SNAPDIR_INO))
         fh = self._next_fh
@@ -1313,6 +1391,7 @@ class VaultFS(pyfuse3.Operations):
                 gap = want - have
                 if gap not in zero:
                     zero[gap] = self.vault.store_chunks([bytes(gap)])[0]
+                    self.zeros.note(zero[gap], gap)
                 cids.append(zero[gap])
         return cids
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from .holes import ZeroChunks
 from .index import Index
 
 ROOT_INODE = 1
@@ -51,7 +52,8 @@ def unpack_chunks(blob: bytes) -> Chunks:
 @dataclass(slots=True, eq=False)
 class Node:
     """One live inode. ``children`` for directories, ``blocks`` for regular files (None
-    until loaded from the index)."""
+    until loaded from the index). ``alloc``: bytes of the stored blocks' chunks that are not
+    holes (:mod:`vaultfs.holes`), kept while ``blocks`` change; None until counted."""
 
     ino: int
     mode: int
@@ -69,6 +71,7 @@ class Node:
     blocks: dict[int, Chunks] | None = None
     lookups: int = 0  # kernel lookup count (not persisted)
     opens: int = 0  # open file handles (not persisted)
+    alloc: int | None = None  # stored bytes that are not holes (not persisted)
 
     @property
     def is_dir(self) -> bool:
@@ -113,8 +116,10 @@ class Batch:
 
 
 class LiveTree:
-    def __init__(self, index: Index) -> None:
+    def __init__(self, index: Index, zeros: ZeroChunks | None = None) -> None:
         self.index = index
+        #: which chunks are holes (counting ``Node.alloc``); None: every chunk is data
+        self.zeros = zeros
         self.nodes: dict[int, Node] = {}
         self.next_ino = ROOT_INODE + 1
         self.block_size = DEFAULT_BLOCK_SIZE
@@ -186,6 +191,39 @@ class LiveTree:
             )
         }
 
+    def count_alloc(self, inos: list[int]) -> dict[int, int]:
+        """``Node.alloc`` of files whose blocks are not loaded, from the index (worker thread;
+        the block lists are not kept). Files with no stored block are left out (0)."""
+        out: dict[int, int] = {}
+        for i in range(0, len(inos), 500):
+            part = inos[i : i + 500]
+            marks = ",".join("?" * len(part))
+            for ino, blob in self.index.q(
+                f"SELECT inode, chunks FROM live_blocks WHERE inode IN ({marks})", part
+            ):
+                out[ino] = out.get(ino, 0) + self.block_alloc(unpack_chunks(blob))
+        return out
+
+    def block_alloc(self, chunks: Chunks | None) -> int:
+        """Bytes of a stored block that are not holes (no hashing: any thread)."""
+        if not chunks:
+            return 0
+        if self.zeros is None:
+            return sum(n for _c, n in chunks)
+        return self.zeros.allocated(chunks)
+
+    def attach_blocks(self, n: Node, blocks: dict[int, Chunks]) -> None:
+        """Give ``n`` its block lists just loaded (event loop), unless it has them already."""
+        if n.blocks is None:
+            n.blocks = blocks
+            n.alloc = sum(self.block_alloc(c) for c in blocks.values())
+
+    def set_alloc(self, n: Node, alloc: int) -> None:
+        """``n.alloc`` from :meth:`count_alloc` (event loop): kept only while ``n``'s blocks
+        are not loaded (loading counts them again, and every change needs them loaded)."""
+        if n.blocks is None:
+            n.alloc = alloc
+
     # -- mutations (event loop) -------------------------------------------------------------
     def new_node(self, mode: int, uid: int, gid: int, **kw: object) -> Node:
         ino = self.next_ino
@@ -200,6 +238,7 @@ class LiveTree:
             n.nlink = 2
         if n.is_reg:
             n.blocks = {}
+            n.alloc = 0
         self.nodes[ino] = n
         self._d_nodes.add(ino)
         return n
@@ -224,10 +263,11 @@ class LiveTree:
     def set_block(self, n: Node, blk: int, chunks: Chunks | None) -> None:
         """Record a block's stored chunk list (None: the block holds no stored data)."""
         assert n.blocks is not None
-        if chunks is None:
-            n.blocks.pop(blk, None)
-        else:
+        old = n.blocks.pop(blk, None) if chunks is None else n.blocks.get(blk)
+        if chunks is not None:
             n.blocks[blk] = chunks
+        if n.alloc is not None:
+            n.alloc += self.block_alloc(chunks) - self.block_alloc(old)
         self._d_blocks.add((n.ino, blk))
 
     def drop_blocks_from(self, n: Node, first: int) -> None:

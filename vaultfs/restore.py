@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import blake3
 
-from . import chain, envelope, erasure, hedging, indexblocks, manifest, merkle, segment
+from . import chain, envelope, erasure, hedging, holes, indexblocks, manifest, merkle, segment
 from .backends import Backend, Job
 from .backup import check_name
 from .errors import (
@@ -1487,10 +1487,6 @@ def _decoder_init(ctx: _RestoreContext, pdeathsig: bool) -> None:
     _ctx, _fds = ctx, _FdCache()
 
 
-#: Zeros to compare chunks with (a memcmp, no copy); a longer all-zero chunk is written.
-_ZEROS = bytes(1 << 20)
-
-
 def _restore_segment(job: tuple) -> tuple[int, int, list[str]]:
     """Decoder: decode one data segment from its fetched shards, open and check every chunk,
     write the runs into the target files, except all-zero chunks: the files are new and sized
@@ -1523,7 +1519,7 @@ def _restore_segment(job: tuple) -> tuple[int, int, list[str]]:
         data = envelope.open_chunk(key, vid, cid, seg[off : off + ln], suite)
         if len(data) != plain or blake3.blake3(data, key=idkey).digest() != cid:
             raise IntegrityError("a restored chunk does not match its id (wrong data)")
-        if _ZEROS.startswith(data):  # left a hole: the file is new, sized by ftruncate
+        if holes.is_hole(data):  # left a hole: the file is new, sized by ftruncate
             written += len(data)
             continue
         if target == run_target and pos == end:

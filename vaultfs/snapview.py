@@ -4,7 +4,10 @@ Nothing of a snapshot is read until the kernel asks: a lookup reads one entry (b
 ``UNIQUE (snapshot, path)``), a directory listing reads that directory's children (index
 ``entries_parent``), a file's chunk list is read when it is opened. Listing ``.snapshots``
 costs one small count per snapshot. So a snapshot of millions of entries opens at once and
-``stat`` of one deep file reads one row per path component.
+``stat`` of one deep file reads one row per path component. A file's ``st_blocks`` (its
+chunks that are not holes, vaultfs/holes.py) comes with its row: the hole candidates of its
+content (records as small as zeros compress to), counted once per content and kept in an LRU
+(``CACHE_CONTENTS``), shared by every snapshot holding those bytes.
 
 Inode numbers live above the live tree's range and never collide with it or each other:
 
@@ -29,13 +32,18 @@ everything else runs on the event loop.
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 import stat
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from . import names
+from .holes import HOLE_MAX, HOLE_RECORD_BASE, HOLE_RECORD_STEP, ZeroChunks
 from .index import Index, snapshots
+
+log = logging.getLogger("vaultfs.snapview")
 
 SNAPDIR_INO = 1 << 62
 SNAPROOT_BASE = SNAPDIR_INO + 1
@@ -44,8 +52,12 @@ SYNTH_BASE = SNAPDIR_INO + (1 << 40)
 SNAPDIR_NAME = b".snapshots"
 CACHE_NODES = 4096
 CACHE_CHUNK_MAPS = 64
+CACHE_CONTENTS = 65536
+#: Contents of more chunks (about 128 MiB) count their holes among the known zero chunks
+#: only (SnapViews._holes): every other chunk's record would cost a lookup.
+EXACT_CHUNKS = 4096
 
-_COLS = "id, path, type, mode, mtime_ns, size, target, uid, gid, xattrs, link, rdev"
+_COLS = "id, path, type, mode, mtime_ns, size, target, uid, gid, xattrs, link, rdev, content"
 _FMT = {
     "d": stat.S_IFDIR,
     "l": stat.S_IFLNK,
@@ -84,6 +96,7 @@ class SNode:
     lookups: int = 0  # kernel lookup count
     opens: int = 0  # open handles
     view: bool = False  # a generated file (vaultfs/kb/view.py), not an entry
+    alloc: int | None = None  # files: bytes that are not holes (None: not known, all)
 
     @property
     def is_dir(self) -> bool:
@@ -136,9 +149,14 @@ class Stats:
 
 
 class SnapViews:
-    def __init__(self, index: Index, uid: int, gid: int) -> None:
+    def __init__(self, index: Index, uid: int, gid: int, zeros: ZeroChunks | None = None) -> None:
         self.index = index
         self.uid, self.gid = uid, gid
+        self.zeros = zeros  # None: every chunk counts as data
+        # contents.id -> bytes of its chunks that are holes (worker threads, under the lock)
+        self.hole_bytes: OrderedDict[int, int] = OrderedDict()
+        self._holes_lock = threading.Lock()
+        self._zero_rows_of: tuple[int, dict[int, int]] = (0, {})  # (ids known, rows)
         self.pinned: dict[int, SNode] = {}  # nodes the kernel holds (or roots)
         self.lru: OrderedDict[int, SNode] = OrderedDict()
         self.roots: dict[int, _Root] = {}  # snapshots.id -> root state
@@ -216,7 +234,8 @@ class SnapViews:
             f"SELECT {_COLS} FROM entries WHERE snapshot=? AND parent IS NULL", (info.id,)
         )
         self.stats.add(entries_read=len(orphans))
-        return dirs, orphans
+        holes = self._holes(orphans)
+        return dirs, [(*r, r[0], 1, 0, holes.get(r[12])) for r in orphans]
 
     def root_node(self, info: SnapInfo, loaded: tuple[int, list[tuple]] | None) -> SNode:
         """The root directory of a snapshot (``loaded``: query_root's answer, needed the
@@ -300,11 +319,104 @@ class SnapViews:
                     (snap, *part),
                 )
             )
+        holes = self._holes(rows)
         out = []
         for r in rows:
             low, count = groups.get(r[10], (r[0], 1)) if r[10] is not None else (r[0], 1)
-            out.append((*r, low, count, subdirs.get(r[0], 0)))
+            out.append((*r, low, count, subdirs.get(r[0], 0), holes.get(r[12])))
         return out
+
+    def _holes(self, rows: list[tuple]) -> dict[int, int]:
+        """{content id: bytes of its chunks that are holes} of the file rows' contents, from
+        the LRU or counted (worker thread): a content of at most ``EXACT_CHUNKS`` chunks
+        exactly, from the records of its hole candidates; a larger one by its chunks among
+        the known zero chunks (:meth:`_zero_rows`) and its last chunk (a file's zero tail)
+        checked as the small ones, so its cost is a scan of its chunk numbers, not a lookup
+        of every chunk's record."""
+        if self.zeros is None:
+            return {}
+        out: dict[int, int] = {}
+        todo: set[int] = set()
+        with self._holes_lock:
+            for r in rows:
+                c = r[12]
+                if r[2] != "f" or c is None:
+                    continue
+                hit = self.hole_bytes.get(c)
+                if hit is None:
+                    todo.add(c)
+                else:
+                    self.hole_bytes.move_to_end(c)
+                    out[c] = hit
+        if not todo:
+            return out
+        try:
+            out.update(self._count_holes(todo))
+        except sqlite3.Error:  # st_blocks is advice: the size stands in, counted next time
+            log.exception("counting the holes of %d snapshot file(s) failed", len(todo))
+        return out
+
+    def _count_holes(self, todo: set[int]) -> dict[int, int]:
+        """:meth:`_holes` of contents not in the LRU, which keeps them."""
+        assert self.zeros is not None
+        got = dict.fromkeys(todo, 0)
+        counts = dict(self._in(sorted(todo), "SELECT id, chunks FROM contents WHERE id IN ({})"))
+        small = sorted(c for c in todo if counts.get(c, 0) <= EXACT_CHUNKS)
+        big = sorted(c for c in todo if counts.get(c, 0) > EXACT_CHUNKS)
+        candidates = (
+            "SELECT x.content, c.id, c.cid, c.plain, c.length FROM content_chunks x"
+            " JOIN chunks c ON c.id = x.chunk WHERE x.content IN ({})"
+            f" AND c.plain <= {HOLE_MAX} AND c.length <= {HOLE_RECORD_BASE} + c.plain / {HOLE_RECORD_STEP}"
+        )
+        for content, _id, cid, plain, length in self._in(small, candidates):
+            if self.zeros.record_is_hole(bytes(cid), plain, length):
+                got[content] += plain
+        if big:
+            zero_rows = self._zero_rows()
+            if zero_rows:
+                marks = ",".join(str(i) for i in zero_rows)
+                for content, chunk, count in self._in(
+                    big,
+                    "SELECT content, chunk, count(*) FROM content_chunks WHERE content IN ({})"
+                    f" AND chunk IN ({marks}) GROUP BY content, chunk",
+                ):
+                    got[content] += zero_rows[chunk] * count
+            for content in big:
+                tail = self.index.one(
+                    "SELECT c.id, c.cid, c.plain, c.length FROM content_chunks x"
+                    " JOIN chunks c ON c.id = x.chunk WHERE x.content=? ORDER BY x.seq DESC LIMIT 1",
+                    (content,),
+                )
+                if tail is not None and tail[0] not in zero_rows:
+                    if self.zeros.record_is_hole(bytes(tail[1]), tail[2], tail[3]):
+                        got[content] += tail[2]
+        with self._holes_lock:
+            for c, n in got.items():
+                self.hole_bytes[c] = n
+            while len(self.hole_bytes) > CACHE_CONTENTS:
+                self.hole_bytes.popitem(last=False)
+        return got
+
+    def _in(self, ids: list[int], sql: str) -> list[tuple]:
+        """Rows of ``sql`` whose ``{}`` is filled with ``ids``' placeholders, 500 at a time."""
+        out: list[tuple] = []
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            out += self.index.q(sql.format(",".join("?" * len(part))), part)
+        return out
+
+    def _zero_rows(self) -> dict[int, int]:
+        """{chunks.id: plain length} of the zero chunks the index holds among those
+        :class:`ZeroChunks` knows (looked up again when it learns more)."""
+        assert self.zeros is not None
+        known = self.zeros.known()
+        if known and self._zero_rows_of[0] != len(known):
+            rows = self.index.q(
+                f"SELECT id, plain FROM chunks WHERE cid IN ({','.join('?' * len(known))})",
+                known,
+            )
+            self._zero_rows_of = (len(known), dict(rows))
+        return self._zero_rows_of[1]
 
     # -- building nodes (loop) ----------------------------------------------------------------
     def child_node(self, d: SNode, name: bytes, row: tuple | None) -> SNode | None:
@@ -337,7 +449,7 @@ class SnapViews:
 
     def _extra_node(self, root: _Root, d: SNode, name: bytes, row: tuple | None) -> SNode:
         if row is not None:  # an entry whose directory has no entry of its own
-            return self._from_row(root, d, (*row, row[0], 1, 0))
+            return self._from_row(root, d, row)
         path = d.path + b"/" + name if d.path else name
         ino = root.synth.get(path)
         if ino is None:
@@ -370,7 +482,7 @@ class SnapViews:
 
     def _from_row(self, root: _Root, d: SNode, row: tuple) -> SNode:
         (eid, path, typ, mode, mtime_ns, size, target, uid, gid, xattrs, _link, rdev) = row[:12]
-        low, count, subdirs = row[12:15]
+        low, count, subdirs, holes = row[13:17]
         ino = entry_ino(root.info.seq, low)
         old = self.get(ino)
         if old is not None:
@@ -388,6 +500,7 @@ class SnapViews:
             rdev=rdev or 0,
             entry=eid if typ == "f" else None,
             snap=root.info.id,
+            alloc=None if typ != "f" or holes is None else max(size - holes, 0),
         )
         if typ == "l":
             n.size = len(n.target or b"")
