@@ -120,7 +120,7 @@ def init(
     if not 1 <= segment_mib <= 64:
         raise InputError("--segment-mib must be between 1 and 64")
     remote = [absolute(spec) for spec in remote]
-    check_distinct(remote)
+    check_distinct(remote)  # as Vault.create does, but before the passphrase is asked
     for spec in remote:
         check_archive(spec, archive)
         check_local_dir(spec)

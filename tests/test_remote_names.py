@@ -139,3 +139,9 @@ def test_one_directory_under_two_names(tmp_path: Path) -> None:
     os.symlink(other, tmp_path / "otherlink")
     out = run_cli("remote", "add", str(tmp_path / "otherlink"), home=home, check=18)
     assert "separate storage" in out.stderr.decode()
+    # the engine refuses it too (any caller of Vault.create), before the home is made
+    from vaultfs.vault import Vault
+
+    with pytest.raises(InputError) as e:
+        Vault.create(tmp_path / "home2", [str(same), str(tmp_path / "samelink")], 1, 2, "pw")
+    assert e.value.exit_code == 18 and not (tmp_path / "home2").exists()
