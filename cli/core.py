@@ -99,7 +99,7 @@ def init(
     an object (lock the objects on the server too: docs/operations.md, "Immutable vaults")."""
     from vaultfs import erasure
     from vaultfs.objectlock import check_retention, lock_spec
-    from vaultfs.remotes import absolute, check_archive, check_local_dir
+    from vaultfs.remotes import absolute, check_archive, check_distinct, check_local_dir
     from vaultfs.vault import Vault
     from vaultfs.vault.placement import remotes_needed
 
@@ -120,6 +120,7 @@ def init(
     if not 1 <= segment_mib <= 64:
         raise InputError("--segment-mib must be between 1 and 64")
     remote = [absolute(spec) for spec in remote]
+    check_distinct(remote)  # as Vault.create does, but before the passphrase is asked
     for spec in remote:
         check_archive(spec, archive)
         check_local_dir(spec)

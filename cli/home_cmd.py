@@ -30,7 +30,7 @@ from cli.common import (
 from vaultfs.backends import open_backend
 from vaultfs.errors import InputError
 from vaultfs.rebuild import rebuild_home
-from vaultfs.remotes import absolute
+from vaultfs.remotes import Remote, absolute
 
 home_app = typer.Typer(help="The vault's local state directory (its home).")
 app.add_typer(home_app, name="home")
@@ -69,6 +69,9 @@ def home_rebuild(
     min_seq, anchor = rollback_floor(min_seq, receipt, keys)
     given = [open_backend(absolute(s)) for s in from_]
     rep = rebuild_home(h, keys, given, pw, keyfile, min_seq=min_seq, anchor=anchor)
+    # remotes by label, as every command shows them: a spec may hold a secret
+    matched = {Remote(new).label: Remote(old).label for new, old in rep.matched.items()}
+    kept = [Remote(s).label for s in rep.kept]
     if as_json:
         print_json(
             {
@@ -77,8 +80,8 @@ def home_rebuild(
                 "manifest": rep.manifest,
                 "manifest_link": rep.link,
                 "snapshots": rep.snapshots,
-                "matched": rep.matched,
-                "kept": rep.kept,
+                "matched": matched,
+                "kept": kept,
                 "warnings": rep.warnings,
             }
         )
@@ -90,11 +93,11 @@ def home_rebuild(
         highlight=False,
     )
     for new, old in rep.matched.items():
-        was = "same spec as before" if new == old else f"known before as {old}"
-        out.print(f"  {new}: {was}", highlight=False)
-    if rep.kept:
+        was = "same spec as before" if new == old else f"known before as {Remote(old).label}"
+        out.print(f"  {Remote(new).label}: {was}", highlight=False)
+    if kept:
         out.print(
-            f"  not given, kept under their old specs: {', '.join(rep.kept)} (`vaultfs verify` "
+            f"  not given, kept under their old specs: {', '.join(kept)} (`vaultfs verify` "
             "says whether this machine reaches them; one gone for good is rebuilt onto a new "
             "empty remote by `vaultfs remote replace OLD NEW`)",
             highlight=False,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from helpers import REPO_ROOT, PgServer, S3Server, tree_digest, vaultfs_env
 
 from vaultfs.errors import InputError
 from vaultfs.kb.schema import ddl
-from vaultfs.remotes import Remote
+from vaultfs.remotes import Remote, spec_digest
 from vaultfs.valence import Settings, backend_spec, check_dsn
 
 pytestmark = [pytest.mark.pg, pytest.mark.network]
@@ -31,7 +32,7 @@ OTHER = uuid.UUID("00000000-0000-4000-8000-0000000000b2")
 def test_backend_specs() -> None:
     spec = backend_spec("b2", bucket="my-valence-backup", key_id="xxx", key="k'ey")
     assert spec == ":b2,account='xxx',key='k''ey':my-valence-backup"
-    assert Remote(spec).label == ":b2:…:my-valence-backup"
+    assert Remote(spec).label == f":b2#{spec_digest(spec)}:…:my-valence-backup"
     s3 = backend_spec("s3", bucket="b", path="kb", key_id="a", key="s", endpoint="http://h:1")
     assert s3.startswith(":s3,provider='Other',endpoint='http://h:1',") and s3.endswith(":b/kb")
     for kind, kw, msg in [
@@ -140,7 +141,8 @@ def test_valence_verbs(tmp_path: Path, pg_server: PgServer, s3_server: S3Server)
                 holders.add(p.name)
     # the index, its log and its kept export (the last index shipped, patched in place)
     assert holders <= {"index.db", "index.db-wal", "index.db-export"}, holders
-    assert Settings.load(home).backends["cloud"] == ":s3:…:valence-b"
+    cloud = Settings.load(home).backends["cloud"]
+    assert re.fullmatch(r":s3#[0-9a-f]{6}:…:valence-b", cloud), cloud
     pg_server.drop_database("valencekb")
 
 
@@ -157,6 +159,7 @@ def test_b2_as_written_never_shows_its_key(tmp_path: Path) -> None:
     )  # fmt: skip
     output = proc.stdout + proc.stderr
     assert proc.returncode in (11, 14), output
-    assert ":b2:…:my-valence-backup" in output and "Traceback" not in output
+    assert re.search(r":b2#[0-9a-f]{6}:…:my-valence-backup", output), output
+    assert "Traceback" not in output
     assert "KEYID-8c1f" not in output and "K005-SECRET-42" not in output
     assert not (home / "index.db").exists() and not (home / "valence.toml").exists()

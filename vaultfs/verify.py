@@ -74,7 +74,7 @@ from .index import Index, manifests, segments
 from .index import audit as audit_table
 from .index import remotes as remote_table
 from .index.segments import ShardRow
-from .remotes import Remote, names_remote
+from .remotes import Remote, resolve_remote
 from .restore import remote_index_description
 from .scratch import owned_scratch
 from .shardreader import intact
@@ -285,18 +285,20 @@ class AuditReport:
 # -- the audit -------------------------------------------------------------------------------
 def resolve_remotes(vault: Vault, wanted: list[str] | None) -> list[tuple[int, str, str]]:
     """(id, spec, domain) of the active remotes to audit; ``wanted`` entries match a spec or
-    its label. Raises BadRemote for a name that is not an active remote of this vault."""
+    its label (:func:`vaultfs.remotes.resolve_remote`). Raises BadRemote for a name that is not
+    an active remote of this vault, InputError for one that names several."""
     rows = remote_table.members(vault.index)
     if not wanted:
         return [(r[0], r[1], r[2]) for r in rows]
+    domains = {rid: dom for rid, _spec, dom in rows}
     out = []
     for w in wanted:
-        hit = [r for r in rows if names_remote(w, r[1])]
-        if not hit:
+        hit = resolve_remote(w, ((rid, spec) for rid, spec, _dom in rows))
+        if hit is None:
             raise BadRemote(
                 f"remote {w!r} is not part of this vault: see `vaultfs remote list` for its remotes"
             )
-        out.append((hit[0][0], hit[0][1], hit[0][2]))
+        out.append((hit[0], hit[1], domains[hit[0]]))
     return out
 
 

@@ -33,6 +33,7 @@ from ..errors import (
 from ..index import Index, VaultParams, keyring
 from ..index import remotes as remote_table
 from ..keys import SUITE_XWING_AES256GCM, VaultKeys, new_seed, read_keyfile, write_keyfile
+from ..remotes import check_distinct
 from .queue import ShardQueue, fsync_dir
 
 
@@ -98,8 +99,7 @@ def initialize(
     erasure.validate(k, n)
     if not remote_specs:
         raise NotEnoughRemotes("a vault needs at least one --remote")
-    if len(set(remote_specs)) != len(remote_specs):
-        raise NotEnoughRemotes("the same remote was given twice")
+    check_distinct(remote_specs)  # one spec twice, or one directory under two names
     if index_path(home).exists() or keyfile_path(home).exists():
         raise NoVault(f"a vault already exists at {home}; use another --home")
     _check_home_path(home)  # before any remote is touched
