@@ -9,9 +9,11 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -190,8 +192,16 @@ def test_an_embedded_postgres_whose_owner_was_killed_is_stopped_and_swept(tmp_pa
     """The embedded Postgres (vaultfs/pgembed.py: the demo, benchmarks, tests) outlives an
     owner killed with kill -9: the next embedded server started stops that orphan and removes
     its directory; the new one's goes when it stops."""
-    top = tmp_path / "tmp"
-    top.mkdir()
+    # not under tmp_path: the server runs as its own user (we are root), and any pytest
+    # session starting meanwhile makes /tmp/pytest-of-root private again (mode 0700)
+    top = Path(tempfile.mkdtemp(prefix="vaultfs-test-pgtop-"))
+    try:
+        _orphan_is_swept(top)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _orphan_is_swept(top: Path) -> None:
     env = dict(os.environ, TMPDIR=str(top), PYTHONPATH=str(REPO_ROOT))
     code = (
         "import sys, time; from vaultfs.pgembed import EmbeddedPostgres; pg = EmbeddedPostgres();"
