@@ -19,6 +19,7 @@ from pathlib import Path
 import blake3
 import format_reader as fr
 import pytest
+from helpers import init_local_vault
 
 from vaultfs.backup import backup_paths
 from vaultfs.keys import read_keyfile
@@ -52,12 +53,7 @@ def file_bytes(version: int) -> bytes:
 @pytest.fixture(scope="module")
 def vault(tmp_path_factory):
     base = tmp_path_factory.mktemp("stranger")
-    home = base / "home"
-    remotes = [base / f"r{i}" for i in range(5)]
-    args = ["init", "-k", "3", "-n", "5", "--segment-mib", "1"]
-    for r in remotes:
-        args += ["--remote", str(r)]
-    vaultfs(home, *args)
+    home, remotes = init_local_vault(base, 3, 5, passphrase=PASSPHRASE)
     src = base / "src" / "ledger.bin"
     src.parent.mkdir()
     src.write_bytes(file_bytes(1))
