@@ -1,4 +1,6 @@
-"""Plain helpers behind the fixtures in conftest.py: local rclone servers and embedded Postgres.
+"""Plain helpers behind the fixtures in conftest.py: local rclone servers and embedded Postgres;
+the vaultfs command line as a user runs it (run_cli, vaultfs_env) and a vault initialised over
+local-directory remotes (init_local_vault).
 
 Importable from tests as ``from helpers import free_port, S3Server, ...`` (pytest puts tests/ on
 sys.path because tests/ has no __init__.py).
@@ -14,7 +16,10 @@ import subprocess
 import sys
 import time
 import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vaultfs.pgembed import EmbeddedPostgres
 
@@ -309,6 +314,68 @@ def run_cli(
             f"stderr:\n{proc.stderr.decode(errors='replace')}"
         )
     return proc
+
+
+def remote_args(remotes: Iterable[object]) -> list[str]:
+    """``--remote SPEC`` for each remote (a path or a spec string), as `vaultfs init` takes them."""
+    return [a for r in remotes for a in ("--remote", str(r))]
+
+
+@dataclass(frozen=True)
+class LocalVault:
+    """A vault made by init_local_vault: its home and its local-directory remotes.
+
+    Unpacks as ``home, remotes = vault`` (the pair the set-ups it replaced returned);
+    ``specs`` are the remotes as the strings init was given, ``env`` the environment of a
+    vaultfs subprocess on this vault (its home and passphrase)."""
+
+    home: Path
+    remotes: list[Path]
+    passphrase: str = PASSPHRASE
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.home, self.remotes))
+
+    @property
+    def specs(self) -> list[str]:
+        return [str(r) for r in self.remotes]
+
+    @property
+    def env(self) -> dict[str, str]:
+        return vaultfs_env(self.home, self.passphrase)
+
+
+def init_local_vault(
+    root: Path,
+    k: int | None = 2,
+    n: int | None = 3,
+    *extra: str,
+    remotes: int | None = None,
+    prefix: str = "r",
+    home: Path | None = None,
+    segment_mib: int | None = 1,
+    passphrase: str = PASSPHRASE,
+) -> LocalVault:
+    """`vaultfs init` of a k-of-n vault over ``remotes`` (default n) local directories
+    ROOT/PREFIX0, ROOT/PREFIX1, … (not created: init makes them), home ROOT/home.
+
+    ``k``/``n`` None leave them to init's default profile, ``segment_mib`` None leaves the
+    segment size at its default (1 MiB keeps small tests to several segments); ``extra`` are
+    more init arguments (``--immutable``, ``--profile P`` …). Asserts init exits 0."""
+    count = n if remotes is None else remotes
+    if count is None:
+        raise ValueError("init_local_vault: give n or remotes")
+    home = root / "home" if home is None else home
+    dirs = [root / f"{prefix}{i}" for i in range(count)]
+    args = ["init", *extra]
+    if k is not None:
+        args += ["-k", str(k)]
+    if n is not None:
+        args += ["-n", str(n)]
+    if segment_mib is not None:
+        args += ["--segment-mib", str(segment_mib)]
+    run_cli(*args, *remote_args(dirs), home=home, passphrase=passphrase)
+    return LocalVault(home, dirs, passphrase)
 
 
 def tree_digest(root: Path) -> dict[str, tuple]:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import PASSPHRASE, run_cli
+from helpers import PASSPHRASE, init_local_vault, run_cli
 
 from vaultfs import verify as verify_mod
 from vaultfs.backends import FaultInjecting, Retrying, Wrapper, open_backend
@@ -69,8 +69,7 @@ def test_archive_storage_class_refused_without_flag(tmp_path: Path) -> None:
                   str(tmp_path / "r"), home=home, check=BadRemote.exit_code)  # fmt: skip
     assert b"DEEP_ARCHIVE" in res.stderr and b"--archive" in res.stderr
     assert not home.exists()
-    run_cli("init", "-k", "1", "-n", "2", "--remote", str(tmp_path / "r0"), "--remote",
-            str(tmp_path / "r1"), home=home)  # fmt: skip
+    init_local_vault(tmp_path, 1, 2, home=home, segment_mib=None)
     res = run_cli("remote", "add", spec, home=home, check=BadRemote.exit_code)
     assert b"thaw" in res.stderr
     res = run_cli("remote", "replace", str(tmp_path / "r1"), spec, home=home, check=14)
@@ -78,11 +77,7 @@ def test_archive_storage_class_refused_without_flag(tmp_path: Path) -> None:
 
 
 def test_restore_and_audit_name_the_remotes_needing_a_thaw(tmp_path: Path) -> None:
-    home, remotes = tmp_path / "home", [tmp_path / f"remote{i}" for i in range(5)]
-    args = ["init", "-k", "3", "-n", "5", "--segment-mib", "1"]
-    for r in remotes:
-        args += ["--remote", str(r)]
-    run_cli(*args, home=home)
+    home, remotes = init_local_vault(tmp_path, 3, 5, prefix="remote")
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.bin").write_bytes(os.urandom(600_000))

@@ -11,20 +11,15 @@ import threading
 from pathlib import Path
 
 import format_reader
-from helpers import PASSPHRASE, run_cli
+from helpers import PASSPHRASE, init_local_vault, run_cli
 
 from vaultfs.backends import Backend, Wrapper
 from vaultfs.keys import read_keyfile
 
 
 def _init(tmp_path: Path, n: int = 5, k: int = 3) -> tuple[Path, list[str]]:
-    home = tmp_path / "home"
-    remotes = [str(tmp_path / f"remote{i}") for i in range(n)]
-    args = ["init", "--segment-mib", "1", "-k", str(k), "-n", str(n)]
-    for r in remotes:
-        args += ["--remote", r]
-    run_cli(*args, home=home)
-    return home, remotes
+    vault = init_local_vault(tmp_path, k, n, prefix="remote")
+    return vault.home, vault.specs
 
 
 def _backup(home: Path, src: Path, text: str, *extra: str, check: int = 0) -> dict:

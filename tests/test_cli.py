@@ -10,17 +10,19 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import PASSPHRASE, bytes_tree_digest, make_odd_tree, run_cli, tree_digest
+from helpers import (
+    PASSPHRASE,
+    bytes_tree_digest,
+    init_local_vault,
+    make_odd_tree,
+    run_cli,
+    tree_digest,
+)
 
 
 def init_vault(tmp_path: Path, n_remotes: int = 5, *extra: str) -> tuple[Path, list[str]]:
-    home = tmp_path / "home"
-    remotes = [str(tmp_path / f"remote{i}") for i in range(n_remotes)]
-    args = ["init", "--segment-mib", "1", *extra]
-    for r in remotes:
-        args += ["--remote", r]
-    run_cli(*args, home=home)
-    return home, remotes
+    vault = init_local_vault(tmp_path, None, None, *extra, remotes=n_remotes, prefix="remote")
+    return vault.home, vault.specs
 
 
 def test_pg_dump_stdin_backup_and_disaster_restore(tmp_path, pg_server):
@@ -256,10 +258,7 @@ def test_full_local_disk_is_a_clear_error_and_loses_nothing(tmp_path):
     if proc.returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
-        home = small / "home"
-        remotes = [str(tmp_path / f"r{i}") for i in range(3)]
-        run_cli("init", "-k", "2", "-n", "3", "--segment-mib", "1",
-                *sum((["--remote", r] for r in remotes), []), home=home)  # fmt: skip
+        home = init_local_vault(tmp_path, home=small / "home").home
         (tmp_path / "ok.txt").write_text("kept\n")
         run_cli("backup", str(tmp_path / "ok.txt"), home=home)
         (tmp_path / "big.bin").write_bytes(os.urandom(30_000_000))

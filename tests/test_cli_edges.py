@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import run_cli, tree_digest, vaultfs_env
+from helpers import init_local_vault, run_cli, tree_digest, vaultfs_env
 
 from vaultfs import errors
 
@@ -35,16 +35,6 @@ def _cli(
     assert proc.returncode == check, (args, proc.returncode, proc.stderr.decode())
     assert b"Traceback" not in proc.stderr
     return proc
-
-
-def _vault(tmp_path: Path, k: int = 2, n: int = 3) -> tuple[Path, list[Path]]:
-    home = tmp_path / "home"
-    remotes = [tmp_path / f"r{i}" for i in range(n)]
-    args = ["init", "-k", str(k), "-n", str(n), "--segment-mib", "1"]
-    for r in remotes:
-        args += ["--remote", str(r)]
-    run_cli(*args, home=home)
-    return home, remotes
 
 
 def test_relative_remote_paths_are_made_absolute_at_init(tmp_path: Path) -> None:
@@ -73,7 +63,7 @@ def test_relative_remote_paths_are_made_absolute_at_init(tmp_path: Path) -> None
 
 
 def test_local_paths_that_cannot_be_used_are_one_line_errors(tmp_path: Path) -> None:
-    home, remotes = _vault(tmp_path)
+    home, remotes = init_local_vault(tmp_path)
     afile = tmp_path / "afile"
     afile.write_text("x")
     src = tmp_path / "src"
@@ -104,15 +94,15 @@ def test_a_remote_path_that_is_a_file_is_a_rejected_spec(tmp_path: Path) -> None
         err = proc.stderr.decode().strip()
         assert f"{afile} is a file" in err and "\n" not in err, err
     assert not (tmp_path / "x8").exists() and not (tmp_path / "new").exists()
-    home, remotes = _vault(tmp_path)
+    home, remotes = init_local_vault(tmp_path)
     run_cli("remote", "add", str(afile), home=home, check=14)
     run_cli("remote", "replace", str(remotes[0]), str(afile), home=home, check=14)
     assert afile.read_text() == "x"
 
 
 def test_keys_recover_never_overwrites_another_vaults_keyfile(tmp_path: Path) -> None:
-    home_a, _ = _vault(tmp_path / "a")
-    home_b, _ = _vault(tmp_path / "b")
+    home_a, _ = init_local_vault(tmp_path / "a")
+    home_b, _ = init_local_vault(tmp_path / "b")
     split = json.loads(
         run_cli("keys", "split", "--shares", "3", "--threshold", "2",
                 "--out-dir", str(tmp_path / "shares"), "--json", home=home_a).stdout
@@ -131,8 +121,8 @@ def test_keys_recover_never_overwrites_another_vaults_keyfile(tmp_path: Path) ->
 def test_a_home_holding_another_vaults_keyfile_is_a_key_error(tmp_path: Path) -> None:
     """A key.json copied from another vault: exit 10 (a key problem, operations.md), with
     advice, and nothing in the home changes."""
-    home_a, _ = _vault(tmp_path / "a")
-    home_b, _ = _vault(tmp_path / "b")
+    home_a, _ = init_local_vault(tmp_path / "a")
+    home_b, _ = init_local_vault(tmp_path / "b")
     shutil.copy(home_b / "key.json", home_a / "key.json")
     before = (home_a / "index.db").read_bytes()
     for argv in (("status",), ("snapshots",), ("verify",)):
@@ -149,8 +139,7 @@ def test_a_new_home_is_the_owners_only(tmp_path: Path) -> None:
     existing.mkdir(mode=0o755)
     os.chmod(existing, 0o755)
     for home in (tmp_path / "fresh", existing):
-        run_cli("init", "-k", "1", "-n", "2", "--remote", str(tmp_path / f"r1-{home.name}"),
-                "--remote", str(tmp_path / f"r2-{home.name}"), home=home)  # fmt: skip
+        init_local_vault(tmp_path, 1, 2, prefix=f"r-{home.name}", home=home, segment_mib=None)
         assert home.stat().st_mode & 0o777 == 0o700, oct(home.stat().st_mode)
 
 
@@ -158,7 +147,7 @@ def test_flush_exits_3_while_a_remote_is_behind(tmp_path: Path) -> None:
     """`flush` returns 0 only when everything is on every remote (operations.md): with one
     remote of a 2-of-3 vault unreachable the backup succeeds (k placed) and flush exits 3,
     naming it; once it is back, flush places the rest and exits 0."""
-    home, remotes = _vault(tmp_path)
+    home, remotes = init_local_vault(tmp_path)
     src = tmp_path / "src"
     src.mkdir()
     (src / "f.bin").write_bytes(os.urandom(300_000))
@@ -181,7 +170,7 @@ def test_status_shows_a_failed_upload_at_once(tmp_path: Path) -> None:
     is cut off and judged by nobody (a slow remote is not failing, tests/test_status.py),
     and the next flush, which waits for every upload, shows it. A flush that reaches the
     remote makes it ok again."""
-    home, remotes = _vault(tmp_path)
+    home, remotes = init_local_vault(tmp_path)
     src = tmp_path / "src"
     src.mkdir()
     (src / "f.bin").write_bytes(os.urandom(200_000))
@@ -219,7 +208,7 @@ def test_status_shows_a_failed_upload_at_once(tmp_path: Path) -> None:
 def test_remote_add_beyond_n_says_how_many_remotes_a_restore_needs(tmp_path: Path) -> None:
     """2-of-3 over five remotes: a segment is on three of them, so two remotes no longer
     always restore; `remote add` says how many do (the review found 'any k' promised)."""
-    home, remotes = _vault(tmp_path)
+    home, remotes = init_local_vault(tmp_path)
     for extra in ("r3", "r4"):
         proc = run_cli("remote", "add", str(tmp_path / extra), home=home)
     assert "any 4 of its 5 remotes (with the key) restore everything" in proc.stdout.decode()
@@ -230,7 +219,7 @@ def test_remote_add_beyond_n_says_how_many_remotes_a_restore_needs(tmp_path: Pat
 def test_an_interrupted_restore_is_marked_and_finished_with_force(tmp_path: Path) -> None:
     """kill -9 mid-restore leaves a marker: the rerun names the interruption, --force
     finishes it byte-identical and removes the marker."""
-    home, remotes = _vault(tmp_path)
+    home, remotes = init_local_vault(tmp_path)
     src = tmp_path / "src"
     src.mkdir()
     for i in range(4):
@@ -263,7 +252,7 @@ def test_an_interrupted_restore_is_marked_and_finished_with_force(tmp_path: Path
 
 
 def test_snapshot_names_are_checked_and_ids_win(tmp_path: Path) -> None:
-    home, _ = _vault(tmp_path)
+    home, _ = init_local_vault(tmp_path)
     src = tmp_path / "f.txt"
     src.write_text("one")
     first = json.loads(run_cli("backup", str(src), "--json", home=home).stdout)["snapshot"]
@@ -280,7 +269,7 @@ def test_snapshot_names_are_checked_and_ids_win(tmp_path: Path) -> None:
 
 
 def test_include_of_a_path_the_snapshot_lacks_is_an_error(tmp_path: Path) -> None:
-    home, _ = _vault(tmp_path)
+    home, _ = init_local_vault(tmp_path)
     src = tmp_path / "d"
     src.mkdir()
     (src / "a").write_text("a")
@@ -295,7 +284,7 @@ def test_a_remote_back_after_looking_empty_heals(tmp_path: Path) -> None:
     """Every remote looked empty for a while (an unmounted NAS): verify marks every shard
     lost. Once the objects are back unchanged, the next verify finds them intact again and
     the vault is whole: verify clean, flush complete, status survives n-k again."""
-    home, remotes = _vault(tmp_path)
+    home, remotes = init_local_vault(tmp_path)
     src = tmp_path / "src"
     src.mkdir()
     (src / "big.bin").write_bytes(os.urandom(3_000_000))
@@ -316,7 +305,7 @@ def test_a_remote_back_after_looking_empty_heals(tmp_path: Path) -> None:
 
 
 def test_restore_names_a_from_that_is_no_directory(tmp_path: Path) -> None:
-    home, remotes = _vault(tmp_path)
+    home, remotes = init_local_vault(tmp_path)
     src = tmp_path / "f.txt"
     src.write_text("one")
     run_cli("backup", str(src), home=home)
@@ -333,7 +322,7 @@ def test_restore_names_a_from_that_is_no_directory(tmp_path: Path) -> None:
 def test_a_keyfile_that_does_not_exist_is_missing_input(tmp_path: Path) -> None:
     """`restore --keyfile MISSING` exits 18 like a missing share or receipt file (it is input
     not found, not "no vault here", 16), naming the file."""
-    home, remotes = _vault(tmp_path)
+    home, remotes = init_local_vault(tmp_path)
     froms = [a for r in remotes for a in ("--from", str(r))]
     missing = tmp_path / "nonexist.json"
     proc = run_cli("restore", *froms, "--keyfile", str(missing), "--to", str(tmp_path / "o"),
@@ -343,7 +332,7 @@ def test_a_keyfile_that_does_not_exist_is_missing_input(tmp_path: Path) -> None:
 
 def test_stdin_backup_takes_the_umask(tmp_path: Path) -> None:
     """`(umask 077; pg_dump | vaultfs backup --stdin …)` records a file only its owner reads."""
-    home, _ = _vault(tmp_path)
+    home, _ = init_local_vault(tmp_path)
     _cli(tmp_path, home, "backup", "--stdin", "--stdin-filename", "dumps/kb.sql",
          umask=0o077, input=b"-- dump\n")  # fmt: skip
     out = tmp_path / "o"
@@ -356,7 +345,7 @@ def test_too_few_remotes_names_the_snapshot_the_remotes_and_the_way_out(tmp_path
     """A 3-of-4 vault with two remotes gone: the restore (from the home, and with --from on an
     empty home) names the snapshot asked for, the remotes holding the vault and those found
     empty, and what to do, not only an internal segment (exit 11)."""
-    home, remotes = _vault(tmp_path, k=3, n=4)
+    home, remotes = init_local_vault(tmp_path, 3, 4)
     src = tmp_path / "src"
     src.mkdir()
     (src / "f.bin").write_bytes(os.urandom(100_000))
@@ -382,7 +371,7 @@ def test_every_reader_says_too_few_remotes_as_restore_does(tmp_path: Path) -> No
     """A 2-of-3 vault with two remotes gone: `wal fetch`, `home rebuild`, `drill disk` and a
     restore from the home each name what they could not do, the remote holding the vault,
     the others, and the way forward (exit 11), not only "only 1 intact shard reachable"."""
-    home, remotes = _vault(tmp_path)
+    home, remotes = init_local_vault(tmp_path)
     src = tmp_path / "src"
     src.mkdir()
     (src / "f.bin").write_bytes(os.urandom(100_000))

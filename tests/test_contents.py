@@ -18,7 +18,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from helpers import PASSPHRASE, run_cli, tree_digest
+from helpers import PASSPHRASE, init_local_vault, run_cli, tree_digest
 
 from vaultfs import chunker
 from vaultfs.errors import WrongKey
@@ -28,16 +28,6 @@ from vaultfs.keys import VaultKeys, read_keyfile
 from vaultfs.vault import home as home_mod
 
 DATA = Path(__file__).resolve().parent / "data"
-
-
-def make(tmp_path: Path) -> tuple[Path, list[Path]]:
-    home = tmp_path / "home"
-    remotes = [tmp_path / f"r{i}" for i in range(3)]
-    args = ["init", "-k", "2", "-n", "3", "--segment-mib", "1"]
-    for r in remotes:
-        args += ["--remote", str(r)]
-    run_cli(*args, home=home)
-    return home, remotes
 
 
 def rows(home: Path) -> dict[str, int]:
@@ -81,7 +71,7 @@ def test_unchanged_snapshots_add_entries_and_no_chunk_lists(tmp_path):
     with a copy in each): a second snapshot of the unchanged tree adds one entries row per
     entry and no contents or content_chunks rows; a changed file adds one content and its
     own chunks; every snapshot restores byte for byte, whole and by path."""
-    home, _remotes = make(tmp_path)
+    home, _remotes = init_local_vault(tmp_path)
     src = tmp_path / "src"
     for i in range(40):
         write(src / f"big{i % 4}" / f"b{i:02d}.bin", i, 160_000)  # ~5 chunks each
@@ -140,7 +130,7 @@ def test_prune_frees_exactly_the_contents_and_chunks_no_snapshot_uses(tmp_path):
     """After a snapshot is deleted, a dry run counts and prune deletes the contents no entry
     names (and not one that another snapshot names under another path), then frees their
     chunks; the remaining snapshot restores from k remotes with no local state."""
-    home, remotes = make(tmp_path)
+    home, remotes = init_local_vault(tmp_path)
     src = tmp_path / "src"
     write(src / "kept.bin", 1, 3_000_000)  # in both snapshots
     write(src / "only-old.bin", 2, 4_000_000)  # only in the first one
@@ -194,7 +184,7 @@ def test_prune_that_died_after_deleting_contents_frees_their_chunks_next_time(tm
     """Crash state (docs/design.md): prune deleted the contents no entry names, then died
     before rewriting segments. Their chunks stay recorded, named by nothing; the next prune
     frees them and the rest of the vault still restores."""
-    home, _remotes = make(tmp_path)
+    home, _remotes = init_local_vault(tmp_path)
     src = tmp_path / "src"
     write(src / "keep.bin", 1, 300_000)
     run_cli("backup", str(src), "--name", "keep", home=home)

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
+from helpers import init_local_vault, run_cli
 
 
 def _state(root: Path) -> dict[str, str]:
@@ -26,11 +26,7 @@ def _state(root: Path) -> dict[str, str]:
 def vault(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
     """A 3-of-5 vault over local directories with two snapshots (the newer is restored)."""
     tmp = tmp_path_factory.mktemp("drill")
-    home, remotes = tmp / "home", [tmp / f"remote{i}" for i in range(5)]
-    args = ["init", "-k", "3", "-n", "5", "--segment-mib", "1"]
-    for r in remotes:
-        args += ["--remote", str(r)]
-    run_cli(*args, home=home)
+    home, remotes = init_local_vault(tmp, 3, 5, prefix="remote")
     src = tmp / "src"
     (src / "docs").mkdir(parents=True)
     (src / "big.bin").write_bytes(os.urandom(1_500_000))
@@ -75,11 +71,7 @@ def test_provider_drill_with_fewer_remotes_than_n(tmp_path: Path) -> None:
     """2-of-4 over 3 remotes: one remote holds two shards of each segment, so a restore
     needs 2 remotes (cli init's warning); the drill keeps exactly that many and replaces the
     third. With two remotes gone the disk drill fails: exit 22 and the reason."""
-    home, remotes = tmp_path / "home", [tmp_path / f"remote{i}" for i in range(3)]
-    args = ["init", "-k", "2", "-n", "4", "--segment-mib", "1"]
-    for r in remotes:
-        args += ["--remote", str(r)]
-    run_cli(*args, home=home)
+    home, remotes = init_local_vault(tmp_path, 2, 4, remotes=3, prefix="remote")
     src = tmp_path / "src"
     src.mkdir()
     (src / "f.bin").write_bytes(os.urandom(300_000))

@@ -9,7 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
-from helpers import run_cli
+from helpers import init_local_vault, run_cli
 
 
 def _backup(home: Path, src: Path, text: str, *extra: str) -> dict:
@@ -18,10 +18,8 @@ def _backup(home: Path, src: Path, text: str, *extra: str) -> dict:
 
 
 def test_stale_home_fork_routine_and_receipt_messages(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    remotes = [str(tmp_path / f"r{i}") for i in range(3)]
-    run_cli("init", "-k", "2", "-n", "3", *[a for r in remotes for a in ("--remote", r)],
-            home=home)  # fmt: skip
+    vault = init_local_vault(tmp_path, segment_mib=None)
+    home, remotes = vault.home, vault.specs
     src = tmp_path / "src"
     src.mkdir()
     _backup(home, src, "one\n")

@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from helpers import PASSPHRASE, run_cli
+from helpers import PASSPHRASE, init_local_vault, run_cli
 
 from vaultfs import chain
 from vaultfs.index import remotes as remote_table
@@ -20,13 +20,8 @@ from vaultfs.vault import Vault
 
 
 def _init(tmp_path: Path, k: int, n: int) -> tuple[Path, list[str]]:
-    home = tmp_path / "home"
-    remotes = [str(tmp_path / f"r{i}") for i in range(1, n + 1)]
-    args = ["init", "--segment-mib", "1", "-k", str(k), "-n", str(n)]
-    for r in remotes:
-        args += ["--remote", r]
-    run_cli(*args, home=home)
-    return home, remotes
+    vault = init_local_vault(tmp_path, k, n)
+    return vault.home, vault.specs
 
 
 def _backup(home: Path, src: Path, *extra: str) -> dict:

@@ -12,34 +12,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import blake3
 import format_reader as fr
 import pytest
+from helpers import init_local_vault, run_cli
 
 from vaultfs.backup import backup_paths
 from vaultfs.keys import read_keyfile
 from vaultfs.vault import Vault, metaship
 
-ROOT = Path(__file__).resolve().parent.parent
 PASSPHRASE = "stranger-danger"
-
-
-def vaultfs(home: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, VAULTFS_HOME=str(home), VAULTFS_PASSPHRASE=PASSPHRASE)
-    r = subprocess.run(
-        [sys.executable, "-m", "cli.main", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, f"vaultfs {' '.join(args)} failed: {r.stdout}\n{r.stderr}"
-    return r
 
 
 def file_bytes(version: int) -> bytes:
@@ -52,22 +35,17 @@ def file_bytes(version: int) -> bytes:
 @pytest.fixture(scope="module")
 def vault(tmp_path_factory):
     base = tmp_path_factory.mktemp("stranger")
-    home = base / "home"
-    remotes = [base / f"r{i}" for i in range(5)]
-    args = ["init", "-k", "3", "-n", "5", "--segment-mib", "1"]
-    for r in remotes:
-        args += ["--remote", str(r)]
-    vaultfs(home, *args)
+    home, remotes = init_local_vault(base, 3, 5, passphrase=PASSPHRASE)
     src = base / "src" / "ledger.bin"
     src.parent.mkdir()
     src.write_bytes(file_bytes(1))
-    vaultfs(home, "backup", str(src))
+    run_cli("backup", str(src), home=home, passphrase=PASSPHRASE)
     src.write_bytes(file_bytes(2))  # a second snapshot: the newest manifest must win
     odd = bytes(base / "src") + b"/ledger-\xe9\xff.bin"  # a name that is not UTF-8
     with open(odd, "wb") as f:
         f.write(file_bytes(3))
-    vaultfs(home, "backup", str(src), os.fsdecode(odd))
-    vaultfs(home, "flush")
+    run_cli("backup", str(src), os.fsdecode(odd), home=home, passphrase=PASSPHRASE)
+    run_cli("flush", home=home, passphrase=PASSPHRASE)
     seed = read_keyfile(home / "key.json", PASSPHRASE).seed
     return seed, remotes
 
@@ -193,10 +171,11 @@ def test_stranger_recovers_a_one_copy_vault(tmp_path):
     """A 1-of-1 vault (erasure algorithm 3, format.md 7.5): one remote holding one object per
     segment, the segment in the clear after unwhitening; the reader restores from it."""
     home, remote = tmp_path / "home", tmp_path / "nas"
-    vaultfs(home, "init", "-k", "1", "-n", "1", "--segment-mib", "1", "--remote", str(remote))
+    run_cli("init", "-k", "1", "-n", "1", "--segment-mib", "1", "--remote", str(remote),
+            home=home, passphrase=PASSPHRASE)  # fmt: skip
     src = tmp_path / "src" / "ledger.bin"
     src.parent.mkdir()
     src.write_bytes(file_bytes(3))
-    vaultfs(home, "backup", str(src.parent))
+    run_cli("backup", str(src.parent), home=home, passphrase=PASSPHRASE)
     seed = read_keyfile(home / "key.json", PASSPHRASE).seed
     assert fr.recover_file(seed, [remote], "src/ledger.bin") == file_bytes(3)

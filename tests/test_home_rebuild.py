@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PASSPHRASE, run_cli, tree_digest, vaultfs_env
+from helpers import PASSPHRASE, init_local_vault, run_cli, tree_digest, vaultfs_env
 
 from vaultfs.index import Index
 from vaultfs.index import remotes as remote_table
@@ -44,12 +44,7 @@ def _copy_db(src: Path, dest: Path) -> None:
 
 
 def _make_vault(tmp_path: Path) -> tuple[Path, list[Path], Path]:
-    home = tmp_path / "home"
-    remotes = [tmp_path / f"remote{i}" for i in range(5)]
-    args = ["init", "-k", "3", "-n", "5", "--segment-mib", "1"]
-    for r in remotes:
-        args += ["--remote", str(r)]
-    run_cli(*args, home=home)
+    home, remotes = init_local_vault(tmp_path, 3, 5, prefix="remote")
     src = tmp_path / "data"
     (src / "docs").mkdir(parents=True)
     (src / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024))
@@ -306,9 +301,7 @@ def test_a_home_rebuilt_after_a_remote_replace_shows_the_new_remote_as_the_repla
 ) -> None:
     """The index copy a replace ships records the new remote's health as of the replace: a
     home rebuilt from it does not show the just-rebuilt remote as stale (never audited)."""
-    home = tmp_path / "home"
-    remotes = [tmp_path / f"r{i}" for i in range(3)]
-    run_cli("init", "-k", "2", "-n", "3", *[a for r in remotes for a in ("-r", str(r))], home=home)
+    home, remotes = init_local_vault(tmp_path, segment_mib=None)
     src = tmp_path / "data"
     src.mkdir()
     (src / "f").write_bytes(os.urandom(300_000))

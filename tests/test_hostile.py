@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import S3Server, run_cli, tree_digest, vaultfs_env
+from helpers import S3Server, init_local_vault, run_cli, tree_digest, vaultfs_env
 
 from bench.harness import launch_report, launched
 from vaultfs.remotes import Remote
@@ -376,12 +376,7 @@ def test_verify_names_a_manifest_flood_without_reading_it(tmp_path: Path) -> Non
     """`vaultfs verify --read-all` on a remote with 40 junk "manifests" of 50 MiB above the
     real one: each is named, none is read (the audit's bytes stay those of the real objects),
     and the real manifest is still found."""
-    home = tmp_path / "home"
-    remotes = [tmp_path / f"r{i}" for i in range(3)]
-    args = ["init", "-k", "2", "-n", "3", "--segment-mib", "1"]
-    for r in remotes:
-        args += ["--remote", str(r)]
-    run_cli(*args, home=home)
+    home, remotes = init_local_vault(tmp_path)
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "f").write_bytes(os.urandom(300_000))
     run_cli("backup", str(tmp_path / "src"), home=home)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import PASSPHRASE, rclone_path, run_cli, tree_digest
+from helpers import PASSPHRASE, init_local_vault, rclone_path, remote_args, run_cli, tree_digest
 from s3lock import ADMIN_ACCESS_KEY, LockingGateway, TwoKeyS3Server
 
 from vaultfs import backends, objectlock, rotation
@@ -56,11 +56,7 @@ def _objects(remotes: list[Path]) -> dict[str, bytes]:
 def _make(tmp: Path, backups: int) -> tuple[Path, list[Path], Path, list[dict]]:
     """An immutable 3-of-5 vault over local directories after ``backups`` backups of a tree
     that changes between them; returns (home, remotes, source, each backup's tree digest)."""
-    home, remotes = tmp / "home", [tmp / f"remote{i}" for i in range(5)]
-    args = ["init", "--immutable", "-k", "3", "-n", "5", "--segment-mib", "1"]
-    for r in remotes:
-        args += ["--remote", str(r)]
-    run_cli(*args, home=home)
+    home, remotes = init_local_vault(tmp, 3, 5, "--immutable", prefix="remote")
     src = tmp / "src"
     src.mkdir()
     trees = []
@@ -184,10 +180,9 @@ def test_object_lock_set_on_upload_and_read_back_by_verify(tmp_path: Path, s3_se
     """`rclone serve s3` records the lock rclone sends (it does not enforce it): enough to
     show vaultfs asks for it on every upload and verify reads it back."""
     home = tmp_path / "home"
-    args = ["init", "--immutable", "--object-lock", "30d", "-k", "2", "-n", "3"]
-    for i in range(3):
-        args += ["--remote", s3_server.remote(f"bucket{i}/vault")]
-    run_cli(*args, home=home)
+    specs = [s3_server.remote(f"bucket{i}/vault") for i in range(3)]
+    run_cli("init", "--immutable", "--object-lock", "30d", "-k", "2", "-n", "3",
+            *remote_args(specs), home=home)  # fmt: skip
     src = tmp_path / "src"
     src.mkdir()
     (src / "f.bin").write_bytes(os.urandom(200_000))
@@ -349,21 +344,8 @@ def _locked_vault(
     time each backup started)."""
     home = tmp / "home"
     specs = [gw.remote(f"bucket{i}/vault") for i in range(3)]
-    args = [
-        "init",
-        "--immutable",
-        "--object-lock",
-        "30d",
-        "-k",
-        "2",
-        "-n",
-        "3",
-        "--segment-mib",
-        "1",
-    ]
-    for s in specs:
-        args += ["--remote", s]
-    run_cli(*args, home=home)
+    run_cli("init", "--immutable", "--object-lock", "30d", "-k", "2", "-n", "3",
+            "--segment-mib", "1", *remote_args(specs), home=home)  # fmt: skip
     src = tmp / "src"
     src.mkdir()
     (src / "base.bin").write_bytes(os.urandom(300_000))

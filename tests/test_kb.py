@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from helpers import run_cli
+from helpers import init_local_vault, run_cli
 
 from vaultfs.kb import layout, schema
 
@@ -25,13 +25,8 @@ ORPHANS = (
 
 
 def init_vault(root: Path, n_remotes: int = 5) -> tuple[Path, list[str]]:
-    home = root / "home"
-    remotes = [str(root / f"remote{i}") for i in range(n_remotes)]
-    args = ["init", "--segment-mib", "1", "-k", "3", "-n", "5"]
-    for r in remotes:
-        args += ["--remote", r]
-    run_cli(*args, home=home)
-    return home, remotes
+    vault = init_local_vault(root, 3, 5, remotes=n_remotes, prefix="remote")
+    return vault.home, vault.specs
 
 
 def cli_json(*args: str, home: Path) -> dict:

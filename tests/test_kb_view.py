@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
+from helpers import init_local_vault, run_cli
 
 from vaultfs.kb import view
 
@@ -59,11 +59,7 @@ def test_a_plain_directory_named_kb_beliefs_gets_no_documents() -> None:
 
 def test_snapshot_beliefs_browsable_in_the_mount(tmp_path: Path, pg_server) -> None:
     dsn = pg_server.make_kb(300, seed=3, dbname="kbview")
-    home = tmp_path / "home"
-    args = ["init", "--segment-mib", "1", "-k", "2", "-n", "3"]
-    for i in range(3):
-        args += ["--remote", str(tmp_path / f"r{i}")]
-    run_cli(*args, home=home)
+    home = init_local_vault(tmp_path).home
     run_cli("kb", "snapshot", "--dsn", dsn, "--name", "v1", home=home)
     ids = sorted(str(r[0]) for r in pg_server.sql("SELECT id FROM beliefs", "kbview"))
     some = ids[len(ids) // 2]

@@ -12,6 +12,7 @@ import termios
 from pathlib import Path
 
 import pytest
+from helpers import init_local_vault
 
 from vaultfs import manifest
 from vaultfs.backends import open_backend
@@ -65,12 +66,7 @@ def same_tree(a: Path, b: Path) -> None:
 
 @pytest.fixture
 def vault(tmp_path: Path) -> dict:
-    remotes = [tmp_path / f"r{i}" for i in range(5)]
-    home = tmp_path / "home"
-    args = ["init", "-k", "3", "-n", "5", "--segment-mib", "1"]
-    for r in remotes:
-        args += ["--remote", str(r)]
-    run(home, *args)
+    home, remotes = init_local_vault(tmp_path, 3, 5, passphrase="pw")
     src = make_tree(tmp_path, 1)
     run(home, "backup", str(src))
     return {"home": home, "remotes": remotes, "src": src, "tmp": tmp_path}

@@ -17,7 +17,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from helpers import run_cli, tree_digest, vaultfs_env
+from helpers import init_local_vault, run_cli, tree_digest, vaultfs_env
 
 from vaultfs import erasure, merkle
 from vaultfs.errors import IntegrityError, NotEnoughRemotes
@@ -37,12 +37,7 @@ def vault(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], P
     "first"; the newest snapshot, "second", holds one directory. Returns (home, remotes,
     source tree, keyfile)."""
     tmp = tmp_path_factory.mktemp("lazy")
-    home = tmp / "home"
-    remotes = [tmp / f"remote{i}" for i in range(N)]
-    args = ["init", "-k", str(K), "-n", str(N), "--segment-mib", "1"]
-    for r in remotes:
-        args += ["--remote", str(r)]
-    run_cli(*args, home=home)
+    home, remotes = init_local_vault(tmp, K, N, prefix="remote")
     src = tmp / "src"
     rng = random.Random(11)
     for d in range(12):

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PgServer, run_cli, vaultfs_env
+from helpers import PgServer, init_local_vault, run_cli, vaultfs_env
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
@@ -109,12 +109,7 @@ def _beside_writer(*args: str, home: Path) -> subprocess.CompletedProcess:
 @pytest.fixture
 def live(tmp_path):
     """(home, mountpoint, remotes) of a mounted 2-of-3 vault over three local remotes."""
-    home = tmp_path / "home"
-    remotes = [tmp_path / f"r{i}" for i in range(3)]
-    args = ["init", "-k", "2", "-n", "3", "--segment-mib", "1"]
-    for r in remotes:
-        args += ["--remote", str(r)]
-    run_cli(*args, home=home)
+    home, remotes = init_local_vault(tmp_path)
     mp = tmp_path / "mnt"
     mp.mkdir()
     run_cli("mount", "--cache-size", "64M", str(mp), home=home)
@@ -280,9 +275,7 @@ def test_commands_beside_the_mount_see_its_newest_index_state(tmp_path) -> None:
     so the next command that closed its own connection deleted the write-ahead log the daemon
     still wrote to: `snapshots` and `status` beside the mount then missed every later commit
     (the newest snapshot's manifest '?', the recovery point one snapshot behind)."""
-    home = tmp_path / "home"
-    remotes = [tmp_path / f"r{i}" for i in range(3)]
-    run_cli("init", "-k", "2", "-n", "3", *(x for r in remotes for x in ("--remote", str(r))), home=home)  # fmt: skip
+    home, remotes = init_local_vault(tmp_path, segment_mib=None)
     mp = tmp_path / "mnt"
     mp.mkdir()
     run_cli("mount", str(mp), home=home)
@@ -306,9 +299,7 @@ def test_a_read_with_too_few_remotes_names_the_file_the_remotes_and_the_way_out(
     `cat` gets EIO and the mount's log says, as restore does, which file of which snapshot,
     the remote holding the vault and the ones failing, and what to do (bring remotes back,
     `vaultfs verify`, `vaultfs repair`), not only an internal segment."""
-    home = tmp_path / "home"
-    remotes = [tmp_path / f"r{i}" for i in range(3)]
-    run_cli("init", "-k", "2", "-n", "3", *(x for r in remotes for x in ("--remote", str(r))), home=home)  # fmt: skip
+    home, remotes = init_local_vault(tmp_path, segment_mib=None)
     mp = tmp_path / "mnt"
     mp.mkdir()
     run_cli("mount", "--read-cache-size", "0", str(mp), home=home)
@@ -349,9 +340,7 @@ def test_a_snapshot_file_pruned_while_open_is_eio_for_its_reader_only(tmp_path) 
     """A reader holds a file of a snapshot that is deleted and pruned meanwhile (by hand or
     by the routine's retention): its next read of a chunk not in memory is EIO; the mount
     stays up for everyone else (the daemon once died of it)."""
-    home = tmp_path / "home"
-    remotes = [tmp_path / f"r{i}" for i in range(3)]
-    run_cli("init", "-k", "2", "-n", "3", *(x for r in remotes for x in ("--remote", str(r))), home=home)  # fmt: skip
+    home, remotes = init_local_vault(tmp_path, segment_mib=None)
     mp = tmp_path / "mnt"
     mp.mkdir()
     run_cli("mount", "--read-cache-size", "0", str(mp), home=home)

@@ -13,21 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import PASSPHRASE, run_cli, tree_digest, vaultfs_env
+from helpers import PASSPHRASE, init_local_vault, run_cli, tree_digest, vaultfs_env
 
 
 def remote_bytes(remotes: list[Path]) -> int:
     return sum(f.stat().st_size for r in remotes for f in (r / "data").glob("*"))
-
-
-def make(tmp_path: Path) -> tuple[Path, list[Path]]:
-    home = tmp_path / "home"
-    remotes = [tmp_path / f"r{i}" for i in range(3)]
-    args = ["init", "-k", "2", "-n", "3", "--segment-mib", "1"]
-    for r in remotes:
-        args += ["--remote", str(r)]
-    run_cli(*args, home=home)
-    return home, remotes
 
 
 def write(p: Path, seed: int, size: int) -> None:
@@ -40,7 +30,7 @@ def snapshots(home: Path) -> list[dict]:
 
 
 def test_prune_frees_deleted_snapshots_and_keeps_what_others_use(tmp_path):
-    home, remotes = make(tmp_path)
+    home, remotes = init_local_vault(tmp_path)
     src = tmp_path / "src"
     write(src / "kept.bin", 1, 3_000_000)  # in both snapshots
     write(src / "only-old.bin", 2, 4_000_000)  # only in the first one
@@ -85,7 +75,7 @@ def test_prune_frees_deleted_snapshots_and_keeps_what_others_use(tmp_path):
 def test_prune_repacks_sparse_segments(tmp_path):
     """Many small files in few segments; most deleted: the survivors move to a new segment
     and the old segments go, with the data intact."""
-    home, remotes = make(tmp_path)
+    home, remotes = init_local_vault(tmp_path)
     src = tmp_path / "src"
     for i in range(40):
         write(src / f"f{i:02}.bin", 10 + i, 60_000)
@@ -112,7 +102,7 @@ def test_prune_repacks_sparse_segments(tmp_path):
 def test_prune_keeps_what_the_live_tree_of_the_mount_uses(tmp_path):
     if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
         pytest.skip("needs /dev/fuse and fusermount3")
-    home, _remotes = make(tmp_path)
+    home, _remotes = init_local_vault(tmp_path)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     env = vaultfs_env(home)
@@ -145,7 +135,7 @@ def test_prune_keeps_what_the_live_tree_of_the_mount_uses(tmp_path):
 
 
 def test_prune_bad_input(tmp_path):
-    home, _ = make(tmp_path)
+    home, _ = init_local_vault(tmp_path)
     proc = run_cli("prune", "--repack-below", "2", home=home, check=18)
     assert b"fraction" in proc.stderr
     proc = run_cli("prune", home=tmp_path / "nothing", check=16)
@@ -208,7 +198,7 @@ def test_stale_snapshot_delete_changes_nothing_and_deferred_deletions_are_not_fr
     """In a stale home `snapshot delete` is refused (exit 21) before it forgets anything; a
     prune while the remotes hold a fork deletes nothing and says so per remote: 0 bytes
     freed, the rest to free at a later prune (exit 3)."""
-    home, remotes = make(tmp_path)
+    home, remotes = init_local_vault(tmp_path)
     src = tmp_path / "src"
     write(src / "kept.bin", 1, 1_000_000)
     write(src / "only-old.bin", 2, 2_000_000)
@@ -238,7 +228,7 @@ def test_deletions_held_by_a_queued_manifest_say_why_and_the_next_prune_sends_it
     every old object it replaces, on every remote: prune says so and names `vaultfs flush`
     (exit 3); once the remote is back, the next prune sends the manifest first and deletes
     them (exit 0), without a flush of the user's."""
-    home, remotes = make(tmp_path)
+    home, remotes = init_local_vault(tmp_path)
     src = tmp_path / "src"
     write(src / "kept.bin", 1, 500_000)
     write(src / "only-old.bin", 2, 1_500_000)

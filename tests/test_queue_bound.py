@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import PASSPHRASE, run_cli, vaultfs_env
+from helpers import PASSPHRASE, init_local_vault, run_cli, vaultfs_env
 
 from vaultfs.errors import ConfigError, NotEnoughRemotes
 from vaultfs.index import segments
@@ -52,10 +52,7 @@ def test_bad_queue_bound_is_a_usage_error(tmp_path: Path, monkeypatch) -> None:
 def test_a_backup_whose_uploads_cannot_drain_fails_clearly_and_loses_nothing(
     tmp_path: Path,
 ) -> None:
-    home = tmp_path / "home"
-    specs = [tmp_path / f"r{i}" for i in range(3)]
-    args = [a for s in specs for a in ("--remote", str(s))]
-    run_cli("init", "-k", "2", "-n", "3", "--segment-mib", "1", *args, home=home)
+    home, specs = init_local_vault(tmp_path)
     src = tmp_path / "src"
     src.mkdir()
     (src / "big").write_bytes(os.urandom(12 * MIB))

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import init_local_vault
 
 from vaultfs import receipt as receipts
 from vaultfs.errors import IntegrityError
@@ -33,12 +34,10 @@ def run(home: Path, *args: str, pw: str | None = "pw", check: bool = True):
 
 
 def init_vault(tmp: Path, name: str, n_remotes: int = 3) -> tuple[Path, list[Path]]:
-    home = tmp / f"{name}-home"
-    remotes = [tmp / f"{name}-r{i}" for i in range(n_remotes)]
-    args = ["init", "-k", "2", "-n", "3"]
-    for r in remotes:
-        args += ["--remote", str(r)]
-    run(home, *args)
+    home, remotes = init_local_vault(
+        tmp, remotes=n_remotes, prefix=f"{name}-r", home=tmp / f"{name}-home", segment_mib=None,
+        passphrase="pw",
+    )  # fmt: skip
     src = tmp / f"{name}-src"
     src.mkdir()
     (src / "kb.sql").write_text(

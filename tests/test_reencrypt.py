@@ -17,6 +17,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+from helpers import init_local_vault
 
 from vaultfs.backends import open_backend
 from vaultfs.errors import IntegrityError
@@ -63,12 +64,7 @@ def progress(home: Path) -> tuple[int | None, int, int]:
 
 
 def test_reencrypt_killed_resumed_then_old_suite_refused(tmp_path: Path) -> None:
-    remotes = [tmp_path / f"r{i}" for i in range(5)]
-    home = tmp_path / "home"
-    args = ["init", "-k", "3", "-n", "5", "--segment-mib", "1"]
-    for r in remotes:
-        args += ["--remote", str(r)]
-    run(home, *args)
+    home, remotes = init_local_vault(tmp_path, 3, 5, passphrase="pw")
     src = tmp_path / "src"
     src.mkdir()
     for i in range(8):
@@ -182,12 +178,7 @@ def test_reencrypt_killed_resumed_then_old_suite_refused(tmp_path: Path) -> None
 def test_reencrypt_pauses_while_a_remote_is_down_then_finishes(tmp_path: Path) -> None:
     """A remote that cannot be written: exit 3, old suite not yet retired; rerun once it is
     back: retired, and the replaced objects are deleted from every remote."""
-    remotes = [tmp_path / f"r{i}" for i in range(3)]
-    home = tmp_path / "home"
-    args = ["init", "-k", "2", "-n", "3"]
-    for r in remotes:
-        args += ["--remote", str(r)]
-    run(home, *args)
+    home, remotes = init_local_vault(tmp_path, segment_mib=None, passphrase="pw")
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.bin").write_bytes(os.urandom(400_000))

@@ -10,16 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import REPO_ROOT, run_cli, tree_digest, vaultfs_env
+from helpers import REPO_ROOT, init_local_vault, run_cli, tree_digest, vaultfs_env
 
 
 def test_a_replace_cut_short_is_finished_by_its_rerun(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    remotes = [tmp_path / f"r{i}" for i in range(3)]
-    args = ["init", "-k", "2", "-n", "3", "--segment-mib", "1"]
-    for r in remotes:
-        args += ["--remote", str(r)]
-    run_cli(*args, home=home)
+    home, remotes = init_local_vault(tmp_path)
     src = tmp_path / "src"
     src.mkdir()
     (src / "f.bin").write_bytes(random.Random(7).randbytes(1_500_000))

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import PASSPHRASE, REPO_ROOT, run_cli, vaultfs_env
+from helpers import PASSPHRASE, REPO_ROOT, init_local_vault, run_cli, vaultfs_env
 
 from vaultfs.restore import SHM, STAGING_PREFIXES
 
@@ -22,9 +22,7 @@ from vaultfs.restore import SHM, STAGING_PREFIXES
 def vault(tmp_path: Path) -> Path:
     """A 1-of-2 vault over two local directories (its home), with one snapshot of ``src``:
     ``f.txt``, and ``a`` and ``b`` one hard-linked file of mode 640."""
-    home = tmp_path / "home"
-    run_cli("init", "-k", "1", "-n", "2", "--remote", str(tmp_path / "r0"),
-            "--remote", str(tmp_path / "r1"), home=home)  # fmt: skip
+    home = init_local_vault(tmp_path, 1, 2, segment_mib=None).home
     src = tmp_path / "src"
     src.mkdir()
     (src / "f.txt").write_text("from the snapshot\n")
@@ -127,9 +125,7 @@ def test_force_says_what_is_in_the_way_and_what_to_do(
 
 def test_a_sparse_file_restores_sparse_with_the_same_bytes(tmp_path: Path) -> None:
     """50 MiB, data only at both ends: the zero chunks are left as holes of the new file."""
-    home = tmp_path / "home"
-    run_cli("init", "-k", "1", "-n", "2", "--remote", str(tmp_path / "r0"),
-            "--remote", str(tmp_path / "r1"), home=home)  # fmt: skip
+    home = init_local_vault(tmp_path, 1, 2, segment_mib=None).home
     src = tmp_path / "src"
     src.mkdir()
     size = 50 << 20
@@ -217,10 +213,8 @@ def test_a_killed_restores_staging_is_removed_by_the_next_restore_not_a_live_one
 ) -> None:
     """A restore killed with -9 leaves its staging directory (in /dev/shm when roomy); the
     next restore removes it, and leaves alone the one of a restore still running."""
-    home = tmp_path / "home"
-    remotes = [str(tmp_path / "r0"), str(tmp_path / "r1")]
-    run_cli("init", "-k", "1", "-n", "2", "--remote", remotes[0], "--remote", remotes[1],
-            home=home)  # fmt: skip
+    vault = init_local_vault(tmp_path, 1, 2, segment_mib=None)
+    home, remotes = vault.home, vault.specs
     src = tmp_path / "src"
     src.mkdir()
     (src / "f.bin").write_bytes(os.urandom(200_000))

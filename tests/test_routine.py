@@ -15,16 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import run_cli, vaultfs_env
+from helpers import init_local_vault, run_cli, vaultfs_env
 
 
 def make(tmp_path: Path) -> tuple[Path, list[Path], Path]:
-    home = tmp_path / "home"
-    remotes = [tmp_path / f"r{i}" for i in range(3)]
-    args = ["init", "-k", "2", "-n", "3", "--segment-mib", "1"]
-    for r in remotes:
-        args += ["--remote", str(r)]
-    run_cli(*args, home=home)
+    home, remotes = init_local_vault(tmp_path)
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.txt").write_text("hello\n")

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PASSPHRASE, run_cli
+from helpers import PASSPHRASE, init_local_vault, run_cli
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
@@ -42,12 +42,7 @@ def _wait_gone(pid: int, timeout: float = 60) -> bool:
 @pytest.fixture
 def vault(tmp_path):
     """(home, mountpoint, remotes) of a 2-of-3 vault; unmounted (or killed) at the end."""
-    home = tmp_path / "home"
-    remotes = [tmp_path / f"r{i}" for i in range(3)]
-    args = ["init", "-k", "2", "-n", "3", "--segment-mib", "1"]
-    for r in remotes:
-        args += ["--remote", str(r)]
-    run_cli(*args, home=home)
+    home, remotes = init_local_vault(tmp_path)
     mp = tmp_path / "mnt"
     mp.mkdir()
     try:

@@ -18,7 +18,7 @@ import termios
 from pathlib import Path
 
 import pytest
-from helpers import run_cli, vaultfs_env
+from helpers import init_local_vault, remote_args, run_cli, vaultfs_env
 
 from bench.netem import Link
 
@@ -38,10 +38,8 @@ def test_a_slow_remote_cut_off_at_quorum_is_behind_not_failing(tmp_path, emulate
     what it has not received, and a flush on a fast link places it."""
     net = emulated_network([FAST] * 3)
     home = tmp_path / "home"
-    args = ["init", "-k", "2", "-n", "3", "--segment-mib", "1"]
-    for r in net.remotes:
-        args += ["--remote", r.spec("bkt/v")]
-    run_cli(*args, home=home)
+    specs = [r.spec("bkt/v") for r in net.remotes]
+    run_cli("init", "-k", "2", "-n", "3", "--segment-mib", "1", *remote_args(specs), home=home)
     src = tmp_path / "src"
     src.mkdir()
     rng = random.Random(15)
@@ -92,10 +90,10 @@ def test_tables_never_cut_what_a_user_needs(tmp_path: Path) -> None:
     """`status`, `verify` and `remote list` (every table goes through cli.common.print_table):
     off a terminal the table has its natural width, however wide; on a wide terminal too;
     on a narrow one a list of records. Never a cell cut ('…') or a remote name broken."""
-    home = tmp_path / "home"
     deep = tmp_path / ("a-remote-directory-with-a-long-name-" * 2)
-    remotes = [deep / f"remote-number-{i}" for i in range(3)]
-    run_cli("init", "-k", "2", "-n", "3", *(x for r in remotes for x in ("--remote", str(r))), home=home)  # fmt: skip
+    home, remotes = init_local_vault(
+        deep, prefix="remote-number-", home=tmp_path / "home", segment_mib=None
+    )
     src = tmp_path / "src"
     src.mkdir()
     (src / "f.bin").write_bytes(random.Random(3).randbytes(300_000))
@@ -121,9 +119,7 @@ def test_remote_replace_leaves_the_new_remote_ok_and_the_old_one_holding_nothing
     next `verify`, and the removed one still listed '1 placed'. The replace wrote and
     checked the new remote: it is `ok` at once (never audited, and said so plainly), and
     the removed one holds nothing placed or lost, in `status` and `remote list`."""
-    home = tmp_path / "home"
-    remotes = [tmp_path / f"r{i}" for i in range(3)]
-    run_cli("init", "-k", "2", "-n", "3", *(x for r in remotes for x in ("--remote", str(r))), home=home)  # fmt: skip
+    home, remotes = init_local_vault(tmp_path, segment_mib=None)
     src = tmp_path / "src"
     src.mkdir()
     (src / "f.bin").write_bytes(random.Random(4).randbytes(300_000))

@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from helpers import run_cli, vaultfs_env
+from helpers import init_local_vault, run_cli, vaultfs_env
 
 
 def _strategy(home: Path, tmp_path: Path, tiers: str, sources: str = "") -> Path:
@@ -72,10 +72,8 @@ def test_the_file_and_the_vault_are_made_to_agree_after_add_backend(tmp_path: Pa
 def test_an_ancestor_of_the_newest_manifest_restores_without_a_fork_warning(
     tmp_path: Path,
 ) -> None:
-    home = tmp_path / "home"
-    remotes = [str(tmp_path / f"r{i}") for i in range(3)]
-    run_cli("init", "-k", "2", "-n", "3", *[a for r in remotes for a in ("--remote", r)],
-            home=home)  # fmt: skip
+    vault = init_local_vault(tmp_path, segment_mib=None)
+    home, remotes = vault.home, vault.specs
     src = tmp_path / "src"
     src.mkdir()
     seqs = []
@@ -145,9 +143,7 @@ def test_strategy_check_checks_sources_on_this_machine_and_show_prints_homes(
 
 
 def test_a_snapshot_of_an_empty_live_tree_after_backup_warns(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    run_cli("init", "-k", "1", "-n", "2", "--remote", str(tmp_path / "r0"), "--remote",
-            str(tmp_path / "r1"), home=home)  # fmt: skip
+    home = init_local_vault(tmp_path, 1, 2, segment_mib=None).home
     src = tmp_path / "src"
     src.mkdir()
     (src / "a").write_text("a\n")

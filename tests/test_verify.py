@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PASSPHRASE, run_cli, vaultfs_env
+from helpers import PASSPHRASE, init_local_vault, run_cli, vaultfs_env
 
 from vaultfs import audittag, merkle, segment
 from vaultfs import repair as repair_mod
@@ -508,9 +508,8 @@ def test_repair_by_remote_replace_leaves_the_new_remote_ok_and_the_old_one_empty
 ) -> None:
     """After `remote replace` of a remote that is gone, the new remote is 'ok' (not 'stale'
     until the next verify) and the departed one holds nothing, old index copies included."""
-    home = tmp_path / "home"
-    specs = [str(tmp_path / f"r{i}") for i in range(3)]
-    run_cli("init", "-k", "2", "-n", "3", *[a for s in specs for a in ("--remote", s)], home=home)
+    vault = init_local_vault(tmp_path, segment_mib=None)
+    home, specs = vault.home, vault.specs
     src = tmp_path / "src.txt"
     for i in range(4):  # several index copies, the older ones superseded
         src.write_text(f"version {i}\n")
@@ -588,12 +587,8 @@ def test_placement_counts_failure_domains(tmp_path: Path) -> None:
 
 # -- the command line ----------------------------------------------------------------------------
 def test_cli_contract_and_bad_input(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    specs = [str(tmp_path / f"r{i}") for i in range(4)]
-    args = ["init", "-k", "2", "-n", "4", "--segment-mib", "1"]
-    for s in specs:
-        args += ["--remote", s]
-    run_cli(*args, home=home)
+    vault = init_local_vault(tmp_path, 2, 4)
+    home, specs = vault.home, vault.specs
     src = tmp_path / "src"
     src.mkdir()
     (src / "f.bin").write_bytes(os.urandom(700_000))

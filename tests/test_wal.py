@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import run_cli, vaultfs_env
+from helpers import init_local_vault, run_cli, vaultfs_env
 
 from vaultfs.errors import InputError, IntegrityError
 from vaultfs.pgembed import EmbeddedPostgres
@@ -27,9 +27,7 @@ SEGMENT = "000000010000000000000001"
 def test_push_and_fetch_contract(tmp_path: Path) -> None:
     """A push is durable and idempotent; other bytes under an archived name are refused;
     fetch writes the bytes back, and a name not archived is exit 18 (the end of the archive)."""
-    home = tmp_path / "home"
-    run_cli("init", "-k", "2", "-n", "3",
-            *[a for i in range(3) for a in ("--remote", str(tmp_path / f"r{i}"))], home=home)  # fmt: skip
+    home = init_local_vault(tmp_path, segment_mib=None).home
     seg = tmp_path / SEGMENT
     seg.write_bytes(os.urandom(1 << 20))
     run_cli("wal", "push", str(seg), SEGMENT, home=home)
@@ -130,11 +128,7 @@ def test_point_in_time_recovery_from_the_vault() -> None:
 
 
 def _drill(scratch: Path) -> None:
-    home = scratch / "home"
-    args = ["init", "-k", "2", "-n", "3", "--segment-mib", "1"]
-    for i in range(3):
-        args += ["--remote", str(scratch / f"r{i}")]
-    run_cli(*args, home=home)
+    home = init_local_vault(scratch).home
     spool = scratch / "spool"
     spool.mkdir(mode=0o777)
     os.chmod(spool, 0o777)

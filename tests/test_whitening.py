@@ -23,7 +23,7 @@ import random
 from pathlib import Path
 
 import pytest
-from helpers import PASSPHRASE, run_cli
+from helpers import PASSPHRASE, init_local_vault, run_cli
 from pyeclib.ec_iface import ECDriver
 
 from vaultfs import erasure, segment
@@ -113,12 +113,7 @@ def test_whitening_is_keyed_by_the_audit_key_the_name_and_the_index() -> None:
 
 @pytest.fixture
 def vault(tmp_path: Path) -> tuple[Path, list[Path], bytes]:
-    home = tmp_path / "home"
-    remotes = [tmp_path / f"r{i}" for i in range(5)]
-    args = ["init", "-k", "3", "-n", "5", "--segment-mib", "1"]
-    for r in remotes:
-        args += ["--remote", str(r)]
-    run_cli(*args, home=home)
+    home, remotes = init_local_vault(tmp_path, 3, 5)
     src = tmp_path / "src"
     src.mkdir()
     data = random.Random(11).randbytes(2_500_000)
