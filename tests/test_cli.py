@@ -518,3 +518,18 @@ def test_an_init_killed_while_moving_its_files_is_rolled_back_by_the_next(tmp_pa
         json.loads(run_cli("status", "--json", home=home).stdout)["fingerprint"]
         == made["fingerprint"]
     )
+
+
+def test_a_home_an_older_init_left_half_made_is_named_as_such(tmp_path):
+    """An init of an older vaultfs that failed midway left key.json and an index without the
+    vault's parameters: commands call it half-made and say what to delete, not that the key
+    was replaced."""
+    from vaultfs.index import Index
+
+    donor, _ = init_vault(tmp_path / "donor", 1, "-k", "1", "-n", "1")
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(donor / "key.json", home / "key.json")
+    Index(home / "index.db").close()  # the schema, no parameters
+    said = run_cli("status", home=home, check=16).stderr.decode()
+    assert "holds a half-made vault" in said and "replaced" not in said, said

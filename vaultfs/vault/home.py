@@ -303,10 +303,17 @@ def load(
         keys = read_keyfile(keyfile_path(home), passphrase)
     lock_fd = take_lock(home) if lock else None
     index = Index(index_path(home))
-    if VaultParams.read(index).vault_id != keys.vault_id.hex():
+    stored = VaultParams.read(index).vault_id
+    if stored != keys.vault_id.hex():
         index.close()
         if lock_fd is not None:
             os.close(lock_fd)
+        if not stored:  # made by an init of an older vaultfs that failed midway
+            raise NoVault(
+                f"{home} holds a half-made vault (an `init` that failed before it recorded the "
+                "vault; nothing was backed up into it): delete its index.db, key.json, queue/ "
+                "and lock, then run `vaultfs init` again"
+            )
         raise WrongKey(
             f"the key does not belong to the vault at {home} (its key.json was replaced or "
             "copied from another vault; use this vault's keyfile or `vaultfs keys recover`)"
