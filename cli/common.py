@@ -12,9 +12,11 @@ so `vaultfs COMMAND --help` and a usage error load none of it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import inspect
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -129,8 +131,21 @@ def _vaultfs() -> None:
     pass
 
 
-err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+class _Console(Console):
+    """A rich console whose closed stream ends the command as a closed pipe ends any: rich's
+    own answer (``on_broken_pipe``) points standard output at /dev/null and exits 1, which
+    hides what happened. A closed standard output raises BrokenPipeError, which cli/main.py
+    turns into its quiet exit (EXIT_STDOUT_CLOSED); on a closed standard error there is
+    nothing more to say, and the command goes on without it."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        if not self.stderr:
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
+err = _Console(stderr=True, soft_wrap=True)
+out = _Console(soft_wrap=True)
 
 
 def print_json(doc: object, ensure_ascii: bool = False) -> None:
@@ -138,8 +153,9 @@ def print_json(doc: object, ensure_ascii: bool = False) -> None:
     ``--json`` report is printed. Plain ``json.dumps`` when stdout is not a terminal
     (scripts, pipes): rich's ``print_json`` parses the text again and highlights it, which
     took 0.24 s for a repair's report of ~400 rebuilt objects; a terminal still gets the
-    colours."""
-    if out.is_terminal:
+    colours. Never coloured when stdout is not a terminal, whatever FORCE_COLOR says
+    (rich's ``is_terminal`` obeys it): JSON with colour codes is not JSON."""
+    if out.is_terminal and sys.stdout.isatty():
         out.print_json(data=doc, ensure_ascii=ensure_ascii)
         return
     sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=ensure_ascii) + "\n")

@@ -384,6 +384,8 @@ def ls(
 
     with open_vault(home, lock=False) as v:
         found = snapshot_rows.require(v.index, snapshot)
+        if note := snapshot_rows.newest_of_name(v.index, snapshot):
+            err.print(f"[yellow]note:[/] {note}", highlight=False)
         rows = snapshot_rows.entry_rows(v.index, found[0])
     rows.sort(key=lambda r: names.from_db(r[0]))  # byte order, whatever the stored form
     if path:

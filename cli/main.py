@@ -21,7 +21,7 @@ if __name__ == "__main__":  # `python -m cli.main`: start unlocking before the h
     early.start(sys.argv)
 
 from cli.common import app, err  # noqa: E402
-from vaultfs.errors import VaultError  # noqa: E402
+from vaultfs.errors import EXIT_STDOUT_CLOSED, VaultError  # noqa: E402
 
 
 def main() -> None:
@@ -31,34 +31,56 @@ def main() -> None:
 
 def run(application) -> None:
     """Run a typer application as a console script (``vaultfs``, ``valence``): a VaultError
-    becomes one sentence and its exit code, a full disk likewise, and a local path that
-    cannot be used (through a file, a loop of links, a system directory) one line naming it
-    and exit 18; never returns."""
-    import errno
-
-    from vaultfs.errors import DiskFull, InputError
+    becomes one sentence and its exit code, a full disk likewise (errors.disk_full: ENOSPC or
+    SQLite's "database or disk is full"), a local path that cannot be used (through a file, a
+    loop of links, a system directory) one line naming it and exit 18, and a standard output
+    whose reader went away (`vaultfs ls | head`) a quiet exit EXIT_STDOUT_CLOSED (141);
+    never returns."""
+    from vaultfs.errors import InputError, disk_full
 
     code: int | str | None = 0
     try:
         application()  # standalone: typer exits itself on success, usage errors and Ctrl-C
     except SystemExit as e:
         code = e.code
+        # typer turns a broken pipe into a silent exit 1 (and wraps stdout to hush it)
+        if code == 1 and _stdout_closed():
+            code = EXIT_STDOUT_CLOSED
     except VaultError as e:
-        # one "error:" per line: a message of several problems (strategy check) reads alike
-        for line in e.message.splitlines() or [""]:
-            err.print(f"[red]error:[/] {line}", highlight=False)
+        _say(e)
         code = e.exit_code
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            err.print(f"[red]error:[/] disk full: {e}; free space and retry", highlight=False)
-            code = DiskFull.exit_code
-        elif e.filename is not None:  # a path the user gave that cannot be used as asked
+    except Exception as e:
+        if (full := disk_full(e)) is not None:
+            _say(full)
+            code = full.exit_code
+        elif isinstance(e, OSError) and e.filename is not None:
+            # a path the user gave that cannot be used as asked
             where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else e.filename
             err.print(f"[red]error:[/] {where}: {e.strerror or e}", highlight=False)
             code = InputError.exit_code
         else:
             raise
     _exit(code)
+
+
+def _say(e: VaultError) -> None:
+    """Print ``e``'s message on stderr, one "error:" per line (a message of several problems,
+    as `strategy check` gives, reads alike)."""
+    for line in e.message.splitlines() or [""]:
+        err.print(f"[red]error:[/] {line}", highlight=False)
+
+
+def _stdout_closed() -> bool:
+    """True when standard output is a pipe or socket whose reader has gone (its write end
+    polls POLLERR): writing there can only fail with EPIPE."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.__stdout__.fileno() if sys.__stdout__ else 1, select.POLLOUT)
+        return any(ev & select.POLLERR for _fd, ev in poll.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def _exit(code: int | str | None) -> None:
@@ -72,8 +94,13 @@ def _exit(code: int | str | None) -> None:
         code = 1
     try:
         sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away before the end (`--json | head -c 10`)
+        code = code or EXIT_STDOUT_CLOSED
+    except (OSError, ValueError):  # nothing more can be said
+        pass
+    try:
         sys.stderr.flush()
-    except (OSError, ValueError):  # a closed pipe: nothing more can be said
+    except (OSError, ValueError):
         pass
     logging.shutdown()
     # a command that never imported the remote stack started no daemon: no import for it

@@ -227,16 +227,21 @@ def snapshot_delete(
     as_json: JsonOpt = False,
 ) -> None:
     """Delete a snapshot (data other snapshots or the live tree use stays; `vaultfs prune`
-    frees the rest). A name means the newest snapshot of that name."""
+    frees the rest). A name shared by several snapshots is refused (exit 18, their ids
+    listed): give the id."""
     h = home_dir(home)
     reply = call(control.home_address(h), {"cmd": "delete", "id": ref})
     if reply is not None:
-        code = print_report(reply["report"], as_json, {"deleted": ref})
+        uid = reply.get("snapshot", ref)  # a daemon of an older vaultfs does not say
+        code = print_report(reply["report"], as_json, {"deleted": uid})
     else:
         with open_vault(home) as v:
-            found = snapshot_rows.require(v.index, ref)
-            v.delete_snapshot(found[1])
-            code = report_flush(v, as_json, {"deleted": found[1]})
+            uid = snapshot_rows.require(v.index, ref, unique=True)[1]
+            v.delete_snapshot(uid)
+            code = report_flush(v, as_json, {"deleted": uid})
     if not as_json:
-        out.print(f"deleted snapshot {ref}; `vaultfs prune` frees its space")
+        named = f" ({ref})" if ref != uid else ""
+        out.print(
+            f"deleted snapshot {uid}{named}; `vaultfs prune` frees its space", highlight=False
+        )
     raise typer.Exit(code)

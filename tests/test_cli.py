@@ -415,3 +415,120 @@ def test_a_command_imports_only_its_module_and_the_map_is_complete():
     registered = [i.name or i.callback.__name__ for i in app.registered_commands]
     registered += [g.name for g in app.registered_groups]
     assert sorted(registered) == sorted(COMMANDS)
+
+
+def _full_tmpfs(tmp_path: Path, size: str = "12m") -> Path:
+    """A small tmpfs at tmp_path/small (skip where one cannot be mounted); umount it after."""
+    small = tmp_path / "small"
+    small.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(small)])
+    if proc.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    return small
+
+
+def _fill(fs: Path, leave: int) -> Path:
+    """Fill the file system at ``fs`` up to ``leave`` bytes free; the filler file."""
+    filler = fs / "filler"
+    st = os.statvfs(fs)
+    subprocess.run(
+        ["fallocate", "-l", str(st.f_bavail * st.f_frsize - leave), str(filler)], check=True
+    )
+    return filler
+
+
+def test_init_on_a_full_disk_leaves_nothing_and_can_be_rerun(tmp_path):
+    """`init` with the home's disk full: exit 15 and one line, nothing left of a half-made
+    home (neither a new one nor in one that held other files), so once space is freed the
+    same `init` works; and a backup whose index commit meets SQLite's "database or disk is
+    full" says disk full (15), no traceback."""
+    small = _full_tmpfs(tmp_path)
+    try:
+        home = small / "home"
+        remotes = [str(tmp_path / f"r{i}") for i in range(3)]
+        init = ["init", "-k", "2", "-n", "3", *sum((["-r", r] for r in remotes), [])]
+        run_cli(*init, home=home)
+        (tmp_path / "a.txt").write_text("a\n")
+        run_cli("backup", str(tmp_path / "a.txt"), home=home)
+        used = small / "used"  # a home holding something already (a strategy file)
+        used.mkdir(mode=0o755)
+        (used / "strategy.yaml").write_text("keep me\n")
+        filler = _fill(small, 8 * 1024)
+        others = [str(tmp_path / f"o{i}") for i in range(2)]
+        again = ["init", "-k", "1", "-n", "2", *sum((["-r", r] for r in others), [])]
+        for h in (small / "new" / "home", used):
+            proc = run_cli(*again, "--json", home=h, check=15)
+            said = proc.stderr.decode()
+            assert "disk full" in said and "Traceback" not in said, said
+            assert len(said.strip().splitlines()) == 1 and proc.stdout == b"", said
+        assert not (small / "new").exists()
+        assert sorted(os.listdir(used)) == ["strategy.yaml"]
+        assert (used / "strategy.yaml").read_text() == "keep me\n"
+        assert used.stat().st_mode & 0o777 == 0o755
+        filler.unlink()
+        _fill(small, 40 * 1024)
+        (tmp_path / "b.txt").write_text("b\n")
+        proc = run_cli("backup", str(tmp_path / "b.txt"), home=home, check=15)
+        said = proc.stderr.decode()
+        assert "disk full" in said and "Traceback" not in said, said
+        (small / "filler").unlink()
+        for h in (small / "new" / "home", used):
+            run_cli(*again, home=h)
+            assert json.loads(run_cli("status", "--json", home=h).stdout)["snapshots"] == 0
+        assert (used / "strategy.yaml").read_text() == "keep me\n"
+        run_cli("backup", str(tmp_path / "b.txt"), home=home)
+        assert len(json.loads(run_cli("snapshots", "--json", home=home).stdout)) == 2
+    finally:
+        subprocess.run(["umount", "-l", str(small)])
+
+
+def test_an_init_killed_while_moving_its_files_is_rolled_back_by_the_next(tmp_path):
+    """An init killed between moving its keyfile and its index into the home (index.db is
+    last) left `key.json` in the home and the rest in its staging directory: commands say
+    there is no vault, and the next `init` rolls the remains back and makes the vault."""
+    donor, _ = init_vault(tmp_path / "donor", 2, "-k", "1", "-n", "2")
+    home = tmp_path / "home"
+    staging = home / ".init-x1y2z3"
+    staging.mkdir(parents=True)
+    shutil.copy(donor / "key.json", home / "key.json")  # moved already
+    shutil.copytree(donor / "queue", home / "queue")  # moved already
+    shutil.copy(donor / "index.db", staging / "index.db")  # not yet: the commit never came
+    (staging / ".names").write_text("key.json\nqueue\nindex.db\n")
+    (home / "lock").touch()
+    proc = run_cli("status", home=home, check=16)
+    assert "no vault at" in proc.stderr.decode()
+    remotes = [str(tmp_path / f"new{i}") for i in range(2)]
+    made = json.loads(
+        run_cli(
+            "init",
+            "-k",
+            "1",
+            "-n",
+            "2",
+            *sum((["-r", r] for r in remotes), []),
+            "--json",
+            home=home,
+        ).stdout  # fmt: skip
+    )
+    assert sorted(os.listdir(home)) == ["index.db", "key.json", "lock", "queue"]
+    donor_fp = json.loads(run_cli("status", "--json", home=donor).stdout)["fingerprint"]
+    assert made["fingerprint"] != donor_fp
+    assert (
+        json.loads(run_cli("status", "--json", home=home).stdout)["fingerprint"]
+        == made["fingerprint"]
+    )
+
+
+def test_a_home_an_older_init_left_half_made_is_named_as_such(tmp_path):
+    """An init of an older vaultfs that failed midway left key.json and an index without the
+    vault's parameters: commands call it half-made and say what to delete, not that the key
+    was replaced."""
+    from vaultfs.index import Index
+
+    donor, _ = init_vault(tmp_path / "donor", 1, "-k", "1", "-n", "1")
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(donor / "key.json", home / "key.json")
+    Index(home / "index.db").close()  # the schema, no parameters
+    said = run_cli("status", home=home, check=16).stderr.decode()
+    assert "holds a half-made vault" in said and "replaced" not in said, said

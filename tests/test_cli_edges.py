@@ -417,3 +417,82 @@ def test_the_exit_code_table_in_operations_md_lists_every_code_of_errors_py() ->
     table = text.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
     documented = {int(c) for c in re.findall(r"^\| (\d+) \|", table, re.M)}
     assert ours == documented and 24 in ours, ours ^ documented
+
+
+def test_a_snapshot_name_several_share_is_refused_by_delete_and_named_by_readers(
+    tmp_path: Path,
+) -> None:
+    """Names need not be unique: `snapshot delete NAME` refuses (18) while several snapshots
+    have it, listing their ids; `ls`/`restore` take the newest and say which on stderr; a
+    delete prints the id it deleted."""
+    home, _ = init_local_vault(tmp_path)
+    src = tmp_path / "f.txt"
+    ids = []
+    for text in ("old", "new"):
+        src.write_text(text)
+        proc = run_cli("backup", str(src), "--name", "nightly", "--json", home=home)
+        ids.append(json.loads(proc.stdout)["snapshot"])
+    said = run_cli("snapshot", "delete", "nightly", home=home, check=18).stderr.decode()
+    assert f"2 snapshots are named 'nightly' ({ids[1]}, {ids[0]}" in said, said
+    assert len(json.loads(run_cli("snapshots", "--json", home=home).stdout)) == 2
+    proc = run_cli("ls", "nightly", home=home)
+    assert "f.txt" in proc.stdout.decode()
+    note = proc.stderr.decode()
+    assert f"using the newest, {ids[1]}" in note and ids[0] in note, note
+    proc = run_cli("restore", "--snapshot", "nightly", "--to", str(tmp_path / "out"), home=home)
+    assert f"using the newest, {ids[1]}" in proc.stderr.decode()
+    assert (tmp_path / "out" / "f.txt").read_text() == "new"
+    assert "using the newest" not in run_cli("ls", ids[0], home=home).stderr.decode()
+    proc = run_cli("snapshot", "delete", ids[1], home=home)
+    assert f"deleted snapshot {ids[1]};" in proc.stdout.decode()
+    proc = run_cli("snapshot", "delete", "nightly", "--json", home=home)  # one left: fine
+    assert json.loads(proc.stdout)["deleted"] == ids[0]
+    assert json.loads(run_cli("snapshots", "--json", home=home).stdout) == []
+
+
+def test_a_closed_stdout_ends_every_command_quietly_with_141(tmp_path: Path) -> None:
+    """`vaultfs ls | head`: once the reader has gone, a command stops with exit 141 (128 +
+    SIGPIPE, as the shell shows for coreutils' `ls`) and says nothing, with or without
+    --json, whether rich or a plain write meets the closed pipe."""
+    home, _ = init_local_vault(tmp_path)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(50):
+        (tree / f"f{i}").write_text(str(i))
+    run_cli("backup", str(tree), home=home)
+    env = vaultfs_env(home)
+    for args in (["ls", "latest"], ["ls", "latest", "--json"], ["snapshots"], ["status", "--json"]):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", *args], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=env, cwd=REPO,
+        )  # fmt: skip
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # the reader is gone before the first line
+        with proc.stderr:
+            said = proc.stderr.read()
+        assert proc.wait(timeout=300) == errors.EXIT_STDOUT_CLOSED, (args, said)
+        assert said == b"", (args, said)
+
+
+def test_json_has_no_colour_off_a_terminal_even_with_force_color(tmp_path: Path) -> None:
+    """CI sets FORCE_COLOR: `--json` into a pipe stays plain JSON."""
+    home, _ = init_local_vault(tmp_path)
+    env = {**vaultfs_env(home), "FORCE_COLOR": "1"}
+    for args in (["status", "--json"], ["snapshots", "--json"]):
+        text = run_cli(*args, home=home, env=env).stdout.decode()
+        assert "\x1b[" not in text, text[:200]
+        json.loads(text)
+
+
+def test_backup_without_path_or_stdin_is_an_argument_error_as_errors_py_says(
+    tmp_path: Path,
+) -> None:
+    """Arguments the command finds do not go together exit 18, and errors.py and
+    docs/operations.md say so (2 is for what the argument parser refuses)."""
+    home, _ = init_local_vault(tmp_path)
+    said = run_cli("backup", home=home, check=18).stderr.decode()
+    assert "give PATH" in said and "Traceback" not in said
+    run_cli("backup", "--bogus", home=home, check=2)
+    assert "`backup` without PATH or --stdin" in (errors.__doc__ or "")
+    table = (REPO / "docs" / "operations.md").read_text().split("## Exit codes", 1)[1]
+    assert "(`backup` without PATH or `--stdin`)" in table.split("\n## ", 1)[0]

@@ -35,7 +35,7 @@ import struct
 import threading
 from pathlib import Path
 
-from .errors import EXIT_DAEMON_GONE, InputError, VaultError
+from .errors import EXIT_DAEMON_GONE, InputError, VaultError, disk_full
 
 log = logging.getLogger("vaultfs.control")
 
@@ -192,7 +192,10 @@ class _Handler(socketserver.StreamRequestHandler):
             reply = {"ok": False, "error": e.message, "code": e.exit_code}
         except Exception as e:  # reported to the client, logged here
             log.exception("control request failed")
-            reply = {"ok": False, "error": f"{type(e).__name__}: {e}", "code": 1}
+            if (full := disk_full(e)) is not None:  # the home's disk, as the CLI says it
+                reply = {"ok": False, "error": full.message, "code": full.exit_code}
+            else:
+                reply = {"ok": False, "error": f"{type(e).__name__}: {e}", "code": 1}
         try:
             self.wfile.write(json.dumps(reply).encode() + b"\n")
         except OSError:  # the client went away (Ctrl-C) while its request ran

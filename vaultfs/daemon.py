@@ -290,10 +290,10 @@ async def _handle(fs, req: dict) -> dict:
     if cmd == "delete":  # "id": a snapshot id or name, like every command takes
         from .index import snapshots
 
-        found = snapshots.require(fs.vault.index, str(req.get("id")))
+        found = snapshots.require(fs.vault.index, str(req.get("id")), unique=True)
         seq = await fs.delete_snapshot(found[1])
         rep = await fs.push(seal=True)
-        return {"seq": seq, "report": await _report(fs, rep)}
+        return {"seq": seq, "snapshot": found[1], "report": await _report(fs, rep)}
     if cmd == "umount":
         rep = await fs.prepare_umount()
         return {"report": await _report(fs, rep)}

@@ -7,8 +7,9 @@ code  meaning
 ====  ==========================================================================
 0     success
 1     unexpected internal error (a bug: please report it)
-2     usage error (bad flags or arguments), an invalid strategy file, or a retention
-      policy that would forget every snapshot
+2     usage error the argument parser finds (an unknown flag, a value of the wrong type, a
+      missing required argument), an invalid strategy file, or a retention policy that
+      would forget every snapshot
 3     committed locally, but some data is not yet on at least k remotes
 10    wrong passphrase, wrong key or key material from another vault
 11    not enough healthy remotes (fewer than k reachable or intact)
@@ -18,7 +19,9 @@ code  meaning
 15    local disk full
 16    no vault here (not initialised) or a vault already exists
 17    the vault is busy (locked by another vaultfs process)
-18    input not found or not readable, or a local path that cannot be used as asked
+18    input not found or not readable, a local path that cannot be used as asked, or
+      arguments the command finds do not go together (contradictory flags, neither of two
+      required alternatives: `backup` without PATH or --stdin)
 19    a recovery share is mistyped, missing, or from another share set
 20    `vaultfs run`: a scheduled job or a tier failed, or an audit found damage (alerted)
 21    stale base: the remotes hold manifests this home never wrote (rebuild or --fork)
@@ -26,6 +29,8 @@ code  meaning
 23    the vault is immutable (or a remote locks its objects): the command would delete
 24    thaw needed: objects on an archive storage class (Glacier) must be restored first
 25    the mount daemon stopped mid-request (closed the control connection unanswered)
+141   standard output was closed under the command (a broken pipe: `vaultfs ls | head`):
+      it stopped quietly, as a program SIGPIPE ends (128 + SIGPIPE, what the shell shows)
 ====  ==========================================================================
 """
 
@@ -116,6 +121,27 @@ class DiskFull(VaultError):
     exit_code = 15
 
 
+#: SQLite's result code for "database or disk is full" (sqlite3.SQLITE_FULL)
+_SQLITE_FULL = 13
+
+
+def disk_full(e: BaseException) -> DiskFull | None:
+    """``e`` as a :class:`DiskFull` when it says the local disk is full: an OSError ENOSPC or
+    EDQUOT, or SQLite's SQLITE_FULL ("database or disk is full", raised by the index's
+    commits); else None. The one place both spellings are recognised (cli/main.py for every
+    command, vaultfs/control.py for the mount daemon's requests)."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(f"disk full: {e}; free space and retry")
+    if (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF == _SQLITE_FULL:
+        return DiskFull(
+            f"local disk full: the index could not be written ({e}); nothing acknowledged "
+            "was lost: free space and retry"
+        )
+    return None
+
+
 class NoVault(VaultError):
     exit_code = 16
 
@@ -175,3 +201,6 @@ EXIT_JOB_FAILED = 20
 EXIT_DRILL_FAILED = 22
 #: the mount daemon closed the control connection without an answer (vaultfs/control.py)
 EXIT_DAEMON_GONE = 25
+#: standard output closed under the command (a broken pipe: `vaultfs ls | head`): a quiet
+#: end, 128 + SIGPIPE, what the shell reports for a program that SIGPIPE ended (cli/main.py)
+EXIT_STDOUT_CLOSED = 141

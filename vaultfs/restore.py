@@ -1652,6 +1652,8 @@ def restore_files(
         ) from None
     _finish_entries(to, entries, link_later, force, warnings)
     marker.unlink()
+    if note := snapshots.newest_of_name(index, snapshot):
+        warnings.insert(0, note)
     return snap_uid, len(entries), total, warnings
 
 

@@ -83,13 +83,44 @@ def find(index: Index, ref: str) -> tuple[int, str] | None:
     )
 
 
-def require(index: Index, ref: str) -> tuple[int, str]:
+def require(index: Index, ref: str, unique: bool = False) -> tuple[int, str]:
     """:func:`find`, or InputError (exit 18) naming ``ref`` and where to look: the one
-    refusal of every command given a snapshot that does not exist."""
+    refusal of every command given a snapshot that does not exist. With ``unique`` (a
+    command that deletes), a name several snapshots share is refused too (InputError, their
+    ids listed): only an id picks one of them."""
     found = find(index, ref)
     if found is None:
         raise InputError(f"no snapshot with id or name {ref!r}: see `vaultfs snapshots`")
+    if unique and len(same := namesakes(index, ref)) > 1:
+        raise InputError(
+            f"{len(same)} snapshots are named {ref!r} ({', '.join(same)}, newest first): "
+            "give the id of the one you mean (`vaultfs snapshots`)"
+        )
     return found
+
+
+def namesakes(index: Index, ref: str) -> list[str]:
+    """The ids of the snapshots named ``ref``, newest first; none when ``ref`` is a
+    snapshot's id or 'latest' (which pick one snapshot whatever the names)."""
+    if ref == "latest" or index.one("SELECT 1 FROM snapshots WHERE uid=?", (ref,)):
+        return []
+    return [
+        u for (u,) in index.q("SELECT uid FROM snapshots WHERE name=? ORDER BY id DESC", (ref,))
+    ]
+
+
+def newest_of_name(index: Index, ref: str) -> str | None:
+    """For a command that reads the snapshot ``ref`` names: when several snapshots share that
+    name, the sentence saying that the newest was taken (and how to pick another); None when
+    ``ref`` picks one snapshot. Names need not be unique; the newest of a name wins
+    (docs/operations.md, "Snapshots")."""
+    same = namesakes(index, ref)
+    if len(same) < 2:
+        return None
+    return (
+        f"{len(same)} snapshots are named {ref!r}: using the newest, {same[0]} (the others: "
+        f"{', '.join(same[1:])}; give an id to read another)"
+    )
 
 
 def entry_rows(index: Index, snapshot: int) -> list[tuple]:

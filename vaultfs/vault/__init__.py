@@ -123,13 +123,13 @@ class Vault:
         """Make a new k-of-n vault at ``home`` over ``remote_specs`` (empty locations), with
         a new key (or the one of ``seed``) kept in a keyfile under ``passphrase``;
         ``immutable`` makes it append-only (:attr:`immutable`), ``object_lock`` records the
-        retention its S3 remotes lock objects for (the specs carry it: objectlock.lock_spec)."""
-        return cls(
-            home,
-            *initialize(
-                home, remote_specs, k, n, passphrase, seed, segment_size, immutable, object_lock
-            ),
-        )
+        retention its S3 remotes lock objects for (the specs carry it: objectlock.lock_spec).
+        All or nothing (:func:`~vaultfs.vault.home.initialize`): on an error, also one
+        opening the new vault, nothing is left at ``home``."""
+        with initialize(
+            home, remote_specs, k, n, passphrase, seed, segment_size, immutable, object_lock
+        ) as (keys, index, lock):
+            return cls(home, keys, index, lock)
 
     @classmethod
     def open(

@@ -11,11 +11,13 @@ vault).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .. import erasure
@@ -81,6 +83,14 @@ def _check_home_path(home: Path) -> None:
         raise InputError(f"cannot make the vault home {home}: {p} is not a directory")
 
 
+#: Prefix of the directory inside the home that :func:`initialize` builds a new vault in.
+INIT_STAGING = ".init-"
+#: In an init's staging directory: the names it moves into the home, written before the
+#: first move (:func:`_sweep_init` rolls back an init killed midway by it).
+INIT_NAMES = ".names"
+
+
+@contextlib.contextmanager
 def initialize(
     home: Path,
     remote_specs: list[str],
@@ -91,44 +101,117 @@ def initialize(
     segment_size: int,
     immutable: bool = False,
     object_lock: str | None = None,
-) -> tuple[VaultKeys, Index, int]:
+) -> Iterator[tuple[VaultKeys, Index, int]]:
     """Make a new vault at ``home`` over empty remotes: keys and keyfile, the index with
     its parameters (``immutable``: an append-only vault; ``object_lock``: the S3 Object Lock
-    retention its S3 remotes' specs carry), remotes and key epoch 0, the queue.
-    Returns (keys, index, lock fd)."""
+    retention its S3 remotes' specs carry), remotes and key epoch 0, the queue. Yields
+    (keys, index, lock fd) for the caller to open the vault with.
+
+    All or nothing: the vault is built in a staging directory inside the home (``.init-*``)
+    and its files are moved into the home once complete, ``index.db`` last. Until the
+    ``with`` block ends well, any error (a full disk, a remote refusing, Ctrl-C) removes what
+    this call made: the moved files, the staging directory, the lock file and the home
+    directory (and its parents) if it made them; what the home held before (a strategy
+    file, valence.toml) stays. An init killed midway leaves the staging directory (and
+    maybe some moved files, never ``index.db``): the next `init` of that home rolls it back
+    (:func:`_sweep_init`). docs/design.md, crash states."""
     erasure.validate(k, n)
     if not remote_specs:
         raise NotEnoughRemotes("a vault needs at least one --remote")
     check_distinct(remote_specs)  # one spec twice, or one directory under two names
-    if index_path(home).exists() or keyfile_path(home).exists():
+    if index_path(home).exists():  # index.db comes last: its presence means a vault
         raise NoVault(f"a vault already exists at {home}; use another --home")
     _check_home_path(home)  # before any remote is touched
-    remotes = [open_backend(s) for s in remote_specs]
-    for r in remotes:
-        r.ensure()
-        existing = r.list("manifests")
-        if existing:
-            raise RemoteHoldsVault(
-                f"remote {r.label} already holds a vault (manifests/ is not empty); give an "
-                "empty location, or, if it is the vault whose home this was, rebuild the home "
-                f"from it: `vaultfs home rebuild --home {home} --from {r.label}`",
-                r.spec,
+    made = _make_dirs(home)
+    mode = home.stat().st_mode & 0o7777
+    lock_made = not (home / "lock").exists()
+    lock: int | None = None
+    staging: Path | None = None
+    moved: list[str] = []
+    try:
+        lock = take_lock(home)
+        _sweep_init(home)
+        if index_path(home).exists() or keyfile_path(home).exists():
+            raise NoVault(f"a vault already exists at {home}; use another --home")
+        if (home / "queue").exists():
+            raise NoVault(
+                f"{home / 'queue'} is left from an earlier vault (its index and keyfile are "
+                "gone): move it away, or use another --home"
             )
-    home.mkdir(parents=True, exist_ok=True)
-    # the owner's only: the index names every file and its size, mount.log names paths
-    os.chmod(home, 0o700)
-    lock = take_lock(home)
+        remotes = [open_backend(s) for s in remote_specs]
+        for r in remotes:
+            r.ensure()
+            existing = r.list("manifests")
+            if existing:
+                raise RemoteHoldsVault(
+                    f"remote {r.label} already holds a vault (manifests/ is not empty); give an "
+                    "empty location, or, if it is the vault whose home this was, rebuild the "
+                    f"home from it: `vaultfs home rebuild --home {home} --from {r.label}`",
+                    r.spec,
+                )
+        # the owner's only: the index names every file and its size, mount.log names paths
+        os.chmod(home, 0o700)
+        staging = Path(tempfile.mkdtemp(prefix=INIT_STAGING, dir=home))
+        keys = _build(staging, remote_specs, k, n, passphrase, seed, segment_size,
+                      immutable, object_lock)  # fmt: skip
+        names = sorted(os.listdir(staging), key=lambda nm: (nm == index_path(staging).name, nm))
+        (staging / INIT_NAMES).write_text("".join(f"{nm}\n" for nm in names))
+        sync_tree(staging)
+        for nm in names:
+            if (home / nm).exists():  # appeared meanwhile: not ours to replace
+                raise NoVault(f"{home / nm} appeared while the vault was made; nothing kept")
+            os.rename(staging / nm, home / nm)
+            moved.append(nm)
+        fsync_dir(home)
+        shutil.rmtree(staging)
+        staging = None
+        index = Index(index_path(home))
+        try:
+            yield keys, index, lock
+        except BaseException:
+            index.close()
+            raise
+    except BaseException:
+        for nm in reversed(moved):
+            _remove(home / nm)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if lock is not None:
+            if lock_made:
+                _remove(home / "lock")
+            os.close(lock)
+        with contextlib.suppress(OSError):
+            os.chmod(home, mode)
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+
+
+def _build(
+    staging: Path,
+    remote_specs: list[str],
+    k: int,
+    n: int,
+    passphrase: str,
+    seed: bytes | None,
+    segment_size: int,
+    immutable: bool,
+    object_lock: str | None,
+) -> VaultKeys:
+    """Write a new vault's keyfile, index and queue into the directory ``staging``
+    (:func:`initialize`); returns its keys. The index is closed again (its write-ahead log
+    folded away), so the files can move."""
     keys = VaultKeys.from_seed(seed or new_seed())
     keys.generate_slhdsa()  # hash-based second signature (docs/keys.md)
     assert keys.slhdsa_public is not None
-    write_keyfile(keyfile_path(home), keys, passphrase)
-    index = Index(index_path(home))
+    write_keyfile(keyfile_path(staging), keys, passphrase)
     data_key = keys.new_epoch_key()
     params = VaultParams(
         keys.vault_id.hex(), k, n, segment_size, NEW_VAULT_AVG, time.time(), immutable,
         object_lock,
     )  # fmt: skip
-    with index.tx() as db:
+    with contextlib.closing(Index(index_path(staging))) as index, index.tx() as db:
         params.write(db)
         keyring.set_current(db, 0, SUITE_XWING_AES256GCM)
         keyring.set_slhdsa(db, keys)
@@ -137,8 +220,63 @@ def initialize(
         keyring.add_epoch(
             db, 0, SUITE_XWING_AES256GCM, keys.wrap_data_key(0, data_key), time.time()
         )
-    ShardQueue(home).make_dirs()
-    return keys, index, lock
+    ShardQueue(staging).make_dirs()
+    return keys
+
+
+def _make_dirs(home: Path) -> list[Path]:
+    """Make ``home`` and its missing parents; returns those made, outermost first."""
+    missing = []
+    p = home
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    made = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:  # made meanwhile by someone else: not ours to remove
+            continue
+        made.append(d)
+    return made
+
+
+def _remove(path: Path) -> None:
+    """Remove the file or directory tree at ``path``, if there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _sweep_init(home: Path) -> None:
+    """Roll back what an init of ``home`` killed midway left (its caller holds the home's
+    lock, so no init runs there): each staging directory goes, and the files such an init
+    had moved into the home before ``index.db`` (those its names list shows gone from the
+    staging directory) go with it. One whose ``index.db`` has moved made a whole vault:
+    only its empty staging directory goes."""
+    for staging in home.glob(f"{INIT_STAGING}*"):
+        if not staging.is_dir() or staging.is_symlink():
+            continue
+        names = staging / INIT_NAMES
+        if names.exists() and index_path(staging).exists():
+            for nm in names.read_text().split():
+                if not (staging / nm).exists():
+                    _remove(home / nm)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def sync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (before it is renamed into place)."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
 
 
 def load(
@@ -165,10 +303,17 @@ def load(
         keys = read_keyfile(keyfile_path(home), passphrase)
     lock_fd = take_lock(home) if lock else None
     index = Index(index_path(home))
-    if VaultParams.read(index).vault_id != keys.vault_id.hex():
+    stored = VaultParams.read(index).vault_id
+    if stored != keys.vault_id.hex():
         index.close()
         if lock_fd is not None:
             os.close(lock_fd)
+        if not stored:  # made by an init of an older vaultfs that failed midway
+            raise NoVault(
+                f"{home} holds a half-made vault (an `init` that failed before it recorded the "
+                "vault; nothing was backed up into it): delete its index.db, key.json, queue/ "
+                "and lock, then run `vaultfs init` again"
+            )
         raise WrongKey(
             f"the key does not belong to the vault at {home} (its key.json was replaced or "
             "copied from another vault; use this vault's keyfile or `vaultfs keys recover`)"
@@ -217,14 +362,7 @@ def install(staging: Path, home: Path) -> None:
     staging directory the next rebuild removes), after it a complete one. ``home`` must be
     absent or an empty directory (which the rename replaces); TargetNotEmpty when something
     appeared there meanwhile."""
-    for dirpath, _dirs, files in os.walk(staging):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
+    sync_tree(staging)
     try:
         os.rename(staging, home)
     except OSError as e:  # ENOTEMPTY / EEXIST / ENOTDIR: someone wrote there meanwhile
