@@ -333,7 +333,7 @@ class Pace:
                         raise Unreachable(f"{label}: not asked: the vault or job using it closed")
                     if self.clock() < self._silent_until:
                         raise Unreachable(
-                            f"{self._silence}; not asked again for {self.silent_hold:g} s",
+                            f"{self._silence}; so not asked again for {self.silent_hold:g} s",
                             silent=True,
                         )
                     if self.active < int(self.limit):
