@@ -9,6 +9,7 @@ sys.path because tests/ has no __init__.py).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import socket
@@ -258,6 +259,48 @@ class WebdavServer(_PasswordServer):
             f":webdav,url='http://{self.host}:{self.port}',user={self.user},"
             f"pass={self.obscured_password}:{path}"
         )
+
+
+class SilentServer:
+    """A TCP listener on 127.0.0.1 that accepts every connection and never sends a byte (a
+    remote that hangs rather than refuses), on ``port`` (a free one when None); a context
+    manager that closes the listener and every connection it took."""
+
+    def __init__(self, port: int | None = None) -> None:
+        import threading
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port or 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            self.accepted += 1
+            self._held.append(conn)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._thread.join(5)
+        for c in self._held:
+            c.close()
+
+    def __enter__(self) -> SilentServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class PgServer(EmbeddedPostgres):

@@ -16,12 +16,15 @@ rotation) gets its backend from :func:`open_backend`, which stacks, in one visib
   mounted vault, vaultfs/maintenance.py).
 * :class:`Retrying` retries :class:`Unreachable` and plain :class:`RemoteError` with
   exponential backoff and jitter, a bounded number of times; :class:`ObjectMissing` and
-  :class:`BadRemote` are answers, not outages, and are never retried.
+  :class:`BadRemote` are answers, not outages, and are never retried, nor is a remote that
+  sent nothing for :data:`~vaultfs.remotes.SILENT_AFTER` seconds (``silent``): asking it
+  again would only cost that long again.
 * :class:`Paced` keeps each remote's concurrent operations within a limit that adapts to
   what the remote sustains (additive increase on success, halved on a 429/503), and makes
   every caller of a throttling remote wait out a shared, growing pause. The :class:`Pace`
   is per remote and per owner (:class:`Paces`: an open vault shares one across its
-  flushes), never process-wide; a slot is freed on every path and a wait is bounded.
+  flushes), never process-wide; a slot is freed on every path and a wait is bounded. A
+  remote found silent is not asked again for a while: its later operations fail at once.
 * :class:`Metered` counts operations and the bytes read, and times reads and listings
   for :data:`vaultfs.hedging.SPEEDS` (which remotes a reader asks first).
 
@@ -230,7 +233,8 @@ class Retrying(Wrapper):
 
     ``attempts`` bounds the calls per operation; the last error is re-raised. Only
     :class:`Unreachable` and plain :class:`RemoteError` are retried (safe: every operation is
-    idempotent, see :class:`Backend`); ``retries`` counts the retries made.
+    idempotent, see :class:`Backend`), never a ``silent`` one (the remote sent nothing for
+    :data:`~vaultfs.remotes.SILENT_AFTER` seconds); ``retries`` counts the retries made.
     """
 
     def __init__(
@@ -254,8 +258,8 @@ class Retrying(Wrapper):
                 return fn(*args)
             except (ObjectMissing, BadRemote, ThawNeeded):  # a thaw takes hours, not seconds
                 raise
-            except RemoteError:
-                if attempt + 1 >= self.attempts:
+            except RemoteError as e:
+                if attempt + 1 >= self.attempts or getattr(e, "silent", False):
                     raise
                 self.retries += 1
                 cap = min(self.max_delay, self.base_delay * 2**attempt)
@@ -278,7 +282,13 @@ class Pace:
     answering) raises :class:`Unreachable`, and so does, at once, every later one that finds
     no slot before some operation ends (retries do not wait again), and every wait once the
     pace is closed (:meth:`close`). A slot is freed on every path out of :meth:`slot`, exceptions and
-    interrupted pauses included."""
+    interrupted pauses included.
+
+    A remote found silent (:meth:`silenced`: it sent nothing for
+    :data:`~vaultfs.remotes.SILENT_AFTER` seconds) is not asked again for ``silent_hold``
+    seconds: every operation starting meanwhile raises a ``silent`` :class:`Unreachable` at
+    once, so one command pays the silence once, not once per operation or retry. An
+    operation that succeeds there (the remote answered after all) ends the hold."""
 
     def __init__(
         self,
@@ -287,6 +297,7 @@ class Pace:
         pause: float = 0.5,
         max_pause: float = 30.0,
         max_wait: float = 300.0,
+        silent_hold: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -295,6 +306,7 @@ class Pace:
         self.base_pause = self.pause = pause
         self.max_pause = max_pause
         self.max_wait = max_wait
+        self.silent_hold = silent_hold
         self.sleep = sleep
         self.clock = clock
         self.active = 0  # operations holding a slot
@@ -304,6 +316,8 @@ class Pace:
         self._resume_at = 0.0
         self._last_end = clock()
         self._stuck = False  # a wait timed out and no call has ended since
+        self._silent_until = 0.0  # clock() until which the remote is not asked (silenced)
+        self._silence = ""  # why: the error that found it silent
         self._cond = threading.Condition()
 
     @contextmanager
@@ -314,9 +328,16 @@ class Pace:
             since = self.clock()
             self.waiting += 1
             try:
-                while self.closed or self.active >= int(self.limit):
+                while True:
                     if self.closed:
                         raise Unreachable(f"{label}: not asked: the vault or job using it closed")
+                    if self.clock() < self._silent_until:
+                        raise Unreachable(
+                            f"{self._silence}; so not asked again for {self.silent_hold:g} s",
+                            silent=True,
+                        )
+                    if self.active < int(self.limit):
+                        break
                     left = max(self._last_end, since) + self.max_wait - self.clock()
                     if left <= 0 or self._stuck:
                         self._stuck = True  # later callers fail at once until a call ends
@@ -346,7 +367,16 @@ class Pace:
             if ok:
                 self.limit = min(self.ceiling, self.limit + 1 / self.limit)
                 self.pause = self.base_pause
+                self._silent_until = 0.0  # it answered
             self._cond.notify_all()
+
+    def silenced(self, why: str) -> None:
+        """The remote sent nothing for :data:`~vaultfs.remotes.SILENT_AFTER` seconds (``why``:
+        that error): fail every operation that starts in the next ``silent_hold`` seconds."""
+        with self._cond:
+            self._silent_until = self.clock() + self.silent_hold
+            self._silence = why
+            self._cond.notify_all()  # the waiting ones fail at once too
 
     def throttled(self) -> None:
         """The remote said 429/503: halve the limit, pause everyone."""
@@ -400,7 +430,8 @@ class Paced(Wrapper):
     """A backend within its remote's :class:`Pace` (its own one when none is given): every
     operation holds a slot; an :class:`Unreachable` that says the provider throttles
     (``throttled``: 429, 503, slow down) tells the pace, then is raised as is for
-    :class:`Retrying` to retry."""
+    :class:`Retrying` to retry; one that says the remote is silent tells the pace too
+    (:meth:`Pace.silenced`), and is not retried."""
 
     def __init__(self, inner: Backend, pace: Pace | None = None) -> None:
         super().__init__(inner)
@@ -413,6 +444,8 @@ class Paced(Wrapper):
             except Unreachable as e:
                 if e.throttled:
                     self.pace.throttled()
+                if e.silent:
+                    self.pace.silenced(e.message)
                 raise
 
 

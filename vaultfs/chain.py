@@ -36,11 +36,18 @@ from .errors import ImmutableVault, IntegrityError, RemoteError, StaleBase, Unre
 from .index import Index, manifests
 from .keys import VaultKeys
 from .objectlock import wanted as lock_wanted
+from .remotes import SILENT_AFTER
 
 #: Seconds a survey waits for a remote's ``manifests/`` listing, from the survey's start; a
 #: remote that has not answered by then is reported as not checked (:attr:`Survey.unchecked`,
-#: docs/format.md 10.3) rather than holding up the command for rclone's own timeouts.
-CHECK_BOUND = 20.0
+#: docs/format.md 10.3) rather than holding up the command. The bound after which a remote
+#: counts as silent (:data:`vaultfs.remotes.SILENT_AFTER`, ``VAULTFS_SILENT_AFTER``).
+CHECK_BOUND = SILENT_AFTER
+#: Seconds a survey waits past :data:`CHECK_BOUND` for a listing still out: rclone cuts off a
+#: silent remote's listing that long after it sent it, a moment after the survey started, and
+#: that failure marks the remote silent for the rest of the command (the next survey, a
+#: flush's after a backup's, then does not wait for it again).
+ANSWER_SLACK = 2.0
 
 #: Most manifest objects one survey reads (a hostile remote listing junk names costs at most
 #: this many capped reads); names left unread are counted in :attr:`Survey.unread`.
@@ -163,6 +170,8 @@ def _survey(
         try:
             names = r.list_sizes("manifests")
         except RemoteError as e:
+            if isinstance(e, Unreachable) and e.silent:
+                return  # it sent nothing: not checked (``unchecked``), as if still silent
             with lock:
                 if not closed.is_set():
                     answered.add(i)
@@ -181,7 +190,7 @@ def _survey(
     threads = [threading.Thread(target=lst, args=it, daemon=True) for it in enumerate(remotes)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + CHECK_BOUND
+    deadline = time.monotonic() + CHECK_BOUND + ANSWER_SLACK
     for t in threads:
         t.join(max(0.0, deadline - time.monotonic()))
     with lock:

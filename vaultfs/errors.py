@@ -64,13 +64,17 @@ class RemoteError(VaultError):
 class Unreachable(RemoteError):
     """A remote is temporarily unreachable: connection refused or reset, a timeout, or
     throttling (HTTP 429/503). The data on it is presumed intact; try again later.
-    ``throttled``: the provider said it throttles us (back off as a whole, not only the call)."""
+    ``throttled``: the provider said it throttles us (back off as a whole, not only the call).
+    ``silent``: it sent nothing for :data:`vaultfs.remotes.SILENT_AFTER` seconds (no answer
+    to a request, or a transfer that stalled): not asked again for a while, never retried
+    at once (:class:`vaultfs.backends.Pace`)."""
 
     exit_code = 11
 
-    def __init__(self, message: str, throttled: bool = False) -> None:
+    def __init__(self, message: str, throttled: bool = False, silent: bool = False) -> None:
         super().__init__(message)
         self.throttled = throttled
+        self.silent = silent
 
 
 class ObjectMissing(RemoteError):

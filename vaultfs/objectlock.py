@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from .errors import InputError
-from .remotes import NET_FLAGS, Remote, classify, rclone_binary
+from .remotes import Remote, classify, net_flags, rclone_binary
 
 LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
 #: A retention rclone takes (``--s3-object-lock-retain-until-date``): a duration from each
@@ -215,7 +215,7 @@ def read(spec: str, paths: list[str], timeout: float = 300) -> LockState:
     with tempfile.NamedTemporaryFile("w", prefix="vaultfs-lock-", suffix=".txt") as f:
         f.write("".join(p + "\n" for p in paths))
         f.flush()
-        cmd = [rclone_binary(), "-q", "lsjson", *NET_FLAGS, "--metadata", "--files-only", "-R",
+        cmd = [rclone_binary(), "-q", "lsjson", *net_flags(), "--metadata", "--files-only", "-R",
                "--files-from-raw", f.name, spec]  # fmt: skip
         try:
             proc = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)

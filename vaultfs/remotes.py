@@ -49,30 +49,41 @@ from .errors import (
 )
 from .scratch import owned_tempdir, sweep_dead_dirs
 
-#: Flags for every transfer: fail fast on a dead remote (the queue retries later), trust our
-#: own BLAKE3 hashes rather than provider checksums.
-TRANSFER_FLAGS = [
-    "--no-traverse",
-    "--no-check-dest",
-    "--ignore-checksum",
-    "--transfers",
-    "4",
-    "--retries",
-    "2",
-    "--retries-sleep",
-    "1s",
-    "--low-level-retries",
-    "3",
-    "--contimeout",
-    "10s",
-    "--timeout",
-    "60s",
-]
 
-#: Flags of every rclone command (:class:`RcloneCommand`): a dead or hung remote fails fast,
-#: and the Retrying wrapper retries. Given right after the subcommand, so the TRANSFER_FLAGS
-#: of a transfer (given later) win for transfers.
-NET_FLAGS = ("--contimeout", "5s", "--timeout", "30s", "--low-level-retries", "1", "--retries", "1")
+def _silent_after() -> float:
+    """:data:`SILENT_AFTER` from ``VAULTFS_SILENT_AFTER`` (seconds); 20 when it is unset or
+    not a positive number."""
+    try:
+        value = float(os.environ.get("VAULTFS_SILENT_AFTER", "") or 20)
+    except ValueError:
+        return 20.0
+    return value if 0 < value < 86400 else 20.0
+
+
+#: Seconds a remote may send nothing before it counts as silent (``VAULTFS_SILENT_AFTER``,
+#: default 20): rclone's ``--timeout`` (no response headers that long after a request went
+#: out, or no byte of a transfer that long), so a remote that accepts connections and never
+#: answers fails each request after this long, while a slow remote whose bytes keep coming
+#: is never cut off. Such a failure is :class:`Unreachable` with ``silent``: not retried,
+#: and the remote is not asked again for a while (:class:`vaultfs.backends.Pace`).
+SILENT_AFTER = _silent_after()
+
+#: Flags for every transfer: trust our own BLAKE3 hashes rather than provider checksums
+#: (with :func:`net_flags`, which every rclone command gets).
+TRANSFER_FLAGS = ["--no-traverse", "--no-check-dest", "--ignore-checksum", "--transfers", "4"]
+
+
+def net_flags() -> tuple[str, ...]:
+    """Flags of every rclone command and of the daemon: connecting may take 10 s at most
+    (less with a lower :data:`SILENT_AFTER`), a remote that sends nothing for
+    :data:`SILENT_AFTER` seconds fails the request (``--timeout``), and one try only: a dead
+    remote fails fast, the Retrying wrapper retries whole operations (so it costs the same
+    few attempts on every path) and the upload queue retries later."""
+    return (
+        "--contimeout", f"{min(10.0, SILENT_AFTER):g}s", "--timeout", f"{SILENT_AFTER:g}s",
+        "--low-level-retries", "1", "--retries", "1",
+    )  # fmt: skip
+
 
 #: Substrings of rclone's errors that mean the spec itself is wrong.
 BAD_SPEC_MARKERS = ("didn't find section", "unknown backend", "parse", "invalid")
@@ -100,6 +111,9 @@ TRANSIENT_MARKERS = (
 #: hex name may hold the digits) says the provider throttles us, too many requests or
 #: overloaded: back off as a whole, not only the call (:class:`~vaultfs.backends.Paced`).
 THROTTLED = re.compile(r"\b(?:429|503)\b|too many requests|slow ?down|service unavailable", re.I)
+#: Substrings of rclone's errors that mean the remote sent nothing in time (its
+#: ``--timeout``, :data:`SILENT_AFTER`, or the connect timeout): silent, not refused.
+SILENT_MARKERS = ("timeout awaiting response headers", "i/o timeout", "deadline exceeded")
 #: Substrings that mean "the remote answered: no such object (or folder)".
 MISSING_MARKERS = ("not found", "no such file", "nosuchkey", "object not found", "404")
 #: Substrings of rclone/provider errors that mean "archived: thaw (restore) it first". Checked
@@ -130,9 +144,9 @@ def classify(
     (``earlier``: the command's earlier error lines, where a rejected spec may be named).
 
     In this order: an archived object → :class:`ThawNeeded`; a rejected spec →
-    :class:`BadRemote`; an outage or throttling →
-    :class:`Unreachable`; a missing object or folder → :class:`ObjectMissing`; anything else
-    → :class:`RemoteError`."""
+    :class:`BadRemote`; an outage or throttling → :class:`Unreachable` (``silent`` when
+    the remote sent nothing in time: :data:`SILENT_MARKERS`); a missing object or folder →
+    :class:`ObjectMissing`; anything else → :class:`RemoteError`."""
     low = message.lower()
     if http_status == 0:
         return Unreachable(f"{label}: {what} failed: {message}")
@@ -140,6 +154,10 @@ def classify(
         return ThawNeeded(f"{label}: {what} failed: thaw needed (archive storage): {message}")
     if any(m in low or m in earlier.lower() for m in BAD_SPEC_MARKERS):
         return BadRemote(f"rclone rejected remote {label}: {message}")
+    if any(m in low for m in SILENT_MARKERS):
+        return Unreachable(
+            f"{label}: {what} failed: no answer within {SILENT_AFTER:g}s ({message})", silent=True
+        )
     if any(m in low for m in TRANSIENT_MARKERS):
         throttled = THROTTLED.search(message) is not None
         return Unreachable(f"{label}: {what} failed: {message}", throttled)
@@ -324,10 +342,10 @@ class RcloneDaemon:
     Starting rclone costs ~40 ms of CPU each time (Go runtime, config, backend set-up); a
     backup or restore makes one or two dozen calls, so the engine talks to one long-lived
     rclone instead. It listens on a unix socket in a private (0700) temporary directory, so
-    no other user can reach it and no authentication is needed (``--rc-no-auth``). Transfer
-    flags are those of the command line (:data:`TRANSFER_FLAGS`) without its retries: one
-    low-level try, because the Retrying wrapper retries whole operations (a dead remote
-    then costs the same few attempts on every path) and the upload queue retries later.
+    no other user can reach it and no authentication is needed (``--rc-no-auth``). Its flags
+    are those of the command line (:data:`TRANSFER_FLAGS`, :func:`net_flags`: one try, and
+    a remote silent for :data:`SILENT_AFTER` seconds fails the request), as they were when it
+    started.
 
     Lifetime: started on first use by a long-lived owner thread, under ``setpriv
     --pdeathsig KILL`` when available (it dies with its owner thread, i.e. with this
@@ -339,16 +357,6 @@ class RcloneDaemon:
     _guard = threading.Lock()
     #: Seconds an idle daemon gets to exit on SIGTERM before it is killed (it exits at once).
     STOP_GRACE = 1.0
-
-    FLAGS = [
-        "--no-traverse",
-        "--no-check-dest",
-        "--ignore-checksum",
-        "--transfers", "4",
-        "--low-level-retries", "1",
-        "--contimeout", "10s",
-        "--timeout", "60s",
-    ]  # fmt: skip
 
     @classmethod
     def get(cls) -> RcloneDaemon | None:
@@ -372,7 +380,7 @@ class RcloneDaemon:
         self.sock = os.path.join(self.dir, "rc.sock")
         cmd = [rclone_binary(), "rcd", "-q", f"--rc-addr=unix://{self.sock}", "--rc-no-auth"]
         cmd.append("--rc-serve")  # objects by GET, with ranges: :meth:`read`
-        cmd += self.FLAGS
+        cmd += [*TRANSFER_FLAGS, *net_flags()]
         setpriv = shutil.which("setpriv")
         if setpriv:
             cmd = [setpriv, "--pdeathsig", "KILL", "--", *cmd]
@@ -682,7 +690,7 @@ def _tree(rows: list[tuple[str, int]], subs: tuple[str, ...]) -> dict[str, dict[
 
 class RcloneCommand(Remote):
     """A backend that runs one ``rclone`` command per call (see :class:`~vaultfs.backends.Backend`
-    for the contract). Every command runs with :data:`NET_FLAGS` (a dead remote fails fast;
+    for the contract). Every command runs with :func:`net_flags` (a dead remote fails fast;
     the Retrying wrapper retries) and at most ``op_timeout`` seconds."""
 
     def __init__(self, spec: str, rid: int | None = None, *, op_timeout: float = 3600) -> None:
@@ -692,7 +700,7 @@ class RcloneCommand(Remote):
     def _run(
         self, args: list[str], *, timeout: float = 3600, stdin: bytes | None = None
     ) -> subprocess.CompletedProcess:
-        cmd = [rclone_binary(), "-q", args[0], *NET_FLAGS, *args[1:]]
+        cmd = [rclone_binary(), "-q", args[0], *net_flags(), *args[1:]]
         timeout = min(timeout, self.op_timeout)
         try:
             return subprocess.run(

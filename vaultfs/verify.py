@@ -408,8 +408,10 @@ class _RemoteAuditor:
         self.rid = rid
         self.spec = spec
         # the rclone daemon when it runs, as for a restore: the challenges' hundreds of small
-        # ranged reads are then GETs on its open connections, not one rclone process each
-        self.b = open_backend(spec, rid, wrap=ctx.wrap)
+        # ranged reads are then GETs on its open connections, not one rclone process each;
+        # within the vault's pace, so a remote the audit found silent is not waited for
+        # again by the same command (repair's flush after its scan)
+        self.b = open_backend(spec, rid, wrap=ctx.wrap, paces=ctx.vault.paces)
         self.rep = RemoteAudit(Remote(spec).label, rid, domain, mode=ctx.mode)
         self.run_id: int | None = None
         self.tree: dict[str, dict[str, int]] = {}
