@@ -40,7 +40,7 @@ from typing import TypeVar
 import pyfuse3
 import trio
 
-from .cache import BlockCache, fsync_files, unlink_files, write_block_file
+from .cache import BlockCache, fsync_files, unlink_files
 from .chunkreader import ChunkReader, slices
 from .errors import VaultError
 from .index import manifests, segments
@@ -103,6 +103,13 @@ def acl_mode(value: bytes) -> tuple[int, bool]:
         raise _err(errno.EINVAL)
     group = perms.get(_ACL_MASK, perms[_ACL_GROUP_OBJ])
     return perms[_ACL_USER_OBJ] << 6 | group << 3 | perms[_ACL_OTHER], not extended
+
+
+def _mem_range(mem: bytearray, off: int, ln: int) -> bytes:
+    """Bytes [off, off + ln) of a block held in memory, zeros past its end (as a short cache
+    file reads)."""
+    data = bytes(mem[off : off + ln])
+    return data + bytes(ln - len(data))
 
 
 def _check_name(name: bytes) -> None:
@@ -249,7 +256,10 @@ class VaultFS(pyfuse3.Operations):
             ready()
             await pyfuse3.main()
             log.info("unmounted by the kernel; storing what is dirty")
-            await self.cache.drain()
+            try:
+                await self.cache.drain()
+            except VaultError as e:  # a full disk: the cache directory keeps what it holds
+                log.error("unmounted with blocks not stored: %s", e.message)
             await self._final_push()
             nursery.cancel_scope.cancel()
         self.reader.close()
@@ -606,21 +616,24 @@ class VaultFS(pyfuse3.Operations):
             base = None
         d.writers += 1
         d.version += 1
-        path = self.cache.path(n.ino, blk)
         try:
-            await trio.to_thread.run_sync(self._cut_exec, path, base, cut)
+            await trio.to_thread.run_sync(self._cut_exec, d, base, cut)
+        except (OSError, VaultError) as e:
+            if base is not None and d.mem is None and self.cache.get(n.ino, blk) is d:
+                self.cache.discard(n.ino, blk)  # clean again: the stored content stays
+            log.error("cutting a block failed: %s", getattr(e, "message", e))
+            raise _err(getattr(e, "errno", None) or errno.EIO) from None
         finally:
             d.writers -= 1
             d.version += 1
             d.filling = False
         self.tree.set_block(n, blk, None)
 
-    def _cut_exec(self, path: Path, base, cut: int) -> None:
+    def _cut_exec(self, d, base, cut: int) -> None:
         data = None
         if base is not None:
             data = self.cache.load_stored(base[1], base[2])
-        write_block_file(path, data, [])
-        os.truncate(path, min(cut, os.path.getsize(path)))
+        self.cache.cut_block(d, data, cut)
 
     # -- creating and removing -------------------------------------------------------------
     def _check_new(self, p: Node, name: bytes) -> None:
@@ -933,7 +946,9 @@ class VaultFS(pyfuse3.Operations):
             blk, inb = divmod(pos, bs)
             ln = min(bs - inb, end - pos)
             d = self.cache.get(n.ino, blk)
-            if d is not None and d.readable:
+            if d is not None and d.readable and d.mem is not None:
+                plan.append(("mem", d.mem, inb, ln))
+            elif d is not None and d.readable:
                 plan.append(("cache", self.cache.path(n.ino, blk), inb, ln))
             elif blk in n.blocks:  # stored, or its cache file is being created or deleted
                 plan.append(("stored", n.blocks[blk], inb, ln))
@@ -955,6 +970,8 @@ class VaultFS(pyfuse3.Operations):
                 out.append(got)
             elif kind == "zero":
                 out.append(bytes(ln))
+            elif kind == "mem":
+                out.append(_mem_range(arg, inb, ln))
             else:  # a dirty block's cache file
                 return None
         return b"".join(out)
@@ -970,6 +987,8 @@ class VaultFS(pyfuse3.Operations):
                     out += bytes(ln - len(data))
             elif kind == "stored":
                 out += self.reader.read_range(arg, inb, ln)
+            elif kind == "mem":
+                out += _mem_range(arg, inb, ln)
             else:
                 out += bytes(ln)
         return bytes(out)
@@ -1006,7 +1025,7 @@ class VaultFS(pyfuse3.Operations):
             self.cache.unreserve(sum(1 for b in range(first, last + 1) if self.cache.get(n.ino, b) is None))  # fmt: skip
             for evt in waits:
                 await evt.wait()
-        jobs, ds = [], []
+        jobs, ds, fresh = [], [], []
         view = memoryview(buf)  # slices without copying a 1 MiB write
         for b in range(first, last + 1):
             bstart = b * bs
@@ -1021,18 +1040,22 @@ class VaultFS(pyfuse3.Operations):
                     base = ("load", chunks, existing)
                 else:
                     base = b""
+                fresh.append(d)
             d.writers += 1
             d.version += 1
             ds.append(d)
-            jobs.append(
-                (self.cache.path(n.ino, b), base, ws, view[ws + bstart - off : we + bstart - off])
-            )
+            jobs.append((d, base, ws, view[ws + bstart - off : we + bstart - off]))
         try:
             await trio.to_thread.run_sync(self._write_exec, jobs)
-        except OSError as e:
-            log.error("cache write failed: %s", e)
-            raise _err(e.errno or errno.EIO) from None
-        except VaultError as e:
+        except (OSError, VaultError) as e:
+            # a block this write made dirty has no cache file now (BlockCache.write_block):
+            # it is clean again, its stored content what reads and the next mount see
+            for d in fresh:
+                if d.mem is None and self.cache.get(n.ino, d.blk) is d:
+                    self.cache.discard(n.ino, d.blk)
+            if isinstance(e, OSError):
+                log.error("cache write failed: %s", e)
+                raise _err(e.errno or errno.EIO) from None
             log.error("reading a block to update it failed: %s", e.message)
             raise _err(errno.EIO) from None
         finally:
@@ -1070,10 +1093,10 @@ class VaultFS(pyfuse3.Operations):
             self.cache.unreserve(reserved - fresh)
 
     def _write_exec(self, jobs: list[tuple]) -> None:
-        for path, base, ws, piece in jobs:
+        for d, base, ws, piece in jobs:
             if isinstance(base, tuple):
                 base = self.cache.load_stored(base[1], base[2])
-            write_block_file(path, base, [(ws, piece)])
+            self.cache.write_block(d, base, ws, piece)
 
     async def flush(self, fh):
         """Not implemented, on purpose: the first ENOSYS makes the kernel stop sending FLUSH
@@ -1110,7 +1133,20 @@ class VaultFS(pyfuse3.Operations):
         # data and the tree's commit go to disk side by side (ext4 joins the two into one
         # journal commit): the promise needs both before returning, not an order between them
         todo = [(d, d.version) for d in self.cache.blocks_of(h.ino) if d.synced != d.version]
-        paths = [self.cache.path(d.ino, d.blk) for d, _v in todo]
+        held = [(d, v) for d, v in todo if d.mem is not None]
+        if held:  # blocks the disk had no room for: to cache files first, or ENOSPC
+            try:
+                await trio.to_thread.run_sync(
+                    self.cache.spill, [(d, bytes(d.mem or b"")) for d, _v in held]
+                )
+            except OSError as e:
+                log.error("fsync: %s", self.cache.unstored(h.ino))
+                raise _err(e.errno or errno.EIO) from None
+            for d, v in held:
+                d.linked = False  # renamed into place: the directory needs its fsync
+                if d.version == v:  # not written meanwhile: the file holds it all now
+                    d.mem = None
+        paths = [self.cache.path(d.ino, d.blk) for d, _v in todo if d.mem is None]
         new = any(not d.linked for d, _v in todo)
         async with trio.open_nursery() as nursery:
             if paths:
@@ -1388,6 +1424,8 @@ class VaultFS(pyfuse3.Operations):
             "cache_budget": self.cache.budget,
             "cache_dirty_bytes": self.cache.used,
             "dirty_blocks": len(self.cache.dirty),
+            # held in memory: the home's disk had no room for their cache files
+            "memory_blocks": sum(1 for d in self.cache.dirty.values() if d.mem is not None),
             "writers_waiting": self.cache.waiting,
             "blocks_stored": self.cache.stored_blocks,
             "inodes": len(self.tree.nodes),
