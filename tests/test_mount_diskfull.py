@@ -1,5 +1,6 @@
 """A full home disk under the mount, through a real kernel FUSE mount: the home lives on a
-small tmpfs, a filler file leaves a few MiB, and a file larger than that is written.
+small tmpfs (96 MiB: room for everything once the filler goes), a filler file leaves 4 MiB,
+and files larger than that are written.
 
 What the mount shows must be what it stores: the blocks the cache directory has no room for
 are held in the daemon's memory, served from there, refused by fsync (ENOSPC) and by
@@ -42,7 +43,7 @@ def _dropped(path: Path) -> bytes:
 def test_a_full_home_disk_never_makes_the_mount_store_less_than_it_shows(tmp_path: Path):
     small = tmp_path / "home-fs"
     small.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(small)])
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(small)])
     if proc.returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     v = None
@@ -87,6 +88,7 @@ def test_a_full_home_disk_never_makes_the_mount_store_less_than_it_shows(tmp_pat
         assert _dropped(v.mp / "before.bin") == want_before
         assert _dropped(v.mp / "cut.bin") == want_cut
         assert v.status()["mount"]["memory_blocks"] > 0
+        assert "only in the mount daemon's memory" in " ".join(v.cli("status").stdout.split())
 
         res = v.cli("umount", str(v.mp), check=False, timeout=300)
         assert res.returncode == 15, res.stdout + res.stderr

@@ -450,6 +450,8 @@ class BlockCache:
             path = self.tree.path_of(i)
             names.append(display(path) if path is not None else f"inode {i} (unlinked)")
         more = f" and {len(inos) - 5} more file(s)" if len(inos) > 5 else ""
+        if not ds:
+            return "every block is stored; the live tree's last changes wait in the daemon"
         mem = sum(1 for d in ds if d.mem is not None)
         held = (
             f"; {mem} of them only in the mount daemon's memory (no room in the cache "

@@ -42,7 +42,7 @@ import trio
 
 from .cache import BlockCache, fsync_files, unlink_files
 from .chunkreader import ChunkReader, slices
-from .errors import VaultError
+from .errors import DiskFull, VaultError
 from .index import manifests, segments
 from .index import snapshots as snapshot_table
 from .kb.view import VIEW_DIR, BeliefView
@@ -578,11 +578,8 @@ class VaultFS(pyfuse3.Operations):
             bs = self.bs
             if size < n.size:
                 keep = (size + bs - 1) // bs  # blocks that still hold bytes
-                doomed = [
-                    self.cache.discard(d.ino, d.blk, unlink=False)
-                    for d in self.cache.blocks_of(n.ino)
-                    if d.blk >= keep
-                ]
+                blks = [d.blk for d in self.cache.blocks_of(n.ino) if d.blk >= keep]
+                doomed = [self.cache.discard(n.ino, b, unlink=False) for b in blks]
                 self.tree.drop_blocks_from(n, keep)
                 n.size = size
                 self.tree.touch(n)
@@ -590,14 +587,27 @@ class VaultFS(pyfuse3.Operations):
                     # the index still gives the old size, which these cache files back:
                     # delete them only once the new size is committed (a crash before
                     # that leaves the old file whole, after it the truncated one)
-                    await self.journal.commit()
-                    await trio.to_thread.run_sync(unlink_files, doomed)
+                    try:
+                        await self.journal.commit()
+                    except VaultError as e:  # a full disk: delete them once it commits
+                        log.error("truncate: %s", e.message)
+                        self._nursery.start_soon(self._unlink_when_committed, n.ino, blks)
+                    else:
+                        await trio.to_thread.run_sync(unlink_files, doomed)
                 cut = size % bs
                 if cut:
                     blk = size // bs
                     await self._cut_block(n, blk, cut)
             n.size = size
             self.tree.touch(n)
+
+    async def _unlink_when_committed(self, ino: int, blks: list[int]) -> None:
+        """Delete the cache files of blocks a truncate dropped once the live tree commits
+        (the commit failed at the truncate: a full disk), except those written again since
+        (a write recreates its cache file from scratch, so an old one is harmless until
+        then). In the loop, without a thread hop: so no write can slip in between."""
+        await self.journal.commit(wait_through_errors=True)
+        unlink_files([self.cache.path(ino, b) for b in blks if self.cache.get(ino, b) is None])
 
     async def _cut_block(self, n: Node, blk: int, cut: int) -> None:
         """Make block ``blk`` end at ``cut`` bytes (its tail lies past the new size)."""
@@ -1148,12 +1158,23 @@ class VaultFS(pyfuse3.Operations):
                     d.mem = None
         paths = [self.cache.path(d.ino, d.blk) for d, _v in todo if d.mem is None]
         new = any(not d.linked for d, _v in todo)
+        failed: list[VaultError] = []
+
+        async def commit() -> None:
+            try:
+                await self.journal.commit()
+            except VaultError as e:  # a full disk: the tree's changes are not durable
+                failed.append(e)
+
         async with trio.open_nursery() as nursery:
             if paths:
                 nursery.start_soon(
                     trio.to_thread.run_sync, fsync_files, paths, self.cache.dir if new else None
                 )
-            nursery.start_soon(self.journal.commit)
+            nursery.start_soon(commit)
+        if failed:
+            log.error("fsync: %s", failed[0].message)
+            raise _err(errno.ENOSPC if isinstance(failed[0], DiskFull) else errno.EIO)
         for d, version in todo:
             d.synced, d.linked = version, True
 
@@ -1209,7 +1230,11 @@ class VaultFS(pyfuse3.Operations):
         self.dirs.pop(fh, None)
 
     async def fsyncdir(self, fh, datasync):
-        await self.journal.commit()
+        try:
+            await self.journal.commit()
+        except VaultError as e:
+            log.error("fsync of a directory: %s", e.message)
+            raise _err(errno.ENOSPC if isinstance(e, DiskFull) else errno.EIO) from None
 
     # -- xattrs -----------------------------------------------------------------------------
     async def setxattr(self, inode, name, value, ctx):
