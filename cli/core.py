@@ -461,6 +461,13 @@ def status(
             f"mounted at {mounted['mountpoint']}: {mounted['cache_dirty_bytes']:,} of "
             f"{mounted['cache_budget']:,} cache bytes dirty"
         )
+        if held := mounted.get("memory_blocks"):
+            out.print(
+                f"[yellow]disk full: {held} dirty block(s) only in the mount daemon's memory (no "
+                "room in the home's cache directory); free space on that disk: they are stored "
+                "then, and `vaultfs umount` exits 15 until they are[/]",
+                highlight=False,
+            )
         if job := mounted.get("maintenance"):
             since = time.strftime("%H:%M:%S", time.localtime(job["started"]))
             out.print(f"maintenance: {job['job']} running in the mount daemon since {since}")

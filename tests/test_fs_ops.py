@@ -712,6 +712,42 @@ def test_a_failed_journal_commit_is_retried_with_nothing_lost(h: Harness) -> Non
     h.run(body)
 
 
+def test_a_journal_that_keeps_failing_fails_fsync_and_commits_once_space_is_back(
+    h: Harness,
+) -> None:
+    """A disk that stays full: fsync of the directory fails with ENOSPC after a few attempts
+    instead of hanging (as umount would behind it); the marks stay dirty and are committed
+    once the disk takes them again."""
+
+    async def body(d: Driver) -> None:
+        tree = d.fs.tree
+        apply = tree.apply_batch
+        full = [True]
+
+        def full_disk(batch) -> None:
+            if full[0]:
+                raise sqlite3.OperationalError("database or disk is full")
+            apply(batch)
+
+        tree.apply_batch = full_disk  # type: ignore[method-assign]
+        try:
+            await d.write_file(b"g", b"kept")
+            with pytest.raises(pyfuse3.FUSEError) as exc, trio.fail_after(120):
+                await d.fs.fsyncdir(ROOT_INODE, False)  # before: waited for ever
+            assert exc.value.errno == errno.ENOSPC
+            assert tree.dirty
+            full[0] = False
+            await d.fs.fsyncdir(ROOT_INODE, False)
+        finally:
+            tree.apply_batch = apply  # type: ignore[method-assign]
+        assert not tree.dirty
+        fresh = LiveTree(d.fs.vault.index)
+        fresh.load(d.fs.uid, d.fs.gid)
+        assert b"g" in fresh.nodes[ROOT_INODE].children
+
+    h.run(body)
+
+
 def test_freeze_holds_mutations_until_thaw(h: Harness) -> None:
     async def body(d: Driver) -> None:
         fs = d.fs

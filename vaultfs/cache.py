@@ -17,14 +17,26 @@ blocks untouched for ``OPEN_IDLE`` seconds are stored; above it, every dirty blo
 so a stream larger than the cache releases it block by block. The cache files of the blocks
 one commit settled are deleted together, in one worker-thread call.
 
-Crash states: a cache file always holds the newest content of its block; at the next mount
-every cache file of a live block is dirty again (``recover``), so nothing acknowledged is
-lost. A crash between storing chunks and the live tree commit leaves unreferenced chunks
-(wasted space, never wrong data).
+A full disk (ENOSPC, EDQUOT on the home's file system): a write whose cache file cannot be
+written keeps its block's whole content in the daemon's memory instead (``Dirty.mem``), and
+the write succeeds. Reads serve that memory, the uploader stores from it once the engine has
+room for segments again, ``fsync`` first writes it to a cache file (and fails with ENOSPC
+while that is impossible), and ``drain`` fails with :class:`DiskFull` naming the files whose
+blocks are not stored. So the mount never shows bytes it will not store: before this, the
+kernel's page cache kept serving a write the daemon had refused, and the file was stored
+short (docs/mount.md, "A full home disk"). Memory-held blocks count against the budget like
+any dirty block, so the memory is bounded by ``--cache-size``.
+
+Crash states: a cache file always holds the newest content of its block, except while the
+block is held in memory (then it holds an older content, or a new block has none); at the
+next mount every cache file of a live block is dirty again (``recover``), so nothing
+fsync'd is lost. A crash between storing chunks and the live tree commit leaves
+unreferenced chunks (wasted space, never wrong data).
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -37,10 +49,11 @@ from pathlib import Path
 import trio
 
 from .chunkreader import ChunkReader
-from .errors import VaultError
+from .errors import DiskFull, VaultError
 from .holes import is_hole
 from .index import chunks as chunk_table
 from .livetree import Chunks, LiveTree, Node
+from .names import display
 from .vault import Vault
 
 log = logging.getLogger("vaultfs.cache")
@@ -75,8 +88,13 @@ class Dirty:
     #: content copied in, then the new bytes): until then readers read the stored content
     filling: bool = False
     #: bytes the cache file allocates on the local disk (its st_blocks), as of the last
-    #: write; None until the first one (st_blocks of the mount's files, fs.py)
+    #: write; None until the first one (st_blocks of the mount's files, fs.py); for a block
+    #: held in memory, its length (what its cache file will take)
     alloc: int | None = None
+    #: the block's whole current content, held in memory because the home's disk had no room
+    #: for its cache file (which then holds an older content, or does not exist): reads, the
+    #: uploader and fsync use this, never the file
+    mem: bytearray | None = None
 
     @property
     def readable(self) -> bool:
@@ -300,12 +318,16 @@ class BlockCache:
             if length <= 0:
                 out.append(None)
                 continue
-            try:
-                with open(self.path(d.ino, d.blk), "rb") as f:
-                    data = f.read(length)
-            except FileNotFoundError:
-                out.append(None)
-                continue
+            mem = d.mem
+            if mem is not None:
+                data = bytes(mem[:length])
+            else:
+                try:
+                    with open(self.path(d.ino, d.blk), "rb") as f:
+                        data = f.read(length)
+                except FileNotFoundError:
+                    out.append(None)
+                    continue
             pieces = list(self.vault.chunker.chunks(io.BytesIO(data))) if data else []
             cids = self.vault.store_chunks(pieces) if pieces else []
             zeros = self.tree.zeros
@@ -434,7 +456,38 @@ class BlockCache:
     async def drain(self, ino: int | None = None) -> None:
         """Store every dirty block (of one inode, or all) and commit the live tree.
 
-        Callers make sure no new writes arrive meanwhile (snapshot/umount freeze the mount)."""
+        Callers make sure no new writes arrive meanwhile (snapshot/umount freeze the mount).
+        A full disk raises :class:`DiskFull` naming the files whose blocks are not stored
+        (:meth:`unstored`); they stay dirty, and a later drain stores them."""
+        try:
+            await self._drain(ino)
+        except DiskFull as e:
+            raise DiskFull(
+                f"{e.message.rstrip('.')}; not stored yet: {self.unstored(ino)}"
+            ) from None
+
+    def unstored(self, ino: int | None = None) -> str:
+        """What is not stored, for a message: the dirty blocks, the files they belong to (the
+        first few), and how many of them only the daemon's memory holds."""
+        ds = [d for (i, _b), d in self.dirty.items() if ino is None or i == ino]
+        inos = sorted({d.ino for d in ds})
+        names = []
+        for i in inos[:5]:
+            path = self.tree.path_of(i)
+            names.append(display(path) if path is not None else f"inode {i} (unlinked)")
+        more = f" and {len(inos) - 5} more file(s)" if len(inos) > 5 else ""
+        if not ds:
+            return "every block is stored; the live tree's last changes wait in the daemon"
+        mem = sum(1 for d in ds if d.mem is not None)
+        held = (
+            f"; {mem} of them only in the mount daemon's memory (no room in the cache "
+            "directory): they are lost if the daemon dies before they are stored"
+            if mem
+            else "; they stay safe in the cache directory"
+        )
+        return f"{len(ds)} block(s) of {', '.join(names) or 'no file'}{more}{held}"
+
+    async def _drain(self, ino: int | None) -> None:
         stuck = 0
         for _ in range(100000):
             left = sum(1 for i, _b in self.dirty if ino is None or i == ino)
@@ -451,8 +504,8 @@ class BlockCache:
             stuck = stuck + 1 if now_left >= left else 0
             if stuck > 200:
                 raise VaultError(
-                    f"could not store {now_left} dirty block(s) ({self.error or 'no progress'}); "
-                    "they stay safe in the cache directory: see mount.log"
+                    f"could not store {now_left} dirty block(s) ({self.error or 'no progress'}): "
+                    f"{self.unstored(ino)}; see mount.log"
                 )
             if now_left:
                 await trio.sleep(0.01)
@@ -462,6 +515,66 @@ class BlockCache:
     def load_stored(self, chunks: Chunks, limit: int) -> bytes:
         """The stored content of a block (its first ``limit`` bytes, fewer if it is shorter)."""
         return self.reader.read_range(chunks, 0, min(limit, sum(n for _c, n in chunks)))
+
+    def write_block(self, d: Dirty, base: bytes | None, ws: int, piece) -> None:
+        """Write ``piece`` at ``ws`` into block ``d`` (worker thread; the caller holds the
+        inode's lock). ``base``: the block's stored content when the write makes it dirty
+        (``b""`` for none), None when it is dirty already. A block held in memory is written
+        there. When the home's disk has no room, the block moves into memory whole
+        (``Dirty.mem``) and the write succeeds; a new block's partial cache file is removed
+        first, so a crash leaves the stored content rather than a torn copy of it. Any other
+        error is raised, a new block's partial file removed the same way."""
+        path = self.path(d.ino, d.blk)
+        if d.mem is None:
+            try:
+                d.alloc = write_block_file(path, base, [(ws, piece)])
+                return
+            except OSError as e:
+                if base is not None:
+                    path.unlink(missing_ok=True)
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+            if base is None:  # dirty before: its file holds the content, with this write begun
+                with open(path, "rb") as f:
+                    base = f.read()
+            log.warning(
+                "no room in %s for block %d of inode %d: held in memory until it is stored",
+                self.dir, d.blk, d.ino,
+            )  # fmt: skip
+            d.mem = bytearray(base)
+        mem = d.mem
+        if len(mem) < ws:
+            mem.extend(bytes(ws - len(mem)))
+        mem[ws : ws + len(piece)] = piece
+        d.alloc = len(mem)
+
+    def cut_block(self, d: Dirty, base: bytes | None, cut: int) -> None:
+        """Make block ``d`` end at ``cut`` bytes (worker thread); ``base`` as in
+        :meth:`write_block`. A block held in memory is cut there; a full disk moves it into
+        memory as :meth:`write_block` does."""
+        self.write_block(d, base, 0, b"")
+        if d.mem is not None:
+            del d.mem[cut:]
+            d.alloc = len(d.mem)
+            return
+        path = self.path(d.ino, d.blk)
+        os.truncate(path, min(cut, os.path.getsize(path)))
+        d.alloc = os.stat(path).st_blocks * 512
+
+    def spill(self, items: list[tuple[Dirty, bytes]]) -> None:
+        """Write memory-held blocks to their cache files (worker thread, for fsync): each to a
+        temporary file, fsync'd, renamed over the older cache file, so a failure leaves the
+        older file whole. Raises OSError (ENOSPC) while the disk has no room."""
+        for d, data in items:
+            path = self.path(d.ino, d.blk)
+            tmp = path.with_name(path.name + ".spill")  # not a block's name: recover drops it
+            try:
+                alloc = write_block_file(tmp, data, [], sync=True)
+                os.replace(tmp, path)
+                d.alloc = alloc
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
 
 
 def write_block_file(

@@ -41,9 +41,9 @@ from typing import TypeVar
 import pyfuse3
 import trio
 
-from .cache import BlockCache, fsync_files, unlink_files, write_block_file
+from .cache import BlockCache, fsync_files, unlink_files
 from .chunkreader import ChunkReader, slices
-from .errors import VaultError
+from .errors import DiskFull, VaultError
 from .holes import HOLE_MAX, ZeroChunks
 from .index import manifests, segments
 from .index import snapshots as snapshot_table
@@ -110,6 +110,13 @@ def acl_mode(value: bytes) -> tuple[int, bool]:
         raise _err(errno.EINVAL)
     group = perms.get(_ACL_MASK, perms[_ACL_GROUP_OBJ])
     return perms[_ACL_USER_OBJ] << 6 | group << 3 | perms[_ACL_OTHER], not extended
+
+
+def _mem_range(mem: bytearray, off: int, ln: int) -> bytes:
+    """Bytes [off, off + ln) of a block held in memory, zeros past its end (as a short cache
+    file reads)."""
+    data = bytes(mem[off : off + ln])
+    return data + bytes(ln - len(data))
 
 
 def _check_name(name: bytes) -> None:
@@ -262,7 +269,10 @@ class VaultFS(pyfuse3.Operations):
             ready()
             await pyfuse3.main()
             log.info("unmounted by the kernel; storing what is dirty")
-            await self.cache.drain()
+            try:
+                await self.cache.drain()
+            except VaultError as e:  # a full disk: the cache directory keeps what it holds
+                log.error("unmounted with blocks not stored: %s", e.message)
             await self._final_push()
             nursery.cancel_scope.cancel()
         self.reader.close()
@@ -640,11 +650,8 @@ class VaultFS(pyfuse3.Operations):
             bs = self.bs
             if size < n.size:
                 keep = (size + bs - 1) // bs  # blocks that still hold bytes
-                doomed = [
-                    self.cache.discard(d.ino, d.blk, unlink=False)
-                    for d in self.cache.blocks_of(n.ino)
-                    if d.blk >= keep
-                ]
+                blks = [d.blk for d in self.cache.blocks_of(n.ino) if d.blk >= keep]
+                doomed = [self.cache.discard(n.ino, b, unlink=False) for b in blks]
                 self.tree.drop_blocks_from(n, keep)
                 n.size = size
                 self.tree.touch(n)
@@ -652,14 +659,27 @@ class VaultFS(pyfuse3.Operations):
                     # the index still gives the old size, which these cache files back:
                     # delete them only once the new size is committed (a crash before
                     # that leaves the old file whole, after it the truncated one)
-                    await self.journal.commit()
-                    await trio.to_thread.run_sync(unlink_files, doomed)
+                    try:
+                        await self.journal.commit()
+                    except VaultError as e:  # a full disk: delete them once it commits
+                        log.error("truncate: %s", e.message)
+                        self._nursery.start_soon(self._unlink_when_committed, n.ino, blks)
+                    else:
+                        await trio.to_thread.run_sync(unlink_files, doomed)
                 cut = size % bs
                 if cut:
                     blk = size // bs
                     await self._cut_block(n, blk, cut)
             n.size = size
             self.tree.touch(n)
+
+    async def _unlink_when_committed(self, ino: int, blks: list[int]) -> None:
+        """Delete the cache files of blocks a truncate dropped once the live tree commits
+        (the commit failed at the truncate: a full disk), except those written again since
+        (a write recreates its cache file from scratch, so an old one is harmless until
+        then). In the loop, without a thread hop: so no write can slip in between."""
+        await self.journal.commit(wait_through_errors=True)
+        unlink_files([self.cache.path(ino, b) for b in blks if self.cache.get(ino, b) is None])
 
     async def _cut_block(self, n: Node, blk: int, cut: int) -> None:
         """Make block ``blk`` end at ``cut`` bytes (its tail lies past the new size)."""
@@ -678,20 +698,24 @@ class VaultFS(pyfuse3.Operations):
             base = None
         d.writers += 1
         d.version += 1
-        path = self.cache.path(n.ino, blk)
         try:
-            d.alloc = await trio.to_thread.run_sync(self._cut_exec, path, base, cut)
+            await trio.to_thread.run_sync(self._cut_exec, d, base, cut)
+        except (OSError, VaultError) as e:
+            if base is not None and d.mem is None and self.cache.get(n.ino, blk) is d:
+                self.cache.discard(n.ino, blk)  # clean again: the stored content stays
+            log.error("cutting a block failed: %s", getattr(e, "message", e))
+            raise _err(getattr(e, "errno", None) or errno.EIO) from None
         finally:
             d.writers -= 1
             d.version += 1
             d.filling = False
         self.tree.set_block(n, blk, None)
 
-    def _cut_exec(self, path: Path, base, cut: int) -> int:
+    def _cut_exec(self, d, base, cut: int) -> None:
         data = None
         if base is not None:
             data = self.cache.load_stored(base[1], base[2])
-        return write_block_file(path, data, [], cut=cut)
+        self.cache.cut_block(d, data, cut)
 
     # -- creating and removing -------------------------------------------------------------
     def _check_new(self, p: Node, name: bytes) -> None:
@@ -1005,7 +1029,9 @@ class VaultFS(pyfuse3.Operations):
             blk, inb = divmod(pos, bs)
             ln = min(bs - inb, end - pos)
             d = self.cache.get(n.ino, blk)
-            if d is not None and d.readable:
+            if d is not None and d.readable and d.mem is not None:
+                plan.append(("mem", d.mem, inb, ln))
+            elif d is not None and d.readable:
                 plan.append(("cache", self.cache.path(n.ino, blk), inb, ln))
             elif blk in n.blocks:  # stored, or its cache file is being created or deleted
                 plan.append(("stored", n.blocks[blk], inb, ln))
@@ -1027,6 +1053,8 @@ class VaultFS(pyfuse3.Operations):
                 out.append(got)
             elif kind == "zero":
                 out.append(bytes(ln))
+            elif kind == "mem":
+                out.append(_mem_range(arg, inb, ln))
             else:  # a dirty block's cache file
                 return None
         return b"".join(out)
@@ -1042,6 +1070,8 @@ class VaultFS(pyfuse3.Operations):
                     out += bytes(ln - len(data))
             elif kind == "stored":
                 out += self.reader.read_range(arg, inb, ln)
+            elif kind == "mem":
+                out += _mem_range(arg, inb, ln)
             else:
                 out += bytes(ln)
         return bytes(out)
@@ -1078,7 +1108,7 @@ class VaultFS(pyfuse3.Operations):
             self.cache.unreserve(sum(1 for b in range(first, last + 1) if self.cache.get(n.ino, b) is None))  # fmt: skip
             for evt in waits:
                 await evt.wait()
-        jobs, ds = [], []
+        jobs, ds, fresh = [], [], []
         view = memoryview(buf)  # slices without copying a 1 MiB write
         for b in range(first, last + 1):
             bstart = b * bs
@@ -1093,19 +1123,22 @@ class VaultFS(pyfuse3.Operations):
                     base = ("load", chunks, existing)
                 else:
                     base = b""
+                fresh.append(d)
             d.writers += 1
             d.version += 1
             ds.append(d)
-            jobs.append(
-                (self.cache.path(n.ino, b), base, ws, view[ws + bstart - off : we + bstart - off])
-            )
+            jobs.append((d, base, ws, view[ws + bstart - off : we + bstart - off]))
         try:
-            for d, alloc in zip(ds, await trio.to_thread.run_sync(self._write_exec, jobs), strict=True):  # fmt: skip
-                d.alloc = alloc
-        except OSError as e:
-            log.error("cache write failed: %s", e)
-            raise _err(e.errno or errno.EIO) from None
-        except VaultError as e:
+            await trio.to_thread.run_sync(self._write_exec, jobs)
+        except (OSError, VaultError) as e:
+            # a block this write made dirty has no cache file now (BlockCache.write_block):
+            # it is clean again, its stored content what reads and the next mount see
+            for d in fresh:
+                if d.mem is None and self.cache.get(n.ino, d.blk) is d:
+                    self.cache.discard(n.ino, d.blk)
+            if isinstance(e, OSError):
+                log.error("cache write failed: %s", e)
+                raise _err(e.errno or errno.EIO) from None
             log.error("reading a block to update it failed: %s", e.message)
             raise _err(errno.EIO) from None
         finally:
@@ -1142,14 +1175,11 @@ class VaultFS(pyfuse3.Operations):
         if reserved > fresh:
             self.cache.unreserve(reserved - fresh)
 
-    def _write_exec(self, jobs: list[tuple]) -> list[int]:
-        """Write each job into its cache file; returns what each file allocates."""
-        out = []
-        for path, base, ws, piece in jobs:
+    def _write_exec(self, jobs: list[tuple]) -> None:
+        for d, base, ws, piece in jobs:
             if isinstance(base, tuple):
                 base = self.cache.load_stored(base[1], base[2])
-            out.append(write_block_file(path, base, [(ws, piece)]))
-        return out
+            self.cache.write_block(d, base, ws, piece)
 
     async def flush(self, fh):
         """Not implemented, on purpose: the first ENOSYS makes the kernel stop sending FLUSH
@@ -1186,14 +1216,38 @@ class VaultFS(pyfuse3.Operations):
         # data and the tree's commit go to disk side by side (ext4 joins the two into one
         # journal commit): the promise needs both before returning, not an order between them
         todo = [(d, d.version) for d in self.cache.blocks_of(h.ino) if d.synced != d.version]
-        paths = [self.cache.path(d.ino, d.blk) for d, _v in todo]
+        held = [(d, v) for d, v in todo if d.mem is not None]
+        if held:  # blocks the disk had no room for: to cache files first, or ENOSPC
+            try:
+                await trio.to_thread.run_sync(
+                    self.cache.spill, [(d, bytes(d.mem or b"")) for d, _v in held]
+                )
+            except OSError as e:
+                log.error("fsync: %s", self.cache.unstored(h.ino))
+                raise _err(e.errno or errno.EIO) from None
+            for d, v in held:
+                d.linked = False  # renamed into place: the directory needs its fsync
+                if d.version == v:  # not written meanwhile: the file holds it all now
+                    d.mem = None
+        paths = [self.cache.path(d.ino, d.blk) for d, _v in todo if d.mem is None]
         new = any(not d.linked for d, _v in todo)
+        failed: list[VaultError] = []
+
+        async def commit() -> None:
+            try:
+                await self.journal.commit()
+            except VaultError as e:  # a full disk: the tree's changes are not durable
+                failed.append(e)
+
         async with trio.open_nursery() as nursery:
             if paths:
                 nursery.start_soon(
                     trio.to_thread.run_sync, fsync_files, paths, self.cache.dir if new else None
                 )
-            nursery.start_soon(self.journal.commit)
+            nursery.start_soon(commit)
+        if failed:
+            log.error("fsync: %s", failed[0].message)
+            raise _err(errno.ENOSPC if isinstance(failed[0], DiskFull) else errno.EIO)
         for d, version in todo:
             d.synced, d.linked = version, True
 
@@ -1251,7 +1305,11 @@ class VaultFS(pyfuse3.Operations):
         self.dirs.pop(fh, None)
 
     async def fsyncdir(self, fh, datasync):
-        await self.journal.commit()
+        try:
+            await self.journal.commit()
+        except VaultError as e:
+            log.error("fsync of a directory: %s", e.message)
+            raise _err(errno.ENOSPC if isinstance(e, DiskFull) else errno.EIO) from None
 
     # -- xattrs -----------------------------------------------------------------------------
     async def setxattr(self, inode, name, value, ctx):
@@ -1467,6 +1525,8 @@ class VaultFS(pyfuse3.Operations):
             "cache_budget": self.cache.budget,
             "cache_dirty_bytes": self.cache.used,
             "dirty_blocks": len(self.cache.dirty),
+            # held in memory: the home's disk had no room for their cache files
+            "memory_blocks": sum(1 for d in self.cache.dirty.values() if d.mem is not None),
             "writers_waiting": self.cache.waiting,
             "blocks_stored": self.cache.stored_blocks,
             "inodes": len(self.tree.nodes),

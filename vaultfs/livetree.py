@@ -15,7 +15,9 @@ touch only SQLite and the objects handed to them.
 
 from __future__ import annotations
 
+import errno
 import logging
+import sqlite3
 import stat
 import struct
 import time
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from .errors import DiskFull, VaultError
 from .holes import ZeroChunks
 from .index import Index
 
@@ -399,7 +402,10 @@ class Journal:
 
     ``run`` commits whatever is dirty every ``interval`` seconds or when asked;
     :meth:`commit` waits until everything marked before the call is committed (fsync uses it:
-    SQLite runs with synchronous=FULL, so a committed batch is on disk).
+    SQLite runs with synchronous=FULL, so a committed batch is on disk). A commit that fails
+    (a full disk) keeps the state dirty and is retried every second; :meth:`commit` waits
+    through :data:`COMMIT_TRIES` - 1 failed attempts, then raises (unless asked to wait on):
+    a disk that stays full fails fsync, flush and umount instead of hanging them.
     """
 
     def __init__(self, tree: LiveTree, interval: float = 0.5) -> None:
@@ -409,6 +415,9 @@ class Journal:
         self._asked = 0
         self._done = 0
         self._done_evt = trio.Event()
+        #: the last commit's failure, None once one succeeds; failed attempts so far
+        self.error: Exception | None = None
+        self._failures = 0
 
     async def run(self) -> None:
         while True:
@@ -417,8 +426,12 @@ class Journal:
             self._wake = trio.Event()
             try:
                 await self._commit_once()
-            except Exception:  # e.g. a full disk: keep the state dirty and retry
+            except Exception as e:  # e.g. a full disk: keep the state dirty and retry
                 logging.getLogger(__name__).exception("committing the live tree failed")
+                self.error = e
+                self._failures += 1
+                evt, self._done_evt = self._done_evt, trio.Event()
+                evt.set()  # waiters see the failure (commit)
                 await trio.sleep(1)
 
     async def _commit_once(self) -> None:
@@ -433,16 +446,46 @@ class Journal:
             for fn in batch.after:
                 fn()
         self._done = max(self._done, target)
+        self.error = None
         evt, self._done_evt = self._done_evt, trio.Event()
         evt.set()
 
     def kick(self) -> None:
         self._wake.set()
 
-    async def commit(self) -> None:
+    async def commit(self, wait_through_errors: bool = False) -> None:
+        """Wait until everything changed before the call is committed. When
+        :data:`COMMIT_TRIES` attempts fail meanwhile, raises :class:`DiskFull` (a full disk)
+        or VaultError, the state staying dirty for the next attempt; ``wait_through_errors``
+        waits on instead."""
         self._asked += 1
         mine = self._asked
+        start = self._failures
         while self._done < mine:
             evt = self._done_evt
             self._wake.set()
             await evt.wait()
+            failed = self._failures - start
+            if self._done < mine and self.error is not None and failed >= COMMIT_TRIES:
+                if not wait_through_errors:
+                    raise _commit_error(self.error)
+
+
+#: Failed attempts (one a second) :meth:`Journal.commit` waits through before it raises: a
+#: passing failure is retried, a disk that stays full is reported.
+COMMIT_TRIES = 3
+
+
+def _commit_error(e: Exception) -> VaultError:
+    """What a failed live-tree commit means to the user: a full disk (SQLite's "database or
+    disk is full", ENOSPC, EDQUOT) or another error, both with the way forward."""
+    if isinstance(e, VaultError):
+        return e
+    full = isinstance(e, sqlite3.OperationalError) and "full" in str(e)
+    full = full or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+    if full:
+        return DiskFull(
+            "local disk full while committing the live tree to the index: free space and "
+            "retry (the changes stay in the mount daemon and are committed then)"
+        )
+    return VaultError(f"committing the live tree failed: {e}; see mount.log")
