@@ -420,11 +420,21 @@ class _RemoteAuditor:
 
     # -- findings ----------------------------------------------------------------------------
     def _finding(self, sh: ShardRow, kind: str, detail: str) -> None:
+        self._findings([(sh, kind, detail)])
+
+    def _findings(self, found: list[tuple[ShardRow, str, str]]) -> None:
+        """Record findings (shard, kind, detail) in one transaction: a lost remote's listing
+        finds hundreds at once, and a commit each took ~1 ms (0.2 s of a repair's scan)."""
+        if not found:
+            return
+        now = time.time()
         with self.ctx.index.tx() as db:
-            audit_table.record_finding(db, sh.id, self.rid, kind, detail, time.time())
-            if self.run_id is not None:
-                audit_table.drop_shard_challenges(db, self.run_id, sh.id)
-        self.rep.details[sh.path] = f"{kind}: {detail}"
+            for sh, kind, detail in found:
+                audit_table.record_finding(db, sh.id, self.rid, kind, detail, now)
+                if self.run_id is not None:
+                    audit_table.drop_shard_challenges(db, self.run_id, sh.id)
+        for sh, kind, detail in found:
+            self.rep.details[sh.path] = f"{kind}: {detail}"
 
     def run(self) -> RemoteAudit:
         self.rep.queued = segments.queued_count(self.ctx.index, self.rid)
@@ -668,6 +678,7 @@ class _RemoteAuditor:
         # only a shard lost because the listing lacked it may come back by itself (a remote
         # unmounted or offline for a while); one found corrupt or stale waits for repair
         absent = {sid for sid, kind, _d in audit_table.findings(idx) if kind == "missing"}
+        found: list[tuple[ShardRow, str, str]] = []
         for sh in rows:
             if sh.state == "lost" and sh.id in absent:
                 if listed[sh.kind].get(sh.name) == sh.size and self._intact(sh):
@@ -677,12 +688,13 @@ class _RemoteAuditor:
                 continue
             size = listed[sh.kind].get(sh.name)
             if size is None:
-                self._finding(sh, "missing", "object absent from the listing")
+                found.append((sh, "missing", "object absent from the listing"))
             elif size >= 0 and size != sh.size:
                 why = _why_bad(self.ctx, sh, self._served_digest(sh, size), size)
-                self._finding(sh, *why)
+                found.append((sh, *why))
             else:
                 present.append(sh)
+        self._findings(found)
         if revived:
             with idx.tx() as db:
                 audit_table.revive(db, [sh.id for sh in revived])
