@@ -67,7 +67,11 @@ def _files(
     with open_kb_files(keys, h, from_) as files:
         for w in files.warnings:
             err.print(f"[yellow]warning:[/] {w}")
-        yield files
+        try:
+            yield files
+        finally:  # a name several snapshots share: which one was read (as `vaultfs ls` says)
+            for note in files.notes:
+                err.print(f"[yellow]note:[/] {note}", highlight=False)
 
 
 def _when(value: str | None, flag: str) -> datetime | None:
