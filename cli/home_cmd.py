@@ -76,9 +76,10 @@ def home_rebuild(
         print_json(
             {
                 "home": str(rep.home),
-                "seq": rep.seq,
-                "manifest": rep.manifest,
-                "manifest_link": rep.link,
+                # the manifest as every output names it (its hash: BLAKE3 of the object),
+                # and its object on the remotes (whose name ends in a random part, no hash)
+                **rep.link.as_json(),
+                "object": f"manifests/{rep.manifest}",
                 "snapshots": rep.snapshots,
                 "matched": matched,
                 "kept": kept,
@@ -89,7 +90,7 @@ def home_rebuild(
     for w in rep.warnings:
         err.print(f"[yellow]warning:[/] {w}", highlight=False)
     out.print(
-        f"rebuilt the home at {rep.home} from manifest {rep.link} ({rep.snapshots} snapshot(s))",
+        f"rebuilt the home at {rep.home} from manifest {rep.link.short} ({rep.snapshots} snapshot(s))",
         highlight=False,
     )
     for new, old in rep.matched.items():
