@@ -409,6 +409,30 @@ def test_every_reader_says_too_few_remotes_as_restore_does(tmp_path: Path) -> No
     assert f"Holding the vault: {remotes[0]}" in notes, notes
 
 
+def test_a_restore_refused_for_a_corrupt_shard_names_the_remote_that_served_it(
+    tmp_path: Path,
+) -> None:
+    """A 2-of-3 vault with one remote gone and a data shard flipped on another: the restore
+    refuses (exit 11) and names the remote that served the corrupt shard, and the shard (it
+    used to say only "only 1 intact shard reachable"), from the home and with --from."""
+    home, remotes = init_local_vault(tmp_path)
+    (tmp_path / "f.bin").write_bytes(os.urandom(100_000))
+    run_cli("backup", str(tmp_path / "f.bin"), home=home)
+    shard = next((remotes[0] / "data").iterdir())
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 2] ^= 1
+    shard.write_bytes(bytes(blob))
+    shutil.rmtree(remotes[2])
+    from_ = ["--from", str(remotes[0]), "--from", str(remotes[1]),
+             "--keyfile", str(home / "key.json")]  # fmt: skip
+    for i, (extra, h) in enumerate([([], home), (from_, tmp_path / "empty")]):
+        res = run_cli("restore", *extra, "--to", str(tmp_path / f"out{i}"), home=h, check=11)
+        msg = " ".join(res.stderr.decode().split())
+        assert "Traceback" not in msg, msg
+        assert f"served a corrupt shard: {remotes[0]} (shard {shard.name}, index" in msg, msg
+        assert str(remotes[1]) not in msg.split("served a corrupt shard:")[1], msg
+
+
 def test_the_exit_code_table_in_operations_md_lists_every_code_of_errors_py() -> None:
     """docs/operations.md's exit-code table and vaultfs/errors.py's (the source of truth) list
     the same codes: a user looking up an exit code finds it."""
