@@ -30,7 +30,7 @@ from cli.common import (
 from vaultfs.backends import open_backend
 from vaultfs.errors import InputError
 from vaultfs.rebuild import rebuild_home
-from vaultfs.remotes import Remote, absolute
+from vaultfs.remotes import Remote, absolute, check_distinct
 
 home_app = typer.Typer(help="The vault's local state directory (its home).")
 app.add_typer(home_app, name="home")
@@ -62,6 +62,7 @@ def home_rebuild(
     verify, mount and restore then carry on from it."""
     if not from_:
         raise InputError("give the vault's remotes with --from (any k of them)")
+    check_distinct(from_, read_with="--from")  # one remote given twice counts once
     h = home_dir(home)
     keys = keys_for_restore(h, keyfile, seed_file)
     # from a seed: the new keyfile's passphrase, asked before anything is fetched

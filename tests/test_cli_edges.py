@@ -319,6 +319,37 @@ def test_restore_names_a_from_that_is_no_directory(tmp_path: Path) -> None:
     assert f"--from {tmp_path / 'nowhere'} does not exist" in err, err
 
 
+def test_a_from_given_twice_is_refused_as_init_refuses_a_remote_given_twice(
+    tmp_path: Path,
+) -> None:
+    """`--from R --from R` (or R and a path to the same directory) would be read as one
+    remote, short of the k the user meant to give: restore, home rebuild and kb refuse it
+    (exit 18, nothing written), naming the remote, as `init -r R -r R` does; it used to be
+    counted once silently (then "1 gave them intact")."""
+    home, remotes = init_local_vault(tmp_path)
+    (tmp_path / "f.txt").write_text("one")
+    run_cli("backup", str(tmp_path / "f.txt"), home=home)
+    key = ["--keyfile", str(home / "key.json")]
+    twice = ["--from", str(remotes[0]), "--from", str(remotes[1]), "--from", str(remotes[0])]
+    alias = ["--from", str(remotes[0]), "--from", f"{remotes[0]}/../{remotes[0].name}"]
+    for argv, said in [
+        (["restore", *twice, *key, "--to", str(tmp_path / "o")], "is given twice"),
+        (
+            ["restore", *alias, *key, "--to", str(tmp_path / "o")],
+            f"and {alias[3]} are one directory",
+        ),
+        (["home", "rebuild", *twice, *key], "is given twice"),
+        (["kb", "show", "00000000-0000-4000-8000-000000000000", *twice, *key], "is given twice"),
+    ]:
+        res = run_cli(*argv, home=tmp_path / "empty", check=18)
+        msg = " ".join(res.stderr.decode().split())
+        assert f"--from {remotes[0]} {said}, which would be read as one remote" in msg, msg
+        assert "Traceback" not in msg and not (tmp_path / "o").exists(), msg
+        assert not (tmp_path / "empty").exists() or not any((tmp_path / "empty").iterdir())
+    run_cli("restore", *twice[:4], *key, "--to", str(tmp_path / "o"), home=tmp_path / "empty")
+    assert (tmp_path / "o" / "f.txt").read_text() == "one"
+
+
 def test_a_keyfile_that_does_not_exist_is_missing_input(tmp_path: Path) -> None:
     """`restore --keyfile MISSING` exits 18 like a missing share or receipt file (it is input
     not found, not "no vault here", 16), naming the file."""
