@@ -114,7 +114,13 @@ def newest_of_name(index: Index, ref: str) -> str | None:
     name, the sentence saying that the newest was taken (and how to pick another); None when
     ``ref`` picks one snapshot. Names need not be unique; the newest of a name wins
     (docs/operations.md, "Snapshots")."""
-    same = namesakes(index, ref)
+    return newest_note(ref, namesakes(index, ref))
+
+
+def newest_note(ref: str, same: list[str]) -> str | None:
+    """The sentence of :func:`newest_of_name` for ``same``, the ids of the snapshots named
+    ``ref`` newest first (None when fewer than two): for a reader that picks among some
+    snapshots only (the knowledge-base commands: those holding a knowledge base)."""
     if len(same) < 2:
         return None
     return (

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shlex
 import shutil
 import tempfile
 import time
@@ -143,10 +144,13 @@ def initialize(
             r.ensure()
             existing = r.list("manifests")
             if existing:
+                # the command to run names the remote by the spec given (a label elides the
+                # parameters of a connection string, so `--from LABEL` would not open it)
                 raise RemoteHoldsVault(
                     f"remote {r.label} already holds a vault (manifests/ is not empty); give an "
                     "empty location, or, if it is the vault whose home this was, rebuild the "
-                    f"home from it: `vaultfs home rebuild --home {home} --from {r.label}`",
+                    f"home from it: `vaultfs home rebuild --home {shlex.quote(str(home))} "
+                    f"--from {shlex.quote(r.spec)}`",
                     r.spec,
                 )
         # the owner's only: the index names every file and its size, mount.log names paths
