@@ -6,6 +6,7 @@ reach it through the control socket (cli/mounted.py). Exit codes: vaultfs/errors
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -142,22 +143,58 @@ def umount(
             "files and directories open there (`fuser -vm MOUNTPOINT` lists them) and retry"
         )
     pid = int(ping["pid"])
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
+    said = False
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             break
+        if not said and time.monotonic() - started > UMOUNT_QUIET:
+            said = True
+            err.print(
+                f"unmounted {mp}; waiting up to {timeout:.0f}s (--timeout) for its daemon "
+                f"(pid {pid}) to finish {_finishing(reply, pid)}",
+                highlight=False,
+            )
         time.sleep(0.05)
     else:
         raise VaultBusy(
             f"unmounted {mp}, but its daemon (pid {pid}) is still finishing after "
-            f"{timeout:.0f}s (placing what is queued, retrying remotes that fail): it exits by "
-            "itself; `vaultfs status` shows the queue, and a new mount waits for it"
+            f"{timeout:.0f}s: {_finishing(reply, pid)}. It exits by itself; until then the "
+            "vault stays locked (`vaultfs mount` and other commands refuse with exit 17): "
+            "wait for it to exit, then mount again"
         )
     if not as_json:
         out.print(f"unmounted {mp}")
     raise typer.Exit(code)
+
+
+#: seconds `umount` waits for the daemon to exit before it says what the daemon finishes
+UMOUNT_QUIET = 1.0
+
+
+def _finishing(reply: dict, pid: int) -> str:
+    """What an unmounted daemon finishes before it exits: what its HOME/mount.json says
+    (vaultfs/daemon.py), else the job its umount reply named, else the uploads."""
+    job = reply.get("maintenance")
+    home = reply.get("home")
+    if home:
+        try:
+            state = json.loads((Path(home) / "mount.json").read_text())
+            if state.get("pid") == pid and isinstance(state.get("finishing"), dict):
+                job = state["finishing"].get("job")
+        except (OSError, ValueError):
+            pass
+    uploads = "the uploads under way (placing what is queued, retrying remotes that fail)"
+    if not isinstance(job, dict) or not job.get("job"):
+        return uploads
+    try:
+        since = time.strftime("%H:%M:%S", time.localtime(float(job.get("started") or 0)))
+    except (TypeError, ValueError, OverflowError, OSError):
+        return f"its {job['job']}, then {uploads}"
+    return f"its {job['job']} (running since {since}), then {uploads}"
 
 
 # -- snapshots --------------------------------------------------------------------------------
