@@ -262,8 +262,8 @@ def schedule_set(
     as_json: JsonOpt = False,
 ) -> None:
     """Change the routine's schedule (stored in the vault's home; applies from the next pass).
-    Keys: snapshot, sources, retention, verify, verify_budget, repair, prune, alert, grace,
-    queue_age (docs/operations.md)."""
+    Keys: snapshot, sources, retention, verify, verify_budget, repair, prune, alert,
+    alert_timeout, grace, queue_age, maintenance_rate, maintenance_ops (docs/operations.md)."""
     changes = {}
     for p in pairs:
         key, eq, value = p.partition("=")

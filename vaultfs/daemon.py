@@ -233,6 +233,9 @@ def run_foreground(
             reply = trio.from_thread.run(_handle, fs, req, trio_token=fs.token)
             if req.get("cmd") == "status":
                 reply["mount"]["maintenance"] = runner.current
+            elif req.get("cmd") == "umount":  # what the daemon finishes before it exits
+                reply["maintenance"] = runner.current
+                reply["home"] = str(home)  # its mount.json says what it finishes later on
             return reply
 
         def start_control(fs_) -> None:
@@ -258,12 +261,44 @@ def run_foreground(
         if server is not None:
             server.close()
         if runner is not None:
+            # the vault stays locked until the job ends and the uploads under way are done:
+            # `umount` and a refused `mount` (vault/home.py) say so from mount.json
+            _finishing(home, runner.current)
             runner.close()  # a running job ends before the vault closes
+            _finishing(home, None)
         if mounted:
             pyfuse3.close(unmount=not clean)
-        (home / "mount.json").unlink(missing_ok=True)
-        vault.close()
-        log.info("daemon exiting")
+        try:
+            vault.close()  # waits for the uploads under way, then frees the vault's lock
+        finally:
+            _forget_mount(home)
+            log.info("daemon exiting")
+
+
+def _finishing(home: Path, job: dict | None) -> None:
+    """Record in HOME/mount.json that the daemon is unmounted and finishing: ``job`` (the
+    maintenance job it waits for, {"job", "started"}) or None (the uploads under way). The
+    file goes when the daemon has closed the vault."""
+    path = home / "mount.json"
+    try:
+        state = json.loads(path.read_text())
+        state["finishing"] = {"since": time.time(), "job": job}
+        tmp = path.with_name("mount.json.tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, path)
+    except (OSError, ValueError):  # not written (never mounted): nothing to say
+        pass
+
+
+def _forget_mount(home: Path) -> None:
+    """Remove HOME/mount.json if this daemon wrote it (a new mount may own it already: the
+    lock is free by now)."""
+    path = home / "mount.json"
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
 
 
 async def _handle(fs, req: dict) -> dict:
