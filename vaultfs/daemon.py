@@ -223,8 +223,16 @@ def run_foreground(
             release = trio.from_thread.run(fs.hold_references, trio_token=fs.token)
             return lambda: trio.from_thread.run_sync(release.set, trio_token=fs.token)
 
+        def delete_snapshots(uids: list[str]) -> dict:
+            return trio.from_thread.run(_delete_snapshots, fs, uids, trio_token=fs.token)
+
         runner = maintenance.Runner(
-            vault, home, hold_references, fs.foreground_busy, lambda: routine.load_schedule(home)
+            vault,
+            home,
+            hold_references,
+            fs.foreground_busy,
+            lambda: routine.load_schedule(home),
+            delete_snapshots,
         )
 
         def dispatch(req: dict) -> dict:
@@ -298,6 +306,19 @@ async def _handle(fs, req: dict) -> dict:
         rep = await fs.prepare_umount()
         return {"report": await _report(fs, rep)}
     raise InputError(f"unknown control command {cmd!r}")
+
+
+async def _delete_snapshots(fs, uids: list[str]) -> dict:
+    """Forget the snapshots ``uids`` through the mount (`forget` in the daemon), then upload
+    once; the flush's report (:func:`_report`). One already gone is passed over (a `forget`
+    or `snapshot delete` of its own got there first)."""
+    from .index import snapshots
+
+    for uid in uids:
+        if snapshots.find(fs.vault.index, uid) is not None:
+            await fs.delete_snapshot(uid)
+    rep = await fs.push(seal=True)
+    return await _report(fs, rep)
 
 
 async def _report(fs, rep) -> dict:

@@ -85,8 +85,10 @@ class Runner:
         hold_references: Callable[[], Callable[[], None]],
         busy: Callable[[], bool],
         settings: Callable[[], dict[str, str]],
+        delete_snapshots: Callable[[list[str]], dict] | None = None,
     ) -> None:
         self.vault = vault
+        self.delete_snapshots = delete_snapshots
         self.home = home
         self.hold_references = hold_references
         self.busy = busy
@@ -106,6 +108,8 @@ class Runner:
             inspect.signature(fn).bind(self, **args)
         except TypeError as e:  # also args that are not an object of named values
             raise InputError(f"bad arguments for maintenance job {job!r}: {e}") from None
+        if not exclusive(job, args):  # forgets only: beside a running job, in this thread
+            return fn(self, **args)
         if not self._lock.acquire(blocking=False):
             cur = self.current or {}
             since = time.strftime("%H:%M:%S", time.localtime(cur.get("started", time.time())))
@@ -216,11 +220,30 @@ def _reencrypt(r: Runner, suite: int) -> dict:
     return dict(rep.__dict__)
 
 
+def _forget(r: Runner, policy: list[str], dry_run: bool = False, prune: bool = False) -> dict:
+    from . import retention, routine
+
+    if r.delete_snapshots is None:
+        raise InputError("this daemon cannot forget snapshots")
+    pol = retention.Policy.from_args(policy)
+    hold = r.hold_references if prune and not dry_run else None
+    return routine.forget_command(r.vault, pol, dry_run, prune, r.delete_snapshots, hold)
+
+
+def exclusive(job: str, args: dict) -> bool:
+    """Whether ``job`` takes the runner (one at a time, refused while another runs): every
+    job but `forget` without --prune, which only forgets snapshots (as `snapshot delete`
+    does beside a running job). `forget --prune` takes it before it forgets anything, so a
+    busy daemon refuses the whole command."""
+    return not (job == "forget" and not args.get("prune"))
+
+
 #: The jobs a mount daemon runs: name -> function(runner, **args) -> report (JSON).
 JOBS: dict[str, Callable[..., dict]] = {
     "verify": _verify,
     "repair": _repair,
     "prune": _prune,
+    "forget": _forget,
     "remote-add": _remote_add,
     "remote-remove": _remote_remove,
     "remote-replace": _remote_replace,
