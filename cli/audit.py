@@ -412,12 +412,32 @@ def remote_add(
     if as_json:
         print_json(info)
         return
-    out.print(
-        f"added {info['remote']} (domain {info['domain']}); the vault now survives "
-        f"{info['survives_losses_design']} domain loss(es) by design; any "
-        f"{info['restore_needs']} of its {info['remotes']} remotes (with the key) restore "
-        "everything",
-        highlight=False,
+    out.print(remote_add_summary(info), highlight=False)
+
+
+def remote_add_summary(info: dict) -> str:
+    """`remote add`'s line: the placement rule's figure for new data, and the truth about
+    the data stored before the add, which stays where it was (``stored_on``)."""
+    head = f"added {info['remote']} (domain {info['domain']}); "
+    held, now = info["stored_on"], info["restore_needs_now"]
+    if not held or (len(held) == info["remotes"] and now == info["restore_needs"]):
+        return (
+            head + f"the vault now survives {info['survives_losses_design']} domain loss(es) "
+            f"by design; any {info['restore_needs']} of its {info['remotes']} remotes (with "
+            "the key) restore everything"
+        )
+    names = ", ".join(held)
+    if now is None:
+        stored = f"what is stored now is on {names} and some of it is below k shards there"
+    elif now == len(held):
+        stored = f"what is stored now needs {'both' if now == 2 else 'all'} of {names}"
+    else:
+        stored = f"what is stored now needs any {now} of {names}"
+    return (
+        head + f"new data spreads over it (any {info['restore_needs']} of the "
+        f"{info['remotes']} remotes, with the key, will restore that); {stored} (the data "
+        f"already stored is not moved), so the vault survives "
+        f"{info['survives_losses_design']} domain loss(es) as it is placed now"
     )
 
 
