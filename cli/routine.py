@@ -37,6 +37,7 @@ from cli.common import (
     print_table,
 )
 from cli.mounted import mounted, report_from, run_in_mount
+from vaultfs import forget as forget_mod
 from vaultfs import prune as prune_mod
 from vaultfs import retention, routine, strategy, tiers
 from vaultfs.errors import EXIT_JOB_FAILED, EXIT_PARTIAL, InputError, VaultError
@@ -112,7 +113,7 @@ def forget(
                 return {"uploaded": rep.uploaded, "pending": rep.pending, "errors": rep.errors,
                         "segments_below_k_placed": below}  # fmt: skip
 
-            result = routine.forget_command(v, policy, dry_run, run_prune, delete)
+            result = forget_mod.command(v, policy, dry_run, run_prune, delete)
         result["mounted"] = False
     code = EXIT_PARTIAL if result.get("segments_below_k_placed") else 0
     prune_rep = None

@@ -221,13 +221,13 @@ def _reencrypt(r: Runner, suite: int) -> dict:
 
 
 def _forget(r: Runner, policy: list[str], dry_run: bool = False, prune: bool = False) -> dict:
-    from . import retention, routine
+    from . import forget, retention
 
     if r.delete_snapshots is None:
         raise InputError("this daemon cannot forget snapshots")
     pol = retention.Policy.from_args(policy)
     hold = r.hold_references if prune and not dry_run else None
-    return routine.forget_command(r.vault, pol, dry_run, prune, r.delete_snapshots, hold)
+    return forget.command(r.vault, pol, dry_run, prune, r.delete_snapshots, hold)
 
 
 def exclusive(job: str, args: dict) -> bool:
