@@ -1,7 +1,7 @@
 """`vaultfs forget --prune` and `--dry-run` through the real CLI, unmounted and on a real FUSE
 mount (local-directory remotes): it reports and exits as `vaultfs prune` does when deletions
 wait (a remote failing), a busy daemon refuses the whole command before anything is
-forgotten, a mounted vault needs no passphrase, and `--dry-run --prune` shows what the prune
+forgotten, a mounted vault needs no passphrase (`forget`, `status`, `snapshots`), and `--dry-run --prune` shows what the prune
 would free. The review that found these: "forget --prune exits 0 while objects wait"."""
 
 from __future__ import annotations
@@ -129,7 +129,11 @@ def mounted(tmp_path):
 
 
 def _names(home: Path) -> list[str]:
-    return [s["name"] for s in json.loads(run_cli("snapshots", "--json", home=home).stdout)]
+    """The snapshots' names, read as a mounted vault lists them: without the passphrase."""
+    env = _no_passphrase(home)
+    return [
+        s["name"] for s in json.loads(run_cli("snapshots", "--json", home=home, env=env).stdout)
+    ]
 
 
 @needs_fuse
@@ -138,6 +142,8 @@ def test_mounted_forget_prune_exits_3_when_deletions_wait_and_needs_no_passphras
 ) -> None:
     home, _mp, remotes = mounted
     env = _no_passphrase(home)
+    human = run_cli("status", home=home, env=env).stdout.decode()  # no passphrase either
+    assert "snapshots: 2" in human, human
     args = ("forget", "--keep-last", "1", "--prune")
     dry = json.loads(run_cli(*args, "--dry-run", "--json", home=home, env=env).stdout)
     assert dry["mounted"] and [s["name"] for s in dry["forget"]] == ["b0"]
@@ -171,7 +177,7 @@ def test_mounted_forget_prune_beside_a_running_job_forgets_nothing(mounted, tmp_
         deadline = time.monotonic() + 60
         job = None
         while job is None and time.monotonic() < deadline:
-            st = json.loads(run_cli("status", "--json", home=home).stdout)
+            st = json.loads(run_cli("status", "--json", home=home, env=env).stdout)
             job = st["mount"]["maintenance"]
             if job is None:
                 time.sleep(0.1)
