@@ -1,5 +1,5 @@
-"""Maintenance on a mounted vault: the mount daemon runs verify, repair, prune, remote
-add/remove/replace, key rotation and re-encryption for the commands that would otherwise
+"""Maintenance on a mounted vault: the mount daemon runs verify, repair, prune, forget,
+remote add/remove/replace, key rotation and re-encryption for the commands that would otherwise
 need the vault's lock (which the daemon holds), and for the routine's passes.
 
 A client (cli/mounted.py :func:`run_in_mount`) sends ``{"cmd": "job", "job": NAME, "args":
@@ -8,7 +8,9 @@ same command prints unmounted (its ``--json`` form), so the client prints it and
 the same code. Rules (docs/mount.md, "Maintenance while mounted"):
 
 * **One job at a time.** A request while a job runs is refused at once with VaultBusy
-  ("busy: verify running since ..."); `vaultfs status` shows the running job.
+  ("busy: verify running since ..."); `vaultfs status` shows the running job. `forget
+  --prune` is one job, refused whole before it forgets anything; `forget` without
+  --prune only forgets snapshots (as `snapshot delete` does) and runs beside a job.
 * **Off the FUSE loop and the control socket.** A job runs in the runner's own thread; the
   control request waits in its handler thread, other requests are served meanwhile. The
   thread keeps the daemon's priority: a thread of lower priority holding the GIL would make
