@@ -216,6 +216,36 @@ def test_remote_add_beyond_n_says_how_many_remotes_a_restore_needs(tmp_path: Pat
     assert rep["remotes"] == 6 and rep["restore_needs"] >= 3
 
 
+def test_remote_add_to_a_vault_with_data_names_the_remotes_that_restore_it(tmp_path: Path) -> None:
+    """2-of-3 over two remotes, then a third: the data already stored stays on the first two
+    (one holds two shards of each segment), so "any 2 of its 3 remotes restore everything"
+    was false (the review restored from r1 + r2 and failed). The message names the remotes
+    the stored data needs; a restore from exactly those works, one from r1 + r2 does not."""
+    home, remotes = init_local_vault(tmp_path, remotes=2)
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(3 * 1024 * 1024)
+    (src / "f.bin").write_bytes(data)
+    run_cli("backup", str(src), home=home)
+    extra = tmp_path / "r2"
+    said = run_cli("remote", "add", str(extra), home=home).stdout.decode()
+    said = " ".join(said.split())  # a terminal's line breaks
+    assert "any 2 of its 3 remotes" not in said and "restore everything" not in said, said
+    assert f"what is stored now needs both of {remotes[0]}, {remotes[1]}" in said, said
+    assert "survives 0 domain loss(es) as it is placed now" in said, said
+    rep = json.loads(run_cli("status", "--json", home=home).stdout)
+    assert rep["survives_losses_design"] == 0
+    keyfile = home / "key.json"
+    named = [a for r in remotes for a in ("--from", str(r))]
+    run_cli("restore", *named, "--to", str(tmp_path / "out"), "--keyfile", str(keyfile),
+            home=tmp_path / "h2")  # fmt: skip
+    assert next((tmp_path / "out").rglob("f.bin")).read_bytes() == data
+    other = ["--from", str(remotes[1]), "--from", str(extra)]
+    res = run_cli("restore", *other, "--to", str(tmp_path / "out2"), "--keyfile", str(keyfile),
+                  home=tmp_path / "h3", check=None)  # fmt: skip
+    assert res.returncode != 0
+
+
 def test_an_interrupted_restore_is_marked_and_finished_with_force(tmp_path: Path) -> None:
     """kill -9 mid-restore leaves a marker: the rerun names the interruption, --force
     finishes it byte-identical and removes the marker."""

@@ -223,8 +223,16 @@ def run_foreground(
             release = trio.from_thread.run(fs.hold_references, trio_token=fs.token)
             return lambda: trio.from_thread.run_sync(release.set, trio_token=fs.token)
 
+        def delete_snapshots(uids: list[str]) -> dict:
+            return trio.from_thread.run(_delete_snapshots, fs, uids, trio_token=fs.token)
+
         runner = maintenance.Runner(
-            vault, home, hold_references, fs.foreground_busy, lambda: routine.load_schedule(home)
+            vault,
+            home,
+            hold_references,
+            fs.foreground_busy,
+            lambda: routine.load_schedule(home),
+            delete_snapshots,
         )
 
         def dispatch(req: dict) -> dict:
@@ -305,11 +313,17 @@ async def _handle(fs, req: dict) -> dict:
     cmd = req.get("cmd")
     if cmd == "ping":
         return {"pid": os.getpid(), "mountpoint": str(fs.mountpoint)}
-    if cmd == "status":
+    if cmd == "status":  # what `vaultfs status` shows, so it needs no passphrase mounted
         import trio
 
-        st = await trio.to_thread.run_sync(fs.vault.status)
+        st = await trio.to_thread.run_sync(_vault_status, fs)
         return {"status": st, "mount": fs.mount_status()}
+    if cmd == "snapshots":  # `vaultfs snapshots` on a mounted vault (no passphrase)
+        import trio
+
+        from .index import snapshots
+
+        return {"snapshots": await trio.to_thread.run_sync(snapshots.listing, fs.vault.index)}
     if cmd == "flush":
         await fs.freeze()
         try:
@@ -333,6 +347,34 @@ async def _handle(fs, req: dict) -> dict:
         rep = await fs.prepare_umount()
         return {"report": await _report(fs, rep)}
     raise InputError(f"unknown control command {cmd!r}")
+
+
+def _vault_status(fs) -> dict:
+    """`vaultfs status`'s report of the mounted vault (the mount's own state aside)."""
+    from . import routine
+    from .index import manifests
+    from .manifest import Link
+
+    v = fs.vault
+    st = v.status()
+    st["routine"] = routine.report(fs.home, v)
+    link = manifests.newest_link(v.index)
+    st |= Link(*link).as_json() if link else {"seq": 0, "manifest_hash": None}
+    st["fork"] = manifests.fork_seen(v.index)
+    return st
+
+
+async def _delete_snapshots(fs, uids: list[str]) -> dict:
+    """Forget the snapshots ``uids`` through the mount (`forget` in the daemon), then upload
+    once; the flush's report (:func:`_report`). One already gone is passed over (a `forget`
+    or `snapshot delete` of its own got there first)."""
+    from .index import snapshots
+
+    for uid in uids:
+        if snapshots.find(fs.vault.index, uid) is not None:
+            await fs.delete_snapshot(uid)
+    rep = await fs.push(seal=True)
+    return await _report(fs, rep)
 
 
 async def _report(fs, rep) -> dict:

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import clock, control, maintenance, retention
+from . import forget as forget_mod
 from .errors import InputError, PolicyKeepsNothing, VaultBusy, VaultError
 from .index import segments as segment_table
 from .index import snapshots as snapshot_table
@@ -380,17 +381,7 @@ def forget(
     when ``mounted`` (``v`` is then opened without the lock), else on ``v`` (opened with it).
     The caller flushes an unmounted vault. A policy that would forget every snapshot raises
     PolicyKeepsNothing, dry run or not, before anything is forgotten (restic 0.17's rule)."""
-    rows = snapshot_table.rows(v.index)
-    snaps = [retention.Snap(u, c, nm) for u, nm, c, *_ in rows]
-    decision = retention.apply(snaps, policy, clock.now() if now is None else now)
-    if snaps and not decision.keep:
-        names = sorted({s.name for s in snaps if s.name})
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        raise PolicyKeepsNothing(
-            f"refusing to forget all {len(snaps)} snapshot(s): the policy ({policy.describe()}) "
-            f"keeps none of them (their names: {shown or 'none'}). Fix the policy; a "
-            "--keep-name glob that matches nothing is the usual typo"
-        )
+    decision = forget_mod.decide(v, policy, now)
     if dry_run or not decision.forget:
         return decision
     if not mounted:  # one transaction, one index copy

@@ -313,3 +313,18 @@ def newest_placed(index: Index) -> tuple[str, float] | None:
         "   WHERE h.state = 'queued' AND g.created <= s.created)"
         " ORDER BY s.created DESC, s.id DESC LIMIT 1"
     )
+
+
+def listing(index: Index) -> list[dict]:
+    """`vaultfs snapshots --json`: every snapshot, oldest first, with its manifest (the
+    mount's daemon answers it too, so a mounted vault lists them without the passphrase)."""
+    from . import manifests
+
+    links = manifests.chain_links(index)
+    return [
+        {
+            "id": u, "name": nm, "time": c, "entries": f, "bytes": b, "seq": s,
+            "manifest_hash": links[s].hex()[:16] if s in links else None,
+        }
+        for u, nm, c, f, b, s in rows(index)
+    ]  # fmt: skip
