@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vaultfs.selfexec import cli_argv
+
 USAGE = "usage: mount.vaultfs HOME MOUNTPOINT [-sfnv] [-o passphrase_file=F,cache_size=S,...]"
 GENERIC = {"defaults", "rw", "auto", "noauto", "user", "users", "nouser", "owner", "group",
            "_netdev", "nofail", "exec", "noexec", "suid", "nosuid", "dev", "nodev"}  # fmt: skip
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_FAILED)
     if fake:
         sys.exit(0)
-    cmd = [sys.executable, "-m", "cli.main", "mount", "--home", home, mountpoint]
+    cmd = cli_argv("mount", "--home", home, mountpoint)
     if "cache_size" in opts:
         cmd[-1:-1] = ["--cache-size", opts["cache_size"]]
     res = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL)

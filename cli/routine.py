@@ -13,7 +13,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -41,6 +40,7 @@ from vaultfs import forget as forget_mod
 from vaultfs import prune as prune_mod
 from vaultfs import retention, routine, strategy, tiers
 from vaultfs.errors import EXIT_JOB_FAILED, EXIT_PARTIAL, InputError, VaultError
+from vaultfs.selfexec import cli_argv
 
 
 def _when(t: float | None) -> str:
@@ -336,7 +336,7 @@ def default_unit_dir(system: bool) -> Path:
 def unit_files(home: Path, every: str, name: str, env_file: Path) -> dict[str, str]:
     """The service and timer that run `vaultfs run` for the vault at ``home`` every
     ``every`` (a systemd time span, e.g. 900s)."""
-    cmd = [sys.executable, "-m", "cli.main", "run", "--home", str(home)]
+    cmd = cli_argv("run", "--home", str(home))
     pypath = os.environ.get("PYTHONPATH")
     service = f"""[Unit]
 Description=vaultfs routine for {home}

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .errors import InputError, TargetNotEmpty, VaultBusy, VaultError
 from .readcache import DEFAULT_READ_CACHE_SIZE
+from .selfexec import cli_argv, leave_cwd
 
 log = logging.getLogger("vaultfs.daemon")
 
@@ -169,6 +170,8 @@ def run_foreground(
                 pass
 
     mountpoint = Path(os.path.abspath(mountpoint))
+    home = Path(os.path.abspath(home))
+    leave_cwd()  # before any thread: nothing after this depends on where it was started
     real_mountpoint = Path(os.path.realpath(mountpoint))  # before it is mounted: no FUSE call
     try:
         if not path_exists(mountpoint):
@@ -411,7 +414,7 @@ def spawn(
     r, w = os.pipe()
     home.mkdir(parents=True, exist_ok=True)
     logf = open(home / "mount.log", "ab")  # noqa: SIM115
-    cmd = [sys.executable, "-m", "cli.main", "mount", "--foreground", "--home", str(home)]
+    cmd = cli_argv("mount", "--foreground", "--home", str(home))
     cmd += ["--cache-size", str(cache_size), "--read-cache-size", str(read_cache_size)]
     cmd += ["--allow-other"] if allow_other else []
     cmd += ["--ready-fd", str(w), str(mountpoint)]
