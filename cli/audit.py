@@ -81,6 +81,7 @@ def verify(
     if max_duration is not None and max_duration <= 0:
         raise InputError("--max-duration takes a positive number of seconds")
     mode = "read-all" if read_all else ("sample" if sample is not None else "confidence")
+    remote = [absolute(r) for r in remote] if remote else remote  # the daemon runs in /
     args = {"remotes": remote, "mode": mode, "sample": sample, "max_duration": max_duration}
     if (done := run_in_mount(home, "verify", args)) is not None:
         rep = report_from(verify_mod.AuditReport, done, {"remotes": verify_mod.RemoteAudit})
@@ -448,6 +449,7 @@ def remote_remove(
     as_json: JsonOpt = False,
 ) -> None:
     """Remove a remote: rebuild its shards on the others, then delete what it held."""
+    spec = absolute(spec)  # a relative path names a directory of this working directory
     if (done := run_in_mount(home, "remote-remove", {"name": spec})) is not None:
         rep = _repair_report(done)
     else:
@@ -473,7 +475,7 @@ def remote_replace(
     as_json: JsonOpt = False,
 ) -> None:
     """Replace a remote (a provider that shut down): rebuild its shards onto the new one."""
-    new = absolute(new)
+    old, new = absolute(old), absolute(new)
     check_archive(new, archive)
     check_local_dir(new)
     args = {"old": old, "new": new, "domain": domain}
