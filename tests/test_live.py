@@ -365,3 +365,23 @@ def test_a_snapshot_file_pruned_while_open_is_eio_for_its_reader_only(tmp_path) 
             run_cli("umount", str(mp), home=home, check=None, timeout=300)
         if os.path.ismount(mp):
             subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+
+
+def test_maintenance_rate_bounds_a_repair_reading_local_remotes_in_place(live) -> None:
+    """A repair in the daemon reads a local-directory remote's shards where they lie (no
+    download): those reads are charged to the maintenance share too, so a lost remote's
+    repair takes at least the bytes it read over ``maintenance_rate`` (it took 0.5 s for
+    91 MB at 2M before)."""
+    home, mp, remotes = live
+    (mp / "f.bin").write_bytes(os.urandom(4 * 1024 * 1024))
+    run_cli("flush", home=home)
+    rate = 2 * 1024 * 1024
+    run_cli("schedule", "set", "maintenance_rate=2M", home=home)
+    shutil.rmtree(remotes[2])
+    t0 = time.monotonic()
+    rep = _json(run_cli("repair", "--json", home=home))
+    took = time.monotonic() - t0
+    assert rep["rebuilt"] > 0 and not rep["unrecoverable"], rep
+    assert rep["bytes_fetched"] >= 4 * 1024 * 1024, rep  # k shards of each lost one, in place
+    assert took >= rep["bytes_fetched"] / rate * 0.95, (took, rep["bytes_fetched"])
+    assert _json(run_cli("verify", "--read-all", "--json", home=home))["clean"]

@@ -333,6 +333,7 @@ class _Fetcher:
                 except RemoteError as e:
                     with self.lock:
                         self.report.errors[self.labels[rid]] = e.message
+            in_place = 0
             for s in shards:
                 p = here / s.kind / s.name if here is not None else d / s.name
                 try:
@@ -345,6 +346,15 @@ class _Fetcher:
                     if size == s.size:
                         self.report.bytes_fetched += s.size
                     got[s.name] = p
+                if here is not None and size > 0:
+                    in_place += min(size, s.size)  # the workers read no more than the index says
+            if in_place and self.wrap is not None:
+                # background work (the mount daemon's share, backends.Throttled): bytes the
+                # workers will read in place are charged before they get the paths, as a
+                # download would be; a foreground repair (no wrap) pays nothing here
+                charge = getattr(b, "read_in_place", None)
+                if charge is not None:
+                    charge(in_place)
 
         with ThreadPoolExecutor(max_workers=max(1, len(per_remote))) as ex:
             list(ex.map(pull, per_remote.items()))
