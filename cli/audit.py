@@ -18,7 +18,6 @@ from rich.table import Table
 from cli.common import (
     HomeOpt,
     JsonOpt,
-    advance,
     advance_segments,
     app,
     err,
@@ -28,6 +27,7 @@ from cli.common import (
     print_json,
     print_table,
     progress,
+    track,
 )
 from cli.mounted import report_from, run_in_mount
 from vaultfs import prune as prune_mod
@@ -85,8 +85,12 @@ def verify(
     if (done := run_in_mount(home, "verify", args)) is not None:
         rep = report_from(verify_mod.AuditReport, done, {"remotes": verify_mod.RemoteAudit})
     else:
-        with open_vault(home) as v:
-            rep = verify_mod.audit(v, remote, mode=mode, sample=sample, max_duration=max_duration)
+        with open_vault(home) as v, progress("verify", quiet=as_json) as prog:
+            # bytes read of those the planned checks read (read-all: every object)
+            rep = verify_mod.audit(
+                v, remote, mode=mode, sample=sample, max_duration=max_duration,
+                progress=track(prog),
+            )  # fmt: skip
     if as_json:
         print_json(rep.to_dict())
     else:
@@ -224,11 +228,8 @@ def repair(
         repair_mod.keep_rebuild_buffers()  # not in the daemon: its resident size is bounded
         with open_vault(home) as v:
             with progress("repair", quiet=as_json or dry_run) as prog:
-                step = advance(prog)
-                seg = v.segment_size
-                rep = repair_mod.repair(
-                    v, dry_run=dry_run, sources=source, progress=step and (lambda n: step(n * seg))
-                )
+                # bytes of rebuilt shards written, of the total the plan rebuilds
+                rep = repair_mod.repair(v, dry_run=dry_run, sources=source, progress=track(prog))
     _print_repair(rep, as_json)
     raise typer.Exit(_repair_code(rep))
 

@@ -329,6 +329,43 @@ def test_long_commands_show_progress_on_a_terminal_only(tmp_path):
     assert "prune" in drawn and re.search(r"[\d.]+/[\d.]+ MB", drawn)  # too quick for a rate
 
 
+def _bars(drawn: str, label: str) -> list[tuple[float, float, str]]:
+    """(done MB, total MB, time left) of each state of ``label``'s bar that had a total."""
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn)
+    return [
+        (float(d), float(t), eta)
+        for d, t, eta in re.findall(
+            label + r" [━╸╺ ]+ ([\d.]+)/([\d.]+) MB [\d.]+ [kMG]?B/s (\d+:\d\d:\d\d)", plain
+        )
+    ]
+
+
+def test_verify_repair_and_backup_progress_know_their_totals(tmp_path):
+    """On a terminal: backup's bar has the files' total and a time left; `verify --read-all`
+    and the sampled audit show bytes read of the bytes to read; repair shows the rebuilt
+    bytes written of those to rebuild (the lost remote's shards), not segments counted as
+    whole segments with no total."""
+    home, remotes = init_vault(tmp_path, 3, "-k", "2", "-n", "3")
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(24 * 1024 * 1024))
+    bars = _bars(_stderr_on_a_terminal(["backup", str(big)], home), "backup")
+    assert bars and {t for _d, t, _e in bars} == {25.2}, bars  # 25,165,824 bytes
+    assert bars[-1][0] == 25.2
+    for args in (["verify", "--read-all"], ["verify"]):
+        bars = _bars(_stderr_on_a_terminal(args, home), "verify")
+        assert bars and bars[-1][0] == bars[-1][1] > 0, (args, bars)
+    whole = sum(p.stat().st_size for r in remotes for p in Path(r).glob("data/*"))
+    bars = _bars(_stderr_on_a_terminal(["verify", "--read-all"], home), "verify")
+    assert bars[-1][1] >= round(whole / 1e6, 1)  # every data object (and meta ones)
+    lost = Path(remotes[1])
+    rebuilt = sum(p.stat().st_size for sub in ("data", "meta") for p in lost.glob(f"{sub}/*"))
+    shutil.rmtree(lost)
+    bars = _bars(_stderr_on_a_terminal(["repair"], home), "repair")
+    assert bars and bars[-1][1] == round(rebuilt / 1e6, 1) == bars[-1][0], (bars, rebuilt)
+    quiet = _stderr_on_a_terminal(["verify", "--read-all", "--json"], home)
+    assert "/s" not in quiet
+
+
 def test_mount_helper_takes_what_mount8_passes():
     from cli.fstab import parse
 
