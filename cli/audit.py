@@ -82,7 +82,7 @@ def verify(
         raise InputError("--max-duration takes a positive number of seconds")
     mode = "read-all" if read_all else ("sample" if sample is not None else "confidence")
     args = {"remotes": remote, "mode": mode, "sample": sample, "max_duration": max_duration}
-    if (done := run_in_mount(home, "verify", args)) is not None:
+    if (done := run_in_mount(home, "verify", args, "verify", as_json)) is not None:
         rep = report_from(verify_mod.AuditReport, done, {"remotes": verify_mod.RemoteAudit})
     else:
         with open_vault(home) as v, progress("verify", quiet=as_json) as prog:
@@ -222,7 +222,11 @@ def repair(
         if not p.exists():
             raise InputError(f"--source {p} does not exist")
     sources = [str(p.resolve()) for p in source or []]  # the daemon has its own cwd
-    if (done := run_in_mount(home, "repair", {"dry_run": dry_run, "sources": sources})) is not None:
+    if (
+        done := run_in_mount(
+            home, "repair", {"dry_run": dry_run, "sources": sources}, "repair", as_json or dry_run
+        )
+    ) is not None:
         rep = _repair_report(done)
     else:
         repair_mod.keep_rebuild_buffers()  # not in the daemon: its resident size is bounded
@@ -321,7 +325,7 @@ def prune(
     if not 0 <= repack_below <= 1:
         raise InputError("--repack-below is a fraction between 0 and 1")
     args = {"repack_below": repack_below, "dry_run": dry_run}
-    if (done := run_in_mount(home, "prune", args)) is not None:
+    if (done := run_in_mount(home, "prune", args, "prune", as_json or dry_run)) is not None:
         rep = report_from(prune_mod.PruneReport, done)
     else:
         with open_vault(home) as v:
