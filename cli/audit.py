@@ -337,46 +337,59 @@ def prune(
     if as_json:
         print_json(rep.as_dict())
     else:
-        verb = "would free" if dry_run else "freed"
+        print_prune(rep)
+    raise typer.Exit(prune_exit_code(rep))
+
+
+def print_prune(rep: prune_mod.PruneReport) -> None:
+    """What a prune (or its dry run) freed, per remote, what waits, and the remotes' errors:
+    `vaultfs prune`'s report, also `forget --prune`'s."""
+    dry_run = rep.dry_run
+    verb = "would free" if dry_run else "freed"
+    out.print(
+        f"{verb} {rep.contents_freed} file content(s) no snapshot names,"
+        f" {rep.chunks_freed} chunk(s), {rep.bytes_freed:,} bytes of data"
+        f" ({rep.stored_freed:,} bytes per copy stored): {rep.dropped} segment(s) dropped,"
+        f" {rep.repacked} repacked into {rep.written}",
+        highlight=False,
+    )
+    for r, b in sorted(rep.freed_per_remote.items()):
+        later = rep.remote_deferred.get(r, 0)
         out.print(
-            f"{verb} {rep.contents_freed} file content(s) no snapshot names,"
-            f" {rep.chunks_freed} chunk(s), {rep.bytes_freed:,} bytes of data"
-            f" ({rep.stored_freed:,} bytes per copy stored): {rep.dropped} segment(s) dropped,"
-            f" {rep.repacked} repacked into {rep.written}",
+            f"  {r}: {b:,} bytes"
+            + (" to free" if dry_run else " freed")
+            + (f"; {later:,} bytes to free at a later prune" if later else ""),
             highlight=False,
         )
-        for r, b in sorted(rep.freed_per_remote.items()):
-            later = rep.remote_deferred.get(r, 0)
-            out.print(
-                f"  {r}: {b:,} bytes"
-                + (" to free" if dry_run else " freed")
-                + (f"; {later:,} bytes to free at a later prune" if later else ""),
+    if not dry_run:
+        out.print(
+            f"deleted {rep.garbage_deleted} old object(s) from the remotes"
+            + (f"; {rep.garbage_left} wait for a later prune" if rep.garbage_left else ""),
+            highlight=False,
+        )
+        if rep.garbage_waiting:
+            err.print(
+                f"[yellow]{rep.garbage_waiting} of them wait for queued uploads to land "
+                "(a remote did not take the newest manifest): run `vaultfs flush` once "
+                "every remote is reachable, then `vaultfs prune` again[/]",
                 highlight=False,
             )
-        if not dry_run:
-            out.print(
-                f"deleted {rep.garbage_deleted} old object(s) from the remotes"
-                + (f"; {rep.garbage_left} wait for a later prune" if rep.garbage_left else ""),
+        elif rep.garbage_left and not rep.garbage_held:
+            err.print(
+                f"[yellow]{rep.garbage_left} could not be deleted (a remote failed): run "
+                "`vaultfs prune` again once every remote is reachable[/]",
                 highlight=False,
             )
-            if rep.garbage_waiting:
-                err.print(
-                    f"[yellow]{rep.garbage_waiting} of them wait for queued uploads to land "
-                    "(a remote did not take the newest manifest): run `vaultfs flush` once "
-                    "every remote is reachable, then `vaultfs prune` again[/]",
-                    highlight=False,
-                )
-            elif rep.garbage_left and not rep.garbage_held:
-                err.print(
-                    f"[yellow]{rep.garbage_left} could not be deleted (a remote failed): run "
-                    "`vaultfs prune` again once every remote is reachable[/]",
-                    highlight=False,
-                )
-            if rep.garbage_held:
-                err.print(f"[yellow]old objects kept: {rep.garbage_held}[/]", highlight=False)
-        for r, e in rep.errors.items():
-            err.print(f"[yellow]warning:[/] {r}: {e}", highlight=False)
-    raise typer.Exit(EXIT_PARTIAL if (rep.garbage_left or rep.errors) and not dry_run else 0)
+        if rep.garbage_held:
+            err.print(f"[yellow]old objects kept: {rep.garbage_held}[/]", highlight=False)
+    for r, e in rep.errors.items():
+        err.print(f"[yellow]warning:[/] {r}: {e}", highlight=False)
+
+
+def prune_exit_code(rep: prune_mod.PruneReport) -> int:
+    """`vaultfs prune`'s exit code (also `forget --prune`'s): EXIT_PARTIAL when old objects
+    wait for a later prune or a remote failed, else 0 (a dry run: 0)."""
+    return EXIT_PARTIAL if (rep.garbage_left or rep.errors) and not rep.dry_run else 0
 
 
 @remote_app.command("add")
@@ -404,12 +417,32 @@ def remote_add(
     if as_json:
         print_json(info)
         return
-    out.print(
-        f"added {info['remote']} (domain {info['domain']}); the vault now survives "
-        f"{info['survives_losses_design']} domain loss(es) by design; any "
-        f"{info['restore_needs']} of its {info['remotes']} remotes (with the key) restore "
-        "everything",
-        highlight=False,
+    out.print(remote_add_summary(info), highlight=False)
+
+
+def remote_add_summary(info: dict) -> str:
+    """`remote add`'s line: the placement rule's figure for new data, and the truth about
+    the data stored before the add, which stays where it was (``stored_on``)."""
+    head = f"added {info['remote']} (domain {info['domain']}); "
+    held, now = info["stored_on"], info["restore_needs_now"]
+    if not held or (len(held) == info["remotes"] and now == info["restore_needs"]):
+        return (
+            head + f"the vault now survives {info['survives_losses_design']} domain loss(es) "
+            f"by design; any {info['restore_needs']} of its {info['remotes']} remotes (with "
+            "the key) restore everything"
+        )
+    names = ", ".join(held)
+    if now is None:
+        stored = f"what is stored now is on {names} and some of it is below k shards there"
+    elif now == len(held):
+        stored = f"what is stored now needs {'both' if now == 2 else 'all'} of {names}"
+    else:
+        stored = f"what is stored now needs any {now} of {names}"
+    return (
+        head + f"new data spreads over it (any {info['restore_needs']} of the "
+        f"{info['remotes']} remotes, with the key, will restore that); {stored} (the data "
+        f"already stored is not moved), so the vault survives "
+        f"{info['survives_losses_design']} domain loss(es) as it is placed now"
     )
 
 

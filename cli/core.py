@@ -362,19 +362,17 @@ def _tier_status(s: Strategy, as_json: bool) -> None:
 @app.command()
 def snapshots(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """List snapshots."""
-    from vaultfs.index import manifests
+    from cli.mounted import call
+    from vaultfs import control
     from vaultfs.index import snapshots as snapshot_rows
 
-    with open_vault(home, lock=False) as v:
-        rows = snapshot_rows.rows(v.index)
-        links = manifests.chain_links(v.index)
-    items = [
-        {
-            "id": u, "name": nm, "time": c, "entries": f, "bytes": b, "seq": s,
-            "manifest_hash": links[s].hex()[:16] if s in links else None,
-        }
-        for u, nm, c, f, b, s in rows
-    ]  # fmt: skip
+    # mounted: the daemon lists them (no passphrase asked, docs/mount.md)
+    reply = call(control.home_address(home_dir(home)), {"cmd": "snapshots"}, timeout=60)
+    if reply is not None:
+        items = reply["snapshots"]
+    else:
+        with open_vault(home, lock=False) as v:
+            items = snapshot_rows.listing(v.index)
     if as_json:
         print_json(items)
         return
@@ -443,8 +441,8 @@ def status(
     """Show remotes, queue, redundancy and how many remote losses the vault survives. With
     --strategy (or in a home that holds a strategy.yaml and no vault of its own): every tier's
     last success, next due, RPO and redundancy."""
-    from cli.mounted import mount_status
-    from vaultfs import routine
+    from cli.mounted import call
+    from vaultfs import control, routine
     from vaultfs.index import manifests
 
     h = home_dir(home)
@@ -454,12 +452,18 @@ def status(
         if strategy_file or strategy.default_path(h).exists():
             _tier_status(load_strategy(home, strategy_file), as_json)
             return
-    with open_vault(home, lock=False) as v:
-        st = v.status()
-        st["routine"] = routine.report(home_dir(home), v)
-        st |= manifest_fields(v)
-        st["fork"] = manifests.fork_seen(v.index)
-    if (mounted := mount_status(home)) is not None:
+    # mounted: the daemon reports (no passphrase asked, docs/mount.md)
+    reply = call(control.home_address(h), {"cmd": "status"}, timeout=60)
+    if reply is not None:
+        st, mounted = reply["status"], reply["mount"]
+    else:
+        with open_vault(home, lock=False) as v:
+            st = v.status()
+            st["routine"] = routine.report(h, v)
+            st |= manifest_fields(v)
+            st["fork"] = manifests.fork_seen(v.index)
+        mounted = None
+    if mounted is not None:
         st["mount"] = mounted
     if as_json:
         print_json(st)

@@ -30,7 +30,7 @@ from cli.common import (
 from vaultfs.backends import open_backend
 from vaultfs.errors import InputError
 from vaultfs.rebuild import rebuild_home
-from vaultfs.remotes import Remote, absolute
+from vaultfs.remotes import Remote, absolute, check_distinct
 
 home_app = typer.Typer(help="The vault's local state directory (its home).")
 app.add_typer(home_app, name="home")
@@ -62,6 +62,7 @@ def home_rebuild(
     verify, mount and restore then carry on from it."""
     if not from_:
         raise InputError("give the vault's remotes with --from (any k of them)")
+    check_distinct(from_, read_with="--from")  # one remote given twice counts once
     h = home_dir(home)
     keys = keys_for_restore(h, keyfile, seed_file)
     # from a seed: the new keyfile's passphrase, asked before anything is fetched
@@ -76,9 +77,10 @@ def home_rebuild(
         print_json(
             {
                 "home": str(rep.home),
-                "seq": rep.seq,
-                "manifest": rep.manifest,
-                "manifest_link": rep.link,
+                # the manifest as every output names it (its hash: BLAKE3 of the object),
+                # and its object on the remotes (whose name ends in a random part, no hash)
+                **rep.link.as_json(),
+                "object": f"manifests/{rep.manifest}",
                 "snapshots": rep.snapshots,
                 "matched": matched,
                 "kept": kept,
@@ -89,7 +91,7 @@ def home_rebuild(
     for w in rep.warnings:
         err.print(f"[yellow]warning:[/] {w}", highlight=False)
     out.print(
-        f"rebuilt the home at {rep.home} from manifest {rep.link} ({rep.snapshots} snapshot(s))",
+        f"rebuilt the home at {rep.home} from manifest {rep.link.short} ({rep.snapshots} snapshot(s))",
         highlight=False,
     )
     for new, old in rep.matched.items():

@@ -40,6 +40,7 @@ from vaultfs.kb import history as history_mod
 from vaultfs.kb import restore as restore_mod
 from vaultfs.kb import snapshot as snapshot_mod
 from vaultfs.kb.reader import KbFiles, open_kb_files
+from vaultfs.remotes import check_distinct
 from vaultfs.valence import database
 
 kb_app = typer.Typer(
@@ -62,12 +63,17 @@ FromOpt = Annotated[
 def _files(
     home: Path | None, from_: list[str] | None, keyfile: Path | None, seed_file: Path | None
 ) -> Iterator[KbFiles]:
+    check_distinct(from_ or [], read_with="--from")  # one remote given twice counts once
     h = home_dir(home)
     keys = keys_for_restore(h, keyfile, seed_file)
     with open_kb_files(keys, h, from_) as files:
         for w in files.warnings:
             err.print(f"[yellow]warning:[/] {w}")
-        yield files
+        try:
+            yield files
+        finally:  # a name several snapshots share: which one was read (as `vaultfs ls` says)
+            for note in files.notes:
+                err.print(f"[yellow]note:[/] {note}", highlight=False)
 
 
 def _when(value: str | None, flag: str) -> datetime | None:

@@ -37,6 +37,7 @@ from vaultfs import rotation, shamir
 from vaultfs.errors import InputError, NoVault, ShareError, WrongKey
 from vaultfs.index import manifests, stored_vault_id
 from vaultfs.index import remotes as remote_rows
+from vaultfs.index import snapshots as snapshot_rows
 from vaultfs.keys import (
     SUITES,
     VaultKeys,
@@ -536,6 +537,8 @@ def receipt(
         raise InputError("`vaultfs receipt SNAPSHOT` takes one argument")
     with open_vault(home, lock=False) as v:
         doc = receipts.make(v, what)
+        if note := snapshot_rows.newest_of_name(v.index, what):
+            err.print(f"[yellow]note:[/] {note}", highlight=False)
     text = json.dumps(doc, indent=2) + "\n"
     if out_file:
         out_file.write_text(text)

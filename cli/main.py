@@ -86,7 +86,8 @@ def _stdout_closed() -> bool:
 def _exit(code: int | str | None) -> None:
     """End the process without the interpreter's teardown (tens of milliseconds of module
     and object finalisation for nothing): every command has closed what it opened by now,
-    so flush the standard streams and the log, stop the rclone daemon, and leave."""
+    so flush the standard streams and the log, stop the rclone daemon, remove
+    multiprocessing's directory (vaultfs/sealer.py: release_mp_tempdir), and leave."""
     import logging
 
     if isinstance(code, str):
@@ -106,6 +107,9 @@ def _exit(code: int | str | None) -> None:
     # a command that never imported the remote stack started no daemon: no import for it
     if (remotes := sys.modules.get("vaultfs.remotes")) is not None:
         remotes.RcloneDaemon.shutdown()
+    # the forkserver's directory (a mount daemon's repair): only atexit would remove it
+    if (sealer := sys.modules.get("vaultfs.sealer")) is not None:
+        sealer.release_mp_tempdir()
     os._exit(code or 0)
 
 

@@ -6,6 +6,7 @@ reach it through the control socket (cli/mounted.py). Exit codes: vaultfs/errors
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -142,22 +143,66 @@ def umount(
             "files and directories open there (`fuser -vm MOUNTPOINT` lists them) and retry"
         )
     pid = int(ping["pid"])
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
+    look = started + UMOUNT_QUIET  # when to look at what the daemon finishes (None: said)
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             break
+        now = time.monotonic()
+        if look is not None and now > look:
+            job, what = _finishing(reply, pid)
+            look = now + 1.0
+            if job or now - started > UMOUNT_QUIET_UPLOADS:
+                look = None
+                err.print(
+                    f"unmounted {mp}; waiting up to {timeout:.0f}s (--timeout) for its daemon "
+                    f"(pid {pid}) to finish {what}",
+                    highlight=False,
+                )
         time.sleep(0.05)
     else:
         raise VaultBusy(
             f"unmounted {mp}, but its daemon (pid {pid}) is still finishing after "
-            f"{timeout:.0f}s (placing what is queued, retrying remotes that fail): it exits by "
-            "itself; `vaultfs status` shows the queue, and a new mount waits for it"
+            f"{timeout:.0f}s: {_finishing(reply, pid)[1]}. It exits by itself; until then "
+            "the vault stays locked (`vaultfs mount` and other commands refuse with exit "
+            "17): wait for it to exit, then mount again"
         )
     if not as_json:
         out.print(f"unmounted {mp}")
     raise typer.Exit(code)
+
+
+#: seconds `umount` waits for the daemon to exit before it says which maintenance job the
+#: daemon finishes, and (closing the vault takes a few seconds) before it says it waits for
+#: the uploads under way
+UMOUNT_QUIET = 1.0
+UMOUNT_QUIET_UPLOADS = 10.0
+
+
+def _finishing(reply: dict, pid: int) -> tuple[bool, str]:
+    """(whether a maintenance job runs, what an unmounted daemon finishes before it exits):
+    what its HOME/mount.json says (vaultfs/daemon.py), else the job its umount reply named,
+    else the uploads."""
+    job = reply.get("maintenance")
+    home = reply.get("home")
+    if home:
+        try:
+            state = json.loads((Path(home) / "mount.json").read_text())
+            if state.get("pid") == pid and isinstance(state.get("finishing"), dict):
+                job = state["finishing"].get("job")
+        except (OSError, ValueError):
+            pass
+    uploads = "the uploads under way (placing what is queued, retrying remotes that fail)"
+    if not isinstance(job, dict) or not job.get("job"):
+        return False, uploads
+    try:
+        since = time.strftime("%H:%M:%S", time.localtime(float(job.get("started") or 0)))
+    except (TypeError, ValueError, OverflowError, OSError):
+        return True, f"its {job['job']}, then {uploads}"
+    return True, f"its {job['job']} (running since {since}), then {uploads}"
 
 
 # -- snapshots --------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Reaching a running mount through its control socket (vaultfs/control.py): the hooks that
-`flush`, `status`, `umount` and `snapshot` use, the report a mount's flush returns, and
-:func:`run_in_mount`, through which `verify`, `repair`, `prune`, `forget --prune`, `remote
+`flush`, `umount` and `snapshot` use, the report a mount's flush returns, and
+:func:`run_in_mount`, through which `verify`, `repair`, `prune`, `forget`, `remote
 add|remove|replace`, `keys rotate` and `reencrypt` run in the daemon (vaultfs/maintenance.py).
 
 A running mount holds the vault's lock, so commands that would open the vault ask its daemon
@@ -93,12 +93,6 @@ def mount_info(home: Path) -> dict | None:
         return json.loads((home / "mount.json").read_text())
     except (OSError, ValueError):
         return None
-
-
-def mount_status(home: Path | None) -> dict | None:
-    """The running mount's cache and upload state, or None if not mounted."""
-    reply = call(control.home_address(home_dir(home)), {"cmd": "status"}, timeout=60)
-    return None if reply is None else reply["mount"]
 
 
 def run_in_mount(

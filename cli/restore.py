@@ -37,7 +37,7 @@ from vaultfs.errors import InputError
 from vaultfs.index import manifests
 from vaultfs.index import snapshots as snapshot_rows
 from vaultfs.manifest import Link
-from vaultfs.remotes import is_local
+from vaultfs.remotes import check_distinct, is_local
 from vaultfs.restore import (
     Branches,
     ShardSource,
@@ -82,6 +82,7 @@ def restore(
         raise InputError(
             "--manifest, --min-seq and --receipt choose among the remotes' manifests: give --from"
         )
+    check_distinct(from_ or [], read_with="--from")  # one remote given twice counts once
     h = home_dir(home)
     what = f"{', '.join(include)} of snapshot {snapshot}" if include else f"snapshot {snapshot}"
     branches = Branches()

@@ -36,10 +36,11 @@ from cli.common import (
     print_json,
     print_table,
 )
-from cli.mounted import mounted, run_in_mount
+from cli.mounted import mounted, report_from, run_in_mount
+from vaultfs import forget as forget_mod
 from vaultfs import prune as prune_mod
 from vaultfs import retention, routine, strategy, tiers
-from vaultfs.errors import EXIT_JOB_FAILED, EXIT_PARTIAL, ImmutableVault, InputError, VaultError
+from vaultfs.errors import EXIT_JOB_FAILED, EXIT_PARTIAL, InputError, VaultError
 
 
 def _when(t: float | None) -> str:
@@ -98,61 +99,74 @@ def forget(
         policy = retention.Policy.from_args(args)
     except ValueError as e:
         raise InputError(str(e)) from None
-    h = home_dir(home)
-    live = mounted(h) is not None
-    result: dict = {"policy": policy.describe(), "dry_run": dry_run, "mounted": live}
-    code = 0
-    with open_vault(home, lock=not live) as v:
-        if run_prune and v.immutable:  # refuse before anything is forgotten
-            raise ImmutableVault(
-                "--prune: this vault is immutable (append-only) and never frees space; run "
-                "`vaultfs forget` without --prune to drop snapshots from the index only"
-            )
-        result["immutable"] = v.immutable
-        decision = routine.forget(h, v, policy, dry_run, mounted=live)
-        result["keep"] = [
-            {"id": s.id, "name": s.name, "time": s.time, "reasons": r} for s, r in decision.keep
-        ]
-        result["forget"] = [{"id": s.id, "name": s.name, "time": s.time} for s in decision.forget]
-        if run_prune and not dry_run and not live:
-            result["prune"] = prune_mod.prune(v).as_dict()
-        if not dry_run and not live and decision.forget:
-            rep = v.flush()
-            result |= {"uploaded": rep.uploaded, "pending": rep.pending, "errors": rep.errors}
-            if v.status()["segments_below_k_placed"]:
-                code = EXIT_PARTIAL
-    if run_prune and not dry_run and live:  # after the vault (opened without the lock) closed
-        result["prune"] = run_in_mount(h, "prune", {})
+    args_ = {"policy": args, "dry_run": dry_run, "prune": run_prune}
+    result = run_in_mount(home, "forget", args_)
+    if result is not None:
+        result["mounted"] = True
+    else:
+        with open_vault(home) as v:
+
+            def delete(uids: list[str]) -> dict:
+                v.delete_snapshots(uids)
+                rep = v.flush()
+                below = v.status()["segments_below_k_placed"]
+                return {"uploaded": rep.uploaded, "pending": rep.pending, "errors": rep.errors,
+                        "segments_below_k_placed": below}  # fmt: skip
+
+            result = forget_mod.command(v, policy, dry_run, run_prune, delete)
+        result["mounted"] = False
+    code = EXIT_PARTIAL if result.get("segments_below_k_placed") else 0
+    prune_rep = None
+    if "prune" in result:
+        from cli.audit import prune_exit_code
+
+        prune_rep = report_from(prune_mod.PruneReport, result["prune"])
+        code = code or prune_exit_code(prune_rep)
     if as_json:
         print_json(result)
         raise typer.Exit(code)
-    _print_forget(result, decision, dry_run)
+    _print_forget(result, prune_rep)
     raise typer.Exit(code)
 
 
-def _print_forget(result: dict, decision: retention.Decision, dry_run: bool) -> None:
+def _print_forget(result: dict, prune_rep: prune_mod.PruneReport | None) -> None:
+    dry_run = result["dry_run"]
     out.print(f"applying policy: {result['policy']}", highlight=False)
     t = Table("id", "time", "name", "action", "reasons")
-    rows = [(s, "keep", ", ".join(r)) for s, r in decision.keep]
-    rows += [(s, "would forget" if dry_run else "forgotten", "") for s in decision.forget]
-    for s, action, why in sorted(rows, key=lambda x: x[0].time, reverse=True):
-        t.add_row(s.id, _when(s.time), s.name or "", action, why)
+    rows = [(s, "keep", ", ".join(s["reasons"])) for s in result["keep"]]
+    rows += [(s, "would forget" if dry_run else "forgotten", "") for s in result["forget"]]
+    for s, action, why in sorted(rows, key=lambda x: x[0]["time"], reverse=True):
+        t.add_row(s["id"], _when(s["time"]), s["name"] or "", action, why)
     print_table(t)
     verb = "would forget" if dry_run else "forgot"
-    out.print(f"keep {len(decision.keep)} snapshot(s), {verb} {len(decision.forget)}")
-    prune = result.get("prune")
-    if prune:
-        out.print(f"pruned: freed {prune['bytes_freed']:,} bytes of data", highlight=False)
-        for r, b in sorted(prune["freed_per_remote"].items()):
-            later = prune["remote_deferred"].get(r, 0)
-            out.print(
-                f"  {r}: {b:,} bytes freed"
-                + (f"; {later:,} bytes to free at a later prune" if later else ""),
+    out.print(f"keep {len(result['keep'])} snapshot(s), {verb} {len(result['forget'])}")
+    if not dry_run:
+        for r, e in result.get("errors", {}).items():
+            if prune_rep is not None and r in prune_rep.errors:
+                continue  # the prune's report names it
+            err.print(f"[yellow]warning:[/] {r}: {e}", highlight=False)
+        if result.get("segments_below_k_placed"):
+            err.print(
+                f"[yellow]{result['segments_below_k_placed']} segment(s) have fewer than k "
+                "shards on remotes: the data is safe in the local queue and goes out once "
+                "remotes are back[/]",
                 highlight=False,
             )
-    elif decision.forget and not dry_run and result.get("immutable"):
+    if prune_rep is not None:
+        from cli.audit import print_prune
+
+        if dry_run and result["forget"]:
+            out.print(
+                f"prune (dry run, as if the {len(result['forget'])} snapshot(s) above were "
+                "forgotten):",
+                highlight=False,
+            )
+        else:
+            out.print("prune" + (" (dry run):" if dry_run else ":"))
+        print_prune(prune_rep)
+    elif result["forget"] and not dry_run and result.get("immutable"):
         out.print("immutable vault: the remotes keep every object (docs/operations.md)")
-    elif decision.forget and not dry_run:
+    elif result["forget"] and not dry_run:
         out.print("`vaultfs prune` frees their space")
 
 
@@ -262,8 +276,8 @@ def schedule_set(
     as_json: JsonOpt = False,
 ) -> None:
     """Change the routine's schedule (stored in the vault's home; applies from the next pass).
-    Keys: snapshot, sources, retention, verify, verify_budget, repair, prune, alert, grace,
-    queue_age (docs/operations.md)."""
+    Keys: snapshot, sources, retention, verify, verify_budget, repair, prune, alert,
+    alert_timeout, grace, queue_age, maintenance_rate, maintenance_ops (docs/operations.md)."""
     changes = {}
     for p in pairs:
         key, eq, value = p.partition("=")

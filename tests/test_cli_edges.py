@@ -216,6 +216,36 @@ def test_remote_add_beyond_n_says_how_many_remotes_a_restore_needs(tmp_path: Pat
     assert rep["remotes"] == 6 and rep["restore_needs"] >= 3
 
 
+def test_remote_add_to_a_vault_with_data_names_the_remotes_that_restore_it(tmp_path: Path) -> None:
+    """2-of-3 over two remotes, then a third: the data already stored stays on the first two
+    (one holds two shards of each segment), so "any 2 of its 3 remotes restore everything"
+    was false (the review restored from r1 + r2 and failed). The message names the remotes
+    the stored data needs; a restore from exactly those works, one from r1 + r2 does not."""
+    home, remotes = init_local_vault(tmp_path, remotes=2)
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(3 * 1024 * 1024)
+    (src / "f.bin").write_bytes(data)
+    run_cli("backup", str(src), home=home)
+    extra = tmp_path / "r2"
+    said = run_cli("remote", "add", str(extra), home=home).stdout.decode()
+    said = " ".join(said.split())  # a terminal's line breaks
+    assert "any 2 of its 3 remotes" not in said and "restore everything" not in said, said
+    assert f"what is stored now needs both of {remotes[0]}, {remotes[1]}" in said, said
+    assert "survives 0 domain loss(es) as it is placed now" in said, said
+    rep = json.loads(run_cli("status", "--json", home=home).stdout)
+    assert rep["survives_losses_design"] == 0
+    keyfile = home / "key.json"
+    named = [a for r in remotes for a in ("--from", str(r))]
+    run_cli("restore", *named, "--to", str(tmp_path / "out"), "--keyfile", str(keyfile),
+            home=tmp_path / "h2")  # fmt: skip
+    assert next((tmp_path / "out").rglob("f.bin")).read_bytes() == data
+    other = ["--from", str(remotes[1]), "--from", str(extra)]
+    res = run_cli("restore", *other, "--to", str(tmp_path / "out2"), "--keyfile", str(keyfile),
+                  home=tmp_path / "h3", check=None)  # fmt: skip
+    assert res.returncode != 0
+
+
 def test_an_interrupted_restore_is_marked_and_finished_with_force(tmp_path: Path) -> None:
     """kill -9 mid-restore leaves a marker: the rerun names the interruption, --force
     finishes it byte-identical and removes the marker."""
@@ -319,6 +349,37 @@ def test_restore_names_a_from_that_is_no_directory(tmp_path: Path) -> None:
     assert f"--from {tmp_path / 'nowhere'} does not exist" in err, err
 
 
+def test_a_from_given_twice_is_refused_as_init_refuses_a_remote_given_twice(
+    tmp_path: Path,
+) -> None:
+    """`--from R --from R` (or R and a path to the same directory) would be read as one
+    remote, short of the k the user meant to give: restore, home rebuild and kb refuse it
+    (exit 18, nothing written), naming the remote, as `init -r R -r R` does; it used to be
+    counted once silently (then "1 gave them intact")."""
+    home, remotes = init_local_vault(tmp_path)
+    (tmp_path / "f.txt").write_text("one")
+    run_cli("backup", str(tmp_path / "f.txt"), home=home)
+    key = ["--keyfile", str(home / "key.json")]
+    twice = ["--from", str(remotes[0]), "--from", str(remotes[1]), "--from", str(remotes[0])]
+    alias = ["--from", str(remotes[0]), "--from", f"{remotes[0]}/../{remotes[0].name}"]
+    for argv, said in [
+        (["restore", *twice, *key, "--to", str(tmp_path / "o")], "is given twice"),
+        (
+            ["restore", *alias, *key, "--to", str(tmp_path / "o")],
+            f"and {alias[3]} are one directory",
+        ),
+        (["home", "rebuild", *twice, *key], "is given twice"),
+        (["kb", "show", "00000000-0000-4000-8000-000000000000", *twice, *key], "is given twice"),
+    ]:
+        res = run_cli(*argv, home=tmp_path / "empty", check=18)
+        msg = " ".join(res.stderr.decode().split())
+        assert f"--from {remotes[0]} {said}, which would be read as one remote" in msg, msg
+        assert "Traceback" not in msg and not (tmp_path / "o").exists(), msg
+        assert not (tmp_path / "empty").exists() or not any((tmp_path / "empty").iterdir())
+    run_cli("restore", *twice[:4], *key, "--to", str(tmp_path / "o"), home=tmp_path / "empty")
+    assert (tmp_path / "o" / "f.txt").read_text() == "one"
+
+
 def test_a_keyfile_that_does_not_exist_is_missing_input(tmp_path: Path) -> None:
     """`restore --keyfile MISSING` exits 18 like a missing share or receipt file (it is input
     not found, not "no vault here", 16), naming the file."""
@@ -407,6 +468,30 @@ def test_every_reader_says_too_few_remotes_as_restore_does(tmp_path: Path) -> No
     notes = json.loads(drill.stdout)["drills"][0]["error"]
     assert notes.startswith("cannot restore the newest snapshot: it needs shards from 2 remotes")
     assert f"Holding the vault: {remotes[0]}" in notes, notes
+
+
+def test_a_restore_refused_for_a_corrupt_shard_names_the_remote_that_served_it(
+    tmp_path: Path,
+) -> None:
+    """A 2-of-3 vault with one remote gone and a data shard flipped on another: the restore
+    refuses (exit 11) and names the remote that served the corrupt shard, and the shard (it
+    used to say only "only 1 intact shard reachable"), from the home and with --from."""
+    home, remotes = init_local_vault(tmp_path)
+    (tmp_path / "f.bin").write_bytes(os.urandom(100_000))
+    run_cli("backup", str(tmp_path / "f.bin"), home=home)
+    shard = next((remotes[0] / "data").iterdir())
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 2] ^= 1
+    shard.write_bytes(bytes(blob))
+    shutil.rmtree(remotes[2])
+    from_ = ["--from", str(remotes[0]), "--from", str(remotes[1]),
+             "--keyfile", str(home / "key.json")]  # fmt: skip
+    for i, (extra, h) in enumerate([([], home), (from_, tmp_path / "empty")]):
+        res = run_cli("restore", *extra, "--to", str(tmp_path / f"out{i}"), home=h, check=11)
+        msg = " ".join(res.stderr.decode().split())
+        assert "Traceback" not in msg, msg
+        assert f"served a corrupt shard: {remotes[0]} (shard {shard.name}, index" in msg, msg
+        assert str(remotes[1]) not in msg.split("served a corrupt shard:")[1], msg
 
 
 def test_the_exit_code_table_in_operations_md_lists_every_code_of_errors_py() -> None:

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import blake3
 import pytest
 from helpers import PASSPHRASE, init_local_vault, run_cli, tree_digest, vaultfs_env
 
@@ -57,7 +58,7 @@ def test_rebuild_from_k_remotes_under_new_specs_then_carry_on(tmp_path: Path) ->
     home, remotes, src = _make_vault(tmp_path)
     run_cli("backup", str(src), home=home)
     (src / "docs" / "b.txt").write_text("beta\n" * 3000)
-    run_cli("backup", str(src), "--name", "second", home=home)
+    newest = json.loads(run_cli("backup", str(src), "--name", "second", "--json", home=home).stdout)
     lost = tmp_path / "lost-index.db"
     _copy_db(home / "index.db", lost)
     keyfile = tmp_path / "usb" / "key.json"
@@ -81,6 +82,13 @@ def test_rebuild_from_k_remotes_under_new_specs_then_carry_on(tmp_path: Path) ->
     assert sorted(rep["kept"]) == [str(remotes[0]), str(remotes[3])]
     assert rep["snapshots"] == 2
     assert rep["seq"] == max(r[0] for r in _rows(lost, "manifests"))  # the rollback anchor
+    # one manifest, one hash: the BLAKE3 of its object (docs/format.md 10.3), as `backup`
+    # names it; its object's name (a random suffix, no hash) is given as an object
+    name = max(_rows(lost, "manifests"))[1]
+    assert rep["object"] == f"manifests/{name}" and "manifest" not in rep, rep
+    blob = (moved[0] / "manifests" / name).read_bytes()
+    assert rep["manifest_hash"] == blake3.blake3(blob).hexdigest()[:16], rep
+    assert rep["manifest_hash"] == newest["manifest_hash"], (rep, newest)
     assert (new_home / "key.json").read_bytes() == keyfile.read_bytes()
     assert not list(new_home.parent.glob(".vaultfs.rebuild-*"))
 

@@ -391,6 +391,31 @@ def test_history_and_diff_across_three_snapshots(tmp_path, pg_server):
     assert "changed" in human and "confidence" in human
 
 
+def test_a_name_several_kb_snapshots_share_reads_the_newest_and_says_so(tmp_path, pg_server):
+    """`kb show --snapshot NAME` (and restore/diff) with two knowledge-base snapshots of that
+    name read the newest, as `vaultfs ls` does, and say so on stderr naming both ids (they
+    used to take one silently); an id reads its own snapshot without a note."""
+    dsn = pg_server.make_kb(60, seed=4, dbname="kb_twice")
+    home, _remotes = init_vault(tmp_path, n_remotes=3)
+    bid = pg_server.sql("SELECT id::text FROM beliefs ORDER BY id LIMIT 1", "kb_twice")[0][0]
+    snaps = []
+    for conf in (0.25, 0.75):
+        pg_server.sql("UPDATE beliefs SET confidence = %s WHERE id = %s", "kb_twice", params=(conf, bid))  # fmt: skip
+        snaps.append(cli_json("kb", "snapshot", "--dsn", dsn, "--name", "twice", home=home))
+    old, new = (s["snapshot"] for s in snaps)
+    proc = run_cli("kb", "show", bid, "--snapshot", "twice", "--json", home=home)
+    doc = json.loads(proc.stdout)
+    assert doc["snapshot"]["id"] == new and doc["confidence"] == 0.75
+    note = " ".join(proc.stderr.decode().split())
+    assert f"2 snapshots are named 'twice': using the newest, {new}" in note, note
+    assert old in note, note
+    proc = run_cli("kb", "show", bid, "--snapshot", old, "--json", home=home)
+    assert json.loads(proc.stdout)["confidence"] == 0.25
+    assert "snapshots are named" not in proc.stderr.decode()
+    proc = run_cli("kb", "diff", old, "twice", home=home)  # one note for the name, not the id
+    assert proc.stderr.decode().count("snapshots are named 'twice'") == 1, proc.stderr
+
+
 # -- the kb root in the signed manifest (docs/format.md 10.2, key `kb`) ----------------------
 def _newest_manifest(remote: str, keyfile: Path):
     from helpers import PASSPHRASE

@@ -413,3 +413,60 @@ def test_maintenance_in_the_daemon_shows_progress_on_the_client_terminal(live) -
     bars = progress_bars(stderr_on_a_terminal(["repair"], home), "repair")
     assert bars and bars[-1][0] == bars[-1][1] == round(rebuilt / 1e6, 1), (bars, rebuilt)
     assert "/s" not in stderr_on_a_terminal(["verify", "--read-all", "--json"], home)
+
+
+def test_umount_names_the_job_its_daemon_finishes_and_mount_says_to_wait(tmp_path) -> None:
+    """`umount --timeout` while a verify holds the daemon: umount says it waits for that
+    verify, and at the timeout says to wait for the daemon before mounting again (it used to
+    promise that "a new mount waits for it", and a mount right after failed at once with "in
+    use by another vaultfs process"). That mount is refused naming the daemon and its job;
+    once the daemon is gone the vault mounts."""
+    home, remotes = init_local_vault(tmp_path)
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    run_cli("mount", str(mp), home=home)
+    verify = None
+    try:
+        (mp / "f.bin").write_bytes(os.urandom(4 * 1024 * 1024))
+        run_cli("flush", home=home)
+        run_cli("schedule", "set", "maintenance_rate=500k", home=home)  # ~12 s of reading
+        daemon = json.loads((home / "mount.json").read_text())["pid"]
+        verify = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "verify", "--read-all", "--json"],
+            env=vaultfs_env(home), cwd=Path(__file__).resolve().parent.parent,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while True:  # the verify runs in the daemon
+            st = _json(run_cli("status", "--json", home=home))
+            if (st.get("mount") or {}).get("maintenance"):
+                break
+            assert time.monotonic() < deadline and verify.poll() is None, "no verify ran"
+            time.sleep(0.2)
+        res = run_cli("umount", "--timeout", "3", str(mp), home=home, check=17)
+        said = res.stderr.decode()
+        assert "waiting up to 3s" in said and "its verify (running since" in said, said
+        assert "still finishing after 3s: its verify" in said, said
+        assert "wait for it to exit, then mount again" in said, said
+        assert "a new mount waits" not in said, said
+        assert not os.path.ismount(mp) and os.path.exists(f"/proc/{daemon}")
+        refused = run_cli("mount", str(mp), home=home, check=17)
+        why = refused.stderr.decode()
+        assert f"held by the daemon of its last mount (pid {daemon})" in why, why
+        assert "its verify (running since" in why and "Wait for it to exit" in why, why
+        deadline = time.monotonic() + 120
+        while os.path.exists(f"/proc/{daemon}"):
+            assert time.monotonic() < deadline, "the daemon never finished"
+            time.sleep(0.2)
+        assert not (home / "mount.json").exists()
+        verify.wait(60)
+        run_cli("mount", str(mp), home=home)
+        assert (mp / "f.bin").stat().st_size == 4 * 1024 * 1024
+    finally:
+        if verify is not None and verify.poll() is None:
+            verify.kill()
+            verify.wait()
+        if os.path.ismount(mp):
+            run_cli("umount", str(mp), home=home, check=None, timeout=300)
+        if os.path.ismount(mp):
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)

@@ -643,6 +643,30 @@ def test_snapshot_views_are_read_only_and_point_in_time(shared: Vault) -> None:
     assert (d / "f").read_bytes() == b"version 2, longer"  # the live data is untouched
 
 
+def test_deleting_a_snapshot_the_kernel_never_looked_up_logs_no_error(vault: Vault) -> None:
+    """Deleting a snapshot (`snapshot delete`, retention's `forget` in the mount) invalidates
+    its entry under .snapshots; one the kernel never looked up is in no cache, and the
+    invalidation failed in pyfuse3's notify thread: mount.log got "pyfuse3 ERROR: Failed to
+    submit invalidate_entry request" and a FileNotFoundError traceback. Now only a looked-up
+    entry is invalidated, and it is: the deleted name is gone at once."""
+    vault.mount()
+    (vault.mp / "f").write_bytes(b"x")
+    for name in ("never", "seen", "kept"):
+        vault.cli("snapshot", "--name", name)
+    vault.cli("snapshot", "delete", "never")  # .snapshots not even listed yet
+    assert (vault.mp / ".snapshots" / "seen" / "f").read_bytes() == b"x"  # looked up
+    vault.cli("snapshot", "delete", "seen")
+    assert not (vault.mp / ".snapshots" / "seen").exists()
+    assert sorted(os.listdir(vault.mp / ".snapshots")) == ["kept"]  # listed: readdirplus
+    for name in ("new1", "new2"):  # never looked up
+        vault.cli("snapshot", "--name", name)
+    vault.cli("forget", "--keep-last", "1")  # in the mount: forgets kept and new1
+    assert sorted(os.listdir(vault.mp / ".snapshots")) == ["new2"]
+    vault.umount()
+    log = (vault.home / "mount.log").read_text()
+    assert "ERROR" not in log and "Traceback" not in log, log[-3000:]
+
+
 def _downgrade_index_to_schema_1(index_db: Path) -> None:
     """Make an index look as a vaultfs before schema 2 wrote it (no entries.parent/rdev, a
     chunk list per entry in entry_chunks instead of shared contents)."""

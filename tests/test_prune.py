@@ -182,7 +182,11 @@ def test_prune_killed_between_new_segment_and_its_transaction_recovers(tmp_path,
     v = Vault.open(tmp_path / "home", PASSPHRASE)
     with v:
         rep = prune_mod.prune(v, repack_below=0.9)
-        assert 900_000 <= rep.bytes_freed < 1_050_000 and rep.garbage_left == 0
+        # a's own 900,000 bytes at least; at most all of a's 1,050,000: the chunks of `keep`
+        # inside a are cut by a keyed CDC from another start than in b, and with some keys
+        # none of them lines up with b's within 150,000 bytes (then all of a is freed; b is
+        # restored below either way)
+        assert 900_000 <= rep.bytes_freed <= 1_050_000 and rep.garbage_left == 0
         keys = v.keys
     work = tmp_path / "w"
     db, src, _m, _w = open_remote_index(keys, [open_backend(r) for r in remotes[:2]], work)

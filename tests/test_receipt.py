@@ -173,3 +173,23 @@ def test_receipts_name_the_slhdsa_parameter_set_and_older_128s_keys_still_sign(
     swapped["public_keys"]["slhdsa_sha2_128f"] = swapped["public_keys"].pop("slhdsa_sha2_128s")
     with pytest.raises(IntegrityError):
         receipts.verify(swapped)
+
+
+def test_a_receipt_for_a_name_several_snapshots_share_says_which_it_signed(
+    tmp_path: Path,
+) -> None:
+    """`receipt NAME` over two snapshots named alike signs the newest, as `ls` and `restore`
+    read it, and says so on stderr with the other id (it used to pick one silently)."""
+    home, _ = init_vault(tmp_path, "a")
+    (tmp_path / "a-src" / "more.txt").write_text("second")
+    run(home, "backup", "--name", "nightly", str(tmp_path / "a-src"))
+    ids = [s["id"] for s in json.loads(run(home, "snapshots", "--json").stdout)]
+    assert len(ids) == 2
+    proc = run(home, "receipt", "nightly")
+    assert json.loads(proc.stdout)["statement"]["snapshot"] == ids[1]
+    note = " ".join(proc.stderr.split())
+    assert f"2 snapshots are named 'nightly': using the newest, {ids[1]}" in note, note
+    assert ids[0] in note, note
+    proc = run(home, "receipt", ids[0])
+    assert json.loads(proc.stdout)["statement"]["snapshot"] == ids[0]
+    assert "snapshots are named" not in proc.stderr, proc.stderr

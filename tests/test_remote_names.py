@@ -145,3 +145,37 @@ def test_one_directory_under_two_names(tmp_path: Path) -> None:
     with pytest.raises(InputError) as e:
         Vault.create(tmp_path / "home2", [str(same), str(tmp_path / "samelink")], 1, 2, "pw")
     assert e.value.exit_code == 18 and not (tmp_path / "home2").exists()
+
+
+def test_init_over_a_vault_hints_the_rebuild_with_the_spec_given(
+    tmp_path: Path, rclone_bin: Path
+) -> None:
+    """`init` over a connection string that already holds a vault refuses (16) with a
+    rebuild command naming the remote by the spec the user gave, which runs as printed: the
+    label (`:webdav#xxxxxx:…:vault`) it used to print opens nothing."""
+    import shlex
+
+    server = WebdavServer(tmp_path / "webdav", rclone_bin)
+    try:
+        dav = server.remote("vault")
+        run_cli("init", "-k", "1", "-n", "2", "-r", dav, "-r", str(tmp_path / "loc"),
+                home=tmp_path / "home")  # fmt: skip
+        (tmp_path / "f.txt").write_text("kept")
+        run_cli("backup", str(tmp_path / "f.txt"), home=tmp_path / "home")  # a manifest
+        again = tmp_path / "home 2"
+        out = run_cli("init", "-k", "1", "-n", "2", "-r", dav, "-r", str(tmp_path / "loc2"),
+                      home=again, check=16)  # fmt: skip
+        msg = out.stderr.decode()
+        assert f"remote {Remote(dav).label} already holds a vault" in msg, msg
+        hint = msg.split("`")[1]
+        assert hint.startswith("vaultfs home rebuild --home "), msg
+        argv = shlex.split(hint)
+        assert argv[argv.index("--from") + 1] == dav and argv[argv.index("--home") + 1] == str(
+            again
+        ), argv
+        rebuilt = run_cli(*argv[1:], "--keyfile", str(tmp_path / "home" / "key.json"),
+                          home=tmp_path / "unused")  # fmt: skip
+        assert rebuilt.returncode == 0
+        assert (again / "index.db").exists()
+    finally:
+        server.stop()

@@ -299,3 +299,47 @@ def test_intervals_past_the_clock_are_refused_and_a_stored_one_shows_never(tmp_p
     for cmd in (("status",), ("schedule", "show")):
         out = run_cli(*cmd, home=home).stdout.decode()
         assert re.search(r"snapshot: last success \S+ \S+, next 2[1-9]\d\d-", out), out
+
+
+def _alive(pid: int) -> bool:
+    """``pid`` is a live process (not a zombie) still running ``sleep``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z" and cmd.startswith(b"sleep")
+
+
+def test_an_alert_hook_past_its_timeout_is_stopped_with_all_it_started(tmp_path) -> None:
+    """A hook that takes longer than alert_timeout is stopped with every process it started
+    (its process group; these ignore SIGTERM, so SIGKILL after the grace): before, only the
+    `sh` was killed, its children lived on (one more set at every pass), and the pass always
+    took the whole 60 s."""
+    home, _remotes, _src = make(tmp_path)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    pids = tmp_path / "hook.pids"
+    hook = f'trap "" TERM; sleep 611 & echo $! >> {pids}; sleep 612 & echo $! >> {pids}; wait'
+    run_cli("schedule", "set", f"alert={hook}", "alert_timeout=1", "snapshot=1s",
+            f"sources={gone}", home=home)  # fmt: skip
+    assert run_cli("schedule", "set", "alert_timeout=0", home=home, check=18)
+    assert run_cli("schedule", "set", "alert_timeout=soon", home=home, check=18)
+    gone.rmdir()  # the timed snapshot fails: a job_failed event for the hook
+    started = time.monotonic()
+    try:
+        res = run(home, code=20)
+        took = time.monotonic() - started
+        (problem,) = res["alert_errors"]
+        assert "timed out after 1s" in problem and "alert_timeout" in problem, problem
+        assert took < 30, took  # 1 s and the 2 s grace, not the default 60 s
+        started_pids = [int(x) for x in pids.read_text().split()]
+        assert len(started_pids) == 2
+        deadline = time.monotonic() + 5  # SIGKILL is sent before run returns; allow reaping
+        while any(_alive(p) for p in started_pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in started_pids if _alive(p)], "the hook's processes outlived it"
+    finally:
+        for p in [int(x) for x in pids.read_text().split()] if pids.exists() else []:
+            if _alive(p):
+                os.kill(p, 9)

@@ -233,3 +233,42 @@ def _orphan_is_swept(top: Path) -> None:
     finally:
         if _alive(postmaster):  # the test failed: leave no server running
             os.kill(postmaster, signal.SIGQUIT)
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+    reason="needs /dev/fuse and fusermount3",
+)
+def test_a_mount_daemon_that_ran_a_repair_leaves_no_multiprocessing_directory(tmp_path, live_pid):
+    """A repair in the mount daemon rebuilds in a forkserver's pool, whose socket lives in
+    multiprocessing's temporary directory. That was ``pymp-*``, removed only by an atexit
+    finalizer the daemon's os._exit skips: every such daemon left one behind. Now it is the
+    daemon's scratch, ``vaultfs-mp-<pid>-*``: gone when the daemon ends, and one a killed
+    daemon left is swept by the next pool (a running process's stays)."""
+    home, remotes, _src = _vault(tmp_path)
+    # not under tmp_path: the forkserver's socket path must fit in 108 bytes
+    top = Path(tempfile.mkdtemp(prefix="vfmp-"))
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    env = vaultfs_env(home, TMPDIR=str(top))
+    try:
+        dead = _plant(top, f"vaultfs-mp-{_dead_pid()}-left")
+        busy = _plant(top, f"vaultfs-mp-{live_pid}-busy")
+        run_cli("mount", str(mp), home=home, env=env)
+        daemon = json.loads((home / "mount.json").read_text())["pid"]
+        for p in (remotes[1] / "data").iterdir():
+            p.unlink()
+        rep = json.loads(run_cli("repair", "--json", home=home, env=env).stdout)
+        assert rep["rebuilt"] > 0, rep
+        assert not dead.exists() and busy.is_dir()
+        (own,) = top.glob(f"vaultfs-mp-{daemon}-*")  # the forkserver listens in it
+        assert any(f.is_socket() for f in own.iterdir()), list(own.iterdir())
+        run_cli("umount", str(mp), home=home, env=env)
+        assert not os.path.exists(f"/proc/{daemon}")
+        assert _scratch(top) == [busy.name]  # no pymp-*, nothing of the daemon's
+    finally:
+        if os.path.ismount(mp):
+            run_cli("umount", str(mp), home=home, check=None, timeout=300)
+        if os.path.ismount(mp):
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+        shutil.rmtree(top, ignore_errors=True)

@@ -139,3 +139,99 @@ def test_remote_replace_leaves_the_new_remote_ok_and_the_old_one_holding_nothing
     table = run_cli("remote", "list", home=home).stdout.decode()
     row = next(line for line in table.splitlines() if str(new) in line)
     assert "│ never " in row and " - " not in row, row
+
+
+def _mark_unreachable(index, rid: int) -> None:
+    """What `vaultfs verify` records of a remote it could not reach."""
+    import time
+
+    from vaultfs.index import remotes as remote_table
+
+    with index.tx() as db:
+        remote_table.record_health(db, rid, "unreachable", time.time(), "connection refused")
+        remote_table.note_result(db, rid, "connection refused", time.time())
+
+
+def test_a_flush_with_nothing_queued_asks_only_the_remotes_marked_unreachable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every remote reachable, a flush with nothing queued makes no remote call at all;
+    with one marked unreachable it lists that one's manifests/ once (and no other remote),
+    and, the remote answering, clears the mark: `ok`, no error, counted as placed again."""
+    from helpers import PASSPHRASE
+
+    from vaultfs.backends import Metered
+    from vaultfs.index import remotes as remote_table
+    from vaultfs.vault import Vault
+
+    home, _dirs = init_local_vault(tmp_path)
+    (tmp_path / "f.txt").write_text("kept")
+    run_cli("backup", str(tmp_path / "f.txt"), home=home)
+    calls: list[tuple[str, str]] = []
+    for name in ("list", "list_sizes", "list_tree", "cat", "get", "get_dir", "move_dir"):
+        real = getattr(Metered, name)  # the outer layer of every backend (open_backend)
+
+        def counted(self, *a, _real=real, _name=name, **kw):
+            calls.append((_name, self.spec))
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(Metered, name, counted)
+    v = Vault.open(home, PASSPHRASE)
+    try:
+        rep = v.flush()
+        assert rep.complete and calls == [], calls
+        rid, spec = remote_table.active(v.index)[1]
+        _mark_unreachable(v.index, rid)
+        design = v.status()["survives_losses_design"]
+        assert v.status()["survives_losses_now"] < design
+        rep = v.flush()
+        assert rep.complete and calls == [("list", spec)], calls
+        health = v.remote_health(rid)
+        assert health["health"] == "ok" and health["health_detail"] is None, health
+        assert remote_table.last_error(v.index, rid) is None
+        assert v.status()["survives_losses_now"] == design
+        calls.clear()
+        assert v.flush().complete and calls == []  # cleared: not asked again
+    finally:
+        v.close()
+
+
+@pytest.mark.network
+def test_a_remote_back_after_an_audit_found_it_unreachable_is_cleared_by_a_flush(
+    tmp_path: Path, rclone_bin: Path
+) -> None:
+    """`verify` finds a stopped webdav remote unreachable; while it stays down a flush with
+    nothing queued leaves the mark; once it is back, `vaultfs flush` (nothing to upload)
+    clears it in `status` without waiting for the next verify (it used to stay
+    `unreachable`, and survives_losses_now short, until then)."""
+    from helpers import WebdavServer
+
+    from vaultfs.remotes import Remote
+
+    server = WebdavServer(tmp_path / "webdav", rclone_bin)
+    try:
+        dav = server.remote("vault")
+        home = tmp_path / "home"
+        run_cli("init", "-k", "2", "-n", "3", "-r", str(tmp_path / "a"), "-r", str(tmp_path / "b"),
+                "-r", dav, "--segment-mib", "1", home=home)  # fmt: skip
+        (tmp_path / "f.txt").write_text("kept")
+        run_cli("backup", str(tmp_path / "f.txt"), home=home)
+        run_cli("flush", home=home)
+
+        def dav_health() -> tuple[str, dict]:
+            st = _status(home)
+            return next(r for r in st["remotes"] if r["remote"] == Remote(dav).label)["health"], st
+
+        server.stop()
+        run_cli("verify", home=home, check=11)
+        health, st = dav_health()
+        assert health == "unreachable" and st["survives_losses_now"] < st["survives_losses_design"]
+        run_cli("flush", home=home)  # still down: nothing queued for it, the mark stays
+        assert dav_health()[0] == "unreachable"
+        server.start()
+        run_cli("flush", home=home)
+        health, st = dav_health()
+        assert health == "ok", health
+        assert st["survives_losses_now"] == st["survives_losses_design"], st
+    finally:
+        server.stop()

@@ -14,10 +14,11 @@ never a trusted answer. A socket file left by a crashed daemon is replaced by th
 
 Protocol: one JSON object per line each way. Request ``{"cmd": ...}``; reply
 ``{"ok": true, ...}`` or ``{"ok": false, "error": message, "code": exit code}``.
-Commands: ``ping``, ``status``, ``flush``, ``snapshot`` (``name``), ``delete`` (``id``),
-``umount`` (store, ship, upload and report; the client then unmounts), ``job`` (``job``,
-``args``: verify, repair, prune, remote changes, key rotation and re-encryption run in the
-daemon, one at a time; reply ``result``, the command's report: vaultfs/maintenance.py).
+Commands: ``ping``, ``status`` (`vaultfs status`'s report), ``snapshots``, ``flush``,
+``snapshot`` (``name``), ``delete`` (``id``), ``umount`` (store, ship, upload and report;
+the client then unmounts), ``job`` (``job``, ``args``: verify, repair, prune, forget, remote
+changes, key rotation and re-encryption run in the daemon, one at a time (`forget` without
+--prune beside one); reply ``result``, the command's report: vaultfs/maintenance.py).
 A ``job`` request with ``"progress": true`` also gets, before its reply, lines
 ``{"progress": {"done": N, "total": T}}`` (bytes; ``total`` null while unknown), at most
 :data:`PROGRESS_EVERY` seconds apart and the last one when the work is done; a client that

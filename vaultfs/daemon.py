@@ -223,8 +223,16 @@ def run_foreground(
             release = trio.from_thread.run(fs.hold_references, trio_token=fs.token)
             return lambda: trio.from_thread.run_sync(release.set, trio_token=fs.token)
 
+        def delete_snapshots(uids: list[str]) -> dict:
+            return trio.from_thread.run(_delete_snapshots, fs, uids, trio_token=fs.token)
+
         runner = maintenance.Runner(
-            vault, home, hold_references, fs.foreground_busy, lambda: routine.load_schedule(home)
+            vault,
+            home,
+            hold_references,
+            fs.foreground_busy,
+            lambda: routine.load_schedule(home),
+            delete_snapshots,
         )
 
         def dispatch(req: dict) -> dict:
@@ -234,6 +242,9 @@ def run_foreground(
             reply = trio.from_thread.run(_handle, fs, req, trio_token=fs.token)
             if req.get("cmd") == "status":
                 reply["mount"]["maintenance"] = runner.current
+            elif req.get("cmd") == "umount":  # what the daemon finishes before it exits
+                reply["maintenance"] = runner.current
+                reply["home"] = str(home)  # its mount.json says what it finishes later on
             return reply
 
         def start_control(fs_) -> None:
@@ -259,23 +270,61 @@ def run_foreground(
         if server is not None:
             server.close()
         if runner is not None:
+            # the vault stays locked until the job ends and the uploads under way are done:
+            # `umount` and a refused `mount` (vault/home.py) say so from mount.json
+            _finishing(home, runner.current)
             runner.close()  # a running job ends before the vault closes
+            _finishing(home, None)
         if mounted:
             pyfuse3.close(unmount=not clean)
-        (home / "mount.json").unlink(missing_ok=True)
-        vault.close()
-        log.info("daemon exiting")
+        try:
+            vault.close()  # waits for the uploads under way, then frees the vault's lock
+        finally:
+            _forget_mount(home)
+            log.info("daemon exiting")
+
+
+def _finishing(home: Path, job: dict | None) -> None:
+    """Record in HOME/mount.json that the daemon is unmounted and finishing: ``job`` (the
+    maintenance job it waits for, {"job", "started"}) or None (the uploads under way). The
+    file goes when the daemon has closed the vault."""
+    path = home / "mount.json"
+    try:
+        state = json.loads(path.read_text())
+        state["finishing"] = {"since": time.time(), "job": job}
+        tmp = path.with_name("mount.json.tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, path)
+    except (OSError, ValueError):  # not written (never mounted): nothing to say
+        pass
+
+
+def _forget_mount(home: Path) -> None:
+    """Remove HOME/mount.json if this daemon wrote it (a new mount may own it already: the
+    lock is free by now)."""
+    path = home / "mount.json"
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
 
 
 async def _handle(fs, req: dict) -> dict:
     cmd = req.get("cmd")
     if cmd == "ping":
         return {"pid": os.getpid(), "mountpoint": str(fs.mountpoint)}
-    if cmd == "status":
+    if cmd == "status":  # what `vaultfs status` shows, so it needs no passphrase mounted
         import trio
 
-        st = await trio.to_thread.run_sync(fs.vault.status)
+        st = await trio.to_thread.run_sync(_vault_status, fs)
         return {"status": st, "mount": fs.mount_status()}
+    if cmd == "snapshots":  # `vaultfs snapshots` on a mounted vault (no passphrase)
+        import trio
+
+        from .index import snapshots
+
+        return {"snapshots": await trio.to_thread.run_sync(snapshots.listing, fs.vault.index)}
     if cmd == "flush":
         await fs.freeze()
         try:
@@ -299,6 +348,34 @@ async def _handle(fs, req: dict) -> dict:
         rep = await fs.prepare_umount()
         return {"report": await _report(fs, rep)}
     raise InputError(f"unknown control command {cmd!r}")
+
+
+def _vault_status(fs) -> dict:
+    """`vaultfs status`'s report of the mounted vault (the mount's own state aside)."""
+    from . import routine
+    from .index import manifests
+    from .manifest import Link
+
+    v = fs.vault
+    st = v.status()
+    st["routine"] = routine.report(fs.home, v)
+    link = manifests.newest_link(v.index)
+    st |= Link(*link).as_json() if link else {"seq": 0, "manifest_hash": None}
+    st["fork"] = manifests.fork_seen(v.index)
+    return st
+
+
+async def _delete_snapshots(fs, uids: list[str]) -> dict:
+    """Forget the snapshots ``uids`` through the mount (`forget` in the daemon), then upload
+    once; the flush's report (:func:`_report`). One already gone is passed over (a `forget`
+    or `snapshot delete` of its own got there first)."""
+    from .index import snapshots
+
+    for uid in uids:
+        if snapshots.find(fs.vault.index, uid) is not None:
+            await fs.delete_snapshot(uid)
+    rep = await fs.push(seal=True)
+    return await _report(fs, rep)
 
 
 async def _report(fs, rep) -> dict:

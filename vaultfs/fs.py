@@ -1487,12 +1487,20 @@ class VaultFS(pyfuse3.Operations):
         infos = await trio.to_thread.run_sync(self.snaps.query_snapshots)
         info = next((i for i in infos if i.uid == uid), None)
         seq = await trio.to_thread.run_sync(self.vault.delete_snapshot, uid)
-        if info is not None:
-            self.snaps.forget_snapshot(info.id)
+        if info is None:
+            return seq
+        root = self.snaps.get(SNAPROOT_BASE + info.seq)
+        self.snaps.forget_snapshot(info.id)
+        # only an entry the kernel looked up (or listed: readdirplus) can be in its cache. An
+        # invalidation of one it never knew fails with ENOENT, which the asynchronous form
+        # (pyfuse3's notify thread) logs as an error with a traceback, out of our reach: the
+        # synchronous one, in a worker thread (it may wait for a request on .snapshots that
+        # the loop serves meanwhile), raises it here, for an entry the kernel dropped since
+        if root is not None and root.lookups > 0:
             try:
-                pyfuse3.invalidate_entry_async(SNAPDIR_INO, info.dirname)
-            except Exception:  # the kernel may not know the entry at all
-                pass
+                await trio.to_thread.run_sync(pyfuse3.invalidate_entry, SNAPDIR_INO, info.dirname)
+            except OSError as e:
+                log.debug("invalidating .snapshots/%r: %s", info.dirname, e)
         return seq
 
     async def prepare_umount(self):

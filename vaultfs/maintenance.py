@@ -1,5 +1,5 @@
-"""Maintenance on a mounted vault: the mount daemon runs verify, repair, prune, remote
-add/remove/replace, key rotation and re-encryption for the commands that would otherwise
+"""Maintenance on a mounted vault: the mount daemon runs verify, repair, prune, forget,
+remote add/remove/replace, key rotation and re-encryption for the commands that would otherwise
 need the vault's lock (which the daemon holds), and for the routine's passes.
 
 A client (cli/mounted.py :func:`run_in_mount`) sends ``{"cmd": "job", "job": NAME, "args":
@@ -8,7 +8,9 @@ same command prints unmounted (its ``--json`` form), so the client prints it and
 the same code. Rules (docs/mount.md, "Maintenance while mounted"):
 
 * **One job at a time.** A request while a job runs is refused at once with VaultBusy
-  ("busy: verify running since ..."); `vaultfs status` shows the running job.
+  ("busy: verify running since ..."); `vaultfs status` shows the running job. `forget
+  --prune` is one job, refused whole before it forgets anything; `forget` without
+  --prune only forgets snapshots (as `snapshot delete` does) and runs beside a job.
 * **Off the FUSE loop and the control socket.** A job runs in the runner's own thread; the
   control request waits in its handler thread, other requests are served meanwhile. The
   thread keeps the daemon's priority: a thread of lower priority holding the GIL would make
@@ -85,8 +87,10 @@ class Runner:
         hold_references: Callable[[], Callable[[], None]],
         busy: Callable[[], bool],
         settings: Callable[[], dict[str, str]],
+        delete_snapshots: Callable[[list[str]], dict] | None = None,
     ) -> None:
         self.vault = vault
+        self.delete_snapshots = delete_snapshots
         self.home = home
         self.hold_references = hold_references
         self.busy = busy
@@ -112,6 +116,8 @@ class Runner:
             inspect.signature(fn).bind(self, **args)
         except TypeError as e:  # also args that are not an object of named values
             raise InputError(f"bad arguments for maintenance job {job!r}: {e}") from None
+        if not exclusive(job, args):  # forgets only: beside a running job, in this thread
+            return fn(self, **args)
         if not self._lock.acquire(blocking=False):
             cur = self.current or {}
             since = time.strftime("%H:%M:%S", time.localtime(cur.get("started", time.time())))
@@ -238,11 +244,30 @@ def _reencrypt(r: Runner, suite: int) -> dict:
     return dict(rep.__dict__)
 
 
+def _forget(r: Runner, policy: list[str], dry_run: bool = False, prune: bool = False) -> dict:
+    from . import forget, retention
+
+    if r.delete_snapshots is None:
+        raise InputError("this daemon cannot forget snapshots")
+    pol = retention.Policy.from_args(policy)
+    hold = r.hold_references if prune and not dry_run else None
+    return forget.command(r.vault, pol, dry_run, prune, r.delete_snapshots, hold)
+
+
+def exclusive(job: str, args: dict) -> bool:
+    """Whether ``job`` takes the runner (one at a time, refused while another runs): every
+    job but `forget` without --prune, which only forgets snapshots (as `snapshot delete`
+    does beside a running job). `forget --prune` takes it before it forgets anything, so a
+    busy daemon refuses the whole command."""
+    return not (job == "forget" and not args.get("prune"))
+
+
 #: The jobs a mount daemon runs: name -> function(runner, **args) -> report (JSON).
 JOBS: dict[str, Callable[..., dict]] = {
     "verify": _verify,
     "repair": _repair,
     "prune": _prune,
+    "forget": _forget,
     "remote-add": _remote_add,
     "remote-remove": _remote_remove,
     "remote-replace": _remote_replace,

@@ -93,9 +93,12 @@ def prune(
     repack_below: float = REPACK_BELOW,
     dry_run: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    forgetting: tuple[str, ...] = (),
 ) -> PruneReport:
     """Free what nothing refers to; see the module docstring. ``v`` must be opened with the
-    lock (a writer). ImmutableVault for an immutable vault: freeing is deleting."""
+    lock (a writer). ImmutableVault for an immutable vault: freeing is deleting.
+    ``forgetting`` (a dry run only): count as if the snapshots of those uids were forgotten
+    already (`forget --dry-run --prune`)."""
     from . import rotation
 
     if v.immutable:
@@ -107,13 +110,15 @@ def prune(
         )
     if not 0 <= repack_below <= 1:
         raise ValueError("repack_below is a fraction between 0 and 1")
+    if forgetting and not dry_run:
+        raise ValueError("forgetting is for a dry run: forget the snapshots first")
     report = PruneReport(dry_run)
     v.seal()
     if dry_run:
-        report.contents_freed = contents.unreferenced(v.index)
+        report.contents_freed = contents.unreferenced(v.index, forgetting)
     else:  # before the live chunks are known: a dead content must not outlive its chunks
         report.contents_freed = contents.delete_unreferenced(v.index)
-    live = chunks.referenced(v.index)
+    live = chunks.referenced(v.index, forgetting)
     segs = segments.data_segments(v.index)
     report.segments = len(segs)
     rows: dict[int, list[tuple[bytes, int, int, int]]] = defaultdict(list)

@@ -60,7 +60,8 @@ from .verify import record_tags
 @dataclass
 class RebuildReport:
     """What :func:`rebuild_home` made: the manifest it started from (``seq``; ``manifest``,
-    its object name; ``link``, ``#seq/hash-prefix``), the snapshots the home knows, each
+    its object name under ``manifests/``, ``<seq>-<rnd>``: a random suffix, not its hash;
+    ``link``, its sequence number and hash), the snapshots the home knows, each
     given remote with the spec it replaced (``matched``: given spec -> old spec), the remotes
     left under their old specs (``kept``), and warnings (shards decoded around, stale
     remotes)."""
@@ -68,7 +69,7 @@ class RebuildReport:
     home: Path
     seq: int
     manifest: str
-    link: str
+    link: manifest.Link
     snapshots: int
     matched: dict[str, str]
     kept: list[str]
@@ -155,7 +156,7 @@ def rebuild_home(
         home,
         m.seq,
         name,
-        m.link.short,
+        m.link,
         snaps,
         {b.spec: old_specs[rid] for rid, b in matched.items()},
         kept,

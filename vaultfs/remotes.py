@@ -226,11 +226,15 @@ def _dir_identity(spec: str) -> tuple:
     return ("inode", st.st_dev, st.st_ino)
 
 
-def check_distinct(specs: Iterable[str], members: Iterable[str] = ()) -> None:
+def check_distinct(
+    specs: Iterable[str], members: Iterable[str] = (), read_with: str | None = None
+) -> None:
     """InputError (exit 18) when two of ``specs``, or one of them and one of the vault's
     ``members``, are the same storage: one spec twice, or two local paths to one directory
     (a symlink, ``dir/../dir``, a bind mount). Such a vault would count one directory as two
-    remotes and claim to survive a loss it cannot."""
+    remotes and claim to survive a loss it cannot. ``read_with``: the option that gave
+    ``specs`` as remotes to read from (``--from``), where the one storage would count once,
+    short of the k remotes the user meant to give; the message says so."""
     seen: dict[tuple, str] = {}
     for spec in [*members, *specs]:
         ident = _dir_identity(spec)
@@ -238,6 +242,11 @@ def check_distinct(specs: Iterable[str], members: Iterable[str] = ()) -> None:
             first = Remote(seen[ident]).label
             again = Remote(spec).label
             same = "is given twice" if first == again else f"and {again} are one directory"
+            if read_with:
+                raise InputError(
+                    f"{read_with} {first} {same}, which would be read as one remote: give "
+                    f"each remote of the vault once (any k of them, one {read_with} each)"
+                )
             raise InputError(
                 f"remote {first} {same}: each remote must be separate storage, or the vault "
                 "counts one copy as two; give another location"

@@ -75,7 +75,7 @@ from .shardreader import (
     choose,
     rebuild_fragments,
 )
-from .vault.placement import remotes_needed
+from .vault.placement import remotes_needed, restore_needs_now
 from .vault.queue import sync_dirs, sync_files, write_durable
 
 if TYPE_CHECKING:
@@ -1077,7 +1077,10 @@ def _check_new(vault: Vault, spec: str, wrap=None) -> None:
 def add_remote(vault: Vault, spec: str, domain: str | None = None, wrap=None) -> dict:
     """Add an empty remote to the vault; new segments use it, a new manifest goes to it. An
     S3 remote of a vault with an object lock retention gets it (objectlock.lock_spec).
-    ``restore_needs``: how many of the ``remotes`` any restore needs from now on."""
+    ``restore_needs``: how many of the ``remotes`` any restore of data stored from now on
+    needs (the placement rule's figure); ``stored_on`` and ``restore_needs_now``: where the
+    data stored so far is, and how many of those remotes restoring it needs
+    (:func:`restore_needs_now`: the add moves nothing)."""
     spec = lock_spec(spec, vault.params.object_lock)
     Remote(spec)  # validates the spec's form
     _check_new(vault, spec, wrap)
@@ -1086,6 +1089,16 @@ def add_remote(vault: Vault, spec: str, domain: str | None = None, wrap=None) ->
     seq = vault.ship_index()
     rep = vault.flush()
     active = len(remote_table.active(vault.index))
+    labels = {r: Remote(sp).label for r, sp in remote_table.active(vault.index)}
+    live = set(segment_table.live_ids(vault.index))
+    data = {sid for sid, *_ in segment_table.data_segments(vault.index)}
+    where: dict[int, list[int]] = {}
+    for seg, remote, state in segment_table.placements(vault.index):
+        if seg in live and state in ("placed", "queued"):
+            where.setdefault(seg, []).append(remote)
+    holders, now = restore_needs_now(
+        list(where.values()), [w for s, w in where.items() if s in data], vault.k
+    )
     return {
         "remote": Remote(spec).label,
         "id": rid,
@@ -1093,6 +1106,10 @@ def add_remote(vault: Vault, spec: str, domain: str | None = None, wrap=None) ->
         "remotes": active,
         # more remotes than n: a segment is on n of them, so any k remotes no longer suffice
         "restore_needs": remotes_needed(active, vault.k, vault.n)[0],
+        # what is stored already stays where it was placed: on these remotes, any
+        # ``restore_needs_now`` of which restore it (None: not even all of them)
+        "stored_on": [labels.get(r, str(r)) for r in holders],
+        "restore_needs_now": now,
         "manifest_seq": seq,
         "pending": {k: v for k, v in rep.pending.items() if v},
         "errors": rep.errors,

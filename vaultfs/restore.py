@@ -609,7 +609,16 @@ def _read_segment(
     data fragment a slow remote holds, which the choice left out on purpose)."""
     transport = _Staged(src, kind, staged, warnings)
     refs = [replace(r, local=True) if r.name in staged else r for r in refs]
-    read = read_segment(refs, k, n, size, transport, what, alg=alg, audit_key=audit_key)
+    try:
+        read = read_segment(refs, k, n, size, transport, what, alg=alg, audit_key=audit_key)
+    except ShardsUnavailable as e:  # the refusal names the remote that served each lie
+        e.lies = [
+            replace(lie, ref=replace(lie.ref, holder=h))
+            if (h := transport.holders.get(lie.ref.name))
+            else lie
+            for lie in e.lies
+        ]
+        raise
     warnings += [
         f"{transport.holders.get(lie.ref.name, 'a remote')}: shard {lie.ref.name}"
         f" (index {lie.ref.idx}) is corrupt; decoding around it"

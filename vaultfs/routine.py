@@ -20,6 +20,8 @@ repair=auto|off    rebuild, most at risk first, whenever a shard is lost or the 
                    survives fewer remote losses than its profile promises (default auto)
 prune=EVERY        free what forgotten snapshots used
 alert=COMMAND      run by ``sh -c`` with one JSON event on stdin (:func:`alert`)
+alert_timeout=S    seconds the alert command may take (default 60); then it is stopped,
+                   with every process it started in its process group
 grace=EVERY        how long a remote may stay unreachable before an alert (default 1h)
 queue_age=EVERY    how old the oldest queued shard may get before an alert (default 1h)
 maintenance_rate=R bytes per second that maintenance on a mounted vault may read from the
@@ -49,6 +51,7 @@ import logging
 import os
 import re
 import shlex
+import signal
 import subprocess
 import threading
 import time
@@ -58,6 +61,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import clock, control, maintenance, retention
+from . import forget as forget_mod
 from .errors import InputError, PolicyKeepsNothing, VaultBusy, VaultError
 from .index import segments as segment_table
 from .index import snapshots as snapshot_table
@@ -74,7 +78,7 @@ LOCK_FILE = "routine.lock"
 JOBS = ("snapshot", "retention", "verify", "repair", "prune")
 KEYS = (
     "snapshot", "sources", "retention", "verify", "verify_budget", "repair", "prune", "alert",
-    "grace", "queue_age", "maintenance_rate", "maintenance_ops",
+    "alert_timeout", "grace", "queue_age", "maintenance_rate", "maintenance_ops",
 )  # fmt: skip
 _WORDS = {"hourly": 3600, "daily": 86400, "weekly": 7 * 86400}
 _UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -82,7 +86,10 @@ DEFAULT_GRACE = 3600.0
 DEFAULT_QUEUE_AGE = 3600.0
 DEFAULT_VERIFY_BUDGET = 600.0
 DEFAULT_SAMPLE = 1.0
+#: seconds the alert command may take unless ``alert_timeout`` says otherwise
 ALERT_TIMEOUT = 60.0
+#: after SIGTERM at the timeout, how long the hook's process group has before SIGKILL
+ALERT_KILL_GRACE = 2.0
 #: the longest interval a job can have: a hundred years (what the clock can show stays far off)
 MAX_EVERY = 100 * 365 * 86400.0
 
@@ -141,8 +148,8 @@ def validate(key: str, value: str) -> None:
             parse_every(value)
         elif key == "verify":
             _verify_spec(value)
-        elif key == "verify_budget":
-            if float(value) <= 0:
+        elif key in ("verify_budget", "alert_timeout"):
+            if not 0 < float(value) < float("inf"):
                 raise ValueError("a positive number of seconds")
         elif key == "repair" and value not in ("auto", "off"):
             raise ValueError("auto or off")
@@ -257,19 +264,61 @@ def alert(home: Path, sched: dict[str, str], event: dict) -> str | None:
     if not cmd:
         return None
     try:
-        res = subprocess.run(
+        timeout = float(sched.get("alert_timeout") or ALERT_TIMEOUT)
+    except ValueError:  # schedule.json edited by hand: `schedule set` validates the key
+        timeout = ALERT_TIMEOUT
+    if not 0 < timeout < float("inf"):
+        timeout = ALERT_TIMEOUT
+    try:
+        # its own session and process group: at the timeout the whole group goes, not just
+        # sh (a `sleep`, a `curl` it started would live on, one more at every pass)
+        proc = subprocess.Popen(
             ["sh", "-c", cmd],
-            input=json.dumps(event) + "\n",
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            capture_output=True,
-            timeout=ALERT_TIMEOUT,
+            start_new_session=True,
             env={**os.environ, "VAULTFS_EVENT": event["event"]},
         )
-    except (OSError, subprocess.TimeoutExpired) as e:
+    except OSError as e:
         return f"alert command failed: {e}"
-    if res.returncode != 0:
-        return f"alert command exited {res.returncode}: {res.stderr.strip()[:200]}"
+    try:
+        _out, errs = proc.communicate(json.dumps(event) + "\n", timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop_group(proc)
+        return (
+            f"alert command timed out after {timeout:g}s (schedule key alert_timeout): it "
+            "was stopped, with every process it started"
+        )
+    if proc.returncode != 0:
+        return f"alert command exited {proc.returncode}: {errs.strip()[:200]}"
     return None
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group of ``proc`` (a session leader), SIGKILL what is left after
+    :data:`ALERT_KILL_GRACE`; reap ``proc`` and close its pipes. Bounded: a process that left
+    the group (its own ``setsid``) and holds the pipes open is not waited for."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + ALERT_KILL_GRACE
+        while time.monotonic() < deadline:
+            proc.poll()  # reap sh: a zombie leader still counts as a member of its group
+            os.killpg(proc.pid, 0)  # ProcessLookupError once no member is left
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the whole group is gone
+        pass
+    try:
+        proc.communicate(timeout=ALERT_KILL_GRACE)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    finally:
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
 
 
 def _conditions(v: Vault, sched: dict[str, str], now: float) -> dict[str, dict]:
@@ -332,17 +381,7 @@ def forget(
     when ``mounted`` (``v`` is then opened without the lock), else on ``v`` (opened with it).
     The caller flushes an unmounted vault. A policy that would forget every snapshot raises
     PolicyKeepsNothing, dry run or not, before anything is forgotten (restic 0.17's rule)."""
-    rows = snapshot_table.rows(v.index)
-    snaps = [retention.Snap(u, c, nm) for u, nm, c, *_ in rows]
-    decision = retention.apply(snaps, policy, clock.now() if now is None else now)
-    if snaps and not decision.keep:
-        names = sorted({s.name for s in snaps if s.name})
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        raise PolicyKeepsNothing(
-            f"refusing to forget all {len(snaps)} snapshot(s): the policy ({policy.describe()}) "
-            f"keeps none of them (their names: {shown or 'none'}). Fix the policy; a "
-            "--keep-name glob that matches nothing is the usual typo"
-        )
+    decision = forget_mod.decide(v, policy, now)
     if dry_run or not decision.forget:
         return decision
     if not mounted:  # one transaction, one index copy

@@ -404,6 +404,7 @@ def worker_pool(
     thread), and within the ``with`` block submit from the thread that entered it."""
     ctx = multiprocessing.get_context("forkserver" if clean else "fork")
     if clean:
+        own_mp_tempdir()  # where the forkserver's socket goes: before it starts
         ctx.set_forkserver_preload(["__main__", "vaultfs.pdeathsig"])
     pool = ProcessPoolExecutor(
         processes,
@@ -417,6 +418,65 @@ def worker_pool(
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
+
+
+#: multiprocessing's temporary directory (the forkserver's socket), made by
+#: :func:`own_mp_tempdir`: ``<tmp>/vaultfs-mp-<pid>-*``
+MP_PREFIX = "vaultfs-mp-"
+#: the longest socket path multiprocessing makes in its temporary directory, after the
+#: directory: "/listener-" and 8 random characters (multiprocessing.connection)
+_MP_SOCKET_NAME = len("/listener-12345678")
+_mp_tempdir: str | None = None
+
+
+def own_mp_tempdir() -> None:
+    """Make this process's multiprocessing temporary directory (where its forkserver listens)
+    a scratch directory of ours, ``<tmp>/vaultfs-mp-<pid>-*``, once per process; first
+    remove those of processes that are gone (:func:`scratch.sweep_dead_dirs`).
+
+    multiprocessing's own, ``<tmp>/pymp-*``, is removed only by its finalizer at interpreter
+    exit: a vaultfs command ends by ``os._exit`` (cli/main.py, which calls
+    :func:`release_mp_tempdir` instead), and ``kill -9`` runs nothing, so every mount daemon
+    that ran a repair left one behind (a dead socket in it), with no name to tell it from
+    another program's. Where ``$TMPDIR`` is too long for the socket's path, ``/tmp`` is
+    used; where neither fits, multiprocessing's own choice stays."""
+    global _mp_tempdir
+    from multiprocessing import process, util
+
+    from . import scratch
+
+    config = process.current_process()._config
+    if config.get("tempdir") is not None:
+        return
+    import tempfile
+
+    for parent in dict.fromkeys((tempfile.gettempdir(), "/tmp")):
+        # the directory's name: the prefix, a pid (up to 7 digits), "-" and 8 characters
+        longest = len(os.path.join(parent, MP_PREFIX).encode()) + 7 + 9 + _MP_SOCKET_NAME
+        if longest > 107 or not os.access(parent, os.W_OK | os.X_OK):
+            continue
+        scratch.sweep_dead_dirs(MP_PREFIX, parent)
+        try:
+            d = scratch.owned_tempdir(MP_PREFIX, parent)
+        except OSError:
+            continue
+        config["tempdir"] = _mp_tempdir = d
+        # an interpreter that exits normally (a script, not cli/main.py) removes it too
+        util.Finalize(None, scratch.remove_tree, args=(d,), exitpriority=-100)
+        return
+
+
+def release_mp_tempdir() -> None:
+    """Remove this process's multiprocessing temporary directory (:func:`own_mp_tempdir`) at
+    its exit, which multiprocessing's atexit finalizer would do but ``os._exit`` skips. Only
+    in the process that made it (a forked child inherits the setting); never raises."""
+    d = _mp_tempdir
+    if d is None or not os.path.basename(d).startswith(f"{MP_PREFIX}{os.getpid()}-"):
+        return
+    from . import scratch
+
+    with contextlib.suppress(OSError):
+        scratch.remove_tree(d)
 
 
 def _worker_main(

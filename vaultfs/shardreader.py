@@ -131,14 +131,21 @@ class ShardsUnavailable(NotEnoughRemotes):
         "restore snapshot monday"), the remotes holding the vault (``held``), found empty
         (``empty``) and unreachable or failing (``down``, each with its reason), and the way
         forward (bring back remotes, ``more`` ways to add one; then ``again``; `vaultfs
-        verify` names what is lost and `vaultfs repair` rebuilds it). The internal segment
+        verify` names what is lost and `vaultfs repair` rebuilds it). A shard that came back
+        corrupt is named with the remote that served it (its holder). The internal segment
         stays at the end."""
         need = self.need
+        corrupt = [
+            f"{lie.ref.holder or 'a remote'} (shard {lie.ref.name}, index {lie.ref.idx})"
+            for lie in self.lies
+            if lie.kind == "corrupt"
+        ]
         return NotEnoughRemotes(
             f"cannot {doing}: it needs shards from {need} remotes and {self.have} gave "
             f"them intact. Holding the vault: {', '.join(held) or 'none'}"
             + (f"; empty (lost, or the wrong path): {', '.join(empty)}" if empty else "")
             + (f"; unreachable or failing: {', '.join(down)}" if down else "")
+            + (f"; served a corrupt shard: {', '.join(corrupt)}" if corrupt else "")
             + f". Bring back remotes{more} until {need} hold it and {again}; with {need} "
             f"back, `vaultfs verify` names what is lost and `vaultfs repair` rebuilds it "
             f"({self.message})"
@@ -151,7 +158,7 @@ class ShardsUnavailable(NotEnoughRemotes):
         return self.for_user(
             doing,
             held=self.intact_on,
-            down=[f"{lie.ref.holder} ({lie.reason})" for lie in self.lies],
+            down=[f"{lie.ref.holder} ({lie.reason})" for lie in self.lies if lie.kind != "corrupt"],
             again=again,
         )
 

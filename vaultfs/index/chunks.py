@@ -85,15 +85,21 @@ def in_data_segments(index: Index) -> list[tuple[int, bytes, int, int, int]]:
     )
 
 
-def referenced(index: Index) -> set[bytes]:
+def referenced(index: Index, without: tuple[str, ...] = ()) -> set[bytes]:
     """Chunk ids of a content some snapshot entry names (``entries.content``) or that some
     block of the mount's live tree (``live_blocks``) refers to: nothing else keeps a chunk
-    alive (a content no entry names does not: prune deletes it first)."""
+    alive (a content no entry names does not: prune deletes it first). ``without``: as if
+    the snapshots of those uids were forgotten (a dry run of `forget --prune`)."""
+    named = "SELECT content FROM entries WHERE content IS NOT NULL"
+    if without:
+        marks = ", ".join("?" * len(without))
+        named += f" AND snapshot NOT IN (SELECT id FROM snapshots WHERE uid IN ({marks}))"
     live = {
         bytes(cid)
         for (cid,) in index.q(
             "SELECT DISTINCT c.cid FROM content_chunks x JOIN chunks c ON c.id = x.chunk"
-            " WHERE x.content IN (SELECT content FROM entries WHERE content IS NOT NULL)"
+            f" WHERE x.content IN ({named})",
+            without,
         )
     }
     for (blob,) in index.q("SELECT chunks FROM live_blocks"):

@@ -33,9 +33,22 @@ def add(db: sqlite3.Connection, ref: bytes, size: int, chunk_rows: list[int]) ->
     return cur.lastrowid
 
 
-def unreferenced(index: Index) -> int:
-    """How many contents no entry names (what :func:`delete_unreferenced` would delete)."""
-    row = index.one(f"SELECT count(*) FROM contents WHERE id NOT IN ({_NAMED})")
+def _named_without(without: tuple[str, ...]) -> str:
+    """:data:`_NAMED`, leaving out the entries of the snapshots whose uids are ``without``
+    (as many ``?`` parameters)."""
+    if not without:
+        return _NAMED
+    marks = ", ".join("?" * len(without))
+    return f"{_NAMED} AND snapshot NOT IN (SELECT id FROM snapshots WHERE uid IN ({marks}))"
+
+
+def unreferenced(index: Index, without: tuple[str, ...] = ()) -> int:
+    """How many contents no entry names (what :func:`delete_unreferenced` would delete);
+    ``without``: as if the snapshots of those uids were forgotten (a dry run of `forget
+    --prune`)."""
+    row = index.one(
+        f"SELECT count(*) FROM contents WHERE id NOT IN ({_named_without(without)})", without
+    )
     assert row is not None
     return row[0]
 

@@ -136,6 +136,31 @@ def unreachable(index: Index) -> set[int]:
     return {r for (r,) in index.q("SELECT remote FROM remote_health WHERE state='unreachable'")}
 
 
+def mark_reachable(index: Index, rids: list[int]) -> None:
+    """Remotes marked 'unreachable' (by an audit) that answered since (a flush reached
+    them): the mark is cleared as such an audit would leave them, 'ok', or 'degraded' while
+    lost shards or foreign objects an earlier audit found there wait for a repair; their last
+    error is cleared (the data of an unreachable remote is presumed intact)."""
+    now = time.time()
+    with index.tx() as db:
+        for rid in rids:
+            row = db.execute("SELECT state FROM remote_health WHERE remote=?", (rid,)).fetchone()
+            if row is None or row[0] != "unreachable":
+                continue
+            lost = db.execute(
+                "SELECT count(*) FROM shards WHERE remote=? AND state='lost'", (rid,)
+            ).fetchone()[0]
+            foreign = db.execute(
+                "SELECT count(*) FROM audit_foreign WHERE remote=?", (rid,)
+            ).fetchone()[0]
+            if lost or foreign:
+                detail = f"reachable again; {lost} lost and {foreign} foreign object(s) to repair"
+                record_health(db, rid, "degraded", now, detail)
+            else:
+                record_health(db, rid, "ok", now, None)
+            note_result(db, rid, None, now)
+
+
 def stale(index: Index) -> set[int]:
     """Ids of the remotes last found serving a stale manifest or objects."""
     return {r for (r,) in index.q("SELECT remote FROM remote_health WHERE state='stale'")}

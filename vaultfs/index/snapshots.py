@@ -114,7 +114,13 @@ def newest_of_name(index: Index, ref: str) -> str | None:
     name, the sentence saying that the newest was taken (and how to pick another); None when
     ``ref`` picks one snapshot. Names need not be unique; the newest of a name wins
     (docs/operations.md, "Snapshots")."""
-    same = namesakes(index, ref)
+    return newest_note(ref, namesakes(index, ref))
+
+
+def newest_note(ref: str, same: list[str]) -> str | None:
+    """The sentence of :func:`newest_of_name` for ``same``, the ids of the snapshots named
+    ``ref`` newest first (None when fewer than two): for a reader that picks among some
+    snapshots only (the knowledge-base commands: those holding a knowledge base)."""
     if len(same) < 2:
         return None
     return (
@@ -307,3 +313,18 @@ def newest_placed(index: Index) -> tuple[str, float] | None:
         "   WHERE h.state = 'queued' AND g.created <= s.created)"
         " ORDER BY s.created DESC, s.id DESC LIMIT 1"
     )
+
+
+def listing(index: Index) -> list[dict]:
+    """`vaultfs snapshots --json`: every snapshot, oldest first, with its manifest (the
+    mount's daemon answers it too, so a mounted vault lists them without the passphrase)."""
+    from . import manifests
+
+    links = manifests.chain_links(index)
+    return [
+        {
+            "id": u, "name": nm, "time": c, "entries": f, "bytes": b, "seq": s,
+            "manifest_hash": links[s].hex()[:16] if s in links else None,
+        }
+        for u, nm, c, f, b, s in rows(index)
+    ]  # fmt: skip

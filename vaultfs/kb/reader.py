@@ -83,6 +83,9 @@ class KbFiles:
         self._manifests: dict[int, KbManifest] = {}
         self._reads = 0
         self._seen: dict[str, bytes] = {}  # blake3 -> content, for files read once
+        #: what :meth:`find` says of a name several knowledge-base snapshots share (the
+        #: newest is taken), for the command to print like `vaultfs ls` does
+        self.notes: list[str] = []
 
     @property
     def bytes_read(self) -> int:
@@ -96,7 +99,8 @@ class KbFiles:
 
     def find(self, snapshot: str) -> KbSnap:
         """A knowledge-base snapshot by uid, name or ``latest`` (the newest one holding a
-        knowledge base); InputError if there is none such."""
+        knowledge base); InputError if there is none such. A name several of them share
+        means the newest, and a note naming it and the others goes to :attr:`notes`."""
         snaps = self.snapshots()
         if not snaps:
             raise InputError(
@@ -106,6 +110,9 @@ class KbFiles:
             return snaps[-1]
         hits = [s for s in snaps if snapshot in (s.uid, s.name)]
         if hits:
+            if note := snapshot_table.newest_note(snapshot, [s.uid for s in reversed(hits)]):
+                if note not in self.notes:
+                    self.notes.append(note)
             return hits[-1]
         if snapshot_table.find(self.index, snapshot) is not None:
             raise InputError(f"snapshot {snapshot!r} holds no knowledge base (no kb/manifest.json)")

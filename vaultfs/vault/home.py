@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
+import shlex
 import shutil
 import tempfile
 import time
@@ -65,12 +67,38 @@ def take_lock(home: Path) -> int:
     except BlockingIOError:
         os.close(fd)
         raise VaultBusy(
-            f"the vault at {home} is in use by another vaultfs process "
+            _finishing_mount(home)
+            or f"the vault at {home} is in use by another vaultfs process "
             "(a mount or a running backup); wait for it or unmount first"
         ) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+def _finishing_mount(home: Path) -> str | None:
+    """Why the lock is held when it is a mount's daemon that is unmounted and still
+    finishing (HOME/mount.json, vaultfs/daemon.py): the job it waits for, or the uploads
+    under way; None otherwise."""
+    try:
+        state = json.loads((home / "mount.json").read_text())
+        pid, finishing = int(state["pid"]), state.get("finishing")
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(finishing, dict):
+        return None
+    job = finishing.get("job")
+    what = "the uploads under way"
+    if isinstance(job, dict) and job.get("job"):
+        with contextlib.suppress(TypeError, ValueError, OverflowError, OSError):
+            since = time.strftime("%H:%M:%S", time.localtime(float(job.get("started") or 0)))
+            what = f"its {job['job']} (running since {since}), then {what}"
+    return (
+        f"the vault at {home} is still held by the daemon of its last mount (pid {pid}): "
+        f"unmounted, it finishes {what} and exits by itself. Wait for it to exit, then "
+        f"run this again (its log: {home / 'mount.log'})"
+    )
 
 
 def _check_home_path(home: Path) -> None:
@@ -143,10 +171,13 @@ def initialize(
             r.ensure()
             existing = r.list("manifests")
             if existing:
+                # the command to run names the remote by the spec given (a label elides the
+                # parameters of a connection string, so `--from LABEL` would not open it)
                 raise RemoteHoldsVault(
                     f"remote {r.label} already holds a vault (manifests/ is not empty); give an "
                     "empty location, or, if it is the vault whose home this was, rebuild the "
-                    f"home from it: `vaultfs home rebuild --home {home} --from {r.label}`",
+                    f"home from it: `vaultfs home rebuild --home {shlex.quote(str(home))} "
+                    f"--from {shlex.quote(r.spec)}`",
                     r.spec,
                 )
         # the owner's only: the index names every file and its size, mount.log names paths

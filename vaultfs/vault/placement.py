@@ -82,3 +82,25 @@ def remotes_needed(remotes: int, k: int, n: int) -> tuple[int, int]:
             r += 1
         needed = max(needed, r)
     return needed, crowded
+
+
+def restore_needs_now(
+    shards: list[list[int]], data: list[list[int]], k: int
+) -> tuple[list[int], int | None]:
+    """Where the vault's stored segments actually are: (the remotes holding a shard of a
+    data segment, in id order; the smallest M such that any M of those remotes hold at least
+    k shards of every segment of ``shards``, None when even all of them do not). ``shards``
+    lists, per live segment (data and the newest index copy), the remote of each shard that
+    is placed or queued; ``data`` those of the data segments alone. After `remote add` the
+    stored data stays where it was: this, not :func:`remotes_needed`, says what a restore of
+    it needs until new data spreads over the new remote."""
+    holders = sorted({r for seg in data for r in seg})
+    patterns = {tuple(sorted(seg)) for seg in shards}
+    for m in range(1, len(holders) + 1):
+        if all(
+            sum(1 for r in pat if r in chosen) >= k
+            for chosen in map(set, combinations(holders, m))
+            for pat in patterns
+        ):
+            return holders, m
+    return holders, None

@@ -154,11 +154,20 @@ class UploadQueue:
             if manifests.pending_uploads(self.index)
             else None
         )
+        # remotes an audit found unreachable: whether each has shards to take (see _recheck)
+        marked = remote_table.unreachable(self.index)
+        had = {
+            r.rid: bool(self._held(self.queue.remote_dir(r.rid)))
+            for r in remotes
+            if r.rid in marked
+        }
         ok = self._push_shards(remotes, report, quorum=quorum)
         report.uploaded += reconcile(self.index, self.queue)
         for r in remotes:
             if ok.get(r.rid):
                 remote_table.record_result(self.index, r.rid, None)
+        if had:
+            self._recheck(remotes, had, ok, probe=seal)
         report.under_k = segments.count_under_k(self.index)
         if report.under_k == 0:
             self._push_manifests(remotes, ok, report, survey)
@@ -168,6 +177,36 @@ class UploadQueue:
         if report.manifests_pending == 0 and not report.errors:
             self.prune_index_copies(survey=survey)
         return report
+
+    def _recheck(
+        self, remotes: list[Backend], had: dict[int, bool], ok: dict[int, bool], probe: bool
+    ) -> None:
+        """Clear the 'unreachable' mark of the remotes in ``had`` (remote id: whether it had
+        shards queued) that answered this flush: an upload of its shards went through, or,
+        with nothing to upload (so not contacted), one listing of ``manifests/`` (with
+        ``probe``: a flush the user or a job asked for, not the mount's frequent pushes),
+        all at once. A remote that does not answer keeps its mark; no remote that is not
+        marked is asked anything."""
+        answered = [rid for rid, queued in had.items() if queued and ok.get(rid)]
+        ask = [r for r in remotes if r.rid in had and not had[r.rid] and ok.get(r.rid)]
+        if probe and ask:
+            lock = threading.Lock()
+
+            def listing(r: Backend) -> None:
+                try:
+                    r.list("manifests")
+                except RemoteError:
+                    return
+                with lock:
+                    answered.append(r.rid)
+
+            threads = [threading.Thread(target=listing, args=(r,), daemon=True) for r in ask]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        if answered:
+            remote_table.mark_reachable(self.index, answered)
 
     def drain(self, sealing: int, settle: Callable[[], None]) -> None:
         """Keep the queue within its bound while a backup writes (``Writer.store_stream``).
