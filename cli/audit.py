@@ -18,7 +18,6 @@ from rich.table import Table
 from cli.common import (
     HomeOpt,
     JsonOpt,
-    advance,
     advance_segments,
     app,
     err,
@@ -28,6 +27,7 @@ from cli.common import (
     print_json,
     print_table,
     progress,
+    track,
 )
 from cli.mounted import report_from, run_in_mount
 from vaultfs import prune as prune_mod
@@ -83,11 +83,15 @@ def verify(
     mode = "read-all" if read_all else ("sample" if sample is not None else "confidence")
     remote = [absolute(r) for r in remote] if remote else remote  # the daemon runs in /
     args = {"remotes": remote, "mode": mode, "sample": sample, "max_duration": max_duration}
-    if (done := run_in_mount(home, "verify", args)) is not None:
+    if (done := run_in_mount(home, "verify", args, "verify", as_json)) is not None:
         rep = report_from(verify_mod.AuditReport, done, {"remotes": verify_mod.RemoteAudit})
     else:
-        with open_vault(home) as v:
-            rep = verify_mod.audit(v, remote, mode=mode, sample=sample, max_duration=max_duration)
+        with open_vault(home) as v, progress("verify", quiet=as_json) as prog:
+            # bytes read of those the planned checks read (read-all: every object)
+            rep = verify_mod.audit(
+                v, remote, mode=mode, sample=sample, max_duration=max_duration,
+                progress=track(prog),
+            )  # fmt: skip
     if as_json:
         print_json(rep.to_dict())
     else:
@@ -219,17 +223,18 @@ def repair(
         if not p.exists():
             raise InputError(f"--source {p} does not exist")
     sources = [str(p.resolve()) for p in source or []]  # the daemon has its own cwd
-    if (done := run_in_mount(home, "repair", {"dry_run": dry_run, "sources": sources})) is not None:
+    if (
+        done := run_in_mount(
+            home, "repair", {"dry_run": dry_run, "sources": sources}, "repair", as_json or dry_run
+        )
+    ) is not None:
         rep = _repair_report(done)
     else:
         repair_mod.keep_rebuild_buffers()  # not in the daemon: its resident size is bounded
         with open_vault(home) as v:
             with progress("repair", quiet=as_json or dry_run) as prog:
-                step = advance(prog)
-                seg = v.segment_size
-                rep = repair_mod.repair(
-                    v, dry_run=dry_run, sources=source, progress=step and (lambda n: step(n * seg))
-                )
+                # bytes of rebuilt shards written, of the total the plan rebuilds
+                rep = repair_mod.repair(v, dry_run=dry_run, sources=source, progress=track(prog))
     _print_repair(rep, as_json)
     raise typer.Exit(_repair_code(rep))
 
@@ -321,7 +326,7 @@ def prune(
     if not 0 <= repack_below <= 1:
         raise InputError("--repack-below is a fraction between 0 and 1")
     args = {"repack_below": repack_below, "dry_run": dry_run}
-    if (done := run_in_mount(home, "prune", args)) is not None:
+    if (done := run_in_mount(home, "prune", args, "prune", as_json or dry_run)) is not None:
         rep = report_from(prune_mod.PruneReport, done)
     else:
         with open_vault(home) as v:

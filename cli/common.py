@@ -397,6 +397,15 @@ def advance(prog: tuple[Progress, TaskID] | None) -> Callable[[int], None] | Non
     return lambda n: p.advance(task, n)
 
 
+def track(prog: tuple[Progress, TaskID] | None) -> Callable[[int, int], None] | None:
+    """A ``progress(done, total)`` callback setting ``prog``'s bar to ``done`` bytes of
+    ``total``; None without a bar."""
+    if prog is None:
+        return None
+    p, task = prog
+    return lambda done, total: p.update(task, completed=done, total=total)
+
+
 def advance_segments(
     prog: tuple[Progress, TaskID] | None, segment_size: int
 ) -> Callable[[int, int], None] | None:

@@ -7,6 +7,7 @@ shards on the remotes (the rest waits in the local queue for the next flush).
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -252,15 +253,21 @@ def backup(
     with open_vault(home) as v:
         t0 = time.perf_counter()
         with progress("backup", quiet=as_json) as prog:
+            # the bar's total: the files' sizes from the walk backup_paths makes first
+            # anyway (no stat more), or stdin's size when it is a regular file (`< FILE`)
+            planned = None if prog is None else (lambda n: prog[0].update(prog[1], total=n))
             if stdin:
+                if planned is not None and (n := _stdin_size()) is not None:
+                    planned(n)
                 uid, count, size = backup_stream(
                     v, sys.stdin.buffer, stdin_filename or "", name, advance(prog),
                     upload=not no_upload, fork=fork,
                 )  # fmt: skip
             else:
                 uid, count, size = backup_paths(
-                    v, list(paths or []), name, advance(prog), upload=not no_upload, fork=fork
-                )
+                    v, list(paths or []), name, advance(prog), upload=not no_upload,
+                    fork=fork, planned=planned,
+                )  # fmt: skip
         info = {"snapshot": uid, "entries": count, "bytes": size, **manifest_fields(v)}
         link = newest_manifest(v)
         if no_upload:
@@ -277,6 +284,19 @@ def backup(
             highlight=False,
         )
     raise typer.Exit(code)
+
+
+def _stdin_size() -> int | None:
+    """The bytes left to read on stdin when it is a regular file; None for a pipe or a
+    terminal (their size is not known before the end)."""
+    try:
+        fd = sys.stdin.fileno()
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return max(0, st.st_size - os.lseek(fd, 0, os.SEEK_CUR))
+    except (OSError, ValueError):
+        return None
 
 
 @app.command()

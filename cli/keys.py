@@ -457,7 +457,9 @@ def reencrypt(
     """
     target = rotation.parse_suite(suite)
     h = home_dir(home)
-    if (done := run_in_mount(home, "reencrypt", {"suite": target})) is not None:
+    if (
+        done := run_in_mount(home, "reencrypt", {"suite": target}, "re-encrypt", as_json)
+    ) is not None:
         rep = report_from(rotation.ReencryptReport, done)
     else:
         with open_vault(home) as v:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cli.common import err, home_dir, out, print_json
+from cli.common import err, home_dir, out, print_json, progress
 from vaultfs import control
 from vaultfs.control import mounted
 from vaultfs.errors import EXIT_PARTIAL, StaleBase
@@ -35,9 +35,10 @@ def syncfs(path: Path) -> None:
         os.close(fd)
 
 
-def call(address: str, req: dict, timeout: float | None = None) -> dict | None:
-    """A control request; ``timeout`` None for work that takes as long as it takes."""
-    return control.call(address, req, timeout=timeout)
+def call(address: str, req: dict, timeout: float | None = None, progress=None) -> dict | None:
+    """A control request; ``timeout`` None for work that takes as long as it takes;
+    ``progress(done, total)`` for a job's progress lines (:func:`control.call`)."""
+    return control.call(address, req, timeout=timeout, progress=progress)
 
 
 def print_report(
@@ -94,17 +95,30 @@ def mount_info(home: Path) -> dict | None:
         return None
 
 
-def run_in_mount(home: Path | None, job: str, args: dict) -> dict | None:
+def run_in_mount(
+    home: Path | None, job: str, args: dict, bar: str | None = None, quiet: bool = False
+) -> dict | None:
     """If the vault at ``home`` is mounted, run maintenance ``job`` with ``args`` in its daemon
     and return the report (the command's ``--json`` form); None when it is not mounted. The
-    daemon's errors come back with their exit codes (VaultBusy while another job runs)."""
+    daemon's errors come back with their exit codes (VaultBusy while another job runs).
+    ``bar``: the label of a progress bar (bytes, rate, time left) the daemon's progress
+    lines move on a terminal, unless ``quiet`` (--json)."""
     h = home_dir(home)
     if mounted(h) is None:
         return None
     if sys.stderr.isatty():
         err.print(f"the vault is mounted: {job} runs in the mount daemon", highlight=False)
     try:
-        reply = call(control.home_address(h), {"cmd": "job", "job": job, "args": args})
+        req = {"cmd": "job", "job": job, "args": args}
+        with progress(bar or job, quiet=quiet or bar is None) as prog:
+            if prog is None:
+                reply = call(control.home_address(h), req)
+            else:
+                p, task = prog
+                reply = call(
+                    control.home_address(h), req,
+                    progress=lambda done, total: p.update(task, completed=done, total=total),
+                )  # fmt: skip
     except KeyboardInterrupt:
         err.print(
             f"interrupted: the {job} goes on in the mount daemon (`vaultfs status` shows it; "

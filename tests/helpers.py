@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -510,3 +511,40 @@ def bytes_tree_digest(root: Path) -> dict[bytes, tuple]:
                 detail = s.st_rdev if st.S_ISCHR(s.st_mode) or st.S_ISBLK(s.st_mode) else None
             out[r] = (st.S_IFMT(s.st_mode), mode, detail, s.st_mtime_ns, xa)
     return out
+
+
+def stderr_on_a_terminal(args: list[str], home: Path) -> str:
+    """Run `vaultfs ARGS` with stderr on a pseudo-terminal; what it drew there."""
+    import pty
+
+    main, sub = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k not in ("TERM", "NO_COLOR")}
+    env.update(VAULTFS_HOME=str(home), VAULTFS_PASSPHRASE=PASSPHRASE, TERM="xterm", COLUMNS="120")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", *args], stdout=subprocess.DEVNULL, stderr=sub,
+        env=env, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    os.close(sub)
+    drawn = b""
+    while True:
+        try:
+            part = os.read(main, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not part:
+            break
+        drawn += part
+    assert proc.wait(timeout=300) in (0, 3), drawn.decode(errors="replace")
+    os.close(main)
+    return drawn.decode(errors="replace")
+
+
+def progress_bars(drawn: str, label: str) -> list[tuple[float, float, str]]:
+    """(done MB, total MB, time left) of each state of ``label``'s bar that had a total."""
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn)
+    return [
+        (float(d), float(t), eta)
+        for d, t, eta in re.findall(
+            label + r" [━╸╺ ]+ ([\d.]+)/([\d.]+) MB [\d.]+ [kMG]?B/s (\d+:\d\d:\d\d)", plain
+        )
+    ]

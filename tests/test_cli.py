@@ -15,7 +15,9 @@ from helpers import (
     bytes_tree_digest,
     init_local_vault,
     make_odd_tree,
+    progress_bars,
     run_cli,
+    stderr_on_a_terminal,
     tree_digest,
 )
 
@@ -288,45 +290,44 @@ def test_help_texts_are_reflowed_not_broken_mid_sentence(tmp_path):
         assert any(sentence in line for line in text.splitlines()), (args, text)
 
 
-def _stderr_on_a_terminal(args: list[str], home: Path) -> str:
-    """Run `vaultfs ARGS` with stderr on a pseudo-terminal; what it drew there."""
-    import pty
-    import sys
-
-    main, sub = pty.openpty()
-    env = {k: v for k, v in os.environ.items() if k not in ("TERM", "NO_COLOR")}
-    env.update(VAULTFS_HOME=str(home), VAULTFS_PASSPHRASE=PASSPHRASE, TERM="xterm", COLUMNS="120")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", *args], stdout=subprocess.DEVNULL, stderr=sub,
-        env=env, cwd=Path(__file__).resolve().parent.parent,
-    )  # fmt: skip
-    os.close(sub)
-    drawn = b""
-    while True:
-        try:
-            part = os.read(main, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not part:
-            break
-        drawn += part
-    assert proc.wait(timeout=300) in (0, 3), drawn.decode(errors="replace")
-    os.close(main)
-    return drawn.decode(errors="replace")
-
-
 def test_long_commands_show_progress_on_a_terminal_only(tmp_path):
     home, _ = init_vault(tmp_path, 3, "-k", "2", "-n", "3")
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(24 * 1024 * 1024))
-    drawn = _stderr_on_a_terminal(["backup", str(big)], home)
+    drawn = stderr_on_a_terminal(["backup", str(big)], home)
     assert "backup" in drawn and "/s" in drawn and "MB" in drawn  # bytes, rate, time left
-    quiet = _stderr_on_a_terminal(["backup", "--json", str(big)], home)
+    quiet = stderr_on_a_terminal(["backup", "--json", str(big)], home)
     assert "/s" not in quiet
     run_cli("snapshot", "delete", "latest", home=home)
     run_cli("snapshot", "delete", "latest", home=home)
-    drawn = _stderr_on_a_terminal(["prune"], home)
+    drawn = stderr_on_a_terminal(["prune"], home)
     assert "prune" in drawn and re.search(r"[\d.]+/[\d.]+ MB", drawn)  # too quick for a rate
+
+
+def test_verify_repair_and_backup_progress_know_their_totals(tmp_path):
+    """On a terminal: backup's bar has the files' total and a time left; `verify --read-all`
+    and the sampled audit show bytes read of the bytes to read; repair shows the rebuilt
+    bytes written of those to rebuild (the lost remote's shards), not segments counted as
+    whole segments with no total."""
+    home, remotes = init_vault(tmp_path, 3, "-k", "2", "-n", "3")
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(24 * 1024 * 1024))
+    bars = progress_bars(stderr_on_a_terminal(["backup", str(big)], home), "backup")
+    assert bars and {t for _d, t, _e in bars} == {25.2}, bars  # 25,165,824 bytes
+    assert bars[-1][0] == 25.2
+    for args in (["verify", "--read-all"], ["verify"]):
+        bars = progress_bars(stderr_on_a_terminal(args, home), "verify")
+        assert bars and bars[-1][0] == bars[-1][1] > 0, (args, bars)
+    whole = sum(p.stat().st_size for r in remotes for p in Path(r).glob("data/*"))
+    bars = progress_bars(stderr_on_a_terminal(["verify", "--read-all"], home), "verify")
+    assert bars[-1][1] >= round(whole / 1e6, 1)  # every data object (and meta ones)
+    lost = Path(remotes[1])
+    rebuilt = sum(p.stat().st_size for sub in ("data", "meta") for p in lost.glob(f"{sub}/*"))
+    shutil.rmtree(lost)
+    bars = progress_bars(stderr_on_a_terminal(["repair"], home), "repair")
+    assert bars and bars[-1][1] == round(rebuilt / 1e6, 1) == bars[-1][0], (bars, rebuilt)
+    quiet = stderr_on_a_terminal(["verify", "--read-all", "--json"], home)
+    assert "/s" not in quiet
 
 
 def test_mount_helper_takes_what_mount8_passes():

@@ -134,3 +134,47 @@ def test_the_client_refuses_a_server_of_another_user() -> None:
         proc.kill()
         proc.communicate(timeout=10)
         shutil.rmtree(where, ignore_errors=True)
+
+
+def test_a_job_streams_progress_lines_only_to_a_client_that_asks(
+    rundir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``"progress": true``: the dispatch gets a callable that sends progress lines before
+    the reply (at most one per PROGRESS_EVERY, and the one that reaches the total); a client
+    that does not ask gets the reply alone, and its dispatch sees no callable."""
+    monkeypatch.setattr(control, "PROGRESS_EVERY", 0.0)
+    seen: list[object] = []
+
+    def dispatch(req: dict) -> dict:
+        tell = req.get("progress")
+        seen.append(tell)
+        if tell is not None:
+            tell(0, None)
+            tell(5, 10)
+            tell(10, 10)
+        return {"result": "done"}
+
+    addr = control.home_address(tmp_path / "home")
+    server = control.ControlServer([addr], dispatch)
+    try:
+        got: list[tuple[int, int | None]] = []
+        reply = control.call(
+            addr, {"cmd": "job"}, timeout=5, progress=lambda d, t: got.append((d, t))
+        )
+        assert reply == {"ok": True, "result": "done"}
+        assert got == [(0, None), (5, 10), (10, 10)]
+        assert control.call(addr, {"cmd": "job"}, timeout=5) == {"ok": True, "result": "done"}
+        assert seen[1] is None  # not asked: nothing sent, nothing to call
+    finally:
+        server.close()
+    monkeypatch.setattr(control, "PROGRESS_EVERY", 60.0)
+    lines: list[bytes] = []
+
+    class Sink:
+        def write(self, b: bytes) -> None:
+            lines.append(b)
+
+    tell = control._Progress(Sink())
+    for i in range(1, 101):
+        tell(i, 100)
+    assert len(lines) == 2 and b'"done": 100' in lines[-1]  # the first, then the last only

@@ -21,7 +21,14 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PgServer, init_local_vault, run_cli, vaultfs_env
+from helpers import (
+    PgServer,
+    init_local_vault,
+    progress_bars,
+    run_cli,
+    stderr_on_a_terminal,
+    vaultfs_env,
+)
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
@@ -365,6 +372,47 @@ def test_a_snapshot_file_pruned_while_open_is_eio_for_its_reader_only(tmp_path) 
             run_cli("umount", str(mp), home=home, check=None, timeout=300)
         if os.path.ismount(mp):
             subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+
+
+def test_maintenance_rate_bounds_a_repair_reading_local_remotes_in_place(live) -> None:
+    """A repair in the daemon reads a local-directory remote's shards where they lie (no
+    download): those reads are charged to the maintenance share too, so a lost remote's
+    repair takes at least the bytes it read over ``maintenance_rate`` (it took 0.5 s for
+    91 MB at 2M before)."""
+    home, mp, remotes = live
+    (mp / "f.bin").write_bytes(os.urandom(4 * 1024 * 1024))
+    run_cli("flush", home=home)
+    rate = 2 * 1024 * 1024
+    run_cli("schedule", "set", "maintenance_rate=2M", home=home)
+    shutil.rmtree(remotes[2])
+    t0 = time.monotonic()
+    rep = _json(run_cli("repair", "--json", home=home))
+    took = time.monotonic() - t0
+    assert rep["rebuilt"] > 0 and not rep["unrecoverable"], rep
+    assert rep["bytes_fetched"] >= 4 * 1024 * 1024, rep  # k shards of each lost one, in place
+    assert took >= rep["bytes_fetched"] / rate * 0.95, (took, rep["bytes_fetched"])
+    assert _json(run_cli("verify", "--read-all", "--json", home=home))["clean"]
+
+
+def test_maintenance_in_the_daemon_shows_progress_on_the_client_terminal(live) -> None:
+    """verify --read-all and repair run in the mount daemon: their progress comes back over
+    the control socket and the client draws it (bytes of a known total, rate, time left) on
+    a terminal; --json stays quiet."""
+    home, mp, remotes = live
+    (mp / "f.bin").write_bytes(os.urandom(6 * 1024 * 1024))
+    run_cli("flush", home=home)
+    run_cli("schedule", "set", "maintenance_rate=8M", home=home)  # a few updates at least
+    whole = sum(p.stat().st_size for r in remotes for p in r.glob("data/*"))
+    drawn = stderr_on_a_terminal(["verify", "--read-all"], home)
+    assert "runs in the mount daemon" in drawn
+    bars = progress_bars(drawn, "verify")
+    assert bars and bars[-1][0] == bars[-1][1] >= round(whole / 1e6, 1), bars
+    lost = remotes[2]
+    rebuilt = sum(p.stat().st_size for sub in ("data", "meta") for p in lost.glob(f"{sub}/*"))
+    shutil.rmtree(lost)
+    bars = progress_bars(stderr_on_a_terminal(["repair"], home), "repair")
+    assert bars and bars[-1][0] == bars[-1][1] == round(rebuilt / 1e6, 1), (bars, rebuilt)
+    assert "/s" not in stderr_on_a_terminal(["verify", "--read-all", "--json"], home)
 
 
 def test_umount_names_the_job_its_daemon_finishes_and_mount_says_to_wait(tmp_path) -> None:

@@ -121,3 +121,16 @@ def test_share_settings_from_the_schedule() -> None:
     for key, bad in (("maintenance_rate", "fast"), ("maintenance_ops", "0")):
         with pytest.raises(InputError, match=f"invalid {key}"):
             routine.validate(key, bad)
+
+
+def test_share_charges_bytes_read_in_place_through_the_stack() -> None:
+    """Repair reads a local-directory remote's objects where they lie: reported through the
+    backend stack (read_in_place), they cost the share's byte rate like a download; a stack
+    without a share charges nothing."""
+    clock = FakeClock()
+    share = Share(rate=1000, sleep=clock.sleep, clock=clock)
+    b = stack(MemoryBackend("m"), share.wrap)
+    b.read_in_place(3000)
+    assert sum(clock.slept) == pytest.approx(3.0) and share.paused == pytest.approx(3.0)
+    stack(MemoryBackend("n")).read_in_place(3000)  # no share: no wait, no error
+    assert sum(clock.slept) == pytest.approx(3.0)

@@ -374,8 +374,9 @@ def test_repair_that_dies_inside_a_batch_leaves_nothing_and_the_next_finishes(tm
     before = {sh.id: sh.name for sh in segment_table.live_shards(v.index)}
     done = []
 
-    def die_on_the_second(_n: int) -> None:
-        done.append(_n)
+    def die_on_the_second(wrote: int, _total: int) -> None:
+        if wrote:  # after a segment (the first call, 0 of the total, is at the start)
+            done.append(wrote)
         if len(done) == 2:
             raise _Crash()
 
@@ -461,8 +462,9 @@ def test_a_commit_that_fails_stops_the_batches_behind_it(tmp_path, monkeypatch) 
     monkeypatch.setattr(repair_mod, "BATCH_SEGMENTS", 1)
     calls = []
 
-    def die_on_the_third(_n: int) -> None:
-        calls.append(_n)
+    def die_on_the_third(wrote: int, _total: int) -> None:
+        if wrote:  # after a segment (the first call, 0 of the total, is at the start)
+            calls.append(wrote)
         if len(calls) == 3:
             raise _Crash()
 

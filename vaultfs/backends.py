@@ -185,6 +185,14 @@ class Wrapper:
     def local_dir(self) -> Path | None:
         return self.inner.local_dir
 
+    def read_in_place(self, nbytes: int) -> None:
+        """Account ``nbytes`` that a reader took from :attr:`local_dir` directly, past the
+        backend's methods (repair's sources, :data:`restore.READ_IN_PLACE`): passed down to
+        the layer that meters them (:class:`Throttled`); nothing for the others."""
+        fn = getattr(self.inner, "read_in_place", None)
+        if fn is not None:
+            fn(nbytes)
+
     def ensure(self) -> None:
         self._op(self.inner.ensure)
 
@@ -635,6 +643,12 @@ class Throttled(Wrapper):
     def get(self, sub: str, names: list[str], local_dir: Path, max_bytes: int = 0) -> None:
         super().get(sub, names, local_dir, max_bytes)
         self.share.charge(sum(p.stat().st_size for n in names if (p := local_dir / n).exists()))
+
+    def read_in_place(self, nbytes: int) -> None:
+        """Bytes read from :attr:`local_dir` directly are the share's too: wait for a quiet
+        foreground and for the byte rate, as a download of them would."""
+        self.share.before()
+        self.share.charge(nbytes)
 
 
 class MemoryBackend(Remote):

@@ -77,6 +77,7 @@ def backup_paths(
     progress: Progress | None = None,
     upload: bool = False,
     fork: bool = False,
+    planned: Callable[[int], None] | None = None,
 ) -> tuple[str, int, int]:
     """Back up files and directories as one snapshot. Returns (snapshot uid, entries, bytes).
     ``fork``: record an explicit fork if the remotes moved on (:meth:`Vault.commit`).
@@ -85,7 +86,10 @@ def backup_paths(
     share an inode get one link group and are stored once), fifos, sockets and device
     nodes, and names of any bytes (vaultfs/names.py). ``upload`` starts placing the
     shards on the remotes during the commit (the caller flushes next), and keeps the upload
-    queue within its bound meanwhile (:meth:`Vault.store_stream`).
+    queue within its bound meanwhile (:meth:`Vault.store_stream`). ``planned`` is told the
+    bytes of the regular files to read (a hard-linked file once) before the first is read:
+    the tree is walked (lstat, listdir) once, first, and its stats serve both the total and
+    the entries, so the total costs no system call more.
     """
     from .vault import Entry  # here, so that a restore (check_name) needs no Vault
 
@@ -93,48 +97,51 @@ def backup_paths(
     entries: list[Entry] = []
     total = 0
     links: dict[tuple[int, int], Entry] = {}
-    for path, top in plan_paths(paths):
-        for p, rel, st in _walk(path, top):
-            mode = stat.S_IMODE(st.st_mode)
-            common = {"uid": st.st_uid, "gid": st.st_gid, "xattrs": _xattrs(p)}
-            if stat.S_ISDIR(st.st_mode):
-                entries.append(Entry(rel, "d", mode, st.st_mtime_ns, **common))
-            elif stat.S_ISLNK(st.st_mode):
+    walked = [w for path, top in plan_paths(paths) for w in _walk(path, top)]
+    if planned is not None:
+        inodes = {
+            (st.st_dev, st.st_ino): st.st_size for _p, _r, st in walked if stat.S_ISREG(st.st_mode)
+        }
+        planned(sum(inodes.values()))
+    for p, rel, st in walked:
+        mode = stat.S_IMODE(st.st_mode)
+        common = {"uid": st.st_uid, "gid": st.st_gid, "xattrs": _xattrs(p)}
+        if stat.S_ISDIR(st.st_mode):
+            entries.append(Entry(rel, "d", mode, st.st_mtime_ns, **common))
+        elif stat.S_ISLNK(st.st_mode):
+            entries.append(Entry(rel, "l", mode, st.st_mtime_ns, target=os.readlink(p), **common))
+        elif stat.S_ISREG(st.st_mode):
+            first = links.get((st.st_dev, st.st_ino)) if st.st_nlink > 1 else None
+            if first is not None:
                 entries.append(
-                    Entry(rel, "l", mode, st.st_mtime_ns, target=os.readlink(p), **common)
+                    Entry(
+                        rel,
+                        "f",
+                        mode,
+                        first.mtime_ns,
+                        size=first.size,
+                        cids=first.cids,
+                        link=first.link,
+                        **common,
+                    )  # fmt: skip
                 )
-            elif stat.S_ISREG(st.st_mode):
-                first = links.get((st.st_dev, st.st_ino)) if st.st_nlink > 1 else None
-                if first is not None:
-                    entries.append(
-                        Entry(
-                            rel,
-                            "f",
-                            mode,
-                            first.mtime_ns,
-                            size=first.size,
-                            cids=first.cids,
-                            link=first.link,
-                            **common,
-                        )  # fmt: skip
-                    )
-                    continue
-                try:
-                    f = open(p, "rb")  # noqa: SIM115
-                except OSError as e:
-                    raise InputError(f"cannot read {p}: {e.strerror}") from None
-                with f:
-                    cids, size = vault.store_stream(f, progress, bounded=upload)
-                e = Entry(rel, "f", mode, st.st_mtime_ns, size=size, cids=cids, **common)
-                if st.st_nlink > 1:
-                    e.link = len(links) + 1
-                    links[(st.st_dev, st.st_ino)] = e
-                entries.append(e)
-                total += size
-            elif (special := SPECIAL_TYPES.get(stat.S_IFMT(st.st_mode))) is not None:
-                # fifos, sockets and devices hold no data: kept as entries (rdev for devices)
-                rdev = st.st_rdev if special in ("c", "b") else None
-                entries.append(Entry(rel, special, mode, st.st_mtime_ns, rdev=rdev, **common))
+                continue
+            try:
+                f = open(p, "rb")  # noqa: SIM115
+            except OSError as e:
+                raise InputError(f"cannot read {p}: {e.strerror}") from None
+            with f:
+                cids, size = vault.store_stream(f, progress, bounded=upload)
+            e = Entry(rel, "f", mode, st.st_mtime_ns, size=size, cids=cids, **common)
+            if st.st_nlink > 1:
+                e.link = len(links) + 1
+                links[(st.st_dev, st.st_ino)] = e
+            entries.append(e)
+            total += size
+        elif (special := SPECIAL_TYPES.get(stat.S_IFMT(st.st_mode))) is not None:
+            # fifos, sockets and devices hold no data: kept as entries (rdev for devices)
+            rdev = st.st_rdev if special in ("c", "b") else None
+            entries.append(Entry(rel, special, mode, st.st_mtime_ns, rdev=rdev, **common))
     uid, _seq = vault.commit(entries, name=name, prepush=upload, fork=fork)
     return uid, len(entries), total
 

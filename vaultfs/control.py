@@ -19,6 +19,10 @@ Commands: ``ping``, ``status`` (`vaultfs status`'s report), ``snapshots``, ``flu
 the client then unmounts), ``job`` (``job``, ``args``: verify, repair, prune, forget, remote
 changes, key rotation and re-encryption run in the daemon, one at a time (`forget` without
 --prune beside one); reply ``result``, the command's report: vaultfs/maintenance.py).
+A ``job`` request with ``"progress": true`` also gets, before its reply, lines
+``{"progress": {"done": N, "total": T}}`` (bytes; ``total`` null while unknown), at most
+:data:`PROGRESS_EVERY` seconds apart and the last one when the work is done; a client that
+does not ask gets none, and a daemon that does not know the key sends none.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import socketserver
 import stat
 import struct
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import EXIT_DAEMON_GONE, InputError, VaultError, disk_full
@@ -42,6 +48,8 @@ log = logging.getLogger("vaultfs.control")
 
 #: A reply larger than this is not a control reply (status replies are a few KiB).
 MAX_REPLY = 16 * 1024 * 1024
+#: The least interval between two progress lines of a job (a terminal's bar redraws ~10/s).
+PROGRESS_EVERY = 0.1
 
 
 class ControlError(VaultError):
@@ -119,9 +127,18 @@ def _trusted(uid: int) -> bool:
     return uid == os.getuid() or uid == 0
 
 
-def call(address: str, request: dict, timeout: float | None = None) -> dict | None:
+def call(
+    address: str,
+    request: dict,
+    timeout: float | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> dict | None:
     """Send one request; None if no daemon listens there. Raises the daemon's error, and
-    ControlError if whoever listens is another user (never trusts its answer)."""
+    ControlError if whoever listens is another user (never trusts its answer). With
+    ``progress``, asks for the job's progress lines and calls ``progress(done, total)`` for
+    each (``timeout`` then bounds the wait for each line)."""
+    if progress is not None:
+        request = {**request, "progress": True}
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.settimeout(5)
@@ -138,36 +155,49 @@ def call(address: str, request: dict, timeout: float | None = None) -> dict | No
         s.settimeout(timeout)
         s.sendall(json.dumps(request).encode() + b"\n")
         buf = b""
-        while not buf.endswith(b"\n"):
-            try:
-                part = s.recv(65536)
-            except TimeoutError:
-                raise ControlError(
-                    f"the mount daemon did not answer {request.get('cmd')!r} within "
-                    f"{timeout:.0f}s (see mount.log)"
-                ) from None
-            if not part:
-                raise DaemonGone(
-                    "the mount daemon closed the connection without an answer: it stopped "
-                    "(see mount.log); run `vaultfs mount` again (it recovers a dead mount), "
-                    "then rerun this command"
-                )
-            buf += part
-            if len(buf) > MAX_REPLY:
-                raise ControlError("the mount daemon's reply is too large (see mount.log)")
+        while True:
+            while b"\n" not in buf:
+                try:
+                    part = s.recv(65536)
+                except TimeoutError:
+                    raise ControlError(
+                        f"the mount daemon did not answer {request.get('cmd')!r} within "
+                        f"{timeout:.0f}s (see mount.log)"
+                    ) from None
+                if not part:
+                    raise DaemonGone(
+                        "the mount daemon closed the connection without an answer: it stopped "
+                        "(see mount.log); run `vaultfs mount` again (it recovers a dead "
+                        "mount), then rerun this command"
+                    )
+                buf += part
+                if len(buf) > MAX_REPLY:
+                    raise ControlError("the mount daemon's reply is too large (see mount.log)")
+            line, buf = buf.split(b"\n", 1)
+            reply = _parse(line)
+            if progress is None or "progress" not in reply or "ok" in reply:
+                break
+            event = reply["progress"]
+            if isinstance(event, dict) and isinstance(event.get("done"), int):
+                total = event.get("total")
+                progress(event["done"], total if isinstance(total, int) else None)
     finally:
         s.close()
-    try:
-        reply = json.loads(buf)
-    except ValueError:
-        reply = None
-    if not isinstance(reply, dict):
-        raise ControlError("the mount daemon sent a malformed reply (see mount.log)")
     if not reply.get("ok"):
         err = ControlError(str(reply.get("error", "the mount daemon reported an error")))
         code = reply.get("code", 1)
         err.exit_code = code if isinstance(code, int) and 0 < code < 256 else 1
         raise err
+    return reply
+
+
+def _parse(line: bytes) -> dict:
+    try:
+        reply = json.loads(line)
+    except (ValueError, RecursionError):
+        reply = None
+    if not isinstance(reply, dict):
+        raise ControlError("the mount daemon sent a malformed reply (see mount.log)")
     return reply
 
 
@@ -188,6 +218,10 @@ class _Handler(socketserver.StreamRequestHandler):
                 req = None
             if not isinstance(req, dict):
                 raise InputError("a control request is one JSON object")
+            if req.get("progress") is True:  # the job's dispatch reports through it
+                req["progress"] = _Progress(self.wfile)
+            else:
+                req.pop("progress", None)
             reply = {"ok": True, **self.server.dispatch(req)}  # type: ignore[attr-defined]
         except VaultError as e:
             reply = {"ok": False, "error": e.message, "code": e.exit_code}
@@ -201,6 +235,30 @@ class _Handler(socketserver.StreamRequestHandler):
             self.wfile.write(json.dumps(reply).encode() + b"\n")
         except OSError:  # the client went away (Ctrl-C) while its request ran
             log.info("control client left before the reply to %r", req)
+
+
+class _Progress:
+    """A job's ``progress(done, total)`` for a client that asked for it: a progress line on
+    the connection, at most one per :data:`PROGRESS_EVERY` seconds (and the one that reaches
+    the total); silent once the client is gone (the job goes on)."""
+
+    def __init__(self, wfile) -> None:
+        self.wfile = wfile
+        self.last = 0.0
+        self.gone = False
+        self.lock = threading.Lock()
+
+    def __call__(self, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        with self.lock:
+            if self.gone or (now - self.last < PROGRESS_EVERY and done != total):
+                return
+            self.last = now
+            line = json.dumps({"progress": {"done": done, "total": total}}).encode() + b"\n"
+            try:
+                self.wfile.write(line)
+            except OSError:  # the client went away (Ctrl-C)
+                self.gone = True
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

@@ -240,7 +240,8 @@ def run_foreground(
 
         def dispatch(req: dict) -> dict:
             if req.get("cmd") == "job":  # long: waits here, in the control handler's thread
-                return {"result": runner.run(str(req.get("job")), req.get("args") or {})}
+                job, args = str(req.get("job")), req.get("args") or {}
+                return {"result": runner.run(job, args, req.get("progress"))}
             reply = trio.from_thread.run(_handle, fs, req, trio_token=fs.token)
             if req.get("cmd") == "status":
                 reply["mount"]["maintenance"] = runner.current

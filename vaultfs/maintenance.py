@@ -96,13 +96,19 @@ class Runner:
         self.busy = busy
         self.settings = settings
         self.current: dict | None = None  # {"job", "started"} of the running job
+        #: the running job's ``progress(done, total)`` (bytes; total None while unknown),
+        #: for a client that asked for it (vaultfs/control.py); None otherwise
+        self.progress: Callable[[int, int | None], None] | None = None
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaultfs-maintenance")
 
-    def run(self, job: str, args: dict) -> dict:
+    def run(
+        self, job: str, args: dict, progress: Callable[[int, int | None], None] | None = None
+    ) -> dict:
         """Run ``job`` with ``args`` and return its report; blocks the calling thread (a
         control handler) until it ends. VaultBusy when a job is running; InputError for an
-        unknown job; the job's own errors as they are."""
+        unknown job; the job's own errors as they are. ``progress(done, total)``: told the
+        bytes done by the jobs that count them (verify, repair, prune, reencrypt)."""
         fn = JOBS.get(job)
         if fn is None:
             raise InputError(f"unknown maintenance job {job!r}: choose from {', '.join(JOBS)}")
@@ -120,6 +126,7 @@ class Runner:
                 "run this again when it has finished (`vaultfs status` shows it)"
             )
         self.current = {"job": job, "started": time.time()}
+        self.progress = progress
 
         def work() -> dict:
             t0 = time.monotonic()
@@ -129,6 +136,7 @@ class Runner:
             finally:  # before the caller sees the result: its next request is not "busy"
                 log.info("maintenance: %s ended after %.1fs", job, time.monotonic() - t0)
                 self.current = None
+                self.progress = None
                 self._lock.release()
 
         try:
@@ -138,6 +146,15 @@ class Runner:
             self._lock.release()
             raise
         return fut.result()
+
+    def segments(self) -> Callable[[int, int], None] | None:
+        """A ``progress(done, total)`` in segments for :attr:`progress`, in bytes (a segment is
+        ``segment_size`` bytes of work, as the commands count it unmounted)."""
+        progress = self.progress
+        if progress is None:
+            return None
+        size = self.vault.segment_size
+        return lambda done, total: progress(done * size, total * size)
 
     def share(self) -> Share:
         """A fresh share for one job, from the current settings."""
@@ -160,8 +177,9 @@ def _verify(
     from . import verify
 
     rep = verify.audit(
-        r.vault, remotes, mode=mode, sample=sample, max_duration=max_duration, wrap=r.share().wrap
-    )
+        r.vault, remotes, mode=mode, sample=sample, max_duration=max_duration,
+        wrap=r.share().wrap, progress=r.progress,
+    )  # fmt: skip
     return rep.to_dict()
 
 
@@ -170,8 +188,9 @@ def _repair(r: Runner, dry_run: bool = False, sources: list[str] | None = None) 
 
     paths = [Path(p) for p in sources or []]
     rep = repair.repair(
-        r.vault, dry_run=dry_run, sources=paths, wrap=r.share().wrap, background=True
-    )
+        r.vault, dry_run=dry_run, sources=paths, wrap=r.share().wrap, background=True,
+        progress=None if dry_run else r.progress,
+    )  # fmt: skip
     return rep.to_dict()
 
 
@@ -181,7 +200,10 @@ def _prune(r: Runner, repack_below: float | None = None, dry_run: bool = False) 
     below = prune.REPACK_BELOW if repack_below is None else repack_below
     release = r.hold_references()
     try:
-        return prune.prune(r.vault, repack_below=below, dry_run=dry_run).as_dict()
+        return prune.prune(
+            r.vault, repack_below=below, dry_run=dry_run,
+            progress=None if dry_run else r.segments(),
+        ).as_dict()  # fmt: skip
     finally:
         release()
 
@@ -218,7 +240,7 @@ def _rotate(r: Runner, suite: int | None = None) -> dict:
 def _reencrypt(r: Runner, suite: int) -> dict:
     from . import rotation
 
-    rep = rotation.reencrypt(r.vault, suite, keyfile=r.home / "key.json")
+    rep = rotation.reencrypt(r.vault, suite, r.segments(), keyfile=r.home / "key.json")
     return dict(rep.__dict__)
 
 

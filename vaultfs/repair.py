@@ -333,6 +333,7 @@ class _Fetcher:
                 except RemoteError as e:
                     with self.lock:
                         self.report.errors[self.labels[rid]] = e.message
+            in_place = 0
             for s in shards:
                 p = here / s.kind / s.name if here is not None else d / s.name
                 try:
@@ -345,6 +346,15 @@ class _Fetcher:
                     if size == s.size:
                         self.report.bytes_fetched += s.size
                     got[s.name] = p
+                if here is not None and size > 0:
+                    in_place += min(size, s.size)  # the workers read no more than the index says
+            if in_place and self.wrap is not None:
+                # background work (the mount daemon's share, backends.Throttled): bytes the
+                # workers will read in place are charged before they get the paths, as a
+                # download would be; a foreground repair (no wrap) pays nothing here
+                charge = getattr(b, "read_in_place", None)
+                if charge is not None:
+                    charge(in_place)
 
         with ThreadPoolExecutor(max_workers=max(1, len(per_remote))) as ex:
             list(ex.map(pull, per_remote.items()))
@@ -693,7 +703,7 @@ def repair(
     scan: bool = True,
     prefer: int | None = None,
     wrap: Callable[[object], object] | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
     sources: list[Path] | None = None,
     background: bool = False,
     departing: int | None = None,
@@ -705,7 +715,10 @@ def repair(
     chunks it held from them (matched by keyed chunk id, so only identical bytes qualify).
 
     ``prefer`` is a remote id that wins ties when placing rebuilt shards (`remote replace`).
-    ``dry_run`` scans and plans, and changes nothing else. ``background``: the mount daemon's
+    ``dry_run`` scans and plans, and changes nothing else. ``progress(done, total)``: bytes
+    of rebuilt shards written of those planned, once the plan is known and after each
+    rebuilt segment (a segment that rebuilds less than planned lowers the total).
+    ``background``: the mount daemon's
     maintenance, whose CPU work must yield to the foreground (:func:`_workers`).
     ``departing``: a remote just taken out of the vault (`remote remove`) whose shards are
     still read as sources while it answers, though they are being rebuilt elsewhere.
@@ -833,7 +846,7 @@ def _rebuild_all(
     report: RepairReport,
     prefer: int | None,
     active: list[tuple[int, str, str]],
-    progress: Callable[[int], None] | None,
+    progress: Callable[[int, int], None] | None,
     background: bool,
 ) -> list[tuple[str, int]]:
     """Rebuild the planned shards into the queue, most-at-risk segment first. A bounded
@@ -857,6 +870,11 @@ def _rebuild_all(
         todo_all = sorted(plan.items(), key=lambda it: (healthy.get(it[0], 0), it[0]))
         cuts = [0, *range(min(FIRST_BATCH, len(todo_all)), len(todo_all), BATCH_SEGMENTS)]
         batches = [todo_all[a:b] for a, b in itertools.pairwise([*cuts, len(todo_all)]) if b > a]
+        # progress: [bytes written, bytes planned]; the planned total drops by what a segment
+        # did not rebuild, so the bar ends full (one update per segment, nothing per byte)
+        tally = [0, sum(sh.size for _s, todo in todo_all for sh, _r in todo)]
+        if progress and todo_all:
+            progress(*tally)
 
         def download(bi: int) -> _Batch:
             # one transfer per remote for the whole batch: k sources per segment
@@ -892,9 +910,13 @@ def _rebuild_all(
             # before they leave tmp/ (a background push may move a queue directory away)
             sync_files([vault.queue.tmp / sf.name for rb in done for sf in rb.shards], syncer)
             for (job, todo), rb in zip(batch.jobs, done, strict=True):
-                queued += _enqueue(vault, job, todo, rb, fetcher, report, prefer, active, dirs)
+                new = _enqueue(vault, job, todo, rb, fetcher, report, prefer, active, dirs)
+                queued += new
                 if progress:
-                    progress(1)
+                    wrote = sum(q.shard.size for q in new)
+                    tally[0] += wrote
+                    tally[1] -= max(0, sum(sh.size for sh, _r in todo) - wrote)
+                    progress(*tally)
             old_objects.extend(_commit_batch(vault, queued, dirs, fetcher, report))
             shutil.rmtree(batch.dir, ignore_errors=True)
             if queued:  # upload this batch while the next ones are rebuilt

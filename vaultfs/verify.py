@@ -335,6 +335,21 @@ class _Ctx:
         self._described: dict[bytes, manifest.IndexDescription] = {}
         self._describe_lock = threading.Lock()
         self.lock = threading.Lock()
+        #: ``progress(done, total)``: bytes read of those the planned checks read, over all
+        #: the remotes (each adds its plan when its listing is done)
+        self.progress: Callable[[int, int], None] | None = None
+        self._tally = [0, 0]
+
+    def count(self, planned: int = 0, read: int = 0) -> None:
+        """Add ``planned`` bytes to the total to read and ``read`` to those read; tell
+        :attr:`progress`. Called once per remote's plan and once per object checked."""
+        if self.progress is None:
+            return
+        with self.lock:
+            self._tally[0] += read
+            self._tally[1] += planned
+            done, total = self._tally
+        self.progress(done, total)
 
     def describe(self, m: manifest.Manifest) -> manifest.IndexDescription:
         """Manifest ``m``'s whole index description
@@ -400,6 +415,15 @@ def _why_bad(ctx: _Ctx, sh: ShardRow, digest: bytes | None, size: int | None) ->
     if size is not None and size != sh.size:
         return "corrupt", f"size {size}, expected {sh.size}"
     return "corrupt", "content does not match its Merkle leaves"
+
+
+def _read_size(sh: ShardRow, blk: int, piece: int) -> int:
+    """The bytes one challenge reads (:meth:`_RemoteAuditor._check_one`): block ``blk`` of
+    ``sh``, or one piece of it (``piece`` >= 0), or the whole object (``blk`` < 0)."""
+    if blk < 0:
+        return sh.size
+    blen = min(BLOCK, sh.size - blk * BLOCK)
+    return blen if piece < 0 else min(PIECE, blen - piece * PIECE)
 
 
 class _RemoteAuditor:
@@ -789,8 +813,10 @@ class _RemoteAuditor:
         whole_cost = sum(by_id[s].size for s in per_shard)
         whole = self.ctx.mode == "read-all" or whole_cost <= self.ctx.whole_budget
         if whole:
+            self.ctx.count(planned=whole_cost)
             self._whole(by_id, per_shard)
         else:
+            self.ctx.count(planned=sum(_read_size(by_id[sid], b, p) for sid, b, p in rows))
             self._ranged(by_id, rows)
 
     def _done(self, shard: int, answers: list[tuple[int, int]], ok: int, bad: int) -> None:
@@ -829,39 +855,42 @@ class _RemoteAuditor:
                     if mp.exists() and mp.stat().st_size <= manifest.MAX_BYTES:
                         self.prefetched[nm] = mp.read_bytes()
                 for sh in batch:
-                    self.ctx.chain_ok(sh)
-                    p = d / sh.kind / sh.name
-                    answers = per_shard[sh.id]
-                    if one_by_one and not p.exists():
-                        try:
-                            p.parent.mkdir(exist_ok=True)
-                            p.write_bytes(self.b.cat(sh.kind, sh.name, 0, sh.size + 1))
-                        except ObjectMissing:
-                            pass
-                        except (Unreachable, ThawNeeded):
-                            raise
-                        except RemoteError as e:
-                            self._finding(sh, "corrupt", f"unreadable: {e.message}")
+                    try:
+                        self.ctx.chain_ok(sh)
+                        p = d / sh.kind / sh.name
+                        answers = per_shard[sh.id]
+                        if one_by_one and not p.exists():
+                            try:
+                                p.parent.mkdir(exist_ok=True)
+                                p.write_bytes(self.b.cat(sh.kind, sh.name, 0, sh.size + 1))
+                            except ObjectMissing:
+                                pass
+                            except (Unreachable, ThawNeeded):
+                                raise
+                            except RemoteError as e:
+                                self._finding(sh, "corrupt", f"unreadable: {e.message}")
+                                self._done(sh.id, answers, 0, len(answers))
+                                continue
+                        if not p.exists():
+                            self._finding(sh, "missing", "listed, but could not be downloaded")
                             self._done(sh.id, answers, 0, len(answers))
                             continue
-                    if not p.exists():
-                        self._finding(sh, "missing", "listed, but could not be downloaded")
-                        self._done(sh.id, answers, 0, len(answers))
-                        continue
-                    got = p.stat().st_size  # checked first: read no more than the index says
-                    if got != sh.size:
-                        digest = None
-                        if got in self.ctx.shard_sizes:  # perhaps another genuine object
-                            digest = segment.object_hash(p.read_bytes())
-                        bad = _why_bad(self.ctx, sh, digest, got)
-                    else:
-                        bad = _classify_body(self.ctx, sh, p.read_bytes())
-                    p.unlink()
-                    if bad:
-                        self._finding(sh, *bad)
-                        self._done(sh.id, answers, 0, len(answers))
-                    else:
-                        self._done(sh.id, answers, len(answers), 0)
+                        got = p.stat().st_size  # checked first: read no more than the index says
+                        if got != sh.size:
+                            digest = None
+                            if got in self.ctx.shard_sizes:  # perhaps another genuine object
+                                digest = segment.object_hash(p.read_bytes())
+                            bad = _why_bad(self.ctx, sh, digest, got)
+                        else:
+                            bad = _classify_body(self.ctx, sh, p.read_bytes())
+                        p.unlink()
+                        if bad:
+                            self._finding(sh, *bad)
+                            self._done(sh.id, answers, 0, len(answers))
+                        else:
+                            self._done(sh.id, answers, len(answers), 0)
+                    finally:
+                        self.ctx.count(read=sh.size)
 
     def _check_one(self, sh: ShardRow, blk: int, piece: int) -> tuple[str, str] | None:
         self.ctx.chain_ok(sh)
@@ -925,6 +954,7 @@ class _RemoteAuditor:
 
         with ThreadPoolExecutor(max_workers=RANGE_WORKERS) as ex:
             for sid, answered, bad in ex.map(one, order):
+                self.ctx.count(read=sum(_read_size(by_id[sid], b, p) for b, p in per_shard[sid]))
                 if bad is None:
                     if answered:
                         self._done(sid, answered, len(answered), 0)
@@ -991,13 +1021,15 @@ def audit(
     wrap: Callable[[object], object] | None = None,
     whole_budget: int = WHOLE_OBJECT_BUDGET,
     list_only: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> AuditReport:
     """Audit the vault's remotes in parallel (one thread each) and return the report.
 
     ``mode``: 'confidence' (enough random checks for ``confidence`` against ``loss``),
     'sample' (``sample`` percent of the blocks) or 'read-all'. ``list_only`` does steps 1-2
     only (the cheap scan repair starts with). ``wrap`` inserts a layer in every remote's stack
-    (tests). Raises BadRemote for a remote that is not part of the vault and IntegrityError when
+    (tests). ``progress(done, total)``: bytes read of those the planned checks read (the
+    total grows as each remote's plan is made), after each object checked. Raises BadRemote for a remote that is not part of the vault and IntegrityError when
     the local index contradicts the signed manifest; everything else is reported per remote.
     """
     if mode not in MODES:
@@ -1010,6 +1042,7 @@ def audit(
     audit_table.forget_orphans(vault.index)
     deadline = t0 + max_duration if max_duration else None
     ctx = _Ctx(vault, mode, sample, deadline, confidence, loss, wrap, whole_budget, list_only)
+    ctx.progress = progress
     results: list[RemoteAudit] = []
     errors: list[BaseException] = []
 
