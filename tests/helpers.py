@@ -360,6 +360,15 @@ def run_cli(
     return proc
 
 
+def unmount(mp: Path, home: Path) -> None:
+    """A fixture's cleanup: `vaultfs umount`, then a lazy `fusermount3 -u -z` if the mount
+    is still there (a test that failed half-way must not leave it mounted)."""
+    if os.path.ismount(mp):
+        run_cli("umount", str(mp), home=home, check=None, timeout=300)
+    if os.path.ismount(mp):
+        subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+
+
 def remote_args(remotes: Iterable[object]) -> list[str]:
     """``--remote SPEC`` for each remote (a path or a spec string), as `vaultfs init` takes them."""
     return [a for r in remotes for a in ("--remote", str(r))]
@@ -513,15 +522,24 @@ def bytes_tree_digest(root: Path) -> dict[bytes, tuple]:
     return out
 
 
-def stderr_on_a_terminal(args: list[str], home: Path) -> str:
-    """Run `vaultfs ARGS` with stderr on a pseudo-terminal; what it drew there."""
+def on_a_terminal(
+    args: list[str], home: Path, *, columns: int = 120, stdout: bool = False
+) -> tuple[int, str]:
+    """Run `vaultfs ARGS` with stderr (and stdout with ``stdout``) on a pseudo-terminal
+    ``columns`` wide; (exit code, what it drew there, as drawn)."""
+    import fcntl
     import pty
+    import struct
+    import termios
 
     main, sub = pty.openpty()
-    env = {k: v for k, v in os.environ.items() if k not in ("TERM", "NO_COLOR")}
-    env.update(VAULTFS_HOME=str(home), VAULTFS_PASSPHRASE=PASSPHRASE, TERM="xterm", COLUMNS="120")
+    fcntl.ioctl(sub, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {k: v for k, v in vaultfs_env(home).items() if k not in ("TERM", "NO_COLOR")}
+    env.pop("LINES", None)
+    env.update(TERM="xterm", COLUMNS=str(columns))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", *args], stdout=subprocess.DEVNULL, stderr=sub,
+        [sys.executable, "-m", "cli.main", *args], stdin=subprocess.DEVNULL,
+        stdout=sub if stdout else subprocess.DEVNULL, stderr=sub,
         env=env, cwd=Path(__file__).resolve().parent.parent,
     )  # fmt: skip
     os.close(sub)
@@ -534,9 +552,15 @@ def stderr_on_a_terminal(args: list[str], home: Path) -> str:
         if not part:
             break
         drawn += part
-    assert proc.wait(timeout=300) in (0, 3), drawn.decode(errors="replace")
     os.close(main)
-    return drawn.decode(errors="replace")
+    return proc.wait(timeout=300), drawn.decode(errors="replace")
+
+
+def stderr_on_a_terminal(args: list[str], home: Path) -> str:
+    """Run `vaultfs ARGS` with stderr on a pseudo-terminal; what it drew there."""
+    code, drawn = on_a_terminal(args, home)
+    assert code in (0, 3), drawn
+    return drawn
 
 
 def progress_bars(drawn: str, label: str) -> list[tuple[float, float, str]]:

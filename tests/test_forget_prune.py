@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import init_local_vault, run_cli, vaultfs_env
+from helpers import init_local_vault, run_cli, unmount, vaultfs_env
 
 MiB = 1024 * 1024
 
@@ -122,10 +122,7 @@ def mounted(tmp_path):
         run_cli("flush", home=home)
         yield home, mp, remotes
     finally:
-        if os.path.ismount(mp):
-            run_cli("umount", str(mp), home=home, check=None, timeout=300)
-        if os.path.ismount(mp):
-            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+        unmount(mp, home)
 
 
 def _names(home: Path) -> list[str]:

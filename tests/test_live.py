@@ -27,6 +27,7 @@ from helpers import (
     progress_bars,
     run_cli,
     stderr_on_a_terminal,
+    unmount,
     vaultfs_env,
 )
 
@@ -123,10 +124,7 @@ def live(tmp_path):
     try:
         yield home, mp, remotes
     finally:
-        if os.path.ismount(mp):
-            run_cli("umount", str(mp), home=home, check=None, timeout=300)
-        if os.path.ismount(mp):
-            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+        unmount(mp, home)
 
 
 def test_maintenance_on_a_live_mount_while_pg_dump_writes(live, tmp_path, pg_server) -> None:
@@ -295,10 +293,7 @@ def test_commands_beside_the_mount_see_its_newest_index_state(tmp_path) -> None:
             assert all(s["manifest_hash"] for s in listed), listed
         assert (home / "index.db-wal").exists()  # the daemon's log, still the one on disk
     finally:
-        if os.path.ismount(mp):
-            run_cli("umount", str(mp), home=home, check=None, timeout=300)
-        if os.path.ismount(mp):
-            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+        unmount(mp, home)
 
 
 def test_a_read_with_too_few_remotes_names_the_file_the_remotes_and_the_way_out(tmp_path) -> None:
@@ -337,10 +332,7 @@ def test_a_read_with_too_few_remotes_names_the_file_the_remotes_and_the_way_out(
         assert "cannot read w.bin (the live tree): it needs shards from 2 remotes" in log, log
         assert os.path.ismount(mp)
     finally:
-        if os.path.ismount(mp):
-            run_cli("umount", str(mp), home=home, check=None, timeout=300)
-        if os.path.ismount(mp):
-            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+        unmount(mp, home)
 
 
 def test_a_snapshot_file_pruned_while_open_is_eio_for_its_reader_only(tmp_path) -> None:
@@ -368,10 +360,7 @@ def test_a_snapshot_file_pruned_while_open_is_eio_for_its_reader_only(tmp_path) 
         assert (mp / "after.txt").read_text() == "still serving"
         assert "read of file handle" in (home / "mount.log").read_text()
     finally:
-        if os.path.ismount(mp):
-            run_cli("umount", str(mp), home=home, check=None, timeout=300)
-        if os.path.ismount(mp):
-            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+        unmount(mp, home)
 
 
 def test_maintenance_rate_bounds_a_repair_reading_local_remotes_in_place(live) -> None:
@@ -466,7 +455,4 @@ def test_umount_names_the_job_its_daemon_finishes_and_mount_says_to_wait(tmp_pat
         if verify is not None and verify.poll() is None:
             verify.kill()
             verify.wait()
-        if os.path.ismount(mp):
-            run_cli("umount", str(mp), home=home, check=None, timeout=300)
-        if os.path.ismount(mp):
-            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+        unmount(mp, home)

@@ -4,21 +4,14 @@ rclone remotes (issue 15's small things): a slow remote a quorum backup left beh
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import pty
 import random
 import re
 import shutil
-import struct
-import subprocess
-import sys
-import termios
 from pathlib import Path
 
 import pytest
-from helpers import init_local_vault, remote_args, run_cli, vaultfs_env
+from helpers import init_local_vault, on_a_terminal, remote_args, run_cli
 
 from bench.netem import Link
 
@@ -64,26 +57,9 @@ def test_a_slow_remote_cut_off_at_quorum_is_behind_not_failing(tmp_path, emulate
 
 def _on_terminal(home: Path, columns: int, *args: str) -> str:
     """`vaultfs ARGS` on a pseudo-terminal ``columns`` wide: its output, colours stripped."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
-    env = {k: v for k, v in vaultfs_env(home).items() if k not in ("COLUMNS", "LINES")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", *args], stdin=subprocess.DEVNULL, stdout=slave,
-        stderr=slave, env=env, cwd=Path(__file__).resolve().parent.parent,
-    )  # fmt: skip
-    os.close(slave)
-    got = b""
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not data:
-            break
-        got += data
-    os.close(master)
-    assert proc.wait(timeout=300) == 0, got
-    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", got.decode()).replace("\r\n", "\n")
+    code, got = on_a_terminal(list(args), home, columns=columns, stdout=True)
+    assert code == 0, got
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", got).replace("\r\n", "\n")
 
 
 def test_tables_never_cut_what_a_user_needs(tmp_path: Path) -> None:

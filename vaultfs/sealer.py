@@ -55,6 +55,7 @@ import secrets
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -420,6 +421,8 @@ def worker_pool(
     pool.shutdown(wait=True)
 
 
+#: seconds :meth:`SealerPool._raise_pending` waits for the jobs in flight before it raises
+ERROR_SETTLE = 30.0
 #: multiprocessing's temporary directory (the forkserver's socket), made by
 #: :func:`own_mp_tempdir`: ``<tmp>/vaultfs-mp-<pid>-*``
 MP_PREFIX = "vaultfs-mp-"
@@ -783,7 +786,14 @@ class SealerPool:
             waiting.add(w)
 
     def _raise_pending(self) -> None:
+        """Raise the error a sealer reported, once (under ``self._cond``). The jobs handed
+        out before it are waited for first (at most :data:`ERROR_SETTLE` seconds): the other
+        sealers' errors for them are the same failure (a full disk fails every sealer), and
+        one arriving after the raise would fail the caller's retry once space is back."""
         if self._error is not None:
+            deadline = time.monotonic() + ERROR_SETTLE
+            while self._jobs and not self._closed and time.monotonic() < deadline:
+                self._cond.wait(timeout=0.1)
             e, self._error = self._error, None
             raise e
 
