@@ -14,15 +14,19 @@
    unrecoverable; nothing is ever zero-filled or guessed. Given the live data (``sources``),
    such a data segment is healed instead: its chunks are re-read from the files by keyed chunk
    id into a new segment (:func:`_heal_from_source`).
-4. **Place**: each rebuilt object gets a fresh random name and a target remote chosen to spread
-   failure domains (its old remote when that one is still a healthy member). It is written
-   durably to the queue, and its batch's rows are updated in one transaction (invariant 1,
+4. **Place**: each rebuilt object gets a target remote chosen to spread failure domains (its
+   old remote when that one is still a healthy member). It is written durably to the queue,
+   and its batch's rows are updated in one transaction (invariant 1,
    vaultfs/vault/writer.py; docs/design.md, "Repair batches"); a background push uploads
    it while later batches are rebuilt, and :meth:`Vault.flush` places it. The fragment is
-   the original (ISA-L coding is deterministic), but the stored object is whitened under its
-   new name (docs/format.md 7.1), so its hash, Merkle records and audit tags are new; the
-   shard row and the segment root change in the same transaction, and the manifest
-   published next signs the new vault root.
+   the original (ISA-L coding is deterministic). A *missing* object going back to the remote
+   that lost it is whitened under its own name again, so it is the lost object byte for
+   byte, which the hash its row records proves: its row keeps its hash, Merkle records and
+   audit tags, and the segment root is unchanged (:func:`_keepable`). Any other rebuilt
+   object (a corrupt one's replacement, one going to another remote, one that does not come
+   out as recorded) gets a fresh random name and so a new whitening (docs/format.md 7.1):
+   its hash, Merkle records and audit tags are new, the shard row and the segment root
+   change in the same transaction, and the manifest published next signs the new vault root.
 5. **Publish**: a new manifest and index export go to every remote (``Vault.ship_index``), which
    also heals remotes serving a stale manifest; then replaced objects are deleted and foreign
    ones moved to ``quarantine/`` on their remote (never deleted: an object repair does not
@@ -401,6 +405,9 @@ class _Job:
     missing: list[int]
     refs: list[ShardRef]
     located: dict[str, Path]
+    #: the rows of ``missing`` shards rebuilt under their own names if they come out as
+    #: recorded (:func:`_keepable`)
+    keep: dict[int, ShardRow] = field(default_factory=dict)
 
 
 @dataclass
@@ -416,6 +423,9 @@ class _Rebuild:
     lies: list[Lie] = field(default_factory=list)
     failed: str | None = None
     widen: bool = False
+    #: names of the shards rebuilt under their own names, byte for byte as recorded: their
+    #: rows, Merkle records and audit tags stand (``tags`` is empty)
+    kept: set[str] = field(default_factory=set)
 
 
 class _Widen(Exception):
@@ -461,8 +471,11 @@ def _rebuild(job: _Job, transport: Transport, audit_key: bytes, tmp: Path) -> _R
     """Rebuild the shards ``job.missing`` of one segment from its sources through
     ``transport``, into ``tmp`` (not fsync'd).
 
-    Only the missing fragments are reconstructed (:func:`shardreader.rebuild_fragments`), and
-    only the new objects get audit tags. A rebuilt object gets a new name and so a new
+    Only the missing fragments are reconstructed (:func:`shardreader.rebuild_fragments`). A
+    shard of ``job.keep`` is first whitened under its own name: the code and the whitening
+    are deterministic, so it comes out as the object that was lost, which its hash recorded
+    in the row proves; its Merkle records and audit tags then stand. Any other (or one that
+    does not come out as recorded: another liberasurecode, say) gets a new name and so a new
     whitening (docs/format.md 7.1): new bytes, hash, Merkle leaves and audit tags."""
     out = _Rebuild(job.seg_id)
     try:
@@ -486,6 +499,16 @@ def _rebuild(job: _Job, transport: Transport, audit_key: bytes, tmp: Path) -> _R
         return out
     out.lies = got.lies
     for idx in job.missing:
+        row = job.keep.get(idx)
+        if row is not None:
+            body = segment.stored_object(idx, row.name, got.fragments[idx], audit_key)
+            if segment.object_hash(body) == row.hash:
+                write_durable(tmp / row.name, body, fsync=False)  # the batch's sync_files
+                out.shards.append(
+                    ShardFile(idx, row.name, len(body), row.hash, row.blocks, row.root, b"")
+                )
+                out.kept.add(row.name)
+                continue
         name = segment.new_name()
         st = segment.stored_shard(idx, name, got.fragments[idx], audit_key)
         write_durable(tmp / name, st.body, fsync=False)  # the batch's sync_files
@@ -521,6 +544,8 @@ class _Queued:
     reason: str
     shard: ShardFile
     target: int
+    #: rebuilt under its own name, as recorded (:func:`_rebuild`): the row only goes queued
+    kept: bool = False
 
 
 def _enqueue(
@@ -554,10 +579,56 @@ def _enqueue(
                 (vault.queue.tmp / left.name).unlink(missing_ok=True)
             break
         holders.append(tgt)
+        kept = sf.name in rb.kept
+        if kept and tgt != sh.remote:  # rare: its remote went down during the rebuild
+            sf, kept = _renamed(vault, sf), False
         kind = segment.KIND_DATA if job.kind == "data" else segment.KIND_META
         vault.queue.enqueue(kind, [sf], [tgt], dirs)
-        out.append(_Queued(rb.seg_id, sh, reason, sf, tgt))
+        out.append(_Queued(rb.seg_id, sh, reason, sf, tgt, kept))
     return out
+
+
+def _keepable(
+    vault: Vault,
+    seg_id: int,
+    todo: list[tuple[ShardRow, str]],
+    fetcher: _Fetcher,
+    active: list[tuple[int, str, str]],
+    prefer: int | None,
+) -> dict[int, ShardRow]:
+    """The shards of segment ``seg_id``'s ``todo`` its rebuild may write again under their
+    own names (:attr:`_Job.keep`): those missing from their remote, where
+    :func:`_choose_target` puts them back, as it does unless the vault's remotes or failure
+    domains changed since they were placed. The object is then the one that remote lost, byte
+    for byte: no new whitening, hash, Merkle records or audit tags, and the shard rows and the
+    segment root the newest manifest signs stay as they are (docs/format.md 7.1). A corrupt
+    object, or one going to another remote, gets a new name: the old one may still be read
+    there, or deleted."""
+    holders = segment_table.holders(vault.index, seg_id)
+    keep: dict[int, ShardRow] = {}
+    for sh, reason in todo:
+        tgt = _choose_target(vault, seg_id, sh.idx, holders, active, fetcher.down, prefer)
+        if tgt is None:
+            break
+        holders.append(tgt)
+        if tgt == sh.remote and reason.startswith("missing"):
+            keep[sh.idx] = sh
+    return keep
+
+
+def _renamed(vault: Vault, sf: ShardFile) -> ShardFile:
+    """A shard rebuilt under its own name (in the queue's ``tmp/``, fsync'd with its batch)
+    made again under a new name, whitening, Merkle records and audit tags, fsync'd: for a
+    target other than the remote that lost it. The object under the old name is deleted."""
+    key, tmp = vault.keys.audit_key, vault.queue.tmp
+    old = tmp / sf.name
+    frag = segment.open_fragment(old.read_bytes(), key, sf.name, sf.idx)
+    name = segment.new_name()
+    st = segment.stored_shard(sf.idx, name, frag, key)
+    write_durable(tmp / name, st.body)
+    old.unlink()
+    tags = piece_tags(key, st.body, st.blocks)
+    return ShardFile(sf.idx, name, len(st.body), st.hash, st.blocks, st.root, tags)
 
 
 def _commit_batch(
@@ -570,13 +641,15 @@ def _commit_batch(
     if not queued:
         return []
     sync_dirs(dirs)
+    fresh = [q for q in queued if not q.kept]
     with vault.index.tx() as db:
-        audit_table.put_tags(db, [(q.shard.name, AUDIT_PIECE, q.shard.tags) for q in queued])
+        # a shard rebuilt under its own name keeps its hash, Merkle records and audit tags
+        audit_table.put_tags(db, [(q.shard.name, AUDIT_PIECE, q.shard.tags) for q in fresh])
         for q in queued:
             sf = q.shard
             segment_table.requeue(db, q.row.id, sf.name, q.target, sf.hash, sf.blocks, sf.root)
             audit_table.forget_findings(db, [q.row.id])
-            audit_table.forget_tags(db, [q.row.name])
+        audit_table.forget_tags(db, [q.row.name for q in fresh])
         for seg_id in sorted({q.seg_id for q in queued}):
             # the segment root follows its shard roots in the same transaction (the
             # connection is shared, so the query sees the rows just changed)
@@ -775,7 +848,7 @@ def repair(
     if report.manifest_seq is not None:
         remote_table.mark_behind(vault.index, ahead, report.manifest_seq)
         remote_table.mark_healed(vault.index, report.manifest_seq)
-    if vault.immutable:  # the rebuilt objects went out under new names; the old ones stay
+    if vault.immutable:  # replacements went out under new names; the old objects stay
         _retain(vault, report, old_objects)
     else:
         _delete_replaced(vault, fetcher, report, old_objects, removed, specs)
@@ -886,7 +959,8 @@ def _rebuild_all(
                 assert g is not None
                 refs = fetcher.sources(seg_id, {sh.id for sh, _r in todo})
                 missing = [sh.idx for sh, _r in todo]
-                jobs.append((_Job(seg_id, g[0], g[2], g[3], g[5], missing, refs, {}), todo))
+                keep = _keepable(vault, seg_id, todo, fetcher, active, prefer)
+                jobs.append((_Job(seg_id, g[0], g[2], g[3], g[5], missing, refs, {}, keep), todo))
             located = fetcher.locate([r for j, _t in jobs for r in choose(j.refs, j.k)], d)
             for j, _t in jobs:
                 j.located = {r.name: located[r.name] for r in j.refs if r.name in located}

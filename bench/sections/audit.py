@@ -118,8 +118,9 @@ def audit(ctx: Context) -> SectionResult:
     )
     note = (
         "repair scans every remote, reads and checks k shards per rebuilt one, reconstructs "
-        "the missing fragment, whitens, hashes and tags it, fsyncs it, ships the index, and "
-        "its wall time includes start-up and the keyfile's scrypt; the copy only copies (no "
+        "the missing fragment, whitens it under its own name and checks its recorded hash "
+        "(the lost objects come back byte for byte), fsyncs it, ships the index, and its "
+        "wall time includes start-up and the keyfile's scrypt; the copy only copies (no "
         "fsync)"
     )
     res.metrics.append(

@@ -10,8 +10,11 @@ vaultfs/vault/uploads.py).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import os
+from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
 
@@ -63,11 +66,39 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+#: sync_file_range(2)'s flag that starts writing a range's dirty pages back, without waiting.
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+@functools.cache
+def _sync_file_range() -> Callable[..., int] | None:
+    """libc's sync_file_range (Linux), which Python's :mod:`os` does not wrap; None
+    elsewhere."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+    return fn
+
+
+def start_writeback(fd: int) -> None:
+    """Have the kernel start writing ``fd``'s dirty pages to the disk now, without waiting
+    and without making anything durable (no metadata, no cache flush): the fsync that must
+    follow then waits for less. Without it the pages wait for the fsync, and a repair's
+    fsyncs of one batch after another were its bound once the rebuild was done (measured:
+    the last batches committed 0.3 s after the workers had finished, docs/benchmarks.md,
+    "audit"). Best effort: does nothing where sync_file_range is missing or refuses."""
+    fn = _sync_file_range()
+    if fn is not None:
+        fn(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+
 def write_durable(path: Path, data: bytes, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` and fsync it. A full disk removes the partial file and
     raises DiskFull (the caller's transaction has not recorded it). With ``fsync=False`` the
     caller makes it durable later, before any transaction names it (:func:`sync_files`:
-    repair fsyncs a whole batch's objects together)."""
+    repair fsyncs a whole batch's objects together); its writeback starts now
+    (:func:`start_writeback`)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -77,6 +108,8 @@ def write_durable(path: Path, data: bytes, fsync: bool = True) -> None:
                 view = view[n:]
             if fsync:
                 os.fsync(fd)
+            else:
+                start_writeback(fd)
         finally:
             os.close(fd)
     except OSError as e:
