@@ -258,6 +258,12 @@ def _print_repair(rep: repair_mod.RepairReport, as_json: bool) -> None:
         return
     verb = "would rebuild" if rep.dry_run else "rebuilt"
     for it in rep.items:
+        if it.new == it.old and it.target == it.old_remote:  # the lost object, byte for byte
+            out.print(
+                f"{verb} {it.old_remote}:{it.old} ({it.reason}) under its own name",
+                highlight=False,
+            )
+            continue
         out.print(
             f"{verb} {it.old_remote}:{it.old} ({it.reason}) -> {it.target}"
             + (f":{it.new}" if it.new else ""),

@@ -68,6 +68,26 @@ def _make(tmp: Path, backups: int) -> tuple[Path, list[Path], Path, list[dict]]:
     return home, remotes, src, trees
 
 
+def test_a_missing_object_of_an_immutable_vault_comes_back_under_a_new_name(
+    tmp_path: Path,
+) -> None:
+    """Elsewhere repair writes a missing object back to its remote under its own name (the
+    same bytes); in an immutable vault it never names an object twice: "missing" may be a
+    listing that left the object out, and a write-once remote refuses the name again (the
+    upload would fail for good). The replacement gets a new name; the audit is clean."""
+    home, remotes, _src, _trees = _make(tmp_path, 1)
+    lost = sorted(p.name for p in (remotes[1] / "data").iterdir())
+    for name in lost:
+        (remotes[1] / "data" / name).unlink()
+    with Vault.open(home, PASSPHRASE) as v:
+        rep = repair_mod.repair(v)
+        items = [it for it in rep.items if it.kind == "data"]
+        assert rep.ok and len(items) == len(lost)
+        assert all(it.new != it.old for it in items)
+        assert not set(lost) & {p.name for p in (remotes[1] / "data").iterdir()}
+        assert verify_mod.audit(v, mode="read-all").clean
+
+
 def test_immutable_vault_never_deletes_or_overwrites(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

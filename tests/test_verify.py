@@ -509,6 +509,21 @@ def test_a_remote_that_lost_its_objects_gets_them_back_byte_for_byte(tmp_path: P
     assert _restore(keys, [specs[1], specs[3], specs[4]], tmp_path / "w") == data
 
 
+def test_repair_says_a_lost_object_came_back_under_its_own_name(tmp_path: Path) -> None:
+    """The command's report of an object rebuilt byte for byte on the remote that lost it
+    names it once, "under its own name", not as a move to a new object."""
+    home, specs = init_local_vault(tmp_path)
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(300_000))
+    run_cli("backup", str(src), home=home)
+    victim = next((Path(specs[1]) / "data").iterdir())
+    victim.unlink()
+    out = run_cli("repair", home=home).stdout.decode()
+    assert f"rebuilt {specs[1]}:data/{victim.name} (missing" in out
+    assert "under its own name" in out and "->" not in out
+    assert victim.exists()
+
+
 def test_a_lost_object_that_does_not_come_out_as_recorded_gets_a_new_name(
     tmp_path: Path, monkeypatch
 ) -> None:

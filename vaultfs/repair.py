@@ -56,7 +56,15 @@ from . import chain, merkle, segment, verify
 from .audittag import PIECE as AUDIT_PIECE
 from .audittag import piece_tags
 from .backends import Backend, open_backend
-from .errors import BadRemote, NotEnoughRemotes, NoVault, RemoteError, Unreachable, VaultError
+from .errors import (
+    BadRemote,
+    IntegrityError,
+    NotEnoughRemotes,
+    NoVault,
+    RemoteError,
+    Unreachable,
+    VaultError,
+)
 from .index import audit as audit_table
 from .index import chunks as chunk_table
 from .index import manifests as manifest_table
@@ -603,7 +611,11 @@ def _keepable(
     for byte: no new whitening, hash, Merkle records or audit tags, and the shard rows and the
     segment root the newest manifest signs stay as they are (docs/format.md 7.1). A corrupt
     object, or one going to another remote, gets a new name: the old one may still be read
-    there, or deleted."""
+    there, or deleted. So does every object of an immutable vault: "missing" may mean only
+    that the listing left it out, and a write-once remote refuses to be written the same
+    name again (nothing there is ever overwritten, docs/operations.md, "Immutable vaults")."""
+    if vault.immutable:
+        return {}
     holders = segment_table.holders(vault.index, seg_id)
     keep: dict[int, ShardRow] = {}
     for sh, reason in todo:
@@ -619,10 +631,15 @@ def _keepable(
 def _renamed(vault: Vault, sf: ShardFile) -> ShardFile:
     """A shard rebuilt under its own name (in the queue's ``tmp/``, fsync'd with its batch)
     made again under a new name, whitening, Merkle records and audit tags, fsync'd: for a
-    target other than the remote that lost it. The object under the old name is deleted."""
+    target other than the remote that lost it. The object under the old name is deleted.
+    Its bytes read back must still hash as recorded (IntegrityError otherwise: the batch
+    fails whole, nothing of it recorded, and the next repair rebuilds it)."""
     key, tmp = vault.keys.audit_key, vault.queue.tmp
     old = tmp / sf.name
-    frag = segment.open_fragment(old.read_bytes(), key, sf.name, sf.idx)
+    body = old.read_bytes()
+    if segment.object_hash(body) != sf.hash:
+        raise IntegrityError(f"rebuilt object {old} changed on the local disk before it was queued")
+    frag = segment.open_fragment(body, key, sf.name, sf.idx)
     name = segment.new_name()
     st = segment.stored_shard(sf.idx, name, frag, key)
     write_durable(tmp / name, st.body)
