@@ -87,7 +87,8 @@ def _exit(code: int | str | None) -> None:
     """End the process without the interpreter's teardown (tens of milliseconds of module
     and object finalisation for nothing): every command has closed what it opened by now,
     so flush the standard streams and the log, stop the rclone daemon, remove
-    multiprocessing's directory (vaultfs/sealer.py: release_mp_tempdir), and leave."""
+    multiprocessing's directory (vaultfs/sealer.py: release_mp_tempdir) and the process's
+    scratch (vaultfs/scratch.py: release_process_scratch), and leave."""
     import logging
 
     if isinstance(code, str):
@@ -110,6 +111,9 @@ def _exit(code: int | str | None) -> None:
     # the forkserver's directory (a mount daemon's repair): only atexit would remove it
     if (sealer := sys.modules.get("vaultfs.sealer")) is not None:
         sealer.release_mp_tempdir()
+    # the process's scratch (the files handed to rclone): only atexit would remove it
+    if (scratch := sys.modules.get("vaultfs.scratch")) is not None:
+        scratch.release_process_scratch()
     os._exit(code or 0)
 
 

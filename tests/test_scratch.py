@@ -272,3 +272,103 @@ def test_a_mount_daemon_that_ran_a_repair_leaves_no_multiprocessing_directory(tm
         if os.path.ismount(mp):
             subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
         shutil.rmtree(top, ignore_errors=True)
+
+
+#: what the killed process was doing when it held a file for rclone: the file's prefix, where
+#: it was killed (tests/killpoint.py), the vaultfs command or the call (its remote "R") it
+#: ran, and the command after it, which sweeps
+_HANDED_TO_RCLONE = {
+    # a repair's list of the sources to download (VAULTFS_READ_IN_PLACE=0), once made
+    "list": ("vaultfs-list-", "tempfile:NamedTemporaryFile:after", "repair", "repair"),
+    # an upload's bytes (as a fork's take-back from quarantine/), before rclone ran; a
+    # backup hands rclone no file: its rclone daemon's start sweeps
+    "put": ("vaultfs-put-", "vaultfs.remotes:RcloneCommand._run:before",
+            "remotes.RcloneCommand(R).put_bytes('data', 'x', bytes(3_000_000))", "backup"),
+    # an audit's list of the objects whose lock it reads (an immutable vault's), before
+    # rclone ran
+    "lock": ("vaultfs-lock-", "subprocess:run:before", "objectlock.read(R, ['data/x'])",
+             "verify"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(_HANDED_TO_RCLONE))
+def test_a_file_handed_to_rclone_by_a_killed_process_is_swept_by_the_next_command(
+    tmp_path, live_pid, kind
+):
+    """The files vaultfs hands rclone (a list of names, an object's bytes to upload) were
+    made loose in the temporary directory, and a process killed (-9) holding one left it
+    there for good. They live in the process's scratch directory ``vaultfs-rclone-<pid>-*``
+    now: the next command that talks to the remotes removes it; a running process's stays."""
+    home, remotes, src = _vault(tmp_path)
+    top = tmp_path / "tmp"
+    top.mkdir()
+    busy = _plant(top, f"vaultfs-rclone-{live_pid}-busy")
+    prefix, point, what, after = _HANDED_TO_RCLONE[kind]
+    if after == "repair":  # something to download and rebuild
+        for p in (remotes[1] / "data").iterdir():
+            p.unlink()
+    env = vaultfs_env(home, TMPDIR=str(top), VAULTFS_READ_IN_PLACE="0")
+    if " " not in what:
+        cmd = [sys.executable, str(REPO_ROOT / "tests" / "killpoint.py"), point, what]
+    else:
+        code = (f"import killpoint; killpoint.arm({point!r}); from vaultfs import objectlock, "
+                f"remotes; R = {str(remotes[1])!r}; {what}")  # fmt: skip
+        cmd = [sys.executable, "-c", code]
+        env["PYTHONPATH"] = f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"
+    killed = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True,
+                            start_new_session=True, timeout=300)  # fmt: skip
+    assert killed.returncode == -9, killed.stderr.decode()
+    loose = [p.name for p in top.iterdir() if p.name.startswith(prefix)]
+    assert not loose, f"{loose}: left loose in the temporary directory"
+    (left,) = [p for p in top.glob("vaultfs-rclone-*") if p != busy]
+    named = re.fullmatch(r"vaultfs-rclone-(\d+)-\w+", left.name)
+    assert named and not os.path.exists(f"/proc/{named[1]}"), left.name
+    (f,) = left.iterdir()
+    assert f.name.startswith(prefix), f.name
+    assert f.stat().st_size > 0 or point.endswith(":after"), "killed before it was written"
+
+    run_cli(after, *([str(src)] if after == "backup" else []), home=home, env=env)
+    assert not left.exists()
+    assert _scratch(top) == [busy.name]  # and nothing of its own
+
+
+def test_each_file_handed_to_rclone_goes_when_its_call_is_done_and_the_directory_at_exit(
+    tmp_path,
+):
+    """In normal operation each file handed to rclone is removed as soon as its call is done
+    (a mount daemon lives for weeks and makes thousands), by both the rclone daemon's
+    backend and the command's; the process's directory goes when it exits (here through
+    the interpreter's exit; a vaultfs command's os._exit: the test above)."""
+    remote, top, got = tmp_path / "r", tmp_path / "tmp", tmp_path / "got"
+    top.mkdir()
+    code = f"""
+import os, pathlib
+from vaultfs import objectlock, remotes
+from vaultfs.scratch import process_scratch
+top = pathlib.Path({str(top)!r})
+for backend in (remotes.RcloneCommand({str(remote)!r}), remotes.RcloneRc({str(remote)!r})):
+    backend.ensure()
+    backend.put_bytes("data", "a", b"x" * 3_000_000)
+    own = process_scratch(remotes.RCLONE_TMP_PREFIX)
+    assert own.parent == top and own.name.startswith(f"vaultfs-rclone-{{os.getpid()}}-"), own
+    for call in (
+        lambda: backend.put_bytes("data", "b", b"y" * 1000),
+        lambda: backend.get("data", ["a", "b"], pathlib.Path({str(got)!r})),
+        lambda: objectlock.read({str(remote)!r}, ["data/a", "data/b"]),
+        lambda: backend.quarantine("data", ["a"]),
+        lambda: backend.delete("data", ["b"]),
+    ):
+        call()
+        assert list(own.iterdir()) == [], list(own.iterdir())
+    assert list(top.glob("vaultfs-rclone-*")) == [own]  # one directory for the process
+    assert (pathlib.Path({str(got)!r}) / "a").stat().st_size == 3_000_000
+    assert (pathlib.Path({str(remote)!r}) / "quarantine" / "data" / "a").is_file()
+    assert not (pathlib.Path({str(remote)!r}) / "data" / "b").exists()
+    (pathlib.Path({str(remote)!r}) / "quarantine" / "data" / "a").unlink()
+print("done")
+"""
+    env = dict(os.environ, TMPDIR=str(top), PYTHONPATH=str(REPO_ROOT))
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0 and res.stdout.strip() == "done", res.stderr
+    assert _scratch(top) == []

@@ -17,12 +17,11 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from .errors import InputError
-from .remotes import Remote, classify, net_flags, rclone_binary
+from .remotes import Remote, classify, net_flags, rclone_binary, rclone_tempfile
 
 LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
 #: A retention rclone takes (``--s3-object-lock-retain-until-date``): a duration from each
@@ -212,7 +211,7 @@ def read(spec: str, paths: list[str], timeout: float = 300) -> LockState:
     object absent from the remote is left out (the audit reports it missing). Raises
     RemoteError (from :func:`remotes.classify`) when the listing fails."""
     label = Remote(spec).label
-    with tempfile.NamedTemporaryFile("w", prefix="vaultfs-lock-", suffix=".txt") as f:
+    with rclone_tempfile("vaultfs-lock-", "w", ".txt") as f:
         f.write("".join(p + "\n" for p in paths))
         f.flush()
         cmd = [rclone_binary(), "-q", "lsjson", *net_flags(), "--metadata", "--files-only", "-R",

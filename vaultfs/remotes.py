@@ -36,7 +36,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 from .errors import (
     BadRemote,
@@ -47,7 +47,7 @@ from .errors import (
     Unreachable,
     VaultError,
 )
-from .scratch import owned_tempdir, sweep_dead_dirs
+from .scratch import owned_tempdir, process_scratch, sweep_dead_dirs
 
 
 def _silent_after() -> float:
@@ -343,6 +343,19 @@ def join(spec: str, sub: str) -> str:
 
 #: the rclone daemon's private directory (its control socket): ``<tmp>/vaultfs-rcd-<pid>-*``
 RCD_PREFIX = "vaultfs-rcd-"
+#: this process's directory of the files handed to rclone (:func:`rclone_tempfile`):
+#: ``<tmp>/vaultfs-rclone-<pid>-*``
+RCLONE_TMP_PREFIX = "vaultfs-rclone-"
+
+
+def rclone_tempfile(prefix: str, mode: str = "w+b", suffix: str = "") -> IO:
+    """A named temporary file for rclone to read (a list of names, an upload's bytes),
+    removed when closed. It lives in this process's scratch directory
+    (:func:`scratch.process_scratch`), in the temporary directory: a process killed with
+    ``kill -9`` removes nothing, and the pid in the directory's name lets a later one sweep
+    the file (an upload's may be as large as an object)."""
+    d = process_scratch(RCLONE_TMP_PREFIX)
+    return tempfile.NamedTemporaryFile(mode, prefix=prefix, suffix=suffix, dir=d)
 
 
 class RcloneDaemon:
@@ -385,6 +398,9 @@ class RcloneDaemon:
 
     def __init__(self) -> None:
         sweep_dead_dirs(RCD_PREFIX)
+        # and the files killed processes left for rclone: also a command that hands it none
+        # (a backup) removes an upload's payload a killed one left (rclone_tempfile)
+        sweep_dead_dirs(RCLONE_TMP_PREFIX)
         self.dir = owned_tempdir(RCD_PREFIX)
         self.sock = os.path.join(self.dir, "rc.sock")
         cmd = [rclone_binary(), "rcd", "-q", f"--rc-addr=unix://{self.sock}", "--rc-no-auth"]
@@ -785,7 +801,7 @@ class RcloneCommand(Remote):
         if not names:
             return
         cap = ["--max-transfer", f"{int(max_bytes)}B", "--cutoff-mode", "HARD"] if max_bytes else []
-        with tempfile.NamedTemporaryFile("w", prefix="vaultfs-list-") as f:
+        with rclone_tempfile("vaultfs-list-", "w") as f:
             f.write("\n".join(names) + "\n")
             f.flush()
             src = join(self.spec, sub)
@@ -814,7 +830,7 @@ class RcloneCommand(Remote):
         self._check(proc, f"upload to {sub or 'the remote'}")
 
     def put_bytes(self, sub: str, name: str, data: bytes) -> None:
-        with tempfile.NamedTemporaryFile(prefix="vaultfs-put-") as f:
+        with rclone_tempfile("vaultfs-put-") as f:
             f.write(data)
             f.flush()
             proc = self._run(["copyto", *TRANSFER_FLAGS, f.name, join(self.spec, f"{sub}/{name}")])
@@ -827,7 +843,7 @@ class RcloneCommand(Remote):
     def delete(self, sub: str, names: list[str]) -> None:
         if not names:
             return
-        with tempfile.NamedTemporaryFile("w", prefix="vaultfs-list-") as f:
+        with rclone_tempfile("vaultfs-list-", "w") as f:
             f.write("\n".join(names) + "\n")
             f.flush()
             proc = self._run(["delete", "--files-from-raw", f.name, join(self.spec, sub)])
@@ -839,7 +855,7 @@ class RcloneCommand(Remote):
     def quarantine(self, sub: str, names: list[str]) -> None:
         if not names:
             return
-        with tempfile.NamedTemporaryFile("w", prefix="vaultfs-list-") as f:
+        with rclone_tempfile("vaultfs-list-", "w") as f:
             f.write("\n".join(names) + "\n")
             f.flush()
             dst = join(self.spec, f"quarantine/{sub}")
@@ -963,7 +979,7 @@ class RcloneRc(Remote):
     def get(self, sub: str, names: list[str], local_dir: Path, max_bytes: int = 0) -> None:
         if not names:
             return
-        with tempfile.NamedTemporaryFile("w", prefix="vaultfs-list-") as f:
+        with rclone_tempfile("vaultfs-list-", "w") as f:
             f.write("\n".join(names) + "\n")
             f.flush()
             params: dict = {

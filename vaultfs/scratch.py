@@ -6,7 +6,10 @@ audit's batch, a restore's staging …) lives in a private (0700) directory name
 restores stage in ``/dev/shm`` when roomy). It is removed when the command ends, also on an
 error; a process killed with ``kill -9`` (an OOM kill, a power cut) runs no clean-up, so the
 pid in the name lets the next command that makes scratch of the same prefix remove it once
-that pid is gone (:func:`sweep_dead_dirs`, one listing of the parent). Contract of a sweep:
+that pid is gone (:func:`sweep_dead_dirs`, one listing of the parent). A process that makes
+many short-lived files (the file lists and payloads handed to rclone) keeps one such
+directory for its whole life instead (:func:`process_scratch`), each file removed as soon as
+its call is done: one sweep per process, not one per file. Contract of a sweep:
 only direct children of the parent are considered, only real directories (never a symlink,
 never followed) owned by this user, and never one whose pid is alive (another command at work
 now; a reused pid keeps the directory until that process ends too).
@@ -17,11 +20,13 @@ by its lock (``vault/home.py``), a strategy pass's ``HOME/staging/`` by the run 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -118,3 +123,45 @@ def owned_scratch(
         yield d
     finally:
         remove_tree(d)
+
+
+#: this process's directories of :func:`process_scratch`, by prefix
+_process_dirs: dict[str, Path] = {}
+_process_lock = threading.Lock()
+
+
+def process_scratch(prefix: str) -> Path:
+    """This process's scratch directory of ``prefix`` for the rest of its life, made on first
+    use (after a sweep of the dead processes' of that prefix, :func:`sweep_dead_dirs`) in the
+    temporary directory, and removed at exit (:func:`release_process_scratch`). It is made
+    again if it went meanwhile (a cleaner of old files in /tmp, under a mount daemon running
+    for weeks); a forked child makes its own. Whatever is put in it is removed by its user
+    when done: the directory only gives a killed process's leftovers a name to be swept by."""
+    with _process_lock:
+        d = _process_dirs.get(prefix)
+        if d is None or not d.is_dir():
+            sweep_dead_dirs(prefix)
+            d = _process_dirs[prefix] = Path(owned_tempdir(prefix))
+        return d
+
+
+def release_process_scratch() -> None:
+    """Remove this process's :func:`process_scratch` directories: at interpreter exit, and
+    from cli/main.py's ``os._exit``, which skips that. Never raises."""
+    with _process_lock:
+        dirs = list(_process_dirs.values())
+        _process_dirs.clear()
+    for d in dirs:
+        remove_tree(d)
+
+
+def _forget_process_scratch() -> None:
+    """In a forked child: the parent's directories are not the child's to use or remove, and
+    the lock may have been held by another thread of the parent at the fork."""
+    global _process_lock
+    _process_lock = threading.Lock()
+    _process_dirs.clear()
+
+
+atexit.register(release_process_scratch)
+os.register_at_fork(after_in_child=_forget_process_scratch)
