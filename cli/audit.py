@@ -461,12 +461,15 @@ def remote_remove(
 ) -> None:
     """Remove a remote: rebuild its shards on the others, then delete what it held."""
     spec = absolute(spec)  # a relative path names a directory of this working directory
-    if (done := run_in_mount(home, "remote-remove", {"name": spec})) is not None:
+    if (
+        done := run_in_mount(home, "remote-remove", {"name": spec}, "remote remove", as_json)
+    ) is not None:
         rep = _repair_report(done)
     else:
         repair_mod.keep_rebuild_buffers()  # they rebuild as repair does
-        with open_vault(home) as v:
-            rep = repair_mod.remove_remote(v, spec)
+        with open_vault(home) as v, progress("remote remove", quiet=as_json) as prog:
+            # bytes of rebuilt shards written, as repair's bar
+            rep = repair_mod.remove_remote(v, spec, progress=track(prog))
     _print_repair(rep, as_json)
     raise typer.Exit(_repair_code(rep))
 
@@ -490,12 +493,13 @@ def remote_replace(
     check_archive(new, archive)
     check_local_dir(new)
     args = {"old": old, "new": new, "domain": domain}
-    if (done := run_in_mount(home, "remote-replace", args)) is not None:
+    if (done := run_in_mount(home, "remote-replace", args, "remote replace", as_json)) is not None:
         rep = _repair_report(done)
     else:
         repair_mod.keep_rebuild_buffers()  # they rebuild as repair does
-        with open_vault(home) as v:
-            rep = repair_mod.replace_remote(v, old, new, domain)
+        with open_vault(home) as v, progress("remote replace", quiet=as_json) as prog:
+            # bytes of rebuilt shards written, as repair's bar
+            rep = repair_mod.replace_remote(v, old, new, domain, progress=track(prog))
     _print_repair(rep, as_json)
     raise typer.Exit(_repair_code(rep))
 

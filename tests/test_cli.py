@@ -533,3 +533,39 @@ def test_a_home_an_older_init_left_half_made_is_named_as_such(tmp_path):
     Index(home / "index.db").close()  # the schema, no parameters
     said = run_cli("status", home=home, check=16).stderr.decode()
     assert "holds a half-made vault" in said and "replaced" not in said, said
+
+
+def test_remote_remove_and_replace_show_the_rebuild_progress_on_a_terminal_only(tmp_path):
+    """`remote remove` and `remote replace` rebuild shards as repair does, and show repair's
+    bar: the rebuilt bytes written of those to rebuild (the departing remote's shards), with
+    a rate and a time left, on a terminal; nothing with --json nor off a terminal."""
+    home, remotes = init_vault(tmp_path, 4, "-k", "2", "-n", "3")
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(24 * 1024 * 1024))
+    run_cli("backup", str(big), home=home)
+
+    def held(remote: str) -> float:
+        return round(
+            sum(p.stat().st_size for s in ("data", "meta") for p in Path(remote).glob(f"{s}/*"))
+            / 1e6,
+            1,
+        )
+
+    size = held(remotes[3])
+    bars = progress_bars(
+        stderr_on_a_terminal(["remote", "remove", remotes[3]], home), "remote remove"
+    )
+    assert bars and bars[-1][0] == bars[-1][1] == size > 0, (bars, size)
+    new = [str(tmp_path / f"new{i}") for i in range(3)]
+    size = held(remotes[2])
+    drawn = stderr_on_a_terminal(["remote", "replace", remotes[2], new[0]], home)
+    bars = progress_bars(drawn, "remote replace")
+    assert bars and bars[-1][0] == bars[-1][1] == size > 0, (bars, size)
+    quiet = stderr_on_a_terminal(["remote", "replace", new[0], new[1], "--json"], home)
+    assert "remote replace" not in quiet and "MB" not in quiet, quiet
+    assert held(new[1]) > 0  # it rebuilt, quietly
+    said = run_cli("remote", "replace", new[1], new[2], home=home).stderr.decode()  # a pipe
+    assert "remote replace" not in said and "MB" not in said and held(new[2]) > 0, said
+    res = run_cli("remote", "remove", new[2], home=home)
+    assert b"remote remove" not in res.stderr and b"MB" not in res.stderr, res.stderr
+    assert b"rebuilt" in res.stdout, res.stdout

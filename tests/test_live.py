@@ -404,6 +404,41 @@ def test_maintenance_in_the_daemon_shows_progress_on_the_client_terminal(live) -
     assert "/s" not in stderr_on_a_terminal(["verify", "--read-all", "--json"], home)
 
 
+def test_remote_remove_and_replace_in_the_daemon_show_progress_on_the_client_terminal(
+    live, tmp_path
+) -> None:
+    """`remote replace` and `remote remove` run their rebuild in the mount daemon: its
+    progress comes back over the control socket as repair's does, and the client draws it
+    (the departing remote's bytes rebuilt, rate, time left) on a terminal; nothing with
+    --json nor when stderr is a pipe."""
+    home, mp, remotes = live
+    (mp / "f.bin").write_bytes(os.urandom(6 * 1024 * 1024))
+    run_cli("flush", home=home)
+    run_cli("schedule", "set", "maintenance_rate=8M", home=home)  # a few updates at least
+
+    def held(remote: Path) -> float:
+        sizes = (p.stat().st_size for sub in ("data", "meta") for p in remote.glob(f"{sub}/*"))
+        return round(sum(sizes) / 1e6, 1)
+
+    new = [tmp_path / f"new{i}" for i in range(3)]
+    size = held(remotes[2])
+    drawn = stderr_on_a_terminal(["remote", "replace", str(remotes[2]), str(new[0])], home)
+    assert "runs in the mount daemon" in drawn
+    bars = progress_bars(drawn, "remote replace")
+    assert bars and bars[-1][0] == bars[-1][1] == size > 0, (bars, size)
+    quiet = stderr_on_a_terminal(["remote", "replace", str(new[0]), str(new[1]), "--json"], home)
+    assert "remote replace" not in quiet and "MB" not in quiet and held(new[1]) > 0, quiet
+    res = run_cli("remote", "replace", str(new[1]), str(new[2]), home=home)  # stderr: a pipe
+    assert b"remote replace" not in res.stderr and b"MB" not in res.stderr, res.stderr
+    size = held(new[2])
+    assert size > 0
+    bars = progress_bars(
+        stderr_on_a_terminal(["remote", "remove", str(new[2])], home), "remote remove"
+    )
+    # the bytes of its live segments' shards: at most all it holds
+    assert bars and bars[-1][0] == bars[-1][1] and 0 < bars[-1][1] <= size, (bars, size)
+
+
 def test_umount_names_the_job_its_daemon_finishes_and_mount_says_to_wait(tmp_path) -> None:
     """`umount --timeout` while a verify holds the daemon: umount says it waits for that
     verify, and at the timeout says to wait for the daemon before mounting again (it used to

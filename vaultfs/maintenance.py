@@ -108,7 +108,8 @@ class Runner:
         """Run ``job`` with ``args`` and return its report; blocks the calling thread (a
         control handler) until it ends. VaultBusy when a job is running; InputError for an
         unknown job; the job's own errors as they are. ``progress(done, total)``: told the
-        bytes done by the jobs that count them (verify, repair, prune, reencrypt)."""
+        bytes done by the jobs that count them (verify, repair, prune, reencrypt, remote
+        remove and replace)."""
         fn = JOBS.get(job)
         if fn is None:
             raise InputError(f"unknown maintenance job {job!r}: choose from {', '.join(JOBS)}")
@@ -218,14 +219,16 @@ def _remote_add(r: Runner, spec: str, domain: str | None = None) -> dict:
 def _remote_remove(r: Runner, name: str) -> dict:
     from . import repair
 
-    return repair.remove_remote(r.vault, name, wrap=r.share().wrap, background=True).to_dict()
+    return repair.remove_remote(
+        r.vault, name, wrap=r.share().wrap, background=True, progress=r.progress
+    ).to_dict()
 
 
 def _remote_replace(r: Runner, old: str, new: str, domain: str | None = None) -> dict:
     from . import repair
 
     return repair.replace_remote(
-        r.vault, old, new, domain, wrap=r.share().wrap, background=True
+        r.vault, old, new, domain, wrap=r.share().wrap, background=True, progress=r.progress
     ).to_dict()
 
 

@@ -1212,10 +1212,16 @@ def _guard_removal(vault: Vault, rid: int) -> None:
         raise NotEnoughRemotes("cannot remove the vault's last remote: add another one first")
 
 
-def remove_remote(vault: Vault, name: str, wrap=None, background: bool = False) -> RepairReport:
+def remove_remote(
+    vault: Vault,
+    name: str,
+    wrap=None,
+    background: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> RepairReport:
     """Take a remote out of the vault: rebuild its shards on the others (reading its own
-    shards too while it is reachable), then clear what it held. ``background``: as
-    :func:`repair`'s. A rerun finishes a removal that was cut short (its remote already
+    shards too while it is reachable), then clear what it held. ``background`` and
+    ``progress`` (the rebuild's bytes): as :func:`repair`'s. A rerun finishes a removal that was cut short (its remote already
     marked removed, shards of live segments still placed on it).
 
     Refused before anything changes (NotEnoughRemotes) when a segment would keep fewer than
@@ -1241,7 +1247,7 @@ def remove_remote(vault: Vault, name: str, wrap=None, background: bool = False) 
     if not resuming:
         with vault.index.tx() as db:
             remote_table.remove(db, rid)
-    report = repair(vault, wrap=wrap, background=background, departing=rid)
+    report = repair(vault, wrap=wrap, background=background, departing=rid, progress=progress)
     if report.unrecoverable:
         with vault.index.tx() as db:
             remote_table.rejoin(db, rid)
@@ -1315,10 +1321,12 @@ def replace_remote(
     domain: str | None = None,
     wrap=None,
     background: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> RepairReport:
     """Swap remote ``old`` (e.g. a provider that shut down) for the empty remote ``new``: the new
     one takes the old one's position and failure domain, and the old one's shards are rebuilt
-    onto it from the others (queued ones are moved). ``background``: as :func:`repair`'s.
+    onto it from the others (queued ones are moved). ``background`` and ``progress`` (the
+    rebuild's bytes): as :func:`repair`'s.
     A rerun finishes a replace that was cut short (kill, crash: ``old`` already removed,
     ``new`` in its position): the rebuild onto ``new`` goes on from where it stopped."""
     new = lock_spec(new, vault.params.object_lock)
@@ -1336,7 +1344,7 @@ def replace_remote(
             # keeps it
             nid = remote_table.add(db, new, pos, domain or dom or f"remote{rid}")
             remote_table.forget_health(db, rid)
-    report = repair(vault, prefer=nid, wrap=wrap, background=background)
+    report = repair(vault, prefer=nid, wrap=wrap, background=background, progress=progress)
     if not report.unrecoverable:
         segment_table.release_departed(vault.index, rid)
     return report
