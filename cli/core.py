@@ -397,20 +397,25 @@ def ls(
     as_json: JsonOpt = False,
 ) -> None:
     """List the entries of a snapshot. Names that are not UTF-8, and control characters,
-    are shown escaped (\\xNN, \\n, \\\\); --json gives them exactly (path_hex)."""
+    are shown escaped (\\xNN, \\n, \\\\); --json gives them exactly (path_hex). On a mounted
+    vault the mount answers (no passphrase)."""
+    from cli.mounted import call
+    from vaultfs import control
     from vaultfs.index import snapshots as snapshot_rows
 
-    with open_vault(home, lock=False) as v:
-        found = snapshot_rows.require(v.index, snapshot)
-        if note := snapshot_rows.newest_of_name(v.index, snapshot):
-            err.print(f"[yellow]note:[/] {note}", highlight=False)
-        rows = snapshot_rows.entry_rows(v.index, found[0])
-    rows.sort(key=lambda r: names.from_db(r[0]))  # byte order, whatever the stored form
-    if path:
-        p = names.raw(path.strip("/"))
-        rows = [r for r in rows if (b := names.from_db(r[0])) == p or b.startswith(p + b"/")]
-        if not rows:
-            raise InputError(f"{path!r} is not in snapshot {found[1]}")
+    # mounted: the daemon lists it (no passphrase asked, docs/mount.md), in parts
+    rows: list = []
+    req = {"cmd": "ls", "snapshot": snapshot, "path": path}
+    reply = call(control.home_address(home_dir(home)), req, timeout=300, parts=rows.extend)
+    if reply is not None:
+        uid, note = reply["snapshot"], reply["note"]
+    else:
+        with open_vault(home, lock=False) as v:
+            uid, note, rows = snapshot_rows.listed(v.index, snapshot, path)
+    if note:
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
+    if path and not rows:
+        raise InputError(f"{path!r} is not in snapshot {uid}")
     if as_json:
         items = []
         for pth, typ, mode, size, mt, target, rdev in rows:

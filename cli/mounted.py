@@ -35,10 +35,13 @@ def syncfs(path: Path) -> None:
         os.close(fd)
 
 
-def call(address: str, req: dict, timeout: float | None = None, progress=None) -> dict | None:
+def call(
+    address: str, req: dict, timeout: float | None = None, progress=None, parts=None
+) -> dict | None:
     """A control request; ``timeout`` None for work that takes as long as it takes;
-    ``progress(done, total)`` for a job's progress lines (:func:`control.call`)."""
-    return control.call(address, req, timeout=timeout, progress=progress)
+    ``progress(done, total)`` for a job's progress lines, ``parts(part)`` for the parts of a
+    reply sent in parts (:func:`control.call`)."""
+    return control.call(address, req, timeout=timeout, progress=progress, parts=parts)
 
 
 def print_report(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -32,6 +33,7 @@ from cli.common import (
     progress,
     rollback_floor,
 )
+from cli.early import secret
 from vaultfs.backends import open_backend
 from vaultfs.errors import InputError
 from vaultfs.index import manifests
@@ -48,6 +50,44 @@ from vaultfs.restore import (
     too_few_remotes,
 )
 from vaultfs.scratch import owned_scratch
+
+
+def check_mounted_key(home: Path, snapshot: str, include: list[str] | None) -> None:
+    """On a mounted vault, before the key is asked for: restore reads the vault itself with
+    the key unlocked here (its mount daemon does not restore for it: a restore must stop
+    at Ctrl-C and write as the user who runs it, docs/mount.md), so without a passphrase
+    (or seed) and no terminal to ask on, fail now naming the mount's read-only copy of
+    every snapshot; on a terminal, name it before the prompt."""
+    from cli.mounted import call
+    from vaultfs import control
+    from vaultfs.snapview import dir_names
+
+    if secret("VAULTFS_PASSPHRASE") is not None or secret("VAULTFS_SEED") is not None:
+        return
+    if (info := control.mounted(home)) is None:
+        return
+    reply = call(control.home_address(home), {"cmd": "snapshots"}, timeout=60)
+    items = [] if reply is None else reply["snapshots"]  # oldest first
+    # the snapshot `snapshot` names, as snapshots.find picks it: latest, an id, a name's newest
+    picked = items[-1:] if snapshot == "latest" else [s for s in items if s["id"] == snapshot]
+    picked = picked or [s for s in items if s["name"] == snapshot][-1:]
+    where = f"{info['mountpoint']}/.snapshots"
+    if picked:
+        name = dir_names([(s["id"], s["name"]) for s in items])[picked[0]["id"]]
+        inside = include[0].strip("/") if include else "."
+        hint = f"copy it from there, e.g. `cp -a {where}/{name}/{inside} DEST`"
+    else:
+        hint = f"`ls {where}` lists them"
+    hint = (
+        f"the vault is mounted: its snapshots are readable under {where}/ without the "
+        f"passphrase; {hint}"
+    )
+    if not sys.stdin.isatty():
+        raise InputError(
+            f"no passphrase: restore reads the vault itself and needs it (set VAULTFS_PASSPHRASE "
+            f"or run in a terminal); {hint}"
+        )
+    err.print(f"[yellow]note:[/] {hint}; or give the passphrase to restore here", highlight=False)
 
 
 @app.command()
@@ -77,7 +117,8 @@ def restore(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Restore a snapshot; with --from it needs no local state, only the key."""
+    """Restore a snapshot; with --from it needs no local state, only the key. A mounted
+    vault's snapshots are also readable under MOUNTPOINT/.snapshots/ without the passphrase."""
     if not from_ and (manifest or min_seq or receipt):
         raise InputError(
             "--manifest, --min-seq and --receipt choose among the remotes' manifests: give --from"
@@ -105,6 +146,8 @@ def restore(
             early.start(read_ahead=ahead)
             stack.callback(early.stop)  # its rclone calls end before the directories go
             stack.enter_context(too_few_remotes(early, f"restore {what}", " (or give more --from)"))
+        if not from_ and seed_file is None:
+            check_mounted_key(h, snapshot, include)
         keys = keys_for_restore(h, keyfile, seed_file)
         if from_:
             assert early is not None

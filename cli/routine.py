@@ -35,7 +35,7 @@ from cli.common import (
     print_json,
     print_table,
 )
-from cli.mounted import mounted, report_from, run_in_mount
+from cli.mounted import call, report_from, run_in_mount
 from vaultfs import forget as forget_mod
 from vaultfs import prune as prune_mod
 from vaultfs import retention, routine, strategy, tiers
@@ -184,7 +184,8 @@ def run(
     """One pass of the vault's routine: every scheduled job that is due (`vaultfs schedule`),
     then the alert checks. With a strategy (--strategy, or strategy.yaml in the home): every
     due tier instead, each one sources → snapshot → place → retention → sampled audit
-    (docs/operations.md, Tiers). For a systemd timer or cron."""
+    (docs/operations.md, Tiers). For a systemd timer or cron. On a mounted vault the mount
+    makes the pass now, as its own routine does (no passphrase)."""
     h = home_dir(home)
     if strategy_file or strategy.default_path(h).exists():
         _run_tiers(load_strategy(home, strategy_file), tier, dry_run, as_json)
@@ -194,10 +195,10 @@ def run(
             f"--tier and --dry-run need a strategy file: give --strategy or write "
             f"{strategy.default_path(h)}"
         )
-    live = mounted(h) is not None
     try:
-        with open_vault(home, lock=not live) as v:
-            res = routine.run_pass(h, v, live)
+        if (res := _pass_in_mount(h)) is None:
+            with open_vault(home) as v:
+                res = routine.run_pass(h, v, False)
     except (VaultError, OSError) as e:  # no pass at all (no passphrase, a wrong one…): say so
         msg = getattr(e, "message", None) or str(e)
         sched = routine.load_schedule(h)
@@ -222,6 +223,25 @@ def run(
         if not (res["ran"] or res["waiting"] or res["failed"]):
             out.print("nothing due")
     raise typer.Exit(EXIT_JOB_FAILED if res["failed"] else 0)
+
+
+def _pass_in_mount(home: Path) -> dict | None:
+    """On a mounted vault, the pass its daemon makes for `vaultfs run` now (its routine's
+    own, without a passphrase: vaultfs/routine.py), as run_pass reports it; None when the
+    vault is not mounted. A pass of the routine under way is waited for first (one pass at
+    a time), then only what is still due runs."""
+    from vaultfs import control
+
+    try:
+        reply = call(control.home_address(home), {"cmd": "run"})
+    except KeyboardInterrupt:
+        err.print(
+            "interrupted: the pass goes on in the mount daemon (`vaultfs status` shows "
+            "what its jobs did)",
+            highlight=False,
+        )
+        raise
+    return None if reply is None else reply["pass"]
 
 
 def _run_tiers(s: strategy.Strategy, only: str | None, dry_run: bool, as_json: bool) -> None:

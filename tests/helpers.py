@@ -523,10 +523,18 @@ def bytes_tree_digest(root: Path) -> dict[bytes, tuple]:
 
 
 def on_a_terminal(
-    args: list[str], home: Path, *, columns: int = 120, stdout: bool = False
+    args: list[str],
+    home: Path,
+    *,
+    columns: int = 120,
+    stdout: bool = False,
+    typed: tuple[bytes, bytes] | None = None,
+    passphrase: str | None = PASSPHRASE,
 ) -> tuple[int, str]:
     """Run `vaultfs ARGS` with stderr (and stdout with ``stdout``) on a pseudo-terminal
-    ``columns`` wide; (exit code, what it drew there, as drawn)."""
+    ``columns`` wide; (exit code, what it drew there, as drawn). With ``typed`` (PROMPT,
+    TEXT) stdin is the terminal too, and TEXT is typed there once PROMPT has been drawn;
+    ``passphrase`` None leaves VAULTFS_PASSPHRASE unset."""
     import fcntl
     import pty
     import struct
@@ -536,9 +544,14 @@ def on_a_terminal(
     fcntl.ioctl(sub, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     env = {k: v for k, v in vaultfs_env(home).items() if k not in ("TERM", "NO_COLOR")}
     env.pop("LINES", None)
+    if passphrase is None:
+        del env["VAULTFS_PASSPHRASE"]
+    else:
+        env["VAULTFS_PASSPHRASE"] = passphrase
     env.update(TERM="xterm", COLUMNS=str(columns))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", *args], stdin=subprocess.DEVNULL,
+        [sys.executable, "-m", "cli.main", *args],
+        stdin=subprocess.DEVNULL if typed is None else sub,
         stdout=sub if stdout else subprocess.DEVNULL, stderr=sub,
         env=env, cwd=Path(__file__).resolve().parent.parent,
     )  # fmt: skip
@@ -552,6 +565,9 @@ def on_a_terminal(
         if not part:
             break
         drawn += part
+        if typed is not None and typed[0] in drawn:
+            os.write(main, typed[1])
+            typed = None
     os.close(main)
     return proc.wait(timeout=300), drawn.decode(errors="replace")
 

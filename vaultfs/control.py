@@ -14,9 +14,13 @@ never a trusted answer. A socket file left by a crashed daemon is replaced by th
 
 Protocol: one JSON object per line each way. Request ``{"cmd": ...}``; reply
 ``{"ok": true, ...}`` or ``{"ok": false, "error": message, "code": exit code}``.
-Commands: ``ping``, ``status`` (`vaultfs status`'s report), ``snapshots``, ``flush``,
-``snapshot`` (``name``), ``delete`` (``id``), ``umount`` (store, ship, upload and report;
-the client then unmounts), ``job`` (``job``, ``args``: verify, repair, prune, forget, remote
+Commands: ``ping``, ``status`` (`vaultfs status`'s report), ``snapshots``, ``ls``
+(``snapshot``, ``path``: `vaultfs ls`; the rows come before the reply, in lines
+``{"part": [row, ...]}`` of about :data:`PART_SIZE` characters, so no listing is too large
+for :data:`MAX_REPLY`), ``run`` (a pass of the routine, as `vaultfs run` makes it:
+vaultfs/routine.py; reply ``pass``, its report), ``flush``, ``snapshot`` (``name``),
+``delete`` (``id``), ``umount`` (store, ship, upload and report; the client then unmounts),
+``job`` (``job``, ``args``: verify, repair, prune, forget, remote
 changes, key rotation and re-encryption run in the daemon, one at a time (`forget` without
 --prune beside one); reply ``result``, the command's report: vaultfs/maintenance.py).
 A ``job`` request with ``"progress": true`` also gets, before its reply, lines
@@ -48,6 +52,9 @@ log = logging.getLogger("vaultfs.control")
 
 #: A reply larger than this is not a control reply (status replies are a few KiB).
 MAX_REPLY = 16 * 1024 * 1024
+#: The size a part line of a reply sent in parts (``ls``) is cut at, in characters of JSON:
+#: far below MAX_REPLY, which the client allows a line.
+PART_SIZE = 1024 * 1024
 #: The least interval between two progress lines of a job (a terminal's bar redraws ~10/s).
 PROGRESS_EVERY = 0.1
 
@@ -132,11 +139,13 @@ def call(
     request: dict,
     timeout: float | None = None,
     progress: Callable[[int, int | None], None] | None = None,
+    parts: Callable[[object], None] | None = None,
 ) -> dict | None:
     """Send one request; None if no daemon listens there. Raises the daemon's error, and
     ControlError if whoever listens is another user (never trusts its answer). With
     ``progress``, asks for the job's progress lines and calls ``progress(done, total)`` for
-    each (``timeout`` then bounds the wait for each line)."""
+    each (``timeout`` then bounds the wait for each line); with ``parts``, calls
+    ``parts(part)`` for each part line of a reply sent in parts (``ls``)."""
     if progress is not None:
         request = {**request, "progress": True}
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -175,7 +184,12 @@ def call(
                     raise ControlError("the mount daemon's reply is too large (see mount.log)")
             line, buf = buf.split(b"\n", 1)
             reply = _parse(line)
-            if progress is None or "progress" not in reply or "ok" in reply:
+            if "ok" in reply:
+                break
+            if parts is not None and "part" in reply:
+                parts(reply["part"])
+                continue
+            if progress is None or "progress" not in reply:
                 break
             event = reply["progress"]
             if isinstance(event, dict) and isinstance(event.get("done"), int):
@@ -222,7 +236,14 @@ class _Handler(socketserver.StreamRequestHandler):
                 req["progress"] = _Progress(self.wfile)
             else:
                 req.pop("progress", None)
-            reply = {"ok": True, **self.server.dispatch(req)}  # type: ignore[attr-defined]
+            result = self.server.dispatch(req)  # type: ignore[attr-defined]
+            for part in result.pop("parts", ()):  # an iterator: computed as it is sent
+                try:
+                    self.wfile.write(json.dumps({"part": part}).encode() + b"\n")
+                except OSError:
+                    log.info("control client left during the reply to %r", req)
+                    return
+            reply = {"ok": True, **result}
         except VaultError as e:
             reply = {"ok": False, "error": e.message, "code": e.exit_code}
         except Exception as e:  # reported to the client, logged here

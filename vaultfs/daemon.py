@@ -21,6 +21,7 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import InputError, TargetNotEmpty, VaultBusy, VaultError
@@ -242,6 +243,18 @@ def run_foreground(
             if req.get("cmd") == "job":  # long: waits here, in the control handler's thread
                 job, args = str(req.get("job")), req.get("args") or {}
                 return {"result": runner.run(job, args, req.get("progress"))}
+            if req.get("cmd") == "ls":  # reads the index here, off the FUSE loop
+                return _ls(vault, req)
+            if req.get("cmd") == "run":  # `vaultfs run`: a pass as the routine's own makes
+                assert routine_stop is not None  # started before the control server
+                # detached (a lazy unmount) or unmounting: no pass, as the routine makes none
+                if routine_stop.is_set() or not in_mount_table(real_mountpoint):
+                    raise VaultBusy(
+                        f"the mount at {mountpoint} is ending (unmounted or detached, its "
+                        "daemon serving the files still open): it makes no routine pass; run "
+                        "this again once its daemon has exited"
+                    )
+                return {"pass": routine.run_pass(home, vault, mounted=True, stop=routine_stop)}
             reply = trio.from_thread.run(_handle, fs, req, trio_token=fs.token)
             if req.get("cmd") == "status":
                 reply["mount"]["maintenance"] = runner.current
@@ -252,11 +265,11 @@ def run_foreground(
 
         def start_control(fs_) -> None:
             nonlocal server, routine_stop
-            server = control.ControlServer(addresses, dispatch)
             # the routine runs while the mount is up, and stops with it (also when detached)
             routine_stop = routine.serve_mounted(
                 home, vault, lambda: in_mount_table(real_mountpoint)
             )
+            server = control.ControlServer(addresses, dispatch)
 
         def ready() -> None:
             state = {"pid": os.getpid(), "mountpoint": str(mountpoint), "started": time.time()}
@@ -311,6 +324,39 @@ def _forget_mount(home: Path) -> None:
             path.unlink()
     except (OSError, ValueError):
         pass
+
+
+def _ls(vault, req: dict) -> dict:
+    """`vaultfs ls` of the mounted vault (no passphrase): the snapshot's uid, the note on a
+    shared name, and its rows in parts (vaultfs/control.py), the same rows the command
+    reads unmounted (snapshots.listed)."""
+    from .index import snapshots
+
+    ref, path = req.get("snapshot"), req.get("path")
+    if not isinstance(ref, str) or not (path is None or isinstance(path, str)):
+        raise InputError("an ls request names a snapshot and a path (strings)")
+    uid, note, rows = snapshots.listed(vault.index, ref, path)
+    return {"snapshot": uid, "note": note, "parts": _ls_parts(rows)}
+
+
+def _ls_parts(rows: list[tuple]) -> Iterator[list[list]]:
+    """``rows`` as JSON in parts of about control.PART_SIZE characters. Names go in
+    file-system form: bytes that are not UTF-8 as lone surrogates, which JSON carries as
+    ``\\udcXX`` and names.from_db turns back into the same bytes."""
+    from . import control, names
+
+    part: list[list] = []
+    size = 0
+    for path, typ, mode, length, mtime_ns, target, rdev in rows:
+        p = names.fs_path(path)
+        t = None if target is None else names.fs_path(target)
+        part.append([p, typ, mode, length, mtime_ns, t, rdev])
+        size += 100 + 12 * (len(p) + len(t or ""))  # 12: an escaped surrogate pair
+        if size >= control.PART_SIZE:
+            yield part
+            part, size = [], 0
+    if part:
+        yield part
 
 
 async def _handle(fs, req: dict) -> dict:

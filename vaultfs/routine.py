@@ -4,7 +4,8 @@ run one pass at a time (`vaultfs run`, a systemd timer or cron; docs/operations.
 Configuration lives in ``HOME/schedule.json`` (``vaultfs schedule set KEY=VALUE ...``), so it
 needs no passphrase to change and applies from the next pass; what the jobs did lives in
 ``HOME/routine.json``. Both are replaced atomically; a pass holds ``HOME/routine.lock``, so
-the mount daemon's passes and a timer's never overlap. Keys (see :data:`KEYS`):
+the mount daemon's passes and a timer's never overlap (on a mounted vault `vaultfs run` asks
+the daemon for the pass: vaultfs/daemon.py). Keys (see :data:`KEYS`):
 
 =================  ==========================================================================
 snapshot=EVERY     a snapshot named ``auto-YYYY-MM-DD-HHMMSS``: of the mounted live tree

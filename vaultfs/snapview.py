@@ -113,6 +113,23 @@ class SnapInfo:
     dirname: bytes
 
 
+def dir_names(snaps: list[tuple[str, str | None]]) -> dict[str, str]:
+    """The directory each snapshot of ``snaps`` ((uid, name) pairs) has under
+    ``.snapshots/``, by uid: its name when no other snapshot has that name and it can name a
+    directory there (no '/', not '.' or '..', not another snapshot's id), else its uid."""
+    counts: dict[str, int] = {}
+    for _u, nm in snaps:
+        if nm:
+            counts[nm] = counts.get(nm, 0) + 1
+    uids = {u for u, _n in snaps}
+    out = {}
+    for u, nm in snaps:
+        ok = nm and counts[nm] == 1 and "/" not in nm and nm not in (".", "..")
+        ok = ok and (nm == u or nm not in uids)
+        out[u] = nm if ok and nm else u
+    return out
+
+
 @dataclass
 class _Root:
     """What is known about one snapshot once its root was looked up."""
@@ -213,17 +230,8 @@ class SnapViews:
     # -- listing snapshots ------------------------------------------------------------------
     def query_snapshots(self) -> list[SnapInfo]:
         rows = self.index.q("SELECT id, seq, uid, name, created FROM snapshots ORDER BY id")
-        counts: dict[str, int] = {}
-        for _i, _s, _u, nm, _c in rows:
-            if nm:
-                counts[nm] = counts.get(nm, 0) + 1
-        out = []
-        uids = {u for _i, _s, u, _n, _c in rows}
-        for i, seq, u, nm, c in rows:
-            ok = nm and counts[nm] == 1 and "/" not in nm and nm not in (".", "..")
-            ok = ok and (nm == u or nm not in uids)
-            out.append(SnapInfo(i, seq, u, nm, c, (nm if ok else u).encode()))
-        return out
+        dirs = dir_names([(u, nm) for _i, _s, u, nm, _c in rows])
+        return [SnapInfo(i, seq, u, nm, c, dirs[u].encode()) for i, seq, u, nm, c in rows]
 
     def query_root(self, info: SnapInfo) -> tuple[int, list[tuple]]:
         """(top-level directories, entries with no directory entry) of a snapshot."""

@@ -138,6 +138,22 @@ def entry_rows(index: Index, snapshot: int) -> list[tuple]:
     )
 
 
+def listed(index: Index, ref: str, path: str | None = None) -> tuple[str, str | None, list[tuple]]:
+    """`vaultfs ls`: (uid, note, rows) of snapshot ``ref``, the rows of :func:`entry_rows`
+    in byte order of their paths, only those at or under ``path`` (file-system form) when
+    given (none: the snapshot does not hold it); ``note`` is :func:`newest_of_name`'s.
+    InputError (exit 18) for a snapshot that does not exist. The mount's daemon answers it
+    too, so a mounted vault lists a snapshot without the passphrase."""
+    found = require(index, ref)
+    note = newest_of_name(index, ref)
+    got = entry_rows(index, found[0])
+    got.sort(key=lambda r: from_db(r[0]))  # byte order, whatever the stored form
+    if path:
+        p = raw(path.strip("/"))
+        got = [r for r in got if (b := from_db(r[0])) == p or b.startswith(p + b"/")]
+    return found[1], note, got
+
+
 def file_chunk_ids(index: Index, entry: int) -> list[bytes]:
     """The chunk ids of file entry ``entry``, in file order."""
     return [

@@ -1,0 +1,208 @@
+"""`ls`, `run` and `restore` on a mounted vault, through a real FUSE mount and no passphrase
+(docs/mount.md, "Maintenance while mounted"): `ls` is answered by the mount's daemon exactly as
+the command answers unmounted (output, notes, errors, exit codes), `run` hands its pass to the
+daemon, and `restore` without a passphrase fails at once naming the mount's `.snapshots/`
+copy. Before, all three asked for the passphrase (off a terminal: exit 18, "no passphrase")."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers import (
+    PASSPHRASE,
+    init_local_vault,
+    make_odd_tree,
+    on_a_terminal,
+    run_cli,
+    tree_digest,
+    unmount,
+    vaultfs_env,
+)
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+    reason="needs /dev/fuse and fusermount3",
+)
+
+#: files in one directory of the listed snapshot: its rows take several part lines
+#: (vaultfs/control.py, PART_SIZE)
+MANY = 3000
+
+
+def _no_passphrase(home: Path) -> dict[str, str]:
+    env = vaultfs_env(home)
+    del env["VAULTFS_PASSPHRASE"]
+    return env
+
+
+def _answer(home: Path, args: tuple[str, ...], env: dict[str, str] | None = None) -> tuple:
+    """(exit code, stdout, stderr) of `vaultfs ARGS`, stdin not a terminal."""
+    res = run_cli(*args, home=home, env=env, input=b"", check=None)
+    return res.returncode, res.stdout, res.stderr
+
+
+@pytest.fixture(scope="module")
+def listed(tmp_path_factory):
+    """(home, mountpoint, {args: unmounted answer}) of a mounted 2-of-3 vault holding three
+    backups of one tree (names not UTF-8, special files, MANY files in one directory): two
+    named "odd" (so a note says which one is read) and one "other". The answers were taken
+    with the passphrase before mounting."""
+    root = tmp_path_factory.mktemp("mounted-ls")
+    home, _remotes = init_local_vault(root)
+    src = root / "src"
+    make_odd_tree(src / "odd")
+    (src / "many").mkdir()
+    for i in range(MANY):
+        (src / "many" / f"file-{i:05d}-{'x' * 60}.txt").write_bytes(b"%d" % i)
+    ids = []
+    for name in ("odd", "odd", "other"):
+        rep = run_cli("backup", str(src), "--name", name, "--json", home=home)
+        ids.append(json.loads(rep.stdout)["snapshot"])
+    top = src.name  # a backup of SRC stores its entries under its name
+    cases = [
+        ("ls", "odd"),
+        ("ls", "odd", "--json"),
+        ("ls", "latest", f"{top}/many", "--json"),
+        ("ls", ids[0], os.fsdecode(f"{top}/odd/caf".encode() + b"\xe9")),
+        ("ls", ids[0], os.fsdecode(f"/{top}/odd/".encode() + b"link\x80"), "--json"),
+        ("ls", "odd", f"{top}/no-such-path"),  # the note, then exit 18
+        ("ls", "other", f"{top}/no-such-path", "--json"),
+        ("ls", "no-such-snapshot"),
+        ("ls", "no-such-snapshot", "--json"),
+    ]
+    answers = {args: _answer(home, args) for args in cases}
+    mp = root / "mnt"
+    mp.mkdir()
+    run_cli("mount", "--cache-size", "64M", str(mp), home=home)
+    try:
+        yield home, mp, answers
+    finally:
+        unmount(mp, home)
+
+
+def test_mounted_ls_answers_as_unmounted_without_the_passphrase(listed) -> None:
+    home, _mp, answers = listed
+    env = _no_passphrase(home)
+    for args, unmounted in answers.items():
+        assert _answer(home, args, env) == unmounted, args
+    # the cases say what they claim: listings, a note, the errors and their codes
+    code, out, said = answers[("ls", "odd")]
+    assert code == 0 and b"caf\\xe9/new\\nline.txt" in out and b"using the newest" in said
+    many = [e for e in json.loads(answers[("ls", "latest", "src/many", "--json")][1])]
+    assert len([e for e in many if e["type"] == "f"]) == MANY
+    code, out, said = answers[("ls", "odd", "src/no-such-path")]
+    assert code == 18 and out == b"" and b"using the newest" in said, said
+    assert b"'src/no-such-path' is not in snapshot" in said, said
+    code, _out, said = answers[("ls", "no-such-snapshot")]
+    assert code == 18 and b"no snapshot with id or name 'no-such-snapshot'" in said, said
+
+
+def test_mounted_restore_without_a_passphrase_names_the_mount_and_with_one_restores(
+    listed, tmp_path: Path
+) -> None:
+    """Restore reads the vault itself (not through the daemon: docs/mount.md says why): no
+    passphrase and no terminal fails at once, exit 18, naming the snapshot's directory under
+    the mount (a name two snapshots share: the newest one's id) and creating nothing; with
+    the passphrase it restores beside the mount, as before."""
+    home, mp, _answers = listed
+    env = _no_passphrase(home)
+    target = tmp_path / "restored"
+    snaps = json.loads(run_cli("snapshots", "--json", home=home, env=env).stdout)
+    newest_odd = [s["id"] for s in snaps if s["name"] == "odd"][-1]
+    for snapshot, directory in (("other", "other"), ("odd", newest_odd), ("latest", "other")):
+        args = ("restore", "--to", str(target), "--snapshot", snapshot, "--include", "src/many")
+        code, out, said = _answer(home, args, env)
+        view = mp / ".snapshots" / directory / "src" / "many"
+        message = said.decode()
+        assert code == 18 and out == b"", message
+        assert "no passphrase" in message and f"cp -a {view} DEST" in message, message
+        assert view.is_dir() and not target.exists()
+    res = run_cli("restore", "--to", str(target), "--snapshot", "other", home=home)
+    assert "restored snapshot" in res.stdout.decode()
+    assert tree_digest(target / "src" / "many") == tree_digest(
+        mp / ".snapshots" / "other" / "src" / "many"
+    )
+
+
+def test_mounted_restore_on_a_terminal_names_the_mount_before_it_asks(
+    listed, tmp_path: Path
+) -> None:
+    """On a terminal the passphrase is asked for as unmounted, after a note naming the copy
+    under the mount; typed there, it restores."""
+    home, mp, _answers = listed
+    target = tmp_path / "restored"
+    args = ["restore", "--to", str(target), "--snapshot", "other", "--include", "src/odd"]
+    typed = (b"Passphrase:", PASSPHRASE.encode() + b"\n")
+    code, drawn = on_a_terminal(args, home, stdout=True, typed=typed, passphrase=None)
+    plain = " ".join(drawn.split())  # the note as one line, however the terminal wrapped it
+    view = mp / ".snapshots" / "other" / "src" / "odd"
+    assert code == 0, drawn
+    assert f"cp -a {view} DEST" in plain and plain.index(str(view)) < plain.index("Passphrase")
+    assert "restored snapshot" in plain, plain
+    assert (target / "src" / "odd").is_dir()
+
+
+@pytest.fixture
+def mounted(tmp_path):
+    """(home, mountpoint, remotes) of a mounted 2-of-3 vault holding a file, flushed."""
+    home, remotes = init_local_vault(tmp_path)
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    run_cli("mount", "--cache-size", "64M", str(mp), home=home)
+    try:
+        (mp / "data.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+        run_cli("flush", home=home)
+        yield home, mp, remotes
+    finally:
+        unmount(mp, home)
+
+
+def test_mounted_run_makes_its_pass_in_the_daemon_without_the_passphrase(mounted) -> None:
+    """`vaultfs run` on a mounted vault: the daemon makes the pass now and the command prints
+    its report and exits as unmounted: 20 when the audit finds a remote's shards gone (the
+    same pass repairs them), then 0 with nothing left to do. (The daemon's own first pass
+    comes a minute after the mount, routine.DAEMON_TICK: these passes are the command's.)"""
+    home, _mp, remotes = mounted
+    env = _no_passphrase(home)
+    run_cli("schedule", "set", "snapshot=1h", "verify=1h:100%", home=home, env=env)
+    for shard in (remotes[1] / "data").iterdir():
+        shard.unlink()
+    res = run_cli("run", home=home, env=env, input=b"", check=20)
+    out, said = res.stdout.decode(), res.stderr.decode()
+    assert out.startswith("snapshot: {") and "auto-" in out, out
+    assert "verify failed:" in said and "missing" in said, said
+    assert 'repair: {"needed": true, "rebuilt": ' in out, out
+    assert any((remotes[1] / "data").iterdir())
+    snaps = json.loads(run_cli("snapshots", "--json", home=home, env=env).stdout)
+    assert [s["name"][:5] for s in snaps] == ["auto-"]
+    rep = json.loads(run_cli("run", "--json", home=home, env=env, input=b"").stdout)
+    assert rep["ran"] == {"repair": {"needed": False}} and not rep["failed"], rep
+    assert json.loads(run_cli("verify", "--json", home=home, env=env).stdout)["clean"]
+
+
+def test_mounted_run_on_a_detached_mount_makes_no_pass(mounted) -> None:
+    """Detached by a lazy unmount while a file stays open, the daemon still answers, but as
+    its routine stops at once (tests/test_routine.py), `run` makes no pass there either:
+    exit 17, nothing taken (a timed snapshot of a tree nobody sees)."""
+    home, mp, _remotes = mounted
+    env = _no_passphrase(home)
+    run_cli("schedule", "set", "snapshot=1h", home=home, env=env)
+    pid = json.loads((home / "mount.json").read_text())["pid"]
+    with open(mp / "data.bin", "rb") as held:
+        subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=True)
+        res = run_cli("run", home=home, env=env, input=b"", check=17)
+        said = " ".join(res.stderr.decode().split())
+        assert "is ending" in said and "makes no routine pass" in said, said
+        assert held.read(4) and not json.loads(
+            run_cli("snapshots", "--json", home=home, env=env).stdout
+        )
+    deadline = time.monotonic() + 120
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.1)  # the daemon exits after the last open file
+    assert not os.path.exists(f"/proc/{pid}")
