@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from vaultfs.pgembed import EmbeddedPostgres
 
@@ -360,6 +363,22 @@ def run_cli(
     return proc
 
 
+#: A test module's mark when it mounts: skipped where FUSE is not available.
+needs_fuse = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+    reason="needs /dev/fuse and fusermount3",
+)
+
+
+def mount_pid(home: Path) -> int | None:
+    """The pid of the mount daemon of the vault at ``home`` (its ``mount.json``); None when
+    it has none or the file is being written."""
+    try:
+        return json.loads((home / "mount.json").read_text())["pid"]
+    except (OSError, ValueError):
+        return None
+
+
 def unmount(mp: Path, home: Path) -> None:
     """A fixture's cleanup: `vaultfs umount`, then a lazy `fusermount3 -u -z` if the mount
     is still there (a test that failed half-way must not leave it mounted)."""
@@ -367,6 +386,21 @@ def unmount(mp: Path, home: Path) -> None:
         run_cli("umount", str(mp), home=home, check=None, timeout=300)
     if os.path.ismount(mp):
         subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+
+
+@contextlib.contextmanager
+def mounted_vault(root: Path, cache: str = "64M") -> Iterator[tuple[Path, Path, list[Path]]]:
+    """A 2-of-3 vault over local directories under ``root`` (init_local_vault), mounted at
+    ROOT/mnt with a ``cache`` write cache for the block: (home, mountpoint, remotes);
+    unmounted after it, however it ends (:func:`unmount`)."""
+    home, remotes = init_local_vault(root)
+    mp = root / "mnt"
+    mp.mkdir()
+    run_cli("mount", "--cache-size", cache, str(mp), home=home)
+    try:
+        yield home, mp, remotes
+    finally:
+        unmount(mp, home)
 
 
 def remote_args(remotes: Iterable[object]) -> list[str]:

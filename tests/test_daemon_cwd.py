@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,14 +23,11 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PASSPHRASE
+from helpers import PASSPHRASE, mount_pid, needs_fuse
 
 from vaultfs.selfexec import cli_argv
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
-    reason="needs /dev/fuse and fusermount3",
-)
+pytestmark = needs_fuse
 
 ROOT = Path(__file__).resolve().parent.parent
 #: the console script a user runs (its own directory, not the working one, is on its path)
@@ -72,10 +68,7 @@ class Mount:
 
     @property
     def pid(self) -> int | None:
-        try:
-            return json.loads((self.home / "mount.json").read_text())["pid"]
-        except (OSError, ValueError):
-            return None
+        return mount_pid(self.home)
 
     def cleanup(self) -> None:
         pid = self.pid

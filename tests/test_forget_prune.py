@@ -8,21 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import init_local_vault, run_cli, unmount, vaultfs_env
+from helpers import init_local_vault, needs_fuse, run_cli, unmount, vaultfs_env
 
 MiB = 1024 * 1024
-
-needs_fuse = pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
-    reason="needs /dev/fuse and fusermount3",
-)
 
 
 def _break(remote: Path) -> None:

@@ -7,21 +7,17 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import init_local_vault, run_cli
+from helpers import init_local_vault, needs_fuse, run_cli
 
 from vaultfs.kb import view
 
 pytestmark = [
     pytest.mark.pg,
-    pytest.mark.skipif(
-        not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
-        reason="needs /dev/fuse and fusermount3",
-    ),
+    needs_fuse,
 ]
 
 

@@ -24,6 +24,8 @@ import pytest
 from helpers import (
     PgServer,
     init_local_vault,
+    mounted_vault,
+    needs_fuse,
     progress_bars,
     run_cli,
     stderr_on_a_terminal,
@@ -31,10 +33,7 @@ from helpers import (
     vaultfs_env,
 )
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
-    reason="needs /dev/fuse and fusermount3",
-)
+pytestmark = needs_fuse
 
 SIZE = 1024 * 1024 + 17
 
@@ -117,14 +116,8 @@ def _beside_writer(*args: str, home: Path) -> subprocess.CompletedProcess:
 @pytest.fixture
 def live(tmp_path):
     """(home, mountpoint, remotes) of a mounted 2-of-3 vault over three local remotes."""
-    home, remotes = init_local_vault(tmp_path)
-    mp = tmp_path / "mnt"
-    mp.mkdir()
-    run_cli("mount", "--cache-size", "64M", str(mp), home=home)
-    try:
-        yield home, mp, remotes
-    finally:
-        unmount(mp, home)
+    with mounted_vault(tmp_path) as vault:
+        yield vault
 
 
 def test_maintenance_on_a_live_mount_while_pg_dump_writes(live, tmp_path, pg_server) -> None:

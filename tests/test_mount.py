@@ -25,14 +25,11 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import bytes_tree_digest, make_odd_tree
+from helpers import bytes_tree_digest, make_odd_tree, mount_pid, needs_fuse
 
 from vaultfs.fs import KILLPRIV_V2
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
-    reason="needs /dev/fuse and fusermount3",
-)
+pytestmark = needs_fuse
 
 MiB = 1024 * 1024
 
@@ -83,10 +80,7 @@ class Vault:
 
     @property
     def pid(self) -> int | None:
-        try:
-            return json.loads((self.home / "mount.json").read_text())["pid"]
-        except (OSError, ValueError):
-            return None
+        return mount_pid(self.home)
 
     def umount(self) -> subprocess.CompletedProcess:
         return self.cli("umount", str(self.mp))

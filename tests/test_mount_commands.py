@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +17,8 @@ from helpers import (
     PASSPHRASE,
     init_local_vault,
     make_odd_tree,
+    mounted_vault,
+    needs_fuse,
     on_a_terminal,
     run_cli,
     tree_digest,
@@ -25,10 +26,7 @@ from helpers import (
     vaultfs_env,
 )
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
-    reason="needs /dev/fuse and fusermount3",
-)
+pytestmark = needs_fuse
 
 #: files in one directory of the listed snapshot: its rows take several part lines
 #: (vaultfs/control.py, PART_SIZE)
@@ -151,16 +149,10 @@ def test_mounted_restore_on_a_terminal_names_the_mount_before_it_asks(
 @pytest.fixture
 def mounted(tmp_path):
     """(home, mountpoint, remotes) of a mounted 2-of-3 vault holding a file, flushed."""
-    home, remotes = init_local_vault(tmp_path)
-    mp = tmp_path / "mnt"
-    mp.mkdir()
-    run_cli("mount", "--cache-size", "64M", str(mp), home=home)
-    try:
+    with mounted_vault(tmp_path) as (home, mp, remotes):
         (mp / "data.bin").write_bytes(os.urandom(3 * 1024 * 1024))
         run_cli("flush", home=home)
         yield home, mp, remotes
-    finally:
-        unmount(mp, home)
 
 
 def test_mounted_run_makes_its_pass_in_the_daemon_without_the_passphrase(mounted) -> None:

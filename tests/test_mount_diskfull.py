@@ -19,12 +19,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import needs_fuse
 from test_mount import Vault
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
-    reason="needs /dev/fuse and fusermount3",
-)
+pytestmark = needs_fuse
 
 MiB = 1024 * 1024
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import init_local_vault, run_cli, vaultfs_env
+from helpers import init_local_vault, needs_fuse, run_cli, vaultfs_env
 
 
 def make(tmp_path: Path) -> tuple[Path, list[Path], Path]:
@@ -197,10 +197,7 @@ def _wait(cond, what: str, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
-    reason="needs /dev/fuse and fusermount3",
-)
+@needs_fuse
 def test_a_mount_that_stays_up_keeps_its_routine_which_stops_with_the_mount(tmp_path) -> None:
     """A refused unmount (a file open there) leaves the vault mounted, and says so: its daemon
     serves it and runs the routine, as any mount. A lazy unmount detaches it while the file

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT, run_cli, tree_digest, vaultfs_env
+from helpers import REPO_ROOT, needs_fuse, run_cli, tree_digest, vaultfs_env
 
 from vaultfs.pgembed import PG_PREFIX
 from vaultfs.scratch import owned_scratch, sweep_dead_dirs
@@ -235,10 +235,7 @@ def _orphan_is_swept(top: Path) -> None:
             os.kill(postmaster, signal.SIGQUIT)
 
 
-@pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
-    reason="needs /dev/fuse and fusermount3",
-)
+@needs_fuse
 def test_a_mount_daemon_that_ran_a_repair_leaves_no_multiprocessing_directory(tmp_path, live_pid):
     """A repair in the mount daemon rebuilds in a forkserver's pool, whose socket lives in
     multiprocessing's temporary directory. That was ``pymp-*``, removed only by an atexit

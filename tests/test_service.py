@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,12 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PASSPHRASE, init_local_vault, run_cli
+from helpers import PASSPHRASE, init_local_vault, mount_pid, needs_fuse, run_cli
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
-    reason="needs /dev/fuse and fusermount3",
-)
+pytestmark = needs_fuse
 
 
 def _alive(pid: int) -> bool:
@@ -48,20 +44,13 @@ def vault(tmp_path):
     try:
         yield home, mp, remotes
     finally:
-        pid = _pid(home)
+        pid = mount_pid(home)
         if os.path.ismount(mp):
             run_cli("umount", str(mp), home=home, check=None, timeout=120)
         if os.path.ismount(mp):
             subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
         if pid and not _wait_gone(pid, 30):
             os.kill(pid, signal.SIGKILL)
-
-
-def _pid(home: Path) -> int | None:
-    try:
-        return json.loads((home / "mount.json").read_text())["pid"]
-    except (OSError, ValueError):
-        return None
 
 
 def _helper(*args: str, env: dict) -> subprocess.CompletedProcess:
@@ -88,7 +77,7 @@ def test_mount_helper_from_fstab_and_sigterm_stops_cleanly(vault, tmp_path) -> N
     assert os.path.ismount(mp)
     data = os.urandom(3 * 1024 * 1024 + 11)
     (mp / "f.bin").write_bytes(data)  # closed, never fsync'd
-    pid = _pid(home)
+    pid = mount_pid(home)
     os.kill(pid, signal.SIGTERM)  # what systemd sends to stop the service
     assert _wait_gone(pid), "the daemon did not exit on SIGTERM"
     assert not os.path.ismount(mp)

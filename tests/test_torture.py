@@ -5,11 +5,9 @@ backup, a key rotation, a repair and the mount daemon under a writer at random p
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 import torture
+from helpers import needs_fuse
 
 
 @pytest.mark.parametrize("name", ["backup", "keys rotate", "repair"])
@@ -19,10 +17,7 @@ def test_kill_9_then_the_next_commands_recover_and_lose_nothing(tmp_path, name: 
     assert res.bytes_lost == 0
 
 
-@pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
-    reason="needs /dev/fuse and fusermount3",
-)
+@needs_fuse
 def test_kill_9_of_the_mount_under_a_writer_loses_nothing_fsynced(tmp_path) -> None:
     """The mount daemon killed while files are fsync'd into it and snapshots taken: every
     fsync'd file and every snapshot that succeeded survives the remount (tests/torture.py)."""
