@@ -294,6 +294,8 @@ def _print_repair(rep: repair_mod.RepairReport, as_json: bool) -> None:
         err.print(f"[yellow]{r} is unreachable: its shards were left alone[/]", highlight=False)
     for r, e in rep.errors.items():
         err.print(f"[yellow]warning:[/] {r}: {e}", highlight=False)
+    for w in rep.warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
     if rep.pending:
         behind = ", ".join(f"{r} ({c} queued)" for r, c in rep.pending.items())
         err.print(f"[yellow]still queued for: {behind}; run `vaultfs flush` later[/]")

@@ -521,6 +521,13 @@ def status(
         f"({st['survives_losses_design']} once the queue is empty and every remote is healthy; "
         f"{st['domains']} domain(s))"
     )
+    promised = st.get("survives_losses_promised", 0)
+    if st["segments"] and max(st["survives_losses_design"], st["survives_losses_now"]) < promised:
+        out.print(
+            f"[yellow]its {st['k']}-of-{st['n']} profile promises {promised} over these "
+            "remotes, but shards sit on fewer of them (a `remote remove`): `vaultfs repair` "
+            "spreads them[/]"
+        )
     if st["segments_below_k_placed"]:
         out.print(
             f"[yellow]{st['segments_below_k_placed']} segment(s) not yet recoverable from "

@@ -717,6 +717,44 @@ def test_remove_remote_rebuilds_elsewhere(tmp_path: Path) -> None:
     assert _restore(keys, [specs[0], specs[3], specs[5]], tmp_path / "w") == data
 
 
+def test_shards_squeezed_by_remote_remove_are_spread_again(tmp_path: Path) -> None:
+    """Removing two of a 3-of-5 vault's five remotes squeezes each segment's shards onto
+    three (2, 2, 1), and the first removal says that the vault now survives one remote loss
+    where its profile promised two. After two `remote add`, `status` says the profile
+    promises two again while the shards sit on three remotes, and the routine's repair
+    (`vaultfs run`) spreads them: a shard of each doubled-up domain is rebuilt on a new
+    remote under a new name and the old object deleted. The vault survives two losses, the
+    audit is clean, and the two new remotes with one old one restore it."""
+    home, remotes = init_local_vault(tmp_path, 3, 5)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.bin").write_bytes(os.urandom(2_500_000))
+    run_cli("backup", str(src), home=home)
+    res = run_cli("remote", "remove", str(remotes[4]), home=home)
+    assert b"survives 1 remote loss(es), where its 3-of-5 profile promised 2" in res.stderr
+    run_cli("remote", "remove", str(remotes[3]), home=home)
+    new = [tmp_path / "n0", tmp_path / "n1"]
+    for r in new:
+        run_cli("remote", "add", str(r), home=home)
+    st = json.loads(run_cli("status", "--json", home=home).stdout)
+    assert st["survives_losses_now"] == 1 < st["survives_losses_promised"] == 2
+    assert b"spreads them" in run_cli("status", home=home).stdout
+    held = {p.name for r in remotes[:3] for p in (r / "data").iterdir()}
+    run_cli("schedule", "set", "repair=auto", home=home)
+    ran = json.loads(run_cli("run", "--json", home=home).stdout)
+    assert "repair" in ran["ran"], ran
+    st = json.loads(run_cli("status", "--json", home=home).stdout)
+    assert st["survives_losses_now"] == st["survives_losses_promised"] == 2
+    moved = {p.name for r in new for p in (r / "data").iterdir()}
+    assert moved and not moved & held  # rebuilt under new names
+    assert held - {p.name for r in remotes[:3] for p in (r / "data").iterdir()}  # old ones gone
+    assert json.loads(run_cli("verify", "--read-all", "--json", home=home).stdout)["clean"]
+    out = tmp_path / "out"
+    run_cli("restore", "--from", str(new[0]), "--from", str(new[1]), "--from", str(remotes[0]),
+            "--to", str(out), home=home)  # fmt: skip
+    assert (out / "src" / "f.bin").read_bytes() == (src / "f.bin").read_bytes()
+
+
 def test_repair_by_remote_replace_leaves_the_new_remote_ok_and_the_old_one_empty(
     tmp_path: Path,
 ) -> None:

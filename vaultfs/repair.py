@@ -87,6 +87,7 @@ from .shardreader import (
     choose,
     rebuild_fragments,
 )
+from .vault.health import design_losses
 from .vault.placement import remotes_needed, restore_needs_now
 from .vault.queue import sync_dirs, sync_files, write_durable
 
@@ -172,6 +173,7 @@ class RepairReport:
     pending: dict[str, int] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     unreachable: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -239,8 +241,9 @@ def _retarget_queued(vault: Vault, removed: set[int], prefer: int | None) -> int
     return moved
 
 
-def _plan(vault: Vault) -> dict[int, list[tuple[ShardRow, str]]]:
-    """segment id -> [(shard needing a rebuild, reason)]."""
+def _plan(vault: Vault, down: set[int]) -> dict[int, list[tuple[ShardRow, str]]]:
+    """segment id -> [(shard needing a rebuild, reason)]: lost shards, shards on a remote
+    that left the vault, and shards to spread (:func:`_spread`)."""
     removed = remote_table.removed(vault.index)
     reasons = {
         sid: f"{kind}: {detail}" if detail else kind
@@ -253,6 +256,51 @@ def _plan(vault: Vault) -> dict[int, list[tuple[ShardRow, str]]]:
             out[sh.segment].append((sh, "its remote left the vault"))
         elif sh.state == "lost":
             out[sh.segment].append((sh, reasons.get(sh.id, "lost")))
+    for sh, reason in _spread(vault, rows, down, set(out)):
+        out[sh.segment].append((sh, reason))
+    return out
+
+
+def _spread(
+    vault: Vault, rows: list[ShardRow], down: set[int], planned: set[int]
+) -> list[tuple[ShardRow, str]]:
+    """Placed shards to move so that each segment's shards spread over the failure domains
+    the vault has: a segment with two (or more) shards more in one domain than in another
+    that answers survives fewer domain losses than the placement rule gives it, as after a
+    `remote remove` squeezed its shards onto fewer remotes and a `remote add` brought the
+    domains back. One shard leaves the fullest domain for each such difference (it is
+    rebuilt from the others under a new name on a remote :func:`_choose_target` picks, the
+    emptiest domain, and the old object goes once the new one is placed, as for a corrupt
+    one). Segments already ``planned`` for other reasons are placed by that rebuild; a
+    vault whose domains are all balanced (``max - min <= 1``) moves nothing, so this
+    costs a repair nothing in the usual case."""
+    members = remote_table.members(vault.index)
+    dom_of = {rid: dom for rid, _s, dom in members}
+    usable = {dom for rid, dom in dom_of.items() if rid not in down}
+    if len(usable) < 2:
+        return []
+    by_seg: dict[int, list[ShardRow]] = defaultdict(list)
+    for sh in rows:
+        if sh.segment not in planned and sh.remote in dom_of and sh.state in ("placed", "queued"):
+            by_seg[sh.segment].append(sh)
+    out: list[tuple[ShardRow, str]] = []
+    for shards in by_seg.values():
+        count: dict[str, int] = dict.fromkeys(usable, 0)
+        for sh in shards:
+            count[dom_of[sh.remote]] = count.get(dom_of[sh.remote], 0) + 1
+        movable = sorted((sh for sh in shards if sh.state == "placed"), key=lambda s: -s.idx)
+        while movable:
+            hi = max(count, key=lambda d: count[d])
+            lo = min(usable, key=lambda d: count[d])
+            if count[hi] - count[lo] < 2:
+                break
+            sh = next((m for m in movable if dom_of[m.remote] == hi), None)
+            if sh is None:  # only queued shards there: the flush places them first
+                break
+            movable.remove(sh)
+            out.append((sh, f"spread: {count[hi]} shards of its segment in failure domain {hi}"))
+            count[hi] -= 1
+            count[lo] += 1
     return out
 
 
@@ -827,7 +875,7 @@ def repair(
     down = remote_table.unreachable(vault.index)
     active = remote_table.members(vault.index)
     removed = remote_table.removed(vault.index)
-    plan = _plan(vault)
+    plan = _plan(vault, set(down))
     specs = remote_table.specs(vault.index)
     if dry_run:
         _dry_run(vault, report, plan, active, down, removed, specs, prefer)
@@ -1244,6 +1292,9 @@ def remove_remote(
     b = open_backend(spec, rid, fail_fast=True, wrap=wrap)
     _guard_departure(vault, rid, b)
     known = segment_table.object_names(vault.index, rid)  # before the rebuild renames them
+    doms = dict(remote_table.placement_domains(vault.index))
+    promised = design_losses(doms, vault.k, vault.n)
+    left = design_losses({r: d for r, d in doms.items() if r != rid}, vault.k, vault.n)
     if not resuming:
         with vault.index.tx() as db:
             remote_table.remove(db, rid)
@@ -1261,6 +1312,13 @@ def remove_remote(
         )
         return report
     segment_table.release_departed(vault.index, rid)
+    if not resuming and left < promised:
+        report.warnings.append(
+            f"without {label} the vault survives {left} remote loss(es), where its "
+            f"{vault.k}-of-{vault.n} profile promised {promised} over {len(doms)} remotes: "
+            "add a remote (`vaultfs remote add`; `vaultfs repair` then spreads the shards over "
+            f"it), or use `vaultfs remote replace {label} NEW` to take a remote's place"
+        )
     if vault.immutable:  # its objects stay where they are (Vault.immutable)
         return report
     _clear_departed(vault, b, label, known, report)

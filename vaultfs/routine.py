@@ -339,18 +339,23 @@ def _conditions(v: Vault, sched: dict[str, str], now: float) -> dict[str, dict]:
                 "message": f"remote {r['remote']} unreachable for {now - since:.0f}s "
                 f"(grace {grace:.0f}s): {r['last_error'] or r.get('health_detail') or ''}",
             }
+    queued = any(r["queued_objects"] for r in st["remotes"])
+    promise = _promised(st)
     if st["segments"] and (
         st["survives_losses_now"] < st["survives_losses_design"]
         and any(r["lost_objects"] for r in st["remotes"])
         or st["segments_below_k_placed"]
-        and not any(r["queued_objects"] for r in st["remotes"])
+        and not queued
+        # shards squeezed onto fewer remotes than the vault has (a `remote remove`)
+        or st["survives_losses_now"] < promise
+        and not queued
     ):
         found["redundancy_low"] = {
             "event": "redundancy_low",
             "survives_now": st["survives_losses_now"],
-            "promised": st["survives_losses_design"],
+            "promised": promise,
             "message": f"the vault survives {st['survives_losses_now']} remote loss(es), "
-            f"fewer than the {st['survives_losses_design']} its profile promises",
+            f"fewer than the {promise} its profile promises",
         }
     limit = stored_every(sched["queue_age"]) if sched.get("queue_age") else DEFAULT_QUEUE_AGE
     oldest = segment_table.oldest_queued(v.index)
@@ -469,16 +474,19 @@ def _job_verify(home: Path, v: Vault, sched: dict, mounted: bool, now: float) ->
     return out
 
 
+def _promised(st: dict) -> int:
+    """The remote losses the vault should survive (``status``): its placement's figure, or
+    the profile's over the remotes it has now when that is more (shards a `remote remove`
+    squeezed onto fewer remotes, which repair spreads again)."""
+    return max(st["survives_losses_design"], st["survives_losses_promised"])
+
+
 def _repair_needed(v: Vault) -> bool:
     st = v.status()
     if any(r["lost_objects"] for r in st["remotes"]):
         return True
     queued = any(r["queued_objects"] for r in st["remotes"])
-    return (
-        bool(st["segments"])
-        and not queued
-        and (st["survives_losses_now"] < st["survives_losses_design"])
-    )
+    return bool(st["segments"]) and not queued and (st["survives_losses_now"] < _promised(st))
 
 
 def _job_repair(home: Path, v: Vault, sched: dict, mounted: bool, now: float) -> dict:

@@ -62,10 +62,14 @@ def status(index: Index, keys: VaultKeys, params: VaultParams) -> dict:
         "stored_bytes": logical[1],
         "survives_losses_design": survivable_losses(planned_lists, params.k, domains)
         if segs
-        else _design_losses(domains, params.k, params.n),
+        else design_losses(domains, params.k, params.n),
         "survives_losses_now": survivable_losses(placed_lists, params.k, domains)
         if segs and under_k == 0
-        else (0 if segs else _design_losses(domains, params.k, params.n)),
+        else (0 if segs else design_losses(domains, params.k, params.n)),
+        # what the profile promises over the remotes the vault has now: the placement rule's
+        # own figure; shards squeezed onto fewer remotes (a `remote remove`) fall short of it
+        # until repair spreads them again
+        "survives_losses_promised": design_losses(domains, params.k, params.n),
         "manifests_pending": manifests.pending_uploads(index),
     }
 
@@ -96,8 +100,9 @@ def remote_health(index: Index, rid: int) -> dict:
     }
 
 
-def _design_losses(domains: dict[int, str], k: int, n: int) -> int:
-    """Failure domains survivable by the placement rule itself (before any segment)."""
+def design_losses(domains: dict[int, str], k: int, n: int) -> int:
+    """Failure domains survivable by the placement rule itself over ``domains`` ({remote
+    id: failure domain}): what a k-of-n profile promises over those remotes."""
     rows = [(rid, dom) for rid, dom in domains.items()]
     if not rows:
         return 0
