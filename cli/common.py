@@ -193,6 +193,19 @@ def local_time(t: float | None, fmt: str = "%Y-%m-%d %H:%M") -> str:
         return "never"
 
 
+def next_run_cell(every: float | None, due: float | None, now: float) -> str:
+    """When a routine job runs next, as `status` and `schedule show` say it: "next each
+    pass" (repair), "due at the next pass" (it never ran), "overdue since T" (no pass ran it
+    when due: is the timer running?), else "next T"."""
+    if every == 0:
+        return "next each pass"
+    if not due:
+        return "due at the next pass (never ran)"
+    if due < now:
+        return f"[yellow]overdue since {local_time(due)}[/]"
+    return f"next {local_time(due)}"
+
+
 def last_audit_cell(r: dict) -> str:
     """A remote's last audit as `status` and `remote list` show it: its time and the
     confidence it reached, or "never"."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from cli.common import (
@@ -31,6 +32,7 @@ from cli.common import (
     manifest_fields,
     new_passphrase,
     newest_manifest,
+    next_run_cell,
     open_vault,
     out,
     print_json,
@@ -449,6 +451,7 @@ def status(
     from cli.mounted import call
     from vaultfs import control, routine
     from vaultfs.index import manifests
+    from vaultfs.vault.home import dead_mount
 
     h = home_dir(home)
     if strategy_file or not (h / "index.db").exists():  # a strategy's home? (YAML: load late)
@@ -468,6 +471,7 @@ def status(
             st |= manifest_fields(v)
             st["fork"] = manifests.fork_seen(v.index)
         mounted = None
+        st["dead_mount"] = dead_mount(h)
     if mounted is not None:
         st["mount"] = mounted
     if as_json:
@@ -483,6 +487,14 @@ def status(
             "[yellow]fork: the remotes hold manifests this home's chain did not write "
             f"(this home uses #{st['seq']}/{st['manifest_hash']}):[/]\n  "
             + "\n  ".join(st["fork"]),
+            highlight=False,
+        )
+    if dead := st.get("dead_mount"):
+        out.print(
+            f"[red]the mount at {dead.get('mountpoint')} is gone: its daemon (pid {dead['pid']}) "
+            f"died (killed or crashed), and with it the routine's timed snapshots; unmount it "
+            f"(`fusermount3 -u {dead.get('mountpoint')}`) and mount again (its log: "
+            f"{h / 'mount.log'})[/]",
             highlight=False,
         )
     if mounted:
@@ -549,11 +561,24 @@ def _print_routine(rt: dict) -> None:
             f"newest fully placed snapshot: {rt['newest_placed_snapshot']}, {shown} old "
             "(the recovery point)"
         )
+    now = time.time()
     for job, j in rt["jobs"].items():
-        nxt = "each pass" if j["every"] == 0 else local_time(j["next_run"])
-        line = f"  {job}: last success {local_time(j['last_success'])}, next {nxt}"
+        nxt = next_run_cell(j["every"], j["next_run"], now)
+        line = f"  {job}: last success {local_time(j['last_success'])}, {nxt}"
         if j["last_error"]:
-            line += f" (last error: {j['last_error']})"
+            line += f" (last error: {escape(j['last_error'])})"
         out.print(line, highlight=False)
+    if failed := rt.get("last_pass_failed"):
+        err.print(
+            f"[red]the last pass failed at {local_time(failed['time'])}: "
+            f"{escape(failed['error'])}[/]",
+            highlight=False,
+        )
+    if hook := rt.get("last_alert_error"):
+        err.print(
+            f"[red]the alert command failed at {local_time(hook['time'])}: "
+            f"{escape(hook['error'])}[/]",
+            highlight=False,
+        )
     for a in rt["alerts"]:
         err.print(f"[yellow]alert holds: {a}[/]", highlight=False)

@@ -29,6 +29,7 @@ from cli.common import (
     home_dir,
     load_strategy,
     local_time,
+    next_run_cell,
     open_vault,
     out,
     passphrase,
@@ -41,6 +42,7 @@ from vaultfs import prune as prune_mod
 from vaultfs import retention, routine, strategy, tiers
 from vaultfs.errors import EXIT_JOB_FAILED, EXIT_PARTIAL, InputError, VaultError
 from vaultfs.selfexec import cli_argv
+from vaultfs.vault.home import check_vault
 
 
 def _when(t: float | None) -> str:
@@ -200,11 +202,7 @@ def run(
             with open_vault(home) as v:
                 res = routine.run_pass(h, v, False)
     except (VaultError, OSError) as e:  # no pass at all (no passphrase, a wrong one…): say so
-        msg = getattr(e, "message", None) or str(e)
-        sched = routine.load_schedule(h)
-        event = {"event": "job_failed", "job": "run", "error": msg,
-                 "message": f"the routine could not open the vault: {msg}"}  # fmt: skip
-        if sched and (problem := routine.alert(h, sched, event)):
+        if problem := routine.failed_pass(h, getattr(e, "message", None) or str(e)):
             err.print(f"[red]{problem}[/]", highlight=False)
         raise
     if as_json:
@@ -305,11 +303,7 @@ def schedule_set(
             raise InputError(f"{p!r} is not KEY=VALUE")
         changes[key.strip()] = value
     h = home_dir(home)
-    if not (h / "key.json").exists():
-        raise InputError(
-            f"no vault at {h}: run `vaultfs init` (or `vaultfs home rebuild --from REMOTE` for "
-            "an existing vault) or give --home"
-        )
+    check_vault(h)
     sched = routine.set_schedule(h, changes)
     if as_json:
         print_json(sched)
@@ -321,20 +315,21 @@ def schedule_set(
 def schedule_show(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Show the schedule and when each job last ran and runs next."""
     h = home_dir(home)
+    check_vault(h)
     sched = routine.load_schedule(h)
     state = routine.load_state(h)
     if as_json:
         print_json({"schedule": sched, "state": state})
         return
     _print_schedule(sched)
+    now = time.time()
     for job in routine.JOBS:
         nxt = routine.next_run(sched, state, job)
         if nxt is not None:
             rec = state["jobs"].get(job, {})
-            every = routine.interval(sched, job)
-            when = "each pass" if every == 0 else _when(max(nxt, time.time()))
+            when = next_run_cell(routine.interval(sched, job), nxt, now)
             out.print(
-                f"  {job}: last success {_when(rec.get('last_success'))}, next {when}",
+                f"  {job}: last success {_when(rec.get('last_success'))}, {when}",
                 highlight=False,
             )
 
@@ -365,7 +360,7 @@ After=network-online.target
 
 [Service]
 Type=oneshot
-# VAULTFS_PASSPHRASE=... in a file only you can read (chmod 600)
+# VAULTFS_PASSPHRASE='...' (quoted) in a file only you can read (chmod 600)
 EnvironmentFile=-{env_file}
 Environment="VAULTFS_HOME={home}"
 {f'Environment="PYTHONPATH={pypath}"' if pypath else ""}
@@ -428,8 +423,9 @@ def schedule_install(
         out.print(f"wrote {w}", highlight=False)
     if not env.exists():
         err.print(
-            f"[yellow]warning: {env} does not exist: write VAULTFS_PASSPHRASE=... into it "
-            f"(chmod 600), or every pass fails (the alert hook is told)[/]",
+            f"[yellow]warning: {env} does not exist: write VAULTFS_PASSPHRASE='...' into it "
+            f"(the value in single quotes; chmod 600), or every pass fails (the alert hook is "
+            f"told)[/]",
             highlight=False,
         )
     ctl = "systemctl" + ("" if system else " --user")

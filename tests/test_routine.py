@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import init_local_vault, needs_fuse, run_cli, vaultfs_env
+from helpers import init_local_vault, mount_pid, needs_fuse, run_cli, vaultfs_env
 
 
 def make(tmp_path: Path) -> tuple[Path, list[Path], Path]:
@@ -88,8 +88,8 @@ def test_run_snapshots_audits_repairs_a_deleted_remote_and_alerts(tmp_path) -> N
     assert st["newest_placed_snapshot"] == snaps[-1]["id"]
     assert 0 <= st["rpo_seconds"] < 60
     for job in ("snapshot", "verify", "repair"):
-        assert st["jobs"][job]["last_success"] is not None
-        assert st["jobs"][job]["next_run"] >= time.time() - 1
+        j = st["jobs"][job]
+        assert j["last_success"] is not None and j["next_run"] == j["last_run"] + j["every"]
     assert st["jobs"]["retention"]["every"] == 86400
 
 
@@ -340,3 +340,117 @@ def test_an_alert_hook_past_its_timeout_is_stopped_with_all_it_started(tmp_path)
         for p in [int(x) for x in pids.read_text().split()] if pids.exists() else []:
             if _alive(p):
                 os.kill(p, 9)
+
+
+@needs_fuse
+def test_a_snapshot_that_cannot_be_taken_fails_and_alerts_and_a_dead_mount_shows(tmp_path) -> None:
+    """Unmounted with no sources, the timed snapshot takes nothing: the job fails (exit 20, a
+    job_failed alert at each pass), its last success stays never. When the mount's daemon
+    died (kill -9), the failure and `status` say so. Before, the pass exited 0 and recorded
+    a success that took no snapshot, and `status` showed nothing of the dead mount."""
+    home, _remotes, _src = make(tmp_path)
+    log = tmp_path / "events.jsonl"
+    run_cli("schedule", "set", "snapshot=1s", f"alert=cat >> {log}", home=home)
+    res = run(home, code=20)
+    assert "no snapshot taken: the vault is not mounted" in res["failed"]["snapshot"]
+    (ev,) = events(log)
+    assert ev["event"] == "job_failed" and ev["job"] == "snapshot", ev
+    snap = json.loads(run_cli("status", "--json", home=home).stdout)["routine"]["jobs"]
+    assert snap["snapshot"]["last_success"] is None and snap["snapshot"]["last_error"]
+
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    run_cli("mount", str(mp), home=home)
+    try:
+        pid = mount_pid(home)
+        assert pid is not None
+        os.kill(pid, 9)
+        _wait(lambda: not os.path.exists(f"/proc/{pid}"), "the killed daemon gone")
+        time.sleep(1.1)  # the snapshot is due again
+        res = run(home, code=20)
+        assert f"the mount at {mp} is gone" in res["failed"]["snapshot"], res
+        assert [e["event"] for e in events(log)] == ["job_failed", "job_failed"]
+        st = run_cli("status", home=home)
+        said = " ".join(st.stdout.decode().split())
+        assert f"the mount at {mp} is gone: its daemon (pid {pid}) died" in said, said
+        st = json.loads(run_cli("status", "--json", home=home).stdout)
+        assert st["dead_mount"]["pid"] == pid
+        assert st["routine"]["jobs"]["snapshot"]["last_success"] is None
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+
+
+def test_a_failed_pass_and_a_failing_alert_command_show_in_status(tmp_path) -> None:
+    """A pass that cannot open the vault (a wrong passphrase) and an alert command that
+    fails (not found: exit 127) are kept in routine.json and shown by `status` (text and
+    --json) until a pass runs and the command works again."""
+    home, _remotes, src = make(tmp_path)
+    run_cli("schedule", "set", "alert=no-such-alert-command", "snapshot=1h",
+            f"sources={src}", home=home)  # fmt: skip
+    run_cli("run", home=home, passphrase="not the passphrase", check=10)
+    rt = json.loads(run_cli("status", "--json", home=home).stdout)["routine"]
+    assert rt["last_pass_failed"]["error"] and rt["last_pass_failed"]["time"] > 0
+    assert "exited 127" in rt["last_alert_error"]["error"], rt["last_alert_error"]
+    text = " ".join(run_cli("status", home=home).stderr.decode().split())
+    assert "the last pass failed at" in text and "the alert command failed at" in text, text
+    assert "exited 127" in text
+    run(home)  # the snapshot runs: the pass completes, no alert
+    rt = json.loads(run_cli("status", "--json", home=home).stdout)["routine"]
+    assert rt["last_pass_failed"] is None and rt["last_pass"] > 0
+    assert rt["last_alert_error"]["error"]  # no alert since: the last error stands
+    log = tmp_path / "events.jsonl"
+    run_cli("schedule", "set", f"alert=cat >> {log}", home=home)
+    run_cli("run", home=home, passphrase="not the passphrase", check=10)
+    assert events(log)[-1]["job"] == "run"
+    rt = json.loads(run_cli("status", "--json", home=home).stdout)["routine"]
+    assert rt["last_alert_error"] is None and rt["last_pass_failed"]
+
+
+def test_an_overdue_job_shows_as_overdue(tmp_path) -> None:
+    """A job whose time has passed with no pass to run it (no timer, no mount) shows as
+    overdue since then in `status` and `schedule show`, not as due "now"."""
+    home, _remotes, src = make(tmp_path)
+    run_cli("schedule", "set", "snapshot=1s", f"sources={src}", home=home)
+    text = run_cli("status", home=home).stdout.decode()
+    assert "snapshot: last success never, due at the next pass (never ran)" in text, text
+    run(home)
+    time.sleep(1.1)
+    for cmd in (("status",), ("schedule", "show")):
+        text = run_cli(*cmd, home=home).stdout.decode()
+        assert re.search(r"snapshot: last success \S+ \S+, overdue since \S+ \S+", text), text
+    j = json.loads(run_cli("status", "--json", home=home).stdout)["routine"]["jobs"]
+    assert j["snapshot"]["overdue"] and j["snapshot"]["next_run"] < time.time()
+    assert not j["repair"]["overdue"]  # every pass: never overdue
+
+
+def test_schedule_errors_are_one_clear_line(tmp_path) -> None:
+    """A bad alert_timeout is named as the other keys are; `schedule set` and `schedule
+    show` without a vault exit 16 (no vault), as other commands do."""
+    home, _remotes, _src = make(tmp_path)
+    res = run_cli("schedule", "set", "alert_timeout=abc", home=home, check=18)
+    msg = res.stderr.decode()
+    assert "invalid alert_timeout='abc': a positive number of seconds" in msg, msg
+    assert "could not convert" not in msg
+    nowhere = tmp_path / "nowhere"
+    for cmd in (("schedule", "set", "snapshot=1h"), ("schedule", "show")):
+        res = run_cli(*cmd, home=nowhere, check=16)
+        assert f"no vault at {nowhere}" in res.stderr.decode(), res.stderr
+
+
+def test_the_documented_cron_line_reads_a_passphrase_with_spaces(tmp_path) -> None:
+    """docs/operations.md's cron line sources routine.env written as the docs say (the
+    value in single quotes): a passphrase with spaces reaches `vaultfs run`."""
+    home, _remotes, src = make(tmp_path)
+    run_cli("schedule", "set", "snapshot=1h", f"sources={src}", home=home)
+    envfile = tmp_path / "routine.env"
+    envfile.write_text("VAULTFS_PASSPHRASE='correct horse battery staple'\n")
+    env = vaultfs_env(home)
+    del env["VAULTFS_PASSPHRASE"]
+    line = (
+        f'. {envfile}; VAULTFS_PASSPHRASE="$VAULTFS_PASSPHRASE" {sys.executable} -m cli.main '
+        f"run --home {home}"
+    )
+    proc = subprocess.run(["sh", "-c", line], env=env, capture_output=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert b"not found" not in proc.stderr

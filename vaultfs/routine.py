@@ -10,7 +10,7 @@ the daemon for the pass: vaultfs/daemon.py). Keys (see :data:`KEYS`):
 =================  ==========================================================================
 snapshot=EVERY     a snapshot named ``auto-YYYY-MM-DD-HHMMSS``: of the mounted live tree
                    (through the mount's control socket); unmounted, a backup of
-                   ``sources`` (without sources: nothing, the live tree cannot change)
+                   ``sources`` (without sources the job fails: no snapshot can be taken)
 sources=P[:P...]   the paths an unmounted vault's timed snapshot backs up
 retention=ARGS     forget's options, e.g. ``--keep-daily 7 --keep-weekly 4``: applied after
                    each timed snapshot and at least daily
@@ -41,7 +41,9 @@ Events (the alert command's stdin, one JSON object): ``{"event": KIND, "time": u
 ``remote_unreachable`` (``remote``, ``since``), ``redundancy_low`` (``survives_now``,
 ``promised``), ``queue_stale`` (``oldest_queued``), ``job_failed`` (``job``, ``error``).
 A condition that persists is announced once, again only after it cleared; job failures each
-time.
+time. A pass that cannot run at all (the vault does not open) is a ``job_failed`` of job
+``run`` (:func:`failed_pass`); routine.json keeps it and the alert command's last error, and
+`vaultfs status` shows both.
 """
 
 from __future__ import annotations
@@ -150,7 +152,11 @@ def validate(key: str, value: str) -> None:
         elif key == "verify":
             _verify_spec(value)
         elif key in ("verify_budget", "alert_timeout"):
-            if not 0 < float(value) < float("inf"):
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = -1.0
+            if not 0 < seconds < float("inf"):
                 raise ValueError("a positive number of seconds")
         elif key == "repair" and value not in ("auto", "off"):
             raise ValueError("auto or off")
@@ -226,7 +232,9 @@ def _check_keeps_own_snapshots(sched: dict[str, str]) -> None:
 
 def load_state(home: Path) -> dict:
     """What the jobs did: {"jobs": {job: {last_run, last_success, last_error, result}},
-    "alerts": {condition: since}}."""
+    "alerts": {condition: since}, "last_pass": time, "last_pass_failed": {time, error} (the
+    newest pass could not run at all: :func:`failed_pass`), "last_alert_error": {time, error}
+    (the alert command failed at the newest pass that alerted)}."""
     st = _read(home / STATE_FILE)
     st.setdefault("jobs", {})
     st.setdefault("alerts", {})
@@ -403,6 +411,8 @@ def forget(
 
 
 def _job_snapshot(home: Path, v: Vault, sched: dict, mounted: bool, now: float) -> dict:
+    from .vault.home import dead_mount
+
     name = snapshot_name(now)
     if mounted:
         reply = control.call(control.home_address(home), {"cmd": "snapshot", "name": name})
@@ -416,8 +426,18 @@ def _job_snapshot(home: Path, v: Vault, sched: dict, mounted: bool, now: float) 
         rep = v.flush()
         return {"snapshot": uid, "entries": count, "bytes": size, "name": name,
                 "complete": rep.complete}  # fmt: skip
-    # unmounted, the live tree cannot change: a snapshot of it would repeat the last one
-    return {"skipped": "not mounted and no sources set"}
+    # unmounted, nothing can be snapshotted: a failure, not a success that took nothing (a
+    # crashed mount would otherwise look backed up)
+    if crashed := dead_mount(home):
+        raise VaultError(
+            f"no snapshot taken: the mount at {crashed.get('mountpoint')} is gone (its daemon, "
+            f"pid {crashed['pid']}, died) and no sources are set; unmount it (`fusermount3 -u "
+            f"{crashed.get('mountpoint')}`) and mount the vault again"
+        )
+    raise VaultError(
+        "no snapshot taken: the vault is not mounted and no sources are set; mount it (its "
+        "daemon snapshots the live tree) or set sources=PATH[:PATH...]"
+    )
 
 
 def _job_retention(home: Path, v: Vault, sched: dict, mounted: bool, now: float) -> dict:
@@ -546,8 +566,7 @@ def _pass(home: Path, v: Vault, mounted: bool, now: float, stop: threading.Event
         if stop is not None and stop.is_set():
             break
         due_at = next_run(sched, state, job)
-        snapped = "snapshot" in out["ran"] and "skipped" not in out["ran"]["snapshot"]
-        forced = job == "retention" and snapped and due_at is not None
+        forced = job == "retention" and "snapshot" in out["ran"] and due_at is not None
         if due_at is None or (due_at > now and not forced):
             continue
         rec = state["jobs"].setdefault(job, {})
@@ -586,18 +605,50 @@ def _pass(home: Path, v: Vault, mounted: bool, now: float, stop: threading.Event
     state["alerts"] = {k: t for k, t in state["alerts"].items() if k in held}
     for ev in events:
         if problem := alert(home, sched, ev):
-            state["alert_error"] = problem
             out.setdefault("alert_errors", []).append(problem)
         out["alerts"].append(ev)
+    if events:
+        _record_alert(state, now, out.get("alert_errors", []))
     state["last_pass"] = now
+    state.pop("last_pass_failed", None)
     _write(home / STATE_FILE, state)
     return out
 
 
+def _record_alert(state: dict, now: float, problems: list[str]) -> None:
+    """Keep the alert command's last error (or none: it worked) in ``state``."""
+    state.pop("alert_error", None)  # the old form: a sentence without a time
+    state["last_alert_error"] = {"time": now, "error": problems[-1]} if problems else None
+
+
+def failed_pass(home: Path, error: str, now: float | None = None) -> str | None:
+    """A pass that could not run at all (the vault did not open: no passphrase, a wrong
+    one…): tell the alert command (``job_failed``, job ``run``) and record when and why in
+    HOME/routine.json, with the alert command's error, which is returned (None: it worked or
+    there is none). A home without a vault records nothing."""
+    now = clock.now() if now is None else now
+    sched = load_schedule(home)
+    event = {"event": "job_failed", "job": "run", "error": error,
+             "message": f"the routine could not open the vault: {error}"}  # fmt: skip
+    problem = alert(home, sched, event) if sched else None
+    if not (home / "key.json").exists():
+        return problem
+    with open(home / LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # not into a pass's read-modify-write
+        state = load_state(home)
+        state["last_pass_failed"] = {"time": now, "error": error}
+        if sched:
+            _record_alert(state, now, [problem] if problem else [])
+        _write(home / STATE_FILE, state)
+    return problem
+
+
 def report(home: Path, v: Vault, now: float | None = None) -> dict:
-    """For `status`: each scheduled job's last run, last success, last error and next run,
-    the active alert conditions, and the newest fully placed snapshot with its age (the
-    real recovery point)."""
+    """For `status`: each scheduled job's last run, last success, last error, when it is due
+    (``next_run``: None when it never ran, so due at the next pass; in the past when it is
+    ``overdue``: no pass ran it, e.g. the timer is not running), the last pass and whether
+    the newest one failed, the alert command's last error, the active alert conditions, and
+    the newest fully placed snapshot with its age (the real recovery point)."""
     now = time.time() if now is None else now
     sched = load_schedule(home)
     state = load_state(home)
@@ -607,18 +658,22 @@ def report(home: Path, v: Vault, now: float | None = None) -> dict:
         if nxt is None:
             continue
         rec = state["jobs"].get(job, {})
+        every = interval(sched, job)
         jobs[job] = {
-            "every": interval(sched, job),
+            "every": every,
             "last_run": rec.get("last_run"),
             "last_success": rec.get("last_success"),
             "last_error": rec.get("last_error"),
-            "next_run": max(nxt, now),
+            "next_run": nxt or None,
+            "overdue": bool(every and nxt and nxt < now),
         }
     placed = snapshot_table.newest_placed(v.index)
     return {
         "schedule": sched,
         "jobs": jobs,
         "last_pass": state.get("last_pass"),
+        "last_pass_failed": state.get("last_pass_failed"),
+        "last_alert_error": state.get("last_alert_error"),
         "alerts": sorted(state["alerts"]),
         "newest_placed_snapshot": placed[0] if placed else None,
         "rpo_seconds": (now - placed[1]) if placed else None,

@@ -101,6 +101,41 @@ def _finishing_mount(home: Path) -> str | None:
     )
 
 
+def check_vault(home: Path) -> None:
+    """NoVault, saying what to do, unless ``home`` holds a vault (its index)."""
+    if index_path(home).exists():
+        return
+    tiers = home / "tiers"  # strategy.TIERS_DIR (not imported: it pulls in the YAML parser)
+    if tiers.is_dir() and any((t / "index.db").exists() for t in tiers.iterdir()):
+        names = sorted(t.name for t in tiers.iterdir() if (t / "index.db").exists())
+        raise NoVault(
+            f"{home} is a strategy's home, not a vault's: each tier is a vault of its own "
+            f"({', '.join(names)}); pass --home {tiers}/NAME, or use `vaultfs strategy show`"
+        )
+    raise NoVault(
+        f"no vault at {home}: run `vaultfs init`, or `vaultfs home rebuild --from REMOTE` "
+        "to make this machine's copy of an existing vault, or pass --home"
+    )
+
+
+def dead_mount(home: Path) -> dict | None:
+    """What HOME/mount.json says of a mount whose daemon is dead (killed or crashed: a
+    daemon that exits removes the file, vaultfs/daemon.py), {"pid", "mountpoint", ...};
+    None when there is no such file or its daemon lives."""
+    try:
+        state = json.loads((home / "mount.json").read_text())
+        pid = int(state["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return state
+    except OSError:  # alive, another user's (a reused pid)
+        pass
+    return None
+
+
 def _check_home_path(home: Path) -> None:
     """InputError unless ``home`` is, or can be made as, a directory: its nearest existing
     ancestor must be a directory."""
@@ -316,18 +351,7 @@ def load(
     """Open the vault at ``home`` with ``keys`` (or the keyfile's, unlocked with
     ``passphrase``), taking its lock if ``lock``. Returns (keys, index, lock fd or None).
     Raises NoVault when there is none, WrongKey when the key is another vault's."""
-    if not index_path(home).exists():
-        tiers = home / "tiers"  # strategy.TIERS_DIR (not imported: it pulls in the YAML parser)
-        if tiers.is_dir() and any((t / "index.db").exists() for t in tiers.iterdir()):
-            names = sorted(t.name for t in tiers.iterdir() if (t / "index.db").exists())
-            raise NoVault(
-                f"{home} is a strategy's home, not a vault's: each tier is a vault of its own "
-                f"({', '.join(names)}); pass --home {tiers}/NAME, or use `vaultfs strategy show`"
-            )
-        raise NoVault(
-            f"no vault at {home}: run `vaultfs init`, or `vaultfs home rebuild --from REMOTE` "
-            "to make this machine's copy of an existing vault, or pass --home"
-        )
+    check_vault(home)
     if keys is None:
         if passphrase is None:
             raise NoVault("a passphrase is needed to open the vault")
