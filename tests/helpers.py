@@ -588,6 +588,9 @@ def on_a_terminal(
         stdin=subprocess.DEVNULL if typed is None else sub,
         stdout=sub if stdout else subprocess.DEVNULL, stderr=sub,
         env=env, cwd=Path(__file__).resolve().parent.parent,
+        # a session of its own, without a controlling terminal: a prompt (getpass) reads
+        # the pseudo-terminal on stdin, not the /dev/tty of whoever runs the tests
+        start_new_session=typed is not None,
     )  # fmt: skip
     os.close(sub)
     drawn = b""
