@@ -293,6 +293,33 @@ def test_remote_adds_in_a_row_claim_what_a_restore_of_the_stored_data_needs(
         assert part and int(part[1]) == len(part[2].split(", ")) - 2, said
 
 
+def test_status_names_the_snapshot_the_reachable_remotes_restore(tmp_path: Path) -> None:
+    """3-of-5 with one remote down since before the first backup: no snapshot is fully placed
+    (its manifest waits for that remote), yet the other four restore the newest one. The
+    review saw "no snapshot is fully placed on the remotes yet"; status names it as the
+    recovery point, and a restore from the four gives it back."""
+    home, remotes = init_local_vault(tmp_path, 3, 5, segment_mib=None)
+    shutil.move(remotes[2], tmp_path / "r2.off")
+    remotes[2].write_text("not a directory")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.bin").write_bytes(b"first")
+    run_cli("backup", str(src), home=home)
+    (src / "f.bin").write_bytes(b"second")
+    run_cli("backup", str(src), home=home)
+    snaps = json.loads(run_cli("snapshots", "--json", home=home).stdout)
+    rt = json.loads(run_cli("status", "--json", home=home).stdout)["routine"]
+    assert rt["newest_placed_snapshot"] is None, rt
+    assert rt["newest_restorable_snapshot"] == snaps[-1]["id"], (rt, snaps)
+    said = " ".join(run_cli("status", home=home).stdout.decode().split())
+    assert "no snapshot" not in said, said
+    assert f"newest snapshot the reachable remotes restore: {snaps[-1]['id']}" in said, said
+    named = [a for r in remotes if r != remotes[2] for a in ("--from", str(r))]
+    run_cli("restore", *named, "--to", str(tmp_path / "out"), "--keyfile",
+            str(home / "key.json"), home=tmp_path / "h2")  # fmt: skip
+    assert next((tmp_path / "out").rglob("f.bin")).read_bytes() == b"second"
+
+
 def test_an_interrupted_restore_is_marked_and_finished_with_force(tmp_path: Path) -> None:
     """kill -9 mid-restore leaves a marker: the rerun names the interruption, --force
     finishes it byte-identical and removes the marker."""

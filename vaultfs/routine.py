@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING
 from . import clock, control, maintenance, retention
 from . import forget as forget_mod
 from .errors import InputError, PolicyKeepsNothing, VaultBusy, VaultError
+from .index import remotes as remote_table
 from .index import segments as segment_table
 from .index import snapshots as snapshot_table
 
@@ -588,8 +589,8 @@ def _pass(home: Path, v: Vault, mounted: bool, now: float, stop: threading.Event
 
 def report(home: Path, v: Vault, now: float | None = None) -> dict:
     """For `status`: each scheduled job's last run, last success, last error and next run,
-    the active alert conditions, and the newest fully placed snapshot with its age (the
-    real recovery point)."""
+    the active alert conditions, the newest fully placed snapshot, and the newest snapshot the
+    reachable remotes restore with its age (the real recovery point)."""
     now = time.time() if now is None else now
     sched = load_schedule(home)
     state = load_state(home)
@@ -607,13 +608,17 @@ def report(home: Path, v: Vault, now: float | None = None) -> dict:
             "next_run": max(nxt, now),
         }
     placed = snapshot_table.newest_placed(v.index)
+    # the recovery point: a remote that stays down keeps later snapshots from being fully
+    # placed while the others restore them
+    point = snapshot_table.newest_restorable(v.index, remote_table.unreachable(v.index))
     return {
         "schedule": sched,
         "jobs": jobs,
         "last_pass": state.get("last_pass"),
         "alerts": sorted(state["alerts"]),
         "newest_placed_snapshot": placed[0] if placed else None,
-        "rpo_seconds": (now - placed[1]) if placed else None,
+        "newest_restorable_snapshot": point[0] if point else None,
+        "rpo_seconds": (now - point[1]) if point else None,
     }
 
 
