@@ -297,15 +297,16 @@ def test_status_names_the_snapshot_the_reachable_remotes_restore(tmp_path: Path)
     """3-of-5 with one remote down since before the first backup: no snapshot is fully placed
     (its manifest waits for that remote), yet the other four restore the newest one. The
     review saw "no snapshot is fully placed on the remotes yet"; status names it as the
-    recovery point, and a restore from the four gives it back. The backups warn of the
-    failed uploads naming the remote once."""
+    recovery point, and a restore from the four gives it back. `flush` warns of the failed
+    uploads naming the remote once."""
     home, remotes = init_local_vault(tmp_path, 3, 5, segment_mib=None)
     shutil.move(remotes[2], tmp_path / "r2.off")
     remotes[2].write_text("not a directory")
     src = tmp_path / "src"
     src.mkdir()
     (src / "f.bin").write_bytes(b"first")
-    warned = run_cli("backup", str(src), home=home).stderr.decode()
+    run_cli("backup", str(src), home=home)
+    warned = run_cli("flush", home=home, check=3).stderr.decode()  # waits for every remote
     # the review saw "warning: R: R: upload … failed": the error already names the remote
     assert f"warning: {remotes[2]}: upload" in warned, warned
     assert f"{remotes[2]}: {remotes[2]}" not in warned, warned
