@@ -28,6 +28,7 @@ from cli.common import (
     print_table,
     progress,
     track,
+    warn_remote_errors,
 )
 from cli.mounted import report_from, run_in_mount
 from vaultfs import prune as prune_mod
@@ -292,8 +293,7 @@ def _print_repair(rep: repair_mod.RepairReport, as_json: bool) -> None:
         err.print(f"[red]damaged:[/] {f} (give its live copy with --source)", highlight=False)
     for r in rep.unreachable:
         err.print(f"[yellow]{r} is unreachable: its shards were left alone[/]", highlight=False)
-    for r, e in rep.errors.items():
-        err.print(f"[yellow]warning:[/] {r}: {e}", highlight=False)
+    warn_remote_errors(rep.errors)
     for w in rep.warnings:
         err.print(f"[yellow]warning:[/] {w}", highlight=False)
     if rep.pending:
@@ -391,8 +391,7 @@ def print_prune(rep: prune_mod.PruneReport) -> None:
             )
         if rep.garbage_held:
             err.print(f"[yellow]old objects kept: {rep.garbage_held}[/]", highlight=False)
-    for r, e in rep.errors.items():
-        err.print(f"[yellow]warning:[/] {r}: {e}", highlight=False)
+    warn_remote_errors(rep.errors)
 
 
 def prune_exit_code(rep: prune_mod.PruneReport) -> int:

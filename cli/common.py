@@ -499,8 +499,7 @@ def report_flush(
             }
         )
     else:
-        for r, e in rep.errors.items():
-            err.print(f"[yellow]warning:[/] {r}: {e}")
+        warn_remote_errors(rep.errors)
         for r in rep.unchecked:
             err.print(f"[yellow]warning:[/] {chain.unchecked_warning(r)}", highlight=False)
         if rep.stale_base:
@@ -508,6 +507,14 @@ def report_flush(
         if msg:
             err.print(f"[yellow]{msg}[/]")
     return code
+
+
+def warn_remote_errors(errors: dict[str, str]) -> None:
+    """One warning line per remote that failed: the remote's label, then what failed, once
+    (a remote's error message already starts with its label)."""
+    for label, e in errors.items():
+        said = e if e.startswith(f"{label}: ") else f"{label}: {e}"
+        err.print(f"[yellow]warning:[/] {said}", highlight=False)
 
 
 def redundancy_warnings(remotes: int, k: int, n: int, survives: int, add: str) -> list[str]:

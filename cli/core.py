@@ -553,14 +553,16 @@ def _print_routine(rt: dict) -> None:
     """The routine's part of `status`: the recovery point and each job's last and next run."""
 
     if rt["rpo_seconds"] is None:
-        out.print("no snapshot is fully placed on the remotes yet")
+        out.print("no snapshot is restorable from the reachable remotes alone")
     else:
         age = rt["rpo_seconds"]
         shown = f"{age / 3600:.1f} h" if age >= 3600 else f"{age / 60:.0f} min"
-        out.print(
-            f"newest fully placed snapshot: {rt['newest_placed_snapshot']}, {shown} old "
-            "(the recovery point)"
-        )
+        point = rt["newest_restorable_snapshot"]
+        if point == rt["newest_placed_snapshot"]:
+            said = f"newest fully placed snapshot: {point}"
+        else:  # a remote is behind: the others restore it
+            said = f"newest snapshot the reachable remotes restore: {point} (not on every remote)"
+        out.print(f"{said}, {shown} old (the recovery point)")
     now = time.time()
     for job, j in rt["jobs"].items():
         nxt = next_run_cell(j["every"], j["next_run"], now)

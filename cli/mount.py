@@ -91,6 +91,10 @@ def mount(
             highlight=False,
         )
     mp = Path(os.path.abspath(mountpoint))
+    from vaultfs.vault.home import held_by_mount
+
+    if held := held_by_mount(h):  # said before asking for a passphrase it does not need
+        raise VaultBusy(held)
     if foreground:
         level = os.environ.get("VAULTFS_LOG", "INFO").upper()
         logging.basicConfig(

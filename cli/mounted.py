@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cli.common import err, home_dir, out, print_json, progress
+from cli.common import err, home_dir, out, print_json, progress, warn_remote_errors
 from vaultfs import control
 from vaultfs.control import mounted
 from vaultfs.errors import EXIT_PARTIAL, StaleBase
@@ -59,8 +59,7 @@ def print_report(
     if as_json:
         print_json({**(extra or {}), **rep})
         return code
-    for r, e in rep["errors"].items():
-        err.print(f"[yellow]warning:[/] {r}: {e}")
+    warn_remote_errors(rep["errors"])
     if rep.get("stale_base"):
         err.print(f"[red]error:[/] {rep['stale_base']}", highlight=False)
     if rep["segments_below_k_placed"]:

@@ -246,6 +246,85 @@ def test_remote_add_to_a_vault_with_data_names_the_remotes_that_restore_it(tmp_p
     assert res.returncode != 0
 
 
+def test_remote_adds_in_a_row_claim_what_a_restore_of_the_stored_data_needs(
+    tmp_path: Path,
+) -> None:
+    """3-of-5 over five remotes, one backup, then three `remote add`s: the review saw "needs
+    any 4 of t1…t5" after the first (3-of-5 over five needs any 3) and "needs all of t1…t5"
+    after the third while t1 + t2 + t3 restored: the figure counted the new index copy's
+    shards on the added remotes but left those remotes out of the list. After each add the
+    claim holds: the claimed number of the listed remotes restores, even the worst pick (the
+    added remotes, which hold no data, first), and one fewer of that pick does not."""
+    home, remotes = init_local_vault(tmp_path, 3, 5, segment_mib=None)  # one data segment
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(10_000)
+    (src / "f.bin").write_bytes(data)
+    run_cli("backup", str(src), home=home)
+    keyfile = home / "key.json"
+    added: list[str] = []
+
+    def restores(names: list[str], out: Path) -> bool:
+        named = [a for r in names for a in ("--from", r)]
+        res = run_cli("restore", *named, "--to", str(out), "--keyfile", str(keyfile),
+                      home=out.with_name(out.name + "-home"), check=None)  # fmt: skip
+        return res.returncode == 0 and next(out.rglob("f.bin")).read_bytes() == data
+
+    for i in range(3):
+        extra = str(tmp_path / f"x{i}")
+        rep = json.loads(run_cli("remote", "add", extra, "--json", home=home).stdout)
+        added.append(extra)
+        held, now = rep["stored_on"], rep["restore_needs_now"]
+        assert set(held) <= {*map(str, remotes), *added}, rep
+        assert set(map(str, remotes)) <= set(held), rep  # every old remote holds data
+        # the data alone needs 3 of the five, whichever others are picked
+        assert now == len(held) - 5 + 3, rep
+        worst = [r for r in held if r in added] + [r for r in held if r not in added]
+        assert restores(worst[:now], tmp_path / f"ok{i}"), (rep, worst[:now])
+        assert not restores(worst[: now - 1], tmp_path / f"short{i}"), (rep, worst[: now - 1])
+    said = " ".join(
+        run_cli("remote", "add", str(tmp_path / "x3"), home=home).stdout.decode().split()
+    )
+    # the line says the same: the data needs 3 of the five, whichever listed others are picked
+    if whole := re.search(r"any (\d+) of its (\d+) remotes \(with the key\) restore every", said):
+        assert int(whole[1]) == int(whole[2]) - 2, said
+    else:
+        part = re.search(r"what is stored now needs any (\d+) of (.*?) \(the data", said)
+        assert part and int(part[1]) == len(part[2].split(", ")) - 2, said
+
+
+def test_status_names_the_snapshot_the_reachable_remotes_restore(tmp_path: Path) -> None:
+    """3-of-5 with one remote down since before the first backup: no snapshot is fully placed
+    (its manifest waits for that remote), yet the other four restore the newest one. The
+    review saw "no snapshot is fully placed on the remotes yet"; status names it as the
+    recovery point, and a restore from the four gives it back. `flush` warns of the failed
+    uploads naming the remote once."""
+    home, remotes = init_local_vault(tmp_path, 3, 5, segment_mib=None)
+    shutil.move(remotes[2], tmp_path / "r2.off")
+    remotes[2].write_text("not a directory")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.bin").write_bytes(b"first")
+    run_cli("backup", str(src), home=home)
+    warned = run_cli("flush", home=home, check=3).stderr.decode()  # waits for every remote
+    # the review saw "warning: R: R: upload … failed": the error already names the remote
+    assert f"warning: {remotes[2]}: upload" in warned, warned
+    assert f"{remotes[2]}: {remotes[2]}" not in warned, warned
+    (src / "f.bin").write_bytes(b"second")
+    run_cli("backup", str(src), home=home)
+    snaps = json.loads(run_cli("snapshots", "--json", home=home).stdout)
+    rt = json.loads(run_cli("status", "--json", home=home).stdout)["routine"]
+    assert rt["newest_placed_snapshot"] is None, rt
+    assert rt["newest_restorable_snapshot"] == snaps[-1]["id"], (rt, snaps)
+    said = " ".join(run_cli("status", home=home).stdout.decode().split())
+    assert "no snapshot" not in said, said
+    assert f"newest snapshot the reachable remotes restore: {snaps[-1]['id']}" in said, said
+    named = [a for r in remotes if r != remotes[2] for a in ("--from", str(r))]
+    run_cli("restore", *named, "--to", str(tmp_path / "out"), "--keyfile",
+            str(home / "key.json"), home=tmp_path / "h2")  # fmt: skip
+    assert next((tmp_path / "out").rglob("f.bin")).read_bytes() == b"second"
+
+
 def test_an_interrupted_restore_is_marked_and_finished_with_force(tmp_path: Path) -> None:
     """kill -9 mid-restore leaves a marker: the rerun names the interruption, --force
     finishes it byte-identical and removes the marker."""

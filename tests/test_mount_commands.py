@@ -200,3 +200,18 @@ def test_mounted_run_on_a_detached_mount_makes_no_pass(mounted) -> None:
     while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
         time.sleep(0.1)  # the daemon exits after the last open file
     assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_mounting_a_mounted_vault_names_where_it_is_mounted(tmp_path) -> None:
+    """A second `vaultfs mount` of a mounted vault: exit 17 naming the mountpoint, with or
+    without the passphrase (it needs none to say so). Before, without one it said "no
+    passphrase" (exit 18), and with one "in use by another vaultfs process (a mount or a
+    running backup)", not which mount."""
+    with mounted_vault(tmp_path) as (home, mp, _remotes):
+        other = tmp_path / "mnt2"
+        other.mkdir()
+        for env in (_no_passphrase(home), vaultfs_env(home)):
+            code, _out, said = _answer(home, ("mount", str(other)), env)
+            said = " ".join(said.decode().split())
+            assert code == 17 and f"is mounted at {mp}: `vaultfs umount` it first" in said, said
+            assert not os.path.ismount(other)

@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING
 from . import clock, control, maintenance, retention
 from . import forget as forget_mod
 from .errors import InputError, PolicyKeepsNothing, VaultBusy, VaultError
+from .index import remotes as remote_table
 from .index import segments as segment_table
 from .index import snapshots as snapshot_table
 
@@ -647,8 +648,9 @@ def report(home: Path, v: Vault, now: float | None = None) -> dict:
     """For `status`: each scheduled job's last run, last success, last error, when it is due
     (``next_run``: None when it never ran, so due at the next pass; in the past when it is
     ``overdue``: no pass ran it, e.g. the timer is not running), the last pass and whether
-    the newest one failed, the alert command's last error, the active alert conditions, and
-    the newest fully placed snapshot with its age (the real recovery point)."""
+    the newest one failed, the alert command's last error, the active alert conditions, the
+    newest fully placed snapshot, and the newest snapshot the reachable remotes restore with
+    its age (the real recovery point)."""
     now = time.time() if now is None else now
     sched = load_schedule(home)
     state = load_state(home)
@@ -668,6 +670,9 @@ def report(home: Path, v: Vault, now: float | None = None) -> dict:
             "overdue": bool(every and nxt and nxt < now),
         }
     placed = snapshot_table.newest_placed(v.index)
+    # the recovery point: a remote that stays down keeps later snapshots from being fully
+    # placed while the others restore them
+    point = snapshot_table.newest_restorable(v.index, remote_table.unreachable(v.index))
     return {
         "schedule": sched,
         "jobs": jobs,
@@ -676,7 +681,8 @@ def report(home: Path, v: Vault, now: float | None = None) -> dict:
         "last_alert_error": state.get("last_alert_error"),
         "alerts": sorted(state["alerts"]),
         "newest_placed_snapshot": placed[0] if placed else None,
-        "rpo_seconds": (now - placed[1]) if placed else None,
+        "newest_restorable_snapshot": point[0] if point else None,
+        "rpo_seconds": (now - point[1]) if point else None,
     }
 
 

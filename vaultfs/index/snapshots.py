@@ -331,6 +331,38 @@ def newest_placed(index: Index) -> tuple[str, float] | None:
     )
 
 
+def newest_restorable(index: Index, down: set[int]) -> tuple[str, float] | None:
+    """(uid, created) of the newest snapshot the remotes alone restore, those in ``down``
+    (unreachable) left out: a manifest carrying it is on one of the others, that manifest's
+    index copy and every data segment sealed by then have k shards placed on them. A remote
+    that stays down keeps snapshots from being fully placed (:func:`newest_placed`), not
+    from being restorable. None when no snapshot is."""
+    marks = ",".join("?" * len(down))
+    placed = (
+        "(SELECT count(*) FROM shards h WHERE h.segment = g.id AND h.state = 'placed'"
+        f" AND h.remote NOT IN ({marks})) < g.k"
+    )
+    gone = tuple(down)
+    cutoff = index.one(
+        f"SELECT min(g.created) FROM segments g WHERE g.kind='data' AND {placed}", gone
+    )[0]
+    seq = index.one(
+        "SELECT max(m.seq) FROM manifests m WHERE EXISTS (SELECT 1 FROM remotes r"
+        f" WHERE r.state = 'active' AND r.id NOT IN ({marks}) AND NOT EXISTS (SELECT 1"
+        " FROM manifest_queue q WHERE q.remote = r.id AND q.seq = m.seq)) AND NOT EXISTS"
+        " (SELECT 1 FROM manifest_segments x JOIN segments g ON g.id = x.segment"
+        f" WHERE x.manifest = m.seq AND {placed})",
+        gone * 2,
+    )[0]
+    if seq is None:
+        return None
+    return index.one(
+        "SELECT uid, created FROM snapshots WHERE seq <= ? AND created < ?"
+        " ORDER BY created DESC, id DESC LIMIT 1",
+        (seq, float("inf") if cutoff is None else cutoff),
+    )
+
+
 def listing(index: Index) -> list[dict]:
     """`vaultfs snapshots --json`: every snapshot, oldest first, with its manifest (the
     mount's daemon answers it too, so a mounted vault lists them without the passphrase)."""

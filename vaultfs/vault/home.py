@@ -67,13 +67,26 @@ def take_lock(home: Path) -> int:
     except BlockingIOError:
         os.close(fd)
         raise VaultBusy(
-            _finishing_mount(home)
+            held_by_mount(home)
             or f"the vault at {home} is in use by another vaultfs process "
             "(a mount or a running backup); wait for it or unmount first"
         ) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+def held_by_mount(home: Path) -> str | None:
+    """Why the vault at ``home`` cannot be taken when a mount's daemon holds it: finishing
+    after an unmount (:func:`_finishing_mount`), or serving its mountpoint (it answers on the
+    control socket); None when no mount does."""
+    from ..control import mounted
+
+    if finishing := _finishing_mount(home):
+        return finishing
+    if (info := mounted(home)) is None:
+        return None
+    return f"the vault at {home} is mounted at {info['mountpoint']}: `vaultfs umount` it first"
 
 
 def _finishing_mount(home: Path) -> str | None:

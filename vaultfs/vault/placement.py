@@ -66,6 +66,18 @@ def shard_remotes(index: Index, seg_id: int, n: int) -> list[int]:
     return place(rows, seg_id, n)
 
 
+def _worst_case(counts: list[int], k: int) -> int | None:
+    """The smallest R such that any R of the remotes whose shard counts of one segment are
+    ``counts`` hold at least k of its shards: the R holding the fewest must (None: all of
+    them hold fewer than k)."""
+    held = 0
+    for r, count in enumerate(sorted(counts), 1):
+        held += count
+        if held >= k:
+            return r
+    return None
+
+
 def remotes_needed(remotes: int, k: int, n: int) -> tuple[int, int]:
     """(how many remotes any restore needs, most shards of one segment on one remote) for a
     k-of-n vault over ``remotes`` remotes in their own failure domains: the smallest R such
@@ -75,32 +87,32 @@ def remotes_needed(remotes: int, k: int, n: int) -> tuple[int, int]:
     for seg in range(remotes):  # the placement repeats with this period
         per = Counter(place(rows, seg, n))
         crowded = max(crowded, max(per.values()))
-        fewest = sorted(per.get(i, 0) for i in range(remotes))
-        held = r = 0
-        while held < k:
-            held += fewest[r]
-            r += 1
-        needed = max(needed, r)
+        needed = max(needed, _worst_case([per.get(i, 0) for i in range(remotes)], k) or 0)
     return needed, crowded
 
 
 def restore_needs_now(
     shards: list[list[int]], data: list[list[int]], k: int
 ) -> tuple[list[int], int | None]:
-    """Where the vault's stored segments actually are: (the remotes holding a shard of a
-    data segment, in id order; the smallest M such that any M of those remotes hold at least
-    k shards of every segment of ``shards``, None when even all of them do not). ``shards``
-    lists, per live segment (data and the newest index copy), the remote of each shard that
-    is placed or queued; ``data`` those of the data segments alone. After `remote add` the
-    stored data stays where it was: this, not :func:`remotes_needed`, says what a restore of
-    it needs until new data spreads over the new remote."""
-    holders = sorted({r for seg in data for r in seg})
-    patterns = {tuple(sorted(seg)) for seg in shards}
-    for m in range(1, len(holders) + 1):
-        if all(
-            sum(1 for r in pat if r in chosen) >= k
-            for chosen in map(set, combinations(holders, m))
-            for pat in patterns
-        ):
-            return holders, m
-    return holders, None
+    """Where the vault's stored segments actually are: (remotes holding them, in id order;
+    the smallest M such that any M of those remotes hold at least k shards of every segment
+    of ``shards``, None when even all of them do not). ``shards`` lists, per live segment
+    (data and the newest index copy: a restore needs both), the remote of each shard that is
+    placed or queued; ``data`` those of the data segments alone (none: ([], None)). After
+    `remote add` the stored data stays where it was while the new index copy spreads over the
+    new remote too: this, not :func:`remotes_needed`, says what a restore of what is stored
+    needs until new data spreads over the new remote.
+
+    The remotes are those holding data when any M of them also restore the index copy, and
+    every holder when that claim survives more losses (more holders than M): "any 3 of
+    A…E" over "any 4 of A…F" when equal, never a list that leaves out a needed remote."""
+    best: tuple[list[int], int | None] = ([], None)
+    if not data:
+        return best
+    everywhere = sorted({r for seg in shards for r in seg})
+    for holders in (sorted({r for seg in data for r in seg}), everywhere):
+        needs = [_worst_case([Counter(seg)[r] for r in holders], k) for seg in shards]
+        m = None if None in needs else max(needs)
+        if m is not None and (best[1] is None or len(holders) - m > len(best[0]) - best[1]):
+            best = (holders, m)
+    return best if best[1] is not None else (everywhere, None)
