@@ -766,12 +766,15 @@ def test_sqlite_database_on_the_mount_survives_heavy_random_writes(shared: Vault
 
 # -- (9) bad input -------------------------------------------------------------------------------
 def test_bad_input_gives_clear_errors(shared: Vault, tmp_path: Path) -> None:
-    res = shared.cli("mount", str(tmp_path / "missing"), check=False)
+    other = Vault(tmp_path / "v2")
+    res = other.cli("mount", str(tmp_path / "missing"), check=False)
     assert res.returncode == 18 and "does not exist" in res.stderr
+    # the mounted vault says so first, wherever it is asked to mount
+    res = shared.cli("mount", str(tmp_path / "missing"), check=False)
+    assert res.returncode == 17 and f"mounted at {shared.mp}" in " ".join(res.stderr.split())
     full = tmp_path / "full"
     full.mkdir()
     (full / "x").write_text("x")
-    other = Vault(tmp_path / "v2")
     res = other.cli("mount", str(full), check=False)
     assert res.returncode == 13 and "not empty" in res.stderr
     res = other.cli(
@@ -781,7 +784,7 @@ def test_bad_input_gives_clear_errors(shared: Vault, tmp_path: Path) -> None:
     empty = tmp_path / "second"
     empty.mkdir()
     res = shared.cli("mount", str(empty), check=False)  # the shared vault is mounted already
-    assert res.returncode == 17 and "in use" in res.stderr
+    assert res.returncode == 17 and f"mounted at {shared.mp}" in " ".join(res.stderr.split())
     assert not os.path.ismount(empty)
     res = shared.cli("backup", str(full), check=False)  # a command that needs the vault's lock
     said = " ".join(res.stderr.split())
