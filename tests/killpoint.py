@@ -19,6 +19,7 @@ import os
 import runpy
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ def arm(spec: str) -> None:
         owner = getattr(owner, part)
     fn: Callable[..., Any] = getattr(owner, name)
     calls = 0
+    counting = threading.Lock()
 
     def die() -> None:
         sys.stdout.flush()
@@ -46,11 +48,15 @@ def arm(spec: str) -> None:
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
-        calls += 1
-        if calls == nth and when == "before":
+        # each call's number is its own: threads calling at once (one download per remote)
+        # must not both see the count move past N before either checks it
+        with counting:
+            calls += 1
+            this = calls
+        if this == nth and when == "before":
             die()
         out = fn(*args, **kwargs)
-        if calls == nth and when == "after":
+        if this == nth and when == "after":
             die()
         return out
 

@@ -15,13 +15,14 @@ object with ``--read-all``, else a random sample as large as the audit's block c
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from .errors import InputError
-from .remotes import Remote, classify, net_flags, rclone_binary, rclone_tempfile
+from .remotes import Remote, classify, net_flags, rclone_binary, rclone_env, rclone_tempfile
 
 LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
 #: A retention rclone takes (``--s3-object-lock-retain-until-date``): a duration from each
@@ -217,7 +218,8 @@ def read(spec: str, paths: list[str], timeout: float = 300) -> LockState:
         cmd = [rclone_binary(), "-q", "lsjson", *net_flags(), "--metadata", "--files-only", "-R",
                "--files-from-raw", f.name, spec]  # fmt: skip
         try:
-            proc = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
+            proc = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False,
+                                  env=rclone_env(os.path.dirname(f.name)))  # fmt: skip
         except subprocess.TimeoutExpired:
             raise classify(label, "lock check", "timed out") from None
     if proc.returncode != 0:

@@ -348,6 +348,14 @@ RCD_PREFIX = "vaultfs-rcd-"
 RCLONE_TMP_PREFIX = "vaultfs-rclone-"
 
 
+def rclone_env(tmp: str) -> dict[str, str]:
+    """The environment of an rclone process: ours, with its temporary directory in ``tmp``,
+    a directory of ours named with our pid. rclone makes directories of its own there
+    (``rclone<digits>``, during transfers), which a kill -9 of the pair leaves behind: in
+    ``tmp`` the next command's sweep takes them with it (:func:`sweep_dead_dirs`)."""
+    return {**os.environ, "TMPDIR": tmp}
+
+
 def rclone_tempfile(prefix: str, mode: str = "w+b", suffix: str = "") -> IO:
     """A named temporary file for rclone to read (a list of names, an upload's bytes),
     removed when closed. It lives in this process's scratch directory
@@ -420,7 +428,7 @@ class RcloneDaemon:
             try:
                 self.proc = subprocess.Popen(
                     cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL, close_fds=True,
+                    stderr=subprocess.DEVNULL, close_fds=True, env=rclone_env(self.dir),
                 )  # fmt: skip
             except BaseException as e:
                 self._err = e
@@ -729,8 +737,9 @@ class RcloneCommand(Remote):
         timeout = min(timeout, self.op_timeout)
         try:
             return subprocess.run(
-                cmd, input=stdin, capture_output=True, timeout=timeout, check=False
-            )
+                cmd, input=stdin, capture_output=True, timeout=timeout, check=False,
+                env=rclone_env(process_scratch(RCLONE_TMP_PREFIX)),
+            )  # fmt: skip
         except subprocess.TimeoutExpired:
             raise Unreachable(f"{self.label}: rclone timed out after {timeout:.0f}s") from None
 
