@@ -570,6 +570,8 @@ def _print_routine(rt: dict) -> None:
         if j["last_error"]:
             line += f" (last error: {escape(j['last_error'])})"
         out.print(line, highlight=False)
+    for why in rt.get("unreadable", []):
+        err.print(f"[red]the routine makes no pass: {escape(why)}[/]", highlight=False)
     if failed := rt.get("last_pass_failed"):
         err.print(
             f"[red]the last pass failed at {local_time(failed['time'])}: "

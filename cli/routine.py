@@ -197,12 +197,15 @@ def run(
             f"--tier and --dry-run need a strategy file: give --strategy or write "
             f"{strategy.default_path(h)}"
         )
+    opened = False
     try:
         if (res := _pass_in_mount(h)) is None:
             with open_vault(home) as v:
+                opened = True
                 res = routine.run_pass(h, v, False)
     except (VaultError, OSError) as e:  # no pass at all (no passphrase, a wrong one…): say so
-        if problem := routine.failed_pass(h, getattr(e, "message", None) or str(e)):
+        what = "make its pass" if opened else "open the vault"
+        if problem := routine.failed_pass(h, getattr(e, "message", None) or str(e), what=what):
             err.print(f"[red]{problem}[/]", highlight=False)
         raise
     if as_json:

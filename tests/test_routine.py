@@ -5,6 +5,7 @@ remote without a command, send alert events to the hook, and `status --json` rep
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -248,6 +249,57 @@ def test_a_mount_that_stays_up_keeps_its_routine_which_stops_with_the_mount(tmp_
     finally:
         if held is not None:
             held.close()
+        if os.path.ismount(mp):
+            run_cli("umount", str(mp), home=home, check=None, timeout=300)
+        if os.path.ismount(mp):
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+
+
+@needs_fuse
+def test_a_pass_that_fails_in_the_mount_daemon_is_alerted_recorded_and_shown(tmp_path) -> None:
+    """A pass of the mount daemon's routine that fails outright (its record, routine.json,
+    edited into bad JSON) was only logged: nobody was told and the routine stayed stopped.
+    Now the alert command hears it (job ``run``), the next pass starts a new record and
+    the routine goes on. An unreadable schedule cannot name an alert command: `status`
+    (through the mount) shows why the routine makes no pass, and routine.json keeps it."""
+    home, _remotes, _src = make(tmp_path)
+    log = tmp_path / "events.jsonl"
+    run_cli("schedule", "set", "snapshot=1s", f"alert=cat >> {log}", home=home)
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    run_cli("mount", str(mp), home=home)
+
+    def autos() -> int:
+        rows = json.loads(run_cli("snapshots", "--json", home=home).stdout)
+        return sum(r["name"].startswith("auto-") for r in rows)
+
+    try:
+        _wait(lambda: autos() >= 1, "a timed snapshot of the mount")
+        with open(home / "routine.lock", "a") as lock:  # between two passes
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            (home / "routine.json").write_text("{")
+        _wait(lambda: any(e["job"] == "run" for e in events(log) if "job" in e),
+              "an alert of the failed pass")  # fmt: skip
+        (ev,) = [e for e in events(log) if e.get("job") == "run"]
+        assert ev["event"] == "job_failed" and "routine.json" in ev["error"], ev
+        assert "could not make its pass in the mount daemon" in ev["message"], ev
+        n = autos()
+        _wait(lambda: autos() > n, "the routine going on after the failed pass")
+        assert json.loads((home / "routine.json").read_text())["last_pass"] > 0
+
+        with open(home / "routine.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            (home / "schedule.json").write_text("{")
+        _wait(lambda: "schedule.json" in (home / "routine.json").read_text(),
+              "the failed pass recorded")  # fmt: skip
+        res = run_cli("status", home=home)  # through the mount: the rest still shows
+        text = " ".join(res.stderr.decode().split())
+        assert "the routine makes no pass: cannot read" in text, text
+        assert "the last pass failed at" in text and "schedule.json" in text, text
+        rt = json.loads(run_cli("status", "--json", home=home).stdout)["routine"]
+        assert "schedule.json" in rt["unreadable"][0] and rt["last_pass_failed"]["error"]
+        assert len([e for e in events(log) if e.get("job") == "run"]) == 1  # no command known
+    finally:
         if os.path.ismount(mp):
             run_cli("umount", str(mp), home=home, check=None, timeout=300)
         if os.path.ismount(mp):

@@ -41,9 +41,9 @@ Events (the alert command's stdin, one JSON object): ``{"event": KIND, "time": u
 ``remote_unreachable`` (``remote``, ``since``), ``redundancy_low`` (``survives_now``,
 ``promised``), ``queue_stale`` (``oldest_queued``), ``job_failed`` (``job``, ``error``).
 A condition that persists is announced once, again only after it cleared; job failures each
-time. A pass that cannot run at all (the vault does not open) is a ``job_failed`` of job
-``run`` (:func:`failed_pass`); routine.json keeps it and the alert command's last error, and
-`vaultfs status` shows both.
+time. A pass that cannot run at all (the vault does not open; in the mount daemon, a pass that
+stops) is a ``job_failed`` of job ``run`` (:func:`failed_pass`); routine.json keeps it and
+the alert command's last error, and `vaultfs status` shows both.
 """
 
 from __future__ import annotations
@@ -622,21 +622,31 @@ def _record_alert(state: dict, now: float, problems: list[str]) -> None:
     state["last_alert_error"] = {"time": now, "error": problems[-1]} if problems else None
 
 
-def failed_pass(home: Path, error: str, now: float | None = None) -> str | None:
+def failed_pass(
+    home: Path, error: str, now: float | None = None, what: str = "open the vault"
+) -> str | None:
     """A pass that could not run at all (the vault did not open: no passphrase, a wrong
-    one…): tell the alert command (``job_failed``, job ``run``) and record when and why in
+    one…; in the mount daemon, a pass that stopped: ``what`` it could not do): tell the
+    alert command (``job_failed``, job ``run``) and record when and why in
     HOME/routine.json, with the alert command's error, which is returned (None: it worked or
-    there is none). A home without a vault records nothing."""
+    there is none). A home without a vault records nothing; an unreadable schedule (the
+    error, then) alerts nothing, and an unreadable routine.json is replaced by the record."""
     now = clock.now() if now is None else now
-    sched = load_schedule(home)
+    try:
+        sched = load_schedule(home)
+    except InputError:  # the schedule itself is what failed: no alert command to run
+        sched = {}
     event = {"event": "job_failed", "job": "run", "error": error,
-             "message": f"the routine could not open the vault: {error}"}  # fmt: skip
+             "message": f"the routine could not {what}: {error}"}  # fmt: skip
     problem = alert(home, sched, event) if sched else None
     if not (home / "key.json").exists():
         return problem
     with open(home / LOCK_FILE, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # not into a pass's read-modify-write
-        state = load_state(home)
+        try:
+            state = load_state(home)
+        except InputError:  # unreadable: a new record says why the pass failed
+            state = {"jobs": {}, "alerts": {}}
         state["last_pass_failed"] = {"time": now, "error": error}
         if sched:
             _record_alert(state, now, [problem] if problem else [])
@@ -650,10 +660,18 @@ def report(home: Path, v: Vault, now: float | None = None) -> dict:
     ``overdue``: no pass ran it, e.g. the timer is not running), the last pass and whether
     the newest one failed, the alert command's last error, the active alert conditions, the
     newest fully placed snapshot, and the newest snapshot the reachable remotes restore with
-    its age (the real recovery point)."""
+    its age (the real recovery point); ``unreadable``: why the schedule or the routine's
+    record could not be read (the routine makes no pass until it is fixed)."""
     now = time.time() if now is None else now
-    sched = load_schedule(home)
-    state = load_state(home)
+    unreadable = []  # a file edited by hand into bad JSON: the rest of status still shows
+    try:
+        sched = load_schedule(home)
+    except InputError as e:
+        sched, unreadable = {}, [e.message]
+    try:
+        state = load_state(home)
+    except InputError as e:
+        state, unreadable = {"jobs": {}, "alerts": {}}, [*unreadable, e.message]
     jobs = {}
     for job in JOBS:
         nxt = next_run(sched, state, job)
@@ -683,6 +701,7 @@ def report(home: Path, v: Vault, now: float | None = None) -> dict:
         "newest_placed_snapshot": placed[0] if placed else None,
         "newest_restorable_snapshot": point[0] if point else None,
         "rpo_seconds": (now - point[1]) if point else None,
+        "unreadable": unreadable,
     }
 
 
@@ -695,12 +714,16 @@ def serve_mounted(home: Path, v: Vault, attached: Callable[[], bool]) -> threadi
     through the control socket) whenever a job may be due, until the returned event is set
     (the mount ended) or ``attached()`` says the mount is no longer in the mount table
     (detached by a lazy unmount while files stay open: the daemon serves those files and
-    exits after them, and the routine stops with the mount). A pass that fails is logged;
-    the next one tries again. Setting the event in a pass lets no new job start (run_pass)."""
+    exits after them, and the routine stops with the mount). A pass that fails (a job's
+    failure is the pass's report, not this) is logged and recorded, and alerted once per
+    distinct error (:func:`failed_pass`; `status` shows it); the next one tries again.
+    Setting the event in a pass lets no new job start (run_pass)."""
     stop = threading.Event()
 
     def loop() -> None:
+        told = None  # the error last alerted: a failure that persists is told once
         while not stop.is_set():
+            tick = DAEMON_TICK  # until the schedule is read
             try:
                 sched = load_schedule(home)
                 ticks = [interval(sched, j) for j in JOBS]  # repair (0: each pass) drops out
@@ -716,9 +739,17 @@ def serve_mounted(home: Path, v: Vault, attached: Callable[[], bool]) -> threadi
                     return
                 if sched:
                     run_pass(home, v, mounted=True, stop=stop)
-            except Exception:
+                told = None
+            except Exception as e:
                 log.exception("routine pass in the mount daemon failed")
-                stop.wait(DAEMON_TICK)
+                msg = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+                if msg != told and not stop.is_set():
+                    told = msg
+                    try:
+                        failed_pass(home, msg, what="make its pass in the mount daemon")
+                    except Exception:
+                        log.exception("recording the failed pass failed")
+                stop.wait(max(tick, 1.0))  # never a busy loop
 
     threading.Thread(target=loop, name="vaultfs-routine", daemon=True).start()
     return stop
