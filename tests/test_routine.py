@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -306,6 +307,37 @@ def test_a_pass_that_fails_in_the_mount_daemon_is_alerted_recorded_and_shown(tmp
             subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
 
 
+@needs_fuse
+def test_a_schedule_set_on_a_mounted_vault_takes_effect_at_once(tmp_path) -> None:
+    """The mount daemon's routine waited out the schedule it had read (a minute with none)
+    before it saw a new one: `schedule set` on a mounted vault now takes effect within
+    seconds. And `status` gives retention's next run as the next snapshot's (it runs after
+    each timed snapshot), not a day after its last run."""
+    home, _remotes, _src = make(tmp_path)
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    run_cli("mount", str(mp), home=home)
+    try:
+        time.sleep(1)  # the daemon's routine is waiting, with no schedule
+        run_cli("schedule", "set", "snapshot=1h", "retention=--keep-last 5", home=home)
+        set_at = time.monotonic()
+
+        def autos() -> int:
+            rows = json.loads(run_cli("snapshots", "--json", home=home).stdout)
+            return sum(r["name"].startswith("auto-") for r in rows)
+
+        _wait(lambda: autos() >= 1, "a timed snapshot soon after the schedule was set", 20)
+        assert time.monotonic() - set_at < 20
+        rt = json.loads(run_cli("status", "--json", home=home).stdout)["routine"]
+        snap, ret = rt["jobs"]["snapshot"], rt["jobs"]["retention"]
+        assert ret["last_run"] and ret["next_run"] == snap["next_run"], rt["jobs"]
+    finally:
+        if os.path.ismount(mp):
+            run_cli("umount", str(mp), home=home, check=None, timeout=300)
+        if os.path.ismount(mp):
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+
+
 def test_retention_that_would_keep_nothing_is_refused_and_alerted(tmp_path) -> None:
     """`schedule set` refuses a retention that forgets each timed snapshot it takes; a
     retention that would forget every snapshot fails its job (exit 20, job_failed alert)
@@ -490,19 +522,35 @@ def test_schedule_errors_are_one_clear_line(tmp_path) -> None:
 
 
 def test_the_documented_cron_line_reads_a_passphrase_with_spaces(tmp_path) -> None:
-    """docs/operations.md's cron line sources routine.env written as the docs say (the
-    value in single quotes): a passphrase with spaces reaches `vaultfs run`."""
+    """docs/operations.md's commands, run as they stand: its printf writes routine.env into
+    the default home, where `schedule install`'s unit reads it, and its cron line sources
+    that file: a passphrase with spaces reaches `vaultfs run`."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    (printf,) = [ln for ln in text.splitlines() if ln.startswith("printf ") and "routine.env" in ln]
+    (cron,) = [ln for ln in text.splitlines() if ln.startswith("*/15 ") and "vaultfs run" in ln]
+    user = tmp_path / "user"  # the user's $HOME: the vault in its default home
+    (user / ".local" / "share").mkdir(parents=True)
+    (user / ".local" / "state").mkdir()
     home, _remotes, src = make(tmp_path)
+    (user / ".local" / "share" / "vaultfs").symlink_to(home)
     run_cli("schedule", "set", "snapshot=1h", f"sources={src}", home=home)
-    envfile = tmp_path / "routine.env"
-    envfile.write_text("VAULTFS_PASSPHRASE='correct horse battery staple'\n")
-    env = vaultfs_env(home)
-    del env["VAULTFS_PASSPHRASE"]
-    line = (
-        f'. {envfile}; VAULTFS_PASSPHRASE="$VAULTFS_PASSPHRASE" {sys.executable} -m cli.main '
-        f"run --home {home}"
-    )
-    proc = subprocess.run(["sh", "-c", line], env=env, capture_output=True, timeout=300,
+    # a short runtime directory: the control socket's path under the long test $HOME's
+    # ~/.cache would not fit a unix socket
+    runtime = Path(tempfile.mkdtemp(prefix="vfrt-"))
+    env = vaultfs_env(home, HOME=str(user), XDG_RUNTIME_DIR=str(runtime))
+    del env["VAULTFS_PASSPHRASE"], env["VAULTFS_HOME"]
+    subprocess.run(["sh", "-c", printf], env=env, check=True, timeout=60)
+    unit = run_cli("schedule", "install", "--unit-dir", str(tmp_path / "units"), home=home)
+    assert (
+        f"EnvironmentFile=-{home / 'routine.env'}"
+        in (tmp_path / "units" / "vaultfs-run.service").read_text()
+    ), unit.stdout  # the file the docs' printf wrote
+    command = cron.split(None, 5)[5].replace(
+        "vaultfs run", f"{sys.executable} -m cli.main run"
+    )  # the cron fields off, this interpreter's vaultfs
+    proc = subprocess.run(["sh", "-c", command], env=env, capture_output=True, timeout=300,
                           cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert b"not found" not in proc.stderr
+    shutil.rmtree(runtime, ignore_errors=True)
+    logged = (user / ".local" / "state" / "vaultfs-run.log").read_text()
+    assert proc.returncode == 0, logged
+    assert "snapshot" in logged and "not found" not in logged, logged

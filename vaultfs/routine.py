@@ -677,6 +677,8 @@ def report(home: Path, v: Vault, now: float | None = None) -> dict:
         nxt = next_run(sched, state, job)
         if nxt is None:
             continue
+        if job == "retention" and "snapshot" in jobs:  # it also runs after each snapshot
+            nxt = min(nxt, jobs["snapshot"]["next_run"] or 0.0)
         rec = state["jobs"].get(job, {})
         every = interval(sched, job)
         jobs[job] = {
@@ -709,6 +711,34 @@ def report(home: Path, v: Vault, now: float | None = None) -> dict:
 DAEMON_TICK = 60.0
 
 
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """What tells a file changed: its mtime and size (None: it does not exist)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+#: How often the mount daemon's routine looks whether the schedule changed while it waits.
+SCHEDULE_POLL = 2.0
+
+
+def _wait_unless_changed(
+    stop: threading.Event, secs: float, path: Path, seen: tuple[int, int] | None
+) -> bool:
+    """Wait ``secs``, or less when ``path`` changes from ``seen`` (a `schedule set` meanwhile
+    takes effect within :data:`SCHEDULE_POLL`, not at the old schedule's next tick). True
+    when ``stop`` was set."""
+    deadline = time.monotonic() + secs
+    while (left := deadline - time.monotonic()) > 0:
+        if stop.wait(min(left, SCHEDULE_POLL)):
+            return True
+        if _stamp(path) != seen:
+            break
+    return stop.is_set()
+
+
 def serve_mounted(home: Path, v: Vault, attached: Callable[[], bool]) -> threading.Event:
     """Run the routine inside the mount daemon: a thread that makes a pass (``mounted``, so
     through the control socket) whenever a job may be due, until the returned event is set
@@ -725,10 +755,11 @@ def serve_mounted(home: Path, v: Vault, attached: Callable[[], bool]) -> threadi
         while not stop.is_set():
             tick = DAEMON_TICK  # until the schedule is read
             try:
+                seen = _stamp(home / SCHEDULE_FILE)
                 sched = load_schedule(home)
                 ticks = [interval(sched, j) for j in JOBS]  # repair (0: each pass) drops out
                 tick = min([t for t in ticks if t] + [DAEMON_TICK])
-                if stop.wait(max(tick, 1.0)):
+                if _wait_unless_changed(stop, max(tick, 1.0), home / SCHEDULE_FILE, seen):
                     return
                 if not attached():
                     log.warning(
@@ -737,7 +768,7 @@ def serve_mounted(home: Path, v: Vault, attached: Callable[[], bool]) -> threadi
                     )
                     stop.set()
                     return
-                if sched:
+                if load_schedule(home):  # as it is now: it may have changed meanwhile
                     run_pass(home, v, mounted=True, stop=stop)
                 told = None
             except Exception as e:
