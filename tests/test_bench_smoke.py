@@ -50,7 +50,11 @@ def test_bench_engine_smoke(tmp_path: Path) -> None:
     eng = doc["sections"]["engine"]
     assert eng["error"] is None, eng["error"]
     metrics = {m["name"]: m for m in eng["metrics"]}
-    assert set(metrics) == EXPECTED
+    # 300 rows can restore before the first 50 ms memory sample: the section says which
+    # growth figures it could not sample instead of making one up
+    unsampled = eng["details"]["unsampled"]
+    assert all(u.startswith("data-path RSS growth, ") for u in unsampled), unsampled
+    assert set(metrics) == {m for m in EXPECTED if not any(m.startswith(u) for u in unsampled)}
     assert metrics["restored bytes identical"]["value"] is True
     for run in eng["details"]["runs"]:
         assert run["steps"]["vaultfs_restore"]["identical"] is True
