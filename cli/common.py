@@ -361,8 +361,8 @@ def open_vault(
     except VaultBusy:
         from vaultfs.control import mounted
 
-        if (info := mounted(h)) is None:
-            raise
+        if (info := mounted(h)) is None or info.get("detached"):
+            raise  # detached: the lock's refusal says so (vaultfs/vault/home.py)
         raise VaultBusy(
             f"the vault is mounted at {info['mountpoint']}: write into the mount and take "
             "`vaultfs snapshot`, or `vaultfs umount` it first"

@@ -451,7 +451,7 @@ def status(
     from cli.mounted import call
     from vaultfs import control, routine
     from vaultfs.index import manifests
-    from vaultfs.vault.home import dead_mount
+    from vaultfs.vault.home import dead_mount, detached_mount
 
     h = home_dir(home)
     if strategy_file or not (h / "index.db").exists():  # a strategy's home? (YAML: load late)
@@ -498,10 +498,11 @@ def status(
             highlight=False,
         )
     if mounted:
-        out.print(
-            f"mounted at {mounted['mountpoint']}: {mounted['cache_dirty_bytes']:,} of "
-            f"{mounted['cache_budget']:,} cache bytes dirty"
-        )
+        cache = f"{mounted['cache_dirty_bytes']:,} of {mounted['cache_budget']:,} cache bytes dirty"
+        if mounted.get("detached"):  # a lazy unmount: `vaultfs umount` has nothing to do
+            out.print(f"[yellow]{escape(detached_mount(mounted))}[/]; {cache}", highlight=False)
+        else:
+            out.print(f"mounted at {mounted['mountpoint']}: {cache}")
         if held := mounted.get("memory_blocks"):
             out.print(
                 f"[yellow]disk full: {held} dirty block(s) only in the mount daemon's memory (no "

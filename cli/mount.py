@@ -135,6 +135,13 @@ def umount(
             )
             return
         raise InputError(f"{mp} is not a vaultfs mount")
+    if ping.get("detached"):  # nothing to unmount, and its daemon needs no umount to finish
+        from vaultfs.vault.home import detached_mount
+
+        raise VaultBusy(
+            f"{mp} is no longer mounted: {detached_mount(ping)}. Close those files: its daemon "
+            "then finishes and exits by itself (`vaultfs status` shows it until then)"
+        )
     syncfs(mp)
     reply = call(addr, {"cmd": "umount"})
     assert reply is not None

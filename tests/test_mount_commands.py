@@ -202,6 +202,59 @@ def test_mounted_run_on_a_detached_mount_makes_no_pass(mounted) -> None:
     assert not os.path.exists(f"/proc/{pid}")
 
 
+def test_a_detached_mount_says_so_in_status_umount_and_mount(tmp_path) -> None:
+    """Detached by a lazy unmount while a file stays open, the daemon serves that file and
+    exits after it: `status` says so (`mount.detached` in --json) instead of "mounted at",
+    `umount` says it is no longer mounted and to close the files (exit 17), and `mount`, here
+    or elsewhere, and `backup` (which takes the vault's lock) say the previous mount is
+    detached instead of sending the user to that umount (exit 17). Once the file is closed the daemon exits and the vault mounts again.
+    Before, `status` said "mounted at", `umount` "It stays mounted: its daemon serves it and
+    runs the routine" and `mount` "`vaultfs umount` it first"."""
+    with mounted_vault(tmp_path) as (home, mp, _remotes):
+        env = _no_passphrase(home)
+        (mp / "held.txt").write_text("still served\n")
+        st = json.loads(run_cli("status", "--json", home=home, env=env).stdout)
+        assert st["mount"]["detached"] is False, st["mount"]
+        pid = json.loads((home / "mount.json").read_text())["pid"]
+        other = tmp_path / "mnt2"
+        other.mkdir()
+        held = open(mp / "held.txt")  # noqa: SIM115 (closed below, or in finally)
+        try:
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=True)
+            assert not os.path.ismount(mp)
+
+            st = json.loads(run_cli("status", "--json", home=home, env=env).stdout)
+            assert st["mount"]["detached"] is True and st["mount"]["pid"] == pid, st["mount"]
+            said = " ".join(run_cli("status", home=home, env=env).stdout.decode().split())
+            assert f"the mount at {mp} was detached by a lazy unmount" in said, said
+            assert f"its daemon (pid {pid}) serves those files" in said, said
+            assert "its routine has stopped" in said and "mounted at" not in said, said
+
+            code, _out, said = _answer(home, ("umount", str(mp)), env)
+            said = " ".join(said.decode().split())
+            assert code == 17 and f"{mp} is no longer mounted: the mount at" in said, said
+            assert "Close those files: its daemon then finishes and exits" in said, said
+            assert "nothing is lost" in said and "stays mounted" not in said, said
+
+            # a command that takes the vault's lock says the same as `mount`
+            for args in (("mount", str(mp)), ("mount", str(other)), ("backup", str(other))):
+                code, _out, said = _answer(home, args, vaultfs_env(home))
+                said = " ".join(said.decode().split())
+                assert code == 17 and "still held by its previous mount" in said, (args, said)
+                assert f"the mount at {mp} was detached" in said, said
+                assert "`vaultfs umount` it first" not in said, said
+            assert not os.path.ismount(other) and not os.path.ismount(mp)
+            assert held.read() == "still served\n"  # served all along
+        finally:
+            held.close()
+        deadline = time.monotonic() + 120
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.1)  # the daemon exits after the last open file
+        assert not os.path.exists(f"/proc/{pid}")
+        run_cli("mount", str(mp), home=home)  # mounted_vault unmounts it
+        assert (mp / "held.txt").read_text() == "still served\n"
+
+
 def test_mounting_a_mounted_vault_names_where_it_is_mounted(tmp_path) -> None:
     """A second `vaultfs mount` of a mounted vault: exit 17 naming the mountpoint, with or
     without the passphrase (it needs none to say so). Before, without one it said "no

@@ -14,7 +14,7 @@ never a trusted answer. A socket file left by a crashed daemon is replaced by th
 
 Protocol: one JSON object per line each way. Request ``{"cmd": ...}``; reply
 ``{"ok": true, ...}`` or ``{"ok": false, "error": message, "code": exit code}``.
-Commands: ``ping``, ``status`` (`vaultfs status`'s report), ``snapshots``, ``ls``
+Commands: ``ping`` (reply ``pid``, ``mountpoint``, ``detached``), ``status`` (`vaultfs status`'s report), ``snapshots``, ``ls``
 (``snapshot``, ``path``: `vaultfs ls`; the rows come before the reply, in lines
 ``{"part": [row, ...]}`` of about :data:`PART_SIZE` characters, so no listing is too large
 for :data:`MAX_REPLY`), ``run`` (a pass of the routine, as `vaultfs run` makes it:
@@ -216,7 +216,9 @@ def _parse(line: bytes) -> dict:
 
 
 def mounted(home: Path) -> dict | None:
-    """The running mount of the vault at ``home`` (its ping reply: pid, mountpoint), or None."""
+    """The running mount of the vault at ``home`` (its ping reply: pid, mountpoint, and
+    ``detached``: true after a lazy unmount, its daemon serving the files still open), or
+    None."""
     return call(home_address(home), {"cmd": "ping"}, timeout=30)
 
 

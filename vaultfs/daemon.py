@@ -239,6 +239,10 @@ def run_foreground(
             delete_snapshots,
         )
 
+        def attached() -> bool:
+            """False once a lazy unmount has detached the mount (files still open there)."""
+            return in_mount_table(real_mountpoint)
+
         def dispatch(req: dict) -> dict:
             if req.get("cmd") == "job":  # long: waits here, in the control handler's thread
                 job, args = str(req.get("job")), req.get("args") or {}
@@ -248,7 +252,7 @@ def run_foreground(
             if req.get("cmd") == "run":  # `vaultfs run`: a pass as the routine's own makes
                 assert routine_stop is not None  # started before the control server
                 # detached (a lazy unmount) or unmounting: no pass, as the routine makes none
-                if routine_stop.is_set() or not in_mount_table(real_mountpoint):
+                if routine_stop.is_set() or not attached():
                     raise VaultBusy(
                         f"the mount at {mountpoint} is ending (unmounted or detached, its "
                         "daemon serving the files still open): it makes no routine pass; run "
@@ -256,8 +260,12 @@ def run_foreground(
                     )
                 return {"pass": routine.run_pass(home, vault, mounted=True, stop=routine_stop)}
             reply = trio.from_thread.run(_handle, fs, req, trio_token=fs.token)
-            if req.get("cmd") == "status":
+            # detached: `status`, `umount` and `mount` say so instead of "mounted at"
+            if req.get("cmd") == "ping":
+                reply["detached"] = not attached()
+            elif req.get("cmd") == "status":
                 reply["mount"]["maintenance"] = runner.current
+                reply["mount"]["detached"] = not attached()
             elif req.get("cmd") == "umount":  # what the daemon finishes before it exits
                 reply["maintenance"] = runner.current
                 reply["home"] = str(home)  # its mount.json says what it finishes later on
@@ -266,9 +274,7 @@ def run_foreground(
         def start_control(fs_) -> None:
             nonlocal server, routine_stop
             # the routine runs while the mount is up, and stops with it (also when detached)
-            routine_stop = routine.serve_mounted(
-                home, vault, lambda: in_mount_table(real_mountpoint)
-            )
+            routine_stop = routine.serve_mounted(home, vault, attached)
             server = control.ControlServer(addresses, dispatch)
 
         def ready() -> None:

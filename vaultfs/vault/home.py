@@ -78,15 +78,35 @@ def take_lock(home: Path) -> int:
 
 def held_by_mount(home: Path) -> str | None:
     """Why the vault at ``home`` cannot be taken when a mount's daemon holds it: finishing
-    after an unmount (:func:`_finishing_mount`), or serving its mountpoint (it answers on the
-    control socket); None when no mount does."""
+    after an unmount (:func:`_finishing_mount`), serving its mountpoint (it answers on the
+    control socket), or detached and serving the files still open (:func:`detached_mount`);
+    None when no mount does."""
     from ..control import mounted
 
     if finishing := _finishing_mount(home):
         return finishing
     if (info := mounted(home)) is None:
         return None
+    if info.get("detached"):
+        return (
+            f"the vault at {home} is still held by its previous mount: "
+            f"{detached_mount(info)}. Close those files (or wait until they are closed) and "
+            "for its daemon to exit, then run this again"
+        )
     return f"the vault at {home} is mounted at {info['mountpoint']}: `vaultfs umount` it first"
+
+
+def detached_mount(info: dict) -> str:
+    """What a mount detached by a lazy unmount (``fusermount3 -u -z`` while files there stay
+    open) still does, ``info`` being its daemon's ``ping`` or ``status`` mount reply: said by
+    `status`, `umount` and whatever the daemon's lock refuses, so none of them sends the
+    user to an unmount that cannot work (vaultfs/daemon.py, in_mount_table)."""
+    return (
+        f"the mount at {info['mountpoint']} was detached by a lazy unmount while files there "
+        f"stayed open: its daemon (pid {info['pid']}) serves those files until they are "
+        "closed, then stores what they wrote and exits (nothing is lost); its routine has "
+        "stopped"
+    )
 
 
 def _finishing_mount(home: Path) -> str | None:
