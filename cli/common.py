@@ -477,7 +477,7 @@ def report_flush(
         msg = (
             f"{rep.under_k} segment(s) have fewer than k={v.k} shards on "
             "remotes: the data is safe in the local queue and goes out on the next "
-            "`vaultfs flush` once remotes are back"
+            "`vaultfs flush` or `vaultfs run` once remotes are back"
         )
     elif not rep.complete:
         behind = ", ".join(f"{r} ({c} queued)" for r, c in rep.pending.items() if c)

@@ -65,7 +65,8 @@ def print_report(
     if rep["segments_below_k_placed"]:
         err.print(
             f"[yellow]{rep['segments_below_k_placed']} segment(s) have fewer than k shards on "
-            "remotes: the data is safe in the local queue and goes out once remotes are back[/]"
+            "remotes: the data is safe in the local queue and goes out once remotes are back "
+            "(`vaultfs flush`, or the next `vaultfs run`)[/]"
         )
     elif not rep["complete"]:
         behind = ", ".join(f"{r} ({c} queued)" for r, c in rep["pending"].items() if c)

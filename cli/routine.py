@@ -151,7 +151,7 @@ def _print_forget(result: dict, prune_rep: prune_mod.PruneReport | None) -> None
             err.print(
                 f"[yellow]{result['segments_below_k_placed']} segment(s) have fewer than k "
                 "shards on remotes: the data is safe in the local queue and goes out once "
-                "remotes are back[/]",
+                "remotes are back (`vaultfs flush`, or the next `vaultfs run`)[/]",
                 highlight=False,
             )
     if prune_rep is not None:
@@ -211,6 +211,8 @@ def run(
     if as_json:
         print_json(res)
     else:
+        if res.get("upload"):
+            out.print(f"upload: {json.dumps(res['upload'])}", highlight=False)
         for job, r in res["ran"].items():
             out.print(f"{job}: {json.dumps(r)}", highlight=False)
         for job, why in res["waiting"].items():
@@ -221,7 +223,7 @@ def run(
             err.print(f"[yellow]alert {ev['event']}:[/] {ev['message']}", highlight=False)
         for e in res.get("alert_errors", []):
             err.print(f"[red]{e}[/]", highlight=False)
-        if not (res["ran"] or res["waiting"] or res["failed"]):
+        if not (res["ran"] or res["waiting"] or res["failed"] or res.get("upload")):
             out.print("nothing due")
     raise typer.Exit(EXIT_JOB_FAILED if res["failed"] else 0)
 

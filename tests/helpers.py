@@ -465,6 +465,18 @@ def init_local_vault(
     return LocalVault(home, dirs, passphrase)
 
 
+def break_remote(remote: Path) -> None:
+    """A local remote fails every operation: its directory set aside, a file in its place."""
+    remote.rename(remote.with_name(remote.name + ".away"))
+    remote.write_text("x")
+
+
+def mend_remote(remote: Path) -> None:
+    """A remote :func:`break_remote` broke is back, with what it held."""
+    remote.unlink()
+    remote.with_name(remote.name + ".away").rename(remote)
+
+
 def tree_digest(root: Path) -> dict[str, tuple]:
     """Map each relative path under root to (type, mode, size, sha256 or link target)."""
     import hashlib

@@ -8,26 +8,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import init_local_vault, needs_fuse, run_cli, unmount, vaultfs_env
+from helpers import (
+    break_remote,
+    init_local_vault,
+    mend_remote,
+    needs_fuse,
+    run_cli,
+    unmount,
+    vaultfs_env,
+)
 
 MiB = 1024 * 1024
-
-
-def _break(remote: Path) -> None:
-    """The remote fails every operation: its directory replaced by a file."""
-    remote.rename(remote.with_name(remote.name + ".away"))
-    remote.write_text("x")
-
-
-def _mend(remote: Path) -> None:
-    remote.unlink()
-    remote.with_name(remote.name + ".away").rename(remote)
 
 
 def _no_passphrase(home: Path) -> dict[str, str]:
@@ -59,13 +57,13 @@ def _check_deferred(res: subprocess.CompletedProcess, remote: Path) -> None:
 def test_forget_prune_exits_3_and_names_the_remote_when_deletions_wait(tmp_path: Path) -> None:
     home, remotes = init_local_vault(tmp_path)
     _two_backups(tmp_path, home)
-    _break(remotes[2])
+    break_remote(remotes[2])
     res = run_cli("forget", "--keep-last", "1", "--prune", home=home, check=None)
     _check_deferred(res, remotes[2])
     # the same verdict as a plain prune right after
     again = run_cli("prune", home=home, check=3)
     assert "wait for a later prune" in again.stdout.decode()
-    _mend(remotes[2])
+    mend_remote(remotes[2])
     rep = json.loads(run_cli("prune", "--json", home=home).stdout)
     assert rep["garbage_left"] == 0
 
@@ -73,7 +71,7 @@ def test_forget_prune_exits_3_and_names_the_remote_when_deletions_wait(tmp_path:
 def test_forget_prune_json_exits_3_with_the_prune_report(tmp_path: Path) -> None:
     home, remotes = init_local_vault(tmp_path)
     _two_backups(tmp_path, home)
-    _break(remotes[0])
+    break_remote(remotes[0])
     res = run_cli("forget", "--keep-last", "1", "--prune", "--json", home=home, check=3)
     rep = json.loads(res.stdout)
     assert [s["name"] for s in rep["forget"]] == ["b0"]
@@ -97,6 +95,47 @@ def test_forget_dry_run_prune_shows_what_the_prune_would_free(tmp_path: Path) ->
     real = json.loads(run_cli(*args, "--json", home=home).stdout)
     assert real["prune"]["bytes_freed"] == dry["prune"]["bytes_freed"]
     assert real["prune"]["freed_per_remote"] == dry["prune"]["freed_per_remote"]
+
+
+def test_forget_keeps_the_newest_snapshot_the_remotes_restore_alone(tmp_path: Path) -> None:
+    """Two of three remotes down (k=2): newer snapshots wait in the local queue, and only the
+    first is restorable from the remotes. `forget --keep-last 1` (dry run, human and JSON, and
+    the real run) keeps that one too, saying why, where restic's rule would forget it; it
+    stays the recovery point, and with the remotes back the rule keeps nothing extra."""
+    home, remotes = init_local_vault(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.txt").write_text("placed\n")
+    first = json.loads(run_cli("backup", str(src), "--name", "placed", "--json", home=home).stdout)
+    for r in remotes[1:]:
+        break_remote(r)
+    for i in range(2):
+        (src / "f.txt").write_text(f"queued {i}\n")
+        run_cli("backup", str(src), "--name", f"queued-{i}", home=home, check=3)
+    point = json.loads(run_cli("status", "--json", home=home).stdout)["routine"]
+    assert point["newest_restorable_snapshot"] == first["snapshot"]
+
+    args = ("forget", "--keep-last", "1")
+    human = run_cli(*args, "--dry-run", home=home).stdout.decode()
+    assert re.search(r"placed .*keep .*newest restorable from the remotes", human), human
+    assert "keep 2 snapshot(s), would forget 1" in human, human
+    dry = json.loads(run_cli(*args, "--dry-run", "--json", home=home).stdout)
+    kept = {s["name"]: s["reasons"] for s in dry["keep"]}
+    assert kept == {"queued-1": ["last snapshot"], "placed": ["newest restorable from the remotes"]}
+    assert [s["name"] for s in dry["forget"]] == ["queued-0"]
+    real = json.loads(run_cli(*args, "--json", home=home, check=3).stdout)  # still queued
+    assert real["keep"] == dry["keep"] and real["forget"] == dry["forget"]
+    left = json.loads(run_cli("snapshots", "--json", home=home).stdout)
+    assert [s["name"] for s in left] == ["placed", "queued-1"]
+    point = json.loads(run_cli("status", "--json", home=home).stdout)["routine"]
+    assert point["newest_restorable_snapshot"] == first["snapshot"]
+
+    for r in remotes[1:]:
+        mend_remote(r)
+    run_cli("flush", home=home)  # queued-1 is restorable now: "placed" is no longer held
+    again = json.loads(run_cli(*args, "--json", home=home).stdout)
+    assert [s["name"] for s in again["forget"]] == ["placed"]
+    assert [s["reasons"] for s in again["keep"]] == [["last snapshot"]]
 
 
 # -- mounted ------------------------------------------------------------------------------------
@@ -140,12 +179,12 @@ def test_mounted_forget_prune_exits_3_when_deletions_wait_and_needs_no_passphras
     assert dry["mounted"] and [s["name"] for s in dry["forget"]] == ["b0"]
     assert dry["prune"]["dry_run"] and dry["prune"]["bytes_freed"] == 4 * MiB, dry["prune"]
     assert _names(home) == ["b0", "b1"]
-    _break(remotes[1])
+    break_remote(remotes[1])
     res = run_cli(*args, home=home, env=env, check=None)
     _check_deferred(res, remotes[1])
     assert _names(home) == ["b1"]
     run_cli("prune", home=home, env=env, check=3)
-    _mend(remotes[1])
+    mend_remote(remotes[1])
     rep = json.loads(run_cli("prune", "--json", home=home, env=env).stdout)
     assert rep["garbage_left"] == 0
 

@@ -17,7 +17,15 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import init_local_vault, mount_pid, needs_fuse, run_cli, vaultfs_env
+from helpers import (
+    break_remote,
+    init_local_vault,
+    mend_remote,
+    mount_pid,
+    needs_fuse,
+    run_cli,
+    vaultfs_env,
+)
 
 
 def make(tmp_path: Path) -> tuple[Path, list[Path], Path]:
@@ -121,6 +129,39 @@ def test_alerts_for_a_remote_down_past_grace_a_stale_queue_and_a_failed_job(tmp_
     st = json.loads(run_cli("status", "--json", home=home).stdout)["routine"]
     assert f"remote_unreachable:{remotes[2]}" in st["alerts"] and "queue_stale" in st["alerts"]
     assert st["jobs"]["snapshot"]["last_error"]
+
+
+def test_an_unmounted_pass_sends_what_is_queued_once_the_remote_is_back(tmp_path) -> None:
+    """A backup leaves a down remote's shards queued. A pass while it is still down reports
+    its error without failing, and queue_stale names the remote and `vaultfs flush`; once it
+    is back, the next pass (no prune or snapshot due) empties the queue onto it."""
+    home, remotes, src = make(tmp_path)
+    log = tmp_path / "events.jsonl"
+    break_remote(remotes[2])
+    run_cli("backup", str(src), home=home)  # k=2 remotes take it; remote 2's shards wait
+    run_cli(
+        "schedule", "set", "snapshot=1h", f"sources={src}", "queue_age=1s",
+        f"alert=cat >> {log}", home=home,
+    )  # fmt: skip
+    time.sleep(1.1)  # past queue_age
+    down = run(home)
+    assert set(down["ran"]) == {"snapshot", "repair"} and not down["failed"]
+    assert str(remotes[2]) in down["upload"]["errors"] and not down["upload"]["complete"]
+    assert down["upload"]["pending"][str(remotes[2])] > 0
+    (stale,) = [e for e in events(log) if e["event"] == "queue_stale"]
+    assert stale["remotes"] == [str(remotes[2])], stale
+    assert str(remotes[2]) in stale["message"] and "`vaultfs flush`" in stale["message"]
+
+    mend_remote(remotes[2])
+    back = run(home)
+    assert set(back["ran"]) == {"repair"} and not back["failed"]
+    assert back["upload"]["complete"] and back["upload"]["uploaded"] > 0, back["upload"]
+    st = json.loads(run_cli("status", "--json", home=home).stdout)
+    assert [r["queued_objects"] for r in st["remotes"]] == [0, 0, 0]
+    held = [sorted(p.name for p in (r / "data").iterdir()) for r in remotes]
+    assert held[2] and len(held[2]) == len(held[0]), held  # remote 2 has its share now
+    assert not st["routine"]["alerts"]  # queue_stale cleared
+    assert run(home)["upload"] is None  # nothing queued: no remote is asked
 
 
 def test_redundancy_drop_is_alerted_when_repair_is_off(tmp_path) -> None:

@@ -16,13 +16,26 @@ if TYPE_CHECKING:
     from .vault import Vault
 
 
+#: why a snapshot the policy drops is kept anyway (:func:`decide`; restic has no such rule)
+RESTORABLE = "newest restorable from the remotes"
+
+
 def decide(v: Vault, policy: retention.Policy, now: float | None = None) -> retention.Decision:
     """What ``policy`` keeps and forgets of the vault's snapshots as of ``now``, changing
     nothing; PolicyKeepsNothing, dry run or not, when it would forget every one (restic
-    0.17's rule), before anything is forgotten."""
+    0.17's rule), before anything is forgotten. Whatever the policy, the newest snapshot the
+    remotes restore alone (`status`'s recovery point) is kept, for :data:`RESTORABLE`: while
+    newer ones wait in the local queue (remotes down), it is all a lost home disk leaves."""
     rows = snapshot_table.rows(v.index)
     snaps = [retention.Snap(u, c, nm) for u, nm, c, *_ in rows]
     decision = retention.apply(snaps, policy, clock.now() if now is None else now)
+    point = snapshot_table.recovery_point(v.index)
+    kept = next((s for s in decision.forget if point and s.id == point[0]), None)
+    if kept is not None and decision.keep:  # a policy that keeps nothing is refused below
+        decision.forget.remove(kept)
+        decision.keep.append((kept, [RESTORABLE]))
+        made = {s.id: i for i, s in enumerate(snaps)}  # retention's order: ties, later first
+        decision.keep.sort(key=lambda e: (e[0].time, made[e[0].id]), reverse=True)
     if snaps and not decision.keep:
         names = sorted({s.name for s in snaps if s.name})
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")

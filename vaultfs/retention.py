@@ -24,7 +24,8 @@ so a policy written for restic means the same here:
   caller (:func:`vaultfs.routine.forget`, as restic 0.17 refuses to empty a group).
 
 Differences from restic: one vault is one group (restic groups by host and paths first), and
-names play the part of tags.
+names play the part of tags. `vaultfs forget` also keeps the newest snapshot the remotes
+restore alone, whatever the policy (:func:`vaultfs.forget.decide`: not a rule of this module).
 """
 
 from __future__ import annotations

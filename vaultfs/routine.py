@@ -31,16 +31,19 @@ maintenance_ops=N  remote operations it may run at once (default 4)
 =================  ==========================================================================
 
 EVERY is ``30s``, ``15m``, ``1h``, ``2d``, ``1w`` or ``hourly``, ``daily``, ``weekly``. A
-job is due when EVERY has passed since it last ran (failed or not). On a vault that is
-mounted every job goes through the mount's control socket: verify, repair and prune run in
-the daemon as maintenance jobs (vaultfs/maintenance.py, within the foreground's share), one
-at a time; a job due while another runs there is reported as ``waiting: busy`` and stays due.
+job is due when EVERY has passed since it last ran (failed or not). An unmounted pass first
+sends what the upload queue holds (:func:`_push_queue`; mounted, the daemon's pusher does
+that all the time). On a vault that is mounted every job goes through the mount's control
+socket: verify, repair and prune run in the daemon as maintenance jobs
+(vaultfs/maintenance.py, within the foreground's share), one at a time; a job due while
+another runs there is reported as ``waiting: busy`` and stays due.
 
 Events (the alert command's stdin, one JSON object): ``{"event": KIND, "time": unix time,
 "vault": HOME, "message": sentence, ...}`` with KIND one of ``audit_failed``,
 ``remote_unreachable`` (``remote``, ``since``), ``redundancy_low`` (``survives_now``,
-``promised``), ``queue_stale`` (``oldest_queued``), ``job_failed`` (``job``, ``error``).
-A condition that persists is announced once, again only after it cleared; job failures each
+``promised``), ``queue_stale`` (``oldest_queued``, ``remotes``), ``job_failed`` (``job``,
+``error``; job ``upload`` when sending the queue failed other than by a remote's error). A
+condition that persists is announced once, again only after it cleared; job failures each
 time. A pass that cannot run at all (the vault does not open; in the mount daemon, a pass that
 stops) is a ``job_failed`` of job ``run`` (:func:`failed_pass`); routine.json keeps it and
 the alert command's last error, and `vaultfs status` shows both.
@@ -66,7 +69,7 @@ from typing import TYPE_CHECKING
 from . import clock, control, maintenance, retention
 from . import forget as forget_mod
 from .errors import InputError, PolicyKeepsNothing, VaultBusy, VaultError
-from .index import remotes as remote_table
+from .index import manifests as manifest_table
 from .index import segments as segment_table
 from .index import snapshots as snapshot_table
 
@@ -369,11 +372,16 @@ def _conditions(v: Vault, sched: dict[str, str], now: float) -> dict[str, dict]:
     limit = stored_every(sched["queue_age"]) if sched.get("queue_age") else DEFAULT_QUEUE_AGE
     oldest = segment_table.oldest_queued(v.index)
     if oldest is not None and now - oldest > limit:
+        behind = {r["remote"]: r["queued_objects"] for r in st["remotes"] if r["queued_objects"]}
+        held = ", ".join(f"{r} ({c} shards)" for r, c in behind.items())
         found["queue_stale"] = {
             "event": "queue_stale",
             "oldest_queued": oldest,
-            "message": f"shards have waited {now - oldest:.0f}s in the upload queue "
-            f"(limit {limit:.0f}s): a remote is not taking uploads",
+            "remotes": list(behind),
+            "message": f"the oldest shard in the upload queue has waited {now - oldest:.0f}s "
+            f"(limit {limit:.0f}s), queued for {held or 'a remote'}: check "
+            f"{'those remotes' if len(behind) > 1 else 'that remote'} (`vaultfs status` shows "
+            "the last error), then run `vaultfs flush` (each pass of the routine retries too)",
         }
     return found
 
@@ -530,6 +538,21 @@ def _job_prune(home: Path, v: Vault, sched: dict, mounted: bool, now: float) -> 
     return {"bytes_freed": rep["bytes_freed"], "freed_per_remote": rep["freed_per_remote"]}
 
 
+def _push_queue(v: Vault) -> dict | None:
+    """What an unmounted pass does before its jobs: send what the upload queue holds, as
+    `vaultfs flush` does, so shards a backup or an unmount left queued while remotes were down
+    go out at the next pass once they are back, whichever jobs are due. A remote still down
+    fails within the backends' bounds (rclone's timeouts, a few retries) and does not fail the
+    pass: its error is in the result, and ``remote_unreachable``/``queue_stale`` alert once it
+    lasts. None when nothing is queued (no remote is asked anything)."""
+    if not (segment_table.queued_count(v.index) or manifest_table.pending_uploads(v.index)):
+        return None
+    rep = v.flush()
+    return {"uploaded": rep.uploaded, "pending": {r: c for r, c in rep.pending.items() if c},
+            "errors": rep.errors, "stale_base": rep.stale_base,
+            "complete": rep.complete}  # fmt: skip
+
+
 _RUNNERS: dict[str, Callable[[Path, Vault, dict, bool, float], dict]] = {
     "snapshot": _job_snapshot,
     "retention": _job_retention,
@@ -548,8 +571,9 @@ def run_pass(
 ) -> dict:
     """One pass of whatever is due (module docstring), then the alert checks. ``v`` is opened
     with the lock unless ``mounted`` (the mount's daemon holds it then). Returns
-    {"ran": {job: result}, "failed": {job: error}, "waiting": {job: why}, "alerts": [events]}
-    and records the outcome in HOME/routine.json. Once ``stop`` is set (the mount ends) no
+    {"ran": {job: result}, "failed": {job: error}, "waiting": {job: why}, "alerts": [events],
+    "upload": what the unmounted pass sent first (:func:`_push_queue`) or None} and records
+    the outcome in HOME/routine.json. Once ``stop`` is set (the mount ends) no
     job starts, and one that fails meanwhile is left due ("waiting"), not alerted."""
     with open(home / LOCK_FILE, "a") as lock:
         # one pass at a time (the mount daemon's, a timer's): the second sees what the first
@@ -561,8 +585,17 @@ def run_pass(
 def _pass(home: Path, v: Vault, mounted: bool, now: float, stop: threading.Event | None) -> dict:
     sched = load_schedule(home)
     state = load_state(home)
-    out: dict = {"ran": {}, "failed": {}, "waiting": {}, "alerts": []}
+    out: dict = {"ran": {}, "failed": {}, "waiting": {}, "alerts": [], "upload": None}
     events: list[dict] = []
+    if not mounted:  # the mount's daemon pushes all the time (vaultfs/fs.py, _pusher)
+        try:
+            out["upload"] = _push_queue(v)
+        except Exception as e:  # reported and alerted as a job's failure, never fatal
+            log.debug("upload failed:\n%s", traceback.format_exc())
+            msg = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+            out["failed"]["upload"] = msg
+            events.append({"event": "job_failed", "job": "upload", "error": msg,
+                           "message": f"uploading the queue failed: {msg}"})  # fmt: skip
     for job in JOBS:
         if stop is not None and stop.is_set():
             break
@@ -692,7 +725,7 @@ def report(home: Path, v: Vault, now: float | None = None) -> dict:
     placed = snapshot_table.newest_placed(v.index)
     # the recovery point: a remote that stays down keeps later snapshots from being fully
     # placed while the others restore them
-    point = snapshot_table.newest_restorable(v.index, remote_table.unreachable(v.index))
+    point = snapshot_table.recovery_point(v.index)
     return {
         "schedule": sched,
         "jobs": jobs,

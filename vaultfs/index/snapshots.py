@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..names import DbText, from_db, is_text, raw, to_db
+from .remotes import unreachable
 
 if TYPE_CHECKING:
     from . import Index
@@ -361,6 +362,13 @@ def newest_restorable(index: Index, down: set[int]) -> tuple[str, float] | None:
         " ORDER BY created DESC, id DESC LIMIT 1",
         (seq, float("inf") if cutoff is None else cutoff),
     )
+
+
+def recovery_point(index: Index) -> tuple[str, float] | None:
+    """(uid, created) of the newest snapshot the remotes not marked unreachable restore alone
+    (:func:`newest_restorable`): what a lost home disk would leave. `status` shows it as the
+    recovery point, and `forget` never forgets it (vaultfs/forget.py)."""
+    return newest_restorable(index, unreachable(index))
 
 
 def listing(index: Index) -> list[dict]:
