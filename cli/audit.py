@@ -130,7 +130,7 @@ def _print_audit(rep: verify_mod.AuditReport) -> None:
             str(len(r.corrupt)),
             str(len(r.stale) + (1 if r.stale_manifest else 0)),
             str(len(r.foreign)),
-            _pct(r.confidence) if not r.unreachable else "-",
+            _pct(r.confidence) if r.unchecked is None and not r.unreachable else "-",
             f"{r.bytes_read:,} B",
         )
     print_table(t)
@@ -140,6 +140,10 @@ def _print_audit(rep: verify_mod.AuditReport) -> None:
                 f"[yellow]{r.remote}: unreachable[/] ({r.error}); its data is presumed intact "
                 "until an audit says otherwise",
                 highlight=False,
+            )
+        elif r.unchecked is not None:
+            err.print(
+                f"[yellow]{r.remote}: nothing could be checked:[/] {r.unchecked}", highlight=False
             )
         for path, detail in r.details.items():
             err.print(f"[red]{r.remote}[/]: {path}: {detail}", highlight=False)
@@ -248,7 +252,7 @@ def _repair_report(data: dict) -> repair_mod.RepairReport:
 def _repair_code(rep: repair_mod.RepairReport) -> int:
     if rep.unrecoverable:
         return EXIT_FOUND
-    if not rep.dry_run and any(rep.pending.values()):
+    if not rep.dry_run and (any(rep.pending.values()) or rep.not_found):
         return EXIT_PARTIAL
     return 0
 

@@ -222,6 +222,7 @@ def test_fault_injection_suite(
     rep = s.verify_json(check=11, cli=True)  # unreachable only: a distinct state
     r = s.remote_report(rep, "s3")
     assert r["unreachable"] and r["state"] == "unreachable" and not r["missing"]
+    assert r["unchecked"] == f"unreachable ({r['error']})" and r["confidence"] == 0, r
     assert r["queued"] > 0  # its share of the backup waits in the local queue
     st = json.loads(s.cli("status", "--json").stdout)
     s3_status = next(x for x in st["remotes"] if x["remote"] == s.label("s3"))

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -210,6 +211,38 @@ def test_tampered_local_index_is_caught(tmp_path: Path) -> None:
             verify_mod.audit(v, mode="read-all")
     finally:
         v.close()
+
+
+def test_a_remote_whose_directory_is_gone_claims_no_confidence(tmp_path: Path) -> None:
+    """A remote whose directory was deleted lists as empty: every object placed there is
+    missing and no block could be checked, so its row claims no confidence (0 in --json, "-"
+    in the table; it used to say 100%: nothing to check means nothing can hide) and says why
+    (`unchecked`), in a sampled audit and a --read-all one alike. The intact remotes'
+    rows keep theirs, and `remote list` shows the 0 %."""
+    home, remotes = init_local_vault(tmp_path, 2, 3)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.bin").write_bytes(os.urandom(1_500_000))
+    run_cli("backup", str(src), home=home)
+    shutil.rmtree(remotes[2])
+    for mode in ([], ["--read-all"]):
+        rep = json.loads(run_cli("verify", *mode, "--json", home=home, check=12).stdout)
+        rows = {r["remote"]: r for r in rep["remotes"]}
+        gone = rows.pop(str(remotes[2]))
+        assert gone["missing"] and gone["checked"] == gone["objects"] == 0, gone
+        assert gone["confidence"] == 0.0, gone
+        assert gone["unchecked"] == (
+            f"none of its {len(gone['missing'])} objects is there intact (all missing): is it "
+            "unplugged, or its directory moved or deleted?"
+        )
+        assert all(r["confidence"] == 1.0 and r["unchecked"] is None for r in rows.values())
+    res = run_cli("verify", home=home, check=12)
+    row = next(ln for ln in res.stdout.decode().splitlines() if str(remotes[2]) in ln)
+    assert "%" not in row, row
+    said = res.stderr.decode().replace("\n", " ")
+    assert f"{remotes[2]}: nothing could be checked: none of its" in said, said
+    listed = json.loads(run_cli("remote", "list", "--json", home=home).stdout)
+    assert [r["last_audit_confidence"] for r in listed if r["remote"] == str(remotes[2])] == [0]
 
 
 def test_an_audit_beside_the_pusher_expects_only_what_was_placed_before_its_listing(
@@ -715,6 +748,51 @@ def test_remove_remote_rebuilds_elsewhere(tmp_path: Path) -> None:
     finally:
         v.close()
     assert _restore(keys, [specs[0], specs[3], specs[5]], tmp_path / "w") == data
+
+
+def _shard_files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for sub in ("data", "meta")
+        if (root / sub).is_dir()
+        for p in (root / sub).iterdir()
+    }
+
+
+def test_remote_remove_of_a_moved_directory_says_nothing_was_deleted(tmp_path: Path) -> None:
+    """`remote remove` of a remote whose directory was renamed (a disk unplugged, moved)
+    takes it out of the vault, but finds none of its objects there to delete: it says so (a
+    warning, `not_found`, exit 3) instead of a clean success, and the copies stay where they
+    went. When only some of a remote's objects are gone, it counts those."""
+    home, remotes = init_local_vault(tmp_path, 3, 5)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.bin").write_bytes(os.urandom(2_500_000))
+    run_cli("backup", str(src), home=home)
+    moved = tmp_path / "moved"
+    remotes[4].rename(moved)
+    held = _shard_files(moved)
+    rep = json.loads(
+        run_cli("remote", "remove", str(remotes[4]), "--json", home=home, check=3).stdout
+    )
+    assert rep["not_found"] == len(held) > 0 and not rep["deleted"] and not rep["ok"], rep
+    assert f"none of the {len(held)} objects {remotes[4]} held were found there" in "".join(
+        rep["warnings"]
+    )
+    assert _shard_files(moved) == held  # still there, under the new name
+    rows = json.loads(run_cli("remote", "list", "--json", home=home).stdout)
+    assert [r["member"] for r in rows if r["remote"] == str(remotes[4])] == ["removed"]
+    # some of a remote's objects gone: the others are deleted, the missing ones counted
+    lost = sorted((remotes[3] / "data").iterdir())[:2]
+    for p in lost:
+        p.unlink()
+    left = len(_shard_files(remotes[3]))
+    res = run_cli("remote", "remove", str(remotes[3]), home=home, check=3)
+    assert f"2 of the {left + 2} objects {remotes[3]} held were not found there".encode() in (
+        res.stderr.replace(b"\n", b" ")
+    ), res.stderr
+    assert not _shard_files(remotes[3])
+    assert json.loads(run_cli("verify", "--json", home=home).stdout)["clean"]
 
 
 def test_shards_squeezed_by_remote_remove_are_spread_again(tmp_path: Path) -> None:

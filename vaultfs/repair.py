@@ -169,6 +169,7 @@ class RepairReport:
     quarantined: list[str] = field(default_factory=list)  # moved to quarantine/, not deleted
     retained: list[str] = field(default_factory=list)  # replaced, kept (an immutable vault)
     fork: list[str] = field(default_factory=list)  # manifests off this chain (chain.Survey)
+    not_found: int = 0  # `remote remove`: objects the departed remote held, absent from it
     manifest_seq: int | None = None
     pending: dict[str, int] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
@@ -178,7 +179,7 @@ class RepairReport:
 
     @property
     def ok(self) -> bool:
-        return not self.unrecoverable and not any(self.pending.values())
+        return not self.unrecoverable and not any(self.pending.values()) and not self.not_found
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -1292,6 +1293,7 @@ def remove_remote(
     b = open_backend(spec, rid, fail_fast=True, wrap=wrap)
     _guard_departure(vault, rid, b)
     known = segment_table.object_names(vault.index, rid)  # before the rebuild renames them
+    placed = segment_table.object_names(vault.index, rid, "placed")  # what should be there
     doms = dict(remote_table.placement_domains(vault.index))
     promised = design_losses(doms, vault.k, vault.n)
     left = design_losses({r: d for r, d in doms.items() if r != rid}, vault.k, vault.n)
@@ -1321,7 +1323,7 @@ def remove_remote(
         )
     if vault.immutable:  # its objects stay where they are (Vault.immutable)
         return report
-    _clear_departed(vault, b, label, known, report)
+    _clear_departed(vault, b, label, known, placed, report)
     return report
 
 
@@ -1344,13 +1346,15 @@ def _guard_departure(vault: Vault, rid: int, b: Backend) -> None:
 
 
 def _clear_departed(
-    vault: Vault, b: Backend, label: str, known: set[str], report: RepairReport
+    vault: Vault, b: Backend, label: str, known: set[str], placed: set[str], report: RepairReport
 ) -> None:
     """Delete from departed remote ``b`` the objects of this index's chain (``known``: its
     shard names there, and this chain's manifests) and move the rest to its ``quarantine/``;
     nothing at all while a survey of every remote, ``b`` too, finds another branch or could
     not look everywhere (docs/design.md invariant 8). Garbage rows stay for
-    :func:`rotation.collect_garbage`. A remote that fails keeps its objects."""
+    :func:`rotation.collect_garbage`. A remote that fails keeps its objects. The shards placed
+    there (``placed``) that its listing lacks are counted (``report.not_found``) and warned of:
+    a directory unplugged or renamed lists as empty, and its copies live on elsewhere."""
     found = chain.survey(vault.keys, vault.index, [*vault.remotes(), b])
     if held := found.hold():
         report.fork = found.describe()
@@ -1361,15 +1365,31 @@ def _clear_departed(
         return
     mine = known | manifest_table.chain_names(vault.index)
     later = {name for name, rid, _kind, _seq in manifest_table.garbage(vault.index) if rid == b.rid}
+    listed: set[str] = set()
     try:
         for sub in (*segment.KIND_NAMES.values(), "manifests"):
-            names = [n for n in b.list(sub) if n not in later]
+            names = b.list(sub)
+            listed.update(names)
+            names = [n for n in names if n not in later]
             b.delete(sub, [n for n in names if n in mine])
             report.deleted += [f"{label}:{sub}/{n}" for n in names if n in mine]
             b.quarantine(sub, [n for n in names if n not in mine])
             report.quarantined += [f"{label}:{sub}/{n}" for n in names if n not in mine]
     except RemoteError as e:
         report.errors[label] = f"left its objects in place: {e.message}"
+        return
+    report.not_found = len(placed - listed)
+    if report.not_found == len(placed) and placed and not report.deleted:
+        report.warnings.append(
+            f"none of the {len(placed)} objects {label} held were found there (is it unplugged "
+            "or moved?): nothing was deleted; delete them yourself if the copies must go"
+        )
+    elif report.not_found:
+        report.warnings.append(
+            f"{report.not_found} of the {len(placed)} objects {label} held were not found there "
+            "(is it unplugged or moved, or were they deleted?): those were not deleted; delete "
+            "them yourself if the copies must go"
+        )
 
 
 def replace_remote(

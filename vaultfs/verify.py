@@ -212,6 +212,8 @@ class RemoteAudit:
     stale_manifest: bool = False
     bytes_read: int = 0
     confidence: float = 0.0
+    #: why nothing could be checked (unreachable; every object missing): no confidence then
+    unchecked: str | None = None
     complete: bool = False
     resumed: bool = False
     details: dict[str, str] = field(default_factory=dict)
@@ -968,20 +970,6 @@ class _RemoteAuditor:
     def _finish(self) -> None:
         idx = self.ctx.index
         rep = self.rep
-        if self.run_id is not None:
-            blocks, planned, checked, failed, left = audit_table.run_progress(idx, self.run_id)
-            rep.planned, rep.checked, rep.remaining = planned, checked, left
-            rep.complete = left == 0
-            answered = checked + failed
-            if self.ctx.mode == "read-all":
-                rep.confidence = 1.0 if rep.complete else 0.0
-            else:
-                rep.confidence = confidence_reached(answered, blocks, self.ctx.loss)
-            audit_table.finish_run(
-                idx, self.run_id, rep.bytes_read, rep.confidence, time.time() if left == 0 else None
-            )
-        elif self.ctx.list_only and not rep.unreachable:
-            rep.complete = True
         # open findings (this run's and earlier ones not yet repaired) belong in the report
         for name, sub, kind, detail in audit_table.open_findings(idx, self.rid):
             path = f"{sub}/{name}"
@@ -989,6 +977,31 @@ class _RemoteAuditor:
             if kind != "removed" and path not in bucket:
                 bucket.append(path)
                 rep.details.setdefault(path, f"{kind}: {detail}")
+        if self.run_id is not None:
+            blocks, planned, checked, failed, left = audit_table.run_progress(idx, self.run_id)
+            rep.planned, rep.checked, rep.remaining = planned, checked, left
+            rep.complete = left == 0
+        bad = len(rep.missing) + len(rep.corrupt) + len(rep.stale)
+        if rep.unreachable and not rep.checked:
+            rep.unchecked = f"unreachable ({rep.error})"
+        elif bad and not rep.objects:  # a directory gone or moved lists as empty
+            what = "all missing" if bad == len(rep.missing) else f"{len(rep.missing)} missing"
+            rep.unchecked = (
+                f"none of its {bad} objects is there intact ({what}): is it unplugged, or its "
+                "directory moved or deleted?"
+            )
+        if self.run_id is not None:
+            if rep.unchecked:  # no block of it was there to check: no confidence in it
+                rep.confidence = 0.0
+            elif self.ctx.mode == "read-all":
+                rep.confidence = 1.0 if rep.complete else 0.0
+            else:
+                rep.confidence = confidence_reached(checked + failed, blocks, self.ctx.loss)
+            audit_table.finish_run(
+                idx, self.run_id, rep.bytes_read, rep.confidence, time.time() if left == 0 else None
+            )
+        elif self.ctx.list_only and not rep.unreachable:
+            rep.complete = True
         if rep.unreachable:
             state = "unreachable"
         elif rep.stale_manifest or rep.stale:

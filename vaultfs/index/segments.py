@@ -443,11 +443,15 @@ def short_without(index: Index, remote: int | None = None) -> list[int]:
     ]
 
 
-def object_names(index: Index, remote: int | None = None) -> set[str]:
-    """Object names of every shard the index has (on remote ``remote``; None: anywhere)."""
-    if remote is None:
-        return {n for (n,) in index.q("SELECT name FROM shards")}
-    return {n for (n,) in index.q("SELECT name FROM shards WHERE remote=?", (remote,))}
+def object_names(index: Index, remote: int | None = None, state: str | None = None) -> set[str]:
+    """Object names of every shard the index has (on remote ``remote``; None: anywhere), or of
+    those in ``state`` only."""
+    sql, args = "SELECT name FROM shards WHERE 1", []
+    if remote is not None:
+        sql, args = sql + " AND remote=?", [*args, remote]
+    if state is not None:
+        sql, args = sql + " AND state=?", [*args, state]
+    return {n for (n,) in index.q(sql, tuple(args))}
 
 
 def move(db: sqlite3.Connection, shard_id: int, remote: int) -> None:
