@@ -7,7 +7,6 @@ an audit found damage; `forget` 3 when what it shipped is not yet on k remotes).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -212,9 +211,9 @@ def run(
         print_json(res)
     else:
         if res.get("upload"):
-            out.print(f"upload: {json.dumps(res['upload'])}", highlight=False)
+            out.print(f"upload: {_brief(res['upload'])}", highlight=False)
         for job, r in res["ran"].items():
-            out.print(f"{job}: {json.dumps(r)}", highlight=False)
+            out.print(f"{job}: {_brief(r)}", highlight=False)
         for job, why in res["waiting"].items():
             out.print(f"{job}: waiting ({why})", highlight=False)
         for job, e in res["failed"].items():
@@ -226,6 +225,23 @@ def run(
         if not (res["ran"] or res["waiting"] or res["failed"] or res.get("upload")):
             out.print("nothing due")
     raise typer.Exit(EXIT_JOB_FAILED if res["failed"] else 0)
+
+
+def _brief(result: dict) -> str:
+    """A job's result for a person (`run --json` gives it as it is): ``needed yes, rebuilt 4,
+    segments 4``; nested values in parentheses."""
+
+    def said(value: object) -> str:
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if isinstance(value, dict):
+            inner = ", ".join(f"{k} {said(v)}" for k, v in value.items())
+            return f"({inner})" if inner else "none"
+        if isinstance(value, list):
+            return ", ".join(said(v) for v in value) if value else "none"
+        return str(value)
+
+    return ", ".join(f"{k.replace('_', ' ')} {said(v)}" for k, v in result.items() if v is not None)
 
 
 def _pass_in_mount(home: Path) -> dict | None:

@@ -282,6 +282,15 @@ def alert(home: Path, sched: dict[str, str], event: dict) -> str | None:
         timeout = ALERT_TIMEOUT
     if not 0 < timeout < float("inf"):
         timeout = ALERT_TIMEOUT
+    problem = _run_alert(cmd, event, timeout)
+    if problem:  # the mount daemon's log keeps it too, beside `status`'s last_alert_error
+        log.info("alert %s not delivered: %s", event["event"], problem)
+    return problem
+
+
+def _run_alert(cmd: str, event: dict, timeout: float) -> str | None:
+    """Run the alert command ``cmd`` with ``event`` on stdin; an error sentence when it
+    failed, None when it worked."""
     try:
         # its own session and process group: at the timeout the whole group goes, not just
         # sh (a `sleep`, a `curl` it started would live on, one more at every pass)
