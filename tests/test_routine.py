@@ -24,6 +24,7 @@ from helpers import (
     mount_pid,
     needs_fuse,
     run_cli,
+    unmount,
     vaultfs_env,
 )
 
@@ -343,10 +344,7 @@ def test_a_pass_that_fails_in_the_mount_daemon_is_alerted_recorded_and_shown(tmp
         assert "schedule.json" in rt["unreadable"][0] and rt["last_pass_failed"]["error"]
         assert len([e for e in events(log) if e.get("job") == "run"]) == 1  # no command known
     finally:
-        if os.path.ismount(mp):
-            run_cli("umount", str(mp), home=home, check=None, timeout=300)
-        if os.path.ismount(mp):
-            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+        unmount(mp, home)
 
 
 @needs_fuse
@@ -374,10 +372,7 @@ def test_a_schedule_set_on_a_mounted_vault_takes_effect_at_once(tmp_path) -> Non
         snap, ret = rt["jobs"]["snapshot"], rt["jobs"]["retention"]
         assert ret["last_run"] and ret["next_run"] == snap["next_run"], rt["jobs"]
     finally:
-        if os.path.ismount(mp):
-            run_cli("umount", str(mp), home=home, check=None, timeout=300)
-        if os.path.ismount(mp):
-            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+        unmount(mp, home)
 
 
 def test_retention_that_would_keep_nothing_is_refused_and_alerted(tmp_path) -> None:
