@@ -267,10 +267,12 @@ class WebdavServer(_PasswordServer):
 
 class SilentServer:
     """A TCP listener on 127.0.0.1 that accepts every connection and never sends a byte (a
-    remote that hangs rather than refuses), on ``port`` (a free one when None); a context
-    manager that closes the listener and every connection it took."""
+    remote that hangs rather than refuses), on ``port`` (a free one when None); with
+    ``hang`` False it closes each connection at once (a remote that fails fast). ``accepted``
+    counts the connections (how often the remote was asked). A context manager that closes
+    the listener and every connection it took."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, hang: bool = True) -> None:
         import threading
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -279,6 +281,7 @@ class SilentServer:
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
         self.accepted = 0
+        self.hang = hang
         self._held: list[socket.socket] = []
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
@@ -290,7 +293,10 @@ class SilentServer:
             except OSError:  # closed
                 return
             self.accepted += 1
-            self._held.append(conn)
+            if self.hang:
+                self._held.append(conn)
+            else:
+                conn.close()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

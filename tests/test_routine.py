@@ -18,11 +18,14 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    SilentServer,
+    WebdavServer,
     break_remote,
     init_local_vault,
     mend_remote,
     mount_pid,
     needs_fuse,
+    remote_args,
     run_cli,
     unmount,
     vaultfs_env,
@@ -163,6 +166,45 @@ def test_an_unmounted_pass_sends_what_is_queued_once_the_remote_is_back(tmp_path
     assert held[2] and len(held[2]) == len(held[0]), held  # remote 2 has its share now
     assert not st["routine"]["alerts"]  # queue_stale cleared
     assert run(home)["upload"] is None  # nothing queued: no remote is asked
+
+
+def test_an_unmounted_pass_asks_a_down_remote_once(tmp_path, rclone_bin) -> None:
+    """A remote that fails fast (a WebDAV address whose listener drops every connection) is
+    asked no more by a pass with a snapshot due than by `vaultfs flush` alone: the pass's push
+    finds it down, and the snapshot job does not ask it again (the old code asked it once
+    more for the commit's survey, the shards and the flush's survey). The snapshot is
+    recorded, its shards queued for that remote, and a flush once it is back places them."""
+    dav = WebdavServer(tmp_path / "dav", rclone_bin)
+    home = tmp_path / "home"
+    dirs = [tmp_path / "r0", tmp_path / "r1"]
+    run_cli("init", "-k", "2", "-n", "3", *remote_args([*dirs, dav.remote("vault")]),
+            home=home)  # fmt: skip
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("hello\n")
+    dav.stop()
+    with SilentServer(dav.port, hang=False) as down:
+        run_cli("backup", str(src), home=home)  # k=2 remotes take it; the third's shards wait
+        before = down.accepted
+        run_cli("flush", home=home, check=3)
+        by_flush = down.accepted - before
+        run_cli("schedule", "set", "snapshot=1s", f"sources={src}", home=home)
+        time.sleep(1.1)  # the snapshot is due
+        before = down.accepted
+        res = run(home)
+        by_pass = down.accepted - before
+    assert by_flush > 0 and 0 < by_pass <= by_flush, (by_flush, by_pass)
+    assert set(res["ran"]) == {"snapshot", "repair"} and not res["failed"], res
+    assert not res["upload"]["complete"] and not res["ran"]["snapshot"]["complete"]
+    snaps = json.loads(run_cli("snapshots", "--json", home=home).stdout)
+    assert res["ran"]["snapshot"]["snapshot"] in [s["id"] for s in snaps], snaps
+    dav.start()
+    try:
+        run_cli("flush", home=home)
+        st = json.loads(run_cli("status", "--json", home=home).stdout)
+        assert [r["queued_objects"] for r in st["remotes"]] == [0, 0, 0], st["remotes"]
+    finally:
+        dav.stop()
 
 
 def test_redundancy_drop_is_alerted_when_repair_is_off(tmp_path) -> None:

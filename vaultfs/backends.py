@@ -296,7 +296,9 @@ class Pace:
     :data:`~vaultfs.remotes.SILENT_AFTER` seconds) is not asked again for ``silent_hold``
     seconds: every operation starting meanwhile raises a ``silent`` :class:`Unreachable` at
     once, so one command pays the silence once, not once per operation or retry. An
-    operation that succeeds there (the remote answered after all) ends the hold."""
+    operation that succeeds there (the remote answered after all) ends the hold. An owner
+    that found the remote down may also hold it until it says otherwise (:meth:`hold`,
+    :meth:`release`: a pass of the routine, vaultfs/routine.py)."""
 
     def __init__(
         self,
@@ -326,6 +328,7 @@ class Pace:
         self._stuck = False  # a wait timed out and no call has ended since
         self._silent_until = 0.0  # clock() until which the remote is not asked (silenced)
         self._silence = ""  # why: the error that found it silent
+        self._held = ""  # why the owner holds it (:meth:`hold`): not asked until released
         self._cond = threading.Condition()
 
     @contextmanager
@@ -339,6 +342,8 @@ class Pace:
                 while True:
                     if self.closed:
                         raise Unreachable(f"{label}: not asked: the vault or job using it closed")
+                    if self._held:
+                        raise Unreachable(self._held, silent=True)
                     if self.clock() < self._silent_until:
                         raise Unreachable(
                             f"{self._silence}; so not asked again for {self.silent_hold:g} s",
@@ -386,6 +391,19 @@ class Pace:
             self._silence = why
             self._cond.notify_all()  # the waiting ones fail at once too
 
+    def hold(self, why: str) -> None:
+        """The owner found the remote down: until :meth:`release`, every operation that
+        starts raises a ``silent`` :class:`Unreachable` saying ``why``, at once and without
+        a retry, as in a silent hold."""
+        with self._cond:
+            self._held = why
+            self._cond.notify_all()  # the waiting ones fail at once too
+
+    def release(self) -> None:
+        """End :meth:`hold`: the remote is asked again."""
+        with self._cond:
+            self._held = ""
+
     def throttled(self) -> None:
         """The remote said 429/503: halve the limit, pause everyone."""
         with self._cond:
@@ -425,6 +443,19 @@ class Paces:
                 if self._closed:
                     p.close()
             return p
+
+    @contextmanager
+    def holding(self, down: dict[str, str]) -> Iterator[None]:
+        """Ask the remotes in ``down`` (spec: why) nothing in the body (:meth:`Pace.hold`):
+        what wants them meets the error at once, as it would from a remote that is down."""
+        paces = [(self.get(spec), why) for spec, why in down.items()]
+        for p, why in paces:
+            p.hold(why)
+        try:
+            yield
+        finally:
+            for p, _why in paces:
+                p.release()
 
     def close(self) -> None:
         with self._lock:

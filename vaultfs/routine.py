@@ -33,10 +33,11 @@ maintenance_ops=N  remote operations it may run at once (default 4)
 EVERY is ``30s``, ``15m``, ``1h``, ``2d``, ``1w`` or ``hourly``, ``daily``, ``weekly``. A
 job is due when EVERY has passed since it last ran (failed or not). An unmounted pass first
 sends what the upload queue holds (:func:`_push_queue`; mounted, the daemon's pusher does
-that all the time). On a vault that is mounted every job goes through the mount's control
-socket: verify, repair and prune run in the daemon as maintenance jobs
-(vaultfs/maintenance.py, within the foreground's share), one at a time; a job due while
-another runs there is reported as ``waiting: busy`` and stays due.
+that all the time); a remote found down there is asked nothing more in that pass. On a
+vault that is mounted every job goes through the mount's control socket: verify, repair and
+prune run in the daemon as maintenance jobs (vaultfs/maintenance.py, within the
+foreground's share), one at a time; a job due while another runs there is reported as
+``waiting: busy`` and stays due.
 
 Events (the alert command's stdin, one JSON object): ``{"event": KIND, "time": unix time,
 "vault": HOME, "message": sentence, ...}`` with KIND one of ``audit_failed``,
@@ -596,50 +597,57 @@ def _pass(home: Path, v: Vault, mounted: bool, now: float, stop: threading.Event
     state = load_state(home)
     out: dict = {"ran": {}, "failed": {}, "waiting": {}, "alerts": [], "upload": None}
     events: list[dict] = []
+    down: dict[str, str] = {}  # spec: why, of the remotes the push found down
     if not mounted:  # the mount's daemon pushes all the time (vaultfs/fs.py, _pusher)
         try:
             out["upload"] = _push_queue(v)
+            errors = out["upload"]["errors"] if out["upload"] else {}
+            down = {r.spec: f"{errors[r.label]}; not asked again in this pass"
+                    for r in v.remotes() if r.label in errors}  # fmt: skip
         except Exception as e:  # reported and alerted as a job's failure, never fatal
             log.debug("upload failed:\n%s", traceback.format_exc())
             msg = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
             out["failed"]["upload"] = msg
             events.append({"event": "job_failed", "job": "upload", "error": msg,
                            "message": f"uploading the queue failed: {msg}"})  # fmt: skip
-    for job in JOBS:
-        if stop is not None and stop.is_set():
-            break
-        due_at = next_run(sched, state, job)
-        forced = job == "retention" and "snapshot" in out["ran"] and due_at is not None
-        if due_at is None or (due_at > now and not forced):
-            continue
-        rec = state["jobs"].setdefault(job, {})
-        try:
-            result = _RUNNERS[job](home, v, sched, mounted, now)
-        except Exception as e:  # a job's failure is reported and alerted, never fatal
-            if isinstance(e, VaultError) and e.exit_code == VaultBusy.exit_code:
-                out["waiting"][job] = e.message  # the mount runs another job: still due
+    # a remote the push found down is asked nothing more in this pass (its shards stay queued
+    # for the next one): a pass waits for a down remote once, not again in each job
+    with v.paces.holding(down):
+        for job in JOBS:
+            if stop is not None and stop.is_set():
+                break
+            due_at = next_run(sched, state, job)
+            forced = job == "retention" and "snapshot" in out["ran"] and due_at is not None
+            if due_at is None or (due_at > now and not forced):
                 continue
-            if stop is not None and stop.is_set():  # the mount (and its socket) went away
-                out["waiting"][job] = "the mount ended"
+            rec = state["jobs"].setdefault(job, {})
+            try:
+                result = _RUNNERS[job](home, v, sched, mounted, now)
+            except Exception as e:  # a job's failure is reported and alerted, never fatal
+                if isinstance(e, VaultError) and e.exit_code == VaultBusy.exit_code:
+                    out["waiting"][job] = e.message  # the mount runs another job: still due
+                    continue
+                if stop is not None and stop.is_set():  # the mount (and its socket) went away
+                    out["waiting"][job] = "the mount ended"
+                    continue
+                rec["last_run"] = now
+                log.debug("job %s failed:\n%s", job, traceback.format_exc())
+                msg = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+                rec["last_error"] = msg
+                out["failed"][job] = msg
+                events.append({"event": "job_failed", "job": job, "error": msg,
+                               "message": f"scheduled {job} failed: {msg}"})  # fmt: skip
                 continue
             rec["last_run"] = now
-            log.debug("job %s failed:\n%s", job, traceback.format_exc())
-            msg = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
-            rec["last_error"] = msg
-            out["failed"][job] = msg
-            events.append({"event": "job_failed", "job": job, "error": msg,
-                           "message": f"scheduled {job} failed: {msg}"})  # fmt: skip
-            continue
-        rec["last_run"] = now
-        if ev := result.pop("alert", None):
-            events.append(ev)
-            rec["last_error"] = ev["message"]
-            out["failed"][job] = ev["message"]
-        else:
-            rec["last_success"] = now
-            rec["last_error"] = None
-        rec["result"] = result
-        out["ran"][job] = result
+            if ev := result.pop("alert", None):
+                events.append(ev)
+                rec["last_error"] = ev["message"]
+                out["failed"][job] = ev["message"]
+            else:
+                rec["last_success"] = now
+                rec["last_error"] = None
+            rec["result"] = result
+            out["ran"][job] = result
     held = _conditions(v, sched, now)
     for key, ev in held.items():
         if key not in state["alerts"]:
