@@ -263,7 +263,7 @@ def _print_repair(rep: repair_mod.RepairReport, as_json: bool) -> None:
         return
     verb = "would rebuild" if rep.dry_run else "rebuilt"
     for it in rep.items:
-        if it.new == it.old and it.target == it.old_remote:  # the lost object, byte for byte
+        if it.keep_name:  # the lost object, byte for byte
             out.print(
                 f"{verb} {it.old_remote}:{it.old} ({it.reason}) under its own name",
                 highlight=False,
@@ -271,7 +271,7 @@ def _print_repair(rep: repair_mod.RepairReport, as_json: bool) -> None:
             continue
         out.print(
             f"{verb} {it.old_remote}:{it.old} ({it.reason}) -> {it.target}"
-            + (f":{it.new}" if it.new else ""),
+            + (f":{it.new}" if it.new else " under a new name"),
             highlight=False,
         )
     for d in rep.deleted:

@@ -557,6 +557,36 @@ def test_repair_says_a_lost_object_came_back_under_its_own_name(tmp_path: Path) 
     assert victim.exists()
 
 
+def test_repair_dry_run_says_which_objects_keep_their_names(tmp_path: Path) -> None:
+    """`repair --dry-run` tells a deleted object, which goes back under its own name, from a
+    corrupt one (here cut short), whose replacement gets a new name, in --json
+    (``keep_name``) and in words; the repair then does what it said."""
+    home, specs = init_local_vault(tmp_path, 2, 4)
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(300_000))
+    run_cli("backup", str(src), home=home)
+    deleted = next((Path(specs[1]) / "data").iterdir())
+    deleted.unlink()
+    cut = next((Path(specs[2]) / "data").iterdir())
+    cut.write_bytes(cut.read_bytes()[:-100])
+    deleted_key = (str(specs[1]), f"data/{deleted.name}")
+    cut_key = (str(specs[2]), f"data/{cut.name}")
+
+    def plan(*args: str) -> dict[tuple[str, str], bool]:
+        rep = json.loads(run_cli("repair", "--json", *args, home=home).stdout)
+        return {(it["old_remote"], it["old"]): it["keep_name"] for it in rep["items"]}
+
+    said = plan("--dry-run")
+    assert said == {deleted_key: True, cut_key: False}, said
+    lines = run_cli("repair", "--dry-run", home=home).stdout.decode().splitlines()
+    (kept,) = [ln for ln in lines if f":data/{deleted.name} (missing" in ln]
+    assert kept.startswith(f"would rebuild {specs[1]}:") and kept.endswith(" under its own name")
+    (renamed,) = [ln for ln in lines if f":data/{cut.name} (corrupt" in ln]
+    assert renamed.endswith(f"-> {specs[2]} under a new name"), renamed
+    assert plan() == said
+    assert deleted.exists() and not cut.exists()
+
+
 def test_a_lost_object_that_does_not_come_out_as_recorded_gets_a_new_name(
     tmp_path: Path, monkeypatch
 ) -> None:

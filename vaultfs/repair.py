@@ -148,7 +148,10 @@ class RepairItem:
     reason: str
     target: str
     bytes: int
-    new: str | None = None
+    new: str | None = None  # the rebuilt object's path (None in a dry run: not yet named)
+    #: rebuilt under its own name, byte for byte as recorded (:func:`_keepable`); otherwise
+    #: under a fresh one (docs/format.md 7.1). A dry run says what the rebuild would do
+    keep_name: bool = False
 
 
 @dataclass
@@ -663,8 +666,6 @@ def _keepable(
     there, or deleted. So does every object of an immutable vault: "missing" may mean only
     that the listing left it out, and a write-once remote refuses to be written the same
     name again (nothing there is ever overwritten, docs/operations.md, "Immutable vaults")."""
-    if vault.immutable:
-        return {}
     holders = segment_table.holders(vault.index, seg_id)
     keep: dict[int, ShardRow] = {}
     for sh, reason in todo:
@@ -672,9 +673,15 @@ def _keepable(
         if tgt is None:
             break
         holders.append(tgt)
-        if tgt == sh.remote and reason.startswith("missing"):
+        if _keeps_name(vault, sh, reason, tgt):
             keep[sh.idx] = sh
     return keep
+
+
+def _keeps_name(vault: Vault, sh: ShardRow, reason: str, target: int | None) -> bool:
+    """Whether shard ``sh``, rebuilt for ``reason`` and placed on ``target``, goes under its
+    own name (:func:`_keepable` says when and why)."""
+    return not vault.immutable and target == sh.remote and reason.startswith("missing")
 
 
 def _renamed(vault: Vault, sf: ShardFile) -> ShardFile:
@@ -738,6 +745,7 @@ def _commit_batch(
                 fetcher.labels[q.target],
                 q.shard.size,
                 f"{kind}/{q.shard.name}",
+                q.kept,
             )
         )
         report.rebuilt += 1
@@ -933,7 +941,9 @@ def _dry_run(
     prefer: int | None,
 ) -> None:
     """Fill ``report`` with what :func:`repair` would do for ``plan``: each shard it would
-    rebuild and where, the segments it could not, the foreign objects it would quarantine."""
+    rebuild, where, and whether under its own name (as :func:`_keepable` decides: unless
+    the rebuild does not come out as recorded), the segments it could not, the foreign
+    objects it would quarantine."""
     for seg_id, todo in sorted(plan.items()):
         holders = segment_table.holders(vault.index, seg_id)
         good = sum(1 for r in holders if r not in down | removed)
@@ -956,6 +966,7 @@ def _dry_run(
                     reason,
                     Remote(specs[tgt]).label if tgt else "(none reachable)",
                     sh.size,
+                    keep_name=_keeps_name(vault, sh, reason, tgt),
                 )
             )
     report.segments = len(plan)
