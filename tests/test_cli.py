@@ -86,6 +86,25 @@ def test_paths_backup_include_and_second_snapshot(tmp_path):
     assert st["snapshots"] == 2 and st["k"] == 2 and st["n"] == 3
 
 
+def test_restore_reports_the_bytes_snapshots_lists_with_hard_links(tmp_path):
+    """A hard link's every name counts in a snapshot's logical bytes; `restore` said fewer
+    (it wrote the group once), so the same snapshot had two sizes."""
+    home, _remotes = init_vault(tmp_path, 3, "-k", "2", "-n", "3")
+    src = tmp_path / "data"
+    src.mkdir()
+    (src / "a.txt").write_text("12345678")
+    os.link(src / "a.txt", src / "b.txt")
+    (src / "c.bin").write_bytes(os.urandom(5000))
+    uid = json.loads(run_cli("backup", str(src), "--json", home=home).stdout)["snapshot"]
+    listed = json.loads(run_cli("snapshots", "--json", home=home).stdout)
+    assert [s["bytes"] for s in listed if s["id"] == uid] == [8 + 8 + 5000], listed
+    args = ["restore", "--snapshot", uid, "--to", str(tmp_path / "out"), "--json"]
+    rep = json.loads(run_cli(*args, home=home).stdout)
+    assert rep["bytes"] == 8 + 8 + 5000, rep
+    out = tmp_path / "out" / "data"
+    assert os.stat(out / "a.txt").st_ino == os.stat(out / "b.txt").st_ino  # still one file
+
+
 def test_names_of_any_bytes_and_special_files_round_trip(tmp_path):
     """backup PATH of a tree with non-UTF-8 names, newlines, a fifo, a socket and (as root)
     devices; ls shows the names escaped and --json exactly; restore from k remotes with no

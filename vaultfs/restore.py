@@ -1630,7 +1630,8 @@ def restore_files(
     total_cb: Callable[[int], None] | None = None,
     each_include: bool = False,
 ) -> tuple[str, int, int, list[str]]:
-    """Write a snapshot's files under ``to``. Returns (snapshot uid, files, bytes, warnings).
+    """Write a snapshot's files under ``to``. Returns (snapshot uid, files, logical bytes
+    restored (each name of a hard link counted, as `snapshots` lists them), warnings).
     ``each_include``: InputError, before anything is written, when one of ``include`` matches
     nothing (a user's --include; readers that ask for files a snapshot may lack leave it off).
     ThawNeeded when shards were out of reach because remotes hold them in archive storage."""
@@ -1663,7 +1664,9 @@ def restore_files(
     marker.unlink()
     if note := snapshots.newest_of_name(index, snapshot):
         warnings.insert(0, note)
-    return snap_uid, len(entries), total, warnings
+    # the snapshot's logical bytes, as `snapshots` lists them: each name of a hard link counts
+    # (``total``, the bytes written, counts a hard-link group once)
+    return snap_uid, len(entries), sum(e.size for e in entries if e.type == "f"), warnings
 
 
 def _entries(
