@@ -252,7 +252,7 @@ def _repair_report(data: dict) -> repair_mod.RepairReport:
 def _repair_code(rep: repair_mod.RepairReport) -> int:
     if rep.unrecoverable:
         return EXIT_FOUND
-    if not rep.dry_run and (any(rep.pending.values()) or rep.not_found):
+    if not rep.dry_run and (any(rep.pending.values()) or rep.not_found or rep.not_cleared):
         return EXIT_PARTIAL
     return 0
 

@@ -29,7 +29,7 @@ from cli.common import (
     passphrase,
     report_flush,
 )
-from cli.mounted import call, mounted, print_report, syncfs
+from cli.mounted import call, mounted, print_report, sync_mount, syncfs
 from vaultfs import control, names
 from vaultfs.errors import InputError, VaultBusy
 from vaultfs.index import snapshots as snapshot_rows
@@ -252,7 +252,7 @@ def snapshot(
 
         reply = daemon.offline_snapshot(h, passphrase(), name, fork)
     else:
-        syncfs(Path(info["mountpoint"]))
+        sync_mount(info)
         reply = call(control.home_address(h), {"cmd": "snapshot", "name": name, "fork": fork})
         assert reply is not None
     extra = {"snapshot": reply["snapshot"], "entries": reply["entries"], "seq": reply["seq"]}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -78,24 +77,35 @@ def print_report(
     return code
 
 
+def sync_mount(info: dict) -> None:
+    """Flush the kernel's dirty pages of the mount ``info`` names (its daemon's ping reply);
+    nothing once it is detached: its mountpoint is another file system's directory then."""
+    if not info.get("detached"):
+        syncfs(Path(info["mountpoint"]))
+
+
 def flush_via_mount(home: Path | None, as_json: bool) -> int | None:
-    """If the vault is mounted, flush through the daemon and return the exit code."""
+    """If the vault is mounted, flush through the daemon and return the exit code. A mount
+    detached by a lazy unmount is flushed too (only what is written goes out, nothing new is
+    made: vaultfs/daemon.py NEW_WORK), and the command says it is detached (``detached`` in
+    --json)."""
     h = home_dir(home)
-    if mounted(h) is None:
+    if (info := mounted(h)) is None:
         return None
-    if (mp := mount_info(h)) is not None:
-        syncfs(Path(mp["mountpoint"]))
+    sync_mount(info)
     reply = call(control.home_address(h), {"cmd": "flush"})
     assert reply is not None
-    return print_report(reply["report"], as_json, every_remote=True)
+    detached = {"detached": True} if info.get("detached") else None
+    code = print_report(reply["report"], as_json, detached, every_remote=True)
+    if detached and not as_json:
+        from vaultfs.vault.home import detached_mount
 
-
-def mount_info(home: Path) -> dict | None:
-    """What the running mount wrote to HOME/mount.json (its mountpoint), or None."""
-    try:
-        return json.loads((home / "mount.json").read_text())
-    except (OSError, ValueError):
-        return None
+        err.print(
+            f"[yellow]note:[/] {detached_mount(info)}. This flush stored and uploaded what was "
+            "written so far; the daemon stores the rest once those files are closed",
+            highlight=False,
+        )
+    return code
 
 
 def run_in_mount(
@@ -103,7 +113,8 @@ def run_in_mount(
 ) -> dict | None:
     """If the vault at ``home`` is mounted, run maintenance ``job`` with ``args`` in its daemon
     and return the report (the command's ``--json`` form); None when it is not mounted. The
-    daemon's errors come back with their exit codes (VaultBusy while another job runs).
+    daemon's errors come back with their exit codes (VaultBusy while another job runs, or
+    once the mount is ending: detached by a lazy unmount).
     ``bar``: the label of a progress bar (bytes, rate, time left) the daemon's progress
     lines move on a terminal, unless ``quiet`` (--json)."""
     h = home_dir(home)

@@ -86,9 +86,10 @@ def test_remote_remove_in_a_fork_leaves_the_other_branch_in_place(tmp_path):
     gone = remotes[2]
     held = {p.relative_to(gone) for p in Path(gone).rglob("*") if p.is_file()}
     run_cli("remote", "add", str(tmp_path / "r4"), home=old)
-    res = run_cli("remote", "remove", gone, "--json", home=old)
+    res = run_cli("remote", "remove", gone, "--json", home=old, check=3)  # not cleared
     rep = json.loads(res.stdout)
     assert rep["fork"] and "left its objects in place" in rep["errors"][gone], rep
+    assert rep["not_cleared"] == gone and not rep["ok"], rep
     assert held <= {p.relative_to(gone) for p in Path(gone).rglob("*") if p.is_file()}
     # the main branch still restores from any k of its own remotes, the departed one among them
     key = home / "key.json"

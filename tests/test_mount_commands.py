@@ -206,7 +206,7 @@ def test_mounted_run_on_a_detached_mount_makes_no_pass(mounted) -> None:
         subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=True)
         res = run_cli("run", home=home, env=env, input=b"", check=17)
         said = " ".join(res.stderr.decode().split())
-        assert "is ending" in said and "makes no routine pass" in said, said
+        assert "is ending" in said and "takes no new work (no routine pass)" in said, said
         assert held.read(4) and not json.loads(
             run_cli("snapshots", "--json", home=home, env=env).stdout
         )
@@ -214,6 +214,62 @@ def test_mounted_run_on_a_detached_mount_makes_no_pass(mounted) -> None:
     while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
         time.sleep(0.1)  # the daemon exits after the last open file
     assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_a_detached_mount_takes_no_new_work_and_its_flush_says_so(mounted, tmp_path) -> None:
+    """Detached by a lazy unmount while a file stays open for writing, the daemon takes no
+    new work, as its routine takes none: `snapshot` (of a tree nobody sees, which that file
+    may still change), `snapshot delete` and every maintenance job are refused (exit 17),
+    each naming the detached mount and the way on: close the files, and once the daemon has
+    exited the command works unmounted. `flush` still stores and uploads what was written,
+    and says the mount is detached (`detached` in --json). Once the file is closed the daemon
+    stores what it wrote and exits, and `snapshot` records it unmounted. Before, `snapshot`
+    and the jobs ran in the detached daemon and `flush` said nothing of it."""
+    home, mp, remotes = mounted
+    env = _no_passphrase(home)
+    pid = json.loads((home / "mount.json").read_text())["pid"]
+    with open(mp / "held.txt", "wb") as held:
+        held.write(b"before the lazy unmount\n")
+        held.flush()
+        subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=True)
+        held.write(b"after it\n")
+        held.flush()
+        for args in (
+            ("snapshot", "--name", "nobody-sees"),
+            ("snapshot", "delete", "nobody-sees"),
+            ("verify",),
+            ("repair",),
+            ("prune",),
+            ("forget", "--keep-last", "1"),
+            ("remote", "add", str(tmp_path / "r9")),
+            ("remote", "remove", str(remotes[0])),
+            ("remote", "replace", str(remotes[0]), str(tmp_path / "r8")),
+            ("keys", "rotate"),
+            ("reencrypt", "--suite", "xwing"),
+        ):
+            code, _out, said = _answer(home, args, env)
+            said = " ".join(said.decode().split())
+            assert code == 17, (args, code, said)
+            assert f"the mount at {mp} is ending (detached by a lazy unmount" in said, said
+            assert "takes no new work" in said and "Close those files" in said, said
+            assert "run this again: it then works unmounted" in said, said
+        assert not (tmp_path / "r9").exists() and not (tmp_path / "r8").exists()
+        rep = json.loads(run_cli("flush", "--json", home=home, env=env).stdout)
+        assert rep["detached"] is True and rep["complete"], rep
+        said = " ".join(run_cli("flush", home=home, env=env).stderr.decode().split())
+        assert f"note: the mount at {mp} was detached by a lazy unmount" in said, said
+        assert "This flush stored and uploaded what was written so far" in said, said
+        assert not json.loads(run_cli("snapshots", "--json", home=home, env=env).stdout)
+    deadline = time.monotonic() + 120
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.1)  # the daemon exits after the last open file
+    assert not os.path.exists(f"/proc/{pid}")
+    snap = json.loads(run_cli("snapshot", "--name", "after", "--json", home=home).stdout)
+    rows = run_cli("ls", snap["snapshot"], "--json", home=home).stdout.decode()
+    assert "held.txt" in rows, rows
+    assert len(b"before the lazy unmount\nafter it\n") == next(
+        r["size"] for r in json.loads(rows) if r["path"].endswith("held.txt")
+    ), rows
 
 
 def test_a_detached_mount_says_so_in_status_umount_and_mount(tmp_path) -> None:

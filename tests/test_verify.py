@@ -825,6 +825,37 @@ def test_remote_remove_of_a_moved_directory_says_nothing_was_deleted(tmp_path: P
     assert json.loads(run_cli("verify", "--json", home=home).stdout)["clean"]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="chattr +i needs root (CAP_LINUX_IMMUTABLE)")
+def test_remote_remove_whose_clearing_fails_exits_3_naming_what_is_left(tmp_path: Path) -> None:
+    """`remote remove` of a remote that refuses deletes (its objects immutable: `chattr +i`)
+    takes it out of the vault, its shards rebuilt on the others, but cannot clear it: it
+    says what was left on which remote and how to finish (a rerun cannot: delete by hand),
+    `not_cleared` names it in --json (`ok` false), and exits 3, not 0. Nothing is lost: the
+    copies stay there and the vault verifies clean without them. Before, exit 0."""
+    home, remotes = init_local_vault(tmp_path, 3, 5)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.bin").write_bytes(os.urandom(2_500_000))
+    run_cli("backup", str(src), home=home)
+    gone = remotes[4]
+    held = _shard_files(gone)
+    files = [str(p) for p in gone.rglob("*") if p.is_file()]
+    subprocess.run(["chattr", "+i", *files], check=True, capture_output=True)
+    try:
+        res = run_cli("remote", "remove", str(gone), "--json", home=home, check=3)
+        rep = json.loads(res.stdout)
+        assert rep["not_cleared"] == str(gone) and not rep["ok"] and rep["rebuilt"], rep
+        said = rep["errors"][str(gone)]
+        assert said.startswith("left its objects in place: clearing it failed"), said
+        assert "a rerun cannot finish this" in said and "delete what is left by hand" in said
+        assert _shard_files(gone) == held  # every copy still there
+        rows = json.loads(run_cli("remote", "list", "--json", home=home).stdout)
+        assert [r["member"] for r in rows if r["remote"] == str(gone)] == ["removed"]
+        assert json.loads(run_cli("verify", "--json", home=home).stdout)["clean"]
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(gone)], capture_output=True)
+
+
 def test_shards_squeezed_by_remote_remove_are_spread_again(tmp_path: Path) -> None:
     """Removing two of a 3-of-5 vault's five remotes squeezes each segment's shards onto
     three (2, 2, 1), and the first removal says that the vault now survives one remote loss

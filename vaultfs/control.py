@@ -23,6 +23,8 @@ vaultfs/routine.py; reply ``pass``, its report), ``flush``, ``snapshot`` (``name
 ``job`` (``job``, ``args``: verify, repair, prune, forget, remote
 changes, key rotation and re-encryption run in the daemon, one at a time (`forget` without
 --prune beside one); reply ``result``, the command's report: vaultfs/maintenance.py).
+Once the mount is ending (detached by a lazy unmount, or unmounted) ``run``, ``snapshot``,
+``delete`` and ``job`` are refused with exit 17 (vaultfs/daemon.py, NEW_WORK).
 A ``job`` request with ``"progress": true`` also gets, before its reply, lines
 ``{"progress": {"done": N, "total": T}}`` (bytes; ``total`` null while unknown), at most
 :data:`PROGRESS_EVERY` seconds apart and the last one when the work is done; a client that

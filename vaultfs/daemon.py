@@ -244,23 +244,19 @@ def run_foreground(
             return in_mount_table(real_mountpoint)
 
         def dispatch(req: dict) -> dict:
+            assert routine_stop is not None  # started before the control server
+            # detached (a lazy unmount) or unmounting: no new work, as the routine takes none
+            if req.get("cmd") in NEW_WORK and (routine_stop.is_set() or not attached()):
+                raise _ending(mountpoint, req)
             if req.get("cmd") == "job":  # long: waits here, in the control handler's thread
                 job, args = str(req.get("job")), req.get("args") or {}
                 return {"result": runner.run(job, args, req.get("progress"))}
             if req.get("cmd") == "ls":  # reads the index here, off the FUSE loop
                 return _ls(vault, req)
             if req.get("cmd") == "run":  # `vaultfs run`: a pass as the routine's own makes
-                assert routine_stop is not None  # started before the control server
-                # detached (a lazy unmount) or unmounting: no pass, as the routine makes none
-                if routine_stop.is_set() or not attached():
-                    raise VaultBusy(
-                        f"the mount at {mountpoint} is ending (unmounted or detached, its "
-                        "daemon serving the files still open): it makes no routine pass; run "
-                        "this again once its daemon has exited"
-                    )
                 return {"pass": routine.run_pass(home, vault, mounted=True, stop=routine_stop)}
             reply = trio.from_thread.run(_handle, fs, req, trio_token=fs.token)
-            # detached: `status`, `umount` and `mount` say so instead of "mounted at"
+            # detached: `status`, `umount`, `mount` and `flush` say so instead of "mounted at"
             if req.get("cmd") == "ping":
                 reply["detached"] = not attached()
             elif req.get("cmd") == "status":
@@ -304,6 +300,27 @@ def run_foreground(
         finally:
             _forget_mount(home)
             log.info("daemon exiting")
+
+
+#: The control commands that start new work, refused once the mount is ending (detached by a
+#: lazy unmount, or unmounted): what each of them does not do then.
+NEW_WORK = {"run": "routine pass", "snapshot": "snapshot", "delete": "snapshot delete", "job": ""}
+
+
+def _ending(mountpoint: Path, req: dict) -> VaultBusy:
+    """Why a mount that is ending refuses ``req`` (a :data:`NEW_WORK` command). Detached by a
+    lazy unmount while files there stay open, its tree is one nobody sees and files still
+    open may change it: its routine stops (vaultfs/routine.py), and so does the work commands
+    send, which all work unmounted once the daemon has stored what those files wrote and
+    exited. `flush` is not refused: it only stores and uploads what was written."""
+    what = NEW_WORK[str(req.get("cmd"))] or f"{req.get('job')} job"
+    return VaultBusy(
+        f"the mount at {mountpoint} is ending (detached by a lazy unmount while files there "
+        f"stay open, or unmounted): its daemon (pid {os.getpid()}) serves the files still "
+        f"open, then stores what they wrote and exits, and takes no new work (no {what}). "
+        "Close those files; once its daemon has exited (`vaultfs status` says so until "
+        "then), run this again: it then works unmounted"
+    )
 
 
 def _finishing(home: Path, job: dict | None) -> None:

@@ -173,6 +173,7 @@ class RepairReport:
     retained: list[str] = field(default_factory=list)  # replaced, kept (an immutable vault)
     fork: list[str] = field(default_factory=list)  # manifests off this chain (chain.Survey)
     not_found: int = 0  # `remote remove`: objects the departed remote held, absent from it
+    not_cleared: str | None = None  # `remote remove`: the departed remote, its objects left
     manifest_seq: int | None = None
     pending: dict[str, int] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
@@ -182,7 +183,12 @@ class RepairReport:
 
     @property
     def ok(self) -> bool:
-        return not self.unrecoverable and not any(self.pending.values()) and not self.not_found
+        return (
+            not self.unrecoverable
+            and not any(self.pending.values())
+            and not self.not_found
+            and not self.not_cleared
+        )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -1363,12 +1369,15 @@ def _clear_departed(
     shard names there, and this chain's manifests) and move the rest to its ``quarantine/``;
     nothing at all while a survey of every remote, ``b`` too, finds another branch or could
     not look everywhere (docs/design.md invariant 8). Garbage rows stay for
-    :func:`rotation.collect_garbage`. A remote that fails keeps its objects. The shards placed
-    there (``placed``) that its listing lacks are counted (``report.not_found``) and warned of:
-    a directory unplugged or renamed lists as empty, and its copies live on elsewhere."""
+    :func:`rotation.collect_garbage`. A remote that fails keeps its objects, and one held
+    keeps them all: ``report.not_cleared`` names it, and its error says what is left there and
+    how to finish (a rerun cannot: the remote has left the vault). The shards placed there
+    (``placed``) that its listing lacks are counted (``report.not_found``) and warned of: a
+    directory unplugged or renamed lists as empty, and its copies live on elsewhere."""
     found = chain.survey(vault.keys, vault.index, [*vault.remotes(), b])
     if held := found.hold():
         report.fork = found.describe()
+        report.not_cleared = label
         report.errors[label] = (
             f"left its objects in place: {held}; they are this vault's, encrypted, and the "
             "location can be emptied by hand once no branch needs them"
@@ -1387,7 +1396,14 @@ def _clear_departed(
             b.quarantine(sub, [n for n in names if n not in mine])
             report.quarantined += [f"{label}:{sub}/{n}" for n in names if n not in mine]
     except RemoteError as e:
-        report.errors[label] = f"left its objects in place: {e.message}"
+        done = sum(d.startswith(f"{label}:") for d in [*report.deleted, *report.quarantined])
+        report.not_cleared = label
+        report.errors[label] = (
+            f"left its objects in place: clearing it failed ({e.message}) after {done} of "
+            "them were deleted or moved to its quarantine/. It has left the vault (its shards "
+            "are rebuilt on the others), so a rerun cannot finish this: the vault reads nothing "
+            "there any more; delete what is left by hand if the copies must go"
+        )
         return
     report.not_found = len(placed - listed)
     if report.not_found == len(placed) and placed and not report.deleted:
