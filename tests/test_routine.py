@@ -467,8 +467,10 @@ def test_an_alert_hook_past_its_timeout_is_stopped_with_all_it_started(tmp_path)
 def test_a_snapshot_that_cannot_be_taken_fails_and_alerts_and_a_dead_mount_shows(tmp_path) -> None:
     """Unmounted with no sources, the timed snapshot takes nothing: the job fails (exit 20, a
     job_failed alert at each pass), its last success stays never. When the mount's daemon
-    died (kill -9), the failure and `status` say so. Before, the pass exited 0 and recorded
-    a success that took no snapshot, and `status` showed nothing of the dead mount."""
+    died (kill -9), the failure and `status` say so and send the user to `vaultfs mount`,
+    which cleans the dead mount up (docs/mount.md). Before, the pass exited 0 and recorded
+    a success that took no snapshot, and `status` showed nothing of the dead mount; then
+    (review13) both said to `fusermount3 -u` it first."""
     home, _remotes, _src = make(tmp_path)
     log = tmp_path / "events.jsonl"
     run_cli("schedule", "set", "snapshot=1s", f"alert=cat >> {log}", home=home)
@@ -490,15 +492,24 @@ def test_a_snapshot_that_cannot_be_taken_fails_and_alerts_and_a_dead_mount_shows
         time.sleep(1.1)  # the snapshot is due again
         res = run(home, code=20)
         assert f"the mount at {mp} is gone" in res["failed"]["snapshot"], res
+        assert f"`vaultfs mount {mp}` cleans up the dead mount" in res["failed"]["snapshot"]
+        assert "fusermount" not in res["failed"]["snapshot"], res
         assert [e["event"] for e in events(log)] == ["job_failed", "job_failed"]
         st = run_cli("status", home=home)
         said = " ".join(st.stdout.decode().split())
         assert f"the mount at {mp} is gone: its daemon (pid {pid}) died" in said, said
+        assert f"`vaultfs mount {mp}` cleans up the dead mount" in said, said
+        assert f"`vaultfs umount {mp}` only cleans it up" in said and "fusermount" not in said
         st = json.loads(run_cli("status", "--json", home=home).stdout)
         assert st["dead_mount"]["pid"] == pid
         assert st["routine"]["jobs"]["snapshot"]["last_success"] is None
+        run_cli("mount", str(mp), home=home)  # as status says: it cleans the dead mount up
+        assert os.path.ismount(mp) and "dead_mount" not in json.loads(
+            run_cli("status", "--json", home=home).stdout
+        )
     finally:
-        subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+        unmount(mp, home)
+        subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)  # still dead
 
 
 def test_a_failed_pass_and_a_failing_alert_command_show_in_status(tmp_path) -> None:

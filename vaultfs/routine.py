@@ -449,8 +449,9 @@ def _job_snapshot(home: Path, v: Vault, sched: dict, mounted: bool, now: float) 
     if crashed := dead_mount(home):
         raise VaultError(
             f"no snapshot taken: the mount at {crashed.get('mountpoint')} is gone (its daemon, "
-            f"pid {crashed['pid']}, died) and no sources are set; unmount it (`fusermount3 -u "
-            f"{crashed.get('mountpoint')}`) and mount the vault again"
+            f"pid {crashed['pid']}, died) and no sources are set; `vaultfs mount "
+            f"{crashed.get('mountpoint')}` cleans up the dead mount and recovers what the cache "
+            "held"
         )
     raise VaultError(
         "no snapshot taken: the vault is not mounted and no sources are set; mount it (its "
