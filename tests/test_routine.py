@@ -555,6 +555,30 @@ def test_an_overdue_job_shows_as_overdue(tmp_path) -> None:
     assert not j["repair"]["overdue"]  # every pass: never overdue
 
 
+def test_schedule_show_and_status_say_the_same_next_runs(tmp_path) -> None:
+    """Retention also runs after each timed snapshot: `schedule show` (text and --json) says
+    its next run is the next snapshot's, as `status` does. Before (review13), `schedule
+    show` said a day after its last run."""
+    home, _remotes, src = make(tmp_path)
+    run_cli("schedule", "set", "snapshot=1h", "retention=--keep-last 3", f"sources={src}",
+            home=home)  # fmt: skip
+    assert set(run(home)["ran"]) >= {"snapshot", "retention"}
+
+    def next_retention(*cmd: str) -> str:
+        text = run_cli(*cmd, home=home).stdout.decode()
+        (line,) = [x for x in text.splitlines() if x.strip().startswith("retention:")]
+        return line.rpartition(", ")[2]  # "next T" (the last success has its own format)
+
+    said = next_retention("schedule", "show")
+    assert said == next_retention("status") and said.startswith("next "), said
+    shown = json.loads(run_cli("schedule", "show", "--json", home=home).stdout)["jobs"]
+    status = json.loads(run_cli("status", "--json", home=home).stdout)["routine"]["jobs"]
+    assert shown["retention"]["next_run"] == shown["snapshot"]["next_run"], shown
+    assert {j: v["next_run"] for j, v in shown.items()} == {
+        j: v["next_run"] for j, v in status.items()
+    }
+
+
 def test_schedule_errors_are_one_clear_line(tmp_path) -> None:
     """A bad alert_timeout is named as the other keys are; `schedule set` and `schedule
     show` without a vault exit 16 (no vault), as other commands do."""

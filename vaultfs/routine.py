@@ -697,6 +697,31 @@ def failed_pass(
     return problem
 
 
+def job_times(sched: dict[str, str], state: dict, now: float) -> dict[str, dict]:
+    """Each scheduled job's interval, last run, last success, last error, when it runs next
+    (``next_run``: None when it never ran, so due at the next pass; retention also runs
+    after each timed snapshot, as :func:`_pass` runs it) and whether it is ``overdue``: what
+    `status` and `schedule show` both say."""
+    jobs: dict[str, dict] = {}
+    for job in JOBS:
+        nxt = next_run(sched, state, job)
+        if nxt is None:
+            continue
+        if job == "retention" and "snapshot" in jobs:  # it also runs after each snapshot
+            nxt = min(nxt, jobs["snapshot"]["next_run"] or 0.0)
+        rec = state["jobs"].get(job, {})
+        every = interval(sched, job)
+        jobs[job] = {
+            "every": every,
+            "last_run": rec.get("last_run"),
+            "last_success": rec.get("last_success"),
+            "last_error": rec.get("last_error"),
+            "next_run": nxt or None,
+            "overdue": bool(every and nxt and nxt < now),
+        }
+    return jobs
+
+
 def report(home: Path, v: Vault, now: float | None = None) -> dict:
     """For `status`: each scheduled job's last run, last success, last error, when it is due
     (``next_run``: None when it never ran, so due at the next pass; in the past when it is
@@ -715,23 +740,7 @@ def report(home: Path, v: Vault, now: float | None = None) -> dict:
         state = load_state(home)
     except InputError as e:
         state, unreadable = {"jobs": {}, "alerts": {}}, [*unreadable, e.message]
-    jobs = {}
-    for job in JOBS:
-        nxt = next_run(sched, state, job)
-        if nxt is None:
-            continue
-        if job == "retention" and "snapshot" in jobs:  # it also runs after each snapshot
-            nxt = min(nxt, jobs["snapshot"]["next_run"] or 0.0)
-        rec = state["jobs"].get(job, {})
-        every = interval(sched, job)
-        jobs[job] = {
-            "every": every,
-            "last_run": rec.get("last_run"),
-            "last_success": rec.get("last_success"),
-            "last_error": rec.get("last_error"),
-            "next_run": nxt or None,
-            "overdue": bool(every and nxt and nxt < now),
-        }
+    jobs = job_times(sched, state, now)
     placed = snapshot_table.newest_placed(v.index)
     # the recovery point: a remote that stays down keeps later snapshots from being fully
     # placed while the others restore them
