@@ -131,17 +131,24 @@ def stored_every(text: str) -> float:
     return min(_seconds(text), MAX_EVERY)
 
 
+def parse_sample(text: str) -> float:
+    """'2%' (or '2') → 2.0: the percentage of each remote's blocks an audit checks, greater
+    than 0 and at most 100 (`verify --sample` and the schedule's ``verify=daily:2%``);
+    InputError otherwise."""
+    try:
+        sample = float(text.rstrip("%"))
+    except ValueError:
+        sample = -1.0
+    if not 0 < sample <= 100:
+        raise InputError(
+            f"invalid verify sample {text!r}: a percentage greater than 0 and at most 100, e.g. 2%"
+        )
+    return sample
+
+
 def _verify_spec(text: str, every_of: Callable[[str], float] = parse_every) -> tuple[float, float]:
     every, _, pct = text.partition(":")
-    sample = DEFAULT_SAMPLE
-    if pct:
-        try:
-            sample = float(pct.rstrip("%"))
-        except ValueError:
-            sample = -1.0
-        if not 0 < sample <= 100:
-            raise InputError(f"invalid verify sample {pct!r}: a percentage, e.g. daily:2%")
-    return every_of(every), sample
+    return every_of(every), parse_sample(pct) if pct else DEFAULT_SAMPLE
 
 
 def validate(key: str, value: str) -> None:
