@@ -307,3 +307,20 @@ def test_umount_refuses_a_negative_timeout_and_with_0_does_not_wait(tmp_path) ->
             time.sleep(0.1)  # the daemon exits by itself, releasing the vault
         run_cli("mount", str(mp), home=home)
         assert (mp / "f").read_bytes() == b"data"
+
+
+def test_a_snapshot_name_that_would_be_hidden_in_snapshots_is_refused(tmp_path) -> None:
+    """A snapshot's name is its directory under `.snapshots/`: one starting with '.' is
+    refused (exit 18, one line) and takes no snapshot. Before (review13), `--name
+    .snapshots` was taken and `.snapshots/` listed a hidden `.snapshots` inside itself."""
+    with mounted_vault(tmp_path) as (home, mp, _remotes):
+        (mp / "f").write_bytes(b"data")
+        for bad in (".snapshots", ".hidden", ".", ".."):
+            res = run_cli("snapshot", "--name", bad, home=home, check=18)
+            said = res.stderr.decode()
+            assert "it cannot start with '.'" in said and "Traceback" not in said, said
+            assert len(said.strip().splitlines()) == 1, said
+        assert os.listdir(mp / ".snapshots") == []
+        run_cli("snapshot", "--name", "nightly.1", home=home)
+        assert os.listdir(mp / ".snapshots") == ["nightly.1"]
+        assert (mp / ".snapshots" / "nightly.1" / "f").read_bytes() == b"data"
