@@ -579,6 +579,24 @@ def test_schedule_show_and_status_say_the_same_next_runs(tmp_path) -> None:
     }
 
 
+def test_the_prune_job_says_which_bytes_it_freed(tmp_path) -> None:
+    """The pass's prune line tells the plaintext freed (6 bytes of a forgotten file) from
+    the stored bytes each remote holds less (its shards). Before (review13) it said "bytes
+    freed 6" beside "freed per remote … 174934"."""
+    home, remotes, src = make(tmp_path)
+    run_cli("backup", str(src), home=home)
+    (src / "a.txt").write_text("world, again\n")
+    run_cli("backup", str(src), home=home)
+    run_cli("forget", "--keep-last", "1", home=home)
+    run_cli("schedule", "set", "prune=1h", home=home)
+    said = run_cli("run", home=home).stdout.decode()
+    line = " ".join(x for x in said.splitlines() if x.startswith("prune:"))
+    assert line.startswith("prune: data bytes freed 6, stored bytes freed per remote ("), said
+    stored = dict(re.findall(r"(\S+) (\d+)[,)]", line.partition("per remote (")[2]))
+    assert sorted(stored) == sorted(map(str, remotes)), line
+    assert all(int(b) > 6 for b in stored.values()), line  # whole shards, not the plaintext
+
+
 def test_schedule_errors_are_one_clear_line(tmp_path) -> None:
     """A bad alert_timeout is named as the other keys are; `schedule set` and `schedule
     show` without a vault exit 16 (no vault), as other commands do."""

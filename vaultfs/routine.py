@@ -549,10 +549,14 @@ def _job_repair(home: Path, v: Vault, sched: dict, mounted: bool, now: float) ->
 def _job_prune(home: Path, v: Vault, sched: dict, mounted: bool, now: float) -> dict:
     from . import prune
 
+    # two figures of two kinds: the plaintext of the chunks freed, and the stored bytes
+    # (padded, erasure-coded shards) each remote holds less; the pass prints the keys as words
     if v.immutable:  # nothing to free: an immutable vault never deletes (Vault.immutable)
-        return {"skipped": "immutable vault", "bytes_freed": 0, "freed_per_remote": {}}
+        return {"skipped": "immutable vault", "data_bytes_freed": 0,
+                "stored_bytes_freed_per_remote": {}}  # fmt: skip
     rep = _in_mount(home, "prune", {}) if mounted else prune.prune(v).as_dict()
-    return {"bytes_freed": rep["bytes_freed"], "freed_per_remote": rep["freed_per_remote"]}
+    return {"data_bytes_freed": rep["bytes_freed"],
+            "stored_bytes_freed_per_remote": rep["freed_per_remote"]}  # fmt: skip
 
 
 def _push_queue(v: Vault) -> dict | None:
