@@ -33,6 +33,7 @@ from cli.common import (
 from cli.mounted import report_from, run_in_mount
 from vaultfs import prune as prune_mod
 from vaultfs import repair as repair_mod
+from vaultfs import routine
 from vaultfs import verify as verify_mod
 from vaultfs.errors import EXIT_PARTIAL, InputError
 from vaultfs.remotes import absolute, check_archive, check_local_dir
@@ -54,9 +55,13 @@ def verify(
     remote: Annotated[
         list[str] | None, typer.Option("--remote", help="Audit only this remote (repeat).")
     ] = None,
-    sample: Annotated[
-        float | None,
-        typer.Option("--sample", help="Check this percentage of each remote's blocks."),
+    sample_pct: Annotated[
+        str | None,
+        typer.Option(
+            "--sample",
+            metavar="PERCENT",
+            help="Check this percentage (2 or 2%) of each remote's blocks.",
+        ),
     ] = None,
     read_all: Annotated[
         bool, typer.Option("--read-all", help="Read and check every byte of every remote.")
@@ -75,10 +80,9 @@ def verify(
     Without --sample or --read-all, each remote gets enough random block checks to detect a 1%
     block loss with 99% confidence (459 checks).
     """
-    if sample is not None and read_all:
+    if sample_pct is not None and read_all:
         raise InputError("give --sample PERCENT or --read-all, not both")
-    if sample is not None and not 0 < sample <= 100:
-        raise InputError("--sample takes a percentage greater than 0 and at most 100")
+    sample = None if sample_pct is None else routine.parse_sample(sample_pct)
     if max_duration is not None and max_duration <= 0:
         raise InputError("--max-duration takes a positive number of seconds")
     mode = "read-all" if read_all else ("sample" if sample is not None else "confidence")

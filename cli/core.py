@@ -492,9 +492,10 @@ def status(
     if dead := st.get("dead_mount"):
         out.print(
             f"[red]the mount at {dead.get('mountpoint')} is gone: its daemon (pid {dead['pid']}) "
-            f"died (killed or crashed), and with it the routine's timed snapshots; unmount it "
-            f"(`fusermount3 -u {dead.get('mountpoint')}`) and mount again (its log: "
-            f"{h / 'mount.log'})[/]",
+            f"died (killed or crashed), and with it the routine's timed snapshots; `vaultfs "
+            f"mount {dead.get('mountpoint')}` cleans up the dead mount and recovers what the "
+            f"cache held (`vaultfs umount {dead.get('mountpoint')}` only cleans it up; its "
+            f"log: {h / 'mount.log'})[/]",
             highlight=False,
         )
     if mounted:

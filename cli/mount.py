@@ -33,6 +33,7 @@ from cli.mounted import call, mounted, print_report, sync_mount, syncfs
 from vaultfs import control, names
 from vaultfs.errors import InputError, VaultBusy
 from vaultfs.index import snapshots as snapshot_rows
+from vaultfs.scratch import alive
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.I)
 
@@ -116,13 +117,18 @@ def mount(
 def umount(
     mountpoint: Annotated[Path, typer.Argument(help="Where the vault is mounted.")],
     timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for the daemon to exit after unmounting.")
+        float,
+        typer.Option(
+            help="Seconds to wait for the daemon to exit after unmounting (0: do not wait)."
+        ),
     ] = 300.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Flush the kernel and the cache, wait until shards are placed, then unmount."""
     from vaultfs import daemon
 
+    if not timeout >= 0:  # also NaN: refused before anything is flushed or unmounted
+        raise InputError(f"--timeout takes 0 or more seconds, not {timeout:g}")
     mp = Path(os.path.abspath(mountpoint))
     addr = control.mount_address(mp)
     ping = call(addr, {"cmd": "ping"}, timeout=30)
@@ -154,14 +160,30 @@ def umount(
             "files and directories open there (`fuser -vm MOUNTPOINT` lists them) and retry"
         )
     pid = int(ping["pid"])
+    if timeout > 0:
+        _wait_for_exit(mp, pid, reply, timeout)
+    elif alive(pid):  # --timeout 0: not waiting is no failure, the daemon exits by itself
+        err.print(
+            f"unmounted {mp}; its daemon (pid {pid}) closes the vault by itself (--timeout 0 "
+            "does not wait): until it exits, `vaultfs mount` and the commands that take the "
+            "vault's lock refuse (exit 17)",
+            highlight=False,
+        )
+    if not as_json:
+        out.print(f"unmounted {mp}")
+    raise typer.Exit(code)
+
+
+def _wait_for_exit(mp: Path, pid: int, reply: dict, timeout: float) -> None:
+    """Wait up to ``timeout`` seconds for the daemon of the unmounted ``mp`` to exit, saying
+    what it finishes once that takes a while; VaultBusy (17) if it still runs then: it
+    holds the vault's lock until it exits."""
     started = time.monotonic()
     deadline = started + timeout
     look = started + UMOUNT_QUIET  # when to look at what the daemon finishes (None: said)
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
+        if not alive(pid):
+            return
         now = time.monotonic()
         if look is not None and now > look:
             job, what = _finishing(reply, pid)
@@ -174,16 +196,12 @@ def umount(
                     highlight=False,
                 )
         time.sleep(0.05)
-    else:
-        raise VaultBusy(
-            f"unmounted {mp}, but its daemon (pid {pid}) is still finishing after "
-            f"{timeout:.0f}s: {_finishing(reply, pid)[1]}. It exits by itself; until then "
-            "the vault stays locked (`vaultfs mount` and other commands refuse with exit "
-            "17): wait for it to exit, then mount again"
-        )
-    if not as_json:
-        out.print(f"unmounted {mp}")
-    raise typer.Exit(code)
+    raise VaultBusy(
+        f"unmounted {mp}, but its daemon (pid {pid}) is still finishing after "
+        f"{timeout:.0f}s: {_finishing(reply, pid)[1]}. It exits by itself; until then "
+        "the vault stays locked (`vaultfs mount` and other commands refuse with exit "
+        "17): wait for it to exit, then mount again"
+    )
 
 
 #: seconds `umount` waits for the daemon to exit before it says which maintenance job the

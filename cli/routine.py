@@ -339,20 +339,18 @@ def schedule_show(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     check_vault(h)
     sched = routine.load_schedule(h)
     state = routine.load_state(h)
+    now = time.time()
+    jobs = routine.job_times(sched, state, now)
     if as_json:
-        print_json({"schedule": sched, "state": state})
+        print_json({"schedule": sched, "state": state, "jobs": jobs})
         return
     _print_schedule(sched)
-    now = time.time()
-    for job in routine.JOBS:
-        nxt = routine.next_run(sched, state, job)
-        if nxt is not None:
-            rec = state["jobs"].get(job, {})
-            when = next_run_cell(routine.interval(sched, job), nxt, now)
-            out.print(
-                f"  {job}: last success {_when(rec.get('last_success'))}, {when}",
-                highlight=False,
-            )
+    for job, j in jobs.items():
+        out.print(
+            f"  {job}: last success {_when(j['last_success'])}, "
+            f"{next_run_cell(j['every'], j['next_run'], now)}",
+            highlight=False,
+        )
 
 
 def _print_schedule(sched: dict[str, str]) -> None:

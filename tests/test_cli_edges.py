@@ -365,7 +365,7 @@ def test_snapshot_names_are_checked_and_ids_win(tmp_path: Path) -> None:
     src = tmp_path / "f.txt"
     src.write_text("one")
     first = json.loads(run_cli("backup", str(src), "--json", home=home).stdout)["snapshot"]
-    for bad in [first, "latest", "..", "a/b", "x\ny", "n" * 256, ""]:
+    for bad in [first, "latest", "..", ".", ".hidden", "a/b", "x\ny", "n" * 256, ""]:
         proc = run_cli("backup", str(src), "--name", bad, home=home, check=18)
         assert "Traceback" not in proc.stderr.decode()
     assert len(json.loads(run_cli("snapshots", "--json", home=home).stdout)) == 1

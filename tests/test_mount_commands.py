@@ -17,6 +17,7 @@ from helpers import (
     PASSPHRASE,
     init_local_vault,
     make_odd_tree,
+    mount_pid,
     mounted_vault,
     needs_fuse,
     on_a_terminal,
@@ -338,3 +339,44 @@ def test_mounting_a_mounted_vault_names_where_it_is_mounted(tmp_path) -> None:
             said = " ".join(said.decode().split())
             assert code == 17 and f"is mounted at {mp}: `vaultfs umount` it first" in said, said
             assert not os.path.ismount(other)
+
+
+def test_umount_refuses_a_negative_timeout_and_with_0_does_not_wait(tmp_path) -> None:
+    """`umount --timeout -5` is refused (exit 18) before anything is done: the vault stays
+    mounted; `--timeout 0` unmounts without waiting for the daemon and exits 0 (nothing was
+    queued): it only notes that the daemon closes the vault by itself. Before (review13),
+    both unmounted and then exited 17, "still finishing after -5s"."""
+    with mounted_vault(tmp_path) as (home, mp, _remotes):
+        (mp / "f").write_bytes(b"data")
+        for bad in ("-5", "nan"):
+            res = run_cli("umount", str(mp), "--timeout", bad, home=home, check=18)
+            said = res.stderr.decode()
+            assert "--timeout takes 0 or more seconds" in said and "Traceback" not in said
+            assert os.path.ismount(mp), bad
+        pid = mount_pid(home)
+        res = run_cli("umount", str(mp), "--timeout", "0", home=home)
+        said = res.stderr.decode()
+        assert not os.path.ismount(mp) and f"unmounted {mp}" in res.stdout.decode()
+        assert "still finishing" not in said, said
+        deadline = time.monotonic() + 120
+        while pid is not None and os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.1)  # the daemon exits by itself, releasing the vault
+        run_cli("mount", str(mp), home=home)
+        assert (mp / "f").read_bytes() == b"data"
+
+
+def test_a_snapshot_name_that_would_be_hidden_in_snapshots_is_refused(tmp_path) -> None:
+    """A snapshot's name is its directory under `.snapshots/`: one starting with '.' is
+    refused (exit 18, one line) and takes no snapshot. Before (review13), `--name
+    .snapshots` was taken and `.snapshots/` listed a hidden `.snapshots` inside itself."""
+    with mounted_vault(tmp_path) as (home, mp, _remotes):
+        (mp / "f").write_bytes(b"data")
+        for bad in (".snapshots", ".hidden", ".", ".."):
+            res = run_cli("snapshot", "--name", bad, home=home, check=18)
+            said = res.stderr.decode()
+            assert "it cannot start with '.'" in said and "Traceback" not in said, said
+            assert len(said.strip().splitlines()) == 1, said
+        assert os.listdir(mp / ".snapshots") == []
+        run_cli("snapshot", "--name", "nightly.1", home=home)
+        assert os.listdir(mp / ".snapshots") == ["nightly.1"]
+        assert (mp / ".snapshots" / "nightly.1" / "f").read_bytes() == b"data"

@@ -509,8 +509,10 @@ def test_an_alert_hook_past_its_timeout_is_stopped_with_all_it_started(tmp_path)
 def test_a_snapshot_that_cannot_be_taken_fails_and_alerts_and_a_dead_mount_shows(tmp_path) -> None:
     """Unmounted with no sources, the timed snapshot takes nothing: the job fails (exit 20, a
     job_failed alert at each pass), its last success stays never. When the mount's daemon
-    died (kill -9), the failure and `status` say so. Before, the pass exited 0 and recorded
-    a success that took no snapshot, and `status` showed nothing of the dead mount."""
+    died (kill -9), the failure and `status` say so and send the user to `vaultfs mount`,
+    which cleans the dead mount up (docs/mount.md). Before, the pass exited 0 and recorded
+    a success that took no snapshot, and `status` showed nothing of the dead mount; then
+    (review13) both said to `fusermount3 -u` it first."""
     home, _remotes, _src = make(tmp_path)
     log = tmp_path / "events.jsonl"
     run_cli("schedule", "set", "snapshot=1s", f"alert=cat >> {log}", home=home)
@@ -532,15 +534,24 @@ def test_a_snapshot_that_cannot_be_taken_fails_and_alerts_and_a_dead_mount_shows
         time.sleep(1.1)  # the snapshot is due again
         res = run(home, code=20)
         assert f"the mount at {mp} is gone" in res["failed"]["snapshot"], res
+        assert f"`vaultfs mount {mp}` cleans up the dead mount" in res["failed"]["snapshot"]
+        assert "fusermount" not in res["failed"]["snapshot"], res
         assert [e["event"] for e in events(log)] == ["job_failed", "job_failed"]
         st = run_cli("status", home=home)
         said = " ".join(st.stdout.decode().split())
         assert f"the mount at {mp} is gone: its daemon (pid {pid}) died" in said, said
+        assert f"`vaultfs mount {mp}` cleans up the dead mount" in said, said
+        assert f"`vaultfs umount {mp}` only cleans it up" in said and "fusermount" not in said
         st = json.loads(run_cli("status", "--json", home=home).stdout)
         assert st["dead_mount"]["pid"] == pid
         assert st["routine"]["jobs"]["snapshot"]["last_success"] is None
+        run_cli("mount", str(mp), home=home)  # as status says: it cleans the dead mount up
+        assert os.path.ismount(mp) and "dead_mount" not in json.loads(
+            run_cli("status", "--json", home=home).stdout
+        )
     finally:
-        subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+        unmount(mp, home)
+        subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)  # still dead
 
 
 def test_a_failed_pass_and_a_failing_alert_command_show_in_status(tmp_path) -> None:
@@ -584,6 +595,48 @@ def test_an_overdue_job_shows_as_overdue(tmp_path) -> None:
     j = json.loads(run_cli("status", "--json", home=home).stdout)["routine"]["jobs"]
     assert j["snapshot"]["overdue"] and j["snapshot"]["next_run"] < time.time()
     assert not j["repair"]["overdue"]  # every pass: never overdue
+
+
+def test_schedule_show_and_status_say_the_same_next_runs(tmp_path) -> None:
+    """Retention also runs after each timed snapshot: `schedule show` (text and --json) says
+    its next run is the next snapshot's, as `status` does. Before (review13), `schedule
+    show` said a day after its last run."""
+    home, _remotes, src = make(tmp_path)
+    run_cli("schedule", "set", "snapshot=1h", "retention=--keep-last 3", f"sources={src}",
+            home=home)  # fmt: skip
+    assert set(run(home)["ran"]) >= {"snapshot", "retention"}
+
+    def next_retention(*cmd: str) -> str:
+        text = run_cli(*cmd, home=home).stdout.decode()
+        (line,) = [x for x in text.splitlines() if x.strip().startswith("retention:")]
+        return line.rpartition(", ")[2]  # "next T" (the last success has its own format)
+
+    said = next_retention("schedule", "show")
+    assert said == next_retention("status") and said.startswith("next "), said
+    shown = json.loads(run_cli("schedule", "show", "--json", home=home).stdout)["jobs"]
+    status = json.loads(run_cli("status", "--json", home=home).stdout)["routine"]["jobs"]
+    assert shown["retention"]["next_run"] == shown["snapshot"]["next_run"], shown
+    assert {j: v["next_run"] for j, v in shown.items()} == {
+        j: v["next_run"] for j, v in status.items()
+    }
+
+
+def test_the_prune_job_says_which_bytes_it_freed(tmp_path) -> None:
+    """The pass's prune line tells the plaintext freed (6 bytes of a forgotten file) from
+    the stored bytes each remote holds less (its shards). Before (review13) it said "bytes
+    freed 6" beside "freed per remote … 174934"."""
+    home, remotes, src = make(tmp_path)
+    run_cli("backup", str(src), home=home)
+    (src / "a.txt").write_text("world, again\n")
+    run_cli("backup", str(src), home=home)
+    run_cli("forget", "--keep-last", "1", home=home)
+    run_cli("schedule", "set", "prune=1h", home=home)
+    said = run_cli("run", home=home).stdout.decode()
+    line = " ".join(x for x in said.splitlines() if x.startswith("prune:"))
+    assert line.startswith("prune: data bytes freed 6, stored bytes freed per remote ("), said
+    stored = dict(re.findall(r"(\S+) (\d+)[,)]", line.partition("per remote (")[2]))
+    assert sorted(stored) == sorted(map(str, remotes)), line
+    assert all(int(b) > 6 for b in stored.values()), line  # whole shards, not the plaintext
 
 
 def test_schedule_errors_are_one_clear_line(tmp_path) -> None:

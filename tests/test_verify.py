@@ -1044,3 +1044,26 @@ def test_cli_contract_and_bad_input(tmp_path: Path) -> None:
     assert b"already holds a vault" in p.stderr
     with sqlite3.connect(home / "index.db") as db:
         assert db.execute("SELECT count(*) FROM remotes WHERE state='active'").fetchone()[0] == 6
+
+
+def test_verify_sample_takes_a_percent_sign_as_the_schedule_does(tmp_path) -> None:
+    """`verify --sample 50%` is the schedule's `verify=daily:50%` (one parser): the same
+    checks as `--sample 50`; a bad value is one clear line, exit 18. Before (review13), a
+    trailing % was refused by the argument parser ("not a valid float", exit 2)."""
+    home, _remotes = init_local_vault(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(3 * 1024 * 1024))
+    run_cli("backup", str(src), home=home)
+    planned = []
+    for pct in ("50%", "50"):
+        rep = json.loads(run_cli("verify", "--sample", pct, "--json", home=home).stdout)
+        assert rep["clean"] and all(r["mode"] == "sample" for r in rep["remotes"]), rep
+        planned.append([r["planned"] for r in rep["remotes"]])
+    assert planned[0] == planned[1] and all(planned[0]), planned
+    for bad in ("0%", "101%", "abc", "-1", "%"):
+        said = run_cli("verify", "--sample", bad, home=home, check=18).stderr.decode()
+        assert f"invalid verify sample {bad!r}: a percentage" in said, said
+        assert "Traceback" not in said and len(said.strip().splitlines()) == 1, said
+    said = run_cli("schedule", "set", "verify=daily:0%", home=home, check=18).stderr.decode()
+    assert "invalid verify sample '0%': a percentage" in said, said

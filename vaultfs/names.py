@@ -136,8 +136,9 @@ SNAPSHOT_NAME_MAX = 255
 def check_snapshot_name(name: str) -> None:
     """InputError unless ``name`` can label a snapshot: 1 to 255 bytes of UTF-8 without
     ``/`` or control characters (it is a directory name under ``.snapshots/`` and one line in
-    listings), not ``.``, ``..`` or ``latest``, and not shaped like a snapshot id (eight hex
-    digits), which commands would then read as the other snapshot's."""
+    listings), not starting with ``.`` (there it would be hidden, or be ``.``, ``..`` or
+    ``.snapshots`` inside itself), not ``latest``, and not shaped like a snapshot id (eight
+    hex digits), which commands would then read as the other snapshot's."""
     from .errors import InputError
 
     size = len(name.encode("utf-8", "surrogateescape"))
@@ -145,7 +146,12 @@ def check_snapshot_name(name: str) -> None:
         raise InputError(f"a snapshot name has 1 to {SNAPSHOT_NAME_MAX} bytes, not {size}")
     if "/" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise InputError(f"invalid snapshot name {display(name)!r}: no '/' or control characters")
-    if name in (".", "..", "latest"):
+    if name.startswith("."):
+        raise InputError(
+            f"invalid snapshot name {display(name)!r}: it cannot start with '.' (a hidden "
+            "entry under .snapshots/)"
+        )
+    if name == "latest":
         raise InputError(f"{name!r} cannot name a snapshot")
     if len(name) == 8 and all(c in "0123456789abcdef" for c in name):
         raise InputError(

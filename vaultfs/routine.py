@@ -132,17 +132,24 @@ def stored_every(text: str) -> float:
     return min(_seconds(text), MAX_EVERY)
 
 
+def parse_sample(text: str) -> float:
+    """'2%' (or '2') → 2.0: the percentage of each remote's blocks an audit checks, greater
+    than 0 and at most 100 (`verify --sample` and the schedule's ``verify=daily:2%``);
+    InputError otherwise."""
+    try:
+        sample = float(text.rstrip("%"))
+    except ValueError:
+        sample = -1.0
+    if not 0 < sample <= 100:
+        raise InputError(
+            f"invalid verify sample {text!r}: a percentage greater than 0 and at most 100, e.g. 2%"
+        )
+    return sample
+
+
 def _verify_spec(text: str, every_of: Callable[[str], float] = parse_every) -> tuple[float, float]:
     every, _, pct = text.partition(":")
-    sample = DEFAULT_SAMPLE
-    if pct:
-        try:
-            sample = float(pct.rstrip("%"))
-        except ValueError:
-            sample = -1.0
-        if not 0 < sample <= 100:
-            raise InputError(f"invalid verify sample {pct!r}: a percentage, e.g. daily:2%")
-    return every_of(every), sample
+    return every_of(every), parse_sample(pct) if pct else DEFAULT_SAMPLE
 
 
 def validate(key: str, value: str) -> None:
@@ -450,8 +457,9 @@ def _job_snapshot(home: Path, v: Vault, sched: dict, mounted: bool, now: float) 
     if crashed := dead_mount(home):
         raise VaultError(
             f"no snapshot taken: the mount at {crashed.get('mountpoint')} is gone (its daemon, "
-            f"pid {crashed['pid']}, died) and no sources are set; unmount it (`fusermount3 -u "
-            f"{crashed.get('mountpoint')}`) and mount the vault again"
+            f"pid {crashed['pid']}, died) and no sources are set; `vaultfs mount "
+            f"{crashed.get('mountpoint')}` cleans up the dead mount and recovers what the cache "
+            "held"
         )
     raise VaultError(
         "no snapshot taken: the vault is not mounted and no sources are set; mount it (its "
@@ -542,10 +550,14 @@ def _job_repair(home: Path, v: Vault, sched: dict, mounted: bool, now: float) ->
 def _job_prune(home: Path, v: Vault, sched: dict, mounted: bool, now: float) -> dict:
     from . import prune
 
+    # two figures of two kinds: the plaintext of the chunks freed, and the stored bytes
+    # (padded, erasure-coded shards) each remote holds less; the pass prints the keys as words
     if v.immutable:  # nothing to free: an immutable vault never deletes (Vault.immutable)
-        return {"skipped": "immutable vault", "bytes_freed": 0, "freed_per_remote": {}}
+        return {"skipped": "immutable vault", "data_bytes_freed": 0,
+                "stored_bytes_freed_per_remote": {}}  # fmt: skip
     rep = _in_mount(home, "prune", {}) if mounted else prune.prune(v).as_dict()
-    return {"bytes_freed": rep["bytes_freed"], "freed_per_remote": rep["freed_per_remote"]}
+    return {"data_bytes_freed": rep["bytes_freed"],
+            "stored_bytes_freed_per_remote": rep["freed_per_remote"]}  # fmt: skip
 
 
 def _push_queue(v: Vault) -> dict | None:
@@ -704,6 +716,31 @@ def failed_pass(
     return problem
 
 
+def job_times(sched: dict[str, str], state: dict, now: float) -> dict[str, dict]:
+    """Each scheduled job's interval, last run, last success, last error, when it runs next
+    (``next_run``: None when it never ran, so due at the next pass; retention also runs
+    after each timed snapshot, as :func:`_pass` runs it) and whether it is ``overdue``: what
+    `status` and `schedule show` both say."""
+    jobs: dict[str, dict] = {}
+    for job in JOBS:
+        nxt = next_run(sched, state, job)
+        if nxt is None:
+            continue
+        if job == "retention" and "snapshot" in jobs:  # it also runs after each snapshot
+            nxt = min(nxt, jobs["snapshot"]["next_run"] or 0.0)
+        rec = state["jobs"].get(job, {})
+        every = interval(sched, job)
+        jobs[job] = {
+            "every": every,
+            "last_run": rec.get("last_run"),
+            "last_success": rec.get("last_success"),
+            "last_error": rec.get("last_error"),
+            "next_run": nxt or None,
+            "overdue": bool(every and nxt and nxt < now),
+        }
+    return jobs
+
+
 def report(home: Path, v: Vault, now: float | None = None) -> dict:
     """For `status`: each scheduled job's last run, last success, last error, when it is due
     (``next_run``: None when it never ran, so due at the next pass; in the past when it is
@@ -722,23 +759,7 @@ def report(home: Path, v: Vault, now: float | None = None) -> dict:
         state = load_state(home)
     except InputError as e:
         state, unreadable = {"jobs": {}, "alerts": {}}, [*unreadable, e.message]
-    jobs = {}
-    for job in JOBS:
-        nxt = next_run(sched, state, job)
-        if nxt is None:
-            continue
-        if job == "retention" and "snapshot" in jobs:  # it also runs after each snapshot
-            nxt = min(nxt, jobs["snapshot"]["next_run"] or 0.0)
-        rec = state["jobs"].get(job, {})
-        every = interval(sched, job)
-        jobs[job] = {
-            "every": every,
-            "last_run": rec.get("last_run"),
-            "last_success": rec.get("last_success"),
-            "last_error": rec.get("last_error"),
-            "next_run": nxt or None,
-            "overdue": bool(every and nxt and nxt < now),
-        }
+    jobs = job_times(sched, state, now)
     placed = snapshot_table.newest_placed(v.index)
     # the recovery point: a remote that stays down keeps later snapshots from being fully
     # placed while the others restore them

@@ -40,7 +40,7 @@ def owned_tempdir(prefix: str, parent: str | None = None) -> str:
     return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Whether process ``pid`` exists (a zombie not yet reaped counts; another user's too)."""
     try:
         os.kill(pid, 0)
@@ -81,7 +81,7 @@ def sweep_dead_dirs(
             continue
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
             continue
-        if int(pid) == os.getpid() or _alive(int(pid)):
+        if int(pid) == os.getpid() or alive(int(pid)):
             continue
         path = Path(e.path)
         if release is not None:
