@@ -471,6 +471,14 @@ def init_local_vault(
     return LocalVault(home, dirs, passphrase)
 
 
+def empty_remote(remote: Path) -> None:
+    """A local remote whose objects are all gone, its directory still there (a disk wiped or
+    replaced by a new one at the same path, not unplugged): every object is lost, not the
+    remote down (a missing directory is: tests/test_local_root.py)."""
+    for sub in ("data", "meta", "manifests"):
+        shutil.rmtree(remote / sub, ignore_errors=True)
+
+
 def break_remote(remote: Path) -> None:
     """A local remote fails every operation: its directory set aside, a file in its place."""
     remote.rename(remote.with_name(remote.name + ".away"))

@@ -40,6 +40,7 @@ from vaultfs.errors import (
     IntegrityError,
     ObjectMissing,
     RemoteError,
+    RootMissing,
     Unreachable,
     VaultError,
 )
@@ -358,17 +359,50 @@ def _chain(b: object) -> list[str]:
 def test_open_backend_stacks_every_path_the_same_way(tmp_path: Path, monkeypatch) -> None:
     spec = str(tmp_path / "r")
     base = "RcloneRc" if RcloneDaemon.get() is not None else "RcloneCommand"
-    assert _chain(open_backend(spec, 3)) == ["Metered", "Retrying", "Paced", base]
+    assert _chain(open_backend(spec, 3)) == ["Metered", "Retrying", "Paced", "LocalRoot", base]
+    assert _chain(open_backend("b2:bucket/v")) == ["Metered", "Retrying", "Paced", base]
     audit = open_backend(spec, 3, fail_fast=True, wrap=lambda b: FaultInjecting(b))
-    assert _chain(audit) == ["Metered", "Retrying", "Paced", "FaultInjecting", "RcloneCommand"]
-    assert audit.rid == 3 and audit.inner.inner.inner.inner.op_timeout == 300
+    assert _chain(audit) == [
+        "Metered", "Retrying", "Paced", "LocalRoot", "FaultInjecting", "RcloneCommand"
+    ]  # fmt: skip
+    assert audit.rid == 3 and audit.inner.inner.inner.inner.inner.op_timeout == 300
     monkeypatch.setenv("VAULTFS_RCD", "0")
-    assert _chain(open_backend(spec)) == ["Metered", "Retrying", "Paced", "RcloneCommand"]
+    assert _chain(open_backend(spec)) == [
+        "Metered", "Retrying", "Paced", "LocalRoot", "RcloneCommand"
+    ]  # fmt: skip
     assert _chain(stack(MemoryBackend())) == ["Metered", "Retrying", "Paced", "MemoryBackend"]
     with pytest.raises(BadRemote):
         open_backend("  ")
     with pytest.raises(BadRemote, match="rejected"):
         open_backend("nosuchremote:bucket").ensure()
+
+
+def test_a_local_remote_whose_directory_is_missing_is_down_and_never_recreated(
+    tmp_path: Path,
+) -> None:
+    """A local-directory remote whose directory is gone (a disk unplugged): every operation,
+    writes and listings alike, raises RootMissing (an Unreachable) at once, with no retry
+    and without the directory coming back; only ``ensure`` (init, remote add, remote
+    replace) makes it. Back, it is an ordinary remote again."""
+    root = tmp_path / "usb" / "vault"
+    b = open_backend(str(root), 1)
+    b.ensure()
+    b.put_bytes("data", "a", b"x")
+    root.rename(tmp_path / "usb" / "away")
+    for op in (
+        lambda: b.put_bytes("data", "b", b"y"),
+        lambda: b.put_file(tmp_path / "usb" / "away" / "data" / "a", "data", "c"),
+        lambda: b.list_tree(),
+        lambda: b.cat("data", "a"),
+        lambda: b.delete("data", ["a"]),
+    ):
+        with pytest.raises(RootMissing, match="directory missing .a disk unplugged"):
+            op()
+    assert not root.exists() and b.inner.retries == 0
+    assert isinstance(RootMissing("x"), Unreachable)
+    (tmp_path / "usb" / "away").rename(root)
+    b.put_bytes("data", "b", b"y")
+    assert b.list("data") == ["a", "b"]
 
 
 def test_a_throttling_remote_is_paced_as_a_whole() -> None:

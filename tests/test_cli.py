@@ -343,6 +343,7 @@ def test_verify_repair_and_backup_progress_know_their_totals(tmp_path):
     lost = Path(remotes[1])
     rebuilt = sum(p.stat().st_size for sub in ("data", "meta") for p in lost.glob(f"{sub}/*"))
     shutil.rmtree(lost)
+    lost.mkdir()  # a new, empty disk at its path
     bars = progress_bars(stderr_on_a_terminal(["repair"], home), "repair")
     assert bars and bars[-1][1] == round(rebuilt / 1e6, 1) == bars[-1][0], (bars, rebuilt)
     quiet = stderr_on_a_terminal(["verify", "--read-all", "--json"], home)

@@ -136,8 +136,9 @@ def test_maintenance_on_a_live_mount_while_pg_dump_writes(live, tmp_path, pg_ser
         human = run_cli("verify", "--sample", "5", home=home).stdout.decode()
         assert "all audited remotes are clean" in human
 
-        # repair of a remote whose directory was deleted
+        # repair of a remote whose disk was replaced by a new, empty one at its path
         shutil.rmtree(remotes[1])
+        remotes[1].mkdir()
         rep = _json(_beside_writer("repair", "--json", home=home))
         assert rep["rebuilt"] > 0 and not rep["unrecoverable"], rep
         assert _json(run_cli("verify", "--sample", "5", "--json", home=home))["clean"]
@@ -256,6 +257,7 @@ def test_the_routine_audits_and_repairs_a_mounted_vault(live) -> None:
     (mp / "f.bin").write_bytes(os.urandom(2 * 1024 * 1024))
     run_cli("flush", home=home)
     shutil.rmtree(remotes[2])
+    remotes[2].mkdir()  # a new, empty disk at its path (a missing one is a remote down)
     run_cli("schedule", "set", "verify=1h:100%", "repair=auto", home=home)
     # one pass: the daemon's own (it sees the new schedule within seconds) or the timer's,
     # whichever takes the routine's lock first: the audit finds the remote empty, repair
@@ -328,7 +330,7 @@ def test_a_read_with_too_few_remotes_names_the_file_the_remotes_and_the_way_out(
         assert f"Holding the vault: {remotes[0]};" in log, log
         assert "; unreachable or failing: " in log, log
         for r in remotes[1:]:  # each with the reason, in either order
-            assert f"{r} (failed to find object: object not found)" in log, log
+            assert f"{r} ({r}: directory missing (a disk unplugged or the path moved?)" in log
         assert "`vaultfs verify` names what is lost and `vaultfs repair` rebuilds it" in log
         res = subprocess.run(["cat", str(mp / "w.bin")], capture_output=True)
         assert res.returncode != 0 and b"Input/output error" in res.stderr, res
@@ -378,6 +380,7 @@ def test_maintenance_rate_bounds_a_repair_reading_local_remotes_in_place(live) -
     rate = 2 * 1024 * 1024
     run_cli("schedule", "set", "maintenance_rate=2M", home=home)
     shutil.rmtree(remotes[2])
+    remotes[2].mkdir()  # a new, empty disk at its path
     t0 = time.monotonic()
     rep = _json(run_cli("repair", "--json", home=home))
     took = time.monotonic() - t0
@@ -403,6 +406,7 @@ def test_maintenance_in_the_daemon_shows_progress_on_the_client_terminal(live) -
     lost = remotes[2]
     rebuilt = sum(p.stat().st_size for sub in ("data", "meta") for p in lost.glob(f"{sub}/*"))
     shutil.rmtree(lost)
+    lost.mkdir()  # a new, empty disk at its path
     bars = progress_bars(stderr_on_a_terminal(["repair"], home), "repair")
     assert bars and bars[-1][0] == bars[-1][1] == round(rebuilt / 1e6, 1), (bars, rebuilt)
     assert "/s" not in stderr_on_a_terminal(["verify", "--read-all", "--json"], home)

@@ -135,6 +135,38 @@ def test_alerts_for_a_remote_down_past_grace_a_stale_queue_and_a_failed_job(tmp_
     assert st["jobs"]["snapshot"]["last_error"]
 
 
+def test_a_remote_directory_gone_is_down_for_the_routine_not_recreated(tmp_path) -> None:
+    """`rm -rf r2` (or a disk unplugged) between passes: the next pass notes the remote down
+    (a stat, before anything is written), its snapshots leave r2's shards queued instead of
+    recreating the directory, and once past the grace `remote_unreachable` fires, naming the
+    missing directory; `status` says unreachable, not ok. It used to say ok, and "repair:
+    needed no", with the directory silently made again."""
+    home, remotes, src = make(tmp_path)
+    log = tmp_path / "events.jsonl"
+    run_cli(
+        "schedule", "set", "snapshot=1s", f"sources={src}", "grace=1s", "repair=off",
+        f"alert=cat >> {log}", home=home,
+    )  # fmt: skip
+    run(home)
+    shutil.rmtree(remotes[2])
+    run(home)
+    # down within the grace: only the redundancy it takes away is alerted yet
+    assert [e["event"] for e in events(log)] == ["redundancy_low"], events(log)
+    time.sleep(1.2)
+    (src / "b.bin").write_bytes(os.urandom(100_000))
+    run(home)
+    assert not remotes[2].exists()
+    down = [e for e in events(log) if e["event"] == "remote_unreachable"]
+    assert [e["remote"] for e in down] == [str(remotes[2])], events(log)
+    assert f"{remotes[2]}: directory missing (a disk unplugged" in down[0]["message"], down
+    row = next(
+        r
+        for r in json.loads(run_cli("status", "--json", home=home).stdout)["remotes"]
+        if r["remote"] == str(remotes[2])
+    )
+    assert row["health"] == "unreachable" and row["queued_objects"] > 0, row
+
+
 def test_an_unmounted_pass_sends_what_is_queued_once_the_remote_is_back(tmp_path) -> None:
     """A backup leaves a down remote's shards queued. A pass while it is still down reports
     its error without failing, and queue_stale names the remote and `vaultfs flush`; once it

@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
 from pathlib import Path
 
 import pytest
-from helpers import init_local_vault, on_a_terminal, remote_args, run_cli
+from helpers import empty_remote, init_local_vault, on_a_terminal, remote_args, run_cli
 
 from bench.netem import Link
 
@@ -100,7 +99,7 @@ def test_remote_replace_leaves_the_new_remote_ok_and_the_old_one_holding_nothing
     src.mkdir()
     (src / "f.bin").write_bytes(random.Random(4).randbytes(300_000))
     run_cli("backup", str(src), home=home)
-    shutil.rmtree(remotes[2])
+    empty_remote(remotes[2])
     run_cli("verify", home=home, check=12)  # it is found lost: degraded and stale
     new = tmp_path / "r3"
     run_cli("remote", "replace", str(remotes[2]), str(new), home=home)

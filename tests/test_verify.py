@@ -8,7 +8,6 @@ import io
 import json
 import math
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PASSPHRASE, init_local_vault, run_cli, vaultfs_env
+from helpers import PASSPHRASE, empty_remote, init_local_vault, run_cli, vaultfs_env
 
 from vaultfs import audittag, merkle, segment
 from vaultfs import repair as repair_mod
@@ -213,18 +212,19 @@ def test_tampered_local_index_is_caught(tmp_path: Path) -> None:
         v.close()
 
 
-def test_a_remote_whose_directory_is_gone_claims_no_confidence(tmp_path: Path) -> None:
-    """A remote whose directory was deleted lists as empty: every object placed there is
-    missing and no block could be checked, so its row claims no confidence (0 in --json, "-"
-    in the table; it used to say 100%: nothing to check means nothing can hide) and says why
-    (`unchecked`), in a sampled audit and a --read-all one alike. The intact remotes'
-    rows keep theirs, and `remote list` shows the 0 %."""
+def test_a_remote_whose_objects_are_all_gone_claims_no_confidence(tmp_path: Path) -> None:
+    """A remote whose objects were all deleted (its directory left, emptied) lists as empty:
+    every object placed there is missing and no block could be checked, so its row claims no
+    confidence (0 in --json, "-" in the table; it used to say 100%: nothing to check means
+    nothing can hide) and says why (`unchecked`), in a sampled audit and a --read-all one
+    alike. The intact remotes' rows keep theirs, and `remote list` shows the 0 %. (A
+    directory missing altogether is a remote down: tests/test_local_root.py.)"""
     home, remotes = init_local_vault(tmp_path, 2, 3)
     src = tmp_path / "src"
     src.mkdir()
     (src / "f.bin").write_bytes(os.urandom(1_500_000))
     run_cli("backup", str(src), home=home)
-    shutil.rmtree(remotes[2])
+    empty_remote(remotes[2])
     for mode in ([], ["--read-all"]):
         rep = json.loads(run_cli("verify", *mode, "--json", home=home, check=12).stdout)
         rows = {r["remote"]: r for r in rep["remotes"]}
@@ -806,9 +806,10 @@ def test_remote_remove_of_a_moved_directory_says_nothing_was_deleted(tmp_path: P
         run_cli("remote", "remove", str(remotes[4]), "--json", home=home, check=3).stdout
     )
     assert rep["not_found"] == len(held) > 0 and not rep["deleted"] and not rep["ok"], rep
-    assert f"none of the {len(held)} objects {remotes[4]} held were found there" in "".join(
-        rep["warnings"]
-    )
+    said = "".join(rep["warnings"])
+    assert f"none of the {len(held)} objects {remotes[4]} held were found there" in said
+    assert f"its directory {remotes[4]} is missing (is it unplugged or moved?)" in said, said
+    assert not remotes[4].exists()  # not recreated
     assert _shard_files(moved) == held  # still there, under the new name
     rows = json.loads(run_cli("remote", "list", "--json", home=home).stdout)
     assert [r["member"] for r in rows if r["remote"] == str(remotes[4])] == ["removed"]

@@ -3,7 +3,7 @@
 Every path that talks to a remote (flush and upload, restore, audit, repair, prune, key
 rotation) gets its backend from :func:`open_backend`, which stacks, in one visible place::
 
-    Metered(Retrying(Paced(wrap?(base))))
+    Metered(Retrying(Paced(LocalRoot?(wrap?(base)))))
 
 * ``base`` is an implementation of :class:`Backend`: the shared rclone daemon
   (:class:`~vaultfs.remotes.RcloneRc`) when it runs, else one rclone command per call
@@ -14,6 +14,9 @@ rotation) gets its backend from :func:`open_backend`, which stacks, in one visib
   :class:`FaultInjecting` (tests only) lies, fails or stalls on purpose, within a budget;
   :class:`Throttled` keeps background work within a :class:`Share` (maintenance on a
   mounted vault, vaultfs/maintenance.py).
+* :class:`LocalRoot` (a local-directory remote only) makes a remote whose directory is
+  missing (a disk unplugged, a path moved) down: every operation but ``ensure`` raises
+  :class:`RootMissing` (never retried) instead of letting rclone recreate the directory.
 * :class:`Retrying` retries :class:`Unreachable` and plain :class:`RemoteError` with
   exponential backoff and jitter, a bounded number of times; :class:`ObjectMissing` and
   :class:`BadRemote` are answers, not outages, and are never retried, nor is a remote that
@@ -41,7 +44,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import BadRemote, ObjectMissing, RemoteError, ThawNeeded, Unreachable
+from .errors import BadRemote, ObjectMissing, RemoteError, RootMissing, ThawNeeded, Unreachable
 from .hedging import SPEEDS
 from .remotes import RcloneCommand, RcloneDaemon, RcloneRc, Remote
 
@@ -264,7 +267,8 @@ class Retrying(Wrapper):
         for attempt in range(self.attempts):
             try:
                 return fn(*args)
-            except (ObjectMissing, BadRemote, ThawNeeded):  # a thaw takes hours, not seconds
+            # a thaw takes hours, a missing directory a person: not seconds
+            except (ObjectMissing, BadRemote, ThawNeeded, RootMissing):
                 raise
             except RemoteError as e:
                 if attempt + 1 >= self.attempts or getattr(e, "silent", False):
@@ -273,6 +277,29 @@ class Retrying(Wrapper):
                 cap = min(self.max_delay, self.base_delay * 2**attempt)
                 self.sleep(random.uniform(cap / 2, cap))
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+class LocalRoot(Wrapper):
+    """A local-directory remote (:attr:`Backend.local_dir`) that is down while its directory
+    is missing (:meth:`~vaultfs.remotes.Remote.missing_root`: a disk unplugged, a path
+    moved): every operation but :meth:`ensure` checks it first (one stat) and raises
+    :class:`RootMissing` instead of asking rclone. The one place every write passes through
+    (the upload queue's pushes, commit's and repair's uploads, deletes): rclone would
+    otherwise recreate the directory on whatever disk holds the path now, and a listing
+    would read the missing directory as an empty remote whose objects are all lost. Only
+    :meth:`ensure` creates it (``init``, ``remote add``, ``remote replace``)."""
+
+    def __init__(self, inner: Backend, check: Callable[[], str | None]) -> None:
+        super().__init__(inner)
+        self.check = check
+
+    def _op(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if (why := self.check()) is not None:
+            raise RootMissing(why)
+        return fn(*args)
+
+    def ensure(self) -> None:
+        self.inner.ensure()
 
 
 class Pace:
@@ -769,8 +796,11 @@ def stack(
     base: Backend, wrap: Callable[[Backend], Backend] | None = None, pace: Pace | None = None
 ) -> Metered:
     """The wrappers every path uses, around ``base``:
-    ``Metered(Retrying(Paced(wrap?(base))))``, within ``pace`` (else a pace of its own)."""
+    ``Metered(Retrying(Paced(LocalRoot?(wrap?(base)))))``, within ``pace`` (else a pace of
+    its own); :class:`LocalRoot` for a local-directory remote only."""
     b = base if wrap is None else wrap(base)
+    if isinstance(base, Remote) and base.local_dir is not None:
+        b = LocalRoot(b, base.missing_root)
     return Metered(Retrying(Paced(b, pace)))
 
 

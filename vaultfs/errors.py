@@ -77,6 +77,13 @@ class Unreachable(RemoteError):
         self.silent = silent
 
 
+class RootMissing(Unreachable):
+    """A local-directory remote's root directory does not exist: a disk unplugged, a path
+    moved or deleted. The remote is down, not empty: nothing is read from it or written to
+    it (a write would recreate the directory, on the wrong disk), and no retry can help
+    until the directory is back (:class:`vaultfs.backends.LocalRoot`)."""
+
+
 class ObjectMissing(RemoteError):
     """The remote answered, and the object is not there: that remote is not intact for it
     (``vaultfs repair`` rebuilds it from the other remotes)."""

@@ -680,6 +680,23 @@ class Remote:
             return None
         return Path(s)
 
+    def missing_root(self) -> str | None:
+        """Why the remote is down when it is a plain local-path remote whose directory does
+        not exist (one stat, no rclone): a disk unplugged or a path moved, never an empty
+        remote to fill (rclone would recreate the directory on whatever disk holds the path
+        now, and a remounted disk would hide what went there); None for any other remote.
+        Only ``init``, ``remote add`` and ``remote replace`` create a remote's directory
+        (:meth:`~vaultfs.backends.Backend.ensure`)."""
+        d = self.local_dir
+        if d is None or d.exists():  # a file there fails rclone's own way
+            return None
+        return (
+            f"{self.label}: directory missing (a disk unplugged or the path moved?): plug it "
+            "back (or mount it there) and its queued shards go out; if its contents are gone "
+            "for good, `vaultfs remote replace` it, or `mkdir` it and run `vaultfs repair` "
+            "to rebuild onto it"
+        )
+
     @property
     def label(self) -> str:
         """The remote's name in every message and output: the spec, with the parameters of a

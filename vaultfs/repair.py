@@ -1373,7 +1373,18 @@ def _clear_departed(
     keeps them all: ``report.not_cleared`` names it, and its error says what is left there and
     how to finish (a rerun cannot: the remote has left the vault). The shards placed there
     (``placed``) that its listing lacks are counted (``report.not_found``) and warned of: a
-    directory unplugged or renamed lists as empty, and its copies live on elsewhere."""
+    local remote whose directory is missing (unplugged or renamed:
+    :meth:`Remote.missing_root`) is not asked at all and counts every one, as its copies may
+    live on elsewhere."""
+    if Remote(b.spec).missing_root():
+        report.not_found = len(placed)
+        if placed:
+            report.warnings.append(
+                f"none of the {len(placed)} objects {label} held were found there: its "
+                f"directory {b.local_dir} is missing (is it unplugged or moved?): nothing was "
+                "deleted; delete them yourself if the copies must go"
+            )
+        return
     found = chain.survey(vault.keys, vault.index, [*vault.remotes(), b])
     if held := found.hold():
         report.fork = found.describe()

@@ -354,6 +354,7 @@ def _stop_group(proc: subprocess.Popen) -> None:
 def _conditions(v: Vault, sched: dict[str, str], now: float) -> dict[str, dict]:
     """Alert conditions that hold now: {key: event}."""
     found: dict[str, dict] = {}
+    v.note_missing_roots(now)  # a disk unplugged is down from then on, not ok
     st = v.status()
     grace = stored_every(sched["grace"]) if sched.get("grace") else DEFAULT_GRACE
     for r in st["remotes"]:

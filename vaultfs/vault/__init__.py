@@ -394,6 +394,11 @@ class Vault:
         """Reachability, lost objects and last audit of remote ``rid``."""
         return health.remote_health(self.index, rid)
 
+    def note_missing_roots(self, now: float) -> list[int]:
+        """Record the local-directory remotes whose directory is missing as unreachable
+        (:func:`health.note_missing_roots`); their ids."""
+        return health.note_missing_roots(self.index, now)
+
     # -- read path (reads.py) --------------------------------------------------------------
     def segment_bytes(self, seg_id: int) -> bytes:
         """Decoded plaintext of a segment (:meth:`SegmentReads.segment_bytes`)."""

@@ -41,7 +41,9 @@ def status(index: Index, keys: VaultKeys, params: VaultParams) -> dict:
             }
         )
     # shards on a remote that is unreachable right now do not count as placed "now"
-    down = remote_table.unreachable(index)
+    down = remote_table.unreachable(index) | {
+        rid for rid, spec, *_ in remotes if Remote(spec, rid).missing_root()
+    }
     placed_lists = [[r for r in lst if r not in down] for lst in placed_lists]
     under_k = segments.count_under_k(index) if segs else 0
     snaps = snapshots.summary(index)
@@ -80,12 +82,18 @@ def remote_health(index: Index, rid: int) -> dict:
     the last audit's finding ('ok', 'unreachable', 'degraded', 'stale'; 'unknown' before
     any), except that a remote found 'ok' (or never audited) whose last operation failed
     since (an upload of a backup or flush: remotes.last_error) is 'failing', with that error
-    as the detail, at once and until an operation on it succeeds."""
+    as the detail, at once and until an operation on it succeeds. A local-directory remote
+    whose directory is missing now (one stat: :meth:`Remote.missing_root`) is
+    'unreachable' with that reason, whatever was recorded (since when: the recorded time
+    of an 'unreachable' finding, else unknown)."""
     h = remote_table.health(index, rid)
     a = audit.last_run(index, rid)
     (lost, _bytes) = segments.remote_totals(index, rid, "lost")
     state, since, detail = (h[0], h[1], h[3]) if h else ("unknown", None, None)
-    if state in ("ok", "unknown") and (failed := remote_table.last_error(index, rid)):
+    spec = remote_table.specs(index).get(rid)
+    if spec is not None and (gone := Remote(spec, rid).missing_root()):
+        state, since, detail = "unreachable", since if state == "unreachable" else None, gone
+    elif state in ("ok", "unknown") and (failed := remote_table.last_error(index, rid)):
         state, since, detail = "failing", None, failed  # the error's time is not recorded
     return {
         "health": state,
@@ -98,6 +106,25 @@ def remote_health(index: Index, rid: int) -> dict:
         "last_audit_checks": a[3] if a else 0,
         "last_audit_confidence": a[4] if a else None,
     }
+
+
+def note_missing_roots(index: Index, now: float) -> list[int]:
+    """Record as 'unreachable' at ``now`` (remote_health, the reason as detail) each active
+    local-directory remote whose directory is missing (:meth:`Remote.missing_root`, one stat
+    each, no rclone), so the time it went missing is kept from one routine pass to the next
+    (``remote_unreachable`` alerts past the grace) even while nothing is written to it; the
+    mark clears as any audit's does, once a flush reaches the remote again
+    (:func:`remote_table.mark_reachable`). Returns their ids."""
+    gone = [
+        (rid, why)
+        for rid, spec, _dom, _ok, _err in remote_table.active_states(index)
+        if (why := Remote(spec, rid).missing_root())
+    ]
+    if gone:
+        with index.tx() as db:
+            for rid, why in gone:
+                remote_table.record_health(db, rid, "unreachable", now, why)
+    return [rid for rid, _why in gone]
 
 
 def design_losses(domains: dict[int, str], k: int, n: int) -> int:
