@@ -291,11 +291,14 @@ def test_a_schema2_index_is_converted_in_place(tmp_path):
             assert got[(snap, rel)] == want, rel
             assert refs[named[(snap, rel)]] == chunker.content_ref(keys.chunk_id_key, want)
 
-    # the converted vault carries on (its remotes moved here): a backup of the unchanged
-    # tree adds entries and shares every content
+    # the converted vault carries on (its remotes moved here, new empty directories: a
+    # missing one would be a remote unplugged, vaultfs/backends.py LocalRoot): a backup of
+    # the unchanged tree adds entries and shares every content
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.execute("UPDATE remotes SET spec = ? || '/r' || id", (str(tmp_path),))
         db.commit()
+        for (spec,) in db.execute("SELECT spec FROM remotes"):
+            Path(spec).mkdir()
     run_cli("backup", str(tmp_path / "tree2" / "src"), "--name", "three", home=home)
     with contextlib.closing(Index(path)) as index:
         index.upgrade(keys.chunk_id_key)  # a current file: nothing to do
