@@ -387,10 +387,15 @@ def mount_pid(home: Path) -> int | None:
 
 def unmount(mp: Path, home: Path) -> None:
     """A fixture's cleanup: `vaultfs umount`, then a lazy `fusermount3 -u -z` if the mount
-    is still there (a test that failed half-way must not leave it mounted)."""
-    if os.path.ismount(mp):
+    is still there (a test that failed half-way must not leave it mounted). Looked up in
+    the mount table: a stat of a dead mount (its daemon killed) fails, so ``ismount`` says
+    False and the dead mount stayed behind."""
+    from vaultfs.daemon import in_mount_table
+
+    real = Path(os.path.realpath(mp))
+    if in_mount_table(real):
         run_cli("umount", str(mp), home=home, check=None, timeout=300)
-    if os.path.ismount(mp):
+    if in_mount_table(real):
         subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -380,3 +381,21 @@ def test_a_snapshot_name_that_would_be_hidden_in_snapshots_is_refused(tmp_path) 
         run_cli("snapshot", "--name", "nightly.1", home=home)
         assert os.listdir(mp / ".snapshots") == ["nightly.1"]
         assert (mp / ".snapshots" / "nightly.1" / "f").read_bytes() == b"data"
+
+
+def test_the_fixtures_cleanup_removes_a_dead_mount(tmp_path) -> None:
+    """helpers.unmount looks the mount up in the mount table: a dead mount (its daemon
+    killed) fails a stat, so ``os.path.ismount`` said False and a test that failed after a
+    kill -9 left the dead mount behind (and pytest its directory, as garbage)."""
+    from vaultfs.daemon import in_mount_table
+
+    with mounted_vault(tmp_path) as (home, mp, _remotes):
+        pid = mount_pid(home)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(100):  # bounded: the kernel reaps it within moments
+            if not os.path.exists(f"/proc/{pid}"):
+                break
+            time.sleep(0.05)
+        assert not os.path.ismount(mp) and in_mount_table(mp)  # what fooled the old cleanup
+    assert not in_mount_table(mp)
