@@ -694,6 +694,66 @@ def test_a_rebuild_worker_that_dies_fails_the_repair_clearly_and_the_next_finish
     assert _restore(keys, specs[1:4], tmp_path / "w") == data
 
 
+def test_batches_rebuilt_while_a_commit_waits_commit_together(tmp_path, monkeypatch) -> None:
+    """A group commit: while the first batch's commit waits (here 2 s, standing for fsyncs
+    behind the disk's writeback), the workers rebuild the batches behind it; the next commit
+    takes all of them in one transaction (repair.GROUP_BATCHES). A failure inside that group
+    records none of it (all or nothing, as one batch), the batch before it stays committed,
+    and the next repair finishes: verify --read-all is clean, a restore is identical."""
+    v, specs, data = _vault(tmp_path, mib=4.5)
+    keys = v.keys
+    lost = list((Path(specs[1]) / "data").iterdir())
+    gone = {p.name: p.read_bytes() for p in lost}
+    for p in lost:
+        p.unlink()
+    lost_ids = [sh.id for sh in segment_table.live_shards(v.index) if sh.name in gone]
+    monkeypatch.setattr(repair_mod, "REBUILDERS", 2)
+    monkeypatch.setattr(repair_mod, "FIRST_BATCH", 1)
+    monkeypatch.setattr(repair_mod, "BATCH_SEGMENTS", 1)
+    commits: list[int] = []
+    real_commit = repair_mod._commit_batch
+
+    def slow_first(vault, queued, *a):
+        if not commits:
+            time.sleep(2)  # the other batches are rebuilt meanwhile
+        commits.append(len(queued))
+        return real_commit(vault, queued, *a)
+
+    monkeypatch.setattr(repair_mod, "_commit_batch", slow_first)
+    rep = repair_mod.repair(v)
+    assert rep.ok and rep.rebuilt == len(lost) > 4
+    # the first commit (its batch, and the next if it was rebuilt by then), then all the
+    # others at once
+    assert len(commits) == 2 and sum(commits) == len(lost)
+    assert {p.name: p.read_bytes() for p in (Path(specs[1]) / "data").iterdir()} == gone
+
+    # the same loss again; this time the second commit fails after its first segment is
+    # queued, before its transaction: nothing of its group is recorded
+    for p in (Path(specs[1]) / "data").iterdir():
+        p.unlink()
+    assert repair_mod.repair(v, dry_run=True).items  # listed lost again
+    commits.clear()
+
+    def die_in_the_group(wrote: int, _total: int) -> None:
+        if wrote and len(commits) == 1:  # a segment of the second commit's group
+            raise _Crash()
+
+    with pytest.raises(_Crash):
+        repair_mod.repair(v, progress=die_in_the_group)
+    after = {sh.id: sh.state for sh in segment_table.live_shards(v.index)}
+    assert len(commits) == 1  # the group never reached its transaction
+    assert len([i for i in lost_ids if after[i] != "lost"]) == commits[0] < len(lost)
+    monkeypatch.undo()
+    v.close()
+    v = Vault.open(tmp_path / "home", PASSPHRASE)
+    rep = repair_mod.repair(v)
+    assert rep.ok
+    assert {p.name: p.read_bytes() for p in (Path(specs[1]) / "data").iterdir()} == gone
+    assert verify_mod.audit(v, mode="read-all").clean
+    v.close()
+    assert _restore(keys, specs[1:4], tmp_path / "w") == data
+
+
 def test_repair_in_many_batches_commits_them_in_order(tmp_path, monkeypatch) -> None:
     """One segment a batch, two rebuild workers: several batches are handed to the workers
     while an earlier one is committed (repair.FLIGHT); each is committed once, in plan order
@@ -720,7 +780,8 @@ def test_a_commit_that_fails_stops_the_batches_behind_it(tmp_path, monkeypatch) 
     """Batches are committed on their own thread while later ones are rebuilt: when one
     commit fails, the batches behind it, already handed to the workers, are not committed
     (each batch stays all or nothing, in plan order), the error reaches the caller, and the
-    next repair finishes the rest: verify --read-all is clean, a restore is identical."""
+    next repair finishes the rest: verify --read-all is clean, a restore is identical. (One
+    batch a commit here; a group of batches is the next test's.)"""
     v, specs, data = _vault(tmp_path, mib=4.5)
     keys = v.keys
     lost = list((Path(specs[1]) / "data").iterdir())
@@ -731,6 +792,7 @@ def test_a_commit_that_fails_stops_the_batches_behind_it(tmp_path, monkeypatch) 
     monkeypatch.setattr(repair_mod, "REBUILDERS", 2)
     monkeypatch.setattr(repair_mod, "FIRST_BATCH", 1)
     monkeypatch.setattr(repair_mod, "BATCH_SEGMENTS", 1)
+    monkeypatch.setattr(repair_mod, "GROUP_BATCHES", 1)
     calls = []
 
     def die_on_the_third(wrote: int, _total: int) -> None:

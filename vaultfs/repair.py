@@ -46,7 +46,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -120,9 +120,15 @@ FLIGHT = 3
 #: sometimes waits a quarter of a second on the kernel's writeback of earlier objects; with
 #: two batches queued the workers ran dry meanwhile (measured, docs/benchmarks.md, "audit").
 FLIGHT_IN_PLACE = 8
-#: Threads fsyncing a batch's new objects at once (:func:`vault.queue.sync_files`): about one
+#: Threads fsyncing a commit's new objects at once (:func:`vault.queue.sync_files`): about one
 #: per object of a batch that lost one shard per segment.
 FSYNC_THREADS = BATCH_SEGMENTS
+#: Batches one commit takes at most: the batch it waited for and those behind it already
+#: rebuilt by then (a group commit). A commit's fixed cost (the queue directories' fsyncs,
+#: the index transaction's) waits behind the disk's writeback of the rebuilt objects; one
+#: commit per batch was the rebuild's bound on a local disk, the workers idle a third of
+#: the time waiting for commits (docs/benchmarks.md, "audit").
+GROUP_BATCHES = FLIGHT_IN_PLACE
 
 
 def keep_rebuild_buffers() -> None:
@@ -1049,34 +1055,48 @@ def _rebuild_all(
                 j.located = {r.name: located[r.name] for r in j.refs if r.name in located}
             return _Batch(d, jobs, any(p.is_relative_to(d) for p in located.values()))
 
-        def finish(batch: _Batch, futures: list[Future[_Rebuild]]) -> None:
+        def finish(group: list[tuple[_Batch, list[Future[_Rebuild]]]]) -> None:
+            """Commit the batches of ``group`` (in plan order) together."""
             dirs: set[Path] = set()
             queued: list[_Queued] = []
-            try:
-                done = [f.result() for f in futures]
-            except BrokenProcessPool:
-                raise VaultError(
-                    "a rebuild worker process died (killed, or out of memory): nothing of "
-                    "its batch was recorded; run `vaultfs repair` again to finish"
-                ) from None
-            done = [
-                _rebuild_widened(vault, job, fetcher, batch.dir) if rb.widen else rb
-                for (job, _t), rb in zip(batch.jobs, done, strict=True)
-            ]
-            # invariant 7: the batch's objects are durable before their transaction, and
-            # before they leave tmp/ (a background push may move a queue directory away)
-            sync_files([vault.queue.tmp / sf.name for rb in done for sf in rb.shards], syncer)
-            for (job, todo), rb in zip(batch.jobs, done, strict=True):
-                new = _enqueue(vault, job, todo, rb, fetcher, report, prefer, active, dirs)
-                queued += new
-                if progress:
-                    wrote = sum(q.shard.size for q in new)
-                    tally[0] += wrote
-                    tally[1] -= max(0, sum(sh.size for sh, _r in todo) - wrote)
-                    progress(*tally)
+            rebuilt: list[tuple[_Batch, list[_Rebuild]]] = []
+            for batch, futures in group:
+                try:
+                    done = [f.result() for f in futures]
+                except BrokenProcessPool:
+                    raise VaultError(
+                        "a rebuild worker process died (killed, or out of memory): nothing of "
+                        "its batch was recorded; run `vaultfs repair` again to finish"
+                    ) from None
+                done = [
+                    _rebuild_widened(vault, job, fetcher, batch.dir) if rb.widen else rb
+                    for (job, _t), rb in zip(batch.jobs, done, strict=True)
+                ]
+                rebuilt.append((batch, done))
+            # invariant 7: the objects are durable before their transaction, and before
+            # they leave tmp/ (a background push may move a queue directory away)
+            sync_files(
+                [
+                    vault.queue.tmp / sf.name
+                    for _b, done in rebuilt
+                    for rb in done
+                    for sf in rb.shards
+                ],
+                syncer,
+            )
+            for batch, done in rebuilt:
+                for (job, todo), rb in zip(batch.jobs, done, strict=True):
+                    new = _enqueue(vault, job, todo, rb, fetcher, report, prefer, active, dirs)
+                    queued += new
+                    if progress:
+                        wrote = sum(q.shard.size for q in new)
+                        tally[0] += wrote
+                        tally[1] -= max(0, sum(sh.size for sh, _r in todo) - wrote)
+                        progress(*tally)
             old_objects.extend(_commit_batch(vault, queued, dirs, fetcher, report))
-            shutil.rmtree(batch.dir, ignore_errors=True)
-            if queued:  # upload this batch while the next ones are rebuilt
+            for batch, _f in group:
+                shutil.rmtree(batch.dir, ignore_errors=True)
+            if queued:  # upload these batches while the next ones are rebuilt
                 vault.prepush()
 
         with (
@@ -1092,12 +1112,26 @@ def _rebuild_all(
             # the outer one of the two: leaving on an error cancels the workers' jobs first,
             # so a commit waiting on them fails instead of finishing the batches queued.
             abort = threading.Event()  # no batch is committed after one failed
+            # batches handed to the workers and not yet taken by a commit, by number: this
+            # thread adds each before its commit is submitted, the commit thread takes them
+            handed: dict[int, tuple[_Batch, list[Future[_Rebuild]]]] = {}
 
-            def commit_one(batch: _Batch, futures: list[Future[_Rebuild]]) -> None:
-                if abort.is_set():
+            def commit_from(bi: int) -> None:
+                # batch bi, and those behind it whose segments are all rebuilt by the time bi
+                # is: one commit for all (GROUP_BATCHES at most). A batch an earlier commit
+                # took is done (this thread runs the commits in order).
+                if abort.is_set() or bi not in handed:
                     return
                 try:
-                    finish(batch, futures)
+                    wait(handed[bi][1])
+                    group = [bi]
+                    while (
+                        len(group) < GROUP_BATCHES
+                        and (nb := group[-1] + 1) in handed
+                        and all(f.done() for f in handed[nb][1])
+                    ):
+                        group.append(nb)
+                    finish([handed.pop(g) for g in group])
                 except BaseException:
                     abort.set()
                     raise
@@ -1109,8 +1143,8 @@ def _rebuild_all(
                     assert nxt is not None
                     got = nxt.result()
                     nxt = pre.submit(download, bi + 1) if bi + 1 < len(batches) else None
-                    futures = [work.submit(_rebuild_job, job) for job, _t in got.jobs]
-                    flight.append((got, commit.submit(commit_one, got, futures)))
+                    handed[bi] = (got, [work.submit(_rebuild_job, job) for job, _t in got.jobs])
+                    flight.append((got, commit.submit(commit_from, bi)))
                     # at most FLIGHT batches (FLIGHT_IN_PLACE with nothing staged) rebuilt
                     # or committed at once: this bounds the staged objects; a failed commit
                     # stops the loop at once
