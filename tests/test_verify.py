@@ -694,14 +694,10 @@ def test_a_rebuild_worker_that_dies_fails_the_repair_clearly_and_the_next_finish
     assert _restore(keys, specs[1:4], tmp_path / "w") == data
 
 
-def test_batches_rebuilt_while_a_commit_waits_commit_together(tmp_path, monkeypatch) -> None:
-    """A group commit: while the first batch's commit waits (here 2 s, standing for fsyncs
-    behind the disk's writeback), the workers rebuild the batches behind it; the next commit
-    takes all of them in one transaction (repair.GROUP_BATCHES). A failure inside that group
-    records none of it (all or nothing, as one batch), the batch before it stays committed,
-    and the next repair finishes: verify --read-all is clean, a restore is identical."""
+def _one_remote_lost_in_batches_of_one(tmp_path, monkeypatch):
+    """A vault of 4.5 MiB whose remote 1 lost every data object, repaired in batches of one
+    segment by two workers: (vault, specs, data, lost paths, {name: bytes}, lost row ids)."""
     v, specs, data = _vault(tmp_path, mib=4.5)
-    keys = v.keys
     lost = list((Path(specs[1]) / "data").iterdir())
     gone = {p.name: p.read_bytes() for p in lost}
     for p in lost:
@@ -710,6 +706,17 @@ def test_batches_rebuilt_while_a_commit_waits_commit_together(tmp_path, monkeypa
     monkeypatch.setattr(repair_mod, "REBUILDERS", 2)
     monkeypatch.setattr(repair_mod, "FIRST_BATCH", 1)
     monkeypatch.setattr(repair_mod, "BATCH_SEGMENTS", 1)
+    return v, specs, data, lost, gone, lost_ids
+
+
+def test_batches_rebuilt_while_a_commit_waits_commit_together(tmp_path, monkeypatch) -> None:
+    """A group commit: while the first batch's commit waits (here 2 s, standing for fsyncs
+    behind the disk's writeback), the workers rebuild the batches behind it; the next commit
+    takes all of them in one transaction (repair.GROUP_BATCHES). A failure inside that group
+    records none of it (all or nothing, as one batch), the batch before it stays committed,
+    and the next repair finishes: verify --read-all is clean, a restore is identical."""
+    v, specs, data, lost, gone, lost_ids = _one_remote_lost_in_batches_of_one(tmp_path, monkeypatch)
+    keys = v.keys
     commits: list[int] = []
     real_commit = repair_mod._commit_batch
 
@@ -781,17 +788,10 @@ def test_a_commit_that_fails_stops_the_batches_behind_it(tmp_path, monkeypatch) 
     commit fails, the batches behind it, already handed to the workers, are not committed
     (each batch stays all or nothing, in plan order), the error reaches the caller, and the
     next repair finishes the rest: verify --read-all is clean, a restore is identical. (One
-    batch a commit here; a group of batches is the next test's.)"""
-    v, specs, data = _vault(tmp_path, mib=4.5)
+    batch a commit here; a group of batches is
+    test_batches_rebuilt_while_a_commit_waits_commit_together's.)"""
+    v, specs, data, lost, gone, lost_ids = _one_remote_lost_in_batches_of_one(tmp_path, monkeypatch)
     keys = v.keys
-    lost = list((Path(specs[1]) / "data").iterdir())
-    gone = {p.name: p.read_bytes() for p in lost}
-    for p in lost:
-        p.unlink()
-    lost_ids = [sh.id for sh in segment_table.live_shards(v.index) if sh.name in gone]
-    monkeypatch.setattr(repair_mod, "REBUILDERS", 2)
-    monkeypatch.setattr(repair_mod, "FIRST_BATCH", 1)
-    monkeypatch.setattr(repair_mod, "BATCH_SEGMENTS", 1)
     monkeypatch.setattr(repair_mod, "GROUP_BATCHES", 1)
     calls = []
 
